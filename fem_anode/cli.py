@@ -1,0 +1,116 @@
+"""The ``fem-anode`` command line: subcommands, logging and error handling.
+
+Conventions shared by every subcommand:
+
+* inputs and outputs are files; results go to ``--out DIR`` (created if needed), staged in a
+  temporary sibling and moved into place only on success, so nothing is ever half-written;
+* numbers are written to ``DIR/*.json`` in SI units, figures as PNG;
+* lengths accept unit suffixes (``20nm``, ``0.65um``; a bare number is metres);
+* errors print one line ``fem-anode <cmd>: error: ...`` and exit with 2 (usage), 3 (input),
+  4 (solver) or 1 (other); ``--debug`` shows the traceback instead.
+
+Any subcommand runs under MPI as ``mpirun -n 4 fem-anode <cmd> ...``; only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from fem_anode import __version__
+from fem_anode.errors import EXIT_CODES, FemAnodeError
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+logger = logging.getLogger("fem_anode")
+
+#: Subcommand name -> module in fem_anode.commands that defines ``register(subparsers)``.
+SUBCOMMANDS: dict[str, str] = {
+    "demo": "demo",
+    "segment": "reserved",
+    "metrics": "metrics",
+    "mesh": "mesh",
+    "diffusion": "reserved",
+    "phasefield": "reserved",
+    "detachment": "reserved",
+    "convergence": "reserved",
+}
+
+
+def mpi_rank() -> int:
+    """This process's MPI rank from the launcher's environment (0 when not under MPI)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommand modules are imported, their heavy deps are not)."""
+    parser = argparse.ArgumentParser(
+        prog="fem-anode",
+        description="Image-based modelling of aged Si-based Li-ion anodes: image metrics, meshes, "
+        "Li diffusion, chemo-mechanical phase field and particle detachment.",
+        epilog="Run any subcommand under MPI with: mpirun -n 4 fem-anode <subcommand> ...",
+    )
+    parser.add_argument("--version", action="version", version=f"fem-anode {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(f"fem_anode.commands.{module}").register(subparsers, name)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    if mpi_rank() != 0:
+        level = max(level, logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    prefix = f"[rank {mpi_rank()}] " if mpi_rank() else ""
+    handler.setFormatter(logging.Formatter(f"{prefix}%(message)s" if verbose < 2 else f"{prefix}%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fem-anode``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    where = f"fem-anode {args.command}"
+    rank_note = f" (rank {mpi_rank()})" if mpi_rank() else ""
+    try:
+        return int(args.func(args) or 0)
+    except FemAnodeError as err:
+        if args.debug:
+            raise
+        print(f"{where}: error{rank_note}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted{rank_note}", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
+    except MemoryError:
+        if args.debug:
+            raise
+        print(f"{where}: error{rank_note}: out of memory; use a smaller image or more ranks", file=sys.stderr)
+        return EXIT_CODES["error"]
+    except Exception as err:  # last resort: one line, not a traceback from deep inside a library
+        if args.debug:
+            raise
+        print(
+            f"{where}: internal error{rank_note}: {type(err).__name__}: {err}\n"
+            f"  (this is a bug in fem_anode; rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_CODES["error"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Exceptions with a meaning, and the CLI exit code each one maps to.
+
+Library code raises these (never ``assert``) so that the CLI can print one clear line and exit
+with a code that tells usage, input and solver problems apart.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FemAnodeError", "UsageError", "InputError", "SolverError", "EXIT_CODES"]
+
+
+class FemAnodeError(Exception):
+    """Base class of every error fem_anode raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(FemAnodeError, ValueError):
+    """Invalid arguments or settings: wrong value, unknown key, missing required option."""
+
+    exit_code = 2
+
+
+class InputError(FemAnodeError, ValueError):
+    """An input file or array is missing, unreadable or not what the operation needs."""
+
+    exit_code = 3
+
+
+class SolverError(FemAnodeError, RuntimeError):
+    """A numerical solve failed (divergence, non-finite values)."""
+
+    exit_code = 4
+
+
+EXIT_CODES = {"ok": 0, "error": 1, "usage": 2, "input": 3, "solver": 4, "interrupted": 130}

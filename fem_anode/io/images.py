@@ -1,0 +1,424 @@
+"""Reading and writing 2D/3D label and gray images with their voxel size and phase map.
+
+Formats: ``.npy``, ``.npz``, ``.tif``/``.tiff`` (single page or stack), ``.png`` (2D) and a
+folder of numbered slices (``.png``/``.tif``/``.npy``). Voxel size and phase map travel with the
+array: inside the file where the format has room (``.npz`` arrays, TIFF description), else in a
+JSON sidecar (``roi.npy`` -> ``roi.npy.json``; a folder's ``metadata.json``).
+
+Axis convention for every module: a 3D array is ``(z, y, x)``; axis 0 is the depth z with index
+0 at the electrode surface (separator side), increasing toward the current collector. A 2D
+array is ``(y, x)``. Voxel sizes are in metres, one per axis in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fem_anode.errors import InputError, UsageError
+from fem_anode.io.output import atomic_path, write_json
+from fem_anode.units import parse_lengths
+
+__all__ = [
+    "VoxelImage",
+    "IMAGE_SUFFIXES",
+    "read_image",
+    "write_image",
+    "parse_phase_map",
+    "format_phase_map",
+]
+
+#: File suffixes read as images (a directory is read as a stack of numbered slices).
+IMAGE_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".png")
+_SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+_META_KEY = "fem_anode"
+_PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+ImageKind = Literal["labels", "gray", "any"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VoxelImage:
+    """An image array with its voxel size (m, per axis) and optional phase map.
+
+    Attributes:
+        array: 2D ``(y, x)`` or 3D ``(z, y, x)`` array.
+        voxel_size: edge length per axis in metres, or ``None`` when unknown.
+        phases: phase name -> label value, or ``None`` for gray images / unknown.
+        source: where the image was read from (for messages).
+    """
+
+    array: np.ndarray
+    voxel_size: tuple[float, ...] | None = None
+    phases: dict[str, int] | None = None
+    source: str = "<array>"
+
+    def __post_init__(self) -> None:
+        if self.array.ndim not in (2, 3):
+            raise InputError(f"{self.source}: expected a 2D or 3D image, got {self.array.ndim}D with shape {self.array.shape}")
+        if self.voxel_size is not None:
+            vs = tuple(float(v) for v in self.voxel_size)
+            if len(vs) == 1:
+                vs = vs * self.array.ndim
+            if len(vs) != self.array.ndim:
+                raise UsageError(f"{self.source}: voxel size has {len(vs)} entries but the image is {self.array.ndim}D")
+            if not all(np.isfinite(v) and v > 0 for v in vs):
+                raise UsageError(f"{self.source}: voxel size must be positive and finite, got {vs}")
+            object.__setattr__(self, "voxel_size", vs)
+        if self.phases is not None:
+            object.__setattr__(self, "phases", _validate_phase_map(self.phases))
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def require_voxel_size(self) -> tuple[float, ...]:
+        """Voxel size in metres, or a UsageError asking for ``--voxel-size``."""
+        if self.voxel_size is None:
+            raise UsageError(f"{self.source}: voxel size unknown; give it, e.g. --voxel-size 20nm or 40nm,20nm,20nm")
+        return self.voxel_size
+
+    def require_phases(self) -> dict[str, int]:
+        """Phase map, or a UsageError asking for ``--phases``."""
+        if self.phases is None:
+            raise UsageError(f"{self.source}: phase map unknown; give it, e.g. --phases pore=0,si=1,graphite=2,sei=3")
+        return dict(self.phases)
+
+    @property
+    def extent(self) -> tuple[float, ...]:
+        """Physical size per axis in metres."""
+        return tuple(n * h for n, h in zip(self.shape, self.require_voxel_size()))
+
+    def with_metadata(self, voxel_size: Any = None, phases: Mapping[str, int] | str | None = None) -> VoxelImage:
+        """Copy with the voxel size and/or phase map replaced (``None`` keeps the current one)."""
+        vs = self.voxel_size if voxel_size is None else parse_lengths(voxel_size, self.ndim)
+        ph = self.phases if phases is None else (parse_phase_map(phases) if isinstance(phases, str) else dict(phases))
+        return dataclasses.replace(self, voxel_size=vs, phases=ph)
+
+    def check_labels(self, require_all_phases: bool = True) -> VoxelImage:
+        """Check this is a valid label image for its phase map; return self.
+
+        Raises:
+            InputError: non-integer array, label values missing from the phase map, or (with
+                ``require_all_phases``) a phase with no voxels.
+        """
+        _require_integer(self.array, self.source)
+        if self.phases is None:
+            return self
+        values = np.unique(self.array)
+        known = set(self.phases.values())
+        unknown = [int(v) for v in values if int(v) not in known]
+        if unknown:
+            raise InputError(
+                f"{self.source}: label values {unknown[:10]} are not in the phase map "
+                f"{format_phase_map(self.phases)}"
+            )
+        if require_all_phases:
+            present = {int(v) for v in values}
+            empty = [name for name, v in self.phases.items() if v not in present]
+            if empty:
+                raise InputError(f"{self.source}: phase(s) {', '.join(empty)} have no voxels in the image")
+        return self
+
+
+def parse_phase_map(text: str | Mapping[str, int]) -> dict[str, int]:
+    """Phase map from ``"pore=0,si=1,graphite=2,sei=3"`` (names are the user's) or a mapping."""
+    if isinstance(text, Mapping):
+        return _validate_phase_map(text)
+    phases: dict[str, int] = {}
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise UsageError(f"cannot read phase {item!r} in {text!r}: expected name=label, e.g. pore=0,si=1")
+        try:
+            label = int(value.strip())
+        except ValueError:
+            raise UsageError(f"phase {name!r} has label {value.strip()!r}, which is not an integer") from None
+        if name in phases:
+            raise UsageError(f"phase {name!r} is given twice in {text!r}")
+        phases[name] = label
+    return _validate_phase_map(phases)
+
+
+def format_phase_map(phases: Mapping[str, int]) -> str:
+    """Inverse of :func:`parse_phase_map`."""
+    return ",".join(f"{k}={v}" for k, v in phases.items())
+
+
+def _validate_phase_map(phases: Mapping[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if not phases:
+        raise UsageError("phase map is empty; give e.g. pore=0,si=1")
+    for name, value in phases.items():
+        if not isinstance(name, str) or not _PHASE_NAME.match(name):
+            raise UsageError(f"phase name {name!r} must start with a letter and contain only letters, digits, _ or -")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageError(f"phase {name!r} must map to an integer label, got {value!r}")
+        out[name] = int(value)
+    if len(set(out.values())) != len(out):
+        raise UsageError(f"phase map {format_phase_map(out)} gives the same label to two phases")
+    return out
+
+
+def _require_integer(array: np.ndarray, source: str) -> None:
+    if array.dtype == bool:
+        return
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(
+            f"{source}: expected integer labels, got a {array.dtype} array; segment gray images first "
+            "(fem-anode segment) or convert the labels to integers"
+        )
+
+
+def _check_finite(array: np.ndarray, source: str) -> None:
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(f"{source}: image contains {bad} NaN or infinite values")
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise InputError(f"{source}: unsupported image data type {array.dtype}")
+
+
+def _to_single_channel(array: np.ndarray, source: str) -> np.ndarray:
+    """Collapse gray RGB(A) PNG/TIFF data (H, W, 3|4) to (H, W); refuse true colour."""
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        rgb = array[..., :3]
+        if np.all(rgb == rgb[..., :1]):
+            return np.ascontiguousarray(rgb[..., 0])
+        raise InputError(f"{source}: colour image (RGB); expected a single-channel gray or label image")
+    return array
+
+
+def _meta_dict(voxel_size: Sequence[float] | None, phases: Mapping[str, int] | None) -> dict[str, Any]:
+    return {_META_KEY: {"voxel_size_m": list(voxel_size) if voxel_size else None, "phases": dict(phases) if phases else None}}
+
+
+def _meta_from(data: Any) -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
+    if not isinstance(data, dict) or _META_KEY not in data:
+        return None
+    meta = data[_META_KEY]
+    vs = meta.get("voxel_size_m")
+    return (tuple(float(v) for v in vs) if vs else None, meta.get("phases") or None)
+
+
+def _sidecar(path: Path) -> Path:
+    return path / "metadata.json" if path.is_dir() else path.with_name(path.name + ".json")
+
+
+def _read_sidecar(path: Path) -> tuple[tuple[float, ...] | None, dict[str, int] | None]:
+    sidecar = _sidecar(path)
+    if not sidecar.exists():
+        return None, None
+    try:
+        found = _meta_from(json.loads(sidecar.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read image metadata {sidecar}: {err}") from None
+    return found if found is not None else (None, None)
+
+
+def _natural_index(path: Path) -> int:
+    numbers = re.findall(r"\d+", path.stem)
+    if not numbers:
+        raise InputError(f"slice file {path.name} has no number in its name; name slices like slice_0000.png")
+    return int(numbers[-1])
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        return (array, *_read_sidecar(path))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            keys = [k for k in data.files if k != "metadata"]
+            for preferred in ("labels", "image", "arr_0"):
+                if preferred in keys:
+                    key = preferred
+                    break
+            else:
+                if len(keys) != 1:
+                    raise InputError(f"{path}: .npz holds arrays {keys}; expected one, or one named 'labels' or 'image'")
+                key = keys[0]
+            array = data[key]
+            meta = _meta_from(json.loads(str(data["metadata"]))) if "metadata" in data.files else None
+        return (array, *(meta or _read_sidecar(path)))
+    if suffix in (".tif", ".tiff"):
+        return _read_tiff(path)
+    if suffix == ".png":
+        import imageio.v3 as iio
+
+        array = _to_single_channel(np.asarray(iio.imread(path)), str(path))
+        return (array, *_read_sidecar(path))
+    raise InputError(f"{path}: unsupported image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)} or a folder of slices")
+
+
+_TIFF_UNITS = {"micron": 1e-6, "um": 1e-6, "µm": 1e-6, "\\u00B5m": 1e-6, "nm": 1e-9, "mm": 1e-3, "cm": 1e-2, "m": 1.0}
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        array = tif.asarray()
+        page = tif.pages[0]
+        description = page.description or ""
+        try:
+            meta = _meta_from(json.loads(description))
+        except ValueError:
+            meta = None
+        if meta is not None:
+            return array, meta[0], meta[1]
+        # ImageJ-style calibration (unit + resolution tags, z spacing), as written by Fiji.
+        ij = tif.imagej_metadata or {}
+        unit = _TIFF_UNITS.get(str(ij.get("unit", "")).strip())
+        voxel_size = None
+        res = page.tags.get("XResolution"), page.tags.get("YResolution")
+        if unit is not None and all(r is not None for r in res):
+            xr = res[0].value[0] / res[0].value[1]
+            yr = res[1].value[0] / res[1].value[1]
+            if xr > 0 and yr > 0:
+                voxel_size = (unit / yr, unit / xr)
+                if array.ndim == 3:
+                    voxel_size = (float(ij.get("spacing", 1.0 / xr)) * unit, *voxel_size)
+    array = _to_single_channel(array, str(path))
+    sidecar = _read_sidecar(path)
+    return array, sidecar[0] or voxel_size, sidecar[1]
+
+
+def _read_folder(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
+    files = [p for p in path.iterdir() if p.suffix.lower() in _SLICE_SUFFIXES and not p.name.startswith(".")]
+    if not files:
+        raise InputError(f"{path}: folder has no slice images ({', '.join(_SLICE_SUFFIXES)})")
+    suffixes = {p.suffix.lower() for p in files}
+    if len(suffixes) > 1:
+        raise InputError(f"{path}: folder mixes slice formats {sorted(suffixes)}")
+    files.sort(key=_natural_index)
+    indices = [_natural_index(p) for p in files]
+    if len(set(indices)) != len(indices):
+        raise InputError(f"{path}: two slices share the same number")
+    slices = [_read_array(p)[0] for p in files]
+    shapes = {s.shape for s in slices}
+    if len(shapes) != 1 or slices[0].ndim != 2:
+        raise InputError(f"{path}: slices must all be 2D with the same shape, got {sorted(shapes)}")
+    return (np.stack(slices, axis=0), *_read_sidecar(path))
+
+
+def read_image(
+    path: str | Path,
+    *,
+    voxel_size: Any = None,
+    phases: Mapping[str, int] | str | None = None,
+    kind: ImageKind = "any",
+) -> VoxelImage:
+    """Read a 2D or 3D image with its voxel size and phase map.
+
+    Args:
+        path: ``.npy``, ``.npz``, ``.tif``/``.tiff``, ``.png`` file or a folder of numbered slices.
+        voxel_size: overrides the stored voxel size; metres or a string with units
+            (``"20nm"``, ``"40nm,20nm,20nm"``), one value or one per axis (z, y, x).
+        phases: overrides the stored phase map (``"pore=0,si=1"`` or a dict).
+        kind: ``"labels"`` checks integer labels that match the phase map, ``"gray"`` returns
+            float64, ``"any"`` only checks dimension and finiteness.
+
+    Raises:
+        InputError: missing/unreadable file, wrong dimension, NaN/inf, non-integer labels,
+            label values not in the phase map, or phases with no voxels.
+        UsageError: malformed voxel size or phase map.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image not found: {path}")
+    try:
+        if path.is_dir():
+            array, stored_vs, stored_phases = _read_folder(path)
+        else:
+            array, stored_vs, stored_phases = _read_array(path)
+    except (InputError, UsageError):
+        raise
+    except Exception as err:  # any reader failure (corrupt file, wrong format) -> one clear line
+        raise InputError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim not in (2, 3):
+        raise InputError(f"{path}: expected a 2D or 3D image, got {array.ndim}D with shape {array.shape}")
+    if array.size == 0:
+        raise InputError(f"{path}: image is empty (shape {array.shape})")
+    _check_finite(array, str(path))
+    if kind == "gray":
+        array = array.astype(np.float64)
+    if stored_vs is not None and len(stored_vs) != array.ndim:
+        stored_vs = None
+    image = VoxelImage(array, stored_vs, stored_phases, str(path)).with_metadata(voxel_size, phases)
+    if kind == "labels":
+        image.check_labels()
+    return image
+
+
+def write_image(path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size: Any = None, phases: Any = None) -> Path:
+    """Write an image (and its voxel size/phase map) to ``path``; format from the suffix.
+
+    A path without suffix is written as a folder of numbered PNG slices (3D) plus
+    ``metadata.json``. Files are written atomically.
+    """
+    if not isinstance(image, VoxelImage):
+        image = VoxelImage(np.asarray(image))
+    image = image.with_metadata(voxel_size, phases)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    meta = _meta_dict(image.voxel_size, image.phases)
+    array = image.array
+    if suffix == ".npy":
+        with atomic_path(path) as tmp:
+            np.save(tmp, array)
+        write_json(_sidecar(path), meta)
+    elif suffix == ".npz":
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, image=array, metadata=np.array(json.dumps(meta)))
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, array, description=json.dumps(meta), metadata=None)
+    elif suffix == ".png":
+        if array.ndim != 2:
+            raise UsageError(f"{path}: PNG holds 2D images only; write 3D as .tif, .npy or a folder")
+        _write_png(path, array)
+        write_json(_sidecar(path), meta)
+    elif suffix == "":
+        path.mkdir(parents=True, exist_ok=True)
+        stack = array if array.ndim == 3 else array[None]
+        width = max(4, len(str(len(stack) - 1)))
+        for i, plane in enumerate(stack):
+            _write_png(path / f"slice_{i:0{width}d}.png", plane)
+        write_json(path / "metadata.json", meta)
+    else:
+        raise UsageError(f"{path}: cannot write format {path.suffix!r}; use {', '.join(IMAGE_SUFFIXES)} or a folder")
+    return path
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() < 2**16:
+            array = array.astype(np.uint16 if array.max() > 255 else np.uint8)
+        else:
+            raise UsageError(f"{path}: PNG stores uint8/uint16 only, got {array.dtype}; use .tif or .npy")
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, array, extension=".png")

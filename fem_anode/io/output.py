@@ -1,0 +1,127 @@
+"""Atomic output: results appear complete or not at all.
+
+Every command writes into a staging directory next to ``--out`` and moves the files into place
+only when it succeeded, so an error or an interrupt never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["atomic_path", "output_directory", "to_jsonable", "write_json", "write_text_atomic"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert NumPy scalars/arrays, paths and tuples to JSON types; non-finite floats become ``null``."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's directory; rename it to ``path`` on success.
+
+    The temporary name keeps the suffix, so writers that dispatch on it (gmsh, NumPy) work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to ``path`` via a temporary file and rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (NumPy types converted, NaN/inf as ``null``), atomically."""
+    text = json.dumps(to_jsonable(data), indent=2, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+@contextlib.contextmanager
+def output_directory(out: str | Path, comm: Any = None) -> Iterator[Path]:
+    """Stage a command's results and publish them in ``out`` only if the block succeeds.
+
+    Yields a staging directory (a sibling of ``out``); on success its files are moved into
+    ``out`` (created if needed; other files already in ``out`` are kept, same names replaced),
+    on failure it is removed and ``out`` is untouched. With an MPI communicator, rank 0 owns
+    the directory operations and every rank gets the same staging path.
+    """
+    out = Path(out)
+    rank = comm.rank if comm is not None else 0
+    if out.exists() and not out.is_dir():
+        from fem_anode.errors import UsageError
+
+        raise UsageError(f"--out {out} exists and is not a directory")
+    staging = None
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    if comm is not None and comm.size > 1:
+        staging = comm.bcast(staging, root=0)
+    staging_path = Path(staging)  # type: ignore[arg-type]
+    ok = False
+    try:
+        yield staging_path
+        ok = True
+    finally:
+        if comm is not None and comm.size > 1:
+            ok = bool(comm.allreduce(int(ok), op=_mpi_min()))
+        if rank == 0:
+            if ok:
+                _publish(staging_path, out)
+            shutil.rmtree(staging_path, ignore_errors=True)
+        if comm is not None and comm.size > 1:
+            comm.barrier()
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for entry in staging.iterdir():
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
+def _mpi_min() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MIN

@@ -1,0 +1,336 @@
+"""Typed, validated settings objects that can be read from and written to TOML.
+
+Every model has one settings class built from these pieces; the same object drives the CLI,
+the demos and the tests. A settings class is a dataclass whose fields are either sections
+(dataclasses themselves) or values declared with :func:`setting`, which carries the
+documentation, the SI unit and simple constraints::
+
+    @dataclass
+    class Physics(Section):
+        D: float = setting(3.01e-10, "Li diffusivity in the transporting phase", unit="m^2/s", positive=True)
+
+    @dataclass
+    class DiffusionSettings(Settings):
+        physics: Physics = section(Physics)
+
+``DiffusionSettings.from_toml(path)`` rejects unknown keys (suggesting the nearest valid one),
+wrong types and values outside their constraints with a :class:`~fem_anode.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Self, TypeVar, get_args, get_origin
+
+from fem_anode.errors import InputError, UsageError
+
+__all__ = ["Section", "Settings", "setting", "section", "dumps_toml"]
+
+T = TypeVar("T")
+_MISSING = dataclasses.MISSING
+
+
+def setting(
+    default: Any = _MISSING,
+    doc: str = "",
+    *,
+    unit: str | None = None,
+    positive: bool = False,
+    nonnegative: bool = False,
+    choices: tuple | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
+    required: bool = False,
+) -> Any:
+    """Declare a settings value with its documentation, SI unit and constraints.
+
+    Args:
+        default: default value; lists and dicts are copied per instance.
+        doc: one-line description shown in ``describe()`` and the docs.
+        unit: SI unit string (``"m"``, ``"m^2/s"``, ``"s"``) or ``None`` for dimensionless.
+        positive: value (or every list entry) must be > 0.
+        nonnegative: value (or every list entry) must be >= 0.
+        choices: allowed values.
+        bounds: inclusive ``(low, high)``; ``None`` for an open side.
+        required: no default; the TOML must give it.
+    """
+    metadata = {
+        "doc": doc,
+        "unit": unit,
+        "positive": positive,
+        "nonnegative": nonnegative,
+        "choices": choices,
+        "bounds": bounds,
+        "required": required,
+    }
+    if required or default is _MISSING:
+        metadata["required"] = True
+        return dataclasses.field(default=None, metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def section(cls: type[T], doc: str = "") -> T:
+    """Declare a nested section (a :class:`Section` dataclass) with its defaults."""
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc or (cls.__doc__ or "").strip().splitlines()[0]})
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a TOML value to the declared type ``tp`` or raise UsageError."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UsageError as err:
+                errors.append(str(err))
+        raise UsageError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where} must be true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UsageError(f"{where} must be a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UsageError(f"{where} must be an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"{where} must be a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise UsageError(f"{where} must be a file path (string), got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{where} must be a list, got {value!r}")
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"{where} must be a table, got {value!r}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported settings type {tp!r} at {where}")  # programming error, not input
+
+
+def _check_constraints(value: Any, meta: Mapping[str, Any], where: str) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"{where} must be finite, got {v!r}")
+        if meta.get("positive") and not v > 0:
+            raise UsageError(f"{where} must be positive, got {v!r}")
+        if meta.get("nonnegative") and not v >= 0:
+            raise UsageError(f"{where} must be non-negative, got {v!r}")
+        bounds = meta.get("bounds")
+        if bounds is not None:
+            low, high = bounds
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise UsageError(f"{where} must lie in [{low}, {high}], got {v!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise UsageError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class Section:
+    """Base of a settings section; subclasses are dataclasses and may override :meth:`validate`."""
+
+    def validate(self) -> None:
+        """Cross-field checks; raise :class:`UsageError`. Single-field constraints are automatic."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> Self:
+        """Build from a (TOML) mapping, rejecting unknown keys and wrong types."""
+        if not isinstance(data, Mapping):
+            raise UsageError(f"[{where or cls.__name__}] must be a table, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise UsageError(f"unknown setting {_join(where, key)!r}{hint}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            tp = hints[name]
+            path = _join(where, name)
+            if _is_dataclass_type(tp):
+                kwargs[name] = tp.from_dict(value, path)
+            else:
+                kwargs[name] = _coerce(value, tp, path)
+        obj = cls(**kwargs)
+        obj.check(where)
+        return obj
+
+    def check(self, where: str = "") -> None:
+        """Check every field's constraints, required fields and :meth:`validate`; recurse into sections."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            path = _join(where, f.name)
+            if _is_dataclass_type(hints[f.name]):
+                value.check(path)
+                continue
+            if f.metadata.get("required") and value is None:
+                raise UsageError(f"missing required setting {path!r}: {f.metadata.get('doc', '')}")
+            _check_constraints(value, f.metadata, path)
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (paths as strings, tuples as lists, ``None`` values left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                out[f.name] = value.to_dict()
+            elif value is not None:
+                out[f.name] = _plain(value)
+        return out
+
+    @classmethod
+    def describe(cls, where: str = "") -> list[tuple[str, Any, str | None, str]]:
+        """Rows ``(key, default, unit, doc)`` of every setting, for docs and ``--help``."""
+        rows = []
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            path = _join(where, f.name)
+            if _is_dataclass_type(hints[f.name]):
+                rows.extend(hints[f.name].describe(path))
+            else:
+                default = "(required)" if f.metadata.get("required") else getattr(defaults, f.name)
+                rows.append((path, default, f.metadata.get("unit"), f.metadata.get("doc", "")))
+        return rows
+
+    def replace(self, **changes: Any) -> Self:
+        """Copy with some fields changed, validated again."""
+        new = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        new.check()
+        return new
+
+
+class Settings(Section):
+    """Top-level settings: a set of sections, read from and written to TOML files."""
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Self:
+        """Read and validate a TOML file; relative paths inside stay relative to the caller."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"settings file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read settings file {path}: {err}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"{path} is not valid TOML: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except UsageError as err:
+            raise UsageError(f"{path}: {err}") from None
+
+    def to_toml(self, path: str | Path | None = None) -> str:
+        """TOML text of these settings; also written (atomically) to ``path`` if given."""
+        text = dumps_toml(self)
+        if path is not None:
+            from fem_anode.io.output import write_text_atomic
+
+            write_text_atomic(path, text)
+        return text
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def dumps_toml(settings: Section) -> str:
+    """TOML text of a settings object: each section as a ``[table]``, mappings inline."""
+    chunks: list[str] = []
+
+    def emit(obj: Section, prefix: str) -> None:
+        body, nested = [], []
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if isinstance(value, Section):
+                nested.append((f.name, value))
+            elif value is not None:
+                body.append(f"{_toml_key(f.name)} = {_toml_value(_plain(value))}")
+        if prefix:
+            chunks.append("\n".join([f"[{prefix}]", *body]))
+        elif body:
+            chunks.append("\n".join(body))
+        for name, value in nested:
+            emit(value, f"{prefix}.{name}" if prefix else name)
+
+    emit(settings, "")
+    return "\n\n".join(chunks) + "\n"

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Set up everything fem_anode needs on a fresh Debian/Ubuntu machine, idempotently.
+#
+#   1. FEniCSx 0.9 stack from Debian trixie packages (installed only when missing; needs root
+#      or sudo). On bookworm the trixie suite is added with a low pin priority so nothing else
+#      comes from it unless asked for.
+#   2. A virtual environment (.venv by default) made from /usr/bin/python3 with
+#      --system-site-packages, so Debian's dolfinx/petsc4py/VTK stay visible.
+#   3. fem_anode installed editable with --no-deps (pip must not pull a PyPI vtk/numpy that
+#      would shadow Debian's).
+#
+# Re-running is fast (a few seconds) when everything is in place.
+# Environment: FEM_ANODE_VENV (venv path), FEM_ANODE_SKIP_APT=1 (never call apt).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FEM_ANODE_VENV:-$here/.venv}"
+py=/usr/bin/python3
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# Debian packages (trixie names). Python modules FEniCSx, meshing, imaging and tests need.
+apt_packages=(
+  python3-dolfinx-real python3-dolfinx python3-gmsh python3-vtk9 python3-pyvista
+  python3-skimage python3-meshio python3-scipy python3-matplotlib python3-pytest
+  python3-tifffile python3-imageio python3-hypothesis python3-tomli-w
+  python3-setuptools python3-wheel python3-venv python3.13-venv python3-pip
+  openmpi-bin xvfb xauth
+)
+
+stack_ok() {
+  [ -x "$py" ] && "$py" - <<'PY' 2>/dev/null
+import sys
+import dolfinx, gmsh, meshio, skimage, scipy, tifffile, tomli_w, mpi4py, petsc4py  # noqa: F401
+major, minor = (int(x) for x in dolfinx.__version__.split(".")[:2])
+sys.exit(0 if (major, minor) == (0, 9) and sys.version_info >= (3, 11) else 1)
+PY
+}
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else log "need root (or sudo) to install Debian packages: $*"; exit 1; fi
+}
+
+install_stack() {
+  if [ "${FEM_ANODE_SKIP_APT:-0}" = 1 ]; then
+    log "FEniCSx 0.9 stack missing and FEM_ANODE_SKIP_APT=1: install it yourself (see README)"; exit 1
+  fi
+  . /etc/os-release
+  local target=()
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    log "Debian bookworm: adding the trixie suite with pin priority 100"
+    as_root tee /etc/apt/sources.list.d/trixie.sources >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    as_root tee /etc/apt/preferences.d/trixie-pin >/dev/null <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+    target=(-t trixie)
+  fi
+  log "installing the FEniCSx stack from Debian packages (about 2 minutes)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" \
+    --no-install-recommends "${apt_packages[@]}" >/dev/null
+}
+
+if stack_ok; then
+  log "FEniCSx stack present"
+else
+  install_stack
+  stack_ok || { log "FEniCSx 0.9 stack still not importable from $py after install"; exit 1; }
+fi
+
+# The venv is rebuilt when missing or when it was made from another interpreter.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import dolfinx" 2>/dev/null; then
+  log "creating virtual environment $venv (system site packages)"
+  rm -rf "$venv"
+  "$py" -m venv --system-site-packages "$venv"
+fi
+
+# Editable install, only when pyproject.toml changed since the last one.
+stamp="$venv/.fem_anode-installed"
+digest="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$venv/bin/python" -c "import fem_anode" 2>/dev/null; then
+  log "installing fem_anode (editable, --no-deps)"
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$here"
+  echo "$digest" > "$stamp"
+fi
+"$venv/bin/python" -m fem_anode --version >/dev/null
+log "ready: $venv/bin/fem-anode"
