@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(f"fem_anode.commands.{module}").register(subparsers, name)
+    for sub in subparsers.choices.values():  # logging options also after the subcommand
+        group = sub.add_argument_group("output options")
+        group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)")
+        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+        group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
     return parser
 
 

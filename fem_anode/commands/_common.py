@@ -7,11 +7,12 @@ import datetime
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
-__all__ = ["add_image_arguments", "add_out_argument", "load_image", "provenance"]
+__all__ = ["add_image_arguments", "add_out_argument", "is_root", "load_image", "provenance", "world_comm"]
 
 
 def add_image_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
@@ -63,3 +64,17 @@ def provenance(command: str) -> dict[str, str]:
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
     }
+
+
+def world_comm() -> Any:
+    """``MPI.COMM_WORLD`` if mpi4py is installed, else ``None`` (serial, e.g. imaging-only installs)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def is_root(comm: Any) -> bool:
+    """True on rank 0 (or without MPI): the rank that writes files and logs."""
+    return comm is None or comm.rank == 0

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_anode.commands._common import add_out_argument, provenance
+from fem_anode.commands._common import add_out_argument, is_root, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from fem_anode.io.output import output_directory, write_json
     from fem_anode.meshing.voxel import write_voxel_mesh
 
-    comm = _world()
-    root = comm is None or comm.rank == 0
+    comm = world_comm()
+    root = is_root(comm)
     start = time.perf_counter()
     examples = {
         "anode_pristine": anode_volume(seed=args.seed),
@@ -73,14 +73,6 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     _log_summary(summary, args.out, elapsed)
     return 0
-
-
-def _world() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    return MPI.COMM_WORLD
 
 
 def _check_mesh_in_dolfinx(path: Path, comm: Any) -> dict[str, Any]:

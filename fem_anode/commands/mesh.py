@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_image_arguments, load_image
+from fem_anode.commands._common import add_image_arguments, is_root, load_image, world_comm
 from fem_anode.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -33,13 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} must be a .msh file")
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
     image = load_image(args, kind="labels")
-    if mpi_root():
+    if is_root(world_comm()):
         data = write_voxel_mesh(image, args.out, keep)
         logger.info("wrote %s: %d cells, %d facets, groups: %s", args.out, len(data.cells), len(data.facets), ", ".join(data.groups))
     return 0
 
-
-def mpi_root() -> bool:
-    from fem_anode.cli import mpi_rank
-
-    return mpi_rank() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fem_anode.commands._common import add_image_arguments, add_out_argument, load_image, provenance
+from fem_anode.commands._common import add_image_arguments, add_out_argument, is_root, load_image, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ def run(args: argparse.Namespace) -> int:
 
     image = load_image(args, kind="labels")
     metrics = compute_metrics(image)
-    with output_directory(args.out) as staging:
-        write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
-        plot_per_slice(metrics["per_slice"], staging / "per_slice.png", title=f"{args.image.name}")
+    comm = world_comm()
+    with output_directory(args.out, comm) as staging:
+        if is_root(comm):
+            write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
+            plot_per_slice(metrics["per_slice"], staging / "per_slice.png", title=f"{args.image.name}")
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics["phase_fractions"].items())
     logger.info("phase fractions: %s", fractions)
     logger.info("wrote %s", args.out / "metrics.json")

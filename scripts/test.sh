@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the whole test suite serially, then under `mpirun -n 2` (python -m mpi4py: a failing
+# rank aborts all instead of hanging). Does its own setup on a fresh machine.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k io -x`.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+bash scripts/setup.sh
+venv="${FEM_ANODE_VENV:-$here/.venv}"
+ranks="${FEM_ANODE_TEST_RANKS:-2}"
+export MPLBACKEND=Agg
+# Open MPI refuses root and probes TCP in sandboxes; these make `mpirun` work as root on one host.
+if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+export OMPI_MCA_btl="${OMPI_MCA_btl:-self,sm}" OMPI_MCA_rmaps_base_oversubscribe=1
+
+start=$(date +%s)
+echo "== tests, serial =="
+"$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+echo "== tests, mpirun -n $ranks =="
+mpirun -n "$ranks" "$venv/bin/python" -m mpi4py -m pytest -p no:cacheprovider "$@"
+echo "== all tests passed (serial and $ranks ranks) in $(( $(date +%s) - start )) s =="

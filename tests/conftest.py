@@ -1,0 +1,54 @@
+"""Shared test fixtures. The suite runs serially and under ``mpirun -n 2``.
+
+Every rank gets its own ``tmp_path`` (``--basetemp`` per rank); tests that need one directory
+for all ranks use ``shared_tmp_path``. Tests must be rank-agnostic: reduce scalars over the
+communicator before asserting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+def mpi_size() -> int:
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def mpi_rank_env() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if mpi_size() > 1:
+        if not config.option.basetemp:
+            config.option.basetemp = Path(tempfile.gettempdir()) / f"fem_anode-pytest-{os.getppid()}-rank{mpi_rank_env()}"
+        if mpi_rank_env() != 0:
+            config.option.verbose = -1
+
+
+@pytest.fixture(scope="session")
+def comm():
+    """MPI.COMM_WORLD (tests using it need mpi4py)."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    return MPI.COMM_WORLD
+
+
+@pytest.fixture
+def shared_tmp_path(comm, tmp_path: Path) -> Path:
+    """One temporary directory shared by all ranks (rank 0's ``tmp_path``)."""
+    return Path(comm.bcast(str(tmp_path), root=0))
+
+
+@pytest.fixture(autouse=True)
+def _matplotlib_agg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
