@@ -1,0 +1,118 @@
+"""Length parsing and the typed settings machinery (TOML round trip, validation, suggestions)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from fem_anode.errors import InputError, UsageError
+from fem_anode.settings import Section, Settings, section, setting
+from fem_anode.units import format_length, parse_length, parse_lengths
+
+
+@pytest.mark.parametrize(
+    ("text", "metres"),
+    [("20nm", 20e-9), ("0.65um", 0.65e-6), ("0.65 µm", 0.65e-6), ("1e-6", 1e-6), ("3mm", 3e-3), (2.5e-8, 2.5e-8), ("5A", 5e-10)],
+)
+def test_parse_length(text, metres):
+    assert parse_length(text) == pytest.approx(metres, rel=1e-12)
+
+
+def test_parse_lengths_forms():
+    assert parse_lengths("40nm,20nm,20nm") == pytest.approx((40e-9, 20e-9, 20e-9))
+    assert parse_lengths("40x20x20nm") == pytest.approx((40e-9, 20e-9, 20e-9))
+    assert parse_lengths("20nm", ndim=3) == pytest.approx((20e-9,) * 3)
+    assert parse_lengths([1e-6, 2e-6]) == pytest.approx((1e-6, 2e-6))
+    with pytest.raises(UsageError, match="2 entries but the image has 3"):
+        parse_lengths("1nm,2nm", ndim=3)
+
+
+@pytest.mark.parametrize("text", ["-1nm", "0", "abc", "5 furlongs", "nan", "1nm,2"])
+def test_parse_length_rejects(text):
+    with pytest.raises(UsageError):
+        parse_lengths(text)
+
+
+def test_format_length():
+    assert format_length(2e-8) == "20 nm"
+    assert format_length(6.5e-7) == "650 nm"
+    assert format_length(1.5e-6) == "1.5 um"
+
+
+@dataclasses.dataclass
+class Physics(Section):
+    """Physical parameters."""
+
+    D: float = setting(3.01e-10, "diffusivity", unit="m^2/s", positive=True)
+    eps: float = setting(0.63985, "transporting fraction", bounds=(0.0, 1.0))
+    scheme: str = setting("bdf2", "time scheme", choices=("euler", "bdf2"))
+
+
+@dataclasses.dataclass
+class Geometry(Section):
+    """Geometry input."""
+
+    image: Path = setting(doc="segmented image", required=True)
+    phases: dict[str, int] = setting({"pore": 0, "si": 1}, "phase map")
+    output_times: list[float] = setting([2.0, 10.0], "output times", unit="s", positive=True)
+
+
+@dataclasses.dataclass
+class ToySettings(Settings):
+    geometry: Geometry = section(Geometry)
+    physics: Physics = section(Physics)
+
+
+def test_settings_toml_round_trip(tmp_path):
+    text = '[geometry]\nimage = "roi.npy"\nphases = {pore = 0, sei = 3}\n\n[physics]\nD = 1e-9\n'
+    (tmp_path / "c.toml").write_text(text)
+    settings = ToySettings.from_toml(tmp_path / "c.toml")
+    assert settings.physics.D == 1e-9 and settings.physics.eps == 0.63985
+    assert settings.geometry.image == Path("roi.npy") and settings.geometry.phases == {"pore": 0, "sei": 3}
+    settings.to_toml(tmp_path / "back.toml")
+    again = ToySettings.from_toml(tmp_path / "back.toml")
+    assert again == settings
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[geometry]\nimage = "a"\n[physics]\nDD = 1.0', "did you mean 'D'"),
+        ('[geometry]\nimage = "a"\n[physiks]\nD = 1.0', "did you mean 'physics'"),
+        ('[geometry]\nimage = "a"\n[physics]\nD = "fast"', "must be a number"),
+        ('[geometry]\nimage = "a"\n[physics]\nD = -1.0', "must be positive"),
+        ('[geometry]\nimage = "a"\n[physics]\neps = 1.5', r"must lie in \[0.0, 1.0\]"),
+        ('[geometry]\nimage = "a"\n[physics]\nscheme = "rk4"', "must be one of"),
+        ('[geometry]\nimage = "a"\noutput_times = [1.0, -2.0]', "must be positive"),
+        ("[physics]\nD = 1.0", "missing required setting 'geometry.image'"),
+        ('[geometry]\nimage = "a"\n[physics]\nD = nan', "must be finite"),
+        ("[geometry\n", "not valid TOML"),
+    ],
+)
+def test_settings_errors(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        ToySettings.from_toml(path)
+
+
+def test_settings_missing_file(tmp_path):
+    with pytest.raises(InputError, match="settings file not found"):
+        ToySettings.from_toml(tmp_path / "none.toml")
+
+
+def test_describe_lists_every_key_with_unit():
+    rows = {key: (default, unit) for key, default, unit, _ in ToySettings.describe()}
+    assert rows["physics.D"] == (3.01e-10, "m^2/s")
+    assert rows["geometry.image"][0] == "(required)"
+    assert set(rows) == {"geometry.image", "geometry.phases", "geometry.output_times", "physics.D", "physics.eps", "physics.scheme"}
+
+
+def test_replace_validates():
+    settings = ToySettings(geometry=Geometry(image=Path("x")))
+    assert settings.physics.replace(D=2.0).D == 2.0
+    with pytest.raises(UsageError):
+        settings.physics.replace(D=-math.inf)
