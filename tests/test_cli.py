@@ -39,7 +39,8 @@ def test_version_and_top_level_help(capsys):
         assert command in help_text
 
 
-def test_metrics_writes_json_and_figure(tmp_path):
+def test_metrics_writes_json_and_figure(shared_tmp_path):
+    tmp_path = shared_tmp_path  # under MPI the CLI's ranks share one --out
     roi = fib_sem_roi(size=(1e-6, 0.8e-6), pixel_size=20e-9, seed=3)
     image_path = write_image(tmp_path / "roi.tif", roi)
     assert main(["metrics", str(image_path), "--out", str(tmp_path / "out"), "-q"]) == 0

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} must be a .msh file")
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
     image = load_image(args, kind="labels")
+    phases = image.require_phases()
+    unknown = [name for name in keep or [] if name not in phases]
+    if unknown:  # checked on every rank, so all ranks fail together under MPI
+        raise UsageError(f"cannot keep phase(s) {', '.join(unknown)}: not in the phase map ({', '.join(phases)})")
     if is_root(world_comm()):
         data = write_voxel_mesh(image, args.out, keep)
         logger.info("wrote %s: %d cells, %d facets, groups: %s", args.out, len(data.cells), len(data.facets), ", ".join(data.groups))
