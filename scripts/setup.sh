@@ -93,5 +93,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$venv/bin/pytho
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$here"
   echo "$digest" > "$stamp"
 fi
-"$venv/bin/python" -m fem_anode --version >/dev/null
+"$venv/bin/python" -c "import fem_anode" || { log "fem_anode does not import from $venv"; exit 1; }
 log "ready: $venv/bin/fem-anode"
