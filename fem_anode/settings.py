@@ -108,6 +108,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise UsageError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
     if tp is Any:
         return value
+    if _is_dataclass_type(tp):
+        return tp.from_dict(value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -206,6 +208,10 @@ class Section:
                 continue
             if f.metadata.get("required") and value is None:
                 raise UsageError(f"missing required setting {path!r}: {f.metadata.get('doc', '')}")
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, Section) for v in value):
+                for i, item in enumerate(value):
+                    item.check(f"{path}[{i}]")
+                continue
             _check_constraints(value, f.metadata, path)
         self.validate()
 
@@ -279,6 +285,8 @@ def _join(where: str, key: str) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, (list, tuple)):
@@ -318,11 +326,13 @@ def dumps_toml(settings: Section) -> str:
     chunks: list[str] = []
 
     def emit(obj: Section, prefix: str) -> None:
-        body, nested = [], []
+        body, nested, arrays = [], [], []
         for f in dataclasses.fields(obj):  # type: ignore[arg-type]
             value = getattr(obj, f.name)
             if isinstance(value, Section):
                 nested.append((f.name, value))
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Section) for v in value):
+                arrays.append((f.name, value))
             elif value is not None:
                 body.append(f"{_toml_key(f.name)} = {_toml_value(_plain(value))}")
         if prefix:
@@ -331,6 +341,11 @@ def dumps_toml(settings: Section) -> str:
             chunks.append("\n".join(body))
         for name, value in nested:
             emit(value, f"{prefix}.{name}" if prefix else name)
+        for name, items in arrays:  # arrays of tables: [[name]]
+            full = f"{prefix}.{name}" if prefix else name
+            for item in items:
+                lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.to_dict().items()]
+                chunks.append("\n".join([f"[[{full}]]", *lines]))
 
     emit(settings, "")
     return "\n\n".join(chunks) + "\n"

@@ -116,3 +116,36 @@ def test_replace_validates():
     assert settings.physics.replace(D=2.0).D == 2.0
     with pytest.raises(UsageError):
         settings.physics.replace(D=-math.inf)
+
+
+@dataclasses.dataclass
+class Box(Section):
+    """A named box."""
+
+    name: str = setting("I", "region name")
+    box: list[float] = setting([0.0, 0.0, 1.0, 1.0], "corners", unit="m")
+
+    def validate(self) -> None:
+        if len(self.box) not in (4, 6):
+            raise UsageError(f"region {self.name!r}: box needs 4 (2D) or 6 (3D) numbers")
+
+
+@dataclasses.dataclass
+class WithRegions(Settings):
+    physics: Physics = section(Physics)
+    regions: list[Box] = setting([], "regions to report")
+
+
+def test_arrays_of_tables_round_trip(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[regions]]\nname = "I"\nbox = [0, 0, 1e-6, 1e-6]\n\n[[regions]]\nname = "II"\nbox = [1e-6, 0, 2e-6, 1e-6]\n')
+    settings = WithRegions.from_toml(path)
+    assert [r.name for r in settings.regions] == ["I", "II"] and settings.regions[1].box[0] == 1e-6
+    settings.to_toml(tmp_path / "back.toml")
+    assert WithRegions.from_toml(tmp_path / "back.toml") == settings
+    path.write_text('[[regions]]\nname = "I"\nbox = [0, 0, 1]\n')
+    with pytest.raises(UsageError, match="needs 4"):
+        WithRegions.from_toml(path)
+    path.write_text('[[regions]]\nnme = "I"\n')
+    with pytest.raises(UsageError, match="did you mean 'name'"):
+        WithRegions.from_toml(path)
