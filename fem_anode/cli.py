@@ -31,7 +31,7 @@ logger = logging.getLogger("fem_anode")
 #: Subcommand name -> module in fem_anode.commands that defines ``register(subparsers)``.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
-    "segment": "reserved",
+    "segment": "segment",
     "metrics": "metrics",
     "mesh": "mesh",
     "diffusion": "reserved",

@@ -1,4 +1,10 @@
-"""``fem-anode metrics``: image metrics of a segmented 2D/3D image -> metrics.json + figures."""
+"""``fem-anode metrics``: image metrics of a segmented 2D/3D image -> metrics.json + figures.
+
+Computes the quantities of the paper's Figs. 4-7 (see :mod:`fem_anode.imaging.metrics`):
+phase fractions and per-slice profiles, Si particles, pore surface area, geodesic tortuosity
+from the electrode surface (z index 0), surface-connected pore channels per depth and pore-Si
+distances; with ``--reference`` also the relative change versus a reference sample.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +19,89 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="image metrics of a segmented image (phase fractions, per-slice profiles)",
-        description="Compute image metrics of a segmented label image. Writes DIR/metrics.json (SI units) and PNG figures.",
+        help="image metrics of a segmented image (fractions, profiles, Si particles, tortuosity, distances)",
+        description="Compute image metrics of a segmented label image. Writes DIR/metrics.json (SI units; "
+        "null = undefined or infinite, see docs/imaging.md) and PNG figures of each profile and distribution.",
     )
     add_image_arguments(parser)
+    parser.add_argument(
+        "--reference",
+        metavar="IMAGE",
+        help="reference label image (e.g. the pristine sample); adds relative_change and comparison figures. "
+        "Its stored voxel size/phase map are used, else those of --voxel-size/--phases",
+    )
+    parser.add_argument("--pore-phase", default="pore", metavar="NAME", help="name of the pore phase (default pore)")
+    parser.add_argument("--si-phase", default="si", metavar="NAME", help="name of the Si phase (default si)")
+    parser.add_argument("--bins", type=int, default=30, help="histogram bins of the distributions (default 30)")
+    parser.add_argument(
+        "--fields",
+        action="store_true",
+        help="also write tortuosity.npy and geodesic_m.npy (float32; inf = unreachable pore voxel, NaN = solid)",
+    )
     add_out_argument(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from fem_anode.imaging.metrics import compute_metrics
-    from fem_anode.imaging.plots import plot_per_slice
-    from fem_anode.io.output import output_directory, write_json
+def _load_reference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pathlib import Path
 
+    from fem_anode.errors import UsageError
+    from fem_anode.io.images import read_image
+
+    ref = read_image(Path(args.reference), kind="any")
+    voxel_size = args.voxel_size if ref.voxel_size is None else None
+    phases = args.phases if ref.phases is None else None
+    ref = ref.with_metadata(voxel_size, phases)
+    if ref.voxel_size is None or ref.phases is None:
+        raise UsageError(f"reference {args.reference}: voxel size or phase map unknown; store them with the image or give --voxel-size/--phases")
+    return ref.check_labels()
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fem_anode.errors import UsageError
+    from fem_anode.imaging.metrics import compute_metrics
+    from fem_anode.imaging.plots import plot_comparison
+    from fem_anode.io.output import atomic_path, output_directory, write_json
+
+    if args.bins < 1:
+        raise UsageError(f"--bins must be positive, got {args.bins}")
     image = load_image(args, kind="labels")
-    metrics = compute_metrics(image)
+    phases = image.require_phases()
+    for option, name, default in (("--pore-phase", args.pore_phase, "pore"), ("--si-phase", args.si_phase, "si")):
+        if name != default and name not in phases:
+            raise UsageError(f"{option} {name!r} is not a phase of {args.image} ({', '.join(phases)})")
+    reference_metrics = None
+    if args.reference:
+        reference = _load_reference(args)
+        if reference.ndim != image.ndim:
+            raise UsageError(f"--reference {args.reference} is {reference.ndim}D but {args.image} is {image.ndim}D")
+        logger.info("metrics of the reference %s", args.reference)
+        reference_metrics = compute_metrics(reference, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins)
+    fields: dict | None = {} if args.fields else None
+    metrics = compute_metrics(
+        image, reference=reference_metrics, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins, fields=fields
+    )
     comm = world_comm()
     with output_directory(args.out, comm) as staging:
         if is_root(comm):
             write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
-            plot_per_slice(metrics["per_slice"], staging / "per_slice.png", title=f"{args.image.name}")
+            samples = {args.image.stem: metrics}
+            if reference_metrics is not None:
+                write_json(staging / "reference_metrics.json", {"provenance": provenance("metrics"), **reference_metrics})
+                samples = {f"reference: {args.reference}": reference_metrics, **samples}
+            plot_comparison(samples, staging)
+            for name, array in (fields or {}).items():
+                with atomic_path(staging / f"{name}.npy") as tmp:
+                    np.save(tmp, array.astype(np.float32))
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics["phase_fractions"].items())
     logger.info("phase fractions: %s", fractions)
+    if metrics.get("tortuosity"):
+        t = metrics["tortuosity"]
+        logger.info("tortuosity mean %.4g, unreachable %.2f %% of pore voxels", t["mean"], 100 * t["unreachable_fraction"]["overall"])
+    for key, reason in metrics["not_applicable"].items():
+        logger.info("%s: not applicable (%s)", key, reason)
+    logger.info("time per metric (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))
     logger.info("wrote %s", args.out / "metrics.json")
     return 0

@@ -1,18 +1,71 @@
-"""Image metrics of segmented electrode volumes (NumPy/SciPy; no dolfinx).
+"""Image metrics of segmented electrode volumes (NumPy/SciPy/scikit-image; no dolfinx).
 
-All functions take a label :class:`~fem_anode.io.images.VoxelImage` with a phase map and
-return plain dicts of numbers in SI units, ready for ``metrics.json``.
+The quantities of Vorauer et al., Commun. Chem. 3, 141 (2020), Results, Figs. 4-7:
+
+* :func:`phase_fractions`, :func:`per_slice_fractions` -- volume fractions and their profile
+  over the depth z (Fig. 4e: pore vol% per slice).
+* :func:`si_particles` -- connected Si particles in 3D and per slice (Fig. 4d: particles per
+  unit area; sizes, maximum extent).
+* :func:`pore_surface_area` -- area of the pore/solid interface (Fig. 6c).
+* :func:`geodesic_tortuosity` -- geodesic tortuosity of the pore network from the electrode
+  surface z = 0 (Figs. 5c, 6a), with unreachable pore voxels kept as infinite.
+* :func:`connections_per_depth` -- pore channels per slice connected to the surface (Fig. 6b).
+* :func:`pore_si_distance` -- distances between the Si particle surfaces and the pore network
+  and the symmetric Hausdorff distance (Fig. 7).
+* :func:`relative_change` -- change versus a reference sample (Fig. 5: pore volume -37.2 %,
+  -58.8 %, -76.5 %; intermediate domain +21.8 %, +33.3 %, +38.2 %).
+
+All functions take a label :class:`~fem_anode.io.images.VoxelImage` with voxel size and phase
+map, honour anisotropic voxel sizes and return plain dicts in SI units ready for
+``metrics.json``. 3D arrays are ``(z, y, x)`` with z index 0 at the electrode surface; a 2D
+image ``(y, x)`` is treated as one cross-section with row 0 at the surface, and gets the 2D
+analogues (area fractions, perimeters, per-row profiles). Non-finite numbers (infinite
+tortuosity, undefined means) are written to JSON as ``null`` by
+:func:`fem_anode.io.output.write_json`; see :func:`geodesic_tortuosity` for how infinite
+tortuosity is reported.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
+from fem_anode.errors import InputError, UsageError
 from fem_anode.io.images import VoxelImage
 
-__all__ = ["compute_metrics", "phase_fractions", "per_slice_fractions"]
+__all__ = [
+    "compute_metrics",
+    "phase_fractions",
+    "per_slice_fractions",
+    "si_particles",
+    "pore_surface_area",
+    "pore_perimeter",
+    "geodesic_tortuosity",
+    "tortuosity_field",
+    "connections_per_depth",
+    "pore_si_distance",
+    "relative_change",
+    "METRIC_KEYS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Keys of :func:`compute_metrics` besides ``image``, ``timings_s`` and ``not_applicable``.
+METRIC_KEYS: tuple[str, ...] = (
+    "phase_fractions",
+    "per_slice",
+    "si_particles",
+    "pore_surface_area_m2",
+    "tortuosity",
+    "connections_per_depth",
+    "pore_si_distance",
+)
 
 
 def phase_fractions(image: VoxelImage) -> dict[str, float]:
@@ -49,19 +102,494 @@ def per_slice_fractions(image: VoxelImage) -> dict[str, dict[str, Any]]:
     return result
 
 
-def compute_metrics(image: VoxelImage) -> dict[str, Any]:
-    """All metrics of a label image with voxel size and phase map, as a JSON-ready dict (SI)."""
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mask(image: VoxelImage, phase: str) -> np.ndarray:
+    phases = image.require_phases()
+    if phase not in phases:
+        raise UsageError(f"{image.source}: no phase named {phase!r} in the phase map {phases}")
+    return image.array == phases[phase]
+
+
+def _face_structure(ndim: int) -> np.ndarray:
+    return ndimage.generate_binary_structure(ndim, 1)
+
+
+def _in_slice_structure(ndim: int) -> np.ndarray:
+    """Connectivity inside each slice of axis 0 only (full in-plane connectivity)."""
+    structure = np.zeros((3,) * ndim, dtype=bool)
+    structure[1] = True
+    return structure
+
+
+def _histogram(values: np.ndarray, bins: int) -> dict[str, Any]:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"bin_edges_m": [], "counts": []}
+    hi = float(values.max())
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, hi if hi > 0 else 1.0))
+    return {"bin_edges_m": edges.tolist(), "counts": counts.tolist()}
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+
+
+def _slice_area(image: VoxelImage) -> float:
+    """Area (3D: of one z-slice, m^2) or length (2D: of one row, m) of a slice."""
+    vs = image.require_voxel_size()
+    return float(np.prod([n * h for n, h in zip(image.shape[1:], vs[1:])]))
+
+
+# ----------------------------------------------------------------------------- Si particles
+
+
+def si_particles(image: VoxelImage, si_phase: str = "si", *, bins: int = 30) -> dict[str, Any]:
+    """Connected Si particles (face connectivity) in the image and per slice.
+
+    Equivalent diameter of a particle of volume ``V`` (3D) is ``(6 V / pi)^(1/3)``, of area
+    ``A`` (2D and per slice) ``(4 A / pi)^(1/2)``; its extent is the longest edge of its
+    bounding box in metres. ``count_per_area_m2`` is the number of 2D particle sections per
+    slice area (the paper's Fig. 4d), averaged over slices; for a 2D image it is the count per
+    image area.
+
+    Returns:
+        ``count``, ``count_per_area_m2``, ``mean_equivalent_diameter_m``, ``max_extent_m``,
+        ``mean_extent_m``, ``equivalent_diameters_m`` (sorted), ``size_distribution``
+        (histogram of equivalent diameters) and, for 3D, ``per_slice`` (``count`` and
+        ``count_per_area_m2`` profiles, mean 2D equivalent diameter).
+    """
+    vs = np.asarray(image.require_voxel_size())
+    si = _mask(image, si_phase)
+    ndim = image.ndim
+    cell = float(np.prod(vs))
+    comp, n = ndimage.label(si, _face_structure(ndim))
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    measure = sizes * cell
+    if ndim == 3:
+        diameters = np.cbrt(6.0 * measure / np.pi)
+    else:
+        diameters = np.sqrt(4.0 * measure / np.pi)
+    extents = np.array(
+        [max((s.stop - s.start) * h for s, h in zip(box, vs)) for box in ndimage.find_objects(comp) if box is not None]
+    )
+    result: dict[str, Any] = {
+        "count": int(n),
+        "connectivity": "face",
+        "mean_equivalent_diameter_m": float(diameters.mean()) if n else math.nan,
+        "max_extent_m": float(extents.max()) if n else math.nan,
+        "mean_extent_m": float(extents.mean()) if n else math.nan,
+        "equivalent_diameters_m": np.sort(diameters).tolist(),
+        "size_distribution": _histogram(diameters, bins),
+    }
+    if ndim == 2:
+        result["count_per_area_m2"] = float(n / np.prod(image.extent))
+        return result
+    sections, n_sections = ndimage.label(si, _in_slice_structure(3))
+    plane = int(np.prod(image.shape[1:]))
+    flat = sections.ravel()
+    section_sizes = np.bincount(flat, minlength=n_sections + 1)
+    # z of every section: the slice of its first voxel (sections never span two slices).
+    # z of every section from any one of its voxels (a section never spans two slices).
+    first = np.zeros(n_sections + 1, dtype=np.int64)
+    nz = np.flatnonzero(flat)
+    first[flat[nz]] = nz
+    z_of = first[1:] // plane
+    counts = np.bincount(z_of, minlength=image.shape[0])
+    per_area = counts / _slice_area(image)
+    section_d = np.sqrt(4.0 * section_sizes[1:] * vs[1] * vs[2] / np.pi)
+    result["count_per_area_m2"] = float(per_area.mean())
+    result["per_slice"] = {
+        "count": {**_stats(counts.astype(np.float64)), "profile": counts.tolist()},
+        "count_per_area_m2": {**_stats(per_area), "profile": per_area.tolist()},
+        "mean_equivalent_diameter_m": float(section_d.mean()) if n_sections else math.nan,
+        "depth_m": ((np.arange(image.shape[0]) + 0.5) * vs[0]).tolist(),
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------- surfaces
+
+
+def pore_surface_area(image: VoxelImage, pore_phase: str = "pore", *, smoothing: float = 0.7) -> float:
+    """Area (m^2) of the marching-cubes surface between the pore phase and the rest (3D).
+
+    The binary pore mask is smoothed by a Gaussian of ``smoothing`` voxels before marching
+    cubes (``skimage.measure.marching_cubes`` at level 0.5 with ``spacing`` = voxel size):
+    on the raw staircase mask marching cubes overestimates the area of smooth objects by
+    8-13 % (measured on voxelised spheres, radius 6-25 voxels); with 0.7 voxel smoothing the
+    error is within 2.2 %. The image faces are not part of the surface (open at the border).
+    """
+    from skimage import measure
+
+    if image.ndim != 3:
+        raise UsageError("pore_surface_area needs a 3D image; use pore_perimeter for 2D")
+    vs = image.require_voxel_size()
+    pore = _mask(image, pore_phase)
+    if not pore.any() or pore.all():
+        return 0.0
+    field = ndimage.gaussian_filter(pore.astype(np.float32), smoothing) if smoothing > 0 else pore.astype(np.float32)
+    if field.min() >= 0.5 or field.max() <= 0.5:
+        return 0.0
+    verts, faces, _, _ = measure.marching_cubes(field, 0.5, spacing=tuple(vs))
+    return float(measure.mesh_surface_area(verts, faces))
+
+
+def pore_perimeter(image: VoxelImage, pore_phase: str = "pore", *, smoothing: float = 0.7) -> float:
+    """Length (m) of the marching-squares contour between pores and the rest (2D analogue)."""
+    from skimage import measure
+
+    if image.ndim != 2:
+        raise UsageError("pore_perimeter needs a 2D image")
+    vs = np.asarray(image.require_voxel_size())
+    pore = _mask(image, pore_phase)
+    field = ndimage.gaussian_filter(pore.astype(np.float64), smoothing) if smoothing > 0 else pore.astype(np.float64)
+    total = 0.0
+    for contour in measure.find_contours(field, 0.5):
+        steps = np.diff(contour, axis=0) * vs
+        total += float(np.sqrt((steps**2).sum(axis=1)).sum())
+    return total
+
+
+# ----------------------------------------------------------------------------- tortuosity
+
+
+def tortuosity_field(image: VoxelImage, pore_phase: str = "pore") -> tuple[np.ndarray, np.ndarray]:
+    """Geodesic distance from the surface and geodesic tortuosity of every voxel.
+
+    The geodesic distance ``L(x)`` is the length of the shortest path from any pore voxel of
+    slice 0 to ``x`` through pore voxels only, computed with ``skimage.graph.MCP_Geometric``
+    (Dijkstra on the 26- (3D) or 8-neighbour (2D) voxel graph, step lengths from the
+    anisotropic voxel size via ``sampling``). The tortuosity is ``tau(x) = L(x) / (z h_z)``, the
+    path length over the straight distance to the surface slice, for ``z >= 1``; pore voxels of
+    slice 0 have ``tau = 1``. Unreachable pore voxels have ``L = tau = inf``; solid voxels NaN.
+
+    Note: on a 26-neighbour graph a straight path along an axis or a lattice diagonal is exact;
+    other directions are overestimated by up to about 8 % (e.g. direction (2, 1, 0)).
+
+    Returns:
+        ``(geodesic_m, tortuosity)`` float arrays of the image shape.
+    """
+    from skimage.graph import MCP_Geometric
+
+    vs = np.asarray(image.require_voxel_size(), dtype=np.float64)
+    pore = _mask(image, pore_phase)
+    geodesic = np.full(pore.shape, np.inf)
+    starts = np.argwhere(pore[0])
+    if starts.size:
+        starts = np.column_stack([np.zeros(len(starts), dtype=np.int64), starts])
+        costs = np.where(pore, 1.0, np.inf)
+        mcp = MCP_Geometric(costs, fully_connected=True, sampling=tuple(vs))
+        cumulative, _ = mcp.find_costs(starts)
+        geodesic = np.where(pore, cumulative, np.inf)
+    depth = (np.arange(pore.shape[0]) * vs[0]).reshape((-1,) + (1,) * (pore.ndim - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tau = geodesic / depth
+    tau[0] = np.where(np.isfinite(geodesic[0]), 1.0, np.inf)
+    tau[~pore] = np.nan
+    geodesic[~pore] = np.nan
+    return geodesic, tau
+
+
+def geodesic_tortuosity(image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None) -> dict[str, Any]:
+    """Geodesic tortuosity statistics of the pore network from the surface (z index 0).
+
+    See :func:`tortuosity_field` for the definition. Infinite values (pore voxels not connected
+    to the surface through the pore network) are *never averaged and never dropped silently*:
+    they are counted in ``unreachable_fraction``; JSON has no infinity, so a depth whose pore
+    voxels are all unreachable (or that has no pore voxels) has ``per_depth_mean`` ``null``.
+
+    Returns:
+        ``per_depth_mean`` (one value per slice, mean over the reachable pore voxels of that
+        slice), ``unreachable_fraction`` (``per_depth`` list and ``overall``: unreachable pore
+        voxels over pore voxels), ``mean`` (over all reachable pore voxels below slice 0),
+        ``median``, ``max_finite``, ``reachable_voxels``, ``unreachable_voxels``, ``depth_m``
+        (straight distance ``z h_z`` of each slice from slice 0) and ``method``.
+    """
+    vs = image.require_voxel_size()
+    if field is None:
+        _, field = tortuosity_field(image, pore_phase)
+    pore = ~np.isnan(field)
+    finite = np.isfinite(field)
+    unreachable = pore & ~finite
+    n = field.shape[0]
+    z = np.broadcast_to(np.arange(n).reshape((-1,) + (1,) * (field.ndim - 1)), field.shape)
+    pore_per_z = np.bincount(z[pore], minlength=n).astype(np.float64)
+    finite_per_z = np.bincount(z[finite], minlength=n).astype(np.float64)
+    sum_per_z = np.bincount(z[finite], weights=field[finite], minlength=n)
+    unreach_per_z = np.bincount(z[unreachable], minlength=n).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_depth = np.where(finite_per_z > 0, sum_per_z / finite_per_z, np.nan)
+        unreach_frac = np.where(pore_per_z > 0, unreach_per_z / pore_per_z, np.nan)
+    below = finite.copy()
+    below[0] = False
+    values = field[below]
+    n_pore = int(pore.sum())
+    return {
+        "per_depth_mean": per_depth.tolist(),
+        "unreachable_fraction": {
+            "per_depth": unreach_frac.tolist(),
+            "overall": float(unreachable.sum() / n_pore) if n_pore else math.nan,
+        },
+        "mean": float(values.mean()) if values.size else math.nan,
+        "median": float(np.median(values)) if values.size else math.nan,
+        "max_finite": float(values.max()) if values.size else math.nan,
+        "reachable_voxels": int(finite.sum()),
+        "unreachable_voxels": int(unreachable.sum()),
+        "depth_m": (np.arange(n) * vs[0]).tolist(),
+        "method": "geodesic path length through pore voxels from slice 0 / straight distance z*h_z "
+        "(skimage.graph.MCP_Geometric, full neighbourhood, anisotropic sampling); unreachable = inf, "
+        "reported in unreachable_fraction and excluded from means (null in JSON where undefined)",
+    }
+
+
+def connections_per_depth(image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None) -> dict[str, Any]:
+    """Number of distinct pore channels per slice connected to the surface (z = 0).
+
+    A channel is a connected pore component inside one slice (full in-plane connectivity,
+    matching the full-neighbourhood paths of :func:`tortuosity_field`; in 2D: a run of pore
+    pixels in a row); it counts when at least one of its voxels is reachable from slice 0
+    through the pore network.
+
+    Returns:
+        ``profile`` (connected channels per slice), ``total_profile`` (all channels per slice),
+        ``mean``, ``min``, ``max`` and ``depth_m``.
+    """
+    vs = image.require_voxel_size()
+    if field is None:
+        _, field = tortuosity_field(image, pore_phase)
+    pore = ~np.isnan(field)
+    reachable = np.isfinite(field)
+    sections, n_sections = ndimage.label(pore, _in_slice_structure(image.ndim))
+    plane = int(np.prod(image.shape[1:]))
+    n = image.shape[0]
+    flat = sections.ravel()
+    first = np.zeros(n_sections + 1, dtype=np.int64)
+    nz = np.flatnonzero(flat)
+    first[flat[nz]] = nz  # any voxel of a section gives its slice
+    z_of = first[1:] // plane
+    connected = np.zeros(n_sections + 1, dtype=bool)
+    connected[sections[reachable]] = True
+    connected = connected[1:]
+    profile = np.bincount(z_of[connected], minlength=n)
+    total = np.bincount(z_of, minlength=n)
+    return {
+        **_stats(profile.astype(np.float64)),
+        "profile": profile.tolist(),
+        "total_profile": total.tolist(),
+        "depth_m": (np.arange(n) * vs[0]).tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------- distances
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (the image border does not count)."""
+    return mask & ~ndimage.binary_erosion(mask, _face_structure(mask.ndim), border_value=1)
+
+
+def pore_si_distance(image: VoxelImage, pore_phase: str = "pore", si_phase: str = "si", *, bins: int = 30) -> dict[str, Any]:
+    """Distances between the Si particle surfaces and the pore network (the paper's d_H, Fig. 7).
+
+    For every Si surface voxel (a Si voxel with a non-Si face neighbour) the Euclidean distance
+    from its centre to the nearest pore voxel centre, by the exact Euclidean distance transform
+    with the anisotropic voxel size (``scipy.ndimage.distance_transform_edt(sampling=...)``).
+    A Si voxel touching a pore face has distance ``h`` along that axis.
+
+    Returns:
+        ``mean_m`` and ``max_m`` of that distribution (``max_m`` is the directed Hausdorff
+        distance from the Si surface to the pores), ``hausdorff_m`` (symmetric: also from every
+        pore surface voxel to the nearest Si voxel), ``per_particle_min`` (mean/max over the
+        particles of each particle's nearest approach to a pore), ``histogram`` and
+        ``surface_points``.
+    """
+    vs = image.require_voxel_size()
+    pore = _mask(image, pore_phase)
+    si = _mask(image, si_phase)
+    if not pore.any() or not si.any():
+        raise InputError(f"{image.source}: pore-Si distances need both {pore_phase!r} and {si_phase!r} voxels")
+    to_pore = ndimage.distance_transform_edt(~pore, sampling=vs)
+    to_si = ndimage.distance_transform_edt(~si, sampling=vs)
+    si_surface = _surface(si)
+    pore_surface = _surface(pore)
+    d = to_pore[si_surface]
+    comp, n = ndimage.label(si, _face_structure(image.ndim))
+    nearest = np.asarray(ndimage.minimum(to_pore, comp, index=np.arange(1, n + 1)), dtype=np.float64)
+    return {
+        "mean_m": float(d.mean()),
+        "max_m": float(d.max()),
+        "median_m": float(np.median(d)),
+        "std_m": float(d.std()),
+        "hausdorff_m": float(max(d.max(), to_si[pore_surface].max() if pore_surface.any() else 0.0)),
+        "per_particle_min": {"mean_m": float(nearest.mean()), "max_m": float(nearest.max())},
+        "histogram": _histogram(d, bins),
+        "surface_points": int(d.size),
+    }
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _get(d: Mapping[str, Any], *keys: str) -> float | None:
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d or d[k] is None:
+            return None
+        d = d[k]
+    try:
+        value = float(d)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _ratio(value: float | None, ref: float | None) -> float | None:
+    if value is None or ref is None or ref == 0:
+        return None
+    return value / ref - 1.0
+
+
+def relative_change(metrics: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """Relative change ``x / x_ref - 1`` of the main metrics versus a reference sample.
+
+    Phase volumes are compared as volume fractions and the pore surface area as the specific
+    area (area per image volume), so images of different size compare correctly; for equal
+    volumes of interest these are the changes of the absolute volume and area as in the paper.
+    ``None`` (JSON ``null``) where a metric is missing or the reference value is 0.
+    """
+    phases = metrics.get("phase_fractions", {})
+    ref_phases = reference.get("phase_fractions", {})
+    result: dict[str, Any] = {
+        "phase_volume": {name: _ratio(phases.get(name), ref_phases.get(name)) for name in phases if name in ref_phases},
+    }
+    volume = _get(metrics, "image", "volume_m3")
+    ref_volume = _get(reference, "image", "volume_m3")
+    area, ref_area = _get(metrics, "pore_surface_area_m2"), _get(reference, "pore_surface_area_m2")
+    if area is not None and ref_area is not None and volume and ref_volume:
+        result["pore_surface_area"] = _ratio(area / volume, ref_area / ref_volume)
+        result["pore_surface_area_relative_to_reference"] = (area / volume) / (ref_area / ref_volume) if ref_area else None
+    else:
+        perimeter, ref_perimeter = _get(metrics, "pore_perimeter_m"), _get(reference, "pore_perimeter_m")
+        if perimeter is not None and ref_perimeter is not None and volume and ref_volume:
+            result["pore_perimeter"] = _ratio(perimeter / volume, ref_perimeter / ref_volume)
+    for key in ("mean_m", "max_m", "hausdorff_m"):
+        result[f"pore_si_distance_{key}"] = _ratio(_get(metrics, "pore_si_distance", key), _get(reference, "pore_si_distance", key))
+    result["tortuosity_mean"] = _ratio(_get(metrics, "tortuosity", "mean"), _get(reference, "tortuosity", "mean"))
+    result["connections_per_depth_mean"] = _ratio(_get(metrics, "connections_per_depth", "mean"), _get(reference, "connections_per_depth", "mean"))
+    result["si_particle_count"] = _ratio(_get(metrics, "si_particles", "count"), _get(reference, "si_particles", "count"))
+    result["si_mean_equivalent_diameter"] = _ratio(
+        _get(metrics, "si_particles", "mean_equivalent_diameter_m"), _get(reference, "si_particles", "mean_equivalent_diameter_m")
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def compute_metrics(
+    image: VoxelImage,
+    *,
+    reference: VoxelImage | Mapping[str, Any] | None = None,
+    pore_phase: str = "pore",
+    si_phase: str = "si",
+    bins: int = 30,
+    fields: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """All metrics of a label image with voxel size and phase map, as a JSON-ready dict (SI).
+
+    Args:
+        image: 2D or 3D label image.
+        reference: reference label image (or its already computed metrics dict); adds
+            ``relative_change`` and ``reference``.
+        pore_phase: name of the pore phase.
+        si_phase: name of the Si phase.
+        bins: histogram bins of the distributions.
+        fields: if a dict is given, the tortuosity and geodesic-distance arrays are stored in it
+            (``tortuosity``, ``geodesic_m``; inf = unreachable, NaN = solid).
+
+    Returns:
+        ``image``, ``phase_fractions``, ``per_slice``, ``si_particles``, ``pore_surface_area_m2``
+        (3D) or ``pore_perimeter_m`` (2D), ``tortuosity``, ``connections_per_depth``,
+        ``pore_si_distance``, ``not_applicable`` (metric -> reason, for metrics that do not apply
+        to this image), ``timings_s`` (wall time per metric) and, with a reference,
+        ``relative_change``. Metrics that do not apply are ``null``.
+    """
     image.check_labels(require_all_phases=False)
     voxel_size = image.require_voxel_size()
-    return {
+    phases = image.require_phases()
+    timings: dict[str, float] = {}
+    not_applicable: dict[str, str] = {}
+
+    def timed(name: str, func: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = func()
+        timings[name] = time.perf_counter() - start
+        logger.debug("%s: %.3f s", name, timings[name])
+        return value
+
+    has_pore = pore_phase in phases and bool(np.any(image.array == phases[pore_phase]))
+    has_si = si_phase in phases and bool(np.any(image.array == phases[si_phase]))
+    result: dict[str, Any] = {
         "image": {
             "source": image.source,
             "shape": list(image.shape),
             "ndim": image.ndim,
             "voxel_size_m": list(voxel_size),
             "extent_m": list(image.extent),
-            "phases": image.require_phases(),
+            "volume_m3" if image.ndim == 3 else "area_m2": float(np.prod(image.extent)),
+            "phases": phases,
+            "pore_phase": pore_phase,
+            "si_phase": si_phase,
         },
-        "phase_fractions": phase_fractions(image),
-        "per_slice": per_slice_fractions(image),
     }
+    if image.ndim == 2:
+        result["image"]["volume_m3"] = result["image"]["area_m2"]  # 2D "volume" = area, for relative changes
+    result["phase_fractions"] = timed("phase_fractions", lambda: phase_fractions(image))
+    result["per_slice"] = timed("per_slice", lambda: per_slice_fractions(image))
+    if has_si:
+        result["si_particles"] = timed("si_particles", lambda: si_particles(image, si_phase, bins=bins))
+    else:
+        result["si_particles"] = None
+        not_applicable["si_particles"] = f"no {si_phase!r} voxels in the image"
+    if not has_pore:
+        for key in ("pore_surface_area_m2", "tortuosity", "connections_per_depth"):
+            result[key] = None
+            not_applicable[key] = f"no {pore_phase!r} voxels in the image"
+    else:
+        if image.ndim == 3:
+            result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: pore_surface_area(image, pore_phase))
+        else:
+            result["pore_surface_area_m2"] = None
+            not_applicable["pore_surface_area_m2"] = "2D image: the pore/solid interface is a curve, see pore_perimeter_m"
+            result["pore_perimeter_m"] = timed("pore_perimeter_m", lambda: pore_perimeter(image, pore_phase))
+        geodesic, tau = timed("tortuosity_field", lambda: tortuosity_field(image, pore_phase))
+        result["tortuosity"] = timed("tortuosity", lambda: geodesic_tortuosity(image, pore_phase, field=tau))
+        result["connections_per_depth"] = timed("connections_per_depth", lambda: connections_per_depth(image, pore_phase, field=tau))
+        if fields is not None:
+            fields["tortuosity"] = tau
+            fields["geodesic_m"] = geodesic
+        del geodesic, tau
+    if has_pore and has_si:
+        result["pore_si_distance"] = timed("pore_si_distance", lambda: pore_si_distance(image, pore_phase, si_phase, bins=bins))
+    else:
+        result["pore_si_distance"] = None
+        not_applicable["pore_si_distance"] = f"needs both {pore_phase!r} and {si_phase!r} voxels"
+    if reference is not None:
+        if isinstance(reference, VoxelImage):
+            if reference.ndim != image.ndim:
+                raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
+            ref_metrics = compute_metrics(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins)
+        else:
+            ref_metrics = dict(reference)
+        result["reference"] = {k: ref_metrics.get(k) for k in ("image", "phase_fractions", "pore_surface_area_m2", "pore_perimeter_m")}
+        result["reference"]["pore_si_distance"] = {
+            k: v for k, v in (ref_metrics.get("pore_si_distance") or {}).items() if k in ("mean_m", "max_m", "hausdorff_m")
+        }
+        result["reference"]["tortuosity_mean"] = _get(ref_metrics, "tortuosity", "mean")
+        result["relative_change"] = timed("relative_change", lambda: relative_change(result, ref_metrics))
+    result["not_applicable"] = not_applicable
+    result["timings_s"] = timings
+    return result

@@ -1,4 +1,10 @@
-"""Matplotlib figures of image metrics (Agg backend, PNG files; no display needed)."""
+"""Matplotlib figures of image metrics (Agg backend, PNG files; no display needed).
+
+Single-sample figures (:func:`plot_metrics`) and sample comparisons in the style of the paper's
+Figs. 4-7 (:func:`plot_comparison`): phase-fraction profiles over depth, mean tortuosity versus
+depth (log scale), surface-connected pore channels versus depth, pore-Si distance histograms and
+Si particle size distributions. Lengths are plotted in micrometres.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fem_anode.io.output import atomic_path
 
-__all__ = ["plot_per_slice"]
+__all__ = ["plot_per_slice", "plot_metrics", "plot_comparison"]
 
 
 def _pyplot() -> Any:
@@ -18,6 +26,14 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_per_slice(per_slice: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
@@ -36,7 +52,146 @@ def plot_per_slice(per_slice: Mapping[str, Mapping[str, Any]], path: str | Path,
     ax.set_ylabel("phase fraction per slice (%)")
     ax.set_title(title or "Phase fractions per slice")
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def _um(values: Any) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64) * 1e6
+
+
+def _values(values: Any) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _depth_axis(metrics: Mapping[str, Any]) -> str:
+    return "depth z from electrode surface (um)" if metrics["image"]["ndim"] == 3 else "distance from top row (um)"
+
+
+def _tortuosity_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+    plt = _pyplot()
+    present = {k: m for k, m in samples.items() if m.get("tortuosity")}
+    if not present:
+        return None
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 6), sharex=True, constrained_layout=True)
+    for label, m in present.items():
+        t = m["tortuosity"]
+        depth = _um(t["depth_m"])
+        ax.semilogy(depth, _values(t["per_depth_mean"]), label=f"{label} (mean {t['mean']:.3g})" if t["mean"] is not None else label)
+        ax2.plot(depth, 100 * _values(t["unreachable_fraction"]["per_depth"]), label=label)
+    ax.set_ylabel("mean geodesic tortuosity")
+    ax.set_title("Tortuosity of the pore network vs depth (cf. paper Fig. 6a)")
+    ax.legend(fontsize=8)
+    ax2.set_ylabel("unreachable pore voxels (%)\n(infinite tortuosity)")
+    ax2.set_xlabel(_depth_axis(next(iter(present.values()))))
+    return _save(fig, path)
+
+
+def _connections_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+    plt = _pyplot()
+    present = {k: m for k, m in samples.items() if m.get("connections_per_depth")}
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label, m in present.items():
+        c = m["connections_per_depth"]
+        line = ax.plot(_um(c["depth_m"]), c["profile"], label=f"{label}: connected to surface")[0]
+        ax.plot(_um(c["depth_m"]), c["total_profile"], ls=":", color=line.get_color(), label=f"{label}: all channels")
+    ax.set_xlabel(_depth_axis(next(iter(present.values()))))
+    ax.set_ylabel("pore channels per slice")
+    ax.set_title("Pore connections per depth (cf. paper Fig. 6b)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _histogram_figure(samples: Mapping[str, Mapping[str, Any]], path: Path, key: str, sub: str, xlabel: str, title: str) -> Path | None:
+    plt = _pyplot()
+    present = {k: m[key][sub] for k, m in samples.items() if m.get(key) and m[key].get(sub) and m[key][sub]["counts"]}
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label, hist in present.items():
+        edges = _um(hist["bin_edges_m"])
+        counts = np.asarray(hist["counts"], dtype=np.float64)
+        density = counts / max(counts.sum(), 1.0)
+        line = ax.stairs(density, edges, label=label)
+        mean = samples[label][key].get("mean_m") if key == "pore_si_distance" else samples[label][key].get("mean_equivalent_diameter_m")
+        if mean is not None:
+            ax.axvline(mean * 1e6, ls="--", lw=0.8, color=line.get_edgecolor())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("normalised frequency")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _si_per_slice_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+    plt = _pyplot()
+    present = {k: m["si_particles"]["per_slice"] for k, m in samples.items() if m.get("si_particles") and "per_slice" in m["si_particles"]}
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label, p in present.items():
+        ax.plot(_um(p["depth_m"]), np.asarray(p["count_per_area_m2"]["profile"]) * 1e-12, label=label)
+    ax.set_xlabel("depth z from electrode surface (um)")
+    ax.set_ylabel("Si particle sections per um^2")
+    ax.set_title("Si particles per unit area per slice (cf. paper Fig. 4d)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _phase_profiles_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    names = [n for n in next(iter(samples.values()))["per_slice"] if n != "depth_m"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for label, m in samples.items():
+            stats = m["per_slice"].get(name)
+            if stats is None:
+                continue
+            depth = m["per_slice"].get("depth_m")
+            x = _um(depth) if depth is not None else np.arange(len(stats["profile"]))
+            line = ax.plot(x, 100 * np.asarray(stats["profile"]), label=f"{label} ({100 * stats['mean']:.1f} %)")[0]
+            ax.axhline(100 * stats["mean"], ls="--", lw=0.8, color=line.get_color())
+        ax.set_title(name)
+        ax.set_xlabel("depth (um)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction per slice (%)")
+    fig.suptitle("Phase fractions per slice (cf. paper Figs. 4e, 5)")
+    return _save(fig, path)
+
+
+def plot_comparison(samples: Mapping[str, Mapping[str, Any]], out_dir: str | Path, *, prefix: str = "") -> list[Path]:
+    """Figures comparing several samples' metrics (e.g. pristine vs aged), one PNG per quantity.
+
+    Args:
+        samples: label -> metrics dict of :func:`~fem_anode.imaging.metrics.compute_metrics`.
+        out_dir: directory for the PNG files.
+        prefix: file name prefix.
+
+    Returns:
+        Paths written: ``per_slice``, ``tortuosity``, ``connections``, ``pore_si_distance``,
+        ``si_size_distribution``, ``si_per_slice`` (those that apply).
+    """
+    out = Path(out_dir)
+    written = [_phase_profiles_figure(samples, out / f"{prefix}per_slice.png")]
+    for figure in (
+        _tortuosity_figure(samples, out / f"{prefix}tortuosity.png"),
+        _connections_figure(samples, out / f"{prefix}connections.png"),
+        _histogram_figure(
+            samples, out / f"{prefix}pore_si_distance.png", "pore_si_distance", "histogram",
+            "distance from Si surface to nearest pore (um)", "Pore-Si distance distribution (cf. paper Fig. 7)",
+        ),
+        _histogram_figure(
+            samples, out / f"{prefix}si_size_distribution.png", "si_particles", "size_distribution",
+            "Si particle equivalent diameter (um)", "Si particle size distribution",
+        ),
+        _si_per_slice_figure(samples, out / f"{prefix}si_per_slice.png"),
+    ):
+        if figure is not None:
+            written.append(figure)
+    return written
+
+
+def plot_metrics(metrics: Mapping[str, Any], out_dir: str | Path, *, label: str = "sample", prefix: str = "") -> list[Path]:
+    """All figures of one sample's metrics (see :func:`plot_comparison`)."""
+    return plot_comparison({label: metrics}, out_dir, prefix=prefix)
