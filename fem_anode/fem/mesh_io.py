@@ -1,4 +1,14 @@
-"""Loading tagged gmsh meshes into dolfinx, with physical-group names, on any communicator."""
+"""Loading tagged gmsh meshes into dolfinx, with physical-group names, on any communicator.
+
+* :func:`read_mesh` reads a ``.msh`` file on rank 0 and distributes it;
+* :func:`image_to_tagged_mesh` meshes a label image in memory on rank 0 (any method of
+  :mod:`fem_anode.meshing.build`) and distributes it, without a file;
+* :func:`model_to_tagged_mesh` distributes the current gmsh model (rank 0) with its names;
+* :func:`write_xdmf` writes the mesh with its cell and facet tags for ParaView.
+
+The mesh is distributed with ghost mode ``shared_facet`` by default, so that integrals over
+interior interfaces (``dS``) are right on any number of ranks.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +18,9 @@ from pathlib import Path
 import dolfinx
 from mpi4py import MPI
 
-from fem_anode.errors import InputError
+from fem_anode.errors import FemAnodeError, InputError, UsageError
 
-__all__ = ["TaggedMesh", "read_mesh"]
+__all__ = ["TaggedMesh", "read_mesh", "model_to_tagged_mesh", "image_to_tagged_mesh", "write_xdmf"]
 
 
 @dataclasses.dataclass
@@ -50,11 +60,10 @@ class TaggedMesh:
             raise InputError(f"mesh has no cell group {name!r}; it has {', '.join(sorted(self.cell_groups)) or 'none'}") from None
 
 
-def _open_on_root(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
-    """Open ``path`` in the (initialised) gmsh session; return gdim and the named groups."""
+def _groups_on_root() -> tuple[int, dict[str, int], dict[str, int]]:
+    """gdim and the named cell/facet groups of the current gmsh model."""
     import gmsh
 
-    gmsh.open(str(path))
     groups = gmsh.model.getPhysicalGroups()
     dim = max((d for d, _ in groups), default=gmsh.model.getDimension())
     cells = {gmsh.model.getPhysicalName(d, t) or str(t): t for d, t in groups if d == dim}
@@ -64,8 +73,57 @@ def _open_on_root(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return gdim, cells, facets
 
 
-def read_mesh(path: str | Path, comm: MPI.Comm = MPI.COMM_WORLD) -> TaggedMesh:
+def _open_on_root(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Open ``path`` in the (initialised) gmsh session; return gdim and the named groups."""
+    import gmsh
+
+    gmsh.open(str(path))
+    return _groups_on_root()
+
+
+def _partitioner(ghost_mode: str):  # type: ignore[no-untyped-def]
+    modes = {"none": dolfinx.mesh.GhostMode.none, "shared_facet": dolfinx.mesh.GhostMode.shared_facet}
+    if ghost_mode not in modes:
+        raise UsageError(f"ghost_mode must be one of {', '.join(modes)}, got {ghost_mode!r}")
+    return dolfinx.mesh.create_cell_partitioner(modes[ghost_mode])
+
+
+def _distribute(meta: tuple | str | None, comm: MPI.Comm, ghost_mode: str) -> TaggedMesh:
+    """Broadcast rank 0's metadata (or error text) and build the dolfinx mesh from gmsh's model."""
+    import gmsh
+
+    meta = comm.bcast(meta, root=0)
+    if isinstance(meta, str):
+        raise InputError(meta)
+    if isinstance(meta, dict):  # a fem_anode error raised on rank 0, re-raised everywhere
+        raise {"usage": UsageError, "input": InputError}[meta["kind"]](meta["message"])
+    gdim, cell_groups, facet_groups = meta  # type: ignore[misc]
+    mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=gdim, partitioner=_partitioner(ghost_mode))
+    cell_tags.name, facet_tags.name = "cell_tags", "facet_tags"
+    return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups)
+
+
+def model_to_tagged_mesh(comm: MPI.Comm = MPI.COMM_WORLD, ghost_mode: str = "shared_facet") -> TaggedMesh:
+    """Distribute the current gmsh model of rank 0 (session initialised there) over ``comm``.
+
+    Raises:
+        InputError: the model has no cell physical groups.
+    """
+    meta: tuple | str | None = None
+    if comm.rank == 0:
+        meta = _groups_on_root()
+        if not meta[1]:
+            meta = "gmsh model has no cell physical groups (tag the phases/regions)"
+    return _distribute(meta, comm, ghost_mode)
+
+
+def read_mesh(path: str | Path, comm: MPI.Comm = MPI.COMM_WORLD, ghost_mode: str = "shared_facet") -> TaggedMesh:
     """Read a gmsh ``.msh`` file on rank 0 and distribute it over ``comm``.
+
+    Args:
+        path: the ``.msh`` file (coordinates as stored: metres for fem_anode meshes).
+        comm: communicator to distribute over.
+        ghost_mode: ``shared_facet`` (default; needed for ``dS`` on interfaces) or ``none``.
 
     Raises:
         InputError: the file is missing, unreadable or has no cell physical groups.
@@ -87,13 +145,67 @@ def read_mesh(path: str | Path, comm: MPI.Comm = MPI.COMM_WORLD) -> TaggedMesh:
             except Exception as err:  # gmsh raises plain Exception
                 meta = f"cannot read mesh {path}: {err}"
     try:
-        meta = comm.bcast(meta, root=0)
-        if isinstance(meta, str):
-            raise InputError(meta)
-        gdim, cell_groups, facet_groups = meta  # type: ignore[misc]
-        mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=gdim)
+        return _distribute(meta, comm, ghost_mode)
     finally:
         if comm.rank == 0:
             gmsh.finalize()
-    cell_tags.name, facet_tags.name = "cell_tags", "facet_tags"
-    return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups)
+
+
+def image_to_tagged_mesh(
+    image,  # type: ignore[no-untyped-def]
+    comm: MPI.Comm = MPI.COMM_WORLD,
+    *,
+    ghost_mode: str = "shared_facet",
+    **build_args,  # type: ignore[no-untyped-def]
+) -> TaggedMesh:
+    """Mesh a label image in memory on rank 0 and distribute it over ``comm``.
+
+    Args:
+        image: :class:`~fem_anode.io.images.VoxelImage` with voxel size and phase map.
+        comm: communicator.
+        ghost_mode: see :func:`read_mesh`.
+        **build_args: ``method``, ``keep``, ``options``, ``order`` of
+            :func:`fem_anode.meshing.build.build_model`.
+
+    Raises:
+        UsageError, InputError: as :func:`~fem_anode.meshing.build.build_model`, on every rank.
+    """
+    import gmsh
+
+    from fem_anode.meshing.build import build_model
+
+    meta: tuple | str | dict | None = None
+    if comm.rank == 0:
+        gmsh.initialize(interruptible=False)
+        gmsh.option.setNumber("General.Terminal", 0)
+        try:
+            build_model(image, **build_args)
+            meta = _groups_on_root()
+        except FemAnodeError as err:
+            meta = {"kind": "usage" if isinstance(err, UsageError) else "input", "message": str(err)}
+    try:
+        return _distribute(meta, comm, ghost_mode)
+    finally:
+        if comm.rank == 0:
+            gmsh.finalize()
+
+
+def write_xdmf(tagged: TaggedMesh, path: str | Path) -> Path:
+    """Write the mesh and its cell and facet tags to an XDMF/HDF5 pair (collective).
+
+    Coordinates are those of the mesh (metres). Quadratic geometry is written as such.
+    """
+    path = Path(path)
+    if path.suffix != ".xdmf":
+        raise UsageError(f"XDMF output {path} must end in .xdmf")
+    mesh = tagged.mesh
+    tdim = mesh.topology.dim
+    mesh.topology.create_connectivity(tdim - 1, tdim)
+    if tagged.comm.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tagged.comm.barrier()
+    with dolfinx.io.XDMFFile(tagged.comm, str(path), "w") as xdmf:
+        xdmf.write_mesh(mesh)
+        xdmf.write_meshtags(tagged.cell_tags, mesh.geometry)
+        xdmf.write_meshtags(tagged.facet_tags, mesh.geometry)
+    return path

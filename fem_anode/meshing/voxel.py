@@ -21,7 +21,7 @@ from fem_anode.io.images import VoxelImage
 from fem_anode.io.output import atomic_path
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
 
-__all__ = ["VoxelMeshData", "voxel_mesh_data", "write_voxel_mesh", "MAX_VOXEL_CELLS"]
+__all__ = ["VoxelMeshData", "voxel_mesh_data", "write_voxel_mesh", "add_voxel_model", "MAX_VOXEL_CELLS"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ _QUAD_CORNERS = np.array([(0, 0), (0, 1), (1, 1), (1, 0)])
 _HEX_CORNERS = np.array([(0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0)])
 # Box side names per array axis: (side at index 0, side at the end).
 _SIDES = {2: [("top", "bottom"), ("left", "right")], 3: [("top", "bottom"), ("front", "back"), ("left", "right")]}
-_GMSH_TYPE = {(2, 2): 3, (2, 1): 1, (3, 3): 5, (3, 2): 3}  # (gdim, entity dim) -> gmsh element type
+# (entity dim, nodes per element) -> gmsh element type: lines, triangles, quads, tets, hexes.
+_GMSH_TYPE_BY_NODES = {(1, 2): 1, (2, 3): 2, (2, 4): 3, (3, 4): 4, (3, 8): 5}
 
 
 @dataclasses.dataclass
@@ -146,6 +147,34 @@ def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Vox
     return VoxelMeshData(points, cells, cell_tags, facets, facet_tags, groups)
 
 
+def add_voxel_model(data: VoxelMeshData, name: str = "voxel_mesh") -> None:
+    """Add ``data`` as a new model (discrete entities, one per group) to the current gmsh session."""
+    import gmsh
+
+    gdim = data.gdim
+    xyz = np.zeros((data.points.shape[0], 3))
+    xyz[:, :gdim] = data.points
+    gmsh.model.add(name)
+    node_tags = np.arange(1, xyz.shape[0] + 1)
+    element_tag = 1
+    first = True
+    cell_dim = gdim
+    facet_nodes = data.facets.shape[1]
+    cell_nodes = data.cells.shape[1]
+    for group, (dim, tag) in sorted(data.groups.items(), key=lambda item: (-item[1][0], item[1][1])):
+        gmsh.model.addDiscreteEntity(dim, tag)
+        if first:
+            gmsh.model.mesh.addNodes(dim, tag, node_tags, xyz.ravel())
+            first = False
+        conn, tags = (data.cells, data.cell_tags) if dim == cell_dim else (data.facets, data.facet_tags)
+        selected = conn[tags == tag] + 1
+        elements = np.arange(element_tag, element_tag + selected.shape[0])
+        element_tag += selected.shape[0]
+        nodes_per = cell_nodes if dim == cell_dim else facet_nodes
+        gmsh.model.mesh.addElementsByType(tag, _GMSH_TYPE_BY_NODES[(dim, nodes_per)], elements, selected.ravel())
+        gmsh.model.addPhysicalGroup(dim, [tag], tag, name=group)
+
+
 def write_voxel_mesh(image: VoxelImage, path: str | Path, keep: Sequence[str] | None = None) -> VoxelMeshData:
     """Build the voxel mesh and write it as a gmsh ``.msh`` (format 4.1) file, atomically."""
     import gmsh
@@ -154,27 +183,10 @@ def write_voxel_mesh(image: VoxelImage, path: str | Path, keep: Sequence[str] | 
     if path.suffix != ".msh":
         raise UsageError(f"mesh output {path} must end in .msh")
     data = voxel_mesh_data(image, keep)
-    gdim = data.gdim
-    xyz = np.zeros((data.points.shape[0], 3))
-    xyz[:, :gdim] = data.points
     gmsh.initialize(interruptible=False)
     try:
         gmsh.option.setNumber("General.Terminal", 0)
-        gmsh.model.add("voxel_mesh")
-        node_tags = np.arange(1, xyz.shape[0] + 1)
-        element_tag = 1
-        first = True
-        for name, (dim, tag) in sorted(data.groups.items(), key=lambda item: (-item[1][0], item[1][1])):
-            gmsh.model.addDiscreteEntity(dim, tag)
-            if first:
-                gmsh.model.mesh.addNodes(dim, tag, node_tags, xyz.ravel())
-                first = False
-            conn, tags = (data.cells, data.cell_tags) if dim == gdim else (data.facets, data.facet_tags)
-            selected = conn[tags == tag] + 1
-            elements = np.arange(element_tag, element_tag + selected.shape[0])
-            element_tag += selected.shape[0]
-            gmsh.model.mesh.addElementsByType(tag, _GMSH_TYPE[(gdim, dim)], elements, selected.ravel())
-            gmsh.model.addPhysicalGroup(dim, [tag], tag, name=name)
+        add_voxel_model(data)
         gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
         with atomic_path(path) as tmp:
             gmsh.write(str(tmp))
