@@ -58,6 +58,8 @@ def _load_reference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import numpy as np
 
     from fem_anode.errors import UsageError
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             samples = {args.image.stem: metrics}
             if reference_metrics is not None:
                 write_json(staging / "reference_metrics.json", {"provenance": provenance("metrics"), **reference_metrics})
-                samples = {f"reference: {args.reference}": reference_metrics, **samples}
+                samples = {f"reference {Path(args.reference).stem}": reference_metrics, **samples}
             plot_comparison(samples, staging)
             for name, array in (fields or {}).items():
                 with atomic_path(staging / f"{name}.npy") as tmp:

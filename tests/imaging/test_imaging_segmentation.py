@@ -1,0 +1,122 @@
+"""Segmentation: iterative thresholds, multistage SCT method, region method vs pixel threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fem_anode.errors import InputError, UsageError
+from fem_anode.imaging.segmentation import (
+    iou_per_phase,
+    isodata_threshold,
+    multiclass_isodata,
+    multistage_threshold,
+    region_features,
+    region_segmentation,
+    threshold_segmentation,
+)
+from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
+
+
+def test_isodata_threshold_of_a_symmetric_bimodal_histogram_is_the_midpoint():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.2, 0.03, 60_000), rng.normal(0.7, 0.03, 60_000)])
+    assert isodata_threshold(values) == pytest.approx(0.45, abs=0.005)
+
+
+def test_multiclass_isodata_finds_the_class_means():
+    rng = np.random.default_rng(1)
+    means = [0.1, 0.4, 0.6, 0.9]
+    sizes = [50_000, 20_000, 40_000, 8_000]
+    values = np.concatenate([rng.normal(m, 0.02, n) for m, n in zip(means, sizes)])
+    thresholds, found = multiclass_isodata(values, 4)
+    np.testing.assert_allclose(found, means, atol=0.01)
+    np.testing.assert_allclose(thresholds, [0.25, 0.5, 0.75], atol=0.01)
+    with pytest.raises(UsageError):
+        multiclass_isodata(values, 1)
+    with pytest.raises(InputError):
+        multiclass_isodata(np.ones(10), 2)
+
+
+def test_region_features_counts_below_and_above():
+    gray = np.array([[0.1, 0.1, 0.9, 0.9], [0.1, 0.5, 0.9, 0.5]])
+    regions = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    f = region_features(gray, regions, [0.3, 0.7])
+    np.testing.assert_allclose(f["count"], [4, 4])
+    np.testing.assert_allclose(f["mean"], [0.2, 0.8])
+    np.testing.assert_allclose(f["fraction_class"][0], [0.75, 0.0])
+    np.testing.assert_allclose(f["fraction_class"][2], [0.0, 0.75])
+    np.testing.assert_allclose(f["std"], [np.std([0.1, 0.1, 0.1, 0.5]), np.std([0.9, 0.9, 0.9, 0.5])])
+
+
+def test_multistage_on_clean_rendering_recovers_the_phases():
+    truth = anode_volume((24, 48, 48), seed=2)
+    gray = render_gray(truth, blur_sigma=0.0, noise_sigma=0.02, seed=1)
+    result = multistage_threshold(gray)
+    iou = iou_per_phase(result.labels, truth)
+    assert iou["pore"] > 0.99 and iou["si"] > 0.95 and iou["graphite"] > 0.9 and iou["sei"] > 0.8
+    t = result.info["thresholds"]
+    assert 0.12 < t["pore"] < 0.42 < t["intermediate_graphite"] < 0.58 < t["si"] < 0.88
+    assert result.labels.phases == ANODE_PHASES
+    assert result.labels.voxel_size == truth.voxel_size
+
+
+def test_multistage_on_blurred_rendering_reports_iou():
+    """Partial volume (blur 1 voxel, Si radius 1.2-2.8 voxels) limits Si; pores stay robust."""
+    truth = anode_volume((24, 48, 48), seed=2)
+    gray = render_gray(truth, seed=1)
+    iou = iou_per_phase(multistage_threshold(gray).labels, truth)
+    assert iou["pore"] > 0.85
+    assert iou["si"] > 0.3 and iou["graphite"] > 0.3 and iou["sei"] > 0.25
+    # better than a plain 4-class pixel threshold on every phase
+    order = ["pore", "sei", "graphite", "si"]
+    pixel = iou_per_phase(threshold_segmentation(gray, ANODE_PHASES, order=order).labels, truth)
+    assert all(iou[name] > pixel[name] for name in order)
+
+
+def test_multistage_needs_four_roles():
+    with pytest.raises(UsageError, match="graphite"):
+        multistage_threshold(np.random.default_rng(0).random((10, 10)), {"pore": 0, "si": 1, "sei": 3})
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_region_method_beats_pixel_threshold_under_shine_through(seed):
+    truth = fib_sem_roi(seed=seed)
+    gray = render_gray(truth, shine_through=1.0, seed=seed + 10)
+    order = ["pore", "sei", "si"]
+    pixel = iou_per_phase(threshold_segmentation(gray, ROI_PHASES, order=order).labels, truth)
+    region = region_segmentation(gray, ROI_PHASES, order=order)
+    iou = iou_per_phase(region.labels, truth)
+    assert iou["pore"] > pixel["pore"] + 0.08
+    assert iou["pore"] > 0.8
+    assert np.mean(list(iou.values())) > np.mean(list(pixel.values())) + 0.02
+    assert iou["si"] > 0.9
+    assert 100 <= region.info["regions_per_slice"]["mean"] <= 2000  # hundreds of regions per slice
+
+
+def test_region_method_without_artefact_stays_accurate():
+    truth = fib_sem_roi(seed=3)
+    gray = render_gray(truth, seed=4)
+    iou = iou_per_phase(region_segmentation(gray, ROI_PHASES, order=["pore", "sei", "si"]).labels, truth)
+    assert min(iou.values()) > 0.9
+
+
+def test_region_method_on_a_stack_segments_each_slice():
+    truth = fib_sem_roi(size=(3e-6, 2e-6), seed=5)
+    gray2d = render_gray(truth, shine_through=1.0, seed=6)
+    stack = np.stack([gray2d.array, gray2d.array[::-1]])
+    result = region_segmentation(stack, ROI_PHASES, order=["pore", "sei", "si"])
+    single = region_segmentation(gray2d, ROI_PHASES, order=["pore", "sei", "si"]).labels.array
+    # thresholds come from the whole stack, identical histogram -> identical slices
+    np.testing.assert_array_equal(result.labels.array[0], single)
+    np.testing.assert_array_equal(result.labels.array[1], single[::-1])
+
+
+def test_threshold_segmentation_with_given_thresholds():
+    gray = np.array([[0.0, 0.35, 0.7, 0.95]])
+    labels = threshold_segmentation(gray, {"pore": 0, "sei": 3, "si": 1}, order=["pore", "sei", "si"], thresholds=[0.3, 0.8]).labels
+    np.testing.assert_array_equal(labels.array, [[0, 3, 3, 1]])
+    with pytest.raises(UsageError):
+        threshold_segmentation(gray, {"pore": 0, "si": 1}, thresholds=[0.1, 0.2])
+    with pytest.raises(UsageError):
+        threshold_segmentation(gray, {"pore": 0, "si": 1}, order=["pore", "graphite"])
