@@ -183,7 +183,6 @@ def gapped_electrode(
         sub[dist3 <= R] = DETACHMENT_PHASES["si"]
         shells[box] |= dist3 <= R + g + cbd_thickness + 2 * h
     if graphite_fraction > 0:
-        free = ~shells
         target = graphite_fraction * labels.size
         g_radius = 0.05 * float(min(extent))
         filled = 0
@@ -191,9 +190,14 @@ def gapped_electrode(
             if filled >= target:
                 break
             c = rng.uniform(0, extent)
-            ball = (np.linalg.norm(coords - c, axis=-1) <= g_radius * rng.uniform(0.6, 1.4)) & free
-            filled += int(np.count_nonzero(ball & (labels == DETACHMENT_PHASES["pore"])))
-            labels[ball] = DETACHMENT_PHASES["graphite"]
+            rad = g_radius * rng.uniform(0.6, 1.4)
+            lo = np.maximum(np.floor((c - rad) / h).astype(int), 0)
+            hi = np.minimum(np.ceil((c + rad) / h).astype(int) + 1, shape)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            ball = (np.linalg.norm(coords[box] - c, axis=-1) <= rad) & ~shells[box]
+            sub = labels[box]
+            filled += int(np.count_nonzero(ball & (sub == DETACHMENT_PHASES["pore"])))
+            sub[ball] = DETACHMENT_PHASES["graphite"]
     R_all = np.array([p[1] for p in placed])
     g_all = np.array([p[2] for p in placed])
     z_all = np.array([p[4] for p in placed])
