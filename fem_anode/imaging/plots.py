@@ -16,7 +16,7 @@ import numpy as np
 
 from fem_anode.io.output import atomic_path
 
-__all__ = ["plot_per_slice", "plot_metrics", "plot_comparison"]
+__all__ = ["plot_per_slice", "plot_metrics", "plot_comparison", "plot_segmentation_slices"]
 
 
 def _pyplot() -> Any:
@@ -195,3 +195,44 @@ def plot_comparison(samples: Mapping[str, Mapping[str, Any]], out_dir: str | Pat
 def plot_metrics(metrics: Mapping[str, Any], out_dir: str | Path, *, label: str = "sample", prefix: str = "") -> list[Path]:
     """All figures of one sample's metrics (see :func:`plot_comparison`)."""
     return plot_comparison({label: metrics}, out_dir, prefix=prefix)
+
+
+def plot_segmentation_slices(
+    panels: Mapping[str, tuple[Any, Any]],
+    path: str | Path,
+    *,
+    phases: Mapping[str, int],
+    title: str = "",
+) -> Path:
+    """Gray slice above its segmentation for each sample (cf. paper Fig. 4b-c), one column each.
+
+    Args:
+        panels: column title -> ``(gray_2d, labels_2d)`` arrays.
+        path: PNG file.
+        phases: phase name -> label (legend of the colours).
+        title: figure title.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = {"pore": "#1f4fd6", "si": "#d62728", "graphite": "#17becf", "sei": "#2ca02c"}
+    palette = ["#7f7f7f", "#bcbd22", "#9467bd", "#ff7f0e"]
+    names = list(phases)
+    colour_of = {n: colours.get(n, palette[i % len(palette)]) for i, n in enumerate(names)}
+    cols = len(panels)
+    fig, axes = plt.subplots(2, cols, figsize=(3.4 * cols, 6.4), constrained_layout=True, squeeze=False)
+    for j, (label, (gray, labels)) in enumerate(panels.items()):
+        axes[0][j].imshow(gray, cmap="gray", interpolation="nearest")
+        axes[0][j].set_title(label, fontsize=9)
+        index = np.zeros(np.asarray(labels).shape, dtype=np.int64)
+        for k, n in enumerate(names):
+            index[np.asarray(labels) == phases[n]] = k
+        axes[1][j].imshow(index, cmap=ListedColormap([colour_of[n] for n in names]), vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.legend(handles=[Patch(color=colour_of[n], label=n) for n in names], loc="lower center", ncol=len(names), fontsize=8)
+    fig.suptitle(title or "Gray images and segmentation")
+    fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
+    return _save(fig, path)

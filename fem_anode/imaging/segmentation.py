@@ -197,11 +197,19 @@ def multistage_threshold(
 
     Gray order assumed (X-ray attenuation): pore < intermediate (CBD/SEI) < graphite < Si/FeSi2.
 
-    Stage 1 (objective thresholds from the histogram, each by the iterative intermeans rule
-    :func:`isodata_threshold`):
-    ``t_pore = T(H)`` splits the whole histogram ``H`` into pore and solid; ``t_mid = T(H | g >=
-    t_pore)`` splits the solid part; ``t_si = T(H | g >= t_mid)`` separates the Si/FeSi2 domain
-    from the brightest remaining class. Masks: ``P = g < t_pore``, ``S = g > t_si``.
+    Stage 1 (objective thresholds from the histogram ``H``, each by the iterative intermeans
+    rule ``T`` = :func:`isodata_threshold` on a part of the histogram):
+
+    * ``t_0 = T(H)``: first split into dark (pore) and bright (solid) voxels;
+    * ``t_mid = T(H | g >= t_0)``: splits the solid into the darker intermediate domain and the
+      brighter graphite/Si;
+    * ``t_pore = T(H | g < t_mid)``: the pore threshold, refined between the pore and the
+      intermediate class (thin intermediate layers are not counted as pore);
+    * ``t_si = T(H | g >= g_mode)`` with ``g_mode`` the mode of the solid histogram (the
+      graphite peak): separates Si/FeSi2 from the bright flank of graphite. (Thresholding above
+      ``t_mid`` instead would split the graphite peak when Si is scarce, as in aged samples.)
+
+    Masks: ``P = g < t_pore``, ``S = g > t_si``.
 
     Stage 2 (intermediate domain by arithmetic on the masks): ``M = 1 - P - S`` (everything
     that is neither pore nor Si), ``I = M * (g < t_mid) + M * D(S)`` where ``D`` is a one-voxel
@@ -230,10 +238,14 @@ def multistage_threshold(
     missing = [r for r in MULTISTAGE_ROLES if r not in phases]
     if missing:
         raise UsageError(f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}")
-    t_pore = isodata_threshold(array, bins=bins)
-    solid_values = array[array >= t_pore]
+    t_0 = isodata_threshold(array, bins=bins)
+    solid_values = array[array >= t_0]
     t_mid = isodata_threshold(solid_values, bins=bins)
-    t_si = isodata_threshold(solid_values[solid_values >= t_mid], bins=bins)
+    t_pore = isodata_threshold(array[array < t_mid], bins=bins)
+    hist, centres, _ = _histogram(solid_values, bins)
+    mode = float(centres[np.argmax(ndimage.gaussian_filter1d(hist, 2.0))])
+    bright = solid_values[solid_values >= mode]
+    t_si = isodata_threshold(bright, bins=bins) if bright.size > 1 and np.ptp(bright) > 0 else float(solid_values.max())
     pore = array < t_pore
     si = array > t_si
     rest = ~pore & ~si
@@ -256,6 +268,7 @@ def multistage_threshold(
     info = {
         "method": "multistage",
         "thresholds": {"pore": t_pore, "intermediate_graphite": t_mid, "si": t_si},
+        "stage1": {"first_pore_solid_split": t_0, "solid_mode": mode},
         "fractions": {
             "pore": float(pore.mean()),
             "sei": float(intermediate.mean()),

@@ -61,13 +61,18 @@ def test_multistage_on_clean_rendering_recovers_the_phases():
     assert result.labels.voxel_size == truth.voxel_size
 
 
-def test_multistage_on_blurred_rendering_reports_iou():
-    """Partial volume (blur 1 voxel, Si radius 1.2-2.8 voxels) limits Si; pores stay robust."""
-    truth = anode_volume((24, 48, 48), seed=2)
+@pytest.mark.parametrize("aged", [False, True])
+def test_multistage_on_blurred_rendering_beats_pixel_threshold(aged):
+    """Partial volume (blur 1 voxel, Si radius 1.2-2.8 voxels) limits Si; pores stay robust.
+
+    Measured (24x48x48, seed 2): pristine IoU pore 0.92, si 0.43, graphite 0.60, sei 0.44;
+    aged pore 0.89, si 0.28, graphite 0.51, sei 0.55.
+    """
+    truth = anode_volume((24, 48, 48), seed=2, aged=aged)
     gray = render_gray(truth, seed=1)
     iou = iou_per_phase(multistage_threshold(gray).labels, truth)
     assert iou["pore"] > 0.85
-    assert iou["si"] > 0.3 and iou["graphite"] > 0.3 and iou["sei"] > 0.25
+    assert iou["si"] > 0.25 and iou["graphite"] > 0.45 and iou["sei"] > 0.4
     # better than a plain 4-class pixel threshold on every phase
     order = ["pore", "sei", "graphite", "si"]
     pixel = iou_per_phase(threshold_segmentation(gray, ANODE_PHASES, order=order).labels, truth)

@@ -1,0 +1,22 @@
+"""The pristine-vs-aged imaging demo runs (quick mode) and produces its figures and summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parents[2] / "demos" / "imaging_pristine_vs_aged.py"
+
+
+def test_imaging_demo_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("imaging_pristine_vs_aged", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(tmp_path, quick=True)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["relative_change_aged_vs_pristine"]["phase_volume"]["pore"] < -0.2
+    assert summary["samples"]["aged"]["pore_si_distance_mean_m"] > summary["samples"]["pristine"]["pore_si_distance_mean_m"]
+    for name in ("per_slice", "tortuosity", "connections", "pore_si_distance", "si_size_distribution", "sct_slices", "fib_sem_shine_through"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000, name
+    assert "FIB-SEM shine-through pore IoU" in module._report(summary)
