@@ -15,3 +15,44 @@ __all__ = [
     "phase_fractions",
     "render_gray",
 ]
+
+# Segmentation and the anode metrics of Vorauer et al. (2020) (issue 3).
+from fem_anode.imaging.metrics import (  # noqa: E402
+    compute_metrics,
+    connections_per_depth,
+    geodesic_tortuosity,
+    pore_perimeter,
+    pore_si_distance,
+    pore_surface_area,
+    relative_change,
+    si_particles,
+    tortuosity_field,
+)
+from fem_anode.imaging.segmentation import (  # noqa: E402
+    SegmentationResult,
+    iou_per_phase,
+    isodata_threshold,
+    multiclass_isodata,
+    multistage_threshold,
+    region_segmentation,
+    threshold_segmentation,
+)
+
+__all__ += [
+    "SegmentationResult",
+    "compute_metrics",
+    "connections_per_depth",
+    "geodesic_tortuosity",
+    "iou_per_phase",
+    "isodata_threshold",
+    "multiclass_isodata",
+    "multistage_threshold",
+    "pore_perimeter",
+    "pore_si_distance",
+    "pore_surface_area",
+    "region_segmentation",
+    "relative_change",
+    "si_particles",
+    "threshold_segmentation",
+    "tortuosity_field",
+]
