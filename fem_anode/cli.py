@@ -36,7 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "mesh": "mesh",
     "diffusion": "reserved",
     "phasefield": "reserved",
-    "detachment": "reserved",
+    "detachment": "detachment",
     "convergence": "reserved",
 }
 
