@@ -172,7 +172,7 @@ def levenberg_marquardt(
     ids_all = np.arange(n)
     res = residuals(theta, ids_all)
     cost = 0.5 * np.einsum("bm,bm->b", res, res)
-    lam = np.full(n, 1e-3)
+    lam = np.full(n, 1.0)
     active = np.ones(n, dtype=bool)
     converged = np.zeros(n, dtype=bool)
     for _ in range(max_iterations):
