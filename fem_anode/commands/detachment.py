@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_anode.commands._common import add_image_arguments, add_out_argument, is_root, load_image, provenance, world_comm
+from fem_anode.commands._common import add_image_arguments, add_out_argument, is_root, provenance, world_comm
 from fem_anode.errors import UsageError
 from fem_anode.units import LENGTH_UNITS, parse_length
 
@@ -96,6 +96,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     fit.add_argument("--si-volume-change", type=float, help="relative Si volume increase on lithiation (default 2.8)")
     add_out_argument(fit)
     fit.set_defaults(func=run_fit)
+    for sub in (measure, simulate, fit):  # logging options also after the action (as fem_anode.cli does one level up)
+        group = sub.add_argument_group("output options")
+        group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)")
+        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+        group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,11 +148,14 @@ def run_measure(args: argparse.Namespace) -> int:
     from fem_anode.detachment.data import GapData, write_gap_csv
     from fem_anode.detachment.plots import plot_gap_scatter
     from fem_anode.imaging.gaps import measure_gaps
+    from fem_anode.io.images import read_image
     from fem_anode.io.output import output_directory, write_json
 
     if args.cycle < 0:
         raise UsageError("--cycle must be >= 0")
-    image = load_image(args, kind="labels")
+    # Not load_image(kind="labels"): a pristine image may list an SEI phase without SEI voxels.
+    image = read_image(args.image, voxel_size=args.voxel_size, phases=args.phases, kind="any")
+    image.check_labels(require_all_phases=False)
     blocking = [p.strip() for p in args.blocking.split(",") if p.strip()] if args.blocking is not None else None
     result = measure_gaps(
         image,
@@ -236,7 +244,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def run_fit(args: argparse.Namespace) -> int:
     from fem_anode.detachment.data import read_capacity_csv, read_gap_csv, read_radii_csv
-    from fem_anode.detachment.fit import fit
+    from fem_anode.detachment.fitting import fit
     from fem_anode.detachment.model import simulate
     from fem_anode.detachment.plots import plot_bootstrap, plot_capacity, plot_gap_model
     from fem_anode.detachment.settings import PARAMETER_NAMES

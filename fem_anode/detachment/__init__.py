@@ -2,7 +2,7 @@
 
 Gap measurement from images (:mod:`fem_anode.imaging.gaps`), the Maxwell-material detachment
 model reconstructed from paper 003 (:mod:`~fem_anode.detachment.model`), its least-squares fit
-with a vectorised bootstrap (:mod:`~fem_anode.detachment.fit`), CSV I/O, synthetic data and
+with a vectorised bootstrap (:mod:`~fem_anode.detachment.fitting`), CSV I/O, synthetic data and
 figures. Importing this package never imports dolfinx, gmsh or mpi4py. SI units in the API.
 """
 
@@ -15,7 +15,7 @@ from fem_anode.detachment.data import (
     write_capacity_csv,
     write_gap_csv,
 )
-from fem_anode.detachment.fit import FitProblem, FitResult, fit, levenberg_marquardt
+from fem_anode.detachment.fitting import FitProblem, FitResult, fit, levenberg_marquardt
 from fem_anode.detachment.maxwell import ramp_compression, time_to_tension
 from fem_anode.detachment.model import (
     SimulationResult,

@@ -182,7 +182,7 @@ def levenberg_marquardt(
         th, r0 = theta[ids], res[ids]
         jac = np.empty((ids.size, r0.shape[1], p))
         for j in range(p):
-            h = 1e-6 * np.maximum(np.abs(th[:, j]), typical[j])
+            h = 1e-4 * np.maximum(np.abs(th[:, j]), typical[j])  # not too small: the model has small kinks
             forward = th[:, j] + h <= upper[j]
             step = np.where(forward, h, -h)
             shifted = th.copy()
@@ -201,6 +201,9 @@ def levenberg_marquardt(
             delta = -np.linalg.solve(damped, jtr[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
             delta = -jtr / np.maximum(diag * (1 + lam[ids, None]), 1e-12)
+        # Trust-region-like cap: no parameter moves by more than its magnitude (or typical size) per step.
+        cap = np.maximum(np.abs(th), typical)
+        delta *= np.minimum(1.0, 1.0 / np.max(np.abs(delta) / cap, axis=1, initial=0.0))[:, None]
         trial = np.clip(th + delta, lower, upper)
         r_trial = residuals(trial, ids)
         c_trial = 0.5 * np.einsum("bm,bm->b", r_trial, r_trial)
@@ -213,7 +216,7 @@ def levenberg_marquardt(
         rej = ids[~better]
         lam[rej] *= 4.0
         small_step = moved.max(axis=1) < xtol
-        done = (better & (decrease < ftol)) | small_step | (lam[ids] > 1e8)
+        done = (better & ((decrease < ftol) | small_step)) | (lam[ids] > 1e8)
         converged[ids[done]] = True
         active[ids[done]] = False
     return theta, cost, converged
@@ -294,12 +297,11 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
 
     starts = _starts(problem)
     theta, cost, _ = levenberg_marquardt(lambda th, ids: problem.residuals(th), starts, lo, hi, max_iterations=fs.max_iterations, typical=_TYPICAL)
-    best = int(np.nanargmin(cost))
-    theta_hat = theta[best]
-    if not np.all(np.isfinite(theta_hat)) or not np.isfinite(cost[best]):
+    theta_hat, best_cost = _polish(problem, theta, cost, lo, hi)
+    if not np.all(np.isfinite(theta_hat)) or not np.isfinite(best_cost):
         raise SolverError("detachment fit produced non-finite parameters")
     t_fit = time.perf_counter() - t0
-    logger.info("best fit from %d starts: %s (cost %.4g)", len(starts), _fmt(theta_hat), cost[best])
+    logger.info("best fit from %d starts: %s (cost %.4g)", len(starts), _fmt(theta_hat), best_cost)
 
     t1 = time.perf_counter()
     n_boot = fs.n_bootstrap
@@ -324,9 +326,25 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
     boot_si = boot / _TO_INTERNAL
     values = {name: float(values_si[i]) for i, name in enumerate(PARAMETER_NAMES)}
     ci = {name: (float(low_q[i] / _TO_INTERNAL[i]), float(high_q[i] / _TO_INTERNAL[i])) for i, name in enumerate(PARAMETER_NAMES)}
-    goodness = _goodness(problem, theta_hat, cost[best])
+    goodness = _goodness(problem, theta_hat, best_cost)
     logger.info("fit %.2f s, bootstrap of %d replicates %.2f s", t_fit, n_boot, t_boot)
     return FitResult(values, ci, fs.confidence, boot_si, goodness, settings, {"fit": t_fit, "bootstrap": t_boot})
+
+
+def _polish(problem: FitProblem, theta: np.ndarray, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_best: int = 5) -> tuple[np.ndarray, float]:
+    """Refine the best multi-start results with SciPy's trust-region reflective solver; keep the best."""
+    from scipy.optimize import least_squares
+
+    order = np.argsort(np.where(np.isfinite(cost), cost, np.inf))[:n_best]
+    best_theta, best_cost = theta[order[0]].copy(), float(cost[order[0]])
+    for i in order:
+        try:
+            ref = least_squares(lambda th: problem.residuals(th[None, :])[0], np.clip(theta[i], lo, hi), bounds=(lo, hi), x_scale=_TYPICAL)
+        except ValueError:  # pragma: no cover - e.g. a start exactly on a bound SciPy rejects
+            continue
+        if np.isfinite(ref.cost) and ref.cost < best_cost:
+            best_theta, best_cost = ref.x.copy(), float(ref.cost)
+    return best_theta, best_cost
 
 
 def _goodness(problem: FitProblem, theta: np.ndarray, cost: float) -> dict[str, Any]:
