@@ -150,7 +150,7 @@ def levenberg_marquardt(
     *,
     max_iterations: int = 80,
     typical: np.ndarray | None = None,
-    ftol: float = 1e-7,
+    ftol: float = 1e-6,
     xtol: float = 1e-6,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Box-constrained Levenberg-Marquardt on a batch of independent least-squares problems.
@@ -172,7 +172,7 @@ def levenberg_marquardt(
     ids_all = np.arange(n)
     res = residuals(theta, ids_all)
     cost = 0.5 * np.einsum("bm,bm->b", res, res)
-    lam = np.full(n, 1.0)
+    lam = np.full(n, 0.1)
     active = np.ones(n, dtype=bool)
     converged = np.zeros(n, dtype=bool)
     for _ in range(max_iterations):
