@@ -107,3 +107,18 @@ def test_bad_inputs():
         measure_gaps(VoxelImage(edge, (H, H), dict(DETACHMENT_PHASES)))
     with pytest.raises(InputError):
         section_to_3d([-1.0], [0.1])
+
+
+def test_anisotropic_voxels():
+    # TXTM-like stack with twice the spacing along z: rays march in physical units.
+    vs = (100e-9, 50e-9, 50e-9)
+    shape = (30, 56, 56)
+    grid = np.indices(shape).astype(float)
+    centre = (np.asarray(shape) - 1) / 2
+    dist = np.sqrt(sum(((g - c) * h) ** 2 for g, c, h in zip(grid, centre, vs)))
+    labels = np.full(shape, DETACHMENT_PHASES["cbd"], np.uint8)
+    labels[dist <= 0.8e-6] = DETACHMENT_PHASES["pore"]
+    labels[dist <= 0.6e-6] = DETACHMENT_PHASES["si"]
+    m = measure_gaps(VoxelImage(labels, vs, dict(DETACHMENT_PHASES)))
+    assert m.radius_m[0] == pytest.approx(0.6e-6, rel=0.02)
+    assert abs(m.gap_m[0] - 0.2e-6) < 0.3 * 50e-9
