@@ -11,7 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fem_anode.commands._common import add_image_arguments, add_out_argument, is_root, load_image, provenance, world_comm
+from fem_anode.commands._common import (
+    add_image_arguments,
+    add_out_argument,
+    is_root,
+    load_image,
+    provenance,
+    world_comm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,10 @@ def _load_reference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     phases = args.phases if ref.phases is None else None
     ref = ref.with_metadata(voxel_size, phases)
     if ref.voxel_size is None or ref.phases is None:
-        raise UsageError(f"reference {args.reference}: voxel size or phase map unknown; store them with the image or give --voxel-size/--phases")
+        raise UsageError(
+            f"reference {args.reference}: voxel size or phase map unknown; "
+            "store them with the image or give --voxel-size/--phases"
+        )
     return ref.check_labels()
 
 
@@ -80,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
         if reference.ndim != image.ndim:
             raise UsageError(f"--reference {args.reference} is {reference.ndim}D but {args.image} is {image.ndim}D")
         logger.info("metrics of the reference %s", args.reference)
-        reference_metrics = compute_metrics(reference, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins)
+        reference_metrics = compute_metrics(
+            reference, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins
+        )
     fields: dict | None = {} if args.fields else None
     metrics = compute_metrics(
-        image, reference=reference_metrics, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins, fields=fields
+        image,
+        reference=reference_metrics,
+        pore_phase=args.pore_phase,
+        si_phase=args.si_phase,
+        bins=args.bins,
+        fields=fields,
     )
     comm = world_comm()
     with output_directory(args.out, comm) as staging:
@@ -91,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
             write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
             samples = {args.image.stem: metrics}
             if reference_metrics is not None:
-                write_json(staging / "reference_metrics.json", {"provenance": provenance("metrics"), **reference_metrics})
+                reference_json = {"provenance": provenance("metrics"), **reference_metrics}
+                write_json(staging / "reference_metrics.json", reference_json)
                 samples = {f"reference {Path(args.reference).stem}": reference_metrics, **samples}
             plot_comparison(samples, staging)
             for name, array in (fields or {}).items():
@@ -101,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("phase fractions: %s", fractions)
     if metrics.get("tortuosity"):
         t = metrics["tortuosity"]
-        logger.info("tortuosity mean %.4g, unreachable %.2f %% of pore voxels", t["mean"], 100 * t["unreachable_fraction"]["overall"])
+        unreachable = 100 * t["unreachable_fraction"]["overall"]
+        logger.info("tortuosity mean %.4g, unreachable %.2f %% of pore voxels", t["mean"], unreachable)
     for key, reason in metrics["not_applicable"].items():
         logger.info("%s: not applicable (%s)", key, reason)
     logger.info("time per metric (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))

@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "with voxel size and phase map, and OUT.report.json with the thresholds found.",
     )
     add_image_arguments(parser, labels=False)
-    parser.add_argument("--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)")
+    parser.add_argument(
+        "--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)"
+    )
     parser.add_argument(
         "--phases",
         metavar="MAP",
@@ -44,18 +46,28 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "levels pore < sei < graphite < si, else the --phases order)",
     )
     parser.add_argument(
-        "--median", type=int, default=0, metavar="N", help="multistage: median filter of width N voxels first (default off)"
+        "--median",
+        type=int,
+        default=0,
+        metavar="N",
+        help="multistage: median filter of width N voxels first (default off)",
     )
     parser.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
-    parser.add_argument("--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)")
-    parser.add_argument("--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)")
+    parser.add_argument(
+        "--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)"
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)"
+    )
     parser.add_argument(
         "--dark-fraction",
         type=float,
         default=0.1,
         help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)",
     )
-    parser.add_argument("--truth", metavar="LABELS", type=Path, help="known label image: report per-phase IoU against it")
+    parser.add_argument(
+        "--truth", metavar="LABELS", type=Path, help="known label image: report per-phase IoU against it"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="label image to write, e.g. labels.npy")
     parser.set_defaults(func=run)
 
@@ -88,7 +100,13 @@ def run(args: argparse.Namespace) -> int:
         order = _order(phases, args.order)
         if args.method == "region":
             result = seg.region_segmentation(
-                gray, phases, order=order, scale=args.scale, sigma=args.sigma, min_size=args.min_size, dark_fraction=args.dark_fraction
+                gray,
+                phases,
+                order=order,
+                scale=args.scale,
+                sigma=args.sigma,
+                min_size=args.min_size,
+                dark_fraction=args.dark_fraction,
             )
         else:
             result = seg.threshold_segmentation(gray, phases, order=order)

@@ -294,7 +294,9 @@ def tortuosity_field(image: VoxelImage, pore_phase: str = "pore") -> tuple[np.nd
     return geodesic, tau
 
 
-def geodesic_tortuosity(image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None) -> dict[str, Any]:
+def geodesic_tortuosity(
+    image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None
+) -> dict[str, Any]:
     """Geodesic tortuosity statistics of the pore network from the surface (z index 0).
 
     See :func:`tortuosity_field` for the definition. Infinite values (pore voxels not connected
@@ -346,7 +348,9 @@ def geodesic_tortuosity(image: VoxelImage, pore_phase: str = "pore", *, field: n
     }
 
 
-def connections_per_depth(image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None) -> dict[str, Any]:
+def connections_per_depth(
+    image: VoxelImage, pore_phase: str = "pore", *, field: np.ndarray | None = None
+) -> dict[str, Any]:
     """Number of distinct pore channels per slice connected to the surface (z = 0).
 
     A channel is a connected pore component inside one slice (full in-plane connectivity,
@@ -392,7 +396,9 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, _face_structure(mask.ndim), border_value=1)
 
 
-def pore_si_distance(image: VoxelImage, pore_phase: str = "pore", si_phase: str = "si", *, bins: int = 30) -> dict[str, Any]:
+def pore_si_distance(
+    image: VoxelImage, pore_phase: str = "pore", si_phase: str = "si", *, bins: int = 30
+) -> dict[str, Any]:
     """Distances between the Si particle surfaces and the pore network (the paper's d_H, Fig. 7).
 
     For every Si surface voxel (a Si voxel with a non-Si face neighbour) the Euclidean distance
@@ -470,18 +476,26 @@ def relative_change(metrics: Mapping[str, Any], reference: Mapping[str, Any]) ->
     area, ref_area = _get(metrics, "pore_surface_area_m2"), _get(reference, "pore_surface_area_m2")
     if area is not None and ref_area is not None and volume and ref_volume:
         result["pore_surface_area"] = _ratio(area / volume, ref_area / ref_volume)
-        result["pore_surface_area_relative_to_reference"] = (area / volume) / (ref_area / ref_volume) if ref_area else None
+        specific, ref_specific = area / volume, ref_area / ref_volume
+        result["pore_surface_area_relative_to_reference"] = specific / ref_specific if ref_area else None
     else:
         perimeter, ref_perimeter = _get(metrics, "pore_perimeter_m"), _get(reference, "pore_perimeter_m")
         if perimeter is not None and ref_perimeter is not None and volume and ref_volume:
             result["pore_perimeter"] = _ratio(perimeter / volume, ref_perimeter / ref_volume)
     for key in ("mean_m", "max_m", "hausdorff_m"):
-        result[f"pore_si_distance_{key}"] = _ratio(_get(metrics, "pore_si_distance", key), _get(reference, "pore_si_distance", key))
+        result[f"pore_si_distance_{key}"] = _ratio(
+            _get(metrics, "pore_si_distance", key), _get(reference, "pore_si_distance", key)
+        )
     result["tortuosity_mean"] = _ratio(_get(metrics, "tortuosity", "mean"), _get(reference, "tortuosity", "mean"))
-    result["connections_per_depth_mean"] = _ratio(_get(metrics, "connections_per_depth", "mean"), _get(reference, "connections_per_depth", "mean"))
-    result["si_particle_count"] = _ratio(_get(metrics, "si_particles", "count"), _get(reference, "si_particles", "count"))
+    result["connections_per_depth_mean"] = _ratio(
+        _get(metrics, "connections_per_depth", "mean"), _get(reference, "connections_per_depth", "mean")
+    )
+    result["si_particle_count"] = _ratio(
+        _get(metrics, "si_particles", "count"), _get(reference, "si_particles", "count")
+    )
     result["si_mean_equivalent_diameter"] = _ratio(
-        _get(metrics, "si_particles", "mean_equivalent_diameter_m"), _get(reference, "si_particles", "mean_equivalent_diameter_m")
+        _get(metrics, "si_particles", "mean_equivalent_diameter_m"),
+        _get(reference, "si_particles", "mean_equivalent_diameter_m"),
     )
     return result
 
@@ -551,6 +565,8 @@ def compute_metrics(
     result["per_slice"] = timed("per_slice", lambda: per_slice_fractions(image))
     if has_si:
         result["si_particles"] = timed("si_particles", lambda: si_particles(image, si_phase, bins=bins))
+        if image.ndim == 2:
+            not_applicable["si_particles.per_slice"] = "2D image: the image is a single section"
     else:
         result["si_particles"] = None
         not_applicable["si_particles"] = f"no {si_phase!r} voxels in the image"
@@ -563,17 +579,23 @@ def compute_metrics(
             result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: pore_surface_area(image, pore_phase))
         else:
             result["pore_surface_area_m2"] = None
-            not_applicable["pore_surface_area_m2"] = "2D image: the pore/solid interface is a curve, see pore_perimeter_m"
+            not_applicable["pore_surface_area_m2"] = (
+                "2D image: the pore/solid interface is a curve, see pore_perimeter_m"
+            )
             result["pore_perimeter_m"] = timed("pore_perimeter_m", lambda: pore_perimeter(image, pore_phase))
         geodesic, tau = timed("tortuosity_field", lambda: tortuosity_field(image, pore_phase))
         result["tortuosity"] = timed("tortuosity", lambda: geodesic_tortuosity(image, pore_phase, field=tau))
-        result["connections_per_depth"] = timed("connections_per_depth", lambda: connections_per_depth(image, pore_phase, field=tau))
+        result["connections_per_depth"] = timed(
+            "connections_per_depth", lambda: connections_per_depth(image, pore_phase, field=tau)
+        )
         if fields is not None:
             fields["tortuosity"] = tau
             fields["geodesic_m"] = geodesic
         del geodesic, tau
     if has_pore and has_si:
-        result["pore_si_distance"] = timed("pore_si_distance", lambda: pore_si_distance(image, pore_phase, si_phase, bins=bins))
+        result["pore_si_distance"] = timed(
+            "pore_si_distance", lambda: pore_si_distance(image, pore_phase, si_phase, bins=bins)
+        )
     else:
         result["pore_si_distance"] = None
         not_applicable["pore_si_distance"] = f"needs both {pore_phase!r} and {si_phase!r} voxels"
@@ -584,9 +606,12 @@ def compute_metrics(
             ref_metrics = compute_metrics(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins)
         else:
             ref_metrics = dict(reference)
-        result["reference"] = {k: ref_metrics.get(k) for k in ("image", "phase_fractions", "pore_surface_area_m2", "pore_perimeter_m")}
+        kept = ("image", "phase_fractions", "pore_surface_area_m2", "pore_perimeter_m")
+        result["reference"] = {k: ref_metrics.get(k) for k in kept}
         result["reference"]["pore_si_distance"] = {
-            k: v for k, v in (ref_metrics.get("pore_si_distance") or {}).items() if k in ("mean_m", "max_m", "hausdorff_m")
+            k: v
+            for k, v in (ref_metrics.get("pore_si_distance") or {}).items()
+            if k in ("mean_m", "max_m", "hausdorff_m")
         }
         result["reference"]["tortuosity_mean"] = _get(ref_metrics, "tortuosity", "mean")
         result["relative_change"] = timed("relative_change", lambda: relative_change(result, ref_metrics))

@@ -76,7 +76,8 @@ def _tortuosity_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> 
     for label, m in present.items():
         t = m["tortuosity"]
         depth = _um(t["depth_m"])
-        ax.semilogy(depth, _values(t["per_depth_mean"]), label=f"{label} (mean {t['mean']:.3g})" if t["mean"] is not None else label)
+        name = f"{label} (mean {t['mean']:.3g})" if t["mean"] is not None else label
+        ax.semilogy(depth, _values(t["per_depth_mean"]), label=name)
         ax2.plot(depth, 100 * _values(t["unreachable_fraction"]["per_depth"]), label=label)
     ax.set_ylabel("mean geodesic tortuosity")
     ax.set_title("Tortuosity of the pore network vs depth (cf. paper Fig. 6a)")
@@ -103,7 +104,9 @@ def _connections_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) ->
     return _save(fig, path)
 
 
-def _histogram_figure(samples: Mapping[str, Mapping[str, Any]], path: Path, key: str, sub: str, xlabel: str, title: str) -> Path | None:
+def _histogram_figure(
+    samples: Mapping[str, Mapping[str, Any]], path: Path, key: str, sub: str, xlabel: str, title: str
+) -> Path | None:
     plt = _pyplot()
     present = {k: m[key][sub] for k, m in samples.items() if m.get(key) and m[key].get(sub) and m[key][sub]["counts"]}
     if not present:
@@ -114,7 +117,8 @@ def _histogram_figure(samples: Mapping[str, Mapping[str, Any]], path: Path, key:
         counts = np.asarray(hist["counts"], dtype=np.float64)
         density = counts / max(counts.sum(), 1.0)
         line = ax.stairs(density, edges, label=label)
-        mean = samples[label][key].get("mean_m") if key == "pore_si_distance" else samples[label][key].get("mean_equivalent_diameter_m")
+        mean_key = "mean_m" if key == "pore_si_distance" else "mean_equivalent_diameter_m"
+        mean = samples[label][key].get(mean_key)
         if mean is not None:
             ax.axvline(mean * 1e6, ls="--", lw=0.8, color=line.get_edgecolor())
     ax.set_xlabel(xlabel)
@@ -126,7 +130,11 @@ def _histogram_figure(samples: Mapping[str, Mapping[str, Any]], path: Path, key:
 
 def _si_per_slice_figure(samples: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
-    present = {k: m["si_particles"]["per_slice"] for k, m in samples.items() if m.get("si_particles") and "per_slice" in m["si_particles"]}
+    present = {
+        k: m["si_particles"]["per_slice"]
+        for k, m in samples.items()
+        if m.get("si_particles") and "per_slice" in m["si_particles"]
+    }
     if not present:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
@@ -192,7 +200,9 @@ def plot_comparison(samples: Mapping[str, Mapping[str, Any]], out_dir: str | Pat
     return written
 
 
-def plot_metrics(metrics: Mapping[str, Any], out_dir: str | Path, *, label: str = "sample", prefix: str = "") -> list[Path]:
+def plot_metrics(
+    metrics: Mapping[str, Any], out_dir: str | Path, *, label: str = "sample", prefix: str = ""
+) -> list[Path]:
     """All figures of one sample's metrics (see :func:`plot_comparison`)."""
     return plot_comparison({label: metrics}, out_dir, prefix=prefix)
 
@@ -228,11 +238,13 @@ def plot_segmentation_slices(
         index = np.zeros(np.asarray(labels).shape, dtype=np.int64)
         for k, n in enumerate(names):
             index[np.asarray(labels) == phases[n]] = k
-        axes[1][j].imshow(index, cmap=ListedColormap([colour_of[n] for n in names]), vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+        cmap = ListedColormap([colour_of[n] for n in names])
+        axes[1][j].imshow(index, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
         for ax in (axes[0][j], axes[1][j]):
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.legend(handles=[Patch(color=colour_of[n], label=n) for n in names], loc="lower center", ncol=len(names), fontsize=8)
+    handles = [Patch(color=colour_of[n], label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=8)
     fig.suptitle(title or "Gray images and segmentation")
     fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
     return _save(fig, path)

@@ -135,7 +135,9 @@ def _gray_array(gray: VoxelImage | np.ndarray) -> tuple[np.ndarray, VoxelImage]:
     return array, image
 
 
-def _ordered_phases(phases: Mapping[str, int] | None, order: Sequence[str] | None, default: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+def _ordered_phases(
+    phases: Mapping[str, int] | None, order: Sequence[str] | None, default: Sequence[str]
+) -> tuple[dict[str, int], list[str]]:
     if phases is None:
         from fem_anode.imaging.synthetic import ANODE_PHASES
 
@@ -381,14 +383,20 @@ def region_segmentation(
         "method": "region",
         "order": names,
         "thresholds": thresholds.tolist(),
-        "regions_per_slice": {"mean": float(np.mean(n_regions)), "min": int(min(n_regions)), "max": int(max(n_regions))},
+        "regions_per_slice": {
+            "mean": float(np.mean(n_regions)),
+            "min": int(min(n_regions)),
+            "max": int(max(n_regions)),
+        },
         "pore_regions": n_pore_regions,
         "felzenszwalb": {"scale": scale, "sigma": sigma, "min_size": min_size},
     }
     return SegmentationResult(VoxelImage(labels, image.voxel_size, phases, f"region({image.source})"), info)
 
 
-def iou_per_phase(predicted: VoxelImage | np.ndarray, truth: VoxelImage, phases: Mapping[str, int] | None = None) -> dict[str, float]:
+def iou_per_phase(
+    predicted: VoxelImage | np.ndarray, truth: VoxelImage, phases: Mapping[str, int] | None = None
+) -> dict[str, float]:
     """Intersection over union of every phase of ``truth`` (NaN when absent from both)."""
     phases = dict(phases) if phases is not None else truth.require_phases()
     pred = predicted.array if isinstance(predicted, VoxelImage) else np.asarray(predicted)
