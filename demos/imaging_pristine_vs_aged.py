@@ -13,7 +13,8 @@ same workflow on seeded synthetic data with a known ground truth:
    by a plain pixel threshold (IoU of both);
 5. figures: gray/segmented slices (Fig. 4b-c), phase profiles (Figs. 4e, 5), tortuosity versus
    depth (Fig. 6a), connections versus depth (Fig. 6b), pore-Si distance histograms (Fig. 7),
-   Si size distribution and particles per area (Fig. 4d); ``summary.json``.
+   Si size distribution and particles per area (Fig. 4d), tortuosity maps with unreachable
+   (infinite) pore voxels in white (Fig. 5c); ``summary.json``.
 
 Run: ``python demos/imaging_pristine_vs_aged.py --out imaging_demo [--quick]``.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fem_anode.imaging.metrics import compute_metrics
-from fem_anode.imaging.plots import plot_comparison, plot_segmentation_slices
+from fem_anode.imaging.plots import plot_comparison, plot_segmentation_slices, plot_tortuosity_sections
 from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold, region_segmentation, threshold_segmentation
 from fem_anode.imaging.synthetic import ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 from fem_anode.io.output import write_json
@@ -47,12 +48,15 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
     summary: dict[str, Any] = {"shape": list(shape), "voxel_size_m": list(truth["pristine"].voxel_size or ()), "samples": {}}
     metrics: dict[str, dict[str, Any]] = {}
     panels = {}
+    tortuosity_maps: dict[str, Any] = {}
     for name, labels in truth.items():
         gray = render_gray(labels, seed=seed + 1)
         result = multistage_threshold(gray)
         iou = iou_per_phase(result.labels, labels)
         reference = metrics.get("pristine")
-        metrics[name] = compute_metrics(result.labels, reference=reference)
+        fields: dict[str, Any] = {}
+        metrics[name] = compute_metrics(result.labels, reference=reference, fields=fields)
+        tortuosity_maps[name] = (fields["tortuosity"], labels.require_voxel_size())
         true_metrics = compute_metrics(labels)
         z = shape[0] // 2
         panels[f"{name}: gray"] = (gray.array[z], labels.array[z])
@@ -96,6 +100,7 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
             title="FIB-SEM ROI with shine-through: pixel threshold vs region-based",
         )
     )
+    figures.append(plot_tortuosity_sections(tortuosity_maps, out / "figures" / "tortuosity_map.png"))
     summary["figures"] = [str(p.relative_to(out)) for p in figures]
     summary["elapsed_s"] = time.perf_counter() - start
     write_json(out / "summary.json", summary)

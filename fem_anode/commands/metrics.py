@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fem_anode.errors import UsageError
     from fem_anode.imaging.metrics import compute_metrics
-    from fem_anode.imaging.plots import plot_comparison
+    from fem_anode.imaging.plots import plot_comparison, plot_tortuosity_sections
     from fem_anode.io.output import atomic_path, output_directory, write_json
 
     if args.bins < 1:
@@ -85,15 +85,16 @@ def run(args: argparse.Namespace) -> int:
         if name != default and name not in phases:
             raise UsageError(f"{option} {name!r} is not a phase of {args.image} ({', '.join(phases)})")
     reference_metrics = None
+    reference_fields: dict = {}
     if args.reference:
         reference = _load_reference(args)
         if reference.ndim != image.ndim:
             raise UsageError(f"--reference {args.reference} is {reference.ndim}D but {args.image} is {image.ndim}D")
         logger.info("metrics of the reference %s", args.reference)
         reference_metrics = compute_metrics(
-            reference, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins
+            reference, pore_phase=args.pore_phase, si_phase=args.si_phase, bins=args.bins, fields=reference_fields
         )
-    fields: dict | None = {} if args.fields else None
+    fields: dict = {}
     metrics = compute_metrics(
         image,
         reference=reference_metrics,
@@ -112,7 +113,14 @@ def run(args: argparse.Namespace) -> int:
                 write_json(staging / "reference_metrics.json", reference_json)
                 samples = {f"reference {Path(args.reference).stem}": reference_metrics, **samples}
             plot_comparison(samples, staging)
-            for name, array in (fields or {}).items():
+            maps = {}
+            if "tortuosity" in reference_fields:
+                maps[f"reference {Path(args.reference).stem}"] = (reference_fields["tortuosity"], reference.require_voxel_size())
+            if "tortuosity" in fields:
+                maps[args.image.stem] = (fields["tortuosity"], image.require_voxel_size())
+            if maps:
+                plot_tortuosity_sections(maps, staging / "tortuosity_map.png")
+            for name, array in (fields.items() if args.fields else ()):
                 with atomic_path(staging / f"{name}.npy") as tmp:
                     np.save(tmp, array.astype(np.float32))
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics["phase_fractions"].items())

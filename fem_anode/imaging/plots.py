@@ -16,7 +16,7 @@ import numpy as np
 
 from fem_anode.io.output import atomic_path
 
-__all__ = ["plot_per_slice", "plot_metrics", "plot_comparison", "plot_segmentation_slices"]
+__all__ = ["plot_per_slice", "plot_metrics", "plot_comparison", "plot_segmentation_slices", "plot_tortuosity_sections"]
 
 
 def _pyplot() -> Any:
@@ -247,4 +247,52 @@ def plot_segmentation_slices(
     fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=8)
     fig.suptitle(title or "Gray images and segmentation")
     fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
+    return _save(fig, path)
+
+
+def plot_tortuosity_sections(
+    samples: Mapping[str, tuple[np.ndarray, tuple[float, ...]]],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Map of the geodesic tortuosity on the central x-z section (cf. paper Fig. 5c).
+
+    Colour: tortuosity (log scale) of reachable pore voxels; white: unreachable pore voxels
+    (infinite tortuosity); gray: solid. z (depth) runs downwards from the electrode surface.
+
+    Args:
+        samples: label -> ``(tortuosity, voxel_size)`` with the 3D (or 2D) field of
+            :func:`~fem_anode.imaging.metrics.tortuosity_field` and the voxel size in metres.
+        path: PNG file.
+        title: figure title.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    sections = {}
+    for label, (tau, voxel_size) in samples.items():
+        tau = np.asarray(tau)
+        section = tau[:, tau.shape[1] // 2, :] if tau.ndim == 3 else tau
+        h_z, h_x = voxel_size[0], voxel_size[-1]
+        sections[label] = (section, (0, section.shape[1] * h_x * 1e6, section.shape[0] * h_z * 1e6, 0))
+    finite = np.concatenate([s[np.isfinite(s)] for s, _ in sections.values()] + [np.ones(1)])
+    vmax = max(float(np.percentile(finite, 99.5)), 1.01)
+    cols = len(sections)
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols + 2.2, 4.2), constrained_layout=True, squeeze=False)
+    image = None
+    for ax, (label, (section, extent)) in zip(axes[0], sections.items()):
+        background = np.ones(section.shape + (3,))
+        background[np.isnan(section)] = 0.55
+        ax.imshow(background, extent=extent, interpolation="nearest", aspect="auto")
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad(alpha=0.0)
+        shown = np.ma.masked_invalid(section)
+        image = ax.imshow(shown, extent=extent, cmap=cmap, norm=LogNorm(1.0, vmax), interpolation="nearest", aspect="auto")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("x (um)")
+    axes[0][0].set_ylabel("depth z (um)")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="tortuosity (white: unreachable, gray: solid)")
+    fig.suptitle(title or "Tortuosity, central x-z section (cf. Fig. 5c)", fontsize=10)
     return _save(fig, path)

@@ -42,7 +42,8 @@ def test_segment_then_metrics_with_reference(shared_tmp_path, comm):
                 "connections_per_depth", "pore_si_distance", "relative_change", "timings_s"):
         assert key in m, key
     assert m["relative_change"]["phase_volume"]["pore"] < 0  # ageing fills pores with SEI
-    for png in ("per_slice", "tortuosity", "connections", "pore_si_distance", "si_size_distribution", "si_per_slice"):
+    for png in ("per_slice", "tortuosity", "tortuosity_map", "connections", "pore_si_distance", "si_size_distribution",
+                "si_per_slice"):
         assert (out / f"{png}.png").stat().st_size > 1000
     tau = np.load(out / "tortuosity.npy")
     assert tau.shape == (16, 32, 32)
