@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "segment": "segment",
     "metrics": "metrics",
     "mesh": "mesh",
-    "diffusion": "reserved",
+    "diffusion": "diffusion",
     "phasefield": "reserved",
     "detachment": "detachment",
     "convergence": "reserved",

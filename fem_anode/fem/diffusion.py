@@ -1,0 +1,496 @@
+r"""Transient Li diffusion in the SEI/carbon/binder domain with mass-transfer boundaries.
+
+The model of Vorauer et al. (2020), "Modeling the Li-diffusion in the microstructure":
+
+.. math::
+
+    \varepsilon \frac{\partial c}{\partial t} = \nabla\cdot(D_\mathrm{eff}\nabla c)
+    \quad\text{in the SEI/C/B domain},\qquad D_\mathrm{eff} = \varepsilon^{b} D,
+
+    -D_\mathrm{eff}\nabla c\cdot n = -k_f (c_\mathrm{bulk} - c)\ \text{on pore interfaces (inflow)},\quad
+    -D_\mathrm{eff}\nabla c\cdot n = k_\mathrm{si}\, c\ \text{on Si interfaces},
+
+no flux on the image box, ``c = 0`` at ``t = 0``. SI units: c in mol/m^3, D in m^2/s, k in
+m/s, t in s, lengths in m.
+
+Numerics: the mesh stays in metres; the forms are written in a micrometre length unit and in
+``c / c_bulk``, so matrix entries are O(1) whatever the physical scale. The mass matrix ``M``
+and the operator ``K + R`` (diffusion + Robin) are assembled once; each distinct BDF leading
+coefficient ``a0`` gives ``A = K + R + a0 eps M`` (an AXPY) and one factorisation or AMG setup,
+cached; a time step costs one mat-vec and one solve. Mass balance, region means and boundary
+fluxes are dot products with vectors assembled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dolfinx
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps
+from fem_anode.meshing.tags import interface_name
+from fem_anode.settings import Section, Settings, section, setting
+
+__all__ = [
+    "DiffusionSettings",
+    "DiffusionProblem",
+    "DiffusionResult",
+    "GeometrySettings",
+    "MeshSettings",
+    "PhysicsSettings",
+    "TimeSettings",
+    "SolverSettings",
+    "OutputSettings",
+    "Region",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Internal length unit of the forms (m).
+LENGTH_UNIT = 1e-6
+
+
+@dataclasses.dataclass
+class GeometrySettings(Section):
+    """Where the domain comes from: a segmented image (meshed here) or a tagged gmsh mesh."""
+
+    image: Path | None = setting(None, "segmented image (.npy/.npz/.tif/.png/folder); relative to the config file")
+    mesh: Path | None = setting(None, "tagged gmsh mesh instead of an image; relative to the config file")
+    pixel_size: float | None = setting(None, "pixel/voxel edge, overrides the image's", unit="m", positive=True)
+    phases: dict[str, int] | None = setting(None, "phase map name -> label, overrides the image's")
+    transport_phase: str = setting("sei", "phase in which Li diffuses (the SEI/C/B domain)")
+    pore_phase: str = setting("pore", "phase acting as Li source through the mass-transfer boundary")
+    si_phase: str = setting("si", "Si phase (no flux, or first-order uptake k_si)")
+
+    def validate(self) -> None:
+        if (self.image is None) == (self.mesh is None):
+            raise UsageError("geometry needs exactly one of 'image' or 'mesh'")
+
+
+@dataclasses.dataclass
+class MeshSettings(Section):
+    """Meshing of an image geometry and the finite element."""
+
+    method: str = setting("voxel", "image meshing: 'voxel' (one quad/hex per pixel/voxel)", choices=("voxel",))
+    size: float | None = setting(None, "target element size for smooth meshes", unit="m", positive=True)
+    order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2)", choices=(1, 2))
+
+
+@dataclasses.dataclass
+class PhysicsSettings(Section):
+    """Transport parameters (defaults: the paper's values)."""
+
+    D: float = setting(3.01e-10, "Li diffusivity in the SEI/C/B compound", unit="m^2/s", positive=True)
+    k_f: float = setting(1e-3, "mass-transfer coefficient at pore interfaces", unit="m/s", nonnegative=True)
+    c_bulk: float = setting(1000.0, "bulk Li concentration in the pores (1 mol/L)", unit="mol/m^3", positive=True)
+    eps: float = setting(0.63985, "transporting-phase fraction (area fraction of SEI/C/B in the ROI)", bounds=(1e-6, 1.0))
+    bruggeman: float = setting(1.5, "Bruggeman exponent b in D_eff = eps^b D", nonnegative=True)
+    k_si: float = setting(0.0, "first-order Li uptake rate at Si interfaces (0 = no flux)", unit="m/s", nonnegative=True)
+
+    @property
+    def D_eff(self) -> float:
+        """Effective diffusivity eps^b D (m^2/s)."""
+        return self.eps**self.bruggeman * self.D
+
+
+@dataclasses.dataclass
+class TimeSettings(Section):
+    """Implicit time integration with geometrically growing steps."""
+
+    t_end: float = setting(100.0, "final time", unit="s", positive=True)
+    output_times: list[float] = setting([2.0, 10.0, 100.0], "times at which fields are written (hit exactly)", unit="s", positive=True)
+    scheme: str = setting("bdf2", "'bdf2' (second order, backward-Euler start) or 'euler'", choices=("bdf2", "euler"))
+    dt_initial: float = setting(1e-6, "first time step", unit="s", positive=True)
+    growth: float = setting(2.0, "step growth factor per level", bounds=(1.0, 10.0))
+    steps_per_level: int = setting(8, "steps per step-size level", positive=True)
+    dt_max: float | None = setting(None, "largest time step (default t_end/20)", unit="s", positive=True)
+
+    def validate(self) -> None:
+        late = [t for t in self.output_times if t > self.t_end]
+        if late:
+            raise UsageError(f"output_times {late} lie beyond t_end = {self.t_end} s")
+
+
+@dataclasses.dataclass
+class SolverSettings(Section):
+    """Linear solver (PETSc)."""
+
+    type: str = setting("auto", "'direct' (MUMPS LU), 'iterative' (CG + AMG) or 'auto' (direct in 2D)", choices=("auto", "direct", "iterative"))
+    rtol: float = setting(1e-12, "relative tolerance of the iterative solver", positive=True)
+    petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
+    cache_size: int = setting(3, "factorised matrices kept (one per distinct step size; LRU)", positive=True)
+
+
+@dataclasses.dataclass
+class OutputSettings(Section):
+    """What the run writes besides results.json."""
+
+    fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
+    figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
+
+
+@dataclasses.dataclass
+class Region(Section):
+    """An axis-aligned box whose mean concentration is reported over time."""
+
+    name: str = setting("I", "region name")
+    box: list[float] = setting([0.0, 0.0, 1e-6, 1e-6], "[x0, y0, x1, y1] (2D) or [x0, y0, z0, x1, y1, z1] (3D)", unit="m")
+
+    def validate(self) -> None:
+        n = len(self.box)
+        if n not in (4, 6) or any(self.box[i] >= self.box[i + n // 2] for i in range(n // 2)):
+            raise UsageError(f"region {self.name!r}: box must be [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1] with x0 < x1 ...")
+
+
+@dataclasses.dataclass
+class DiffusionSettings(Settings):
+    """All settings of a diffusion run; ``DiffusionSettings.from_toml(path)`` reads a config."""
+
+    geometry: GeometrySettings = section(GeometrySettings)
+    mesh: MeshSettings = section(MeshSettings)
+    physics: PhysicsSettings = section(PhysicsSettings)
+    time: TimeSettings = section(TimeSettings)
+    solver: SolverSettings = section(SolverSettings)
+    output: OutputSettings = section(OutputSettings)
+    regions: list[Region] = setting([], "boxes whose mean c(t) and t90 are reported")
+
+    def validate(self) -> None:
+        names = [r.name for r in self.regions]
+        if len(set(names)) != len(names):
+            raise UsageError(f"region names must be unique, got {names}")
+
+    def resolve_paths(self, base: Path) -> DiffusionSettings:
+        """Copy with relative geometry paths made relative to ``base`` (the config's folder)."""
+        geometry = dataclasses.replace(
+            self.geometry,
+            image=None if self.geometry.image is None else base / self.geometry.image,
+            mesh=None if self.geometry.mesh is None else base / self.geometry.mesh,
+        )
+        return dataclasses.replace(self, geometry=geometry)
+
+
+@dataclasses.dataclass
+class DiffusionResult:
+    """Time series of a run (SI units), gathered on every rank.
+
+    Attributes:
+        times: step end times (s), starting with 0.
+        region_means: region name -> mean c (mol/m^3) at ``times``.
+        domain_mean: mean c over the domain (mol/m^3) at ``times``.
+        output_times: the requested output times (s).
+        mass_balance_rel_error: sum over steps of |discrete balance residual| dt relative to the
+            total Li taken up.
+        ndofs, ncells: global sizes.
+        steps, factorisations: time steps taken and matrices factorised/set up.
+    """
+
+    times: list[float]
+    region_means: dict[str, list[float]]
+    domain_mean: list[float]
+    output_times: list[float]
+    mass_balance_rel_error: float
+    ndofs: int
+    ncells: int
+    steps: int
+    factorisations: int
+
+    def t90(self, c_bulk: float) -> dict[str, float | None]:
+        """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None."""
+        out: dict[str, float | None] = {}
+        for name, values in {**self.region_means, "domain": self.domain_mean}.items():
+            out[name] = _first_crossing(self.times, values, 0.9 * c_bulk)
+        return out
+
+    def at_output_times(self) -> dict[str, Any]:
+        """Region means at the output times only."""
+        index = [int(np.argmin(np.abs(np.asarray(self.times) - t))) for t in self.output_times]
+        return {
+            "times": [self.times[i] for i in index],
+            "regions": {k: [v[i] for i in index] for k, v in self.region_means.items()},
+            "domain_mean": [self.domain_mean[i] for i in index],
+        }
+
+
+def _first_crossing(times: list[float], values: list[float], level: float) -> float | None:
+    for i in range(1, len(values)):
+        if values[i] >= level > values[i - 1]:
+            fraction = (level - values[i - 1]) / (values[i] - values[i - 1])
+            return times[i - 1] + fraction * (times[i] - times[i - 1])
+        if values[i] >= level and i == 1 and values[0] >= level:
+            return times[0]
+    return None
+
+
+class DiffusionProblem:
+    """The diffusion model on a tagged mesh of the transporting phase.
+
+    Args:
+        tagged: mesh with the facet groups ``"<pore>|<transport>"`` and (optionally)
+            ``"<si>|<transport>"`` (names as written by :mod:`fem_anode.meshing`).
+        settings: the run's settings.
+    """
+
+    def __init__(self, tagged: TaggedMesh, settings: DiffusionSettings) -> None:
+        self.tagged = tagged
+        self.settings = settings
+        self.mesh = tagged.mesh
+        self.comm: MPI.Comm = tagged.mesh.comm
+        geometry, physics = settings.geometry, settings.physics
+        self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
+        self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
+        if self.pore_interface not in tagged.facet_groups:
+            raise InputError(
+                f"mesh has no facet group {self.pore_interface!r} (the pore interface the Li comes through); "
+                f"it has {', '.join(sorted(tagged.facet_groups)) or 'none'}"
+            )
+        self.V = fem.functionspace(self.mesh, ("Lagrange", settings.mesh.order))
+        self.c = fem.Function(self.V, name="c")  # c / c_bulk
+        self._c_old = fem.Function(self.V)
+        self._c_older = fem.Function(self.V)
+        self._assemble_operators(physics)
+        self._ksp_cache: OrderedDict[float, PETSc.KSP] = OrderedDict()
+        self.factorisations = 0
+        self.regions = self._region_weights(settings.regions)
+
+    # -- assembly -------------------------------------------------------------------------
+    def _scaled_measures(self) -> tuple[float, float, float]:
+        """Factors turning metre-based integrals into micrometre-based ones (dx', grad', ds')."""
+        d = self.mesh.topology.dim
+        L = LENGTH_UNIT
+        return L**-d, L ** (2 - d), L ** (1 - d)
+
+    def _assemble_operators(self, physics: PhysicsSettings) -> None:
+        mesh, V = self.mesh, self.V
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        s_dx, s_grad, s_ds = self._scaled_measures()
+        ds = ufl.Measure("ds", domain=mesh, subdomain_data=self.tagged.facet_tags)
+        pore = self.tagged.facet_groups[self.pore_interface]
+        si = self.tagged.facet_groups.get(self.si_interface)
+        rate_D = physics.D_eff / LENGTH_UNIT**2  # 1/s
+        rate_f = physics.k_f / LENGTH_UNIT  # 1/s
+        rate_si = physics.k_si / LENGTH_UNIT  # 1/s
+        self.eps = physics.eps
+        self.rate_f, self.rate_si = rate_f, rate_si
+        operator = rate_D * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + rate_f * s_ds * u * v * ds(pore)
+        if si is not None and rate_si > 0:
+            operator += rate_si * s_ds * u * v * ds(si)
+        self._M = fem_petsc.assemble_matrix(fem.form(s_dx * u * v * ufl.dx))
+        self._M.assemble()
+        self._KR = fem_petsc.assemble_matrix(fem.form(operator))
+        self._KR.assemble()
+        self._w_dx = self._assemble_vector(s_dx * v * ufl.dx)
+        self._w_pore = self._assemble_vector(s_ds * v * ds(pore))
+        self._w_si = self._assemble_vector(s_ds * v * ds(si)) if si is not None else None
+        self._source = self._w_pore.copy()
+        self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
+        self.volume = self._w_dx.sum()  # in um^d
+        self.pore_measure = self._w_pore.sum()
+        self._rhs = self._M.createVecLeft()
+        self._work = self._M.createVecLeft()
+
+    def _assemble_vector(self, form: ufl.Form) -> PETSc.Vec:
+        vec = fem_petsc.assemble_vector(fem.form(form))
+        vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        return vec
+
+    def _region_weights(self, regions: list[Region]) -> dict[str, tuple[PETSc.Vec, float]]:
+        mesh = self.mesh
+        tdim, gdim = mesh.topology.dim, mesh.geometry.dim
+        n_local = mesh.topology.index_map(tdim).size_local + mesh.topology.index_map(tdim).num_ghosts
+        midpoints = dolfinx.mesh.compute_midpoints(mesh, tdim, np.arange(n_local, dtype=np.int32))
+        Q = fem.functionspace(mesh, ("DG", 0))
+        chi = fem.Function(Q)
+        v = ufl.TestFunction(self.V)
+        form = fem.form(self._scaled_measures()[0] * chi * v * ufl.dx)
+        cell_dofs = Q.dofmap.list[:, 0]
+        out = {}
+        for region in regions:
+            box = np.asarray(region.box)
+            if len(box) != 2 * gdim:
+                raise UsageError(f"region {region.name!r} has {len(box)} box numbers; a {gdim}D mesh needs {2 * gdim}")
+            inside = np.all((midpoints[:, :gdim] >= box[:gdim]) & (midpoints[:, :gdim] <= box[gdim:]), axis=1)
+            chi.x.array[:] = 0.0
+            chi.x.array[cell_dofs[inside]] = 1.0
+            weights = fem_petsc.assemble_vector(form)
+            weights.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            measure = weights.sum()
+            if measure <= 0:
+                raise UsageError(f"region {region.name!r} box {region.box} contains none of the transporting phase")
+            out[region.name] = (weights, measure)
+        return out
+
+    # -- solver ---------------------------------------------------------------------------
+    def _solver_options(self) -> dict[str, Any]:
+        solver = self.settings.solver
+        kind = solver.type
+        if kind == "auto":
+            kind = "direct" if self.mesh.topology.dim == 2 or self.V.dofmap.index_map.size_global < 200_000 else "iterative"
+        if kind == "direct":
+            package = "mumps" if PETSc.Sys.hasExternalPackage("mumps") else "superlu_dist" if PETSc.Sys.hasExternalPackage("superlu_dist") else None
+            if package is None and self.comm.size > 1:
+                kind = "iterative"
+            else:
+                # A is symmetric positive definite: Cholesky with MUMPS, LU otherwise.
+                options = {"ksp_type": "preonly", "pc_type": "cholesky" if package == "mumps" else "lu"}
+                if package:
+                    options["pc_factor_mat_solver_type"] = package
+                return {**options, **solver.petsc_options}
+        amg = "hypre" if PETSc.Sys.hasExternalPackage("hypre") else "gamg"
+        options = {"ksp_type": "cg", "pc_type": amg, "ksp_rtol": solver.rtol, "ksp_atol": 0.0, "ksp_max_it": 500}
+        if amg == "hypre":
+            options["pc_hypre_type"] = "boomeramg"
+        return {**options, **solver.petsc_options}
+
+    def _ksp(self, a0: float) -> PETSc.KSP:
+        """Solver for ``A = K + R + a0 eps M``: cached per a0; a pool of ``cache_size`` matrices.
+
+        A new a0 re-uses the least recently used matrix of the pool (same sparsity), so only
+        the numeric factorisation (or AMG setup) is redone, not the symbolic analysis.
+        """
+        key = float(f"{a0:.12e}")
+        if key in self._ksp_cache:
+            self._ksp_cache.move_to_end(key)
+            return self._ksp_cache[key]
+        if len(self._ksp_cache) >= self.settings.solver.cache_size:
+            _, ksp = self._ksp_cache.popitem(last=False)
+            A = ksp.getOperators()[0]
+            self._KR.copy(A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        else:
+            A = self._KR.duplicate(copy=True)
+            A.setOption(PETSc.Mat.Option.SPD, True)
+            ksp = PETSc.KSP().create(self.comm)
+            prefix = f"fem_anode_diffusion_{id(self)}_{len(self._ksp_cache)}_"
+            ksp.setOptionsPrefix(prefix)
+            opts = PETSc.Options()
+            options = self._solver_options()
+            for name, value in options.items():
+                opts[f"{prefix}{name}"] = value
+            ksp.setOperators(A)
+            ksp.setFromOptions()
+            for name in options:
+                del opts[f"{prefix}{name}"]
+        A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+        ksp.setOperators(A)
+        ksp.setUp()
+        self.factorisations += 1
+        self._ksp_cache[key] = ksp
+        return ksp
+
+    # -- diagnostics ----------------------------------------------------------------------
+    def mass(self, c: fem.Function | None = None) -> float:
+        """eps * integral of c/c_bulk in um^d (the scaled Li content)."""
+        return self.eps * self._w_dx.dot((c or self.c).x.petsc_vec)
+
+    def boundary_inflow(self, c: fem.Function | None = None) -> float:
+        """Net Li inflow rate through pore and Si interfaces, scaled units (um^d / s)."""
+        vec = (c or self.c).x.petsc_vec
+        inflow = self.rate_f * (self.pore_measure - self._w_pore.dot(vec))
+        if self._w_si is not None and self.rate_si > 0:
+            inflow -= self.rate_si * self._w_si.dot(vec)
+        return inflow
+
+    def region_mean(self, name: str) -> float:
+        """Mean c over a region in mol/m^3."""
+        weights, measure = self.regions[name]
+        return self.settings.physics.c_bulk * weights.dot(self.c.x.petsc_vec) / measure
+
+    def domain_mean(self) -> float:
+        """Mean c over the whole transporting domain in mol/m^3."""
+        return self.settings.physics.c_bulk * self._w_dx.dot(self.c.x.petsc_vec) / self.volume
+
+    def concentration(self) -> fem.Function:
+        """c in mol/m^3 as a new Function (for output)."""
+        out = fem.Function(self.V, name="c")
+        out.x.array[:] = self.settings.physics.c_bulk * self.c.x.array
+        return out
+
+    # -- time loop ------------------------------------------------------------------------
+    def run(self, on_output: Callable[[float, DiffusionProblem], None] | None = None) -> DiffusionResult:
+        """Integrate from c = 0 to ``t_end``; call ``on_output(t, self)`` at each output time."""
+        settings = self.settings
+        tset = settings.time
+        order = 2 if tset.scheme == "bdf2" else 1
+        self.c.x.array[:] = 0.0
+        self._c_old.x.array[:] = 0.0
+        self._c_older.x.array[:] = 0.0
+        times, domain = [0.0], [0.0]
+        regions: dict[str, list[float]] = {name: [0.0] for name in self.regions}
+        outputs = sorted(set(tset.output_times) | {tset.t_end})
+        mass_old, mass_older = self.mass(), self.mass()
+        residual_sum = 0.0
+        dt_previous: float | None = None
+        steps = 0
+        if on_output is not None:
+            on_output(0.0, self)
+        for t, dt in plan_steps(tset.t_end, tset.output_times, tset.dt_initial, growth=tset.growth,
+                                steps_per_level=tset.steps_per_level, dt_max=tset.dt_max):
+            coeff = bdf_coefficients(dt, dt_previous, order)
+            # rhs = source - eps M (a1 c^n + a2 c^{n-1})
+            work = self._work
+            self._c_old.x.petsc_vec.copy(work)
+            work.scale(coeff.a1)
+            if coeff.a2:
+                work.axpy(coeff.a2, self._c_older.x.petsc_vec)
+            self._M.mult(work, self._rhs)
+            self._rhs.scale(-self.eps)
+            self._rhs.axpy(1.0, self._source)
+            ksp = self._ksp(coeff.a0)
+            ksp.solve(self._rhs, self.c.x.petsc_vec)
+            reason = ksp.getConvergedReason()
+            if reason < 0:
+                raise SolverError(f"linear solver failed at t = {t:.6g} s (PETSc reason {reason})")
+            self.c.x.scatter_forward()
+            if not np.isfinite(self.c.x.array).all():
+                raise SolverError(f"non-finite concentration at t = {t:.6g} s")
+            mass = self.mass()
+            balance = coeff.a0 * mass + coeff.a1 * mass_old + coeff.a2 * mass_older - self.boundary_inflow()
+            residual_sum += abs(balance) * dt
+            mass_older, mass_old = mass_old, mass
+            self._c_older.x.array[:] = self._c_old.x.array
+            self._c_old.x.array[:] = self.c.x.array
+            dt_previous = dt
+            steps += 1
+            times.append(t)
+            domain.append(self.domain_mean())
+            for name in self.regions:
+                regions[name].append(self.region_mean(name))
+            if any(math.isclose(t, s, rel_tol=1e-12) for s in outputs):
+                logger.info("t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, steps, dt, domain[-1])
+                if on_output is not None:
+                    on_output(t, self)
+        uptake = abs(self.mass())
+        ncells = self.mesh.topology.index_map(self.mesh.topology.dim).size_global
+        return DiffusionResult(
+            times=times,
+            region_means=regions,
+            domain_mean=domain,
+            output_times=sorted(tset.output_times),
+            mass_balance_rel_error=residual_sum / uptake if uptake > 0 else 0.0,
+            ndofs=self.V.dofmap.index_map.size_global,
+            ncells=ncells,
+            steps=steps,
+            factorisations=self.factorisations,
+        )
+
+    def destroy(self) -> None:
+        """Free PETSc objects (matrices, cached solvers)."""
+        for ksp in self._ksp_cache.values():
+            ksp.getOperators()[0].destroy()
+            ksp.destroy()
+        self._ksp_cache.clear()
+        for obj in (self._M, self._KR):
+            obj.destroy()
