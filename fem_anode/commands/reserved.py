@@ -7,10 +7,7 @@ import argparse
 from fem_anode.errors import UsageError
 
 _PLANNED = {
-    "segment": "segmentation of gray images (histogram multistage threshold, Felzenszwalb regions)",
-    "diffusion": "transient Li diffusion with mass-transfer boundaries at the pores",
     "phasefield": "finite-strain Li/vacancy Cahn-Hilliard phase field of a Si nanowire",
-    "detachment": "particle-detachment measurement, Maxwell-material model and fit",
     "convergence": "mesh-convergence studies of the FEniCSx models",
 }
 
