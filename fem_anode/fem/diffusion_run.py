@@ -20,7 +20,7 @@ from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
 from fem_anode.io.images import VoxelImage, read_image
 
-__all__ = ["run_diffusion", "load_geometry", "si_particle_report", "timescales"]
+__all__ = ["fig8_settings", "run_diffusion", "load_geometry", "si_particle_report", "suggest_regions", "timescales"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,3 +214,43 @@ def run_diffusion(settings: DiffusionSettings, staging: Path, comm: MPI.Comm) ->
         results["wall_time_s"], result.steps, result.factorisations, result.mass_balance_rel_error,
     )
     return results
+
+
+def suggest_regions(image: VoxelImage, settings: DiffusionSettings, *, size: float = 0.6e-6, names: tuple[str, ...] = ("I", "II", "III", "IV")) -> list:
+    """Square regions (edge ``size``, m) from near a pore channel (I) to deep in the SEI/C/B (IV).
+
+    Centres are transporting-phase pixels whose distance to the nearest pore is at evenly spaced
+    quantiles (5 % ... 100 %) of that distance, so region I sits next to a pore and the last
+    one at the point farthest from any pore, as regions I-IV of the paper's Fig. 8.
+    Deterministic; 2D images only.
+    """
+    from fem_anode.fem.diffusion import Region
+
+    if image.ndim != 2:
+        raise InputError("suggest_regions works on 2D images; give [[regions]] explicitly in 3D")
+    phases = image.require_phases()
+    geometry = settings.geometry
+    spacing = np.asarray(image.require_voxel_size())
+    transport = image.array == phases[geometry.transport_phase]
+    distance = ndimage.distance_transform_edt(image.array != phases[geometry.pore_phase], sampling=spacing)
+    candidates = np.flatnonzero(transport)
+    order = candidates[np.argsort(distance.ravel()[candidates], kind="stable")]
+    regions = []
+    extent = np.asarray(image.extent)
+    for name, quantile in zip(names, np.linspace(0.05, 1.0, len(names))):
+        flat = order[min(int(quantile * (len(order) - 1)), len(order) - 1)]
+        row, col = np.unravel_index(flat, image.shape)
+        centre = np.array([(col + 0.5) * spacing[1], (row + 0.5) * spacing[0]])
+        low = np.clip(centre - size / 2, 0, extent[::-1] - size)
+        regions.append(Region(name=name, box=[float(low[0]), float(low[1]), float(low[0] + size), float(low[1] + size)]))
+    return regions
+
+
+def fig8_settings(image_path: Path, *, quick: bool = False) -> DiffusionSettings:
+    """The paper's Fig. 8 set-up on a 2D ROI: its parameters, regions I-IV from
+    :func:`suggest_regions`, outputs at 2, 10, 100 s plus early times where the physics happens."""
+    from fem_anode.fem.diffusion import GeometrySettings, TimeSettings
+
+    times = [0.01, 2.0, 10.0, 100.0] if quick else [0.001, 0.003, 0.01, 2.0, 10.0, 100.0]
+    settings = DiffusionSettings(geometry=GeometrySettings(image=Path(image_path)), time=TimeSettings(output_times=times))
+    return settings.replace(regions=suggest_regions(read_image(image_path, kind="labels"), settings))
