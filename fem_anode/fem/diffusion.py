@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -434,6 +435,7 @@ class DiffusionProblem:
         residual_sum = 0.0
         dt_previous: float | None = None
         steps = 0
+        last_report = time.monotonic()
         if on_output is not None:
             on_output(0.0, self)
         for t, dt in plan_steps(tset.t_end, tset.output_times, tset.dt_initial, growth=tset.growth,
@@ -468,7 +470,11 @@ class DiffusionProblem:
             domain.append(self.domain_mean())
             for name in self.regions:
                 regions[name].append(self.region_mean(name))
+            if time.monotonic() - last_report > 5.0:  # progress on long runs, at most every 5 s
+                logger.info("  ... t = %.4g s of %g s (step %d, dt = %.3g s)", t, tset.t_end, steps, dt)
+                last_report = time.monotonic()
             if any(math.isclose(t, s, rel_tol=1e-12) for s in outputs):
+                last_report = time.monotonic()
                 logger.info("t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, steps, dt, domain[-1])
                 if on_output is not None:
                     on_output(t, self)

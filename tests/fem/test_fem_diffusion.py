@@ -224,3 +224,30 @@ def test_cli_run_writes_results_fields_and_figures(shared_tmp_path, comm):
         assert (out / name).exists()
     assert (out / "c.bp").is_dir()
     assert main(["diffusion", str(shared_tmp_path / "missing.toml"), "--out", str(shared_tmp_path / "o2"), "-q"]) == 3
+
+
+def test_3d_volume_through_the_cli(shared_tmp_path, comm):
+    """3D voxel volume: pores at the electrode surface (z = 0), a Si particle inside."""
+    from fem_anode.cli import main
+
+    labels = np.full((10, 8, 8), 3, dtype=np.uint8)
+    labels[:2] = 0  # pore layer at the surface
+    zz, yy, xx = np.mgrid[:10, :8, :8]
+    labels[(zz - 6) ** 2 + (yy - 4) ** 2 + (xx - 4) ** 2 <= 4] = 1
+    write_image(shared_tmp_path / "vol.npy", VoxelImage(labels, (20e-9, 20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3}))
+    config = shared_tmp_path / "vol.toml"
+    if comm.rank == 0:
+        config.write_text(
+            '[geometry]\nimage = "vol.npy"\n\n[mesh]\norder = 2\n\n[time]\nt_end = 0.005\noutput_times = [1e-4, 0.005]\n\n'
+            '[[regions]]\nname = "deep"\nbox = [0.0, 0.0, 150e-9, 160e-9, 160e-9, 200e-9]\n'
+        )
+    comm.barrier()
+    out = shared_tmp_path / "vol_out"
+    assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mass_balance_rel_error"] < 1e-6
+    assert results["ncells"] == int(np.count_nonzero(labels == 3))
+    deep = results["regions"]["deep"]
+    assert deep[0] < deep[1] and deep[1] == pytest.approx(1000.0, rel=1e-3)
+    assert len(results["si_particles"]["0.005"]) == 1
+    assert (out / "c_fields.png").exists()
