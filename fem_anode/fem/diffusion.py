@@ -130,7 +130,7 @@ class TimeSettings(Section):
 class SolverSettings(Section):
     """Linear solver (PETSc)."""
 
-    type: str = setting("auto", "'direct' (MUMPS LU), 'iterative' (CG + AMG) or 'auto' (direct in 2D)", choices=("auto", "direct", "iterative"))
+    type: str = setting("auto", "'direct' (MUMPS Cholesky; the matrix is SPD), 'iterative' (CG + BoomerAMG) or 'auto' (direct in 2D or below 200k dofs)", choices=("auto", "direct", "iterative"))
     rtol: float = setting(1e-12, "relative tolerance of the iterative solver", positive=True)
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     cache_size: int = setting(3, "factorised matrices kept (one per distinct step size; LRU)", positive=True)
