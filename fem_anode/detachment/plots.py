@@ -10,20 +10,12 @@ import numpy as np
 
 from fem_anode.detachment.data import CapacityData, GapData
 from fem_anode.detachment.model import SimulationResult
-from fem_anode.io.output import atomic_path
+from fem_anode.io.figures import pyplot as _pyplot
+from fem_anode.io.figures import save_figure as _save
 
 __all__ = ["plot_gap_scatter", "plot_gap_model", "plot_capacity", "plot_bootstrap"]
 
 _CYCLE_STYLE = {0: ("black", "s"), 1: ("tab:purple", "D"), 3: ("m", "o"), 10: ("tab:orange", "^")}
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _style(cycle: int, i: int) -> tuple[str, str]:
@@ -31,14 +23,6 @@ def _style(cycle: int, i: int) -> tuple[str, str]:
         return _CYCLE_STYLE[cycle]
     colors = ["tab:blue", "tab:green", "tab:red", "tab:brown", "tab:cyan"]
     return colors[i % len(colors)], "v"
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def _scatter(ax: Any, gaps: GapData) -> None:

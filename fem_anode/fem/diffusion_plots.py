@@ -8,18 +8,10 @@ from typing import Any
 import numpy as np
 
 from fem_anode.io.images import VoxelImage
-from fem_anode.io.output import atomic_path
+from fem_anode.io.figures import pyplot as _pyplot
+from fem_anode.io.figures import save_figure
 
 __all__ = ["plot_concentration_fields", "plot_region_history"]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_region_history(results: dict[str, Any], path: Path, *, c_bulk: float) -> Path:
@@ -37,10 +29,7 @@ def plot_region_history(results: dict[str, Any], path: Path, *, c_bulk: float) -
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title("Li concentration per region")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_concentration_fields(image: VoxelImage, snapshots: dict[float, np.ndarray], settings: Any, path: Path) -> Path:
@@ -72,7 +61,4 @@ def plot_concentration_fields(image: VoxelImage, snapshots: dict[float, np.ndarr
         ax.set_xlabel("x (um)")
     axes[0][0].set_ylabel("y (um)")
     fig.colorbar(im, ax=axes[0].tolist(), label="c (mol/m^3)", shrink=0.8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -14,26 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from fem_anode.io.output import atomic_path
+from fem_anode.io.figures import pyplot as _pyplot
+from fem_anode.io.figures import save_figure as _save
 
 __all__ = ["plot_per_slice", "plot_metrics", "plot_comparison", "plot_segmentation_slices", "plot_tortuosity_sections"]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_per_slice(per_slice: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
