@@ -37,7 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
     "diffusion": "diffusion",
     "phasefield": "reserved",
     "detachment": "detachment",
-    "convergence": "reserved",
+    "convergence": "convergence",
 }
 
 

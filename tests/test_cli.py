@@ -61,7 +61,7 @@ def test_metrics_writes_json_and_figure(shared_tmp_path):
         (["metrics", "{labels}", "--out", "{out}", "--voxel-size", "1nm", "--phases", "a=0"], 3, "not in the phase map"),
         (["metrics", "{labels}", "--out", "{out}", "--phases", "a=0,b=1"], 2, "voxel size unknown"),
         (["mesh", "{labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--keep", "c", "--out", "{out}.msh"], 2, "cannot keep phase"),
-        (["phasefield", "x.toml"], 2, "not available"),
+        (["convergence", "{missing}", "--out", "{out}"], 3, "settings file not found"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code(tmp_path, capsys, args, code, message):

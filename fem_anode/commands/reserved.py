@@ -8,7 +8,6 @@ from fem_anode.errors import UsageError
 
 _PLANNED = {
     "phasefield": "finite-strain Li/vacancy Cahn-Hilliard phase field of a Si nanowire",
-    "convergence": "mesh-convergence studies of the FEniCSx models",
 }
 
 

@@ -1,0 +1,296 @@
+r"""Mesh-convergence studies: observed order, Richardson extrapolation and Roache's GCI.
+
+For three solutions ``f1`` (finest), ``f2``, ``f3`` on meshes with spacing ratio ``r``
+(Roache 1998; Celik et al., *J. Fluids Eng.* 130, 078001, 2008):
+
+.. math::
+
+    p = \frac{\ln|(f_3 - f_2)/(f_2 - f_1)|}{\ln r},\qquad
+    f_\mathrm{ext} = \frac{r^p f_1 - f_2}{r^p - 1},\qquad
+    \mathrm{GCI}_{21} = \frac{F_s\,|(f_1 - f_2)/f_1|}{r^p - 1},\quad F_s = 1.25,
+
+and the asymptotic-range check ``GCI_32 / (r^p GCI_21) ~ 1``. Oscillatory convergence
+(differences of opposite sign) gives ``p = NaN`` and is reported, not hidden.
+
+:func:`richardson` is pure NumPy; :func:`run_diffusion_study` runs the diffusion model on a
+sequence of meshes of the same image (voxel meshes refined by subdividing every pixel, so the
+geometry is identical on every level) and compares fields between levels by non-matching
+interpolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fem_anode.errors import UsageError
+
+__all__ = ["richardson", "ConvergenceRecord", "format_table", "mesh_independence", "plot_study", "run_diffusion_study"]
+
+logger = logging.getLogger(__name__)
+
+SAFETY_FACTOR = 1.25
+#: Level differences below this fraction of the value count as round-off (converged).
+ROUND_OFF = 1e-9
+
+
+def richardson(h: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
+    """Observed order, extrapolated value and GCI from the three finest of ``values``.
+
+    Args:
+        h: mesh sizes (any order; a constant ratio between successive sizes is assumed and checked).
+        values: the quantity on those meshes.
+
+    Returns:
+        ``observed_order``, ``extrapolated``, ``gci`` (relative, fine grid),
+        ``gci_coarse``, ``asymptotic_ratio`` (about 1 in the asymptotic range), ``ratio`` r,
+        ``converging`` ("monotone", "oscillatory", "exact" or "insufficient").
+    """
+    h = np.asarray(h, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if h.shape != values.shape or h.size < 2:
+        raise UsageError("richardson needs matching h and values with at least two levels")
+    order = np.argsort(h)  # finest first
+    h, values = h[order], values[order]
+    out: dict[str, Any] = {"observed_order": math.nan, "extrapolated": math.nan, "gci": math.nan, "gci_coarse": math.nan, "asymptotic_ratio": math.nan}
+    if h.size < 3:
+        out["converging"] = "insufficient"
+        out["ratio"] = float(h[1] / h[0])
+        return out
+    f1, f2, f3 = values[:3]
+    r21, r32 = h[1] / h[0], h[2] / h[1]
+    if not math.isclose(r21, r32, rel_tol=1e-6):
+        raise UsageError(f"levels must have a constant refinement ratio, got {r21:.4g} and {r32:.4g}")
+    r = r21
+    e21, e32 = f2 - f1, f3 - f2
+    out["ratio"] = float(r)
+    scale = max(abs(f1), abs(f2), abs(f3))
+    if max(abs(e21), abs(e32)) <= ROUND_OFF * scale:  # differences at round-off: converged
+        out.update(extrapolated=float(f1), gci=0.0, gci_coarse=0.0, converging="exact")
+        return out
+    if e21 == 0 or e32 / e21 <= 0:
+        out["converging"] = "oscillatory"
+        return out
+    p = math.log(e32 / e21) / math.log(r)
+    if p <= 0:  # differences do not shrink with h
+        out["converging"] = "diverging"
+        return out
+    rp = r**p
+    extrapolated = (rp * f1 - f2) / (rp - 1)
+    gci21 = SAFETY_FACTOR * abs(e21 / f1) / (rp - 1) if f1 != 0 else math.inf
+    gci32 = SAFETY_FACTOR * abs(e32 / f2) / (rp - 1) if f2 != 0 else math.inf
+    out.update(
+        observed_order=float(p),
+        extrapolated=float(extrapolated),
+        gci=float(gci21),
+        gci_coarse=float(gci32),
+        asymptotic_ratio=float(gci32 / (rp * gci21)) if gci21 > 0 else math.nan,
+        converging="monotone",
+    )
+    return out
+
+
+@dataclasses.dataclass
+class ConvergenceRecord:
+    """A quantity of interest over the levels of a study (finest last)."""
+
+    name: str
+    h: list[float]
+    values: list[float]
+
+    def analyse(self) -> dict[str, Any]:
+        return {"h": self.h, "values": self.values, **richardson(self.h, self.values)}
+
+
+def mesh_independence(records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01) -> dict[str, Any]:
+    """Coarsest level at which every quantity is within ``tolerance`` of its extrapolated value.
+
+    Quantities without a finite extrapolation are compared with the finest level instead.
+    """
+    levels = len(h)
+    for level in range(levels):
+        ok = True
+        for record in records.values():
+            reference = record["extrapolated"] if math.isfinite(record["extrapolated"]) else record["values"][-1]
+            value = record["values"][level]
+            if reference == 0:
+                ok &= abs(value) <= tolerance
+            elif abs(value - reference) > tolerance * abs(reference):
+                ok = False
+        if ok:
+            return {"tolerance": tolerance, "level": level, "h_m": h[level], "cells": cells[level]}
+    return {"tolerance": tolerance, "level": None, "h_m": None, "cells": None}
+
+
+def _upsample(image: Any, factor: int) -> Any:
+    """The same image with every pixel split into ``factor`` per axis (identical geometry)."""
+    from fem_anode.io.images import VoxelImage
+
+    array = image.array
+    for axis in range(array.ndim):
+        array = np.repeat(array, factor, axis=axis)
+    return VoxelImage(array, tuple(v / factor for v in image.require_voxel_size()), image.phases, f"{image.source} x{factor}")
+
+
+def run_diffusion_study(
+    settings: Any,
+    *,
+    levels: int,
+    refine_factor: int = 2,
+    orders: Sequence[int] | None = None,
+    workdir: Path,
+    comm: Any,
+) -> dict[str, Any]:
+    """Run the diffusion model on ``levels`` successively refined voxel meshes of its image.
+
+    Level k subdivides every pixel into ``refine_factor**k`` cells per axis, so h halves (for
+    factor 2) while the geometry stays exactly that of the image. Quantities: region means at
+    every output time, t90 per region and the domain mean; fields: relative L2 difference of
+    the final c between successive levels (coarse interpolated onto the fine mesh).
+    """
+    from fem_anode.io.images import read_image
+
+    if settings.geometry.image is None:
+        raise UsageError("a diffusion convergence study refines the voxel mesh of an image: give geometry.image")
+    if levels < 2 or refine_factor < 2:
+        raise UsageError("a convergence study needs --levels >= 2 (3 for an observed order) and --refine-factor >= 2")
+    geometry = settings.geometry
+    image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")
+    orders = list(orders or [settings.mesh.order])
+    c_bulk = settings.physics.c_bulk
+    solver_logger = logging.getLogger("fem_anode.fem.diffusion")
+    solver_level = solver_logger.level
+    solver_logger.setLevel(max(logging.WARNING, solver_level))  # one line per level, not per output
+    try:
+        return _diffusion_levels(settings, image, levels, refine_factor, orders, workdir, comm, c_bulk)
+    finally:
+        solver_logger.setLevel(solver_level)
+
+
+def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], workdir: Path, comm: Any, c_bulk: float) -> dict[str, Any]:
+    from dolfinx import fem
+    from mpi4py import MPI
+    import ufl
+
+    from fem_anode.fem.diffusion import DiffusionProblem
+    from fem_anode.fem.mesh_io import read_mesh
+    from fem_anode.meshing.voxel import write_voxel_mesh
+
+    geometry = settings.geometry
+    report: dict[str, Any] = {"model": "diffusion", "levels": levels, "refine_factor": refine_factor, "orders": {}}
+    for order in orders:
+        level_settings = settings.replace(mesh=settings.mesh.replace(order=order))
+        h, cells, dofs, seconds = [], [], [], []
+        quantities: dict[str, list[float]] = {}
+        previous: Any = None
+        l2_differences: list[float | None] = []
+        for level in range(levels):
+            factor = refine_factor**level
+            refined = _upsample(image, factor)
+            path = workdir / f"P{order}_level{level}.msh"
+            if comm.rank == 0:
+                write_voxel_mesh(refined, path, keep=[geometry.transport_phase])
+            comm.barrier()
+            tagged = read_mesh(path, comm)
+            start = time.perf_counter()
+            problem = DiffusionProblem(tagged, level_settings)
+            snapshot: dict[str, Any] = {}
+
+            def keep_first_output(t: float, prob: DiffusionProblem, snapshot: dict[str, Any] = snapshot) -> None:
+                if t > 0 and not snapshot:  # fields compared at the first output time, where c varies
+                    snapshot.update(c=prob.concentration(), t=t)
+
+            result = problem.run(keep_first_output)
+            seconds.append(time.perf_counter() - start)
+            h.append(min(refined.require_voxel_size()))
+            cells.append(result.ncells)
+            dofs.append(result.ndofs)
+            at = result.at_output_times()
+            for i, t in enumerate(at["times"]):
+                quantities.setdefault(f"domain_mean@{t:g}s", []).append(at["domain_mean"][i])
+                for name, values in at["regions"].items():
+                    quantities.setdefault(f"region_{name}@{t:g}s", []).append(values[i])
+            for name, t90 in result.t90(c_bulk).items():
+                quantities.setdefault(f"t90_{name}", []).append(math.nan if t90 is None else t90)
+            c = snapshot["c"]
+            if previous is None:
+                l2_differences.append(None)
+            else:
+                V = c.function_space
+                n_cells = V.mesh.topology.index_map(V.mesh.topology.dim).size_local
+                cells_local = np.arange(n_cells, dtype=np.int32)
+                coarse_on_fine = fem.Function(V)
+                data = fem.create_interpolation_data(V, previous.function_space, cells_local, padding=1e-14)
+                coarse_on_fine.interpolate_nonmatching(previous, cells_local, data)
+                diff = comm.allreduce(fem.assemble_scalar(fem.form((c - coarse_on_fine) ** 2 * ufl.dx)), op=MPI.SUM)
+                norm = comm.allreduce(fem.assemble_scalar(fem.form(c**2 * ufl.dx)), op=MPI.SUM)
+                l2_differences.append(float(math.sqrt(diff / norm)) if norm > 0 else 0.0)
+            previous = c
+            problem.destroy()
+            logger.info("P%d level %d: h = %.3g m, %d cells, %d dofs, %.1f s", order, level, h[-1], cells[-1], dofs[-1], seconds[-1])
+        records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if all(map(math.isfinite, values))}
+        report["orders"][f"P{order}"] = {
+            "h": h,
+            "cells": cells,
+            "ndofs": dofs,
+            "seconds": seconds,
+            "quantities": records,
+            "field_l2_difference": {"h": h, "values": l2_differences, "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.output_times):g} s"},
+            "mesh_independent_1pct": mesh_independence(records, cells, h),
+        }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of a study: one row per quantity and element order."""
+    lines = []
+    for order, data in report["orders"].items():
+        lines.append(f"{order}: h = {', '.join(f'{v:.3g}' for v in data['h'])} m; cells = {', '.join(map(str, data['cells']))}")
+        lines.append(f"  {'quantity':<28} {'finest':>12} {'extrapolated':>13} {'order':>6} {'GCI %':>8} {'asympt.':>8}")
+        for name, record in data["quantities"].items():
+            lines.append(
+                f"  {name:<28} {record['values'][-1]:>12.6g} {record['extrapolated']:>13.6g} "
+                f"{record['observed_order']:>6.2f} {100 * record['gci']:>8.3g} {record['asymptotic_ratio']:>8.3g}"
+            )
+        independence = data["mesh_independent_1pct"]
+        if independence["level"] is None:
+            lines.append("  no level is within 1 % of the extrapolated values for every quantity")
+        else:
+            lines.append(f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, {independence['cells']} cells")
+    return "\n".join(lines)
+
+
+def plot_study(report: dict[str, Any], path: Path) -> Path:
+    """Log-log plot of |value - extrapolated| and the field L2 differences versus h (PNG)."""
+    from fem_anode.io.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for order, data in report["orders"].items():
+        for name, record in data["quantities"].items():
+            if not math.isfinite(record["extrapolated"]):
+                continue
+            error = np.abs(np.asarray(record["values"]) - record["extrapolated"]) / max(abs(record["extrapolated"]), 1e-300)
+            if np.any(error > 0):
+                axes[0].loglog(np.asarray(data["h"]) * 1e9, np.maximum(error, 1e-16), "o-", ms=3, lw=0.8, label=f"{order} {name}")
+        field = data["field_l2_difference"]
+        pairs = [(h, v) for h, v in zip(field["h"], field["values"]) if v]
+        if pairs:
+            axes[1].loglog([p[0] * 1e9 for p in pairs], [p[1] for p in pairs], "s-", label=order)
+    axes[0].set_xlabel("h (nm)")
+    axes[0].set_ylabel("|f - f_extrapolated| / |f_extrapolated|")
+    axes[0].set_title("Quantities of interest")
+    if len(axes[0].lines) <= 12:
+        axes[0].legend(fontsize=6)
+    axes[1].set_xlabel("h (nm)")
+    axes[1].set_ylabel("relative L2 difference to the previous level")
+    axes[1].set_title("Fields")
+    axes[1].legend(fontsize=8)
+    return save_figure(fig, path)
