@@ -1,0 +1,266 @@
+"""Newton (PETSc SNES with line search) on the coupled fields plus one global scalar.
+
+Generalised plane strain adds one unknown to the finite element system, the uniform axial
+stretch ``lambda``, with one equation, zero net axial force. dolfinx 0.9 has no "Real"
+space, so the SNES works on a vector ``X = [w, lambda]`` (the mixed-space dofs, with
+``lambda`` owned by rank 0) and its Jacobian is the bordered matrix
+
+.. math::
+
+    J = \\begin{pmatrix} A & b \\\\ c^T & d \\end{pmatrix},\\qquad
+    A = \\partial R/\\partial w,\\ b = \\partial R/\\partial\\lambda,\\
+    c = \\partial g/\\partial w,\\ d = \\partial g/\\partial\\lambda,
+
+applied as a matrix-free shell (for the line search) and solved exactly by block elimination
+in a shell preconditioner: ``A`` is factorised once per Newton iteration (MUMPS LU or the
+fallback), ``z = A^-1 b`` is computed once, and each application costs one more solve plus
+dot products (``x_lambda = (r_lambda - c.A^-1 r_w) / (d - c.z)``). This is Newton's method
+on the full system, so the quadratic convergence of the consistent tangent is kept; the
+Schur complement ``d - c.z`` is a positive scalar (the axial stiffness) and cannot be
+singular unless the wire is. For plane strain the last equation is ``lambda - 1 = 0``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+from petsc4py import PETSc
+
+from fem_anode.errors import UsageError
+
+__all__ = ["BorderedNewton", "linear_solver_options"]
+
+logger = logging.getLogger(__name__)
+_COUNTER = itertools.count()
+_BAD = 1e30  # residual entries used when the forms evaluate to inf/NaN (line search backtracks)
+
+
+def linear_solver_options(choice: str, comm_size: int) -> dict[str, str]:
+    """PETSc options of the direct solver for ``A``: MUMPS if present (checked), else fallbacks.
+
+    Raises:
+        UsageError: the requested package is not in this PETSc build, or PETSc's own LU was
+            asked for in parallel.
+    """
+    if choice == "auto":
+        for package in ("mumps", "superlu_dist"):
+            if PETSc.Sys.hasExternalPackage(package):
+                choice = package
+                break
+        else:
+            choice = "petsc"
+    if choice in ("mumps", "superlu_dist") and not PETSc.Sys.hasExternalPackage(choice):
+        raise UsageError(f"solver.linear_solver = {choice!r} but this PETSc has no {choice}")
+    if choice == "petsc":
+        if comm_size > 1:
+            raise UsageError("solver.linear_solver = 'petsc' (serial LU) cannot run on several ranks; use mumps or superlu_dist")
+        return {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_shift_type": "NONE"}
+    options = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": choice}
+    if choice == "mumps":
+        options["mat_mumps_icntl_14"] = "80"  # memory head-room for pivoting
+    return options
+
+
+class BorderedNewton:
+    """SNES Newton with line search on ``[w, lambda]``.
+
+    Args:
+        w: the mixed-space unknown (updated in place).
+        residual: form of ``R(w, lambda)`` (linear in the test function).
+        jacobian: form of ``dR/dw``.
+        bcs: Dirichlet conditions on ``w``.
+        axial: ``None`` for plane strain, else ``(g, dR_dlambda, dg_dw, dg_dlambda)`` forms
+            (``g`` and ``dg_dlambda`` scalar forms, the others vectors).
+        lam: the constant holding ``lambda``.
+        linear_options: PETSc options of the factorisation of ``A``.
+        snes_options: PETSc options of the SNES (without prefix).
+    """
+
+    def __init__(
+        self,
+        w: fem.Function,
+        residual: fem.Form,
+        jacobian: fem.Form,
+        bcs: list[fem.DirichletBC],
+        axial: tuple[fem.Form, fem.Form, fem.Form, fem.Form] | None,
+        lam: fem.Constant,
+        linear_options: dict[str, str],
+        snes_options: dict[str, Any],
+    ) -> None:
+        self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
+        V = w.function_space
+        self.comm = V.mesh.comm
+        self.root = self.comm.rank == 0
+        self.n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+        nloc = self.n + (1 if self.root else 0)
+        self.X = PETSc.Vec().createMPI((nloc, PETSc.DECIDE), comm=self.comm)
+        self.F = self.X.duplicate()
+        self.A = fem_petsc.create_matrix(jacobian)
+        self.r = fem_petsc.create_vector(residual)
+        self.z1, self.z2, self.xw, self.yw = (self.A.createVecRight() for _ in range(4))
+        if axial is not None:
+            self.bvec = fem_petsc.create_vector(axial[1])
+            self.cvec = fem_petsc.create_vector(axial[2])
+        self.d = 1.0
+        self.schur = 1.0
+        self.history: list[float] = []
+        self.on_residual: list[Callable[[], None]] = []
+        uid = next(_COUNTER)
+        self.ksp = PETSc.KSP().create(self.comm)
+        self._set_options(self.ksp, f"fem_anode_phasefield_{uid}_lin_", linear_options)
+        self.snes = PETSc.SNES().create(self.comm)
+        J = PETSc.Mat().createPython(((nloc, PETSc.DECIDE), (nloc, PETSc.DECIDE)), comm=self.comm)
+        J.setPythonContext(_Shell(self))
+        J.setUp()
+        self.J = J
+        self.snes.setFunction(self._function, self.F)
+        self.snes.setJacobian(self._jacobian, J, J)
+        self.snes.setMonitor(lambda snes, its, norm: self.history.append(float(norm)))
+        outer = self.snes.getKSP()
+        outer.setType("preonly")
+        pc = outer.getPC()
+        pc.setType("python")
+        pc.setPythonContext(_Shell(self))
+        self._set_options(self.snes, f"fem_anode_phasefield_{uid}_", snes_options)
+
+    def _set_options(self, obj: Any, prefix: str, options: dict[str, Any]) -> None:
+        obj.setOptionsPrefix(prefix)
+        opts = PETSc.Options()
+        for key, value in options.items():
+            opts[f"{prefix}{key}"] = value
+        obj.setFromOptions()
+        for key in options:
+            del opts[f"{prefix}{key}"]
+
+    # -- state ----------------------------------------------------------------------------
+    def pack(self) -> None:
+        """Copy ``w`` and ``lambda`` into the SNES vector."""
+        arr = self.X.getArray()
+        arr[: self.n] = self.w.x.array[: self.n]
+        if self.root:
+            arr[self.n] = float(self.lam.value)
+
+    def _unpack(self, X: PETSc.Vec) -> None:
+        arr = X.getArray(readonly=True)
+        self.w.x.array[: self.n] = arr[: self.n]
+        self.w.x.scatter_forward()
+        self.lam.value = self.comm.bcast(float(arr[self.n]) if self.root else None, root=0)
+
+    def _split(self, x: PETSc.Vec, xw: PETSc.Vec) -> float:
+        arr = x.getArray(readonly=True)
+        xw.getArray()[:] = arr[: self.n]
+        return self.comm.bcast(float(arr[self.n]) if self.root else None, root=0)
+
+    def _join(self, yw: PETSc.Vec, yl: float, y: PETSc.Vec) -> None:
+        arr = y.getArray()
+        arr[: self.n] = yw.getArray(readonly=True)
+        if self.root:
+            arr[self.n] = yl
+
+    # -- SNES callbacks -------------------------------------------------------------------
+    def _function(self, snes: PETSc.SNES, X: PETSc.Vec, F: PETSc.Vec) -> None:
+        self._unpack(X)
+        for hook in self.on_residual:
+            hook()
+        with self.r.localForm() as loc:
+            loc.set(0.0)
+        fem_petsc.assemble_vector(self.r, self.residual)
+        self.r.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        fem_petsc.set_bc(self.r, self.bcs, x0=self.w.x.petsc_vec, alpha=-1.0)
+        if self.axial is None:
+            g = float(self.lam.value) - 1.0
+        else:
+            g = self.comm.allreduce(fem.assemble_scalar(self.axial[0]))
+        out = F.getArray()
+        out[: self.n] = self.r.getArray(readonly=True)[: self.n]
+        if self.root:
+            out[self.n] = g
+        bad = self.comm.allreduce(int(not np.all(np.isfinite(out))))
+        if bad:
+            out[~np.isfinite(out)] = _BAD
+
+    def _jacobian(self, snes: PETSc.SNES, X: PETSc.Vec, J: PETSc.Mat, P: PETSc.Mat) -> None:
+        self._unpack(X)
+        self.A.zeroEntries()
+        fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
+        self.A.assemble()
+        self.ksp.setOperators(self.A)
+        self.ksp.setUp()
+        if self.axial is None:
+            return
+        for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
+            with vec.localForm() as loc:
+                loc.set(0.0)
+            fem_petsc.assemble_vector(vec, form)
+            vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
+        self.d = self.comm.allreduce(fem.assemble_scalar(self.axial[3]))
+        self.ksp.solve(self.bvec, self.z2)
+        self.schur = self.d - self.cvec.dot(self.z2)
+
+    # -- solve ----------------------------------------------------------------------------
+    def solve(self) -> tuple[bool, int, str]:
+        """Newton from the current ``w``/``lambda``. Returns (converged, iterations, reason)."""
+        self.history = []
+        self.pack()
+        try:
+            self.snes.solve(None, self.X)
+        except PETSc.Error as err:  # a failed factorisation (zero pivot) inside the PC
+            return False, self.snes.getIterationNumber(), f"PETSc error {err.ierr}"
+        reason = self.snes.getConvergedReason()
+        self._unpack(self.X)
+        return reason > 0, self.snes.getIterationNumber(), _REASONS.get(reason, str(reason))
+
+    def destroy(self) -> None:
+        for obj in (self.snes, self.ksp, self.J, self.A, self.X, self.F):
+            obj.destroy()
+
+
+class _Shell:
+    """Python context of the bordered Jacobian (``mult``) and its exact inverse (``apply``)."""
+
+    def __init__(self, newton: BorderedNewton) -> None:
+        self.nw = newton
+
+    def mult(self, mat: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        nw = self.nw
+        xl = nw._split(x, nw.xw)
+        nw.A.mult(nw.xw, nw.yw)
+        if nw.axial is None:
+            yl = xl
+        else:
+            nw.yw.axpy(xl, nw.bvec)
+            yl = nw.cvec.dot(nw.xw) + nw.d * xl
+        nw._join(nw.yw, yl, y)
+
+    def apply(self, pc: PETSc.PC, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        nw = self.nw
+        rl = nw._split(x, nw.xw)
+        nw.ksp.solve(nw.xw, nw.z1)
+        if nw.axial is None:
+            nw._join(nw.z1, rl, y)
+            return
+        xl = (rl - nw.cvec.dot(nw.z1)) / nw.schur
+        nw.z1.axpy(-xl, nw.z2)
+        nw._join(nw.z1, xl, y)
+
+
+_REASONS = {
+    2: "converged: residual below atol",
+    3: "converged: residual reduced by rtol",
+    4: "converged: small step",
+    -1: "diverged: function domain",
+    -2: "diverged: function count",
+    -3: "diverged: linear solve",
+    -4: "diverged: residual NaN/inf",
+    -5: "diverged: too many iterations",
+    -6: "diverged: line search failed",
+    -8: "diverged: local minimum",
+    -9: "diverged: residual grew beyond divtol",
+}

@@ -1,0 +1,467 @@
+r"""The chemo-mechanical phase-field problem: Li Cahn-Hilliard + finite-strain J2 mechanics.
+
+Unknowns on the reference cross-section (P1 Lagrange, one mixed space): the normalised Li
+concentration ``c``, its chemical potential ``mu`` and the in-plane displacement ``u``; plus
+the uniform axial stretch ``lambda`` (generalised plane strain) as a global scalar (see
+:mod:`fem_anode.fem.phasefield.newton`). Backward Euler in time:
+
+.. math::
+
+    \int \frac{c - c_n}{\Delta t} q + M\nabla\mu\cdot\nabla q = 0,\qquad
+    \int (\mu - f'(c) - \mu_\mathrm{mech}) v - \kappa\nabla c\cdot\nabla v = 0,
+
+    \int P : \nabla w = 0,\qquad \int P_{zz} = 0\ \text{(generalised plane strain)},
+
+with ``P = s^3 tau F^-T`` (first Piola-Kirchhoff stress of the return map of
+:mod:`~fem_anode.fem.phasefield.plasticity`) and the mechanical driving force
+``mu_mech = d(s^3 W)/dc`` at fixed ``F`` and plastic state,
+``s^2 s'(3W - tr tau) + s^3 W E'/E``. Everything is in the normalisation of
+Supplementary Table 1 (lengths in ``l0``: the mesh coordinates are divided by ``l0`` in
+place when the problem is built, and multiplied back for output).
+
+Extension points for the vacancy/void model: :attr:`PhaseFieldProblem.after_half_cycle`
+(callables run after each half-cycle with the record, which they may extend),
+:attr:`after_step` (after each accepted step), and the residual assembled from
+:meth:`_residual_terms` (a subclass adds fields to :meth:`_elements` and terms there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import basix.ufl
+import numpy as np
+import ufl
+from dolfinx import fem
+from mpi4py import MPI
+
+from fem_anode.errors import InputError, SolverError
+from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.fem.phasefield import chemistry, kinematics
+from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_options
+from fem_anode.fem.phasefield.plasticity import STATE_SIZE, return_map_ufl, state_update_ufl
+from fem_anode.fem.phasefield.settings import PhaseFieldSettings
+
+__all__ = ["PhaseFieldProblem", "StepResult"]
+
+logger = logging.getLogger(__name__)
+
+
+class StepResult:
+    """Outcome of one time-step attempt."""
+
+    def __init__(self, ok: bool, iterations: int, reason: str, history: list[float]) -> None:
+        self.ok, self.iterations, self.reason, self.history = ok, iterations, reason, history
+
+
+class PhaseFieldProblem:
+    """Li Cahn-Hilliard coupled to finite-strain J2 mechanics on a 2D cross-section.
+
+    Args:
+        tagged: the 2D mesh (coordinates in metres) with the cell group ``geometry.phase`` and
+            the facet group(s) ``geometry.surface``. Its coordinates are rescaled to units of
+            ``l0`` in place.
+        settings: the run's settings.
+
+    Raises:
+        InputError: the mesh is not 2D or lacks the named groups.
+    """
+
+    def __init__(self, tagged: TaggedMesh, settings: PhaseFieldSettings) -> None:
+        self.tagged, self.settings = tagged, settings
+        self.mesh = tagged.mesh
+        self.comm: MPI.Comm = self.mesh.comm
+        mat, model = settings.material, settings.model
+        if self.mesh.topology.dim != 2 or self.mesh.geometry.dim != 2:
+            raise InputError(f"the phase-field model needs a 2D mesh in the (x, y) plane, got tdim {self.mesh.topology.dim}, gdim {self.mesh.geometry.dim}")
+        tagged.cell_tag(settings.geometry.phase)
+        self.surface_tags = [tagged.facet_tag(name) for name in settings.geometry.surface]
+        self.l0 = mat.length_scale
+        self.mesh.geometry.x[:] /= self.l0
+        self.gps = model.kinematics == "generalized_plane_strain"
+        self.t = 0.0
+        self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
+        self.after_half_cycle: list[Callable[[PhaseFieldProblem, dict[str, Any]], None]] = []
+        qd = settings.solver.quadrature_degree
+        self.dx = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"})
+        self.ds = ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags)
+        self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element(self._elements()))
+        self.w = fem.Function(self.W, name="w")
+        self.w_old = fem.Function(self.W)
+        self._w_saved = fem.Function(self.W)
+        qe = basix.ufl.quadrature_element(self.mesh.basix_cell(), value_shape=(STATE_SIZE,), scheme="default", degree=qd)
+        self.Q = fem.functionspace(self.mesh, qe)
+        self.state = fem.Function(self.Q, name="plastic_state")
+        self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
+        self.lam = fem.Constant(self.mesh, 1.0)
+        self.lam_old = 1.0
+        self.dt = fem.Constant(self.mesh, settings.cycling.dt_initial)
+        self.mobility = fem.Constant(self.mesh, mat.mobility_li)
+        self.c_surface = fem.Constant(self.mesh, mat.c_max)
+        self._ramp: tuple[float, float, float, float] | None = None  # (from, to, t0, duration)
+        self._c_dofs = self.W.sub(0).collapse()[1]
+        self._build_forms()
+        self.bcs = self._boundary_conditions()
+        self._bc_c_dofs = np.intersect1d(self._c_dofs, np.concatenate([bc.dof_indices()[0] for bc in self.bcs_c]) if self.bcs_c else np.zeros(0, np.int32))
+        self._free_c_dofs = np.setdiff1d(self._c_dofs, self._bc_c_dofs)
+        self.newton = self._make_solver(self.bcs)
+        self.set_initial_condition()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _elements(self) -> list:
+        """Sub-elements of the mixed space: c, mu (P1) and u (P1 vector)."""
+        cell = self.mesh.basix_cell()
+        p1 = basix.ufl.element("Lagrange", cell, 1)
+        return [p1, p1, basix.ufl.element("Lagrange", cell, 1, shape=(2,))]
+
+    def kinematic_quantities(self, w: Any, lam: Any) -> dict[str, Any]:
+        """UFL quantities of the state ``w`` (c, u, F, s, E, return map, stresses)."""
+        mat, model = self.settings.material, self.settings.model
+        c, mu, u = ufl.split(w)[:3]
+        F2 = ufl.Identity(2) + ufl.grad(u)
+        s = kinematics.chemical_stretch(c, mat.beta, mat.c_min, mat.c_max)
+        E = kinematics.youngs_modulus(c, mat.e_max, mat.e_min, mat.c_min, mat.c_max)
+        rm = return_map_ufl(F2, lam, s, self.state, E, mat.poisson, mat.yield_strength, model.plasticity)
+        P2 = s**3 * rm.tau * ufl.inv(F2).T
+        Pzz = s**3 * rm.tau_zz / lam
+        ds_dc = kinematics.chemical_stretch_derivative(mat.beta, mat.c_min, mat.c_max)
+        dE_dc = kinematics.youngs_modulus_derivative(mat.e_max, mat.e_min, mat.c_min, mat.c_max)
+        mu_mech = s**2 * ds_dc * (3 * rm.energy - 3 * rm.pressure) + s**3 * rm.energy / E * dE_dc
+        return {"c": c, "mu": mu, "u": u, "F2": F2, "s": s, "E": E, "rm": rm, "P2": P2, "Pzz": Pzz, "mu_mech": mu_mech}
+
+    def _residual_terms(self, k: dict[str, Any], tests: tuple) -> Any:
+        """Integrand of the residual (sum of the Li Cahn-Hilliard and mechanics terms)."""
+        mat = self.settings.material
+        q, v, wt = tests[:3]
+        c_old = ufl.split(self.w_old)[0]
+        c, mu = k["c"], k["mu"]
+        mu_mech = k["mu_mech"] if self.settings.model.coupling else 0.0
+        chem = (c - c_old) / self.dt * q + self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
+        chem += (mu - chemistry.chemical_potential(c, mat.omega) - mu_mech) * v - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
+        mech = ufl.inner(k["P2"], ufl.grad(wt))
+        return chem + mech
+
+    def _build_forms(self) -> None:
+        lam_v = ufl.variable(self.lam)
+        self.k = self.kinematic_quantities(self.w, lam_v)
+        tests = ufl.TestFunctions(self.W)
+        r = self._residual_terms(self.k, tests)
+        dx = self.dx
+        self.residual_form = fem.form(r * dx)
+        self.jacobian_form = fem.form(ufl.derivative(r * dx, self.w, ufl.TrialFunction(self.W)))
+        Pzz = self.k["Pzz"]
+        if self.gps:
+            self.axial_forms = (
+                fem.form(Pzz * dx),
+                fem.form(ufl.diff(r, lam_v) * dx),
+                fem.form(ufl.derivative(Pzz * dx, self.w, ufl.TestFunction(self.W))),
+                fem.form(ufl.diff(Pzz, lam_v) * dx),
+            )
+        else:
+            self.axial_forms = None
+        rm = self.k["rm"]
+        points = self.Q.element.interpolation_points()
+        self._state_expr = fem.Expression(state_update_ufl(rm, self.state[4]), points)
+        self._vm_expr = fem.Expression(ufl.as_vector([rm.q / rm.Je, self.state[4] + rm.dgamma]), points)
+        c, u, F2, s = self.k["c"], self.k["u"], self.k["F2"], self.k["s"]
+        mat = self.settings.material
+        x = ufl.SpatialCoordinate(self.mesh)
+        ds_s = self.ds(tuple(self.surface_tags))
+        one = fem.Constant(self.mesh, 1.0)
+        self._scalar_forms = {
+            "area_ref": fem.form(one * dx),
+            "mass": fem.form(c * dx),
+            "area": fem.form(ufl.det(F2) * dx),
+            "chem_energy": fem.form((chemistry.free_energy(c, mat.omega) + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c))) * dx),
+            "mech_energy": fem.form(s**3 * rm.energy * dx),
+            "surface_ref": fem.form(one * ds_s),
+            "surface_x": fem.form((x[0] + u[0]) * ds_s),
+            "surface_y": fem.form((x[1] + u[1]) * ds_s),
+        }
+        self._xc = fem.Constant(self.mesh, np.zeros(2))
+        self._radius_form = fem.form(ufl.sqrt(ufl.inner(x + u - self._xc, x + u - self._xc)) * ds_s)
+
+    def _boundary_conditions(self) -> list[fem.DirichletBC]:
+        """Dirichlet c on the surface (if cycling) and three point constraints on u.
+
+        The point constraints (both components at the node nearest the centroid, the
+        component across the line to the node farthest from it) are statically determinate:
+        they remove the rigid-body modes and carry no force for a traction-free body.
+        """
+        mesh, tdim = self.mesh, 2
+        self.bcs_c: list[fem.DirichletBC] = []
+        if self.settings.cycling.surface_bc == "dirichlet":
+            facets = np.concatenate([self.tagged.facet_tags.find(t) for t in self.surface_tags]).astype(np.int32)
+            dofs = fem.locate_dofs_topological(self.W.sub(0), tdim - 1, facets)
+            if self.comm.allreduce(len(dofs)) == 0:
+                raise InputError(f"surface facet group(s) {self.settings.geometry.surface} have no facets")
+            self.bcs_c.append(fem.dirichletbc(self.c_surface, dofs, self.W.sub(0)))
+        n_owned = mesh.geometry.index_map().size_local
+        X = mesh.geometry.x[:n_owned, :2]
+        area = self.comm.allreduce(fem.assemble_scalar(self._scalar_forms["area_ref"]))
+        xs = ufl.SpatialCoordinate(mesh)
+        centroid = np.array([self.comm.allreduce(fem.assemble_scalar(fem.form(xs[i] * self.dx))) for i in range(2)]) / area
+        a = self._extreme_node(X, centroid, nearest=True)
+        b = self._extreme_node(X, a, nearest=False)
+        across = 1 if abs(b[0] - a[0]) >= abs(b[1] - a[1]) else 0
+        Vu = self.W.sub(2)
+        bcs_u = []
+        tol = 1e-9 * max(1.0, float(np.linalg.norm(b - a)))
+        for point, components in ((a, (0, 1)), (b, (across,))):
+            for comp in components:
+                sub = Vu.sub(comp)
+                collapsed, _ = sub.collapse()
+                dofs = fem.locate_dofs_geometrical((sub, collapsed), lambda x, p=point: np.hypot(x[0] - p[0], x[1] - p[1]) < tol)
+                zero = fem.Function(collapsed)
+                bcs_u.append(fem.dirichletbc(zero, dofs, sub))
+        self.pin_points = (a * self.l0, b * self.l0)
+        return self.bcs_c + bcs_u
+
+    def _extreme_node(self, X: np.ndarray, ref: np.ndarray, nearest: bool) -> np.ndarray:
+        """Node (over all ranks) nearest to / farthest from ``ref``; ties broken by coordinates."""
+        if len(X):
+            d = np.hypot(X[:, 0] - ref[0], X[:, 1] - ref[1])
+            i = int(np.argmin(d) if nearest else np.argmax(d))
+            cand = (round(float(d[i]), 12) * (1 if nearest else -1), float(X[i, 0]), float(X[i, 1]))
+        else:
+            cand = (math.inf, 0.0, 0.0)
+        best = min(self.comm.allgather(cand))
+        return np.array(best[1:])
+
+    def _make_solver(self, bcs: list[fem.DirichletBC]) -> BorderedNewton:
+        sol = self.settings.solver
+        linear = linear_solver_options(sol.linear_solver, self.comm.size)
+        snes = {
+            "snes_type": "newtonls",
+            "snes_linesearch_type": sol.line_search,
+            "snes_rtol": sol.rtol,
+            "snes_atol": sol.atol,
+            "snes_stol": 0.0,
+            "snes_max_it": sol.max_it,
+            "snes_divergence_tolerance": -1,
+            **sol.petsc_options,
+        }
+        return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes)
+
+    # -- state ----------------------------------------------------------------------------
+    def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:
+        """Set c (a value, a function of the normalised coordinates ``x`` (3, n), or the settings'
+        initial state), ``mu = f'(c)``, ``u = 0``, ``lambda = 1`` and a virgin plastic state."""
+        init, mat = self.settings.initial, self.settings.material
+        if c is None:
+            c0 = init.c if init.c is not None else mat.c_min
+            amplitude, seed = init.perturbation, init.seed
+            if amplitude > 0:
+                rng = np.random.default_rng(seed)
+                waves = rng.normal(size=(12, 2)) * 8.0
+                phases = rng.uniform(0, 2 * np.pi, 12)
+                weights = rng.uniform(-1, 1, 12)
+                weights *= amplitude / np.abs(weights).sum()
+
+                def c(x: np.ndarray) -> np.ndarray:
+                    return c0 + np.cos(waves @ x[:2] + phases[:, None]).T @ weights
+            else:
+                c = c0
+        V0, dofs0 = self.W.sub(0).collapse()
+        cf = fem.Function(V0)
+        if callable(c):
+            cf.interpolate(c)
+        else:
+            cf.x.array[:] = c
+        self.w.x.array[:] = 0.0
+        self.w.x.array[dofs0] = cf.x.array
+        V1, dofs1 = self.W.sub(1).collapse()
+        self.w.x.array[dofs1] = chemistry.chemical_potential(cf.x.array, mat.omega)
+        self.w.x.scatter_forward()
+        self.w_old.x.array[:] = self.w.x.array
+        self.lam.value = 1.0
+        self.lam_old = 1.0
+        self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
+        self.t = 0.0
+
+    def _update_state(self) -> None:
+        """Evaluate the return map at the quadrature points and store the new plastic state."""
+        cells = np.arange(self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts, dtype=np.int32)
+        values = self._state_expr.eval(self.mesh, cells)
+        dofs = self.Q.dofmap.list[cells]
+        self.state.x.array.reshape(-1, STATE_SIZE)[dofs.ravel()] = values.reshape(-1, STATE_SIZE)
+
+    def step(self, dt: float) -> StepResult:
+        """One backward-Euler step of length ``dt``; on failure the state is left unchanged."""
+        self.dt.value = dt
+        self._w_saved.x.array[:] = self.w.x.array
+        lam_saved = float(self.lam.value)
+        if self._ramp is not None:
+            start, end, t0, duration = self._ramp
+            fraction = 1.0 if duration <= 0 else min(1.0, (self.t + dt - t0) / duration)
+            self.c_surface.value = start + fraction * (end - start)
+        for bc in self.bcs_c:
+            bc.set(self.w.x.array)
+        ok, its, reason = self.newton.solve()
+        history = list(self.newton.history)
+        if ok:
+            arr = self.w.x.array
+            c_loc = arr[self._c_dofs]
+            bad = int(not (np.all(np.isfinite(arr)) and (c_loc.size == 0 or (c_loc.min() > 0 and c_loc.max() < 1))))
+            dc = np.abs(arr[self._free_c_dofs] - self.w_old.x.array[self._free_c_dofs]).max(initial=0.0)
+            bad = self.comm.allreduce(bad, op=MPI.MAX)
+            dc = self.comm.allreduce(dc, op=MPI.MAX)
+            if bad:
+                ok, reason = False, "c left (0, 1)"
+            elif dc > self.settings.cycling.max_dc:
+                ok, reason = False, f"c changed by {dc:.3g} > max_dc"
+        if not ok:
+            self.w.x.array[:] = self._w_saved.x.array
+            self.lam.value = lam_saved
+            return StepResult(False, its, reason, history)
+        self._update_state()
+        self.w_old.x.array[:] = self.w.x.array
+        self.lam_old = float(self.lam.value)
+        self.t += dt
+        for hook in self.after_step:
+            hook(self)
+        return StepResult(True, its, reason, history)
+
+    def equilibrate(self) -> StepResult:
+        """Solve the mechanics (and mu) for the current c held fixed (zero mobility); time stays."""
+        mobility = float(self.mobility.value)
+        self.mobility.value = 0.0
+        t = self.t
+        try:
+            result = self.step(1.0)
+        finally:
+            self.mobility.value = mobility
+            self.t = t
+        return result
+
+    def run_half_cycle(self, index: int, kind: str, duration: float, on_output: Callable[[PhaseFieldProblem, float], None] | None = None, n_outputs: int = 1) -> dict[str, Any]:
+        """Advance one half-cycle with adaptive steps; return its record.
+
+        Args:
+            index: half-cycle number (1-based) for the record.
+            kind: ``"lithiation"`` (surface c = c_max) or ``"delithiation"`` (c_min).
+            duration: normalised time.
+            on_output: called at ``n_outputs`` evenly spaced times (the last at the end).
+
+        Raises:
+            SolverError: a step failed ``max_retries`` times in a row or dt fell below dt_min.
+        """
+        cyc, mat = self.settings.cycling, self.settings.material
+        target_c = mat.c_max if kind == "lithiation" else mat.c_min
+        t0 = self.t
+        self._ramp = (self._surface_c_mean(), target_c, t0, min(cyc.ramp_time, duration))
+        marks = [t0 + duration * (i + 1) / n_outputs for i in range(n_outputs)]
+        dt = cyc.dt_initial
+        iterations = steps = rejected = failures = 0
+        peak_vm = peak_ep = 0.0
+        start = time.perf_counter()
+        while marks:
+            target = marks[0]
+            dt_try = min(dt, target - self.t)
+            if target - self.t - dt_try < 1e-3 * dt_try:
+                dt_try = target - self.t
+            result = self.step(dt_try)
+            iterations += result.iterations
+            if result.ok:
+                failures = 0
+                steps += 1
+                vm, ep = self.quadrature_values()
+                peak_vm = max(peak_vm, float(vm.max(initial=0.0)))
+                peak_ep = max(peak_ep, float(ep.max(initial=0.0)))
+                if abs(self.t - target) <= 1e-9 * max(1.0, abs(target)):
+                    self.t = target
+                    marks.pop(0)
+                    if on_output is not None:
+                        on_output(self, self.t)
+                if result.iterations <= cyc.easy_iterations and dt_try >= 0.999 * dt:
+                    dt = min(dt * cyc.growth, cyc.dt_max)
+                continue
+            rejected += 1
+            failures += 1
+            dt = dt_try * cyc.cutback
+            logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, dt)
+            if failures > cyc.max_retries or dt < cyc.dt_min:
+                raise SolverError(
+                    f"phase-field {kind} (half-cycle {index}) failed at t = {self.t:.6g}: {failures} attempts in a row, "
+                    f"last dt = {dt_try:.3g} ({result.reason}); try a finer mesh, a smaller dt_initial or solver.max_it"
+                )
+        record = {"index": index, "kind": kind, "t": self.t, **self.diagnostics()}
+        record["peak_von_mises"] = float(self.comm.allreduce(peak_vm, op=MPI.MAX))
+        record["peak_eq_plastic_strain"] = float(self.comm.allreduce(peak_ep, op=MPI.MAX))
+        record.update({"newton_iterations_total": iterations, "steps": steps, "rejected_steps": rejected, "wall_time_s": time.perf_counter() - start})
+        for hook in self.after_half_cycle:
+            hook(self, record)
+        logger.info(
+            "half-cycle %d (%s) to t = %g: %d steps (%d rejected), %d Newton its, mean c %.4f, lambda %.4f, max vM %.3f",
+            index, kind, self.t, steps, rejected, iterations, record["mean_c_li"], record["axial_stretch"], record["max_von_mises"],
+        )
+        return record
+
+    # -- diagnostics ----------------------------------------------------------------------
+    def _surface_c_mean(self) -> float:
+        """Mean of c over the surface nodes (owned dofs; all ranks)."""
+        n_owned = self.W.dofmap.index_map.size_local
+        dofs = self._bc_c_dofs[self._bc_c_dofs < n_owned]
+        total = self.comm.allreduce(float(self.w.x.array[dofs].sum()))
+        count = self.comm.allreduce(len(dofs))
+        return total / count if count else float(self.c_surface.value)
+
+    def scalar(self, name: str) -> float:
+        """Global value of one of the diagnostic integrals (normalised units)."""
+        return float(self.comm.allreduce(fem.assemble_scalar(self._scalar_forms[name])))
+
+    def free_energy(self) -> dict[str, float]:
+        """Chemical (f + kappa/2 |grad c|^2) and elastic energy over the reference section."""
+        chem, mech = self.scalar("chem_energy"), self.scalar("mech_energy")
+        return {"chemical": chem, "elastic": mech, "total": chem + mech}
+
+    def quadrature_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cauchy von Mises stress and eq. plastic strain at this rank's owned-cell quadrature points."""
+        cells = np.arange(self.mesh.topology.index_map(2).size_local, dtype=np.int32)
+        values = self._vm_expr.eval(self.mesh, cells).reshape(-1, 2)
+        return values[:, 0], values[:, 1]
+
+    def diagnostics(self) -> dict[str, float]:
+        """Half-cycle record quantities (SI lengths; normalised stresses). Collective."""
+        area_ref = self.scalar("area_ref")
+        perimeter = self.scalar("surface_ref")
+        self._xc.value = np.array([self.scalar("surface_x"), self.scalar("surface_y")]) / perimeter
+        radius = self.comm.allreduce(fem.assemble_scalar(self._radius_form)) / perimeter
+        vm, ep = self.quadrature_values()
+        arr = self.w.x.array[self._c_dofs]
+        energy = self.free_energy()
+        return {
+            "mean_c_li": self.scalar("mass") / area_ref,
+            "min_c_li": float(self.comm.allreduce(arr.min(initial=np.inf), op=MPI.MIN)),
+            "max_c_li": float(self.comm.allreduce(arr.max(initial=-np.inf), op=MPI.MAX)),
+            "outer_radius_m": float(radius * self.l0),
+            "area_m2": self.scalar("area") * self.l0**2,
+            "reference_area_m2": area_ref * self.l0**2,
+            "axial_stretch": float(self.lam.value),
+            "max_von_mises": float(self.comm.allreduce(vm.max(initial=0.0), op=MPI.MAX)),
+            "max_eq_plastic_strain": float(self.comm.allreduce(ep.max(initial=0.0), op=MPI.MAX)),
+            "chemical_energy": energy["chemical"],
+            "elastic_energy": energy["elastic"],
+        }
+
+    def stress_expression(self) -> Any:
+        """UFL Cauchy stress components ``(sxx, syy, sxy, szz)`` of the current state (normalised)."""
+        rm = self.k["rm"]
+        tau = rm.tau
+        return ufl.as_vector([tau[0, 0], tau[1, 1], tau[0, 1], rm.tau_zz]) / rm.Je
+
+    def evaluate_at_quadrature(self, expr: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Values of a UFL expression and the quadrature points (normalised coordinates) on owned cells."""
+        points = self.Q.element.interpolation_points()
+        cells = np.arange(self.mesh.topology.index_map(2).size_local, dtype=np.int32)
+        values = fem.Expression(expr, points).eval(self.mesh, cells)
+        xq = fem.Expression(ufl.SpatialCoordinate(self.mesh), points).eval(self.mesh, cells).reshape(-1, 2)
+        return values.reshape(len(xq), -1), xq
+
+    def destroy(self) -> None:
+        """Free the PETSc objects."""
+        self.newton.destroy()

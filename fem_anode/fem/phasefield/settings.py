@@ -1,0 +1,159 @@
+"""Settings of the chemo-mechanical phase-field model (``fem-anode phasefield CONFIG.toml``).
+
+Quantities of the model are normalised as in Supplementary Table 1 of the paper: lengths by
+``l0`` (``material.length_scale``, 20 nm), energies and stresses by ``c_max R T``, time by the
+characteristic time step (1 s), mobilities by ``l0^2 / (c_max R T dt)``. Geometry input
+(radius, mesh size, mesh files) is in metres; results give lengths in metres as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fem_anode.errors import UsageError
+from fem_anode.settings import Section, Settings, section, setting
+
+__all__ = [
+    "PhaseFieldSettings",
+    "GeometrySettings",
+    "MeshSettings",
+    "ModelSettings",
+    "MaterialSettings",
+    "CyclingSettings",
+    "InitialSettings",
+    "SolverSettings",
+    "OutputSettings",
+]
+
+
+@dataclasses.dataclass
+class GeometrySettings(Section):
+    """The cross-section: a disk of given radius (meshed here) or any tagged 2D gmsh mesh."""
+
+    radius: float = setting(20e-9, "nanowire radius of the built-in disk geometry", unit="m", positive=True)
+    mesh: Path | None = setting(None, "tagged 2D gmsh mesh (.msh, metres) instead of the disk, e.g. an image-derived mesh; relative to the config file")
+    surface: list[str] = setting(["surface"], "facet group(s) of the outer surface (Dirichlet c, traction-free), e.g. 'pore|si' for an image mesh")
+    phase: str = setting("si", "cell group of the Si cross-section (must exist in the mesh)")
+
+
+@dataclasses.dataclass
+class MeshSettings(Section):
+    """Meshing of the built-in disk."""
+
+    size: float = setting(1e-9, "target element size of the disk mesh", unit="m", positive=True)
+
+
+@dataclasses.dataclass
+class ModelSettings(Section):
+    """Which physics is switched on."""
+
+    kinematics: str = setting(
+        "generalized_plane_strain",
+        "'generalized_plane_strain' (uniform axial stretch, zero net axial force) or 'plane_strain' (no axial strain)",
+        choices=("generalized_plane_strain", "plane_strain"),
+    )
+    coupling: bool = setting(True, "mechanical driving force (stress) in the Li chemical potential")
+    plasticity: bool = setting(True, "J2 (von Mises) perfect plasticity; false = elastic only")
+
+
+@dataclasses.dataclass
+class MaterialSettings(Section):
+    """Material parameters, normalised as in Supplementary Table 1 (defaults: the paper's values)."""
+
+    omega: float = setting(2.6, "regular-solution interaction parameter Omega / (c_max R T)", positive=True)
+    kappa_li: float = setting(1e-4, "Li gradient-energy coefficient kappa_Li / (c_max R T l0^2)", positive=True)
+    mobility_li: float = setting(10.0, "Li mobility M_Li c_max R T dt / l0^2", positive=True)
+    beta: float = setting(0.5874, "chemical stretch at full lithiation: Fc = (1 + beta (c - c_min)/(c_max - c_min)) I", bounds=(0.0, 10.0))
+    c_min: float = setting(0.14, "normalised Li concentration of (de)lithiated Si", bounds=(1e-6, 1 - 1e-6))
+    c_max: float = setting(0.86, "normalised Li concentration of fully lithiated Si (Li3.75Si)", bounds=(1e-6, 1 - 1e-6))
+    e_max: float = setting(175.0, "Young's modulus of unlithiated Si / (c_max R T)", positive=True)
+    e_min: float = setting(43.75, "Young's modulus of lithiated Si / (c_max R T); linear in c in between", positive=True)
+    poisson: float = setting(0.22, "Poisson ratio (Si and Li_xSi; not given by the paper)", bounds=(0.0, 0.49))
+    yield_strength: float = setting(1.64, "von Mises yield strength (Cauchy stress) / (c_max R T), perfectly plastic", positive=True)
+    length_scale: float = setting(20e-9, "l0, the length unit of the normalisation", unit="m", positive=True)
+
+    def validate(self) -> None:
+        if not self.c_min < self.c_max:
+            raise UsageError(f"material.c_min ({self.c_min}) must be below material.c_max ({self.c_max})")
+        if self.e_min > self.e_max:
+            raise UsageError(f"material.e_min ({self.e_min}) must not exceed material.e_max ({self.e_max})")
+
+
+@dataclasses.dataclass
+class CyclingSettings(Section):
+    """Lithiation/delithiation half-cycles and adaptive time stepping (normalised time)."""
+
+    half_cycles: int = setting(2, "number of half-cycles, starting with a lithiation", positive=True)
+    half_cycle_time: float = setting(50.0, "duration of each half-cycle (normalised time)", positive=True)
+    surface_bc: str = setting("dirichlet", "'dirichlet': c = c_max (lithiation) / c_min (delithiation) on the surface; 'no_flux': closed system", choices=("dirichlet", "no_flux"))
+    ramp_time: float = setting(0.01, "the surface concentration moves linearly to its new value over this time at the start of each half-cycle", nonnegative=True)
+    dt_initial: float = setting(0.01, "first time step of every half-cycle", positive=True)
+    dt_max: float = setting(5.0, "largest time step", positive=True)
+    dt_min: float = setting(1e-7, "smallest time step before the run stops with a solver error", positive=True)
+    growth: float = setting(1.5, "step growth factor after an easy step", bounds=(1.0, 10.0))
+    cutback: float = setting(0.25, "step reduction factor after a failed step", bounds=(0.01, 0.9))
+    easy_iterations: int = setting(4, "a step converged in at most this many Newton iterations lets dt grow", positive=True)
+    max_retries: int = setting(10, "consecutive failed attempts of one step before the run stops", positive=True)
+    max_dc: float = setting(0.2, "largest change of c at any node in one step; larger changes are rejected and retried", positive=True)
+
+    def validate(self) -> None:
+        if self.dt_min > self.dt_initial or self.dt_initial > self.dt_max:
+            raise UsageError("cycling needs dt_min <= dt_initial <= dt_max")
+
+
+@dataclasses.dataclass
+class InitialSettings(Section):
+    """Initial state: uniform concentration, optionally with a smooth seeded perturbation."""
+
+    c: float | None = setting(None, "initial normalised concentration (default material.c_min)", bounds=(1e-6, 1 - 1e-6))
+    perturbation: float = setting(0.0, "amplitude of a smooth random perturbation of c (rank-count independent)", bounds=(0.0, 0.5))
+    seed: int = setting(0, "seed of the perturbation")
+
+
+@dataclasses.dataclass
+class SolverSettings(Section):
+    """Newton (PETSc SNES) and the linear solver of its steps."""
+
+    rtol: float = setting(1e-9, "SNES relative residual tolerance", positive=True)
+    atol: float = setting(1e-10, "SNES absolute residual tolerance", positive=True)
+    max_it: int = setting(12, "Newton iterations per attempt", positive=True)
+    line_search: str = setting("bt", "SNES line search: 'bt' (backtracking), 'basic' (full steps), 'l2'", choices=("bt", "basic", "l2"))
+    linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
+    quadrature_degree: int = setting(2, "quadrature degree of all forms and of the plastic state", bounds=(1, 6))
+    petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
+
+
+@dataclasses.dataclass
+class OutputSettings(Section):
+    """What the run writes besides results.json."""
+
+    fields: bool = setting(True, "VTX fields (c, mu, u; von Mises, plastic strain) on the deformed mesh at every half-cycle end")
+    figures: bool = setting(True, "PNG snapshots of c and von Mises on the deformed shape at every half-cycle end")
+    snapshots_per_half_cycle: int = setting(1, "field outputs per half-cycle (evenly spaced, the last at its end)", positive=True)
+
+
+@dataclasses.dataclass
+class PhaseFieldSettings(Settings):
+    """All settings of a phase-field run; ``PhaseFieldSettings.from_toml(path)`` reads a config."""
+
+    geometry: GeometrySettings = section(GeometrySettings)
+    mesh: MeshSettings = section(MeshSettings)
+    model: ModelSettings = section(ModelSettings)
+    material: MaterialSettings = section(MaterialSettings)
+    cycling: CyclingSettings = section(CyclingSettings)
+    initial: InitialSettings = section(InitialSettings)
+    solver: SolverSettings = section(SolverSettings)
+    output: OutputSettings = section(OutputSettings)
+
+    def validate(self) -> None:
+        c0 = self.initial.c
+        if c0 is not None and self.initial.perturbation > 0:
+            if not (0.0 < c0 - self.initial.perturbation and c0 + self.initial.perturbation < 1.0):
+                raise UsageError("initial.c +- initial.perturbation must stay inside (0, 1)")
+
+    def resolve_paths(self, base: Path) -> PhaseFieldSettings:
+        """Copy with a relative ``geometry.mesh`` made relative to ``base`` (the config's folder)."""
+        if self.geometry.mesh is None:
+            return self
+        return dataclasses.replace(self, geometry=dataclasses.replace(self.geometry, mesh=base / self.geometry.mesh))
