@@ -35,7 +35,7 @@ SUBCOMMANDS: dict[str, str] = {
     "metrics": "metrics",
     "mesh": "mesh",
     "diffusion": "diffusion",
-    "phasefield": "reserved",
+    "phasefield": "phasefield",
     "detachment": "detachment",
     "convergence": "convergence",
 }

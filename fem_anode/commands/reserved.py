@@ -6,9 +6,7 @@ import argparse
 
 from fem_anode.errors import UsageError
 
-_PLANNED = {
-    "phasefield": "finite-strain Li/vacancy Cahn-Hilliard phase field of a Si nanowire",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:

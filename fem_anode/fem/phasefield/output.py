@@ -1,0 +1,149 @@
+"""Field output of the phase-field model on the deformed configuration (VTX) and PNG snapshots.
+
+* :class:`FieldWriter` writes ``fields.bp`` (P1: ``c_li``, ``mu``, ``u`` in metres) and
+  ``stress.bp`` (cell averages: ``von_mises`` normalised Cauchy stress, ``eq_plastic_strain``)
+  with the mesh moved to ``(X + u)`` in metres at each write (ParaView opens ``*.bp``);
+* :func:`gather_snapshot` collects the deformed triangles, c at their corners and the cell
+  von Mises stress on rank 0 for :func:`plot_snapshot`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+from petsc4py import PETSc
+
+__all__ = ["FieldWriter", "gather_snapshot", "plot_snapshot"]
+
+
+class _Fields:
+    """P1 and DG0 output functions interpolated/averaged from a problem's state."""
+
+    def __init__(self, problem: Any) -> None:
+        self.p = problem
+        mesh = problem.mesh
+        self.V1 = fem.functionspace(mesh, ("Lagrange", 1))
+        self.V2 = fem.functionspace(mesh, ("Lagrange", 1, (2,)))
+        self.D0 = fem.functionspace(mesh, ("DG", 0))
+        self.c = fem.Function(self.V1, name="c_li")
+        self.mu = fem.Function(self.V1, name="mu")
+        self.u = fem.Function(self.V2, name="u")
+        self.vm = fem.Function(self.D0, name="von_mises")
+        self.ep = fem.Function(self.D0, name="eq_plastic_strain")
+        rm = problem.k["rm"]
+        q = ufl.TestFunction(self.D0)
+        self._vm_form = fem.form(rm.q / rm.Je * q * problem.dx)
+        self._ep_form = fem.form((problem.state[4]) * q * problem.dx)
+        area = fem_petsc.assemble_vector(fem.form(q * problem.dx))
+        area.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        self._area = area.getArray(readonly=True).copy()
+        geom = mesh.geometry
+        self.nodes = geom.dofmap.reshape(-1)
+        self.node_dofs = np.empty(geom.x.shape[0], dtype=np.int64)
+        self.node_dofs[self.nodes] = self.V1.dofmap.list[: geom.dofmap.shape[0]].reshape(-1)
+        self.x_ref = geom.x.copy()
+
+    def update(self) -> None:
+        w = self.p.w
+        self.c.interpolate(w.sub(0))
+        self.mu.interpolate(w.sub(1))
+        self.u.interpolate(w.sub(2))
+        self.u.x.array[:] *= self.p.l0
+        n = len(self._area)
+        for fn, form in ((self.vm, self._vm_form), (self.ep, self._ep_form)):
+            vec = fem_petsc.assemble_vector(form)
+            vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            fn.x.array[:n] = vec.getArray(readonly=True) / self._area
+            fn.x.scatter_forward()
+            vec.destroy()
+
+    def deformed_coordinates(self) -> np.ndarray:
+        """Node coordinates of the deformed mesh in metres (geometry-node order)."""
+        x = self.x_ref * self.p.l0
+        x[:, :2] += self.u.x.array.reshape(-1, 2)[self.node_dofs]
+        return x
+
+
+class FieldWriter:
+    """VTX output of the fields on the deformed mesh (collective).
+
+    Args:
+        problem: the :class:`~fem_anode.fem.phasefield.problem.PhaseFieldProblem`.
+        directory: where ``fields.bp`` and ``stress.bp`` go.
+    """
+
+    def __init__(self, problem: Any, directory: str | Path) -> None:
+        from dolfinx.io import VTXWriter
+
+        self.f = _Fields(problem)
+        comm = problem.comm
+        directory = Path(directory)
+        self._writers = [
+            VTXWriter(comm, str(directory / "fields.bp"), [self.f.c, self.f.mu, self.f.u], engine="BP4"),
+            VTXWriter(comm, str(directory / "stress.bp"), [self.f.vm, self.f.ep], engine="BP4"),
+        ]
+
+    def write(self, t: float) -> None:
+        """Write the current state at time ``t`` (normalised) on the deformed mesh."""
+        self.f.update()
+        geometry = self.f.p.mesh.geometry
+        geometry.x[:] = self.f.deformed_coordinates()
+        try:
+            for writer in self._writers:
+                writer.write(t)
+        finally:
+            geometry.x[:] = self.f.x_ref
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+
+def gather_snapshot(problem: Any, fields: _Fields | None = None) -> dict[str, np.ndarray] | None:
+    """Deformed triangles (nm), corner c and cell von Mises of the owned cells, on rank 0 (collective)."""
+    f = fields or _Fields(problem)
+    f.update()
+    mesh = problem.mesh
+    n_cells = mesh.topology.index_map(2).size_local
+    x = f.deformed_coordinates()[:, :2] / 1e-9
+    nodes = mesh.geometry.dofmap[:n_cells]
+    dofs = f.V1.dofmap.list[:n_cells]
+    local = {
+        "triangles": x[nodes],  # (n, 3, 2)
+        "c": f.c.x.array[dofs],  # (n, 3)
+        "von_mises": f.vm.x.array[f.D0.dofmap.list[:n_cells, 0]],
+    }
+    parts = problem.comm.gather(local, root=0)
+    if problem.comm.rank != 0:
+        return None
+    return {key: np.concatenate([p[key] for p in parts]) for key in local}
+
+
+def plot_snapshot(snapshot: dict[str, np.ndarray], path: str | Path, title: str, c_range: tuple[float, float], vm_max: float | None = None) -> Path:
+    """Two panels, c_Li and von Mises stress on the deformed cross-section (nm axes)."""
+    from matplotlib.tri import Triangulation
+
+    from fem_anode.io.figures import pyplot, save_figure
+
+    plt = pyplot()
+    tri = snapshot["triangles"]
+    n = len(tri)
+    triangulation = Triangulation(tri[:, :, 0].ravel(), tri[:, :, 1].ravel(), np.arange(3 * n).reshape(n, 3))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), constrained_layout=True)
+    im = axes[0].tripcolor(triangulation, snapshot["c"].ravel(), shading="gouraud", cmap="viridis", vmin=c_range[0], vmax=c_range[1])
+    fig.colorbar(im, ax=axes[0], label="c_Li (normalised)")
+    vmax = vm_max if vm_max is not None else max(float(snapshot["von_mises"].max(initial=0.0)), 1e-12)
+    im = axes[1].tripcolor(triangulation, facecolors=snapshot["von_mises"], cmap="magma", vmin=0.0, vmax=vmax)
+    fig.colorbar(im, ax=axes[1], label="von Mises stress / (c_max R T)")
+    for ax, name in zip(axes, ("Li concentration", "von Mises stress")):
+        ax.set_aspect("equal")
+        ax.set_xlabel("x (nm)")
+        ax.set_ylabel("y (nm)")
+        ax.set_title(name)
+    fig.suptitle(title)
+    return save_figure(fig, path)
