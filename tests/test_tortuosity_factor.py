@@ -139,3 +139,31 @@ def test_bad_input(comm):
         tortuosity_factor(image(np.ones((3, 3, 3))), "carbon", comm)
     with pytest.raises(UsageError, match="needs a 3D volume"):
         tortuosity_factor(VoxelImage(np.ones((3, 3), np.uint8), (1e-8, 1e-8), {"pore": 1}), "pore", comm)
+
+
+def test_metrics_cli_tortuosity_factor(shared_tmp_path, comm):
+    import json
+
+    from fem_anode.cli import main
+    from fem_anode.io.images import write_image
+
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[:, 2:5, 1:4] = 1  # straight pore channel: tau = eps / eps_percolating = 1
+    labels[2:4, 6, 6] = 1  # floating pore (2 voxels): tau = 56 / 54
+    labels[:, :, 7] = 2  # "other": a sheet along z, tau = 1
+    path = shared_tmp_path / "vol.npy"
+    if comm.rank == 0:
+        write_image(path, image(labels))
+    comm.barrier()
+    out = shared_tmp_path / "m"
+    assert main(["metrics", str(path), "--tortuosity-factor", "pore,other", "--out", str(out)]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["tortuosity_factor"]["pore"] == pytest.approx(56 / 54, rel=1e-9)
+    assert data["tortuosity_factor"]["other"] == pytest.approx(1.0, rel=1e-9)
+    assert data["tortuosity_factor_details"]["pore"]["ranks"] == comm.size
+    # default phase: the pore phase; without the flag no key
+    assert main(["metrics", str(path), "--tortuosity-factor", "--out", str(out / "d")]) == 0
+    assert list(json.loads((out / "d" / "metrics.json").read_text())["tortuosity_factor"]) == ["pore"]
+    assert main(["metrics", str(path), "--out", str(out / "n")]) == 0
+    assert "tortuosity_factor" not in json.loads((out / "n" / "metrics.json").read_text())
+    assert main(["metrics", str(path), "--tortuosity-factor", "carbon", "--out", str(out / "bad")]) == 2

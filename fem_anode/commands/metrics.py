@@ -45,8 +45,40 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         action="store_true",
         help="also write tortuosity.npy and geodesic_m.npy (float32; inf = unreachable pore voxel, NaN = solid)",
     )
+    parser.add_argument(
+        "--tortuosity-factor",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PHASES",
+        help="also compute the tortuosity factor tau = eps D / D_eff along z (3D only; FE steady diffusion on the "
+        "voxel mesh, needs dolfinx) of the comma-separated phases (default: the pore phase); adds "
+        "tortuosity_factor = {phase: tau} (null = not percolating) to metrics.json",
+    )
     add_out_argument(parser)
     parser.set_defaults(func=run)
+
+
+def _tortuosity_factor(args: argparse.Namespace, image, metrics: dict, comm) -> None:  # type: ignore[no-untyped-def]
+    """Add ``tortuosity_factor`` (and its solve details) to ``metrics``; collective."""
+    from fem_anode.errors import UsageError
+
+    names = [n.strip() for n in args.tortuosity_factor.split(",") if n.strip()] or [args.pore_phase]
+    phases = image.require_phases()
+    unknown = [n for n in names if n not in phases]
+    if unknown:
+        raise UsageError(f"--tortuosity-factor: {', '.join(unknown)} not in the phase map ({', '.join(phases)})")
+    if image.ndim != 3:
+        metrics["not_applicable"]["tortuosity_factor"] = "2D image: the tortuosity factor needs a 3D volume"
+        return
+    try:
+        from fem_anode.fem.tortuosity import tortuosity_factor
+    except ImportError as err:
+        raise UsageError(f"--tortuosity-factor needs FEniCSx (dolfinx), which is not importable: {err}") from None
+    results = {name: tortuosity_factor(image, name, comm) for name in names}
+    metrics["tortuosity_factor"] = {name: r.to_json()["tau"] for name, r in results.items()}
+    metrics["tortuosity_factor_details"] = {name: r.to_json() for name, r in results.items()}
+    metrics["timings_s"]["tortuosity_factor"] = sum(r.timings_s["total"] for r in results.values())
 
 
 def _load_reference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -104,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         fields=fields,
     )
     comm = world_comm()
+    if args.tortuosity_factor is not None:
+        _tortuosity_factor(args, image, metrics, comm)
     with output_directory(args.out, comm) as staging:
         if is_root(comm):
             write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
@@ -129,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         t = metrics["tortuosity"]
         unreachable = 100 * t["unreachable_fraction"]["overall"]
         logger.info("tortuosity mean %.4g, unreachable %.2f %% of pore voxels", t["mean"], unreachable)
+    for name, tau in metrics.get("tortuosity_factor", {}).items():
+        logger.info("tortuosity factor of %s along z: %s", name, "inf (not percolating)" if tau is None else f"{tau:.4g}")
     for key, reason in metrics["not_applicable"].items():
         logger.info("%s: not applicable (%s)", key, reason)
     logger.info("time per metric (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))
