@@ -101,6 +101,7 @@ class PhaseFieldProblem:
         self.lam_old = 1.0
         self.dt = fem.Constant(self.mesh, settings.cycling.dt_initial)
         self.mobility = fem.Constant(self.mesh, mat.mobility_li)
+        self.load = fem.Constant(self.mesh, 1.0)  # continuation factor of the chemical swelling (equilibrate)
         self.c_surface = fem.Constant(self.mesh, mat.c_max)
         self._ramp: tuple[float, float, float, float] | None = None  # (from, to, t0, duration)
         self._c_dofs = self.W.sub(0).collapse()[1]
@@ -123,12 +124,12 @@ class PhaseFieldProblem:
         mat, model = self.settings.material, self.settings.model
         c, mu, u = ufl.split(w)[:3]
         F2 = ufl.Identity(2) + ufl.grad(u)
-        s = kinematics.chemical_stretch(c, mat.beta, mat.c_min, mat.c_max)
+        s = 1 + self.load * (kinematics.chemical_stretch(c, mat.beta, mat.c_min, mat.c_max) - 1)
         E = kinematics.youngs_modulus(c, mat.e_max, mat.e_min, mat.c_min, mat.c_max)
         rm = return_map_ufl(F2, lam, s, self.state, E, mat.poisson, mat.yield_strength, model.plasticity)
         P2 = s**3 * rm.tau * ufl.inv(F2).T
         Pzz = s**3 * rm.tau_zz / lam
-        ds_dc = kinematics.chemical_stretch_derivative(mat.beta, mat.c_min, mat.c_max)
+        ds_dc = self.load * kinematics.chemical_stretch_derivative(mat.beta, mat.c_min, mat.c_max)
         dE_dc = kinematics.youngs_modulus_derivative(mat.e_max, mat.e_min, mat.c_min, mat.c_max)
         mu_mech = s**2 * ds_dc * (3 * rm.energy - 3 * rm.pressure) + s**3 * rm.energy / E * dE_dc
         return {"c": c, "mu": mu, "u": u, "F2": F2, "s": s, "E": E, "rm": rm, "P2": P2, "Pzz": Pzz, "mu_mech": mu_mech}
@@ -326,26 +327,49 @@ class PhaseFieldProblem:
             hook(self)
         return StepResult(True, its, reason, history)
 
-    def equilibrate(self) -> StepResult:
-        """Solve the mechanics (and mu) for the current c held fixed (zero mobility); time stays."""
+    def equilibrate(self, increments: int = 1) -> StepResult:
+        """Solve the mechanics (and mu) for the current c held fixed (zero mobility); time stays.
+
+        Args:
+            increments: the chemical swelling is applied in this many equal load steps
+                (proportional loading; the plastic state is updated after each).
+
+        Returns:
+            The last increment's result; the Newton residual histories of all increments are
+            in ``history`` (concatenated) only for the last one.
+        """
         mobility = float(self.mobility.value)
         self.mobility.value = 0.0
         t = self.t
         try:
-            result = self.step(1.0)
+            for k in range(1, increments + 1):
+                self.load.value = k / increments
+                result = self.step(1.0)
+                if not result.ok:
+                    break
         finally:
             self.mobility.value = mobility
+            self.load.value = 1.0
             self.t = t
         return result
 
-    def run_half_cycle(self, index: int, kind: str, duration: float, on_output: Callable[[PhaseFieldProblem, float], None] | None = None, n_outputs: int = 1) -> dict[str, Any]:
+    def run_half_cycle(
+        self,
+        index: int,
+        kind: str,
+        duration: float,
+        on_output: Callable[[PhaseFieldProblem, float], None] | None = None,
+        n_outputs: int = 1,
+        output_offsets: list[float] | None = None,
+    ) -> dict[str, Any]:
         """Advance one half-cycle with adaptive steps; return its record.
 
         Args:
             index: half-cycle number (1-based) for the record.
             kind: ``"lithiation"`` (surface c = c_max) or ``"delithiation"`` (c_min).
             duration: normalised time.
-            on_output: called at ``n_outputs`` evenly spaced times (the last at the end).
+            on_output: called at ``n_outputs`` evenly spaced times (the last at the end) and at
+                ``output_offsets`` (times after the half-cycle start, hit exactly).
 
         Raises:
             SolverError: a step failed ``max_retries`` times in a row or dt fell below dt_min.
@@ -354,7 +378,9 @@ class PhaseFieldProblem:
         target_c = mat.c_max if kind == "lithiation" else mat.c_min
         t0 = self.t
         self._ramp = (self._surface_c_mean(), target_c, t0, min(cyc.ramp_time, duration))
-        marks = [t0 + duration * (i + 1) / n_outputs for i in range(n_outputs)]
+        offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
+        offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
+        marks = [t0 + o for o in sorted(offsets)]
         dt = cyc.dt_initial
         iterations = steps = rejected = failures = 0
         peak_vm = peak_ep = 0.0

@@ -68,6 +68,15 @@ def run_phasefield(settings: PhaseFieldSettings, staging: Path | None, comm: MPI
     def on_output(prob: PhaseFieldProblem, t: float) -> None:
         if writer is not None:
             writer.write(t)
+        if out.figures and staging is not None:
+            snap = gather_snapshot(prob)
+            if comm.rank == 0 and snap is not None:
+                kind = current["kind"]
+                name = f"snapshot_{current['index']:02d}_{kind}_t{t:08.4f}.png"
+                mean_c = float(snap["c"].mean())
+                title = f"half-cycle {current['index']} ({kind}), t = {t:g}, corner-mean c = {mean_c:.3f}, axial stretch {float(prob.lam.value):.3f}"
+                plot_snapshot(snap, staging / name, title, (mat.c_min, mat.c_max), vm_max=mat.yield_strength)
+                snapshots.append(name)
 
     records = []
     try:
@@ -75,16 +84,9 @@ def run_phasefield(settings: PhaseFieldSettings, staging: Path | None, comm: MPI
             writer.write(0.0)
         for i in range(settings.cycling.half_cycles):
             kind = HALF_CYCLE_KINDS[i % 2]
-            current["kind"] = kind
-            record = problem.run_half_cycle(i + 1, kind, settings.cycling.half_cycle_time, on_output, out.snapshots_per_half_cycle)
+            current.update(kind=kind, index=i + 1)
+            record = problem.run_half_cycle(i + 1, kind, settings.cycling.half_cycle_time, on_output, out.snapshots_per_half_cycle, out.times)
             records.append(record)
-            if out.figures and staging is not None:
-                snap = gather_snapshot(problem)
-                if comm.rank == 0 and snap is not None:
-                    name = f"snapshot_{i + 1:02d}_{kind}.png"
-                    title = f"half-cycle {i + 1} ({kind}), t = {record['t']:g}: mean c = {record['mean_c_li']:.3f}, stretch {record['axial_stretch']:.3f}"
-                    plot_snapshot(snap, staging / name, title, (mat.c_min, mat.c_max))
-                    snapshots.append(name)
     finally:
         if writer is not None:
             writer.close()

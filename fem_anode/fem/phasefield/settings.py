@@ -117,7 +117,7 @@ class SolverSettings(Section):
 
     rtol: float = setting(1e-9, "SNES relative residual tolerance", positive=True)
     atol: float = setting(1e-10, "SNES absolute residual tolerance", positive=True)
-    max_it: int = setting(12, "Newton iterations per attempt", positive=True)
+    max_it: int = setting(25, "Newton iterations per attempt", positive=True)
     line_search: str = setting("bt", "SNES line search: 'bt' (backtracking), 'basic' (full steps), 'l2'", choices=("bt", "basic", "l2"))
     linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
     quadrature_degree: int = setting(2, "quadrature degree of all forms and of the plastic state", bounds=(1, 6))
@@ -130,7 +130,8 @@ class OutputSettings(Section):
 
     fields: bool = setting(True, "VTX fields (c, mu, u; von Mises, plastic strain) on the deformed mesh at every half-cycle end")
     figures: bool = setting(True, "PNG snapshots of c and von Mises on the deformed shape at every half-cycle end")
-    snapshots_per_half_cycle: int = setting(1, "field outputs per half-cycle (evenly spaced, the last at its end)", positive=True)
+    snapshots_per_half_cycle: int = setting(1, "field outputs (VTX and PNG) per half-cycle, evenly spaced, the last at its end", positive=True)
+    times: list[float] = setting([0.002, 0.01], "extra output times after the start of every half-cycle (normalised), e.g. during the front's passage", positive=True)
 
 
 @dataclasses.dataclass
