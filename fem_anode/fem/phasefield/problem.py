@@ -267,22 +267,27 @@ class PhaseFieldProblem:
                     return c0 + np.cos(waves @ x[:2] + phases[:, None]).T @ weights
             else:
                 c = c0
+        self.w.x.array[:] = 0.0
+        self.set_concentration(c)
+        self.lam.value = 1.0
+        self.lam_old = 1.0
+        self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
+        self.t = 0.0
+
+    def set_concentration(self, c: Callable[[np.ndarray], np.ndarray] | float | np.ndarray) -> None:
+        """Set c (value, function of the normalised coordinates, or c-dof values) and mu = f'(c)
+        in the current and previous state; displacement, stretch and plastic state are kept."""
         V0, dofs0 = self.W.sub(0).collapse()
         cf = fem.Function(V0)
         if callable(c):
             cf.interpolate(c)
         else:
             cf.x.array[:] = c
-        self.w.x.array[:] = 0.0
         self.w.x.array[dofs0] = cf.x.array
-        V1, dofs1 = self.W.sub(1).collapse()
-        self.w.x.array[dofs1] = chemistry.chemical_potential(cf.x.array, mat.omega)
+        dofs1 = self.W.sub(1).collapse()[1]
+        self.w.x.array[dofs1] = chemistry.chemical_potential(cf.x.array, self.settings.material.omega)
         self.w.x.scatter_forward()
         self.w_old.x.array[:] = self.w.x.array
-        self.lam.value = 1.0
-        self.lam_old = 1.0
-        self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
-        self.t = 0.0
 
     def _update_state(self) -> None:
         """Evaluate the return map at the quadrature points and store the new plastic state."""

@@ -1,0 +1,63 @@
+"""Newton with the consistent tangent converges quadratically on a plastic step; failures raise."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+dolfinx = pytest.importorskip("dolfinx")
+
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.errors import SolverError  # noqa: E402
+from fem_anode.fem.phasefield.geometry import disk_mesh  # noqa: E402
+from fem_anode.fem.phasefield.problem import PhaseFieldProblem  # noqa: E402
+from fem_anode.fem.phasefield.settings import CyclingSettings, MeshSettings, ModelSettings, PhaseFieldSettings, SolverSettings  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@pytest.mark.parametrize("kinematics", ["generalized_plane_strain", "plane_strain"])
+def test_quadratic_convergence_on_a_plastic_step(kinematics, caplog):
+    settings = PhaseFieldSettings(
+        model=ModelSettings(kinematics=kinematics, plasticity=True),
+        mesh=MeshSettings(size=4e-9),
+        solver=SolverSettings(rtol=1e-14, atol=1e-13, max_it=30),
+    )
+    problem = PhaseFieldProblem(disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
+    # a lithiated shell around an unlithiated core: strongly plastic near the interface
+    problem.set_initial_condition(lambda x: 0.14 + 0.72 / (1 + np.exp(-(np.hypot(x[0], x[1]) - 0.7) / 0.05)))
+    first = problem.equilibrate(increments=3)
+    assert first.ok, first.reason
+    assert problem.diagnostics()["max_eq_plastic_strain"] > 0.01  # plastic flow has happened
+    ep0 = problem.comm.allreduce(problem.quadrature_values()[1].sum())
+    # the plastic step whose convergence is examined: more Li in the shell
+    problem.set_concentration(np.minimum(problem.w.x.array[problem._c_dofs] * 1.02, 0.9))
+    result = problem.equilibrate()
+    assert result.ok, result.reason
+    history = np.asarray(result.history)
+    with caplog.at_level(logging.INFO):
+        logger.info("%s plastic step residual history: %s", kinematics, " ".join(f"{h:.3e}" for h in history))
+    assert problem.comm.allreduce(problem.quadrature_values()[1].sum()) > 1.001 * ep0  # the step is plastic
+    floor = 1e-11 * history[0]
+    rates = [
+        np.log(history[k + 1] / history[k]) / np.log(history[k] / history[k - 1])
+        for k in range(1, len(history) - 1)
+        if history[k + 1] > floor and history[k] < 1e-2 * history[0]
+    ]
+    assert rates, f"no iterations in the asymptotic range: {history}"
+    assert max(rates) > 1.8, f"rates {rates} history {history}"
+    assert len(history) - 1 <= 8
+
+
+def test_repeated_failure_raises_solver_error():
+    settings = PhaseFieldSettings(
+        mesh=MeshSettings(size=10e-9),
+        cycling=CyclingSettings(half_cycles=1, half_cycle_time=0.1, ramp_time=0.0, dt_initial=0.05, dt_min=0.01, max_retries=2),
+        solver=SolverSettings(max_it=1),
+    )
+    problem = PhaseFieldProblem(disk_mesh(20e-9, 10e-9, MPI.COMM_WORLD), settings)
+    with pytest.raises(SolverError, match="failed at t = 0"):
+        problem.run_half_cycle(1, "lithiation", 0.1)
