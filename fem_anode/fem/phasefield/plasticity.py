@@ -48,6 +48,11 @@ __all__ = ["ReturnMap", "return_map_ufl", "return_map_numpy", "state_update_ufl"
 STATE_SIZE = 5
 _SERIES = 1e-4  # below this squared relative eigenvalue gap the 2x2 log/exp use series
 _TINY = 1e-300
+#: Relative yield tolerance: a point on the yield surface (f = 0 to round-off, as every plastic
+#: point is at the start of the next step) is elastic until f > YIELD_TOL sigma_Y J_e. Without
+#: it the branch, and so the Newton path, would be decided by round-off (and differ between
+#: partitions).
+YIELD_TOL = 1e-10
 
 
 def _log_spd2(A: Any) -> Any:
@@ -142,8 +147,9 @@ def return_map_ufl(F2: Any, lam: Any, s: Any, cp: Any, E: Any, nu: float, sigma_
     Je = ufl.exp(trace)
     if plastic:
         f = q_tr - sigma_y * Je
-        factor = ufl.conditional(ufl.gt(f, 0), sigma_y * Je / q_tr, 1.0)
-        dgamma = ufl.conditional(ufl.gt(f, 0), f / (3 * G), 0.0)
+        yielding = ufl.gt(f, YIELD_TOL * sigma_y * Je)
+        factor = ufl.conditional(yielding, sigma_y * Je / q_tr, 1.0)
+        dgamma = ufl.conditional(yielding, f / (3 * G), 0.0)
     else:
         factor, dgamma = 1.0, 0.0 * trace
     dev, dev_zz = factor * dev, factor * dev_zz
@@ -194,7 +200,7 @@ def return_map_numpy(
     q_tr = 2 * G * np.sqrt(1.5 * np.einsum("nij,nij->n", dev, dev))
     Je = np.exp(trace)
     f = q_tr - sigma_y * Je
-    yielding = plastic & (f > 0)
+    yielding = plastic & (f > YIELD_TOL * sigma_y * Je)
     factor = np.where(yielding, sigma_y * Je / np.where(q_tr > 0, q_tr, 1.0), 1.0)
     dgamma = np.where(yielding, f / (3 * G), 0.0)
     dev = factor[:, None, None] * dev

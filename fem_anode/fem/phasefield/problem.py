@@ -408,7 +408,7 @@ class PhaseFieldProblem:
                     marks.pop(0)
                     if on_output is not None:
                         on_output(self, self.t)
-                if result.iterations <= cyc.easy_iterations and dt_try >= 0.999 * dt:
+                if self._effective_iterations(result.history) <= cyc.easy_iterations and dt_try >= 0.999 * dt:
                     dt = min(dt * cyc.growth, cyc.dt_max)
                 continue
             rejected += 1
@@ -431,6 +431,20 @@ class PhaseFieldProblem:
             index, kind, self.t, steps, rejected, iterations, record["mean_c_li"], record["axial_stretch"], record["max_von_mises"],
         )
         return record
+
+    def _effective_iterations(self, history: list[float]) -> int:
+        """Newton iterations to reduce the residual by 1e-6 (or below 1e3 atol).
+
+        The step-size control uses this count rather than the SNES iteration number, which
+        near a tight tolerance depends on round-off (and so on the number of ranks).
+        """
+        if not history:
+            return 0
+        target = max(1e-6 * history[0], 1e3 * self.settings.solver.atol)
+        for k, norm in enumerate(history):
+            if norm <= target:
+                return k
+        return len(history)
 
     # -- diagnostics ----------------------------------------------------------------------
     def _surface_c_mean(self) -> float:
