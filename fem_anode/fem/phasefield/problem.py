@@ -114,10 +114,10 @@ class PhaseFieldProblem:
 
     # -- set-up ---------------------------------------------------------------------------
     def _elements(self) -> list:
-        """Sub-elements of the mixed space: c, mu (P1) and u (P1 vector)."""
+        """Sub-elements of the mixed space: c, mu (P1) and u (P1 or P2 vector)."""
         cell = self.mesh.basix_cell()
         p1 = basix.ufl.element("Lagrange", cell, 1)
-        return [p1, p1, basix.ufl.element("Lagrange", cell, 1, shape=(2,))]
+        return [p1, p1, basix.ufl.element("Lagrange", cell, self.settings.mesh.displacement_degree, shape=(2,))]
 
     def kinematic_quantities(self, w: Any, lam: Any) -> dict[str, Any]:
         """UFL quantities of the state ``w`` (c, u, F, s, E, return map, stresses)."""
@@ -243,7 +243,7 @@ class PhaseFieldProblem:
             "snes_atol": sol.atol,
             "snes_stol": 0.0,
             "snes_max_it": sol.max_it,
-            "snes_divergence_tolerance": -1,
+            "snes_divergence_tolerance": 1e12,
             **sol.petsc_options,
         }
         return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes)
@@ -337,7 +337,8 @@ class PhaseFieldProblem:
 
         Args:
             increments: the chemical swelling is applied in this many equal load steps
-                (proportional loading; the plastic state is updated after each).
+                (proportional loading; the plastic state is updated after each); a failed
+                increment is retried with a quarter of it (at most 6 times).
 
         Returns:
             The last increment's result; the Newton residual histories of all increments are
@@ -346,11 +347,19 @@ class PhaseFieldProblem:
         mobility = float(self.mobility.value)
         self.mobility.value = 0.0
         t = self.t
+        loaded, increment, cuts = 0.0, 1.0 / increments, 0
         try:
-            for k in range(1, increments + 1):
-                self.load.value = k / increments
+            while loaded < 1.0 - 1e-12:
+                increment = min(increment, 1.0 - loaded)
+                self.load.value = loaded + increment
                 result = self.step(1.0)
-                if not result.ok:
+                self.t = t
+                if result.ok:
+                    loaded += increment
+                    continue
+                cuts += 1
+                increment /= 4
+                if cuts > 6:
                     break
         finally:
             self.mobility.value = mobility

@@ -42,6 +42,7 @@ class MeshSettings(Section):
     """Meshing of the built-in disk."""
 
     size: float = setting(1e-9, "target element size of the disk mesh", unit="m", positive=True)
+    displacement_degree: int = setting(2, "Lagrange degree of the displacement (2 avoids the volumetric locking of P1 triangles under isochoric plastic flow; c and mu are P1)", choices=(1, 2))
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ class SolverSettings(Section):
     rtol: float = setting(1e-9, "SNES relative residual tolerance", positive=True)
     atol: float = setting(1e-10, "SNES absolute residual tolerance", positive=True)
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
-    line_search: str = setting("bt", "SNES line search: 'bt' (backtracking), 'basic' (full steps), 'l2'", choices=("bt", "basic", "l2"))
+    line_search: str = setting("l2", "SNES line search: 'l2' (secant minimisation of the residual norm; most robust under perfect plasticity), 'bt' (backtracking), 'basic' (full steps)", choices=("bt", "basic", "l2"))
     linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
     quadrature_degree: int = setting(2, "quadrature degree of all forms and of the plastic state", bounds=(1, 6))
     petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
