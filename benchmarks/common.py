@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
+sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are computed, also in logs
 SETUP_PEERS = HERE / "setup_peers.sh"
 
 

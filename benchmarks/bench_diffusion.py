@@ -1,0 +1,232 @@
+"""Benchmark 3 (and 5): transient Li diffusion, fem_anode (dolfinx/PETSc) vs scikit-fem + SciPy.
+
+Cases: the bundled-style 2D FIB-SEM ROI (``fib_sem_roi``, 8 x 5 um at 20 nm, refined k x k)
+and a seeded 3D pore/Si/SEI volume (n^3 voxels of 20 nm), P1 and P2, on the voxel mesh of the
+SEI phase. Every case takes ``--steps`` BDF2 steps of ``--dt`` (first step backward Euler), the
+package's defaults for the solver (``auto``: MUMPS Cholesky in 2D or below 200k dofs, else
+CG + BoomerAMG with rtol 1e-12). scikit-fem builds its own matrices on the same mesh and takes the
+same steps with the same BDF coefficients (SciPy SuperLU, or CG + PyAMG where we iterate); the
+domain-mean concentration histories must agree to 1e-6 (relative to c_bulk).
+
+Reported per case: dofs, setup (mesh read + assembly + first factorisation/AMG setup), time per
+step after setup (median), CG iterations per step, dofs per second per step, the
+memory-bandwidth bound of the step (CG iterations x one sparse mat-vec at the measured copy
+bandwidth: nnz x 12 B + n x 24 B), the measured PETSc MatMult time, and the ratio to scikit-fem.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_diffusion.py --cases roi1-p1,vol30-p1 [--no-peer]
+    mpirun -n 2 .venv/bin/python benchmarks/bench_diffusion.py --cases vol100-p1 --no-peer
+
+Case names: ``roi{k}-p{order}`` (2D ROI refined k times) and ``vol{n}-p{order}`` (n^3 volume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, MeshSettings, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion_run import load_geometry  # noqa: E402
+from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
+from fem_anode.imaging.synthetic import fib_sem_roi  # noqa: E402
+from fem_anode.io.images import VoxelImage, write_image  # noqa: E402
+from fem_anode.meshing.tags import interface_tag  # noqa: E402
+from fem_anode.meshing.voxel import voxel_mesh_data  # noqa: E402
+
+
+def case_image(name: str) -> tuple[VoxelImage, int]:
+    kind, order = name.split("-p")
+    if kind.startswith("roi"):
+        k = int(kind[3:])
+        roi = fib_sem_roi(seed=0)
+        labels = roi.array.repeat(k, 0).repeat(k, 1)
+        return VoxelImage(labels, tuple(s / k for s in roi.require_voxel_size()), roi.phases), int(order)
+    n = int(kind[3:])
+    pore = common.blob_volume((n, n, n), 2.5, 0.25, seed=1)
+    si = common.blob_volume((n, n, n), 1.5, 0.12, seed=2) & ~pore
+    labels = np.full((n, n, n), 3, np.uint8)
+    labels[pore] = 0
+    labels[si] = 1
+    return VoxelImage(labels, (20e-9,) * 3, {"pore": 0, "si": 1, "sei": 3}), int(order)
+
+
+class TimedProblem(DiffusionProblem):
+    """DiffusionProblem that records solver setup and solve times and CG iterations."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.setup_s, self.solve_s, self.iterations = 0.0, [], []
+        super().__init__(*args, **kwargs)
+
+    def _ksp(self, a0: float):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        before = self.factorisations
+        ksp = super()._ksp(a0)
+        if self.factorisations > before:
+            self.setup_s += time.perf_counter() - t
+        return _TimedKSP(ksp, self)
+
+
+class _TimedKSP:
+    def __init__(self, ksp, problem):  # type: ignore[no-untyped-def]
+        self._ksp, self._problem = ksp, problem
+
+    def solve(self, b, x) -> None:  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        self._ksp.solve(b, x)
+        self._problem.solve_s.append(time.perf_counter() - t)
+        self._problem.iterations.append(self._ksp.getIterationNumber())
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self._ksp, name)
+
+
+def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path, peer_python: Path | None) -> dict:
+    image, order = case_image(name)
+    t_end = args.dt * args.steps
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(image=workdir / "image.npy"),
+        mesh=MeshSettings(order=order),
+        time=TimeSettings(t_end=t_end, output_times=[t_end], dt_initial=args.dt, growth=1.0, dt_max=args.dt),
+    )
+    if comm.rank == 0:
+        write_image(workdir / "image.npy", image)
+    comm.barrier()
+    load_start = time.perf_counter()
+    t0 = time.perf_counter()
+    tagged, _ = load_geometry(settings, workdir, comm)
+    t_mesh = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    problem = TimedProblem(tagged, settings)
+    t_assembly = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = problem.run()
+    t_run = time.perf_counter() - t0
+    steps = result.steps
+    step_times = problem.solve_s
+    # time per step after setup: the run minus solver setups, per step (includes rhs and diagnostics)
+    step_after_setup = (t_run - problem.setup_s) / steps
+    ndofs = result.ndofs
+    # bandwidth bound of one mat-vec of the operator; PETSc's measured MatMult time
+    A = problem._M
+    info = A.getInfo()
+    nnz = comm.allreduce(info["nz_used"], op=MPI.SUM) if comm.size > 1 else info["nz_used"]
+    x, y = A.createVecs()
+    x.set(1.0)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        A.mult(x, y)
+    matmult = (time.perf_counter() - t0) / 10
+    spmv_bytes = nnz * 12 + ndofs * 24
+    problem.destroy()
+    row = {
+        "case": name,
+        "ranks": comm.size,
+        "ndofs": ndofs,
+        "solver": problem._solver_options()["ksp_type"] + "/" + problem._solver_options()["pc_type"],
+        "setup_s": t_mesh + t_assembly + problem.setup_s,
+        "mesh_s": t_mesh,
+        "factorisations": problem.factorisations,
+        "factor_s": problem.setup_s,
+        "step_s": step_after_setup,
+        "solve_median_s": statistics.median(step_times),
+        "cg_its": statistics.median(problem.iterations),
+        "dofs_per_s": ndofs / step_after_setup,
+        "spmv_bytes": spmv_bytes,
+        "matmult_s": matmult,
+        "total_s": time.perf_counter() - load_start,
+        "load": common.load(),
+    }
+    bw = args.bandwidth
+    row["bw_bound_s"] = max(row["cg_its"], 1) * spmv_bytes / bw
+    row["step_over_bw"] = step_after_setup / row["bw_bound_s"]
+    if peer_python is not None and comm.size == 1:
+        data = voxel_mesh_data(image, keep=["sei"])
+        pore = data.facets[data.facet_tags == interface_tag(0, 3)]
+        bdf, previous = [], None
+        for _, dt in plan_steps(t_end, [t_end], args.dt, growth=1.0, steps_per_level=8, dt_max=args.dt):
+            coeff = bdf_coefficients(dt, previous, 2)
+            bdf.append((coeff.a0, coeff.a1, coeff.a2))
+            previous = dt
+        physics = settings.physics
+        case_file = workdir / "case.npz"
+        np.savez(
+            case_file,
+            points=data.points / 1e-6,
+            cells=data.cells,
+            facets=pore,
+            order=order,
+            eps=physics.eps,
+            rate_D=physics.D_eff / 1e-12,
+            rate_f=physics.k_f / 1e-6,
+            bdf=np.array(bdf),
+        )
+        # SciPy's SuperLU in 3D fills in catastrophically (measured: 12 GB and > 5 min at 180k P1
+        # dofs), so the peer iterates (CG + PyAMG) in 3D and factorises only in 2D.
+        solver = "direct" if image.ndim == 2 else "amg"
+        peer = common.run_peer(peer_python, "peer_skfem_diffusion.py", [case_file, "--solver", solver], timeout=7200)
+        ours = np.asarray(result.domain_mean) / physics.c_bulk
+        theirs = np.asarray(peer["domain_mean"])
+        if peer["ndofs"] != ndofs or len(theirs) != len(ours):
+            raise SystemExit(f"{name}: scikit-fem has {peer['ndofs']} dofs / {len(theirs)} values, we {ndofs} / {len(ours)}")
+        row.update(
+            {
+                "skfem_solver": peer["solver"],
+                "skfem_setup_s": peer["timings_s"]["mesh"] + peer["timings_s"]["assembly"] + peer["timings_s"]["solver_setup"],
+                "skfem_step_s": peer["timings_s"]["steps"] / len(theirs[1:]),
+                "skfem_total_s": peer["timings_s"]["total"],
+                "max_mean_diff": float(np.max(np.abs(ours - theirs))),
+                "final_mean": float(ours[-1]),
+            }
+        )
+        row["speedup_step"] = row["skfem_step_s"] / row["step_s"]
+        row["speedup_total"] = row["skfem_total_s"] / (t_mesh + t_assembly + t_run)
+        if row["max_mean_diff"] > 1e-6:
+            raise SystemExit(f"{name}: answers differ by {row['max_mean_diff']:.3g} > 1e-6")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="roi1-p1,roi1-p2,vol30-p1,vol20-p2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dt", type=float, default=5e-4, help="time step (s)")
+    parser.add_argument("--no-peer", action="store_true", help="skip scikit-fem")
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    args.bandwidth = comm.bcast(common.copy_bandwidth() if comm.rank == 0 else None, root=0)
+    peer_python = None
+    if not args.no_peer and comm.size == 1:
+        peer_python, message = common.peers_python()
+        if peer_python is None:
+            print(f"scikit-fem comparison skipped: {message}")
+    rows = []
+    load_start = common.load()
+    for name in args.cases.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(comm.bcast(tmp if comm.rank == 0 else None, root=0))
+            rows.append(run_case(name, args, comm, workdir, peer_python))
+        if comm.rank == 0:
+            common.print_table(rows[-1:], title=f"diffusion {name} (load {rows[-1]['load']})")
+            sys.stdout.flush()
+    if comm.rank == 0:
+        columns = ["case", "ranks", "ndofs", "solver", "setup_s", "step_s", "cg_its", "dofs_per_s", "bw_bound_s", "step_over_bw", "skfem_step_s", "speedup_step", "speedup_total", "max_mean_diff"]
+        common.print_table(rows, columns, title=f"transient diffusion, {args.steps} BDF2 steps of {args.dt:g} s; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s")
+        command = "mpirun -n %d " % comm.size if comm.size > 1 else ""
+        command += "python benchmarks/bench_diffusion.py " + " ".join(sys.argv[1:])
+        path = common.append_results("diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]})
+        print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
