@@ -1,0 +1,26 @@
+"""The nanowire demo script runs (quick mode) and checks what it produced."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dolfinx")
+
+DEMO = Path(__file__).resolve().parents[2] / "demos" / "phasefield_nanowire.py"
+
+
+def test_demo_quick(shared_tmp_path, comm):
+    spec = importlib.util.spec_from_file_location("phasefield_nanowire_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = shared_tmp_path / "demo"
+    results = module.main(out, quick=True, comm=comm)
+    records = results["table1"]["half_cycles"]
+    assert [r["kind"] for r in records] == ["lithiation", "delithiation"]
+    on_disk = json.loads((out / "table1" / "results.json").read_text())
+    assert on_disk["half_cycles"][0]["axial_stretch"] == pytest.approx(records[0]["axial_stretch"])
+    assert (out / "table1" / "config.toml").exists()
