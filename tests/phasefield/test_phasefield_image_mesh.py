@@ -13,7 +13,7 @@ from fem_anode.fem.phasefield.settings import CyclingSettings, GeometrySettings,
 from fem_anode.io.images import VoxelImage  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["smooth"])
+@pytest.mark.parametrize("method", ["smooth", "voxel"])
 def test_cycle_on_image_mesh_swells_by_one_plus_beta(comm, method):
     n = 24
     y, x = np.mgrid[:n, :n] + 0.5

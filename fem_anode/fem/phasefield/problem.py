@@ -87,6 +87,10 @@ class PhaseFieldProblem:
         self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
         self.after_half_cycle: list[Callable[[PhaseFieldProblem, dict[str, Any]], None]] = []
         qd = settings.solver.quadrature_degree
+        if qd is None:
+            simplex = self.mesh.topology.cell_name() == "triangle"
+            qd = 2 if simplex else 2 * settings.mesh.displacement_degree
+        self.quadrature_degree = qd
         self.dx = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"})
         self.ds = ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags)
         self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element(self._elements()))

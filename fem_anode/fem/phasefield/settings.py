@@ -121,7 +121,7 @@ class SolverSettings(Section):
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
     line_search: str = setting("bt", "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)", choices=("bt", "basic", "l2"))
     linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
-    quadrature_degree: int = setting(2, "quadrature degree of all forms and of the plastic state", bounds=(1, 6))
+    quadrature_degree: int | None = setting(None, "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)", bounds=(1, 8))
     petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
 
 
