@@ -3,7 +3,6 @@ under ``mpirun -n 2`` for the real comparison; serially both runs are serial).""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 dolfinx = pytest.importorskip("dolfinx")

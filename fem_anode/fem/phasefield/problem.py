@@ -39,7 +39,7 @@ import ufl
 from dolfinx import fem
 from mpi4py import MPI
 
-from fem_anode.errors import InputError, SolverError
+from fem_anode.errors import InputError, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.fem.phasefield import chemistry, kinematics
 from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_options
@@ -81,7 +81,10 @@ class PhaseFieldProblem:
         tagged.cell_tag(settings.geometry.phase)
         self.surface_tags = [tagged.facet_tag(name) for name in settings.geometry.surface]
         self.l0 = mat.length_scale
+        if getattr(tagged, "_phasefield_in_use", False):
+            raise UsageError("this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one first or read the mesh again")
         self.mesh.geometry.x[:] /= self.l0
+        tagged._phasefield_in_use = True  # type: ignore[attr-defined]
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
         self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
@@ -521,5 +524,8 @@ class PhaseFieldProblem:
         return values.reshape(len(xq), -1), xq
 
     def destroy(self) -> None:
-        """Free the PETSc objects."""
+        """Free the PETSc objects and give the mesh back its coordinates in metres."""
         self.newton.destroy()
+        if getattr(self.tagged, "_phasefield_in_use", False):
+            self.mesh.geometry.x[:] *= self.l0
+            self.tagged._phasefield_in_use = False  # type: ignore[attr-defined]
