@@ -21,9 +21,14 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("config", metavar="CONFIG.toml", type=Path, help="the model's configuration (as for fem-anode diffusion)")
     parser.add_argument("--levels", type=int, default=3, help="number of meshes (>= 3 for an observed order; default 3)")
-    parser.add_argument("--refine-factor", type=int, default=2, help="h ratio between successive levels (default 2)")
+    parser.add_argument("--refine-factor", type=float, default=2.0, help="h ratio between successive levels (default 2; an integer for voxel meshes)")
     parser.add_argument("--orders", default=None, help="element orders to study, e.g. 1,2 (default: the config's)")
-    parser.add_argument("--model", choices=["diffusion"], default="diffusion", help="model the config belongs to (default diffusion)")
+    parser.add_argument(
+        "--model",
+        choices=["auto", "diffusion", "phasefield"],
+        default="auto",
+        help="model the config belongs to (auto: phasefield if it has [cycling]/[material]/[model] sections, else diffusion)",
+    )
     add_out_argument(parser, default="convergence_results")
     parser.set_defaults(func=run)
 
@@ -39,17 +44,49 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--orders {args.orders!r}: expected a comma-separated list such as 1,2") from None
         if not orders or any(o not in (1, 2) for o in orders):
             raise UsageError(f"--orders {args.orders!r}: element orders must be 1 or 2")
-    from fem_anode.fem.convergence import format_table, plot_study, run_diffusion_study
-    from fem_anode.fem.diffusion import DiffusionSettings
+    from fem_anode.fem.convergence import format_table, plot_study, run_diffusion_study, run_phasefield_study
     from fem_anode.io.output import output_directory, write_json
 
-    settings = DiffusionSettings.from_toml(args.config).resolve_paths(args.config.parent)
+    model = _detect_model(args.config) if args.model == "auto" else args.model
     comm = world_comm()
+    if model == "phasefield":
+        from fem_anode.fem.phasefield.settings import PhaseFieldSettings
+
+        settings = PhaseFieldSettings.from_toml(args.config).resolve_paths(args.config.parent)
+        if orders:
+            raise UsageError("--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config")
+    else:
+        from fem_anode.fem.diffusion import DiffusionSettings
+
+        settings = DiffusionSettings.from_toml(args.config).resolve_paths(args.config.parent)
+        if args.refine_factor != int(args.refine_factor):
+            raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer")
+        args.refine_factor = int(args.refine_factor)
     with output_directory(args.out, comm) as staging:
-        report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm)
+        if model == "phasefield":
+            report = run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm)
+        else:
+            report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm)
         if comm.rank == 0:
             write_json(staging / "convergence.json", {"provenance": provenance("convergence"), **report, "settings": settings.to_dict()})
             plot_study(report, staging / "convergence.png")
     logger.info("%s", format_table(report))
     logger.info("results in %s", args.out)
     return 0
+
+
+def _detect_model(config: Path) -> str:
+    """'phasefield' if the TOML has a phase-field-only section, else 'diffusion'."""
+    import tomllib
+
+    from fem_anode.errors import InputError, UsageError
+
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"settings file not found: {config}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read settings file {config}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{config} is not valid TOML: {err}") from None
+    return "phasefield" if {"cycling", "material", "model"} & set(data) else "diffusion"

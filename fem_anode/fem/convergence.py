@@ -32,7 +32,7 @@ import numpy as np
 
 from fem_anode.errors import UsageError
 
-__all__ = ["richardson", "ConvergenceRecord", "format_table", "mesh_independence", "plot_study", "run_diffusion_study"]
+__all__ = ["richardson", "ConvergenceRecord", "format_table", "mesh_independence", "plot_study", "run_diffusion_study", "run_phasefield_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +110,24 @@ class ConvergenceRecord:
 
 
 def mesh_independence(records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01) -> dict[str, Any]:
-    """Coarsest level at which every quantity is within ``tolerance`` of its extrapolated value.
+    """Coarsest level at which every converging quantity is within ``tolerance`` of its limit.
 
-    Quantities without a finite extrapolation are compared with the finest level instead.
+    The limit is the Richardson extrapolation (or the common value of an ``exact`` quantity).
+    Quantities without a convergence estimate (oscillatory, diverging, noise at round-off such
+    as the stress of a stress-free state) cannot be judged and are listed under ``excluded``.
     """
-    levels = len(h)
-    for level in range(levels):
+    judged = {k: r for k, r in records.items() if r.get("converging", "monotone") in ("monotone", "exact") and math.isfinite(r["extrapolated"])}
+    excluded = sorted(set(records) - set(judged))
+    for level in range(len(h)):
         ok = True
-        for record in records.values():
-            reference = record["extrapolated"] if math.isfinite(record["extrapolated"]) else record["values"][-1]
-            value = record["values"][level]
-            if reference == 0:
-                ok &= abs(value) <= tolerance
-            elif abs(value - reference) > tolerance * abs(reference):
+        for record in judged.values():
+            reference, value = record["extrapolated"], record["values"][level]
+            if abs(value - reference) > tolerance * abs(reference):
                 ok = False
+                break
         if ok:
-            return {"tolerance": tolerance, "level": level, "h_m": h[level], "cells": cells[level]}
-    return {"tolerance": tolerance, "level": None, "h_m": None, "cells": None}
+            return {"tolerance": tolerance, "level": level, "h_m": h[level], "cells": cells[level], "excluded": excluded}
+    return {"tolerance": tolerance, "level": None, "h_m": None, "cells": None, "excluded": excluded}
 
 
 def _upsample(image: Any, factor: int) -> Any:
@@ -248,6 +249,59 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
     return report
 
 
+#: Per-half-cycle record keys studied for the phase-field model.
+PHASEFIELD_QUANTITIES = ("outer_radius_m", "area_m2", "axial_stretch", "mean_c_li", "max_von_mises", "max_eq_plastic_strain")
+
+
+def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2.0, workdir: Path, comm: Any) -> dict[str, Any]:
+    """Run the phase-field model on disk meshes with ``mesh.size / refine_factor**k``.
+
+    Quantities: every half-cycle record's outer radius, deformed area, axial stretch, mean c,
+    maximum von Mises stress and equivalent plastic strain (issue 7's void fraction joins when
+    the vacancy field exists). Needs the built-in disk geometry (an image mesh has a fixed size).
+    """
+    from fem_anode.fem.phasefield.run import run_phasefield
+
+    if settings.geometry.mesh is not None:
+        raise UsageError("a phase-field convergence study refines the built-in disk mesh: remove geometry.mesh")
+    if levels < 2 or refine_factor <= 1:
+        raise UsageError("a convergence study needs --levels >= 2 (3 for an observed order) and --refine-factor > 1")
+    h, cells, dofs, seconds = [], [], [], []
+    quantities: dict[str, list[float]] = {}
+    for level in range(levels):
+        size = settings.mesh.size / refine_factor**level
+        level_settings = settings.replace(mesh=settings.mesh.replace(size=size), output=settings.output.replace(fields=False, figures=False))
+        start = time.perf_counter()
+        results = run_phasefield(level_settings, None, comm)
+        seconds.append(time.perf_counter() - start)
+        h.append(size)
+        cells.append(results["ncells"])
+        dofs.append(results["unknowns"])
+        for record in results["half_cycles"]:
+            for key in PHASEFIELD_QUANTITIES:
+                if key in record and record[key] is not None:
+                    quantities.setdefault(f"{key}[half-cycle {record['index']}]", []).append(float(record[key]))
+        logger.info("phasefield level %d: h = %.3g m, %d cells, %d unknowns, %.1f s", level, size, cells[-1], dofs[-1], seconds[-1])
+    records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if len(values) == levels and all(map(math.isfinite, values))}
+    order = f"P{settings.mesh.displacement_degree}u"
+    return {
+        "model": "phasefield",
+        "levels": levels,
+        "refine_factor": refine_factor,
+        "orders": {
+            order: {
+                "h": h,
+                "cells": cells,
+                "ndofs": dofs,
+                "seconds": seconds,
+                "quantities": records,
+                "field_l2_difference": {"h": h, "values": [None] * levels, "description": "not computed for the phase-field model"},
+                "mesh_independent_1pct": mesh_independence(records, cells, h),
+            }
+        },
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a study: one row per quantity and element order."""
     lines = []
@@ -292,5 +346,8 @@ def plot_study(report: dict[str, Any], path: Path) -> Path:
     axes[1].set_xlabel("h (nm)")
     axes[1].set_ylabel("relative L2 difference to the previous level")
     axes[1].set_title("Fields")
-    axes[1].legend(fontsize=8)
+    if axes[1].lines:
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].text(0.5, 0.5, "no field comparison for this model", ha="center", transform=axes[1].transAxes)
     return save_figure(fig, path)

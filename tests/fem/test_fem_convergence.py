@@ -38,8 +38,13 @@ def test_richardson_recovers_order_and_limit_of_a_power_law():
 
 
 def test_mesh_independence_picks_the_coarsest_level_within_tolerance():
-    records = {"a": {"values": [1.05, 1.008, 1.001], "extrapolated": 1.0}, "b": {"values": [2.0, 2.0, 2.0], "extrapolated": 2.0}}
-    assert mesh_independence(records, [10, 40, 160], [0.4, 0.2, 0.1])["cells"] == 40
+    records = {
+        "a": {"values": [1.05, 1.008, 1.001], "extrapolated": 1.0, "converging": "monotone"},
+        "b": {"values": [2.0, 2.0, 2.0], "extrapolated": 2.0, "converging": "exact"},
+        "noise": {"values": [1e-12, 5e-13, 3e-12], "extrapolated": float("nan"), "converging": "oscillatory"},
+    }
+    result = mesh_independence(records, [10, 40, 160], [0.4, 0.2, 0.1])
+    assert result["cells"] == 40 and result["excluded"] == ["noise"]
 
 
 @pytest.mark.parametrize(("order", "theory", "n"), [(1, 2.0, 4), (2, 4.0, 2)])
@@ -97,3 +102,24 @@ def test_study_cli_and_same_numbers_on_one_and_all_ranks(shared_tmp_path, comm):
         np.testing.assert_allclose(data["quantities"][name]["values"], rec["values"], rtol=1e-8)
     with pytest.raises(UsageError, match="levels >= 2"):
         run_diffusion_study(settings, levels=1, workdir=shared_tmp_path, comm=comm)
+
+
+def test_phasefield_study_radius_converges_at_second_order(shared_tmp_path, comm):
+    """Disk meshes with h halved: the outer radius of the swollen and the shrunk wire converges
+    at order 2 (polygonal boundary) to (1 + beta) R and R."""
+    from fem_anode.cli import main
+
+    config = shared_tmp_path / "pf.toml"
+    if comm.rank == 0:
+        config.write_text('[geometry]\nradius = 10e-9\n\n[mesh]\nsize = 4e-9\n\n[cycling]\nhalf_cycles = 2\nhalf_cycle_time = 0.5\n\n[output]\ntimes = []\n')
+    comm.barrier()
+    out = shared_tmp_path / "pf_study"
+    assert main(["convergence", str(config), "--levels", "3", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "convergence.json").read_text())
+    assert report["model"] == "phasefield"
+    data = next(iter(report["orders"].values()))
+    for index, expected in ((1, 1.5874 * 10e-9), (2, 10e-9)):
+        record = data["quantities"][f"outer_radius_m[half-cycle {index}]"]
+        assert record["observed_order"] == pytest.approx(2.0, abs=0.2)
+        assert record["extrapolated"] == pytest.approx(expected, rel=1e-3)
+    assert data["mesh_independent_1pct"]["level"] is not None
