@@ -1,4 +1,4 @@
-"""``fem-anode mesh``: a tagged gmsh mesh of a segmented image."""
+"""``fem-anode mesh``: a tagged gmsh mesh of a segmented image (+ quality report, optional XDMF)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,29 @@ import logging
 from pathlib import Path
 
 from fem_anode.commands._common import add_image_arguments, is_root, load_image, world_comm
-from fem_anode.errors import UsageError
+from fem_anode.errors import FemAnodeError, InputError, UsageError
 
 logger = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --keep sei --size 40nm --out roi_sei.msh
+  fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --order 2 --xdmf --out roi.msh
+  fem-anode mesh volume.tif --voxel-size 0.65um --phases pore=0,si=1,graphite=2,sei=3 --method tet --out vol.msh
+"""
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def _nonneg(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
@@ -17,28 +37,83 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         name,
         help="tagged gmsh mesh of a segmented image",
         description="Mesh the kept phases of a segmented image. Cell groups are named after the phases, "
-        "facet groups 'a|b' for interfaces and left/right/top/bottom(/front/back) for the box sides.",
+        "facet groups 'a|b' for interfaces and left/right/top/bottom(/front/back) for the box sides. "
+        "Coordinates are in metres. A quality report (element counts, angles, phase areas/volumes vs the "
+        "image) is written next to the mesh as MESH.quality.json.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_image_arguments(parser)
     parser.add_argument("--keep", metavar="PHASES", help="comma-separated phases to mesh (default: all); dropped phases become tagged boundaries")
-    parser.add_argument("--method", choices=["voxel"], default="voxel", help="voxel: one quad/hex per pixel/voxel (default)")
+    parser.add_argument(
+        "--method",
+        choices=["smooth", "voxel", "tet"],
+        default=None,
+        help="smooth: sub-pixel smooth interfaces, triangles (2D default); voxel: one quad/hex per pixel/voxel "
+        "(3D default); tet: six tetrahedra per voxel (3D)",
+    )
+    parser.add_argument("--size", metavar="H", help="global element size (smooth), e.g. 40nm (default: 4 pixels)")
+    parser.add_argument("--order", type=int, choices=[1, 2], default=1, help="element order; 2 gives curved quadratic elements")
+    smooth = parser.add_argument_group("smooth method")
+    smooth.add_argument("--interface-ratio", type=_ratio, default=0.5, metavar="R", help="size at interfaces / H (default 0.5; 1 = no refinement)")
+    smooth.add_argument("--refine-distance", metavar="LENGTH", help="distance over which the size grows back to H (default 10 pixels)")
+    smooth.add_argument("--gap-width", metavar="LENGTH", help="refine parts of a phase narrower than this in proportion to their width (default 10 pixels)")
+    smooth.add_argument("--min-island", type=int, default=0, metavar="PIXELS", help="merge regions with fewer pixels into their surroundings (default 0: keep all)")
+    smooth.add_argument("--tolerance", type=_nonneg, default=0.1, metavar="PIXELS", help="curve simplification tolerance in pixels (default 0.1)")
+    smooth.add_argument("--sigma", type=_nonneg, default=1.0, metavar="PIXELS", help="smoothing of the phase indicators for sub-pixel boundaries (default 1; 0 = marching squares)")
+    parser.add_argument("--xdmf", action="store_true", help="also write MESH.xdmf (+ .h5) with cell and facet tags for ParaView (needs dolfinx)")
     parser.add_argument("--out", type=Path, required=True, metavar="MESH.msh", help="output gmsh mesh file (.msh)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fem_anode.meshing.voxel import write_voxel_mesh
+    from fem_anode.meshing.build import mesh_image
+    from fem_anode.meshing.smooth2d import SmoothMeshOptions
+    from fem_anode.units import parse_length
 
     if args.out.suffix != ".msh":
         raise UsageError(f"--out {args.out} must be a .msh file")
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
+    if args.keep is not None and not keep:
+        raise UsageError("--keep is empty; name at least one phase")
+    if args.min_island < 0:
+        raise UsageError(f"--min-island must be >= 0, got {args.min_island}")
     image = load_image(args, kind="labels")
-    phases = image.require_phases()
-    unknown = [name for name in keep or [] if name not in phases]
-    if unknown:  # checked on every rank, so all ranks fail together under MPI
-        raise UsageError(f"cannot keep phase(s) {', '.join(unknown)}: not in the phase map ({', '.join(phases)})")
-    if is_root(world_comm()):
-        data = write_voxel_mesh(image, args.out, keep)
-        logger.info("wrote %s: %d cells, %d facets, groups: %s", args.out, len(data.cells), len(data.facets), ", ".join(data.groups))
-    return 0
+    method = args.method or ("smooth" if image.ndim == 2 else "voxel")
+    if method == "smooth":
+        options = SmoothMeshOptions(
+            size=parse_length(args.size) if args.size else None,
+            order=args.order,
+            interface_ratio=args.interface_ratio,
+            refine_distance=parse_length(args.refine_distance) if args.refine_distance else None,
+            gap_width=parse_length(args.gap_width) if args.gap_width else None,
+            min_island_pixels=args.min_island,
+            tolerance=args.tolerance,
+            sigma=args.sigma,
+        )
+    else:
+        if args.size:
+            raise UsageError(f"--size applies to --method smooth only; {method} meshes have one cell (or six tetrahedra) per voxel")
+        options = None
+    comm = world_comm()
+    quality_path = args.out.with_name(args.out.stem + ".quality.json")
+    error: tuple[str, str] | None = None
+    if is_root(comm):
+        try:
+            result = mesh_image(image, args.out, method=method, keep=keep, options=options, order=args.order, quality_path=quality_path)
+            q = result.quality
+            logger.info("wrote %s (%d cells, %d nodes) and %s; groups: %s", args.out, q["cells"], q["nodes"], quality_path.name, ", ".join(result.groups))
+        except FemAnodeError as err:
+            error = ("usage" if isinstance(err, UsageError) else "input", str(err))
+    if comm is not None and comm.size > 1:
+        error = comm.bcast(error, root=0)
+    if error is not None:
+        raise (UsageError if error[0] == "usage" else InputError)(error[1])
+    if args.xdmf:
+        from fem_anode.fem.mesh_io import read_mesh, write_xdmf
 
+        tagged = read_mesh(args.out, comm)
+        xdmf = write_xdmf(tagged, args.out.with_suffix(".xdmf"))
+        if is_root(comm):
+            logger.info("wrote %s", xdmf)
+    return 0

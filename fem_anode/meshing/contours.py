@@ -382,7 +382,13 @@ def boundary_network(
             s, e = int(n0[edges[0]]), int(n1[edges[-1]])
             inside = np.empty((0, 2)) if box else mid[edges]
             pts = np.vstack([node_xy[s][None], inside, node_xy[e][None]])
-            chains.append(Chain(pts, s, e, a, b))
+            if s == e:  # a loop from a junction back to itself: split it in two at its middle
+                m = len(pts) // 2
+                chains.append(Chain(pts[: m + 1].copy(), s, next_node, a, b))
+                chains.append(Chain(pts[m:].copy(), next_node, e, a, b))
+                next_node += 1
+            else:
+                chains.append(Chain(pts, s, e, a, b))
             continue
         ring = mid[edges]
         cuts = [0, len(ring) // 3, (2 * len(ring)) // 3, len(ring)]

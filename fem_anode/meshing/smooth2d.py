@@ -185,6 +185,129 @@ def _add_size_view(phi: np.ndarray, scale: tuple[float, float], h: float) -> int
     return field
 
 
+def _catmull_rom(points: np.ndarray, samples: int = 8) -> np.ndarray:
+    """Dense samples of the uniform Catmull-Rom spline through ``points`` (gmsh's geo ``Spline``)."""
+    p = np.vstack([2 * points[0] - points[1], points, 2 * points[-1] - points[-2]])
+    t = np.linspace(0, 1, samples, endpoint=False)[:, None, None]
+    p0, p1, p2, p3 = p[:-3], p[1:-2], p[2:-1], p[3:]
+    c = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
+    return np.vstack([c.transpose(1, 0, 2).reshape(-1, 2), points[-1:]])
+
+
+def _spline_shape(points: np.ndarray) -> np.ndarray:
+    """Sampled shape of a chain drawn as line + spline + line (see :func:`_mesh_geometry`)."""
+    return np.vstack([points[:1], _catmull_rom(points[1:-1]), points[-1:]])
+
+
+def _spline_safe(network: BoundaryNetwork, used: list[int]) -> set[int]:
+    """Chains (with >= 5 vertices) whose splines cross no other curve nor themselves."""
+    from fem_anode.meshing.contours import _crossing_chains
+
+    candidates = {i for i in used if len(network.chains[i].points) >= 5}
+    for _ in range(4):
+        shapes = [
+            dataclasses.replace(network.chains[i], points=_spline_shape(network.chains[i].points) if i in candidates else network.chains[i].points)
+            for i in used
+        ]
+        bad = {used[k] for k in _crossing_chains(shapes)} & candidates
+        if not bad:
+            break
+        logger.debug("%d chains drawn as polylines: their splines would cross", len(bad))
+        candidates -= bad
+    return candidates
+
+
+def _mesh_geometry(
+    network: BoundaryNetwork,
+    used: list[int],
+    kept_region: np.ndarray,
+    name_of: dict[int, str],
+    scale: tuple[float, float],
+    phi: np.ndarray,
+    h: float,
+    opts: SmoothMeshOptions,
+    mode: str,
+) -> tuple[dict[str, tuple[int, int]], int]:
+    """Add the geometry of the used chains as a new gmsh model and mesh it (pixel units).
+
+    ``mode`` ``spline``: each chain is a spline through its inner vertices with straight first
+    and last segments (so curves meeting at a junction cannot cross there); ``polyline``: one
+    straight line per segment (never crosses, since the chains do not).
+    """
+    import gmsh
+
+    gmsh.model.add(f"smooth_mesh_2d_{mode}")
+    geo = gmsh.model.geo
+    region_label = network.region_label
+    point_tag: dict[int, int] = {}
+
+    def node_point(node: int, xy: np.ndarray) -> int:
+        if node not in point_tag:
+            point_tag[node] = geo.addPoint(xy[0] * scale[1], xy[1] * scale[0], 0.0)
+        return point_tag[node]
+
+    curves: dict[int, list[int]] = {}
+    facet_members: dict[int, list[int]] = {}
+    tag_name: dict[int, str] = {}
+    smooth_ok = _spline_safe(network, used) if mode == "spline" else set()
+    for i in used:
+        ch = network.chains[i]
+        pts = ch.points
+        tags = [node_point(ch.start, pts[0])] + [geo.addPoint(x * scale[1], y * scale[0], 0.0) for x, y in pts[1:-1]] + [node_point(ch.end, pts[-1])]
+        n = len(tags)
+        if i in smooth_ok:
+            curves[i] = [geo.addLine(tags[0], tags[1]), geo.addSpline(tags[1:-1]), geo.addLine(tags[-2], tags[-1])]
+        else:
+            curves[i] = [geo.addLine(tags[k], tags[k + 1]) for k in range(n - 1)]
+        side = network.side_of(ch.right)
+        if side is not None:
+            tag, name = BOX_SIDE_TAGS[side], side
+        else:
+            la, lb = int(region_label[ch.left]), int(region_label[ch.right])
+            tag, name = interface_tag(la, lb), interface_name(name_of[la], name_of[lb])
+        facet_members.setdefault(tag, []).extend(curves[i])
+        tag_name[tag] = name
+    surfaces: dict[int, list[int]] = {}
+    for region in np.nonzero(kept_region)[0].tolist():
+        loop_tags = []
+        for loop in network.loops(region):
+            signed: list[int] = []
+            for k in loop:
+                signed.extend(curves[k] if k >= 0 else [-c for c in reversed(curves[~k])])
+            loop_tags.append(geo.addCurveLoop(signed, reorient=False))
+        surfaces.setdefault(int(region_label[region]), []).append(geo.addPlaneSurface(loop_tags))
+    geo.synchronize()
+
+    groups: dict[str, tuple[int, int]] = {}
+    for value, tags in sorted(surfaces.items()):
+        groups[name_of[value]] = (2, phase_tag(value))
+        gmsh.model.addPhysicalGroup(2, tags, phase_tag(value), name=name_of[value])
+    for tag, members in sorted(facet_members.items()):
+        groups[tag_name[tag]] = (1, tag)
+        gmsh.model.addPhysicalGroup(1, members, tag, name=tag_name[tag])
+
+    field = _add_size_view(phi, scale, h)
+    gmsh.model.mesh.field.setAsBackgroundMesh(field)
+    for option, value in (
+        ("Mesh.MeshSizeExtendFromBoundary", 0),
+        ("Mesh.MeshSizeFromPoints", 0),
+        ("Mesh.MeshSizeFromCurvature", 0),
+        ("Mesh.MeshSizeMax", h),
+        ("Mesh.MeshSizeMin", opts.min_ratio * h * 0.5),
+        ("Mesh.Algorithm", opts.algorithm),
+        ("Mesh.ElementOrder", 1),
+        ("Mesh.LcIntegrationPrecision", 1e-3),  # default 1e-9 makes 1D meshing of long splines slow
+    ):
+        gmsh.option.setNumber(option, value)
+    try:
+        gmsh.model.mesh.generate(2)
+        if opts.order == 2:
+            gmsh.model.mesh.setOrder(2)
+    except Exception as err:  # gmsh raises plain Exception
+        raise InputError(f"gmsh could not mesh the image: {err}") from None
+    return groups, sum(len(v) for v in surfaces.values())
+
+
 def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, options: SmoothMeshOptions | None = None) -> SmoothMeshResult:
     """Mesh the kept phases of a 2D label image in the current gmsh session (model added).
 
@@ -237,76 +360,19 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
         return region < nreg and bool(kept_region[region])
 
     used = [i for i, ch in enumerate(network.chains) if is_kept(ch.left) or is_kept(ch.right)]
-    gmsh.model.add("smooth_mesh_2d")
-    geo = gmsh.model.geo
-    point_tag: dict[int, int] = {}
-
-    def node_point(node: int, xy: np.ndarray) -> int:
-        if node not in point_tag:
-            point_tag[node] = geo.addPoint(xy[0] * scale[1], xy[1] * scale[0], 0.0)
-        return point_tag[node]
-
-    curve_tag: dict[int, int] = {}
-    facet_members: dict[int, list[int]] = {}
-    tag_name: dict[int, str] = {}
-    for i in used:
-        ch = network.chains[i]
-        p0 = node_point(ch.start, ch.points[0])
-        p1 = node_point(ch.end, ch.points[-1])
-        inner = ch.points[1:-1]
-        if len(inner):
-            tags = [p0] + [geo.addPoint(x * scale[1], y * scale[0], 0.0) for x, y in inner] + [p1]
-            curve_tag[i] = geo.addSpline(tags)
-        else:
-            curve_tag[i] = geo.addLine(p0, p1)
-        side = network.side_of(ch.right)
-        if side is not None:
-            tag, name = BOX_SIDE_TAGS[side], side
-        else:
-            la, lb = int(region_label[ch.left]), int(region_label[ch.right])
-            tag, name = interface_tag(la, lb), interface_name(name_of[la], name_of[lb])
-        facet_members.setdefault(tag, []).append(curve_tag[i])
-        tag_name[tag] = name
-    surfaces: dict[int, list[int]] = {}
-    for region in np.nonzero(kept_region)[0].tolist():
-        loops = network.loops(region)
-        loop_tags = [geo.addCurveLoop([curve_tag[k] if k >= 0 else -curve_tag[~k] for k in loop], reorient=False) for loop in loops]
-        surfaces.setdefault(int(region_label[region]), []).append(geo.addPlaneSurface(loop_tags))
-    geo.synchronize()
-
-    groups: dict[str, tuple[int, int]] = {}
-    for value, tags in sorted(surfaces.items()):
-        groups[name_of[value]] = (2, phase_tag(value))
-        gmsh.model.addPhysicalGroup(2, tags, phase_tag(value), name=name_of[value])
-    for tag, members in sorted(facet_members.items()):
-        groups[tag_name[tag]] = (1, tag)
-        gmsh.model.addPhysicalGroup(1, members, tag, name=tag_name[tag])
-
     phi = size_factor_2d(labels, sorted(kept_values), scale, opts, h)
-    field = _add_size_view(phi, scale, h)
-    gmsh.model.mesh.field.setAsBackgroundMesh(field)
-    for option, value in (
-        ("Mesh.MeshSizeExtendFromBoundary", 0),
-        ("Mesh.MeshSizeFromPoints", 0),
-        ("Mesh.MeshSizeFromCurvature", 0),
-        ("Mesh.MeshSizeMax", h),
-        ("Mesh.MeshSizeMin", opts.min_ratio * h * 0.5),
-        ("Mesh.Algorithm", opts.algorithm),
-        ("Mesh.ElementOrder", 1),
-    ):
-        gmsh.option.setNumber(option, value)
     try:
-        gmsh.model.mesh.generate(2)
-        if opts.order == 2:
-            gmsh.model.mesh.setOrder(2)
-    except Exception as err:  # gmsh raises plain Exception
-        raise InputError(f"gmsh could not mesh {image.source}: {err}") from None
+        groups, n_surfaces = _mesh_geometry(network, used, kept_region, name_of, scale, phi, h, opts, "spline")
+    except InputError as err:
+        logger.warning("gmsh failed with spline boundaries (%s); retrying with polyline boundaries", err)
+        gmsh.clear()
+        groups, n_surfaces = _mesh_geometry(network, used, kept_region, name_of, scale, phi, h, opts, "polyline")
     gmsh.model.mesh.affineTransform([unit, 0, 0, 0, 0, unit, 0, 0, 0, 0, unit, 0])
     logger.info(
         "smooth 2D mesh of %s: %d curves, %d surfaces, H = %.3g m, order %d",
         image.source,
         len(used),
-        sum(len(v) for v in surfaces.values()),
+        n_surfaces,
         size,
         opts.order,
     )
