@@ -44,12 +44,15 @@ class BuiltModel:
         gdim: geometric dimension (2 or 3).
         method: the method used.
         meshed_labels: the labels that were meshed (after cleaning).
+        cleaning: what cleaning changed (smooth method): islands_removed, island_pixels,
+            pinch_pixels.
     """
 
     groups: dict[str, tuple[int, int]]
     gdim: int
     method: str
     meshed_labels: np.ndarray
+    cleaning: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ def build_model(
         if order is not None:
             opts.order = order
         result = build_smooth_model_2d(image, keep, opts)
-        return BuiltModel(result.groups, 2, method, result.labels)
+        return BuiltModel(result.groups, 2, method, result.labels, dataclasses.asdict(result.network.clean))
     if options is not None and getattr(options, "size", None) is not None:
         raise UsageError(f"--size applies to the smooth method only; {method} meshes have one cell per voxel")
     if method == "tet":
@@ -167,7 +170,7 @@ def mesh_image(
             meshed_labels=built.meshed_labels,
             voxel_size=image.require_voxel_size(),
         )
-        quality.update({"method": built.method, "source": image.source, "shape": list(image.shape), "voxel_size_m": list(image.require_voxel_size()), "mesh_seconds": elapsed})
+        quality.update({"cleaning": built.cleaning, "method": built.method, "source": image.source, "shape": list(image.shape), "voxel_size_m": list(image.require_voxel_size()), "mesh_seconds": elapsed})
         if path is not None:
             gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
             gmsh.option.setNumber("Mesh.Binary", 0)

@@ -332,6 +332,8 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
     unit = min(hx, hy)
     scale = (hy / unit, hx / unit)
     ny, nx = image.shape
+    if min(ny, nx) < 2:
+        raise InputError(f"{image.source}: image {ny} x {nx} is too small to mesh (need at least 2 x 2 pixels)")
     extent = min(ny * hy, nx * hx)
     size = float(opts.size) if opts.size is not None else 4.0 * unit
     if size > extent:

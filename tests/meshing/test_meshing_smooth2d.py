@@ -111,7 +111,7 @@ def _interface_check(path, phases):
     # Conversely: every edge between two different phases is tagged with their interface.
     tagged = {tuple(e): t for e, t in zip(line_edges, line_tag)}
     between = np.nonzero((tags_per_edge[:, 1] >= 0) & (tags_per_edge[:, 0] != tags_per_edge[:, 1]))[0]
-    assert between.size > 0
+    assert between.size > 0 or len(phases) == 1
     for k in between:
         lo, hi = sorted(tags_per_edge[k] - 100)
         assert tagged[tuple(keys[k])] == interface_tag(lo, hi)
@@ -170,7 +170,7 @@ def test_refinement_near_interfaces_and_in_gaps():
     assert gap_quality["cells"] > 3 * plain_gap["cells"]
 
 
-def test_small_islands_removed_and_holes_kept(caplog):
+def test_small_islands_removed_and_holes_kept():
     n = 60
     yy, xx = np.mgrid[:n, :n] + 0.5
     labels = np.zeros((n, n), dtype=np.uint8)
@@ -179,9 +179,8 @@ def test_small_islands_removed_and_holes_kept(caplog):
     labels[5:7, 5:7] = 1  # 4-pixel si speck: removed
     labels[40, 30] = 0  # 1-pixel pore speck inside the particle: removed
     image = VoxelImage(labels, (PIXEL, PIXEL), {"pore": 0, "si": 1})
-    with caplog.at_level("INFO", logger="fem_anode.meshing"):
-        q = mesh_image(image, None, options=SmoothMeshOptions(size=3 * PIXEL, min_island_pixels=10)).quality
-    assert "merged 2 islands" in caplog.text
+    q = mesh_image(image, None, options=SmoothMeshOptions(size=3 * PIXEL, min_island_pixels=10)).quality
+    assert q["cleaning"]["islands_removed"] == 2 and q["cleaning"]["island_pixels"] == 5
     hole = np.count_nonzero((xx - 30) ** 2 + (yy - 30) ** 2 < 5**2) * PIXEL**2
     ring = np.count_nonzero(labels == 1) * PIXEL**2 - 4 * PIXEL**2 + PIXEL**2
     assert q["phase_measure"]["si"]["meshed_labels"] == pytest.approx(ring, rel=1e-12)
