@@ -28,7 +28,9 @@ def _entity_measure(dim: int, tag: int) -> float:
     total = 0.0
     types, _, _ = gmsh.model.mesh.getElements(dim, tag)
     for etype in types:
-        local, weights = gmsh.model.mesh.getIntegrationPoints(int(etype), "Gauss4")
+        order = gmsh.model.mesh.getElementProperties(int(etype))[2]
+        # det J has degree <= 3 for the element types written here (P1/P2 simplices, Q1 hexes).
+        local, weights = gmsh.model.mesh.getIntegrationPoints(int(etype), "Gauss2" if order == 1 else "Gauss3")
         _, det, _ = gmsh.model.mesh.getJacobians(int(etype), local, tag=tag)
         total += float((np.abs(det.reshape(-1, len(weights))) @ weights).sum())
     return total
