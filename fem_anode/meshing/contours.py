@@ -254,13 +254,15 @@ def _smoothed_indicators(labels: np.ndarray, sigma: float) -> tuple[np.ndarray, 
 
 
 def _zero_fraction(smooth: np.ndarray, index: np.ndarray, p: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Fraction t in [0.1, 0.9] from pixel p to pixel q where f = s_a - s_b crosses zero."""
+    """Fraction t in [0.1, 0.9] from pixel p (phase a) to pixel q (phase b) where f = s_a - s_b crosses zero."""
     a, b = index[p], index[q]
     fp = smooth[a, p[0], p[1]] - smooth[b, p[0], p[1]]
     fq = smooth[a, q[0], q[1]] - smooth[b, q[0], q[1]]
     denom = fp - fq
+    # Where smoothing erased the feature (no sign change: thinner than ~2 sigma), keep the
+    # crack midpoint (plain marching squares) instead of collapsing the feature.
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(denom > 1e-12, fp / denom, 0.5)
+        t = np.where((fp > 0) & (fq < 0), fp / denom, 0.5)
     return np.clip(t, 0.1, 0.9)
 
 

@@ -305,6 +305,8 @@ def _mesh_geometry(
             gmsh.model.mesh.setOrder(2)
     except Exception as err:  # gmsh raises plain Exception
         raise InputError(f"gmsh could not mesh the image: {err}") from None
+    if not any(len(t) for t in gmsh.model.mesh.getElements(2)[1]):
+        raise InputError("gmsh produced no triangles")
     return groups, sum(len(v) for v in surfaces.values())
 
 
@@ -312,7 +314,8 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
     """Mesh the kept phases of a 2D label image in the current gmsh session (model added).
 
     The caller owns the gmsh session (``gmsh.initialize()`` ... ``gmsh.finalize()``). On return
-    the current model holds the tagged mesh in metres.
+    the current model holds the tagged mesh in metres. If meshing with spline boundaries fails,
+    the session is restarted (other models in it are lost) and polyline boundaries are used.
 
     Raises:
         UsageError: unknown phase names, bad options, a size larger than the domain.
@@ -366,9 +369,19 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
     try:
         groups, n_surfaces = _mesh_geometry(network, used, kept_region, name_of, scale, phi, h, opts, "spline")
     except InputError as err:
+        # After a failed generate() gmsh silently meshes nothing more in this session: restart it.
         logger.warning("gmsh failed with spline boundaries (%s); retrying with polyline boundaries", err)
-        gmsh.clear()
-        groups, n_surfaces = _mesh_geometry(network, used, kept_region, name_of, scale, phi, h, opts, "polyline")
+        terminal = gmsh.option.getNumber("General.Terminal")
+        gmsh.finalize()
+        gmsh.initialize(interruptible=False)
+        gmsh.option.setNumber("General.Terminal", terminal)
+        try:
+            groups, n_surfaces = _mesh_geometry(network, used, kept_region, name_of, scale, phi, h, opts, "polyline")
+        except InputError as again:
+            raise InputError(
+                f"{image.source}: {again}; the image probably has pixel-scale noise: merge small regions "
+                "with --min-island (e.g. 10) or segment with more smoothing"
+            ) from None
     gmsh.model.mesh.affineTransform([unit, 0, 0, 0, 0, unit, 0, 0, 0, 0, unit, 0])
     logger.info(
         "smooth 2D mesh of %s: %d curves, %d surfaces, H = %.3g m, order %d",
