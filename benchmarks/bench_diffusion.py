@@ -148,6 +148,7 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
         "spmv_bytes": spmv_bytes,
         "matmult_s": matmult,
         "total_s": time.perf_counter() - load_start,
+        "peak_rss_mb_rank0": common.peak_rss_mb(),
         "load": common.load(),
     }
     bw = args.bandwidth
