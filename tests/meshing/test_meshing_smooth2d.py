@@ -215,3 +215,17 @@ def test_bad_options_and_empty_image():
     empty = VoxelImage(np.zeros((0, 4), np.uint8), (PIXEL, PIXEL), {"pore": 0})
     with pytest.raises(InputError, match="empty"):
         mesh_image(empty, None)
+
+
+def test_pixel_noise_and_single_pixels_mesh_without_collapsing():
+    """Worst case: random labels. Every region (even single pixels) is meshed, areas tile the box."""
+    labels = np.random.default_rng(0).integers(0, 3, (24, 24)).astype(np.uint8)
+    image = VoxelImage(labels, (PIXEL, PIXEL), {"a": 0, "b": 1, "c": 2})
+    q = mesh_image(image, None, options=SmoothMeshOptions(size=2 * PIXEL)).quality
+    areas = [v["mesh"] for v in q["phase_measure"].values()]
+    assert sum(areas) == pytest.approx((24 * PIXEL) ** 2, rel=1e-12)
+    assert q["scaled_jacobian_minSICN"]["negative"] == 0
+    single = np.zeros((9, 9), dtype=np.uint8)
+    single[4, 4] = 1
+    q = mesh_image(VoxelImage(single, (PIXEL, PIXEL), {"a": 0, "b": 1}), None, options=SmoothMeshOptions(size=PIXEL)).quality
+    assert q["phase_measure"]["b"]["mesh"] == pytest.approx(0.5 * PIXEL**2, rel=0.05)  # marching-squares diamond
