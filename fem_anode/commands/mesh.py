@@ -32,6 +32,20 @@ def _nonneg(text: str) -> float:
     return value
 
 
+def _length_or_zero(text: str | None) -> float | None:
+    """Length in metres (units allowed); ``"0"`` gives 0 (feature off); ``None`` stays ``None``."""
+    from fem_anode.units import parse_length
+
+    if text is None:
+        return None
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return parse_length(text)
+
+
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
@@ -57,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     smooth = parser.add_argument_group("smooth method")
     smooth.add_argument("--interface-ratio", type=_ratio, default=0.5, metavar="R", help="size at interfaces / H (default 0.5; 1 = no refinement)")
     smooth.add_argument("--refine-distance", metavar="LENGTH", help="distance over which the size grows back to H (default 10 pixels)")
-    smooth.add_argument("--gap-width", metavar="LENGTH", help="refine parts of a phase narrower than this in proportion to their width (default 10 pixels)")
+    smooth.add_argument("--gap-width", metavar="LENGTH", help="refine parts of a phase narrower than this in proportion to their width (default 10 pixels; 0 = off)")
     smooth.add_argument("--min-island", type=int, default=0, metavar="PIXELS", help="merge regions with fewer pixels into their surroundings (default 0: keep all)")
     smooth.add_argument("--tolerance", type=_nonneg, default=0.1, metavar="PIXELS", help="curve simplification tolerance in pixels (default 0.1)")
     smooth.add_argument("--sigma", type=_nonneg, default=1.0, metavar="PIXELS", help="smoothing of the phase indicators for sub-pixel boundaries (default 1; 0 = marching squares)")
@@ -85,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
             size=parse_length(args.size) if args.size else None,
             order=args.order,
             interface_ratio=args.interface_ratio,
-            refine_distance=parse_length(args.refine_distance) if args.refine_distance else None,
-            gap_width=parse_length(args.gap_width) if args.gap_width else None,
+            refine_distance=_length_or_zero(args.refine_distance),
+            gap_width=_length_or_zero(args.gap_width),
             min_island_pixels=args.min_island,
             tolerance=args.tolerance,
             sigma=args.sigma,
