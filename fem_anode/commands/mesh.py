@@ -119,10 +119,14 @@ def run(args: argparse.Namespace) -> int:
             logger.info("wrote %s (%d cells, %d nodes) and %s; groups: %s", args.out, q["cells"], q["nodes"], quality_path.name, ", ".join(result.groups))
         except FemAnodeError as err:
             error = ("usage" if isinstance(err, UsageError) else "input", str(err))
+        except Exception as err:
+            if comm is None or comm.size == 1:
+                raise
+            error = ("internal", f"{type(err).__name__} on rank 0: {err}")  # do not leave other ranks waiting
     if comm is not None and comm.size > 1:
         error = comm.bcast(error, root=0)
     if error is not None:
-        raise (UsageError if error[0] == "usage" else InputError)(error[1])
+        raise {"usage": UsageError, "input": InputError}.get(error[0], RuntimeError)(error[1])
     if args.xdmf:
         from fem_anode.fem.mesh_io import read_mesh, write_xdmf
 

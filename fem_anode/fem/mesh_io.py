@@ -183,6 +183,8 @@ def image_to_tagged_mesh(
             meta = _groups_on_root()
         except FemAnodeError as err:
             meta = {"kind": "usage" if isinstance(err, UsageError) else "input", "message": str(err)}
+        except Exception as err:  # never leave the other ranks waiting in the broadcast
+            meta = {"kind": "input", "message": f"meshing failed on rank 0: {type(err).__name__}: {err}"}
     try:
         return _distribute(meta, comm, ghost_mode)
     finally:
