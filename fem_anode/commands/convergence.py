@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--model",
         choices=["auto", "diffusion", "phasefield"],
         default="auto",
-        help="model the config belongs to (auto: phasefield if it has [cycling]/[material]/[model] sections, else diffusion)",
+        help="model the config belongs to (auto: phasefield if it has phase-field sections or keys such as geometry.radius, else diffusion)",
     )
     add_out_argument(parser, default="convergence_results")
     parser.set_defaults(func=run)
@@ -89,4 +89,9 @@ def _detect_model(config: Path) -> str:
         raise InputError(f"cannot read settings file {config}: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"{config} is not valid TOML: {err}") from None
-    return "phasefield" if {"cycling", "material", "model"} & set(data) else "diffusion"
+    phasefield_only = {"cycling", "material", "model", "initial"} & set(data)
+    geometry = data.get("geometry", {}) if isinstance(data.get("geometry"), dict) else {}
+    mesh = data.get("mesh", {}) if isinstance(data.get("mesh"), dict) else {}
+    if phasefield_only or {"radius", "surface", "phase"} & set(geometry) or "displacement_degree" in mesh:
+        return "phasefield"
+    return "diffusion"
