@@ -33,6 +33,8 @@ __all__ = ["METHODS", "BuiltModel", "MeshResult", "build_model", "mesh_image", "
 logger = logging.getLogger(__name__)
 
 METHODS = ("smooth", "voxel", "tet")
+#: Meshes with more cells are written as binary ``.msh`` by default.
+BINARY_ABOVE_CELLS = 500_000
 
 
 @dataclasses.dataclass
@@ -137,6 +139,7 @@ def mesh_image(
     options: Any = None,
     order: int | None = None,
     quality_path: str | Path | None = None,
+    binary: bool | None = None,
 ) -> MeshResult:
     """Mesh an image with gmsh, write the ``.msh`` (format 4.1, metres) and a quality report.
 
@@ -145,6 +148,8 @@ def mesh_image(
         path: output ``.msh`` file (``None``: nothing written, report only).
         method, keep, options, order: see :func:`build_model`.
         quality_path: JSON file for the quality report (``None``: not written).
+        binary: write the ``.msh`` in binary (``None``: binary above
+            :data:`BINARY_ABOVE_CELLS` cells, where ASCII files get slow to write and read).
 
     Returns:
         The groups and the quality report (see :func:`fem_anode.meshing.quality.mesh_quality`).
@@ -173,7 +178,8 @@ def mesh_image(
         quality.update({"cleaning": built.cleaning, "method": built.method, "source": image.source, "shape": list(image.shape), "voxel_size_m": list(image.require_voxel_size()), "mesh_seconds": elapsed})
         if path is not None:
             gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
-            gmsh.option.setNumber("Mesh.Binary", 0)
+            use_binary = quality["cells"] > BINARY_ABOVE_CELLS if binary is None else binary
+            gmsh.option.setNumber("Mesh.Binary", int(use_binary))
             with atomic_path(path) as tmp:
                 gmsh.write(str(tmp))
             quality["file"] = str(path)
