@@ -229,3 +229,13 @@ def test_pixel_noise_and_single_pixels_mesh_without_collapsing():
     single[4, 4] = 1
     q = mesh_image(VoxelImage(single, (PIXEL, PIXEL), {"a": 0, "b": 1}), None, options=SmoothMeshOptions(size=PIXEL)).quality
     assert q["phase_measure"]["b"]["mesh"] == pytest.approx(0.5 * PIXEL**2, rel=0.05)  # marching-squares diamond
+
+
+def test_binary_msh_reads_back_the_same(tmp_path):
+    image = disk_image(40, 12, (20.2, 19.7))
+    mesh_image(image, tmp_path / "a.msh", options=SmoothMeshOptions(size=3 * PIXEL), binary=False)
+    mesh_image(image, tmp_path / "b.msh", options=SmoothMeshOptions(size=3 * PIXEL), binary=True)
+    a, b = meshio.read(tmp_path / "a.msh"), meshio.read(tmp_path / "b.msh")
+    assert a.field_data.keys() == b.field_data.keys()
+    assert np.allclose(a.points, b.points, rtol=1e-6, atol=0)
+    assert b"4.1 1 8" in (tmp_path / "b.msh").read_bytes()[:40] and b"4.1 0 8" in (tmp_path / "a.msh").read_bytes()[:40]
