@@ -128,6 +128,9 @@ def test_random_volume_bounds_and_rank_independence(comm):
     # the same volume on one rank gives the same number
     single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF)
     assert res.tau == pytest.approx(single.tau, rel=1e-7)
+    # BoomerAMG instead of the default GAMG: the same answer
+    boomer = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "hypre"})
+    assert boomer.tau == pytest.approx(res.tau, rel=1e-7)
     # the solid phase along z (labels 0): a second phase through the convenience wrapper
     both = tortuosity_factors(image(labels), ["pore", "solid"], comm)
     assert both["pore"].tau == pytest.approx(res.tau, rel=1e-12)
