@@ -86,9 +86,18 @@ class GeometrySettings(Section):
 class MeshSettings(Section):
     """Meshing of an image geometry and the finite element."""
 
-    method: str = setting("voxel", "image meshing: 'voxel' (one quad/hex per pixel/voxel)", choices=("voxel",))
-    size: float | None = setting(None, "target element size for smooth meshes", unit="m", positive=True)
-    order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2)", choices=(1, 2))
+    method: str = setting(
+        "voxel",
+        "image meshing: 'voxel' (one quad/hex per pixel/voxel, exact pixel geometry) or 'smooth' "
+        "(2D: sub-pixel smooth interfaces, refined near interfaces and in gaps; order 2 curves them)",
+        choices=("voxel", "smooth"),
+    )
+    size: float | None = setting(None, "global element size H of smooth meshes (default 4 pixels)", unit="m", positive=True)
+    order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2); smooth P2 meshes are curved", choices=(1, 2))
+
+    def validate(self) -> None:
+        if self.size is not None and self.method != "smooth":
+            raise UsageError("mesh.size applies to method = 'smooth'; voxel meshes have one cell per pixel")
 
 
 @dataclasses.dataclass
@@ -286,16 +295,29 @@ class DiffusionProblem:
         rate_si = physics.k_si / LENGTH_UNIT  # 1/s
         self.eps = physics.eps
         self.rate_f, self.rate_si = rate_f, rate_si
-        operator = rate_D * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + rate_f * s_ds * u * v * ds(pore)
-        if si is not None and rate_si > 0:
-            operator += rate_si * s_ds * u * v * ds(si)
-        self._M = fem_petsc.assemble_matrix(fem.form(s_dx * u * v * ufl.dx))
-        self._M.assemble()
-        self._KR = fem_petsc.assemble_matrix(fem.form(operator))
-        self._KR.assemble()
-        self._w_dx = self._assemble_vector(s_dx * v * ufl.dx)
-        self._w_pore = self._assemble_vector(s_ds * v * ds(pore))
-        self._w_si = self._assemble_vector(s_ds * v * ds(si)) if si is not None else None
+        # Assembled separately so that the diagnostics and the source use exactly the matrices
+        # of the scheme: w = M 1, w_pore = R_pore 1, f = rate_f R_pore 1 (c_bulk as a constant
+        # of the space). On curved P2 cells, vectors assembled from their own forms would use
+        # other quadrature degrees and break discrete conservation and the exact steady state.
+        self._M = self._assemble_matrix(s_dx * u * v * ufl.dx)
+        self._KR = self._assemble_matrix(rate_D * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx)
+        ones = self._M.createVecRight()
+        ones.set(1.0)
+        self._w_dx = self._M.createVecLeft()
+        self._M.mult(ones, self._w_dx)
+        R_pore = self._assemble_matrix(s_ds * u * v * ds(pore))
+        self._w_pore = self._M.createVecLeft()
+        R_pore.mult(ones, self._w_pore)
+        self._KR.axpy(rate_f, R_pore, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+        R_pore.destroy()
+        self._w_si = None
+        if si is not None:
+            R_si = self._assemble_matrix(s_ds * u * v * ds(si))
+            self._w_si = self._M.createVecLeft()
+            R_si.mult(ones, self._w_si)
+            if rate_si > 0:
+                self._KR.axpy(rate_si, R_si, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+            R_si.destroy()
         self._source = self._w_pore.copy()
         self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
         self.volume = self._w_dx.sum()  # in um^d
@@ -303,10 +325,10 @@ class DiffusionProblem:
         self._rhs = self._M.createVecLeft()
         self._work = self._M.createVecLeft()
 
-    def _assemble_vector(self, form: ufl.Form) -> PETSc.Vec:
-        vec = fem_petsc.assemble_vector(fem.form(form))
-        vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        return vec
+    def _assemble_matrix(self, form: ufl.Form) -> PETSc.Mat:
+        matrix = fem_petsc.assemble_matrix(fem.form(form))
+        matrix.assemble()
+        return matrix
 
     def _region_weights(self, regions: list[Region]) -> dict[str, tuple[PETSc.Vec, float]]:
         mesh = self.mesh

@@ -39,11 +39,26 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
         if not np.any(image.array == phases[name]):
             raise InputError(f"geometry.{role} {name!r} has no pixels in {image.source}")
     path = workdir / "mesh.msh"
+    mesh_settings = settings.mesh
+    if mesh_settings.method == "smooth" and image.ndim != 2:
+        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
+    error = None
     if comm.rank == 0:
-        from fem_anode.meshing.voxel import write_voxel_mesh
+        from fem_anode.errors import FemAnodeError
+        from fem_anode.meshing.build import mesh_image
+        from fem_anode.meshing.smooth2d import SmoothMeshOptions
 
-        write_voxel_mesh(image, path, keep=[geometry.transport_phase])
-    comm.barrier()
+        try:
+            if mesh_settings.method == "smooth":
+                options = SmoothMeshOptions(size=mesh_settings.size, order=mesh_settings.order)
+                mesh_image(image, path, method="smooth", keep=[geometry.transport_phase], options=options, quality_path=workdir / "mesh.quality.json")
+            else:
+                mesh_image(image, path, method="voxel", keep=[geometry.transport_phase])
+        except FemAnodeError as err:  # every rank must fail, not only the one that meshed
+            error = err
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise error
     return read_mesh(path, comm), image
 
 

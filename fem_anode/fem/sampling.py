@@ -10,6 +10,39 @@ from mpi4py import MPI
 __all__ = ["sample_points", "facet_samples"]
 
 
+def _first_colliding_cells(mesh: dmesh.Mesh, tree: geometry.BoundingBoxTree, points: np.ndarray) -> np.ndarray:
+    """Index of a local cell containing each point, -1 where none does.
+
+    On curved (non-affine) cells dolfinx's pull-back raises when Newton fails for a point
+    outside a candidate cell; the batch is then bisected so only such points are dropped.
+    """
+    cells = np.full(points.shape[0], -1, dtype=np.int32)
+    if points.shape[0] == 0:
+        return cells
+    try:
+        candidates = geometry.compute_collisions_points(tree, points)
+        colliding = geometry.compute_colliding_cells(mesh, candidates, points)
+    except RuntimeError:
+        if points.shape[0] == 1:
+            return cells
+        half = points.shape[0] // 2
+        return np.concatenate([_first_colliding_cells(mesh, tree, points[:half]), _first_colliding_cells(mesh, tree, points[half:])])
+    found = np.flatnonzero(np.diff(colliding.offsets) > 0)
+    cells[found] = colliding.array[colliding.offsets[found]]
+    return cells
+
+
+def _eval(u: fem.Function, points: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``u.eval`` with the same bisection fallback (NaN where the curved pull-back fails)."""
+    try:
+        return np.reshape(u.eval(points, cells), (points.shape[0], -1))[:, 0]  # eval flattens one point
+    except RuntimeError:
+        if points.shape[0] == 1:
+            return np.array([np.nan])
+        half = points.shape[0] // 2
+        return np.concatenate([_eval(u, points[:half], cells[:half]), _eval(u, points[half:], cells[half:])])
+
+
 def sample_points(u: fem.Function, points: np.ndarray) -> np.ndarray:
     """Values of scalar ``u`` at ``points`` (n, 3) in mesh coordinates, on every rank.
 
@@ -18,13 +51,12 @@ def sample_points(u: fem.Function, points: np.ndarray) -> np.ndarray:
     mesh = u.function_space.mesh
     points = np.ascontiguousarray(points, dtype=np.float64)
     tree = geometry.bb_tree(mesh, mesh.topology.dim)
-    candidates = geometry.compute_collisions_points(tree, points)
-    colliding = geometry.compute_colliding_cells(mesh, candidates, points)
-    found = np.flatnonzero(np.diff(colliding.offsets) > 0)
+    cells = _first_colliding_cells(mesh, tree, points)
+    found = np.flatnonzero(cells >= 0)
     values = np.full(points.shape[0], -np.inf)
     if found.size:
-        cells = colliding.array[colliding.offsets[found]]
-        values[found] = u.eval(points[found], cells)[:, 0]
+        evaluated = _eval(u, points[found], cells[found])
+        values[found] = np.where(np.isfinite(evaluated), evaluated, -np.inf)
     mesh.comm.Allreduce(MPI.IN_PLACE, values, op=MPI.MAX)  # buffer reduction: element-wise
     values[~np.isfinite(values)] = np.nan
     return values
@@ -52,7 +84,7 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
     n_vertices = xyz.shape[1]
     points = np.concatenate([xyz.reshape(-1, 3), centroid])
     cell_of_point = np.concatenate([np.repeat(cells, n_vertices), cells])
-    values = u.eval(points, cell_of_point)[:, 0]
+    values = _eval(u, points, cell_of_point)
     at_vertices = values[: -len(facets)].reshape(len(facets), n_vertices)
     at_centre = values[-len(facets):]
     if tdim == 2:
