@@ -250,15 +250,18 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
 
 
 #: Per-half-cycle record keys studied for the phase-field model.
-PHASEFIELD_QUANTITIES = ("outer_radius_m", "area_m2", "axial_stretch", "mean_c_li", "max_von_mises", "max_eq_plastic_strain")
+PHASEFIELD_QUANTITIES = (
+    "outer_radius_m", "area_m2", "axial_stretch", "mean_c_li", "max_von_mises", "max_eq_plastic_strain", "peak_von_mises", "peak_eq_plastic_strain",
+)
 
 
 def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2.0, workdir: Path, comm: Any) -> dict[str, Any]:
     """Run the phase-field model on disk meshes with ``mesh.size / refine_factor**k``.
 
     Quantities: every half-cycle record's outer radius, deformed area, axial stretch, mean c,
-    maximum von Mises stress and equivalent plastic strain (issue 7's void fraction joins when
-    the vacancy field exists). Needs the built-in disk geometry (an image mesh has a fixed size).
+    von Mises stress and equivalent plastic strain at the half-cycle end and their peaks during
+    it (issue 7's void fraction joins when the vacancy field exists). The adaptive time steps
+    follow each mesh, so peak values carry time-step effects as well. Needs the built-in disk geometry (an image mesh has a fixed size).
     """
     from fem_anode.fem.phasefield.run import run_phasefield
 
