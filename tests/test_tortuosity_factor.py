@@ -133,7 +133,7 @@ def test_random_volume_bounds_and_rank_independence(comm):
     assert boomer.tau == pytest.approx(res.tau, rel=1e-7)
     # the solid phase along z (labels 0): a second phase through the convenience wrapper
     both = tortuosity_factors(image(labels), ["pore", "solid"], comm)
-    assert both["pore"].tau == pytest.approx(res.tau, rel=1e-12)
+    assert both["pore"].tau == pytest.approx(res.tau, rel=1e-9)  # GAMG in parallel: not bitwise repeatable
     assert both["solid"].tau > 1.0 or both["solid"].tau == float("inf")
 
 
