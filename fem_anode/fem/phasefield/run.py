@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,13 @@ def load_geometry(settings: PhaseFieldSettings, workdir: Path | None, comm: MPI.
     return disk_mesh(geometry.radius, settings.mesh.size, comm, path=None if workdir is None else workdir / "mesh.msh")
 
 
-def run_phasefield(settings: PhaseFieldSettings, staging: Path | None, comm: MPI.Comm = MPI.COMM_WORLD, tagged: TaggedMesh | None = None) -> dict[str, Any]:
+def run_phasefield(
+    settings: PhaseFieldSettings,
+    staging: Path | None,
+    comm: MPI.Comm = MPI.COMM_WORLD,
+    tagged: TaggedMesh | None = None,
+    on_half_cycle_end: Callable[[Any, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the half-cycles; write ``results.json``, ``fields.bp``/``stress.bp`` and PNGs to ``staging``.
 
     Args:
@@ -41,6 +48,8 @@ def run_phasefield(settings: PhaseFieldSettings, staging: Path | None, comm: MPI
         staging: output directory (``None``: nothing is written, only the results returned).
         comm: communicator.
         tagged: a mesh to use instead of the settings' geometry (coordinates in metres).
+        on_half_cycle_end: called as ``on_half_cycle_end(problem, record)`` after every
+            half-cycle (e.g. to keep fields for a convergence study).
 
     Returns:
         The results dict (same on every rank).
@@ -87,6 +96,8 @@ def run_phasefield(settings: PhaseFieldSettings, staging: Path | None, comm: MPI
             current.update(kind=kind, index=i + 1)
             record = problem.run_half_cycle(i + 1, kind, settings.cycling.half_cycle_time, on_output, out.snapshots_per_half_cycle, out.times)
             records.append(record)
+            if on_half_cycle_end is not None:
+                on_half_cycle_end(problem, record)
     finally:
         if writer is not None:
             writer.close()
