@@ -241,6 +241,19 @@ class Section:
                 rows.append((path, default, f.metadata.get("unit"), f.metadata.get("doc", "")))
         return rows
 
+    def resolve_paths(self, base: Path) -> Self:
+        """Copy with every relative path setting made relative to ``base`` (a config's folder)."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                changes[f.name] = value.resolve_paths(base)
+            elif isinstance(value, Path) and not value.is_absolute():
+                changes[f.name] = Path(base) / value
+            elif isinstance(value, list) and value and all(isinstance(v, Section) for v in value):
+                changes[f.name] = [v.resolve_paths(base) for v in value]
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]
+
     def replace(self, **changes: Any) -> Self:
         """Copy with some fields changed, validated again."""
         new = dataclasses.replace(self, **changes)  # type: ignore[type-var]

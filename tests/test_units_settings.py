@@ -149,3 +149,11 @@ def test_arrays_of_tables_round_trip(tmp_path):
     path.write_text('[[regions]]\nnme = "I"\n')
     with pytest.raises(UsageError, match="did you mean 'name'"):
         WithRegions.from_toml(path)
+
+
+def test_resolve_paths_makes_relative_paths_relative_to_the_config(tmp_path):
+    settings = ToySettings(geometry=Geometry(image=Path("roi.npy")))
+    resolved = settings.resolve_paths(tmp_path)
+    assert resolved.geometry.image == tmp_path / "roi.npy" and resolved.physics == settings.physics
+    absolute = ToySettings(geometry=Geometry(image=Path("/data/roi.npy")))
+    assert absolute.resolve_paths(tmp_path).geometry.image == Path("/data/roi.npy")

@@ -183,14 +183,6 @@ class DiffusionSettings(Settings):
         if len(set(names)) != len(names):
             raise UsageError(f"region names must be unique, got {names}")
 
-    def resolve_paths(self, base: Path) -> DiffusionSettings:
-        """Copy with relative geometry paths made relative to ``base`` (the config's folder)."""
-        geometry = dataclasses.replace(
-            self.geometry,
-            image=None if self.geometry.image is None else base / self.geometry.image,
-            mesh=None if self.geometry.mesh is None else base / self.geometry.mesh,
-        )
-        return dataclasses.replace(self, geometry=geometry)
 
 
 @dataclasses.dataclass

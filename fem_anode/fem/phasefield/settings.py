@@ -154,8 +154,3 @@ class PhaseFieldSettings(Settings):
             if not (0.0 < c0 - self.initial.perturbation and c0 + self.initial.perturbation < 1.0):
                 raise UsageError("initial.c +- initial.perturbation must stay inside (0, 1)")
 
-    def resolve_paths(self, base: Path) -> PhaseFieldSettings:
-        """Copy with a relative ``geometry.mesh`` made relative to ``base`` (the config's folder)."""
-        if self.geometry.mesh is None:
-            return self
-        return dataclasses.replace(self, geometry=dataclasses.replace(self.geometry, mesh=base / self.geometry.mesh))
