@@ -92,14 +92,26 @@ def per_slice_fractions(image: VoxelImage) -> dict[str, dict[str, Any]]:
     slice, index 0 at the electrode surface) plus the slice positions ``depth_m`` (slice centres).
     """
     phases = image.require_phases()
-    image.check_labels(require_all_phases=False)
     labels = image.array
     n_slices = labels.shape[0]
     per_slice = labels.reshape(n_slices, -1)
     spacing = image.voxel_size[0] if image.voxel_size else None
     result: dict[str, dict[str, Any]] = {}
+    histogram = None
+    if labels.dtype in (np.uint8, np.bool_):  # one pass: a 2D histogram (slice, label)
+        width = 256
+        keys = (np.arange(n_slices, dtype=np.int64) * width)[:, None] + per_slice
+        histogram = np.bincount(keys.ravel(), minlength=n_slices * width).reshape(n_slices, width)
+        if set(np.flatnonzero(histogram.sum(axis=0)).tolist()) - set(phases.values()):
+            image.check_labels(require_all_phases=False)  # raises the standard message
+    else:
+        image.check_labels(require_all_phases=False)
     for name, value in phases.items():
-        profile = np.count_nonzero(per_slice == value, axis=1) / per_slice.shape[1]
+        if histogram is not None:
+            counts = histogram[:, value] if 0 <= value < histogram.shape[1] else np.zeros(n_slices)
+        else:
+            counts = np.count_nonzero(per_slice == value, axis=1)
+        profile = counts / per_slice.shape[1]
         result[name] = {
             "mean": float(profile.mean()),
             "min": float(profile.min()),
