@@ -270,18 +270,17 @@ def _relative_l2_difference(fine: Any, coarse: Any, *, padding: float, comm: Any
     return float(math.sqrt(diff / norm)) if norm > 0 else 0.0
 
 
-#: Per-half-cycle record keys studied for the phase-field model.
-PHASEFIELD_QUANTITIES = (
-    "outer_radius_m", "area_m2", "axial_stretch", "mean_c_li", "max_von_mises", "max_eq_plastic_strain", "peak_von_mises", "peak_eq_plastic_strain",
-)
+#: Per-half-cycle record keys that are bookkeeping, not physical quantities of interest.
+PHASEFIELD_NOT_QUANTITIES = frozenset({"index", "kind", "t", "steps", "rejected_steps", "newton_iterations_total", "wall_time_s"})
 
 
 def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2.0, workdir: Path, comm: Any) -> dict[str, Any]:
     """Run the phase-field model on disk meshes with ``mesh.size / refine_factor**k``.
 
-    Quantities: every half-cycle record's outer radius, deformed area, axial stretch, mean c,
-    von Mises stress and equivalent plastic strain at the half-cycle end and their peaks during
-    it (issue 7's void fraction joins when the vacancy field exists). The adaptive time steps
+    Quantities: every physical scalar of every half-cycle record (outer radius, deformed area,
+    axial stretch, mean/min/max c, von Mises stress and equivalent plastic strain at the end and
+    their peaks during the half-cycle, energies; a void fraction joins by itself once the
+    model reports one). The adaptive time steps
     follow each mesh, so peak values carry time-step effects as well. Needs the built-in disk geometry (an image mesh has a fixed size).
     """
     from fem_anode.fem.phasefield.run import run_phasefield
@@ -311,9 +310,9 @@ def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2
         cells.append(results["ncells"])
         dofs.append(results["unknowns"])
         for record in results["half_cycles"]:
-            for key in PHASEFIELD_QUANTITIES:
-                if key in record and record[key] is not None:
-                    quantities.setdefault(f"{key}[half-cycle {record['index']}]", []).append(float(record[key]))
+            for key, value in record.items():  # every physical scalar the model reports
+                if key not in PHASEFIELD_NOT_QUANTITIES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    quantities.setdefault(f"{key}[half-cycle {record['index']}]", []).append(float(value))
         for name in differences:
             coarse = previous.get(name)
             differences[name].append(None if coarse is None or name not in kept else _relative_l2_difference(kept[name], coarse, padding=2 * size * refine_factor, comm=comm))
