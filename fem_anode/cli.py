@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{where}: error{rank_note}: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, like other CLI tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{where}: interrupted{rank_note}", file=sys.stderr)
         return EXIT_CODES["interrupted"]

@@ -31,7 +31,7 @@ from typing import Any, Self, TypeVar, get_args, get_origin
 
 from fem_anode.errors import InputError, UsageError
 
-__all__ = ["Section", "Settings", "setting", "section", "dumps_toml"]
+__all__ = ["Section", "Settings", "setting", "section", "dumps_toml", "read_toml"]
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -267,17 +267,7 @@ class Settings(Section):
     @classmethod
     def from_toml(cls, path: str | Path) -> Self:
         """Read and validate a TOML file; relative paths inside stay relative to the caller."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"settings file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read settings file {path}: {err}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise UsageError(f"{path} is not valid TOML: {err}") from None
+        data = read_toml(path)
         try:
             return cls.from_dict(data)
         except UsageError as err:
@@ -291,6 +281,26 @@ class Settings(Section):
 
             write_text_atomic(path, text)
         return text
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML file.
+
+    Raises:
+        InputError: missing or unreadable file.
+        UsageError: not valid TOML.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"settings file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read settings file {path}: {err}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{path} is not valid TOML: {err}") from None
 
 
 def _join(where: str, key: str) -> str:

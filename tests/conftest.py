@@ -52,3 +52,20 @@ def shared_tmp_path(comm, tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _matplotlib_agg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+DEMOS = Path(__file__).resolve().parents[1] / "demos"
+
+
+@pytest.fixture(scope="session")
+def load_demo():
+    """``load_demo("diffusion_fig8")`` imports ``demos/diffusion_fig8.py`` as a module."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"demo_{name}", DEMOS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

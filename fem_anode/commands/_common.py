@@ -12,7 +12,7 @@ from typing import Any
 from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
-__all__ = ["add_image_arguments", "add_out_argument", "is_root", "load_image", "provenance", "world_comm"]
+__all__ = ["add_config_arguments", "add_image_arguments", "add_out_argument", "is_root", "load_config", "load_image", "provenance", "world_comm"]
 
 
 def add_image_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
@@ -78,3 +78,26 @@ def world_comm() -> Any:
 def is_root(comm: Any) -> bool:
     """True on rank 0 (or without MPI): the rank that writes files and logs."""
     return comm is None or comm.rank == 0
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """``CONFIG.toml`` (optional with ``--defaults``), ``--out DIR`` and ``--defaults``."""
+    parser.add_argument("config", metavar="CONFIG.toml", type=Path, nargs="?", help="run configuration (TOML)")
+    add_out_argument(parser, default=default_out)
+    parser.add_argument("--defaults", action="store_true", help="print every setting with its default, unit and meaning, then exit")
+
+
+def load_config(args: argparse.Namespace, settings_class: Any, command: str) -> Any:
+    """The validated settings of ``args.config`` (paths relative to its folder).
+
+    With ``--defaults`` prints the settings table and returns ``None``.
+    """
+    from fem_anode.errors import UsageError
+
+    if getattr(args, "defaults", False):
+        for key, default, unit, doc in settings_class.describe():
+            print(f"{key:<32} {default!s:<26} {unit or '':<9} {doc}")
+        return None
+    if args.config is None:
+        raise UsageError(f"give a CONFIG.toml (see fem-anode {command} --defaults)")
+    return settings_class.from_toml(args.config).resolve_paths(args.config.parent)

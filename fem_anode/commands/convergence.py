@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_out_argument, provenance, world_comm
+from fem_anode.commands._common import add_out_argument, load_config, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if model == "phasefield":
         from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-        settings = PhaseFieldSettings.from_toml(args.config).resolve_paths(args.config.parent)
+        settings = load_config(args, PhaseFieldSettings, "convergence")
         if orders:
             raise UsageError("--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config")
     else:
-        from fem_anode.fem.diffusion import DiffusionSettings
+        from fem_anode.fem.diffusion_settings import DiffusionSettings
 
-        settings = DiffusionSettings.from_toml(args.config).resolve_paths(args.config.parent)
+        settings = load_config(args, DiffusionSettings, "convergence")
         if args.refine_factor != int(args.refine_factor):
             raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer")
         args.refine_factor = int(args.refine_factor)
@@ -77,18 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _detect_model(config: Path) -> str:
     """'phasefield' if the TOML has a phase-field-only section, else 'diffusion'."""
-    import tomllib
+    from fem_anode.settings import read_toml
 
-    from fem_anode.errors import InputError, UsageError
-
-    try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"settings file not found: {config}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read settings file {config}: {err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"{config} is not valid TOML: {err}") from None
+    data = read_toml(config)
     phasefield_only = {"cycling", "material", "model", "initial"} & set(data)
     geometry = data.get("geometry", {}) if isinstance(data.get("geometry"), dict) else {}
     mesh = data.get("mesh", {}) if isinstance(data.get("mesh"), dict) else {}

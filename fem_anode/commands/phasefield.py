@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from fem_anode.commands._common import add_out_argument, provenance, world_comm
+from fem_anode.commands._common import add_config_arguments, load_config, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -20,23 +19,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "strain, Dirichlet c on the surface. Writes DIR/results.json (one record per half-cycle), DIR/fields.bp and "
         "DIR/stress.bp (VTX on the deformed mesh), DIR/mesh.msh and PNG snapshots. See --defaults for every setting.",
     )
-    parser.add_argument("config", metavar="CONFIG.toml", type=Path, nargs="?", help="run configuration (TOML)")
-    add_out_argument(parser, default="phasefield_results")
-    parser.add_argument("--defaults", action="store_true", help="print every setting with its default, unit and meaning, then exit")
+    add_config_arguments(parser, default_out="phasefield_results")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fem_anode.errors import UsageError
     from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-    if args.defaults:
-        for key, default, unit, doc in PhaseFieldSettings.describe():
-            print(f"{key:<28} {default!s:<26} {unit or '':<5} {doc}")
+    settings = load_config(args, PhaseFieldSettings, "phasefield")
+    if settings is None:
         return 0
-    if args.config is None:
-        raise UsageError("give a CONFIG.toml (see fem-anode phasefield --defaults)")
-    settings = PhaseFieldSettings.from_toml(args.config).resolve_paths(args.config.parent)
     from fem_anode.fem.phasefield.run import run_phasefield
     from fem_anode.io.output import output_directory, write_json
 

@@ -29,7 +29,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import dolfinx
@@ -44,7 +43,16 @@ from fem_anode.errors import InputError, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps
 from fem_anode.meshing.tags import interface_name
-from fem_anode.settings import Section, Settings, section, setting
+from fem_anode.fem.diffusion_settings import (
+    DiffusionSettings,
+    GeometrySettings,
+    MeshSettings,
+    OutputSettings,
+    PhysicsSettings,
+    Region,
+    SolverSettings,
+    TimeSettings,
+)
 
 __all__ = [
     "DiffusionSettings",
@@ -63,126 +71,6 @@ logger = logging.getLogger(__name__)
 
 #: Internal length unit of the forms (m).
 LENGTH_UNIT = 1e-6
-
-
-@dataclasses.dataclass
-class GeometrySettings(Section):
-    """Where the domain comes from: a segmented image (meshed here) or a tagged gmsh mesh."""
-
-    image: Path | None = setting(None, "segmented image (.npy/.npz/.tif/.png/folder); relative to the config file")
-    mesh: Path | None = setting(None, "tagged gmsh mesh instead of an image; relative to the config file")
-    pixel_size: float | None = setting(None, "pixel/voxel edge, overrides the image's", unit="m", positive=True)
-    phases: dict[str, int] | None = setting(None, "phase map name -> label, overrides the image's")
-    transport_phase: str = setting("sei", "phase in which Li diffuses (the SEI/C/B domain)")
-    pore_phase: str = setting("pore", "phase acting as Li source through the mass-transfer boundary")
-    si_phase: str = setting("si", "Si phase (no flux, or first-order uptake k_si)")
-
-    def validate(self) -> None:
-        if (self.image is None) == (self.mesh is None):
-            raise UsageError("geometry needs exactly one of 'image' or 'mesh'")
-
-
-@dataclasses.dataclass
-class MeshSettings(Section):
-    """Meshing of an image geometry and the finite element."""
-
-    method: str = setting(
-        "voxel",
-        "image meshing: 'voxel' (one quad/hex per pixel/voxel, exact pixel geometry) or 'smooth' "
-        "(2D: sub-pixel smooth interfaces, refined near interfaces and in gaps; order 2 curves them)",
-        choices=("voxel", "smooth"),
-    )
-    size: float | None = setting(None, "global element size H of smooth meshes (default 4 pixels)", unit="m", positive=True)
-    order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2); smooth P2 meshes are curved", choices=(1, 2))
-
-    def validate(self) -> None:
-        if self.size is not None and self.method != "smooth":
-            raise UsageError("mesh.size applies to method = 'smooth'; voxel meshes have one cell per pixel")
-
-
-@dataclasses.dataclass
-class PhysicsSettings(Section):
-    """Transport parameters (defaults: the paper's values)."""
-
-    D: float = setting(3.01e-10, "Li diffusivity in the SEI/C/B compound", unit="m^2/s", positive=True)
-    k_f: float = setting(1e-3, "mass-transfer coefficient at pore interfaces", unit="m/s", nonnegative=True)
-    c_bulk: float = setting(1000.0, "bulk Li concentration in the pores (1 mol/L)", unit="mol/m^3", positive=True)
-    eps: float = setting(0.63985, "transporting-phase fraction (area fraction of SEI/C/B in the ROI)", bounds=(1e-6, 1.0))
-    bruggeman: float = setting(1.5, "Bruggeman exponent b in D_eff = eps^b D", nonnegative=True)
-    k_si: float = setting(0.0, "first-order Li uptake rate at Si interfaces (0 = no flux)", unit="m/s", nonnegative=True)
-
-    @property
-    def D_eff(self) -> float:
-        """Effective diffusivity eps^b D (m^2/s)."""
-        return self.eps**self.bruggeman * self.D
-
-
-@dataclasses.dataclass
-class TimeSettings(Section):
-    """Implicit time integration with geometrically growing steps."""
-
-    t_end: float = setting(100.0, "final time", unit="s", positive=True)
-    output_times: list[float] = setting([2.0, 10.0, 100.0], "times at which fields are written (hit exactly)", unit="s", positive=True)
-    scheme: str = setting("bdf2", "'bdf2' (second order, backward-Euler start) or 'euler'", choices=("bdf2", "euler"))
-    dt_initial: float = setting(1e-6, "first time step", unit="s", positive=True)
-    growth: float = setting(2.0, "step growth factor per level", bounds=(1.0, 10.0))
-    steps_per_level: int = setting(8, "steps per step-size level", positive=True)
-    dt_max: float | None = setting(None, "largest time step (default t_end/20)", unit="s", positive=True)
-
-    def validate(self) -> None:
-        late = [t for t in self.output_times if t > self.t_end]
-        if late:
-            raise UsageError(f"output_times {late} lie beyond t_end = {self.t_end} s")
-
-
-@dataclasses.dataclass
-class SolverSettings(Section):
-    """Linear solver (PETSc)."""
-
-    type: str = setting("auto", "'direct' (MUMPS Cholesky; the matrix is SPD), 'iterative' (CG + GAMG; BoomerAMG with petsc_options pc_type = 'hypre') or 'auto' (direct in 2D or below 50k dofs in 3D)", choices=("auto", "direct", "iterative"))
-    rtol: float = setting(1e-12, "relative tolerance of the iterative solver", positive=True)
-    petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
-    cache_size: int = setting(3, "factorised matrices kept (one per distinct step size; LRU)", positive=True)
-
-
-@dataclasses.dataclass
-class OutputSettings(Section):
-    """What the run writes besides results.json."""
-
-    fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
-    figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
-
-
-@dataclasses.dataclass
-class Region(Section):
-    """An axis-aligned box whose mean concentration is reported over time."""
-
-    name: str = setting("I", "region name")
-    box: list[float] = setting([0.0, 0.0, 1e-6, 1e-6], "[x0, y0, x1, y1] (2D) or [x0, y0, z0, x1, y1, z1] (3D)", unit="m")
-
-    def validate(self) -> None:
-        n = len(self.box)
-        if n not in (4, 6) or any(self.box[i] >= self.box[i + n // 2] for i in range(n // 2)):
-            raise UsageError(f"region {self.name!r}: box must be [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1] with x0 < x1 ...")
-
-
-@dataclasses.dataclass
-class DiffusionSettings(Settings):
-    """All settings of a diffusion run; ``DiffusionSettings.from_toml(path)`` reads a config."""
-
-    geometry: GeometrySettings = section(GeometrySettings)
-    mesh: MeshSettings = section(MeshSettings)
-    physics: PhysicsSettings = section(PhysicsSettings)
-    time: TimeSettings = section(TimeSettings)
-    solver: SolverSettings = section(SolverSettings)
-    output: OutputSettings = section(OutputSettings)
-    regions: list[Region] = setting([], "boxes whose mean c(t) and t90 are reported")
-
-    def validate(self) -> None:
-        names = [r.name for r in self.regions]
-        if len(set(names)) != len(names):
-            raise UsageError(f"region names must be unique, got {names}")
-
 
 
 @dataclasses.dataclass

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
-
-DEMO = Path(__file__).resolve().parents[2] / "demos" / "detachment_measure_fit_simulate.py"
 
 
-def test_detachment_demo_quick(shared_tmp_path):
-    spec = importlib.util.spec_from_file_location("detachment_measure_fit_simulate", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+def test_detachment_demo_quick(shared_tmp_path, load_demo):
+    module = load_demo("detachment_measure_fit_simulate")
     start = time.perf_counter()
     summary = module.main(shared_tmp_path / "demo", quick=True)
     assert time.perf_counter() - start < 60

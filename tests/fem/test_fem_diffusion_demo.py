@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("dolfinx")
 
-DEMO = Path(__file__).resolve().parents[2] / "demos" / "diffusion_fig8.py"
 
 
-def test_diffusion_fig8_demo_quick(shared_tmp_path, comm):
-    spec = importlib.util.spec_from_file_location("diffusion_fig8", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_diffusion_fig8_demo_quick(shared_tmp_path, comm, load_demo):
+    module = load_demo("diffusion_fig8")
     results = module.main(shared_tmp_path / "fig8", quick=True, comm=comm)
     assert set(results["regions"]) == {"I", "II", "III", "IV"}
     t90 = results["t90_s"]

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-DEMO = Path(__file__).resolve().parents[2] / "demos" / "imaging_pristine_vs_aged.py"
 
 
-def test_imaging_demo_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("imaging_pristine_vs_aged", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+def test_imaging_demo_quick(tmp_path, load_demo):
+    module = load_demo("imaging_pristine_vs_aged")
     summary = module.main(tmp_path, quick=True)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["relative_change_aged_vs_pristine"]["phase_volume"]["pore"] < -0.2

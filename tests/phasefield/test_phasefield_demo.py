@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("dolfinx")
 
-DEMO = Path(__file__).resolve().parents[2] / "demos" / "phasefield_nanowire.py"
 
 
-def test_demo_quick(shared_tmp_path, comm):
-    spec = importlib.util.spec_from_file_location("phasefield_nanowire_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_demo_quick(shared_tmp_path, comm, load_demo):
+    module = load_demo("phasefield_nanowire")
     out = shared_tmp_path / "demo"
     results = module.main(out, quick=True, comm=comm)
     records = results["table1"]["half_cycles"]

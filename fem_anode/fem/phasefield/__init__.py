@@ -6,8 +6,16 @@ Li Cahn-Hilliard (regular-solution double well) coupled to finite-strain mechani
 :func:`run_phasefield`.
 """
 
-from fem_anode.fem.phasefield.problem import PhaseFieldProblem
-from fem_anode.fem.phasefield.run import run_phasefield
-from fem_anode.fem.phasefield.settings import PhaseFieldSettings
+from importlib import import_module
+from typing import Any
 
 __all__ = ["PhaseFieldProblem", "PhaseFieldSettings", "run_phasefield"]
+
+# Imported on first use: the settings (and ``fem-anode phasefield --defaults``) need no dolfinx.
+_WHERE = {"PhaseFieldProblem": "problem", "run_phasefield": "run", "PhaseFieldSettings": "settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"fem_anode.fem.phasefield.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
