@@ -6,7 +6,7 @@ with a code that tells usage, input and solver problems apart.
 
 from __future__ import annotations
 
-__all__ = ["FemAnodeError", "UsageError", "InputError", "SolverError", "EXIT_CODES"]
+__all__ = ["FemAnodeError", "UsageError", "InputError", "SolverError", "Interrupted", "EXIT_CODES"]
 
 
 class FemAnodeError(Exception):
@@ -31,6 +31,20 @@ class SolverError(FemAnodeError, RuntimeError):
     """A numerical solve failed (divergence, non-finite values)."""
 
     exit_code = 4
+
+
+class Interrupted(FemAnodeError):
+    """A run stopped at a safe point on SIGINT/SIGTERM; its checkpoint and partial results are saved.
+
+    Attributes:
+        result: the model's partial result object when the time loop raised it (else ``None``).
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 EXIT_CODES = {"ok": 0, "error": 1, "usage": 2, "input": 3, "solver": 4, "interrupted": 130}

@@ -39,9 +39,11 @@ from dolfinx.fem import petsc as fem_petsc
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.errors import InputError, Interrupted, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
-from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps
+from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
+from fem_anode.io.checkpoint import Checkpoint, Checkpointer
+from fem_anode.io.interrupt import agree_flags
 from fem_anode.meshing.tags import interface_name
 from fem_anode.fem.diffusion_settings import (
     DiffusionSettings,
@@ -86,6 +88,9 @@ class DiffusionResult:
             total Li taken up.
         ndofs, ncells: global sizes.
         steps, factorisations: time steps taken and matrices factorised/set up.
+        retries: failed steps retried with a halved step.
+        status: "completed", or "interrupted" for the partial result of a stopped run.
+        resumed_from_step: the checkpoint's step when the run was resumed, else None.
     """
 
     times: list[float]
@@ -97,6 +102,9 @@ class DiffusionResult:
     ncells: int
     steps: int
     factorisations: int
+    retries: int = 0
+    status: str = "completed"
+    resumed_from_step: int | None = None
 
     def t90(self, c_bulk: float) -> dict[str, float | None]:
         """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None."""
@@ -123,6 +131,101 @@ def _first_crossing(times: list[float], values: list[float], level: float) -> fl
         if values[i] >= level and i == 1 and values[0] >= level:
             return times[0]
     return None
+
+
+_KSP_REASONS = {int(getattr(PETSc.KSP.ConvergedReason, k)): k for k in dir(PETSc.KSP.ConvergedReason) if k.isupper() and k != "ITERATING"}
+
+
+@dataclasses.dataclass
+class _Records:
+    """The time loop's bookkeeping: records so far, mass balance, counters (checkpointed)."""
+
+    times: list[float]
+    domain: list[float]
+    regions: dict[str, list[float]]
+    mass_old: float
+    mass_older: float
+    residual_sum: float = 0.0
+    steps: int = 0
+    retries: int = 0
+    factorisations_before: int = 0
+    resumed_from_step: int | None = None
+
+    @classmethod
+    def start(cls, problem: DiffusionProblem) -> _Records:
+        for u in (problem.c, problem._c_old, problem._c_older):
+            u.x.array[:] = 0.0
+        mass = problem.mass()
+        return cls([0.0], [0.0], {name: [0.0] for name in problem.regions}, mass, mass)
+
+    @classmethod
+    def resume(cls, problem: DiffusionProblem, checkpoint: Checkpoint, plan: StepPlan) -> _Records:
+        state, arrays = checkpoint.state["problem"], checkpoint.arrays
+        if state.get("scheme") != problem.settings.time.scheme or set(state.get("regions", [])) != set(problem.regions):
+            raise UsageError(f"the checkpoint in {checkpoint.path} was written with another time scheme or other regions")
+        checkpoint.restore("problem.c_old", problem._c_old)
+        checkpoint.restore("problem.c_older", problem._c_older)
+        problem.c.x.array[:] = problem._c_old.x.array
+        plan.load_state(state["plan"])
+        logger.info("resuming at t = %.6g s (step %d) from %s", plan.t, state["steps"], checkpoint.path)
+        return cls(
+            times=arrays["problem.times"].tolist(),
+            domain=arrays["problem.domain"].tolist(),
+            regions={name: arrays[f"problem.region.{name}"].tolist() for name in problem.regions},
+            mass_old=float(state["mass_old"]),
+            mass_older=float(state["mass_older"]),
+            residual_sum=float(state["residual_sum"]),
+            steps=int(state["steps"]),
+            retries=int(state["retries"]),
+            factorisations_before=int(state["factorisations"]),
+            resumed_from_step=int(state["steps"]),
+        )
+
+    def append(self, t: float, problem: DiffusionProblem) -> None:
+        self.times.append(t)
+        self.domain.append(problem.domain_mean())
+        for name in problem.regions:
+            self.regions[name].append(problem.region_mean(name))
+
+    def checkpoint(self, problem: DiffusionProblem, plan: StepPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+        state = {
+            "t": plan.t,
+            "steps": self.steps,
+            "plan": plan.state_dict(),
+            "scheme": problem.settings.time.scheme,
+            "regions": list(problem.regions),
+            "mass_old": self.mass_old,
+            "mass_older": self.mass_older,
+            "residual_sum": self.residual_sum,
+            "retries": self.retries,
+            "factorisations": self.factorisations_before + problem.factorisations,
+        }
+        arrays: dict[str, Any] = {
+            "c_old": problem._c_old,
+            "c_older": problem._c_older,
+            "times": np.asarray(self.times),
+            "domain": np.asarray(self.domain),
+        }
+        arrays.update({f"region.{name}": np.asarray(values) for name, values in self.regions.items()})
+        return state, arrays
+
+    def result(self, problem: DiffusionProblem, status: str) -> DiffusionResult:
+        uptake = abs(problem.mass())
+        mesh = problem.mesh
+        return DiffusionResult(
+            times=list(self.times),
+            region_means={k: list(v) for k, v in self.regions.items()},
+            domain_mean=list(self.domain),
+            output_times=sorted(problem.settings.time.output_times),
+            mass_balance_rel_error=self.residual_sum / uptake if uptake > 0 else 0.0,
+            ndofs=problem.V.dofmap.index_map.size_global,
+            ncells=mesh.topology.index_map(mesh.topology.dim).size_global,
+            steps=self.steps,
+            factorisations=self.factorisations_before + problem.factorisations,
+            retries=self.retries,
+            status=status,
+            resumed_from_step=self.resumed_from_step,
+        )
 
 
 class DiffusionProblem:
@@ -294,6 +397,7 @@ class DiffusionProblem:
                 opts[f"{prefix}{name}"] = value
             ksp.setOperators(A)
             ksp.setFromOptions()
+            ksp.setConvergenceHistory(reset=True)  # residuals of each solve, for failure reports
             for name in options:
                 del opts[f"{prefix}{name}"]
         A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
@@ -332,77 +436,157 @@ class DiffusionProblem:
         return out
 
     # -- time loop ------------------------------------------------------------------------
-    def run(self, on_output: Callable[[float, DiffusionProblem], None] | None = None) -> DiffusionResult:
-        """Integrate from c = 0 to ``t_end``; call ``on_output(t, self)`` at each output time."""
+    def _solve(self, ksp: PETSc.KSP, rhs: PETSc.Vec) -> None:
+        """Solve ``A c = rhs`` into ``self.c`` (one method, so tests can inject failures)."""
+        ksp.solve(rhs, self.c.x.petsc_vec)
+
+    def _try_step(self, coeff: Any) -> dict[str, Any] | None:
+        """Solve one step into ``self.c``: ``None`` if it succeeded, else what went wrong (collective)."""
+        # rhs = source - eps M (a1 c^n + a2 c^{n-1})
+        work = self._work
+        self._c_old.x.petsc_vec.copy(work)
+        work.scale(coeff.a1)
+        if coeff.a2:
+            work.axpy(coeff.a2, self._c_older.x.petsc_vec)
+        self._M.mult(work, self._rhs)
+        self._rhs.scale(-self.eps)
+        self._rhs.axpy(1.0, self._source)
+        key = float(f"{coeff.a0:.12e}")
+        try:
+            ksp = self._ksp(coeff.a0)
+            self._solve(ksp, self._rhs)
+            reason = int(ksp.getConvergedReason())
+        except PETSc.Error as err:  # e.g. a factorisation that breaks down
+            self._evict(key)
+            return {"reason": int(PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED), "reason_name": f"PETSc error {err.ierr}",
+                    "residual_history": [], "relative_residual": math.nan}
+        self.c.x.scatter_forward()
+        (nonfinite,) = agree_flags(self.comm, not bool(np.isfinite(self.c.x.array).all()))
+        if reason >= 0 and not nonfinite:
+            return None
+        history = [float(r) for r in ksp.getConvergenceHistory()]
+        residual = self._rhs.duplicate()
+        ksp.getOperators()[0].mult(self.c.x.petsc_vec, residual)
+        residual.aypx(-1.0, self._rhs)
+        rhs_norm = self._rhs.norm()
+        relative = residual.norm() / rhs_norm if rhs_norm > 0 else residual.norm()
+        residual.destroy()
+        self._evict(key)
+        name = _KSP_REASONS.get(reason, str(reason)) if reason < 0 else f"{_KSP_REASONS.get(reason, reason)} but non-finite c"
+        return {"reason": reason, "reason_name": name, "residual_history": history,
+                "relative_residual": float(relative) if math.isfinite(relative) else math.nan}
+
+    def _evict(self, key: float) -> None:
+        ksp = self._ksp_cache.pop(key, None)
+        if ksp is not None:
+            ksp.getOperators()[0].destroy()
+            ksp.destroy()
+
+    def run(
+        self,
+        on_output: Callable[[float, DiffusionProblem], None] | None = None,
+        *,
+        checkpointer: Checkpointer | None = None,
+        resume: Checkpoint | None = None,
+    ) -> DiffusionResult:
+        """Integrate from c = 0 (or a checkpoint) to ``t_end``; call ``on_output(t, self)`` at each output time.
+
+        A failed step (PETSc reports divergence, the factorisation breaks down or c is not
+        finite) is retried with the step halved, at most ``solver.max_retries`` times; the
+        remaining steps are re-planned from the shorter step.
+
+        Args:
+            on_output: called at t = 0 and after each output time's step.
+            checkpointer: writes periodic checkpoints and polls its safe-stop flag after
+                every accepted step (all ranks stop at the same step).
+            resume: continue from this checkpoint (of a run with the same settings): c, the
+                two previous levels, the step planner, the mass bookkeeping and the records
+                are restored; factorisations are rebuilt. ``on_output`` is not called again
+                for output times before it.
+
+        Raises:
+            Interrupted: a stop was requested; a checkpoint was written (if the checkpointer
+                has a store) and ``err.result`` is the :class:`DiffusionResult` so far.
+            SolverError: a step failed ``max_retries + 1`` times; the last good state was
+                checkpointed and ``err.report`` holds the failing time, the step sizes tried,
+                the PETSc reasons and residual histories.
+        """
         settings = self.settings
         tset = settings.time
         order = 2 if tset.scheme == "bdf2" else 1
-        self.c.x.array[:] = 0.0
-        self._c_old.x.array[:] = 0.0
-        self._c_older.x.array[:] = 0.0
-        times, domain = [0.0], [0.0]
-        regions: dict[str, list[float]] = {name: [0.0] for name in self.regions}
+        plan = StepPlan(tset.t_end, tset.output_times, tset.dt_initial, growth=tset.growth,
+                        steps_per_level=tset.steps_per_level, dt_max=tset.dt_max)
         outputs = sorted(set(tset.output_times) | {tset.t_end})
-        mass_old, mass_older = self.mass(), self.mass()
-        residual_sum = 0.0
-        dt_previous: float | None = None
-        steps = 0
-        last_report = time.monotonic()
-        if on_output is not None:
+        record = _Records.start(self) if resume is None else _Records.resume(self, resume, plan)
+        if resume is None and on_output is not None:
             on_output(0.0, self)
-        for t, dt in plan_steps(tset.t_end, tset.output_times, tset.dt_initial, growth=tset.growth,
-                                steps_per_level=tset.steps_per_level, dt_max=tset.dt_max):
-            coeff = bdf_coefficients(dt, dt_previous, order)
-            # rhs = source - eps M (a1 c^n + a2 c^{n-1})
-            work = self._work
-            self._c_old.x.petsc_vec.copy(work)
-            work.scale(coeff.a1)
-            if coeff.a2:
-                work.axpy(coeff.a2, self._c_older.x.petsc_vec)
-            self._M.mult(work, self._rhs)
-            self._rhs.scale(-self.eps)
-            self._rhs.axpy(1.0, self._source)
-            ksp = self._ksp(coeff.a0)
-            ksp.solve(self._rhs, self.c.x.petsc_vec)
-            reason = ksp.getConvergedReason()
-            if reason < 0:
-                raise SolverError(f"linear solver failed at t = {t:.6g} s (PETSc reason {reason})")
-            self.c.x.scatter_forward()
-            if not np.isfinite(self.c.x.array).all():
-                raise SolverError(f"non-finite concentration at t = {t:.6g} s")
+        last_report = time.monotonic()
+        failures: list[dict[str, Any]] = []
+        while not plan.done:
+            t, dt = plan.propose()
+            coeff = bdf_coefficients(dt, plan.dt_previous, order)
+            failure = self._try_step(coeff)
+            if failure is not None:
+                failures.append({"t": t, "dt": dt, **failure})
+                self.c.x.array[:] = self._c_old.x.array  # back to the last good state
+                if len(failures) > settings.solver.max_retries:
+                    self._give_up(failures, plan, record, checkpointer)
+                logger.warning("step to t = %.6g s (dt = %.3g s) failed: %s; retrying with dt/2", t, dt, failure["reason_name"])
+                plan.cut(dt)
+                record.retries += 1
+                continue
+            failures = []
             mass = self.mass()
-            balance = coeff.a0 * mass + coeff.a1 * mass_old + coeff.a2 * mass_older - self.boundary_inflow()
-            residual_sum += abs(balance) * dt
-            mass_older, mass_old = mass_old, mass
+            balance = coeff.a0 * mass + coeff.a1 * record.mass_old + coeff.a2 * record.mass_older - self.boundary_inflow()
+            record.residual_sum += abs(balance) * dt
+            record.mass_older, record.mass_old = record.mass_old, mass
             self._c_older.x.array[:] = self._c_old.x.array
             self._c_old.x.array[:] = self.c.x.array
-            dt_previous = dt
-            steps += 1
-            times.append(t)
-            domain.append(self.domain_mean())
-            for name in self.regions:
-                regions[name].append(self.region_mean(name))
+            plan.accept(t, dt)
+            record.steps += 1
+            record.append(t, self)
             if time.monotonic() - last_report > 5.0:  # progress on long runs, at most every 5 s
-                logger.info("  ... t = %.4g s of %g s (step %d, dt = %.3g s)", t, tset.t_end, steps, dt)
+                logger.info("  ... t = %.4g s of %g s (step %d, dt = %.3g s)", t, tset.t_end, record.steps, dt)
                 last_report = time.monotonic()
             if any(math.isclose(t, s, rel_tol=1e-12) for s in outputs):
                 last_report = time.monotonic()
-                logger.info("t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, steps, dt, domain[-1])
+                logger.info("t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, record.steps, dt, record.domain[-1])
                 if on_output is not None:
                     on_output(t, self)
-        uptake = abs(self.mass())
-        ncells = self.mesh.topology.index_map(self.mesh.topology.dim).size_global
-        return DiffusionResult(
-            times=times,
-            region_means=regions,
-            domain_mean=domain,
-            output_times=sorted(tset.output_times),
-            mass_balance_rel_error=residual_sum / uptake if uptake > 0 else 0.0,
-            ndofs=self.V.dofmap.index_map.size_global,
-            ncells=ncells,
-            steps=steps,
-            factorisations=self.factorisations,
+            if checkpointer is not None and not plan.done:
+                save_now, stop_now = checkpointer.poll(record.steps)
+                if save_now:
+                    checkpointer.save(record.steps, *record.checkpoint(self, plan))
+                if stop_now:
+                    reason = getattr(checkpointer.stop, "signal_name", None) or "request"
+                    raise Interrupted(f"stopped by {reason} at t = {t:.6g} s (step {record.steps})", result=record.result(self, "interrupted"))
+        return record.result(self, "completed")
+
+    def _give_up(self, failures: list[dict[str, Any]], plan: StepPlan, record: _Records, checkpointer: Checkpointer | None) -> None:
+        last = failures[-1]
+        report = {
+            "t_last_good": plan.t,
+            "t_failed": failures[0]["t"],
+            "step": record.steps + 1,
+            "max_retries": self.settings.solver.max_retries,
+            "attempts": failures,
+        }
+        where = ""
+        if checkpointer is not None and checkpointer.store is not None:
+            state, arrays = record.checkpoint(self, plan)
+            checkpointer.save(record.steps, {**state, "failure": report}, arrays)
+            where = f"; last good state saved in {checkpointer.store.path}"
+        dts = ", ".join(f"{f['dt']:.3g}" for f in failures)
+        history = last["residual_history"]
+        err = SolverError(
+            f"linear solver failed on the step from t = {plan.t:.6g} s to {failures[0]['t']:.6g} s after "
+            f"{len(failures)} attempts (dt = {dts} s): PETSc reason {last['reason_name']} ({last['reason']}), "
+            f"relative residual {last['relative_residual']:.3g}"
+            + (f", residual history {history[0]:.3g} ... {history[-1]:.3g} ({len(history)} iterations)" if history else "")
+            + where
         )
+        err.report = report  # type: ignore[attr-defined]
+        raise err
 
     def destroy(self) -> None:
         """Free PETSc objects (matrices, cached solvers)."""

@@ -5,8 +5,10 @@ Used by ``fem-anode diffusion CONFIG.toml --out DIR`` and by the demo pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,15 @@ import numpy as np
 from mpi4py import MPI
 from scipy import ndimage
 
-from fem_anode.errors import InputError
+from fem_anode.errors import InputError, Interrupted, SolverError
 from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
+from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
 from fem_anode.io.images import VoxelImage, read_image
+from fem_anode.io.interrupt import SafeStop
 
-__all__ = ["fig8_settings", "run_diffusion", "load_geometry", "si_particle_report", "suggest_regions", "timescales"]
+__all__ = ["fig8_settings", "run_diffusion", "load_geometry", "settings_fingerprint", "si_particle_report", "suggest_regions", "timescales"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +155,32 @@ def _image_grid_points(image: VoxelImage) -> tuple[np.ndarray, tuple[int, ...]]:
     return np.column_stack([x.ravel(), y.ravel(), z]), (ny, nx)
 
 
-def run_diffusion(settings: DiffusionSettings, staging: Path, comm: MPI.Comm) -> dict[str, Any]:
+def run_diffusion(
+    settings: DiffusionSettings,
+    staging: Path,
+    comm: MPI.Comm,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+) -> dict[str, Any]:
     """Run the model; write ``results.json``, ``c.bp`` (VTX) and figures into ``staging``.
 
     Returns the results dict (same on every rank). Only rank 0 writes JSON and figures.
+
+    Args:
+        settings: the run's settings.
+        staging: directory for the results (see :func:`~fem_anode.io.output.output_directory`).
+        comm: communicator.
+        checkpoint_dir: write checkpoints to ``checkpoint_dir/checkpoint/`` as set in
+            ``[checkpoint]`` and stop at a safe point on SIGINT/SIGTERM (``None``: neither).
+        resume: continue from this checkpoint (loaded with
+            :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
+
+    Raises:
+        Interrupted: stopped on a signal; ``results.json`` (``"status": "interrupted"``) and
+            the figures so far are in ``staging``, the checkpoint in ``checkpoint_dir``.
+        SolverError: a step failed after every retry; ``results.json`` (``"status": "failed"``,
+            with the failure report) is in ``staging``, the last good state in the checkpoint.
     """
     from fem_anode.io.output import write_json
 
@@ -178,24 +204,53 @@ def run_diffusion(settings: DiffusionSettings, staging: Path, comm: MPI.Comm) ->
     grid = _image_grid_points(image) if image is not None and settings.output.figures else None
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
+    fields: list[tuple[float, Any]] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
+    checkpointer = _checkpointer(settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start) if checkpoint_dir is not None else None
+    if resume is not None:
+        if checkpointer is not None:
+            checkpointer.check_meta(resume)
+        start -= _restore_outputs(resume, problem, snapshots, particles, fields)
+        if writer is not None:
+            for t, field in fields:
+                c_out.x.array[:] = field.x.array
+                writer.write(t)
 
     def on_output(t: float, prob: DiffusionProblem) -> None:
         if writer is not None:
             c_out.x.array[:] = prob.settings.physics.c_bulk * prob.c.x.array
             writer.write(t)
+            if checkpointer is not None and checkpointer.store is not None:
+                fields.append((t, prob.concentration()))
         if grid is not None:
             snapshots[t] = settings.physics.c_bulk * sample_points(prob.c, grid[0]).reshape(grid[1])
         if image is not None and t > 0:
             particles[f"{t:g}"] = si_particle_report(prob, image)
 
+    status, failure = "completed", None
+    stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
     try:
-        result = problem.run(on_output)
+        with stop:
+            if checkpointer is not None:
+                checkpointer.stop = stop
+            result = problem.run(on_output, checkpointer=checkpointer, resume=resume)
+    except (Interrupted, SolverError) as err:
+        if getattr(err, "result", None) is None:
+            raise
+        stopped: BaseException | None = err
+        result, status, failure = err.result, ("interrupted" if isinstance(err, Interrupted) else "failed"), getattr(err, "report", None)
+    else:
+        stopped = None
     finally:
         if writer is not None:
             writer.close()
     c_bulk = settings.physics.c_bulk
     at_outputs = result.at_output_times()
     results: dict[str, Any] = {
+        "status": status,
+        "t_reached_s": result.times[-1],
+        "failure": failure,
+        "retries": result.retries,
+        "resumed_from_step": result.resumed_from_step,
         "times": at_outputs["times"],
         "regions": at_outputs["regions"],
         "domain_mean": at_outputs["domain_mean"],
@@ -224,11 +279,64 @@ def run_diffusion(settings: DiffusionSettings, staging: Path, comm: MPI.Comm) ->
             if image is not None and snapshots:
                 plot_concentration_fields(image, snapshots, settings, staging / "c_fields.png")
     problem.destroy()
+    if stopped is not None:
+        raise stopped
     logger.info(
         "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
         results["wall_time_s"], result.steps, result.factorisations, result.mass_balance_rel_error,
     )
     return results
+
+
+def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
+    """The settings that determine a run's numbers, as JSON types (absolute paths, no [checkpoint])."""
+    import json
+    import os
+
+    data = settings.to_dict()
+    data.pop("checkpoint", None)
+    geometry = data.get("geometry", {})
+    for key in ("image", "mesh"):
+        if key in geometry:
+            geometry[key] = os.path.realpath(geometry[key])
+    return json.loads(json.dumps(data))
+
+
+def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, snapshots: dict[float, np.ndarray],
+                  particles: dict[str, Any], fields: list[tuple[float, Any]], elapsed: Callable[[], float]) -> Checkpointer:
+    """Checkpoints in ``directory/checkpoint`` with the driver's outputs so far as extras."""
+    fingerprint = settings_fingerprint(settings)
+    absolute = settings.replace(geometry=settings.geometry.replace(**{k: Path(v) for k, v in fingerprint["geometry"].items() if k in ("image", "mesh")}))
+    policy = CheckpointPolicy(interval_s=settings.checkpoint.interval_s, every_steps=settings.checkpoint.every_steps)
+
+    def extra() -> tuple[dict[str, Any], dict[str, Any]]:
+        snapshot_times = sorted(snapshots)
+        state = {
+            "snapshot_times": snapshot_times,
+            "particles": particles,
+            "field_times": [t for t, _ in fields],
+            "wall_time_s": elapsed(),
+        }
+        arrays: dict[str, Any] = {f"snapshot.{i}": snapshots[t] for i, t in enumerate(snapshot_times)}
+        arrays.update({f"field.{i}": field for i, (_, field) in enumerate(fields)})
+        return state, arrays
+
+    meta = {"model": "diffusion", "fingerprint": fingerprint, "settings_toml": absolute.to_toml()}
+    return Checkpointer(CheckpointStore(directory, comm), policy, meta=meta, extra=extra, comm=comm)
+
+
+def _restore_outputs(checkpoint: Checkpoint, problem: DiffusionProblem, snapshots: dict[float, np.ndarray],
+                     particles: dict[str, Any], fields: list[tuple[float, Any]]) -> float:
+    """Put the driver's outputs of a checkpoint back; returns the wall time spent before it (s)."""
+    driver = checkpoint.state.get("driver", {})
+    for i, t in enumerate(driver.get("snapshot_times", [])):
+        snapshots[t] = checkpoint.arrays[f"driver.snapshot.{i}"]
+    particles.update(driver.get("particles", {}))
+    for i, t in enumerate(driver.get("field_times", [])):
+        field = problem.concentration()
+        checkpoint.restore(f"driver.field.{i}", field)
+        fields.append((t, field))
+    return float(driver.get("wall_time_s", 0.0))
 
 
 def suggest_regions(image: VoxelImage, settings: DiffusionSettings, *, size: float = 0.6e-6, names: tuple[str, ...] = ("I", "II", "III", "IV")) -> list:

@@ -13,6 +13,7 @@ from fem_anode.errors import UsageError
 from fem_anode.settings import Section, Settings, section, setting
 
 __all__ = [
+    "CheckpointSettings",
     "DiffusionSettings",
     "GeometrySettings",
     "MeshSettings",
@@ -102,6 +103,7 @@ class SolverSettings(Section):
     rtol: float = setting(1e-12, "relative tolerance of the iterative solver", positive=True)
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     cache_size: int = setting(3, "factorised matrices kept (one per distinct step size; LRU)", positive=True)
+    max_retries: int = setting(4, "a failed solve (PETSc divergence or non-finite c) is retried with the step halved up to this many times", nonnegative=True)
 
 
 @dataclasses.dataclass
@@ -110,6 +112,14 @@ class OutputSettings(Section):
 
     fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
+
+
+@dataclasses.dataclass
+class CheckpointSettings(Section):
+    """Checkpoints of the CLI run in DIR/checkpoint/ (resume with --resume DIR); see docs/checkpointing.md."""
+
+    interval_s: float = setting(600.0, "wall-clock time between checkpoints (0: off)", unit="s", nonnegative=True)
+    every_steps: int = setting(0, "accepted time steps between checkpoints (0: off)", nonnegative=True)
 
 
 @dataclasses.dataclass
@@ -135,6 +145,7 @@ class DiffusionSettings(Settings):
     time: TimeSettings = section(TimeSettings)
     solver: SolverSettings = section(SolverSettings)
     output: OutputSettings = section(OutputSettings)
+    checkpoint: CheckpointSettings = section(CheckpointSettings)
     regions: list[Region] = setting([], "boxes whose mean c(t) and t90 are reported")
 
     def validate(self) -> None:

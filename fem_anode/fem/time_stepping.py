@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from fem_anode.errors import UsageError
 
-__all__ = ["BDFCoefficients", "bdf_coefficients", "plan_steps"]
+__all__ = ["BDFCoefficients", "StepPlan", "bdf_coefficients", "plan_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,98 @@ def bdf_coefficients(dt: float, dt_previous: float | None, order: int) -> BDFCoe
     return BDFCoefficients((1 + 2 * w) / ((1 + w) * dt), -(1 + w) / dt, w * w / ((1 + w) * dt))
 
 
+class StepPlan:
+    """Resumable step planner: proposes ``(t_new, dt)``, is told which steps were accepted.
+
+    The proposals of an undisturbed plan are those of :func:`plan_steps`. A failed step is
+    retried after :meth:`cut`, which lowers the target step; the remaining steps are then
+    planned from there (growing again every ``steps_per_level`` accepted steps). The planner's
+    position is a small dict (:meth:`state_dict`), stored in checkpoints.
+
+    Args:
+        t_end: final time (s).
+        output_times: times (s) that must be step ends; values beyond ``t_end`` are errors.
+        dt_initial: first step (s).
+        growth: factor by which the target step grows every ``steps_per_level`` steps.
+        steps_per_level: steps taken with one target size before it grows.
+        dt_max: largest step (s); default ``t_end / 20``.
+    """
+
+    def __init__(
+        self,
+        t_end: float,
+        output_times: Sequence[float],
+        dt_initial: float,
+        *,
+        growth: float = 2.0,
+        steps_per_level: int = 4,
+        dt_max: float | None = None,
+    ) -> None:
+        if not (t_end > 0 and dt_initial > 0 and growth >= 1 and steps_per_level >= 1):
+            raise UsageError("time stepping needs t_end > 0, dt_initial > 0, growth >= 1, steps_per_level >= 1")
+        stops = sorted({float(t) for t in output_times} | {float(t_end)})
+        if stops[0] <= 0 or stops[-1] > t_end:
+            raise UsageError(f"output times must lie in (0, t_end = {t_end}], got {list(output_times)}")
+        self.stops = stops
+        self.growth = growth
+        self.steps_per_level = steps_per_level
+        self.dt_max = t_end / 20 if dt_max is None else dt_max
+        self.tolerance = 1e-12 * t_end
+        self.t = 0.0
+        self.target = float(dt_initial)
+        self.dt_previous: float | None = None
+        self.taken = 0
+
+    def _stop(self) -> float | None:
+        for stop in self.stops:
+            if stop - self.t > self.tolerance:
+                return stop
+        return None
+
+    @property
+    def done(self) -> bool:
+        """True once the last stop (``t_end``) is reached."""
+        return self._stop() is None
+
+    def propose(self) -> tuple[float, float]:
+        """The next step ``(t_new, dt)`` (nothing changes until :meth:`accept`)."""
+        stop = self._stop()
+        if stop is None:
+            raise UsageError("the time plan is finished")
+        dt = min(self.target, self.dt_max, 2.0 * self.dt_previous if self.dt_previous else self.target)
+        remaining = stop - self.t
+        if dt >= remaining - self.tolerance:
+            dt = remaining
+        elif 2.0 * dt > remaining:  # split the rest in two equal steps, never a sliver
+            dt = 0.5 * remaining
+        return (stop if dt == remaining else self.t + dt), dt
+
+    def accept(self, t_new: float, dt: float) -> None:
+        """Record an accepted step."""
+        self.t = t_new
+        self.dt_previous = dt
+        self.taken += 1
+        if self.taken % self.steps_per_level == 0:
+            self.target = min(self.target * self.growth, self.dt_max)
+
+    def cut(self, dt_failed: float, factor: float = 0.5) -> None:
+        """After a failed step of size ``dt_failed``: the next proposal is at most ``factor dt_failed``."""
+        if not 0 < factor < 1:
+            raise UsageError(f"step cut factor must lie in (0, 1), got {factor}")
+        self.target = factor * dt_failed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The planner's position (JSON-serialisable)."""
+        return {"t": self.t, "target": self.target, "dt_previous": self.dt_previous, "taken": self.taken}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`."""
+        self.t = float(state["t"])
+        self.target = float(state["target"])
+        self.dt_previous = None if state["dt_previous"] is None else float(state["dt_previous"])
+        self.taken = int(state["taken"])
+
+
 def plan_steps(
     t_end: float,
     output_times: Sequence[float],
@@ -60,25 +153,8 @@ def plan_steps(
         steps_per_level: steps taken with one target size before it grows.
         dt_max: largest step (s); default ``t_end / 20``.
     """
-    if not (t_end > 0 and dt_initial > 0 and growth >= 1 and steps_per_level >= 1):
-        raise UsageError("time stepping needs t_end > 0, dt_initial > 0, growth >= 1, steps_per_level >= 1")
-    stops = sorted({float(t) for t in output_times} | {float(t_end)})
-    if stops[0] <= 0 or stops[-1] > t_end:
-        raise UsageError(f"output times must lie in (0, t_end = {t_end}], got {list(output_times)}")
-    dt_max = t_end / 20 if dt_max is None else dt_max
-    t, target, dt_previous, taken = 0.0, dt_initial, None, 0
-    tolerance = 1e-12 * t_end
-    for stop in stops:
-        while stop - t > tolerance:
-            dt = min(target, dt_max, 2.0 * dt_previous if dt_previous else target)
-            remaining = stop - t
-            if dt >= remaining - tolerance:
-                dt = remaining
-            elif 2.0 * dt > remaining:  # split the rest in two equal steps, never a sliver
-                dt = 0.5 * remaining
-            t = stop if dt == remaining else t + dt
-            yield t, dt
-            dt_previous = dt
-            taken += 1
-            if taken % steps_per_level == 0:
-                target = min(target * growth, dt_max)
+    plan = StepPlan(t_end, output_times, dt_initial, growth=growth, steps_per_level=steps_per_level, dt_max=dt_max)
+    while not plan.done:
+        t_new, dt = plan.propose()
+        yield t_new, dt
+        plan.accept(t_new, dt)

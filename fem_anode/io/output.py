@@ -74,13 +74,21 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 @contextlib.contextmanager
-def output_directory(out: str | Path, comm: Any = None) -> Iterator[Path]:
+def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
     """Stage a command's results and publish them in ``out`` only if the block succeeds.
 
     Yields a staging directory (a sibling of ``out``); on success its files are moved into
     ``out`` (created if needed; other files already in ``out`` are kept, same names replaced),
     on failure it is removed and ``out`` is untouched. With an MPI communicator, rank 0 owns
     the directory operations and every rank gets the same staging path.
+
+    Args:
+        out: the final directory.
+        comm: MPI communicator (``None``: serial).
+        keep_on: exception types after which the staged files are published all the same
+            (the exception still propagates), e.g. :class:`~fem_anode.errors.Interrupted`
+            for a run that wrote complete partial results before stopping. Every rank must
+            raise one of them for the files to be published.
     """
     out = Path(out)
     rank = comm.rank if comm is not None else 0
@@ -99,6 +107,9 @@ def output_directory(out: str | Path, comm: Any = None) -> Iterator[Path]:
     try:
         yield staging_path
         ok = True
+    except keep_on:
+        ok = True
+        raise
     finally:
         if comm is not None and comm.size > 1:
             ok = bool(comm.allreduce(int(ok), op=_mpi_min()))
