@@ -31,9 +31,15 @@ logger = logging.getLogger(__name__)
 
 def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) -> tuple[TaggedMesh, VoxelImage | None]:
     """Mesh the image's transporting phase (written to ``workdir/mesh.msh``) or read the mesh."""
+    from fem_anode.resources import check_memory, estimate_diffusion_memory
+
     geometry = settings.geometry
+    hint = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
     if geometry.mesh is not None:
-        return read_mesh(geometry.mesh, comm), None
+        tagged = read_mesh(geometry.mesh, comm)
+        ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
+        check_memory(estimate_diffusion_memory(None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name), comm, hint=hint)
+        return tagged, None
     image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
     phases = image.require_phases()
     image.require_voxel_size()
@@ -42,6 +48,7 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
             raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
         if not np.any(image.array == phases[name]):
             raise InputError(f"geometry.{role} {name!r} has no pixels in {image.source}")
+    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=hint)
     path = workdir / "mesh.msh"
     mesh_settings = settings.mesh
     if mesh_settings.method == "smooth" and image.ndim != 2:
@@ -182,8 +189,10 @@ def run_diffusion(
         SolverError: a step failed after every retry; ``results.json`` (``"status": "failed"``,
             with the failure report) is in ``staging``, the last good state in the checkpoint.
     """
+    from fem_anode.faults import fault_point
     from fem_anode.io.output import write_json
 
+    fault_point("solve", comm.rank)  # test-only fault injection (FEM_ANODE_INJECT_FAULT)
     start = time.perf_counter()
     tagged, image = load_geometry(settings, staging, comm)
     problem = DiffusionProblem(tagged, settings)
