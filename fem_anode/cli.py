@@ -7,9 +7,15 @@ Conventions shared by every subcommand:
 * numbers are written to ``DIR/*.json`` in SI units, figures as PNG;
 * lengths accept unit suffixes (``20nm``, ``0.65um``; a bare number is metres);
 * errors print one line ``fem-anode <cmd>: error: ...`` and exit with 2 (usage), 3 (input),
-  4 (solver) or 1 (other); ``--debug`` shows the traceback instead.
+  4 (solver) or 1 (other); ``--debug`` shows the traceback instead;
+* meshes and solves whose estimated memory exceeds the available memory are refused before
+  they start (exit 3, see :mod:`fem_anode.resources`); ``--no-memory-check`` skips that.
 
-Any subcommand runs under MPI as ``mpirun -n 4 fem-anode <cmd> ...``; only rank 0 logs.
+Any subcommand runs under MPI as ``mpirun -n 4 fem-anode <cmd> ...``; only rank 0 logs. When a
+command fails on any rank of a multi-rank run, that rank prints its one-line message and calls
+``MPI_Abort`` so every rank stops, instead of the others waiting forever in the next collective
+operation (only when MPI is already initialised, and only when running as the program, not
+when :func:`main` is called with an explicit ``argv`` from Python).
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from fem_anode import __version__
-from fem_anode.errors import EXIT_CODES, FemAnodeError
+from fem_anode.errors import EXIT_CODES, FemAnodeError, Interrupted
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    parser.add_argument("--no-memory-check", action="store_true", help="do not refuse meshes/solves whose estimated memory exceeds the available memory")
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(f"fem_anode.commands.{module}").register(subparsers, name)
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)")
         group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
         group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
+        group.add_argument("--no-memory-check", action="store_true", default=argparse.SUPPRESS, help="do not refuse meshes/solves whose estimated memory exceeds the available memory")
     return parser
 
 
@@ -84,20 +93,64 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logger.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fem-anode``; returns the exit code."""
+def _abort_all_ranks(code: int) -> None:
+    """``MPI_Abort`` on COMM_WORLD if MPI is initialised with more than one rank; else return.
+
+    mpi4py is not imported here: imaging-only commands run without it, and a process that
+    never initialised MPI simply exits (the launcher then stops the other ranks).
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return
+    try:
+        if not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() <= 1:
+            return
+    except Exception:  # pragma: no cover - a broken MPI state: nothing better to do
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
+
+
+def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = None) -> int:
+    """Entry point of ``fem-anode``; returns the exit code.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+        abort_on_error: on an error in a multi-rank MPI run, call ``MPI_Abort`` after the
+            message so that no other rank hangs. Default: only when ``argv`` is ``None``
+            (running as the program; a Python caller such as a test suite keeps control).
+    """
+    abort = argv is None if abort_on_error is None else abort_on_error
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     where = f"fem-anode {args.command}"
     rank_note = f" (rank {mpi_rank()})" if mpi_rank() else ""
+    from fem_anode.resources import CHECK_ENV
+
+    previous_check = os.environ.get(CHECK_ENV)
+    if args.no_memory_check:
+        os.environ[CHECK_ENV] = "off"
+
+    def fail(message: str, code: int) -> int:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(message, file=sys.stderr)
+        if abort:
+            _abort_all_ranks(code)
+        return code
+
     try:
         return int(args.func(args) or 0)
-    except FemAnodeError as err:
-        if args.debug:
-            raise
-        print(f"{where}: error{rank_note}: {err}", file=sys.stderr)
+    except Interrupted as err:  # a safe stop on SIGINT/SIGTERM, on every rank: no abort
+        print(f"{where}: interrupted{rank_note}: {err}", file=sys.stderr)
         return err.exit_code
+    except FemAnodeError as err:
+        if args.debug and not abort:
+            raise
+        return fail(f"{where}: error{rank_note}: {err}", err.exit_code)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, like other CLI tools
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -106,19 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{where}: interrupted{rank_note}", file=sys.stderr)
         return EXIT_CODES["interrupted"]
     except MemoryError:
-        if args.debug:
+        if args.debug and not abort:
             raise
-        print(f"{where}: error{rank_note}: out of memory; use a smaller image or more ranks", file=sys.stderr)
-        return EXIT_CODES["error"]
+        return fail(f"{where}: error{rank_note}: out of memory; use a smaller image or more ranks", EXIT_CODES["error"])
     except Exception as err:  # last resort: one line, not a traceback from deep inside a library
-        if args.debug:
+        if args.debug and not abort:
             raise
-        print(
+        return fail(
             f"{where}: internal error{rank_note}: {type(err).__name__}: {err}\n"
             f"  (this is a bug in fem_anode; rerun with --debug for the traceback and report it)",
-            file=sys.stderr,
+            EXIT_CODES["error"],
         )
-        return EXIT_CODES["error"]
+    finally:
+        if args.no_memory_check:
+            if previous_check is None:
+                os.environ.pop(CHECK_ENV, None)
+            else:
+                os.environ[CHECK_ENV] = previous_check
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 from pathlib import Path
@@ -55,23 +56,124 @@ def load_image(args: argparse.Namespace, kind: str = "labels") -> VoxelImage:
     return read_image(args.image, voxel_size=args.voxel_size, phases=getattr(args, "phases", None), kind=kind)  # type: ignore[arg-type]
 
 
-def provenance(command: str) -> dict[str, str]:
-    """Who made a result: version, command line, time, Python (for every JSON written)."""
-    return {
+def _versions() -> dict[str, str]:
+    """Versions of the libraries this process has loaded (nothing is imported to ask)."""
+    versions = {"python": platform.python_version()}
+    for name, module in (("numpy", "numpy"), ("scipy", "scipy"), ("scikit-image", "skimage"), ("gmsh", "gmsh"),
+                         ("dolfinx", "dolfinx"), ("basix", "basix"), ("ufl", "ufl"), ("petsc4py", "petsc4py"), ("mpi4py", "mpi4py")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            version = getattr(mod, "__version__", None) or getattr(mod, "__version", None)
+            if version is not None:
+                versions[name] = str(version)
+    petsc = sys.modules.get("petsc4py.PETSc")
+    if petsc is not None:
+        try:
+            versions["petsc"] = ".".join(str(v) for v in petsc.Sys.getVersion())
+        except Exception:  # pragma: no cover - a version query must never break a run
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        try:
+            versions["mpi_library"] = mpi.Get_library_version().replace("\x00", "").strip().splitlines()[0]
+            versions["mpi_standard"] = "{}.{}".format(*mpi.Get_version())
+        except Exception:  # pragma: no cover
+            pass
+    return versions
+
+
+def _ranks(comm: Any) -> int:
+    if comm is not None:
+        return int(comm.size)
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return int(mpi.COMM_WORLD.Get_size())
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def _find_seeds(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every ``*seed*`` value of a nested settings dict, by dotted key."""
+    seeds: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for key, value in config.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if "seed" in str(key).lower() and not isinstance(value, (dict, list)):
+                seeds[path] = value
+            else:
+                seeds.update(_find_seeds(value, path))
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            seeds.update(_find_seeds(item, f"{prefix}[{i}]"))
+    return seeds
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command-line options with their defaults (no callables), JSON-ready."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if not callable(value)}
+
+
+def provenance(
+    command: str,
+    settings: Any = None,
+    *,
+    comm: Any = None,
+    args: argparse.Namespace | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Everything needed to reproduce a result, for every JSON a command writes.
+
+    Records the package and library versions (only of libraries already loaded, so dolfinx,
+    PETSc and MPI appear for the commands that use them), the command line, the time, the
+    number of MPI ranks, the full resolved configuration (settings and/or the parsed options
+    with their defaults) and the seed(s).
+
+    Args:
+        command: subcommand name, e.g. ``"diffusion"`` or ``"detachment fit"``.
+        settings: the resolved settings object (anything with ``to_dict()``) or a dict.
+        comm: the run's MPI communicator (default: COMM_WORLD if MPI is initialised).
+        args: the parsed command-line arguments.
+        seed: a seed given outside the settings (e.g. ``demo --seed``).
+    """
+    record: dict[str, Any] = {
         "fem_anode_version": __version__,
         "command": command,
         "argv": " ".join(sys.argv),
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "ranks": _ranks(comm),
     }
+    config: dict[str, Any] = {}
+    if settings is not None:
+        config["settings"] = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
+    if args is not None:
+        config["options"] = _options(args)
+    if config:
+        record["configuration"] = config
+    seeds = _find_seeds(config)
+    if seed is not None:
+        seeds["seed"] = seed
+    record["seeds"] = seeds
+    return record
 
 
 def world_comm() -> Any:
-    """``MPI.COMM_WORLD`` if mpi4py is installed, else ``None`` (serial, e.g. imaging-only installs)."""
+    """``MPI.COMM_WORLD`` if mpi4py is installed, else ``None`` (serial, e.g. imaging-only installs).
+
+    Also the fault-injection point ``comm`` of :mod:`fem_anode.faults` (tests only).
+    """
+    from fem_anode.faults import fault_point
+
     try:
         from mpi4py import MPI
     except ImportError:
+        fault_point("comm")
         return None
+    fault_point("comm", MPI.COMM_WORLD.rank)
     return MPI.COMM_WORLD
 
 

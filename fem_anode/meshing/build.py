@@ -91,7 +91,8 @@ def build_model(
 
     Raises:
         UsageError: unknown method or phase, options that do not apply to the method.
-        InputError: unusable image.
+        InputError: unusable image, or a mesh whose estimated memory exceeds the available
+            memory (:func:`fem_anode.resources.check_memory`).
     """
     import gmsh
 
@@ -106,6 +107,10 @@ def build_model(
         raise UsageError(f"element order must be 1 or 2, got {order}")
     image.require_voxel_size()
     resolve_keep(image, keep)
+    from fem_anode.resources import check_memory, estimate_mesh_memory
+
+    mesh_order = order if order is not None else getattr(options, "order", 1)
+    check_memory(estimate_mesh_memory(image, method, keep, order=mesh_order), hint="crop or coarsen the image or mesh fewer phases")
     if method == "smooth":
         opts = dataclasses.replace(options) if options is not None else SmoothMeshOptions()
         if order is not None:
