@@ -51,14 +51,14 @@ def run(args: argparse.Namespace) -> int:
         "roi_2d": fib_sem_roi(seed=args.seed, pixel_size=40e-9 if args.quick else 20e-9),
         "real_electrode": real_electrode(),
     }
-    summary: dict[str, Any] = {"provenance": provenance("demo"), "examples": {}}
+    summary: dict[str, Any] = {"provenance": provenance("demo", comm=comm, args=args, seed=args.seed), "examples": {}}
     with output_directory(args.out, comm) as staging:
         for name, image in examples.items():
             logger.info("metrics of %s %s", name, "x".join(map(str, image.shape)))
             metrics = compute_metrics(image)
             if root:
                 write_image(staging / "data" / f"{name}.npy", image)
-                write_json(staging / "metrics" / f"{name}.json", {"provenance": provenance("demo"), **metrics})
+                write_json(staging / "metrics" / f"{name}.json", {"provenance": summary["provenance"], **metrics})
                 plot_per_slice(metrics["per_slice"], staging / "figures" / f"{name}_per_slice.png", title=name)
             summary["examples"][name] = {"shape": list(image.shape), "phase_fractions": metrics["phase_fractions"]}
         pristine, aged = (summary["examples"][k]["phase_fractions"] for k in ("anode_pristine", "anode_aged"))

@@ -182,7 +182,7 @@ def run_measure(args: argparse.Namespace) -> int:
             write_json(
                 staging / "particles.json",
                 {
-                    "provenance": provenance("detachment measure"),
+                    "provenance": provenance("detachment measure", comm=comm, args=args),
                     "image": str(args.image),
                     "ndim": result.ndim,
                     "voxel_size_m": image.voxel_size,
@@ -224,7 +224,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     runs = {name: simulate(p, radii, distribution=settings.distribution) for name, p in scenarios(settings.model).items()}
     elapsed = time.perf_counter() - start
     payload = {
-        "provenance": provenance("detachment simulate"),
+        "provenance": provenance("detachment simulate", settings, args=args),
         "population": str(args.radii) if args.radii else {"default_distribution": settings.distribution.to_dict()},
         **result.to_dict(),
         "scenarios": {name: {"capacity_retention": r.capacity_retention.tolist(), "parameters": r.parameters.to_dict()} for name, r in runs.items()},
@@ -258,7 +258,7 @@ def run_fit(args: argparse.Namespace) -> int:
     n_cycles = int(max(gaps.cycle.max(), capacity.cycle.max() if capacity is not None else 0, 1))
     best = result.parameters().replace(cycles=n_cycles)
     model_run = simulate(best, population if population is not None else gaps.radius_m)
-    payload = {"provenance": provenance("detachment fit"), "gaps": str(args.gaps), "capacity": str(args.capacity) if args.capacity else None, **result.to_dict()}
+    payload = {"provenance": provenance("detachment fit", settings, args=args), "gaps": str(args.gaps), "capacity": str(args.capacity) if args.capacity else None, **result.to_dict()}
     comm = world_comm()
     with output_directory(args.out, comm) as staging:
         if is_root(comm):

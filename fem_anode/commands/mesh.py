@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_image_arguments, is_root, load_image, world_comm
+from fem_anode.commands._common import add_image_arguments, is_root, load_image, provenance, world_comm
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,11 @@ def run(args: argparse.Namespace) -> int:
     error: tuple[str, str] | None = None
     if is_root(comm):
         try:
-            result = mesh_image(image, args.out, method=method, keep=keep, options=options, order=args.order, quality_path=quality_path)
+            result = mesh_image(image, args.out, method=method, keep=keep, options=options, order=args.order)
             q = result.quality
+            from fem_anode.io.output import write_json
+
+            write_json(quality_path, {"provenance": provenance("mesh", comm=comm, args=args), **q})
             logger.info("wrote %s (%d cells, %d nodes) and %s; groups: %s", args.out, q["cells"], q["nodes"], quality_path.name, ", ".join(result.groups))
         except FemAnodeError as err:
             error = ("usage" if isinstance(err, UsageError) else "input", str(err))

@@ -140,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
         _tortuosity_factor(args, image, metrics, comm)
     with output_directory(args.out, comm) as staging:
         if is_root(comm):
-            write_json(staging / "metrics.json", {"provenance": provenance("metrics"), **metrics})
+            write_json(staging / "metrics.json", {"provenance": provenance("metrics", comm=comm, args=args), **metrics})
             samples = {args.image.stem: metrics}
             if reference_metrics is not None:
-                reference_json = {"provenance": provenance("metrics"), **reference_metrics}
+                reference_json = {"provenance": provenance("metrics", comm=comm, args=args), **reference_metrics}
                 write_json(staging / "reference_metrics.json", reference_json)
                 samples = {f"reference {Path(args.reference).stem}": reference_metrics, **samples}
             plot_comparison(samples, staging)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             result = seg.threshold_segmentation(gray, phases, order=order)
-    report = {"provenance": provenance("segment"), "input": str(args.image), **result.info}
+    report = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     if args.truth is not None:
         truth = read_image(args.truth, kind="labels")
         report["iou"] = seg.iou_per_phase(result.labels, truth, phases)
