@@ -255,6 +255,8 @@ def pore_surface_area(image: VoxelImage, pore_phase: str = "pore", *, smoothing:
     field = ndimage.gaussian_filter(pore.astype(np.float32), smoothing) if smoothing > 0 else pore.astype(np.float32)
     if field.min() >= 0.5 or field.max() <= 0.5:
         return 0.0
+    if min(field.shape) < 2:  # marching cubes needs 2 samples per axis: a one-voxel slab spans one h
+        field = np.pad(field, [(0, 1 if n < 2 else 0) for n in field.shape], mode="edge")
     verts, faces, _, _ = measure.marching_cubes(field, 0.5, spacing=tuple(vs))
     return float(measure.mesh_surface_area(verts, faces))
 
@@ -435,6 +437,8 @@ def pore_si_distance(
         ``surface_points``.
     """
     vs = image.require_voxel_size()
+    if pore_phase == si_phase:
+        raise UsageError(f"pore and Si phase are both {pore_phase!r}; name two different phases")
     pore = _mask(image, pore_phase)
     si = _mask(image, si_phase)
     if not pore.any() or not si.any():
@@ -555,6 +559,10 @@ def compute_metrics(
     image.check_labels(require_all_phases=False)
     voxel_size = image.require_voxel_size()
     phases = image.require_phases()
+    if pore_phase == si_phase:
+        raise UsageError(f"pore and Si phase are both {pore_phase!r}; name two different phases")
+    if bins < 1:
+        raise UsageError(f"bins must be a positive integer, got {bins}")
     timings: dict[str, float] = {}
     not_applicable: dict[str, str] = {}
 
