@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fem_anode.errors import UsageError
+
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     from fem_anode.data import real_electrode
     from fem_anode.imaging.metrics import compute_metrics
     from fem_anode.imaging.plots import plot_per_slice

@@ -52,7 +52,8 @@ def parse_nonnegative_length(text: str) -> float:
             return 0.0
     except ValueError:
         pass
-    if re.match(r"^\s*0*\.?0*\s*[A-Za-zµμ]+\s*$", str(text)):
+    zero = re.match(r"^\s*(?:0+\.?0*|\.0+)\s*([A-Za-zµμ]+)\s*$", str(text))
+    if zero and zero.group(1) in LENGTH_UNITS:
         return 0.0
     return parse_length(text)
 

@@ -109,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
     from fem_anode.imaging.plots import plot_comparison, plot_tortuosity_sections
     from fem_anode.io.output import atomic_path, output_directory, write_json
 
+    from fem_anode.resources import check_memory, estimate_metrics_memory
+
     if args.bins < 1:
         raise UsageError(f"--bins must be positive, got {args.bins}")
     image = load_image(args, kind="labels")
+    check_memory(estimate_metrics_memory(image.shape), hint="crop or bin the image first")
     phases = image.require_phases()
     for option, name, default in (("--pore-phase", args.pore_phase, "pore"), ("--si-phase", args.si_phase, "si")):
         if name != default and name not in phases:

@@ -246,6 +246,8 @@ def multistage_threshold(
         raise UsageError(
             f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}"
         )
+    if median_size < 0:
+        raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
     if median_size > 1:
         array = ndimage.median_filter(array, size=int(median_size))
     t_0 = isodata_threshold(array, bins=bins)
@@ -360,6 +362,12 @@ def region_segmentation(
     phases, names = _ordered_phases(phases, order, ("pore", "sei", "si"))
     if not 0 < dark_fraction <= 1 or not 0 < bright_fraction <= 1:
         raise UsageError("dark_fraction and bright_fraction must be in (0, 1]")
+    if not (np.isfinite(scale) and scale > 0):
+        raise UsageError(f"Felzenszwalb scale must be positive and finite, got {scale}")
+    if not (np.isfinite(sigma) and sigma >= 0):
+        raise UsageError(f"Felzenszwalb sigma must be >= 0 and finite, got {sigma}")
+    if min_size < 1:
+        raise UsageError(f"Felzenszwalb min_size must be >= 1 pixel, got {min_size}")
     thresholds = multiclass_isodata(array, len(names))[0]
     pixel_class = np.searchsorted(thresholds, array, side="right")
     slices = array if array.ndim == 3 else array[None]

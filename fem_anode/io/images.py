@@ -236,9 +236,34 @@ def _natural_index(path: Path) -> int:
     return int(numbers[-1])
 
 
+def _check_read_memory(path: Path, shape: Any, dtype: Any) -> None:
+    """Refuse (InputError with the estimate) an image larger than the available memory."""
+    from fem_anode.resources import check_memory, estimate_array_memory
+
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    check_memory(estimate_array_memory(shape, dtype.itemsize, f"reading {path} ({'x'.join(map(str, shape))} {dtype})"), hint="crop or bin the image first")
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from a ``.npy`` header without reading the data (``None`` if unreadable)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = reader(f)
+        return tuple(shape), dtype
+    except Exception:  # let np.load report what is wrong with the file
+        return None
+
+
 def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        header = _npy_header(path)
+        if header is not None:
+            _check_read_memory(path, *header)
         array = np.load(path, allow_pickle=False)
         return (array, *_read_sidecar(path))
     if suffix == ".npz":
@@ -272,6 +297,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[s
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
+        if tif.series:
+            _check_read_memory(path, tif.series[0].shape, tif.series[0].dtype)
         array = tif.asarray()
         page = tif.pages[0]
         description = page.description or ""
