@@ -25,17 +25,20 @@ from pathlib import Path
 from mpi4py import MPI
 
 from fem_anode.fem.phasefield.run import run_phasefield
-from fem_anode.fem.phasefield.settings import CyclingSettings, MaterialSettings, MeshSettings, OutputSettings, PhaseFieldSettings
+from fem_anode.fem.phasefield.settings import CyclingSettings, MaterialSettings, MeshSettings, OutputSettings, PhaseFieldSettings, VacancySettings
 from fem_anode.io import output_directory
 
 BETA = 0.5874
 
 
 def table1_settings(quick: bool = False) -> PhaseFieldSettings:
-    """The paper's parameters, one cycle; quick: 4 nm mesh and short half-cycles."""
+    """The paper's parameters, one cycle; quick: 4 nm mesh and short half-cycles.
+
+    Chemo-mechanics alone (no vacancies): demos/phasefield_voids_sei.py runs the full model."""
     return PhaseFieldSettings(
         mesh=MeshSettings(size=4e-9 if quick else 1e-9),
         cycling=CyclingSettings(half_cycles=2, half_cycle_time=1.0 if quick else 50.0),
+        vacancy=VacancySettings(enabled=False),
         output=OutputSettings(times=[0.002, 0.01]),
     )
 

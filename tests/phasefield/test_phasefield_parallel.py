@@ -38,7 +38,7 @@ def test_one_cycle_same_records_on_one_and_all_ranks():
     serial = run_phasefield(_settings(), None, MPI.COMM_SELF)["half_cycles"]
     assert len(world) == len(serial) == 2
     assert world[0]["max_eq_plastic_strain"] > 1e-3  # plastic flow is part of the comparison
-    assert world[0]["mean_c_li"] > 0.3 and world[1]["mean_c_li"] < world[0]["mean_c_li"]
+    assert world[0]["mean_c_li"] > 0.25 and world[1]["mean_c_li"] < world[0]["mean_c_li"]
     for a, b in zip(world, serial):
         for key in EXACT_KEYS:
             assert a[key] == b[key], key

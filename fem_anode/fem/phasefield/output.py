@@ -1,6 +1,7 @@
 """Field output of the phase-field model on the deformed configuration (VTX) and PNG snapshots.
 
-* :class:`FieldWriter` writes ``fields.bp`` (P1: ``c_li``, ``mu``, ``u`` in metres) and
+* :class:`FieldWriter` writes ``fields.bp`` (P1: ``c_li``, ``mu``, ``u`` in metres, and with
+  vacancies ``c_v`` and ``electrolyte``) and
   ``stress.bp`` (cell averages: ``von_mises`` normalised Cauchy stress, ``eq_plastic_strain``)
   with the mesh moved to ``(X + u)`` in metres at each write (ParaView opens ``*.bp``);
 * :func:`gather_snapshot` collects the deformed triangles, c at their corners and the cell
@@ -18,7 +19,7 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
-__all__ = ["FieldWriter", "gather_snapshot", "plot_snapshot"]
+__all__ = ["FieldWriter", "gather_snapshot", "plot_snapshot", "plot_morphology", "morphology_classes", "MORPHOLOGY_COLOURS"]
 
 
 class _Fields:
@@ -35,6 +36,8 @@ class _Fields:
         self.u = fem.Function(self.V2, name="u")
         self.vm = fem.Function(self.D0, name="von_mises")
         self.ep = fem.Function(self.D0, name="eq_plastic_strain")
+        self._extra_sources = problem.scalar_fields()
+        self.extra = {name: fem.Function(self.V1, name=name) for name in self._extra_sources}
         rm = problem.k["rm"]
         q = ufl.TestFunction(self.D0)
         self._vm_form = fem.form(rm.q / rm.Je * q * problem.dx)
@@ -54,6 +57,8 @@ class _Fields:
         self.mu.interpolate(w.sub(1))
         self.u.interpolate(w.sub(2))
         self.u.x.array[:] *= self.p.l0
+        for name, source in self._extra_sources.items():
+            self.extra[name].interpolate(source)
         n = len(self._area)
         for fn, form in ((self.vm, self._vm_form), (self.ep, self._ep_form)):
             vec = fem_petsc.assemble_vector(form)
@@ -84,7 +89,7 @@ class FieldWriter:
         comm = problem.comm
         directory = Path(directory)
         self._writers = [
-            VTXWriter(comm, str(directory / "fields.bp"), [self.f.c, self.f.mu, self.f.u], engine="BP4"),
+            VTXWriter(comm, str(directory / "fields.bp"), [self.f.c, self.f.mu, self.f.u, *self.f.extra.values()], engine="BP4"),
             VTXWriter(comm, str(directory / "stress.bp"), [self.f.vm, self.f.ep], engine="BP4"),
         ]
 
@@ -105,7 +110,8 @@ class FieldWriter:
 
 
 def gather_snapshot(problem: Any, fields: _Fields | None = None) -> dict[str, np.ndarray] | None:
-    """Deformed triangles (nm), corner c and cell von Mises of the owned cells, on rank 0 (collective)."""
+    """Deformed triangles (nm), corner c (and the extra scalar fields) and cell von Mises of the
+    owned cells, on rank 0 (collective)."""
     f = fields or _Fields(problem)
     f.update()
     mesh = problem.mesh
@@ -117,6 +123,7 @@ def gather_snapshot(problem: Any, fields: _Fields | None = None) -> dict[str, np
         "triangles": x[nodes],  # (n, 3, 2)
         "c": f.c.x.array[dofs],  # (n, 3)
         "von_mises": f.vm.x.array[f.D0.dofmap.list[:n_cells, 0]],
+        **{name: fn.x.array[dofs] for name, fn in f.extra.items()},
     }
     parts = problem.comm.gather(local, root=0)
     if problem.comm.rank != 0:
@@ -146,4 +153,71 @@ def plot_snapshot(snapshot: dict[str, np.ndarray], path: str | Path, title: str,
         ax.set_ylabel("y (nm)")
         ax.set_title(name)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+#: Colours of Fig. 5 of paper 002: Si, Li_xSi, void, electrolyte; SEI lines.
+MORPHOLOGY_COLOURS = {"Si": "#3a9a3a", "Li_xSi": "#f2d12e", "void": "#ffffff", "electrolyte": "#3fd0c9"}
+SEI_COLOUR = "#1f4fb4"
+
+
+def morphology_classes(snapshot: dict[str, np.ndarray], c_mid: float, threshold: float) -> np.ndarray:
+    """Phase of every triangle (index into :data:`MORPHOLOGY_COLOURS`) from its corner means:
+    electrolyte if most corners are electrolyte-filled, else void if mean ``c_v`` > ``threshold``,
+    else Li_xSi if mean ``c`` > ``c_mid``, else Si."""
+    classes = np.where(snapshot["c"].mean(axis=1) > c_mid, 1, 0)
+    classes = np.where(snapshot["c_v"].mean(axis=1) > threshold, 2, classes)
+    return np.where(snapshot["electrolyte"].mean(axis=1) > 0.5, 3, classes)
+
+
+def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, threshold: float, title: str) -> None:
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    tri = snapshot["triangles"]
+    colours = np.array(list(MORPHOLOGY_COLOURS.values()))
+    classes = morphology_classes(snapshot, c_mid, threshold)
+    ax.add_collection(PolyCollection(tri, facecolors=colours[classes], edgecolors="none"))
+    # SEI: the outer surface (boundary edges) and the walls of electrolyte-filled voids
+    edges = np.concatenate([tri[:, [i, (i + 1) % 3]] for i in range(3)])
+    owner = np.tile(np.arange(len(tri)), 3)
+    key = np.round(np.sort(np.concatenate([edges[:, 0], edges[:, 1]], axis=1).reshape(-1, 2, 2), axis=1).reshape(-1, 4), 6)
+    _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    boundary = counts[inverse] == 1
+    electrolyte = classes[owner] == 3
+    other = np.zeros(len(counts), dtype=int)
+    np.add.at(other, inverse, (~electrolyte).astype(int))
+    wall = electrolyte & (other[inverse] > 0)
+    ax.add_collection(LineCollection(edges[boundary | wall], colors=SEI_COLOUR, linewidths=1.6))
+    lo, hi = tri.reshape(-1, 2).min(axis=0), tri.reshape(-1, 2).max(axis=0)
+    pad = 0.05 * float((hi - lo).max())
+    ax.set_xlim(lo[0] - pad, hi[0] + pad)
+    ax.set_ylim(lo[1] - pad, hi[1] + pad)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_morphology(panels: list[tuple[dict[str, np.ndarray], str]], path: str | Path, c_mid: float, threshold: float, suptitle: str = "") -> Path:
+    """Cross-sections in the colours of Fig. 5 of paper 002 (green Si, yellow Li_xSi, white
+    void, turquoise electrolyte, blue SEI lines), one panel per ``(snapshot, title)``."""
+    from matplotlib.patches import Patch
+
+    from fem_anode.io.figures import pyplot, save_figure
+
+    plt = pyplot()
+    n = len(panels)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows + 0.6), squeeze=False, constrained_layout=True)
+    for ax, (snapshot, title) in zip(axes.ravel(), panels):
+        _draw_morphology(ax, snapshot, c_mid, threshold, title)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    handles = [Patch(facecolor=colour, edgecolor="0.5", label=name) for name, colour in MORPHOLOGY_COLOURS.items()]
+    handles.append(Patch(facecolor=SEI_COLOUR, label="SEI"))
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    if suptitle:
+        fig.suptitle(suptitle)
     return save_figure(fig, path)

@@ -19,10 +19,14 @@ with ``P = s^3 tau F^-T`` (first Piola-Kirchhoff stress of the return map of
 Supplementary Table 1 (lengths in ``l0``: the mesh coordinates are divided by ``l0`` in
 place when the problem is built, and multiplied back for output).
 
-Extension points for the vacancy/void model: :attr:`PhaseFieldProblem.after_half_cycle`
-(callables run after each half-cycle with the record, which they may extend),
-:attr:`after_step` (after each accepted step), and the residual assembled from
-:meth:`_residual_terms` (a subclass adds fields to :meth:`_elements` and terms there).
+Extension points, used by the vacancy/void model
+(:class:`~fem_anode.fem.phasefield.vacancy.VacancyPhaseFieldProblem`):
+:attr:`PhaseFieldProblem.before_half_cycle` and :attr:`after_half_cycle` (callables run
+around each half-cycle; the latter may extend the record), :attr:`after_step` (after each
+accepted step), the residual assembled from :meth:`_residual_terms` (a subclass adds fields to
+:meth:`_elements` and terms there), :attr:`_bounded_dofs` (dofs that must stay in (0, 1)),
+:attr:`_frozen_in_equilibrium` (rate constants zeroed by :meth:`equilibrate`) and
+:meth:`scalar_fields` (extra P1 output fields).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class PhaseFieldProblem:
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
         self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
+        self.before_half_cycle: list[Callable[[PhaseFieldProblem, int, str], None]] = []
         self.after_half_cycle: list[Callable[[PhaseFieldProblem, dict[str, Any]], None]] = []
         qd = settings.solver.quadrature_degree
         if qd is None:
@@ -96,6 +101,7 @@ class PhaseFieldProblem:
         self.quadrature_degree = qd
         self.dx = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"})
         self.ds = ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags)
+        self.dx_vertex = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_rule": "vertex", "quadrature_degree": 1})
         self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element(self._elements()))
         self.w = fem.Function(self.W, name="w")
         self.w_old = fem.Function(self.W)
@@ -112,14 +118,28 @@ class PhaseFieldProblem:
         self.c_surface = fem.Constant(self.mesh, mat.c_max)
         self._ramp: tuple[float, float, float, float] | None = None  # (from, to, t0, duration)
         self._c_dofs = self.W.sub(0).collapse()[1]
+        self._frozen_in_equilibrium: list[fem.Constant] = [self.mobility]
+        self._setup_fields()
         self._build_forms()
         self.bcs = self._boundary_conditions()
         self._bc_c_dofs = np.intersect1d(self._c_dofs, np.concatenate([bc.dof_indices()[0] for bc in self.bcs_c]) if self.bcs_c else np.zeros(0, np.int32))
-        self._free_c_dofs = np.setdiff1d(self._c_dofs, self._bc_c_dofs)
+        self._bounded_dofs = self._concentration_dofs()
+        self._free_bounded_dofs = np.setdiff1d(self._bounded_dofs, self._bc_c_dofs)
         self.newton = self._make_solver(self.bcs)
         self.set_initial_condition()
 
     # -- set-up ---------------------------------------------------------------------------
+    def _setup_fields(self) -> None:
+        """Create a subclass's extra functions and constants (called before the forms are built)."""
+
+    def _concentration_dofs(self) -> np.ndarray:
+        """Dofs of the normalised concentrations (kept in (0, 1), limited by ``max_dc`` per step)."""
+        return self._c_dofs
+
+    def scalar_fields(self) -> dict[str, Any]:
+        """Extra scalar fields for output: name -> sub-function or P1 function (none here)."""
+        return {}
+
     def _elements(self) -> list:
         """Sub-elements of the mixed space: c, mu (P1) and u (P1 or P2 vector)."""
         cell = self.mesh.basix_cell()
@@ -145,13 +165,27 @@ class PhaseFieldProblem:
         """Integrand of the residual (sum of the Li Cahn-Hilliard and mechanics terms)."""
         mat = self.settings.material
         q, v, wt = tests[:3]
-        c_old = ufl.split(self.w_old)[0]
         c, mu = k["c"], k["mu"]
         mu_mech = k["mu_mech"] if self.settings.model.coupling else 0.0
-        chem = (c - c_old) / self.dt * q + self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
-        chem += (mu - chemistry.chemical_potential(c, mat.omega) - mu_mech) * v - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
+        chem = self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q)) - mu_mech * v - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
         mech = ufl.inner(k["P2"], ufl.grad(wt))
         return chem + mech
+
+    def _lumped_terms(self, k: dict[str, Any], tests: tuple) -> Any:
+        """Integrand of the residual terms integrated with the vertex rule: Li storage and the
+        homogeneous chemical potential (mass lumping).
+
+        At the nodes the logarithms of ``f'(c)`` bar every nodal ``c`` from leaving (0, 1): an
+        iterate outside gives a non-finite residual and the line search backtracks. Evaluated at
+        Gauss points inside the cells, a strong driving force (e.g. the stress next to a void)
+        can push a node below 0 while every Gauss point stays positive.
+        """
+        q, v = tests[:2]
+        c, mu = k["c"], k["mu"]
+        c_old = ufl.split(self.w_old)[0]
+        omega = self.settings.material.omega
+        f_prime = ufl.ln(c) - ufl.ln(1 - c) + omega * (1 - 2 * c)
+        return (c - c_old) / self.dt * q + (mu - f_prime) * v
 
     def _build_forms(self) -> None:
         lam_v = ufl.variable(self.lam)
@@ -159,8 +193,10 @@ class PhaseFieldProblem:
         tests = ufl.TestFunctions(self.W)
         r = self._residual_terms(self.k, tests)
         dx = self.dx
-        self.residual_form = fem.form(r * dx)
-        self.jacobian_form = fem.form(ufl.derivative(r * dx, self.w, ufl.TrialFunction(self.W)))
+        residual = r * dx
+        residual = residual + self._lumped_terms(self.k, tests) * self.dx_vertex  # independent of lambda
+        self.residual_form = fem.form(residual)
+        self.jacobian_form = fem.form(ufl.derivative(residual, self.w, ufl.TrialFunction(self.W)))
         Pzz = self.k["Pzz"]
         if self.gps:
             self.axial_forms = (
@@ -184,7 +220,8 @@ class PhaseFieldProblem:
             "area_ref": fem.form(one * dx),
             "mass": fem.form(c * dx),
             "area": fem.form(ufl.det(F2) * dx),
-            "chem_energy": fem.form((chemistry.free_energy(c, mat.omega) + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c))) * dx),
+            # f(c) with the vertex rule, as in the residual: the discrete Lyapunov functional
+            "chem_energy": fem.form(chemistry.free_energy(c, mat.omega) * self.dx_vertex + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c)) * dx),
             "mech_energy": fem.form(s**3 * rm.energy * dx),
             "surface_ref": fem.form(one * ds_s),
             "surface_x": fem.form((x[0] + u[0]) * ds_s),
@@ -296,6 +333,9 @@ class PhaseFieldProblem:
         self.w.x.scatter_forward()
         self.w_old.x.array[:] = self.w.x.array
 
+    def _before_accept(self) -> None:
+        """Called after a step converged, before the new state replaces the old one."""
+
     def _update_state(self) -> None:
         """Evaluate the return map at the quadrature points and store the new plastic state."""
         cells = np.arange(self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts, dtype=np.int32)
@@ -318,9 +358,9 @@ class PhaseFieldProblem:
         history = list(self.newton.history)
         if ok:
             arr = self.w.x.array
-            c_loc = arr[self._c_dofs]
+            c_loc = arr[self._bounded_dofs]
             bad = int(not (np.all(np.isfinite(arr)) and (c_loc.size == 0 or (c_loc.min() > 0 and c_loc.max() < 1))))
-            dc = np.abs(arr[self._free_c_dofs] - self.w_old.x.array[self._free_c_dofs]).max(initial=0.0)
+            dc = np.abs(arr[self._free_bounded_dofs] - self.w_old.x.array[self._free_bounded_dofs]).max(initial=0.0)
             bad = self.comm.allreduce(bad, op=MPI.MAX)
             dc = self.comm.allreduce(dc, op=MPI.MAX)
             if bad:
@@ -331,6 +371,7 @@ class PhaseFieldProblem:
             self.w.x.array[:] = self._w_saved.x.array
             self.lam.value = lam_saved
             return StepResult(False, its, reason, history)
+        self._before_accept()
         self._update_state()
         self.w_old.x.array[:] = self.w.x.array
         self.lam_old = float(self.lam.value)
@@ -340,7 +381,7 @@ class PhaseFieldProblem:
         return StepResult(True, its, reason, history)
 
     def equilibrate(self, increments: int = 1) -> StepResult:
-        """Solve the mechanics (and mu) for the current c held fixed (zero mobility); time stays.
+        """Solve the mechanics (and mu) for the current c held fixed (zero mobilities); time stays.
 
         Args:
             increments: the chemical swelling is applied in this many equal load steps
@@ -351,8 +392,9 @@ class PhaseFieldProblem:
             The last increment's result; the Newton residual histories of all increments are
             in ``history`` (concatenated) only for the last one.
         """
-        mobility = float(self.mobility.value)
-        self.mobility.value = 0.0
+        rates = [float(k.value) for k in self._frozen_in_equilibrium]
+        for k in self._frozen_in_equilibrium:
+            k.value = 0.0
         t = self.t
         loaded, increment, cuts = 0.0, 1.0 / increments, 0
         try:
@@ -369,7 +411,8 @@ class PhaseFieldProblem:
                 if cuts > 6:
                     break
         finally:
-            self.mobility.value = mobility
+            for k, value in zip(self._frozen_in_equilibrium, rates):
+                k.value = value
             self.load.value = 1.0
             self.t = t
         return result
@@ -399,6 +442,8 @@ class PhaseFieldProblem:
         target_c = mat.c_max if kind == "lithiation" else mat.c_min
         t0 = self.t
         self._ramp = (self._surface_c_mean(), target_c, t0, min(cyc.ramp_time, duration))
+        for hook in self.before_half_cycle:
+            hook(self, index, kind)
         offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
         offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
         marks = [t0 + o for o in sorted(offsets)]

@@ -24,6 +24,7 @@ __all__ = [
     "InitialSettings",
     "SolverSettings",
     "OutputSettings",
+    "VacancySettings",
 ]
 
 
@@ -104,6 +105,30 @@ class CyclingSettings(Section):
 
 
 @dataclasses.dataclass
+class VacancySettings(Section):
+    """Vacancies, voids and electrolyte percolation (second half of the model; docs/phasefield.md).
+
+    The vacancy field c_v (c_min: Li_xSi, c_max: void) is a second Cahn-Hilliard field. The
+    defaults are the paper's accelerated vacancy kinetics (Supplementary Table 1: a high vacancy
+    mobility and a strong condensation drive, so that each simulated cycle stands for tens of
+    real ones).
+    """
+
+    enabled: bool = setting(True, "solve the vacancy field, nucleate voids on delithiation and let electrolyte percolate into surface-connected voids")
+    kappa_v: float = setting(1e-5, "vacancy gradient-energy coefficient kappa_v / (c_max R T l0^2)", positive=True)
+    mobility_v: float = setting(0.1, "vacancy mobility M_v c_max R T dt / l0^2", positive=True)
+    omega_v: float = setting(2.6, "vacancy double-well parameter Omega_v / (c_max R T) in delithiated Si (condensation drive)", positive=True)
+    nucleation_rate: float = setting(1.0, "R0: vacancies created per unit of Li removed at a nucleus centre, R(x) = R0 sum_k exp(-|x - x_k|^2 / 2 r^2) (capped at R0)", bounds=(0.0, 1.0))
+    nucleus_spacing: float = setting(8e-9, "mean distance between random nucleation sites (density 1 / spacing^2), drawn anew for every delithiation", unit="m", positive=True)
+    nucleus_radius: float = setting(1.5e-9, "Gaussian radius r of a nucleation site", unit="m", positive=True)
+    threshold: float = setting(0.5, "void indicator: a node is void where c_v exceeds this", bounds=(0.0, 1.0))
+    seed: int = setting(0, "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of ranks)")
+    electrolyte_mobility: float = setting(1e-3, "Li mobility inside electrolyte-filled (SEI-lined) voids relative to material.mobility_li ('vanishing')", bounds=(0.0, 1.0))
+    sei_exchange_rate: float = setting(10.0, "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / characteristic time)", nonnegative=True)
+    real_cycles_per_cycle: float = setting(20.0, "real cycles one simulated cycle stands for (accelerated kinetics; reported as equivalent_real_cycles)", positive=True)
+
+
+@dataclasses.dataclass
 class InitialSettings(Section):
     """Initial state: uniform concentration, optionally with a smooth seeded perturbation."""
 
@@ -145,6 +170,7 @@ class PhaseFieldSettings(Settings):
     material: MaterialSettings = section(MaterialSettings)
     cycling: CyclingSettings = section(CyclingSettings)
     initial: InitialSettings = section(InitialSettings)
+    vacancy: VacancySettings = section(VacancySettings)
     solver: SolverSettings = section(SolverSettings)
     output: OutputSettings = section(OutputSettings)
 

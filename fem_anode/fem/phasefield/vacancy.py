@@ -1,0 +1,404 @@
+r"""Vacancies, voids and electrolyte percolation: the second half of the phase-field model.
+
+Paper 002 (Methods, eqs. 1-5) adds a vacancy field ``c_v`` (``c_min``: Li_xSi, ``c_max``:
+void) with its own Cahn-Hilliard equation. What is implemented (normalised units of
+Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons):
+
+* **Free energy** (eq. 2, with the interpolation function ``h``):
+
+  .. math::
+
+      f_\mathrm{ch}(c, c_v) = f_\mathrm{Li}(c) + h(c)\,f_v^0(c_v) + (1 - h(c))\,f_v(c_v),
+
+  ``f_v = c_v ln c_v + (1 - c_v) ln(1 - c_v) + Omega_v c_v (1 - c_v)`` (eq. 3), ``f_v^0`` the
+  same without the ``Omega_v`` term, and ``h(c) = xi^3 (6 xi^2 - 15 xi + 10)``,
+  ``xi = (c - c_min) / (c_max - c_min)`` clipped to [0, 1], so ``h(c_min) = 0``,
+  ``h(c_max) = 1``, ``h' = 0`` at both ends. In delithiated Si the vacancies feel the double
+  well and condense into voids; in lithiated Si they are an ideal solution and voids dissolve.
+  The Li double well ``f_Li`` is kept everywhere: eq. 2 read literally (``h f_Li + (1 - h) f_v``)
+  removes it from delithiated Si, where ``d mu_Li / dc`` then vanishes (Li could not leave
+  through the delithiated shell).
+* **Kinetics** (eqs. 4-5), backward Euler:
+
+  .. math::
+
+      \dot c = \nabla\cdot(M_\mathrm{Li}(1 - (1 - \epsilon)\chi)\nabla\mu) + k_S|\nabla\chi|(c_s - c),\qquad
+      \dot c_v = \nabla\cdot(M_v\nabla\mu_v) + R(\mathbf x)(1 - c_v)\max(-\dot c, 0),
+
+  ``mu = f_Li'(c) - h'(c) Omega_v c_v (1 - c_v) + mu_mech - kappa_Li lap c`` and
+  ``mu_v = ln(c_v / (1 - c_v)) + (1 - h) Omega_v (1 - 2 c_v) - kappa_v lap c_v``. ``chi`` is the
+  electrolyte indicator (P1, 1 on the nodes of electrolyte-filled voids): Li mobility vanishes
+  there (factor ``epsilon``), and ``k_S |grad chi|`` is a diffuse surface delta on their walls
+  (``int |grad chi| dx`` is their perimeter) through which Li is exchanged with the electrolyte
+  at the surface concentration ``c_s`` of the half-cycle: eq. 4's source ``S(x)``. ``R(x)`` is
+  the random nucleation field of eq. 5, active during delithiation only, where Li leaves (the
+  reaction front); ``(1 - c_v)`` keeps ``c_v < 1``. The vacancy flux vanishes on the outer
+  surface, so vacancies are conserved apart from this source.
+* **Nucleation sites** are drawn for every delithiation from ``numpy.random.default_rng([seed,
+  half-cycle])`` in the bounding box of the global mesh (Poisson number with density
+  ``1 / spacing^2``), ``R(x) = R0 min(1, sum_k exp(-|x - x_k|^2 / 2 r^2))``: a function of the
+  position only, so the same on any number of ranks.
+* **Percolation** after every delithiation (:class:`VoidGraph`): void nodes (``c_v >
+  threshold``) are joined along mesh edges into connected components over the whole
+  (distributed) mesh; components that touch the outer surface or an electrolyte-filled void
+  become electrolyte-filled. The electrolyte set only grows (SEI-lined voids are preserved);
+  the Li trapped in them cannot leave, so they stay delithiated and void.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import basix.ufl
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+from mpi4py import MPI
+from petsc4py import PETSc
+from scipy import sparse
+from scipy.sparse import csgraph
+from scipy.spatial import cKDTree
+
+from fem_anode.fem.phasefield import chemistry
+from fem_anode.fem.phasefield.problem import PhaseFieldProblem
+
+__all__ = ["VacancyPhaseFieldProblem", "VoidGraph", "interpolation", "nucleation_sites", "nucleation_field", "VOID_RECORD_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: Keys each half-cycle record gains from the vacancy model.
+VOID_RECORD_KEYS = (
+    "void_fraction",
+    "accessible_void_fraction",
+    "inaccessible_void_fraction",
+    "electrolyte_fraction",
+    "sei_penetration_depth_m",
+    "n_voids",
+    "n_accessible_voids",
+    "n_accessible_voids_at_surface",
+    "core_connectivity",
+    "mean_c_v",
+    "vacancy_source_total",
+    "equivalent_real_cycles",
+)
+
+
+def interpolation(c: Any, c_min: float, c_max: float) -> tuple[Any, Any]:
+    """``h(c)`` and ``h'(c)``: the quintic smoothstep of ``(c - c_min)/(c_max - c_min)`` clipped to [0, 1] (NumPy or UFL)."""
+    span = c_max - c_min
+    if isinstance(c, (float, int, np.ndarray, np.floating)):
+        xi = np.clip((np.asarray(c, dtype=float) - c_min) / span, 0.0, 1.0)
+    else:
+        xi = ufl.max_value(ufl.min_value((c - c_min) / span, 1.0), 0.0)
+    h = xi**3 * (6 * xi**2 - 15 * xi + 10)
+    dh = 30 * xi**2 * (1 - xi) ** 2 / span
+    return h, dh
+
+
+def nucleation_sites(seed: int, half_cycle: int, box: tuple[np.ndarray, np.ndarray], spacing: float) -> np.ndarray:
+    """Random nucleation sites (n, 2) for one half-cycle in ``box = (lower, upper)`` (same units as ``spacing``)."""
+    rng = np.random.default_rng([seed, half_cycle])
+    lower, upper = np.asarray(box[0], float), np.asarray(box[1], float)
+    area = float(np.prod(upper - lower))
+    count = rng.poisson(area / spacing**2)
+    return lower + rng.random((count, 2)) * (upper - lower)
+
+
+def nucleation_field(x: np.ndarray, sites: np.ndarray, radius: float, rate: float) -> np.ndarray:
+    """``R(x) = rate min(1, sum_k exp(-|x - x_k|^2 / 2 r^2))`` at points ``x`` (2, n) or (3, n)."""
+    if len(sites) == 0:
+        return np.zeros(x.shape[1])
+    d2 = (x[0][:, None] - sites[:, 0]) ** 2 + (x[1][:, None] - sites[:, 1]) ** 2
+    return rate * np.minimum(1.0, np.exp(-d2 / (2 * radius**2)).sum(axis=1))
+
+
+class VoidGraph:
+    """Connected void regions over the distributed mesh, analysed on rank 0.
+
+    The P1 node graph (mesh edges), the lumped node areas, the outer-surface nodes and the
+    depth of every node below the outer surface are gathered once; each analysis gathers the
+    node values of ``c_v``, labels the components with SciPy and broadcasts the electrolyte
+    set. Gathering a 2D cross-section (thousands to a few 10^5 nodes) is cheap; the result does
+    not depend on the partition.
+
+    Args:
+        V1: P1 space of the mesh (coordinates in units of ``l0``).
+        dx: the problem's cell measure.
+        surface_dofs: local indices of the outer-surface nodes of ``V1``.
+    """
+
+    def __init__(self, V1: fem.FunctionSpace, dx: Any, surface_dofs: np.ndarray) -> None:
+        self.V1 = V1
+        self.comm: MPI.Comm = V1.mesh.comm
+        imap = V1.dofmap.index_map
+        self.n_owned = imap.size_local
+        self.n_global = imap.size_global
+        n_local = self.n_owned + imap.num_ghosts
+        self.global_index = imap.local_to_global(np.arange(n_local, dtype=np.int32)).astype(np.int64)
+        area_vec = fem_petsc.assemble_vector(fem.form(ufl.TestFunction(V1) * dx))
+        area_vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        area = area_vec.getArray(readonly=True)[: self.n_owned].copy()
+        area_vec.destroy()
+        xy = V1.tabulate_dof_coordinates()[: self.n_owned, :2]
+        surface = np.zeros(n_local, dtype=bool)
+        surface[surface_dofs] = True
+        n_cells = V1.mesh.topology.index_map(2).size_local
+        cell_dofs = self.global_index[V1.dofmap.list[:n_cells]]
+        k = cell_dofs.shape[1]
+        edges = np.concatenate([cell_dofs[:, [i, (i + 1) % k]] for i in range(k)])
+        parts = self.comm.gather((self.global_index[: self.n_owned], area, xy, self.global_index[surface], edges), root=0)
+        if self.comm.rank == 0:
+            n = self.n_global
+            self.area = np.zeros(n)
+            self.xy = np.zeros((n, 2))
+            self.surface = np.zeros(n, dtype=bool)
+            for gidx, a, p, s, _ in parts:
+                self.area[gidx] = a
+                self.xy[gidx] = p
+                self.surface[s] = True
+            e = np.concatenate([p[4] for p in parts])
+            self.edges = np.unique(np.sort(e, axis=1), axis=0)
+            self.depth = cKDTree(self.xy[self.surface]).query(self.xy)[0] if self.surface.any() else np.full(n, np.inf)
+            self.centroid = (self.area[:, None] * self.xy).sum(axis=0) / self.area.sum()
+            self.electrolyte = np.zeros(n, dtype=bool)
+
+    def _gather(self, values: np.ndarray) -> np.ndarray | None:
+        parts = self.comm.gather((self.global_index[: self.n_owned], values[: self.n_owned]), root=0)
+        if self.comm.rank != 0:
+            return None
+        out = np.zeros(self.n_global)
+        for gidx, v in parts:
+            out[gidx] = v
+        return out
+
+    def _components(self, mask: np.ndarray) -> np.ndarray:
+        """Component label of every node of the subgraph induced by ``mask`` (-1 outside)."""
+        keep = mask[self.edges[:, 0]] & mask[self.edges[:, 1]]
+        e = self.edges[keep]
+        n = len(mask)
+        graph = sparse.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+        _, labels = csgraph.connected_components(graph, directed=False)
+        return np.where(mask, labels, -1)
+
+    def reset(self) -> None:
+        """Forget the electrolyte-filled voids."""
+        if self.comm.rank == 0:
+            self.electrolyte[:] = False
+
+    def electrolyte_values(self) -> np.ndarray:
+        """The electrolyte indicator (0/1) at this rank's local nodes (owned and ghost). Collective."""
+        flags = self.comm.bcast(self.electrolyte if self.comm.rank == 0 else None, root=0)
+        return flags[self.global_index].astype(float)
+
+    def analyse(self, c_v: np.ndarray, threshold: float, percolate: bool, length_scale: float) -> dict[str, float]:
+        """Void metrics of the local node values ``c_v``; with ``percolate`` first let the
+        electrolyte fill every void component touching the surface or the electrolyte. Collective.
+
+        Returns:
+            ``void_fraction``, ``accessible_void_fraction``, ``inaccessible_void_fraction``,
+            ``electrolyte_fraction`` (area fractions of the reference section),
+            ``sei_penetration_depth_m`` (deepest electrolyte node below the outer surface, m),
+            ``n_voids``, ``n_accessible_voids``, ``n_accessible_voids_at_surface`` and
+            ``core_connectivity`` (area fraction of the solid, neither void nor electrolyte,
+            connected to the solid node nearest the section's centroid).
+        """
+        values = self._gather(c_v)
+        metrics = None
+        if self.comm.rank == 0:
+            metrics = self._analyse_root(values, threshold, percolate, length_scale)
+        return self.comm.bcast(metrics, root=0)
+
+    def _analyse_root(self, c_v: np.ndarray, threshold: float, percolate: bool, length_scale: float) -> dict[str, float]:
+        void = c_v > threshold
+        labels = self._components(void)
+        if percolate:
+            seeds = void & (self.surface | self.electrolyte)
+            reached = np.isin(labels, np.unique(labels[seeds])) & void
+            self.electrolyte |= reached
+        accessible = void & self.electrolyte
+        total = self.area.sum()
+        n_voids = len(np.unique(labels[void]))
+        accessible_labels = np.unique(labels[accessible])
+        at_surface = np.unique(labels[accessible & self.surface])
+        solid = ~void & ~self.electrolyte
+        core = 0.0
+        if solid.any():
+            solid_labels = self._components(solid)
+            candidates = np.flatnonzero(solid)
+            centre = candidates[np.argmin(np.hypot(*(self.xy[candidates] - self.centroid).T))]
+            connected = solid_labels == solid_labels[centre]
+            core = float(self.area[connected].sum() / self.area[solid].sum())
+        depth = float(self.depth[self.electrolyte].max()) * length_scale if self.electrolyte.any() else 0.0
+        void_fraction = float(self.area[void].sum() / total)
+        accessible_fraction = float(self.area[accessible].sum() / total)
+        return {
+            "void_fraction": void_fraction,
+            "accessible_void_fraction": accessible_fraction,
+            "inaccessible_void_fraction": void_fraction - accessible_fraction,
+            "electrolyte_fraction": float(self.area[self.electrolyte].sum() / total),
+            "sei_penetration_depth_m": depth,
+            "n_voids": int(n_voids),
+            "n_accessible_voids": int(len(accessible_labels)),
+            "n_accessible_voids_at_surface": int(len(at_surface)),
+            "core_connectivity": core,
+        }
+
+
+class VacancyPhaseFieldProblem(PhaseFieldProblem):
+    """:class:`PhaseFieldProblem` plus the vacancy field, void nucleation and electrolyte percolation.
+
+    The mixed space gains ``c_v`` and ``mu_v`` (P1). Each delithiation draws a new nucleation
+    field; after it, electrolyte percolates into surface-connected voids. Every half-cycle
+    record gains :data:`VOID_RECORD_KEYS`.
+    """
+
+    def _setup_fields(self) -> None:
+        vac = self.settings.vacancy
+        self.V1 = fem.functionspace(self.mesh, ("Lagrange", 1))
+        self.electrolyte = fem.Function(self.V1, name="electrolyte")
+        self.D0 = fem.functionspace(self.mesh, ("DG", 0))
+        self.electrolyte_cells = fem.Function(self.D0, name="electrolyte_cells")
+        self.nucleation = fem.Function(self.V1, name="nucleation_rate")
+        self.mobility_v = fem.Constant(self.mesh, vac.mobility_v)
+        exchange = vac.sei_exchange_rate if self.settings.cycling.surface_bc == "dirichlet" else 0.0
+        self.sei_exchange = fem.Constant(self.mesh, exchange)
+        self.omega_v = fem.Constant(self.mesh, vac.omega_v)
+        self._frozen_in_equilibrium += [self.mobility_v, self.sei_exchange]
+        self._cv_dofs = self.W.sub(3).collapse()[1]
+        self._muv_dofs = self.W.sub(4).collapse()[1]
+        facets = np.concatenate([self.tagged.facet_tags.find(t) for t in self.surface_tags]).astype(np.int32)
+        surface_dofs = fem.locate_dofs_topological(self.V1, 1, facets)
+        self.voids = VoidGraph(self.V1, self.dx, surface_dofs)
+        coords = self.V1.tabulate_dof_coordinates()[:, :2]
+        lower = np.array([self.comm.allreduce(float(coords[:, i].min(initial=np.inf)), op=MPI.MIN) for i in range(2)])
+        upper = np.array([self.comm.allreduce(float(coords[:, i].max(initial=-np.inf)), op=MPI.MAX) for i in range(2)])
+        self._box = (lower, upper)
+        self.vacancy_source_total = 0.0
+        self.before_half_cycle.append(VacancyPhaseFieldProblem._prepare_half_cycle)
+        self.after_half_cycle.insert(0, VacancyPhaseFieldProblem._void_record)
+        self._source_integral: fem.Form | None = None
+
+    def _concentration_dofs(self) -> np.ndarray:
+        return np.concatenate([self._c_dofs, self._cv_dofs])
+
+    def _elements(self) -> list:
+        p1 = basix.ufl.element("Lagrange", self.mesh.basix_cell(), 1)
+        return [*super()._elements(), p1, p1]
+
+    def scalar_fields(self) -> dict[str, Any]:
+        return {"c_v": self.w.sub(3), "electrolyte": self.electrolyte}
+
+    def _residual_terms(self, k: dict[str, Any], tests: tuple) -> Any:
+        vac = self.settings.vacancy
+        q, v, _, qv, vv = tests
+        c, mu = k["c"], k["mu"]
+        cv, muv = ufl.split(self.w)[3:5]
+        _, dh = interpolation(c, self.settings.material.c_min, self.settings.material.c_max)
+        frozen = (1 - vac.electrolyte_mobility) * self.electrolyte_cells
+        li = dh * self.omega_v * cv * (1 - cv) * v - frozen * self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
+        vacancy = (1 - frozen) * self.mobility_v * ufl.inner(ufl.grad(muv), ufl.grad(qv)) - vac.kappa_v * ufl.inner(ufl.grad(cv), ufl.grad(vv))
+        return super()._residual_terms(k, tests) + li + vacancy
+
+    def _lumped_terms(self, k: dict[str, Any], tests: tuple) -> Any:
+        """Vacancy storage, source and homogeneous potential and the SEI source at the nodes
+        (vertex rule), as the base class does for Li: keeps every nodal ``c_v`` in (0, 1) and
+        puts the SEI source on the Si nodes next to electrolyte, none on electrolyte nodes."""
+        mat = self.settings.material
+        q, qv, vv = tests[0], tests[3], tests[4]
+        c, cv, muv = k["c"], ufl.split(self.w)[3], ufl.split(self.w)[4]
+        c_old, cv_old = ufl.split(self.w_old)[0], ufl.split(self.w_old)[3]
+        h, _ = interpolation(c, mat.c_min, mat.c_max)
+        self._source_density = self.nucleation * (1 - cv) * ufl.max_value(c_old - c, 0.0)
+        mu_v_hom = ufl.ln(cv) - ufl.ln(1 - cv) + (1 - h) * self.omega_v * (1 - 2 * cv)
+        grad_chi = ufl.grad(self.electrolyte)
+        wall = (1 - self.electrolyte) * ufl.sqrt(ufl.inner(grad_chi, grad_chi))
+        sei_source = self.sei_exchange * wall * (self.c_surface - c)
+        vacancy = ((cv - cv_old) - self._source_density) / self.dt * qv + (muv - mu_v_hom) * vv
+        return super()._lumped_terms(k, tests) + vacancy - sei_source * q
+
+    def _build_forms(self) -> None:
+        super()._build_forms()
+        cv = ufl.split(self.w)[3]
+        self._source_integral = fem.form(self._source_density * self.dx_vertex)
+        self._scalar_forms["vacancies"] = fem.form(cv * self.dx_vertex)
+
+    # -- state ----------------------------------------------------------------------------
+    def set_initial_condition(self, c: Any = None) -> None:
+        """As the base class; ``c_v = c_min`` (no voids), no electrolyte, no nucleation."""
+        super().set_initial_condition(c)
+        self.set_vacancies(self.settings.material.c_min)
+        self.set_electrolyte(np.zeros_like(self.electrolyte.x.array))
+        self.nucleation.x.array[:] = 0.0
+        self.voids.reset()
+        self.vacancy_source_total = 0.0
+
+    def set_vacancies(self, c_v: Any) -> None:
+        """Set ``c_v`` (value, function of the normalised coordinates, or P1 node values) and
+        ``mu_v`` at equilibrium of the local part, in the current and previous state."""
+        mat, vac = self.settings.material, self.settings.vacancy
+        V3, dofs3 = self.W.sub(3).collapse()
+        cvf = fem.Function(V3)
+        if callable(c_v):
+            cvf.interpolate(c_v)
+        else:
+            cvf.x.array[:] = c_v
+        V0, dofs0 = self.W.sub(0).collapse()
+        cf = fem.Function(V0)
+        cf.x.array[:] = self.w.x.array[dofs0]
+        cv_nodes = fem.Function(V0)
+        cv_nodes.interpolate(cvf)
+        h, _ = interpolation(cf.x.array, mat.c_min, mat.c_max)
+        cv_arr = np.clip(cv_nodes.x.array, chemistry.CLIP, 1 - chemistry.CLIP)
+        mu_v = np.log(cv_arr) - np.log(1 - cv_arr) + (1 - h) * vac.omega_v * (1 - 2 * cv_arr)
+        self.w.x.array[dofs3] = cvf.x.array
+        self.w.x.array[self.W.sub(4).collapse()[1]] = mu_v
+        self.w.x.scatter_forward()
+        self.w_old.x.array[:] = self.w.x.array
+
+    def set_electrolyte(self, nodes: np.ndarray) -> None:
+        """Set the electrolyte indicator from its local node values (0/1, owned and ghost) and
+        mark every cell touching an electrolyte node (Li and vacancy mobilities vanish there)."""
+        self.electrolyte.x.array[:] = nodes
+        n_cells = self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts
+        touching = nodes[self.V1.dofmap.list[:n_cells]].max(axis=1)
+        self.electrolyte_cells.x.array[self.D0.dofmap.list[:n_cells, 0]] = touching
+
+    def vacancy_values(self) -> np.ndarray:
+        """``c_v`` at the local nodes of :attr:`V1` (owned and ghost)."""
+        out = fem.Function(self.V1)
+        out.interpolate(self.w.sub(3))
+        return out.x.array.copy()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _prepare_half_cycle(self, index: int, kind: str) -> None:
+        """Draw the nucleation field for a delithiation; none during lithiation."""
+        vac = self.settings.vacancy
+        if kind != "delithiation" or vac.nucleation_rate == 0:
+            self.nucleation.x.array[:] = 0.0
+            return
+        l0 = self.l0
+        sites = nucleation_sites(vac.seed, index, self._box, vac.nucleus_spacing / l0)
+        self.nucleation.interpolate(lambda x: nucleation_field(x, sites, vac.nucleus_radius / l0, vac.nucleation_rate))
+        logger.debug("half-cycle %d: %d nucleation sites", index, len(sites))
+
+    def _before_accept(self) -> None:
+        """Accumulate the vacancy source of the accepted step (``int R (1 - c_v) max(c_old - c, 0)``)."""
+        self.vacancy_source_total += self.comm.allreduce(fem.assemble_scalar(self._source_integral))
+
+    def _void_record(self, record: dict[str, Any]) -> None:
+        vac = self.settings.vacancy
+        percolate = record["kind"] == "delithiation"
+        record.update(self.voids.analyse(self.vacancy_values(), vac.threshold, percolate, self.l0))
+        if percolate:
+            self.set_electrolyte(self.voids.electrolyte_values())
+        area = self.scalar("area_ref")
+        record["mean_c_v"] = self.scalar("vacancies") / area
+        record["vacancy_source_total"] = self.vacancy_source_total / area
+        record["equivalent_real_cycles"] = (record["index"] + 1) // 2 * vac.real_cycles_per_cycle
+        logger.info(
+            "  voids: %.2f %% of the section (%d), electrolyte-filled %.2f %%, SEI depth %.2f nm, core connectivity %.3f",
+            100 * record["void_fraction"], record["n_voids"], 100 * record["accessible_void_fraction"],
+            record["sei_penetration_depth_m"] * 1e9, record["core_connectivity"],
+        )
