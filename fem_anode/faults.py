@@ -1,4 +1,10 @@
-"""Test-only fault injection: make one MPI rank fail at a named point of a run.
+"""Faults on one MPI rank: test-only injection, and an agreement that cannot deadlock on them.
+
+:func:`all_ranks_ok` tells every rank whether a block succeeded everywhere without risking a
+deadlock when only one rank failed (the failing rank gives up after a timeout and lets its
+exception reach the CLI, which aborts the job).
+
+Fault injection (tests only):
 
 Setting ``FEM_ANODE_INJECT_FAULT=RANK:POINT`` (e.g. ``1:comm``) makes the process of that MPI
 rank raise :class:`InjectedFault` when it reaches :func:`fault_point` with that name. It exists
@@ -15,8 +21,12 @@ Points:
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
-__all__ = ["ENV", "POINTS", "InjectedFault", "fault_point"]
+import numpy as np
+
+__all__ = ["ENV", "POINTS", "InjectedFault", "all_ranks_ok", "fault_point"]
 
 ENV = "FEM_ANODE_INJECT_FAULT"
 POINTS = ("comm", "solve")
@@ -49,3 +59,46 @@ def fault_point(point: str, rank: int | None = None) -> None:
         selected = False
     if selected:
         raise InjectedFault(f"injected fault at {point!r} on rank {rank} ({ENV}={spec}; test only)")
+
+
+_abandoned: list[Any] = []  # requests (and their buffers) given up by all_ranks_ok, kept alive
+
+
+def all_ranks_ok(comm: Any, ok: bool, *, timeout: float = 5.0, poll: float = 0.005) -> bool | None:
+    """Whether ``ok`` holds on every rank (a MIN reduction), safe against a lone failing rank.
+
+    A rank whose block succeeded waits as long as it takes (the others may still compute). A
+    rank whose block failed waits at most ``timeout`` seconds: when every rank failed together
+    (the usual case: the same bad input everywhere) they all get ``False`` within
+    milliseconds and can clean up; when the others do not arrive (they wait in some other
+    collective operation for this rank, or still compute), it returns ``None`` and the caller
+    should skip every further collective and let its exception propagate, so that the CLI
+    aborts the job (:func:`fem_anode.cli.main`).
+
+    Args:
+        comm: a communicator used for nothing else meanwhile (e.g. ``comm.Dup()`` made when
+            entering the block), so the pending reduction cannot be matched with another
+            collective operation.
+        ok: this rank's result.
+        timeout: seconds a failing rank waits for the others.
+        poll: polling interval of a failing rank, seconds.
+
+    Returns:
+        ``True`` (all ok), ``False`` (some rank failed) or ``None`` (this rank failed and the
+        others did not answer in time).
+    """
+    from mpi4py import MPI
+
+    send = np.array([1 if ok else 0], dtype=np.int32)
+    recv = np.zeros(1, dtype=np.int32)
+    request = comm.Iallreduce(send, recv, op=MPI.MIN)
+    if ok:
+        request.Wait()
+        return bool(recv[0])
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            _abandoned.append((request, send, recv))
+            return None
+        time.sleep(poll)
+    return bool(recv[0])
