@@ -101,7 +101,8 @@ def _find_seeds(config: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in config.items():
             path = f"{prefix}.{key}" if prefix else str(key)
             if "seed" in str(key).lower() and not isinstance(value, (dict, list)):
-                seeds[path] = value
+                if value is not None:
+                    seeds[path] = value
             else:
                 seeds.update(_find_seeds(value, path))
     elif isinstance(config, list):
