@@ -477,3 +477,36 @@ def test_exit_codes_are_distinct():
 
     codes = [UsageError.exit_code, InputError.exit_code, SolverError.exit_code, Interrupted.exit_code, EXIT_CODES["error"]]
     assert codes == [2, 3, 4, 130, 1] and len(set(codes)) == len(codes)
+
+
+# ----------------------------------------------------------------------------- more dimensionality and output checks
+
+
+def test_wrong_dimension_for_a_model(shared_tmp_path, comm, capsys):
+    """3D volume with the 2D-only smooth mesher (diffusion); 3D mesh for the 2D phase-field model."""
+    pytest.importorskip("dolfinx")
+    from fem_anode.meshing.voxel import write_voxel_mesh
+
+    volume = VoxelImage(np.array([[[0, 3], [3, 1]], [[3, 3], [1, 0]]], dtype=np.uint8), (2e-8,) * 3, {"pore": 0, "si": 1, "sei": 3})
+    write_image(shared_tmp_path / "vol.npy", volume)
+    if comm.rank == 0:
+        write_voxel_mesh(volume, shared_tmp_path / "vol.msh", keep=["si"])
+        (shared_tmp_path / "smooth.toml").write_text('[geometry]\nimage = "vol.npy"\n[mesh]\nmethod = "smooth"\n')
+        (shared_tmp_path / "pf3d.toml").write_text('[geometry]\nmesh = "vol.msh"\n')
+    comm.barrier()
+    out = shared_tmp_path / "out"
+    run_cli(["diffusion", str(shared_tmp_path / "smooth.toml"), "--out", str(out)], capsys, 3, "'smooth' is for 2D images", out=out, nothing_in=shared_tmp_path)
+    run_cli(["phasefield", str(shared_tmp_path / "pf3d.toml"), "--out", str(out)], capsys, 3, "needs a 2D mesh", out=out, nothing_in=shared_tmp_path)
+
+
+def test_colour_image_and_out_that_is_a_file(files, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    iio.imwrite(tmp_path / "colour.png", rgb)
+    run_cli(["metrics", str(tmp_path / "colour.png"), "--out", str(files["out"])], capsys, 3, "colour image (RGB)", out=files["out"])
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    run_cli(["metrics", str(files["labels"]), "--out", str(taken)], capsys, 2, "exists and is not a directory")
+    assert taken.read_text() == "a file"
