@@ -30,7 +30,14 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="model the config belongs to (auto: phasefield if it has phase-field sections or keys such as geometry.radius, else diffusion)",
     )
     add_out_argument(parser, default="convergence_results")
-    parser.set_defaults(func=run)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted or killed study whose checkpoint is in DIR/checkpoint (written after every "
+        "finished level); results go to --out (default DIR); CONFIG and options must be those of the study",
+    )
+    parser.set_defaults(func=run, out=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,14 +69,27 @@ def run(args: argparse.Namespace) -> int:
         if args.refine_factor != int(args.refine_factor):
             raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer")
         args.refine_factor = int(args.refine_factor)
-    with output_directory(args.out, comm) as staging:
-        if model == "phasefield":
-            report = run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm)
-        else:
-            report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm)
-        if comm.rank == 0:
-            write_json(staging / "convergence.json", {"provenance": provenance("convergence"), **report, "settings": settings.to_dict()})
-            plot_study(report, staging / "convergence.png")
+    from fem_anode.errors import Interrupted
+    from fem_anode.io.checkpoint import CheckpointStore
+
+    args.out = args.out or args.resume or Path("convergence_results")
+    store = CheckpointStore(args.out, comm)
+    resume = CheckpointStore(args.resume, comm).load() if args.resume else None
+    if resume is None and store.exists():
+        raise UsageError(f"{args.out} holds the checkpoint of an unfinished study: add --resume {args.out} to continue it, or remove {store.path}")
+    checkpointing = {"checkpoint_dir": args.out, "resume": resume}
+    try:
+        with output_directory(args.out, comm) as staging:
+            if model == "phasefield":
+                report = run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing)
+            else:
+                report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm, **checkpointing)
+            if comm.rank == 0:
+                write_json(staging / "convergence.json", {"provenance": provenance("convergence"), **report, "settings": settings.to_dict()})
+                plot_study(report, staging / "convergence.png")
+    except Interrupted as err:
+        raise Interrupted(f"{err}; continue with: fem-anode convergence {args.config} --resume {args.out} (same options)") from None
+    store.remove()
     logger.info("%s", format_table(report))
     logger.info("results in %s", args.out)
     return 0

@@ -21,6 +21,7 @@ interpolation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -148,6 +149,8 @@ def run_diffusion_study(
     orders: Sequence[int] | None = None,
     workdir: Path,
     comm: Any,
+    checkpoint_dir: Path | None = None,
+    resume: Any = None,
 ) -> dict[str, Any]:
     """Run the diffusion model on ``levels`` successively refined voxel meshes of its image.
 
@@ -155,6 +158,14 @@ def run_diffusion_study(
     factor 2) while the geometry stays exactly that of the image. Quantities: region means at
     every output time, t90 per region and the domain mean; fields: relative L2 difference of
     the final c between successive levels (coarse interpolated onto the fine mesh).
+
+    Args:
+        checkpoint_dir: after every finished level, checkpoint the study in
+            ``checkpoint_dir/checkpoint/`` (the level records and the field the next level is
+            compared with); SIGINT/SIGTERM stop the level in progress at its next time step
+            (:class:`~fem_anode.errors.Interrupted`; finished levels are kept).
+        resume: a loaded :class:`~fem_anode.io.checkpoint.Checkpoint` of the same study:
+            finished levels are skipped, the report is the same.
     """
     from fem_anode.io.images import read_image
 
@@ -169,37 +180,101 @@ def run_diffusion_study(
     solver_logger = logging.getLogger("fem_anode.fem.diffusion")
     solver_level = solver_logger.level
     solver_logger.setLevel(max(logging.WARNING, solver_level))  # one line per level, not per output
+    from fem_anode.fem.diffusion_run import settings_fingerprint
+
+    study = {"levels": levels, "refine_factor": refine_factor, "orders": orders}
+    checkpointer = _study_checkpointer(checkpoint_dir, comm, {"model": "convergence-diffusion", "fingerprint": {**study, "settings": settings_fingerprint(settings)}})
     try:
-        return _diffusion_levels(settings, image, levels, refine_factor, orders, workdir, comm, c_bulk)
+        with _safe_stop(checkpointer):
+            return _diffusion_levels(settings, image, levels, refine_factor, orders, workdir, comm, c_bulk, checkpointer, resume)
     finally:
         solver_logger.setLevel(solver_level)
 
 
-def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], workdir: Path, comm: Any, c_bulk: float) -> dict[str, Any]:
+def _study_checkpointer(directory: Path | None, comm: Any, meta: dict[str, Any]) -> Any:
+    """Level-granularity checkpoints of a study (saved explicitly after each level), or None."""
+    if directory is None:
+        return None
+    from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore
+
+    return Checkpointer(CheckpointStore(directory, comm), CheckpointPolicy(interval_s=0.0, every_steps=0), meta=meta, comm=comm)
+
+
+def _safe_stop(checkpointer: Any) -> Any:
+    """SafeStop for a checkpointed study (its flag is polled by the time loops); else a no-op."""
+    import contextlib
+
+    if checkpointer is None:
+        return contextlib.nullcontext()
+    from fem_anode.io.interrupt import SafeStop
+
+    checkpointer.stop = SafeStop()
+    return checkpointer.stop
+
+
+def _level_stopper(checkpointer: Any, comm: Any) -> Any:
+    """Poll-only checkpointer for the time loop of one level: honours SIGINT/SIGTERM, never saves."""
+    if checkpointer is None:
+        return None
+    from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer
+
+    return Checkpointer(None, CheckpointPolicy(interval_s=0.0, every_steps=0), stop=checkpointer.stop, comm=comm)
+
+
+def _level_interrupted(err: Exception, level: int, name: str, checkpointer: Any) -> Exception:
+    from fem_anode.errors import Interrupted
+
+    saved = f"finished levels are saved in {checkpointer.store.path}" if checkpointer.saves else "no level had finished"
+    return Interrupted(f"{err} in level {level} of {name}; {saved}")
+
+
+def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], workdir: Path, comm: Any, c_bulk: float,
+                      checkpointer: Any = None, resume: Any = None) -> dict[str, Any]:
     from dolfinx import fem
     from mpi4py import MPI
     import ufl
 
+    from fem_anode.errors import Interrupted
     from fem_anode.fem.diffusion import DiffusionProblem
     from fem_anode.fem.mesh_io import read_mesh
     from fem_anode.meshing.voxel import write_voxel_mesh
 
     geometry = settings.geometry
     report: dict[str, Any] = {"model": "diffusion", "levels": levels, "refine_factor": refine_factor, "orders": {}}
+
+    def level_mesh(order: int, level: int) -> Any:
+        refined = _upsample(image, refine_factor**level)
+        path = workdir / f"P{order}_level{level}.msh"
+        if comm.rank == 0:
+            write_voxel_mesh(refined, path, keep=[geometry.transport_phase])
+        comm.barrier()
+        return refined, read_mesh(path, comm)
+
+    saved: dict[str, Any] = {}
+    if resume is not None:
+        if checkpointer is not None:
+            checkpointer.check_meta(resume)
+        saved = resume.state["problem"]
+        report["orders"] = saved["finished"]
+        logger.info("resuming the study after %s", f"P{saved['order']} level {saved['level']}" if saved.get("order") else "the finished orders")
     for order in orders:
+        if f"P{order}" in report["orders"]:
+            continue
         level_settings = settings.replace(mesh=settings.mesh.replace(order=order))
         h, cells, dofs, seconds = [], [], [], []
         quantities: dict[str, list[float]] = {}
         previous: Any = None
         l2_differences: list[float | None] = []
-        for level in range(levels):
-            factor = refine_factor**level
-            refined = _upsample(image, factor)
-            path = workdir / f"P{order}_level{level}.msh"
-            if comm.rank == 0:
-                write_voxel_mesh(refined, path, keep=[geometry.transport_phase])
-            comm.barrier()
-            tagged = read_mesh(path, comm)
+        first_level = 0
+        if saved.get("order") == order:  # the order in progress when the checkpoint was written
+            h, cells, dofs, seconds, l2_differences = (saved[k] for k in ("h", "cells", "dofs", "seconds", "l2_differences"))
+            quantities = saved["quantities"]
+            first_level = saved["level"] + 1
+            _, tagged_previous = level_mesh(order, saved["level"])
+            previous = fem.Function(fem.functionspace(tagged_previous.mesh, ("Lagrange", order)))
+            resume.restore("problem.previous", previous)
+        for level in range(first_level, levels):
+            refined, tagged = level_mesh(order, level)
             start = time.perf_counter()
             problem = DiffusionProblem(tagged, level_settings)
             snapshot: dict[str, Any] = {}
@@ -208,7 +283,11 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
                 if t > 0 and not snapshot:  # fields compared at the first output time, where c varies
                     snapshot.update(c=prob.concentration(), t=t)
 
-            result = problem.run(keep_first_output)
+            try:
+                result = problem.run(keep_first_output, checkpointer=_level_stopper(checkpointer, comm))
+            except Interrupted as err:
+                problem.destroy()
+                raise _level_interrupted(err, level, f"P{order}", checkpointer) from None
             seconds.append(time.perf_counter() - start)
             h.append(min(refined.require_voxel_size()))
             cells.append(result.ncells)
@@ -236,6 +315,10 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
             previous = c
             problem.destroy()
             logger.info("P%d level %d: h = %.3g m, %d cells, %d dofs, %.1f s", order, level, h[-1], cells[-1], dofs[-1], seconds[-1])
+            if checkpointer is not None and level < levels - 1:
+                progress = {"finished": report["orders"], "order": order, "level": level, "h": h, "cells": cells, "dofs": dofs,
+                            "seconds": seconds, "quantities": quantities, "l2_differences": l2_differences}
+                checkpointer.save(level, progress, {"previous": previous})
         records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if all(map(math.isfinite, values))}
         report["orders"][f"P{order}"] = {
             "h": h,
@@ -246,6 +329,8 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
             "field_l2_difference": {"h": h, "values": l2_differences, "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.output_times):g} s"},
             "mesh_independent_1pct": mesh_independence(records, cells, h),
         }
+        if checkpointer is not None and order != orders[-1]:
+            checkpointer.save(levels, {"finished": report["orders"], "order": None}, {})
     return report
 
 
@@ -274,7 +359,16 @@ def _relative_l2_difference(fine: Any, coarse: Any, *, padding: float, comm: Any
 PHASEFIELD_NOT_QUANTITIES = frozenset({"index", "kind", "t", "steps", "rejected_steps", "newton_iterations_total", "wall_time_s"})
 
 
-def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2.0, workdir: Path, comm: Any) -> dict[str, Any]:
+def run_phasefield_study(
+    settings: Any,
+    *,
+    levels: int,
+    refine_factor: float = 2.0,
+    workdir: Path,
+    comm: Any,
+    checkpoint_dir: Path | None = None,
+    resume: Any = None,
+) -> dict[str, Any]:
     """Run the phase-field model on disk meshes with ``mesh.size / refine_factor**k``.
 
     Quantities: every physical scalar of every half-cycle record (outer radius, deformed area,
@@ -282,6 +376,10 @@ def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2
     their peaks during the half-cycle, energies; a void fraction joins by itself once the
     model reports one). The adaptive time steps
     follow each mesh, so peak values carry time-step effects as well. Needs the built-in disk geometry (an image mesh has a fixed size).
+
+    ``checkpoint_dir``/``resume`` as in :func:`run_diffusion_study`: the study is checkpointed
+    after every finished level and resumes after the last one. The phase-field run itself has
+    no safe-stop hook yet, so a signal ends the level in progress at once (it restarts on resume).
     """
     from fem_anode.fem.phasefield.run import run_phasefield
 
@@ -293,7 +391,25 @@ def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2
     quantities: dict[str, list[float]] = {}
     previous: dict[str, Any] = {}
     differences: dict[str, list[float | None]] = {"c_li": []}
-    for level in range(levels):
+    checkpointer = _study_checkpointer(checkpoint_dir, comm, {"model": "convergence-phasefield", "fingerprint": json.loads(json.dumps(
+        {"levels": levels, "refine_factor": refine_factor, "settings": settings.to_dict()}))})
+    first_level = 0
+    if resume is not None:
+        from dolfinx import fem
+
+        from fem_anode.fem.phasefield.geometry import disk_mesh
+
+        if checkpointer is not None:
+            checkpointer.check_meta(resume)
+        saved = resume.state["problem"]
+        h, cells, dofs, seconds, quantities, differences = (saved[k] for k in ("h", "cells", "dofs", "seconds", "quantities", "differences"))
+        first_level = saved["level"] + 1
+        if saved.get("c_li_degree"):
+            tagged = disk_mesh(settings.geometry.radius, h[-1], comm)
+            previous = {"c_li": fem.Function(fem.functionspace(tagged.mesh, ("Lagrange", saved["c_li_degree"])))}
+            resume.restore("problem.c_li", previous["c_li"])
+        logger.info("resuming the phase-field study after level %d", saved["level"])
+    for level in range(first_level, levels):
         size = settings.mesh.size / refine_factor**level
         level_settings = settings.replace(mesh=settings.mesh.replace(size=size), output=settings.output.replace(fields=False, figures=False))
         kept: dict[str, Any] = {}
@@ -318,6 +434,11 @@ def run_phasefield_study(settings: Any, *, levels: int, refine_factor: float = 2
             differences[name].append(None if coarse is None or name not in kept else _relative_l2_difference(kept[name], coarse, padding=2 * size * refine_factor, comm=comm))
         previous = kept
         logger.info("phasefield level %d: h = %.3g m, %d cells, %d unknowns, %.1f s", level, size, cells[-1], dofs[-1], seconds[-1])
+        if checkpointer is not None and level < levels - 1:
+            degree = kept["c_li"].function_space.ufl_element().basix_element.degree if "c_li" in kept else None
+            progress = {"level": level, "h": h, "cells": cells, "dofs": dofs, "seconds": seconds, "quantities": quantities,
+                        "differences": differences, "c_li_degree": degree}
+            checkpointer.save(level, progress, {"c_li": kept["c_li"]} if "c_li" in kept else {})
     records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if len(values) == levels and all(map(math.isfinite, values))}
     order = f"P{settings.mesh.displacement_degree}u"
     return {

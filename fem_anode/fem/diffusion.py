@@ -508,8 +508,8 @@ class DiffusionProblem:
             Interrupted: a stop was requested; a checkpoint was written (if the checkpointer
                 has a store) and ``err.result`` is the :class:`DiffusionResult` so far.
             SolverError: a step failed ``max_retries + 1`` times; the last good state was
-                checkpointed and ``err.report`` holds the failing time, the step sizes tried,
-                the PETSc reasons and residual histories.
+                checkpointed, ``err.report`` holds the failing time, the step sizes tried,
+                the PETSc reasons and residual histories, ``err.result`` the records so far.
         """
         settings = self.settings
         tset = settings.time
@@ -527,9 +527,13 @@ class DiffusionProblem:
             coeff = bdf_coefficients(dt, plan.dt_previous, order)
             failure = self._try_step(coeff)
             if failure is not None:
+                if not failures:  # the last good state, saved as such if the step never succeeds
+                    good = (plan.state_dict(), record.retries)
                 failures.append({"t": t, "dt": dt, **failure})
                 self.c.x.array[:] = self._c_old.x.array  # back to the last good state
                 if len(failures) > settings.solver.max_retries:
+                    plan.load_state(good[0])
+                    record.retries = good[1]
                     self._give_up(failures, plan, record, checkpointer)
                 logger.warning("step to t = %.6g s (dt = %.3g s) failed: %s; retrying with dt/2", t, dt, failure["reason_name"])
                 plan.cut(dt)
@@ -558,7 +562,7 @@ class DiffusionProblem:
                 if save_now:
                     checkpointer.save(record.steps, *record.checkpoint(self, plan))
                 if stop_now:
-                    reason = getattr(checkpointer.stop, "signal_name", None) or "request"
+                    reason = checkpointer.stop_reason()
                     raise Interrupted(f"stopped by {reason} at t = {t:.6g} s (step {record.steps})", result=record.result(self, "interrupted"))
         return record.result(self, "completed")
 
@@ -586,6 +590,7 @@ class DiffusionProblem:
             + where
         )
         err.report = report  # type: ignore[attr-defined]
+        err.result = record.result(self, "failed")  # type: ignore[attr-defined]
         raise err
 
     def destroy(self) -> None:

@@ -204,13 +204,6 @@ def run_diffusion(
         settings.physics.D_eff,
         comm.size,
     )
-    writer = None
-    if settings.output.fields:
-        from dolfinx.io import VTXWriter
-
-        c_out = problem.concentration()
-        writer = VTXWriter(comm, str(staging / "c.bp"), [c_out], engine="BP4")
-    grid = _image_grid_points(image) if image is not None and settings.output.figures else None
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
     fields: list[tuple[float, Any]] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
@@ -219,6 +212,14 @@ def run_diffusion(
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         start -= _restore_outputs(resume, problem, snapshots, particles, fields)
+    writer = None
+    if settings.output.fields:
+        from dolfinx.io import VTXWriter
+
+        c_out = problem.concentration()
+        writer = VTXWriter(comm, str(staging / "c.bp"), [c_out], engine="BP4")
+    grid = _image_grid_points(image) if image is not None and settings.output.figures else None
+    if resume is not None:
         if writer is not None:
             for t, field in fields:
                 c_out.x.array[:] = field.x.array
@@ -298,12 +299,17 @@ def run_diffusion(
 
 
 def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
-    """The settings that determine a run's numbers, as JSON types (absolute paths, no [checkpoint])."""
+    """The settings a resumed run must share with its checkpoint, as JSON types (absolute paths).
+
+    ``[checkpoint]`` and ``[solver]`` are left out: a run may be resumed with another interval
+    or, after a solver failure, with another linear solver.
+    """
     import json
     import os
 
     data = settings.to_dict()
     data.pop("checkpoint", None)
+    data.pop("solver", None)
     geometry = data.get("geometry", {})
     for key in ("image", "mesh"):
         if key in geometry:

@@ -452,6 +452,12 @@ class Checkpointer:
         save_now = self.store is not None and (due_steps or due_time or stop_now)
         return save_now, stop_now
 
+    def stop_reason(self) -> str:
+        """Collective: the signal name that requested the stop on any rank (e.g. "SIGTERM")."""
+        name = getattr(self.stop, "signal_name", None)
+        names = [name] if _size(self.comm) == 1 else self.comm.allgather(name)
+        return next((n for n in names if n), "request")
+
     def save(self, step: int, state: Mapping[str, Any], arrays: Mapping[str, Any]) -> Path | None:
         """Save the model's ``state``/``arrays`` with the meta and driver extras (collective)."""
         if self.store is None:

@@ -1,0 +1,549 @@
+"""Reliability of long runs: atomic checkpoints, resume after SIGKILL, safe stop on SIGINT/SIGTERM,
+bounded step-halving retries after solver failures, level checkpoints of convergence studies.
+
+Library-level tests run serially and under ``mpirun -n 2``; the tests that start ``fem-anode`` in
+a subprocess (and send it real signals) run serially only, one of them launching ``mpirun -n 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dolfinx")
+
+from dolfinx import fem, mesh as dmesh  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.errors import InputError, Interrupted, SolverError, UsageError  # noqa: E402
+from fem_anode.fem import read_mesh  # noqa: E402
+from fem_anode.fem.analytic import robin_sheet_mean  # noqa: E402
+from fem_anode.fem.diffusion import DiffusionProblem  # noqa: E402
+from fem_anode.fem.diffusion_settings import DiffusionSettings, GeometrySettings, SolverSettings, TimeSettings  # noqa: E402
+from fem_anode.fem.time_stepping import StepPlan, plan_steps  # noqa: E402
+from fem_anode.io import VoxelImage, write_image  # noqa: E402
+from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore  # noqa: E402
+from fem_anode.io.interrupt import SafeStop  # noqa: E402
+from fem_anode.meshing import write_voxel_mesh  # noqa: E402
+
+UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ
+serial_only = pytest.mark.skipif(UNDER_MPI, reason="spawns its own processes; run serially only")
+LENGTH = 1e-6
+TIMES = [2e-4, 1e-3, 4e-3]
+
+
+def strip(comm, directory: Path, n: int = 16):
+    """1D limit: n SEI pixels with a pore column at x = 0 (the plane sheet of Crank's series)."""
+    h = LENGTH / n
+    labels = np.full((1, n + 1), 3, dtype=np.uint8)
+    labels[:, 0] = 0
+    path = directory / f"strip{n}.msh"
+    if comm.rank == 0:
+        write_voxel_mesh(VoxelImage(labels, (h, h), {"pore": 0, "sei": 3}), path, keep=["sei"])
+    comm.barrier()
+    return read_mesh(path, comm)
+
+
+def strip_settings(**solver) -> DiffusionSettings:
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(mesh=Path("strip.msh")),
+        time=TimeSettings(t_end=4e-3, output_times=TIMES, dt_initial=1e-8, steps_per_level=4, dt_max=1e-4),
+        solver=SolverSettings(**solver),
+    )
+    settings.check()
+    return settings
+
+
+def crank_errors(result, settings) -> np.ndarray:
+    physics = settings.physics
+    out = result.at_output_times()
+    exact = physics.c_bulk * robin_sheet_mean(np.array(out["times"]), LENGTH, physics.D_eff, physics.eps, physics.k_f)
+    return np.abs(np.array(out["domain_mean"]) - exact) / exact
+
+
+def assert_same_records(a, b, rtol: float = 1e-10) -> None:
+    np.testing.assert_allclose(a.times, b.times, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(a.domain_mean, b.domain_mean, rtol=rtol, atol=0)
+    for name in b.region_means:
+        np.testing.assert_allclose(a.region_means[name], b.region_means[name], rtol=rtol, atol=0)
+    assert a.mass_balance_rel_error == pytest.approx(b.mass_balance_rel_error, rel=1e-6, abs=1e-14)
+
+
+# -- the checkpoint store -------------------------------------------------------------------
+def _unit_square(comm):
+    return dmesh.create_unit_square(comm, 6, 5)
+
+
+def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
+    """P2 and vector P1 fields keyed by dof coordinates come back exactly, also on one rank;
+    a mixed-space field (no unique dof coordinates) needs the same ranks and says so."""
+    import basix.ufl
+
+    domain = _unit_square(comm)
+    V2 = fem.functionspace(domain, ("Lagrange", 2))
+    Vv = fem.functionspace(domain, ("Lagrange", 1, (2,)))
+    mixed = fem.functionspace(domain, basix.ufl.mixed_element([basix.ufl.element("Lagrange", "triangle", 1)] * 2))
+    u, w, m = fem.Function(V2), fem.Function(Vv), fem.Function(mixed)
+    u.interpolate(lambda x: 1.0 + x[0] + 3.0 * x[1] ** 2)
+    w.interpolate(lambda x: np.vstack([x[0] * x[1], -x[1]]))
+    m.x.array[:] = np.arange(m.x.array.size) + 1000.0 * comm.rank  # any values; ghosts filled below
+    m.x.scatter_forward()
+    rng = np.random.default_rng(7)
+    store = CheckpointStore(shared_tmp_path / "run", comm)
+    assert not store.exists()
+    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "times": np.array([0.0, 1e-9, 0.3])})
+    assert store.exists() and (store.path / "state.json").is_file()
+    loaded = store.load()
+    assert loaded.state["t"] == 0.1 + 0.2  # floats round-trip bit for bit
+    assert loaded.ranks == comm.size and loaded.fields["u"]["mode"] == "coordinates" and loaded.fields["m"]["mode"] == "global"
+    np.testing.assert_array_equal(loaded.arrays["times"], [0.0, 1e-9, 0.3])
+    resumed = np.random.default_rng(0)
+    resumed.bit_generator.state = loaded.state["rng"]
+    assert resumed.random() == rng.random()
+    for comm_restore in (comm, MPI.COMM_SELF):  # the same ranks, and a single rank
+        domain2 = _unit_square(comm_restore)
+        u2 = fem.Function(fem.functionspace(domain2, ("Lagrange", 2)))
+        w2 = fem.Function(fem.functionspace(domain2, ("Lagrange", 1, (2,))))
+        loaded.restore("u", u2)
+        loaded.restore("w", w2)
+        exact = fem.Function(u2.function_space)
+        exact.interpolate(lambda x: 1.0 + x[0] + 3.0 * x[1] ** 2)
+        assert np.abs(u2.x.array - exact.x.array).max() < 1e-14
+        exact_w = fem.Function(w2.function_space)
+        exact_w.interpolate(lambda x: np.vstack([x[0] * x[1], -x[1]]))
+        assert np.abs(w2.x.array - exact_w.x.array).max() < 1e-14
+    m2 = fem.Function(mixed)
+    loaded.restore("m", m2)
+    assert np.array_equal(m2.x.array, m.x.array)
+    # a global-mode field written on another number of ranks: clear UsageError
+    loaded.fields["m"]["ranges"] = loaded.fields["m"]["ranges"] + [[0, 0]]
+    with pytest.raises(UsageError, match=r"can only be resumed on \d+"):
+        loaded.restore("m", m2)
+    with pytest.raises(InputError, match="differs"):  # another mesh
+        loaded.restore("u", fem.Function(fem.functionspace(dmesh.create_unit_square(comm, 6, 6), ("Lagrange", 2))))
+    with pytest.raises(InputError, match="no field 'x'"):
+        loaded.restore("x", u)
+
+
+def test_stale_temporaries_are_ignored_and_corruption_is_reported(shared_tmp_path, comm):
+    directory = shared_tmp_path / "atomic"
+    store = CheckpointStore(directory, comm)
+    with pytest.raises(InputError, match="no checkpoint in"):
+        store.load()
+    store.save({"step": 1}, {"x": np.arange(4.0)})
+    store.save({"step": 2}, {"x": np.arange(5.0)})
+    if comm.rank == 0:  # what a kill during a save leaves: a half-written temporary
+        stale = directory / "checkpoint.tmp-killed"
+        stale.mkdir()
+        (stale / "state.json").write_text('{"step": 99, "_checkp')
+    comm.barrier()
+    assert store.load().state["step"] == 2
+    if comm.rank == 0:  # a kill between the two renames of a save: only checkpoint.old-* is left
+        os.replace(directory / "checkpoint", directory / "checkpoint.old-abc")
+    comm.barrier()
+    assert store.exists() and store.load().state["step"] == 2
+    store.save({"step": 3}, {"x": np.arange(6.0)})  # cleans up every leftover
+    comm.barrier()
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoint"]
+    assert store.load().arrays["x"].size == 6
+    state_path = store.path / "state.json"
+    text = state_path.read_text()
+    comm.barrier()
+    if comm.rank == 0:
+        state_path.write_text(text[: len(text) // 2])
+    comm.barrier()
+    with pytest.raises(InputError, match=r"corrupt checkpoint .*state\.json"):
+        store.load()
+    if comm.rank == 0:
+        state_path.write_text(text)
+        data = bytearray((store.path / "arrays.npz").read_bytes())
+        data[-30] ^= 0xFF
+        (store.path / "arrays.npz").write_bytes(bytes(data))
+    comm.barrier()
+    with pytest.raises(InputError, match="checksum does not match"):
+        store.load()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(shared_tmp_path, comm, monkeypatch):
+    directory = shared_tmp_path / "full_disk"
+    store = CheckpointStore(directory, comm)
+    store.save({"step": 1}, {"x": np.ones(3)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(InputError, match="cannot write the checkpoint.*No space left"):
+        store.save({"step": 2}, {"x": np.zeros(3)})
+    monkeypatch.undo()
+    assert store.load().state["step"] == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoint"]
+
+
+# -- safe stop and the time loop -----------------------------------------------------------
+def test_signal_only_sets_a_flag_that_all_ranks_agree_on(comm):
+    before = signal.getsignal(signal.SIGTERM)
+    with SafeStop() as stop:
+        assert not stop.agreed(comm)
+        if comm.rank == 0:  # only one rank receives the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == (comm.rank == 0)
+        assert stop.agreed(comm)
+        if comm.rank == 0:
+            assert stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_step_plan_resumes_and_replans_after_a_cut():
+    args = (4e-3, TIMES, 1e-8)
+    kwargs = {"steps_per_level": 4, "dt_max": 1e-4}
+    full = list(plan_steps(*args, **kwargs))
+    plan = StepPlan(*args, **kwargs)
+    for _ in range(25):
+        plan.accept(*plan.propose())
+    again = StepPlan(*args, **kwargs)
+    again.load_state(json.loads(json.dumps(plan.state_dict())))
+    rest = []
+    while not again.done:
+        rest.append(again.propose())
+        again.accept(*rest[-1])
+    assert rest == full[25:]
+    t_new, dt = plan.propose()
+    plan.cut(dt)
+    t_cut, dt_cut = plan.propose()
+    assert dt_cut == pytest.approx(dt / 2) and t_cut == pytest.approx(t_new - dt / 2)
+    steps = [(t_cut, dt_cut)]
+    plan.accept(t_cut, dt_cut)
+    while not plan.done:
+        steps.append(plan.propose())
+        plan.accept(*steps[-1])
+    times = [t for t, _ in full[:25]] + [t for t, _ in steps]
+    assert set(TIMES) <= set(times) and sum(d for _, d in full[:25]) + sum(d for _, d in steps) == pytest.approx(4e-3, rel=1e-12)
+    dts = np.array([d for _, d in full[:25]] + [d for _, d in steps])
+    assert np.all(dts[1:] / dts[:-1] <= 2.0 + 1e-12)
+
+
+def test_interrupted_run_resumes_to_the_same_records(shared_tmp_path, comm):
+    """Stop at a safe point (signal on one rank), checkpoint, resume on the same and on one rank."""
+    tagged = strip(comm, shared_tmp_path)
+    settings = strip_settings()
+    reference = DiffusionProblem(tagged, settings).run()
+    store = CheckpointStore(shared_tmp_path / "interrupted", comm)
+    seen: list[float] = []
+
+    def signal_at_first_output(t: float, problem: DiffusionProblem) -> None:
+        seen.append(t)
+        if t == TIMES[0] and comm.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with SafeStop() as stop:
+        checkpointer = Checkpointer(store, CheckpointPolicy(interval_s=0.0, every_steps=0), stop=stop, comm=comm)
+        with pytest.raises(Interrupted, match=r"stopped by SIGTERM at t = 0\.0002 s") as info:
+            DiffusionProblem(tagged, settings).run(signal_at_first_output, checkpointer=checkpointer)
+    partial = info.value.result
+    assert partial.status == "interrupted" and partial.times[-1] == TIMES[0] and checkpointer.saves == 1
+    checkpoint = store.load()
+    assert checkpoint.state["problem"]["t"] == TIMES[0]
+    after: list[float] = []
+    resumed = DiffusionProblem(tagged, settings).run(lambda t, p: after.append(t), resume=checkpoint)
+    assert after == TIMES[1:]  # outputs before the checkpoint are not repeated
+    assert resumed.resumed_from_step == partial.steps and resumed.steps == reference.steps
+    assert_same_records(resumed, reference)
+    single = DiffusionProblem(strip(MPI.COMM_SELF, shared_tmp_path / f"self{comm.rank}" if comm.size > 1 else shared_tmp_path), settings)
+    assert_same_records(single.run(resume=checkpoint), reference, rtol=1e-8)  # another rank count
+
+
+def test_periodic_checkpoints_by_steps_and_wall_clock(shared_tmp_path, comm):
+    tagged = strip(comm, shared_tmp_path, n=8)
+    settings = strip_settings()
+    store = CheckpointStore(shared_tmp_path / "periodic", comm)
+    every = Checkpointer(store, CheckpointPolicy(interval_s=0.0, every_steps=10), comm=comm)
+    result = DiffusionProblem(tagged, settings).run(checkpointer=every)
+    assert every.saves == (result.steps - 1) // 10  # none after the last step: the run is complete
+    assert store.load().state["problem"]["steps"] == 10 * every.saves
+    ticks = iter(range(10**6))
+    by_clock = Checkpointer(store, CheckpointPolicy(interval_s=25.0), comm=comm, clock=lambda: float(next(ticks)))
+    DiffusionProblem(tagged, settings).run(checkpointer=by_clock)
+    assert 0 < by_clock.saves < result.steps // 10  # a poll is one tick: about every 25 steps
+    never = Checkpointer(store, CheckpointPolicy(interval_s=1e9), comm=comm)
+    DiffusionProblem(tagged, settings).run(checkpointer=never)
+    assert never.saves == 0
+
+
+# -- solver failures ---------------------------------------------------------------------------
+def test_a_failed_solve_is_retried_with_half_the_step(shared_tmp_path, comm, monkeypatch):
+    """The 6th solve returns NaN on rank 0 only: every rank sees the failure, the step is halved,
+    the run completes and still matches Crank's series."""
+    tagged = strip(comm, shared_tmp_path)
+    settings = strip_settings()
+    reference = DiffusionProblem(tagged, settings).run()
+    calls = {"n": 0}
+    original = DiffusionProblem._solve
+
+    def flaky(self, ksp, rhs):
+        original(self, ksp, rhs)
+        calls["n"] += 1
+        if calls["n"] == 6 and comm.rank == 0:
+            self.c.x.petsc_vec.array[:] = np.nan
+
+    monkeypatch.setattr(DiffusionProblem, "_solve", flaky)
+    result = DiffusionProblem(tagged, settings).run()
+    assert result.retries == 1 and result.steps > reference.steps
+    np.testing.assert_array_equal(result.times[:6], reference.times[:6])  # the good steps before the failure
+    assert np.diff(result.times)[5] == pytest.approx(np.diff(reference.times)[5] / 2, rel=1e-12)
+    assert np.all(crank_errors(result, settings) < 5e-3)
+    assert result.mass_balance_rel_error < 1e-6
+
+
+def test_persistent_failure_saves_the_last_good_state_and_reports(shared_tmp_path, comm, monkeypatch):
+    """CG + Jacobi limited to one iteration cannot converge: after max_retries halvings the run
+    stops with the PETSc reason, the step sizes tried and the residual history."""
+    tagged = strip(comm, shared_tmp_path)
+    settings = strip_settings(type="iterative", max_retries=2, petsc_options={"pc_type": "jacobi", "ksp_max_it": "1"})
+    store = CheckpointStore(shared_tmp_path / "failing", comm)
+    with pytest.raises(SolverError, match=r"after 3 attempts .*DIVERGED_MAX_IT \(-3\)") as info:
+        DiffusionProblem(tagged, settings).run(checkpointer=Checkpointer(store, CheckpointPolicy(), comm=comm))
+    report = info.value.report
+    assert [a["dt"] for a in report["attempts"]] == pytest.approx([1e-8, 5e-9, 2.5e-9])
+    assert all(a["reason"] == -3 and len(a["residual_history"]) == 2 and a["relative_residual"] > 1e-12 for a in report["attempts"])
+    assert report["t_last_good"] == 0.0
+    saved = store.load().state["problem"]
+    assert saved["failure"]["t_failed"] == pytest.approx(1e-8) and saved["steps"] == 0
+    # a failure after some good steps: the checkpoint holds the state of the last good step
+    original = DiffusionProblem._solve
+    calls = {"n": 0}
+
+    def dies_after_ten(self, ksp, rhs):
+        original(self, ksp, rhs)
+        calls["n"] += 1
+        if calls["n"] > 10:
+            self.c.x.petsc_vec.array[:] = np.inf
+
+    monkeypatch.setattr(DiffusionProblem, "_solve", dies_after_ten)
+    good = strip_settings(max_retries=1)
+    with pytest.raises(SolverError, match="non-finite c"):
+        DiffusionProblem(tagged, good).run(checkpointer=Checkpointer(store, CheckpointPolicy(), comm=comm))
+    checkpoint = store.load()
+    assert checkpoint.state["problem"]["steps"] == 10
+    monkeypatch.undo()
+    resumed = DiffusionProblem(tagged, good).run(resume=checkpoint)
+    assert_same_records(resumed, DiffusionProblem(tagged, good).run())
+
+
+# -- the command line (in-process: serial and under MPI) ----------------------------------------
+def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "") -> Path:
+    labels = np.full((12, 15), 3, dtype=np.uint8)
+    labels[:, :2] = 0
+    yy, xx = np.mgrid[:12, :15]
+    labels[(yy - 6) ** 2 + (xx - 10) ** 2 <= 5] = 1
+    config = directory / name
+    if comm is None or comm.rank == 0:
+        write_image(directory / "roi.npy", VoxelImage(labels, (40e-9, 40e-9), {"pore": 0, "si": 1, "sei": 3}))
+        config.write_text(
+            '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.01\noutput_times = [0.0005, 0.002, 0.01]\n'
+            "dt_initial = 1e-7\ndt_max = 2e-5\nsteps_per_level = 4\n\n[checkpoint]\nevery_steps = 5\n\n"
+            '[[regions]]\nname = "far"\nbox = [400e-9, 0.0, 600e-9, 480e-9]\n' + extra
+        )
+    if comm is not None:
+        comm.barrier()
+    return config
+
+
+def compare_results(resumed: dict, reference: dict, rtol: float = 1e-10) -> None:
+    """Records within ``rtol``; the mass-balance error (round-off) equal on equal rank counts."""
+    for key in ("times", "domain_mean"):
+        np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=rtol, atol=0)
+    for name, values in reference["history"]["regions"].items():
+        np.testing.assert_allclose(resumed["history"]["regions"][name], values, rtol=rtol, atol=0)
+    for name, t90 in reference["t90_s"].items():
+        assert resumed["t90_s"][name] == pytest.approx(t90, rel=rtol)
+    if resumed["ranks"] == reference["ranks"]:
+        assert resumed["mass_balance_rel_error"] == pytest.approx(reference["mass_balance_rel_error"], rel=1e-6, abs=1e-14)
+    assert resumed["mass_balance_rel_error"] < 1e-10
+    assert set(resumed["si_particles"]) == set(reference["si_particles"]) == {"0.0005", "0.002", "0.01"}  # restored + new
+    for t, particles in reference["si_particles"].items():
+        for new, old in zip(resumed["si_particles"][t], particles, strict=True):
+            assert new["id"] == old["id"] and new["mean"] == pytest.approx(old["mean"], rel=rtol)
+    assert resumed["steps"] == reference["steps"] and resumed["status"] == "completed"
+
+
+def test_cli_sigterm_stops_safely_and_resume_matches(shared_tmp_path, comm, monkeypatch, capsys):
+    """SIGTERM (to rank 0 only) at step 60: exit 130 with a one-line message; the checkpoint and
+    results.json ("interrupted") are in --out; a rerun without --resume is refused; --resume with
+    other settings is refused; --resume gives the uninterrupted run's records."""
+    from fem_anode.cli import main
+
+    config = roi_config(shared_tmp_path, comm)
+    assert main(["diffusion", str(config), "--out", str(shared_tmp_path / "ref"), "-q"]) == 0
+    reference = json.loads((shared_tmp_path / "ref" / "results.json").read_text())
+    assert not (shared_tmp_path / "ref" / "checkpoint").exists()  # removed after success
+    poll = Checkpointer.poll
+
+    def signal_at_step_60(self, step):
+        if step == 60 and comm.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return poll(self, step)
+
+    monkeypatch.setattr(Checkpointer, "poll", signal_at_step_60)
+    out = shared_tmp_path / "stopped"
+    capsys.readouterr()
+    assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stopped by SIGTERM" in err and f"--resume {out}" in err
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["status"] == "interrupted" and partial["steps"] == 60 and partial["t_reached_s"] == reference["history"]["times"][60]
+    assert (out / "checkpoint" / "state.json").is_file() and (out / "c_regions.png").is_file()
+    monkeypatch.undo()
+    assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 2  # would overwrite the checkpoint
+    assert "add --resume" in capsys.readouterr().err
+    other = roi_config(shared_tmp_path, comm, "other.toml", extra="\n[physics]\nD = 2e-10\n")
+    assert main(["diffusion", str(other), "--resume", str(out), "-q"]) == 2
+    assert "physics.D" in capsys.readouterr().err
+    assert main(["diffusion", "--resume", str(shared_tmp_path / "ref"), "-q"]) == 3  # no checkpoint there
+    assert main(["diffusion", "--resume", str(out), "-q"]) == 0  # settings from the checkpoint
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["resumed_from_step"] == 60
+    compare_results(resumed, reference)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (shared_tmp_path / "ref").iterdir())
+
+
+def test_cli_solver_failure_exit_4_with_report(shared_tmp_path, comm, capsys):
+    from fem_anode.cli import main
+
+    config = roi_config(shared_tmp_path, comm, "failing.toml", extra='\n[solver]\ntype = "iterative"\nmax_retries = 1\npetsc_options = {pc_type = "jacobi", ksp_max_it = "1"}\n')
+    out = shared_tmp_path / "failed"
+    capsys.readouterr()
+    assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 4
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "retrying with dt/2" in lines[0]  # one warning per retry, then the error
+    assert lines[1].startswith("fem-anode diffusion: error") and "DIVERGED_MAX_IT" in lines[1] and "last good state saved" in lines[1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and len(results["failure"]["attempts"]) == 2
+    assert CheckpointStore(out, comm).load().state["problem"]["failure"]["attempts"][1]["dt"] == pytest.approx(5e-8)
+
+
+# -- convergence studies ------------------------------------------------------------------------
+def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monkeypatch):
+    from fem_anode.fem.convergence import run_diffusion_study
+
+    config = roi_config(shared_tmp_path, comm, "study.toml")
+    settings = DiffusionSettings.from_toml(config).resolve_paths(config.parent)
+    settings = settings.replace(time=settings.time.replace(t_end=0.002, output_times=[0.0005, 0.002], dt_max=1e-4))
+    if comm.rank == 0:
+        for name in ("w0", "w1", "w2"):
+            (shared_tmp_path / name).mkdir()
+    comm.barrier()
+    reference = run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w0", comm=comm)
+    runs = {"n": 0}
+    original = DiffusionProblem.run
+
+    def killed_in_p2_level_1(self, *args, **kwargs):
+        runs["n"] += 1
+        if runs["n"] == 5:  # P1 levels 0-2, P2 level 0 done; the "process dies" here
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionProblem, "run", killed_in_p2_level_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w1", comm=comm, checkpoint_dir=shared_tmp_path / "study")
+    monkeypatch.undo()
+    checkpoint = CheckpointStore(shared_tmp_path / "study", comm).load()
+    assert checkpoint.state["problem"]["order"] == 2 and checkpoint.state["problem"]["level"] == 0
+    resumed = run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w2", comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+    for order in ("P1", "P2"):
+        ref, new = reference["orders"][order], resumed["orders"][order]
+        assert new["cells"] == ref["cells"] and new["h"] == ref["h"]
+        np.testing.assert_allclose(new["field_l2_difference"]["values"][1:], ref["field_l2_difference"]["values"][1:], rtol=1e-10)
+        for name, record in ref["quantities"].items():
+            np.testing.assert_allclose(new["quantities"][name]["values"], record["values"], rtol=1e-10)
+            if np.isfinite(record["observed_order"]):
+                assert new["quantities"][name]["observed_order"] == pytest.approx(record["observed_order"], rel=1e-8)
+    with pytest.raises(UsageError, match="other settings"):
+        run_diffusion_study(settings, levels=4, orders=[1, 2], workdir=shared_tmp_path / "w2", comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+
+
+# -- real processes and real signals (serial suite only) -----------------------------------------
+def fem_anode(*args: str, mpi: int = 0, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fem_anode", *args]
+    env = dict(os.environ)
+    if mpi:
+        command = ["mpirun", "-n", str(mpi), sys.executable, "-m", "mpi4py", "-m", "fem_anode", *args]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,sm")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs)
+
+
+def wait_for_checkpoint(out: Path, process: subprocess.Popen, t_min: float, timeout: float = 60.0) -> dict:
+    """Poll until the run's checkpoint has passed ``t_min`` (s of model time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run ended before a checkpoint past t = {t_min}: {process.communicate()[1][-2000:]}"
+        try:
+            state = json.loads((out / "checkpoint" / "state.json").read_text())
+            if state["problem"]["t"] > t_min:
+                return state
+        except (OSError, ValueError, KeyError):  # not there yet, or renamed while reading
+            pass
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint within the timeout")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reference")
+    config = roi_config(directory, None)
+    process = fem_anode("diffusion", str(config), "--out", str(directory / "ref"), "-q")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return config, json.loads((directory / "ref" / "results.json").read_text())
+
+
+@serial_only
+@pytest.mark.parametrize("ranks", [0, 2], ids=["serial", "mpirun-2"])
+def test_sigkill_mid_run_then_resume_gives_the_same_records(tmp_path, reference_run, ranks):
+    if ranks and shutil.which("mpirun") is None:
+        pytest.skip("mpirun not available")
+    config, reference = reference_run
+    out = tmp_path / "killed"
+    process = fem_anode("diffusion", str(config), "--out", str(out), "-q", mpi=ranks)
+    state = wait_for_checkpoint(out, process, t_min=0.0005)  # past the first output time
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler or a node failure would
+    process.communicate(timeout=30)
+    assert not (out / "results.json").exists()
+    resumed_process = fem_anode("diffusion", "--resume", str(out), "-q", mpi=ranks)
+    _, err = resumed_process.communicate(timeout=120)
+    assert resumed_process.returncode == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert state["problem"]["steps"] <= resumed["resumed_from_step"] < reference["steps"]
+    assert resumed["ranks"] == max(ranks, 1)
+    compare_results(resumed, reference)
+    assert not (out / "checkpoint").exists()
+    stale = [p.name for p in tmp_path.iterdir() if p.name != "killed"]
+    assert all(".killed.partial-" in name for name in stale)  # only the killed run's own staging
+
+
+@serial_only
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_the_process_stops_it_with_exit_130(tmp_path, reference_run, signum):
+    config, reference = reference_run
+    out = tmp_path / "signalled"
+    process = fem_anode("diffusion", str(config), "--out", str(out), "-q")
+    wait_for_checkpoint(out, process, t_min=0.0)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name}" in lines[0] and f"fem-anode diffusion --resume {out}" in lines[0]
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["status"] == "interrupted" and 0 < partial["steps"] < reference["steps"]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["problem"]["steps"] == partial["steps"]  # the checkpoint is the stop's own
+    np.testing.assert_allclose(partial["history"]["domain_mean"], reference["history"]["domain_mean"][: partial["steps"] + 1], rtol=1e-12)
