@@ -340,7 +340,7 @@ def test_persistent_failure_saves_the_last_good_state_and_reports(shared_tmp_pat
 
 
 # -- the command line (in-process: serial and under MPI) ----------------------------------------
-def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "") -> Path:
+def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", dt_max: float = 2e-5) -> Path:
     labels = np.full((12, 15), 3, dtype=np.uint8)
     labels[:, :2] = 0
     yy, xx = np.mgrid[:12, :15]
@@ -350,7 +350,7 @@ def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "") -
         write_image(directory / "roi.npy", VoxelImage(labels, (40e-9, 40e-9), {"pore": 0, "si": 1, "sei": 3}))
         config.write_text(
             '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.01\noutput_times = [0.0005, 0.002, 0.01]\n'
-            "dt_initial = 1e-7\ndt_max = 2e-5\nsteps_per_level = 4\n\n[checkpoint]\nevery_steps = 5\n\n"
+            f"dt_initial = 1e-7\ndt_max = {dt_max!r}\nsteps_per_level = 4\n\n[checkpoint]\nevery_steps = 5\n\n"
             '[[regions]]\nname = "far"\nbox = [400e-9, 0.0, 600e-9, 480e-9]\n' + extra
         )
     if comm is not None:
@@ -547,3 +547,55 @@ def test_signal_to_the_process_stops_it_with_exit_130(tmp_path, reference_run, s
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["problem"]["steps"] == partial["steps"]  # the checkpoint is the stop's own
     np.testing.assert_allclose(partial["history"]["domain_mean"], reference["history"]["domain_mean"][: partial["steps"] + 1], rtol=1e-12)
+
+
+@serial_only
+def test_sigusr1_to_mpirun_stops_every_rank_at_the_same_step(tmp_path, reference_run):
+    """Open MPI's mpirun forwards SIGUSR1 to the ranks (SIGTERM to mpirun kills the job instead)."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not available")
+    config, reference = reference_run
+    out = tmp_path / "usr1"
+    process = fem_anode("diffusion", str(config), "--out", str(out), "-q", mpi=2)
+    wait_for_checkpoint(out, process, t_min=0.0)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "stopped by SIGUSR1" in err and "Traceback" not in err
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["status"] == "interrupted" and partial["ranks"] == 2 and 0 < partial["steps"] < reference["steps"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["problem"]["steps"] == partial["steps"]
+
+
+def test_cli_study_stopped_mid_level_resumes_to_the_same_report(shared_tmp_path, comm, monkeypatch, capsys):
+    from fem_anode.cli import main
+
+    config = roi_config(shared_tmp_path, comm, "study.toml", dt_max=1e-4)
+    args = ["convergence", str(config), "--levels", "3", "-q"]
+    assert main([*args, "--out", str(shared_tmp_path / "study_ref")]) == 0
+    reference = json.loads((shared_tmp_path / "study_ref" / "convergence.json").read_text())
+    poll = Checkpointer.poll
+    polls = {"n": 0}
+
+    def signal_in_level_1(self, step):
+        polls["n"] += 1
+        if polls["n"] == 200 and comm.rank == 0:  # step 200 of 3 x 141: in the second level
+            os.kill(os.getpid(), signal.SIGTERM)
+        return poll(self, step)
+
+    monkeypatch.setattr(Checkpointer, "poll", signal_in_level_1)
+    out = shared_tmp_path / "study_stopped"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM" in err and "finished levels are saved" in err and "--resume" in err
+    assert not (out / "convergence.json").exists()
+    saved = CheckpointStore(out, comm).load().state["problem"]
+    assert saved["order"] == 1 and saved["level"] == 0
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out), "--resume", str(out)]) == 0
+    resumed = json.loads((out / "convergence.json").read_text())
+    assert not (out / "checkpoint").exists()
+    for name, record in reference["orders"]["P1"]["quantities"].items():
+        np.testing.assert_allclose(resumed["orders"]["P1"]["quantities"][name]["values"], record["values"], rtol=1e-10)
+    assert resumed["orders"]["P1"]["seconds"][: saved["level"] + 1] == saved["seconds"]  # finished levels were not rerun

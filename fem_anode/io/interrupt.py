@@ -34,16 +34,17 @@ def agree_flags(comm: Any, *flags: bool) -> tuple[bool, ...]:
 
 
 class SafeStop:
-    """Context manager: SIGINT/SIGTERM set :attr:`requested` instead of killing the process.
+    """Context manager: SIGINT/SIGTERM/SIGUSR1 set :attr:`requested` instead of killing the process.
 
     Args:
-        signals: signals to catch (default SIGINT and SIGTERM).
+        signals: signals to catch (default SIGINT, SIGTERM and SIGUSR1; Open MPI's ``mpirun``
+            forwards SIGUSR1 to every rank, and batch systems send it before a time limit).
 
     The previous handlers are restored on exit. Outside the main thread (where Python cannot
     install handlers) nothing is installed and only :meth:`request` sets the flag.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)) -> None:
         self.signals = tuple(signals)
         self.requested = False
         self.signal_name: str | None = None
