@@ -200,6 +200,9 @@ def test_signal_only_sets_a_flag_that_all_ranks_agree_on(comm):
         assert stop.agreed(comm)
         if comm.rank == 0:
             assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the safe point
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
 
 

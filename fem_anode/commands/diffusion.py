@@ -26,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         type=Path,
         metavar="DIR",
         help="continue the interrupted or killed run whose checkpoint is in DIR/checkpoint (results go to --out, "
-        "default DIR; CONFIG is optional and must match the checkpoint's). Checkpoints are written as set in "
-        "[checkpoint] and on SIGINT/SIGTERM, which stop the run at the next step (exit 130)",
+        "default DIR; CONFIG is optional and must match the checkpoint's except [solver] and [checkpoint]). Checkpoints "
+        "are written as set in [checkpoint] and on SIGINT/SIGTERM/SIGUSR1, which stop the run after the current step "
+        "with partial results (exit 130; under mpirun send SIGUSR1 to mpirun). See docs/checkpointing.md",
     )
     parser.set_defaults(func=run, out=None)
 
