@@ -24,6 +24,7 @@ fluxes are dot products with vectors assembled once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -42,7 +43,7 @@ from petsc4py import PETSc
 from fem_anode.errors import InputError, Interrupted, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
-from fem_anode.io.checkpoint import Checkpoint, Checkpointer
+from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
 from fem_anode.io.interrupt import agree_flags
 from fem_anode.meshing.tags import interface_name
 from fem_anode.fem.diffusion_settings import (
@@ -161,8 +162,12 @@ class _Records:
     @classmethod
     def resume(cls, problem: DiffusionProblem, checkpoint: Checkpoint, plan: StepPlan) -> _Records:
         state, arrays = checkpoint.state["problem"], checkpoint.arrays
-        if state.get("scheme") != problem.settings.time.scheme or set(state.get("regions", [])) != set(problem.regions):
-            raise UsageError(f"the checkpoint in {checkpoint.path} was written with another time scheme or other regions")
+        time_settings = json.loads(json.dumps(problem.settings.time.to_dict()))
+        if state.get("time") != time_settings or state.get("regions") != list(problem.regions):
+            raise UsageError(
+                f"the checkpoint in {checkpoint.path} was written with other time settings or regions "
+                f"({settings_differences({'time': state.get('time'), 'regions': state.get('regions')}, {'time': time_settings, 'regions': list(problem.regions)})})"
+            )
         checkpoint.restore("problem.c_old", problem._c_old)
         checkpoint.restore("problem.c_older", problem._c_older)
         problem.c.x.array[:] = problem._c_old.x.array
@@ -192,7 +197,7 @@ class _Records:
             "t": plan.t,
             "steps": self.steps,
             "plan": plan.state_dict(),
-            "scheme": problem.settings.time.scheme,
+            "time": problem.settings.time.to_dict(),
             "regions": list(problem.regions),
             "mass_old": self.mass_old,
             "mass_older": self.mass_older,

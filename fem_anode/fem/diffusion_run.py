@@ -207,7 +207,7 @@ def run_diffusion(
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
     fields: list[tuple[float, Any]] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
-    checkpointer = _checkpointer(settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start) if checkpoint_dir is not None else None
+    checkpointer = _checkpointer(settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start, staging) if checkpoint_dir is not None else None
     if resume is not None:
         if checkpointer is not None:
             checkpointer.check_meta(resume)
@@ -318,7 +318,7 @@ def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
 
 
 def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, snapshots: dict[float, np.ndarray],
-                  particles: dict[str, Any], fields: list[tuple[float, Any]], elapsed: Callable[[], float]) -> Checkpointer:
+                  particles: dict[str, Any], fields: list[tuple[float, Any]], elapsed: Callable[[], float], staging: Path) -> Checkpointer:
     """Checkpoints in ``directory/checkpoint`` with the driver's outputs so far as extras."""
     fingerprint = settings_fingerprint(settings)
     absolute = settings.replace(geometry=settings.geometry.replace(**{k: Path(v) for k, v in fingerprint["geometry"].items() if k in ("image", "mesh")}))
@@ -327,6 +327,7 @@ def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, 
     def extra() -> tuple[dict[str, Any], dict[str, Any]]:
         snapshot_times = sorted(snapshots)
         state = {
+            "staging": str(staging),
             "snapshot_times": snapshot_times,
             "particles": particles,
             "field_times": [t for t, _ in fields],
@@ -342,8 +343,17 @@ def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, 
 
 def _restore_outputs(checkpoint: Checkpoint, problem: DiffusionProblem, snapshots: dict[float, np.ndarray],
                      particles: dict[str, Any], fields: list[tuple[float, Any]]) -> float:
-    """Put the driver's outputs of a checkpoint back; returns the wall time spent before it (s)."""
+    """Put the driver's outputs of a checkpoint back; returns the wall time spent before it (s).
+
+    Also removes the staging directory a killed run left behind (a hidden ``.NAME.partial-*``
+    sibling of the current one, recorded in the checkpoint).
+    """
     driver = checkpoint.state.get("driver", {})
+    old_staging = Path(driver.get("staging", ""))
+    if problem.comm.rank == 0 and ".partial-" in old_staging.name and old_staging.name.startswith(".") and old_staging.is_dir():
+        import shutil
+
+        shutil.rmtree(old_staging, ignore_errors=True)
     for i, t in enumerate(driver.get("snapshot_times", [])):
         snapshots[t] = checkpoint.arrays[f"driver.snapshot.{i}"]
     particles.update(driver.get("particles", {}))
