@@ -373,16 +373,6 @@ class CheckpointStore:
                 shutil.rmtree(entry, ignore_errors=True)
         _barrier(self.comm)
 
-    def write_json(self, name: str, data: Any) -> Path:
-        """Write ``directory / name`` atomically on rank 0 (e.g. a failure report); collective."""
-        from fem_anode.io.output import write_json
-
-        path = self.directory / name
-        if _rank(self.comm) == 0:
-            write_json(path, data)
-        _barrier(self.comm)
-        return path
-
 
 @dataclasses.dataclass
 class CheckpointPolicy:
