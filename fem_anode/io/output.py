@@ -89,6 +89,11 @@ def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[Base
             (the exception still propagates), e.g. :class:`~fem_anode.errors.Interrupted`
             for a run that wrote complete partial results before stopping. Every rank must
             raise one of them for the files to be published.
+
+    Under MPI the ranks agree on success with :func:`fem_anode.faults.all_ranks_ok` on a
+    duplicated communicator: a rank that failed alone (the others wait in another collective
+    operation) gives up after a timeout and lets its exception reach the CLI, which aborts
+    the job, instead of deadlocking here.
     """
     out = Path(out)
     rank = comm.rank if comm is not None else 0
@@ -100,8 +105,10 @@ def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[Base
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    sync = None
     if comm is not None and comm.size > 1:
         staging = comm.bcast(staging, root=0)
+        sync = comm.Dup()  # only for the final agreement, so it cannot match another collective
     staging_path = Path(staging)  # type: ignore[arg-type]
     ok = False
     try:
@@ -111,14 +118,19 @@ def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[Base
         ok = True
         raise
     finally:
-        if comm is not None and comm.size > 1:
-            ok = bool(comm.allreduce(int(ok), op=_mpi_min()))
-        if rank == 0:
-            if ok:
-                _publish(staging_path, out)
-            shutil.rmtree(staging_path, ignore_errors=True)
-        if comm is not None and comm.size > 1:
-            comm.barrier()
+        agreed: bool | None = ok
+        if sync is not None:
+            from fem_anode.faults import all_ranks_ok
+
+            agreed = all_ranks_ok(sync, ok)
+        if agreed is not None:  # None: this rank failed alone; no collectives, the CLI aborts the job
+            if rank == 0:
+                if agreed:
+                    _publish(staging_path, out)
+                shutil.rmtree(staging_path, ignore_errors=True)
+            if sync is not None:
+                sync.Free()
+                comm.barrier()
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -130,9 +142,3 @@ def _publish(staging: Path, out: Path) -> None:
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(entry, target)
-
-
-def _mpi_min() -> Any:
-    from mpi4py import MPI
-
-    return MPI.MIN
