@@ -170,7 +170,7 @@ def morphology_classes(snapshot: dict[str, np.ndarray], c_mid: float, threshold:
     return np.where(snapshot["electrolyte"].mean(axis=1) > 0.5, 3, classes)
 
 
-def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, threshold: float, title: str) -> None:
+def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, threshold: float, title: str, limits: tuple[np.ndarray, np.ndarray]) -> None:
     from matplotlib.collections import LineCollection, PolyCollection
 
     tri = snapshot["triangles"]
@@ -189,7 +189,7 @@ def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, thr
     np.add.at(other, inverse, (~electrolyte).astype(int))
     wall = electrolyte & (other[inverse] > 0)
     ax.add_collection(LineCollection(edges[boundary | wall], colors=SEI_COLOUR, linewidths=1.6))
-    lo, hi = tri.reshape(-1, 2).min(axis=0), tri.reshape(-1, 2).max(axis=0)
+    lo, hi = limits
     pad = 0.05 * float((hi - lo).max())
     ax.set_xlim(lo[0] - pad, hi[0] + pad)
     ax.set_ylim(lo[1] - pad, hi[1] + pad)
@@ -210,14 +210,16 @@ def plot_morphology(panels: list[tuple[dict[str, np.ndarray], str]], path: str |
     n = len(panels)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows + 0.6), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows + 0.6), squeeze=False, layout="constrained")
+    points = np.concatenate([snapshot["triangles"].reshape(-1, 2) for snapshot, _ in panels])
+    limits = (points.min(axis=0), points.max(axis=0))  # common scale: the swelling shows
     for ax, (snapshot, title) in zip(axes.ravel(), panels):
-        _draw_morphology(ax, snapshot, c_mid, threshold, title)
+        _draw_morphology(ax, snapshot, c_mid, threshold, title, limits)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     handles = [Patch(facecolor=colour, edgecolor="0.5", label=name) for name, colour in MORPHOLOGY_COLOURS.items()]
     handles.append(Patch(facecolor=SEI_COLOUR, label="SEI"))
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     if suptitle:
         fig.suptitle(suptitle)
     return save_figure(fig, path)

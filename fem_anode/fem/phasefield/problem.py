@@ -290,7 +290,8 @@ class PhaseFieldProblem:
             "snes_divergence_tolerance": 1e12,
             **sol.petsc_options,
         }
-        return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes)
+        return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes,
+                              reuse_factorisation=sol.reuse_factorisation, refactor_iterations=sol.refactor_iterations)
 
     # -- state ----------------------------------------------------------------------------
     def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:
@@ -395,6 +396,7 @@ class PhaseFieldProblem:
         rates = [float(k.value) for k in self._frozen_in_equilibrium]
         for k in self._frozen_in_equilibrium:
             k.value = 0.0
+        self.newton.invalidate()
         t = self.t
         loaded, increment, cuts = 0.0, 1.0 / increments, 0
         try:
@@ -413,6 +415,7 @@ class PhaseFieldProblem:
         finally:
             for k, value in zip(self._frozen_in_equilibrium, rates):
                 k.value = value
+            self.newton.invalidate()
             self.load.value = 1.0
             self.t = t
         return result
@@ -449,6 +452,7 @@ class PhaseFieldProblem:
         marks = [t0 + o for o in sorted(offsets)]
         dt = cyc.dt_initial
         iterations = steps = rejected = failures = 0
+        factorisations, linear_iterations = self.newton.factorisations, self.newton.linear_iterations
         peak_vm = peak_ep = 0.0
         start = time.perf_counter()
         while marks:
@@ -484,7 +488,8 @@ class PhaseFieldProblem:
         record = {"index": index, "kind": kind, "t": self.t, **self.diagnostics()}
         record["peak_von_mises"] = float(self.comm.allreduce(peak_vm, op=MPI.MAX))
         record["peak_eq_plastic_strain"] = float(self.comm.allreduce(peak_ep, op=MPI.MAX))
-        record.update({"newton_iterations_total": iterations, "steps": steps, "rejected_steps": rejected, "wall_time_s": time.perf_counter() - start})
+        record.update({"newton_iterations_total": iterations, "steps": steps, "rejected_steps": rejected, "wall_time_s": time.perf_counter() - start,
+                       "factorisations": self.newton.factorisations - factorisations, "linear_iterations": self.newton.linear_iterations - linear_iterations})
         for hook in self.after_half_cycle:
             hook(self, record)
         logger.info(

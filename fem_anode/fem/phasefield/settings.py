@@ -123,7 +123,7 @@ class VacancySettings(Section):
     nucleus_radius: float = setting(1.5e-9, "Gaussian radius r of a nucleation site", unit="m", positive=True)
     threshold: float = setting(0.5, "void indicator: a node is void where c_v exceeds this", bounds=(0.0, 1.0))
     seed: int = setting(0, "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of ranks)")
-    electrolyte_mobility: float = setting(1e-3, "Li mobility inside electrolyte-filled (SEI-lined) voids relative to material.mobility_li ('vanishing')", bounds=(0.0, 1.0))
+    electrolyte_mobility: float = setting(0.0, "Li and vacancy mobility in the cells touching electrolyte-filled (SEI-lined) voids, relative to the bulk values (0: vanishing, as in the paper)", bounds=(0.0, 1.0))
     sei_exchange_rate: float = setting(10.0, "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / characteristic time)", nonnegative=True)
     real_cycles_per_cycle: float = setting(20.0, "real cycles one simulated cycle stands for (accelerated kinetics; reported as equivalent_real_cycles)", positive=True)
 
@@ -146,6 +146,8 @@ class SolverSettings(Section):
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
     line_search: str = setting("bt", "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)", choices=("bt", "basic", "l2"))
     linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
+    reuse_factorisation: bool = setting(True, "keep the LU factorisation over Newton iterations and steps as preconditioner of GMRES on the current Jacobian (rtol 1e-10: still Newton), refactorising only when GMRES slows down; false: factorise at every Newton iteration")
+    refactor_iterations: int = setting(30, "refactorise when the last linear solve needed more GMRES iterations than this", positive=True)
     quadrature_degree: int | None = setting(None, "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)", bounds=(1, 8))
     petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
 

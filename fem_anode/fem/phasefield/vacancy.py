@@ -364,6 +364,7 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         n_cells = self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts
         touching = nodes[self.V1.dofmap.list[:n_cells]].max(axis=1)
         self.electrolyte_cells.x.array[self.D0.dofmap.list[:n_cells, 0]] = touching
+        self.newton.invalidate()  # the mobilities changed
 
     def vacancy_values(self) -> np.ndarray:
         """``c_v`` at the local nodes of :attr:`V1` (owned and ghost)."""

@@ -1,0 +1,145 @@
+"""Vacancies, voids and electrolyte percolation (issue 7): the pieces against exact answers and
+the multi-cycle mechanism of Fig. 5 of paper 002 on the records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+dolfinx = pytest.importorskip("dolfinx")
+
+import ufl  # noqa: E402
+from dolfinx import fem  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.errors import UsageError  # noqa: E402
+from fem_anode.fem.phasefield.geometry import disk_mesh  # noqa: E402
+from fem_anode.fem.phasefield.run import run_phasefield  # noqa: E402
+from fem_anode.fem.phasefield.settings import CyclingSettings, MeshSettings, OutputSettings, PhaseFieldSettings, VacancySettings  # noqa: E402
+from fem_anode.fem.phasefield.vacancy import VOID_RECORD_KEYS, VoidGraph, interpolation, nucleation_field, nucleation_sites  # noqa: E402
+
+NM = 1e-9
+
+
+def test_interpolation_function_ends_and_derivative():
+    c = np.linspace(0.0, 1.0, 2001)
+    h, dh = interpolation(c, 0.14, 0.86)
+    assert interpolation(0.14, 0.14, 0.86)[0] == 0.0 and interpolation(0.86, 0.14, 0.86)[0] == 1.0
+    assert np.all(h[c <= 0.14] == 0) and np.all(h[c >= 0.86] == 1) and np.all(np.diff(h) >= 0)
+    numeric = np.gradient(h, c)
+    inside = (c > 0.15) & (c < 0.85)
+    assert np.allclose(dh[inside], numeric[inside], atol=2e-3)
+    assert dh.max() == pytest.approx(30 / 16 / 0.72, rel=1e-3)  # 30 xi^2 (1 - xi)^2 peaks at xi = 1/2
+
+
+def test_nucleation_sites_are_seeded_per_half_cycle_and_the_field_depends_on_position_only():
+    box = (np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+    a, b = nucleation_sites(3, 2, box, 0.4), nucleation_sites(3, 2, box, 0.4)
+    assert np.array_equal(a, b) and not np.array_equal(a, nucleation_sites(3, 4, box, 0.4))
+    counts = [len(nucleation_sites(s, 2, box, 0.4)) for s in range(200)]
+    assert np.mean(counts) == pytest.approx(4 / 0.16, rel=0.05)  # Poisson with mean area / spacing^2
+    sites = np.array([[0.0, 0.0], [0.5, 0.0]])
+    x = np.array([[0.0, 0.25, 2.0], [0.0, 0.0, 0.0]])
+    expected = [min(1.0, 1 + math.exp(-0.25 / (2 * 0.01))), 2 * math.exp(-0.0625 / 0.02), math.exp(-4 / 0.02) + math.exp(-2.25 / 0.02)]
+    assert np.allclose(nucleation_field(x, sites, 0.1, 0.8), 0.8 * np.minimum(1.0, expected))
+
+
+def test_vacancy_settings_are_validated():
+    with pytest.raises(UsageError, match="nucleation_rate"):
+        VacancySettings.from_dict({"nucleation_rate": 1.5})
+    with pytest.raises(UsageError, match="did you mean 'threshold'"):
+        VacancySettings.from_dict({"treshold": 0.4})
+
+
+def _void_graph(comm):
+    tagged = disk_mesh(20 * NM, 1 * NM, comm)
+    V1 = fem.functionspace(tagged.mesh, ("Lagrange", 1))
+    facets = tagged.facet_tags.find(tagged.facet_tag("surface"))
+    surface = fem.locate_dofs_topological(V1, 1, facets)
+    return VoidGraph(V1, ufl.dx(domain=tagged.mesh), surface), V1
+
+
+def _lens_area(R: float, r: float, d: float) -> float:
+    """Area of the intersection of circles of radii R and r whose centres are d apart."""
+    k = math.sqrt((-d + r + R) * (d + r - R) * (d - r + R) * (d + r + R))
+    return r**2 * math.acos((d**2 + r**2 - R**2) / (2 * d * r)) + R**2 * math.acos((d**2 + R**2 - r**2) / (2 * d * R)) - k / 2
+
+
+def _disks(V1, disks):
+    x = V1.tabulate_dof_coordinates()
+    inside = np.zeros(len(x), dtype=bool)
+    for cx, cy, r in disks:
+        inside |= np.hypot(x[:, 0] - cx, x[:, 1] - cy) < r
+    return np.where(inside, 0.86, 0.14)
+
+
+def test_void_graph_components_percolation_depth_and_core(comm):
+    graph, V1 = _void_graph(comm)
+    total = math.pi * 20**2
+    # A crosses the outer surface (its part inside the wire reaches 8 nm deep), B is inside
+    c_v = _disks(V1, [(17 * NM, 0.0, 5 * NM), (-5 * NM, 0.0, 4 * NM)])
+    before = graph.analyse(c_v, 0.5, percolate=False, length_scale=1.0)
+    assert before["n_voids"] == 2 and before["accessible_void_fraction"] == 0 and before["sei_penetration_depth_m"] == 0
+    area_a = _lens_area(20.0, 5.0, 17.0)
+    after = graph.analyse(c_v, 0.5, percolate=True, length_scale=1.0)
+    assert after["n_voids"] == 2 and after["n_accessible_voids"] == after["n_accessible_voids_at_surface"] == 1
+    assert after["void_fraction"] == pytest.approx((area_a + 16 * math.pi) / total, rel=0.12)
+    assert after["accessible_void_fraction"] == pytest.approx(area_a / total, rel=0.15)
+    assert after["sei_penetration_depth_m"] == pytest.approx(8 * NM, abs=1.2 * NM)
+    assert after["core_connectivity"] == 1.0
+    # A closes again: the electrolyte stays where it was, but no void is accessible any more
+    later = graph.analyse(_disks(V1, [(-5 * NM, 0.0, 4 * NM)]), 0.5, percolate=True, length_scale=1.0)
+    assert later["electrolyte_fraction"] == pytest.approx(after["electrolyte_fraction"]) and later["accessible_void_fraction"] == 0
+    assert later["sei_penetration_depth_m"] == after["sei_penetration_depth_m"]
+    # a void ring cuts the core (r < 8 nm) off the outer shell (10 nm < r < 20 nm)
+    graph.reset()
+    x = V1.tabulate_dof_coordinates()
+    ring = np.where(np.abs(np.hypot(x[:, 0], x[:, 1]) - 9 * NM) < 1.0 * NM, 0.86, 0.14)
+    cut = graph.analyse(ring, 0.5, percolate=True, length_scale=1.0)
+    assert cut["n_voids"] == 1 and cut["accessible_void_fraction"] == 0
+    assert cut["core_connectivity"] == pytest.approx(64 / (64 + 300), rel=0.15)
+    graph.comm.barrier()
+
+
+def _short_settings(**vacancy):
+    return PhaseFieldSettings(
+        mesh=MeshSettings(size=4e-9),
+        cycling=CyclingSettings(half_cycles=2, half_cycle_time=1.0),
+        vacancy=VacancySettings(**vacancy),
+        output=OutputSettings(fields=False, figures=False, times=[]),
+    )
+
+
+def test_vacancies_are_conserved_apart_from_the_nucleation_source_and_runs_agree_on_1_and_all_ranks():
+    world = run_phasefield(_short_settings(), None, MPI.COMM_WORLD)["half_cycles"]
+    serial = run_phasefield(_short_settings(), None, MPI.COMM_SELF)["half_cycles"]
+    lith, delith = world
+    assert lith["vacancy_source_total"] == 0 and lith["mean_c_v"] == pytest.approx(0.14, abs=1e-12)
+    assert delith["vacancy_source_total"] > 0.02 and delith["n_voids"] > 0
+    # d/dt int c_v = int R (1 - c_v) max(-dc/dt, 0): no flux through the surface, nothing else
+    assert delith["mean_c_v"] - 0.14 == pytest.approx(delith["vacancy_source_total"], rel=1e-8)
+    for a, b in zip(world, serial):
+        assert set(VOID_RECORD_KEYS) <= set(a)
+        for key in ("n_voids", "n_accessible_voids", "steps", "rejected_steps"):
+            assert a[key] == b[key], key
+        for key in (*VOID_RECORD_KEYS, "mean_c_li", "outer_radius_m"):
+            assert abs(a[key] - b[key]) <= 1e-6 * max(abs(a[key]), abs(b[key])) + 1e-12, (key, a[key], b[key])
+
+
+def test_no_nucleation_means_no_voids():
+    lith, delith = run_phasefield(_short_settings(nucleation_rate=0.0), None, MPI.COMM_WORLD)["half_cycles"]
+    assert delith["void_fraction"] == 0 and delith["mean_c_v"] == pytest.approx(0.14, abs=1e-10)
+
+
+def test_voids_demo_quick_shows_the_mechanism_of_fig5(shared_tmp_path, comm, load_demo):
+    module = load_demo("phasefield_voids_sei")
+    out = shared_tmp_path / "voids"
+    records = module.main(out, quick=True, comm=comm)["half_cycles"]  # raises unless the sequence holds
+    assert len(records) == 6
+    depths = [r["sei_penetration_depth_m"] for r in records]
+    assert depths[-1] > 2e-9
+    if comm.rank == 0:
+        assert (out / "morphology_montage.png").stat().st_size > 20_000
+        assert len(list(out.glob("morphology_0*_*.png"))) == 6
