@@ -44,11 +44,23 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture, code: int, message: 
     assert message in err, err
     assert "Traceback" not in err
     assert len([line for line in err.strip().splitlines() if "error" in line]) == 1, err
-    if out is not None:
-        assert not out.exists(), f"{out} was written"
-    if nothing_in is not None:
-        assert not [p.name for p in nothing_in.iterdir() if "partial" in p.name]
+    # under MPI every rank checks before any rank starts its next command (whose staging folder
+    # would otherwise show up in a shared directory)
+    _barrier()
+    try:
+        if out is not None:
+            assert not out.exists(), f"{out} was written"
+        if nothing_in is not None:
+            assert not [p.name for p in nothing_in.iterdir() if "partial" in p.name]
+    finally:
+        _barrier()
     return err
+
+
+def _barrier() -> None:
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and mpi.COMM_WORLD.size > 1:
+        mpi.COMM_WORLD.barrier()
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_fault_in_the_solver_of_one_rank_aborts_all_ranks(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n')
     out = tmp_path / "out"
-    code, err, seconds = launch(["diffusion", str(config), "--out", str(out)], fault="1:solve", timeout=15.0)
+    code, err, seconds = launch(["diffusion", str(config), "--out", str(out)], fault="1:solve", timeout=12.0)
     assert code is not None, f"hung for {seconds:.0f} s:\n{err}"
     assert code != 0
     assert "injected fault at 'solve' on rank 1" in err and "Traceback" not in err
