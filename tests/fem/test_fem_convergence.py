@@ -123,5 +123,6 @@ def test_phasefield_study_radius_converges_at_second_order(shared_tmp_path, comm
         assert record["observed_order"] == pytest.approx(2.0, abs=0.2)
         assert record["extrapolated"] == pytest.approx(expected, rel=1e-3)
     assert "peak_von_mises[half-cycle 1]" in data["quantities"] and "level" in data["mesh_independent_1pct"]
+    assert "void_fraction[half-cycle 2]" in data["quantities"]  # the vacancy model (on by default) joins the study
     field = data["field_l2_difference"]
     assert field["values"][0] is None and all(0 <= v < 0.05 for v in field["values"][1:])

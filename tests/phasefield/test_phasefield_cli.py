@@ -39,6 +39,9 @@ yield_strength = 1.64
 half_cycles = 2
 half_cycle_time = 0.05
 dt_initial = 0.002
+[vacancy]
+enabled = true
+seed = 3
 [output]
 times = [0.004]
 """
@@ -66,6 +69,10 @@ def test_cli_run_writes_records_fields_and_snapshots(shared_tmp_path, comm):
     assert lithiated["peak_von_mises"] > 0.05
     for name in ("fields.bp", "stress.bp", "mesh.msh", "config.toml", "provenance.json"):
         assert (out / name).exists(), name
+    assert results["vacancy_model"] and lithiated["void_fraction"] == 0 and delithiated["mean_c_v"] > 0.14
+    assert results["settings"]["vacancy"]["seed"] == 3
+    assert (out / "morphology_montage.png").stat().st_size > 10_000
+    assert sorted(p.name for p in out.glob("morphology_0*.png")) == ["morphology_01_lithiation.png", "morphology_02_delithiation.png"]
     pngs = sorted(p.name for p in out.glob("snapshot_*.png"))
     assert len(pngs) == 4 and all(p.startswith(("snapshot_01_lithiation", "snapshot_02_delithiation")) for p in pngs)
     assert (out / pngs[0]).stat().st_size > 10_000
@@ -76,6 +83,8 @@ def test_cli_run_writes_records_fields_and_snapshots(shared_tmp_path, comm):
     [
         ("[model]\nkinematics = 'plane_stress'\n", "must be one of"),
         ("[material]\nkapa_li = 1e-4\n", "did you mean 'kappa_li'"),
+        ("[vacancy]\nnucleus_radius = -1e-9\n", "vacancy.nucleus_radius"),
+        ("[vacancy]\nthreshhold = 0.4\n", "did you mean 'threshold'"),
         ("[material]\nc_min = 0.9\n", "must be below"),
         ("[geometry]\nmesh = 'missing.msh'\n", "mesh file not found"),
     ],
