@@ -522,3 +522,13 @@ def test_colour_image_and_out_that_is_a_file(files, tmp_path, capsys):
     taken.write_text("a file")
     run_cli(["metrics", str(files["labels"]), "--out", str(taken)], capsys, 2, "exists and is not a directory")
     assert taken.read_text() == "a file"
+
+
+def test_tortuosity_factor_solve_is_refused_when_too_large(shared_tmp_path, comm, capsys, monkeypatch):
+    pytest.importorskip("dolfinx")
+    volume = np.zeros((6, 5, 5), dtype=np.uint8)
+    volume[:, 1:3, 1:3] = 1
+    path = write_image(shared_tmp_path / "vol.npy", VoxelImage(volume, (2e-8,) * 3, {"pore": 0, "si": 1}))
+    monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "100MB")
+    out = shared_tmp_path / "out"
+    run_cli(["metrics", str(path), "--tortuosity-factor", "--out", str(out)], capsys, 3, "tortuosity factor of 'pore' needs an estimated", out=out, nothing_in=shared_tmp_path)

@@ -75,6 +75,13 @@ def _tortuosity_factor(args: argparse.Namespace, image, metrics: dict, comm) -> 
         from fem_anode.fem.tortuosity import tortuosity_factor
     except ImportError as err:
         raise UsageError(f"--tortuosity-factor needs FEniCSx (dolfinx), which is not importable: {err}") from None
+    from fem_anode.resources import check_memory, estimate_fe_memory, estimate_mesh_memory
+
+    for name in names:  # P1 voxel mesh of the phase, CG + GAMG
+        mesh = estimate_mesh_memory(image, "voxel", [name])
+        fe = estimate_fe_memory(cells=mesh.details["cells"], dofs=mesh.details["nodes"], ndim=3, cell_type="hexahedron", degree=1,
+                                solver="iterative", ranks=comm.size if comm is not None else 1, what=f"tortuosity factor of {name!r}")
+        check_memory(fe, comm, hint="crop or bin the image, or run on more nodes")  # the mesh is built without gmsh
     results = {name: tortuosity_factor(image, name, comm) for name in names}
     metrics["tortuosity_factor"] = {name: r.to_json()["tau"] for name, r in results.items()}
     metrics["tortuosity_factor_details"] = {name: r.to_json() for name, r in results.items()}
