@@ -84,27 +84,32 @@ def _unit_square(comm):
 
 
 def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
-    """P2 and vector P1 fields keyed by dof coordinates come back exactly, also on one rank;
-    a mixed-space field (no unique dof coordinates) needs the same ranks and says so."""
+    """P2, vector P1 and mixed (vector P2 x P1) fields keyed by dof coordinates come back exactly,
+    also on one rank; a DG field (no unique dof coordinates) needs the same ranks and says so."""
     import basix.ufl
 
     domain = _unit_square(comm)
     V2 = fem.functionspace(domain, ("Lagrange", 2))
     Vv = fem.functionspace(domain, ("Lagrange", 1, (2,)))
-    mixed = fem.functionspace(domain, basix.ufl.mixed_element([basix.ufl.element("Lagrange", "triangle", 1)] * 2))
-    u, w, m = fem.Function(V2), fem.Function(Vv), fem.Function(mixed)
+    dg = fem.functionspace(domain, ("DG", 1))
+    elements = [basix.ufl.element("Lagrange", "triangle", 2, shape=(2,)), basix.ufl.element("Lagrange", "triangle", 1)]
+    mixed = fem.functionspace(domain, basix.ufl.mixed_element(elements))
+    u, w, m, d = fem.Function(V2), fem.Function(Vv), fem.Function(mixed), fem.Function(dg)
     u.interpolate(lambda x: 1.0 + x[0] + 3.0 * x[1] ** 2)
     w.interpolate(lambda x: np.vstack([x[0] * x[1], -x[1]]))
-    m.x.array[:] = np.arange(m.x.array.size) + 1000.0 * comm.rank  # any values; ghosts filled below
-    m.x.scatter_forward()
+    m.sub(0).interpolate(lambda x: np.vstack([x[0] ** 2, x[1] - x[0]]))
+    m.sub(1).interpolate(lambda x: 2.0 + x[1])
+    d.x.array[:] = np.arange(d.x.array.size) + 1000.0 * comm.rank  # any values; ghosts filled below
+    d.x.scatter_forward()
     rng = np.random.default_rng(7)
     store = CheckpointStore(shared_tmp_path / "run", comm)
     assert not store.exists()
-    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "times": np.array([0.0, 1e-9, 0.3])})
+    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "times": np.array([0.0, 1e-9, 0.3])})
     assert store.exists() and (store.path / "state.json").is_file()
     loaded = store.load()
     assert loaded.state["t"] == 0.1 + 0.2  # floats round-trip bit for bit
-    assert loaded.ranks == comm.size and loaded.fields["u"]["mode"] == "coordinates" and loaded.fields["m"]["mode"] == "global"
+    modes = {name: loaded.fields[name]["mode"] for name in "uwmd"}
+    assert loaded.ranks == comm.size and modes == {"u": "coordinates", "w": "coordinates", "m": "subspaces", "d": "global"}
     np.testing.assert_array_equal(loaded.arrays["times"], [0.0, 1e-9, 0.3])
     resumed = np.random.default_rng(0)
     resumed.bit_generator.state = loaded.state["rng"]
@@ -121,13 +126,19 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
         exact_w = fem.Function(w2.function_space)
         exact_w.interpolate(lambda x: np.vstack([x[0] * x[1], -x[1]]))
         assert np.abs(w2.x.array - exact_w.x.array).max() < 1e-14
-    m2 = fem.Function(mixed)
-    loaded.restore("m", m2)
-    assert np.array_equal(m2.x.array, m.x.array)
-    # a global-mode field written on another number of ranks: clear UsageError
-    loaded.fields["m"]["ranges"] = loaded.fields["m"]["ranges"] + [[0, 0]]
-    with pytest.raises(UsageError, match=r"can only be resumed on \d+"):
+        m2 = fem.Function(fem.functionspace(domain2, basix.ufl.mixed_element(elements)))
         loaded.restore("m", m2)
+        exact_m = fem.Function(m2.function_space)
+        exact_m.sub(0).interpolate(lambda x: np.vstack([x[0] ** 2, x[1] - x[0]]))
+        exact_m.sub(1).interpolate(lambda x: 2.0 + x[1])
+        assert np.abs(m2.x.array - exact_m.x.array).max() < 1e-14
+    d2 = fem.Function(dg)
+    loaded.restore("d", d2)
+    assert np.array_equal(d2.x.array, d.x.array)
+    # a global-mode field written on another number of ranks: clear UsageError
+    loaded.fields["d"]["ranges"] = loaded.fields["d"]["ranges"] + [[0, 0]]
+    with pytest.raises(UsageError, match=r"can only be resumed on \d+"):
+        loaded.restore("d", d2)
     with pytest.raises(InputError, match="differs"):  # another mesh
         loaded.restore("u", fem.Function(fem.functionspace(dmesh.create_unit_square(comm, 6, 6), ("Lagrange", 2))))
     with pytest.raises(InputError, match="no field 'x'"):

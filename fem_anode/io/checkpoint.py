@@ -13,10 +13,11 @@ gathered on rank 0 together with their dof coordinates and sorted lexicographica
 coordinates ("coordinates" mode). On restore, every rank finds its own dofs (owned and ghost)
 in the stored coordinates with a k-d tree, so a checkpoint written on 2 ranks resumes on 1
 rank or 4. This needs a space whose dof coordinates are unique: scalar or blocked (vector)
-Lagrange spaces of any degree (P1, P2). Spaces without unique dof coordinates (mixed spaces,
-DG, quadrature spaces) are stored in dolfinx's global dof order ("global" mode): they resume
-only on the same number of ranks with the same partition, and anything else fails with a
-:class:`~fem_anode.errors.UsageError` saying so.
+Lagrange spaces of any degree (P1, P2). A mixed space of such elements (the phase field's
+``w``) is stored per collapsed sub-space the same way ("subspaces" mode). Spaces without unique
+dof coordinates (DG, quadrature spaces) are stored in dolfinx's global dof order ("global"
+mode): they resume only on the same number of ranks with the same partition, and anything
+else fails with a :class:`~fem_anode.errors.UsageError` saying so.
 
 **Writes are atomic.** Rank 0 writes into ``DIR/checkpoint.tmp-<random>/`` (files fsynced),
 then renames the current ``checkpoint/`` to ``checkpoint.old-<random>``, renames the new one
@@ -108,40 +109,79 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _gather_function(u: Any, comm: Any) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """Collective: ``(meta, values, coords)`` of a Function on rank 0 (``None`` arrays elsewhere)."""
+def _owned_coordinates(V: Any) -> np.ndarray | None:
+    """Dof coordinates of the owned dofs, or None (mixed spaces, no point evaluation)."""
+    try:
+        return np.asarray(V.tabulate_dof_coordinates()[: V.dofmap.index_map.size_local], dtype=np.float64)
+    except RuntimeError:
+        return None
+
+
+def _sorted_unique(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rank 0: ``(values, coords)`` of all ranks sorted by coordinate, or None if coordinates repeat."""
+    all_values = np.concatenate([p[0] for p in parts])
+    all_coords = np.concatenate([p[1] for p in parts])
+    order = np.lexsort(all_coords.T[::-1])  # x first, then y, then z
+    coords = all_coords[order]
+    if coords.shape[0] > 1 and np.any(np.all(coords[1:] == coords[:-1], axis=1)):
+        return None
+    return all_values[order], coords
+
+
+def _gather(comm: Any, item: Any) -> list[Any]:
+    return [item] if _size(comm) == 1 else comm.gather(item, root=0)
+
+
+def _all(comm: Any, flag: bool) -> bool:
+    if _size(comm) == 1:
+        return flag
+    from mpi4py import MPI
+
+    return bool(comm.allreduce(int(flag), op=MPI.MIN))
+
+
+def _gather_function(u: Any, comm: Any) -> tuple[dict[str, Any], list[np.ndarray] | None, list[np.ndarray] | None]:
+    """Collective: ``(meta, values, coords)`` of a Function on rank 0 (``None`` elsewhere).
+
+    ``values``/``coords`` are lists: one entry for a plain space, one per sub-space for a
+    mixed space ("subspaces" mode), no coordinates in "global" mode.
+    """
     V = u.function_space
     imap = V.dofmap.index_map
     bs = V.dofmap.index_map_bs
     n = imap.size_local
-    values = np.array(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
-    try:
-        coords: np.ndarray | None = np.asarray(V.tabulate_dof_coordinates()[:n], dtype=np.float64)
-    except RuntimeError:  # mixed spaces and elements without point evaluation
-        coords = None
-    have_coords = coords is not None
-    if _size(comm) > 1:
-        from mpi4py import MPI
-
-        have_coords = bool(comm.allreduce(int(have_coords), op=MPI.MIN))
-        parts = comm.gather((tuple(int(r) for r in imap.local_range), values, coords if have_coords else None), root=0)
-    else:
-        parts = [(tuple(int(r) for r in imap.local_range), values, coords)]
     meta: dict[str, Any] = {"block_size": int(bs), "size": int(imap.size_global), "element": str(V.ufl_element())}
+    values = np.array(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
+    coords = _owned_coordinates(V)
+    if _all(comm, coords is not None):
+        parts = _gather(comm, (values, coords))
+        result = _sorted_unique(parts) if _rank(comm) == 0 else None
+        if _bcast(comm, result is not None if _rank(comm) == 0 else None):
+            meta["mode"] = "coordinates"
+            return (meta, [result[0]], [result[1]]) if result is not None else (meta, None, None)
+    elif V.num_sub_spaces > 0:  # mixed: each collapsed sub-space by its own coordinates
+        subs = []
+        for i in range(V.num_sub_spaces):
+            Vi, dofs = V.sub(i).collapse()
+            bsi, ni = Vi.dofmap.index_map_bs, Vi.dofmap.index_map.size_local
+            sub_coords = _owned_coordinates(Vi)
+            subs.append((np.array(u.x.array[dofs], dtype=np.float64).reshape(-1, bsi)[:ni], sub_coords))
+        if _all(comm, all(c is not None for _, c in subs)):
+            gathered = [_gather(comm, sub) for sub in subs]
+            results = [_sorted_unique(parts) for parts in gathered] if _rank(comm) == 0 else []
+            if _bcast(comm, all(r is not None for r in results) if _rank(comm) == 0 else None):
+                meta["mode"] = "subspaces"
+                meta["subspaces"] = V.num_sub_spaces
+                if _rank(comm) != 0:
+                    return meta, None, None
+                return meta, [r[0] for r in results], [r[1] for r in results]  # type: ignore[index]
+    ranges = _gather(comm, tuple(int(r) for r in imap.local_range))
+    all_values = _gather(comm, values)
     if _rank(comm) != 0:
         return meta, None, None
-    all_values = np.concatenate([p[1] for p in parts])
-    if have_coords:
-        all_coords = np.concatenate([p[2] for p in parts])
-        order = np.lexsort(all_coords.T[::-1])  # x first, then y, then z
-        sorted_coords = all_coords[order]
-        unique = sorted_coords.shape[0] < 2 or not np.any(np.all(sorted_coords[1:] == sorted_coords[:-1], axis=1))
-        if unique:
-            meta["mode"] = "coordinates"
-            return meta, all_values[order], sorted_coords
     meta["mode"] = "global"
-    meta["ranges"] = [list(p[0]) for p in parts]
-    return meta, all_values, None
+    meta["ranges"] = [list(r) for r in ranges]
+    return meta, [np.concatenate(all_values)], None
 
 
 @dataclasses.dataclass
@@ -191,27 +231,16 @@ class Checkpoint:
                 f"checkpoint field {name!r} has {meta['size']} x {meta['block_size']} dofs, the current space "
                 f"{imap.size_global} x {bs}: the mesh or element differs from the checkpointed run"
             )
-        values = self._fields[name]
         if meta["mode"] == "coordinates":
-            key = meta["space"]
-            local = np.asarray(V.tabulate_dof_coordinates(), dtype=np.float64)
-            stored = self._coords[key]
-            if key not in self._trees:
-                from scipy.spatial import cKDTree
-
-                self._trees[key] = cKDTree(stored)
-            distance, index = self._trees[key].query(local) if local.size else (np.zeros(0), np.zeros(0, dtype=int))
-            extent = float(np.ptp(stored, axis=0).max()) if stored.size else 0.0
-            tolerance = 1e-9 * max(extent, np.finfo(float).tiny)
-            bad = int(np.count_nonzero(distance > tolerance))
-            if _size(comm) > 1:
-                from mpi4py import MPI
-
-                bad = comm.allreduce(bad, op=MPI.SUM)
-            if bad:
-                raise InputError(f"checkpoint field {name!r}: {bad} dof(s) of this mesh are not in the checkpoint; the mesh differs from the checkpointed run")
-            u.x.array[:] = values[index].reshape(-1)
+            u.x.array[:] = self._lookup(name, f"{meta['space']}.0", self._fields[f"{name}.0"], V, comm)
+        elif meta["mode"] == "subspaces":
+            if V.num_sub_spaces != meta["subspaces"]:
+                raise InputError(f"checkpoint field {name!r} has {meta['subspaces']} sub-spaces, the current space {V.num_sub_spaces}")
+            for i in range(V.num_sub_spaces):
+                Vi, dofs = V.sub(i).collapse()
+                u.x.array[dofs] = self._lookup(name, f"{meta['space']}.{i}", self._fields[f"{name}.{i}"], Vi, comm)
         else:
+            values = self._fields[f"{name}.0"]
             ranges = meta["ranges"]
             if len(ranges) != comm.size:
                 raise UsageError(
@@ -224,6 +253,26 @@ class Checkpoint:
             first = sum(r[1] - r[0] for r in ranges[: comm.rank])
             u.x.array[: (stop - start) * bs] = values[first : first + stop - start].reshape(-1)
             u.x.scatter_forward()
+
+    def _lookup(self, name: str, key: str, values: np.ndarray, V: Any, comm: Any) -> np.ndarray:
+        """Values of the stored (sorted-by-coordinate) field at every local dof of ``V`` (collective)."""
+        local = np.asarray(V.tabulate_dof_coordinates(), dtype=np.float64)
+        stored = self._coords[key]
+        if key not in self._trees:
+            from scipy.spatial import cKDTree
+
+            self._trees[key] = cKDTree(stored)
+        distance, index = self._trees[key].query(local) if local.size else (np.zeros(0), np.zeros(0, dtype=int))
+        extent = float(np.ptp(stored, axis=0).max()) if stored.size else 0.0
+        tolerance = 1e-9 * max(extent, np.finfo(float).tiny)
+        bad = int(np.count_nonzero(distance > tolerance))
+        if _size(comm) > 1:
+            from mpi4py import MPI
+
+            bad = comm.allreduce(bad, op=MPI.SUM)
+        if bad:
+            raise InputError(f"checkpoint field {name!r}: {bad} dof(s) of this mesh are not in the checkpoint; the mesh differs from the checkpointed run")
+        return values[index].reshape(-1)
 
 
 class CheckpointStore:
@@ -271,10 +320,11 @@ class CheckpointStore:
                 meta, values, coords = _gather_function(value, comm)
                 key = spaces.setdefault(id(value.function_space), f"space{len(spaces)}")
                 if _rank(comm) == 0:
-                    if meta["mode"] == "coordinates":
-                        meta["space"] = key
-                        data.setdefault(f"s.{key}", coords)
-                    data[f"f.{name}"] = values
+                    meta["space"] = key
+                    for i, part in enumerate(values or []):
+                        data[f"f.{name}.{i}"] = part
+                    for i, part in enumerate(coords or []):
+                        data.setdefault(f"s.{key}.{i}", part)
                 fields[name] = meta
             elif _rank(comm) == 0:
                 data[f"a.{name}"] = np.asarray(value)
