@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 #: Name of the checkpoint directory inside a run's output directory.
 CHECKPOINT_NAME = "checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STATE, _ARRAYS = "state.json", "arrays.npz"
 
 
