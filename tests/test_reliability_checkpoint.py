@@ -567,7 +567,8 @@ def test_signal_to_the_process_stops_it_with_exit_130(tmp_path, reference_run, s
 
 @serial_only
 def test_sigusr1_to_mpirun_stops_every_rank_at_the_same_step(tmp_path, reference_run):
-    """Open MPI's mpirun forwards SIGUSR1 to the ranks (SIGTERM to mpirun kills the job instead)."""
+    """Open MPI's mpirun forwards SIGUSR1 to the ranks (SIGTERM to mpirun kills the job instead);
+    the 2-rank checkpoint then resumes on one rank."""
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not available")
     config, reference = reference_run
@@ -581,6 +582,12 @@ def test_sigusr1_to_mpirun_stops_every_rank_at_the_same_step(tmp_path, reference
     partial = json.loads((out / "results.json").read_text())
     assert partial["status"] == "interrupted" and partial["ranks"] == 2 and 0 < partial["steps"] < reference["steps"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["problem"]["steps"] == partial["steps"]
+    resumed_process = fem_anode("diffusion", "--resume", str(out), "-q")
+    _, err = resumed_process.communicate(timeout=120)
+    assert resumed_process.returncode == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["ranks"] == 1 and resumed["resumed_from_step"] == partial["steps"]
+    compare_results(resumed, reference)
 
 
 def test_cli_study_stopped_mid_level_resumes_to_the_same_report(shared_tmp_path, comm, monkeypatch, capsys):
