@@ -454,7 +454,7 @@ class PhaseFieldProblem:
         iterations = steps = rejected = failures = 0
         factorisations, linear_iterations = self.newton.factorisations, self.newton.linear_iterations
         peak_vm = peak_ep = 0.0
-        start = time.perf_counter()
+        start = last_report = time.perf_counter()
         while marks:
             target = marks[0]
             dt_try = min(dt, target - self.t)
@@ -462,6 +462,9 @@ class PhaseFieldProblem:
                 dt_try = target - self.t
             result = self.step(dt_try)
             iterations += result.iterations
+            if time.perf_counter() - last_report > 10.0:  # progress on long runs
+                last_report = time.perf_counter()
+                logger.info("  ... %s %d: t = %.5g of %.5g, dt = %.3g, %d steps, %d Newton its", kind, index, self.t - t0, duration, dt_try, steps, iterations)
             if result.ok:
                 failures = 0
                 steps += 1

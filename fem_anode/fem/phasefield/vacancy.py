@@ -202,7 +202,8 @@ class VoidGraph:
             ``sei_penetration_depth_m`` (deepest electrolyte node below the outer surface, m),
             ``n_voids``, ``n_accessible_voids``, ``n_accessible_voids_at_surface`` and
             ``core_connectivity`` (area fraction of the solid, neither void nor electrolyte,
-            connected to the solid node nearest the section's centroid).
+            in the largest solid cluster reaching within a quarter of the equivalent radius of
+            the section's centroid: the Si still connected to the wire's core).
         """
         values = self._gather(c_v)
         metrics = None
@@ -225,11 +226,20 @@ class VoidGraph:
         solid = ~void & ~self.electrolyte
         core = 0.0
         if solid.any():
+            # the core: the largest solid cluster reaching into the central disk of a quarter of
+            # the equivalent radius (the node nearest the centroid alone may sit in a pocket
+            # between voids); if none reaches it, the cluster of the solid node nearest the centroid
             solid_labels = self._components(solid)
-            candidates = np.flatnonzero(solid)
-            centre = candidates[np.argmin(np.hypot(*(self.xy[candidates] - self.centroid).T))]
-            connected = solid_labels == solid_labels[centre]
-            core = float(self.area[connected].sum() / self.area[solid].sum())
+            distance = np.hypot(*(self.xy - self.centroid).T)
+            central = solid & (distance <= 0.25 * np.sqrt(total / np.pi))
+            if central.any():
+                labels_in = np.unique(solid_labels[central])
+                sizes = np.array([self.area[solid_labels == label].sum() for label in labels_in])
+                reference = labels_in[np.argmax(sizes)]
+            else:
+                candidates = np.flatnonzero(solid)
+                reference = solid_labels[candidates[np.argmin(distance[candidates])]]
+            core = float(self.area[solid_labels == reference].sum() / self.area[solid].sum())
         depth = float(self.depth[self.electrolyte].max()) * length_scale if self.electrolyte.any() else 0.0
         void_fraction = float(self.area[void].sum() / total)
         accessible_fraction = float(self.area[accessible].sum() / total)
