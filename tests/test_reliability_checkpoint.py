@@ -418,7 +418,8 @@ def test_cli_sigterm_stops_safely_and_resume_matches(shared_tmp_path, comm, monk
     assert len(err.splitlines()) == 1 and "stopped by SIGTERM" in err and f"--resume {out}" in err
     partial = json.loads((out / "results.json").read_text())
     assert partial["status"] == "interrupted" and partial["steps"] == 60 and partial["t_reached_s"] == reference["history"]["times"][60]
-    assert (out / "checkpoint" / "state.json").is_file() and (out / "c_regions.png").is_file()
+    for name in ("checkpoint/state.json", "c_regions.png", "config.toml", "provenance.json"):
+        assert (out / name).is_file()
     monkeypatch.undo()
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 2  # would overwrite the checkpoint
     assert "add --resume" in capsys.readouterr().err

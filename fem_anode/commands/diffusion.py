@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}")
     try:
         with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
-            results = run_diffusion(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint)
-            if comm.rank == 0:
+            if comm.rank == 0:  # first, so that interrupted and failed runs have them too
                 settings.to_toml(staging / "config.toml")
                 write_json(staging / "provenance.json", provenance("diffusion"))
+            results = run_diffusion(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint)
     except Interrupted as err:
         raise Interrupted(f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode diffusion --resume {args.out}") from None
     store.remove()
