@@ -89,22 +89,18 @@ def test_without_abort_the_same_fault_hangs(tmp_path):
 
 
 @needs_mpirun
-@pytest.mark.xfail(
-    strict=True,
-    reason="hangs until output_directory agrees with faults.all_ranks_ok on a Dup'd communicator instead of a "
-    "blocking allreduce in its finally (fem_anode/io/output.py, change described in docs/reliability.md)",
-)
 def test_fault_in_the_solver_of_one_rank_aborts_all_ranks(tmp_path):
-    """diffusion: rank 1 fails at the start of the solve, inside the output directory; rank 0 enters the
-    memory-check collectives. Today rank 1 blocks in output_directory's cleanup allreduce (mismatched with
-    rank 0's) before the CLI can abort."""
+    """diffusion: rank 1 fails at the start of the solve, inside the output directory, while rank 0 enters
+    the memory-check collectives. output_directory's success agreement (faults.all_ranks_ok) gives up after
+    its timeout instead of blocking in a mismatched allreduce, so the CLI can abort (hung before)."""
     pytest.importorskip("dolfinx")
     roi(tmp_path / "roi.npy")
     config = tmp_path / "run.toml"
     config.write_text('[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n')
     out = tmp_path / "out"
-    code, err, seconds = launch(["diffusion", str(config), "--out", str(out)], fault="1:solve", timeout=12.0)
+    code, err, seconds = launch(["diffusion", str(config), "--out", str(out)], fault="1:solve")
     assert code is not None, f"hung for {seconds:.0f} s:\n{err}"
+    print(f"aborted in {seconds:.1f} s")
     assert code != 0
     assert "injected fault at 'solve' on rank 1" in err and "Traceback" not in err
     assert not out.exists()
