@@ -532,3 +532,10 @@ def test_tortuosity_factor_solve_is_refused_when_too_large(shared_tmp_path, comm
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "100MB")
     out = shared_tmp_path / "out"
     run_cli(["metrics", str(path), "--tortuosity-factor", "--out", str(out)], capsys, 3, "tortuosity factor of 'pore' needs an estimated", out=out, nothing_in=shared_tmp_path)
+
+
+@pytest.mark.parametrize("factor", ["nan", "inf", "1"])
+def test_convergence_refine_factor_must_be_finite_and_above_one(tmp_path, capsys, factor):
+    config = tmp_path / "pf.toml"
+    config.write_text("[mesh]\nsize = 4e-9\n")
+    run_cli(["convergence", str(config), "--refine-factor", factor, "--out", str(tmp_path / "out")], capsys, 2, "--refine-factor must be a finite number > 1")

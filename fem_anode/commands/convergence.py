@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from fem_anode.fem.convergence import format_table, plot_study, run_diffusion_study, run_phasefield_study
     from fem_anode.io.output import output_directory, write_json
 
+    if not (math.isfinite(args.refine_factor) and args.refine_factor > 1):
+        raise UsageError(f"--refine-factor must be a finite number > 1, got {args.refine_factor:g}")
     model = _detect_model(args.config) if args.model == "auto" else args.model
     comm = world_comm()
     if model == "phasefield":
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from fem_anode.fem.diffusion_settings import DiffusionSettings
 
         settings = load_config(args, DiffusionSettings, "convergence")
-        if args.refine_factor != int(args.refine_factor):
+        if not math.isfinite(args.refine_factor) or args.refine_factor != int(args.refine_factor):
             raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer")
         args.refine_factor = int(args.refine_factor)
     from fem_anode.errors import Interrupted
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm, **checkpointing)
             if comm.rank == 0:
-                write_json(staging / "convergence.json", {"provenance": provenance("convergence"), **report, "settings": settings.to_dict()})
+                write_json(staging / "convergence.json", {"provenance": provenance("convergence", settings, comm=comm, args=args), **report, "settings": settings.to_dict()})
                 plot_study(report, staging / "convergence.png")
     except Interrupted as err:
         raise Interrupted(f"{err}; continue with: fem-anode convergence {args.config} --resume {args.out} (same options)") from None

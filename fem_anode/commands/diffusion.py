@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
             if comm.rank == 0:  # first, so that interrupted and failed runs have them too
                 settings.to_toml(staging / "config.toml")
-                write_json(staging / "provenance.json", provenance("diffusion"))
+                write_json(staging / "provenance.json", provenance("diffusion", settings, comm=comm, args=args))
             results = run_diffusion(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint)
     except Interrupted as err:
         raise Interrupted(f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode diffusion --resume {args.out}") from None

@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from fem_anode.errors import UsageError
+from fem_anode.io.checkpoint import CheckpointSettings
 from fem_anode.settings import Section, Settings, section, setting
 
 __all__ = [
@@ -112,14 +113,6 @@ class OutputSettings(Section):
 
     fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
-
-
-@dataclasses.dataclass
-class CheckpointSettings(Section):
-    """Checkpoints of the CLI run in DIR/checkpoint/ (resume with --resume DIR); see docs/checkpointing.md."""
-
-    interval_s: float = setting(600.0, "wall-clock time between checkpoints (0: off)", unit="s", nonnegative=True)
-    every_steps: int = setting(0, "accepted time steps between checkpoints (0: off)", nonnegative=True)
 
 
 @dataclasses.dataclass

@@ -49,11 +49,13 @@ from typing import Any
 import numpy as np
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
+from fem_anode.settings import Section, setting
 
 __all__ = [
     "CHECKPOINT_NAME",
     "Checkpoint",
     "CheckpointPolicy",
+    "CheckpointSettings",
     "CheckpointStore",
     "Checkpointer",
     "settings_differences",
@@ -65,6 +67,14 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint"
 FORMAT_VERSION = 2
 _STATE, _ARRAYS = "state.json", "arrays.npz"
+
+
+@dataclasses.dataclass
+class CheckpointSettings(Section):
+    """Checkpoints of a CLI run in DIR/checkpoint/ (resume with --resume DIR); see docs/checkpointing.md."""
+
+    interval_s: float = setting(600.0, "wall-clock time between checkpoints (0: off)", unit="s", nonnegative=True)
+    every_steps: int = setting(0, "accepted time steps between checkpoints (0: off)", nonnegative=True)
 
 
 def _is_function(value: Any) -> bool:

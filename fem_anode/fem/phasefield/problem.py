@@ -31,6 +31,7 @@ accepted step), the residual assembled from :meth:`_residual_terms` (a subclass 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -50,9 +51,29 @@ from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_option
 from fem_anode.fem.phasefield.plasticity import STATE_SIZE, return_map_ufl, state_update_ufl
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-__all__ = ["PhaseFieldProblem", "StepResult"]
+__all__ = ["HalfCycleProgress", "PhaseFieldProblem", "StepResult"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class HalfCycleProgress:
+    """Where a half-cycle is (JSON-serialisable for checkpoints): remaining output marks, the
+    next step size and the counters of its record."""
+
+    index: int
+    kind: str
+    t0: float
+    marks: list[float]
+    dt: float
+    iterations: int = 0
+    steps: int = 0
+    rejected: int = 0
+    peak_vm: float = 0.0
+    peak_ep: float = 0.0
+    elapsed_s: float = 0.0
+    factorisations: int = 0
+    linear_iterations: int = 0
 
 
 class StepResult:
@@ -428,6 +449,9 @@ class PhaseFieldProblem:
         on_output: Callable[[PhaseFieldProblem, float], None] | None = None,
         n_outputs: int = 1,
         output_offsets: list[float] | None = None,
+        *,
+        progress: HalfCycleProgress | None = None,
+        on_step: Callable[[PhaseFieldProblem, HalfCycleProgress], None] | None = None,
     ) -> dict[str, Any]:
         """Advance one half-cycle with adaptive steps; return its record.
 
@@ -437,69 +461,119 @@ class PhaseFieldProblem:
             duration: normalised time.
             on_output: called at ``n_outputs`` evenly spaced times (the last at the end) and at
                 ``output_offsets`` (times after the half-cycle start, hit exactly).
+            progress: continue a half-cycle from this state (a checkpoint's; the problem's own
+                state must have been restored with :meth:`restore`).
+            on_step: called after every accepted step (and its outputs) with the progress,
+                e.g. to write checkpoints or stop safely (it may raise).
 
         Raises:
-            SolverError: a step failed ``max_retries`` times in a row or dt fell below dt_min.
+            SolverError: a step failed ``max_retries`` times in a row or dt fell below dt_min;
+                ``err.report`` has the failing time and every attempt's dt, reason and Newton
+                residual history.
         """
-        cyc, mat = self.settings.cycling, self.settings.material
-        target_c = mat.c_max if kind == "lithiation" else mat.c_min
-        t0 = self.t
-        self._ramp = (self._surface_c_mean(), target_c, t0, min(cyc.ramp_time, duration))
-        for hook in self.before_half_cycle:
-            hook(self, index, kind)
-        offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
-        offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
-        marks = [t0 + o for o in sorted(offsets)]
-        dt = cyc.dt_initial
-        iterations = steps = rejected = failures = 0
-        factorisations, linear_iterations = self.newton.factorisations, self.newton.linear_iterations
-        peak_vm = peak_ep = 0.0
+        cyc = self.settings.cycling
+        if progress is None:
+            mat = self.settings.material
+            target_c = mat.c_max if kind == "lithiation" else mat.c_min
+            self._ramp = (self._surface_c_mean(), target_c, self.t, min(cyc.ramp_time, duration))
+            for hook in self.before_half_cycle:
+                hook(self, index, kind)
+            offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
+            offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
+            progress = HalfCycleProgress(
+                index=index, kind=kind, t0=self.t, marks=[self.t + o for o in sorted(offsets)], dt=cyc.dt_initial,
+                factorisations=self.newton.factorisations, linear_iterations=self.newton.linear_iterations,
+            )
+        p = progress
         start = last_report = time.perf_counter()
-        while marks:
-            target = marks[0]
-            dt_try = min(dt, target - self.t)
+        attempts: list[dict[str, Any]] = []
+        while p.marks:
+            target = p.marks[0]
+            dt_try = min(p.dt, target - self.t)
             if target - self.t - dt_try < 1e-3 * dt_try:
                 dt_try = target - self.t
             result = self.step(dt_try)
-            iterations += result.iterations
+            p.iterations += result.iterations
             if time.perf_counter() - last_report > 10.0:  # progress on long runs
                 last_report = time.perf_counter()
-                logger.info("  ... %s %d: t = %.5g of %.5g, dt = %.3g, %d steps, %d Newton its", kind, index, self.t - t0, duration, dt_try, steps, iterations)
+                logger.info("  ... %s %d: t = %.5g of %.5g, dt = %.3g, %d steps, %d Newton its", kind, index, self.t - p.t0, duration, dt_try, p.steps, p.iterations)
             if result.ok:
-                failures = 0
-                steps += 1
+                attempts.clear()
+                p.steps += 1
                 vm, ep = self.quadrature_values()
-                peak_vm = max(peak_vm, float(vm.max(initial=0.0)))
-                peak_ep = max(peak_ep, float(ep.max(initial=0.0)))
+                p.peak_vm = max(p.peak_vm, float(vm.max(initial=0.0)))
+                p.peak_ep = max(p.peak_ep, float(ep.max(initial=0.0)))
                 if abs(self.t - target) <= 1e-9 * max(1.0, abs(target)):
                     self.t = target
-                    marks.pop(0)
+                    p.marks.pop(0)
                     if on_output is not None:
                         on_output(self, self.t)
-                if self._effective_iterations(result.history) <= cyc.easy_iterations and dt_try >= 0.999 * dt:
-                    dt = min(dt * cyc.growth, cyc.dt_max)
+                if self._effective_iterations(result.history) <= cyc.easy_iterations and dt_try >= 0.999 * p.dt:
+                    p.dt = min(p.dt * cyc.growth, cyc.dt_max)
+                p.elapsed_s += time.perf_counter() - start
+                start = time.perf_counter()
+                if on_step is not None and p.marks:
+                    on_step(self, p)
                 continue
-            rejected += 1
-            failures += 1
-            dt = dt_try * cyc.cutback
-            logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, dt)
-            if failures > cyc.max_retries or dt < cyc.dt_min:
-                raise SolverError(
-                    f"phase-field {kind} (half-cycle {index}) failed at t = {self.t:.6g}: {failures} attempts in a row, "
+            p.rejected += 1
+            attempts.append({"t": self.t, "dt": dt_try, "reason": result.reason, "newton_iterations": result.iterations, "residual_history": result.history})
+            p.dt = dt_try * cyc.cutback
+            logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
+            if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
+                err = SolverError(
+                    f"phase-field {kind} (half-cycle {index}) failed at t = {self.t:.6g}: {len(attempts)} attempts in a row, "
                     f"last dt = {dt_try:.3g} ({result.reason}); try a finer mesh, a smaller dt_initial or solver.max_it"
                 )
+                err.report = {"half_cycle": index, "kind": kind, "t_last_good": self.t, "attempts": attempts}  # type: ignore[attr-defined]
+                err.progress = p  # type: ignore[attr-defined]  # where to resume: the state is the last good one
+                raise err
+        p.elapsed_s += time.perf_counter() - start
         record = {"index": index, "kind": kind, "t": self.t, **self.diagnostics()}
-        record["peak_von_mises"] = float(self.comm.allreduce(peak_vm, op=MPI.MAX))
-        record["peak_eq_plastic_strain"] = float(self.comm.allreduce(peak_ep, op=MPI.MAX))
-        record.update({"newton_iterations_total": iterations, "steps": steps, "rejected_steps": rejected, "wall_time_s": time.perf_counter() - start,
-                       "factorisations": self.newton.factorisations - factorisations, "linear_iterations": self.newton.linear_iterations - linear_iterations})
+        record["peak_von_mises"] = float(self.comm.allreduce(p.peak_vm, op=MPI.MAX))
+        record["peak_eq_plastic_strain"] = float(self.comm.allreduce(p.peak_ep, op=MPI.MAX))
+        record.update({"newton_iterations_total": p.iterations, "steps": p.steps, "rejected_steps": p.rejected, "wall_time_s": p.elapsed_s,
+                       "factorisations": self.newton.factorisations - p.factorisations, "linear_iterations": self.newton.linear_iterations - p.linear_iterations})
         for hook in self.after_half_cycle:
             hook(self, record)
         logger.info(
             "half-cycle %d (%s) to t = %g: %d steps (%d rejected), %d Newton its, mean c %.4f, lambda %.4f, max vM %.3f",
-            index, kind, self.t, steps, rejected, iterations, record["mean_c_li"], record["axial_stretch"], record["max_von_mises"],
+            index, kind, self.t, p.steps, p.rejected, p.iterations, record["mean_c_li"], record["axial_stretch"], record["max_von_mises"],
         )
         return record
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The state at a safe point (after an accepted step): scalars and arrays/Functions.
+
+        ``w`` is stored per sub-space by dof coordinates (any number of ranks on resume), the
+        plastic state (quadrature space) in global dof order (same number of ranks).
+        """
+        state = {
+            "t": self.t,
+            "lambda": float(self.lam.value),
+            "lambda_old": self.lam_old,
+            "c_surface": float(self.c_surface.value),
+            "ramp": list(self._ramp) if self._ramp is not None else None,
+            "factorisations": self.newton.factorisations,
+            "linear_iterations": self.newton.linear_iterations,
+        }
+        return state, {"w": self.w, "plastic_state": self.state}
+
+    def restore(self, state: dict[str, Any], checkpoint: Any) -> None:
+        """Put back a :meth:`checkpoint_state` (``checkpoint`` restores the Functions by name
+        ``"problem.<name>"``, as :class:`~fem_anode.io.checkpoint.Checkpoint` does)."""
+        checkpoint.restore("problem.w", self.w)
+        checkpoint.restore("problem.plastic_state", self.state)
+        self.w.x.scatter_forward()
+        self.w_old.x.array[:] = self.w.x.array
+        self.t = float(state["t"])
+        self.lam.value = float(state["lambda"])
+        self.lam_old = float(state["lambda_old"])
+        self.c_surface.value = float(state["c_surface"])
+        self._ramp = tuple(state["ramp"]) if state["ramp"] is not None else None  # type: ignore[assignment]
+        self.newton.factorisations = int(state["factorisations"])
+        self.newton.linear_iterations = int(state["linear_iterations"])
+        self.newton.invalidate()
 
     def _effective_iterations(self, history: list[float]) -> int:
         """Newton iterations to reduce the residual by 1e-6 (or below 1e3 atol).

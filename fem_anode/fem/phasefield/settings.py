@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from fem_anode.errors import UsageError
+from fem_anode.io.checkpoint import CheckpointSettings
 from fem_anode.settings import Section, Settings, section, setting
 
 __all__ = [
@@ -175,6 +176,7 @@ class PhaseFieldSettings(Settings):
     vacancy: VacancySettings = section(VacancySettings)
     solver: SolverSettings = section(SolverSettings)
     output: OutputSettings = section(OutputSettings)
+    checkpoint: CheckpointSettings = section(CheckpointSettings)
 
     def validate(self) -> None:
         c0 = self.initial.c

@@ -187,6 +187,12 @@ class VoidGraph:
         if self.comm.rank == 0:
             self.electrolyte[:] = False
 
+    def set_electrolyte(self, local: np.ndarray) -> None:
+        """Set the electrolyte set from local node values (> 0.5: electrolyte). Collective."""
+        flags = self._gather(local)
+        if self.comm.rank == 0:
+            self.electrolyte = flags > 0.5
+
     def electrolyte_values(self) -> np.ndarray:
         """The electrolyte indicator (0/1) at this rank's local nodes (owned and ghost). Collective."""
         flags = self.comm.bcast(self.electrolyte if self.comm.rank == 0 else None, root=0)
@@ -397,6 +403,20 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
     def _before_accept(self) -> None:
         """Accumulate the vacancy source of the accepted step (``int R (1 - c_v) max(c_old - c, 0)``)."""
         self.vacancy_source_total += self.comm.allreduce(fem.assemble_scalar(self._source_integral))
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        state, arrays = super().checkpoint_state()
+        state["vacancy_source_total"] = self.vacancy_source_total
+        return state, {**arrays, "electrolyte": self.electrolyte, "nucleation": self.nucleation}
+
+    def restore(self, state: dict[str, Any], checkpoint: Any) -> None:
+        super().restore(state, checkpoint)
+        self.vacancy_source_total = float(state["vacancy_source_total"])
+        checkpoint.restore("problem.nucleation", self.nucleation)
+        electrolyte = fem.Function(self.V1)
+        checkpoint.restore("problem.electrolyte", electrolyte)
+        self.set_electrolyte(np.round(electrolyte.x.array))
+        self.voids.set_electrolyte(self.electrolyte.x.array)
 
     def _void_record(self, record: dict[str, Any]) -> None:
         vac = self.settings.vacancy
