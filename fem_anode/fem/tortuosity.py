@@ -252,28 +252,32 @@ def reduced_system(
     import scipy.sparse
 
     ke = element_stiffness(spacing)
-    scale = np.abs(ke).max()
-    nonzero = np.abs(ke) > 1e-12 * scale  # for cubic voxels the edge entries vanish exactly
-    data = np.zeros(n_nodes * 27)
-    column = np.full(n_nodes * 27, -1, dtype=np.int64)
+    nonzero = np.abs(ke) > 1e-12 * np.abs(ke).max()  # for cubic voxels the edge entries vanish exactly
+    # Box symmetry: an entry depends only on the offset between the corners (one value per slot).
+    slot_value = np.zeros(27)
+    slot_value[_SLOT.ravel()] = ke.ravel()
+    cells32 = np.ascontiguousarray(cells, dtype=np.int32)
+    # Slot-major (27, n) arrays: each pair writes one contiguous row, nearly in order.
+    count = np.zeros((27, n_nodes), dtype=np.int8)
+    column = np.full((27, n_nodes), -1, dtype=np.int32)
     edges = []
     for a in range(8):
-        base = cells[:, a] * 27
+        rows = cells32[:, a]
         for b in range(8):
             if not nonzero[a, b]:
                 continue
             if _EDGE_PAIR[a, b]:
                 edges.append((a, b))
                 continue
-            key = base + _SLOT[a, b]
-            data[key] += ke[a, b]  # keys are distinct for one (a, b): no lost updates
-            column[key] = cells[:, b]
-    data, column = data.reshape(n_nodes, 27), column.reshape(n_nodes, 27)
+            slot = _SLOT[a, b]
+            count[slot][rows] += 1  # rows are distinct for one (a, b): no lost updates
+            column[slot][rows] = cells32[:, b]
     free = slice(n_top, n_nodes - n_bottom)
-    data, column = data[free], column[free]
-    n_free = data.shape[0]
+    count, column = count[:, free].T, column[:, free].T  # (free, 27) views
+    n_free = count.shape[0]
+    data = count * slot_value
     load = -np.where((column >= 0) & (column < n_top), data, 0.0).sum(axis=1)
-    keep = (column >= n_top) & (column < n_nodes - n_bottom)
+    keep = (count > 0) & (column >= n_top) & (column < n_nodes - n_bottom)
     indptr = np.zeros(n_free + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
     matrix = scipy.sparse.csr_matrix((data[keep], column[keep] - n_top, indptr), shape=(n_free, n_free))
@@ -295,7 +299,7 @@ def reduced_system(
 def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
     """CG + BoomerAMG with aggressive coarsening; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
 
-    Measured on a 100^3 random volume (547k free unknowns, benchmarks/bench_tortuosity.py,
+    Measured on a 100^3 random volume (547k unknowns, benchmarks/bench_tortuosity.py,
     rtol 1e-6): BoomerAMG (PMIS, ext+i, P_max 4, strong threshold 0.5, one level of aggressive
     coarsening) sets up in 0.6-0.8 s and needs 10-11 CG iterations; GAMG with its defaults 2.6 s
     (the squared graph of the 21-point stencil alone 1.5 s) for 9 iterations.
@@ -344,7 +348,7 @@ def tortuosity_factor(
     phase: str,
     comm: Any = None,
     *,
-    rtol: float = 1e-6,
+    rtol: float = 1e-5,
     max_iterations: int = 1000,
     petsc_options: dict[str, Any] | None = None,
     assembly: str = "voxel",
@@ -357,8 +361,8 @@ def tortuosity_factor(
         phase: name of the phase diffusion goes through (e.g. ``"pore"``).
         comm: MPI communicator (default ``MPI.COMM_WORLD``).
         rtol: relative (preconditioned) residual tolerance of CG. The energy flux converges
-            quadratically in the solution error: the default gives tau to about 1e-9 (relative)
-            on random volumes, 1e-4 still to 1e-6 (benchmarks in docs/benchmarks.md).
+            quadratically in the solution error: measured on five random volumes (40^3-100^3,
+            tau 1.6-4.5), 1e-5 gives tau to at most 7e-9 (relative), 1e-4 to 6e-7, 1e-3 to 5e-5.
         max_iterations: CG iteration limit.
         petsc_options: extra PETSc options merged over the defaults (CG + BoomerAMG;
             ``{"pc_type": "gamg"}`` for PETSc GAMG).
