@@ -188,7 +188,7 @@ def hex_mesh_arrays(mask: np.ndarray, spacing: tuple[float, float, float]) -> tu
     used = np.zeros(8 * config.size, dtype=bool)
     used[keys] = True
     unique = np.flatnonzero(used)
-    number = np.cumsum(used, dtype=np.int64) - 1
+    number = np.cumsum(used, dtype=np.int32 if used.size < 2**31 else np.int64) - 1
     cells = number[keys]
     grid = np.stack(np.unravel_index(unique // 8, node_shape), axis=1).astype(np.float64)
     points = (grid * np.asarray(spacing, dtype=np.float64))[:, ::-1].copy()  # (x, y, z)
@@ -275,12 +275,15 @@ def reduced_system(
     free = slice(n_top, n_nodes - n_bottom)
     count, column = count[:, free].T, column[:, free].T  # (free, 27) views
     n_free = count.shape[0]
-    data = count * slot_value
-    load = -np.where((column >= 0) & (column < n_top), data, 0.0).sum(axis=1)
+    top = (column >= 0) & (column < n_top)
+    near = np.flatnonzero(top.any(axis=1))  # rows coupled to the c = 1 nodes
+    load = np.zeros(n_free)
+    load[near] = -(count[near] * slot_value * top[near]).sum(axis=1)
     keep = (count > 0) & (column >= n_top) & (column < n_nodes - n_bottom)
     indptr = np.zeros(n_free + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
-    matrix = scipy.sparse.csr_matrix((data[keep], column[keep] - n_top, indptr), shape=(n_free, n_free))
+    data = count[keep] * np.broadcast_to(slot_value, count.shape)[keep]
+    matrix = scipy.sparse.csr_matrix((data, column[keep] - n_top, indptr), shape=(n_free, n_free))
     if edges:
         rows = np.concatenate([cells[:, a] for a, _ in edges]) - n_top
         cols = np.concatenate([cells[:, b] for _, b in edges]) - n_top
@@ -299,10 +302,12 @@ def reduced_system(
 def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
     """CG + BoomerAMG with aggressive coarsening; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
 
-    Measured on a 100^3 random volume (547k unknowns, benchmarks/bench_tortuosity.py,
-    rtol 1e-6): BoomerAMG (PMIS, ext+i, P_max 4, strong threshold 0.5, one level of aggressive
-    coarsening) sets up in 0.6-0.8 s and needs 10-11 CG iterations; GAMG with its defaults 2.6 s
-    (the squared graph of the 21-point stencil alone 1.5 s) for 9 iterations.
+    Measured on a 100^3 random volume (547k unknowns, rtol 1e-5, load 2.5-3.5): BoomerAMG (PMIS,
+    ext+i, P_max 4, strong threshold 0.5, one level of aggressive coarsening, forward/backward
+    hybrid SOR) sets up in 0.6-0.7 s, then 9 CG iterations take 0.37-0.45 s (0.59 s with the
+    symmetric sweeps); GAMG with its defaults sets up in 2.6 s (the squared graph of the 21-point
+    stencil alone 1.5 s), with MIS-2 instead 2.4 s, unsmoothed 1.0 s but then 25-28 iterations.
+    Without aggressive coarsening BoomerAMG needs 1.7 s to set up.
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
     if petsc_options.get("pc_type", "hypre") == "hypre":
@@ -315,6 +320,10 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
                 "pc_hypre_boomeramg_P_max": 4,
                 "pc_hypre_boomeramg_strong_threshold": 0.5,
                 "pc_hypre_boomeramg_agg_nl": 1,
+                # one forward sweep down, one backward sweep up: a symmetric V-cycle at half the
+                # smoothing cost of the default symmetric sweeps, same iteration count here
+                "pc_hypre_boomeramg_relax_type_down": "SOR/Jacobi",
+                "pc_hypre_boomeramg_relax_type_up": "backward-SOR/Jacobi",
             }
         )
     return {**options, **petsc_options}
@@ -494,16 +503,17 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
             parts.append(
                 (
                     load.size,
-                    (indptr - indptr[0]).astype(PETSc.IntType),
-                    matrix.indices[indptr[0] : indptr[-1]].astype(PETSc.IntType),
+                    (indptr - indptr[0]).astype(PETSc.IntType, copy=False),
+                    matrix.indices[indptr[0] : indptr[-1]].astype(PETSc.IntType, copy=False),
                     matrix.data[indptr[0] : indptr[-1]],
                     load[lo:hi],
                     guess[lo:hi],
                 )
             )
         del matrix
-    n_free, indptr, indices, data, load_local, guess_local = comm.scatter(parts, root=0)
-    del parts
+    mine = parts[0] if comm.size == 1 else comm.scatter(parts, root=0)  # (one rank: no pickled copy)
+    n_free, indptr, indices, data, load_local, guess_local = mine
+    del parts, mine
     t_assembly = time.perf_counter() - t0
     iterations, t_setup, t_cg = 0, 0.0, 0.0
     values = np.zeros(0)
