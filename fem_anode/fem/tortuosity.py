@@ -478,6 +478,27 @@ def _check_solution(ksp: Any, phase: str, values: np.ndarray) -> int:
     return int(iterations)
 
 
+def _scatter_rows(comm: Any, parts: list[tuple] | None) -> tuple:
+    """Rank 0's per-rank ``(n, indptr, indices, data, load, guess)`` slabs, each to its rank.
+
+    The arrays travel as raw buffers (``Send``/``Recv``), not pickled; rank 0 keeps its own.
+    """
+    if comm.rank == 0:
+        for rank in range(1, comm.size):
+            n, *arrays = parts[rank]
+            comm.send((n, [(a.dtype.str, a.size) for a in arrays]), dest=rank, tag=71)
+            for array in arrays:
+                comm.Send(np.ascontiguousarray(array), dest=rank, tag=72)
+        return parts[0]
+    n, layout = comm.recv(source=0, tag=71)
+    arrays = []
+    for dtype, size in layout:
+        array = np.empty(size, dtype=np.dtype(dtype))
+        comm.Recv(array, source=0, tag=72)
+        arrays.append(array)
+    return (n, *arrays)
+
+
 def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-untyped-def]
     """Voxel assembly: NumPy stiffness of the free nodes, row slabs per rank, fluxes on rank 0.
 
@@ -513,9 +534,8 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
                 )
             )
         del matrix
-    mine = parts[0] if comm.size == 1 else comm.scatter(parts, root=0)  # (one rank: no pickled copy)
-    n_free, indptr, indices, data, load_local, guess_local = mine
-    del parts, mine
+    n_free, indptr, indices, data, load_local, guess_local = _scatter_rows(comm, parts)
+    del parts
     t_assembly = time.perf_counter() - t0
     iterations, t_setup, t_cg = 0, 0.0, 0.0
     values = np.zeros(0)
