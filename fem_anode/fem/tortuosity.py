@@ -256,10 +256,11 @@ def reduced_system(
     # Box symmetry: an entry depends only on the offset between the corners (one value per slot).
     slot_value = np.zeros(27)
     slot_value[_SLOT.ravel()] = ke.ravel()
-    cells32 = np.ascontiguousarray(cells, dtype=np.int32)
+    index = np.int32 if n_nodes < 2**31 else np.int64
+    cells32 = np.ascontiguousarray(cells, dtype=index)
     # Slot-major (27, n) arrays: each pair writes one contiguous row, nearly in order.
-    count = np.zeros((27, n_nodes), dtype=np.int8)
-    column = np.full((27, n_nodes), -1, dtype=np.int32)
+    count = np.zeros((27, n_nodes), dtype=np.int8)  # at most 8 cells share a node
+    column = np.full((27, n_nodes), -1, dtype=index)
     edges = []
     for a in range(8):
         rows = cells32[:, a]
