@@ -77,7 +77,7 @@ def _tortuosity_factor(args: argparse.Namespace, image, metrics: dict, comm) -> 
         raise UsageError(f"--tortuosity-factor needs FEniCSx (dolfinx), which is not importable: {err}") from None
     from fem_anode.resources import check_memory, estimate_fe_memory, estimate_mesh_memory
 
-    for name in names:  # P1 voxel mesh of the phase, CG + GAMG
+    for name in names:  # sized as a dolfinx P1 solve with AMG: an upper bound of the NumPy-assembled voxel operator
         mesh = estimate_mesh_memory(image, "voxel", [name])
         fe = estimate_fe_memory(cells=mesh.details["cells"], dofs=mesh.details["nodes"], ndim=3, cell_type="hexahedron", degree=1,
                                 solver="iterative", ranks=comm.size if comm is not None else 1, what=f"tortuosity factor of {name!r}")
