@@ -50,6 +50,18 @@ def shared_tmp_path(comm, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _restore_package_logging():
+    """The CLI points the ``fem_anode`` logger at the stderr of the moment (pytest's capture);
+    give later tests the logger as it was, not a handler on a closed stream."""
+    import logging
+
+    logger = logging.getLogger("fem_anode")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(autouse=True)
 def _matplotlib_agg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
