@@ -13,7 +13,10 @@ from typing import Any
 from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
-__all__ = ["add_config_arguments", "add_image_arguments", "add_out_argument", "is_root", "load_config", "load_image", "provenance", "world_comm"]
+__all__ = [
+    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_resume_argument", "is_root", "load_config", "load_image",
+    "load_resumable_config", "provenance", "run_checkpointed", "world_comm",
+]
 
 
 def add_image_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
@@ -204,3 +207,67 @@ def load_config(args: argparse.Namespace, settings_class: Any, command: str) -> 
     if args.config is None:
         raise UsageError(f"give a CONFIG.toml (see fem-anode {command} --defaults)")
     return settings_class.from_toml(args.config).resolve_paths(args.config.parent)
+
+
+def add_resume_argument(parser: argparse.ArgumentParser, command: str, keep: str = "[solver] and [checkpoint]") -> None:
+    """``--resume DIR`` of the commands that write checkpoints (see docs/checkpointing.md)."""
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help=f"continue the interrupted, failed or killed run whose checkpoint is in DIR/checkpoint (results go to --out, "
+        f"default DIR; CONFIG is optional and must match the checkpoint's except {keep}). Checkpoints "
+        "are written as set in [checkpoint] and on SIGINT/SIGTERM/SIGUSR1, which stop the run after the current step "
+        f"with partial results (exit 130; under mpirun send SIGUSR1 to mpirun). See docs/checkpointing.md",
+    )
+    parser.set_defaults(out=None)
+
+
+def load_resumable_config(args: argparse.Namespace, settings_class: Any, command: str, default_out: str) -> tuple[Any, Any]:
+    """``(settings, checkpoint)`` of a run that may resume: the checkpoint of ``--resume DIR``
+    (or ``None``) and the settings of ``CONFIG`` or, without one, those stored in the checkpoint.
+    Sets ``args.out`` (default: the resumed directory). ``settings`` is ``None`` for ``--defaults``."""
+    import tomllib
+
+    from fem_anode.errors import InputError
+
+    args.out = args.out or args.resume or Path(default_out)
+    checkpoint = None
+    if args.resume and not args.defaults:
+        from fem_anode.io.checkpoint import CheckpointStore
+
+        checkpoint = CheckpointStore(args.resume, world_comm()).load()
+    if checkpoint is None or args.config is not None:
+        return load_config(args, settings_class, command), checkpoint
+    meta = checkpoint.state.get("meta", {})
+    if meta.get("model") != command or "settings_toml" not in meta:
+        raise InputError(f"{checkpoint.path} is not a checkpoint of a {command} run")
+    return settings_class.from_dict(tomllib.loads(meta["settings_toml"])), checkpoint
+
+
+def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, checkpoint: Any, solve: Any) -> Any:
+    """Run ``solve(staging, comm)`` into ``args.out`` with checkpoints in ``args.out``.
+
+    Refuses a directory holding another run's checkpoint (unless resuming), writes
+    ``config.toml`` and ``provenance.json`` first (interrupted and failed runs keep them with their
+    partial results), publishes the partial results of a stop or failure, tells how to resume
+    after a stop, and removes the checkpoint after success.
+    """
+    from fem_anode.errors import Interrupted, SolverError, UsageError
+    from fem_anode.io.checkpoint import CheckpointStore
+    from fem_anode.io.output import output_directory, write_json
+
+    comm = world_comm()
+    store = CheckpointStore(args.out, comm)
+    if checkpoint is None and store.exists():
+        raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}")
+    try:
+        with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
+            if comm.rank == 0:
+                settings.to_toml(staging / "config.toml")
+                write_json(staging / "provenance.json", provenance(command, settings, comm=comm, args=args))
+            results = solve(staging, comm)
+    except Interrupted as err:
+        raise Interrupted(f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode {command} --resume {args.out}") from None
+    store.remove()
+    return results

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
-from typing import Any
 
-from fem_anode.commands._common import add_config_arguments, load_config, provenance, world_comm
+from fem_anode.commands._common import add_config_arguments, add_resume_argument, load_resumable_config, run_checkpointed
 
 logger = logging.getLogger(__name__)
 
@@ -25,51 +23,20 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "mesh), DIR/mesh.msh, PNG snapshots and a Fig. 5-style morphology montage. See --defaults for every setting.",
     )
     add_config_arguments(parser, default_out="phasefield_results")
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        metavar="DIR",
-        help="continue the interrupted, failed or killed run whose checkpoint is in DIR/checkpoint (results go to --out, "
-        "default DIR; CONFIG is optional and must match the checkpoint's except [solver], [checkpoint] and [output]). "
-        "Checkpoints are written as set in [checkpoint] and on SIGINT/SIGTERM/SIGUSR1, which stop the run after the "
-        "current step with partial results (exit 130; under mpirun send SIGUSR1 to mpirun). See docs/checkpointing.md",
-    )
-    parser.set_defaults(func=run, out=None)
+    add_resume_argument(parser, "phasefield", keep="[solver], [checkpoint] and [output]")
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-    args.out = args.out or args.resume or Path("phasefield_results")
-    checkpoint = None
-    if args.resume and not args.defaults:
-        from fem_anode.io.checkpoint import CheckpointStore
-
-        checkpoint = CheckpointStore(args.resume, world_comm()).load()
-    if checkpoint is not None and args.config is None:
-        settings = _checkpoint_settings(checkpoint)
-    else:
-        settings = load_config(args, PhaseFieldSettings, "phasefield")
+    settings, checkpoint = load_resumable_config(args, PhaseFieldSettings, "phasefield", "phasefield_results")
     if settings is None:
         return 0
-    from fem_anode.errors import Interrupted, SolverError, UsageError
     from fem_anode.fem.phasefield.run import run_phasefield
-    from fem_anode.io.checkpoint import CheckpointStore
-    from fem_anode.io.output import output_directory, write_json
 
-    comm = world_comm()
-    store = CheckpointStore(args.out, comm)
-    if checkpoint is None and store.exists():
-        raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}")
-    try:
-        with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
-            if comm.rank == 0:  # first, so that interrupted and failed runs have them too
-                settings.to_toml(staging / "config.toml")
-                write_json(staging / "provenance.json", provenance("phasefield", settings, comm=comm, args=args))
-            results = run_phasefield(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint)
-    except Interrupted as err:
-        raise Interrupted(f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode phasefield --resume {args.out}") from None
-    store.remove()
+    results = run_checkpointed(args, settings, "phasefield", checkpoint,
+                               lambda staging, comm: run_phasefield(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint))
     for record in results["half_cycles"]:
         voids = ""
         if "void_fraction" in record:
@@ -83,15 +50,3 @@ def run(args: argparse.Namespace) -> int:
     logger.info("results in %s", args.out)
     return 0
 
-
-def _checkpoint_settings(checkpoint: Any) -> Any:
-    """The settings a checkpoint was written with (mesh path absolute)."""
-    import tomllib
-
-    from fem_anode.errors import InputError
-    from fem_anode.fem.phasefield.settings import PhaseFieldSettings
-
-    meta = checkpoint.state.get("meta", {})
-    if meta.get("model") != "phasefield" or "settings_toml" not in meta:
-        raise InputError(f"{checkpoint.path} is not a checkpoint of a phase-field run")
-    return PhaseFieldSettings.from_dict(tomllib.loads(meta["settings_toml"]))

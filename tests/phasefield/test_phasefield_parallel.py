@@ -28,7 +28,7 @@ def _settings() -> PhaseFieldSettings:
         mesh=MeshSettings(size=4e-9),
         material=MaterialSettings(yield_strength=0.3),
         cycling=CyclingSettings(half_cycles=2, half_cycle_time=0.006, dt_initial=0.001, ramp_time=0.002),
-        solver=SolverSettings(rtol=1e-11, atol=1e-12),
+        solver=SolverSettings(rtol=1e-11, atol=1e-12, reuse_factorisation=False),  # see test_phasefield_vacancy
         output=OutputSettings(fields=False, figures=False, times=[]),
     )
 

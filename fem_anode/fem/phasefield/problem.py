@@ -312,7 +312,8 @@ class PhaseFieldProblem:
             **sol.petsc_options,
         }
         return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes,
-                              reuse_factorisation=sol.reuse_factorisation, refactor_iterations=sol.refactor_iterations)
+                              reuse_factorisation=self.comm.size == 1 if sol.reuse_factorisation is None else sol.reuse_factorisation,
+                              refactor_iterations=sol.refactor_iterations)
 
     # -- state ----------------------------------------------------------------------------
     def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:

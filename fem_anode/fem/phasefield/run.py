@@ -129,7 +129,7 @@ def run_phasefield(
             return
         save_now, stop_now = checkpointer.poll(run.steps + p.steps)
         if save_now:
-            run.progress = dataclasses.asdict(p)
+            run.progress = _global_progress(p, comm)
             checkpointer.save(run.steps + p.steps, *prob.checkpoint_state())
             prob.newton.invalidate()  # a resumed run starts with a fresh factorisation too: same results
         if stop_now:
@@ -168,7 +168,7 @@ def run_phasefield(
         status, stopped, failure = "failed", err, getattr(err, "report", None)
         failed_at = getattr(err, "progress", None)
         if checkpointer is not None and failed_at is not None:  # the last good state, to resume e.g. with other solver settings
-            run.progress = dataclasses.asdict(failed_at)
+            run.progress = _global_progress(failed_at, comm)
             state, arrays = problem.checkpoint_state()
             checkpointer.save(run.steps + failed_at.steps, {**state, "failure": failure}, arrays)
     finally:
@@ -210,6 +210,13 @@ def run_phasefield(
         raise stopped
     logger.info("phasefield done in %.1f s", results["wall_time_s"])
     return results
+
+
+def _global_progress(progress: Any, comm: MPI.Comm) -> dict[str, Any]:
+    """The progress as stored by rank 0, with the running peaks (rank-local maxima) reduced first."""
+    progress.peak_vm = comm.allreduce(progress.peak_vm, op=MPI.MAX)
+    progress.peak_ep = comm.allreduce(progress.peak_ep, op=MPI.MAX)
+    return dataclasses.asdict(progress)
 
 
 class _RunState:
