@@ -21,8 +21,10 @@ from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
 from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
+from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
 from fem_anode.io.images import VoxelImage, read_image
 from fem_anode.io.interrupt import SafeStop
+from fem_anode.io.output import remove_stale_staging
 
 __all__ = ["fig8_settings", "run_diffusion", "load_geometry", "settings_fingerprint", "si_particle_report", "suggest_regions", "timescales"]
 
@@ -304,17 +306,7 @@ def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
     ``[checkpoint]`` and ``[solver]`` are left out: a run may be resumed with another interval
     or, after a solver failure, with another linear solver.
     """
-    import json
-    import os
-
-    data = settings.to_dict()
-    data.pop("checkpoint", None)
-    data.pop("solver", None)
-    geometry = data.get("geometry", {})
-    for key in ("image", "mesh"):
-        if key in geometry:
-            geometry[key] = os.path.realpath(geometry[key])
-    return json.loads(json.dumps(data))
+    return checkpoint_fingerprint(settings, free=("checkpoint", "solver"), paths=("image", "mesh"))
 
 
 def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, snapshots: dict[float, np.ndarray],
@@ -349,11 +341,8 @@ def _restore_outputs(checkpoint: Checkpoint, problem: DiffusionProblem, snapshot
     sibling of the current one, recorded in the checkpoint).
     """
     driver = checkpoint.state.get("driver", {})
-    old_staging = Path(driver.get("staging", ""))
-    if problem.comm.rank == 0 and ".partial-" in old_staging.name and old_staging.name.startswith(".") and old_staging.is_dir():
-        import shutil
-
-        shutil.rmtree(old_staging, ignore_errors=True)
+    if problem.comm.rank == 0 and driver.get("staging"):
+        remove_stale_staging(Path(driver["staging"]))
     for i, t in enumerate(driver.get("snapshot_times", [])):
         snapshots[t] = checkpoint.arrays[f"driver.snapshot.{i}"]
     particles.update(driver.get("particles", {}))

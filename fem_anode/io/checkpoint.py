@@ -59,6 +59,7 @@ __all__ = [
     "CheckpointStore",
     "Checkpointer",
     "settings_differences",
+    "settings_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -535,6 +536,24 @@ class Checkpointer:
                     f"the checkpoint in {checkpoint.path} belongs to a run with other settings ({what}); "
                     "resume with the same configuration or start afresh in a new --out directory"
                 )
+
+
+def settings_fingerprint(settings: Any, *, free: tuple[str, ...], paths: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint, as JSON types.
+
+    Args:
+        settings: a :class:`~fem_anode.settings.Settings` object.
+        free: sections that may change on resume (e.g. ``"solver"``, ``"checkpoint"``).
+        paths: keys of ``[geometry]`` holding file paths, compared as absolute real paths.
+    """
+    data = json.loads(json.dumps(settings.to_dict(), default=str))
+    for key in free:
+        data.pop(key, None)
+    geometry = data.get("geometry", {})
+    for key in paths:
+        if geometry.get(key):
+            geometry[key] = os.path.realpath(geometry[key])
+    return data
 
 
 def settings_differences(saved: Any, current: Any, where: str = "") -> str:

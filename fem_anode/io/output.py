@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "output_directory", "to_jsonable", "write_json", "write_text_atomic"]
+__all__ = ["atomic_path", "output_directory", "remove_stale_staging", "to_jsonable", "write_json", "write_text_atomic"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -131,6 +131,13 @@ def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[Base
             if sync is not None:
                 sync.Free()
                 comm.barrier()
+
+
+def remove_stale_staging(staging: Path) -> None:
+    """Delete a staging directory of :func:`output_directory` that a killed run left behind
+    (a hidden ``.NAME.partial-*`` folder; anything else is left alone)."""
+    if staging.name.startswith(".") and ".partial-" in staging.name and staging.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +19,9 @@ from fem_anode.errors import Interrupted, SolverError
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
+from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
 from fem_anode.io.interrupt import SafeStop
+from fem_anode.io.output import remove_stale_staging
 
 __all__ = ["load_geometry", "run_phasefield", "settings_fingerprint", "HALF_CYCLE_KINDS"]
 
@@ -252,21 +251,15 @@ class _RunState:
             prefix = f"driver.morphology.{i}."
             snap = {key[len(prefix):]: value for key, value in checkpoint.arrays.items() if key.startswith(prefix)}
             self.morphology.append((snap, title))
-        old = Path(driver["staging"] or "")
-        if comm.rank == 0 and old.name.startswith(".") and ".partial-" in old.name and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+        if comm.rank == 0 and driver["staging"]:
+            remove_stale_staging(Path(driver["staging"]))
         return float(driver["wall_time_s"])
 
 
 def settings_fingerprint(settings: PhaseFieldSettings) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (JSON types, absolute mesh path);
     ``[solver]``, ``[checkpoint]`` and ``[output]`` may change."""
-    data = json.loads(json.dumps(settings.to_dict(), default=str))
-    for key in ("solver", "checkpoint", "output"):
-        data.pop(key, None)
-    if data.get("geometry", {}).get("mesh"):
-        data["geometry"]["mesh"] = os.path.realpath(data["geometry"]["mesh"])
-    return data
+    return checkpoint_fingerprint(settings, free=("solver", "checkpoint", "output"), paths=("mesh",))
 
 
 def _checkpointer(settings: PhaseFieldSettings, directory: Path, comm: MPI.Comm, run: _RunState, elapsed: Callable[[], float], staging: Path | None) -> Checkpointer:
