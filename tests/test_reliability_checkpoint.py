@@ -25,7 +25,6 @@ from dolfinx import fem, mesh as dmesh  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from fem_anode.errors import InputError, Interrupted, SolverError, UsageError  # noqa: E402
-from fem_anode.fem import read_mesh  # noqa: E402
 from fem_anode.fem.analytic import robin_sheet_mean  # noqa: E402
 from fem_anode.fem.diffusion import DiffusionProblem  # noqa: E402
 from fem_anode.fem.diffusion_settings import DiffusionSettings, GeometrySettings, SolverSettings, TimeSettings  # noqa: E402
@@ -33,24 +32,18 @@ from fem_anode.fem.time_stepping import StepPlan, plan_steps  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore  # noqa: E402
 from fem_anode.io.interrupt import SafeStop  # noqa: E402
-from fem_anode.meshing import write_voxel_mesh  # noqa: E402
 
 UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ
 serial_only = pytest.mark.skipif(UNDER_MPI, reason="spawns its own processes; run serially only")
-LENGTH = 1e-6
+from builders import STRIP_LENGTH as LENGTH  # noqa: E402
+from builders import strip_mesh  # noqa: E402
+
 TIMES = [2e-4, 1e-3, 4e-3]
 
 
 def strip(comm, directory: Path, n: int = 16):
-    """1D limit: n SEI pixels with a pore column at x = 0 (the plane sheet of Crank's series)."""
-    h = LENGTH / n
-    labels = np.full((1, n + 1), 3, dtype=np.uint8)
-    labels[:, 0] = 0
-    path = directory / f"strip{n}.msh"
-    if comm.rank == 0:
-        write_voxel_mesh(VoxelImage(labels, (h, h), {"pore": 0, "sei": 3}), path, keep=["sei"])
-    comm.barrier()
-    return read_mesh(path, comm)
+    """The plane sheet of Crank's series (see builders.strip_mesh)."""
+    return strip_mesh(n, directory, comm)
 
 
 def strip_settings(**solver) -> DiffusionSettings:

@@ -19,20 +19,13 @@ import numpy as np
 import pytest
 
 from fem_anode.cli import main
+from builders import small_roi
+
 from fem_anode.io import VoxelImage, write_image
 
 UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
 
 LABELS = VoxelImage(np.array([[0, 1, 1], [1, 0, 3], [3, 3, 1]], dtype=np.uint8), (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3})
-
-
-def roi() -> VoxelImage:
-    """A 2D label image with a pore channel, Si discs and SEI/C/B (as the diffusion tests')."""
-    labels = np.full((24, 30), 3, dtype=np.uint8)
-    labels[:, :3] = 0
-    yy, xx = np.mgrid[:24, :30]
-    labels[(yy - 6) ** 2 + (xx - 22) ** 2 <= 9] = 1
-    return VoxelImage(labels, (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3})
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture, code: int, message: str, *, nothing_in: Path | None = None, out: Path | None = None) -> str:
@@ -333,7 +326,7 @@ def test_absurd_image_is_refused_with_the_estimate(tmp_path, capsys):
 
 
 def test_memory_limit_refuses_meshing_and_the_override_lets_it_run(shared_tmp_path, comm, capsys, monkeypatch):
-    image = write_image(shared_tmp_path / "roi.npy", roi())
+    image = write_image(shared_tmp_path / "roi.npy", small_roi())
     out = shared_tmp_path / "roi.msh"
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "50MB")
     err = run_cli(["mesh", str(image), "--keep", "sei", "--out", str(out)], capsys, 3, "smooth mesh of a 24x30 image needs an estimated")
@@ -347,7 +340,7 @@ def test_memory_limit_refuses_meshing_and_the_override_lets_it_run(shared_tmp_pa
 
 def test_diffusion_refuses_before_meshing(shared_tmp_path, comm, capsys, monkeypatch):
     pytest.importorskip("dolfinx")
-    write_image(shared_tmp_path / "roi.npy", roi())
+    write_image(shared_tmp_path / "roi.npy", small_roi())
     config = shared_tmp_path / "run.toml"
     if comm.rank == 0:
         config.write_text('[geometry]\nimage = "roi.npy"\n[mesh]\norder = 2\n')
@@ -378,8 +371,8 @@ def test_memory_estimates_scale_and_parse():
     iterative = estimate_fe_memory(cells=1e6, dofs=1e6, ndim=3, cell_type="hexahedron", degree=1, solver="iterative")
     assert iterative.details["factor_bytes"] == 0 and iterative.bytes < large.bytes
     settings = DiffusionSettings.from_dict({"geometry": {"image": "x.npy"}, "mesh": {"order": 2}})
-    p2 = estimate_diffusion_memory(roi(), settings)
-    p1 = estimate_diffusion_memory(roi(), settings.replace(mesh=settings.mesh.replace(order=1)))
+    p2 = estimate_diffusion_memory(small_roi(), settings)
+    p1 = estimate_diffusion_memory(small_roi(), settings.replace(mesh=settings.mesh.replace(order=1)))
     assert p2.details["dofs"] == 4 * p1.details["dofs"] and p2.bytes > p1.bytes
 
 

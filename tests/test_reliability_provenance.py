@@ -13,15 +13,9 @@ import pytest
 
 from fem_anode import __version__
 from fem_anode.cli import main
-from fem_anode.io import VoxelImage, write_image
+from builders import small_roi
 
-
-def labels() -> VoxelImage:
-    array = np.full((24, 30), 3, dtype=np.uint8)
-    array[:, :3] = 0
-    yy, xx = np.mgrid[:24, :30]
-    array[(yy - 6) ** 2 + (xx - 22) ** 2 <= 9] = 1
-    return VoxelImage(array, (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3})
+from fem_anode.io import write_image
 
 
 def check(record: dict, command: str, comm, *, fe: bool = False) -> None:
@@ -39,7 +33,7 @@ def check(record: dict, command: str, comm, *, fe: bool = False) -> None:
 
 @pytest.fixture
 def image_path(shared_tmp_path):
-    return write_image(shared_tmp_path / "roi.npy", labels())
+    return write_image(shared_tmp_path / "roi.npy", small_roi())
 
 
 def test_metrics_segment_and_mesh_record_options(shared_tmp_path, image_path, comm):
@@ -53,7 +47,7 @@ def test_metrics_segment_and_mesh_record_options(shared_tmp_path, image_path, co
 
     gray = shared_tmp_path / "gray.npy"
     if comm.rank == 0:
-        np.save(gray, np.where(labels().array == 0, 0.1, 0.8) + 0.01 * np.random.default_rng(0).random((24, 30)))
+        np.save(gray, np.where(small_roi().array == 0, 0.1, 0.8) + 0.01 * np.random.default_rng(0).random((24, 30)))
     comm.barrier()
     seg = shared_tmp_path / "seg.npy"
     assert main(["segment", str(gray), "--voxel-size", "20nm", "--method", "threshold", "--phases", "pore=0,si=1", "--out", str(seg), "-q"]) == 0
@@ -67,7 +61,7 @@ def test_metrics_segment_and_mesh_record_options(shared_tmp_path, image_path, co
     quality = json.loads((shared_tmp_path / "roi.quality.json").read_text())
     check(quality["provenance"], "mesh", comm)
     assert quality["provenance"]["configuration"]["options"]["keep"] == "sei"
-    assert quality["cells"] == int(np.count_nonzero(labels().array == 3))  # the report itself is still there
+    assert quality["cells"] == int(np.count_nonzero(small_roi().array == 3))  # the report itself is still there
 
 
 def test_detachment_records_settings_and_seed(shared_tmp_path, comm):

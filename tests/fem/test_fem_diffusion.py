@@ -28,20 +28,10 @@ from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps  # noqa: E4
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 from fem_anode.meshing import write_voxel_mesh  # noqa: E402
 
-LENGTH = 1e-6  # strip length (m)
+from builders import STRIP_LENGTH as LENGTH  # noqa: E402
+from builders import strip_mesh  # noqa: E402
+
 TIMES = [2e-4, 1e-3, 4e-3]  # s; the diffusion time eps L^2 / D_eff is 4.2e-3 s
-
-
-def strip_mesh(n: int, directory, comm):
-    """1D limit: a strip of n SEI pixels, one pore pixel column at x = 0, one pixel high."""
-    h = LENGTH / n
-    labels = np.full((1, n + 1), 3, dtype=np.uint8)
-    labels[:, 0] = 0
-    path = directory / f"strip{n}.msh"
-    if comm.rank == 0:
-        write_voxel_mesh(VoxelImage(labels, (h, h), {"pore": 0, "sei": 3}), path, keep=["sei"])
-    comm.barrier()
-    return read_mesh(path, comm)
 
 
 def strip_settings(order: int, steps_per_level: int = 8, t_end: float = 4e-3, regions=()) -> DiffusionSettings:
