@@ -109,10 +109,18 @@ class FieldWriter:
             writer.close()
 
 
+def _snapshot_fields(problem: Any) -> _Fields:
+    """The output functions of ``problem``, built once (spaces and forms) and kept on it."""
+    fields = getattr(problem, "_snapshot_fields", None)
+    if fields is None:
+        fields = problem._snapshot_fields = _Fields(problem)
+    return fields
+
+
 def gather_snapshot(problem: Any, fields: _Fields | None = None) -> dict[str, np.ndarray] | None:
     """Deformed triangles (nm), corner c (and the extra scalar fields) and cell von Mises of the
     owned cells, on rank 0 (collective)."""
-    f = fields or _Fields(problem)
+    f = fields or _snapshot_fields(problem)
     f.update()
     mesh = problem.mesh
     n_cells = mesh.topology.index_map(2).size_local

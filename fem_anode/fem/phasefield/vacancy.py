@@ -187,8 +187,9 @@ class VoidGraph:
         if self.comm.rank == 0:
             self.electrolyte[:] = False
 
-    def set_electrolyte(self, local: np.ndarray) -> None:
-        """Set the electrolyte set from local node values (> 0.5: electrolyte). Collective."""
+    def load_electrolyte(self, local: np.ndarray) -> None:
+        """Rebuild the electrolyte set from local node values (> 0.5: electrolyte), e.g. after a
+        checkpoint was restored. Collective."""
         flags = self._gather(local)
         if self.comm.rank == 0:
             self.electrolyte = flags > 0.5
@@ -416,7 +417,7 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         electrolyte = fem.Function(self.V1)
         checkpoint.restore("problem.electrolyte", electrolyte)
         self.set_electrolyte(np.round(electrolyte.x.array))
-        self.voids.set_electrolyte(self.electrolyte.x.array)
+        self.voids.load_electrolyte(self.electrolyte.x.array)
 
     def _void_record(self, record: dict[str, Any]) -> None:
         vac = self.settings.vacancy
