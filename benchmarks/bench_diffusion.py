@@ -65,7 +65,7 @@ class TimedProblem(DiffusionProblem):
     """DiffusionProblem that records solver setup and solve times and CG iterations."""
 
     def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.setup_s, self.solve_s, self.iterations = 0.0, [], []
+        self.setup_s, self.solve_s, self.iterations, self.solvers = 0.0, [], [], []
         super().__init__(*args, **kwargs)
 
     def _ksp(self, a0: float):  # type: ignore[no-untyped-def]
@@ -86,6 +86,9 @@ class _TimedKSP:
         self._ksp.solve(b, x)
         self._problem.solve_s.append(time.perf_counter() - t)
         self._problem.iterations.append(self._ksp.getIterationNumber())
+        name = f"{self._ksp.getType()}/{self._ksp.getPC().getType()}"
+        if name not in self._problem.solvers:
+            self._problem.solvers.append(name)
 
     def __getattr__(self, name):  # type: ignore[no-untyped-def]
         return getattr(self._ksp, name)
@@ -136,7 +139,7 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
         "dt": dt,
         "ranks": comm.size,
         "ndofs": ndofs,
-        "solver": problem._solver_options()["ksp_type"] + "/" + problem._solver_options()["pc_type"] + ("+opts" if args.petsc else ""),
+        "solver": ", ".join(problem.solvers) + ("+opts" if args.petsc else ""),
         "setup_s": t_mesh + t_assembly + problem.setup_s,
         "mesh_s": t_mesh,
         "factorisations": problem.factorisations,

@@ -172,6 +172,7 @@ class _Records:
         checkpoint.restore("problem.c_older", problem._c_older)
         problem.c.x.array[:] = problem._c_old.x.array
         plan.load_state(state["plan"])
+        problem.amg_from_a0 = state.get("amg_from_a0")
         logger.info("resuming at t = %.6g s (step %d) from %s", plan.t, state["steps"], checkpoint.path)
         return cls(
             times=arrays["problem.times"].tolist(),
@@ -204,6 +205,7 @@ class _Records:
             "residual_sum": self.residual_sum,
             "retries": self.retries,
             "factorisations": self.factorisations_before + problem.factorisations,
+            "amg_from_a0": problem.amg_from_a0,
         }
         arrays: dict[str, Any] = {
             "c_old": problem._c_old,
@@ -260,8 +262,11 @@ class DiffusionProblem:
         self._c_old = fem.Function(self.V)
         self._c_older = fem.Function(self.V)
         self._assemble_operators(physics)
-        self._ksp_cache: OrderedDict[float, PETSc.KSP] = OrderedDict()
+        self._ksp_cache: OrderedDict[float, tuple[PETSc.KSP, str]] = OrderedDict()  # a0 -> (solver, family)
+        self._ksp_created = 0
         self.factorisations = 0
+        #: ``preconditioner = "auto"``: GAMG for every a0 at or below this (None: SSOR so far).
+        self.amg_from_a0: float | None = None
         self.regions = self._region_weights(settings.regions)
 
     # -- assembly -------------------------------------------------------------------------
@@ -345,71 +350,126 @@ class DiffusionProblem:
         return out
 
     # -- solver ---------------------------------------------------------------------------
-    def _solver_options(self) -> dict[str, Any]:
-        solver = self.settings.solver
-        kind = solver.type
+    def _solver_kind(self) -> str:
+        """``"direct"`` or ``"iterative"`` after resolving ``solver.type = "auto"``."""
+        kind = self.settings.solver.type
         if kind == "auto":
             # 3D sparse Cholesky fills in: measured (benchmarks/bench_diffusion.py) 71 s for two
             # MUMPS factorisations at 184k P1 dofs versus 1.4 s of AMG setup at 55k; a run with
             # geometric steps refactorises every few steps, so 3D iterates above 50k dofs.
             kind = "direct" if self.mesh.topology.dim == 2 or self.V.dofmap.index_map.size_global < 50_000 else "iterative"
-        if kind == "direct":
-            package = "mumps" if PETSc.Sys.hasExternalPackage("mumps") else "superlu_dist" if PETSc.Sys.hasExternalPackage("superlu_dist") else None
-            if package is None and self.comm.size > 1:
-                kind = "iterative"
-            else:
-                # A is symmetric positive definite: Cholesky with MUMPS, LU otherwise.
-                options = {"ksp_type": "preonly", "pc_type": "cholesky" if package == "mumps" else "lu"}
-                if package:
-                    options["pc_factor_mat_solver_type"] = package
-                return {**options, **solver.petsc_options}
-        # PETSc's GAMG (smoothed aggregation): measured 2.8x cheaper steps than BoomerAMG (HMIS,
-        # ext+i, P_max 4, theta 0.5; itself 4x cheaper than hypre's defaults) at equal setup time
-        # on 3D voxel meshes (184k P1 dofs: 0.39 s vs 1.09 s per step; benchmarks/README.md).
-        # BoomerAMG stays available: petsc_options = {pc_type = "hypre"}.
-        # The previous step's solution (held in c when the step is solved) is the initial guess.
-        options = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": solver.rtol, "ksp_atol": 0.0, "ksp_max_it": 500,
-                   "ksp_initial_guess_nonzero": True}
-        if solver.petsc_options.get("pc_type") == "hypre":
-            options.update({"pc_hypre_type": "boomeramg", "pc_hypre_boomeramg_coarsen_type": "HMIS",
+        if kind == "direct" and self._direct_package() is None and self.comm.size > 1:
+            kind = "iterative"
+        return kind
+
+    def _direct_package(self) -> str | None:
+        # One rank: CHOLMOD (supernodal Cholesky). Measured on the 261k-dof 2D ROI (P1 and P2):
+        # first factorisation 0.54 s vs 1.37 s (MUMPS), refactorisation 0.41 vs 0.43 s, solve
+        # 34 vs 47 ms. PETSc's own Cholesky (nested dissection) solves in 13 ms but factorises
+        # in 2.1 s / 0.68 s, which loses on runs that refactorise every few steps. Several
+        # ranks: MUMPS (CHOLMOD is sequential).
+        if self.comm.size == 1 and PETSc.Sys.hasExternalPackage("cholmod"):
+            return "cholmod"
+        for package in ("mumps", "superlu_dist"):
+            if PETSc.Sys.hasExternalPackage(package):
+                return package
+        return "petsc" if self.comm.size == 1 else None
+
+    def _preconditioner(self, a0: float) -> str:
+        """Solver family for ``A(a0)``: ``"direct"``, or the CG preconditioner (``"ssor"``, ``"gamg"``, ...)."""
+        if self._solver_kind() == "direct":
+            return "direct"
+        solver = self.settings.solver
+        if "pc_type" in solver.petsc_options:
+            return str(solver.petsc_options["pc_type"])
+        if solver.preconditioner != "auto":
+            return solver.preconditioner
+        return "gamg" if self.amg_from_a0 is not None and a0 <= self.amg_from_a0 * (1 + 1e-12) else "ssor"
+
+    def _solver_options(self, preconditioner: str) -> dict[str, Any]:
+        solver = self.settings.solver
+        if preconditioner == "direct":
+            package = self._direct_package()
+            # A is symmetric positive definite: Cholesky (SuperLU_DIST only does LU).
+            options = {"ksp_type": "preonly", "pc_type": "lu" if package == "superlu_dist" else "cholesky",
+                       "pc_factor_mat_solver_type": package}
+            if package == "petsc":
+                options["pc_factor_mat_ordering_type"] = "nd"
+            return {**options, **solver.petsc_options}
+        # The initial guess is c^n extrapolated through c^{n-1} (_predict), so the residual
+        # starts at O(dt^2) and rtol (relative to the right-hand side) is reached in a few
+        # iterations.
+        options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": solver.rtol, "ksp_atol": 0.0, "ksp_max_it": 500,
+                                   "ksp_initial_guess_nonzero": True}
+        if preconditioner == "ssor":
+            # Symmetric SOR. On one rank with Eisenstat's trick: the preconditioned operator
+            # costs about one mat-vec of memory traffic, measured 1.3x faster than PCSOR;
+            # PETSc 3.22's PCEISENSTAT crashes (SEGV) on MPI matrices, so several ranks use
+            # PCSOR's local symmetric sweeps.
+            options["pc_type"] = "eisenstat" if self.comm.size == 1 else "sor"
+        elif preconditioner == "hypre":
+            # BoomerAMG tuned for 27-point voxel rows: 4x cheaper steps than hypre's defaults.
+            options.update({"pc_type": "hypre", "pc_hypre_type": "boomeramg", "pc_hypre_boomeramg_coarsen_type": "HMIS",
                             "pc_hypre_boomeramg_interp_type": "ext+i", "pc_hypre_boomeramg_P_max": 4,
                             "pc_hypre_boomeramg_strong_threshold": 0.5})
+        else:
+            options["pc_type"] = preconditioner
         return {**options, **solver.petsc_options}
 
     def _ksp(self, a0: float) -> PETSc.KSP:
         """Solver for ``A = K + R + a0 eps M``: cached per a0; a pool of ``cache_size`` matrices.
 
-        A new a0 re-uses the least recently used matrix of the pool (same sparsity), so only
-        the numeric factorisation (or AMG setup) is redone, not the symbolic analysis.
+        A new a0 re-uses the least recently used matrix of the pool (same sparsity); a direct
+        solver also keeps its symbolic analysis, so only the numeric factorisation is redone.
         """
         key = float(f"{a0:.12e}")
+        preconditioner = self._preconditioner(a0)
         if key in self._ksp_cache:
-            self._ksp_cache.move_to_end(key)
-            return self._ksp_cache[key]
+            ksp, family = self._ksp_cache[key]
+            if family == preconditioner:
+                self._ksp_cache.move_to_end(key)
+                return ksp
+            self._evict(key)
+        ksp, options = None, None
         if len(self._ksp_cache) >= self.settings.solver.cache_size:
-            _, ksp = self._ksp_cache.popitem(last=False)
-            A = ksp.getOperators()[0]
+            _, (old, family) = self._ksp_cache.popitem(last=False)
+            A = old.getOperators()[0]
+            if family == preconditioner == "direct":
+                ksp = old  # keeps the symbolic factorisation
+            else:
+                # A fresh preconditioner: a re-used multigrid keeps state from its previous
+                # setup (e.g. Chebyshev estimates), so the solution would depend on the history
+                # of the pool and a resumed run would not repeat the original to round-off.
+                old.destroy()
             self._KR.copy(A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
         else:
             A = self._KR.duplicate(copy=True)
-            A.setOption(PETSc.Mat.Option.SPD, True)
+        if ksp is None:
             ksp = PETSc.KSP().create(self.comm)
-            prefix = f"fem_anode_diffusion_{id(self)}_{len(self._ksp_cache)}_"
+            prefix = f"fem_anode_diffusion_{id(self)}_{self._ksp_created}_"
+            self._ksp_created += 1
             ksp.setOptionsPrefix(prefix)
             opts = PETSc.Options()
-            options = self._solver_options()
+            options = self._solver_options(preconditioner)
             for name, value in options.items():
                 opts[f"{prefix}{name}"] = value
             ksp.setOperators(A)
             ksp.setFromOptions()
             ksp.setConvergenceHistory(reset=True)  # residuals of each solve, for failure reports
-            for name in options:
-                del opts[f"{prefix}{name}"]
         A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+        # After every change of values (MatCopy forgets it): GAMG builds its graph and eigen
+        # estimates differently for a matrix known to be symmetric.
+        A.setOption(PETSc.Mat.Option.SPD, True)
         ksp.setOperators(A)
-        ksp.setUp()
+        try:
+            ksp.setUp()
+        finally:
+            if options is not None:
+                # Only now: multigrid levels read their options (mg_levels_*) during the first setup.
+                for name in options:
+                    del opts[f"{prefix}{name}"]
         self.factorisations += 1
-        self._ksp_cache[key] = ksp
+        self._ksp_cache[key] = (ksp, preconditioner)
         return ksp
 
     # -- diagnostics ----------------------------------------------------------------------
@@ -445,8 +505,22 @@ class DiffusionProblem:
         """Solve ``A c = rhs`` into ``self.c`` (one method, so tests can inject failures)."""
         ksp.solve(rhs, self.c.x.petsc_vec)
 
-    def _try_step(self, coeff: Any) -> dict[str, Any] | None:
-        """Solve one step into ``self.c``: ``None`` if it succeeded, else what went wrong (collective)."""
+    def _predict(self, ratio: float | None) -> None:
+        """Initial guess of an iterative solve: ``c^n + ratio (c^n - c^{n-1})``, linear extrapolation.
+
+        ``ratio = dt / dt_previous`` (``None`` on the first step: start from c^n). The guess is
+        a function of the stored levels only, so a resumed run repeats it exactly.
+        """
+        self._c_old.x.petsc_vec.copy(self.c.x.petsc_vec)
+        if ratio is not None:
+            self.c.x.petsc_vec.axpy(ratio, self._c_old.x.petsc_vec)
+            self.c.x.petsc_vec.axpy(-ratio, self._c_older.x.petsc_vec)
+
+    def _try_step(self, coeff: Any, ratio: float | None = None) -> dict[str, Any] | None:
+        """Solve one step into ``self.c``: ``None`` if it succeeded, else what went wrong (collective).
+
+        ``ratio`` is ``dt / dt_previous`` for the initial guess (``None``: start from c^n).
+        """
         # rhs = source - eps M (a1 c^n + a2 c^{n-1})
         work = self._work
         self._c_old.x.petsc_vec.copy(work)
@@ -458,9 +532,13 @@ class DiffusionProblem:
         self._rhs.axpy(1.0, self._source)
         key = float(f"{coeff.a0:.12e}")
         try:
-            ksp = self._ksp(coeff.a0)
-            self._solve(ksp, self._rhs)
-            reason = int(ksp.getConvergedReason())
+            for _ in range(2):  # a second solve only after switching from SSOR to multigrid
+                self._predict(ratio)
+                ksp = self._ksp(coeff.a0)
+                self._solve(ksp, self._rhs)
+                reason = int(ksp.getConvergedReason())
+                if not self._switch_to_multigrid(coeff.a0, ksp, reason):
+                    break
         except PETSc.Error as err:  # e.g. a factorisation that breaks down
             self._evict(key)
             return {"reason": int(PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED), "reason_name": f"PETSc error {err.ierr}",
@@ -481,9 +559,29 @@ class DiffusionProblem:
         return {"reason": reason, "reason_name": name, "residual_history": history,
                 "relative_residual": float(relative) if math.isfinite(relative) else math.nan}
 
+    def _switch_to_multigrid(self, a0: float, ksp: PETSc.KSP, reason: int) -> bool:
+        """``preconditioner = "auto"``: after an SSOR solve that needed more than
+        ``switch_iterations`` (or failed), use GAMG from this a0 on (this and larger steps).
+
+        Returns True if the step should be solved again (the SSOR solve failed).
+        """
+        solver = self.settings.solver
+        if solver.preconditioner != "auto" or "pc_type" in solver.petsc_options or self._preconditioner(a0) != "ssor":
+            return False
+        iterations = ksp.getIterationNumber()
+        if reason >= 0 and iterations <= solver.switch_iterations:
+            return False
+        self.amg_from_a0 = a0 if self.amg_from_a0 is None else max(self.amg_from_a0, a0)
+        for key in [k for k, (_, family) in self._ksp_cache.items() if family == "ssor" and k <= self.amg_from_a0 * (1 + 1e-12)]:
+            self._evict(key)
+        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: GAMG from this step size on",
+                    iterations, solver.switch_iterations, a0)
+        return reason < 0
+
     def _evict(self, key: float) -> None:
-        ksp = self._ksp_cache.pop(key, None)
-        if ksp is not None:
+        entry = self._ksp_cache.pop(key, None)
+        if entry is not None:
+            ksp, _ = entry
             ksp.getOperators()[0].destroy()
             ksp.destroy()
 
@@ -530,7 +628,7 @@ class DiffusionProblem:
         while not plan.done:
             t, dt = plan.propose()
             coeff = bdf_coefficients(dt, plan.dt_previous, order)
-            failure = self._try_step(coeff)
+            failure = self._try_step(coeff, dt / plan.dt_previous if plan.dt_previous else None)
             if failure is not None:
                 if not failures:  # the last good state, saved as such if the step never succeeds
                     good = (plan.state_dict(), record.retries)
@@ -600,9 +698,7 @@ class DiffusionProblem:
 
     def destroy(self) -> None:
         """Free PETSc objects (matrices, cached solvers)."""
-        for ksp in self._ksp_cache.values():
-            ksp.getOperators()[0].destroy()
-            ksp.destroy()
-        self._ksp_cache.clear()
+        for key in list(self._ksp_cache):
+            self._evict(key)
         for obj in (self._M, self._KR):
             obj.destroy()

@@ -100,8 +100,10 @@ class TimeSettings(Section):
 class SolverSettings(Section):
     """Linear solver (PETSc)."""
 
-    type: str = setting("auto", "'direct' (MUMPS Cholesky; the matrix is SPD), 'iterative' (CG + GAMG; BoomerAMG with petsc_options pc_type = 'hypre') or 'auto' (direct in 2D or below 50k dofs in 3D)", choices=("auto", "direct", "iterative"))
-    rtol: float = setting(1e-12, "relative tolerance of the iterative solver", positive=True)
+    type: str = setting("auto", "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)", choices=("auto", "direct", "iterative"))
+    preconditioner: str = setting("auto", "CG preconditioner: 'ssor' (symmetric SOR; cheap, good while the mass term dominates), 'gamg' (PETSc smoothed-aggregation multigrid), 'hypre' (BoomerAMG) or 'auto' (SSOR until a solve needs more than switch_iterations, then GAMG for that and larger steps); petsc_options pc_type overrides it", choices=("auto", "ssor", "gamg", "hypre"))
+    switch_iterations: int = setting(20, "preconditioner 'auto': CG + SSOR iterations above which the step size moves to GAMG", positive=True)
+    rtol: float = setting(1e-10, "relative tolerance of CG (residual relative to the right-hand side); the initial guess is extrapolated from the last two steps", positive=True)
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     cache_size: int = setting(3, "factorised matrices kept (one per distinct step size; LRU)", positive=True)
     max_retries: int = setting(4, "a failed solve (PETSc divergence or non-finite c) is retried with the step halved up to this many times", nonnegative=True)
