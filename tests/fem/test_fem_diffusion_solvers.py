@@ -78,7 +78,10 @@ def test_cg_preconditioners_agree_with_the_direct_solve(volume, direct, precondi
     assert result.domain_mean[-1] > 0.5 * c_bulk  # the run gets far enough to be a test
     types = {pc for _, pc, _ in problem.solves}
     ssor = {"eisenstat" if problem.comm.size == 1 else "sor"}
-    assert types == {"ssor": ssor, "gamg": {"gamg"}, "hypre": {"hypre"}, "auto": ssor | {"gamg"}}[preconditioner]
+    if preconditioner == "auto":  # SSOR first; GAMG once SSOR needs more than 20 iterations (if ever)
+        assert ssor <= types <= ssor | {"gamg"}
+    else:
+        assert types == {"ssor": ssor, "gamg": {"gamg"}, "hypre": {"hypre"}}[preconditioner]
     # a few iterations per step with the reused preconditioner (measured medians on 1 / 2 ranks:
     # GAMG 9 / 9, BoomerAMG 5 / 5, SSOR 11 / 18, auto 8 / 18)
     median = np.median([its for _, _, its in problem.solves])
