@@ -2,11 +2,13 @@
 
 Cases: the bundled-style 2D FIB-SEM ROI (``fib_sem_roi``, 8 x 5 um at 20 nm, refined k x k)
 and a seeded 3D pore/Si/SEI volume (n^3 voxels of 20 nm), P1 and P2, on the voxel mesh of the
-SEI phase. Every case takes ``--steps`` BDF2 steps of ``--dt`` (first step backward Euler), the
-package's defaults for the solver (``auto``: sparse Cholesky in 2D or below 50k dofs, else
-CG with rtol 1e-10, SSOR while it converges in switch_iterations, GAMG beyond). scikit-fem builds its own matrices on the same mesh and takes the
-same steps with the same BDF coefficients (SciPy SuperLU, or CG + PyAMG where we iterate); the
-domain-mean concentration histories must agree to 1e-6 (relative to c_bulk).
+SEI phase. Every case takes ``--steps`` BDF2 steps of ``--dt`` (first step backward Euler;
+with ``--geometric L`` after a ramp from ``dt / 2^L`` doubling every 4 steps, as real runs do),
+with the package's default solver (``auto``: sparse Cholesky in 2D or below 50k dofs, else CG
+to rtol 1e-10 with SSOR while it converges in ``switch_iterations``, GAMG beyond). scikit-fem
+builds its own matrices on the same mesh and takes the same steps with the same BDF
+coefficients (SciPy SuperLU, or CG + PyAMG to our rtol where we iterate); the domain-mean
+concentration histories must agree to 1e-6 (relative to c_bulk).
 
 Reported per case: dofs, setup (mesh read + assembly + first factorisation/AMG setup), time per
 step after setup (median), CG iterations per step, dofs per second per step, the
@@ -98,11 +100,16 @@ class _TimedKSP:
 def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path, peer_python: Path | None) -> dict:
     image, order = case_image(name)
     dt = args.dt if args.dt else (5e-4 if image.ndim == 2 else 1e-5)  # about 1/20 of the diffusion time
-    t_end = dt * args.steps
+    # constant steps, or a run's geometric schedule: from dt / 2^levels, doubling every
+    # steps_per_level steps up to dt, then --steps steps of dt (every new step size is a new
+    # factorisation or preconditioner setup, for both codes)
+    levels = args.geometric
+    schedule = {"dt_initial": dt / 2**levels, "growth": 2.0 if levels else 1.0, "steps_per_level": 4, "dt_max": dt}
+    t_end = dt * args.steps + 4 * dt * (1 - 2.0**-levels)
     settings = DiffusionSettings(
         geometry=GeometrySettings(image=workdir / "image.npy"),
         mesh=MeshSettings(order=order),
-        time=TimeSettings(t_end=t_end, output_times=[t_end], dt_initial=dt, growth=1.0, dt_max=dt),
+        time=TimeSettings(t_end=t_end, output_times=[t_end], **schedule),
         solver=SolverSettings(type=args.solver, petsc_options=dict(args.petsc)),
     )
     if comm.rank == 0:
@@ -138,6 +145,8 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
     row = {
         "case": name,
         "dt": dt,
+        "geometric_levels": levels,
+        "steps": steps,
         "ranks": comm.size,
         "ndofs": ndofs,
         "solver": ", ".join(problem.solvers) + ("+opts" if args.petsc else ""),
@@ -166,7 +175,7 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
         data = voxel_mesh_data(image, keep=["sei"])
         pore = data.facets[data.facet_tags == interface_tag(0, 3)]
         bdf, previous = [], None
-        for _, step in plan_steps(t_end, [t_end], dt, growth=1.0, steps_per_level=8, dt_max=dt):
+        for _, step in plan_steps(t_end, [t_end], **schedule):
             coeff = bdf_coefficients(step, previous, 2)
             bdf.append((coeff.a0, coeff.a1, coeff.a2))
             previous = step
@@ -187,7 +196,7 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
         # dofs), so the peer iterates (CG + PyAMG) in 3D and factorises only in 2D.
         solver = "direct" if image.ndim == 2 else "amg"
         try:
-            peer = common.run_peer(peer_python, "peer_skfem_diffusion.py", [case_file, "--solver", solver], timeout=7200)
+            peer = common.run_peer(peer_python, "peer_skfem_diffusion.py", [case_file, "--solver", solver, "--rtol", str(settings.solver.rtol)], timeout=7200)
         except (RuntimeError, OSError, ValueError) as err:  # a benchmark: record and go on
             row["skfem_solver"] = f"failed: {str(err)[:200]}"
             return row
@@ -215,7 +224,11 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="roi1-p1,roi1-p2,vol30-p1,vol20-p2")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="steps of --dt (after the geometric ramp, if any)")
+    parser.add_argument(
+        "--geometric", type=int, default=0, metavar="LEVELS",
+        help="start at dt / 2^LEVELS and double every 4 steps up to dt, as real runs do (default 0: constant steps)",
+    )
     parser.add_argument("--dt", type=float, default=None, help="time step (s); default 5e-4 s (2D ROI), 1e-5 s (3D)")
     parser.add_argument("--solver", default="auto", choices=("auto", "direct", "iterative"), help="fem_anode's solver.type")
     parser.add_argument("--no-peer", action="store_true", help="skip scikit-fem")
@@ -246,7 +259,8 @@ def main() -> None:
             sys.stdout.flush()
     if comm.rank == 0:
         columns = ["case", "ranks", "ndofs", "solver", "setup_s", "step_s", "cg_its", "dofs_per_s", "bw_bound_s", "step_over_bw", "skfem_step_s", "speedup_step", "speedup_total", "max_mean_diff"]
-        common.print_table(rows, columns, title=f"transient diffusion, {args.steps} BDF2 steps; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s")
+        steps = f"{args.steps} BDF2 steps" + (f" after a {args.geometric}-level geometric ramp" if args.geometric else "")
+        common.print_table(rows, columns, title=f"transient diffusion, {steps}; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s")
         command = "mpirun -n %d " % comm.size if comm.size > 1 else ""
         command += "python benchmarks/bench_diffusion.py " + " ".join(sys.argv[1:])
         path = common.append_results("diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]})

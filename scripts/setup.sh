@@ -4,6 +4,8 @@
 #   1. FEniCSx 0.9 stack from Debian trixie packages (installed only when missing; needs root
 #      or sudo). On bookworm the trixie suite is added with a low pin priority so nothing else
 #      comes from it unless asked for.
+#      OpenBLAS (serial: no threads competing with MPI ranks) replaces the reference BLAS that
+#      CHOLMOD, MUMPS and NumPy otherwise get: sparse Cholesky/LU factorisations 2-2.5x faster.
 #   2. A virtual environment (.venv by default) made from /usr/bin/python3 with
 #      --system-site-packages, so Debian's dolfinx/petsc4py/VTK stay visible.
 #   3. fem_anode installed editable with --no-deps (pip must not pull a PyPI vtk/numpy that
@@ -25,7 +27,7 @@ apt_packages=(
   python3-skimage python3-meshio python3-scipy python3-matplotlib python3-pytest
   python3-tifffile python3-imageio python3-hypothesis
   python3-setuptools python3-wheel python3-venv python3.13-venv python3-pip
-  openmpi-bin xvfb xauth
+  openmpi-bin xvfb xauth libopenblas0-serial
 )
 
 stack_ok() {
@@ -76,6 +78,19 @@ if stack_ok; then
 else
   install_stack
   stack_ok || { log "FEniCSx 0.9 stack still not importable from $py after install"; exit 1; }
+fi
+
+# A stack installed earlier (or by hand) may still use the reference BLAS: add OpenBLAS, which
+# only speeds things up, and go on without it where apt is not available.
+if ! dpkg-query -W -f='${Status}' libopenblas0-serial 2>/dev/null | grep -q "install ok installed"; then
+  if [ "${FEM_ANODE_SKIP_APT:-0}" != 1 ] && { [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then
+    log "installing OpenBLAS (libopenblas0-serial): 2x faster sparse factorisations"
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends libopenblas0-serial >/dev/null \
+      || log "could not install libopenblas0-serial; continuing with the reference BLAS (slower)"
+  else
+    log "libopenblas0-serial is not installed: sparse factorisations use the reference BLAS (about 2x slower)"
+  fi
 fi
 
 # The venv is rebuilt when missing or when it was made from another interpreter.
