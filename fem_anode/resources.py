@@ -3,7 +3,8 @@
 An image that is too large for the machine should be refused in a second with the estimate,
 not fail after an hour in the kernel's out-of-memory killer. The estimates are deliberately
 simple and calibrated on measured runs of this package (peak resident memory, gmsh 4.13,
-dolfinx 0.9, PETSc 3.22 with MUMPS and GAMG on one rank):
+dolfinx 0.9, PETSc 3.22 with MUMPS and GAMG on one rank; CHOLMOD, the one-rank default since,
+peaked lower than MUMPS on the 1.04M-dof 2D benchmark, 2.77 vs 2.89 GB):
 
 * gmsh voxel/tetrahedral meshes: about 70 MB for gmsh itself plus about 1 kB per mesh entity
   (node, cell, boundary facet); measured 0.26-0.92 kB per entity on 40^3 and 60^3 images;
@@ -12,7 +13,7 @@ dolfinx 0.9, PETSc 3.22 with MUMPS and GAMG on one rank):
   background size field;
 * the FE solve: 1 kB per cell and 200 B per degree of freedom of mesh and vector data, four
   sparse matrices of 12 B per non-zero (plus 50 % for an algebraic multigrid hierarchy), and
-  for the direct solver ``cache_size`` MUMPS factorisations of about ``3 n log2 n`` (2D) or
+  for the direct solver ``cache_size`` Cholesky factorisations of about ``3 n log2 n`` (2D) or
   ``13 n^(4/3)`` (3D) values of 8 B (measured on a 28k-dof P1 and a 62k-dof P2 voxel
   problem).
 
