@@ -566,9 +566,13 @@ class DiffusionProblem:
                 "relative_residual": float(relative) if math.isfinite(relative) else math.nan}
 
     def _switch_to_multigrid(self, a0: float, ksp: PETSc.KSP, reason: int) -> bool:
-        """``preconditioner = "auto"``: after an SSOR solve that needed more than
-        ``switch_iterations`` (or failed), use GAMG from this a0 on (this and larger steps).
+        """``preconditioner = "auto"``: after an SSOR solve that needed ``n > switch_iterations``
+        iterations (or failed), use GAMG for every ``a0' <= a0 (n / switch_iterations)^2``.
 
+        SSOR-CG needs about sqrt(condition number) iterations and the condition number of
+        ``K + R + a0 eps M`` grows like 1/a0, so ``n sqrt(a0 / a0')`` predicts the iterations at
+        ``a0'``: the slightly larger a0 of the next BDF2 steps (1.5/dt after the 1/dt of
+        backward Euler) moves to GAMG at once instead of paying for another slow SSOR solve.
         Returns True if the step should be solved again (the SSOR solve failed).
         """
         solver = self.settings.solver
@@ -577,11 +581,12 @@ class DiffusionProblem:
         iterations = ksp.getIterationNumber()
         if reason >= 0 and iterations <= solver.switch_iterations:
             return False
-        self.amg_from_a0 = a0 if self.amg_from_a0 is None else max(self.amg_from_a0, a0)
+        reach = a0 * (max(iterations, solver.switch_iterations) / solver.switch_iterations) ** 2
+        self.amg_from_a0 = reach if self.amg_from_a0 is None else max(self.amg_from_a0, reach)
         for key in [k for k, (_, family) in self._ksp_cache.items() if family == "ssor" and k <= self.amg_from_a0 * (1 + 1e-12)]:
             self._evict(key)
-        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: GAMG from this step size on",
-                    iterations, solver.switch_iterations, a0)
+        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: GAMG for a0 <= %.4g 1/s",
+                    iterations, solver.switch_iterations, a0, self.amg_from_a0)
         return reason < 0
 
     def _evict(self, key: float) -> None:
