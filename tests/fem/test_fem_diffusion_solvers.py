@@ -165,3 +165,19 @@ def test_resume_after_the_switch_repeats_the_run(volume, shared_tmp_path, comm):
     assert resumed.amg_from_a0 == reference.amg_from_a0 and {pc for _, pc, _ in resumed.solves} == {"gamg"}
     np.testing.assert_allclose(result.domain_mean, expected.domain_mean, rtol=1e-10, atol=0)
     np.testing.assert_allclose(result.region_means["deep"], expected.region_means["deep"], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("solver", "message"),
+    [
+        ({"preconditioner": "multigrid"}, r"solver\.preconditioner must be one of 'auto', 'ssor', 'gamg', 'hypre', got 'multigrid'"),
+        ({"switch_iterations": 0}, r"solver\.switch_iterations"),
+        ({"rtol": -1e-10}, r"solver\.rtol"),
+        ({"preconditionner": "gamg"}, r"did you mean 'preconditioner'"),
+    ],
+)
+def test_bad_solver_settings_are_named(solver, message):
+    from fem_anode.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        DiffusionSettings.from_dict({"solver": solver})
