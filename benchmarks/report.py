@@ -19,7 +19,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 COLUMNS = {
-    "diffusion": ["case", "ranks", "ndofs", "solver", "setup_s", "step_s", "cg_its", "dofs_per_s", "step_over_bw", "skfem_solver", "skfem_step_s", "speedup_step", "speedup_total", "max_mean_diff", "load"],
+    "diffusion": ["case", "geometric_levels", "ranks", "ndofs", "solver", "factorisations", "setup_s", "step_s", "cg_its", "cg_its_mean", "dofs_per_s", "step_over_bw", "skfem_solver", "skfem_step_s", "speedup_step", "speedup_total", "max_mean_diff", "load"],
     "tortuosity": ["size", "ranks", "dofs", "tau", "cg_its", "total_s", "taufactor_tau", "taufactor_s", "porespy_tau", "porespy_s", "taufactor_over_ours", "porespy_over_ours", "load"],
     "metrics": ["size", "metric", "time_s", "porespy_s", "porespy_over_ours", "peak_rss_mb", "porespy_peak_rss_mb", "load"],
     "meshing": ["case", "method", "elements", "time_s", "elements_per_s", "load"],
@@ -54,8 +54,8 @@ def table(name: str) -> str:
             if "values" in row:
                 continue
             key = tuple(row.get(k) for k in KEYS[name])
-            if name == "diffusion":  # runs with and without the scikit-fem comparison both shown
-                key += ("skfem_step_s" in row,)
+            if name == "diffusion":  # with and without scikit-fem, extra PETSc options, step ramp: all shown
+                key += ("skfem_step_s" in row, row["solver"].endswith("+opts"), row.get("geometric_levels", 0))
             latest[key] = (row, run["command"])
     columns = COLUMNS[name]
     lines = ["| " + " | ".join(columns) + " | command |", "|" + "---|" * (len(columns) + 1)]
