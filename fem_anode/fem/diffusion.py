@@ -376,16 +376,19 @@ class DiffusionProblem:
                 return package
         return "petsc" if self.comm.size == 1 else None
 
+    def _switches(self) -> bool:
+        """True if CG's preconditioner is chosen per step size (``preconditioner = "auto"``, no ``pc_type``)."""
+        solver = self.settings.solver
+        return self._solver_kind() == "iterative" and solver.preconditioner == "auto" and "pc_type" not in solver.petsc_options
+
     def _preconditioner(self, a0: float) -> str:
         """Solver family for ``A(a0)``: ``"direct"``, or the CG preconditioner (``"ssor"``, ``"gamg"``, ...)."""
+        solver = self.settings.solver
         if self._solver_kind() == "direct":
             return "direct"
-        solver = self.settings.solver
-        if "pc_type" in solver.petsc_options:
-            return str(solver.petsc_options["pc_type"])
-        if solver.preconditioner != "auto":
-            return solver.preconditioner
-        return "gamg" if self.amg_from_a0 is not None and a0 <= self.amg_from_a0 * (1 + 1e-12) else "ssor"
+        if self._switches():
+            return "gamg" if self.amg_from_a0 is not None and a0 <= self.amg_from_a0 * (1 + 1e-12) else "ssor"
+        return str(solver.petsc_options.get("pc_type", solver.preconditioner))
 
     def _solver_options(self, preconditioner: str) -> dict[str, Any]:
         solver = self.settings.solver
@@ -576,15 +579,14 @@ class DiffusionProblem:
         Returns True if the step should be solved again (the SSOR solve failed).
         """
         solver = self.settings.solver
-        if solver.preconditioner != "auto" or "pc_type" in solver.petsc_options or self._preconditioner(a0) != "ssor":
+        if not self._switches() or self._preconditioner(a0) != "ssor":
             return False
         iterations = ksp.getIterationNumber()
         if reason >= 0 and iterations <= solver.switch_iterations:
             return False
         reach = a0 * (max(iterations, solver.switch_iterations) / solver.switch_iterations) ** 2
         self.amg_from_a0 = reach if self.amg_from_a0 is None else max(self.amg_from_a0, reach)
-        for key in [k for k, (_, family) in self._ksp_cache.items() if family == "ssor" and k <= self.amg_from_a0 * (1 + 1e-12)]:
-            self._evict(key)
+        # Cached SSOR solvers now below the threshold are replaced when next asked for (_ksp).
         logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: GAMG for a0 <= %.4g 1/s",
                     iterations, solver.switch_iterations, a0, self.amg_from_a0)
         return reason < 0

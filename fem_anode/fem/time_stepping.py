@@ -143,16 +143,8 @@ def plan_steps(
     steps_per_level: int = 4,
     dt_max: float | None = None,
 ) -> Iterator[tuple[float, float]]:
-    """Yield ``(t_new, dt)`` from t = 0 to ``t_end``, hitting every output time exactly.
-
-    Args:
-        t_end: final time (s).
-        output_times: times (s) that must be step ends; values beyond ``t_end`` are errors.
-        dt_initial: first step (s).
-        growth: factor by which the target step grows every ``steps_per_level`` steps.
-        steps_per_level: steps taken with one target size before it grows.
-        dt_max: largest step (s); default ``t_end / 20``.
-    """
+    """Yield ``(t_new, dt)`` from t = 0 to ``t_end``, hitting every output time exactly: the
+    proposals of an undisturbed :class:`StepPlan` (same arguments)."""
     plan = StepPlan(t_end, output_times, dt_initial, growth=growth, steps_per_level=steps_per_level, dt_max=dt_max)
     while not plan.done:
         t_new, dt = plan.propose()
