@@ -68,7 +68,8 @@ def assert_same_records(a, b, rtol: float = 1e-10) -> None:
     np.testing.assert_allclose(a.domain_mean, b.domain_mean, rtol=rtol, atol=0)
     for name in b.region_means:
         np.testing.assert_allclose(a.region_means[name], b.region_means[name], rtol=rtol, atol=0)
-    assert a.mass_balance_rel_error == pytest.approx(b.mass_balance_rel_error, rel=1e-6, abs=1e-14)
+    # The mass-balance error is round-off: bounded, never compared by value.
+    assert a.mass_balance_rel_error < 1e-10 and b.mass_balance_rel_error < 1e-10
 
 
 # -- the checkpoint store -------------------------------------------------------------------
@@ -369,16 +370,16 @@ def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", d
 
 
 def compare_results(resumed: dict, reference: dict, rtol: float = 1e-10) -> None:
-    """Records within ``rtol``; the mass-balance error (round-off) equal on equal rank counts."""
+    """Records within ``rtol``; the mass-balance error is round-off (its value depends on the
+    factorisation's pivoting and on how many factorisations a run made), so only its bound is
+    compared, never its value."""
     for key in ("times", "domain_mean"):
         np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=rtol, atol=0)
     for name, values in reference["history"]["regions"].items():
         np.testing.assert_allclose(resumed["history"]["regions"][name], values, rtol=rtol, atol=0)
     for name, t90 in reference["t90_s"].items():
         assert resumed["t90_s"][name] == pytest.approx(t90, rel=rtol)
-    if resumed["ranks"] == reference["ranks"]:
-        assert resumed["mass_balance_rel_error"] == pytest.approx(reference["mass_balance_rel_error"], rel=1e-6, abs=1e-14)
-    assert resumed["mass_balance_rel_error"] < 1e-10
+    assert resumed["mass_balance_rel_error"] < 1e-10 and reference["mass_balance_rel_error"] < 1e-10
     assert set(resumed["si_particles"]) == set(reference["si_particles"]) == {"0.0005", "0.002", "0.01"}  # restored + new
     for t, particles in reference["si_particles"].items():
         for new, old in zip(resumed["si_particles"][t], particles, strict=True):
