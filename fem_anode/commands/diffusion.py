@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="transient Li diffusion in the SEI/C/B domain with pore mass-transfer boundaries",
         description="Solve eps dc/dt = div(eps^b D grad c) on the transporting phase of a segmented image "
         "(or a tagged mesh) with inflow k_f (c_bulk - c) at pore interfaces. Writes DIR/results.json, "
-        "DIR/c.bp (VTX for ParaView), DIR/mesh.msh and PNG figures. See --defaults for every setting.",
+        "DIR/c.bp (VTX for ParaView), the mesh (DIR/mesh.xdmf for voxel meshes, DIR/mesh.msh for smooth ones) and "
+        "PNG figures. See --defaults for every setting.",
     )
     add_config_arguments(parser, default_out="diffusion_results")
     add_resume_argument(parser, "diffusion")

@@ -32,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) -> tuple[TaggedMesh, VoxelImage | None]:
-    """Mesh the image's transporting phase (written to ``workdir/mesh.msh``) or read the mesh."""
+    """Mesh the image's transporting phase or read the mesh.
+
+    Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`)
+    and written to ``workdir/mesh.xdmf`` (with ``output.mesh``); smooth 2D meshes are made by
+    gmsh on rank 0, written to ``workdir/mesh.msh`` and distributed.
+    """
     from fem_anode.resources import check_memory, estimate_diffusion_memory
 
     geometry = settings.geometry
@@ -51,10 +56,19 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
         if not np.any(image.array == phases[name]):
             raise InputError(f"geometry.{role} {name!r} has no pixels in {image.source}")
     check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=hint)
-    path = workdir / "mesh.msh"
     mesh_settings = settings.mesh
     if mesh_settings.method == "smooth" and image.ndim != 2:
         raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
+    if mesh_settings.method == "voxel":
+        # Distributed: every rank makes the cells of its slab of layers; no gmsh, no gather.
+        from fem_anode.fem.mesh_io import write_xdmf
+        from fem_anode.fem.voxel_mesh import create_voxel_mesh
+
+        tagged = create_voxel_mesh(image, comm, [geometry.transport_phase])
+        if settings.output.mesh:
+            write_xdmf(tagged, workdir / "mesh.xdmf")
+        return tagged, image
+    path = workdir / "mesh.msh"
     error = None
     if comm.rank == 0:
         from fem_anode.errors import FemAnodeError
@@ -62,11 +76,8 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
         from fem_anode.meshing.smooth2d import SmoothMeshOptions
 
         try:
-            if mesh_settings.method == "smooth":
-                options = SmoothMeshOptions(size=mesh_settings.size, order=mesh_settings.order)
-                mesh_image(image, path, method="smooth", keep=[geometry.transport_phase], options=options, quality_path=workdir / "mesh.quality.json")
-            else:
-                mesh_image(image, path, method="voxel", keep=[geometry.transport_phase])
+            options = SmoothMeshOptions(size=mesh_settings.size, order=mesh_settings.order)
+            mesh_image(image, path, method="smooth", keep=[geometry.transport_phase], options=options, quality_path=workdir / "mesh.quality.json")
         except FemAnodeError as err:  # every rank must fail, not only the one that meshed
             error = err
     error = comm.bcast(error, root=0)

@@ -115,6 +115,7 @@ class OutputSettings(Section):
 
     fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
+    mesh: bool = setting(True, "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are always written as mesh.msh")
 
 
 @dataclasses.dataclass

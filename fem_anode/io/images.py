@@ -27,7 +27,9 @@ from fem_anode.units import parse_lengths
 
 __all__ = [
     "VoxelImage",
+    "ImageLayers",
     "IMAGE_SUFFIXES",
+    "open_image_layers",
     "read_image",
     "write_image",
     "parse_phase_map",
@@ -93,6 +95,10 @@ class VoxelImage:
         if self.phases is None:
             raise UsageError(f"{self.source}: phase map unknown; give it, e.g. --phases pore=0,si=1,graphite=2,sei=3")
         return dict(self.phases)
+
+    def read_layers(self, start: int, stop: int) -> np.ndarray:
+        """Axis-0 layers ``start ... stop - 1`` of the array (a view; reads only those of a memory map)."""
+        return self.array[start:stop]
 
     @property
     def extent(self) -> tuple[float, ...]:
@@ -293,6 +299,34 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[
 _TIFF_UNITS = {"micron": 1e-6, "um": 1e-6, "µm": 1e-6, "\\u00B5m": 1e-6, "nm": 1e-9, "mm": 1e-3, "cm": 1e-2, "m": 1.0}
 
 
+def _tiff_metadata(tif: Any, path: Path, ndim: int) -> tuple[tuple[float, ...] | None, dict[str, int] | None, bool]:
+    """Voxel size and phase map of an open TIFF (our JSON description, else ImageJ calibration
+    and the sidecar), and whether they came from our description (then the data are ours:
+    never colour)."""
+    page = tif.pages[0]
+    description = page.description or ""
+    try:
+        meta = _meta_from(json.loads(description))
+    except ValueError:
+        meta = None
+    if meta is not None:
+        return meta[0], meta[1], True
+    # ImageJ-style calibration (unit + resolution tags, z spacing), as written by Fiji.
+    ij = tif.imagej_metadata or {}
+    unit = _TIFF_UNITS.get(str(ij.get("unit", "")).strip())
+    voxel_size = None
+    res = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if unit is not None and all(r is not None for r in res):
+        xr = res[0].value[0] / res[0].value[1]
+        yr = res[1].value[0] / res[1].value[1]
+        if xr > 0 and yr > 0:
+            voxel_size = (unit / yr, unit / xr)
+            if ndim == 3:
+                voxel_size = (float(ij.get("spacing", 1.0 / xr)) * unit, *voxel_size)
+    sidecar = _read_sidecar(path)
+    return sidecar[0] or voxel_size, sidecar[1], False
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
     import tifffile
 
@@ -300,32 +334,12 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[s
         if tif.series:
             _check_read_memory(path, tif.series[0].shape, tif.series[0].dtype)
         array = tif.asarray()
-        page = tif.pages[0]
-        description = page.description or ""
-        try:
-            meta = _meta_from(json.loads(description))
-        except ValueError:
-            meta = None
-        if meta is not None:
-            return array, meta[0], meta[1]
-        # ImageJ-style calibration (unit + resolution tags, z spacing), as written by Fiji.
-        ij = tif.imagej_metadata or {}
-        unit = _TIFF_UNITS.get(str(ij.get("unit", "")).strip())
-        voxel_size = None
-        res = page.tags.get("XResolution"), page.tags.get("YResolution")
-        if unit is not None and all(r is not None for r in res):
-            xr = res[0].value[0] / res[0].value[1]
-            yr = res[1].value[0] / res[1].value[1]
-            if xr > 0 and yr > 0:
-                voxel_size = (unit / yr, unit / xr)
-                if array.ndim == 3:
-                    voxel_size = (float(ij.get("spacing", 1.0 / xr)) * unit, *voxel_size)
-    array = _to_single_channel(array, str(path))
-    sidecar = _read_sidecar(path)
-    return array, sidecar[0] or voxel_size, sidecar[1]
+        voxel_size, phases, ours = _tiff_metadata(tif, path, array.ndim)
+    return (array if ours else _to_single_channel(array, str(path))), voxel_size, phases
 
 
-def _read_folder(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
+def _folder_slices(path: Path) -> list[Path]:
+    """The slice files of a folder in slice order (InputError if none, mixed or ambiguous)."""
     files = [p for p in path.iterdir() if p.suffix.lower() in _SLICE_SUFFIXES and not p.name.startswith(".")]
     if not files:
         raise InputError(f"{path}: folder has no slice images ({', '.join(_SLICE_SUFFIXES)})")
@@ -336,6 +350,11 @@ def _read_folder(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict
     indices = [_natural_index(p) for p in files]
     if len(set(indices)) != len(indices):
         raise InputError(f"{path}: two slices share the same number")
+    return files
+
+
+def _read_folder(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
+    files = _folder_slices(path)
     slices = [_read_array(p)[0] for p in files]
     shapes = {s.shape for s in slices}
     if len(shapes) != 1 or slices[0].ndim != 2:
@@ -393,6 +412,101 @@ def read_image(
     if kind == "labels":
         image.check_labels()
     return image
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayers:
+    """A 3D label image on disk read a few axis-0 layers at a time (for distributed meshing).
+
+    Attributes:
+        shape: ``(z, y, x)`` of the whole image.
+        dtype: element type.
+        voxel_size: edge length per axis in metres, or ``None``.
+        phases: phase name -> label value, or ``None``.
+        source: the path (for messages).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    voxel_size: tuple[float, ...] | None
+    phases: dict[str, int] | None
+    source: str
+    _read: Any = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def require_voxel_size(self) -> tuple[float, ...]:
+        """Voxel size in metres, or a UsageError asking for it."""
+        return VoxelImage(np.zeros((1,) * self.ndim, np.uint8), self.voxel_size, None, self.source).require_voxel_size()
+
+    def require_phases(self) -> dict[str, int]:
+        """Phase map, or a UsageError asking for it."""
+        return VoxelImage(np.zeros((1,) * self.ndim, np.uint8), None, self.phases, self.source).require_phases()
+
+    def read_layers(self, start: int, stop: int) -> np.ndarray:
+        """Layers ``start ... stop - 1`` (only those are read from disk)."""
+        start, stop = max(int(start), 0), min(int(stop), self.shape[0])
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
+        layers = np.asarray(self._read(start, stop))
+        if layers.shape != (stop - start, *self.shape[1:]):
+            raise InputError(f"{self.source}: layers {start}..{stop - 1} have shape {layers.shape}, expected {(stop - start, *self.shape[1:])}")
+        return layers
+
+
+def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mapping[str, int] | str | None = None) -> ImageLayers | VoxelImage:
+    """Open a label image for reading by layers: ``.npy`` memory-mapped, multi-page TIFF page by
+    page, folders of slices file by file. Other formats (and 2D images) are read whole and
+    returned as a :class:`VoxelImage` (which reads layers from memory).
+
+    Voxel size and phase map as :func:`read_image` (stored, overridden by the arguments).
+    Label values are checked by the reader of the layers (e.g. the mesher), layer by layer.
+
+    Raises:
+        InputError: missing or unreadable file.
+        UsageError: malformed voxel size or phase map.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image not found: {path}")
+    opened: tuple[tuple[int, ...], np.dtype, Any, Any, Any] | None = None
+    try:
+        if path.is_dir():
+            files = _folder_slices(path)
+            first = _read_array(files[0])[0]
+            if first.ndim == 2 and len(files) > 1:
+                def read_folder(a: int, b: int) -> np.ndarray:
+                    return np.stack([_read_array(f)[0] for f in files[a:b]])
+
+                opened = ((len(files), *first.shape), first.dtype, *_read_sidecar(path), read_folder)
+        elif path.suffix.lower() == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.ndim == 3 and array.shape[0] > 1:
+                opened = (array.shape, array.dtype, *_read_sidecar(path), lambda a, b: array[a:b])
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0] if tif.series else None
+                if series is not None and len(series.shape) == 3 and series.shape[0] > 1 and len(tif.pages) == series.shape[0]:
+                    stored_vs, stored_phases, _ = _tiff_metadata(tif, path, 3)
+
+                    def read_pages(a: int, b: int) -> np.ndarray:
+                        return tifffile.imread(path, key=range(a, b)).reshape(b - a, *series.shape[1:])
+
+                    opened = (tuple(series.shape), series.dtype, stored_vs, stored_phases, read_pages)
+    except (InputError, UsageError):
+        raise
+    except Exception as err:
+        raise InputError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    if opened is None:
+        return read_image(path, voxel_size=voxel_size, phases=phases)
+    shape, dtype, stored_vs, stored_phases, reader = opened
+    probe = VoxelImage(np.zeros((1,) * len(shape), np.uint8), stored_vs if stored_vs is not None and len(stored_vs) == len(shape) else None,
+                       stored_phases, str(path)).with_metadata(voxel_size, phases)
+    return ImageLayers(tuple(int(n) for n in shape), np.dtype(dtype), probe.voxel_size, probe.phases, str(path), reader)
 
 
 def write_image(path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size: Any = None, phases: Any = None) -> Path:

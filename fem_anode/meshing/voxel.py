@@ -3,8 +3,19 @@
 The simplest exact image-to-mesh map: every voxel of a kept phase becomes a cell tagged with
 its phase, every voxel face between different phases (or on the image box) becomes a tagged
 facet. Names and tag numbers follow :mod:`fem_anode.meshing.tags`. Coordinates are in metres.
-Used for tortuosity/effective-transport solves on voxel data and as a reference for smoothed
-meshes.
+
+**Connectivity rule: voxels connect through shared faces only** (the convention of TauFactor,
+PoreSpy and OpenImpala). Where kept voxels meet only along an edge or at a corner, the grid node
+there is duplicated, one copy per face-connected group of the voxels around it, so no Li
+diffuses through a contact of zero area. Concretely, the ``2^d`` voxels around a grid node
+(``d`` = 2 or 3) form a small graph (two voxels are adjacent if they differ in one index);
+every connected component of the kept voxels in it gets its own node.
+
+Nodes are numbered by grid position (axis 0 slowest, then the next axes, then the component),
+counting only nodes that a kept voxel uses, so a slab of consecutive axis-0 layers numbers its
+own nodes without looking beyond one layer on either side: :class:`SlabNumbering` is shared by
+the serial ``.msh`` writer here and by the distributed mesh builder
+(:mod:`fem_anode.fem.voxel_mesh`), which gives the same mesh on any number of ranks.
 """
 
 from __future__ import annotations
@@ -21,20 +32,130 @@ from fem_anode.io.images import VoxelImage
 from fem_anode.io.output import atomic_path
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
 
-__all__ = ["VoxelMeshData", "voxel_mesh_data", "write_voxel_mesh", "add_voxel_model", "MAX_VOXEL_CELLS"]
+__all__ = [
+    "SlabNumbering",
+    "VoxelMeshData",
+    "add_voxel_model",
+    "corner_offsets",
+    "keep_values",
+    "voxel_mesh_data",
+    "write_voxel_mesh",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Refuse voxel meshes above this many cells (about 1 GB of mesh data in gmsh and dolfinx).
-MAX_VOXEL_CELLS = 20_000_000
-
-# Corner offsets in array index order ((row, col) or (z, y, x)) in gmsh's node order.
-_QUAD_CORNERS = np.array([(0, 0), (0, 1), (1, 1), (1, 0)])
-_HEX_CORNERS = np.array([(0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0)])
 # Box side names per array axis: (side at index 0, side at the end).
 _SIDES = {2: [("top", "bottom"), ("left", "right")], 3: [("top", "bottom"), ("front", "back"), ("left", "right")]}
 # (entity dim, nodes per element) -> gmsh element type: lines, triangles, quads, tets, hexes.
 _GMSH_TYPE_BY_NODES = {(1, 2): 1, (2, 3): 2, (2, 4): 3, (3, 4): 4, (3, 8): 5}
+# dolfinx corner order -> gmsh corner order (quadrilateral, hexahedron).
+_GMSH_FROM_DOLFINX = {2: np.array([0, 1, 3, 2]), 3: np.array([0, 1, 3, 2, 4, 5, 7, 6])}
+
+
+def corner_offsets(ndim: int) -> np.ndarray:
+    """Corner offsets in array-index order ((dy, dx) or (dz, dy, dx)) in dolfinx's cell order.
+
+    dolfinx numbers the corners of quadrilaterals and hexahedra as a tensor product with x
+    (the last array axis) fastest: corner ``a = sum_k offset_k 2^(d-1-k)``.
+    """
+    return np.array([[(a >> (ndim - 1 - k)) & 1 for k in range(ndim)] for a in range(2**ndim)], dtype=np.int64)
+
+
+def _block_tables(ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Face-connected components of the kept voxels among the ``2^d`` voxels around a node.
+
+    Block position ``p`` has bit ``d-1-k`` set when the voxel lies on the high side of the node
+    along axis k. For every occupancy pattern (bit p set: voxel p kept) returns the component
+    ordinal of each kept position (-1 where not kept; components ordered by their smallest
+    position) and the number of components.
+    """
+    n = 2**ndim
+    ordinal = np.full((2**n, n), -1, dtype=np.int8)
+    count = np.zeros(2**n, dtype=np.uint8)
+    for config in range(2**n):
+        label = list(range(n))
+        for _ in range(ndim):  # the block graph (a square or a cube) has diameter ndim
+            for p in range(n):
+                if not config >> p & 1:
+                    continue
+                for k in range(ndim):
+                    q = p ^ (1 << k)
+                    if config >> q & 1:
+                        label[p] = label[q] = min(label[p], label[q])
+        roots = sorted({label[p] for p in range(n) if config >> p & 1})
+        count[config] = len(roots)
+        for p in range(n):
+            if config >> p & 1:
+                ordinal[config, p] = roots.index(label[p])
+    return ordinal, count
+
+
+_TABLES = {ndim: _block_tables(ndim) for ndim in (2, 3)}
+
+
+class SlabNumbering:
+    """Global numbers of the face-connected node copies of a slab of axis-0 layers.
+
+    Args:
+        kept: boolean kept-voxel mask of layers ``z0 - 1 ... z1`` (one halo layer on each side of
+            the slab's own layers ``z0 ... z1 - 1``; ``False`` where outside the image).
+        owns_last_plane: the slab also owns the node plane ``z1`` (the last slab of the image).
+        node_offset: global number of the slab's first node (the nodes of the slabs before it).
+
+    The slab owns the node planes ``z0 ... z1 - 1`` (and ``z1`` if ``owns_last_plane``); the
+    numbers of plane ``z1`` continue after the slab's own, as the next slab numbers them.
+    """
+
+    def __init__(self, kept: np.ndarray, owns_last_plane: bool, node_offset: int = 0) -> None:
+        kept = np.asarray(kept, dtype=bool)
+        self.ndim = kept.ndim
+        self.layers = kept.shape[0] - 2
+        if self.layers < 0:
+            raise ValueError("kept needs one halo layer on each side of the slab")
+        ordinal, count = _TABLES[self.ndim]
+        self._ordinal = ordinal
+        padded = np.pad(kept, [(0, 0)] + [(1, 1)] * (self.ndim - 1)).view(np.uint8)
+        plane_shape = tuple(s + 1 for s in kept.shape[1:])
+        self.node_shape = (self.layers + 1, *plane_shape)
+        # Occupancy pattern of the voxel block around every node (planes z0 ... z1): voxel
+        # (K - 1 + dz, J - 1 + dy, ...) of the node (K, J, ...) is padded[K + dz, J + dy, ...]
+        # in slab-local indices, since padded starts one layer (and one pixel) before.
+        self.config = np.zeros(self.node_shape, dtype=np.uint8)
+        for position, offset in enumerate(corner_offsets(self.ndim)):
+            index = tuple(slice(o, o + n) for o, n in zip(offset, self.node_shape))
+            self.config |= padded[index] << position
+        copies = count[self.config]
+        plane = int(np.prod(plane_shape))
+        owned_planes = self.layers + (1 if owns_last_plane else 0)
+        #: Node copies this slab owns (numbered ``node_offset ... node_offset + owned - 1``).
+        self.owned = int(copies[:owned_planes].sum(dtype=np.int64))
+        self.node_offset = int(node_offset)
+        # First global number of every grid node's copies (planes z0 ... z1).
+        self._first = np.empty(copies.size, dtype=np.int64)
+        self._first[0] = node_offset
+        np.cumsum(copies.ravel()[:-1], dtype=np.int64, out=self._first[1:])
+        self._first[1:] += node_offset
+        self._owned_grid = (owned_planes * plane, copies.ravel()[: owned_planes * plane])
+
+    def corner_nodes(self, voxels: np.ndarray, corners: np.ndarray) -> np.ndarray:
+        """Global node numbers of ``corners`` (offsets, (k, d)) of kept ``voxels`` (slab-local
+        indices, axis 0 counted from ``z0``; (m, d)). Returns (m, k) int64."""
+        out = np.empty((voxels.shape[0], corners.shape[0]), dtype=np.int64)
+        weights = 1 << np.arange(self.ndim - 1, -1, -1)
+        for j, offset in enumerate(corners):
+            flat = np.ravel_multi_index(tuple((voxels + offset).T), self.node_shape)
+            position = int(((1 - offset) * weights).sum())  # the voxel's place in the node's block
+            rank = self._ordinal[self.config.ravel()[flat], position]
+            out[:, j] = self._first[flat] + rank
+        return out
+
+    def owned_points(self, spacing: Sequence[float], z0: int) -> np.ndarray:
+        """Coordinates (x, y[, z]) in metres of the owned node copies, in numbering order."""
+        n_grid, copies = self._owned_grid
+        grid = np.repeat(np.arange(n_grid, dtype=np.int64), copies)
+        index = np.stack(np.unravel_index(grid, self.node_shape), axis=1)
+        index[:, 0] += z0
+        return (index * np.asarray(spacing, dtype=np.float64))[:, ::-1].copy()
 
 
 @dataclasses.dataclass
@@ -62,48 +183,43 @@ class VoxelMeshData:
         return int(self.points.shape[1])
 
 
-def _keep_mask(image: VoxelImage, keep: Sequence[str] | None) -> tuple[dict[str, int], np.ndarray]:
-    phases = image.require_phases()
-    image.check_labels(require_all_phases=False)
+def keep_values(phases: dict[str, int], keep: Sequence[str] | None) -> dict[str, int]:
+    """The kept phases (all if ``keep`` is None) as name -> label, or UsageError naming unknown ones."""
     names = list(phases) if keep is None else list(keep)
     unknown = [n for n in names if n not in phases]
     if unknown:
         raise UsageError(f"cannot keep phase(s) {', '.join(unknown)}: not in the phase map ({', '.join(phases)})")
-    kept = {n: phases[n] for n in names}
+    return {n: phases[n] for n in names}
+
+
+def _keep_mask(image: VoxelImage, keep: Sequence[str] | None) -> tuple[dict[str, int], np.ndarray]:
+    phases = image.require_phases()
+    image.check_labels(require_all_phases=False)
+    kept = keep_values(phases, keep)
     mask = np.isin(image.array, list(kept.values()))
     if not mask.any():
-        raise UsageError(f"the kept phases {', '.join(names)} have no voxels in {image.source}")
+        raise UsageError(f"the kept phases {', '.join(kept)} have no voxels in {image.source}")
     return kept, mask
 
 
 def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> VoxelMeshData:
-    """Build the voxel mesh of the kept phases (all phases if ``keep`` is None)."""
+    """Build the face-connected voxel mesh of the kept phases (all phases if ``keep`` is None)."""
     kept, mask = _keep_mask(image, keep)
     phases = image.require_phases()
     spacing = np.asarray(image.require_voxel_size())
     ndim = image.ndim
-    n_cells = int(np.count_nonzero(mask))
-    if n_cells > MAX_VOXEL_CELLS:
-        raise UsageError(
-            f"voxel mesh would have {n_cells:,} cells (limit {MAX_VOXEL_CELLS:,}, about "
-            f"{n_cells * 300 / 1e9:.1f} GB); crop or coarsen the image"
-        )
-    shape = np.array(image.shape)
-    node_shape = tuple(shape + 1)
-    corners = _HEX_CORNERS if ndim == 3 else _QUAD_CORNERS
     labels = image.array.astype(np.int32)
-
-    voxel_index = np.argwhere(mask)  # (m, ndim)
-    cell_nodes = np.stack(
-        [np.ravel_multi_index(tuple((voxel_index + c).T), node_shape) for c in corners], axis=1
-    )
+    numbering = SlabNumbering(np.pad(mask, [(1, 1)] + [(0, 0)] * (ndim - 1)), owns_last_plane=True)
+    voxels = np.argwhere(mask)
+    cells = numbering.corner_nodes(voxels, corner_offsets(ndim)[_GMSH_FROM_DOLFINX[ndim]])
+    cell_tags = np.array([phase_tag(v) for v in range(256)])[labels[mask]]
     label_to_name = {v: n for n, v in phases.items()}
-    cell_tags = np.array([phase_tag(v) for v in range(256)])[labels[mask]] if n_cells else np.zeros(0, int)
 
     groups: dict[str, tuple[int, int]] = {name: (ndim, phase_tag(value)) for name, value in kept.items()}
     keep_lut = np.zeros(257, dtype=bool)  # index label + 1; -1 (outside) -> index 0
     keep_lut[np.array(list(kept.values())) + 1] = True
     padded = np.pad(labels, 1, constant_values=-1)
+    face_corners = corner_offsets(ndim - 1)[_GMSH_FROM_DOLFINX[ndim - 1]] if ndim == 3 else corner_offsets(1)
     facet_blocks, tag_blocks = [], []
     for axis in range(ndim):
         # Faces perpendicular to `axis` at planes 0..n between padded voxels (lo, hi).
@@ -119,15 +235,21 @@ def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Vox
         low_side, high_side = _SIDES[ndim][axis]
         tags[a < 0] = BOX_SIDE_TAGS[low_side]
         tags[b < 0] = BOX_SIDE_TAGS[high_side]
+        # The facet's nodes are those of a kept voxel on one side (the low one if kept): a face
+        # shared by two kept voxels has the same node copies from both.
+        low_kept = keep_lut[a + 1]
+        voxel = where.copy()
+        voxel[low_kept, axis] -= 1
         others = [ax for ax in range(ndim) if ax != axis]
-        face_corners = _QUAD_CORNERS if ndim == 3 else np.array([(0,), (1,)])
-        nodes = []
-        for corner in face_corners:
-            idx = where.copy()
-            for k, ax in enumerate(others):
-                idx[:, ax] += corner[k]
-            nodes.append(np.ravel_multi_index(tuple(idx.T), node_shape))
-        facet_blocks.append(np.stack(nodes, axis=1))
+        corners = np.zeros((face_corners.shape[0], ndim), dtype=np.int64)
+        corners[:, others] = face_corners
+        nodes = np.empty((voxel.shape[0], corners.shape[0]), dtype=np.int64)
+        for side_is_low in (True, False):
+            rows = low_kept if side_is_low else ~low_kept
+            side_corners = corners.copy()
+            side_corners[:, axis] = 1 if side_is_low else 0
+            nodes[rows] = numbering.corner_nodes(voxel[rows], side_corners)
+        facet_blocks.append(nodes)
         tag_blocks.append(tags)
         for side, side_mask in ((low_side, a < 0), (high_side, b < 0)):
             if side_mask.any():
@@ -137,12 +259,7 @@ def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Vox
             groups[interface_name(label_to_name[int(va)], label_to_name[int(vb)])] = (ndim - 1, interface_tag(int(va), int(vb)))
     facets = np.concatenate(facet_blocks)
     facet_tags = np.concatenate(tag_blocks)
-
-    used, inverse = np.unique(np.concatenate([cell_nodes.ravel(), facets.ravel()]), return_inverse=True)
-    cells = inverse[: cell_nodes.size].reshape(cell_nodes.shape)
-    facets = inverse[cell_nodes.size :].reshape(facets.shape)
-    grid = np.stack(np.unravel_index(used, node_shape), axis=1) * spacing  # array-axis order
-    points = grid[:, ::-1].copy()  # x = last axis, y = previous, z = axis 0
+    points = numbering.owned_points(spacing, 0)
     logger.info("voxel mesh: %d cells, %d facets, %d nodes", cells.shape[0], facets.shape[0], points.shape[0])
     return VoxelMeshData(points, cells, cell_tags, facets, facet_tags, groups)
 

@@ -210,7 +210,7 @@ def test_cli_run_writes_results_fields_and_figures(shared_tmp_path, comm):
     assert results["t90_s"]["I"] is not None and results["t90_s"]["I"] < 0.01
     particles = results["si_particles"]["0.01"]
     assert len(particles) == 2 and all(0 <= p["fraction_above_half_bulk"] <= 1 for p in particles)
-    for name in ("c_fields.png", "c_regions.png", "mesh.msh", "config.toml"):
+    for name in ("c_fields.png", "c_regions.png", "mesh.xdmf", "mesh.h5", "config.toml"):
         assert (out / name).exists()
     assert (out / "c.bp").is_dir()
     assert main(["diffusion", str(shared_tmp_path / "missing.toml"), "--out", str(shared_tmp_path / "o2"), "-q"]) == 3
