@@ -1,0 +1,161 @@
+"""Distributed voxel meshes: the same mesh as the serial mesher on any number of ranks, face
+connectivity (no Li through edge or corner contacts), and every rank reads only its slab."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dolfinx")
+
+import ufl  # noqa: E402
+from dolfinx import fem  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.errors import InputError, UsageError  # noqa: E402
+from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, Region, TimeSettings  # noqa: E402
+from fem_anode.fem.voxel_mesh import create_voxel_mesh, slab_bounds  # noqa: E402
+from fem_anode.io import VoxelImage, write_image  # noqa: E402
+from fem_anode.io.images import ImageLayers, open_image_layers  # noqa: E402
+from fem_anode.meshing import voxel_mesh_data  # noqa: E402
+
+SPACING = (3e-8, 2e-8, 1e-8)  # z, y, x (m): anisotropic on purpose
+
+
+def random_volume(seed: int = 3, shape=(9, 7, 8)) -> VoxelImage:
+    labels = np.random.default_rng(seed).integers(0, 3, size=shape).astype(np.uint8)
+    return VoxelImage(labels, SPACING, {"a": 0, "b": 1, "c": 2})
+
+
+def global_count(comm, local_indices: np.ndarray, size_local: int) -> int:
+    return comm.allreduce(int(np.count_nonzero(local_indices < size_local)))
+
+
+def integral(comm, form) -> float:
+    return comm.allreduce(fem.assemble_scalar(fem.form(form)), op=MPI.SUM)
+
+
+@pytest.mark.parametrize("keep", [None, ["b"], ["a", "c"]])
+@pytest.mark.parametrize("ghost_mode", ["none", "shared_facet"])
+def test_distributed_mesh_equals_the_serial_one(comm, keep, ghost_mode):
+    """Cell, node and tag counts, volume and interface areas as the serial mesher's, exactly."""
+    image = random_volume()
+    serial = voxel_mesh_data(image, keep)
+    tagged = create_voxel_mesh(image, comm, keep, ghost_mode=ghost_mode)
+    mesh = tagged.mesh
+    tdim = mesh.topology.dim
+    assert mesh.topology.index_map(tdim).size_global == serial.cells.shape[0]
+    assert mesh.geometry.index_map().size_global == serial.points.shape[0]
+    assert tagged.cell_groups == {name: tag for name, (dim, tag) in serial.groups.items() if dim == 3}
+    assert tagged.facet_groups == {name: tag for name, (dim, tag) in serial.groups.items() if dim == 2}
+    n_facets = mesh.topology.index_map(tdim - 1).size_local
+    n_cells = mesh.topology.index_map(tdim).size_local
+    ds = ufl.Measure("ds", domain=mesh, subdomain_data=tagged.facet_tags)
+    dS = ufl.Measure("dS", domain=mesh, subdomain_data=tagged.facet_tags)
+    hz, hy, hx = SPACING
+    face_area = {0: hy * hx, 1: hz * hx, 2: hz * hy}  # facets normal to array axis k
+    for name, tag in tagged.facet_groups.items():
+        selected = serial.facet_tags == tag
+        assert global_count(comm, tagged.facet_tags.find(tag), n_facets) == np.count_nonzero(selected), name
+        centres = serial.points[serial.facets[selected]]
+        normal = [2 - int(np.argmax(np.ptp(c, axis=0) == 0)) for c in centres]  # x -> axis 2
+        expected = sum(face_area[k] for k in normal)
+        exterior = integral(comm, 1.0 * ds(tag))
+        if ghost_mode == "shared_facet" or comm.size == 1:  # dS needs ghost cells across ranks
+            assert exterior + integral(comm, 1.0 * dS(tag)) == pytest.approx(expected, rel=1e-12), name
+        elif keep is not None and len(keep) == 1:  # one kept phase: every tagged facet is exterior
+            assert exterior == pytest.approx(expected, rel=1e-12), name
+    for name, tag in tagged.cell_groups.items():
+        assert global_count(comm, tagged.cell_tags.find(tag), n_cells) == np.count_nonzero(serial.cell_tags == tag)
+    volume = integral(comm, fem.Constant(mesh, 1.0) * ufl.dx)
+    assert volume == pytest.approx(serial.cells.shape[0] * hz * hy * hx, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "second, nodes",
+    [((1, 1, 0), 16), ((1, 1, 1), 16), ((1, 0, 0), 12), ((0, 1, 1), 16)],
+    ids=["edge", "corner", "face", "edge-in-plane"],
+)
+def test_face_connectivity_duplicates_edge_and_corner_contacts(comm, second, nodes):
+    """Two voxels sharing a face share 4 nodes; along an edge or at a corner they share none."""
+    labels = np.zeros((2, 2, 2), dtype=np.uint8)
+    labels[0, 0, 0] = labels[second] = 1
+    image = VoxelImage(labels, (1e-6,) * 3, {"pore": 0, "solid": 1})
+    assert voxel_mesh_data(image, ["solid"]).points.shape[0] == nodes
+    tagged = create_voxel_mesh(image, comm, ["solid"])
+    assert tagged.mesh.geometry.index_map().size_global == nodes
+
+
+def test_no_li_through_a_diagonal_contact(comm):
+    """2D: a transporting block fed by a pore touches a second block at one corner only. With
+    face connectivity the second block never sees Li: its c stays exactly 0, while the first
+    block fills up. (Shared corner nodes would leak Li into it.)"""
+    labels = np.zeros((6, 6), dtype=np.uint8)  # 0 = pore
+    labels[:3, 1:3] = 3  # block A, column 0 is pore (its source)
+    labels[3:, 3:] = 3  # block B: touches A only at the corner (3, 3)
+    labels[:, 0] = 0
+    labels[3:, :3] = 2  # inert phase around B's other sides, away from the pore
+    labels[:3, 3:] = 2
+    image = VoxelImage(labels, (1e-7, 1e-7), {"pore": 0, "inert": 2, "sei": 3})
+    assert (labels[3:, 3:] == 3).all() and (labels[3:, :3] != 0).all()
+    tagged = create_voxel_mesh(image, comm, ["sei"])
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(mesh="unused.msh"),
+        time=TimeSettings(t_end=1e-3, output_times=[1e-3], dt_initial=1e-6),
+        regions=[Region(name="A", box=[1e-7, 0.0, 3e-7, 3e-7]), Region(name="B", box=[3e-7, 3e-7, 6e-7, 6e-7])],
+    )
+    problem = DiffusionProblem(tagged, settings)
+    try:
+        result = problem.run()
+        assert result.region_means["A"][-1] > 0.5 * settings.physics.c_bulk
+        assert result.region_means["B"][-1] == 0.0
+        B = problem.V.tabulate_dof_coordinates()[:, :2]
+        in_b = np.all(B > 3e-7 + 1e-12, axis=1)
+        assert comm.allreduce(float(np.abs(problem.c.x.array[in_b]).max(initial=0.0)), op=MPI.MAX) == 0.0
+    finally:
+        problem.destroy()
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tif", "folder"])
+def test_layered_files_give_the_same_mesh_and_each_rank_reads_its_slab(comm, shared_tmp_path, fmt, monkeypatch):
+    image = random_volume(seed=5, shape=(11, 5, 6))
+    path = shared_tmp_path / {"npy": "vol.npy", "tif": "vol.tif", "folder": "slices"}[fmt]
+    if comm.rank == 0:
+        if fmt == "folder":
+            path.mkdir()
+            for k in range(image.shape[0]):
+                write_image(path / f"slice_{k:03d}.npy", image.array[k])
+        else:
+            write_image(path, image)
+    comm.barrier()
+    layers = open_image_layers(path, voxel_size=SPACING, phases=image.phases)
+    assert isinstance(layers, ImageLayers) and layers.shape == image.shape
+    read: list[tuple[int, int]] = []
+    original = ImageLayers.read_layers
+    monkeypatch.setattr(ImageLayers, "read_layers", lambda self, a, b: read.append((a, b)) or original(self, a, b))
+    from_file = create_voxel_mesh(layers, comm, ["a", "b"])
+    from_memory = create_voxel_mesh(image, comm, ["a", "b"])
+    bounds = slab_bounds(image.shape[0], comm.size)
+    z0, z1 = bounds[comm.rank], bounds[comm.rank + 1]
+    assert read and all(a >= z0 - 2 and b <= z1 + 2 for a, b in read)
+    for a, b in ((from_file, from_memory),):
+        assert a.mesh.topology.index_map(3).size_global == b.mesh.topology.index_map(3).size_global
+        assert a.facet_groups == b.facet_groups
+        for tag in a.facet_groups.values():
+            n = a.mesh.topology.index_map(2).size_local
+            assert global_count(comm, a.facet_tags.find(tag), n) == global_count(comm, b.facet_tags.find(tag), b.mesh.topology.index_map(2).size_local)
+
+
+def test_bad_input_is_named(comm):
+    image = random_volume()
+    with pytest.raises(UsageError, match="cannot keep phase"):
+        create_voxel_mesh(image, comm, ["graphite"])
+    with pytest.raises(UsageError, match="ghost_mode"):
+        create_voxel_mesh(image, comm, ghost_mode="full")
+    labels = image.array.copy()
+    labels[-1, -1, -1] = 7  # on the last rank's slab only: every rank must raise
+    with pytest.raises(InputError, match=r"label values \[7\]"):
+        create_voxel_mesh(VoxelImage(labels, SPACING, image.phases), comm)
+    empty = VoxelImage(np.zeros((4, 3, 3), np.uint8), SPACING, {"pore": 0, "si": 1})
+    with pytest.raises(UsageError, match="have no voxels"):
+        create_voxel_mesh(empty, comm, ["si"])
