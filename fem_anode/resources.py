@@ -8,6 +8,10 @@ peaked lower than MUMPS on the 1.04M-dof 2D benchmark, 2.77 vs 2.89 GB):
 
 * gmsh voxel/tetrahedral meshes: about 70 MB for gmsh itself plus about 1 kB per mesh entity
   (node, cell, boundary facet); measured 0.26-0.92 kB per entity on 40^3 and 60^3 images;
+* distributed voxel meshes (:mod:`fem_anode.fem.voxel_mesh`, dolfinx without gmsh): about
+  650 B per cell at the peak of the mesh construction (measured 628 B/cell over the imports on
+  the 835k-cell solid phase of the bundled 128^3 electrode, one rank; 270 B/cell remain after it,
+  the rest is dolfinx's temporary topology arrays), divided over the ranks;
 * gmsh smooth 2D meshes: about 20 kB per image pixel (measured 18 kB/pixel on the 400 x 250
   synthetic FIB-SEM ROI, 13 kB/pixel on 200 x 200 noise), dominated by the pixel-wise
   background size field;
@@ -65,6 +69,7 @@ LIMIT_ENV = "FEM_ANODE_MEMORY_LIMIT"
 # Calibration constants (bytes); see the module docstring for the measurements behind them.
 GMSH_BASE = 70e6
 GMSH_PER_ENTITY = 1.0e3
+VOXEL_MESH_PER_CELL = 650.0
 SMOOTH_PER_PIXEL = 20e3
 METRICS_PER_VOXEL = 130.0
 FE_BASE_PER_RANK = 150e6
@@ -338,7 +343,10 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
             cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
         dofs = nodes * (2**ndim if degree == 2 else 1)
         fe = estimate_fe_memory(cells=n_cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
-        return MemoryEstimate(f"diffusion run on a {_shape_text(image.shape)} image ({int(dofs):,} dofs, P{degree})", mesh.bytes + fe.bytes, {**mesh.details, **fe.details})
+        what = f"diffusion run on a {_shape_text(image.shape)} image ({int(dofs):,} dofs, P{degree})"
+        if method == "voxel":  # distributed, no gmsh: the mesh's peak is over before the solve
+            return MemoryEstimate(what, max(VOXEL_MESH_PER_CELL * n_cells + FE_BASE_PER_RANK * ranks, fe.bytes), {**mesh.details, **fe.details})
+        return MemoryEstimate(what, mesh.bytes + fe.bytes, {**mesh.details, **fe.details})
     if cells is None or cell_type is None:
         raise UsageError("estimate_diffusion_memory needs an image, or cells and cell_type of a mesh")
     ndim = 3 if cell_type in ("hexahedron", "tetrahedron") else 2

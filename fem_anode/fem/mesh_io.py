@@ -1,8 +1,9 @@
 """Loading tagged gmsh meshes into dolfinx, with physical-group names, on any communicator.
 
 * :func:`read_mesh` reads a ``.msh`` file on rank 0 and distributes it;
-* :func:`image_to_tagged_mesh` meshes a label image in memory on rank 0 (any method of
-  :mod:`fem_anode.meshing.build`) and distributes it, without a file;
+* :func:`image_to_tagged_mesh` meshes a label image in memory, without a file: voxel meshes
+  distributed (:func:`fem_anode.fem.voxel_mesh.create_voxel_mesh`, every rank its slab), the
+  other methods of :mod:`fem_anode.meshing.build` on rank 0, then distributed;
 * :func:`model_to_tagged_mesh` distributes the current gmsh model (rank 0) with its names;
 * :func:`write_xdmf` writes the mesh with its cell and facet tags for ParaView.
 
@@ -158,7 +159,7 @@ def image_to_tagged_mesh(
     ghost_mode: str = "shared_facet",
     **build_args,  # type: ignore[no-untyped-def]
 ) -> TaggedMesh:
-    """Mesh a label image in memory on rank 0 and distribute it over ``comm``.
+    """Mesh a label image in memory over ``comm`` (voxel: distributed; else on rank 0).
 
     Args:
         image: :class:`~fem_anode.io.images.VoxelImage` with voxel size and phase map.
@@ -172,8 +173,14 @@ def image_to_tagged_mesh(
     """
     import gmsh
 
-    from fem_anode.meshing.build import build_model
+    from fem_anode.meshing.build import build_model, default_method
 
+    if build_args.get("method") == "voxel" or ("method" not in build_args and default_method(image) == "voxel"):
+        if set(build_args) - {"method", "keep"}:
+            raise UsageError(f"voxel meshes take no {', '.join(sorted(set(build_args) - {'method', 'keep'}))}")
+        from fem_anode.fem.voxel_mesh import create_voxel_mesh
+
+        return create_voxel_mesh(image, comm, build_args.get("keep"), ghost_mode=ghost_mode)
     meta: tuple | str | dict | None = None
     if comm.rank == 0:
         gmsh.initialize(interruptible=False)
