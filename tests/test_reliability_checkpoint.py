@@ -77,9 +77,25 @@ def _unit_square(comm):
     return dmesh.create_unit_square(comm, 6, 5)
 
 
+def _quadrature_space(domain):
+    import basix.ufl
+
+    return fem.functionspace(domain, basix.ufl.quadrature_element(domain.basix_cell(), value_shape=(3,), scheme="default", degree=2))
+
+
+def _quadrature_values(Q):
+    """A smooth vector field at the quadrature points of ``Q`` (as the plastic state is stored)."""
+    import ufl
+
+    x = ufl.SpatialCoordinate(Q.mesh)
+    q = fem.Function(Q)
+    q.interpolate(fem.Expression(ufl.as_vector([x[0] * x[1], 1.0 + x[0], ufl.sin(3.0 * x[1])]), Q.element.interpolation_points()))
+    return q
+
+
 def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
-    """P2, vector P1 and mixed (vector P2 x P1) fields keyed by dof coordinates come back exactly,
-    also on one rank; a DG field (no unique dof coordinates) needs the same ranks and says so."""
+    """P2, vector P1, mixed (vector P2 x P1), DG and quadrature fields come back exactly on the
+    same ranks and on one rank (written in parallel in the mesh's input order); another mesh is refused."""
     import basix.ufl
 
     domain = _unit_square(comm)
@@ -93,17 +109,16 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
     w.interpolate(lambda x: np.vstack([x[0] * x[1], -x[1]]))
     m.sub(0).interpolate(lambda x: np.vstack([x[0] ** 2, x[1] - x[0]]))
     m.sub(1).interpolate(lambda x: 2.0 + x[1])
-    d.x.array[:] = np.arange(d.x.array.size) + 1000.0 * comm.rank  # any values; ghosts filled below
-    d.x.scatter_forward()
+    d.interpolate(lambda x: np.sin(5.0 * x[0]) + x[1])  # discontinuous space: no unique dof coordinates
+    q = _quadrature_values(_quadrature_space(domain))
     rng = np.random.default_rng(7)
     store = CheckpointStore(shared_tmp_path / "run", comm)
     assert not store.exists()
-    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "times": np.array([0.0, 1e-9, 0.3])})
+    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "q": q, "times": np.array([0.0, 1e-9, 0.3])})
     assert store.exists() and (store.path / "state.json").is_file()
     loaded = store.load()
     assert loaded.state["t"] == 0.1 + 0.2  # floats round-trip bit for bit
-    modes = {name: loaded.fields[name]["mode"] for name in "uwmd"}
-    assert loaded.ranks == comm.size and modes == {"u": "coordinates", "w": "coordinates", "m": "subspaces", "d": "global"}
+    assert loaded.ranks == comm.size and {loaded.fields[name]["mode"] for name in "uwmdq"} == {"input-order"}
     np.testing.assert_array_equal(loaded.arrays["times"], [0.0, 1e-9, 0.3])
     resumed = np.random.default_rng(0)
     resumed.bit_generator.state = loaded.state["rng"]
@@ -126,17 +141,69 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
         exact_m.sub(0).interpolate(lambda x: np.vstack([x[0] ** 2, x[1] - x[0]]))
         exact_m.sub(1).interpolate(lambda x: 2.0 + x[1])
         assert np.abs(m2.x.array - exact_m.x.array).max() < 1e-14
-    d2 = fem.Function(dg)
-    loaded.restore("d", d2)
-    assert np.array_equal(d2.x.array, d.x.array)
-    # a global-mode field written on another number of ranks: clear UsageError
-    loaded.fields["d"]["ranges"] = loaded.fields["d"]["ranges"] + [[0, 0]]
-    with pytest.raises(UsageError, match=r"can only be resumed on \d+"):
+        d2 = fem.Function(fem.functionspace(domain2, ("DG", 1)))
         loaded.restore("d", d2)
+        exact_d = fem.Function(d2.function_space)
+        exact_d.interpolate(lambda x: np.sin(5.0 * x[0]) + x[1])
+        assert np.abs(d2.x.array - exact_d.x.array).max() < 1e-14
+        q2 = fem.Function(_quadrature_space(domain2))
+        loaded.restore("q", q2)
+        assert np.abs(q2.x.array - _quadrature_values(q2.function_space).x.array).max() < 1e-14
     with pytest.raises(InputError, match="differs"):  # another mesh
         loaded.restore("u", fem.Function(fem.functionspace(dmesh.create_unit_square(comm, 6, 6), ("Lagrange", 2))))
+    moved = _unit_square(comm)
+    moved.geometry.x[:, 0] *= 2.0  # the same cells and dofs elsewhere
+    with pytest.raises(InputError, match="mesh differs"):
+        loaded.restore("u", fem.Function(fem.functionspace(moved, ("Lagrange", 2))))
+    with pytest.raises(InputError, match="differs"):  # another element with as many dofs
+        loaded.restore("d", fem.Function(fem.functionspace(domain, ("Lagrange", 1, (3,)))))
     with pytest.raises(InputError, match="no field 'x'"):
         loaded.restore("x", u)
+
+
+class _SpyComm:
+    """A communicator that records the pickled size of every object it sends or returns."""
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.sizes: list[int] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._comm, name)
+        if name not in ("bcast", "gather", "allgather", "scatter", "alltoall", "allreduce", "reduce", "send", "recv", "sendrecv"):
+            return attribute
+
+        def spied(*args, **kwargs):
+            import pickle
+
+            self.sizes += [len(pickle.dumps(a)) for a in args[:1]]
+            result = attribute(*args, **kwargs)
+            self.sizes.append(len(pickle.dumps(result)))
+            return result
+
+        return spied
+
+
+def test_no_rank_holds_a_whole_field(shared_tmp_path, comm):
+    """Saving and loading Functions sends only small objects (checksums, state) through the store's
+    communicator; the field values go from the owning ranks to the files and back, never via one rank."""
+    domain = dmesh.create_unit_square(comm, 48, 48)
+    u = fem.Function(fem.functionspace(domain, ("Lagrange", 2, (2,))))
+    u.interpolate(lambda x: np.vstack([np.sin(x[0]), x[1] ** 2]))
+    field_bytes = 8 * u.function_space.dofmap.index_map.size_global * 2
+    spy = _SpyComm(comm)
+    store = CheckpointStore(shared_tmp_path / "spied", spy)
+    store.save({"t": 1.0}, {"u": u, "v": u, "times": np.arange(3.0)})
+    loaded = store.load()
+    u2 = fem.Function(u.function_space)
+    loaded.restore("u", u2)
+    owned = u.function_space.dofmap.index_map.size_local * 2
+    assert np.array_equal(u2.x.array[:owned], u.x.array[:owned])
+    assert len(spy.sizes) > 0 or comm.size == 1
+    assert max(spy.sizes, default=0) < field_bytes / 20, (max(spy.sizes), field_bytes)
+    assert len(list((store.path / "fields").glob("*.bp"))) == 2  # the values are there, not in rank 0's files
+    for small in ("arrays.npz", "state.json"):
+        assert (store.path / small).stat().st_size < field_bytes / 20, small
 
 
 def test_stale_temporaries_are_ignored_and_corruption_is_reported(shared_tmp_path, comm):
@@ -156,7 +223,9 @@ def test_stale_temporaries_are_ignored_and_corruption_is_reported(shared_tmp_pat
         os.replace(directory / "checkpoint", directory / "checkpoint.old-abc")
     comm.barrier()
     assert store.exists() and store.load().state["step"] == 2
-    store.save({"step": 3}, {"x": np.arange(6.0)})  # cleans up every leftover
+    u = fem.Function(fem.functionspace(_unit_square(comm), ("Lagrange", 1)))
+    u.interpolate(lambda x: x[0] + x[1])
+    store.save({"step": 3}, {"x": np.arange(6.0), "u": u})  # cleans up every leftover
     comm.barrier()
     assert sorted(p.name for p in directory.iterdir()) == ["checkpoint"]
     assert store.load().arrays["x"].size == 6
@@ -170,11 +239,26 @@ def test_stale_temporaries_are_ignored_and_corruption_is_reported(shared_tmp_pat
         store.load()
     if comm.rank == 0:
         state_path.write_text(text)
-        data = bytearray((store.path / "arrays.npz").read_bytes())
+        arrays = (store.path / "arrays.npz").read_bytes()
+        data = bytearray(arrays)
         data[-30] ^= 0xFF
         (store.path / "arrays.npz").write_bytes(bytes(data))
     comm.barrier()
-    with pytest.raises(InputError, match="checksum does not match"):
+    with pytest.raises(InputError, match=r"arrays\.npz: its checksum does not match"):
+        store.load()
+    field_file = max((store.path / "fields").rglob("data.*"), key=lambda p: p.stat().st_size)
+    if comm.rank == 0:  # a field file damaged on disk: found by the rank that hashes that chunk
+        (store.path / "arrays.npz").write_bytes(arrays)
+        data = bytearray(field_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        field_file.write_bytes(bytes(data))
+    comm.barrier()
+    with pytest.raises(InputError, match=r"corrupt checkpoint .*data\.\d+: its checksum does not match"):
+        store.load()
+    if comm.rank == 0:
+        field_file.write_bytes(field_file.read_bytes()[:-10])
+    comm.barrier()
+    with pytest.raises(InputError, match="size does not match"):
         store.load()
 
 
@@ -454,7 +538,7 @@ def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monk
         for name in ("w0", "w1", "w2"):
             (shared_tmp_path / name).mkdir()
     comm.barrier()
-    reference = run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w0", comm=comm)
+    reference = run_diffusion_study(settings, levels=3, orders=[1, 2], comm=comm)
     runs = {"n": 0}
     original = DiffusionProblem.run
 
@@ -466,11 +550,11 @@ def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monk
 
     monkeypatch.setattr(DiffusionProblem, "run", killed_in_p2_level_1)
     with pytest.raises(KeyboardInterrupt):
-        run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w1", comm=comm, checkpoint_dir=shared_tmp_path / "study")
+        run_diffusion_study(settings, levels=3, orders=[1, 2], comm=comm, checkpoint_dir=shared_tmp_path / "study")
     monkeypatch.undo()
     checkpoint = CheckpointStore(shared_tmp_path / "study", comm).load()
     assert checkpoint.state["problem"]["order"] == 2 and checkpoint.state["problem"]["level"] == 0
-    resumed = run_diffusion_study(settings, levels=3, orders=[1, 2], workdir=shared_tmp_path / "w2", comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+    resumed = run_diffusion_study(settings, levels=3, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
     for order in ("P1", "P2"):
         ref, new = reference["orders"][order], resumed["orders"][order]
         assert new["cells"] == ref["cells"] and new["h"] == ref["h"]
@@ -480,7 +564,7 @@ def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monk
             if np.isfinite(record["observed_order"]):
                 assert new["quantities"][name]["observed_order"] == pytest.approx(record["observed_order"], rel=1e-8)
     with pytest.raises(UsageError, match="other settings"):
-        run_diffusion_study(settings, levels=4, orders=[1, 2], workdir=shared_tmp_path / "w2", comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+        run_diffusion_study(settings, levels=4, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
 
 
 # -- real processes and real signals (serial suite only) -----------------------------------------

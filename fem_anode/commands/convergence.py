@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             if model == "phasefield":
                 report = run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing)
             else:
-                report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, workdir=staging, comm=comm, **checkpointing)
+                report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, comm=comm, **checkpointing)
             if comm.rank == 0:
                 write_json(staging / "convergence.json", {"provenance": provenance("convergence", settings, comm=comm, args=args), **report, "settings": settings.to_dict()})
                 plot_study(report, staging / "convergence.png")

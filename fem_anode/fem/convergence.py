@@ -147,12 +147,13 @@ def run_diffusion_study(
     levels: int,
     refine_factor: int = 2,
     orders: Sequence[int] | None = None,
-    workdir: Path,
     comm: Any,
     checkpoint_dir: Path | None = None,
     resume: Any = None,
 ) -> dict[str, Any]:
     """Run the diffusion model on ``levels`` successively refined voxel meshes of its image.
+
+    The level meshes are built in memory, distributed (:mod:`fem_anode.fem.voxel_mesh`).
 
     Level k subdivides every pixel into ``refine_factor**k`` cells per axis, so h halves (for
     factor 2) while the geometry stays exactly that of the image. Quantities: region means at
@@ -186,7 +187,7 @@ def run_diffusion_study(
     checkpointer = _study_checkpointer(checkpoint_dir, comm, {"model": "convergence-diffusion", "fingerprint": {**study, "settings": settings_fingerprint(settings)}})
     try:
         with _safe_stop(checkpointer):
-            return _diffusion_levels(settings, image, levels, refine_factor, orders, workdir, comm, c_bulk, checkpointer, resume)
+            return _diffusion_levels(settings, image, levels, refine_factor, orders, comm, c_bulk, checkpointer, resume)
     finally:
         solver_logger.setLevel(solver_level)
 
@@ -228,7 +229,7 @@ def _level_interrupted(err: Exception, level: int, name: str, checkpointer: Any)
     return Interrupted(f"{err} in level {level} of {name}; {saved}")
 
 
-def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], workdir: Path, comm: Any, c_bulk: float,
+def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], comm: Any, c_bulk: float,
                       checkpointer: Any = None, resume: Any = None) -> dict[str, Any]:
     from dolfinx import fem
     from mpi4py import MPI
@@ -236,19 +237,14 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
 
     from fem_anode.errors import Interrupted
     from fem_anode.fem.diffusion import DiffusionProblem
-    from fem_anode.fem.mesh_io import read_mesh
-    from fem_anode.meshing.voxel import write_voxel_mesh
+    from fem_anode.fem.voxel_mesh import create_voxel_mesh
 
     geometry = settings.geometry
     report: dict[str, Any] = {"model": "diffusion", "levels": levels, "refine_factor": refine_factor, "orders": {}}
 
     def level_mesh(order: int, level: int) -> Any:
         refined = _upsample(image, refine_factor**level)
-        path = workdir / f"P{order}_level{level}.msh"
-        if comm.rank == 0:
-            write_voxel_mesh(refined, path, keep=[geometry.transport_phase])
-        comm.barrier()
-        return refined, read_mesh(path, comm)
+        return refined, create_voxel_mesh(refined, comm, [geometry.transport_phase])
 
     saved: dict[str, Any] = {}
     if resume is not None:

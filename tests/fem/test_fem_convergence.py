@@ -61,7 +61,7 @@ def test_1d_limit_orders_match_theory_and_extrapolation_helps(shared_tmp_path, c
         time=TimeSettings(t_end=1e-3, output_times=[1e-3], dt_initial=1e-8, steps_per_level=400, dt_max=4e-6),
     )
     settings.check()
-    study = run_diffusion_study(settings, levels=3, refine_factor=2, workdir=shared_tmp_path, comm=comm)
+    study = run_diffusion_study(settings, levels=3, refine_factor=2, comm=comm)
     record = study["orders"][f"P{order}"]["quantities"]["domain_mean@0.001s"]
     physics = PhysicsSettings()
     exact = physics.c_bulk * robin_sheet_mean(1e-3, length, physics.D_eff, physics.eps, physics.k_f)[0]
@@ -97,11 +97,11 @@ def test_study_cli_and_same_numbers_on_one_and_all_ranks(shared_tmp_path, comm):
     assert (out / "convergence.png").exists()
     settings = DiffusionSettings.from_toml(config).resolve_paths(config.parent)
     (shared_tmp_path / f"self{comm.rank}").mkdir(exist_ok=True)
-    serial = run_diffusion_study(settings, levels=3, workdir=shared_tmp_path / f"self{comm.rank}", comm=MPI.COMM_SELF)
+    serial = run_diffusion_study(settings, levels=3, comm=MPI.COMM_SELF)
     for name, rec in serial["orders"]["P1"]["quantities"].items():
         np.testing.assert_allclose(data["quantities"][name]["values"], rec["values"], rtol=1e-8)
     with pytest.raises(UsageError, match="levels >= 2"):
-        run_diffusion_study(settings, levels=1, workdir=shared_tmp_path, comm=comm)
+        run_diffusion_study(settings, levels=1, comm=comm)
 
 
 def test_phasefield_study_radius_converges_at_second_order(shared_tmp_path, comm):
