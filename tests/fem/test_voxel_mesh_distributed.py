@@ -135,15 +135,29 @@ def test_layered_files_give_the_same_mesh_and_each_rank_reads_its_slab(comm, sha
     monkeypatch.setattr(ImageLayers, "read_layers", lambda self, a, b: read.append((a, b)) or original(self, a, b))
     from_file = create_voxel_mesh(layers, comm, ["a", "b"])
     from_memory = create_voxel_mesh(image, comm, ["a", "b"])
-    bounds = slab_bounds(image.shape[0], comm.size)
+    counts = np.isin(image.array, [0, 1]).reshape(image.shape[0], -1).sum(axis=1)
+    bounds = slab_bounds(counts, comm.size) if comm.size > 1 else np.array([0, image.shape[0]])
     z0, z1 = bounds[comm.rank], bounds[comm.rank + 1]
-    assert read and all(a >= z0 - 2 and b <= z1 + 2 for a, b in read)
+    equal = np.linspace(0, image.shape[0], comm.size + 1).round().astype(int)  # the counting pass
+    *counting, (a, b) = read  # on several ranks: an equal share of layers counted first, then the slab
+    assert z0 - 2 <= a and b <= z1 + 2
+    assert all(equal[comm.rank] <= a and b <= equal[comm.rank + 1] for a, b in counting)
     for a, b in ((from_file, from_memory),):
         assert a.mesh.topology.index_map(3).size_global == b.mesh.topology.index_map(3).size_global
         assert a.facet_groups == b.facet_groups
         for tag in a.facet_groups.values():
             n = a.mesh.topology.index_map(2).size_local
             assert global_count(comm, a.facet_tags.find(tag), n) == global_count(comm, b.facet_tags.find(tag), b.mesh.topology.index_map(2).size_local)
+
+
+def test_slabs_balance_the_cells():
+    counts = np.array([0, 10, 10, 0, 0, 40, 0, 0])
+    np.testing.assert_array_equal(slab_bounds(counts, 1), [0, 8])
+    np.testing.assert_array_equal(slab_bounds(counts, 2), [0, 5, 8])  # 20 | 40 cells
+    np.testing.assert_array_equal(slab_bounds(np.full(10, 3), 3), [0, 3, 7, 10])  # 9 | 12 | 9: nearest boundaries
+    np.testing.assert_array_equal(slab_bounds(np.zeros(4), 2), [0, 2, 4])
+    bounds = slab_bounds(np.array([5, 0, 0, 0]), 3)  # more ranks than layers with cells
+    assert bounds[0] == 0 and bounds[-1] == 4 and np.all(np.diff(bounds) >= 0)
 
 
 def test_bad_input_is_named(comm):
