@@ -54,6 +54,7 @@ __all__ = [
     "estimate_fe_memory",
     "estimate_mesh_memory",
     "estimate_diffusion_memory",
+    "estimate_voxel_diffusion_memory",
     "format_bytes",
     "memory_check_enabled",
     "parse_bytes",
@@ -344,8 +345,8 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
         dofs = nodes * (2**ndim if degree == 2 else 1)
         fe = estimate_fe_memory(cells=n_cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
         what = f"diffusion run on a {_shape_text(image.shape)} image ({int(dofs):,} dofs, P{degree})"
-        if method == "voxel":  # distributed, no gmsh: the mesh's peak is over before the solve
-            return MemoryEstimate(what, max(VOXEL_MESH_PER_CELL * n_cells + FE_BASE_PER_RANK * ranks, fe.bytes), {**mesh.details, **fe.details})
+        if method == "voxel":
+            return estimate_voxel_diffusion_memory(n_cells, nodes, image.shape, settings, ranks=ranks)
         return MemoryEstimate(what, mesh.bytes + fe.bytes, {**mesh.details, **fe.details})
     if cells is None or cell_type is None:
         raise UsageError("estimate_diffusion_memory needs an image, or cells and cell_type of a mesh")
@@ -354,3 +355,28 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
     dofs = cells * vertices_per_cell * (2**ndim if degree == 2 else 1)
     fe = estimate_fe_memory(cells=cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
     return dataclasses.replace(fe, what=f"diffusion run on a mesh of {int(cells):,} cells ({int(dofs):,} dofs, P{degree})")
+
+
+def estimate_voxel_diffusion_memory(cells: float, nodes: float, shape: Sequence[int], settings: Any, *, ranks: int = 1) -> MemoryEstimate:
+    """Estimated peak memory of a diffusion run on a distributed voxel mesh (no gmsh).
+
+    The mesh's construction peak (``VOXEL_MESH_PER_CELL``) is over before the solver allocates,
+    so the estimate is the larger of the two.
+
+    Args:
+        cells: voxels of the transporting phase.
+        nodes: mesh nodes (about ``1.2 * cells`` for porous media when not counted).
+        shape: the image's shape (2D or 3D).
+        settings: :class:`~fem_anode.fem.diffusion_settings.DiffusionSettings`.
+        ranks: number of MPI ranks.
+    """
+    ndim = len(shape)
+    degree = settings.mesh.order
+    solver = settings.solver.type
+    cache = settings.solver.cache_size if solver != "iterative" else 1
+    dofs = nodes * (2**ndim if degree == 2 else 1)
+    cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
+    fe = estimate_fe_memory(cells=cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
+    mesh_peak = VOXEL_MESH_PER_CELL * cells + FE_BASE_PER_RANK * ranks
+    return MemoryEstimate(f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
+                          max(mesh_peak, fe.bytes), {"cells": cells, "nodes": nodes, "mesh_peak_bytes": mesh_peak, **fe.details})

@@ -22,7 +22,7 @@ from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
 from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
 from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
-from fem_anode.io.images import VoxelImage, read_image
+from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read_image
 from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
 
@@ -31,14 +31,19 @@ __all__ = ["fig8_settings", "run_diffusion", "load_geometry", "settings_fingerpr
 logger = logging.getLogger(__name__)
 
 
-def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) -> tuple[TaggedMesh, VoxelImage | None]:
+def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
     """Mesh the image's transporting phase or read the mesh.
 
-    Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`)
-    and written to ``workdir/mesh.xdmf`` (with ``output.mesh``); smooth 2D meshes are made by
-    gmsh on rank 0, written to ``workdir/mesh.msh`` and distributed.
+    Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`):
+    a 3D image is opened by layers (:func:`~fem_anode.io.images.open_image_layers`) and every
+    rank reads its own slab only; the mesh goes to ``workdir/mesh.xdmf`` (with
+    ``output.mesh``). Smooth 2D meshes are made by gmsh on rank 0, written to
+    ``workdir/mesh.msh`` and distributed.
+
+    Returns:
+        The tagged mesh and the image (``None`` for a mesh file).
     """
-    from fem_anode.resources import check_memory, estimate_diffusion_memory
+    from fem_anode.resources import check_memory, estimate_diffusion_memory, estimate_voxel_diffusion_memory
 
     geometry = settings.geometry
     hint = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
@@ -47,27 +52,26 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
         ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
         check_memory(estimate_diffusion_memory(None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name), comm, hint=hint)
         return tagged, None
-    image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
-    phases = image.require_phases()
-    image.require_voxel_size()
-    for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
-        if name not in phases:
-            raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
-        if not np.any(image.array == phases[name]):
-            raise InputError(f"geometry.{role} {name!r} has no pixels in {image.source}")
-    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=hint)
     mesh_settings = settings.mesh
-    if mesh_settings.method == "smooth" and image.ndim != 2:
-        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
     if mesh_settings.method == "voxel":
-        # Distributed: every rank makes the cells of its slab of layers; no gmsh, no gather.
+        # Distributed: every rank reads and meshes its own slab of layers; no gmsh, no gather.
         from fem_anode.fem.mesh_io import write_xdmf
         from fem_anode.fem.voxel_mesh import create_voxel_mesh
 
+        image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
+        counts = _label_counts(image, comm)
+        _check_phases(image, counts, settings)
+        cells = counts[image.require_phases()[geometry.transport_phase]]
+        check_memory(estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=hint)
         tagged = create_voxel_mesh(image, comm, [geometry.transport_phase])
         if settings.output.mesh:
             write_xdmf(tagged, workdir / "mesh.xdmf")
         return tagged, image
+    image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
+    if image.ndim != 2:
+        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
+    _check_phases(image, {int(v): int(n) for v, n in zip(*np.unique(image.array, return_counts=True))}, settings)
+    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=hint)
     path = workdir / "mesh.msh"
     error = None
     if comm.rank == 0:
@@ -86,6 +90,56 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
     return read_mesh(path, comm), image
 
 
+def _label_counts(image: VoxelImage | ImageLayers, comm: MPI.Comm) -> dict[int, int]:
+    """Voxels per label value of the whole image; each rank counts an equal share of the layers,
+    a few layers at a time (collective).
+
+    Raises:
+        InputError: the labels are not integers (on every rank).
+    """
+    from fem_anode.imaging.slabs import Slab
+
+    layers = int(image.shape[0])
+    slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
+    local: dict[int, int] = {}
+    bad = None
+    for start in range(slab.z0, slab.z1, 16):
+        block = np.asarray(image.read_layers(start, min(start + 16, slab.z1)))
+        if not np.issubdtype(block.dtype, np.integer):
+            bad = f"{image.source}: labels must be integers, got {block.dtype}"
+            break
+        values, numbers = np.unique(block, return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist()):
+            local[value] = local.get(value, 0) + number
+    for message in comm.allgather(bad):
+        if message is not None:
+            raise InputError(message)
+    counts: dict[int, int] = {}
+    for part in comm.allgather(local):
+        for value, number in part.items():
+            counts[value] = counts.get(value, 0) + number
+    return counts
+
+
+def _check_phases(image: VoxelImage | ImageLayers, counts: dict[int, int], settings: DiffusionSettings) -> None:
+    """The phase map covers every label and every phase has voxels (as ``read_image(kind="labels")``
+    checks), and the transporting and pore phases exist (InputError naming what is wrong)."""
+    from fem_anode.io.images import format_phase_map
+
+    geometry = settings.geometry
+    phases = image.require_phases()
+    image.require_voxel_size()
+    unknown = sorted(v for v, n in counts.items() if n and v not in set(phases.values()))
+    if unknown:
+        raise InputError(f"{image.source}: label values {unknown[:10]} are not in the phase map {format_phase_map(phases)}")
+    empty = [name for name, v in phases.items() if counts.get(v, 0) == 0]
+    if empty:
+        raise InputError(f"{image.source}: phase(s) {', '.join(empty)} have no voxels in the image")
+    for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
+        if name not in phases:
+            raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
+
+
 def timescales(settings: DiffusionSettings, length: float) -> dict[str, float]:
     """Diffusion time eps L^2 / D_eff (s) and Biot number k_f L / D_eff for a length L (m)."""
     physics = settings.physics
@@ -96,38 +150,67 @@ def timescales(settings: DiffusionSettings, length: float) -> dict[str, float]:
     }
 
 
-def si_particle_report(problem: DiffusionProblem, image: VoxelImage) -> list[dict[str, Any]]:
-    """Per Si particle (connected Si component of the image): c statistics on its interface.
+def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayers) -> list[dict[str, Any]]:
+    """Per Si particle (connected Si component of the image, 8/26-connected): c statistics on its interface.
 
-    Returns, per particle with an interface in the mesh: ``id``, ``interface_measure_m``
+    Returns, per particle with an interface in the mesh: ``id`` (numbered as
+    ``scipy.ndimage.label`` numbers the Si components of the whole image), ``interface_measure_m``
     (length in 2D, area in 3D), ``mean``, ``min``, ``max`` (mol/m^3) and
     ``fraction_above_half_bulk`` of its surface. Collective.
+
+    On voxel meshes partitioned by slabs every rank labels the Si of its own slab
+    (:func:`~fem_anode.imaging.slabs.label_slabs`) and takes each interface facet's particle from
+    the Si voxel across it; on other meshes (smooth 2D) the image is labelled whole and each
+    facet takes the particle of the nearest Si pixel.
     """
     geometry = problem.settings.geometry
     phases = image.require_phases()
-    si = image.array == phases[geometry.si_phase] if geometry.si_phase in phases else np.zeros(image.shape, bool)
     mesh, comm = problem.mesh, problem.comm
     tag = problem.tagged.facet_groups.get(problem.si_interface)
-    if tag is None or not si.any():
+    if tag is None or geometry.si_phase not in phases:
         return []
-    particle_ids, n_particles = ndimage.label(si, structure=np.ones((3,) * image.ndim))
-    nearest = ndimage.distance_transform_edt(~si, return_distances=False, return_indices=True)
+    si_label = phases[geometry.si_phase]
     fdim = mesh.topology.dim - 1
     n_owned = mesh.topology.index_map(fdim).size_local
     facets = problem.tagged.facet_tags.find(tag)
     facets = facets[facets < n_owned]
-    c_bulk = problem.settings.physics.c_bulk
-    c = problem.concentration()
-    measure, mean, low, high = facet_samples(c, facets)
+    spacing = np.asarray(image.require_voxel_size())
+    ndim = len(image.shape)
     from dolfinx.mesh import compute_midpoints
 
-    midpoints = compute_midpoints(mesh, fdim, facets) if facets.size else np.zeros((0, 3))
-    spacing = np.asarray(image.require_voxel_size())
-    # mesh x = last array axis ... -> array index order
-    index = np.floor(midpoints[:, : image.ndim][:, ::-1] / spacing).astype(int)
-    index = np.clip(index, 0, np.asarray(image.shape) - 1)
-    pixel = tuple(nearest[(axis, *index.T)] for axis in range(image.ndim))
-    owner = particle_ids[pixel] - 1 if facets.size else np.zeros(0, int)
+    midpoints = compute_midpoints(mesh, fdim, facets)[:, :ndim][:, ::-1] / spacing if facets.size else np.zeros((0, ndim))  # array order, voxel units
+    connectivity = np.ones((3,) * ndim, dtype=bool)
+    bounds = problem.tagged.slab_bounds
+    if bounds is not None:
+        from fem_anode.imaging.slabs import Slab, label_slabs
+
+        slab = Slab.from_bounds(bounds, comm.rank)
+        labels, n_particles, below, above = label_slabs(comm, slab, np.asarray(image.read_layers(slab.z0, slab.z1)) == si_label, connectivity)
+        plane = np.zeros((1, *image.shape[1:]), dtype=np.int64)
+        stack = np.concatenate([plane if below is None else below[None], labels, plane if above is None else above[None]])
+        # Each facet lies on a voxel face: the Si voxel is on one side along its normal axis.
+        axis = np.argmax(np.rint(2.0 * midpoints).astype(np.int64) % 2 == 0, axis=1)
+        rows = np.arange(facets.size)
+        owner = np.zeros(facets.size, dtype=np.int64)
+        for side in (-0.5, 0.5):
+            point = midpoints.copy()
+            point[rows, axis] += side
+            index = np.floor(point).astype(np.int64)
+            index[:, 0] -= slab.z0 - 1
+            index = np.clip(index, 0, np.asarray(stack.shape) - 1)
+            owner = np.maximum(owner, stack[tuple(index.T)])
+        owner -= 1
+        if (owner < 0).any():
+            raise RuntimeError("an Si interface facet has no Si voxel next to it")  # a bug, never bad input
+    else:  # smooth meshes (2D, made on rank 0 from the image in memory)
+        si = image.array == si_label  # type: ignore[union-attr]
+        particle_ids, n_particles = ndimage.label(si, structure=connectivity)
+        nearest = ndimage.distance_transform_edt(~si, return_distances=False, return_indices=True)
+        index = np.clip(np.floor(midpoints).astype(int), 0, np.asarray(image.shape) - 1)
+        pixel = tuple(nearest[(axis, *index.T)] for axis in range(ndim))
+        owner = particle_ids[pixel] - 1 if facets.size else np.zeros(0, int)
+    c_bulk = problem.settings.physics.c_bulk
+    measure, mean, low, high = facet_samples(problem.concentration(), facets)
     sums = np.zeros((3, n_particles))
     np.add.at(sums[0], owner, measure)
     np.add.at(sums[1], owner, measure * mean)
@@ -153,15 +236,27 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage) -> list[dic
     return report
 
 
-def _max_distance_to_pore(image: VoxelImage, settings: DiffusionSettings) -> float:
-    """Largest distance (m) from a transporting-phase pixel to the nearest pore pixel."""
+def _max_distance_to_pore(image: VoxelImage | ImageLayers, settings: DiffusionSettings, comm: MPI.Comm) -> float:
+    """Largest distance (m) from a transporting-phase voxel to the nearest pore voxel (collective;
+    exact, from slabs of the image: :func:`~fem_anode.imaging.slabs.max_distance_to`)."""
+    from fem_anode.imaging.slabs import Slab, max_distance_to
+
     phases = image.require_phases()
-    geometry = settings.geometry
-    distance = ndimage.distance_transform_edt(image.array != phases[geometry.pore_phase], sampling=image.require_voxel_size())
-    return float(distance[image.array == phases[geometry.transport_phase]].max())
+    transport, pore = phases[settings.geometry.transport_phase], phases[settings.geometry.pore_phase]
+    layers = int(image.shape[0])
+    slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
+    return max_distance_to(comm, slab, image.read_layers, lambda a: a == transport, lambda a: a == pore, image.require_voxel_size())
 
 
-def _image_grid_points(image: VoxelImage) -> tuple[np.ndarray, tuple[int, ...]]:
+def _middle_section(image: VoxelImage | ImageLayers) -> VoxelImage:
+    """The image itself (2D) or its middle axis-0 layer as a one-layer 3D image (for figures)."""
+    if isinstance(image, VoxelImage) and image.ndim == 2:
+        return image
+    middle = int(image.shape[0]) // 2
+    return VoxelImage(np.asarray(image.read_layers(middle, middle + 1)), image.require_voxel_size(), image.require_phases(), image.source)
+
+
+def _image_grid_points(image: VoxelImage | ImageLayers) -> tuple[np.ndarray, tuple[int, ...]]:
     """Pixel centres of a 2D image (or the middle z slice of a 3D one) in mesh coordinates."""
     spacing = image.require_voxel_size()
     if image.ndim == 2:
@@ -291,7 +386,7 @@ def run_diffusion(
         "final_max_c": c_bulk * float(comm.allreduce(problem.c.x.array.max(initial=-np.inf), op=MPI.MAX)),
         "history": {"times": result.times, "regions": result.region_means, "domain_mean": result.domain_mean},
         "si_particles": particles if image is not None else None,
-        "timescales": timescales(settings, _max_distance_to_pore(image, settings)) if image is not None else None,
+        "timescales": timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None,
         "wall_time_s": time.perf_counter() - start,
         "performance": _performance(comm, meshed - start, assembled - meshed, time.perf_counter() - assembled),
         "settings": settings.to_dict(),
@@ -303,7 +398,7 @@ def run_diffusion(
 
             plot_region_history(results, staging / "c_regions.png", c_bulk=c_bulk)
             if image is not None and snapshots:
-                plot_concentration_fields(image, snapshots, settings, staging / "c_fields.png")
+                plot_concentration_fields(_middle_section(image), snapshots, settings, staging / "c_fields.png")
     problem.destroy()
     if stopped is not None:
         raise stopped

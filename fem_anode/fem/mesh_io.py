@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 
 import dolfinx
+import numpy as np
 from mpi4py import MPI
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
@@ -34,6 +35,9 @@ class TaggedMesh:
         facet_tags: facet markers (interfaces and box sides).
         cell_groups: cell group name -> tag.
         facet_groups: facet group name -> tag.
+        slab_bounds: for voxel meshes partitioned by slabs of image layers
+            (:mod:`fem_anode.fem.voxel_mesh`): rank r owns the cells of layers
+            ``slab_bounds[r] ... slab_bounds[r + 1] - 1``; else ``None``.
     """
 
     mesh: dolfinx.mesh.Mesh
@@ -41,6 +45,7 @@ class TaggedMesh:
     facet_tags: dolfinx.mesh.MeshTags
     cell_groups: dict[str, int]
     facet_groups: dict[str, int]
+    slab_bounds: np.ndarray | None = None
 
     @property
     def comm(self) -> MPI.Comm:

@@ -193,7 +193,7 @@ def create_voxel_mesh(
     n_global = mesh.topology.index_map(ndim).size_global
     logger.info("voxel mesh: %d cells on %d rank(s) in %.2f s (input cells from %d on this rank)",
                 n_global, comm.size, time.perf_counter() - start, cell_offset)
-    return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups)
+    return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups, bounds if partition == "slab" else None)
 
 
 def _slab_partitioner(comm: MPI.Comm, voxels: np.ndarray, is_kept: np.ndarray, z0: int, lo: int, bounds: np.ndarray, ghost_mode: str):  # type: ignore[no-untyped-def]
