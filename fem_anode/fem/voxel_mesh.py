@@ -148,13 +148,14 @@ def create_voxel_mesh(
     error: Exception | None = None
     labels = np.zeros((0, *shape[1:]), dtype=np.int16)
     try:
-        labels = np.asarray(image.read_layers(lo, hi))
-        if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"{image.source}: labels must be integers, got {labels.dtype}")
-        labels = labels.astype(np.int16, copy=False)
-        unknown = np.setdiff1d(np.unique(labels), list(phases.values()))
+        raw = np.asarray(image.read_layers(lo, hi))
+        if raw.size and not np.issubdtype(raw.dtype, np.integer):
+            raise InputError(f"{image.source}: labels must be integers, got {raw.dtype}")
+        unknown = np.setdiff1d(np.unique(raw), list(phases.values()))
         if unknown.size:
             raise InputError(f"{image.source}: label values {unknown[:10].tolist()} are not in the phase map {phases}")
+        labels = raw.astype(np.int16, copy=False)  # phase labels are 0..255
+        del raw
     except (InputError, UsageError) as err:
         error = err
     _agree(comm, error)
@@ -168,10 +169,9 @@ def create_voxel_mesh(
     kept_halo = np.zeros((z1 - z0 + 2, *shape[1:]), dtype=bool)
     kept_halo[max(lo, z0 - 1) - (z0 - 1) : min(hi, z1 + 1) - (z0 - 1)] = is_kept[max(lo, z0 - 1) - lo : min(hi, z1 + 1) - lo]
     last = z1 == shape[0] and z1 > z0
-    counting = SlabNumbering(kept_halo, owns_last_plane=last)
-    node_offset = comm.exscan(counting.owned) or 0
-    numbering = SlabNumbering(kept_halo, owns_last_plane=last, node_offset=node_offset)
-    del counting, kept_halo
+    numbering = SlabNumbering(kept_halo, owns_last_plane=last)
+    numbering.number(comm.exscan(numbering.owned) or 0)
+    del kept_halo
     voxels = np.argwhere(is_kept[z0 - lo : z1 - lo])
     cells = numbering.corner_nodes(voxels, corner_offsets(ndim))
     points = numbering.owned_points(spacing, z0)

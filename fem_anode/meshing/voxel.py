@@ -100,13 +100,14 @@ class SlabNumbering:
         kept: boolean kept-voxel mask of layers ``z0 - 1 ... z1`` (one halo layer on each side of
             the slab's own layers ``z0 ... z1 - 1``; ``False`` where outside the image).
         owns_last_plane: the slab also owns the node plane ``z1`` (the last slab of the image).
-        node_offset: global number of the slab's first node (the nodes of the slabs before it).
 
-    The slab owns the node planes ``z0 ... z1 - 1`` (and ``z1`` if ``owns_last_plane``); the
-    numbers of plane ``z1`` continue after the slab's own, as the next slab numbers them.
+    The slab owns the node planes ``z0 ... z1 - 1`` (and ``z1`` if ``owns_last_plane``): their
+    :attr:`owned` node copies get the numbers ``node_offset ...`` once :meth:`number` is given
+    the offset (the nodes of the slabs before this one); the numbers of plane ``z1`` continue
+    after the slab's own, as the next slab numbers them.
     """
 
-    def __init__(self, kept: np.ndarray, owns_last_plane: bool, node_offset: int = 0) -> None:
+    def __init__(self, kept: np.ndarray, owns_last_plane: bool) -> None:
         kept = np.asarray(kept, dtype=bool)
         self.ndim = kept.ndim
         self.layers = kept.shape[0] - 2
@@ -127,15 +128,20 @@ class SlabNumbering:
         copies = count[self.config]
         plane = int(np.prod(plane_shape))
         owned_planes = self.layers + (1 if owns_last_plane else 0)
-        #: Node copies this slab owns (numbered ``node_offset ... node_offset + owned - 1``).
+        #: Node copies this slab owns.
         self.owned = int(copies[:owned_planes].sum(dtype=np.int64))
-        self.node_offset = int(node_offset)
+        self._copies = copies.ravel()
+        self._owned_grid = owned_planes * plane
+        self._first = np.zeros(0, dtype=np.int64)
+
+    def number(self, node_offset: int) -> SlabNumbering:
+        """Number the owned copies from ``node_offset`` (global); returns self."""
         # First global number of every grid node's copies (planes z0 ... z1).
-        self._first = np.empty(copies.size, dtype=np.int64)
+        self._first = np.empty(self._copies.size, dtype=np.int64)
         self._first[0] = node_offset
-        np.cumsum(copies.ravel()[:-1], dtype=np.int64, out=self._first[1:])
+        np.cumsum(self._copies[:-1], dtype=np.int64, out=self._first[1:])
         self._first[1:] += node_offset
-        self._owned_grid = (owned_planes * plane, copies.ravel()[: owned_planes * plane])
+        return self
 
     def corner_nodes(self, voxels: np.ndarray, corners: np.ndarray) -> np.ndarray:
         """Global node numbers of ``corners`` (offsets, (k, d)) of kept ``voxels`` (slab-local
@@ -151,8 +157,8 @@ class SlabNumbering:
 
     def owned_points(self, spacing: Sequence[float], z0: int) -> np.ndarray:
         """Coordinates (x, y[, z]) in metres of the owned node copies, in numbering order."""
-        n_grid, copies = self._owned_grid
-        grid = np.repeat(np.arange(n_grid, dtype=np.int64), copies)
+        n_grid = self._owned_grid
+        grid = np.repeat(np.arange(n_grid, dtype=np.int64), self._copies[:n_grid])
         index = np.stack(np.unravel_index(grid, self.node_shape), axis=1)
         index[:, 0] += z0
         return (index * np.asarray(spacing, dtype=np.float64))[:, ::-1].copy()
@@ -209,7 +215,7 @@ def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Vox
     spacing = np.asarray(image.require_voxel_size())
     ndim = image.ndim
     labels = image.array.astype(np.int32)
-    numbering = SlabNumbering(np.pad(mask, [(1, 1)] + [(0, 0)] * (ndim - 1)), owns_last_plane=True)
+    numbering = SlabNumbering(np.pad(mask, [(1, 1)] + [(0, 0)] * (ndim - 1)), owns_last_plane=True).number(0)
     voxels = np.argwhere(mask)
     cells = numbering.corner_nodes(voxels, corner_offsets(ndim)[_GMSH_FROM_DOLFINX[ndim]])
     cell_tags = np.array([phase_tag(v) for v in range(256)])[labels[mask]]
