@@ -3,7 +3,7 @@
 Runs in ``benchmarks/.peers-venv`` (Python 3.11 with taufactor, porespy; see setup_peers.sh),
 never imports fem_anode. Usage::
 
-    .peers-venv/bin/python peer_tortuosity.py VOLUME.npy [...] [--conv-crit 1e-4] [--no-porespy]
+    .peers-venv/bin/python peer_tortuosity.py VOLUME.npy [...] [--conv-crit 1e-4] [--no-porespy] [--spacing 1.5,1,0.8]
 
 Each VOLUME.npy is a boolean (z, y, x) array, True = the phase; the transport axis is 0. Prints
 one JSON object: {path: {"taufactor": {...}, "porespy": {...}}} with tau, relative diffusivity
@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 
-def run_taufactor(mask: np.ndarray, conv_crit: float, iter_limit: int) -> dict:
+def run_taufactor(mask: np.ndarray, conv_crit: float, iter_limit: int, spacing: tuple[float, ...] | None = None) -> dict:
     import taufactor
     import torch
 
@@ -32,7 +32,10 @@ def run_taufactor(mask: np.ndarray, conv_crit: float, iter_limit: int) -> dict:
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        solver = taufactor.Solver(mask.astype(np.uint8), device="cpu")
+        if spacing is None:
+            solver = taufactor.Solver(mask.astype(np.uint8), device="cpu")
+        else:  # TauFactor's (x, y, z) are our array axes (0, 1, 2); axis 0 is the transport axis
+            solver = taufactor.AnisotropicSolver(mask.astype(np.uint8), spacing=tuple(spacing), device=torch.device("cpu"))
         solver.solve(verbose=False, conv_crit=conv_crit, iter_limit=iter_limit)
     tau = float(np.asarray(solver.tau).ravel()[0])
     return {
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--conv-crit", type=float, default=1e-4, help="TauFactor flux-uniformity criterion")
     parser.add_argument("--iter-limit", type=int, default=200_000)
     parser.add_argument("--no-porespy", action="store_true")
+    parser.add_argument("--spacing", default=None, help="voxel size per array axis (TauFactor's AnisotropicSolver)")
     parser.add_argument("--no-taufactor", action="store_true")
     args = parser.parse_args()
     out = {}
@@ -79,7 +83,8 @@ def main() -> None:
         mask = np.load(path).astype(bool)
         entry = {}
         if not args.no_taufactor:
-            entry["taufactor"] = run_taufactor(mask, args.conv_crit, args.iter_limit)
+            spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+            entry["taufactor"] = run_taufactor(mask, args.conv_crit, args.iter_limit, spacing)
         if not args.no_porespy:
             entry["porespy"] = run_porespy(mask)
         out[path] = entry

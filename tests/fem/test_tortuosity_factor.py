@@ -1,7 +1,14 @@
-"""Tortuosity factor from the FE flux on voxel meshes: exact cases, bounds, refinement, MPI.
+"""Tortuosity factor: cell-centred finite volumes (default) and the FE (Q1 nodal) option.
 
-Exact answers used (the solve is on the voxel geometry itself, so these hold to solver
-precision): straight channels and sheets parallel to z give a linear c(z), hence tau = eps /
+Finite volumes (``method="fv"``, TauFactor's discretisation): straight channels and slabs give
+tau = eps / eps_percolating exactly; a chain of voxels (a path through faces) is a series of
+resistors, 1 / (2 g_z) at each end and 1 / g between face neighbours; parallel paths add their
+conductances; voxels touching only along an edge or at a corner are not connected (tau = inf);
+general volumes equal an independent resistor-network solve (explicit loops over voxel faces,
+dense solve); the distributed cluster labelling equals the serial one; 1 and 2 ranks agree.
+
+FE (``method="fe"``): exact answers used (the solve is on the voxel geometry itself, so these
+hold to solver precision): straight channels and sheets parallel to z give a linear c(z), hence tau = eps /
 eps_percolating (= 1 without isolated voxels) and D_eff / D = eps_percolating (the Wiener
 parallel bound, attained). A channel that narrows in z (series structure) has a 1D piecewise
 linear c in the FE space, so by the Dirichlet principle the FE flux is at most the series value
@@ -29,6 +36,7 @@ from fem_anode.fem.tortuosity import (  # noqa: E402
     tortuosity_factor,
     tortuosity_factors,
 )
+from fem_anode.fem.tortuosity.clusters import slab_bounds, spanning_clusters  # noqa: E402
 
 H = (40e-9, 20e-9, 25e-9)  # anisotropic voxel (z, y, x) in metres
 
@@ -69,7 +77,8 @@ def test_percolating_mask_keeps_only_clusters_touching_both_faces():
     assert np.array_equal(kept, np.pad(np.ones((5, 1, 1), bool), ((0, 0), (0, 5), (0, 5))))
 
 
-def test_straight_channels_and_sheets_exact(comm):
+@pytest.mark.parametrize("method", ["fv", "fe"])
+def test_straight_channels_and_sheets_exact(comm, method):
     labels = np.zeros((7, 10, 12), np.uint8)
     labels[:, 1:3, 1:4] = 1  # channel
     labels[:, 6, 2] = 1  # one-voxel channel
@@ -79,7 +88,8 @@ def test_straight_channels_and_sheets_exact(comm):
     labels[3, 0, 11] = 1  # floating voxel: counts in eps, not in the flux
     labels[:2, 4, 10] = 1  # dead end from the top
     labels[labels == 0] = np.where(np.arange(labels.size).reshape(labels.shape)[labels == 0] % 5 == 0, 2, 0)
-    res = tortuosity_factor(image(labels), "pore", comm)
+    res = tortuosity_factor(image(labels), "pore", comm, method=method)
+    assert res.method == method
     perc = np.count_nonzero(labels[0] == 1) - 1  # columns through z: all top voxels but the dead end
     n_cross = labels.shape[1] * labels.shape[2]
     eps = np.count_nonzero(labels == 1) / labels.size
@@ -91,15 +101,16 @@ def test_straight_channels_and_sheets_exact(comm):
     assert res.cells == perc * labels.shape[0]
     assert res.ranks == comm.size
     # a full slab: tau = 1 exactly
-    full = tortuosity_factor(image(np.ones((4, 3, 5))), "pore", comm)
+    full = tortuosity_factor(image(np.ones((4, 3, 5))), "pore", comm, method=method)
     assert full.tau == pytest.approx(1.0, rel=1e-10) and full.relative_diffusivity == pytest.approx(1.0, rel=1e-10)
 
 
-def test_not_percolating_gives_inf_without_a_solve(comm):
+@pytest.mark.parametrize("method", ["fv", "fe"])
+def test_not_percolating_gives_inf_without_a_solve(comm, method):
     labels = np.zeros((6, 5, 5), np.uint8)
     labels[:3, 1, 1] = 1
     labels[3:, 2, 2] = 1  # meets the first column along an edge only
-    res = tortuosity_factor(image(labels), "pore", comm)
+    res = tortuosity_factor(image(labels), "pore", comm, method=method)
     assert res.tau == float("inf") and res.relative_diffusivity == 0.0 and res.dofs == 0
     assert "does not percolate" in res.note
     assert res.to_json()["tau"] is None
@@ -112,8 +123,8 @@ def test_series_constriction_bounds_and_refinement(comm):
     labels[:4, 1:5, 1:5] = 1
     labels[4:, 2:4, 2:4] = 1
     spacing = (1e-6, 1e-6, 1e-6)
-    coarse = tortuosity_factor(image(labels, spacing), "pore", comm)
-    fine = tortuosity_factor(image(labels.repeat(2, 0).repeat(2, 1).repeat(2, 2), (5e-7,) * 3), "pore", comm)
+    coarse = tortuosity_factor(image(labels, spacing), "pore", comm, method="fe")
+    fine = tortuosity_factor(image(labels.repeat(2, 0).repeat(2, 1).repeat(2, 2), (5e-7,) * 3), "pore", comm, method="fe")
     n_cross = 36
     series = 1.0 / (0.5 * n_cross / 16 + 0.5 * n_cross / 4)  # D_eff/D of two layers in series (1D)
     narrow = 4 / n_cross  # the narrow columns alone, over the whole depth
@@ -126,20 +137,20 @@ def test_series_constriction_bounds_and_refinement(comm):
 def test_random_volume_bounds_and_rank_independence(comm):
     rng = np.random.default_rng(7)
     labels = (rng.random((12, 10, 10)) < 0.65).astype(np.uint8)
-    res = tortuosity_factor(image(labels), "pore", comm)
+    res = tortuosity_factor(image(labels), "pore", comm, method="fe")
     assert 1.0 < res.tau < 5.0  # Wiener: D_eff <= eps D
     assert res.relative_diffusivity <= res.percolating_fraction
     assert res.flux_check_rel < 1e-6
     taus = comm.allgather(res.tau)
     assert max(taus) == min(taus)
     # the same volume on one rank gives the same number
-    single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF)
+    single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF, method="fe")
     assert res.tau == pytest.approx(single.tau, rel=1e-7)
     # GAMG instead of the default BoomerAMG: the same answer
-    gamg = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "gamg"})
+    gamg = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "gamg"}, method="fe")
     assert gamg.tau == pytest.approx(res.tau, rel=1e-7)
     # the solid phase along z (labels 0): a second phase through the convenience wrapper
-    both = tortuosity_factors(image(labels), ["pore", "solid"], comm)
+    both = tortuosity_factors(image(labels), ["pore", "solid"], comm, method="fe")
     assert both["pore"].tau == pytest.approx(res.tau, rel=1e-9)
     assert both["solid"].tau > 1.0 or both["solid"].tau == float("inf")
 
@@ -194,8 +205,8 @@ def test_voxel_assembly_equals_dolfinx_assembly(comm, spacing):
     """The fast path (NumPy stiffness, PETSc) and the plain dolfinx-assembled FE give the same tau."""
     rng = np.random.default_rng(5)
     labels = (rng.random((10, 9, 8)) < 0.6).astype(np.uint8)
-    fast = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12)
-    reference = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12, assembly="dolfinx")
+    fast = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12, method="fe")
+    reference = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12, assembly="dolfinx", method="fe")
     assert fast.tau == pytest.approx(reference.tau, rel=1e-8)
     assert fast.relative_diffusivity == pytest.approx(reference.relative_diffusivity, rel=1e-8)
     assert (fast.cells, fast.dofs) == (reference.cells, reference.dofs)
@@ -210,6 +221,10 @@ def test_bad_input(comm):
         tortuosity_factor(VoxelImage(np.ones((3, 3), np.uint8), (1e-8, 1e-8), {"pore": 1}), "pore", comm)
     with pytest.raises(UsageError, match="assembly must be"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, assembly="scipy")
+    with pytest.raises(UsageError, match="method must be one of fv, fe, fe-extrapolated"):
+        tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, method="lbm")
+    with pytest.raises(UsageError, match="rtol must lie"):
+        tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, rtol=0.0)
 
 
 def test_metrics_cli_tortuosity_factor(shared_tmp_path, comm):
@@ -232,9 +247,199 @@ def test_metrics_cli_tortuosity_factor(shared_tmp_path, comm):
     assert data["tortuosity_factor"]["pore"] == pytest.approx(56 / 54, rel=1e-9)
     assert data["tortuosity_factor"]["other"] == pytest.approx(1.0, rel=1e-9)
     assert data["tortuosity_factor_details"]["pore"]["ranks"] == comm.size
+    assert data["tortuosity_factor_method"] == "fv" and data["tortuosity_factor_details"]["pore"]["method"] == "fv"
+    for method in ("fe", "fe-extrapolated"):
+        assert main(["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", method, "--out", str(out / method)]) == 0
+        data = json.loads((out / method / "metrics.json").read_text())
+        assert data["tortuosity_factor_method"] == method and data["tortuosity_factor_details"]["pore"]["method"] == method
+        assert data["tortuosity_factor"]["pore"] == pytest.approx(56 / 54, rel=1e-9)
+    assert main(["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", "lbm", "--out", str(out / "m")]) == 2
     # default phase: the pore phase; without the flag no key
     assert main(["metrics", str(path), "--tortuosity-factor", "--out", str(out / "d")]) == 0
     assert list(json.loads((out / "d" / "metrics.json").read_text())["tortuosity_factor"]) == ["pore"]
     assert main(["metrics", str(path), "--out", str(out / "n")]) == 0
     assert "tortuosity_factor" not in json.loads((out / "n" / "metrics.json").read_text())
     assert main(["metrics", str(path), "--tortuosity-factor", "carbon", "--out", str(out / "bad")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite volumes (the default): exact resistor networks, diagonal contacts, distribution.
+
+
+def conductances(spacing):
+    """Face conductances (g_z, g_y, g_x) = area / distance of a voxel (any length unit)."""
+    hz, hy, hx = spacing
+    return hx * hy / hz, hx * hz / hy, hy * hz / hx
+
+
+def relative_from_resistance(resistance, shape, spacing):
+    """D_eff / D of a network of total resistance R (Delta c = 1) across a box of ``shape`` voxels."""
+    (nz, ny, nx), (hz, hy, hx) = shape, spacing
+    return (1.0 / resistance) * nz * hz / (ny * hy * nx * hx)
+
+
+def network_relative_diffusivity(mask, spacing):
+    """Independent FV reference: the resistor network over voxel faces, built with explicit loops
+    and solved densely (every phase voxel; clusters not spanning z carry no flux)."""
+    gz, gy, gx = conductances(spacing)
+    mask = percolating_mask(mask)
+    cells = [tuple(v) for v in np.argwhere(mask)]
+    number = {v: i for i, v in enumerate(cells)}
+    nz = mask.shape[0]
+    A = np.zeros((len(cells), len(cells)))
+    b = np.zeros(len(cells))
+    for (k, j, i), row in number.items():
+        for (dk, dj, di), g in (((1, 0, 0), gz), ((0, 1, 0), gy), ((0, 0, 1), gx)):
+            other = number.get((k + dk, j + dj, i + di))
+            if other is not None:
+                A[row, row] += g
+                A[other, other] += g
+                A[row, other] -= g
+                A[other, row] -= g
+        if k == 0:
+            A[row, row] += 2 * gz
+            b[row] += 2 * gz
+        if k == nz - 1:
+            A[row, row] += 2 * gz
+    c = np.linalg.solve(A, b)
+    top = np.array([number[v] for v in cells if v[0] == 0])
+    flux = 2 * gz * (1.0 - c[top]).sum()
+    return relative_from_resistance(1.0 / flux, mask.shape, spacing)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), H])
+def test_fv_chain_of_voxels_is_a_series_resistor(comm, spacing):
+    """Column down, one step sideways through a face, column down: a path, R = nz/g_z + 1/g_x + 1/g_y."""
+    labels = np.zeros((8, 4, 4), np.uint8)
+    labels[:4, 1, 1] = 1
+    labels[3, 1, 2] = 1  # step in x at layer 3
+    labels[3:6, 2, 2] = 1  # step in y at layer 3, down to layer 5
+    labels[5:, 2, 3] = 1  # step in x at layer 5, down to the bottom
+    gz, gy, gx = conductances(spacing)
+    resistance = 8 / gz + 2 / gx + 1 / gy  # 2 half z faces + 7 z faces = 8 / g_z
+    res = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-10)
+    expected = relative_from_resistance(resistance, labels.shape, spacing)
+    assert res.relative_diffusivity == pytest.approx(expected, rel=1e-9)
+    assert res.tau == pytest.approx(labels.mean() / expected, rel=1e-9)
+    assert res.method == "fv" and res.dofs == np.count_nonzero(labels) == 4 + 1 + 3 + 3
+    # a second, straight path in parallel: the conductances add
+    labels[:, 0, 3] = 1
+    both = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-10)
+    expected = relative_from_resistance(1.0 / (1.0 / resistance + gz / 8), labels.shape, spacing)
+    assert both.relative_diffusivity == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("contact", ["edge", "corner"])
+def test_fv_diagonal_contact_does_not_connect(comm, contact):
+    """Two columns meeting along an edge or at a corner only: no flux (tau = inf); a face bridge
+    gives the series resistor exactly."""
+    labels = np.zeros((8, 4, 4), np.uint8)
+    labels[:4, 1, 1] = 1
+    if contact == "edge":
+        labels[4:, 1, 2] = 1  # (3, 1, 1) and (4, 1, 2) share an edge
+    else:
+        labels[4:, 2, 2] = 1  # (3, 1, 1) and (4, 2, 2) share a corner
+    res = tortuosity_factor(image(labels), "pore", comm)
+    assert res.tau == float("inf") and res.relative_diffusivity == 0.0 and res.dofs == 0
+    assert res.volume_fraction == pytest.approx(8 / labels.size, rel=1e-12)
+    labels[3, 1, 2] = 1  # face bridge: (3, 1, 1) - (3, 1, 2) [- (3, 2, 2)] - column below
+    if contact == "corner":
+        labels[3, 2, 2] = 1
+    gz, gy, gx = conductances(H)
+    resistance = 8 / gz + 1 / gx + (1 / gy if contact == "corner" else 0.0)
+    bridged = tortuosity_factor(image(labels), "pore", comm, rtol=1e-10)
+    assert bridged.relative_diffusivity == pytest.approx(relative_from_resistance(resistance, labels.shape, H), rel=1e-9)
+
+
+def test_fv_series_blocks_equal_the_resistor_network(comm):
+    """Wide block (4x4) over a narrow one (2x2), anisotropic voxels: the FV value equals an
+    independent resistor-network solve and lies between the narrow-columns-only and 1D bounds."""
+    labels = np.zeros((8, 6, 6), np.uint8)
+    labels[:4, 1:5, 1:5] = 1
+    labels[4:, 2:4, 2:4] = 1
+    res = tortuosity_factor(image(labels), "pore", comm, rtol=1e-10)
+    reference = network_relative_diffusivity(labels == 1, H)
+    assert res.relative_diffusivity == pytest.approx(reference, rel=1e-9)
+    gz = conductances(H)[0]
+    series = relative_from_resistance(4 / (16 * gz) + 4 / (4 * gz), labels.shape, H)  # 1D, no lateral resistance
+    narrow = relative_from_resistance(8 / (4 * gz), labels.shape, H)
+    assert narrow < res.relative_diffusivity < series
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), H])
+def test_fv_random_volume_equals_the_resistor_network_and_is_rank_independent(comm, spacing):
+    rng = np.random.default_rng(11)
+    labels = (rng.random((9, 7, 6)) < 0.62).astype(np.uint8)
+    res = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-10)
+    assert res.relative_diffusivity == pytest.approx(network_relative_diffusivity(labels == 1, spacing), rel=1e-8)
+    assert res.flux_check_rel < 1e-6  # the z = 0 and z = end fluxes agree to the solver tolerance
+    single = tortuosity_factor(image(labels, spacing), "pore", MPI.COMM_SELF, rtol=1e-10)
+    assert res.tau == pytest.approx(single.tau, rel=1e-9)
+    taus = comm.allgather(res.tau)
+    assert max(taus) == min(taus)
+    # GAMG: the same answer; FE (below) and FV bracket the refinement limit
+    gamg = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-10, petsc_options={"pc_type": "gamg"})
+    assert gamg.tau == pytest.approx(res.tau, rel=1e-8)
+    fe = tortuosity_factor(image(labels, spacing), "pore", comm, method="fe")
+    assert fe.tau < res.tau
+
+
+def test_fv_blob_volume_rank_independence(comm):
+    """A larger volume whose clusters cross the slab interfaces many times (labels merged by the
+    distributed union-find): 1 rank and all ranks agree."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    field = ndimage.gaussian_filter(rng.standard_normal((30, 24, 24)), 1.5, mode="wrap")
+    labels = (field < np.quantile(field, 0.45)).astype(np.uint8)
+    res = tortuosity_factor(image(labels), "pore", comm, rtol=1e-9)
+    single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF, rtol=1e-9)
+    assert np.isfinite(res.tau) and res.tau > 1.0
+    assert res.tau == pytest.approx(single.tau, rel=1e-8)
+    assert res.percolating_fraction == single.percolating_fraction
+
+
+def test_distributed_spanning_clusters_equal_the_serial_labelling(comm):
+    """Clusters that go down, back up and down again across slab interfaces; dead ends; islands."""
+    rng = np.random.default_rng(4)
+    mask = rng.random((12, 9, 9)) < 0.35
+    mask[:, 0, 0] = True  # spans
+    mask[:, 8, :] = False
+    mask[:8, 8, 1] = True  # a U: down column 1, across at layer 7, up column 3, ... then down
+    mask[7, 8, 1:4] = True
+    mask[2:8, 8, 3] = True
+    mask[2, 8, 3:6] = True
+    mask[2:, 8, 5] = True
+    expected = percolating_mask(mask)
+    for layers in range(1, 4):  # also fewer layers than ranks
+        sub = mask[:layers] if layers < 3 else mask
+        slab = slab_bounds(comm, sub.shape[0])
+        mine = spanning_clusters(comm, slab, sub[slab.z0 : slab.z1])
+        parts = comm.allgather(mine)
+        assert np.array_equal(np.concatenate(parts), percolating_mask(sub) if layers < 3 else expected)
+
+
+def test_fv_memmap_input_and_fewer_layers_than_ranks(shared_tmp_path, comm):
+    rng = np.random.default_rng(9)
+    labels = (rng.random((10, 8, 8)) < 0.6).astype(np.uint8)
+    path = shared_tmp_path / "vol.npy"
+    if comm.rank == 0:
+        np.save(path, labels)
+    comm.barrier()
+    mapped = np.load(path, mmap_mode="r")
+    res = tortuosity_factor(image(labels), "pore", comm, rtol=1e-9)
+    res_mapped = tortuosity_factor(VoxelImage(mapped, H, {"solid": 0, "pore": 1, "other": 2}), "pore", comm, rtol=1e-9)
+    assert res_mapped.tau == pytest.approx(res.tau, rel=1e-12)
+    one_layer = tortuosity_factor(image(np.ones((1, 3, 4))), "pore", comm)
+    assert one_layer.tau == pytest.approx(1.0, rel=1e-12)
+
+
+def test_fe_extrapolated_lies_between_fe_and_fv(comm):
+    rng = np.random.default_rng(5)
+    labels = (rng.random((8, 7, 7)) < 0.65).astype(np.uint8)
+    fv = tortuosity_factor(image(labels, (1e-6,) * 3), "pore", comm)
+    fe = tortuosity_factor(image(labels, (1e-6,) * 3), "pore", comm, method="fe")
+    ex = tortuosity_factor(image(labels, (1e-6,) * 3), "pore", comm, method="fe-extrapolated")
+    assert ex.method == "fe-extrapolated" and ex.refinement["tau"][0] == pytest.approx(fe.tau, rel=1e-9)
+    assert fe.tau < ex.refinement["tau"][1] < ex.refinement["tau"][2] <= ex.tau < fv.tau
+    assert ex.to_json()["refinement"]["order"] > 0

@@ -1,6 +1,7 @@
-r"""Tortuosity factor of a phase from a steady diffusion solve on its voxel mesh.
+r"""Finite-element (nodal, trilinear Q1) tortuosity factor of a phase on its voxel mesh.
 
-The phase of a 3D label image (axes ``(z, y, x)``) is meshed with one trilinear hexahedron per
+This is ``method="fe"`` of :func:`fem_anode.fem.tortuosity.tortuosity_factor`; the default there
+is the cell-centred finite-volume value of :mod:`.fv` (TauFactor's). The phase of a 3D label image (axes ``(z, y, x)``) is meshed with one trilinear hexahedron per
 voxel and the steady diffusion problem
 
 .. math::
@@ -48,7 +49,6 @@ forms: the reference the tests compare with (same tau to 1e-8), 3-5x slower in t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -57,16 +57,15 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
 
 __all__ = [
-    "TortuosityResult",
     "element_stiffness",
+    "fe_tortuosity_factor",
     "hex_mesh_arrays",
     "percolating_mask",
     "reduced_system",
-    "tortuosity_factor",
-    "tortuosity_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,48 +95,6 @@ def _block_components() -> np.ndarray:
 _BLOCK_COMPONENTS = _block_components()
 # Corner offsets (dz, dy, dx) of a hexahedron in dolfinx's (tensor-product, x fastest) order.
 _DOLFINX_HEX = np.array([(k, j, i) for k in (0, 1) for j in (0, 1) for i in (0, 1)])
-
-
-@dataclasses.dataclass
-class TortuosityResult:
-    """Tortuosity factor of one phase along z.
-
-    Attributes:
-        phase: phase name.
-        tau: tortuosity factor eps D / D_eff (``inf`` if the phase does not percolate along z).
-        relative_diffusivity: D_eff / D (0 if not percolating).
-        volume_fraction: eps, fraction of all voxels that belong to the phase.
-        percolating_fraction: fraction of all voxels in clusters spanning z (the solved domain).
-        cells, dofs: voxel-mesh cells and P1 unknowns of the solve (0 if none).
-        iterations: CG iterations.
-        flux_check_rel: relative difference between the energy (reaction) flux and the
-            volume-averaged-gradient flux (small when the solve is converged).
-        ranks: MPI ranks of the solve.
-        timings_s: wall times (s) of the phases: ``percolation`` (cluster labelling), ``mesh``
-            (hexahedron arrays), ``assembly`` (matrix and load; with ``assembly="dolfinx"`` also
-            ``mesh_dolfinx``), ``pc_setup`` (multigrid), ``cg``, ``solve`` (= pc_setup + cg),
-            ``flux`` and ``total``.
-        note: why tau is infinite, else empty.
-    """
-
-    phase: str
-    tau: float
-    relative_diffusivity: float
-    volume_fraction: float
-    percolating_fraction: float
-    cells: int
-    dofs: int
-    iterations: int
-    flux_check_rel: float
-    ranks: int
-    timings_s: dict[str, float]
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (``tau`` = None when infinite, as elsewhere in metrics.json)."""
-        out = dataclasses.asdict(self)
-        out["tau"] = self.tau if np.isfinite(self.tau) else None
-        return out
 
 
 def percolating_mask(mask: np.ndarray) -> np.ndarray:
@@ -354,7 +311,7 @@ def _ksp(comm: Any, operator: Any, options: dict[str, Any]) -> Any:
 _ASSEMBLY = ("voxel", "dolfinx")
 
 
-def tortuosity_factor(
+def fe_tortuosity_factor(
     image: VoxelImage,
     phase: str,
     comm: Any = None,
@@ -364,7 +321,7 @@ def tortuosity_factor(
     petsc_options: dict[str, Any] | None = None,
     assembly: str = "voxel",
 ) -> TortuosityResult:
-    """Tortuosity factor of ``phase`` along z (axis 0) of a 3D label image (collective).
+    """FE (Q1 nodal) tortuosity factor of ``phase`` along z (axis 0) of a 3D label image (collective).
 
     Args:
         image: 3D label image with voxel size (m) and phase map; read on rank 0 (other ranks may
@@ -438,7 +395,7 @@ def tortuosity_factor(
         logger.info("%s", note)
         return TortuosityResult(
             phase, float("inf"), 0.0, meta["eps"], 0.0, 0, 0, 0, 0.0, comm.size,
-            {"mesh": 0.0, "solve": 0.0, "total": time.perf_counter() - start}, note,
+            {"mesh": 0.0, "solve": 0.0, "total": time.perf_counter() - start}, note, method="fe",
         )
     options = _solver_options(rtol, max_iterations, petsc_options or {})
     solve = _solve_voxel if assembly == "voxel" else _solve_dolfinx
@@ -451,7 +408,7 @@ def tortuosity_factor(
     check = abs(flux_energy - flux_gradient) / flux_energy if flux_energy > 0 else 0.0
     timings["total"] = time.perf_counter() - start
     logger.info(
-        "tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, %d CG iterations, %.2f s",
+        "FE tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, %d CG iterations, %.2f s",
         phase, tau, meta["eps"], relative, cells_global, dofs, iterations, timings["total"],
     )
     return TortuosityResult(
@@ -466,6 +423,7 @@ def tortuosity_factor(
         flux_check_rel=float(check),
         ranks=comm.size,
         timings_s=timings,
+        method="fe",
     )
 
 
@@ -653,12 +611,3 @@ def _solve_dolfinx(comm, phase, meta, points, cells, options):  # type: ignore[n
     timings["flux"] = time.perf_counter() - t3
     n_cells, n_dofs = mesh.topology.index_map(tdim).size_global, V.dofmap.index_map.size_global
     return flux_energy, flux_gradient, n_cells, n_dofs, iterations, timings
-
-
-def tortuosity_factors(image: VoxelImage, phases: list[str] | None = None, comm: Any = None, **kwargs: Any) -> dict[str, TortuosityResult]:
-    """Tortuosity factors along z of several phases (default: every phase with voxels). Collective."""
-    names = list(image.require_phases()) if phases is None else list(phases)
-    if phases is None:
-        present = set(np.unique(image.array).tolist())
-        names = [n for n in names if image.require_phases()[n] in present]
-    return {name: tortuosity_factor(image, name, comm, **kwargs) for name in names}
