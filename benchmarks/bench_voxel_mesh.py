@@ -1,7 +1,8 @@
 """Image -> distributed dolfinx voxel mesh with tags: the distributed builder vs the gmsh path.
 
-The solid phase of the bundled 128^3 real electrode (835k hexahedra), or the electrode tiled
-``k x k x k`` times (``--tile 2``: 256^3, 6.7M hexahedra), meshed into a tagged dolfinx mesh:
+The solid phase of the bundled 128^3 real electrode (835k hexahedra), or the electrode mirror-tiled
+(``--tile 2``: 256^3, 6.7M hexahedra; ``--tile 2,1,1``: 256 x 128 x 128, twice the depth, for weak
+scaling against one rank on 128^3), meshed into a tagged dolfinx mesh:
 
 * ``distributed``: :func:`fem_anode.fem.voxel_mesh.create_voxel_mesh` (each rank its slab, no
   gmsh, slab partition);
@@ -31,29 +32,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def electrode(tile: int):  # type: ignore[no-untyped-def]
+def electrode(tiles: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+    """The bundled electrode mirror-tiled ``tiles`` = (z, y, x) times (copies join without seams)."""
     import numpy as np
 
     from fem_anode.data import real_electrode
     from fem_anode.io.images import VoxelImage
 
     image = real_electrode()
-    if tile == 1:
+    if tiles == (1, 1, 1):
         return image
-    # Mirror-tile so the copies join without seams of new interfaces.
     array = image.array
-    for axis in range(3):
+    for axis, tile in enumerate(tiles):
         array = np.concatenate([array if k % 2 == 0 else np.flip(array, axis) for k in range(tile)], axis=axis)
-    return VoxelImage(np.ascontiguousarray(array), image.voxel_size, image.phases, f"electrode tiled {tile}^3")
+    return VoxelImage(np.ascontiguousarray(array), image.voxel_size, image.phases, f"electrode tiled {tiles}")
 
 
-def worker(method: str, tile: int) -> None:
+def parse_tiles(text: str) -> tuple[int, int, int]:
+    """``"2"`` -> (2, 2, 2); ``"2,1,1"`` -> (2, 1, 1) (z, y, x)."""
+    parts = [int(p) for p in text.split(",")]
+    return (parts[0],) * 3 if len(parts) == 1 else (parts[0], parts[1], parts[2])
+
+
+def worker(method: str, tiles: tuple[int, int, int]) -> None:
     import resource
 
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    image = electrode(tile)
+    image = electrode(tiles)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     comm.barrier()
     start = time.perf_counter()
@@ -87,14 +94,14 @@ def worker(method: str, tile: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tile", type=int, default=1)
+    parser.add_argument("--tile", default="1", help="mirror copies per axis: one number, or z,y,x (e.g. 2,1,1 doubles the depth)")
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--methods", default="distributed,gmsh")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.tile)
+        worker(args.worker, parse_tiles(args.tile))
         return
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,sm"}
     rows = []
@@ -114,7 +121,7 @@ def main() -> None:
             row = {**median, "times_s": [r["time_s"] for r in runs], "over_imports_bytes_per_cell": per_cell, "load": common.load()}
             rows.append(row)
             print(f"{method:12s} {ranks:5d} {median['cells']:10d} {median['time_s']:16.2f} {median['peak_bytes_per_rank'] / 1e6:13.0f} {per_cell:20.0f}  {row['load']}")
-    common.append_results("voxel_mesh", rows, " ".join(sys.argv), {"tile": args.tile})
+    common.append_results("voxel_mesh", rows, " ".join(sys.argv), {"tiles": list(parse_tiles(args.tile))})
 
 
 if __name__ == "__main__":
