@@ -262,10 +262,19 @@ class DiffusionProblem:
         self._c_old = fem.Function(self.V)
         self._c_older = fem.Function(self.V)
         self._assemble_operators(physics)
-        self._ksp_cache: OrderedDict[float, tuple[PETSc.KSP, str]] = OrderedDict()  # a0 -> (solver, family)
+        #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
+        self._A: PETSc.Mat | None = None
+        self._A_a0: float | None = None
+        #: Iterative: preconditioner family -> [KSP, the a0 it is set up for (None: stale)].
+        self._iterative: dict[str, list[Any]] = {}
+        self._mg: _ShiftedMultigrid | None = None
+        #: Direct: a0 -> factorised KSP (LRU), sized by solver.cache_memory.
+        self._direct: OrderedDict[float, PETSc.KSP] = OrderedDict()
+        self._factor_bytes: float | None = None
         self._ksp_created = 0
+        #: Preconditioner set-ups and factorisations so far (the shifted multigrid counts once).
         self.factorisations = 0
-        #: ``preconditioner = "auto"``: GAMG for every a0 at or below this (None: SSOR so far).
+        #: ``preconditioner = "auto"``: multigrid for every a0 at or below this (None: SSOR so far).
         self.amg_from_a0: float | None = None
         self.regions = self._region_weights(settings.regions)
 
@@ -311,12 +320,47 @@ class DiffusionProblem:
             if rate_si > 0:
                 self._KR.axpy(rate_si, R_si, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
             R_si.destroy()
+        self._M_shares_pattern = self._share_pattern()
         self._source = self._w_pore.copy()
         self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
         self.volume = self._w_dx.sum()  # in um^d
         self.pore_measure = self._w_pore.sum()
         self._rhs = self._M.createVecLeft()
         self._work = self._M.createVecLeft()
+
+    def _share_pattern(self) -> bool:
+        """Let ``M`` use the row offsets and column indices of ``K + R`` (4 B per nonzero saved).
+
+        Both are assembled from cell integrals on the same space (the Robin terms were added
+        into ``K``'s pattern), so their sparsity is the same; the copy is checked by one
+        mat-vec (bitwise equal products) and kept separate otherwise.
+        """
+        M, KR = self._M, self._KR
+        if M.getInfo()["nz_used"] != KR.getInfo()["nz_used"]:
+            return False
+        shared = KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
+        try:
+            M.copy(shared, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        except PETSc.Error:
+            shared.destroy()
+            return False
+        x = M.createVecRight()
+        lo, hi = x.getOwnershipRange()
+        x.array[:] = np.sin(np.arange(lo, hi, dtype=float))
+        y, z = M.createVecLeft(), M.createVecLeft()
+        M.mult(x, y)
+        shared.mult(x, z)
+        z.axpy(-1.0, y)
+        same = z.norm(PETSc.NormType.INFINITY) == 0.0
+        for vec in (x, y, z):
+            vec.destroy()
+        if not same:
+            logger.debug("mass matrix keeps its own sparsity pattern (differs from K + R)")
+            shared.destroy()
+            return False
+        M.destroy()
+        self._M = shared
+        return True
 
     def _assemble_matrix(self, form: ufl.Form) -> PETSc.Mat:
         matrix = fem_petsc.assemble_matrix(fem.form(form))
@@ -382,12 +426,12 @@ class DiffusionProblem:
         return self._solver_kind() == "iterative" and solver.preconditioner == "auto" and "pc_type" not in solver.petsc_options
 
     def _preconditioner(self, a0: float) -> str:
-        """Solver family for ``A(a0)``: ``"direct"``, or the CG preconditioner (``"ssor"``, ``"gamg"``, ...)."""
+        """Solver family for ``A(a0)``: ``"direct"``, or the CG preconditioner (``"ssor"``, ``"mg"``, ...)."""
         solver = self.settings.solver
         if self._solver_kind() == "direct":
             return "direct"
         if self._switches():
-            return "gamg" if self.amg_from_a0 is not None and a0 <= self.amg_from_a0 * (1 + 1e-12) else "ssor"
+            return "mg" if self.amg_from_a0 is not None and a0 <= self.amg_from_a0 * (1 + 1e-12) else "ssor"
         return str(solver.petsc_options.get("pc_type", solver.preconditioner))
 
     def _solver_options(self, preconditioner: str) -> dict[str, Any]:
@@ -407,7 +451,8 @@ class DiffusionProblem:
         if preconditioner == "ssor":
             # Symmetric SOR. On one rank with Eisenstat's trick: the preconditioned operator
             # costs about one mat-vec of memory traffic, measured 1.3x faster than PCSOR;
-            # PETSc 3.22's PCEISENSTAT crashes (SEGV) on MPI matrices, so several ranks use
+            # PETSc 3.22's PCEISENSTAT fails on MPI matrices (MatSOR_MPIAIJ's Eisenstat branch
+            # calls MatMultDiagonalBlock, which plain SeqAIJ blocks lack), so several ranks use
             # PCSOR's local symmetric sweeps. omega = 1.3: 12 instead of 14 iterations on the
             # 184k- and 835k-dof voxel benchmarks. CG's natural norm (r.z, computed anyway)
             # saves one vector norm per iteration.
@@ -416,6 +461,8 @@ class DiffusionProblem:
             else:
                 options.update({"pc_type": "sor", "pc_sor_omega": 1.3})
             options["ksp_norm_type"] = "natural"
+        elif preconditioner == "mg":
+            options.update(_ShiftedMultigrid.options(self.comm))
         elif preconditioner == "hypre":
             # BoomerAMG tuned for 27-point voxel rows: 4x cheaper steps than hypre's defaults.
             options.update({"pc_type": "hypre", "pc_hypre_type": "boomeramg", "pc_hypre_boomeramg_coarsen_type": "HMIS",
@@ -425,61 +472,145 @@ class DiffusionProblem:
             options["pc_type"] = preconditioner
         return {**options, **solver.petsc_options}
 
-    def _ksp(self, a0: float) -> PETSc.KSP:
-        """Solver for ``A = K + R + a0 eps M``: cached per a0; a pool of ``cache_size`` matrices.
+    def _operator(self, a0: float) -> PETSc.Mat:
+        """The one operator matrix ``A = K + R + a0 eps M`` (values refreshed when a0 changes).
 
-        A new a0 re-uses the least recently used matrix of the pool (same sparsity); a direct
-        solver also keeps its symbolic analysis, so only the numeric factorisation is redone.
+        ``A`` shares its sparsity pattern (row offsets and column indices) with ``K + R`` and
+        ``M``, so it costs only its values (8 B per nonzero). The values are always recomputed
+        from ``K + R`` and ``M`` (never updated incrementally), so they are a function of a0
+        alone and a resumed run sees the same matrices as the original.
+        """
+        if self._A is None:
+            self._A = self._KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
+        if self._A_a0 != a0:
+            self._KR.copy(self._A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+            self._A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+            # After every change of values (MatCopy forgets it): GAMG builds its graph and eigen
+            # estimates differently for a matrix known to be symmetric.
+            self._A.setOption(PETSc.Mat.Option.SPD, True)
+            self._A_a0 = a0
+        return self._A
+
+    def _new_ksp(self, preconditioner: str) -> tuple[PETSc.KSP, str, dict[str, Any]]:
+        """A KSP with its own options prefix and the merged options put into the database."""
+        ksp = PETSc.KSP().create(self.comm)
+        prefix = f"fem_anode_diffusion_{id(self)}_{self._ksp_created}_"
+        self._ksp_created += 1
+        ksp.setOptionsPrefix(prefix)
+        options = self._solver_options(preconditioner)
+        opts = PETSc.Options()
+        for name, value in options.items():
+            opts[f"{prefix}{name}"] = value
+        ksp.setConvergenceHistory(reset=True)  # residuals of each solve, for failure reports
+        return ksp, prefix, options
+
+    def _first_setup(self, ksp: PETSc.KSP, prefix: str, options: dict[str, Any]) -> None:
+        """``setFromOptions`` and the first ``setUp``; then the options leave the database."""
+        try:
+            ksp.setFromOptions()
+            ksp.setUp()
+        finally:
+            # Only now: multigrid levels read their options (mg_levels_*) during the first setup.
+            opts = PETSc.Options()
+            for name in options:
+                del opts[f"{prefix}{name}"]
+
+    def _ksp(self, a0: float) -> PETSc.KSP:
+        """The solver for ``A = K + R + a0 eps M``, set up for this a0.
+
+        Iterative: one KSP per preconditioner family, all on the one operator matrix
+        (:meth:`_operator`). SSOR needs no set-up worth caching; the multigrid ``"mg"`` is set
+        up once per run (:class:`_ShiftedMultigrid`) and follows a new a0 by AXPYs on its levels;
+        ``"gamg"``/``"hypre"`` set up a hierarchy whenever a0 changes. Direct: a pool of
+        factorisations (one per a0, LRU) limited by ``solver.cache_memory`` and
+        ``solver.cache_size``; a new a0 refactors the least recently used one numerically,
+        keeping its symbolic analysis.
         """
         key = float(f"{a0:.12e}")
         preconditioner = self._preconditioner(a0)
-        if key in self._ksp_cache:
-            ksp, family = self._ksp_cache[key]
-            if family == preconditioner:
-                self._ksp_cache.move_to_end(key)
-                return ksp
-            self._evict(key)
-        ksp, options = None, None
-        if len(self._ksp_cache) >= self.settings.solver.cache_size:
-            _, (old, family) = self._ksp_cache.popitem(last=False)
-            A = old.getOperators()[0]
-            if family == preconditioner == "direct":
-                ksp = old  # keeps the symbolic factorisation
-            else:
-                # A fresh preconditioner: a re-used multigrid keeps state from its previous
-                # setup (e.g. Chebyshev estimates), so the solution would depend on the history
-                # of the pool and a resumed run would not repeat the original to round-off.
-                old.destroy()
-            self._KR.copy(A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-        else:
-            A = self._KR.duplicate(copy=True)
-        if ksp is None:
-            ksp = PETSc.KSP().create(self.comm)
-            prefix = f"fem_anode_diffusion_{id(self)}_{self._ksp_created}_"
-            self._ksp_created += 1
-            ksp.setOptionsPrefix(prefix)
-            opts = PETSc.Options()
-            options = self._solver_options(preconditioner)
-            for name, value in options.items():
-                opts[f"{prefix}{name}"] = value
+        if preconditioner == "direct":
+            return self._direct_ksp(key)
+        A = self._operator(key)
+        entry = self._iterative.get(preconditioner)
+        if entry is None:
+            ksp, prefix, options = self._new_ksp(preconditioner)
+            if preconditioner == "mg":
+                self._mg = _ShiftedMultigrid(self._KR, self._M, self.eps, prefix, self.settings.solver.petsc_options)
+                self._mg.attach(ksp, A, key)
+                self.factorisations += 1  # the hierarchy: once per run
             ksp.setOperators(A)
-            ksp.setFromOptions()
-            ksp.setConvergenceHistory(reset=True)  # residuals of each solve, for failure reports
-        A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
-        # After every change of values (MatCopy forgets it): GAMG builds its graph and eigen
-        # estimates differently for a matrix known to be symmetric.
-        A.setOption(PETSc.Mat.Option.SPD, True)
-        ksp.setOperators(A)
-        try:
+            self._first_setup(ksp, prefix, options)
+            self._iterative[preconditioner] = [ksp, key]
+            if preconditioner in ("gamg", "hypre"):
+                self.factorisations += 1
+            return ksp
+        ksp, ready_for = entry
+        if ready_for != key:
+            if preconditioner == "mg" and self._mg is not None:
+                self._mg.shift(key)
+            ksp.setOperators(A)
             ksp.setUp()
-        finally:
-            if options is not None:
-                # Only now: multigrid levels read their options (mg_levels_*) during the first setup.
-                for name in options:
-                    del opts[f"{prefix}{name}"]
-        self.factorisations += 1
-        self._ksp_cache[key] = (ksp, preconditioner)
+            entry[1] = key
+            if preconditioner in ("gamg", "hypre"):
+                self.factorisations += 1
         return ksp
+
+    def _direct_ksp(self, key: float) -> PETSc.KSP:
+        """A factorised solver for this a0 from the pool (see :meth:`_ksp`)."""
+        if key in self._direct:
+            self._direct.move_to_end(key)
+            return self._direct[key]
+        A = self._operator(key)
+        ksp = None
+        while self._direct and len(self._direct) >= self._direct_capacity():
+            _, oldest = self._direct.popitem(last=False)  # keeps the symbolic factorisation
+            if ksp is not None:
+                ksp.destroy()
+            ksp = oldest
+        prefix = options = None
+        if ksp is None:
+            ksp, prefix, options = self._new_ksp("direct")
+        ksp.setOperators(A)
+        ksp.getPC().setReusePreconditioner(False)
+        if options is not None:
+            self._first_setup(ksp, prefix, options)
+        else:
+            ksp.setUp()
+        # The pool shares the operator matrix, whose values change with a0: a cached
+        # factorisation must not be redone when the matrix it was made from changes.
+        ksp.getPC().setReusePreconditioner(True)
+        self.factorisations += 1
+        if self._factor_bytes is None:
+            self._factor_bytes = _factor_bytes(ksp)
+        self._direct[key] = ksp
+        return ksp
+
+    def _direct_capacity(self) -> int:
+        """How many factorisations the pool keeps: ``cache_memory`` / one factorisation's bytes
+        on this rank (at least 1, at most ``cache_size``); the same on every rank."""
+        solver = self.settings.solver
+        per_rank = (self._factor_bytes or 0) / self.comm.size
+        fits = int(solver.cache_memory // per_rank) if per_rank > 0 else solver.cache_size
+        return max(1, min(solver.cache_size, fits))
+
+    def solver_memory(self) -> dict[str, float]:
+        """Bytes held by the solver's matrices and set-ups, summed over ranks, and per dof.
+
+        ``matrices``: ``K + R``, ``M`` and the operator (values and the shared pattern);
+        ``multigrid``: the shifted hierarchy's coarse operators and interpolations;
+        ``factorisations``: the direct pool (estimated from the first factor's size).
+        """
+        ndofs = self.V.dofmap.index_map.size_global
+        mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
+        values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
+        pattern = self._KR.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs * (2 if self._M_shares_pattern else 1)
+        if not self._M_shares_pattern:
+            pattern += self._M.getInfo()["nz_used"] * 4.0
+        out = {"matrices": values + pattern, "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
+               "factorisations": len(self._direct) * (self._factor_bytes or 0.0)}
+        out["total"] = sum(out.values())
+        out["per_dof"] = out["total"] / ndofs
+        return out
 
     # -- diagnostics ----------------------------------------------------------------------
     def mass(self, c: fem.Function | None = None) -> float:
@@ -549,7 +680,7 @@ class DiffusionProblem:
                 if not self._switch_to_multigrid(coeff.a0, ksp, reason):
                     break
         except PETSc.Error as err:  # e.g. a factorisation that breaks down
-            self._evict(key)
+            self._discard(key)
             return {"reason": int(PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED), "reason_name": f"PETSc error {err.ierr}",
                     "residual_history": [], "relative_residual": math.nan}
         self.c.x.scatter_forward()
@@ -558,12 +689,12 @@ class DiffusionProblem:
             return None
         history = [float(r) for r in ksp.getConvergenceHistory()]
         residual = self._rhs.duplicate()
-        ksp.getOperators()[0].mult(self.c.x.petsc_vec, residual)
+        self._operator(key).mult(self.c.x.petsc_vec, residual)
         residual.aypx(-1.0, self._rhs)
         rhs_norm = self._rhs.norm()
         relative = residual.norm() / rhs_norm if rhs_norm > 0 else residual.norm()
         residual.destroy()
-        self._evict(key)
+        self._discard(key)
         name = _KSP_REASONS.get(reason, str(reason)) if reason < 0 else f"{_KSP_REASONS.get(reason, reason)} but non-finite c"
         return {"reason": reason, "reason_name": name, "residual_history": history,
                 "relative_residual": float(relative) if math.isfinite(relative) else math.nan}
@@ -587,16 +718,19 @@ class DiffusionProblem:
         reach = a0 * (max(iterations, solver.switch_iterations) / solver.switch_iterations) ** 2
         self.amg_from_a0 = reach if self.amg_from_a0 is None else max(self.amg_from_a0, reach)
         # Cached SSOR solvers now below the threshold are replaced when next asked for (_ksp).
-        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: GAMG for a0 <= %.4g 1/s",
+        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: multigrid for a0 <= %.4g 1/s",
                     iterations, solver.switch_iterations, a0, self.amg_from_a0)
         return reason < 0
 
-    def _evict(self, key: float) -> None:
-        entry = self._ksp_cache.pop(key, None)
-        if entry is not None:
-            ksp, _ = entry
-            ksp.getOperators()[0].destroy()
+    def _discard(self, key: float) -> None:
+        """Forget the solver set up for this a0 after a failure (rebuilt when next asked for)."""
+        ksp = self._direct.pop(key, None)
+        if ksp is not None:
             ksp.destroy()
+        for entry in self._iterative.values():
+            if entry[1] == key:
+                entry[1] = None
+        self._A_a0 = None
 
     def run(
         self,
@@ -711,7 +845,134 @@ class DiffusionProblem:
 
     def destroy(self) -> None:
         """Free PETSc objects (matrices, cached solvers)."""
-        for key in list(self._ksp_cache):
-            self._evict(key)
-        for obj in (self._M, self._KR):
-            obj.destroy()
+        for ksp in list(self._direct.values()) + [entry[0] for entry in self._iterative.values()]:
+            ksp.destroy()
+        self._direct.clear()
+        self._iterative.clear()
+        if self._mg is not None:
+            self._mg.destroy()
+            self._mg = None
+        for obj in (self._A, self._M, self._KR):
+            if obj is not None:
+                obj.destroy()
+        self._A = None
+
+
+
+class _ShiftedMultigrid:
+    r"""One multigrid hierarchy for ``A(s) = K + R + s M`` at every shift ``s = a0 eps``.
+
+    Set up once per run, from ``K + R`` alone (so it does not depend on the history of step
+    sizes, and a resumed run rebuilds exactly the same one): PETSc GAMG (smoothed aggregation)
+    gives the interpolations ``P_l``; the Galerkin products ``(K+R)_l = P_l^T (K+R)_{l+1} P_l``
+    and ``M_l = P_l^T M_{l+1} P_l`` are computed once. Since ``P^T A(s) P = P^T (K+R) P + s P^T M P``,
+    a new shift costs one copy and one AXPY per coarse level (same sparsity) and the Cholesky
+    factorisation of the coarsest level (a few hundred unknowns): no new hierarchy.
+
+    Smoothers: one symmetric SOR sweep (local on each rank) before and after the coarse
+    correction, which needs no set-up per shift (no eigenvalue estimates). Measured on the 64^3
+    electrode crop (105k dofs, the 164 steps of the 10 s run): 849 CG iterations in 19 s,
+    against 1165 in 25 s with two Chebyshev/Jacobi steps and 2018 in 23 s with one.
+
+    Args:
+        KR: ``K + R`` (fine level), SPD.
+        M: mass matrix (same sparsity as ``KR``).
+        eps: the transporting-phase fraction multiplying ``a0 M``.
+        prefix: options prefix of the reference GAMG setup (``<prefix>ref_``).
+        user_options: the user's ``petsc_options``; ``pc_gamg_*`` entries reach the reference setup.
+    """
+
+    def __init__(self, KR: PETSc.Mat, M: PETSc.Mat, eps: float, prefix: str, user_options: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        comm = KR.getComm()
+        self.eps = eps
+        reference = PETSc.KSP().create(comm)
+        ref_prefix = f"{prefix}ref_"
+        reference.setOptionsPrefix(ref_prefix)
+        options: dict[str, Any] = {"ksp_type": "preonly", "pc_type": "gamg"}
+        options.update({k: v for k, v in user_options.items() if k.startswith("pc_gamg_")})
+        opts = PETSc.Options()
+        for name, value in options.items():
+            opts[f"{ref_prefix}{name}"] = value
+        KR.setOption(PETSc.Mat.Option.SPD, True)
+        reference.setOperators(KR)
+        try:
+            reference.setFromOptions()
+            reference.setUp()
+        finally:
+            for name in options:
+                del opts[f"{ref_prefix}{name}"]
+        pc = reference.getPC()
+        n = pc.getMGLevels()
+        # Level 0 is the coarsest, n - 1 the fine level (PCMG's numbering).
+        self.P: list[PETSc.Mat] = [pc.getMGInterpolation(level) for level in range(1, n)]  # P[l - 1]: level l-1 -> l
+        reference.destroy()
+        self.KR: list[PETSc.Mat] = [KR] * n
+        self.M: list[PETSc.Mat] = [M] * n
+        for level in range(n - 1, 0, -1):
+            P = self.P[level - 1]
+            self.KR[level - 1] = self.KR[level].ptap(P)
+            self.M[level - 1] = self.M[level].ptap(P)
+        # A_l shares the sparsity of (K+R)_l: M_l has the same one (the same symbolic product).
+        self.A: list[PETSc.Mat] = [self.KR[level].duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN) for level in range(n - 1)]
+        self.levels = n
+        self.shift_a0: float | None = None
+        self.setup_s = time.perf_counter() - start
+        logger.info("multigrid for every step size: %d levels (%s unknowns), set up once in %.2f s",
+                    n, " / ".join(str(self.KR[level].getSize()[0]) for level in range(n)), self.setup_s)
+
+    @staticmethod
+    def options(comm: MPI.Comm) -> dict[str, Any]:
+        """Options of the CG + shifted-multigrid KSP (the user's are merged over them)."""
+        options: dict[str, Any] = {"pc_type": "mg", "pc_mg_galerkin": "none", "pc_mg_type": "multiplicative",
+                                   "pc_mg_cycle_type": "v", "mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor",
+                                   "mg_levels_ksp_max_it": 1, "mg_levels_ksp_norm_type": "none", "mg_coarse_ksp_type": "preonly"}
+        if comm.size == 1:
+            options["mg_coarse_pc_type"] = "cholesky"
+        else:  # GAMG gathers the coarsest level on one rank; every rank solves it
+            options.update({"mg_coarse_pc_type": "redundant", "mg_coarse_redundant_pc_type": "cholesky"})
+        return options
+
+    def attach(self, ksp: PETSc.KSP, A: PETSc.Mat, a0: float) -> None:
+        """Make ``ksp``'s preconditioner this multigrid, on the fine operator ``A = A(a0)``."""
+        self.shift(a0)
+        pc = ksp.getPC()
+        pc.setType("mg")
+        pc.setMGLevels(self.levels)
+        for level in range(1, self.levels):
+            pc.setMGInterpolation(level, self.P[level - 1])
+            pc.getMGSmoother(level).setOperators(A if level == self.levels - 1 else self.A[level])
+        pc.getMGCoarseSolve().setOperators(self.A[0])
+
+    def shift(self, a0: float) -> None:
+        """Coarse operators for ``a0``: ``A_l = (K+R)_l + a0 eps M_l`` (recomputed, not updated)."""
+        if a0 == self.shift_a0:
+            return
+        for level in range(self.levels - 1):
+            self.KR[level].copy(self.A[level], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+            self.A[level].axpy(a0 * self.eps, self.M[level], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        self.shift_a0 = a0
+
+    def nbytes(self) -> float:
+        """Bytes of the coarse operators (three value arrays, two patterns) and interpolations, all ranks."""
+        total = 0.0
+        for level in range(self.levels - 1):
+            nnz, rows = self.KR[level].getInfo()["nz_used"], self.KR[level].getSize()[0]
+            total += nnz * (3 * 8 + 2 * 4) + 2 * 4 * rows
+        for P in self.P:
+            total += P.getInfo()["nz_used"] * 12 + 4 * P.getSize()[0]
+        return total
+
+    def destroy(self) -> None:
+        """Free the hierarchy (the fine-level matrices belong to the problem)."""
+        for mat in self.KR[:-1] + self.M[:-1] + self.A + self.P:
+            mat.destroy()
+
+
+def _factor_bytes(ksp: PETSc.KSP) -> float | None:
+    """Bytes of a factorisation (all ranks): entries of the factor x 12 B, or the solver's own count."""
+    try:
+        info = ksp.getPC().getFactorMatrix().getInfo()
+    except PETSc.Error:
+        return None
+    return max(float(info.get("memory", 0.0)), 12.0 * float(info.get("nz_used", 0.0))) or None
