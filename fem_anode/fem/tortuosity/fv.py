@@ -44,9 +44,10 @@ logger = logging.getLogger(__name__)
 _CHUNK_VOXELS = 1 << 21
 
 
-#: Peak memory per unknown (voxel of a spanning cluster) of the whole solve, measured on blob
-#: volumes (docs/benchmarks.md) and rounded up; the per-rank libraries come on top.
-BYTES_PER_UNKNOWN = 600.0
+#: Peak memory per phase voxel of the default solve (CG + Eisenstat-SSOR), measured on blob
+#: volumes (about 190 B, docs/benchmarks.md) and rounded up; BoomerAMG needs about 2.5x that.
+#: The per-rank libraries come on top.
+BYTES_PER_UNKNOWN = 250.0
 
 
 def estimate_memory(image: Any, phase: str, comm: Any = None) -> Any:
@@ -67,20 +68,25 @@ def estimate_memory(image: Any, phase: str, comm: Any = None) -> Any:
     return MemoryEstimate(f"tortuosity factor of {phase!r}", total, {"unknowns": voxels})
 
 
-def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
-    """CG + BoomerAMG tuned for the 7-point operator; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
+def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any], comm_size: int = 1) -> dict[str, Any]:
+    """CG + SSOR (Eisenstat's trick, omega 1.6) by default: no set-up and no memory beyond the matrix.
 
-    BoomerAMG: PMIS coarsening with one level of aggressive coarsening, extended+i interpolation
-    with at most 4 entries per row, strong threshold 0.5 (the 3D Laplacian's recommendation),
-    l1-scaled hybrid Gauss-Seidel. The matrix is converted to hypre's format in place before the
-    set-up, so only one copy of the fine matrix exists. Measured on a 200^3 blob volume (3.2 M
-    unknowns, one rank, shared machine): PMIS 6.3 s set-up + 10 CG iterations in 4.1 s, peak
-    1.57 GB; HMIS 9.4 s + 8 its in 3.7 s, 1.66 GB; two aggressive levels 8.2 s + 13 its;
-    PETSc GAMG (smoothed aggregation, Chebyshev/Jacobi) 14.2 s + 9 its in 3.7 s, 1.67 GB.
+    ``{"pc_type": "hypre"}`` selects BoomerAMG (PMIS, one level of aggressive coarsening,
+    ext+i interpolation with at most 4 entries per row, strong threshold 0.5, l1-scaled hybrid
+    Gauss-Seidel; the matrix is converted to hypre's format in place first), ``{"pc_type":
+    "gamg"}`` PETSc GAMG. Measured on a 200^3 blob volume (3.2 M unknowns, one rank, rtol 1e-5;
+    peak RSS of the process, 93 MB after imports): Eisenstat-SSOR 143 iterations, 11.1 s in all,
+    peak 0.69 GB; plain SSOR 149 its, 14.0 s, 0.66 GB; BoomerAMG 4.2 s set-up + 10 its in 3.5 s,
+    9.5 s in all, peak 1.50 GB; GAMG 14.2 s set-up + 9 its, 19.4 s, 1.67 GB. The AMG hierarchy
+    costs about 2.3x the memory for at most 1.2x the speed at this size, so the lean one is the
+    default (TauFactor needs about 0.76 GB here).
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
-    pc = petsc_options.get("pc_type", "hypre")
-    if pc == "hypre":
+    pc = petsc_options.get("pc_type", "ssor")
+    if pc == "ssor":  # Eisenstat's trick needs a sequential matrix; on several ranks local SSOR sweeps
+        options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": 1.6} if comm_size == 1 else
+                       {"pc_type": "sor", "pc_sor_omega": 1.6})
+    elif pc == "hypre":
         options.update(
             {
                 "pc_type": "hypre",
@@ -98,7 +104,7 @@ def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> d
     elif pc == "gamg":
         options.update({"pc_type": "gamg", "pc_gamg_type": "agg", "pc_gamg_agg_nsmooths": 1, "pc_gamg_threshold": 0.0,
                         "pc_gamg_square_graph": 1, "mg_levels_ksp_type": "chebyshev", "mg_levels_pc_type": "jacobi"})
-    return {**options, **petsc_options}
+    return {**options, **{k: v for k, v in petsc_options.items() if (k, v) != ("pc_type", "ssor")}}
 
 
 class FVSolution(dict):
@@ -161,22 +167,29 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
     empty = np.full((ny, nx), -1, dtype=index)
     below, above = _layer_exchange(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
     chunks = _chunks(slab, ny, nx)
-    # Pass 1: entries per row (1 + solved face neighbours) -> indptr.
-    indptr = np.zeros(n_local + 1, dtype=index)
+    # Pass 1: entries per row in the diagonal block (own columns) and the off-process block.
+    indptr = np.zeros(n_local + 1, dtype=index)  # diagonal block
+    indptr_off = np.zeros(n_local + 1, dtype=index)  # columns of the neighbouring ranks' halo layers
     row = 0
     for a, b in chunks:
         block = gidx[a:b]
         zm, zp = _neighbour_layers(gidx, a, b, below, above)
         inside = block >= 0
-        count = np.ones(int(np.count_nonzero(inside)), dtype=np.int8)
+        count = np.ones(int(np.count_nonzero(inside)), dtype=index)
+        off = np.zeros_like(count)
         for other in (zm, zp, _shift(block, 1, 1), _shift(block, 1, -1), _shift(block, 2, 1), _shift(block, 2, -1)):
-            count += other[inside] >= 0
-        np.cumsum(count, dtype=index, out=indptr[row + 1 : row + 1 + count.size])
+            column = other[inside]
+            count += (column >= offset) & (column < offset + n_local)
+            off += (column >= 0) & ((column < offset) | (column >= offset + n_local))
+        np.cumsum(count, out=indptr[row + 1 : row + 1 + count.size])
         indptr[row + 1 : row + 1 + count.size] += indptr[row]
+        np.cumsum(off, out=indptr_off[row + 1 : row + 1 + off.size])
+        indptr_off[row + 1 : row + 1 + off.size] += indptr_off[row]
         row += count.size
-    nnz = int(indptr[-1])
-    indices = np.empty(nnz, dtype=index)
-    data = np.empty(nnz, dtype=np.float64)
+    indices = np.empty(int(indptr[-1]), dtype=index)
+    data = np.empty(int(indptr[-1]), dtype=np.float64)
+    indices_off = np.empty(int(indptr_off[-1]), dtype=index)
+    data_off = np.empty(int(indptr_off[-1]), dtype=np.float64)
     load = np.zeros(n_local)
     layer_of_row = np.repeat(np.arange(slab.z0, slab.z1, dtype=np.int32), per_layer)
     # Pass 2: columns in increasing order (z-1, y-1, x-1, self, x+1, y+1, z+1) and values.
@@ -198,20 +211,40 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
         diag += np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
         load[row : row + rows_here] = np.where(layer == 0, g_end, 0.0)  # c = 1 at z = 0
         values[:, 3] = diag
-        keep = cols >= 0
+        own = (cols >= offset) & (cols < offset + n_local)
         lo, hi = indptr[row], indptr[row + rows_here]
-        indices[lo:hi] = cols[keep]
-        data[lo:hi] = values[keep]
+        indices[lo:hi] = cols[own] - offset
+        data[lo:hi] = values[own]
+        other = (cols >= 0) & ~own
+        lo, hi = indptr_off[row], indptr_off[row + rows_here]
+        indices_off[lo:hi] = cols[other]
+        data_off[lo:hi] = values[other]
         row += rows_here
-        del cols, values, keep
+        del cols, values, own, other
     del gidx
-    A = PETSc.Mat().createAIJ(size=((n_local, n_global), (n_local, n_global)), csr=(indptr, indices, data), comm=comm)
-    del indptr, indices, data
+    _release_freed_memory()
+    # PETSc uses these arrays as they are (no copy): one matrix in memory, not two.
+    sizes = ((n_local, n_global), (n_local, n_global))
+    if comm.size == 1:
+        A = PETSc.Mat().createAIJWithArrays(sizes, csr=(indptr, indices, data), comm=comm)
+    else:
+        A = PETSc.Mat().createAIJWithArrays(sizes, csr=((indptr, indices, data), (indptr_off, indices_off, data_off)), comm=comm)
     A.assemble()
     A.setOption(PETSc.Mat.Option.SPD, True)
     n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
     n_bottom = int(per_layer[-1]) if slab.z1 == slab.nz and slab.layers else 0
     return A, load, layer_of_row, n_top, n_bottom
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed by NumPy back to the OS (glibc keeps freed heap pages; no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _ksp(comm: Any, operator: Any, options: dict[str, Any]) -> Any:
@@ -291,7 +324,7 @@ def fv_solve(
     del load
     x.array[:] = 1.0 - (layer_of_row + 0.5) / nz  # exact for straight channels
     del layer_of_row
-    options = solver_options(rtol, max_iterations, petsc_options)
+    options = solver_options(rtol, max_iterations, petsc_options, comm.size)
     if options["pc_type"] == "hypre":
         A.convert("hypre")  # in place: hypre's ParCSR matrix replaces the AIJ (one fine matrix, not two)
     ksp = _ksp(comm, A, options)
