@@ -20,8 +20,9 @@ the fluxes through the ``z = 0`` and ``z = end`` faces are reported as a check.
 
 Distribution: every rank owns a slab of consecutive z layers (unknowns numbered z slowest, so a
 slab is a contiguous block of matrix rows), reads only that slab of the image (which may be a
-NumPy memmap), labels it, assembles its rows straight from NumPy into a PETSc AIJ matrix in
-chunks of layers and needs from its neighbours only the global indices of one layer on each side.
+NumPy memmap), labels it, assembles its rows straight from NumPy into a PETSc matrix in chunks
+of layers (the upper triangle as SBAIJ for the default SSOR; AIJ without a copy for AMG) and
+needs from its neighbours only the global indices of one layer on each side.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ logger = logging.getLogger(__name__)
 
 # Layers per assembly chunk are chosen so that a chunk has about this many voxels (bounds the
 # NumPy temporaries, about 100 B per voxel of a chunk).
-_CHUNK_VOXELS = 1 << 21
+_CHUNK_VOXELS = 1 << 19
 
 
-#: Peak memory per phase voxel of the default solve (CG + Eisenstat-SSOR), measured on blob
-#: volumes (about 190 B, docs/benchmarks.md) and rounded up; BoomerAMG needs about 2.5x that.
+#: Peak memory per phase voxel of the default solve (CG + SSOR on the upper triangle), measured
+#: on blob volumes (140-170 B, docs/benchmarks.md) and rounded up; BoomerAMG needs about 3x that.
 #: The per-rank libraries come on top.
 BYTES_PER_UNKNOWN = 250.0
 
@@ -69,23 +70,24 @@ def estimate_memory(image: Any, phase: str, comm: Any = None) -> Any:
 
 
 def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any], comm_size: int = 1) -> dict[str, Any]:
-    """CG + SSOR (Eisenstat's trick, omega 1.6) by default: no set-up and no memory beyond the matrix.
+    """CG + SSOR (omega 1.6, local symmetric sweeps) by default: no set-up, no memory beyond the matrix.
 
+    With SSOR the matrix is stored as its upper triangle (SBAIJ, 4 instead of 7 entries per row).
     ``{"pc_type": "hypre"}`` selects BoomerAMG (PMIS, one level of aggressive coarsening,
     ext+i interpolation with at most 4 entries per row, strong threshold 0.5, l1-scaled hybrid
-    Gauss-Seidel; the matrix is converted to hypre's format in place first), ``{"pc_type":
-    "gamg"}`` PETSc GAMG. Measured on a 200^3 blob volume (3.2 M unknowns, one rank, rtol 1e-5;
-    peak RSS of the process, 93 MB after imports): Eisenstat-SSOR 143 iterations, 11.1 s in all,
-    peak 0.69 GB; plain SSOR 149 its, 14.0 s, 0.66 GB; BoomerAMG 4.2 s set-up + 10 its in 3.5 s,
-    9.5 s in all, peak 1.50 GB; GAMG 14.2 s set-up + 9 its, 19.4 s, 1.67 GB. The AMG hierarchy
-    costs about 2.3x the memory for at most 1.2x the speed at this size, so the lean one is the
-    default (TauFactor needs about 0.76 GB here).
+    Gauss-Seidel; AIJ matrix converted to hypre's format in place first), ``{"pc_type":
+    "gamg"}`` PETSc GAMG, ``{"pc_type": "eisenstat"}`` SSOR with Eisenstat's trick (one rank).
+    Measured on a 200^3 blob volume (3.2 M unknowns, one rank, rtol 1e-5; peak RSS of the
+    process, 77-93 MB after imports): SSOR on SBAIJ 149 iterations, 14.0 s in all, peak 0.51 GB
+    (142 B per unknown above the imports); Eisenstat-SSOR on AIJ 143 its, 11.1 s, 0.69 GB;
+    BoomerAMG 4.2 s set-up + 10 its in 3.5 s, 9.5 s in all, peak 1.50 GB; GAMG 14.2 s set-up +
+    9 its, 19.4 s, 1.67 GB. The AMG hierarchies cost about 3x the memory for 1.5x the speed at
+    this size, so the lean one is the default (TauFactor: about 0.76 GB at this size).
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
     pc = petsc_options.get("pc_type", "ssor")
-    if pc == "ssor":  # Eisenstat's trick needs a sequential matrix; on several ranks local SSOR sweeps
-        options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": 1.6} if comm_size == 1 else
-                       {"pc_type": "sor", "pc_sor_omega": 1.6})
+    if pc == "ssor":  # symmetric (local) SOR sweeps on the upper-triangle SBAIJ matrix
+        options.update({"pc_type": "sor", "pc_sor_omega": 1.6, "pc_sor_local_symmetric": True})
     elif pc == "hypre":
         options.update(
             {
@@ -140,8 +142,12 @@ def _chunks(slab: Slab, ny: int, nx: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, slab.layers)) for a in range(0, slab.layers, step)]
 
 
-def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float]) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
-    """PETSc AIJ matrix of this rank's rows, the load and the rows' layer indices.
+def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float], symmetric: bool) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
+    """PETSc matrix of this rank's rows, the load and the rows' layer indices.
+
+    ``symmetric``: an SBAIJ matrix of the upper triangle only (diagonal and the x+1, y+1, z+1
+    neighbours: 4 instead of 7 entries per row; PETSc copies the CSR arrays); else an AIJ
+    matrix that uses the NumPy arrays without a copy (diagonal and off-process blocks).
 
     Returns:
         ``(A, load, layer_of_row, n_top, n_bottom)``: ``n_top``/``n_bottom`` are this rank's
@@ -167,6 +173,8 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
     empty = np.full((ny, nx), -1, dtype=index)
     below, above = _layer_exchange(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
     chunks = _chunks(slab, ny, nx)
+    if symmetric:
+        return _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global, conductance)
     # Pass 1: entries per row in the diagonal block (own columns) and the off-process block.
     indptr = np.zeros(n_local + 1, dtype=index)  # diagonal block
     indptr_off = np.zeros(n_local + 1, dtype=index)  # columns of the neighbouring ranks' halo layers
@@ -229,6 +237,59 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
         A = PETSc.Mat().createAIJWithArrays(sizes, csr=(indptr, indices, data), comm=comm)
     else:
         A = PETSc.Mat().createAIJWithArrays(sizes, csr=((indptr, indices, data), (indptr_off, indices_off, data_off)), comm=comm)
+    A.assemble()
+    A.setOption(PETSc.Mat.Option.SPD, True)
+    n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
+    n_bottom = int(per_layer[-1]) if slab.z1 == slab.nz and slab.layers else 0
+    return A, load, layer_of_row, n_top, n_bottom
+
+
+def _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global, conductance):  # type: ignore[no-untyped-def]
+    """Upper triangle (SBAIJ) of the matrix; the arguments are those of :func:`_assemble`."""
+    from petsc4py import PETSc
+
+    gz, gy, gx = conductance
+    g_end = 2.0 * gz
+    index = gidx.dtype
+    ny, nx = gidx.shape[1:]
+    chunks = _chunks(slab, ny, nx)
+    indptr = np.zeros(n_local + 1, dtype=index)
+    row = 0
+    for a, b in chunks:  # pass 1: 1 + upper neighbours per row
+        block = gidx[a:b]
+        _, zp = _neighbour_layers(gidx, a, b, below, above)
+        inside = block >= 0
+        count = 1 + (zp[inside] >= 0).astype(index) + (_shift(block, 1, -1)[inside] >= 0) + (_shift(block, 2, -1)[inside] >= 0)
+        np.cumsum(count, out=indptr[row + 1 : row + 1 + count.size])
+        indptr[row + 1 : row + 1 + count.size] += indptr[row]
+        row += count.size
+    indices = np.empty(int(indptr[-1]), dtype=index)
+    data = np.empty(int(indptr[-1]), dtype=np.float64)
+    load = np.zeros(n_local)
+    layer_of_row = np.repeat(np.arange(slab.z0, slab.z1, dtype=np.int32), per_layer)
+    row = 0
+    for a, b in chunks:  # pass 2: columns self < x+1 < y+1 < z+1 and values
+        block = gidx[a:b]
+        zm, zp = _neighbour_layers(gidx, a, b, below, above)
+        inside = block >= 0
+        lower = (zm[inside] >= 0) * gz + (_shift(block, 1, 1)[inside] >= 0) * gy + (_shift(block, 2, 1)[inside] >= 0) * gx
+        cols = np.stack([block[inside], _shift(block, 2, -1)[inside], _shift(block, 1, -1)[inside], zp[inside]], axis=1)
+        del zm, zp
+        values = np.where(cols >= 0, -np.array([0.0, gx, gy, gz]), 0.0)
+        rows_here = cols.shape[0]
+        layer = layer_of_row[row : row + rows_here]
+        values[:, 0] = lower - values.sum(axis=1) + np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
+        load[row : row + rows_here] = np.where(layer == 0, g_end, 0.0)  # c = 1 at z = 0
+        keep = cols >= 0
+        lo, hi = indptr[row], indptr[row + rows_here]
+        indices[lo:hi] = cols[keep]
+        data[lo:hi] = values[keep]
+        row += rows_here
+        del cols, values, keep, lower
+    del gidx
+    A = PETSc.Mat().createSBAIJ(((n_local, n_global), (n_local, n_global)), 1, csr=(indptr, indices, data), comm=comm)
+    del indptr, indices, data
+    _release_freed_memory()
     A.assemble()
     A.setOption(PETSc.Mat.Option.SPD, True)
     n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
@@ -315,7 +376,9 @@ def fv_solve(
     hz, hy, hx = (s / h0 for s in spacing)
     conductance = (hx * hy / hz, hx * hz / hy, hy * hz / hx)
     t0 = time.perf_counter()
-    A, load, layer_of_row, n_top, n_bottom = _assemble(comm, slab, solved, conductance)
+    options = solver_options(rtol, max_iterations, petsc_options, comm.size)
+    symmetric = options["pc_type"] == "sor"  # SSOR runs on the upper triangle; AMG needs the whole matrix
+    A, load, layer_of_row, n_top, n_bottom = _assemble(comm, slab, solved, conductance, symmetric)
     del solved
     timings["assembly"] = time.perf_counter() - t0
     b = A.createVecLeft()
@@ -324,7 +387,6 @@ def fv_solve(
     del load
     x.array[:] = 1.0 - (layer_of_row + 0.5) / nz  # exact for straight channels
     del layer_of_row
-    options = solver_options(rtol, max_iterations, petsc_options, comm.size)
     if options["pc_type"] == "hypre":
         A.convert("hypre")  # in place: hypre's ParCSR matrix replaces the AIJ (one fine matrix, not two)
     ksp = _ksp(comm, A, options)
