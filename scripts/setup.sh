@@ -25,7 +25,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 apt_packages=(
   python3-dolfinx-real python3-dolfinx python3-gmsh python3-vtk9 python3-pyvista
   python3-skimage python3-meshio python3-scipy python3-matplotlib python3-pytest
-  python3-tifffile python3-imageio python3-hypothesis
+  python3-tifffile python3-imageio python3-hypothesis python3-adios4dolfinx
   python3-setuptools python3-wheel python3-venv python3.13-venv python3-pip
   openmpi-bin xvfb xauth libopenblas0-serial
 )
@@ -33,7 +33,7 @@ apt_packages=(
 stack_ok() {
   [ -x "$py" ] && "$py" - <<'PY' 2>/dev/null
 import sys
-import dolfinx, gmsh, meshio, skimage, scipy, tifffile, imageio, matplotlib, mpi4py, petsc4py  # noqa: F401
+import dolfinx, gmsh, meshio, skimage, scipy, tifffile, imageio, matplotlib, mpi4py, petsc4py, adios4dolfinx  # noqa: F401
 major, minor = (int(x) for x in dolfinx.__version__.split(".")[:2])
 sys.exit(0 if (major, minor) == (0, 9) and sys.version_info >= (3, 11) else 1)
 PY

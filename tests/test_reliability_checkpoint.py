@@ -111,14 +111,17 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
     m.sub(1).interpolate(lambda x: 2.0 + x[1])
     d.interpolate(lambda x: np.sin(5.0 * x[0]) + x[1])  # discontinuous space: no unique dof coordinates
     q = _quadrature_values(_quadrature_space(domain))
+    p3 = fem.Function(fem.functionspace(domain, ("Lagrange", 3)))  # oriented edge dofs: through adios4dolfinx
+    p3.interpolate(lambda x: x[0] ** 3 - 2.0 * x[0] * x[1] ** 2)
     rng = np.random.default_rng(7)
     store = CheckpointStore(shared_tmp_path / "run", comm)
     assert not store.exists()
-    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "q": q, "times": np.array([0.0, 1e-9, 0.3])})
+    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "q": q, "p3": p3, "times": np.array([0.0, 1e-9, 0.3])})
     assert store.exists() and (store.path / "state.json").is_file()
     loaded = store.load()
     assert loaded.state["t"] == 0.1 + 0.2  # floats round-trip bit for bit
     assert loaded.ranks == comm.size and {loaded.fields[name]["mode"] for name in "uwmdq"} == {"input-order"}
+    assert loaded.fields["p3"]["mode"] == "adios4dolfinx"
     np.testing.assert_array_equal(loaded.arrays["times"], [0.0, 1e-9, 0.3])
     resumed = np.random.default_rng(0)
     resumed.bit_generator.state = loaded.state["rng"]
@@ -149,6 +152,11 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
         q2 = fem.Function(_quadrature_space(domain2))
         loaded.restore("q", q2)
         assert np.abs(q2.x.array - _quadrature_values(q2.function_space).x.array).max() < 1e-14
+        p3_2 = fem.Function(fem.functionspace(domain2, ("Lagrange", 3)))
+        loaded.restore("p3", p3_2)
+        exact_p3 = fem.Function(p3_2.function_space)
+        exact_p3.interpolate(lambda x: x[0] ** 3 - 2.0 * x[0] * x[1] ** 2)
+        assert np.abs(p3_2.x.array - exact_p3.x.array).max() < 1e-13
     with pytest.raises(InputError, match="differs"):  # another mesh
         loaded.restore("u", fem.Function(fem.functionspace(dmesh.create_unit_square(comm, 6, 6), ("Lagrange", 2))))
     moved = _unit_square(comm)
@@ -201,7 +209,8 @@ def test_no_rank_holds_a_whole_field(shared_tmp_path, comm):
     assert np.array_equal(u2.x.array[:owned], u.x.array[:owned])
     assert len(spy.sizes) > 0 or comm.size == 1
     assert max(spy.sizes, default=0) < field_bytes / 20, (max(spy.sizes), field_bytes)
-    assert len(list((store.path / "fields").glob("*.bp"))) == 2  # the values are there, not in rank 0's files
+    assert len(list((store.path / "fields").glob("*.bin"))) == 2  # the values are there, not in rank 0's files
+    assert sum(p.stat().st_size for p in (store.path / "fields").glob("*.bin")) == 2 * field_bytes  # values only
     for small in ("arrays.npz", "state.json"):
         assert (store.path / small).stat().st_size < field_bytes / 20, small
 
@@ -246,14 +255,14 @@ def test_stale_temporaries_are_ignored_and_corruption_is_reported(shared_tmp_pat
     comm.barrier()
     with pytest.raises(InputError, match=r"arrays\.npz: its checksum does not match"):
         store.load()
-    field_file = max((store.path / "fields").rglob("data.*"), key=lambda p: p.stat().st_size)
+    field_file = next((store.path / "fields").glob("*.bin"))
     if comm.rank == 0:  # a field file damaged on disk: found by the rank that hashes that chunk
         (store.path / "arrays.npz").write_bytes(arrays)
         data = bytearray(field_file.read_bytes())
         data[len(data) // 2] ^= 0xFF
         field_file.write_bytes(bytes(data))
     comm.barrier()
-    with pytest.raises(InputError, match=r"corrupt checkpoint .*data\.\d+: its checksum does not match"):
+    with pytest.raises(InputError, match=r"corrupt checkpoint .*\.bin: its checksum does not match"):
         store.load()
     if comm.rank == 0:
         field_file.write_bytes(field_file.read_bytes()[:-10])
@@ -577,6 +586,30 @@ def fem_anode(*args: str, mpi: int = 0, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs)
 
 
+def kill_job(process: subprocess.Popen, out: Path) -> None:
+    """SIGKILL the whole job, as a scheduler or a node failure would: ``mpirun``'s process group
+    and its ranks (Open MPI's ranks are not in that group and would go on running: they then keep
+    writing checkpoints into ``out`` while the resumed run reads them)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    marker = f"--out\0{out}\0".encode()
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and b"fem_anode" in _cmdline(Path(f"/proc/{pid}")) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def wait_for_checkpoint(out: Path, process: subprocess.Popen, t_min: float, timeout: float = 60.0) -> dict:
     """Poll until the run's checkpoint has passed ``t_min`` (s of model time)."""
     deadline = time.monotonic() + timeout
@@ -611,7 +644,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_records(tmp_path, reference_
     out = tmp_path / "killed"
     process = fem_anode("diffusion", str(config), "--out", str(out), "-q", mpi=ranks)
     state = wait_for_checkpoint(out, process, t_min=0.0005)  # past the first output time
-    os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler or a node failure would
+    kill_job(process, out)
     process.communicate(timeout=30)
     assert not (out / "results.json").exists()
     resumed_process = fem_anode("diffusion", "--resume", str(out), "-q", mpi=ranks)

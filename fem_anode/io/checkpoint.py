@@ -4,31 +4,44 @@ A checkpoint is the directory ``DIR/checkpoint/`` holding
 
 * ``state.json``: the model's scalars, counters, time, step size, RNG state, settings and
   bookkeeping (format version, number of ranks, how each field is stored, the SHA-256 of
-  the arrays file). Floats are written with ``repr`` precision, so they read back bit for bit.
-* ``arrays.npz``: plain arrays (records so far) and the values of distributed dolfinx
-  Functions, gathered on rank 0.
+  every file). Floats are written with ``repr`` precision, so they read back bit for bit.
+* ``arrays.npz``: plain NumPy arrays (records so far), written by rank 0.
+* ``fields/<token>.<i>.bin``: the values of distributed dolfinx Functions, one raw float64 file
+  each, written and read by all ranks with MPI-IO (``token`` is unique per save, so a checkpoint
+  replaced between :meth:`CheckpointStore.load` and :meth:`Checkpoint.restore` is reported,
+  never mixed with the state it was loaded with).
 
-**Functions are stored rank-count independently when possible.** The owned dof values are
-gathered on rank 0 together with their dof coordinates and sorted lexicographically by the
-coordinates ("coordinates" mode). On restore, every rank finds its own dofs (owned and ghost)
-in the stored coordinates with a k-d tree, so a checkpoint written on 2 ranks resumes on 1
-rank or 4. This needs a space whose dof coordinates are unique: scalar or blocked (vector)
-Lagrange spaces of any degree (P1, P2). A mixed space of such elements (the phase field's
-``w``) is stored per collapsed sub-space the same way ("subspaces" mode). Spaces without unique
-dof coordinates (DG, quadrature spaces) are stored in dolfinx's global dof order ("global"
-mode): they resume only on the same number of ranks with the same partition, and anything
-else fails with a :class:`~fem_anode.errors.UsageError` saying so.
+**Functions are stored in the mesh's input order, in parallel.** The key of a dof is
+``original_cell * k + j`` minimised over the cells holding it (``k`` dofs per cell, ``j`` its
+position in the cell; the minimum over the ranks by the index map's ghost exchange): it depends
+on the input order of the cells and the element's reference layout only, not on the partition.
+The file holds the values sorted by key; the rank owning a dof sends it (key and value) to the
+rank in charge of its cell's range of input indices, which sorts its block and writes it with
+``MPI_File_write_at_all``. A restore routes the keys the same way and sends the values back.
+So a checkpoint resumes on any number of ranks and partition, as long as the mesh is re-created
+from the same input (same image, same mesh file, so the same cells in the same input order),
+for P1/P2, vector, mixed (the phase field's ``w``), DG and quadrature spaces. No rank ever
+holds more than its share of a field, and the file holds the values only (8 bytes per dof).
+Elements whose dofs need transformations (Lagrange of degree >= 3, Nedelec: their edge dofs
+are oriented by partition-dependent vertex numbers) are written through
+``adios4dolfinx.write_function_on_input_mesh`` instead (``fields/<token>.<i>.bp``, with the
+cell dofmaps and permutations: about 30 times larger, slower). A mesh signature (a hash-weighted
+sum of the cell midpoints by original cell index, reduced over the ranks) is stored with each
+field; restoring onto a mesh with another geometry or cell order raises
+:class:`~fem_anode.errors.InputError`.
 
-**Writes are atomic.** Rank 0 writes into ``DIR/checkpoint.tmp-<random>/`` (files fsynced),
-then renames the current ``checkpoint/`` to ``checkpoint.old-<random>``, renames the new one
-to ``checkpoint/`` and removes the old one; every rank waits at a barrier. A crash at any
-moment leaves either the previous or the new checkpoint complete: leftover ``checkpoint.tmp-*``
-are ignored (and removed by the next save), and if the crash fell between the two renames,
-:meth:`CheckpointStore.load` takes the newest complete ``checkpoint.old-*``. A corrupt or
-truncated checkpoint (bad JSON, arrays whose checksum does not match) gives an
-:class:`~fem_anode.errors.InputError` naming the file.
+**Writes are atomic.** Rank 0 creates ``DIR/checkpoint.tmp-<random>/``; all ranks write the
+fields into it, then hash them (chunks of the files spread over the ranks, every file fsynced);
+rank 0 writes ``arrays.npz`` and ``state.json`` (fsynced), renames the current ``checkpoint/``
+to ``checkpoint.old-<random>``, renames the new one to ``checkpoint/`` and removes the old one.
+A crash at any moment leaves either the previous or the new checkpoint complete: leftover
+``checkpoint.tmp-*`` are ignored (and removed by the next save), and if the crash fell between
+the two renames, :meth:`CheckpointStore.load` takes the newest complete ``checkpoint.old-*``.
+A corrupt or truncated checkpoint (bad JSON, a file whose checksum does not match) gives an
+:class:`~fem_anode.errors.InputError` naming the file. ``DIR`` must be on a file system that
+every rank sees (as for any parallel output).
 
-The module imports neither dolfinx nor mpi4py at import time.
+The module imports neither dolfinx, mpi4py nor adios4dolfinx at import time.
 """
 
 from __future__ import annotations
@@ -66,8 +79,11 @@ logger = logging.getLogger(__name__)
 
 #: Name of the checkpoint directory inside a run's output directory.
 CHECKPOINT_NAME = "checkpoint"
-FORMAT_VERSION = 2
-_STATE, _ARRAYS = "state.json", "arrays.npz"
+FORMAT_VERSION = 3
+_STATE, _ARRAYS, _FIELDS = "state.json", "arrays.npz", "fields"
+_VARIABLE = "field"  # the Function's name inside its BP file
+_CHUNK = 1 << 24  # bytes per checksum chunk (16 MiB); chunks are hashed by the ranks in turn
+_SIGNATURE_RTOL = 1e-10  # of the sum of |terms|: covers summation order on any partition
 
 
 @dataclasses.dataclass
@@ -120,79 +136,313 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _owned_coordinates(V: Any) -> np.ndarray | None:
-    """Dof coordinates of the owned dofs, or None (mixed spaces, no point evaluation)."""
-    try:
-        return np.asarray(V.tabulate_dof_coordinates()[: V.dofmap.index_map.size_local], dtype=np.float64)
-    except RuntimeError:
-        return None
+def _allgather(comm: Any, item: Any) -> list[Any]:
+    return [item] if _size(comm) == 1 else comm.allgather(item)
 
 
-def _sorted_unique(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Rank 0: ``(values, coords)`` of all ranks sorted by coordinate, or None if coordinates repeat."""
-    all_values = np.concatenate([p[0] for p in parts])
-    all_coords = np.concatenate([p[1] for p in parts])
-    order = np.lexsort(all_coords.T[::-1])  # x first, then y, then z
-    coords = all_coords[order]
-    if coords.shape[0] > 1 and np.any(np.all(coords[1:] == coords[:-1], axis=1)):
-        return None
-    return all_values[order], coords
-
-
-def _gather(comm: Any, item: Any) -> list[Any]:
+def _gather(comm: Any, item: Any) -> list[Any] | None:
+    """Small items only (checksums, error messages): the list on rank 0, None elsewhere."""
     return [item] if _size(comm) == 1 else comm.gather(item, root=0)
 
 
-def _all(comm: Any, flag: bool) -> bool:
-    if _size(comm) == 1:
-        return flag
+def _first_error(comm: Any, error: str | None) -> str | None:
+    """Collective: the first rank's error message, if any rank had one."""
+    return next((e for e in _allgather(comm, error) if e is not None), None)
+
+
+def _adios4dolfinx() -> Any:
+    """The adios4dolfinx module (imported on first use: it selects ADIOS2's MPI bindings)."""
+    try:
+        import adios4dolfinx
+    except ImportError as err:
+        raise UsageError(
+            f"checkpoints of dolfinx Functions need adios4dolfinx ({err}); install the Debian package "
+            "python3-adios4dolfinx (scripts/setup.sh does)"
+        ) from None
+    return adios4dolfinx
+
+
+def _splitmix64(index: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash of each (non-negative) integer."""
+    z = index.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def mesh_signature(mesh: Any) -> list[float]:
+    """Collective: ``[signature, scale]`` of a mesh, independent of its partition.
+
+    ``signature`` is the sum over the cells of their geometric midpoints weighted by pseudo-random
+    weights in [1, 2) drawn from the original (input) cell index; ``scale`` is the sum of the
+    absolute terms. Two meshes with the same cells in the same input order agree to round-off
+    (``|a - b| <= 1e-10 scale``); another geometry or cell order changes the signature.
+    """
     from mpi4py import MPI
 
-    return bool(comm.allreduce(int(flag), op=MPI.MIN))
+    tdim = mesh.topology.dim
+    n = mesh.topology.index_map(tdim).size_local
+    original = np.asarray(mesh.topology.original_cell_index[:n], dtype=np.int64)
+    midpoints = mesh.geometry.x[mesh.geometry.dofmap[:n]].mean(axis=1)
+    keys = (3 * original[:, None] + np.arange(3)).reshape(-1)
+    weights = 1.0 + (_splitmix64(keys) >> np.uint64(11)).astype(np.float64).reshape(n, 3) / 2.0**53
+    terms = (weights * midpoints).sum(axis=1)
+    local = np.array([terms.sum(), np.abs(terms).sum()])
+    total = local if mesh.comm.size == 1 else mesh.comm.allreduce(local, op=MPI.SUM)
+    return [float(total[0]), float(total[1])]
 
 
-def _gather_function(u: Any, comm: Any) -> tuple[dict[str, Any], list[np.ndarray] | None, list[np.ndarray] | None]:
-    """Collective: ``(meta, values, coords)`` of a Function on rank 0 (``None`` elsewhere).
+def _input_owner(cells: np.ndarray, n_cells: int, size: int) -> np.ndarray:
+    """Rank that writes/reads the file block of each original cell index: contiguous, balanced ranges."""
+    q, r = divmod(n_cells, size)
+    cells = np.asarray(cells, dtype=np.int64)
+    if q == 0:
+        return cells
+    split = r * (q + 1)
+    return np.where(cells < split, cells // (q + 1), r + (cells - split) // q).astype(np.int64)
 
-    ``values``/``coords`` are lists: one entry for a plain space, one per sub-space for a
-    mixed space ("subspaces" mode), no coordinates in "global" mode.
+
+def _ghost_min(imap: Any, values: np.ndarray) -> np.ndarray:
+    """Collective: for each local index (owned and ghost) the minimum over every rank's value of it.
+
+    The ghost exchange of the index map (PETSc's ghosted vector): a reverse scatter with MAX of the
+    negated values to the owners, then a forward scatter to the ghosts. Exact for |values| < 2^53.
+    """
+    from dolfinx import la
+    from petsc4py import PETSc
+
+    vec = la.create_petsc_vector(imap, 1)
+    try:
+        with vec.localForm() as local:
+            local.array[:] = -values
+        vec.ghostUpdate(addv=PETSc.InsertMode.MAX_VALUES, mode=PETSc.ScatterMode.REVERSE)
+        vec.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+        with vec.localForm() as local:
+            return -local.array
+    finally:
+        vec.destroy()
+
+
+def _canonical_keys(V: Any) -> np.ndarray:
+    """Collective: a partition-independent key of every owned dof block of ``V``.
+
+    The key of a dof is ``min(original_cell * k + j)`` over the cells holding it (``k`` dofs per
+    cell, ``j`` its position in the cell): the input order of the mesh's cells and the
+    reference layout of the element fix it, whatever the partition. The file stores the values
+    sorted by key.
+    """
+    mesh = V.mesh
+    dofmap = V.dofmap.list
+    imap = V.dofmap.index_map
+    per_cell = dofmap.shape[1]
+    n_cells = mesh.topology.index_map(mesh.topology.dim).size_local
+    original = np.asarray(mesh.topology.original_cell_index[:n_cells], dtype=np.int64)
+    candidates = original[:, None] * per_cell + np.arange(per_cell, dtype=np.int64)
+    keys = np.full(imap.size_local + imap.num_ghosts, float(2**62))
+    np.minimum.at(keys, dofmap[:n_cells].reshape(-1), candidates.reshape(-1).astype(np.float64))
+    if mesh.comm.size > 1:
+        keys = _ghost_min(imap, keys)
+    return keys[: imap.size_local].astype(np.int64)
+
+
+def _alltoallv(comm: Any, dest: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Collective: send row ``i`` of ``data`` to rank ``dest[i]``; returns the received rows
+    (by source rank), the send order and the per-rank receive counts (to send answers back)."""
+    from mpi4py.util.dtlib import from_numpy_dtype
+
+    order = np.argsort(dest, kind="stable")
+    send_counts = np.bincount(dest, minlength=comm.size).astype(np.int64)
+    recv_counts = np.empty(comm.size, dtype=np.int64)
+    comm.Alltoall(send_counts, recv_counts)
+    width = int(np.prod(data.shape[1:]))
+    sent = np.ascontiguousarray(data[order])
+    received = np.empty((int(recv_counts.sum()), *data.shape[1:]), dtype=data.dtype)
+    kind = from_numpy_dtype(data.dtype)
+    comm.Alltoallv([sent, send_counts * width, kind], [received, recv_counts * width, kind])
+    return received, order, recv_counts
+
+
+def _answer(comm: Any, answers: np.ndarray, recv_counts: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Collective: send ``answers`` (rows in received order) back to where the rows of
+    :func:`_alltoallv` came from; returns them in the caller's original row order."""
+    from mpi4py.util.dtlib import from_numpy_dtype
+
+    send_counts = np.bincount(np.repeat(np.arange(comm.size), recv_counts), minlength=comm.size).astype(np.int64)
+    back_counts = np.empty(comm.size, dtype=np.int64)
+    comm.Alltoall(send_counts, back_counts)
+    width = int(np.prod(answers.shape[1:]))
+    back = np.empty((int(back_counts.sum()), *answers.shape[1:]), dtype=answers.dtype)
+    kind = from_numpy_dtype(answers.dtype)
+    comm.Alltoallv([np.ascontiguousarray(answers), send_counts * width, kind], [back, back_counts * width, kind])
+    out = np.empty_like(back)
+    out[order] = back
+    return out
+
+
+def _destinations(V: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Collective: the keys of the owned dof blocks and the rank holding each one's file block."""
+    keys = _canonical_keys(V)
+    per_cell = V.dofmap.list.shape[1]
+    n_cells = V.mesh.topology.index_map(V.mesh.topology.dim).size_global
+    return keys, _input_owner(keys // per_cell, n_cells, V.mesh.comm.size)
+
+
+def _write_values(path: Path, u: Any) -> None:
+    """Collective: write ``u``'s owned values to ``path`` (raw float64) in key order, by MPI-IO;
+    each rank writes the contiguous block of the cells in its input range."""
+    from mpi4py import MPI
+
+    V = u.function_space
+    comm = V.mesh.comm
+    bs = V.dofmap.index_map_bs
+    n = V.dofmap.index_map.size_local
+    values = np.asarray(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
+    keys, dest = _destinations(V)
+    received_keys, _, _ = _alltoallv(comm, dest, keys)
+    received, _, _ = _alltoallv(comm, dest, values)
+    block = np.ascontiguousarray(received[np.argsort(received_keys, kind="stable")])
+    offset = int(comm.exscan(len(block)) or 0) if comm.size > 1 else 0
+    handle = MPI.File.Open(comm, str(path), MPI.MODE_WRONLY | MPI.MODE_CREATE)
+    try:
+        handle.Write_at_all(offset * bs * 8, [block, MPI.DOUBLE])
+    finally:
+        handle.Close()
+
+
+def _read_values(path: Path, u: Any) -> None:
+    """Collective: fill ``u`` (owned and ghost values) from a file of :func:`_write_values`."""
+    from mpi4py import MPI
+
+    V = u.function_space
+    comm = V.mesh.comm
+    bs = V.dofmap.index_map_bs
+    n = V.dofmap.index_map.size_local
+    keys, dest = _destinations(V)
+    received, order, recv_counts = _alltoallv(comm, dest, keys)
+    sort = np.argsort(received, kind="stable")
+    offset = int(comm.exscan(len(received)) or 0) if comm.size > 1 else 0
+    block = np.empty((len(received), bs), dtype=np.float64)
+    handle = MPI.File.Open(comm, str(path), MPI.MODE_RDONLY)
+    try:
+        handle.Read_at_all(offset * bs * 8, [block, MPI.DOUBLE])
+    finally:
+        handle.Close()
+    answers = np.empty_like(block)
+    answers[sort] = block
+    u.x.array[: n * bs] = _answer(comm, answers, recv_counts, order).reshape(-1)
+    u.x.scatter_forward()
+
+
+def _fixed_layout(element: Any) -> bool:
+    """Whether the cell-local dof layout of a (basix.ufl) element is the same on every partition:
+    no dof transformations or permutations (Lagrange <= 2, DG, quadrature, mixed/blocked of these)."""
+    if element.is_mixed:
+        return all(_fixed_layout(sub) for sub in element.sub_elements)
+    if element.is_quadrature:
+        return True
+    return bool(element.basix_element.dof_transformations_are_identity)
+
+
+def _write_field(directory: Path, stem: str, u: Any, comm: Any) -> dict[str, Any]:
+    """Collective: write Function ``u`` into ``directory/fields/``; returns its metadata.
+
+    Elements with a fixed dof layout (:func:`_fixed_layout`) go to ``<stem>.bin`` in key order
+    (:func:`_write_values`); the others (e.g. Lagrange of degree 3, whose edge dofs are ordered by
+    the partition-dependent global vertex numbers) through
+    ``adios4dolfinx.write_function_on_input_mesh`` to ``<stem>.bp``.
     """
     V = u.function_space
+    mesh = V.mesh
+    if mesh.comm.size != _size(comm):
+        raise UsageError(f"a checkpoint on {_size(comm)} rank(s) cannot store a Function on a mesh over {mesh.comm.size} rank(s): give the store the mesh's communicator")
     imap = V.dofmap.index_map
-    bs = V.dofmap.index_map_bs
-    n = imap.size_local
-    meta: dict[str, Any] = {"block_size": int(bs), "size": int(imap.size_global), "element": str(V.ufl_element())}
-    values = np.array(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
-    coords = _owned_coordinates(V)
-    if _all(comm, coords is not None):
-        parts = _gather(comm, (values, coords))
-        result = _sorted_unique(parts) if _rank(comm) == 0 else None
-        if _bcast(comm, result is not None if _rank(comm) == 0 else None):
-            meta["mode"] = "coordinates"
-            return (meta, [result[0]], [result[1]]) if result is not None else (meta, None, None)
-    elif V.num_sub_spaces > 0:  # mixed: each collapsed sub-space by its own coordinates
-        subs = []
-        for i in range(V.num_sub_spaces):
-            Vi, dofs = V.sub(i).collapse()
-            bsi, ni = Vi.dofmap.index_map_bs, Vi.dofmap.index_map.size_local
-            sub_coords = _owned_coordinates(Vi)
-            subs.append((np.array(u.x.array[dofs], dtype=np.float64).reshape(-1, bsi)[:ni], sub_coords))
-        if _all(comm, all(c is not None for _, c in subs)):
-            gathered = [_gather(comm, sub) for sub in subs]
-            results = [_sorted_unique(parts) for parts in gathered] if _rank(comm) == 0 else []
-            if _bcast(comm, all(r is not None for r in results) if _rank(comm) == 0 else None):
-                meta["mode"] = "subspaces"
-                meta["subspaces"] = V.num_sub_spaces
-                if _rank(comm) != 0:
-                    return meta, None, None
-                return meta, [r[0] for r in results], [r[1] for r in results]  # type: ignore[index]
-    ranges = _gather(comm, tuple(int(r) for r in imap.local_range))
-    all_values = _gather(comm, values)
-    if _rank(comm) != 0:
-        return meta, None, None
-    meta["mode"] = "global"
-    meta["ranges"] = [list(r) for r in ranges]
-    return meta, [np.concatenate(all_values)], None
+    if not _fixed_layout(V.ufl_element()):
+        adios4dolfinx = _adios4dolfinx()
+        from adios4dolfinx.adios2_helpers import adios2
+
+        mode, relative = "adios4dolfinx", f"{_FIELDS}/{stem}.bp"
+        adios4dolfinx.write_function_on_input_mesh(directory / relative, u, engine="BP4", mode=adios2.Mode.Write, name=_VARIABLE)
+    else:
+        mode, relative = "input-order", f"{_FIELDS}/{stem}.bin"
+        _write_values(directory / relative, u)
+    return {
+        "mode": mode,
+        "file": relative,
+        "element": str(V.ufl_element()),
+        "size": int(imap.size_global),
+        "block_size": int(V.dofmap.index_map_bs),
+        "cells": int(mesh.topology.index_map(mesh.topology.dim).size_global),
+        "mesh_signature": mesh_signature(mesh),
+    }
+
+
+def _chunks(listing: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``(file, chunk)`` pairs of a file listing, in a fixed order (0 bytes: one empty chunk)."""
+    return [(name, k) for name, size in listing for k in range(max(1, -(-size // _CHUNK)))]
+
+
+def _hash_chunks(root: Path, chunks: list[tuple[str, int]], sync: bool) -> dict[tuple[str, int], str]:
+    """SHA-256 of each ``(file, chunk)`` under ``root``; with ``sync`` fsync every file read."""
+    digests: dict[tuple[str, int], str] = {}
+    handles: dict[str, Any] = {}
+    try:
+        for name, k in chunks:
+            if name not in handles:
+                handles[name] = open(root / name, "rb")
+            handle = handles[name]
+            handle.seek(k * _CHUNK)
+            digests[(name, k)] = hashlib.sha256(handle.read(_CHUNK)).hexdigest()
+        if sync:
+            for handle in handles.values():
+                os.fsync(handle.fileno())
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return digests
+
+
+def _digest_fields(directory: Path, comm: Any) -> dict[str, dict[str, Any]] | None:
+    """Collective: ``{file: {"size", "sha256": [chunk digests]}}`` of ``directory/fields`` on rank 0.
+
+    Chunk ``j`` of the sorted file listing is hashed (and its file fsynced) by rank ``j mod size``.
+    """
+    root = directory / _FIELDS
+    listing = None
+    if _rank(comm) == 0:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        listing = [(p.relative_to(directory).as_posix(), p.stat().st_size) for p in files]
+    listing = _bcast(comm, listing)
+    mine = _chunks(listing)[_rank(comm) :: _size(comm)]
+    parts = _gather(comm, _hash_chunks(directory, mine, sync=True))
+    if parts is None:
+        return None
+    merged = {key: value for part in parts for key, value in part.items()}
+    table: dict[str, dict[str, Any]] = {name: {"size": size, "sha256": []} for name, size in listing}
+    for name, k in _chunks(listing):
+        table[name]["sha256"].append(merged[(name, k)])
+    return table
+
+
+def _verify_fields(path: Path, table: dict[str, dict[str, Any]], comm: Any) -> None:
+    """Collective: raise InputError on every rank if a field file is missing, truncated or corrupt."""
+    listing = sorted((name, int(entry["size"])) for name, entry in table.items())
+    mine = _chunks(listing)[_rank(comm) :: _size(comm)]
+    bad: str | None = None
+    try:
+        for name in {name for name, _ in mine}:
+            if (path / name).stat().st_size != table[name]["size"]:
+                bad = f"corrupt checkpoint {path / name}: its size does not match state.json"
+                break
+        else:
+            digests = _hash_chunks(path, mine, sync=False)
+            wrong = sorted(name for (name, k), digest in digests.items() if table[name]["sha256"][k] != digest)
+            if wrong:
+                bad = f"corrupt checkpoint {path / wrong[0]}: its checksum does not match state.json"
+    except OSError as err:
+        bad = f"cannot read checkpoint {path}: {err}"
+    bad = _first_error(comm, bad)
+    if bad is not None:
+        raise InputError(bad)
 
 
 @dataclasses.dataclass
@@ -201,7 +451,7 @@ class Checkpoint:
 
     Attributes:
         state: the ``state`` dict given to :meth:`CheckpointStore.save` (plus ``"_checkpoint"``
-            bookkeeping: format, ranks, creation time, fields).
+            bookkeeping: format, ranks, creation time, fields, checksums).
         arrays: plain arrays by name.
         path: the checkpoint directory read.
     """
@@ -209,13 +459,10 @@ class Checkpoint:
     state: dict[str, Any]
     arrays: dict[str, np.ndarray]
     path: Path
-    _fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
-    _coords: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
-    _trees: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def fields(self) -> dict[str, dict[str, Any]]:
-        """Stored Functions: name -> ``{"mode", "element", "size", "block_size", ...}``."""
+        """Stored Functions: name -> ``{"mode", "file", "element", "size", "block_size", "cells", ...}``."""
         return self.state["_checkpoint"]["fields"]
 
     @property
@@ -224,74 +471,61 @@ class Checkpoint:
         return int(self.state["_checkpoint"]["ranks"])
 
     def restore(self, name: str, u: Any) -> None:
-        """Collective: set Function ``u`` (owned and ghost dofs) from the stored field ``name``.
+        """Collective over ``u``'s mesh: set Function ``u`` (owned and ghost dofs) from the stored field ``name``.
+
+        Any number of ranks and any partition of the same input mesh will do.
 
         Raises:
             InputError: no such field, or it does not fit ``u``'s space or mesh.
-            UsageError: a "global"-mode field on another number of ranks or partition.
         """
         if name not in self.fields:
             raise InputError(f"checkpoint {self.path} has no field {name!r} (it has {', '.join(sorted(self.fields)) or 'none'})")
         meta = self.fields[name]
         V = u.function_space
+        mesh = V.mesh
         imap = V.dofmap.index_map
         bs = V.dofmap.index_map_bs
-        comm = V.mesh.comm
-        if meta["size"] != imap.size_global or meta["block_size"] != bs:
+        cells = mesh.topology.index_map(mesh.topology.dim).size_global
+        if (meta["size"], meta["block_size"], meta["cells"]) != (imap.size_global, bs, cells) or meta["element"] != str(V.ufl_element()):
             raise InputError(
-                f"checkpoint field {name!r} has {meta['size']} x {meta['block_size']} dofs, the current space "
-                f"{imap.size_global} x {bs}: the mesh or element differs from the checkpointed run"
+                f"checkpoint field {name!r} has {meta['size']} x {meta['block_size']} dofs of {meta['element']} on "
+                f"{meta['cells']} cells, the current space {imap.size_global} x {bs} of {V.ufl_element()} on {cells}: "
+                "the mesh or element differs from the checkpointed run"
             )
-        if meta["mode"] == "coordinates":
-            u.x.array[:] = self._lookup(name, f"{meta['space']}.0", self._fields[f"{name}.0"], V, comm)
-        elif meta["mode"] == "subspaces":
-            if V.num_sub_spaces != meta["subspaces"]:
-                raise InputError(f"checkpoint field {name!r} has {meta['subspaces']} sub-spaces, the current space {V.num_sub_spaces}")
-            for i in range(V.num_sub_spaces):
-                Vi, dofs = V.sub(i).collapse()
-                u.x.array[dofs] = self._lookup(name, f"{meta['space']}.{i}", self._fields[f"{name}.{i}"], Vi, comm)
+        signature, scale = mesh_signature(mesh)
+        saved, saved_scale = meta["mesh_signature"]
+        if abs(signature - saved) > _SIGNATURE_RTOL * max(scale, saved_scale):
+            raise InputError(
+                f"checkpoint field {name!r}: the mesh differs from the checkpointed run (other cell positions or input "
+                "cell order); resume with the mesh made from the same input"
+            )
+        error: str | None = None
+        if not (self.path / meta["file"]).exists():
+            error = (
+                f"checkpoint field {name!r}: {self.path} was replaced after it was loaded (is another run writing "
+                "into the same directory?); load it again"
+            )
         else:
-            values = self._fields[f"{name}.0"]
-            ranges = meta["ranges"]
-            if len(ranges) != comm.size:
-                raise UsageError(
-                    f"checkpoint field {name!r} ({meta['element']}) was written on {len(ranges)} rank(s) and can only be "
-                    f"resumed on {len(ranges)} (its space has no unique dof coordinates); run with mpirun -n {len(ranges)}"
-                )
-            start, stop = (int(r) for r in imap.local_range)
-            if [start, stop] != list(ranges[comm.rank]):
-                raise UsageError(f"checkpoint field {name!r}: the mesh partition differs from the checkpointed run; resume with the same mesh and ranks")
-            first = sum(r[1] - r[0] for r in ranges[: comm.rank])
-            u.x.array[: (stop - start) * bs] = values[first : first + stop - start].reshape(-1)
-            u.x.scatter_forward()
-
-    def _lookup(self, name: str, key: str, values: np.ndarray, V: Any, comm: Any) -> np.ndarray:
-        """Values of the stored (sorted-by-coordinate) field at every local dof of ``V`` (collective)."""
-        local = np.asarray(V.tabulate_dof_coordinates(), dtype=np.float64)
-        stored = self._coords[key]
-        if key not in self._trees:
-            from scipy.spatial import cKDTree
-
-            self._trees[key] = cKDTree(stored)
-        distance, index = self._trees[key].query(local) if local.size else (np.zeros(0), np.zeros(0, dtype=int))
-        extent = float(np.ptp(stored, axis=0).max()) if stored.size else 0.0
-        tolerance = 1e-9 * max(extent, np.finfo(float).tiny)
-        bad = int(np.count_nonzero(distance > tolerance))
-        if _size(comm) > 1:
-            from mpi4py import MPI
-
-            bad = comm.allreduce(bad, op=MPI.SUM)
-        if bad:
-            raise InputError(f"checkpoint field {name!r}: {bad} dof(s) of this mesh are not in the checkpoint; the mesh differs from the checkpointed run")
-        return values[index].reshape(-1)
+            try:
+                if meta["mode"] == "input-order":
+                    _read_values(self.path / meta["file"], u)
+                else:
+                    _adios4dolfinx().read_function(self.path / meta["file"], u, engine="BP4", name=_VARIABLE)
+            except (KeyError, RuntimeError, ValueError, OSError) as err:
+                error = f"cannot read checkpoint field {name!r} from {self.path / meta['file']}: {type(err).__name__}: {err}"
+        error = _first_error(mesh.comm, error)
+        if error is not None:
+            raise InputError(error)
 
 
 class CheckpointStore:
     """The checkpoint of one run, kept in ``directory / "checkpoint"``.
 
     Args:
-        directory: the run's output directory (created by the first save).
-        comm: MPI communicator (``None``: serial). Every method is collective.
+        directory: the run's output directory (created by the first save); on a file system
+            every rank sees.
+        comm: MPI communicator (``None``: serial); the communicator of the stored Functions'
+            meshes. Every method is collective.
     """
 
     def __init__(self, directory: str | Path, comm: Any = None) -> None:
@@ -319,73 +553,90 @@ class CheckpointStore:
 
         Args:
             state: JSON-serialisable dict (floats, ints, strings, lists, dicts; NaN allowed).
-            arrays: name -> dolfinx Function (gathered over the ranks) or NumPy array (taken
-                from rank 0; the caller keeps it identical on every rank).
+            arrays: name -> dolfinx Function (written in parallel by all ranks) or NumPy array
+                (small; taken from rank 0, the caller keeps it identical on every rank).
+
+        Raises:
+            InputError: the checkpoint could not be written (the previous one stays).
         """
         comm = self.comm
-        fields: dict[str, dict[str, Any]] = {}
-        data: dict[str, np.ndarray] = {}
-        spaces: dict[int, str] = {}
-        for name, value in (arrays or {}).items():
-            if _is_function(value):
-                meta, values, coords = _gather_function(value, comm)
-                key = spaces.setdefault(id(value.function_space), f"space{len(spaces)}")
-                if _rank(comm) == 0:
-                    meta["space"] = key
-                    for i, part in enumerate(values or []):
-                        data[f"f.{name}.{i}"] = part
-                    for i, part in enumerate(coords or []):
-                        data.setdefault(f"s.{key}.{i}", part)
-                fields[name] = meta
-            elif _rank(comm) == 0:
-                data[f"a.{name}"] = np.asarray(value)
-        error: str | None = None
+        made: Path | str | None = None
         if _rank(comm) == 0:
             try:
-                self._write(dict(state), fields, data)
-            except (OSError, TypeError, ValueError) as err:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                made = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_NAME}.tmp-", dir=self.directory))
+                (made / _FIELDS).mkdir()
+            except OSError as err:
+                made = f"cannot write the checkpoint in {self.directory}: {err}"
+        made = _bcast(comm, made)
+        if not isinstance(made, Path):
+            raise InputError(str(made))
+        tmp = made
+        error: str | None = None
+        try:
+            fields: dict[str, dict[str, Any]] = {}
+            table: dict[str, dict[str, Any]] | None = None
+            try:
+                token = tmp.name.rsplit("-", 1)[-1]  # unique per save: a replaced checkpoint is noticed by restore
+                for name, value in (arrays or {}).items():
+                    if _is_function(value):
+                        fields[name] = _write_field(tmp, f"{token}.{len(fields)}", value, comm)
+                table = _digest_fields(tmp, comm)
+            except FemAnodeError:
+                raise
+            except (OSError, RuntimeError, ValueError) as err:
                 error = f"cannot write the checkpoint in {self.directory}: {err}"
-        error = _bcast(comm, error)
+            error = _first_error(comm, error)
+            if error is None and _rank(comm) == 0:
+                plain = {f"a.{name}": np.asarray(value) for name, value in (arrays or {}).items() if not _is_function(value)}
+                try:
+                    self._commit(tmp, dict(state), fields, table or {}, plain)
+                except (OSError, TypeError, ValueError) as err:
+                    error = f"cannot write the checkpoint in {self.directory}: {err}"
+            error = _bcast(comm, error)
+        finally:
+            if _rank(comm) == 0:  # gone after a successful save (renamed into place)
+                shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
             raise InputError(error)
         _barrier(comm)
         return self.path
 
-    def _write(self, state: dict[str, Any], fields: dict[str, dict[str, Any]], data: dict[str, np.ndarray]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_NAME}.tmp-", dir=self.directory))
-        try:
-            arrays_path = tmp / _ARRAYS
-            with open(arrays_path, "wb") as handle:
-                np.savez(handle, **data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            state["_checkpoint"] = {
-                "format": FORMAT_VERSION,
-                "ranks": _size(self.comm),
-                "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "fields": fields,
-                "arrays_sha256": _sha256(arrays_path),
-            }
-            text = json.dumps(state, indent=1, allow_nan=True)
-            with open(tmp / _STATE, "w", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            old = None
-            if self.path.exists():
-                old = self.directory / f"{CHECKPOINT_NAME}.old-{tmp.name.rsplit('-', 1)[-1]}"
-                os.replace(self.path, old)
-            os.replace(tmp, self.path)
-            _fsync(self.directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def _commit(self, tmp: Path, state: dict[str, Any], fields: dict[str, dict[str, Any]], table: dict[str, dict[str, Any]], data: dict[str, np.ndarray]) -> None:
+        """Rank 0: write arrays.npz and state.json into ``tmp``, then swap it in for the checkpoint."""
+        arrays_path = tmp / _ARRAYS
+        with open(arrays_path, "wb") as handle:
+            np.savez(handle, **data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        state["_checkpoint"] = {
+            "format": FORMAT_VERSION,
+            "ranks": _size(self.comm),
+            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "fields": fields,
+            "arrays_sha256": _sha256(arrays_path),
+            "fields_sha256": table,
+        }
+        text = json.dumps(state, indent=1, allow_nan=True)
+        with open(tmp / _STATE, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for directory in {tmp / Path(name).parent for name in table} | {tmp / _FIELDS, tmp}:
+            _fsync(directory)
+        old = None
+        if self.path.exists():
+            old = self.directory / f"{CHECKPOINT_NAME}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            os.replace(self.path, old)
+        os.replace(tmp, self.path)
+        _fsync(self.directory)
         for stale in [*self.directory.glob(f"{CHECKPOINT_NAME}.tmp-*"), *self.directory.glob(f"{CHECKPOINT_NAME}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # this run's previous one, or left by a crash
 
     def load(self) -> Checkpoint:
-        """Read the checkpoint on rank 0 and broadcast it (collective).
+        """Read the checkpoint (collective): state and plain arrays on rank 0, broadcast; the
+        field files are checked by all ranks, each hashing its share; fields are read by
+        :meth:`Checkpoint.restore`.
 
         Raises:
             InputError: no checkpoint, or a corrupt one (unreadable JSON, checksum mismatch).
@@ -399,10 +650,11 @@ class CheckpointStore:
         payload = _bcast(self.comm, payload)
         if isinstance(payload, FemAnodeError):
             raise payload
-        state, plain, fields, coords, path = payload
-        return Checkpoint(state=state, arrays=plain, path=path, _fields=fields, _coords=coords)
+        state, plain, path = payload
+        _verify_fields(path, state["_checkpoint"].get("fields_sha256") or {}, self.comm)
+        return Checkpoint(state=state, arrays=plain, path=path)
 
-    def _read(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], Path]:
+    def _read(self) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
         candidates = self._candidates()
         if not candidates:
             raise InputError(f"no checkpoint in {self.directory} (expected {self.path / _STATE})")
@@ -419,13 +671,10 @@ class CheckpointStore:
             if _sha256(path / _ARRAYS) != expected:
                 raise InputError(f"corrupt checkpoint {path / _ARRAYS}: its checksum does not match state.json")
             with np.load(path / _ARRAYS, allow_pickle=False) as archive:
-                data = {key: archive[key] for key in archive.files}
+                plain = {key[2:]: archive[key] for key in archive.files if key.startswith("a.")}
         except OSError as err:
             raise InputError(f"cannot read checkpoint {path / _ARRAYS}: {err}") from None
-        plain = {k[2:]: v for k, v in data.items() if k.startswith("a.")}
-        fields = {k[2:]: v for k, v in data.items() if k.startswith("f.")}
-        coords = {k[2:]: v for k, v in data.items() if k.startswith("s.")}
-        return state, plain, fields, coords, path
+        return state, plain, path
 
     def remove(self) -> None:
         """Delete the checkpoint and any leftovers (collective; after a run finished)."""
