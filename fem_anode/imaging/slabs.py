@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Slab", "label_slabs", "max_distance_to"]
+__all__ = ["Slab", "exchange_layers", "label_slabs", "max_distance_to"]
 
 #: Reads layers ``start ... stop - 1`` of the volume (any integer or boolean array).
 LayerReader = Callable[[int, int], np.ndarray]
@@ -62,8 +62,11 @@ class Slab:
         return self.z1 - self.z0
 
 
-def _exchange(comm: Any, slab: Slab, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Send the slab's first layer down and its last layer up; return (layer below, layer above)."""
+def exchange_layers(comm: Any, slab: Slab, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Send the slab's first layer down and its last layer up; return (layer below, layer above).
+
+    ``None`` where there is no neighbour (the ends of the volume, one process, an empty slab).
+    Collective over the ranks with non-empty slabs."""
     if comm.size == 1:
         return None, None
     from mpi4py import MPI
@@ -114,7 +117,7 @@ def label_slabs(comm: Any, slab: Slab, mask: np.ndarray, structure: np.ndarray |
     local[local > 0] += offset
     plane = mask.shape[1:]
     empty = np.zeros(plane, dtype=np.int64)
-    below, above = _exchange(comm, slab, local[0] if slab.layers else empty, local[-1] if slab.layers else empty)
+    below, above = exchange_layers(comm, slab, local[0] if slab.layers else empty, local[-1] if slab.layers else empty)
     pairs = np.zeros((0, 2), dtype=np.int64)
     if below is not None:
         mine = local[0]
@@ -152,7 +155,7 @@ def label_slabs(comm: Any, slab: Slab, mask: np.ndarray, structure: np.ndarray |
 
     labels = final(local)
     # The neighbouring layers, in final numbers (their owners computed them the same way).
-    layer_below, layer_above = _exchange(comm, slab, labels[0] if slab.layers else empty, labels[-1] if slab.layers else empty)
+    layer_below, layer_above = exchange_layers(comm, slab, labels[0] if slab.layers else empty, labels[-1] if slab.layers else empty)
     return labels, total - nonroots.size, layer_below, layer_above
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fem_anode.errors import InputError, SolverError
-from fem_anode.fem.tortuosity.clusters import Slab, _layer_exchange, slab_bounds, spanning_clusters
+from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds, spanning_clusters
 
 __all__ = ["BYTES_PER_UNKNOWN", "FVSolution", "estimate_memory", "fv_solve", "solver_options"]
 
@@ -171,7 +171,7 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
     gidx[solved] = np.arange(offset, offset + n_local, dtype=index)
     ny, nx = solved.shape[1:]
     empty = np.full((ny, nx), -1, dtype=index)
-    below, above = _layer_exchange(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
+    below, above = exchange_layers(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
     chunks = _chunks(slab, ny, nx)
     if symmetric:
         return _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global, conductance)
