@@ -159,6 +159,27 @@ def test_shifted_multigrid_levels_are_the_galerkin_operators(volume):
     problem.destroy()
 
 
+def test_one_operator_matrix_for_every_step_size(volume):
+    """Iterative solves keep one matrix A = K + R + a0 eps M, its values a function of a0 alone."""
+    from petsc4py import PETSc
+
+    problem = DiffusionProblem(volume, settings_for(type="iterative", preconditioner="ssor"))
+    first = problem._ksp(1e6).getOperators()[0].copy()
+    for a0 in (2e5, 1e6):
+        A = problem._ksp(a0).getOperators()[0]
+    assert A.equal(first)  # recomputed from K + R and M, not updated: bitwise the same
+    expected = problem._KR.copy()
+    expected.axpy(1e6 * problem.eps, problem._M)
+    expected.axpy(-1.0, A)
+    assert expected.norm(PETSc.NormType.FROBENIUS) <= 10 * np.finfo(float).eps * A.norm(PETSc.NormType.FROBENIUS)
+    # three value arrays and one shared pattern
+    nnz, ndofs = problem._M.getInfo()["nz_used"], problem.V.dofmap.index_map.size_global
+    memory = problem.solver_memory()
+    assert memory["matrices"] == pytest.approx(28 * nnz + 4 * ndofs)
+    assert memory["per_dof"] < 30 * nnz / ndofs
+    problem.destroy()
+
+
 def test_direct_pool_is_sized_by_memory(volume):
     problem = DiffusionProblem(volume, settings_for(type="direct", cache_size=3))
     for a0 in (1e6, 2e6, 3e6):
