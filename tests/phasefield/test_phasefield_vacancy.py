@@ -103,6 +103,73 @@ def test_void_graph_components_percolation_depth_and_core(comm):
     graph.comm.barrier()
 
 
+def _serpentine(V1, to_surface: bool = False):
+    """A void meandering through the wire: five horizontal strips (|x| <= 12 nm, 2 nm wide)
+    joined alternately at their right and left ends, so that any cut of the section through the
+    centre crosses it several times; optionally a radial channel from its end to the surface."""
+    x = V1.tabulate_dof_coordinates()[:, :2] / NM
+    ys = [-9.0, -4.5, 0.0, 4.5, 9.0]
+    void = np.zeros(len(x), dtype=bool)
+    for k, y in enumerate(ys):
+        void |= (np.abs(x[:, 1] - y) < 1.0) & (np.abs(x[:, 0]) < 12.0)
+        if k < len(ys) - 1:  # the connector to the next strip, right and left in turn
+            side = 11.0 if k % 2 == 0 else -11.0
+            void |= (np.abs(x[:, 0] - side) < 1.0) & (x[:, 1] > y) & (x[:, 1] < ys[k + 1])
+    if to_surface:
+        void |= (np.abs(x[:, 0] - 11.0) < 1.0) & (x[:, 1] > 9.0)
+    return np.where(void, 0.86, 0.14)
+
+
+def test_void_graph_labels_a_serpentine_crossing_the_partition_the_same_on_one_and_all_ranks(comm):
+    """Distributed labelling: one component that crosses the partition boundary again and again
+    (min-label propagation over the ghost exchange, several rounds on 2 ranks), the same
+    metrics as on one rank; the analysis sends only scalars through the communicator."""
+    results = {}
+    for name, c in (("all", comm), ("one", MPI.COMM_SELF)):
+        graph, V1 = _void_graph(c)
+        closed = graph.analyse(_serpentine(V1), 0.5, percolate=True, length_scale=1.0)
+        rounds = graph.rounds
+        spy = _SpyComm(graph.comm)
+        graph.comm = spy
+        opened = graph.analyse(_serpentine(V1, to_surface=True), 0.5, percolate=True, length_scale=1.0)
+        graph.comm = spy._comm
+        results[name] = (closed, opened, rounds, spy.sizes, V1.dofmap.index_map.size_global)
+    (closed, opened, rounds, sizes, n_nodes), (closed_1, opened_1, rounds_1, _, _) = results["all"], results["one"]
+    assert closed["n_voids"] == 1 and closed["n_accessible_voids"] == 0 and closed["electrolyte_fraction"] == 0
+    assert opened["n_voids"] == opened["n_accessible_voids"] == opened["n_accessible_voids_at_surface"] == 1
+    assert opened["accessible_void_fraction"] == pytest.approx(opened["void_fraction"], rel=1e-12)
+    assert opened["sei_penetration_depth_m"] > 15 * NM  # the whole serpentine filled: down to the centre region
+    assert rounds_1 == 1 and (rounds >= 2 or comm.size == 1)  # it crossed the partition boundary
+    for a, b in ((closed, closed_1), (opened, opened_1)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-12, abs=0), key
+    assert max(sizes, default=0) < 8 * n_nodes / 20  # no gather of the node values
+
+
+class _SpyComm:
+    """A communicator that records the pickled size of every object it sends or returns."""
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.sizes: list[int] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._comm, name)
+        if name not in ("bcast", "gather", "allgather", "scatter", "alltoall", "allreduce", "reduce", "send", "recv"):
+            return attribute
+
+        def spied(*args, **kwargs):
+            import pickle
+
+            self.sizes += [len(pickle.dumps(a)) for a in args[:1]]
+            result = attribute(*args, **kwargs)
+            self.sizes.append(len(pickle.dumps(result)))
+            return result
+
+        return spied
+
+
 def _short_settings(reuse_factorisation: bool = True, **vacancy):
     return PhaseFieldSettings(
         mesh=MeshSettings(size=4e-9),

@@ -40,8 +40,9 @@ Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons
   position only, so the same on any number of ranks.
 * **Percolation** after every delithiation (:class:`VoidGraph`): void nodes (``c_v >
   threshold``) are joined along mesh edges into connected components over the whole
-  (distributed) mesh; components that touch the outer surface or an electrolyte-filled void
-  become electrolyte-filled. The electrolyte set only grows (SEI-lined voids are preserved);
+  distributed mesh (labelled in parallel: local components, then the index map's ghost
+  exchange until the labels settle); components that touch the outer surface or an
+  electrolyte-filled void become electrolyte-filled. The electrolyte set only grows (SEI-lined voids are preserved);
   the Li trapped in them cannot leave, so they stay delithiated and void.
 """
 
@@ -53,7 +54,7 @@ from typing import Any
 import basix.ufl
 import numpy as np
 import ufl
-from dolfinx import fem
+from dolfinx import fem, la
 from dolfinx.fem import petsc as fem_petsc
 from mpi4py import MPI
 from petsc4py import PETSc
@@ -115,13 +116,21 @@ def nucleation_field(x: np.ndarray, sites: np.ndarray, radius: float, rate: floa
 
 
 class VoidGraph:
-    """Connected void regions over the distributed mesh, analysed on rank 0.
+    """Connected void regions over the distributed mesh, labelled in parallel.
 
-    The P1 node graph (mesh edges), the lumped node areas, the outer-surface nodes and the
-    depth of every node below the outer surface are gathered once; each analysis gathers the
-    node values of ``c_v``, labels the components with SciPy and broadcasts the electrolyte
-    set. Gathering a 2D cross-section (thousands to a few 10^5 nodes) is cheap; the result does
-    not depend on the partition.
+    Every rank labels the components of its part of the P1 node graph (the edges of its owned
+    cells, over its owned and ghost nodes) with SciPy. Component-wise maxima (of the negated
+    global node index, giving each component the label of its smallest node, and of flags such
+    as "touches the surface") are then made global by alternating that local pass with the index
+    map's ghost exchange (reverse scatter with MAX to the owners, forward scatter to the ghosts)
+    until no value changes on any rank: a component that crosses the partition boundary ``k``
+    times needs at most about ``k + 1`` rounds (:attr:`rounds`). Metrics are sums over owned
+    nodes reduced with ``allreduce``; the area of a solid cluster is summed on the rank owning its
+    label. No rank holds the node graph or a field of the whole mesh. The one exception: the
+    depth below the outer surface needs every node's distance to the nearest surface node, so
+    the coordinates of the surface nodes are allgathered once (the surface is a curve in this
+    2D problem: O(sqrt(N)) points). The results do not depend on the partition (up to the
+    summation order of the areas).
 
     Args:
         V1: P1 space of the mesh (coordinates in units of ``l0``).
@@ -132,72 +141,93 @@ class VoidGraph:
     def __init__(self, V1: fem.FunctionSpace, dx: Any, surface_dofs: np.ndarray) -> None:
         self.V1 = V1
         self.comm: MPI.Comm = V1.mesh.comm
-        imap = V1.dofmap.index_map
-        self.n_owned = imap.size_local
-        self.n_global = imap.size_global
-        n_local = self.n_owned + imap.num_ghosts
-        self.global_index = imap.local_to_global(np.arange(n_local, dtype=np.int32)).astype(np.int64)
+        self.imap = V1.dofmap.index_map
+        self.n_owned = self.imap.size_local
+        n_local = self.n_owned + self.imap.num_ghosts
+        self.global_index = self.imap.local_to_global(np.arange(n_local, dtype=np.int32)).astype(np.int64)
         area_vec = fem_petsc.assemble_vector(fem.form(ufl.TestFunction(V1) * dx))
         area_vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        area = area_vec.getArray(readonly=True)[: self.n_owned].copy()
+        area_vec.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+        with area_vec.localForm() as local:
+            self.area = local.array.copy()  #: lumped node areas, owned and ghost nodes
         area_vec.destroy()
-        xy = V1.tabulate_dof_coordinates()[: self.n_owned, :2]
-        surface = np.zeros(n_local, dtype=bool)
-        surface[surface_dofs] = True
-        n_cells = V1.mesh.topology.index_map(2).size_local
-        cell_dofs = self.global_index[V1.dofmap.list[:n_cells]]
-        k = cell_dofs.shape[1]
-        edges = np.concatenate([cell_dofs[:, [i, (i + 1) % k]] for i in range(k)])
-        parts = self.comm.gather((self.global_index[: self.n_owned], area, xy, self.global_index[surface], edges), root=0)
-        if self.comm.rank == 0:
-            n = self.n_global
-            self.area = np.zeros(n)
-            self.xy = np.zeros((n, 2))
-            self.surface = np.zeros(n, dtype=bool)
-            for gidx, a, p, s, _ in parts:
-                self.area[gidx] = a
-                self.xy[gidx] = p
-                self.surface[s] = True
-            e = np.concatenate([p[4] for p in parts])
-            self.edges = np.unique(np.sort(e, axis=1), axis=0)
-            self.depth = cKDTree(self.xy[self.surface]).query(self.xy)[0] if self.surface.any() else np.full(n, np.inf)
-            self.centroid = (self.area[:, None] * self.xy).sum(axis=0) / self.area.sum()
-            self.electrolyte = np.zeros(n, dtype=bool)
+        self.xy = V1.tabulate_dof_coordinates()[:, :2]
+        surface = np.zeros(n_local)
+        surface[surface_dofs] = 1.0
+        self.surface = self._ghost_max(surface[:, None])[:, 0] > 0  # the same flag on every copy of a node
+        n_cells = V1.mesh.topology.index_map(V1.mesh.topology.dim).size_local
+        pairs = np.array(basix.topology(V1.mesh.basix_cell())[1])  # the cell's edges (P1 dof i = vertex i)
+        cell_dofs = V1.dofmap.list[:n_cells]
+        edges = np.sort(cell_dofs[:, pairs].reshape(-1, 2), axis=1)
+        self.edges = np.unique(edges, axis=0) if len(edges) else edges.reshape(0, 2)
+        owned = slice(0, self.n_owned)
+        surface_xy = np.concatenate(self.comm.allgather(self.xy[owned][self.surface[owned]]))
+        self.depth = cKDTree(surface_xy).query(self.xy)[0] if len(surface_xy) else np.full(n_local, np.inf)
+        sums = self.comm.allreduce(np.array([self.area[owned].sum(), *(self.area[owned] @ self.xy[owned])]), op=MPI.SUM)
+        self.total_area = float(sums[0])
+        self.centroid = sums[1:] / sums[0]
+        self.electrolyte = np.zeros(n_local, dtype=bool)  #: electrolyte-filled nodes, owned and ghost
+        self.rounds = 0  #: local-pass + ghost-exchange rounds of the last void labelling
 
-    def _gather(self, values: np.ndarray) -> np.ndarray | None:
-        parts = self.comm.gather((self.global_index[: self.n_owned], values[: self.n_owned]), root=0)
-        if self.comm.rank != 0:
-            return None
-        out = np.zeros(self.n_global)
-        for gidx, v in parts:
-            out[gidx] = v
-        return out
+    def _ghost_max(self, values: np.ndarray) -> np.ndarray:
+        """Collective: each column's maximum over every copy of each local node (owned and ghost)."""
+        vec = la.create_petsc_vector(self.imap, values.shape[1])
+        try:
+            with vec.localForm() as local:
+                local.array[:] = values.reshape(-1)
+            vec.ghostUpdate(addv=PETSc.InsertMode.MAX_VALUES, mode=PETSc.ScatterMode.REVERSE)
+            vec.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+            with vec.localForm() as local:
+                return local.array.reshape(values.shape).copy()
+        finally:
+            vec.destroy()
 
-    def _components(self, mask: np.ndarray) -> np.ndarray:
-        """Component label of every node of the subgraph induced by ``mask`` (-1 outside)."""
+    def _owner_values(self, values: np.ndarray) -> np.ndarray:
+        """The owners' values at the ghost nodes too (collective): one mask on every copy of a node."""
+        out = np.full((len(values), 1), -np.inf)
+        out[: self.n_owned, 0] = values[: self.n_owned]
+        return self._ghost_max(out)[:, 0]
+
+    def _component_max(self, mask: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, int]:
+        """Collective: for every local node in ``mask``, each column's maximum over the node's
+        connected component of the subgraph induced by ``mask`` over the whole mesh (-inf
+        outside), and the number of rounds it took."""
         keep = mask[self.edges[:, 0]] & mask[self.edges[:, 1]]
         e = self.edges[keep]
         n = len(mask)
         graph = sparse.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
-        _, labels = csgraph.connected_components(graph, directed=False)
-        return np.where(mask, labels, -1)
+        count, component = csgraph.connected_components(graph, directed=False)
+        values = np.where(mask[:, None], columns, -np.inf)
+        rounds = 0
+        while True:
+            rounds += 1
+            best = np.full((count, columns.shape[1]), -np.inf)
+            np.maximum.at(best, component, values)
+            values = np.where(mask[:, None], best[component], -np.inf)
+            if self.comm.size == 1:
+                return values, rounds
+            exchanged = self._ghost_max(values)
+            changed = bool(np.any(exchanged != values))
+            values = exchanged
+            if not self.comm.allreduce(changed, op=MPI.LOR):
+                return values, rounds
+
+    def _sum(self, values: np.ndarray) -> float:
+        """Collective: sum over the owned nodes."""
+        return float(self.comm.allreduce(float(values[: self.n_owned].sum()), op=MPI.SUM))
 
     def reset(self) -> None:
         """Forget the electrolyte-filled voids."""
-        if self.comm.rank == 0:
-            self.electrolyte[:] = False
+        self.electrolyte[:] = False
 
     def load_electrolyte(self, local: np.ndarray) -> None:
-        """Rebuild the electrolyte set from local node values (> 0.5: electrolyte), e.g. after a
-        checkpoint was restored. Collective."""
-        flags = self._gather(local)
-        if self.comm.rank == 0:
-            self.electrolyte = flags > 0.5
+        """Rebuild the electrolyte set from local node values (owned and ghost; > 0.5: electrolyte),
+        e.g. after a checkpoint was restored. Collective."""
+        self.electrolyte = self._owner_values(np.asarray(local, dtype=float)) > 0.5
 
     def electrolyte_values(self) -> np.ndarray:
-        """The electrolyte indicator (0/1) at this rank's local nodes (owned and ghost). Collective."""
-        flags = self.comm.bcast(self.electrolyte if self.comm.rank == 0 else None, root=0)
-        return flags[self.global_index].astype(float)
+        """The electrolyte indicator (0/1) at this rank's local nodes (owned and ghost)."""
+        return self.electrolyte.astype(float)
 
     def analyse(self, c_v: np.ndarray, threshold: float, percolate: bool, length_scale: float) -> dict[str, float]:
         """Void metrics of the local node values ``c_v``; with ``percolate`` first let the
@@ -212,55 +242,76 @@ class VoidGraph:
             in the largest solid cluster reaching within a quarter of the equivalent radius of
             the section's centroid: the Si still connected to the wire's core).
         """
-        values = self._gather(c_v)
-        metrics = None
-        if self.comm.rank == 0:
-            metrics = self._analyse_root(values, threshold, percolate, length_scale)
-        return self.comm.bcast(metrics, root=0)
-
-    def _analyse_root(self, c_v: np.ndarray, threshold: float, percolate: bool, length_scale: float) -> dict[str, float]:
-        void = c_v > threshold
-        labels = self._components(void)
+        void = self._owner_values(np.asarray(c_v, dtype=float)) > threshold
+        before = self.electrolyte
+        flags = np.column_stack([-self.global_index, void & before, void & self.surface, void & before & self.surface]).astype(float)
+        reached, self.rounds = self._component_max(void, flags)
+        root = void & (-reached[:, 0] == self.global_index)  # one node per component: its smallest
         if percolate:
-            seeds = void & (self.surface | self.electrolyte)
-            reached = np.isin(labels, np.unique(labels[seeds])) & void
-            self.electrolyte |= reached
+            self.electrolyte = before | (void & ((reached[:, 1] > 0) | (reached[:, 2] > 0)))
+            accessible_component, at_surface = self.electrolyte, reached[:, 2] > 0
+        else:
+            accessible_component, at_surface = reached[:, 1] > 0, reached[:, 3] > 0
         accessible = void & self.electrolyte
-        total = self.area.sum()
-        n_voids = len(np.unique(labels[void]))
-        accessible_labels = np.unique(labels[accessible])
-        at_surface = np.unique(labels[accessible & self.surface])
-        solid = ~void & ~self.electrolyte
-        core = 0.0
-        if solid.any():
-            # the core: the largest solid cluster reaching into the central disk of a quarter of
-            # the equivalent radius (the node nearest the centroid alone may sit in a pocket
-            # between voids); if none reaches it, the cluster of the solid node nearest the centroid
-            solid_labels = self._components(solid)
-            distance = np.hypot(*(self.xy - self.centroid).T)
-            central = solid & (distance <= 0.25 * np.sqrt(total / np.pi))
-            if central.any():
-                labels_in = np.unique(solid_labels[central])
-                sizes = np.array([self.area[solid_labels == label].sum() for label in labels_in])
-                reference = labels_in[np.argmax(sizes)]
-            else:
-                candidates = np.flatnonzero(solid)
-                reference = solid_labels[candidates[np.argmin(distance[candidates])]]
-            core = float(self.area[solid_labels == reference].sum() / self.area[solid].sum())
-        depth = float(self.depth[self.electrolyte].max()) * length_scale if self.electrolyte.any() else 0.0
-        void_fraction = float(self.area[void].sum() / total)
-        accessible_fraction = float(self.area[accessible].sum() / total)
+        total = self.total_area
+        depths = self.depth[: self.n_owned][self.electrolyte[: self.n_owned]]
+        depth = self.comm.allreduce(float(depths.max(initial=0.0)), op=MPI.MAX)
+        void_fraction = self._sum(self.area * void) / total
+        accessible_fraction = self._sum(self.area * accessible) / total
         return {
             "void_fraction": void_fraction,
             "accessible_void_fraction": accessible_fraction,
             "inaccessible_void_fraction": void_fraction - accessible_fraction,
-            "electrolyte_fraction": float(self.area[self.electrolyte].sum() / total),
-            "sei_penetration_depth_m": depth,
-            "n_voids": int(n_voids),
-            "n_accessible_voids": int(len(accessible_labels)),
-            "n_accessible_voids_at_surface": int(len(at_surface)),
-            "core_connectivity": core,
+            "electrolyte_fraction": self._sum(self.area * self.electrolyte) / total,
+            "sei_penetration_depth_m": depth * length_scale,
+            "n_voids": int(self._sum(root)),
+            "n_accessible_voids": int(self._sum(root & accessible_component)),
+            "n_accessible_voids_at_surface": int(self._sum(root & at_surface)),
+            "core_connectivity": self._core_connectivity(~void & ~self.electrolyte),
         }
+
+    def _core_connectivity(self, solid: np.ndarray) -> float:
+        """Area fraction of the solid in the core cluster (see :meth:`analyse`). Collective.
+
+        The core: the largest solid cluster reaching into the central disk of a quarter of the
+        equivalent radius (the node nearest the centroid alone may sit in a pocket between
+        voids); if none reaches it, the cluster of the solid node nearest the centroid.
+        """
+        solid_area = self._sum(self.area * solid)
+        if solid_area == 0:
+            return 0.0
+        distance = np.hypot(*(self.xy - self.centroid).T)
+        central = solid & (distance <= 0.25 * np.sqrt(self.total_area / np.pi))
+        values, _ = self._component_max(solid, np.column_stack([-self.global_index, central]).astype(float))
+        label = np.where(solid, -values[:, 0], -1.0).astype(np.int64)
+        owned = np.zeros(len(solid), dtype=bool)
+        owned[: self.n_owned] = True
+        if self.comm.allreduce(bool(np.any(central[owned])), op=MPI.LOR):
+            reference = self._largest_central(label[owned & solid & (values[:, 1] > 0)], self.area[owned & solid & (values[:, 1] > 0)])
+        else:
+            candidates = np.flatnonzero(owned & solid)
+            mine: tuple[float, float, float, int] = (np.inf, 0.0, 0.0, -1)
+            if len(candidates):  # the nearest (then lowest x, y) solid node: the same on any partition
+                k = candidates[np.lexsort((self.xy[candidates, 1], self.xy[candidates, 0], distance[candidates]))[0]]
+                mine = (float(distance[k]), float(self.xy[k, 0]), float(self.xy[k, 1]), int(label[k]))
+            reference = min(self.comm.allgather(mine))[3]
+        return self._sum(self.area * (solid & (label == reference))) / solid_area
+
+    def _largest_central(self, labels: np.ndarray, areas: np.ndarray) -> int:
+        """Collective: the label of the central cluster with the largest area. Each rank sums its
+        owned nodes' areas per label; the partial sums go to the rank owning the label's node."""
+        ranges = np.array(self.comm.allgather(self.imap.local_range))
+        unique, inverse = np.unique(labels, return_inverse=True)
+        partial = np.bincount(inverse, weights=areas, minlength=len(unique))
+        owner = np.searchsorted(ranges[:, 1], unique, side="right")
+        outgoing = [(unique[owner == r], partial[owner == r]) for r in range(self.comm.size)]
+        incoming = self.comm.alltoall(outgoing)
+        mine_labels = np.concatenate([lab for lab, _ in incoming])
+        mine_areas = np.concatenate([a for _, a in incoming])
+        clusters, where = np.unique(mine_labels, return_inverse=True)
+        sizes = np.bincount(where, weights=mine_areas, minlength=len(clusters))
+        best = (float(sizes.max()), -int(clusters[np.argmax(sizes)])) if len(clusters) else (-np.inf, 0)
+        return -max(self.comm.allgather(best))[1]
 
 
 class VacancyPhaseFieldProblem(PhaseFieldProblem):
