@@ -83,6 +83,7 @@ FORMAT_VERSION = 3
 _STATE, _ARRAYS, _FIELDS = "state.json", "arrays.npz", "fields"
 _VARIABLE = "field"  # the Function's name inside its BP file
 _CHUNK = 1 << 24  # bytes per checksum chunk (16 MiB); chunks are hashed by the ranks in turn
+_CELL_CHUNK = 1 << 16  # cells per block when computing dof keys and mesh signatures
 _SIGNATURE_RTOL = 1e-10  # of the sum of |terms|: covers summation order on any partition
 
 
@@ -182,12 +183,15 @@ def mesh_signature(mesh: Any) -> list[float]:
 
     tdim = mesh.topology.dim
     n = mesh.topology.index_map(tdim).size_local
-    original = np.asarray(mesh.topology.original_cell_index[:n], dtype=np.int64)
-    midpoints = mesh.geometry.x[mesh.geometry.dofmap[:n]].mean(axis=1)
-    keys = (3 * original[:, None] + np.arange(3)).reshape(-1)
-    weights = 1.0 + (_splitmix64(keys) >> np.uint64(11)).astype(np.float64).reshape(n, 3) / 2.0**53
-    terms = (weights * midpoints).sum(axis=1)
-    local = np.array([terms.sum(), np.abs(terms).sum()])
+    local = np.zeros(2)
+    for start in range(0, n, _CELL_CHUNK):  # bounded temporaries on large meshes
+        stop = min(start + _CELL_CHUNK, n)
+        original = np.asarray(mesh.topology.original_cell_index[start:stop], dtype=np.int64)
+        midpoints = mesh.geometry.x[mesh.geometry.dofmap[start:stop]].mean(axis=1)
+        keys = (3 * original[:, None] + np.arange(3)).reshape(-1)
+        weights = 1.0 + (_splitmix64(keys) >> np.uint64(11)).astype(np.float64).reshape(-1, 3) / 2.0**53
+        terms = (weights * midpoints).sum(axis=1)
+        local += [terms.sum(), np.abs(terms).sum()]
     total = local if mesh.comm.size == 1 else mesh.comm.allreduce(local, op=MPI.SUM)
     return [float(total[0]), float(total[1])]
 
@@ -236,10 +240,13 @@ def _canonical_keys(V: Any) -> np.ndarray:
     imap = V.dofmap.index_map
     per_cell = dofmap.shape[1]
     n_cells = mesh.topology.index_map(mesh.topology.dim).size_local
-    original = np.asarray(mesh.topology.original_cell_index[:n_cells], dtype=np.int64)
-    candidates = original[:, None] * per_cell + np.arange(per_cell, dtype=np.int64)
+    original = mesh.topology.original_cell_index
     keys = np.full(imap.size_local + imap.num_ghosts, float(2**62))
-    np.minimum.at(keys, dofmap[:n_cells].reshape(-1), candidates.reshape(-1).astype(np.float64))
+    positions = np.arange(per_cell, dtype=np.float64)
+    for start in range(0, n_cells, _CELL_CHUNK):  # bounded temporaries on large meshes
+        stop = min(start + _CELL_CHUNK, n_cells)
+        candidates = np.asarray(original[start:stop], dtype=np.float64)[:, None] * per_cell + positions
+        np.minimum.at(keys, dofmap[start:stop].reshape(-1), candidates.reshape(-1))
     if mesh.comm.size > 1:
         keys = _ghost_min(imap, keys)
     return keys[: imap.size_local].astype(np.int64)
@@ -279,15 +286,21 @@ def _answer(comm: Any, answers: np.ndarray, recv_counts: np.ndarray, order: np.n
     return out
 
 
-def _destinations(V: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Collective: the keys of the owned dof blocks and the rank holding each one's file block."""
+def _destinations(V: Any, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Collective: the keys of the owned dof blocks and the rank holding each one's file block
+    (kept in ``cache`` by space for the other fields of the same save)."""
+    if cache is not None and id(V) in cache:
+        return cache[id(V)]
     keys = _canonical_keys(V)
     per_cell = V.dofmap.list.shape[1]
     n_cells = V.mesh.topology.index_map(V.mesh.topology.dim).size_global
-    return keys, _input_owner(keys // per_cell, n_cells, V.mesh.comm.size)
+    result = keys, _input_owner(keys // per_cell, n_cells, V.mesh.comm.size)
+    if cache is not None:
+        cache[id(V)] = result
+    return result
 
 
-def _write_values(path: Path, u: Any) -> None:
+def _write_values(path: Path, u: Any, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Collective: write ``u``'s owned values to ``path`` (raw float64) in key order, by MPI-IO;
     each rank writes the contiguous block of the cells in its input range."""
     from mpi4py import MPI
@@ -297,7 +310,7 @@ def _write_values(path: Path, u: Any) -> None:
     bs = V.dofmap.index_map_bs
     n = V.dofmap.index_map.size_local
     values = np.asarray(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
-    keys, dest = _destinations(V)
+    keys, dest = _destinations(V, cache)
     received_keys, _, _ = _alltoallv(comm, dest, keys)
     received, _, _ = _alltoallv(comm, dest, values)
     block = np.ascontiguousarray(received[np.argsort(received_keys, kind="stable")])
@@ -343,7 +356,7 @@ def _fixed_layout(element: Any) -> bool:
     return bool(element.basix_element.dof_transformations_are_identity)
 
 
-def _write_field(directory: Path, stem: str, u: Any, comm: Any) -> dict[str, Any]:
+def _write_field(directory: Path, stem: str, u: Any, comm: Any, cache: dict[int, Any] | None = None) -> dict[str, Any]:
     """Collective: write Function ``u`` into ``directory/fields/``; returns its metadata.
 
     Elements with a fixed dof layout (:func:`_fixed_layout`) go to ``<stem>.bin`` in key order
@@ -364,7 +377,7 @@ def _write_field(directory: Path, stem: str, u: Any, comm: Any) -> dict[str, Any
         adios4dolfinx.write_function_on_input_mesh(directory / relative, u, engine="BP4", mode=adios2.Mode.Write, name=_VARIABLE)
     else:
         mode, relative = "input-order", f"{_FIELDS}/{stem}.bin"
-        _write_values(directory / relative, u)
+        _write_values(directory / relative, u, cache)
     return {
         "mode": mode,
         "file": relative,
@@ -578,9 +591,10 @@ class CheckpointStore:
             table: dict[str, dict[str, Any]] | None = None
             try:
                 token = tmp.name.rsplit("-", 1)[-1]  # unique per save: a replaced checkpoint is noticed by restore
+                keys: dict[int, Any] = {}  # dof keys by space, shared by the fields of this save
                 for name, value in (arrays or {}).items():
                     if _is_function(value):
-                        fields[name] = _write_field(tmp, f"{token}.{len(fields)}", value, comm)
+                        fields[name] = _write_field(tmp, f"{token}.{len(fields)}", value, comm, keys)
                 table = _digest_fields(tmp, comm)
             except FemAnodeError:
                 raise
