@@ -57,6 +57,7 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
 
@@ -288,25 +289,6 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
     return {**options, **petsc_options}
 
 
-def _ksp(comm: Any, operator: Any, options: dict[str, Any]) -> Any:
-    """A KSP on ``operator`` configured from ``options`` under a unique prefix (options removed after)."""
-    from petsc4py import PETSc
-
-    ksp = PETSc.KSP().create(comm)
-    prefix = f"fem_anode_tortuosity_{id(ksp)}_"
-    ksp.setOptionsPrefix(prefix)
-    opts = PETSc.Options()
-    for name, value in options.items():
-        opts[f"{prefix}{name}"] = value
-    try:
-        ksp.setOperators(operator)
-        ksp.setFromOptions()
-    finally:
-        for name in options:
-            del opts[f"{prefix}{name}"]
-    ksp.setInitialGuessNonzero(True)
-    return ksp
-
 
 _ASSEMBLY = ("voxel", "dolfinx")
 
@@ -508,7 +490,7 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
         x = b.duplicate()
         b.array[:] = load_local
         x.array[:] = guess_local
-        ksp = _ksp(comm, A, options)
+        ksp = ksp_from_options(comm, A, options, "tortuosity")
         try:
             t1 = time.perf_counter()
             ksp.setUp()
@@ -587,7 +569,7 @@ def _solve_dolfinx(comm, phase, meta, points, cells, options):  # type: ignore[n
     c = fem.Function(V)
     c.interpolate(lambda x: 1.0 - x[2] / lz)  # exact for straight channels
     t_assembly = time.perf_counter() - t0 - t_mesh
-    ksp = _ksp(comm, A, options)
+    ksp = ksp_from_options(comm, A, options, "tortuosity")
     try:
         t1 = time.perf_counter()
         ksp.setUp()

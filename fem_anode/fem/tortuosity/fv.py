@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fem_anode.errors import InputError, SolverError
+from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds, spanning_clusters
 
 __all__ = ["BYTES_PER_UNKNOWN", "FVSolution", "estimate_memory", "fv_solve", "solver_options"]
@@ -308,25 +309,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _ksp(comm: Any, operator: Any, options: dict[str, Any]) -> Any:
-    """A KSP on ``operator`` configured from ``options`` under a unique prefix (options removed after)."""
-    from petsc4py import PETSc
-
-    ksp = PETSc.KSP().create(comm)
-    prefix = f"fem_anode_tortuosity_fv_{id(ksp)}_"
-    ksp.setOptionsPrefix(prefix)
-    opts = PETSc.Options()
-    for name, value in options.items():
-        opts[f"{prefix}{name}"] = value
-    try:
-        ksp.setOperators(operator)
-        ksp.setFromOptions()
-    finally:
-        for name in options:
-            del opts[f"{prefix}{name}"]
-    ksp.setInitialGuessNonzero(True)
-    return ksp
-
 
 def fv_solve(
     comm: Any,
@@ -389,7 +371,7 @@ def fv_solve(
     del layer_of_row
     if options["pc_type"] == "hypre":
         A.convert("hypre")  # in place: hypre's ParCSR matrix replaces the AIJ (one fine matrix, not two)
-    ksp = _ksp(comm, A, options)
+    ksp = ksp_from_options(comm, A, options, "tortuosity_fv")
     try:
         t1 = time.perf_counter()
         ksp.setUp()
