@@ -58,6 +58,7 @@ __all__ = [
     "format_bytes",
     "memory_check_enabled",
     "parse_bytes",
+    "peak_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -380,3 +381,18 @@ def estimate_voxel_diffusion_memory(cells: float, nodes: float, shape: Sequence[
     mesh_peak = VOXEL_MESH_PER_CELL * cells + FE_BASE_PER_RANK * ranks
     return MemoryEstimate(f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
                           max(mesh_peak, fe.bytes), {"cells": cells, "nodes": nodes, "mesh_peak_bytes": mesh_peak, **fe.details})
+
+
+def peak_memory() -> float:
+    """Peak resident memory of this process in bytes (``VmHWM``; ``ru_maxrss`` where there is no
+    ``/proc``: it may include the parent's size at fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0

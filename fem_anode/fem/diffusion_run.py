@@ -411,9 +411,9 @@ def run_diffusion(
 
 def _performance(comm: MPI.Comm, mesh_s: float, assembly_s: float, rest_s: float) -> dict[str, Any]:
     """Wall times of the phases (s, rank 0's) and the peak resident memory of every rank (bytes)."""
-    import resource
+    from fem_anode.resources import peak_memory
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: kB
+    peak = peak_memory()
     return {"mesh_s": mesh_s, "assembly_s": assembly_s, "time_loop_and_output_s": rest_s,
             "peak_memory_bytes_per_rank": [float(p) for p in comm.allgather(peak)]}
 
