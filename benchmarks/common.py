@@ -145,22 +145,8 @@ def upsample(mask: np.ndarray, k: int) -> np.ndarray:
 
 
 def richardson(values: Sequence[float]) -> tuple[float, float]:
-    """Extrapolate ``values`` at voxel sizes h = 1, 1/2, 1/3 to h -> 0 assuming ``t = t0 + C h^p``.
+    """Extrapolate ``values`` at voxel sizes h = 1, 1/2, 1/3 to h -> 0 assuming ``t = t0 + C h^p``
+    (the package's :func:`fem_anode.fem.tortuosity.richardson_limit`): ``(t0, p)``."""
+    from fem_anode.fem.tortuosity import richardson_limit
 
-    Returns:
-        ``(t0, p)`` with p fitted from the three values (clipped to [0.3, 4]).
-    """
-    from scipy.optimize import brentq
-
-    t1, t2, t3 = values
-    if t2 == t3 or (t1 - t2) * (t2 - t3) <= 0:
-        return float(t3), float("nan")
-    ratio = (t1 - t2) / (t2 - t3)
-
-    def f(p: float) -> float:
-        return (1 - 2.0**-p) / (2.0**-p - 3.0**-p) - ratio
-
-    lo, hi = 0.3, 4.0
-    p = lo if f(lo) > 0 else hi if f(hi) < 0 else brentq(f, lo, hi)
-    c = (t1 - t2) / (1 - 2.0**-p)
-    return float(t1 - c), float(p)
+    return richardson_limit(tuple(values))  # type: ignore[arg-type]
