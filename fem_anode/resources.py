@@ -19,7 +19,12 @@ peaked lower than MUMPS on the 1.04M-dof 2D benchmark, 2.77 vs 2.89 GB):
   sparse matrices of 12 B per non-zero (plus 50 % for an algebraic multigrid hierarchy), and
   for the direct solver ``cache_size`` Cholesky factorisations of about ``3 n log2 n`` (2D) or
   ``13 n^(4/3)`` (3D) values of 8 B (measured on a 28k-dof P1 and a 62k-dof P2 voxel
-  problem).
+  problem);
+* the shifted multigrid of the transient diffusion (``solver.preconditioner = "mg"``, or
+  ``"auto"`` once SSOR stalls): its one-time smoothed-aggregation set-up adds about 1.1 kB per
+  degree of freedom at its peak on one rank (113 MB measured on the 105k-dof 64^3 electrode
+  crop) and about 2.8 kB on several (1.4 GB per rank on the 996k-dof 128^3 electrode on two
+  ranks: PETSc's parallel triple products); the estimate uses 1.2 and 3 kB.
 
 The check compares the estimate with the memory the operating system reports as available
 (``MemAvailable`` of ``/proc/meminfo``; under MPI summed over the nodes of the communicator)
@@ -53,6 +58,7 @@ __all__ = [
     "estimate_metrics_memory",
     "estimate_fe_memory",
     "estimate_mesh_memory",
+    "estimate_multigrid_setup_memory",
     "estimate_diffusion_memory",
     "estimate_voxel_diffusion_memory",
     "format_bytes",
@@ -80,6 +86,8 @@ FE_PER_DOF = 200.0
 BYTES_PER_NONZERO = 12.0
 MATRICES = 4
 AMG_OVERHEAD = 0.5
+MULTIGRID_SETUP_PER_DOF = 1.2e3
+MULTIGRID_SETUP_PER_DOF_PARALLEL = 3.0e3
 
 # Average non-zeros per matrix row, by (cell type, degree).
 _NNZ_PER_ROW = {
@@ -378,9 +386,31 @@ def estimate_voxel_diffusion_memory(cells: float, nodes: float, shape: Sequence[
     dofs = nodes * (2**ndim if degree == 2 else 1)
     cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
     fe = estimate_fe_memory(cells=cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
+    # An explicit 'mg' pays for its set-up for sure; 'auto' moves to it only if it fits then
+    # (DiffusionProblem checks the available memory before the set-up and stays on SSOR).
+    multigrid = estimate_multigrid_setup_memory(dofs, ranks).bytes if _chooses_multigrid(settings, ndim, dofs) else 0.0
     mesh_peak = VOXEL_MESH_PER_CELL * cells + FE_BASE_PER_RANK * ranks
     return MemoryEstimate(f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
-                          max(mesh_peak, fe.bytes), {"cells": cells, "nodes": nodes, "mesh_peak_bytes": mesh_peak, **fe.details})
+                          max(mesh_peak, fe.bytes + multigrid),
+                          {"cells": cells, "nodes": nodes, "mesh_peak_bytes": mesh_peak, "multigrid_setup_bytes": multigrid, **fe.details})
+
+
+def _chooses_multigrid(settings: Any, ndim: int, dofs: float) -> bool:
+    """True if the settings ask for the shifted multigrid explicitly (and the solve iterates)."""
+    solver = settings.solver
+    iterative = solver.type == "iterative" or (solver.type == "auto" and ndim == 3 and dofs >= 50_000)
+    return iterative and solver.preconditioner == "mg" and "pc_type" not in solver.petsc_options
+
+
+def estimate_multigrid_setup_memory(dofs: float, ranks: int = 1) -> MemoryEstimate:
+    """Memory the shifted multigrid's one-time set-up adds at its peak (all ranks together).
+
+    Args:
+        dofs: degrees of freedom of the whole problem.
+        ranks: number of MPI ranks (the parallel set-up costs more per dof).
+    """
+    per_dof = MULTIGRID_SETUP_PER_DOF if ranks == 1 else MULTIGRID_SETUP_PER_DOF_PARALLEL
+    return MemoryEstimate(f"multigrid set-up for {int(dofs):,} dofs on {ranks} rank(s)", per_dof * dofs, {"dofs": dofs})
 
 
 def peak_memory() -> float:

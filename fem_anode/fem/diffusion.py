@@ -176,6 +176,7 @@ class _Records:
         problem.c.x.array[:] = problem._c_old.x.array
         plan.load_state(state["plan"])
         problem.amg_from_a0 = state.get("amg_from_a0")
+        problem.multigrid_fits = state.get("multigrid_fits")
         logger.info("resuming at t = %.6g s (step %d) from %s", plan.t, state["steps"], checkpoint.path)
         return cls(
             times=arrays["problem.times"].tolist(),
@@ -209,6 +210,7 @@ class _Records:
             "retries": self.retries,
             "factorisations": self.factorisations_before + problem.factorisations,
             "amg_from_a0": problem.amg_from_a0,
+            "multigrid_fits": problem.multigrid_fits,
         }
         arrays: dict[str, Any] = {
             "c_old": problem._c_old,
@@ -279,6 +281,9 @@ class DiffusionProblem:
         self.factorisations = 0
         #: ``preconditioner = "auto"``: multigrid for every a0 at or below this (None: SSOR so far).
         self.amg_from_a0: float | None = None
+        #: ``preconditioner = "auto"``: whether the multigrid's set-up fits into the available
+        #: memory (None: not asked yet; False: SSOR for the rest of the run).
+        self.multigrid_fits: bool | None = None
         self.regions = self._region_weights(settings.regions)
 
     # -- assembly -------------------------------------------------------------------------
@@ -700,12 +705,36 @@ class DiffusionProblem:
         iterations = ksp.getIterationNumber()
         if reason >= 0 and iterations <= switch:
             return False
+        if not self._multigrid_fits():
+            return False
         reach = a0 * (max(iterations, switch) / switch) ** 2
         self.amg_from_a0 = reach if self.amg_from_a0 is None else max(self.amg_from_a0, reach)
         # Cached SSOR solvers now below the threshold are replaced when next asked for (_ksp).
         logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: multigrid for a0 <= %.4g 1/s",
                     iterations, switch, a0, self.amg_from_a0)
         return reason < 0
+
+    def _multigrid_fits(self) -> bool:
+        """``preconditioner = "auto"``: whether the multigrid's one-time set-up fits (collective, asked once).
+
+        Its peak (:func:`~fem_anode.resources.estimate_multigrid_setup_memory`, summed over the
+        ranks) is compared with the memory available now on the nodes of the communicator
+        (``MemAvailable``, capped by ``FEM_ANODE_MEMORY_LIMIT``). If it does not fit, the run
+        stays on SSOR (more iterations, no set-up) instead of meeting the out-of-memory killer:
+        measured on the 256^3 electrode (7.8M dofs) on two ranks of a 24 GB machine, the set-up
+        went past 12 GB per rank.
+        """
+        if self.multigrid_fits is None:
+            from fem_anode.resources import available_memory, estimate_multigrid_setup_memory, format_bytes
+
+            need = estimate_multigrid_setup_memory(self.V.dofmap.index_map.size_global, self.comm.size)
+            available = available_memory(self.comm)
+            self.multigrid_fits = need.bytes <= available
+            if not self.multigrid_fits:
+                logger.warning("CG + SSOR needs more than switch_iterations = %d iterations, but the %s needs about %s and "
+                               "only %s is available: staying on SSOR for the rest of the run",
+                               self._switch_iterations(), need.what, format_bytes(need.bytes), format_bytes(available))
+        return self.multigrid_fits
 
     def _discard(self, key: float) -> None:
         """Forget the solver set up for this a0 after a failure (rebuilt when next asked for)."""

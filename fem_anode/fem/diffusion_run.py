@@ -388,7 +388,10 @@ def run_diffusion(
         "si_particles": particles if image is not None else None,
         "timescales": timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None,
         "wall_time_s": time.perf_counter() - start,
-        "performance": _performance(comm, meshed - start, assembled - meshed, time.perf_counter() - assembled),
+        "performance": {**_performance(comm, meshed - start, assembled - meshed, time.perf_counter() - assembled),
+                        # preconditioner 'auto': multigrid for a0 at or below this (1/s; None: SSOR
+                        # throughout), and False if its set-up did not fit into memory
+                        "multigrid_from_a0_per_s": problem.amg_from_a0, "multigrid_fits_memory": problem.multigrid_fits},
         "settings": settings.to_dict(),
     }
     if comm.rank == 0:

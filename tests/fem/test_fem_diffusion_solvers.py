@@ -113,6 +113,39 @@ def test_auto_moves_to_gamg_from_the_first_step_size_ssor_finds_slow(volume):
     assert all(its <= switch for a0, its in ssor if a0 > threshold * (1 + 1e-12))
 
 
+def test_auto_stays_on_ssor_when_the_multigrid_set_up_does_not_fit(volume, monkeypatch, caplog):
+    """A switch that would need more memory than is available keeps SSOR (warned), never OOM."""
+    from fem_anode.resources import estimate_multigrid_setup_memory
+
+    need = estimate_multigrid_setup_memory(volume.mesh.comm.allreduce(volume.mesh.geometry.x.shape[0]), volume.mesh.comm.size).bytes
+    monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", str(int(need / 10)))  # far below the set-up's estimate
+    problem = RecordingProblem(volume, settings_for(type="iterative", switch_iterations=8))
+    with caplog.at_level("WARNING", logger="fem_anode.fem.diffusion"):
+        result = problem.run()
+    assert problem.multigrid_fits is False and problem.amg_from_a0 is None and problem.factorisations == 0
+    assert {pc for _, pc, _ in problem.solves} == {"eisenstat" if problem.comm.size == 1 else "sor"}
+    assert any(its > 8 for _, _, its in problem.solves)  # the switch was asked for, and refused
+    assert result.status == "completed" and "staying on SSOR" in caplog.text
+    monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", str(int(need * 10)))  # the same run with room for it switches
+    roomy = RecordingProblem(volume, settings_for(type="iterative", switch_iterations=8))
+    roomy.run()
+    assert roomy.multigrid_fits is True and roomy.amg_from_a0 is not None
+
+
+def test_the_memory_estimate_counts_an_explicit_multigrid():
+    from fem_anode.fem.diffusion import MeshSettings
+    from fem_anode.resources import estimate_multigrid_setup_memory, estimate_voxel_diffusion_memory
+
+    def estimate(**solver):  # type: ignore[no-untyped-def]
+        settings = DiffusionSettings(mesh=MeshSettings(method="voxel"), solver=SolverSettings(**solver))
+        return estimate_voxel_diffusion_memory(1e6, 1.2e6, (128, 128, 128), settings, ranks=2)
+
+    ssor, auto, mg = estimate(preconditioner="ssor"), estimate(), estimate(preconditioner="mg")
+    assert auto.bytes == ssor.bytes and auto.details["multigrid_setup_bytes"] == 0
+    assert mg.bytes - ssor.bytes == pytest.approx(estimate_multigrid_setup_memory(1.2e6, 2).bytes, rel=1e-12)
+    assert estimate_multigrid_setup_memory(1e6, 2).bytes > estimate_multigrid_setup_memory(1e6, 1).bytes
+
+
 def test_an_explicit_pc_type_is_never_switched(volume):
     problem = RecordingProblem(volume, settings_for(type="iterative", switch_iterations=1, petsc_options={"pc_type": "jacobi"}))
     problem.run()
