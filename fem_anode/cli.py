@@ -112,6 +112,25 @@ def _abort_all_ranks(code: int) -> None:
     mpi.COMM_WORLD.Abort(code)
 
 
+def _lock_output(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The exclusive lock of ``--out`` for the whole command (:mod:`fem_anode.io.lock`), or a
+    no-op when the command has no ``--out`` yet (``--resume`` picks it later; the output directory
+    locks it then) or writes nothing (``--defaults``). Under MPI the lock is rank 0's."""
+    import contextlib
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if not isinstance(out, Path) or getattr(args, "defaults", False):
+        return contextlib.nullcontext()
+    from fem_anode.io.lock import output_lock
+
+    comm = None
+    mpi = sys.modules.get("mpi4py.MPI")  # only if already initialised: not imported here
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        comm = mpi.COMM_WORLD
+    return output_lock(out, comm)
+
+
 def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = None) -> int:
     """Entry point of ``fem-anode``; returns the exit code.
 
@@ -143,7 +162,8 @@ def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = Non
         return code
 
     try:
-        return int(args.func(args) or 0)
+        with _lock_output(args):
+            return int(args.func(args) or 0)
     except Interrupted as err:  # a safe stop on SIGINT/SIGTERM, on every rank: no abort
         print(f"{where}: interrupted{rank_note}: {err}", file=sys.stderr)
         return err.exit_code

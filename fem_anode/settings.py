@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import tomllib
 import types
@@ -30,6 +31,9 @@ from pathlib import Path
 from typing import Any, Self, TypeVar, get_args, get_origin
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.units import QUANTITIES, check_value
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Section", "Settings", "setting", "section", "dumps_toml", "read_toml"]
 
@@ -152,6 +156,8 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], where: str) -> None:
     for v in values:
         if isinstance(v, float) and not math.isfinite(v):
             raise UsageError(f"{where} must be finite, got {v!r}")
+        if isinstance(v, float):
+            check_value(v, None, where)  # numerical limits (error); plausibility is Settings.check's
         if meta.get("positive") and not v > 0:
             raise UsageError(f"{where} must be positive, got {v!r}")
         if meta.get("nonnegative") and not v >= 0:
@@ -215,6 +221,34 @@ class Section:
             _check_constraints(value, f.metadata, path)
         self.validate()
 
+    def implausible(self, where: str = "") -> list[str]:
+        """Messages for the values outside the plausible range of their unit
+        (:data:`fem_anode.units.QUANTITIES`; zero and values without a unit are not judged)."""
+        messages: list[str] = []
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            path = _join(where, f.name)
+            if _is_dataclass_type(hints[f.name]):
+                messages.extend(value.implausible(path))
+                continue
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, Section) for v in value):
+                for i, item in enumerate(value):
+                    messages.extend(item.implausible(f"{path}[{i}]"))
+                continue
+            quantity = QUANTITIES.get(f.metadata.get("unit") or "")
+            if quantity is None:
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0 and math.isfinite(v):
+                    low, high = quantity.plausible
+                    if not low <= abs(v) <= high:
+                        messages.append(
+                            f"{path} = {v:g} {quantity.unit} is outside the plausible range of a {quantity.name} "
+                            f"({low:g} to {high:g} {quantity.unit}); check its unit"
+                        )
+        return messages
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (paths as strings, tuples as lists, ``None`` values left out)."""
         out: dict[str, Any] = {}
@@ -263,6 +297,16 @@ class Section:
 
 class Settings(Section):
     """Top-level settings: a set of sections, read from and written to TOML files."""
+
+    def check(self, where: str = "") -> None:
+        """As :meth:`Section.check`, then log a warning for every value outside its plausible
+        range (once per settings object and set of messages)."""
+        super().check(where)
+        messages = self.implausible(where)
+        if messages and messages != getattr(self, "_implausible_logged", None):
+            for message in messages:
+                logger.warning("%s", message)
+            object.__setattr__(self, "_implausible_logged", messages)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Self:

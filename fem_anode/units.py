@@ -1,16 +1,95 @@
-"""Lengths with unit suffixes: ``"20nm"``, ``"0.65um"``, ``"1e-6"`` (a bare number is metres).
+"""Lengths with unit suffixes: ``"20nm"``, ``"0.65um"``, ``"1e-6"`` (a bare number is metres),
+and the ranges every dimensional value is checked against.
 
 Every length inside fem_anode is in metres; these helpers convert at the CLI/config boundary.
+
+Two ranges guard every length, time and material value, from the command line, a TOML file or
+Python (settings objects, :class:`~fem_anode.io.images.VoxelImage`):
+
+* **numerical limits** (:data:`NUMERIC_LIMITS`, an error, exit 2): a value that is not zero must
+  have a magnitude between 1e-30 and 1e30 (SI units). The package forms products and quotients
+  of several such values (areas and volumes of voxels, their squares in variances, D t / h^2);
+  within these limits ten of them multiplied still give a normal float64 number, outside them
+  results overflow to inf or underflow to 0 deep inside NumPy/PETSc.
+* **plausible ranges** (:data:`QUANTITIES`, a warning, the run goes on): what a battery
+  electrode model can mean, per SI unit, e.g. a length between 0.01 nm and 10 cm. A value
+  outside is most likely a unit mistake (``--voxel-size 20`` is 20 m; ``20nm`` was meant).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
 
 from fem_anode.errors import UsageError
 
-__all__ = ["LENGTH_UNITS", "parse_length", "parse_lengths", "format_length"]
+__all__ = [
+    "LENGTH_UNITS", "NUMERIC_LIMITS", "QUANTITIES", "Quantity", "check_length", "check_value", "parse_length", "parse_lengths",
+    "format_length",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """A kind of physical value and the range (SI) in which values of it are plausible."""
+
+    name: str
+    unit: str
+    plausible: tuple[float, float]
+
+
+#: Magnitudes a value other than zero must lie within (SI units): an error outside.
+NUMERIC_LIMITS: tuple[float, float] = (1e-30, 1e30)
+
+#: Plausible ranges by SI unit string (as in the settings' ``unit=``): a warning outside.
+QUANTITIES: dict[str, Quantity] = {
+    "m": Quantity("length", "m", (1e-11, 0.1)),
+    "s": Quantity("time", "s", (1e-12, 1e9)),
+    "h": Quantity("time", "h", (1e-6, 1e5)),
+    "m^2/s": Quantity("diffusivity", "m^2/s", (1e-25, 1e-6)),
+    "m/s": Quantity("rate constant", "m/s", (1e-20, 1e3)),
+    "mol/m^3": Quantity("concentration", "mol/m^3", (1e-6, 1e6)),
+    "1/m": Quantity("inverse length", "1/m", (1.0, 1e11)),
+}
+
+
+def check_value(value: float, unit: str | None, where: str) -> float:
+    """Check a finite value against :data:`NUMERIC_LIMITS` (UsageError) and, for a unit in
+    :data:`QUANTITIES`, log a warning when it is outside the plausible range. Returns ``value``.
+
+    Zero passes (whether zero is allowed is the caller's constraint).
+    """
+    magnitude = abs(value)
+    if magnitude == 0.0:
+        return value
+    low, high = NUMERIC_LIMITS
+    unit_text = f" {unit}" if unit else ""
+    if not low <= magnitude <= high:
+        raise UsageError(
+            f"{where} = {value:g}{unit_text} is outside what fem_anode can compute with: values other than 0 must "
+            f"lie between {low:g} and {high:g} in magnitude (SI units)"
+        )
+    quantity = QUANTITIES.get(unit or "")
+    if quantity is not None and not quantity.plausible[0] <= magnitude <= quantity.plausible[1]:
+        p_low, p_high = quantity.plausible
+        logger.warning(
+            "%s = %g %s is outside the plausible range of a %s (%g to %g %s); check its unit%s",
+            where, value, unit, quantity.name, p_low, p_high, unit,
+            " (a bare number is metres: 20nm, 0.65um)" if unit == "m" else "",
+        )
+    return value
+
+
+def check_length(value: float, where: str) -> float:
+    """A length in metres that must be positive, finite, within the numerical limits (UsageError)
+    and plausible (else a warning). Returns ``value``."""
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{where} must be positive and finite, got {value!r}")
+    return check_value(value, "m", where)
 
 #: Length units accepted in suffixes, in metres.
 LENGTH_UNITS: dict[str, float] = {
@@ -41,7 +120,7 @@ def _split(text: str) -> tuple[float, str | None]:
 def _check_positive(value: float, text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"length {text!r} must be positive and finite")
-    return value
+    return check_value(value, "m", f"length {text!r}")
 
 
 def parse_length(text: str | float) -> float:

@@ -14,9 +14,42 @@ from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
 __all__ = [
-    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_resume_argument", "is_root", "load_config", "load_image",
-    "load_resumable_config", "provenance", "run_checkpointed", "world_comm",
+    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_resume_argument", "check_int", "check_number", "is_root",
+    "load_config", "load_image", "load_resumable_config", "provenance", "run_checkpointed", "world_comm",
 ]
+
+#: The largest seed or count a command accepts: what a TOML file (int64) can hold again.
+INT64_MAX = 2**63 - 1
+
+
+def check_int(value: int, option: str, low: int, high: int = INT64_MAX, hint: str = "") -> int:
+    """An integer option within ``[low, high]`` (UsageError naming the option otherwise)."""
+    from fem_anode.errors import UsageError
+
+    if value < low:
+        wanted = "positive" if low == 1 else "a non-negative integer" if low == 0 else f">= {low}"
+        raise UsageError(f"{option} must be {wanted}, got {value}")
+    if value > high:
+        raise UsageError(f"{option} must be at most {high}{hint}, got {value if value < 10**20 else f'{value:.3g}'}")
+    return value
+
+
+def check_number(value: float, option: str, low: float | None = None, high: float | None = None, *, unit: str | None = None,
+                 low_open: bool = False) -> float:
+    """A finite number option within ``[low, high]`` (or ``(low, high]`` with ``low_open``) and the
+    numerical limits of :mod:`fem_anode.units` (UsageError naming the option otherwise)."""
+    import math
+
+    from fem_anode.errors import UsageError
+    from fem_anode.units import check_value
+
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise UsageError(f"{option} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise UsageError(f"{option} must be at most {high:g}, got {value:g}")
+    return float(check_value(value, unit, option))
 
 
 def add_image_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:

@@ -7,7 +7,7 @@ import math
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_out_argument, load_config, provenance, world_comm
+from fem_anode.commands._common import add_out_argument, check_int, check_number, load_config, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.refine_factor) and args.refine_factor > 1):
         raise UsageError(f"--refine-factor must be a finite number > 1, got {args.refine_factor:g}")
+    check_number(args.refine_factor, "--refine-factor", 1.0, 16.0, low_open=True)
+    check_int(args.levels, "--levels", 2, 10, " (each level multiplies the mesh size)")
     model = _detect_model(args.config) if args.model == "auto" else args.model
     comm = world_comm()
     if model == "phasefield":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_anode.commands._common import add_out_argument, is_root, provenance, world_comm
+from fem_anode.commands._common import add_out_argument, check_int, is_root, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    check_int(args.seed, "--seed", 0)
     from fem_anode.data import real_electrode
     from fem_anode.imaging.metrics import compute_metrics
     from fem_anode.imaging.plots import plot_per_slice

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_anode.commands._common import add_image_arguments, add_out_argument, is_root, provenance, world_comm
+from fem_anode.commands._common import add_image_arguments, add_out_argument, check_int, is_root, provenance, world_comm
 from fem_anode.errors import UsageError
 from fem_anode.units import LENGTH_UNITS, parse_length
 
@@ -133,6 +133,8 @@ def _settings(args: argparse.Namespace) -> Any:
         model["si_volume_change"] = args.si_volume_change
     if model:
         settings.model = settings.model.replace(**model)
+    if getattr(args, "seed", None) is not None:
+        check_int(args.seed, "--seed", 0)
     fit: dict[str, Any] = {}
     for key, attr in (("n_bootstrap", "bootstrap"), ("confidence", "confidence"), ("seed", "seed")):
         if getattr(args, attr, None) is not None:
@@ -154,6 +156,9 @@ def run_measure(args: argparse.Namespace) -> int:
 
     if args.cycle < 0:
         raise UsageError("--cycle must be >= 0")
+    check_int(args.cycle, "--cycle", 0, 10_000, " (the model's largest number of cycles)")
+    check_int(args.min_voxels, "--min-voxels", 0)
+    max_distance = parse_length(args.max_distance)
     # Not load_image(kind="labels"): a pristine image may list an SEI phase without SEI voxels.
     image = read_image(args.image, voxel_size=args.voxel_size, phases=args.phases, kind="any")
     image.check_labels(require_all_phases=False)
@@ -163,7 +168,7 @@ def run_measure(args: argparse.Namespace) -> int:
         si=args.si,
         cbd=args.cbd,
         blocking=blocking,
-        max_distance=parse_length(args.max_distance),
+        max_distance=max_distance,
         min_voxels=args.min_voxels,
         exclude_border=not args.keep_border,
         stereology=not args.no_stereology,

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_image_arguments, is_root, load_image, provenance, world_comm
+from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, load_image, provenance, world_comm
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -16,6 +16,10 @@ EXAMPLES = """examples:
   fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --order 2 --xdmf --out roi.msh
   fem-anode mesh volume.tif --voxel-size 0.65um --phases pore=0,si=1,graphite=2,sei=3 --method tet --out vol.msh
 """
+
+
+#: Most triangles a ``--size`` may ask for (the mesh is written by one process with gmsh).
+_MAX_ELEMENTS = 5e7
 
 
 def _ratio(text: str) -> float:
@@ -92,9 +96,26 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--keep is empty; name at least one phase")
     if args.min_island < 0:
         raise UsageError(f"--min-island must be >= 0, got {args.min_island}")
+    check_int(args.min_island, "--min-island", 0)
+    check_number(args.tolerance, "--tolerance", 0.0, unit=None)
+    check_number(args.sigma, "--sigma", 0.0, unit=None)
     image = load_image(args, kind="labels")
     method = args.method or ("smooth" if image.ndim == 2 else "voxel")
     if method == "smooth":
+        largest = max(image.shape)
+        check_number(args.sigma, "--sigma", 0.0, float(largest))  # pixels: wider smoothing than the image only costs time
+        check_number(args.tolerance, "--tolerance", 0.0, float(largest))
+        if args.size:
+            pixel = min(image.require_voxel_size())
+            size = parse_length(args.size)
+            extent = image.extent
+            elements = 2.0 * extent[0] * extent[-1] / size**2
+            if elements > _MAX_ELEMENTS:
+                raise UsageError(
+                    f"--size {args.size} would give about {elements:.3g} triangles on this {extent[-1]:.3g} m x {extent[0]:.3g} m "
+                    f"image (more than {_MAX_ELEMENTS:.0e}); use an element size of at least {size * (elements / _MAX_ELEMENTS) ** 0.5:.3g} m "
+                    f"(the pixel is {pixel:.3g} m)"
+                )
         options = SmoothMeshOptions(
             size=parse_length(args.size) if args.size else None,
             order=args.order,

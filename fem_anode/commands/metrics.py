@@ -13,6 +13,7 @@ import logging
 
 from fem_anode.commands._common import (
     add_image_arguments,
+    check_int,
     add_out_argument,
     is_root,
     load_image,
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fem_anode.resources import check_memory, estimate_metrics_memory
 
-    if args.bins < 1:
-        raise UsageError(f"--bins must be positive, got {args.bins}")
+    check_int(args.bins, "--bins", 1, 100_000)
     image = load_image(args, kind="labels")
     check_memory(estimate_metrics_memory(image.shape), hint="crop or bin the image first")
     phases = image.require_phases()

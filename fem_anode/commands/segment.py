@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_image_arguments, is_root, provenance, world_comm
+from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.suffix.lower() == ".png":
         raise UsageError("--out: write labels as .npy, .npz, .tif or a folder (PNG cannot hold 3D volumes)")
+    # Upper limits of the options before any work (their signs and NaN are checked by the methods):
+    # widths and smoothing beyond the image only cost memory and time.
+    import math
+
+    if args.median > 0:
+        check_int(args.median, "--median", 0, 10_000)
+    if args.method == "region":
+        if math.isfinite(args.scale) and args.scale > 0:
+            check_number(args.scale, "--scale", 0.0)
+        if args.min_size >= 1:
+            check_int(args.min_size, "--min-size", 1, 2**31 - 1)
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
+    largest = max(gray.shape)
+    if args.median > 0:
+        check_int(args.median, "--median", 0, largest, f" (the image's largest dimension in voxels)")
+    if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
+        check_number(args.sigma, "--sigma", 0.0, float(largest))
     if args.method == "multistage":
         phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
         result = seg.multistage_threshold(gray, phases, median_size=args.median)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.io.output import atomic_path, write_json
-from fem_anode.units import parse_lengths
+from fem_anode.units import check_value, parse_lengths
 
 __all__ = [
     "VoxelImage",
@@ -41,6 +42,8 @@ IMAGE_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".png")
 _SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 _META_KEY = "fem_anode"
 _PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+logger = logging.getLogger(__name__)
 
 ImageKind = Literal["labels", "gray", "any"]
 
@@ -72,6 +75,8 @@ class VoxelImage:
                 raise UsageError(f"{self.source}: voxel size has {len(vs)} entries but the image is {self.array.ndim}D")
             if not all(np.isfinite(v) and v > 0 for v in vs):
                 raise UsageError(f"{self.source}: voxel size must be positive and finite, got {vs}")
+            for v in vs:
+                check_value(v, None, f"{self.source}: voxel size")
             object.__setattr__(self, "voxel_size", vs)
         if self.phases is not None:
             object.__setattr__(self, "phases", _validate_phase_map(self.phases))
@@ -212,12 +217,36 @@ def _meta_dict(voxel_size: Sequence[float] | None, phases: Mapping[str, int] | N
     return {_META_KEY: {"voxel_size_m": list(voxel_size) if voxel_size else None, "phases": dict(phases) if phases else None}}
 
 
-def _meta_from(data: Any) -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
+def _meta_from(data: Any, where: str = "metadata") -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
+    """Voxel size and phase map of our metadata record, checked (InputError naming ``where``:
+    the sidecar file, the .npz member or the TIFF description), or ``None`` if ``data`` is not ours."""
     if not isinstance(data, dict) or _META_KEY not in data:
         return None
     meta = data[_META_KEY]
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: '{_META_KEY}' must be a JSON object with voxel_size_m and phases, got {meta!r:.80}")
     vs = meta.get("voxel_size_m")
-    return (tuple(float(v) for v in vs) if vs else None, meta.get("phases") or None)
+    voxel_size = None
+    if vs is not None:
+        if isinstance(vs, (int, float)) and not isinstance(vs, bool):
+            vs = [vs]
+        if not isinstance(vs, list) or not vs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs):
+            raise InputError(f"{where}: voxel_size_m must be a list of numbers (metres), got {vs!r:.80}")
+        from fem_anode.units import check_length
+
+        try:
+            voxel_size = tuple(check_length(float(v), f"voxel_size_m {v!r}") for v in vs)
+        except UsageError as err:
+            raise InputError(f"{where}: {err}") from None
+    phases = meta.get("phases") or None
+    if phases is not None:
+        if not isinstance(phases, Mapping):
+            raise InputError(f"{where}: phases must be a JSON object name -> label, got {phases!r:.80}")
+        try:
+            phases = _validate_phase_map(phases)
+        except UsageError as err:
+            raise InputError(f"{where}: phases: {err}") from None
+    return voxel_size, phases
 
 
 def _sidecar(path: Path) -> Path:
@@ -229,9 +258,10 @@ def _read_sidecar(path: Path) -> tuple[tuple[float, ...] | None, dict[str, int] 
     if not sidecar.exists():
         return None, None
     try:
-        found = _meta_from(json.loads(sidecar.read_text(encoding="utf-8")))
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read image metadata {sidecar}: {err}") from None
+    found = _meta_from(data, str(sidecar))
     return found if found is not None else (None, None)
 
 
@@ -249,6 +279,34 @@ def _check_read_memory(path: Path, shape: Any, dtype: Any) -> None:
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     check_memory(estimate_array_memory(shape, dtype.itemsize, f"reading {path} ({'x'.join(map(str, shape))} {dtype})"), hint="crop or bin the image first")
+
+
+def _npz_metadata(path: Path, data: Any) -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
+    """The ``metadata`` member of an .npz (a JSON string), checked; InputError naming the member."""
+    where = f"{path} member 'metadata'"
+    member = data["metadata"]
+    if member.dtype.kind not in "US" or member.size != 1:
+        raise InputError(f"{where}: expected a JSON string, got a {member.dtype} array of shape {member.shape}")
+    try:
+        parsed = json.loads(str(member.reshape(())[()]))
+    except ValueError as err:
+        raise InputError(f"{where}: not valid JSON: {err}") from None
+    return _meta_from(parsed, where)
+
+
+def _check_npz_members(path: Path, data: Any, key: str, keys: list[str]) -> None:
+    """The image members of an .npz must agree: 'labels' and 'image' (when both are there) describe
+    the same voxels, so they must have the same shape. Other members are ignored (logged)."""
+    shape = data[key].shape
+    for other in ("labels", "image"):
+        if other != key and other in keys and data[other].shape != shape:
+            raise InputError(
+                f"{path}: member {other!r} has shape {'x'.join(map(str, data[other].shape))} but {key!r} has "
+                f"{'x'.join(map(str, shape))}; the image members of an .npz must describe the same voxels"
+            )
+    ignored = [k for k in keys if k not in (key, "labels", "image")]
+    if ignored:
+        logger.info("%s: read member %r; ignored %s", path, key, ", ".join(map(repr, ignored)))
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -284,7 +342,8 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[
                     raise InputError(f"{path}: .npz holds arrays {keys}; expected one, or one named 'labels' or 'image'")
                 key = keys[0]
             array = data[key]
-            meta = _meta_from(json.loads(str(data["metadata"]))) if "metadata" in data.files else None
+            meta = _npz_metadata(path, data) if "metadata" in data.files else None
+            _check_npz_members(path, data, key, keys)
         return (array, *(meta or _read_sidecar(path)))
     if suffix in (".tif", ".tiff"):
         return _read_tiff(path)
@@ -306,9 +365,10 @@ def _tiff_metadata(tif: Any, path: Path, ndim: int) -> tuple[tuple[float, ...] |
     page = tif.pages[0]
     description = page.description or ""
     try:
-        meta = _meta_from(json.loads(description))
+        parsed = json.loads(description)
     except ValueError:
-        meta = None
+        parsed = None
+    meta = _meta_from(parsed, f"{path} (TIFF description)")
     if meta is not None:
         return meta[0], meta[1], True
     # ImageJ-style calibration (unit + resolution tags, z spacing), as written by Fiji.
@@ -324,16 +384,77 @@ def _tiff_metadata(tif: Any, path: Path, ndim: int) -> tuple[tuple[float, ...] |
             if ndim == 3:
                 voxel_size = (float(ij.get("spacing", 1.0 / xr)) * unit, *voxel_size)
     sidecar = _read_sidecar(path)
+    if sidecar[0] is not None and voxel_size is not None and (
+        len(sidecar[0]) != len(voxel_size) or not np.allclose(sidecar[0], voxel_size, rtol=1e-6, atol=0.0)
+    ):
+        logger.warning("%s: the voxel size of %s %s differs from the TIFF calibration %s; using the sidecar's",
+                       path, _sidecar(path).name, sidecar[0], voxel_size)
     return sidecar[0] or voxel_size, sidecar[1], False
+
+
+def _describe_page(shape: Sequence[int], dtype: Any) -> str:
+    return f"shape {'x'.join(map(str, shape))} ({np.dtype(dtype)})"
+
+
+def _page_calibration(page: Any) -> tuple[Any, ...] | None:
+    """The resolution tags of a TIFF page (``None`` for frames without tags)."""
+    tags = getattr(page, "tags", None)
+    if tags is None:
+        return None
+    values = []
+    for name in ("XResolution", "YResolution", "ResolutionUnit"):
+        tag = tags.get(name)
+        values.append(None if tag is None else tag.value)
+    return tuple(values)
+
+
+def _tiff_series(tif: Any, path: Path) -> list[Any]:
+    """The image series of a TIFF, checked for consistency: every full-resolution page must have
+    the shape, data type and calibration of the first (InputError naming the odd page).
+    Reduced-resolution pages (thumbnails, pyramid levels) are left out."""
+    series = [s for s in tif.series if not getattr(s.pages[0] if s.pages else None, "is_reduced", False)] if tif.series else []
+    if not series:
+        raise InputError(f"cannot read image {path}: the TIFF file holds no image")
+    first = series[0]
+    page_shape = tuple(first.shape[-2:]) if len(first.shape) >= 2 else tuple(first.shape)
+    for other in series[1:]:
+        shape = tuple(other.shape[-2:]) if len(other.shape) >= 2 else tuple(other.shape)
+        if shape != page_shape or other.dtype != first.dtype or len(other.shape) != len(first.shape):
+            index = getattr(other.pages[0], "index", "?") if other.pages else "?"
+            raise InputError(
+                f"{path}: page {index} has {_describe_page(other.shape, other.dtype)} but page 0 has "
+                f"{_describe_page(first.shape, first.dtype)}; every page of a stack must have the same shape and data type"
+            )
+    reference = None
+    for index, page in enumerate(tif.pages):
+        if getattr(page, "is_reduced", False):
+            continue
+        calibration = _page_calibration(page)
+        if calibration is None:
+            continue
+        if reference is None:
+            reference = (index, calibration)
+        elif calibration != reference[1]:
+            raise InputError(
+                f"{path}: page {index} has another calibration (resolution tags {calibration}) than page "
+                f"{reference[0]} ({reference[1]}); every page of a stack must have the same pixel size"
+            )
+    return series
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if tif.series:
-            _check_read_memory(path, tif.series[0].shape, tif.series[0].dtype)
-        array = tif.asarray()
+        series = _tiff_series(tif, path)
+        if len(series) == 1:
+            _check_read_memory(path, series[0].shape, series[0].dtype)
+            array = series[0].asarray()
+        else:  # pages written one by one (separate series of the same shape): a stack, as Fiji reads it
+            n = sum(int(np.prod(s.shape[:-2])) if len(s.shape) > 2 else 1 for s in series)
+            _check_read_memory(path, (n, *series[0].shape[-2:]), series[0].dtype)
+            array = np.concatenate([s.asarray().reshape(-1, *s.shape[-2:]) for s in series], axis=0)
+            logger.info("%s: %d pages written as %d separate images, read as one stack", path, n, len(series))
         voxel_size, phases, ours = _tiff_metadata(tif, path, array.ndim)
     return (array if ours else _to_single_channel(array, str(path))), voxel_size, phases
 
@@ -353,12 +474,58 @@ def _folder_slices(path: Path) -> list[Path]:
     return files
 
 
+def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one slice file without reading its pixels (where the format allows)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        header = _npy_header(path)
+        if header is None:
+            raise InputError(f"{path}: cannot read the .npy header of this slice")
+        return tuple(int(n) for n in header[0]), np.dtype(header[1])
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = _tiff_series(tif, path)
+            return tuple(int(n) for n in series[0].shape), np.dtype(series[0].dtype)
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    return tuple(int(n) for n in props.shape), np.dtype(props.dtype)
+
+
+def _check_slice(folder: Path, name: str, shape: tuple[int, ...], dtype: Any, first: tuple[str, tuple[int, ...], Any]) -> None:
+    """InputError naming slice ``name`` if it is not 2D or differs from the first in shape or dtype."""
+    if len(shape) != 2:
+        raise InputError(f"{folder}: slice {name} is {len(shape)}D with shape {'x'.join(map(str, shape))}; every slice must be a 2D image")
+    if tuple(shape) != tuple(first[1]) or np.dtype(dtype) != np.dtype(first[2]):
+        raise InputError(
+            f"{folder}: slice {name} has {_describe_page(shape, dtype)} but slice {first[0]} has "
+            f"{_describe_page(first[1], first[2])}; every slice must have the same shape and data type"
+        )
+
+
+def _check_folder_headers(path: Path, files: list[Path]) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the slices of a folder, all checked against the first (from the headers)."""
+    headers = [_slice_header(f) for f in files]
+    first = (files[0].name, headers[0][0], headers[0][1])
+    colour = len(first[1]) == 3 and first[1][-1] in (3, 4)
+    for f, (shape, dtype) in zip(files, headers):
+        if colour:  # gray stored as RGB(A): compared as stored, collapsed when read
+            if tuple(shape) != tuple(first[1]) or dtype != first[2]:
+                _check_slice(path, f.name, shape, dtype, first)
+            continue
+        _check_slice(path, f.name, shape, dtype, first)
+    return headers[0]
+
+
 def _read_folder(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[str, int] | None]:
     files = _folder_slices(path)
+    _check_folder_headers(path, files)
     slices = [_read_array(p)[0] for p in files]
-    shapes = {s.shape for s in slices}
-    if len(shapes) != 1 or slices[0].ndim != 2:
-        raise InputError(f"{path}: slices must all be 2D with the same shape, got {sorted(shapes)}")
+    first = (files[0].name, slices[0].shape, slices[0].dtype)
+    for f, s in zip(files, slices):
+        _check_slice(path, f.name, s.shape, s.dtype, first)
     return (np.stack(slices, axis=0), *_read_sidecar(path))
 
 
@@ -399,6 +566,8 @@ def read_image(
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
+        if stored_vs is not None and len(stored_vs) == 3:
+            stored_vs = stored_vs[1:]
     if array.ndim not in (2, 3):
         raise InputError(f"{path}: expected a 2D or 3D image, got {array.ndim}D with shape {array.shape}")
     if array.size == 0:
@@ -406,7 +575,11 @@ def read_image(
     _check_finite(array, str(path))
     if kind == "gray":
         array = array.astype(np.float64)
-    if stored_vs is not None and len(stored_vs) != array.ndim:
+    if stored_vs is not None and len(stored_vs) not in (1, array.ndim):
+        message = f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is {array.ndim}D {array.shape}"
+        if voxel_size is None:
+            raise InputError(f"{message}; fix the metadata or give --voxel-size")
+        logger.warning("%s; using the voxel size given instead", message)
         stored_vs = None
     image = VoxelImage(array, stored_vs, stored_phases, str(path)).with_metadata(voxel_size, phases)
     if kind == "labels":
@@ -475,10 +648,18 @@ def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mappi
     try:
         if path.is_dir():
             files = _folder_slices(path)
+            _check_folder_headers(path, files)
             first = _read_array(files[0])[0]
             if first.ndim == 2 and len(files) > 1:
+                reference = (files[0].name, first.shape, first.dtype)
+
                 def read_folder(a: int, b: int) -> np.ndarray:
-                    return np.stack([_read_array(f)[0] for f in files[a:b]])
+                    layers = []
+                    for f in files[a:b]:
+                        layer = _read_array(f)[0]
+                        _check_slice(path, f.name, layer.shape, layer.dtype, reference)
+                        layers.append(layer)
+                    return np.stack(layers)
 
                 opened = ((len(files), *first.shape), first.dtype, *_read_sidecar(path), read_folder)
         elif path.suffix.lower() == ".npy":
@@ -489,7 +670,8 @@ def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mappi
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                series = tif.series[0] if tif.series else None
+                all_series = _tiff_series(tif, path)
+                series = all_series[0] if len(all_series) == 1 else None
                 if series is not None and len(series.shape) == 3 and series.shape[0] > 1 and len(tif.pages) == series.shape[0]:
                     stored_vs, stored_phases, _ = _tiff_metadata(tif, path, 3)
 
@@ -504,8 +686,13 @@ def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mappi
     if opened is None:
         return read_image(path, voxel_size=voxel_size, phases=phases)
     shape, dtype, stored_vs, stored_phases, reader = opened
-    probe = VoxelImage(np.zeros((1,) * len(shape), np.uint8), stored_vs if stored_vs is not None and len(stored_vs) == len(shape) else None,
-                       stored_phases, str(path)).with_metadata(voxel_size, phases)
+    if stored_vs is not None and len(stored_vs) not in (1, len(shape)):
+        message = f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is {len(shape)}D {tuple(shape)}"
+        if voxel_size is None:
+            raise InputError(f"{message}; fix the metadata or give --voxel-size")
+        logger.warning("%s; using the voxel size given instead", message)
+        stored_vs = None
+    probe = VoxelImage(np.zeros((1,) * len(shape), np.uint8), stored_vs, stored_phases, str(path)).with_metadata(voxel_size, phases)
     return ImageLayers(tuple(int(n) for n in shape), np.dtype(dtype), probe.voxel_size, probe.phases, str(path), reader)
 
 

@@ -94,20 +94,39 @@ def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[Base
     duplicated communicator: a rank that failed alone (the others wait in another collective
     operation) gives up after a timeout and lets its exception reach the CLI, which aborts
     the job, instead of deadlocking here.
+
+    The block holds the exclusive lock of ``out`` (:func:`fem_anode.io.lock.output_lock`; rank
+    0's under MPI): a second run into the same ``out`` fails at once with a UsageError.
     """
     out = Path(out)
-    rank = comm.rank if comm is not None else 0
     if out.exists() and not out.is_dir():
         from fem_anode.errors import UsageError
 
         raise UsageError(f"--out {out} exists and is not a directory")
+    from fem_anode.io.lock import output_lock
+
+    with output_lock(out, comm):  # nested (no-op) when the CLI holds it already
+        yield from _staged(out, comm, keep_on)
+
+
+def _staged(out: Path, comm: Any, keep_on: tuple[type[BaseException], ...]) -> Iterator[Path]:
+    rank = comm.rank if comm is not None else 0
     staging = None
+    error = None
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+        except OSError as err:
+            error = f"--out {out}: cannot create a folder in {out.parent}: {err.strerror or err}"
     sync = None
     if comm is not None and comm.size > 1:
-        staging = comm.bcast(staging, root=0)
+        staging, error = comm.bcast((staging, error), root=0)
+    if error is not None:
+        from fem_anode.errors import InputError
+
+        raise InputError(error)
+    if comm is not None and comm.size > 1:
         sync = comm.Dup()  # only for the final agreement, so it cannot match another collective
     staging_path = Path(staging)  # type: ignore[arg-type]
     ok = False
