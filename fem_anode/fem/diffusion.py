@@ -305,42 +305,53 @@ class DiffusionProblem:
         rate_si = physics.k_si / LENGTH_UNIT  # 1/s
         self.eps = physics.eps
         self.rate_f, self.rate_si = rate_f, rate_si
-        # Assembled separately so that the diagnostics and the source use exactly the matrices
-        # of the scheme: w = M 1, w_pore = R_pore 1, f = rate_f R_pore 1 (c_bulk as a constant
-        # of the space). On curved P2 cells, vectors assembled from their own forms would use
-        # other quadrature degrees and break discrete conservation and the exact steady state.
+        # The diagnostics and the source use exactly the integrals of the scheme: w = M 1,
+        # w_pore = R_pore 1, f = rate_f R_pore 1 (c_bulk as a constant of the space). The vectors
+        # are assembled as the actions of the matrix forms on the constant 1 (the same integrands
+        # and quadrature, so equal to the row sums to round-off): on curved P2 cells, vectors from
+        # forms of their own would use other quadrature degrees and break discrete conservation
+        # and the exact steady state.
         self._M = self._assemble_matrix(s_dx * u * v * ufl.dx)
-        # K + R is assembled into a matrix that shares M's sparsity pattern (row offsets and
-        # column indices: both are cell integrals on the same space, and the Robin terms lie on
-        # cell couplings): no second sparsity build, 4 B per nonzero less, and the operator A
-        # shares it too (_operator), so copies and AXPYs between them are plain value updates.
+        # K + R is assembled in one pass into a matrix that shares M's sparsity pattern (row
+        # offsets and column indices: both are cell integrals on the same space, and the Robin
+        # terms lie on cell couplings): no second sparsity build, no separate Robin matrices, and
+        # the operator A shares the pattern too (_operator), so copies and AXPYs between them are
+        # plain value updates.
+        one = fem.Function(V)
+        one.x.array[:] = 1.0
+        robin_pore = s_ds * u * v * ds(pore)
+        robin_si = s_ds * u * v * ds(si) if si is not None else None
+        # The rates enter as Constants: one compiled form for every value of the physics.
+        def constant(value: float) -> fem.Constant:
+            return fem.Constant(mesh, PETSc.ScalarType(value))
+
+        kr_form = constant(rate_D) * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + constant(rate_f) * robin_pore
+        if robin_si is not None and rate_si > 0:
+            kr_form = kr_form + constant(rate_si) * robin_si
         self._KR = self._M.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
         self._KR.zeroEntries()
-        fem_petsc.assemble_matrix(self._KR, fem.form(rate_D * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx))
+        fem_petsc.assemble_matrix(self._KR, fem.form(kr_form))
         self._KR.assemble()
         ones = self._M.createVecRight()
         ones.set(1.0)
         self._w_dx = self._M.createVecLeft()
         self._M.mult(ones, self._w_dx)
-        R_pore = self._assemble_matrix(s_ds * u * v * ds(pore))
-        self._w_pore = self._M.createVecLeft()
-        R_pore.mult(ones, self._w_pore)
-        self._KR.axpy(rate_f, R_pore, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
-        R_pore.destroy()
-        self._w_si = None
-        if si is not None:
-            R_si = self._assemble_matrix(s_ds * u * v * ds(si))
-            self._w_si = self._M.createVecLeft()
-            R_si.mult(ones, self._w_si)
-            if rate_si > 0:
-                self._KR.axpy(rate_si, R_si, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
-            R_si.destroy()
+        ones.destroy()
+        self._w_pore = self._assemble_action(robin_pore, one)
+        self._w_si = self._assemble_action(robin_si, one) if robin_si is not None else None
         self._source = self._w_pore.copy()
         self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
         self.volume = self._w_dx.sum()  # in um^d
         self.pore_measure = self._w_pore.sum()
         self._rhs = self._M.createVecLeft()
         self._work = self._M.createVecLeft()
+
+    @staticmethod
+    def _assemble_action(form: ufl.Form, function: fem.Function) -> PETSc.Vec:
+        """The vector of the bilinear ``form`` applied to ``function`` (owned entries summed)."""
+        vector = fem_petsc.assemble_vector(fem.form(ufl.action(form, function)))
+        vector.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        return vector
 
     def _assemble_matrix(self, form: ufl.Form) -> PETSc.Mat:
         matrix = fem_petsc.assemble_matrix(fem.form(form))
