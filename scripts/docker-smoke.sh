@@ -82,6 +82,7 @@ bh() { buildah --root "$store/storage" --runroot "$store/run" "$@"; }
 cleanup() {
   local status=$?
   set +e
+  [ -n "${ctr:-}" ] && bh rm "$ctr" >/dev/null 2>&1
   if [ "$made_store" = 1 ] && [ "${FEM_ANODE_SMOKE_KEEP:-0}" != 1 ]; then
     log "removing the store $store"
     bh rm --all >/dev/null 2>&1
@@ -162,7 +163,7 @@ case "$runner" in
     } ;;
   buildah)
     ctr=$(bh from --pull-never "$image")
-    in_image() { bh run --isolation chroot --network none "$ctr" -- "$@"; } ;;
+    in_image() { bh run --isolation chroot "$ctr" -- "$@"; } ;;  # chroot: host network only
   *) die "FEM_ANODE_SMOKE_RUNNER must be podman or buildah, not $runner" ;;
 esac
 
@@ -191,6 +192,5 @@ in_image python -m pytest -q -p no:cacheprovider "${quick_tests[@]}" || die "qui
 phase "tests, mpirun -n 2"
 in_image mpirun -n 2 python -m mpi4py -m pytest -q -p no:cacheprovider "${quick_tests[@]}" \
   || die "quick tests (mpirun -n 2)"
-[ "$runner" = buildah ] && bh rm "$ctr" >/dev/null
 phase "clean-up"
 log "image $image: $size_mb MB; all smoke checks passed"
