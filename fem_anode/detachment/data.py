@@ -25,6 +25,21 @@ from fem_anode.io.output import write_text_atomic
 __all__ = ["GapData", "CapacityData", "read_gap_csv", "read_capacity_csv", "read_radii_csv", "write_gap_csv", "write_capacity_csv"]
 
 
+def _check_limits(values: np.ndarray, name: str, source: str) -> None:
+    """Lengths other than zero must lie within :data:`fem_anode.units.NUMERIC_LIMITS` (m)."""
+    from fem_anode.units import NUMERIC_LIMITS
+
+    low, high = NUMERIC_LIMITS
+    magnitude = np.abs(values)
+    bad = (magnitude != 0) & ((magnitude < low) | (magnitude > high))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise InputError(
+            f"{source}: {name} = {values[first]:g} m (particle {first}) is outside what fem_anode can compute with: "
+            f"lengths other than 0 must lie between {low:g} and {high:g} m"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class GapData:
     """Per-particle gaps: ``cycle`` (int), ``radius_m`` and ``gap_m`` (m), equal lengths."""
@@ -52,6 +67,10 @@ class GapData:
             raise InputError(f"{self.source}: radius_m must be positive; {int(np.sum(radius <= 0))} value(s) are zero or negative")
         if np.any(gap < 0):
             raise InputError(f"{self.source}: gap_m must be non-negative; {int(np.sum(gap < 0))} value(s) are negative")
+        _check_limits(radius, "radius_m", self.source)
+        _check_limits(gap, "gap_m", self.source)
+        if cycle.max() > 10_000:
+            raise InputError(f"{self.source}: cycle {int(cycle.max())} is beyond the model's 10000 cycles")
         object.__setattr__(self, "cycle", cycle.astype(np.int64))
         object.__setattr__(self, "radius_m", radius)
         object.__setattr__(self, "gap_m", gap)

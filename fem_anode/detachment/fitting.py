@@ -41,7 +41,7 @@ from fem_anode.detachment.model import (
 from fem_anode.detachment.settings import PARAMETER_NAMES, DetachmentSettings, ModelParameters
 from fem_anode.errors import InputError, SolverError
 
-__all__ = ["FitProblem", "FitResult", "fit", "levenberg_marquardt"]
+__all__ = ["FitProblem", "FitResult", "check_data_identify", "diagnose", "distinct_observations", "fit", "levenberg_marquardt"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ class FitResult:
     goodness: dict[str, Any]
     settings: DetachmentSettings
     timing_s: dict[str, float]
+    identifiability: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def parameters(self) -> ModelParameters:
         """Model parameters with the fitted values (other settings unchanged)."""
@@ -251,6 +252,9 @@ class FitResult:
                                 "value": self.values[name] * paper[name],
                                 "ci": [v * paper[name] for v in self.ci[name]]},
             }
+            flags = self.identifiability.get("parameters", {}).get(name)
+            if flags is not None:
+                out[name].update(flags)
         hours = self.settings.model.half_cycle_hours
         return {
             "parameters": out,
@@ -261,6 +265,7 @@ class FitResult:
                 "half_cycle_hours": hours,
             },
             "goodness_of_fit": self.goodness,
+            "identifiability": {k: v for k, v in self.identifiability.items() if k != "parameters"},
             "bootstrap": {"replicates": int(self.bootstrap.shape[0]), "seed": self.settings.fit.seed},
             "timing_s": self.timing_s,
         }
@@ -293,6 +298,7 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
     fs = settings.fit
     t0 = time.perf_counter()
     problem = FitProblem(gaps, capacity, settings, population)
+    check_data_identify(problem)
     lo, hi = problem.bounds()
 
     starts = _starts(problem)
@@ -327,8 +333,110 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
     values = {name: float(values_si[i]) for i, name in enumerate(PARAMETER_NAMES)}
     ci = {name: (float(low_q[i] / _TO_INTERNAL[i]), float(high_q[i] / _TO_INTERNAL[i])) for i, name in enumerate(PARAMETER_NAMES)}
     goodness = _goodness(problem, theta_hat, best_cost)
+    identifiability = diagnose(problem, theta_hat, boot if n_boot > 0 else None)
+    for message in identifiability["flags"]:
+        logger.warning("detachment fit: %s", message)
     logger.info("fit %.2f s, bootstrap of %d replicates %.2f s", t_fit, n_boot, t_boot)
-    return FitResult(values, ci, fs.confidence, boot_si, goodness, settings, {"fit": t_fit, "bootstrap": t_boot})
+    return FitResult(values, ci, fs.confidence, boot_si, goodness, settings, {"fit": t_fit, "bootstrap": t_boot}, identifiability)
+
+
+def distinct_observations(problem: FitProblem) -> int:
+    """Observations that can differ in the model: distinct (cycle, radius) pairs of the particles
+    measured after a cycle (particles alike in both have the same expected gap), plus the cycles
+    of the capacity data when it is fitted."""
+    pairs = {(int(c), float(r)) for c, r in zip(problem.cycle_obs, problem.r_all[problem.obs])}
+    return len(pairs) + len({int(c) for c in problem.cap_cycles})
+
+
+def check_data_identify(problem: FitProblem) -> None:
+    """Refuse data that cannot identify the parameters or support a bootstrap range.
+
+    Raises:
+        InputError: fewer distinct observations than free parameters; or (with bootstrap
+            replicates asked for) no cycle with two different particles, so that resampling
+            within cycles reproduces the data and every range would have zero width.
+    """
+    n_free = len(PARAMETER_NAMES)
+    n_obs = distinct_observations(problem)
+    source = problem.gaps.source
+    if n_obs < n_free:
+        n_cap = len({int(c) for c in problem.cap_cycles})
+        raise InputError(
+            f"{source}: {n_obs} distinct observation(s) ({n_obs - n_cap} particle gap(s) at distinct cycle and radius after a cycle"
+            f"{f', {n_cap} capacity value(s)' if problem.cap_cycles.size else ''}) cannot identify the {n_free} free parameters "
+            f"{', '.join(PARAMETER_NAMES)}; measure more particles (several sizes and cycles) or add capacity data"
+        )
+    if problem.settings.fit.n_bootstrap > 0:
+        gaps = problem.gaps
+        varied = [c for c in gaps.cycles()
+                  if len({(float(r), float(g)) for r, g in zip(gaps.radius_m[gaps.cycle == c], gaps.gap_m[gaps.cycle == c])}) > 1]
+        if not varied:
+            raise InputError(
+                f"{source}: no cycle has two different particles, so resampling particles within cycles reproduces the data and "
+                f"the bootstrap ranges would have zero width; measure more particles per cycle, or fit without ranges (--bootstrap 0)"
+            )
+
+
+def diagnose(problem: FitProblem, theta: np.ndarray, boot: np.ndarray | None, *, rank_tolerance: float = 1e-6) -> dict[str, Any]:
+    """Which parameters the data support at the best fit ``theta`` (internal units).
+
+    * at a bound: within 1e-6 of the search range's width of its lower or upper end;
+    * not identifiable: in the null space of the residuals' Jacobian (central finite differences,
+      columns scaled by the parameters' magnitudes): a singular value below ``rank_tolerance``
+      times the largest marks the parameters with a weight of at least 0.3 in its direction;
+    * zero-width range: every bootstrap replicate gave the same value.
+
+    Returns a JSON-ready dict: ``n_observations``, ``n_parameters``, ``jacobian_rank``,
+    ``singular_values_relative``, ``flags`` (one message per problem) and, per parameter,
+    ``at_bound`` (``None``, ``"lower"``, ``"upper"``), ``identifiable`` and ``ci_zero_width``.
+    """
+    lo, hi = problem.bounds()
+    span = hi - lo
+    scale = np.maximum(np.abs(theta), _TYPICAL)
+    columns = []
+    for j in range(theta.size):
+        h = 1e-4 * scale[j]
+        up, down = theta.copy(), theta.copy()
+        up[j] = min(theta[j] + h, hi[j])
+        down[j] = max(theta[j] - h, lo[j])
+        r_up, r_down = problem.residuals(np.stack([up, down]))
+        columns.append((r_up - r_down) / (up[j] - down[j]) * scale[j])
+    jac = np.stack(columns, axis=1)
+    if not np.all(np.isfinite(jac)):
+        jac = np.nan_to_num(jac, nan=0.0, posinf=0.0, neginf=0.0)
+    _, sv, vt = np.linalg.svd(jac, full_matrices=False)
+    largest = sv[0] if sv.size and sv[0] > 0 else 1.0
+    relative = sv / largest
+    small = relative < rank_tolerance
+    rank = int(np.count_nonzero(~small)) if sv[0] > 0 else 0
+    not_identified = set()
+    for k in np.flatnonzero(small):
+        not_identified.update(int(i) for i in np.flatnonzero(np.abs(vt[k]) >= 0.3))
+    if sv[0] <= 0:
+        not_identified = set(range(theta.size))
+    flags: list[str] = []
+    parameters: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(PARAMETER_NAMES):
+        at = "lower" if theta[i] <= lo[i] + 1e-6 * span[i] else "upper" if theta[i] >= hi[i] - 1e-6 * span[i] else None
+        zero_width = bool(boot is not None and boot.shape[0] > 1 and np.ptp(boot[:, i]) <= 1e-12 * max(abs(theta[i]), _TYPICAL[i]))
+        parameters[name] = {"at_bound": at, "identifiable": i not in not_identified, "ci_zero_width": zero_width}
+        bound_si = (lo[i] if at == "lower" else hi[i]) / _TO_INTERNAL[i] if at else None
+        if at:
+            flags.append(f"{name} is at the {at} bound of its search range ({bound_si:.4g}, fit.{name}_bounds): its value and range "
+                         f"are set by the bound, not estimated from the data")
+        if i in not_identified:
+            flags.append(f"{name} is not identifiable from these data (the Jacobian of the residuals has rank {rank} < {theta.size}; "
+                         f"changing {name} can be compensated by the other parameters or does not change the fit)")
+        if zero_width:
+            flags.append(f"{name} has a zero-width bootstrap range: resampling the particles never changes it")
+    return {
+        "n_observations": distinct_observations(problem),
+        "n_parameters": int(theta.size),
+        "jacobian_rank": rank,
+        "singular_values_relative": [float(v) for v in relative],
+        "flags": flags,
+        "parameters": parameters,
+    }
 
 
 def _polish(problem: FitProblem, theta: np.ndarray, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_best: int = 5) -> tuple[np.ndarray, float]:

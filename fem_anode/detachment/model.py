@@ -213,6 +213,11 @@ def check_radii(radii: ArrayLike, what: str = "radii") -> np.ndarray:
         raise InputError(f"{what}: {int(np.count_nonzero(~np.isfinite(r)))} radii are NaN or infinite")
     if np.any(r <= 0):
         raise InputError(f"{what}: {int(np.count_nonzero(r <= 0))} radii are zero or negative (smallest {r.min():.3g} m)")
+    from fem_anode.units import NUMERIC_LIMITS
+
+    if r.min() < NUMERIC_LIMITS[0] or r.max() > NUMERIC_LIMITS[1]:
+        raise InputError(f"{what}: radii must lie between {NUMERIC_LIMITS[0]:g} and {NUMERIC_LIMITS[1]:g} m to be computed with, "
+                         f"got {r.min():.3g} to {r.max():.3g} m")
     return r
 
 

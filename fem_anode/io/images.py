@@ -422,8 +422,8 @@ def _tiff_series(tif: Any, path: Path) -> list[Any]:
         if shape != page_shape or other.dtype != first.dtype or len(other.shape) != len(first.shape):
             index = getattr(other.pages[0], "index", "?") if other.pages else "?"
             raise InputError(
-                f"{path}: page {index} has {_describe_page(other.shape, other.dtype)} but page 0 has "
-                f"{_describe_page(first.shape, first.dtype)}; every page of a stack must have the same shape and data type"
+                f"{path}: page {index} has {_describe_page(shape, other.dtype)} but page 0 has "
+                f"{_describe_page(page_shape, first.dtype)}; every page of a stack must have the same shape and data type"
             )
     reference = None
     for index, page in enumerate(tif.pages):
@@ -729,6 +729,9 @@ def write_image(path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size:
     elif suffix == "":
         path.mkdir(parents=True, exist_ok=True)
         stack = array if array.ndim == 3 else array[None]
+        if stack.dtype not in (np.uint8, np.uint16, bool) and np.issubdtype(stack.dtype, np.integer) and stack.size \
+                and stack.min() >= 0 and stack.max() < 2**16:
+            stack = stack.astype(np.uint16 if stack.max() > 255 else np.uint8)  # one dtype for every slice
         width = max(4, len(str(len(stack) - 1)))
         for i, plane in enumerate(stack):
             _write_png(path / f"slice_{i:0{width}d}.png", plane)
