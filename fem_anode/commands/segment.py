@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
     largest = max(gray.shape)
     if args.median > 0:
-        check_int(args.median, "--median", 0, largest, f" (the image's largest dimension in voxels)")
+        check_int(args.median, "--median", 0, largest, " (the image's largest dimension in voxels)")
     if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
         check_number(args.sigma, "--sigma", 0.0, float(largest))
     if args.method == "multistage":

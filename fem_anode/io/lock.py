@@ -48,9 +48,15 @@ logger = logging.getLogger(__name__)
 _HELD: dict[str, int] = {}
 
 
+def _named(out: str | Path) -> Path:
+    """``out`` itself, or resolved when it has no name of its own (``.``, ``..``, ``dir/..``)."""
+    out = Path(out)
+    return out.resolve() if out.name in ("", ".", "..") or ".." in out.parts else out
+
+
 def lock_path(out: str | Path) -> Path:
     """The lock file of output ``out``: ``.NAME.lock`` in the same folder."""
-    out = Path(out)
+    out = _named(out)
     return out.parent / f".{out.name}.lock"
 
 
@@ -63,11 +69,11 @@ def check_output_path(out: str | Path, *, create_parent: bool = True) -> list[Pa
         UsageError: ``out`` is empty, or one of its parents exists and is not a directory.
         InputError: a parent folder cannot be created (permissions, read-only file system, ...).
     """
-    out = Path(out)
-    if str(out) in ("", "."):
+    if str(out) == "":
         raise UsageError("--out is empty; give a file or directory name")
+    out = _named(out)
     if not out.name:
-        raise UsageError(f"--out {out}: not a usable output name")
+        raise UsageError(f"--out {out}: not a usable output name (the root folder)")
     missing: list[Path] = []
     parent = out.parent
     try:
@@ -178,7 +184,8 @@ def _owner_record() -> dict[str, Any]:
 def _describe(owner: dict[str, Any] | None) -> str:
     if owner is None:
         return "another run (its lock file is being written or unreadable)"
-    return f"another fem-anode run (pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('created_utc')})"
+    started = f", started {owner['created_utc']}" if owner.get("created_utc") else ""
+    return f"another fem-anode run (pid {owner.get('pid')} on {owner.get('host')}{started})"
 
 
 def _try_create(path: Path, record: dict[str, Any]) -> bool:
