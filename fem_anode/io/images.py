@@ -419,7 +419,7 @@ def _tiff_series(tif: Any, path: Path) -> list[Any]:
     page_shape = tuple(first.shape[-2:]) if len(first.shape) >= 2 else tuple(first.shape)
     for other in series[1:]:
         shape = tuple(other.shape[-2:]) if len(other.shape) >= 2 else tuple(other.shape)
-        if shape != page_shape or other.dtype != first.dtype or len(other.shape) != len(first.shape):
+        if shape != page_shape or other.dtype != first.dtype:
             index = getattr(other.pages[0], "index", "?") if other.pages else "?"
             raise InputError(
                 f"{path}: page {index} has {_describe_page(shape, other.dtype)} but page 0 has "
