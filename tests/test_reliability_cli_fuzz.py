@@ -143,7 +143,7 @@ def _refused_seed(argv: list[str]) -> bool:
         value = word.split("=", 1)[1] if word.startswith("--seed=") else argv[i + 1] if word == "--seed" and i + 1 < len(argv) else None
         if value is not None:
             try:
-                return int(value) < 0
+                return not 0 <= int(value) <= 2**63 - 1
             except ValueError:
                 return True
     return False
