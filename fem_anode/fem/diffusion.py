@@ -339,26 +339,12 @@ class DiffusionProblem:
         ones.destroy()
         self._w_pore = self._assemble_action(robin_pore, one)
         self._w_si = self._assemble_action(robin_si, one) if robin_si is not None else None
-        if self._symmetric_storage():
-            self._KR, self._M = _upper_triangles(self._KR, self._M)
         self._source = self._w_pore.copy()
         self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
         self.volume = self._w_dx.sum()  # in um^d
         self.pore_measure = self._w_pore.sum()
         self._rhs = self._M.createVecLeft()
         self._work = self._M.createVecLeft()
-
-    def _symmetric_storage(self) -> bool:
-        """Whether the matrices are kept as their upper triangles (SBAIJ).
-
-        For CG with SSOR and the shifted multigrid (``preconditioner`` ``"auto"``, ``"ssor"``
-        or ``"mg"``): half the matrix memory (``K + R``, ``M`` and the operator share one
-        pattern of 14 instead of 27 entries per 3D row), and a mat-vec or an SOR sweep reads
-        half the bytes. Direct solvers, GAMG and BoomerAMG keep the whole matrix (AIJ).
-        """
-        solver = self.settings.solver
-        return (self._solver_kind() == "iterative" and "pc_type" not in solver.petsc_options
-                and solver.preconditioner in ("auto", "ssor", "mg"))
 
     @staticmethod
     def _assemble_action(form: ufl.Form, function: fem.Function) -> PETSc.Vec:
@@ -461,9 +447,7 @@ class DiffusionProblem:
             # PCSOR's local symmetric sweeps. omega = 1.3: 12 instead of 14 iterations on the
             # 184k- and 835k-dof voxel benchmarks. CG's natural norm (r.z, computed anyway)
             # saves one vector norm per iteration.
-            if self._symmetric_storage():  # SBAIJ: PETSc's SOR sweeps on the upper triangle
-                options.update({"pc_type": "sor", "pc_sor_omega": 1.3})
-            elif self.comm.size == 1:
+            if self.comm.size == 1:
                 options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": 1.3})
             else:
                 options.update({"pc_type": "sor", "pc_sor_omega": 1.3})
@@ -489,8 +473,6 @@ class DiffusionProblem:
         """
         if self._A is None:
             self._A = self._KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
-        elif self._A_a0 != a0 and "sbaij" in self._A.getType():
-            self._renew_operator()
         if self._A_a0 != a0:
             self._KR.copy(self._A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
             self._A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
@@ -499,30 +481,6 @@ class DiffusionProblem:
             self._A.setOption(PETSc.Mat.Option.SPD, True)
             self._A_a0 = a0
         return self._A
-
-    def _renew_operator(self) -> None:
-        """A new SBAIJ operator matrix (same shared pattern) for new values, the old one freed.
-
-        PETSc 3.22's SBAIJ SOR keeps the inverted diagonal of the values it first saw, and
-        neither MatCopy/MatAXPY nor an assembly invalidates it (measured: 125 instead of 10 CG
-        iterations after a change of a0), so every a0 gets a fresh matrix object. The cached
-        solvers (and the multigrid's fine-level smoother) are pointed at it and set up again
-        when next used, so the old values are freed at once.
-        """
-        previous = self._A
-        self._A = self._KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
-        for preconditioner in list(self._iterative):
-            entry = self._iterative[preconditioner]
-            if preconditioner == "mg":
-                # PCMG keeps the fine operator for its residuals (not settable from petsc4py):
-                # a new KSP on the same hierarchy (_ksp attaches it; no new set-up).
-                entry[0].destroy()
-                del self._iterative[preconditioner]
-            else:
-                entry[0].setOperators(self._A)
-                entry[1] = None
-        previous.destroy()
-        self._A_a0 = None
 
     def _new_ksp(self, preconditioner: str) -> tuple[PETSc.KSP, str, dict[str, Any]]:
         """A KSP with its own options prefix and the merged options put into the database."""
@@ -568,10 +526,9 @@ class DiffusionProblem:
         if entry is None:
             ksp, prefix, options = self._new_ksp(preconditioner)
             if preconditioner == "mg":
-                if self._mg is None:
-                    self._mg = _ShiftedMultigrid(self._KR, self._M, self.eps, prefix, self.settings.solver.petsc_options)
-                    self.factorisations += 1  # the hierarchy: once per run
+                self._mg = _ShiftedMultigrid(self._KR, self._M, self.eps, prefix, self.settings.solver.petsc_options)
                 self._mg.attach(ksp, A, key)
+                self.factorisations += 1  # the hierarchy: once per run
             ksp.setOperators(A)
             self._first_setup(ksp, prefix, options)
             self._iterative[preconditioner] = [ksp, key]
@@ -637,7 +594,7 @@ class DiffusionProblem:
         ndofs = self.V.dofmap.index_map.size_global
         mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
         values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
-        pattern = self._KR.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
+        pattern = self._M.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
         out = {"matrices": values + pattern, "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
                "factorisations": len(self._direct) * (self._factor_bytes or 0.0)}
         out["total"] = sum(out.values())
@@ -962,12 +919,8 @@ class _ShiftedMultigrid:
         opts = PETSc.Options()
         for name, value in options.items():
             opts[f"{ref_prefix}{name}"] = value
-        # GAMG and the triple products need the whole matrix: AIJ copies of upper-triangle
-        # (SBAIJ) fine-level matrices for the set-up only.
-        whole = [mat.convert("aij", PETSc.Mat()) if "sbaij" in mat.getType() else mat for mat in (KR, M)]
-        KR_fine, M_fine = whole
-        KR_fine.setOption(PETSc.Mat.Option.SPD, True)
-        reference.setOperators(KR_fine)
+        KR.setOption(PETSc.Mat.Option.SPD, True)
+        reference.setOperators(KR)
         try:
             reference.setFromOptions()
             reference.setUp()
@@ -979,16 +932,12 @@ class _ShiftedMultigrid:
         # Level 0 is the coarsest, n - 1 the fine level (PCMG's numbering).
         self.P: list[PETSc.Mat] = [pc.getMGInterpolation(level) for level in range(1, n)]  # P[l - 1]: level l-1 -> l
         reference.destroy()
-        self.KR: list[PETSc.Mat] = [KR_fine] * n
-        self.M: list[PETSc.Mat] = [M_fine] * n
+        self.KR: list[PETSc.Mat] = [KR] * n
+        self.M: list[PETSc.Mat] = [M] * n
         for level in range(n - 1, 0, -1):
             P = self.P[level - 1]
             self.KR[level - 1] = self.KR[level].ptap(P)
             self.M[level - 1] = self.M[level].ptap(P)
-        self.KR[n - 1], self.M[n - 1] = KR, M
-        for copy, original in zip(whole, (KR, M)):
-            if copy is not original:
-                copy.destroy()
         # A_l shares the sparsity of (K+R)_l: M_l has the same one (the same symbolic product).
         self.A: list[PETSc.Mat] = [self.KR[level].duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN) for level in range(n - 1)]
         self.levels = n
@@ -1043,23 +992,6 @@ class _ShiftedMultigrid:
         """Free the hierarchy (the fine-level matrices belong to the problem)."""
         for mat in self.KR[:-1] + self.M[:-1] + self.A + self.P:
             mat.destroy()
-
-
-def _upper_triangles(KR: PETSc.Mat, M: PETSc.Mat) -> tuple[PETSc.Mat, PETSc.Mat]:
-    """``K + R`` and ``M`` (AIJ, ``KR`` sharing ``M``'s pattern) as SBAIJ upper triangles sharing one pattern.
-
-    Converted in place one at a time (``KR`` first: it does not own the shared pattern), so the
-    peak is the AIJ pair plus one triangle. ``M`` is destroyed; the returned pair replaces both.
-    """
-    for mat in (KR, M):
-        mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-    KR.convert("sbaij")  # petsc4py converts in place unless given an output matrix
-    M_upper = KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
-    M.convert("sbaij")
-    # same structure (both from the one AIJ pattern), so a plain value copy into the shared pattern
-    M.copy(M_upper, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-    M.destroy()
-    return KR, M_upper
 
 
 def _factor_bytes(ksp: PETSc.KSP) -> float | None:
