@@ -8,7 +8,10 @@ communicator before asserting.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,58 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.basetemp = Path(tempfile.gettempdir()) / f"fem_anode-pytest-{os.getppid()}-rank{mpi_rank_env()}"
         if mpi_rank_env() != 0:
             config.option.verbose = -1
+
+
+#: Environment variable that marks every process the suite starts (inherited through exec).
+SESSION_MARK = "FEM_ANODE_TEST_SESSION"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def suite_processes(mark: str) -> list[tuple[int, str]]:
+    """Live processes (pid, command line) other than this one whose environment carries ``mark``.
+
+    Finds them even after their parent died (a SIGKILLed ``mpirun`` leaves its ranks to init),
+    which a walk over this process's children would not.
+    """
+    needle = f"{SESSION_MARK}={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if stat[stat.rfind(")") + 2] != "Z":  # zombies are dead, only not yet reaped
+            found.append((int(entry.name), command))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite must leave no process of its own behind (e.g. the ranks of a killed ``mpirun``):
+    wait up to 10 s for them, then kill them and fail the session naming them."""
+    mark = os.environ.get(SESSION_MARK)
+    if not mark or not Path("/proc/self/environ").exists():
+        return
+    deadline = time.monotonic() + 10.0
+    while (left := suite_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    listing = "\n".join(f"  pid {pid}: {command[:200]}" for pid, command in left)
+    sys.stderr.write(f"\nERROR: the test session left {len(left)} process(es) of its own running (now killed):\n{listing}\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
