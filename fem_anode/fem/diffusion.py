@@ -250,6 +250,7 @@ class DiffusionProblem:
     """
 
     def __init__(self, tagged: TaggedMesh, settings: DiffusionSettings) -> None:
+        settings.check()  # the Python API as strict as the CLI (UsageError naming the setting)
         self.tagged = tagged
         self.settings = settings
         self.mesh = tagged.mesh

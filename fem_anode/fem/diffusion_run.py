@@ -301,6 +301,7 @@ def run_diffusion(
     from fem_anode.io.output import write_json
 
     fault_point("solve", comm.rank)  # test-only fault injection (FEM_ANODE_INJECT_FAULT)
+    settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
     start = time.perf_counter()
     tagged, image = load_geometry(settings, staging, comm)
     meshed = time.perf_counter()

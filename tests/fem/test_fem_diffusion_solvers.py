@@ -288,3 +288,20 @@ def test_bad_solver_settings_are_named(solver, message):
 
     with pytest.raises(UsageError, match=message):
         DiffusionSettings.from_dict({"solver": solver})
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("physics", {"D": -3e-10}, r"physics\.D must be positive"),
+    ("physics", {"k_f": 1e40}, r"physics\.k_f"),
+    ("solver", {"rtol": 0.0}, r"solver\.rtol"),
+])
+def test_the_python_api_refuses_what_the_toml_path_refuses(volume, section, values, message):
+    """Settings objects changed in Python are checked by the solver before any work (as from TOML)."""
+    import dataclasses
+
+    from fem_anode.errors import UsageError
+
+    settings = settings_for(type="iterative")
+    setattr(settings, section, dataclasses.replace(getattr(settings, section), **values))
+    with pytest.raises(UsageError, match=message):
+        DiffusionProblem(volume, settings)

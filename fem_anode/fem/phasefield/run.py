@@ -86,6 +86,7 @@ def run_phasefield(
     from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
     from fem_anode.io.output import write_json
 
+    settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
     start = time.perf_counter()
     if tagged is None:
         tagged = load_geometry(settings, staging, comm)
