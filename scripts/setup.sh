@@ -28,7 +28,17 @@ apt_packages=(
   python3-tifffile python3-imageio python3-hypothesis python3-adios4dolfinx
   python3-setuptools python3-wheel python3-venv python3.13-venv python3-pip
   openmpi-bin xvfb xauth libopenblas0-serial
+  python3-sklearn python3-scifem chromium
 )
+
+# Packages of the list above that are not installed (a machine set up by an older checkout
+# has the stack but not the packages added since).
+missing_packages() {
+  local p
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf '%s ' "$p"
+  done
+}
 
 stack_ok() {
   [ -x "$py" ] && "$py" - <<'PY' 2>/dev/null
@@ -65,17 +75,23 @@ Package: *
 Pin: release n=trixie
 Pin-Priority: 100
 PIN
-    target=(-t trixie)
   fi
+  # A bookworm system that installed the stack once reads "trixie" in /etc/os-release (its base
+  # packages came from trixie) but keeps the pin: trixie must still be the target release.
+  if [ -f /etc/apt/preferences.d/trixie-pin ]; then target=(-t trixie); fi
   log "installing the FEniCSx stack from Debian packages (about 2 minutes)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" \
     --no-install-recommends "${apt_packages[@]}" >/dev/null
 }
 
-if stack_ok; then
+missing="$(missing_packages)"
+if stack_ok && [ -z "$missing" ]; then
   log "FEniCSx stack present"
+elif stack_ok && [ "${FEM_ANODE_SKIP_APT:-0}" = 1 ]; then
+  log "FEniCSx stack present; FEM_ANODE_SKIP_APT=1, so not installing: $missing"
 else
+  [ -n "$missing" ] && log "Debian packages to install: $missing"
   install_stack
   stack_ok || { log "FEniCSx 0.9 stack still not importable from $py after install"; exit 1; }
 fi
