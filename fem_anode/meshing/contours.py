@@ -433,14 +433,25 @@ def _crossing_chains(chains: list[Chain]) -> set[int]:
     p, q, own = np.concatenate(starts), np.concatenate(ends), np.concatenate(owner)
     if len(p) < 2:
         return set()
-    mid = 0.5 * (p + q)
-    half = 0.5 * np.linalg.norm(q - p, axis=1)
+    # Candidate pairs from a proximity search over pieces of at most ``piece`` length: a few long
+    # segments (the straight box edges, the end segments of splines) would otherwise widen the
+    # search radius of every segment and make the search quadratic. Pieces of two crossing
+    # segments that contain the crossing point have midpoints within one piece length.
+    length = np.linalg.norm(q - p, axis=1)
+    piece = max(2.0 * float(np.median(length)), 1e-9)
+    count = np.maximum(np.ceil(length / piece).astype(np.int64), 1)
+    segment = np.repeat(np.arange(len(p)), count)
+    first = np.cumsum(count) - count
+    fraction = (np.arange(segment.size) - first[segment] + 0.5) / count[segment]
+    mid = p[segment] + fraction[:, None] * (q - p)[segment]
+    half = 0.5 * length[segment] / count[segment]
     pairs = cKDTree(mid).query_pairs(2.0 * half.max() + 1e-9, output_type="ndarray")
     if pairs.size == 0:
         return set()
+    near = np.linalg.norm(mid[pairs[:, 0]] - mid[pairs[:, 1]], axis=1) <= half[pairs[:, 0]] + half[pairs[:, 1]] + 1e-9
+    pairs = np.unique(np.sort(segment[pairs[near]], axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     i, j = pairs[:, 0], pairs[:, 1]
-    near = np.linalg.norm(mid[i] - mid[j], axis=1) <= half[i] + half[j] + 1e-9
-    i, j = i[near], j[near]
 
     def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
