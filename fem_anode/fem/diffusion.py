@@ -223,15 +223,14 @@ class _Records:
 
     def result(self, problem: DiffusionProblem, status: str) -> DiffusionResult:
         uptake = abs(problem.mass())
-        mesh = problem.mesh
         return DiffusionResult(
             times=list(self.times),
             region_means={k: list(v) for k, v in self.regions.items()},
             domain_mean=list(self.domain),
             output_times=sorted(problem.settings.time.output_times),
             mass_balance_rel_error=self.residual_sum / uptake if uptake > 0 else 0.0,
-            ndofs=problem.V.dofmap.index_map.size_global,
-            ncells=mesh.topology.index_map(mesh.topology.dim).size_global,
+            ndofs=problem.ndofs,
+            ncells=problem.ncells,
             steps=self.steps,
             factorisations=self.factorisations_before + problem.factorisations,
             retries=self.retries,
@@ -286,6 +285,21 @@ class DiffusionProblem:
         #: memory (None: not asked yet; False: SSOR for the rest of the run).
         self.multigrid_fits: bool | None = None
         self.regions = self._region_weights(settings.regions)
+
+    @property
+    def ndofs(self) -> int:
+        """Unknowns of the discrete problem (all ranks)."""
+        return int(self.V.dofmap.index_map.size_global)
+
+    @property
+    def ncells(self) -> int:
+        """Cells of the mesh (all ranks)."""
+        return int(self.mesh.topology.index_map(self.mesh.topology.dim).size_global)
+
+    @property
+    def dim(self) -> int:
+        """Spatial dimension of the problem (2 or 3)."""
+        return int(self.mesh.topology.dim)
 
     # -- assembly -------------------------------------------------------------------------
     def _scaled_measures(self) -> tuple[float, float, float]:
@@ -347,6 +361,14 @@ class DiffusionProblem:
         self._rhs = self._M.createVecLeft()
         self._work = self._M.createVecLeft()
 
+    def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = M x``."""
+        self._M.mult(x, y)
+
+    def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
+        """``(K + R, M)`` as matrices of one sparsity pattern, for :class:`_ShiftedMultigrid`."""
+        return self._KR, self._M
+
     @staticmethod
     def _assemble_action(form: ufl.Form, function: fem.Function) -> PETSc.Vec:
         """The vector of the bilinear ``form`` applied to ``function`` (owned entries summed)."""
@@ -393,7 +415,7 @@ class DiffusionProblem:
             # 3D sparse Cholesky fills in: measured (benchmarks/bench_diffusion.py) 71 s for two
             # MUMPS factorisations at 184k P1 dofs versus 1.4 s of AMG setup at 55k; a run with
             # geometric steps refactorises every few steps, so 3D iterates above 50k dofs.
-            kind = "direct" if self.mesh.topology.dim == 2 or self.V.dofmap.index_map.size_global < 50_000 else "iterative"
+            kind = "direct" if self.dim == 2 or self.ndofs < 50_000 else "iterative"
         if kind == "direct" and self._direct_package() is None and self.comm.size > 1:
             kind = "iterative"
         return kind
@@ -527,7 +549,7 @@ class DiffusionProblem:
         if entry is None:
             ksp, prefix, options = self._new_ksp(preconditioner)
             if preconditioner == "mg":
-                self._mg = _ShiftedMultigrid(self._KR, self._M, self.eps, prefix, self.settings.solver.petsc_options)
+                self._mg = _ShiftedMultigrid(*self._multigrid_operands(), self.eps, prefix, self.settings.solver.petsc_options)
                 self._mg.attach(ksp, A, key)
                 self.factorisations += 1  # the hierarchy: once per run
             ksp.setOperators(A)
@@ -592,7 +614,7 @@ class DiffusionProblem:
         ``multigrid``: the shifted hierarchy's coarse operators and interpolations;
         ``factorisations``: the direct pool (estimated from the first factor's size).
         """
-        ndofs = self.V.dofmap.index_map.size_global
+        ndofs = self.ndofs
         mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
         values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
         pattern = self._M.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
@@ -657,7 +679,7 @@ class DiffusionProblem:
         work.scale(coeff.a1)
         if coeff.a2:
             work.axpy(coeff.a2, self._c_older.x.petsc_vec)
-        self._M.mult(work, self._rhs)
+        self._mass_mult(work, self._rhs)
         self._rhs.scale(-self.eps)
         self._rhs.axpy(1.0, self._source)
         key = float(f"{coeff.a0:.12e}")
@@ -739,7 +761,7 @@ class DiffusionProblem:
         if self.multigrid_fits is None:
             from fem_anode.resources import available_memory, estimate_multigrid_setup_memory, format_bytes
 
-            need = estimate_multigrid_setup_memory(self.V.dofmap.index_map.size_global, self.comm.size)
+            need = estimate_multigrid_setup_memory(self.ndofs, self.comm.size)
             available = available_memory(self.comm)
             self.multigrid_fits = need.bytes <= available
             if not self.multigrid_fits:

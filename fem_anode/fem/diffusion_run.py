@@ -303,15 +303,24 @@ def run_diffusion(
     fault_point("solve", comm.rank)  # test-only fault injection (FEM_ANODE_INJECT_FAULT)
     settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
     start = time.perf_counter()
-    tagged, image = load_geometry(settings, staging, comm)
-    meshed = time.perf_counter()
-    problem = DiffusionProblem(tagged, settings)
+    finite_volumes = settings.mesh.discretisation == "fv"
+    problem: DiffusionProblem
+    if finite_volumes:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
+        from fem_anode.fem.diffusion_fv import VoxelFVProblem, open_fv_image
+
+        image, _ = open_fv_image(settings, comm)
+        meshed = time.perf_counter()
+        problem = VoxelFVProblem(image, settings, comm)
+    else:
+        tagged, image = load_geometry(settings, staging, comm)
+        meshed = time.perf_counter()
+        problem = DiffusionProblem(tagged, settings)
     assembled = time.perf_counter()
     logger.info(
-        "diffusion: %d cells, %d dofs (P%d), D_eff = %.3g m^2/s, %d rank(s)",
-        tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global,
-        problem.V.dofmap.index_map.size_global,
-        settings.mesh.order,
+        "diffusion: %d cells, %d unknowns (%s), D_eff = %.3g m^2/s, %d rank(s)",
+        problem.ncells,
+        problem.ndofs,
+        "finite volumes" if finite_volumes else f"P{settings.mesh.order}",
         settings.physics.D_eff,
         comm.size,
     )
@@ -323,29 +332,41 @@ def run_diffusion(
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         start -= _restore_outputs(resume, problem, snapshots, particles, fields)
-    writer = None
-    if settings.output.fields:
+    writer: Any = None
+    if settings.output.fields and finite_volumes:
+        from fem_anode.fem.diffusion_fv import VoxelFieldWriter
+
+        writer = VoxelFieldWriter(staging, problem)  # type: ignore[arg-type]
+    elif settings.output.fields:
         from dolfinx.io import VTXWriter
 
         c_out = problem.concentration()
         writer = VTXWriter(comm, str(staging / "c.bp"), [c_out], engine="BP4")
-    grid = _image_grid_points(image) if image is not None and settings.output.figures else None
+    grid = _image_grid_points(image) if image is not None and settings.output.figures and not finite_volumes else None
     if resume is not None:
         if writer is not None:
             for t, field in fields:
-                c_out.x.array[:] = field.x.array
-                writer.write(t)
+                if finite_volumes:
+                    writer.write(t, field)
+                else:
+                    c_out.x.array[:] = field.x.array
+                    writer.write(t)
 
     def on_output(t: float, prob: DiffusionProblem) -> None:
         if writer is not None:
-            c_out.x.array[:] = prob.settings.physics.c_bulk * prob.c.x.array
-            writer.write(t)
+            if finite_volumes:
+                writer.write(t, prob.concentration())
+            else:
+                c_out.x.array[:] = prob.settings.physics.c_bulk * prob.c.x.array
+                writer.write(t)
             if checkpointer is not None and checkpointer.store is not None:
                 fields.append((t, prob.concentration()))
-        if grid is not None:
+        if finite_volumes and settings.output.figures:
+            snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]
+        elif grid is not None:
             snapshots[t] = settings.physics.c_bulk * sample_points(prob.c, grid[0]).reshape(grid[1])
         if image is not None and t > 0:
-            particles[f"{t:g}"] = si_particle_report(prob, image)
+            particles[f"{t:g}"] = prob.si_particle_report() if finite_volumes else si_particle_report(prob, image)  # type: ignore[attr-defined]
 
     status, failure = "completed", None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
@@ -380,6 +401,7 @@ def run_diffusion(
         "ndofs": result.ndofs,
         "ncells": result.ncells,
         "element_degree": settings.mesh.order,
+        "discretisation": settings.mesh.discretisation,
         "ranks": comm.size,
         "steps": result.steps,
         "factorisations": result.factorisations,
@@ -398,11 +420,12 @@ def run_diffusion(
     if comm.rank == 0:
         write_json(staging / "results.json", results)
         if settings.output.figures:
-            from fem_anode.fem.diffusion_plots import plot_concentration_fields, plot_region_history
+            from fem_anode.fem.diffusion_plots import plot_concentration_fields, plot_region_history, render_and_report
 
             plot_region_history(results, staging / "c_regions.png", c_bulk=c_bulk)
             if image is not None and snapshots:
                 plot_concentration_fields(_middle_section(image), snapshots, settings, staging / "c_fields.png")
+            render_and_report(staging, results)  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
     problem.destroy()
     if stopped is not None:
         raise stopped

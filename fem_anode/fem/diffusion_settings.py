@@ -55,10 +55,19 @@ class MeshSettings(Section):
     )
     size: float | None = setting(None, "global element size H of smooth meshes (default 4 pixels)", unit="m", positive=True)
     order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2); smooth P2 meshes are curved", choices=(1, 2))
+    discretisation: str = setting(
+        "fe",
+        "'fe' (Lagrange finite elements on the mesh) or 'fv' (voxel images only: cell-centred finite volumes, one "
+        "unknown per voxel of the transporting phase, face-connected 7-point stencil, no mesh; the field's "
+        "convention, about 4x faster and leaner than P1 on 3D volumes, see docs/diffusion.md)",
+        choices=("fe", "fv"),
+    )
 
     def validate(self) -> None:
         if self.size is not None and self.method != "smooth":
             raise UsageError("mesh.size applies to method = 'smooth'; voxel meshes have one cell per pixel")
+        if self.discretisation == "fv" and (self.method != "voxel" or self.order != 1):
+            raise UsageError("mesh.discretisation = 'fv' needs mesh.method = 'voxel' and mesh.order = 1 (one unknown per voxel)")
 
 
 @dataclasses.dataclass
@@ -146,6 +155,8 @@ class DiffusionSettings(Settings):
     regions: list[Region] = setting([], "boxes whose mean c(t) and t90 are reported")
 
     def validate(self) -> None:
+        if self.mesh.discretisation == "fv" and self.geometry.mesh is not None:
+            raise UsageError("mesh.discretisation = 'fv' solves on the voxels of geometry.image; a geometry.mesh needs 'fe'")
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise UsageError(f"region names must be unique, got {names}")

@@ -99,6 +99,47 @@ def _is_function(value: Any) -> bool:
     return hasattr(value, "function_space") and hasattr(value, "x")
 
 
+def _is_global_array(value: Any) -> bool:
+    """A distributed 1D array in a rank-independent global order (e.g. the finite-volume
+    :class:`~fem_anode.fem.diffusion_fv.VectorField`): ``global_offset``, ``global_size``,
+    ``comm`` and the local block as ``x.array``."""
+    return hasattr(value, "global_offset") and hasattr(value, "global_size") and hasattr(value, "x")
+
+
+def _write_global_array(directory: Path, stem: str, u: Any, comm: Any) -> dict[str, Any]:
+    """Collective: each rank writes its block of ``u`` at its global offset (MPI-IO, raw float64)."""
+    from mpi4py import MPI
+
+    relative = f"{_FIELDS}/{stem}.bin"
+    block = np.ascontiguousarray(u.x.array, dtype=np.float64)
+    if _size(comm) == 1:
+        block.tofile(directory / relative)
+    else:
+        handle = MPI.File.Open(comm, str(directory / relative), MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        try:
+            handle.Write_at_all(int(u.global_offset) * 8, [block, MPI.DOUBLE])
+        finally:
+            handle.Close()
+    return {"mode": "global-array", "file": relative, "element": "global-array", "size": int(u.global_size), "block_size": 1,
+            "cells": int(u.global_size), "mesh_signature": [0.0, 0.0]}
+
+
+def _read_global_array(path: Path, u: Any, comm: Any) -> None:
+    """Collective: fill ``u``'s local block from a file of :func:`_write_global_array`."""
+    from mpi4py import MPI
+
+    block = np.empty(len(u.x.array), dtype=np.float64)
+    if _size(comm) == 1:
+        block[:] = np.fromfile(path, dtype=np.float64, count=block.size)
+    else:
+        handle = MPI.File.Open(comm, str(path), MPI.MODE_RDONLY)
+        try:
+            handle.Read_at_all(int(u.global_offset) * 8, [block, MPI.DOUBLE])
+        finally:
+            handle.Close()
+    u.x.array[:] = block
+
+
 def _size(comm: Any) -> int:
     return 1 if comm is None else comm.size
 
@@ -494,6 +535,21 @@ class Checkpoint:
         if name not in self.fields:
             raise InputError(f"checkpoint {self.path} has no field {name!r} (it has {', '.join(sorted(self.fields)) or 'none'})")
         meta = self.fields[name]
+        if meta["mode"] == "global-array" or _is_global_array(u):
+            if meta["mode"] != "global-array" or not _is_global_array(u) or meta["size"] != u.global_size:
+                raise InputError(
+                    f"checkpoint field {name!r} ({meta['size']} values, {meta['mode']}) does not fit the current run's "
+                    f"unknowns: the image or the discretisation differs from the checkpointed run"
+                )
+            error = None
+            try:
+                _read_global_array(self.path / meta["file"], u, u.comm)
+            except (OSError, ValueError) as err:
+                error = f"cannot read checkpoint field {name!r} from {self.path / meta['file']}: {err}"
+            error = _first_error(u.comm, error)
+            if error is not None:
+                raise InputError(error)
+            return
         V = u.function_space
         mesh = V.mesh
         imap = V.dofmap.index_map
@@ -593,7 +649,9 @@ class CheckpointStore:
                 token = tmp.name.rsplit("-", 1)[-1]  # unique per save: a replaced checkpoint is noticed by restore
                 keys: dict[int, Any] = {}  # dof keys by space, shared by the fields of this save
                 for name, value in (arrays or {}).items():
-                    if _is_function(value):
+                    if _is_global_array(value):
+                        fields[name] = _write_global_array(tmp, f"{token}.{len(fields)}", value, comm)
+                    elif _is_function(value):
                         fields[name] = _write_field(tmp, f"{token}.{len(fields)}", value, comm, keys)
                 table = _digest_fields(tmp, comm)
             except FemAnodeError:
@@ -602,7 +660,8 @@ class CheckpointStore:
                 error = f"cannot write the checkpoint in {self.directory}: {err}"
             error = _first_error(comm, error)
             if error is None and _rank(comm) == 0:
-                plain = {f"a.{name}": np.asarray(value) for name, value in (arrays or {}).items() if not _is_function(value)}
+                plain = {f"a.{name}": np.asarray(value) for name, value in (arrays or {}).items()
+                         if not (_is_function(value) or _is_global_array(value))}
                 try:
                     self._commit(tmp, dict(state), fields, table or {}, plain)
                 except (OSError, TypeError, ValueError) as err:

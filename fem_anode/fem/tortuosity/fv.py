@@ -143,8 +143,13 @@ def _chunks(slab: Slab, ny: int, nx: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, slab.layers)) for a in range(0, slab.layers, step)]
 
 
-def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float], symmetric: bool) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
+def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float], symmetric: bool,
+              *, ends: bool = True, extra_diagonal: np.ndarray | None = None) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
     """PETSc matrix of this rank's rows, the load and the rows' layer indices.
+
+    ``ends``: the ``c = 1`` / ``c = 0`` faces at the z ends (else no flux there);
+    ``extra_diagonal``: added to the diagonal of this rank's rows (in row order; AIJ only),
+    e.g. the Robin conductances of the transient model (:mod:`fem_anode.fem.diffusion_fv`).
 
     ``symmetric``: an SBAIJ matrix of the upper triangle only (diagonal and the x+1, y+1, z+1
     neighbours: 4 instead of 7 entries per row; PETSc copies the CSR arrays); else an AIJ
@@ -175,6 +180,8 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
     below, above = exchange_layers(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
     chunks = _chunks(slab, ny, nx)
     if symmetric:
+        if not ends or extra_diagonal is not None:
+            raise ValueError("the SBAIJ path assembles the tortuosity problem only")
         return _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global, conductance)
     # Pass 1: entries per row in the diagonal block (own columns) and the off-process block.
     indptr = np.zeros(n_local + 1, dtype=index)  # diagonal block
@@ -217,8 +224,11 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
         diag = -values.sum(axis=1)
         rows_here = cols.shape[0]
         layer = layer_of_row[row : row + rows_here]
-        diag += np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
-        load[row : row + rows_here] = np.where(layer == 0, g_end, 0.0)  # c = 1 at z = 0
+        if ends:
+            diag += np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
+            load[row : row + rows_here] = np.where(layer == 0, g_end, 0.0)  # c = 1 at z = 0
+        if extra_diagonal is not None:
+            diag += extra_diagonal[row : row + rows_here]
         values[:, 3] = diag
         own = (cols >= offset) & (cols < offset + n_local)
         lo, hi = indptr[row], indptr[row + rows_here]

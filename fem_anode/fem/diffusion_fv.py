@@ -1,0 +1,527 @@
+r"""Cell-centred finite volumes for the diffusion model on voxel images (``mesh.discretisation = "fv"``).
+
+The model of :mod:`fem_anode.fem.diffusion` discretised on the voxels themselves: one unknown
+per voxel of the transporting phase (its mean concentration), no mesh. Voxel ``i`` (volume
+``V``, faces of area ``A_a`` normal to axis ``a``, edge ``h_a``) balances
+
+.. math::
+
+    \varepsilon V \frac{dc_i}{dt} = \sum_{j} G_a (c_j - c_i)
+        + \sum_{\text{pore faces}} G^f_a (c_\mathrm{bulk} - c_i)
+        - \sum_{\text{Si faces}} G^{si}_a c_i,
+
+    G_a = \frac{D_\mathrm{eff} A_a}{h_a},\qquad
+    G^f_a = \frac{A_a}{h_a / (2 D_\mathrm{eff}) + 1/k_f},\qquad
+    G^{si}_a = \frac{A_a}{h_a / (2 D_\mathrm{eff}) + 1/k_{si}},
+
+where ``j`` runs over the face neighbours in the transporting phase (two-point flux; voxels
+touching only along an edge or at a corner are not coupled: face connectivity, the convention of
+TauFactor, PoreSpy and OpenImpala). The film resistance ``1/k`` of a pore (or Si) face is in
+series with the half voxel between the voxel centre and that face. Faces on the image box carry
+no flux. ``G^{si}`` only with ``k_si > 0``. Time integration, solvers, records and checkpoints
+are those of :class:`~fem_anode.fem.diffusion.DiffusionProblem` (same scaled units: micrometres,
+``c / c_bulk``); the operator is ``A = K + R + a_0 \varepsilon M`` with a diagonal ``M``, so a new
+step size changes only the diagonal of the one matrix.
+
+Distribution: every rank owns a slab of consecutive z layers (:func:`slab_bounds`), reads only
+those layers of the image, and numbers its unknowns in the image's C order after the unknowns of
+the ranks before it, so the global numbering, the matrix and every result are the same on any
+number of ranks. The matrix rows are assembled straight from NumPy (7-point stencil, no copy) by
+the tortuosity solver's assembler. A 2D image is one layer of unit thickness.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from fem_anode.errors import InputError, UsageError
+from fem_anode.fem.diffusion import LENGTH_UNIT, DiffusionProblem, DiffusionSettings
+from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds
+from fem_anode.fem.tortuosity.fv import _assemble, _chunks, _shift
+from fem_anode.imaging.slabs import label_slabs
+from fem_anode.meshing.tags import interface_name
+
+__all__ = ["BYTES_PER_UNKNOWN", "VectorField", "VoxelFieldWriter", "VoxelFVProblem", "estimate_fv_memory"]
+
+logger = logging.getLogger(__name__)
+
+#: Peak memory per unknown of a run with the default solver (CG + Eisenstat SSOR): the 7-point
+#: matrix (about 100 B), about 12 vectors (96 B) and the assembly temporaries, rounded up from
+#: the 128^3 electrode benchmark (docs/benchmarks.md). The per-rank libraries come on top.
+BYTES_PER_UNKNOWN = 300.0
+
+_OUTSIDE = -1  # neighbour label beyond the image box
+
+
+class VectorField:
+    """The finite-volume unknowns of this rank as a PETSc vector, with the parts of
+    :class:`dolfinx.fem.Function`'s interface the time loop and the checkpoints use.
+
+    ``x`` is the object itself: ``x.array`` (this rank's values, a view), ``x.petsc_vec``,
+    ``x.scatter_forward()`` (nothing to do: no ghosts); ``global_offset``/``global_size`` place
+    the local block in the rank-independent global order.
+    """
+
+    def __init__(self, vec: PETSc.Vec, global_offset: int, name: str = "c") -> None:
+        self.petsc_vec = vec
+        self.x = self
+        self.name = name
+        self.global_offset = int(global_offset)
+        self.global_size = int(vec.getSize())
+        self.comm: MPI.Comm = vec.getComm().tompi4py()
+
+    @property
+    def array(self) -> np.ndarray:
+        """This rank's values (a writable view of the vector)."""
+        return self.petsc_vec.array
+
+    def scatter_forward(self) -> None:
+        """No ghost values to update."""
+
+    def duplicate(self, name: str | None = None) -> VectorField:
+        """A copy with its own vector."""
+        return VectorField(self.petsc_vec.copy(), self.global_offset, name or self.name)
+
+
+def estimate_fv_memory(unknowns: float, ranks: int = 1) -> Any:
+    """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of a run."""
+    from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate
+
+    return MemoryEstimate(f"finite-volume diffusion with {int(unknowns)} unknowns", unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK,
+                          {"unknowns": float(unknowns)})
+
+
+class _Layers:
+    """This rank's slab of the label image with one layer of halo on each side (``_OUTSIDE`` beyond the box)."""
+
+    def __init__(self, comm: MPI.Comm, image: Any) -> None:
+        shape = tuple(int(n) for n in image.shape)
+        self.dim = len(shape)
+        if self.dim == 2:
+            whole = np.asarray(image.read_layers(0, shape[0]))
+            self.nz, (self.ny, self.nx) = 1, shape
+            self.slab = slab_bounds(comm, 1)
+            labels = whole[None] if self.slab.layers else np.zeros((0, *shape), whole.dtype)
+        else:
+            self.nz, self.ny, self.nx = shape
+            self.slab = slab_bounds(comm, self.nz)
+            labels = np.asarray(image.read_layers(self.slab.z0, self.slab.z1))
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"{image.source}: labels must be integers, got {labels.dtype}")
+        self.labels = labels
+        empty = np.full((self.ny, self.nx), _OUTSIDE, dtype=np.int64)
+        first = labels[0].astype(np.int64) if self.slab.layers else empty
+        last = labels[-1].astype(np.int64) if self.slab.layers else empty
+        below, above = exchange_layers(comm, self.slab, first, last)
+        self.below = below if below is not None else empty
+        self.above = above if above is not None else empty
+
+    def chunk(self, a: int, b: int) -> np.ndarray:
+        """Layers ``a - 1 .. b`` of the slab (local indices) as int64, halo included."""
+        inner = self.labels[a:b].astype(np.int64)
+        lower = self.labels[a - 1].astype(np.int64) if a > 0 else self.below
+        upper = self.labels[b].astype(np.int64) if b < self.slab.layers else self.above
+        return np.concatenate([lower[None], inner, upper[None]])
+
+
+def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(axis, labels of the face neighbours)`` of the inner layers of ``block`` (halo-extended
+    along z), for the six face directions; ``_OUTSIDE`` beyond the box."""
+    inner = block[1:-1]
+    return [(0, block[:-2]), (0, block[2:]), (1, _shift(inner, 1, 1)), (1, _shift(inner, 1, -1)),
+            (2, _shift(inner, 2, 1)), (2, _shift(inner, 2, -1))]
+
+
+class VoxelFVProblem(DiffusionProblem):
+    """The diffusion model by cell-centred finite volumes on a segmented voxel image (collective).
+
+    Args:
+        image: the segmented image (:class:`~fem_anode.io.images.ImageLayers` or
+            :class:`~fem_anode.io.images.VoxelImage`), 2D or 3D, with its voxel size and phases.
+        settings: the run's settings (``mesh.discretisation = "fv"``).
+        comm: communicator; every rank reads and solves its own slab of z layers.
+    """
+
+    def __init__(self, image: Any, settings: DiffusionSettings, comm: MPI.Comm) -> None:  # noqa: C901 (one assembly pass)
+        settings.check()
+        self.settings, self.comm, self.image = settings, comm, image
+        self.tagged = None
+        geometry, physics = settings.geometry, settings.physics
+        phases = image.require_phases()
+        for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
+            if name not in phases:
+                raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
+        self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
+        self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
+        spacing = [float(s) for s in image.require_voxel_size()]
+        layers = _Layers(comm, image)
+        self._layers_info = layers
+        self._dim = layers.dim
+        # Scaled units: micrometres; a 2D image is one layer 1 um thick.
+        h = np.array(([1.0] if layers.dim == 2 else []) + [s / LENGTH_UNIT for s in spacing])
+        self.spacing_m = tuple(spacing) if layers.dim == 3 else (LENGTH_UNIT, *spacing)
+        area = np.array([h[1] * h[2], h[0] * h[2], h[0] * h[1]])
+        rate_D = physics.D_eff / LENGTH_UNIT**2
+        rate_f = physics.k_f / LENGTH_UNIT
+        rate_si = physics.k_si / LENGTH_UNIT
+        self.eps, self.rate_f, self.rate_si = physics.eps, rate_f, rate_si
+        conductance = tuple(float(rate_D * area[a] / h[a]) for a in range(3))
+        film = [float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_f)) if rate_f > 0 else 0.0 for a in range(3)]
+        si_value = phases.get(geometry.si_phase)
+        si_film = ([float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_si)) for a in range(3)]
+                   if rate_si > 0 and si_value is not None else None)
+        transport_value, pore_value = phases[geometry.transport_phase], phases[geometry.pore_phase]
+        slab = layers.slab
+        transport = layers.labels == transport_value
+        self.per_layer = np.count_nonzero(transport.reshape(slab.layers, -1), axis=1) if slab.layers else np.zeros(0, np.int64)
+        n_local = int(self.per_layer.sum())
+        self._offset = int(comm.exscan(n_local) or 0) if comm.size > 1 else 0
+        # Robin terms per unknown (row order: C order of the slab = chunks in order).
+        extra = np.zeros(n_local)
+        source = np.zeros(n_local)
+        si_out = np.zeros(n_local) if si_film is not None else None
+        faces = np.zeros(2)  # pore face area, Si face area (um^2)
+        row = 0
+        for a, b in _chunks(slab, layers.ny, layers.nx):
+            block = layers.chunk(a, b)
+            inside = transport[a:b]
+            rows = int(np.count_nonzero(inside))
+            for axis, neighbour in _neighbours(block):
+                at = neighbour[inside]
+                pore_face = at == pore_value
+                extra[row : row + rows] += film[axis] * pore_face
+                source[row : row + rows] += film[axis] * pore_face
+                faces[0] += area[axis] * np.count_nonzero(pore_face)
+                if si_value is not None:
+                    si_face = at == si_value
+                    faces[1] += area[axis] * np.count_nonzero(si_face)
+                    if si_out is not None:
+                        extra[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]
+                        si_out[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]
+            row += rows
+        faces = comm.allreduce(faces, op=MPI.SUM)
+        if faces[0] <= 0:
+            raise InputError(
+                f"the {geometry.transport_phase!r} phase has no face on the {geometry.pore_phase!r} phase (the pore "
+                "interface the Li comes through)"
+            )
+        self._A, _, _, _, _ = _assemble(comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra)
+        del extra
+        self._transport = transport  # kept for outputs (1 B per voxel of the slab)
+        self._A_a0: float | None = None
+        self._kr_diag = self._A.getDiagonal()
+        self._m = self._A.createVecLeft()
+        self._m.set(float(np.prod(h)))
+        self._w_dx = self._m
+        self._source = self._A.createVecLeft()
+        self._source.array[:] = source
+        self._source_total = float(self._source.sum())
+        self._w_si: PETSc.Vec | None = None
+        if si_out is not None:
+            self._w_si = self._A.createVecLeft()
+            self._w_si.array[:] = si_out
+        self._diag = self._A.createVecLeft()
+        self._rhs = self._A.createVecLeft()
+        self._work = self._A.createVecLeft()
+        self.volume = float(self._w_dx.sum())
+        self.pore_measure, self.si_measure = float(faces[0]), float(faces[1])
+        self.c = VectorField(self._A.createVecLeft(), self._offset)
+        self._c_old = VectorField(self._A.createVecLeft(), self._offset, "c_old")
+        self._c_older = VectorField(self._A.createVecLeft(), self._offset, "c_older")
+        self._M: PETSc.Mat | None = None  # diagonal: the vector _m; matrices only for the multigrid
+        self._KR: PETSc.Mat | None = None
+        self._iterative: dict[str, list[Any]] = {}
+        self._mg = None
+        self._direct: OrderedDict[float, PETSc.KSP] = OrderedDict()
+        self._factor_bytes: float | None = None
+        self._ksp_created = 0
+        self.factorisations = 0
+        self.amg_from_a0: float | None = None
+        self.multigrid_fits: bool | None = None
+        self._ndofs = int(self._A.getSize()[0])
+        self.regions = self._region_weights(settings.regions)
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def ndofs(self) -> int:
+        """Unknowns: voxels of the transporting phase (all ranks)."""
+        return self._ndofs
+
+    @property
+    def ncells(self) -> int:
+        """Cells: the same voxels."""
+        return self._ndofs
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the image (2 or 3)."""
+        return self._dim
+
+    # -- operators ----------------------------------------------------------------------------
+    def _operator(self, a0: float) -> PETSc.Mat:
+        """``A = K + R + a0 eps M``: only the diagonal depends on a0 (M is diagonal); recomputed from
+        ``diag(K + R)`` and ``M``, never updated incrementally (a resumed run sees the same matrix)."""
+        if self._A_a0 != a0:
+            self._diag.waxpy(a0 * self.eps, self._m, self._kr_diag)
+            self._A.setDiagonal(self._diag, addv=PETSc.InsertMode.INSERT_VALUES)
+            self._A.setOption(PETSc.Mat.Option.SPD, True)
+            self._A_a0 = a0
+        return self._A
+
+    def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        y.pointwiseMult(x, self._m)
+
+    def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
+        """``K + R`` and ``M`` as matrices of ``A``'s pattern, made when the multigrid needs them."""
+        if self._KR is None:
+            self._KR = self._A.duplicate(copy=True)
+            self._KR.setDiagonal(self._kr_diag, addv=PETSc.InsertMode.INSERT_VALUES)
+            self._M = self._A.duplicate(copy=True)
+            self._M.zeroEntries()
+            self._M.setDiagonal(self._m, addv=PETSc.InsertMode.INSERT_VALUES)
+        return self._KR, self._M  # type: ignore[return-value]
+
+    def solver_memory(self) -> dict[str, float]:
+        """Bytes of the solver's matrices, vectors and set-ups, summed over ranks, and per unknown."""
+        n = self.ndofs
+        nnz = self._A.getInfo()["nz_used"]
+        mats = nnz * 12.0 + 8.0 * n + (2 * (nnz * 12.0 + 8.0 * n) if self._KR is not None else 0.0)
+        out = {"matrices": mats, "vectors": 8.0 * n * (12 + (self._w_si is not None)),
+               "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
+               "factorisations": len(self._direct) * (self._factor_bytes or 0.0)}
+        out["total"] = sum(out.values())
+        out["per_dof"] = out["total"] / n
+        return out
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def boundary_inflow(self, c: Any = None) -> float:
+        """Net Li inflow rate through pore and Si faces, scaled units (um^d / s)."""
+        vec = (c or self.c).x.petsc_vec
+        inflow = self._source_total - self._source.dot(vec)
+        if self._w_si is not None:
+            inflow -= self._w_si.dot(vec)
+        return inflow
+
+    def concentration(self) -> VectorField:
+        """c in mol/m^3 as a new field (for output)."""
+        out = self.c.duplicate("c")
+        out.petsc_vec.scale(self.settings.physics.c_bulk)
+        return out
+
+    def _voxel_values(self, field: VectorField, a: int, b: int, fill: float = math.nan) -> np.ndarray:
+        """Layers ``a..b-1`` of this rank's slab as a dense ``(b - a, ny, nx)`` array of ``field``."""
+        info = self._layers_info
+        start = int(self.per_layer[:a].sum())
+        stop = start + int(self.per_layer[a:b].sum())
+        dense = np.full((b - a, info.ny, info.nx), fill)
+        dense[self._transport[a:b]] = field.x.array[start:stop]
+        return dense
+
+    def middle_section(self) -> np.ndarray:
+        """c (mol/m^3, NaN outside the transporting phase) on the middle z layer of a 3D image, or
+        on the 2D image, on every rank (collective; one layer travels, from the rank that owns it)."""
+        info = self._layers_info
+        slab = info.slab
+        middle = info.nz // 2
+        mine = slab.z0 <= middle < slab.z1
+        owner = self.comm.allreduce(self.comm.rank if mine else -1, op=MPI.MAX)
+        layer = None
+        if mine:
+            layer = self.settings.physics.c_bulk * self._voxel_values(self.c, middle - slab.z0, middle - slab.z0 + 1)[0]
+        return self.comm.bcast(layer, root=owner) if self.comm.size > 1 else layer  # type: ignore[return-value]
+
+    def _region_weights(self, regions: list[Any]) -> dict[str, tuple[PETSc.Vec, float]]:
+        """Per region: the voxel volumes of the transporting voxels whose centres lie in its box."""
+        info = self._layers_info
+        slab = info.slab
+        hz, hy, hx = self.spacing_m
+        gdim = info.dim
+        out = {}
+        for region in regions:
+            box = np.asarray(region.box, dtype=float)
+            if len(box) != 2 * gdim:
+                raise UsageError(f"region {region.name!r} has {len(box)} box numbers; a {gdim}D image needs {2 * gdim}")
+            lo, hi = box[:gdim], box[gdim:]
+            x = (np.arange(info.nx) + 0.5) * hx
+            y = (np.arange(info.ny) + 0.5) * hy
+            in_x = (x >= lo[0]) & (x <= hi[0])
+            in_y = (y >= lo[1]) & (y <= hi[1])
+            if gdim == 3:
+                z = (np.arange(slab.z0, slab.z1) + 0.5) * hz
+                in_z = (z >= lo[2]) & (z <= hi[2])
+            else:
+                in_z = np.ones(slab.layers, dtype=bool)
+            inside = in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :]
+            weights = self._A.createVecLeft()
+            weights.array[:] = inside[self._transport] * self._m.array
+            measure = weights.sum()
+            if measure <= 0:
+                raise UsageError(f"region {region.name!r} box {region.box} contains none of the transporting phase")
+            out[region.name] = (weights, measure)
+        return out
+
+    def si_particle_report(self) -> list[dict[str, Any]]:
+        """Per Si particle (8/26-connected Si component of the image, numbered as ``scipy.ndimage.label``
+        numbers them on the whole image): c statistics on its faces to the transporting phase.
+
+        The face value is the voxel's (with ``k_si = 0`` the exact face value of the two-point flux).
+        Same keys as :func:`~fem_anode.fem.diffusion_run.si_particle_report`. Collective.
+        """
+        geometry = self.settings.geometry
+        phases = self.image.require_phases()
+        if geometry.si_phase not in phases:
+            return []
+        info = self._layers_info
+        slab = info.slab
+        si = info.labels == phases[geometry.si_phase]
+        structure = np.ones((3, 3, 3), dtype=bool) if info.dim == 3 else np.ones((1, 3, 3), dtype=bool)
+        ids, n_particles, below, above = label_slabs(self.comm, slab, si, structure)
+        del si
+        if n_particles == 0:
+            return []
+        plane = np.zeros((info.ny, info.nx), dtype=np.int64)
+        hz, hy, hx = self.spacing_m
+        # Face areas (m^2) normal to z, y, x; in 2D the face lengths (m) normal to y and x.
+        area_m = np.array([hy * hx, hz * hx, hz * hy]) if info.dim == 3 else np.array([0.0, hx, hy])
+        c_bulk = self.settings.physics.c_bulk
+        sums = np.zeros((3, n_particles))
+        lows = np.full(n_particles, np.inf)
+        highs = np.full(n_particles, -np.inf)
+        row = 0
+        values = self.c.x.array
+        for a, b in _chunks(slab, info.ny, info.nx):
+            inner = ids[a:b].astype(np.int64)
+            lower = ids[a - 1].astype(np.int64) if a > 0 else (below if below is not None else plane)
+            upper = ids[b].astype(np.int64) if b < slab.layers else (above if above is not None else plane)
+            block = np.concatenate([lower[None], inner, upper[None]])
+            inside = self._transport[a:b]
+            rows = int(np.count_nonzero(inside))
+            c = c_bulk * values[row : row + rows]
+            for axis, neighbour in _neighbours(block):
+                owner = neighbour[inside]
+                touching = owner > 0
+                if not touching.any():
+                    continue
+                who = owner[touching] - 1
+                cc = c[touching]
+                np.add.at(sums[0], who, area_m[axis])
+                np.add.at(sums[1], who, area_m[axis] * cc)
+                np.add.at(sums[2], who, area_m[axis] * (cc > 0.5 * c_bulk))
+                np.minimum.at(lows, who, cc)
+                np.maximum.at(highs, who, cc)
+            row += rows
+        for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
+            self.comm.Allreduce(MPI.IN_PLACE, array, op=op)
+        return [{"id": int(i + 1), "interface_measure_m": float(sums[0, i]), "mean": float(sums[1, i] / sums[0, i]),
+                 "min": float(lows[i]), "max": float(highs[i]), "fraction_above_half_bulk": float(sums[2, i] / sums[0, i])}
+                for i in np.flatnonzero(sums[0] > 0)]
+
+    def destroy(self) -> None:
+        """Free PETSc objects."""
+        super().destroy()
+        for vec in (self._kr_diag, self._m, self._source, self._w_si, self._diag, self._rhs, self._work,
+                    self.c.petsc_vec, self._c_old.petsc_vec, self._c_older.petsc_vec):
+            if vec is not None:
+                vec.destroy()
+        for weights, _ in self.regions.values():
+            weights.destroy()
+
+
+class VoxelFieldWriter:
+    """c at the output times as VTK image data, one ``c_<k>.vti`` per time plus ``c.pvd`` (ParaView).
+
+    Each rank writes its own slab of voxels into the one file by MPI-IO (no gather): cell data
+    ``c`` (float32, mol/m^3, NaN outside the transporting phase) on the image grid, origin 0,
+    spacing the voxel size in metres (x along the image's last axis).
+    """
+
+    def __init__(self, directory: Path, problem: VoxelFVProblem) -> None:
+        self.directory = Path(directory)
+        self.problem = problem
+        self.times: list[float] = []
+
+    def _header(self) -> bytes:
+        info = self.problem._layers_info
+        hz, hy, hx = self.problem.spacing_m
+        extent = f"0 {info.nx} 0 {info.ny} 0 {info.nz}"
+        return (
+            '<?xml version="1.0"?>\n'
+            '<VTKFile type="ImageData" version="1.0" byte_order="LittleEndian" header_type="UInt64">\n'
+            f'  <ImageData WholeExtent="{extent}" Origin="0 0 0" Spacing="{hx:.9g} {hy:.9g} {hz:.9g}">\n'
+            f'    <Piece Extent="{extent}">\n'
+            '      <CellData Scalars="c">\n'
+            '        <DataArray type="Float32" Name="c" format="appended" offset="0"/>\n'
+            "      </CellData>\n"
+            "    </Piece>\n"
+            "  </ImageData>\n"
+            '  <AppendedData encoding="raw">\n   _'
+        ).encode()
+
+    def write(self, t: float, field: VectorField) -> None:
+        """Write ``field`` (mol/m^3) as the output at time ``t`` (s). Collective."""
+        problem = self.problem
+        comm = problem.comm
+        info = problem._layers_info
+        slab = info.slab
+        path = self.directory / f"c_{len(self.times)}.vti"
+        header = self._header()
+        plane = info.ny * info.nx
+        nbytes = info.nz * plane * 4
+        start = len(header) + 8 + slab.z0 * plane * 4
+        handle = MPI.File.Open(comm, str(path), MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        try:
+            handle.Set_size(0)  # collective: a file of an earlier run is replaced, not overwritten in part
+            if comm.rank == 0:
+                handle.Write_at(0, header + np.uint64(nbytes).tobytes())
+                handle.Write_at(len(header) + 8 + nbytes, b"\n  </AppendedData>\n</VTKFile>\n")
+            offset = start
+            for a, b in _chunks(slab, info.ny, info.nx):
+                block = np.ascontiguousarray(problem._voxel_values(field, a, b), dtype="<f4")
+                handle.Write_at(offset, block)
+                offset += block.nbytes
+        finally:
+            handle.Close()
+        self.times.append(t)
+        comm.Barrier()
+        if comm.rank == 0:
+            entries = "\n".join(f'    <DataSet timestep="{time_:.9g}" file="c_{k}.vti"/>' for k, time_ in enumerate(self.times))
+            (self.directory / "c.pvd").write_text(
+                f'<?xml version="1.0"?>\n<VTKFile type="Collection" version="1.0">\n  <Collection>\n{entries}\n  </Collection>\n</VTKFile>\n'
+            )
+
+    def close(self) -> None:
+        """Nothing to flush (every write is complete)."""
+
+
+def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dict[int, int]]:
+    """The image of ``geometry.image`` opened by layers, its label counts checked, and the memory
+    check for a finite-volume run (collective)."""
+    from fem_anode.fem.diffusion_run import _check_phases, _label_counts
+    from fem_anode.io.images import open_image_layers
+    from fem_anode.resources import check_memory
+
+    geometry = settings.geometry
+    image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
+    counts = _label_counts(image, comm)
+    _check_phases(image, counts, settings)
+    unknowns = counts[image.require_phases()[geometry.transport_phase]]
+    check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
+    return image, counts
+
+
+def timed_problem(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, VoxelFVProblem, float, float]:
+    """Open the image and assemble the problem; returns ``(image, problem, read_s, assembly_s)``."""
+    start = time.perf_counter()
+    image, _ = open_fv_image(settings, comm)
+    read = time.perf_counter()
+    problem = VoxelFVProblem(image, settings, comm)
+    return image, problem, read - start, time.perf_counter() - read
