@@ -11,7 +11,7 @@ from fem_anode.io.images import VoxelImage
 from fem_anode.io.figures import pyplot as _pyplot
 from fem_anode.io.figures import save_figure
 
-__all__ = ["plot_concentration_fields", "plot_region_history"]
+__all__ = ["plot_concentration_fields", "plot_region_history", "render_and_report"]
 
 
 def plot_region_history(results: dict[str, Any], path: Path, *, c_bulk: float) -> Path:
@@ -62,3 +62,23 @@ def plot_concentration_fields(image: VoxelImage, snapshots: dict[float, np.ndarr
     axes[0][0].set_ylabel("y (um)")
     fig.colorbar(im, ax=axes[0].tolist(), label="c (mol/m^3)", shrink=0.8)
     return save_figure(fig, path, dpi=110)
+
+
+def render_and_report(directory: Path, results: dict[str, Any]) -> None:
+    """After a run, on one rank: the 3D figure of c from the written ``c.bp`` (3D meshes; see
+    :func:`fem_anode.io.render3d.render_diffusion_outputs`) and ``report.html`` / ``report.md``.
+
+    Renders from the files the run wrote, so nothing is gathered in memory under MPI. Neither
+    step fails the run: a rendering problem is a warning, and so is a report that cannot be made.
+    """
+    import logging
+
+    from fem_anode.io.render3d import render_diffusion_outputs
+    from fem_anode.io.report_html import diffusion_report
+
+    log = logging.getLogger(__name__)
+    render_diffusion_outputs(directory, results)
+    try:
+        diffusion_report(directory, results)
+    except (OSError, KeyError, TypeError, ValueError) as err:  # a report must never lose the run's results
+        log.warning("report.html not written: %s", err)

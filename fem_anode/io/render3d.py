@@ -52,6 +52,7 @@ __all__ = [
     "MAX_VOXELS",
     "downsample",
     "metrics_scenes",
+    "read_vti_cells",
     "read_vtx",
     "render_diffusion_outputs",
     "render_metrics_figures",
@@ -393,12 +394,75 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
     return {"points": np.concatenate(points), "cells": np.concatenate(cells), "cell_type": cell_type, "times": times, "values": values}
 
 
-def diffusion_scenes(directory: Path, results: Mapping[str, Any], *, field_file: str = "c.bp", function: str = "c") -> _Job | None:
+def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Cell data of a VTK ImageData file with one raw appended Float32 array and a UInt64 header
+    (as :class:`~fem_anode.fem.diffusion_fv.VoxelFieldWriter` writes it).
+
+    Returns:
+        The ``(z, y, x)`` array (NaN outside the domain) and the spacing ``(h_z, h_y, h_x)`` (m).
+    """
+    import re
+
+    raw = Path(path).read_bytes()
+    start = raw.index(b"<AppendedData")
+    head = raw[:start].decode()
+    extent = [int(v) for v in re.search(r'WholeExtent="([^"]+)"', head).group(1).split()]  # type: ignore[union-attr]
+    hx, hy, hz = (float(v) for v in re.search(r'Spacing="([^"]+)"', head).group(1).split())  # type: ignore[union-attr]
+    if 'type="Float32"' not in head or 'header_type="UInt64"' not in head or 'encoding="raw"' not in raw[start:start + 64].decode():
+        raise ValueError(f"{path}: not a raw appended Float32 image with a UInt64 header")
+    shape = (extent[5] - extent[4], extent[3] - extent[2], extent[1] - extent[0])
+    offset = raw.index(b"_", start) + 1
+    nbytes = int(np.frombuffer(raw, dtype="<u8", count=1, offset=offset)[0])
+    values = np.frombuffer(raw, dtype="<f4", count=nbytes // 4, offset=offset + 8)
+    return values.reshape(shape), (hz, hy, hx)
+
+
+def _collection(path: Path) -> list[tuple[float, Path]]:
+    """(time, file) of a ParaView ``.pvd`` collection."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    return [(float(d.get("timestep", "0")), path.parent / str(d.get("file"))) for d in root.iter("DataSet")]
+
+
+def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Path, max_voxels: int) -> _Job | None:
+    """c on the voxels of a finite-volume run (``c.pvd`` + ``c_<k>.vti``), half x > x_mid removed."""
+    entries = [(t, f) for t, f in _collection(pvd) if t > 0]
+    if not entries:
+        return None
+    job = _Job(directory)
+    c_bulk = float((results.get("settings") or {}).get("physics", {}).get("c_bulk", 1000.0))
+    panels, stride = [], 1
+    for t, path in entries:
+        values, spacing = read_vti_cells(path)
+        values, stride = downsample(values, max_voxels)
+        spacing = tuple(h * stride for h in spacing)
+        keep = np.isfinite(values)
+        keep[:, :, values.shape[2] // 2 :] = False
+        points, owner = voxel_faces(keep, spacing)
+        panels.append({"title": f"t = {t:g} s", "layers": [{"kind": "quads", "points": job.array(points),
+                                                             "scalars": job.array(values.ravel()[owner].astype(np.float32)),
+                                                             "cmap": "coolwarm", "clim": [0.0, c_bulk]}]})
+    shown = f"every {stride}th voxel shown" if stride > 1 else "every voxel shown"
+    job.add(Figure3D("c_3d.png", "Li concentration in 3D at the output times",
+                     f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels (finite volumes, read from "
+                     f"{pvd.name}; {shown}); the half x > x_mid is cut away to show the inside. Depth z points down, the "
+                     "electrode surface is on top; lengths in um."), panels, scalar_bar={"title": "c (mol/m3)"})
+    return job
+
+
+def diffusion_scenes(directory: Path, results: Mapping[str, Any], *, field_file: str = "c.bp", function: str = "c",
+                     max_voxels: int = MAX_VOXELS) -> _Job | None:
     """The 3D figure of a diffusion run: c at each output time (t > 0), clipped by the plane
-    x = x_mid (the half x > x_mid removed); ``None`` for a 2D mesh or without the field file."""
+    x = x_mid (the half x > x_mid removed); ``None`` for a 2D mesh or without a field file.
+
+    Reads the VTX file ``c.bp`` of a finite-element run, or ``c.pvd`` and its ``.vti`` files of
+    a finite-volume run.
+    """
     path = Path(directory) / field_file
     if not path.exists():
-        return None
+        pvd = Path(directory) / "c.pvd"
+        return _voxel_diffusion_scenes(Path(directory), results, pvd, max_voxels) if pvd.is_file() else None
     data = read_vtx(path, function)
     if data["cell_type"] not in _VOLUME_CELLS:
         return None
