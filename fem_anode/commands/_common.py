@@ -14,7 +14,7 @@ from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
 __all__ = [
-    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_resume_argument", "check_int", "check_number", "is_root",
+    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_render_argument", "add_resume_argument", "check_int", "check_number", "is_root",
     "load_config", "load_image", "load_resumable_config", "provenance", "run_checkpointed", "world_comm",
 ]
 
@@ -84,6 +84,18 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None
         default=None if default is None else Path(default),
         metavar="DIR",
         help=f"directory for the {what} (created; written only on success)" + (f"; default {default}" if default else ""),
+    )
+
+
+def add_render_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-render`` (``args.render``, default True): skip the pyvista 3D figures
+    (:mod:`fem_anode.io.render3d`)."""
+    parser.add_argument(
+        "--no-render",
+        dest="render",
+        action="store_false",
+        help="do not render the 3D figures (pyvista; also FEM_ANODE_NO_RENDER=1). Where no display or rendering backend "
+        "can be made they are skipped with a warning",
     )
 
 

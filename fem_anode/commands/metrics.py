@@ -13,6 +13,7 @@ import logging
 
 from fem_anode.commands._common import (
     add_image_arguments,
+    add_render_argument,
     check_int,
     add_out_argument,
     is_root,
@@ -29,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         name,
         help="image metrics of a segmented image (fractions, profiles, Si particles, tortuosity, distances)",
         description="Compute image metrics of a segmented label image. Writes DIR/metrics.json (SI units; "
-        "null = undefined or infinite, see docs/imaging.md) and PNG figures of each profile and distribution.",
+        "null = undefined or infinite, see docs/imaging.md), PNG figures of each profile and distribution, for 3D "
+        "images 3D pictures (pyvista: cut-away volume, pores and Si, tortuosity, pore surface, pore-Si distance; "
+        "see docs/figures.md) and DIR/report.html (self-contained, with the paper's values) beside DIR/report.md.",
     )
     add_image_arguments(parser)
     parser.add_argument(
@@ -64,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "PoreSpy and OpenImpala report), fe (nodal trilinear finite elements on the voxel mesh, lies below fv), "
         "fe-extrapolated (fe on voxels split into 1, 8, 27, Richardson-extrapolated; 36x the work of fe)",
     )
+    add_render_argument(parser)
     add_out_argument(parser)
     parser.set_defaults(func=run)
 
@@ -187,6 +191,18 @@ def run(args: argparse.Namespace) -> int:
             for name, array in (fields.items() if args.fields else ()):
                 with atomic_path(staging / f"{name}.npy") as tmp:
                     np.save(tmp, array.astype(np.float32))
+            if args.render:
+                from fem_anode.io.render3d import render_metrics_figures
+
+                volumes = {args.image.stem: (image, fields, metrics)}
+                if reference_metrics is not None:
+                    volumes = {f"reference {Path(args.reference).stem}": (reference, reference_fields, reference_metrics), **volumes}
+                render_metrics_figures(volumes, staging, pore_phase=args.pore_phase, si_phase=args.si_phase)
+            from fem_anode.io.report_html import metrics_report
+
+            metrics_report(staging, metrics, label=args.image.stem, reference=reference_metrics,
+                           reference_label=f"reference {Path(args.reference).stem}" if args.reference else "reference",
+                           pore_phase=args.pore_phase, provenance=provenance("metrics", comm=comm, args=args))
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics["phase_fractions"].items())
     logger.info("phase fractions: %s", fractions)
     if metrics.get("tortuosity"):
@@ -198,5 +214,5 @@ def run(args: argparse.Namespace) -> int:
     for key, reason in metrics["not_applicable"].items():
         logger.info("%s: not applicable (%s)", key, reason)
     logger.info("time per metric (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))
-    logger.info("wrote %s", args.out / "metrics.json")
+    logger.info("wrote %s and %s", args.out / "metrics.json", args.out / "report.html")
     return 0

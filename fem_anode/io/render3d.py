@@ -500,7 +500,7 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
         return []
     reason = rendering_unavailable()
     if reason is not None:
-        logger.warning("3D figures not rendered: %s", reason)
+        (logger.info if _disabled_by_env() else logger.warning)("3D figures not rendered: %s", reason)
         return []
     directory = job.directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -567,7 +567,7 @@ def render_metrics_figures(
     if not samples:
         return []
     if _disabled_by_env():
-        logger.warning("3D figures not rendered: turned off by %s", DISABLE_ENV)
+        logger.info("3D figures not rendered: turned off by %s", DISABLE_ENV)
         return []
     return render_scenes(metrics_scenes(samples, Path(directory), pore_phase=pore_phase, si_phase=si_phase, max_voxels=max_voxels))
 
@@ -578,7 +578,7 @@ def render_diffusion_outputs(directory: str | Path, results: Mapping[str, Any], 
     if not enabled:
         return []
     if _disabled_by_env():
-        logger.warning("3D figures not rendered: turned off by %s", DISABLE_ENV)
+        logger.info("3D figures not rendered: turned off by %s", DISABLE_ENV)
         return []
     try:
         job = diffusion_scenes(Path(directory), results)
