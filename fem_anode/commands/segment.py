@@ -1,43 +1,54 @@
-"""``fem-anode segment``: gray image -> label image (multistage threshold, region-based, threshold).
+"""``fem-anode segment``: gray image -> label image (multistage, region, threshold, trainable).
 
-* ``--method multistage`` (synchrotron CT): histogram-based global iterative threshold
-  multistage segmentation into pore, intermediate (SEI/CBD), graphite and Si domains;
-* ``--method region`` (FIB-SEM): Felzenszwalb regions per slice + per-region features, robust
-  to shine-through artefacts;
-* ``--method threshold``: plain multi-class isodata pixel threshold (baseline).
+* ``--method multistage`` (synchrotron CT): denoising, then the histogram-based global
+  iterative threshold multistage segmentation into pore, intermediate (SEI/CBD), graphite and
+  Si domains, then a small clean-up;
+* ``--method region`` (FIB-SEM): Felzenszwalb regions per slice + per-region features on the
+  denoised image, robust to shine-through artefacts;
+* ``--method threshold``: plain multi-class isodata pixel threshold (baseline);
+* ``--method trainable``: a random forest on multiscale features, trained on labelled images
+  (``--train GRAY:LABELS``, sparse labels allowed) or loaded (``--model FILE``); predicted in
+  slabs (each MPI rank its own).
 
-See :mod:`fem_anode.imaging.segmentation` and docs/imaging.md.
+``--truth LABELS`` scores the result: per-phase IoU, confusion matrix (JSON and PNG) and
+phase-fraction errors. See :mod:`fem_anode.imaging.segmentation`,
+:mod:`fem_anode.imaging.trainable`, :mod:`fem_anode.imaging.accuracy` and docs/imaging.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("multistage", "region", "threshold")
+METHODS = ("multistage", "region", "threshold", "trainable")
+DENOISE = ("nl_means", "tv", "none")
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="segment a gray image into phase labels (multistage threshold, Felzenszwalb regions)",
+        help="segment a gray image into phase labels (multistage threshold, Felzenszwalb regions, trainable random forest)",
         description="Segment a 2D/3D gray image into a label image. Writes --out (.npy/.npz/.tif/folder) "
-        "with voxel size and phase map, and OUT.report.json with the thresholds found.",
+        "with voxel size and phase map, OUT.report.json (method details, accuracy with --truth), OUT.report.png "
+        "(gray slice, labels and, with --truth, the disagreement map) and with --truth OUT.confusion.png.",
     )
     add_image_arguments(parser, labels=False)
-    parser.add_argument(
-        "--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)"
-    )
+    parser.add_argument("--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)")
     parser.add_argument(
         "--phases",
         metavar="MAP",
         help="labels to write, name=label,...; multistage needs pore, sei, graphite, si "
-        "(default pore=0,si=1,graphite=2,sei=3); region/threshold default pore=0,si=1,sei=3",
+        "(default pore=0,si=1,graphite=2,sei=3); region/threshold default pore=0,si=1,sei=3; trainable: the phases "
+        "of the training labels (default pore=0,si=1,graphite=2,sei=3; a --model keeps its own)",
     )
     parser.add_argument(
         "--order",
@@ -45,29 +56,43 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="region/threshold: phase names from darkest to brightest, e.g. pore,sei,si (default: by the usual gray "
         "levels pore < sei < graphite < si, else the --phases order)",
     )
-    parser.add_argument(
-        "--median",
-        type=int,
-        default=0,
-        metavar="N",
-        help="multistage: median filter of width N voxels first (default off)",
-    )
-    parser.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
-    parser.add_argument(
-        "--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)"
-    )
-    parser.add_argument(
-        "--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)"
-    )
-    parser.add_argument(
-        "--dark-fraction",
-        type=float,
-        default=0.1,
-        help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)",
-    )
-    parser.add_argument(
-        "--truth", metavar="LABELS", type=Path, help="known label image: report per-phase IoU against it"
-    )
+    clean = parser.add_argument_group("cleaning (multistage, region)")
+    clean.add_argument("--denoise", choices=DENOISE, default="nl_means",
+                       help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none (default nl_means)")
+    clean.add_argument("--noise-sigma", type=float, metavar="GRAY",
+                       help="noise standard deviation in gray units (default: estimated from the image)")
+    clean.add_argument("--denoise-strength", type=float, default=0.8, metavar="K",
+                       help="denoising strength relative to the noise sigma (default 0.8)")
+    clean.add_argument("--median", type=int, default=0, metavar="N", help="multistage: median filter of width N voxels first (default off)")
+    clean.add_argument("--no-cleanup", action="store_true", help="multistage: skip the clean-up (isolated voxels, small objects)")
+    clean.add_argument("--min-object-size", type=int, default=3, metavar="N",
+                       help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps all)")
+    region = parser.add_argument_group("region method (FIB-SEM)")
+    region.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
+    region.add_argument("--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)")
+    region.add_argument("--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)")
+    region.add_argument("--dark-fraction", type=float, default=0.1,
+                        help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)")
+    train = parser.add_argument_group("trainable method (random forest on multiscale features)")
+    train.add_argument("--train", action="append", default=[], metavar="GRAY:LABELS",
+                       help="a training pair: gray image and label image of the same shape (phase map of --phases; "
+                       "voxels equal to --unlabelled are ignored, so sparse scribbles work); repeat for more images")
+    train.add_argument("--unlabelled", type=int, default=255, metavar="V", help="label value of unlabelled training voxels (default 255)")
+    train.add_argument("--model", type=Path, metavar="FILE",
+                       help="use a saved classifier instead of training (model files are pickles: only load files you trust)")
+    train.add_argument("--save-model", type=Path, metavar="FILE", help="write the trained classifier (e.g. model.joblib)")
+    train.add_argument("--seed", type=int, default=0, help="random forest seed (default 0)")
+    train.add_argument("--trees", type=int, default=50, help="number of trees (default 50)")
+    train.add_argument("--max-depth", type=int, default=20, help="tree depth limit (default 20; 0 = unlimited)")
+    train.add_argument("--feature-sigma-min", type=float, default=0.5, metavar="VOXELS", help="smallest feature scale (default 0.5 voxels)")
+    train.add_argument("--feature-sigma-max", type=float, default=4.0, metavar="VOXELS", help="largest feature scale (default 4 voxels)")
+    train.add_argument("--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)")
+    train.add_argument("--illumination", type=float, metavar="VOXELS",
+                       help="remove an in-plane background of this Gaussian width first (uneven illumination; default off)")
+    train.add_argument("--chunk-memory", type=float, default=512.0, metavar="MB",
+                       help="features held in memory at once per rank, MB (default 512); the image is predicted in slabs")
+    parser.add_argument("--truth", metavar="LABELS", type=Path,
+                        help="known label image: report per-phase IoU, confusion matrix (JSON + PNG) and phase-fraction errors")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="label image to write, e.g. labels.npy")
     parser.set_defaults(func=run)
 
@@ -82,19 +107,12 @@ def _order(phases: dict[str, int], order: str | None) -> list[str]:
     return list(phases)
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace) -> None:
+    """Option values and combinations, before any work (UsageError naming the option)."""
     from fem_anode.errors import UsageError
-    from fem_anode.imaging import segmentation as seg
-    from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES
-    from fem_anode.io.images import parse_phase_map, read_image, write_image
-    from fem_anode.io.output import write_json
 
     if args.out.suffix.lower() == ".png":
         raise UsageError("--out: write labels as .npy, .npz, .tif or a folder (PNG cannot hold 3D volumes)")
-    # Upper limits of the options before any work (their signs and NaN are checked by the methods):
-    # widths and smoothing beyond the image only cost memory and time.
-    import math
-
     if args.median > 0:
         check_int(args.median, "--median", 0, 10_000)
     if args.method == "region":
@@ -102,41 +120,285 @@ def run(args: argparse.Namespace) -> int:
             check_number(args.scale, "--scale", 0.0)
         if args.min_size >= 1:
             check_int(args.min_size, "--min-size", 1, 2**31 - 1)
+    if args.noise_sigma is not None:
+        check_number(args.noise_sigma, "--noise-sigma", 0.0)
+    check_number(args.denoise_strength, "--denoise-strength", 0.0, 100.0, low_open=True)
+    check_int(args.min_object_size, "--min-object-size", 1, 2**31 - 1)
+    trainable_only = {"--train": bool(args.train), "--model": args.model is not None, "--save-model": args.save_model is not None}
+    if args.method != "trainable":
+        given = [k for k, v in trainable_only.items() if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} belong to --method trainable, not {args.method}")
+        return
+    if args.train and args.model is not None:
+        raise UsageError("give --train pairs to train a classifier or --model to use a saved one, not both")
+    if not args.train and args.model is None:
+        raise UsageError("--method trainable needs --train GRAY:LABELS (one or more) or --model FILE")
+    if args.model is not None and args.save_model is not None:
+        raise UsageError("--save-model writes a newly trained classifier; with --model there is nothing new to save")
+    check_int(args.unlabelled, "--unlabelled", -(2**31), 2**31 - 1)
+    check_int(args.trees, "--trees", 1, 10_000)
+    check_int(args.max_depth, "--max-depth", 0, 10_000)
+    check_int(args.seed, "--seed", 0, 2**32 - 1)
+    check_number(args.feature_sigma_min, "--feature-sigma-min", 0.0, 64.0, low_open=True)
+    check_number(args.feature_sigma_max, "--feature-sigma-max", args.feature_sigma_min, 64.0)
+    if args.illumination is not None:
+        check_number(args.illumination, "--illumination", 0.0, low_open=True)
+    check_number(args.chunk_memory, "--chunk-memory", 1.0, 1e7)
+    for pair in args.train:
+        gray, sep, labels = pair.rpartition(":")
+        if not sep or not gray or not labels:
+            raise UsageError(f"--train {pair!r}: expected GRAY:LABELS, two image paths separated by ':'")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
+    if args.method == "trainable":
+        return _run_trainable(args)
+    return _run_classic(args)
+
+
+def _run_classic(args: argparse.Namespace) -> int:
+    from fem_anode.imaging import segmentation as seg
+    from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES
+    from fem_anode.io.images import parse_phase_map, read_image, write_image
+
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
     largest = max(gray.shape)
     if args.median > 0:
         check_int(args.median, "--median", 0, largest, " (the image's largest dimension in voxels)")
     if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
         check_number(args.sigma, "--sigma", 0.0, float(largest))
+    cleaning = {"denoise": args.denoise, "noise_sigma": args.noise_sigma, "denoise_strength": args.denoise_strength}
     if args.method == "multistage":
         phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
-        result = seg.multistage_threshold(gray, phases, median_size=args.median)
+        result = seg.multistage_threshold(gray, phases, median_size=args.median, cleanup=not args.no_cleanup,
+                                          min_object_size=args.min_object_size, **cleaning)
     else:
         phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
         order = _order(phases, args.order)
         if args.method == "region":
-            result = seg.region_segmentation(
-                gray,
-                phases,
-                order=order,
-                scale=args.scale,
-                sigma=args.sigma,
-                min_size=args.min_size,
-                dark_fraction=args.dark_fraction,
-            )
+            result = seg.region_segmentation(gray, phases, order=order, scale=args.scale, sigma=args.sigma, min_size=args.min_size,
+                                             dark_fraction=args.dark_fraction, **cleaning)
         else:
             result = seg.threshold_segmentation(gray, phases, order=order)
-    report = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
-    if args.truth is not None:
-        truth = read_image(args.truth, kind="labels")
-        report["iou"] = seg.iou_per_phase(result.labels, truth, phases)
-        logger.info("IoU vs %s: %s", args.truth, ", ".join(f"{k} {v:.3f}" for k, v in report["iou"].items()))
+    report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     comm = world_comm()
+    truth_array = None
+    if args.truth is not None:
+        from fem_anode.imaging.accuracy import accuracy_report
+
+        truth = read_image(args.truth, kind="labels")
+        if truth.shape != gray.shape:
+            from fem_anode.errors import InputError
+
+            raise InputError(f"--truth {args.truth}: shape {truth.shape} differs from the image {gray.shape}")
+        truth_array = truth.array
+        report["accuracy"] = accuracy_report(result.labels.array, truth_array, phases)
+        report["iou"] = report["accuracy"]["iou"]
+        _log_accuracy(report["accuracy"], args.truth)
     if is_root(comm):
         write_image(args.out, result.labels)
-        write_json(args.out.with_name(args.out.name + ".report.json"), report)
+        _write_reports(args, report, gray.array, result.labels.array, truth_array, phases)
     if comm is not None and comm.size > 1:
         comm.barrier()
-    logger.info("%s segmentation: thresholds %s", args.method, result.info["thresholds"])
+    logger.info("%s segmentation: thresholds %s", args.method, result.info.get("thresholds"))
     logger.info("wrote %s", args.out)
     return 0
+
+
+def _log_accuracy(accuracy: dict[str, Any], truth: Path) -> None:
+    lines = [f"accuracy vs {truth}: mean IoU {accuracy['mean_iou']:.3f}, overall {accuracy['overall_accuracy']:.3f}",
+             f"  {'phase':10s} {'IoU':>6s} {'fraction':>9s} {'truth':>7s} {'error':>7s}"]
+    pf = accuracy["phase_fraction"]
+    for name, iou in accuracy["iou"].items():
+        iou_text = f"{iou:6.3f}" if iou is not None else "   n/a"
+        lines.append(f"  {name:10s} {iou_text} {100 * pf['segmentation'][name]:8.2f}% {100 * pf['truth'][name]:6.2f}% "
+                     f"{100 * pf['error_points'][name]:+6.2f}")
+    logger.info("\n".join(lines))
+
+
+def _write_reports(args: argparse.Namespace, report: dict[str, Any], gray_slice: np.ndarray, labels_slice: np.ndarray,
+                   truth_slice: np.ndarray | None, phases: dict[str, int]) -> None:
+    """OUT.report.json, OUT.report.png and (with accuracy) OUT.confusion.png; slices of 3D images are taken in the middle."""
+    from fem_anode.imaging.accuracy import plot_confusion, plot_segmentation_report
+    from fem_anode.io.output import write_json
+
+    def middle(a: np.ndarray | None) -> np.ndarray | None:
+        return a[a.shape[0] // 2] if a is not None and a.ndim == 3 else a
+
+    base = args.out.with_name(args.out.name)
+    figures = {"report": str(base.with_name(base.name + ".report.png"))}
+    title = f"{args.method} segmentation of {args.image.name}" + (" (middle slice)" if gray_slice.ndim == 3 else "")
+    plot_segmentation_report(middle(gray_slice), middle(labels_slice), phases, figures["report"], truth=middle(truth_slice), title=title)
+    if "accuracy" in report:
+        figures["confusion"] = str(base.with_name(base.name + ".confusion.png"))
+        plot_confusion(report["accuracy"], figures["confusion"], title=f"{args.method} vs {args.truth.name}")
+    report["figures"] = figures
+    write_json(base.with_name(base.name + ".report.json"), report)
+
+
+def _slab_bounds(nz: int, size: int) -> list[int]:
+    return [nz * r // size for r in range(size + 1)]
+
+
+def _run_trainable(args: argparse.Namespace) -> int:
+    from fem_anode.errors import FemAnodeError, InputError
+    from fem_anode.imaging import trainable as tr
+    from fem_anode.imaging.accuracy import accuracy_from_confusion, confusion_matrix
+    from fem_anode.imaging.synthetic import ANODE_PHASES
+    from fem_anode.io.images import VoxelImage, open_image_layers, parse_phase_map, read_image
+
+    comm = world_comm()
+    size = comm.size if comm is not None else 1
+    rank = comm.rank if comm is not None else 0
+    phases = parse_phase_map(args.phases) if args.phases else None
+    settings = tr.FeatureSettings(sigma_min=args.feature_sigma_min, sigma_max=args.feature_sigma_max, texture=not args.no_texture,
+                                  illumination_scale=args.illumination)
+    chunk_memory = args.chunk_memory * 1e6
+    # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
+    model, error = None, None
+    if rank == 0:
+        try:
+            if args.model is not None:
+                model = tr.load_model(args.model, phases)
+            else:
+                phases = phases or dict(ANODE_PHASES)
+                pairs, names = [], []
+                for pair in args.train:
+                    gray_path, _, labels_path = pair.rpartition(":")
+                    g = read_image(gray_path, voxel_size=args.voxel_size, kind="gray")
+                    lab = read_image(labels_path, kind="any")
+                    if lab.shape != g.shape:
+                        raise InputError(f"--train {pair}: the label image has shape {lab.shape} but the gray image {g.shape}; "
+                                         "they must match voxel for voxel")
+                    pairs.append((g.array, lab.array))
+                    names.append(pair)
+                model = tr.train_classifier(pairs, phases, settings=settings, unlabelled=args.unlabelled, seed=args.seed,
+                                            n_estimators=args.trees, max_depth=args.max_depth or None, chunk_memory=chunk_memory,
+                                            sources=names)
+                if args.save_model is not None:
+                    tr.save_model(model, args.save_model)
+                    logger.info("wrote the classifier to %s", args.save_model)
+        except FemAnodeError as err:
+            error = err
+    if size > 1:
+        model, error = comm.bcast((model, error), root=0)
+    if error is not None:
+        raise error
+    assert model is not None
+    phases = model.phases
+    image = open_image_layers(args.image, voxel_size=args.voxel_size)
+    shape = tuple(image.array.shape) if isinstance(image, VoxelImage) else image.shape
+    model.check_image(shape, str(args.image))
+    nz = shape[0]
+    bounds = _slab_bounds(nz, size)
+    z0, z1 = bounds[rank], bounds[rank + 1]
+    labels = tr.predict_labels(image.read_layers, shape, model, z0=z0, z1=z1, chunk_memory=chunk_memory, progress=True)
+    report: dict[str, Any] = {
+        "provenance": provenance("segment", args=args, comm=comm), "input": str(args.image), "method": "trainable",
+        "model": {"file": str(args.model) if args.model else None, "saved_to": str(args.save_model) if args.save_model else None,
+                  "settings": model.settings.to_dict(), "phases": phases, "training": model.training, "versions": model.versions},
+        "slabs": {"ranks": size, "bounds": bounds, "halo_layers": tr.feature_halo(model.settings)},
+    }
+    # Accuracy: each rank scores its own slab, the confusion matrices are summed.
+    truth_layers = None
+    if args.truth is not None:
+        truth_image = open_image_layers(args.truth)
+        truth_shape = tuple(truth_image.array.shape) if isinstance(truth_image, VoxelImage) else truth_image.shape
+        if truth_shape != shape:
+            raise InputError(f"--truth {args.truth}: shape {truth_shape} differs from the image {shape}")
+        truth_layers = np.asarray(truth_image.read_layers(z0, z1))
+        if not np.issubdtype(truth_layers.dtype, np.integer):
+            raise InputError(f"--truth {args.truth}: labels must be integers, got {truth_layers.dtype}")
+        local = confusion_matrix(labels, truth_layers, phases) if z1 > z0 else np.zeros((len(phases),) * 2, dtype=np.int64)
+        total = comm.allreduce(local) if size > 1 else local
+        report["accuracy"] = accuracy_from_confusion(total, phases)
+        report["iou"] = report["accuracy"]["iou"]
+        _log_accuracy(report["accuracy"], args.truth)
+    voxel_size = image.voxel_size
+    _write_distributed(args.out, labels, shape, bounds, comm, voxel_size, phases)
+    # The report figure: the middle slice of a volume (from the rank that owns it), a 2D image whole.
+    piece = None
+    if len(shape) == 3:
+        zm = nz // 2
+        if z0 <= zm < z1:
+            piece = (np.asarray(image.read_layers(zm, zm + 1), dtype=np.float64)[0], labels[zm - z0],
+                     truth_layers[zm - z0] if truth_layers is not None else None)
+        if size > 1:
+            pieces = comm.gather(piece, root=0)
+            piece = next((p for p in pieces if p is not None), None) if rank == 0 else None
+    else:
+        full, full_truth = labels, truth_layers
+        if size > 1:
+            gathered, truth_all = comm.gather(labels, root=0), comm.gather(truth_layers, root=0)
+            full = np.concatenate(gathered) if rank == 0 else None
+            full_truth = np.concatenate(truth_all) if rank == 0 and truth_layers is not None else None
+        if rank == 0:
+            piece = (np.asarray(image.read_layers(0, nz), dtype=np.float64), full, full_truth)
+    if rank == 0 and piece is not None:
+        _write_reports(args, report, piece[0], piece[1], piece[2], phases)
+    if size > 1:
+        comm.barrier()
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+def _write_distributed(path: Path, labels: np.ndarray, shape: tuple[int, ...], bounds: list[int], comm: Any,
+                       voxel_size: Any, phases: dict[str, int]) -> None:
+    """Write the label image: ``.npy`` by every rank into its own layers of one memory-mapped
+    file (no gather), other formats gathered on rank 0 and written by the image writer."""
+    import os
+    import tempfile
+
+    from fem_anode.io.images import VoxelImage, write_image
+
+    size = comm.size if comm is not None else 1
+    rank = comm.rank if comm is not None else 0
+    if size == 1:
+        write_image(path, VoxelImage(labels, voxel_size, phases, str(path)))
+        return
+    if path.suffix.lower() != ".npy":
+        gathered = comm.gather(labels, root=0)
+        if rank == 0:
+            write_image(path, VoxelImage(np.concatenate(gathered), voxel_size, phases, str(path)))
+        comm.barrier()
+        return
+    from fem_anode.io.images import _meta_dict, _sidecar  # the image writer's own metadata layout
+    from fem_anode.io.output import write_json
+
+    tmp, error = None, None
+    if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+            os.close(fd)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=labels.dtype, shape=shape).flush()
+        except OSError as err:
+            error = f"--out {path}: cannot write: {err.strerror or err}"
+    tmp, error = comm.bcast((tmp, error), root=0)
+    if error is not None:
+        from fem_anode.errors import InputError
+
+        raise InputError(error)
+    ok = True
+    try:
+        if bounds[rank + 1] > bounds[rank]:
+            out = np.load(tmp, mmap_mode="r+")
+            out[bounds[rank] : bounds[rank + 1]] = labels
+            out.flush()
+            del out
+    except OSError:
+        ok = False
+    all_ok = comm.allreduce(ok, op=__import__("mpi4py.MPI", fromlist=["LAND"]).LAND)
+    if rank == 0:
+        if all_ok:
+            os.replace(tmp, path)
+            write_json(_sidecar(path), _meta_dict(voxel_size, phases))
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+    comm.barrier()
+    if not all_ok:
+        from fem_anode.errors import InputError
+
+        raise InputError(f"--out {path}: a rank could not write its layers")

@@ -110,8 +110,8 @@ def test_region_method_on_a_stack_segments_each_slice():
     truth = fib_sem_roi(size=(3e-6, 2e-6), seed=5)
     gray2d = render_gray(truth, shine_through=1.0, seed=6)
     stack = np.stack([gray2d.array, gray2d.array[::-1]])
-    result = region_segmentation(stack, ROI_PHASES, order=["pore", "sei", "si"])
-    single = region_segmentation(gray2d, ROI_PHASES, order=["pore", "sei", "si"]).labels.array
+    result = region_segmentation(stack, ROI_PHASES, order=["pore", "sei", "si"], denoise="none")
+    single = region_segmentation(gray2d, ROI_PHASES, order=["pore", "sei", "si"], denoise="none").labels.array
     # thresholds come from the whole stack, identical histogram -> identical slices
     np.testing.assert_array_equal(result.labels.array[0], single)
     np.testing.assert_array_equal(result.labels.array[1], single[::-1])
@@ -130,8 +130,8 @@ def test_threshold_segmentation_with_given_thresholds():
 def test_multistage_median_prefilter_helps_graphite():
     truth = anode_volume((24, 48, 48), seed=2, aged=True)
     gray = render_gray(truth, seed=1)
-    plain = iou_per_phase(multistage_threshold(gray).labels, truth)
-    result = multistage_threshold(gray, median_size=3)
+    plain = iou_per_phase(multistage_threshold(gray, denoise="none", cleanup=False).labels, truth)
+    result = multistage_threshold(gray, median_size=3, denoise="none", cleanup=False)
     filtered = iou_per_phase(result.labels, truth)
     assert result.info["median_size"] == 3
     assert filtered["graphite"] > plain["graphite"] + 0.1
