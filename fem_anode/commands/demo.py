@@ -132,42 +132,29 @@ def _run_diffusion(staging: Path, comm: Any, *, quick: bool) -> dict[str, Any]:
     return {k: results[k] for k in keys} | {"region_boxes_m": {r.name: r.box for r in settings.regions}}
 
 
-def write_report(path: Path, summary: dict[str, Any]) -> Path:
-    """A human-readable Markdown report of the demo: key numbers, figures, how to read them."""
-    from fem_anode.io.output import write_text_atomic
+def write_report(path: Path, summary: dict[str, Any], *, render: bool = True) -> Path:
+    """The demo's report: ``path`` (Markdown) and the self-contained ``.html`` beside it (figures
+    embedded), with the key numbers, the paper's values side by side, the 2D figures, the 3D
+    figures of the pristine and aged example volumes (rendered into ``figures/3d/`` unless
+    ``render`` is False; see :mod:`fem_anode.io.render3d`) and the provenance. Call on one rank."""
+    import json
 
-    lines = ["# fem_anode demo report", "", f"Created {summary['provenance']['created_utc']} by fem_anode {summary['provenance']['fem_anode_version']}.", ""]
-    lines += ["## Image metrics", "", "| example | shape | phase fractions |", "|---|---|---|"]
-    for name, info in summary["examples"].items():
-        fractions = ", ".join(f"{k} {100 * v:.1f} %" for k, v in info["phase_fractions"].items())
-        lines.append(f"| {name} | {'x'.join(map(str, info['shape']))} | {fractions} |")
-    changes = ", ".join(f"{k} {100 * v:+.1f} %" for k, v in summary["ageing_relative_change"].items())
-    lines += ["", f"Ageing (synthetic aged vs pristine volume, same seed): {changes}.", "",
-              "Per-slice profiles: `figures/*_per_slice.png`; all metrics: `metrics/*.json`.", ""]
-    if "mesh" in summary:
-        lines += ["## Mesh", "", f"`{summary['mesh']['file']}`: {summary['mesh']['cells']} cells of the ROI's SEI/C/B domain; "
-                  f"facet groups {', '.join(g for g in summary['mesh']['groups'] if '|' in g)} carry the pore and Si boundaries.", ""]
-    diffusion = summary.get("diffusion")
-    if diffusion:
-        scales = diffusion["timescales"]
-        lines += ["## Li diffusion (paper parameters: D = 3.01e-10 m^2/s, k_f = 1e-3 m/s, c_bulk = 1000 mol/m^3, eps = 0.63985, b = 1.5)", "",
-                  f"{diffusion['ncells']} cells, {diffusion['ndofs']} dofs, {diffusion['steps']} BDF2 steps, "
-                  f"{diffusion['factorisations']} factorisations, mass-balance error {diffusion['mass_balance_rel_error']:.1e}, "
-                  f"{diffusion['wall_time_s']:.1f} s.", "",
-                  "| region | box (um) | t90 (s) | " + " | ".join(f"c at {t:g} s" for t in diffusion["times"]) + " |",
-                  "|---|---|---|" + "---|" * len(diffusion["times"])]
-        for name, values in diffusion["regions"].items():
-            box = ", ".join(f"{1e6 * v:.2f}" for v in diffusion["region_boxes_m"][name])
-            t90 = diffusion["t90_s"].get(name)
-            lines.append(f"| {name} | [{box}] | {'not reached' if t90 is None else f'{t90:.3g}'} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
-        lines += ["", "![c over the ROI](diffusion/c_fields.png)", "", "![c(t) per region](diffusion/c_regions.png)", "",
-                  "**Timescales.** The farthest SEI/C/B point lies "
-                  f"{1e6 * scales['length_m']:.2f} um from a pore: diffusion time eps L^2/D_eff = {scales['diffusion_time_s']:.3g} s, "
-                  f"Biot number k_f L/D_eff = {scales['biot_number']:.3g}. With the paper's parameters every region therefore "
-                  "saturates within milliseconds, long before the 2, 10 and 100 s of the paper's Fig. 8, where region I "
-                  "reaches 90 % within 10 s and region IV is slowest. The ordering (I fastest, IV slowest) is reproduced; "
-                  "the paper's timescale is not, and the physics has not been tuned to match it.", ""]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    from fem_anode.io.report_html import demo_report
+
+    directory = path.parent
+    if render:
+        from fem_anode.imaging.metrics import tortuosity_field
+        from fem_anode.io.images import read_image
+        from fem_anode.io.render3d import render_metrics_figures
+
+        volumes = {}
+        for name in ("anode_pristine", "anode_aged"):
+            image_path, metrics_path = directory / "data" / f"{name}.npy", directory / "metrics" / f"{name}.json"
+            if image_path.is_file() and metrics_path.is_file():
+                image = read_image(image_path, kind="labels")
+                volumes[name] = (image, {"tortuosity": tortuosity_field(image)[1]}, json.loads(metrics_path.read_text()))
+        render_metrics_figures(volumes, directory / "figures" / "3d")
+    demo_report(directory, summary, name=path.stem)
     return path
 
 

@@ -305,8 +305,9 @@ def _fig8_comparison(report: Report, results: Mapping[str, Any]) -> None:
         [f"regions by c at the first output time ({_fmt(times[0]) if times else '-'} s)", " > ".join(order_c) or "-", "-"],
         ["same ordering as the paper", _fmt(order_t90[: len(paper_order)] == paper_order) if paper_order else "regions not named I-IV", "-"],
         ["t90 of region I", f"{_fmt(t90.get('I'))} s" if "I" in t90 else "-", f"< {PAPER['fig8_region_I_t90_below_s']:g} s"],
-        ["simulated time", f"{_fmt(results.get('t_reached_s'))} s", f"{PAPER['fig8_t_end_s']:g} s"],
-        ["elements", f"{_fmt(results.get('ncells'))} (P{results.get('element_degree', '?')})", f"{PAPER['fig8_elements']:,} (P{PAPER['fig8_element_degree']})".replace(",", " ")],
+        ["simulated time", f"{_fmt(results.get('t_reached_s', times[-1] if times else None))} s", f"{PAPER['fig8_t_end_s']:g} s"],
+        ["elements", _fmt(results.get("ncells")) + (f" (P{results['element_degree']})" if results.get("element_degree") else ""),
+         f"{PAPER['fig8_elements']:,} (P{PAPER['fig8_element_degree']})".replace(",", " ")],
     ]
     scales = results.get("timescales")
     if scales:
@@ -323,7 +324,7 @@ def _diffusion_tables(report: Report, results: Mapping[str, Any]) -> None:
     settings = results.get("settings") or {}
     physics = settings.get("physics") or {}
     report.heading("Run")
-    report.table(["quantity", "value"], [
+    report.table(["quantity", "value"], [row for row in [
         ["status", results.get("status")],
         ["cells", results.get("ncells")], ["dofs", results.get("ndofs")], ["element degree", results.get("element_degree")],
         ["ranks", results.get("ranks")], ["time steps", results.get("steps")], ["factorisations", results.get("factorisations")],
@@ -331,7 +332,7 @@ def _diffusion_tables(report: Report, results: Mapping[str, Any]) -> None:
         ["final c min / max (mol/m^3)", f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}"],
         ["wall time (s)", results.get("wall_time_s")],
         *[[f"physics.{k}", v] for k, v in physics.items()],
-    ])
+    ] if row[1] is not None and row[1] != "- / -"])
     regions = results.get("regions") or {}
     times = results.get("times") or []
     if regions:
@@ -366,8 +367,8 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def demo_report(directory: str | Path, summary: Mapping[str, Any]) -> tuple[Path, Path]:
-    """``report.html`` and ``report.md`` of ``fem-anode demo`` in its output directory (reads
+def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str = "report") -> tuple[Path, Path]:
+    """``NAME.html`` and ``NAME.md`` of ``fem-anode demo`` in its output directory (reads
     ``metrics/*.json`` and the figures there)."""
     directory = Path(directory)
     report = Report("fem_anode demo report", directory)
@@ -376,11 +377,11 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any]) -> tuple[Path
                      f"Paper values: {PAPER['citation']}. The examples are synthetic (seeded) volumes and a bundled real "
                      "electrode volume, not the paper's samples: the comparison shows the quantities side by side, not a fit.")
     examples = summary.get("examples") or {}
-    metrics = {name: _load(directory / "metrics" / f"{name}.json") for name in examples}
+    metrics = {example: _load(directory / "metrics" / f"{example}.json") for example in examples}
     report.heading("Image metrics")
     report.table(["example", "shape", "phase fractions"],
-                 [[name, " x ".join(map(str, info.get("shape", []))),
-                   ", ".join(f"{k} {100 * v:.1f} %" for k, v in (info.get("phase_fractions") or {}).items())] for name, info in examples.items()])
+                 [[example, " x ".join(map(str, info.get("shape", []))),
+                   ", ".join(f"{k} {100 * v:.1f} %" for k, v in (info.get("phase_fractions") or {}).items())] for example, info in examples.items()])
     present = {k: m for k, m in metrics.items() if m is not None}
     if present:
         _metrics_tables(report, present, "pore")
@@ -389,7 +390,7 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any]) -> tuple[Path
         report.heading("Ageing: synthetic aged vs pristine volume (cf. paper Fig. 5)")
         pore = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["pore_volume_change_percent"].items())
         inter = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["intermediate_volume_change_percent"].items())
-        rows = [[name, _pct(v, signed=True), pore if name == "pore" else inter if name == "sei" else "-"] for name, v in change.items()]
+        rows = [[f"{phase} volume", _pct(v, signed=True), pore if phase == "pore" else inter if phase == "sei" else "-"] for phase, v in change.items()]
         pristine, aged = present.get("anode_pristine"), present.get("anode_aged")
         if pristine and aged:
             d0, d1 = ((m.get("pore_si_distance") or {}).get("mean_m") for m in (pristine, aged))
@@ -413,11 +414,11 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any]) -> tuple[Path
         report.heading("Comparison with the paper's Fig. 8")
         _fig8_comparison(report, diffusion)
     report.heading("Figures")
-    for name in examples:
-        report.figure(Path("figures") / f"{name}_per_slice.png", f"{name}: phase fractions per slice (dashed: mean).")
+    for example in examples:
+        report.figure(Path("figures") / f"{example}_per_slice.png", f"{example}: phase fractions per slice (dashed: mean).")
     report.figure(Path("diffusion") / "c_fields.png", "c over the ROI at the output times; regions I-IV boxed (cf. Fig. 8a).")
     report.figure(Path("diffusion") / "c_regions.png", "Mean c(t) / c_bulk per region (cf. Fig. 8b).")
     for folder in sorted(p.parent.relative_to(directory) for p in directory.rglob("figures3d.json")):
         report.figures3d(folder)
     report.provenance(provenance)
-    return report.write()
+    return report.write(name)
