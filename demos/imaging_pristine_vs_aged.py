@@ -7,7 +7,9 @@ same workflow on seeded synthetic data with a known ground truth:
 1. pristine and aged 3D anode volumes of the *same* structure (:func:`anode_volume`; ageing
    grows the intermediate SEI domain into the pores, more near the surface, and fractures Si);
 2. gray renderings (blur, noise) segmented with the histogram-based iterative multistage
-   threshold; per-phase IoU against the truth;
+   threshold on the denoised image, and with the trainable random forest trained on two
+   labelled slices of each volume; per-phase IoU of both against the truth, and the ageing
+   (relative change of every phase fraction) each reports next to the true one;
 3. all metrics of the segmented volumes, the aged one relative to the pristine one;
 4. a 2D FIB-SEM-like ROI with shine-through artefacts segmented by the region-based method and
    by a plain pixel threshold (IoU of both);
@@ -27,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fem_anode.imaging.metrics import compute_metrics
 from fem_anode.imaging.plots import plot_comparison, plot_segmentation_slices, plot_tortuosity_sections
 from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold, region_segmentation, threshold_segmentation
-from fem_anode.imaging.synthetic import ROI_PHASES, anode_volume, fib_sem_roi, render_gray
+from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
+from fem_anode.imaging.trainable import UNLABELLED, predict_labels, train_classifier
 from fem_anode.io.output import write_json
 
 logger = logging.getLogger("fem_anode.demos.imaging")
@@ -49,10 +54,20 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
     metrics: dict[str, dict[str, Any]] = {}
     panels = {}
     tortuosity_maps: dict[str, Any] = {}
+    fractions: dict[str, dict[str, dict[str, float]]] = {"truth": {}, "multistage": {}, "trainable": {}}
     for name, labels in truth.items():
         gray = render_gray(labels, seed=seed + 1)
         result = multistage_threshold(gray)
         iou = iou_per_phase(result.labels, labels)
+        # trainable: a random forest trained on two labelled slices of this volume
+        scribbles = np.full(shape, UNLABELLED, dtype=np.uint8)
+        training_slices = [shape[0] // 4, (3 * shape[0]) // 4]
+        scribbles[training_slices] = labels.array[training_slices]
+        model = train_classifier([(gray.array, scribbles)], ANODE_PHASES, seed=seed)
+        trained = predict_labels(gray.array, shape, model, progress=False)
+        iou_trainable = iou_per_phase(trained, labels)
+        for method, array in (("truth", labels.array), ("multistage", result.labels.array), ("trainable", trained)):
+            fractions[method][name] = {p: float(np.count_nonzero(array == v) / array.size) for p, v in ANODE_PHASES.items()}
         reference = metrics.get("pristine")
         fields: dict[str, Any] = {}
         metrics[name] = compute_metrics(result.labels, reference=reference, fields=fields)
@@ -64,6 +79,8 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         summary["samples"][name] = {
             "thresholds": result.info["thresholds"],
             "iou": iou,
+            "iou_trainable": iou_trainable,
+            "trainable_training_slices": training_slices,
             "phase_fractions_segmented": metrics[name]["phase_fractions"],
             "phase_fractions_truth": true_metrics["phase_fractions"],
             "tortuosity_mean": metrics[name]["tortuosity"]["mean"],
@@ -77,6 +94,10 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         }
         write_json(out / "metrics" / f"{name}.json", metrics[name])
     summary["relative_change_aged_vs_pristine"] = metrics["aged"]["relative_change"]
+    summary["phase_fraction_change_pct"] = {
+        method: {p: 100.0 * (f["aged"][p] / f["pristine"][p] - 1.0) if f["pristine"][p] > 0 else None for p in ANODE_PHASES}
+        for method, f in fractions.items()
+    }
 
     # FIB-SEM-like 2D ROI with shine-through: region-based vs pixel threshold
     roi = fib_sem_roi(size=(4e-6, 3e-6) if quick else (8e-6, 5e-6), seed=seed)
@@ -114,6 +135,9 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         raise RuntimeError("ageing should raise the tortuosity and the pore-Si distance")
     if not min(p["iou"]["pore"], a["iou"]["pore"]) > 0.75:
         raise RuntimeError(f"multistage pore IoU too low: {p['iou']['pore']:.3f}, {a['iou']['pore']:.3f}")
+    for s in (p, a):
+        if not np.mean(list(s["iou_trainable"].values())) > np.mean(list(s["iou"].values())) + 0.05:
+            raise RuntimeError(f"the trainable segmentation should beat the multistage one: {s['iou_trainable']} vs {s['iou']}")
     roi_summary = summary["fib_sem_roi"]
     if not roi_summary["iou_region"]["pore"] > roi_summary["iou_pixel_threshold"]["pore"]:
         raise RuntimeError("the region-based method should beat the pixel threshold on shine-through pores")
@@ -126,8 +150,12 @@ def _report(summary: dict[str, Any]) -> str:
         lines.append(
             f"{name:9s} pore {100 * s['phase_fractions_segmented']['pore']:5.1f} %  tortuosity {s['tortuosity_mean']:.3f}  "
             f"connections/depth {s['connections_per_depth_mean']:.1f}  pore-Si distance {1e6 * s['pore_si_distance_mean_m']:.2f} um "
-            f"(max {1e6 * s['pore_si_distance_max_m']:.2f})  IoU " + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
+            f"(max {1e6 * s['pore_si_distance_max_m']:.2f})"
         )
+        lines.append(f"{'':9s} IoU multistage (denoised): " + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
+                     + "; trainable (2 slices): " + ", ".join(f"{k} {v:.2f}" for k, v in s["iou_trainable"].items()))
+    for method, change in summary["phase_fraction_change_pct"].items():
+        lines.append(f"phase fractions aged vs pristine ({method}): " + ", ".join(f"{k} {v:+.1f} %" for k, v in change.items() if v is not None))
     change = summary["relative_change_aged_vs_pristine"]
     lines.append("aged vs pristine: " + ", ".join(f"{k} {100 * v:+.1f} %" for k, v in change["phase_volume"].items() if v is not None)
                  + f", pore surface {100 * change['pore_surface_area']:+.1f} %")
