@@ -18,11 +18,13 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="mesh-convergence study: observed order, Richardson extrapolation, GCI",
         description="Run a model's CONFIG.toml on successively refined meshes (h divided by --refine-factor per level) "
         "and report, per quantity of interest, the observed order, the Richardson-extrapolated value and Roache's GCI. "
-        "Writes DIR/convergence.json and DIR/convergence.png.",
+        "Diffusion: voxel meshes subdivide every pixel; smooth meshes (mesh.method = 'smooth') divide the global size H "
+        "(mesh.size, m; default 4 pixels), every size field with it, on the same boundary curves. Settings the study "
+        "does not use ([output], [checkpoint]) are refused. Writes DIR/convergence.json and DIR/convergence.png.",
     )
     parser.add_argument("config", metavar="CONFIG.toml", type=Path, help="the model's configuration (as for fem-anode diffusion)")
     parser.add_argument("--levels", type=int, default=3, help="number of meshes (>= 3 for an observed order; default 3)")
-    parser.add_argument("--refine-factor", type=float, default=2.0, help="h ratio between successive levels (default 2; an integer for voxel meshes)")
+    parser.add_argument("--refine-factor", type=float, default=2.0, help="h ratio between successive levels (default 2; an integer for voxel meshes, any number > 1 for smooth meshes)")
     parser.add_argument("--orders", default=None, help="element orders to study, e.g. 1,2 (default: the config's)")
     parser.add_argument(
         "--model",
@@ -41,6 +43,48 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.set_defaults(func=run, out=None)
 
 
+def _diffusion_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
+    from fem_anode.fem.convergence import run_diffusion_study
+
+    return run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, comm=comm, **checkpointing)
+
+
+def _phasefield_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
+    from fem_anode.errors import UsageError
+    from fem_anode.fem.convergence import run_phasefield_study
+
+    if orders:
+        raise UsageError("--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config")
+    return run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing)
+
+
+def _diffusion_settings():  # type: ignore[no-untyped-def]
+    from fem_anode.fem.diffusion_settings import DiffusionSettings
+
+    return DiffusionSettings
+
+
+def _phasefield_settings():  # type: ignore[no-untyped-def]
+    from fem_anode.fem.phasefield.settings import PhaseFieldSettings
+
+    return PhaseFieldSettings
+
+
+#: model -> (settings class loader, study runner). A study refuses the settings it does not use
+#: (fem_anode.fem.convergence.STUDY_UNUSED_SETTINGS, keyed by the same model name).
+STUDIES = {
+    "diffusion": (_diffusion_settings, _diffusion_study),
+    "phasefield": (_phasefield_settings, _phasefield_study),
+}
+
+
+def _given_keys(config: Path) -> set[str]:
+    """Dotted ``section.key`` names present in the TOML file."""
+    from fem_anode.settings import read_toml
+
+    return {f"{section}.{key}" for section, table in read_toml(config).items() if isinstance(table, dict) for key in table}
+
+
 def run(args: argparse.Namespace) -> int:
     from fem_anode.errors import UsageError
 
@@ -52,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--orders {args.orders!r}: expected a comma-separated list such as 1,2") from None
         if not orders or any(o not in (1, 2) for o in orders):
             raise UsageError(f"--orders {args.orders!r}: element orders must be 1 or 2")
-    from fem_anode.fem.convergence import format_table, plot_study, run_diffusion_study, run_phasefield_study
+    from fem_anode.fem.convergence import check_study_settings, format_table, plot_study
     from fem_anode.io.output import output_directory, write_json
 
     if not (math.isfinite(args.refine_factor) and args.refine_factor > 1):
@@ -60,20 +104,14 @@ def run(args: argparse.Namespace) -> int:
     check_number(args.refine_factor, "--refine-factor", 1.0, 16.0, low_open=True)
     check_int(args.levels, "--levels", 2, 10, " (each level multiplies the mesh size)")
     model = _detect_model(args.config) if args.model == "auto" else args.model
-    comm = world_comm()
-    if model == "phasefield":
-        from fem_anode.fem.phasefield.settings import PhaseFieldSettings
-
-        settings = load_config(args, PhaseFieldSettings, "convergence")
-        if orders:
-            raise UsageError("--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config")
-    else:
-        from fem_anode.fem.diffusion_settings import DiffusionSettings
-
-        settings = load_config(args, DiffusionSettings, "convergence")
-        if not math.isfinite(args.refine_factor) or args.refine_factor != int(args.refine_factor):
-            raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer")
+    settings_class, study = STUDIES[model]
+    settings = load_config(args, settings_class(), "convergence")
+    check_study_settings(settings, model, _given_keys(args.config))
+    if model == "diffusion" and settings.mesh.method == "voxel":
+        if args.refine_factor != int(args.refine_factor):
+            raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer (or mesh.method = 'smooth')")
         args.refine_factor = int(args.refine_factor)
+    comm = world_comm()
     from fem_anode.errors import Interrupted
     from fem_anode.io.checkpoint import CheckpointStore
 
@@ -85,10 +123,7 @@ def run(args: argparse.Namespace) -> int:
     checkpointing = {"checkpoint_dir": args.out, "resume": resume}
     try:
         with output_directory(args.out, comm) as staging:
-            if model == "phasefield":
-                report = run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing)
-            else:
-                report = run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, comm=comm, **checkpointing)
+            report = study(settings, args, orders, comm, staging, checkpointing)
             if comm.rank == 0:
                 write_json(staging / "convergence.json", {"provenance": provenance("convergence", settings, comm=comm, args=args), **report, "settings": settings.to_dict()})
                 plot_study(report, staging / "convergence.png")
