@@ -1,0 +1,107 @@
+"""``fem-anode segment`` with the trainable method and --truth (serial and under MPI: slabs per rank)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fem_anode.cli import main
+from fem_anode.imaging.accuracy import accuracy_report, confusion_matrix
+from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
+from fem_anode.imaging.trainable import UNLABELLED, load_model, predict_labels
+from fem_anode.io.images import VoxelImage, read_image, write_image
+
+pytest.importorskip("mpi4py")
+
+SHAPE = (20, 40, 40)
+
+
+@pytest.fixture
+def inputs(shared_tmp_path, comm):
+    d = shared_tmp_path
+    if comm.rank == 0:
+        truth = anode_volume(SHAPE, seed=7, aged=True)
+        write_image(d / "gray.npy", render_gray(truth, seed=8))
+        write_image(d / "truth.npy", truth)
+        scribbles = np.full(SHAPE, UNLABELLED, dtype=np.uint8)
+        scribbles[[5, 15]] = truth.array[[5, 15]]
+        write_image(d / "scribbles.npy", VoxelImage(scribbles, truth.voxel_size))
+        write_image(d / "bad_shape.npy", VoxelImage(scribbles[:, :20], truth.voxel_size))
+        odd = scribbles.copy()
+        odd[0, 0, 0] = 9
+        write_image(d / "odd_labels.npy", VoxelImage(odd, truth.voxel_size))
+    comm.barrier()
+    return d
+
+
+def test_trainable_cli_round_trip_and_ranks(inputs, comm):
+    """Train + save on any number of ranks, reuse the model: the labels are those of a serial
+    prediction voxel for voxel (each rank predicted only its own slab), the accuracy that of the
+    whole volume, and the report files are there."""
+    d = inputs
+    assert main(["segment", str(d / "gray.npy"), "--method", "trainable", "--train", f"{d / 'gray.npy'}:{d / 'scribbles.npy'}",
+                 "--trees", "20", "--save-model", str(d / "model.joblib"), "--truth", str(d / "truth.npy"),
+                 "--out", str(d / "trained.npy"), "-q"]) == 0
+    comm.barrier()
+    assert main(["segment", str(d / "gray.npy"), "--method", "trainable", "--model", str(d / "model.joblib"),
+                 "--truth", str(d / "truth.npy"), "--out", str(d / "reused.tif"), "-q"]) == 0
+    comm.barrier()
+    gray = read_image(d / "gray.npy", kind="gray")
+    serial = predict_labels(gray.array, SHAPE, load_model(d / "model.joblib", ANODE_PHASES), progress=False)
+    trained = read_image(d / "trained.npy", kind="labels")
+    reused = read_image(d / "reused.tif", kind="labels")
+    np.testing.assert_array_equal(trained.array, serial)
+    np.testing.assert_array_equal(reused.array, serial)
+    assert trained.phases == ANODE_PHASES and trained.voxel_size == pytest.approx((0.65e-6,) * 3)
+    report = json.loads((d / "trained.npy.report.json").read_text())
+    truth = read_image(d / "truth.npy", kind="labels").array
+    expected = accuracy_report(serial, truth, ANODE_PHASES)
+    assert report["accuracy"]["confusion_matrix"]["counts"] == expected["confusion_matrix"]["counts"]
+    assert report["slabs"]["ranks"] == comm.size and report["slabs"]["bounds"][-1] == SHAPE[0]
+    assert report["accuracy"]["mean_iou"] > 0.7
+    for name in ("trained.npy.report.png", "trained.npy.confusion.png", "reused.tif.report.png"):
+        assert (d / name).stat().st_size > 5000
+
+
+def test_multistage_cli_accuracy_outputs(inputs, comm):
+    d = inputs
+    assert main(["segment", str(d / "gray.npy"), "--truth", str(d / "truth.npy"), "--out", str(d / "ms.npz"), "-q"]) == 0
+    comm.barrier()
+    report = json.loads((d / "ms.npz.report.json").read_text())
+    labels = read_image(d / "ms.npz", kind="labels").array
+    truth = read_image(d / "truth.npy", kind="labels").array
+    c = np.asarray(report["accuracy"]["confusion_matrix"]["counts"])
+    np.testing.assert_array_equal(c, confusion_matrix(labels, truth, ANODE_PHASES))
+    frac = report["accuracy"]["phase_fraction"]
+    for name, value in ANODE_PHASES.items():
+        assert frac["error_points"][name] == pytest.approx(np.mean(labels == value) - np.mean(truth == value), abs=1e-12)
+    assert report["denoise"]["method"] == "nl_means" and report["cleanup"]["min_size"]["si"] == 3
+    assert (d / "ms.npz.confusion.png").exists() and (d / "ms.npz.report.png").exists()
+
+
+ERRORS = [
+    (["--method", "trainable", "--out", "{d}/x.npy"], 2, "needs --train GRAY:LABELS"),
+    (["--method", "trainable", "--train", "{d}/gray.npy", "--out", "{d}/x.npy"], 2, "expected GRAY:LABELS"),
+    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "must match voxel for voxel"),
+    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/odd_labels.npy", "--out", "{d}/x.npy"], 3, "label values [9]"),
+    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/scribbles.npy", "--model", "{d}/m.joblib", "--out", "{d}/x.npy"], 2, "not both"),
+    (["--method", "trainable", "--model", "{d}/missing.joblib", "--out", "{d}/x.npy"], 3, "model file not found"),
+    (["--method", "multistage", "--save-model", "{d}/m.joblib", "--out", "{d}/x.npy"], 2, "belong to --method trainable"),
+    (["--truth", "{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "differs from the image"),
+    (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be > 0"),
+    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/scribbles.npy", "--feature-sigma-max", "0.1", "--out", "{d}/x.npy"], 2,
+     "--feature-sigma-max must be >= 0.5"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", ERRORS)
+def test_segment_errors_are_one_line(inputs, comm, capsys, argv, code, message):
+    d = inputs
+    args = ["segment", str(d / "gray.npy"), *[a.format(d=d) for a in argv]]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    comm.barrier()
+    assert not (d / "x.npy").exists()

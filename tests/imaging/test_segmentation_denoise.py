@@ -1,0 +1,87 @@
+"""Denoising, noise estimate, illumination flattening and clean-up before/after the multistage method."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fem_anode.errors import UsageError
+from fem_anode.imaging.denoise import denoise_gray, estimate_noise_sigma, flatten_illumination
+from fem_anode.imaging.segmentation import clean_labels, iou_per_phase, multistage_threshold
+from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (32, 64, 64)])
+def test_noise_estimate_recovers_the_noise_of_a_piecewise_constant_image(shape):
+    rng = np.random.default_rng(3)
+    clean = np.zeros(shape)
+    clean[..., : shape[-1] // 2] = 1.0  # one sharp edge: the Haar all-details sub-band ignores it
+    for sigma in (0.01, 0.05):
+        noisy = clean + rng.normal(0.0, sigma, shape)
+        assert estimate_noise_sigma(noisy) == pytest.approx(sigma, rel=0.05)
+    assert estimate_noise_sigma(clean) == 0.0
+
+
+def test_denoising_removes_noise_and_keeps_the_edge():
+    rng = np.random.default_rng(4)
+    clean = np.zeros((24, 40, 40))
+    clean[:, :, 20:] = 1.0
+    noisy = clean + rng.normal(0.0, 0.1, clean.shape)
+    for method in ("nl_means", "tv"):
+        out, info = denoise_gray(noisy, method)
+        assert info["noise_sigma"] == pytest.approx(0.1, rel=0.05) and info["noise_sigma_estimated"]
+        flat = out[:, :, 2:17]
+        assert flat.std() < 0.5 * 0.1  # noise at least halved away from the edge
+        step = out[:, :, 20].mean() - out[:, :, 19].mean()
+        assert step > 0.6  # the edge stays (a Gaussian of the same smoothing would spread it)
+    same, info = denoise_gray(noisy, "none")
+    assert same is not None and np.array_equal(same, noisy) and info == {"method": "none"}
+    with pytest.raises(UsageError, match="denoising method"):
+        denoise_gray(noisy, "median")  # type: ignore[arg-type]
+
+
+def test_flatten_illumination_removes_an_in_plane_ramp_and_keeps_the_depth_trend():
+    z, y, x = np.mgrid[0:8, 0:64, 0:64].astype(float)
+    structure = ((np.floor(x / 4) + np.floor(y / 4)) % 2) * 0.2  # fine checkerboard
+    depth_trend = 0.05 * z  # a real composition gradient with depth
+    shading = 0.3 * x / 63.0  # uneven illumination across the field of view
+    out = flatten_illumination(structure + depth_trend + shading, 16.0)
+    centre = out[:, 16:48, 16:48]
+    left, right = centre[:, :, :8].mean(), centre[:, :, -8:].mean()
+    assert abs(right - left) < 0.02  # the ramp (0.15 across this window) is gone
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), (structure + depth_trend + shading).mean(axis=(1, 2)), rtol=1e-12)
+    with pytest.raises(UsageError):
+        flatten_illumination(structure, 0.0)
+
+
+def test_clean_labels_fills_isolated_voxels_and_small_objects():
+    labels = np.zeros((9, 9), dtype=np.uint8)
+    labels[:, 5:] = 2
+    labels[6, 2] = 1  # isolated voxel in phase 0
+    labels[6:8, 7] = 3  # two-voxel object inside phase 2
+    labels[0:4, 0:2] = 1  # an 8-voxel object of phase 1: kept
+    phases = {"pore": 0, "si": 1, "graphite": 2, "sei": 3}
+    out, info = clean_labels(labels, phases, min_size=3)
+    assert out[6, 2] == 0 and np.all(out[6:8, 7] == 2)
+    assert np.all(out[0:4, 0:2] == 1)
+    assert info["isolated_filled"] == 1 and info["small_objects_removed"]["sei"] == 1
+    kept, _ = clean_labels(labels, phases, min_size=1, fill_isolated=False)
+    np.testing.assert_array_equal(kept, labels)
+    with pytest.raises(UsageError, match="not in the phase map"):
+        clean_labels(labels, phases, min_size={"carbon": 4})
+
+
+@pytest.mark.parametrize("aged", [False, True])
+def test_denoised_multistage_beats_the_raw_one(aged):
+    """Measured (24x48x48, seed 2): pristine raw mean IoU 0.60 -> denoised 0.66; aged 0.55 -> 0.65."""
+    truth = anode_volume((24, 48, 48), seed=2, aged=aged)
+    gray = render_gray(truth, seed=1)
+    raw = iou_per_phase(multistage_threshold(gray, denoise="none", cleanup=False).labels, truth)
+    result = multistage_threshold(gray)
+    iou = iou_per_phase(result.labels, truth)
+    assert result.info["denoise"]["method"] == "nl_means"
+    assert result.info["denoise"]["noise_sigma"] == pytest.approx(0.04, rel=0.1)  # the renderer's noise
+    assert np.mean(list(iou.values())) > np.mean(list(raw.values())) + 0.04
+    assert iou["pore"] > 0.85 and iou["graphite"] > 0.75 and iou["si"] > 0.24
+    assert iou["sei"] > (0.6 if aged else 0.5)
+    assert result.info["fractions"]["pore"] == pytest.approx(np.mean(result.labels.array == ANODE_PHASES["pore"]))

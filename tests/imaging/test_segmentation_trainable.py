@@ -1,0 +1,146 @@
+"""Trainable segmentation: accuracy vs the multistage method, sparse labels, chunk seams, model files, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fem_anode.errors import InputError, UsageError
+from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold
+from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
+from fem_anode.imaging.trainable import (
+    UNLABELLED,
+    FeatureSettings,
+    feature_halo,
+    load_model,
+    predict_labels,
+    save_model,
+    train_classifier,
+)
+
+SHAPE = (24, 48, 48)
+
+
+def _two_slices(truth: np.ndarray) -> np.ndarray:
+    labels = np.full(truth.shape, UNLABELLED, dtype=np.uint8)
+    labels[[6, 18]] = truth[[6, 18]]
+    return labels
+
+
+@pytest.fixture(scope="module")
+def aged_case():
+    truth = anode_volume(SHAPE, seed=2, aged=True)
+    gray = render_gray(truth, seed=1).array
+    model = train_classifier([(gray, _two_slices(truth.array))], ANODE_PHASES, seed=0, n_estimators=30)
+    return truth, gray, model
+
+
+@pytest.mark.parametrize("aged", [False, True])
+def test_trainable_on_two_slices_beats_the_denoised_multistage(aged):
+    """Measured (24x48x48, seed 2, 30 trees): pristine mean IoU 0.83 vs 0.66, aged 0.80 vs 0.65."""
+    truth = anode_volume(SHAPE, seed=2, aged=aged)
+    gray = render_gray(truth, seed=1).array
+    model = train_classifier([(gray, _two_slices(truth.array))], ANODE_PHASES, seed=0, n_estimators=30)
+    trained = iou_per_phase(predict_labels(gray, SHAPE, model, progress=False), truth)
+    multistage = iou_per_phase(multistage_threshold(gray).labels, truth)
+    assert np.mean(list(trained.values())) >= np.mean(list(multistage.values())) + 0.05
+    assert all(trained[p] >= multistage[p] for p in ANODE_PHASES)
+    assert trained["pore"] > 0.9 and trained["graphite"] > 0.8 and trained["si"] > 0.5 and trained["sei"] > 0.7
+
+
+def test_sparse_scribbles_are_enough():
+    """About 0.3 % of the voxels labelled at random (no full slice): still far above chance."""
+    truth = anode_volume(SHAPE, seed=5)
+    gray = render_gray(truth, seed=6).array
+    rng = np.random.default_rng(0)
+    labels = np.full(SHAPE, UNLABELLED, dtype=np.uint8)
+    picked = rng.random(SHAPE) < 0.003
+    labels[picked] = truth.array[picked]
+    model = train_classifier([(gray, labels)], ANODE_PHASES, seed=1, n_estimators=30)
+    assert model.training["samples_used"] == int(picked.sum())
+    iou = iou_per_phase(predict_labels(gray, SHAPE, model, progress=False), truth)
+    assert iou["pore"] > 0.88 and iou["graphite"] > 0.75 and np.mean(list(iou.values())) > 0.65
+
+
+def test_chunk_seams_and_slab_splits_give_identical_labels(aged_case):
+    _, gray, model = aged_case
+    whole = predict_labels(gray, SHAPE, model, progress=False)
+    # slabs of 3 layers (8 seams): every voxel's features come from a window with the full halo
+    tiny = predict_labels(lambda a, b: gray[a:b], SHAPE, model, chunk_memory=2.2e6, progress=False)
+    np.testing.assert_array_equal(tiny, whole)
+    split = np.concatenate([predict_labels(gray, SHAPE, model, z0=0, z1=7, progress=False),
+                            predict_labels(gray, SHAPE, model, z0=7, z1=SHAPE[0], progress=False)])
+    np.testing.assert_array_equal(split, whole)
+    assert feature_halo(model.settings) == int(4 * 4.0 + 0.5) + 3
+
+
+def test_model_round_trip_and_checks(aged_case, tmp_path, monkeypatch):
+    _, gray, model = aged_case
+    path = save_model(model, tmp_path / "model.joblib")
+    again = load_model(path, ANODE_PHASES)
+    assert again.settings == model.settings and again.phases == ANODE_PHASES and again.ndim == 3
+    np.testing.assert_array_equal(predict_labels(gray, SHAPE, again, progress=False), predict_labels(gray, SHAPE, model, progress=False))
+    with pytest.raises(InputError, match="the model segments the phases"):
+        load_model(path, {"pore": 0, "si": 1, "sei": 3})
+    with pytest.raises(UsageError, match="trained on 3D images"):
+        predict_labels(gray[0], SHAPE[1:], again, progress=False)
+    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="not a readable model file"):
+        load_model(tmp_path / "junk.joblib")
+    import joblib
+
+    joblib.dump({"format": "something else"}, tmp_path / "other.joblib")
+    with pytest.raises(InputError, match="not a fem_anode segmentation model"):
+        load_model(tmp_path / "other.joblib")
+    import fem_anode
+
+    monkeypatch.setattr(fem_anode, "__version__", "999.0")
+    with pytest.raises(InputError, match="trained with fem_anode"):
+        load_model(path)
+
+
+def test_training_errors_are_clear():
+    truth = anode_volume((8, 16, 16), seed=1)
+    gray = render_gray(truth, seed=1).array
+    labels = truth.array.copy()
+    with pytest.raises(InputError, match="must match voxel for voxel"):
+        train_classifier([(gray, labels[:, :8])], ANODE_PHASES)
+    wrong = labels.copy()
+    wrong[0, 0, 0] = 7
+    with pytest.raises(InputError, match=r"label values \[7\]"):
+        train_classifier([(gray, wrong)], ANODE_PHASES)
+    no_si = np.where(labels == ANODE_PHASES["si"], UNLABELLED, labels).astype(np.uint8)
+    with pytest.raises(InputError, match="si have no labelled voxels"):
+        train_classifier([(gray, no_si)], ANODE_PHASES)
+    with pytest.raises(InputError, match="no labelled voxels"):
+        train_classifier([(gray, np.full(labels.shape, UNLABELLED, np.uint8))], ANODE_PHASES)
+    with pytest.raises(InputError, match="integers"):
+        train_classifier([(gray, labels.astype(float))], ANODE_PHASES)
+    with pytest.raises(UsageError, match="unlabelled value 3"):
+        train_classifier([(gray, labels)], ANODE_PHASES, unlabelled=3)
+    with pytest.raises(UsageError, match="sigma_max"):
+        FeatureSettings(sigma_min=2.0, sigma_max=1.0)
+
+
+def test_2d_training_and_illumination_flattening():
+    """2D slices with an illumination ramp, reversed between the training and the test slice.
+
+    Measured (96x96, 30 trees): mean IoU 0.78 with the flattening (part of the model) for ramps
+    of 0.25 and 0.4 gray units alike, 0.76/0.75 without."""
+    from fem_anode.imaging.accuracy import accuracy_report
+
+    truth = anode_volume((6, 96, 96), seed=3)
+    gray = render_gray(truth, seed=4).array
+    ramp = np.linspace(0.0, 0.25, 96)
+    train = (gray[1] + ramp, truth.array[1])
+    test = gray[4] + ramp[::-1]
+    model = train_classifier([train], ANODE_PHASES, settings=FeatureSettings(illumination_scale=24.0), seed=0, n_estimators=30)
+    assert model.ndim == 2
+    flattened = accuracy_report(predict_labels(test, test.shape, model, progress=False), truth.array[4], ANODE_PHASES)
+    plain = train_classifier([train], ANODE_PHASES, seed=0, n_estimators=30)
+    raw = accuracy_report(predict_labels(test, test.shape, plain, progress=False), truth.array[4], ANODE_PHASES)
+    assert flattened["mean_iou"] > raw["mean_iou"] + 0.015
+    assert flattened["iou"]["pore"] > 0.85
+    # chunked 2D prediction with flattening reads the whole image: same labels
+    np.testing.assert_array_equal(predict_labels(lambda a, b: test[a:b], test.shape, model, chunk_memory=1.0, progress=False),
+                                  predict_labels(test, test.shape, model, progress=False))
