@@ -272,7 +272,7 @@ def metrics_scenes(
     for label, (image, fields, metrics) in samples.items():
         labels, stride, spacing, phases = prepared[label]
         names = list(phases)
-        title = f"{label}" + (f" (every {stride}th voxel)" if stride > 1 else "")
+        title = f"{label}" + (f" (1 in {stride} voxels per axis shown)" if stride > 1 else "")
         # (a) every phase, cut-away octant
         keep = _cutaway(labels.shape)
         points, owner = voxel_faces(keep, spacing)
@@ -328,7 +328,7 @@ def metrics_scenes(
                 text = title + (f"\nmean Si-surface-to-pore distance {mean * 1e6:.3g} um" if mean else "")
                 distance_panels.append({"title": text, "layers": [{"kind": "triangles", "points": job.array(points), "triangles": job.array(triangles),
                                                                    "scalars": job.array(values), "cmap": "RdYlBu", "clim": [0.0, distance_max], "smooth": True}]})
-    stride_note = ", ".join(f"{k}: every {s}th voxel" if s > 1 else f"{k}: every voxel" for k, s in strides.items())
+    stride_note = ", ".join(f"{k}: 1 in {s} voxels per axis" if s > 1 else f"{k}: every voxel" for k, s in strides.items())
     shown = f"Shown: {stride_note} (metrics computed at full resolution). Depth z points down, the electrode surface is on top; lengths in um."
     job.add(Figure3D("segmented_3d.png", "Segmented volume with a cut-away (cf. paper Fig. 5a)",
                      f"Every phase, with the octant at the surface cut away to show three inner sections. {shown}"), volume_panels)
@@ -408,7 +408,7 @@ def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, fl
     head = raw[:start].decode()
     extent = [int(v) for v in re.search(r'WholeExtent="([^"]+)"', head).group(1).split()]  # type: ignore[union-attr]
     hx, hy, hz = (float(v) for v in re.search(r'Spacing="([^"]+)"', head).group(1).split())  # type: ignore[union-attr]
-    if 'type="Float32"' not in head or 'header_type="UInt64"' not in head or 'encoding="raw"' not in raw[start:start + 64].decode():
+    if 'type="Float32"' not in head or 'header_type="UInt64"' not in head or b'encoding="raw"' not in raw[start:start + 64]:
         raise ValueError(f"{path}: not a raw appended Float32 image with a UInt64 header")
     shape = (extent[5] - extent[4], extent[3] - extent[2], extent[1] - extent[0])
     offset = raw.index(b"_", start) + 1
@@ -443,7 +443,7 @@ def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Pa
         panels.append({"title": f"t = {t:g} s", "layers": [{"kind": "quads", "points": job.array(points),
                                                              "scalars": job.array(values.ravel()[owner].astype(np.float32)),
                                                              "cmap": "coolwarm", "clim": [0.0, c_bulk]}]})
-    shown = f"every {stride}th voxel shown" if stride > 1 else "every voxel shown"
+    shown = f"1 in {stride} voxels per axis shown" if stride > 1 else "every voxel shown"
     job.add(Figure3D("c_3d.png", "Li concentration in 3D at the output times",
                      f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels (finite volumes, read from "
                      f"{pvd.name}; {shown}); the half x > x_mid is cut away to show the inside. Depth z points down, the "
@@ -509,7 +509,7 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
         arrays = Path(tmp) / "arrays.npz"
         np.savez(arrays, **job.arrays)
         spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"arrays": str(arrays), "directory": str(directory), "scenes": job.scenes}))
+        spec.write_text(json.dumps({"arrays": str(arrays), "directory": tmp, "scenes": job.scenes}))  # PNGs land in tmp first
         report = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "fem_anode.io.render3d", str(spec), str(report)]
         try:
@@ -518,8 +518,10 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
             logger.warning("3D figures not rendered: the renderer took longer than %.0f s (use --no-render to skip)", timeout_s)
             return []
         outcome = json.loads(report.read_text()) if report.exists() else {}
-    done = {r["png"]: r for r in outcome.get("scenes", [])}
-    written = [f for f in job.figures if done.get(f.file, {}).get("ok")]
+        done = {r["png"]: r for r in outcome.get("scenes", [])}
+        written = [f for f in job.figures if done.get(f.file, {}).get("ok") and (Path(tmp) / f.file).is_file()]
+        for figure in written:  # complete pictures only: a crash leaves its partial files in tmp, removed here
+            os.replace(Path(tmp) / figure.file, directory / figure.file)
     if proc.returncode != 0 or len(written) < len(job.figures):
         failed = [f"{name}: {r['error']}" for name, r in done.items() if not r.get("ok")]
         cause = "; ".join(failed) or _explain(proc, outcome)
@@ -684,10 +686,7 @@ def _render_scene(pv: Any, scene: Mapping[str, Any], arrays: Any, directory: Pat
             plotter.view_vector((1.0, -1.0, 0.9), viewup=(0.0, 0.0, 1.0))  # at the cut-away corner (x high, y low, top)
             plotter.reset_camera()
             plotter.camera.zoom(1.1)
-        from fem_anode.io.output import atomic_path
-
-        with atomic_path(directory / scene["png"]) as tmp:
-            plotter.screenshot(str(tmp))
+        plotter.screenshot(str(directory / scene["png"]))
     finally:
         plotter.close()
 

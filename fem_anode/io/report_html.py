@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER", "Report", "demo_report", "diffusion_report", "metrics_report"]
+__all__ = ["PAPER", "BrowserCheck", "Report", "browser_check", "demo_report", "diffusion_report", "find_chromium", "metrics_report"]
 
 #: The numbers of paper 001 the reports compare with (SI units in the keys' names).
 PAPER: dict[str, Any] = {
@@ -422,3 +422,68 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
         report.figures3d(folder)
     report.provenance(provenance)
     return report.write(name)
+
+
+# ----------------------------------------------------------------------------- browser check
+
+#: Added to a copy of the page: marks every image loaded or not once the page has loaded.
+_PROBE = ('<script>window.addEventListener("load",function(){var n=0,im=document.images;for(var i=0;i<im.length;i++){'
+          'var ok=im[i].complete&&im[i].naturalWidth>0;im[i].setAttribute("data-loaded",ok?"yes":"no");if(ok)n++;}'
+          'document.body.setAttribute("data-images",im.length+":"+n);});</script>')
+
+
+@dataclass
+class BrowserCheck:
+    """What headless Chromium made of a page: image count, images loaded, screenshot (PNG path)."""
+
+    images: int
+    loaded: int
+    screenshot: Path
+
+    @property
+    def broken(self) -> int:
+        return self.images - self.loaded
+
+
+def find_chromium() -> str | None:
+    """The Chromium executable (``chromium``, ``chromium-browser`` or ``/usr/bin/chromium``), or ``None``."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
+
+
+def browser_check(page: str | Path, work: str | Path, *, width: int = 1200, height: int = 2400, timeout_s: float = 120.0) -> BrowserCheck:
+    """Open ``page`` in headless Chromium (no network needed): count the images that loaded
+    (``complete && naturalWidth > 0`` after the load event, read back with ``--dump-dom`` from a
+    copy of the page with a probe script) and take a screenshot (``work/<page>.png``).
+
+    Raises:
+        RuntimeError: no Chromium, or the page did not load.
+    """
+    import re
+    import subprocess
+
+    chromium = find_chromium()
+    if chromium is None:
+        raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
+    page, work = Path(page).resolve(), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> str:
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                   f"--user-data-dir={work / 'chromium-profile'}", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False).stdout
+
+    probe = work / f"{page.stem}.probe.html"
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    found = re.search(r'data-images="(\d+):(\d+)"', run("--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()))
+    probe.unlink()
+    if not found:
+        raise RuntimeError(f"{page}: the page did not finish loading in Chromium")
+    shot = work / f"{page.stem}.png"
+    run(f"--screenshot={shot}", f"--window-size={width},{height}", page.as_uri())
+    return BrowserCheck(int(found.group(1)), int(found.group(2)), shot)
