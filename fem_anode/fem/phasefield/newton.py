@@ -17,15 +17,27 @@ shell preconditioner: with ``P`` a factorised copy of ``A`` (MUMPS LU or the fal
 (``x_lambda = (r_lambda - c.P^-1 r_w) / (d - c.z)``); the Schur complement ``d - c.z`` is a
 positive scalar (the axial stiffness). For plane strain the last equation is ``lambda - 1 = 0``.
 
-**Factorisation reuse** (``reuse_factorisation``, default): the Newton step is solved by GMRES
+**Factorisation reuse** (``reuse_factorisation``): the Newton step is solved by a Krylov method
 on the current bordered Jacobian, preconditioned by this block elimination with a *lagged*
-factorisation ``P``: ``P`` is refactorised (numeric phase only; the symbolic analysis is
-kept) only when the previous linear solve needed more than ``refactor_iterations`` GMRES
-iterations, or after a failed solve. The linear solves are converged tightly (``rtol``
-1e-10), so this is still Newton's method with the consistent tangent (quadratic
-convergence), at a fraction of the factorisations: a factorisation of the 1 nm nanowire costs
-as much as dozens of triangular solves. Without reuse ``P = A`` at every iteration and the
-outer solve is a single exact application (``preonly``).
+factorisation ``P`` (numeric refactorisation only; the symbolic analysis is kept). A
+factorisation of the 1 nm nanowire costs as much as dozens of triangular solves. Two schemes:
+
+* ``refactor_on_stall`` (default): FGMRES, which allows the preconditioner to change between
+  iterations. When a solve has used ``refactor_iterations`` applications of a lagged ``P``
+  without converging, ``P`` is refactorised from the current Jacobian inside the solve (the
+  next applications are exact, so it converges in one or two more). A Newton iteration never
+  fails for a stale factorisation, and ``P`` is renewed exactly when it stopped paying.
+* otherwise (the previous scheme): GMRES; ``P`` is refactorised at the next Newton iteration
+  when the previous solve needed more than ``refactor_iterations`` iterations or failed, and a
+  Newton solve whose linear solve failed is repeated once with a fresh factorisation.
+
+The linear tolerance is ``linear_rtol`` (1e-10: still Newton with the consistent tangent), or,
+with ``linear_rtol=None``, the Eisenstat-Walker forcing term (PETSc ``snes_ksp_ew``, capped at
+1e-2): loose while the Newton residual is large, tighter as Newton converges, so that the
+final iterations stay (super)quadratic while the early ones stop wasting Krylov iterations.
+Newton's own tolerances still decide convergence, so the converged state is the same within
+them. Without reuse ``P = A`` at every iteration and the outer solve is a single exact
+application (``preonly``).
 """
 
 from __future__ import annotations
@@ -47,6 +59,10 @@ __all__ = ["BorderedNewton", "linear_solver_options"]
 logger = logging.getLogger(__name__)
 _COUNTER = itertools.count()
 _BAD = 1e30  # residual entries used when the forms evaluate to inf/NaN (line search backtracks)
+#: Stagnation stop: from this Newton iteration on, if the last STAGNATION_WINDOW iterations did
+#: not halve the residual norm.
+STAGNATION_START = 8
+STAGNATION_WINDOW = 4
 
 
 def linear_solver_options(choice: str, comm_size: int) -> dict[str, str]:
@@ -89,7 +105,13 @@ class BorderedNewton:
         linear_options: PETSc options of the factorisation of ``A``.
         snes_options: PETSc options of the SNES (without prefix).
         reuse_factorisation: lag the factorisation (see the module docstring).
-        refactor_iterations: refactorise when the last linear solve took more GMRES iterations.
+        refactor_iterations: refactorise when a linear solve takes more Krylov iterations.
+        refactor_on_stall: refactorise inside a stalled solve (FGMRES) rather than at the next
+            Newton iteration (GMRES).
+        linear_rtol: relative tolerance of the Krylov solves with reuse; ``None``: Eisenstat-Walker.
+        stagnation: stop (as diverged) once Newton has run ``STAGNATION_START`` iterations and the
+            last ``STAGNATION_WINDOW`` of them did not halve the residual: such an attempt almost
+            never converges within ``max_it`` and the time step is retried smaller sooner.
     """
 
     def __init__(
@@ -104,6 +126,9 @@ class BorderedNewton:
         snes_options: dict[str, Any],
         reuse_factorisation: bool = False,
         refactor_iterations: int = 30,
+        refactor_on_stall: bool = False,
+        linear_rtol: float | None = 1e-10,
+        stagnation: bool = False,
     ) -> None:
         self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
         V = w.function_space
@@ -116,7 +141,11 @@ class BorderedNewton:
         self.A = fem_petsc.create_matrix(jacobian)
         self.P: PETSc.Mat | None = None if reuse_factorisation else self.A  # the factorised matrix
         self.reuse, self.refactor_iterations = reuse_factorisation, refactor_iterations
+        self.on_stall = reuse_factorisation and refactor_on_stall
         self._refactor = True
+        self._fresh = False  # P is the factorisation of the current A
+        self._applications = 0  # preconditioner applications in the current linear solve
+        self._refactored_in_solve = False
         self.factorisations = 0
         self.linear_iterations = 0
         self.r = fem_petsc.create_vector(residual)
@@ -139,12 +168,20 @@ class BorderedNewton:
         self.snes.setFunction(self._function, self.F)
         self.snes.setJacobian(self._jacobian, J, J)
         self.snes.setMonitor(lambda snes, its, norm: self.history.append(float(norm)))
+        self.stagnation = stagnation
+        self._stagnated = False
+        self._fnorm0 = 0.0
+        self.snes.setConvergenceTest(self._converged)
         outer = self.snes.getKSP()
         if reuse_factorisation:
-            outer.setType("gmres")
+            outer.setType("fgmres" if self.on_stall else "gmres")
             outer.setGMRESRestart(60)
-            outer.setTolerances(rtol=1e-10, atol=1e-14, max_it=60)
+            outer.setTolerances(rtol=1e-10 if linear_rtol is None else linear_rtol, atol=1e-14, max_it=60)
+            if self.on_stall:
+                outer.setPCSide(PETSc.PC.Side.RIGHT)
             outer.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            if linear_rtol is None:  # Eisenstat-Walker forcing terms, user options still win
+                snes_options = {"snes_ksp_ew": True, "snes_ksp_ew_rtol0": 1e-2, "snes_ksp_ew_rtolmax": 1e-2, **snes_options}
         else:
             outer.setType("preonly")
         pc = outer.getPC()
@@ -214,32 +251,72 @@ class BorderedNewton:
         if self.reuse and snes.getIterationNumber() > 0:
             its = outer.getIterationNumber()
             self.linear_iterations += its
-            if its > self.refactor_iterations or outer.getConvergedReason() < 0:
+            if outer.getConvergedReason() < 0 or (its > self.refactor_iterations and not self._refactored_in_solve):
                 self._refactor = True
+        self._applications, self._refactored_in_solve = 0, False
         self.A.zeroEntries()
         fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
         self.A.assemble()
+        if self.axial is not None:
+            for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
+                with vec.localForm() as loc:
+                    loc.set(0.0)
+                fem_petsc.assemble_vector(vec, form)
+                vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+                fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
+            self.d = self.comm.allreduce(fem.assemble_scalar(self.axial[3]))
         if self._refactor or not self.reuse:
-            if self.reuse:
-                if self.P is None:
-                    self.P = self.A.copy()
-                else:
-                    self.A.copy(self.P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-            self.ksp.setOperators(self.P)
-            self.ksp.setUp()
-            self.factorisations += 1
-            self._refactor = False
+            self._factorise()
+        else:
+            self._fresh = False
+            self._update_border()
+
+    def _factorise(self) -> None:
+        """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""
+        if self.reuse:
+            if self.P is None:
+                self.P = self.A.copy()
+            else:
+                self.A.copy(self.P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        self.ksp.setOperators(self.P)
+        self.ksp.setUp()
+        self.factorisations += 1
+        self._refactor, self._fresh = False, True
+        self._update_border()
+
+    def _update_border(self) -> None:
+        """``z2 = P^-1 b`` and the Schur complement ``d - c.z2`` of the bordered system."""
         if self.axial is None:
             return
-        for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
-            with vec.localForm() as loc:
-                loc.set(0.0)
-            fem_petsc.assemble_vector(vec, form)
-            vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-            fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
-        self.d = self.comm.allreduce(fem.assemble_scalar(self.axial[3]))  # z2 = P^-1 b below
         self.ksp.solve(self.bvec, self.z2)
         self.schur = self.d - self.cvec.dot(self.z2)
+
+    def _converged(self, snes: PETSc.SNES, its: int, norms: tuple[float, float, float]) -> int:
+        """PETSc's default test (absolute, relative to the first residual, step, divergence)
+        plus, with :attr:`stagnation`, the stagnation stop."""
+        xnorm, ynorm, fnorm = norms
+        rtol, atol, stol, _ = snes.getTolerances()
+        if its == 0:
+            self._fnorm0 = fnorm
+            self._stagnated = False
+        if not np.isfinite(fnorm):
+            return PETSc.SNES.ConvergedReason.DIVERGED_FNORM_NAN
+        if fnorm < atol:
+            return PETSc.SNES.ConvergedReason.CONVERGED_FNORM_ABS
+        if its == 0:
+            return PETSc.SNES.ConvergedReason.ITERATING
+        if fnorm <= rtol * self._fnorm0:
+            return PETSc.SNES.ConvergedReason.CONVERGED_FNORM_RELATIVE
+        if ynorm < stol * xnorm:
+            return PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+        divtol = snes.getDivergenceTolerance()
+        if divtol > 0 and fnorm > divtol * self._fnorm0:
+            return PETSc.SNES.ConvergedReason.DIVERGED_DTOL
+        h = self.history
+        if self.stagnation and its >= STAGNATION_START and len(h) > STAGNATION_WINDOW and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW]:
+            self._stagnated = True
+            return PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT
+        return PETSc.SNES.ConvergedReason.ITERATING
 
     # -- solve ----------------------------------------------------------------------------
     def solve(self) -> tuple[bool, int, str]:
@@ -273,7 +350,8 @@ class BorderedNewton:
         finally:
             start.destroy()
         self._unpack(self.X)
-        return reason > 0, self.snes.getIterationNumber(), _REASONS.get(reason, str(reason))
+        label = "diverged: Newton stagnated" if self._stagnated and reason < 0 else _REASONS.get(reason, str(reason))
+        return reason > 0, self.snes.getIterationNumber(), label
 
     def invalidate(self) -> None:
         """Refactorise at the next Jacobian (call when the operator changes abruptly)."""
@@ -303,6 +381,10 @@ class _Shell:
 
     def apply(self, pc: PETSc.PC, x: PETSc.Vec, y: PETSc.Vec) -> None:
         nw = self.nw
+        nw._applications += 1
+        if nw.on_stall and not nw._fresh and nw._applications > nw.refactor_iterations:
+            nw._factorise()  # FGMRES: the preconditioner may change from here on
+            nw._refactored_in_solve = True
         rl = nw._split(x, nw.xw)
         nw.ksp.solve(nw.xw, nw.z1)
         if nw.axial is None:

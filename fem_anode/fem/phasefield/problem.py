@@ -79,8 +79,9 @@ class HalfCycleProgress:
 class StepResult:
     """Outcome of one time-step attempt."""
 
-    def __init__(self, ok: bool, iterations: int, reason: str, history: list[float]) -> None:
+    def __init__(self, ok: bool, iterations: int, reason: str, history: list[float], dc: float | None = None) -> None:
         self.ok, self.iterations, self.reason, self.history = ok, iterations, reason, history
+        self.dc = dc  #: largest change of a bounded concentration at a free node (None: Newton failed)
 
 
 class PhaseFieldProblem:
@@ -112,6 +113,7 @@ class PhaseFieldProblem:
         tagged._phasefield_in_use = True  # type: ignore[attr-defined]
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
+        self._first_dt = {}
         self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
         self.before_half_cycle: list[Callable[[PhaseFieldProblem, int, str], None]] = []
         self.after_half_cycle: list[Callable[[PhaseFieldProblem, dict[str, Any]], None]] = []
@@ -138,6 +140,7 @@ class PhaseFieldProblem:
         self.load = fem.Constant(self.mesh, 1.0)  # continuation factor of the chemical swelling (equilibrate)
         self.c_surface = fem.Constant(self.mesh, mat.c_max)
         self._ramp: tuple[float, float, float, float] | None = None  # (from, to, t0, duration)
+        self._first_dt: dict[str, float] = {}  # kind -> first step size learnt (smooth controller)
         self._c_dofs = self.W.sub(0).collapse()[1]
         self._frozen_in_equilibrium: list[fem.Constant] = [self.mobility]
         self._setup_fields()
@@ -313,7 +316,8 @@ class PhaseFieldProblem:
         }
         return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes,
                               reuse_factorisation=self.comm.size == 1 if sol.reuse_factorisation is None else sol.reuse_factorisation,
-                              refactor_iterations=sol.refactor_iterations)
+                              refactor_iterations=sol.refactor_iterations, refactor_on_stall=sol.refactor_on_stall, linear_rtol=sol.linear_rtol,
+                              stagnation=sol.stop_on_stagnation)
 
     # -- state ----------------------------------------------------------------------------
     def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:
@@ -340,6 +344,7 @@ class PhaseFieldProblem:
         self.lam_old = 1.0
         self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
         self.t = 0.0
+        self._first_dt = {}
 
     def set_concentration(self, c: Callable[[np.ndarray], np.ndarray] | float | np.ndarray) -> None:
         """Set c (value, function of the normalised coordinates, or c-dof values) and mu = f'(c)
@@ -379,13 +384,14 @@ class PhaseFieldProblem:
             bc.set(self.w.x.array)
         ok, its, reason = self.newton.solve()
         history = list(self.newton.history)
+        dc = None
         if ok:
             arr = self.w.x.array
             c_loc = arr[self._bounded_dofs]
             bad = int(not (np.all(np.isfinite(arr)) and (c_loc.size == 0 or (c_loc.min() > 0 and c_loc.max() < 1))))
             dc = np.abs(arr[self._free_bounded_dofs] - self.w_old.x.array[self._free_bounded_dofs]).max(initial=0.0)
             bad = self.comm.allreduce(bad, op=MPI.MAX)
-            dc = self.comm.allreduce(dc, op=MPI.MAX)
+            dc = float(self.comm.allreduce(dc, op=MPI.MAX))
             if bad:
                 ok, reason = False, "c left (0, 1)"
             elif dc > self.settings.cycling.max_dc:
@@ -393,7 +399,7 @@ class PhaseFieldProblem:
         if not ok:
             self.w.x.array[:] = self._w_saved.x.array
             self.lam.value = lam_saved
-            return StepResult(False, its, reason, history)
+            return StepResult(False, its, reason, history, dc)
         self._before_accept()
         self._update_state()
         self.w_old.x.array[:] = self.w.x.array
@@ -401,7 +407,7 @@ class PhaseFieldProblem:
         self.t += dt
         for hook in self.after_step:
             hook(self)
-        return StepResult(True, its, reason, history)
+        return StepResult(True, its, reason, history, dc)
 
     def equilibrate(self, increments: int = 1) -> StepResult:
         """Solve the mechanics (and mu) for the current c held fixed (zero mobilities); time stays.
@@ -482,10 +488,11 @@ class PhaseFieldProblem:
             offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
             offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
             progress = HalfCycleProgress(
-                index=index, kind=kind, t0=self.t, marks=[self.t + o for o in sorted(offsets)], dt=cyc.dt_initial,
+                index=index, kind=kind, t0=self.t, marks=[self.t + o for o in sorted(offsets)], dt=self._initial_dt(kind),
                 factorisations=self.newton.factorisations, linear_iterations=self.newton.linear_iterations,
             )
         p = progress
+        rejected_at_start = p.rejected
         start = last_report = time.perf_counter()
         attempts: list[dict[str, Any]] = []
         while p.marks:
@@ -493,6 +500,7 @@ class PhaseFieldProblem:
             dt_try = min(p.dt, target - self.t)
             if target - self.t - dt_try < 1e-3 * dt_try:
                 dt_try = target - self.t
+            attempts_before = p.rejected > rejected_at_start
             result = self.step(dt_try)
             p.iterations += result.iterations
             if time.perf_counter() - last_report > 10.0:  # progress on long runs
@@ -501,6 +509,8 @@ class PhaseFieldProblem:
             if result.ok:
                 attempts.clear()
                 p.steps += 1
+                if p.steps == 1:
+                    self._learn_initial_dt(kind, dt_try, result, first_try=not attempts_before)
                 vm, ep = self.quadrature_values()
                 p.peak_vm = max(p.peak_vm, float(vm.max(initial=0.0)))
                 p.peak_ep = max(p.peak_ep, float(ep.max(initial=0.0)))
@@ -509,8 +519,7 @@ class PhaseFieldProblem:
                     p.marks.pop(0)
                     if on_output is not None:
                         on_output(self, self.t)
-                if self._effective_iterations(result.history) <= cyc.easy_iterations and dt_try >= 0.999 * p.dt:
-                    p.dt = min(p.dt * cyc.growth, cyc.dt_max)
+                p.dt = self._next_dt(p.dt, dt_try, result)
                 p.elapsed_s += time.perf_counter() - start
                 start = time.perf_counter()
                 if on_step is not None and p.marks:
@@ -518,7 +527,7 @@ class PhaseFieldProblem:
                 continue
             p.rejected += 1
             attempts.append({"t": self.t, "dt": dt_try, "reason": result.reason, "newton_iterations": result.iterations, "residual_history": result.history})
-            p.dt = dt_try * cyc.cutback
+            p.dt = self._next_dt(p.dt, dt_try, result)
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
                 err = SolverError(
@@ -557,6 +566,7 @@ class PhaseFieldProblem:
             "ramp": list(self._ramp) if self._ramp is not None else None,
             "factorisations": self.newton.factorisations,
             "linear_iterations": self.newton.linear_iterations,
+            "first_dt": dict(self._first_dt),
         }
         return state, {"w": self.w, "plastic_state": self.state}
 
@@ -574,7 +584,61 @@ class PhaseFieldProblem:
         self._ramp = tuple(state["ramp"]) if state["ramp"] is not None else None  # type: ignore[assignment]
         self.newton.factorisations = int(state["factorisations"])
         self.newton.linear_iterations = int(state["linear_iterations"])
+        self._first_dt = {str(k): float(v) for k, v in state.get("first_dt", {}).items()}
         self.newton.invalidate()
+
+    def _initial_dt(self, kind: str) -> float:
+        """First step of a half-cycle: ``dt_initial``, or with the smooth controller the size the
+        first step of the last half-cycle of this kind needed (never above ``dt_initial``)."""
+        cyc = self.settings.cycling
+        if cyc.controller != "smooth":
+            return cyc.dt_initial
+        return min(cyc.dt_initial, self._first_dt.get(kind, cyc.dt_initial))
+
+    def _learn_initial_dt(self, kind: str, dt_try: float, result: StepResult, first_try: bool) -> None:
+        """Remember the size of this half-cycle's first accepted step (grown after an easy first
+        try) for the next half-cycle of the same kind: the Dirichlet jump at a half-cycle start
+        is the same each time, and the attempts that fail on it cost most of a half-cycle's
+        rejected Newton iterations."""
+        cyc = self.settings.cycling
+        if first_try and self._effective_iterations(result.history) <= cyc.easy_iterations:
+            dt_try *= cyc.growth
+        self._first_dt[kind] = min(cyc.dt_initial, dt_try)
+
+    def _next_dt(self, dt: float, dt_try: float, result: StepResult) -> float:
+        """The step size after an attempt of ``dt_try`` (``dt``: the controller's current size,
+        larger than ``dt_try`` when the step was shortened to hit an output time).
+
+        ``threshold``: grow by ``growth`` after an accepted step with at most ``easy_iterations``
+        effective Newton iterations, cut back by ``cutback`` after a rejection. ``smooth``: the
+        change of c is about proportional to dt, so the step after one that changed c by ``dc``
+        is aimed at ``dc_target max_dc``: ``dt (dc_target max_dc / dc)``, at most ``growth``
+        times larger; the Newton iterations bound it as well (at most ``easy_iterations``: may
+        grow; up to twice that: may not grow; more: halve). A step rejected for ``max_dc`` is
+        retried with the size its change predicts (between 0.1 and 0.9 times), a failed Newton
+        solve with ``cutback``. Both are capped by ``dt_max``.
+        """
+        cyc = self.settings.cycling
+        effective = self._effective_iterations(result.history)
+        if cyc.controller == "threshold":
+            if not result.ok:
+                return dt_try * cyc.cutback
+            if effective <= cyc.easy_iterations and dt_try >= 0.999 * dt:
+                return min(dt * cyc.growth, cyc.dt_max)
+            return dt
+        target = cyc.dc_target * cyc.max_dc
+        if not result.ok:
+            if result.dc is not None and result.dc > cyc.max_dc:  # converged, but changed c too much
+                return dt_try * min(0.9, max(0.1, target / result.dc))
+            return dt_try * cyc.cutback
+        factor = cyc.growth if result.dc is None or result.dc <= 0 else min(cyc.growth, target / result.dc)
+        if effective > 2 * cyc.easy_iterations:
+            factor = min(factor, 0.5)
+        elif effective > cyc.easy_iterations:
+            factor = min(factor, 1.0)
+        if dt_try < 0.999 * dt:  # shortened to hit an output time: its size says little about growth
+            return min(dt if factor >= 1 else min(dt, dt_try * factor), cyc.dt_max)
+        return min(dt_try * factor, cyc.dt_max)
 
     def _effective_iterations(self, history: list[float]) -> int:
         """Newton iterations to reduce the residual by 1e-6 (or below 1e3 atol).

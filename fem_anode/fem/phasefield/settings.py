@@ -99,6 +99,15 @@ class CyclingSettings(Section):
     easy_iterations: int = setting(4, "a step converged in at most this many Newton iterations lets dt grow", positive=True)
     max_retries: int = setting(10, "consecutive failed attempts of one step before the run stops", positive=True)
     max_dc: float = setting(0.2, "largest change of c at any node in one step; larger changes are rejected and retried", positive=True)
+    controller: str = setting(
+        "smooth",
+        "time-step controller: 'smooth' (the next dt from the largest change of c of the step, aimed at dc_target x max_dc, and from the Newton "
+        "iterations: grow after easy steps, hold after harder ones, halve after very hard ones; a step rejected for max_dc is retried with the "
+        "dt that change predicts), 'threshold' (the previous controller: grow by 'growth' after an easy step, otherwise keep dt, cut back by "
+        "'cutback' after any rejection)",
+        choices=("smooth", "threshold"),
+    )
+    dc_target: float = setting(0.75, "smooth controller: aim each step at this fraction of max_dc (below 1 leaves room for the change to grow faster than dt)", bounds=(0.05, 1.0))
 
     def validate(self) -> None:
         if self.dt_min > self.dt_initial or self.dt_initial > self.dt_max:
@@ -145,10 +154,13 @@ class SolverSettings(Section):
     rtol: float = setting(1e-9, "SNES relative residual tolerance", positive=True)
     atol: float = setting(1e-10, "SNES absolute residual tolerance", positive=True)
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
+    stop_on_stagnation: bool = setting(True, "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did not halve the residual, instead of running on to max_it")
     line_search: str = setting("bt", "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)", choices=("bt", "basic", "l2"))
     linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
     reuse_factorisation: bool | None = setting(None, "keep the LU factorisation over Newton iterations and steps as preconditioner of GMRES on the current Jacobian (rtol 1e-10: still Newton), refactorising only when GMRES slows down; false: factorise at every Newton iteration; default (unset): on one rank only, since MUMPS's parallel factorisation is not reproducible bit for bit and the lagged GMRES turns that round-off into different step sequences from run to run")
-    refactor_iterations: int = setting(30, "refactorise when the last linear solve needed more GMRES iterations than this", positive=True)
+    refactor_iterations: int = setting(12, "with reuse_factorisation: refactorise when a linear solve needs more Krylov iterations than this (during that solve with refactor_on_stall, else at the next Newton iteration)", positive=True)
+    refactor_on_stall: bool = setting(True, "with reuse_factorisation: when a linear solve stalls on the lagged factorisation, refactorise the current Jacobian inside that solve (FGMRES, which allows the preconditioner to change) instead of failing the Newton iteration; false: GMRES, refactorise at the next Newton iteration (the previous scheme)")
+    linear_rtol: float | None = setting(None, "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances still decide convergence); 1e-10: the previous, nearly exact solves", bounds=(1e-14, 0.5))
     quadrature_degree: int | None = setting(None, "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)", bounds=(1, 8))
     petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
 
