@@ -1,15 +1,30 @@
-"""Benchmark 4 (and 5): phase-field half-cycles vs mesh size and MPI ranks.
+"""Benchmark 4 (and 5): phase-field half-cycles vs mesh size, MPI ranks and solver configuration.
 
-The built-in nanowire cross-section (disk, radius 20 nm) with the default model, meshed at the
-given element sizes; one lithiation half-cycle (``--half-cycles`` to change). Reported: unknowns,
-time steps (and rejected ones), Newton iterations per step, time per Newton iteration and per
-half-cycle. The linear solver of each Newton step is a direct factorisation (MUMPS), so there are
-no linear iterations to report (one factorisation + solve per Newton iteration).
+The built-in nanowire cross-section (disk, radius 20 nm) with the default model (vacancies,
+voids, percolation on), meshed at the given element sizes; ``--half-cycles`` half-cycles
+(default one lithiation). ``--configs`` runs several solver configurations one after the other
+in the same process, so their times are comparable on this shared machine:
+
+* ``default``: the package defaults (on one rank: lagged LU as the preconditioner of FGMRES,
+  refactorised inside a stalled solve, Eisenstat-Walker linear tolerances, Newton stagnation
+  stop, smooth time-step controller; on several ranks an LU at every Newton iteration);
+* ``previous``: the configuration before issue 22 (GMRES at rtol 1e-10 on the lagged LU,
+  refactorised at the next Newton iteration after more than 30 iterations, threshold
+  controller, Newton always to ``max_it``);
+* ``exact``: an LU at every Newton iteration (``reuse_factorisation = false``).
+
+Reported per half-cycle and configuration: unknowns, steps (rejected), Newton iterations,
+factorisations, Krylov iterations, time per Newton iteration and per half-cycle, the void
+metrics; per configuration the total time and the largest difference of the records from the
+first configuration. ``--profile`` also times, on the same mesh and a state after the first
+steps of a lithiation, one Jacobian assembly (matrix and border vectors), one residual, one
+LU factorisation and one application of the preconditioner (block elimination with the LU),
+the yardstick of "time per Newton iteration".
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_phasefield.py --sizes 2e-9,1e-9
-    mpirun -n 2 .venv/bin/python benchmarks/bench_phasefield.py --sizes 1e-9
+    .venv/bin/python benchmarks/bench_phasefield.py --sizes 1e-9 --half-cycles 4 --configs previous,default --profile
+    mpirun -n 2 .venv/bin/python benchmarks/bench_phasefield.py --sizes 5e-10 --half-cycles 1
 """
 
 from __future__ import annotations
@@ -18,10 +33,78 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from mpi4py import MPI  # noqa: E402
+
+#: Record keys compared between configurations (relative differences).
+COMPARED = ("mean_c_li", "outer_radius_m", "axial_stretch", "void_fraction", "electrolyte_fraction", "sei_penetration_depth_m", "core_connectivity", "mean_c_v")
+
+
+def configured(base: Any, config: str) -> Any:
+    """The settings of a named solver configuration (see the module docstring)."""
+    if config == "default":
+        return base
+    if config == "previous":
+        return base.replace(
+            cycling=base.cycling.replace(controller="threshold"),
+            solver=base.solver.replace(refactor_iterations=30, refactor_on_stall=False, linear_rtol=1e-10, stop_on_stagnation=False),
+        )
+    if config == "exact":
+        return base.replace(solver=base.solver.replace(reuse_factorisation=False))
+    raise SystemExit(f"unknown configuration {config!r} (default, previous, exact)")
+
+
+def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float]:
+    """Median times (s) of one Jacobian assembly, residual, factorisation and preconditioner
+    application on the settings' mesh, at a state a few steps into a lithiation."""
+    import numpy as np
+    from dolfinx.fem import petsc as fem_petsc
+
+    from fem_anode.fem.phasefield.run import load_geometry
+    from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
+
+    problem = VacancyPhaseFieldProblem(load_geometry(settings, None, comm), settings)
+    problem._ramp = (settings.material.c_min, settings.material.c_max, 0.0, settings.cycling.ramp_time)
+    for _ in range(3):
+        problem.step(settings.cycling.dt_initial / 16)
+    nw = problem.newton
+    snes = nw.snes
+
+    def median(action: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            comm.Barrier()
+            t = time.perf_counter()
+            action()
+            comm.Barrier()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    nw.pack()
+
+    def jacobian() -> None:
+        nw.A.zeroEntries()
+        fem_petsc.assemble_matrix(nw.A, nw.jacobian, bcs=nw.bcs)
+        nw.A.assemble()
+        if nw.axial is not None:
+            for vec, form in ((nw.bvec, nw.axial[1]), (nw.cvec, nw.axial[2])):
+                with vec.localForm() as loc:
+                    loc.set(0.0)
+                fem_petsc.assemble_vector(vec, form)
+
+    out = {"jacobian_s": median(jacobian), "residual_s": median(lambda: nw._function(snes, nw.X, nw.F))}
+    jacobian()
+    out["factorisation_s"] = median(nw._factorise)
+    x, y = nw.X.duplicate(), nw.X.duplicate()
+    x.setRandom()
+    shell = nw.snes.getKSP().getPC()
+    out["pc_apply_s"] = median(lambda: shell.apply(x, y))
+    out["matvec_s"] = median(lambda: nw.J.mult(x, y))
+    problem.destroy()
+    return out
 
 
 def main() -> None:
@@ -31,43 +114,64 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2e-9,1e-9", help="element sizes (m)")
     parser.add_argument("--half-cycles", type=int, default=1)
+    parser.add_argument("--configs", default="default", help="comma-separated: default, previous, exact")
+    parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rows = []
     load_start = common.load()
     for size in map(float, args.sizes.split(",")):
         base = PhaseFieldSettings()
-        settings = base.replace(
+        base = base.replace(
             mesh=base.mesh.replace(size=size),
             cycling=base.cycling.replace(half_cycles=args.half_cycles),
             output=base.output.replace(fields=False, figures=False),
         )
-        t = time.perf_counter()
-        result = run_phasefield(settings, None, comm)
-        total = time.perf_counter() - t
-        for record in result["half_cycles"]:
-            its = record["newton_iterations_total"]
-            rows.append(
-                {
-                    "size_m": size,
-                    "ranks": comm.size,
-                    "cells": result["ncells"],
-                    "unknowns": result["unknowns"],
-                    "half_cycle": f"{record['index']} {record['kind']}",
-                    "steps": record["steps"],
-                    "rejected": record["rejected_steps"],
-                    "newton_its": its,
-                    "newton_per_step": its / max(record["steps"], 1),
-                    "half_cycle_s": record["wall_time_s"],
-                    "s_per_newton": record["wall_time_s"] / max(its, 1),
-                    "run_total_s": total,
-                    "load": common.load(),
-                }
-            )
-        if comm.rank == 0:
-            common.print_table(rows[-len(result["half_cycles"]) :], title=f"phase-field, element size {size:g} m")
+        reference: list[dict[str, Any]] | None = None
+        for config in args.configs.split(","):
+            settings = configured(base, config)
+            t = time.perf_counter()
+            result = run_phasefield(settings, None, comm)
+            total = time.perf_counter() - t
+            records = result["half_cycles"]
+            reference = reference or records
+            for record, ref in zip(records, reference):
+                its = record["newton_iterations_total"]
+                diff = max((abs(record[k] - ref[k]) / max(abs(ref[k]), 1e-30) for k in COMPARED if k in record), default=0.0)
+                rows.append(
+                    {
+                        "size_m": size,
+                        "ranks": comm.size,
+                        "config": config,
+                        "cells": result["ncells"],
+                        "unknowns": result["unknowns"],
+                        "half_cycle": f"{record['index']} {record['kind']}",
+                        "steps": record["steps"],
+                        "rejected": record["rejected_steps"],
+                        "newton_its": its,
+                        "factorisations": record["factorisations"],
+                        "linear_its": record["linear_iterations"],
+                        "newton_per_step": its / max(record["steps"], 1),
+                        "half_cycle_s": record["wall_time_s"],
+                        "s_per_newton": record["wall_time_s"] / max(its, 1),
+                        "void_fraction": record.get("void_fraction"),
+                        "electrolyte_fraction": record.get("electrolyte_fraction"),
+                        "sei_depth_nm": record.get("sei_penetration_depth_m", 0.0) * 1e9,
+                        "n_voids": record.get("n_voids"),
+                        "max_rel_diff_to_first": diff,
+                        "run_total_s": total,
+                        "load": common.load(),
+                    }
+                )
+            if comm.rank == 0:
+                common.print_table(rows[-len(records) :], title=f"phase-field, element size {size:g} m, {config}: {total:.1f} s")
+        if args.profile:
+            prof = profile(base, comm)
+            if comm.rank == 0:
+                rows.append({"size_m": size, "ranks": comm.size, "config": "profile", **prof, "load": common.load()})
+                common.print_table(rows[-1:], title=f"single operations, element size {size:g} m (median of 10, s)")
     if comm.rank == 0:
-        common.print_table(rows, title="phase-field half-cycles")
+        common.print_table([r for r in rows if r["config"] != "profile"], title="phase-field half-cycles")
         command = ("mpirun -n %d " % comm.size if comm.size > 1 else "") + "python benchmarks/bench_phasefield.py " + " ".join(sys.argv[1:])
         path = common.append_results("phasefield", rows, command, {"load": [load_start, common.load()]})
         print(f"appended to {path}")

@@ -49,6 +49,7 @@ Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import basix.ufl
@@ -65,7 +66,7 @@ from scipy.spatial import cKDTree
 from fem_anode.fem.phasefield import chemistry
 from fem_anode.fem.phasefield.problem import PhaseFieldProblem
 
-__all__ = ["VacancyPhaseFieldProblem", "VoidGraph", "interpolation", "nucleation_sites", "nucleation_field", "VOID_RECORD_KEYS"]
+__all__ = ["VacancyPhaseFieldProblem", "VoidGraph", "interpolation", "nucleation_sites", "nucleation_field", "VOID_RECORD_KEYS", "PROXIMITY_RECORD_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ VOID_RECORD_KEYS = (
     "vacancy_source_total",
     "equivalent_real_cycles",
 )
+
+#: Keys each delithiation record gains: where the new voids formed (NaN where undefined).
+PROXIMITY_RECORD_KEYS = ("new_void_fraction", "new_void_distance_ratio", "new_void_distance_to_preserved_ratio", "new_void_distance_m")
 
 
 def interpolation(c: Any, c_min: float, c_max: float) -> tuple[Any, Any]:
@@ -269,6 +273,50 @@ class VoidGraph:
             "n_accessible_voids_at_surface": int(self._sum(root & at_surface)),
             "core_connectivity": self._core_connectivity(~void & ~self.electrolyte),
         }
+
+    def _distance_to(self, target: np.ndarray) -> np.ndarray:
+        """Collective: distance of every local node to the nearest node of ``target`` (a node
+        mask, the same on every copy of a node) over the whole mesh; inf if there is none. The
+        owned target nodes' coordinates are allgathered (once per call)."""
+        points = np.concatenate(self.comm.allgather(self.xy[: self.n_owned][target[: self.n_owned]]))
+        if len(points) == 0:
+            return np.full(len(self.xy), np.inf)
+        return cKDTree(points).query(self.xy)[0]
+
+    def proximity(self, c_v: np.ndarray, threshold: float, length_scale: float) -> dict[str, float]:
+        """Where the voids of a delithiation formed relative to the electrolyte (paper 002: new
+        voids nucleate next to the preserved, electrolyte-filled ones). Call before
+        :meth:`analyse` percolates. Collective.
+
+        New voids are the void nodes outside the electrolyte. Their area-weighted mean distance
+        to the electrolyte (the electrolyte-filled voids and the outer surface, which the
+        electrolyte wets) is compared with the mean over all Si nodes outside the electrolyte,
+        i.e. with voids placed at random in the Si: a ratio below 1 means the voids formed
+        nearer the electrolyte than random placement would put them. The same ratio with the
+        distance to the preserved voids alone (NaN before any void holds electrolyte).
+
+        Returns:
+            ``new_void_fraction`` (area fraction of the section), ``new_void_distance_ratio``,
+            ``new_void_distance_to_preserved_ratio`` and ``new_void_distance_m`` (the mean
+            distance to the electrolyte, m, reference configuration).
+        """
+        void = self._owner_values(np.asarray(c_v, dtype=float)) > threshold
+        si = ~self.electrolyte
+        new = void & si
+        new_area, si_area = self._sum(self.area * new), self._sum(self.area * si)
+        out = {"new_void_fraction": new_area / self.total_area, "new_void_distance_ratio": math.nan,
+               "new_void_distance_to_preserved_ratio": math.nan, "new_void_distance_m": math.nan}
+        if new_area == 0 or si_area == 0:
+            return out
+        for key, target in (("new_void_distance_ratio", self.electrolyte | self.surface), ("new_void_distance_to_preserved_ratio", self.electrolyte)):
+            if not self.comm.allreduce(bool(np.any(target[: self.n_owned])), op=MPI.LOR):
+                continue
+            d = self._distance_to(target)
+            mean_new = self._sum(self.area * d * new) / new_area
+            out[key] = mean_new / (self._sum(self.area * d * si) / si_area)
+            if key == "new_void_distance_ratio":
+                out["new_void_distance_m"] = mean_new * length_scale
+        return out
 
     def _core_connectivity(self, solid: np.ndarray) -> float:
         """Area fraction of the solid in the core cluster (see :meth:`analyse`). Collective.
@@ -473,6 +521,8 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
     def _void_record(self, record: dict[str, Any]) -> None:
         vac = self.settings.vacancy
         percolate = record["kind"] == "delithiation"
+        if percolate:
+            record.update(self.voids.proximity(self.vacancy_values(), vac.threshold, self.l0))
         record.update(self.voids.analyse(self.vacancy_values(), vac.threshold, percolate, self.l0))
         if percolate:
             self.set_electrolyte(self.voids.electrolyte_values())
