@@ -82,15 +82,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
                        help="use a saved classifier instead of training (model files are pickles: only load files you trust)")
     train.add_argument("--save-model", type=Path, metavar="FILE", help="write the trained classifier (e.g. model.joblib)")
     train.add_argument("--seed", type=int, default=0, help="random forest seed (default 0)")
-    train.add_argument("--trees", type=int, default=50, help="number of trees (default 50)")
-    train.add_argument("--max-depth", type=int, default=20, help="tree depth limit (default 20; 0 = unlimited)")
+    train.add_argument("--trees", type=int, default=32, help="number of trees (default 32)")
+    train.add_argument("--max-depth", type=int, default=16, help="tree depth limit (default 16; 0 = unlimited)")
     train.add_argument("--feature-sigma-min", type=float, default=0.5, metavar="VOXELS", help="smallest feature scale (default 0.5 voxels)")
     train.add_argument("--feature-sigma-max", type=float, default=4.0, metavar="VOXELS", help="largest feature scale (default 4 voxels)")
     train.add_argument("--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)")
-    train.add_argument("--illumination", type=float, metavar="VOXELS",
-                       help="remove an in-plane background of this Gaussian width first (uneven illumination; default off)")
-    train.add_argument("--chunk-memory", type=float, default=512.0, metavar="MB",
-                       help="features held in memory at once per rank, MB (default 512); the image is predicted in slabs")
+    train.add_argument("--illumination", type=int, metavar="DEGREE",
+                       help="remove a smooth in-plane background first: the per-slice polynomial surface of this degree "
+                       "(1 = ramp, 2 = ramp + cupping; uneven illumination; default off)")
+    train.add_argument("--chunk-memory", type=float, default=1024.0, metavar="MB",
+                       help="features held in memory at once per rank, MB (default 1024); the image is predicted in blocks")
     parser.add_argument("--truth", metavar="LABELS", type=Path,
                         help="known label image: report per-phase IoU, confusion matrix (JSON + PNG) and phase-fraction errors")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="label image to write, e.g. labels.npy")
@@ -143,7 +144,7 @@ def _check_options(args: argparse.Namespace) -> None:
     check_number(args.feature_sigma_min, "--feature-sigma-min", 0.0, 64.0, low_open=True)
     check_number(args.feature_sigma_max, "--feature-sigma-max", args.feature_sigma_min, 64.0)
     if args.illumination is not None:
-        check_number(args.illumination, "--illumination", 0.0, low_open=True)
+        check_int(args.illumination, "--illumination", 1, 4)
     check_number(args.chunk_memory, "--chunk-memory", 1.0, 1e7)
     for pair in args.train:
         gray, sep, labels = pair.rpartition(":")
@@ -254,7 +255,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
     rank = comm.rank if comm is not None else 0
     phases = parse_phase_map(args.phases) if args.phases else None
     settings = tr.FeatureSettings(sigma_min=args.feature_sigma_min, sigma_max=args.feature_sigma_max, texture=not args.no_texture,
-                                  illumination_scale=args.illumination)
+                                  illumination_degree=args.illumination)
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
     model, error = None, None

@@ -6,9 +6,9 @@
 * :func:`denoise_gray` -- non-local means (``skimage.restoration.denoise_nl_means``, fast mode,
   3D patches for volumes) or total variation (``denoise_tv_chambolle``), with the filter
   strength tied to the estimated noise.
-* :func:`flatten_illumination` -- optional removal of a slowly varying additive background
-  (uneven illumination, cupping), in-plane only for volumes so that real depth gradients of
-  the composition are kept.
+* :func:`flatten_illumination` -- optional removal of a smooth additive in-plane background
+  (uneven illumination, cupping) per slice, so that real depth gradients of the composition are
+  kept.
 
 Gray images are float arrays in any scale; every parameter in gray units scales with them.
 """
@@ -19,8 +19,6 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
-
 from fem_anode.errors import InputError, UsageError
 
 __all__ = ["DENOISE_METHODS", "denoise_gray", "estimate_noise_sigma", "flatten_illumination"]
@@ -66,27 +64,31 @@ def estimate_noise_sigma(gray: np.ndarray) -> float:
     return float(np.median(np.abs(d)) / _MAD_NORMAL)
 
 
-def flatten_illumination(gray: np.ndarray, scale: float) -> np.ndarray:
-    """Subtract a slowly varying background, keep the mean gray value of every slice.
+def flatten_illumination(gray: np.ndarray, degree: int = 2) -> np.ndarray:
+    """Remove a smooth in-plane background (uneven illumination, cupping) from every slice.
 
-    ``g - G_s * g + mean(g)`` with ``G_s`` a Gaussian of width ``scale`` voxels in the (y, x)
-    plane and the mean taken per slice: for volumes each z-slice separately (uneven
-    illumination and cupping of tomography are in-plane; a depth gradient of the composition is
-    real and kept, and slabs of a volume are corrected exactly as the whole). ``scale`` must be
-    much larger than the structures (several particle diameters): anything on that scale is
-    removed.
+    Per slice (a 2D image is one slice; a volume's z-slices one by one): the least-squares
+    polynomial surface ``P(y, x)`` of total degree ``degree`` through the slice's gray values is
+    subtracted and the slice mean added back, ``g - P + mean(g)``. A linear ramp (``degree`` 1)
+    or a ramp plus cupping (2) is removed exactly, the structure (which has no trend over the
+    field of view) and the mean gray value of every slice are kept, so a real depth gradient of
+    the composition survives and slabs of a volume are corrected exactly as the whole.
 
     Args:
         gray: 2D ``(y, x)`` or 3D ``(z, y, x)`` gray image.
-        scale: Gaussian width in voxels (> 0).
+        degree: polynomial degree, 1..4.
     """
-    if not (np.isfinite(scale) and scale > 0):
-        raise UsageError(f"illumination scale must be a positive number of voxels, got {scale}")
+    if not 1 <= int(degree) <= 4:
+        raise UsageError(f"illumination polynomial degree must be 1..4, got {degree}")
     a = np.asarray(gray, dtype=np.float64)
-    sigma = (0.0, scale, scale) if a.ndim == 3 else (scale, scale)
-    background = ndimage.gaussian_filter(a, sigma, mode="reflect")
-    mean = a.mean(axis=(1, 2), keepdims=True) if a.ndim == 3 else a.mean()
-    return a - background + mean
+    stack = a if a.ndim == 3 else a[None]
+    ny, nx = stack.shape[1:]
+    y, x = np.meshgrid(np.linspace(-1.0, 1.0, ny), np.linspace(-1.0, 1.0, nx), indexing="ij")
+    terms = [y**i * x**j for i in range(degree + 1) for j in range(degree + 1 - i) if i + j > 0]
+    basis = np.stack([t.ravel() - t.mean() for t in terms], axis=1)  # zero-mean terms: the mean is kept
+    coeffs, *_ = np.linalg.lstsq(basis, stack.reshape(stack.shape[0], -1).T, rcond=None)
+    out = stack - (basis @ coeffs).T.reshape(stack.shape)
+    return out if a.ndim == 3 else out[0]
 
 
 def denoise_gray(

@@ -40,18 +40,21 @@ def test_denoising_removes_noise_and_keeps_the_edge():
         denoise_gray(noisy, "median")  # type: ignore[arg-type]
 
 
-def test_flatten_illumination_removes_an_in_plane_ramp_and_keeps_the_depth_trend():
-    z, y, x = np.mgrid[0:8, 0:64, 0:64].astype(float)
-    structure = ((np.floor(x / 4) + np.floor(y / 4)) % 2) * 0.2  # fine checkerboard
+def test_flatten_illumination_removes_ramp_and_cupping_and_keeps_the_depth_trend():
+    z, y, x = np.mgrid[0:8, 0:64, 0:80].astype(float)
+    structure = ((np.floor(x / 4) + np.floor(y / 4)) % 2) * 0.2  # fine checkerboard, no trend
     depth_trend = 0.05 * z  # a real composition gradient with depth
-    shading = 0.3 * x / 63.0  # uneven illumination across the field of view
-    out = flatten_illumination(structure + depth_trend + shading, 16.0)
-    centre = out[:, 16:48, 16:48]
-    left, right = centre[:, :, :8].mean(), centre[:, :, -8:].mean()
-    assert abs(right - left) < 0.02  # the ramp (0.15 across this window) is gone
-    np.testing.assert_allclose(out.mean(axis=(1, 2)), (structure + depth_trend + shading).mean(axis=(1, 2)), rtol=1e-12)
-    with pytest.raises(UsageError):
-        flatten_illumination(structure, 0.0)
+    u, v = x / 79.0 - 0.5, y / 63.0 - 0.5
+    shading = 0.3 * u + 0.4 * (u**2 + v**2)  # ramp + cupping of the field of view
+    image = structure + depth_trend + shading
+    out = flatten_illumination(image, 2)
+    expected = structure + depth_trend + shading.mean(axis=(1, 2), keepdims=True)
+    # the quadratic shading is removed up to the checkerboard's own (tiny) projection on it
+    assert np.abs(out - expected).max() < 0.01
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), image.mean(axis=(1, 2)), rtol=1e-12)  # slice means kept
+    np.testing.assert_allclose(flatten_illumination(image[3], 2), out[3], rtol=0, atol=1e-12)  # per slice: slab-exact
+    with pytest.raises(UsageError, match="degree"):
+        flatten_illumination(image, 0)
 
 
 def test_clean_labels_fills_isolated_voxels_and_small_objects():
