@@ -293,6 +293,8 @@ def _run_trainable(args: argparse.Namespace) -> int:
     shape = tuple(image.array.shape) if isinstance(image, VoxelImage) else image.shape
     model.check_image(shape, str(args.image))
     nz = shape[0]
+    if rank == 0 and args.model is not None:
+        _check_gray_scale(image, nz, model.training.get("gray_p1_p99"), args.image)
     bounds = _slab_bounds(nz, size)
     z0, z1 = bounds[rank], bounds[rank + 1]
     labels = tr.predict_labels(image.read_layers, shape, model, z0=z0, z1=z1, chunk_memory=chunk_memory, progress=True)
@@ -343,6 +345,22 @@ def _run_trainable(args: argparse.Namespace) -> int:
         comm.barrier()
     logger.info("wrote %s", args.out)
     return 0
+
+
+def _check_gray_scale(image: Any, nz: int, trained: Any, source: Path) -> None:
+    """Warn when the image's gray range (1st-99th percentile of up to 8 evenly spaced layers)
+    lies far from the model's training images' (a model learns their gray scale)."""
+    if not trained:
+        return
+    layers = sorted({int(z) for z in np.linspace(0, nz - 1, min(nz, 8))}) if image.ndim == 3 else [None]
+    values = np.concatenate([np.asarray(image.read_layers(z, z + 1) if z is not None else image.read_layers(0, nz), dtype=np.float64).ravel()
+                             for z in layers])
+    lo, hi = np.percentile(values, [1, 99])
+    t_lo, t_hi = min(r[0] for r in trained), max(r[1] for r in trained)
+    span = max(t_hi - t_lo, 1e-300)
+    if abs(lo - t_lo) > 0.25 * span or abs(hi - t_hi) > 0.25 * span:
+        logger.warning("%s: gray range %.4g..%.4g (1st-99th percentile) differs from the model's training images (%.4g..%.4g): "
+                       "the classifier learned their gray scale; check the reconstruction and scaling", source, lo, hi, t_lo, t_hi)
 
 
 def _write_distributed(path: Path, labels: np.ndarray, shape: tuple[int, ...], bounds: list[int], comm: Any,

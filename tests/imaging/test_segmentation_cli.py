@@ -105,3 +105,20 @@ def test_segment_errors_are_one_line(inputs, comm, capsys, argv, code, message):
     assert message in err and "Traceback" not in err
     comm.barrier()
     assert not (d / "x.npy").exists()
+
+
+def test_model_on_another_gray_scale_warns(inputs, comm, capsys):
+    d = inputs
+    if comm.rank == 0:
+        gray = read_image(d / "gray.npy", kind="gray")
+        write_image(d / "rescaled.npy", VoxelImage(1000.0 * gray.array + 200.0, gray.voxel_size))  # e.g. uint16-like counts
+    comm.barrier()
+    assert main(["segment", str(d / "gray.npy"), "--method", "trainable", "--train", f"{d / 'gray.npy'}:{d / 'scribbles.npy'}",
+                 "--trees", "4", "--save-model", str(d / "small.joblib"), "--out", str(d / "a.npy")]) == 0
+    comm.barrier()
+    capsys.readouterr()
+    assert main(["segment", str(d / "rescaled.npy"), "--method", "trainable", "--model", str(d / "small.joblib"), "--out", str(d / "b.npy")]) == 0
+    err = capsys.readouterr().err
+    if comm.rank == 0:
+        assert "differs from the model's training images" in err
+    comm.barrier()
