@@ -56,13 +56,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="region/threshold: phase names from darkest to brightest, e.g. pore,sei,si (default: by the usual gray "
         "levels pore < sei < graphite < si, else the --phases order)",
     )
-    clean = parser.add_argument_group("cleaning (multistage, region)")
+    clean = parser.add_argument_group("cleaning (multistage, region; --illumination also trainable)")
     clean.add_argument("--denoise", choices=DENOISE, default="nl_means",
                        help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none (default nl_means)")
     clean.add_argument("--noise-sigma", type=float, metavar="GRAY",
                        help="noise standard deviation in gray units (default: estimated from the image)")
     clean.add_argument("--denoise-strength", type=float, default=0.8, metavar="K",
                        help="denoising strength relative to the noise sigma (default 0.8)")
+    clean.add_argument("--illumination", type=int, metavar="DEGREE",
+                       help="remove a smooth in-plane background first (every method; stored in a trained model): the per-slice "
+                       "polynomial surface of this degree (1 = ramp, 2 = ramp + cupping; uneven illumination; default off)")
     clean.add_argument("--median", type=int, default=0, metavar="N", help="multistage: median filter of width N voxels first (default off)")
     clean.add_argument("--no-cleanup", action="store_true", help="multistage: skip the clean-up (isolated voxels, small objects)")
     clean.add_argument("--min-object-size", type=int, default=3, metavar="N",
@@ -87,9 +90,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     train.add_argument("--feature-sigma-min", type=float, default=0.5, metavar="VOXELS", help="smallest feature scale (default 0.5 voxels)")
     train.add_argument("--feature-sigma-max", type=float, default=4.0, metavar="VOXELS", help="largest feature scale (default 4 voxels)")
     train.add_argument("--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)")
-    train.add_argument("--illumination", type=int, metavar="DEGREE",
-                       help="remove a smooth in-plane background first: the per-slice polynomial surface of this degree "
-                       "(1 = ramp, 2 = ramp + cupping; uneven illumination; default off)")
     train.add_argument("--chunk-memory", type=float, default=1024.0, metavar="MB",
                        help="features held in memory at once per rank, MB (default 1024); the image is predicted in blocks")
     parser.add_argument("--truth", metavar="LABELS", type=Path,
@@ -125,6 +125,8 @@ def _check_options(args: argparse.Namespace) -> None:
         check_number(args.noise_sigma, "--noise-sigma", 0.0)
     check_number(args.denoise_strength, "--denoise-strength", 0.0, 100.0, low_open=True)
     check_int(args.min_object_size, "--min-object-size", 1, 2**31 - 1)
+    if args.illumination is not None:
+        check_int(args.illumination, "--illumination", 1, 4)
     trainable_only = {"--train": bool(args.train), "--model": args.model is not None, "--save-model": args.save_model is not None}
     if args.method != "trainable":
         given = [k for k, v in trainable_only.items() if v]
@@ -143,8 +145,6 @@ def _check_options(args: argparse.Namespace) -> None:
     check_int(args.seed, "--seed", 0, 2**32 - 1)
     check_number(args.feature_sigma_min, "--feature-sigma-min", 0.0, 64.0, low_open=True)
     check_number(args.feature_sigma_max, "--feature-sigma-max", args.feature_sigma_min, 64.0)
-    if args.illumination is not None:
-        check_int(args.illumination, "--illumination", 1, 4)
     check_number(args.chunk_memory, "--chunk-memory", 1.0, 1e7)
     for pair in args.train:
         gray, sep, labels = pair.rpartition(":")
@@ -170,7 +170,8 @@ def _run_classic(args: argparse.Namespace) -> int:
         check_int(args.median, "--median", 0, largest, " (the image's largest dimension in voxels)")
     if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
         check_number(args.sigma, "--sigma", 0.0, float(largest))
-    cleaning = {"denoise": args.denoise, "noise_sigma": args.noise_sigma, "denoise_strength": args.denoise_strength}
+    cleaning = {"denoise": args.denoise, "noise_sigma": args.noise_sigma, "denoise_strength": args.denoise_strength,
+                "illumination_degree": args.illumination}
     if args.method == "multistage":
         phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
         result = seg.multistage_threshold(gray, phases, median_size=args.median, cleanup=not args.no_cleanup,

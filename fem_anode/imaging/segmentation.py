@@ -187,6 +187,14 @@ def threshold_segmentation(
     return SegmentationResult(VoxelImage(labels, image.voxel_size, phases, f"threshold({image.source})"), info)
 
 
+def _flatten(array: np.ndarray, degree: int | None) -> np.ndarray:
+    if degree is None:
+        return array
+    from fem_anode.imaging.denoise import flatten_illumination
+
+    return flatten_illumination(array, degree)
+
+
 def _label_dtype(phases: Mapping[str, int]) -> type:
     values = list(phases.values())
     return np.uint8 if min(values) >= 0 and max(values) < 256 else np.int32
@@ -204,6 +212,7 @@ def multistage_threshold(
     denoise_strength: float = 0.8,
     cleanup: bool = True,
     min_object_size: int | Mapping[str, int] = DEFAULT_MIN_OBJECT_SIZE,
+    illumination_degree: int | None = None,
 ) -> SegmentationResult:
     """Histogram-based global iterative threshold multistage segmentation (SCT, 4 domains).
 
@@ -253,6 +262,8 @@ def multistage_threshold(
         denoise_strength: filter strength relative to the noise sigma.
         cleanup: apply stage 4.
         min_object_size: smallest object kept by the clean-up (voxels), per phase or for all.
+        illumination_degree: if set, remove a smooth in-plane background first
+            (:func:`~fem_anode.imaging.denoise.flatten_illumination` of this polynomial degree).
 
     Returns:
         Labels and ``info`` with the three thresholds, the denoising and clean-up done, and
@@ -270,11 +281,13 @@ def multistage_threshold(
         )
     if median_size < 0:
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
+    array = _flatten(array, illumination_degree)
     if median_size > 1:
         array = ndimage.median_filter(array, size=int(median_size))
     from fem_anode.imaging.denoise import denoise_gray
 
     array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]
+    denoise_info["illumination_degree"] = illumination_degree
     t_0 = isodata_threshold(array, bins=bins)
     solid_values = array[array >= t_0]
     t_mid = isodata_threshold(solid_values, bins=bins)
@@ -358,6 +371,7 @@ def region_segmentation(
     denoise: str = "nl_means",
     noise_sigma: float | None = None,
     denoise_strength: float = 0.8,
+    illumination_degree: int | None = None,
 ) -> SegmentationResult:
     """Region-based segmentation of FIB-SEM images, robust to shine-through artefacts.
 
@@ -386,7 +400,8 @@ def region_segmentation(
         scale, sigma, min_size: Felzenszwalb parameters (larger ``scale`` = larger regions).
         dark_fraction: fraction of dark pixels that makes a region a pore region.
         bright_fraction: fraction of bright pixels that makes a region the brightest phase.
-        denoise, noise_sigma, denoise_strength: the cleaning, as in :func:`multistage_threshold`.
+        denoise, noise_sigma, denoise_strength, illumination_degree: the cleaning, as in
+            :func:`multistage_threshold`.
     """
     from skimage.segmentation import felzenszwalb
 
@@ -402,7 +417,9 @@ def region_segmentation(
         raise UsageError(f"Felzenszwalb min_size must be >= 1 pixel, got {min_size}")
     from fem_anode.imaging.denoise import denoise_gray
 
+    array = _flatten(array, illumination_degree)
     array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]
+    denoise_info["illumination_degree"] = illumination_degree
     thresholds = multiclass_isodata(array, len(names))[0]
     pixel_class = np.searchsorted(thresholds, array, side="right")
     slices = array if array.ndim == 3 else array[None]

@@ -88,3 +88,22 @@ def test_denoised_multistage_beats_the_raw_one(aged):
     assert iou["pore"] > 0.85 and iou["graphite"] > 0.75 and iou["si"] > 0.24
     assert iou["sei"] > (0.6 if aged else 0.5)
     assert result.info["fractions"]["pore"] == pytest.approx(np.mean(result.labels.array == ANODE_PHASES["pore"]))
+
+
+def test_illumination_flattening_rescues_the_multistage_method_under_shading():
+    """A ramp plus cupping over the field of view breaks global thresholds; the per-slice
+    polynomial background (degree 2) restores them. Measured (16x200x200): mean IoU 0.67 unshaded,
+    0.43 shaded, 0.65 shaded and flattened."""
+    truth = anode_volume((8, 160, 160), seed=0)
+    gray = render_gray(truth, seed=1).array
+    v, u = np.mgrid[0:160, 0:160] / 159.0 - 0.5
+    shaded = gray + 0.15 * u + 0.3 * (u**2 + v**2)
+
+    def mean_iou(image, degree):
+        result = multistage_threshold(image, illumination_degree=degree)
+        assert result.info["denoise"]["illumination_degree"] == degree
+        return np.mean(list(iou_per_phase(result.labels, truth).values()))
+
+    plain, broken, rescued = mean_iou(gray, None), mean_iou(shaded, None), mean_iou(shaded, 2)
+    assert broken < plain - 0.15
+    assert rescued > plain - 0.04
