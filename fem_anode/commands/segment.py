@@ -298,7 +298,8 @@ def _run_trainable(args: argparse.Namespace) -> int:
         _check_gray_scale(image, nz, model.training.get("gray_p1_p99"), args.image)
     bounds = _slab_bounds(nz, size)
     z0, z1 = bounds[rank], bounds[rank + 1]
-    labels = tr.predict_labels(image.read_layers, shape, model, z0=z0, z1=z1, chunk_memory=chunk_memory, progress=True)
+    labels = _on_every_rank(comm, lambda: tr.predict_labels(image.read_layers, shape, model, z0=z0, z1=z1,
+                                                            chunk_memory=chunk_memory, progress=True))
     report: dict[str, Any] = {
         "provenance": provenance("segment", args=args, comm=comm), "input": str(args.image), "method": "trainable",
         "model": {"file": str(args.model) if args.model else None, "saved_to": str(args.save_model) if args.save_model else None,
@@ -313,9 +314,13 @@ def _run_trainable(args: argparse.Namespace) -> int:
         if truth_shape != shape:
             raise InputError(f"--truth {args.truth}: shape {truth_shape} differs from the image {shape}")
         truth_layers = np.asarray(truth_image.read_layers(z0, z1))
-        if not np.issubdtype(truth_layers.dtype, np.integer):
-            raise InputError(f"--truth {args.truth}: labels must be integers, got {truth_layers.dtype}")
-        local = confusion_matrix(labels, truth_layers, phases) if z1 > z0 else np.zeros((len(phases),) * 2, dtype=np.int64)
+
+        def score() -> np.ndarray:
+            if not np.issubdtype(truth_layers.dtype, np.integer):
+                raise InputError(f"--truth {args.truth}: labels must be integers, got {truth_layers.dtype}")
+            return confusion_matrix(labels, truth_layers, phases) if z1 > z0 else np.zeros((len(phases),) * 2, dtype=np.int64)
+
+        local = _on_every_rank(comm, score)
         total = comm.allreduce(local) if size > 1 else local
         report["accuracy"] = accuracy_from_confusion(total, phases)
         report["iou"] = report["accuracy"]["iou"]
@@ -346,6 +351,24 @@ def _run_trainable(args: argparse.Namespace) -> int:
         comm.barrier()
     logger.info("wrote %s", args.out)
     return 0
+
+
+def _on_every_rank(comm: Any, work: Any) -> Any:
+    """``work()`` on every rank; if it fails with a fem_anode error on any rank, every rank raises
+    that error (so no rank waits forever in the next collective operation)."""
+    from fem_anode.errors import FemAnodeError
+
+    result, error = None, None
+    try:
+        result = work()
+    except FemAnodeError as err:
+        error = err
+    if comm is not None and comm.size > 1:
+        errors = comm.allgather(error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
 
 
 def _check_gray_scale(image: Any, nz: int, trained: Any, source: Path) -> None:
