@@ -49,7 +49,6 @@ Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import basix.ufl
@@ -86,7 +85,8 @@ VOID_RECORD_KEYS = (
     "equivalent_real_cycles",
 )
 
-#: Keys each delithiation record gains: where the new voids formed (NaN where undefined).
+#: Keys a delithiation record gains: where the new voids formed (the ratios and the distance
+#: only when defined: new voids, and for the second ratio electrolyte-filled voids, exist).
 PROXIMITY_RECORD_KEYS = ("new_void_fraction", "new_void_distance_ratio", "new_void_distance_to_preserved_ratio", "new_void_distance_m")
 
 
@@ -293,19 +293,20 @@ class VoidGraph:
         electrolyte wets) is compared with the mean over all Si nodes outside the electrolyte,
         i.e. with voids placed at random in the Si: a ratio below 1 means the voids formed
         nearer the electrolyte than random placement would put them. The same ratio with the
-        distance to the preserved voids alone (NaN before any void holds electrolyte).
+        distance to the preserved voids alone.
 
         Returns:
-            ``new_void_fraction`` (area fraction of the section), ``new_void_distance_ratio``,
-            ``new_void_distance_to_preserved_ratio`` and ``new_void_distance_m`` (the mean
-            distance to the electrolyte, m, reference configuration).
+            ``new_void_fraction`` (area fraction of the section); if there are new voids,
+            ``new_void_distance_ratio`` and ``new_void_distance_m`` (their mean distance to the
+            electrolyte, m, reference configuration), and if some voids hold electrolyte,
+            ``new_void_distance_to_preserved_ratio`` (keys without a value are left out, so that
+            records compare and serialise without NaN).
         """
         void = self._owner_values(np.asarray(c_v, dtype=float)) > threshold
         si = ~self.electrolyte
         new = void & si
         new_area, si_area = self._sum(self.area * new), self._sum(self.area * si)
-        out = {"new_void_fraction": new_area / self.total_area, "new_void_distance_ratio": math.nan,
-               "new_void_distance_to_preserved_ratio": math.nan, "new_void_distance_m": math.nan}
+        out = {"new_void_fraction": new_area / self.total_area}
         if new_area == 0 or si_area == 0:
             return out
         for key, target in (("new_void_distance_ratio", self.electrolyte | self.surface), ("new_void_distance_to_preserved_ratio", self.electrolyte)):
