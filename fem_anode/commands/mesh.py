@@ -1,4 +1,5 @@
-"""``fem-anode mesh``: a tagged gmsh mesh of a segmented image (+ quality report, optional XDMF)."""
+"""``fem-anode mesh``: a tagged mesh of a segmented image (+ quality report), as gmsh ``.msh`` or,
+through meshio, ``.vtu``, ``.xdmf``, ``.inp`` (Abaqus) or ``.med`` (by the suffix of ``--out``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ EXAMPLES = """examples:
   fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --keep sei --size 40nm --out roi_sei.msh
   fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --order 2 --xdmf --out roi.msh
   fem-anode mesh volume.tif --voxel-size 0.65um --phases pore=0,si=1,graphite=2,sei=3 --method tet --out vol.msh
+  fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --order 2 --out roi.inp   # Abaqus
+  fem-anode mesh roi.npy --pixel-size 20nm --phases pore=0,si=1,sei=3 --out roi.vtu             # ParaView
+
+formats (by the suffix of --out): .msh gmsh 4.1 (physical groups); .vtu, .xdmf (+ .h5): cell data 'tag' on
+cells and facets; .inp Abaqus: element set per phase, node set per interface/box side ('pore|sei' -> pore_sei);
+.med: one element family per group. Tag numbers: phase 100 + label, interface 10000 + 256 min + max, box sides 1-6.
 """
 
 
@@ -79,8 +86,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     smooth.add_argument("--min-island", type=int, default=0, metavar="PIXELS", help="merge regions with fewer pixels into their surroundings (default 0: keep all)")
     smooth.add_argument("--tolerance", type=_nonneg, default=0.1, metavar="PIXELS", help="curve simplification tolerance in pixels (default 0.1)")
     smooth.add_argument("--sigma", type=_nonneg, default=1.0, metavar="PIXELS", help="smoothing of the phase indicators for sub-pixel boundaries (default 1; 0 = marching squares)")
-    parser.add_argument("--xdmf", action="store_true", help="also write MESH.xdmf (+ .h5) with cell and facet tags for ParaView (needs dolfinx)")
-    parser.add_argument("--out", type=Path, required=True, metavar="MESH.msh", help="output gmsh mesh file (.msh)")
+    parser.add_argument("--xdmf", action="store_true", help="with a .msh --out: also write MESH.xdmf (+ .h5) with cell and facet tags as dolfinx reads them (needs dolfinx)")
+    parser.add_argument("--out", type=Path, required=True, metavar="MESH", help="output mesh file; the suffix picks the format: .msh (gmsh 4.1), .vtu, .xdmf, .inp (Abaqus), .med")
     parser.set_defaults(func=run)
 
 
@@ -89,8 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from fem_anode.meshing.smooth2d import SmoothMeshOptions
     from fem_anode.units import parse_length
 
-    if args.out.suffix != ".msh":
-        raise UsageError(f"--out {args.out} must be a .msh file")
+    from fem_anode.meshing.export import check_format
+
+    suffix = check_format(args.out)
+    if args.xdmf and suffix != ".msh":
+        raise UsageError(f"--xdmf writes the dolfinx XDMF of a .msh mesh; --out {args.out} already picks the format (drop --xdmf)")
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
     if args.keep is not None and not keep:
         raise UsageError("--keep is empty; name at least one phase")

@@ -8,6 +8,9 @@ Methods:
   (:mod:`fem_anode.meshing.voxel`);
 * ``tet`` (3D): six conforming tetrahedra per voxel (:mod:`fem_anode.meshing.tet3d`).
 
+Files: ``.msh`` by gmsh; ``.vtu``, ``.xdmf``, ``.inp``, ``.med`` through meshio
+(:mod:`fem_anode.meshing.export`).
+
 Voxel and tetrahedral meshes conserve every phase area/volume exactly; all methods give the
 same group names and tags (:mod:`fem_anode.meshing.tags`) and are read by
 :func:`fem_anode.fem.mesh_io.read_mesh`.
@@ -146,11 +149,13 @@ def mesh_image(
     quality_path: str | Path | None = None,
     binary: bool | None = None,
 ) -> MeshResult:
-    """Mesh an image with gmsh, write the ``.msh`` (format 4.1, metres) and a quality report.
+    """Mesh an image with gmsh, write the mesh file (metres) and a quality report.
 
     Args:
         image: label image with voxel size and phase map.
-        path: output ``.msh`` file (``None``: nothing written, report only).
+        path: output file (``None``: nothing written, report only); the suffix picks the
+            format: ``.msh`` (gmsh 4.1), ``.vtu``, ``.xdmf``, ``.inp`` or ``.med``
+            (:mod:`fem_anode.meshing.export`).
         method, keep, options, order: see :func:`build_model`.
         quality_path: JSON file for the quality report (``None``: not written).
         binary: write the ``.msh`` in binary (``None``: binary above
@@ -163,10 +168,11 @@ def mesh_image(
 
     from fem_anode.meshing.quality import mesh_quality
 
+    from fem_anode.meshing.export import check_format
+
     if path is not None:
         path = Path(path)
-        if path.suffix != ".msh":
-            raise UsageError(f"mesh output {path} must end in .msh")
+        check_format(path)
     start = time.perf_counter()
     gmsh.initialize(interruptible=False)
     try:
@@ -181,12 +187,18 @@ def mesh_image(
             voxel_size=image.require_voxel_size(),
         )
         quality.update({"cleaning": built.cleaning, "method": built.method, "source": image.source, "shape": list(image.shape), "voxel_size_m": list(image.require_voxel_size()), "mesh_seconds": elapsed})
-        if path is not None:
+        if path is not None and path.suffix.lower() == ".msh":
             gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
             use_binary = quality["cells"] > BINARY_ABOVE_CELLS if binary is None else binary
             gmsh.option.setNumber("Mesh.Binary", int(use_binary))
             with atomic_path(path) as tmp:
                 gmsh.write(str(tmp))
+        elif path is not None:
+            from fem_anode.meshing.export import current_model_to_meshio, export_meshio
+
+            exported, groups = current_model_to_meshio()
+            export_meshio(exported, groups, path, built.gdim)
+        if path is not None:
             quality["file"] = str(path)
             quality["file_bytes"] = path.stat().st_size
     finally:
