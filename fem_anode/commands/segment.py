@@ -433,7 +433,9 @@ def _write_distributed(path: Path, labels: np.ndarray, shape: tuple[int, ...], b
             del out
     except OSError:
         ok = False
-    all_ok = comm.allreduce(ok, op=__import__("mpi4py.MPI", fromlist=["LAND"]).LAND)
+    from mpi4py import MPI
+
+    all_ok = comm.allreduce(ok, op=MPI.LAND)
     if rank == 0:
         if all_ok:
             os.replace(tmp, path)
