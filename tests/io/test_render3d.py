@@ -216,8 +216,10 @@ def test_big_volumes_are_downsampled_and_the_caption_says_so(tmp_path):
     assert _xvfb_processes() == before
 
 
-def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, comm):
-    """P1 voxel mesh; c.bp written by all ranks, rendered by rank 0 from the file."""
+@pytest.mark.parametrize("discretisation", ["fe", "fv"])
+def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, comm, discretisation):
+    """P1 voxel mesh (c.bp) or finite volumes (c.pvd + .vti): the field files are written by all
+    ranks and rendered by rank 0 from the files."""
     pytest.importorskip("dolfinx")
     from fem_anode.cli import main
 
@@ -227,7 +229,7 @@ def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, com
     write_image(shared_tmp_path / "vol.npy", VoxelImage(labels, (20e-9,) * 3, {"pore": 0, "si": 1, "sei": 3}))
     config = shared_tmp_path / "vol.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "vol.npy"\n\n[time]\nt_end = 0.002\noutput_times = [1e-5, 1e-4, 0.002]\n\n'
+        config.write_text(f'[geometry]\nimage = "vol.npy"\n\n[mesh]\ndiscretisation = "{discretisation}"\n\n[time]\nt_end = 0.002\noutput_times = [1e-5, 1e-4, 0.002]\n\n'
                           '[[regions]]\nname = "deep"\nbox = [0.0, 0.0, 100e-9, 120e-9, 120e-9, 160e-9]\n')
     comm.barrier()
     out = shared_tmp_path / "out"
