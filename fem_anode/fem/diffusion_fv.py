@@ -215,6 +215,8 @@ class VoxelFVProblem(DiffusionProblem):
                 "interface the Li comes through)"
             )
         self._A, _, _, _, _ = _assemble(comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra)
+        self._g_z = conductance[0]
+        self._slab_ssor: _SlabEisenstat | None = None
         del extra
         self._transport = transport  # kept for outputs (1 B per voxel of the slab)
         self._A_a0: float | None = None
@@ -279,6 +281,23 @@ class VoxelFVProblem(DiffusionProblem):
 
     def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         y.pointwiseMult(x, self._m)
+
+    def _ksp(self, a0: float) -> Any:
+        """As :meth:`DiffusionProblem._ksp`; on several ranks SSOR is :class:`_SlabEisenstat`
+        (Eisenstat's trick on each rank's block of rows, which PETSc 3.22 lacks for MPI matrices)."""
+        if self.comm.size == 1 or self._preconditioner(a0) != "ssor" or "pc_type" in self.settings.solver.petsc_options:
+            return super()._ksp(a0)
+        key = float(f"{a0:.12e}")
+        A = self._operator(key)
+        if self._slab_ssor is None:
+            self._slab_ssor = _SlabEisenstat(self, A)
+        self._slab_ssor.prepare(key, self._diag)
+        return self._slab_ssor
+
+    def _switch_iterations(self) -> int:
+        """``solver.switch_iterations`` or 40: Eisenstat's SSOR on any number of ranks (see :meth:`_ksp`)."""
+        value = self.settings.solver.switch_iterations
+        return value if value is not None else 40
 
     def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
         """``K + R`` and ``M`` as matrices of ``A``'s pattern, made when the multigrid needs them."""
@@ -427,6 +446,9 @@ class VoxelFVProblem(DiffusionProblem):
 
     def destroy(self) -> None:
         """Free PETSc objects."""
+        if self._slab_ssor is not None:
+            self._slab_ssor.destroy()
+            self._slab_ssor = None
         super().destroy()
         for vec in (self._kr_diag, self._m, self._source, self._w_si, self._diag, self._rhs, self._work,
                     self.c.petsc_vec, self._c_old.petsc_vec, self._c_older.petsc_vec):
@@ -434,6 +456,148 @@ class VoxelFVProblem(DiffusionProblem):
                 vec.destroy()
         for weights, _ in self.regions.values():
             weights.destroy()
+
+
+class _SlabEisenstat:
+    r"""CG with SSOR on each rank's rows by Eisenstat's trick (several ranks; the matrix of a
+    :class:`VoxelFVProblem`, whose ranks own slabs of z layers).
+
+    With ``B = D/omega + L`` (``L``: the strictly lower triangle of this rank's diagonal block),
+    CG runs on the symmetric ``Â = B^{-1} A B^{-T}`` with the diagonal ``D`` as preconditioner,
+    which is CG on ``A`` with block-Jacobi SSOR (``B D^{-1} B^T``), as PETSc's ``PCEISENSTAT``
+    does on one rank. Applying ``Â`` costs two triangular sweeps (about one mat-vec) instead of
+    a mat-vec and two sweeps:
+
+    .. math::  Â y = t + B^{-1}\left(y + (1 - 2/\omega) D t + O t\right),\qquad t = B^{-T} y,
+
+    ``O`` being the couplings to the neighbouring ranks' layers (only ``z``: ``-G_z`` to the
+    voxel across the slab interface; its values travel as one layer each way). The right-hand
+    side is ``B^{-1} b``, the initial guess ``B^T x_0`` and the solution ``x = B^{-T} ŷ``; the
+    convergence test is CG's natural norm of the transformed system, as with ``PCEISENSTAT``.
+    On one rank this is exactly PETSc's Eisenstat; on several, block Jacobi costs a few more
+    iterations (7.9 instead of 6.6 per step on the 128^3 electrode on 2 ranks).
+    """
+
+    def __init__(self, problem: VoxelFVProblem, A: PETSc.Mat) -> None:
+        solver = problem.settings.solver
+        self.problem = problem
+        self.comm = problem.comm
+        self.omega = 1.3
+        self.A = A
+        self.block = A.getDiagonalBlock()  # this rank's rows and columns (a view, values follow A)
+        n = A.getLocalSize()[0]
+        self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(3)]
+        self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
+        self.d = np.zeros(n)
+        self.a0: float | None = None
+        info = problem._layers_info
+        slab, transport = info.slab, problem._transport
+        plane = info.ny * info.nx
+        # Rows of this rank's first and last layers, and their positions in a layer.
+        first = transport[0].ravel() if slab.layers else np.zeros(plane, bool)
+        last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
+        self.first_pos = np.flatnonzero(first)
+        self.last_pos = np.flatnonzero(last)
+        self.first_rows = np.arange(self.first_pos.size)
+        self.last_rows = np.arange(n - self.last_pos.size, n)
+        self.plane = (info.ny, info.nx)
+        self.slab = slab
+        self.g_z = problem._g_z
+        self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
+        self.shell.setUp()
+        self.ksp = PETSc.KSP().create(A.getComm())
+        self.ksp.setType("cg")
+        self.ksp.setNormType(PETSc.KSP.NormType.NATURAL)
+        self.ksp.setOperators(self.shell)
+        self.ksp.setTolerances(rtol=solver.rtol, atol=0.0, max_it=500)
+        self.ksp.setInitialGuessNonzero(True)
+        pc = self.ksp.getPC()
+        pc.setType("python")
+        pc.setPythonContext(_DiagonalScaling(self))
+        self.ksp.setConvergenceHistory(reset=True)
+        self.ksp.setUp()
+
+    def prepare(self, a0: float, diagonal: PETSc.Vec) -> None:
+        """Use the operator's current values (its diagonal changes with a0)."""
+        if self.a0 != a0:
+            self.d[:] = diagonal.array
+            self.a0 = a0
+
+    def _sweep(self, b: np.ndarray, kind: Any) -> np.ndarray:
+        """One sweep on this rank's block: ``B^{-1} b`` (forward), ``B^{-T} b`` (backward) or ``B^T b`` (upper)."""
+        src, dst = self.seq[0], self.seq[1]
+        src.array[:] = b
+        self.block.SOR(src, dst, self.omega, kind, 0.0, 1, 1)
+        return dst.array.copy()
+
+    def _off_rank(self, t: np.ndarray) -> np.ndarray:
+        """``O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
+        out = np.zeros_like(t)
+        first = np.zeros(self.plane).ravel()
+        last = np.zeros(self.plane).ravel()
+        first[self.first_pos] = t[self.first_rows]
+        last[self.last_pos] = t[self.last_rows]
+        below, above = exchange_layers(self.comm, self.slab, first, last)
+        if below is not None:
+            out[self.first_rows] -= self.g_z * below[self.first_pos]
+        if above is not None:
+            out[self.last_rows] -= self.g_z * above[self.last_pos]
+        return out
+
+    def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:  # noqa: ARG002 (PETSc's shell interface)
+        """``z = Â y``."""
+        forward = PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+        backward = PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+        y_array = y.array_r
+        t = self._sweep(y_array, backward)
+        w = y_array + (1.0 - 2.0 / self.omega) * self.d * t + self._off_rank(t)
+        z.array[:] = t + self._sweep(w, forward)
+
+    def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """Solve ``A x = b`` from the initial guess in ``x``."""
+        forward = PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+        backward = PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+        self.bhat.array[:] = self._sweep(b.array_r, forward)
+        self.yhat.array[:] = self._sweep(x.array_r, PETSc.Mat.SORType.APPLY_UPPER)
+        self.ksp.solve(self.bhat, self.yhat)
+        x.array[:] = self._sweep(self.yhat.array_r, backward)
+
+    def getConvergedReason(self) -> int:  # noqa: N802 (the KSP interface the time loop uses)
+        return int(self.ksp.getConvergedReason())
+
+    def getIterationNumber(self) -> int:  # noqa: N802
+        return int(self.ksp.getIterationNumber())
+
+    def getConvergenceHistory(self) -> Any:  # noqa: N802
+        return self.ksp.getConvergenceHistory()
+
+    def getType(self) -> str:  # noqa: N802
+        return "cg"
+
+    def getPC(self) -> Any:  # noqa: N802
+        return _Named("eisenstat-slabs")
+
+    def destroy(self) -> None:
+        for obj in (*self.seq, self.bhat, self.yhat, self.ksp, self.shell):
+            obj.destroy()
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def getType(self) -> str:  # noqa: N802
+        return self.name
+
+
+class _DiagonalScaling:
+    """The preconditioner of the transformed system: ``D`` (see :class:`_SlabEisenstat`)."""
+
+    def __init__(self, owner: _SlabEisenstat) -> None:
+        self.owner = owner
+
+    def apply(self, pc: Any, x: PETSc.Vec, y: PETSc.Vec) -> None:  # noqa: ARG002
+        y.array[:] = x.array_r * self.owner.d
 
 
 class VoxelFieldWriter:
