@@ -400,7 +400,7 @@ def run_diffusion(
         "mass_balance_rel_error": result.mass_balance_rel_error,
         "ndofs": result.ndofs,
         "ncells": result.ncells,
-        "element_degree": settings.mesh.order,
+        "element_degree": None if finite_volumes else settings.mesh.order,
         "discretisation": settings.mesh.discretisation,
         "ranks": comm.size,
         "steps": result.steps,
