@@ -78,13 +78,6 @@ STUDIES = {
 }
 
 
-def _given_keys(config: Path) -> set[str]:
-    """Dotted ``section.key`` names present in the TOML file."""
-    from fem_anode.settings import read_toml
-
-    return {f"{section}.{key}" for section, table in read_toml(config).items() if isinstance(table, dict) for key in table}
-
-
 def run(args: argparse.Namespace) -> int:
     from fem_anode.errors import UsageError
 
@@ -106,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     model = _detect_model(args.config) if args.model == "auto" else args.model
     settings_class, study = STUDIES[model]
     settings = load_config(args, settings_class(), "convergence")
-    check_study_settings(settings, model, _given_keys(args.config))
+    check_study_settings(settings, model)
     if model == "diffusion" and settings.mesh.method == "voxel":
         if args.refine_factor != int(args.refine_factor):
             raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer (or mesh.method = 'smooth')")

@@ -182,30 +182,32 @@ STUDY_UNUSED_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_study_settings(settings: Any, model: str, given: set[str] | None = None) -> None:
+def check_study_settings(settings: Any, model: str) -> None:
     """Refuse settings a convergence study of ``model`` would ignore.
+
+    A setting counts when its value differs from its default (configs written by
+    ``Settings.to_toml`` list every default, and a default asks for nothing the study skips).
 
     Args:
         settings: the model's settings.
         model: a key of :data:`STUDY_UNUSED_SETTINGS`.
-        given: dotted keys present in the configuration file (``None``: from Python, where
-            a setting counts as given when it differs from its default).
 
     Raises:
-        UsageError: naming every unused setting that is given.
+        UsageError: naming every unused setting that is not at its default.
     """
     defaults = type(settings)()
     unused = []
     for key in STUDY_UNUSED_SETTINGS.get(model, ()):
         section, name = key.split(".")
-        if given is not None and key in given:
+        if getattr(getattr(settings, section), name) != getattr(getattr(defaults, section), name):
             unused.append(key)
-        elif getattr(getattr(settings, section), name) != getattr(getattr(defaults, section), name):
-            unused.append(key)
+    discretisation = getattr(settings.mesh, "discretisation", "fe")
+    if model == "diffusion" and discretisation != "fe":
+        unused.append(f"mesh.discretisation = {discretisation!r} (a study refines finite-element meshes)")
     if unused:
         raise UsageError(
             f"{', '.join(unused)}: not used by a convergence study (it writes convergence.json and convergence.png only "
-            "and checkpoints after every finished level); remove them from the configuration"
+            "and checkpoints after every finished level); remove them from the configuration or set them to their defaults"
         )
 
 

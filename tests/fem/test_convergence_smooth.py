@@ -129,17 +129,17 @@ def test_unused_settings_are_refused(shared_tmp_path, comm, capsys):
     base = DiffusionSettings(geometry=GeometrySettings(image=path), mesh=MeshSettings(method="smooth", size=200e-9))
     with pytest.raises(UsageError, match=r"output\.figures, checkpoint\.interval_s"):
         run_diffusion_study(base.replace(output=base.output.replace(figures=False), checkpoint=base.checkpoint.replace(interval_s=5.0)), levels=2, comm=comm)
-    check_study_settings(base, "diffusion")  # defaults pass
-    with pytest.raises(UsageError, match=r"output\.fields"):
-        check_study_settings(base, "diffusion", given={"output.fields", "mesh.size"})
+    check_study_settings(base, "diffusion")  # defaults pass (configs written by to_toml list them all)
+    with pytest.raises(UsageError, match="mesh.discretisation = 'fv'"):
+        check_study_settings(base.replace(mesh=MeshSettings(discretisation="fv")), "diffusion")
     config = shared_tmp_path / "unused.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\n\n[output]\nfields = true\n')
+        config.write_text('[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\n\n[output]\nfields = false\nmesh = true\n')
     comm.barrier()
     out = shared_tmp_path / "unused_out"
     assert main(["convergence", str(config), "--levels", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "output.fields" in err and "not used by a convergence study" in err and "Traceback" not in err
+    assert "output.fields:" in err and "output.mesh" not in err and "not used by a convergence study" in err and "Traceback" not in err
     assert not out.exists()
     voxel = shared_tmp_path / "voxel.toml"
     if comm.rank == 0:
