@@ -391,7 +391,12 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
         times = [float(np.asarray(reader.read("step", step_selection=[s, 1])).ravel()[0]) for s in range(steps)]
         values = [np.concatenate([np.asarray(reader.read(name, block_id=b, step_selection=[s, 1]), dtype=np.float64).ravel()
                                   for b in range(blocks)]) for s in range(steps)]
-    return {"points": np.concatenate(points), "cells": np.concatenate(cells), "cell_type": cell_type, "times": times, "values": values}
+    x, cells = np.concatenate(points), np.concatenate(cells)
+    # Each rank also writes its ghost cells: keep one copy of each cell (same corner centroid).
+    centroid = x[cells].mean(axis=1)
+    scale = max(float(np.ptp(x, axis=0).max()), np.finfo(np.float64).tiny)
+    _, first = np.unique(np.round(centroid / scale, 9), axis=0, return_index=True)
+    return {"points": x, "cells": cells[np.sort(first)], "cell_type": cell_type, "times": times, "values": values}
 
 
 def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -47,6 +47,20 @@ def _rendering_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(render3d.DISABLE_ENV, raising=False)
 
 
+def _on_root(comm, check) -> None:  # type: ignore[no-untyped-def]
+    """Run ``check()`` on rank 0; every rank then meets at a barrier even when it failed (a
+    failure on rank 0 must not leave the other ranks waiting in the next test's collectives)."""
+    error = None
+    if comm.rank == 0:
+        try:
+            check()
+        except BaseException as err:  # re-raised below, after the barrier
+            error = err
+    comm.barrier()
+    if error is not None:
+        raise error
+
+
 def _image_stats(path: Path) -> tuple[tuple[int, int], int, np.ndarray]:
     from PIL import Image
 
@@ -139,17 +153,19 @@ def test_vtx_reader_joins_the_blocks_of_every_rank(shared_tmp_path, comm):
             c.interpolate(lambda x, t=t: 1.0 + x[0] + 2.0 * x[1] + 3.0 * x[2] + t)
             writer.write(t)
     comm.barrier()
-    if comm.rank == 0:
+
+    def check() -> None:
         data = render3d.read_vtx(path, "c")
         assert data["times"] == pytest.approx([0.0, 0.5]) and data["cell_type"] == 12
         x = data["points"]
         for t, values in zip(data["times"], data["values"]):
             np.testing.assert_allclose(values, 1.0 + x[:, 0] + 2 * x[:, 1] + 3 * x[:, 2] + t, rtol=1e-12)
-        assert len(data["cells"]) == 3 * 2 * 2  # each rank wrote its own cells once
+        assert len(data["cells"]) == 3 * 2 * 2  # ghost cells (written by two ranks) kept once
         assert data["cells"].max() < len(x)
         with pytest.raises(KeyError, match="no function 'u'"):
             render3d.read_vtx(path, "u")
-    comm.barrier()
+
+    _on_root(comm, check)
 
 
 # ----------------------------------------------------------------------------- the commands' PNGs
@@ -175,7 +191,7 @@ def test_metrics_writes_the_3d_figures_and_a_report_chromium_opens(shared_tmp_pa
     comm.barrier()
     out = shared_tmp_path / "metrics"
     assert main(["metrics", str(image_path), "--out", str(out), "-q"]) == 0
-    if comm.rank == 0:
+    def check() -> None:
         manifest = json.loads((out / "figures3d.json").read_text())
         names = [r["file"] for r in manifest]
         assert names == ["segmented_3d.png", "pores_si_3d.png", "tortuosity_3d.png", "pore_surface_3d.png", "pore_si_distance_3d.png"]
@@ -196,7 +212,8 @@ def test_metrics_writes_the_3d_figures_and_a_report_chromium_opens(shared_tmp_pa
             assert check.images == len(list(out.glob("*.png"))) and check.broken == 0
             size, ncolours, _ = _image_stats(check.screenshot)
             assert size == (1200, 2400) and ncolours > 100  # not blank
-    comm.barrier()
+
+    _on_root(comm, check)
 
 
 def test_big_volumes_are_downsampled_and_the_caption_says_so(tmp_path):
@@ -234,7 +251,7 @@ def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, com
     comm.barrier()
     out = shared_tmp_path / "out"
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0
-    if comm.rank == 0:
+    def check() -> None:
         rgb = _check_png(out / "c_3d.png", panels=3).astype(int)
         width = PANEL_SIZE[0]
         # c rises with time: the first panel bluer than the last (coolwarm: blue low, red high)
@@ -243,7 +260,8 @@ def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, com
         assert [r["file"] for r in json.loads((out / "figures3d.json").read_text())] == ["c_3d.png"]
         assert (out / "report.html").is_file() and (out / "report.md").is_file()
         assert "c_3d.png" in (out / "report.md").read_text()
-    comm.barrier()
+
+    _on_root(comm, check)
 
 
 # ----------------------------------------------------------------------------- no rendering: warnings, no crash
@@ -284,15 +302,20 @@ def test_missing_pyvista_and_no_render_switch(shared_tmp_path, comm, monkeypatch
     monkeypatch.setattr(render3d.importlib.util, "find_spec", lambda name, *a: None if name == "pyvista" else real_find_spec(name, *a))
     assert main(["metrics", str(image_path), "--out", str(shared_tmp_path / "a"), "-q"]) == 0
     err = capsys.readouterr().err
-    if comm.rank == 0:
+
+    def check_a() -> None:
         assert "3D figures not rendered: pyvista is not installed" in err
         assert not list((shared_tmp_path / "a").glob("*_3d.png")) and (shared_tmp_path / "a" / "report.html").is_file()
+
+    _on_root(comm, check_a)
     monkeypatch.undo()
     assert main(["metrics", str(image_path), "--out", str(shared_tmp_path / "b"), "--no-render", "-q"]) == 0
-    assert capsys.readouterr().err == ""
-    if comm.rank == 0:
+    err = capsys.readouterr().err
+    def check() -> None:
+        assert err == ""
         assert not list((shared_tmp_path / "b").glob("*_3d.png")) and (shared_tmp_path / "b" / "metrics.json").is_file()
-    comm.barrier()
+
+    _on_root(comm, check)
 
 
 def test_a_crashing_renderer_is_a_warning(tmp_path, monkeypatch, caplog):
