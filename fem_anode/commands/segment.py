@@ -264,6 +264,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
         try:
             if args.model is not None:
                 model = tr.load_model(args.model, phases)
+                _check_model_settings(args, model.settings)
             else:
                 phases = phases or dict(ANODE_PHASES)
                 pairs, names = [], []
@@ -351,6 +352,24 @@ def _run_trainable(args: argparse.Namespace) -> int:
         comm.barrier()
     logger.info("wrote %s", args.out)
     return 0
+
+
+def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
+    """InputError when a feature option given with --model differs from the model's own (the
+    model computes the features it was trained with; options left at their defaults are ignored)."""
+    from fem_anode.errors import InputError
+
+    given = {
+        "--feature-sigma-min": (args.feature_sigma_min, 0.5, settings.sigma_min),
+        "--feature-sigma-max": (args.feature_sigma_max, 4.0, settings.sigma_max),
+        "--no-texture": (not args.no_texture, True, settings.texture),
+        "--illumination": (args.illumination, None, settings.illumination_degree),
+    }
+    for option, (value, default, stored) in given.items():
+        if value != default and value != stored:
+            shown = "given" if option == "--no-texture" else value
+            raise InputError(f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
+                             "a model computes the features it was trained with (drop the option or retrain)")
 
 
 def _on_every_rank(comm: Any, work: Any) -> Any:
