@@ -447,7 +447,7 @@ class VoxelFVProblem(DiffusionProblem):
     def destroy(self) -> None:
         """Free PETSc objects."""
         if self._slab_ssor is not None:
-            self._slab_ssor.destroy()
+            self._slab_ssor.free()
             self._slab_ssor = None
         super().destroy()
         for vec in (self._kr_diag, self._m, self._source, self._w_si, self._diag, self._rhs, self._work,
@@ -486,8 +486,10 @@ class _SlabEisenstat:
         self.A = A
         self.block = A.getDiagonalBlock()  # this rank's rows and columns (a view, values follow A)
         n = A.getLocalSize()[0]
-        self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(3)]
+        self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
         self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
+        self.bhat_work, self.w_work = A.createVecLeft(), A.createVecLeft()
+        self.d_mid = np.zeros(n)
         self.d = np.zeros(n)
         self.a0: float | None = None
         info = problem._layers_info
@@ -521,46 +523,50 @@ class _SlabEisenstat:
         """Use the operator's current values (its diagonal changes with a0)."""
         if self.a0 != a0:
             self.d[:] = diagonal.array
+            self.d_mid = (1.0 - 2.0 / self.omega) * self.d
             self.a0 = a0
 
-    def _sweep(self, b: np.ndarray, kind: Any) -> np.ndarray:
-        """One sweep on this rank's block: ``B^{-1} b`` (forward), ``B^{-T} b`` (backward) or ``B^T b`` (upper)."""
+    def _sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
+        """One sweep on this rank's block, ``x = B^{-1} b`` (forward), ``B^{-T} b`` (backward) or
+        ``B^T b`` (apply upper), on the local arrays of the MPI vectors (no copies)."""
         src, dst = self.seq[0], self.seq[1]
-        src.array[:] = b
-        self.block.SOR(src, dst, self.omega, kind, 0.0, 1, 1)
-        return dst.array.copy()
+        src.placeArray(b.array_r)  # read only: PETSc locks a shell product's input
+        dst.placeArray(x.array)
+        try:
+            self.block.SOR(src, dst, self.omega, kind, 0.0, 1, 1)
+        finally:
+            src.resetArray()
+            dst.resetArray()
 
-    def _off_rank(self, t: np.ndarray) -> np.ndarray:
-        """``O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
-        out = np.zeros_like(t)
+    def _add_off_rank(self, t: np.ndarray, w: np.ndarray) -> None:
+        """``w += O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
         first = np.zeros(self.plane).ravel()
         last = np.zeros(self.plane).ravel()
         first[self.first_pos] = t[self.first_rows]
         last[self.last_pos] = t[self.last_rows]
         below, above = exchange_layers(self.comm, self.slab, first, last)
         if below is not None:
-            out[self.first_rows] -= self.g_z * below[self.first_pos]
+            w[self.first_rows] -= self.g_z * below[self.first_pos]
         if above is not None:
-            out[self.last_rows] -= self.g_z * above[self.last_pos]
-        return out
+            w[self.last_rows] -= self.g_z * above[self.last_pos]
 
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:  # noqa: ARG002 (PETSc's shell interface)
         """``z = Â y``."""
-        forward = PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
-        backward = PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
-        y_array = y.array_r
-        t = self._sweep(y_array, backward)
-        w = y_array + (1.0 - 2.0 / self.omega) * self.d * t + self._off_rank(t)
-        z.array[:] = t + self._sweep(w, forward)
+        t, w = self.bhat_work, self.w_work
+        self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        t_array, w_array = t.array, w.array
+        np.multiply(self.d_mid, t_array, out=w_array)
+        w_array += y.array_r
+        self._add_off_rank(t_array, w_array)
+        self._sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        z.array[:] += t_array
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
-        forward = PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
-        backward = PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS
-        self.bhat.array[:] = self._sweep(b.array_r, forward)
-        self.yhat.array[:] = self._sweep(x.array_r, PETSc.Mat.SORType.APPLY_UPPER)
+        self._sweep(b, self.bhat, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        self._sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
         self.ksp.solve(self.bhat, self.yhat)
-        x.array[:] = self._sweep(self.yhat.array_r, backward)
+        self._sweep(self.yhat, x, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
 
     def getConvergedReason(self) -> int:  # noqa: N802 (the KSP interface the time loop uses)
         return int(self.ksp.getConvergedReason())
@@ -577,9 +583,13 @@ class _SlabEisenstat:
     def getPC(self) -> Any:  # noqa: N802
         return _Named("eisenstat-slabs")
 
-    def destroy(self) -> None:
-        for obj in (*self.seq, self.bhat, self.yhat, self.ksp, self.shell):
-            obj.destroy()
+    def free(self) -> None:
+        """Free the PETSc objects (not ``destroy``: PETSc calls a shell context's ``destroy(mat)`` itself)."""
+        self.ksp.destroy()
+        self.shell.setPythonContext(None)
+        self.shell.destroy()
+        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work, self.w_work):
+            vec.destroy()
 
 
 class _Named:
