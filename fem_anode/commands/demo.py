@@ -231,7 +231,7 @@ def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[st
     }
     quality = runs[chosen].get("mesh_quality") or {}
     mesh = {"file": "meshes/roi_sei.msh", "method": "smooth", "order": 2, "size_m": sizes[chosen], "cells": cells[chosen],
-            "paper": "430 000 P2 elements", "mesh_independence": f"level {chosen} of {len(sizes)}: every quantity changes by "
+            "mesh_independence": f"level {chosen} of {len(sizes)}: every quantity changes by "
             f"< {100 * CHECK_TOLERANCE:g} % with H divided by {CHECK_RATIO:.3g}" if changes["level"] is not None else "not reached: finest level used"}
     mesh.update({k: quality[k] for k in ("min_angle_deg",) if k in quality})
     logger.info("mesh-independence check: level %d (H = %.3g m, %d P2 cells) chosen; largest changes to the next level: %s",
