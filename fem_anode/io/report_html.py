@@ -367,6 +367,25 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _mesh_independence(report: Report, study: Mapping[str, Any]) -> None:
+    """The demo's mesh-independence check: one row per level, the chosen level, the paper's count."""
+    report.heading("Mesh independence (cf. paper Supplementary Note 4)")
+    levels = study.get("levels")
+    if not isinstance(levels, list) or not all(isinstance(level, Mapping) for level in levels):
+        report.blocks.append(("pre", json.dumps(study, indent=1, default=str)[:8000]))
+        return
+    report.paragraph(f"{study.get('element', 'elements')}; criterion: {study.get('criterion', '?')}, tolerance "
+                     f"{_pct(study.get('tolerance'))}. Chosen level {study.get('chosen_level')} with {_fmt(study.get('chosen_cells'))} cells"
+                     + (" (mesh independent)" if study.get("mesh_independent") else " (tolerance not reached: the finest level)")
+                     + f"; the paper used {_fmt(study.get('paper_cells', PAPER['fig8_elements']))} P2 elements.")
+    report.table(["level", "H (nm)", "cells", "dofs", "largest change to next level", "quantity", "wall time (s)"],
+                 [[level.get("level"), None if level.get("H_m") is None else level["H_m"] * 1e9, level.get("cells"), level.get("dofs"),
+                   _pct(level.get("largest_change_to_next")), level.get("quantity_with_largest_change"), level.get("wall_time_s")]
+                  for level in levels])
+    if study.get("why_fewer_than_paper"):
+        report.paragraph(str(study["why_fewer_than_paper"]), note=True)
+
+
 def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str = "report") -> tuple[Path, Path]:
     """``NAME.html`` and ``NAME.md`` of ``fem-anode demo`` in its output directory (reads
     ``metrics/*.json`` and the figures there)."""
@@ -402,11 +421,9 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
         report.heading("Mesh")
         report.table(["item", "value"], [[k, v if not isinstance(v, (dict, list)) else json.dumps(v, default=str)[:300]] for k, v in mesh.items()]
                      + [["paper", f"{PAPER['fig8_elements']:,} P2 elements (mesh-independence study, Supplementary Note 4)".replace(",", " ")]])
-    for key in ("mesh_independence", "mesh_study", "convergence"):
-        study = summary.get(key)
-        if study:
-            report.heading("Mesh independence")
-            report.blocks.append(("pre", json.dumps(study, indent=1, default=str)[:8000]))
+    study = summary.get("mesh_independence")
+    if study:
+        _mesh_independence(report, study)
     diffusion = summary.get("diffusion")
     if diffusion:
         report.heading("Li diffusion in the ROI (paper Fig. 8 set-up)")

@@ -155,11 +155,17 @@ def test_demo_report_opens_in_chromium(tmp_path):
     summary["diffusion"] = {"times": [0.01, 2.0], "regions": {"I": [990.0, 1000.0], "IV": [900.0, 1000.0]}, "t90_s": {"I": 0.001, "IV": 0.008},
                             "ncells": 100, "ndofs": 121, "steps": 10, "factorisations": 2, "mass_balance_rel_error": 1e-9, "wall_time_s": 1.0,
                             "timescales": {"length_m": 1e-6, "diffusion_time_s": 0.002, "biot_number": 5.0}}
+    summary["mesh_independence"] = {"element": "P2 triangles", "tolerance": 0.01, "criterion": "largest change", "chosen_level": 1,
+                                     "mesh_independent": True, "chosen_cells": 2000, "paper_cells": 430_000, "levels": [
+                                         {"level": 0, "H_m": 8e-8, "cells": 1000, "dofs": 2100, "largest_change_to_next": 0.02, "quantity_with_largest_change": "t90 IV"},
+                                         {"level": 1, "H_m": 4e-8, "cells": 2000, "dofs": 4100, "largest_change_to_next": None}]}
     write_report(tmp_path / "report.md", summary, render=False)  # 3D figures in a report: see the metrics test
     page = tmp_path / "report.html"
     text = page.read_text()
     assert "## Li diffusion" in (tmp_path / "report.md").read_text() and "37.54" in text and "5.37 um" in text
-    assert "| regions from fastest to slowest (t90) | I > IV |" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| regions from fastest to slowest (t90) | I > IV |" in markdown
+    assert "| 0 | 80 | 1 000 | 2 100 | 2.00 % | t90 IV |" in markdown and "Chosen level 1 with 2 000 cells (mesh independent)" in markdown
     images, loaded, shot = check_page(page, tmp_path, height=4000)
     assert images == 2 and loaded == images
     assert len(np.unique(_packed(shot))) > 100
