@@ -367,6 +367,11 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
         ``points`` (N, 3), ``cells`` (M, k) corner indices, ``cell_type`` (VTK linear type),
         ``times`` (steps) and ``values`` list of (N,) arrays.
     """
+    # adios4dolfinx first: it selects ADIOS2's MPI bindings. Imported first, plain adios2 takes the
+    # serial ones in a one-process run, and a later checkpoint in the same process (adios4dolfinx)
+    # then fails to import.
+    with contextlib.suppress(ImportError):
+        import adios4dolfinx  # noqa: F401
     import adios2
 
     with adios2.FileReader(str(path)) as reader:
