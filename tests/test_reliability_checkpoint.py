@@ -444,7 +444,9 @@ def test_persistent_failure_saves_the_last_good_state_and_reports(shared_tmp_pat
 
 
 # -- the command line (in-process: serial and under MPI) ----------------------------------------
-def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", dt_max: float = 2e-5) -> Path:
+def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", dt_max: float = 2e-5, every_steps: int | None = 5) -> Path:
+    """A small 2D ROI run; ``every_steps = None`` leaves [checkpoint] out (convergence studies
+    checkpoint per finished level and refuse the setting)."""
     labels = np.full((12, 15), 3, dtype=np.uint8)
     labels[:, :2] = 0
     yy, xx = np.mgrid[:12, :15]
@@ -454,7 +456,9 @@ def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", d
         write_image(directory / "roi.npy", VoxelImage(labels, (40e-9, 40e-9), {"pore": 0, "si": 1, "sei": 3}))
         config.write_text(
             '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.01\noutput_times = [0.0005, 0.002, 0.01]\n'
-            f"dt_initial = 1e-7\ndt_max = {dt_max!r}\nsteps_per_level = 4\n\n[checkpoint]\nevery_steps = 5\n\n"
+            f"dt_initial = 1e-7\ndt_max = {dt_max!r}\nsteps_per_level = 4\n\n"
+            + (f"[checkpoint]\nevery_steps = {every_steps}\n\n" if every_steps is not None else "")
+            +
             '[[regions]]\nname = "far"\nbox = [400e-9, 0.0, 600e-9, 480e-9]\n' + extra
         )
     if comm is not None:
@@ -540,7 +544,7 @@ def test_cli_solver_failure_exit_4_with_report(shared_tmp_path, comm, capsys):
 def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monkeypatch):
     from fem_anode.fem.convergence import run_diffusion_study
 
-    config = roi_config(shared_tmp_path, comm, "study.toml")
+    config = roi_config(shared_tmp_path, comm, "study.toml", every_steps=None)
     settings = DiffusionSettings.from_toml(config).resolve_paths(config.parent)
     settings = settings.replace(time=settings.time.replace(t_end=0.002, output_times=[0.0005, 0.002], dt_max=1e-4))
     if comm.rank == 0:
@@ -705,7 +709,7 @@ def test_sigusr1_to_mpirun_stops_every_rank_at_the_same_step(tmp_path, reference
 def test_cli_study_stopped_mid_level_resumes_to_the_same_report(shared_tmp_path, comm, monkeypatch, capsys):
     from fem_anode.cli import main
 
-    config = roi_config(shared_tmp_path, comm, "study.toml", dt_max=1e-4)
+    config = roi_config(shared_tmp_path, comm, "study.toml", dt_max=1e-4, every_steps=None)
     args = ["convergence", str(config), "--levels", "3", "-q"]
     assert main([*args, "--out", str(shared_tmp_path / "study_ref")]) == 0
     reference = json.loads((shared_tmp_path / "study_ref" / "convergence.json").read_text())
