@@ -586,6 +586,11 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("  no level is within 1 % of the extrapolated values for every quantity")
         else:
             lines.append(f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, {independence['cells']} cells")
+        changes = data.get("level_changes_1pct")
+        if changes:
+            steps = ", ".join(f"{100 * c['largest_change']:.3g} % ({c['quantity']})" for c in changes["changes"])
+            chosen = "none" if changes["level"] is None else f"level {changes['level']} ({changes['cells']} cells)"
+            lines.append(f"  largest change to the next level: {steps}; every change < 1 % from {chosen}")
     return "\n".join(lines)
 
 
