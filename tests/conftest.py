@@ -105,6 +105,12 @@ def shared_tmp_path(comm, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_3d_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3D pictures cost seconds per command: off in the suite except in tests/io (whose tests delete the variable)."""
+    monkeypatch.setenv("FEM_ANODE_NO_RENDER", "1")
+
+
+@pytest.fixture(autouse=True)
 def _restore_package_logging():
     """The CLI points the ``fem_anode`` logger at the stderr of the moment (pytest's capture);
     give later tests the logger as it was, not a handler on a closed stream."""

@@ -64,7 +64,7 @@ def plot_concentration_fields(image: VoxelImage, snapshots: dict[float, np.ndarr
     return save_figure(fig, path, dpi=110)
 
 
-def render_and_report(directory: Path, results: dict[str, Any]) -> None:
+def render_and_report(directory: Path, results: dict[str, Any], *, render: bool = True) -> None:
     """After a run, on one rank: the 3D figure of c from the written ``c.bp`` (3D meshes; see
     :func:`fem_anode.io.render3d.render_diffusion_outputs`) and ``report.html`` / ``report.md``.
 
@@ -77,7 +77,7 @@ def render_and_report(directory: Path, results: dict[str, Any]) -> None:
     from fem_anode.io.report_html import diffusion_report
 
     log = logging.getLogger(__name__)
-    render_diffusion_outputs(directory, results)
+    render_diffusion_outputs(directory, results, enabled=render)
     try:
         diffusion_report(directory, results)
     except (OSError, KeyError, TypeError, ValueError) as err:  # a report must never lose the run's results

@@ -277,6 +277,7 @@ def run_diffusion(
     *,
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
+    render: bool = True,
 ) -> dict[str, Any]:
     """Run the model; write ``results.json``, ``c.bp`` (VTX) and figures into ``staging``.
 
@@ -288,6 +289,7 @@ def run_diffusion(
         comm: communicator.
         checkpoint_dir: write checkpoints to ``checkpoint_dir/checkpoint/`` as set in
             ``[checkpoint]`` and stop at a safe point on SIGINT/SIGTERM (``None``: neither).
+        render: the 3D picture of c (pyvista, :mod:`fem_anode.io.render3d`; ``--no-render``).
         resume: continue from this checkpoint (loaded with
             :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
 
@@ -429,7 +431,7 @@ def run_diffusion(
             plot_region_history(results, staging / "c_regions.png", c_bulk=c_bulk)
             if image is not None and snapshots:
                 plot_concentration_fields(_middle_section(image), snapshots, settings, staging / "c_fields.png")
-            render_and_report(staging, results)  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
+            render_and_report(staging, results, render=render)  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
     problem.destroy()
     if stopped is not None:
         raise stopped
