@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_anode.commands._common import add_out_argument, check_int, is_root, provenance, world_comm
+from fem_anode.commands._common import add_out_argument, add_render_argument, check_int, is_root, provenance, world_comm
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="smooth: P2 triangles refined at interfaces and in gaps, after a 3-level mesh-independence check (default); "
         "voxel: one P1 square per pixel, no check",
     )
+    add_render_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 summary["diffusion"] = _run_diffusion(staging, comm, quick=args.quick)
         if root:
             write_json(staging / "summary.json", summary)
-            write_report(staging / "report.md", summary)
+            write_report(staging / "report.md", summary, render=args.render)
     elapsed = time.perf_counter() - start
     _log_summary(summary, args.out, elapsed)
     return 0
