@@ -269,6 +269,11 @@ class DiffusionProblem:
         self._assemble_operators(physics)
         #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
         self._A: PETSc.Mat | None = None
+        self._init_solver_state()
+        self.regions = self._region_weights(settings.regions)
+
+    def _init_solver_state(self) -> None:
+        """The solvers' caches and counters, empty (shared with the finite-volume problem)."""
         self._A_a0: float | None = None
         #: Iterative: preconditioner family -> [KSP, the a0 it is set up for (None: stale)].
         self._iterative: dict[str, list[Any]] = {}
@@ -284,7 +289,6 @@ class DiffusionProblem:
         #: ``preconditioner = "auto"``: whether the multigrid's set-up fits into the available
         #: memory (None: not asked yet; False: SSOR for the rest of the run).
         self.multigrid_fits: bool | None = None
-        self.regions = self._region_weights(settings.regions)
 
     @property
     def ndofs(self) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +218,6 @@ class VoxelFVProblem(DiffusionProblem):
         self._slab_ssor: _SlabEisenstat | None = None
         del extra
         self._transport = transport  # kept for outputs (1 B per voxel of the slab)
-        self._A_a0: float | None = None
         self._kr_diag = self._A.getDiagonal()
         self._m = self._A.createVecLeft()
         self._m.set(float(np.prod(h)))
@@ -241,14 +239,7 @@ class VoxelFVProblem(DiffusionProblem):
         self._c_older = VectorField(self._A.createVecLeft(), self._offset, "c_older")
         self._M: PETSc.Mat | None = None  # diagonal: the vector _m; matrices only for the multigrid
         self._KR: PETSc.Mat | None = None
-        self._iterative: dict[str, list[Any]] = {}
-        self._mg = None
-        self._direct: OrderedDict[float, PETSc.KSP] = OrderedDict()
-        self._factor_bytes: float | None = None
-        self._ksp_created = 0
-        self.factorisations = 0
-        self.amg_from_a0: float | None = None
-        self.multigrid_fits: bool | None = None
+        self._init_solver_state()
         self._ndofs = int(self._A.getSize()[0])
         self.regions = self._region_weights(settings.regions)
 
