@@ -61,7 +61,6 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
     """Median times (s) of one Jacobian assembly, residual, factorisation and preconditioner
     application on the settings' mesh, at a state a few steps into a lithiation."""
     import numpy as np
-    from dolfinx.fem import petsc as fem_petsc
 
     from fem_anode.fem.phasefield.run import load_geometry
     from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
@@ -85,16 +84,7 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
 
     nw.pack()
 
-    def jacobian() -> None:
-        nw.A.zeroEntries()
-        fem_petsc.assemble_matrix(nw.A, nw.jacobian, bcs=nw.bcs)
-        nw.A.assemble()
-        if nw.axial is not None:
-            for vec, form in ((nw.bvec, nw.axial[1]), (nw.cvec, nw.axial[2])):
-                with vec.localForm() as loc:
-                    loc.set(0.0)
-                fem_petsc.assemble_vector(vec, form)
-
+    jacobian = nw.assemble_jacobian
     out = {"jacobian_s": median(jacobian), "residual_s": median(lambda: nw._function(snes, nw.X, nw.F))}
     jacobian()
     def factorise() -> None:

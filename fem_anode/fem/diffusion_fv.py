@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -682,11 +681,3 @@ def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dic
     check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
     return image, counts
 
-
-def timed_problem(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, VoxelFVProblem, float, float]:
-    """Open the image and assemble the problem; returns ``(image, problem, read_s, assembly_s)``."""
-    start = time.perf_counter()
-    image, _ = open_fv_image(settings, comm)
-    read = time.perf_counter()
-    problem = VoxelFVProblem(image, settings, comm)
-    return image, problem, read - start, time.perf_counter() - read

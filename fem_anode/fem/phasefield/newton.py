@@ -254,6 +254,16 @@ class BorderedNewton:
             if outer.getConvergedReason() < 0 or (its > self.refactor_iterations and not self._refactored_in_solve):
                 self._refactor = True
         self._applications, self._refactored_in_solve = 0, False
+        self.assemble_jacobian()
+        if self._refactor or not self.reuse:
+            self._factorise()
+        else:
+            self._fresh = False
+            self._update_border()
+
+    def assemble_jacobian(self) -> None:
+        """Assemble the Jacobian ``A`` at the current state and, in generalised plane strain, its
+        border vectors and corner (one Jacobian assembly, as the benchmark's profile times it)."""
         self.A.zeroEntries()
         fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
         self.A.assemble()
@@ -265,11 +275,6 @@ class BorderedNewton:
                 vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
                 fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
             self.d = self.comm.allreduce(fem.assemble_scalar(self.axial[3]))
-        if self._refactor or not self.reuse:
-            self._factorise()
-        else:
-            self._fresh = False
-            self._update_border()
 
     def _factorise(self) -> None:
         """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""
