@@ -53,7 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, MeshSettings, SolverSettings, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion import (
+    DiffusionProblem,
+    DiffusionSettings,
+    GeometrySettings,
+    MeshSettings,
+    SolverSettings,
+    TimeSettings,
+)  # noqa: E402
 from fem_anode.fem.diffusion_run import load_geometry  # noqa: E402
 from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
 from fem_anode.imaging.synthetic import fib_sem_roi  # noqa: E402
@@ -142,10 +149,14 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
     t_end, outputs = (1e-3, [1e-3]) if name == "electrode-short" else (10.0, [1.0, 10.0])
     image = real_electrode()
     if name == "electrode64":
-        image = VoxelImage(np.ascontiguousarray(image.array[:64, :64, :64]), image.require_voxel_size(), image.require_phases())
+        image = VoxelImage(
+            np.ascontiguousarray(image.array[:64, :64, :64]), image.require_voxel_size(), image.require_phases()
+        )
     if comm.rank == 0:
         write_image(workdir / "electrode.npy", image)
-        (workdir / "electrode.toml").write_text(ELECTRODE_TOML.format(image=workdir / "electrode.npy", t_end=t_end, outputs=outputs))
+        (workdir / "electrode.toml").write_text(
+            ELECTRODE_TOML.format(image=workdir / "electrode.npy", t_end=t_end, outputs=outputs)
+        )
     comm.barrier()
     settings = DiffusionSettings.from_toml(workdir / "electrode.toml")
     settings.mesh.discretisation = args.discretisation
@@ -310,18 +321,27 @@ def run_case(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: Path,
         # dofs), so the peer iterates (CG + PyAMG) in 3D and factorises only in 2D.
         solver = "direct" if image.ndim == 2 else "amg"
         try:
-            peer = common.run_peer(peer_python, "peer_skfem_diffusion.py", [case_file, "--solver", solver, "--rtol", str(settings.solver.rtol)], timeout=7200)
+            peer = common.run_peer(
+                peer_python,
+                "peer_skfem_diffusion.py",
+                [case_file, "--solver", solver, "--rtol", str(settings.solver.rtol)],
+                timeout=7200,
+            )
         except (RuntimeError, OSError, ValueError) as err:  # a benchmark: record and go on
             row["skfem_solver"] = f"failed: {str(err)[:200]}"
             return row
         ours = np.asarray(result.domain_mean) / physics.c_bulk
         theirs = np.asarray(peer["domain_mean"])
         if peer["ndofs"] != ndofs or len(theirs) != len(ours):
-            raise SystemExit(f"{name}: scikit-fem has {peer['ndofs']} dofs / {len(theirs)} values, we {ndofs} / {len(ours)}")
+            raise SystemExit(
+                f"{name}: scikit-fem has {peer['ndofs']} dofs / {len(theirs)} values, we {ndofs} / {len(ours)}"
+            )
         row.update(
             {
                 "skfem_solver": peer["solver"],
-                "skfem_setup_s": peer["timings_s"]["mesh"] + peer["timings_s"]["assembly"] + peer["timings_s"]["solver_setup"],
+                "skfem_setup_s": peer["timings_s"]["mesh"]
+                + peer["timings_s"]["assembly"]
+                + peer["timings_s"]["solver_setup"],
                 "skfem_step_s": peer["timings_s"]["steps"] / len(theirs[1:]),
                 "skfem_total_s": peer["timings_s"]["total"],
                 "max_mean_diff": float(np.max(np.abs(ours - theirs))),
@@ -340,20 +360,39 @@ def main() -> None:
     parser.add_argument("--cases", default="roi1-p1,roi1-p2,vol30-p1,vol20-p2")
     parser.add_argument("--steps", type=int, default=20, help="steps of --dt (after the geometric ramp, if any)")
     parser.add_argument(
-        "--geometric", type=int, default=0, metavar="LEVELS",
+        "--geometric",
+        type=int,
+        default=0,
+        metavar="LEVELS",
         help="start at dt / 2^LEVELS and double every 4 steps up to dt, as real runs do (default 0: constant steps)",
     )
     parser.add_argument("--dt", type=float, default=None, help="time step (s); default 5e-4 s (2D ROI), 1e-5 s (3D)")
-    parser.add_argument("--solver", default="auto", choices=("auto", "direct", "iterative"), help="fem_anode's solver.type")
-    parser.add_argument("--preconditioner", default=None, choices=("auto", "ssor", "mg", "gamg", "hypre"), help="fem_anode's solver.preconditioner (electrode cases)")
-    parser.add_argument("--discretisation", default="fe", choices=("fe", "fv"), help="electrode cases: P1 finite elements or cell-centred finite volumes")
+    parser.add_argument(
+        "--solver", default="auto", choices=("auto", "direct", "iterative"), help="fem_anode's solver.type"
+    )
+    parser.add_argument(
+        "--preconditioner",
+        default=None,
+        choices=("auto", "ssor", "mg", "gamg", "hypre"),
+        help="fem_anode's solver.preconditioner (electrode cases)",
+    )
+    parser.add_argument(
+        "--discretisation",
+        default="fe",
+        choices=("fe", "fv"),
+        help="electrode cases: P1 finite elements or cell-centred finite volumes",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip scikit-fem")
     parser.add_argument(
-        "--peer-max-dofs", type=int, default=300_000,
+        "--peer-max-dofs",
+        type=int,
+        default=300_000,
         help="skip scikit-fem above this many dofs (measured: 16 GB at 800k P1 dofs in 3D, killed)",
     )
     parser.add_argument(
-        "--petsc", default="", help="extra PETSc options for fem_anode, e.g. ksp_initial_guess_nonzero=true,pc_hypre_boomeramg_coarsen_type=HMIS"
+        "--petsc",
+        default="",
+        help="extra PETSc options for fem_anode, e.g. ksp_initial_guess_nonzero=true,pc_hypre_boomeramg_coarsen_type=HMIS",
     )
     args = parser.parse_args()
     args.petsc = [tuple(item.split("=", 1)) for item in args.petsc.split(",") if item]
@@ -389,19 +428,68 @@ def main() -> None:
             row["run_over_bw"] = row["run_s"] / row["bw_bound_s"]
             row["total_over_bw"] = row["total_s"] / row["bw_bound_s"]
     if comm.rank == 0 and scale_only:
-        columns = ["case", "ranks", "ndofs", "steps", "solver", "factorisations", "mesh_s", "assembly_s", "run_s", "total_s", "cg_its_mean", "cg_its_max",
-                   "bw_bound_s", "run_over_bw", "total_over_bw", "solver_B_per_dof", "peak_rss_mb_max", "peak_B_per_voxel"]
-        common.print_table(rows, columns, title=f"transient diffusion, whole runs; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s (all ranks)")
-        command = ("mpirun -n %d " % comm.size if comm.size > 1 else "") + "python benchmarks/bench_diffusion.py " + " ".join(sys.argv[1:])
-        path = common.append_results("diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]})
+        columns = [
+            "case",
+            "ranks",
+            "ndofs",
+            "steps",
+            "solver",
+            "factorisations",
+            "mesh_s",
+            "assembly_s",
+            "run_s",
+            "total_s",
+            "cg_its_mean",
+            "cg_its_max",
+            "bw_bound_s",
+            "run_over_bw",
+            "total_over_bw",
+            "solver_B_per_dof",
+            "peak_rss_mb_max",
+            "peak_B_per_voxel",
+        ]
+        common.print_table(
+            rows,
+            columns,
+            title=f"transient diffusion, whole runs; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s (all ranks)",
+        )
+        command = (
+            ("mpirun -n %d " % comm.size if comm.size > 1 else "")
+            + "python benchmarks/bench_diffusion.py "
+            + " ".join(sys.argv[1:])
+        )
+        path = common.append_results(
+            "diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]}
+        )
         print(f"appended to {path}")
     elif comm.rank == 0:
-        columns = ["case", "ranks", "ndofs", "solver", "setup_s", "step_s", "cg_its", "dofs_per_s", "bw_bound_s", "step_over_bw", "skfem_step_s", "speedup_step", "speedup_total", "max_mean_diff"]
-        steps = f"{args.steps} BDF2 steps" + (f" after a {args.geometric}-level geometric ramp" if args.geometric else "")
-        common.print_table(rows, columns, title=f"transient diffusion, {steps}; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s")
+        columns = [
+            "case",
+            "ranks",
+            "ndofs",
+            "solver",
+            "setup_s",
+            "step_s",
+            "cg_its",
+            "dofs_per_s",
+            "bw_bound_s",
+            "step_over_bw",
+            "skfem_step_s",
+            "speedup_step",
+            "speedup_total",
+            "max_mean_diff",
+        ]
+        steps = f"{args.steps} BDF2 steps" + (
+            f" after a {args.geometric}-level geometric ramp" if args.geometric else ""
+        )
+        common.print_table(
+            rows, columns, title=f"transient diffusion, {steps}; copy bandwidth {args.bandwidth / 1e9:.1f} GB/s"
+        )
         command = "mpirun -n %d " % comm.size if comm.size > 1 else ""
         command += "python benchmarks/bench_diffusion.py " + " ".join(sys.argv[1:])
-        path = common.append_results("diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]})
+        path = common.append_results(
+            "diffusion", rows, command, {"copy_bandwidth_Bps": args.bandwidth, "load": [load_start, common.load()]}
+        )
         print(f"appended to {path}")
 
 

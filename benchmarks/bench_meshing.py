@@ -136,28 +136,89 @@ def main() -> None:
         pores = int(ndimage.label(roi.array == roi.phases["pore"])[1])
         for method in ("smooth", "voxel"):
             seconds, elements, error = ours(roi, method, ["sei"])
-            rows.append({"case": f"roi {height:g}x{height * 0.625:g} um", "pixels": roi.array.size, "method": method, "elements": elements, "time_s": seconds, "elements_per_s": elements / seconds if elements else None, "error": error or None, "load": common.load()})
+            rows.append(
+                {
+                    "case": f"roi {height:g}x{height * 0.625:g} um",
+                    "pixels": roi.array.size,
+                    "method": method,
+                    "elements": elements,
+                    "time_s": seconds,
+                    "elements_per_s": elements / seconds if elements else None,
+                    "error": error or None,
+                    "load": common.load(),
+                }
+            )
         # plain gmsh at the smooth mesh's mean element size
         smooth = rows[-2]
         area_um2 = height * height * 0.625 * float(np.mean(roi.array == roi.phases["sei"]))
         size = np.sqrt(2 * area_um2 / smooth["elements"]) * 1.1 if smooth["elements"] else 0.05
         seconds, elements = gmsh_holes(height * 0.625, height, pores, size)
-        rows.append({"case": rows[-1]["case"], "pixels": roi.array.size, "method": f"plain gmsh: rectangle - {pores} discs", "elements": elements, "time_s": seconds, "elements_per_s": elements / seconds, "load": common.load()})
-        common.print_table(rows[-3:], ["case", "pixels", "method", "elements", "time_s", "elements_per_s", "error", "load"])
+        rows.append(
+            {
+                "case": rows[-1]["case"],
+                "pixels": roi.array.size,
+                "method": f"plain gmsh: rectangle - {pores} discs",
+                "elements": elements,
+                "time_s": seconds,
+                "elements_per_s": elements / seconds,
+                "load": common.load(),
+            }
+        )
+        common.print_table(
+            rows[-3:], ["case", "pixels", "method", "elements", "time_s", "elements_per_s", "error", "load"]
+        )
     for n in map(int, args.volumes.split(",")):
         image = volume(n)
         for method in ("voxel", "tet"):
             seconds, elements, error = ours(image, method, ["sei"])
-            rows.append({"case": f"volume {n}^3", "pixels": image.array.size, "method": method, "elements": elements, "time_s": seconds, "elements_per_s": elements / seconds if elements else None, "error": error or None, "load": common.load()})
+            rows.append(
+                {
+                    "case": f"volume {n}^3",
+                    "pixels": image.array.size,
+                    "method": method,
+                    "elements": elements,
+                    "time_s": seconds,
+                    "elements_per_s": elements / seconds if elements else None,
+                    "error": error or None,
+                    "load": common.load(),
+                }
+            )
         t = time.perf_counter()
         _, cells = hex_mesh_arrays(image.array == 3, (1.0, 1.0, 1.0))
         seconds = time.perf_counter() - t
-        rows.append({"case": f"volume {n}^3", "pixels": image.array.size, "method": "tortuosity hex arrays (NumPy)", "elements": len(cells), "time_s": seconds, "elements_per_s": len(cells) / seconds, "load": common.load()})
+        rows.append(
+            {
+                "case": f"volume {n}^3",
+                "pixels": image.array.size,
+                "method": "tortuosity hex arrays (NumPy)",
+                "elements": len(cells),
+                "time_s": seconds,
+                "elements_per_s": len(cells) / seconds,
+                "load": common.load(),
+            }
+        )
         seconds, elements = gmsh_structured_box(len(cells))
-        rows.append({"case": f"volume {n}^3", "pixels": image.array.size, "method": "plain gmsh: transfinite hex box", "elements": elements, "time_s": seconds, "elements_per_s": elements / seconds, "load": common.load()})
-        common.print_table(rows[-4:], ["case", "pixels", "method", "elements", "time_s", "elements_per_s", "error", "load"])
+        rows.append(
+            {
+                "case": f"volume {n}^3",
+                "pixels": image.array.size,
+                "method": "plain gmsh: transfinite hex box",
+                "elements": elements,
+                "time_s": seconds,
+                "elements_per_s": elements / seconds,
+                "load": common.load(),
+            }
+        )
+        common.print_table(
+            rows[-4:], ["case", "pixels", "method", "elements", "time_s", "elements_per_s", "error", "load"]
+        )
     common.print_table(rows, ["case", "method", "elements", "time_s", "elements_per_s", "load"], title="meshing")
-    path = common.append_results("meshing", rows, "python benchmarks/bench_meshing.py " + " ".join(sys.argv[1:]), {"load": [load_start, common.load()]})
+    path = common.append_results(
+        "meshing",
+        rows,
+        "python benchmarks/bench_meshing.py " + " ".join(sys.argv[1:]),
+        {"load": [load_start, common.load()]},
+    )
     print(f"appended to {path}")
 
 

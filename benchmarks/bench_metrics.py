@@ -84,14 +84,19 @@ def main() -> None:
             image = anode_volume((n, n, n), 20e-9, aged=True, seed=0)
             path = Path(tmp) / f"vol{n}.npy"
             write_image(path, image)
-            proc = subprocess.run([sys.executable, __file__, "--single", str(path)], capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--single", str(path)], capture_output=True, text=True, check=True
+            )
             ours = json.loads(proc.stdout.strip().splitlines()[-1])
             peer = {}
             if peer_python is not None:
                 np.save(Path(tmp) / f"raw{n}.npy", image.array)
                 extra = ["--skip", args.skip_peer] if args.skip_peer else []
                 peer = common.run_peer(
-                    peer_python, "peer_metrics.py", [Path(tmp) / f"raw{n}.npy", "--pore", "0", "--si", "1", "--voxel-size", "2e-8", *extra], timeout=7200
+                    peer_python,
+                    "peer_metrics.py",
+                    [Path(tmp) / f"raw{n}.npy", "--pore", "0", "--si", "1", "--voxel-size", "2e-8", *extra],
+                    timeout=7200,
                 )
             load = common.load()
             for metric, seconds in ours["timings_s"].items():
@@ -101,16 +106,46 @@ def main() -> None:
                     row["porespy_s"] = peer[equivalent]["time_s"]
                     row["porespy_over_ours"] = peer[equivalent]["time_s"] / max(seconds, 1e-9)
                 rows.append(row)
-            rows.append({"size": n, "metric": "TOTAL", "time_s": ours["total_s"], "peak_rss_mb": ours["peak_rss_mb"], "porespy_peak_rss_mb": peer.get("peak_rss_mb"), "load": load})
+            rows.append(
+                {
+                    "size": n,
+                    "metric": "TOTAL",
+                    "time_s": ours["total_s"],
+                    "peak_rss_mb": ours["peak_rss_mb"],
+                    "porespy_peak_rss_mb": peer.get("peak_rss_mb"),
+                    "load": load,
+                }
+            )
             checks = {
                 "pore_fraction": (ours["pore_fraction"], (peer.get("phase_fractions") or {}).get("value", {}).get("0")),
-                "pore_surface_area_m2": (ours["pore_surface_area_m2"], (peer.get("pore_surface_area_m2") or {}).get("value")),
+                "pore_surface_area_m2": (
+                    ours["pore_surface_area_m2"],
+                    (peer.get("pore_surface_area_m2") or {}).get("value"),
+                ),
                 "si_count": (ours["si_count"], ((peer.get("si_particles") or {}).get("value") or {}).get("count")),
             }
             print(f"size {n}: ours vs PoreSpy values {checks}")
-            common.print_table([r for r in rows if r["size"] == n], ["size", "metric", "time_s", "porespy_s", "porespy_over_ours", "peak_rss_mb", "porespy_peak_rss_mb", "load"], title=f"image metrics {n}^3")
+            common.print_table(
+                [r for r in rows if r["size"] == n],
+                [
+                    "size",
+                    "metric",
+                    "time_s",
+                    "porespy_s",
+                    "porespy_over_ours",
+                    "peak_rss_mb",
+                    "porespy_peak_rss_mb",
+                    "load",
+                ],
+                title=f"image metrics {n}^3",
+            )
             rows.append({"size": n, "metric": "values_ours_vs_porespy", "values": checks})
-    path = common.append_results("metrics", rows, "python benchmarks/bench_metrics.py " + " ".join(sys.argv[1:]), {"load": [load_start, common.load()]})
+    path = common.append_results(
+        "metrics",
+        rows,
+        "python benchmarks/bench_metrics.py " + " ".join(sys.argv[1:]),
+        {"load": [load_start, common.load()]},
+    )
     print(f"appended to {path}")
 
 

@@ -40,7 +40,16 @@ import common  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 #: Record keys compared between configurations (relative differences).
-COMPARED = ("mean_c_li", "outer_radius_m", "axial_stretch", "void_fraction", "electrolyte_fraction", "sei_penetration_depth_m", "core_connectivity", "mean_c_v")
+COMPARED = (
+    "mean_c_li",
+    "outer_radius_m",
+    "axial_stretch",
+    "void_fraction",
+    "electrolyte_fraction",
+    "sei_penetration_depth_m",
+    "core_connectivity",
+    "mean_c_v",
+)
 
 
 def configured(base: Any, config: str) -> Any:
@@ -50,7 +59,9 @@ def configured(base: Any, config: str) -> Any:
     if config == "previous":
         return base.replace(
             cycling=base.cycling.replace(controller="threshold"),
-            solver=base.solver.replace(refactor_iterations=30, refactor_on_stall=False, linear_rtol=1e-10, stop_on_stagnation=False),
+            solver=base.solver.replace(
+                refactor_iterations=30, refactor_on_stall=False, linear_rtol=1e-10, stop_on_stagnation=False
+            ),
         )
     if config == "exact":
         return base.replace(solver=base.solver.replace(reuse_factorisation=False))
@@ -87,6 +98,7 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
     jacobian = nw.assemble_jacobian
     out = {"jacobian_s": median(jacobian), "residual_s": median(lambda: nw._function(snes, nw.X, nw.F))}
     jacobian()
+
     def factorise() -> None:
         nw.A.scale(1.0)  # marks A as changed: without reuse P is A, and PETSc skips an unchanged operator
         nw._factorise()
@@ -131,7 +143,9 @@ def main() -> None:
             reference = reference or records
             for record, ref in zip(records, reference):
                 its = record["newton_iterations_total"]
-                diff = max((abs(record[k] - ref[k]) / max(abs(ref[k]), 1e-30) for k in COMPARED if k in record), default=0.0)
+                diff = max(
+                    (abs(record[k] - ref[k]) / max(abs(ref[k]), 1e-30) for k in COMPARED if k in record), default=0.0
+                )
                 rows.append(
                     {
                         "size_m": size,
@@ -158,7 +172,9 @@ def main() -> None:
                     }
                 )
             if comm.rank == 0:
-                common.print_table(rows[-len(records) :], title=f"phase-field, element size {size:g} m, {config}: {total:.1f} s")
+                common.print_table(
+                    rows[-len(records) :], title=f"phase-field, element size {size:g} m, {config}: {total:.1f} s"
+                )
         if args.profile:
             prof = profile(base, comm)
             if comm.rank == 0:
@@ -166,7 +182,11 @@ def main() -> None:
                 common.print_table(rows[-1:], title=f"single operations, element size {size:g} m (median of 10, s)")
     if comm.rank == 0:
         common.print_table([r for r in rows if r["config"] != "profile"], title="phase-field half-cycles")
-        command = ("mpirun -n %d " % comm.size if comm.size > 1 else "") + "python benchmarks/bench_phasefield.py " + " ".join(sys.argv[1:])
+        command = (
+            ("mpirun -n %d " % comm.size if comm.size > 1 else "")
+            + "python benchmarks/bench_phasefield.py "
+            + " ".join(sys.argv[1:])
+        )
         path = common.append_results("phasefield", rows, command, {"load": [load_start, common.load()]})
         print(f"appended to {path}")
 

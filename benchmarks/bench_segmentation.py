@@ -46,8 +46,11 @@ def timed(command: list[str], cwd: Path) -> dict[str, float]:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     h, m, s = (float(wall.group(1) or 0), float(wall.group(2)), float(wall.group(3))) if wall else (0, 0, float("nan"))
     user = re.search(r"User time \(seconds\): ([\d.]+)", done.stderr)
-    return {"wall_s": 3600 * h + 60 * m + s, "user_s": float(user.group(1)) if user else float("nan"),
-            "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan")}
+    return {
+        "wall_s": 3600 * h + 60 * m + s,
+        "user_s": float(user.group(1)) if user else float("nan"),
+        "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
+    }
 
 
 def main() -> None:
@@ -72,27 +75,75 @@ def main() -> None:
         scribbles[slices] = truth.array[slices]
         write_image(work / "scribbles.npy", VoxelImage(scribbles, truth.voxel_size))
         runs = {
-            "multistage (denoised)": FEM_ANODE + ["segment", "gray.npy", "--method", "multistage", "--truth", "truth.npy", "--out", "ms.npy"],
-            "trainable: train + predict": FEM_ANODE + ["segment", "gray.npy", "--method", "trainable", "--train", "gray.npy:scribbles.npy",
-                                                       "--save-model", "model.joblib", "--truth", "truth.npy", "--out", "tr.npy"],
-            "trainable: predict (--model)": FEM_ANODE + ["segment", "gray.npy", "--method", "trainable", "--model", "model.joblib",
-                                                         "--truth", "truth.npy", "--out", "tr1.npy"],
-            "trainable: predict, mpirun -n 2": ["mpirun", "-n", "2", *FEM_ANODE, "segment", "gray.npy", "--method", "trainable", "--model",
-                                                "model.joblib", "--truth", "truth.npy", "--out", "tr2.npy"],
+            "multistage (denoised)": FEM_ANODE
+            + ["segment", "gray.npy", "--method", "multistage", "--truth", "truth.npy", "--out", "ms.npy"],
+            "trainable: train + predict": FEM_ANODE
+            + [
+                "segment",
+                "gray.npy",
+                "--method",
+                "trainable",
+                "--train",
+                "gray.npy:scribbles.npy",
+                "--save-model",
+                "model.joblib",
+                "--truth",
+                "truth.npy",
+                "--out",
+                "tr.npy",
+            ],
+            "trainable: predict (--model)": FEM_ANODE
+            + [
+                "segment",
+                "gray.npy",
+                "--method",
+                "trainable",
+                "--model",
+                "model.joblib",
+                "--truth",
+                "truth.npy",
+                "--out",
+                "tr1.npy",
+            ],
+            "trainable: predict, mpirun -n 2": [
+                "mpirun",
+                "-n",
+                "2",
+                *FEM_ANODE,
+                "segment",
+                "gray.npy",
+                "--method",
+                "trainable",
+                "--model",
+                "model.joblib",
+                "--truth",
+                "truth.npy",
+                "--out",
+                "tr2.npy",
+            ],
         }
         for name, command in runs.items():
             t = timed(command, work)
             out = command[command.index("--out") + 1]
             report = json.loads((work / f"{out}.report.json").read_text())
             acc = report["accuracy"]
-            row = {"n": n, "run": name, **{k: round(v, 2) for k, v in t.items()},
-                   **{f"iou_{k}": round(v, 3) for k, v in acc["iou"].items()}, "mean_iou": round(acc["mean_iou"], 3)}
+            row = {
+                "n": n,
+                "run": name,
+                **{k: round(v, 2) for k, v in t.items()},
+                **{f"iou_{k}": round(v, 3) for k, v in acc["iou"].items()},
+                "mean_iou": round(acc["mean_iou"], 3),
+            }
             rows.append(row)
             common.print_table([row], title="")
         same = bool(np.array_equal(np.load(work / "tr1.npy"), np.load(work / "tr2.npy")))
         same_train = bool(np.array_equal(np.load(work / "tr.npy"), np.load(work / "tr1.npy")))
-        rows.append({"n": n, "run": "labels: 2 ranks == 1 rank", "identical": same, "model round trip identical": same_train})
-        print(f"n={n}: 2-rank labels identical to 1-rank: {same}; --model labels identical to the trained run: {same_train}")
+        rows.append(
+            {"n": n, "run": "labels: 2 ranks == 1 rank", "identical": same, "model round trip identical": same_train}
+        )
+        print(
+            f"n={n}: 2-rank labels identical to 1-rank: {same}; --model labels identical to the trained run: {same_train}"
+        )
         if args.keep:
             shutil.copytree(work, args.keep / f"n{n}", dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)

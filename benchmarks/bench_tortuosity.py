@@ -60,8 +60,18 @@ def child(path: str, method: str, pc: str | None) -> None:
     options = {"pc_type": pc} if pc else None
     res = tortuosity_factor(image, "pore", MPI.COMM_WORLD, method=method, petsc_options=options)
     if MPI.COMM_WORLD.rank == 0:
-        print(json.dumps({"tau": res.tau, "its": res.iterations, "dofs": res.dofs, "eps": res.volume_fraction,
-                          "timings": res.timings_s, "after_imports_mb": after_imports}))
+        print(
+            json.dumps(
+                {
+                    "tau": res.tau,
+                    "its": res.iterations,
+                    "dofs": res.dofs,
+                    "eps": res.volume_fraction,
+                    "timings": res.timings_s,
+                    "after_imports_mb": after_imports,
+                }
+            )
+        )
 
 
 def run(command: list[str], env: dict[str, str] | None = None) -> tuple[dict | None, float, float]:
@@ -113,35 +123,97 @@ def main() -> None:
             for repeat in range(args.repeat):
                 ours, wall, peak = run([*ours_cmd, "--child", str(path)])
                 pore = ours["eps"] * n**3
-                row = {"size": n, "run": repeat + 1, "ranks": args.ranks, "method": args.method, "pc": args.pc or "default",
-                       "dofs": ours["dofs"], "tau": ours["tau"], "its": ours["its"], "wall_s": wall,
-                       **{f"{p}_s": ours["timings"].get(p) for p in PHASES}, "peak_mb": peak,
-                       "after_imports_mb": ours["after_imports_mb"],
-                       "B_per_voxel": (peak - ours["after_imports_mb"]) * 2**20 / pore, "B_per_voxel_raw": peak * 2**20 / pore}
+                row = {
+                    "size": n,
+                    "run": repeat + 1,
+                    "ranks": args.ranks,
+                    "method": args.method,
+                    "pc": args.pc or "default",
+                    "dofs": ours["dofs"],
+                    "tau": ours["tau"],
+                    "its": ours["its"],
+                    "wall_s": wall,
+                    **{f"{p}_s": ours["timings"].get(p) for p in PHASES},
+                    "peak_mb": peak,
+                    "after_imports_mb": ours["after_imports_mb"],
+                    "B_per_voxel": (peak - ours["after_imports_mb"]) * 2**20 / pore,
+                    "B_per_voxel_raw": peak * 2**20 / pore,
+                }
                 if peer_python is not None:
-                    peer_args = [str(peer_python), str(common.HERE / "peer_tortuosity.py"), str(path), "--conv-crit", "1e-3"]
+                    peer_args = [
+                        str(peer_python),
+                        str(common.HERE / "peer_tortuosity.py"),
+                        str(path),
+                        "--conv-crit",
+                        "1e-3",
+                    ]
                     tf, tf_wall, tf_peak = run([*peer_args, "--no-porespy"], env=peer_env)
                     tf = tf[str(path)]["taufactor"]
-                    row.update({"tf_tau": tf["tau"], "tf_rel_diff": tf["tau"] / ours["tau"] - 1.0, "tf_iters": tf["iterations"],
-                                "tf_solve_s": tf["time_s"], "tf_wall_s": tf_wall, "tf_peak_mb": tf_peak,
-                                "tf_over_ours_wall": tf_wall / wall, "tf_over_ours_peak": tf_peak / peak})
+                    row.update(
+                        {
+                            "tf_tau": tf["tau"],
+                            "tf_rel_diff": tf["tau"] / ours["tau"] - 1.0,
+                            "tf_iters": tf["iterations"],
+                            "tf_solve_s": tf["time_s"],
+                            "tf_wall_s": tf_wall,
+                            "tf_peak_mb": tf_peak,
+                            "tf_over_ours_wall": tf_wall / wall,
+                            "tf_over_ours_peak": tf_peak / peak,
+                        }
+                    )
                     if n <= args.porespy_max:
                         ps, ps_wall, ps_peak = run([*peer_args, "--no-taufactor"], env=peer_env)
                         ps = ps[str(path)]["porespy"]
-                        row.update({"ps_tau": ps["tau"] * ours["eps"] / ps["effective_porosity"], "ps_wall_s": ps_wall,
-                                    "ps_peak_mb": ps_peak})
+                        row.update(
+                            {
+                                "ps_tau": ps["tau"] * ours["eps"] / ps["effective_porosity"],
+                                "ps_wall_s": ps_wall,
+                                "ps_peak_mb": ps_peak,
+                            }
+                        )
                 row["load"] = common.load()
                 rows.append(row)
                 common.print_table([row], title=f"tortuosity factor {n}^3, run {repeat + 1}")
-    columns = ["size", "run", "ranks", "dofs", "tau", "its", "wall_s", "total_s", "cg_s", "peak_mb", "after_imports_mb",
-               "B_per_voxel", "B_per_voxel_raw", "tf_tau", "tf_rel_diff", "tf_wall_s", "tf_peak_mb", "tf_over_ours_wall",
-               "tf_over_ours_peak", "ps_tau", "ps_wall_s", "ps_peak_mb", "load"]
+    columns = [
+        "size",
+        "run",
+        "ranks",
+        "dofs",
+        "tau",
+        "its",
+        "wall_s",
+        "total_s",
+        "cg_s",
+        "peak_mb",
+        "after_imports_mb",
+        "B_per_voxel",
+        "B_per_voxel_raw",
+        "tf_tau",
+        "tf_rel_diff",
+        "tf_wall_s",
+        "tf_peak_mb",
+        "tf_over_ours_wall",
+        "tf_over_ours_peak",
+        "ps_tau",
+        "ps_wall_s",
+        "ps_peak_mb",
+        "load",
+    ]
     common.print_table(rows, [c for c in columns if any(c in r for r in rows)], title="tortuosity factor, every run")
     medians = []
     for n in sorted({r["size"] for r in rows}):
         runs = [r for r in rows if r["size"] == n]
-        medians.append({"size": n, "runs": len(runs), **{c: statistics.median(r[c] for r in runs) for c in columns[4:]
-                                                          if all(isinstance(r.get(c), (int, float)) for r in runs)}})
+        medians.append(
+            {
+                "size": n,
+                "runs": len(runs),
+                **{
+                    c: statistics.median(r[c] for r in runs)
+                    for c in columns[4:]
+                    if all(isinstance(r.get(c), (int, float)) for r in runs)
+                },
+            }
+        )
     common.print_table(medians, title="tortuosity factor, medians")
     command = "python benchmarks/bench_tortuosity.py " + " ".join(sys.argv[1:])
     path = common.append_results("tortuosity", rows, command, {"load": [load_start, common.load()], "medians": medians})

@@ -88,13 +88,25 @@ def worker(method: str, tiles: tuple[int, int, int]) -> None:
     peaks = comm.gather(peak, root=0)
     bases = comm.gather(base, root=0)
     if comm.rank == 0:
-        print(json.dumps({"method": method, "ranks": comm.size, "cells": cells, "time_s": elapsed,
-                          "peak_bytes_per_rank": max(peaks), "base_bytes_per_rank": max(bases)}))
+        print(
+            json.dumps(
+                {
+                    "method": method,
+                    "ranks": comm.size,
+                    "cells": cells,
+                    "time_s": elapsed,
+                    "peak_bytes_per_rank": max(peaks),
+                    "base_bytes_per_rank": max(bases),
+                }
+            )
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tile", default="1", help="mirror copies per axis: one number, or z,y,x (e.g. 2,1,1 doubles the depth)")
+    parser.add_argument(
+        "--tile", default="1", help="mirror copies per axis: one number, or z,y,x (e.g. 2,1,1 doubles the depth)"
+    )
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--methods", default="distributed,gmsh")
     parser.add_argument("--repeats", type=int, default=3)
@@ -103,9 +115,16 @@ def main() -> None:
     if args.worker:
         worker(args.worker, parse_tiles(args.tile))
         return
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,sm"}
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_btl": "self,sm",
+    }
     rows = []
-    print(f"{'method':12s} {'ranks':>5s} {'cells':>10s} {'time s (median)':>16s} {'peak/rank MB':>13s} {'over imports B/cell':>20s}  load")
+    print(
+        f"{'method':12s} {'ranks':>5s} {'cells':>10s} {'time s (median)':>16s} {'peak/rank MB':>13s} {'over imports B/cell':>20s}  load"
+    )
     for method in args.methods.split(","):
         for ranks in (int(r) for r in args.ranks.split(",")):
             runs = []
@@ -118,9 +137,16 @@ def main() -> None:
             runs.sort(key=lambda r: r["time_s"])
             median = runs[len(runs) // 2]
             per_cell = (median["peak_bytes_per_rank"] - median["base_bytes_per_rank"]) * ranks / median["cells"]
-            row = {**median, "times_s": [r["time_s"] for r in runs], "over_imports_bytes_per_cell": per_cell, "load": common.load()}
+            row = {
+                **median,
+                "times_s": [r["time_s"] for r in runs],
+                "over_imports_bytes_per_cell": per_cell,
+                "load": common.load(),
+            }
             rows.append(row)
-            print(f"{method:12s} {ranks:5d} {median['cells']:10d} {median['time_s']:16.2f} {median['peak_bytes_per_rank'] / 1e6:13.0f} {per_cell:20.0f}  {row['load']}")
+            print(
+                f"{method:12s} {ranks:5d} {median['cells']:10d} {median['time_s']:16.2f} {median['peak_bytes_per_rank'] / 1e6:13.0f} {per_cell:20.0f}  {row['load']}"
+            )
     common.append_results("voxel_mesh", rows, " ".join(sys.argv), {"tiles": list(parse_tiles(args.tile))})
 
 

@@ -49,9 +49,14 @@ def peers_python(install: bool = False) -> tuple[Path | None, str]:
         return python, f"peers venv ready after {time.perf_counter() - start:.0f} s ({proc.stdout.strip()})"
     if not python.exists():
         return None, f"peers venv {peers_venv()} not found: run benchmarks/setup_peers.sh (or set FEM_ANODE_PEERS=1)"
-    check = subprocess.run([str(python), "-c", "import taufactor, porespy, openpnm, skfem"], capture_output=True, text=True)
+    check = subprocess.run(
+        [str(python), "-c", "import taufactor, porespy, openpnm, skfem"], capture_output=True, text=True
+    )
     if check.returncode != 0:
-        return None, f"peers venv {peers_venv()} is incomplete ({check.stderr.strip().splitlines()[-1:]}); rerun benchmarks/setup_peers.sh"
+        return (
+            None,
+            f"peers venv {peers_venv()} is incomplete ({check.stderr.strip().splitlines()[-1:]}); rerun benchmarks/setup_peers.sh",
+        )
     return python, "peers venv found"
 
 
@@ -59,7 +64,9 @@ def run_peer(python: Path, script: str, args: Sequence[str], timeout: float = 36
     """Run ``benchmarks/SCRIPT`` in the peers venv; return its JSON stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([str(python), str(HERE / script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [str(python), str(HERE / script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{script} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,7 +126,11 @@ def append_results(name: str, rows: list[dict[str, Any]], command: str, extra: d
         {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
-            "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start_end": extra.pop("load", None) if extra else None},
+            "host": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_start_end": extra.pop("load", None) if extra else None,
+            },
             **(extra or {}),
             "rows": rows,
         }

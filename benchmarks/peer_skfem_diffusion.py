@@ -44,7 +44,18 @@ def reorder(points: np.ndarray, cells: np.ndarray, reference: np.ndarray) -> np.
 def main() -> None:
     import pyamg
     import scipy.sparse.linalg as sla
-    from skfem import Basis, BilinearForm, ElementHex1, ElementHex2, ElementQuad1, ElementQuad2, FacetBasis, LinearForm, MeshHex, MeshQuad
+    from skfem import (
+        Basis,
+        BilinearForm,
+        ElementHex1,
+        ElementHex2,
+        ElementQuad1,
+        ElementQuad2,
+        FacetBasis,
+        LinearForm,
+        MeshHex,
+        MeshQuad,
+    )
     from skfem.helpers import dot, grad
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,7 +128,11 @@ def main() -> None:
         key = float(f"{a0:.12e}")
         if key not in solvers:
             A = (KR + (a0 * eps) * M).tocsc() if args.solver == "direct" else (KR + (a0 * eps) * M).tocsr()
-            solvers[key] = (sla.splu(A), None) if args.solver == "direct" else (A, pyamg.smoothed_aggregation_solver(A, symmetry="symmetric").aspreconditioner(cycle="V"))
+            solvers[key] = (
+                (sla.splu(A), None)
+                if args.solver == "direct"
+                else (A, pyamg.smoothed_aggregation_solver(A, symmetry="symmetric").aspreconditioner(cycle="V"))
+            )
             setup_time += time.perf_counter() - t
             t = time.perf_counter()
         rhs = source - eps * (M @ (a1 * c_old + a2 * c_older))

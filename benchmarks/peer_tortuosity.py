@@ -24,7 +24,9 @@ import warnings
 import numpy as np
 
 
-def run_taufactor(mask: np.ndarray, conv_crit: float, iter_limit: int, spacing: tuple[float, ...] | None = None) -> dict:
+def run_taufactor(
+    mask: np.ndarray, conv_crit: float, iter_limit: int, spacing: tuple[float, ...] | None = None
+) -> dict:
     import taufactor
     import torch
 
@@ -35,7 +37,9 @@ def run_taufactor(mask: np.ndarray, conv_crit: float, iter_limit: int, spacing: 
         if spacing is None:
             solver = taufactor.Solver(mask.astype(np.uint8), device="cpu")
         else:  # TauFactor's (x, y, z) are our array axes (0, 1, 2); axis 0 is the transport axis
-            solver = taufactor.AnisotropicSolver(mask.astype(np.uint8), spacing=tuple(spacing), device=torch.device("cpu"))
+            solver = taufactor.AnisotropicSolver(
+                mask.astype(np.uint8), spacing=tuple(spacing), device=torch.device("cpu")
+            )
         solver.solve(verbose=False, conv_crit=conv_crit, iter_limit=iter_limit)
     tau = float(np.asarray(solver.tau).ravel()[0])
     return {

@@ -90,35 +90,89 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
             name = f"sem_cycle{cycle:02d}_{k}"
             path = write_image(data / f"{name}.npy", image)
             t0 = time.perf_counter()
-            _run(["detachment", "measure", str(path), "--cycle", str(cycle), "--out", str(out / "measure" / name), "-q"])
+            _run(
+                ["detachment", "measure", str(path), "--cycle", str(cycle), "--out", str(out / "measure" / name), "-q"]
+            )
             timings[f"measure_{name}"] = time.perf_counter() - t0
             measured_csvs.append(out / "measure" / name / "gaps.csv")
     # a small 3D volume of the 10-cycle electrode (TXTM-like): few particles, measured in 3D
     shape3d = (48, 48, 48) if quick else (96, 96, 96)
-    particles = sample_gap_data(truth, [CYCLES[-1]], 6, rng, distribution=settings.distribution.replace(max_radius=0.8e-6))
-    volume, _ = gapped_electrode(particles.radius_m, particles.gap_m, sei=np.minimum(particles.gap_m, 10 * truth.delta0), shape=shape3d, voxel_size=2 * pixel, seed=seed, graphite_fraction=0.05)
+    particles = sample_gap_data(
+        truth, [CYCLES[-1]], 6, rng, distribution=settings.distribution.replace(max_radius=0.8e-6)
+    )
+    volume, _ = gapped_electrode(
+        particles.radius_m,
+        particles.gap_m,
+        sei=np.minimum(particles.gap_m, 10 * truth.delta0),
+        shape=shape3d,
+        voxel_size=2 * pixel,
+        seed=seed,
+        graphite_fraction=0.05,
+    )
     path = write_image(data / "txtm_cycle10.npy", volume)
     t0 = time.perf_counter()
-    _run(["detachment", "measure", str(path), "--cycle", str(CYCLES[-1]), "--out", str(out / "measure" / "txtm_cycle10"), "-q"])
+    _run(
+        [
+            "detachment",
+            "measure",
+            str(path),
+            "--cycle",
+            str(CYCLES[-1]),
+            "--out",
+            str(out / "measure" / "txtm_cycle10"),
+            "-q",
+        ]
+    )
     timings["measure_txtm_cycle10"] = time.perf_counter() - t0
     measured_csvs.append(out / "measure" / "txtm_cycle10" / "gaps.csv")
 
     parts = [read_gap_csv(p) for p in measured_csvs]
-    gaps = GapData(np.concatenate([p.cycle for p in parts]), np.concatenate([p.radius_m for p in parts]), np.concatenate([p.gap_m for p in parts]))
+    gaps = GapData(
+        np.concatenate([p.cycle for p in parts]),
+        np.concatenate([p.radius_m for p in parts]),
+        np.concatenate([p.gap_m for p in parts]),
+    )
     gaps_csv = write_gap_csv(data / "gaps_all.csv", gaps)
     capacity = model_capacity_data(truth, radii=gaps.radius_m[gaps.cycle == 0], noise=0.01, rng=rng)
     capacity_csv = write_capacity_csv(data / "capacity.csv", capacity)
 
     # 3. fit
     t0 = time.perf_counter()
-    _run(["detachment", "fit", str(gaps_csv), "--capacity", str(capacity_csv), "--bootstrap", str(n_boot), "--seed", str(seed), "--out", str(out / "fit"), "-q"])
+    _run(
+        [
+            "detachment",
+            "fit",
+            str(gaps_csv),
+            "--capacity",
+            str(capacity_csv),
+            "--bootstrap",
+            str(n_boot),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out / "fit"),
+            "-q",
+        ]
+    )
     timings["fit"] = time.perf_counter() - t0
     fitted = json.loads((out / "fit" / "fit.json").read_text())
     values = {name: fitted["parameters"][name]["value"] for name in ("alpha0", "kappa0", "delta0", "zeta0")}
 
     # 4. simulate with the fitted parameters (default size distribution) and with the truth
     t0 = time.perf_counter()
-    _run(["detachment", "simulate", "--config", str(out / "fit" / "settings.toml"), "--cycles", "10", "--out", str(out / "simulate"), "-q"])
+    _run(
+        [
+            "detachment",
+            "simulate",
+            "--config",
+            str(out / "fit" / "settings.toml"),
+            "--cycles",
+            "10",
+            "--out",
+            str(out / "simulate"),
+            "-q",
+        ]
+    )
     timings["simulate"] = time.perf_counter() - t0
     sim = json.loads((out / "simulate" / "results.json").read_text())
     _run(["detachment", "simulate", "--out", str(out / "simulate_paper_values"), "-q"])
@@ -157,7 +211,13 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         true = summary["true_parameters"][name]
         if abs(values[name] - true) > tol * true:
             raise RuntimeError(f"fitted {name} = {values[name]:.4g} is not within {tol:.0%} of the true {true:.4g}")
-    if abs(summary["capacity_after_10_cycles"]["fitted_model_measured_population"] - summary["capacity_after_10_cycles"]["measured"]) > 0.05:
+    if (
+        abs(
+            summary["capacity_after_10_cycles"]["fitted_model_measured_population"]
+            - summary["capacity_after_10_cycles"]["measured"]
+        )
+        > 0.05
+    ):
         raise RuntimeError("fitted model does not reproduce the capacity after 10 cycles")
     return summary
 
@@ -167,12 +227,23 @@ def _report(summary: dict[str, Any]) -> str:
     units = {"alpha0": (1, ""), "kappa0": (1e6, "um"), "delta0": (1e6, "um"), "zeta0": (1e-6, "1/um")}
     for name, (f, u) in units.items():
         fit = summary["fitted"][name]
-        lines.append(f"{name:8s} {summary['true_parameters'][name] * f:9.4g} {fit['value'] * f:10.4g}  [{fit['ci'][0] * f:.4g}, {fit['ci'][1] * f:.4g}] {u}")
+        lines.append(
+            f"{name:8s} {summary['true_parameters'][name] * f:9.4g} {fit['value'] * f:10.4g}  [{fit['ci'][0] * f:.4g}, {fit['ci'][1] * f:.4g}] {u}"
+        )
     cap = summary["capacity_after_10_cycles"]
-    lines.append(f"mean gap per cycle (um): " + ", ".join(f"{c}: {g * 1e6:.3f}" for c, g in summary["mean_gap_m_per_cycle"].items()))
-    lines.append(f"Si capacity after 10 cycles: measured {100 * cap['measured']:.1f} %, fitted model {100 * cap['fitted_model_measured_population']:.1f} %")
-    lines.append(f"paper values, default distribution: {100 * cap['paper_values_default_distribution']:.1f} %; all three improved: {100 * cap['paper_values_all_three_improved']:.1f} %")
-    lines.append(f"bootstrap: {summary['bootstrap_replicates']} replicates in {summary['bootstrap_seconds']:.1f} s; total {summary['elapsed_s']:.1f} s")
+    lines.append(
+        f"mean gap per cycle (um): "
+        + ", ".join(f"{c}: {g * 1e6:.3f}" for c, g in summary["mean_gap_m_per_cycle"].items())
+    )
+    lines.append(
+        f"Si capacity after 10 cycles: measured {100 * cap['measured']:.1f} %, fitted model {100 * cap['fitted_model_measured_population']:.1f} %"
+    )
+    lines.append(
+        f"paper values, default distribution: {100 * cap['paper_values_default_distribution']:.1f} %; all three improved: {100 * cap['paper_values_all_three_improved']:.1f} %"
+    )
+    lines.append(
+        f"bootstrap: {summary['bootstrap_replicates']} replicates in {summary['bootstrap_seconds']:.1f} s; total {summary['elapsed_s']:.1f} s"
+    )
     return "\n".join(lines)
 
 

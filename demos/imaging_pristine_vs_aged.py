@@ -33,7 +33,12 @@ import numpy as np
 
 from fem_anode.imaging.metrics import compute_metrics
 from fem_anode.imaging.plots import plot_comparison, plot_segmentation_slices, plot_tortuosity_sections
-from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold, region_segmentation, threshold_segmentation
+from fem_anode.imaging.segmentation import (
+    iou_per_phase,
+    multistage_threshold,
+    region_segmentation,
+    threshold_segmentation,
+)
 from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 from fem_anode.imaging.trainable import UNLABELLED, predict_labels, train_classifier
 from fem_anode.io.output import write_json
@@ -50,7 +55,11 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         "pristine": anode_volume(shape, seed=seed),
         "aged": anode_volume(shape, seed=seed, aged=True, sei_growth=2.5, surface_ageing_gradient=0.5),
     }
-    summary: dict[str, Any] = {"shape": list(shape), "voxel_size_m": list(truth["pristine"].voxel_size or ()), "samples": {}}
+    summary: dict[str, Any] = {
+        "shape": list(shape),
+        "voxel_size_m": list(truth["pristine"].voxel_size or ()),
+        "samples": {},
+    }
     metrics: dict[str, dict[str, Any]] = {}
     panels = {}
     tortuosity_maps: dict[str, Any] = {}
@@ -67,7 +76,9 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         trained = predict_labels(gray.array, shape, model, progress=False)
         iou_trainable = iou_per_phase(trained, labels)
         for method, array in (("truth", labels.array), ("multistage", result.labels.array), ("trainable", trained)):
-            fractions[method][name] = {p: float(np.count_nonzero(array == v) / array.size) for p, v in ANODE_PHASES.items()}
+            fractions[method][name] = {
+                p: float(np.count_nonzero(array == v) / array.size) for p, v in ANODE_PHASES.items()
+            }
         reference = metrics.get("pristine")
         fields: dict[str, Any] = {}
         metrics[name] = compute_metrics(result.labels, reference=reference, fields=fields)
@@ -95,7 +106,9 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         write_json(out / "metrics" / f"{name}.json", metrics[name])
     summary["relative_change_aged_vs_pristine"] = metrics["aged"]["relative_change"]
     summary["phase_fraction_change_pct"] = {
-        method: {p: 100.0 * (f["aged"][p] / f["pristine"][p] - 1.0) if f["pristine"][p] > 0 else None for p in ANODE_PHASES}
+        method: {
+            p: 100.0 * (f["aged"][p] / f["pristine"][p] - 1.0) if f["pristine"][p] > 0 else None for p in ANODE_PHASES
+        }
         for method, f in fractions.items()
     }
 
@@ -111,11 +124,21 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         "regions_per_slice": region.info["regions_per_slice"],
     }
     figures = plot_comparison({"pristine": metrics["pristine"], "aged": metrics["aged"]}, out / "figures")
-    figures.append(plot_segmentation_slices(panels, out / "figures" / "sct_slices.png", phases=truth["pristine"].require_phases(),
-                                            title="Synthetic SCT: truth (top row: gray) and multistage segmentation"))
     figures.append(
         plot_segmentation_slices(
-            {"truth": (roi_gray.array, roi.array), "pixel threshold": (roi_gray.array, pixel.labels.array), "region-based": (roi_gray.array, region.labels.array)},
+            panels,
+            out / "figures" / "sct_slices.png",
+            phases=truth["pristine"].require_phases(),
+            title="Synthetic SCT: truth (top row: gray) and multistage segmentation",
+        )
+    )
+    figures.append(
+        plot_segmentation_slices(
+            {
+                "truth": (roi_gray.array, roi.array),
+                "pixel threshold": (roi_gray.array, pixel.labels.array),
+                "region-based": (roi_gray.array, region.labels.array),
+            },
             out / "figures" / "fib_sem_shine_through.png",
             phases=ROI_PHASES,
             title="FIB-SEM ROI with shine-through: pixel threshold vs region-based",
@@ -131,13 +154,17 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
     change = summary["relative_change_aged_vs_pristine"]
     if not (change["phase_volume"]["pore"] < -0.2 and change["phase_volume"]["sei"] > 0.2):
         raise RuntimeError(f"ageing should shrink pores and grow the intermediate domain: {change['phase_volume']}")
-    if not (a["tortuosity_mean"] > p["tortuosity_mean"] and a["pore_si_distance_mean_m"] > p["pore_si_distance_mean_m"]):
+    if not (
+        a["tortuosity_mean"] > p["tortuosity_mean"] and a["pore_si_distance_mean_m"] > p["pore_si_distance_mean_m"]
+    ):
         raise RuntimeError("ageing should raise the tortuosity and the pore-Si distance")
     if not min(p["iou"]["pore"], a["iou"]["pore"]) > 0.75:
         raise RuntimeError(f"multistage pore IoU too low: {p['iou']['pore']:.3f}, {a['iou']['pore']:.3f}")
     for s in (p, a):
         if not np.mean(list(s["iou_trainable"].values())) > np.mean(list(s["iou"].values())) + 0.05:
-            raise RuntimeError(f"the trainable segmentation should beat the multistage one: {s['iou_trainable']} vs {s['iou']}")
+            raise RuntimeError(
+                f"the trainable segmentation should beat the multistage one: {s['iou_trainable']} vs {s['iou']}"
+            )
     roi_summary = summary["fib_sem_roi"]
     if not roi_summary["iou_region"]["pore"] > roi_summary["iou_pixel_threshold"]["pore"]:
         raise RuntimeError("the region-based method should beat the pixel threshold on shine-through pores")
@@ -152,15 +179,28 @@ def _report(summary: dict[str, Any]) -> str:
             f"connections/depth {s['connections_per_depth_mean']:.1f}  pore-Si distance {1e6 * s['pore_si_distance_mean_m']:.2f} um "
             f"(max {1e6 * s['pore_si_distance_max_m']:.2f})"
         )
-        lines.append(f"{'':9s} IoU multistage (denoised): " + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
-                     + "; trainable (2 slices): " + ", ".join(f"{k} {v:.2f}" for k, v in s["iou_trainable"].items()))
+        lines.append(
+            f"{'':9s} IoU multistage (denoised): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
+            + "; trainable (2 slices): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in s["iou_trainable"].items())
+        )
     for method, change in summary["phase_fraction_change_pct"].items():
-        lines.append(f"phase fractions aged vs pristine ({method}): " + ", ".join(f"{k} {v:+.1f} %" for k, v in change.items() if v is not None))
+        lines.append(
+            f"phase fractions aged vs pristine ({method}): "
+            + ", ".join(f"{k} {v:+.1f} %" for k, v in change.items() if v is not None)
+        )
     change = summary["relative_change_aged_vs_pristine"]
-    lines.append("aged vs pristine: " + ", ".join(f"{k} {100 * v:+.1f} %" for k, v in change["phase_volume"].items() if v is not None)
-                 + f", pore surface {100 * change['pore_surface_area']:+.1f} %")
+    lines.append(
+        "aged vs pristine: "
+        + ", ".join(f"{k} {100 * v:+.1f} %" for k, v in change["phase_volume"].items() if v is not None)
+        + f", pore surface {100 * change['pore_surface_area']:+.1f} %"
+    )
     roi = summary["fib_sem_roi"]
-    lines.append("FIB-SEM shine-through pore IoU: region %.3f vs pixel threshold %.3f" % (roi["iou_region"]["pore"], roi["iou_pixel_threshold"]["pore"]))
+    lines.append(
+        "FIB-SEM shine-through pore IoU: region %.3f vs pixel threshold %.3f"
+        % (roi["iou_region"]["pore"], roi["iou_pixel_threshold"]["pore"])
+    )
     lines.append(f"done in {summary['elapsed_s']:.1f} s")
     return "\n".join(lines)
 

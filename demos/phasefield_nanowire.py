@@ -25,7 +25,14 @@ from pathlib import Path
 from mpi4py import MPI
 
 from fem_anode.fem.phasefield.run import run_phasefield
-from fem_anode.fem.phasefield.settings import CyclingSettings, MaterialSettings, MeshSettings, OutputSettings, PhaseFieldSettings, VacancySettings
+from fem_anode.fem.phasefield.settings import (
+    CyclingSettings,
+    MaterialSettings,
+    MeshSettings,
+    OutputSettings,
+    PhaseFieldSettings,
+    VacancySettings,
+)
 from fem_anode.io import output_directory
 
 BETA = 0.5874
@@ -75,19 +82,35 @@ def main(out_dir: Path, quick: bool = False, comm: MPI.Comm = MPI.COMM_WORLD) ->
             if comm.rank == 0:
                 settings.to_toml(staging / name / "config.toml")
         lith, delith = results["table1"]["half_cycles"]
-        _check(abs(lith["mean_c_li"] - 0.86) < 1e-3 and abs(delith["mean_c_li"] - 0.14) < 1e-3, "table1: the wire did not (de)lithiate fully")
+        _check(
+            abs(lith["mean_c_li"] - 0.86) < 1e-3 and abs(delith["mean_c_li"] - 0.14) < 1e-3,
+            "table1: the wire did not (de)lithiate fully",
+        )
         ratio = lith["outer_radius_m"] / delith["outer_radius_m"]
-        _check(abs(ratio / (1 + BETA) - 1) < 5e-3 and abs(lith["axial_stretch"] / (1 + BETA) - 1) < 5e-3, f"table1: swelling {ratio:.4f} is not 1 + beta")
+        _check(
+            abs(ratio / (1 + BETA) - 1) < 5e-3 and abs(lith["axial_stretch"] / (1 + BETA) - 1) < 5e-3,
+            f"table1: swelling {ratio:.4f} is not 1 + beta",
+        )
         _check(abs(delith["axial_stretch"] - 1) < 1e-6, "table1: the wire did not return to its length")
-        _check(0.05 < lith["peak_von_mises"] < 1.64, f"table1: peak von Mises {lith['peak_von_mises']:.3f} outside (0.05, sigma_Y)")
+        _check(
+            0.05 < lith["peak_von_mises"] < 1.64,
+            f"table1: peak von Mises {lith['peak_von_mises']:.3f} outside (0.05, sigma_Y)",
+        )
         if "slow_kinetics" in results:
             first, second = results["slow_kinetics"]["half_cycles"]
             _check(0.16 < first["mean_c_li"] < 0.8, "slow_kinetics: expected a partially lithiated (core-shell) wire")
             _check(first["max_eq_plastic_strain"] > 0.05, "slow_kinetics: expected plastic flow in the shell")
-            _check(second["max_eq_plastic_strain"] >= first["max_eq_plastic_strain"], "slow_kinetics: plastic strain decreased")
+            _check(
+                second["max_eq_plastic_strain"] >= first["max_eq_plastic_strain"],
+                "slow_kinetics: plastic strain decreased",
+            )
         if comm.rank == 0:
             for name, res in results.items():
-                _check(len(res["snapshots"]) == 6 and all((staging / name / s).stat().st_size > 10_000 for s in res["snapshots"]), f"{name}: snapshots missing")
+                _check(
+                    len(res["snapshots"]) == 6
+                    and all((staging / name / s).stat().st_size > 10_000 for s in res["snapshots"]),
+                    f"{name}: snapshots missing",
+                )
     return results
 
 
@@ -101,6 +124,8 @@ if __name__ == "__main__":
     if MPI.COMM_WORLD.rank == 0:
         for run, res in all_results.items():
             for r in res["half_cycles"]:
-                print(f"{run:14s} {r['index']} {r['kind']:12s} mean c {r['mean_c_li']:.4f} radius {r['outer_radius_m'] * 1e9:.3f} nm "
-                      f"stretch {r['axial_stretch']:.4f} peak vM {r['peak_von_mises']:.3f} max eps_p {r['max_eq_plastic_strain']:.4f} "
-                      f"({r['steps']} steps, {r['newton_iterations_total']} Newton its, {r['wall_time_s']:.1f} s)")
+                print(
+                    f"{run:14s} {r['index']} {r['kind']:12s} mean c {r['mean_c_li']:.4f} radius {r['outer_radius_m'] * 1e9:.3f} nm "
+                    f"stretch {r['axial_stretch']:.4f} peak vM {r['peak_von_mises']:.3f} max eps_p {r['max_eq_plastic_strain']:.4f} "
+                    f"({r['steps']} steps, {r['newton_iterations_total']} Newton its, {r['wall_time_s']:.1f} s)"
+                )

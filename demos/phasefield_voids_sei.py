@@ -57,15 +57,30 @@ def check_sequence(records: list[dict[str, Any]]) -> None:
     require(first_lith["void_fraction"] == 0 and first_lith["n_voids"] == 0, "voids before the first delithiation")
     require(first_delith["void_fraction"] > 0.01 and first_delith["n_voids"] > 0, "no voids on the first delithiation")
     for r in records:
-        require(r["accessible_void_fraction"] <= r["void_fraction"] + 1e-15, f"half-cycle {r['index']}: accessible voids are not a subset of the voids")
-        require(r["n_accessible_voids"] == r["n_accessible_voids_at_surface"], f"half-cycle {r['index']}: an electrolyte-filled void does not reach the surface")
+        require(
+            r["accessible_void_fraction"] <= r["void_fraction"] + 1e-15,
+            f"half-cycle {r['index']}: accessible voids are not a subset of the voids",
+        )
+        require(
+            r["n_accessible_voids"] == r["n_accessible_voids_at_surface"],
+            f"half-cycle {r['index']}: an electrolyte-filled void does not reach the surface",
+        )
     for before, after in zip(records, records[1:]):
-        require(after["sei_penetration_depth_m"] >= before["sei_penetration_depth_m"], f"half-cycle {after['index']}: the SEI retreated")
+        require(
+            after["sei_penetration_depth_m"] >= before["sei_penetration_depth_m"],
+            f"half-cycle {after['index']}: the SEI retreated",
+        )
         if after["kind"] == "lithiation":
-            require(after["inaccessible_void_fraction"] < before["inaccessible_void_fraction"] or before["inaccessible_void_fraction"] == 0,
-                    f"half-cycle {after['index']}: inaccessible voids did not shrink on lithiation")
+            require(
+                after["inaccessible_void_fraction"] < before["inaccessible_void_fraction"]
+                or before["inaccessible_void_fraction"] == 0,
+                f"half-cycle {after['index']}: inaccessible voids did not shrink on lithiation",
+            )
     delithiations = [r for r in records if r["kind"] == "delithiation"]
-    require(delithiations[-1]["sei_penetration_depth_m"] > delithiations[0]["sei_penetration_depth_m"], "the SEI did not grow into the wire over the run")
+    require(
+        delithiations[-1]["sei_penetration_depth_m"] > delithiations[0]["sei_penetration_depth_m"],
+        "the SEI did not grow into the wire over the run",
+    )
 
 
 def main(out_dir: Path, quick: bool = False, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
@@ -87,8 +102,12 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO if MPI.COMM_WORLD.rank == 0 else logging.WARNING, format="%(message)s")
     res = main(args.out, args.quick)
     if MPI.COMM_WORLD.rank == 0:
-        print(f"{'#':>2} {'half-cycle':12s} {'mean c':>7} {'voids %':>8} {'electrolyte %':>13} {'SEI depth nm':>12} {'n voids':>7} {'core':>6} {'time s':>7}")
+        print(
+            f"{'#':>2} {'half-cycle':12s} {'mean c':>7} {'voids %':>8} {'electrolyte %':>13} {'SEI depth nm':>12} {'n voids':>7} {'core':>6} {'time s':>7}"
+        )
         for r in res["half_cycles"]:
-            print(f"{r['index']:2d} {r['kind']:12s} {r['mean_c_li']:7.4f} {100 * r['void_fraction']:8.2f} {100 * r['accessible_void_fraction']:13.2f} "
-                  f"{r['sei_penetration_depth_m'] * 1e9:12.2f} {r['n_voids']:7d} {r['core_connectivity']:6.3f} {r['wall_time_s']:7.1f}")
+            print(
+                f"{r['index']:2d} {r['kind']:12s} {r['mean_c_li']:7.4f} {100 * r['void_fraction']:8.2f} {100 * r['accessible_void_fraction']:13.2f} "
+                f"{r['sei_penetration_depth_m'] * 1e9:12.2f} {r['n_voids']:7d} {r['core_connectivity']:6.3f} {r['wall_time_s']:7.1f}"
+            )
         print(f"total {res['wall_time_s']:.1f} s; figures in {args.out}")

@@ -68,16 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
-    parser.add_argument("--no-memory-check", action="store_true", help="do not refuse meshes/solves whose estimated memory exceeds the available memory")
+    parser.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="do not refuse meshes/solves whose estimated memory exceeds the available memory",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(f"fem_anode.commands.{module}").register(subparsers, name)
     for sub in subparsers.choices.values():  # logging options also after the subcommand
         group = sub.add_argument_group("output options")
-        group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)")
-        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
-        group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
-        group.add_argument("--no-memory-check", action="store_true", default=argparse.SUPPRESS, help="do not refuse meshes/solves whose estimated memory exceeds the available memory")
+        group.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)"
+        )
+        group.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors"
+        )
+        group.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors"
+        )
+        group.add_argument(
+            "--no-memory-check",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="do not refuse meshes/solves whose estimated memory exceeds the available memory",
+        )
     return parser
 
 
@@ -87,7 +102,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         level = max(level, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     prefix = f"[rank {mpi_rank()}] " if mpi_rank() else ""
-    handler.setFormatter(logging.Formatter(f"{prefix}%(message)s" if verbose < 2 else f"{prefix}%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(f"{prefix}%(message)s" if verbose < 2 else f"{prefix}%(levelname)s %(name)s: %(message)s")
+    )
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False

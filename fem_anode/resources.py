@@ -91,10 +91,27 @@ MULTIGRID_SETUP_PER_DOF_PARALLEL = 3.0e3
 
 # Average non-zeros per matrix row, by (cell type, degree).
 _NNZ_PER_ROW = {
-    ("quadrilateral", 1): 9, ("hexahedron", 1): 27, ("triangle", 1): 7, ("tetrahedron", 1): 15,
-    ("quadrilateral", 2): 16, ("hexahedron", 2): 64, ("triangle", 2): 15, ("tetrahedron", 2): 50,
+    ("quadrilateral", 1): 9,
+    ("hexahedron", 1): 27,
+    ("triangle", 1): 7,
+    ("tetrahedron", 1): 15,
+    ("quadrilateral", 2): 16,
+    ("hexahedron", 2): 64,
+    ("triangle", 2): 15,
+    ("tetrahedron", 2): 50,
 }
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +129,9 @@ class MemoryEstimate:
     details: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
-        return MemoryEstimate(f"{self.what} and {other.what}", self.bytes + other.bytes, {**self.details, **other.details})
+        return MemoryEstimate(
+            f"{self.what} and {other.what}", self.bytes + other.bytes, {**self.details, **other.details}
+        )
 
 
 def format_bytes(n: float) -> str:
@@ -190,7 +209,9 @@ def check_memory(estimate: MemoryEstimate, comm: Any = None, *, hint: str = "") 
     if not memory_check_enabled():
         return
     available = available_memory(comm)
-    logger.debug("memory estimate of %s: %s (available %s)", estimate.what, format_bytes(estimate.bytes), format_bytes(available))
+    logger.debug(
+        "memory estimate of %s: %s (available %s)", estimate.what, format_bytes(estimate.bytes), format_bytes(available)
+    )
     if estimate.bytes > available:
         raise InputError(
             f"{estimate.what} needs an estimated {format_bytes(estimate.bytes)} of memory but only "
@@ -212,7 +233,9 @@ def estimate_metrics_memory(shape: Sequence[int]) -> MemoryEstimate:
     field) on 60^3 and 120^3 four-phase volumes.
     """
     voxels = float(np.prod(np.asarray(shape, dtype=float)))
-    return MemoryEstimate(f"image metrics of a {_shape_text(shape)} image", METRICS_PER_VOXEL * voxels, {"voxels": voxels})
+    return MemoryEstimate(
+        f"image metrics of a {_shape_text(shape)} image", METRICS_PER_VOXEL * voxels, {"voxels": voxels}
+    )
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -241,8 +264,12 @@ def _kept_mask_counts(labels: np.ndarray, kept_values: Sequence[int], chunk: int
             lo = (slice(None),) * axis + (slice(None, -1),)
             hi = (slice(None),) * axis + (slice(1, None),)
             facets += int(np.count_nonzero((own[lo] != own[hi]) & (own_mask[lo] | own_mask[hi])))
-            facets += int(np.count_nonzero(np.take(own_mask, 0, axis=axis))) + int(np.count_nonzero(np.take(own_mask, -1, axis=axis)))
-    facets += int(np.count_nonzero(np.isin(labels[0], kept_values))) + int(np.count_nonzero(np.isin(labels[-1], kept_values)))
+            facets += int(np.count_nonzero(np.take(own_mask, 0, axis=axis))) + int(
+                np.count_nonzero(np.take(own_mask, -1, axis=axis))
+            )
+    facets += int(np.count_nonzero(np.isin(labels[0], kept_values))) + int(
+        np.count_nonzero(np.isin(labels[-1], kept_values))
+    )
     return cells, facets
 
 
@@ -280,7 +307,9 @@ def estimate_mesh_memory(
     if order == 2:
         nodes *= 2**image.ndim
     entities = cells + facets + nodes
-    return MemoryEstimate(what, GMSH_BASE + GMSH_PER_ENTITY * entities, {"cells": cells, "facets": facets, "nodes": nodes})
+    return MemoryEstimate(
+        what, GMSH_BASE + GMSH_PER_ENTITY * entities, {"cells": cells, "facets": facets, "nodes": nodes}
+    )
 
 
 def estimate_fe_memory(
@@ -320,11 +349,22 @@ def estimate_fe_memory(
         matrices *= 1.0 + AMG_OVERHEAD
     total = FE_BASE_PER_RANK * ranks + FE_PER_CELL * cells + FE_PER_DOF * dofs + matrices + factor
     return MemoryEstimate(
-        what, total, {"fe_cells": cells, "dofs": dofs, "nonzeros": nnz, "matrix_bytes": matrices, "factor_bytes": factor, "solver": solver}  # type: ignore[dict-item]
+        what,
+        total,
+        {
+            "fe_cells": cells,
+            "dofs": dofs,
+            "nonzeros": nnz,
+            "matrix_bytes": matrices,
+            "factor_bytes": factor,
+            "solver": solver,
+        },  # type: ignore[dict-item]
     )
 
 
-def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cells: float | None = None, cell_type: str | None = None) -> MemoryEstimate:
+def estimate_diffusion_memory(
+    image: Any, settings: Any, *, ranks: int = 1, cells: float | None = None, cell_type: str | None = None
+) -> MemoryEstimate:
     """Estimated peak memory of a diffusion run (meshing the image, then the FE solve).
 
     Args:
@@ -344,7 +384,9 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
         ndim = image.ndim
         if method == "smooth":
             h = settings.mesh.size or 4.0 * min(image.require_voxel_size())
-            area = float(np.count_nonzero(image.array == image.require_phases()[settings.geometry.transport_phase])) * float(np.prod(image.require_voxel_size()))
+            area = float(
+                np.count_nonzero(image.array == image.require_phases()[settings.geometry.transport_phase])
+            ) * float(np.prod(image.require_voxel_size()))
             n_cells = 2.0 * area / (0.5 * h) ** 2
             nodes = n_cells / 2.0
             cell_type = "triangle"
@@ -352,7 +394,16 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
             n_cells, nodes = mesh.details["cells"], mesh.details["nodes"]
             cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
         dofs = nodes * (2**ndim if degree == 2 else 1)
-        fe = estimate_fe_memory(cells=n_cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
+        fe = estimate_fe_memory(
+            cells=n_cells,
+            dofs=dofs,
+            ndim=ndim,
+            cell_type=cell_type,
+            degree=degree,
+            solver=solver,
+            cache_size=cache,
+            ranks=ranks,
+        )
         what = f"diffusion run on a {_shape_text(image.shape)} image ({int(dofs):,} dofs, P{degree})"
         if method == "voxel":
             return estimate_voxel_diffusion_memory(n_cells, nodes, image.shape, settings, ranks=ranks)
@@ -362,11 +413,24 @@ def estimate_diffusion_memory(image: Any, settings: Any, *, ranks: int = 1, cell
     ndim = 3 if cell_type in ("hexahedron", "tetrahedron") else 2
     vertices_per_cell = {"triangle": 0.5, "quadrilateral": 1.0, "tetrahedron": 0.2, "hexahedron": 1.0}[cell_type]
     dofs = cells * vertices_per_cell * (2**ndim if degree == 2 else 1)
-    fe = estimate_fe_memory(cells=cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
-    return dataclasses.replace(fe, what=f"diffusion run on a mesh of {int(cells):,} cells ({int(dofs):,} dofs, P{degree})")
+    fe = estimate_fe_memory(
+        cells=cells,
+        dofs=dofs,
+        ndim=ndim,
+        cell_type=cell_type,
+        degree=degree,
+        solver=solver,
+        cache_size=cache,
+        ranks=ranks,
+    )
+    return dataclasses.replace(
+        fe, what=f"diffusion run on a mesh of {int(cells):,} cells ({int(dofs):,} dofs, P{degree})"
+    )
 
 
-def estimate_voxel_diffusion_memory(cells: float, nodes: float, shape: Sequence[int], settings: Any, *, ranks: int = 1) -> MemoryEstimate:
+def estimate_voxel_diffusion_memory(
+    cells: float, nodes: float, shape: Sequence[int], settings: Any, *, ranks: int = 1
+) -> MemoryEstimate:
     """Estimated peak memory of a diffusion run on a distributed voxel mesh (no gmsh).
 
     The mesh's construction peak (``VOXEL_MESH_PER_CELL``) is over before the solver allocates,
@@ -385,14 +449,31 @@ def estimate_voxel_diffusion_memory(cells: float, nodes: float, shape: Sequence[
     cache = settings.solver.cache_size if solver != "iterative" else 1
     dofs = nodes * (2**ndim if degree == 2 else 1)
     cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
-    fe = estimate_fe_memory(cells=cells, dofs=dofs, ndim=ndim, cell_type=cell_type, degree=degree, solver=solver, cache_size=cache, ranks=ranks)
+    fe = estimate_fe_memory(
+        cells=cells,
+        dofs=dofs,
+        ndim=ndim,
+        cell_type=cell_type,
+        degree=degree,
+        solver=solver,
+        cache_size=cache,
+        ranks=ranks,
+    )
     # An explicit 'mg' pays for its set-up for sure; 'auto' moves to it only if it fits then
     # (DiffusionProblem checks the available memory before the set-up and stays on SSOR).
     multigrid = estimate_multigrid_setup_memory(dofs, ranks).bytes if _chooses_multigrid(settings, ndim, dofs) else 0.0
     mesh_peak = VOXEL_MESH_PER_CELL * cells + FE_BASE_PER_RANK * ranks
-    return MemoryEstimate(f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
-                          max(mesh_peak, fe.bytes + multigrid),
-                          {"cells": cells, "nodes": nodes, "mesh_peak_bytes": mesh_peak, "multigrid_setup_bytes": multigrid, **fe.details})
+    return MemoryEstimate(
+        f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
+        max(mesh_peak, fe.bytes + multigrid),
+        {
+            "cells": cells,
+            "nodes": nodes,
+            "mesh_peak_bytes": mesh_peak,
+            "multigrid_setup_bytes": multigrid,
+            **fe.details,
+        },
+    )
 
 
 def _chooses_multigrid(settings: Any, ndim: int, dofs: float) -> bool:

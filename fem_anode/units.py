@@ -26,7 +26,14 @@ import re
 from fem_anode.errors import UsageError
 
 __all__ = [
-    "LENGTH_UNITS", "NUMERIC_LIMITS", "QUANTITIES", "Quantity", "check_length", "check_value", "parse_length", "parse_lengths",
+    "LENGTH_UNITS",
+    "NUMERIC_LIMITS",
+    "QUANTITIES",
+    "Quantity",
+    "check_length",
+    "check_value",
+    "parse_length",
+    "parse_lengths",
     "format_length",
 ]
 
@@ -78,7 +85,13 @@ def check_value(value: float, unit: str | None, where: str) -> float:
         p_low, p_high = quantity.plausible
         logger.warning(
             "%s = %g %s is outside the plausible range of a %s (%g to %g %s); check its unit%s",
-            where, value, unit, quantity.name, p_low, p_high, unit,
+            where,
+            value,
+            unit,
+            quantity.name,
+            p_low,
+            p_high,
+            unit,
             " (a bare number is metres: 20nm, 0.65um)" if unit == "m" else "",
         )
     return value
@@ -90,6 +103,7 @@ def check_length(value: float, where: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"{where} must be positive and finite, got {value!r}")
     return check_value(value, "m", where)
+
 
 #: Length units accepted in suffixes, in metres.
 LENGTH_UNITS: dict[str, float] = {
@@ -110,7 +124,9 @@ _NUMBER_UNIT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([
 def _split(text: str) -> tuple[float, str | None]:
     match = _NUMBER_UNIT.match(text)
     if match is None:
-        raise UsageError(f"cannot read length {text!r}: expected a number with an optional unit, e.g. 20nm, 0.65um, 1e-6")
+        raise UsageError(
+            f"cannot read length {text!r}: expected a number with an optional unit, e.g. 20nm, 0.65um, 1e-6"
+        )
     value, unit = float(match.group(1)), match.group(2)
     if unit is not None and unit not in LENGTH_UNITS:
         raise UsageError(f"unknown length unit {unit!r} in {text!r}; use one of {', '.join(LENGTH_UNITS)}")
@@ -152,7 +168,7 @@ def parse_lengths(text: str | float | list | tuple, ndim: int | None = None) -> 
             raise UsageError(f"cannot read voxel size {text!r}")
         split = [_split(p) for p in parts]
         last_unit = split[-1][1]
-        if any(u is not None for u, in [(s[1],) for s in split[:-1]]) and any(s[1] is None for s in split):
+        if any(u is not None for (u,) in [(s[1],) for s in split[:-1]]) and any(s[1] is None for s in split):
             raise UsageError(f"voxel size {text!r} mixes entries with and without units")
         values = tuple(_check_positive(v * LENGTH_UNITS[u or last_unit or "m"], str(text)) for v, u in split)
     if ndim is not None:

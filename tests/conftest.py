@@ -34,7 +34,9 @@ def mpi_rank_env() -> int:
 def pytest_configure(config: pytest.Config) -> None:
     if mpi_size() > 1:
         if not config.option.basetemp:
-            config.option.basetemp = Path(tempfile.gettempdir()) / f"fem_anode-pytest-{os.getppid()}-rank{mpi_rank_env()}"
+            config.option.basetemp = (
+                Path(tempfile.gettempdir()) / f"fem_anode-pytest-{os.getppid()}-rank{mpi_rank_env()}"
+            )
         if mpi_rank_env() != 0:
             config.option.verbose = -1
 
@@ -87,7 +89,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except OSError:
             pass
     listing = "\n".join(f"  pid {pid}: {command[:200]}" for pid, command in left)
-    sys.stderr.write(f"\nERROR: the test session left {len(left)} process(es) of its own running (now killed):\n{listing}\n")
+    sys.stderr.write(
+        f"\nERROR: the test session left {len(left)} process(es) of its own running (now killed):\n{listing}\n"
+    )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -55,12 +55,24 @@ def test_metrics_writes_json_and_figure(shared_tmp_path):
     ("args", "code", "message"),
     [
         (["metrics", "{missing}", "--out", "{out}"], 3, "image not found"),
-        (["metrics", "{float}", "--out", "{out}", "--voxel-size", "1nm", "--phases", "a=0"], 3, "expected integer labels"),
+        (
+            ["metrics", "{float}", "--out", "{out}", "--voxel-size", "1nm", "--phases", "a=0"],
+            3,
+            "expected integer labels",
+        ),
         (["metrics", "{nan}", "--out", "{out}"], 3, "NaN"),
         (["metrics", "{labels}", "--out", "{out}", "--voxel-size=-3nm", "--phases", "a=0,b=1"], 2, "must be positive"),
-        (["metrics", "{labels}", "--out", "{out}", "--voxel-size", "1nm", "--phases", "a=0"], 3, "not in the phase map"),
+        (
+            ["metrics", "{labels}", "--out", "{out}", "--voxel-size", "1nm", "--phases", "a=0"],
+            3,
+            "not in the phase map",
+        ),
         (["metrics", "{labels}", "--out", "{out}", "--phases", "a=0,b=1"], 2, "voxel size unknown"),
-        (["mesh", "{labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--keep", "c", "--out", "{out}.msh"], 2, "cannot keep phase"),
+        (
+            ["mesh", "{labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--keep", "c", "--out", "{out}.msh"],
+            2,
+            "cannot keep phase",
+        ),
         (["convergence", "{missing}", "--out", "{out}"], 3, "settings file not found"),
     ],
 )
@@ -110,8 +122,14 @@ def test_output_directory_keeps_other_files(tmp_path):
 
 @pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="spawns its own Python; run serially only")
 def test_console_script_and_module_entry_points(tmp_path):
-    image = write_image(tmp_path / "l.npy", VoxelImage(np.array([[0, 1], [1, 1]], dtype=np.uint8), (1e-6, 1e-6), {"pore": 0, "si": 1}))
+    image = write_image(
+        tmp_path / "l.npy", VoxelImage(np.array([[0, 1], [1, 1]], dtype=np.uint8), (1e-6, 1e-6), {"pore": 0, "si": 1})
+    )
     module = subprocess.run([sys.executable, "-m", "fem_anode", "--version"], capture_output=True, text=True)
     assert module.returncode == 0 and __version__ in module.stdout
-    bad = subprocess.run([sys.executable, "-m", "fem_anode", "metrics", str(image), "--phases", "pore=0", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fem_anode", "metrics", str(image), "--phases", "pore=0", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 3 and "not in the phase map" in bad.stderr and "Traceback" not in bad.stderr

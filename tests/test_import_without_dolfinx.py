@@ -40,6 +40,8 @@ def test_imaging_detachment_and_cli_without_fenicsx(tmp_path):
         print("OK")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"}
+    )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout

@@ -120,7 +120,13 @@ def test_sidecar_metadata_is_json(tmp_path, labels3d):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("pore=0,si", "expected name=label"), ("pore=0,si=x", "not an integer"), ("pore=0,si=0", "same label"), ("1x=0", "must start with a letter"), ("", "empty")],
+    [
+        ("pore=0,si", "expected name=label"),
+        ("pore=0,si=x", "not an integer"),
+        ("pore=0,si=0", "same label"),
+        ("1x=0", "must start with a letter"),
+        ("", "empty"),
+    ],
 )
 def test_bad_phase_maps(text, message):
     with pytest.raises(UsageError, match=message):

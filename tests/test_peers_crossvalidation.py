@@ -82,11 +82,15 @@ def run_peers(python: Path, masks: dict[str, np.ndarray], folder: Path, comm: MP
 
 
 def fe_tau(mask: np.ndarray, comm: MPI.Comm, h: float = H):
-    return tortuosity_factor(VoxelImage(mask.astype(np.uint8), (h, h, h), {"solid": 0, "pore": 1}), "pore", comm, method="fe")
+    return tortuosity_factor(
+        VoxelImage(mask.astype(np.uint8), (h, h, h), {"solid": 0, "pore": 1}), "pore", comm, method="fe"
+    )
 
 
 def fv_tau(mask: np.ndarray, comm: MPI.Comm, spacing=(H, H, H)):
-    return tortuosity_factor(VoxelImage(mask.astype(np.uint8), spacing, {"solid": 0, "pore": 1}), "pore", comm, rtol=1e-9)
+    return tortuosity_factor(
+        VoxelImage(mask.astype(np.uint8), spacing, {"solid": 0, "pore": 1}), "pore", comm, rtol=1e-9
+    )
 
 
 def test_structured_volumes_agree_exactly(peers, shared_tmp_path, comm):
@@ -110,7 +114,9 @@ def test_structured_volumes_agree_exactly(peers, shared_tmp_path, comm):
         assert ps["effective_porosity"] == pytest.approx(fe.percolating_fraction, rel=1e-12)
 
 
-@pytest.mark.parametrize(("shape", "sigma", "fraction", "seed"), [((14, 14, 14), 1.5, 0.45, 3), ((12, 16, 16), 2.0, 0.6, 11)])
+@pytest.mark.parametrize(
+    ("shape", "sigma", "fraction", "seed"), [((14, 14, 14), 1.5, 0.45, 3), ((12, 16, 16), 2.0, 0.6, 11)]
+)
 def test_random_volumes_agree_within_2_percent(peers, shared_tmp_path, comm, shape, sigma, fraction, seed):
     base = common.blob_volume(shape, sigma, fraction, seed)
     masks = {f"r{seed}_k{k}": common.upsample(base, k) for k in (1, 2, 3)}
@@ -123,7 +129,9 @@ def test_random_volumes_agree_within_2_percent(peers, shared_tmp_path, comm, sha
     ps = [p["tau"] * eps / p["effective_porosity"] for p in ps]
     for k in range(3):
         assert fe[k] < tf[k] and fe[k] < ps[k], "FE (from below) and finite volumes (from above) must bracket tau"
-    assert fe[0] < fe[1] < fe[2] and tf[0] > tf[1] > tf[2] and ps[0] > ps[1] > ps[2], "refinement must converge monotonically"
+    assert fe[0] < fe[1] < fe[2] and tf[0] > tf[1] > tf[2] and ps[0] > ps[1] > ps[2], (
+        "refinement must converge monotonically"
+    )
     limits = {name: common.richardson(values)[0] for name, values in (("fe", fe), ("taufactor", tf), ("porespy", ps))}
     assert limits["fe"] == pytest.approx(limits["taufactor"], rel=0.02)
     assert limits["fe"] == pytest.approx(limits["porespy"], rel=0.02)
@@ -132,8 +140,13 @@ def test_random_volumes_agree_within_2_percent(peers, shared_tmp_path, comm, sha
     assert fe[2] * 0.98 < limits["fe"] < tf[2] * 1.02
 
 
-@pytest.mark.parametrize(("shape", "sigma", "fraction", "seed"), [((24, 24, 24), 2.5, 0.4, 24), ((20, 16, 18), 1.5, 0.45, 5), ((16, 16, 16), 2.0, 0.6, 11)])
-def test_finite_volume_default_agrees_with_taufactor_within_1_percent(peers, shared_tmp_path, comm, shape, sigma, fraction, seed):
+@pytest.mark.parametrize(
+    ("shape", "sigma", "fraction", "seed"),
+    [((24, 24, 24), 2.5, 0.4, 24), ((20, 16, 18), 1.5, 0.45, 5), ((16, 16, 16), 2.0, 0.6, 11)],
+)
+def test_finite_volume_default_agrees_with_taufactor_within_1_percent(
+    peers, shared_tmp_path, comm, shape, sigma, fraction, seed
+):
     """The default (FV) is TauFactor's discretisation: the same tau up to TauFactor's convergence."""
     mask = common.blob_volume(shape, sigma, fraction, seed)
     peer = run_peers(peers, {"blob": mask}, shared_tmp_path, comm, conv_crit=1e-4)["blob"]
@@ -146,4 +159,3 @@ def test_finite_volume_default_agrees_with_taufactor_within_1_percent(peers, sha
     # PoreSpy: the same stencil, but its c = 1 / c = 0 sit on the first and last voxel centres (not half a
     # voxel outside), so it differs by O(1 / n_z) (measured 0.5-2.5 % here); tau from the trimmed porosity
     assert ps["tau"] * ours.volume_fraction / ps["effective_porosity"] == pytest.approx(ours.tau, rel=0.05)
-

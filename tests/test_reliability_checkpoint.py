@@ -80,7 +80,9 @@ def _unit_square(comm):
 def _quadrature_space(domain):
     import basix.ufl
 
-    return fem.functionspace(domain, basix.ufl.quadrature_element(domain.basix_cell(), value_shape=(3,), scheme="default", degree=2))
+    return fem.functionspace(
+        domain, basix.ufl.quadrature_element(domain.basix_cell(), value_shape=(3,), scheme="default", degree=2)
+    )
 
 
 def _quadrature_values(Q):
@@ -89,7 +91,9 @@ def _quadrature_values(Q):
 
     x = ufl.SpatialCoordinate(Q.mesh)
     q = fem.Function(Q)
-    q.interpolate(fem.Expression(ufl.as_vector([x[0] * x[1], 1.0 + x[0], ufl.sin(3.0 * x[1])]), Q.element.interpolation_points()))
+    q.interpolate(
+        fem.Expression(ufl.as_vector([x[0] * x[1], 1.0 + x[0], ufl.sin(3.0 * x[1])]), Q.element.interpolation_points())
+    )
     return q
 
 
@@ -116,7 +120,10 @@ def test_functions_round_trip_on_any_rank_count(shared_tmp_path, comm):
     rng = np.random.default_rng(7)
     store = CheckpointStore(shared_tmp_path / "run", comm)
     assert not store.exists()
-    store.save({"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3}, {"u": u, "w": w, "m": m, "d": d, "q": q, "p3": p3, "times": np.array([0.0, 1e-9, 0.3])})
+    store.save(
+        {"t": 0.1 + 0.2, "rng": rng.bit_generator.state, "step": 3},
+        {"u": u, "w": w, "m": m, "d": d, "q": q, "p3": p3, "times": np.array([0.0, 1e-9, 0.3])},
+    )
     assert store.exists() and (store.path / "state.json").is_file()
     loaded = store.load()
     assert loaded.state["t"] == 0.1 + 0.2  # floats round-trip bit for bit
@@ -178,7 +185,18 @@ class _SpyComm:
 
     def __getattr__(self, name):
         attribute = getattr(self._comm, name)
-        if name not in ("bcast", "gather", "allgather", "scatter", "alltoall", "allreduce", "reduce", "send", "recv", "sendrecv"):
+        if name not in (
+            "bcast",
+            "gather",
+            "allgather",
+            "scatter",
+            "alltoall",
+            "allreduce",
+            "reduce",
+            "send",
+            "recv",
+            "sendrecv",
+        ):
             return attribute
 
         def spied(*args, **kwargs):
@@ -328,7 +346,9 @@ def test_step_plan_resumes_and_replans_after_a_cut():
         steps.append(plan.propose())
         plan.accept(*steps[-1])
     times = [t for t, _ in full[:25]] + [t for t, _ in steps]
-    assert set(TIMES) <= set(times) and sum(d for _, d in full[:25]) + sum(d for _, d in steps) == pytest.approx(4e-3, rel=1e-12)
+    assert set(TIMES) <= set(times) and sum(d for _, d in full[:25]) + sum(d for _, d in steps) == pytest.approx(
+        4e-3, rel=1e-12
+    )
     dts = np.array([d for _, d in full[:25]] + [d for _, d in steps])
     assert np.all(dts[1:] / dts[:-1] <= 2.0 + 1e-12)
 
@@ -362,7 +382,9 @@ def test_interrupted_run_resumes_to_the_same_records(shared_tmp_path, comm):
     longer = settings.replace(time=settings.time.replace(t_end=8e-3))
     with pytest.raises(UsageError, match=r"other time settings .*time\.t_end: 0\.004 -> 0\.008"):
         DiffusionProblem(tagged, longer).run(resume=checkpoint)
-    single = DiffusionProblem(strip(MPI.COMM_SELF, shared_tmp_path / f"self{comm.rank}" if comm.size > 1 else shared_tmp_path), settings)
+    single = DiffusionProblem(
+        strip(MPI.COMM_SELF, shared_tmp_path / f"self{comm.rank}" if comm.size > 1 else shared_tmp_path), settings
+    )
     assert_same_records(single.run(resume=checkpoint), reference, rtol=1e-8)  # another rank count
 
 
@@ -418,7 +440,10 @@ def test_persistent_failure_saves_the_last_good_state_and_reports(shared_tmp_pat
         DiffusionProblem(tagged, settings).run(checkpointer=Checkpointer(store, CheckpointPolicy(), comm=comm))
     report = info.value.report
     assert [a["dt"] for a in report["attempts"]] == pytest.approx([1e-8, 5e-9, 2.5e-9])
-    assert all(a["reason"] == -3 and len(a["residual_history"]) == 2 and a["relative_residual"] > 1e-12 for a in report["attempts"])
+    assert all(
+        a["reason"] == -3 and len(a["residual_history"]) == 2 and a["relative_residual"] > 1e-12
+        for a in report["attempts"]
+    )
     assert report["t_last_good"] == 0.0
     saved = store.load().state["problem"]
     assert saved["failure"]["t_failed"] == pytest.approx(1e-8) and saved["steps"] == 0
@@ -444,7 +469,9 @@ def test_persistent_failure_saves_the_last_good_state_and_reports(shared_tmp_pat
 
 
 # -- the command line (in-process: serial and under MPI) ----------------------------------------
-def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", dt_max: float = 2e-5, every_steps: int | None = 5) -> Path:
+def roi_config(
+    directory: Path, comm, name: str = "run.toml", extra: str = "", dt_max: float = 2e-5, every_steps: int | None = 5
+) -> Path:
     """A small 2D ROI run; ``every_steps = None`` leaves [checkpoint] out (convergence studies
     checkpoint per finished level and refuse the setting)."""
     labels = np.full((12, 15), 3, dtype=np.uint8)
@@ -458,8 +485,8 @@ def roi_config(directory: Path, comm, name: str = "run.toml", extra: str = "", d
             '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.01\noutput_times = [0.0005, 0.002, 0.01]\n'
             f"dt_initial = 1e-7\ndt_max = {dt_max!r}\nsteps_per_level = 4\n\n"
             + (f"[checkpoint]\nevery_steps = {every_steps}\n\n" if every_steps is not None else "")
-            +
-            '[[regions]]\nname = "far"\nbox = [400e-9, 0.0, 600e-9, 480e-9]\n' + extra
+            + '[[regions]]\nname = "far"\nbox = [400e-9, 0.0, 600e-9, 480e-9]\n'
+            + extra
         )
     if comm is not None:
         comm.barrier()
@@ -477,7 +504,9 @@ def compare_results(resumed: dict, reference: dict, rtol: float = 1e-10) -> None
     for name, t90 in reference["t90_s"].items():
         assert resumed["t90_s"][name] == pytest.approx(t90, rel=rtol)
     assert resumed["mass_balance_rel_error"] < 1e-10 and reference["mass_balance_rel_error"] < 1e-10
-    assert set(resumed["si_particles"]) == set(reference["si_particles"]) == {"0.0005", "0.002", "0.01"}  # restored + new
+    assert (
+        set(resumed["si_particles"]) == set(reference["si_particles"]) == {"0.0005", "0.002", "0.01"}
+    )  # restored + new
     for t, particles in reference["si_particles"].items():
         for new, old in zip(resumed["si_particles"][t], particles, strict=True):
             assert new["id"] == old["id"] and new["mean"] == pytest.approx(old["mean"], rel=rtol)
@@ -508,7 +537,11 @@ def test_cli_sigterm_stops_safely_and_resume_matches(shared_tmp_path, comm, monk
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "stopped by SIGTERM" in err and f"--resume {out}" in err
     partial = json.loads((out / "results.json").read_text())
-    assert partial["status"] == "interrupted" and partial["steps"] == 60 and partial["t_reached_s"] == reference["history"]["times"][60]
+    assert (
+        partial["status"] == "interrupted"
+        and partial["steps"] == 60
+        and partial["t_reached_s"] == reference["history"]["times"][60]
+    )
     for name in ("checkpoint/state.json", "c_regions.png", "config.toml", "provenance.json"):
         assert (out / name).is_file()
     monkeypatch.undo()
@@ -528,13 +561,22 @@ def test_cli_sigterm_stops_safely_and_resume_matches(shared_tmp_path, comm, monk
 def test_cli_solver_failure_exit_4_with_report(shared_tmp_path, comm, capsys):
     from fem_anode.cli import main
 
-    config = roi_config(shared_tmp_path, comm, "failing.toml", extra='\n[solver]\ntype = "iterative"\nmax_retries = 1\npetsc_options = {pc_type = "jacobi", ksp_max_it = "1"}\n')
+    config = roi_config(
+        shared_tmp_path,
+        comm,
+        "failing.toml",
+        extra='\n[solver]\ntype = "iterative"\nmax_retries = 1\npetsc_options = {pc_type = "jacobi", ksp_max_it = "1"}\n',
+    )
     out = shared_tmp_path / "failed"
     capsys.readouterr()
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 4
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "retrying with dt/2" in lines[0]  # one warning per retry, then the error
-    assert lines[1].startswith("fem-anode diffusion: error") and "DIVERGED_MAX_IT" in lines[1] and "last good state saved" in lines[1]
+    assert (
+        lines[1].startswith("fem-anode diffusion: error")
+        and "DIVERGED_MAX_IT" in lines[1]
+        and "last good state saved" in lines[1]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "failed" and len(results["failure"]["attempts"]) == 2
     assert CheckpointStore(out, comm).load().state["problem"]["failure"]["attempts"][1]["dt"] == pytest.approx(5e-8)
@@ -567,17 +609,23 @@ def test_study_resumes_after_the_last_finished_level(shared_tmp_path, comm, monk
     monkeypatch.undo()
     checkpoint = CheckpointStore(shared_tmp_path / "study", comm).load()
     assert checkpoint.state["problem"]["order"] == 2 and checkpoint.state["problem"]["level"] == 0
-    resumed = run_diffusion_study(settings, levels=3, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+    resumed = run_diffusion_study(
+        settings, levels=3, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study"
+    )
     for order in ("P1", "P2"):
         ref, new = reference["orders"][order], resumed["orders"][order]
         assert new["cells"] == ref["cells"] and new["h"] == ref["h"]
-        np.testing.assert_allclose(new["field_l2_difference"]["values"][1:], ref["field_l2_difference"]["values"][1:], rtol=1e-10)
+        np.testing.assert_allclose(
+            new["field_l2_difference"]["values"][1:], ref["field_l2_difference"]["values"][1:], rtol=1e-10
+        )
         for name, record in ref["quantities"].items():
             np.testing.assert_allclose(new["quantities"][name]["values"], record["values"], rtol=1e-10)
             if np.isfinite(record["observed_order"]):
                 assert new["quantities"][name]["observed_order"] == pytest.approx(record["observed_order"], rel=1e-8)
     with pytest.raises(UsageError, match="other settings"):
-        run_diffusion_study(settings, levels=4, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study")
+        run_diffusion_study(
+            settings, levels=4, orders=[1, 2], comm=comm, resume=checkpoint, checkpoint_dir=shared_tmp_path / "study"
+        )
 
 
 # -- real processes and real signals (serial suite only) -----------------------------------------
@@ -587,7 +635,9 @@ def fem_anode(*args: str, mpi: int = 0, **kwargs) -> subprocess.Popen:
     if mpi:
         command = ["mpirun", "-n", str(mpi), sys.executable, "-m", "mpi4py", "-m", "fem_anode", *args]
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,sm")
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs
+    )
 
 
 def kill_job(process: subprocess.Popen, out: Path) -> None:
@@ -603,7 +653,10 @@ def kill_job(process: subprocess.Popen, out: Path) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and b"fem_anode" in _cmdline(Path(f"/proc/{pid}")) for pid in ranks) and time.monotonic() < deadline:
+    while (
+        any(Path(f"/proc/{pid}").exists() and b"fem_anode" in _cmdline(Path(f"/proc/{pid}")) for pid in ranks)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
 
 
@@ -618,7 +671,9 @@ def wait_for_checkpoint(out: Path, process: subprocess.Popen, t_min: float, time
     """Poll until the run's checkpoint has passed ``t_min`` (s of model time)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, f"the run ended before a checkpoint past t = {t_min}: {process.communicate()[1][-2000:]}"
+        assert process.poll() is None, (
+            f"the run ended before a checkpoint past t = {t_min}: {process.communicate()[1][-2000:]}"
+        )
         try:
             state = json.loads((out / "checkpoint" / "state.json").read_text())
             if state["problem"]["t"] > t_min:
@@ -673,12 +728,18 @@ def test_signal_to_the_process_stops_it_with_exit_130(tmp_path, reference_run, s
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name}" in lines[0] and f"fem-anode diffusion --resume {out}" in lines[0]
+    assert (
+        len(lines) == 1
+        and f"stopped by {signal.Signals(signum).name}" in lines[0]
+        and f"fem-anode diffusion --resume {out}" in lines[0]
+    )
     partial = json.loads((out / "results.json").read_text())
     assert partial["status"] == "interrupted" and 0 < partial["steps"] < reference["steps"]
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["problem"]["steps"] == partial["steps"]  # the checkpoint is the stop's own
-    np.testing.assert_allclose(partial["history"]["domain_mean"], reference["history"]["domain_mean"][: partial["steps"] + 1], rtol=1e-12)
+    np.testing.assert_allclose(
+        partial["history"]["domain_mean"], reference["history"]["domain_mean"][: partial["steps"] + 1], rtol=1e-12
+    )
 
 
 @serial_only
@@ -737,4 +798,6 @@ def test_cli_study_stopped_mid_level_resumes_to_the_same_report(shared_tmp_path,
     assert not (out / "checkpoint").exists()
     for name, record in reference["orders"]["P1"]["quantities"].items():
         np.testing.assert_allclose(resumed["orders"]["P1"]["quantities"][name]["values"], record["values"], rtol=1e-10)
-    assert resumed["orders"]["P1"]["seconds"][: saved["level"] + 1] == saved["seconds"]  # finished levels were not rerun
+    assert (
+        resumed["orders"]["P1"]["seconds"][: saved["level"] + 1] == saved["seconds"]
+    )  # finished levels were not rerun

@@ -34,23 +34,77 @@ from fem_anode.cli import build_parser, main  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 
 UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
-pytestmark = pytest.mark.skipif(UNDER_MPI, reason="the subcommands are collective under MPI; argument handling is rank-independent")
+pytestmark = pytest.mark.skipif(
+    UNDER_MPI, reason="the subcommands are collective under MPI; argument handling is rank-independent"
+)
 
 DOCUMENTED = {0, 2, 3, 4}
 #: Examples per subcommand; FEM_ANODE_FUZZ_EXAMPLES=500 for a deeper (slower) sweep.
 EXAMPLES = int(os.environ.get("FEM_ANODE_FUZZ_EXAMPLES", "12"))
-SWEEP = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SWEEP = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 #: Values that have broken command-line tools before.
 NASTY = [
-    "0", "-0", "-0.0", "+0", "-0e0", "0e-999", "-0nm", "1e308", "-1e308", "1.7976931348623157e308", "5e-324", "-5e-324",
-    "2.2250738585072014e-308", "1e-300nm", "1e300um", str(2**31), str(2**63), str(2**64), str(10**30), "-" + str(2**63), "9" * 40,
-    "", " ", "nan", "NaN", "inf", "-inf", "１２", "٣", "20µm", "20μm", "20\u00a0nm", "\u200b", "ﬁ", "𝟙𝟚", "e", "1e", "-", "é",
-    "\u202e20nm", "\U0001f642", "a=0,b=0", "pore=0,si=1,sei=3", ",,,", "=", "x=" + "9" * 30, "1,2,3,4", "0x10", "1_000",
+    "0",
+    "-0",
+    "-0.0",
+    "+0",
+    "-0e0",
+    "0e-999",
+    "-0nm",
+    "1e308",
+    "-1e308",
+    "1.7976931348623157e308",
+    "5e-324",
+    "-5e-324",
+    "2.2250738585072014e-308",
+    "1e-300nm",
+    "1e300um",
+    str(2**31),
+    str(2**63),
+    str(2**64),
+    str(10**30),
+    "-" + str(2**63),
+    "9" * 40,
+    "",
+    " ",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "１２",
+    "٣",
+    "20µm",
+    "20μm",
+    "20\u00a0nm",
+    "\u200b",
+    "ﬁ",
+    "𝟙𝟚",
+    "e",
+    "1e",
+    "-",
+    "é",
+    "\u202e20nm",
+    "\U0001f642",
+    "a=0,b=0",
+    "pore=0,si=1,sei=3",
+    ",,,",
+    "=",
+    "x=" + "9" * 30,
+    "1,2,3,4",
+    "0x10",
+    "1_000",
 ]
 ORDINARY = ["1", "2", "3", "0.5", "20nm", "0.1um", "5", "10", "pore", "si", "sei", "1,2", "1e-7"]
-TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=6)  # argv cannot hold NUL
+TEXT = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=6
+)  # argv cannot hold NUL
 VALUES = st.one_of(st.sampled_from(NASTY), st.sampled_from(ORDINARY), TEXT)
 SKIP_OPTIONS = {"-h", "--help", "--version", "-v", "--verbose", "-q", "--quiet", "--debug", "--no-memory-check"}
 
@@ -94,8 +148,21 @@ def workdir():
         write_image(root / "labels.npy", VoxelImage(labels, (20e-9, 20e-9), {"pore": 0, "si": 1, "cbd": 2, "sei": 3}))
         gray = np.random.default_rng(0).random((8, 10)) + labels
         write_image(root / "gray.npy", VoxelImage(gray, (20e-9, 20e-9)))
-        (root / "gaps.csv").write_text("cycle,radius_m,gap_m\n" + "".join(
-            f"{c},{r:.3e},{g:.3e}\n" for c, r, g in [(0, 3e-7, 0), (1, 3e-7, 5e-8), (1, 8e-7, 9e-8), (2, 4e-7, 1.3e-7), (2, 1.1e-6, 2e-7), (3, 5e-7, 2.4e-7), (3, 6e-7, 2.1e-7)]))
+        (root / "gaps.csv").write_text(
+            "cycle,radius_m,gap_m\n"
+            + "".join(
+                f"{c},{r:.3e},{g:.3e}\n"
+                for c, r, g in [
+                    (0, 3e-7, 0),
+                    (1, 3e-7, 5e-8),
+                    (1, 8e-7, 9e-8),
+                    (2, 4e-7, 1.3e-7),
+                    (2, 1.1e-6, 2e-7),
+                    (3, 5e-7, 2.4e-7),
+                    (3, 6e-7, 2.1e-7),
+                ]
+            )
+        )
         (root / "missing_image.toml").write_text('[geometry]\nimage = "nowhere.npy"\n')
         yield root
 
@@ -140,7 +207,13 @@ def invocations(draw, command: str) -> list[str]:
 
 def _refused_seed(argv: list[str]) -> bool:
     for i, word in enumerate(argv):
-        value = word.split("=", 1)[1] if word.startswith("--seed=") else argv[i + 1] if word == "--seed" and i + 1 < len(argv) else None
+        value = (
+            word.split("=", 1)[1]
+            if word.startswith("--seed=")
+            else argv[i + 1]
+            if word == "--seed" and i + 1 < len(argv)
+            else None
+        )
         if value is not None:
             try:
                 return not 0 <= int(value) <= 2**63 - 1

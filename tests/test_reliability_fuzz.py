@@ -87,7 +87,9 @@ def test_metrics_fuzz_invariants(case, bins):
     np.testing.assert_allclose(profiles.sum(axis=0), 1.0, atol=1e-12)
     tortuosity = metrics["tortuosity"]
     if tortuosity is not None:
-        values = _finite([tortuosity["mean"], tortuosity["median"], tortuosity["max_finite"], *tortuosity["per_depth_mean"]])
+        values = _finite(
+            [tortuosity["mean"], tortuosity["median"], tortuosity["max_finite"], *tortuosity["per_depth_mean"]]
+        )
         assert np.all(values >= 1.0 - 1e-12)
         assert 0.0 <= tortuosity["unreachable_fraction"]["overall"] <= 1.0
         tau = fields["tortuosity"]
@@ -114,7 +116,9 @@ def test_metrics_fuzz_invariants(case, bins):
 @FUZZ
 @given(
     array=st.one_of(
-        st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=4, max_size=16).map(lambda v: np.asarray(v).reshape(2, -1) if len(v) % 2 == 0 else np.asarray(v)),
+        st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=4, max_size=16).map(
+            lambda v: np.asarray(v).reshape(2, -1) if len(v) % 2 == 0 else np.asarray(v)
+        ),
         st.lists(st.integers(-3, 300), min_size=1, max_size=16).map(np.asarray),
     ),
     phases=st.dictionaries(st.sampled_from(NAMES), st.integers(0, 5), min_size=1, max_size=3),
@@ -155,7 +159,9 @@ toml_scalars = st.one_of(
 )
 toml_values = st.recursive(
     toml_scalars,
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
     max_leaves=5,
 )
 

@@ -25,10 +25,20 @@ from fem_anode.io import VoxelImage, write_image
 
 UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
 
-LABELS = VoxelImage(np.array([[0, 1, 1], [1, 0, 3], [3, 3, 1]], dtype=np.uint8), (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3})
+LABELS = VoxelImage(
+    np.array([[0, 1, 1], [1, 0, 3], [3, 3, 1]], dtype=np.uint8), (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3}
+)
 
 
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture, code: int, message: str, *, nothing_in: Path | None = None, out: Path | None = None) -> str:
+def run_cli(
+    argv: list[str],
+    capsys: pytest.CaptureFixture,
+    code: int,
+    message: str,
+    *,
+    nothing_in: Path | None = None,
+    out: Path | None = None,
+) -> str:
     """Run ``fem-anode argv``; check the exit code, one error line with ``message``, no traceback,
     no ``out`` and no staging leftovers in ``nothing_in``."""
     capsys.readouterr()
@@ -111,7 +121,9 @@ MISSING_OR_UNREADABLE = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "code", "message"), MISSING_OR_UNREADABLE, ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    ("argv", "code", "message"), MISSING_OR_UNREADABLE, ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else None
+)
 def test_missing_or_unreadable_files(files, capsys, argv, code, message, tmp_path):
     run_cli(fmt(argv, files), capsys, code, message, out=files["out"], nothing_in=tmp_path)
     assert not list(tmp_path.glob("out*"))
@@ -124,7 +136,9 @@ def test_image_named_in_a_config_is_missing(shared_tmp_path, comm, capsys):
         config.write_text('[geometry]\nimage = "nowhere.npy"\n')
     comm.barrier()
     out = shared_tmp_path / "out"
-    run_cli(["diffusion", str(config), "--out", str(out)], capsys, 3, "image not found", out=out, nothing_in=shared_tmp_path)
+    run_cli(
+        ["diffusion", str(config), "--out", str(out)], capsys, 3, "image not found", out=out, nothing_in=shared_tmp_path
+    )
 
 
 # ----------------------------------------------------------------------------- dimensionality, NaN/inf, labels
@@ -134,13 +148,49 @@ IMAGE_CONTENT = [
     (["segment", "{four_d}", "--out", "{out}.npy"], 3, "expected a 2D or 3D image, got 4D"),
     (["mesh", "{four_d}", "--out", "{out}.msh"], 3, "got 4D"),
     (["segment", "{gray_nan}", "--out", "{out}.npy"], 3, "NaN or infinite"),
-    (["metrics", "{float_labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--out", "{out}"], 3, "expected integer labels"),
-    (["mesh", "{float_labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--out", "{out}.msh"], 3, "expected integer labels"),
-    (["detachment", "measure", "{gray}", "--voxel-size", "1nm", "--phases", "si=0,cbd=1", "--cycle", "0", "--out", "{out}"], 3, "expected integer labels"),
-    (["metrics", "{labels}", "--phases", "pore=0,si=1", "--out", "{out}"], 3, "label values [3] are not in the phase map"),
+    (
+        ["metrics", "{float_labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--out", "{out}"],
+        3,
+        "expected integer labels",
+    ),
+    (
+        ["mesh", "{float_labels}", "--voxel-size", "1nm", "--phases", "a=0,b=1", "--out", "{out}.msh"],
+        3,
+        "expected integer labels",
+    ),
+    (
+        [
+            "detachment",
+            "measure",
+            "{gray}",
+            "--voxel-size",
+            "1nm",
+            "--phases",
+            "si=0,cbd=1",
+            "--cycle",
+            "0",
+            "--out",
+            "{out}",
+        ],
+        3,
+        "expected integer labels",
+    ),
+    (
+        ["metrics", "{labels}", "--phases", "pore=0,si=1", "--out", "{out}"],
+        3,
+        "label values [3] are not in the phase map",
+    ),
     (["mesh", "{labels}", "--phases", "pore=0,si=1", "--out", "{out}.msh"], 3, "not in the phase map"),
-    (["metrics", "{labels}", "--phases", "pore=0,si=1,sei=3,graphite=2", "--out", "{out}"], 3, "graphite have no voxels"),
-    (["mesh", "{labels}", "--phases", "pore=0,si=1,sei=3,graphite=2", "--keep", "graphite", "--out", "{out}.msh"], 3, "have no voxels"),
+    (
+        ["metrics", "{labels}", "--phases", "pore=0,si=1,sei=3,graphite=2", "--out", "{out}"],
+        3,
+        "graphite have no voxels",
+    ),
+    (
+        ["mesh", "{labels}", "--phases", "pore=0,si=1,sei=3,graphite=2", "--keep", "graphite", "--out", "{out}.msh"],
+        3,
+        "have no voxels",
+    ),
 ]
 
 
@@ -160,7 +210,14 @@ def test_phase_a_model_needs_has_no_pixels(shared_tmp_path, comm, capsys):
         config.write_text('[geometry]\nimage = "nosei.npy"\nphases = {pore = 0, si = 1, sei = 3}\n')
     comm.barrier()
     out = shared_tmp_path / "out"
-    run_cli(["diffusion", str(config), "--out", str(out)], capsys, 3, "phase(s) sei have no voxels", out=out, nothing_in=shared_tmp_path)
+    run_cli(
+        ["diffusion", str(config), "--out", str(out)],
+        capsys,
+        3,
+        "phase(s) sei have no voxels",
+        out=out,
+        nothing_in=shared_tmp_path,
+    )
 
 
 # ----------------------------------------------------------------------------- NaN/inf and non-positive parameters
@@ -173,7 +230,11 @@ PARAMETERS = [
     (["metrics", "{labels}", "--voxel-size", "20nm,0nm", "--out", "{out}"], 2, "must be positive"),
     (["metrics", "{labels}", "--bins", "0", "--out", "{out}"], 2, "--bins must be positive"),
     (["metrics", "{labels}", "--pore-phase", "si", "--out", "{out}"], 2, "pore and Si phase are both 'si'"),
-    (["segment", "{gray}", "--method", "region", "--scale", "nan", "--out", "{out}.npy"], 2, "scale must be positive and finite"),
+    (
+        ["segment", "{gray}", "--method", "region", "--scale", "nan", "--out", "{out}.npy"],
+        2,
+        "scale must be positive and finite",
+    ),
     (["segment", "{gray}", "--method", "region", "--sigma", "-1", "--out", "{out}.npy"], 2, "sigma must be >= 0"),
     (["segment", "{gray}", "--median", "-3", "--out", "{out}.npy"], 2, "median filter width"),
     (["mesh", "{labels}", "--size", "nan", "--out", "{out}.msh"], 2, "cannot read length 'nan'"),
@@ -199,15 +260,23 @@ TOML_CASES = [
     ("diffusion", '[geometry]\nimage = "x.npy"\npixel_size = 0.0\n', "geometry.pixel_size must be positive"),
     ("diffusion", '[geometry]\nimage = "x.npy"\n[time]\ndt_initial = 0\n', "time.dt_initial must be positive"),
     ("diffusion", '[geometry]\nimage = "x.npy"\n[time]\noutput_times = [1.0, inf]\n', "must be finite"),
-    ("diffusion", '[geometry]\nimage = "x.npy"\n[physics]\nDD = 1e-10\n', "unknown setting 'physics.DD'; did you mean 'D'?"),
-    ("diffusion", '[geometry]\nimage = "x.npy"\n[phsyics]\nD = 1e-10\n', "unknown setting 'phsyics'; did you mean 'physics'?"),
+    (
+        "diffusion",
+        '[geometry]\nimage = "x.npy"\n[physics]\nDD = 1e-10\n',
+        "unknown setting 'physics.DD'; did you mean 'D'?",
+    ),
+    (
+        "diffusion",
+        '[geometry]\nimage = "x.npy"\n[phsyics]\nD = 1e-10\n',
+        "unknown setting 'phsyics'; did you mean 'physics'?",
+    ),
     ("diffusion", '[geometry]\nimage = "x.npy"\n[physics]\nD = "fast"\n', "physics.D must be a number, got 'fast'"),
     ("diffusion", '[geometry]\nimage = "x.npy"\n[mesh]\norder = 1.5\n', "mesh.order must be an integer"),
-    ("diffusion", '[physics]\nD = 1e-10\n', "geometry needs exactly one of 'image' or 'mesh'"),
-    ("phasefield", '[cycling]\ndt_initial = -0.01\n', "cycling.dt_initial must be positive"),
-    ("phasefield", '[material]\nmobility_li = nan\n', "material.mobility_li must be finite"),
-    ("phasefield", '[geometry]\nradius = 0.0\n', "geometry.radius must be positive"),
-    ("phasefield", '[cyclng]\nhalf_cycles = 2\n', "did you mean 'cycling'?"),
+    ("diffusion", "[physics]\nD = 1e-10\n", "geometry needs exactly one of 'image' or 'mesh'"),
+    ("phasefield", "[cycling]\ndt_initial = -0.01\n", "cycling.dt_initial must be positive"),
+    ("phasefield", "[material]\nmobility_li = nan\n", "material.mobility_li must be finite"),
+    ("phasefield", "[geometry]\nradius = 0.0\n", "geometry.radius must be positive"),
+    ("phasefield", "[cyclng]\nhalf_cycles = 2\n", "did you mean 'cycling'?"),
     ("phasefield", '[initial]\nseed = "abc"\n', "initial.seed must be an integer"),
     ("convergence", '[geometry]\nimage = "x.npy"\n[time]\nt_end = inf\n', "time.t_end must be finite"),
 ]
@@ -224,9 +293,21 @@ def test_toml_nan_inf_nonpositive_unknown_wrong_type_missing(tmp_path, capsys, c
 def test_detachment_config_unknown_key_and_nan(tmp_path, capsys):
     config = tmp_path / "d.toml"
     config.write_text("[model]\nalpha = 0.8\n")
-    run_cli(["detachment", "simulate", "--config", str(config), "--out", str(tmp_path / "o")], capsys, 2, "did you mean 'alpha0'?", out=tmp_path / "o")
+    run_cli(
+        ["detachment", "simulate", "--config", str(config), "--out", str(tmp_path / "o")],
+        capsys,
+        2,
+        "did you mean 'alpha0'?",
+        out=tmp_path / "o",
+    )
     config.write_text("[model]\ndelta0 = nan\n")
-    run_cli(["detachment", "simulate", "--config", str(config), "--out", str(tmp_path / "o")], capsys, 2, "model.delta0 must be finite", out=tmp_path / "o")
+    run_cli(
+        ["detachment", "simulate", "--config", str(config), "--out", str(tmp_path / "o")],
+        capsys,
+        2,
+        "model.delta0 must be finite",
+        out=tmp_path / "o",
+    )
 
 
 def test_every_positive_setting_rejects_zero_and_negative_values():
@@ -240,7 +321,11 @@ def test_every_positive_setting_rejects_zero_and_negative_values():
     from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
     checked = []
-    for cls, base in ((DiffusionSettings, {"geometry": {"image": "x.npy"}}), (PhaseFieldSettings, {}), (DetachmentSettings, {})):
+    for cls, base in (
+        (DiffusionSettings, {"geometry": {"image": "x.npy"}}),
+        (PhaseFieldSettings, {}),
+        (DetachmentSettings, {}),
+    ):
         hints = typing.get_type_hints(cls)
         for section in dataclasses.fields(cls):
             tp = hints[section.name]
@@ -251,13 +336,26 @@ def test_every_positive_setting_rejects_zero_and_negative_values():
                     continue
                 default = getattr(tp(), field.name)
                 for bad in (0, -1):
-                    value = [bad] if isinstance(default, list) else (type(default)(bad) if isinstance(default, (int, float)) and not isinstance(default, bool) else bad)
+                    value = (
+                        [bad]
+                        if isinstance(default, list)
+                        else (
+                            type(default)(bad)
+                            if isinstance(default, (int, float)) and not isinstance(default, bool)
+                            else bad
+                        )
+                    )
                     data = {**base, section.name: {**base.get(section.name, {}), field.name: value}}
                     with pytest.raises(UsageError, match=f"{section.name}.{field.name}.* must be positive"):
                         cls.from_dict(data)
                 checked.append(f"{cls.__name__}.{section.name}.{field.name}")
     # the issue's examples are among them: voxel sizes, diffusivities, time steps
-    for name in ("DiffusionSettings.geometry.pixel_size", "DiffusionSettings.physics.D", "DiffusionSettings.time.dt_initial", "PhaseFieldSettings.cycling.dt_initial"):
+    for name in (
+        "DiffusionSettings.geometry.pixel_size",
+        "DiffusionSettings.physics.D",
+        "DiffusionSettings.time.dt_initial",
+        "PhaseFieldSettings.cycling.dt_initial",
+    ):
         assert name in checked
 
 
@@ -286,7 +384,9 @@ def mesh_without_pore(shared_tmp_path, comm) -> Path:
         ("convergence", '[geometry]\nmesh = "no_pore.msh"\n', 2, "give geometry.image"),
     ],
 )
-def test_meshes_without_the_expected_tags(mesh_without_pore, shared_tmp_path, comm, capsys, command, text, code, message):
+def test_meshes_without_the_expected_tags(
+    mesh_without_pore, shared_tmp_path, comm, capsys, command, text, code, message
+):
     pytest.importorskip("dolfinx")
     config = shared_tmp_path / f"{command}.toml"
     if comm.rank == 0:
@@ -320,16 +420,34 @@ def huge_npy(path: Path, shape: tuple[int, ...] = (10_000, 10_000, 10_000)) -> P
 
 def test_absurd_image_is_refused_with_the_estimate(tmp_path, capsys):
     path = huge_npy(tmp_path / "huge.npy")
-    err = run_cli(["metrics", str(path), "--out", str(tmp_path / "out")], capsys, 3, "needs an estimated 1 TB of memory", out=tmp_path / "out", nothing_in=tmp_path)
+    err = run_cli(
+        ["metrics", str(path), "--out", str(tmp_path / "out")],
+        capsys,
+        3,
+        "needs an estimated 1 TB of memory",
+        out=tmp_path / "out",
+        nothing_in=tmp_path,
+    )
     assert "is available" in err and "--no-memory-check" in err
-    run_cli(["mesh", str(path), "--out", str(tmp_path / "m.msh")], capsys, 3, "10000x10000x10000 uint8", out=tmp_path / "m.msh")
+    run_cli(
+        ["mesh", str(path), "--out", str(tmp_path / "m.msh")],
+        capsys,
+        3,
+        "10000x10000x10000 uint8",
+        out=tmp_path / "m.msh",
+    )
 
 
 def test_memory_limit_refuses_meshing_and_the_override_lets_it_run(shared_tmp_path, comm, capsys, monkeypatch):
     image = write_image(shared_tmp_path / "roi.npy", small_roi())
     out = shared_tmp_path / "roi.msh"
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "50MB")
-    err = run_cli(["mesh", str(image), "--keep", "sei", "--out", str(out)], capsys, 3, "smooth mesh of a 24x30 image needs an estimated")
+    err = run_cli(
+        ["mesh", str(image), "--keep", "sei", "--out", str(out)],
+        capsys,
+        3,
+        "smooth mesh of a 24x30 image needs an estimated",
+    )
     assert "50 MB is available" in err
     comm.barrier()
     assert not out.exists()
@@ -347,14 +465,27 @@ def test_diffusion_refuses_before_meshing(shared_tmp_path, comm, capsys, monkeyp
     comm.barrier()
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "100MB")
     out = shared_tmp_path / "out"
-    err = run_cli(["diffusion", str(config), "--out", str(out)], capsys, 3, "diffusion run on a 24x30 image", out=out, nothing_in=shared_tmp_path)
+    err = run_cli(
+        ["diffusion", str(config), "--out", str(out)],
+        capsys,
+        3,
+        "diffusion run on a 24x30 image",
+        out=out,
+        nothing_in=shared_tmp_path,
+    )
     assert "dofs, P2" in err and "solver.type = 'iterative'" in err
 
 
 def test_memory_estimates_scale_and_parse():
     from fem_anode.errors import UsageError
     from fem_anode.fem.diffusion_settings import DiffusionSettings
-    from fem_anode.resources import estimate_diffusion_memory, estimate_fe_memory, estimate_mesh_memory, format_bytes, parse_bytes
+    from fem_anode.resources import (
+        estimate_diffusion_memory,
+        estimate_fe_memory,
+        estimate_mesh_memory,
+        format_bytes,
+        parse_bytes,
+    )
 
     assert parse_bytes("4GB") == 4e9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1e6") == 1e6
     for bad in ("-1GB", "0", "lots", "5 furlongs"):
@@ -366,7 +497,10 @@ def test_memory_estimates_scale_and_parse():
     assert est.details["cells"] == 1000 and est.details["facets"] == 600 and est.details["nodes"] <= 11**3
     assert estimate_mesh_memory(solid, "tet").details["cells"] == 6000
     # a direct 3D factorisation grows faster than linearly in the dofs; an iterative solve does not
-    small, large = (estimate_fe_memory(cells=n, dofs=n, ndim=3, cell_type="hexahedron", degree=1, solver="direct") for n in (1e5, 1e6))
+    small, large = (
+        estimate_fe_memory(cells=n, dofs=n, ndim=3, cell_type="hexahedron", degree=1, solver="direct")
+        for n in (1e5, 1e6)
+    )
     assert large.details["factor_bytes"] / small.details["factor_bytes"] == pytest.approx(10 ** (4 / 3), rel=1e-12)
     iterative = estimate_fe_memory(cells=1e6, dofs=1e6, ndim=3, cell_type="hexahedron", degree=1, solver="iterative")
     assert iterative.details["factor_bytes"] == 0 and iterative.bytes < large.bytes
@@ -433,11 +567,18 @@ def test_memory_estimate_matches_a_measured_run(tmp_path, case):
     """The estimate is within a factor 4 of the measured peak memory (VmHWM) of a real run."""
     if case == "diffusion":
         pytest.importorskip("dolfinx")
-    proc = subprocess.run([sys.executable, "-c", MEASURE, case, str(tmp_path / "m.msh" if case == "mesh" else tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, case, str(tmp_path / "m.msh" if case == "mesh" else tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     numbers = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = numbers["estimate"] / numbers["measured"]
-    print(f"{case}: estimate {numbers['estimate'] / 1e6:.0f} MB, measured {numbers['measured'] / 1e6:.0f} MB, ratio {ratio:.2f}")
+    print(
+        f"{case}: estimate {numbers['estimate'] / 1e6:.0f} MB, measured {numbers['measured'] / 1e6:.0f} MB, ratio {ratio:.2f}"
+    )
     assert 0.25 < ratio < 4.0
 
 
@@ -489,7 +630,13 @@ def test_unexpected_exception_is_one_line_internal_error(files, capsys, monkeypa
 def test_exit_codes_are_distinct():
     from fem_anode.errors import EXIT_CODES, InputError, Interrupted, SolverError, UsageError
 
-    codes = [UsageError.exit_code, InputError.exit_code, SolverError.exit_code, Interrupted.exit_code, EXIT_CODES["error"]]
+    codes = [
+        UsageError.exit_code,
+        InputError.exit_code,
+        SolverError.exit_code,
+        Interrupted.exit_code,
+        EXIT_CODES["error"],
+    ]
     assert codes == [2, 3, 4, 130, 1] and len(set(codes)) == len(codes)
 
 
@@ -501,7 +648,9 @@ def test_wrong_dimension_for_a_model(shared_tmp_path, comm, capsys):
     pytest.importorskip("dolfinx")
     from fem_anode.meshing.voxel import write_voxel_mesh
 
-    volume = VoxelImage(np.array([[[0, 3], [3, 1]], [[3, 3], [1, 0]]], dtype=np.uint8), (2e-8,) * 3, {"pore": 0, "si": 1, "sei": 3})
+    volume = VoxelImage(
+        np.array([[[0, 3], [3, 1]], [[3, 3], [1, 0]]], dtype=np.uint8), (2e-8,) * 3, {"pore": 0, "si": 1, "sei": 3}
+    )
     write_image(shared_tmp_path / "vol.npy", volume)
     if comm.rank == 0:
         write_voxel_mesh(volume, shared_tmp_path / "vol.msh", keep=["si"])
@@ -509,8 +658,22 @@ def test_wrong_dimension_for_a_model(shared_tmp_path, comm, capsys):
         (shared_tmp_path / "pf3d.toml").write_text('[geometry]\nmesh = "vol.msh"\n')
     comm.barrier()
     out = shared_tmp_path / "out"
-    run_cli(["diffusion", str(shared_tmp_path / "smooth.toml"), "--out", str(out)], capsys, 3, "'smooth' is for 2D images", out=out, nothing_in=shared_tmp_path)
-    run_cli(["phasefield", str(shared_tmp_path / "pf3d.toml"), "--out", str(out)], capsys, 3, "needs a 2D mesh", out=out, nothing_in=shared_tmp_path)
+    run_cli(
+        ["diffusion", str(shared_tmp_path / "smooth.toml"), "--out", str(out)],
+        capsys,
+        3,
+        "'smooth' is for 2D images",
+        out=out,
+        nothing_in=shared_tmp_path,
+    )
+    run_cli(
+        ["phasefield", str(shared_tmp_path / "pf3d.toml"), "--out", str(out)],
+        capsys,
+        3,
+        "needs a 2D mesh",
+        out=out,
+        nothing_in=shared_tmp_path,
+    )
 
 
 def test_colour_image_and_out_that_is_a_file(files, tmp_path, capsys):
@@ -519,7 +682,13 @@ def test_colour_image_and_out_that_is_a_file(files, tmp_path, capsys):
     rgb = np.zeros((8, 8, 3), dtype=np.uint8)
     rgb[..., 0] = 255
     iio.imwrite(tmp_path / "colour.png", rgb)
-    run_cli(["metrics", str(tmp_path / "colour.png"), "--out", str(files["out"])], capsys, 3, "colour image (RGB)", out=files["out"])
+    run_cli(
+        ["metrics", str(tmp_path / "colour.png"), "--out", str(files["out"])],
+        capsys,
+        3,
+        "colour image (RGB)",
+        out=files["out"],
+    )
     taken = tmp_path / "taken"
     taken.write_text("a file")
     run_cli(["metrics", str(files["labels"]), "--out", str(taken)], capsys, 2, "exists and is not a directory")
@@ -533,11 +702,23 @@ def test_tortuosity_factor_solve_is_refused_when_too_large(shared_tmp_path, comm
     path = write_image(shared_tmp_path / "vol.npy", VoxelImage(volume, (2e-8,) * 3, {"pore": 0, "si": 1}))
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "100MB")
     out = shared_tmp_path / "out"
-    run_cli(["metrics", str(path), "--tortuosity-factor", "--out", str(out)], capsys, 3, "tortuosity factor of 'pore' needs an estimated", out=out, nothing_in=shared_tmp_path)
+    run_cli(
+        ["metrics", str(path), "--tortuosity-factor", "--out", str(out)],
+        capsys,
+        3,
+        "tortuosity factor of 'pore' needs an estimated",
+        out=out,
+        nothing_in=shared_tmp_path,
+    )
 
 
 @pytest.mark.parametrize("factor", ["nan", "inf", "1"])
 def test_convergence_refine_factor_must_be_finite_and_above_one(tmp_path, capsys, factor):
     config = tmp_path / "pf.toml"
     config.write_text("[mesh]\nsize = 4e-9\n")
-    run_cli(["convergence", str(config), "--refine-factor", factor, "--out", str(tmp_path / "out")], capsys, 2, "--refine-factor must be a finite number > 1")
+    run_cli(
+        ["convergence", str(config), "--refine-factor", factor, "--out", str(tmp_path / "out")],
+        capsys,
+        2,
+        "--refine-factor must be a finite number > 1",
+    )

@@ -25,12 +25,21 @@ from fem_anode.io import VoxelImage, write_image
 
 UNDER_MPI = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) > 1
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
-needs_mpirun = pytest.mark.skipif(UNDER_MPI or MPIRUN is None, reason="launches mpirun itself: run serially, with Open MPI installed")
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,sm", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+needs_mpirun = pytest.mark.skipif(
+    UNDER_MPI or MPIRUN is None, reason="launches mpirun itself: run serially, with Open MPI installed"
+)
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_btl": "self,sm",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
 TIMEOUT = 60.0
 
 
-def launch(args: list[str], *, fault: str | None = None, timeout: float = TIMEOUT, python: list[str] | None = None) -> tuple[int | None, str, float]:
+def launch(
+    args: list[str], *, fault: str | None = None, timeout: float = TIMEOUT, python: list[str] | None = None
+) -> tuple[int | None, str, float]:
     """``mpirun -n 2 python -m fem_anode args``: (exit code or None on timeout, stderr, seconds).
 
     On a timeout the whole process group (mpirun and its ranks, started here) is terminated.
@@ -41,7 +50,9 @@ def launch(args: list[str], *, fault: str | None = None, timeout: float = TIMEOU
         env["FEM_ANODE_INJECT_FAULT"] = fault
     cmd = [MPIRUN, "-n", "2", sys.executable, *(python or ["-m", "fem_anode"]), *args]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=timeout)
         return proc.returncode, err, time.perf_counter() - start
@@ -83,7 +94,9 @@ def test_without_abort_the_same_fault_hangs(tmp_path):
     """The control experiment: main() with abort_on_error=False leaves rank 0 waiting (killed here after 8 s)."""
     image = roi(tmp_path / "roi.npy")
     script = "import sys; from fem_anode.cli import main; sys.exit(main(sys.argv[1:], abort_on_error=False))"
-    code, err, seconds = launch(["metrics", str(image), "--out", str(tmp_path / "out")], fault="1:comm", timeout=6.0, python=["-c", script])
+    code, err, seconds = launch(
+        ["metrics", str(image), "--out", str(tmp_path / "out")], fault="1:comm", timeout=6.0, python=["-c", script]
+    )
     assert code is None and seconds >= 6.0, f"expected a hang, got exit {code}:\n{err}"
     assert "injected fault" in err
 
@@ -96,7 +109,9 @@ def test_fault_in_the_solver_of_one_rank_aborts_all_ranks(tmp_path):
     pytest.importorskip("dolfinx")
     roi(tmp_path / "roi.npy")
     config = tmp_path / "run.toml"
-    config.write_text('[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n')
+    config.write_text(
+        '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n'
+    )
     out = tmp_path / "out"
     code, err, seconds = launch(["diffusion", str(config), "--out", str(out)], fault="1:solve")
     assert code is not None, f"hung for {seconds:.0f} s:\n{err}"

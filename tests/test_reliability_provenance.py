@@ -50,7 +50,24 @@ def test_metrics_segment_and_mesh_record_options(shared_tmp_path, image_path, co
         np.save(gray, np.where(small_roi().array == 0, 0.1, 0.8) + 0.01 * np.random.default_rng(0).random((24, 30)))
     comm.barrier()
     seg = shared_tmp_path / "seg.npy"
-    assert main(["segment", str(gray), "--voxel-size", "20nm", "--method", "threshold", "--phases", "pore=0,si=1", "--out", str(seg), "-q"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(gray),
+                "--voxel-size",
+                "20nm",
+                "--method",
+                "threshold",
+                "--phases",
+                "pore=0,si=1",
+                "--out",
+                str(seg),
+                "-q",
+            ]
+        )
+        == 0
+    )
     record = json.loads((shared_tmp_path / "seg.npy.report.json").read_text())["provenance"]
     check(record, "segment", comm)
     assert record["configuration"]["options"]["method"] == "threshold"
@@ -75,7 +92,11 @@ def test_detachment_records_settings_and_seed(shared_tmp_path, comm):
 
     gaps = shared_tmp_path / "gaps.csv"
     if comm.rank == 0:
-        rows = ["cycle,radius_m,gap_m"] + [f"{c},{r:.3e},{g:.3e}" for c in (1, 2, 3) for r, g in ((5e-8, 2e-9 * c), (8e-8, 3e-9 * c), (1.2e-7, 5e-9 * c))]
+        rows = ["cycle,radius_m,gap_m"] + [
+            f"{c},{r:.3e},{g:.3e}"
+            for c in (1, 2, 3)
+            for r, g in ((5e-8, 2e-9 * c), (8e-8, 3e-9 * c), (1.2e-7, 5e-9 * c))
+        ]
         gaps.write_text("\n".join(rows) + "\n")
     comm.barrier()
     fit = shared_tmp_path / "fit"
@@ -89,7 +110,9 @@ def test_diffusion_records_fe_library_versions_and_configuration(shared_tmp_path
     pytest.importorskip("dolfinx")
     config = shared_tmp_path / "run.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n')
+        config.write_text(
+            '[geometry]\nimage = "roi.npy"\n\n[time]\nt_end = 0.001\noutput_times = [0.001]\n\n[output]\nfields = false\nfigures = false\n'
+        )
     comm.barrier()
     out = shared_tmp_path / "diffusion"
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0
@@ -108,7 +131,14 @@ def test_provenance_helper_is_backwards_compatible_and_finds_seeds():
 
     old_style = provenance("diffusion")
     assert old_style["command"] == "diffusion" and "configuration" not in old_style and old_style["seeds"] == {}
-    record = provenance("phasefield", {"initial": {"seed": 3}, "vacancy": {"seed": 4, "rate": 1.0}, "regions": [{"seed": 5}]}, seed=9)
-    assert record["seeds"] == {"settings.initial.seed": 3, "settings.vacancy.seed": 4, "settings.regions[0].seed": 5, "seed": 9}
+    record = provenance(
+        "phasefield", {"initial": {"seed": 3}, "vacancy": {"seed": 4, "rate": 1.0}, "regions": [{"seed": 5}]}, seed=9
+    )
+    assert record["seeds"] == {
+        "settings.initial.seed": 3,
+        "settings.vacancy.seed": 4,
+        "settings.regions[0].seed": 5,
+        "seed": 9,
+    }
     assert record["configuration"]["settings"]["vacancy"]["rate"] == 1.0
     json.dumps(record)  # JSON-ready

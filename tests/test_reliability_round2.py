@@ -71,7 +71,10 @@ def _tiff_pages(path: Path, pages: list[np.ndarray], resolutions: list[tuple[flo
 @pytest.mark.parametrize(
     ("pages", "message"),
     [
-        ([labels(), labels(seed=1), labels((5, 8), seed=2)], "page 2 has shape 5x8 (uint8) but page 0 has shape 6x8 (uint8)"),
+        (
+            [labels(), labels(seed=1), labels((5, 8), seed=2)],
+            "page 2 has shape 5x8 (uint8) but page 0 has shape 6x8 (uint8)",
+        ),
         ([labels(), labels((6, 7), seed=1), labels(seed=2)], "page 1 has shape 6x7 (uint8)"),
         ([labels(), labels(seed=1).astype(np.uint16), labels(seed=2)], "page 1 has shape 6x8 (uint16)"),
     ],
@@ -84,8 +87,14 @@ def test_multipage_tiff_whose_pages_disagree_is_refused_naming_the_page(tmp_path
     with pytest.raises(InputError, match="page"):
         open_image_layers(path)
     out = tmp_path / "out"
-    run_cli(["metrics", str(path), "--voxel-size", "20nm", "--phases", "pore=0,si=1,sei=3", "--out", str(out)], capsys, 3, message, out=out,
-            nothing_in=tmp_path)
+    run_cli(
+        ["metrics", str(path), "--voxel-size", "20nm", "--phases", "pore=0,si=1,sei=3", "--out", str(out)],
+        capsys,
+        3,
+        message,
+        out=out,
+        nothing_in=tmp_path,
+    )
 
 
 def test_tiff_pages_with_different_calibration_are_refused(tmp_path):
@@ -109,7 +118,9 @@ def test_folder_slices_that_disagree_are_refused_naming_the_slice(tmp_path):
         np.save(folder / f"slice_{i:03d}.npy", labels(seed=i))
     np.save(folder / "slice_003.npy", labels((6, 9), seed=3))
     for reader in (read_image, open_image_layers):
-        with pytest.raises(InputError, match=r"slice slice_003.npy has shape 6x9 \(uint8\) but slice slice_000.npy has shape 6x8"):
+        with pytest.raises(
+            InputError, match=r"slice slice_003.npy has shape 6x9 \(uint8\) but slice slice_000.npy has shape 6x8"
+        ):
             reader(folder)
     np.save(folder / "slice_003.npy", labels(seed=3).astype(np.int32))
     with pytest.raises(InputError, match=r"slice slice_003.npy has shape 6x8 \(int32\)"):
@@ -135,7 +146,11 @@ def test_npz_members_must_agree_and_metadata_is_checked(tmp_path):
     np.savez(path, labels=labels(), metadata=np.array("{not json"))
     with pytest.raises(InputError, match="member 'metadata': not valid JSON"):
         read_image(path)
-    np.savez(path, labels=labels(), metadata=np.array(json.dumps({"fem_anode": {"voxel_size_m": [1e-8, 1e-8, 1e-8], "phases": PHASES}})))
+    np.savez(
+        path,
+        labels=labels(),
+        metadata=np.array(json.dumps({"fem_anode": {"voxel_size_m": [1e-8, 1e-8, 1e-8], "phases": PHASES}})),
+    )
     with pytest.raises(InputError, match="stored voxel size has 3 entries .* but the image is 2D"):
         read_image(path)
     assert read_image(path, voxel_size="20nm").voxel_size == (2e-8, 2e-8)  # given on the command line: used instead
@@ -159,7 +174,13 @@ def test_sidecar_calibration_is_checked_against_the_image(tmp_path, capsys, meta
     with pytest.raises(InputError, match=message):
         read_image(path)
     out = tmp_path / "out"
-    run_cli(["metrics", str(path), "--phases", "pore=0,si=1,sei=3", "--out", str(out)], capsys, 3, message.split(": ")[-1], out=out)
+    run_cli(
+        ["metrics", str(path), "--phases", "pore=0,si=1,sei=3", "--out", str(out)],
+        capsys,
+        3,
+        message.split(": ")[-1],
+        out=out,
+    )
 
 
 def test_squeezed_single_slice_keeps_its_in_plane_voxel_size(tmp_path):
@@ -175,13 +196,22 @@ LIMITS = [
     (["metrics", "{labels}", "--voxel-size", "1e-300", "--out", "{out}"], "outside what fem_anode can compute with"),
     (["metrics", "{labels}", "--bins", str(10**30), "--out", "{out}"], "--bins must be at most"),
     (["segment", "{labels}", "--median", "100", "--out", "{out}.npy"], "--median must be at most 8"),
-    (["segment", "{labels}", "--method", "region", "--sigma", "1e300", "--out", "{out}.npy"], "--sigma must be at most 8"),
+    (
+        ["segment", "{labels}", "--method", "region", "--sigma", "1e300", "--out", "{out}.npy"],
+        "--sigma must be at most 8",
+    ),
     (["mesh", "{labels}", "--size", "1e-35", "--out", "{out}.msh"], "outside what fem_anode can compute with"),
     (["mesh", "{labels}", "--size", "1e-13", "--out", "{out}.msh"], "triangles"),
-    (["mesh", "{labels}", "--sigma", "1e300", "--out", "{out}.msh"], "--sigma = 1e+300 is outside what fem_anode can compute with"),
+    (
+        ["mesh", "{labels}", "--sigma", "1e300", "--out", "{out}.msh"],
+        "--sigma = 1e+300 is outside what fem_anode can compute with",
+    ),
     (["mesh", "{labels}", "--sigma", "1e20", "--out", "{out}.msh"], "--sigma must be at most 8"),
     (["detachment", "measure", "{labels}", "--cycle", str(10**30), "--out", "{out}"], "--cycle must be at most 10000"),
-    (["detachment", "measure", "{labels}", "--cycle", "1", "--max-distance", "1e308", "--out", "{out}"], "outside what fem_anode"),
+    (
+        ["detachment", "measure", "{labels}", "--cycle", "1", "--max-distance", "1e308", "--out", "{out}"],
+        "outside what fem_anode",
+    ),
     (["detachment", "simulate", "--kappa0", "1e40", "--out", "{out}"], "outside what fem_anode can compute with"),
     (["detachment", "simulate", "--alpha0", "1e-300", "--out", "{out}"], "alpha0 = 1e-300 is outside"),
     (["detachment", "fit", "{gaps}", "--seed", str(2**64), "--out", "{out}"], "--seed must be at most"),
@@ -193,8 +223,12 @@ LIMITS = [
 
 @pytest.fixture
 def inputs(tmp_path: Path) -> dict[str, Path]:
-    paths = {"labels": write_image(tmp_path / "labels.npy", VoxelImage(labels(), (2e-8, 2e-8), PHASES)), "out": tmp_path / "out",
-             "gaps": tmp_path / "gaps.csv", "config": tmp_path / "run.toml"}
+    paths = {
+        "labels": write_image(tmp_path / "labels.npy", VoxelImage(labels(), (2e-8, 2e-8), PHASES)),
+        "out": tmp_path / "out",
+        "gaps": tmp_path / "gaps.csv",
+        "config": tmp_path / "run.toml",
+    }
     paths["gaps"].write_text("cycle,radius_m,gap_m\n1,3e-7,5e-8\n2,5e-7,1e-7\n3,7e-7,2e-7\n3,4e-7,1.5e-7\n")
     paths["config"].write_text('[geometry]\nimage = "labels.npy"\n')
     return paths
@@ -210,7 +244,10 @@ def test_extreme_finite_values_are_refused_before_any_work(inputs, capsys, tmp_p
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[geometry]\nimage = "x.npy"\npixel_size = 1e300\n', "geometry.pixel_size = 1e+300 is outside what fem_anode can compute with"),
+        (
+            '[geometry]\nimage = "x.npy"\npixel_size = 1e300\n',
+            "geometry.pixel_size = 1e+300 is outside what fem_anode can compute with",
+        ),
         ('[geometry]\nimage = "x.npy"\n[physics]\nD = 1e-40\n', "physics.D = 1e-40 is outside"),
         ('[geometry]\nimage = "x.npy"\n[time]\nt_end = 1e35\n', "time.t_end = 1e+35 is outside"),
         ('[geometry]\nimage = "x.npy"\n[physics]\nk_f = 1e-31\n', "physics.k_f = 1e-31 is outside"),
@@ -285,12 +322,23 @@ def test_out_below_a_file_or_not_creatable_names_the_path(inputs, shared_tmp_pat
     if comm.rank == 0:
         blocker.write_text("x")
     comm.barrier()
-    for command in (["metrics", str(inputs["labels"])], ["segment", str(inputs["labels"])], ["mesh", str(inputs["labels"])],
-                    ["detachment", "simulate"], ["detachment", "fit", str(inputs["gaps"])], ["diffusion", str(inputs["config"])]):
+    for command in (
+        ["metrics", str(inputs["labels"])],
+        ["segment", str(inputs["labels"])],
+        ["mesh", str(inputs["labels"])],
+        ["detachment", "simulate"],
+        ["detachment", "fit", str(inputs["gaps"])],
+        ["diffusion", str(inputs["config"])],
+    ):
         name = "x.msh" if command[0] == "mesh" else "x.npy" if command[0] == "segment" else "x"
         run_cli([*command, "--out", str(blocker / "sub" / name)], capsys, 2, f"{blocker} is a file, not a directory")
     assert blocker.read_text() == "x"
-    run_cli(["metrics", str(inputs["labels"]), "--out", "/proc/fem_anode_test/out"], capsys, 3, "cannot create directory /proc/fem_anode_test")
+    run_cli(
+        ["metrics", str(inputs["labels"]), "--out", "/proc/fem_anode_test/out"],
+        capsys,
+        3,
+        "cannot create directory /proc/fem_anode_test",
+    )
 
 
 def test_missing_parents_of_a_refused_run_are_removed(inputs, shared_tmp_path, capsys):
@@ -314,7 +362,13 @@ def test_fit_refuses_fewer_observations_than_parameters(tmp_path, capsys):
     alike = _gaps(tmp_path / "alike.csv", [(2, 5e-7, g) for g in np.linspace(1e-7, 2e-7, 8)])  # one cycle, one radius
     run_cli(["detachment", "fit", str(alike), "--out", str(out)], capsys, 3, "1 distinct observation(s)", out=out)
     single = _gaps(tmp_path / "single.csv", [(c, r, 4e-8 * c) for c, r in zip(range(1, 6), np.linspace(3e-7, 9e-7, 5))])
-    run_cli(["detachment", "fit", str(single), "--out", str(out)], capsys, 3, "bootstrap ranges would have zero width", out=out)
+    run_cli(
+        ["detachment", "fit", str(single), "--out", str(out)],
+        capsys,
+        3,
+        "bootstrap ranges would have zero width",
+        out=out,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +380,17 @@ def small_gaps():
     return sample_gap_data(truth, [1, 3, 10], [6, 6, 6], np.random.default_rng(3), distribution=dist, noise=0.05e-6)
 
 
-def test_fit_flags_a_parameter_at_its_bound_in_fit_json_and_the_log(small_gaps, shared_tmp_path, comm, capsys, no_figure_rendering):
+def test_fit_flags_a_parameter_at_its_bound_in_fit_json_and_the_log(
+    small_gaps, shared_tmp_path, comm, capsys, no_figure_rendering
+):
     from fem_anode.detachment.data import write_gap_csv
 
     gaps, config = shared_tmp_path / "gaps.csv", shared_tmp_path / "fit.toml"
     if comm.rank == 0:
         write_gap_csv(gaps, small_gaps)
-        config.write_text("[fit]\nalpha0_bounds = [0.01, 0.3]\nn_bootstrap = 4\nradius_grid = 16\nmax_iterations = 20\n")
+        config.write_text(
+            "[fit]\nalpha0_bounds = [0.01, 0.3]\nn_bootstrap = 4\nradius_grid = 16\nmax_iterations = 20\n"
+        )
     comm.barrier()
     out = shared_tmp_path / "out"
     capsys.readouterr()
@@ -342,7 +400,10 @@ def test_fit_flags_a_parameter_at_its_bound_in_fit_json_and_the_log(small_gaps, 
     alpha0 = fit_json["parameters"]["alpha0"]
     assert alpha0["at_bound"] == "upper" and alpha0["value"] == pytest.approx(0.3, rel=1e-6)
     assert alpha0["ci_zero_width"] is True
-    assert fit_json["parameters"]["delta0"]["at_bound"] is None and fit_json["parameters"]["delta0"]["identifiable"] is True
+    assert (
+        fit_json["parameters"]["delta0"]["at_bound"] is None
+        and fit_json["parameters"]["delta0"]["identifiable"] is True
+    )
     assert any("alpha0 is at the upper bound" in f for f in fit_json["identifiability"]["flags"])
     if comm.rank == 0:
         assert "alpha0 is at the upper bound of its search range (0.3, fit.alpha0_bounds)" in err
@@ -372,7 +433,9 @@ def test_well_posed_fit_has_no_flags(small_gaps):
     settings.fit = settings.fit.replace(n_bootstrap=2, radius_grid=8, max_iterations=10)
     info = fit(small_gaps, None, settings).identifiability
     assert info["jacobian_rank"] == 4 and info["flags"] == []
-    assert all(p == {"at_bound": None, "identifiable": True, "ci_zero_width": False} for p in info["parameters"].values())
+    assert all(
+        p == {"at_bound": None, "identifiable": True, "ci_zero_width": False} for p in info["parameters"].values()
+    )
 
 
 # ----------------------------------------------------------------------------- (e) exclusive lock on --out
@@ -484,16 +547,29 @@ def test_two_concurrent_processes_and_a_killed_owner(tmp_path, capsys, no_figure
     image, out = tmp_path / "labels.npy", tmp_path / "out"
     write_image(image, VoxelImage(labels(), (2e-8, 2e-8), PHASES))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom fem_anode.io.lock import output_lock\n"
-         f"with output_lock({str(out)!r}):\n    print('locked', flush=True)\n    sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom fem_anode.io.lock import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('locked', flush=True)\n    sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run([sys.executable, "-m", "fem_anode", "metrics", str(image), "--out", str(out)],
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-m", "fem_anode", "metrics", str(image), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2, second.stderr
-        assert f"is in use by another fem-anode run (pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert (
+            f"is in use by another fem-anode run (pid {holder.pid}" in second.stderr
+            and "Traceback" not in second.stderr
+        )
         assert not out.exists()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -501,5 +577,8 @@ def test_two_concurrent_processes_and_a_killed_owner(tmp_path, capsys, no_figure
     assert lock_path(out).exists()  # a killed run cannot clean up
     capsys.readouterr()
     assert main(["metrics", str(image), "--out", str(out)]) == 0  # this process: a third run
-    assert f"removing the stale lock {lock_path(out)} of a run that no longer exists (pid {holder.pid}" in capsys.readouterr().err
+    assert (
+        f"removing the stale lock {lock_path(out)} of a run that no longer exists (pid {holder.pid}"
+        in capsys.readouterr().err
+    )
     assert (out / "metrics.json").exists() and not lock_path(out).exists()

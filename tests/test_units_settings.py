@@ -15,7 +15,15 @@ from fem_anode.units import format_length, parse_length, parse_lengths
 
 @pytest.mark.parametrize(
     ("text", "metres"),
-    [("20nm", 20e-9), ("0.65um", 0.65e-6), ("0.65 µm", 0.65e-6), ("1e-6", 1e-6), ("3mm", 3e-3), (2.5e-8, 2.5e-8), ("5A", 5e-10)],
+    [
+        ("20nm", 20e-9),
+        ("0.65um", 0.65e-6),
+        ("0.65 µm", 0.65e-6),
+        ("1e-6", 1e-6),
+        ("3mm", 3e-3),
+        (2.5e-8, 2.5e-8),
+        ("5A", 5e-10),
+    ],
 )
 def test_parse_length(text, metres):
     assert parse_length(text) == pytest.approx(metres, rel=1e-12)
@@ -108,7 +116,14 @@ def test_describe_lists_every_key_with_unit():
     rows = {key: (default, unit) for key, default, unit, _ in ToySettings.describe()}
     assert rows["physics.D"] == (3.01e-10, "m^2/s")
     assert rows["geometry.image"][0] == "(required)"
-    assert set(rows) == {"geometry.image", "geometry.phases", "geometry.output_times", "physics.D", "physics.eps", "physics.scheme"}
+    assert set(rows) == {
+        "geometry.image",
+        "geometry.phases",
+        "geometry.output_times",
+        "physics.D",
+        "physics.eps",
+        "physics.scheme",
+    }
 
 
 def test_replace_validates():
@@ -138,7 +153,9 @@ class WithRegions(Settings):
 
 def test_arrays_of_tables_round_trip(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('[[regions]]\nname = "I"\nbox = [0, 0, 1e-6, 1e-6]\n\n[[regions]]\nname = "II"\nbox = [1e-6, 0, 2e-6, 1e-6]\n')
+    path.write_text(
+        '[[regions]]\nname = "I"\nbox = [0, 0, 1e-6, 1e-6]\n\n[[regions]]\nname = "II"\nbox = [1e-6, 0, 2e-6, 1e-6]\n'
+    )
     settings = WithRegions.from_toml(path)
     assert [r.name for r in settings.regions] == ["I", "II"] and settings.regions[1].box[0] == 1e-6
     settings.to_toml(tmp_path / "back.toml")

@@ -45,7 +45,7 @@ def test_interface_facets_lie_exactly_between_the_two_phases_3d():
     image = VoxelImage(labels, (3e-8, 2e-8, 1e-8), {"a": 0, "b": 1, "c": 2})
     data = voxel_mesh_data(image)
     h = np.array([1e-8, 2e-8, 3e-8])  # x, y, z spacing
-    for (la, lb) in [(0, 1), (0, 2), (1, 2)]:
+    for la, lb in [(0, 1), (0, 2), (1, 2)]:
         facets = data.facets[data.facet_tags == interface_tag(la, lb)]
         centres = data.points[facets].mean(axis=1) / h  # in voxel units, x y z
         normal_axis = np.argmax(np.ptp(data.points[facets], axis=1) == 0, axis=1)
@@ -57,8 +57,12 @@ def test_interface_facets_lie_exactly_between_the_two_phases_3d():
             assert pair == {la, lb}
         # and every face between those labels is there
         expected = sum(
-            np.count_nonzero(np.isin(np.stack([np.take(labels, range(n - 1), ax), np.take(labels, range(1, n), ax)]), [la, lb]).all(0)
-                             & (np.take(labels, range(n - 1), ax) != np.take(labels, range(1, n), ax)))
+            np.count_nonzero(
+                np.isin(np.stack([np.take(labels, range(n - 1), ax), np.take(labels, range(1, n), ax)]), [la, lb]).all(
+                    0
+                )
+                & (np.take(labels, range(n - 1), ax) != np.take(labels, range(1, n), ax))
+            )
             for ax, n in enumerate(labels.shape)
         )
         assert len(facets) == expected

@@ -14,8 +14,20 @@ from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
 
 __all__ = [
-    "add_config_arguments", "add_image_arguments", "add_out_argument", "add_render_argument", "add_resume_argument", "check_int", "check_number", "is_root",
-    "load_config", "load_image", "load_resumable_config", "provenance", "run_checkpointed", "world_comm",
+    "add_config_arguments",
+    "add_image_arguments",
+    "add_out_argument",
+    "add_render_argument",
+    "add_resume_argument",
+    "check_int",
+    "check_number",
+    "is_root",
+    "load_config",
+    "load_image",
+    "load_resumable_config",
+    "provenance",
+    "run_checkpointed",
+    "world_comm",
 ]
 
 #: The largest seed or count a command accepts: what a TOML file (int64) can hold again.
@@ -34,8 +46,15 @@ def check_int(value: int, option: str, low: int, high: int = INT64_MAX, hint: st
     return value
 
 
-def check_number(value: float, option: str, low: float | None = None, high: float | None = None, *, unit: str | None = None,
-                 low_open: bool = False) -> float:
+def check_number(
+    value: float,
+    option: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    unit: str | None = None,
+    low_open: bool = False,
+) -> float:
     """A finite number option within ``[low, high]`` (or ``(low, high]`` with ``low_open``) and the
     numerical limits of :mod:`fem_anode.units` (UsageError naming the option otherwise)."""
     import math
@@ -83,7 +102,8 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None
         required=default is None,
         default=None if default is None else Path(default),
         metavar="DIR",
-        help=f"directory for the {what} (created; written only on success)" + (f"; default {default}" if default else ""),
+        help=f"directory for the {what} (created; written only on success)"
+        + (f"; default {default}" if default else ""),
     )
 
 
@@ -107,8 +127,17 @@ def load_image(args: argparse.Namespace, kind: str = "labels") -> VoxelImage:
 def _versions() -> dict[str, str]:
     """Versions of the libraries this process has loaded (nothing is imported to ask)."""
     versions = {"python": platform.python_version()}
-    for name, module in (("numpy", "numpy"), ("scipy", "scipy"), ("scikit-image", "skimage"), ("gmsh", "gmsh"),
-                         ("dolfinx", "dolfinx"), ("basix", "basix"), ("ufl", "ufl"), ("petsc4py", "petsc4py"), ("mpi4py", "mpi4py")):
+    for name, module in (
+        ("numpy", "numpy"),
+        ("scipy", "scipy"),
+        ("scikit-image", "skimage"),
+        ("gmsh", "gmsh"),
+        ("dolfinx", "dolfinx"),
+        ("basix", "basix"),
+        ("ufl", "ufl"),
+        ("petsc4py", "petsc4py"),
+        ("mpi4py", "mpi4py"),
+    ):
         mod = sys.modules.get(module)
         if mod is not None:
             version = getattr(mod, "__version__", None) or getattr(mod, "__version", None)
@@ -161,7 +190,11 @@ def _find_seeds(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed command-line options with their defaults (no callables), JSON-ready."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if not callable(value)}
+    return {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in vars(args).items()
+        if not callable(value)
+    }
 
 
 def provenance(
@@ -235,7 +268,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     """``CONFIG.toml`` (optional with ``--defaults``), ``--out DIR`` and ``--defaults``."""
     parser.add_argument("config", metavar="CONFIG.toml", type=Path, nargs="?", help="run configuration (TOML)")
     add_out_argument(parser, default=default_out)
-    parser.add_argument("--defaults", action="store_true", help="print every setting with its default, unit and meaning, then exit")
+    parser.add_argument(
+        "--defaults", action="store_true", help="print every setting with its default, unit and meaning, then exit"
+    )
 
 
 def load_config(args: argparse.Namespace, settings_class: Any, command: str) -> Any:
@@ -268,7 +303,9 @@ def add_resume_argument(parser: argparse.ArgumentParser, command: str, keep: str
     parser.set_defaults(out=None)
 
 
-def load_resumable_config(args: argparse.Namespace, settings_class: Any, command: str, default_out: str) -> tuple[Any, Any]:
+def load_resumable_config(
+    args: argparse.Namespace, settings_class: Any, command: str, default_out: str
+) -> tuple[Any, Any]:
     """``(settings, checkpoint)`` of a run that may resume: the checkpoint of ``--resume DIR``
     (or ``None``) and the settings of ``CONFIG`` or, without one, those stored in the checkpoint.
     Sets ``args.out`` (default: the resumed directory). ``settings`` is ``None`` for ``--defaults``."""
@@ -305,7 +342,9 @@ def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, chec
     comm = world_comm()
     store = CheckpointStore(args.out, comm)
     if checkpoint is None and store.exists():
-        raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}")
+        raise UsageError(
+            f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}"
+        )
     try:
         with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
             if comm.rank == 0:
@@ -313,6 +352,8 @@ def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, chec
                 write_json(staging / "provenance.json", provenance(command, settings, comm=comm, args=args))
             results = solve(staging, comm)
     except Interrupted as err:
-        raise Interrupted(f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode {command} --resume {args.out}") from None
+        raise Interrupted(
+            f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode {command} --resume {args.out}"
+        ) from None
     store.remove()
     return results

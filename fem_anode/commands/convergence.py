@@ -22,9 +22,18 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "(mesh.size, m; default 4 pixels), every size field with it, on the same boundary curves. Settings the study "
         "does not use ([output], [checkpoint]) are refused. Writes DIR/convergence.json and DIR/convergence.png.",
     )
-    parser.add_argument("config", metavar="CONFIG.toml", type=Path, help="the model's configuration (as for fem-anode diffusion)")
-    parser.add_argument("--levels", type=int, default=3, help="number of meshes (>= 3 for an observed order; default 3)")
-    parser.add_argument("--refine-factor", type=float, default=2.0, help="h ratio between successive levels (default 2; an integer for voxel meshes, any number > 1 for smooth meshes)")
+    parser.add_argument(
+        "config", metavar="CONFIG.toml", type=Path, help="the model's configuration (as for fem-anode diffusion)"
+    )
+    parser.add_argument(
+        "--levels", type=int, default=3, help="number of meshes (>= 3 for an observed order; default 3)"
+    )
+    parser.add_argument(
+        "--refine-factor",
+        type=float,
+        default=2.0,
+        help="h ratio between successive levels (default 2; an integer for voxel meshes, any number > 1 for smooth meshes)",
+    )
     parser.add_argument("--orders", default=None, help="element orders to study, e.g. 1,2 (default: the config's)")
     parser.add_argument(
         "--model",
@@ -46,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
 def _diffusion_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
     from fem_anode.fem.convergence import run_diffusion_study
 
-    return run_diffusion_study(settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, comm=comm, **checkpointing)
+    return run_diffusion_study(
+        settings, levels=args.levels, refine_factor=args.refine_factor, orders=orders, comm=comm, **checkpointing
+    )
 
 
 def _phasefield_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
@@ -54,8 +65,12 @@ def _phasefield_study(settings, args, orders, comm, staging, checkpointing):  # 
     from fem_anode.fem.convergence import run_phasefield_study
 
     if orders:
-        raise UsageError("--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config")
-    return run_phasefield_study(settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing)
+        raise UsageError(
+            "--orders applies to the diffusion model; set mesh.displacement_degree in the phase-field config"
+        )
+    return run_phasefield_study(
+        settings, levels=args.levels, refine_factor=args.refine_factor, workdir=staging, comm=comm, **checkpointing
+    )
 
 
 def _diffusion_settings():  # type: ignore[no-untyped-def]
@@ -102,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     check_study_settings(settings, model)
     if model == "diffusion" and settings.mesh.method == "voxel":
         if args.refine_factor != int(args.refine_factor):
-            raise UsageError(f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer (or mesh.method = 'smooth')")
+            raise UsageError(
+                f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer (or mesh.method = 'smooth')"
+            )
         args.refine_factor = int(args.refine_factor)
     comm = world_comm()
     from fem_anode.errors import Interrupted
@@ -112,16 +129,27 @@ def run(args: argparse.Namespace) -> int:
     store = CheckpointStore(args.out, comm)
     resume = CheckpointStore(args.resume, comm).load() if args.resume else None
     if resume is None and store.exists():
-        raise UsageError(f"{args.out} holds the checkpoint of an unfinished study: add --resume {args.out} to continue it, or remove {store.path}")
+        raise UsageError(
+            f"{args.out} holds the checkpoint of an unfinished study: add --resume {args.out} to continue it, or remove {store.path}"
+        )
     checkpointing = {"checkpoint_dir": args.out, "resume": resume}
     try:
         with output_directory(args.out, comm) as staging:
             report = study(settings, args, orders, comm, staging, checkpointing)
             if comm.rank == 0:
-                write_json(staging / "convergence.json", {"provenance": provenance("convergence", settings, comm=comm, args=args), **report, "settings": settings.to_dict()})
+                write_json(
+                    staging / "convergence.json",
+                    {
+                        "provenance": provenance("convergence", settings, comm=comm, args=args),
+                        **report,
+                        "settings": settings.to_dict(),
+                    },
+                )
                 plot_study(report, staging / "convergence.png")
     except Interrupted as err:
-        raise Interrupted(f"{err}; continue with: fem-anode convergence {args.config} --resume {args.out} (same options)") from None
+        raise Interrupted(
+            f"{err}; continue with: fem-anode convergence {args.config} --resume {args.out} (same options)"
+        ) from None
     store.remove()
     logger.info("%s", format_table(report))
     logger.info("results in %s", args.out)

@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     )
     add_out_argument(parser, default="fem_anode_demo", what="demo results")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic examples (default 0)")
-    parser.add_argument("--quick", action="store_true", help="coarser ROI (40 nm pixels), coarser meshes and fewer output times, for tests")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="coarser ROI (40 nm pixels), coarser meshes and fewer output times, for tests",
+    )
     parser.add_argument(
         "--mesh",
         choices=["smooth", "voxel"],
@@ -53,7 +57,9 @@ CHECK_RATIO = 2.0**0.5
 #: Global element sizes H (m) of the mesh-independence check on smooth P2 meshes, coarsest first
 #: (by ``--quick``). Each level divides H, and every size field with it (interfaces: H/2, gaps:
 #: in proportion to their width, down to H/10), by CHECK_RATIO, on the same boundary curves.
-CHECK_SIZES: dict[bool, tuple[float, ...]] = {quick: tuple(middle * CHECK_RATIO ** k for k in (1, 0, -1)) for quick, middle in ((False, 80e-9), (True, 160e-9))}
+CHECK_SIZES: dict[bool, tuple[float, ...]] = {
+    quick: tuple(middle * CHECK_RATIO**k for k in (1, 0, -1)) for quick, middle in ((False, 80e-9), (True, 160e-9))
+}
 #: Largest relative change of any reported quantity to the next finer level for a mesh to count
 #: as mesh-independent.
 CHECK_TOLERANCE = 0.01
@@ -92,10 +98,14 @@ def run(args: argparse.Namespace) -> int:
                 plot_per_slice(metrics["per_slice"], staging / "figures" / f"{name}_per_slice.png", title=name)
             summary["examples"][name] = {"shape": list(image.shape), "phase_fractions": metrics["phase_fractions"]}
         pristine, aged = (summary["examples"][k]["phase_fractions"] for k in ("anode_pristine", "anode_aged"))
-        summary["ageing_relative_change"] = {p: (aged[p] - pristine[p]) / pristine[p] for p in pristine if pristine[p] > 0}
+        summary["ageing_relative_change"] = {
+            p: (aged[p] - pristine[p]) / pristine[p] for p in pristine if pristine[p] > 0
+        }
         mesh_path = staging / "meshes" / "roi_sei.msh"
         if args.mesh == "smooth" and _has_dolfinx():
-            summary["mesh_independence"], summary["diffusion"], summary["mesh"] = _smooth_diffusion(staging, comm, quick=args.quick)
+            summary["mesh_independence"], summary["diffusion"], summary["mesh"] = _smooth_diffusion(
+                staging, comm, quick=args.quick
+            )
             summary["mesh_check"] = _check_mesh_in_dolfinx(mesh_path, comm)
         else:
             if root:
@@ -140,15 +150,34 @@ def _write_roi_mesh(image: Any, path: Path, method: str) -> dict[str, Any]:
 
         logger.info("meshing the ROI's SEI/C/B domain, one square per pixel (pores and Si as boundaries)")
         data = write_voxel_mesh(image, path, keep=["sei"])
-        return {"file": "meshes/roi_sei.msh", "method": "voxel", "order": 1, "cells": len(data.cells), "groups": {k: list(v) for k, v in data.groups.items()}}
+        return {
+            "file": "meshes/roi_sei.msh",
+            "method": "voxel",
+            "order": 1,
+            "cells": len(data.cells),
+            "groups": {k: list(v) for k, v in data.groups.items()},
+        }
     from fem_anode.meshing.build import mesh_image
     from fem_anode.meshing.smooth2d import SmoothMeshOptions
 
     size = CHECK_SIZES[False][1] if min(image.require_voxel_size()) < 30e-9 else CHECK_SIZES[True][1]
     logger.info("meshing the ROI's SEI/C/B domain, smooth P2 with H = %.3g m (pores and Si as boundaries)", size)
-    result = mesh_image(image, path, method="smooth", keep=["sei"], options=SmoothMeshOptions(size=size, order=2), quality_path=path.with_name("roi_sei.quality.json"))
-    return {"file": "meshes/roi_sei.msh", "method": "smooth", "order": 2, "size_m": size, "cells": result.quality["cells"],
-            "groups": {k: list(v) for k, v in result.groups.items()}}
+    result = mesh_image(
+        image,
+        path,
+        method="smooth",
+        keep=["sei"],
+        options=SmoothMeshOptions(size=size, order=2),
+        quality_path=path.with_name("roi_sei.quality.json"),
+    )
+    return {
+        "file": "meshes/roi_sei.msh",
+        "method": "smooth",
+        "order": 2,
+        "size_m": size,
+        "cells": result.quality["cells"],
+        "groups": {k: list(v) for k, v in result.groups.items()},
+    }
 
 
 def _level_quantities(results: dict[str, Any]) -> dict[str, float]:
@@ -165,7 +194,9 @@ def _level_quantities(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _smooth_diffusion(
+    staging: Path, comm: Any, *, quick: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Mesh-independence check and the diffusion on smooth P2 meshes of the ROI (collective).
 
     Runs the full Fig. 8 model (:func:`_run_diffusion`'s settings) on the meshes of
@@ -187,8 +218,18 @@ def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[st
     folders: list[str] = []
     for level, size in enumerate(sizes):
         folder = f"level{level}_H{1e9 * size:.0f}nm"
-        logger.info("mesh-independence check, level %d of %d: smooth P2 mesh with H = %.3g m", level + 1, len(sizes), size)
-        runs.append(_run_diffusion(staging, comm, quick=quick, mesh=MeshSettings(method="smooth", order=2, size=size), workdir=check_dir / folder))
+        logger.info(
+            "mesh-independence check, level %d of %d: smooth P2 mesh with H = %.3g m", level + 1, len(sizes), size
+        )
+        runs.append(
+            _run_diffusion(
+                staging,
+                comm,
+                quick=quick,
+                mesh=MeshSettings(method="smooth", order=2, size=size),
+                workdir=check_dir / folder,
+            )
+        )
         folders.append(folder)
     per_level = [_level_quantities(run) for run in runs]
     names = [k for k in per_level[0] if all(k in q for q in per_level)]
@@ -197,7 +238,10 @@ def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[st
     changes = level_changes(records, cells, list(sizes), tolerance=CHECK_TOLERANCE)
     chosen = changes["level"] if changes["level"] is not None else len(sizes) - 1
     if changes["level"] is None:
-        logger.warning("no level of the mesh-independence check is within %g %% of the next: using the finest", 100 * CHECK_TOLERANCE)
+        logger.warning(
+            "no level of the mesh-independence check is within %g %% of the next: using the finest",
+            100 * CHECK_TOLERANCE,
+        )
     if comm.rank == 0:
         shutil.move(check_dir / folders[chosen], staging / "diffusion")
         (staging / "meshes").mkdir(parents=True, exist_ok=True)
@@ -207,16 +251,20 @@ def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[st
     levels = []
     for level, (size, run) in enumerate(zip(sizes, runs)):
         change = changes["changes"][level] if level < len(changes["changes"]) else None
-        levels.append({
-            "level": level,
-            "H_m": size,
-            "cells": run["ncells"],
-            "dofs": run["ndofs"],
-            "wall_time_s": run["wall_time_s"],
-            "largest_change_to_next": None if change is None else change["largest_change"],
-            "quantity_with_largest_change": None if change is None else change["quantity"],
-            "results": "diffusion/results.json" if level == chosen else f"mesh_independence/{folders[level]}/results.json",
-        })
+        levels.append(
+            {
+                "level": level,
+                "H_m": size,
+                "cells": run["ncells"],
+                "dofs": run["ndofs"],
+                "wall_time_s": run["wall_time_s"],
+                "largest_change_to_next": None if change is None else change["largest_change"],
+                "quantity_with_largest_change": None if change is None else change["quantity"],
+                "results": "diffusion/results.json"
+                if level == chosen
+                else f"mesh_independence/{folders[level]}/results.json",
+            }
+        )
     check = {
         "element": "P2 triangles (curved at the interfaces)",
         "tolerance": CHECK_TOLERANCE,
@@ -231,12 +279,25 @@ def _smooth_diffusion(staging: Path, comm: Any, *, quick: bool) -> tuple[dict[st
         "why_fewer_than_paper": PAPER_ELEMENTS_NOTE,
     }
     quality = runs[chosen].get("mesh_quality") or {}
-    mesh = {"file": "meshes/roi_sei.msh", "method": "smooth", "order": 2, "size_m": sizes[chosen], "cells": cells[chosen],
-            "mesh_independence": f"level {chosen} of {len(sizes)}: every quantity changes by "
-            f"< {100 * CHECK_TOLERANCE:g} % with H divided by {CHECK_RATIO:.3g}" if changes["level"] is not None else "not reached: finest level used"}
+    mesh = {
+        "file": "meshes/roi_sei.msh",
+        "method": "smooth",
+        "order": 2,
+        "size_m": sizes[chosen],
+        "cells": cells[chosen],
+        "mesh_independence": f"level {chosen} of {len(sizes)}: every quantity changes by "
+        f"< {100 * CHECK_TOLERANCE:g} % with H divided by {CHECK_RATIO:.3g}"
+        if changes["level"] is not None
+        else "not reached: finest level used",
+    }
     mesh.update({k: quality[k] for k in ("min_angle_deg",) if k in quality})
-    logger.info("mesh-independence check: level %d (H = %.3g m, %d P2 cells) chosen; largest changes to the next level: %s",
-                chosen, sizes[chosen], cells[chosen], ", ".join(f"{100 * c['largest_change']:.2f} %" for c in changes["changes"]))
+    logger.info(
+        "mesh-independence check: level %d (H = %.3g m, %d P2 cells) chosen; largest changes to the next level: %s",
+        chosen,
+        sizes[chosen],
+        cells[chosen],
+        ", ".join(f"{100 * c['largest_change']:.2f} %" for c in changes["changes"]),
+    )
     diffusion = _diffusion_summary(runs[chosen])
     return check, diffusion, mesh
 
@@ -270,7 +331,9 @@ def _check_mesh_in_dolfinx(path: Path, comm: Any) -> dict[str, Any]:
     return result
 
 
-def _run_diffusion(staging: Path, comm: Any, *, quick: bool, mesh: Any = None, workdir: Path | None = None) -> dict[str, Any]:
+def _run_diffusion(
+    staging: Path, comm: Any, *, quick: bool, mesh: Any = None, workdir: Path | None = None
+) -> dict[str, Any]:
     """The paper's Fig. 8 workflow on the example ROI: regions I-IV, c(t), t90, fields.
 
     Args:
@@ -307,8 +370,20 @@ def _run_diffusion(staging: Path, comm: Any, *, quick: bool, mesh: Any = None, w
 
 def _diffusion_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's results the demo's summary keeps."""
-    keys = ("times", "regions", "t90_s", "mass_balance_rel_error", "ndofs", "ncells", "element_degree", "steps", "factorisations",
-            "timescales", "wall_time_s", "region_boxes_m")
+    keys = (
+        "times",
+        "regions",
+        "t90_s",
+        "mass_balance_rel_error",
+        "ndofs",
+        "ncells",
+        "element_degree",
+        "steps",
+        "factorisations",
+        "timescales",
+        "wall_time_s",
+        "region_boxes_m",
+    )
     return {k: results[k] for k in keys if k in results}
 
 
@@ -332,7 +407,11 @@ def write_report(path: Path, summary: dict[str, Any], *, render: bool = True) ->
             image_path, metrics_path = directory / "data" / f"{name}.npy", directory / "metrics" / f"{name}.json"
             if image_path.is_file() and metrics_path.is_file():
                 image = read_image(image_path, kind="labels")
-                volumes[name] = (image, {"tortuosity": tortuosity_field(image)[1]}, json.loads(metrics_path.read_text()))
+                volumes[name] = (
+                    image,
+                    {"tortuosity": tortuosity_field(image)[1]},
+                    json.loads(metrics_path.read_text()),
+                )
         render_metrics_figures(volumes, directory / "figures" / "3d")
     demo_report(directory, summary, name=path.stem)
     return path

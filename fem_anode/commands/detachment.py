@@ -28,7 +28,9 @@ from fem_anode.units import LENGTH_UNITS, parse_length
 
 logger = logging.getLogger(__name__)
 
-_INVERSE = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?:(?:1?/\s*([A-Za-zµμ]+))|(?:([A-Za-zµμ]+)\^-1))?\s*$")
+_INVERSE = re.compile(
+    r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?:(?:1?/\s*([A-Za-zµμ]+))|(?:([A-Za-zµμ]+)\^-1))?\s*$"
+)
 
 
 def parse_inverse_length(text: str) -> float:
@@ -72,25 +74,45 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     measure.add_argument("--cycle", type=int, required=True, help="cycle number of the imaged electrode (0 = pristine)")
     measure.add_argument("--si", default="si", help="phase name of silicon (default si)")
     measure.add_argument("--cbd", default="cbd", help="phase name of the carbon-black/binder domain (default cbd)")
-    measure.add_argument("--blocking", default=None, help="comma-separated phases that stop rays (default graphite, if present)")
+    measure.add_argument(
+        "--blocking", default=None, help="comma-separated phases that stop rays (default graphite, if present)"
+    )
     measure.add_argument("--max-distance", default="5um", help="longest gap searched (default 5um)")
     measure.add_argument("--min-voxels", type=int, default=8, help="ignore Si components smaller than this (default 8)")
     measure.add_argument("--keep-border", action="store_true", help="also measure particles cut by the image border")
-    measure.add_argument("--no-stereology", action="store_true", help="2D: write section radii/gaps instead of 3D equivalents")
+    measure.add_argument(
+        "--no-stereology", action="store_true", help="2D: write section radii/gaps instead of 3D equivalents"
+    )
     add_out_argument(measure)
     measure.set_defaults(func=run_measure)
 
     simulate = actions.add_parser("simulate", help="run the detachment model (gap and capacity vs cycle)")
     _add_model_arguments(simulate)
-    simulate.add_argument("--radii", type=Path, metavar="FILE", help="CSV with a radius_m column (default: the settings' size distribution)")
+    simulate.add_argument(
+        "--radii",
+        type=Path,
+        metavar="FILE",
+        help="CSV with a radius_m column (default: the settings' size distribution)",
+    )
     add_out_argument(simulate)
     simulate.set_defaults(func=run_simulate)
 
-    fit = actions.add_parser("fit", help="fit alpha0, kappa0, delta0, zeta0 to gaps (and capacity) with bootstrap ranges")
+    fit = actions.add_parser(
+        "fit", help="fit alpha0, kappa0, delta0, zeta0 to gaps (and capacity) with bootstrap ranges"
+    )
     fit.add_argument("gaps", type=Path, metavar="GAPS.csv", help="per-particle gaps, columns cycle,radius_m,gap_m")
-    fit.add_argument("--capacity", type=Path, metavar="CAP.csv", help="capacity retention, columns cycle,capacity_fraction")
-    fit.add_argument("--radii", type=Path, metavar="FILE", help="population for the capacity (radius_m column); default the measured particles")
-    fit.add_argument("--config", type=Path, metavar="TOML", help="detachment settings file ([model], [distribution], [fit])")
+    fit.add_argument(
+        "--capacity", type=Path, metavar="CAP.csv", help="capacity retention, columns cycle,capacity_fraction"
+    )
+    fit.add_argument(
+        "--radii",
+        type=Path,
+        metavar="FILE",
+        help="population for the capacity (radius_m column); default the measured particles",
+    )
+    fit.add_argument(
+        "--config", type=Path, metavar="TOML", help="detachment settings file ([model], [distribution], [fit])"
+    )
     fit.add_argument("--bootstrap", type=int, help="bootstrap replicates (default from settings: 200)")
     fit.add_argument("--confidence", type=float, help="central probability of the ranges (default 0.68)")
     fit.add_argument("--seed", type=int, help="bootstrap seed")
@@ -99,19 +121,29 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     fit.set_defaults(func=run_fit)
     for sub in (measure, simulate, fit):  # logging options also after the action (as fem_anode.cli does one level up)
         group = sub.add_argument_group("output options")
-        group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)")
-        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
-        group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
+        group.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv for debug)"
+        )
+        group.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors"
+        )
+        group.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors"
+        )
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="TOML", help="detachment settings file ([model], [distribution], [fit])")
+    parser.add_argument(
+        "--config", type=Path, metavar="TOML", help="detachment settings file ([model], [distribution], [fit])"
+    )
     parser.add_argument("--alpha0", type=float, help="E/eta x half-cycle duration (paper fit 0.83)")
     parser.add_argument("--kappa0", help="adhesion length, e.g. 0.02um (paper fit)")
     parser.add_argument("--delta0", help="SEI growth per lithiation, e.g. 0.12um (paper fit)")
     parser.add_argument("--zeta0", help="disconnection-probability slope, e.g. 0.163/um (paper fit)")
     parser.add_argument("--cycles", type=int, help="number of cycles (default 10)")
-    parser.add_argument("--si-volume-change", type=float, help="relative Si volume increase on lithiation (default 2.8)")
+    parser.add_argument(
+        "--si-volume-change", type=float, help="relative Si volume increase on lithiation (default 2.8)"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -179,7 +211,9 @@ def run_measure(args: argparse.Namespace) -> int:
     if not ok.any():
         from fem_anode.errors import InputError
 
-        raise InputError(f"{args.image}: no particle has a ray reaching the {args.cbd!r} phase; check --cbd and --max-distance")
+        raise InputError(
+            f"{args.image}: no particle has a ray reaching the {args.cbd!r} phase; check --cbd and --max-distance"
+        )
     data = GapData(np.full(int(ok.sum()), args.cycle), radius[ok], gap[ok], source=str(args.image))
     comm = world_comm()
     with output_directory(args.out, comm) as staging:
@@ -201,7 +235,9 @@ def run_measure(args: argparse.Namespace) -> int:
                 },
             )
             plot_gap_scatter(data, staging / "gaps.png", title=f"{args.image.name}: cycle {args.cycle}")
-    logger.info("%d particles, mean gap %.3g m; wrote %s", int(ok.sum()), float(np.mean(gap[ok])), args.out / "gaps.csv")
+    logger.info(
+        "%d particles, mean gap %.3g m; wrote %s", int(ok.sum()), float(np.mean(gap[ok])), args.out / "gaps.csv"
+    )
     return 0
 
 
@@ -227,13 +263,18 @@ def run_simulate(args: argparse.Namespace) -> int:
     radii = read_radii_csv(args.radii) if args.radii else None
     start = time.perf_counter()
     result = simulate(settings.model, radii, distribution=settings.distribution)
-    runs = {name: simulate(p, radii, distribution=settings.distribution) for name, p in scenarios(settings.model).items()}
+    runs = {
+        name: simulate(p, radii, distribution=settings.distribution) for name, p in scenarios(settings.model).items()
+    }
     elapsed = time.perf_counter() - start
     payload = {
         "provenance": provenance("detachment simulate", settings, args=args),
         "population": str(args.radii) if args.radii else {"default_distribution": settings.distribution.to_dict()},
         **result.to_dict(),
-        "scenarios": {name: {"capacity_retention": r.capacity_retention.tolist(), "parameters": r.parameters.to_dict()} for name, r in runs.items()},
+        "scenarios": {
+            name: {"capacity_retention": r.capacity_retention.tolist(), "parameters": r.parameters.to_dict()}
+            for name, r in runs.items()
+        },
         "elapsed_s": elapsed,
     }
     comm = world_comm()
@@ -243,7 +284,12 @@ def run_simulate(args: argparse.Namespace) -> int:
             settings.to_toml(staging / "settings.toml")
             plot_gap_model(result, staging / "gap_model.png")
             plot_capacity({f"model, {k}": r.capacity_retention for k, r in runs.items()}, staging / "capacity.png")
-    logger.info("capacity after %d cycles: %.1f %% (all three improved: %.1f %%)", settings.model.cycles, 100 * result.capacity_retention[-1], 100 * runs["all three improved"].capacity_retention[-1])
+    logger.info(
+        "capacity after %d cycles: %.1f %% (all three improved: %.1f %%)",
+        settings.model.cycles,
+        100 * result.capacity_retention[-1],
+        100 * runs["all three improved"].capacity_retention[-1],
+    )
     logger.info("wrote %s", args.out / "results.json")
     return 0
 
@@ -264,7 +310,12 @@ def run_fit(args: argparse.Namespace) -> int:
     n_cycles = int(max(gaps.cycle.max(), capacity.cycle.max() if capacity is not None else 0, 1))
     best = result.parameters().replace(cycles=n_cycles)
     model_run = simulate(best, population if population is not None else gaps.radius_m)
-    payload = {"provenance": provenance("detachment fit", settings, args=args), "gaps": str(args.gaps), "capacity": str(args.capacity) if args.capacity else None, **result.to_dict()}
+    payload = {
+        "provenance": provenance("detachment fit", settings, args=args),
+        "gaps": str(args.gaps),
+        "capacity": str(args.capacity) if args.capacity else None,
+        **result.to_dict(),
+    }
     comm = world_comm()
     with output_directory(args.out, comm) as staging:
         if is_root(comm):
@@ -273,11 +324,24 @@ def run_fit(args: argparse.Namespace) -> int:
             settings.to_toml(staging / "settings.toml")
             rows = [",".join(PARAMETER_NAMES)] + [",".join(f"{v:.9e}" for v in row) for row in result.bootstrap]
             write_text_atomic(staging / "bootstrap.csv", "\n".join(rows) + "\n")
-            plot_gap_model(model_run, staging / "fit_gaps.png", cycles=[c for c in gaps.cycles() if c > 0], data=gaps, title="Fit: data and model mean +- std")
-            plot_capacity({"model, best fit": model_run.capacity_retention}, staging / "fit_capacity.png", measured=capacity)
+            plot_gap_model(
+                model_run,
+                staging / "fit_gaps.png",
+                cycles=[c for c in gaps.cycles() if c > 0],
+                data=gaps,
+                title="Fit: data and model mean +- std",
+            )
+            plot_capacity(
+                {"model, best fit": model_run.capacity_retention}, staging / "fit_capacity.png", measured=capacity
+            )
             plot_bootstrap(result.bootstrap, result.values, result.ci, staging / "bootstrap.png")
     for name in PARAMETER_NAMES:
         low, high = result.ci[name]
         logger.info("%s = %.4g  [%.4g, %.4g] (SI)", name, result.values[name], low, high)
-    logger.info("bootstrap of %d replicates in %.2f s; wrote %s", result.bootstrap.shape[0], result.timing_s["bootstrap"], args.out / "fit.json")
+    logger.info(
+        "bootstrap of %d replicates in %.2f s; wrote %s",
+        result.bootstrap.shape[0],
+        result.timing_s["bootstrap"],
+        args.out / "fit.json",
+    )
     return 0

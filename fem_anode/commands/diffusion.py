@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fem_anode.commands._common import add_config_arguments, add_render_argument, add_resume_argument, load_resumable_config, run_checkpointed
+from fem_anode.commands._common import (
+    add_config_arguments,
+    add_render_argument,
+    add_resume_argument,
+    load_resumable_config,
+    run_checkpointed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +40,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from fem_anode.fem.diffusion_run import run_diffusion
 
-    results = run_checkpointed(args, settings, "diffusion", checkpoint,
-                               lambda staging, comm: run_diffusion(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint, render=args.render))
+    results = run_checkpointed(
+        args,
+        settings,
+        "diffusion",
+        checkpoint,
+        lambda staging, comm: run_diffusion(
+            settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint, render=args.render
+        ),
+    )
     for name, t90 in results["t90_s"].items():
         logger.info("t90 %-8s %s", name, "not reached" if t90 is None else f"{t90:.4g} s")
     logger.info("results in %s", args.out)

@@ -7,7 +7,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, load_image, provenance, world_comm
+from fem_anode.commands._common import (
+    add_image_arguments,
+    check_int,
+    check_number,
+    is_root,
+    load_image,
+    provenance,
+    world_comm,
+)
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +77,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_image_arguments(parser)
-    parser.add_argument("--keep", metavar="PHASES", help="comma-separated phases to mesh (default: all); dropped phases become tagged boundaries")
+    parser.add_argument(
+        "--keep",
+        metavar="PHASES",
+        help="comma-separated phases to mesh (default: all); dropped phases become tagged boundaries",
+    )
     parser.add_argument(
         "--method",
         choices=["smooth", "voxel", "tet"],
@@ -78,16 +90,58 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "(3D default); tet: six tetrahedra per voxel (3D)",
     )
     parser.add_argument("--size", metavar="H", help="global element size (smooth), e.g. 40nm (default: 4 pixels)")
-    parser.add_argument("--order", type=int, choices=[1, 2], default=1, help="element order; 2 gives curved quadratic elements")
+    parser.add_argument(
+        "--order", type=int, choices=[1, 2], default=1, help="element order; 2 gives curved quadratic elements"
+    )
     smooth = parser.add_argument_group("smooth method")
-    smooth.add_argument("--interface-ratio", type=_ratio, default=0.5, metavar="R", help="size at interfaces / H (default 0.5; 1 = no refinement)")
-    smooth.add_argument("--refine-distance", metavar="LENGTH", help="distance over which the size grows back to H (default 10 pixels)")
-    smooth.add_argument("--gap-width", metavar="LENGTH", help="refine parts of a phase narrower than this in proportion to their width (default 10 pixels; 0 = off)")
-    smooth.add_argument("--min-island", type=int, default=0, metavar="PIXELS", help="merge regions with fewer pixels into their surroundings (default 0: keep all)")
-    smooth.add_argument("--tolerance", type=_nonneg, default=0.1, metavar="PIXELS", help="curve simplification tolerance in pixels (default 0.1)")
-    smooth.add_argument("--sigma", type=_nonneg, default=1.0, metavar="PIXELS", help="smoothing of the phase indicators for sub-pixel boundaries (default 1; 0 = marching squares)")
-    parser.add_argument("--xdmf", action="store_true", help="with a .msh --out: also write MESH.xdmf (+ .h5) with cell and facet tags as dolfinx reads them (needs dolfinx)")
-    parser.add_argument("--out", type=Path, required=True, metavar="MESH", help="output mesh file; the suffix picks the format: .msh (gmsh 4.1), .vtu, .xdmf, .inp (Abaqus), .med")
+    smooth.add_argument(
+        "--interface-ratio",
+        type=_ratio,
+        default=0.5,
+        metavar="R",
+        help="size at interfaces / H (default 0.5; 1 = no refinement)",
+    )
+    smooth.add_argument(
+        "--refine-distance", metavar="LENGTH", help="distance over which the size grows back to H (default 10 pixels)"
+    )
+    smooth.add_argument(
+        "--gap-width",
+        metavar="LENGTH",
+        help="refine parts of a phase narrower than this in proportion to their width (default 10 pixels; 0 = off)",
+    )
+    smooth.add_argument(
+        "--min-island",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="merge regions with fewer pixels into their surroundings (default 0: keep all)",
+    )
+    smooth.add_argument(
+        "--tolerance",
+        type=_nonneg,
+        default=0.1,
+        metavar="PIXELS",
+        help="curve simplification tolerance in pixels (default 0.1)",
+    )
+    smooth.add_argument(
+        "--sigma",
+        type=_nonneg,
+        default=1.0,
+        metavar="PIXELS",
+        help="smoothing of the phase indicators for sub-pixel boundaries (default 1; 0 = marching squares)",
+    )
+    parser.add_argument(
+        "--xdmf",
+        action="store_true",
+        help="with a .msh --out: also write MESH.xdmf (+ .h5) with cell and facet tags as dolfinx reads them (needs dolfinx)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="MESH",
+        help="output mesh file; the suffix picks the format: .msh (gmsh 4.1), .vtu, .xdmf, .inp (Abaqus), .med",
+    )
     parser.set_defaults(func=run)
 
 
@@ -100,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
     suffix = check_format(args.out)
     if args.xdmf and suffix != ".msh":
-        raise UsageError(f"--xdmf writes the dolfinx XDMF of a .msh mesh; --out {args.out} already picks the format (drop --xdmf)")
+        raise UsageError(
+            f"--xdmf writes the dolfinx XDMF of a .msh mesh; --out {args.out} already picks the format (drop --xdmf)"
+        )
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
     if args.keep is not None and not keep:
         raise UsageError("--keep is empty; name at least one phase")
@@ -113,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     method = args.method or ("smooth" if image.ndim == 2 else "voxel")
     if method == "smooth":
         largest = max(image.shape)
-        check_number(args.sigma, "--sigma", 0.0, float(largest))  # pixels: wider smoothing than the image only costs time
+        check_number(
+            args.sigma, "--sigma", 0.0, float(largest)
+        )  # pixels: wider smoothing than the image only costs time
         check_number(args.tolerance, "--tolerance", 0.0, float(largest))
         if args.size:
             pixel = min(image.require_voxel_size())
@@ -138,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         if args.size:
-            raise UsageError(f"--size applies to --method smooth only; {method} meshes have one cell (or six tetrahedra) per voxel")
+            raise UsageError(
+                f"--size applies to --method smooth only; {method} meshes have one cell (or six tetrahedra) per voxel"
+            )
         options = None
     comm = world_comm()
     quality_path = args.out.with_name(args.out.stem + ".quality.json")
@@ -150,7 +210,14 @@ def run(args: argparse.Namespace) -> int:
             from fem_anode.io.output import write_json
 
             write_json(quality_path, {"provenance": provenance("mesh", comm=comm, args=args), **q})
-            logger.info("wrote %s (%d cells, %d nodes) and %s; groups: %s", args.out, q["cells"], q["nodes"], quality_path.name, ", ".join(result.groups))
+            logger.info(
+                "wrote %s (%d cells, %d nodes) and %s; groups: %s",
+                args.out,
+                q["cells"],
+                q["nodes"],
+                quality_path.name,
+                ", ".join(result.groups),
+            )
         except FemAnodeError as err:
             error = ("usage" if isinstance(err, UsageError) else "input", str(err))
         except Exception as err:

@@ -92,7 +92,9 @@ def _tortuosity_factor(args: argparse.Namespace, image, metrics: dict, comm) -> 
     try:
         from fem_anode.fem.tortuosity import tortuosity_factor
     except ImportError as err:
-        raise UsageError(f"--tortuosity-factor needs petsc4py (and dolfinx for --tortuosity-method fe), which is not importable: {err}") from None
+        raise UsageError(
+            f"--tortuosity-factor needs petsc4py (and dolfinx for --tortuosity-method fe), which is not importable: {err}"
+        ) from None
     from fem_anode.fem.tortuosity.fv import estimate_memory as estimate_fv_memory
     from fem_anode.resources import check_memory, estimate_fe_memory, estimate_mesh_memory
 
@@ -102,9 +104,16 @@ def _tortuosity_factor(args: argparse.Namespace, image, metrics: dict, comm) -> 
         else:  # sized as a dolfinx P1 solve with AMG: an upper bound of the NumPy-assembled voxel operator
             mesh = estimate_mesh_memory(image, "voxel", [name])
             refine = 27 if method == "fe-extrapolated" else 1
-            estimate = estimate_fe_memory(cells=refine * mesh.details["cells"], dofs=refine * mesh.details["nodes"], ndim=3,
-                                          cell_type="hexahedron", degree=1, solver="iterative",
-                                          ranks=comm.size if comm is not None else 1, what=f"tortuosity factor of {name!r}")
+            estimate = estimate_fe_memory(
+                cells=refine * mesh.details["cells"],
+                dofs=refine * mesh.details["nodes"],
+                ndim=3,
+                cell_type="hexahedron",
+                degree=1,
+                solver="iterative",
+                ranks=comm.size if comm is not None else 1,
+                what=f"tortuosity factor of {name!r}",
+            )
         check_memory(estimate, comm, hint="crop or bin the image, or run on more nodes")
     results = {name: tortuosity_factor(image, name, comm, method=method) for name in names}
     metrics["tortuosity_factor"] = {name: r.to_json()["tau"] for name, r in results.items()}
@@ -183,12 +192,15 @@ def run(args: argparse.Namespace) -> int:
             plot_comparison(samples, staging)
             maps = {}
             if "tortuosity" in reference_fields:
-                maps[f"reference {Path(args.reference).stem}"] = (reference_fields["tortuosity"], reference.require_voxel_size())
+                maps[f"reference {Path(args.reference).stem}"] = (
+                    reference_fields["tortuosity"],
+                    reference.require_voxel_size(),
+                )
             if "tortuosity" in fields:
                 maps[args.image.stem] = (fields["tortuosity"], image.require_voxel_size())
             if maps:
                 plot_tortuosity_sections(maps, staging / "tortuosity_map.png")
-            for name, array in (fields.items() if args.fields else ()):
+            for name, array in fields.items() if args.fields else ():
                 with atomic_path(staging / f"{name}.npy") as tmp:
                     np.save(tmp, array.astype(np.float32))
             if args.render:
@@ -196,13 +208,22 @@ def run(args: argparse.Namespace) -> int:
 
                 volumes = {args.image.stem: (image, fields, metrics)}
                 if reference_metrics is not None:
-                    volumes = {f"reference {Path(args.reference).stem}": (reference, reference_fields, reference_metrics), **volumes}
+                    volumes = {
+                        f"reference {Path(args.reference).stem}": (reference, reference_fields, reference_metrics),
+                        **volumes,
+                    }
                 render_metrics_figures(volumes, staging, pore_phase=args.pore_phase, si_phase=args.si_phase)
             from fem_anode.io.report_html import metrics_report
 
-            metrics_report(staging, metrics, label=args.image.stem, reference=reference_metrics,
-                           reference_label=f"reference {Path(args.reference).stem}" if args.reference else "reference",
-                           pore_phase=args.pore_phase, provenance=provenance("metrics", comm=comm, args=args))
+            metrics_report(
+                staging,
+                metrics,
+                label=args.image.stem,
+                reference=reference_metrics,
+                reference_label=f"reference {Path(args.reference).stem}" if args.reference else "reference",
+                pore_phase=args.pore_phase,
+                provenance=provenance("metrics", comm=comm, args=args),
+            )
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics["phase_fractions"].items())
     logger.info("phase fractions: %s", fractions)
     if metrics.get("tortuosity"):
@@ -210,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
         unreachable = 100 * t["unreachable_fraction"]["overall"]
         logger.info("tortuosity mean %.4g, unreachable %.2f %% of pore voxels", t["mean"], unreachable)
     for name, tau in metrics.get("tortuosity_factor", {}).items():
-        logger.info("tortuosity factor of %s along z: %s", name, "inf (not percolating)" if tau is None else f"{tau:.4g}")
+        logger.info(
+            "tortuosity factor of %s along z: %s", name, "inf (not percolating)" if tau is None else f"{tau:.4g}"
+        )
     for key, reason in metrics["not_applicable"].items():
         logger.info("%s: not applicable (%s)", key, reason)
     logger.info("time per metric (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fem_anode.commands._common import add_config_arguments, add_resume_argument, load_resumable_config, run_checkpointed
+from fem_anode.commands._common import (
+    add_config_arguments,
+    add_resume_argument,
+    load_resumable_config,
+    run_checkpointed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +40,31 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from fem_anode.fem.phasefield.run import run_phasefield
 
-    results = run_checkpointed(args, settings, "phasefield", checkpoint,
-                               lambda staging, comm: run_phasefield(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint))
+    results = run_checkpointed(
+        args,
+        settings,
+        "phasefield",
+        checkpoint,
+        lambda staging, comm: run_phasefield(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint),
+    )
     for record in results["half_cycles"]:
         voids = ""
         if "void_fraction" in record:
-            voids = (f"  voids {100 * record['void_fraction']:.2f} %  electrolyte {100 * record['accessible_void_fraction']:.2f} %"
-                     f"  SEI depth {record['sei_penetration_depth_m'] * 1e9:.2f} nm  core {record['core_connectivity']:.3f}")
+            voids = (
+                f"  voids {100 * record['void_fraction']:.2f} %  electrolyte {100 * record['accessible_void_fraction']:.2f} %"
+                f"  SEI depth {record['sei_penetration_depth_m'] * 1e9:.2f} nm  core {record['core_connectivity']:.3f}"
+            )
         logger.info(
             "%2d %-12s t = %-8g mean c %.4f  radius %.3f nm  stretch %.4f  max vM %.3f  max eps_p %.4f%s",
-            record["index"], record["kind"], record["t"], record["mean_c_li"], record["outer_radius_m"] * 1e9,
-            record["axial_stretch"], record["max_von_mises"], record["max_eq_plastic_strain"], voids,
+            record["index"],
+            record["kind"],
+            record["t"],
+            record["mean_c_li"],
+            record["outer_radius_m"] * 1e9,
+            record["axial_stretch"],
+            record["max_von_mises"],
+            record["max_eq_plastic_strain"],
+            voids,
         )
     logger.info("results in %s", args.out)
     return 0
-

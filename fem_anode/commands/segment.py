@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "(gray slice, labels and, with --truth, the disagreement map) and with --truth OUT.confusion.png.",
     )
     add_image_arguments(parser, labels=False)
-    parser.add_argument("--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)")
+    parser.add_argument(
+        "--method", choices=METHODS, default="multistage", help="segmentation method (default multistage)"
+    )
     parser.add_argument(
         "--phases",
         metavar="MAP",
@@ -57,43 +59,121 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "levels pore < sei < graphite < si, else the --phases order)",
     )
     clean = parser.add_argument_group("cleaning (multistage, region; --illumination also trainable)")
-    clean.add_argument("--denoise", choices=DENOISE, default="nl_means",
-                       help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none (default nl_means)")
-    clean.add_argument("--noise-sigma", type=float, metavar="GRAY",
-                       help="noise standard deviation in gray units (default: estimated from the image)")
-    clean.add_argument("--denoise-strength", type=float, default=0.8, metavar="K",
-                       help="denoising strength relative to the noise sigma (default 0.8)")
-    clean.add_argument("--illumination", type=int, metavar="DEGREE",
-                       help="remove a smooth in-plane background first (every method; stored in a trained model): the per-slice "
-                       "polynomial surface of this degree (1 = ramp, 2 = ramp + cupping; uneven illumination; default off)")
-    clean.add_argument("--median", type=int, default=0, metavar="N", help="multistage: median filter of width N voxels first (default off)")
-    clean.add_argument("--no-cleanup", action="store_true", help="multistage: skip the clean-up (isolated voxels, small objects)")
-    clean.add_argument("--min-object-size", type=int, default=3, metavar="N",
-                       help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps all)")
+    clean.add_argument(
+        "--denoise",
+        choices=DENOISE,
+        default="nl_means",
+        help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none (default nl_means)",
+    )
+    clean.add_argument(
+        "--noise-sigma",
+        type=float,
+        metavar="GRAY",
+        help="noise standard deviation in gray units (default: estimated from the image)",
+    )
+    clean.add_argument(
+        "--denoise-strength",
+        type=float,
+        default=0.8,
+        metavar="K",
+        help="denoising strength relative to the noise sigma (default 0.8)",
+    )
+    clean.add_argument(
+        "--illumination",
+        type=int,
+        metavar="DEGREE",
+        help="remove a smooth in-plane background first (every method; stored in a trained model): the per-slice "
+        "polynomial surface of this degree (1 = ramp, 2 = ramp + cupping; uneven illumination; default off)",
+    )
+    clean.add_argument(
+        "--median",
+        type=int,
+        default=0,
+        metavar="N",
+        help="multistage: median filter of width N voxels first (default off)",
+    )
+    clean.add_argument(
+        "--no-cleanup", action="store_true", help="multistage: skip the clean-up (isolated voxels, small objects)"
+    )
+    clean.add_argument(
+        "--min-object-size",
+        type=int,
+        default=3,
+        metavar="N",
+        help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps all)",
+    )
     region = parser.add_argument_group("region method (FIB-SEM)")
     region.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
-    region.add_argument("--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)")
-    region.add_argument("--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)")
-    region.add_argument("--dark-fraction", type=float, default=0.1,
-                        help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)")
+    region.add_argument(
+        "--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)"
+    )
+    region.add_argument(
+        "--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)"
+    )
+    region.add_argument(
+        "--dark-fraction",
+        type=float,
+        default=0.1,
+        help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)",
+    )
     train = parser.add_argument_group("trainable method (random forest on multiscale features)")
-    train.add_argument("--train", action="append", default=[], metavar="GRAY:LABELS",
-                       help="a training pair: gray image and label image of the same shape (phase map of --phases; "
-                       "voxels equal to --unlabelled are ignored, so sparse scribbles work); repeat for more images")
-    train.add_argument("--unlabelled", type=int, default=255, metavar="V", help="label value of unlabelled training voxels (default 255)")
-    train.add_argument("--model", type=Path, metavar="FILE",
-                       help="use a saved classifier instead of training (model files are pickles: only load files you trust)")
-    train.add_argument("--save-model", type=Path, metavar="FILE", help="write the trained classifier (e.g. model.joblib)")
+    train.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="GRAY:LABELS",
+        help="a training pair: gray image and label image of the same shape (phase map of --phases; "
+        "voxels equal to --unlabelled are ignored, so sparse scribbles work); repeat for more images",
+    )
+    train.add_argument(
+        "--unlabelled",
+        type=int,
+        default=255,
+        metavar="V",
+        help="label value of unlabelled training voxels (default 255)",
+    )
+    train.add_argument(
+        "--model",
+        type=Path,
+        metavar="FILE",
+        help="use a saved classifier instead of training (model files are pickles: only load files you trust)",
+    )
+    train.add_argument(
+        "--save-model", type=Path, metavar="FILE", help="write the trained classifier (e.g. model.joblib)"
+    )
     train.add_argument("--seed", type=int, default=0, help="random forest seed (default 0)")
     train.add_argument("--trees", type=int, default=32, help="number of trees (default 32)")
     train.add_argument("--max-depth", type=int, default=16, help="tree depth limit (default 16; 0 = unlimited)")
-    train.add_argument("--feature-sigma-min", type=float, default=0.5, metavar="VOXELS", help="smallest feature scale (default 0.5 voxels)")
-    train.add_argument("--feature-sigma-max", type=float, default=4.0, metavar="VOXELS", help="largest feature scale (default 4 voxels)")
-    train.add_argument("--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)")
-    train.add_argument("--chunk-memory", type=float, default=1024.0, metavar="MB",
-                       help="features held in memory at once per rank, MB (default 1024); the image is predicted in blocks")
-    parser.add_argument("--truth", metavar="LABELS", type=Path,
-                        help="known label image: report per-phase IoU, confusion matrix (JSON + PNG) and phase-fraction errors")
+    train.add_argument(
+        "--feature-sigma-min",
+        type=float,
+        default=0.5,
+        metavar="VOXELS",
+        help="smallest feature scale (default 0.5 voxels)",
+    )
+    train.add_argument(
+        "--feature-sigma-max",
+        type=float,
+        default=4.0,
+        metavar="VOXELS",
+        help="largest feature scale (default 4 voxels)",
+    )
+    train.add_argument(
+        "--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)"
+    )
+    train.add_argument(
+        "--chunk-memory",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="features held in memory at once per rank, MB (default 1024); the image is predicted in blocks",
+    )
+    parser.add_argument(
+        "--truth",
+        metavar="LABELS",
+        type=Path,
+        help="known label image: report per-phase IoU, confusion matrix (JSON + PNG) and phase-fraction errors",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="label image to write, e.g. labels.npy")
     parser.set_defaults(func=run)
 
@@ -127,7 +207,11 @@ def _check_options(args: argparse.Namespace) -> None:
     check_int(args.min_object_size, "--min-object-size", 1, 2**31 - 1)
     if args.illumination is not None:
         check_int(args.illumination, "--illumination", 1, 4)
-    trainable_only = {"--train": bool(args.train), "--model": args.model is not None, "--save-model": args.save_model is not None}
+    trainable_only = {
+        "--train": bool(args.train),
+        "--model": args.model is not None,
+        "--save-model": args.save_model is not None,
+    }
     if args.method != "trainable":
         given = [k for k, v in trainable_only.items() if v]
         if given:
@@ -170,18 +254,36 @@ def _run_classic(args: argparse.Namespace) -> int:
         check_int(args.median, "--median", 0, largest, " (the image's largest dimension in voxels)")
     if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
         check_number(args.sigma, "--sigma", 0.0, float(largest))
-    cleaning = {"denoise": args.denoise, "noise_sigma": args.noise_sigma, "denoise_strength": args.denoise_strength,
-                "illumination_degree": args.illumination}
+    cleaning = {
+        "denoise": args.denoise,
+        "noise_sigma": args.noise_sigma,
+        "denoise_strength": args.denoise_strength,
+        "illumination_degree": args.illumination,
+    }
     if args.method == "multistage":
         phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
-        result = seg.multistage_threshold(gray, phases, median_size=args.median, cleanup=not args.no_cleanup,
-                                          min_object_size=args.min_object_size, **cleaning)
+        result = seg.multistage_threshold(
+            gray,
+            phases,
+            median_size=args.median,
+            cleanup=not args.no_cleanup,
+            min_object_size=args.min_object_size,
+            **cleaning,
+        )
     else:
         phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
         order = _order(phases, args.order)
         if args.method == "region":
-            result = seg.region_segmentation(gray, phases, order=order, scale=args.scale, sigma=args.sigma, min_size=args.min_size,
-                                             dark_fraction=args.dark_fraction, **cleaning)
+            result = seg.region_segmentation(
+                gray,
+                phases,
+                order=order,
+                scale=args.scale,
+                sigma=args.sigma,
+                min_size=args.min_size,
+                dark_fraction=args.dark_fraction,
+                **cleaning,
+            )
         else:
             result = seg.threshold_segmentation(gray, phases, order=order)
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
@@ -210,18 +312,28 @@ def _run_classic(args: argparse.Namespace) -> int:
 
 
 def _log_accuracy(accuracy: dict[str, Any], truth: Path) -> None:
-    lines = [f"accuracy vs {truth}: mean IoU {accuracy['mean_iou']:.3f}, overall {accuracy['overall_accuracy']:.3f}",
-             f"  {'phase':10s} {'IoU':>6s} {'fraction':>9s} {'truth':>7s} {'error':>7s}"]
+    lines = [
+        f"accuracy vs {truth}: mean IoU {accuracy['mean_iou']:.3f}, overall {accuracy['overall_accuracy']:.3f}",
+        f"  {'phase':10s} {'IoU':>6s} {'fraction':>9s} {'truth':>7s} {'error':>7s}",
+    ]
     pf = accuracy["phase_fraction"]
     for name, iou in accuracy["iou"].items():
         iou_text = f"{iou:6.3f}" if iou is not None else "   n/a"
-        lines.append(f"  {name:10s} {iou_text} {100 * pf['segmentation'][name]:8.2f}% {100 * pf['truth'][name]:6.2f}% "
-                     f"{100 * pf['error_points'][name]:+6.2f}")
+        lines.append(
+            f"  {name:10s} {iou_text} {100 * pf['segmentation'][name]:8.2f}% {100 * pf['truth'][name]:6.2f}% "
+            f"{100 * pf['error_points'][name]:+6.2f}"
+        )
     logger.info("\n".join(lines))
 
 
-def _write_reports(args: argparse.Namespace, report: dict[str, Any], gray_slice: np.ndarray, labels_slice: np.ndarray,
-                   truth_slice: np.ndarray | None, phases: dict[str, int]) -> None:
+def _write_reports(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    gray_slice: np.ndarray,
+    labels_slice: np.ndarray,
+    truth_slice: np.ndarray | None,
+    phases: dict[str, int],
+) -> None:
     """OUT.report.json, OUT.report.png and (with accuracy) OUT.confusion.png; slices of 3D images are taken in the middle."""
     from fem_anode.imaging.accuracy import plot_confusion, plot_segmentation_report
     from fem_anode.io.output import write_json
@@ -232,7 +344,9 @@ def _write_reports(args: argparse.Namespace, report: dict[str, Any], gray_slice:
     base = args.out.with_name(args.out.name)
     figures = {"report": str(base.with_name(base.name + ".report.png"))}
     title = f"{args.method} segmentation of {args.image.name}" + (" (middle slice)" if gray_slice.ndim == 3 else "")
-    plot_segmentation_report(middle(gray_slice), middle(labels_slice), phases, figures["report"], truth=middle(truth_slice), title=title)
+    plot_segmentation_report(
+        middle(gray_slice), middle(labels_slice), phases, figures["report"], truth=middle(truth_slice), title=title
+    )
     if "accuracy" in report:
         figures["confusion"] = str(base.with_name(base.name + ".confusion.png"))
         plot_confusion(report["accuracy"], figures["confusion"], title=f"{args.method} vs {args.truth.name}")
@@ -255,8 +369,12 @@ def _run_trainable(args: argparse.Namespace) -> int:
     size = comm.size if comm is not None else 1
     rank = comm.rank if comm is not None else 0
     phases = parse_phase_map(args.phases) if args.phases else None
-    settings = tr.FeatureSettings(sigma_min=args.feature_sigma_min, sigma_max=args.feature_sigma_max, texture=not args.no_texture,
-                                  illumination_degree=args.illumination)
+    settings = tr.FeatureSettings(
+        sigma_min=args.feature_sigma_min,
+        sigma_max=args.feature_sigma_max,
+        texture=not args.no_texture,
+        illumination_degree=args.illumination,
+    )
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
     model, error = None, None
@@ -273,13 +391,23 @@ def _run_trainable(args: argparse.Namespace) -> int:
                     g = read_image(gray_path, voxel_size=args.voxel_size, kind="gray")
                     lab = read_image(labels_path, kind="any")
                     if lab.shape != g.shape:
-                        raise InputError(f"--train {pair}: the label image has shape {lab.shape} but the gray image {g.shape}; "
-                                         "they must match voxel for voxel")
+                        raise InputError(
+                            f"--train {pair}: the label image has shape {lab.shape} but the gray image {g.shape}; "
+                            "they must match voxel for voxel"
+                        )
                     pairs.append((g.array, lab.array))
                     names.append(pair)
-                model = tr.train_classifier(pairs, phases, settings=settings, unlabelled=args.unlabelled, seed=args.seed,
-                                            n_estimators=args.trees, max_depth=args.max_depth or None, chunk_memory=chunk_memory,
-                                            sources=names)
+                model = tr.train_classifier(
+                    pairs,
+                    phases,
+                    settings=settings,
+                    unlabelled=args.unlabelled,
+                    seed=args.seed,
+                    n_estimators=args.trees,
+                    max_depth=args.max_depth or None,
+                    chunk_memory=chunk_memory,
+                    sources=names,
+                )
                 if args.save_model is not None:
                     tr.save_model(model, args.save_model)
                     logger.info("wrote the classifier to %s", args.save_model)
@@ -299,12 +427,24 @@ def _run_trainable(args: argparse.Namespace) -> int:
         _check_gray_scale(image, nz, model.training.get("gray_p1_p99"), args.image)
     bounds = _slab_bounds(nz, size)
     z0, z1 = bounds[rank], bounds[rank + 1]
-    labels = _on_every_rank(comm, lambda: tr.predict_labels(image.read_layers, shape, model, z0=z0, z1=z1,
-                                                            chunk_memory=chunk_memory, progress=True))
+    labels = _on_every_rank(
+        comm,
+        lambda: tr.predict_labels(
+            image.read_layers, shape, model, z0=z0, z1=z1, chunk_memory=chunk_memory, progress=True
+        ),
+    )
     report: dict[str, Any] = {
-        "provenance": provenance("segment", args=args, comm=comm), "input": str(args.image), "method": "trainable",
-        "model": {"file": str(args.model) if args.model else None, "saved_to": str(args.save_model) if args.save_model else None,
-                  "settings": model.settings.to_dict(), "phases": phases, "training": model.training, "versions": model.versions},
+        "provenance": provenance("segment", args=args, comm=comm),
+        "input": str(args.image),
+        "method": "trainable",
+        "model": {
+            "file": str(args.model) if args.model else None,
+            "saved_to": str(args.save_model) if args.save_model else None,
+            "settings": model.settings.to_dict(),
+            "phases": phases,
+            "training": model.training,
+            "versions": model.versions,
+        },
         "slabs": {"ranks": size, "bounds": bounds, "halo_layers": tr.feature_halo(model.settings)},
     }
     # Accuracy: each rank scores its own slab, the confusion matrices are summed.
@@ -319,7 +459,11 @@ def _run_trainable(args: argparse.Namespace) -> int:
         def score() -> np.ndarray:
             if not np.issubdtype(truth_layers.dtype, np.integer):
                 raise InputError(f"--truth {args.truth}: labels must be integers, got {truth_layers.dtype}")
-            return confusion_matrix(labels, truth_layers, phases) if z1 > z0 else np.zeros((len(phases),) * 2, dtype=np.int64)
+            return (
+                confusion_matrix(labels, truth_layers, phases)
+                if z1 > z0
+                else np.zeros((len(phases),) * 2, dtype=np.int64)
+            )
 
         local = _on_every_rank(comm, score)
         total = comm.allreduce(local) if size > 1 else local
@@ -333,8 +477,11 @@ def _run_trainable(args: argparse.Namespace) -> int:
     if len(shape) == 3:
         zm = nz // 2
         if z0 <= zm < z1:
-            piece = (np.asarray(image.read_layers(zm, zm + 1), dtype=np.float64)[0], labels[zm - z0],
-                     truth_layers[zm - z0] if truth_layers is not None else None)
+            piece = (
+                np.asarray(image.read_layers(zm, zm + 1), dtype=np.float64)[0],
+                labels[zm - z0],
+                truth_layers[zm - z0] if truth_layers is not None else None,
+            )
         if size > 1:
             pieces = comm.gather(piece, root=0)
             piece = next((p for p in pieces if p is not None), None) if rank == 0 else None
@@ -368,8 +515,10 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
     for option, (value, default, stored) in given.items():
         if value != default and value != stored:
             shown = "given" if option == "--no-texture" else value
-            raise InputError(f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
-                             "a model computes the features it was trained with (drop the option or retrain)")
+            raise InputError(
+                f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
+                "a model computes the features it was trained with (drop the option or retrain)"
+            )
 
 
 def _on_every_rank(comm: Any, work: Any) -> Any:
@@ -396,18 +545,38 @@ def _check_gray_scale(image: Any, nz: int, trained: Any, source: Path) -> None:
     if not trained:
         return
     layers = sorted({int(z) for z in np.linspace(0, nz - 1, min(nz, 8))}) if image.ndim == 3 else [None]
-    values = np.concatenate([np.asarray(image.read_layers(z, z + 1) if z is not None else image.read_layers(0, nz), dtype=np.float64).ravel()
-                             for z in layers])
+    values = np.concatenate(
+        [
+            np.asarray(
+                image.read_layers(z, z + 1) if z is not None else image.read_layers(0, nz), dtype=np.float64
+            ).ravel()
+            for z in layers
+        ]
+    )
     lo, hi = np.percentile(values, [1, 99])
     t_lo, t_hi = min(r[0] for r in trained), max(r[1] for r in trained)
     span = max(t_hi - t_lo, 1e-300)
     if abs(lo - t_lo) > 0.25 * span or abs(hi - t_hi) > 0.25 * span:
-        logger.warning("%s: gray range %.4g..%.4g (1st-99th percentile) differs from the model's training images (%.4g..%.4g): "
-                       "the classifier learned their gray scale; check the reconstruction and scaling", source, lo, hi, t_lo, t_hi)
+        logger.warning(
+            "%s: gray range %.4g..%.4g (1st-99th percentile) differs from the model's training images (%.4g..%.4g): "
+            "the classifier learned their gray scale; check the reconstruction and scaling",
+            source,
+            lo,
+            hi,
+            t_lo,
+            t_hi,
+        )
 
 
-def _write_distributed(path: Path, labels: np.ndarray, shape: tuple[int, ...], bounds: list[int], comm: Any,
-                       voxel_size: Any, phases: dict[str, int]) -> None:
+def _write_distributed(
+    path: Path,
+    labels: np.ndarray,
+    shape: tuple[int, ...],
+    bounds: list[int],
+    comm: Any,
+    voxel_size: Any,
+    phases: dict[str, int],
+) -> None:
     """Write the label image: ``.npy`` by every rank into its own layers of one memory-mapped
     file (no gather), other formats gathered on rank 0 and written by the image writer."""
     import os

@@ -22,7 +22,15 @@ import numpy as np
 from fem_anode.errors import InputError
 from fem_anode.io.output import write_text_atomic
 
-__all__ = ["GapData", "CapacityData", "read_gap_csv", "read_capacity_csv", "read_radii_csv", "write_gap_csv", "write_capacity_csv"]
+__all__ = [
+    "GapData",
+    "CapacityData",
+    "read_gap_csv",
+    "read_capacity_csv",
+    "read_radii_csv",
+    "write_gap_csv",
+    "write_capacity_csv",
+]
 
 
 def _check_limits(values: np.ndarray, name: str, source: str) -> None:
@@ -60,11 +68,15 @@ class GapData:
         for name, values in (("cycle", cycle.astype(float)), ("radius_m", radius), ("gap_m", gap)):
             bad = ~np.isfinite(values)
             if bad.any():
-                raise InputError(f"{self.source}: {name} is NaN or infinite in {int(bad.sum())} row(s), first at particle {int(np.argmax(bad))}")
+                raise InputError(
+                    f"{self.source}: {name} is NaN or infinite in {int(bad.sum())} row(s), first at particle {int(np.argmax(bad))}"
+                )
         if np.any(cycle.astype(float) != np.round(cycle.astype(float))) or np.any(cycle < 0):
             raise InputError(f"{self.source}: cycle must be a non-negative integer")
         if np.any(radius <= 0):
-            raise InputError(f"{self.source}: radius_m must be positive; {int(np.sum(radius <= 0))} value(s) are zero or negative")
+            raise InputError(
+                f"{self.source}: radius_m must be positive; {int(np.sum(radius <= 0))} value(s) are zero or negative"
+            )
         if np.any(gap < 0):
             raise InputError(f"{self.source}: gap_m must be non-negative; {int(np.sum(gap < 0))} value(s) are negative")
         _check_limits(radius, "radius_m", self.source)
@@ -128,7 +140,9 @@ def _read_table(path: str | Path, required: Sequence[str]) -> tuple[dict[str, np
     header = [h.strip() for h in next(reader)]
     missing = [name for name in required if name not in header]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {','.join(header) or '(none)'}, expected {','.join(required)}")
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {','.join(header) or '(none)'}, expected {','.join(required)}"
+        )
     index = {name: header.index(name) for name in required}
     columns: dict[str, list[float]] = {name: [] for name in required}
     for row_no, row in enumerate(reader, start=2):
@@ -170,13 +184,17 @@ def read_radii_csv(path: str | Path) -> np.ndarray:
     cols, source = _read_table(path, ("radius_m",))
     radii = cols["radius_m"]
     if np.any(radii <= 0):
-        raise InputError(f"{source}: radius_m must be positive; {int(np.sum(radii <= 0))} value(s) are zero or negative")
+        raise InputError(
+            f"{source}: radius_m must be positive; {int(np.sum(radii <= 0))} value(s) are zero or negative"
+        )
     return radii
 
 
 def write_gap_csv(path: str | Path, data: GapData) -> Path:
     """Write ``cycle,radius_m,gap_m`` atomically."""
-    rows = ["cycle,radius_m,gap_m"] + [f"{int(c)},{r:.9e},{g:.9e}" for c, r, g in zip(data.cycle, data.radius_m, data.gap_m)]
+    rows = ["cycle,radius_m,gap_m"] + [
+        f"{int(c)},{r:.9e},{g:.9e}" for c, r, g in zip(data.cycle, data.radius_m, data.gap_m)
+    ]
     return write_text_atomic(path, "\n".join(rows) + "\n")
 
 

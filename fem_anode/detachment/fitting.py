@@ -41,7 +41,15 @@ from fem_anode.detachment.model import (
 from fem_anode.detachment.settings import PARAMETER_NAMES, DetachmentSettings, ModelParameters
 from fem_anode.errors import InputError, SolverError
 
-__all__ = ["FitProblem", "FitResult", "check_data_identify", "diagnose", "distinct_observations", "fit", "levenberg_marquardt"]
+__all__ = [
+    "FitProblem",
+    "FitResult",
+    "check_data_identify",
+    "diagnose",
+    "distinct_observations",
+    "fit",
+    "levenberg_marquardt",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,13 @@ class FitProblem:
             capacity; default the measured particles (all cycles, resampled with them).
     """
 
-    def __init__(self, gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettings, population: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        gaps: GapData,
+        capacity: CapacityData | None,
+        settings: DetachmentSettings,
+        population: np.ndarray | None = None,
+    ) -> None:
         self.settings = settings
         self.gaps = gaps
         self.capacity = capacity
@@ -80,7 +94,9 @@ class FitProblem:
         self.fixed_population = population is not None
         self.r_pop = (check_radii(population, "capacity population") if population is not None else gaps.radius_m) * 1e6
         lo, hi = min(self.r_all.min(), self.r_pop.min()), max(self.r_all.max(), self.r_pop.max())
-        self.grid = np.geomspace(lo, hi * (1 + 1e-12), fit.radius_grid) if hi > lo * (1 + 1e-9) else np.array([lo, lo * 1.001])
+        self.grid = (
+            np.geomspace(lo, hi * (1 + 1e-12), fit.radius_grid) if hi > lo * (1 + 1e-9) else np.array([lo, lo * 1.001])
+        )
         self._idx_obs, self._w_obs = self._interp_weights(self.r_all[self.obs])
         self._idx_pop, self._w_pop = self._interp_weights(self.r_pop)
         self.n_gap = self.obs.size
@@ -248,9 +264,11 @@ class FitResult:
                 "value": self.values[name],
                 "ci": list(self.ci[name]),
                 "unit": units[name],
-                "paper_units": {"unit": {"alpha0": "1", "kappa0": "um", "delta0": "um", "zeta0": "1/um"}[name],
-                                "value": self.values[name] * paper[name],
-                                "ci": [v * paper[name] for v in self.ci[name]]},
+                "paper_units": {
+                    "unit": {"alpha0": "1", "kappa0": "um", "delta0": "um", "zeta0": "1/um"}[name],
+                    "value": self.values[name] * paper[name],
+                    "ci": [v * paper[name] for v in self.ci[name]],
+                },
             }
             flags = self.identifiability.get("parameters", {}).get(name)
             if flags is not None:
@@ -260,8 +278,14 @@ class FitResult:
             "parameters": out,
             "confidence": self.confidence,
             "derived": {
-                "E_over_eta_per_h": {"value": self.values["alpha0"] / hours, "ci": [v / hours for v in self.ci["alpha0"]]},
-                "sei_growth_m_per_h": {"value": self.values["delta0"] / hours, "ci": [v / hours for v in self.ci["delta0"]]},
+                "E_over_eta_per_h": {
+                    "value": self.values["alpha0"] / hours,
+                    "ci": [v / hours for v in self.ci["alpha0"]],
+                },
+                "sei_growth_m_per_h": {
+                    "value": self.values["delta0"] / hours,
+                    "ci": [v / hours for v in self.ci["delta0"]],
+                },
                 "half_cycle_hours": hours,
             },
             "goodness_of_fit": self.goodness,
@@ -275,12 +299,22 @@ def _starts(problem: FitProblem) -> np.ndarray:
     """A small grid of starting points (internal units), clipped to the bounds."""
     small = problem.r_all[problem.obs] <= np.quantile(problem.r_all[problem.obs], 0.25)
     plateau = np.median(problem.gap_obs[small] / problem.cycle_obs[small]) if small.any() else 0.1
-    grid = np.array(np.meshgrid([0.3, 1.0, 3.0], [0.01, 0.1], [0.5 * plateau, plateau], [0.05, 0.2, 0.6], indexing="ij")).reshape(4, -1).T
+    grid = (
+        np.array(np.meshgrid([0.3, 1.0, 3.0], [0.01, 0.1], [0.5 * plateau, plateau], [0.05, 0.2, 0.6], indexing="ij"))
+        .reshape(4, -1)
+        .T
+    )
     lo, hi = problem.bounds()
     return np.clip(grid, lo, hi)
 
 
-def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettings | None = None, *, population: np.ndarray | None = None) -> FitResult:
+def fit(
+    gaps: GapData,
+    capacity: CapacityData | None,
+    settings: DetachmentSettings | None = None,
+    *,
+    population: np.ndarray | None = None,
+) -> FitResult:
     """Fit the model to measured gaps (and capacity retention) with bootstrap ranges.
 
     Args:
@@ -302,7 +336,9 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
     lo, hi = problem.bounds()
 
     starts = _starts(problem)
-    theta, cost, _ = levenberg_marquardt(lambda th, ids: problem.residuals(th), starts, lo, hi, max_iterations=fs.max_iterations, typical=_TYPICAL)
+    theta, cost, _ = levenberg_marquardt(
+        lambda th, ids: problem.residuals(th), starts, lo, hi, max_iterations=fs.max_iterations, typical=_TYPICAL
+    )
     theta_hat, best_cost = _polish(problem, theta, cost, lo, hi)
     if not np.all(np.isfinite(theta_hat)) or not np.isfinite(best_cost):
         raise SolverError("detachment fit produced non-finite parameters")
@@ -331,13 +367,18 @@ def fit(gaps: GapData, capacity: CapacityData | None, settings: DetachmentSettin
     values_si = theta_hat / _TO_INTERNAL
     boot_si = boot / _TO_INTERNAL
     values = {name: float(values_si[i]) for i, name in enumerate(PARAMETER_NAMES)}
-    ci = {name: (float(low_q[i] / _TO_INTERNAL[i]), float(high_q[i] / _TO_INTERNAL[i])) for i, name in enumerate(PARAMETER_NAMES)}
+    ci = {
+        name: (float(low_q[i] / _TO_INTERNAL[i]), float(high_q[i] / _TO_INTERNAL[i]))
+        for i, name in enumerate(PARAMETER_NAMES)
+    }
     goodness = _goodness(problem, theta_hat, best_cost)
     identifiability = diagnose(problem, theta_hat, boot if n_boot > 0 else None)
     for message in identifiability["flags"]:
         logger.warning("detachment fit: %s", message)
     logger.info("fit %.2f s, bootstrap of %d replicates %.2f s", t_fit, n_boot, t_boot)
-    return FitResult(values, ci, fs.confidence, boot_si, goodness, settings, {"fit": t_fit, "bootstrap": t_boot}, identifiability)
+    return FitResult(
+        values, ci, fs.confidence, boot_si, goodness, settings, {"fit": t_fit, "bootstrap": t_boot}, identifiability
+    )
 
 
 def distinct_observations(problem: FitProblem) -> int:
@@ -368,8 +409,12 @@ def check_data_identify(problem: FitProblem) -> None:
         )
     if problem.settings.fit.n_bootstrap > 0:
         gaps = problem.gaps
-        varied = [c for c in gaps.cycles()
-                  if len({(float(r), float(g)) for r, g in zip(gaps.radius_m[gaps.cycle == c], gaps.gap_m[gaps.cycle == c])}) > 1]
+        varied = [
+            c
+            for c in gaps.cycles()
+            if len({(float(r), float(g)) for r, g in zip(gaps.radius_m[gaps.cycle == c], gaps.gap_m[gaps.cycle == c])})
+            > 1
+        ]
         if not varied:
             raise InputError(
                 f"{source}: no cycle has two different particles, so resampling particles within cycles reproduces the data and "
@@ -377,7 +422,9 @@ def check_data_identify(problem: FitProblem) -> None:
             )
 
 
-def diagnose(problem: FitProblem, theta: np.ndarray, boot: np.ndarray | None, *, rank_tolerance: float = 1e-6) -> dict[str, Any]:
+def diagnose(
+    problem: FitProblem, theta: np.ndarray, boot: np.ndarray | None, *, rank_tolerance: float = 1e-6
+) -> dict[str, Any]:
     """Which parameters the data support at the best fit ``theta`` (internal units).
 
     * at a bound: within 1e-6 of the search range's width of its lower or upper end;
@@ -418,15 +465,21 @@ def diagnose(problem: FitProblem, theta: np.ndarray, boot: np.ndarray | None, *,
     parameters: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(PARAMETER_NAMES):
         at = "lower" if theta[i] <= lo[i] + 1e-6 * span[i] else "upper" if theta[i] >= hi[i] - 1e-6 * span[i] else None
-        zero_width = bool(boot is not None and boot.shape[0] > 1 and np.ptp(boot[:, i]) <= 1e-12 * max(abs(theta[i]), _TYPICAL[i]))
+        zero_width = bool(
+            boot is not None and boot.shape[0] > 1 and np.ptp(boot[:, i]) <= 1e-12 * max(abs(theta[i]), _TYPICAL[i])
+        )
         parameters[name] = {"at_bound": at, "identifiable": i not in not_identified, "ci_zero_width": zero_width}
         bound_si = (lo[i] if at == "lower" else hi[i]) / _TO_INTERNAL[i] if at else None
         if at:
-            flags.append(f"{name} is at the {at} bound of its search range ({bound_si:.4g}, fit.{name}_bounds): its value and range "
-                         f"are set by the bound, not estimated from the data")
+            flags.append(
+                f"{name} is at the {at} bound of its search range ({bound_si:.4g}, fit.{name}_bounds): its value and range "
+                f"are set by the bound, not estimated from the data"
+            )
         if i in not_identified:
-            flags.append(f"{name} is not identifiable from these data (the Jacobian of the residuals has rank {rank} < {theta.size}; "
-                         f"changing {name} can be compensated by the other parameters or does not change the fit)")
+            flags.append(
+                f"{name} is not identifiable from these data (the Jacobian of the residuals has rank {rank} < {theta.size}; "
+                f"changing {name} can be compensated by the other parameters or does not change the fit)"
+            )
         if zero_width:
             flags.append(f"{name} has a zero-width bootstrap range: resampling the particles never changes it")
     return {
@@ -439,7 +492,9 @@ def diagnose(problem: FitProblem, theta: np.ndarray, boot: np.ndarray | None, *,
     }
 
 
-def _polish(problem: FitProblem, theta: np.ndarray, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_best: int = 5) -> tuple[np.ndarray, float]:
+def _polish(
+    problem: FitProblem, theta: np.ndarray, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_best: int = 5
+) -> tuple[np.ndarray, float]:
     """Refine the best multi-start results with SciPy's trust-region reflective solver; keep the best."""
     from scipy.optimize import least_squares
 
@@ -447,7 +502,12 @@ def _polish(problem: FitProblem, theta: np.ndarray, cost: np.ndarray, lo: np.nda
     best_theta, best_cost = theta[order[0]].copy(), float(cost[order[0]])
     for i in order:
         try:
-            ref = least_squares(lambda th: problem.residuals(th[None, :])[0], np.clip(theta[i], lo, hi), bounds=(lo, hi), x_scale=_TYPICAL)
+            ref = least_squares(
+                lambda th: problem.residuals(th[None, :])[0],
+                np.clip(theta[i], lo, hi),
+                bounds=(lo, hi),
+                x_scale=_TYPICAL,
+            )
         except ValueError:  # pragma: no cover - e.g. a start exactly on a bound SciPy rejects
             continue
         if np.isfinite(ref.cost) and ref.cost < best_cost:
@@ -470,9 +530,7 @@ def _goodness(problem: FitProblem, theta: np.ndarray, cost: float) -> dict[str, 
         "gap_rmse_m": float(np.sqrt(np.mean(err**2))) * 1e-6,
         "gap_r2": float(1.0 - np.sum(err**2) / ss_tot) if ss_tot > 0 else None,
         "gap_within_1std_fraction": float(np.mean(np.abs(err) <= sd + 1e-12)),
-        "gap_mean_residual_m_per_cycle": {
-            int(cy): float(np.mean(err[c == cy])) * 1e-6 for cy in np.unique(c)
-        },
+        "gap_mean_residual_m_per_cycle": {int(cy): float(np.mean(err[c == cy])) * 1e-6 for cy in np.unique(c)},
     }
     if problem.cap_cycles.size:
         _, cap = problem.predict(theta[None, :])

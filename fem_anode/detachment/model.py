@@ -146,12 +146,18 @@ def gap_statistics(gaps: np.ndarray, zeta0: ArrayLike) -> tuple[np.ndarray, np.n
     """
     zeta = np.asarray(zeta0, dtype=float)[..., None, :] if np.ndim(zeta0) else float(zeta0)
     lead = np.moveaxis(gaps, -2, 0)
-    zeta_lead = np.moveaxis(np.broadcast_to(zeta, np.broadcast_shapes(np.shape(zeta), gaps.shape)), -2, 0) if np.ndim(zeta) else zeta
+    zeta_lead = (
+        np.moveaxis(np.broadcast_to(zeta, np.broadcast_shapes(np.shape(zeta), gaps.shape)), -2, 0)
+        if np.ndim(zeta)
+        else zeta
+    )
     survival, mean, std = cycle_major_statistics(np.ascontiguousarray(lead), zeta_lead, with_std=True)
     return np.moveaxis(survival, 0, -2), np.moveaxis(mean, 0, -2), np.moveaxis(std, 0, -2)  # type: ignore[arg-type]
 
 
-def cycle_major_statistics(gaps: np.ndarray, zeta0: ArrayLike, with_std: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def cycle_major_statistics(
+    gaps: np.ndarray, zeta0: ArrayLike, with_std: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """As :func:`gap_statistics` with the cycle axis first (``zeta0`` broadcast against ``gaps``)."""
     p = np.clip(np.asarray(zeta0) * gaps, 0.0, 1.0)
     p[0] = 0.0
@@ -212,12 +218,16 @@ def check_radii(radii: ArrayLike, what: str = "radii") -> np.ndarray:
     if not np.all(np.isfinite(r)):
         raise InputError(f"{what}: {int(np.count_nonzero(~np.isfinite(r)))} radii are NaN or infinite")
     if np.any(r <= 0):
-        raise InputError(f"{what}: {int(np.count_nonzero(r <= 0))} radii are zero or negative (smallest {r.min():.3g} m)")
+        raise InputError(
+            f"{what}: {int(np.count_nonzero(r <= 0))} radii are zero or negative (smallest {r.min():.3g} m)"
+        )
     from fem_anode.units import NUMERIC_LIMITS
 
     if r.min() < NUMERIC_LIMITS[0] or r.max() > NUMERIC_LIMITS[1]:
-        raise InputError(f"{what}: radii must lie between {NUMERIC_LIMITS[0]:g} and {NUMERIC_LIMITS[1]:g} m to be computed with, "
-                         f"got {r.min():.3g} to {r.max():.3g} m")
+        raise InputError(
+            f"{what}: radii must lie between {NUMERIC_LIMITS[0]:g} and {NUMERIC_LIMITS[1]:g} m to be computed with, "
+            f"got {r.min():.3g} to {r.max():.3g} m"
+        )
     return r
 
 
@@ -249,7 +259,9 @@ class SimulationResult:
 
     def detachment_radius(self) -> float:
         """Smallest radius (m) whose medium detaches within the simulated cycles (``inf`` if none)."""
-        sei_only = np.isclose(self.gap_deterministic[-1], self.parameters.delta0 * self.parameters.cycles, rtol=1e-9, atol=0.0)
+        sei_only = np.isclose(
+            self.gap_deterministic[-1], self.parameters.delta0 * self.parameters.cycles, rtol=1e-9, atol=0.0
+        )
         detached = ~sei_only
         return float(self.radii[detached].min()) if detached.any() else float("inf")
 
@@ -279,7 +291,9 @@ class SimulationResult:
         }
 
 
-def simulate(parameters: ModelParameters, radii: ArrayLike | None = None, *, distribution: SizeDistribution | None = None) -> SimulationResult:
+def simulate(
+    parameters: ModelParameters, radii: ArrayLike | None = None, *, distribution: SizeDistribution | None = None
+) -> SimulationResult:
     """Run the model for a particle population.
 
     Args:
@@ -297,8 +311,12 @@ def simulate(parameters: ModelParameters, radii: ArrayLike | None = None, *, dis
     r = np.sort(r)
     if parameters.alpha0 <= 0:
         raise UsageError("model.alpha0 must be positive")
-    d = gap_trajectories(r, parameters.alpha0, parameters.kappa0, parameters.delta0, parameters.cycles, parameters.linear_expansion)
+    d = gap_trajectories(
+        r, parameters.alpha0, parameters.kappa0, parameters.delta0, parameters.cycles, parameters.linear_expansion
+    )
     survival, mean, std = gap_statistics(d, parameters.zeta0)
     capacity = capacity_retention(survival, r)
-    logger.debug("simulated %d particles over %d cycles: capacity after last cycle %.3f", r.size, parameters.cycles, capacity[-1])
+    logger.debug(
+        "simulated %d particles over %d cycles: capacity after last cycle %.3f", r.size, parameters.cycles, capacity[-1]
+    )
     return SimulationResult(parameters, r, capacity, d, mean, std, survival)

@@ -29,7 +29,15 @@ def _scatter(ax: Any, gaps: GapData) -> None:
     for i, c in enumerate(gaps.cycles()):
         sel = gaps.cycle == c
         color, marker = _style(c, i)
-        ax.scatter(gaps.radius_m[sel] * 1e6, gaps.gap_m[sel] * 1e6, s=14, color=color, marker=marker, alpha=0.75, label=f"cycle {c} (n={int(sel.sum())})")
+        ax.scatter(
+            gaps.radius_m[sel] * 1e6,
+            gaps.gap_m[sel] * 1e6,
+            s=14,
+            color=color,
+            marker=marker,
+            alpha=0.75,
+            label=f"cycle {c} (n={int(sel.sum())})",
+        )
 
 
 def plot_gap_scatter(gaps: GapData, path: str | Path, *, title: str = "") -> Path:
@@ -44,7 +52,14 @@ def plot_gap_scatter(gaps: GapData, path: str | Path, *, title: str = "") -> Pat
     return _save(fig, path)
 
 
-def plot_gap_model(result: SimulationResult, path: str | Path, *, cycles: Sequence[int] | None = None, data: GapData | None = None, title: str = "") -> Path:
+def plot_gap_model(
+    result: SimulationResult,
+    path: str | Path,
+    *,
+    cycles: Sequence[int] | None = None,
+    data: GapData | None = None,
+    title: str = "",
+) -> Path:
     """Expected gap and +-1 std band versus radius for some cycles, over the data (Fig. 4a)."""
     plt = _pyplot()
     n = result.capacity_retention.size - 1
@@ -65,13 +80,21 @@ def plot_gap_model(result: SimulationResult, path: str | Path, *, cycles: Sequen
     return _save(fig, path)
 
 
-def plot_capacity(curves: Mapping[str, np.ndarray], path: str | Path, *, measured: CapacityData | None = None, title: str = "") -> Path:
+def plot_capacity(
+    curves: Mapping[str, np.ndarray], path: str | Path, *, measured: CapacityData | None = None, title: str = ""
+) -> Path:
     """Si capacity retention versus cycle for several scenarios (Fig. 4d / inset of 4a)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
     for label, cap in curves.items():
         cap = np.asarray(cap)
-        ax.plot(np.arange(cap.size), 100 * cap, lw=1.8, ls="--" if label.startswith("model") else "-", label=f"{label} ({100 * cap[-1]:.1f} % after {cap.size - 1})")
+        ax.plot(
+            np.arange(cap.size),
+            100 * cap,
+            lw=1.8,
+            ls="--" if label.startswith("model") else "-",
+            label=f"{label} ({100 * cap[-1]:.1f} % after {cap.size - 1})",
+        )
     if measured is not None:
         ax.plot(measured.cycle, 100 * measured.capacity_fraction, "k-o", ms=3, label="measured")
     ax.set_xlabel("cycle")
@@ -82,7 +105,9 @@ def plot_capacity(curves: Mapping[str, np.ndarray], path: str | Path, *, measure
     return _save(fig, path)
 
 
-def plot_bootstrap(samples: np.ndarray, values: Mapping[str, float], ci: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+def plot_bootstrap(
+    samples: np.ndarray, values: Mapping[str, float], ci: Mapping[str, Sequence[float]], path: str | Path
+) -> Path:
     """Histograms of the bootstrap replicates of each parameter (paper units) with value and range."""
     plt = _pyplot()
     names = list(values)

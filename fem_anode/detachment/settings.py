@@ -30,15 +30,28 @@ PARAMETER_NAMES: tuple[str, ...] = ("alpha0", "kappa0", "delta0", "zeta0")
 class ModelParameters(Section):
     """Maxwell-material detachment model (paper 003, Fig. 4b/c)."""
 
-    alpha0: float = setting(0.83, "E/eta times the lithiation half-cycle duration (creep per half-cycle)", positive=True)
-    kappa0: float = setting(2e-8, "adhesion length: critical tensile spring elongation before detachment", unit="m", nonnegative=True)
+    alpha0: float = setting(
+        0.83, "E/eta times the lithiation half-cycle duration (creep per half-cycle)", positive=True
+    )
+    kappa0: float = setting(
+        2e-8, "adhesion length: critical tensile spring elongation before detachment", unit="m", nonnegative=True
+    )
     delta0: float = setting(1.2e-7, "SEI thickness grown per lithiation", unit="m", nonnegative=True)
-    zeta0: float = setting(1.63e5, "slope of the per-cycle disconnection probability p(d) = zeta0 * d", unit="1/m", nonnegative=True)
+    zeta0: float = setting(
+        1.63e5, "slope of the per-cycle disconnection probability p(d) = zeta0 * d", unit="1/m", nonnegative=True
+    )
     cycles: int = setting(10, "number of (de)lithiation cycles to simulate", bounds=(1, 10_000))
     si_volume_change: float = setting(
-        2.8, "relative volume increase of Si on full lithiation (2.8 = +280 %, as quoted in the paper)", bounds=(0.0, 10.0)
+        2.8,
+        "relative volume increase of Si on full lithiation (2.8 = +280 %, as quoted in the paper)",
+        bounds=(0.0, 10.0),
     )
-    half_cycle_hours: float = setting(20.75, "duration of one lithiation half-cycle (C/20), only to convert alpha0 and delta0 to rates", unit="h", positive=True)
+    half_cycle_hours: float = setting(
+        20.75,
+        "duration of one lithiation half-cycle (C/20), only to convert alpha0 and delta0 to rates",
+        unit="h",
+        positive=True,
+    )
 
     @property
     def linear_expansion(self) -> float:
@@ -68,7 +81,9 @@ class SizeDistribution(Section):
 
     def validate(self) -> None:
         if not self.min_radius < self.max_radius:
-            raise UsageError(f"distribution.min_radius ({self.min_radius}) must be below max_radius ({self.max_radius})")
+            raise UsageError(
+                f"distribution.min_radius ({self.min_radius}) must be below max_radius ({self.max_radius})"
+            )
 
 
 @dataclass
@@ -76,13 +91,19 @@ class FitSettings(Section):
     """Least-squares fit and bootstrap."""
 
     n_bootstrap: int = setting(200, "bootstrap replicates (particles resampled with replacement)", bounds=(0, 100_000))
-    confidence: float = setting(0.68, "central probability of the bootstrap ranges (0.68 as in the paper)", bounds=(0.01, 0.999))
+    confidence: float = setting(
+        0.68, "central probability of the bootstrap ranges (0.68 as in the paper)", bounds=(0.01, 0.999)
+    )
     seed: int = setting(0, "seed of the bootstrap resampling", nonnegative=True)
-    gap_scale: float = setting(1e-7, "scale of the gap residuals (mean squared gap error is divided by its square)", unit="m", positive=True)
+    gap_scale: float = setting(
+        1e-7, "scale of the gap residuals (mean squared gap error is divided by its square)", unit="m", positive=True
+    )
     capacity_scale: float = setting(0.02, "scale of the capacity-retention residuals", positive=True)
     capacity_weight: float = setting(1.0, "relative weight of the capacity term (0 fits gaps only)", nonnegative=True)
     max_iterations: int = setting(80, "Levenberg-Marquardt iterations per fit", bounds=(1, 10_000))
-    radius_grid: int = setting(64, "radii (log-spaced) at which the model is evaluated and interpolated", bounds=(8, 10_000))
+    radius_grid: int = setting(
+        64, "radii (log-spaced) at which the model is evaluated and interpolated", bounds=(8, 10_000)
+    )
     alpha0_bounds: list[float] = setting([0.01, 20.0], "search range of alpha0", positive=True)
     kappa0_bounds: list[float] = setting([0.0, 2e-6], "search range of kappa0", unit="m", nonnegative=True)
     delta0_bounds: list[float] = setting([0.0, 2e-6], "search range of delta0", unit="m", nonnegative=True)

@@ -63,7 +63,9 @@ def sample_gap_data(
     cyc, rad, gap = [], [], []
     for c, n in zip(cycles, counts):
         r = sample_radii(n, dist, rng)
-        d = gap_trajectories(r, parameters.alpha0, parameters.kappa0, parameters.delta0, max(n_max, 1), parameters.linear_expansion)
+        d = gap_trajectories(
+            r, parameters.alpha0, parameters.kappa0, parameters.delta0, max(n_max, 1), parameters.linear_expansion
+        )
         p = np.clip(parameters.zeta0 * d, 0.0, 1.0)
         # Active cycles: first k with a disconnection after cycle k (k < c), else c.
         k = np.full(n, int(c))
@@ -89,7 +91,9 @@ def model_capacity_data(
 ) -> CapacityData:
     """Capacity retention after cycles ``0..N`` of the model, with optional Gaussian noise."""
     r = default_radii(distribution) if radii is None else np.asarray(radii, dtype=float)
-    d = gap_trajectories(r, parameters.alpha0, parameters.kappa0, parameters.delta0, parameters.cycles, parameters.linear_expansion)
+    d = gap_trajectories(
+        r, parameters.alpha0, parameters.kappa0, parameters.delta0, parameters.cycles, parameters.linear_expansion
+    )
     survival, _, _ = gap_statistics(d, parameters.zeta0)
     cap = capacity_retention(survival, r)
     if noise > 0:

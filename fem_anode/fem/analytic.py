@@ -32,7 +32,9 @@ def robin_sheet_roots(biot: float, n_terms: int = 200) -> np.ndarray:
     return roots
 
 
-def robin_sheet_mean(t: np.ndarray | float, length: float, D_eff: float, eps: float, k_f: float, n_terms: int = 200) -> np.ndarray:
+def robin_sheet_mean(
+    t: np.ndarray | float, length: float, D_eff: float, eps: float, k_f: float, n_terms: int = 200
+) -> np.ndarray:
     """Mean c / c_bulk over the strip at times ``t`` (s); lengths in m, D in m^2/s, k_f in m/s."""
     biot = length * k_f / D_eff
     beta = robin_sheet_roots(biot, n_terms)
@@ -41,7 +43,9 @@ def robin_sheet_mean(t: np.ndarray | float, length: float, D_eff: float, eps: fl
     return 1.0 - (terms[None, :] * np.exp(-np.outer(T, beta**2))).sum(axis=1)
 
 
-def robin_sheet_profile(x: np.ndarray, t: float, length: float, D_eff: float, eps: float, k_f: float, n_terms: int = 200) -> np.ndarray:
+def robin_sheet_profile(
+    x: np.ndarray, t: float, length: float, D_eff: float, eps: float, k_f: float, n_terms: int = 200
+) -> np.ndarray:
     """c / c_bulk at distances ``x`` (m) from the no-flux end at time ``t`` (s)."""
     biot = length * k_f / D_eff
     beta = robin_sheet_roots(biot, n_terms)

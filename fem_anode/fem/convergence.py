@@ -74,7 +74,13 @@ def richardson(h: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
         raise UsageError("richardson needs matching h and values with at least two levels")
     order = np.argsort(h)  # finest first
     h, values = h[order], values[order]
-    out: dict[str, Any] = {"observed_order": math.nan, "extrapolated": math.nan, "gci": math.nan, "gci_coarse": math.nan, "asymptotic_ratio": math.nan}
+    out: dict[str, Any] = {
+        "observed_order": math.nan,
+        "extrapolated": math.nan,
+        "gci": math.nan,
+        "gci_coarse": math.nan,
+        "asymptotic_ratio": math.nan,
+    }
     if h.size < 3:
         out["converging"] = "insufficient"
         out["ratio"] = float(h[1] / h[0])
@@ -124,14 +130,20 @@ class ConvergenceRecord:
         return {"h": self.h, "values": self.values, **richardson(self.h, self.values)}
 
 
-def mesh_independence(records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01) -> dict[str, Any]:
+def mesh_independence(
+    records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01
+) -> dict[str, Any]:
     """Coarsest level at which every converging quantity is within ``tolerance`` of its limit.
 
     The limit is the Richardson extrapolation (or the common value of an ``exact`` quantity).
     Quantities without a convergence estimate (oscillatory, diverging, noise at round-off such
     as the stress of a stress-free state) cannot be judged and are listed under ``excluded``.
     """
-    judged = {k: r for k, r in records.items() if r.get("converging", "monotone") in ("monotone", "exact") and math.isfinite(r["extrapolated"])}
+    judged = {
+        k: r
+        for k, r in records.items()
+        if r.get("converging", "monotone") in ("monotone", "exact") and math.isfinite(r["extrapolated"])
+    }
     excluded = sorted(set(records) - set(judged))
     for level in range(len(h)):
         ok = True
@@ -141,11 +153,19 @@ def mesh_independence(records: dict[str, dict[str, Any]], cells: list[int], h: l
                 ok = False
                 break
         if ok:
-            return {"tolerance": tolerance, "level": level, "h_m": h[level], "cells": cells[level], "excluded": excluded}
+            return {
+                "tolerance": tolerance,
+                "level": level,
+                "h_m": h[level],
+                "cells": cells[level],
+                "excluded": excluded,
+            }
     return {"tolerance": tolerance, "level": None, "h_m": None, "cells": None, "excluded": excluded}
 
 
-def level_changes(records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01) -> dict[str, Any]:
+def level_changes(
+    records: dict[str, dict[str, Any]], cells: list[int], h: list[float], tolerance: float = 0.01
+) -> dict[str, Any]:
     """Coarsest level from which every quantity changes by less than ``tolerance`` (relative) to the
     next finer level, with the largest change per pair of levels and the quantity that has it.
 
@@ -223,7 +243,9 @@ def _upsample(image: Any, factor: int) -> Any:
     array = image.array
     for axis in range(array.ndim):
         array = np.repeat(array, factor, axis=axis)
-    return VoxelImage(array, tuple(v / factor for v in image.require_voxel_size()), image.phases, f"{image.source} x{factor}")
+    return VoxelImage(
+        array, tuple(v / factor for v in image.require_voxel_size()), image.phases, f"{image.source} x{factor}"
+    )
 
 
 def run_diffusion_study(
@@ -266,7 +288,9 @@ def run_diffusion_study(
     if levels < 2 or not refine_factor > 1:
         raise UsageError("a convergence study needs --levels >= 2 (3 for an observed order) and --refine-factor > 1")
     if not smooth and (refine_factor < 2 or refine_factor != int(refine_factor)):
-        raise UsageError(f"--refine-factor {refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer >= 2")
+        raise UsageError(
+            f"--refine-factor {refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer >= 2"
+        )
     geometry = settings.geometry
     image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")
     if smooth and image.ndim != 2:
@@ -279,7 +303,11 @@ def run_diffusion_study(
     from fem_anode.fem.diffusion_run import settings_fingerprint
 
     study = {"levels": levels, "refine_factor": refine_factor, "orders": orders, "method": settings.mesh.method}
-    checkpointer = _study_checkpointer(checkpoint_dir, comm, {"model": "convergence-diffusion", "fingerprint": {**study, "settings": settings_fingerprint(settings)}})
+    checkpointer = _study_checkpointer(
+        checkpoint_dir,
+        comm,
+        {"model": "convergence-diffusion", "fingerprint": {**study, "settings": settings_fingerprint(settings)}},
+    )
     try:
         with _safe_stop(checkpointer):
             return _diffusion_levels(settings, image, levels, refine_factor, orders, comm, c_bulk, checkpointer, resume)
@@ -293,7 +321,9 @@ def _study_checkpointer(directory: Path | None, comm: Any, meta: dict[str, Any])
         return None
     from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore
 
-    return Checkpointer(CheckpointStore(directory, comm), CheckpointPolicy(interval_s=0.0, every_steps=0), meta=meta, comm=comm)
+    return Checkpointer(
+        CheckpointStore(directory, comm), CheckpointPolicy(interval_s=0.0, every_steps=0), meta=meta, comm=comm
+    )
 
 
 def _safe_stop(checkpointer: Any) -> Any:
@@ -324,8 +354,17 @@ def _level_interrupted(err: Exception, level: int, name: str, checkpointer: Any)
     return Interrupted(f"{err} in level {level} of {name}; {saved}")
 
 
-def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int, orders: list[int], comm: Any, c_bulk: float,
-                      checkpointer: Any = None, resume: Any = None) -> dict[str, Any]:
+def _diffusion_levels(
+    settings: Any,
+    image: Any,
+    levels: int,
+    refine_factor: int,
+    orders: list[int],
+    comm: Any,
+    c_bulk: float,
+    checkpointer: Any = None,
+    resume: Any = None,
+) -> dict[str, Any]:
     from dolfinx import fem
 
     from fem_anode.errors import Interrupted
@@ -334,7 +373,13 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
 
     geometry = settings.geometry
     smooth = settings.mesh.method == "smooth"
-    report: dict[str, Any] = {"model": "diffusion", "mesh_method": settings.mesh.method, "levels": levels, "refine_factor": refine_factor, "orders": {}}
+    report: dict[str, Any] = {
+        "model": "diffusion",
+        "mesh_method": settings.mesh.method,
+        "levels": levels,
+        "refine_factor": refine_factor,
+        "orders": {},
+    }
     if smooth:
         base = smooth_base_size(settings, image)
         report["h_definition"] = "global element size H of the smooth mesh (every size field scales with it)"
@@ -349,7 +394,9 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
 
             size = base / refine_factor**level
             options = SmoothMeshOptions(size=size, order=order)
-            return size, image_to_tagged_mesh(image, comm, method="smooth", keep=[geometry.transport_phase], options=options)
+            return size, image_to_tagged_mesh(
+                image, comm, method="smooth", keep=[geometry.transport_phase], options=options
+            )
         refined = _upsample(image, int(refine_factor) ** level)
         return min(refined.require_voxel_size()), create_voxel_mesh(refined, comm, [geometry.transport_phase])
 
@@ -359,7 +406,10 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
             checkpointer.check_meta(resume)
         saved = resume.state["problem"]
         report["orders"] = saved["finished"]
-        logger.info("resuming the study after %s", f"P{saved['order']} level {saved['level']}" if saved.get("order") else "the finished orders")
+        logger.info(
+            "resuming the study after %s",
+            f"P{saved['order']} level {saved['level']}" if saved.get("order") else "the finished orders",
+        )
     for order in orders:
         if f"P{order}" in report["orders"]:
             continue
@@ -370,7 +420,9 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
         l2_differences: list[float | None] = []
         first_level = 0
         if saved.get("order") == order:  # the order in progress when the checkpoint was written
-            h, cells, dofs, seconds, l2_differences = (saved[k] for k in ("h", "cells", "dofs", "seconds", "l2_differences"))
+            h, cells, dofs, seconds, l2_differences = (
+                saved[k] for k in ("h", "cells", "dofs", "seconds", "l2_differences")
+            )
             quantities = saved["quantities"]
             first_level = saved["level"] + 1
             if not smooth:  # gmsh does not remake a smooth mesh node for node: no field to compare with
@@ -411,19 +463,44 @@ def _diffusion_levels(settings: Any, image: Any, levels: int, refine_factor: int
                 l2_differences.append(_relative_l2_difference(c, previous, padding=padding, comm=comm))
             previous = c
             problem.destroy()
-            logger.info("P%d level %d: h = %.3g m, %d cells, %d dofs, %.1f s", order, level, h[-1], cells[-1], dofs[-1], seconds[-1])
+            logger.info(
+                "P%d level %d: h = %.3g m, %d cells, %d dofs, %.1f s",
+                order,
+                level,
+                h[-1],
+                cells[-1],
+                dofs[-1],
+                seconds[-1],
+            )
             if checkpointer is not None and level < levels - 1:
-                progress = {"finished": report["orders"], "order": order, "level": level, "h": h, "cells": cells, "dofs": dofs,
-                            "seconds": seconds, "quantities": quantities, "l2_differences": l2_differences}
+                progress = {
+                    "finished": report["orders"],
+                    "order": order,
+                    "level": level,
+                    "h": h,
+                    "cells": cells,
+                    "dofs": dofs,
+                    "seconds": seconds,
+                    "quantities": quantities,
+                    "l2_differences": l2_differences,
+                }
                 checkpointer.save(level, progress, {"previous": previous})
-        records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if all(map(math.isfinite, values))}
+        records = {
+            name: ConvergenceRecord(name, h, values).analyse()
+            for name, values in quantities.items()
+            if all(map(math.isfinite, values))
+        }
         report["orders"][f"P{order}"] = {
             "h": h,
             "cells": cells,
             "ndofs": dofs,
             "seconds": seconds,
             "quantities": records,
-            "field_l2_difference": {"h": h, "values": l2_differences, "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.output_times):g} s"},
+            "field_l2_difference": {
+                "h": h,
+                "values": l2_differences,
+                "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.output_times):g} s",
+            },
             "mesh_independent_1pct": mesh_independence(records, cells, h),
             "level_changes_1pct": level_changes(records, cells, h),
         }
@@ -456,13 +533,17 @@ def _relative_l2_difference(fine: Any, coarse: Any, *, padding: float, comm: Any
     coarse_on_fine = fem.Function(V)
     data = fem.create_interpolation_data(V, coarse.function_space, cells, padding=padding)
     coarse_on_fine.interpolate_nonmatching(coarse, cells, data)
-    diff = comm.allreduce(fem.assemble_scalar(fem.form(ufl.inner(fine - coarse_on_fine, fine - coarse_on_fine) * ufl.dx)), op=MPI.SUM)
+    diff = comm.allreduce(
+        fem.assemble_scalar(fem.form(ufl.inner(fine - coarse_on_fine, fine - coarse_on_fine) * ufl.dx)), op=MPI.SUM
+    )
     norm = comm.allreduce(fem.assemble_scalar(fem.form(ufl.inner(fine, fine) * ufl.dx)), op=MPI.SUM)
     return float(math.sqrt(diff / norm)) if norm > 0 else 0.0
 
 
 #: Per-half-cycle record keys that are bookkeeping, not physical quantities of interest.
-PHASEFIELD_NOT_QUANTITIES = frozenset({"index", "kind", "t", "steps", "rejected_steps", "newton_iterations_total", "wall_time_s"})
+PHASEFIELD_NOT_QUANTITIES = frozenset(
+    {"index", "kind", "t", "steps", "rejected_steps", "newton_iterations_total", "wall_time_s"}
+)
 
 
 def run_phasefield_study(
@@ -498,8 +579,16 @@ def run_phasefield_study(
     quantities: dict[str, list[float]] = {}
     previous: dict[str, Any] = {}
     differences: dict[str, list[float | None]] = {"c_li": []}
-    checkpointer = _study_checkpointer(checkpoint_dir, comm, {"model": "convergence-phasefield", "fingerprint": json.loads(json.dumps(
-        {"levels": levels, "refine_factor": refine_factor, "settings": settings.to_dict()}))})
+    checkpointer = _study_checkpointer(
+        checkpoint_dir,
+        comm,
+        {
+            "model": "convergence-phasefield",
+            "fingerprint": json.loads(
+                json.dumps({"levels": levels, "refine_factor": refine_factor, "settings": settings.to_dict()})
+            ),
+        },
+    )
     first_level = 0
     if resume is not None:
         from dolfinx import fem
@@ -509,7 +598,9 @@ def run_phasefield_study(
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         saved = resume.state["problem"]
-        h, cells, dofs, seconds, quantities, differences = (saved[k] for k in ("h", "cells", "dofs", "seconds", "quantities", "differences"))
+        h, cells, dofs, seconds, quantities, differences = (
+            saved[k] for k in ("h", "cells", "dofs", "seconds", "quantities", "differences")
+        )
         first_level = saved["level"] + 1
         if saved.get("c_li_degree"):
             tagged = disk_mesh(settings.geometry.radius, h[-1], comm)
@@ -518,7 +609,9 @@ def run_phasefield_study(
         logger.info("resuming the phase-field study after level %d", saved["level"])
     for level in range(first_level, levels):
         size = settings.mesh.size / refine_factor**level
-        level_settings = settings.replace(mesh=settings.mesh.replace(size=size), output=settings.output.replace(fields=False, figures=False))
+        level_settings = settings.replace(
+            mesh=settings.mesh.replace(size=size), output=settings.output.replace(fields=False, figures=False)
+        )
         kept: dict[str, Any] = {}
 
         def keep_first_half_cycle(problem: Any, record: dict[str, Any], kept: dict[str, Any] = kept) -> None:
@@ -534,19 +627,48 @@ def run_phasefield_study(
         dofs.append(results["unknowns"])
         for record in results["half_cycles"]:
             for key, value in record.items():  # every physical scalar the model reports
-                if key not in PHASEFIELD_NOT_QUANTITIES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (
+                    key not in PHASEFIELD_NOT_QUANTITIES
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     quantities.setdefault(f"{key}[half-cycle {record['index']}]", []).append(float(value))
         for name in differences:
             coarse = previous.get(name)
-            differences[name].append(None if coarse is None or name not in kept else _relative_l2_difference(kept[name], coarse, padding=PADDING_PER_H * size * refine_factor, comm=comm))
+            differences[name].append(
+                None
+                if coarse is None or name not in kept
+                else _relative_l2_difference(
+                    kept[name], coarse, padding=PADDING_PER_H * size * refine_factor, comm=comm
+                )
+            )
         previous = kept
-        logger.info("phasefield level %d: h = %.3g m, %d cells, %d unknowns, %.1f s", level, size, cells[-1], dofs[-1], seconds[-1])
+        logger.info(
+            "phasefield level %d: h = %.3g m, %d cells, %d unknowns, %.1f s",
+            level,
+            size,
+            cells[-1],
+            dofs[-1],
+            seconds[-1],
+        )
         if checkpointer is not None and level < levels - 1:
             degree = kept["c_li"].function_space.ufl_element().basix_element.degree if "c_li" in kept else None
-            progress = {"level": level, "h": h, "cells": cells, "dofs": dofs, "seconds": seconds, "quantities": quantities,
-                        "differences": differences, "c_li_degree": degree}
+            progress = {
+                "level": level,
+                "h": h,
+                "cells": cells,
+                "dofs": dofs,
+                "seconds": seconds,
+                "quantities": quantities,
+                "differences": differences,
+                "c_li_degree": degree,
+            }
             checkpointer.save(level, progress, {"c_li": kept["c_li"]} if "c_li" in kept else {})
-    records = {name: ConvergenceRecord(name, h, values).analyse() for name, values in quantities.items() if len(values) == levels and all(map(math.isfinite, values))}
+    records = {
+        name: ConvergenceRecord(name, h, values).analyse()
+        for name, values in quantities.items()
+        if len(values) == levels and all(map(math.isfinite, values))
+    }
     order = f"P{settings.mesh.displacement_degree}u"
     return {
         "model": "phasefield",
@@ -574,7 +696,9 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a study: one row per quantity and element order."""
     lines = []
     for order, data in report["orders"].items():
-        lines.append(f"{order}: h = {', '.join(f'{v:.3g}' for v in data['h'])} m; cells = {', '.join(map(str, data['cells']))}")
+        lines.append(
+            f"{order}: h = {', '.join(f'{v:.3g}' for v in data['h'])} m; cells = {', '.join(map(str, data['cells']))}"
+        )
         lines.append(f"  {'quantity':<28} {'finest':>12} {'extrapolated':>13} {'order':>6} {'GCI %':>8} {'asympt.':>8}")
         for name, record in data["quantities"].items():
             lines.append(
@@ -585,7 +709,9 @@ def format_table(report: dict[str, Any]) -> str:
         if independence["level"] is None:
             lines.append("  no level is within 1 % of the extrapolated values for every quantity")
         else:
-            lines.append(f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, {independence['cells']} cells")
+            lines.append(
+                f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, {independence['cells']} cells"
+            )
         changes = data.get("level_changes_1pct")
         if changes:
             steps = ", ".join(f"{100 * c['largest_change']:.3g} % ({c['quantity']})" for c in changes["changes"])
@@ -604,9 +730,13 @@ def plot_study(report: dict[str, Any], path: Path) -> Path:
         for name, record in data["quantities"].items():
             if not math.isfinite(record["extrapolated"]):
                 continue
-            error = np.abs(np.asarray(record["values"]) - record["extrapolated"]) / max(abs(record["extrapolated"]), 1e-300)
+            error = np.abs(np.asarray(record["values"]) - record["extrapolated"]) / max(
+                abs(record["extrapolated"]), 1e-300
+            )
             if np.any(error > 0):
-                axes[0].loglog(np.asarray(data["h"]) * 1e9, np.maximum(error, 1e-16), "o-", ms=3, lw=0.8, label=f"{order} {name}")
+                axes[0].loglog(
+                    np.asarray(data["h"]) * 1e9, np.maximum(error, 1e-16), "o-", ms=3, lw=0.8, label=f"{order} {name}"
+                )
         field = data["field_l2_difference"]
         pairs = [(h, v) for h, v in zip(field["h"], field["values"]) if v]
         if pairs:

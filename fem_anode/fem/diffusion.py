@@ -137,7 +137,11 @@ def _first_crossing(times: list[float], values: list[float], level: float) -> fl
     return None
 
 
-_KSP_REASONS = {int(getattr(PETSc.KSP.ConvergedReason, k)): k for k in dir(PETSc.KSP.ConvergedReason) if k.isupper() and k != "ITERATING"}
+_KSP_REASONS = {
+    int(getattr(PETSc.KSP.ConvergedReason, k)): k
+    for k in dir(PETSc.KSP.ConvergedReason)
+    if k.isupper() and k != "ITERATING"
+}
 
 
 @dataclasses.dataclass
@@ -340,11 +344,14 @@ class DiffusionProblem:
         one.x.array[:] = 1.0
         robin_pore = s_ds * u * v * ds(pore)
         robin_si = s_ds * u * v * ds(si) if si is not None else None
+
         # The rates enter as Constants: one compiled form for every value of the physics.
         def constant(value: float) -> fem.Constant:
             return fem.Constant(mesh, PETSc.ScalarType(value))
 
-        kr_form = constant(rate_D) * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + constant(rate_f) * robin_pore
+        kr_form = (
+            constant(rate_D) * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + constant(rate_f) * robin_pore
+        )
         if robin_si is not None and rate_si > 0:
             kr_form = kr_form + constant(rate_si) * robin_si
         self._KR = self._M.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
@@ -441,7 +448,11 @@ class DiffusionProblem:
     def _switches(self) -> bool:
         """True if CG's preconditioner is chosen per step size (``preconditioner = "auto"``, no ``pc_type``)."""
         solver = self.settings.solver
-        return self._solver_kind() == "iterative" and solver.preconditioner == "auto" and "pc_type" not in solver.petsc_options
+        return (
+            self._solver_kind() == "iterative"
+            and solver.preconditioner == "auto"
+            and "pc_type" not in solver.petsc_options
+        )
 
     def _preconditioner(self, a0: float) -> str:
         """Solver family for ``A(a0)``: ``"direct"``, or the CG preconditioner (``"ssor"``, ``"mg"``, ...)."""
@@ -457,15 +468,23 @@ class DiffusionProblem:
         if preconditioner == "direct":
             package = self._direct_package()
             # A is symmetric positive definite: Cholesky (SuperLU_DIST only does LU).
-            options = {"ksp_type": "preonly", "pc_type": "lu" if package == "superlu_dist" else "cholesky",
-                       "pc_factor_mat_solver_type": package}
+            options = {
+                "ksp_type": "preonly",
+                "pc_type": "lu" if package == "superlu_dist" else "cholesky",
+                "pc_factor_mat_solver_type": package,
+            }
             if package == "petsc":
                 options["pc_factor_mat_ordering_type"] = "nd"
             return {**options, **solver.petsc_options}
         # The initial guess is c^n extrapolated through c^{n-1} (_predict): about one
         # iteration fewer per step than starting from c^n (measured on the voxel benchmarks).
-        options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": solver.rtol, "ksp_atol": 0.0, "ksp_max_it": 500,
-                                   "ksp_initial_guess_nonzero": True}
+        options: dict[str, Any] = {
+            "ksp_type": "cg",
+            "ksp_rtol": solver.rtol,
+            "ksp_atol": 0.0,
+            "ksp_max_it": 500,
+            "ksp_initial_guess_nonzero": True,
+        }
         if preconditioner == "ssor":
             # Symmetric SOR. On one rank with Eisenstat's trick: the preconditioned operator
             # costs about one mat-vec of memory traffic, measured 1.3x faster than PCSOR;
@@ -483,9 +502,16 @@ class DiffusionProblem:
             options.update(_ShiftedMultigrid.options(self.comm))
         elif preconditioner == "hypre":
             # BoomerAMG tuned for 27-point voxel rows: 4x cheaper steps than hypre's defaults.
-            options.update({"pc_type": "hypre", "pc_hypre_type": "boomeramg", "pc_hypre_boomeramg_coarsen_type": "HMIS",
-                            "pc_hypre_boomeramg_interp_type": "ext+i", "pc_hypre_boomeramg_P_max": 4,
-                            "pc_hypre_boomeramg_strong_threshold": 0.5})
+            options.update(
+                {
+                    "pc_type": "hypre",
+                    "pc_hypre_type": "boomeramg",
+                    "pc_hypre_boomeramg_coarsen_type": "HMIS",
+                    "pc_hypre_boomeramg_interp_type": "ext+i",
+                    "pc_hypre_boomeramg_P_max": 4,
+                    "pc_hypre_boomeramg_strong_threshold": 0.5,
+                }
+            )
         else:
             options["pc_type"] = preconditioner
         return {**options, **solver.petsc_options}
@@ -553,7 +579,9 @@ class DiffusionProblem:
         if entry is None:
             ksp, prefix, options = self._new_ksp(preconditioner)
             if preconditioner == "mg":
-                self._mg = _ShiftedMultigrid(*self._multigrid_operands(), self.eps, prefix, self.settings.solver.petsc_options)
+                self._mg = _ShiftedMultigrid(
+                    *self._multigrid_operands(), self.eps, prefix, self.settings.solver.petsc_options
+                )
                 self._mg.attach(ksp, A, key)
                 self.factorisations += 1  # the hierarchy: once per run
             ksp.setOperators(A)
@@ -622,8 +650,11 @@ class DiffusionProblem:
         mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
         values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
         pattern = self._M.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
-        out = {"matrices": values + pattern, "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
-               "factorisations": len(self._direct) * (self._factor_bytes or 0.0)}
+        out = {
+            "matrices": values + pattern,
+            "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
+            "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
+        }
         out["total"] = sum(out.values())
         out["per_dof"] = out["total"] / ndofs
         return out
@@ -697,8 +728,12 @@ class DiffusionProblem:
                     break
         except PETSc.Error as err:  # e.g. a factorisation that breaks down
             self._discard(key)
-            return {"reason": int(PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED), "reason_name": f"PETSc error {err.ierr}",
-                    "residual_history": [], "relative_residual": math.nan}
+            return {
+                "reason": int(PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED),
+                "reason_name": f"PETSc error {err.ierr}",
+                "residual_history": [],
+                "relative_residual": math.nan,
+            }
         self.c.x.scatter_forward()
         (nonfinite,) = agree_flags(self.comm, not bool(np.isfinite(self.c.x.array).all()))
         if reason >= 0 and not nonfinite:
@@ -711,9 +746,17 @@ class DiffusionProblem:
         relative = residual.norm() / rhs_norm if rhs_norm > 0 else residual.norm()
         residual.destroy()
         self._discard(key)
-        name = _KSP_REASONS.get(reason, str(reason)) if reason < 0 else f"{_KSP_REASONS.get(reason, reason)} but non-finite c"
-        return {"reason": reason, "reason_name": name, "residual_history": history,
-                "relative_residual": float(relative) if math.isfinite(relative) else math.nan}
+        name = (
+            _KSP_REASONS.get(reason, str(reason))
+            if reason < 0
+            else f"{_KSP_REASONS.get(reason, reason)} but non-finite c"
+        )
+        return {
+            "reason": reason,
+            "reason_name": name,
+            "residual_history": history,
+            "relative_residual": float(relative) if math.isfinite(relative) else math.nan,
+        }
 
     def _switch_iterations(self) -> int:
         """``solver.switch_iterations``, or its default: 40 on one rank, 20 on several.
@@ -748,8 +791,13 @@ class DiffusionProblem:
         reach = a0 * (max(iterations, switch) / switch) ** 2
         self.amg_from_a0 = reach if self.amg_from_a0 is None else max(self.amg_from_a0, reach)
         # Cached SSOR solvers now below the threshold are replaced when next asked for (_ksp).
-        logger.info("CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: multigrid for a0 <= %.4g 1/s",
-                    iterations, switch, a0, self.amg_from_a0)
+        logger.info(
+            "CG + SSOR took %d iterations (switch_iterations = %d) at a0 = %.4g 1/s: multigrid for a0 <= %.4g 1/s",
+            iterations,
+            switch,
+            a0,
+            self.amg_from_a0,
+        )
         return reason < 0
 
     def _multigrid_fits(self) -> bool:
@@ -769,9 +817,14 @@ class DiffusionProblem:
             available = available_memory(self.comm)
             self.multigrid_fits = need.bytes <= available
             if not self.multigrid_fits:
-                logger.warning("CG + SSOR needs more than switch_iterations = %d iterations, but the %s needs about %s and "
-                               "only %s is available: staying on SSOR for the rest of the run",
-                               self._switch_iterations(), need.what, format_bytes(need.bytes), format_bytes(available))
+                logger.warning(
+                    "CG + SSOR needs more than switch_iterations = %d iterations, but the %s needs about %s and "
+                    "only %s is available: staying on SSOR for the rest of the run",
+                    self._switch_iterations(),
+                    need.what,
+                    format_bytes(need.bytes),
+                    format_bytes(available),
+                )
         return self.multigrid_fits
 
     def _discard(self, key: float) -> None:
@@ -816,8 +869,14 @@ class DiffusionProblem:
         settings = self.settings
         tset = settings.time
         order = 2 if tset.scheme == "bdf2" else 1
-        plan = StepPlan(tset.t_end, tset.output_times, tset.dt_initial, growth=tset.growth,
-                        steps_per_level=tset.steps_per_level, dt_max=tset.dt_max)
+        plan = StepPlan(
+            tset.t_end,
+            tset.output_times,
+            tset.dt_initial,
+            growth=tset.growth,
+            steps_per_level=tset.steps_per_level,
+            dt_max=tset.dt_max,
+        )
         outputs = sorted(set(tset.output_times) | {tset.t_end})
         record = _Records.start(self) if resume is None else _Records.resume(self, resume, plan)
         if resume is None and on_output is not None:
@@ -837,13 +896,17 @@ class DiffusionProblem:
                     plan.load_state(good[0])
                     record.retries = good[1]
                     self._give_up(failures, plan, record, checkpointer)
-                logger.warning("step to t = %.6g s (dt = %.3g s) failed: %s; retrying with dt/2", t, dt, failure["reason_name"])
+                logger.warning(
+                    "step to t = %.6g s (dt = %.3g s) failed: %s; retrying with dt/2", t, dt, failure["reason_name"]
+                )
                 plan.cut(dt)
                 record.retries += 1
                 continue
             failures = []
             mass = self.mass()
-            balance = coeff.a0 * mass + coeff.a1 * record.mass_old + coeff.a2 * record.mass_older - self.boundary_inflow()
+            balance = (
+                coeff.a0 * mass + coeff.a1 * record.mass_old + coeff.a2 * record.mass_older - self.boundary_inflow()
+            )
             record.residual_sum += abs(balance) * dt
             record.mass_older, record.mass_old = record.mass_old, mass
             self._c_older.x.array[:] = self._c_old.x.array
@@ -856,7 +919,9 @@ class DiffusionProblem:
                 last_report = time.monotonic()
             if any(math.isclose(t, s, rel_tol=1e-12) for s in outputs):
                 last_report = time.monotonic()
-                logger.info("t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, record.steps, dt, record.domain[-1])
+                logger.info(
+                    "t = %-8.4g s  step %4d  dt = %.3g s  mean c = %.4g mol/m^3", t, record.steps, dt, record.domain[-1]
+                )
                 if on_output is not None:
                     on_output(t, self)
             if checkpointer is not None and not plan.done:
@@ -865,10 +930,15 @@ class DiffusionProblem:
                     checkpointer.save(record.steps, *record.checkpoint(self, plan))
                 if stop_now:
                     reason = checkpointer.stop_reason()
-                    raise Interrupted(f"stopped by {reason} at t = {t:.6g} s (step {record.steps})", result=record.result(self, "interrupted"))
+                    raise Interrupted(
+                        f"stopped by {reason} at t = {t:.6g} s (step {record.steps})",
+                        result=record.result(self, "interrupted"),
+                    )
         return record.result(self, "completed")
 
-    def _give_up(self, failures: list[dict[str, Any]], plan: StepPlan, record: _Records, checkpointer: Checkpointer | None) -> None:
+    def _give_up(
+        self, failures: list[dict[str, Any]], plan: StepPlan, record: _Records, checkpointer: Checkpointer | None
+    ) -> None:
         last = failures[-1]
         report = {
             "t_last_good": plan.t,
@@ -888,7 +958,11 @@ class DiffusionProblem:
             f"linear solver failed on the step from t = {plan.t:.6g} s to {failures[0]['t']:.6g} s after "
             f"{len(failures)} attempts (dt = {dts} s): PETSc reason {last['reason_name']} ({last['reason']}), "
             f"relative residual {last['relative_residual']:.3g}"
-            + (f", residual history {history[0]:.3g} ... {history[-1]:.3g} ({len(history)} iterations)" if history else "")
+            + (
+                f", residual history {history[0]:.3g} ... {history[-1]:.3g} ({len(history)} iterations)"
+                if history
+                else ""
+            )
             + where
         )
         err.report = report  # type: ignore[attr-defined]
@@ -908,7 +982,6 @@ class DiffusionProblem:
             if obj is not None:
                 obj.destroy()
         self._A = None
-
 
 
 class _ShiftedMultigrid:
@@ -966,19 +1039,33 @@ class _ShiftedMultigrid:
             self.KR[level - 1] = self.KR[level].ptap(P)
             self.M[level - 1] = self.M[level].ptap(P)
         # A_l shares the sparsity of (K+R)_l: M_l has the same one (the same symbolic product).
-        self.A: list[PETSc.Mat] = [self.KR[level].duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN) for level in range(n - 1)]
+        self.A: list[PETSc.Mat] = [
+            self.KR[level].duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN) for level in range(n - 1)
+        ]
         self.levels = n
         self.shift_a0: float | None = None
         self.setup_s = time.perf_counter() - start
-        logger.info("multigrid for every step size: %d levels (%s unknowns), set up once in %.2f s",
-                    n, " / ".join(str(self.KR[level].getSize()[0]) for level in range(n)), self.setup_s)
+        logger.info(
+            "multigrid for every step size: %d levels (%s unknowns), set up once in %.2f s",
+            n,
+            " / ".join(str(self.KR[level].getSize()[0]) for level in range(n)),
+            self.setup_s,
+        )
 
     @staticmethod
     def options(comm: MPI.Comm) -> dict[str, Any]:
         """Options of the CG + shifted-multigrid KSP (the user's are merged over them)."""
-        options: dict[str, Any] = {"pc_type": "mg", "pc_mg_galerkin": "none", "pc_mg_type": "multiplicative",
-                                   "pc_mg_cycle_type": "v", "mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor",
-                                   "mg_levels_ksp_max_it": 1, "mg_levels_ksp_norm_type": "none", "mg_coarse_ksp_type": "preonly"}
+        options: dict[str, Any] = {
+            "pc_type": "mg",
+            "pc_mg_galerkin": "none",
+            "pc_mg_type": "multiplicative",
+            "pc_mg_cycle_type": "v",
+            "mg_levels_ksp_type": "richardson",
+            "mg_levels_pc_type": "sor",
+            "mg_levels_ksp_max_it": 1,
+            "mg_levels_ksp_norm_type": "none",
+            "mg_coarse_ksp_type": "preonly",
+        }
         if comm.size == 1:
             options["mg_coarse_pc_type"] = "cholesky"
         else:  # GAMG gathers the coarsest level on one rank; every rank solves it

@@ -94,8 +94,11 @@ def estimate_fv_memory(unknowns: float, ranks: int = 1) -> Any:
     """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of a run."""
     from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate
 
-    return MemoryEstimate(f"finite-volume diffusion with {int(unknowns)} unknowns", unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK,
-                          {"unknowns": float(unknowns)})
+    return MemoryEstimate(
+        f"finite-volume diffusion with {int(unknowns)} unknowns",
+        unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK,
+        {"unknowns": float(unknowns)},
+    )
 
 
 class _Layers:
@@ -135,8 +138,14 @@ def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """``(axis, labels of the face neighbours)`` of the inner layers of ``block`` (halo-extended
     along z), for the six face directions; ``_OUTSIDE`` beyond the box."""
     inner = block[1:-1]
-    return [(0, block[:-2]), (0, block[2:]), (1, _shift(inner, 1, 1)), (1, _shift(inner, 1, -1)),
-            (2, _shift(inner, 2, 1)), (2, _shift(inner, 2, -1))]
+    return [
+        (0, block[:-2]),
+        (0, block[2:]),
+        (1, _shift(inner, 1, 1)),
+        (1, _shift(inner, 1, -1)),
+        (2, _shift(inner, 2, 1)),
+        (2, _shift(inner, 2, -1)),
+    ]
 
 
 class VoxelFVProblem(DiffusionProblem):
@@ -175,12 +184,17 @@ class VoxelFVProblem(DiffusionProblem):
         conductance = tuple(float(rate_D * area[a] / h[a]) for a in range(3))
         film = [float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_f)) if rate_f > 0 else 0.0 for a in range(3)]
         si_value = phases.get(geometry.si_phase)
-        si_film = ([float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_si)) for a in range(3)]
-                   if rate_si > 0 and si_value is not None else None)
+        si_film = (
+            [float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_si)) for a in range(3)]
+            if rate_si > 0 and si_value is not None
+            else None
+        )
         transport_value, pore_value = phases[geometry.transport_phase], phases[geometry.pore_phase]
         slab = layers.slab
         transport = layers.labels == transport_value
-        self.per_layer = np.count_nonzero(transport.reshape(slab.layers, -1), axis=1) if slab.layers else np.zeros(0, np.int64)
+        self.per_layer = (
+            np.count_nonzero(transport.reshape(slab.layers, -1), axis=1) if slab.layers else np.zeros(0, np.int64)
+        )
         n_local = int(self.per_layer.sum())
         self._offset = int(comm.exscan(n_local) or 0) if comm.size > 1 else 0
         # Robin terms per unknown (row order: C order of the slab = chunks in order).
@@ -304,9 +318,12 @@ class VoxelFVProblem(DiffusionProblem):
         n = self.ndofs
         nnz = self._A.getInfo()["nz_used"]
         mats = nnz * 12.0 + 8.0 * n + (2 * (nnz * 12.0 + 8.0 * n) if self._KR is not None else 0.0)
-        out = {"matrices": mats, "vectors": 8.0 * n * (12 + (self._w_si is not None)),
-               "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
-               "factorisations": len(self._direct) * (self._factor_bytes or 0.0)}
+        out = {
+            "matrices": mats,
+            "vectors": 8.0 * n * (12 + (self._w_si is not None)),
+            "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
+            "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
+        }
         out["total"] = sum(out.values())
         out["per_dof"] = out["total"] / n
         return out
@@ -430,9 +447,17 @@ class VoxelFVProblem(DiffusionProblem):
             row += rows
         for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
             self.comm.Allreduce(MPI.IN_PLACE, array, op=op)
-        return [{"id": int(i + 1), "interface_measure_m": float(sums[0, i]), "mean": float(sums[1, i] / sums[0, i]),
-                 "min": float(lows[i]), "max": float(highs[i]), "fraction_above_half_bulk": float(sums[2, i] / sums[0, i])}
-                for i in np.flatnonzero(sums[0] > 0)]
+        return [
+            {
+                "id": int(i + 1),
+                "interface_measure_m": float(sums[0, i]),
+                "mean": float(sums[1, i] / sums[0, i]),
+                "min": float(lows[i]),
+                "max": float(highs[i]),
+                "fraction_above_half_bulk": float(sums[2, i] / sums[0, i]),
+            }
+            for i in np.flatnonzero(sums[0] > 0)
+        ]
 
     def destroy(self) -> None:
         """Free PETSc objects."""
@@ -440,8 +465,18 @@ class VoxelFVProblem(DiffusionProblem):
             self._slab_ssor.free()
             self._slab_ssor = None
         super().destroy()
-        for vec in (self._kr_diag, self._m, self._source, self._w_si, self._diag, self._rhs, self._work,
-                    self.c.petsc_vec, self._c_old.petsc_vec, self._c_older.petsc_vec):
+        for vec in (
+            self._kr_diag,
+            self._m,
+            self._source,
+            self._w_si,
+            self._diag,
+            self._rhs,
+            self._work,
+            self.c.petsc_vec,
+            self._c_old.petsc_vec,
+            self._c_older.petsc_vec,
+        ):
             if vec is not None:
                 vec.destroy()
         for weights, _ in self.regions.values():
@@ -657,7 +692,9 @@ class VoxelFieldWriter:
         self.times.append(t)
         comm.Barrier()
         if comm.rank == 0:
-            entries = "\n".join(f'    <DataSet timestep="{time_:.9g}" file="c_{k}.vti"/>' for k, time_ in enumerate(self.times))
+            entries = "\n".join(
+                f'    <DataSet timestep="{time_:.9g}" file="c_{k}.vti"/>' for k, time_ in enumerate(self.times)
+            )
             (self.directory / "c.pvd").write_text(
                 f'<?xml version="1.0"?>\n<VTKFile type="Collection" version="1.0">\n  <Collection>\n{entries}\n  </Collection>\n</VTKFile>\n'
             )
@@ -680,4 +717,3 @@ def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dic
     unknowns = counts[image.require_phases()[geometry.transport_phase]]
     check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
     return image, counts
-

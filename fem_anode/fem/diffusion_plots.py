@@ -44,17 +44,41 @@ def plot_concentration_fields(image: VoxelImage, snapshots: dict[float, np.ndarr
     spacing = image.require_voxel_size()[-2:]
     extent_um = [0, labels.shape[1] * spacing[1] * 1e6, labels.shape[0] * spacing[0] * 1e6, 0]
     times = sorted(snapshots)
-    fig, axes = plt.subplots(1, len(times), figsize=(2.6 * len(times) + 1.2, 4.2), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(times), figsize=(2.6 * len(times) + 1.2, 4.2), constrained_layout=True, squeeze=False
+    )
     shade = np.full(labels.shape, np.nan)
     if geometry.pore_phase in phases:
         shade[labels == phases[geometry.pore_phase]] = 0
     if geometry.si_phase in phases:
         shade[labels == phases[geometry.si_phase]] = 1
     for ax, t in zip(axes[0], times):
-        im = ax.imshow(snapshots[t], cmap="coolwarm", vmin=0, vmax=settings.physics.c_bulk, extent=extent_um, interpolation="nearest")
-        ax.imshow(shade, cmap=ListedColormap(["#d9ecf7", "#555555"]), vmin=0, vmax=1, extent=extent_um, interpolation="nearest")
+        im = ax.imshow(
+            snapshots[t],
+            cmap="coolwarm",
+            vmin=0,
+            vmax=settings.physics.c_bulk,
+            extent=extent_um,
+            interpolation="nearest",
+        )
+        ax.imshow(
+            shade,
+            cmap=ListedColormap(["#d9ecf7", "#555555"]),
+            vmin=0,
+            vmax=1,
+            extent=extent_um,
+            interpolation="nearest",
+        )
         for region in settings.regions:
-            x0, y0, x1, y1 = (v * 1e6 for v in (region.box[0], region.box[1], region.box[-3 if len(region.box) == 6 else 2], region.box[-2 if len(region.box) == 6 else 3]))
+            x0, y0, x1, y1 = (
+                v * 1e6
+                for v in (
+                    region.box[0],
+                    region.box[1],
+                    region.box[-3 if len(region.box) == 6 else 2],
+                    region.box[-2 if len(region.box) == 6 else 3],
+                )
+            )
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="k", lw=1))
             ax.text(x0, y0, region.name, va="bottom", fontsize=8)
         ax.set_title(f"t = {t:g} s")

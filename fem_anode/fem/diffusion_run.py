@@ -26,12 +26,22 @@ from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read
 from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
 
-__all__ = ["fig8_settings", "run_diffusion", "load_geometry", "settings_fingerprint", "si_particle_report", "suggest_regions", "timescales"]
+__all__ = [
+    "fig8_settings",
+    "run_diffusion",
+    "load_geometry",
+    "settings_fingerprint",
+    "si_particle_report",
+    "suggest_regions",
+    "timescales",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
+def load_geometry(
+    settings: DiffusionSettings, workdir: Path, comm: MPI.Comm
+) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
     """Mesh the image's transporting phase or read the mesh.
 
     Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`):
@@ -50,7 +60,13 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
     if geometry.mesh is not None:
         tagged = read_mesh(geometry.mesh, comm)
         ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
-        check_memory(estimate_diffusion_memory(None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name), comm, hint=hint)
+        check_memory(
+            estimate_diffusion_memory(
+                None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name
+            ),
+            comm,
+            hint=hint,
+        )
         return tagged, None
     mesh_settings = settings.mesh
     if mesh_settings.method == "voxel":
@@ -62,7 +78,9 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
         counts = _label_counts(image, comm)
         _check_phases(image, counts, settings)
         cells = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=hint)
+        check_memory(
+            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=hint
+        )
         tagged = create_voxel_mesh(image, comm, [geometry.transport_phase])
         if settings.output.mesh:
             write_xdmf(tagged, workdir / "mesh.xdmf")
@@ -81,7 +99,14 @@ def load_geometry(settings: DiffusionSettings, workdir: Path, comm: MPI.Comm) ->
 
         try:
             options = SmoothMeshOptions(size=mesh_settings.size, order=mesh_settings.order)
-            mesh_image(image, path, method="smooth", keep=[geometry.transport_phase], options=options, quality_path=workdir / "mesh.quality.json")
+            mesh_image(
+                image,
+                path,
+                method="smooth",
+                keep=[geometry.transport_phase],
+                options=options,
+                quality_path=workdir / "mesh.quality.json",
+            )
         except FemAnodeError as err:  # every rank must fail, not only the one that meshed
             error = err
     error = comm.bcast(error, root=0)
@@ -131,7 +156,9 @@ def _check_phases(image: VoxelImage | ImageLayers, counts: dict[int, int], setti
     image.require_voxel_size()
     unknown = sorted(v for v, n in counts.items() if n and v not in set(phases.values()))
     if unknown:
-        raise InputError(f"{image.source}: label values {unknown[:10]} are not in the phase map {format_phase_map(phases)}")
+        raise InputError(
+            f"{image.source}: label values {unknown[:10]} are not in the phase map {format_phase_map(phases)}"
+        )
     empty = [name for name, v in phases.items() if counts.get(v, 0) == 0]
     if empty:
         raise InputError(f"{image.source}: phase(s) {', '.join(empty)} have no voxels in the image")
@@ -178,16 +205,22 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayer
     ndim = len(image.shape)
     from dolfinx.mesh import compute_midpoints
 
-    midpoints = compute_midpoints(mesh, fdim, facets)[:, :ndim][:, ::-1] / spacing if facets.size else np.zeros((0, ndim))  # array order, voxel units
+    midpoints = (
+        compute_midpoints(mesh, fdim, facets)[:, :ndim][:, ::-1] / spacing if facets.size else np.zeros((0, ndim))
+    )  # array order, voxel units
     connectivity = np.ones((3,) * ndim, dtype=bool)
     bounds = problem.tagged.slab_bounds
     if bounds is not None:
         from fem_anode.imaging.slabs import Slab, label_slabs
 
         slab = Slab.from_bounds(bounds, comm.rank)
-        labels, n_particles, below, above = label_slabs(comm, slab, np.asarray(image.read_layers(slab.z0, slab.z1)) == si_label, connectivity)
+        labels, n_particles, below, above = label_slabs(
+            comm, slab, np.asarray(image.read_layers(slab.z0, slab.z1)) == si_label, connectivity
+        )
         plane = np.zeros((1, *image.shape[1:]), dtype=np.int64)
-        stack = np.concatenate([plane if below is None else below[None], labels, plane if above is None else above[None]])
+        stack = np.concatenate(
+            [plane if below is None else below[None], labels, plane if above is None else above[None]]
+        )
         # Each facet lies on a voxel face: the Si voxel is on one side along its normal axis.
         axis = np.argmax(np.rint(2.0 * midpoints).astype(np.int64) % 2 == 0, axis=1)
         rows = np.arange(facets.size)
@@ -245,7 +278,9 @@ def _max_distance_to_pore(image: VoxelImage | ImageLayers, settings: DiffusionSe
     transport, pore = phases[settings.geometry.transport_phase], phases[settings.geometry.pore_phase]
     layers = int(image.shape[0])
     slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
-    return max_distance_to(comm, slab, image.read_layers, lambda a: a == transport, lambda a: a == pore, image.require_voxel_size())
+    return max_distance_to(
+        comm, slab, image.read_layers, lambda a: a == transport, lambda a: a == pore, image.require_voxel_size()
+    )
 
 
 def _middle_section(image: VoxelImage | ImageLayers) -> VoxelImage:
@@ -253,7 +288,12 @@ def _middle_section(image: VoxelImage | ImageLayers) -> VoxelImage:
     if isinstance(image, VoxelImage) and image.ndim == 2:
         return image
     middle = int(image.shape[0]) // 2
-    return VoxelImage(np.asarray(image.read_layers(middle, middle + 1)), image.require_voxel_size(), image.require_phases(), image.source)
+    return VoxelImage(
+        np.asarray(image.read_layers(middle, middle + 1)),
+        image.require_voxel_size(),
+        image.require_phases(),
+        image.source,
+    )
 
 
 def _image_grid_points(image: VoxelImage | ImageLayers) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -332,8 +372,16 @@ def run_diffusion(
     )
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
-    fields: list[tuple[float, Any]] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
-    checkpointer = _checkpointer(settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start, staging) if checkpoint_dir is not None else None
+    fields: list[
+        tuple[float, Any]
+    ] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
+    checkpointer = (
+        _checkpointer(
+            settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start, staging
+        )
+        if checkpoint_dir is not None
+        else None
+    )
     if resume is not None:
         if checkpointer is not None:
             checkpointer.check_meta(resume)
@@ -385,7 +433,11 @@ def run_diffusion(
         if getattr(err, "result", None) is None:
             raise
         stopped: BaseException | None = err
-        result, status, failure = err.result, ("interrupted" if isinstance(err, Interrupted) else "failed"), getattr(err, "report", None)
+        result, status, failure = (
+            err.result,
+            ("interrupted" if isinstance(err, Interrupted) else "failed"),
+            getattr(err, "report", None),
+        )
     else:
         stopped = None
     finally:
@@ -417,10 +469,13 @@ def run_diffusion(
         "si_particles": particles if image is not None else None,
         "timescales": scales,
         "wall_time_s": time.perf_counter() - start,
-        "performance": {**_performance(comm, meshed - start, assembled - meshed, time.perf_counter() - assembled),
-                        # preconditioner 'auto': multigrid for a0 at or below this (1/s; None: SSOR
-                        # throughout), and False if its set-up did not fit into memory
-                        "multigrid_from_a0_per_s": problem.amg_from_a0, "multigrid_fits_memory": problem.multigrid_fits},
+        "performance": {
+            **_performance(comm, meshed - start, assembled - meshed, time.perf_counter() - assembled),
+            # preconditioner 'auto': multigrid for a0 at or below this (1/s; None: SSOR
+            # throughout), and False if its set-up did not fit into memory
+            "multigrid_from_a0_per_s": problem.amg_from_a0,
+            "multigrid_fits_memory": problem.multigrid_fits,
+        },
         "settings": settings.to_dict(),
     }
     if comm.rank == 0:
@@ -431,13 +486,18 @@ def run_diffusion(
             plot_region_history(results, staging / "c_regions.png", c_bulk=c_bulk)
             if image is not None and snapshots:
                 plot_concentration_fields(_middle_section(image), snapshots, settings, staging / "c_fields.png")
-            render_and_report(staging, results, render=render)  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
+            render_and_report(
+                staging, results, render=render
+            )  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
     problem.destroy()
     if stopped is not None:
         raise stopped
     logger.info(
         "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
-        results["wall_time_s"], result.steps, result.factorisations, result.mass_balance_rel_error,
+        results["wall_time_s"],
+        result.steps,
+        result.factorisations,
+        result.mass_balance_rel_error,
     )
     return results
 
@@ -447,8 +507,12 @@ def _performance(comm: MPI.Comm, mesh_s: float, assembly_s: float, rest_s: float
     from fem_anode.resources import peak_memory
 
     peak = peak_memory()
-    return {"mesh_s": mesh_s, "assembly_s": assembly_s, "time_loop_and_output_s": rest_s,
-            "peak_memory_bytes_per_rank": [float(p) for p in comm.allgather(peak)]}
+    return {
+        "mesh_s": mesh_s,
+        "assembly_s": assembly_s,
+        "time_loop_and_output_s": rest_s,
+        "peak_memory_bytes_per_rank": [float(p) for p in comm.allgather(peak)],
+    }
 
 
 def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
@@ -460,11 +524,23 @@ def settings_fingerprint(settings: DiffusionSettings) -> dict[str, Any]:
     return checkpoint_fingerprint(settings, free=("checkpoint", "solver"), paths=("image", "mesh"))
 
 
-def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, snapshots: dict[float, np.ndarray],
-                  particles: dict[str, Any], fields: list[tuple[float, Any]], elapsed: Callable[[], float], staging: Path) -> Checkpointer:
+def _checkpointer(
+    settings: DiffusionSettings,
+    directory: Path,
+    comm: MPI.Comm,
+    snapshots: dict[float, np.ndarray],
+    particles: dict[str, Any],
+    fields: list[tuple[float, Any]],
+    elapsed: Callable[[], float],
+    staging: Path,
+) -> Checkpointer:
     """Checkpoints in ``directory/checkpoint`` with the driver's outputs so far as extras."""
     fingerprint = settings_fingerprint(settings)
-    absolute = settings.replace(geometry=settings.geometry.replace(**{k: Path(v) for k, v in fingerprint["geometry"].items() if k in ("image", "mesh")}))
+    absolute = settings.replace(
+        geometry=settings.geometry.replace(
+            **{k: Path(v) for k, v in fingerprint["geometry"].items() if k in ("image", "mesh")}
+        )
+    )
     policy = CheckpointPolicy(interval_s=settings.checkpoint.interval_s, every_steps=settings.checkpoint.every_steps)
 
     def extra() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -484,8 +560,13 @@ def _checkpointer(settings: DiffusionSettings, directory: Path, comm: MPI.Comm, 
     return Checkpointer(CheckpointStore(directory, comm), policy, meta=meta, extra=extra, comm=comm)
 
 
-def _restore_outputs(checkpoint: Checkpoint, problem: DiffusionProblem, snapshots: dict[float, np.ndarray],
-                     particles: dict[str, Any], fields: list[tuple[float, Any]]) -> float:
+def _restore_outputs(
+    checkpoint: Checkpoint,
+    problem: DiffusionProblem,
+    snapshots: dict[float, np.ndarray],
+    particles: dict[str, Any],
+    fields: list[tuple[float, Any]],
+) -> float:
     """Put the driver's outputs of a checkpoint back; returns the wall time spent before it (s).
 
     Also removes the staging directory a killed run left behind (a hidden ``.NAME.partial-*``
@@ -504,7 +585,13 @@ def _restore_outputs(checkpoint: Checkpoint, problem: DiffusionProblem, snapshot
     return float(driver.get("wall_time_s", 0.0))
 
 
-def suggest_regions(image: VoxelImage, settings: DiffusionSettings, *, size: float = 0.6e-6, names: tuple[str, ...] = ("I", "II", "III", "IV")) -> list:
+def suggest_regions(
+    image: VoxelImage,
+    settings: DiffusionSettings,
+    *,
+    size: float = 0.6e-6,
+    names: tuple[str, ...] = ("I", "II", "III", "IV"),
+) -> list:
     """Square regions (edge ``size``, m) from near a pore channel (I) to deep in the SEI/C/B (IV).
 
     Centres are transporting-phase pixels whose distance to the nearest pore is at evenly spaced
@@ -530,7 +617,9 @@ def suggest_regions(image: VoxelImage, settings: DiffusionSettings, *, size: flo
         row, col = np.unravel_index(flat, image.shape)
         centre = np.array([(col + 0.5) * spacing[1], (row + 0.5) * spacing[0]])
         low = np.clip(centre - size / 2, 0, extent[::-1] - size)
-        regions.append(Region(name=name, box=[float(low[0]), float(low[1]), float(low[0] + size), float(low[1] + size)]))
+        regions.append(
+            Region(name=name, box=[float(low[0]), float(low[1]), float(low[0] + size), float(low[1] + size)])
+        )
     return regions
 
 
@@ -540,5 +629,7 @@ def fig8_settings(image_path: Path, *, quick: bool = False) -> DiffusionSettings
     from fem_anode.fem.diffusion import GeometrySettings, TimeSettings
 
     times = [0.01, 2.0, 10.0, 100.0] if quick else [0.001, 0.003, 0.01, 2.0, 10.0, 100.0]
-    settings = DiffusionSettings(geometry=GeometrySettings(image=Path(image_path)), time=TimeSettings(output_times=times))
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(image=Path(image_path)), time=TimeSettings(output_times=times)
+    )
     return settings.replace(regions=suggest_regions(read_image(image_path, kind="labels"), settings))

@@ -53,8 +53,12 @@ class MeshSettings(Section):
         "(2D: sub-pixel smooth interfaces, refined near interfaces and in gaps; order 2 curves them)",
         choices=("voxel", "smooth"),
     )
-    size: float | None = setting(None, "global element size H of smooth meshes (default 4 pixels)", unit="m", positive=True)
-    order: int = setting(1, "polynomial degree of the Lagrange elements (P1 or P2); smooth P2 meshes are curved", choices=(1, 2))
+    size: float | None = setting(
+        None, "global element size H of smooth meshes (default 4 pixels)", unit="m", positive=True
+    )
+    order: int = setting(
+        1, "polynomial degree of the Lagrange elements (P1 or P2); smooth P2 meshes are curved", choices=(1, 2)
+    )
     discretisation: str = setting(
         "fe",
         "'fe' (Lagrange finite elements on the mesh) or 'fv' (voxel images only: cell-centred finite volumes, one "
@@ -67,7 +71,9 @@ class MeshSettings(Section):
         if self.size is not None and self.method != "smooth":
             raise UsageError("mesh.size applies to method = 'smooth'; voxel meshes have one cell per pixel")
         if self.discretisation == "fv" and (self.method != "voxel" or self.order != 1):
-            raise UsageError("mesh.discretisation = 'fv' needs mesh.method = 'voxel' and mesh.order = 1 (one unknown per voxel)")
+            raise UsageError(
+                "mesh.discretisation = 'fv' needs mesh.method = 'voxel' and mesh.order = 1 (one unknown per voxel)"
+            )
 
 
 @dataclasses.dataclass
@@ -77,9 +83,13 @@ class PhysicsSettings(Section):
     D: float = setting(3.01e-10, "Li diffusivity in the SEI/C/B compound", unit="m^2/s", positive=True)
     k_f: float = setting(1e-3, "mass-transfer coefficient at pore interfaces", unit="m/s", nonnegative=True)
     c_bulk: float = setting(1000.0, "bulk Li concentration in the pores (1 mol/L)", unit="mol/m^3", positive=True)
-    eps: float = setting(0.63985, "transporting-phase fraction (area fraction of SEI/C/B in the ROI)", bounds=(1e-6, 1.0))
+    eps: float = setting(
+        0.63985, "transporting-phase fraction (area fraction of SEI/C/B in the ROI)", bounds=(1e-6, 1.0)
+    )
     bruggeman: float = setting(1.5, "Bruggeman exponent b in D_eff = eps^b D", nonnegative=True)
-    k_si: float = setting(0.0, "first-order Li uptake rate at Si interfaces (0 = no flux)", unit="m/s", nonnegative=True)
+    k_si: float = setting(
+        0.0, "first-order Li uptake rate at Si interfaces (0 = no flux)", unit="m/s", nonnegative=True
+    )
 
     @property
     def D_eff(self) -> float:
@@ -92,7 +102,9 @@ class TimeSettings(Section):
     """Implicit time integration with geometrically growing steps."""
 
     t_end: float = setting(100.0, "final time", unit="s", positive=True)
-    output_times: list[float] = setting([2.0, 10.0, 100.0], "times at which fields are written (hit exactly)", unit="s", positive=True)
+    output_times: list[float] = setting(
+        [2.0, 10.0, 100.0], "times at which fields are written (hit exactly)", unit="s", positive=True
+    )
     scheme: str = setting("bdf2", "'bdf2' (second order, backward-Euler start) or 'euler'", choices=("bdf2", "euler"))
     dt_initial: float = setting(1e-6, "first time step", unit="s", positive=True)
     growth: float = setting(2.0, "step growth factor per level", bounds=(1.0, 10.0))
@@ -109,14 +121,43 @@ class TimeSettings(Section):
 class SolverSettings(Section):
     """Linear solver (PETSc)."""
 
-    type: str = setting("auto", "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)", choices=("auto", "direct", "iterative"))
-    preconditioner: str = setting("auto", "CG preconditioner: 'ssor' (symmetric SOR; cheap, good while the mass term dominates), 'mg' (one smoothed-aggregation multigrid hierarchy for every step size, set up once per run), 'gamg' (PETSc GAMG set up anew for every step size), 'hypre' (BoomerAMG, likewise) or 'auto' (SSOR until a solve needs more than switch_iterations, then 'mg' for that and larger steps); petsc_options pc_type overrides it", choices=("auto", "ssor", "mg", "gamg", "hypre"))
-    switch_iterations: int | None = setting(None, "preconditioner 'auto': CG + SSOR iterations above which the step size moves to multigrid (default 40 on one rank, where an 'mg' iteration costs 3-4 of Eisenstat SSOR, 20 on several, where SOR's local sweeps cost more)", positive=True)
-    rtol: float = setting(1e-10, "relative tolerance of CG (residual relative to the right-hand side); the initial guess is extrapolated from the last two steps", positive=True)
+    type: str = setting(
+        "auto",
+        "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)",
+        choices=("auto", "direct", "iterative"),
+    )
+    preconditioner: str = setting(
+        "auto",
+        "CG preconditioner: 'ssor' (symmetric SOR; cheap, good while the mass term dominates), 'mg' (one smoothed-aggregation multigrid hierarchy for every step size, set up once per run), 'gamg' (PETSc GAMG set up anew for every step size), 'hypre' (BoomerAMG, likewise) or 'auto' (SSOR until a solve needs more than switch_iterations, then 'mg' for that and larger steps); petsc_options pc_type overrides it",
+        choices=("auto", "ssor", "mg", "gamg", "hypre"),
+    )
+    switch_iterations: int | None = setting(
+        None,
+        "preconditioner 'auto': CG + SSOR iterations above which the step size moves to multigrid (default 40 on one rank, where an 'mg' iteration costs 3-4 of Eisenstat SSOR, 20 on several, where SOR's local sweeps cost more)",
+        positive=True,
+    )
+    rtol: float = setting(
+        1e-10,
+        "relative tolerance of CG (residual relative to the right-hand side); the initial guess is extrapolated from the last two steps",
+        positive=True,
+    )
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
-    cache_size: int = setting(3, "direct solver: at most this many factorisations kept (one per distinct step size; LRU), fewer if cache_memory is exceeded", positive=True)
-    cache_memory: float = setting(2e9, "direct solver: memory budget per rank for the kept factorisations (the first one's size decides how many fit; at least one is kept)", unit="B", positive=True)
-    max_retries: int = setting(4, "a failed solve (PETSc divergence or non-finite c) is retried with the step halved up to this many times", nonnegative=True)
+    cache_size: int = setting(
+        3,
+        "direct solver: at most this many factorisations kept (one per distinct step size; LRU), fewer if cache_memory is exceeded",
+        positive=True,
+    )
+    cache_memory: float = setting(
+        2e9,
+        "direct solver: memory budget per rank for the kept factorisations (the first one's size decides how many fit; at least one is kept)",
+        unit="B",
+        positive=True,
+    )
+    max_retries: int = setting(
+        4,
+        "a failed solve (PETSc divergence or non-finite c) is retried with the step halved up to this many times",
+        nonnegative=True,
+    )
 
 
 @dataclasses.dataclass
@@ -125,7 +166,10 @@ class OutputSettings(Section):
 
     fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
-    mesh: bool = setting(True, "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are always written as mesh.msh")
+    mesh: bool = setting(
+        True,
+        "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are always written as mesh.msh",
+    )
 
 
 @dataclasses.dataclass
@@ -133,12 +177,16 @@ class Region(Section):
     """An axis-aligned box whose mean concentration is reported over time."""
 
     name: str = setting("I", "region name")
-    box: list[float] = setting([0.0, 0.0, 1e-6, 1e-6], "[x0, y0, x1, y1] (2D) or [x0, y0, z0, x1, y1, z1] (3D)", unit="m")
+    box: list[float] = setting(
+        [0.0, 0.0, 1e-6, 1e-6], "[x0, y0, x1, y1] (2D) or [x0, y0, z0, x1, y1, z1] (3D)", unit="m"
+    )
 
     def validate(self) -> None:
         n = len(self.box)
         if n not in (4, 6) or any(self.box[i] >= self.box[i + n // 2] for i in range(n // 2)):
-            raise UsageError(f"region {self.name!r}: box must be [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1] with x0 < x1 ...")
+            raise UsageError(
+                f"region {self.name!r}: box must be [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1] with x0 < x1 ..."
+            )
 
 
 @dataclasses.dataclass
@@ -156,7 +204,9 @@ class DiffusionSettings(Settings):
 
     def validate(self) -> None:
         if self.mesh.discretisation == "fv" and self.geometry.mesh is not None:
-            raise UsageError("mesh.discretisation = 'fv' solves on the voxels of geometry.image; a geometry.mesh needs 'fe'")
+            raise UsageError(
+                "mesh.discretisation = 'fv' solves on the voxels of geometry.image; a geometry.mesh needs 'fe'"
+            )
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise UsageError(f"region names must be unique, got {names}")

@@ -56,14 +56,18 @@ class TaggedMesh:
         try:
             return self.facet_groups[name]
         except KeyError:
-            raise InputError(f"mesh has no facet group {name!r}; it has {', '.join(sorted(self.facet_groups)) or 'none'}") from None
+            raise InputError(
+                f"mesh has no facet group {name!r}; it has {', '.join(sorted(self.facet_groups)) or 'none'}"
+            ) from None
 
     def cell_tag(self, name: str) -> int:
         """Tag of a cell group by name, or InputError listing the groups the mesh has."""
         try:
             return self.cell_groups[name]
         except KeyError:
-            raise InputError(f"mesh has no cell group {name!r}; it has {', '.join(sorted(self.cell_groups)) or 'none'}") from None
+            raise InputError(
+                f"mesh has no cell group {name!r}; it has {', '.join(sorted(self.cell_groups)) or 'none'}"
+            ) from None
 
 
 def _groups_on_root() -> tuple[int, dict[str, int], dict[str, int]]:
@@ -104,7 +108,9 @@ def _distribute(meta: tuple | str | None, comm: MPI.Comm, ghost_mode: str) -> Ta
     if isinstance(meta, dict):  # a fem_anode error raised on rank 0, re-raised everywhere
         raise {"usage": UsageError, "input": InputError}[meta["kind"]](meta["message"])
     gdim, cell_groups, facet_groups = meta  # type: ignore[misc]
-    mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=gdim, partitioner=_partitioner(ghost_mode))
+    mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(
+        gmsh.model, comm, 0, gdim=gdim, partitioner=_partitioner(ghost_mode)
+    )
     cell_tags.name, facet_tags.name = "cell_tags", "facet_tags"
     return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups)
 

@@ -8,7 +8,9 @@ from typing import Any
 __all__ = ["ksp_from_options"]
 
 
-def ksp_from_options(comm: Any, operator: Any, options: dict[str, Any], name: str, *, nonzero_guess: bool = True) -> Any:
+def ksp_from_options(
+    comm: Any, operator: Any, options: dict[str, Any], name: str, *, nonzero_guess: bool = True
+) -> Any:
     """A KSP on ``operator`` set up from ``options`` under the prefix ``fem_anode_<name>_<id>_``.
 
     Args:

@@ -26,7 +26,9 @@ def _first_colliding_cells(mesh: dmesh.Mesh, tree: geometry.BoundingBoxTree, poi
         if points.shape[0] == 1:
             return cells
         half = points.shape[0] // 2
-        return np.concatenate([_first_colliding_cells(mesh, tree, points[:half]), _first_colliding_cells(mesh, tree, points[half:])])
+        return np.concatenate(
+            [_first_colliding_cells(mesh, tree, points[:half]), _first_colliding_cells(mesh, tree, points[half:])]
+        )
     found = np.flatnonzero(np.diff(colliding.offsets) > 0)
     cells[found] = colliding.array[colliding.offsets[found]]
     return cells
@@ -86,7 +88,7 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
     cell_of_point = np.concatenate([np.repeat(cells, n_vertices), cells])
     values = _eval(u, points, cell_of_point)
     at_vertices = values[: -len(facets)].reshape(len(facets), n_vertices)
-    at_centre = values[-len(facets):]
+    at_centre = values[-len(facets) :]
     if tdim == 2:
         measure = np.linalg.norm(xyz[:, 1] - xyz[:, 0], axis=1)
         mean = (at_vertices.sum(axis=1) + 4 * at_centre) / 6.0

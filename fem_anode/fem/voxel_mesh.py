@@ -88,7 +88,9 @@ def _layer_counts(image: LayeredImage, kept_labels: np.ndarray, comm: MPI.Comm) 
     local = np.zeros(hi - lo, dtype=np.int64)
     for start in range(lo, hi, 16):  # a few layers at a time: never the whole slab as a mask
         block = np.asarray(image.read_layers(start, min(start + 16, hi)))
-        local[start - lo : start - lo + block.shape[0]] = np.isin(block, kept_labels).reshape(block.shape[0], -1).sum(axis=1)
+        local[start - lo : start - lo + block.shape[0]] = (
+            np.isin(block, kept_labels).reshape(block.shape[0], -1).sum(axis=1)
+        )
     return np.concatenate(comm.allgather(local))
 
 
@@ -141,7 +143,9 @@ def create_voxel_mesh(
     phases = image.require_phases()
     kept = keep_values(phases, keep)
     kept_labels = np.array(sorted(kept.values()))
-    bounds = slab_bounds(_layer_counts(image, kept_labels, comm), comm.size) if comm.size > 1 else np.array([0, shape[0]])
+    bounds = (
+        slab_bounds(_layer_counts(image, kept_labels, comm), comm.size) if comm.size > 1 else np.array([0, shape[0]])
+    )
     z0, z1 = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     halo = 2
     lo, hi = max(z0 - halo, 0), min(z1 + halo, shape[0])
@@ -167,7 +171,9 @@ def create_voxel_mesh(
 
     # One halo layer for the numbering (False outside the image).
     kept_halo = np.zeros((z1 - z0 + 2, *shape[1:]), dtype=bool)
-    kept_halo[max(lo, z0 - 1) - (z0 - 1) : min(hi, z1 + 1) - (z0 - 1)] = is_kept[max(lo, z0 - 1) - lo : min(hi, z1 + 1) - lo]
+    kept_halo[max(lo, z0 - 1) - (z0 - 1) : min(hi, z1 + 1) - (z0 - 1)] = is_kept[
+        max(lo, z0 - 1) - lo : min(hi, z1 + 1) - lo
+    ]
     last = z1 == shape[0] and z1 > z0
     numbering = SlabNumbering(kept_halo, owns_last_plane=last)
     numbering.number(comm.exscan(numbering.owned) or 0)
@@ -191,12 +197,19 @@ def create_voxel_mesh(
     del cells, points
     cell_tags, facet_tags, cell_groups, facet_groups = _tags(mesh, labels, lo, spacing, kept, phases)
     n_global = mesh.topology.index_map(ndim).size_global
-    logger.info("voxel mesh: %d cells on %d rank(s) in %.2f s (input cells from %d on this rank)",
-                n_global, comm.size, time.perf_counter() - start, cell_offset)
+    logger.info(
+        "voxel mesh: %d cells on %d rank(s) in %.2f s (input cells from %d on this rank)",
+        n_global,
+        comm.size,
+        time.perf_counter() - start,
+        cell_offset,
+    )
     return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups, bounds if partition == "slab" else None)
 
 
-def _slab_partitioner(comm: MPI.Comm, voxels: np.ndarray, is_kept: np.ndarray, z0: int, lo: int, bounds: np.ndarray, ghost_mode: str):  # type: ignore[no-untyped-def]
+def _slab_partitioner(
+    comm: MPI.Comm, voxels: np.ndarray, is_kept: np.ndarray, z0: int, lo: int, bounds: np.ndarray, ghost_mode: str
+):  # type: ignore[no-untyped-def]
     """Partitioner keeping every cell on its rank; with ``shared_facet``, cells with a kept face
     neighbour in the next or previous slab are ghosted there."""
     rank = comm.rank
@@ -227,7 +240,9 @@ def _slab_partitioner(comm: MPI.Comm, voxels: np.ndarray, is_kept: np.ndarray, z
     return partition
 
 
-def _side_labels(points: np.ndarray, spacing: np.ndarray, labels: np.ndarray, lo: int, axis: np.ndarray | None = None) -> np.ndarray:
+def _side_labels(
+    points: np.ndarray, spacing: np.ndarray, labels: np.ndarray, lo: int, axis: np.ndarray | None = None
+) -> np.ndarray:
     """Label of the voxel containing each point (array-index order), -1 outside the image."""
     index = np.floor(points / spacing).astype(np.int64)
     index[:, 0] -= lo
@@ -238,7 +253,14 @@ def _side_labels(points: np.ndarray, spacing: np.ndarray, labels: np.ndarray, lo
     return out
 
 
-def _tags(mesh: dolfinx.mesh.Mesh, labels: np.ndarray, lo: int, spacing: np.ndarray, kept: dict[str, int], phases: dict[str, int]):  # type: ignore[no-untyped-def]
+def _tags(
+    mesh: dolfinx.mesh.Mesh,
+    labels: np.ndarray,
+    lo: int,
+    spacing: np.ndarray,
+    kept: dict[str, int],
+    phases: dict[str, int],
+):  # type: ignore[no-untyped-def]
     """Cell tags (phase of the voxel) and facet tags (labels on both sides) from the rank's slab."""
     comm = mesh.comm
     tdim = mesh.topology.dim
@@ -246,7 +268,9 @@ def _tags(mesh: dolfinx.mesh.Mesh, labels: np.ndarray, lo: int, spacing: np.ndar
     n_cells = mesh.topology.index_map(tdim).size_local + mesh.topology.index_map(tdim).num_ghosts
     all_cells = np.arange(n_cells, dtype=np.int32)
     centres = dolfinx.mesh.compute_midpoints(mesh, tdim, all_cells)[:, :tdim][:, ::-1]  # array order
-    cell_values = np.array([phase_tag(v) if v >= 0 else 0 for v in range(256)])[_side_labels(centres, spacing, labels, lo)]
+    cell_values = np.array([phase_tag(v) if v >= 0 else 0 for v in range(256)])[
+        _side_labels(centres, spacing, labels, lo)
+    ]
     cell_tags = dolfinx.mesh.meshtags(mesh, tdim, all_cells, cell_values.astype(np.int32))
     del centres
 
@@ -282,7 +306,9 @@ def _tags(mesh: dolfinx.mesh.Mesh, labels: np.ndarray, lo: int, spacing: np.ndar
         values[(axis == k) & (b < 0)] = BOX_SIDE_TAGS[high_side]
     keep_facet = (a != b) & (values > 0)
     order = np.argsort(candidates[keep_facet])
-    facet_tags = dolfinx.mesh.meshtags(mesh, fdim, candidates[keep_facet][order], values[keep_facet][order].astype(np.int32))
+    facet_tags = dolfinx.mesh.meshtags(
+        mesh, fdim, candidates[keep_facet][order], values[keep_facet][order].astype(np.int32)
+    )
 
     # Group names: every tag any rank has, named the same way as the serial mesher.
     label_to_name = {v: n for n, v in phases.items()}

@@ -22,7 +22,13 @@ import numpy as np
 
 from fem_anode.errors import InputError
 
-__all__ = ["accuracy_from_confusion", "accuracy_report", "confusion_matrix", "plot_confusion", "plot_segmentation_report"]
+__all__ = [
+    "accuracy_from_confusion",
+    "accuracy_report",
+    "confusion_matrix",
+    "plot_confusion",
+    "plot_segmentation_report",
+]
 
 
 def confusion_matrix(predicted: np.ndarray, truth: np.ndarray, phases: Mapping[str, int]) -> np.ndarray:
@@ -107,8 +113,15 @@ def plot_confusion(report: Mapping[str, Any], path: str | Path, title: str = "Co
     im = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{share[i, j]:.2f}\n({int(counts[i, j])})",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if share[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("segmentation")
@@ -124,7 +137,12 @@ def plot_confusion(report: Mapping[str, Any], path: str | Path, title: str = "Co
 
 
 def plot_segmentation_report(
-    gray: np.ndarray, labels: np.ndarray, phases: Mapping[str, int], path: str | Path, *, truth: np.ndarray | None = None,
+    gray: np.ndarray,
+    labels: np.ndarray,
+    phases: Mapping[str, int],
+    path: str | Path,
+    *,
+    truth: np.ndarray | None = None,
     title: str = "",
 ) -> Path:
     """Report figure of one 2D slice: gray, segmentation, and (with ``truth``) the truth and the
@@ -152,7 +170,13 @@ def plot_segmentation_report(
     if truth is not None:
         wrong = labels != truth
         panels.append(("truth", index_of(truth), cmap))
-        panels.append((f"disagreement ({100 * wrong.mean():.1f} % of the slice)", np.ma.masked_where(~wrong, index_of(truth)), cmap))
+        panels.append(
+            (
+                f"disagreement ({100 * wrong.mean():.1f} % of the slice)",
+                np.ma.masked_where(~wrong, index_of(truth)),
+                cmap,
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), dpi=110)
     for ax, (name, data, cm) in zip(np.atleast_1d(axes), panels):
         if cm == "gray":

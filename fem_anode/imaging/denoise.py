@@ -134,7 +134,9 @@ def denoise_gray(
     if not (np.isfinite(strength) and strength > 0):
         raise UsageError(f"denoising strength must be positive, got {strength}")
     if patch_size < 1 or patch_distance < 1:
-        raise UsageError(f"non-local means patch size and distance must be >= 1 voxel, got {patch_size}, {patch_distance}")
+        raise UsageError(
+            f"non-local means patch size and distance must be >= 1 voxel, got {patch_size}, {patch_distance}"
+        )
     estimated = noise_sigma is None
     sigma = estimate_noise_sigma(a) if noise_sigma is None else float(noise_sigma)
     if not (np.isfinite(sigma) and sigma >= 0):
@@ -146,8 +148,13 @@ def denoise_gray(
 
     if method == "nl_means":
         out = restoration.denoise_nl_means(
-            a, patch_size=int(patch_size), patch_distance=int(patch_distance), h=strength * sigma, sigma=sigma,
-            fast_mode=True, channel_axis=None,
+            a,
+            patch_size=int(patch_size),
+            patch_distance=int(patch_distance),
+            h=strength * sigma,
+            sigma=sigma,
+            fast_mode=True,
+            channel_axis=None,
         )
         info.update({"patch_size": int(patch_size), "patch_distance": int(patch_distance)})
     else:

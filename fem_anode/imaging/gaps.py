@@ -124,7 +124,9 @@ def measure_gaps(
     image.check_labels(require_all_phases=False)
     for name in (si, cbd):
         if name not in phases:
-            raise UsageError(f"{image.source}: phase {name!r} not in the phase map {phases}; name the Si and CBD phases (--si, --cbd)")
+            raise UsageError(
+                f"{image.source}: phase {name!r} not in the phase map {phases}; name the Si and CBD phases (--si, --cbd)"
+            )
     if blocking is None:
         blocking = [p for p in ("graphite",) if p in phases]
     unknown = [p for p in blocking if p not in phases]
@@ -157,11 +159,16 @@ def measure_gaps(
         keep[touching - 1] = False
     kept_ids = ids[keep]
     if kept_ids.size == 0:
-        raise InputError(f"{image.source}: no Si particle with >= {min_voxels} voxels" + (" away from the image border" if exclude_border else ""))
+        raise InputError(
+            f"{image.source}: no Si particle with >= {min_voxels} voxels"
+            + (" away from the image border" if exclude_border else "")
+        )
     cell = float(np.prod(voxel))
     measure = sizes[keep] * cell
     radius = (3.0 * measure / (4.0 * np.pi)) ** (1.0 / 3.0) if ndim == 3 else np.sqrt(measure / np.pi)
-    centroids_idx = np.asarray(ndimage.center_of_mass(np.ones_like(comp), comp, kept_ids), dtype=float).reshape(-1, ndim)
+    centroids_idx = np.asarray(ndimage.center_of_mass(np.ones_like(comp), comp, kept_ids), dtype=float).reshape(
+        -1, ndim
+    )
 
     # Rays: one per surface voxel of a kept particle.
     surf = _surface(comp) & np.isin(comp, kept_ids)
@@ -223,7 +230,13 @@ def measure_gaps(
     else:
         radius_3d, gap_3d = radius.copy(), mean.copy()
     if (~has).any():
-        logger.warning("%s: %d of %d particles have no ray reaching the CBD within %.3g m", image.source, int((~has).sum()), has.size, max_distance)
+        logger.warning(
+            "%s: %d of %d particles have no ray reaching the CBD within %.3g m",
+            image.source,
+            int((~has).sum()),
+            has.size,
+            max_distance,
+        )
     logger.info("%s: %d particles, %d rays (%d valid)", image.source, kept_ids.size, start.shape[0], int(valid.sum()))
     return ParticleGaps(
         ndim=ndim,
@@ -254,7 +267,9 @@ def expected_section_gap(radius: np.ndarray | float, gap: np.ndarray | float) ->
     return (integral - 0.25 * np.pi * R**2) / R
 
 
-def section_to_3d(section_radius: np.ndarray | Sequence[float], section_gap: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def section_to_3d(
+    section_radius: np.ndarray | Sequence[float], section_gap: np.ndarray | Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """3D-equivalent radius and gap of particles seen in a random planar section (stereology).
 
     Model: spherical particles with a uniform gap shell, cut by a plane at a uniformly random

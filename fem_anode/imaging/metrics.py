@@ -78,7 +78,9 @@ def phase_fractions(image: VoxelImage) -> dict[str, float]:
         if unknown:
             image.check_labels(require_all_phases=False)  # raises the standard message
         total = array.size
-        return {name: float(counts[value] / total) if 0 <= value < counts.size else 0.0 for name, value in phases.items()}
+        return {
+            name: float(counts[value] / total) if 0 <= value < counts.size else 0.0 for name, value in phases.items()
+        }
     image.check_labels(require_all_phases=False)
     values, counts = np.unique(array, return_counts=True)
     by_value = dict(zip(values.tolist(), counts.tolist()))

@@ -170,12 +170,20 @@ def plot_comparison(samples: Mapping[str, Mapping[str, Any]], out_dir: str | Pat
         _tortuosity_figure(samples, out / f"{prefix}tortuosity.png"),
         _connections_figure(samples, out / f"{prefix}connections.png"),
         _histogram_figure(
-            samples, out / f"{prefix}pore_si_distance.png", "pore_si_distance", "histogram",
-            "distance from Si surface to nearest pore (um)", "Pore-Si distance distribution (cf. paper Fig. 7)",
+            samples,
+            out / f"{prefix}pore_si_distance.png",
+            "pore_si_distance",
+            "histogram",
+            "distance from Si surface to nearest pore (um)",
+            "Pore-Si distance distribution (cf. paper Fig. 7)",
         ),
         _histogram_figure(
-            samples, out / f"{prefix}si_size_distribution.png", "si_particles", "size_distribution",
-            "Si particle equivalent diameter (um)", "Si particle size distribution",
+            samples,
+            out / f"{prefix}si_size_distribution.png",
+            "si_particles",
+            "size_distribution",
+            "Si particle equivalent diameter (um)",
+            "Si particle size distribution",
         ),
         _si_per_slice_figure(samples, out / f"{prefix}si_per_slice.png"),
     ):
@@ -272,7 +280,9 @@ def plot_tortuosity_sections(
         cmap = plt.get_cmap("viridis").copy()
         cmap.set_bad(alpha=0.0)
         shown = np.ma.masked_invalid(section)
-        image = ax.imshow(shown, extent=extent, cmap=cmap, norm=LogNorm(1.0, vmax), interpolation="nearest", aspect="auto")
+        image = ax.imshow(
+            shown, extent=extent, cmap=cmap, norm=LogNorm(1.0, vmax), interpolation="nearest", aspect="auto"
+        )
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("x (um)")
     axes[0][0].set_ylabel("depth z (um)")

@@ -509,7 +509,11 @@ def clean_labels(
         ``(cleaned labels, info)`` with the number of voxels changed by each step.
     """
     names = list(phases)
-    sizes = {n: int(min_size) for n in names} if not isinstance(min_size, Mapping) else {n: int(min_size.get(n, 1)) for n in names}
+    sizes = (
+        {n: int(min_size) for n in names}
+        if not isinstance(min_size, Mapping)
+        else {n: int(min_size.get(n, 1)) for n in names}
+    )
     unknown = [n for n in (min_size if isinstance(min_size, Mapping) else {}) if n not in phases]
     if unknown:
         raise UsageError(f"minimum object size given for {unknown}, which are not in the phase map {dict(phases)}")
@@ -518,7 +522,12 @@ def clean_labels(
     out = np.array(labels, copy=True)
     values = [int(phases[n]) for n in names]
     lut = np.asarray(values, dtype=out.dtype)
-    info: dict[str, Any] = {"fill_isolated": bool(fill_isolated), "min_size": sizes, "isolated_filled": 0, "small_objects_removed": {}}
+    info: dict[str, Any] = {
+        "fill_isolated": bool(fill_isolated),
+        "min_size": sizes,
+        "isolated_filled": 0,
+        "small_objects_removed": {},
+    }
     if fill_isolated:
         counts = _neighbour_counts(out, values)
         known = np.isin(out, values)

@@ -62,7 +62,9 @@ class Slab:
         return self.z1 - self.z0
 
 
-def exchange_layers(comm: Any, slab: Slab, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+def exchange_layers(
+    comm: Any, slab: Slab, first: np.ndarray, last: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Send the slab's first layer down and its last layer up; return (layer below, layer above).
 
     ``None`` where there is no neighbour (the ends of the volume, one process, an empty slab).
@@ -84,7 +86,9 @@ def exchange_layers(comm: Any, slab: Slab, first: np.ndarray, last: np.ndarray) 
     return below, above
 
 
-def label_slabs(comm: Any, slab: Slab, mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
+def label_slabs(
+    comm: Any, slab: Slab, mask: np.ndarray, structure: np.ndarray | None = None
+) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
     """Connected components of a distributed boolean volume, numbered as on the whole volume.
 
     Collective. Each slab is labelled with :func:`scipy.ndimage.label`; the labels become global
@@ -155,7 +159,9 @@ def label_slabs(comm: Any, slab: Slab, mask: np.ndarray, structure: np.ndarray |
 
     labels = final(local)
     # The neighbouring layers, in final numbers (their owners computed them the same way).
-    layer_below, layer_above = exchange_layers(comm, slab, labels[0] if slab.layers else empty, labels[-1] if slab.layers else empty)
+    layer_below, layer_above = exchange_layers(
+        comm, slab, labels[0] if slab.layers else empty, labels[-1] if slab.layers else empty
+    )
     return labels, total - nonroots.size, layer_below, layer_above
 
 
@@ -176,8 +182,13 @@ def _component_roots(pairs: np.ndarray) -> dict[int, int]:
 
 
 def max_distance_to(
-    comm: Any, slab: Slab, read_layers: LayerReader, source: Callable[[np.ndarray], np.ndarray], target: Callable[[np.ndarray], np.ndarray],
-    spacing: tuple[float, ...], halo: int = 16,
+    comm: Any,
+    slab: Slab,
+    read_layers: LayerReader,
+    source: Callable[[np.ndarray], np.ndarray],
+    target: Callable[[np.ndarray], np.ndarray],
+    spacing: tuple[float, ...],
+    halo: int = 16,
 ) -> float:
     """Largest distance (in the unit of ``spacing``) from a ``source`` voxel to the nearest ``target`` voxel.
 
@@ -214,7 +225,9 @@ def max_distance_to(
             else:
                 distance = ndimage.distance_transform_edt(~targets, sampling=spacing)[slab.z0 - lo : slab.z1 - lo]
                 z = np.arange(slab.z0, slab.z1)
-                reach = np.minimum(np.where(lo > 0, (z - lo + 1) * hz, np.inf), np.where(hi < slab.nz, (hi - z) * hz, np.inf))
+                reach = np.minimum(
+                    np.where(lo > 0, (z - lo + 1) * hz, np.inf), np.where(hi < slab.nz, (hi - z) * hz, np.inf)
+                )
                 d = np.where(sources, distance, 0.0)
                 local_max = float(d.max())
                 exact = bool((d.reshape(d.shape[0], -1).max(axis=1) <= reach).all())

@@ -132,7 +132,9 @@ def anode_volume(
     near_graphite = (dist_to_graphite > 0) & (dist_to_graphite <= 2.0)
     si = random_spheres(shape, si_fraction, (1.2, 2.8), rng, allowed=near_graphite) & ~graphite
     dist_to_si = ndimage.distance_transform_edt(~si)
-    intermediate = ~graphite & ~si & ((dist_to_si <= binder_thickness + 0.5) | (dist_to_graphite <= 0.5 * binder_thickness + 0.5))
+    intermediate = (
+        ~graphite & ~si & ((dist_to_si <= binder_thickness + 0.5) | (dist_to_graphite <= 0.5 * binder_thickness + 0.5))
+    )
     labels = np.full(shape, ANODE_PHASES["pore"], dtype=np.uint8)
     labels[intermediate] = ANODE_PHASES["sei"]
     labels[graphite] = ANODE_PHASES["graphite"]

@@ -134,11 +134,22 @@ def compute_features(gray: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float32)
     parts = []
     if settings.intensity or settings.edges:
-        parts.append(np.asarray(multiscale_basic_features(
-            a, intensity=settings.intensity, edges=settings.edges, texture=False,
-            sigma_min=settings.sigma_min, sigma_max=settings.sigma_max, num_sigma=settings.num_sigma,
-            num_workers=1, channel_axis=None,
-        ), dtype=np.float32))
+        parts.append(
+            np.asarray(
+                multiscale_basic_features(
+                    a,
+                    intensity=settings.intensity,
+                    edges=settings.edges,
+                    texture=False,
+                    sigma_min=settings.sigma_min,
+                    sigma_max=settings.sigma_max,
+                    num_sigma=settings.num_sigma,
+                    num_workers=1,
+                    channel_axis=None,
+                ),
+                dtype=np.float32,
+            )
+        )
     if settings.texture:
         parts.extend(_texture_features(a, sigma) for sigma in settings.sigmas)
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
@@ -157,7 +168,10 @@ def _texture_features(image: np.ndarray, sigma: float) -> np.ndarray:
 
     smoothed = filters.gaussian(image, sigma=sigma, preserve_range=False)
     gradient = np.gradient(smoothed)
-    h = {(i, j): np.gradient(gradient[i], axis=j).astype(np.float64) for i, j in combinations_with_replacement(range(image.ndim), 2)}
+    h = {
+        (i, j): np.gradient(gradient[i], axis=j).astype(np.float64)
+        for i, j in combinations_with_replacement(range(image.ndim), 2)
+    }
     del gradient, smoothed
     if image.ndim == 2:
         mean = 0.5 * (h[0, 0] + h[1, 1])
@@ -166,7 +180,9 @@ def _texture_features(image: np.ndarray, sigma: float) -> np.ndarray:
     return _symmetric3_eigenvalues(h[0, 0], h[1, 1], h[2, 2], h[0, 1], h[0, 2], h[1, 2])
 
 
-def _symmetric3_eigenvalues(a: np.ndarray, d: np.ndarray, f: np.ndarray, b: np.ndarray, c: np.ndarray, e: np.ndarray) -> np.ndarray:
+def _symmetric3_eigenvalues(
+    a: np.ndarray, d: np.ndarray, f: np.ndarray, b: np.ndarray, c: np.ndarray, e: np.ndarray
+) -> np.ndarray:
     """Eigenvalues (decreasing, float32) of the symmetric matrices ``[[a, b, c], [b, d, e], [c, e, f]]``.
 
     Trigonometric solution of the characteristic cubic (Smith, Commun. ACM 4, 168 (1961)):
@@ -209,7 +225,9 @@ class TrainedClassifier:
     def check_image(self, shape: Sequence[int], source: str = "<image>") -> None:
         """UsageError if an image of this shape cannot be segmented with this model."""
         if len(shape) != self.ndim:
-            raise UsageError(f"{source}: the model was trained on {self.ndim}D images, this image is {len(shape)}D {tuple(shape)}")
+            raise UsageError(
+                f"{source}: the model was trained on {self.ndim}D images, this image is {len(shape)}D {tuple(shape)}"
+            )
 
 
 def _versions() -> dict[str, str]:
@@ -251,8 +269,16 @@ def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float
     return _Blocks(edge, tuple(min(edge, n) for n in shape[1:]), halo)
 
 
-def _block_features(window: np.ndarray, w0: int, a: int, b: int, box: tuple[slice, ...], shape: Sequence[int],
-                    settings: FeatureSettings, halo: int) -> np.ndarray:
+def _block_features(
+    window: np.ndarray,
+    w0: int,
+    a: int,
+    b: int,
+    box: tuple[slice, ...],
+    shape: Sequence[int],
+    settings: FeatureSettings,
+    halo: int,
+) -> np.ndarray:
     """Exact features of layers ``a..b-1`` and the in-plane ``box`` from the gray ``window``
     (layers ``w0 ..``, whole planes, with at least ``halo`` layers around ``a..b`` where the image has them)."""
     lo, hi = max(a - halo, 0), min(b + halo, int(shape[0]))
@@ -267,7 +293,9 @@ def _block_features(window: np.ndarray, w0: int, a: int, b: int, box: tuple[slic
     return feats[crop]
 
 
-def _iterate_blocks(read: LayerReader, shape: Sequence[int], z0: int, z1: int, settings: FeatureSettings, memory_bytes: float):
+def _iterate_blocks(
+    read: LayerReader, shape: Sequence[int], z0: int, z1: int, settings: FeatureSettings, memory_bytes: float
+):
     """Yield ``(a, b, box, features)`` covering layers ``z0..z1-1`` block by block."""
     import itertools
 
@@ -341,14 +369,20 @@ def train_classifier(
     for (gray, labels), name in zip(pairs, names):
         gray, labels = np.asarray(gray), np.asarray(labels)
         if gray.shape != labels.shape:
-            raise InputError(f"{name}: the label image has shape {labels.shape} but the gray image {gray.shape}; they must match voxel for voxel")
+            raise InputError(
+                f"{name}: the label image has shape {labels.shape} but the gray image {gray.shape}; they must match voxel for voxel"
+            )
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{name}: training labels must be integers, got {labels.dtype}")
         values = np.unique(labels)
         unknown = [int(v) for v in values if v != unlabelled and int(v) not in phases.values()]
         if unknown:
-            raise InputError(f"{name}: label values {unknown[:10]} are neither in the phase map {phases} nor the unlabelled value {unlabelled}")
-        for a, b, box, feats in _iterate_blocks(lambda lo, hi, g=gray: g[lo:hi], gray.shape, 0, gray.shape[0], settings, chunk_memory):
+            raise InputError(
+                f"{name}: label values {unknown[:10]} are neither in the phase map {phases} nor the unlabelled value {unlabelled}"
+            )
+        for a, b, box, feats in _iterate_blocks(
+            lambda lo, hi, g=gray: g[lo:hi], gray.shape, 0, gray.shape[0], settings, chunk_memory
+        ):
             block_labels = labels[(slice(a, b), *box)]
             mask = block_labels != unlabelled
             if mask.any():
@@ -360,15 +394,23 @@ def train_classifier(
     counts = {name: int(np.count_nonzero(y == value)) for name, value in phases.items()}
     missing = [name for name, n in counts.items() if n == 0]
     if missing:
-        raise InputError(f"phase(s) {', '.join(missing)} have no labelled voxels in the training images; label a few of each")
+        raise InputError(
+            f"phase(s) {', '.join(missing)} have no labelled voxels in the training images; label a few of each"
+        )
     rng = np.random.default_rng(seed)
     if x.shape[0] > max_samples:
         keep = np.sort(rng.choice(x.shape[0], size=max_samples, replace=False))
         x, y = x[keep], y[keep]
     forest = RandomForestClassifier(
-        n_estimators=int(n_estimators), max_depth=max_depth, min_samples_leaf=2, n_jobs=1, random_state=int(seed),
+        n_estimators=int(n_estimators),
+        max_depth=max_depth,
+        min_samples_leaf=2,
+        n_jobs=1,
+        random_state=int(seed),
     )
-    logger.info("training a random forest of %d trees on %d labelled voxels (%d features)", n_estimators, x.shape[0], x.shape[1])
+    logger.info(
+        "training a random forest of %d trees on %d labelled voxels (%d features)", n_estimators, x.shape[0], x.shape[1]
+    )
     forest.fit(x, y)
     gray_ranges = [[float(np.percentile(np.asarray(g), 1)), float(np.percentile(np.asarray(g), 99))] for g, _ in pairs]
     training = {
@@ -445,7 +487,9 @@ def load_model(path: str | Path, phases: Mapping[str, int] | None = None) -> Tra
         settings = FeatureSettings(**payload["settings"])
     except TypeError as err:
         raise InputError(f"{path}: feature settings not understood: {err}") from None
-    return TrainedClassifier(payload["forest"], settings, model_phases, int(payload["ndim"]), payload.get("training", {}), stored)
+    return TrainedClassifier(
+        payload["forest"], settings, model_phases, int(payload["ndim"]), payload.get("training", {}), stored
+    )
 
 
 def _label_dtype(phases: Mapping[str, int]) -> type:
@@ -497,14 +541,24 @@ def predict_labels(
     out = np.empty((z1 - z0, *shape[1:]), dtype=_label_dtype(model.phases))
     n_features = model.settings.n_features(len(shape))
     if model.forest.n_features_in_ != n_features:
-        raise InputError(f"the model's forest expects {model.forest.n_features_in_} features per voxel, its settings give {n_features}")
+        raise InputError(
+            f"the model's forest expects {model.forest.n_features_in_} features per voxel, its settings give {n_features}"
+        )
     done = 0
     for a, b, box, feats in _iterate_blocks(read, shape, z0, z1, model.settings, chunk_memory):
         block = feats.shape[:-1]
         out[(slice(a - z0, b - z0), *box)] = model.forest.predict(feats.reshape(-1, n_features)).reshape(block)
         done += int(np.prod(block))
         if progress:
-            logger.info("trainable segmentation: layers %d..%d%s predicted, %.0f %% of layers %d..%d", a, b - 1,
-                        "" if all(sl.stop - sl.start == n for sl, n in zip(box, shape[1:])) else f" (tile {[(sl.start, sl.stop) for sl in box]})",
-                        100.0 * done / max(out.size, 1), z0, z1 - 1)
+            logger.info(
+                "trainable segmentation: layers %d..%d%s predicted, %.0f %% of layers %d..%d",
+                a,
+                b - 1,
+                ""
+                if all(sl.stop - sl.start == n for sl, n in zip(box, shape[1:]))
+                else f" (tile {[(sl.start, sl.stop) for sl in box]})",
+                100.0 * done / max(out.size, 1),
+                z0,
+                z1 - 1,
+            )
     return out

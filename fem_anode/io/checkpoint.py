@@ -120,8 +120,15 @@ def _write_global_array(directory: Path, stem: str, u: Any, comm: Any) -> dict[s
             handle.Write_at_all(int(u.global_offset) * 8, [block, MPI.DOUBLE])
         finally:
             handle.Close()
-    return {"mode": "global-array", "file": relative, "element": "global-array", "size": int(u.global_size), "block_size": 1,
-            "cells": int(u.global_size), "mesh_signature": [0.0, 0.0]}
+    return {
+        "mode": "global-array",
+        "file": relative,
+        "element": "global-array",
+        "size": int(u.global_size),
+        "block_size": 1,
+        "cells": int(u.global_size),
+        "mesh_signature": [0.0, 0.0],
+    }
 
 
 def _read_global_array(path: Path, u: Any, comm: Any) -> None:
@@ -327,7 +334,9 @@ def _answer(comm: Any, answers: np.ndarray, recv_counts: np.ndarray, order: np.n
     return out
 
 
-def _destinations(V: Any, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _destinations(
+    V: Any, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Collective: the keys of the owned dof blocks and the rank holding each one's file block
     (kept in ``cache`` by space for the other fields of the same save)."""
     if cache is not None and id(V) in cache:
@@ -408,14 +417,18 @@ def _write_field(directory: Path, stem: str, u: Any, comm: Any, cache: dict[int,
     V = u.function_space
     mesh = V.mesh
     if mesh.comm.size != _size(comm):
-        raise UsageError(f"a checkpoint on {_size(comm)} rank(s) cannot store a Function on a mesh over {mesh.comm.size} rank(s): give the store the mesh's communicator")
+        raise UsageError(
+            f"a checkpoint on {_size(comm)} rank(s) cannot store a Function on a mesh over {mesh.comm.size} rank(s): give the store the mesh's communicator"
+        )
     imap = V.dofmap.index_map
     if not _fixed_layout(V.ufl_element()):
         adios4dolfinx = _adios4dolfinx()
         from adios4dolfinx.adios2_helpers import adios2
 
         mode, relative = "adios4dolfinx", f"{_FIELDS}/{stem}.bp"
-        adios4dolfinx.write_function_on_input_mesh(directory / relative, u, engine="BP4", mode=adios2.Mode.Write, name=_VARIABLE)
+        adios4dolfinx.write_function_on_input_mesh(
+            directory / relative, u, engine="BP4", mode=adios2.Mode.Write, name=_VARIABLE
+        )
     else:
         mode, relative = "input-order", f"{_FIELDS}/{stem}.bin"
         _write_values(directory / relative, u, cache)
@@ -533,7 +546,9 @@ class Checkpoint:
             InputError: no such field, or it does not fit ``u``'s space or mesh.
         """
         if name not in self.fields:
-            raise InputError(f"checkpoint {self.path} has no field {name!r} (it has {', '.join(sorted(self.fields)) or 'none'})")
+            raise InputError(
+                f"checkpoint {self.path} has no field {name!r} (it has {', '.join(sorted(self.fields)) or 'none'})"
+            )
         meta = self.fields[name]
         if meta["mode"] == "global-array" or _is_global_array(u):
             if meta["mode"] != "global-array" or not _is_global_array(u) or meta["size"] != u.global_size:
@@ -555,7 +570,9 @@ class Checkpoint:
         imap = V.dofmap.index_map
         bs = V.dofmap.index_map_bs
         cells = mesh.topology.index_map(mesh.topology.dim).size_global
-        if (meta["size"], meta["block_size"], meta["cells"]) != (imap.size_global, bs, cells) or meta["element"] != str(V.ufl_element()):
+        if (meta["size"], meta["block_size"], meta["cells"]) != (imap.size_global, bs, cells) or meta["element"] != str(
+            V.ufl_element()
+        ):
             raise InputError(
                 f"checkpoint field {name!r} has {meta['size']} x {meta['block_size']} dofs of {meta['element']} on "
                 f"{meta['cells']} cells, the current space {imap.size_global} x {bs} of {V.ufl_element()} on {cells}: "
@@ -660,8 +677,11 @@ class CheckpointStore:
                 error = f"cannot write the checkpoint in {self.directory}: {err}"
             error = _first_error(comm, error)
             if error is None and _rank(comm) == 0:
-                plain = {f"a.{name}": np.asarray(value) for name, value in (arrays or {}).items()
-                         if not (_is_function(value) or _is_global_array(value))}
+                plain = {
+                    f"a.{name}": np.asarray(value)
+                    for name, value in (arrays or {}).items()
+                    if not (_is_function(value) or _is_global_array(value))
+                }
                 try:
                     self._commit(tmp, dict(state), fields, table or {}, plain)
                 except (OSError, TypeError, ValueError) as err:
@@ -675,7 +695,14 @@ class CheckpointStore:
         _barrier(comm)
         return self.path
 
-    def _commit(self, tmp: Path, state: dict[str, Any], fields: dict[str, dict[str, Any]], table: dict[str, dict[str, Any]], data: dict[str, np.ndarray]) -> None:
+    def _commit(
+        self,
+        tmp: Path,
+        state: dict[str, Any],
+        fields: dict[str, dict[str, Any]],
+        table: dict[str, dict[str, Any]],
+        data: dict[str, np.ndarray],
+    ) -> None:
         """Rank 0: write arrays.npz and state.json into ``tmp``, then swap it in for the checkpoint."""
         arrays_path = tmp / _ARRAYS
         with open(arrays_path, "wb") as handle:
@@ -703,7 +730,10 @@ class CheckpointStore:
             os.replace(self.path, old)
         os.replace(tmp, self.path)
         _fsync(self.directory)
-        for stale in [*self.directory.glob(f"{CHECKPOINT_NAME}.tmp-*"), *self.directory.glob(f"{CHECKPOINT_NAME}.old-*")]:
+        for stale in [
+            *self.directory.glob(f"{CHECKPOINT_NAME}.tmp-*"),
+            *self.directory.glob(f"{CHECKPOINT_NAME}.old-*"),
+        ]:
             shutil.rmtree(stale, ignore_errors=True)  # this run's previous one, or left by a crash
 
     def load(self) -> Checkpoint:
@@ -739,7 +769,9 @@ class CheckpointStore:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
             raise InputError(f"corrupt checkpoint {path / _STATE}: {type(err).__name__}: {err}") from None
         if bookkeeping.get("format") != FORMAT_VERSION:
-            raise InputError(f"checkpoint {path} has format {bookkeeping.get('format')!r}; this version reads format {FORMAT_VERSION}")
+            raise InputError(
+                f"checkpoint {path} has format {bookkeeping.get('format')!r}; this version reads format {FORMAT_VERSION}"
+            )
         try:
             if _sha256(path / _ARRAYS) != expected:
                 raise InputError(f"corrupt checkpoint {path / _ARRAYS}: its checksum does not match state.json")
@@ -752,7 +784,11 @@ class CheckpointStore:
     def remove(self) -> None:
         """Delete the checkpoint and any leftovers (collective; after a run finished)."""
         if _rank(self.comm) == 0 and self.directory.is_dir():
-            for entry in [self.path, *self.directory.glob(f"{CHECKPOINT_NAME}.tmp-*"), *self.directory.glob(f"{CHECKPOINT_NAME}.old-*")]:
+            for entry in [
+                self.path,
+                *self.directory.glob(f"{CHECKPOINT_NAME}.tmp-*"),
+                *self.directory.glob(f"{CHECKPOINT_NAME}.old-*"),
+            ]:
                 shutil.rmtree(entry, ignore_errors=True)
         _barrier(self.comm)
 
@@ -771,7 +807,9 @@ class CheckpointPolicy:
 
     def __post_init__(self) -> None:
         if not (self.interval_s >= 0 and self.every_steps >= 0):
-            raise UsageError(f"checkpoint interval_s and every_steps must be >= 0, got {self.interval_s}, {self.every_steps}")
+            raise UsageError(
+                f"checkpoint interval_s and every_steps must be >= 0, got {self.interval_s}, {self.every_steps}"
+            )
 
 
 class Checkpointer:

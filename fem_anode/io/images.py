@@ -66,7 +66,9 @@ class VoxelImage:
 
     def __post_init__(self) -> None:
         if self.array.ndim not in (2, 3):
-            raise InputError(f"{self.source}: expected a 2D or 3D image, got {self.array.ndim}D with shape {self.array.shape}")
+            raise InputError(
+                f"{self.source}: expected a 2D or 3D image, got {self.array.ndim}D with shape {self.array.shape}"
+            )
         if self.voxel_size is not None:
             vs = tuple(float(v) for v in self.voxel_size)
             if len(vs) == 1:
@@ -131,8 +133,7 @@ class VoxelImage:
         unknown = [int(v) for v in values if int(v) not in known]
         if unknown:
             raise InputError(
-                f"{self.source}: label values {unknown[:10]} are not in the phase map "
-                f"{format_phase_map(self.phases)}"
+                f"{self.source}: label values {unknown[:10]} are not in the phase map {format_phase_map(self.phases)}"
             )
         if require_all_phases:
             present = {int(v) for v in values}
@@ -214,7 +215,12 @@ def _to_single_channel(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def _meta_dict(voxel_size: Sequence[float] | None, phases: Mapping[str, int] | None) -> dict[str, Any]:
-    return {_META_KEY: {"voxel_size_m": list(voxel_size) if voxel_size else None, "phases": dict(phases) if phases else None}}
+    return {
+        _META_KEY: {
+            "voxel_size_m": list(voxel_size) if voxel_size else None,
+            "phases": dict(phases) if phases else None,
+        }
+    }
 
 
 def _meta_from(data: Any, where: str = "metadata") -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
@@ -230,7 +236,11 @@ def _meta_from(data: Any, where: str = "metadata") -> tuple[tuple[float, ...] | 
     if vs is not None:
         if isinstance(vs, (int, float)) and not isinstance(vs, bool):
             vs = [vs]
-        if not isinstance(vs, list) or not vs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs):
+        if (
+            not isinstance(vs, list)
+            or not vs
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs)
+        ):
             raise InputError(f"{where}: voxel_size_m must be a list of numbers (metres), got {vs!r:.80}")
         from fem_anode.units import check_length
 
@@ -278,7 +288,10 @@ def _check_read_memory(path: Path, shape: Any, dtype: Any) -> None:
 
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    check_memory(estimate_array_memory(shape, dtype.itemsize, f"reading {path} ({'x'.join(map(str, shape))} {dtype})"), hint="crop or bin the image first")
+    check_memory(
+        estimate_array_memory(shape, dtype.itemsize, f"reading {path} ({'x'.join(map(str, shape))} {dtype})"),
+        hint="crop or bin the image first",
+    )
 
 
 def _npz_metadata(path: Path, data: Any) -> tuple[tuple[float, ...] | None, dict[str, int] | None] | None:
@@ -339,7 +352,9 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[
                     break
             else:
                 if len(keys) != 1:
-                    raise InputError(f"{path}: .npz holds arrays {keys}; expected one, or one named 'labels' or 'image'")
+                    raise InputError(
+                        f"{path}: .npz holds arrays {keys}; expected one, or one named 'labels' or 'image'"
+                    )
                 key = keys[0]
             array = data[key]
             meta = _npz_metadata(path, data) if "metadata" in data.files else None
@@ -352,7 +367,9 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[
 
         array = _to_single_channel(np.asarray(iio.imread(path)), str(path))
         return (array, *_read_sidecar(path))
-    raise InputError(f"{path}: unsupported image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)} or a folder of slices")
+    raise InputError(
+        f"{path}: unsupported image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)} or a folder of slices"
+    )
 
 
 _TIFF_UNITS = {"micron": 1e-6, "um": 1e-6, "µm": 1e-6, "\\u00B5m": 1e-6, "nm": 1e-9, "mm": 1e-3, "cm": 1e-2, "m": 1.0}
@@ -384,11 +401,18 @@ def _tiff_metadata(tif: Any, path: Path, ndim: int) -> tuple[tuple[float, ...] |
             if ndim == 3:
                 voxel_size = (float(ij.get("spacing", 1.0 / xr)) * unit, *voxel_size)
     sidecar = _read_sidecar(path)
-    if sidecar[0] is not None and voxel_size is not None and (
-        len(sidecar[0]) != len(voxel_size) or not np.allclose(sidecar[0], voxel_size, rtol=1e-6, atol=0.0)
+    if (
+        sidecar[0] is not None
+        and voxel_size is not None
+        and (len(sidecar[0]) != len(voxel_size) or not np.allclose(sidecar[0], voxel_size, rtol=1e-6, atol=0.0))
     ):
-        logger.warning("%s: the voxel size of %s %s differs from the TIFF calibration %s; using the sidecar's",
-                       path, _sidecar(path).name, sidecar[0], voxel_size)
+        logger.warning(
+            "%s: the voxel size of %s %s differs from the TIFF calibration %s; using the sidecar's",
+            path,
+            _sidecar(path).name,
+            sidecar[0],
+            voxel_size,
+        )
     return sidecar[0] or voxel_size, sidecar[1], False
 
 
@@ -412,7 +436,11 @@ def _tiff_series(tif: Any, path: Path) -> list[Any]:
     """The image series of a TIFF, checked for consistency: every full-resolution page must have
     the shape, data type and calibration of the first (InputError naming the odd page).
     Reduced-resolution pages (thumbnails, pyramid levels) are left out."""
-    series = [s for s in tif.series if not getattr(s.pages[0] if s.pages else None, "is_reduced", False)] if tif.series else []
+    series = (
+        [s for s in tif.series if not getattr(s.pages[0] if s.pages else None, "is_reduced", False)]
+        if tif.series
+        else []
+    )
     if not series:
         raise InputError(f"cannot read image {path}: the TIFF file holds no image")
     first = series[0]
@@ -494,10 +522,14 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(n) for n in props.shape), np.dtype(props.dtype)
 
 
-def _check_slice(folder: Path, name: str, shape: tuple[int, ...], dtype: Any, first: tuple[str, tuple[int, ...], Any]) -> None:
+def _check_slice(
+    folder: Path, name: str, shape: tuple[int, ...], dtype: Any, first: tuple[str, tuple[int, ...], Any]
+) -> None:
     """InputError naming slice ``name`` if it is not 2D or differs from the first in shape or dtype."""
     if len(shape) != 2:
-        raise InputError(f"{folder}: slice {name} is {len(shape)}D with shape {'x'.join(map(str, shape))}; every slice must be a 2D image")
+        raise InputError(
+            f"{folder}: slice {name} is {len(shape)}D with shape {'x'.join(map(str, shape))}; every slice must be a 2D image"
+        )
     if tuple(shape) != tuple(first[1]) or np.dtype(dtype) != np.dtype(first[2]):
         raise InputError(
             f"{folder}: slice {name} has {_describe_page(shape, dtype)} but slice {first[0]} has "
@@ -625,11 +657,15 @@ class ImageLayers:
             return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
         layers = np.asarray(self._read(start, stop))
         if layers.shape != (stop - start, *self.shape[1:]):
-            raise InputError(f"{self.source}: layers {start}..{stop - 1} have shape {layers.shape}, expected {(stop - start, *self.shape[1:])}")
+            raise InputError(
+                f"{self.source}: layers {start}..{stop - 1} have shape {layers.shape}, expected {(stop - start, *self.shape[1:])}"
+            )
         return layers
 
 
-def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mapping[str, int] | str | None = None) -> ImageLayers | VoxelImage:
+def open_image_layers(
+    path: str | Path, *, voxel_size: Any = None, phases: Mapping[str, int] | str | None = None
+) -> ImageLayers | VoxelImage:
     """Open a label image for reading by layers: ``.npy`` memory-mapped, multi-page TIFF page by
     page, folders of slices file by file. Other formats (and 2D images) are read whole and
     returned as a :class:`VoxelImage` (which reads layers from memory).
@@ -672,7 +708,12 @@ def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mappi
             with tifffile.TiffFile(path) as tif:
                 all_series = _tiff_series(tif, path)
                 series = all_series[0] if len(all_series) == 1 else None
-                if series is not None and len(series.shape) == 3 and series.shape[0] > 1 and len(tif.pages) == series.shape[0]:
+                if (
+                    series is not None
+                    and len(series.shape) == 3
+                    and series.shape[0] > 1
+                    and len(tif.pages) == series.shape[0]
+                ):
                     stored_vs, stored_phases, _ = _tiff_metadata(tif, path, 3)
 
                     def read_pages(a: int, b: int) -> np.ndarray:
@@ -692,11 +733,15 @@ def open_image_layers(path: str | Path, *, voxel_size: Any = None, phases: Mappi
             raise InputError(f"{message}; fix the metadata or give --voxel-size")
         logger.warning("%s; using the voxel size given instead", message)
         stored_vs = None
-    probe = VoxelImage(np.zeros((1,) * len(shape), np.uint8), stored_vs, stored_phases, str(path)).with_metadata(voxel_size, phases)
+    probe = VoxelImage(np.zeros((1,) * len(shape), np.uint8), stored_vs, stored_phases, str(path)).with_metadata(
+        voxel_size, phases
+    )
     return ImageLayers(tuple(int(n) for n in shape), np.dtype(dtype), probe.voxel_size, probe.phases, str(path), reader)
 
 
-def write_image(path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size: Any = None, phases: Any = None) -> Path:
+def write_image(
+    path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size: Any = None, phases: Any = None
+) -> Path:
     """Write an image (and its voxel size/phase map) to ``path``; format from the suffix.
 
     A path without suffix is written as a folder of numbered PNG slices (3D) plus
@@ -729,8 +774,13 @@ def write_image(path: str | Path, image: VoxelImage | np.ndarray, *, voxel_size:
     elif suffix == "":
         path.mkdir(parents=True, exist_ok=True)
         stack = array if array.ndim == 3 else array[None]
-        if stack.dtype not in (np.uint8, np.uint16, bool) and np.issubdtype(stack.dtype, np.integer) and stack.size \
-                and stack.min() >= 0 and stack.max() < 2**16:
+        if (
+            stack.dtype not in (np.uint8, np.uint16, bool)
+            and np.issubdtype(stack.dtype, np.integer)
+            and stack.size
+            and stack.min() >= 0
+            and stack.max() < 2**16
+        ):
             stack = stack.astype(np.uint16 if stack.max() > 255 else np.uint8)  # one dtype for every slice
         width = max(4, len(str(len(stack) - 1)))
         for i, plane in enumerate(stack):

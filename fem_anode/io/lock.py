@@ -227,7 +227,12 @@ def _acquire(out: Path) -> tuple[Path, list[Path]]:
                 return path, created
             owner = read_lock(path)
             if lock_is_stale(owner):
-                logger.warning("removing the stale lock %s of a run that no longer exists (pid %s on %s)", path, owner.get("pid"), owner.get("host"))  # type: ignore[union-attr]
+                logger.warning(
+                    "removing the stale lock %s of a run that no longer exists (pid %s on %s)",
+                    path,
+                    owner.get("pid"),
+                    owner.get("host"),
+                )  # type: ignore[union-attr]
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue

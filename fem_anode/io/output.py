@@ -74,7 +74,9 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 @contextlib.contextmanager
-def output_directory(out: str | Path, comm: Any = None, keep_on: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
+def output_directory(
+    out: str | Path, comm: Any = None, keep_on: tuple[type[BaseException], ...] = ()
+) -> Iterator[Path]:
     """Stage a command's results and publish them in ``out`` only if the block succeeds.
 
     Yields a staging directory (a sibling of ``out``); on success its files are moved into

@@ -195,7 +195,9 @@ def _rgb(colour: str) -> tuple[int, int, int]:
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)
 
 
-def _marching_cubes(mask: np.ndarray, spacing: Sequence[float], smoothing: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+def _marching_cubes(
+    mask: np.ndarray, spacing: Sequence[float], smoothing: float = 0.7
+) -> tuple[np.ndarray, np.ndarray]:
     """Marching-cubes surface of a mask smoothed as :func:`~fem_anode.imaging.metrics.pore_surface_area`
     does (Gaussian of ``smoothing`` voxels, level 0.5); ``(points (display um), triangles)``."""
     from scipy import ndimage
@@ -224,7 +226,9 @@ class _Job:
 
     def add(self, figure: Figure3D, panels: list[dict[str, Any]], *, scalar_bar: dict[str, Any] | None = None) -> None:
         width, height = PANEL_SIZE
-        self.scenes.append({"png": figure.file, "window": [width * len(panels), height], "panels": panels, "scalar_bar": scalar_bar})
+        self.scenes.append(
+            {"png": figure.file, "window": [width * len(panels), height], "panels": panels, "scalar_bar": scalar_bar}
+        )
         self.figures.append(figure)
 
 
@@ -282,14 +286,28 @@ def metrics_scenes(
                 lut[phases[name]] = _rgb(_phase_colour(name, i))
         colours = lut[labels.ravel()[owner]]
         legend = [[name, _phase_colour(name, i)] for i, name in enumerate(names)]
-        volume_panels.append({"title": title, "layers": [{"kind": "quads", "points": job.array(points), "rgb": job.array(colours)}], "legend": legend})
+        volume_panels.append(
+            {
+                "title": title,
+                "layers": [{"kind": "quads", "points": job.array(points), "rgb": job.array(colours)}],
+                "legend": legend,
+            }
+        )
         # (b) pores and Si as objects (Fig. 5b)
         layers = []
         for name in (pore_phase, si_phase):
             if name in phases and (labels == phases[name]).any():
                 points, _ = voxel_faces(labels == phases[name], spacing)
-                layers.append({"kind": "quads", "points": job.array(points), "color": _phase_colour(name, names.index(name))})
-        pores_si_panels.append({"title": title, "layers": layers, "legend": [[n, _phase_colour(n, names.index(n))] for n in (pore_phase, si_phase) if n in phases]})
+                layers.append(
+                    {"kind": "quads", "points": job.array(points), "color": _phase_colour(name, names.index(name))}
+                )
+        pores_si_panels.append(
+            {
+                "title": title,
+                "layers": layers,
+                "legend": [[n, _phase_colour(n, names.index(n))] for n in (pore_phase, si_phase) if n in phases],
+            }
+        )
         # tortuosity: reachable pore voxels coloured (log), unreachable white (Fig. 5c)
         tau = fields.get("tortuosity")
         if tau is not None:
@@ -300,21 +318,50 @@ def metrics_scenes(
             if reachable.any():
                 points, owner = voxel_faces(reachable, spacing)
                 values = np.clip(tau.ravel()[owner], 1.0, tau_max).astype(np.float32)
-                layers.append({"kind": "quads", "points": job.array(points), "scalars": job.array(values), "cmap": "viridis",
-                               "clim": [1.0, tau_max], "log_scale": True})
+                layers.append(
+                    {
+                        "kind": "quads",
+                        "points": job.array(points),
+                        "scalars": job.array(values),
+                        "cmap": "viridis",
+                        "clim": [1.0, tau_max],
+                        "log_scale": True,
+                    }
+                )
             unreachable = np.isinf(tau) & region
             if unreachable.any():
                 points, _ = voxel_faces(unreachable, spacing)
                 layers.append({"kind": "quads", "points": job.array(points), "color": "#ffffff"})
-            tau_panels.append({"title": title, "layers": layers, "background": "#3a3a48", "text_color": "white",
-                               "legend": [["unreachable (infinite)", "#ffffff"]] if unreachable.any() else None})
+            tau_panels.append(
+                {
+                    "title": title,
+                    "layers": layers,
+                    "background": "#3a3a48",
+                    "text_color": "white",
+                    "legend": [["unreachable (infinite)", "#ffffff"]] if unreachable.any() else None,
+                }
+            )
         # pore surface mesh (Fig. 6c)
         if pore_phase in phases:
             points, triangles = _marching_cubes(labels == phases[pore_phase], spacing)
             area = metrics.get("pore_surface_area_m2")
             text = title + (f"\npore surface {area * 1e12:.4g} um^2 (full resolution)" if area else "")
-            surface_panels.append({"title": text, "layers": [{"kind": "triangles", "points": job.array(points), "triangles": job.array(triangles),
-                                                              "color": "#3d6fe8", "smooth": True}] if len(triangles) else []})
+            surface_panels.append(
+                {
+                    "title": text,
+                    "layers": [
+                        {
+                            "kind": "triangles",
+                            "points": job.array(points),
+                            "triangles": job.array(triangles),
+                            "color": "#3d6fe8",
+                            "smooth": True,
+                        }
+                    ]
+                    if len(triangles)
+                    else [],
+                }
+            )
         # pore-Si distance on the Si surfaces (Fig. 7)
         if pore_phase in phases and si_phase in phases and distance_max > 0:
             pore, si = labels == phases[pore_phase], labels == phases[si_phase]
@@ -326,29 +373,75 @@ def metrics_scenes(
                 values = ndimage.map_coordinates(to_pore, index, order=1, mode="nearest").astype(np.float32)
                 mean = (metrics.get("pore_si_distance") or {}).get("mean_m")
                 text = title + (f"\nmean Si-surface-to-pore distance {mean * 1e6:.3g} um" if mean else "")
-                distance_panels.append({"title": text, "layers": [{"kind": "triangles", "points": job.array(points), "triangles": job.array(triangles),
-                                                                   "scalars": job.array(values), "cmap": "RdYlBu", "clim": [0.0, distance_max], "smooth": True}]})
-    stride_note = ", ".join(f"{k}: 1 in {s} voxels per axis" if s > 1 else f"{k}: every voxel" for k, s in strides.items())
+                distance_panels.append(
+                    {
+                        "title": text,
+                        "layers": [
+                            {
+                                "kind": "triangles",
+                                "points": job.array(points),
+                                "triangles": job.array(triangles),
+                                "scalars": job.array(values),
+                                "cmap": "RdYlBu",
+                                "clim": [0.0, distance_max],
+                                "smooth": True,
+                            }
+                        ],
+                    }
+                )
+    stride_note = ", ".join(
+        f"{k}: 1 in {s} voxels per axis" if s > 1 else f"{k}: every voxel" for k, s in strides.items()
+    )
     shown = f"Shown: {stride_note} (metrics computed at full resolution). Depth z points down, the electrode surface is on top; lengths in um."
-    job.add(Figure3D("segmented_3d.png", "Segmented volume with a cut-away (cf. paper Fig. 5a)",
-                     f"Every phase, with the octant at the surface cut away to show three inner sections. {shown}"), volume_panels)
-    job.add(Figure3D("pores_si_3d.png", "Pores and Si particles (cf. paper Fig. 5b)",
-                     f"Pore (blue) and Si (red) voxels; the other phases are hidden. {shown}"), pores_si_panels)
+    job.add(
+        Figure3D(
+            "segmented_3d.png",
+            "Segmented volume with a cut-away (cf. paper Fig. 5a)",
+            f"Every phase, with the octant at the surface cut away to show three inner sections. {shown}",
+        ),
+        volume_panels,
+    )
+    job.add(
+        Figure3D(
+            "pores_si_3d.png",
+            "Pores and Si particles (cf. paper Fig. 5b)",
+            f"Pore (blue) and Si (red) voxels; the other phases are hidden. {shown}",
+        ),
+        pores_si_panels,
+    )
     if tau_panels:
-        job.add(Figure3D("tortuosity_3d.png", "Geodesic tortuosity from the electrode surface (cf. paper Fig. 5c)",
-                         "Pore voxels coloured by their geodesic tortuosity (log scale, dark blue = straight path, yellow = very "
-                         f"tortuous; colour range 1 to the 99.5th percentile {tau_max:.3g}); white: pore voxels not reachable from "
-                         f"the surface through the pores (infinite tortuosity). Octant at the surface cut away. {shown}"),
-                tau_panels, scalar_bar={"title": "tortuosity"})
+        job.add(
+            Figure3D(
+                "tortuosity_3d.png",
+                "Geodesic tortuosity from the electrode surface (cf. paper Fig. 5c)",
+                "Pore voxels coloured by their geodesic tortuosity (log scale, dark blue = straight path, yellow = very "
+                f"tortuous; colour range 1 to the 99.5th percentile {tau_max:.3g}); white: pore voxels not reachable from "
+                f"the surface through the pores (infinite tortuosity). Octant at the surface cut away. {shown}",
+            ),
+            tau_panels,
+            scalar_bar={"title": "tortuosity"},
+        )
     if surface_panels:
-        job.add(Figure3D("pore_surface_3d.png", "Pore surface mesh (cf. paper Fig. 6c)",
-                         "Marching-cubes surface of the pore phase (Gaussian smoothing of 0.7 voxels, level 0.5, as the pore "
-                         f"surface area metric). {shown}"), surface_panels)
+        job.add(
+            Figure3D(
+                "pore_surface_3d.png",
+                "Pore surface mesh (cf. paper Fig. 6c)",
+                "Marching-cubes surface of the pore phase (Gaussian smoothing of 0.7 voxels, level 0.5, as the pore "
+                f"surface area metric). {shown}",
+            ),
+            surface_panels,
+        )
     if distance_panels:
-        job.add(Figure3D("pore_si_distance_3d.png", "Distance from the Si surfaces to the nearest pore (cf. paper Fig. 7)",
-                         "Si surfaces (marching cubes) coloured by the Euclidean distance to the nearest pore voxel: red close, blue "
-                         f"far (on the shown grid). Paper: mean d_H 3.62 um pristine, 5.37 um after 300 cycles. {shown}"),
-                distance_panels, scalar_bar={"title": "d (um)"})
+        job.add(
+            Figure3D(
+                "pore_si_distance_3d.png",
+                "Distance from the Si surfaces to the nearest pore (cf. paper Fig. 7)",
+                "Si surfaces (marching cubes) coloured by the Euclidean distance to the nearest pore voxel: red close, blue "
+                f"far (on the shown grid). Paper: mean d_H 3.62 um pristine, 5.37 um after 300 cycles. {shown}",
+            ),
+            distance_panels,
+            scalar_bar={"title": "d (um)"},
+        )
     return job
 
 
@@ -394,8 +487,15 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
             cells.append(connectivity[:, 1 : 1 + corners] + offset)
             offset += len(x)
         times = [float(np.asarray(reader.read("step", step_selection=[s, 1])).ravel()[0]) for s in range(steps)]
-        values = [np.concatenate([np.asarray(reader.read(name, block_id=b, step_selection=[s, 1]), dtype=np.float64).ravel()
-                                  for b in range(blocks)]) for s in range(steps)]
+        values = [
+            np.concatenate(
+                [
+                    np.asarray(reader.read(name, block_id=b, step_selection=[s, 1]), dtype=np.float64).ravel()
+                    for b in range(blocks)
+                ]
+            )
+            for s in range(steps)
+        ]
     x, cells = np.concatenate(points), np.concatenate(cells)
     # Each rank also writes its ghost cells: keep one copy of each cell (same corner centroid).
     centroid = x[cells].mean(axis=1)
@@ -418,7 +518,11 @@ def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, fl
     head = raw[:start].decode()
     extent = [int(v) for v in re.search(r'WholeExtent="([^"]+)"', head).group(1).split()]  # type: ignore[union-attr]
     hx, hy, hz = (float(v) for v in re.search(r'Spacing="([^"]+)"', head).group(1).split())  # type: ignore[union-attr]
-    if 'type="Float32"' not in head or 'header_type="UInt64"' not in head or b'encoding="raw"' not in raw[start:start + 64]:
+    if (
+        'type="Float32"' not in head
+        or 'header_type="UInt64"' not in head
+        or b'encoding="raw"' not in raw[start : start + 64]
+    ):
         raise ValueError(f"{path}: not a raw appended Float32 image with a UInt64 header")
     shape = (extent[5] - extent[4], extent[3] - extent[2], extent[1] - extent[0])
     offset = raw.index(b"_", start) + 1
@@ -450,19 +554,43 @@ def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Pa
         keep = np.isfinite(values)
         keep[:, :, values.shape[2] // 2 :] = False
         points, owner = voxel_faces(keep, spacing)
-        panels.append({"title": f"t = {t:g} s", "layers": [{"kind": "quads", "points": job.array(points),
-                                                             "scalars": job.array(values.ravel()[owner].astype(np.float32)),
-                                                             "cmap": "coolwarm", "clim": [0.0, c_bulk]}]})
+        panels.append(
+            {
+                "title": f"t = {t:g} s",
+                "layers": [
+                    {
+                        "kind": "quads",
+                        "points": job.array(points),
+                        "scalars": job.array(values.ravel()[owner].astype(np.float32)),
+                        "cmap": "coolwarm",
+                        "clim": [0.0, c_bulk],
+                    }
+                ],
+            }
+        )
     shown = f"1 in {stride} voxels per axis shown" if stride > 1 else "every voxel shown"
-    job.add(Figure3D("c_3d.png", "Li concentration in 3D at the output times",
-                     f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels (finite volumes, read from "
-                     f"{pvd.name}; {shown}); the half x > x_mid is cut away to show the inside. Depth z points down, the "
-                     "electrode surface is on top; lengths in um."), panels, scalar_bar={"title": "c (mol/m3)"})
+    job.add(
+        Figure3D(
+            "c_3d.png",
+            "Li concentration in 3D at the output times",
+            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels (finite volumes, read from "
+            f"{pvd.name}; {shown}); the half x > x_mid is cut away to show the inside. Depth z points down, the "
+            "electrode surface is on top; lengths in um.",
+        ),
+        panels,
+        scalar_bar={"title": "c (mol/m3)"},
+    )
     return job
 
 
-def diffusion_scenes(directory: Path, results: Mapping[str, Any], *, field_file: str = "c.bp", function: str = "c",
-                     max_voxels: int = MAX_VOXELS) -> _Job | None:
+def diffusion_scenes(
+    directory: Path,
+    results: Mapping[str, Any],
+    *,
+    field_file: str = "c.bp",
+    function: str = "c",
+    max_voxels: int = MAX_VOXELS,
+) -> _Job | None:
     """The 3D figure of a diffusion run: c at each output time (t > 0), clipped by the plane
     x = x_mid (the half x > x_mid removed); ``None`` for a 2D mesh or without a field file.
 
@@ -482,20 +610,46 @@ def diffusion_scenes(directory: Path, results: Mapping[str, Any], *, field_file:
     points = data["points"].copy() * 1e6
     points[:, 2] *= -1.0  # depth z down, the electrode surface on top (as the image figures)
     centre = 0.5 * (points.min(axis=0) + points.max(axis=0))
-    c_bulk = float((results.get("settings") or {}).get("physics", {}).get("c_bulk", max(float(v.max()) for v in data["values"])))
-    grid = {"points": job.array(points.astype(np.float32)), "cells": job.array(data["cells"]), "cell_type": data["cell_type"]}
-    panels = [{"title": f"t = {data['times'][s]:g} s", "layers": [{"kind": "cells", **grid, "scalars": job.array(data["values"][s].astype(np.float32)),
-                                                                  "cmap": "coolwarm", "clim": [0.0, c_bulk], "clip": {"normal": [1.0, 0.0, 0.0], "origin": centre.tolist()}}]}
-              for s in steps]
+    c_bulk = float(
+        (results.get("settings") or {}).get("physics", {}).get("c_bulk", max(float(v.max()) for v in data["values"]))
+    )
+    grid = {
+        "points": job.array(points.astype(np.float32)),
+        "cells": job.array(data["cells"]),
+        "cell_type": data["cell_type"],
+    }
+    panels = [
+        {
+            "title": f"t = {data['times'][s]:g} s",
+            "layers": [
+                {
+                    "kind": "cells",
+                    **grid,
+                    "scalars": job.array(data["values"][s].astype(np.float32)),
+                    "cmap": "coolwarm",
+                    "clim": [0.0, c_bulk],
+                    "clip": {"normal": [1.0, 0.0, 0.0], "origin": centre.tolist()},
+                }
+            ],
+        }
+        for s in steps
+    ]
     if not panels:
         return None
     ncells = len(data["cells"])
     degree = results.get("element_degree")
-    job.add(Figure3D("c_3d.png", "Li concentration in 3D at the output times",
-                     f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting phase, read from {field_file} ({ncells} cells"
-                     + (f", P{degree}: coloured from the cell corners" if degree and degree > 1 else "")
-                     + "); the half x > x_mid is clipped away to show the inside. Depth z points down, the pore surface is on top; "
-                     "lengths in um."), panels, scalar_bar={"title": "c (mol/m3)"})
+    job.add(
+        Figure3D(
+            "c_3d.png",
+            "Li concentration in 3D at the output times",
+            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting phase, read from {field_file} ({ncells} cells"
+            + (f", P{degree}: coloured from the cell corners" if degree and degree > 1 else "")
+            + "); the half x > x_mid is clipped away to show the inside. Depth z points down, the pore surface is on top; "
+            "lengths in um.",
+        ),
+        panels,
+        scalar_bar={"title": "c (mol/m3)"},
+    )
     return job
 
 
@@ -519,13 +673,19 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
         arrays = Path(tmp) / "arrays.npz"
         np.savez(arrays, **job.arrays)
         spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"arrays": str(arrays), "directory": tmp, "scenes": job.scenes}))  # PNGs land in tmp first
+        spec.write_text(
+            json.dumps({"arrays": str(arrays), "directory": tmp, "scenes": job.scenes})
+        )  # PNGs land in tmp first
         report = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "fem_anode.io.render3d", str(spec), str(report)]
         try:
-            proc = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=timeout_s, check=False)
+            proc = subprocess.run(
+                command, env=_child_env(), capture_output=True, text=True, timeout=timeout_s, check=False
+            )
         except subprocess.TimeoutExpired:
-            logger.warning("3D figures not rendered: the renderer took longer than %.0f s (use --no-render to skip)", timeout_s)
+            logger.warning(
+                "3D figures not rendered: the renderer took longer than %.0f s (use --no-render to skip)", timeout_s
+            )
             return []
         outcome = json.loads(report.read_text()) if report.exists() else {}
         done = {r["png"]: r for r in outcome.get("scenes", [])}
@@ -535,11 +695,19 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
     if proc.returncode != 0 or len(written) < len(job.figures):
         failed = [f"{name}: {r['error']}" for name, r in done.items() if not r.get("ok")]
         cause = "; ".join(failed) or _explain(proc, outcome)
-        logger.warning("3D figures not rendered%s: %s (use --no-render to skip them)",
-                       f" ({len(job.figures) - len(written)} of {len(job.figures)})", cause)
+        logger.warning(
+            "3D figures not rendered%s: %s (use --no-render to skip them)",
+            f" ({len(job.figures) - len(written)} of {len(job.figures)})",
+            cause,
+        )
     if written:
         _update_manifest(directory, written)
-        logger.info("rendered %d 3D figure(s) in %.1f s (%s)", len(written), time.perf_counter() - start, outcome.get("display", "?"))
+        logger.info(
+            "rendered %d 3D figure(s) in %.1f s (%s)",
+            len(written),
+            time.perf_counter() - start,
+            outcome.get("display", "?"),
+        )
     return written
 
 
@@ -548,8 +716,10 @@ def _explain(proc: subprocess.CompletedProcess, outcome: Mapping[str, Any]) -> s
     tail = " ".join((proc.stderr or "").strip().splitlines()[-3:])[-400:]
     display = outcome.get("display") or "none"
     if "X server" in (proc.stderr or "") or "DISPLAY" in (proc.stderr or ""):
-        return (f"no display could be made (display: {display}; Xvfb {'not ' if shutil.which('Xvfb') is None else ''}found) and this VTK "
-                "cannot render off-screen without an X server; install xvfb (Debian: apt-get install xvfb xauth) or run under xvfb-run")
+        return (
+            f"no display could be made (display: {display}; Xvfb {'not ' if shutil.which('Xvfb') is None else ''}found) and this VTK "
+            "cannot render off-screen without an X server; install xvfb (Debian: apt-get install xvfb xauth) or run under xvfb-run"
+        )
     if proc.returncode < 0:
         return f"the renderer died with signal {-proc.returncode} (display: {display}): {tail}"
     return f"the renderer exited with status {proc.returncode} (display: {display}): {tail}"
@@ -581,10 +751,14 @@ def render_metrics_figures(
     if _disabled_by_env():
         logger.info("3D figures not rendered: turned off by %s", DISABLE_ENV)
         return []
-    return render_scenes(metrics_scenes(samples, Path(directory), pore_phase=pore_phase, si_phase=si_phase, max_voxels=max_voxels))
+    return render_scenes(
+        metrics_scenes(samples, Path(directory), pore_phase=pore_phase, si_phase=si_phase, max_voxels=max_voxels)
+    )
 
 
-def render_diffusion_outputs(directory: str | Path, results: Mapping[str, Any], *, enabled: bool = True) -> list[Figure3D]:
+def render_diffusion_outputs(
+    directory: str | Path, results: Mapping[str, Any], *, enabled: bool = True
+) -> list[Figure3D]:
     """The 3D figure of a finished diffusion run from the files it wrote (``c.bp``): call on one
     rank only, after the solve. Nothing for 2D meshes or runs without field output."""
     if not enabled:
@@ -612,8 +786,12 @@ def _display() -> Iterator[str]:
         yield os.environ.get("DISPLAY") and f"DISPLAY={os.environ['DISPLAY']}" or "none"
         return
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", "2560x1600x24", "-nolisten", "tcp"],
-                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "2560x1600x24", "-nolisten", "tcp"],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(write_fd)
     number = b""
     try:
@@ -649,8 +827,11 @@ def _mesh(pv: Any, layer: Mapping[str, Any], arrays: Any) -> Any:
         mesh = pv.PolyData(points, faces=faces)
     elif kind == "cells":
         cells = arrays[layer["cells"]]
-        mesh = pv.UnstructuredGrid(np.column_stack([np.full(len(cells), cells.shape[1]), cells]).ravel(),
-                                   np.full(len(cells), layer["cell_type"], dtype=np.uint8), points)
+        mesh = pv.UnstructuredGrid(
+            np.column_stack([np.full(len(cells), cells.shape[1]), cells]).ravel(),
+            np.full(len(cells), layer["cell_type"], dtype=np.uint8),
+            points,
+        )
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     if "rgb" in layer:
@@ -677,22 +858,46 @@ def _render_scene(pv: Any, scene: Mapping[str, Any], arrays: Any, directory: Pat
                 mesh = _mesh(pv, layer, arrays)
                 if mesh.n_cells == 0:
                     continue
-                options: dict[str, Any] = {"smooth_shading": bool(layer.get("smooth")), "show_scalar_bar": False, "ambient": 0.3, "diffuse": 0.75}
+                options: dict[str, Any] = {
+                    "smooth_shading": bool(layer.get("smooth")),
+                    "show_scalar_bar": False,
+                    "ambient": 0.3,
+                    "diffuse": 0.75,
+                }
                 if "rgb" in layer:
                     options.update(scalars="rgb", rgb=True)
                 elif "scalars" in layer:
-                    options.update(scalars="value", cmap=layer["cmap"], clim=layer["clim"], log_scale=bool(layer.get("log_scale")))
+                    options.update(
+                        scalars="value", cmap=layer["cmap"], clim=layer["clim"], log_scale=bool(layer.get("log_scale"))
+                    )
                     if bar and j == len(panels) - 1:
-                        options.update(show_scalar_bar=True, scalar_bar_args={"title": bar["title"], "color": text_colour, "vertical": True,
-                                                                               "position_x": 0.86, "position_y": 0.2, "height": 0.6, "width": 0.07,
-                                                                               "title_font_size": 14, "label_font_size": 12, "fmt": "%.3g"})
+                        options.update(
+                            show_scalar_bar=True,
+                            scalar_bar_args={
+                                "title": bar["title"],
+                                "color": text_colour,
+                                "vertical": True,
+                                "position_x": 0.86,
+                                "position_y": 0.2,
+                                "height": 0.6,
+                                "width": 0.07,
+                                "title_font_size": 14,
+                                "label_font_size": 12,
+                                "fmt": "%.3g",
+                            },
+                        )
                 else:
                     options["color"] = layer["color"]
                 plotter.add_mesh(mesh, **options)
             plotter.add_text(panel["title"], font_size=8, color=text_colour, position="upper_left")
             if panel.get("legend"):
-                plotter.add_legend([list(item) for item in panel["legend"]], bcolor=None, face="rectangle", size=(0.22, 0.035 * len(panel["legend"])),
-                                   loc="lower left")
+                plotter.add_legend(
+                    [list(item) for item in panel["legend"]],
+                    bcolor=None,
+                    face="rectangle",
+                    size=(0.22, 0.035 * len(panel["legend"])),
+                    loc="lower left",
+                )
             plotter.view_vector((1.0, -1.0, 0.9), viewup=(0.0, 0.0, 1.0))  # at the cut-away corner (x high, y low, top)
             plotter.reset_camera()
             plotter.camera.zoom(1.1)

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER", "BrowserCheck", "Report", "browser_check", "demo_report", "diffusion_report", "find_chromium", "metrics_report"]
+__all__ = [
+    "PAPER",
+    "BrowserCheck",
+    "Report",
+    "browser_check",
+    "demo_report",
+    "diffusion_report",
+    "find_chromium",
+    "metrics_report",
+]
 
 #: The numbers of paper 001 the reports compare with (SI units in the keys' names).
 PAPER: dict[str, Any] = {
@@ -123,8 +132,11 @@ class Report:
         if not record:
             return
         self.heading("Provenance")
-        rows = [[key, record.get(key)] for key in ("fem_anode_version", "command", "argv", "created_utc", "ranks", "platform", "seeds")
-                if record.get(key) not in (None, {}, "")]
+        rows = [
+            [key, record.get(key)]
+            for key in ("fem_anode_version", "command", "argv", "created_utc", "ranks", "platform", "seeds")
+            if record.get(key) not in (None, {}, "")
+        ]
         rows += [[f"version {name}", version] for name, version in (record.get("versions") or {}).items()]
         self.table(["item", "value"], rows)
         config = record.get("configuration")
@@ -135,9 +147,13 @@ class Report:
 
     def to_html(self) -> str:
         esc = html.escape
-        parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-                 '<meta name="viewport" content="width=device-width, initial-scale=1">',
-                 f"<title>{esc(self.title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(self.title)}</h1>"]
+        parts = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{esc(self.title)}</title><style>{_STYLE}</style></head><body>",
+            f"<h1>{esc(self.title)}</h1>",
+        ]
         for kind, content in self.blocks:
             if kind == "h2":
                 parts.append(f"<h2>{esc(content)}</h2>")
@@ -154,8 +170,10 @@ class Report:
             elif kind == "figure":
                 path, caption = content
                 data = base64.b64encode((self.directory / path).read_bytes()).decode("ascii")
-                parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(path.name)}">'
-                             f"<figcaption><b>{esc(path.as_posix())}</b>: {esc(caption)}</figcaption></figure>")
+                parts.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{esc(path.name)}">'
+                    f"<figcaption><b>{esc(path.as_posix())}</b>: {esc(caption)}</figcaption></figure>"
+                )
         parts.append("</body></html>")
         return "\n".join(parts) + "\n"
 
@@ -205,22 +223,51 @@ def _metrics_tables(report: Report, samples: Mapping[str, Mapping[str, Any]], po
     report.heading(f"Per-slice {pore_phase} fraction (paper Fig. 4e)")
     rows = []
     for stat in ("mean", "max", "min"):
-        rows.append([stat, *(_pct((samples[n].get("per_slice", {}).get(pore_phase) or {}).get(stat)) for n in names),
-                     f"{PAPER['pore_percent_per_slice'][stat]:.2f} %"])
+        rows.append(
+            [
+                stat,
+                *(_pct((samples[n].get("per_slice", {}).get(pore_phase) or {}).get(stat)) for n in names),
+                f"{PAPER['pore_percent_per_slice'][stat]:.2f} %",
+            ]
+        )
     report.table(["statistic", *names, "paper (pristine, FIB-SEM, ~500 slices)"], rows)
     report.heading("Pore network and Si")
     rows = [
         ["pore surface area (um^2)", *(_scaled(samples[n].get("pore_surface_area_m2"), 1e12) for n in names), "-"],
-        ["mean geodesic tortuosity", *(_fmt((samples[n].get("tortuosity") or {}).get("mean")) for n in names), "rises with depth after cycling (Fig. 6a)"],
-        ["unreachable pore voxels", *(_pct(((samples[n].get("tortuosity") or {}).get("unreachable_fraction") or {}).get("overall")) for n in names), "-"],
-        ["mean pore channels per slice", *(_fmt((samples[n].get("connections_per_depth") or {}).get("mean")) for n in names), "> 600 pristine, single digits at 24 um after 300 cycles (Fig. 6b)"],
-        ["mean Si-surface-to-pore distance d", *(_um((samples[n].get("pore_si_distance") or {}).get("mean_m")) for n in names),
-         f"{_um(PAPER['d_H_mean_m']['pristine'])} pristine, {_um(PAPER['d_H_mean_m']['300 cycles'])} after 300 cycles (Fig. 7)"],
-        ["max Si-surface-to-pore distance", *(_um((samples[n].get("pore_si_distance") or {}).get("max_m")) for n in names),
-         f"{_um(PAPER['d_H_max_m']['pristine'])} pristine, {_um(PAPER['d_H_max_m']['300 cycles'])} after 300 cycles"],
+        [
+            "mean geodesic tortuosity",
+            *(_fmt((samples[n].get("tortuosity") or {}).get("mean")) for n in names),
+            "rises with depth after cycling (Fig. 6a)",
+        ],
+        [
+            "unreachable pore voxels",
+            *(
+                _pct(((samples[n].get("tortuosity") or {}).get("unreachable_fraction") or {}).get("overall"))
+                for n in names
+            ),
+            "-",
+        ],
+        [
+            "mean pore channels per slice",
+            *(_fmt((samples[n].get("connections_per_depth") or {}).get("mean")) for n in names),
+            "> 600 pristine, single digits at 24 um after 300 cycles (Fig. 6b)",
+        ],
+        [
+            "mean Si-surface-to-pore distance d",
+            *(_um((samples[n].get("pore_si_distance") or {}).get("mean_m")) for n in names),
+            f"{_um(PAPER['d_H_mean_m']['pristine'])} pristine, {_um(PAPER['d_H_mean_m']['300 cycles'])} after 300 cycles (Fig. 7)",
+        ],
+        [
+            "max Si-surface-to-pore distance",
+            *(_um((samples[n].get("pore_si_distance") or {}).get("max_m")) for n in names),
+            f"{_um(PAPER['d_H_max_m']['pristine'])} pristine, {_um(PAPER['d_H_max_m']['300 cycles'])} after 300 cycles",
+        ],
         ["Si particles", *(_fmt((samples[n].get("si_particles") or {}).get("count")) for n in names), "-"],
-        ["Si mean equivalent diameter", *(_um((samples[n].get("si_particles") or {}).get("mean_equivalent_diameter_m")) for n in names),
-         "0.90 um pristine, 0.33 um after 100 cycles (FIB-SEM ROI, Fig. 4)"],
+        [
+            "Si mean equivalent diameter",
+            *(_um((samples[n].get("si_particles") or {}).get("mean_equivalent_diameter_m")) for n in names),
+            "0.90 um pristine, 0.33 um after 100 cycles (FIB-SEM ROI, Fig. 4)",
+        ],
     ]
     taus = [samples[n].get("tortuosity_factor") for n in names]
     if any(taus):
@@ -228,22 +275,43 @@ def _metrics_tables(report: Report, samples: Mapping[str, Mapping[str, Any]], po
     report.table(["quantity", *names, "paper"], rows)
 
 
-def _change_table(report: Report, change: Mapping[str, Any], label: str, pore_phase: str, intermediate: str = "sei") -> None:
+def _change_table(
+    report: Report, change: Mapping[str, Any], label: str, pore_phase: str, intermediate: str = "sei"
+) -> None:
     report.heading(f"Change of {label} relative to the reference (paper Figs. 5-7)")
     volume = change.get("phase_volume") or {}
     pore = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["pore_volume_change_percent"].items())
     inter = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["intermediate_volume_change_percent"].items())
     rows = [[f"{pore_phase} volume", _pct(volume.get(pore_phase), signed=True), pore]]
     if intermediate in volume:
-        rows.append([f"{intermediate} (intermediate domain) volume", _pct(volume.get(intermediate), signed=True), inter])
-    rows += [[f"{name} volume", _pct(v, signed=True), "-"] for name, v in volume.items() if name not in (pore_phase, intermediate)]
+        rows.append(
+            [f"{intermediate} (intermediate domain) volume", _pct(volume.get(intermediate), signed=True), inter]
+        )
+    rows += [
+        [f"{name} volume", _pct(v, signed=True), "-"]
+        for name, v in volume.items()
+        if name not in (pore_phase, intermediate)
+    ]
     if "pore_surface_area" in change:
-        rows.append(["pore surface area (per volume)", _pct(change["pore_surface_area"], signed=True),
-                     f"about {PAPER['pore_surface_change_percent_3_cycles']:+.0f} % after 3 cycles"])
+        rows.append(
+            [
+                "pore surface area (per volume)",
+                _pct(change["pore_surface_area"], signed=True),
+                f"about {PAPER['pore_surface_change_percent_3_cycles']:+.0f} % after 3 cycles",
+            ]
+        )
     paper_d = PAPER["d_H_mean_m"]["300 cycles"] / PAPER["d_H_mean_m"]["pristine"] - 1
-    rows.append(["mean Si-surface-to-pore distance", _pct(change.get("pore_si_distance_mean_m"), signed=True), f"{100 * paper_d:+.1f} % (300 cycles)"])
+    rows.append(
+        [
+            "mean Si-surface-to-pore distance",
+            _pct(change.get("pore_si_distance_mean_m"), signed=True),
+            f"{100 * paper_d:+.1f} % (300 cycles)",
+        ]
+    )
     rows.append(["mean tortuosity", _pct(change.get("tortuosity_mean"), signed=True), "increases"])
-    rows.append(["mean pore channels per slice", _pct(change.get("connections_per_depth_mean"), signed=True), "decreases"])
+    rows.append(
+        ["mean pore channels per slice", _pct(change.get("connections_per_depth_mean"), signed=True), "decreases"]
+    )
     report.table(["quantity", label, "paper (vs pristine)"], rows)
 
 
@@ -262,9 +330,11 @@ def metrics_report(
     directory = Path(directory)
     report = Report(f"fem_anode image metrics: {label}", directory)
     image = metrics.get("image", {})
-    report.paragraph(f"{label}: {image.get('ndim', '?')}D image of shape {' x '.join(map(str, image.get('shape', [])))} voxels, voxel size "
-                     f"{', '.join(f'{h * 1e9:.4g} nm' for h in image.get('voxel_size_m', []))}. Paper values: {PAPER['citation']}; they "
-                     "describe the paper's samples, and compare with this image only as far as it images the same kind of electrode.")
+    report.paragraph(
+        f"{label}: {image.get('ndim', '?')}D image of shape {' x '.join(map(str, image.get('shape', [])))} voxels, voxel size "
+        f"{', '.join(f'{h * 1e9:.4g} nm' for h in image.get('voxel_size_m', []))}. Paper values: {PAPER['citation']}; they "
+        "describe the paper's samples, and compare with this image only as far as it images the same kind of electrode."
+    )
     samples = {reference_label: reference, label: metrics} if reference is not None else {label: metrics}
     _metrics_tables(report, samples, pore_phase)  # type: ignore[arg-type]
     if metrics.get("relative_change"):
@@ -301,54 +371,109 @@ def _fig8_comparison(report: Report, results: Mapping[str, Any]) -> None:
     order_c = sorted(first, key=lambda k: -first[k])
     paper_order = [r for r in PAPER["fig8_order"] if r in names]
     rows = [
-        ["regions from fastest to slowest (t90)", " > ".join(order_t90) or "-", " > ".join(PAPER["fig8_order"]) + " (I fastest, IV slowest)"],
-        [f"regions by c at the first output time ({_fmt(times[0]) if times else '-'} s)", " > ".join(order_c) or "-", "-"],
-        ["same ordering as the paper", _fmt(order_t90[: len(paper_order)] == paper_order) if paper_order else "regions not named I-IV", "-"],
-        ["t90 of region I", f"{_fmt(t90.get('I'))} s" if "I" in t90 else "-", f"< {PAPER['fig8_region_I_t90_below_s']:g} s"],
-        ["simulated time", f"{_fmt(results.get('t_reached_s', times[-1] if times else None))} s", f"{PAPER['fig8_t_end_s']:g} s"],
-        ["elements", _fmt(results.get("ncells")) + (f" (P{results['element_degree']})" if results.get("element_degree") else ""),
-         f"{PAPER['fig8_elements']:,} (P{PAPER['fig8_element_degree']})".replace(",", " ")],
+        [
+            "regions from fastest to slowest (t90)",
+            " > ".join(order_t90) or "-",
+            " > ".join(PAPER["fig8_order"]) + " (I fastest, IV slowest)",
+        ],
+        [
+            f"regions by c at the first output time ({_fmt(times[0]) if times else '-'} s)",
+            " > ".join(order_c) or "-",
+            "-",
+        ],
+        [
+            "same ordering as the paper",
+            _fmt(order_t90[: len(paper_order)] == paper_order) if paper_order else "regions not named I-IV",
+            "-",
+        ],
+        [
+            "t90 of region I",
+            f"{_fmt(t90.get('I'))} s" if "I" in t90 else "-",
+            f"< {PAPER['fig8_region_I_t90_below_s']:g} s",
+        ],
+        [
+            "simulated time",
+            f"{_fmt(results.get('t_reached_s', times[-1] if times else None))} s",
+            f"{PAPER['fig8_t_end_s']:g} s",
+        ],
+        [
+            "elements",
+            _fmt(results.get("ncells")) + (f" (P{results['element_degree']})" if results.get("element_degree") else ""),
+            f"{PAPER['fig8_elements']:,} (P{PAPER['fig8_element_degree']})".replace(",", " "),
+        ],
     ]
     scales = results.get("timescales")
     if scales:
-        rows.append(["diffusion time eps L^2 / D_eff of the farthest point", f"{_fmt(scales['diffusion_time_s'])} s (L = {_um(scales['length_m'])})", "-"])
+        rows.append(
+            [
+                "diffusion time eps L^2 / D_eff of the farthest point",
+                f"{_fmt(scales['diffusion_time_s'])} s (L = {_um(scales['length_m'])})",
+                "-",
+            ]
+        )
         rows.append(["Biot number k_f L / D_eff", _fmt(scales["biot_number"]), "-"])
     report.table(["Fig. 8", "this run", "paper"], rows)
     if scales and scales["diffusion_time_s"] < 0.1 * PAPER["fig8_region_I_t90_below_s"]:
-        report.paragraph("With these parameters the diffusion time of the farthest point is far below the paper's 2-100 s: every "
-                         "region saturates long before the paper's output times. The region ordering can be compared; the "
-                         "paper's timescale is not reproduced, and the physics is not tuned to match it.", note=True)
+        report.paragraph(
+            "With these parameters the diffusion time of the farthest point is far below the paper's 2-100 s: every "
+            "region saturates long before the paper's output times. The region ordering can be compared; the "
+            "paper's timescale is not reproduced, and the physics is not tuned to match it.",
+            note=True,
+        )
 
 
 def _diffusion_tables(report: Report, results: Mapping[str, Any]) -> None:
     settings = results.get("settings") or {}
     physics = settings.get("physics") or {}
     report.heading("Run")
-    report.table(["quantity", "value"], [row for row in [
-        ["status", results.get("status")],
-        ["cells", results.get("ncells")], ["dofs", results.get("ndofs")], ["element degree", results.get("element_degree")],
-        ["ranks", results.get("ranks")], ["time steps", results.get("steps")], ["factorisations", results.get("factorisations")],
-        ["mass-balance relative error", results.get("mass_balance_rel_error")],
-        ["final c min / max (mol/m^3)", f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}"],
-        ["wall time (s)", results.get("wall_time_s")],
-        *[[f"physics.{k}", v] for k, v in physics.items()],
-    ] if row[1] is not None and row[1] != "- / -"])
+    report.table(
+        ["quantity", "value"],
+        [
+            row
+            for row in [
+                ["status", results.get("status")],
+                ["cells", results.get("ncells")],
+                ["dofs", results.get("ndofs")],
+                ["element degree", results.get("element_degree")],
+                ["ranks", results.get("ranks")],
+                ["time steps", results.get("steps")],
+                ["factorisations", results.get("factorisations")],
+                ["mass-balance relative error", results.get("mass_balance_rel_error")],
+                [
+                    "final c min / max (mol/m^3)",
+                    f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}",
+                ],
+                ["wall time (s)", results.get("wall_time_s")],
+                *[[f"physics.{k}", v] for k, v in physics.items()],
+            ]
+            if row[1] is not None and row[1] != "- / -"
+        ],
+    )
     regions = results.get("regions") or {}
     times = results.get("times") or []
     if regions:
         report.heading("Mean c per region (mol/m^3)")
         t90 = results.get("t90_s") or {}
-        report.table(["region", "t90 (s)", *(f"t = {t:g} s" for t in times)],
-                     [[name, t90.get(name) if t90.get(name) is not None else "not reached", *values] for name, values in regions.items()])
+        report.table(
+            ["region", "t90 (s)", *(f"t = {t:g} s" for t in times)],
+            [
+                [name, t90.get(name) if t90.get(name) is not None else "not reached", *values]
+                for name, values in regions.items()
+            ],
+        )
 
 
-def diffusion_report(directory: str | Path, results: Mapping[str, Any], *, provenance: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+def diffusion_report(
+    directory: str | Path, results: Mapping[str, Any], *, provenance: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
     """``report.html`` and ``report.md`` of a diffusion run in its output directory."""
     directory = Path(directory)
     if provenance is None and (directory / "provenance.json").is_file():
         provenance = json.loads((directory / "provenance.json").read_text())
     report = Report("fem_anode Li diffusion", directory)
-    report.paragraph(f"Transient Li diffusion in the SEI/C/B domain with pore mass-transfer boundaries ({PAPER['citation']}, Fig. 8).")
+    report.paragraph(
+        f"Transient Li diffusion in the SEI/C/B domain with pore mass-transfer boundaries ({PAPER['citation']}, Fig. 8)."
+    )
     _diffusion_tables(report, results)
     report.heading("Comparison with the paper's Fig. 8")
     _fig8_comparison(report, results)
@@ -374,14 +499,27 @@ def _mesh_independence(report: Report, study: Mapping[str, Any]) -> None:
     if not isinstance(levels, list) or not all(isinstance(level, Mapping) for level in levels):
         report.blocks.append(("pre", json.dumps(study, indent=1, default=str)[:8000]))
         return
-    report.paragraph(f"{study.get('element', 'elements')}; criterion: {study.get('criterion', '?')}, tolerance "
-                     f"{_pct(study.get('tolerance'))}. Chosen level {study.get('chosen_level')} with {_fmt(study.get('chosen_cells'))} cells"
-                     + (" (mesh independent)" if study.get("mesh_independent") else " (tolerance not reached: the finest level)")
-                     + f"; the paper used {_fmt(study.get('paper_cells', PAPER['fig8_elements']))} P2 elements.")
-    report.table(["level", "H (nm)", "cells", "dofs", "largest change to next level", "quantity", "wall time (s)"],
-                 [[level.get("level"), None if level.get("H_m") is None else level["H_m"] * 1e9, level.get("cells"), level.get("dofs"),
-                   _pct(level.get("largest_change_to_next")), level.get("quantity_with_largest_change"), level.get("wall_time_s")]
-                  for level in levels])
+    report.paragraph(
+        f"{study.get('element', 'elements')}; criterion: {study.get('criterion', '?')}, tolerance "
+        f"{_pct(study.get('tolerance'))}. Chosen level {study.get('chosen_level')} with {_fmt(study.get('chosen_cells'))} cells"
+        + (" (mesh independent)" if study.get("mesh_independent") else " (tolerance not reached: the finest level)")
+        + f"; the paper used {_fmt(study.get('paper_cells', PAPER['fig8_elements']))} P2 elements."
+    )
+    report.table(
+        ["level", "H (nm)", "cells", "dofs", "largest change to next level", "quantity", "wall time (s)"],
+        [
+            [
+                level.get("level"),
+                None if level.get("H_m") is None else level["H_m"] * 1e9,
+                level.get("cells"),
+                level.get("dofs"),
+                _pct(level.get("largest_change_to_next")),
+                level.get("quantity_with_largest_change"),
+                level.get("wall_time_s"),
+            ]
+            for level in levels
+        ],
+    )
     if study.get("why_fewer_than_paper"):
         report.paragraph(str(study["why_fewer_than_paper"]), note=True)
 
@@ -392,15 +530,25 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
     directory = Path(directory)
     report = Report("fem_anode demo report", directory)
     provenance = summary.get("provenance") or {}
-    report.paragraph(f"Created {provenance.get('created_utc', '?')} by fem_anode {provenance.get('fem_anode_version', '?')}. "
-                     f"Paper values: {PAPER['citation']}. The examples are synthetic (seeded) volumes and a bundled real "
-                     "electrode volume, not the paper's samples: the comparison shows the quantities side by side, not a fit.")
+    report.paragraph(
+        f"Created {provenance.get('created_utc', '?')} by fem_anode {provenance.get('fem_anode_version', '?')}. "
+        f"Paper values: {PAPER['citation']}. The examples are synthetic (seeded) volumes and a bundled real "
+        "electrode volume, not the paper's samples: the comparison shows the quantities side by side, not a fit."
+    )
     examples = summary.get("examples") or {}
     metrics = {example: _load(directory / "metrics" / f"{example}.json") for example in examples}
     report.heading("Image metrics")
-    report.table(["example", "shape", "phase fractions"],
-                 [[example, " x ".join(map(str, info.get("shape", []))),
-                   ", ".join(f"{k} {100 * v:.1f} %" for k, v in (info.get("phase_fractions") or {}).items())] for example, info in examples.items()])
+    report.table(
+        ["example", "shape", "phase fractions"],
+        [
+            [
+                example,
+                " x ".join(map(str, info.get("shape", []))),
+                ", ".join(f"{k} {100 * v:.1f} %" for k, v in (info.get("phase_fractions") or {}).items()),
+            ]
+            for example, info in examples.items()
+        ],
+    )
     present = {k: m for k, m in metrics.items() if m is not None}
     if present:
         _metrics_tables(report, present, "pore")
@@ -409,18 +557,36 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
         report.heading("Ageing: synthetic aged vs pristine volume (cf. paper Fig. 5)")
         pore = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["pore_volume_change_percent"].items())
         inter = ", ".join(f"{k} {v:+.1f} %" for k, v in PAPER["intermediate_volume_change_percent"].items())
-        rows = [[f"{phase} volume", _pct(v, signed=True), pore if phase == "pore" else inter if phase == "sei" else "-"] for phase, v in change.items()]
+        rows = [
+            [f"{phase} volume", _pct(v, signed=True), pore if phase == "pore" else inter if phase == "sei" else "-"]
+            for phase, v in change.items()
+        ]
         pristine, aged = present.get("anode_pristine"), present.get("anode_aged")
         if pristine and aged:
             d0, d1 = ((m.get("pore_si_distance") or {}).get("mean_m") for m in (pristine, aged))
-            rows.append(["mean Si-surface-to-pore distance", f"{_um(d0)} -> {_um(d1)}",
-                         f"{_um(PAPER['d_H_mean_m']['pristine'])} -> {_um(PAPER['d_H_mean_m']['300 cycles'])} (pristine -> 300 cycles)"])
+            rows.append(
+                [
+                    "mean Si-surface-to-pore distance",
+                    f"{_um(d0)} -> {_um(d1)}",
+                    f"{_um(PAPER['d_H_mean_m']['pristine'])} -> {_um(PAPER['d_H_mean_m']['300 cycles'])} (pristine -> 300 cycles)",
+                ]
+            )
         report.table(["quantity", "aged vs pristine", "paper (vs pristine)"], rows)
     mesh = summary.get("mesh")
     if mesh:
         report.heading("Mesh")
-        report.table(["item", "value"], [[k, v if not isinstance(v, (dict, list)) else json.dumps(v, default=str)[:300]] for k, v in mesh.items()]
-                     + [["paper", f"{PAPER['fig8_elements']:,} P2 elements (mesh-independence study, Supplementary Note 4)".replace(",", " ")]])
+        report.table(
+            ["item", "value"],
+            [[k, v if not isinstance(v, (dict, list)) else json.dumps(v, default=str)[:300]] for k, v in mesh.items()]
+            + [
+                [
+                    "paper",
+                    f"{PAPER['fig8_elements']:,} P2 elements (mesh-independence study, Supplementary Note 4)".replace(
+                        ",", " "
+                    ),
+                ]
+            ],
+        )
     study = summary.get("mesh_independence")
     if study:
         _mesh_independence(report, study)
@@ -432,8 +598,12 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
         _fig8_comparison(report, diffusion)
     report.heading("Figures")
     for example in examples:
-        report.figure(Path("figures") / f"{example}_per_slice.png", f"{example}: phase fractions per slice (dashed: mean).")
-    report.figure(Path("diffusion") / "c_fields.png", "c over the ROI at the output times; regions I-IV boxed (cf. Fig. 8a).")
+        report.figure(
+            Path("figures") / f"{example}_per_slice.png", f"{example}: phase fractions per slice (dashed: mean)."
+        )
+    report.figure(
+        Path("diffusion") / "c_fields.png", "c over the ROI at the output times; regions I-IV boxed (cf. Fig. 8a)."
+    )
     report.figure(Path("diffusion") / "c_regions.png", "Mean c(t) / c_bulk per region (cf. Fig. 8b).")
     for folder in sorted(p.parent.relative_to(directory) for p in directory.rglob("figures3d.json")):
         report.figures3d(folder)
@@ -444,9 +614,11 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
 # ----------------------------------------------------------------------------- browser check
 
 #: Added to a copy of the page: marks every image loaded or not once the page has loaded.
-_PROBE = ('<script>window.addEventListener("load",function(){var n=0,im=document.images;for(var i=0;i<im.length;i++){'
-          'var ok=im[i].complete&&im[i].naturalWidth>0;im[i].setAttribute("data-loaded",ok?"yes":"no");if(ok)n++;}'
-          'document.body.setAttribute("data-images",im.length+":"+n);});</script>')
+_PROBE = (
+    '<script>window.addEventListener("load",function(){var n=0,im=document.images;for(var i=0;i<im.length;i++){'
+    'var ok=im[i].complete&&im[i].naturalWidth>0;im[i].setAttribute("data-loaded",ok?"yes":"no");if(ok)n++;}'
+    'document.body.setAttribute("data-images",im.length+":"+n);});</script>'
+)
 
 
 @dataclass
@@ -473,7 +645,9 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
 
 
-def browser_check(page: str | Path, work: str | Path, *, width: int = 1200, height: int = 2400, timeout_s: float = 120.0) -> BrowserCheck:
+def browser_check(
+    page: str | Path, work: str | Path, *, width: int = 1200, height: int = 2400, timeout_s: float = 120.0
+) -> BrowserCheck:
     """Open ``page`` in headless Chromium (no network needed): count the images that loaded
     (``complete && naturalWidth > 0`` after the load event, read back with ``--dump-dom`` from a
     copy of the page with a probe script) and take a screenshot (``work/<page>.png``).
@@ -491,13 +665,23 @@ def browser_check(page: str | Path, work: str | Path, *, width: int = 1200, heig
     work.mkdir(parents=True, exist_ok=True)
 
     def run(*args: str) -> str:
-        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                   f"--user-data-dir={work / 'chromium-profile'}", *args]
+        command = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            f"--user-data-dir={work / 'chromium-profile'}",
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False).stdout
 
     probe = work / f"{page.stem}.probe.html"
     probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
-    found = re.search(r'data-images="(\d+):(\d+)"', run("--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()))
+    found = re.search(
+        r'data-images="(\d+):(\d+)"', run("--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri())
+    )
     probe.unlink()
     if not found:
         raise RuntimeError(f"{page}: the page did not finish loading in Chromium")

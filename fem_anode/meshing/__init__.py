@@ -3,7 +3,15 @@
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
 from fem_anode.meshing.voxel import VoxelMeshData, voxel_mesh_data, write_voxel_mesh
 
-__all__ = ["BOX_SIDE_TAGS", "VoxelMeshData", "interface_name", "interface_tag", "phase_tag", "voxel_mesh_data", "write_voxel_mesh"]
+__all__ = [
+    "BOX_SIDE_TAGS",
+    "VoxelMeshData",
+    "interface_name",
+    "interface_tag",
+    "phase_tag",
+    "voxel_mesh_data",
+    "write_voxel_mesh",
+]
 
 # Smooth 2D meshes, tetrahedral voxel meshes, the common entry point and the quality report.
 from fem_anode.meshing.build import METHODS, MeshResult, build_model, mesh_image  # noqa: E402

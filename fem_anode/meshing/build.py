@@ -113,7 +113,10 @@ def build_model(
     from fem_anode.resources import check_memory, estimate_mesh_memory
 
     mesh_order = order if order is not None else getattr(options, "order", 1)
-    check_memory(estimate_mesh_memory(image, method, keep, order=mesh_order), hint="crop or coarsen the image or mesh fewer phases")
+    check_memory(
+        estimate_mesh_memory(image, method, keep, order=mesh_order),
+        hint="crop or coarsen the image or mesh fewer phases",
+    )
     if method == "smooth":
         opts = dataclasses.replace(options) if options is not None else SmoothMeshOptions()
         if order is not None:
@@ -186,7 +189,16 @@ def mesh_image(
             meshed_labels=built.meshed_labels,
             voxel_size=image.require_voxel_size(),
         )
-        quality.update({"cleaning": built.cleaning, "method": built.method, "source": image.source, "shape": list(image.shape), "voxel_size_m": list(image.require_voxel_size()), "mesh_seconds": elapsed})
+        quality.update(
+            {
+                "cleaning": built.cleaning,
+                "method": built.method,
+                "source": image.source,
+                "shape": list(image.shape),
+                "voxel_size_m": list(image.require_voxel_size()),
+                "mesh_seconds": elapsed,
+            }
+        )
         if path is not None and path.suffix.lower() == ".msh":
             gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
             use_binary = quality["cells"] > BINARY_ABOVE_CELLS if binary is None else binary
@@ -205,5 +217,7 @@ def mesh_image(
         gmsh.finalize()
     if quality_path is not None:
         write_json(Path(quality_path), quality)
-    logger.info("%s mesh: %d cells in %.1f s, groups: %s", built.method, quality["cells"], elapsed, ", ".join(built.groups))
+    logger.info(
+        "%s mesh: %d cells in %.1f s, groups: %s", built.method, quality["cells"], elapsed, ", ".join(built.groups)
+    )
     return MeshResult(built.groups, quality, path, built.method)

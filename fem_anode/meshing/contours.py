@@ -68,7 +68,9 @@ def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return regions, np.concatenate(region_label)
 
 
-def _merge_small_islands(labels: np.ndarray, min_pixels: int, protected: np.ndarray | None) -> tuple[np.ndarray, int, int]:
+def _merge_small_islands(
+    labels: np.ndarray, min_pixels: int, protected: np.ndarray | None
+) -> tuple[np.ndarray, int, int]:
     """Relabel regions smaller than ``min_pixels`` with their most common 4-neighbour label."""
     labels = labels.copy()
     removed = changed = 0
@@ -130,7 +132,9 @@ def _remove_pinches(labels: np.ndarray) -> tuple[np.ndarray, int]:
     raise InputError("could not remove the pinch points of the label image (pathological checkerboard pattern)")
 
 
-def clean_labels(labels: np.ndarray, min_island_pixels: int = 0, protected_labels: Sequence[int] = ()) -> tuple[np.ndarray, CleanReport]:
+def clean_labels(
+    labels: np.ndarray, min_island_pixels: int = 0, protected_labels: Sequence[int] = ()
+) -> tuple[np.ndarray, CleanReport]:
     """Merge small islands and remove pinch points of a 2D label image.
 
     Args:
@@ -152,7 +156,12 @@ def clean_labels(labels: np.ndarray, min_island_pixels: int = 0, protected_label
             protected[list(protected_labels)] = True
         out, report.islands_removed, report.island_pixels = _merge_small_islands(out, int(min_island_pixels), protected)
         if report.islands_removed:
-            logger.info("merged %d islands smaller than %d pixels (%d pixels relabelled)", report.islands_removed, min_island_pixels, report.island_pixels)
+            logger.info(
+                "merged %d islands smaller than %d pixels (%d pixels relabelled)",
+                report.islands_removed,
+                min_island_pixels,
+                report.island_pixels,
+            )
     out, report.pinch_pixels = _remove_pinches(out)
     if report.pinch_pixels:
         logger.info("relabelled %d pixels to remove corner-only contacts (pinch points)", report.pinch_pixels)
@@ -224,7 +233,9 @@ class BoundaryNetwork:
             while True:
                 item = outgoing.pop(node, None)
                 if item is None:
-                    raise InputError(f"boundary of region {region} is not closed at node {node} (internal meshing error)")
+                    raise InputError(
+                        f"boundary of region {region} is not closed at node {node} (internal meshing error)"
+                    )
                 loop.append(item)
                 ch = self.chains[item if item >= 0 else ~item]
                 node = ch.end if item >= 0 else ch.start
@@ -250,10 +261,14 @@ def _smoothed_indicators(labels: np.ndarray, sigma: float) -> tuple[np.ndarray, 
     index = np.searchsorted(values, labels)
     if sigma <= 0:
         return np.stack([(labels == v).astype(float) for v in values]), index
-    return np.stack([ndimage.gaussian_filter((labels == v).astype(float), sigma, mode="nearest") for v in values]), index
+    return np.stack(
+        [ndimage.gaussian_filter((labels == v).astype(float), sigma, mode="nearest") for v in values]
+    ), index
 
 
-def _zero_fraction(smooth: np.ndarray, index: np.ndarray, p: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def _zero_fraction(
+    smooth: np.ndarray, index: np.ndarray, p: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
     """Fraction t in [0.1, 0.9] from pixel p (phase a) to pixel q (phase b) where f = s_a - s_b crosses zero."""
     a, b = index[p], index[q]
     fp = smooth[a, p[0], p[1]] - smooth[b, p[0], p[1]]
@@ -340,7 +355,9 @@ def boundary_network(
     out_edge[n0[passing]] = np.nonzero(passing)[0]
     succ = np.where(junction[n1], -1, out_edge[n1])
     linked = succ >= 0
-    graph = sparse.coo_matrix((np.ones(int(linked.sum())), (np.nonzero(linked)[0], succ[linked])), shape=(n_edges, n_edges))
+    graph = sparse.coo_matrix(
+        (np.ones(int(linked.sum())), (np.nonzero(linked)[0], succ[linked])), shape=(n_edges, n_edges)
+    )
     n_chains, chain_of = csgraph.connected_components(graph, directed=True, connection="weak")
     has_head = np.zeros(n_chains, dtype=bool)
     has_head[chain_of[junction[n0]]] = True
@@ -400,7 +417,9 @@ def boundary_network(
             seg = ring[cuts[i] : cuts[i + 1] + 1] if i < 2 else np.vstack([ring[cuts[i] :], ring[:1]])
             chains.append(Chain(seg.copy(), ids[i], ids[i + 1], a, b))
     chains = _simplify(chains, tolerance)
-    logger.debug("boundary network: %d regions, %d chains, %d vertices", nreg, len(chains), sum(len(c.points) for c in chains))
+    logger.debug(
+        "boundary network: %d regions, %d chains, %d vertices", nreg, len(chains), sum(len(c.points) for c in chains)
+    )
     return BoundaryNetwork(labels, regions, region_label, chains, report)
 
 
@@ -410,7 +429,10 @@ def _simplify(chains: list[Chain], tolerance: float) -> list[Chain]:
         return chains
     from skimage.measure import approximate_polygon
 
-    simple = [dataclasses.replace(c, points=approximate_polygon(c.points, tolerance)) if len(c.points) > 2 else c for c in chains]
+    simple = [
+        dataclasses.replace(c, points=approximate_polygon(c.points, tolerance)) if len(c.points) > 2 else c
+        for c in chains
+    ]
     for _ in range(5):
         bad = _crossing_chains(simple)
         if not bad:

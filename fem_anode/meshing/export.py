@@ -94,7 +94,10 @@ def _merged_blocks(mesh: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
     merged: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for block, tag in zip(mesh.cells, tags):
         merged.setdefault(block.type, []).append((np.asarray(block.data), np.asarray(tag)))
-    return [(kind, np.concatenate([b for b, _ in parts]), np.concatenate([t for _, t in parts]).astype(np.int32)) for kind, parts in merged.items()]
+    return [
+        (kind, np.concatenate([b for b, _ in parts]), np.concatenate([t for _, t in parts]).astype(np.int32))
+        for kind, parts in merged.items()
+    ]
 
 
 def _topological_dim(cell_type: str) -> int:
@@ -136,14 +139,31 @@ def export_meshio(mesh: Any, groups: dict[str, tuple[int, int]], path: str | Pat
         cells = [(k, c, t) for k, c, t in blocks if _topological_dim(k) == tdim]
         facets = [(k, c, t) for k, c, t in blocks if _topological_dim(k) == tdim - 1]
         out = meshio.Mesh(pointsd, [(k, c) for k, c, _ in cells], cell_data={"tag": [t for _, _, t in cells]})
-        extra = {facets_path(path): meshio.Mesh(pointsd, [(k, c) for k, c, _ in facets], cell_data={"tag": [t for _, _, t in facets]})} if facets else {}
+        extra = (
+            {
+                facets_path(path): meshio.Mesh(
+                    pointsd, [(k, c) for k, c, _ in facets], cell_data={"tag": [t for _, _, t in facets]}
+                )
+            }
+            if facets
+            else {}
+        )
         _write_atomic({**extra, path: out}, "xdmf")
-        logger.info("wrote %s and %s (%s): %d points, %s", path, facets_path(path).name, FORMATS[suffix], len(points), ", ".join(f"{len(c)} {k}" for k, c, _ in blocks))
+        logger.info(
+            "wrote %s and %s (%s): %d points, %s",
+            path,
+            facets_path(path).name,
+            FORMATS[suffix],
+            len(points),
+            ", ".join(f"{len(c)} {k}" for k, c, _ in blocks),
+        )
         return path
     elif suffix == ".med":
         out = meshio.Mesh(pointsd, [(k, c) for k, c, _ in blocks], cell_data={"cell_tags": [-t for _, _, t in blocks]})
         # MED element families carry negative numbers; one family per group, named after it.
-        out.cell_tags = {-t: [name_of.get((_topological_dim(k), int(t)), str(t))] for k, _, tags in blocks for t in np.unique(tags)}
+        out.cell_tags = {
+            -t: [name_of.get((_topological_dim(k), int(t)), str(t))] for k, _, tags in blocks for t in np.unique(tags)
+        }
     else:  # Abaqus: the cells, an element set per phase, a node set per facet group
         cells = [(k, c, t) for k, c, t in blocks if _topological_dim(k) == tdim]
         cell_sets = {}
@@ -153,11 +173,21 @@ def export_meshio(mesh: Any, groups: dict[str, tuple[int, int]], path: str | Pat
         point_sets = {}
         for name, (d, tag) in groups.items():
             if d == tdim - 1:
-                nodes = np.unique(np.concatenate([c[t == tag].ravel() for k, c, t in blocks if _topological_dim(k) == d] or [np.zeros(0, int)]))
+                nodes = np.unique(
+                    np.concatenate(
+                        [c[t == tag].ravel() for k, c, t in blocks if _topological_dim(k) == d] or [np.zeros(0, int)]
+                    )
+                )
                 point_sets[abaqus_name(name)] = nodes
         out = meshio.Mesh(pointsd, [(k, c) for k, c, _ in cells], cell_sets=cell_sets, point_sets=point_sets)
     _write_atomic({path: out}, _MESHIO_FORMAT[suffix])
-    logger.info("wrote %s (%s): %d points, %s", path, FORMATS[suffix], len(points), ", ".join(f"{len(c)} {k}" for k, c, _ in blocks))
+    logger.info(
+        "wrote %s (%s): %d points, %s",
+        path,
+        FORMATS[suffix],
+        len(points),
+        ", ".join(f"{len(c)} {k}" for k, c, _ in blocks),
+    )
     return path
 
 

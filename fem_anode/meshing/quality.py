@@ -124,13 +124,20 @@ def mesh_quality(
     if gammas:
         g, s = np.concatenate(gammas), np.concatenate(sicn)
         report["radius_ratio_gamma"] = {"min": float(g.min()), "mean": float(g.mean())}
-        report["scaled_jacobian_minSICN"] = {"min": float(s.min()), "mean": float(s.mean()), "negative": int((s <= 0).sum())}
+        report["scaled_jacobian_minSICN"] = {
+            "min": float(s.min()),
+            "mean": float(s.mean()),
+            "negative": int((s <= 0).sum()),
+        }
     if angles:
         a = np.concatenate(angles)
         key = "min_angle_deg" if dim == 2 else "min_dihedral_angle_deg"
         report[key] = {"min": float(a.min()), "mean": float(a.mean()), "below_20deg": int((a < 20).sum())}
     measures = group_measures(groups)
-    report["groups"] = {name: {"dim": d, "tag": t, "measure": measures[name]} for name, (d, t) in sorted(groups.items(), key=lambda x: x[1])}
+    report["groups"] = {
+        name: {"dim": d, "tag": t, "measure": measures[name]}
+        for name, (d, t) in sorted(groups.items(), key=lambda x: x[1])
+    }
     if phases is not None and voxel_size is not None and image_labels is not None:
         cell = float(np.prod(voxel_size))
         per = {}
@@ -138,7 +145,11 @@ def mesh_quality(
             if name not in groups or groups[name][0] != dim:
                 continue
             image_m = float(np.count_nonzero(image_labels == value)) * cell
-            entry = {"mesh": measures[name], "image": image_m, "relative_difference": (measures[name] - image_m) / image_m if image_m else None}
+            entry = {
+                "mesh": measures[name],
+                "image": image_m,
+                "relative_difference": (measures[name] - image_m) / image_m if image_m else None,
+            }
             if meshed_labels is not None:
                 cleaned = float(np.count_nonzero(meshed_labels == value)) * cell
                 entry["meshed_labels"] = cleaned

@@ -121,7 +121,9 @@ def resolve_keep(image: VoxelImage, keep: Sequence[str] | None) -> dict[str, int
     return kept
 
 
-def size_factor_2d(labels: np.ndarray, kept_labels: Sequence[int], scale: tuple[float, float], opts: SmoothMeshOptions, h: float) -> np.ndarray:
+def size_factor_2d(
+    labels: np.ndarray, kept_labels: Sequence[int], scale: tuple[float, float], opts: SmoothMeshOptions, h: float
+) -> np.ndarray:
     """Refinement factor ``phi`` per pixel (see the module docstring); lengths in pixel units.
 
     Args:
@@ -206,7 +208,10 @@ def _spline_safe(network: BoundaryNetwork, used: list[int]) -> set[int]:
     candidates = {i for i in used if len(network.chains[i].points) >= 5}
     for _ in range(4):
         shapes = [
-            dataclasses.replace(network.chains[i], points=_spline_shape(network.chains[i].points) if i in candidates else network.chains[i].points)
+            dataclasses.replace(
+                network.chains[i],
+                points=_spline_shape(network.chains[i].points) if i in candidates else network.chains[i].points,
+            )
             for i in used
         ]
         bad = {used[k] for k in _crossing_chains(shapes)} & candidates
@@ -253,7 +258,11 @@ def _mesh_geometry(
     for i in used:
         ch = network.chains[i]
         pts = ch.points
-        tags = [node_point(ch.start, pts[0])] + [geo.addPoint(x * scale[1], y * scale[0], 0.0) for x, y in pts[1:-1]] + [node_point(ch.end, pts[-1])]
+        tags = (
+            [node_point(ch.start, pts[0])]
+            + [geo.addPoint(x * scale[1], y * scale[0], 0.0) for x, y in pts[1:-1]]
+            + [node_point(ch.end, pts[-1])]
+        )
         n = len(tags)
         if i in smooth_ok:
             curves[i] = [geo.addLine(tags[0], tags[1]), geo.addSpline(tags[1:-1]), geo.addLine(tags[-2], tags[-1])]
@@ -310,7 +319,9 @@ def _mesh_geometry(
     return groups, sum(len(v) for v in surfaces.values())
 
 
-def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, options: SmoothMeshOptions | None = None) -> SmoothMeshResult:
+def build_smooth_model_2d(
+    image: VoxelImage, keep: Sequence[str] | None = None, options: SmoothMeshOptions | None = None
+) -> SmoothMeshResult:
     """Mesh the kept phases of a 2D label image in the current gmsh session (model added).
 
     The caller owns the gmsh session (``gmsh.initialize()`` ... ``gmsh.finalize()``). On return
@@ -326,7 +337,9 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
     opts = dataclasses.replace(options or SmoothMeshOptions())
     opts.validate()
     if image.ndim != 2:
-        raise InputError(f"{image.source}: the smooth mesher needs a 2D image, got {image.ndim}D; use --method voxel or tet for 3D")
+        raise InputError(
+            f"{image.source}: the smooth mesher needs a 2D image, got {image.ndim}D; use --method voxel or tet for 3D"
+        )
     if image.array.size == 0:
         raise InputError(f"{image.source}: image is empty")
     kept = resolve_keep(image, keep)
@@ -340,21 +353,31 @@ def build_smooth_model_2d(image: VoxelImage, keep: Sequence[str] | None = None, 
     extent = min(ny * hy, nx * hx)
     size = float(opts.size) if opts.size is not None else 4.0 * unit
     if size > extent:
-        raise UsageError(f"mesh size {size:.4g} m is larger than the domain ({ny * hy:.4g} x {nx * hx:.4g} m); use a smaller --size")
+        raise UsageError(
+            f"mesh size {size:.4g} m is larger than the domain ({ny * hy:.4g} x {nx * hx:.4g} m); use a smaller --size"
+        )
     if size < 0.05 * unit:
-        raise UsageError(f"mesh size {size:.4g} m is below 1/20 of a pixel ({unit:.4g} m): the mesh would be needlessly huge")
+        raise UsageError(
+            f"mesh size {size:.4g} m is below 1/20 of a pixel ({unit:.4g} m): the mesh would be needlessly huge"
+        )
     opts.refine_distance = (10.0 * unit if opts.refine_distance is None else opts.refine_distance) / unit
     opts.gap_width = (10.0 * unit if opts.gap_width is None else opts.gap_width) / unit
     h = size / unit
 
     network = boundary_network(
-        image.array, sigma=opts.sigma, tolerance=opts.tolerance, min_island_pixels=opts.min_island_pixels, protected_labels=()
+        image.array,
+        sigma=opts.sigma,
+        tolerance=opts.tolerance,
+        min_island_pixels=opts.min_island_pixels,
+        protected_labels=(),
     )
     labels = network.labels
     present = set(np.unique(labels).tolist())
     vanished = [n for n, v in kept.items() if v not in present]
     if vanished:
-        raise InputError(f"kept phase(s) {', '.join(vanished)} vanished after removing islands below {opts.min_island_pixels} pixels")
+        raise InputError(
+            f"kept phase(s) {', '.join(vanished)} vanished after removing islands below {opts.min_island_pixels} pixels"
+        )
     name_of = {v: n for n, v in phases.items()}
     kept_values = set(kept.values())
     region_label = network.region_label

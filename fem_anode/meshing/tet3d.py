@@ -61,16 +61,24 @@ def tet_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Voxel
         raise InputError(f"{image.source}: tetrahedral voxel meshes need a 3D image, got {image.ndim}D")
     hexes = voxel_mesh_data(image, keep)
     if 6 * hexes.cells.shape[0] > MAX_TET_CELLS:
-        raise UsageError(f"tetrahedral mesh would have {6 * hexes.cells.shape[0]:,} cells (limit {MAX_TET_CELLS:,}); crop the volume or use --method voxel")
+        raise UsageError(
+            f"tetrahedral mesh would have {6 * hexes.cells.shape[0]:,} cells (limit {MAX_TET_CELLS:,}); crop the volume or use --method voxel"
+        )
     cells = hexes.cells[:, _TETS].reshape(-1, 4)
     cell_tags = np.repeat(hexes.cell_tags, 6)
     # Orientation: the coordinate swap (z, y, x) -> (x, y, z) may flip some; fix by the sign of the volume.
     p = hexes.points
-    vol = np.einsum("ij,ij->i", np.cross(p[cells[:, 1]] - p[cells[:, 0]], p[cells[:, 2]] - p[cells[:, 0]]), p[cells[:, 3]] - p[cells[:, 0]])
+    vol = np.einsum(
+        "ij,ij->i",
+        np.cross(p[cells[:, 1]] - p[cells[:, 0]], p[cells[:, 2]] - p[cells[:, 0]]),
+        p[cells[:, 3]] - p[cells[:, 0]],
+    )
     neg = vol < 0
     cells[neg] = cells[neg][:, [0, 2, 1, 3]]
     quads = hexes.facets  # corners (0,0),(0,1),(1,1),(1,0) in the face's two axes: split along q0-q2
     facets = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
     facet_tags = np.concatenate([hexes.facet_tags, hexes.facet_tags])
-    logger.info("tetrahedral voxel mesh: %d tetrahedra, %d triangles, %d nodes", cells.shape[0], facets.shape[0], p.shape[0])
+    logger.info(
+        "tetrahedral voxel mesh: %d tetrahedra, %d triangles, %d nodes", cells.shape[0], facets.shape[0], p.shape[0]
+    )
     return VoxelMeshData(p, cells, cell_tags, facets, facet_tags, hexes.groups)

@@ -262,7 +262,10 @@ def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Vox
                 groups[side] = (ndim - 1, BOX_SIDE_TAGS[side])
         inner_pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)[(a >= 0) & (b >= 0)], axis=0)
         for va, vb in inner_pairs:
-            groups[interface_name(label_to_name[int(va)], label_to_name[int(vb)])] = (ndim - 1, interface_tag(int(va), int(vb)))
+            groups[interface_name(label_to_name[int(va)], label_to_name[int(vb)])] = (
+                ndim - 1,
+                interface_tag(int(va), int(vb)),
+            )
     facets = np.concatenate(facet_blocks)
     facet_tags = np.concatenate(tag_blocks)
     points = numbering.owned_points(spacing, 0)

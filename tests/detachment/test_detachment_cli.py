@@ -18,7 +18,25 @@ from fem_anode.io.images import write_image
 
 def test_simulate_writes_results_in_the_documented_shape(shared_tmp_path):
     out = shared_tmp_path / "sim"
-    code = main(["detachment", "simulate", "--alpha0", "0.83", "--kappa0", "0.02um", "--delta0", "120nm", "--zeta0", "0.163/um", "--cycles", "6", "--out", str(out), "-q"])
+    code = main(
+        [
+            "detachment",
+            "simulate",
+            "--alpha0",
+            "0.83",
+            "--kappa0",
+            "0.02um",
+            "--delta0",
+            "120nm",
+            "--zeta0",
+            "0.163/um",
+            "--cycles",
+            "6",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     cap = res["capacity_retention"]
@@ -39,7 +57,9 @@ def test_measure_fit_simulate_chain(shared_tmp_path):
     radii = rng.uniform(0.4e-6, 1.0e-6, 12)
     images = {}
     for cycle, scale in ((0, 0.0), (1, 0.3), (3, 0.6)):
-        image, _ = gapped_electrode(radii, scale * radii + 0.12e-6 * cycle, shape=(300, 300), voxel_size=40e-9, seed=cycle)
+        image, _ = gapped_electrode(
+            radii, scale * radii + 0.12e-6 * cycle, shape=(300, 300), voxel_size=40e-9, seed=cycle
+        )
         images[cycle] = write_image(shared_tmp_path / f"sem{cycle}.npy", image)
     csvs = []
     for cycle, path in images.items():
@@ -62,7 +82,22 @@ def test_measure_fit_simulate_chain(shared_tmp_path):
     assert result["confidence"] == pytest.approx(0.68)
     assert np.loadtxt(fit_out / "bootstrap.csv", delimiter=",", skiprows=1).shape == (30, 4)
     sim_out = shared_tmp_path / "sim_fit"
-    assert main(["detachment", "simulate", "--config", str(fit_out / "settings.toml"), "--radii", str(merged), "--out", str(sim_out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "detachment",
+                "simulate",
+                "--config",
+                str(fit_out / "settings.toml"),
+                "--radii",
+                str(merged),
+                "--out",
+                str(sim_out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     res = json.loads((sim_out / "results.json").read_text())
     assert res["parameters"]["alpha0"] == pytest.approx(result["parameters"]["alpha0"]["value"])
     assert len(res["gap"]["radius_m"]) == len(csvs[0]) + len(csvs[1]) + len(csvs[2]) - 3
@@ -70,7 +105,12 @@ def test_measure_fit_simulate_chain(shared_tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("", "empty file"), ("cycle,radius_m\n1,1e-6\n", "missing column"), ("cycle,radius_m,gap_m\n1,-1e-6,1e-7\n", "radius_m must be positive"), ("cycle,radius_m,gap_m\n1,1e-6,nan\n", "column gap_m")],
+    [
+        ("", "empty file"),
+        ("cycle,radius_m\n1,1e-6\n", "missing column"),
+        ("cycle,radius_m,gap_m\n1,-1e-6,1e-7\n", "radius_m must be positive"),
+        ("cycle,radius_m,gap_m\n1,1e-6,nan\n", "column gap_m"),
+    ],
 )
 def test_fit_bad_csv_exits_3_without_output(shared_tmp_path, capsys, text, message):
     path = shared_tmp_path / "bad.csv"

@@ -6,7 +6,6 @@ import json
 import time
 
 
-
 def test_detachment_demo_quick(shared_tmp_path, load_demo):
     module = load_demo("detachment_measure_fit_simulate")
     start = time.perf_counter()
@@ -21,6 +20,13 @@ def test_detachment_demo_quick(shared_tmp_path, load_demo):
     cap = summary["capacity_after_10_cycles"]
     assert abs(cap["paper_values_default_distribution"] - 0.20) < 0.02
     assert abs(cap["paper_values_all_three_improved"] - 0.40) < 0.03
-    for sub in ("fit/fit.json", "fit/bootstrap.png", "fit/fit_gaps.png", "simulate/results.json", "simulate/capacity.png", "measure/txtm_cycle10/gaps.csv"):
+    for sub in (
+        "fit/fit.json",
+        "fit/bootstrap.png",
+        "fit/fit_gaps.png",
+        "simulate/results.json",
+        "simulate/capacity.png",
+        "measure/txtm_cycle10/gaps.csv",
+    ):
         assert (shared_tmp_path / "demo" / sub).stat().st_size > 100, sub
     assert "all three improved" in module._report(summary)

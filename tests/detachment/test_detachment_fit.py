@@ -93,7 +93,9 @@ def test_batched_levenberg_marquardt_matches_scipy_on_a_smooth_problem():
     ours, cost, converged = levenberg_marquardt(lambda th, ids: model(th) - data[ids], x0, lo, hi, max_iterations=200)
     assert converged.all()
     for i in range(30):
-        ref = least_squares(lambda th: model(th[None, :])[0] - data[i], x0[i], bounds=(lo, hi), xtol=1e-12, ftol=1e-12, gtol=1e-12)
+        ref = least_squares(
+            lambda th: model(th[None, :])[0] - data[i], x0[i], bounds=(lo, hi), xtol=1e-12, ftol=1e-12, gtol=1e-12
+        )
         assert cost[i] <= ref.cost * (1 + 1e-6) + 1e-15
         np.testing.assert_allclose(ours[i], ref.x, rtol=1e-3, atol=1e-5)
 

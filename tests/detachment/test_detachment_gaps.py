@@ -64,7 +64,9 @@ def test_blocked_rays_are_left_out():
 def test_section_of_a_gapped_electrode_matches_truth():
     radii = np.array([0.9e-6, 0.7e-6, 0.6e-6, 0.5e-6, 0.4e-6])
     gaps = np.array([0.4e-6, 0.3e-6, 0.2e-6, 0.1e-6, 0.0])
-    image, truth = gapped_electrode(radii, gaps, shape=(220, 220), voxel_size=H, sei=0.05e-6, seed=3, graphite_fraction=0.05)
+    image, truth = gapped_electrode(
+        radii, gaps, shape=(220, 220), voxel_size=H, sei=0.05e-6, seed=3, graphite_fraction=0.05
+    )
     m = measure_gaps(image)
     # match measured particles to the true ones by centroid
     dist = np.linalg.norm(m.centroid_m[:, None, :] - truth["centre_m"][None, :, :], axis=-1)

@@ -44,7 +44,12 @@ def test_ramp_limits():
 
 
 def test_time_to_tension_inverts_the_ramp():
-    x0, shrink, alpha, kappa = np.array([0.2, 0.0, -0.01]), np.array([1.0, 0.5, 0.3]), np.array([0.83, 0.0, 3.0]), np.array([0.02, 0.1, 0.05])
+    x0, shrink, alpha, kappa = (
+        np.array([0.2, 0.0, -0.01]),
+        np.array([1.0, 0.5, 0.3]),
+        np.array([0.83, 0.0, 3.0]),
+        np.array([0.02, 0.1, 0.05]),
+    )
     tau = time_to_tension(x0, shrink, alpha, kappa)
     np.testing.assert_allclose(ramp_compression(x0, -shrink, alpha, tau), -kappa, atol=1e-12)
     # Creep relaxes the tension faster than the shrinkage builds it: never detaches.
@@ -125,14 +130,18 @@ def test_kappa0_plateau_for_small_particles():
         np.testing.assert_allclose(res.gap_deterministic[:, small], expected, rtol=1e-12)
         assert np.all(res.gap_deterministic[-1, ~small] > cycles * delta)
     # Without SEI the threshold is exactly proportional to kappa0 (all displacements scale with r).
-    thresholds = [simulate(PAPER.replace(kappa0=k, delta0=0.0, cycles=3), radii).detachment_radius() for k in (0.02e-6, 0.04e-6)]
+    thresholds = [
+        simulate(PAPER.replace(kappa0=k, delta0=0.0, cycles=3), radii).detachment_radius() for k in (0.02e-6, 0.04e-6)
+    ]
     assert thresholds[1] / thresholds[0] == pytest.approx(2.0, rel=0.03)
 
 
 def test_no_detachment_without_creep():
     # alpha0 -> 0: a purely elastic medium springs back; with SEI pushing outward it is never in tension.
     res = simulate(PAPER.replace(alpha0=1e-9, cycles=4), np.array([0.5e-6, 3e-6]))
-    np.testing.assert_allclose(res.gap_deterministic, np.repeat((np.arange(5) * PAPER.delta0)[:, None], 2, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        res.gap_deterministic, np.repeat((np.arange(5) * PAPER.delta0)[:, None], 2, axis=1), rtol=1e-6
+    )
 
 
 def test_gap_statistics_match_monte_carlo():
@@ -158,7 +167,11 @@ def test_capacity_is_volume_weighted_survival():
     cap = capacity_retention(survival, r)
     np.testing.assert_allclose(cap, (survival * r**3).sum(axis=1) / (r**3).sum(), rtol=1e-12)
     # counts act as number weights
-    np.testing.assert_allclose(capacity_retention(survival, r, [2.0, 1.0]), (survival * [2, 1] * r**3).sum(axis=1) / (r**3 * [2, 1]).sum(), rtol=1e-12)
+    np.testing.assert_allclose(
+        capacity_retention(survival, r, [2.0, 1.0]),
+        (survival * [2, 1] * r**3).sum(axis=1) / (r**3 * [2, 1]).sum(),
+        rtol=1e-12,
+    )
 
 
 def test_paper_discussion_numbers_with_default_distribution():

@@ -39,7 +39,12 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="spawns its own Python; run serially only")
 def test_detachment_cli_without_fenicsx_or_mpi(tmp_path):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
     assert (tmp_path / "s" / "results.json").exists() and (tmp_path / "f" / "fit.json").exists()

@@ -32,7 +32,9 @@ def robin_cylinder_mean(t: float, radius: float, D_eff: float, eps: float, k_f: 
     biot = radius * k_f / D_eff
     upper = jn_zeros(0, n_terms)
     lower = np.concatenate([[0.0], jn_zeros(1, n_terms - 1)])  # b_n lies between j_(1,n-1) and j_(0,n)
-    beta = np.array([brentq(lambda b: b * j1(b) - biot * j0(b), lo + 1e-12, hi - 1e-12) for lo, hi in zip(lower, upper)])
+    beta = np.array(
+        [brentq(lambda b: b * j1(b) - biot * j0(b), lo + 1e-12, hi - 1e-12) for lo, hi in zip(lower, upper)]
+    )
     T = t * D_eff / (eps * radius**2)
     return float(1.0 - np.sum(4 * biot**2 * np.exp(-(beta**2) * T) / (beta**2 * (beta**2 + biot**2))))
 
@@ -117,7 +119,9 @@ def test_smooth_disc_curved_interface(shared_tmp_path, comm):
 def test_level_changes_picks_the_coarsest_level_that_stays_within_tolerance():
     records = {"a": {"values": [1.05, 1.005, 1.001, 1.0]}, "b": {"values": [2.0, 2.0, 2.03, 2.031]}}
     result = level_changes(records, [10, 40, 160, 640], [4.0, 2.0, 1.0, 0.5])
-    assert [c["largest_change"] for c in result["changes"]] == pytest.approx([0.045 / 1.05, 0.03 / 2.03, 0.001 / 1.001], rel=1e-12)
+    assert [c["largest_change"] for c in result["changes"]] == pytest.approx(
+        [0.045 / 1.05, 0.03 / 2.03, 0.001 / 1.001], rel=1e-12
+    )
     assert [c["quantity"] for c in result["changes"]] == ["a", "b", "a"]
     assert result["level"] == 2 and result["cells"] == 160
 
@@ -128,18 +132,29 @@ def test_unused_settings_are_refused(shared_tmp_path, comm, capsys):
     path = _strip(shared_tmp_path, comm)
     base = DiffusionSettings(geometry=GeometrySettings(image=path), mesh=MeshSettings(method="smooth", size=200e-9))
     with pytest.raises(UsageError, match=r"output\.figures, checkpoint\.interval_s"):
-        run_diffusion_study(base.replace(output=base.output.replace(figures=False), checkpoint=base.checkpoint.replace(interval_s=5.0)), levels=2, comm=comm)
+        run_diffusion_study(
+            base.replace(output=base.output.replace(figures=False), checkpoint=base.checkpoint.replace(interval_s=5.0)),
+            levels=2,
+            comm=comm,
+        )
     check_study_settings(base, "diffusion")  # defaults pass (configs written by to_toml list them all)
     with pytest.raises(UsageError, match="mesh.discretisation = 'fv'"):
         check_study_settings(base.replace(mesh=MeshSettings(discretisation="fv")), "diffusion")
     config = shared_tmp_path / "unused.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\n\n[output]\nfields = false\nmesh = true\n')
+        config.write_text(
+            '[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\n\n[output]\nfields = false\nmesh = true\n'
+        )
     comm.barrier()
     out = shared_tmp_path / "unused_out"
     assert main(["convergence", str(config), "--levels", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "output.fields:" in err and "output.mesh" not in err and "not used by a convergence study" in err and "Traceback" not in err
+    assert (
+        "output.fields:" in err
+        and "output.mesh" not in err
+        and "not used by a convergence study" in err
+        and "Traceback" not in err
+    )
     assert not out.exists()
     voxel = shared_tmp_path / "voxel.toml"
     if comm.rank == 0:
@@ -158,8 +173,10 @@ def test_smooth_study_cli(shared_tmp_path, comm):
     _strip(shared_tmp_path, comm)
     config = shared_tmp_path / "smooth.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\nsize = 200e-9\n\n'
-                          "[time]\nt_end = 0.0005\noutput_times = [0.0005]\n")
+        config.write_text(
+            '[geometry]\nimage = "strip.npy"\n\n[mesh]\nmethod = "smooth"\nsize = 200e-9\n\n'
+            "[time]\nt_end = 0.0005\noutput_times = [0.0005]\n"
+        )
     comm.barrier()
     out = shared_tmp_path / "smooth_study"
     assert main(["convergence", str(config), "--levels", "3", "--refine-factor", "1.5", "--out", str(out), "-q"]) == 0
@@ -170,5 +187,8 @@ def test_smooth_study_cli(shared_tmp_path, comm):
     assert data["cells"][0] < data["cells"][1] < data["cells"][2]
     record = data["quantities"]["domain_mean@0.0005s"]
     assert record["converging"] == "monotone" and 1.5 < record["observed_order"] < 2.6 and record["gci"] < 0.01
-    assert data["level_changes_1pct"]["changes"][0]["largest_change"] > data["level_changes_1pct"]["changes"][1]["largest_change"]
+    assert (
+        data["level_changes_1pct"]["changes"][0]["largest_change"]
+        > data["level_changes_1pct"]["changes"][1]["largest_change"]
+    )
     assert (out / "convergence.png").exists()

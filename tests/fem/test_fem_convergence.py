@@ -16,7 +16,14 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.errors import UsageError  # noqa: E402
 from fem_anode.fem.analytic import robin_sheet_mean  # noqa: E402
 from fem_anode.fem.convergence import mesh_independence, richardson, run_diffusion_study  # noqa: E402
-from fem_anode.fem.diffusion import DiffusionSettings, GeometrySettings, MeshSettings, PhysicsSettings, Region, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion import (
+    DiffusionSettings,
+    GeometrySettings,
+    MeshSettings,
+    PhysicsSettings,
+    Region,
+    TimeSettings,
+)  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 
 
@@ -111,7 +118,9 @@ def test_phasefield_study_radius_converges_at_second_order(shared_tmp_path, comm
 
     config = shared_tmp_path / "pf.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nradius = 10e-9\n\n[mesh]\nsize = 4e-9\n\n[cycling]\nhalf_cycles = 2\nhalf_cycle_time = 0.5\n\n[output]\ntimes = []\n')
+        config.write_text(
+            "[geometry]\nradius = 10e-9\n\n[mesh]\nsize = 4e-9\n\n[cycling]\nhalf_cycles = 2\nhalf_cycle_time = 0.5\n\n[output]\ntimes = []\n"
+        )
     comm.barrier()
     out = shared_tmp_path / "pf_study"
     assert main(["convergence", str(config), "--levels", "3", "--out", str(out), "-q"]) == 0

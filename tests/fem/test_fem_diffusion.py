@@ -38,7 +38,9 @@ def strip_settings(order: int, steps_per_level: int = 8, t_end: float = 4e-3, re
     settings = DiffusionSettings(
         geometry=GeometrySettings(mesh="strip.msh"),
         mesh=MeshSettings(order=order),
-        time=TimeSettings(t_end=t_end, output_times=TIMES, dt_initial=1e-8, steps_per_level=steps_per_level, dt_max=1e-4),
+        time=TimeSettings(
+            t_end=t_end, output_times=TIMES, dt_initial=1e-8, steps_per_level=steps_per_level, dt_max=1e-4
+        ),
         regions=list(regions),
     )
     settings.check()
@@ -85,7 +87,10 @@ def test_1d_limit_matches_crank_series(shared_tmp_path, comm, order):
     assert np.all(relative_errors(result, physics) < 5e-3)
     out = result.at_output_times()
     x = np.linspace(0.0, h / 2, 51)  # distance from the no-flux end
-    exact_far = [physics.c_bulk * robin_sheet_profile(x, t, LENGTH, physics.D_eff, physics.eps, physics.k_f).mean() for t in out["times"]]
+    exact_far = [
+        physics.c_bulk * robin_sheet_profile(x, t, LENGTH, physics.D_eff, physics.eps, physics.k_f).mean()
+        for t in out["times"]
+    ]
     for numeric, exact in zip(out["regions"]["far"], exact_far):
         if exact > 0.05 * physics.c_bulk:
             assert numeric == pytest.approx(exact, rel=5e-3)
@@ -108,7 +113,9 @@ def test_space_convergence_rates(shared_tmp_path, comm, order, sizes, bounds):
     errors = []
     for n in sizes:
         settings = strip_settings(order, steps_per_level=48)
-        errors.append(relative_errors(DiffusionProblem(strip_mesh(n, shared_tmp_path, comm), settings).run(), settings.physics)[1])
+        errors.append(
+            relative_errors(DiffusionProblem(strip_mesh(n, shared_tmp_path, comm), settings).run(), settings.physics)[1]
+        )
     observed = np.polyfit(np.log(LENGTH / np.array(sizes)), np.log(errors), 1)[0]
     assert bounds[0] < observed < bounds[1]
 
@@ -130,7 +137,10 @@ def run_roi(tagged, k_si=0.0, t_end=0.5, order=1):
         mesh=MeshSettings(order=order),
         physics=PhysicsSettings(k_si=k_si),
         time=TimeSettings(t_end=t_end, output_times=[1e-4, 1e-3, t_end], dt_initial=1e-7),
-        regions=[Region(name="I", box=[60e-9, 0.0, 200e-9, 200e-9]), Region(name="IV", box=[460e-9, 100e-9, 600e-9, 460e-9])],
+        regions=[
+            Region(name="I", box=[60e-9, 0.0, 200e-9, 200e-9]),
+            Region(name="IV", box=[460e-9, 100e-9, 600e-9, 460e-9]),
+        ],
     )
     settings.check()
     problem = DiffusionProblem(tagged, settings)
@@ -167,7 +177,9 @@ def test_same_numbers_on_one_and_all_ranks(shared_tmp_path, comm):
         # region IV is ~1e-8 (even slightly negative) at its first outputs, and 1 vs 2 ranks
         # differ by up to 1.1e-11 (measured). The floor is relative to the series' scale.
         scale = np.abs(serial.region_means[name]).max()
-        np.testing.assert_allclose(distributed.region_means[name], serial.region_means[name], rtol=1e-8, atol=1e-11 * scale)
+        np.testing.assert_allclose(
+            distributed.region_means[name], serial.region_means[name], rtol=1e-8, atol=1e-11 * scale
+        )
 
 
 def test_bad_settings_and_meshes(shared_tmp_path, comm, tmp_path):
@@ -188,7 +200,9 @@ def test_bad_settings_and_meshes(shared_tmp_path, comm, tmp_path):
     with pytest.raises(InputError, match="no facet group 'pore\\|sei'"):
         DiffusionProblem(read_mesh(path, comm), DiffusionSettings(geometry=GeometrySettings(mesh=path)))
     tagged = strip_mesh(4, shared_tmp_path, comm)
-    outside = DiffusionSettings(geometry=GeometrySettings(mesh=path), regions=[Region(name="x", box=[5e-6, 5e-6, 6e-6, 6e-6])])
+    outside = DiffusionSettings(
+        geometry=GeometrySettings(mesh=path), regions=[Region(name="x", box=[5e-6, 5e-6, 6e-6, 6e-6])]
+    )
     with pytest.raises(UsageError, match="contains none of the transporting phase"):
         DiffusionProblem(tagged, outside)
 
@@ -268,7 +282,9 @@ def test_smooth_curved_p2_mesh_conserves_mass_and_reaches_c_bulk(shared_tmp_path
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["mass_balance_rel_error"] < 1e-6
-    assert results["final_min_c"] == pytest.approx(1000.0, rel=1e-6) and results["final_max_c"] == pytest.approx(1000.0, rel=1e-6)
+    assert results["final_min_c"] == pytest.approx(1000.0, rel=1e-6) and results["final_max_c"] == pytest.approx(
+        1000.0, rel=1e-6
+    )
     assert len(results["si_particles"]["0.05"]) == 1
     assert (out / "mesh.quality.json").exists()
     bad = shared_tmp_path / "bad.toml"

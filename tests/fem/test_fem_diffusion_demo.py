@@ -8,7 +8,6 @@ import pytest
 pytest.importorskip("dolfinx")
 
 
-
 def test_diffusion_fig8_demo_quick(shared_tmp_path, comm, load_demo):
     module = load_demo("diffusion_fig8")
     results = module.main(shared_tmp_path / "fig8", quick=True, comm=comm)

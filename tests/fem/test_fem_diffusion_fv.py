@@ -32,7 +32,11 @@ def _image_file(directory: Path, labels: np.ndarray, h: float, comm, name: str =
 
 
 def _settings(image: Path, **sections) -> DiffusionSettings:
-    data = {"geometry": {"image": str(image)}, "mesh": {"discretisation": "fv"}, "output": {"fields": False, "figures": False}}
+    data = {
+        "geometry": {"image": str(image)},
+        "mesh": {"discretisation": "fv"},
+        "output": {"fields": False, "figures": False},
+    }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
     return DiffusionSettings.from_dict(data)
@@ -108,8 +112,13 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm):
     """The world communicator (2 ranks under mpirun: CG with slab Eisenstat SSOR) and one rank
     alone (PETSc's Eisenstat; and a direct solve) give the same histories to the solver tolerance."""
     box = [0.0, 0.0, 0.0, 5e-6, 5e-6, 5e-6]
-    settings = _settings(electrode_crop, geometry={"transport_phase": "solid"}, solver={"type": "iterative", "preconditioner": "ssor"},
-                         time={"t_end": 1.0, "output_times": [0.01, 1.0]}, regions=[{"name": "A", "box": box}])
+    settings = _settings(
+        electrode_crop,
+        geometry={"transport_phase": "solid"},
+        solver={"type": "iterative", "preconditioner": "ssor"},
+        time={"t_end": 1.0, "output_times": [0.01, 1.0]},
+        regions=[{"name": "A", "box": box}],
+    )
     from fem_anode.fem.diffusion_fv import VoxelFVProblem
 
     problem = VoxelFVProblem(open_image_layers(electrode_crop), settings, comm)
@@ -133,8 +142,12 @@ def test_fv_agrees_with_p1_on_the_electrode(electrode_crop, shared_tmp_path, com
 
     out = {}
     for kind in ("fv", "fe"):
-        settings = _settings(electrode_crop, geometry={"transport_phase": "solid"}, mesh={"discretisation": kind},
-                             time={"t_end": 0.5, "output_times": [0.5]})
+        settings = _settings(
+            electrode_crop,
+            geometry={"transport_phase": "solid"},
+            mesh={"discretisation": kind},
+            time={"t_end": 0.5, "output_times": [0.5]},
+        )
         staging = shared_tmp_path / kind
         if comm.rank == 0:
             staging.mkdir()
@@ -152,8 +165,12 @@ def test_cli_writes_vtk_images_and_resumable_state(electrode_crop, shared_tmp_pa
     from fem_anode.fem.diffusion_run import run_diffusion
     from fem_anode.io.checkpoint import CheckpointStore
 
-    settings = _settings(electrode_crop, geometry={"transport_phase": "solid"}, time={"t_end": 0.1, "output_times": [0.01, 0.1]},
-                         output={"fields": True, "figures": True})
+    settings = _settings(
+        electrode_crop,
+        geometry={"transport_phase": "solid"},
+        time={"t_end": 0.1, "output_times": [0.01, 0.1]},
+        output={"fields": True, "figures": True},
+    )
     staging = shared_tmp_path / "run"
     if comm.rank == 0:
         staging.mkdir()

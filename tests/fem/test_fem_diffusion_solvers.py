@@ -14,7 +14,14 @@ pytest.importorskip("dolfinx")
 
 from fem_anode.errors import Interrupted  # noqa: E402
 from fem_anode.fem import read_mesh  # noqa: E402
-from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, Region, SolverSettings, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion import (
+    DiffusionProblem,
+    DiffusionSettings,
+    GeometrySettings,
+    Region,
+    SolverSettings,
+    TimeSettings,
+)  # noqa: E402
 from fem_anode.io import VoxelImage  # noqa: E402
 from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore  # noqa: E402
 from fem_anode.meshing import write_voxel_mesh  # noqa: E402
@@ -117,7 +124,9 @@ def test_auto_stays_on_ssor_when_the_multigrid_set_up_does_not_fit(volume, monke
     """A switch that would need more memory than is available keeps SSOR (warned), never OOM."""
     from fem_anode.resources import estimate_multigrid_setup_memory
 
-    need = estimate_multigrid_setup_memory(volume.mesh.comm.allreduce(volume.mesh.geometry.x.shape[0]), volume.mesh.comm.size).bytes
+    need = estimate_multigrid_setup_memory(
+        volume.mesh.comm.allreduce(volume.mesh.geometry.x.shape[0]), volume.mesh.comm.size
+    ).bytes
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", str(int(need / 10)))  # far below the set-up's estimate
     problem = RecordingProblem(volume, settings_for(type="iterative", switch_iterations=8))
     with caplog.at_level("WARNING", logger="fem_anode.fem.diffusion"):
@@ -147,7 +156,9 @@ def test_the_memory_estimate_counts_an_explicit_multigrid():
 
 
 def test_an_explicit_pc_type_is_never_switched(volume):
-    problem = RecordingProblem(volume, settings_for(type="iterative", switch_iterations=1, petsc_options={"pc_type": "jacobi"}))
+    problem = RecordingProblem(
+        volume, settings_for(type="iterative", switch_iterations=1, petsc_options={"pc_type": "jacobi"})
+    )
     problem.run()
     assert problem.amg_from_a0 is None and {pc for _, pc, _ in problem.solves} == {"jacobi"}
 
@@ -261,7 +272,9 @@ def test_resume_after_the_switch_repeats_the_run(volume, shared_tmp_path, comm):
     # stop two steps after the switch
     switch_step = next(i for i, (a0, pc, _) in enumerate(reference.solves) if pc == "mg")
     store = CheckpointStore(shared_tmp_path / "switched", comm)
-    checkpointer = Checkpointer(store, CheckpointPolicy(interval_s=0.0, every_steps=0), stop=StopAfter(switch_step + 2), comm=comm)
+    checkpointer = Checkpointer(
+        store, CheckpointPolicy(interval_s=0.0, every_steps=0), stop=StopAfter(switch_step + 2), comm=comm
+    )
     with pytest.raises(Interrupted):
         DiffusionProblem(volume, settings).run(checkpointer=checkpointer)
     checkpoint = store.load()
@@ -276,7 +289,10 @@ def test_resume_after_the_switch_repeats_the_run(volume, shared_tmp_path, comm):
 @pytest.mark.parametrize(
     ("solver", "message"),
     [
-        ({"preconditioner": "multigrid"}, r"solver\.preconditioner must be one of 'auto', 'ssor', 'mg', 'gamg', 'hypre', got 'multigrid'"),
+        (
+            {"preconditioner": "multigrid"},
+            r"solver\.preconditioner must be one of 'auto', 'ssor', 'mg', 'gamg', 'hypre', got 'multigrid'",
+        ),
         ({"cache_memory": 0}, r"solver\.cache_memory"),
         ({"switch_iterations": 0}, r"solver\.switch_iterations"),
         ({"rtol": -1e-10}, r"solver\.rtol"),
@@ -290,11 +306,14 @@ def test_bad_solver_settings_are_named(solver, message):
         DiffusionSettings.from_dict({"solver": solver})
 
 
-@pytest.mark.parametrize(("section", "values", "message"), [
-    ("physics", {"D": -3e-10}, r"physics\.D must be positive"),
-    ("physics", {"k_f": 1e40}, r"physics\.k_f"),
-    ("solver", {"rtol": 0.0}, r"solver\.rtol"),
-])
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("physics", {"D": -3e-10}, r"physics\.D must be positive"),
+        ("physics", {"k_f": 1e40}, r"physics\.k_f"),
+        ("solver", {"rtol": 0.0}, r"solver\.rtol"),
+    ],
+)
 def test_the_python_api_refuses_what_the_toml_path_refuses(volume, section, values, message):
     """Settings objects changed in Python are checked by the solver before any work (as from TOML)."""
     import dataclasses

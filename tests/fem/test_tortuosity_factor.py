@@ -124,7 +124,9 @@ def test_series_constriction_bounds_and_refinement(comm):
     labels[4:, 2:4, 2:4] = 1
     spacing = (1e-6, 1e-6, 1e-6)
     coarse = tortuosity_factor(image(labels, spacing), "pore", comm, method="fe")
-    fine = tortuosity_factor(image(labels.repeat(2, 0).repeat(2, 1).repeat(2, 2), (5e-7,) * 3), "pore", comm, method="fe")
+    fine = tortuosity_factor(
+        image(labels.repeat(2, 0).repeat(2, 1).repeat(2, 2), (5e-7,) * 3), "pore", comm, method="fe"
+    )
     n_cross = 36
     series = 1.0 / (0.5 * n_cross / 16 + 0.5 * n_cross / 4)  # D_eff/D of two layers in series (1D)
     narrow = 4 / n_cross  # the narrow columns alone, over the whole depth
@@ -192,7 +194,10 @@ def test_reduced_system_equals_plain_triplet_sum(spacing):
     n_top, n_bottom = int(np.count_nonzero(z == 0)), int(np.count_nonzero(z == z.max()))
     matrix, load = reduced_system(cells, n, n_top, n_bottom, spacing)
     ke = element_stiffness(spacing)
-    triplets = (np.tile(ke.ravel(), cells.shape[0]), (np.repeat(cells, 8, axis=1).ravel(), np.tile(cells, (1, 8)).ravel()))
+    triplets = (
+        np.tile(ke.ravel(), cells.shape[0]),
+        (np.repeat(cells, 8, axis=1).ravel(), np.tile(cells, (1, 8)).ravel()),
+    )
     full = scipy.sparse.csr_matrix(triplets, shape=(n, n))
     free = slice(n_top, n - n_bottom)
     assert abs(matrix - full[free][:, free]).max() < 1e-14
@@ -249,11 +254,20 @@ def test_metrics_cli_tortuosity_factor(shared_tmp_path, comm):
     assert data["tortuosity_factor_details"]["pore"]["ranks"] == comm.size
     assert data["tortuosity_factor_method"] == "fv" and data["tortuosity_factor_details"]["pore"]["method"] == "fv"
     for method in ("fe", "fe-extrapolated"):
-        assert main(["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", method, "--out", str(out / method)]) == 0
+        assert (
+            main(
+                ["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", method, "--out", str(out / method)]
+            )
+            == 0
+        )
         data = json.loads((out / method / "metrics.json").read_text())
-        assert data["tortuosity_factor_method"] == method and data["tortuosity_factor_details"]["pore"]["method"] == method
+        assert (
+            data["tortuosity_factor_method"] == method and data["tortuosity_factor_details"]["pore"]["method"] == method
+        )
         assert data["tortuosity_factor"]["pore"] == pytest.approx(56 / 54, rel=1e-9)
-    assert main(["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", "lbm", "--out", str(out / "m")]) == 2
+    assert (
+        main(["metrics", str(path), "--tortuosity-factor", "--tortuosity-method", "lbm", "--out", str(out / "m")]) == 2
+    )
     # default phase: the pore phase; without the flag no key
     assert main(["metrics", str(path), "--tortuosity-factor", "--out", str(out / "d")]) == 0
     assert list(json.loads((out / "d" / "metrics.json").read_text())["tortuosity_factor"]) == ["pore"]
@@ -348,7 +362,9 @@ def test_fv_diagonal_contact_does_not_connect(comm, contact):
     gz, gy, gx = conductances(H)
     resistance = 8 / gz + 1 / gx + (1 / gy if contact == "corner" else 0.0)
     bridged = tortuosity_factor(image(labels), "pore", comm, rtol=1e-10)
-    assert bridged.relative_diffusivity == pytest.approx(relative_from_resistance(resistance, labels.shape, H), rel=1e-9)
+    assert bridged.relative_diffusivity == pytest.approx(
+        relative_from_resistance(resistance, labels.shape, H), rel=1e-9
+    )
 
 
 def test_fv_series_blocks_equal_the_resistor_network(comm):

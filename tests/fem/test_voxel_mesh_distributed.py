@@ -147,7 +147,9 @@ def test_layered_files_give_the_same_mesh_and_each_rank_reads_its_slab(comm, sha
         assert a.facet_groups == b.facet_groups
         for tag in a.facet_groups.values():
             n = a.mesh.topology.index_map(2).size_local
-            assert global_count(comm, a.facet_tags.find(tag), n) == global_count(comm, b.facet_tags.find(tag), b.mesh.topology.index_map(2).size_local)
+            assert global_count(comm, a.facet_tags.find(tag), n) == global_count(
+                comm, b.facet_tags.find(tag), b.mesh.topology.index_map(2).size_local
+            )
 
 
 def test_slabs_balance_the_cells():
@@ -190,7 +192,10 @@ def test_si_particle_report_from_slabs_equals_the_whole_image_one(comm):
     labels[:, :, :2] = 0
     image = VoxelImage(labels, (4e-8, 3e-8, 2e-8), {"pore": 0, "si": 1, "sei": 3})
     tagged = create_voxel_mesh(image, comm, ["sei"])
-    settings = DiffusionSettings(geometry=GeometrySettings(mesh="unused.msh"), time=TimeSettings(t_end=1e-4, output_times=[1e-4], dt_initial=1e-6))
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(mesh="unused.msh"),
+        time=TimeSettings(t_end=1e-4, output_times=[1e-4], dt_initial=1e-6),
+    )
     problem = DiffusionProblem(tagged, settings)
     try:
         problem.run()
@@ -224,8 +229,10 @@ def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path):
     write_image(shared_tmp_path / "vol.npy", image)
     config = shared_tmp_path / "vol.toml"
     if comm.rank == 0:
-        config.write_text('[geometry]\nimage = "vol.npy"\n[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n'
-                          '[[regions]]\nname = "deep"\nbox = [2e-7, 0.0, 0.0, 5e-7, 5e-7, 6e-7]\n')
+        config.write_text(
+            '[geometry]\nimage = "vol.npy"\n[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n'
+            '[[regions]]\nname = "deep"\nbox = [2e-7, 0.0, 0.0, 5e-7, 5e-7, 6e-7]\n'
+        )
     comm.barrier()
     out = shared_tmp_path / "out"
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0

@@ -27,7 +27,21 @@ def test_segment_then_metrics_with_reference(shared_tmp_path, comm):
         write_image(d / "aged_gray.tif", render_gray(aged, seed=2))
         write_image(d / "aged_truth.npy", aged)
     _barrier(comm)
-    assert main(["segment", str(d / "aged_gray.tif"), "--method", "multistage", "--truth", str(d / "aged_truth.npy"), "--out", str(d / "aged.npy")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "aged_gray.tif"),
+                "--method",
+                "multistage",
+                "--truth",
+                str(d / "aged_truth.npy"),
+                "--out",
+                str(d / "aged.npy"),
+            ]
+        )
+        == 0
+    )
     _barrier(comm)
     labels = read_image(d / "aged.npy", kind="labels")
     assert labels.phases == {"pore": 0, "si": 1, "graphite": 2, "sei": 3}
@@ -35,15 +49,34 @@ def test_segment_then_metrics_with_reference(shared_tmp_path, comm):
     report = json.loads((d / "aged.npy.report.json").read_text())
     assert report["method"] == "multistage" and report["iou"]["pore"] > 0.8
     out = d / "metrics"
-    assert main(["metrics", str(d / "aged.npy"), "--reference", str(d / "pristine.npy"), "--fields", "--out", str(out)]) == 0
+    assert (
+        main(["metrics", str(d / "aged.npy"), "--reference", str(d / "pristine.npy"), "--fields", "--out", str(out)])
+        == 0
+    )
     _barrier(comm)
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("phase_fractions", "per_slice", "si_particles", "pore_surface_area_m2", "tortuosity",
-                "connections_per_depth", "pore_si_distance", "relative_change", "timings_s"):
+    for key in (
+        "phase_fractions",
+        "per_slice",
+        "si_particles",
+        "pore_surface_area_m2",
+        "tortuosity",
+        "connections_per_depth",
+        "pore_si_distance",
+        "relative_change",
+        "timings_s",
+    ):
         assert key in m, key
     assert m["relative_change"]["phase_volume"]["pore"] < 0  # ageing fills pores with SEI
-    for png in ("per_slice", "tortuosity", "tortuosity_map", "connections", "pore_si_distance", "si_size_distribution",
-                "si_per_slice"):
+    for png in (
+        "per_slice",
+        "tortuosity",
+        "tortuosity_map",
+        "connections",
+        "pore_si_distance",
+        "si_size_distribution",
+        "si_per_slice",
+    ):
         assert (out / f"{png}.png").stat().st_size > 1000
     tau = np.load(out / "tortuosity.npy")
     assert tau.shape == (16, 32, 32)
@@ -59,7 +92,21 @@ def test_region_segment_and_2d_metrics(shared_tmp_path, comm):
         write_image(d / "roi_gray.npy", render_gray(roi, shine_through=1.0, seed=3))
         write_image(d / "roi.npy", roi)
     _barrier(comm)
-    assert main(["segment", str(d / "roi_gray.npy"), "--method", "region", "--truth", str(d / "roi.npy"), "--out", str(d / "seg.npz")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "roi_gray.npy"),
+                "--method",
+                "region",
+                "--truth",
+                str(d / "roi.npy"),
+                "--out",
+                str(d / "seg.npz"),
+            ]
+        )
+        == 0
+    )
     _barrier(comm)
     report = json.loads((d / "seg.npz.report.json").read_text())
     assert report["order"] == ["pore", "sei", "si"] and report["iou"]["si"] > 0.8
@@ -79,6 +126,20 @@ def test_cli_errors_are_one_line(shared_tmp_path, comm, capsys):
     assert main(["metrics", str(d / "lab.npy"), "--si-phase", "silicon", "--out", str(d / "bad")]) == 2
     assert "--si-phase 'silicon' is not a phase" in capsys.readouterr().err
     assert not (d / "bad").exists()
-    assert main(["segment", str(d / "gray2.npy"), "--method", "multistage", "--phases", "pore=0,si=1", "--out", str(d / "x.npy")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "gray2.npy"),
+                "--method",
+                "multistage",
+                "--phases",
+                "pore=0,si=1",
+                "--out",
+                str(d / "x.npy"),
+            ]
+        )
+        == 2
+    )
     assert main(["metrics", str(d / "missing.npy"), "--out", str(d / "bad")]) == 3
     _barrier(comm)

@@ -61,13 +61,18 @@ def test_straight_cylinders_tortuosity_one_and_connections(voxel):
 
 def test_blocked_cylinder_is_unreachable_not_dropped():
     voxel = VOXELS[0]
-    image = _cylinders((20, 30, 30), voxel, [(8 * voxel[1], 8 * voxel[2]), (20 * voxel[1], 20 * voxel[2])], 3.5 * voxel[1])
+    image = _cylinders(
+        (20, 30, 30), voxel, [(8 * voxel[1], 8 * voxel[2]), (20 * voxel[1], 20 * voxel[2])], 3.5 * voxel[1]
+    )
     labels = image.array.copy()
     _, y, x = _coords(labels.shape, voxel)
     second = labels == PHASES["pore"]
     second &= (y - 20 * voxel[1]) ** 2 + (x - 20 * voxel[2]) ** 2 <= (3.5 * voxel[1]) ** 2
     second[:5] = False  # the second cylinder starts at z = 5: closed to the surface
-    labels[:5][(labels[:5] == PHASES["pore"]) & ((y[:5] - 20 * voxel[1]) ** 2 + (x[:5] - 20 * voxel[2]) ** 2 <= (3.5 * voxel[1]) ** 2)] = PHASES["sei"]
+    labels[:5][
+        (labels[:5] == PHASES["pore"])
+        & ((y[:5] - 20 * voxel[1]) ** 2 + (x[:5] - 20 * voxel[2]) ** 2 <= (3.5 * voxel[1]) ** 2)
+    ] = PHASES["sei"]
     image = VoxelImage(labels, voxel, dict(PHASES))
     geodesic, tau = tortuosity_field(image)
     pore = labels == PHASES["pore"]
@@ -214,7 +219,10 @@ def test_distances_pore_slab_to_spheres(voxel):
     pore = labels == PHASES["pore"]
     si_surf = si & ~ndimage.binary_erosion(si, border_value=1)
     pore_surf = pore & ~ndimage.binary_erosion(pore, border_value=1)
-    expected = max(directed_hausdorff(points[si_surf], points[pore_surf])[0], directed_hausdorff(points[pore_surf], points[si_surf])[0])
+    expected = max(
+        directed_hausdorff(points[si_surf], points[pore_surf])[0],
+        directed_hausdorff(points[pore_surf], points[si_surf])[0],
+    )
     assert d["hausdorff_m"] == pytest.approx(expected, rel=1e-9)
     assert d["max_m"] == pytest.approx(directed_hausdorff(points[si_surf], points[pore])[0], rel=1e-9)
 
@@ -237,8 +245,18 @@ def test_fractions_sum_to_one_and_compute_metrics_keys():
     fractions = phase_fractions(image)
     assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-12)
     m = compute_metrics(image)
-    for key in ("image", "phase_fractions", "per_slice", "si_particles", "pore_surface_area_m2", "tortuosity",
-                "connections_per_depth", "pore_si_distance", "not_applicable", "timings_s"):
+    for key in (
+        "image",
+        "phase_fractions",
+        "per_slice",
+        "si_particles",
+        "pore_surface_area_m2",
+        "tortuosity",
+        "connections_per_depth",
+        "pore_si_distance",
+        "not_applicable",
+        "timings_s",
+    ):
         assert key in m
     assert m["not_applicable"] == {}
     profiles = np.array([m["per_slice"][p]["profile"] for p in image.phases])
@@ -256,7 +274,9 @@ def test_metrics_scale_with_voxel_size():
     a, b = compute_metrics(base), compute_metrics(stretched)
     assert a["phase_fractions"] == b["phase_fractions"]
     assert a["si_particles"]["count"] == b["si_particles"]["count"]
-    assert b["si_particles"]["mean_equivalent_diameter_m"] == pytest.approx(2 ** (1 / 3) * a["si_particles"]["mean_equivalent_diameter_m"], rel=1e-12)
+    assert b["si_particles"]["mean_equivalent_diameter_m"] == pytest.approx(
+        2 ** (1 / 3) * a["si_particles"]["mean_equivalent_diameter_m"], rel=1e-12
+    )
     assert b["connections_per_depth"]["profile"] == a["connections_per_depth"]["profile"]
     assert b["tortuosity"]["depth_m"] == pytest.approx([2 * d for d in a["tortuosity"]["depth_m"]])
     # a larger z spacing makes lateral detours relatively shorter: tortuosity decreases

@@ -119,7 +119,9 @@ def test_region_method_on_a_stack_segments_each_slice():
 
 def test_threshold_segmentation_with_given_thresholds():
     gray = np.array([[0.0, 0.35, 0.7, 0.95]])
-    labels = threshold_segmentation(gray, {"pore": 0, "sei": 3, "si": 1}, order=["pore", "sei", "si"], thresholds=[0.3, 0.8]).labels
+    labels = threshold_segmentation(
+        gray, {"pore": 0, "sei": 3, "si": 1}, order=["pore", "sei", "si"], thresholds=[0.3, 0.8]
+    ).labels
     np.testing.assert_array_equal(labels.array, [[0, 3, 3, 1]])
     with pytest.raises(UsageError):
         threshold_segmentation(gray, {"pore": 0, "si": 1}, thresholds=[0.1, 0.2])

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from fem_anode.errors import InputError
-from fem_anode.imaging.accuracy import accuracy_from_confusion, accuracy_report, confusion_matrix, plot_confusion, plot_segmentation_report
+from fem_anode.imaging.accuracy import (
+    accuracy_from_confusion,
+    accuracy_report,
+    confusion_matrix,
+    plot_confusion,
+    plot_segmentation_report,
+)
 from fem_anode.imaging.segmentation import iou_per_phase
 from fem_anode.io.images import VoxelImage
 
@@ -52,4 +58,7 @@ def test_report_figures(tmp_path):
     pred = np.where(rng.random(truth.shape) < 0.1, 3, truth)
     report = accuracy_report(pred, truth, PHASES)
     assert plot_confusion(report, tmp_path / "c.png").stat().st_size > 5000
-    assert plot_segmentation_report(rng.random(truth.shape), pred, PHASES, tmp_path / "r.png", truth=truth).stat().st_size > 5000
+    assert (
+        plot_segmentation_report(rng.random(truth.shape), pred, PHASES, tmp_path / "r.png", truth=truth).stat().st_size
+        > 5000
+    )

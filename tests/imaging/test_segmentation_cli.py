@@ -34,8 +34,12 @@ def inputs(shared_tmp_path, comm):
         write_image(d / "odd_labels.npy", VoxelImage(odd, truth.voxel_size))
         from fem_anode.imaging.trainable import save_model, train_classifier
 
-        save_model(train_classifier([(read_image(d / "gray.npy", kind="gray").array, scribbles)], ANODE_PHASES, n_estimators=2),
-                   d / "small.joblib")
+        save_model(
+            train_classifier(
+                [(read_image(d / "gray.npy", kind="gray").array, scribbles)], ANODE_PHASES, n_estimators=2
+            ),
+            d / "small.joblib",
+        )
     comm.barrier()
     return d
 
@@ -45,12 +49,47 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm):
     prediction voxel for voxel (each rank predicted only its own slab), the accuracy that of the
     whole volume, and the report files are there."""
     d = inputs
-    assert main(["segment", str(d / "gray.npy"), "--method", "trainable", "--train", f"{d / 'gray.npy'}:{d / 'scribbles.npy'}",
-                 "--trees", "20", "--save-model", str(d / "model.joblib"), "--truth", str(d / "truth.npy"),
-                 "--out", str(d / "trained.npy"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "gray.npy"),
+                "--method",
+                "trainable",
+                "--train",
+                f"{d / 'gray.npy'}:{d / 'scribbles.npy'}",
+                "--trees",
+                "20",
+                "--save-model",
+                str(d / "model.joblib"),
+                "--truth",
+                str(d / "truth.npy"),
+                "--out",
+                str(d / "trained.npy"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     comm.barrier()
-    assert main(["segment", str(d / "gray.npy"), "--method", "trainable", "--model", str(d / "model.joblib"),
-                 "--truth", str(d / "truth.npy"), "--out", str(d / "reused.tif"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "gray.npy"),
+                "--method",
+                "trainable",
+                "--model",
+                str(d / "model.joblib"),
+                "--truth",
+                str(d / "truth.npy"),
+                "--out",
+                str(d / "reused.tif"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     comm.barrier()
     gray = read_image(d / "gray.npy", kind="gray")
     serial = predict_labels(gray.array, SHAPE, load_model(d / "model.joblib", ANODE_PHASES), progress=False)
@@ -71,7 +110,9 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm):
 
 def test_multistage_cli_accuracy_outputs(inputs, comm):
     d = inputs
-    assert main(["segment", str(d / "gray.npy"), "--truth", str(d / "truth.npy"), "--out", str(d / "ms.npz"), "-q"]) == 0
+    assert (
+        main(["segment", str(d / "gray.npy"), "--truth", str(d / "truth.npy"), "--out", str(d / "ms.npz"), "-q"]) == 0
+    )
     comm.barrier()
     report = json.loads((d / "ms.npz.report.json").read_text())
     labels = read_image(d / "ms.npz", kind="labels").array
@@ -80,7 +121,9 @@ def test_multistage_cli_accuracy_outputs(inputs, comm):
     np.testing.assert_array_equal(c, confusion_matrix(labels, truth, ANODE_PHASES))
     frac = report["accuracy"]["phase_fraction"]
     for name, value in ANODE_PHASES.items():
-        assert frac["error_points"][name] == pytest.approx(np.mean(labels == value) - np.mean(truth == value), abs=1e-12)
+        assert frac["error_points"][name] == pytest.approx(
+            np.mean(labels == value) - np.mean(truth == value), abs=1e-12
+        )
     assert report["denoise"]["method"] == "nl_means" and report["cleanup"]["min_size"]["si"] == 3
     assert (d / "ms.npz.confusion.png").exists() and (d / "ms.npz.report.png").exists()
 
@@ -88,17 +131,57 @@ def test_multistage_cli_accuracy_outputs(inputs, comm):
 ERRORS = [
     (["--method", "trainable", "--out", "{d}/x.npy"], 2, "needs --train GRAY:LABELS"),
     (["--method", "trainable", "--train", "{d}/gray.npy", "--out", "{d}/x.npy"], 2, "expected GRAY:LABELS"),
-    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "must match voxel for voxel"),
-    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/odd_labels.npy", "--out", "{d}/x.npy"], 3, "label values [9]"),
-    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/scribbles.npy", "--model", "{d}/m.joblib", "--out", "{d}/x.npy"], 2, "not both"),
+    (
+        ["--method", "trainable", "--train", "{d}/gray.npy:{d}/bad_shape.npy", "--out", "{d}/x.npy"],
+        3,
+        "must match voxel for voxel",
+    ),
+    (
+        ["--method", "trainable", "--train", "{d}/gray.npy:{d}/odd_labels.npy", "--out", "{d}/x.npy"],
+        3,
+        "label values [9]",
+    ),
+    (
+        [
+            "--method",
+            "trainable",
+            "--train",
+            "{d}/gray.npy:{d}/scribbles.npy",
+            "--model",
+            "{d}/m.joblib",
+            "--out",
+            "{d}/x.npy",
+        ],
+        2,
+        "not both",
+    ),
     (["--method", "trainable", "--model", "{d}/missing.joblib", "--out", "{d}/x.npy"], 3, "model file not found"),
-    (["--method", "trainable", "--model", "{d}/small.joblib", "--illumination", "2", "--out", "{d}/x.npy"], 3,
-     "--illumination 2 differs from the model"),
-    (["--method", "multistage", "--save-model", "{d}/m.joblib", "--out", "{d}/x.npy"], 2, "belong to --method trainable"),
+    (
+        ["--method", "trainable", "--model", "{d}/small.joblib", "--illumination", "2", "--out", "{d}/x.npy"],
+        3,
+        "--illumination 2 differs from the model",
+    ),
+    (
+        ["--method", "multistage", "--save-model", "{d}/m.joblib", "--out", "{d}/x.npy"],
+        2,
+        "belong to --method trainable",
+    ),
     (["--truth", "{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "differs from the image"),
     (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be > 0"),
-    (["--method", "trainable", "--train", "{d}/gray.npy:{d}/scribbles.npy", "--feature-sigma-max", "0.1", "--out", "{d}/x.npy"], 2,
-     "--feature-sigma-max must be >= 0.5"),
+    (
+        [
+            "--method",
+            "trainable",
+            "--train",
+            "{d}/gray.npy:{d}/scribbles.npy",
+            "--feature-sigma-max",
+            "0.1",
+            "--out",
+            "{d}/x.npy",
+        ],
+        2,
+        "--feature-sigma-max must be >= 0.5",
+    ),
 ]
 
 
@@ -117,10 +200,26 @@ def test_model_on_another_gray_scale_warns(inputs, comm, capsys):
     d = inputs
     if comm.rank == 0:
         gray = read_image(d / "gray.npy", kind="gray")
-        write_image(d / "rescaled.npy", VoxelImage(1000.0 * gray.array + 200.0, gray.voxel_size))  # e.g. uint16-like counts
+        write_image(
+            d / "rescaled.npy", VoxelImage(1000.0 * gray.array + 200.0, gray.voxel_size)
+        )  # e.g. uint16-like counts
     comm.barrier()
     capsys.readouterr()
-    assert main(["segment", str(d / "rescaled.npy"), "--method", "trainable", "--model", str(d / "small.joblib"), "--out", str(d / "b.npy")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(d / "rescaled.npy"),
+                "--method",
+                "trainable",
+                "--model",
+                str(d / "small.joblib"),
+                "--out",
+                str(d / "b.npy"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     if comm.rank == 0:
         assert "differs from the model's training images" in err

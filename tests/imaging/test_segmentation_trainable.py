@@ -72,8 +72,12 @@ def test_chunk_seams_and_slab_splits_give_identical_labels(aged_case):
     assert plan.layers == 12 and plan.tile == (12, 12)
     tiled = predict_labels(lambda a, b: gray[a:b], SHAPE, model, chunk_memory=42e6, progress=False)
     np.testing.assert_array_equal(tiled, whole)
-    split = np.concatenate([predict_labels(gray, SHAPE, model, z0=0, z1=7, progress=False),
-                            predict_labels(gray, SHAPE, model, z0=7, z1=SHAPE[0], progress=False)])
+    split = np.concatenate(
+        [
+            predict_labels(gray, SHAPE, model, z0=0, z1=7, progress=False),
+            predict_labels(gray, SHAPE, model, z0=7, z1=SHAPE[0], progress=False),
+        ]
+    )
     np.testing.assert_array_equal(split, whole)
     assert feature_halo(model.settings) == int(4 * 4.0 + 0.5) + 3
 
@@ -83,7 +87,9 @@ def test_model_round_trip_and_checks(aged_case, tmp_path, monkeypatch):
     path = save_model(model, tmp_path / "model.joblib")
     again = load_model(path, ANODE_PHASES)
     assert again.settings == model.settings and again.phases == ANODE_PHASES and again.ndim == 3
-    np.testing.assert_array_equal(predict_labels(gray, SHAPE, again, progress=False), predict_labels(gray, SHAPE, model, progress=False))
+    np.testing.assert_array_equal(
+        predict_labels(gray, SHAPE, again, progress=False), predict_labels(gray, SHAPE, model, progress=False)
+    )
     with pytest.raises(InputError, match="the model segments the phases"):
         load_model(path, {"pore": 0, "si": 1, "sei": 3})
     with pytest.raises(UsageError, match="trained on 3D images"):
@@ -139,7 +145,9 @@ def test_2d_training_and_illumination_flattening():
     ramp = np.linspace(-0.15, 0.15, 96)
     train = (gray[1] + ramp, truth.array[1])
     shaded = [gray[4] - ramp, gray[4] + 2 * ramp[:, None]]
-    flat = train_classifier([train], ANODE_PHASES, settings=FeatureSettings(illumination_degree=1), seed=0, n_estimators=30)
+    flat = train_classifier(
+        [train], ANODE_PHASES, settings=FeatureSettings(illumination_degree=1), seed=0, n_estimators=30
+    )
     plain = train_classifier([train], ANODE_PHASES, seed=0, n_estimators=30)
     assert flat.ndim == 2
     flat_labels = [predict_labels(g, g.shape, flat, progress=False) for g in shaded]
@@ -149,5 +157,6 @@ def test_2d_training_and_illumination_flattening():
     plain_iou = [accuracy_report(p, truth.array[4], ANODE_PHASES)["mean_iou"] for p in plain_labels]
     assert flat_iou[0] > 0.75 and flat_iou[1] > plain_iou[1] + 0.1
     # chunked 2D prediction with flattening reads the whole image: same labels
-    np.testing.assert_array_equal(predict_labels(lambda a, b: shaded[0][a:b], (96, 96), flat, chunk_memory=1.0, progress=False),
-                                  flat_labels[0])
+    np.testing.assert_array_equal(
+        predict_labels(lambda a, b: shaded[0][a:b], (96, 96), flat, chunk_memory=1.0, progress=False), flat_labels[0]
+    )

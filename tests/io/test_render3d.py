@@ -131,7 +131,9 @@ def test_vti_reader_reads_the_finite_volume_output_format(tmp_path):
         '  </ImageData>\n  <AppendedData encoding="raw">\n   _'
     ).encode()
     path = tmp_path / "c_0.vti"
-    path.write_bytes(header + np.uint64(values.nbytes).tobytes() + values.tobytes() + b"\n  </AppendedData>\n</VTKFile>\n")
+    path.write_bytes(
+        header + np.uint64(values.nbytes).tobytes() + values.tobytes() + b"\n  </AppendedData>\n</VTKFile>\n"
+    )
     read, spacing = read_vti_cells(path)
     assert spacing == pytest.approx((1e-8, 2e-8, 3e-8))
     np.testing.assert_array_equal(read, values)
@@ -191,10 +193,17 @@ def test_metrics_writes_the_3d_figures_and_a_report_chromium_opens(shared_tmp_pa
     comm.barrier()
     out = shared_tmp_path / "metrics"
     assert main(["metrics", str(image_path), "--out", str(out), "-q"]) == 0
+
     def check() -> None:
         manifest = json.loads((out / "figures3d.json").read_text())
         names = [r["file"] for r in manifest]
-        assert names == ["segmented_3d.png", "pores_si_3d.png", "tortuosity_3d.png", "pore_surface_3d.png", "pore_si_distance_3d.png"]
+        assert names == [
+            "segmented_3d.png",
+            "pores_si_3d.png",
+            "tortuosity_3d.png",
+            "pore_surface_3d.png",
+            "pore_si_distance_3d.png",
+        ]
         for name in names:
             _check_png(out / name, panels=1)
         rgb = _check_png(out / "segmented_3d.png", panels=1).astype(int)
@@ -222,7 +231,12 @@ def test_big_volumes_are_downsampled_and_the_caption_says_so(tmp_path):
     labels = np.repeat(np.repeat(np.repeat(_volume().array, 3, 0), 3, 1), 3, 2)  # 48 x 72 x 72
     image = VoxelImage(labels, (0.1e-6,) * 3, PHASES)
     job = render3d.metrics_scenes({"big": (image, {}, {})}, tmp_path, max_voxels=24)
-    assert [f.file for f in job.figures] == ["segmented_3d.png", "pores_si_3d.png", "pore_surface_3d.png", "pore_si_distance_3d.png"]
+    assert [f.file for f in job.figures] == [
+        "segmented_3d.png",
+        "pores_si_3d.png",
+        "pore_surface_3d.png",
+        "pore_si_distance_3d.png",
+    ]
     assert all("big: 1 in 3 voxels per axis" in f.caption for f in job.figures)
     job.scenes, job.figures = job.scenes[:2], job.figures[:2]
     before = _xvfb_processes()
@@ -246,11 +260,14 @@ def test_diffusion_on_a_3d_mesh_renders_c_with_a_clip_plane(shared_tmp_path, com
     write_image(shared_tmp_path / "vol.npy", VoxelImage(labels, (20e-9,) * 3, {"pore": 0, "si": 1, "sei": 3}))
     config = shared_tmp_path / "vol.toml"
     if comm.rank == 0:
-        config.write_text(f'[geometry]\nimage = "vol.npy"\n\n[mesh]\ndiscretisation = "{discretisation}"\n\n[time]\nt_end = 0.002\noutput_times = [1e-5, 1e-4, 0.002]\n\n'
-                          '[[regions]]\nname = "deep"\nbox = [0.0, 0.0, 100e-9, 120e-9, 120e-9, 160e-9]\n')
+        config.write_text(
+            f'[geometry]\nimage = "vol.npy"\n\n[mesh]\ndiscretisation = "{discretisation}"\n\n[time]\nt_end = 0.002\noutput_times = [1e-5, 1e-4, 0.002]\n\n'
+            '[[regions]]\nname = "deep"\nbox = [0.0, 0.0, 100e-9, 120e-9, 120e-9, 160e-9]\n'
+        )
     comm.barrier()
     out = shared_tmp_path / "out"
     assert main(["diffusion", str(config), "--out", str(out), "-q"]) == 0
+
     def check() -> None:
         rgb = _check_png(out / "c_3d.png", panels=3).astype(int)
         width = PANEL_SIZE[0]
@@ -286,7 +303,9 @@ def test_no_display_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
         figures = render3d.render_metrics_figures({"s": (image, {}, {})}, tmp_path / "out")
     assert figures == []
     messages = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "3D figures not rendered" in messages and "no display could be made" in messages and "xvfb" in messages.lower()
+    assert (
+        "3D figures not rendered" in messages and "no display could be made" in messages and "xvfb" in messages.lower()
+    )
     assert not list((tmp_path / "out").glob("*.png")) and not (tmp_path / "out" / "figures3d.json").exists()
     assert not list((tmp_path / "out").glob(".render3d-*"))  # the job's temporary files are gone
 
@@ -299,7 +318,9 @@ def test_missing_pyvista_and_no_render_switch(shared_tmp_path, comm, monkeypatch
         write_image(image_path, _volume())
     comm.barrier()
     real_find_spec = render3d.importlib.util.find_spec
-    monkeypatch.setattr(render3d.importlib.util, "find_spec", lambda name, *a: None if name == "pyvista" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        render3d.importlib.util, "find_spec", lambda name, *a: None if name == "pyvista" else real_find_spec(name, *a)
+    )
     assert main(["metrics", str(image_path), "--out", str(shared_tmp_path / "a"), "-q"]) == 0
     err = capsys.readouterr().err
 
@@ -311,6 +332,7 @@ def test_missing_pyvista_and_no_render_switch(shared_tmp_path, comm, monkeypatch
     monkeypatch.undo()
     assert main(["metrics", str(image_path), "--out", str(shared_tmp_path / "b"), "--no-render", "-q"]) == 0
     err = capsys.readouterr().err
+
     def check() -> None:
         assert err == ""
         assert not list((shared_tmp_path / "b").glob("*_3d.png")) and (shared_tmp_path / "b" / "metrics.json").is_file()
@@ -339,7 +361,10 @@ def _xvfb_processes() -> set[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if b"Xvfb" in (entry / "cmdline").read_bytes().split(b"\0")[0] and mark.encode() in (entry / "environ").read_bytes():
+            if (
+                b"Xvfb" in (entry / "cmdline").read_bytes().split(b"\0")[0]
+                and mark.encode() in (entry / "environ").read_bytes()
+            ):
                 found.add(int(entry.name))
         except OSError:
             continue

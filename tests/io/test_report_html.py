@@ -20,7 +20,9 @@ import pytest
 from fem_anode.io import VoxelImage, write_image
 from fem_anode.io.report_html import PAPER, Report, browser_check, diffusion_report, find_chromium, metrics_report
 
-needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (scripts/setup.sh installs it)")
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None, reason="chromium not installed (scripts/setup.sh installs it)"
+)
 
 
 def _packed(rgb: np.ndarray) -> np.ndarray:
@@ -89,7 +91,19 @@ def test_metrics_report_has_the_papers_values(tmp_path):
     aged = compute_metrics(_small_volume(), reference=pristine)
     html_path, md_path = metrics_report(tmp_path, aged, label="aged", reference=pristine, reference_label="pristine")
     text = md_path.read_text()
-    for value in ("37.54 %", "44.65 %", "28.36 %", "3.62 um", "5.37 um", "-37.2 %", "-58.8 %", "-76.5 %", "+21.8 %", "12.7 um", "17.5 um"):
+    for value in (
+        "37.54 %",
+        "44.65 %",
+        "28.36 %",
+        "3.62 um",
+        "5.37 um",
+        "-37.2 %",
+        "-58.8 %",
+        "-76.5 %",
+        "+21.8 %",
+        "12.7 um",
+        "17.5 um",
+    ):
         assert value in text, value
     pore = 100 * aged["per_slice"]["pore"]["mean"]
     assert f"| mean | {pore:.2f} % | {pore:.2f} % | 37.54 % |" in text  # same image twice: same numbers side by side
@@ -98,16 +112,24 @@ def test_metrics_report_has_the_papers_values(tmp_path):
 
 
 def test_fig8_comparison_reads_the_region_ordering(tmp_path):
-    results = {"times": [2.0, 10.0, 100.0], "t_reached_s": 100.0, "ncells": 1000, "element_degree": 2,
-               "regions": {"I": [900, 990, 1000], "II": [800, 950, 1000], "III": [600, 900, 1000], "IV": [300, 700, 990]},
-               "t90_s": {"I": 1.5, "II": 4.0, "III": 10.0, "IV": 60.0, "domain": 8.0}}
+    results = {
+        "times": [2.0, 10.0, 100.0],
+        "t_reached_s": 100.0,
+        "ncells": 1000,
+        "element_degree": 2,
+        "regions": {"I": [900, 990, 1000], "II": [800, 950, 1000], "III": [600, 900, 1000], "IV": [300, 700, 990]},
+        "t90_s": {"I": 1.5, "II": 4.0, "III": 10.0, "IV": 60.0, "domain": 8.0},
+    }
     text = diffusion_report(tmp_path, results)[1].read_text()
     assert "| regions from fastest to slowest (t90) | I > II > III > IV |" in text
     assert "| same ordering as the paper | yes |" in text and "| t90 of region I | 1.5 s | < 10 s |" in text
     assert f"| elements | 1 000 (P2) | {PAPER['fig8_elements']:,} (P2) |".replace(",", " ") in text
     results["t90_s"] = {"I": 60.0, "II": 4.0, "III": None, "IV": 1.0}
     text = diffusion_report(tmp_path, results)[1].read_text()
-    assert "| regions from fastest to slowest (t90) | IV > II > I > III |" in text and "| same ordering as the paper | no |" in text
+    assert (
+        "| regions from fastest to slowest (t90) | IV > II > I > III |" in text
+        and "| same ordering as the paper | no |" in text
+    )
 
 
 # ----------------------------------------------------------------------------- in the browser
@@ -139,7 +161,10 @@ def test_demo_report_opens_in_chromium(tmp_path):
     from fem_anode.imaging.metrics import compute_metrics
     from fem_anode.imaging.plots import plot_per_slice
 
-    summary = {"provenance": {"created_utc": "2026-12-03T00:00:00+00:00", "fem_anode_version": "test", "command": "demo"}, "examples": {}}
+    summary = {
+        "provenance": {"created_utc": "2026-12-03T00:00:00+00:00", "fem_anode_version": "test", "command": "demo"},
+        "examples": {},
+    }
     for name, aged in (("anode_pristine", False), ("anode_aged", True)):
         from fem_anode.imaging.synthetic import anode_volume
 
@@ -152,20 +177,48 @@ def test_demo_report_opens_in_chromium(tmp_path):
         summary["examples"][name] = {"shape": list(image.shape), "phase_fractions": metrics["phase_fractions"]}
     p, a = (summary["examples"][k]["phase_fractions"] for k in ("anode_pristine", "anode_aged"))
     summary["ageing_relative_change"] = {k: a[k] / p[k] - 1 for k in p}
-    summary["diffusion"] = {"times": [0.01, 2.0], "regions": {"I": [990.0, 1000.0], "IV": [900.0, 1000.0]}, "t90_s": {"I": 0.001, "IV": 0.008},
-                            "ncells": 100, "ndofs": 121, "steps": 10, "factorisations": 2, "mass_balance_rel_error": 1e-9, "wall_time_s": 1.0,
-                            "timescales": {"length_m": 1e-6, "diffusion_time_s": 0.002, "biot_number": 5.0}}
-    summary["mesh_independence"] = {"element": "P2 triangles", "tolerance": 0.01, "criterion": "largest change", "chosen_level": 1,
-                                     "mesh_independent": True, "chosen_cells": 2000, "paper_cells": 430_000, "levels": [
-                                         {"level": 0, "H_m": 8e-8, "cells": 1000, "dofs": 2100, "largest_change_to_next": 0.02, "quantity_with_largest_change": "t90 IV"},
-                                         {"level": 1, "H_m": 4e-8, "cells": 2000, "dofs": 4100, "largest_change_to_next": None}]}
+    summary["diffusion"] = {
+        "times": [0.01, 2.0],
+        "regions": {"I": [990.0, 1000.0], "IV": [900.0, 1000.0]},
+        "t90_s": {"I": 0.001, "IV": 0.008},
+        "ncells": 100,
+        "ndofs": 121,
+        "steps": 10,
+        "factorisations": 2,
+        "mass_balance_rel_error": 1e-9,
+        "wall_time_s": 1.0,
+        "timescales": {"length_m": 1e-6, "diffusion_time_s": 0.002, "biot_number": 5.0},
+    }
+    summary["mesh_independence"] = {
+        "element": "P2 triangles",
+        "tolerance": 0.01,
+        "criterion": "largest change",
+        "chosen_level": 1,
+        "mesh_independent": True,
+        "chosen_cells": 2000,
+        "paper_cells": 430_000,
+        "levels": [
+            {
+                "level": 0,
+                "H_m": 8e-8,
+                "cells": 1000,
+                "dofs": 2100,
+                "largest_change_to_next": 0.02,
+                "quantity_with_largest_change": "t90 IV",
+            },
+            {"level": 1, "H_m": 4e-8, "cells": 2000, "dofs": 4100, "largest_change_to_next": None},
+        ],
+    }
     write_report(tmp_path / "report.md", summary, render=False)  # 3D figures in a report: see the metrics test
     page = tmp_path / "report.html"
     text = page.read_text()
     assert "## Li diffusion" in (tmp_path / "report.md").read_text() and "37.54" in text and "5.37 um" in text
     markdown = (tmp_path / "report.md").read_text()
     assert "| regions from fastest to slowest (t90) | I > IV |" in markdown
-    assert "| 0 | 80 | 1 000 | 2 100 | 2.00 % | t90 IV |" in markdown and "Chosen level 1 with 2 000 cells (mesh independent)" in markdown
+    assert (
+        "| 0 | 80 | 1 000 | 2 100 | 2.00 % | t90 IV |" in markdown
+        and "Chosen level 1 with 2 000 cells (mesh independent)" in markdown
+    )
     images, loaded, shot = check_page(page, tmp_path, height=4000)
     assert images == 2 and loaded == images
     assert len(np.unique(_packed(shot))) > 100

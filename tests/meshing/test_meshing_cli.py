@@ -28,7 +28,9 @@ def roi(shared_tmp_path, comm):
 
 def test_cli_smooth_mesh_with_quality_and_xdmf(roi, shared_tmp_path, comm):
     out = shared_tmp_path / "m" / "roi_sei.msh"
-    code = main(["mesh", str(roi), "--keep", "sei", "--size", "60nm", "--order", "2", "--xdmf", "--out", str(out), "-q"])
+    code = main(
+        ["mesh", str(roi), "--keep", "sei", "--size", "60nm", "--order", "2", "--xdmf", "--out", str(out), "-q"]
+    )
     assert code == 0
     assert out.is_file() and out.with_suffix(".xdmf").is_file() and out.with_suffix(".h5").is_file()
     quality = json.loads(out.with_name("roi_sei.quality.json").read_text())
@@ -61,5 +63,7 @@ def test_cli_empty_and_missing_phase(tmp_path, capsys, comm):
     assert "empty" in capsys.readouterr().err
     only_pore = tmp_path / "pore.npy"
     write_image(only_pore, np.zeros((10, 10), np.uint8), voxel_size="20nm", phases="pore=0")
-    assert main(["mesh", str(only_pore), "--phases", "pore=0,si=1", "--keep", "si", "--out", str(tmp_path / "p.msh")]) == 3
+    assert (
+        main(["mesh", str(only_pore), "--phases", "pore=0,si=1", "--keep", "si", "--out", str(tmp_path / "p.msh")]) == 3
+    )
     assert "si" in capsys.readouterr().err

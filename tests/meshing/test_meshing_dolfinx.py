@@ -97,11 +97,15 @@ def test_3d_meshes_conserve_volumes_and_load(comm, method):
     image = VoxelImage(labels, (0.5e-6, 0.2e-6, 0.1e-6), {"pore": 0, "si": 1, "sei": 2})
     tagged = image_to_tagged_mesh(image, comm, method=method, keep=["si", "sei"])
     assert tagged.cell_groups == {"si": 101, "sei": 102}
-    assert {"pore|si", "pore|sei", "sei|si", "top", "bottom", "left", "right", "front", "back"} <= set(tagged.facet_groups)
+    assert {"pore|si", "pore|sei", "sei|si", "top", "bottom", "left", "right", "front", "back"} <= set(
+        tagged.facet_groups
+    )
     dx = ufl.Measure("dx", domain=tagged.mesh, subdomain_data=tagged.cell_tags)
     voxel = 0.5e-6 * 0.2e-6 * 0.1e-6
     for name, value in (("si", 1), ("sei", 2)):
-        assert integral(comm, 1.0 * dx(tagged.cell_tag(name))) == pytest.approx(np.count_nonzero(labels == value) * voxel, rel=1e-12)
+        assert integral(comm, 1.0 * dx(tagged.cell_tag(name))) == pytest.approx(
+            np.count_nonzero(labels == value) * voxel, rel=1e-12
+        )
     check_interfaces(tagged, {"sei|si": (101, 102)}, {"pore|si": 101, "pore|sei": 102})
     ds = ufl.Measure("ds", domain=tagged.mesh, subdomain_data=tagged.facet_tags)
     top = integral(comm, 1.0 * ds(tagged.facet_tag("top")))
@@ -121,7 +125,9 @@ def test_xdmf_has_mesh_and_tags(comm, shared_tmp_path):
     assert mesh.topology.index_map(2).size_global == tagged.mesh.topology.index_map(2).size_global
 
     def owned_count(tags, m, value):
-        return comm.allreduce(np.count_nonzero(tags.values[tags.indices < m.topology.index_map(2).size_local] == value), op=MPI.SUM)
+        return comm.allreduce(
+            np.count_nonzero(tags.values[tags.indices < m.topology.index_map(2).size_local] == value), op=MPI.SUM
+        )
 
     for value in (100, 101, 103):
         assert owned_count(cells, mesh, value) == owned_count(tagged.cell_tags, tagged.mesh, value) > 0

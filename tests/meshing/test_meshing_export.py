@@ -47,7 +47,9 @@ def test_round_trip_keeps_cells_facets_and_tags(tmp_path, suffix, order):
     cell_type, facet_type = ("triangle", "line") if order == 1 else ("triangle6", "line3")
     assert {t for t, _ in counts} == {cell_type, facet_type}
     assert sum(n for (t, _), n in counts.items() if t == cell_type) == result.quality["cells"]
-    expected_tags = {phase_tag(3), phase_tag(1), interface_tag(0, 3), interface_tag(1, 3)} | {BOX_SIDE_TAGS[s] for s in ("left", "right", "top", "bottom")}
+    expected_tags = {phase_tag(3), phase_tag(1), interface_tag(0, 3), interface_tag(1, 3)} | {
+        BOX_SIDE_TAGS[s] for s in ("left", "right", "top", "bottom")
+    }
     assert {tag for _, tag in counts} == expected_tags
     assert {tag for t, tag in counts if t == cell_type} == {phase_tag(3), phase_tag(1)}
     assert np.ptp(mesh.points[:, 0]) == pytest.approx(40 * 20e-9, rel=1e-9)  # metres

@@ -45,7 +45,9 @@ def edges_of(triangles: np.ndarray) -> np.ndarray:
 
 
 def test_disk_area_and_perimeter_match_the_circle(tmp_path):
-    result = mesh_image(disk_image(), tmp_path / "disk.msh", options=SmoothMeshOptions(size=3 * PIXEL), quality_path=tmp_path / "q.json")
+    result = mesh_image(
+        disk_image(), tmp_path / "disk.msh", options=SmoothMeshOptions(size=3 * PIXEL), quality_path=tmp_path / "q.json"
+    )
     q = result.quality
     r = R * PIXEL
     area = q["phase_measure"]["si"]["mesh"]
@@ -227,7 +229,9 @@ def test_pixel_noise_and_single_pixels_mesh_without_collapsing():
     assert q["scaled_jacobian_minSICN"]["negative"] == 0
     single = np.zeros((9, 9), dtype=np.uint8)
     single[4, 4] = 1
-    q = mesh_image(VoxelImage(single, (PIXEL, PIXEL), {"a": 0, "b": 1}), None, options=SmoothMeshOptions(size=PIXEL)).quality
+    q = mesh_image(
+        VoxelImage(single, (PIXEL, PIXEL), {"a": 0, "b": 1}), None, options=SmoothMeshOptions(size=PIXEL)
+    ).quality
     assert q["phase_measure"]["b"]["mesh"] == pytest.approx(0.5 * PIXEL**2, rel=0.05)  # marching-squares diamond
 
 

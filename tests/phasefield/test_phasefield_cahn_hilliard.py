@@ -46,5 +46,7 @@ def test_spinodal_decomposition_conserves_li_and_decreases_energy(coupling):
     assert energies[0] - energies[-1] > 1e-5  # the decomposition really happens
     if not coupling:  # (coherency stresses slow it down when coupled)
         arr = problem.w.x.array[problem._c_dofs]
-        spread = problem.comm.allreduce(arr.max(initial=0.0), op=MPI.MAX) - problem.comm.allreduce(arr.min(initial=1.0), op=MPI.MIN)
+        spread = problem.comm.allreduce(arr.max(initial=0.0), op=MPI.MAX) - problem.comm.allreduce(
+            arr.min(initial=1.0), op=MPI.MIN
+        )
         assert spread > 0.15  # grew from the 0.1 of the perturbation

@@ -19,7 +19,13 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.errors import Interrupted, SolverError  # noqa: E402
 from fem_anode.fem.phasefield import run as run_module  # noqa: E402
 from fem_anode.fem.phasefield.run import run_phasefield  # noqa: E402
-from fem_anode.fem.phasefield.settings import CyclingSettings, MeshSettings, OutputSettings, PhaseFieldSettings, SolverSettings  # noqa: E402
+from fem_anode.fem.phasefield.settings import (
+    CyclingSettings,
+    MeshSettings,
+    OutputSettings,
+    PhaseFieldSettings,
+    SolverSettings,
+)  # noqa: E402
 from fem_anode.io.checkpoint import CheckpointSettings, CheckpointStore  # noqa: E402
 
 VARYING = {"wall_time_s"}
@@ -47,7 +53,12 @@ def _assert_same_records(a: list[dict], b: list[dict], rtol: float = 1e-10) -> N
                 continue
             if isinstance(value, float):
                 floor = 0.0 if key.endswith(("_m", "_m2")) else rtol
-                assert abs(value - rb[key]) <= rtol * max(abs(value), abs(rb[key])) + floor, (ra["index"], key, value, rb[key])
+                assert abs(value - rb[key]) <= rtol * max(abs(value), abs(rb[key])) + floor, (
+                    ra["index"],
+                    key,
+                    value,
+                    rb[key],
+                )
             else:
                 assert value == rb[key], (ra["index"], key, value, rb[key])
 
@@ -78,7 +89,10 @@ def test_stopped_run_resumes_to_the_same_records(shared_tmp_path, comm, monkeypa
         run_phasefield(_settings(), None, comm, checkpoint_dir=directory)
     monkeypatch.undo()
     checkpoint = CheckpointStore(directory, comm).load()
-    assert len(checkpoint.state["driver"]["records"]) == 1 and checkpoint.state["driver"]["progress"]["kind"] == "delithiation"
+    assert (
+        len(checkpoint.state["driver"]["records"]) == 1
+        and checkpoint.state["driver"]["progress"]["kind"] == "delithiation"
+    )
     resumed = run_phasefield(_settings(), None, comm, checkpoint_dir=directory, resume=checkpoint)
     assert resumed["resumed"] and resumed["status"] == "completed"
     _assert_same_records(reference, resumed["half_cycles"])
@@ -126,7 +140,12 @@ def test_sigkill_mid_run_then_resume_gives_the_same_records(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (killed / "results.json").exists()
-    subprocess.run([sys.executable, "-m", "fem_anode.cli", "-q", "phasefield", "--resume", str(killed)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "fem_anode.cli", "-q", "phasefield", "--resume", str(killed)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     reference = json.loads((tmp_path / "reference" / "results.json").read_text())["half_cycles"]
     resumed = json.loads((killed / "results.json").read_text())
     assert resumed["resumed"] and not (killed / "checkpoint").exists()

@@ -11,8 +11,16 @@ pytest.importorskip("dolfinx")
 from fem_anode.cli import main  # noqa: E402
 
 RECORD_KEYS = {
-    "index", "kind", "t", "mean_c_li", "outer_radius_m", "area_m2", "axial_stretch",
-    "max_von_mises", "max_eq_plastic_strain", "newton_iterations_total",
+    "index",
+    "kind",
+    "t",
+    "mean_c_li",
+    "outer_radius_m",
+    "area_m2",
+    "axial_stretch",
+    "max_von_mises",
+    "max_eq_plastic_strain",
+    "newton_iterations_total",
 }
 
 CONFIG = """
@@ -72,7 +80,10 @@ def test_cli_run_writes_records_fields_and_snapshots(shared_tmp_path, comm):
     assert results["vacancy_model"] and lithiated["void_fraction"] == 0 and delithiated["mean_c_v"] > 0.14
     assert results["settings"]["vacancy"]["seed"] == 3
     assert (out / "morphology_montage.png").stat().st_size > 10_000
-    assert sorted(p.name for p in out.glob("morphology_0*.png")) == ["morphology_01_lithiation.png", "morphology_02_delithiation.png"]
+    assert sorted(p.name for p in out.glob("morphology_0*.png")) == [
+        "morphology_01_lithiation.png",
+        "morphology_02_delithiation.png",
+    ]
     pngs = sorted(p.name for p in out.glob("snapshot_*.png"))
     assert len(pngs) == 4 and all(p.startswith(("snapshot_01_lithiation", "snapshot_02_delithiation")) for p in pngs)
     assert (out / pngs[0]).stat().st_size > 10_000

@@ -11,9 +11,21 @@ import pytest
 dolfinx = pytest.importorskip("dolfinx")
 
 from fem_anode.fem.convergence import richardson, run_phasefield_study  # noqa: E402
-from fem_anode.fem.phasefield.settings import CyclingSettings, GeometrySettings, MeshSettings, OutputSettings, PhaseFieldSettings  # noqa: E402
+from fem_anode.fem.phasefield.settings import (
+    CyclingSettings,
+    GeometrySettings,
+    MeshSettings,
+    OutputSettings,
+    PhaseFieldSettings,
+)  # noqa: E402
 
-VOID_METRICS = ("void_fraction", "electrolyte_fraction", "sei_penetration_depth_m", "core_connectivity", "new_void_fraction")
+VOID_METRICS = (
+    "void_fraction",
+    "electrolyte_fraction",
+    "sei_penetration_depth_m",
+    "core_connectivity",
+    "new_void_fraction",
+)
 
 
 def test_void_metrics_get_an_order_or_are_reported_as_not_converging(shared_tmp_path, comm):

@@ -9,7 +9,6 @@ import pytest
 pytest.importorskip("dolfinx")
 
 
-
 def test_demo_quick(shared_tmp_path, comm, load_demo):
     module = load_demo("phasefield_nanowire")
     out = shared_tmp_path / "demo"

@@ -58,7 +58,9 @@ def test_uniform_lithiation_under_plane_strain_gives_closed_form_axial_stress(pl
     szz_min = comm.allreduce(stress[:, 3].min(initial=np.inf), op=MPI.MIN)
     szz_max = comm.allreduce(stress[:, 3].max(initial=-np.inf), op=MPI.MAX)
     in_plane = comm.allreduce(np.abs(stress[:, :3]).max(initial=0.0), op=MPI.MAX)
-    assert szz_min == pytest.approx(closed["sigma_zz"], rel=1e-6) and szz_max == pytest.approx(closed["sigma_zz"], rel=1e-6)
+    assert szz_min == pytest.approx(closed["sigma_zz"], rel=1e-6) and szz_max == pytest.approx(
+        closed["sigma_zz"], rel=1e-6
+    )
     assert in_plane < 1e-6 * abs(closed["sigma_zz"])
     assert after["axial_stretch"] == 1.0
     stretch = (1 + BETA) * np.exp(closed["lateral_elastic"] + closed["eq_plastic_strain"] / 2)

@@ -14,7 +14,14 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.errors import SolverError  # noqa: E402
 from fem_anode.fem.phasefield.geometry import disk_mesh  # noqa: E402
 from fem_anode.fem.phasefield.problem import PhaseFieldProblem  # noqa: E402
-from fem_anode.fem.phasefield.settings import CyclingSettings, MaterialSettings, MeshSettings, ModelSettings, PhaseFieldSettings, SolverSettings  # noqa: E402
+from fem_anode.fem.phasefield.settings import (
+    CyclingSettings,
+    MaterialSettings,
+    MeshSettings,
+    ModelSettings,
+    PhaseFieldSettings,
+    SolverSettings,
+)  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,9 @@ def test_quadratic_convergence_on_a_plastic_step(kinematics, caplog):
     pairs = [(e[k], e[k + 1]) for k in range(len(e) - 1) if e[k] < 0.1 and history[k + 1] > 1.5 * history.min()]
     assert len(pairs) >= 2, f"too few iterations in the asymptotic range: {history}"
     constants = [b / a**2 for a, b in pairs]
-    assert sorted(constants)[-2] < 10 and constants[-1] < 10, f"not quadratic: e_k+1 / e_k^2 = {constants}, history {history}"
+    assert sorted(constants)[-2] < 10 and constants[-1] < 10, (
+        f"not quadratic: e_k+1 / e_k^2 = {constants}, history {history}"
+    )
     assert e[-1] < 1e-10
     assert len(history) - 1 <= 8
 
@@ -58,7 +67,9 @@ def test_quadratic_convergence_on_a_plastic_step(kinematics, caplog):
 def test_repeated_failure_raises_solver_error():
     settings = PhaseFieldSettings(
         mesh=MeshSettings(size=10e-9),
-        cycling=CyclingSettings(half_cycles=1, half_cycle_time=0.1, ramp_time=0.0, dt_initial=0.05, dt_min=0.01, max_retries=2),
+        cycling=CyclingSettings(
+            half_cycles=1, half_cycle_time=0.1, ramp_time=0.0, dt_initial=0.05, dt_min=0.01, max_retries=2
+        ),
         solver=SolverSettings(max_it=1),
     )
     problem = PhaseFieldProblem(disk_mesh(20e-9, 10e-9, MPI.COMM_WORLD), settings)

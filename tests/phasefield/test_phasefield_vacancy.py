@@ -17,8 +17,21 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.errors import UsageError  # noqa: E402
 from fem_anode.fem.phasefield.geometry import disk_mesh  # noqa: E402
 from fem_anode.fem.phasefield.run import run_phasefield  # noqa: E402
-from fem_anode.fem.phasefield.settings import CyclingSettings, MeshSettings, OutputSettings, PhaseFieldSettings, SolverSettings, VacancySettings  # noqa: E402
-from fem_anode.fem.phasefield.vacancy import VOID_RECORD_KEYS, VoidGraph, interpolation, nucleation_field, nucleation_sites  # noqa: E402
+from fem_anode.fem.phasefield.settings import (
+    CyclingSettings,
+    MeshSettings,
+    OutputSettings,
+    PhaseFieldSettings,
+    SolverSettings,
+    VacancySettings,
+)  # noqa: E402
+from fem_anode.fem.phasefield.vacancy import (
+    VOID_RECORD_KEYS,
+    VoidGraph,
+    interpolation,
+    nucleation_field,
+    nucleation_sites,
+)  # noqa: E402
 
 NM = 1e-9
 
@@ -42,7 +55,11 @@ def test_nucleation_sites_are_seeded_per_half_cycle_and_the_field_depends_on_pos
     assert np.mean(counts) == pytest.approx(4 / 0.16, rel=0.05)  # Poisson with mean area / spacing^2
     sites = np.array([[0.0, 0.0], [0.5, 0.0]])
     x = np.array([[0.0, 0.25, 2.0], [0.0, 0.0, 0.0]])
-    expected = [min(1.0, 1 + math.exp(-0.25 / (2 * 0.01))), 2 * math.exp(-0.0625 / 0.02), math.exp(-4 / 0.02) + math.exp(-2.25 / 0.02)]
+    expected = [
+        min(1.0, 1 + math.exp(-0.25 / (2 * 0.01))),
+        2 * math.exp(-0.0625 / 0.02),
+        math.exp(-4 / 0.02) + math.exp(-2.25 / 0.02),
+    ]
     assert np.allclose(nucleation_field(x, sites, 0.1, 0.8), 0.8 * np.minimum(1.0, expected))
 
 
@@ -64,7 +81,11 @@ def _void_graph(comm):
 def _lens_area(R: float, r: float, d: float) -> float:
     """Area of the intersection of circles of radii R and r whose centres are d apart."""
     k = math.sqrt((-d + r + R) * (d + r - R) * (d - r + R) * (d + r + R))
-    return r**2 * math.acos((d**2 + r**2 - R**2) / (2 * d * r)) + R**2 * math.acos((d**2 + R**2 - r**2) / (2 * d * R)) - k / 2
+    return (
+        r**2 * math.acos((d**2 + r**2 - R**2) / (2 * d * r))
+        + R**2 * math.acos((d**2 + R**2 - r**2) / (2 * d * R))
+        - k / 2
+    )
 
 
 def _disks(V1, disks):
@@ -91,7 +112,10 @@ def test_void_graph_components_percolation_depth_and_core(comm):
     assert after["core_connectivity"] == 1.0
     # A closes again: the electrolyte stays where it was, but no void is accessible any more
     later = graph.analyse(_disks(V1, [(-5 * NM, 0.0, 4 * NM)]), 0.5, percolate=True, length_scale=1.0)
-    assert later["electrolyte_fraction"] == pytest.approx(after["electrolyte_fraction"]) and later["accessible_void_fraction"] == 0
+    assert (
+        later["electrolyte_fraction"] == pytest.approx(after["electrolyte_fraction"])
+        and later["accessible_void_fraction"] == 0
+    )
     assert later["sei_penetration_depth_m"] == after["sei_penetration_depth_m"]
     # a void ring cuts the core (r < 8 nm) off the outer shell (10 nm < r < 20 nm)
     graph.reset()
@@ -117,11 +141,15 @@ def test_new_void_proximity_to_the_electrolyte_against_random_placement(comm):
         far = graph.proximity(_disks(V1, [preserved, (-12 * NM, 0.0, 2 * NM)]), 0.5, length_scale=1.0)
         results[name] = (first, near, far)
     (first, near, far), serial = results["all"], results["one"]
-    assert "new_void_distance_to_preserved_ratio" not in first and first["new_void_distance_ratio"] < 0.7  # at the surface
+    assert (
+        "new_void_distance_to_preserved_ratio" not in first and first["new_void_distance_ratio"] < 0.7
+    )  # at the surface
     for r in (near, far):
         assert r["new_void_fraction"] == pytest.approx(4 / 400, rel=0.25)  # a 2 nm disk in the 20 nm wire
     assert near["new_void_distance_to_preserved_ratio"] < 0.4 and far["new_void_distance_to_preserved_ratio"] > 1.1
-    assert near["new_void_distance_m"] == pytest.approx(3.0 * NM, abs=1.0 * NM)  # 12 nm (void wall) - 9 nm, averaged over the disk
+    assert near["new_void_distance_m"] == pytest.approx(
+        3.0 * NM, abs=1.0 * NM
+    )  # 12 nm (void wall) - 9 nm, averaged over the disk
     for a, b in zip((first, near, far), serial):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-12), key

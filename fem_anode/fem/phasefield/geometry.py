@@ -48,7 +48,9 @@ def build_disk_model(radius: float, size: float) -> None:
     gmsh.model.mesh.affineTransform([_NM, 0, 0, 0, 0, _NM, 0, 0, 0, 0, _NM, 0])
 
 
-def disk_mesh(radius: float, size: float, comm: MPI.Comm = MPI.COMM_WORLD, path: str | Path | None = None) -> TaggedMesh:
+def disk_mesh(
+    radius: float, size: float, comm: MPI.Comm = MPI.COMM_WORLD, path: str | Path | None = None
+) -> TaggedMesh:
     """The tagged disk mesh (coordinates in metres), distributed over ``comm``.
 
     Args:

@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["lithiation_fraction", "chemical_stretch", "chemical_stretch_derivative", "youngs_modulus", "youngs_modulus_derivative", "lame"]
+__all__ = [
+    "lithiation_fraction",
+    "chemical_stretch",
+    "chemical_stretch_derivative",
+    "youngs_modulus",
+    "youngs_modulus_derivative",
+    "lame",
+]
 
 
 def lithiation_fraction(c: Any, c_min: float, c_max: float) -> Any:

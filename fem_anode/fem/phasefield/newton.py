@@ -83,7 +83,9 @@ def linear_solver_options(choice: str, comm_size: int) -> dict[str, str]:
         raise UsageError(f"solver.linear_solver = {choice!r} but this PETSc has no {choice}")
     if choice == "petsc":
         if comm_size > 1:
-            raise UsageError("solver.linear_solver = 'petsc' (serial LU) cannot run on several ranks; use mumps or superlu_dist")
+            raise UsageError(
+                "solver.linear_solver = 'petsc' (serial LU) cannot run on several ranks; use mumps or superlu_dist"
+            )
         return {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_shift_type": "NONE"}
     options = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": choice}
     if choice == "mumps":
@@ -181,7 +183,12 @@ class BorderedNewton:
                 outer.setPCSide(PETSc.PC.Side.RIGHT)
             outer.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
             if linear_rtol is None:  # Eisenstat-Walker forcing terms, user options still win
-                snes_options = {"snes_ksp_ew": True, "snes_ksp_ew_rtol0": 1e-2, "snes_ksp_ew_rtolmax": 1e-2, **snes_options}
+                snes_options = {
+                    "snes_ksp_ew": True,
+                    "snes_ksp_ew_rtol0": 1e-2,
+                    "snes_ksp_ew_rtolmax": 1e-2,
+                    **snes_options,
+                }
         else:
             outer.setType("preonly")
         pc = outer.getPC()
@@ -318,7 +325,12 @@ class BorderedNewton:
         if divtol > 0 and fnorm > divtol * self._fnorm0:
             return PETSc.SNES.ConvergedReason.DIVERGED_DTOL
         h = self.history
-        if self.stagnation and its >= STAGNATION_START and len(h) > STAGNATION_WINDOW and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW]:
+        if (
+            self.stagnation
+            and its >= STAGNATION_START
+            and len(h) > STAGNATION_WINDOW
+            and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW]
+        ):
             self._stagnated = True
             return PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT
         return PETSc.SNES.ConvergedReason.ITERATING
@@ -363,7 +375,9 @@ class BorderedNewton:
         self._refactor = True
 
     def destroy(self) -> None:
-        for obj in {id(o): o for o in (self.snes, self.ksp, self.J, self.A, self.P, self.X, self.F) if o is not None}.values():
+        for obj in {
+            id(o): o for o in (self.snes, self.ksp, self.J, self.A, self.P, self.X, self.F) if o is not None
+        }.values():
             obj.destroy()
 
 

@@ -19,7 +19,14 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
-__all__ = ["FieldWriter", "gather_snapshot", "plot_snapshot", "plot_morphology", "morphology_classes", "MORPHOLOGY_COLOURS"]
+__all__ = [
+    "FieldWriter",
+    "gather_snapshot",
+    "plot_snapshot",
+    "plot_morphology",
+    "morphology_classes",
+    "MORPHOLOGY_COLOURS",
+]
 
 
 class _Fields:
@@ -89,7 +96,12 @@ class FieldWriter:
         comm = problem.comm
         directory = Path(directory)
         self._writers = [
-            VTXWriter(comm, str(directory / "fields.bp"), [self.f.c, self.f.mu, self.f.u, *self.f.extra.values()], engine="BP4"),
+            VTXWriter(
+                comm,
+                str(directory / "fields.bp"),
+                [self.f.c, self.f.mu, self.f.u, *self.f.extra.values()],
+                engine="BP4",
+            ),
             VTXWriter(comm, str(directory / "stress.bp"), [self.f.vm, self.f.ep], engine="BP4"),
         ]
 
@@ -139,7 +151,13 @@ def gather_snapshot(problem: Any, fields: _Fields | None = None) -> dict[str, np
     return {key: np.concatenate([p[key] for p in parts]) for key in local}
 
 
-def plot_snapshot(snapshot: dict[str, np.ndarray], path: str | Path, title: str, c_range: tuple[float, float], vm_max: float | None = None) -> Path:
+def plot_snapshot(
+    snapshot: dict[str, np.ndarray],
+    path: str | Path,
+    title: str,
+    c_range: tuple[float, float],
+    vm_max: float | None = None,
+) -> Path:
     """Two panels, c_Li and von Mises stress on the deformed cross-section (nm axes)."""
     from matplotlib.tri import Triangulation
 
@@ -150,7 +168,9 @@ def plot_snapshot(snapshot: dict[str, np.ndarray], path: str | Path, title: str,
     n = len(tri)
     triangulation = Triangulation(tri[:, :, 0].ravel(), tri[:, :, 1].ravel(), np.arange(3 * n).reshape(n, 3))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), constrained_layout=True)
-    im = axes[0].tripcolor(triangulation, snapshot["c"].ravel(), shading="gouraud", cmap="viridis", vmin=c_range[0], vmax=c_range[1])
+    im = axes[0].tripcolor(
+        triangulation, snapshot["c"].ravel(), shading="gouraud", cmap="viridis", vmin=c_range[0], vmax=c_range[1]
+    )
     fig.colorbar(im, ax=axes[0], label="c_Li (normalised)")
     vmax = vm_max if vm_max is not None else max(float(snapshot["von_mises"].max(initial=0.0)), 1e-12)
     im = axes[1].tripcolor(triangulation, facecolors=snapshot["von_mises"], cmap="magma", vmin=0.0, vmax=vmax)
@@ -178,7 +198,14 @@ def morphology_classes(snapshot: dict[str, np.ndarray], c_mid: float, threshold:
     return np.where(snapshot["electrolyte"].mean(axis=1) > 0.5, 3, classes)
 
 
-def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, threshold: float, title: str, limits: tuple[np.ndarray, np.ndarray]) -> None:
+def _draw_morphology(
+    ax: Any,
+    snapshot: dict[str, np.ndarray],
+    c_mid: float,
+    threshold: float,
+    title: str,
+    limits: tuple[np.ndarray, np.ndarray],
+) -> None:
     from matplotlib.collections import LineCollection, PolyCollection
 
     tri = snapshot["triangles"]
@@ -188,7 +215,9 @@ def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, thr
     # SEI: the outer surface (boundary edges) and the walls of electrolyte-filled voids
     edges = np.concatenate([tri[:, [i, (i + 1) % 3]] for i in range(3)])
     owner = np.tile(np.arange(len(tri)), 3)
-    key = np.round(np.sort(np.concatenate([edges[:, 0], edges[:, 1]], axis=1).reshape(-1, 2, 2), axis=1).reshape(-1, 4), 6)
+    key = np.round(
+        np.sort(np.concatenate([edges[:, 0], edges[:, 1]], axis=1).reshape(-1, 2, 2), axis=1).reshape(-1, 4), 6
+    )
     _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     boundary = counts[inverse] == 1
@@ -207,7 +236,13 @@ def _draw_morphology(ax: Any, snapshot: dict[str, np.ndarray], c_mid: float, thr
     ax.set_yticks([])
 
 
-def plot_morphology(panels: list[tuple[dict[str, np.ndarray], str]], path: str | Path, c_mid: float, threshold: float, suptitle: str = "") -> Path:
+def plot_morphology(
+    panels: list[tuple[dict[str, np.ndarray], str]],
+    path: str | Path,
+    c_mid: float,
+    threshold: float,
+    suptitle: str = "",
+) -> Path:
     """Cross-sections in the colours of Fig. 5 of paper 002 (green Si, yellow Li_xSi, white
     void, turquoise electrolyte, blue SEI lines), one panel per ``(snapshot, title)``."""
     from matplotlib.patches import Patch

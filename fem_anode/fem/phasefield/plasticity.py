@@ -42,7 +42,14 @@ import numpy as np
 
 from fem_anode.fem.phasefield.kinematics import lame
 
-__all__ = ["ReturnMap", "return_map_ufl", "return_map_numpy", "state_update_ufl", "uniaxial_plastic_closed_form", "STATE_SIZE"]
+__all__ = [
+    "ReturnMap",
+    "return_map_ufl",
+    "return_map_numpy",
+    "state_update_ufl",
+    "uniaxial_plastic_closed_form",
+    "STATE_SIZE",
+]
 
 #: Plastic state per quadrature point: Cp^-1 components xx, xy, yy, zz and the eq. plastic strain.
 STATE_SIZE = 5
@@ -172,7 +179,14 @@ def state_update_ufl(rm: ReturnMap, ep_old: Any) -> Any:
 
 
 def return_map_numpy(
-    F: np.ndarray, s: np.ndarray, cp_inv: np.ndarray, ep: np.ndarray, E: np.ndarray, nu: float, sigma_y: float, plastic: bool = True
+    F: np.ndarray,
+    s: np.ndarray,
+    cp_inv: np.ndarray,
+    ep: np.ndarray,
+    E: np.ndarray,
+    nu: float,
+    sigma_y: float,
+    plastic: bool = True,
 ) -> dict[str, np.ndarray]:
     """Reference implementation for full 3x3 tensors, vectorised over points.
 
@@ -213,7 +227,16 @@ def return_map_numpy(
     sigma = tau / Je[:, None, None]
     sdev = sigma - np.trace(sigma, axis1=1, axis2=2)[:, None, None] / 3 * I
     von_mises = np.sqrt(1.5 * np.einsum("nij,nij->n", sdev, sdev))
-    return {"tau": tau, "sigma": sigma, "eps": eps, "cp_inv": cp_new, "ep": ep + dgamma, "von_mises": von_mises, "Je": Je, "dgamma": dgamma}
+    return {
+        "tau": tau,
+        "sigma": sigma,
+        "eps": eps,
+        "cp_inv": cp_new,
+        "ep": ep + dgamma,
+        "von_mises": von_mises,
+        "Je": Je,
+        "dgamma": dgamma,
+    }
 
 
 def uniaxial_plastic_closed_form(eps_total: float, E: float, nu: float, sigma_y: float) -> dict[str, float]:

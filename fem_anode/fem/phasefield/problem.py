@@ -103,12 +103,16 @@ class PhaseFieldProblem:
         self.comm: MPI.Comm = self.mesh.comm
         mat, model = settings.material, settings.model
         if self.mesh.topology.dim != 2 or self.mesh.geometry.dim != 2:
-            raise InputError(f"the phase-field model needs a 2D mesh in the (x, y) plane, got tdim {self.mesh.topology.dim}, gdim {self.mesh.geometry.dim}")
+            raise InputError(
+                f"the phase-field model needs a 2D mesh in the (x, y) plane, got tdim {self.mesh.topology.dim}, gdim {self.mesh.geometry.dim}"
+            )
         tagged.cell_tag(settings.geometry.phase)
         self.surface_tags = [tagged.facet_tag(name) for name in settings.geometry.surface]
         self.l0 = mat.length_scale
         if getattr(tagged, "_phasefield_in_use", False):
-            raise UsageError("this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one first or read the mesh again")
+            raise UsageError(
+                "this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one first or read the mesh again"
+            )
         self.mesh.geometry.x[:] /= self.l0
         tagged._phasefield_in_use = True  # type: ignore[attr-defined]
         self.gps = model.kinematics == "generalized_plane_strain"
@@ -122,14 +126,20 @@ class PhaseFieldProblem:
             simplex = self.mesh.topology.cell_name() == "triangle"
             qd = 2 if simplex else 2 * settings.mesh.displacement_degree
         self.quadrature_degree = qd
-        self.dx = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"})
+        self.dx = ufl.Measure(
+            "dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"}
+        )
         self.ds = ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags)
-        self.dx_vertex = ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_rule": "vertex", "quadrature_degree": 1})
+        self.dx_vertex = ufl.Measure(
+            "dx", domain=self.mesh, metadata={"quadrature_rule": "vertex", "quadrature_degree": 1}
+        )
         self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element(self._elements()))
         self.w = fem.Function(self.W, name="w")
         self.w_old = fem.Function(self.W)
         self._w_saved = fem.Function(self.W)
-        qe = basix.ufl.quadrature_element(self.mesh.basix_cell(), value_shape=(STATE_SIZE,), scheme="default", degree=qd)
+        qe = basix.ufl.quadrature_element(
+            self.mesh.basix_cell(), value_shape=(STATE_SIZE,), scheme="default", degree=qd
+        )
         self.Q = fem.functionspace(self.mesh, qe)
         self.state = fem.Function(self.Q, name="plastic_state")
         self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
@@ -146,7 +156,10 @@ class PhaseFieldProblem:
         self._setup_fields()
         self._build_forms()
         self.bcs = self._boundary_conditions()
-        self._bc_c_dofs = np.intersect1d(self._c_dofs, np.concatenate([bc.dof_indices()[0] for bc in self.bcs_c]) if self.bcs_c else np.zeros(0, np.int32))
+        self._bc_c_dofs = np.intersect1d(
+            self._c_dofs,
+            np.concatenate([bc.dof_indices()[0] for bc in self.bcs_c]) if self.bcs_c else np.zeros(0, np.int32),
+        )
         self._bounded_dofs = self._concentration_dofs()
         self._free_bounded_dofs = np.setdiff1d(self._bounded_dofs, self._bc_c_dofs)
         self.newton = self._make_solver(self.bcs)
@@ -191,7 +204,11 @@ class PhaseFieldProblem:
         q, v, wt = tests[:3]
         c, mu = k["c"], k["mu"]
         mu_mech = k["mu_mech"] if self.settings.model.coupling else 0.0
-        chem = self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q)) - mu_mech * v - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
+        chem = (
+            self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
+            - mu_mech * v
+            - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
+        )
         mech = ufl.inner(k["P2"], ufl.grad(wt))
         return chem + mech
 
@@ -245,7 +262,10 @@ class PhaseFieldProblem:
             "mass": fem.form(c * dx),
             "area": fem.form(ufl.det(F2) * dx),
             # f(c) with the vertex rule, as in the residual: the discrete Lyapunov functional
-            "chem_energy": fem.form(chemistry.free_energy(c, mat.omega) * self.dx_vertex + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c)) * dx),
+            "chem_energy": fem.form(
+                chemistry.free_energy(c, mat.omega) * self.dx_vertex
+                + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c)) * dx
+            ),
             "mech_energy": fem.form(s**3 * rm.energy * dx),
             "surface_ref": fem.form(one * ds_s),
             "surface_x": fem.form((x[0] + u[0]) * ds_s),
@@ -273,7 +293,9 @@ class PhaseFieldProblem:
         X = mesh.geometry.x[:n_owned, :2]
         area = self.comm.allreduce(fem.assemble_scalar(self._scalar_forms["area_ref"]))
         xs = ufl.SpatialCoordinate(mesh)
-        centroid = np.array([self.comm.allreduce(fem.assemble_scalar(fem.form(xs[i] * self.dx))) for i in range(2)]) / area
+        centroid = (
+            np.array([self.comm.allreduce(fem.assemble_scalar(fem.form(xs[i] * self.dx))) for i in range(2)]) / area
+        )
         a = self._extreme_node(X, centroid, nearest=True)
         b = self._extreme_node(X, a, nearest=False)
         across = 1 if abs(b[0] - a[0]) >= abs(b[1] - a[1]) else 0
@@ -284,7 +306,9 @@ class PhaseFieldProblem:
             for comp in components:
                 sub = Vu.sub(comp)
                 collapsed, _ = sub.collapse()
-                dofs = fem.locate_dofs_geometrical((sub, collapsed), lambda x, p=point: np.hypot(x[0] - p[0], x[1] - p[1]) < tol)
+                dofs = fem.locate_dofs_geometrical(
+                    (sub, collapsed), lambda x, p=point: np.hypot(x[0] - p[0], x[1] - p[1]) < tol
+                )
                 zero = fem.Function(collapsed)
                 bcs_u.append(fem.dirichletbc(zero, dofs, sub))
         self.pin_points = (a * self.l0, b * self.l0)
@@ -314,10 +338,21 @@ class PhaseFieldProblem:
             "snes_divergence_tolerance": 1e12,
             **sol.petsc_options,
         }
-        return BorderedNewton(self.w, self.residual_form, self.jacobian_form, bcs, self.axial_forms, self.lam, linear, snes,
-                              reuse_factorisation=self.comm.size == 1 if sol.reuse_factorisation is None else sol.reuse_factorisation,
-                              refactor_iterations=sol.refactor_iterations, refactor_on_stall=sol.refactor_on_stall, linear_rtol=sol.linear_rtol,
-                              stagnation=sol.stop_on_stagnation)
+        return BorderedNewton(
+            self.w,
+            self.residual_form,
+            self.jacobian_form,
+            bcs,
+            self.axial_forms,
+            self.lam,
+            linear,
+            snes,
+            reuse_factorisation=self.comm.size == 1 if sol.reuse_factorisation is None else sol.reuse_factorisation,
+            refactor_iterations=sol.refactor_iterations,
+            refactor_on_stall=sol.refactor_on_stall,
+            linear_rtol=sol.linear_rtol,
+            stagnation=sol.stop_on_stagnation,
+        )
 
     # -- state ----------------------------------------------------------------------------
     def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:
@@ -366,7 +401,9 @@ class PhaseFieldProblem:
 
     def _update_state(self) -> None:
         """Evaluate the return map at the quadrature points and store the new plastic state."""
-        cells = np.arange(self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts, dtype=np.int32)
+        cells = np.arange(
+            self.mesh.topology.index_map(2).size_local + self.mesh.topology.index_map(2).num_ghosts, dtype=np.int32
+        )
         values = self._state_expr.eval(self.mesh, cells)
         dofs = self.Q.dofmap.list[cells]
         self.state.x.array.reshape(-1, STATE_SIZE)[dofs.ravel()] = values.reshape(-1, STATE_SIZE)
@@ -488,8 +525,13 @@ class PhaseFieldProblem:
             offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
             offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
             progress = HalfCycleProgress(
-                index=index, kind=kind, t0=self.t, marks=[self.t + o for o in sorted(offsets)], dt=self._initial_dt(kind),
-                factorisations=self.newton.factorisations, linear_iterations=self.newton.linear_iterations,
+                index=index,
+                kind=kind,
+                t0=self.t,
+                marks=[self.t + o for o in sorted(offsets)],
+                dt=self._initial_dt(kind),
+                factorisations=self.newton.factorisations,
+                linear_iterations=self.newton.linear_iterations,
             )
         p = progress
         rejected_at_start = p.rejected
@@ -505,7 +547,16 @@ class PhaseFieldProblem:
             p.iterations += result.iterations
             if time.perf_counter() - last_report > 10.0:  # progress on long runs
                 last_report = time.perf_counter()
-                logger.info("  ... %s %d: t = %.5g of %.5g, dt = %.3g, %d steps, %d Newton its", kind, index, self.t - p.t0, duration, dt_try, p.steps, p.iterations)
+                logger.info(
+                    "  ... %s %d: t = %.5g of %.5g, dt = %.3g, %d steps, %d Newton its",
+                    kind,
+                    index,
+                    self.t - p.t0,
+                    duration,
+                    dt_try,
+                    p.steps,
+                    p.iterations,
+                )
             if result.ok:
                 attempts.clear()
                 p.steps += 1
@@ -526,7 +577,15 @@ class PhaseFieldProblem:
                     on_step(self, p)
                 continue
             p.rejected += 1
-            attempts.append({"t": self.t, "dt": dt_try, "reason": result.reason, "newton_iterations": result.iterations, "residual_history": result.history})
+            attempts.append(
+                {
+                    "t": self.t,
+                    "dt": dt_try,
+                    "reason": result.reason,
+                    "newton_iterations": result.iterations,
+                    "residual_history": result.history,
+                }
+            )
             p.dt = self._next_dt(p.dt, dt_try, result)
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
@@ -541,13 +600,29 @@ class PhaseFieldProblem:
         record = {"index": index, "kind": kind, "t": self.t, **self.diagnostics()}
         record["peak_von_mises"] = float(self.comm.allreduce(p.peak_vm, op=MPI.MAX))
         record["peak_eq_plastic_strain"] = float(self.comm.allreduce(p.peak_ep, op=MPI.MAX))
-        record.update({"newton_iterations_total": p.iterations, "steps": p.steps, "rejected_steps": p.rejected, "wall_time_s": p.elapsed_s,
-                       "factorisations": self.newton.factorisations - p.factorisations, "linear_iterations": self.newton.linear_iterations - p.linear_iterations})
+        record.update(
+            {
+                "newton_iterations_total": p.iterations,
+                "steps": p.steps,
+                "rejected_steps": p.rejected,
+                "wall_time_s": p.elapsed_s,
+                "factorisations": self.newton.factorisations - p.factorisations,
+                "linear_iterations": self.newton.linear_iterations - p.linear_iterations,
+            }
+        )
         for hook in self.after_half_cycle:
             hook(self, record)
         logger.info(
             "half-cycle %d (%s) to t = %g: %d steps (%d rejected), %d Newton its, mean c %.4f, lambda %.4f, max vM %.3f",
-            index, kind, self.t, p.steps, p.rejected, p.iterations, record["mean_c_li"], record["axial_stretch"], record["max_von_mises"],
+            index,
+            kind,
+            self.t,
+            p.steps,
+            p.rejected,
+            p.iterations,
+            record["mean_c_li"],
+            record["axial_stretch"],
+            record["max_von_mises"],
         )
         return record
 

@@ -94,19 +94,27 @@ def run_phasefield(
     problem = (VacancyPhaseFieldProblem if vacancies else PhaseFieldProblem)(tagged, settings)
     ncells = tagged.mesh.topology.index_map(2).size_global
     ndofs = problem.W.dofmap.index_map.size_global + 1
-    logger.info("phasefield: %d cells, %d unknowns, %s, %d rank(s)", ncells, ndofs, settings.model.kinematics, comm.size)
+    logger.info(
+        "phasefield: %d cells, %d unknowns, %s, %d rank(s)", ncells, ndofs, settings.model.kinematics, comm.size
+    )
     out = settings.output
     mat = settings.material
     c_mid = 0.5 * (mat.c_min + mat.c_max)
     run = _RunState()
-    checkpointer = _checkpointer(settings, checkpoint_dir, comm, run, lambda: time.perf_counter() - start, staging) if checkpoint_dir is not None else None
+    checkpointer = (
+        _checkpointer(settings, checkpoint_dir, comm, run, lambda: time.perf_counter() - start, staging)
+        if checkpoint_dir is not None
+        else None
+    )
     progress: HalfCycleProgress | None = None
     if resume is not None:
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         problem.restore(resume.state["problem"], resume)
         start -= run.restore(resume, comm)
-        progress = HalfCycleProgress(**resume.state["driver"]["progress"]) if resume.state["driver"]["progress"] else None
+        progress = (
+            HalfCycleProgress(**resume.state["driver"]["progress"]) if resume.state["driver"]["progress"] else None
+        )
         logger.info("resumed at t = %g (half-cycle %d) from %s", problem.t, len(run.records) + 1, resume.path)
     writer = FieldWriter(problem, staging) if (out.fields and staging is not None) else None
     current: dict[str, Any] = {}
@@ -133,7 +141,9 @@ def run_phasefield(
             checkpointer.save(run.steps + p.steps, *prob.checkpoint_state())
             prob.newton.invalidate()  # a resumed run starts with a fresh factorisation too: same results
         if stop_now:
-            raise Interrupted(f"stopped by {checkpointer.stop_reason()} at t = {prob.t:.6g} (half-cycle {p.index}, step {p.steps})")
+            raise Interrupted(
+                f"stopped by {checkpointer.stop_reason()} at t = {prob.t:.6g} (half-cycle {p.index}, step {p.steps})"
+            )
 
     status, failure, stopped = "completed", None, None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
@@ -146,8 +156,16 @@ def run_phasefield(
             for i in range(len(run.records), settings.cycling.half_cycles):
                 kind = HALF_CYCLE_KINDS[i % 2]
                 current.update(kind=kind, index=i + 1)
-                record = problem.run_half_cycle(i + 1, kind, settings.cycling.half_cycle_time, on_output, out.snapshots_per_half_cycle, out.times,
-                                                progress=progress, on_step=on_step)
+                record = problem.run_half_cycle(
+                    i + 1,
+                    kind,
+                    settings.cycling.half_cycle_time,
+                    on_output,
+                    out.snapshots_per_half_cycle,
+                    out.times,
+                    progress=progress,
+                    on_step=on_step,
+                )
                 progress = None
                 run.records.append(record)
                 run.steps += record["steps"]
@@ -167,7 +185,9 @@ def run_phasefield(
     except SolverError as err:
         status, stopped, failure = "failed", err, getattr(err, "report", None)
         failed_at = getattr(err, "progress", None)
-        if checkpointer is not None and failed_at is not None:  # the last good state, to resume e.g. with other solver settings
+        if (
+            checkpointer is not None and failed_at is not None
+        ):  # the last good state, to resume e.g. with other solver settings
             run.progress = _global_progress(failed_at, comm)
             state, arrays = problem.checkpoint_state()
             checkpointer.save(run.steps + failed_at.steps, {**state, "failure": failure}, arrays)
@@ -175,8 +195,13 @@ def run_phasefield(
         if writer is not None:
             writer.close()
     if run.morphology and status == "completed":
-        plot_morphology(run.morphology, staging / "morphology_montage.png", c_mid, settings.vacancy.threshold,
-                        suptitle=f"Si nanowire cross-section over {len(run.morphology)} half-cycles (green Si, yellow Li_xSi, white void, turquoise electrolyte, blue SEI)")
+        plot_morphology(
+            run.morphology,
+            staging / "morphology_montage.png",
+            c_mid,
+            settings.vacancy.threshold,
+            suptitle=f"Si nanowire cross-section over {len(run.morphology)} half-cycles (green Si, yellow Li_xSi, white void, turquoise electrolyte, blue SEI)",
+        )
         run.snapshots.append("morphology_montage.png")
     results: dict[str, Any] = {
         "status": status,
@@ -239,7 +264,9 @@ class _RunState:
             "staging": str(staging) if staging is not None else None,
             "wall_time_s": wall_time_s,
         }
-        arrays = {f"morphology.{i}.{key}": value for i, (snap, _) in enumerate(self.morphology) for key, value in snap.items()}
+        arrays = {
+            f"morphology.{i}.{key}": value for i, (snap, _) in enumerate(self.morphology) for key, value in snap.items()
+        }
         return state, arrays
 
     def restore(self, checkpoint: Checkpoint, comm: MPI.Comm) -> float:
@@ -250,7 +277,7 @@ class _RunState:
         self.steps = int(driver["steps"])
         for i, title in enumerate(driver["morphology_titles"]):
             prefix = f"driver.morphology.{i}."
-            snap = {key[len(prefix):]: value for key, value in checkpoint.arrays.items() if key.startswith(prefix)}
+            snap = {key[len(prefix) :]: value for key, value in checkpoint.arrays.items() if key.startswith(prefix)}
             self.morphology.append((snap, title))
         if comm.rank == 0 and driver["staging"]:
             remove_stale_staging(Path(driver["staging"]))
@@ -263,9 +290,22 @@ def settings_fingerprint(settings: PhaseFieldSettings) -> dict[str, Any]:
     return checkpoint_fingerprint(settings, free=("solver", "checkpoint", "output"), paths=("mesh",))
 
 
-def _checkpointer(settings: PhaseFieldSettings, directory: Path, comm: MPI.Comm, run: _RunState, elapsed: Callable[[], float], staging: Path | None) -> Checkpointer:
+def _checkpointer(
+    settings: PhaseFieldSettings,
+    directory: Path,
+    comm: MPI.Comm,
+    run: _RunState,
+    elapsed: Callable[[], float],
+    staging: Path | None,
+) -> Checkpointer:
     fingerprint = settings_fingerprint(settings)
-    absolute = settings if settings.geometry.mesh is None else settings.replace(geometry=settings.geometry.replace(mesh=Path(fingerprint["geometry"]["mesh"])))
+    absolute = (
+        settings
+        if settings.geometry.mesh is None
+        else settings.replace(geometry=settings.geometry.replace(mesh=Path(fingerprint["geometry"]["mesh"])))
+    )
     meta = {"model": "phasefield", "fingerprint": fingerprint, "settings_toml": absolute.to_toml()}
     policy = CheckpointPolicy(interval_s=settings.checkpoint.interval_s, every_steps=settings.checkpoint.every_steps)
-    return Checkpointer(CheckpointStore(directory, comm), policy, meta=meta, extra=lambda: run.checkpoint(staging, elapsed()), comm=comm)
+    return Checkpointer(
+        CheckpointStore(directory, comm), policy, meta=meta, extra=lambda: run.checkpoint(staging, elapsed()), comm=comm
+    )

@@ -34,8 +34,14 @@ class GeometrySettings(Section):
     """The cross-section: a disk of given radius (meshed here) or any tagged 2D gmsh mesh."""
 
     radius: float = setting(20e-9, "nanowire radius of the built-in disk geometry", unit="m", positive=True)
-    mesh: Path | None = setting(None, "tagged 2D gmsh mesh (.msh, metres) instead of the disk, e.g. an image-derived mesh; relative to the config file")
-    surface: list[str] = setting(["surface"], "facet group(s) of the outer surface (Dirichlet c, traction-free), e.g. 'pore|si' for an image mesh")
+    mesh: Path | None = setting(
+        None,
+        "tagged 2D gmsh mesh (.msh, metres) instead of the disk, e.g. an image-derived mesh; relative to the config file",
+    )
+    surface: list[str] = setting(
+        ["surface"],
+        "facet group(s) of the outer surface (Dirichlet c, traction-free), e.g. 'pore|si' for an image mesh",
+    )
     phase: str = setting("si", "cell group of the Si cross-section (must exist in the mesh)")
 
 
@@ -44,7 +50,11 @@ class MeshSettings(Section):
     """Meshing of the built-in disk."""
 
     size: float = setting(1e-9, "target element size of the disk mesh", unit="m", positive=True)
-    displacement_degree: int = setting(2, "Lagrange degree of the displacement (2 avoids the volumetric locking of P1 triangles under isochoric plastic flow; c and mu are P1)", choices=(1, 2))
+    displacement_degree: int = setting(
+        2,
+        "Lagrange degree of the displacement (2 avoids the volumetric locking of P1 triangles under isochoric plastic flow; c and mu are P1)",
+        choices=(1, 2),
+    )
 
 
 @dataclasses.dataclass
@@ -67,13 +77,21 @@ class MaterialSettings(Section):
     omega: float = setting(2.6, "regular-solution interaction parameter Omega / (c_max R T)", positive=True)
     kappa_li: float = setting(1e-4, "Li gradient-energy coefficient kappa_Li / (c_max R T l0^2)", positive=True)
     mobility_li: float = setting(10.0, "Li mobility M_Li c_max R T dt / l0^2", positive=True)
-    beta: float = setting(0.5874, "chemical stretch at full lithiation: Fc = (1 + beta (c - c_min)/(c_max - c_min)) I", bounds=(0.0, 10.0))
+    beta: float = setting(
+        0.5874, "chemical stretch at full lithiation: Fc = (1 + beta (c - c_min)/(c_max - c_min)) I", bounds=(0.0, 10.0)
+    )
     c_min: float = setting(0.14, "normalised Li concentration of (de)lithiated Si", bounds=(1e-6, 1 - 1e-6))
-    c_max: float = setting(0.86, "normalised Li concentration of fully lithiated Si (Li3.75Si)", bounds=(1e-6, 1 - 1e-6))
+    c_max: float = setting(
+        0.86, "normalised Li concentration of fully lithiated Si (Li3.75Si)", bounds=(1e-6, 1 - 1e-6)
+    )
     e_max: float = setting(175.0, "Young's modulus of unlithiated Si / (c_max R T)", positive=True)
-    e_min: float = setting(43.75, "Young's modulus of lithiated Si / (c_max R T); linear in c in between", positive=True)
+    e_min: float = setting(
+        43.75, "Young's modulus of lithiated Si / (c_max R T); linear in c in between", positive=True
+    )
     poisson: float = setting(0.22, "Poisson ratio (Si and Li_xSi; not given by the paper)", bounds=(0.0, 0.49))
-    yield_strength: float = setting(1.64, "von Mises yield strength (Cauchy stress) / (c_max R T), perfectly plastic", positive=True)
+    yield_strength: float = setting(
+        1.64, "von Mises yield strength (Cauchy stress) / (c_max R T), perfectly plastic", positive=True
+    )
     length_scale: float = setting(20e-9, "l0, the length unit of the normalisation", unit="m", positive=True)
 
     def validate(self) -> None:
@@ -89,16 +107,28 @@ class CyclingSettings(Section):
 
     half_cycles: int = setting(2, "number of half-cycles, starting with a lithiation", positive=True)
     half_cycle_time: float = setting(50.0, "duration of each half-cycle (normalised time)", positive=True)
-    surface_bc: str = setting("dirichlet", "'dirichlet': c = c_max (lithiation) / c_min (delithiation) on the surface; 'no_flux': closed system", choices=("dirichlet", "no_flux"))
-    ramp_time: float = setting(0.01, "the surface concentration moves linearly to its new value over this time at the start of each half-cycle", nonnegative=True)
+    surface_bc: str = setting(
+        "dirichlet",
+        "'dirichlet': c = c_max (lithiation) / c_min (delithiation) on the surface; 'no_flux': closed system",
+        choices=("dirichlet", "no_flux"),
+    )
+    ramp_time: float = setting(
+        0.01,
+        "the surface concentration moves linearly to its new value over this time at the start of each half-cycle",
+        nonnegative=True,
+    )
     dt_initial: float = setting(0.01, "first time step of every half-cycle", positive=True)
     dt_max: float = setting(5.0, "largest time step", positive=True)
     dt_min: float = setting(1e-7, "smallest time step before the run stops with a solver error", positive=True)
     growth: float = setting(1.5, "step growth factor after an easy step", bounds=(1.0, 10.0))
     cutback: float = setting(0.25, "step reduction factor after a failed step", bounds=(0.01, 0.9))
-    easy_iterations: int = setting(4, "a step converged in at most this many Newton iterations lets dt grow", positive=True)
+    easy_iterations: int = setting(
+        4, "a step converged in at most this many Newton iterations lets dt grow", positive=True
+    )
     max_retries: int = setting(10, "consecutive failed attempts of one step before the run stops", positive=True)
-    max_dc: float = setting(0.2, "largest change of c at any node in one step; larger changes are rejected and retried", positive=True)
+    max_dc: float = setting(
+        0.2, "largest change of c at any node in one step; larger changes are rejected and retried", positive=True
+    )
     controller: str = setting(
         "smooth",
         "time-step controller: 'smooth' (the next dt from the largest change of c of the step, aimed at dc_target x max_dc, and from the Newton "
@@ -107,7 +137,11 @@ class CyclingSettings(Section):
         "'cutback' after any rejection)",
         choices=("smooth", "threshold"),
     )
-    dc_target: float = setting(0.75, "smooth controller: aim each step at this fraction of max_dc (below 1 leaves room for the change to grow faster than dt)", bounds=(0.05, 1.0))
+    dc_target: float = setting(
+        0.75,
+        "smooth controller: aim each step at this fraction of max_dc (below 1 leaves room for the change to grow faster than dt)",
+        bounds=(0.05, 1.0),
+    )
 
     def validate(self) -> None:
         if self.dt_min > self.dt_initial or self.dt_initial > self.dt_max:
@@ -124,26 +158,59 @@ class VacancySettings(Section):
     real ones).
     """
 
-    enabled: bool = setting(True, "solve the vacancy field, nucleate voids on delithiation and let electrolyte percolate into surface-connected voids")
+    enabled: bool = setting(
+        True,
+        "solve the vacancy field, nucleate voids on delithiation and let electrolyte percolate into surface-connected voids",
+    )
     kappa_v: float = setting(1e-5, "vacancy gradient-energy coefficient kappa_v / (c_max R T l0^2)", positive=True)
     mobility_v: float = setting(0.1, "vacancy mobility M_v c_max R T dt / l0^2", positive=True)
-    omega_v: float = setting(2.6, "vacancy double-well parameter Omega_v / (c_max R T) in delithiated Si (condensation drive)", positive=True)
-    nucleation_rate: float = setting(1.0, "R0: vacancies created per unit of Li removed at a nucleus centre, R(x) = R0 sum_k exp(-|x - x_k|^2 / 2 r^2) (capped at R0)", bounds=(0.0, 1.0))
-    nucleus_spacing: float = setting(8e-9, "mean distance between random nucleation sites (density 1 / spacing^2), drawn anew for every delithiation", unit="m", positive=True)
+    omega_v: float = setting(
+        2.6, "vacancy double-well parameter Omega_v / (c_max R T) in delithiated Si (condensation drive)", positive=True
+    )
+    nucleation_rate: float = setting(
+        1.0,
+        "R0: vacancies created per unit of Li removed at a nucleus centre, R(x) = R0 sum_k exp(-|x - x_k|^2 / 2 r^2) (capped at R0)",
+        bounds=(0.0, 1.0),
+    )
+    nucleus_spacing: float = setting(
+        8e-9,
+        "mean distance between random nucleation sites (density 1 / spacing^2), drawn anew for every delithiation",
+        unit="m",
+        positive=True,
+    )
     nucleus_radius: float = setting(1.5e-9, "Gaussian radius r of a nucleation site", unit="m", positive=True)
     threshold: float = setting(0.5, "void indicator: a node is void where c_v exceeds this", bounds=(0.0, 1.0))
-    seed: int = setting(0, "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of ranks)")
-    electrolyte_mobility: float = setting(0.0, "Li and vacancy mobility in the cells touching electrolyte-filled (SEI-lined) voids, relative to the bulk values (0: vanishing, as in the paper)", bounds=(0.0, 1.0))
-    sei_exchange_rate: float = setting(10.0, "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / characteristic time)", nonnegative=True)
-    real_cycles_per_cycle: float = setting(20.0, "real cycles one simulated cycle stands for (accelerated kinetics; reported as equivalent_real_cycles)", positive=True)
+    seed: int = setting(
+        0,
+        "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of ranks)",
+    )
+    electrolyte_mobility: float = setting(
+        0.0,
+        "Li and vacancy mobility in the cells touching electrolyte-filled (SEI-lined) voids, relative to the bulk values (0: vanishing, as in the paper)",
+        bounds=(0.0, 1.0),
+    )
+    sei_exchange_rate: float = setting(
+        10.0,
+        "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / characteristic time)",
+        nonnegative=True,
+    )
+    real_cycles_per_cycle: float = setting(
+        20.0,
+        "real cycles one simulated cycle stands for (accelerated kinetics; reported as equivalent_real_cycles)",
+        positive=True,
+    )
 
 
 @dataclasses.dataclass
 class InitialSettings(Section):
     """Initial state: uniform concentration, optionally with a smooth seeded perturbation."""
 
-    c: float | None = setting(None, "initial normalised concentration (default material.c_min)", bounds=(1e-6, 1 - 1e-6))
-    perturbation: float = setting(0.0, "amplitude of a smooth random perturbation of c (rank-count independent)", bounds=(0.0, 0.5))
+    c: float | None = setting(
+        None, "initial normalised concentration (default material.c_min)", bounds=(1e-6, 1 - 1e-6)
+    )
+    perturbation: float = setting(
+        0.0, "amplitude of a smooth random perturbation of c (rank-count independent)", bounds=(0.0, 0.5)
+    )
     seed: int = setting(0, "seed of the perturbation")
 
 
@@ -154,25 +221,64 @@ class SolverSettings(Section):
     rtol: float = setting(1e-9, "SNES relative residual tolerance", positive=True)
     atol: float = setting(1e-10, "SNES absolute residual tolerance", positive=True)
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
-    stop_on_stagnation: bool = setting(True, "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did not halve the residual, instead of running on to max_it")
-    line_search: str = setting("bt", "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)", choices=("bt", "basic", "l2"))
-    linear_solver: str = setting("auto", "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'", choices=("auto", "mumps", "superlu_dist", "petsc"))
-    reuse_factorisation: bool | None = setting(None, "keep the LU factorisation over Newton iterations and steps as preconditioner of GMRES on the current Jacobian (rtol 1e-10: still Newton), refactorising only when GMRES slows down; false: factorise at every Newton iteration; default (unset): on one rank only, since MUMPS's parallel factorisation is not reproducible bit for bit and the lagged GMRES turns that round-off into different step sequences from run to run")
-    refactor_iterations: int = setting(12, "with reuse_factorisation: refactorise when a linear solve needs more Krylov iterations than this (during that solve with refactor_on_stall, else at the next Newton iteration)", positive=True)
-    refactor_on_stall: bool = setting(True, "with reuse_factorisation: when a linear solve stalls on the lagged factorisation, refactorise the current Jacobian inside that solve (FGMRES, which allows the preconditioner to change) instead of failing the Newton iteration; false: GMRES, refactorise at the next Newton iteration (the previous scheme)")
-    linear_rtol: float | None = setting(None, "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances still decide convergence); 1e-10: the previous, nearly exact solves", bounds=(1e-14, 0.5))
-    quadrature_degree: int | None = setting(None, "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)", bounds=(1, 8))
-    petsc_options: dict[str, str] = setting({}, "extra PETSc options for the SNES (prefix-free), merged over the defaults")
+    stop_on_stagnation: bool = setting(
+        True,
+        "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did not halve the residual, instead of running on to max_it",
+    )
+    line_search: str = setting(
+        "bt",
+        "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)",
+        choices=("bt", "basic", "l2"),
+    )
+    linear_solver: str = setting(
+        "auto",
+        "'auto' (MUMPS if PETSc has it, else SuperLU_dist, else PETSc LU in serial), 'mumps', 'superlu_dist', 'petsc'",
+        choices=("auto", "mumps", "superlu_dist", "petsc"),
+    )
+    reuse_factorisation: bool | None = setting(
+        None,
+        "keep the LU factorisation over Newton iterations and steps as preconditioner of GMRES on the current Jacobian (rtol 1e-10: still Newton), refactorising only when GMRES slows down; false: factorise at every Newton iteration; default (unset): on one rank only, since MUMPS's parallel factorisation is not reproducible bit for bit and the lagged GMRES turns that round-off into different step sequences from run to run",
+    )
+    refactor_iterations: int = setting(
+        12,
+        "with reuse_factorisation: refactorise when a linear solve needs more Krylov iterations than this (during that solve with refactor_on_stall, else at the next Newton iteration)",
+        positive=True,
+    )
+    refactor_on_stall: bool = setting(
+        True,
+        "with reuse_factorisation: when a linear solve stalls on the lagged factorisation, refactorise the current Jacobian inside that solve (FGMRES, which allows the preconditioner to change) instead of failing the Newton iteration; false: GMRES, refactorise at the next Newton iteration (the previous scheme)",
+    )
+    linear_rtol: float | None = setting(
+        None,
+        "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances still decide convergence); 1e-10: the previous, nearly exact solves",
+        bounds=(1e-14, 0.5),
+    )
+    quadrature_degree: int | None = setting(
+        None,
+        "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)",
+        bounds=(1, 8),
+    )
+    petsc_options: dict[str, str] = setting(
+        {}, "extra PETSc options for the SNES (prefix-free), merged over the defaults"
+    )
 
 
 @dataclasses.dataclass
 class OutputSettings(Section):
     """What the run writes besides results.json."""
 
-    fields: bool = setting(True, "VTX fields (c, mu, u; von Mises, plastic strain) on the deformed mesh at every half-cycle end")
+    fields: bool = setting(
+        True, "VTX fields (c, mu, u; von Mises, plastic strain) on the deformed mesh at every half-cycle end"
+    )
     figures: bool = setting(True, "PNG snapshots of c and von Mises on the deformed shape at every half-cycle end")
-    snapshots_per_half_cycle: int = setting(1, "field outputs (VTX and PNG) per half-cycle, evenly spaced, the last at its end", positive=True)
-    times: list[float] = setting([0.002, 0.01], "extra output times after the start of every half-cycle (normalised), e.g. during the front's passage", positive=True)
+    snapshots_per_half_cycle: int = setting(
+        1, "field outputs (VTX and PNG) per half-cycle, evenly spaced, the last at its end", positive=True
+    )
+    times: list[float] = setting(
+        [0.002, 0.01],
+        "extra output times after the start of every half-cycle (normalised), e.g. during the front's passage",
+        positive=True,
+    )
 
 
 @dataclasses.dataclass
@@ -195,4 +301,3 @@ class PhaseFieldSettings(Settings):
         if c0 is not None and self.initial.perturbation > 0:
             if not (0.0 < c0 - self.initial.perturbation and c0 + self.initial.perturbation < 1.0):
                 raise UsageError("initial.c +- initial.perturbation must stay inside (0, 1)")
-

@@ -65,7 +65,15 @@ from scipy.spatial import cKDTree
 from fem_anode.fem.phasefield import chemistry
 from fem_anode.fem.phasefield.problem import PhaseFieldProblem
 
-__all__ = ["VacancyPhaseFieldProblem", "VoidGraph", "interpolation", "nucleation_sites", "nucleation_field", "VOID_RECORD_KEYS", "PROXIMITY_RECORD_KEYS"]
+__all__ = [
+    "VacancyPhaseFieldProblem",
+    "VoidGraph",
+    "interpolation",
+    "nucleation_sites",
+    "nucleation_field",
+    "VOID_RECORD_KEYS",
+    "PROXIMITY_RECORD_KEYS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +95,12 @@ VOID_RECORD_KEYS = (
 
 #: Keys a delithiation record gains: where the new voids formed (the ratios and the distance
 #: only when defined: new voids, and for the second ratio electrolyte-filled voids, exist).
-PROXIMITY_RECORD_KEYS = ("new_void_fraction", "new_void_distance_ratio", "new_void_distance_to_preserved_ratio", "new_void_distance_m")
+PROXIMITY_RECORD_KEYS = (
+    "new_void_fraction",
+    "new_void_distance_ratio",
+    "new_void_distance_to_preserved_ratio",
+    "new_void_distance_m",
+)
 
 
 def interpolation(c: Any, c_min: float, c_max: float) -> tuple[Any, Any]:
@@ -248,7 +261,9 @@ class VoidGraph:
         """
         void = self._owner_values(np.asarray(c_v, dtype=float)) > threshold
         before = self.electrolyte
-        flags = np.column_stack([-self.global_index, void & before, void & self.surface, void & before & self.surface]).astype(float)
+        flags = np.column_stack(
+            [-self.global_index, void & before, void & self.surface, void & before & self.surface]
+        ).astype(float)
         reached, self.rounds = self._component_max(void, flags)
         root = void & (-reached[:, 0] == self.global_index)  # one node per component: its smallest
         if percolate:
@@ -309,7 +324,10 @@ class VoidGraph:
         out = {"new_void_fraction": new_area / self.total_area}
         if new_area == 0 or si_area == 0:
             return out
-        for key, target in (("new_void_distance_ratio", self.electrolyte | self.surface), ("new_void_distance_to_preserved_ratio", self.electrolyte)):
+        for key, target in (
+            ("new_void_distance_ratio", self.electrolyte | self.surface),
+            ("new_void_distance_to_preserved_ratio", self.electrolyte),
+        ):
             if not self.comm.allreduce(bool(np.any(target[: self.n_owned])), op=MPI.LOR):
                 continue
             d = self._distance_to(target)
@@ -336,7 +354,9 @@ class VoidGraph:
         owned = np.zeros(len(solid), dtype=bool)
         owned[: self.n_owned] = True
         if self.comm.allreduce(bool(np.any(central[owned])), op=MPI.LOR):
-            reference = self._largest_central(label[owned & solid & (values[:, 1] > 0)], self.area[owned & solid & (values[:, 1] > 0)])
+            reference = self._largest_central(
+                label[owned & solid & (values[:, 1] > 0)], self.area[owned & solid & (values[:, 1] > 0)]
+            )
         else:
             candidates = np.flatnonzero(owned & solid)
             mine: tuple[float, float, float, int] = (np.inf, 0.0, 0.0, -1)
@@ -415,7 +435,9 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         _, dh = interpolation(c, self.settings.material.c_min, self.settings.material.c_max)
         frozen = (1 - vac.electrolyte_mobility) * self.electrolyte_cells
         li = dh * self.omega_v * cv * (1 - cv) * v - frozen * self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
-        vacancy = (1 - frozen) * self.mobility_v * ufl.inner(ufl.grad(muv), ufl.grad(qv)) - vac.kappa_v * ufl.inner(ufl.grad(cv), ufl.grad(vv))
+        vacancy = (1 - frozen) * self.mobility_v * ufl.inner(ufl.grad(muv), ufl.grad(qv)) - vac.kappa_v * ufl.inner(
+            ufl.grad(cv), ufl.grad(vv)
+        )
         return super()._residual_terms(k, tests) + li + vacancy
 
     def _lumped_terms(self, k: dict[str, Any], tests: tuple) -> Any:
@@ -533,6 +555,9 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         record["equivalent_real_cycles"] = (record["index"] + 1) // 2 * vac.real_cycles_per_cycle
         logger.info(
             "  voids: %.2f %% of the section (%d), electrolyte-filled %.2f %%, SEI depth %.2f nm, core connectivity %.3f",
-            100 * record["void_fraction"], record["n_voids"], 100 * record["accessible_void_fraction"],
-            record["sei_penetration_depth_m"] * 1e9, record["core_connectivity"],
+            100 * record["void_fraction"],
+            record["n_voids"],
+            100 * record["accessible_void_fraction"],
+            record["sei_penetration_depth_m"] * 1e9,
+            record["core_connectivity"],
         )

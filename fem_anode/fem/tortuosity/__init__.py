@@ -77,7 +77,9 @@ def richardson_limit(values: tuple[float, float, float]) -> tuple[float, float]:
     return float(t1 - c), float(p)
 
 
-def _validate(image: VoxelImage, phase: str, method: str, rtol: float, assembly: str) -> tuple[int, tuple[float, float, float]]:
+def _validate(
+    image: VoxelImage, phase: str, method: str, rtol: float, assembly: str
+) -> tuple[int, tuple[float, float, float]]:
     if assembly not in ("voxel", "dolfinx"):
         raise UsageError(f"assembly must be one of voxel, dolfinx (FE only), got {assembly!r}")
     if method not in METHODS:
@@ -147,16 +149,26 @@ def tortuosity_factor(
     if max_iterations is None:
         max_iterations = 20000 if method == "fv" else 1000
     if method == "fe":
-        return fe_tortuosity_factor(image, phase, comm, rtol=rtol, max_iterations=max_iterations,
-                                    petsc_options=petsc_options, assembly=assembly)
+        return fe_tortuosity_factor(
+            image, phase, comm, rtol=rtol, max_iterations=max_iterations, petsc_options=petsc_options, assembly=assembly
+        )
     if method == "fe-extrapolated":
-        return _fe_extrapolated(image, phase, comm, rtol=rtol, max_iterations=max_iterations,
-                                petsc_options=petsc_options, assembly=assembly)
+        return _fe_extrapolated(
+            image, phase, comm, rtol=rtol, max_iterations=max_iterations, petsc_options=petsc_options, assembly=assembly
+        )
     from fem_anode.fem.tortuosity.fv import fv_solve
 
     start = time.perf_counter()
-    out = fv_solve(comm, image.array, value, spacing, phase=phase, rtol=rtol, max_iterations=max_iterations,
-                   petsc_options=petsc_options or {})
+    out = fv_solve(
+        comm,
+        image.array,
+        value,
+        spacing,
+        phase=phase,
+        rtol=rtol,
+        max_iterations=max_iterations,
+        petsc_options=petsc_options or {},
+    )
     timings = out["timings"]
     timings["total"] = time.perf_counter() - start
     # Every rank measured its own phases: report the slowest (what the caller waited for).
@@ -169,7 +181,13 @@ def tortuosity_factor(
     else:
         logger.info(
             "FV tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d unknowns, %d CG iterations, %.2f s",
-            phase, tau, out["eps"], relative, out["dofs"], out["iterations"], timings["total"],
+            phase,
+            tau,
+            out["eps"],
+            relative,
+            out["dofs"],
+            out["iterations"],
+            timings["total"],
         )
     return TortuosityResult(
         phase=phase,
@@ -193,19 +211,33 @@ def _fe_extrapolated(image: VoxelImage, phase: str, comm: Any, **kwargs: Any) ->
     start = time.perf_counter()
     results = []
     for k in (1, 2, 3):
-        fine = image if k == 1 else VoxelImage(
-            image.array.repeat(k, 0).repeat(k, 1).repeat(k, 2) if comm.rank == 0 else image.array[:1, :1, :1],
-            tuple(h / k for h in image.require_voxel_size()), image.phases, image.source,
+        fine = (
+            image
+            if k == 1
+            else VoxelImage(
+                image.array.repeat(k, 0).repeat(k, 1).repeat(k, 2) if comm.rank == 0 else image.array[:1, :1, :1],
+                tuple(h / k for h in image.require_voxel_size()),
+                image.phases,
+                image.source,
+            )
         )
         results.append(fe_tortuosity_factor(fine, phase, comm, **kwargs))
     base = results[0]
-    timings = {"total": time.perf_counter() - start, **{f"k{k}": r.timings_s["total"] for k, r in zip((1, 2, 3), results)}}
+    timings = {
+        "total": time.perf_counter() - start,
+        **{f"k{k}": r.timings_s["total"] for k, r in zip((1, 2, 3), results)},
+    }
     if not np.isfinite(base.tau):
         return TortuosityResult(**{**base.__dict__, "timings_s": timings, "method": "fe-extrapolated"})
     taus = tuple(r.tau for r in results)
     tau, order = richardson_limit(taus)  # type: ignore[arg-type]
-    logger.info("FE tortuosity factor of %s at k = 1, 2, 3: %s -> extrapolated %.6g (order %.2f)", phase,
-                ", ".join(f"{t:.6g}" for t in taus), tau, order)
+    logger.info(
+        "FE tortuosity factor of %s at k = 1, 2, 3: %s -> extrapolated %.6g (order %.2f)",
+        phase,
+        ", ".join(f"{t:.6g}" for t in taus),
+        tau,
+        order,
+    )
     return TortuosityResult(
         phase=phase,
         tau=tau,
@@ -223,7 +255,9 @@ def _fe_extrapolated(image: VoxelImage, phase: str, comm: Any, **kwargs: Any) ->
     )
 
 
-def tortuosity_factors(image: VoxelImage, phases: list[str] | None = None, comm: Any = None, **kwargs: Any) -> dict[str, TortuosityResult]:
+def tortuosity_factors(
+    image: VoxelImage, phases: list[str] | None = None, comm: Any = None, **kwargs: Any
+) -> dict[str, TortuosityResult]:
     """Tortuosity factors along z of several phases (default: every phase with voxels). Collective.
 
     Keyword arguments go to :func:`tortuosity_factor`.

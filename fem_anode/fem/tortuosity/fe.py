@@ -289,7 +289,6 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
     return {**options, **petsc_options}
 
 
-
 _ASSEMBLY = ("voxel", "dolfinx")
 
 
@@ -376,8 +375,19 @@ def fe_tortuosity_factor(
         )
         logger.info("%s", note)
         return TortuosityResult(
-            phase, float("inf"), 0.0, meta["eps"], 0.0, 0, 0, 0, 0.0, comm.size,
-            {"mesh": 0.0, "solve": 0.0, "total": time.perf_counter() - start}, note, method="fe",
+            phase,
+            float("inf"),
+            0.0,
+            meta["eps"],
+            0.0,
+            0,
+            0,
+            0,
+            0.0,
+            comm.size,
+            {"mesh": 0.0, "solve": 0.0, "total": time.perf_counter() - start},
+            note,
+            method="fe",
         )
     options = _solver_options(rtol, max_iterations, petsc_options or {})
     solve = _solve_voxel if assembly == "voxel" else _solve_dolfinx
@@ -391,7 +401,14 @@ def fe_tortuosity_factor(
     timings["total"] = time.perf_counter() - start
     logger.info(
         "FE tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, %d CG iterations, %.2f s",
-        phase, tau, meta["eps"], relative, cells_global, dofs, iterations, timings["total"],
+        phase,
+        tau,
+        meta["eps"],
+        relative,
+        cells_global,
+        dofs,
+        iterations,
+        timings["total"],
     )
     return TortuosityResult(
         phase=phase,
@@ -413,7 +430,9 @@ def _check_solution(ksp: Any, phase: str, values: np.ndarray) -> int:
     """CG iterations of ``ksp``; raises SolverError if it diverged or ``values`` are not finite."""
     reason, iterations = ksp.getConvergedReason(), ksp.getIterationNumber()
     if reason < 0:
-        raise SolverError(f"tortuosity solve for {phase!r} did not converge (PETSc reason {reason}, {iterations} iterations)")
+        raise SolverError(
+            f"tortuosity solve for {phase!r} did not converge (PETSc reason {reason}, {iterations} iterations)"
+        )
     if not np.isfinite(values).all():
         raise SolverError(f"tortuosity solve for {phase!r} gave a non-finite concentration")
     return int(iterations)

@@ -105,8 +105,17 @@ def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any], comm
             }
         )
     elif pc == "gamg":
-        options.update({"pc_type": "gamg", "pc_gamg_type": "agg", "pc_gamg_agg_nsmooths": 1, "pc_gamg_threshold": 0.0,
-                        "pc_gamg_square_graph": 1, "mg_levels_ksp_type": "chebyshev", "mg_levels_pc_type": "jacobi"})
+        options.update(
+            {
+                "pc_type": "gamg",
+                "pc_gamg_type": "agg",
+                "pc_gamg_agg_nsmooths": 1,
+                "pc_gamg_threshold": 0.0,
+                "pc_gamg_square_graph": 1,
+                "mg_levels_ksp_type": "chebyshev",
+                "mg_levels_pc_type": "jacobi",
+            }
+        )
     return {**options, **{k: v for k, v in petsc_options.items() if (k, v) != ("pc_type", "ssor")}}
 
 
@@ -114,7 +123,9 @@ class FVSolution(dict):
     """Scalars of one finite-volume solve (plain dict: ``eps``, ``perc``, ``relative``, ``dofs``, ...)."""
 
 
-def _neighbour_layers(gidx: np.ndarray, a: int, b: int, below: np.ndarray | None, above: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _neighbour_layers(
+    gidx: np.ndarray, a: int, b: int, below: np.ndarray | None, above: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Global indices of the layers just below (z - 1) and above (z + 1) layers ``a..b-1``."""
     none = np.full(gidx.shape[1:], -1, dtype=gidx.dtype)
     lower = gidx[a - 1] if a > 0 else (below if below is not None else none)
@@ -143,8 +154,16 @@ def _chunks(slab: Slab, ny: int, nx: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, slab.layers)) for a in range(0, slab.layers, step)]
 
 
-def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float], symmetric: bool,
-              *, ends: bool = True, extra_diagonal: np.ndarray | None = None) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
+def _assemble(
+    comm: Any,
+    slab: Slab,
+    solved: np.ndarray,
+    conductance: tuple[float, float, float],
+    symmetric: bool,
+    *,
+    ends: bool = True,
+    extra_diagonal: np.ndarray | None = None,
+) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
     """PETSc matrix of this rank's rows, the load and the rows' layer indices.
 
     ``ends``: the ``c = 1`` / ``c = 0`` faces at the z ends (else no flux there);
@@ -215,8 +234,15 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
         zm, zp = _neighbour_layers(gidx, a, b, below, above)
         inside = block >= 0
         cols = np.stack(
-            [zm[inside], _shift(block, 1, 1)[inside], _shift(block, 2, 1)[inside], block[inside],
-             _shift(block, 2, -1)[inside], _shift(block, 1, -1)[inside], zp[inside]],
+            [
+                zm[inside],
+                _shift(block, 1, 1)[inside],
+                _shift(block, 2, 1)[inside],
+                block[inside],
+                _shift(block, 2, -1)[inside],
+                _shift(block, 1, -1)[inside],
+                zp[inside],
+            ],
             axis=1,
         )
         del zm, zp
@@ -247,7 +273,9 @@ def _assemble(comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[floa
     if comm.size == 1:
         A = PETSc.Mat().createAIJWithArrays(sizes, csr=(indptr, indices, data), comm=comm)
     else:
-        A = PETSc.Mat().createAIJWithArrays(sizes, csr=((indptr, indices, data), (indptr_off, indices_off, data_off)), comm=comm)
+        A = PETSc.Mat().createAIJWithArrays(
+            sizes, csr=((indptr, indices, data), (indptr_off, indices_off, data_off)), comm=comm
+        )
     A.assemble()
     A.setOption(PETSc.Mat.Option.SPD, True)
     n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
@@ -270,7 +298,12 @@ def _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global
         block = gidx[a:b]
         _, zp = _neighbour_layers(gidx, a, b, below, above)
         inside = block >= 0
-        count = 1 + (zp[inside] >= 0).astype(index) + (_shift(block, 1, -1)[inside] >= 0) + (_shift(block, 2, -1)[inside] >= 0)
+        count = (
+            1
+            + (zp[inside] >= 0).astype(index)
+            + (_shift(block, 1, -1)[inside] >= 0)
+            + (_shift(block, 2, -1)[inside] >= 0)
+        )
         np.cumsum(count, out=indptr[row + 1 : row + 1 + count.size])
         indptr[row + 1 : row + 1 + count.size] += indptr[row]
         row += count.size
@@ -283,13 +316,17 @@ def _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global
         block = gidx[a:b]
         zm, zp = _neighbour_layers(gidx, a, b, below, above)
         inside = block >= 0
-        lower = (zm[inside] >= 0) * gz + (_shift(block, 1, 1)[inside] >= 0) * gy + (_shift(block, 2, 1)[inside] >= 0) * gx
+        lower = (
+            (zm[inside] >= 0) * gz + (_shift(block, 1, 1)[inside] >= 0) * gy + (_shift(block, 2, 1)[inside] >= 0) * gx
+        )
         cols = np.stack([block[inside], _shift(block, 2, -1)[inside], _shift(block, 1, -1)[inside], zp[inside]], axis=1)
         del zm, zp
         values = np.where(cols >= 0, -np.array([0.0, gx, gy, gz]), 0.0)
         rows_here = cols.shape[0]
         layer = layer_of_row[row : row + rows_here]
-        values[:, 0] = lower - values.sum(axis=1) + np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
+        values[:, 0] = (
+            lower - values.sum(axis=1) + np.where(layer == 0, g_end, 0.0) + np.where(layer == slab.nz - 1, g_end, 0.0)
+        )
         load[row : row + rows_here] = np.where(layer == 0, g_end, 0.0)  # c = 1 at z = 0
         keep = cols >= 0
         lo, hi = indptr[row], indptr[row + rows_here]
@@ -317,7 +354,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
 
 
 def fv_solve(
@@ -359,7 +395,9 @@ def fv_solve(
     del mask
     n_solved = comm.allreduce(int(np.count_nonzero(solved)))
     total = nz * ny * nx
-    out = FVSolution(eps=n_phase / total, perc=n_solved / total, relative=0.0, dofs=n_solved, iterations=0, flux_check_rel=0.0)
+    out = FVSolution(
+        eps=n_phase / total, perc=n_solved / total, relative=0.0, dofs=n_solved, iterations=0, flux_check_rel=0.0
+    )
     timings = {"percolation": time.perf_counter() - start}
     out["timings"] = timings
     if n_solved == 0:
@@ -394,16 +432,20 @@ def fv_solve(
     timings.update({"pc_setup": t2 - t1, "cg": t3 - t2, "solve": t3 - t1})
     if reason < 0:
         A.destroy(), b.destroy(), x.destroy()
-        raise SolverError(f"tortuosity solve for {phase!r} did not converge (PETSc reason {reason}, {iterations} iterations)")
+        raise SolverError(
+            f"tortuosity solve for {phase!r} did not converge (PETSc reason {reason}, {iterations} iterations)"
+        )
     # Energy flux sum_faces g (c_i - c_j)^2 = c.Ac - 2 b.c + sum_top g_end (Delta c = 1).
     g_end = 2.0 * conductance[0]
     c = x.array
-    local = np.array([
-        g_end * (n_top - c[:n_top].sum()),  # flux through z = 0
-        g_end * c[c.size - n_bottom :].sum() if n_bottom else 0.0,  # flux through z = end
-        g_end * n_top,
-        float(np.isfinite(c).all()) - 1.0,
-    ])
+    local = np.array(
+        [
+            g_end * (n_top - c[:n_top].sum()),  # flux through z = 0
+            g_end * c[c.size - n_bottom :].sum() if n_bottom else 0.0,  # flux through z = end
+            g_end * n_top,
+            float(np.isfinite(c).all()) - 1.0,
+        ]
+    )
     bx = b.dot(x)
     A.mult(x, b)
     xax = b.dot(x)
