@@ -24,6 +24,11 @@ def mpi_size() -> int:
     return 1
 
 
+#: Whether this test process is one of several MPI ranks (``mpirun -n 2 ... pytest``). Tests that
+#: start their own processes or measure one process check it: ``from conftest import UNDER_MPI``.
+UNDER_MPI = mpi_size() > 1
+
+
 def mpi_rank_env() -> int:
     for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if var in os.environ:

@@ -33,10 +33,11 @@ from fem_anode.io import VoxelImage, write_image  # noqa: E402
 from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore  # noqa: E402
 from fem_anode.io.interrupt import SafeStop  # noqa: E402
 
-UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ
-serial_only = pytest.mark.skipif(UNDER_MPI, reason="spawns its own processes; run serially only")
 from builders import STRIP_LENGTH as LENGTH  # noqa: E402
 from builders import strip_mesh  # noqa: E402
+from conftest import UNDER_MPI  # noqa: E402
+
+serial_only = pytest.mark.skipif(UNDER_MPI, reason="spawns its own processes; run serially only")
 
 TIMES = [2e-4, 1e-3, 4e-3]
 

@@ -32,8 +32,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fem_anode.cli import build_parser, main  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
+from conftest import UNDER_MPI  # noqa: E402
 
-UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
 pytestmark = pytest.mark.skipif(
     UNDER_MPI, reason="the subcommands are collective under MPI; argument handling is rank-independent"
 )

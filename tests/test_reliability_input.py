@@ -22,8 +22,8 @@ from fem_anode.cli import main
 from builders import small_roi
 
 from fem_anode.io import VoxelImage, write_image
+from conftest import UNDER_MPI
 
-UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
 
 LABELS = VoxelImage(
     np.array([[0, 1, 1], [1, 0, 3], [3, 3, 1]], dtype=np.uint8), (20e-9, 20e-9), {"pore": 0, "si": 1, "sei": 3}

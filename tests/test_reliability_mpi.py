@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from fem_anode.io import VoxelImage, write_image
+from conftest import UNDER_MPI
 
-UNDER_MPI = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) > 1
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
 needs_mpirun = pytest.mark.skipif(
     UNDER_MPI or MPIRUN is None, reason="launches mpirun itself: run serially, with Open MPI installed"

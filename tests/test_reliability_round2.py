@@ -34,9 +34,9 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.io import VoxelImage, read_image, write_image
 from fem_anode.io.images import open_image_layers
 from fem_anode.io.lock import lock_is_stale, lock_path, output_lock, read_lock
+from conftest import UNDER_MPI
 from test_reliability_input import run_cli
 
-UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1
 serial_only = pytest.mark.skipif(UNDER_MPI, reason="starts its own processes: run serially")
 
 PHASES = {"pore": 0, "si": 1, "sei": 3}

@@ -241,21 +241,9 @@ def run_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def scenarios(parameters: Any) -> dict[str, Any]:
-    """The paper's Fig. 4d scenarios: fitted, -50 % alpha0, +100 % kappa0, -50 % delta0, all three."""
-    p = parameters
-    return {
-        "fitted": p,
-        "alpha0 -50%": p.replace(alpha0=0.5 * p.alpha0),
-        "kappa0 +100%": p.replace(kappa0=2.0 * p.kappa0),
-        "delta0 -50%": p.replace(delta0=0.5 * p.delta0),
-        "all three improved": p.replace(alpha0=0.5 * p.alpha0, kappa0=2.0 * p.kappa0, delta0=0.5 * p.delta0),
-    }
-
-
 def run_simulate(args: argparse.Namespace) -> int:
     from fem_anode.detachment.data import read_radii_csv
-    from fem_anode.detachment.model import simulate
+    from fem_anode.detachment.model import scenarios, simulate
     from fem_anode.detachment.plots import plot_capacity, plot_gap_model
     from fem_anode.io.output import output_directory, write_json
 

@@ -23,6 +23,7 @@ from fem_anode.detachment.model import (
     default_radii,
     gap_statistics,
     gap_trajectories,
+    scenarios,
     simulate,
 )
 from fem_anode.detachment.settings import (
@@ -61,6 +62,7 @@ __all__ = [
     "read_gap_csv",
     "read_radii_csv",
     "sample_gap_data",
+    "scenarios",
     "simulate",
     "time_to_tension",
     "write_capacity_csv",

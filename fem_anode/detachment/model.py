@@ -47,6 +47,7 @@ __all__ = [
     "default_radii",
     "SimulationResult",
     "simulate",
+    "scenarios",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,3 +321,22 @@ def simulate(
         "simulated %d particles over %d cycles: capacity after last cycle %.3f", r.size, parameters.cycles, capacity[-1]
     )
     return SimulationResult(parameters, r, capacity, d, mean, std, survival)
+
+
+def scenarios(parameters: ModelParameters) -> dict[str, ModelParameters]:
+    """The paper's Fig. 4d scenarios: fitted, -50 % alpha0, +100 % kappa0, -50 % delta0, all three.
+
+    Args:
+        parameters: the fitted (or paper) parameters.
+
+    Returns:
+        Scenario name -> parameters (the first is ``parameters`` itself).
+    """
+    p = parameters
+    return {
+        "fitted": p,
+        "alpha0 -50%": p.replace(alpha0=0.5 * p.alpha0),
+        "kappa0 +100%": p.replace(kappa0=2.0 * p.kappa0),
+        "delta0 -50%": p.replace(delta0=0.5 * p.delta0),
+        "all three improved": p.replace(alpha0=0.5 * p.alpha0, kappa0=2.0 * p.kappa0, delta0=0.5 * p.delta0),
+    }

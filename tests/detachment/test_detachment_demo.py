@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 
 def test_detachment_demo_quick(shared_tmp_path, load_demo):
     module = load_demo("detachment_measure_fit_simulate")
-    start = time.perf_counter()
     summary = module.main(shared_tmp_path / "demo", quick=True)
-    assert time.perf_counter() - start < 60
     saved = json.loads((shared_tmp_path / "demo" / "summary.json").read_text())
     gaps = [saved["mean_gap_m_per_cycle"][str(c)] for c in (0, 1, 3, 10)]
     assert gaps[0] < 0.05e-6 < gaps[1] < gaps[2] < gaps[3]

@@ -18,11 +18,11 @@ from fem_anode.detachment import (
     gap_trajectories,
     ramp_compression,
     sample_gap_data,
+    scenarios,
     simulate,
     time_to_tension,
 )
 from fem_anode.detachment.maxwell import maxwell_ode_rhs
-from fem_anode.commands.detachment import scenarios
 from fem_anode.errors import InputError
 
 PAPER = ModelParameters()  # alpha0 0.83, kappa0 0.02 um, delta0 0.12 um, zeta0 0.163 1/um

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from conftest import UNDER_MPI
+
 SCRIPT = textwrap.dedent(
     """
     import sys, importlib.abc
@@ -37,7 +39,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="spawns its own Python; run serially only")
+@pytest.mark.skipif(UNDER_MPI, reason="spawns its own Python; run serially only")
 def test_detachment_cli_without_fenicsx_or_mpi(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)],
