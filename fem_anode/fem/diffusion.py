@@ -44,6 +44,7 @@ from petsc4py import PETSc
 
 from fem_anode.errors import InputError, Interrupted, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
 from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
 from fem_anode.io.interrupt import agree_flags
@@ -285,7 +286,6 @@ class DiffusionProblem:
         #: Direct: a0 -> factorised KSP (LRU), sized by solver.cache_memory.
         self._direct: OrderedDict[float, PETSc.KSP] = OrderedDict()
         self._factor_bytes: float | None = None
-        self._ksp_created = 0
         #: Preconditioner set-ups and factorisations so far (the shifted multigrid counts once).
         self.factorisations = 0
         #: ``preconditioner = "auto"``: multigrid for every a0 at or below this (None: SSOR so far).
@@ -432,18 +432,12 @@ class DiffusionProblem:
         return kind
 
     def _direct_package(self) -> str | None:
-        # One rank: CHOLMOD (supernodal Cholesky). Measured on the 261k-dof 2D ROI with
-        # OpenBLAS: first factorisation 0.35 s vs 1.10 s (MUMPS), refactorisation 0.20 vs
-        # 0.18 s, solve 28 vs 45 ms. PETSc's own Cholesky (nested dissection) solves in 13 ms
-        # but factorises in 2.1 s / 0.68 s, a loss for runs that refactorise every few steps
-        # (geometric step growth: 3-4 steps per factorisation). Several ranks: MUMPS (CHOLMOD
-        # is sequential).
-        if self.comm.size == 1 and PETSc.Sys.hasExternalPackage("cholmod"):
-            return "cholmod"
-        for package in ("mumps", "superlu_dist"):
-            if PETSc.Sys.hasExternalPackage(package):
-                return package
-        return "petsc" if self.comm.size == 1 else None
+        """The sparse direct solver: CHOLMOD on one rank (A is SPD), else MUMPS or SuperLU_dist.
+
+        PETSc's own Cholesky (nested dissection) solves faster (13 vs 28 ms on the 261k-dof 2D
+        ROI) but factorises 6x slower, a loss for runs that refactorise every few steps.
+        """
+        return direct_solver_package(self.comm.size, symmetric_positive_definite=True)
 
     def _switches(self) -> bool:
         """True if CG's preconditioner is chosen per step size (``preconditioner = "auto"``, no ``pc_type``)."""
@@ -536,28 +530,19 @@ class DiffusionProblem:
         return self._A
 
     def _new_ksp(self, preconditioner: str) -> tuple[PETSc.KSP, str, dict[str, Any]]:
-        """A KSP with its own options prefix and the merged options put into the database."""
+        """A KSP with its own options prefix, and the options it will read at its first set-up."""
         ksp = PETSc.KSP().create(self.comm)
-        prefix = f"fem_anode_diffusion_{id(self)}_{self._ksp_created}_"
-        self._ksp_created += 1
+        prefix = unique_prefix("diffusion")
         ksp.setOptionsPrefix(prefix)
-        options = self._solver_options(preconditioner)
-        opts = PETSc.Options()
-        for name, value in options.items():
-            opts[f"{prefix}{name}"] = value
         ksp.setConvergenceHistory(reset=True)  # residuals of each solve, for failure reports
-        return ksp, prefix, options
+        return ksp, prefix, self._solver_options(preconditioner)
 
-    def _first_setup(self, ksp: PETSc.KSP, prefix: str, options: dict[str, Any]) -> None:
-        """``setFromOptions`` and the first ``setUp``; then the options leave the database."""
-        try:
+    @staticmethod
+    def _first_setup(ksp: PETSc.KSP, prefix: str, options: dict[str, Any]) -> None:
+        """``setFromOptions`` and the first ``setUp`` (multigrid levels read their options then)."""
+        with prefixed_options(prefix, options):
             ksp.setFromOptions()
             ksp.setUp()
-        finally:
-            # Only now: multigrid levels read their options (mg_levels_*) during the first setup.
-            opts = PETSc.Options()
-            for name in options:
-                del opts[f"{prefix}{name}"]
 
     def _ksp(self, a0: float) -> PETSc.KSP:
         """The solver for ``A = K + R + a0 eps M``, set up for this a0.
@@ -1016,17 +1001,11 @@ class _ShiftedMultigrid:
         reference.setOptionsPrefix(ref_prefix)
         options: dict[str, Any] = {"ksp_type": "preonly", "pc_type": "gamg"}
         options.update({k: v for k, v in user_options.items() if k.startswith("pc_gamg_")})
-        opts = PETSc.Options()
-        for name, value in options.items():
-            opts[f"{ref_prefix}{name}"] = value
         KR.setOption(PETSc.Mat.Option.SPD, True)
         reference.setOperators(KR)
-        try:
+        with prefixed_options(ref_prefix, options):
             reference.setFromOptions()
             reference.setUp()
-        finally:
-            for name in options:
-                del opts[f"{ref_prefix}{name}"]
         pc = reference.getPC()
         n = pc.getMGLevels()
         # Level 0 is the coarsest, n - 1 the fine level (PCMG's numbering).
