@@ -11,15 +11,20 @@ in the same process, so their times are comparable on this shared machine:
 * ``previous``: the configuration before issue 22 (GMRES at rtol 1e-10 on the lagged LU,
   refactorised at the next Newton iteration after more than 30 iterations, threshold
   controller, Newton always to ``max_it``);
-* ``exact``: an LU at every Newton iteration (``reuse_factorisation = false``).
+* ``exact``: an LU at every Newton iteration (``reuse_factorisation = false``);
+* ``reuse``: the lagged LU forced (``reuse_factorisation = true``; the default on one rank only);
+* ``nopredictor``: the defaults without the linear predictor of the Newton start
+  (``solver.predictor = "none"``, the defaults of 2026-12-03).
 
 Reported per half-cycle and configuration: unknowns, steps (rejected), Newton iterations,
 factorisations, Krylov iterations, time per Newton iteration and per half-cycle, the void
 metrics; per configuration the total time and the largest difference of the records from the
 first configuration. ``--profile`` also times, on the same mesh and a state after the first
-steps of a lithiation, one Jacobian assembly (matrix and border vectors), one residual, one
-LU factorisation and one application of the preconditioner (block elimination with the LU),
-the yardstick of "time per Newton iteration".
+steps of a lithiation, one Jacobian assembly (matrix and border vectors; also as it was before,
+with the element matrices inserted into the PETSc matrix one by one: ``*_petsc_insertion_s``),
+one residual, one LU factorisation and one application of the preconditioner (block
+elimination with the LU), the yardstick of "time per Newton iteration". ``--profile-only``
+skips the runs.
 
 Usage::
 
@@ -60,12 +65,20 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(
             cycling=base.cycling.replace(controller="threshold"),
             solver=base.solver.replace(
-                refactor_iterations=30, refactor_on_stall=False, linear_rtol=1e-10, stop_on_stagnation=False
+                refactor_iterations=30,
+                refactor_on_stall=False,
+                linear_rtol=1e-10,
+                stop_on_stagnation=False,
+                predictor="none",
             ),
         )
     if config == "exact":
         return base.replace(solver=base.solver.replace(reuse_factorisation=False))
-    raise SystemExit(f"unknown configuration {config!r} (default, previous, exact)")
+    if config == "reuse":
+        return base.replace(solver=base.solver.replace(reuse_factorisation=True))
+    if config == "nopredictor":
+        return base.replace(solver=base.solver.replace(predictor="none"))
+    raise SystemExit(f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor)")
 
 
 def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float]:
@@ -97,6 +110,17 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
 
     jacobian = nw.assemble_jacobian
     out = {"jacobian_s": median(jacobian), "residual_s": median(lambda: nw._function(snes, nw.X, nw.F))}
+    from dolfinx.fem import petsc as fem_petsc
+
+    def petsc_insertion() -> None:  # the matrix part as before: element matrices straight into PETSc
+        nw.A.zeroEntries()
+        fem_petsc.assemble_matrix(nw.A, nw.jacobian, bcs=nw.bcs)
+        nw.A.assemble()
+
+    out["matrix_petsc_insertion_s"] = median(petsc_insertion)
+    native, nw._csr = nw._csr, None
+    out["jacobian_petsc_insertion_s"] = median(jacobian)
+    nw._csr = native
     jacobian()
 
     def factorise() -> None:
@@ -120,8 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2e-9,1e-9", help="element sizes (m)")
     parser.add_argument("--half-cycles", type=int, default=1)
-    parser.add_argument("--configs", default="default", help="comma-separated: default, previous, exact")
+    parser.add_argument(
+        "--configs", default="default", help="comma-separated: default, previous, exact, reuse, nopredictor"
+    )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
+    parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rows = []
@@ -134,7 +161,7 @@ def main() -> None:
             output=base.output.replace(fields=False, figures=False),
         )
         reference: list[dict[str, Any]] | None = None
-        for config in args.configs.split(","):
+        for config in [] if args.profile_only else args.configs.split(","):
             settings = configured(base, config)
             t = time.perf_counter()
             result = run_phasefield(settings, None, comm)
@@ -175,7 +202,7 @@ def main() -> None:
                 common.print_table(
                     rows[-len(records) :], title=f"phase-field, element size {size:g} m, {config}: {total:.1f} s"
                 )
-        if args.profile:
+        if args.profile or args.profile_only:
             prof = profile(base, comm)
             if comm.rank == 0:
                 rows.append({"size_m": size, "ranks": comm.size, "config": "profile", **prof, "load": common.load()})

@@ -75,3 +75,62 @@ def test_repeated_failure_raises_solver_error():
     problem = PhaseFieldProblem(disk_mesh(20e-9, 10e-9, MPI.COMM_WORLD), settings)
     with pytest.raises(SolverError, match="failed at t = 0"):
         problem.run_half_cycle(1, "lithiation", 0.1)
+
+
+def _vacancy_problem_in_a_lithiation(predictor: str = "linear"):
+    from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
+
+    settings = PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=SolverSettings(predictor=predictor))
+    problem = VacancyPhaseFieldProblem(disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
+    problem._ramp = (0.14, 0.86, 0.0, settings.cycling.ramp_time)
+    for _ in range(3):
+        result = problem.step(settings.cycling.dt_initial / 16)
+        assert result.ok, result.reason
+    return problem
+
+
+def test_jacobian_through_the_native_matrix_is_the_petsc_assembly():
+    """The Jacobian assembled into dolfinx's CSR matrix and copied into PETSc by rows equals the
+    element-by-element assembly into the PETSc matrix (same additions in the same order)."""
+    from dolfinx.fem import petsc as fem_petsc
+
+    problem = _vacancy_problem_in_a_lithiation()
+    nw = problem.newton
+    assert nw._csr is not None  # the fast path is used here (1 and 2 ranks)
+    nw.assemble_jacobian()
+    direct = nw.A.duplicate()
+    direct.zeroEntries()
+    fem_petsc.assemble_matrix(direct, nw.jacobian, bcs=nw.bcs)
+    direct.assemble()
+    scale = nw.A.norm()
+    direct.axpy(-1.0, nw.A)
+    assert direct.norm() <= 1e-14 * scale
+    direct.destroy()
+    problem.destroy()
+
+
+def test_predictor_starts_newton_nearer_and_converges_to_the_same_state():
+    """A step from the same state with and without the linear predictor: the predicted first
+    residual is smaller and both converge to the same state within the Newton tolerance."""
+    problem = _vacancy_problem_in_a_lithiation()
+    saved = problem.w.x.array.copy(), float(problem.lam.value), problem.t
+    dt = problem.settings.cycling.dt_initial / 16
+    results, states = {}, {}
+    for predictor in ("none", "linear"):
+        problem.settings.solver.predictor = predictor
+        problem.w.x.array[:] = saved[0]
+        problem.lam.value = saved[1]
+        problem.t = saved[2]
+        problem.newton.invalidate()
+        w_prev, dt_prev, lam_prev = problem._w_prev.x.array.copy(), problem._dt_prev, problem._lam_prev
+        results[predictor] = problem.step(dt)
+        states[predictor] = problem.w.x.array[problem._bounded_dofs].copy()
+        # put back the history the next attempt predicts from (the step was accepted)
+        problem.w_old.x.array[:] = saved[0]
+        problem._w_prev.x.array[:], problem._dt_prev, problem._lam_prev = w_prev, dt_prev, lam_prev
+        problem.lam_old = saved[1]
+    assert results["none"].ok and results["linear"].ok
+    assert results["linear"].history[0] < 0.5 * results["none"].history[0]
+    diff = problem.comm.allreduce(float(np.abs(states["linear"] - states["none"]).max(initial=0.0)), op=MPI.MAX)
+    assert diff < 1e-7
+    problem.destroy()

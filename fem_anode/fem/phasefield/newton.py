@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
+from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import UsageError
@@ -141,6 +142,7 @@ class BorderedNewton:
         self.X = PETSc.Vec().createMPI((nloc, PETSc.DECIDE), comm=self.comm)
         self.F = self.X.duplicate()
         self.A = fem_petsc.create_matrix(jacobian)
+        self._csr = self._native_matrix(jacobian)
         self.P: PETSc.Mat | None = None if reuse_factorisation else self.A  # the factorised matrix
         self.reuse, self.refactor_iterations = reuse_factorisation, refactor_iterations
         self.on_stall = reuse_factorisation and refactor_on_stall
@@ -268,11 +270,39 @@ class BorderedNewton:
             self._fresh = False
             self._update_border()
 
+    def _native_matrix(self, jacobian: fem.Form) -> tuple[Any, np.ndarray, np.ndarray, int] | None:
+        """dolfinx's own CSR matrix of the Jacobian and the owned rows' pattern in global column
+        indices, if it is the PETSc matrix's pattern (else None: assemble into PETSc directly).
+
+        Element matrices go into the CSR matrix (its row search is fast) and the owned rows are
+        then copied into ``A`` row by row with sorted columns. Inserting them into the PETSc
+        matrix element by element (``MatSetValuesLocal``, unsorted) cost about 3x the whole rest
+        of the assembly, kernels included (measured on the 2 nm wire: 14 of 19 ms).
+        """
+        csr = fem.create_matrix(jacobian)
+        n_rows = self.A.getLocalSize()[0]
+        if csr.block_size != [1, 1] or csr.index_map(0).size_local != n_rows:
+            return None
+        indptr = csr.indptr[: n_rows + 1].astype(PETSc.IntType)
+        columns = csr.index_map(1).local_to_global(csr.indices[: indptr[-1]].astype(np.int32)).astype(PETSc.IntType)
+        info = self.A.getInfo(PETSc.Mat.InfoType.LOCAL)
+        same = int(info["nz_allocated"]) == int(indptr[-1])
+        if not self.comm.allreduce(same, op=MPI.LAND):
+            return None
+        return csr, indptr, columns, int(indptr[-1])
+
     def assemble_jacobian(self) -> None:
         """Assemble the Jacobian ``A`` at the current state and, in generalised plane strain, its
         border vectors and corner (one Jacobian assembly, as the benchmark's profile times it)."""
-        self.A.zeroEntries()
-        fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
+        if self._csr is None:
+            self.A.zeroEntries()
+            fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
+        else:
+            csr, indptr, columns, nnz = self._csr
+            csr.set_value(0.0)
+            fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)
+            csr.scatter_reverse()
+            self.A.setValuesCSR(indptr, columns, csr.data[:nnz], addv=PETSc.InsertMode.INSERT_VALUES)
         self.A.assemble()
         if self.axial is not None:
             for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):

@@ -51,9 +51,13 @@ from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_option
 from fem_anode.fem.phasefield.plasticity import STATE_SIZE, return_map_ufl, state_update_ufl
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-__all__ = ["HalfCycleProgress", "PhaseFieldProblem", "StepResult"]
+__all__ = ["HalfCycleProgress", "PhaseFieldProblem", "StepResult", "PREDICTOR_MAX_RATIO"]
 
 logger = logging.getLogger(__name__)
+
+#: Largest ratio of the new to the last step in the linear predictor (the smooth controller grows
+#: dt by at most ``growth`` = 1.5 anyway).
+PREDICTOR_MAX_RATIO = 2.0
 
 
 @dataclasses.dataclass
@@ -137,6 +141,9 @@ class PhaseFieldProblem:
         self.w = fem.Function(self.W, name="w")
         self.w_old = fem.Function(self.W)
         self._w_saved = fem.Function(self.W)
+        self._w_prev = fem.Function(self.W)  # accepted state before w_old (predictor)
+        self._dt_prev: float | None = None  # its step; None: no predictor for the next step
+        self._lam_prev = 1.0
         qe = basix.ufl.quadrature_element(
             self.mesh.basix_cell(), value_shape=(STATE_SIZE,), scheme="default", degree=qd
         )
@@ -380,6 +387,7 @@ class PhaseFieldProblem:
         self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
         self.t = 0.0
         self._first_dt = {}
+        self._dt_prev = None
 
     def set_concentration(self, c: Callable[[np.ndarray], np.ndarray] | float | np.ndarray) -> None:
         """Set c (value, function of the normalised coordinates, or c-dof values) and mu = f'(c)
@@ -395,6 +403,7 @@ class PhaseFieldProblem:
         self.w.x.array[dofs1] = chemistry.chemical_potential(cf.x.array, self.settings.material.omega)
         self.w.x.scatter_forward()
         self.w_old.x.array[:] = self.w.x.array
+        self._dt_prev = None
 
     def _before_accept(self) -> None:
         """Called after a step converged, before the new state replaces the old one."""
@@ -417,6 +426,8 @@ class PhaseFieldProblem:
             start, end, t0, duration = self._ramp
             fraction = 1.0 if duration <= 0 else min(1.0, (self.t + dt - t0) / duration)
             self.c_surface.value = start + fraction * (end - start)
+        if self._dt_prev is not None and self.settings.solver.predictor == "linear":
+            self._predict(dt)
         for bc in self.bcs_c:
             bc.set(self.w.x.array)
         ok, its, reason = self.newton.solve()
@@ -439,12 +450,28 @@ class PhaseFieldProblem:
             return StepResult(False, its, reason, history, dc)
         self._before_accept()
         self._update_state()
+        self._w_prev.x.array[:] = self.w_old.x.array
+        self._lam_prev, self._dt_prev = self.lam_old, dt
         self.w_old.x.array[:] = self.w.x.array
         self.lam_old = float(self.lam.value)
         self.t += dt
         for hook in self.after_step:
             hook(self)
         return StepResult(True, its, reason, history, dc)
+
+    def _predict(self, dt: float) -> None:
+        """Initial Newton guess by linear extrapolation of the last two accepted states,
+        ``w_n + r (w_n - w_{n-1})`` with ``r = dt / dt_{n-1}`` (at most :data:`PREDICTOR_MAX_RATIO`).
+        A concentration moves at most halfway to 0 or 1 (the logarithms of the residual need
+        ``0 < c < 1`` at every node). Node-wise, so the same on any partition. Only the start of
+        Newton changes: the converged state is the same to the Newton tolerance."""
+        r = min(dt / self._dt_prev, PREDICTOR_MAX_RATIO)
+        arr = self.w.x.array
+        guess = arr + r * (arr - self._w_prev.x.array)
+        b = self._bounded_dofs
+        guess[b] = np.clip(guess[b], 0.5 * arr[b], 0.5 * (1 + arr[b]))
+        arr[:] = guess
+        self.lam.value = self.lam_old + r * (self.lam_old - self._lam_prev)
 
     def equilibrate(self, increments: int = 1) -> StepResult:
         """Solve the mechanics (and mu) for the current c held fixed (zero mobilities); time stays.
@@ -462,6 +489,7 @@ class PhaseFieldProblem:
         for k in self._frozen_in_equilibrium:
             k.value = 0.0
         self.newton.invalidate()
+        self._dt_prev = None
         t = self.t
         loaded, increment, cuts = 0.0, 1.0 / increments, 0
         try:
@@ -469,6 +497,7 @@ class PhaseFieldProblem:
                 increment = min(increment, 1.0 - loaded)
                 self.load.value = loaded + increment
                 result = self.step(1.0)
+                self._dt_prev = None  # load increments, not time steps: no extrapolation
                 self.t = t
                 if result.ok:
                     loaded += increment
@@ -483,6 +512,7 @@ class PhaseFieldProblem:
             self.newton.invalidate()
             self.load.value = 1.0
             self.t = t
+            self._dt_prev = None
         return result
 
     def run_half_cycle(
@@ -522,6 +552,7 @@ class PhaseFieldProblem:
             self._ramp = (self._surface_c_mean(), target_c, self.t, min(cyc.ramp_time, duration))
             for hook in self.before_half_cycle:
                 hook(self, index, kind)
+            self._dt_prev = None  # the surface condition jumps: the last steps say nothing about the next
             offsets = {duration * (i + 1) / n_outputs for i in range(n_outputs)}
             offsets |= {o for o in (output_offsets or []) if 0 < o < duration}
             progress = HalfCycleProgress(
@@ -642,8 +673,10 @@ class PhaseFieldProblem:
             "factorisations": self.newton.factorisations,
             "linear_iterations": self.newton.linear_iterations,
             "first_dt": dict(self._first_dt),
+            "dt_prev": self._dt_prev,
+            "lambda_prev": self._lam_prev,
         }
-        return state, {"w": self.w, "plastic_state": self.state}
+        return state, {"w": self.w, "plastic_state": self.state, "w_prev": self._w_prev}
 
     def restore(self, state: dict[str, Any], checkpoint: Any) -> None:
         """Put back a :meth:`checkpoint_state` (``checkpoint`` restores the Functions by name
@@ -660,6 +693,11 @@ class PhaseFieldProblem:
         self.newton.factorisations = int(state["factorisations"])
         self.newton.linear_iterations = int(state["linear_iterations"])
         self._first_dt = {str(k): float(v) for k, v in state.get("first_dt", {}).items()}
+        self._dt_prev = state.get("dt_prev")
+        self._lam_prev = float(state.get("lambda_prev", self.lam_old))
+        if self._dt_prev is not None:
+            checkpoint.restore("problem.w_prev", self._w_prev)
+            self._w_prev.x.scatter_forward()
         self.newton.invalidate()
 
     def _initial_dt(self, kind: str) -> float:

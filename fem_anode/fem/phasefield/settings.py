@@ -253,6 +253,11 @@ class SolverSettings(Section):
         "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances still decide convergence); 1e-10: the previous, nearly exact solves",
         bounds=(1e-14, 0.5),
     )
+    predictor: str = setting(
+        "linear",
+        "initial guess of each Newton solve: 'linear' (extrapolated from the last two accepted steps of the half-cycle; concentrations move at most halfway to 0 or 1), 'none' (the last accepted state)",
+        choices=("linear", "none"),
+    )
     quadrature_degree: int | None = setting(
         None,
         "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)",

@@ -495,6 +495,7 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         self.w.x.array[self.W.sub(4).collapse()[1]] = mu_v
         self.w.x.scatter_forward()
         self.w_old.x.array[:] = self.w.x.array
+        self._dt_prev = None
 
     def set_electrolyte(self, nodes: np.ndarray) -> None:
         """Set the electrolyte indicator from its local node values (0/1, owned and ghost) and
