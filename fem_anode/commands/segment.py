@@ -102,6 +102,27 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         metavar="N",
         help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps all)",
     )
+    clean.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="multistage: skip the blur-aware refinement (PSF and levels fitted to the image, then iterated "
+        "conditional modes on the blurred-label model with a Potts prior)",
+    )
+    clean.add_argument(
+        "--psf-sigma",
+        type=float,
+        default=None,
+        metavar="VOXELS",
+        help="multistage refinement: Gaussian PSF width in voxels (default: fitted to the image)",
+    )
+    clean.add_argument(
+        "--potts-beta",
+        type=float,
+        default=None,
+        metavar="BETA",
+        help="multistage refinement: Potts weight per unlike face pair, in units of residual^2 / (2 noise^2) "
+        "(default 1)",
+    )
     region = parser.add_argument_group("region method (FIB-SEM)")
     region.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
     region.add_argument(
@@ -205,6 +226,10 @@ def _check_options(args: argparse.Namespace) -> None:
         check_number(args.noise_sigma, "--noise-sigma", 0.0)
     check_number(args.denoise_strength, "--denoise-strength", 0.0, 100.0, low_open=True)
     check_int(args.min_object_size, "--min-object-size", 1, 2**31 - 1)
+    if args.psf_sigma is not None:
+        check_number(args.psf_sigma, "--psf-sigma", 0.05, 100.0)
+    if args.potts_beta is not None:
+        check_number(args.potts_beta, "--potts-beta", 0.0, 1e6)
     if args.illumination is not None:
         check_int(args.illumination, "--illumination", 1, 4)
     trainable_only = {
@@ -268,6 +293,9 @@ def _run_classic(args: argparse.Namespace) -> int:
             median_size=args.median,
             cleanup=not args.no_cleanup,
             min_object_size=args.min_object_size,
+            refine=not args.no_refine,
+            psf_sigma=args.psf_sigma,
+            potts_beta=args.potts_beta,
             **cleaning,
         )
     else:

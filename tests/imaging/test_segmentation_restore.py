@@ -1,0 +1,152 @@
+"""Blur-aware refinement (stage 5 of the multistage method): PSF and level estimate, ICM on analytic
+phantoms, and the accuracy it adds on the synthetic SCT volumes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fem_anode.errors import UsageError
+from fem_anode.imaging.restore import blur_aware_icm, estimate_psf, fit_levels, labels_energy
+from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold
+from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
+
+
+def _phantom(shape=(32, 40, 40), seed=0):
+    """Three classes: background 0, a slab (class 1) and balls (discs in 2D) of radius 2-5
+    voxels (class 2)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape)
+    classes = np.zeros(shape, dtype=np.int8)
+    classes[..., 26:] = 1
+    for _ in range(14):
+        c = rng.uniform(3, np.array(shape) - 3)
+        r = rng.uniform(2.0, 5.0)
+        classes[sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= r * r] = 2
+    return classes
+
+
+def _render(classes, levels, s, noise, seed=1):
+    rng = np.random.default_rng(seed)
+    f = np.asarray(levels, dtype=np.float64)[classes]
+    return ndimage.gaussian_filter(f, s, mode="reflect") + rng.normal(0.0, noise, classes.shape)
+
+
+def test_psf_width_and_levels_are_recovered_from_the_true_labels():
+    classes = _phantom()
+    levels = [0.1, 0.45, 0.9]
+    for s in (0.8, 1.3):
+        gray = _render(classes, levels, s, 0.02)
+        psf = estimate_psf(gray, classes, 3)
+        assert psf["psf_sigma_voxels"] == pytest.approx(s, rel=0.03)
+        np.testing.assert_allclose(psf["levels"], levels, atol=0.005)
+        assert psf["rms_residual"] == pytest.approx(0.02, rel=0.05)  # the model explains all but the noise
+    fitted, residual = fit_levels(_render(classes, levels, 1.0, 0.0), classes, 4, 1.0)
+    np.testing.assert_allclose(fitted[:3], levels, atol=1e-4)
+    assert np.isnan(fitted[3]) and residual < 1e-8  # an absent class has no level
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_icm_recovers_a_small_ball_that_a_threshold_misses(seed):
+    """A ball of radius 1.8 voxels (25 voxels) at level 1 in 0, blurred by s = 1: its centre
+    reaches only about 0.45 of the contrast, so the midpoint threshold finds nothing. With the
+    levels and the PSF known, the refinement restores its volume and position (the exact voxel
+    set of so small a ball is not determined by blurred data with noise 0.03: IoU 0.5-0.7)."""
+    shape = (24, 24, 24)
+    z, y, x = np.indices(shape)
+    centre = np.array([12.0, 11.6, 12.3])
+    ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 1.8**2).astype(np.int8)
+    gray = _render(ball, [0.0, 1.0], 1.0, 0.03, seed=seed)
+    thresholded = (ndimage.gaussian_filter(gray, 0.7) > 0.5).astype(np.int8)
+    assert thresholded.sum() < 0.2 * ball.sum()
+    refined, _ = blur_aware_icm(
+        gray, thresholded, np.array([0.0, 1.0]), psf_sigma=1.0, noise_sigma=0.03, refit_levels=False
+    )
+    assert refined.sum() == pytest.approx(ball.sum(), rel=0.12)
+    points = np.argwhere(refined)
+    assert np.abs(points.mean(axis=0) - centre).max() < 0.5
+    assert np.linalg.norm(points - centre, axis=1).max() < 3.5  # nothing away from the ball
+    inter = np.count_nonzero(refined.astype(bool) & ball.astype(bool))
+    assert inter / np.count_nonzero(refined.astype(bool) | ball.astype(bool)) > 0.45
+
+
+def test_icm_removes_isolated_flips_and_never_raises_the_energy():
+    classes = _phantom(seed=3)
+    levels = np.array([0.1, 0.45, 0.9])
+    gray = _render(classes, levels, 1.0, 0.04, seed=2)
+    rng = np.random.default_rng(7)
+    flipped = classes.copy()
+    where = rng.random(classes.shape) < 0.03
+    flipped[where] = (flipped[where] + rng.integers(1, 3, where.sum())) % 3
+    refined, info = blur_aware_icm(gray, flipped, levels, psf_sigma=1.0, noise_sigma=0.04, refit_levels=False)
+    errors_before = np.count_nonzero(flipped != classes)
+    errors_after = np.count_nonzero(refined != classes)
+    assert errors_after < 0.1 * errors_before, (errors_before, errors_after)
+    energy = info["energy_per_sweep"]
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(energy)), energy
+    data, prior = labels_energy(gray, refined, levels, 1.0, 0.04, 1.0)
+    assert data + prior == pytest.approx(energy[-1], rel=1e-9)
+    # the refinement without noise in the data weighs nothing: refused with a clear error
+    with pytest.raises(UsageError, match="noise sigma"):
+        blur_aware_icm(gray, flipped, levels, psf_sigma=1.0, noise_sigma=0.0)
+    with pytest.raises(UsageError, match="PSF"):
+        blur_aware_icm(gray, flipped, levels, psf_sigma=-1.0, noise_sigma=0.04)
+    with pytest.raises(UsageError, match="beta"):
+        blur_aware_icm(gray, flipped, levels, psf_sigma=1.0, noise_sigma=0.04, beta=float("nan"))
+
+
+def test_icm_works_on_2d_images():
+    classes = _phantom(shape=(64, 64), seed=4)
+    levels = np.array([0.1, 0.45, 0.9])
+    gray = _render(classes, levels, 1.0, 0.03, seed=3)
+    start = (ndimage.gaussian_filter(gray, 0.7)[..., None] > np.array([0.275, 0.675])).sum(axis=-1).astype(np.int8)
+    refined, _ = blur_aware_icm(gray, start, levels, psf_sigma=1.0, noise_sigma=0.03)
+    assert np.count_nonzero(refined != classes) < 0.8 * np.count_nonzero(start != classes)  # measured 110 vs 154
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    out = {}
+    for aged in (False, True):
+        kw = {"aged": True, "sei_growth": 2.5, "surface_ageing_gradient": 0.5} if aged else {}
+        truth = anode_volume((24, 48, 48), seed=2, **kw)
+        out[aged] = (truth, render_gray(truth, seed=1))
+    return out
+
+
+@pytest.mark.parametrize("aged", [False, True])
+def test_refined_multistage_beats_the_thresholds_alone(volumes, aged):
+    """The blur-aware stage on the small seeded volumes (every parameter estimated from the gray
+    image). Measured: see docs/imaging.md section 1.8."""
+    truth, gray = volumes[aged]
+    plain = iou_per_phase(multistage_threshold(gray, refine=False).labels, truth)
+    result = multistage_threshold(gray)
+    iou = iou_per_phase(result.labels, truth)
+    info = result.info["refine"]
+    assert 0.6 < info["psf_sigma_voxels"] < 1.3 and info["psf_sigma_estimated"]  # the renderer's blur is 1
+    assert info["noise_sigma"] == pytest.approx(0.04, rel=0.1)
+    assert info["levels"]["pore"] == pytest.approx(0.12, abs=0.02)
+    assert info["levels"]["graphite"] == pytest.approx(0.58, abs=0.02)
+    assert iou["si"] > plain["si"] + 0.08
+    assert np.mean(list(iou.values())) > np.mean(list(plain.values())) + 0.03
+    for phase in ANODE_PHASES:
+        assert iou[phase] > plain[phase] - 0.01
+    assert iou["pore"] > 0.88 and iou["graphite"] > 0.8 and iou["si"] > (0.33 if aged else 0.45)
+    if aged:
+        assert iou["sei"] >= 0.80  # the issue's goal for the intermediate domain, met on aged volumes
+
+
+def test_refined_multistage_reports_the_ageing_of_the_pores(volumes):
+    """Relative change of the pore fraction aged vs pristine within 10 points of the truth's."""
+
+    def change(a, b, phase):
+        v = ANODE_PHASES[phase]
+        return 100.0 * (np.mean(a == v) / np.mean(b == v) - 1.0)
+
+    seg = {aged: multistage_threshold(gray).labels.array for aged, (_, gray) in volumes.items()}
+    truth = {aged: t.array for aged, (t, _) in volumes.items()}
+    assert abs(change(seg[True], seg[False], "pore") - change(truth[True], truth[False], "pore")) < 10.0
+    assert change(seg[True], seg[False], "si") < 0 and change(seg[True], seg[False], "sei") > 50.0
