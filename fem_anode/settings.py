@@ -15,10 +15,20 @@ documentation, the SI unit and simple constraints::
 
 ``DiffusionSettings.from_toml(path)`` rejects unknown keys (suggesting the nearest valid one),
 wrong types and values outside their constraints with a :class:`~fem_anode.errors.UsageError`.
+
+Objects built in Python are held to the same rules when they are constructed: a section may be
+given as an object or as a nested dict (``DiffusionSettings(time={"t_end": 1.0})``), values are
+converted to their declared types (an ``int`` for a ``float``, a ``str`` for a ``Path``), and an
+unknown keyword, a wrong type or a value outside its constraints raises the
+:class:`~fem_anode.errors.UsageError` the TOML path raises (``PhysicsSettings(D=-3e-10)``:
+``PhysicsSettings.D must be positive, got -3e-10``; ``SolverSettings(typ="direct")``: ``unknown
+setting 'SolverSettings.typ'; did you mean 'type'?``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import logging
@@ -26,7 +36,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar, get_args, get_origin
 
@@ -39,6 +49,57 @@ __all__ = ["Section", "Settings", "setting", "section", "dumps_toml", "read_toml
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+
+#: While set, constructing a section does not validate it (``from_dict`` and ``describe``
+#: validate the finished object themselves, with the key paths of the file).
+_DEFER_CHECK: contextvars.ContextVar[bool] = contextvars.ContextVar("fem_anode_defer_settings_check", default=False)
+
+
+@contextlib.contextmanager
+def _deferred_check() -> Iterator[None]:
+    token = _DEFER_CHECK.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CHECK.reset(token)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a settings class, cached (it resolves string annotations)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+_SECTION_NAMES: dict[type, str] = {}
+
+
+def _section_name(cls: type) -> str | None:
+    """The field name under which the top-level settings classes defined so far hold sections
+    of type ``cls``, if they all use the same one."""
+    names: set[str] = set()
+    pending = list(Settings.__subclasses__())
+    while pending:
+        top = pending.pop()
+        pending.extend(top.__subclasses__())
+        if not dataclasses.is_dataclass(top):
+            continue
+        try:
+            hints = _hints(top)
+        except Exception:  # noqa: BLE001 (an unresolvable annotation elsewhere must not break messages)
+            continue
+        names.update(f.name for f in dataclasses.fields(top) if hints.get(f.name) is cls)
+    return names.pop() if len(names) == 1 else None
+
+
+def _unknown_key_message(key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown setting {_join(where, key)!r}{hint}"
 
 
 def setting(
@@ -113,7 +174,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if _is_dataclass_type(tp):
-        return tp.from_dict(value, where)
+        return value if isinstance(value, tp) else tp.from_dict(value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -169,11 +230,58 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], where: str) -> None:
                 raise UsageError(f"{where} must lie in [{low}, {high}], got {v!r}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise UsageError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        close = (
+            difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.5)
+            if isinstance(value, str)
+            else []
+        )
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
 
 
 class Section:
-    """Base of a settings section; subclasses are dataclasses and may override :meth:`validate`."""
+    """Base of a settings section; subclasses are dataclasses and may override :meth:`validate`.
+
+    Constructing one validates it (:meth:`check`): unknown keywords raise a
+    :class:`~fem_anode.errors.UsageError` with the nearest valid name, nested sections may be
+    given as dicts, and values are converted to their declared types.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        if kwargs and dataclasses.is_dataclass(cls):
+            names = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in kwargs if k not in names]
+            if unknown:
+                raise UsageError(_unknown_key_message(unknown[0], names, cls._where()))
+        return super().__new__(cls)
+
+    @classmethod
+    def _where(cls) -> str:
+        """Prefix of the key paths in messages about an object built in Python: the section's
+        name in its settings file (``PhysicsSettings(D=-1)``: ``physics.D ...``, as from TOML),
+        else the class name; a top-level :class:`Settings` has none."""
+        name = _SECTION_NAMES.get(cls)
+        if name is None:
+            name = _section_name(cls)
+            if name is not None:
+                _SECTION_NAMES[cls] = name
+        return name or cls.__name__
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        where = self._where()
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            try:
+                converted = _coerce(value, hints[f.name], _join(where, f.name))
+            except TypeError:  # a type the settings machinery does not convert: leave it as given
+                continue
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+        if not _DEFER_CHECK.get():
+            self.check(where)
 
     def validate(self) -> None:
         """Cross-field checks; raise :class:`UsageError`. Single-field constraints are automatic."""
@@ -183,29 +291,27 @@ class Section:
         """Build from a (TOML) mapping, rejecting unknown keys and wrong types."""
         if not isinstance(data, Mapping):
             raise UsageError(f"[{where or cls.__name__}] must be a table, got {data!r}")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = [k for k in data if k not in fields]
         if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
-            raise UsageError(f"unknown setting {_join(where, key)!r}{hint}")
+            raise UsageError(_unknown_key_message(unknown[0], list(fields), where))
         kwargs: dict[str, Any] = {}
-        for name, value in data.items():
-            tp = hints[name]
-            path = _join(where, name)
-            if _is_dataclass_type(tp):
-                kwargs[name] = tp.from_dict(value, path)
-            else:
-                kwargs[name] = _coerce(value, tp, path)
-        obj = cls(**kwargs)
+        with _deferred_check():
+            for name, value in data.items():
+                tp = hints[name]
+                path = _join(where, name)
+                if _is_dataclass_type(tp):
+                    kwargs[name] = value if isinstance(value, tp) else tp.from_dict(value, path)
+                else:
+                    kwargs[name] = _coerce(value, tp, path)
+            obj = cls(**kwargs)
         obj.check(where)
         return obj
 
     def check(self, where: str = "") -> None:
         """Check every field's constraints, required fields and :meth:`validate`; recurse into sections."""
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             path = _join(where, f.name)
@@ -225,7 +331,7 @@ class Section:
         """Messages for the values outside the plausible range of their unit
         (:data:`fem_anode.units.QUANTITIES`; zero and values without a unit are not judged)."""
         messages: list[str] = []
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             path = _join(where, f.name)
@@ -264,8 +370,9 @@ class Section:
     def describe(cls, where: str = "") -> list[tuple[str, Any, str | None, str]]:
         """Rows ``(key, default, unit, doc)`` of every setting, for docs and ``--help``."""
         rows = []
-        hints = typing.get_type_hints(cls)
-        defaults = cls()
+        hints = _hints(cls)
+        with _deferred_check():  # required settings have no default yet
+            defaults = cls()
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             path = _join(where, f.name)
             if _is_dataclass_type(hints[f.name]):
@@ -297,6 +404,10 @@ class Section:
 
 class Settings(Section):
     """Top-level settings: a set of sections, read from and written to TOML files."""
+
+    @classmethod
+    def _where(cls) -> str:
+        return ""
 
     def check(self, where: str = "") -> None:
         """As :meth:`Section.check`, then log a warning for every value outside its plausible

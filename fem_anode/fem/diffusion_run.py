@@ -6,6 +6,7 @@ Used by ``fem-anode diffusion CONFIG.toml --out DIR`` and by the demo pipeline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,8 +28,11 @@ from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
 
 __all__ = [
+    "DiffusionRun",
+    "GeometrySource",
     "fig8_settings",
     "run_diffusion",
+    "simulate_diffusion",
     "load_geometry",
     "settings_fingerprint",
     "si_particle_report",
@@ -39,10 +43,175 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+#: What a diffusion solve runs on: an image in memory or opened by layers, a tagged mesh, or the
+#: path of an image or of a gmsh ``.msh`` mesh.
+GeometrySource = VoxelImage | ImageLayers | TaggedMesh | str | Path
+
+
+@dataclasses.dataclass
+class _Geometry:
+    """The domain of a solve: a mesh (``None`` for finite volumes) and the image it came from
+    (``None`` for a mesh file); ``mesh_files``: files the mesher wrote (rank 0, name -> bytes);
+    ``voxel_mesh``: the mesh is the voxel mesh of the image (written as mesh.xdmf)."""
+
+    tagged: TaggedMesh | None
+    image: VoxelImage | ImageLayers | None
+    mesh_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    voxel_mesh: bool = False
+
+
+_HINT = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
+
+
+def _mesh_memory_check(tagged: TaggedMesh, settings: DiffusionSettings, comm: MPI.Comm) -> None:
+    from fem_anode.resources import check_memory, estimate_diffusion_memory
+
+    ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
+    check_memory(
+        estimate_diffusion_memory(
+            None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name
+        ),
+        comm,
+        hint=_HINT,
+    )
+
+
+def _is_mesh_path(path: Path) -> bool:
+    return path.suffix.lower() == ".msh"
+
+
+def _prepare_geometry(
+    settings: DiffusionSettings, source: GeometrySource | None, workdir: Path | None, comm: MPI.Comm
+) -> _Geometry:
+    """Open, check and mesh the domain of a solve (collective).
+
+    ``source`` ``None`` takes ``geometry.image`` or ``geometry.mesh`` of the settings; a path
+    ending in ``.msh`` is a mesh, any other path an image. ``geometry.pixel_size`` and
+    ``geometry.phases`` override an image's metadata. Voxel meshes and finite volumes open a
+    file image by layers (every rank reads its own slab); smooth 2D meshes are made by gmsh on
+    rank 0 into ``workdir`` (or a temporary folder) and distributed.
+
+    Raises:
+        UsageError: no source, or one that does not fit ``mesh.method``/``mesh.discretisation``.
+        InputError: unreadable input, phases missing from the phase map or the image.
+    """
+    from fem_anode.errors import UsageError
+    from fem_anode.resources import check_memory, estimate_voxel_diffusion_memory
+
+    geometry, mesh_settings = settings.geometry, settings.mesh
+    finite_volumes = mesh_settings.discretisation == "fv"
+    if source is None:
+        settings.check_source()
+        source = geometry.mesh if geometry.mesh is not None else geometry.image
+    if isinstance(source, (str, Path)):
+        source = Path(source)
+        if _is_mesh_path(source):
+            if finite_volumes:
+                raise UsageError(
+                    "mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'"
+                )
+            tagged = read_mesh(source, comm)
+            _mesh_memory_check(tagged, settings, comm)
+            return _Geometry(tagged, None)
+    if isinstance(source, TaggedMesh):
+        if finite_volumes:
+            raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
+        _mesh_memory_check(source, settings, comm)
+        return _Geometry(source, None)
+    image: VoxelImage | ImageLayers
+    if isinstance(source, Path):
+        if mesh_settings.method == "smooth" and not finite_volumes:
+            image = read_image(source, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
+        else:  # distributed: every rank reads its own slab of layers
+            image = open_image_layers(source, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
+    elif isinstance(source, (VoxelImage, ImageLayers)):
+        image = source
+        if geometry.pixel_size is not None or geometry.phases is not None:
+            if isinstance(image, ImageLayers):
+                raise UsageError("geometry.pixel_size/phases override the metadata of an image file, not of open layers")
+            image = image.with_metadata(geometry.pixel_size, geometry.phases)
+    else:
+        raise UsageError(
+            f"the geometry must be a VoxelImage, ImageLayers, TaggedMesh or a path, got {type(source).__name__}"
+        )
+    if finite_volumes:
+        from fem_anode.fem.diffusion_fv import estimate_fv_memory
+
+        counts = _label_counts(image, comm)
+        _check_phases(image, counts, settings)
+        unknowns = counts[image.require_phases()[geometry.transport_phase]]
+        check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
+        return _Geometry(None, image)
+    if mesh_settings.method == "voxel":
+        from fem_anode.fem.voxel_mesh import create_voxel_mesh
+
+        counts = _label_counts(image, comm)
+        _check_phases(image, counts, settings)
+        cells = counts[image.require_phases()[geometry.transport_phase]]
+        check_memory(
+            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=_HINT
+        )
+        return _Geometry(create_voxel_mesh(image, comm, [geometry.transport_phase]), image, voxel_mesh=True)
+    if not isinstance(image, VoxelImage):
+        image = read_image(image.source, voxel_size=image.voxel_size, phases=image.phases, kind="labels")
+    if image.ndim != 2:
+        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
+    image.check_labels()
+    _check_phases(image, {int(v): int(n) for v, n in zip(*np.unique(image.array, return_counts=True))}, settings)
+    from fem_anode.resources import estimate_diffusion_memory
+
+    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=_HINT)
+    return _smooth_mesh(image, settings, workdir, comm)
+
+
+def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path | None, comm: MPI.Comm) -> _Geometry:
+    """Mesh a 2D image with smooth interfaces by gmsh on rank 0 (into ``workdir`` or a temporary
+    folder), distribute it, and keep the mesher's files for :meth:`DiffusionRun.save`."""
+    import tempfile
+
+    from fem_anode.errors import FemAnodeError
+
+    names = ("mesh.msh", "mesh.quality.json")
+    folder = None
+    if comm.rank == 0:
+        folder = Path(tempfile.mkdtemp(prefix="fem_anode_mesh_")) if workdir is None else Path(workdir)
+    folder = comm.bcast(folder, root=0)  # rank 0 meshes and reads the file; the others only receive
+    path = folder / "mesh.msh"
+    error, files = None, {}
+    if comm.rank == 0:
+        from fem_anode.meshing.build import mesh_image
+        from fem_anode.meshing.smooth2d import SmoothMeshOptions
+
+        try:
+            options = SmoothMeshOptions(size=settings.mesh.size, order=settings.mesh.order)
+            mesh_image(
+                image,
+                path,
+                method="smooth",
+                keep=[settings.geometry.transport_phase],
+                options=options,
+                quality_path=folder / "mesh.quality.json",
+            )
+            files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+        except FemAnodeError as err:  # every rank must fail, not only the one that meshed
+            error = err
+    error = comm.bcast(error, root=0)
+    try:
+        if error is not None:
+            raise error
+        tagged = read_mesh(path, comm)
+    finally:
+        if comm.rank == 0 and workdir is None:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # type: ignore[arg-type]
+    return _Geometry(tagged, image, files)
+
+
 def load_geometry(
     settings: DiffusionSettings, workdir: Path, comm: MPI.Comm
 ) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
-    """Mesh the image's transporting phase or read the mesh.
+    """Mesh the image's transporting phase or read the mesh of the settings' ``geometry``.
 
     Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`):
     a 3D image is opened by layers (:func:`~fem_anode.io.images.open_image_layers`) and every
@@ -53,66 +222,18 @@ def load_geometry(
     Returns:
         The tagged mesh and the image (``None`` for a mesh file).
     """
-    from fem_anode.resources import check_memory, estimate_diffusion_memory, estimate_voxel_diffusion_memory
+    from fem_anode.errors import UsageError
 
-    geometry = settings.geometry
-    hint = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
-    if geometry.mesh is not None:
-        tagged = read_mesh(geometry.mesh, comm)
-        ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
-        check_memory(
-            estimate_diffusion_memory(
-                None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name
-            ),
-            comm,
-            hint=hint,
-        )
-        return tagged, None
-    mesh_settings = settings.mesh
-    if mesh_settings.method == "voxel":
-        # Distributed: every rank reads and meshes its own slab of layers; no gmsh, no gather.
+    if settings.mesh.discretisation == "fv":
+        raise UsageError("load_geometry makes a mesh; mesh.discretisation = 'fv' needs none")
+    geo = _prepare_geometry(settings, None, workdir, comm)
+    if geo.tagged is None:
+        raise RuntimeError("an 'fe' geometry without a mesh")  # a bug, never bad input
+    if geo.voxel_mesh and settings.output.mesh:
         from fem_anode.fem.mesh_io import write_xdmf
-        from fem_anode.fem.voxel_mesh import create_voxel_mesh
 
-        image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
-        counts = _label_counts(image, comm)
-        _check_phases(image, counts, settings)
-        cells = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(
-            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=hint
-        )
-        tagged = create_voxel_mesh(image, comm, [geometry.transport_phase])
-        if settings.output.mesh:
-            write_xdmf(tagged, workdir / "mesh.xdmf")
-        return tagged, image
-    image = read_image(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
-    if image.ndim != 2:
-        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
-    _check_phases(image, {int(v): int(n) for v, n in zip(*np.unique(image.array, return_counts=True))}, settings)
-    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=hint)
-    path = workdir / "mesh.msh"
-    error = None
-    if comm.rank == 0:
-        from fem_anode.errors import FemAnodeError
-        from fem_anode.meshing.build import mesh_image
-        from fem_anode.meshing.smooth2d import SmoothMeshOptions
-
-        try:
-            options = SmoothMeshOptions(size=mesh_settings.size, order=mesh_settings.order)
-            mesh_image(
-                image,
-                path,
-                method="smooth",
-                keep=[geometry.transport_phase],
-                options=options,
-                quality_path=workdir / "mesh.quality.json",
-            )
-        except FemAnodeError as err:  # every rank must fail, not only the one that meshed
-            error = err
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise error
-    return read_mesh(path, comm), image
+        write_xdmf(geo.tagged, workdir / "mesh.xdmf")
+    return geo.tagged, geo.image
 
 
 def _label_counts(image: VoxelImage | ImageLayers, comm: MPI.Comm) -> dict[int, int]:
@@ -310,57 +431,205 @@ def _image_grid_points(image: VoxelImage | ImageLayers) -> tuple[np.ndarray, tup
     return np.column_stack([x.ravel(), y.ravel(), z]), (ny, nx)
 
 
-def run_diffusion(
+@dataclasses.dataclass(eq=False)
+class DiffusionRun:
+    """A finished (or stopped) diffusion solve, in memory; :meth:`save` writes the CLI's files.
+
+    The fields stay distributed: every rank holds its own part of each field (a dolfinx
+    ``Function`` on the mesh, or for finite volumes a
+    :class:`~fem_anode.fem.diffusion_fv.VectorField` of its voxels); nothing is gathered.
+
+    Attributes:
+        settings: the settings of the solve.
+        results: the content of ``results.json`` (SI units; the same on every rank).
+        comm: the communicator of the solve.
+        fields: ``(t, c)`` at ``t = 0`` and at each output time reached, c in mol/m^3.
+        image: the image the domain came from (``None`` for a mesh).
+        tagged: the mesh (``None`` for finite volumes).
+        status: ``"completed"``, ``"interrupted"`` or ``"failed"``.
+    """
+
+    settings: DiffusionSettings
+    results: dict[str, Any]
+    comm: MPI.Comm
+    fields: list[tuple[float, Any]]
+    image: VoxelImage | ImageLayers | None
+    tagged: TaggedMesh | None
+    snapshots: dict[float, np.ndarray]
+    mesh_files: dict[str, bytes]
+    voxel_mesh: bool
+    field_writer: Any = None  # finite volumes: the problem whose voxel layout VoxelFieldWriter needs
+    stopped: BaseException | None = None
+
+    @property
+    def status(self) -> str:
+        return str(self.results["status"])
+
+    @property
+    def t90(self) -> dict[str, float | None]:
+        """Time (s) at which each region's mean c, and the domain's (``"domain"``), first reaches
+        0.9 ``physics.c_bulk`` (linear in time between steps), or ``None`` if not reached."""
+        return dict(self.results["t90_s"])
+
+    @property
+    def times(self) -> np.ndarray:
+        """Step end times (s), starting with 0."""
+        return np.asarray(self.results["history"]["times"])
+
+    @property
+    def region_means(self) -> dict[str, np.ndarray]:
+        """Region name -> mean c (mol/m^3) at :attr:`times`."""
+        return {name: np.asarray(values) for name, values in self.results["history"]["regions"].items()}
+
+    @property
+    def domain_mean(self) -> np.ndarray:
+        """Mean c (mol/m^3) over the transporting domain at :attr:`times`."""
+        return np.asarray(self.results["history"]["domain_mean"])
+
+    @property
+    def output_times(self) -> list[float]:
+        """Times (s) of :attr:`concentration`, starting with 0."""
+        return [t for t, _ in self.fields]
+
+    @property
+    def concentration(self) -> dict[float, Any]:
+        """Output time (s) -> c (mol/m^3) on this rank's part of the domain: a dolfinx
+        ``Function`` (finite elements) or a ``VectorField`` (finite volumes, ``.x.array``)."""
+        return dict(self.fields)
+
+    @property
+    def mass_balance_rel_error(self) -> float:
+        """Sum over the steps of the discrete Li balance residual, relative to the uptake."""
+        return float(self.results["mass_balance_rel_error"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``results.json``."""
+        return self.results
+
+    def save(self, directory: str | Path, *, render: bool = True, metadata: bool = True) -> Path:
+        """Write the files of ``fem-anode diffusion --out DIRECTORY`` (collective).
+
+        ``results.json``, the fields at the output times (``c.bp``, VTX for ParaView; finite
+        volumes: ``c.pvd`` with ``c_<k>.vti``), the mesh (``mesh.xdmf`` of a voxel mesh with
+        ``output.mesh``, ``mesh.msh`` of a smooth one), the PNG figures and ``report.html`` as
+        ``[output]`` asks; with ``metadata`` also ``config.toml`` and ``provenance.json``. Each
+        rank writes its own part of the fields.
+
+        Args:
+            directory: created if missing; existing files of the same names are replaced.
+            render: the 3D picture of c (pyvista, :mod:`fem_anode.io.render3d`).
+            metadata: write ``config.toml`` and ``provenance.json`` (the CLI writes them first).
+
+        Returns:
+            The directory.
+        """
+        from fem_anode.io.output import write_json
+
+        comm, settings, output = self.comm, self.settings, self.settings.output
+        directory = Path(directory)
+        if comm.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            for name, data in self.mesh_files.items():
+                (directory / name).write_bytes(data)
+            if metadata:
+                from fem_anode.commands._common import provenance
+
+                settings.to_toml(directory / "config.toml")
+                write_json(directory / "provenance.json", provenance("diffusion", settings, comm=comm))
+        comm.barrier()
+        if self.voxel_mesh and output.mesh and self.tagged is not None:
+            from fem_anode.fem.mesh_io import write_xdmf
+
+            write_xdmf(self.tagged, directory / "mesh.xdmf")
+        if output.fields and self.fields:
+            if self.field_writer is not None:
+                from fem_anode.fem.diffusion_fv import VoxelFieldWriter
+
+                voxels = VoxelFieldWriter(directory, self.field_writer)
+                for t, field in self.fields:
+                    voxels.write(t, field)
+                voxels.close()
+            else:
+                from dolfinx import fem
+                from dolfinx.io import VTXWriter
+
+                c_out = fem.Function(self.fields[0][1].function_space, name="c")
+                writer = VTXWriter(comm, str(directory / "c.bp"), [c_out], engine="BP4")
+                try:
+                    for t, field in self.fields:
+                        c_out.x.array[:] = field.x.array
+                        writer.write(t)
+                finally:
+                    writer.close()
+        if comm.rank == 0:
+            write_json(directory / "results.json", self.results)
+            if output.figures:
+                from fem_anode.fem.diffusion_plots import (
+                    plot_concentration_fields,
+                    plot_region_history,
+                    render_and_report,
+                )
+
+                c_bulk = settings.physics.c_bulk
+                plot_region_history(self.results, directory / "c_regions.png", c_bulk=c_bulk)
+                if self.image is not None and self.snapshots:
+                    plot_concentration_fields(
+                        _middle_section(self.image), self.snapshots, settings, directory / "c_fields.png"
+                    )
+                # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
+                render_and_report(directory, self.results, render=render)
+        comm.barrier()
+        return directory
+
+
+def simulate_diffusion(
     settings: DiffusionSettings,
-    staging: Path,
     comm: MPI.Comm,
+    geometry: GeometrySource | None = None,
     *,
+    workdir: Path | None = None,
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
-    render: bool = True,
-) -> dict[str, Any]:
-    """Run the model; write ``results.json``, ``c.bp`` (VTX) and figures into ``staging``.
-
-    Returns the results dict (same on every rank). Only rank 0 writes JSON and figures.
+) -> DiffusionRun:
+    """Solve the diffusion model in memory (collective); nothing is written but checkpoints.
 
     Args:
-        settings: the run's settings.
-        staging: directory for the results (see :func:`~fem_anode.io.output.output_directory`).
+        settings: model settings (``[output]`` only matters for what :meth:`DiffusionRun.save`
+            writes and whether the figures' sections are sampled).
         comm: communicator.
+        geometry: the domain (see :data:`GeometrySource`); ``None``: ``geometry.image`` or
+            ``geometry.mesh`` of the settings.
+        workdir: folder for the mesher's files of smooth meshes (default: a temporary one).
         checkpoint_dir: write checkpoints to ``checkpoint_dir/checkpoint/`` as set in
             ``[checkpoint]`` and stop at a safe point on SIGINT/SIGTERM (``None``: neither).
-        render: the 3D picture of c (pyvista, :mod:`fem_anode.io.render3d`; ``--no-render``).
         resume: continue from this checkpoint (loaded with
             :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
 
-    Raises:
-        Interrupted: stopped on a signal; ``results.json`` (``"status": "interrupted"``) and
-            the figures so far are in ``staging``, the checkpoint in ``checkpoint_dir``.
-        SolverError: a step failed after every retry; ``results.json`` (``"status": "failed"``,
-            with the failure report) is in ``staging``, the last good state in the checkpoint.
+    Returns:
+        The run. If a stop signal or a solver failure ended it early, its ``status`` says so and
+        ``stopped`` holds the :class:`~fem_anode.errors.Interrupted` or
+        :class:`~fem_anode.errors.SolverError` (the caller raises it after saving).
     """
     from fem_anode.faults import fault_point
-    from fem_anode.io.output import write_json
 
     fault_point("solve", comm.rank)  # test-only fault injection (FEM_ANODE_INJECT_FAULT)
-    settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
+    settings.check()
     start = time.perf_counter()
     finite_volumes = settings.mesh.discretisation == "fv"
     problem: DiffusionProblem
+    geo = _prepare_geometry(settings, geometry, workdir, comm)
+    image = geo.image
+    meshed = time.perf_counter()
     if finite_volumes:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
-        from fem_anode.fem.diffusion_fv import VoxelFVProblem, open_fv_image
+        from fem_anode.fem.diffusion_fv import VoxelFVProblem
 
-        image, _ = open_fv_image(settings, comm)
-        meshed = time.perf_counter()
         # Before the assembly: the distance transform's temporaries (about 180 B per voxel of a
-        # slab) then do not add to the solver's memory (2.8 -> 1.8 GB on the 256^3 electrode).
-        scales = timescales(settings, _max_distance_to_pore(image, settings, comm))
+        # slab) then do not add to the solver's memory.
+        scales = timescales(settings, _max_distance_to_pore(image, settings, comm))  # type: ignore[arg-type]
         problem = VoxelFVProblem(image, settings, comm)
     else:
-        tagged, image = load_geometry(settings, staging, comm)
-        meshed = time.perf_counter()
         scales = timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None
-        problem = DiffusionProblem(tagged, settings)
+        problem = DiffusionProblem(geo.tagged, settings)  # type: ignore[arg-type]
     assembled = time.perf_counter()
     logger.info(
         "diffusion: %d cells, %d unknowns (%s), D_eff = %.3g m^2/s, %d rank(s)",
@@ -372,12 +641,17 @@ def run_diffusion(
     )
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
-    fields: list[
-        tuple[float, Any]
-    ] = []  # c at the output times, kept for checkpoints (the VTX file is rewritten on resume)
+    fields: list[tuple[float, Any]] = []  # c at the output times (distributed), for save() and checkpoints
     checkpointer = (
         _checkpointer(
-            settings, checkpoint_dir, comm, snapshots, particles, fields, lambda: time.perf_counter() - start, staging
+            settings,
+            checkpoint_dir,
+            comm,
+            snapshots,
+            particles,
+            fields,
+            lambda: time.perf_counter() - start,
+            workdir,
         )
         if checkpoint_dir is not None
         else None
@@ -386,43 +660,19 @@ def run_diffusion(
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         start -= _restore_outputs(resume, problem, snapshots, particles, fields)
-    writer: Any = None
-    if settings.output.fields and finite_volumes:
-        from fem_anode.fem.diffusion_fv import VoxelFieldWriter
-
-        writer = VoxelFieldWriter(staging, problem)  # type: ignore[arg-type]
-    elif settings.output.fields:
-        from dolfinx.io import VTXWriter
-
-        c_out = problem.concentration()
-        writer = VTXWriter(comm, str(staging / "c.bp"), [c_out], engine="BP4")
-    grid = _image_grid_points(image) if image is not None and settings.output.figures and not finite_volumes else None
-    if resume is not None:
-        if writer is not None:
-            for t, field in fields:
-                if finite_volumes:
-                    writer.write(t, field)
-                else:
-                    c_out.x.array[:] = field.x.array
-                    writer.write(t)
+    figures = settings.output.figures
+    grid = _image_grid_points(image) if image is not None and figures and not finite_volumes else None
 
     def on_output(t: float, prob: DiffusionProblem) -> None:
-        if writer is not None:
-            if finite_volumes:
-                writer.write(t, prob.concentration())
-            else:
-                c_out.x.array[:] = prob.settings.physics.c_bulk * prob.c.x.array
-                writer.write(t)
-            if checkpointer is not None and checkpointer.store is not None:
-                fields.append((t, prob.concentration()))
-        if finite_volumes and settings.output.figures:
+        fields.append((t, prob.concentration()))
+        if finite_volumes and figures:
             snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]
         elif grid is not None:
             snapshots[t] = settings.physics.c_bulk * sample_points(prob.c, grid[0]).reshape(grid[1])
         if image is not None and t > 0:
             particles[f"{t:g}"] = prob.si_particle_report() if finite_volumes else si_particle_report(prob, image)  # type: ignore[attr-defined]
 
-    status, failure = "completed", None
+    status, failure, stopped = "completed", None, None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
     try:
         with stop:
@@ -431,18 +681,12 @@ def run_diffusion(
             result = problem.run(on_output, checkpointer=checkpointer, resume=resume)
     except (Interrupted, SolverError) as err:
         if getattr(err, "result", None) is None:
+            problem.destroy()
             raise
-        stopped: BaseException | None = err
-        result, status, failure = (
-            err.result,
-            ("interrupted" if isinstance(err, Interrupted) else "failed"),
-            getattr(err, "report", None),
-        )
-    else:
-        stopped = None
-    finally:
-        if writer is not None:
-            writer.close()
+        stopped = err
+        result = err.result  # type: ignore[assignment]
+        status = "interrupted" if isinstance(err, Interrupted) else "failed"
+        failure = getattr(err, "report", None)
     c_bulk = settings.physics.c_bulk
     at_outputs = result.at_output_times()
     results: dict[str, Any] = {
@@ -478,28 +722,69 @@ def run_diffusion(
         },
         "settings": settings.to_dict(),
     }
-    if comm.rank == 0:
-        write_json(staging / "results.json", results)
-        if settings.output.figures:
-            from fem_anode.fem.diffusion_plots import plot_concentration_fields, plot_region_history, render_and_report
-
-            plot_region_history(results, staging / "c_regions.png", c_bulk=c_bulk)
-            if image is not None and snapshots:
-                plot_concentration_fields(_middle_section(image), snapshots, settings, staging / "c_fields.png")
-            render_and_report(
-                staging, results, render=render
-            )  # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
     problem.destroy()
-    if stopped is not None:
-        raise stopped
-    logger.info(
-        "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
-        results["wall_time_s"],
-        result.steps,
-        result.factorisations,
-        result.mass_balance_rel_error,
+    if stopped is None:
+        logger.info(
+            "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
+            results["wall_time_s"],
+            result.steps,
+            result.factorisations,
+            result.mass_balance_rel_error,
+        )
+    return DiffusionRun(
+        settings=settings,
+        results=results,
+        comm=comm,
+        fields=fields,
+        image=image,
+        tagged=geo.tagged,
+        snapshots=snapshots,
+        mesh_files=geo.mesh_files,
+        voxel_mesh=geo.voxel_mesh,
+        field_writer=problem if finite_volumes else None,
+        stopped=stopped,
     )
-    return results
+
+
+def run_diffusion(
+    settings: DiffusionSettings,
+    staging: Path,
+    comm: MPI.Comm,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+    render: bool = True,
+) -> dict[str, Any]:
+    """A run from files (``fem-anode diffusion``): :func:`simulate_diffusion` on the settings'
+    ``geometry.image``/``geometry.mesh``, then :meth:`DiffusionRun.save` into ``staging``.
+
+    Returns the results dict (same on every rank). Only rank 0 writes JSON and figures.
+
+    Args:
+        settings: the run's settings.
+        staging: directory for the results (see :func:`~fem_anode.io.output.output_directory`).
+        comm: communicator.
+        checkpoint_dir: write checkpoints to ``checkpoint_dir/checkpoint/`` as set in
+            ``[checkpoint]`` and stop at a safe point on SIGINT/SIGTERM (``None``: neither).
+        render: the 3D picture of c (pyvista, :mod:`fem_anode.io.render3d`; ``--no-render``).
+        resume: continue from this checkpoint (loaded with
+            :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
+
+    Raises:
+        Interrupted: stopped on a signal; ``results.json`` (``"status": "interrupted"``) and
+            the figures so far are in ``staging``, the checkpoint in ``checkpoint_dir``.
+        SolverError: a step failed after every retry; ``results.json`` (``"status": "failed"``,
+            with the failure report) is in ``staging``, the last good state in the checkpoint.
+    """
+    settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
+    settings.check_source()
+    run = simulate_diffusion(
+        settings, comm, None, workdir=Path(staging), checkpoint_dir=checkpoint_dir, resume=resume
+    )
+    run.save(staging, render=render, metadata=False)
+    if run.stopped is not None:
+        raise run.stopped
+    return run.results
 
 
 def _performance(comm: MPI.Comm, mesh_s: float, assembly_s: float, rest_s: float) -> dict[str, Any]:
@@ -532,7 +817,7 @@ def _checkpointer(
     particles: dict[str, Any],
     fields: list[tuple[float, Any]],
     elapsed: Callable[[], float],
-    staging: Path,
+    staging: Path | None,
 ) -> Checkpointer:
     """Checkpoints in ``directory/checkpoint`` with the driver's outputs so far as extras."""
     fingerprint = settings_fingerprint(settings)
@@ -546,7 +831,7 @@ def _checkpointer(
     def extra() -> tuple[dict[str, Any], dict[str, Any]]:
         snapshot_times = sorted(snapshots)
         state = {
-            "staging": str(staging),
+            "staging": None if staging is None else str(staging),
             "snapshot_times": snapshot_times,
             "particles": particles,
             "field_times": [t for t, _ in fields],

@@ -2,6 +2,20 @@
 
 Every key is documented with its default and SI unit; ``fem-anode diffusion --defaults`` lists
 them. Defaults are the values of Vorauer et al. (2020).
+
+One TOML file (``fem-anode diffusion CONFIG.toml``) holds two kinds of settings:
+
+* **model settings** -- what a solve needs: the phase roles (``geometry.transport_phase``,
+  ``pore_phase``, ``si_phase``), ``[mesh]``, ``[physics]``, ``[time]``, ``[solver]`` and
+  ``[[regions]]`` (:data:`MODEL_SECTIONS`);
+* **run settings** -- where the input comes from and what a run writes: ``geometry.image`` /
+  ``geometry.mesh`` with the overrides ``pixel_size`` and ``phases``, ``[output]`` and
+  ``[checkpoint]`` (:data:`RUN_SECTIONS`).
+
+A solve from Python (:func:`fem_anode.solve_diffusion`) takes the image or mesh as an argument and
+needs no run settings: ``DiffusionSettings(time={"t_end": 1.0})`` is complete. A run from files
+(the CLI, :func:`~fem_anode.fem.diffusion_run.run_diffusion`) needs ``geometry.image`` or
+``geometry.mesh`` (:meth:`DiffusionSettings.check_source`).
 """
 
 from __future__ import annotations
@@ -14,6 +28,8 @@ from fem_anode.io.checkpoint import CheckpointSettings
 from fem_anode.settings import Section, Settings, section, setting
 
 __all__ = [
+    "MODEL_SECTIONS",
+    "RUN_SECTIONS",
     "CheckpointSettings",
     "DiffusionSettings",
     "GeometrySettings",
@@ -28,10 +44,15 @@ __all__ = [
 
 @dataclasses.dataclass
 class GeometrySettings(Section):
-    """Where the domain comes from: a segmented image (meshed here) or a tagged gmsh mesh."""
+    """Where the domain comes from (a segmented image, meshed here, or a tagged gmsh mesh; run
+    settings) and which phase does what (model settings)."""
 
-    image: Path | None = setting(None, "segmented image (.npy/.npz/.tif/.png/folder); relative to the config file")
-    mesh: Path | None = setting(None, "tagged gmsh mesh instead of an image; relative to the config file")
+    image: Path | None = setting(
+        None, "segmented image (.npy/.npz/.tif/.png/folder) of a run from files; relative to the config file"
+    )
+    mesh: Path | None = setting(
+        None, "tagged gmsh mesh instead of an image, for a run from files; relative to the config file"
+    )
     pixel_size: float | None = setting(None, "pixel/voxel edge, overrides the image's", unit="m", positive=True)
     phases: dict[str, int] | None = setting(None, "phase map name -> label, overrides the image's")
     transport_phase: str = setting("sei", "phase in which Li diffuses (the SEI/C/B domain)")
@@ -39,8 +60,8 @@ class GeometrySettings(Section):
     si_phase: str = setting("si", "Si phase (no flux, or first-order uptake k_si)")
 
     def validate(self) -> None:
-        if (self.image is None) == (self.mesh is None):
-            raise UsageError("geometry needs exactly one of 'image' or 'mesh'")
+        if self.image is not None and self.mesh is not None:
+            raise UsageError("geometry needs exactly one of 'image' or 'mesh', got both")
 
 
 @dataclasses.dataclass
@@ -189,9 +210,38 @@ class Region(Section):
             )
 
 
+#: Sections (and ``geometry`` keys) a solve depends on.
+MODEL_SECTIONS: tuple[str, ...] = (
+    "geometry.transport_phase",
+    "geometry.pore_phase",
+    "geometry.si_phase",
+    "mesh",
+    "physics",
+    "time",
+    "solver",
+    "regions",
+)
+#: Sections (and ``geometry`` keys) of a run from files: its input and what it writes.
+RUN_SECTIONS: tuple[str, ...] = (
+    "geometry.image",
+    "geometry.mesh",
+    "geometry.pixel_size",
+    "geometry.phases",
+    "output",
+    "checkpoint",
+)
+
+
 @dataclasses.dataclass
 class DiffusionSettings(Settings):
-    """All settings of a diffusion run; ``DiffusionSettings.from_toml(path)`` reads a config."""
+    """All settings of the diffusion model; ``DiffusionSettings.from_toml(path)`` reads a config.
+
+    Sections may be given as objects or dicts and are validated on construction::
+
+        DiffusionSettings(physics={"D": 1e-10}, time=TimeSettings(t_end=1.0, output_times=[1.0]))
+
+    See the module docstring for the model and the run settings.
+    """
 
     geometry: GeometrySettings = section(GeometrySettings)
     mesh: MeshSettings = section(MeshSettings)
@@ -210,3 +260,20 @@ class DiffusionSettings(Settings):
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise UsageError(f"region names must be unique, got {names}")
+
+    def check_source(self) -> None:
+        """A run from files: exactly one of ``geometry.image`` and ``geometry.mesh`` (UsageError)."""
+        if (self.geometry.image is None) == (self.geometry.mesh is None):
+            raise UsageError("geometry needs exactly one of 'image' or 'mesh'")
+
+    def model_dict(self) -> dict[str, object]:
+        """The model settings (:data:`MODEL_SECTIONS`) as a plain nested dict."""
+        full = self.to_dict()
+        out: dict[str, object] = {}
+        for key in MODEL_SECTIONS:
+            section_name, _, sub = key.partition(".")
+            if sub:
+                out.setdefault(section_name, {})[sub] = full[section_name][sub]  # type: ignore[index]
+            else:
+                out[section_name] = full[section_name]
+        return out
