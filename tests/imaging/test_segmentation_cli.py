@@ -126,6 +126,22 @@ def test_multistage_cli_accuracy_outputs(inputs, comm):
         )
     assert report["denoise"]["method"] == "nl_means" and report["cleanup"]["min_size"]["si"] == 3
     assert (d / "ms.npz.confusion.png").exists() and (d / "ms.npz.report.png").exists()
+    # the blur-aware refinement ran with parameters estimated from the image, and every rank count
+    # writes the labels of the serial API voxel for voxel
+    refine = report["refine"]
+    assert refine["psf_sigma_estimated"] and refine["noise_sigma_estimated"] and refine["sweeps"] >= 1
+    from fem_anode.imaging.segmentation import multistage_threshold
+
+    serial = multistage_threshold(read_image(d / "gray.npy", kind="gray"), ANODE_PHASES)
+    np.testing.assert_array_equal(labels, serial.labels.array)
+    argv = ["segment", str(d / "gray.npy"), "--no-refine", "--out", str(d / "plain.npy"), "-q"]
+    assert main(argv) == 0
+    argv = ["segment", str(d / "gray.npy"), "--psf-sigma", "1", "--potts-beta", "2", "--out", str(d / "given.npy")]
+    assert main([*argv, "-q"]) == 0
+    comm.barrier()
+    assert json.loads((d / "plain.npy.report.json").read_text())["refine"] is None
+    given = json.loads((d / "given.npy.report.json").read_text())["refine"]
+    assert given["psf_sigma_voxels"] == 1.0 and not given["psf_sigma_estimated"] and given["beta"] == 2.0
 
 
 ERRORS = [
@@ -168,6 +184,8 @@ ERRORS = [
     ),
     (["--truth", "{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "differs from the image"),
     (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be > 0"),
+    (["--psf-sigma", "0", "--out", "{d}/x.npy"], 2, "--psf-sigma must be >= 0.05"),
+    (["--potts-beta", "-1", "--out", "{d}/x.npy"], 2, "--potts-beta must be >= 0"),
     (
         [
             "--method",
