@@ -1,4 +1,10 @@
-"""Faults on one MPI rank: test-only injection, and an agreement that cannot deadlock on them.
+"""Faults on one MPI rank: errors raised on every rank, test-only injection, and an agreement
+that cannot deadlock on them.
+
+:func:`share_error` (one rank's error, e.g. rank 0's after reading or meshing) and
+:func:`first_error` (any rank's error) raise the same fem_anode error on every rank, so that no
+rank is left waiting in the next collective operation. Both send an error as one
+:data:`ErrorPayload`: the error class's name and the message (:func:`error_payload`).
 
 :func:`all_ranks_ok` tells every rank whether a block succeeded everywhere without risking a
 deadlock when only one rank failed (the failing rank gives up after a timeout and lets its
@@ -22,11 +28,33 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-__all__ = ["ENV", "POINTS", "InjectedFault", "all_ranks_ok", "fault_point"]
+from fem_anode.errors import FemAnodeError, InputError, SolverError, UsageError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+__all__ = [
+    "ENV",
+    "POINTS",
+    "ErrorPayload",
+    "InjectedFault",
+    "all_ranks_ok",
+    "error_payload",
+    "fault_point",
+    "first_error",
+    "raise_payload",
+    "share_error",
+]
+
+#: An error as sent to other ranks: (kind, message); kind is ``"UsageError"``, ``"InputError"``,
+#: ``"SolverError"`` or ``"internal"`` (any other exception: a bug).
+ErrorPayload = tuple[str, str]
+
+_KINDS: dict[str, type[FemAnodeError]] = {cls.__name__: cls for cls in (UsageError, InputError, SolverError)}
 
 ENV = "FEM_ANODE_INJECT_FAULT"
 POINTS = ("comm", "solve")
@@ -34,6 +62,68 @@ POINTS = ("comm", "solve")
 
 class InjectedFault(RuntimeError):
     """The failure requested by ``FEM_ANODE_INJECT_FAULT`` (stands for an unexpected bug)."""
+
+
+def error_payload(error: BaseException | None, rank: int = 0) -> ErrorPayload | None:
+    """``error`` as other ranks can raise it again (``None`` for no error).
+
+    Args:
+        error: the exception caught on this rank.
+        rank: this rank (named in the message of an unexpected exception).
+    """
+    if error is None:
+        return None
+    for kind, cls in _KINDS.items():
+        if isinstance(error, cls):
+            return kind, str(error)
+    return "internal", f"{type(error).__name__} on rank {rank}: {error}"
+
+
+def raise_payload(payload: ErrorPayload) -> NoReturn:
+    """Raise the error a :func:`error_payload` describes (``RuntimeError`` for ``"internal"``)."""
+    kind, message = payload
+    raise _KINDS.get(kind, RuntimeError)(message)
+
+
+def share_error(comm: MPI.Comm | None, error: BaseException | None, *, root: int = 0) -> None:
+    """Raise the error of rank ``root`` on every rank; return if it had none (collective).
+
+    The root rank raises ``error`` itself (its traceback intact), the others the same kind of
+    error with the same message. ``error`` is ignored on the other ranks.
+
+    Args:
+        comm: communicator (``None`` or one rank: ``error`` is raised as it is).
+        error: the exception ``root`` caught, or ``None``.
+        root: the rank whose error counts.
+    """
+    if comm is None or comm.size == 1:
+        if error is not None:
+            raise error
+        return
+    payload = comm.bcast(error_payload(error, root) if comm.rank == root else None, root=root)
+    if payload is None:
+        return
+    if comm.rank == root and error is not None:
+        raise error
+    raise_payload(payload)
+
+
+def first_error(comm: MPI.Comm | None, error: BaseException | None) -> None:
+    """Raise the error of the lowest rank that had one on every rank; return if none had (collective).
+
+    That rank raises its own ``error`` (traceback intact), the others the same kind of error
+    with the same message.
+    """
+    if comm is None or comm.size == 1:
+        if error is not None:
+            raise error
+        return
+    payloads = comm.allgather(error_payload(error, comm.rank))
+    for rank, payload in enumerate(payloads):
+        if payload is not None:
+            if rank == comm.rank and error is not None:
+                raise error
+            raise_payload(payload)
 
 
 def fault_point(point: str, rank: int | None = None) -> None:
@@ -64,7 +154,7 @@ def fault_point(point: str, rank: int | None = None) -> None:
 _abandoned: list[Any] = []  # requests (and their buffers) given up by all_ranks_ok, kept alive
 
 
-def all_ranks_ok(comm: Any, ok: bool, *, timeout: float = 5.0, poll: float = 0.005) -> bool | None:
+def all_ranks_ok(comm: MPI.Comm, ok: bool, *, timeout: float = 5.0, poll: float = 0.005) -> bool | None:
     """Whether ``ok`` holds on every rank (a MIN reduction), safe against a lone failing rank.
 
     A rank whose block succeeded waits as long as it takes (the others may still compute). A

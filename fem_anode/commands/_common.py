@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -77,14 +78,16 @@ def add_image_arguments(parser: argparse.ArgumentParser, *, labels: bool = True)
         "image",
         metavar="IMAGE",
         type=Path,
-        help="image file (.npy, .npz, .tif/.tiff, .png) or folder of numbered slices; 3D axes (z, y, x), z = 0 at the electrode surface",
+        help="image file (.npy, .npz, .tif/.tiff, .png) or folder of numbered slices; 3D axes (z, y, x), z = 0 at "
+        "the electrode surface",
     )
     parser.add_argument(
         "--voxel-size",
         "--pixel-size",
         dest="voxel_size",
         metavar="SIZE",
-        help="voxel edge(s), one value or z,y,x: e.g. 20nm, 40nm,20nm,20nm, 0.65um, 1e-6 (metres); overrides the file's",
+        help="voxel edge(s), one value or z,y,x: e.g. 20nm, 40nm,20nm,20nm, 0.65um, 1e-6 (metres); overrides the "
+        "file's",
     )
     if labels:
         parser.add_argument(
@@ -114,8 +117,8 @@ def add_render_argument(parser: argparse.ArgumentParser) -> None:
         "--no-render",
         dest="render",
         action="store_false",
-        help="do not render the 3D figures (pyvista; also FEM_ANODE_NO_RENDER=1). Where no display or rendering backend "
-        "can be made they are skipped with a warning",
+        help="do not render the 3D figures (pyvista; also FEM_ANODE_NO_RENDER=1). Where no display or rendering "
+        "backend can be made they are skipped with a warning",
     )
 
 
@@ -145,10 +148,8 @@ def _versions() -> dict[str, str]:
                 versions[name] = str(version)
     petsc = sys.modules.get("petsc4py.PETSc")
     if petsc is not None:
-        try:
+        with contextlib.suppress(Exception):  # a version query must never break a run
             versions["petsc"] = ".".join(str(v) for v in petsc.Sys.getVersion())
-        except Exception:  # pragma: no cover - a version query must never break a run
-            pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None:
         try:
@@ -295,10 +296,10 @@ def add_resume_argument(parser: argparse.ArgumentParser, command: str, keep: str
         "--resume",
         type=Path,
         metavar="DIR",
-        help=f"continue the interrupted, failed or killed run whose checkpoint is in DIR/checkpoint (results go to --out, "
-        f"default DIR; CONFIG is optional and must match the checkpoint's except {keep}). Checkpoints "
+        help="continue the interrupted, failed or killed run whose checkpoint is in DIR/checkpoint (results go to "
+        f"--out, default DIR; CONFIG is optional and must match the checkpoint's except {keep}). Checkpoints "
         "are written as set in [checkpoint] and on SIGINT/SIGTERM/SIGUSR1, which stop the run after the current step "
-        f"with partial results (exit 130; under mpirun send SIGUSR1 to mpirun). See docs/checkpointing.md",
+        "with partial results (exit 130; under mpirun send SIGUSR1 to mpirun). See docs/checkpointing.md",
     )
     parser.set_defaults(out=None)
 
@@ -343,7 +344,8 @@ def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, chec
     store = CheckpointStore(args.out, comm)
     if checkpoint is None and store.exists():
         raise UsageError(
-            f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove {store.path}"
+            f"{args.out} holds the checkpoint of an unfinished run: add --resume {args.out} to continue it, or remove "
+            f"{store.path}"
         )
     try:
         with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
@@ -353,7 +355,8 @@ def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, chec
             results = solve(staging, comm)
     except Interrupted as err:
         raise Interrupted(
-            f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode {command} --resume {args.out}"
+            f"{err}; checkpoint and partial results in {args.out}; continue with: fem-anode {command} --resume "
+            f"{args.out}"
         ) from None
     store.remove()
     return results

@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--mesh",
         choices=["smooth", "voxel"],
         default="smooth",
-        help="smooth: P2 triangles refined at interfaces and in gaps, after a 3-level mesh-independence check (default); "
-        "voxel: one P1 square per pixel, no check",
+        help="smooth: P2 triangles refined at interfaces and in gaps, after a 3-level mesh-independence check "
+        "(default); voxel: one P1 square per pixel, no check",
     )
     add_render_argument(parser)
     parser.set_defaults(func=run)
@@ -268,7 +268,8 @@ def _smooth_diffusion(
     check = {
         "element": "P2 triangles (curved at the interfaces)",
         "tolerance": CHECK_TOLERANCE,
-        "criterion": f"largest relative change of any reported quantity to the next finer level (H divided by {CHECK_RATIO:.3g})",
+        "criterion": "largest relative change of any reported quantity to the next finer level "
+        f"(H divided by {CHECK_RATIO:.3g})",
         "ratio": CHECK_RATIO,
         "quantities": len(names),
         "levels": levels,

@@ -69,7 +69,8 @@ class GapData:
             bad = ~np.isfinite(values)
             if bad.any():
                 raise InputError(
-                    f"{self.source}: {name} is NaN or infinite in {int(bad.sum())} row(s), first at particle {int(np.argmax(bad))}"
+                    f"{self.source}: {name} is NaN or infinite in {int(bad.sum())} row(s), first at particle "
+                    f"{int(np.argmax(bad))}"
                 )
         if np.any(cycle.astype(float) != np.round(cycle.astype(float))) or np.any(cycle < 0):
             raise InputError(f"{self.source}: cycle must be a non-negative integer")
@@ -141,7 +142,8 @@ def _read_table(path: str | Path, required: Sequence[str]) -> tuple[dict[str, np
     missing = [name for name in required if name not in header]
     if missing:
         raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {','.join(header) or '(none)'}, expected {','.join(required)}"
+            f"{path}: missing column(s) {', '.join(missing)}; found {','.join(header) or '(none)'}, expected "
+            f"{','.join(required)}"
         )
     index = {name: header.index(name) for name in required}
     columns: dict[str, list[float]] = {name: [] for name in required}

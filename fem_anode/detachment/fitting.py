@@ -403,9 +403,10 @@ def check_data_identify(problem: FitProblem) -> None:
     if n_obs < n_free:
         n_cap = len({int(c) for c in problem.cap_cycles})
         raise InputError(
-            f"{source}: {n_obs} distinct observation(s) ({n_obs - n_cap} particle gap(s) at distinct cycle and radius after a cycle"
-            f"{f', {n_cap} capacity value(s)' if problem.cap_cycles.size else ''}) cannot identify the {n_free} free parameters "
-            f"{', '.join(PARAMETER_NAMES)}; measure more particles (several sizes and cycles) or add capacity data"
+            f"{source}: {n_obs} distinct observation(s) ({n_obs - n_cap} particle gap(s) at distinct cycle and radius "
+            f"after a cycle{f', {n_cap} capacity value(s)' if problem.cap_cycles.size else ''}) cannot identify the "
+            f"{n_free} free parameters {', '.join(PARAMETER_NAMES)}; measure more particles (several sizes and cycles) "
+            "or add capacity data"
         )
     if problem.settings.fit.n_bootstrap > 0:
         gaps = problem.gaps
@@ -417,8 +418,9 @@ def check_data_identify(problem: FitProblem) -> None:
         ]
         if not varied:
             raise InputError(
-                f"{source}: no cycle has two different particles, so resampling particles within cycles reproduces the data and "
-                f"the bootstrap ranges would have zero width; measure more particles per cycle, or fit without ranges (--bootstrap 0)"
+                f"{source}: no cycle has two different particles, so resampling particles within cycles reproduces the "
+                "data and the bootstrap ranges would have zero width; measure more particles per cycle, or fit without "
+                "ranges (--bootstrap 0)"
             )
 
 
@@ -472,13 +474,13 @@ def diagnose(
         bound_si = (lo[i] if at == "lower" else hi[i]) / _TO_INTERNAL[i] if at else None
         if at:
             flags.append(
-                f"{name} is at the {at} bound of its search range ({bound_si:.4g}, fit.{name}_bounds): its value and range "
-                f"are set by the bound, not estimated from the data"
+                f"{name} is at the {at} bound of its search range ({bound_si:.4g}, fit.{name}_bounds): its value and "
+                "range are set by the bound, not estimated from the data"
             )
         if i in not_identified:
             flags.append(
-                f"{name} is not identifiable from these data (the Jacobian of the residuals has rank {rank} < {theta.size}; "
-                f"changing {name} can be compensated by the other parameters or does not change the fit)"
+                f"{name} is not identifiable from these data (the Jacobian of the residuals has rank {rank} < "
+                f"{theta.size}; changing {name} can be compensated by the other parameters or does not change the fit)"
             )
         if zero_width:
             flags.append(f"{name} has a zero-width bootstrap range: resampling the particles never changes it")

@@ -46,6 +46,7 @@ The module imports neither dolfinx, mpi4py nor adios4dolfinx at import time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -57,7 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -418,7 +419,8 @@ def _write_field(directory: Path, stem: str, u: Any, comm: Any, cache: dict[int,
     mesh = V.mesh
     if mesh.comm.size != _size(comm):
         raise UsageError(
-            f"a checkpoint on {_size(comm)} rank(s) cannot store a Function on a mesh over {mesh.comm.size} rank(s): give the store the mesh's communicator"
+            f"a checkpoint on {_size(comm)} rank(s) cannot store a Function on a mesh over {mesh.comm.size} rank(s): "
+            "give the store the mesh's communicator"
         )
     imap = V.dofmap.index_map
     if not _fixed_layout(V.ufl_element()):
@@ -451,20 +453,17 @@ def _chunks(listing: list[tuple[str, int]]) -> list[tuple[str, int]]:
 def _hash_chunks(root: Path, chunks: list[tuple[str, int]], sync: bool) -> dict[tuple[str, int], str]:
     """SHA-256 of each ``(file, chunk)`` under ``root``; with ``sync`` fsync every file read."""
     digests: dict[tuple[str, int], str] = {}
-    handles: dict[str, Any] = {}
-    try:
+    handles: dict[str, BinaryIO] = {}
+    with contextlib.ExitStack() as files:
         for name, k in chunks:
             if name not in handles:
-                handles[name] = open(root / name, "rb")
+                handles[name] = files.enter_context(open(root / name, "rb"))
             handle = handles[name]
             handle.seek(k * _CHUNK)
             digests[(name, k)] = hashlib.sha256(handle.read(_CHUNK)).hexdigest()
         if sync:
             for handle in handles.values():
                 os.fsync(handle.fileno())
-    finally:
-        for handle in handles.values():
-            handle.close()
     return digests
 
 
@@ -598,7 +597,8 @@ class Checkpoint:
                 else:
                     _adios4dolfinx().read_function(self.path / meta["file"], u, engine="BP4", name=_VARIABLE)
             except (KeyError, RuntimeError, ValueError, OSError) as err:
-                error = f"cannot read checkpoint field {name!r} from {self.path / meta['file']}: {type(err).__name__}: {err}"
+                source = self.path / meta["file"]
+                error = f"cannot read checkpoint field {name!r} from {source}: {type(err).__name__}: {err}"
         error = _first_error(mesh.comm, error)
         if error is not None:
             raise InputError(error)
@@ -770,7 +770,8 @@ class CheckpointStore:
             raise InputError(f"corrupt checkpoint {path / _STATE}: {type(err).__name__}: {err}") from None
         if bookkeeping.get("format") != FORMAT_VERSION:
             raise InputError(
-                f"checkpoint {path} has format {bookkeeping.get('format')!r}; this version reads format {FORMAT_VERSION}"
+                f"checkpoint {path} has format {bookkeeping.get('format')!r}; this version reads format "
+                f"{FORMAT_VERSION}"
             )
         try:
             if _sha256(path / _ARRAYS) != expected:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
+from fem_anode.faults import share_error
 
 __all__ = ["output_lock", "lock_path", "check_output_path", "read_lock", "lock_is_stale"]
 
@@ -245,7 +246,8 @@ def _acquire(out: Path) -> tuple[Path, list[Path]]:
                 if owner is None and path.exists():
                     _remove_created(created)
                     raise UsageError(
-                        f"--out {out} is locked by {path}, which is not a valid lock file; delete it if no other run writes into {out}"
+                        f"--out {out} is locked by {path}, which is not a valid lock file; delete it if no other run "
+                        f"writes into {out}"
                     )
                 continue
             if owner is None:
@@ -311,12 +313,7 @@ def output_lock(out: str | Path, comm: Any = None) -> Iterator[Path]:
             acquired = _acquire(out)
         except FemAnodeError as err:
             error = err
-    if parallel:
-        outcome = comm.bcast(None if error is None else (type(error).__name__, str(error)), root=0)
-        if outcome is not None:
-            raise (InputError if outcome[0] == "InputError" else UsageError)(outcome[1])
-    elif error is not None:
-        raise error
+    share_error(comm if parallel else None, error)
     if owner_rank:
         _HELD[key] = _HELD.get(key, 0) + 1
     try:

@@ -255,13 +255,13 @@ def metrics_scenes(
     job = _Job(Path(directory))
     volume_panels, pores_si_panels, tau_panels, surface_panels, distance_panels = [], [], [], [], []
     strides, tau_max = {}, 1.01
-    for label, (image, fields, _) in samples.items():
+    for _, fields, _ in samples.values():
         tau = fields.get("tortuosity")
         if tau is not None and np.isfinite(tau).any():
             tau_max = max(tau_max, float(np.percentile(tau[np.isfinite(tau)], 99.5)))
     distance_max = 0.0
     prepared = {}
-    for label, (image, fields, metrics) in samples.items():
+    for label, (image, _, _) in samples.items():
         labels, stride = downsample(np.asarray(image.array), max_voxels)
         strides[label] = stride
         spacing = tuple(float(h) * stride for h in image.require_voxel_size())
@@ -273,7 +273,7 @@ def metrics_scenes(
             if pore.any() and si.any():
                 to_pore = ndimage.distance_transform_edt(~pore, sampling=spacing) * 1e6
                 distance_max = max(distance_max, float(to_pore[si].max()))
-    for label, (image, fields, metrics) in samples.items():
+    for label, (_, fields, metrics) in samples.items():
         labels, stride, spacing, phases = prepared[label]
         names = list(phases)
         title = f"{label}" + (f" (1 in {stride} voxels per axis shown)" if stride > 1 else "")
@@ -392,7 +392,10 @@ def metrics_scenes(
     stride_note = ", ".join(
         f"{k}: 1 in {s} voxels per axis" if s > 1 else f"{k}: every voxel" for k, s in strides.items()
     )
-    shown = f"Shown: {stride_note} (metrics computed at full resolution). Depth z points down, the electrode surface is on top; lengths in um."
+    shown = (
+        f"Shown: {stride_note} (metrics computed at full resolution). Depth z points down, the electrode surface is "
+        "on top; lengths in um."
+    )
     job.add(
         Figure3D(
             "segmented_3d.png",
@@ -414,9 +417,10 @@ def metrics_scenes(
             Figure3D(
                 "tortuosity_3d.png",
                 "Geodesic tortuosity from the electrode surface (cf. paper Fig. 5c)",
-                "Pore voxels coloured by their geodesic tortuosity (log scale, dark blue = straight path, yellow = very "
-                f"tortuous; colour range 1 to the 99.5th percentile {tau_max:.3g}); white: pore voxels not reachable from "
-                f"the surface through the pores (infinite tortuosity). Octant at the surface cut away. {shown}",
+                "Pore voxels coloured by their geodesic tortuosity (log scale, dark blue = straight path, yellow = "
+                f"very tortuous; colour range 1 to the 99.5th percentile {tau_max:.3g}); white: pore voxels not "
+                "reachable from the surface through the pores (infinite tortuosity). Octant at the surface cut away. "
+                f"{shown}",
             ),
             tau_panels,
             scalar_bar={"title": "tortuosity"},
@@ -436,8 +440,8 @@ def metrics_scenes(
             Figure3D(
                 "pore_si_distance_3d.png",
                 "Distance from the Si surfaces to the nearest pore (cf. paper Fig. 7)",
-                "Si surfaces (marching cubes) coloured by the Euclidean distance to the nearest pore voxel: red close, blue "
-                f"far (on the shown grid). Paper: mean d_H 3.62 um pristine, 5.37 um after 300 cycles. {shown}",
+                "Si surfaces (marching cubes) coloured by the Euclidean distance to the nearest pore voxel: red close, "
+                f"blue far (on the shown grid). Paper: mean d_H 3.62 um pristine, 5.37 um after 300 cycles. {shown}",
             ),
             distance_panels,
             scalar_bar={"title": "d (um)"},
@@ -642,10 +646,11 @@ def diffusion_scenes(
         Figure3D(
             "c_3d.png",
             "Li concentration in 3D at the output times",
-            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting phase, read from {field_file} ({ncells} cells"
+            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting phase, read from {field_file} ({ncells} "
+            "cells"
             + (f", P{degree}: coloured from the cell corners" if degree and degree > 1 else "")
-            + "); the half x > x_mid is clipped away to show the inside. Depth z points down, the pore surface is on top; "
-            "lengths in um.",
+            + "); the half x > x_mid is clipped away to show the inside. Depth z points down, the pore surface is on "
+            "top; lengths in um.",
         ),
         panels,
         scalar_bar={"title": "c (mol/m3)"},
@@ -717,8 +722,9 @@ def _explain(proc: subprocess.CompletedProcess, outcome: Mapping[str, Any]) -> s
     display = outcome.get("display") or "none"
     if "X server" in (proc.stderr or "") or "DISPLAY" in (proc.stderr or ""):
         return (
-            f"no display could be made (display: {display}; Xvfb {'not ' if shutil.which('Xvfb') is None else ''}found) and this VTK "
-            "cannot render off-screen without an X server; install xvfb (Debian: apt-get install xvfb xauth) or run under xvfb-run"
+            f"no display could be made (display: {display}; Xvfb "
+            f"{'not ' if shutil.which('Xvfb') is None else ''}found) and this VTK cannot render off-screen without an "
+            "X server; install xvfb (Debian: apt-get install xvfb xauth) or run under xvfb-run"
         )
     if proc.returncode < 0:
         return f"the renderer died with signal {-proc.returncode} (display: {display}): {tail}"
@@ -783,7 +789,7 @@ def _display() -> Iterator[str]:
     off-screen support, if it has any). Yields a description."""
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
-        yield os.environ.get("DISPLAY") and f"DISPLAY={os.environ['DISPLAY']}" or "none"
+        yield (os.environ.get("DISPLAY") and f"DISPLAY={os.environ['DISPLAY']}") or "none"
         return
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(

@@ -52,11 +52,15 @@ PAPER: dict[str, Any] = {
 }
 
 _STYLE = """
-body{font-family:DejaVu Sans,Arial,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222;background:#fff}
-h1{font-size:1.6em;border-bottom:2px solid #1f4fd6;padding-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;color:#1f3f9a}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #bbb;padding:.25em .6em;text-align:left}
+body{font-family:DejaVu Sans,Arial,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222;
+background:#fff}
+h1{font-size:1.6em;border-bottom:2px solid #1f4fd6;padding-bottom:.2em}
+h2{font-size:1.25em;margin-top:1.6em;color:#1f3f9a}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #bbb;padding:.25em .6em;text-align:left}
 th{background:#eef2fb}td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #ddd}figcaption{font-size:.9em;color:#444;margin-top:.3em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #ddd}
+figcaption{font-size:.9em;color:#444;margin-top:.3em}
 .note{color:#555;font-size:.92em}.missing{color:#a00}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.82em}
 """
 
@@ -255,7 +259,8 @@ def _metrics_tables(report: Report, samples: Mapping[str, Mapping[str, Any]], po
         [
             "mean Si-surface-to-pore distance d",
             *(_um((samples[n].get("pore_si_distance") or {}).get("mean_m")) for n in names),
-            f"{_um(PAPER['d_H_mean_m']['pristine'])} pristine, {_um(PAPER['d_H_mean_m']['300 cycles'])} after 300 cycles (Fig. 7)",
+            f"{_um(PAPER['d_H_mean_m']['pristine'])} pristine, {_um(PAPER['d_H_mean_m']['300 cycles'])} after 300 "
+            "cycles (Fig. 7)",
         ],
         [
             "max Si-surface-to-pore distance",
@@ -331,9 +336,10 @@ def metrics_report(
     report = Report(f"fem_anode image metrics: {label}", directory)
     image = metrics.get("image", {})
     report.paragraph(
-        f"{label}: {image.get('ndim', '?')}D image of shape {' x '.join(map(str, image.get('shape', [])))} voxels, voxel size "
-        f"{', '.join(f'{h * 1e9:.4g} nm' for h in image.get('voxel_size_m', []))}. Paper values: {PAPER['citation']}; they "
-        "describe the paper's samples, and compare with this image only as far as it images the same kind of electrode."
+        f"{label}: {image.get('ndim', '?')}D image of shape {' x '.join(map(str, image.get('shape', [])))} voxels, "
+        f"voxel size {', '.join(f'{h * 1e9:.4g} nm' for h in image.get('voxel_size_m', []))}. Paper values: "
+        f"{PAPER['citation']}; they describe the paper's samples, and compare with this image only as far as it images "
+        "the same kind of electrode."
     )
     samples = {reference_label: reference, label: metrics} if reference is not None else {label: metrics}
     _metrics_tables(report, samples, pore_phase)  # type: ignore[arg-type]
@@ -472,7 +478,8 @@ def diffusion_report(
         provenance = json.loads((directory / "provenance.json").read_text())
     report = Report("fem_anode Li diffusion", directory)
     report.paragraph(
-        f"Transient Li diffusion in the SEI/C/B domain with pore mass-transfer boundaries ({PAPER['citation']}, Fig. 8)."
+        f"Transient Li diffusion in the SEI/C/B domain with pore mass-transfer boundaries ({PAPER['citation']}, Fig. "
+        "8)."
     )
     _diffusion_tables(report, results)
     report.heading("Comparison with the paper's Fig. 8")
@@ -501,7 +508,8 @@ def _mesh_independence(report: Report, study: Mapping[str, Any]) -> None:
         return
     report.paragraph(
         f"{study.get('element', 'elements')}; criterion: {study.get('criterion', '?')}, tolerance "
-        f"{_pct(study.get('tolerance'))}. Chosen level {study.get('chosen_level')} with {_fmt(study.get('chosen_cells'))} cells"
+        f"{_pct(study.get('tolerance'))}. Chosen level {study.get('chosen_level')} with "
+        f"{_fmt(study.get('chosen_cells'))} cells"
         + (" (mesh independent)" if study.get("mesh_independent") else " (tolerance not reached: the finest level)")
         + f"; the paper used {_fmt(study.get('paper_cells', PAPER['fig8_elements']))} P2 elements."
     )
@@ -568,7 +576,8 @@ def demo_report(directory: str | Path, summary: Mapping[str, Any], *, name: str 
                 [
                     "mean Si-surface-to-pore distance",
                     f"{_um(d0)} -> {_um(d1)}",
-                    f"{_um(PAPER['d_H_mean_m']['pristine'])} -> {_um(PAPER['d_H_mean_m']['300 cycles'])} (pristine -> 300 cycles)",
+                    f"{_um(PAPER['d_H_mean_m']['pristine'])} -> {_um(PAPER['d_H_mean_m']['300 cycles'])} (pristine -> "
+                    "300 cycles)",
                 ]
             )
         report.table(["quantity", "aged vs pristine", "paper (vs pristine)"], rows)

@@ -14,10 +14,10 @@ __all__ = [
 ]
 
 # Smooth 2D meshes, tetrahedral voxel meshes, the common entry point and the quality report.
-from fem_anode.meshing.build import METHODS, MeshResult, build_model, mesh_image  # noqa: E402
-from fem_anode.meshing.contours import BoundaryNetwork, boundary_network, clean_labels  # noqa: E402
-from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d  # noqa: E402
-from fem_anode.meshing.tet3d import tet_mesh_data  # noqa: E402
+from fem_anode.meshing.build import METHODS, MeshResult, build_model, mesh_image
+from fem_anode.meshing.contours import BoundaryNetwork, boundary_network, clean_labels
+from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d
+from fem_anode.meshing.tet3d import tet_mesh_data
 
 __all__ += [
     "METHODS",

@@ -99,7 +99,8 @@ def build_model(
     """
     import gmsh
 
-    from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d, resolve_keep
+    from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d
+    from fem_anode.meshing.voxel import resolve_keep
 
     if image.array.size == 0:
         raise InputError(f"{image.source}: image is empty")
@@ -169,9 +170,8 @@ def mesh_image(
     """
     import gmsh
 
-    from fem_anode.meshing.quality import mesh_quality
-
     from fem_anode.meshing.export import check_format
+    from fem_anode.meshing.quality import mesh_quality
 
     if path is not None:
         path = Path(path)

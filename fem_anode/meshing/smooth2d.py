@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -30,6 +31,7 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.io.images import VoxelImage
 from fem_anode.meshing.contours import BoundaryNetwork, boundary_network
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
+from fem_anode.meshing.voxel import resolve_keep
 
 __all__ = ["SmoothMeshOptions", "SmoothMeshResult", "build_smooth_model_2d", "size_factor_2d", "resolve_keep"]
 
@@ -99,26 +101,6 @@ class SmoothMeshResult:
     size: float
     length_unit: float
     network: BoundaryNetwork
-
-
-def resolve_keep(image: VoxelImage, keep: Sequence[str] | None) -> dict[str, int]:
-    """Phase name -> label of the kept phases; UsageError/InputError for bad names or empty phases."""
-    phases = image.require_phases()
-    image.check_labels(require_all_phases=False)
-    names = list(phases) if keep is None else list(keep)
-    if not names:
-        raise UsageError("no phases to mesh: --keep is empty")
-    unknown = [n for n in names if n not in phases]
-    if unknown:
-        raise UsageError(f"cannot keep phase(s) {', '.join(unknown)}: not in the phase map ({', '.join(phases)})")
-    present = set(np.unique(image.array).tolist())
-    kept = {n: phases[n] for n in names if phases[n] in present}
-    missing = [n for n in names if phases[n] not in present]
-    if keep is not None and missing:
-        raise InputError(f"kept phase(s) {', '.join(missing)} have no pixels in {image.source}")
-    if not kept:
-        raise InputError(f"the phases {', '.join(names)} have no pixels in {image.source}")
-    return kept
 
 
 def size_factor_2d(

@@ -62,7 +62,8 @@ def tet_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> Voxel
     hexes = voxel_mesh_data(image, keep)
     if 6 * hexes.cells.shape[0] > MAX_TET_CELLS:
         raise UsageError(
-            f"tetrahedral mesh would have {6 * hexes.cells.shape[0]:,} cells (limit {MAX_TET_CELLS:,}); crop the volume or use --method voxel"
+            f"tetrahedral mesh would have {6 * hexes.cells.shape[0]:,} cells (limit {MAX_TET_CELLS:,}); crop the "
+            "volume or use --method voxel"
         )
     cells = hexes.cells[:, _TETS].reshape(-1, 4)
     cell_tags = np.repeat(hexes.cell_tags, 6)

@@ -38,6 +38,7 @@ __all__ = [
     "add_voxel_model",
     "corner_offsets",
     "keep_values",
+    "resolve_keep",
     "voxel_mesh_data",
     "write_voxel_mesh",
 ]
@@ -198,14 +199,42 @@ def keep_values(phases: dict[str, int], keep: Sequence[str] | None) -> dict[str,
     return {n: phases[n] for n in names}
 
 
-def _keep_mask(image: VoxelImage, keep: Sequence[str] | None) -> tuple[dict[str, int], np.ndarray]:
+def _present_labels(array: np.ndarray) -> set[int]:
+    """Label values that occur in ``array``."""
+    a = np.asarray(array)
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 2:  # one counting pass instead of a sort
+        return set(np.flatnonzero(np.bincount(a.ravel())).tolist())
+    return set(np.unique(a).tolist())
+
+
+def resolve_keep(image: VoxelImage, keep: Sequence[str] | None) -> dict[str, int]:
+    """The phases to mesh that occur in the image, name -> label (the check every mesher uses).
+
+    Args:
+        image: labelled image with its phase map.
+        keep: phase names to mesh; ``None``: every phase of the map that has voxels.
+
+    Raises:
+        UsageError: ``keep`` is empty or names a phase that is not in the phase map or has no
+            voxels, or no phase to mesh has voxels.
+        InputError: label values that are not in the phase map.
+    """
     phases = image.require_phases()
     image.check_labels(require_all_phases=False)
+    if keep is not None and not list(keep):
+        raise UsageError("no phases to mesh: --keep is empty")
     kept = keep_values(phases, keep)
-    mask = np.isin(image.array, list(kept.values()))
-    if not mask.any():
-        raise UsageError(f"the kept phases {', '.join(kept)} have no voxels in {image.source}")
-    return kept, mask
+    present = _present_labels(image.array)
+    missing = [name for name, value in kept.items() if value not in present]
+    if (keep is not None and missing) or len(missing) == len(kept):
+        raise UsageError(f"the kept phase(s) {', '.join(missing)} have no voxels in {image.source}")
+    return {name: value for name, value in kept.items() if value in present}
+
+
+def _keep_mask(image: VoxelImage, keep: Sequence[str] | None) -> tuple[dict[str, int], np.ndarray]:
+    resolve_keep(image, keep)
+    kept = keep_values(image.require_phases(), keep)  # absent phases of the map keep their (empty) groups
+    return kept, np.isin(image.array, list(kept.values()))
 
 
 def voxel_mesh_data(image: VoxelImage, keep: Sequence[str] | None = None) -> VoxelMeshData:

@@ -193,7 +193,7 @@ def test_small_islands_removed_and_holes_kept():
 @pytest.mark.parametrize(
     ("labels", "keep", "size", "error", "match"),
     [
-        (np.zeros((20, 20), np.uint8), ["si"], None, InputError, "no pixels"),
+        (np.zeros((20, 20), np.uint8), ["si"], None, UsageError, "si have no voxels"),
         (np.zeros((20, 20), np.uint8), ["graphite"], None, UsageError, "not in the phase map"),
         (np.zeros((20, 20), np.uint8), [], None, UsageError, "empty"),
         (np.zeros((20, 20), np.uint8), None, 30 * PIXEL, UsageError, "larger than the domain"),
