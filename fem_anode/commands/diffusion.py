@@ -1,4 +1,9 @@
-"""``fem-anode diffusion``: transient Li diffusion with mass-transfer boundaries (paper 001)."""
+"""``fem-anode diffusion``: transient Li diffusion with mass-transfer boundaries (Vorauer et al. 2020).
+
+The run is :func:`~fem_anode.fem.diffusion_run.run_diffusion`: the solve of
+:func:`fem_anode.solve_diffusion` (:func:`~fem_anode.fem.diffusion_run.simulate_diffusion`) and
+:meth:`~fem_anode.fem.diffusion_run.DiffusionRun.save` into the output directory.
+"""
 
 from __future__ import annotations
 

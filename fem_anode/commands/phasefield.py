@@ -1,4 +1,5 @@
-"""``fem-anode phasefield``: finite-strain Li Cahn-Hilliard + J2 chemo-mechanics of a Si nanowire (paper 002)."""
+"""``fem-anode phasefield``: finite-strain Li Cahn-Hilliard + J2 chemo-mechanics of a Si nanowire
+(He et al. 2021; the run is :func:`fem_anode.solve_phasefield`)."""
 
 from __future__ import annotations
 
@@ -38,14 +39,16 @@ def run(args: argparse.Namespace) -> int:
     settings, checkpoint = load_resumable_config(args, PhaseFieldSettings, "phasefield", "phasefield_results")
     if settings is None:
         return 0
-    from fem_anode.fem.phasefield.run import run_phasefield
+    from fem_anode.api import solve_phasefield
 
     results = run_checkpointed(
         args,
         settings,
         "phasefield",
         checkpoint,
-        lambda staging, comm: run_phasefield(settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint),
+        lambda staging, comm: solve_phasefield(
+            settings, comm=comm, out=staging, checkpoint_dir=args.out, resume=checkpoint
+        ).to_dict(),
     )
     for record in results["half_cycles"]:
         voids = ""

@@ -265,15 +265,3 @@ class DiffusionSettings(Settings):
         """A run from files: exactly one of ``geometry.image`` and ``geometry.mesh`` (UsageError)."""
         if (self.geometry.image is None) == (self.geometry.mesh is None):
             raise UsageError("geometry needs exactly one of 'image' or 'mesh'")
-
-    def model_dict(self) -> dict[str, object]:
-        """The model settings (:data:`MODEL_SECTIONS`) as a plain nested dict."""
-        full = self.to_dict()
-        out: dict[str, object] = {}
-        for key in MODEL_SECTIONS:
-            section_name, _, sub = key.partition(".")
-            if sub:
-                out.setdefault(section_name, {})[sub] = full[section_name][sub]  # type: ignore[index]
-            else:
-                out[section_name] = full[section_name]
-        return out

@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.io.images import VoxelImage
 
 __all__ = [
+    "Metrics",
     "compute_metrics",
     "phase_fractions",
     "per_slice_fractions",
@@ -649,3 +651,317 @@ def compute_metrics(
     result["not_applicable"] = not_applicable
     result["timings_s"] = timings
     return result
+
+
+# ----------------------------------------------------------------------------- result object
+
+
+class Metrics:
+    """Image metrics of one label image, SI units: the result of :func:`fem_anode.compute_metrics`.
+
+    Attributes give the quantities under unambiguous names; :meth:`to_dict` gives the layout of
+    ``metrics.json`` (where the geodesic tortuosity is ``"tortuosity"``, the FE/FV tortuosity
+    factor ``"tortuosity_factor"``); :meth:`plot` draws an overview, :meth:`save` writes the
+    files of ``fem-anode metrics --out DIR``.
+
+    Attributes:
+        fields: ``tortuosity`` and ``geodesic_m`` arrays (inf = unreachable pore voxel, NaN =
+            solid), when computed with them.
+        image_data: the label image the metrics describe (``None`` when read from a file).
+        reference: the reference sample's :class:`Metrics` (``None`` without one).
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        *,
+        fields: Mapping[str, np.ndarray] | None = None,
+        image: VoxelImage | None = None,
+        reference: Metrics | None = None,
+    ) -> None:
+        missing = [k for k in ("image", "phase_fractions") if k not in data]
+        if missing:
+            raise InputError(f"not a metrics record: {', '.join(missing)} missing")
+        self._data = {k: v for k, v in data.items() if k != "provenance"}
+        self.fields: dict[str, np.ndarray] = dict(fields or {})
+        self.image_data = image
+        self.reference = reference
+
+    @classmethod
+    def compute(
+        cls,
+        image: VoxelImage,
+        *,
+        reference: VoxelImage | Metrics | None = None,
+        pore_phase: str = "pore",
+        si_phase: str = "si",
+        bins: int = 30,
+        fields: bool = True,
+    ) -> Metrics:
+        """The metrics of ``image`` (see :func:`compute_metrics` for what each one is).
+
+        Args:
+            image: 2D or 3D label image with voxel size (m) and phase map.
+            reference: reference label image or its metrics; adds :attr:`relative_change`.
+            pore_phase, si_phase: names of the pore and the Si phase.
+            bins: histogram bins of the distributions.
+            fields: keep the tortuosity and geodesic-distance arrays in :attr:`fields`.
+        """
+        ref: Metrics | None = None
+        if isinstance(reference, VoxelImage):
+            if reference.ndim != image.ndim:
+                raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
+            ref = cls.compute(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields)
+        elif reference is not None:
+            ref = reference
+        kept: dict[str, np.ndarray] | None = {} if fields else None
+        data = compute_metrics(
+            image,
+            reference=None if ref is None else ref.to_dict(),
+            pore_phase=pore_phase,
+            si_phase=si_phase,
+            bins=bins,
+            fields=kept,
+        )
+        return cls(data, fields=kept, image=image, reference=ref)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Metrics:
+        """The metrics of a ``metrics.json`` written by :meth:`save` or ``fem-anode metrics``."""
+        import json
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"metrics file not found: {path}") from None
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read metrics file {path}: {err}") from None
+        return cls(data)
+
+    # -- the quantities ----------------------------------------------------------------------
+    @property
+    def image(self) -> dict[str, Any]:
+        """Source, shape, ``ndim``, ``voxel_size_m``, ``extent_m``, ``volume_m3`` (2D: the area),
+        the phase map and the pore and Si phase names."""
+        return self._data["image"]
+
+    @property
+    def phase_fractions(self) -> dict[str, float]:
+        """Phase name -> volume (2D: area) fraction."""
+        return self._data["phase_fractions"]
+
+    @property
+    def per_slice(self) -> dict[str, Any]:
+        """Phase name -> ``mean``, ``min``, ``max``, ``profile`` of the fraction per slice (axis 0);
+        ``depth_m`` of the slices."""
+        return self._data["per_slice"]
+
+    @property
+    def si_particles(self) -> dict[str, Any] | None:
+        """Connected Si particles: ``count``, ``count_per_area_m2``, sizes (m), distributions."""
+        return self._data.get("si_particles")
+
+    @property
+    def pore_surface_area_m2(self) -> float | None:
+        """Area of the pore/solid interface (3D), m^2."""
+        return self._data.get("pore_surface_area_m2")
+
+    @property
+    def pore_perimeter_m(self) -> float | None:
+        """Length of the pore/solid interface of a 2D image, m."""
+        return self._data.get("pore_perimeter_m")
+
+    @property
+    def geodesic_tortuosity(self) -> dict[str, Any] | None:
+        """Geodesic tortuosity of the pore network from the surface (slice 0): path length through
+        pore voxels / straight depth; ``mean``, ``median``, ``per_depth_mean``,
+        ``unreachable_fraction`` (``metrics.json``: ``"tortuosity"``)."""
+        return self._data.get("tortuosity")
+
+    @property
+    def connections_per_depth(self) -> dict[str, Any] | None:
+        """Pore channels per slice connected to the surface (``profile``, ``total_profile``)."""
+        return self._data.get("connections_per_depth")
+
+    @property
+    def pore_si_distance(self) -> dict[str, Any] | None:
+        """Distances from the Si surfaces to the pore network (m) and the Hausdorff distance."""
+        return self._data.get("pore_si_distance")
+
+    @property
+    def tortuosity_factor(self) -> dict[str, float]:
+        """Phase -> tortuosity factor eps D / D_eff along z from a steady diffusion solve
+        (``inf``: not percolating); empty unless computed (``tortuosity_factor=`` of
+        :func:`fem_anode.compute_metrics`)."""
+        taus = self._data.get("tortuosity_factor") or {}
+        return {name: math.inf if tau is None else float(tau) for name, tau in taus.items()}
+
+    @property
+    def tortuosity_factor_details(self) -> dict[str, Any]:
+        """Phase -> :class:`~fem_anode.fem.tortuosity.result.TortuosityResult` of each factor."""
+        from fem_anode.fem.tortuosity.result import TortuosityResult
+
+        out = {}
+        for name, record in (self._data.get("tortuosity_factor_details") or {}).items():
+            values = dict(record)
+            values["tau"] = math.inf if values.get("tau") is None else values["tau"]
+            out[name] = TortuosityResult(**values)
+        return out
+
+    @property
+    def relative_change(self) -> dict[str, Any] | None:
+        """Relative change versus the reference sample (``None`` without one)."""
+        return self._data.get("relative_change")
+
+    @property
+    def not_applicable(self) -> dict[str, str]:
+        """Metric -> why it does not apply to this image."""
+        return self._data.get("not_applicable", {})
+
+    @property
+    def timings_s(self) -> dict[str, float]:
+        """Wall time per metric, s."""
+        return self._data.get("timings_s", {})
+
+    def add_tortuosity_factors(self, results: Mapping[str, Any], method: str) -> None:
+        """Record tortuosity factors (phase -> :class:`~fem_anode.fem.tortuosity.result.TortuosityResult`)."""
+        self._data["tortuosity_factor"] = {name: r.to_json()["tau"] for name, r in results.items()}
+        self._data["tortuosity_factor_method"] = method
+        self._data["tortuosity_factor_details"] = {name: r.to_json() for name, r in results.items()}
+        self._data.setdefault("timings_s", {})["tortuosity_factor"] = sum(
+            r.timings_s["total"] for r in results.values()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict of ``metrics.json`` (without its provenance; inf written as null)."""
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        fractions = ", ".join(f"{k} {v:.3f}" for k, v in self.phase_fractions.items())
+        tortuosity = self.geodesic_tortuosity
+        mean = "n/a" if not tortuosity or tortuosity.get("mean") is None else f"{tortuosity['mean']:.4g}"
+        return f"Metrics({self.image.get('source', '?')!r}, {self.image.get('ndim')}D; fractions {fractions}; geodesic tortuosity mean {mean})"
+
+    # -- output ------------------------------------------------------------------------------
+    def plot(self, path: str | Path | None = None) -> Any:
+        """An overview figure: phase fractions and geodesic tortuosity over the depth, surface-
+        connected pore channels per slice and the pore-Si distance distribution (the panels that
+        apply). Returns the matplotlib ``Figure``; also written to ``path`` (PNG) if given."""
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), layout="constrained")
+        per_slice = self.per_slice
+        depth = np.asarray(per_slice["depth_m"]) * 1e6
+        ax = axes[0, 0]
+        for name, record in per_slice.items():
+            if name != "depth_m":
+                ax.plot(depth, 100 * np.asarray(record["profile"], dtype=float), label=name)
+        ax.set(xlabel="depth (um)", ylabel="fraction per slice (%)", title="Phase fractions")
+        ax.legend(fontsize="small")
+        panels = [
+            (axes[0, 1], self.geodesic_tortuosity, "per_depth_mean", "geodesic tortuosity", "Geodesic tortuosity"),
+            (axes[1, 0], self.connections_per_depth, "profile", "channels per slice", "Surface-connected pores"),
+        ]
+        for ax, record, key, ylabel, title in panels:
+            if record is None:
+                ax.text(0.5, 0.5, "not applicable", ha="center", va="center", transform=ax.transAxes)
+            else:
+                values = np.array([np.nan if v is None else v for v in record[key]], dtype=float)
+                ax.plot(np.asarray(record["depth_m"]) * 1e6, values, marker=".")
+            ax.set(xlabel="depth (um)", ylabel=ylabel, title=title)
+        ax = axes[1, 1]
+        distance = self.pore_si_distance
+        if distance is None:
+            ax.text(0.5, 0.5, "not applicable", ha="center", va="center", transform=ax.transAxes)
+        else:
+            edges = np.asarray(distance["histogram"]["bin_edges_m"]) * 1e6
+            ax.stairs(distance["histogram"]["counts"], edges, fill=True)
+        ax.set(xlabel="Si surface to nearest pore (um)", ylabel="count", title="Pore-Si distance")
+        fig.suptitle(f"Image metrics of {self.image.get('source', '')}")
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        label: str | None = None,
+        reference_label: str | None = None,
+        render: bool = True,
+        fields: bool = False,
+        provenance: Mapping[str, Any] | None = None,
+        comm: Any = None,
+    ) -> Path:
+        """Write the files of ``fem-anode metrics --out DIRECTORY`` (rank 0 writes; collective).
+
+        ``metrics.json`` (and ``reference_metrics.json``), the PNG figures, with ``fields`` the
+        ``tortuosity.npy``/``geodesic_m.npy`` arrays, with ``render`` the 3D pictures of a 3D
+        image, and ``report.html``/``report.md``.
+
+        Args:
+            directory: created if missing; files of the same names are replaced.
+            label: the sample's name in figures and the report (default: the image file's stem).
+            reference_label: the reference's name (default ``"reference <stem>"``).
+            render: the 3D pictures (pyvista; needs :attr:`image_data`).
+            fields: also write the tortuosity and geodesic-distance arrays (float32).
+            provenance: the record stored with the JSON files (default: made here).
+            comm: MPI communicator (``None``: serial).
+        """
+        from fem_anode.imaging.plots import plot_comparison, plot_tortuosity_sections
+        from fem_anode.io.output import atomic_path, write_json
+
+        directory = Path(directory)
+        label = label or Path(str(self.image.get("source", "sample"))).stem or "sample"
+        ref = self.reference
+        if ref is not None and reference_label is None:
+            reference_label = f"reference {Path(str(ref.image.get('source', ''))).stem}".strip()
+        reference_label = reference_label or "reference"
+        if comm is not None and comm.rank != 0:
+            comm.barrier()
+            return directory
+        if provenance is None:
+            from fem_anode.commands._common import provenance as make_provenance
+
+            provenance = make_provenance("metrics", comm=comm)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / "metrics.json", {"provenance": provenance, **self._data})
+        samples: dict[str, Any] = {label: self._data}
+        if ref is not None:
+            write_json(directory / "reference_metrics.json", {"provenance": provenance, **ref.to_dict()})
+            samples = {reference_label: ref.to_dict(), **samples}
+        plot_comparison(samples, directory)
+        maps = {}
+        if ref is not None and "tortuosity" in ref.fields and ref.image_data is not None:
+            maps[reference_label] = (ref.fields["tortuosity"], ref.image_data.require_voxel_size())
+        if "tortuosity" in self.fields:
+            maps[label] = (self.fields["tortuosity"], tuple(self.image["voxel_size_m"]))
+        if maps:
+            plot_tortuosity_sections(maps, directory / "tortuosity_map.png")
+        for name, array in self.fields.items() if fields else ():
+            with atomic_path(directory / f"{name}.npy") as tmp:
+                np.save(tmp, array.astype(np.float32))
+        if render and self.image_data is not None:
+            from fem_anode.io.render3d import render_metrics_figures
+
+            volumes = {label: (self.image_data, self.fields, self._data)}
+            if ref is not None and ref.image_data is not None:
+                volumes = {reference_label: (ref.image_data, ref.fields, ref.to_dict()), **volumes}
+            render_metrics_figures(
+                volumes, directory, pore_phase=self.image["pore_phase"], si_phase=self.image["si_phase"]
+            )
+        from fem_anode.io.report_html import metrics_report
+
+        metrics_report(
+            directory,
+            self._data,
+            label=label,
+            reference=None if ref is None else ref.to_dict(),
+            reference_label=reference_label,
+            pore_phase=self.image["pore_phase"],
+            provenance=provenance,
+        )
+        if comm is not None:
+            comm.barrier()
+        return directory
