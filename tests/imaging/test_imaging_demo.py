@@ -26,3 +26,5 @@ def test_imaging_demo_quick(tmp_path, load_demo):
     ):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000, name
     assert "FIB-SEM shine-through pore IoU" in module._report(summary)
+    for sample in summary["samples"].values():  # the blur-aware refinement ran, its PSF fitted to the data
+        assert 0.5 < sample["refine"]["psf_sigma_voxels"] < 1.5 and sample["refine"]["sweeps"] >= 1
