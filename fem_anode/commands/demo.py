@@ -19,9 +19,12 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fem_anode.commands._common import add_out_argument, add_render_argument, check_int, is_root, provenance, world_comm
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +198,7 @@ def _level_quantities(results: dict[str, Any]) -> dict[str, float]:
 
 
 def _smooth_diffusion(
-    staging: Path, comm: Any, *, quick: bool
+    staging: Path, comm: MPI.Comm, *, quick: bool
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Mesh-independence check and the diffusion on smooth P2 meshes of the ROI (collective).
 
@@ -303,37 +306,26 @@ def _smooth_diffusion(
     return check, diffusion, mesh
 
 
-def _check_mesh_in_dolfinx(path: Path, comm: Any) -> dict[str, Any]:
+def _check_mesh_in_dolfinx(path: Path, comm: MPI.Comm) -> dict[str, Any]:
     """Load the mesh with dolfinx on all ranks and integrate its area and tagged boundaries."""
-    try:
-        import dolfinx  # noqa: F401
-    except ImportError:
+    if not _has_dolfinx():
         logger.warning("dolfinx not installed: skipping the FEniCSx mesh check")
         return {"skipped": "dolfinx not installed"}
-    import ufl
-    from dolfinx import fem
-
     from fem_anode.fem.mesh_io import read_mesh
+    from fem_anode.fem.mesh_measures import mesh_measures
 
-    tagged = read_mesh(path, comm)
-    ds = ufl.Measure("ds", domain=tagged.mesh, subdomain_data=tagged.facet_tags)
-
-    def integral(form: Any) -> float:
-        return float(comm.allreduce(fem.assemble_scalar(fem.form(form)), op=_sum()))
-
-    one = fem.Constant(tagged.mesh, 1.0)
-    result = {
-        "ranks": comm.size,
-        "cells": tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global,
-        "area_m2": integral(one * ufl.dx(domain=tagged.mesh)),
-        "boundary_length_m": {name: integral(one * ds(tag)) for name, tag in sorted(tagged.facet_groups.items())},
+    measures = mesh_measures(read_mesh(path, comm))
+    logger.info("dolfinx loaded the mesh on %d rank(s): %d cells", measures["ranks"], measures["cells"])
+    return {
+        "ranks": measures["ranks"],
+        "cells": measures["cells"],
+        "area_m2": measures["measure"],
+        "boundary_length_m": measures["facet_groups"],
     }
-    logger.info("dolfinx loaded the mesh on %d rank(s): %d cells", comm.size, result["cells"])
-    return result
 
 
 def _run_diffusion(
-    staging: Path, comm: Any, *, quick: bool, mesh: Any = None, workdir: Path | None = None
+    staging: Path, comm: MPI.Comm, *, quick: bool, mesh: Any = None, workdir: Path | None = None
 ) -> dict[str, Any]:
     """The paper's Fig. 8 workflow on the example ROI: regions I-IV, c(t), t90, fields.
 
@@ -416,12 +408,6 @@ def write_report(path: Path, summary: dict[str, Any], *, render: bool = True) ->
         render_metrics_figures(volumes, directory / "figures" / "3d")
     demo_report(directory, summary, name=path.stem)
     return path
-
-
-def _sum() -> Any:
-    from mpi4py import MPI
-
-    return MPI.SUM
 
 
 def _log_summary(summary: dict[str, Any], out: Path, elapsed: float) -> None:

@@ -132,3 +132,20 @@ def test_xdmf_has_mesh_and_tags(comm, shared_tmp_path):
     for value in (100, 101, 103):
         assert owned_count(cells, mesh, value) == owned_count(tagged.cell_tags, tagged.mesh, value) > 0
     assert set(np.unique(np.concatenate(comm.allgather(facets.values)))) == set(tagged.facet_groups.values())
+
+
+def test_mesh_measures_of_a_voxel_block(comm):
+    """A 6 x 4 pixel SEI block left of a pore column: area, cell count and every boundary length exact."""
+    from fem_anode.fem.mesh_measures import mesh_measures
+
+    labels = np.full((4, 7), 3, dtype=np.uint8)
+    labels[:, -1] = 0
+    image = VoxelImage(labels, (PIXEL, PIXEL), {"pore": 0, "sei": 3})
+    measures = mesh_measures(image_to_tagged_mesh(image, comm, method="voxel", keep=["sei"]))
+    assert measures["ranks"] == comm.size and measures["cells"] == 24
+    assert measures["measure"] == pytest.approx(24 * PIXEL**2, rel=1e-12)
+    lengths = measures["facet_groups"]
+    assert lengths["pore|sei"] == pytest.approx(4 * PIXEL, rel=1e-12)
+    assert lengths["left"] == pytest.approx(4 * PIXEL, rel=1e-12)
+    assert lengths["top"] == pytest.approx(6 * PIXEL, rel=1e-12)
+    assert lengths["bottom"] == pytest.approx(6 * PIXEL, rel=1e-12)
