@@ -32,7 +32,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import dolfinx
 import numpy as np
@@ -43,12 +43,6 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import InputError, Interrupted, SolverError, UsageError
-from fem_anode.fem.mesh_io import TaggedMesh
-from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
-from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
-from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
-from fem_anode.io.interrupt import agree_flags
-from fem_anode.meshing.tags import interface_name
 from fem_anode.fem.diffusion_settings import (
     DiffusionSettings,
     GeometrySettings,
@@ -59,6 +53,12 @@ from fem_anode.fem.diffusion_settings import (
     SolverSettings,
     TimeSettings,
 )
+from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
+from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
+from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
+from fem_anode.io.interrupt import agree_flags
+from fem_anode.meshing.tags import interface_name
 
 __all__ = [
     "DiffusionSettings",
@@ -145,6 +145,28 @@ _KSP_REASONS = {
 }
 
 
+class FieldValues(Protocol):
+    """This rank's values of a field: a dolfinx ``la.Vector`` or a finite-volume ``VectorField``."""
+
+    @property
+    def array(self) -> np.ndarray: ...
+
+    @property
+    def petsc_vec(self) -> PETSc.Vec: ...
+
+    def scatter_forward(self) -> None: ...
+
+
+class Field(Protocol):
+    """What the time loop, its records and checkpoints need of c: a dolfinx ``Function`` (P1/P2)
+    or :class:`~fem_anode.fem.diffusion_fv.VectorField` (finite volumes)."""
+
+    name: str
+
+    @property
+    def x(self) -> FieldValues: ...
+
+
 @dataclasses.dataclass
 class _Records:
     """The time loop's bookkeeping: records so far, mass balance, counters (checkpointed)."""
@@ -169,12 +191,15 @@ class _Records:
 
     @classmethod
     def resume(cls, problem: DiffusionProblem, checkpoint: Checkpoint, plan: StepPlan) -> _Records:
-        state, arrays = checkpoint.state["problem"], checkpoint.arrays
+        state: dict[str, Any] = checkpoint.state["problem"]
+        arrays: dict[str, np.ndarray] = checkpoint.arrays
         time_settings = json.loads(json.dumps(problem.settings.time.to_dict()))
         if state.get("time") != time_settings or state.get("regions") != list(problem.regions):
+            stored = {"time": state.get("time"), "regions": state.get("regions")}
+            wanted = {"time": time_settings, "regions": list(problem.regions)}
             raise UsageError(
                 f"the checkpoint in {checkpoint.path} was written with other time settings or regions "
-                f"({settings_differences({'time': state.get('time'), 'regions': state.get('regions')}, {'time': time_settings, 'regions': list(problem.regions)})})"
+                f"({settings_differences(stored, wanted)})"
             )
         checkpoint.restore("problem.c_old", problem._c_old)
         checkpoint.restore("problem.c_older", problem._c_older)
@@ -184,9 +209,9 @@ class _Records:
         problem.multigrid_fits = state.get("multigrid_fits")
         logger.info("resuming at t = %.6g s (step %d) from %s", plan.t, state["steps"], checkpoint.path)
         return cls(
-            times=arrays["problem.times"].tolist(),
-            domain=arrays["problem.domain"].tolist(),
-            regions={name: arrays[f"problem.region.{name}"].tolist() for name in problem.regions},
+            times=[float(v) for v in arrays["problem.times"]],
+            domain=[float(v) for v in arrays["problem.domain"]],
+            regions={name: [float(v) for v in arrays[f"problem.region.{name}"]] for name in problem.regions},
             mass_old=float(state["mass_old"]),
             mass_older=float(state["mass_older"]),
             residual_sum=float(state["residual_sum"]),
@@ -258,7 +283,7 @@ class DiffusionProblem:
         self.tagged = tagged
         self.settings = settings
         self.mesh = tagged.mesh
-        self.comm: MPI.Comm = tagged.mesh.comm
+        self.comm: MPI.Intracomm = tagged.mesh.comm
         geometry, physics = settings.geometry, settings.physics
         self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
         self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
@@ -268,9 +293,9 @@ class DiffusionProblem:
                 f"it has {', '.join(sorted(tagged.facet_groups)) or 'none'}"
             )
         self.V = fem.functionspace(self.mesh, ("Lagrange", settings.mesh.order))
-        self.c = fem.Function(self.V, name="c")  # c / c_bulk
-        self._c_old = fem.Function(self.V)
-        self._c_older = fem.Function(self.V)
+        self.c: Field = fem.Function(self.V, name="c")  # c / c_bulk
+        self._c_old: Field = fem.Function(self.V)
+        self._c_older: Field = fem.Function(self.V)
         self._assemble_operators(physics)
         #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
         self._A: PETSc.Mat | None = None
@@ -462,14 +487,14 @@ class DiffusionProblem:
         if preconditioner == "direct":
             package = self._direct_package()
             # A is symmetric positive definite: Cholesky (SuperLU_DIST only does LU).
-            options = {
+            direct: dict[str, Any] = {
                 "ksp_type": "preonly",
                 "pc_type": "lu" if package == "superlu_dist" else "cholesky",
                 "pc_factor_mat_solver_type": package,
             }
             if package == "petsc":
-                options["pc_factor_mat_ordering_type"] = "nd"
-            return {**options, **solver.petsc_options}
+                direct["pc_factor_mat_ordering_type"] = "nd"
+            return {**direct, **solver.petsc_options}
         # The initial guess is c^n extrapolated through c^{n-1} (_predict): about one
         # iteration fewer per step than starting from c^n (measured on the voxel benchmarks).
         options: dict[str, Any] = {
@@ -514,9 +539,9 @@ class DiffusionProblem:
         """The one operator matrix ``A = K + R + a0 eps M`` (values refreshed when a0 changes).
 
         ``A`` shares its sparsity pattern (row offsets and column indices) with ``K + R`` and
-        ``M`` (see :meth:`_assemble_operators`), so it costs only its values (8 B per nonzero). The values are always recomputed
-        from ``K + R`` and ``M`` (never updated incrementally), so they are a function of a0
-        alone and a resumed run sees the same matrices as the original.
+        ``M`` (see :meth:`_assemble_operators`), so it costs only its values (8 B per nonzero).
+        The values are always recomputed from ``K + R`` and ``M`` (never updated incrementally),
+        so they are a function of a0 alone and a resumed run sees the same matrices as the original.
         """
         if self._A is None:
             self._A = self._KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
@@ -598,14 +623,14 @@ class DiffusionProblem:
             if ksp is not None:
                 ksp.destroy()
             ksp = oldest
-        prefix = options = None
         if ksp is None:
             ksp, prefix, options = self._new_ksp("direct")
-        ksp.setOperators(A)
-        ksp.getPC().setReusePreconditioner(False)
-        if options is not None:
+            ksp.setOperators(A)
+            ksp.getPC().setReusePreconditioner(False)
             self._first_setup(ksp, prefix, options)
-        else:
+        else:  # a pooled solver: its options were read at its first set-up
+            ksp.setOperators(A)
+            ksp.getPC().setReusePreconditioner(False)
             ksp.setUp()
         # The pool shares the operator matrix, whose values change with a0: a cached
         # factorisation must not be redone when the matrix it was made from changes.
@@ -666,7 +691,7 @@ class DiffusionProblem:
         """Mean c over the whole transporting domain in mol/m^3."""
         return self.settings.physics.c_bulk * self._w_dx.dot(self.c.x.petsc_vec) / self.volume
 
-    def concentration(self) -> fem.Function:
+    def concentration(self) -> Field:
         """c in mol/m^3 as a new Function (for output)."""
         out = fem.Function(self.V, name="c")
         out.x.array[:] = self.settings.physics.c_bulk * self.c.x.array

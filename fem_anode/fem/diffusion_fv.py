@@ -43,7 +43,7 @@ from petsc4py import PETSc
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion import LENGTH_UNIT, DiffusionProblem, DiffusionSettings
-from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds
+from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import _assemble, _chunks, _shift
 from fem_anode.imaging.slabs import label_slabs
 from fem_anode.meshing.tags import interface_name
@@ -158,10 +158,15 @@ class VoxelFVProblem(DiffusionProblem):
         comm: communicator; every rank reads and solves its own slab of z layers.
     """
 
-    def __init__(self, image: Any, settings: DiffusionSettings, comm: MPI.Comm) -> None:  # noqa: C901 (one assembly pass)
+    # The fields are vectors of the voxels, the operator exists from the start, there is no mesh.
+    c: VectorField
+    _c_old: VectorField
+    _c_older: VectorField
+    _A: PETSc.Mat
+
+    def __init__(self, image: Any, settings: DiffusionSettings, comm: MPI.Intracomm) -> None:
         settings.check()
         self.settings, self.comm, self.image = settings, comm, image
-        self.tagged = None
         geometry, physics = settings.geometry, settings.physics
         phases = image.require_phases()
         for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
@@ -181,7 +186,7 @@ class VoxelFVProblem(DiffusionProblem):
         rate_f = physics.k_f / LENGTH_UNIT
         rate_si = physics.k_si / LENGTH_UNIT
         self.eps, self.rate_f, self.rate_si = physics.eps, rate_f, rate_si
-        conductance = tuple(float(rate_D * area[a] / h[a]) for a in range(3))
+        conductance = (float(rate_D * area[0] / h[0]), float(rate_D * area[1] / h[1]), float(rate_D * area[2] / h[2]))
         film = [float(area[a] / (h[a] / (2 * rate_D) + 1 / rate_f)) if rate_f > 0 else 0.0 for a in range(3)]
         si_value = phases.get(geometry.si_phase)
         si_film = (
@@ -311,7 +316,7 @@ class VoxelFVProblem(DiffusionProblem):
             self._M = self._A.duplicate(copy=True)
             self._M.zeroEntries()
             self._M.setDiagonal(self._m, addv=PETSc.InsertMode.INSERT_VALUES)
-        return self._KR, self._M  # type: ignore[return-value]
+        return self._KR, self._M
 
     def solver_memory(self) -> dict[str, float]:
         """Bytes of the solver's matrices, vectors and set-ups, summed over ranks, and per unknown."""
@@ -575,7 +580,7 @@ class _SlabEisenstat:
         if above is not None:
             w[self.last_rows] -= self.g_z * above[self.last_pos]
 
-    def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:  # noqa: ARG002 (PETSc's shell interface)
+    def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
         self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
@@ -593,19 +598,19 @@ class _SlabEisenstat:
         self.ksp.solve(self.bhat, self.yhat)
         self._sweep(self.yhat, x, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
 
-    def getConvergedReason(self) -> int:  # noqa: N802 (the KSP interface the time loop uses)
+    def getConvergedReason(self) -> int:
         return int(self.ksp.getConvergedReason())
 
-    def getIterationNumber(self) -> int:  # noqa: N802
+    def getIterationNumber(self) -> int:
         return int(self.ksp.getIterationNumber())
 
-    def getConvergenceHistory(self) -> Any:  # noqa: N802
+    def getConvergenceHistory(self) -> Any:
         return self.ksp.getConvergenceHistory()
 
-    def getType(self) -> str:  # noqa: N802
+    def getType(self) -> str:
         return "cg"
 
-    def getPC(self) -> Any:  # noqa: N802
+    def getPC(self) -> Any:
         return _Named("eisenstat-slabs")
 
     def free(self) -> None:
@@ -621,7 +626,7 @@ class _Named:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def getType(self) -> str:  # noqa: N802
+    def getType(self) -> str:
         return self.name
 
 
@@ -631,7 +636,7 @@ class _DiagonalScaling:
     def __init__(self, owner: _SlabEisenstat) -> None:
         self.owner = owner
 
-    def apply(self, pc: Any, x: PETSc.Vec, y: PETSc.Vec) -> None:  # noqa: ARG002
+    def apply(self, pc: Any, x: PETSc.Vec, y: PETSc.Vec) -> None:
         y.array[:] = x.array_r * self.owner.d
 
 
@@ -696,7 +701,8 @@ class VoxelFieldWriter:
                 f'    <DataSet timestep="{time_:.9g}" file="c_{k}.vti"/>' for k, time_ in enumerate(self.times)
             )
             (self.directory / "c.pvd").write_text(
-                f'<?xml version="1.0"?>\n<VTKFile type="Collection" version="1.0">\n  <Collection>\n{entries}\n  </Collection>\n</VTKFile>\n'
+                '<?xml version="1.0"?>\n<VTKFile type="Collection" version="1.0">\n'
+                f"  <Collection>\n{entries}\n  </Collection>\n</VTKFile>\n"
             )
 
     def close(self) -> None:

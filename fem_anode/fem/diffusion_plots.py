@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from fem_anode.io.images import VoxelImage
 from fem_anode.io.figures import pyplot as _pyplot
 from fem_anode.io.figures import save_figure
+from fem_anode.io.images import VoxelImage
 
 __all__ = ["plot_concentration_fields", "plot_region_history", "render_and_report"]
 
