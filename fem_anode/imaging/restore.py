@@ -20,10 +20,11 @@ model by ``delta K(. - x)``, so its data-energy change is
 
 (``k = sum K^2`` for a single voxel). Voxels are visited on the 27 sub-lattices of spacing 3 (one
 sub-lattice at a time, all its voxels at once); for simultaneous changes on a sub-lattice the
-cross terms are bounded by replacing ``k`` with ``k_3 = sum over the sub-lattice of K*K``, so
-every sub-lattice step lowers E (a majorise-minimise step). The noise ``sigma_n`` is estimated
-from the image (:func:`~fem_anode.imaging.denoise.estimate_noise_sigma`); ``s`` and ``mu`` by least
-squares (:func:`estimate_psf`).
+cross terms are bounded by replacing ``k`` with the row sum of ``K*K`` over the sub-lattice
+(reflecting borders included), so every sub-lattice step lowers E (a majorise-minimise step).
+The noise ``sigma_n`` is estimated from the image
+(:func:`~fem_anode.imaging.denoise.estimate_noise_sigma`); ``s`` and ``mu`` by least squares
+(:func:`estimate_psf`).
 
 Gray images are float arrays in any scale; ``s`` is in voxels (the same along every axis).
 """
@@ -214,8 +215,9 @@ def blur_aware_icm(
 
     ``delta = mu_l - mu_L(x)``, ``c = K * g - (K*K) * f`` kept up to date after every sub-lattice
     (a full Gaussian filter of the change, or a local stencil update when few voxels changed),
-    ``n_l`` the number of face neighbours of class ``l``, ``k_3`` the sum of ``K*K`` over the
-    sub-lattice (which bounds the cross terms of simultaneous changes, so E never rises). After
+    ``n_l`` the number of face neighbours of class ``l``, ``k_3(x)`` the row sum of ``K*K`` over
+    the sub-lattice through ``x``, borders included (:func:`_sublattice_bound`; it bounds the
+    cross terms of simultaneous changes, so E never rises). After
     each sweep the levels are refitted by least squares (``refit_levels``: the same energy
     minimised over ``mu``). Stops when fewer than ``tol`` of the voxels changed in a sweep.
 
@@ -239,6 +241,8 @@ def blur_aware_icm(
     n = len(levels)
     if cls.shape != g.shape:
         raise InputError(f"labels shape {cls.shape} differs from the gray image {g.shape}")
+    if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= n):
+        raise InputError(f"class indices must be 0..{n - 1} (one level each), got {int(cls.min())}..{int(cls.max())}")
     if not (np.isfinite(psf_sigma) and psf_sigma > 0):
         raise UsageError(f"PSF width must be positive (voxels), got {psf_sigma}")
     if not (np.isfinite(noise_sigma) and noise_sigma > 0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fem_anode.errors import UsageError
+from fem_anode.errors import InputError, UsageError
 from fem_anode.imaging.restore import blur_aware_icm, estimate_psf, fit_levels, labels_energy
 from fem_anode.imaging.segmentation import iou_per_phase, multistage_threshold
 from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
@@ -94,6 +94,8 @@ def test_icm_removes_isolated_flips_and_never_raises_the_energy():
         blur_aware_icm(gray, flipped, levels, psf_sigma=1.0, noise_sigma=0.0)
     with pytest.raises(UsageError, match="PSF"):
         blur_aware_icm(gray, flipped, levels, psf_sigma=-1.0, noise_sigma=0.04)
+    with pytest.raises(InputError, match="class indices"):
+        blur_aware_icm(gray, flipped + 1, levels, psf_sigma=1.0, noise_sigma=0.04)
     with pytest.raises(UsageError, match="beta"):
         blur_aware_icm(gray, flipped, levels, psf_sigma=1.0, noise_sigma=0.04, beta=float("nan"))
 
