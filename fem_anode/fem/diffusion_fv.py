@@ -519,8 +519,8 @@ class _SlabEisenstat:
         self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
         self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
         self.bhat_work, self.w_work = A.createVecLeft(), A.createVecLeft()
-        self.d_mid = np.zeros(n)
-        self.d = np.zeros(n)
+        self.d = A.createVecLeft()  # the diagonal D of A (a0 dependent)
+        self.mid_scale = 1.0 - 2.0 / self.omega  # Eisenstat's middle term: (1 - 2/omega) D
         self.a0: float | None = None
         info = problem._layers_info
         slab, transport = info.slab, problem._transport
@@ -552,8 +552,7 @@ class _SlabEisenstat:
     def prepare(self, a0: float, diagonal: PETSc.Vec) -> None:
         """Use the operator's current values (its diagonal changes with a0)."""
         if self.a0 != a0:
-            self.d[:] = diagonal.array
-            self.d_mid = (1.0 - 2.0 / self.omega) * self.d
+            diagonal.copy(self.d)
             self.a0 = a0
 
     def _sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
@@ -584,12 +583,11 @@ class _SlabEisenstat:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
         self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        t_array, w_array = t.array, w.array
-        np.multiply(self.d_mid, t_array, out=w_array)
-        w_array += y.array_r
-        self._add_off_rank(t_array, w_array)
+        w.pointwiseMult(self.d, t)
+        w.aypx(self.mid_scale, y)  # w = y + (1 - 2/omega) D t
+        self._add_off_rank(t.array_r, w.array)
         self._sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        z.array[:] += t_array
+        z.axpy(1.0, t)
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
@@ -618,7 +616,7 @@ class _SlabEisenstat:
         self.ksp.destroy()
         self.shell.setPythonContext(None)
         self.shell.destroy()
-        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work, self.w_work):
+        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work, self.w_work, self.d):
             vec.destroy()
 
 
@@ -637,7 +635,7 @@ class _DiagonalScaling:
         self.owner = owner
 
     def apply(self, pc: Any, x: PETSc.Vec, y: PETSc.Vec) -> None:
-        y.array[:] = x.array_r * self.owner.d
+        y.pointwiseMult(x, self.owner.d)
 
 
 class VoxelFieldWriter:
