@@ -699,11 +699,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{order}: h = {', '.join(f'{v:.3g}' for v in data['h'])} m; cells = {', '.join(map(str, data['cells']))}"
         )
-        lines.append(f"  {'quantity':<28} {'finest':>12} {'extrapolated':>13} {'order':>6} {'GCI %':>8} {'asympt.':>8}")
+        width = max([28, *(len(name) for name in data["quantities"])])
+        lines.append(
+            f"  {'quantity':<{width}} {'values, coarse to fine':>36} {'extrapolated':>13} {'order':>6} "
+            f"{'GCI %':>8} {'asympt.':>8}  behaviour"
+        )
         for name, record in data["quantities"].items():
+            values = " ".join(f"{v:.5g}" for v in record["values"])
             lines.append(
-                f"  {name:<28} {record['values'][-1]:>12.6g} {record['extrapolated']:>13.6g} "
-                f"{record['observed_order']:>6.2f} {100 * record['gci']:>8.3g} {record['asymptotic_ratio']:>8.3g}"
+                f"  {name:<{width}} {values:>36} {record['extrapolated']:>13.6g} "
+                f"{record['observed_order']:>6.2f} {100 * record['gci']:>8.3g} {record['asymptotic_ratio']:>8.3g}  "
+                f"{record.get('converging', '')}"
             )
         independence = data["mesh_independent_1pct"]
         if independence["level"] is None:

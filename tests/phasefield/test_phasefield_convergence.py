@@ -10,7 +10,7 @@ import pytest
 
 dolfinx = pytest.importorskip("dolfinx")
 
-from fem_anode.fem.convergence import richardson, run_phasefield_study  # noqa: E402
+from fem_anode.fem.convergence import format_table, richardson, run_phasefield_study  # noqa: E402
 from fem_anode.fem.phasefield.settings import (
     CyclingSettings,
     GeometrySettings,
@@ -46,3 +46,11 @@ def test_void_metrics_get_an_order_or_are_reported_as_not_converging(shared_tmp_
         elif record["converging"] != "exact":  # oscillatory or diverging: said so, no order, no limit
             assert math.isnan(record["observed_order"]) and math.isnan(record["extrapolated"]), name
     assert quantities["void_fraction[half-cycle 2]"]["values"][-1] > 0  # voids formed on the delithiation
+    # the log table: each void metric with its three values and its behaviour (order or not)
+    table = format_table(report)
+    for name in VOID_METRICS:
+        record = quantities[f"{name}[half-cycle 2]"]
+        label = f"{name}[half-cycle 2]"
+        row = next(line.strip() for line in table.splitlines() if line.strip().startswith(label + " "))
+        assert row[len(label) :].split()[:3] == [f"{v:.5g}" for v in record["values"]], row
+        assert row.split()[-1] == record["converging"], row
