@@ -201,9 +201,7 @@ def compute_metrics(
         if image.ndim != 3:
             metrics.not_applicable["tortuosity_factor"] = "2D image: the tortuosity factor needs a 3D volume"
         else:
-            results = {
-                name: _tortuosity_factor(image, name, method=tortuosity_method, comm=comm) for name in names
-            }
+            results = {name: _tortuosity_factor(image, name, method=tortuosity_method, comm=comm) for name in names}
             metrics.add_tortuosity_factors(results, tortuosity_method)
     return metrics
 
@@ -293,7 +291,9 @@ def _settings(settings: Any, cls: type, what: str) -> Any:
         return cls.from_dict(settings)  # type: ignore[attr-defined]
     if isinstance(settings, (str, Path)):
         return cls.from_toml(settings).resolve_paths(Path(settings).parent)  # type: ignore[attr-defined]
-    raise UsageError(f"{what} must be a {cls.__name__}, a dict or the path of a TOML file, got {type(settings).__name__}")
+    raise UsageError(
+        f"{what} must be a {cls.__name__}, a dict or the path of a TOML file, got {type(settings).__name__}"
+    )
 
 
 def solve_diffusion(
@@ -333,8 +333,12 @@ def solve_diffusion(
         SolverError, Interrupted: the solve failed or was stopped; ``err.run`` is the partial
             :class:`~fem_anode.fem.diffusion_run.DiffusionRun` (save it to keep what was done).
     """
-    from fem_anode.fem.diffusion_run import simulate_diffusion
-
+    try:
+        from fem_anode.fem.diffusion_run import simulate_diffusion
+    except ImportError as err:
+        raise UsageError(
+            f"solve_diffusion needs FEniCSx (dolfinx, petsc4py, mpi4py), which is not importable: {err}"
+        ) from None
     settings = _settings(settings, DiffusionSettings, "settings")
     run = simulate_diffusion(
         settings,
@@ -429,8 +433,12 @@ def solve_phasefield(
         UsageError: bad settings. SolverError, Interrupted: the run failed or was stopped
             (with ``out``, the partial results are written first).
     """
-    from fem_anode.fem.phasefield.run import run_phasefield
-
+    try:
+        from fem_anode.fem.phasefield.run import run_phasefield
+    except ImportError as err:
+        raise UsageError(
+            f"solve_phasefield needs FEniCSx (dolfinx, petsc4py, mpi4py), which is not importable: {err}"
+        ) from None
     settings = _settings(settings, PhaseFieldSettings, "settings")
     comm = _world(comm)
     staging = None

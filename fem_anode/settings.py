@@ -36,7 +36,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar, get_args, get_origin
 
@@ -90,7 +90,7 @@ def _section_name(cls: type) -> str | None:
             continue
         try:
             hints = _hints(top)
-        except Exception:  # noqa: BLE001 (an unresolvable annotation elsewhere must not break messages)
+        except Exception:  # an unresolvable annotation elsewhere must not break a message
             continue
         names.update(f.name for f in dataclasses.fields(top) if hints.get(f.name) is cls)
     return names.pop() if len(names) == 1 else None

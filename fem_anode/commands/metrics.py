@@ -141,10 +141,14 @@ def run(args: argparse.Namespace) -> int:
     tortuosity = metrics.geodesic_tortuosity
     if tortuosity:
         unreachable = 100 * tortuosity["unreachable_fraction"]["overall"]
-        logger.info("geodesic tortuosity mean %.4g, unreachable %.2f %% of pore voxels", tortuosity["mean"], unreachable)
+        logger.info(
+            "geodesic tortuosity mean %.4g, unreachable %.2f %% of pore voxels", tortuosity["mean"], unreachable
+        )
     for name, tau in metrics.tortuosity_factor.items():
         logger.info(
-            "tortuosity factor of %s along z: %s", name, "inf (not percolating)" if tau == float("inf") else f"{tau:.4g}"
+            "tortuosity factor of %s along z: %s",
+            name,
+            "inf (not percolating)" if tau == float("inf") else f"{tau:.4g}",
         )
     for key, reason in metrics.not_applicable.items():
         logger.info("%s: not applicable (%s)", key, reason)

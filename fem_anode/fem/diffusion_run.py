@@ -21,7 +21,7 @@ from fem_anode.errors import InputError, Interrupted, SolverError
 from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
-from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
+from fem_anode.io.checkpoint import Checkpoint, Checkpointer, CheckpointPolicy, CheckpointStore
 from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
 from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read_image
 from fem_anode.io.interrupt import SafeStop
@@ -107,9 +107,7 @@ def _prepare_geometry(
         source = Path(source)
         if _is_mesh_path(source):
             if finite_volumes:
-                raise UsageError(
-                    "mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'"
-                )
+                raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
             tagged = read_mesh(source, comm)
             _mesh_memory_check(tagged, settings, comm)
             return _Geometry(tagged, None)
@@ -128,7 +126,9 @@ def _prepare_geometry(
         image = source
         if geometry.pixel_size is not None or geometry.phases is not None:
             if isinstance(image, ImageLayers):
-                raise UsageError("geometry.pixel_size/phases override the metadata of an image file, not of open layers")
+                raise UsageError(
+                    "geometry.pixel_size/phases override the metadata of an image file, not of open layers"
+                )
             image = image.with_metadata(geometry.pixel_size, geometry.phases)
     else:
         raise UsageError(
@@ -140,7 +140,9 @@ def _prepare_geometry(
         counts = _label_counts(image, comm)
         _check_phases(image, counts, settings)
         unknowns = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
+        check_memory(
+            estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes"
+        )
         return _Geometry(None, image)
     if mesh_settings.method == "voxel":
         from fem_anode.fem.voxel_mesh import create_voxel_mesh
@@ -149,7 +151,9 @@ def _prepare_geometry(
         _check_phases(image, counts, settings)
         cells = counts[image.require_phases()[geometry.transport_phase]]
         check_memory(
-            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size), comm, hint=_HINT
+            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size),
+            comm,
+            hint=_HINT,
         )
         return _Geometry(create_voxel_mesh(image, comm, [geometry.transport_phase]), image, voxel_mesh=True)
     if not isinstance(image, VoxelImage):
@@ -778,9 +782,7 @@ def run_diffusion(
     """
     settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
     settings.check_source()
-    run = simulate_diffusion(
-        settings, comm, None, workdir=Path(staging), checkpoint_dir=checkpoint_dir, resume=resume
-    )
+    run = simulate_diffusion(settings, comm, None, workdir=Path(staging), checkpoint_dir=checkpoint_dir, resume=resume)
     run.save(staging, render=render, metadata=False)
     if run.stopped is not None:
         raise run.stopped
