@@ -346,3 +346,20 @@ def test_api_without_fenicsx_or_mpi(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout and (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_python_api_demo_runs(comm):
+    """demos/python_api.py as a script (it asserts its own numbers: tau from both calls, t90 I < IV)."""
+    import runpy
+    import shutil
+
+    demo = Path(__file__).resolve().parents[1] / "demos" / "python_api.py"
+    namespace = runpy.run_path(str(demo), run_name="__main__")
+    res, pf = namespace["res"], namespace["pf"]
+    assert res.status == "completed" and res.t90["I"] < res.t90["IV"]
+    ratio = pf.series("outer_radius_m")[0] / pf.series("outer_radius_m")[1]
+    assert ratio == pytest.approx(1.5874, rel=0.02)  # 1 + beta of the default material
+    comm.barrier()
+    if comm.rank == 0:
+        assert (namespace["work"] / "diffusion" / "results.json").is_file()
+        shutil.rmtree(namespace["work"])
