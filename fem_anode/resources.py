@@ -44,11 +44,17 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fem_anode.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.io.images import VoxelImage
 
 __all__ = [
     "MemoryEstimate",
@@ -121,12 +127,13 @@ class MemoryEstimate:
     Attributes:
         what: the operation, for messages (e.g. ``"voxel mesh of a 400x400x400 image"``).
         bytes: estimated peak resident memory in bytes.
-        details: the counts behind the estimate (cells, nodes, dofs, non-zeros, ...).
+        details: the counts behind the estimate (cells, nodes, dofs, non-zeros, ...) and the
+            choices it assumed (e.g. ``solver``).
     """
 
     what: str
     bytes: float
-    details: dict[str, float] = dataclasses.field(default_factory=dict)
+    details: dict[str, float | str] = dataclasses.field(default_factory=dict)
 
     def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
         return MemoryEstimate(
@@ -175,7 +182,7 @@ def _local_available() -> float:
         return math.inf
 
 
-def available_memory(comm: Any = None) -> float:
+def available_memory(comm: MPI.Comm | None = None) -> float:
     """Memory available to a job in bytes, capped by ``FEM_ANODE_MEMORY_LIMIT``.
 
     Args:
@@ -197,16 +204,25 @@ def available_memory(comm: Any = None) -> float:
     return local
 
 
-def check_memory(estimate: MemoryEstimate, comm: Any = None, *, hint: str = "") -> None:
+def check_memory(
+    estimate: MemoryEstimate, comm: MPI.Comm | None = None, *, hint: str = "", enabled: bool = True
+) -> None:
     """Refuse an operation whose estimated memory exceeds what is available.
 
     Collective when ``comm`` spans several ranks (every rank gets the same decision if the
     estimate is the same on every rank).
 
+    Args:
+        estimate: what the operation needs.
+        comm: communicator whose nodes' memory counts (``None``: this node).
+        hint: what to do instead, for the message.
+        enabled: ``False`` skips the check (the CLI's ``--no-memory-check``); so does
+            ``FEM_ANODE_MEMORY_CHECK=off`` in the environment.
+
     Raises:
         InputError: estimate > available memory, stating both.
     """
-    if not memory_check_enabled():
+    if not enabled or not memory_check_enabled():
         return
     available = available_memory(comm)
     logger.debug(
@@ -249,13 +265,13 @@ def _kept_mask_counts(labels: np.ndarray, kept_values: Sequence[int], chunk: int
     image is processed in slabs of ``chunk`` planes along axis 0 (a loop over slabs, not
     voxels), so no temporary is larger than a slab.
     """
-    kept_values = np.asarray(sorted(kept_values))
+    kept = np.asarray(sorted(kept_values))
     cells = facets = 0
     n0 = labels.shape[0]
     for start in range(0, n0, chunk):
         stop = min(start + chunk, n0)
         block = labels[start : min(stop + 1, n0)]  # one plane of overlap with the next slab
-        mask = np.isin(block, kept_values)
+        mask = np.isin(block, kept)
         m = len(block) - 1
         facets += int(np.count_nonzero((block[:m] != block[1:]) & (mask[:m] | mask[1:])))
         own, own_mask = block[: stop - start], mask[: stop - start]
@@ -267,14 +283,12 @@ def _kept_mask_counts(labels: np.ndarray, kept_values: Sequence[int], chunk: int
             facets += int(np.count_nonzero(np.take(own_mask, 0, axis=axis))) + int(
                 np.count_nonzero(np.take(own_mask, -1, axis=axis))
             )
-    facets += int(np.count_nonzero(np.isin(labels[0], kept_values))) + int(
-        np.count_nonzero(np.isin(labels[-1], kept_values))
-    )
+    facets += int(np.count_nonzero(np.isin(labels[0], kept))) + int(np.count_nonzero(np.isin(labels[-1], kept)))
     return cells, facets
 
 
 def estimate_mesh_memory(
-    image: Any,
+    image: VoxelImage,
     method: str = "voxel",
     keep: Sequence[str] | None = None,
     *,
@@ -358,12 +372,17 @@ def estimate_fe_memory(
             "matrix_bytes": matrices,
             "factor_bytes": factor,
             "solver": solver,
-        },  # type: ignore[dict-item]
+        },
     )
 
 
 def estimate_diffusion_memory(
-    image: Any, settings: Any, *, ranks: int = 1, cells: float | None = None, cell_type: str | None = None
+    image: VoxelImage | None,
+    settings: DiffusionSettings,
+    *,
+    ranks: int = 1,
+    cells: float | None = None,
+    cell_type: str | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory of a diffusion run (meshing the image, then the FE solve).
 
@@ -391,7 +410,7 @@ def estimate_diffusion_memory(
             nodes = n_cells / 2.0
             cell_type = "triangle"
         else:
-            n_cells, nodes = mesh.details["cells"], mesh.details["nodes"]
+            n_cells, nodes = float(mesh.details["cells"]), float(mesh.details["nodes"])
             cell_type = "quadrilateral" if ndim == 2 else "hexahedron"
         dofs = nodes * (2**ndim if degree == 2 else 1)
         fe = estimate_fe_memory(
@@ -429,7 +448,7 @@ def estimate_diffusion_memory(
 
 
 def estimate_voxel_diffusion_memory(
-    cells: float, nodes: float, shape: Sequence[int], settings: Any, *, ranks: int = 1
+    cells: float, nodes: float, shape: Sequence[int], settings: DiffusionSettings, *, ranks: int = 1
 ) -> MemoryEstimate:
     """Estimated peak memory of a diffusion run on a distributed voxel mesh (no gmsh).
 
@@ -476,7 +495,7 @@ def estimate_voxel_diffusion_memory(
     )
 
 
-def _chooses_multigrid(settings: Any, ndim: int, dofs: float) -> bool:
+def _chooses_multigrid(settings: DiffusionSettings, ndim: int, dofs: float) -> bool:
     """True if the settings ask for the shifted multigrid explicitly (and the solve iterates)."""
     solver = settings.solver
     iterative = solver.type == "iterative" or (solver.type == "auto" and ndim == 3 and dofs >= 50_000)

@@ -458,7 +458,7 @@ def diagnose(
     relative = sv / largest
     small = relative < rank_tolerance
     rank = int(np.count_nonzero(~small)) if sv[0] > 0 else 0
-    not_identified = set()
+    not_identified: set[int] = set()
     for k in np.flatnonzero(small):
         not_identified.update(int(i) for i in np.flatnonzero(np.abs(vt[k]) >= 0.3))
     if sv[0] <= 0:
@@ -518,7 +518,8 @@ def _polish(
 
 
 def _goodness(problem: FitProblem, theta: np.ndarray, cost: float) -> dict[str, Any]:
-    traj = gap_trajectories(problem.grid, *theta[:3], problem.cycles, problem.expansion)
+    alpha0, kappa0, delta0 = theta[:3]
+    traj = gap_trajectories(problem.grid, alpha0, kappa0, delta0, problem.cycles, problem.expansion)
     _, mean, std = gap_statistics(traj, theta[3])
     c, j, w = problem.cycle_obs, problem._idx_obs, problem._w_obs
     mu = (1 - w) * mean[c, j] + w * mean[c, j + 1]

@@ -145,7 +145,7 @@ def gap_statistics(gaps: np.ndarray, zeta0: ArrayLike) -> tuple[np.ndarray, np.n
         ``(survival, mean, std)``, each shaped like ``gaps``; ``survival[..., n, i]`` is the
         probability that particle ``i`` is still connected after cycle ``n``.
     """
-    zeta = np.asarray(zeta0, dtype=float)[..., None, :] if np.ndim(zeta0) else float(zeta0)
+    zeta = np.asarray(zeta0, dtype=float)[..., None, :] if np.ndim(zeta0) else float(np.asarray(zeta0))
     lead = np.moveaxis(gaps, -2, 0)
     zeta_lead = (
         np.moveaxis(np.broadcast_to(zeta, np.broadcast_shapes(np.shape(zeta), gaps.shape)), -2, 0)

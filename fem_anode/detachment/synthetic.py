@@ -56,7 +56,8 @@ def sample_gap_data(
     standard deviation ``noise`` (m), clipped at zero.
     """
     dist = distribution or SizeDistribution()
-    counts = [int(n_per_cycle)] * len(cycles) if np.isscalar(n_per_cycle) else [int(n) for n in n_per_cycle]  # type: ignore[arg-type]
+    per_cycle = np.asarray(n_per_cycle)
+    counts = [int(per_cycle)] * len(cycles) if per_cycle.ndim == 0 else [int(n) for n in per_cycle]
     if len(counts) != len(cycles):
         raise UsageError("n_per_cycle must be one number or one per cycle")
     n_max = max(int(c) for c in cycles) if len(cycles) else 0
@@ -153,7 +154,7 @@ def gapped_electrode(
     order = np.argsort(-radii_a)  # big first: easier packing
     placed: list[tuple[np.ndarray, float, float, float, float, float]] = []  # centre, R_si, gap, sei, z, outer
     centres = np.zeros((0, ndim))
-    outers = np.zeros(0)
+    outers: np.ndarray = np.zeros(0)
     for i in order:
         R, g, s = radii_a[i], gaps_a[i], min(sei_a[i], gaps_a[i])
         z = rng.uniform(-R, R) if ndim == 2 else 0.0
@@ -188,7 +189,7 @@ def gapped_electrode(
         shells[box] |= dist3 <= R + g + cbd_thickness + 2 * h
     if graphite_fraction > 0:
         target = graphite_fraction * labels.size
-        g_radius = 0.05 * float(min(extent))
+        g_radius = 0.05 * float(extent.min())
         filled = 0
         for _ in range(200):
             if filled >= target:

@@ -58,7 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -473,7 +473,7 @@ def _digest_fields(directory: Path, comm: Any) -> dict[str, dict[str, Any]] | No
     Chunk ``j`` of the sorted file listing is hashed (and its file fsynced) by rank ``j mod size``.
     """
     root = directory / _FIELDS
-    listing = None
+    listing: list[tuple[str, int]] = []
     if _rank(comm) == 0:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         listing = [(p.relative_to(directory).as_posix(), p.stat().st_size) for p in files]
@@ -555,7 +555,7 @@ class Checkpoint:
                     f"checkpoint field {name!r} ({meta['size']} values, {meta['mode']}) does not fit the current run's "
                     f"unknowns: the image or the discretisation differs from the checkpointed run"
                 )
-            error = None
+            error: str | None = None
             try:
                 _read_global_array(self.path / meta["file"], u, u.comm)
             except (OSError, ValueError) as err:
@@ -584,7 +584,7 @@ class Checkpoint:
                 f"checkpoint field {name!r}: the mesh differs from the checkpointed run (other cell positions or input "
                 "cell order); resume with the mesh made from the same input"
             )
-        error: str | None = None
+        error = None
         if not (self.path / meta["file"]).exists():
             error = (
                 f"checkpoint field {name!r}: {self.path} was replaced after it was loaded (is another run writing "
@@ -706,7 +706,7 @@ class CheckpointStore:
         """Rank 0: write arrays.npz and state.json into ``tmp``, then swap it in for the checkpoint."""
         arrays_path = tmp / _ARRAYS
         with open(arrays_path, "wb") as handle:
-            np.savez(handle, **data)
+            np.savez(handle, **cast("dict[str, Any]", data))  # numpy's stub lets **kwds fill allow_pickle
             handle.flush()
             os.fsync(handle.fileno())
         state["_checkpoint"] = {
@@ -867,7 +867,7 @@ class Checkpointer:
     def stop_reason(self) -> str:
         """Collective: the signal name that requested the stop on any rank (e.g. "SIGTERM")."""
         name = getattr(self.stop, "signal_name", None)
-        names = [name] if _size(self.comm) == 1 else self.comm.allgather(name)
+        names = [name] if self.comm is None or self.comm.size == 1 else self.comm.allgather(name)
         return next((n for n in names if n), "request")
 
     def save(self, step: int, state: Mapping[str, Any], arrays: Mapping[str, Any]) -> Path | None:

@@ -227,13 +227,13 @@ def _acquire(out: Path) -> tuple[Path, list[Path]]:
             if _try_create(path, record):
                 return path, created
             owner = read_lock(path)
-            if lock_is_stale(owner):
+            if owner is not None and lock_is_stale(owner):
                 logger.warning(
                     "removing the stale lock %s of a run that no longer exists (pid %s on %s)",
                     path,
                     owner.get("pid"),
                     owner.get("host"),
-                )  # type: ignore[union-attr]
+                )
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue

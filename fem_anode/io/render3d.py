@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -294,7 +294,7 @@ def metrics_scenes(
             }
         )
         # (b) pores and Si as objects (Fig. 5b)
-        layers = []
+        layers: list[dict[str, Any]] = []
         for name in (pore_phase, si_phase):
             if name in phases and (labels == phases[name]).any():
                 points, _ = voxel_faces(labels == phases[name], spacing)
@@ -477,7 +477,9 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
         if name not in variables:
             raise KeyError(f"{path} has no function {name!r} ({', '.join(sorted(variables))})")
         blocks = len(reader.engine.blocks_info("geometry", 0))
-        points, cells, offset = [], [], 0
+        points: list[np.ndarray] = []
+        blocks_cells: list[np.ndarray] = []
+        offset = 0
         cell_type = None
         for b in range(blocks):
             x = np.asarray(reader.read("geometry", block_id=b, step_selection=[0, 1]), dtype=np.float64).reshape(-1, 3)
@@ -488,7 +490,7 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
             cell_type, corners = _LINEAR_CELLS[vtk_type]
             connectivity = connectivity.reshape(len(connectivity), -1)
             points.append(x)
-            cells.append(connectivity[:, 1 : 1 + corners] + offset)
+            blocks_cells.append(connectivity[:, 1 : 1 + corners] + offset)
             offset += len(x)
         times = [float(np.asarray(reader.read("step", step_selection=[s, 1])).ravel()[0]) for s in range(steps)]
         values = [
@@ -500,10 +502,10 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
             )
             for s in range(steps)
         ]
-    x, cells = np.concatenate(points), np.concatenate(cells)
+    x, cells = np.concatenate(points), np.concatenate(blocks_cells)
     # Each rank also writes its ghost cells: keep one copy of each cell (same corner centroid).
     centroid = x[cells].mean(axis=1)
-    scale = max(float(np.ptp(x, axis=0).max()), np.finfo(np.float64).tiny)
+    scale = max(float(np.ptp(x, axis=0).max()), float(np.finfo(np.float64).tiny))
     _, first = np.unique(np.round(centroid / scale, 9), axis=0, return_index=True)
     return {"points": x, "cells": cells[np.sort(first)], "cell_type": cell_type, "times": times, "values": values}
 
@@ -554,7 +556,7 @@ def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Pa
     for t, path in entries:
         values, spacing = read_vti_cells(path)
         values, stride = downsample(values, max_voxels)
-        spacing = tuple(h * stride for h in spacing)
+        spacing = (spacing[0] * stride, spacing[1] * stride, spacing[2] * stride)
         keep = np.isfinite(values)
         keep[:, :, values.shape[2] // 2 :] = False
         points, owner = voxel_faces(keep, spacing)
@@ -676,7 +678,7 @@ def render_scenes(job: _Job, *, timeout_s: float = _CHILD_TIMEOUT_S) -> list[Fig
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".render3d-", dir=directory) as tmp:
         arrays = Path(tmp) / "arrays.npz"
-        np.savez(arrays, **job.arrays)
+        np.savez(arrays, **cast("dict[str, Any]", job.arrays))  # numpy's stub lets **kwds fill allow_pickle
         spec = Path(tmp) / "job.json"
         spec.write_text(
             json.dumps({"arrays": str(arrays), "directory": tmp, "scenes": job.scenes})

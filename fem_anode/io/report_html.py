@@ -342,7 +342,7 @@ def metrics_report(
         "the same kind of electrode."
     )
     samples = {reference_label: reference, label: metrics} if reference is not None else {label: metrics}
-    _metrics_tables(report, samples, pore_phase)  # type: ignore[arg-type]
+    _metrics_tables(report, samples, pore_phase)
     if metrics.get("relative_change"):
         _change_table(report, metrics["relative_change"], label, pore_phase)
     report.heading("Figures")
@@ -432,29 +432,20 @@ def _diffusion_tables(report: Report, results: Mapping[str, Any]) -> None:
     settings = results.get("settings") or {}
     physics = settings.get("physics") or {}
     report.heading("Run")
-    report.table(
-        ["quantity", "value"],
-        [
-            row
-            for row in [
-                ["status", results.get("status")],
-                ["cells", results.get("ncells")],
-                ["dofs", results.get("ndofs")],
-                ["element degree", results.get("element_degree")],
-                ["ranks", results.get("ranks")],
-                ["time steps", results.get("steps")],
-                ["factorisations", results.get("factorisations")],
-                ["mass-balance relative error", results.get("mass_balance_rel_error")],
-                [
-                    "final c min / max (mol/m^3)",
-                    f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}",
-                ],
-                ["wall time (s)", results.get("wall_time_s")],
-                *[[f"physics.{k}", v] for k, v in physics.items()],
-            ]
-            if row[1] is not None and row[1] != "- / -"
-        ],
-    )
+    rows: list[list[Any]] = [
+        ["status", results.get("status")],
+        ["cells", results.get("ncells")],
+        ["dofs", results.get("ndofs")],
+        ["element degree", results.get("element_degree")],
+        ["ranks", results.get("ranks")],
+        ["time steps", results.get("steps")],
+        ["factorisations", results.get("factorisations")],
+        ["mass-balance relative error", results.get("mass_balance_rel_error")],
+        ["final c min / max (mol/m^3)", f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}"],
+        ["wall time (s)", results.get("wall_time_s")],
+        *[[f"physics.{k}", v] for k, v in physics.items()],
+    ]
+    report.table(["quantity", "value"], [row for row in rows if row[1] is not None and row[1] != "- / -"])
     regions = results.get("regions") or {}
     times = results.get("times") or []
     if regions:

@@ -82,6 +82,7 @@ def build_model(
     keep: Sequence[str] | None = None,
     options: Any = None,
     order: int | None = None,
+    memory_check: bool = True,
 ) -> BuiltModel:
     """Mesh ``image`` into a new model of the current (initialised) gmsh session.
 
@@ -91,6 +92,8 @@ def build_model(
         keep: phases to mesh (default all); the others become tagged boundaries.
         options: :class:`~fem_anode.meshing.smooth2d.SmoothMeshOptions` (smooth only).
         order: element order 1 or 2; overrides ``options.order``.
+        memory_check: refuse a mesh whose estimated memory exceeds the available memory
+            (``False``: the CLI's ``--no-memory-check``).
 
     Raises:
         UsageError: unknown method or phase, options that do not apply to the method.
@@ -117,6 +120,7 @@ def build_model(
     check_memory(
         estimate_mesh_memory(image, method, keep, order=mesh_order),
         hint="crop or coarsen the image or mesh fewer phases",
+        enabled=memory_check,
     )
     if method == "smooth":
         opts = dataclasses.replace(options) if options is not None else SmoothMeshOptions()
@@ -152,6 +156,7 @@ def mesh_image(
     order: int | None = None,
     quality_path: str | Path | None = None,
     binary: bool | None = None,
+    memory_check: bool = True,
 ) -> MeshResult:
     """Mesh an image with gmsh, write the mesh file (metres) and a quality report.
 
@@ -160,7 +165,7 @@ def mesh_image(
         path: output file (``None``: nothing written, report only); the suffix picks the
             format: ``.msh`` (gmsh 4.1), ``.vtu``, ``.xdmf``, ``.inp`` or ``.med``
             (:mod:`fem_anode.meshing.export`).
-        method, keep, options, order: see :func:`build_model`.
+        method, keep, options, order, memory_check: see :func:`build_model`.
         quality_path: JSON file for the quality report (``None``: not written).
         binary: write the ``.msh`` in binary (``None``: binary above
             :data:`BINARY_ABOVE_CELLS` cells, where ASCII files get slow to write and read).
@@ -180,7 +185,7 @@ def mesh_image(
     gmsh.initialize(interruptible=False)
     try:
         gmsh.option.setNumber("General.Terminal", 0)
-        built = build_model(image, method=method, keep=keep, options=options, order=order)
+        built = build_model(image, method=method, keep=keep, options=options, order=order, memory_check=memory_check)
         elapsed = time.perf_counter() - start
         quality = mesh_quality(
             built.groups,

@@ -227,11 +227,11 @@ class BoundaryNetwork:
         loops: list[list[int]] = []
         areas: list[float] = []
         while outgoing:
-            node, item = next(iter(outgoing.items()))
+            node = next(iter(outgoing))
             loop = []
             first = node
             while True:
-                item = outgoing.pop(node, None)
+                item = outgoing.pop(node) if node in outgoing else None
                 if item is None:
                     raise InputError(
                         f"boundary of region {region} is not closed at node {node} (internal meshing error)"
@@ -388,7 +388,7 @@ def boundary_network(
     on_col = ((jc == 0) | (jc == nx)) & (jr > 0) & (jr < ny)
     cc = np.minimum(jc[on_col], nx - 1)
     jxy[on_col, 1] = jr[on_col] - 0.5 + _zero_fraction(smooth, index, (jr[on_col] - 1, cc), (jr[on_col], cc))
-    for node, xy in zip(jn.tolist(), jxy):
+    for node, xy in zip(map(int, jn), jxy):
         node_xy[node] = xy
 
     chains: list[Chain] = []
@@ -473,13 +473,13 @@ def _crossing_chains(chains: list[Chain]) -> set[int]:
     near = np.linalg.norm(mid[pairs[:, 0]] - mid[pairs[:, 1]], axis=1) <= half[pairs[:, 0]] + half[pairs[:, 1]] + 1e-9
     pairs = np.unique(np.sort(segment[pairs[near]], axis=1), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    i, j = pairs[:, 0], pairs[:, 1]
+    first, second = pairs[:, 0], pairs[:, 1]
 
     def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
 
     eps = 1e-9
-    d1, d2 = orient(p[i], q[i], p[j]), orient(p[i], q[i], q[j])
-    d3, d4 = orient(p[j], q[j], p[i]), orient(p[j], q[j], q[i])
+    d1, d2 = orient(p[first], q[first], p[second]), orient(p[first], q[first], q[second])
+    d3, d4 = orient(p[second], q[second], p[first]), orient(p[second], q[second], q[first])
     proper = (d1 * d2 < -eps) & (d3 * d4 < -eps)
-    return set(own[i[proper]].tolist()) | set(own[j[proper]].tolist())
+    return {int(k) for k in own[first[proper]]} | {int(k) for k in own[second[proper]]}

@@ -103,7 +103,7 @@ def _merged_blocks(mesh: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def _topological_dim(cell_type: str) -> int:
     import meshio
 
-    return int(meshio._mesh.topological_dimension[cell_type])  # type: ignore[attr-defined]
+    return int(meshio._mesh.topological_dimension[cell_type])
 
 
 def export_meshio(mesh: Any, groups: dict[str, tuple[int, int]], path: str | Path, gdim: int) -> Path:

@@ -143,7 +143,7 @@ def size_factor_2d(
             if not skeleton.any():
                 continue
             _, (iy, ix) = ndimage.distance_transform_edt(~skeleton, return_indices=True)
-            width = 2.0 * dist[iy, ix] * min(scale)
+            width = 2.0 * np.asarray(dist)[iy, ix] * min(scale)
             phi = np.where(mask, np.minimum(phi, width / opts.gap_width), phi)
     phi = np.clip(phi, opts.min_ratio, 1.0)
     logger.debug("size factor: min %.3g, mean %.3g (H = %.3g px)", phi.min(), phi[kept].mean(), h)
@@ -259,7 +259,7 @@ def _mesh_geometry(
         facet_members.setdefault(tag, []).extend(curves[i])
         tag_name[tag] = name
     surfaces: dict[int, list[int]] = {}
-    for region in np.nonzero(kept_region)[0].tolist():
+    for region in map(int, np.flatnonzero(kept_region)):
         loop_tags = []
         for loop in network.loops(region):
             signed: list[int] = []
@@ -279,8 +279,8 @@ def _mesh_geometry(
 
     field = _add_size_view(phi, scale, h)
     gmsh.model.mesh.field.setAsBackgroundMesh(field)
-    for option, value in (
-        ("Mesh.MeshSizeExtendFromBoundary", 0),
+    for option, number in (
+        ("Mesh.MeshSizeExtendFromBoundary", 0.0),
         ("Mesh.MeshSizeFromPoints", 0),
         ("Mesh.MeshSizeFromCurvature", 0),
         ("Mesh.MeshSizeMax", h),
@@ -289,7 +289,7 @@ def _mesh_geometry(
         ("Mesh.ElementOrder", 1),
         ("Mesh.LcIntegrationPrecision", 1e-3),  # default 1e-9 makes 1D meshing of long splines slow
     ):
-        gmsh.option.setNumber(option, value)
+        gmsh.option.setNumber(option, number)
     try:
         gmsh.model.mesh.generate(2)
         if opts.order == 2:

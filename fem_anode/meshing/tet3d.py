@@ -29,7 +29,7 @@ MAX_TET_CELLS = 60_000_000
 
 # Hex corner (dz, dy, dx) -> local index in voxel.py's gmsh hex node order.
 _HEX = [(0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0)]
-_LOCAL = {c: i for i, c in enumerate(_HEX)}
+_LOCAL: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(_HEX)}
 
 
 def _kuhn_tets() -> np.ndarray:

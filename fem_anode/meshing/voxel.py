@@ -125,7 +125,7 @@ class SlabNumbering:
         self.config = np.zeros(self.node_shape, dtype=np.uint8)
         for position, offset in enumerate(corner_offsets(self.ndim)):
             index = tuple(slice(o, o + n) for o, n in zip(offset, self.node_shape))
-            self.config |= padded[index] << position
+            self.config |= (padded[index] << position).astype(np.uint8, copy=False)
         copies = count[self.config]
         plane = int(np.prod(plane_shape))
         owned_planes = self.layers + (1 if owns_last_plane else 0)
@@ -156,7 +156,7 @@ class SlabNumbering:
             out[:, j] = self._first[flat] + rank
         return out
 
-    def owned_points(self, spacing: Sequence[float], z0: int) -> np.ndarray:
+    def owned_points(self, spacing: Sequence[float] | np.ndarray, z0: int) -> np.ndarray:
         """Coordinates (x, y[, z]) in metres of the owned node copies, in numbering order."""
         n_grid = self._owned_grid
         grid = np.repeat(np.arange(n_grid, dtype=np.int64), self._copies[:n_grid])
@@ -203,8 +203,8 @@ def _present_labels(array: np.ndarray) -> set[int]:
     """Label values that occur in ``array``."""
     a = np.asarray(array)
     if a.dtype.kind == "u" and a.dtype.itemsize <= 2:  # one counting pass instead of a sort
-        return set(np.flatnonzero(np.bincount(a.ravel())).tolist())
-    return set(np.unique(a).tolist())
+        return {int(v) for v in np.flatnonzero(np.bincount(a.ravel()))}
+    return {int(v) for v in np.unique(a)}
 
 
 def resolve_keep(image: VoxelImage, keep: Sequence[str] | None) -> dict[str, int]:
