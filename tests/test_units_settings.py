@@ -174,3 +174,53 @@ def test_resolve_paths_makes_relative_paths_relative_to_the_config(tmp_path):
     assert resolved.geometry.image == tmp_path / "roi.npy" and resolved.physics == settings.physics
     absolute = ToySettings(geometry=Geometry(image=Path("/data/roi.npy")))
     assert absolute.resolve_paths(tmp_path).geometry.image == Path("/data/roi.npy")
+
+
+# ----------------------------------------------------------- validation on construction
+
+
+def test_construction_validates_like_toml(tmp_path):
+    """An object built in Python gets the TOML path's message, with the section's name in the
+    key path (the field under which the top-level settings hold it)."""
+    with pytest.raises(UsageError, match=r"^physics\.D must be positive, got -1\.0$"):
+        Physics(D=-1.0)
+    (tmp_path / "c.toml").write_text('[geometry]\nimage = "a"\n[physics]\nD = -1.0\n')
+    with pytest.raises(UsageError, match=r"c\.toml: physics\.D must be positive, got -1\.0$"):
+        ToySettings.from_toml(tmp_path / "c.toml")
+    with pytest.raises(UsageError, match=r"unknown setting 'physics\.DD'; did you mean 'D'\?"):
+        Physics(DD=1.0)
+    with pytest.raises(
+        UsageError, match=r"physics\.scheme must be one of 'euler', 'bdf2', got 'bdf'; did you mean 'bdf2'\?"
+    ):
+        Physics(scheme="bdf")
+    with pytest.raises(UsageError, match=r"physics\.D must be a number, got 'fast'"):
+        ToySettings(geometry={"image": "a"}, physics={"D": "fast"})
+    with pytest.raises(UsageError, match=r"missing required setting 'geometry\.image'"):
+        ToySettings()  # the required image has no default
+    with pytest.raises(UsageError, match=r"^unknown setting 'physiks'; did you mean 'physics'\?"):
+        ToySettings(physiks={})
+
+
+def test_sections_as_dicts_are_converted_and_equal_to_objects():
+    from_dicts = ToySettings(geometry={"image": "roi.npy", "output_times": [1, 2]}, physics={"D": 1})
+    from_objects = ToySettings(
+        geometry=Geometry(image=Path("roi.npy"), output_times=[1.0, 2.0]), physics=Physics(D=1.0)
+    )
+    assert from_dicts == from_objects
+    assert isinstance(from_dicts.geometry.image, Path) and isinstance(from_dicts.physics.D, float)
+    regions = WithRegions(regions=[{"name": "I", "box": [0, 0, 1, 1]}, Box(name="II")])
+    assert [type(r) for r in regions.regions] == [Box, Box] and regions.regions[0].box == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(UsageError, match="needs 4"):
+        WithRegions(regions=[{"name": "I", "box": [0, 0, 1]}])
+    with pytest.raises(UsageError, match=r"did you mean 'name'"):
+        WithRegions(regions=[{"nme": "I"}])
+
+
+def test_replace_and_describe_with_required_settings():
+    settings = ToySettings(geometry=Geometry(image=Path("x")))
+    with pytest.raises(UsageError, match=r"missing required setting 'geometry\.image'"):
+        Geometry(image=None)
+    with pytest.raises(UsageError, match=r"physics\.eps must lie in"):
+        settings.replace(physics={"eps": 2.0})
+    rows = {key: default for key, default, _, _ in ToySettings.describe()}
+    assert rows["geometry.image"] == "(required)"  # describe does not need the required values

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import directed_hausdorff
 
-from fem_anode.errors import UsageError
+from fem_anode.errors import InputError, UsageError
 from fem_anode.imaging.metrics import (
     compute_metrics,
     connections_per_depth,
@@ -148,7 +148,7 @@ def _spheres(shape, voxel, centres, radius, phase="si", background="sei"):
 @pytest.mark.parametrize("voxel", [(0.1e-6,) * 3, (0.15e-6, 0.1e-6, 0.1e-6)])
 def test_spheres_surface_area_and_equivalent_diameter(voxel):
     r = 1.2e-6
-    shape = tuple(int(round(3.2 * r / h)) * 2 for h in voxel)
+    shape = tuple(round(3.2 * r / h) * 2 for h in voxel)
     shape = (shape[0], shape[1], shape[2] * 2)
     extent = [n * h for n, h in zip(shape, voxel)]
     centres = [(extent[0] / 2, extent[1] / 2, extent[2] / 4), (extent[0] / 2, extent[1] / 2, 3 * extent[2] / 4)]
@@ -325,3 +325,35 @@ def test_relative_change_of_phase_volume():
     assert m_ref["pore_si_distance"]["mean_m"] == pytest.approx(3e-6)
     assert m["relative_change"]["pore_si_distance_mean_m"] == pytest.approx(5 / 3 - 1)
     assert m["relative_change"]["pore_surface_area"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_metrics_object_names_dict_json_and_plot(tmp_path):
+    """The result object: attributes under unambiguous names over the metrics.json layout,
+    a JSON round trip, the reference's relative change, an overview figure and the CLI's files."""
+    from fem_anode.imaging.metrics import Metrics
+    from fem_anode.io.output import write_json
+
+    pristine, aged = anode_volume((12, 24, 24), seed=3), anode_volume((12, 24, 24), seed=3, aged=True)
+    m = Metrics.compute(aged, reference=pristine)
+    raw = compute_metrics(aged, reference=compute_metrics(pristine))
+    assert m.phase_fractions == raw["phase_fractions"] and m.geodesic_tortuosity == raw["tortuosity"]
+    assert m.connections_per_depth == raw["connections_per_depth"] and m.si_particles == raw["si_particles"]
+    assert (
+        m.relative_change == raw["relative_change"]
+        and m.reference.phase_fractions == raw["reference"]["phase_fractions"]
+    )
+    assert m.tortuosity_factor == {} and m.tortuosity_factor_details == {}
+    # the geodesic tortuosity field is the path length over the straight depth: 1 in slice 0's pores
+    tortuosity = m.fields["tortuosity"]
+    assert tortuosity.shape == aged.shape and np.all(tortuosity[np.isfinite(tortuosity)] >= 1 - 1e-12)
+    write_json(tmp_path / "metrics.json", {"provenance": {"command": "test"}, **m.to_dict()})
+    again = Metrics.from_json(tmp_path / "metrics.json")
+    assert again.phase_fractions == m.phase_fractions and again.relative_change == m.relative_change
+    assert "provenance" not in again.to_dict()
+    figure = m.plot(tmp_path / "overview.png")
+    assert len(figure.axes) == 4 and (tmp_path / "overview.png").stat().st_size > 10_000
+    out = m.save(tmp_path / "out", render=False, fields=True)
+    for name in ("metrics.json", "reference_metrics.json", "report.html", "per_slice.png", "tortuosity.npy"):
+        assert (out / name).is_file(), name
+    with pytest.raises(InputError, match="not a metrics record"):
+        Metrics({"phase_fractions": {}})
