@@ -542,7 +542,18 @@ def _relative_l2_difference(fine: Any, coarse: Any, *, padding: float, comm: Any
 
 #: Per-half-cycle record keys that are bookkeeping, not physical quantities of interest.
 PHASEFIELD_NOT_QUANTITIES = frozenset(
-    {"index", "kind", "t", "steps", "rejected_steps", "newton_iterations_total", "wall_time_s"}
+    {
+        "index",
+        "kind",
+        "t",
+        "steps",
+        "rejected_steps",
+        "newton_iterations_total",
+        "wall_time_s",
+        "factorisations",
+        "linear_iterations",
+        "equivalent_real_cycles",
+    }
 )
 
 
