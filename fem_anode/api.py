@@ -26,7 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fem_anode.errors import FemAnodeError, InputError, Interrupted, SolverError, UsageError
 from fem_anode.fem.diffusion_settings import DiffusionSettings
@@ -34,6 +34,7 @@ from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 from fem_anode.imaging.metrics import Metrics
 from fem_anode.io.images import VoxelImage
 from fem_anode.io.images import read_image as _read_image
+from fem_anode.settings import Settings
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -180,12 +181,12 @@ def compute_metrics(
             raise UsageError(f"{role} {name!r} is not a phase of {image.source} ({', '.join(phases)})")
     if tortuosity_factor is True:
         names: list[str] = [pore_phase]
-    elif tortuosity_factor in (None, False):
+    elif tortuosity_factor is None or tortuosity_factor is False:
         names = []
     elif isinstance(tortuosity_factor, str):
         names = [n.strip() for n in tortuosity_factor.split(",") if n.strip()] or [pore_phase]
     else:
-        names = list(tortuosity_factor)  # type: ignore[arg-type]
+        names = list(tortuosity_factor)
     unknown = [n for n in names if n not in phases]
     if unknown:
         raise UsageError(f"tortuosity factor: {', '.join(unknown)} not in the phase map ({', '.join(phases)})")
@@ -281,16 +282,21 @@ _tortuosity_factor = tortuosity_factor  # compute_metrics has an argument of thi
 # -------------------------------------------------------------------------------- diffusion
 
 
-def _settings(settings: Any, cls: type, what: str) -> Any:
+_S = TypeVar("_S", bound=Settings)
+
+
+def _settings(settings: _S | Mapping[str, Any] | str | Path | None, cls: type[_S], what: str) -> _S:
+    """Settings of ``cls`` from an object (checked again: fields may have changed since it was
+    made), a dict of sections, a TOML file (paths relative to it) or ``None`` (the defaults)."""
     if settings is None:
         return cls()
     if isinstance(settings, cls):
-        settings.check()  # fields may have been changed after construction
+        settings.check()
         return settings
     if isinstance(settings, Mapping):
-        return cls.from_dict(settings)  # type: ignore[attr-defined]
+        return cls.from_dict(settings)
     if isinstance(settings, (str, Path)):
-        return cls.from_toml(settings).resolve_paths(Path(settings).parent)  # type: ignore[attr-defined]
+        return cls.from_toml(settings).resolve_paths(Path(settings).parent)
     raise UsageError(
         f"{what} must be a {cls.__name__}, a dict or the path of a TOML file, got {type(settings).__name__}"
     )
@@ -348,7 +354,7 @@ def solve_diffusion(
         resume=resume,
     )
     if run.stopped is not None:
-        run.stopped.run = run  # type: ignore[attr-defined]
+        setattr(run.stopped, "run", run)  # noqa: B010 (an attribute the exception classes do not declare)
         raise run.stopped
     return run
 

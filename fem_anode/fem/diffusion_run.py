@@ -119,9 +119,9 @@ def _prepare_geometry(
     image: VoxelImage | ImageLayers
     if isinstance(source, Path):
         if mesh_settings.method == "smooth" and not finite_volumes:
-            image = read_image(source, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")  # type: ignore[arg-type]
+            image = read_image(source, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")
         else:  # distributed: every rank reads its own slab of layers
-            image = open_image_layers(source, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
+            image = open_image_layers(source, voxel_size=geometry.pixel_size, phases=geometry.phases)
     elif isinstance(source, (VoxelImage, ImageLayers)):
         image = source
         if geometry.pixel_size is not None or geometry.phases is not None:
@@ -176,10 +176,10 @@ def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path |
     from fem_anode.errors import FemAnodeError
 
     names = ("mesh.msh", "mesh.quality.json")
-    folder = None
+    made = None
     if comm.rank == 0:
-        folder = Path(tempfile.mkdtemp(prefix="fem_anode_mesh_")) if workdir is None else Path(workdir)
-    folder = comm.bcast(folder, root=0)  # rank 0 meshes and reads the file; the others only receive
+        made = tempfile.mkdtemp(prefix="fem_anode_mesh_") if workdir is None else str(workdir)
+    folder = Path(comm.bcast(made, root=0))  # rank 0 meshes and reads the file; the others only receive
     path = folder / "mesh.msh"
     error, files = None, {}
     if comm.rank == 0:
@@ -208,7 +208,7 @@ def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path |
         if comm.rank == 0 and workdir is None:
             import shutil
 
-            shutil.rmtree(folder, ignore_errors=True)  # type: ignore[arg-type]
+            shutil.rmtree(folder, ignore_errors=True)
     return _Geometry(tagged, image, files)
 
 
@@ -624,16 +624,18 @@ def simulate_diffusion(
     geo = _prepare_geometry(settings, geometry, workdir, comm)
     image = geo.image
     meshed = time.perf_counter()
-    if finite_volumes:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
+    if geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
         from fem_anode.fem.diffusion_fv import VoxelFVProblem
 
+        if image is None:
+            raise RuntimeError("a finite-volume geometry without an image")  # a bug, never bad input
         # Before the assembly: the distance transform's temporaries (about 180 B per voxel of a
         # slab) then do not add to the solver's memory.
-        scales = timescales(settings, _max_distance_to_pore(image, settings, comm))  # type: ignore[arg-type]
+        scales = timescales(settings, _max_distance_to_pore(image, settings, comm))
         problem = VoxelFVProblem(image, settings, comm)
     else:
         scales = timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None
-        problem = DiffusionProblem(geo.tagged, settings)  # type: ignore[arg-type]
+        problem = DiffusionProblem(geo.tagged, settings)
     assembled = time.perf_counter()
     logger.info(
         "diffusion: %d cells, %d unknowns (%s), D_eff = %.3g m^2/s, %d rank(s)",
