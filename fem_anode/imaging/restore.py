@@ -66,6 +66,18 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 def fit_levels(
     gray: np.ndarray, classes: np.ndarray, n_classes: int, s: float, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
+    """Least-squares phase levels of the blurred model (see :func:`_fit_levels`).
+
+    Returns:
+        ``(levels, mean squared residual)``.
+    """
+    levels, residual, _ = _fit_levels(gray, classes, n_classes, s, mask)
+    return levels, residual
+
+
+def _fit_levels(
+    gray: np.ndarray, classes: np.ndarray, n_classes: int, s: float, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Least-squares phase levels of the blurred model, ``min_mu |g - K * sum_k mu_k 1_k|^2``.
 
     The normal equations ``A mu = b`` with ``A_kl = <K 1_k, K 1_l>``, ``b_k = <K 1_k, g>``
@@ -73,7 +85,7 @@ def fit_levels(
     are absent get the level NaN.
 
     Returns:
-        ``(levels, mean squared residual)``.
+        ``(levels, mean squared residual, model K * f over the voxels of mask)``.
     """
     blurred = [_blur(classes == k, s) if np.any(classes == k) else None for k in range(n_classes)]
     present = [k for k in range(n_classes) if blurred[k] is not None]
@@ -88,7 +100,7 @@ def fit_levels(
     levels[present] = sol
     model = sum(float(m) * p for m, p in zip(sol, parts))
     residual = float(np.mean((gs - model) ** 2, dtype=np.float64))
-    return levels, residual
+    return levels, residual, model
 
 
 def estimate_psf(
@@ -253,7 +265,6 @@ def blur_aware_icm(
     mu = np.asarray(levels, dtype=np.float64).copy()
     usable = np.isfinite(mu)
     offsets, weights, kk_centre, k_sub = _kk_stencil(psf_sigma, ndim)
-    kg = _blur(g, psf_sigma)
     inv = np.float32(1.0 / (2.0 * noise_sigma**2))
     beta32 = np.float32(beta)
     colours = list(np.ndindex(*(_SPACING,) * ndim))
@@ -263,12 +274,18 @@ def blur_aware_icm(
         operators.append(ndimage.gaussian_filter1d(m, psf_sigma, axis=0, mode="reflect", truncate=_TRUNCATE))
     bounds = {off: _sublattice_bound(g.shape, off, operators) for off in colours}
     del operators
-    energies = [sum(labels_energy(g, cls, mu, psf_sigma, noise_sigma, beta))]
+    model = _blur(np.nan_to_num(mu).astype(np.float32)[cls], psf_sigma)  # K * f
+
+    def energy() -> float:
+        data = float(np.sum((g - model) ** 2, dtype=np.float64)) / (2.0 * noise_sigma**2)
+        return data + beta * sum(int(np.count_nonzero(np.diff(cls, axis=a))) for a in range(ndim))
+
+    energies = [energy()]
     changed_per_sweep: list[int] = []
     levels_per_sweep: list[list[float]] = []
     for _sweep in range(max_sweeps):
         mu32 = np.nan_to_num(mu).astype(np.float32)
-        c = kg - _blur_kk(mu32[cls], psf_sigma)
+        c = _blur(g - model, psf_sigma)  # K * (g - K * f)
         padded = np.pad(cls, 1, mode="constant", constant_values=n)
         changed_total = 0
         for off in colours:
@@ -321,10 +338,12 @@ def blur_aware_icm(
             changed_total += m
         changed_per_sweep.append(changed_total)
         if refit_levels:
-            fitted, _ = fit_levels(g, cls, n, psf_sigma)
+            fitted, _, model = _fit_levels(g, cls, n, psf_sigma)  # absent classes: no voxels, no term
             mu = np.where(np.isfinite(fitted), fitted, mu)
+        else:
+            model = _blur(mu32[cls], psf_sigma)
         levels_per_sweep.append([float(v) for v in mu])
-        energies.append(sum(labels_energy(g, cls, mu, psf_sigma, noise_sigma, beta)))
+        energies.append(energy())
         logger.debug("blur-aware ICM sweep %d: %d voxels changed, energy %.6g", _sweep, changed_total, energies[-1])
         if changed_total < tol * g.size:
             break
