@@ -9,10 +9,13 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fem_anode import __version__
 from fem_anode.io.images import VoxelImage, read_image
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = [
     "add_config_arguments",
@@ -160,7 +163,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _ranks(comm: Any) -> int:
+def _ranks(comm: MPI.Comm | None) -> int:
     if comm is not None:
         return int(comm.size)
     mpi = sys.modules.get("mpi4py.MPI")
@@ -202,7 +205,7 @@ def provenance(
     command: str,
     settings: Any = None,
     *,
-    comm: Any = None,
+    comm: MPI.Comm | None = None,
     args: argparse.Namespace | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
@@ -244,7 +247,7 @@ def provenance(
     return record
 
 
-def world_comm() -> Any:
+def world_comm() -> MPI.Comm | None:
     """``MPI.COMM_WORLD`` if mpi4py is installed, else ``None`` (serial, e.g. imaging-only installs).
 
     Also the fault-injection point ``comm`` of :mod:`fem_anode.faults` (tests only).
@@ -260,7 +263,16 @@ def world_comm() -> Any:
     return MPI.COMM_WORLD
 
 
-def is_root(comm: Any) -> bool:
+def require_comm(comm: MPI.Comm | None, what: str) -> MPI.Comm:
+    """``comm``; a UsageError naming ``what`` if there is none (mpi4py is not installed)."""
+    if comm is None:
+        from fem_anode.errors import UsageError
+
+        raise UsageError(f"{what} needs mpi4py (installed with the FEniCSx stack; see the README)")
+    return comm
+
+
+def is_root(comm: MPI.Comm | None) -> bool:
     """True on rank 0 (or without MPI): the rank that writes files and logs."""
     return comm is None or comm.rank == 0
 
@@ -349,7 +361,7 @@ def run_checkpointed(args: argparse.Namespace, settings: Any, command: str, chec
         )
     try:
         with output_directory(args.out, comm, keep_on=(Interrupted, SolverError)) as staging:
-            if comm.rank == 0:
+            if is_root(comm):
                 settings.to_toml(staging / "config.toml")
                 write_json(staging / "provenance.json", provenance(command, settings, comm=comm, args=args))
             results = solve(staging, comm)

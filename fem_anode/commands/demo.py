@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fem_anode.commands._common import add_out_argument, add_render_argument, check_int, is_root, provenance, world_comm
+from fem_anode.commands._common import (
+    add_out_argument,
+    add_render_argument,
+    check_int,
+    is_root,
+    provenance,
+    require_comm,
+    world_comm,
+)
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         mesh_path = staging / "meshes" / "roi_sei.msh"
         if args.mesh == "smooth" and _has_dolfinx():
             summary["mesh_independence"], summary["diffusion"], summary["mesh"] = _smooth_diffusion(
-                staging, comm, quick=args.quick
+                staging, require_comm(comm, "the demo's diffusion"), quick=args.quick
             )
             summary["mesh_check"] = _check_mesh_in_dolfinx(mesh_path, comm)
         else:
@@ -115,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
                 summary["mesh"] = _write_roi_mesh(examples["roi_2d"], mesh_path, args.mesh)
             summary["mesh_check"] = _check_mesh_in_dolfinx(mesh_path, comm)
             if "skipped" not in summary["mesh_check"]:
-                summary["diffusion"] = _run_diffusion(staging, comm, quick=args.quick)
+                summary["diffusion"] = _run_diffusion(
+                    staging, require_comm(comm, "the demo's diffusion"), quick=args.quick
+                )
         if root:
             write_json(staging / "summary.json", summary)
             write_report(staging / "report.md", summary, render=args.render)
@@ -306,11 +316,12 @@ def _smooth_diffusion(
     return check, diffusion, mesh
 
 
-def _check_mesh_in_dolfinx(path: Path, comm: MPI.Comm) -> dict[str, Any]:
+def _check_mesh_in_dolfinx(path: Path, comm: MPI.Comm | None) -> dict[str, Any]:
     """Load the mesh with dolfinx on all ranks and integrate its area and tagged boundaries."""
     if not _has_dolfinx():
         logger.warning("dolfinx not installed: skipping the FEniCSx mesh check")
         return {"skipped": "dolfinx not installed"}
+    comm = require_comm(comm, "the dolfinx mesh check")
     from fem_anode.fem.mesh_io import read_mesh
     from fem_anode.fem.mesh_measures import mesh_measures
 

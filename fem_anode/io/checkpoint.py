@@ -58,12 +58,15 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 from fem_anode.settings import Section, setting
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -614,7 +617,7 @@ class CheckpointStore:
             meshes. Every method is collective.
     """
 
-    def __init__(self, directory: str | Path, comm: Any = None) -> None:
+    def __init__(self, directory: str | Path, comm: MPI.Comm | None = None) -> None:
         self.directory = Path(directory)
         self.comm = comm
 
@@ -836,7 +839,7 @@ class Checkpointer:
         stop: Any = None,
         meta: Mapping[str, Any] | None = None,
         extra: Callable[[], tuple[dict[str, Any], dict[str, Any]]] | None = None,
-        comm: Any = None,
+        comm: MPI.Comm | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store

@@ -14,14 +14,17 @@ import logging
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = ["SafeStop", "agree_flags"]
 
 logger = logging.getLogger(__name__)
 
 
-def agree_flags(comm: Any, *flags: bool) -> tuple[bool, ...]:
+def agree_flags(comm: MPI.Comm | None, *flags: bool) -> tuple[bool, ...]:
     """Logical OR of each flag over the ranks of ``comm`` (one small allreduce; no-op serially)."""
     if comm is None or comm.size == 1:
         return tuple(bool(f) for f in flags)
@@ -61,7 +64,7 @@ class SafeStop:
             raise KeyboardInterrupt  # second Ctrl-C: give up waiting for the safe point
         self.request(name)
 
-    def agreed(self, comm: Any) -> bool:
+    def agreed(self, comm: MPI.Comm | None) -> bool:
         """Collective: True on every rank if any rank has a pending stop request."""
         return agree_flags(comm, self.requested)[0]
 

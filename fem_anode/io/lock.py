@@ -35,10 +35,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 from fem_anode.faults import share_error
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = ["output_lock", "lock_path", "check_output_path", "read_lock", "lock_is_stale"]
 
@@ -283,7 +286,7 @@ def _launcher_rank() -> int:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path, comm: Any = None) -> Iterator[Path]:
+def output_lock(out: str | Path, comm: MPI.Comm | None = None) -> Iterator[Path]:
     """Hold the exclusive lock of output ``out`` (a file or directory) for the ``with`` block.
 
     Args:

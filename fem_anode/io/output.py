@@ -14,9 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = ["atomic_path", "output_directory", "remove_stale_staging", "to_jsonable", "write_json", "write_text_atomic"]
 
@@ -75,7 +78,7 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 @contextlib.contextmanager
 def output_directory(
-    out: str | Path, comm: Any = None, keep_on: tuple[type[BaseException], ...] = ()
+    out: str | Path, comm: MPI.Comm | None = None, keep_on: tuple[type[BaseException], ...] = ()
 ) -> Iterator[Path]:
     """Stage a command's results and publish them in ``out`` only if the block succeeds.
 
@@ -111,7 +114,7 @@ def output_directory(
         yield from _staged(out, comm, keep_on)
 
 
-def _staged(out: Path, comm: Any, keep_on: tuple[type[BaseException], ...]) -> Iterator[Path]:
+def _staged(out: Path, comm: MPI.Comm | None, keep_on: tuple[type[BaseException], ...]) -> Iterator[Path]:
     rank = comm.rank if comm is not None else 0
     staging = None
     error = None
@@ -149,7 +152,7 @@ def _staged(out: Path, comm: Any, keep_on: tuple[type[BaseException], ...]) -> I
                 if agreed:
                     _publish(staging_path, out)
                 shutil.rmtree(staging_path, ignore_errors=True)
-            if sync is not None:
+            if sync is not None and comm is not None:
                 sync.Free()
                 comm.barrier()
 
