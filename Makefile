@@ -1,7 +1,8 @@
 # The two commands of the README, plus the setup they both run first.
 #   make demo   -- the main job on the built-in example data (results in fem_anode_demo/)
 #   make test   -- the full test suite, serially and under `mpirun -n 2`
-.PHONY: demo test setup clean
+#   make lint   -- ruff (lint of fem_anode/, format check of all Python code) and mypy on fem_anode/
+.PHONY: demo test lint setup clean
 
 OUT ?= fem_anode_demo
 
@@ -10,6 +11,11 @@ demo: setup
 
 test:
 	bash scripts/test.sh
+
+lint: setup
+	.venv/bin/ruff check fem_anode
+	.venv/bin/ruff format --check fem_anode tests demos benchmarks scripts
+	.venv/bin/python -m mypy
 
 setup:
 	bash scripts/setup.sh

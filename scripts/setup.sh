@@ -10,6 +10,9 @@
 #      --system-site-packages, so Debian's dolfinx/petsc4py/VTK stay visible.
 #   3. fem_anode installed editable with --no-deps (pip must not pull a PyPI vtk/numpy that
 #      would shadow Debian's).
+#   4. The lint tools of `make lint`: mypy from Debian (python3-mypy, in the list below) and ruff,
+#      pinned, from PyPI into the venv (Debian trixie has no ruff package). Without network the
+#      setup goes on and `make lint` says ruff is missing.
 #
 # Re-running is fast (a few seconds) when everything is in place.
 # Environment: FEM_ANODE_VENV (venv path), FEM_ANODE_SKIP_APT=1 (never call apt).
@@ -29,7 +32,11 @@ apt_packages=(
   python3-setuptools python3-wheel python3-venv python3.13-venv python3-pip
   openmpi-bin xvfb xauth libopenblas0-serial
   python3-sklearn python3-scifem chromium
+  python3-mypy
 )
+
+# The ruff version `make lint` runs (pyproject.toml [project.optional-dependencies] lint pins the same).
+ruff_version=0.17.6
 
 # Packages of the list above that are not installed (a machine set up by an older checkout
 # has the stack but not the packages added since).
@@ -125,4 +132,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$venv/bin/pytho
   echo "$digest" > "$stamp"
 fi
 "$venv/bin/python" -c "import fem_anode" || { log "fem_anode does not import from $venv"; exit 1; }
+
+if [ "$("$venv/bin/ruff" --version 2>/dev/null)" != "ruff $ruff_version" ]; then
+  log "installing ruff $ruff_version (PyPI) into $venv for make lint"
+  "$venv/bin/python" -m pip install -q "ruff==$ruff_version" \
+    || log "could not install ruff $ruff_version from PyPI: make lint will fail until it is installed"
+fi
 log "ready: $venv/bin/fem-anode"
