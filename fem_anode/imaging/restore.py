@@ -195,15 +195,30 @@ def _scatter_update(
     shape = np.array(c.shape)
     flat = c.reshape(-1)
     strides = np.cumprod([*c.shape[1:], 1][::-1])[::-1]
-    chunk = max(1, 2_000_000 // max(len(weights), 1))
-    for start in range(0, len(points), chunk):
-        p = points[start : start + chunk]
-        t = p[:, None, :] + offsets[None, :, :]
+    reach = int(np.abs(offsets).max()) if len(offsets) else 0
+    inner = np.all((points >= reach) & (points < shape - reach), axis=1)
+    flat_offsets = offsets @ strides
+    chunk = max(1, 4_000_000 // max(len(weights), 1))
+    # points whose stencil stays inside the image: one flat index per stencil entry
+    p_in, a_in = points[inner] @ strides, amounts[inner]
+    for start in range(0, len(p_in), chunk):
+        idx = (p_in[start : start + chunk, None] + flat_offsets[None, :]).ravel()
+        np.subtract.at(flat, idx, (a_in[start : start + chunk, None] * weights[None, :]).ravel())
+    # points near a border: the stencil reflected per axis through a lookup table
+    p_out, a_out = points[~inner], amounts[~inner]
+    if len(p_out) == 0:
+        return
+    tables = []
+    for n in c.shape:
+        t = np.arange(-reach, n + reach)
         t = np.where(t < 0, -t - 1, t)
-        t = np.where(t >= shape, 2 * shape - t - 1, t)
-        idx = (t * strides).sum(axis=2).ravel()
-        vals = (amounts[start : start + chunk, None] * weights[None, :]).ravel()
-        np.add.at(flat, idx, -vals)
+        tables.append(np.where(t >= n, 2 * n - t - 1, t))
+    for start in range(0, len(p_out), chunk):
+        p = p_out[start : start + chunk]
+        idx = np.zeros((len(p), len(weights)), dtype=np.int64)
+        for axis, (table, stride) in enumerate(zip(tables, strides)):
+            idx += table[p[:, axis, None] + offsets[None, :, axis] + reach] * stride
+        np.subtract.at(flat, idx.ravel(), (a_out[start : start + chunk, None] * weights[None, :]).ravel())
 
 
 def blur_aware_icm(
@@ -329,7 +344,7 @@ def blur_aware_icm(
             view = cls[sl]
             view[moved] = choice[moved]
             padded[tuple(slice(1, -1) for _ in range(ndim))][sl][moved] = choice[moved]
-            if m * len(weights) < g.size // 4:
+            if m * len(weights) < 4 * g.size:  # local update cheaper than two full filters
                 _scatter_update(c, points, amounts, offsets, weights)
             else:
                 change = np.zeros(g.shape, dtype=np.float32)
