@@ -1,4 +1,4 @@
-"""``fem-anode detachment {measure,simulate,fit}``: particle detachment (paper 003).
+"""``fem-anode detachment {measure,simulate,fit}``: particle detachment (Müller et al., 2018).
 
 * ``measure IMAGE --cycle N``: per Si particle, effective radius and mean ray-traced gap to the
   carbon-black/binder domain -> ``DIR/gaps.csv`` (``cycle,radius_m,gap_m``; 2D sections are

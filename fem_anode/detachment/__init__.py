@@ -1,7 +1,7 @@
 """Particle detachment from the carbon-black/binder domain (NumPy/SciPy; no dolfinx).
 
 Gap measurement from images (:mod:`fem_anode.imaging.gaps`), the Maxwell-material detachment
-model reconstructed from paper 003 (:mod:`~fem_anode.detachment.model`), its least-squares fit
+model reconstructed from Müller et al. (2018) (:mod:`~fem_anode.detachment.model`), its least-squares fit
 with a vectorised bootstrap (:mod:`~fem_anode.detachment.fitting`), CSV I/O, synthetic data and
 figures. Importing this package never imports dolfinx, gmsh or mpi4py. SI units in the API.
 """

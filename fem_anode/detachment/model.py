@@ -1,4 +1,4 @@
-"""The 1D detachment model of paper 003 (Maxwell material, adhesion, SEI growth, disconnection).
+"""The 1D detachment model of Müller et al. (2018): Maxwell material, adhesion, SEI growth, disconnection.
 
 Reconstructed from the paper's main text (its Supplementary Note 10 is not available); the
 equations and every assumption are in ``docs/detachment.md``. In short, per Si particle of
@@ -267,7 +267,7 @@ class SimulationResult:
         return float(self.radii[detached].min()) if detached.any() else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready results: ``capacity_retention`` and ``gap`` as specified in issue 8."""
+        """JSON-ready results: ``capacity_retention`` per cycle and ``gap`` mean/std per radius and cycle."""
         return {
             "units": {"radius_m": "m", "mean_m": "m", "std_m": "m", "capacity_retention": "fraction of Si volume"},
             "parameters": self.parameters.to_dict(),

@@ -30,7 +30,7 @@ __all__ = [
     "metrics_report",
 ]
 
-#: The numbers of paper 001 the reports compare with (SI units in the keys' names).
+#: The numbers of Vorauer et al. (2020) the reports compare with (SI units in the keys' names).
 PAPER: dict[str, Any] = {
     "citation": "Vorauer et al., Commun. Chem. 3, 141 (2020)",
     # Fig. 4e: pore vol% per slice over ~500 FIB-SEM slices of the pristine anode
