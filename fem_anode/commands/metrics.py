@@ -127,15 +127,15 @@ def run(args: argparse.Namespace) -> int:
         comm=comm,
     )
     with output_directory(args.out, comm) as staging:
-        if is_root(comm):
-            metrics.save(
-                staging,
-                label=args.image.stem,
-                reference_label=f"reference {Path(args.reference).stem}" if args.reference else "reference",
-                render=args.render,
-                fields=args.fields,
-                provenance=provenance("metrics", comm=comm, args=args),
-            )
+        metrics.save(
+            staging,
+            label=args.image.stem,
+            reference_label=f"reference {Path(args.reference).stem}" if args.reference else "reference",
+            render=args.render,
+            fields=args.fields,
+            provenance=provenance("metrics", comm=comm, args=args) if is_root(comm) else None,
+            comm=comm,
+        )
     fractions = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics.phase_fractions.items())
     logger.info("phase fractions: %s", fractions)
     tortuosity = metrics.geodesic_tortuosity

@@ -656,6 +656,16 @@ def compute_metrics(
 # ----------------------------------------------------------------------------- result object
 
 
+def _world_if_initialised() -> Any:
+    """``MPI.COMM_WORLD`` if this process uses MPI already, else ``None`` (nothing is imported)."""
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD
+    return None
+
+
 class Metrics:
     """Image metrics of one label image, SI units: the result of :func:`fem_anode.compute_metrics`.
 
@@ -841,7 +851,8 @@ class Metrics:
         fractions = ", ".join(f"{k} {v:.3f}" for k, v in self.phase_fractions.items())
         tortuosity = self.geodesic_tortuosity
         mean = "n/a" if not tortuosity or tortuosity.get("mean") is None else f"{tortuosity['mean']:.4g}"
-        return f"Metrics({self.image.get('source', '?')!r}, {self.image.get('ndim')}D; fractions {fractions}; geodesic tortuosity mean {mean})"
+        source, ndim = self.image.get("source", "?"), self.image.get("ndim")
+        return f"Metrics({source!r}, {ndim}D; fractions {fractions}; geodesic tortuosity mean {mean})"
 
     # -- output ------------------------------------------------------------------------------
     def plot(self, path: str | Path | None = None) -> Any:
@@ -907,7 +918,8 @@ class Metrics:
             render: the 3D pictures (pyvista; needs :attr:`image_data`).
             fields: also write the tortuosity and geodesic-distance arrays (float32).
             provenance: the record stored with the JSON files (default: made here).
-            comm: MPI communicator (``None``: serial).
+            comm: MPI communicator; every rank calls, rank 0 writes (``None``: ``COMM_WORLD``
+                if MPI is in use, else serial).
         """
         from fem_anode.imaging.plots import plot_comparison, plot_tortuosity_sections
         from fem_anode.io.output import atomic_path, write_json
@@ -918,6 +930,8 @@ class Metrics:
         if ref is not None and reference_label is None:
             reference_label = f"reference {Path(str(ref.image.get('source', ''))).stem}".strip()
         reference_label = reference_label or "reference"
+        if comm is None:
+            comm = _world_if_initialised()
         if comm is not None and comm.rank != 0:
             comm.barrier()
             return directory

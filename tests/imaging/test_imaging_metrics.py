@@ -352,7 +352,13 @@ def test_metrics_object_names_dict_json_and_plot(tmp_path):
     assert "provenance" not in again.to_dict()
     figure = m.plot(tmp_path / "overview.png")
     assert len(figure.axes) == 4 and (tmp_path / "overview.png").stat().st_size > 10_000
-    out = m.save(tmp_path / "out", render=False, fields=True)
+    try:  # every rank writes its own copy (tmp_path is per rank); rank 0 of COMM_WORLD would write alone
+        from mpi4py import MPI
+
+        own = MPI.COMM_SELF
+    except ImportError:
+        own = None
+    out = m.save(tmp_path / "out", render=False, fields=True, comm=own)
     for name in ("metrics.json", "reference_metrics.json", "report.html", "per_slice.png", "tortuosity.npy"):
         assert (out / name).is_file(), name
     with pytest.raises(InputError, match="not a metrics record"):
