@@ -133,7 +133,10 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument(
         "--xdmf",
         action="store_true",
-        help="with a .msh --out: also write MESH.xdmf (+ .h5) with cell and facet tags as dolfinx reads them (needs dolfinx)",
+        help=(
+            "with a .msh --out: also write MESH.xdmf (+ .h5) with cell and facet tags as dolfinx reads them (needs "
+            "dolfinx)"
+        ),
     )
     parser.add_argument(
         "--out",
@@ -147,10 +150,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fem_anode.meshing.build import mesh_image
+    from fem_anode.meshing.export import check_format
     from fem_anode.meshing.smooth2d import SmoothMeshOptions
     from fem_anode.units import parse_length
-
-    from fem_anode.meshing.export import check_format
 
     suffix = check_format(args.out)
     if args.xdmf and suffix != ".msh":
@@ -180,9 +182,9 @@ def run(args: argparse.Namespace) -> int:
             elements = 2.0 * extent[0] * extent[-1] / size**2
             if elements > _MAX_ELEMENTS:
                 raise UsageError(
-                    f"--size {args.size} would give about {elements:.3g} triangles on this {extent[-1]:.3g} m x {extent[0]:.3g} m "
-                    f"image (more than {_MAX_ELEMENTS:.0e}); use an element size of at least {size * (elements / _MAX_ELEMENTS) ** 0.5:.3g} m "
-                    f"(the pixel is {pixel:.3g} m)"
+                    f"--size {args.size} would give about {elements:.3g} triangles on this {extent[-1]:.3g} m x "
+                    f"{extent[0]:.3g} m image (more than {_MAX_ELEMENTS:.0e}); use an element size of at least "
+                    f"{size * (elements / _MAX_ELEMENTS) ** 0.5:.3g} m (the pixel is {pixel:.3g} m)"
                 )
         options = SmoothMeshOptions(
             size=parse_length(args.size) if args.size else None,

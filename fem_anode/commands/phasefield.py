@@ -19,14 +19,18 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="chemo-mechanical phase field of a Si nanowire cross-section (Li and vacancy Cahn-Hilliard, F = Fe Fc Fp, J2 plasticity, voids, SEI percolation)",
+        help=(
+            "chemo-mechanical phase field of a Si nanowire cross-section (Li and vacancy Cahn-Hilliard, F = Fe Fc "
+            "Fp, J2 plasticity, voids, SEI percolation)"
+        ),
         description="Cycle a Si nanowire cross-section (built-in disk or any tagged 2D mesh): Li Cahn-Hilliard with "
         "the regular-solution double well, finite-strain elasto-plasticity with chemical swelling, generalised plane "
-        "strain, Dirichlet c on the surface; with [vacancy] enabled (default) a vacancy Cahn-Hilliard field, random void "
-        "nucleation at the delithiation front and electrolyte percolation into surface-connected voids after every "
-        "delithiation (SEI growth into the wire). Writes DIR/results.json (one record per half-cycle, with void "
-        "fraction, SEI penetration depth, core connectivity), DIR/fields.bp and DIR/stress.bp (VTX on the deformed "
-        "mesh), DIR/mesh.msh, PNG snapshots and a Fig. 5-style morphology montage. See --defaults for every setting.",
+        "strain, Dirichlet c on the surface; with [vacancy] enabled (default) a vacancy Cahn-Hilliard field, random "
+        "void nucleation at the delithiation front and electrolyte percolation into surface-connected voids after "
+        "every delithiation (SEI growth into the wire). Writes DIR/results.json (one record per half-cycle, with "
+        "void fraction, SEI penetration depth, core connectivity), DIR/fields.bp and DIR/stress.bp (VTX on the "
+        "deformed mesh), DIR/mesh.msh, PNG snapshots and a Fig. 5-style morphology montage. See --defaults for every "
+        "setting.",
     )
     add_config_arguments(parser, default_out="phasefield_results")
     add_resume_argument(parser, "phasefield", keep="[solver], [checkpoint] and [output]")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         voids = ""
         if "void_fraction" in record:
             voids = (
-                f"  voids {100 * record['void_fraction']:.2f} %  electrolyte {100 * record['accessible_void_fraction']:.2f} %"
+                f"  voids {100 * record['void_fraction']:.2f} %  electrolyte "
+                f"{100 * record['accessible_void_fraction']:.2f} %"
                 f"  SEI depth {record['sei_penetration_depth_m'] * 1e9:.2f} nm  core {record['core_connectivity']:.3f}"
             )
         logger.info(

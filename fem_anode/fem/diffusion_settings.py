@@ -144,33 +144,42 @@ class SolverSettings(Section):
 
     type: str = setting(
         "auto",
-        "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)",
+        "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see "
+        "preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)",
         choices=("auto", "direct", "iterative"),
     )
     preconditioner: str = setting(
         "auto",
-        "CG preconditioner: 'ssor' (symmetric SOR; cheap, good while the mass term dominates), 'mg' (one smoothed-aggregation multigrid hierarchy for every step size, set up once per run), 'gamg' (PETSc GAMG set up anew for every step size), 'hypre' (BoomerAMG, likewise) or 'auto' (SSOR until a solve needs more than switch_iterations, then 'mg' for that and larger steps); petsc_options pc_type overrides it",
+        "CG preconditioner: 'ssor' (symmetric SOR; cheap, good while the mass term dominates), 'mg' (one "
+        "smoothed-aggregation multigrid hierarchy for every step size, set up once per run), 'gamg' (PETSc GAMG set "
+        "up anew for every step size), 'hypre' (BoomerAMG, likewise) or 'auto' (SSOR until a solve needs more than "
+        "switch_iterations, then 'mg' for that and larger steps); petsc_options pc_type overrides it",
         choices=("auto", "ssor", "mg", "gamg", "hypre"),
     )
     switch_iterations: int | None = setting(
         None,
-        "preconditioner 'auto': CG + SSOR iterations above which the step size moves to multigrid (default 40 on one rank, where an 'mg' iteration costs 3-4 of Eisenstat SSOR, 20 on several, where SOR's local sweeps cost more)",
+        "preconditioner 'auto': CG + SSOR iterations above which the step size moves to multigrid (default 40 on one "
+        "rank, where an 'mg' iteration costs 3-4 of Eisenstat SSOR, 20 on several, where SOR's local sweeps cost "
+        "more)",
         positive=True,
     )
     rtol: float = setting(
         1e-10,
-        "relative tolerance of CG (residual relative to the right-hand side); the initial guess is extrapolated from the last two steps",
+        "relative tolerance of CG (residual relative to the right-hand side); the initial guess is extrapolated from "
+        "the last two steps",
         positive=True,
     )
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     cache_size: int = setting(
         3,
-        "direct solver: at most this many factorisations kept (one per distinct step size; LRU), fewer if cache_memory is exceeded",
+        "direct solver: at most this many factorisations kept (one per distinct step size; LRU), fewer if "
+        "cache_memory is exceeded",
         positive=True,
     )
     cache_memory: float = setting(
         2e9,
-        "direct solver: memory budget per rank for the kept factorisations (the first one's size decides how many fit; at least one is kept)",
+        "direct solver: memory budget per rank for the kept factorisations (the first one's size decides how many "
+        "fit; at least one is kept)",
         unit="B",
         positive=True,
     )
@@ -189,7 +198,8 @@ class OutputSettings(Section):
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
     mesh: bool = setting(
         True,
-        "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are always written as mesh.msh",
+        "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are "
+        "always written as mesh.msh",
     )
 
 

@@ -368,7 +368,8 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None, dict[
         array = _to_single_channel(np.asarray(iio.imread(path)), str(path))
         return (array, *_read_sidecar(path))
     raise InputError(
-        f"{path}: unsupported image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)} or a folder of slices"
+        f"{path}: unsupported image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)} or a folder of "
+        "slices"
     )
 
 
@@ -451,7 +452,8 @@ def _tiff_series(tif: Any, path: Path) -> list[Any]:
             index = getattr(other.pages[0], "index", "?") if other.pages else "?"
             raise InputError(
                 f"{path}: page {index} has {_describe_page(shape, other.dtype)} but page 0 has "
-                f"{_describe_page(page_shape, first.dtype)}; every page of a stack must have the same shape and data type"
+                f"{_describe_page(page_shape, first.dtype)}; every page of a stack must have the same shape and data "
+                "type"
             )
     reference = None
     for index, page in enumerate(tif.pages):
@@ -528,7 +530,8 @@ def _check_slice(
     """InputError naming slice ``name`` if it is not 2D or differs from the first in shape or dtype."""
     if len(shape) != 2:
         raise InputError(
-            f"{folder}: slice {name} is {len(shape)}D with shape {'x'.join(map(str, shape))}; every slice must be a 2D image"
+            f"{folder}: slice {name} is {len(shape)}D with shape {'x'.join(map(str, shape))}; every slice must be a "
+            "2D image"
         )
     if tuple(shape) != tuple(first[1]) or np.dtype(dtype) != np.dtype(first[2]):
         raise InputError(
@@ -608,7 +611,10 @@ def read_image(
     if kind == "gray":
         array = array.astype(np.float64)
     if stored_vs is not None and len(stored_vs) not in (1, array.ndim):
-        message = f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is {array.ndim}D {array.shape}"
+        message = (
+            f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is "
+            f"{array.ndim}D {array.shape}"
+        )
         if voxel_size is None:
             raise InputError(f"{message}; fix the metadata or give --voxel-size")
         logger.warning("%s; using the voxel size given instead", message)
@@ -658,7 +664,8 @@ class ImageLayers:
         layers = np.asarray(self._read(start, stop))
         if layers.shape != (stop - start, *self.shape[1:]):
             raise InputError(
-                f"{self.source}: layers {start}..{stop - 1} have shape {layers.shape}, expected {(stop - start, *self.shape[1:])}"
+                f"{self.source}: layers {start}..{stop - 1} have shape {layers.shape}, expected "
+                f"{(stop - start, *self.shape[1:])}"
             )
         return layers
 
@@ -728,7 +735,10 @@ def open_image_layers(
         return read_image(path, voxel_size=voxel_size, phases=phases)
     shape, dtype, stored_vs, stored_phases, reader = opened
     if stored_vs is not None and len(stored_vs) not in (1, len(shape)):
-        message = f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is {len(shape)}D {tuple(shape)}"
+        message = (
+            f"{path}: the stored voxel size has {len(stored_vs)} entries {stored_vs} but the image is "
+            f"{len(shape)}D {tuple(shape)}"
+        )
         if voxel_size is None:
             raise InputError(f"{message}; fix the metadata or give --voxel-size")
         logger.warning("%s; using the voxel size given instead", message)

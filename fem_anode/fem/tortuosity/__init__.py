@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from fem_anode.fem.tortuosity.fe import (
 )
 from fem_anode.fem.tortuosity.result import METHODS, TortuosityResult
 from fem_anode.io.images import VoxelImage
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = [
     "METHODS",
@@ -105,7 +108,7 @@ def _not_percolating(phase: str) -> str:
 def tortuosity_factor(
     image: VoxelImage,
     phase: str,
-    comm: Any = None,
+    comm: MPI.Comm | None = None,
     *,
     method: str = "fv",
     rtol: float = 1e-5,
@@ -180,7 +183,8 @@ def tortuosity_factor(
         logger.info("%s", note)
     else:
         logger.info(
-            "FV tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d unknowns, %d CG iterations, %.2f s",
+            "FV tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d unknowns, "
+            "%d CG iterations, %.2f s",
             phase,
             tau,
             out["eps"],
@@ -206,7 +210,7 @@ def tortuosity_factor(
     )
 
 
-def _fe_extrapolated(image: VoxelImage, phase: str, comm: Any, **kwargs: Any) -> TortuosityResult:
+def _fe_extrapolated(image: VoxelImage, phase: str, comm: MPI.Comm, **kwargs: Any) -> TortuosityResult:
     """FE tortuosity factors on the voxels split into k^3 (k = 1, 2, 3), Richardson-extrapolated."""
     start = time.perf_counter()
     results = []
@@ -256,7 +260,7 @@ def _fe_extrapolated(image: VoxelImage, phase: str, comm: Any, **kwargs: Any) ->
 
 
 def tortuosity_factors(
-    image: VoxelImage, phases: list[str] | None = None, comm: Any = None, **kwargs: Any
+    image: VoxelImage, phases: list[str] | None = None, comm: MPI.Comm | None = None, **kwargs: Any
 ) -> dict[str, TortuosityResult]:
     """Tortuosity factors along z of several phases (default: every phase with voxels). Collective.
 
