@@ -18,7 +18,7 @@
 # solve Li diffusion in it and cycle a Si nanowire, with the results in memory and written
 # only when asked. SI units throughout (m, s, mol/m^3). See `docs/api.md` for the reference.
 #
-# Run as a script (`python demos/python_api.py`, about 30 s; under MPI:
+# Run as a script (`python demos/python_api.py`, about 10 s; under MPI:
 # `mpirun -n 2 python -m mpi4py demos/python_api.py`) or open it as a notebook with jupytext.
 
 # %%
