@@ -33,20 +33,20 @@ from scipy.optimize import brentq
 
 pytest.importorskip("dolfinx")
 
-import ufl  # noqa: E402
-from dolfinx import fem  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+import ufl
+from dolfinx import fem
+from mpi4py import MPI
 
-from fem_anode.fem.analytic import robin_sheet_roots  # noqa: E402
-from fem_anode.fem.diffusion import (  # noqa: E402
+from fem_anode.fem.analytic import robin_sheet_roots
+from fem_anode.fem.diffusion import (
     DiffusionProblem,
     DiffusionSettings,
     GeometrySettings,
     PhysicsSettings,
     TimeSettings,
 )
-from fem_anode.fem.mesh_io import image_to_tagged_mesh  # noqa: E402
-from fem_anode.io import VoxelImage  # noqa: E402
+from fem_anode.fem.mesh_io import image_to_tagged_mesh
+from fem_anode.io import VoxelImage
 
 PHASES = {"pore": 0, "si": 1, "sei": 3}
 LENGTH = 1e-6  # m, edge of the block of the transporting phase
