@@ -143,6 +143,7 @@ def compute_metrics(
     tortuosity_factor: str | Sequence[str] | bool | None = None,
     tortuosity_method: str = "fv",
     comm: MPI.Comm | None = None,
+    memory_check: bool = True,
 ) -> Metrics:
     """Image metrics of a label image (Vorauer et al. 2020, Figs. 4-7), as a :class:`Metrics`.
 
@@ -163,6 +164,7 @@ def compute_metrics(
         tortuosity_method: ``"fv"`` (default), ``"fe"`` or ``"fe-extrapolated"``.
         comm: communicator of the tortuosity-factor solve (default ``MPI.COMM_WORLD``); the
             other metrics are computed by every rank on its own copy of the image.
+        memory_check: refuse an image whose estimated memory needs exceed what is available.
 
     Raises:
         UsageError: unknown phases, bad ``bins`` or method. InputError: unusable image.
@@ -174,7 +176,7 @@ def compute_metrics(
         reference = _as_image(reference, "reference")
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise UsageError(f"bins must be a positive integer, got {bins!r}")
-    check_memory(estimate_metrics_memory(image.shape), hint="crop or bin the image first")
+    check_memory(estimate_metrics_memory(image.shape), hint="crop or bin the image first", enabled=memory_check)
     phases = image.require_phases()
     for role, name, default in (("pore_phase", pore_phase, "pore"), ("si_phase", si_phase, "si")):
         if name != default and name not in phases:
@@ -202,7 +204,10 @@ def compute_metrics(
         if image.ndim != 3:
             metrics.not_applicable["tortuosity_factor"] = "2D image: the tortuosity factor needs a 3D volume"
         else:
-            results = {name: _tortuosity_factor(image, name, method=tortuosity_method, comm=comm) for name in names}
+            results = {
+                name: _tortuosity_factor(image, name, method=tortuosity_method, comm=comm, memory_check=memory_check)
+                for name in names
+            }
             metrics.add_tortuosity_factors(results, tortuosity_method)
     return metrics
 
@@ -215,6 +220,7 @@ def tortuosity_factor(
     comm: MPI.Comm | None = None,
     rtol: float = 1e-5,
     petsc_options: Mapping[str, Any] | None = None,
+    memory_check: bool = True,
 ) -> TortuosityResult:
     """Tortuosity factor ``tau = eps D / D_eff`` of ``phase`` along z of a 3D label image.
 
@@ -230,6 +236,7 @@ def tortuosity_factor(
         comm: communicator (default ``MPI.COMM_WORLD``).
         rtol: relative residual tolerance of CG.
         petsc_options: extra PETSc options (e.g. ``{"pc_type": "hypre"}``).
+        memory_check: refuse a solve whose estimated memory exceeds what is available.
 
     Returns:
         The :class:`~fem_anode.fem.tortuosity.result.TortuosityResult` (``tau`` is ``inf`` when
@@ -272,7 +279,7 @@ def tortuosity_factor(
             ranks=comm.size,
             what=f"tortuosity factor of {phase!r}",
         )
-    check_memory(estimate, comm, hint="crop or bin the image, or run on more nodes")
+    check_memory(estimate, comm, hint="crop or bin the image, or run on more nodes", enabled=memory_check)
     return solve(image, phase, comm, method=method, rtol=rtol, petsc_options=dict(petsc_options or {}))
 
 
@@ -309,6 +316,7 @@ def solve_diffusion(
     comm: MPI.Comm | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: Checkpoint | None = None,
+    memory_check: bool = True,
 ) -> DiffusionRun:
     r"""Transient Li diffusion in the transporting phase (Vorauer et al. 2020), in memory.
 
@@ -328,6 +336,7 @@ def solve_diffusion(
         checkpoint_dir: write checkpoints to ``checkpoint_dir/checkpoint/`` as
             ``settings.checkpoint`` says and stop at a safe point on SIGINT/SIGTERM.
         resume: continue from a checkpoint (:class:`~fem_anode.io.checkpoint.CheckpointStore`).
+        memory_check: refuse a problem whose estimated memory exceeds what is available.
 
     Returns:
         The :class:`~fem_anode.fem.diffusion_run.DiffusionRun`: ``t90``, ``times``,
@@ -352,6 +361,7 @@ def solve_diffusion(
         geometry,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         resume=resume,
+        memory_check=memory_check,
     )
     if run.stopped is not None:
         setattr(run.stopped, "run", run)  # noqa: B010 (an attribute the exception classes do not declare)

@@ -424,3 +424,16 @@ def test_a_failed_solve_raises_with_the_partial_run(shared_tmp_path, comm):
     assert run.status == "failed" and run.to_dict()["failure"] is not None
     out = run.save(shared_tmp_path / "failed", render=False)
     assert json.loads((out / "results.json").read_text())["status"] == "failed"
+
+
+def test_memory_check_is_an_argument(monkeypatch, comm):
+    """With 1 kB available the solves are refused before any work; memory_check=False (the CLI's
+    --no-memory-check) passes the choice down instead of an environment variable."""
+    monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", "1kB")
+    with pytest.raises(InputError, match="memory"):
+        fa.solve_diffusion(_strip(), {"time": STRIP_TIME}, comm=comm)
+    with pytest.raises(InputError, match="memory"):
+        fa.compute_metrics(_strip())
+    run = fa.solve_diffusion(_strip(), {"time": STRIP_TIME}, comm=comm, memory_check=False)
+    assert run.status == "completed"
+    assert fa.compute_metrics(_strip(), memory_check=False).phase_fractions["pore"] == pytest.approx(3 / 24)

@@ -51,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
         "diffusion",
         checkpoint,
         lambda staging, comm: run_diffusion(
-            settings, staging, comm, checkpoint_dir=args.out, resume=checkpoint, render=args.render
+            settings,
+            staging,
+            comm,
+            checkpoint_dir=args.out,
+            resume=checkpoint,
+            render=args.render,
+            memory_check=not getattr(args, "no_memory_check", False),
         ),
     )
     for name, t90 in results["t90_s"].items():

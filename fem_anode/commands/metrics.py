@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         tortuosity_factor=factor,
         tortuosity_method=args.tortuosity_method,
         comm=comm,
+        memory_check=not getattr(args, "no_memory_check", False),
     )
     with output_directory(args.out, comm) as staging:
         metrics.save(

@@ -63,7 +63,7 @@ class _Geometry:
 _HINT = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
 
 
-def _mesh_memory_check(tagged: TaggedMesh, settings: DiffusionSettings, comm: MPI.Comm) -> None:
+def _mesh_memory_check(tagged: TaggedMesh, settings: DiffusionSettings, comm: MPI.Comm, enabled: bool) -> None:
     from fem_anode.resources import check_memory, estimate_diffusion_memory
 
     ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
@@ -73,6 +73,7 @@ def _mesh_memory_check(tagged: TaggedMesh, settings: DiffusionSettings, comm: MP
         ),
         comm,
         hint=_HINT,
+        enabled=enabled,
     )
 
 
@@ -81,7 +82,11 @@ def _is_mesh_path(path: Path) -> bool:
 
 
 def _prepare_geometry(
-    settings: DiffusionSettings, source: GeometrySource | None, workdir: Path | None, comm: MPI.Comm
+    settings: DiffusionSettings,
+    source: GeometrySource | None,
+    workdir: Path | None,
+    comm: MPI.Comm,
+    memory_check: bool = True,
 ) -> _Geometry:
     """Open, check and mesh the domain of a solve (collective).
 
@@ -89,7 +94,9 @@ def _prepare_geometry(
     ending in ``.msh`` is a mesh, any other path an image. ``geometry.pixel_size`` and
     ``geometry.phases`` override an image's metadata. Voxel meshes and finite volumes open a
     file image by layers (every rank reads its own slab); smooth 2D meshes are made by gmsh on
-    rank 0 into ``workdir`` (or a temporary folder) and distributed.
+    rank 0 into ``workdir`` (or a temporary folder) and distributed. ``memory_check``: refuse a
+    problem whose estimated memory exceeds what is available (the CLI's ``--no-memory-check``
+    turns it off).
 
     Raises:
         UsageError: no source, or one that does not fit ``mesh.method``/``mesh.discretisation``.
@@ -109,12 +116,12 @@ def _prepare_geometry(
             if finite_volumes:
                 raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
             tagged = read_mesh(source, comm)
-            _mesh_memory_check(tagged, settings, comm)
+            _mesh_memory_check(tagged, settings, comm, memory_check)
             return _Geometry(tagged, None)
     if isinstance(source, TaggedMesh):
         if finite_volumes:
             raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
-        _mesh_memory_check(source, settings, comm)
+        _mesh_memory_check(source, settings, comm, memory_check)
         return _Geometry(source, None)
     image: VoxelImage | ImageLayers
     if isinstance(source, Path):
@@ -141,7 +148,10 @@ def _prepare_geometry(
         _check_phases(image, counts, settings)
         unknowns = counts[image.require_phases()[geometry.transport_phase]]
         check_memory(
-            estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes"
+            estimate_fv_memory(unknowns, comm.size),
+            comm,
+            hint="crop or coarsen the image, or run on more nodes",
+            enabled=memory_check,
         )
         return _Geometry(None, image)
     if mesh_settings.method == "voxel":
@@ -154,6 +164,7 @@ def _prepare_geometry(
             estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size),
             comm,
             hint=_HINT,
+            enabled=memory_check,
         )
         return _Geometry(create_voxel_mesh(image, comm, [geometry.transport_phase]), image, voxel_mesh=True)
     if not isinstance(image, VoxelImage):
@@ -164,11 +175,13 @@ def _prepare_geometry(
     _check_phases(image, {int(v): int(n) for v, n in zip(*np.unique(image.array, return_counts=True))}, settings)
     from fem_anode.resources import estimate_diffusion_memory
 
-    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=_HINT)
-    return _smooth_mesh(image, settings, workdir, comm)
+    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=_HINT, enabled=memory_check)
+    return _smooth_mesh(image, settings, workdir, comm, memory_check)
 
 
-def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path | None, comm: MPI.Comm) -> _Geometry:
+def _smooth_mesh(
+    image: VoxelImage, settings: DiffusionSettings, workdir: Path | None, comm: MPI.Comm, memory_check: bool = True
+) -> _Geometry:
     """Mesh a 2D image with smooth interfaces by gmsh on rank 0 (into ``workdir`` or a temporary
     folder), distribute it, and keep the mesher's files for :meth:`DiffusionRun.save`."""
     import tempfile
@@ -195,6 +208,7 @@ def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path |
                 keep=[settings.geometry.transport_phase],
                 options=options,
                 quality_path=folder / "mesh.quality.json",
+                memory_check=memory_check,
             )
             files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
         except FemAnodeError as err:  # every rank must fail, not only the one that meshed
@@ -213,7 +227,7 @@ def _smooth_mesh(image: VoxelImage, settings: DiffusionSettings, workdir: Path |
 
 
 def load_geometry(
-    settings: DiffusionSettings, workdir: Path, comm: MPI.Comm
+    settings: DiffusionSettings, workdir: Path, comm: MPI.Comm, *, memory_check: bool = True
 ) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
     """Mesh the image's transporting phase or read the mesh of the settings' ``geometry``.
 
@@ -230,7 +244,7 @@ def load_geometry(
 
     if settings.mesh.discretisation == "fv":
         raise UsageError("load_geometry makes a mesh; mesh.discretisation = 'fv' needs none")
-    geo = _prepare_geometry(settings, None, workdir, comm)
+    geo = _prepare_geometry(settings, None, workdir, comm, memory_check)
     if geo.tagged is None:
         raise RuntimeError("an 'fe' geometry without a mesh")  # a bug, never bad input
     if geo.voxel_mesh and settings.output.mesh:
@@ -594,6 +608,7 @@ def simulate_diffusion(
     workdir: Path | None = None,
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
+    memory_check: bool = True,
 ) -> DiffusionRun:
     """Solve the diffusion model in memory (collective); nothing is written but checkpoints.
 
@@ -608,6 +623,7 @@ def simulate_diffusion(
             ``[checkpoint]`` and stop at a safe point on SIGINT/SIGTERM (``None``: neither).
         resume: continue from this checkpoint (loaded with
             :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
+        memory_check: refuse a problem whose estimated memory exceeds what is available.
 
     Returns:
         The run. If a stop signal or a solver failure ended it early, its ``status`` says so and
@@ -621,7 +637,7 @@ def simulate_diffusion(
     start = time.perf_counter()
     finite_volumes = settings.mesh.discretisation == "fv"
     problem: DiffusionProblem
-    geo = _prepare_geometry(settings, geometry, workdir, comm)
+    geo = _prepare_geometry(settings, geometry, workdir, comm, memory_check)
     image = geo.image
     meshed = time.perf_counter()
     if geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
@@ -760,6 +776,7 @@ def run_diffusion(
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
     render: bool = True,
+    memory_check: bool = True,
 ) -> dict[str, Any]:
     """A run from files (``fem-anode diffusion``): :func:`simulate_diffusion` on the settings'
     ``geometry.image``/``geometry.mesh``, then :meth:`DiffusionRun.save` into ``staging``.
@@ -775,6 +792,8 @@ def run_diffusion(
         render: the 3D picture of c (pyvista, :mod:`fem_anode.io.render3d`; ``--no-render``).
         resume: continue from this checkpoint (loaded with
             :class:`~fem_anode.io.checkpoint.CheckpointStore`); its settings must match.
+        memory_check: refuse a problem whose estimated memory exceeds what is available
+            (``--no-memory-check``: ``False``).
 
     Raises:
         Interrupted: stopped on a signal; ``results.json`` (``"status": "interrupted"``) and
@@ -784,7 +803,15 @@ def run_diffusion(
     """
     settings.check()  # the Python API as strict as the CLI: ranges and constraints before any work
     settings.check_source()
-    run = simulate_diffusion(settings, comm, None, workdir=Path(staging), checkpoint_dir=checkpoint_dir, resume=resume)
+    run = simulate_diffusion(
+        settings,
+        comm,
+        None,
+        workdir=Path(staging),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        memory_check=memory_check,
+    )
     run.save(staging, render=render, metadata=False)
     if run.stopped is not None:
         raise run.stopped
