@@ -163,11 +163,7 @@ def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = Non
     _configure_logging(args.verbose, args.quiet)
     where = f"fem-anode {args.command}"
     rank_note = f" (rank {mpi_rank()})" if mpi_rank() else ""
-    from fem_anode.resources import CHECK_ENV
-
-    previous_check = os.environ.get(CHECK_ENV)
-    if args.no_memory_check:
-        os.environ[CHECK_ENV] = "off"
+    from fem_anode.resources import memory_checks
 
     def fail(message: str, code: int) -> int:
         if args.debug:
@@ -179,7 +175,7 @@ def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = Non
         return code
 
     try:
-        with _lock_output(args):
+        with memory_checks(not args.no_memory_check), _lock_output(args):
             return int(args.func(args) or 0)
     except Interrupted as err:  # a safe stop on SIGINT/SIGTERM, on every rank: no abort
         print(f"{where}: interrupted{rank_note}: {err}", file=sys.stderr)
@@ -207,12 +203,6 @@ def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = Non
             f"  (this is a bug in fem_anode; rerun with --debug for the traceback and report it)",
             EXIT_CODES["error"],
         )
-    finally:
-        if args.no_memory_check:
-            if previous_check is None:
-                os.environ.pop(CHECK_ENV, None)
-            else:
-                os.environ[CHECK_ENV] = previous_check
 
 
 if __name__ == "__main__":  # pragma: no cover

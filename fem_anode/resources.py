@@ -31,19 +31,23 @@ The check compares the estimate with the memory the operating system reports as 
 and raises :class:`~fem_anode.errors.InputError` stating both numbers. Overrides (for users who
 know better, and for tests):
 
-* ``FEM_ANODE_MEMORY_CHECK=off`` (the CLI's ``--no-memory-check``) skips the check;
+* ``--no-memory-check`` (the CLI; :func:`memory_checks` for a block of Python code,
+  ``check_memory(..., enabled=False)`` for one check) and ``FEM_ANODE_MEMORY_CHECK=off`` in
+  the environment skip the check;
 * ``FEM_ANODE_MEMORY_LIMIT=4GB`` caps the memory the check assumes available (e.g. a job's
   share of a shared node).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,6 +73,7 @@ __all__ = [
     "estimate_voxel_diffusion_memory",
     "format_bytes",
     "memory_check_enabled",
+    "memory_checks",
     "parse_bytes",
     "peak_memory",
 ]
@@ -162,8 +167,29 @@ def parse_bytes(text: str) -> float:
     return float(match.group(1)) * _UNITS[unit]
 
 
+_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("fem_anode_memory_checks", default=True)
+
+
+@contextlib.contextmanager
+def memory_checks(enabled: bool) -> Iterator[None]:
+    """Turn every memory check on or off for the ``with`` block (this thread/context only).
+
+    The CLI runs a subcommand inside ``memory_checks(not args.no_memory_check)``: the choice
+    reaches the checks deep in readers, meshers and solvers without a global switch, and ends
+    with the block. Library callers may also pass ``enabled=False`` to :func:`check_memory`.
+    """
+    token = _CHECKS.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
+
+
 def memory_check_enabled() -> bool:
-    """False when ``FEM_ANODE_MEMORY_CHECK`` is ``off``, ``0``, ``no`` or ``false``."""
+    """False inside ``memory_checks(False)`` or when ``FEM_ANODE_MEMORY_CHECK`` is ``off``,
+    ``0``, ``no`` or ``false`` in the environment."""
+    if not _CHECKS.get():
+        return False
     return os.environ.get(CHECK_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
 
 

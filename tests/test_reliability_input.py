@@ -722,3 +722,21 @@ def test_convergence_refine_factor_must_be_finite_and_above_one(tmp_path, capsys
         2,
         "--refine-factor must be a finite number > 1",
     )
+
+
+def test_memory_checks_are_switched_off_for_a_block_and_per_call_only(monkeypatch):
+    """--no-memory-check reaches the checks as a scoped choice (memory_checks) or an argument,
+    never as a process-wide environment variable."""
+    from fem_anode.errors import InputError
+    from fem_anode.resources import MemoryEstimate, check_memory, memory_checks
+
+    monkeypatch.delenv("FEM_ANODE_MEMORY_CHECK", raising=False)
+    huge = MemoryEstimate("a test operation", 1e30)
+    with pytest.raises(InputError, match="a test operation needs an estimated"):
+        check_memory(huge)
+    with memory_checks(False):
+        check_memory(huge)
+        assert os.environ.get("FEM_ANODE_MEMORY_CHECK") is None
+    with pytest.raises(InputError):
+        check_memory(huge)  # on again after the block
+    check_memory(huge, enabled=False)
