@@ -96,6 +96,7 @@ class DiffusionResult:
         retries: failed steps retried with a halved step.
         status: "completed", or "interrupted" for the partial result of a stopped run.
         resumed_from_step: the checkpoint's step when the run was resumed, else None.
+        c_bulk: the run's bulk concentration (mol/m^3), the level of :meth:`t90`.
     """
 
     times: list[float]
@@ -110,12 +111,19 @@ class DiffusionResult:
     retries: int = 0
     status: str = "completed"
     resumed_from_step: int | None = None
+    c_bulk: float | None = None
 
-    def t90(self, c_bulk: float) -> dict[str, float | None]:
-        """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None."""
+    def t90(self, c_bulk: float | None = None) -> dict[str, float | None]:
+        """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None.
+
+        ``c_bulk`` (mol/m^3): the run's own ``physics.c_bulk`` unless given.
+        """
+        level = c_bulk if c_bulk is not None else self.c_bulk
+        if level is None:
+            raise UsageError("t90 needs c_bulk: this result does not know its run's physics.c_bulk")
         out: dict[str, float | None] = {}
         for name, values in {**self.region_means, "domain": self.domain_mean}.items():
-            out[name] = _first_crossing(self.times, values, 0.9 * c_bulk)
+            out[name] = _first_crossing(self.times, values, 0.9 * level)
         return out
 
     def at_output_times(self) -> dict[str, Any]:
@@ -266,6 +274,7 @@ class _Records:
             retries=self.retries,
             status=status,
             resumed_from_step=self.resumed_from_step,
+            c_bulk=problem.settings.physics.c_bulk,
         )
 
 

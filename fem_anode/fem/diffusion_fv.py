@@ -414,7 +414,9 @@ class VoxelFVProblem(DiffusionProblem):
         info = self._layers_info
         slab = info.slab
         si = info.labels == phases[geometry.si_phase]
-        structure = np.ones((3, 3, 3), dtype=bool) if info.dim == 3 else np.ones((1, 3, 3), dtype=bool)
+        structure = np.ones((3, 3, 3), dtype=bool)
+        if info.dim == 2:  # the image is one layer: 8-connected in it, nothing across layers
+            structure[0] = structure[2] = False
         ids, n_particles, below, above = label_slabs(self.comm, slab, si, structure)
         del si
         if n_particles == 0:

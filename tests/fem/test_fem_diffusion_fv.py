@@ -95,6 +95,32 @@ def test_face_connectivity_and_steady_state(shared_tmp_path, comm):
     assert result.mass_balance_rel_error < 1e-9
 
 
+def test_si_particle_report_in_2d(shared_tmp_path, comm):
+    """A 2D image with two Si particles (one 8-connected across a corner): two particles, each
+    with the exact face length to the transporting phase."""
+    from fem_anode.fem.diffusion_fv import VoxelFVProblem
+
+    h = 20e-9
+    labels = np.full((20, 30), 3, dtype=np.uint8)
+    labels[:, :4] = 0  # pore
+    labels[8:12, 14:18] = 1  # a 4 x 4 Si particle: 16 faces to the SEI
+    labels[2, 24] = labels[3, 25] = 1  # one particle of two voxels touching at a corner: 8 faces
+    path = shared_tmp_path / "si2d.npy"
+    if comm.rank == 0:
+        write_image(path, VoxelImage(labels, (h, h), {"pore": 0, "si": 1, "sei": 3}))
+    comm.barrier()
+    settings = _settings(path, geometry={"si_phase": "si"}, time={"t_end": 1e-3, "output_times": [1e-3]})
+    problem = VoxelFVProblem(open_image_layers(settings.geometry.image), settings, comm)
+    try:
+        problem.run()
+        report = problem.si_particle_report()
+    finally:
+        problem.destroy()
+    assert [p["id"] for p in report] == [1, 2]
+    lengths = sorted(p["interface_measure_m"] for p in report)
+    assert lengths == pytest.approx([8 * h, 16 * h], rel=1e-12)
+
+
 @pytest.fixture
 def electrode_crop(shared_tmp_path, comm) -> Path:
     from fem_anode.data import real_electrode

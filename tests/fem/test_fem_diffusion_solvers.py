@@ -315,12 +315,16 @@ def test_bad_solver_settings_are_named(solver, message):
     ],
 )
 def test_the_python_api_refuses_what_the_toml_path_refuses(volume, section, values, message):
-    """Settings objects changed in Python are checked by the solver before any work (as from TOML)."""
+    """Settings made or changed in Python are refused as the TOML path refuses them: on
+    construction, and by the solver before any work when an attribute was changed later."""
     import dataclasses
 
     from fem_anode.errors import UsageError
 
     settings = settings_for(type="iterative")
-    setattr(settings, section, dataclasses.replace(getattr(settings, section), **values))
+    with pytest.raises(UsageError, match=message):  # a new settings object is checked on construction
+        dataclasses.replace(getattr(settings, section), **values)
+    for key, value in values.items():  # an attribute changed afterwards: the solver checks it
+        setattr(getattr(settings, section), key, value)
     with pytest.raises(UsageError, match=message):
         DiffusionProblem(volume, settings)
