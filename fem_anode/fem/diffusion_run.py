@@ -512,7 +512,10 @@ class DiffusionRun:
     @property
     def concentration(self) -> dict[float, Any]:
         """Output time (s) -> c (mol/m^3) on this rank's part of the domain: a dolfinx
-        ``Function`` (finite elements) or a ``VectorField`` (finite volumes, ``.x.array``)."""
+        ``Function`` (finite elements) or a ``VectorField`` (finite volumes, ``.x.array``).
+
+        Empty if the run had ``output.fields = False`` (the fields are then not kept: a large
+        run saves one vector per output time)."""
         return dict(self.fields)
 
     @property
@@ -614,7 +617,8 @@ def simulate_diffusion(
 
     Args:
         settings: model settings (``[output]`` only matters for what :meth:`DiffusionRun.save`
-            writes and whether the figures' sections are sampled).
+            writes: the fields at the output times are kept only with ``output.fields``, the
+            figures' sections only with ``output.figures``).
         comm: communicator.
         geometry: the domain (see :data:`GeometrySource`); ``None``: ``geometry.image`` or
             ``geometry.mesh`` of the settings.
@@ -686,7 +690,8 @@ def simulate_diffusion(
     grid = _image_grid_points(image) if image is not None and figures and not finite_volumes else None
 
     def on_output(t: float, prob: DiffusionProblem) -> None:
-        fields.append((t, prob.concentration()))
+        if settings.output.fields:  # kept for save(): one vector per output time (8 B per unknown)
+            fields.append((t, prob.concentration()))
         if finite_volumes and figures:
             snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]
         elif grid is not None:
