@@ -21,6 +21,7 @@ when :func:`main` is called with an explicit ``argv`` from Python).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -129,11 +130,10 @@ def _abort_all_ranks(code: int) -> None:
     mpi.COMM_WORLD.Abort(code)
 
 
-def _lock_output(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _lock_output(args: argparse.Namespace) -> contextlib.AbstractContextManager[object]:
     """The exclusive lock of ``--out`` for the whole command (:mod:`fem_anode.io.lock`), or a
     no-op when the command has no ``--out`` yet (``--resume`` picks it later; the output directory
     locks it then) or writes nothing (``--defaults``). Under MPI the lock is rank 0's."""
-    import contextlib
     from pathlib import Path
 
     out = getattr(args, "out", None)

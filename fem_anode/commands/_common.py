@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fem_anode import __version__
-from fem_anode.io.images import VoxelImage, read_image
+from fem_anode.io.images import ImageKind, VoxelImage, read_image
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -125,9 +125,9 @@ def add_render_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_image(args: argparse.Namespace, kind: str = "labels") -> VoxelImage:
+def load_image(args: argparse.Namespace, kind: ImageKind = "labels") -> VoxelImage:
     """Read ``args.image`` with the CLI's voxel size and phase overrides."""
-    return read_image(args.image, voxel_size=args.voxel_size, phases=getattr(args, "phases", None), kind=kind)  # type: ignore[arg-type]
+    return read_image(args.image, voxel_size=args.voxel_size, phases=getattr(args, "phases", None), kind=kind)
 
 
 def _versions() -> dict[str, str]:

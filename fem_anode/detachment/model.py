@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -153,7 +153,8 @@ def gap_statistics(gaps: np.ndarray, zeta0: ArrayLike) -> tuple[np.ndarray, np.n
         else zeta
     )
     survival, mean, std = cycle_major_statistics(np.ascontiguousarray(lead), zeta_lead, with_std=True)
-    return np.moveaxis(survival, 0, -2), np.moveaxis(mean, 0, -2), np.moveaxis(std, 0, -2)  # type: ignore[arg-type]
+    std = cast(np.ndarray, std)  # with_std=True: never None
+    return np.moveaxis(survival, 0, -2), np.moveaxis(mean, 0, -2), np.moveaxis(std, 0, -2)
 
 
 def cycle_major_statistics(

@@ -127,13 +127,13 @@ def _staged(out: Path, comm: MPI.Comm | None, keep_on: tuple[type[BaseException]
     sync = None
     if comm is not None and comm.size > 1:
         staging, error = comm.bcast((staging, error), root=0)
-    if error is not None:
+    if error is not None or staging is None:
         from fem_anode.errors import InputError
 
-        raise InputError(error)
+        raise InputError(error or f"--out {out}: no staging folder was made")
     if comm is not None and comm.size > 1:
         sync = comm.Dup()  # only for the final agreement, so it cannot match another collective
-    staging_path = Path(staging)  # type: ignore[arg-type]
+    staging_path = Path(staging)
     ok = False
     try:
         yield staging_path

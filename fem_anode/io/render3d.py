@@ -522,8 +522,11 @@ def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, fl
     raw = Path(path).read_bytes()
     start = raw.index(b"<AppendedData")
     head = raw[:start].decode()
-    extent = [int(v) for v in re.search(r'WholeExtent="([^"]+)"', head).group(1).split()]  # type: ignore[union-attr]
-    hx, hy, hz = (float(v) for v in re.search(r'Spacing="([^"]+)"', head).group(1).split())  # type: ignore[union-attr]
+    whole, spacing = re.search(r'WholeExtent="([^"]+)"', head), re.search(r'Spacing="([^"]+)"', head)
+    if whole is None or spacing is None:
+        raise ValueError(f"{path}: not a VTK ImageData file (no WholeExtent/Spacing)")
+    extent = [int(v) for v in whole.group(1).split()]
+    hx, hy, hz = (float(v) for v in spacing.group(1).split())
     if (
         'type="Float32"' not in head
         or 'header_type="UInt64"' not in head
