@@ -67,8 +67,11 @@ def sample_points(u: fem.Function, points: np.ndarray) -> np.ndarray:
 def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per owned boundary facet: measure (m or m^2), mean, min and max of ``u`` (local data).
 
-    The mean is Simpson's rule on a 2D edge (exact for P2), the vertex/centroid average on a
-    3D face; min and max are taken over vertices and centroid.
+    2D: the mean is Simpson's rule along the edge (exact for P2 on a straight edge); on a curved
+    (quadratic-geometry) edge the centre point is the edge's middle node, which lies on the
+    curve, and the length is the 3-point Gauss rule of ``|x'(s)|`` over the quadratic map. 3D:
+    the vertex/centroid average on the face (flat faces). Min and max are taken over vertices
+    and centre.
     """
     mesh = u.function_space.mesh
     tdim = mesh.topology.dim
@@ -80,17 +83,30 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
         empty = np.zeros(0)
         return empty, empty, empty, empty
     nodes = dmesh.entities_to_geometry(mesh, fdim, facets, False)
-    xyz = mesh.geometry.x[nodes]  # (n, k, 3)
-    cells = f_to_c.array[f_to_c.offsets[facets]]
-    centroid = xyz.mean(axis=1)
-    n_vertices = xyz.shape[1]
-    points = np.concatenate([xyz.reshape(-1, 3), centroid])
-    cell_of_point = np.concatenate([np.repeat(cells, n_vertices), cells])
-    values = _eval(u, points, cell_of_point)
-    at_vertices = values[: -len(facets)].reshape(len(facets), n_vertices)
-    at_centre = values[-len(facets) :]
+    xyz = mesh.geometry.x[nodes]  # (n, nodes per facet, 3): the vertices first, then edge nodes
     if tdim == 2:
-        measure = np.linalg.norm(xyz[:, 1] - xyz[:, 0], axis=1)
+        n_vertices = 2
+    else:
+        n_vertices = 3 if mesh.topology.cell_type == dmesh.CellType.tetrahedron else 4
+    vertices = xyz[:, :n_vertices]
+    curved = tdim == 2 and xyz.shape[1] == 3
+    cells = f_to_c.array[f_to_c.offsets[facets]]
+    if tdim == 2:
+        at_vertices, at_centre = _on_edges(u, facets, cells)
+    else:
+        points = np.concatenate([vertices.reshape(-1, 3), vertices.mean(axis=1)])
+        values = _eval(u, points, np.concatenate([np.repeat(cells, n_vertices), cells]))
+        at_vertices = values[: -len(facets)].reshape(len(facets), n_vertices)
+        at_centre = values[-len(facets) :]
+    if tdim == 2:
+        if curved:  # x(s) = v0 (1-s)(1-2s) + v1 s(2s-1) + m 4s(1-s) on [0, 1]
+            v0, v1, m = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+            gauss = ((0.5 - np.sqrt(0.15), 5 / 18), (0.5, 8 / 18), (0.5 + np.sqrt(0.15), 5 / 18))
+            measure = sum(
+                w * np.linalg.norm(v0 * (4 * s - 3) + v1 * (4 * s - 1) + m * (4 - 8 * s), axis=1) for s, w in gauss
+            )
+        else:
+            measure = np.linalg.norm(xyz[:, 1] - xyz[:, 0], axis=1)
         mean = (at_vertices.sum(axis=1) + 4 * at_centre) / 6.0
     else:
         if n_vertices == 3:
@@ -100,3 +116,33 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
         mean = 0.5 * at_vertices.mean(axis=1) + 0.5 * at_centre
     both = np.column_stack([at_vertices, at_centre])
     return measure, mean, both.min(axis=1), both.max(axis=1)
+
+
+def _on_edges(u: fem.Function, facets: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``u`` at the two ends and the middle of each boundary edge of a 2D mesh, (n, 2) and (n,).
+
+    Evaluated at the edge's points of the *reference* cell (grouped by the edge's local index in
+    its cell), so no point has to be pulled back from physical coordinates: exact on curved
+    (quadratic-geometry) cells too, where a boundary point can fail the Newton pull-back.
+    """
+    import basix
+
+    mesh = u.function_space.mesh
+    mesh.topology.create_connectivity(2, 1)
+    c_to_f = mesh.topology.connectivity(2, 1)
+    cell_type = basix.CellType[mesh.topology.cell_name()]
+    reference = basix.geometry(cell_type)
+    edges = basix.topology(cell_type)[1]
+    per_cell = c_to_f.array.reshape(-1, len(edges))  # every cell has the same number of edges
+    local = np.argmax(per_cell[cells] == facets[:, None], axis=1)
+    at_vertices = np.empty((len(facets), 2))
+    at_centre = np.empty(len(facets))
+    for index, (a, b) in enumerate(edges):
+        here = np.flatnonzero(local == index)
+        if here.size == 0:
+            continue
+        points = np.array([reference[a], reference[b], 0.5 * (reference[a] + reference[b])])
+        values = fem.Expression(u, points).eval(mesh, cells[here].astype(np.int32)).reshape(here.size, 3)
+        at_vertices[here] = values[:, :2]
+        at_centre[here] = values[:, 2]
+    return at_vertices, at_centre
