@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("dolfinx")
 
-from dolfinx import fem  # noqa: E402
-from dolfinx import mesh as dmesh  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+from dolfinx import fem
+from dolfinx import mesh as dmesh
+from mpi4py import MPI
 
-from fem_anode.fem.sampling import facet_samples  # noqa: E402
+from fem_anode.fem.sampling import facet_samples
 
 RADIUS = 1e-6
 
