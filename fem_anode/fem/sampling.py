@@ -131,7 +131,7 @@ def _on_edges(u: fem.Function, facets: np.ndarray, cells: np.ndarray) -> tuple[n
     mesh.topology.create_connectivity(2, 1)
     c_to_f = mesh.topology.connectivity(2, 1)
     cell_type = basix.CellType[mesh.topology.cell_name()]
-    reference = basix.geometry(cell_type)
+    reference = np.asarray(basix.geometry(cell_type), dtype=np.float64)  # (vertices, 2)
     edges = basix.topology(cell_type)[1]
     per_cell = c_to_f.array.reshape(-1, len(edges))  # every cell has the same number of edges
     local = np.argmax(per_cell[cells] == facets[:, None], axis=1)
