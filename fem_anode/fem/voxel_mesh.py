@@ -28,6 +28,7 @@ import ufl
 from mpi4py import MPI
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.faults import first_error
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, INTERFACE_TAG_OFFSET, interface_name, phase_tag
 from fem_anode.meshing.voxel import SlabNumbering, corner_offsets, keep_values
@@ -94,15 +95,6 @@ def _layer_counts(image: LayeredImage, kept_labels: np.ndarray, comm: MPI.Comm) 
     return np.concatenate(comm.allgather(local))
 
 
-def _agree(comm: MPI.Comm, error: Exception | None) -> None:
-    """Raise the first rank's fem_anode error on every rank (collective)."""
-    errors = comm.allgather(None if error is None else (type(error).__name__, str(error)))
-    for item in errors:
-        if item is not None:
-            kind, message = item
-            raise (UsageError if kind == "UsageError" else InputError)(message)
-
-
 def create_voxel_mesh(
     image: LayeredImage,
     comm: MPI.Comm,
@@ -162,7 +154,7 @@ def create_voxel_mesh(
         del raw
     except (InputError, UsageError) as err:
         error = err
-    _agree(comm, error)
+    first_error(comm, error)  # the lowest rank's bad input, raised on every rank
     is_kept = np.isin(labels, kept_labels)
     n_cells_local = int(np.count_nonzero(is_kept[z0 - lo : z1 - lo]))
     cell_offset = comm.exscan(n_cells_local) or 0

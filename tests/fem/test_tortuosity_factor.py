@@ -26,9 +26,9 @@ from fem_anode.io.images import VoxelImage
 
 pytest.importorskip("dolfinx")
 
-from mpi4py import MPI  # noqa: E402
+from mpi4py import MPI
 
-from fem_anode.fem.tortuosity import (  # noqa: E402
+from fem_anode.fem.tortuosity import (
     element_stiffness,
     hex_mesh_arrays,
     percolating_mask,
@@ -36,7 +36,7 @@ from fem_anode.fem.tortuosity import (  # noqa: E402
     tortuosity_factor,
     tortuosity_factors,
 )
-from fem_anode.fem.tortuosity.clusters import slab_bounds, spanning_clusters  # noqa: E402
+from fem_anode.fem.tortuosity.clusters import slab_bounds, spanning_clusters
 
 H = (40e-9, 20e-9, 25e-9)  # anisotropic voxel (z, y, x) in metres
 
@@ -230,6 +230,11 @@ def test_bad_input(comm):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, method="lbm")
     with pytest.raises(UsageError, match="rtol must lie"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, rtol=0.0)
+    # the FE path checks on rank 0 and raises the same error on every rank
+    with pytest.raises(UsageError, match="not in the phase map"):
+        tortuosity_factor(image(np.ones((3, 3, 3))), "carbon", comm, method="fe")
+    with pytest.raises(UsageError, match="needs a 3D volume"):
+        tortuosity_factor(VoxelImage(np.ones((3, 3), np.uint8), (1e-8, 1e-8), {"pore": 1}), "pore", comm, method="fe")
 
 
 def test_metrics_cli_tortuosity_factor(shared_tmp_path, comm):

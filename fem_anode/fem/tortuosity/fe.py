@@ -1,8 +1,9 @@
 r"""Finite-element (nodal, trilinear Q1) tortuosity factor of a phase on its voxel mesh.
 
 This is ``method="fe"`` of :func:`fem_anode.fem.tortuosity.tortuosity_factor`; the default there
-is the cell-centred finite-volume value of :mod:`.fv` (TauFactor's). The phase of a 3D label image (axes ``(z, y, x)``) is meshed with one trilinear hexahedron per
-voxel and the steady diffusion problem
+is the cell-centred finite-volume value of :mod:`.fv` (TauFactor's). The phase of a 3D label
+image (axes ``(z, y, x)``) is meshed with one trilinear hexahedron per voxel and the steady
+diffusion problem
 
 .. math::
 
@@ -49,6 +50,7 @@ forms: the reference the tests compare with (same tau to 1e-8), 3-5x slower in t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any
@@ -57,6 +59,7 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.faults import share_error
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
@@ -264,9 +267,9 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
     Measured on a 100^3 random volume (547k unknowns, rtol 1e-5, load 2.5-3.5): BoomerAMG (PMIS,
     ext+i, P_max 4, strong threshold 0.5, one level of aggressive coarsening, forward/backward
     hybrid SOR without C/F ordering) sets up in 0.6-0.7 s, then 9 CG iterations take 0.30-0.32 s
-    (0.59 s with the default symmetric C/F sweeps); GAMG with its defaults sets up in 2.6 s (the squared graph of the 21-point
-    stencil alone 1.5 s), with MIS-2 instead 2.4 s, unsmoothed 1.0 s but then 25-28 iterations.
-    Without aggressive coarsening BoomerAMG needs 1.7 s to set up.
+    (0.59 s with the default symmetric C/F sweeps); GAMG with its defaults sets up in 2.6 s (the
+    squared graph of the 21-point stencil alone 1.5 s), with MIS-2 instead 2.4 s, unsmoothed 1.0 s
+    but then 25-28 iterations. Without aggressive coarsening BoomerAMG needs 1.7 s to set up.
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
     if petsc_options.get("pc_type", "hypre") == "hypre":
@@ -336,7 +339,8 @@ def fe_tortuosity_factor(
         raise UsageError(f"rtol must lie in (0, 1), got {rtol}")
     if assembly not in _ASSEMBLY:
         raise UsageError(f"assembly must be one of {', '.join(_ASSEMBLY)}, got {assembly!r}")
-    meta: dict[str, Any] | str
+    meta: dict[str, Any] = {}
+    error: Exception | None = None
     points = cells = None
     timings: dict[str, float] = {}
     if comm.rank == 0:
@@ -361,13 +365,9 @@ def fe_tortuosity_factor(
                 points, cells = hex_mesh_arrays(solved, tuple(meta["spacing"]))
             timings["mesh"] = time.perf_counter() - start - timings["percolation"]
         except (UsageError, InputError) as err:
-            meta = f"{type(err).__name__}:{err}"
-    else:
-        meta = {}
+            error = err
+    share_error(comm, error)  # rank 0's bad input raised on every rank
     meta = comm.bcast(meta, root=0)
-    if isinstance(meta, str):
-        kind, message = meta.split(":", 1)
-        raise {"UsageError": UsageError, "InputError": InputError}[kind](message)
     if meta["perc"] == 0:
         note = (
             f"phase {phase!r} does not percolate along z: no face-connected cluster touches both the z = 0 and the "
@@ -400,7 +400,8 @@ def fe_tortuosity_factor(
     check = abs(flux_energy - flux_gradient) / flux_energy if flux_energy > 0 else 0.0
     timings["total"] = time.perf_counter() - start
     logger.info(
-        "FE tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, %d CG iterations, %.2f s",
+        "FE tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, "
+        "%d CG iterations, %.2f s",
         phase,
         tau,
         meta["eps"],
@@ -481,7 +482,7 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
         guess = 1.0 - z[n_top : n_nodes - n_bottom] / lz  # exact for straight channels
         bounds = np.linspace(0, load.size, comm.size + 1).round().astype(np.int64)
         parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             indptr = matrix.indptr[lo : hi + 1]
             parts.append(
                 (
