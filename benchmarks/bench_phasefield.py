@@ -5,14 +5,14 @@ voids, percolation on), meshed at the given element sizes; ``--half-cycles`` hal
 (default one lithiation). ``--configs`` runs several solver configurations one after the other
 in the same process, so their times are comparable on this shared machine:
 
-* ``default``: the package defaults (on one rank: lagged LU as the preconditioner of FGMRES,
+* ``default``: the package defaults (lagged LU as the preconditioner of FGMRES,
   refactorised inside a stalled solve, Eisenstat-Walker linear tolerances, Newton stagnation
-  stop, smooth time-step controller; on several ranks an LU at every Newton iteration);
+  stop, smooth time-step controller, linear predictor; on any number of ranks);
 * ``previous``: the configuration before issue 22 (GMRES at rtol 1e-10 on the lagged LU,
   refactorised at the next Newton iteration after more than 30 iterations, threshold
   controller, Newton always to ``max_it``);
 * ``exact``: an LU at every Newton iteration (``reuse_factorisation = false``);
-* ``reuse``: the lagged LU forced (``reuse_factorisation = true``; the default on one rank only);
+* ``reuse``: the lagged LU forced (``reuse_factorisation = true``; the default since 2026-12-04);
 * ``nopredictor``: the defaults without the linear predictor of the Newton start
   (``solver.predictor = "none"``, the defaults of 2026-12-03).
 

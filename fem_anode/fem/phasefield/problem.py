@@ -354,7 +354,7 @@ class PhaseFieldProblem:
             self.lam,
             linear,
             snes,
-            reuse_factorisation=self.comm.size == 1 if sol.reuse_factorisation is None else sol.reuse_factorisation,
+            reuse_factorisation=True if sol.reuse_factorisation is None else sol.reuse_factorisation,
             refactor_iterations=sol.refactor_iterations,
             refactor_on_stall=sol.refactor_on_stall,
             linear_rtol=sol.linear_rtol,

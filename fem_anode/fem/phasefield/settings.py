@@ -237,7 +237,7 @@ class SolverSettings(Section):
     )
     reuse_factorisation: bool | None = setting(
         None,
-        "keep the LU factorisation over Newton iterations and steps as preconditioner of GMRES on the current Jacobian (rtol 1e-10: still Newton), refactorising only when GMRES slows down; false: factorise at every Newton iteration; default (unset): on one rank only, since MUMPS's parallel factorisation is not reproducible bit for bit and the lagged GMRES turns that round-off into different step sequences from run to run",
+        "keep the LU factorisation over Newton iterations and steps as preconditioner of the Krylov solve on the current Jacobian (still Newton), refactorising when the Krylov solve slows down; false: factorise at every Newton iteration; default (unset): on, on any number of ranks (with the smooth controller and refactorisation inside a stalled FGMRES solve, 2-rank runs took the same steps as 1 rank, records equal to 1e-13; the first scheme's GMRES and threshold controller were not reproducible on several ranks)",
     )
     refactor_iterations: int = setting(
         12,
