@@ -270,8 +270,8 @@ def tortuosity_factor(
         mesh = estimate_mesh_memory(image, "voxel", [phase])
         refine = 27 if method == "fe-extrapolated" else 1
         estimate = estimate_fe_memory(
-            cells=refine * mesh.details["cells"],
-            dofs=refine * mesh.details["nodes"],
+            cells=refine * float(mesh.details["cells"]),
+            dofs=refine * float(mesh.details["nodes"]),
             ndim=3,
             cell_type="hexahedron",
             degree=1,

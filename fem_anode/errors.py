@@ -6,6 +6,8 @@ with a code that tells usage, input and solver problems apart.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["FemAnodeError", "UsageError", "InputError", "SolverError", "Interrupted", "EXIT_CODES"]
 
 
@@ -28,9 +30,18 @@ class InputError(FemAnodeError, ValueError):
 
 
 class SolverError(FemAnodeError, RuntimeError):
-    """A numerical solve failed (divergence, non-finite values)."""
+    """A numerical solve failed (divergence, non-finite values).
+
+    Attributes:
+        report: what the solver tried (failing time, step sizes, PETSc reasons), if it says.
+        result: the model's partial result object, if any.
+        progress: where a resumed run continues (phase field), if any.
+    """
 
     exit_code = 4
+    report: dict[str, Any] | None = None
+    result: Any = None
+    progress: Any = None
 
 
 class Interrupted(FemAnodeError):
@@ -42,7 +53,7 @@ class Interrupted(FemAnodeError):
 
     exit_code = 130
 
-    def __init__(self, message: str, result: object = None) -> None:
+    def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
 

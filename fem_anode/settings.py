@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import tomllib
@@ -138,7 +140,7 @@ def setting(
         metadata["required"] = True
         return dataclasses.field(default=None, metadata=metadata)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+        return dataclasses.field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -270,7 +272,7 @@ class Section:
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         where = self._where()
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             value = getattr(self, f.name)
             if value is None:
                 continue
@@ -292,7 +294,7 @@ class Section:
         if not isinstance(data, Mapping):
             raise UsageError(f"[{where or cls.__name__}] must be a table, got {data!r}")
         hints = _hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # every subclass is a dataclass
         unknown = [k for k in data if k not in fields]
         if unknown:
             raise UsageError(_unknown_key_message(unknown[0], list(fields), where))
@@ -312,7 +314,7 @@ class Section:
     def check(self, where: str = "") -> None:
         """Check every field's constraints, required fields and :meth:`validate`; recurse into sections."""
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             value = getattr(self, f.name)
             path = _join(where, f.name)
             if _is_dataclass_type(hints[f.name]):
@@ -332,7 +334,7 @@ class Section:
         (:data:`fem_anode.units.QUANTITIES`; zero and values without a unit are not judged)."""
         messages: list[str] = []
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             value = getattr(self, f.name)
             path = _join(where, f.name)
             if _is_dataclass_type(hints[f.name]):
@@ -358,7 +360,7 @@ class Section:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (paths as strings, tuples as lists, ``None`` values left out)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             value = getattr(self, f.name)
             if isinstance(value, Section):
                 out[f.name] = value.to_dict()
@@ -373,7 +375,7 @@ class Section:
         hints = _hints(cls)
         with _deferred_check():  # required settings have no default yet
             defaults = cls()
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every subclass is a dataclass
             path = _join(where, f.name)
             if _is_dataclass_type(hints[f.name]):
                 rows.extend(hints[f.name].describe(path))
@@ -385,7 +387,7 @@ class Section:
     def resolve_paths(self, base: Path) -> Self:
         """Copy with every relative path setting made relative to ``base`` (a config's folder)."""
         changes: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             value = getattr(self, f.name)
             if isinstance(value, Section):
                 changes[f.name] = value.resolve_paths(base)
@@ -393,11 +395,11 @@ class Section:
                 changes[f.name] = Path(base) / value
             elif isinstance(value, list) and value and all(isinstance(v, Section) for v in value):
                 changes[f.name] = [v.resolve_paths(base) for v in value]
-        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]  # every subclass is a dataclass
 
     def replace(self, **changes: Any) -> Self:
         """Copy with some fields changed, validated again."""
-        new = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        new = dataclasses.replace(self, **changes)  # type: ignore[type-var]  # every subclass is a dataclass
         new.check()
         return new
 
@@ -505,7 +507,7 @@ def dumps_toml(settings: Section) -> str:
 
     def emit(obj: Section, prefix: str) -> None:
         body, nested, arrays = [], [], []
-        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]  # a settings dataclass
             value = getattr(obj, f.name)
             if isinstance(value, Section):
                 nested.append((f.name, value))

@@ -43,9 +43,7 @@ def test_demo_runs_and_reports(shared_tmp_path, comm):
         assert chosen == 2 and changes[-1] >= 0.01
     mesh = summary["mesh"]
     assert (
-        mesh["method"] == "smooth"
-        and mesh["order"] == 2
-        and mesh["cells"] == levels[chosen]["cells"] == check["cells"]
+        mesh["method"] == "smooth" and mesh["order"] == 2 and mesh["cells"] == levels[chosen]["cells"] == check["cells"]
     )
     assert "430" in study["why_fewer_than_paper"] and study["paper_cells"] == 430_000
     assert levels[chosen]["results"] == "diffusion/results.json"

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import math
 import logging
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fem_anode.commands._common import add_out_argument, check_int, check_number, load_config, provenance, world_comm
+from fem_anode.commands._common import (
+    add_out_argument,
+    check_int,
+    check_number,
+    is_root,
+    load_config,
+    provenance,
+    world_comm,
+)
+
+if TYPE_CHECKING:
+    from fem_anode.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="mesh-convergence study: observed order, Richardson extrapolation, GCI",
         description="Run a model's CONFIG.toml on successively refined meshes (h divided by --refine-factor per level) "
         "and report, per quantity of interest, the observed order, the Richardson-extrapolated value and Roache's GCI. "
-        "Diffusion: voxel meshes subdivide every pixel; smooth meshes (mesh.method = 'smooth') divide the global size H "
-        "(mesh.size, m; default 4 pixels), every size field with it, on the same boundary curves. Settings the study "
+        "Diffusion: voxel meshes subdivide every pixel; smooth meshes (mesh.method = 'smooth') divide the global size "
+        "H (mesh.size, m; default 4 pixels), every size field with it, on the same boundary curves. Settings the study "
         "does not use ([output], [checkpoint]) are refused. Writes DIR/convergence.json and DIR/convergence.png.",
     )
     parser.add_argument(
@@ -32,14 +44,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--refine-factor",
         type=float,
         default=2.0,
-        help="h ratio between successive levels (default 2; an integer for voxel meshes, any number > 1 for smooth meshes)",
+        help="h ratio between successive levels (default 2; an integer for voxel meshes, any number > 1 for smooth "
+        "meshes)",
     )
     parser.add_argument("--orders", default=None, help="element orders to study, e.g. 1,2 (default: the config's)")
     parser.add_argument(
         "--model",
         choices=["auto", "diffusion", "phasefield"],
         default="auto",
-        help="model the config belongs to (auto: phasefield if it has phase-field sections or keys such as geometry.radius, else diffusion)",
+        help="model the config belongs to (auto: phasefield if it has phase-field sections or keys such as "
+        "geometry.radius, else diffusion)",
     )
     add_out_argument(parser, default="convergence_results")
     parser.add_argument(
@@ -52,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.set_defaults(func=run, out=None)
 
 
-def _diffusion_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
+def _diffusion_study(
+    settings: Any, args: argparse.Namespace, orders: Any, comm: Any, staging: Path, checkpointing: dict[str, Any]
+) -> dict[str, Any]:
     from fem_anode.fem.convergence import run_diffusion_study
 
     return run_diffusion_study(
@@ -60,7 +76,9 @@ def _diffusion_study(settings, args, orders, comm, staging, checkpointing):  # t
     )
 
 
-def _phasefield_study(settings, args, orders, comm, staging, checkpointing):  # type: ignore[no-untyped-def]
+def _phasefield_study(
+    settings: Any, args: argparse.Namespace, orders: Any, comm: Any, staging: Path, checkpointing: dict[str, Any]
+) -> dict[str, Any]:
     from fem_anode.errors import UsageError
     from fem_anode.fem.convergence import run_phasefield_study
 
@@ -73,13 +91,13 @@ def _phasefield_study(settings, args, orders, comm, staging, checkpointing):  # 
     )
 
 
-def _diffusion_settings():  # type: ignore[no-untyped-def]
+def _diffusion_settings() -> type[Settings]:
     from fem_anode.fem.diffusion_settings import DiffusionSettings
 
     return DiffusionSettings
 
 
-def _phasefield_settings():  # type: ignore[no-untyped-def]
+def _phasefield_settings() -> type[Settings]:
     from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
     return PhaseFieldSettings
@@ -118,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if model == "diffusion" and settings.mesh.method == "voxel":
         if args.refine_factor != int(args.refine_factor):
             raise UsageError(
-                f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an integer (or mesh.method = 'smooth')"
+                f"--refine-factor {args.refine_factor:g}: voxel meshes are refined by subdividing pixels, use an "
+                "integer (or mesh.method = 'smooth')"
             )
         args.refine_factor = int(args.refine_factor)
     comm = world_comm()
@@ -130,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
     resume = CheckpointStore(args.resume, comm).load() if args.resume else None
     if resume is None and store.exists():
         raise UsageError(
-            f"{args.out} holds the checkpoint of an unfinished study: add --resume {args.out} to continue it, or remove {store.path}"
+            f"{args.out} holds the checkpoint of an unfinished study: add --resume {args.out} to continue it, or "
+            f"remove {store.path}"
         )
     checkpointing = {"checkpoint_dir": args.out, "resume": resume}
     try:
         with output_directory(args.out, comm) as staging:
             report = study(settings, args, orders, comm, staging, checkpointing)
-            if comm.rank == 0:
+            if is_root(comm):
                 write_json(
                     staging / "convergence.json",
                     {

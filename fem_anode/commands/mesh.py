@@ -14,9 +14,11 @@ from fem_anode.commands._common import (
     is_root,
     load_image,
     provenance,
+    require_comm,
     world_comm,
 )
-from fem_anode.errors import FemAnodeError, InputError, UsageError
+from fem_anode.errors import UsageError
+from fem_anode.faults import share_error
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         options = None
     comm = world_comm()
     quality_path = args.out.with_name(args.out.stem + ".quality.json")
-    error: tuple[str, str] | None = None
+    error: BaseException | None = None
     if is_root(comm):
         try:
             result = mesh_image(image, args.out, method=method, keep=keep, options=options, order=args.order)
@@ -220,20 +222,13 @@ def run(args: argparse.Namespace) -> int:
                 quality_path.name,
                 ", ".join(result.groups),
             )
-        except FemAnodeError as err:
-            error = ("usage" if isinstance(err, UsageError) else "input", str(err))
-        except Exception as err:
-            if comm is None or comm.size == 1:
-                raise
-            error = ("internal", f"{type(err).__name__} on rank 0: {err}")  # do not leave other ranks waiting
-    if comm is not None and comm.size > 1:
-        error = comm.bcast(error, root=0)
-    if error is not None:
-        raise {"usage": UsageError, "input": InputError}.get(error[0], RuntimeError)(error[1])
+        except Exception as err:  # raised on every rank below: no rank is left waiting
+            error = err
+    share_error(comm, error)
     if args.xdmf:
         from fem_anode.fem.mesh_io import read_mesh, write_xdmf
 
-        tagged = read_mesh(args.out, comm)
+        tagged = read_mesh(args.out, require_comm(comm, "--xdmf"))
         xdmf = write_xdmf(tagged, args.out.with_suffix(".xdmf"))
         if is_root(comm):
             logger.info("wrote %s", xdmf)

@@ -36,7 +36,8 @@ DENOISE = ("nl_means", "tv", "none")
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="segment a gray image into phase labels (multistage threshold, Felzenszwalb regions, trainable random forest)",
+        help="segment a gray image into phase labels (multistage threshold, Felzenszwalb regions, trainable random "
+        "forest)",
         description="Segment a 2D/3D gray image into a label image. Writes --out (.npy/.npz/.tif/folder) "
         "with voxel size and phase map, OUT.report.json (method details, accuracy with --truth), OUT.report.png "
         "(gray slice, labels and, with --truth, the disagreement map) and with --truth OUT.confusion.png.",
@@ -63,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--denoise",
         choices=DENOISE,
         default="nl_means",
-        help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none (default nl_means)",
+        help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none "
+        "(default nl_means)",
     )
     clean.add_argument(
         "--noise-sigma",
@@ -100,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         type=int,
         default=3,
         metavar="N",
-        help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps all)",
+        help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps "
+        "all)",
     )
     clean.add_argument(
         "--no-refine",
@@ -362,18 +365,24 @@ def _write_reports(
     truth_slice: np.ndarray | None,
     phases: dict[str, int],
 ) -> None:
-    """OUT.report.json, OUT.report.png and (with accuracy) OUT.confusion.png; slices of 3D images are taken in the middle."""
+    """OUT.report.json, OUT.report.png and (with accuracy) OUT.confusion.png; slices of 3D images are taken in the
+    middle."""
     from fem_anode.imaging.accuracy import plot_confusion, plot_segmentation_report
     from fem_anode.io.output import write_json
 
-    def middle(a: np.ndarray | None) -> np.ndarray | None:
-        return a[a.shape[0] // 2] if a is not None and a.ndim == 3 else a
+    def middle(a: np.ndarray) -> np.ndarray:
+        return a[a.shape[0] // 2] if a.ndim == 3 else a
 
     base = args.out.with_name(args.out.name)
     figures = {"report": str(base.with_name(base.name + ".report.png"))}
     title = f"{args.method} segmentation of {args.image.name}" + (" (middle slice)" if gray_slice.ndim == 3 else "")
     plot_segmentation_report(
-        middle(gray_slice), middle(labels_slice), phases, figures["report"], truth=middle(truth_slice), title=title
+        middle(gray_slice),
+        middle(labels_slice),
+        phases,
+        figures["report"],
+        truth=middle(truth_slice) if truth_slice is not None else None,
+        title=title,
     )
     if "accuracy" in report:
         figures["confusion"] = str(base.with_name(base.name + ".confusion.png"))
@@ -441,7 +450,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
                     logger.info("wrote the classifier to %s", args.save_model)
         except FemAnodeError as err:
             error = err
-    if size > 1:
+    if comm is not None and size > 1:
         model, error = comm.bcast((model, error), root=0)
     if error is not None:
         raise error
@@ -494,7 +503,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
             )
 
         local = _on_every_rank(comm, score)
-        total = comm.allreduce(local) if size > 1 else local
+        total = comm.allreduce(local) if comm is not None and size > 1 else local
         report["accuracy"] = accuracy_from_confusion(total, phases)
         report["iou"] = report["accuracy"]["iou"]
         _log_accuracy(report["accuracy"], args.truth)
@@ -510,20 +519,20 @@ def _run_trainable(args: argparse.Namespace) -> int:
                 labels[zm - z0],
                 truth_layers[zm - z0] if truth_layers is not None else None,
             )
-        if size > 1:
-            pieces = comm.gather(piece, root=0)
+        if comm is not None and size > 1:
+            pieces = comm.gather(piece, root=0) or []
             piece = next((p for p in pieces if p is not None), None) if rank == 0 else None
     else:
         full, full_truth = labels, truth_layers
-        if size > 1:
-            gathered, truth_all = comm.gather(labels, root=0), comm.gather(truth_layers, root=0)
+        if comm is not None and size > 1:
+            gathered, truth_all = comm.gather(labels, root=0) or [], comm.gather(truth_layers, root=0) or []
             full = np.concatenate(gathered) if rank == 0 else None
             full_truth = np.concatenate(truth_all) if rank == 0 and truth_layers is not None else None
         if rank == 0:
             piece = (np.asarray(image.read_layers(0, nz), dtype=np.float64), full, full_truth)
     if rank == 0 and piece is not None:
         _write_reports(args, report, piece[0], piece[1], piece[2], phases)
-    if size > 1:
+    if comm is not None and size > 1:
         comm.barrier()
     logger.info("wrote %s", args.out)
     return 0
@@ -572,7 +581,9 @@ def _check_gray_scale(image: Any, nz: int, trained: Any, source: Path) -> None:
     lies far from the model's training images' (a model learns their gray scale)."""
     if not trained:
         return
-    layers = sorted({int(z) for z in np.linspace(0, nz - 1, min(nz, 8))}) if image.ndim == 3 else [None]
+    layers: list[int | None] = (
+        [int(z) for z in sorted({int(z) for z in np.linspace(0, nz - 1, min(nz, 8))})] if image.ndim == 3 else [None]
+    )
     values = np.concatenate(
         [
             np.asarray(
@@ -612,11 +623,10 @@ def _write_distributed(
 
     from fem_anode.io.images import VoxelImage, write_image
 
-    size = comm.size if comm is not None else 1
-    rank = comm.rank if comm is not None else 0
-    if size == 1:
+    if comm is None or comm.size == 1:
         write_image(path, VoxelImage(labels, voxel_size, phases, str(path)))
         return
+    rank = comm.rank
     if path.suffix.lower() != ".npy":
         gathered = comm.gather(labels, root=0)
         if rank == 0:
@@ -636,10 +646,10 @@ def _write_distributed(
         except OSError as err:
             error = f"--out {path}: cannot write: {err.strerror or err}"
     tmp, error = comm.bcast((tmp, error), root=0)
-    if error is not None:
+    if error is not None or tmp is None:
         from fem_anode.errors import InputError
 
-        raise InputError(error)
+        raise InputError(error or f"--out {path}: cannot write")
     ok = True
     try:
         if bounds[rank + 1] > bounds[rank]:

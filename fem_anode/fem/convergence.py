@@ -56,7 +56,7 @@ SAFETY_FACTOR = 1.25
 ROUND_OFF = 1e-9
 
 
-def richardson(h: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
+def richardson(h: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """Observed order, extrapolated value and GCI from the three finest of ``values``.
 
     Args:
@@ -226,8 +226,9 @@ def check_study_settings(settings: Any, model: str) -> None:
         unused.append(f"mesh.discretisation = {discretisation!r} (a study refines finite-element meshes)")
     if unused:
         raise UsageError(
-            f"{', '.join(unused)}: not used by a convergence study (it writes convergence.json and convergence.png only "
-            "and checkpoints after every finished level); remove them from the configuration or set them to their defaults"
+            f"{', '.join(unused)}: not used by a convergence study (it writes convergence.json and convergence.png "
+            "only and checkpoints after every finished level); remove them from the configuration or set them to their "
+            "defaults"
         )
 
 
@@ -319,7 +320,7 @@ def _study_checkpointer(directory: Path | None, comm: Any, meta: dict[str, Any])
     """Level-granularity checkpoints of a study (saved explicitly after each level), or None."""
     if directory is None:
         return None
-    from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore
+    from fem_anode.io.checkpoint import Checkpointer, CheckpointPolicy, CheckpointStore
 
     return Checkpointer(
         CheckpointStore(directory, comm), CheckpointPolicy(interval_s=0.0, every_steps=0), meta=meta, comm=comm
@@ -342,7 +343,7 @@ def _level_stopper(checkpointer: Any, comm: Any) -> Any:
     """Poll-only checkpointer for the time loop of one level: honours SIGINT/SIGTERM, never saves."""
     if checkpointer is None:
         return None
-    from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer
+    from fem_anode.io.checkpoint import Checkpointer, CheckpointPolicy
 
     return Checkpointer(None, CheckpointPolicy(interval_s=0.0, every_steps=0), stop=checkpointer.stop, comm=comm)
 
@@ -358,7 +359,7 @@ def _diffusion_levels(
     settings: Any,
     image: Any,
     levels: int,
-    refine_factor: int,
+    refine_factor: float,
     orders: list[int],
     comm: Any,
     c_bulk: float,
@@ -523,9 +524,9 @@ def _relative_l2_difference(fine: Any, coarse: Any, *, padding: float, comm: Any
     Points of the fine mesh just outside the coarse one (a finer polygon of a curved boundary)
     are evaluated in a coarse cell within ``padding`` (m; see :data:`PADDING_PER_H`).
     """
+    import ufl
     from dolfinx import fem
     from mpi4py import MPI
-    import ufl
 
     V = fine.function_space
     n_cells = V.mesh.topology.index_map(V.mesh.topology.dim).size_local
@@ -573,7 +574,8 @@ def run_phasefield_study(
     axial stretch, mean/min/max c, von Mises stress and equivalent plastic strain at the end and
     their peaks during the half-cycle, energies; a void fraction joins by itself once the
     model reports one). The adaptive time steps
-    follow each mesh, so peak values carry time-step effects as well. Needs the built-in disk geometry (an image mesh has a fixed size).
+    follow each mesh, so peak values carry time-step effects as well. Needs the built-in disk geometry (an image mesh
+    has a fixed size).
 
     ``checkpoint_dir``/``resume`` as in :func:`run_diffusion_study`: the study is checkpointed
     after every finished level and resumes after the last one. The phase-field run itself has
@@ -695,7 +697,10 @@ def run_phasefield_study(
                 "field_l2_difference": {
                     "h": h,
                     "values": differences["c_li"],
-                    "description": "||c_k - I c_(k-1)|| / ||c_k|| of c_Li at the end of the first half-cycle, reference configuration",
+                    "description": (
+                        "||c_k - I c_(k-1)|| / ||c_k|| of c_Li at the end of the first half-cycle, "
+                        "reference configuration"
+                    ),
                 },
                 "mesh_independent_1pct": mesh_independence(records, cells, h),
             }
@@ -727,7 +732,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("  no level is within 1 % of the extrapolated values for every quantity")
         else:
             lines.append(
-                f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, {independence['cells']} cells"
+                f"  every quantity within 1 % from level {independence['level']}: h = {independence['h_m']:.3g} m, "
+                f"{independence['cells']} cells"
             )
         changes = data.get("level_changes_1pct")
         if changes:

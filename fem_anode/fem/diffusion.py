@@ -984,8 +984,8 @@ class DiffusionProblem:
             )
             + where
         )
-        err.report = report  # type: ignore[attr-defined]
-        err.result = record.result(self, "failed")  # type: ignore[attr-defined]
+        err.report = report
+        err.result = record.result(self, "failed")
         raise err
 
     def destroy(self) -> None:

@@ -11,13 +11,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from mpi4py import MPI
 from scipy import ndimage
 
 from fem_anode.errors import InputError, Interrupted, SolverError
+from fem_anode.faults import share_error
 from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.sampling import facet_samples, sample_points
@@ -26,6 +27,9 @@ from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerpri
 from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read_image
 from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
+
+if TYPE_CHECKING:
+    import dolfinx.fem
 
 __all__ = [
     "DiffusionRun",
@@ -194,7 +198,8 @@ def _smooth_mesh(
         made = tempfile.mkdtemp(prefix="fem_anode_mesh_") if workdir is None else str(workdir)
     folder = Path(comm.bcast(made, root=0))  # rank 0 meshes and reads the file; the others only receive
     path = folder / "mesh.msh"
-    error, files = None, {}
+    error: FemAnodeError | None = None
+    files: dict[str, bytes] = {}
     if comm.rank == 0:
         from fem_anode.meshing.build import mesh_image
         from fem_anode.meshing.smooth2d import SmoothMeshOptions
@@ -213,10 +218,8 @@ def _smooth_mesh(
             files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
         except FemAnodeError as err:  # every rank must fail, not only the one that meshed
             error = err
-    error = comm.bcast(error, root=0)
     try:
-        if error is not None:
-            raise error
+        share_error(comm, error)
         tagged = read_mesh(path, comm)
     finally:
         if comm.rank == 0 and workdir is None:
@@ -375,14 +378,15 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayer
         if (owner < 0).any():
             raise RuntimeError("an Si interface facet has no Si voxel next to it")  # a bug, never bad input
     else:  # smooth meshes (2D, made on rank 0 from the image in memory)
-        si = image.array == si_label  # type: ignore[union-attr]
+        si = image.array == si_label  # type: ignore[union-attr]  # an in-memory image on this path
         particle_ids, n_particles = ndimage.label(si, structure=connectivity)
         nearest = ndimage.distance_transform_edt(~si, return_distances=False, return_indices=True)
         index = np.clip(np.floor(midpoints).astype(int), 0, np.asarray(image.shape) - 1)
         pixel = tuple(nearest[(axis, *index.T)] for axis in range(ndim))
         owner = particle_ids[pixel] - 1 if facets.size else np.zeros(0, int)
     c_bulk = problem.settings.physics.c_bulk
-    measure, mean, low, high = facet_samples(problem.concentration(), facets)
+    c = cast("dolfinx.fem.Function", problem.concentration())  # a P1/P2 problem on this path
+    measure, mean, low, high = facet_samples(c, facets)
     sums = np.zeros((3, n_particles))
     np.add.at(sums[0], owner, measure)
     np.add.at(sums[1], owner, measure * mean)
@@ -651,8 +655,8 @@ def simulate_diffusion(
             raise RuntimeError("a finite-volume geometry without an image")  # a bug, never bad input
         # Before the assembly: the distance transform's temporaries (about 180 B per voxel of a
         # slab) then do not add to the solver's memory.
-        scales = timescales(settings, _max_distance_to_pore(image, settings, comm))
-        problem = VoxelFVProblem(image, settings, comm)
+        scales: dict[str, float] | None = timescales(settings, _max_distance_to_pore(image, settings, comm))
+        problem = VoxelFVProblem(image, settings, cast(MPI.Intracomm, comm))  # COMM_WORLD or a split of it
     else:
         scales = timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None
         problem = DiffusionProblem(geo.tagged, settings)
@@ -693,11 +697,12 @@ def simulate_diffusion(
         if settings.output.fields:  # kept for save(): one vector per output time (8 B per unknown)
             fields.append((t, prob.concentration()))
         if finite_volumes and figures:
-            snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]
+            snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]  # finite volumes: VoxelFVProblem
         elif grid is not None:
-            snapshots[t] = settings.physics.c_bulk * sample_points(prob.c, grid[0]).reshape(grid[1])
+            c = cast("dolfinx.fem.Function", prob.c)  # a finite-element problem here
+            snapshots[t] = settings.physics.c_bulk * sample_points(c, grid[0]).reshape(grid[1])
         if image is not None and t > 0:
-            particles[f"{t:g}"] = prob.si_particle_report() if finite_volumes else si_particle_report(prob, image)  # type: ignore[attr-defined]
+            particles[f"{t:g}"] = prob.si_particle_report() if finite_volumes else si_particle_report(prob, image)  # type: ignore[attr-defined]  # FV: VoxelFVProblem
 
     status, failure, stopped = "completed", None, None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
@@ -711,7 +716,7 @@ def simulate_diffusion(
             problem.destroy()
             raise
         stopped = err
-        result = err.result  # type: ignore[assignment]
+        result = err.result
         status = "interrupted" if isinstance(err, Interrupted) else "failed"
         failure = getattr(err, "report", None)
     c_bulk = settings.physics.c_bulk

@@ -14,13 +14,22 @@ interior interfaces (``dS``) are right on any number of ranks.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dolfinx
 import numpy as np
 from mpi4py import MPI
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
+from fem_anode.faults import share_error
+
+if TYPE_CHECKING:
+    from fem_anode.io.images import VoxelImage
+
+#: gdim, cell groups and facet groups (name -> tag) of a gmsh model.
+_Groups = tuple[int, dict[str, int], dict[str, int]]
 
 __all__ = ["TaggedMesh", "read_mesh", "model_to_tagged_mesh", "image_to_tagged_mesh", "write_xdmf"]
 
@@ -91,23 +100,19 @@ def _open_on_root(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return _groups_on_root()
 
 
-def _partitioner(ghost_mode: str):  # type: ignore[no-untyped-def]
+def _partitioner(ghost_mode: str) -> Callable[..., Any]:
     modes = {"none": dolfinx.mesh.GhostMode.none, "shared_facet": dolfinx.mesh.GhostMode.shared_facet}
     if ghost_mode not in modes:
         raise UsageError(f"ghost_mode must be one of {', '.join(modes)}, got {ghost_mode!r}")
     return dolfinx.mesh.create_cell_partitioner(modes[ghost_mode])
 
 
-def _distribute(meta: tuple | str | None, comm: MPI.Comm, ghost_mode: str) -> TaggedMesh:
-    """Broadcast rank 0's metadata (or error text) and build the dolfinx mesh from gmsh's model."""
+def _distribute(meta: _Groups | None, error: FemAnodeError | None, comm: MPI.Comm, ghost_mode: str) -> TaggedMesh:
+    """Raise rank 0's error on every rank, or broadcast its groups and build the dolfinx mesh from gmsh's model."""
     import gmsh
 
-    meta = comm.bcast(meta, root=0)
-    if isinstance(meta, str):
-        raise InputError(meta)
-    if isinstance(meta, dict):  # a fem_anode error raised on rank 0, re-raised everywhere
-        raise {"usage": UsageError, "input": InputError}[meta["kind"]](meta["message"])
-    gdim, cell_groups, facet_groups = meta  # type: ignore[misc]
+    share_error(comm, error)
+    gdim, cell_groups, facet_groups = comm.bcast(meta, root=0)
     mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(
         gmsh.model, comm, 0, gdim=gdim, partitioner=_partitioner(ghost_mode)
     )
@@ -121,12 +126,13 @@ def model_to_tagged_mesh(comm: MPI.Comm = MPI.COMM_WORLD, ghost_mode: str = "sha
     Raises:
         InputError: the model has no cell physical groups.
     """
-    meta: tuple | str | None = None
+    meta: _Groups | None = None
+    error: FemAnodeError | None = None
     if comm.rank == 0:
         meta = _groups_on_root()
         if not meta[1]:
-            meta = "gmsh model has no cell physical groups (tag the phases/regions)"
-    return _distribute(meta, comm, ghost_mode)
+            error = InputError("gmsh model has no cell physical groups (tag the phases/regions)")
+    return _distribute(meta, error, comm, ghost_mode)
 
 
 def read_mesh(path: str | Path, comm: MPI.Comm = MPI.COMM_WORLD, ghost_mode: str = "shared_facet") -> TaggedMesh:
@@ -143,32 +149,33 @@ def read_mesh(path: str | Path, comm: MPI.Comm = MPI.COMM_WORLD, ghost_mode: str
     import gmsh
 
     path = Path(path)
-    meta: tuple | str | None = None
+    meta: _Groups | None = None
+    error: FemAnodeError | None = None
     if comm.rank == 0:
         gmsh.initialize(interruptible=False)
         gmsh.option.setNumber("General.Terminal", 0)
         if not path.is_file():
-            meta = f"mesh file not found: {path}"
+            error = InputError(f"mesh file not found: {path}")
         else:
             try:
                 meta = _open_on_root(path)
                 if not meta[1]:
-                    meta = f"{path}: mesh has no cell physical groups (tag the phases/regions)"
+                    error = InputError(f"{path}: mesh has no cell physical groups (tag the phases/regions)")
             except Exception as err:  # gmsh raises plain Exception
-                meta = f"cannot read mesh {path}: {err}"
+                error = InputError(f"cannot read mesh {path}: {err}")
     try:
-        return _distribute(meta, comm, ghost_mode)
+        return _distribute(meta, error, comm, ghost_mode)
     finally:
         if comm.rank == 0:
             gmsh.finalize()
 
 
 def image_to_tagged_mesh(
-    image,  # type: ignore[no-untyped-def]
+    image: VoxelImage,
     comm: MPI.Comm = MPI.COMM_WORLD,
     *,
     ghost_mode: str = "shared_facet",
-    **build_args,  # type: ignore[no-untyped-def]
+    **build_args: Any,
 ) -> TaggedMesh:
     """Mesh a label image in memory over ``comm`` (voxel: distributed; else on rank 0).
 
@@ -192,7 +199,8 @@ def image_to_tagged_mesh(
         from fem_anode.fem.voxel_mesh import create_voxel_mesh
 
         return create_voxel_mesh(image, comm, build_args.get("keep"), ghost_mode=ghost_mode)
-    meta: tuple | str | dict | None = None
+    meta: _Groups | None = None
+    error: FemAnodeError | None = None
     if comm.rank == 0:
         gmsh.initialize(interruptible=False)
         gmsh.option.setNumber("General.Terminal", 0)
@@ -200,11 +208,11 @@ def image_to_tagged_mesh(
             build_model(image, **build_args)
             meta = _groups_on_root()
         except FemAnodeError as err:
-            meta = {"kind": "usage" if isinstance(err, UsageError) else "input", "message": str(err)}
+            error = err
         except Exception as err:  # never leave the other ranks waiting in the broadcast
-            meta = {"kind": "input", "message": f"meshing failed on rank 0: {type(err).__name__}: {err}"}
+            error = InputError(f"meshing failed on rank 0: {type(err).__name__}: {err}")
     try:
-        return _distribute(meta, comm, ghost_mode)
+        return _distribute(meta, error, comm, ghost_mode)
     finally:
         if comm.rank == 0:
             gmsh.finalize()

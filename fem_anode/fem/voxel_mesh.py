@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 import basix.ufl
 import dolfinx
@@ -52,7 +52,8 @@ class LayeredImage(Protocol):
     @property
     def shape(self) -> tuple[int, ...]: ...
 
-    source: str
+    @property
+    def source(self) -> str: ...
 
     def require_voxel_size(self) -> tuple[float, ...]: ...
 
@@ -157,7 +158,7 @@ def create_voxel_mesh(
     first_error(comm, error)  # the lowest rank's bad input, raised on every rank
     is_kept = np.isin(labels, kept_labels)
     n_cells_local = int(np.count_nonzero(is_kept[z0 - lo : z1 - lo]))
-    cell_offset = comm.exscan(n_cells_local) or 0
+    cell_offset = _intra(comm).exscan(n_cells_local) or 0
     if comm.allreduce(n_cells_local) == 0:
         raise UsageError(f"the kept phases {', '.join(kept)} have no voxels in {image.source}")
 
@@ -168,7 +169,7 @@ def create_voxel_mesh(
     ]
     last = z1 == shape[0] and z1 > z0
     numbering = SlabNumbering(kept_halo, owns_last_plane=last)
-    numbering.number(comm.exscan(numbering.owned) or 0)
+    numbering.number(_intra(comm).exscan(numbering.owned) or 0)
     del kept_halo
     voxels = np.argwhere(is_kept[z0 - lo : z1 - lo])
     cells = numbering.corner_nodes(voxels, corner_offsets(ndim))
@@ -199,9 +200,14 @@ def create_voxel_mesh(
     return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups, bounds if partition == "slab" else None)
 
 
+def _intra(comm: MPI.Comm) -> MPI.Intracomm:
+    """``comm`` as the intra-communicator it is (mpi4py types ``exscan`` on ``Intracomm`` only)."""
+    return cast(MPI.Intracomm, comm)
+
+
 def _slab_partitioner(
     comm: MPI.Comm, voxels: np.ndarray, is_kept: np.ndarray, z0: int, lo: int, bounds: np.ndarray, ghost_mode: str
-):  # type: ignore[no-untyped-def]
+) -> Callable[..., Any]:
     """Partitioner keeping every cell on its rank; with ``shared_facet``, cells with a kept face
     neighbour in the next or previous slab are ghosted there."""
     rank = comm.rank
@@ -226,7 +232,7 @@ def _slab_partitioner(
         destinations = np.fromiter((d for item in lists for d in item), dtype=np.int32, count=int(offsets[-1]))
     adjacency = dolfinx.graph.adjacencylist(destinations, offsets)
 
-    def partition(comm_, nparts, cell_types, cells):  # type: ignore[no-untyped-def]
+    def partition(comm_: MPI.Comm, nparts: int, cell_types: Any, cells: Any) -> Any:
         return adjacency._cpp_object if hasattr(adjacency, "_cpp_object") else adjacency
 
     return partition
@@ -252,7 +258,7 @@ def _tags(
     spacing: np.ndarray,
     kept: dict[str, int],
     phases: dict[str, int],
-):  # type: ignore[no-untyped-def]
+) -> tuple[dolfinx.mesh.MeshTags, dolfinx.mesh.MeshTags, dict[str, int], dict[str, int]]:
     """Cell tags (phase of the voxel) and facet tags (labels on both sides) from the rank's slab."""
     comm = mesh.comm
     tdim = mesh.topology.dim

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 # Segmentation and the anode metrics of Vorauer et al. (2020) (issue 3).
-from fem_anode.imaging.metrics import (  # noqa: E402
+from fem_anode.imaging.metrics import (
     compute_metrics,
     connections_per_depth,
     geodesic_tortuosity,
@@ -28,7 +28,7 @@ from fem_anode.imaging.metrics import (  # noqa: E402
     si_particles,
     tortuosity_field,
 )
-from fem_anode.imaging.segmentation import (  # noqa: E402
+from fem_anode.imaging.segmentation import (
     SegmentationResult,
     iou_per_phase,
     isodata_threshold,

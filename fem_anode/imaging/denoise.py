@@ -19,6 +19,7 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
+
 from fem_anode.errors import InputError, UsageError
 
 __all__ = ["DENOISE_METHODS", "denoise_gray", "estimate_noise_sigma", "flatten_illumination"]

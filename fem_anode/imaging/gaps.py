@@ -82,7 +82,7 @@ def _surface(component: np.ndarray) -> np.ndarray:
     for axis in range(component.ndim):
         for shift in (1, -1):
             rolled = np.roll(component, shift, axis=axis)
-            edge = [slice(None)] * component.ndim
+            edge: list[slice | int] = [slice(None)] * component.ndim
             edge[axis] = 0 if shift == 1 else -1
             rolled[tuple(edge)] = 0
             inner &= rolled == component
@@ -125,7 +125,8 @@ def measure_gaps(
     for name in (si, cbd):
         if name not in phases:
             raise UsageError(
-                f"{image.source}: phase {name!r} not in the phase map {phases}; name the Si and CBD phases (--si, --cbd)"
+                f"{image.source}: phase {name!r} not in the phase map {phases}; name the Si and CBD phases (--si, "
+                "--cbd)"
             )
     if blocking is None:
         blocking = [p for p in ("graphite",) if p in phases]
@@ -150,7 +151,7 @@ def measure_gaps(
     if exclude_border:
         border = np.zeros(labels.shape, dtype=bool)
         for axis in range(ndim):
-            sl = [slice(None)] * ndim
+            sl: list[slice | int] = [slice(None)] * ndim
             sl[axis] = 0
             border[tuple(sl)] = True
             sl[axis] = -1

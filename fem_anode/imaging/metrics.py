@@ -76,7 +76,7 @@ def phase_fractions(image: VoxelImage) -> dict[str, float]:
     array = image.array
     if array.dtype in (np.uint8, np.uint16, np.bool_):  # one pass: a histogram of the labels
         counts = np.bincount(array.ravel(), minlength=max(phases.values(), default=0) + 1)
-        unknown = sorted(set(np.flatnonzero(counts).tolist()) - set(phases.values()))
+        unknown = sorted({int(v) for v in np.flatnonzero(counts)} - set(phases.values()))
         if unknown:
             image.check_labels(require_all_phases=False)  # raises the standard message
         total = array.size
@@ -85,7 +85,7 @@ def phase_fractions(image: VoxelImage) -> dict[str, float]:
         }
     image.check_labels(require_all_phases=False)
     values, counts = np.unique(array, return_counts=True)
-    by_value = dict(zip(values.tolist(), counts.tolist()))
+    by_value = {int(v): int(n) for v, n in zip(values, counts)}
     return {name: by_value.get(value, 0) / array.size for name, value in phases.items()}
 
 
@@ -106,7 +106,7 @@ def per_slice_fractions(image: VoxelImage) -> dict[str, dict[str, Any]]:
         width = 256
         keys = (np.arange(n_slices, dtype=np.int64) * width)[:, None] + per_slice
         histogram = np.bincount(keys.ravel(), minlength=n_slices * width).reshape(n_slices, width)
-        if set(np.flatnonzero(histogram.sum(axis=0)).tolist()) - set(phases.values()):
+        if {int(v) for v in np.flatnonzero(histogram.sum(axis=0))} - set(phases.values()):
             image.check_labels(require_all_phases=False)  # raises the standard message
     else:
         image.check_labels(require_all_phases=False)
@@ -123,7 +123,7 @@ def per_slice_fractions(image: VoxelImage) -> dict[str, dict[str, Any]]:
             "profile": profile.tolist(),
         }
     if spacing is not None:
-        result["depth_m"] = ((np.arange(n_slices) + 0.5) * spacing).tolist()  # type: ignore[assignment]
+        result["depth_m"] = ((np.arange(n_slices) + 0.5) * spacing).tolist()  # type: ignore[assignment]  # a list beside the per-phase dicts
     return result
 
 
@@ -475,7 +475,7 @@ def _get(d: Mapping[str, Any], *keys: str) -> float | None:
             return None
         d = d[k]
     try:
-        value = float(d)  # type: ignore[arg-type]
+        value = float(d)  # type: ignore[arg-type]  # the leaf value (a number or not: caught below)
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None

@@ -20,7 +20,7 @@ from fem_anode.io.figures import save_figure as _save
 __all__ = ["plot_per_slice", "plot_metrics", "plot_comparison", "plot_segmentation_slices", "plot_tortuosity_sections"]
 
 
-def plot_per_slice(per_slice: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
+def plot_per_slice(per_slice: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
     """Line plot of each phase's fraction versus depth (or slice index) -> PNG at ``path``."""
     plt = _pyplot()
     depth = per_slice.get("depth_m")
@@ -274,7 +274,7 @@ def plot_tortuosity_sections(
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols + 2.2, 4.2), constrained_layout=True, squeeze=False)
     image = None
     for ax, (label, (section, extent)) in zip(axes[0], sections.items()):
-        background = np.ones(section.shape + (3,))
+        background = np.ones((*section.shape, 3))
         background[np.isnan(section)] = 0.55
         ax.imshow(background, extent=extent, interpolation="nearest", aspect="auto")
         cmap = plt.get_cmap("viridis").copy()

@@ -107,7 +107,7 @@ def multiclass_isodata(
     hist, centres, edges = _histogram(values, bins)
     cdf = np.cumsum(hist) / hist.sum()
     thresholds = np.interp(np.arange(1, n_classes) / n_classes, cdf, edges[1:])
-    means = np.zeros(n_classes)
+    means: np.ndarray = np.zeros(n_classes)
     span = edges[-1] - edges[0]
     for _ in range(max_iter):
         cls = np.searchsorted(thresholds, centres)
@@ -182,7 +182,7 @@ def threshold_segmentation(
             raise UsageError(f"{len(names)} phases need {len(names) - 1} thresholds, got {t.size}")
     classes = np.searchsorted(t, array, side="right")
     lut = np.array([phases[n] for n in names])
-    labels = lut[classes].astype(_label_dtype(phases))
+    labels: np.ndarray = lut[classes].astype(_label_dtype(phases))
     info = {"method": "threshold", "order": names, "thresholds": t.tolist()}
     return SegmentationResult(VoxelImage(labels, image.voxel_size, phases, f"threshold({image.source})"), info)
 
@@ -304,7 +304,7 @@ def multistage_threshold(
         array = ndimage.median_filter(array, size=int(median_size))
     from fem_anode.imaging.denoise import denoise_gray
 
-    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]
+    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
     denoise_info["illumination_degree"] = illumination_degree
     t_0 = isodata_threshold(array, bins=bins)
     solid_values = array[array >= t_0]
@@ -400,7 +400,9 @@ def _refine_blur_aware(
     return out, info
 
 
-def region_features(gray: np.ndarray, regions: np.ndarray, thresholds: Sequence[float]) -> dict[str, np.ndarray]:
+def region_features(
+    gray: np.ndarray, regions: np.ndarray, thresholds: Sequence[float] | np.ndarray
+) -> dict[str, np.ndarray]:
     """Per-region features of a gray image (vectorised with ``np.bincount``).
 
     Args:
@@ -486,7 +488,7 @@ def region_segmentation(
     from fem_anode.imaging.denoise import denoise_gray
 
     array = _flatten(array, illumination_degree)
-    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]
+    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
     denoise_info["illumination_degree"] = illumination_degree
     thresholds = multiclass_isodata(array, len(names))[0]
     pixel_class = np.searchsorted(thresholds, array, side="right")
@@ -506,7 +508,7 @@ def region_segmentation(
         n_pore_regions += int(dark.sum())
     out = out if array.ndim == 3 else out[0]
     lut = np.array([phases[n] for n in names])
-    labels = lut[out].astype(_label_dtype(phases))
+    labels: np.ndarray = lut[out].astype(_label_dtype(phases))
     info = {
         "method": "region",
         "order": names,

@@ -48,14 +48,14 @@ class Slab:
     @classmethod
     def from_bounds(cls, bounds: np.ndarray, rank: int) -> Slab:
         """Rank ``rank``'s slab of the partition ``bounds`` (slab r is ``[b[r], b[r+1])``)."""
-        bounds = [int(b) for b in bounds]
-        z0, z1 = bounds[rank], bounds[rank + 1]
-        nonempty = [r for r in range(len(bounds) - 1) if bounds[r + 1] > bounds[r]]
+        edges = [int(b) for b in bounds]
+        z0, z1 = edges[rank], edges[rank + 1]
+        nonempty = [r for r in range(len(edges) - 1) if edges[r + 1] > edges[r]]
         if z1 == z0:
-            return cls(z0, z1, bounds[-1], None, None)
+            return cls(z0, z1, edges[-1], None, None)
         prev = max((r for r in nonempty if r < rank), default=None)
         nxt = min((r for r in nonempty if r > rank), default=None)
-        return cls(z0, z1, bounds[-1], prev, nxt)
+        return cls(z0, z1, edges[-1], prev, nxt)
 
     @property
     def layers(self) -> int:
@@ -121,7 +121,7 @@ def label_slabs(
     local[local > 0] += offset
     plane = mask.shape[1:]
     empty = np.zeros(plane, dtype=np.int64)
-    below, above = exchange_layers(comm, slab, local[0] if slab.layers else empty, local[-1] if slab.layers else empty)
+    below, _ = exchange_layers(comm, slab, local[0] if slab.layers else empty, local[-1] if slab.layers else empty)
     pairs = np.zeros((0, 2), dtype=np.int64)
     if below is not None:
         mine = local[0]

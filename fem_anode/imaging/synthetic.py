@@ -186,7 +186,7 @@ def fib_sem_roi(
     Returns:
         Labels with :data:`ROI_PHASES` and the pixel size.
     """
-    shape = tuple(max(8, int(round(s / pixel_size))) for s in size)
+    shape = tuple(max(8, round(s / pixel_size)) for s in size)
     rng = np.random.default_rng(seed)
     field = ndimage.gaussian_filter(rng.standard_normal(shape), pore_correlation_length / pixel_size, mode="reflect")
     pores = field > np.quantile(field, 1.0 - pore_fraction)
@@ -262,7 +262,8 @@ def render_gray(
 
 
 def _voxel_size(value: float | Sequence[float], ndim: int) -> tuple[float, ...]:
-    values = (float(value),) * ndim if np.isscalar(value) else tuple(float(v) for v in value)  # type: ignore[arg-type]
+    given = np.asarray(value, dtype=float)
+    values = (float(given),) * ndim if given.ndim == 0 else tuple(float(v) for v in given.ravel())
     if len(values) != ndim or not all(v > 0 for v in values):
         raise UsageError(f"voxel_size must be positive, one value or {ndim}, got {value}")
     return values

@@ -26,9 +26,10 @@ are enough), train a random forest on local features of every labelled voxel, pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,7 @@ def _block_features(
 
 def _iterate_blocks(
     read: LayerReader, shape: Sequence[int], z0: int, z1: int, settings: FeatureSettings, memory_bytes: float
-):
+) -> Iterator[tuple[int, int, tuple[slice, ...], np.ndarray]]:
     """Yield ``(a, b, box, features)`` covering layers ``z0..z1-1`` block by block."""
     import itertools
 
@@ -365,12 +366,12 @@ def train_classifier(
         raise InputError(f"training images must all be 2D or all 3D, got dimensions {sorted(ndims)}")
     ndim = ndims.pop()
     xs, ys = [], []
-    allowed = np.array(sorted(phases.values()))
     for (gray, labels), name in zip(pairs, names):
         gray, labels = np.asarray(gray), np.asarray(labels)
         if gray.shape != labels.shape:
             raise InputError(
-                f"{name}: the label image has shape {labels.shape} but the gray image {gray.shape}; they must match voxel for voxel"
+                f"{name}: the label image has shape {labels.shape} but the gray image {gray.shape}; they must match "
+                "voxel for voxel"
             )
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{name}: training labels must be integers, got {labels.dtype}")
@@ -378,10 +379,11 @@ def train_classifier(
         unknown = [int(v) for v in values if v != unlabelled and int(v) not in phases.values()]
         if unknown:
             raise InputError(
-                f"{name}: label values {unknown[:10]} are neither in the phase map {phases} nor the unlabelled value {unlabelled}"
+                f"{name}: label values {unknown[:10]} are neither in the phase map {phases} nor the unlabelled value "
+                f"{unlabelled}"
             )
         for a, b, box, feats in _iterate_blocks(
-            lambda lo, hi, g=gray: g[lo:hi], gray.shape, 0, gray.shape[0], settings, chunk_memory
+            functools.partial(_layers_of, gray), gray.shape, 0, gray.shape[0], settings, chunk_memory
         ):
             block_labels = labels[(slice(a, b), *box)]
             mask = block_labels != unlabelled
@@ -492,6 +494,11 @@ def load_model(path: str | Path, phases: Mapping[str, int] | None = None) -> Tra
     )
 
 
+def _layers_of(array: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Layers ``lo..hi-1`` of an in-memory image (a :data:`LayerReader`)."""
+    return array[lo:hi]
+
+
 def _label_dtype(phases: Mapping[str, int]) -> type:
     values = list(phases.values())
     return np.uint8 if min(values) >= 0 and max(values) < 256 else np.int32
@@ -538,11 +545,12 @@ def predict_labels(
     z1 = nz if z1 is None else int(z1)
     if not 0 <= z0 <= z1 <= nz:
         raise UsageError(f"layers {z0}..{z1} are outside the image's {nz} layers")
-    out = np.empty((z1 - z0, *shape[1:]), dtype=_label_dtype(model.phases))
+    out: np.ndarray = np.empty((z1 - z0, *shape[1:]), dtype=_label_dtype(model.phases))
     n_features = model.settings.n_features(len(shape))
     if model.forest.n_features_in_ != n_features:
         raise InputError(
-            f"the model's forest expects {model.forest.n_features_in_} features per voxel, its settings give {n_features}"
+            f"the model's forest expects {model.forest.n_features_in_} features per voxel, its settings give "
+            f"{n_features}"
         )
     done = 0
     for a, b, box, feats in _iterate_blocks(read, shape, z0, z1, model.settings, chunk_memory):

@@ -392,7 +392,7 @@ def _tiff_metadata(tif: Any, path: Path, ndim: int) -> tuple[tuple[float, ...] |
     # ImageJ-style calibration (unit + resolution tags, z spacing), as written by Fiji.
     ij = tif.imagej_metadata or {}
     unit = _TIFF_UNITS.get(str(ij.get("unit", "")).strip())
-    voxel_size = None
+    voxel_size: tuple[float, ...] | None = None
     res = page.tags.get("XResolution"), page.tags.get("YResolution")
     if unit is not None and all(r is not None for r in res):
         xr = res[0].value[0] / res[0].value[1]

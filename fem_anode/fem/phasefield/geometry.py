@@ -12,6 +12,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from fem_anode.errors import UsageError
+from fem_anode.faults import share_error
 from fem_anode.fem.mesh_io import TaggedMesh, model_to_tagged_mesh
 
 __all__ = ["build_disk_model", "disk_mesh", "SI_TAG", "SURFACE_TAG"]
@@ -61,7 +62,7 @@ def disk_mesh(
     """
     import gmsh
 
-    error = None
+    error: UsageError | None = None
     if comm.rank == 0:
         gmsh.initialize(interruptible=False)
         gmsh.option.setNumber("General.Terminal", 0)
@@ -71,11 +72,9 @@ def disk_mesh(
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 gmsh.write(str(path))
         except UsageError as err:
-            error = str(err)
-    error = comm.bcast(error, root=0)
+            error = err
     try:
-        if error is not None:
-            raise UsageError(error)
+        share_error(comm, error)
         return model_to_tagged_mesh(comm)
     finally:
         if comm.rank == 0:

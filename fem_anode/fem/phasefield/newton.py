@@ -296,11 +296,12 @@ class BorderedNewton:
         border vectors and corner (one Jacobian assembly, as the benchmark's profile times it)."""
         if self._csr is None:
             self.A.zeroEntries()
-            fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)
+            # dolfinx's singledispatch overload (matrix, form, ...); mypy sees the first signature only
+            fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]
         else:
             csr, indptr, columns, nnz = self._csr
             csr.set_value(0.0)
-            fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)
+            fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]  # as above
             csr.scatter_reverse()
             self.A.setValuesCSR(indptr, columns, csr.data[:nnz], addv=PETSc.InsertMode.INSERT_VALUES)
         self.A.assemble()

@@ -211,7 +211,7 @@ def _draw_morphology(
     tri = snapshot["triangles"]
     colours = np.array(list(MORPHOLOGY_COLOURS.values()))
     classes = morphology_classes(snapshot, c_mid, threshold)
-    ax.add_collection(PolyCollection(tri, facecolors=colours[classes], edgecolors="none"))
+    ax.add_collection(PolyCollection(list(tri), facecolors=colours[classes], edgecolors="none"))
     # SEI: the outer surface (boundary edges) and the walls of electrolyte-filled voids
     edges = np.concatenate([tri[:, [i, (i + 1) % 3]] for i in range(3)])
     owner = np.tile(np.arange(len(tri)), 3)

@@ -41,7 +41,7 @@ from typing import Any
 import basix.ufl
 import numpy as np
 import ufl
-from dolfinx import fem
+from dolfinx import default_scalar_type, fem
 from mpi4py import MPI
 
 from fem_anode.errors import InputError, SolverError, UsageError
@@ -108,23 +108,26 @@ class PhaseFieldProblem:
         mat, model = settings.material, settings.model
         if self.mesh.topology.dim != 2 or self.mesh.geometry.dim != 2:
             raise InputError(
-                f"the phase-field model needs a 2D mesh in the (x, y) plane, got tdim {self.mesh.topology.dim}, gdim {self.mesh.geometry.dim}"
+                f"the phase-field model needs a 2D mesh in the (x, y) plane, got tdim {self.mesh.topology.dim}, gdim "
+                f"{self.mesh.geometry.dim}"
             )
         tagged.cell_tag(settings.geometry.phase)
         self.surface_tags = [tagged.facet_tag(name) for name in settings.geometry.surface]
         self.l0 = mat.length_scale
         if getattr(tagged, "_phasefield_in_use", False):
             raise UsageError(
-                "this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one first or read the mesh again"
+                "this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one "
+                "first or read the mesh again"
             )
         self.mesh.geometry.x[:] /= self.l0
         tagged._phasefield_in_use = True  # type: ignore[attr-defined]
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
-        self._first_dt = {}
-        self.after_step: list[Callable[[PhaseFieldProblem], None]] = []
-        self.before_half_cycle: list[Callable[[PhaseFieldProblem, int, str], None]] = []
-        self.after_half_cycle: list[Callable[[PhaseFieldProblem, dict[str, Any]], None]] = []
+        self._first_dt: dict[str, float] = {}
+        # Hooks take the problem first (Any: a subclass registers its own unbound methods).
+        self.after_step: list[Callable[[Any], None]] = []
+        self.before_half_cycle: list[Callable[[Any, int, str], None]] = []
+        self.after_half_cycle: list[Callable[[Any, dict[str, Any]], None]] = []
         qd = settings.solver.quadrature_degree
         if qd is None:
             simplex = self.mesh.topology.cell_name() == "triangle"
@@ -150,14 +153,15 @@ class PhaseFieldProblem:
         self.Q = fem.functionspace(self.mesh, qe)
         self.state = fem.Function(self.Q, name="plastic_state")
         self.state.x.array.reshape(-1, STATE_SIZE)[:] = [1.0, 0.0, 1.0, 1.0, 0.0]
-        self.lam = fem.Constant(self.mesh, 1.0)
+        self.lam = fem.Constant(self.mesh, default_scalar_type(1.0))
         self.lam_old = 1.0
-        self.dt = fem.Constant(self.mesh, settings.cycling.dt_initial)
-        self.mobility = fem.Constant(self.mesh, mat.mobility_li)
-        self.load = fem.Constant(self.mesh, 1.0)  # continuation factor of the chemical swelling (equilibrate)
-        self.c_surface = fem.Constant(self.mesh, mat.c_max)
+        self.dt = fem.Constant(self.mesh, default_scalar_type(settings.cycling.dt_initial))
+        self.mobility = fem.Constant(self.mesh, default_scalar_type(mat.mobility_li))
+        # continuation factor of the chemical swelling (equilibrate)
+        self.load = fem.Constant(self.mesh, default_scalar_type(1.0))
+        self.c_surface = fem.Constant(self.mesh, default_scalar_type(mat.c_max))
         self._ramp: tuple[float, float, float, float] | None = None  # (from, to, t0, duration)
-        self._first_dt: dict[str, float] = {}  # kind -> first step size learnt (smooth controller)
+        self._first_dt = {}  # kind -> first step size learnt (smooth controller)
         self._c_dofs = self.W.sub(0).collapse()[1]
         self._frozen_in_equilibrium: list[fem.Constant] = [self.mobility]
         self._setup_fields()
@@ -246,6 +250,7 @@ class PhaseFieldProblem:
         self.residual_form = fem.form(residual)
         self.jacobian_form = fem.form(ufl.derivative(residual, self.w, ufl.TrialFunction(self.W)))
         Pzz = self.k["Pzz"]
+        self.axial_forms: tuple[fem.Form, fem.Form, fem.Form, fem.Form] | None = None
         if self.gps:
             self.axial_forms = (
                 fem.form(Pzz * dx),
@@ -253,8 +258,6 @@ class PhaseFieldProblem:
                 fem.form(ufl.derivative(Pzz * dx, self.w, ufl.TestFunction(self.W))),
                 fem.form(ufl.diff(Pzz, lam_v) * dx),
             )
-        else:
-            self.axial_forms = None
         rm = self.k["rm"]
         points = self.Q.element.interpolation_points()
         self._state_expr = fem.Expression(state_update_ufl(rm, self.state[4]), points)
@@ -263,7 +266,7 @@ class PhaseFieldProblem:
         mat = self.settings.material
         x = ufl.SpatialCoordinate(self.mesh)
         ds_s = self.ds(tuple(self.surface_tags))
-        one = fem.Constant(self.mesh, 1.0)
+        one = fem.Constant(self.mesh, default_scalar_type(1.0))
         self._scalar_forms = {
             "area_ref": fem.form(one * dx),
             "mass": fem.form(c * dx),
@@ -427,7 +430,7 @@ class PhaseFieldProblem:
             fraction = 1.0 if duration <= 0 else min(1.0, (self.t + dt - t0) / duration)
             self.c_surface.value = start + fraction * (end - start)
         if self._dt_prev is not None and self.settings.solver.predictor == "linear":
-            self._predict(dt)
+            self._predict(dt, self._dt_prev)
         for bc in self.bcs_c:
             bc.set(self.w.x.array)
         ok, its, reason = self.newton.solve()
@@ -459,13 +462,13 @@ class PhaseFieldProblem:
             hook(self)
         return StepResult(True, its, reason, history, dc)
 
-    def _predict(self, dt: float) -> None:
+    def _predict(self, dt: float, dt_prev: float) -> None:
         """Initial Newton guess by linear extrapolation of the last two accepted states,
         ``w_n + r (w_n - w_{n-1})`` with ``r = dt / dt_{n-1}`` (at most :data:`PREDICTOR_MAX_RATIO`).
         A concentration moves at most halfway to 0 or 1 (the logarithms of the residual need
         ``0 < c < 1`` at every node). Node-wise, so the same on any partition. Only the start of
         Newton changes: the converged state is the same to the Newton tolerance."""
-        r = min(dt / self._dt_prev, PREDICTOR_MAX_RATIO)
+        r = min(dt / dt_prev, PREDICTOR_MAX_RATIO)
         arr = self.w.x.array
         guess = arr + r * (arr - self._w_prev.x.array)
         b = self._bounded_dofs
@@ -621,11 +624,12 @@ class PhaseFieldProblem:
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
                 err = SolverError(
-                    f"phase-field {kind} (half-cycle {index}) failed at t = {self.t:.6g}: {len(attempts)} attempts in a row, "
-                    f"last dt = {dt_try:.3g} ({result.reason}); try a finer mesh, a smaller dt_initial or solver.max_it"
+                    f"phase-field {kind} (half-cycle {index}) failed at t = {self.t:.6g}: {len(attempts)} attempts in "
+                    f"a row, last dt = {dt_try:.3g} ({result.reason}); try a finer mesh, a smaller dt_initial or "
+                    "solver.max_it"
                 )
-                err.report = {"half_cycle": index, "kind": kind, "t_last_good": self.t, "attempts": attempts}  # type: ignore[attr-defined]
-                err.progress = p  # type: ignore[attr-defined]  # where to resume: the state is the last good one
+                err.report = {"half_cycle": index, "kind": kind, "t_last_good": self.t, "attempts": attempts}
+                err.progress = p  # where to resume: the state is the last good one
                 raise err
         p.elapsed_s += time.perf_counter() - start
         record = {"index": index, "kind": kind, "t": self.t, **self.diagnostics()}
@@ -641,10 +645,11 @@ class PhaseFieldProblem:
                 "linear_iterations": self.newton.linear_iterations - p.linear_iterations,
             }
         )
-        for hook in self.after_half_cycle:
-            hook(self, record)
+        for record_hook in self.after_half_cycle:
+            record_hook(self, record)
         logger.info(
-            "half-cycle %d (%s) to t = %g: %d steps (%d rejected), %d Newton its, mean c %.4f, lambda %.4f, max vM %.3f",
+            "half-cycle %d (%s) to t = %g: %d steps (%d rejected), %d Newton its, mean c %.4f, lambda %.4f, max vM "
+            "%.3f",
             index,
             kind,
             self.t,
@@ -689,7 +694,7 @@ class PhaseFieldProblem:
         self.lam.value = float(state["lambda"])
         self.lam_old = float(state["lambda_old"])
         self.c_surface.value = float(state["c_surface"])
-        self._ramp = tuple(state["ramp"]) if state["ramp"] is not None else None  # type: ignore[assignment]
+        self._ramp = tuple(state["ramp"]) if state["ramp"] is not None else None
         self.newton.factorisations = int(state["factorisations"])
         self.newton.linear_iterations = int(state["linear_iterations"])
         self._first_dt = {str(k): float(v) for k, v in state.get("first_dt", {}).items()}

@@ -18,7 +18,7 @@ from mpi4py import MPI
 from fem_anode.errors import Interrupted, SolverError
 from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
-from fem_anode.io.checkpoint import Checkpoint, CheckpointPolicy, Checkpointer, CheckpointStore
+from fem_anode.io.checkpoint import Checkpoint, Checkpointer, CheckpointPolicy, CheckpointStore
 from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
 from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
@@ -128,7 +128,10 @@ def run_phasefield(
                 kind = current["kind"]
                 name = f"snapshot_{current['index']:02d}_{kind}_t{t:08.4f}.png"
                 mean_c = float(snap["c"].mean())
-                title = f"half-cycle {current['index']} ({kind}), t = {t:g}, corner-mean c = {mean_c:.3f}, axial stretch {float(prob.lam.value):.3f}"
+                title = (
+                    f"half-cycle {current['index']} ({kind}), t = {t:g}, corner-mean c = {mean_c:.3f}, axial stretch "
+                    f"{float(prob.lam.value):.3f}"
+                )
                 plot_snapshot(snap, staging / name, title, (mat.c_min, mat.c_max), vm_max=mat.yield_strength)
                 run.snapshots.append(name)
 
@@ -145,7 +148,8 @@ def run_phasefield(
                 f"stopped by {checkpointer.stop_reason()} at t = {prob.t:.6g} (half-cycle {p.index}, step {p.steps})"
             )
 
-    status, failure, stopped = "completed", None, None
+    status, failure = "completed", None
+    stopped: Interrupted | SolverError | None = None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
     try:
         with stop:
@@ -173,7 +177,10 @@ def run_phasefield(
                     snap = gather_snapshot(problem)
                     if comm.rank == 0 and snap is not None:
                         cycle = (i + 2) // 2
-                        panel = f"cycle {cycle}, {kind}\nvoids {100 * record['void_fraction']:.1f} %, SEI depth {record['sei_penetration_depth_m'] * 1e9:.1f} nm"
+                        panel = (
+                            f"cycle {cycle}, {kind}\nvoids {100 * record['void_fraction']:.1f} %, SEI depth "
+                            f"{record['sei_penetration_depth_m'] * 1e9:.1f} nm"
+                        )
                         run.morphology.append((snap, panel))
                         name = f"morphology_{i + 1:02d}_{kind}.png"
                         plot_morphology([run.morphology[-1]], staging / name, c_mid, settings.vacancy.threshold)
@@ -194,13 +201,14 @@ def run_phasefield(
     finally:
         if writer is not None:
             writer.close()
-    if run.morphology and status == "completed":
+    if run.morphology and status == "completed" and staging is not None:
         plot_morphology(
             run.morphology,
             staging / "morphology_montage.png",
             c_mid,
             settings.vacancy.threshold,
-            suptitle=f"Si nanowire cross-section over {len(run.morphology)} half-cycles (green Si, yellow Li_xSi, white void, turquoise electrolyte, blue SEI)",
+            suptitle=f"Si nanowire cross-section over {len(run.morphology)} half-cycles (green Si, yellow Li_xSi, "
+            "white void, turquoise electrolyte, blue SEI)",
         )
         run.snapshots.append("morphology_montage.png")
     results: dict[str, Any] = {

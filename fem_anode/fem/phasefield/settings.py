@@ -36,7 +36,8 @@ class GeometrySettings(Section):
     radius: float = setting(20e-9, "nanowire radius of the built-in disk geometry", unit="m", positive=True)
     mesh: Path | None = setting(
         None,
-        "tagged 2D gmsh mesh (.msh, metres) instead of the disk, e.g. an image-derived mesh; relative to the config file",
+        "tagged 2D gmsh mesh (.msh, metres) instead of the disk, e.g. an image-derived mesh; relative to the config "
+        "file",
     )
     surface: list[str] = setting(
         ["surface"],
@@ -52,7 +53,8 @@ class MeshSettings(Section):
     size: float = setting(1e-9, "target element size of the disk mesh", unit="m", positive=True)
     displacement_degree: int = setting(
         2,
-        "Lagrange degree of the displacement (2 avoids the volumetric locking of P1 triangles under isochoric plastic flow; c and mu are P1)",
+        "Lagrange degree of the displacement (2 avoids the volumetric locking of P1 triangles under isochoric plastic "
+        "flow; c and mu are P1)",
         choices=(1, 2),
     )
 
@@ -131,15 +133,17 @@ class CyclingSettings(Section):
     )
     controller: str = setting(
         "smooth",
-        "time-step controller: 'smooth' (the next dt from the largest change of c of the step, aimed at dc_target x max_dc, and from the Newton "
-        "iterations: grow after easy steps, hold after harder ones, halve after very hard ones; a step rejected for max_dc is retried with the "
-        "dt that change predicts), 'threshold' (the previous controller: grow by 'growth' after an easy step, otherwise keep dt, cut back by "
-        "'cutback' after any rejection)",
+        "time-step controller: 'smooth' (the next dt from the largest change of c of the step, aimed at dc_target x "
+        "max_dc, and from the Newton iterations: grow after easy steps, hold after harder ones, halve after very hard "
+        "ones; a step rejected for max_dc is retried with the dt that change predicts), 'threshold' (the previous "
+        "controller: grow by 'growth' after an easy step, otherwise keep dt, cut back by 'cutback' after any "
+        "rejection)",
         choices=("smooth", "threshold"),
     )
     dc_target: float = setting(
         0.75,
-        "smooth controller: aim each step at this fraction of max_dc (below 1 leaves room for the change to grow faster than dt)",
+        "smooth controller: aim each step at this fraction of max_dc (below 1 leaves room for the change to grow "
+        "faster than dt)",
         bounds=(0.05, 1.0),
     )
 
@@ -160,7 +164,8 @@ class VacancySettings(Section):
 
     enabled: bool = setting(
         True,
-        "solve the vacancy field, nucleate voids on delithiation and let electrolyte percolate into surface-connected voids",
+        "solve the vacancy field, nucleate voids on delithiation and let electrolyte percolate into surface-connected "
+        "voids",
     )
     kappa_v: float = setting(1e-5, "vacancy gradient-energy coefficient kappa_v / (c_max R T l0^2)", positive=True)
     mobility_v: float = setting(0.1, "vacancy mobility M_v c_max R T dt / l0^2", positive=True)
@@ -169,7 +174,8 @@ class VacancySettings(Section):
     )
     nucleation_rate: float = setting(
         1.0,
-        "R0: vacancies created per unit of Li removed at a nucleus centre, R(x) = R0 sum_k exp(-|x - x_k|^2 / 2 r^2) (capped at R0)",
+        "R0: vacancies created per unit of Li removed at a nucleus centre, R(x) = R0 sum_k exp(-|x - x_k|^2 / 2 r^2) "
+        "(capped at R0)",
         bounds=(0.0, 1.0),
     )
     nucleus_spacing: float = setting(
@@ -182,16 +188,19 @@ class VacancySettings(Section):
     threshold: float = setting(0.5, "void indicator: a node is void where c_v exceeds this", bounds=(0.0, 1.0))
     seed: int = setting(
         0,
-        "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of ranks)",
+        "seed of the nucleation sites (the field is defined on the global geometry: same result on any number of "
+        "ranks)",
     )
     electrolyte_mobility: float = setting(
         0.0,
-        "Li and vacancy mobility in the cells touching electrolyte-filled (SEI-lined) voids, relative to the bulk values (0: vanishing, as in the paper)",
+        "Li and vacancy mobility in the cells touching electrolyte-filled (SEI-lined) voids, relative to the bulk "
+        "values (0: vanishing, as in the paper)",
         bounds=(0.0, 1.0),
     )
     sei_exchange_rate: float = setting(
         10.0,
-        "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / characteristic time)",
+        "k_S: Li flux per unit surface of electrolyte-filled voids, k_S (c_surface - c), normalised (l0 / "
+        "characteristic time)",
         nonnegative=True,
     )
     real_cycles_per_cycle: float = setting(
@@ -223,11 +232,13 @@ class SolverSettings(Section):
     max_it: int = setting(25, "Newton iterations per attempt", positive=True)
     stop_on_stagnation: bool = setting(
         True,
-        "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did not halve the residual, instead of running on to max_it",
+        "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did "
+        "not halve the residual, instead of running on to max_it",
     )
     line_search: str = setting(
         "bt",
-        "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)",
+        "SNES line search: 'bt' (backtracking; default), 'l2' (secant minimisation of the residual norm; more robust "
+        "for large plastic load increments, less for the Dirichlet jumps of cycling), 'basic' (full steps)",
         choices=("bt", "basic", "l2"),
     )
     linear_solver: str = setting(
@@ -237,30 +248,41 @@ class SolverSettings(Section):
     )
     reuse_factorisation: bool | None = setting(
         None,
-        "keep the LU factorisation over Newton iterations and steps as preconditioner of the Krylov solve on the current Jacobian (still Newton), refactorising when the Krylov solve slows down; false: factorise at every Newton iteration; default (unset): on, on any number of ranks (with the smooth controller and refactorisation inside a stalled FGMRES solve, 2-rank runs took the same steps as 1 rank, records equal to 1e-13; the first scheme's GMRES and threshold controller were not reproducible on several ranks)",
+        "keep the LU factorisation over Newton iterations and steps as preconditioner of the Krylov solve on the "
+        "current Jacobian (still Newton), refactorising when the Krylov solve slows down; false: factorise at every "
+        "Newton iteration; default (unset): on, on any number of ranks (with the smooth controller and "
+        "refactorisation inside a stalled FGMRES solve, 2-rank runs took the same steps as 1 rank, records equal to "
+        "1e-13; the first scheme's GMRES and threshold controller were not reproducible on several ranks)",
     )
     refactor_iterations: int = setting(
         12,
-        "with reuse_factorisation: refactorise when a linear solve needs more Krylov iterations than this (during that solve with refactor_on_stall, else at the next Newton iteration)",
+        "with reuse_factorisation: refactorise when a linear solve needs more Krylov iterations than this (during "
+        "that solve with refactor_on_stall, else at the next Newton iteration)",
         positive=True,
     )
     refactor_on_stall: bool = setting(
         True,
-        "with reuse_factorisation: when a linear solve stalls on the lagged factorisation, refactorise the current Jacobian inside that solve (FGMRES, which allows the preconditioner to change) instead of failing the Newton iteration; false: GMRES, refactorise at the next Newton iteration (the previous scheme)",
+        "with reuse_factorisation: when a linear solve stalls on the lagged factorisation, refactorise the current "
+        "Jacobian inside that solve (FGMRES, which allows the preconditioner to change) instead of failing the Newton "
+        "iteration; false: GMRES, refactorise at the next Newton iteration (the previous scheme)",
     )
     linear_rtol: float | None = setting(
         None,
-        "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances still decide convergence); 1e-10: the previous, nearly exact solves",
+        "with reuse_factorisation: relative tolerance of the Krylov solve of each Newton step; default (unset): "
+        "Eisenstat-Walker (loose while the Newton residual is large, tighter as it converges; the Newton tolerances "
+        "still decide convergence); 1e-10: the previous, nearly exact solves",
         bounds=(1e-14, 0.5),
     )
     predictor: str = setting(
         "linear",
-        "initial guess of each Newton solve: 'linear' (extrapolated from the last two accepted steps of the half-cycle; concentrations move at most halfway to 0 or 1), 'none' (the last accepted state)",
+        "initial guess of each Newton solve: 'linear' (extrapolated from the last two accepted steps of the "
+        "half-cycle; concentrations move at most halfway to 0 or 1), 'none' (the last accepted state)",
         choices=("linear", "none"),
     )
     quadrature_degree: int | None = setting(
         None,
-        "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on quadrilaterals: full integration, no hourglass modes)",
+        "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on "
+        "quadrilaterals: full integration, no hourglass modes)",
         bounds=(1, 8),
     )
     petsc_options: dict[str, str] = setting(
@@ -303,6 +325,9 @@ class PhaseFieldSettings(Settings):
 
     def validate(self) -> None:
         c0 = self.initial.c
-        if c0 is not None and self.initial.perturbation > 0:
-            if not (0.0 < c0 - self.initial.perturbation and c0 + self.initial.perturbation < 1.0):
-                raise UsageError("initial.c +- initial.perturbation must stay inside (0, 1)")
+        if (
+            c0 is not None
+            and self.initial.perturbation > 0
+            and not (c0 - self.initial.perturbation > 0.0 and c0 + self.initial.perturbation < 1.0)
+        ):
+            raise UsageError("initial.c +- initial.perturbation must stay inside (0, 1)")

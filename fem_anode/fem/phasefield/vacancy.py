@@ -49,7 +49,7 @@ Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import basix.ufl
 import numpy as np
@@ -104,7 +104,8 @@ PROXIMITY_RECORD_KEYS = (
 
 
 def interpolation(c: Any, c_min: float, c_max: float) -> tuple[Any, Any]:
-    """``h(c)`` and ``h'(c)``: the quintic smoothstep of ``(c - c_min)/(c_max - c_min)`` clipped to [0, 1] (NumPy or UFL)."""
+    """``h(c)`` and ``h'(c)``: the quintic smoothstep of ``(c - c_min)/(c_max - c_min)`` clipped to [0, 1]
+    (NumPy or UFL)."""
     span = c_max - c_min
     if isinstance(c, (float, int, np.ndarray, np.floating)):
         xi = np.clip((np.asarray(c, dtype=float) - c_min) / span, 0.0, 1.0)
@@ -398,10 +399,10 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         self.D0 = fem.functionspace(self.mesh, ("DG", 0))
         self.electrolyte_cells = fem.Function(self.D0, name="electrolyte_cells")
         self.nucleation = fem.Function(self.V1, name="nucleation_rate")
-        self.mobility_v = fem.Constant(self.mesh, vac.mobility_v)
+        self.mobility_v = fem.Constant(self.mesh, PETSc.ScalarType(vac.mobility_v))
         exchange = vac.sei_exchange_rate if self.settings.cycling.surface_bc == "dirichlet" else 0.0
-        self.sei_exchange = fem.Constant(self.mesh, exchange)
-        self.omega_v = fem.Constant(self.mesh, vac.omega_v)
+        self.sei_exchange = fem.Constant(self.mesh, PETSc.ScalarType(exchange))
+        self.omega_v = fem.Constant(self.mesh, PETSc.ScalarType(vac.omega_v))
         self._frozen_in_equilibrium += [self.mobility_v, self.sei_exchange]
         self._cv_dofs = self.W.sub(3).collapse()[1]
         self._muv_dofs = self.W.sub(4).collapse()[1]
@@ -526,7 +527,8 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
 
     def _before_accept(self) -> None:
         """Accumulate the vacancy source of the accepted step (``int R (1 - c_v) max(c_old - c, 0)``)."""
-        self.vacancy_source_total += self.comm.allreduce(fem.assemble_scalar(self._source_integral))
+        source = cast(fem.Form, self._source_integral)  # set with the forms, before any step
+        self.vacancy_source_total += self.comm.allreduce(fem.assemble_scalar(source))
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         state, arrays = super().checkpoint_state()
@@ -555,7 +557,8 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         record["vacancy_source_total"] = self.vacancy_source_total / area
         record["equivalent_real_cycles"] = (record["index"] + 1) // 2 * vac.real_cycles_per_cycle
         logger.info(
-            "  voids: %.2f %% of the section (%d), electrolyte-filled %.2f %%, SEI depth %.2f nm, core connectivity %.3f",
+            "  voids: %.2f %% of the section (%d), electrolyte-filled %.2f %%, SEI depth %.2f nm, core connectivity "
+            "%.3f",
             100 * record["void_fraction"],
             record["n_voids"],
             100 * record["accessible_void_fraction"],

@@ -95,7 +95,7 @@ def _validate(
     if phase not in phases:
         raise UsageError(f"phase {phase!r} is not in the phase map ({', '.join(phases)})")
     spacing = tuple(float(s) for s in image.require_voxel_size())
-    return phases[phase], spacing  # type: ignore[return-value]
+    return phases[phase], spacing  # type: ignore[return-value]  # a 3D image (checked above)
 
 
 def _not_percolating(phase: str) -> str:
@@ -234,7 +234,7 @@ def _fe_extrapolated(image: VoxelImage, phase: str, comm: MPI.Comm, **kwargs: An
     if not np.isfinite(base.tau):
         return TortuosityResult(**{**base.__dict__, "timings_s": timings, "method": "fe-extrapolated"})
     taus = tuple(r.tau for r in results)
-    tau, order = richardson_limit(taus)  # type: ignore[arg-type]
+    tau, order = richardson_limit(taus)  # type: ignore[arg-type]  # the three levels k = 1, 2, 3
     logger.info(
         "FE tortuosity factor of %s at k = 1, 2, 3: %s -> extrapolated %.6g (order %.2f)",
         phase,

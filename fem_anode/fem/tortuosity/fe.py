@@ -53,7 +53,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from scipy import ndimage
@@ -63,6 +63,9 @@ from fem_anode.faults import share_error
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 __all__ = [
     "element_stiffness",
@@ -135,7 +138,8 @@ def hex_mesh_arrays(mask: np.ndarray, spacing: tuple[float, float, float]) -> tu
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
-                config |= padded[dz : dz + nz + 1, dy : dy + ny + 1, dx : dx + nx + 1] << (dz * 4 + dy * 2 + dx)
+                shifted = padded[dz : dz + nz + 1, dy : dy + ny + 1, dx : dx + nx + 1] << (dz * 4 + dy * 2 + dx)
+                config |= shifted.astype(config.dtype, copy=False)
     voxels = np.argwhere(mask)
     node_shape = (nz + 1, ny + 1, nx + 1)
     keys = np.empty((voxels.shape[0], 8), dtype=np.int64)
@@ -220,11 +224,11 @@ def reduced_system(
     index = np.int32 if n_nodes < 2**31 else np.int64
     cells32 = np.ascontiguousarray(cells, dtype=index)
     # Slot-major (27, n) arrays: each pair writes one contiguous row, nearly in order.
-    count = np.zeros((27, n_nodes), dtype=np.int8)  # at most 8 cells share a node
-    column = np.full((27, n_nodes), -1, dtype=index)
+    count: np.ndarray = np.zeros((27, n_nodes), dtype=np.int8)  # at most 8 cells share a node
+    column: np.ndarray = np.full((27, n_nodes), -1, dtype=index)
     edges = []
     for a in range(8):
-        rows = cells32[:, a]
+        rows: np.ndarray = cells32[:, a]
         for b in range(8):
             if not nonzero[a, b]:
                 continue
@@ -445,6 +449,7 @@ def _scatter_rows(comm: Any, parts: list[tuple] | None) -> tuple:
     The arrays travel as raw buffers (``Send``/``Recv``), not pickled; rank 0 keeps its own.
     """
     if comm.rank == 0:
+        parts = cast("list[tuple[Any, ...]]", parts)  # rank 0 has them
         for rank in range(1, comm.size):
             n, *arrays = parts[rank]
             comm.send((n, [(a.dtype.str, a.size) for a in arrays]), dest=rank, tag=71)
@@ -460,7 +465,14 @@ def _scatter_rows(comm: Any, parts: list[tuple] | None) -> tuple:
     return (n, *arrays)
 
 
-def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-untyped-def]
+def _solve_voxel(
+    comm: MPI.Comm,
+    phase: str,
+    meta: dict[str, Any],
+    points: Any,  # rank 0's node coordinates (None elsewhere)
+    cells: Any,  # rank 0's cells (None elsewhere)
+    options: dict[str, Any],
+) -> tuple[float, float, int, int, int, dict[str, float]]:
     """Voxel assembly: NumPy stiffness of the free nodes, row slabs per rank, fluxes on rank 0.
 
     Returns:
@@ -530,7 +542,7 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
     gathered = comm.gather(values, root=0)
     fluxes = None
     if comm.rank == 0:
-        c = np.concatenate([np.ones(n_top), *gathered, np.zeros(n_bottom)])
+        c = np.concatenate([np.ones(n_top), *(gathered or []), np.zeros(n_bottom)])  # rank 0: the list
         ke = element_stiffness(spacing)
         energy = gradient = 0.0
         for chunk in range(0, cells.shape[0], 1 << 16):
@@ -545,7 +557,14 @@ def _solve_voxel(comm, phase, meta, points, cells, options):  # type: ignore[no-
     return flux_energy, flux_gradient, n_cells, n_nodes_all, iterations, timings
 
 
-def _solve_dolfinx(comm, phase, meta, points, cells, options):  # type: ignore[no-untyped-def]
+def _solve_dolfinx(
+    comm: MPI.Comm,
+    phase: str,
+    meta: dict[str, Any],
+    points: Any,  # rank 0's node coordinates (None elsewhere)
+    cells: Any,  # rank 0's cells (None elsewhere)
+    options: dict[str, Any],
+) -> tuple[float, float, int, int, int, dict[str, float]]:
     """Reference assembly: dolfinx mesh, P1 space, compiled forms, Dirichlet rows; fluxes by forms.
 
     Returns:

@@ -27,6 +27,7 @@ needs from its neighbours only the global indices of one layer on each side.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -283,7 +284,17 @@ def _assemble(
     return A, load, layer_of_row, n_top, n_bottom
 
 
-def _assemble_upper(comm, slab, gidx, below, above, per_layer, n_local, n_global, conductance):  # type: ignore[no-untyped-def]
+def _assemble_upper(
+    comm: Any,
+    slab: Slab,
+    gidx: np.ndarray,
+    below: np.ndarray | None,
+    above: np.ndarray | None,
+    per_layer: np.ndarray,
+    n_local: int,
+    n_global: int,
+    conductance: tuple[float, float, float],
+) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
     """Upper triangle (SBAIJ) of the matrix; the arguments are those of :func:`_assemble`."""
     from petsc4py import PETSc
 
@@ -350,10 +361,8 @@ def _release_freed_memory() -> None:
     import ctypes
     import ctypes.util
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def fv_solve(
