@@ -222,8 +222,8 @@ class VoxelFVProblem(DiffusionProblem):
                     si_face = at == si_value
                     faces[1] += area[axis] * np.count_nonzero(si_face)
                     if si_out is not None:
-                        extra[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]
-                        si_out[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]
+                        extra[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]  # set with si_out
+                        si_out[row : row + rows] += si_film[axis] * si_face  # type: ignore[index]  # set with si_out
             row += rows
         faces = comm.allreduce(faces, op=MPI.SUM)
         if faces[0] <= 0:
@@ -368,7 +368,7 @@ class VoxelFVProblem(DiffusionProblem):
         layer = None
         if mine:
             layer = self.settings.physics.c_bulk * self._voxel_values(self.c, middle - slab.z0, middle - slab.z0 + 1)[0]
-        return self.comm.bcast(layer, root=owner) if self.comm.size > 1 else layer  # type: ignore[return-value]
+        return self.comm.bcast(layer, root=owner) if self.comm.size > 1 else layer  # type: ignore[return-value]  # the owner's layer
 
     def _region_weights(self, regions: list[Any]) -> dict[str, tuple[PETSc.Vec, float]]:
         """Per region: the voxel volumes of the transporting voxels whose centres lie in its box."""
@@ -717,7 +717,7 @@ def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dic
     from fem_anode.resources import check_memory
 
     geometry = settings.geometry
-    image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]
+    image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]  # callers pass settings with an image
     counts = _label_counts(image, comm)
     _check_phases(image, counts, settings)
     unknowns = counts[image.require_phases()[geometry.transport_phase]]

@@ -120,7 +120,7 @@ class PhaseFieldProblem:
                 "first or read the mesh again"
             )
         self.mesh.geometry.x[:] /= self.l0
-        tagged._phasefield_in_use = True  # type: ignore[attr-defined]
+        tagged._phasefield_in_use = True  # type: ignore[attr-defined]  # a flag on the caller's mesh object
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
         self._first_dt: dict[str, float] = {}
@@ -838,4 +838,4 @@ class PhaseFieldProblem:
         self.newton.destroy()
         if getattr(self.tagged, "_phasefield_in_use", False):
             self.mesh.geometry.x[:] *= self.l0
-            self.tagged._phasefield_in_use = False  # type: ignore[attr-defined]
+            self.tagged._phasefield_in_use = False  # type: ignore[attr-defined]  # see __init__
