@@ -67,6 +67,8 @@ def sample_points(u: fem.Function, points: np.ndarray) -> np.ndarray:
 def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per owned boundary facet: measure (m or m^2), mean, min and max of ``u`` (local data).
 
+    Collective on 2D meshes (every rank must call it, also with no facets).
+
     2D: the mean is Simpson's rule along the edge (exact for P2 on a straight edge); on a curved
     (quadratic-geometry) edge the centre point is the edge's middle node, which lies on the
     curve, and the length is the 3-point Gauss rule of ``|x'(s)|`` over the quadratic map. 3D:
@@ -79,6 +81,8 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
     mesh.topology.create_connectivity(fdim, tdim)
     f_to_c = mesh.topology.connectivity(fdim, tdim)
     facets = np.asarray(facets, dtype=np.int32)
+    # 2D: the reference-point expression is compiled on every rank, also one without facets
+    edge_points = _edge_points(u) if tdim == 2 else None
     if facets.size == 0:
         empty = np.zeros(0)
         return empty, empty, empty, empty
@@ -92,7 +96,8 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
     curved = tdim == 2 and xyz.shape[1] == 3
     cells = f_to_c.array[f_to_c.offsets[facets]]
     if tdim == 2:
-        at_vertices, at_centre = _on_edges(u, facets, cells)
+        assert edge_points is not None  # made above for every 2D mesh
+        at_vertices, at_centre = _on_edges(u, *edge_points, facets, cells)
     else:
         points = np.concatenate([vertices.reshape(-1, 3), vertices.mean(axis=1)])
         values = _eval(u, points, np.concatenate([np.repeat(cells, n_vertices), cells]))
@@ -118,31 +123,33 @@ def facet_samples(u: fem.Function, facets: np.ndarray) -> tuple[np.ndarray, np.n
     return measure, mean, both.min(axis=1), both.max(axis=1)
 
 
-def _on_edges(u: fem.Function, facets: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``u`` at the two ends and the middle of each boundary edge of a 2D mesh, (n, 2) and (n,).
-
-    Evaluated at the edge's points of the *reference* cell (grouped by the edge's local index in
-    its cell), so no point has to be pulled back from physical coordinates: exact on curved
-    (quadratic-geometry) cells too, where a boundary point can fail the Newton pull-back.
-    """
+def _edge_points(u: fem.Function) -> tuple[fem.Expression, list[list[int]]]:
+    """``u`` at the two ends and the middle of every edge of the reference cell, as one
+    expression (collective: dolfinx compiles it on the mesh's communicator), and the edges."""
     import basix
 
     mesh = u.function_space.mesh
-    mesh.topology.create_connectivity(2, 1)
-    c_to_f = mesh.topology.connectivity(2, 1)
     cell_type = basix.CellType[mesh.topology.cell_name()]
     reference = np.asarray(basix.geometry(cell_type), dtype=np.float64)  # (vertices, 2)
-    edges = basix.topology(cell_type)[1]
+    edges = [list(edge) for edge in basix.topology(cell_type)[1]]
+    points = np.array([p for a, b in edges for p in (reference[a], reference[b], 0.5 * (reference[a] + reference[b]))])
+    return fem.Expression(u, points), edges
+
+
+def _on_edges(
+    u: fem.Function, expression: fem.Expression, edges: list[list[int]], facets: np.ndarray, cells: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``u`` at the two ends and the middle of each boundary edge of a 2D mesh, (n, 2) and (n,).
+
+    Evaluated at the edge's points of the *reference* cell (:func:`_edge_points`), so no point
+    has to be pulled back from physical coordinates: exact on curved (quadratic-geometry)
+    cells too, where a boundary point can fail the Newton pull-back. Local (not collective).
+    """
+    mesh = u.function_space.mesh
+    mesh.topology.create_connectivity(2, 1)
+    c_to_f = mesh.topology.connectivity(2, 1)
     per_cell = c_to_f.array.reshape(-1, len(edges))  # every cell has the same number of edges
     local = np.argmax(per_cell[cells] == facets[:, None], axis=1)
-    at_vertices = np.empty((len(facets), 2))
-    at_centre = np.empty(len(facets))
-    for index, (a, b) in enumerate(edges):
-        here = np.flatnonzero(local == index)
-        if here.size == 0:
-            continue
-        points = np.array([reference[a], reference[b], 0.5 * (reference[a] + reference[b])])
-        values = fem.Expression(u, points).eval(mesh, cells[here].astype(np.int32)).reshape(here.size, 3)
-        at_vertices[here] = values[:, :2]
-        at_centre[here] = values[:, 2]
-    return at_vertices, at_centre
+    values = expression.eval(mesh, cells.astype(np.int32)).reshape(len(facets), len(edges), 3)
+    picked = values[np.arange(len(facets)), local]  # (n, 3): the facet's own edge
+    return picked[:, :2], picked[:, 2]

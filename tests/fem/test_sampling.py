@@ -63,3 +63,19 @@ def test_facet_samples_on_a_disc(order, comm):
         assert length == pytest.approx(polygon, rel=1e-2)
         np.testing.assert_allclose(high, RADIUS**2, rtol=1e-9)
         assert (mean < RADIUS**2).all()
+
+
+def test_facet_samples_with_facets_on_one_rank_only(comm):
+    """Collective on 2D meshes: a rank without facets still takes part (no deadlock) and the
+    rank with facets gets the values."""
+    mesh = _disc(2, comm)
+    V = fem.functionspace(mesh, ("Lagrange", 2))
+    u = fem.Function(V)
+    u.interpolate(lambda x: x[0] ** 2 + x[1] ** 2)
+    mesh.topology.create_connectivity(1, 2)
+    boundary = dmesh.exterior_facet_indices(mesh.topology)
+    owned = boundary[boundary < mesh.topology.index_map(1).size_local]
+    mine = owned if comm.rank == comm.size - 1 else owned[:0]
+    measure, mean, _, _ = facet_samples(u, mine)
+    assert measure.size == mine.size
+    np.testing.assert_allclose(mean, RADIUS**2, rtol=1e-9)
