@@ -62,8 +62,8 @@ from fem_anode.fem.diffusion import (
     SolverSettings,
     TimeSettings,
 )  # noqa: E402
-from fem_anode.fem.diffusion_run import load_geometry  # noqa: E402
-from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
+from fem_anode.fem.diffusion.geometry import load_geometry  # noqa: E402
+from fem_anode.fem.diffusion.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
 from fem_anode.imaging.synthetic import fib_sem_roi  # noqa: E402
 from fem_anode.io.images import VoxelImage, write_image  # noqa: E402
 from fem_anode.meshing.tags import interface_tag  # noqa: E402
@@ -184,7 +184,7 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
     comm.barrier()
     start = time.perf_counter()
     if args.discretisation == "fv":  # no mesh: image opened by slabs, voxels are the cells
-        from fem_anode.fem.diffusion_fv import VoxelFVProblem, open_fv_image
+        from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem, open_fv_image
 
         fv_image, _ = open_fv_image(settings, comm)
         t_mesh = time.perf_counter() - start

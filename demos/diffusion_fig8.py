@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from fem_anode.fem.diffusion_run import fig8_settings, run_diffusion
+from fem_anode.fem.diffusion.run import fig8_settings, run_diffusion
 from fem_anode.imaging.synthetic import fib_sem_roi
 from fem_anode.io import output_directory, write_image
 

@@ -117,7 +117,7 @@ show(settings.to_toml()[:200], "...")
 # (distributed over the ranks, never gathered).
 
 # %%
-from fem_anode.fem.diffusion_run import suggest_regions  # noqa: E402
+from fem_anode.fem.diffusion.run import suggest_regions  # noqa: E402
 
 roi = fib_sem_roi(seed=0, pixel_size=40e-9)
 settings = settings.replace(regions=suggest_regions(roi, settings))

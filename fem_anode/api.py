@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fem_anode.errors import FemAnodeError, InputError, Interrupted, SolverError, UsageError
-from fem_anode.fem.diffusion_settings import DiffusionSettings
+from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 from fem_anode.imaging.metrics import Metrics
 from fem_anode.io.images import VoxelImage
@@ -39,7 +39,7 @@ from fem_anode.settings import Settings
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from fem_anode.fem.diffusion_run import DiffusionRun, GeometrySource
+    from fem_anode.fem.diffusion.run import DiffusionRun, GeometrySource
     from fem_anode.fem.tortuosity.result import TortuosityResult
     from fem_anode.io.checkpoint import Checkpoint
 
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 def __getattr__(name: str) -> Any:
     # Result types whose modules import dolfinx/PETSc: resolved on first use.
     if name == "DiffusionRun":
-        from fem_anode.fem.diffusion_run import DiffusionRun
+        from fem_anode.fem.diffusion.run import DiffusionRun
 
         return DiffusionRun
     if name == "TortuosityResult":
@@ -339,17 +339,17 @@ def solve_diffusion(
         memory_check: refuse a problem whose estimated memory exceeds what is available.
 
     Returns:
-        The :class:`~fem_anode.fem.diffusion_run.DiffusionRun`: ``t90``, ``times``,
+        The :class:`~fem_anode.fem.diffusion.run.DiffusionRun`: ``t90``, ``times``,
         ``region_means``, ``domain_mean``, ``concentration`` (output time -> field),
         ``to_dict()`` (results.json) and ``save(directory)``.
 
     Raises:
         UsageError: bad settings or geometry. InputError: unusable image or mesh.
         SolverError, Interrupted: the solve failed or was stopped; ``err.run`` is the partial
-            :class:`~fem_anode.fem.diffusion_run.DiffusionRun` (save it to keep what was done).
+            :class:`~fem_anode.fem.diffusion.run.DiffusionRun` (save it to keep what was done).
     """
     try:
-        from fem_anode.fem.diffusion_run import simulate_diffusion
+        from fem_anode.fem.diffusion.run import simulate_diffusion
     except ImportError as err:
         raise UsageError(
             f"solve_diffusion needs FEniCSx (dolfinx, petsc4py, mpi4py), which is not importable: {err}"

@@ -57,7 +57,7 @@ from fem_anode.errors import InputError, UsageError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
     from fem_anode.io.images import VoxelImage
 
 __all__ = [
@@ -415,7 +415,7 @@ def estimate_diffusion_memory(
     Args:
         image: the label image the mesh is made from, or ``None`` for a mesh file (then give
             ``cells`` and ``cell_type``).
-        settings: :class:`~fem_anode.fem.diffusion_settings.DiffusionSettings`.
+        settings: :class:`~fem_anode.fem.diffusion.settings.DiffusionSettings`.
         ranks: number of MPI ranks.
         cells: number of cells of a given mesh (mesh-file geometry).
         cell_type: its cell type.
@@ -485,7 +485,7 @@ def estimate_voxel_diffusion_memory(
         cells: voxels of the transporting phase.
         nodes: mesh nodes (about ``1.2 * cells`` for porous media when not counted).
         shape: the image's shape (2D or 3D).
-        settings: :class:`~fem_anode.fem.diffusion_settings.DiffusionSettings`.
+        settings: :class:`~fem_anode.fem.diffusion.settings.DiffusionSettings`.
         ranks: number of MPI ranks.
     """
     ndim = len(shape)

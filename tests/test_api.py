@@ -19,7 +19,7 @@ import pytest
 
 import fem_anode as fa
 from fem_anode.errors import InputError, UsageError
-from fem_anode.fem.diffusion_settings import PhysicsSettings, Region, SolverSettings, TimeSettings
+from fem_anode.fem.diffusion.settings import PhysicsSettings, Region, SolverSettings, TimeSettings
 from fem_anode.fem.phasefield.settings import CyclingSettings
 
 PHASES = "pore=0,si=1,sei=3"

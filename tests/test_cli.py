@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import UNDER_MPI
 
 from fem_anode import __version__
 from fem_anode.cli import SUBCOMMANDS, build_parser, main
@@ -120,7 +121,7 @@ def test_output_directory_keeps_other_files(tmp_path):
     assert json.loads((out / "a.json").read_text()) == {"x": 1.5, "bad": None}
 
 
-@pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="spawns its own Python; run serially only")
+@pytest.mark.skipif(UNDER_MPI, reason="spawns its own Python; run serially only")
 def test_console_script_and_module_entry_points(tmp_path):
     image = write_image(
         tmp_path / "l.npy", VoxelImage(np.array([[0, 1], [1, 1]], dtype=np.uint8), (1e-6, 1e-6), {"pore": 0, "si": 1})

@@ -27,8 +27,8 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.errors import InputError, Interrupted, SolverError, UsageError  # noqa: E402
 from fem_anode.fem.analytic import robin_sheet_mean  # noqa: E402
 from fem_anode.fem.diffusion import DiffusionProblem  # noqa: E402
-from fem_anode.fem.diffusion_settings import DiffusionSettings, GeometrySettings, SolverSettings, TimeSettings  # noqa: E402
-from fem_anode.fem.time_stepping import StepPlan, plan_steps  # noqa: E402
+from fem_anode.fem.diffusion.settings import DiffusionSettings, GeometrySettings, SolverSettings, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion.time_stepping import StepPlan, plan_steps  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 from fem_anode.io.checkpoint import CheckpointPolicy, Checkpointer, CheckpointStore  # noqa: E402
 from fem_anode.io.interrupt import SafeStop  # noqa: E402

@@ -23,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fem_anode.detachment.settings import DetachmentSettings  # noqa: E402
 from fem_anode.errors import FemAnodeError, InputError, UsageError  # noqa: E402
-from fem_anode.fem.diffusion_settings import DiffusionSettings  # noqa: E402
+from fem_anode.fem.diffusion.settings import DiffusionSettings  # noqa: E402
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings  # noqa: E402
 from fem_anode.imaging.metrics import compute_metrics  # noqa: E402
 from fem_anode.io.images import VoxelImage, parse_phase_map  # noqa: E402

@@ -317,7 +317,7 @@ def test_every_positive_setting_rejects_zero_and_negative_values():
 
     from fem_anode.detachment.settings import DetachmentSettings
     from fem_anode.errors import UsageError
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
     from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
     checked = []
@@ -478,7 +478,7 @@ def test_diffusion_refuses_before_meshing(shared_tmp_path, comm, capsys, monkeyp
 
 def test_memory_estimates_scale_and_parse():
     from fem_anode.errors import UsageError
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
     from fem_anode.resources import (
         estimate_diffusion_memory,
         estimate_fe_memory,
@@ -540,8 +540,8 @@ else:
     from pathlib import Path
     from mpi4py import MPI
     import dolfinx  # noqa: F401
-    from fem_anode.fem.diffusion_run import run_diffusion
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.run import run_diffusion
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
     from fem_anode.io.images import write_image
     from fem_anode.resources import FE_BASE_PER_RANK, estimate_diffusion_memory
     labels = np.full((200, 200), 3, np.uint8)

@@ -119,7 +119,7 @@ def test_diffusion_records_fe_library_versions_and_configuration(shared_tmp_path
     record = json.loads((out / "provenance.json").read_text())
     check(record, "diffusion", comm, fe=True)
     # the full resolved configuration travels with the results (config.toml and results.json)
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
 
     written = DiffusionSettings.from_toml(out / "config.toml")
     assert written.geometry.image == shared_tmp_path / "roi.npy" and written.time.t_end == 0.001

@@ -275,7 +275,7 @@ def test_implausible_values_warn_and_the_run_goes_on(capsys, no_figure_rendering
 
 def test_implausible_settings_warn_once(caplog):
     from fem_anode.detachment.settings import DetachmentSettings
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
 
     with caplog.at_level(logging.WARNING, logger="fem_anode"):
         DiffusionSettings.from_dict({"geometry": {"image": "x.npy"}, "physics": {"D": 1.0}})

@@ -92,7 +92,7 @@ def _phasefield_study(
 
 
 def _diffusion_settings() -> type[Settings]:
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
 
     return DiffusionSettings
 

@@ -223,7 +223,7 @@ def _smooth_diffusion(
     import shutil
 
     from fem_anode.fem.convergence import level_changes
-    from fem_anode.fem.diffusion_settings import MeshSettings
+    from fem_anode.fem.diffusion.settings import MeshSettings
 
     sizes = CHECK_SIZES[quick]
     check_dir = staging / "mesh_independence"
@@ -341,14 +341,14 @@ def _run_diffusion(
     """The paper's Fig. 8 workflow on the example ROI: regions I-IV, c(t), t90, fields.
 
     Args:
-        mesh: :class:`~fem_anode.fem.diffusion_settings.MeshSettings` (default: the voxel mesh).
+        mesh: :class:`~fem_anode.fem.diffusion.settings.MeshSettings` (default: the voxel mesh).
         workdir: output folder (default ``staging/diffusion``).
 
     Returns:
         The run's results (as in ``results.json``) plus ``region_boxes_m``; :func:`_diffusion_summary`
         gives the part the demo's summary keeps.
     """
-    from fem_anode.fem.diffusion_run import fig8_settings, run_diffusion
+    from fem_anode.fem.diffusion.run import fig8_settings, run_diffusion
 
     image_path = staging / "data" / "roi_2d.npy"
     comm.barrier()

@@ -1,8 +1,8 @@
 """``fem-anode diffusion``: transient Li diffusion with mass-transfer boundaries (Vorauer et al. 2020).
 
-The run is :func:`~fem_anode.fem.diffusion_run.run_diffusion`: the solve of
-:func:`fem_anode.solve_diffusion` (:func:`~fem_anode.fem.diffusion_run.simulate_diffusion`) and
-:meth:`~fem_anode.fem.diffusion_run.DiffusionRun.save` into the output directory.
+The run is :func:`~fem_anode.fem.diffusion.run.run_diffusion`: the solve of
+:func:`fem_anode.solve_diffusion` (:func:`~fem_anode.fem.diffusion.run.simulate_diffusion`) and
+:meth:`~fem_anode.fem.diffusion.run.DiffusionRun.save` into the output directory.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fem_anode.fem.diffusion_settings import DiffusionSettings
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
 
     settings, checkpoint = load_resumable_config(args, DiffusionSettings, "diffusion", "diffusion_results")
     if settings is None:
         print("[[regions]]: name, box = [x0, y0, x1, y1] (m), repeated per region")
         return 0
-    from fem_anode.fem.diffusion_run import run_diffusion
+    from fem_anode.fem.diffusion.run import run_diffusion
 
     results = run_checkpointed(
         args,

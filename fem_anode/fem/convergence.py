@@ -301,7 +301,7 @@ def run_diffusion_study(
     solver_logger = logging.getLogger("fem_anode.fem.diffusion")
     solver_level = solver_logger.level
     solver_logger.setLevel(max(logging.WARNING, solver_level))  # one line per level, not per output
-    from fem_anode.fem.diffusion_run import settings_fingerprint
+    from fem_anode.fem.diffusion.run import settings_fingerprint
 
     study = {"levels": levels, "refine_factor": refine_factor, "orders": orders, "method": settings.mesh.method}
     checkpointer = _study_checkpointer(

@@ -105,7 +105,7 @@ def _is_function(value: Any) -> bool:
 
 def _is_global_array(value: Any) -> bool:
     """A distributed 1D array in a rank-independent global order (e.g. the finite-volume
-    :class:`~fem_anode.fem.diffusion_fv.VectorField`): ``global_offset``, ``global_size``,
+    :class:`~fem_anode.fem.diffusion.finite_volume.VectorField`): ``global_offset``, ``global_size``,
     ``comm`` and the local block as ``x.array``."""
     return hasattr(value, "global_offset") and hasattr(value, "global_size") and hasattr(value, "x")
 

@@ -512,7 +512,7 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
 
 def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Cell data of a VTK ImageData file with one raw appended Float32 array and a UInt64 header
-    (as :class:`~fem_anode.fem.diffusion_fv.VoxelFieldWriter` writes it).
+    (as :class:`~fem_anode.fem.diffusion.finite_volume.VoxelFieldWriter` writes it).
 
     Returns:
         The ``(z, y, x)`` array (NaN outside the domain) and the spacing ``(h_z, h_y, h_x)`` (m).

@@ -24,7 +24,7 @@ from fem_anode.fem.diffusion import (  # noqa: E402
     Region,
     TimeSettings,
 )
-from fem_anode.fem.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
+from fem_anode.fem.diffusion.time_stepping import bdf_coefficients, plan_steps  # noqa: E402
 from fem_anode.io import VoxelImage, write_image  # noqa: E402
 from fem_anode.meshing import write_voxel_mesh  # noqa: E402
 

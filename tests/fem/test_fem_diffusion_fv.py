@@ -17,7 +17,7 @@ from mpi4py import MPI  # noqa: E402
 
 from fem_anode.errors import UsageError  # noqa: E402
 from fem_anode.fem.analytic import robin_sheet_mean  # noqa: E402
-from fem_anode.fem.diffusion_settings import DiffusionSettings  # noqa: E402
+from fem_anode.fem.diffusion.settings import DiffusionSettings  # noqa: E402
 from fem_anode.io.images import VoxelImage, open_image_layers, write_image  # noqa: E402
 
 PHASES = {"pore": 0, "sei": 3}
@@ -43,7 +43,7 @@ def _settings(image: Path, **sections) -> DiffusionSettings:
 
 
 def _solve(settings: DiffusionSettings, comm):
-    from fem_anode.fem.diffusion_fv import VoxelFVProblem
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
 
     image = open_image_layers(settings.geometry.image)
     problem = VoxelFVProblem(image, settings, comm)
@@ -98,7 +98,7 @@ def test_face_connectivity_and_steady_state(shared_tmp_path, comm):
 def test_si_particle_report_in_2d(shared_tmp_path, comm):
     """A 2D image with two Si particles (one 8-connected across a corner): two particles, each
     with the exact face length to the transporting phase."""
-    from fem_anode.fem.diffusion_fv import VoxelFVProblem
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
 
     h = 20e-9
     labels = np.full((20, 30), 3, dtype=np.uint8)
@@ -145,7 +145,7 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm):
         time={"t_end": 1.0, "output_times": [0.01, 1.0]},
         regions=[{"name": "A", "box": box}],
     )
-    from fem_anode.fem.diffusion_fv import VoxelFVProblem
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
 
     problem = VoxelFVProblem(open_image_layers(electrode_crop), settings, comm)
     try:
@@ -164,7 +164,7 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm):
 def test_fv_agrees_with_p1_on_the_electrode(electrode_crop, shared_tmp_path, comm):
     """FV and P1 are two discretisations of one model: on the 20^3 crop t90 differs by a few
     per cent (face vs node connectivity, O(h^2) errors), not by a factor."""
-    from fem_anode.fem.diffusion_run import run_diffusion
+    from fem_anode.fem.diffusion.run import run_diffusion
 
     out = {}
     for kind in ("fv", "fe"):
@@ -187,8 +187,8 @@ def test_fv_agrees_with_p1_on_the_electrode(electrode_crop, shared_tmp_path, com
 def test_cli_writes_vtk_images_and_resumable_state(electrode_crop, shared_tmp_path, comm):
     """The driver writes c at each output time as VTK image data (NaN outside the phase, the
     values of the solve) and the records; a checkpointed field round-trips."""
-    from fem_anode.fem.diffusion_fv import VoxelFVProblem
-    from fem_anode.fem.diffusion_run import run_diffusion
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
+    from fem_anode.fem.diffusion.run import run_diffusion
     from fem_anode.io.checkpoint import CheckpointStore
 
     settings = _settings(

@@ -183,7 +183,7 @@ def test_si_particle_report_from_slabs_equals_the_whole_image_one(comm):
     interface areas and concentrations."""
     import dataclasses
 
-    from fem_anode.fem.diffusion_run import si_particle_report
+    from fem_anode.fem.diffusion.particles import si_particle_report
 
     rng = np.random.default_rng(11)
     labels = np.full((10, 8, 9), 3, np.uint8)

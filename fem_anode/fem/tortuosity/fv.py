@@ -169,7 +169,7 @@ def _assemble(
 
     ``ends``: the ``c = 1`` / ``c = 0`` faces at the z ends (else no flux there);
     ``extra_diagonal``: added to the diagonal of this rank's rows (in row order; AIJ only),
-    e.g. the Robin conductances of the transient model (:mod:`fem_anode.fem.diffusion_fv`).
+    e.g. the Robin conductances of the transient model (:mod:`fem_anode.fem.diffusion.finite_volume`).
 
     ``symmetric``: an SBAIJ matrix of the upper triangle only (diagonal and the x+1, y+1, z+1
     neighbours: 4 instead of 7 entries per row; PETSc copies the CSR arrays); else an AIJ

@@ -19,7 +19,7 @@ touching only along an edge or at a corner are not coupled: face connectivity, t
 TauFactor, PoreSpy and OpenImpala). The film resistance ``1/k`` of a pore (or Si) face is in
 series with the half voxel between the voxel centre and that face. Faces on the image box carry
 no flux. ``G^{si}`` only with ``k_si > 0``. Time integration, solvers, records and checkpoints
-are those of :class:`~fem_anode.fem.diffusion.DiffusionProblem` (same scaled units: micrometres,
+are those of :class:`~fem_anode.fem.diffusion.transient.TransientDiffusion` (same scaled units: micrometres,
 ``c / c_bulk``); the operator is ``A = K + R + a_0 \varepsilon M`` with a diagonal ``M``, so a new
 step size changes only the diagonal of the one matrix.
 
@@ -42,7 +42,8 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import InputError, UsageError
-from fem_anode.fem.diffusion import LENGTH_UNIT, DiffusionProblem, DiffusionSettings
+from fem_anode.fem.diffusion.settings import DiffusionSettings
+from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import _assemble, _chunks, _shift
 from fem_anode.imaging.slabs import label_slabs
@@ -148,7 +149,7 @@ def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:
     ]
 
 
-class VoxelFVProblem(DiffusionProblem):
+class VoxelFVProblem(TransientDiffusion):
     """The diffusion model by cell-centred finite volumes on a segmented voxel image (collective).
 
     Args:
@@ -292,7 +293,7 @@ class VoxelFVProblem(DiffusionProblem):
         y.pointwiseMult(x, self._m)
 
     def _ksp(self, a0: float) -> Any:
-        """As :meth:`DiffusionProblem._ksp`; on several ranks SSOR is :class:`_SlabEisenstat`
+        """As :meth:`TransientDiffusion._ksp`; on several ranks SSOR is :class:`_SlabEisenstat`
         (Eisenstat's trick on each rank's block of rows, which PETSc 3.22 lacks for MPI matrices)."""
         if self.comm.size == 1 or self._preconditioner(a0) != "ssor" or "pc_type" in self.settings.solver.petsc_options:
             return super()._ksp(a0)
@@ -405,7 +406,7 @@ class VoxelFVProblem(DiffusionProblem):
         numbers them on the whole image): c statistics on its faces to the transporting phase.
 
         The face value is the voxel's (with ``k_si = 0`` the exact face value of the two-point flux).
-        Same keys as :func:`~fem_anode.fem.diffusion_run.si_particle_report`. Collective.
+        Same keys as :func:`~fem_anode.fem.diffusion.particles.si_particle_report`. Collective.
         """
         geometry = self.settings.geometry
         phases = self.image.require_phases()
@@ -712,14 +713,14 @@ class VoxelFieldWriter:
 def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dict[int, int]]:
     """The image of ``geometry.image`` opened by layers, its label counts checked, and the memory
     check for a finite-volume run (collective)."""
-    from fem_anode.fem.diffusion_run import _check_phases, _label_counts
+    from fem_anode.fem.diffusion.geometry import check_phases, label_counts
     from fem_anode.io.images import open_image_layers
     from fem_anode.resources import check_memory
 
     geometry = settings.geometry
     image = open_image_layers(geometry.image, voxel_size=geometry.pixel_size, phases=geometry.phases)  # type: ignore[arg-type]  # callers pass settings with an image
-    counts = _label_counts(image, comm)
-    _check_phases(image, counts, settings)
+    counts = label_counts(image, comm)
+    check_phases(image, counts, settings)
     unknowns = counts[image.require_phases()[geometry.transport_phase]]
     check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
     return image, counts

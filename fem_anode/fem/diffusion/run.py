@@ -18,18 +18,23 @@ from mpi4py import MPI
 from scipy import ndimage
 
 from fem_anode.errors import InputError, Interrupted, SolverError
-from fem_anode.faults import share_error
-from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings
-from fem_anode.fem.mesh_io import TaggedMesh, read_mesh
-from fem_anode.fem.sampling import facet_samples, sample_points
+from fem_anode.fem.diffusion.geometry import (
+    GeometrySource,
+    image_grid_points,
+    max_distance_to_pore,
+    middle_section,
+    prepare_geometry,
+)
+from fem_anode.fem.diffusion.settings import DiffusionSettings
+from fem_anode.fem.diffusion.transient import TransientDiffusion
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, CheckpointPolicy, CheckpointStore
 from fem_anode.io.checkpoint import settings_fingerprint as checkpoint_fingerprint
-from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read_image
+from fem_anode.io.images import ImageLayers, VoxelImage, read_image
 from fem_anode.io.interrupt import SafeStop
 from fem_anode.io.output import remove_stale_staging
 
 if TYPE_CHECKING:
-    import dolfinx.fem
+    from fem_anode.fem.mesh_io import TaggedMesh
 
 __all__ = [
     "DiffusionRun",
@@ -37,276 +42,12 @@ __all__ = [
     "fig8_settings",
     "run_diffusion",
     "simulate_diffusion",
-    "load_geometry",
     "settings_fingerprint",
-    "si_particle_report",
     "suggest_regions",
     "timescales",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-#: What a diffusion solve runs on: an image in memory or opened by layers, a tagged mesh, or the
-#: path of an image or of a gmsh ``.msh`` mesh.
-GeometrySource = VoxelImage | ImageLayers | TaggedMesh | str | Path
-
-
-@dataclasses.dataclass
-class _Geometry:
-    """The domain of a solve: a mesh (``None`` for finite volumes) and the image it came from
-    (``None`` for a mesh file); ``mesh_files``: files the mesher wrote (rank 0, name -> bytes);
-    ``voxel_mesh``: the mesh is the voxel mesh of the image (written as mesh.xdmf)."""
-
-    tagged: TaggedMesh | None
-    image: VoxelImage | ImageLayers | None
-    mesh_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    voxel_mesh: bool = False
-
-
-_HINT = "crop or coarsen the image, use mesh.order = 1 or solver.type = 'iterative', or run on more nodes"
-
-
-def _mesh_memory_check(tagged: TaggedMesh, settings: DiffusionSettings, comm: MPI.Comm, enabled: bool) -> None:
-    from fem_anode.resources import check_memory, estimate_diffusion_memory
-
-    ncells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_global
-    check_memory(
-        estimate_diffusion_memory(
-            None, settings, ranks=comm.size, cells=ncells, cell_type=tagged.mesh.topology.cell_type.name
-        ),
-        comm,
-        hint=_HINT,
-        enabled=enabled,
-    )
-
-
-def _is_mesh_path(path: Path) -> bool:
-    return path.suffix.lower() == ".msh"
-
-
-def _prepare_geometry(
-    settings: DiffusionSettings,
-    source: GeometrySource | None,
-    workdir: Path | None,
-    comm: MPI.Comm,
-    memory_check: bool = True,
-) -> _Geometry:
-    """Open, check and mesh the domain of a solve (collective).
-
-    ``source`` ``None`` takes ``geometry.image`` or ``geometry.mesh`` of the settings; a path
-    ending in ``.msh`` is a mesh, any other path an image. ``geometry.pixel_size`` and
-    ``geometry.phases`` override an image's metadata. Voxel meshes and finite volumes open a
-    file image by layers (every rank reads its own slab); smooth 2D meshes are made by gmsh on
-    rank 0 into ``workdir`` (or a temporary folder) and distributed. ``memory_check``: refuse a
-    problem whose estimated memory exceeds what is available (the CLI's ``--no-memory-check``
-    turns it off).
-
-    Raises:
-        UsageError: no source, or one that does not fit ``mesh.method``/``mesh.discretisation``.
-        InputError: unreadable input, phases missing from the phase map or the image.
-    """
-    from fem_anode.errors import UsageError
-    from fem_anode.resources import check_memory, estimate_voxel_diffusion_memory
-
-    geometry, mesh_settings = settings.geometry, settings.mesh
-    finite_volumes = mesh_settings.discretisation == "fv"
-    if source is None:
-        settings.check_source()
-        source = geometry.mesh if geometry.mesh is not None else geometry.image
-    if isinstance(source, (str, Path)):
-        source = Path(source)
-        if _is_mesh_path(source):
-            if finite_volumes:
-                raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
-            tagged = read_mesh(source, comm)
-            _mesh_memory_check(tagged, settings, comm, memory_check)
-            return _Geometry(tagged, None)
-    if isinstance(source, TaggedMesh):
-        if finite_volumes:
-            raise UsageError("mesh.discretisation = 'fv' solves on the voxels of an image; a mesh needs 'fe'")
-        _mesh_memory_check(source, settings, comm, memory_check)
-        return _Geometry(source, None)
-    image: VoxelImage | ImageLayers
-    if isinstance(source, Path):
-        if mesh_settings.method == "smooth" and not finite_volumes:
-            image = read_image(source, voxel_size=geometry.pixel_size, phases=geometry.phases, kind="labels")
-        else:  # distributed: every rank reads its own slab of layers
-            image = open_image_layers(source, voxel_size=geometry.pixel_size, phases=geometry.phases)
-    elif isinstance(source, (VoxelImage, ImageLayers)):
-        image = source
-        if geometry.pixel_size is not None or geometry.phases is not None:
-            if isinstance(image, ImageLayers):
-                raise UsageError(
-                    "geometry.pixel_size/phases override the metadata of an image file, not of open layers"
-                )
-            image = image.with_metadata(geometry.pixel_size, geometry.phases)
-    else:
-        raise UsageError(
-            f"the geometry must be a VoxelImage, ImageLayers, TaggedMesh or a path, got {type(source).__name__}"
-        )
-    if finite_volumes:
-        from fem_anode.fem.diffusion_fv import estimate_fv_memory
-
-        counts = _label_counts(image, comm)
-        _check_phases(image, counts, settings)
-        unknowns = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(
-            estimate_fv_memory(unknowns, comm.size),
-            comm,
-            hint="crop or coarsen the image, or run on more nodes",
-            enabled=memory_check,
-        )
-        return _Geometry(None, image)
-    if mesh_settings.method == "voxel":
-        from fem_anode.fem.voxel_mesh import create_voxel_mesh
-
-        counts = _label_counts(image, comm)
-        _check_phases(image, counts, settings)
-        cells = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(
-            estimate_voxel_diffusion_memory(cells, 1.2 * cells, image.shape, settings, ranks=comm.size),
-            comm,
-            hint=_HINT,
-            enabled=memory_check,
-        )
-        return _Geometry(create_voxel_mesh(image, comm, [geometry.transport_phase]), image, voxel_mesh=True)
-    if not isinstance(image, VoxelImage):
-        image = read_image(image.source, voxel_size=image.voxel_size, phases=image.phases, kind="labels")
-    if image.ndim != 2:
-        raise InputError("mesh.method = 'smooth' is for 2D images; 3D volumes use 'voxel'")
-    image.check_labels()
-    _check_phases(image, {int(v): int(n) for v, n in zip(*np.unique(image.array, return_counts=True))}, settings)
-    from fem_anode.resources import estimate_diffusion_memory
-
-    check_memory(estimate_diffusion_memory(image, settings, ranks=comm.size), comm, hint=_HINT, enabled=memory_check)
-    return _smooth_mesh(image, settings, workdir, comm, memory_check)
-
-
-def _smooth_mesh(
-    image: VoxelImage, settings: DiffusionSettings, workdir: Path | None, comm: MPI.Comm, memory_check: bool = True
-) -> _Geometry:
-    """Mesh a 2D image with smooth interfaces by gmsh on rank 0 (into ``workdir`` or a temporary
-    folder), distribute it, and keep the mesher's files for :meth:`DiffusionRun.save`."""
-    import tempfile
-
-    from fem_anode.errors import FemAnodeError
-
-    names = ("mesh.msh", "mesh.quality.json")
-    made = None
-    if comm.rank == 0:
-        made = tempfile.mkdtemp(prefix="fem_anode_mesh_") if workdir is None else str(workdir)
-    folder = Path(comm.bcast(made, root=0))  # rank 0 meshes and reads the file; the others only receive
-    path = folder / "mesh.msh"
-    error: FemAnodeError | None = None
-    files: dict[str, bytes] = {}
-    if comm.rank == 0:
-        from fem_anode.meshing.build import mesh_image
-        from fem_anode.meshing.smooth2d import SmoothMeshOptions
-
-        try:
-            options = SmoothMeshOptions(size=settings.mesh.size, order=settings.mesh.order)
-            mesh_image(
-                image,
-                path,
-                method="smooth",
-                keep=[settings.geometry.transport_phase],
-                options=options,
-                quality_path=folder / "mesh.quality.json",
-                memory_check=memory_check,
-            )
-            files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
-        except FemAnodeError as err:  # every rank must fail, not only the one that meshed
-            error = err
-    try:
-        share_error(comm, error)
-        tagged = read_mesh(path, comm)
-    finally:
-        if comm.rank == 0 and workdir is None:
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)
-    return _Geometry(tagged, image, files)
-
-
-def load_geometry(
-    settings: DiffusionSettings, workdir: Path, comm: MPI.Comm, *, memory_check: bool = True
-) -> tuple[TaggedMesh, VoxelImage | ImageLayers | None]:
-    """Mesh the image's transporting phase or read the mesh of the settings' ``geometry``.
-
-    Voxel meshes are built distributed (:func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`):
-    a 3D image is opened by layers (:func:`~fem_anode.io.images.open_image_layers`) and every
-    rank reads its own slab only; the mesh goes to ``workdir/mesh.xdmf`` (with
-    ``output.mesh``). Smooth 2D meshes are made by gmsh on rank 0, written to
-    ``workdir/mesh.msh`` and distributed.
-
-    Returns:
-        The tagged mesh and the image (``None`` for a mesh file).
-    """
-    from fem_anode.errors import UsageError
-
-    if settings.mesh.discretisation == "fv":
-        raise UsageError("load_geometry makes a mesh; mesh.discretisation = 'fv' needs none")
-    geo = _prepare_geometry(settings, None, workdir, comm, memory_check)
-    if geo.tagged is None:
-        raise RuntimeError("an 'fe' geometry without a mesh")  # a bug, never bad input
-    if geo.voxel_mesh and settings.output.mesh:
-        from fem_anode.fem.mesh_io import write_xdmf
-
-        write_xdmf(geo.tagged, workdir / "mesh.xdmf")
-    return geo.tagged, geo.image
-
-
-def _label_counts(image: VoxelImage | ImageLayers, comm: MPI.Comm) -> dict[int, int]:
-    """Voxels per label value of the whole image; each rank counts an equal share of the layers,
-    a few layers at a time (collective).
-
-    Raises:
-        InputError: the labels are not integers (on every rank).
-    """
-    from fem_anode.imaging.slabs import Slab
-
-    layers = int(image.shape[0])
-    slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
-    local: dict[int, int] = {}
-    bad = None
-    for start in range(slab.z0, slab.z1, 16):
-        block = np.asarray(image.read_layers(start, min(start + 16, slab.z1)))
-        if not np.issubdtype(block.dtype, np.integer):
-            bad = f"{image.source}: labels must be integers, got {block.dtype}"
-            break
-        values, numbers = np.unique(block, return_counts=True)
-        for value, number in zip(values.tolist(), numbers.tolist()):
-            local[value] = local.get(value, 0) + number
-    for message in comm.allgather(bad):
-        if message is not None:
-            raise InputError(message)
-    counts: dict[int, int] = {}
-    for part in comm.allgather(local):
-        for value, number in part.items():
-            counts[value] = counts.get(value, 0) + number
-    return counts
-
-
-def _check_phases(image: VoxelImage | ImageLayers, counts: dict[int, int], settings: DiffusionSettings) -> None:
-    """The phase map covers every label and every phase has voxels (as ``read_image(kind="labels")``
-    checks), and the transporting and pore phases exist (InputError naming what is wrong)."""
-    from fem_anode.io.images import format_phase_map
-
-    geometry = settings.geometry
-    phases = image.require_phases()
-    image.require_voxel_size()
-    unknown = sorted(v for v, n in counts.items() if n and v not in set(phases.values()))
-    if unknown:
-        raise InputError(
-            f"{image.source}: label values {unknown[:10]} are not in the phase map {format_phase_map(phases)}"
-        )
-    empty = [name for name, v in phases.items() if counts.get(v, 0) == 0]
-    if empty:
-        raise InputError(f"{image.source}: phase(s) {', '.join(empty)} have no voxels in the image")
-    for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
-        if name not in phases:
-            raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
 
 
 def timescales(settings: DiffusionSettings, length: float) -> dict[str, float]:
@@ -319,147 +60,13 @@ def timescales(settings: DiffusionSettings, length: float) -> dict[str, float]:
     }
 
 
-def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayers) -> list[dict[str, Any]]:
-    """Per Si particle (connected Si component of the image, 8/26-connected): c statistics on its interface.
-
-    Returns, per particle with an interface in the mesh: ``id`` (numbered as
-    ``scipy.ndimage.label`` numbers the Si components of the whole image), ``interface_measure_m``
-    (length in 2D, area in 3D), ``mean``, ``min``, ``max`` (mol/m^3) and
-    ``fraction_above_half_bulk`` of its surface. Collective.
-
-    On voxel meshes partitioned by slabs every rank labels the Si of its own slab
-    (:func:`~fem_anode.imaging.slabs.label_slabs`) and takes each interface facet's particle from
-    the Si voxel across it; on other meshes (smooth 2D) the image is labelled whole and each
-    facet takes the particle of the nearest Si pixel.
-    """
-    geometry = problem.settings.geometry
-    phases = image.require_phases()
-    mesh, comm = problem.mesh, problem.comm
-    tag = problem.tagged.facet_groups.get(problem.si_interface)
-    if tag is None or geometry.si_phase not in phases:
-        return []
-    si_label = phases[geometry.si_phase]
-    fdim = mesh.topology.dim - 1
-    n_owned = mesh.topology.index_map(fdim).size_local
-    facets = problem.tagged.facet_tags.find(tag)
-    facets = facets[facets < n_owned]
-    spacing = np.asarray(image.require_voxel_size())
-    ndim = len(image.shape)
-    from dolfinx.mesh import compute_midpoints
-
-    midpoints = (
-        compute_midpoints(mesh, fdim, facets)[:, :ndim][:, ::-1] / spacing if facets.size else np.zeros((0, ndim))
-    )  # array order, voxel units
-    connectivity = np.ones((3,) * ndim, dtype=bool)
-    bounds = problem.tagged.slab_bounds
-    if bounds is not None:
-        from fem_anode.imaging.slabs import Slab, label_slabs
-
-        slab = Slab.from_bounds(bounds, comm.rank)
-        labels, n_particles, below, above = label_slabs(
-            comm, slab, np.asarray(image.read_layers(slab.z0, slab.z1)) == si_label, connectivity
-        )
-        plane = np.zeros((1, *image.shape[1:]), dtype=np.int64)
-        stack = np.concatenate(
-            [plane if below is None else below[None], labels, plane if above is None else above[None]]
-        )
-        # Each facet lies on a voxel face: the Si voxel is on one side along its normal axis.
-        axis = np.argmax(np.rint(2.0 * midpoints).astype(np.int64) % 2 == 0, axis=1)
-        rows = np.arange(facets.size)
-        owner = np.zeros(facets.size, dtype=np.int64)
-        for side in (-0.5, 0.5):
-            point = midpoints.copy()
-            point[rows, axis] += side
-            index = np.floor(point).astype(np.int64)
-            index[:, 0] -= slab.z0 - 1
-            index = np.clip(index, 0, np.asarray(stack.shape) - 1)
-            owner = np.maximum(owner, stack[tuple(index.T)])
-        owner -= 1
-        if (owner < 0).any():
-            raise RuntimeError("an Si interface facet has no Si voxel next to it")  # a bug, never bad input
-    else:  # smooth meshes (2D, made on rank 0 from the image in memory)
-        si = image.array == si_label  # type: ignore[union-attr]  # an in-memory image on this path
-        particle_ids, n_particles = ndimage.label(si, structure=connectivity)
-        nearest = ndimage.distance_transform_edt(~si, return_distances=False, return_indices=True)
-        index = np.clip(np.floor(midpoints).astype(int), 0, np.asarray(image.shape) - 1)
-        pixel = tuple(nearest[(axis, *index.T)] for axis in range(ndim))
-        owner = particle_ids[pixel] - 1 if facets.size else np.zeros(0, int)
-    c_bulk = problem.settings.physics.c_bulk
-    c = cast("dolfinx.fem.Function", problem.concentration())  # a P1/P2 problem on this path
-    measure, mean, low, high = facet_samples(c, facets)
-    sums = np.zeros((3, n_particles))
-    np.add.at(sums[0], owner, measure)
-    np.add.at(sums[1], owner, measure * mean)
-    np.add.at(sums[2], owner, measure * (mean > 0.5 * c_bulk))
-    lows = np.full(n_particles, np.inf)
-    highs = np.full(n_particles, -np.inf)
-    np.minimum.at(lows, owner, low)
-    np.maximum.at(highs, owner, high)
-    for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
-        comm.Allreduce(MPI.IN_PLACE, array, op=op)  # element-wise buffer reductions
-    report = []
-    for i in np.flatnonzero(sums[0] > 0):
-        report.append(
-            {
-                "id": int(i + 1),
-                "interface_measure_m": float(sums[0, i]),
-                "mean": float(sums[1, i] / sums[0, i]),
-                "min": float(lows[i]),
-                "max": float(highs[i]),
-                "fraction_above_half_bulk": float(sums[2, i] / sums[0, i]),
-            }
-        )
-    return report
-
-
-def _max_distance_to_pore(image: VoxelImage | ImageLayers, settings: DiffusionSettings, comm: MPI.Comm) -> float:
-    """Largest distance (m) from a transporting-phase voxel to the nearest pore voxel (collective;
-    exact, from slabs of the image: :func:`~fem_anode.imaging.slabs.max_distance_to`)."""
-    from fem_anode.imaging.slabs import Slab, max_distance_to
-
-    phases = image.require_phases()
-    transport, pore = phases[settings.geometry.transport_phase], phases[settings.geometry.pore_phase]
-    layers = int(image.shape[0])
-    slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
-    return max_distance_to(
-        comm, slab, image.read_layers, lambda a: a == transport, lambda a: a == pore, image.require_voxel_size()
-    )
-
-
-def _middle_section(image: VoxelImage | ImageLayers) -> VoxelImage:
-    """The image itself (2D) or its middle axis-0 layer as a one-layer 3D image (for figures)."""
-    if isinstance(image, VoxelImage) and image.ndim == 2:
-        return image
-    middle = int(image.shape[0]) // 2
-    return VoxelImage(
-        np.asarray(image.read_layers(middle, middle + 1)),
-        image.require_voxel_size(),
-        image.require_phases(),
-        image.source,
-    )
-
-
-def _image_grid_points(image: VoxelImage | ImageLayers) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Pixel centres of a 2D image (or the middle z slice of a 3D one) in mesh coordinates."""
-    spacing = image.require_voxel_size()
-    if image.ndim == 2:
-        ny, nx = image.shape
-        y, x = np.meshgrid((np.arange(ny) + 0.5) * spacing[0], (np.arange(nx) + 0.5) * spacing[1], indexing="ij")
-        points = np.column_stack([x.ravel(), y.ravel(), np.zeros(x.size)])
-        return points, (ny, nx)
-    nz, ny, nx = image.shape
-    y, x = np.meshgrid((np.arange(ny) + 0.5) * spacing[1], (np.arange(nx) + 0.5) * spacing[2], indexing="ij")
-    z = np.full(x.size, (nz // 2 + 0.5) * spacing[0])
-    return np.column_stack([x.ravel(), y.ravel(), z]), (ny, nx)
-
-
 @dataclasses.dataclass(eq=False)
 class DiffusionRun:
     """A finished (or stopped) diffusion solve, in memory; :meth:`save` writes the CLI's files.
 
     The fields stay distributed: every rank holds its own part of each field (a dolfinx
     ``Function`` on the mesh, or for finite volumes a
-    :class:`~fem_anode.fem.diffusion_fv.VectorField` of its voxels); nothing is gathered.
+    :class:`~fem_anode.fem.diffusion.finite_volume.VectorField` of its voxels); nothing is gathered.
 
     Attributes:
         settings: the settings of the solve.
@@ -568,7 +175,7 @@ class DiffusionRun:
             write_xdmf(self.tagged, directory / "mesh.xdmf")
         if output.fields and self.fields:
             if self.field_writer is not None:
-                from fem_anode.fem.diffusion_fv import VoxelFieldWriter
+                from fem_anode.fem.diffusion.finite_volume import VoxelFieldWriter
 
                 voxels = VoxelFieldWriter(directory, self.field_writer)
                 for t, field in self.fields:
@@ -589,7 +196,7 @@ class DiffusionRun:
         if comm.rank == 0:
             write_json(directory / "results.json", self.results)
             if output.figures:
-                from fem_anode.fem.diffusion_plots import (
+                from fem_anode.fem.diffusion.plots import (
                     plot_concentration_fields,
                     plot_region_history,
                     render_and_report,
@@ -599,9 +206,9 @@ class DiffusionRun:
                 plot_region_history(self.results, directory / "c_regions.png", c_bulk=c_bulk)
                 if self.image is not None and self.snapshots:
                     plot_concentration_fields(
-                        _middle_section(self.image), self.snapshots, settings, directory / "c_fields.png"
+                        middle_section(self.image), self.snapshots, settings, directory / "c_fields.png"
                     )
-                # 3D figure from the written field files, report.html (fem_anode.fem.diffusion_plots)
+                # 3D figure from the written field files, report.html (fem_anode.fem.diffusion.plots)
                 render_and_report(directory, self.results, render=render)
         comm.barrier()
         return directory
@@ -644,22 +251,40 @@ def simulate_diffusion(
     settings.check()
     start = time.perf_counter()
     finite_volumes = settings.mesh.discretisation == "fv"
-    problem: DiffusionProblem
-    geo = _prepare_geometry(settings, geometry, workdir, comm, memory_check)
+    problem: TransientDiffusion
+    geo = prepare_geometry(settings, geometry, workdir, comm, memory_check)
     image = geo.image
     meshed = time.perf_counter()
-    if geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion_fv)
-        from fem_anode.fem.diffusion_fv import VoxelFVProblem
+    figures = settings.output.figures
+    #: At each output time: the middle section of c for the figures, the Si-particle report.
+    section: Callable[[], np.ndarray] | None = None
+    particle_report: Callable[[], list[dict[str, Any]]] | None = None
+    if geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion.finite_volume)
+        from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
 
         if image is None:
             raise RuntimeError("a finite-volume geometry without an image")  # a bug, never bad input
         # Before the assembly: the distance transform's temporaries (about 180 B per voxel of a
         # slab) then do not add to the solver's memory.
-        scales: dict[str, float] | None = timescales(settings, _max_distance_to_pore(image, settings, comm))
-        problem = VoxelFVProblem(image, settings, cast(MPI.Intracomm, comm))  # COMM_WORLD or a split of it
+        scales: dict[str, float] | None = timescales(settings, max_distance_to_pore(image, settings, comm))
+        volumes = VoxelFVProblem(image, settings, cast(MPI.Intracomm, comm))  # COMM_WORLD or a split of it
+        problem = volumes
+        section = volumes.middle_section if figures else None
+        particle_report = volumes.si_particle_report
     else:
-        scales = timescales(settings, _max_distance_to_pore(image, settings, comm)) if image is not None else None
-        problem = DiffusionProblem(geo.tagged, settings)
+        from fem_anode.fem.diffusion.finite_element import DiffusionProblem
+        from fem_anode.fem.diffusion.particles import si_particle_report
+        from fem_anode.fem.sampling import sample_points
+
+        scales = timescales(settings, max_distance_to_pore(image, settings, comm)) if image is not None else None
+        elements = DiffusionProblem(geo.tagged, settings)
+        problem = elements
+        if image is not None:
+            grid = image_grid_points(image)
+            c_bulk = settings.physics.c_bulk
+            if figures:
+                section = lambda: c_bulk * sample_points(elements.c, grid[0]).reshape(grid[1])  # noqa: E731
+            particle_report = lambda: si_particle_report(elements, image)  # noqa: E731
     assembled = time.perf_counter()
     logger.info(
         "diffusion: %d cells, %d unknowns (%s), D_eff = %.3g m^2/s, %d rank(s)",
@@ -690,19 +315,14 @@ def simulate_diffusion(
         if checkpointer is not None:
             checkpointer.check_meta(resume)
         start -= _restore_outputs(resume, problem, snapshots, particles, fields)
-    figures = settings.output.figures
-    grid = _image_grid_points(image) if image is not None and figures and not finite_volumes else None
 
-    def on_output(t: float, prob: DiffusionProblem) -> None:
+    def on_output(t: float, prob: TransientDiffusion) -> None:
         if settings.output.fields:  # kept for save(): one vector per output time (8 B per unknown)
             fields.append((t, prob.concentration()))
-        if finite_volumes and figures:
-            snapshots[t] = prob.middle_section()  # type: ignore[attr-defined]  # finite volumes: VoxelFVProblem
-        elif grid is not None:
-            c = cast("dolfinx.fem.Function", prob.c)  # a finite-element problem here
-            snapshots[t] = settings.physics.c_bulk * sample_points(c, grid[0]).reshape(grid[1])
-        if image is not None and t > 0:
-            particles[f"{t:g}"] = prob.si_particle_report() if finite_volumes else si_particle_report(prob, image)  # type: ignore[attr-defined]  # FV: VoxelFVProblem
+        if section is not None:
+            snapshots[t] = section()
+        if particle_report is not None and t > 0:
+            particles[f"{t:g}"] = particle_report()
 
     status, failure, stopped = "completed", None, None
     stop = SafeStop() if checkpointer is not None else contextlib.nullcontext()
@@ -888,7 +508,7 @@ def _checkpointer(
 
 def _restore_outputs(
     checkpoint: Checkpoint,
-    problem: DiffusionProblem,
+    problem: TransientDiffusion,
     snapshots: dict[float, np.ndarray],
     particles: dict[str, Any],
     fields: list[tuple[float, Any]],
@@ -925,7 +545,7 @@ def suggest_regions(
     one at the point farthest from any pore, as regions I-IV of the paper's Fig. 8.
     Deterministic; 2D images only.
     """
-    from fem_anode.fem.diffusion import Region
+    from fem_anode.fem.diffusion.settings import Region
 
     if image.ndim != 2:
         raise InputError("suggest_regions works on 2D images; give [[regions]] explicitly in 3D")
@@ -952,7 +572,7 @@ def suggest_regions(
 def fig8_settings(image_path: Path, *, quick: bool = False) -> DiffusionSettings:
     """The paper's Fig. 8 set-up on a 2D ROI: its parameters, regions I-IV from
     :func:`suggest_regions`, outputs at 2, 10, 100 s plus early times where the physics happens."""
-    from fem_anode.fem.diffusion import GeometrySettings, TimeSettings
+    from fem_anode.fem.diffusion.settings import GeometrySettings, TimeSettings
 
     times = [0.01, 2.0, 10.0, 100.0] if quick else [0.001, 0.003, 0.01, 2.0, 10.0, 100.0]
     settings = DiffusionSettings(

@@ -14,7 +14,7 @@ One TOML file (``fem-anode diffusion CONFIG.toml``) holds two kinds of settings:
 
 A solve from Python (:func:`fem_anode.solve_diffusion`) takes the image or mesh as an argument and
 needs no run settings: ``DiffusionSettings(time={"t_end": 1.0})`` is complete. A run from files
-(the CLI, :func:`~fem_anode.fem.diffusion_run.run_diffusion`) needs ``geometry.image`` or
+(the CLI, :func:`~fem_anode.fem.diffusion.run.run_diffusion`) needs ``geometry.image`` or
 ``geometry.mesh`` (:meth:`DiffusionSettings.check_source`).
 """
 

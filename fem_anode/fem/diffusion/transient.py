@@ -1,26 +1,18 @@
-r"""Transient Li diffusion in the SEI/carbon/binder domain with mass-transfer boundaries.
+r"""The discretisation-independent part of the transient diffusion: solvers, BDF loop, records.
 
-The model of Vorauer et al. (2020), "Modeling the Li-diffusion in the microstructure":
+:class:`TransientDiffusion` integrates ``eps M dc/dt + (K + R) c = f`` (scaled units: lengths in
+micrometres, ``c / c_bulk``) from ``c = 0`` to ``t_end`` with BDF1/BDF2 on a planned step sequence
+(:mod:`~fem_anode.fem.diffusion.time_stepping`). Each distinct BDF leading coefficient ``a0``
+gives ``A = K + R + a0 eps M``; for a direct solver one factorisation per ``a0`` (kept within a
+memory budget), for CG a preconditioner that keeps its set-up across step sizes (SSOR needs none,
+the multigrid is built once and shifted per a0: :class:`~fem_anode.fem.diffusion.multigrid.ShiftedMultigrid`).
+A time step costs one mat-vec and one solve. Mass balance, region means and boundary fluxes are
+dot products with vectors assembled once.
 
-.. math::
-
-    \varepsilon \frac{\partial c}{\partial t} = \nabla\cdot(D_\mathrm{eff}\nabla c)
-    \quad\text{in the SEI/C/B domain},\qquad D_\mathrm{eff} = \varepsilon^{b} D,
-
-    -D_\mathrm{eff}\nabla c\cdot n = -k_f (c_\mathrm{bulk} - c)\ \text{on pore interfaces (inflow)},\quad
-    -D_\mathrm{eff}\nabla c\cdot n = k_\mathrm{si}\, c\ \text{on Si interfaces},
-
-no flux on the image box, ``c = 0`` at ``t = 0``. SI units: c in mol/m^3, D in m^2/s, k in
-m/s, t in s, lengths in m.
-
-Numerics: the mesh stays in metres; the forms are written in a micrometre length unit and in
-``c / c_bulk``, so matrix entries are O(1) whatever the physical scale. The mass matrix ``M``
-and the operator ``K + R`` (diffusion + Robin) are assembled once; each distinct BDF leading
-coefficient ``a0`` gives ``A = K + R + a0 eps M`` (a copy and an AXPY into one operator matrix
-that shares their sparsity) and, for a direct solver, one factorisation (kept within a memory
-budget); the iterative solvers keep their set-up across step sizes (SSOR needs none, the
-multigrid is built once and shifted per a0). A time step costs one mat-vec and one solve.
-Mass balance, region means and boundary fluxes are dot products with vectors assembled once.
+The discretisations supply the operators, vectors and fields: the finite elements of
+:class:`~fem_anode.fem.diffusion.finite_element.DiffusionProblem` (dolfinx) and the voxel finite
+volumes of :class:`~fem_anode.fem.diffusion.finite_volume.VoxelFVProblem` (PETSc and NumPy only).
+This module imports no dolfinx.
 """
 
 from __future__ import annotations
@@ -34,116 +26,25 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import dolfinx
 import numpy as np
-import ufl
-from dolfinx import fem
-from dolfinx.fem import petsc as fem_petsc
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.errors import InputError, Interrupted, SolverError, UsageError
-from fem_anode.fem.diffusion_settings import (
-    DiffusionSettings,
-    GeometrySettings,
-    MeshSettings,
-    OutputSettings,
-    PhysicsSettings,
-    Region,
-    SolverSettings,
-    TimeSettings,
-)
-from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.errors import Interrupted, SolverError, UsageError
+from fem_anode.fem.diffusion.multigrid import ShiftedMultigrid, factor_bytes
+from fem_anode.fem.diffusion.results import DiffusionResult
+from fem_anode.fem.diffusion.settings import DiffusionSettings
+from fem_anode.fem.diffusion.time_stepping import StepPlan, bdf_coefficients
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
-from fem_anode.fem.time_stepping import StepPlan, bdf_coefficients
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
 from fem_anode.io.interrupt import agree_flags
-from fem_anode.meshing.tags import interface_name
 
-__all__ = [
-    "DiffusionSettings",
-    "DiffusionProblem",
-    "DiffusionResult",
-    "GeometrySettings",
-    "MeshSettings",
-    "PhysicsSettings",
-    "TimeSettings",
-    "SolverSettings",
-    "OutputSettings",
-    "Region",
-]
+__all__ = ["Field", "FieldValues", "TransientDiffusion"]
 
 logger = logging.getLogger(__name__)
 
-#: Internal length unit of the forms (m).
+#: Internal length unit of the scaled equations (m).
 LENGTH_UNIT = 1e-6
-
-
-@dataclasses.dataclass
-class DiffusionResult:
-    """Time series of a run (SI units), gathered on every rank.
-
-    Attributes:
-        times: step end times (s), starting with 0.
-        region_means: region name -> mean c (mol/m^3) at ``times``.
-        domain_mean: mean c over the domain (mol/m^3) at ``times``.
-        output_times: the requested output times (s).
-        mass_balance_rel_error: sum over steps of |discrete balance residual| dt relative to the
-            total Li taken up.
-        ndofs, ncells: global sizes.
-        steps, factorisations: time steps taken; factorisations and multigrid set-ups (the
-            shifted multigrid ``"mg"`` counts once per run, SSOR none).
-        retries: failed steps retried with a halved step.
-        status: "completed", or "interrupted" for the partial result of a stopped run.
-        resumed_from_step: the checkpoint's step when the run was resumed, else None.
-        c_bulk: the run's bulk concentration (mol/m^3), the level of :meth:`t90`.
-    """
-
-    times: list[float]
-    region_means: dict[str, list[float]]
-    domain_mean: list[float]
-    output_times: list[float]
-    mass_balance_rel_error: float
-    ndofs: int
-    ncells: int
-    steps: int
-    factorisations: int
-    retries: int = 0
-    status: str = "completed"
-    resumed_from_step: int | None = None
-    c_bulk: float | None = None
-
-    def t90(self, c_bulk: float | None = None) -> dict[str, float | None]:
-        """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None.
-
-        ``c_bulk`` (mol/m^3): the run's own ``physics.c_bulk`` unless given.
-        """
-        level = c_bulk if c_bulk is not None else self.c_bulk
-        if level is None:
-            raise UsageError("t90 needs c_bulk: this result does not know its run's physics.c_bulk")
-        out: dict[str, float | None] = {}
-        for name, values in {**self.region_means, "domain": self.domain_mean}.items():
-            out[name] = _first_crossing(self.times, values, 0.9 * level)
-        return out
-
-    def at_output_times(self) -> dict[str, Any]:
-        """Region means at the output times only."""
-        index = [int(np.argmin(np.abs(np.asarray(self.times) - t))) for t in self.output_times]
-        return {
-            "times": [self.times[i] for i in index],
-            "regions": {k: [v[i] for i in index] for k, v in self.region_means.items()},
-            "domain_mean": [self.domain_mean[i] for i in index],
-        }
-
-
-def _first_crossing(times: list[float], values: list[float], level: float) -> float | None:
-    for i in range(1, len(values)):
-        if values[i] >= level > values[i - 1]:
-            fraction = (level - values[i - 1]) / (values[i] - values[i - 1])
-            return times[i - 1] + fraction * (times[i] - times[i - 1])
-        if values[i] >= level and i == 1 and values[0] >= level:
-            return times[0]
-    return None
 
 
 _KSP_REASONS = {
@@ -167,7 +68,7 @@ class FieldValues(Protocol):
 
 class Field(Protocol):
     """What the time loop, its records and checkpoints need of c: a dolfinx ``Function`` (P1/P2)
-    or :class:`~fem_anode.fem.diffusion_fv.VectorField` (finite volumes)."""
+    or :class:`~fem_anode.fem.diffusion.finite_volume.VectorField` (finite volumes)."""
 
     name: str
 
@@ -191,14 +92,14 @@ class _Records:
     resumed_from_step: int | None = None
 
     @classmethod
-    def start(cls, problem: DiffusionProblem) -> _Records:
+    def start(cls, problem: TransientDiffusion) -> _Records:
         for u in (problem.c, problem._c_old, problem._c_older):
             u.x.array[:] = 0.0
         mass = problem.mass()
         return cls([0.0], [0.0], {name: [0.0] for name in problem.regions}, mass, mass)
 
     @classmethod
-    def resume(cls, problem: DiffusionProblem, checkpoint: Checkpoint, plan: StepPlan) -> _Records:
+    def resume(cls, problem: TransientDiffusion, checkpoint: Checkpoint, plan: StepPlan) -> _Records:
         state: dict[str, Any] = checkpoint.state["problem"]
         arrays: dict[str, np.ndarray] = checkpoint.arrays
         time_settings = json.loads(json.dumps(problem.settings.time.to_dict()))
@@ -229,13 +130,13 @@ class _Records:
             resumed_from_step=int(state["steps"]),
         )
 
-    def append(self, t: float, problem: DiffusionProblem) -> None:
+    def append(self, t: float, problem: TransientDiffusion) -> None:
         self.times.append(t)
         self.domain.append(problem.domain_mean())
         for name in problem.regions:
             self.regions[name].append(problem.region_mean(name))
 
-    def checkpoint(self, problem: DiffusionProblem, plan: StepPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    def checkpoint(self, problem: TransientDiffusion, plan: StepPlan) -> tuple[dict[str, Any], dict[str, Any]]:
         state = {
             "t": plan.t,
             "steps": self.steps,
@@ -259,7 +160,7 @@ class _Records:
         arrays.update({f"region.{name}": np.asarray(values) for name, values in self.regions.items()})
         return state, arrays
 
-    def result(self, problem: DiffusionProblem, status: str) -> DiffusionResult:
+    def result(self, problem: TransientDiffusion, status: str) -> DiffusionResult:
         uptake = abs(problem.mass())
         return DiffusionResult(
             times=list(self.times),
@@ -278,45 +179,79 @@ class _Records:
         )
 
 
-class DiffusionProblem:
-    """The diffusion model on a tagged mesh of the transporting phase.
+class TransientDiffusion:
+    """Solvers and time loop of the diffusion model over a discretisation given by a subclass.
 
-    Args:
-        tagged: mesh with the facet groups ``"<pore>|<transport>"`` and (optionally)
-            ``"<si>|<transport>"`` (names as written by :mod:`fem_anode.meshing`).
-        settings: the run's settings.
+    A subclass sets, before calling :meth:`_init_solver_state`: ``settings``, ``comm``, ``eps``,
+    the fields ``c``, ``_c_old``, ``_c_older`` (:class:`Field`), the vectors ``_w_dx`` (``M 1``),
+    ``_source``, ``_rhs``, ``_work``, ``volume`` (um^d), the matrices ``_A``, ``_KR``, ``_M`` (or
+    None until needed), and ``regions`` (name -> (weights, measure)); it implements the sizes,
+    :meth:`_operator`, :meth:`_mass_mult`, :meth:`_multigrid_operands`, :meth:`solver_memory`,
+    :meth:`boundary_inflow` and :meth:`concentration`.
     """
 
-    def __init__(self, tagged: TaggedMesh, settings: DiffusionSettings) -> None:
-        settings.check()  # the Python API as strict as the CLI (UsageError naming the setting)
-        self.tagged = tagged
-        self.settings = settings
-        self.mesh = tagged.mesh
-        self.comm: MPI.Intracomm = tagged.mesh.comm
-        geometry, physics = settings.geometry, settings.physics
-        self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
-        self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
-        if self.pore_interface not in tagged.facet_groups:
-            raise InputError(
-                f"mesh has no facet group {self.pore_interface!r} (the pore interface the Li comes through); "
-                f"it has {', '.join(sorted(tagged.facet_groups)) or 'none'}"
-            )
-        self.V = fem.functionspace(self.mesh, ("Lagrange", settings.mesh.order))
-        self.c: Field = fem.Function(self.V, name="c")  # c / c_bulk
-        self._c_old: Field = fem.Function(self.V)
-        self._c_older: Field = fem.Function(self.V)
-        self._assemble_operators(physics)
-        #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
-        self._A: PETSc.Mat | None = None
-        self._init_solver_state()
-        self.regions = self._region_weights(settings.regions)
+    settings: DiffusionSettings
+    comm: MPI.Intracomm
+    eps: float
+    c: Field
+    _c_old: Field
+    _c_older: Field
+    _w_dx: PETSc.Vec
+    _source: PETSc.Vec
+    _rhs: PETSc.Vec
+    _work: PETSc.Vec
+    volume: float
+    regions: dict[str, tuple[PETSc.Vec, float]]
+    _A: PETSc.Mat | None
+    _KR: PETSc.Mat | None
+    _M: PETSc.Mat | None
+
+    # -- what a discretisation provides ---------------------------------------------------
+    @property
+    def ndofs(self) -> int:
+        """Unknowns of the discrete problem (all ranks)."""
+        raise NotImplementedError
+
+    @property
+    def ncells(self) -> int:
+        """Cells of the discretisation (all ranks)."""
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        """Spatial dimension of the problem (2 or 3)."""
+        raise NotImplementedError
+
+    def _operator(self, a0: float) -> PETSc.Mat:
+        """The one operator matrix ``A = K + R + a0 eps M`` (values refreshed when a0 changes)."""
+        raise NotImplementedError
+
+    def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = M x``."""
+        raise NotImplementedError
+
+    def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
+        """``(K + R, M)`` as matrices of one sparsity pattern, for :class:`ShiftedMultigrid`."""
+        raise NotImplementedError
+
+    def solver_memory(self) -> dict[str, float]:
+        """Bytes held by the solver's matrices and set-ups, summed over ranks, and per unknown."""
+        raise NotImplementedError
+
+    def boundary_inflow(self, c: Field | None = None) -> float:
+        """Net Li inflow rate through pore and Si interfaces, scaled units (um^d / s)."""
+        raise NotImplementedError
+
+    def concentration(self) -> Field:
+        """c in mol/m^3 as a new field (for output)."""
+        raise NotImplementedError
 
     def _init_solver_state(self) -> None:
-        """The solvers' caches and counters, empty (shared with the finite-volume problem)."""
+        """The solvers' caches and counters, empty (called by every discretisation's constructor)."""
         self._A_a0: float | None = None
         #: Iterative: preconditioner family -> [KSP, the a0 it is set up for (None: stale)].
         self._iterative: dict[str, list[Any]] = {}
-        self._mg: _ShiftedMultigrid | None = None
+        self._mg: ShiftedMultigrid | None = None
         #: Direct: a0 -> factorised KSP (LRU), sized by solver.cache_memory.
         self._direct: OrderedDict[float, PETSc.KSP] = OrderedDict()
         self._factor_bytes: float | None = None
@@ -327,130 +262,6 @@ class DiffusionProblem:
         #: ``preconditioner = "auto"``: whether the multigrid's set-up fits into the available
         #: memory (None: not asked yet; False: SSOR for the rest of the run).
         self.multigrid_fits: bool | None = None
-
-    @property
-    def ndofs(self) -> int:
-        """Unknowns of the discrete problem (all ranks)."""
-        return int(self.V.dofmap.index_map.size_global)
-
-    @property
-    def ncells(self) -> int:
-        """Cells of the mesh (all ranks)."""
-        return int(self.mesh.topology.index_map(self.mesh.topology.dim).size_global)
-
-    @property
-    def dim(self) -> int:
-        """Spatial dimension of the problem (2 or 3)."""
-        return int(self.mesh.topology.dim)
-
-    # -- assembly -------------------------------------------------------------------------
-    def _scaled_measures(self) -> tuple[float, float, float]:
-        """Factors turning metre-based integrals into micrometre-based ones (dx', grad', ds')."""
-        d = self.mesh.topology.dim
-        L = LENGTH_UNIT
-        return L**-d, L ** (2 - d), L ** (1 - d)
-
-    def _assemble_operators(self, physics: PhysicsSettings) -> None:
-        mesh, V = self.mesh, self.V
-        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        s_dx, s_grad, s_ds = self._scaled_measures()
-        ds = ufl.Measure("ds", domain=mesh, subdomain_data=self.tagged.facet_tags)
-        pore = self.tagged.facet_groups[self.pore_interface]
-        si = self.tagged.facet_groups.get(self.si_interface)
-        rate_D = physics.D_eff / LENGTH_UNIT**2  # 1/s
-        rate_f = physics.k_f / LENGTH_UNIT  # 1/s
-        rate_si = physics.k_si / LENGTH_UNIT  # 1/s
-        self.eps = physics.eps
-        self.rate_f, self.rate_si = rate_f, rate_si
-        # The diagnostics and the source use exactly the integrals of the scheme: w = M 1,
-        # w_pore = R_pore 1, f = rate_f R_pore 1 (c_bulk as a constant of the space). The vectors
-        # are assembled as the actions of the matrix forms on the constant 1 (the same integrands
-        # and quadrature, so equal to the row sums to round-off): on curved P2 cells, vectors from
-        # forms of their own would use other quadrature degrees and break discrete conservation
-        # and the exact steady state.
-        self._M = self._assemble_matrix(s_dx * u * v * ufl.dx)
-        # K + R is assembled in one pass into a matrix that shares M's sparsity pattern (row
-        # offsets and column indices: both are cell integrals on the same space, and the Robin
-        # terms lie on cell couplings): no second sparsity build, no separate Robin matrices, and
-        # the operator A shares the pattern too (_operator), so copies and AXPYs between them are
-        # plain value updates.
-        one = fem.Function(V)
-        one.x.array[:] = 1.0
-        robin_pore = s_ds * u * v * ds(pore)
-        robin_si = s_ds * u * v * ds(si) if si is not None else None
-
-        # The rates enter as Constants: one compiled form for every value of the physics.
-        def constant(value: float) -> fem.Constant:
-            return fem.Constant(mesh, PETSc.ScalarType(value))
-
-        kr_form = (
-            constant(rate_D) * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + constant(rate_f) * robin_pore
-        )
-        if robin_si is not None and rate_si > 0:
-            kr_form = kr_form + constant(rate_si) * robin_si
-        self._KR = self._M.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
-        self._KR.zeroEntries()
-        fem_petsc.assemble_matrix(self._KR, fem.form(kr_form))
-        self._KR.assemble()
-        ones = self._M.createVecRight()
-        ones.set(1.0)
-        self._w_dx = self._M.createVecLeft()
-        self._M.mult(ones, self._w_dx)
-        ones.destroy()
-        self._w_pore = self._assemble_action(robin_pore, one)
-        self._w_si = self._assemble_action(robin_si, one) if robin_si is not None else None
-        self._source = self._w_pore.copy()
-        self._source.scale(rate_f)  # inflow rate_f * (1 - c): constant part
-        self.volume = self._w_dx.sum()  # in um^d
-        self.pore_measure = self._w_pore.sum()
-        self._rhs = self._M.createVecLeft()
-        self._work = self._M.createVecLeft()
-
-    def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
-        """``y = M x``."""
-        self._M.mult(x, y)
-
-    def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
-        """``(K + R, M)`` as matrices of one sparsity pattern, for :class:`_ShiftedMultigrid`."""
-        return self._KR, self._M
-
-    @staticmethod
-    def _assemble_action(form: ufl.Form, function: fem.Function) -> PETSc.Vec:
-        """The vector of the bilinear ``form`` applied to ``function`` (owned entries summed)."""
-        vector = fem_petsc.assemble_vector(fem.form(ufl.action(form, function)))
-        vector.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        return vector
-
-    def _assemble_matrix(self, form: ufl.Form) -> PETSc.Mat:
-        matrix = fem_petsc.assemble_matrix(fem.form(form))
-        matrix.assemble()
-        return matrix
-
-    def _region_weights(self, regions: list[Region]) -> dict[str, tuple[PETSc.Vec, float]]:
-        mesh = self.mesh
-        tdim, gdim = mesh.topology.dim, mesh.geometry.dim
-        n_local = mesh.topology.index_map(tdim).size_local + mesh.topology.index_map(tdim).num_ghosts
-        midpoints = dolfinx.mesh.compute_midpoints(mesh, tdim, np.arange(n_local, dtype=np.int32))
-        Q = fem.functionspace(mesh, ("DG", 0))
-        chi = fem.Function(Q)
-        v = ufl.TestFunction(self.V)
-        form = fem.form(self._scaled_measures()[0] * chi * v * ufl.dx)
-        cell_dofs = Q.dofmap.list[:, 0]
-        out = {}
-        for region in regions:
-            box = np.asarray(region.box)
-            if len(box) != 2 * gdim:
-                raise UsageError(f"region {region.name!r} has {len(box)} box numbers; a {gdim}D mesh needs {2 * gdim}")
-            inside = np.all((midpoints[:, :gdim] >= box[:gdim]) & (midpoints[:, :gdim] <= box[gdim:]), axis=1)
-            chi.x.array[:] = 0.0
-            chi.x.array[cell_dofs[inside]] = 1.0
-            weights = fem_petsc.assemble_vector(form)
-            weights.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-            measure = weights.sum()
-            if measure <= 0:
-                raise UsageError(f"region {region.name!r} box {region.box} contains none of the transporting phase")
-            out[region.name] = (weights, measure)
-        return out
 
     # -- solver ---------------------------------------------------------------------------
     def _solver_kind(self) -> str:
@@ -527,7 +338,7 @@ class DiffusionProblem:
                 options.update({"pc_type": "sor", "pc_sor_omega": 1.3})
             options["ksp_norm_type"] = "natural"
         elif preconditioner == "mg":
-            options.update(_ShiftedMultigrid.options(self.comm))
+            options.update(ShiftedMultigrid.options(self.comm))
         elif preconditioner == "hypre":
             # BoomerAMG tuned for 27-point voxel rows: 4x cheaper steps than hypre's defaults.
             options.update(
@@ -543,25 +354,6 @@ class DiffusionProblem:
         else:
             options["pc_type"] = preconditioner
         return {**options, **solver.petsc_options}
-
-    def _operator(self, a0: float) -> PETSc.Mat:
-        """The one operator matrix ``A = K + R + a0 eps M`` (values refreshed when a0 changes).
-
-        ``A`` shares its sparsity pattern (row offsets and column indices) with ``K + R`` and
-        ``M`` (see :meth:`_assemble_operators`), so it costs only its values (8 B per nonzero).
-        The values are always recomputed from ``K + R`` and ``M`` (never updated incrementally),
-        so they are a function of a0 alone and a resumed run sees the same matrices as the original.
-        """
-        if self._A is None:
-            self._A = self._KR.duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN)
-        if self._A_a0 != a0:
-            self._KR.copy(self._A, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-            self._A.axpy(a0 * self.eps, self._M, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-            # After every change of values (MatCopy forgets it): GAMG builds its graph and eigen
-            # estimates differently for a matrix known to be symmetric.
-            self._A.setOption(PETSc.Mat.Option.SPD, True)
-            self._A_a0 = a0
-        return self._A
 
     def _new_ksp(self, preconditioner: str) -> tuple[PETSc.KSP, str, dict[str, Any]]:
         """A KSP with its own options prefix, and the options it will read at its first set-up."""
@@ -583,7 +375,7 @@ class DiffusionProblem:
 
         Iterative: one KSP per preconditioner family, all on the one operator matrix
         (:meth:`_operator`). SSOR needs no set-up worth caching; the multigrid ``"mg"`` is set
-        up once per run (:class:`_ShiftedMultigrid`) and follows a new a0 by AXPYs on its levels;
+        up once per run (:class:`ShiftedMultigrid`) and follows a new a0 by AXPYs on its levels;
         ``"gamg"``/``"hypre"`` set up a hierarchy whenever a0 changes. Direct: a pool of
         factorisations (one per a0, LRU) limited by ``solver.cache_memory`` and
         ``solver.cache_size``; a new a0 refactors the least recently used one numerically,
@@ -598,7 +390,7 @@ class DiffusionProblem:
         if entry is None:
             ksp, prefix, options = self._new_ksp(preconditioner)
             if preconditioner == "mg":
-                self._mg = _ShiftedMultigrid(
+                self._mg = ShiftedMultigrid(
                     *self._multigrid_operands(), self.eps, prefix, self.settings.solver.petsc_options
                 )
                 self._mg.attach(ksp, A, key)
@@ -646,7 +438,7 @@ class DiffusionProblem:
         ksp.getPC().setReusePreconditioner(True)
         self.factorisations += 1
         if self._factor_bytes is None:
-            self._factor_bytes = _factor_bytes(ksp)
+            self._factor_bytes = factor_bytes(ksp)
         self._direct[key] = ksp
         return ksp
 
@@ -658,38 +450,10 @@ class DiffusionProblem:
         fits = int(solver.cache_memory // per_rank) if per_rank > 0 else solver.cache_size
         return max(1, min(solver.cache_size, fits))
 
-    def solver_memory(self) -> dict[str, float]:
-        """Bytes held by the solver's matrices and set-ups, summed over ranks, and per dof.
-
-        ``matrices``: ``K + R``, ``M`` and the operator (values and the shared pattern);
-        ``multigrid``: the shifted hierarchy's coarse operators and interpolations;
-        ``factorisations``: the direct pool (estimated from the first factor's size).
-        """
-        ndofs = self.ndofs
-        mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
-        values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
-        pattern = self._M.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
-        out = {
-            "matrices": values + pattern,
-            "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
-            "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
-        }
-        out["total"] = sum(out.values())
-        out["per_dof"] = out["total"] / ndofs
-        return out
-
     # -- diagnostics ----------------------------------------------------------------------
-    def mass(self, c: fem.Function | None = None) -> float:
+    def mass(self, c: Field | None = None) -> float:
         """eps * integral of c/c_bulk in um^d (the scaled Li content)."""
         return self.eps * self._w_dx.dot((c or self.c).x.petsc_vec)
-
-    def boundary_inflow(self, c: fem.Function | None = None) -> float:
-        """Net Li inflow rate through pore and Si interfaces, scaled units (um^d / s)."""
-        vec = (c or self.c).x.petsc_vec
-        inflow = self.rate_f * (self.pore_measure - self._w_pore.dot(vec))
-        if self._w_si is not None and self.rate_si > 0:
-            inflow -= self.rate_si * self._w_si.dot(vec)
-        return inflow
 
     def region_mean(self, name: str) -> float:
         """Mean c over a region in mol/m^3."""
@@ -699,12 +463,6 @@ class DiffusionProblem:
     def domain_mean(self) -> float:
         """Mean c over the whole transporting domain in mol/m^3."""
         return self.settings.physics.c_bulk * self._w_dx.dot(self.c.x.petsc_vec) / self.volume
-
-    def concentration(self) -> Field:
-        """c in mol/m^3 as a new Function (for output)."""
-        out = fem.Function(self.V, name="c")
-        out.x.array[:] = self.settings.physics.c_bulk * self.c.x.array
-        return out
 
     # -- time loop ------------------------------------------------------------------------
     def _solve(self, ksp: PETSc.KSP, rhs: PETSc.Vec) -> None:
@@ -858,7 +616,7 @@ class DiffusionProblem:
 
     def run(
         self,
-        on_output: Callable[[float, DiffusionProblem], None] | None = None,
+        on_output: Callable[[float, TransientDiffusion], None] | None = None,
         *,
         checkpointer: Checkpointer | None = None,
         resume: Checkpoint | None = None,
@@ -1001,130 +759,3 @@ class DiffusionProblem:
             if obj is not None:
                 obj.destroy()
         self._A = None
-
-
-class _ShiftedMultigrid:
-    r"""One multigrid hierarchy for ``A(s) = K + R + s M`` at every shift ``s = a0 eps``.
-
-    Set up once per run, from ``K + R`` alone (so it does not depend on the history of step
-    sizes, and a resumed run rebuilds exactly the same one): PETSc GAMG (smoothed aggregation)
-    gives the interpolations ``P_l``; the Galerkin products ``(K+R)_l = P_l^T (K+R)_{l+1} P_l``
-    and ``M_l = P_l^T M_{l+1} P_l`` are computed once. Since ``P^T A(s) P = P^T (K+R) P + s P^T M P``,
-    a new shift costs one copy and one AXPY per coarse level (same sparsity) and the Cholesky
-    factorisation of the coarsest level (a few hundred unknowns): no new hierarchy.
-
-    Smoothers: one symmetric SOR sweep (local on each rank) before and after the coarse
-    correction, which needs no set-up per shift (no eigenvalue estimates). Measured on the 64^3
-    electrode crop (105k dofs, the 164 steps of the 10 s run): 849 CG iterations in 19 s,
-    against 1165 in 25 s with two Chebyshev/Jacobi steps and 2018 in 23 s with one.
-
-    Args:
-        KR: ``K + R`` (fine level), SPD.
-        M: mass matrix (same sparsity as ``KR``).
-        eps: the transporting-phase fraction multiplying ``a0 M``.
-        prefix: options prefix of the reference GAMG setup (``<prefix>ref_``).
-        user_options: the user's ``petsc_options``; ``pc_gamg_*`` entries reach the reference setup.
-    """
-
-    def __init__(self, KR: PETSc.Mat, M: PETSc.Mat, eps: float, prefix: str, user_options: dict[str, Any]) -> None:
-        start = time.perf_counter()
-        comm = KR.getComm()
-        self.eps = eps
-        reference = PETSc.KSP().create(comm)
-        ref_prefix = f"{prefix}ref_"
-        reference.setOptionsPrefix(ref_prefix)
-        options: dict[str, Any] = {"ksp_type": "preonly", "pc_type": "gamg"}
-        options.update({k: v for k, v in user_options.items() if k.startswith("pc_gamg_")})
-        KR.setOption(PETSc.Mat.Option.SPD, True)
-        reference.setOperators(KR)
-        with prefixed_options(ref_prefix, options):
-            reference.setFromOptions()
-            reference.setUp()
-        pc = reference.getPC()
-        n = pc.getMGLevels()
-        # Level 0 is the coarsest, n - 1 the fine level (PCMG's numbering).
-        self.P: list[PETSc.Mat] = [pc.getMGInterpolation(level) for level in range(1, n)]  # P[l - 1]: level l-1 -> l
-        reference.destroy()
-        self.KR: list[PETSc.Mat] = [KR] * n
-        self.M: list[PETSc.Mat] = [M] * n
-        for level in range(n - 1, 0, -1):
-            P = self.P[level - 1]
-            self.KR[level - 1] = self.KR[level].ptap(P)
-            self.M[level - 1] = self.M[level].ptap(P)
-        # A_l shares the sparsity of (K+R)_l: M_l has the same one (the same symbolic product).
-        self.A: list[PETSc.Mat] = [
-            self.KR[level].duplicate(copy=PETSc.Mat.DuplicateOption.SHARE_NONZERO_PATTERN) for level in range(n - 1)
-        ]
-        self.levels = n
-        self.shift_a0: float | None = None
-        self.setup_s = time.perf_counter() - start
-        logger.info(
-            "multigrid for every step size: %d levels (%s unknowns), set up once in %.2f s",
-            n,
-            " / ".join(str(self.KR[level].getSize()[0]) for level in range(n)),
-            self.setup_s,
-        )
-
-    @staticmethod
-    def options(comm: MPI.Comm) -> dict[str, Any]:
-        """Options of the CG + shifted-multigrid KSP (the user's are merged over them)."""
-        options: dict[str, Any] = {
-            "pc_type": "mg",
-            "pc_mg_galerkin": "none",
-            "pc_mg_type": "multiplicative",
-            "pc_mg_cycle_type": "v",
-            "mg_levels_ksp_type": "richardson",
-            "mg_levels_pc_type": "sor",
-            "mg_levels_ksp_max_it": 1,
-            "mg_levels_ksp_norm_type": "none",
-            "mg_coarse_ksp_type": "preonly",
-        }
-        if comm.size == 1:
-            options["mg_coarse_pc_type"] = "cholesky"
-        else:  # GAMG gathers the coarsest level on one rank; every rank solves it
-            options.update({"mg_coarse_pc_type": "redundant", "mg_coarse_redundant_pc_type": "cholesky"})
-        return options
-
-    def attach(self, ksp: PETSc.KSP, A: PETSc.Mat, a0: float) -> None:
-        """Make ``ksp``'s preconditioner this multigrid, on the fine operator ``A = A(a0)``."""
-        self.shift(a0)
-        pc = ksp.getPC()
-        pc.setType("mg")
-        pc.setMGLevels(self.levels)
-        for level in range(1, self.levels):
-            pc.setMGInterpolation(level, self.P[level - 1])
-            pc.getMGSmoother(level).setOperators(A if level == self.levels - 1 else self.A[level])
-        pc.getMGCoarseSolve().setOperators(self.A[0])
-
-    def shift(self, a0: float) -> None:
-        """Coarse operators for ``a0``: ``A_l = (K+R)_l + a0 eps M_l`` (recomputed, not updated)."""
-        if a0 == self.shift_a0:
-            return
-        for level in range(self.levels - 1):
-            self.KR[level].copy(self.A[level], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-            self.A[level].axpy(a0 * self.eps, self.M[level], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-        self.shift_a0 = a0
-
-    def nbytes(self) -> float:
-        """Bytes of the coarse operators (three value arrays, two patterns) and interpolations, all ranks."""
-        total = 0.0
-        for level in range(self.levels - 1):
-            nnz, rows = self.KR[level].getInfo()["nz_used"], self.KR[level].getSize()[0]
-            total += nnz * (3 * 8 + 2 * 4) + 2 * 4 * rows
-        for P in self.P:
-            total += P.getInfo()["nz_used"] * 12 + 4 * P.getSize()[0]
-        return total
-
-    def destroy(self) -> None:
-        """Free the hierarchy (the fine-level matrices belong to the problem)."""
-        for mat in self.KR[:-1] + self.M[:-1] + self.A + self.P:
-            mat.destroy()
-
-
-def _factor_bytes(ksp: PETSc.KSP) -> float | None:
-    """Bytes of a factorisation (all ranks): entries of the factor x 12 B, or the solver's own count."""
-    try:
-        info = ksp.getPC().getFactorMatrix().getInfo()
-    except PETSc.Error:
-        return None
-    return max(float(info.get("memory", 0.0)), 12.0 * float(info.get("nz_used", 0.0))) or None
