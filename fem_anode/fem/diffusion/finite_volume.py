@@ -45,7 +45,7 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
-from fem_anode.fem.tortuosity.fv import _assemble, _chunks, _shift
+from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
 from fem_anode.imaging.slabs import label_slabs
 from fem_anode.meshing.tags import interface_name
 
@@ -142,10 +142,10 @@ def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [
         (0, block[:-2]),
         (0, block[2:]),
-        (1, _shift(inner, 1, 1)),
-        (1, _shift(inner, 1, -1)),
-        (2, _shift(inner, 2, 1)),
-        (2, _shift(inner, 2, -1)),
+        (1, shifted_labels(inner, 1, 1)),
+        (1, shifted_labels(inner, 1, -1)),
+        (2, shifted_labels(inner, 2, 1)),
+        (2, shifted_labels(inner, 2, -1)),
     ]
 
 
@@ -209,7 +209,7 @@ class VoxelFVProblem(TransientDiffusion):
         si_out = np.zeros(n_local) if si_film is not None else None
         faces = np.zeros(2)  # pore face area, Si face area (um^2)
         row = 0
-        for a, b in _chunks(slab, layers.ny, layers.nx):
+        for a, b in layer_chunks(slab, layers.ny, layers.nx):
             block = layers.chunk(a, b)
             inside = transport[a:b]
             rows = int(np.count_nonzero(inside))
@@ -232,7 +232,9 @@ class VoxelFVProblem(TransientDiffusion):
                 f"the {geometry.transport_phase!r} phase has no face on the {geometry.pore_phase!r} phase (the pore "
                 "interface the Li comes through)"
             )
-        self._A, _, _, _, _ = _assemble(comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra)
+        self._A, _, _, _, _ = assemble_face_conductances(
+            comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra
+        )
         self._g_z = conductance[0]
         self._slab_ssor: _SlabEisenstat | None = None
         del extra
@@ -432,7 +434,7 @@ class VoxelFVProblem(TransientDiffusion):
         highs = np.full(n_particles, -np.inf)
         row = 0
         values = self.c.x.array
-        for a, b in _chunks(slab, info.ny, info.nx):
+        for a, b in layer_chunks(slab, info.ny, info.nx):
             inner = ids[a:b].astype(np.int64)
             lower = ids[a - 1].astype(np.int64) if a > 0 else (below if below is not None else plane)
             upper = ids[b].astype(np.int64) if b < slab.layers else (above if above is not None else plane)
@@ -689,7 +691,7 @@ class VoxelFieldWriter:
                 handle.Write_at(0, header + np.uint64(nbytes).tobytes())
                 handle.Write_at(len(header) + 8 + nbytes, b"\n  </AppendedData>\n</VTKFile>\n")
             offset = start
-            for a, b in _chunks(slab, info.ny, info.nx):
+            for a, b in layer_chunks(slab, info.ny, info.nx):
                 block = np.ascontiguousarray(problem._voxel_values(field, a, b), dtype="<f4")
                 handle.Write_at(offset, block)
                 offset += block.nbytes

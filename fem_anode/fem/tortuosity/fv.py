@@ -136,7 +136,7 @@ def _neighbour_layers(
     return zm, zp
 
 
-def _shift(block: np.ndarray, axis: int, step: int) -> np.ndarray:
+def shifted_labels(block: np.ndarray, axis: int, step: int) -> np.ndarray:
     """``out[..., i, ...] = block[..., i - step, ...]`` along ``axis`` (1 or 2), -1 outside."""
     out = np.full_like(block, -1)
     n = block.shape[axis]
@@ -150,12 +150,14 @@ def _shift(block: np.ndarray, axis: int, step: int) -> np.ndarray:
     return out
 
 
-def _chunks(slab: Slab, ny: int, nx: int) -> list[tuple[int, int]]:
+def layer_chunks(slab: Slab, ny: int, nx: int) -> list[tuple[int, int]]:
+    """Ranges ``(a, b)`` of the slab's layers (local indices) of about ``_CHUNK_VOXELS`` voxels each:
+    assembly works chunk by chunk, so its temporaries stay small whatever the image size."""
     step = max(1, _CHUNK_VOXELS // max(1, ny * nx))
     return [(a, min(a + step, slab.layers)) for a in range(0, slab.layers, step)]
 
 
-def _assemble(
+def assemble_face_conductances(
     comm: Any,
     slab: Slab,
     solved: np.ndarray,
@@ -198,7 +200,7 @@ def _assemble(
     ny, nx = solved.shape[1:]
     empty = np.full((ny, nx), -1, dtype=index)
     below, above = exchange_layers(comm, slab, gidx[0] if slab.layers else empty, gidx[-1] if slab.layers else empty)
-    chunks = _chunks(slab, ny, nx)
+    chunks = layer_chunks(slab, ny, nx)
     if symmetric:
         if not ends or extra_diagonal is not None:
             raise ValueError("the SBAIJ path assembles the tortuosity problem only")
@@ -213,7 +215,14 @@ def _assemble(
         inside = block >= 0
         count = np.ones(int(np.count_nonzero(inside)), dtype=index)
         off = np.zeros_like(count)
-        for other in (zm, zp, _shift(block, 1, 1), _shift(block, 1, -1), _shift(block, 2, 1), _shift(block, 2, -1)):
+        for other in (
+            zm,
+            zp,
+            shifted_labels(block, 1, 1),
+            shifted_labels(block, 1, -1),
+            shifted_labels(block, 2, 1),
+            shifted_labels(block, 2, -1),
+        ):
             column = other[inside]
             count += (column >= offset) & (column < offset + n_local)
             off += (column >= 0) & ((column < offset) | (column >= offset + n_local))
@@ -237,11 +246,11 @@ def _assemble(
         cols = np.stack(
             [
                 zm[inside],
-                _shift(block, 1, 1)[inside],
-                _shift(block, 2, 1)[inside],
+                shifted_labels(block, 1, 1)[inside],
+                shifted_labels(block, 2, 1)[inside],
                 block[inside],
-                _shift(block, 2, -1)[inside],
-                _shift(block, 1, -1)[inside],
+                shifted_labels(block, 2, -1)[inside],
+                shifted_labels(block, 1, -1)[inside],
                 zp[inside],
             ],
             axis=1,
@@ -295,14 +304,14 @@ def _assemble_upper(
     n_global: int,
     conductance: tuple[float, float, float],
 ) -> tuple[Any, np.ndarray, np.ndarray, int, int]:
-    """Upper triangle (SBAIJ) of the matrix; the arguments are those of :func:`_assemble`."""
+    """Upper triangle (SBAIJ) of the matrix; the arguments are those of :func:`assemble_face_conductances`."""
     from petsc4py import PETSc
 
     gz, gy, gx = conductance
     g_end = 2.0 * gz
     index = gidx.dtype
     ny, nx = gidx.shape[1:]
-    chunks = _chunks(slab, ny, nx)
+    chunks = layer_chunks(slab, ny, nx)
     indptr = np.zeros(n_local + 1, dtype=index)
     row = 0
     for a, b in chunks:  # pass 1: 1 + upper neighbours per row
@@ -312,8 +321,8 @@ def _assemble_upper(
         count = (
             1
             + (zp[inside] >= 0).astype(index)
-            + (_shift(block, 1, -1)[inside] >= 0)
-            + (_shift(block, 2, -1)[inside] >= 0)
+            + (shifted_labels(block, 1, -1)[inside] >= 0)
+            + (shifted_labels(block, 2, -1)[inside] >= 0)
         )
         np.cumsum(count, out=indptr[row + 1 : row + 1 + count.size])
         indptr[row + 1 : row + 1 + count.size] += indptr[row]
@@ -328,9 +337,14 @@ def _assemble_upper(
         zm, zp = _neighbour_layers(gidx, a, b, below, above)
         inside = block >= 0
         lower = (
-            (zm[inside] >= 0) * gz + (_shift(block, 1, 1)[inside] >= 0) * gy + (_shift(block, 2, 1)[inside] >= 0) * gx
+            (zm[inside] >= 0) * gz
+            + (shifted_labels(block, 1, 1)[inside] >= 0) * gy
+            + (shifted_labels(block, 2, 1)[inside] >= 0) * gx
         )
-        cols = np.stack([block[inside], _shift(block, 2, -1)[inside], _shift(block, 1, -1)[inside], zp[inside]], axis=1)
+        cols = np.stack(
+            [block[inside], shifted_labels(block, 2, -1)[inside], shifted_labels(block, 1, -1)[inside], zp[inside]],
+            axis=1,
+        )
         del zm, zp
         values = np.where(cols >= 0, -np.array([0.0, gx, gy, gz]), 0.0)
         rows_here = cols.shape[0]
@@ -417,7 +431,7 @@ def fv_solve(
     t0 = time.perf_counter()
     options = solver_options(rtol, max_iterations, petsc_options, comm.size)
     symmetric = options["pc_type"] == "sor"  # SSOR runs on the upper triangle; AMG needs the whole matrix
-    A, load, layer_of_row, n_top, n_bottom = _assemble(comm, slab, solved, conductance, symmetric)
+    A, load, layer_of_row, n_top, n_bottom = assemble_face_conductances(comm, slab, solved, conductance, symmetric)
     del solved
     timings["assembly"] = time.perf_counter() - t0
     b = A.createVecLeft()
