@@ -303,7 +303,7 @@ class VoxelFVProblem(TransientDiffusion):
         A = self._operator(key)
         if self._slab_ssor is None:
             self._slab_ssor = _SlabEisenstat(self, A)
-        self._slab_ssor.prepare(key, self._diag)
+        self._slab_ssor.prepare(key)
         return self._slab_ssor
 
     def _switch_iterations(self) -> int:
@@ -523,8 +523,12 @@ class _SlabEisenstat:
         n = A.getLocalSize()[0]
         self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
         self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
-        self.bhat_work, self.w_work = A.createVecLeft(), A.createVecLeft()
-        self.d = A.createVecLeft()  # the diagonal D of A (a0 dependent)
+        self.bhat_work = A.createVecLeft()
+        # Borrowed from the problem (no copies, one vector each per rank less): its work vector is
+        # free while a step's system is solved (it only builds the right-hand side before), and
+        # its diagonal vector is the diagonal D of A for the current a0 (see VoxelFVProblem._operator).
+        self.w_work = problem._work
+        self.d = problem._diag
         self.mid_scale = 1.0 - 2.0 / self.omega  # Eisenstat's middle term: (1 - 2/omega) D
         self.a0: float | None = None
         info = problem._layers_info
@@ -554,11 +558,10 @@ class _SlabEisenstat:
         self.ksp.setConvergenceHistory(reset=True)
         self.ksp.setUp()
 
-    def prepare(self, a0: float, diagonal: PETSc.Vec) -> None:
-        """Use the operator's current values (its diagonal changes with a0)."""
-        if self.a0 != a0:
-            diagonal.copy(self.d)
-            self.a0 = a0
+    def prepare(self, a0: float) -> None:
+        """Use the operator's current values (only its diagonal changes with a0; ``self.d`` is the
+        problem's diagonal vector, already refreshed by ``_operator``)."""
+        self.a0 = a0
 
     def _sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
         """One sweep on this rank's block, ``x = B^{-1} b`` (forward), ``B^{-T} b`` (backward) or
@@ -621,7 +624,7 @@ class _SlabEisenstat:
         self.ksp.destroy()
         self.shell.setPythonContext(None)
         self.shell.destroy()
-        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work, self.w_work, self.d):
+        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work):  # w_work and d belong to the problem
             vec.destroy()
 
 
