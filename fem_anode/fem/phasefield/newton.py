@@ -42,7 +42,6 @@ application (``preonly``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -54,11 +53,11 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import UsageError
+from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
 
 __all__ = ["BorderedNewton", "linear_solver_options"]
 
 logger = logging.getLogger(__name__)
-_COUNTER = itertools.count()
 _BAD = 1e30  # residual entries used when the forms evaluate to inf/NaN (line search backtracks)
 #: Stagnation stop: from this Newton iteration on, if the last STAGNATION_WINDOW iterations did
 #: not halve the residual norm.
@@ -67,19 +66,16 @@ STAGNATION_WINDOW = 4
 
 
 def linear_solver_options(choice: str, comm_size: int) -> dict[str, str]:
-    """PETSc options of the direct solver for ``A``: MUMPS if present (checked), else fallbacks.
+    """PETSc options of the direct solver for ``A``: ``"auto"`` is the package's fallback order
+    (:func:`~fem_anode.fem.petsc_ksp.direct_solver_package`: MUMPS, SuperLU_dist, PETSc's own LU
+    on one rank).
 
     Raises:
         UsageError: the requested package is not in this PETSc build, or PETSc's own LU was
-            asked for in parallel.
+            asked for in parallel (or no direct solver can run on ``comm_size`` ranks).
     """
     if choice == "auto":
-        for package in ("mumps", "superlu_dist"):
-            if PETSc.Sys.hasExternalPackage(package):
-                choice = package
-                break
-        else:
-            choice = "petsc"
+        choice = direct_solver_package(comm_size) or "petsc"
     if choice in ("mumps", "superlu_dist") and not PETSc.Sys.hasExternalPackage(choice):
         raise UsageError(f"solver.linear_solver = {choice!r} but this PETSc has no {choice}")
     if choice == "petsc":
@@ -161,9 +157,10 @@ class BorderedNewton:
         self.schur = 1.0
         self.history: list[float] = []
         self.on_residual: list[Callable[[], None]] = []
-        uid = next(_COUNTER)
         self.ksp = PETSc.KSP().create(self.comm)
-        self._set_options(self.ksp, f"fem_anode_phasefield_{uid}_lin_", linear_options)
+        # the factorisation package reads its options at the first set-up (the first factorisation)
+        self._linear_options: dict[str, Any] | None = dict(linear_options)
+        self._set_options(self.ksp, unique_prefix("phasefield_lin"), linear_options)
         self.snes = PETSc.SNES().create(self.comm)
         J = PETSc.Mat().createPython(((nloc, PETSc.DECIDE), (nloc, PETSc.DECIDE)), comm=self.comm)
         J.setPythonContext(_Shell(self))
@@ -196,16 +193,13 @@ class BorderedNewton:
         pc = outer.getPC()
         pc.setType("python")
         pc.setPythonContext(_Shell(self))
-        self._set_options(self.snes, f"fem_anode_phasefield_{uid}_", snes_options)
+        self._set_options(self.snes, unique_prefix("phasefield"), snes_options)
 
-    def _set_options(self, obj: Any, prefix: str, options: dict[str, Any]) -> None:
+    @staticmethod
+    def _set_options(obj: Any, prefix: str, options: dict[str, Any]) -> None:
         obj.setOptionsPrefix(prefix)
-        opts = PETSc.Options()
-        for key, value in options.items():
-            opts[f"{prefix}{key}"] = value
-        obj.setFromOptions()
-        for key in options:
-            del opts[f"{prefix}{key}"]
+        with prefixed_options(prefix, options):
+            obj.setFromOptions()
 
     # -- state ----------------------------------------------------------------------------
     def pack(self) -> None:
@@ -322,7 +316,12 @@ class BorderedNewton:
             else:
                 self.A.copy(self.P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
         self.ksp.setOperators(self.P)
-        self.ksp.setUp()
+        if self._linear_options is not None:  # first factorisation: with the package's options
+            with prefixed_options(self.ksp.getOptionsPrefix(), self._linear_options):
+                self.ksp.setUp()
+            self._linear_options = None
+        else:
+            self.ksp.setUp()
         self.factorisations += 1
         self._refactor, self._fresh = False, True
         self._update_border()

@@ -3,7 +3,8 @@
 * :class:`FieldWriter` writes ``fields.bp`` (P1: ``c_li``, ``mu``, ``u`` in metres, and with
   vacancies ``c_v`` and ``electrolyte``) and
   ``stress.bp`` (cell averages: ``von_mises`` normalised Cauchy stress, ``eq_plastic_strain``)
-  with the mesh moved to ``(X + u)`` in metres at each write (ParaView opens ``*.bp``);
+  on the deformed mesh ``(X + u)`` in metres, a copy of the problem's mesh whose nodes move at
+  each write (the problem's mesh is never moved; ParaView opens ``*.bp``);
 * :func:`gather_snapshot` collects the deformed triangles, c at their corners and the cell
   von Mises stress on rank 0 for :func:`plot_snapshot`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dolfinx.mesh
 import numpy as np
 import ufl
 from dolfinx import fem
@@ -76,9 +78,32 @@ class _Fields:
 
     def deformed_coordinates(self) -> np.ndarray:
         """Node coordinates of the deformed mesh in metres (geometry-node order)."""
-        x = self.x_ref * self.p.l0
+        x = self.x_ref.copy()
         x[:, :2] += self.u.x.array.reshape(-1, 2)[self.node_dofs]
         return x
+
+
+def _mesh_copy(mesh: dolfinx.mesh.Mesh) -> dolfinx.mesh.Mesh:
+    """A mesh on the same topology (so every space has the same dof layout) with its own copy
+    of the node coordinates, which may be moved without touching ``mesh``."""
+    geometry = mesh.geometry
+    cpp_geometry = type(geometry._cpp_object)(
+        geometry.index_map(),
+        geometry.dofmap,
+        geometry.cmap._cpp_object,
+        geometry.x.copy(),
+        geometry.input_global_indices,
+    )
+    cpp_mesh = type(mesh._cpp_object)(mesh.comm, mesh.topology._cpp_object, cpp_geometry)
+    return dolfinx.mesh.Mesh(cpp_mesh, ufl.Mesh(mesh.ufl_domain().ufl_coordinate_element()))
+
+
+def _copy_function(source: fem.Function, mesh: dolfinx.mesh.Mesh) -> fem.Function:
+    """A function of the same name on the same element over ``mesh`` (same topology)."""
+    space = fem.functionspace(mesh, source.function_space.ufl_element())
+    if not np.array_equal(space.dofmap.list, source.function_space.dofmap.list):
+        raise RuntimeError("the output mesh copy has another dof layout than the problem's mesh")
+    return fem.Function(space, name=source.name)
 
 
 class FieldWriter:
@@ -95,26 +120,25 @@ class FieldWriter:
         self.f = _Fields(problem)
         comm = problem.comm
         directory = Path(directory)
+        self.mesh = _mesh_copy(problem.mesh)  #: the deformed mesh of the output
+        f = self.f
+        fields = [f.c, f.mu, f.u, *f.extra.values()]
+        stress = [f.vm, f.ep]
+        self._pairs = [(source, _copy_function(source, self.mesh)) for source in fields + stress]
+        copies = [copy for _, copy in self._pairs]
         self._writers = [
-            VTXWriter(
-                comm,
-                str(directory / "fields.bp"),
-                [self.f.c, self.f.mu, self.f.u, *self.f.extra.values()],
-                engine="BP4",
-            ),
-            VTXWriter(comm, str(directory / "stress.bp"), [self.f.vm, self.f.ep], engine="BP4"),
+            VTXWriter(comm, str(directory / "fields.bp"), copies[: len(fields)], engine="BP4"),
+            VTXWriter(comm, str(directory / "stress.bp"), copies[len(fields) :], engine="BP4"),
         ]
 
     def write(self, t: float) -> None:
         """Write the current state at time ``t`` (normalised) on the deformed mesh."""
         self.f.update()
-        geometry = self.f.p.mesh.geometry
-        geometry.x[:] = self.f.deformed_coordinates()
-        try:
-            for writer in self._writers:
-                writer.write(t)
-        finally:
-            geometry.x[:] = self.f.x_ref
+        for source, copy in self._pairs:
+            copy.x.array[:] = source.x.array
+        self.mesh.geometry.x[:] = self.f.deformed_coordinates()
+        for writer in self._writers:
+            writer.write(t)
 
     def close(self) -> None:
         for writer in self._writers:

@@ -16,8 +16,10 @@ with ``P = s^3 tau F^-T`` (first Piola-Kirchhoff stress of the return map of
 :mod:`~fem_anode.fem.phasefield.plasticity`) and the mechanical driving force
 ``mu_mech = d(s^3 W)/dc`` at fixed ``F`` and plastic state,
 ``s^2 s'(3W - tr tau) + s^3 W E'/E``. Everything is in the normalisation of
-Supplementary Table 1 (lengths in ``l0``: the mesh coordinates are divided by ``l0`` in
-place when the problem is built, and multiplied back for output).
+Supplementary Table 1 (lengths in ``l0``). The mesh stays in metres: the forms are written in
+the length unit ``l0`` (gradients times ``l0``, cell integrals divided by ``l0^2``, facet
+integrals by ``l0``, coordinates divided by ``l0``), so their entries are O(1) whatever the
+physical scale.
 
 Extension points, used by the vacancy/void model
 (:class:`~fem_anode.fem.phasefield.vacancy.VacancyPhaseFieldProblem`):
@@ -44,20 +46,38 @@ import ufl
 from dolfinx import default_scalar_type, fem
 from mpi4py import MPI
 
-from fem_anode.errors import InputError, SolverError, UsageError
+from fem_anode.errors import InputError, SolverError
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.fem.phasefield import chemistry, kinematics
 from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_options
 from fem_anode.fem.phasefield.plasticity import STATE_SIZE, return_map_ufl, state_update_ufl
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 
-__all__ = ["HalfCycleProgress", "PhaseFieldProblem", "StepResult", "PREDICTOR_MAX_RATIO"]
+__all__ = ["HalfCycleProgress", "PhaseFieldProblem", "ScaledMeasure", "StepResult", "PREDICTOR_MAX_RATIO"]
 
 logger = logging.getLogger(__name__)
 
 #: Largest ratio of the new to the last step in the linear predictor (the smooth controller grows
 #: dt by at most ``growth`` = 1.5 anyway).
 PREDICTOR_MAX_RATIO = 2.0
+
+
+class ScaledMeasure:
+    """A UFL measure times a constant: ``integrand * m`` is ``(factor * integrand) * measure``.
+
+    The forms are written in the length unit ``l0`` on a mesh in metres: ``dx / l0^2`` and
+    ``ds / l0`` are the measures of the normalised coordinates. Calling it restricts the measure
+    (``m(tag)``, ``m(metadata=...)``) and keeps the factor.
+    """
+
+    def __init__(self, measure: ufl.Measure, factor: float) -> None:
+        self.measure, self.factor = measure, factor
+
+    def __rmul__(self, integrand: Any) -> ufl.Form:
+        return (self.factor * integrand) * self.measure
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ScaledMeasure:
+        return ScaledMeasure(self.measure(*args, **kwargs), self.factor)
 
 
 @dataclasses.dataclass
@@ -93,8 +113,7 @@ class PhaseFieldProblem:
 
     Args:
         tagged: the 2D mesh (coordinates in metres) with the cell group ``geometry.phase`` and
-            the facet group(s) ``geometry.surface``. Its coordinates are rescaled to units of
-            ``l0`` in place.
+            the facet group(s) ``geometry.surface``. It is not modified.
         settings: the run's settings.
 
     Raises:
@@ -114,13 +133,8 @@ class PhaseFieldProblem:
         tagged.cell_tag(settings.geometry.phase)
         self.surface_tags = [tagged.facet_tag(name) for name in settings.geometry.surface]
         self.l0 = mat.length_scale
-        if getattr(tagged, "_phasefield_in_use", False):
-            raise UsageError(
-                "this mesh is in use by another PhaseFieldProblem (its coordinates are rescaled); destroy() that one "
-                "first or read the mesh again"
-            )
-        self.mesh.geometry.x[:] /= self.l0
-        tagged._phasefield_in_use = True  # type: ignore[attr-defined]  # a flag on the caller's mesh object
+        #: the reference coordinates in units of ``l0`` (UFL)
+        self.x_l0 = ufl.SpatialCoordinate(self.mesh) / self.l0
         self.gps = model.kinematics == "generalized_plane_strain"
         self.t = 0.0
         self._first_dt: dict[str, float] = {}
@@ -133,12 +147,15 @@ class PhaseFieldProblem:
             simplex = self.mesh.topology.cell_name() == "triangle"
             qd = 2 if simplex else 2 * settings.mesh.displacement_degree
         self.quadrature_degree = qd
-        self.dx = ufl.Measure(
-            "dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"}
+        # measures in the length unit l0: dx' = dx / l0^2, ds' = ds / l0
+        self.dx = ScaledMeasure(
+            ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_degree": qd, "quadrature_scheme": "default"}),
+            self.l0**-2,
         )
-        self.ds = ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags)
-        self.dx_vertex = ufl.Measure(
-            "dx", domain=self.mesh, metadata={"quadrature_rule": "vertex", "quadrature_degree": 1}
+        self.ds = ScaledMeasure(ufl.Measure("ds", domain=self.mesh, subdomain_data=tagged.facet_tags), 1 / self.l0)
+        self.dx_vertex = ScaledMeasure(
+            ufl.Measure("dx", domain=self.mesh, metadata={"quadrature_rule": "vertex", "quadrature_degree": 1}),
+            self.l0**-2,
         )
         self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element(self._elements()))
         self.w = fem.Function(self.W, name="w")
@@ -194,11 +211,15 @@ class PhaseFieldProblem:
         p1 = basix.ufl.element("Lagrange", cell, 1)
         return [p1, p1, basix.ufl.element("Lagrange", cell, self.settings.mesh.displacement_degree, shape=(2,))]
 
+    def grad(self, f: Any) -> Any:
+        """Gradient with respect to the normalised coordinates (the mesh is in metres)."""
+        return self.l0 * ufl.grad(f)
+
     def kinematic_quantities(self, w: Any, lam: Any) -> dict[str, Any]:
         """UFL quantities of the state ``w`` (c, u, F, s, E, return map, stresses)."""
         mat, model = self.settings.material, self.settings.model
         c, mu, u = ufl.split(w)[:3]
-        F2 = ufl.Identity(2) + ufl.grad(u)
+        F2 = ufl.Identity(2) + self.grad(u)
         s = 1 + self.load * (kinematics.chemical_stretch(c, mat.beta, mat.c_min, mat.c_max) - 1)
         E = kinematics.youngs_modulus(c, mat.e_max, mat.e_min, mat.c_min, mat.c_max)
         rm = return_map_ufl(F2, lam, s, self.state, E, mat.poisson, mat.yield_strength, model.plasticity)
@@ -216,11 +237,11 @@ class PhaseFieldProblem:
         c, mu = k["c"], k["mu"]
         mu_mech = k["mu_mech"] if self.settings.model.coupling else 0.0
         chem = (
-            self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
+            self.mobility * ufl.inner(self.grad(mu), self.grad(q))
             - mu_mech * v
-            - mat.kappa_li * ufl.inner(ufl.grad(c), ufl.grad(v))
+            - mat.kappa_li * ufl.inner(self.grad(c), self.grad(v))
         )
-        mech = ufl.inner(k["P2"], ufl.grad(wt))
+        mech = ufl.inner(k["P2"], self.grad(wt))
         return chem + mech
 
     def _lumped_terms(self, k: dict[str, Any], tests: tuple) -> Any:
@@ -264,7 +285,7 @@ class PhaseFieldProblem:
         self._vm_expr = fem.Expression(ufl.as_vector([rm.q / rm.Je, self.state[4] + rm.dgamma]), points)
         c, u, F2, s = self.k["c"], self.k["u"], self.k["F2"], self.k["s"]
         mat = self.settings.material
-        x = ufl.SpatialCoordinate(self.mesh)
+        x = self.x_l0
         ds_s = self.ds(tuple(self.surface_tags))
         one = fem.Constant(self.mesh, default_scalar_type(1.0))
         self._scalar_forms = {
@@ -274,7 +295,7 @@ class PhaseFieldProblem:
             # f(c) with the vertex rule, as in the residual: the discrete Lyapunov functional
             "chem_energy": fem.form(
                 chemistry.free_energy(c, mat.omega) * self.dx_vertex
-                + mat.kappa_li / 2 * ufl.inner(ufl.grad(c), ufl.grad(c)) * dx
+                + mat.kappa_li / 2 * ufl.inner(self.grad(c), self.grad(c)) * dx
             ),
             "mech_energy": fem.form(s**3 * rm.energy * dx),
             "surface_ref": fem.form(one * ds_s),
@@ -300,9 +321,9 @@ class PhaseFieldProblem:
                 raise InputError(f"surface facet group(s) {self.settings.geometry.surface} have no facets")
             self.bcs_c.append(fem.dirichletbc(self.c_surface, dofs, self.W.sub(0)))
         n_owned = mesh.geometry.index_map().size_local
-        X = mesh.geometry.x[:n_owned, :2]
+        X = mesh.geometry.x[:n_owned, :2] / self.l0
         area = self.comm.allreduce(fem.assemble_scalar(self._scalar_forms["area_ref"]))
-        xs = ufl.SpatialCoordinate(mesh)
+        xs = self.x_l0
         centroid = (
             np.array([self.comm.allreduce(fem.assemble_scalar(fem.form(xs[i] * self.dx))) for i in range(2)]) / area
         )
@@ -317,7 +338,7 @@ class PhaseFieldProblem:
                 sub = Vu.sub(comp)
                 collapsed, _ = sub.collapse()
                 dofs = fem.locate_dofs_geometrical(
-                    (sub, collapsed), lambda x, p=point: np.hypot(x[0] - p[0], x[1] - p[1]) < tol
+                    (sub, collapsed), lambda x, p=point: np.hypot(x[0] / self.l0 - p[0], x[1] / self.l0 - p[1]) < tol
                 )
                 zero = fem.Function(collapsed)
                 bcs_u.append(fem.dirichletbc(zero, dofs, sub))
@@ -398,7 +419,7 @@ class PhaseFieldProblem:
         V0, dofs0 = self.W.sub(0).collapse()
         cf = fem.Function(V0)
         if callable(c):
-            cf.interpolate(c)
+            cf.interpolate(self.normalised(c))
         else:
             cf.x.array[:] = c
         self.w.x.array[dofs0] = cf.x.array
@@ -407,6 +428,12 @@ class PhaseFieldProblem:
         self.w.x.scatter_forward()
         self.w_old.x.array[:] = self.w.x.array
         self._dt_prev = None
+
+    def normalised(self, function: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """``function`` of the normalised coordinates as a function of the mesh's (metres), for
+        ``interpolate``."""
+        l0 = self.l0
+        return lambda x: function(x / l0)
 
     def _before_accept(self) -> None:
         """Called after a step converged, before the new state replaces the old one."""
@@ -830,12 +857,9 @@ class PhaseFieldProblem:
         points = self.Q.element.interpolation_points()
         cells = np.arange(self.mesh.topology.index_map(2).size_local, dtype=np.int32)
         values = fem.Expression(expr, points).eval(self.mesh, cells)
-        xq = fem.Expression(ufl.SpatialCoordinate(self.mesh), points).eval(self.mesh, cells).reshape(-1, 2)
+        xq = fem.Expression(self.x_l0, points).eval(self.mesh, cells).reshape(-1, 2)
         return values.reshape(len(xq), -1), xq
 
     def destroy(self) -> None:
-        """Free the PETSc objects and give the mesh back its coordinates in metres."""
+        """Free the PETSc objects."""
         self.newton.destroy()
-        if getattr(self.tagged, "_phasefield_in_use", False):
-            self.mesh.geometry.x[:] *= self.l0
-            self.tagged._phasefield_in_use = False  # type: ignore[attr-defined]  # see __init__

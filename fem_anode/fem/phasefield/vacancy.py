@@ -151,12 +151,14 @@ class VoidGraph:
     summation order of the areas).
 
     Args:
-        V1: P1 space of the mesh (coordinates in units of ``l0``).
-        dx: the problem's cell measure.
+        V1: P1 space of the mesh.
+        dx: the problem's cell measure (areas only enter as fractions).
         surface_dofs: local indices of the outer-surface nodes of ``V1``.
+        length_unit: the mesh coordinates are divided by this (m per unit of the distances
+            reported times ``length_scale``).
     """
 
-    def __init__(self, V1: fem.FunctionSpace, dx: Any, surface_dofs: np.ndarray) -> None:
+    def __init__(self, V1: fem.FunctionSpace, dx: Any, surface_dofs: np.ndarray, length_unit: float = 1.0) -> None:
         self.V1 = V1
         self.comm: MPI.Comm = V1.mesh.comm
         self.imap = V1.dofmap.index_map
@@ -169,7 +171,7 @@ class VoidGraph:
         with area_vec.localForm() as local:
             self.area = local.array.copy()  #: lumped node areas, owned and ghost nodes
         area_vec.destroy()
-        self.xy = V1.tabulate_dof_coordinates()[:, :2]
+        self.xy = V1.tabulate_dof_coordinates()[:, :2] / length_unit
         surface = np.zeros(n_local)
         surface[surface_dofs] = 1.0
         self.surface = self._ghost_max(surface[:, None])[:, 0] > 0  # the same flag on every copy of a node
@@ -408,8 +410,8 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         self._muv_dofs = self.W.sub(4).collapse()[1]
         facets = np.concatenate([self.tagged.facet_tags.find(t) for t in self.surface_tags]).astype(np.int32)
         surface_dofs = fem.locate_dofs_topological(self.V1, 1, facets)
-        self.voids = VoidGraph(self.V1, self.dx, surface_dofs)
-        coords = self.V1.tabulate_dof_coordinates()[:, :2]
+        self.voids = VoidGraph(self.V1, self.dx, surface_dofs, length_unit=self.l0)
+        coords = self.V1.tabulate_dof_coordinates()[:, :2] / self.l0
         lower = np.array([self.comm.allreduce(float(coords[:, i].min(initial=np.inf)), op=MPI.MIN) for i in range(2)])
         upper = np.array([self.comm.allreduce(float(coords[:, i].max(initial=-np.inf)), op=MPI.MAX) for i in range(2)])
         self._box = (lower, upper)
@@ -435,9 +437,9 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         cv, muv = ufl.split(self.w)[3:5]
         _, dh = interpolation(c, self.settings.material.c_min, self.settings.material.c_max)
         frozen = (1 - vac.electrolyte_mobility) * self.electrolyte_cells
-        li = dh * self.omega_v * cv * (1 - cv) * v - frozen * self.mobility * ufl.inner(ufl.grad(mu), ufl.grad(q))
-        vacancy = (1 - frozen) * self.mobility_v * ufl.inner(ufl.grad(muv), ufl.grad(qv)) - vac.kappa_v * ufl.inner(
-            ufl.grad(cv), ufl.grad(vv)
+        li = dh * self.omega_v * cv * (1 - cv) * v - frozen * self.mobility * ufl.inner(self.grad(mu), self.grad(q))
+        vacancy = (1 - frozen) * self.mobility_v * ufl.inner(self.grad(muv), self.grad(qv)) - vac.kappa_v * ufl.inner(
+            self.grad(cv), self.grad(vv)
         )
         return super()._residual_terms(k, tests) + li + vacancy
 
@@ -452,7 +454,7 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         h, _ = interpolation(c, mat.c_min, mat.c_max)
         self._source_density = self.nucleation * (1 - cv) * ufl.max_value(c_old - c, 0.0)
         mu_v_hom = ufl.ln(cv) - ufl.ln(1 - cv) + (1 - h) * self.omega_v * (1 - 2 * cv)
-        grad_chi = ufl.grad(self.electrolyte)
+        grad_chi = self.grad(self.electrolyte)
         wall = (1 - self.electrolyte) * ufl.sqrt(ufl.inner(grad_chi, grad_chi))
         sei_source = self.sei_exchange * wall * (self.c_surface - c)
         vacancy = ((cv - cv_old) - self._source_density) / self.dt * qv + (muv - mu_v_hom) * vv
@@ -481,7 +483,7 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         V3, dofs3 = self.W.sub(3).collapse()
         cvf = fem.Function(V3)
         if callable(c_v):
-            cvf.interpolate(c_v)
+            cvf.interpolate(self.normalised(c_v))
         else:
             cvf.x.array[:] = c_v
         V0, dofs0 = self.W.sub(0).collapse()
@@ -522,7 +524,9 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
             return
         l0 = self.l0
         sites = nucleation_sites(vac.seed, index, self._box, vac.nucleus_spacing / l0)
-        self.nucleation.interpolate(lambda x: nucleation_field(x, sites, vac.nucleus_radius / l0, vac.nucleation_rate))
+        self.nucleation.interpolate(
+            self.normalised(lambda x: nucleation_field(x, sites, vac.nucleus_radius / l0, vac.nucleation_rate))
+        )
         logger.debug("half-cycle %d: %d nucleation sites", index, len(sites))
 
     def _before_accept(self) -> None:
