@@ -21,7 +21,8 @@ Points:
 
 * ``comm``: a subcommand obtains its MPI communicator
   (:func:`fem_anode.commands._common.world_comm`), before any collective operation;
-* ``solve``: start of :func:`fem_anode.fem.diffusion.run.run_diffusion`.
+* ``solve``: start of :func:`fem_anode.fem.diffusion.run.simulate_diffusion` (the solve of
+  ``fem-anode diffusion`` and of :func:`fem_anode.solve_diffusion`).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ __all__ = [
     "estimate_multigrid_setup_memory",
     "estimate_diffusion_memory",
     "estimate_voxel_diffusion_memory",
+    "kept_fields_memory",
     "format_bytes",
     "memory_check_enabled",
     "memory_checks",
@@ -452,7 +453,10 @@ def estimate_diffusion_memory(
         what = f"diffusion run on a {_shape_text(image.shape)} image ({int(dofs):,} dofs, P{degree})"
         if method == "voxel":
             return estimate_voxel_diffusion_memory(n_cells, nodes, image.shape, settings, ranks=ranks)
-        return MemoryEstimate(what, mesh.bytes + fe.bytes, {**mesh.details, **fe.details})
+        fields = kept_fields_memory(settings, dofs)
+        return MemoryEstimate(
+            what, mesh.bytes + fe.bytes + fields, {**mesh.details, **fe.details, "kept_fields_bytes": fields}
+        )
     if cells is None or cell_type is None:
         raise UsageError("estimate_diffusion_memory needs an image, or cells and cell_type of a mesh")
     ndim = 3 if cell_type in ("hexahedron", "tetrahedron") else 2
@@ -468,9 +472,22 @@ def estimate_diffusion_memory(
         cache_size=cache,
         ranks=ranks,
     )
+    fields = kept_fields_memory(settings, dofs)
     return dataclasses.replace(
-        fe, what=f"diffusion run on a mesh of {int(cells):,} cells ({int(dofs):,} dofs, P{degree})"
+        fe,
+        what=f"diffusion run on a mesh of {int(cells):,} cells ({int(dofs):,} dofs, P{degree})",
+        bytes=fe.bytes + fields,
+        details={**fe.details, "kept_fields_bytes": fields},
     )
+
+
+def kept_fields_memory(settings: DiffusionSettings, unknowns: float) -> float:
+    """Bytes (all ranks) of the fields a run keeps in memory for its result: one vector of 8 B per
+    unknown at t = 0 and at every output time, when ``output.fields`` is on (else none)."""
+    if not settings.output.fields:
+        return 0.0
+    times = set(settings.time.output_times) | {settings.time.t_end}
+    return 8.0 * unknowns * (1 + len(times))
 
 
 def estimate_voxel_diffusion_memory(
@@ -508,14 +525,16 @@ def estimate_voxel_diffusion_memory(
     # (DiffusionProblem checks the available memory before the set-up and stays on SSOR).
     multigrid = estimate_multigrid_setup_memory(dofs, ranks).bytes if _chooses_multigrid(settings, ndim, dofs) else 0.0
     mesh_peak = VOXEL_MESH_PER_CELL * cells + FE_BASE_PER_RANK * ranks
+    fields = kept_fields_memory(settings, dofs)
     return MemoryEstimate(
         f"diffusion run on a {_shape_text(shape)} image ({int(dofs):,} dofs, P{degree})",
-        max(mesh_peak, fe.bytes + multigrid),
+        max(mesh_peak, fe.bytes + multigrid + fields),
         {
             "cells": cells,
             "nodes": nodes,
             "mesh_peak_bytes": mesh_peak,
             "multigrid_setup_bytes": multigrid,
+            "kept_fields_bytes": fields,
             **fe.details,
         },
     )

@@ -510,6 +510,25 @@ def test_memory_estimates_scale_and_parse():
     assert p2.details["dofs"] == 4 * p1.details["dofs"] and p2.bytes > p1.bytes
 
 
+def test_memory_estimates_count_the_fields_kept_for_the_result():
+    """With ``output.fields`` the run keeps c at t = 0 and at every output time (8 B per unknown each)."""
+    from fem_anode.fem.diffusion.finite_volume import estimate_fv_memory
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
+    from fem_anode.resources import estimate_diffusion_memory, estimate_voxel_diffusion_memory
+
+    times = {"t_end": 2.0, "output_times": [0.5, 1.0, 2.0]}  # t = 0 and three output times: 4 vectors
+    kept = DiffusionSettings.from_dict({"time": times, "output": {"fields": True}})
+    dropped = kept.replace(output=kept.output.replace(fields=False))
+    unknowns = 1e6
+    fv = [estimate_fv_memory(unknowns, s) for s in (kept, dropped)]
+    assert fv[0].bytes - fv[1].bytes == pytest.approx(4 * 8 * unknowns, rel=1e-12)
+    voxel = [estimate_voxel_diffusion_memory(unknowns, 1.2 * unknowns, (100, 100, 100), s) for s in (kept, dropped)]
+    assert voxel[0].details["kept_fields_bytes"] == pytest.approx(4 * 8 * 1.2 * unknowns, rel=1e-12)
+    assert voxel[0].bytes - voxel[1].bytes == pytest.approx(4 * 8 * 1.2 * unknowns, rel=1e-12)
+    mesh = [estimate_diffusion_memory(None, s, cells=2e6, cell_type="triangle") for s in (kept, dropped)]
+    assert mesh[0].bytes - mesh[1].bytes == pytest.approx(4 * 8 * 1e6, rel=1e-12)  # 0.5 vertices per triangle
+
+
 MEASURE = r"""
 import json, sys, numpy as np
 from fem_anode.io.images import VoxelImage

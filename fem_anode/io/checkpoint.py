@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 import numpy as np
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
+from fem_anode.faults import first_error, share_error
 from fem_anode.settings import Section, setting
 
 if TYPE_CHECKING:
@@ -189,18 +190,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _allgather(comm: Any, item: Any) -> list[Any]:
-    return [item] if _size(comm) == 1 else comm.allgather(item)
-
-
 def _gather(comm: Any, item: Any) -> list[Any] | None:
     """Small items only (checksums, error messages): the list on rank 0, None elsewhere."""
     return [item] if _size(comm) == 1 else comm.gather(item, root=0)
-
-
-def _first_error(comm: Any, error: str | None) -> str | None:
-    """Collective: the first rank's error message, if any rank had one."""
-    return next((e for e in _allgather(comm, error) if e is not None), None)
 
 
 def _adios4dolfinx() -> Any:
@@ -509,9 +501,7 @@ def _verify_fields(path: Path, table: dict[str, dict[str, Any]], comm: Any) -> N
                 bad = f"corrupt checkpoint {path / wrong[0]}: its checksum does not match state.json"
     except OSError as err:
         bad = f"cannot read checkpoint {path}: {err}"
-    bad = _first_error(comm, bad)
-    if bad is not None:
-        raise InputError(bad)
+    first_error(comm, InputError(bad) if bad is not None else None)
 
 
 @dataclasses.dataclass
@@ -563,9 +553,7 @@ class Checkpoint:
                 _read_global_array(self.path / meta["file"], u, u.comm)
             except (OSError, ValueError) as err:
                 error = f"cannot read checkpoint field {name!r} from {self.path / meta['file']}: {err}"
-            error = _first_error(u.comm, error)
-            if error is not None:
-                raise InputError(error)
+            first_error(u.comm, InputError(error) if error is not None else None)
             return
         V = u.function_space
         mesh = V.mesh
@@ -602,9 +590,7 @@ class Checkpoint:
             except (KeyError, RuntimeError, ValueError, OSError) as err:
                 source = self.path / meta["file"]
                 error = f"cannot read checkpoint field {name!r} from {source}: {type(err).__name__}: {err}"
-        error = _first_error(mesh.comm, error)
-        if error is not None:
-            raise InputError(error)
+        first_error(mesh.comm, InputError(error) if error is not None else None)
 
 
 class CheckpointStore:
@@ -678,8 +664,9 @@ class CheckpointStore:
                 raise
             except (OSError, RuntimeError, ValueError) as err:
                 error = f"cannot write the checkpoint in {self.directory}: {err}"
-            error = _first_error(comm, error)
-            if error is None and _rank(comm) == 0:
+            first_error(comm, InputError(error) if error is not None else None)
+            commit_error: InputError | None = None
+            if _rank(comm) == 0:
                 plain = {
                     f"a.{name}": np.asarray(value)
                     for name, value in (arrays or {}).items()
@@ -688,13 +675,11 @@ class CheckpointStore:
                 try:
                     self._commit(tmp, dict(state), fields, table or {}, plain)
                 except (OSError, TypeError, ValueError) as err:
-                    error = f"cannot write the checkpoint in {self.directory}: {err}"
-            error = _bcast(comm, error)
+                    commit_error = InputError(f"cannot write the checkpoint in {self.directory}: {err}")
+            share_error(comm, commit_error)
         finally:
             if _rank(comm) == 0:  # gone after a successful save (renamed into place)
                 shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None:
-            raise InputError(error)
         _barrier(comm)
         return self.path
 

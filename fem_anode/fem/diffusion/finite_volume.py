@@ -91,14 +91,16 @@ class VectorField:
         return VectorField(self.petsc_vec.copy(), self.global_offset, name or self.name)
 
 
-def estimate_fv_memory(unknowns: float, ranks: int = 1) -> Any:
-    """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of a run."""
-    from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate
+def estimate_fv_memory(unknowns: float, settings: DiffusionSettings, ranks: int = 1) -> Any:
+    """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of a run:
+    the solver's ``BYTES_PER_UNKNOWN``, the libraries per rank, and the fields kept for the result."""
+    from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate, kept_fields_memory
 
+    fields = kept_fields_memory(settings, unknowns)
     return MemoryEstimate(
         f"finite-volume diffusion with {int(unknowns)} unknowns",
-        unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK,
-        {"unknowns": float(unknowns)},
+        unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK + fields,
+        {"unknowns": float(unknowns), "kept_fields_bytes": fields},
     )
 
 
@@ -727,5 +729,7 @@ def open_fv_image(settings: DiffusionSettings, comm: MPI.Comm) -> tuple[Any, dic
     counts = label_counts(image, comm)
     check_phases(image, counts, settings)
     unknowns = counts[image.require_phases()[geometry.transport_phase]]
-    check_memory(estimate_fv_memory(unknowns, comm.size), comm, hint="crop or coarsen the image, or run on more nodes")
+    check_memory(
+        estimate_fv_memory(unknowns, settings, comm.size), comm, hint="crop or coarsen the image, or run on more nodes"
+    )
     return image, counts

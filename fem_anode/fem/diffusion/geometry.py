@@ -154,7 +154,7 @@ def prepare_geometry(
         check_phases(image, counts, settings)
         unknowns = counts[image.require_phases()[geometry.transport_phase]]
         check_memory(
-            estimate_fv_memory(unknowns, comm.size),
+            estimate_fv_memory(unknowns, settings, comm.size),
             comm,
             hint="crop or coarsen the image, or run on more nodes",
             enabled=memory_check,
