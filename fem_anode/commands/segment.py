@@ -268,12 +268,75 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     if args.method == "trainable":
         return _run_trainable(args)
+    if args.method == "multistage":
+        return _run_multistage(args)
     return _run_classic(args)
 
 
+def _run_multistage(args: argparse.Namespace) -> int:
+    """The multistage method on slabs: rank ``r`` reads, filters and labels only its layers
+    (plus halos from its neighbours); the labels equal one process's voxel for voxel."""
+    from fem_anode.errors import InputError, UsageError
+    from fem_anode.imaging.partition import Slabs
+    from fem_anode.imaging.segmentation import multistage_slabs
+    from fem_anode.imaging.synthetic import ANODE_PHASES
+    from fem_anode.io.images import VoxelImage, open_image_layers, parse_phase_map
+
+    comm = world_comm()
+    size = comm.size if comm is not None else 1
+    phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
+    image = _on_every_rank(comm, lambda: open_image_layers(args.image, voxel_size=args.voxel_size))
+    shape = tuple(image.array.shape) if isinstance(image, VoxelImage) else tuple(image.shape)
+    if len(shape) not in (2, 3):
+        raise InputError(f"{args.image}: multistage segmentation needs a 2D or 3D gray image, got shape {shape}")
+    if args.median > 0:
+        check_int(args.median, "--median", 0, max(shape), " (the image's largest dimension in voxels)")
+    if args.denoise == "tv" and size > 1:
+        raise UsageError(
+            "--denoise tv couples the whole image in its iterations and runs on one process only; "
+            "use --denoise nl_means (slab-exact) on several MPI ranks"
+        )
+    # a 2D image is one slice (the illumination fit needs all of it): rank 0 takes it whole
+    slabs = Slabs.even(comm, shape[0]) if len(shape) == 3 else Slabs.on_root(comm, shape[0])
+
+    def read() -> np.ndarray:
+        layers = np.asarray(image.read_layers(slabs.z0, slabs.z1), dtype=np.float64)
+        if not np.all(np.isfinite(layers)):
+            raise InputError(f"{args.image}: gray image contains NaN or infinite values")
+        return layers
+
+    gray = _on_every_rank(comm, read)
+    labels, info = multistage_slabs(
+        gray,
+        slabs,
+        phases,
+        median_size=args.median,
+        denoise=args.denoise,
+        noise_sigma=args.noise_sigma,
+        denoise_strength=args.denoise_strength,
+        cleanup=not args.no_cleanup,
+        min_object_size=args.min_object_size,
+        illumination_degree=args.illumination,
+        refine=not args.no_refine,
+        psf_sigma=args.psf_sigma,
+        potts_beta=args.potts_beta,
+    )
+    del gray
+    report: dict[str, Any] = {
+        "provenance": provenance("segment", args=args, comm=comm),
+        "input": str(args.image),
+        **info,
+        "slabs": {"ranks": size, "bounds": list(slabs.bounds)},
+    }
+    _finish_slabs(args, comm, image, shape, list(slabs.bounds), labels, phases, report)
+    logger.info("multistage segmentation: thresholds %s", info.get("thresholds"))
+    return 0
+
+
 def _run_classic(args: argparse.Namespace) -> int:
+    """Region and threshold methods: every rank segments the whole image, rank 0 writes it."""
     from fem_anode.imaging import segmentation as seg
-    from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES
+    from fem_anode.imaging.synthetic import ROI_PHASES
     from fem_anode.io.images import parse_phase_map, read_image, write_image
 
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
@@ -288,35 +351,21 @@ def _run_classic(args: argparse.Namespace) -> int:
         "denoise_strength": args.denoise_strength,
         "illumination_degree": args.illumination,
     }
-    if args.method == "multistage":
-        phases = parse_phase_map(args.phases) if args.phases else dict(ANODE_PHASES)
-        result = seg.multistage_threshold(
+    phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
+    order = _order(phases, args.order)
+    if args.method == "region":
+        result = seg.region_segmentation(
             gray,
             phases,
-            median_size=args.median,
-            cleanup=not args.no_cleanup,
-            min_object_size=args.min_object_size,
-            refine=not args.no_refine,
-            psf_sigma=args.psf_sigma,
-            potts_beta=args.potts_beta,
+            order=order,
+            scale=args.scale,
+            sigma=args.sigma,
+            min_size=args.min_size,
+            dark_fraction=args.dark_fraction,
             **cleaning,
         )
     else:
-        phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
-        order = _order(phases, args.order)
-        if args.method == "region":
-            result = seg.region_segmentation(
-                gray,
-                phases,
-                order=order,
-                scale=args.scale,
-                sigma=args.sigma,
-                min_size=args.min_size,
-                dark_fraction=args.dark_fraction,
-                **cleaning,
-            )
-        else:
-            result = seg.threshold_segmentation(gray, phases, order=order)
+        result = seg.threshold_segmentation(gray, phases, order=order)
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     comm = world_comm()
     truth_array = None
@@ -397,8 +446,8 @@ def _slab_bounds(nz: int, size: int) -> list[int]:
 
 def _run_trainable(args: argparse.Namespace) -> int:
     from fem_anode.errors import FemAnodeError, InputError
+    from fem_anode.faults import share_error
     from fem_anode.imaging import trainable as tr
-    from fem_anode.imaging.accuracy import accuracy_from_confusion, confusion_matrix
     from fem_anode.imaging.synthetic import ANODE_PHASES
     from fem_anode.io.images import VoxelImage, open_image_layers, parse_phase_map, read_image
 
@@ -450,10 +499,9 @@ def _run_trainable(args: argparse.Namespace) -> int:
                     logger.info("wrote the classifier to %s", args.save_model)
         except FemAnodeError as err:
             error = err
+    share_error(comm, error)
     if comm is not None and size > 1:
-        model, error = comm.bcast((model, error), root=0)
-    if error is not None:
-        raise error
+        model = comm.bcast(model, root=0)
     assert model is not None
     phases = model.phases
     image = open_image_layers(args.image, voxel_size=args.voxel_size)
@@ -484,7 +532,30 @@ def _run_trainable(args: argparse.Namespace) -> int:
         },
         "slabs": {"ranks": size, "bounds": bounds, "halo_layers": tr.feature_halo(model.settings)},
     }
-    # Accuracy: each rank scores its own slab, the confusion matrices are summed.
+    _finish_slabs(args, comm, image, shape, bounds, labels, phases, report)
+    return 0
+
+
+def _finish_slabs(
+    args: argparse.Namespace,
+    comm: Any,
+    image: Any,
+    shape: tuple[int, ...],
+    bounds: list[int],
+    labels: np.ndarray,
+    phases: dict[str, int],
+    report: dict[str, Any],
+) -> None:
+    """Accuracy (each rank scores its own layers, the confusion matrices are summed), the label
+    image (written without gathering for .npy) and the report figure of a slab-distributed run."""
+    from fem_anode.errors import InputError
+    from fem_anode.imaging.accuracy import accuracy_from_confusion, confusion_matrix
+    from fem_anode.io.images import VoxelImage, open_image_layers
+
+    size = comm.size if comm is not None else 1
+    rank = comm.rank if comm is not None else 0
+    nz = shape[0]
+    z0, z1 = bounds[rank], bounds[rank + 1]
     truth_layers = None
     if args.truth is not None:
         truth_image = open_image_layers(args.truth)
@@ -523,7 +594,8 @@ def _run_trainable(args: argparse.Namespace) -> int:
             pieces = comm.gather(piece, root=0) or []
             piece = next((p for p in pieces if p is not None), None) if rank == 0 else None
     else:
-        full, full_truth = labels, truth_layers
+        full: np.ndarray | None = labels
+        full_truth = truth_layers
         if comm is not None and size > 1:
             gathered, truth_all = comm.gather(labels, root=0) or [], comm.gather(truth_layers, root=0) or []
             full = np.concatenate(gathered) if rank == 0 else None
@@ -535,7 +607,6 @@ def _run_trainable(args: argparse.Namespace) -> int:
     if comm is not None and size > 1:
         comm.barrier()
     logger.info("wrote %s", args.out)
-    return 0
 
 
 def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
@@ -559,20 +630,17 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
 
 
 def _on_every_rank(comm: Any, work: Any) -> Any:
-    """``work()`` on every rank; if it fails with a fem_anode error on any rank, every rank raises
-    that error (so no rank waits forever in the next collective operation)."""
+    """``work()`` on every rank; if it fails on any rank, every rank raises that error
+    (:func:`fem_anode.faults.first_error`), so no rank waits forever in the next collective."""
     from fem_anode.errors import FemAnodeError
+    from fem_anode.faults import first_error
 
     result, error = None, None
     try:
         result = work()
     except FemAnodeError as err:
         error = err
-    if comm is not None and comm.size > 1:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise error
+    first_error(comm, error)
     return result
 
 
@@ -633,6 +701,8 @@ def _write_distributed(
             write_image(path, VoxelImage(np.concatenate(gathered), voxel_size, phases, str(path)))
         comm.barrier()
         return
+    from fem_anode.errors import InputError
+    from fem_anode.faults import share_error
     from fem_anode.io.images import _meta_dict, _sidecar  # the image writer's own metadata layout
     from fem_anode.io.output import write_json
 
@@ -644,12 +714,11 @@ def _write_distributed(
             os.close(fd)
             np.lib.format.open_memmap(tmp, mode="w+", dtype=labels.dtype, shape=shape).flush()
         except OSError as err:
-            error = f"--out {path}: cannot write: {err.strerror or err}"
-    tmp, error = comm.bcast((tmp, error), root=0)
-    if error is not None or tmp is None:
-        from fem_anode.errors import InputError
-
-        raise InputError(error or f"--out {path}: cannot write")
+            error = InputError(f"--out {path}: cannot write: {err.strerror or err}")
+    share_error(comm, error)
+    tmp = comm.bcast(tmp, root=0)
+    if tmp is None:
+        raise InputError(f"--out {path}: cannot write")
     ok = True
     try:
         if bounds[rank + 1] > bounds[rank]:

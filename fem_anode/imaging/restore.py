@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.imaging.partition import Slabs
 
 __all__ = ["DEFAULT_POTTS_BETA", "fit_levels", "estimate_psf", "blur_aware_icm", "labels_energy"]
 
@@ -59,52 +60,97 @@ def _blur(a: np.ndarray, s: float, truncate: float = _TRUNCATE) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(a, dtype=np.float32), s, mode="reflect", truncate=truncate)
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sum(a * b, dtype=np.float64))
+def _radius(s: float) -> int:
+    """Reach of the model blur ``K`` (voxels): ``gaussian_filter``'s ``int(truncate s + 0.5)``."""
+    return int(_TRUNCATE * s + 0.5)
+
+
+def _layer_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum(a * b)`` per axis-0 layer in float64 (the same numbers on any slab partition)."""
+    prod = np.asarray(a * b)
+    return prod.reshape(prod.shape[0], int(np.prod(prod.shape[1:]))).sum(axis=1, dtype=np.float64)
 
 
 def fit_levels(
-    gray: np.ndarray, classes: np.ndarray, n_classes: int, s: float, mask: np.ndarray | None = None
+    gray: np.ndarray, classes: np.ndarray, n_classes: int, s: float, *, slabs: Slabs | None = None
 ) -> tuple[np.ndarray, float]:
-    """Least-squares phase levels of the blurred model (see :func:`_fit_levels`).
+    """Least-squares phase levels of the blurred model (see :func:`_fit_levels`) over the whole image.
+
+    With ``slabs`` (collective), ``gray`` and ``classes`` are this rank's layers.
 
     Returns:
         ``(levels, mean squared residual)``.
     """
-    levels, residual, _ = _fit_levels(gray, classes, n_classes, s, mask)
+    part = slabs if slabs is not None else Slabs.whole(np.shape(gray)[0])
+    window_g, lo = part.window(np.asarray(gray, dtype=np.float32), _radius(s))
+    window_c, _ = part.window(np.asarray(classes), _radius(s))
+    rows = slice(part.z0 - lo, part.z1 - lo)
+    levels, residual, _ = _fit_levels(window_g, window_c, n_classes, s, part, rows)
     return levels, residual
 
 
 def _fit_levels(
-    gray: np.ndarray, classes: np.ndarray, n_classes: int, s: float, mask: np.ndarray | None = None
+    gray: np.ndarray,
+    classes: np.ndarray,
+    n_classes: int,
+    s: float,
+    slabs: Slabs,
+    rows: slice,
+    box: tuple[slice, ...] | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """Least-squares phase levels of the blurred model, ``min_mu |g - K * sum_k mu_k 1_k|^2``.
 
     The normal equations ``A mu = b`` with ``A_kl = <K 1_k, K 1_l>``, ``b_k = <K 1_k, g>``
-    (``1_k`` the indicator of class ``k``), over the voxels of ``mask`` (default all). Classes that
-    are absent get the level NaN.
+    (``1_k`` the indicator of class ``k``). ``gray`` and ``classes`` are a window of the
+    distributed image (layers of neighbouring ranks within ``int(4 s + 0.5)`` of the rows this
+    rank sums over, reflecting borders at the image's own ends); the inner products run over
+    this rank's ``rows`` of the window, cut to ``box`` (per-axis slices of the window; default
+    all), are summed per layer and reduced exactly, so every rank count gives the same levels.
+    Classes absent from every rank's ``rows`` get the level NaN.
 
     Returns:
-        ``(levels, mean squared residual, model K * f over the voxels of mask)``.
+        ``(levels, mean squared residual over the summed voxels, model K * f over the window)``.
     """
-    blurred = [_blur(classes == k, s) if np.any(classes == k) else None for k in range(n_classes)]
-    present = [k for k in range(n_classes) if blurred[k] is not None]
+    if box is not None:
+        r0 = max(rows.start, box[0].start)
+        r1 = max(r0, min(rows.stop, box[0].stop))
+        cut = (slice(r0, r1), *box[1:])
+    else:
+        cut = (rows,)
+    present = [k for k in range(n_classes) if slabs.any(bool(np.any(classes[rows] == k)))]
+    blurred = {k: _blur(classes == k, s) for k in present}
     g = np.asarray(gray, dtype=np.float32)
-    sel = (lambda a: a[mask]) if mask is not None else (lambda a: a)
-    parts = [sel(blurred[k]) for k in present]
-    gs = sel(g)
-    a = np.array([[_dot(p, q) for q in parts] for p in parts])
-    b = np.array([_dot(p, gs) for p in parts])
-    sol = np.linalg.lstsq(a, b, rcond=None)[0]
+    parts = [blurred[k][cut] for k in present]
+    gs = g[cut]
+    m = len(present)
+    dots = [_layer_dots(parts[i], parts[j]) for i in range(m) for j in range(i, m)]
+    dots += [_layer_dots(p, gs) for p in parts]
+    totals = slabs.sum_layers(np.stack(dots, axis=1) if dots else np.zeros((gs.shape[0], 0)))
+    a = np.zeros((m, m))
+    index = 0
+    for i in range(m):
+        for j in range(i, m):
+            a[i, j] = a[j, i] = totals[index]
+            index += 1
+    sol = np.linalg.lstsq(a, totals[index:], rcond=None)[0] if m else np.zeros(0)
     levels = np.full(n_classes, np.nan)
     levels[present] = sol
-    model = sum(float(m) * p for m, p in zip(sol, parts))
-    residual = float(np.mean((gs - model) ** 2, dtype=np.float64))
+    model = np.zeros(g.shape, dtype=np.float32)
+    for mu, k in zip(sol, present):
+        model += float(mu) * blurred[k]
+    r = gs - model[cut]
+    n_total = int(slabs.sum_int(int(r.size)))
+    residual = float(slabs.sum_layers(_layer_dots(r, r)[:, None])[0]) / max(n_total, 1)
     return levels, residual, model
 
 
 def estimate_psf(
-    gray: np.ndarray, classes: np.ndarray, n_classes: int, *, bounds: tuple[float, float] = (0.3, 4.0)
+    gray: np.ndarray,
+    classes: np.ndarray,
+    n_classes: int,
+    *,
+    bounds: tuple[float, float] = (0.3, 4.0),
+    slabs: Slabs | None = None,
 ) -> dict[str, Any]:
     """PSF width ``s`` (voxels) and phase levels that best explain ``gray`` as blurred ``classes``.
 
@@ -114,30 +160,44 @@ def estimate_psf(
     edge). ``classes`` is a first segmentation (e.g. the multistage thresholds): its errors bias
     ``s`` low by 5-20 % on the synthetic volumes (partial-volume voxels assigned to the wrong
     side look like a sharper image), which the refinement tolerates (section 1.8 of
-    ``docs/imaging.md``).
+    ``docs/imaging.md``). With ``slabs`` (collective), ``gray`` and ``classes`` are this rank's
+    layers; the block's layers come from their owners with a halo of ``int(4 bounds[1] + 0.5)``.
 
     Returns:
         ``{"psf_sigma_voxels", "levels", "rms_residual", "block_shape"}``.
     """
+    part = slabs if slabs is not None else Slabs.whole(np.shape(gray)[0])
     g = np.asarray(gray, dtype=np.float32)
+    shape = (part.n0, *g.shape[1:])
     side = max(2 * _PSF_MARGIN + 4, round(_PSF_BLOCK_VOXELS ** (1.0 / g.ndim)) + 2 * _PSF_MARGIN)
-    block = tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + min(n, side)) for n in g.shape)
-    gb, cb = g[block], classes[block]
-    mask = np.zeros(gb.shape, dtype=bool)
-    inner = tuple(slice(_PSF_MARGIN, n - _PSF_MARGIN) if n > 2 * _PSF_MARGIN + 2 else slice(None) for n in gb.shape)
-    mask[inner] = True
+    block = tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + min(n, side)) for n in shape)
+    block_shape = tuple(b.stop - b.start for b in block)
+    inner = tuple(slice(_PSF_MARGIN, n - _PSF_MARGIN) if n > 2 * _PSF_MARGIN + 2 else slice(0, n) for n in block_shape)
+    wg, lo = part.window(g, _radius(bounds[1]))
+    wc, _ = part.window(np.asarray(classes), _radius(bounds[1]))
+    # this rank's window cut to the block (layers b0..b1-1), as the whole block would be filtered
+    b0 = min(max(block[0].start, lo), block[0].stop)
+    b1 = max(b0, min(block[0].stop, lo + wg.shape[0]))
+    gb = np.ascontiguousarray(wg[(slice(b0 - lo, b1 - lo), *block[1:])])
+    cb = np.ascontiguousarray(wc[(slice(b0 - lo, b1 - lo), *block[1:])])
+    del wg, wc
+    own0 = min(max(part.z0, b0), b1)
+    own1 = max(own0, min(part.z1, b1))
+    rows = slice(own0 - b0, own1 - b0)
+    first = block[0].start - b0  # the block's first layer in this rank's block window
+    box = (slice(max(0, first + inner[0].start), max(0, first + inner[0].stop)), *inner[1:])
 
     def cost(s: float) -> float:
-        return fit_levels(gb, cb, n_classes, s, mask)[1]
+        return _fit_levels(gb, cb, n_classes, s, part, rows, box)[1]
 
     result = optimize.minimize_scalar(cost, bounds=bounds, method="bounded", options={"xatol": 0.02})
     s = float(result.x)
-    levels, residual = fit_levels(g, classes, n_classes, s)
+    levels, residual = fit_levels(g, classes, n_classes, s, slabs=part)
     return {
         "psf_sigma_voxels": s,
         "levels": levels,
         "rms_residual": math.sqrt(residual),
-        "block_shape": list(gb.shape),
+        "block_shape": list(block_shape),
     }
 
 
@@ -174,51 +234,85 @@ def _kk_stencil(s: float, ndim: int) -> tuple[np.ndarray, np.ndarray, float, flo
     return offsets.astype(np.int64), weights.astype(np.float32), centre, sub
 
 
-def _sublattice_bound(shape: tuple[int, ...], off: tuple[int, ...], operators: list[np.ndarray]) -> np.ndarray:
+def _sublattice_bound(
+    shape: tuple[int, ...], off: tuple[int, ...], operators: list[np.ndarray], first: slice | None = None
+) -> np.ndarray:
     """Row sums of ``K*K`` over the sub-lattice through each of its voxels, borders included.
 
     ``K*K`` with reflecting borders is the product of its 1D operators ``M_a`` (``n_a x n_a``,
     the filter applied twice to the unit vectors), so the sum over the sub-lattice voxels ``j``
     of ``(K*K)(x_i, x_j)`` is ``prod_a sum_{j_a = o_a mod 3} M_a[i_a, j_a]``: in the interior the
-    plain sub-lattice sum, near a border more (the mirrored kernel adds to it)."""
+    plain sub-lattice sum, near a border more (the mirrored kernel adds to it). ``first`` selects
+    the sub-lattice indices along axis 0 (a slab's layers; default all)."""
     bound = np.ones((1,) * len(shape), dtype=np.float32)
     for axis, (m, o) in enumerate(zip(operators, off)):
         rows = np.abs(m[o::_SPACING, o::_SPACING]).sum(axis=1).astype(np.float32)
+        if axis == 0 and first is not None:
+            rows = rows[first]
         bound = bound * rows.reshape([-1 if a == axis else 1 for a in range(len(shape))])
     return bound
 
 
 def _scatter_update(
-    c: np.ndarray, points: np.ndarray, amounts: np.ndarray, offsets: np.ndarray, weights: np.ndarray
+    c: np.ndarray,
+    points: np.ndarray,
+    amounts: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    *,
+    shape: tuple[int, ...] | None = None,
+    lo: int = 0,
 ) -> None:
-    """``c -= sum_p amount_p KK(. - p)`` with reflected borders (as ``gaussian_filter``'s 'reflect')."""
-    shape = np.array(c.shape)
+    """``c -= sum_p amount_p KK(. - p)`` with reflected borders (as ``gaussian_filter``'s 'reflect').
+
+    ``c`` holds the layers ``lo ... lo + len(c) - 1`` of an image of ``shape`` (default: all of
+    it); ``points`` are in whole-image coordinates, in raster order; contributions to layers
+    outside ``c`` are dropped. The additions to every voxel come in the order of ``points``
+    (stencil-inside points first, then those near a border), whatever the window."""
+    full = np.array(shape if shape is not None else c.shape)
+    nw = c.shape[0]
+    clipped = nw < full[0]
     flat = c.reshape(-1)
     strides = np.cumprod([*c.shape[1:], 1][::-1])[::-1]
     reach = int(np.abs(offsets).max()) if len(offsets) else 0
-    inner = np.all((points >= reach) & (points < shape - reach), axis=1)
+    inner = np.all((points >= reach) & (points < full - reach), axis=1)
     flat_offsets = offsets @ strides
     chunk = max(1, 4_000_000 // max(len(weights), 1))
+    shift = np.zeros(c.ndim, dtype=np.int64)
+    shift[0] = lo
     # points whose stencil stays inside the image: one flat index per stencil entry
-    p_in, a_in = points[inner] @ strides, amounts[inner]
+    p_in, a_in = points[inner] - shift, amounts[inner]
     for start in range(0, len(p_in), chunk):
-        idx = (p_in[start : start + chunk, None] + flat_offsets[None, :]).ravel()
-        np.subtract.at(flat, idx, (a_in[start : start + chunk, None] * weights[None, :]).ravel())
+        p = p_in[start : start + chunk]
+        idx = (p @ strides)[:, None] + flat_offsets[None, :]
+        values = a_in[start : start + chunk, None] * weights[None, :]
+        if clipped:
+            z = p[:, 0, None] + offsets[None, :, 0]
+            keep = (z >= 0) & (z < nw)
+            np.subtract.at(flat, idx[keep], values[keep])
+        else:
+            np.subtract.at(flat, idx.ravel(), values.ravel())
     # points near a border: the stencil reflected per axis through a lookup table
     p_out, a_out = points[~inner], amounts[~inner]
     if len(p_out) == 0:
         return
     tables = []
-    for n in c.shape:
+    for axis, n in enumerate(full):
         t = np.arange(-reach, n + reach)
         t = np.where(t < 0, -t - 1, t)
-        tables.append(np.where(t >= n, 2 * n - t - 1, t))
+        t = np.where(t >= n, 2 * n - t - 1, t)
+        tables.append(t - lo if axis == 0 else t)
     for start in range(0, len(p_out), chunk):
         p = p_out[start : start + chunk]
         idx = np.zeros((len(p), len(weights)), dtype=np.int64)
+        keep = np.ones(idx.shape, dtype=bool)
         for axis, (table, stride) in enumerate(zip(tables, strides)):
-            idx += table[p[:, axis, None] + offsets[None, :, axis] + reach] * stride
-        np.subtract.at(flat, idx.ravel(), (a_out[start : start + chunk, None] * weights[None, :]).ravel())
+            target = table[p[:, axis, None] + offsets[None, :, axis] + reach]
+            if axis == 0 and clipped:
+                keep = (target >= 0) & (target < nw)
+            idx += target * stride
+        values = a_out[start : start + chunk, None] * weights[None, :]
+        np.subtract.at(flat, idx[keep], values[keep])
 
 
 def blur_aware_icm(
@@ -232,6 +326,7 @@ def blur_aware_icm(
     max_sweeps: int = 8,
     tol: float = 1e-4,
     refit_levels: bool = True,
+    slabs: Slabs | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Iterated conditional modes on ``E(L) = |g - K f[L]|^2 / (2 sigma_n^2) + beta Potts(L)``.
 
@@ -248,8 +343,14 @@ def blur_aware_icm(
     each sweep the levels are refitted by least squares (``refit_levels``: the same energy
     minimised over ``mu``). Stops when fewer than ``tol`` of the voxels changed in a sweep.
 
+    On slabs (``slabs``, collective) every rank decides the voxels of its own layers, holding a
+    halo of ``max(1, 2 int(4 s + 0.5))`` layers (the reach of ``K*K``); after every sub-lattice
+    step the ranks send each other the changes that fall into their halos, so labels, ``c`` and
+    the refitted levels (reduced exactly) are those of one process, bit for bit.
+
     Args:
-        gray: raw gray image (white noise; not the denoised one), 2D or 3D.
+        gray: raw gray image (white noise; not the denoised one), 2D or 3D; with ``slabs``,
+            this rank's layers.
         classes: initial class index per voxel, ``0 .. n-1`` (``n = len(levels)``).
         levels: gray level per class (NaN: class not used).
         psf_sigma: Gaussian PSF width, voxels.
@@ -258,43 +359,89 @@ def blur_aware_icm(
         max_sweeps: sweep limit.
         tol: stop when a sweep changes fewer than this fraction of the voxels.
         refit_levels: refit the levels after each sweep.
+        slabs: the layers each MPI rank holds (default: one process, the whole image).
 
     Returns:
-        ``(classes, info)``: info has the sweeps, voxels changed per sweep, the energy
-        (data + prior) before and after every sweep, the final levels and the constants used.
+        ``(classes, info)`` (the classes of this rank's layers): info has the sweeps, voxels
+        changed per sweep, the energy (data + prior) before and after every sweep, the final
+        levels and the constants used (the same on every rank).
     """
-    g = np.asarray(gray, dtype=np.float32)
-    cls = np.array(classes, dtype=np.int8, copy=True)
+    g_own = np.asarray(gray, dtype=np.float32)
+    part = slabs if slabs is not None else Slabs.whole(g_own.shape[0])
+    cls_own = np.array(classes, dtype=np.int8, copy=True)
     n = len(levels)
-    if cls.shape != g.shape:
-        raise InputError(f"labels shape {cls.shape} differs from the gray image {g.shape}")
-    if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= n):
-        raise InputError(f"class indices must be 0..{n - 1} (one level each), got {int(cls.min())}..{int(cls.max())}")
+    if part.any(cls_own.shape != g_own.shape):
+        raise InputError(f"labels shape {cls_own.shape} differs from the gray image {g_own.shape}")
+    low = part.min(float(cls_own.min()) if cls_own.size else np.inf)
+    high = part.max(float(cls_own.max()) if cls_own.size else -np.inf)
+    if np.isfinite(low) and (low < 0 or high >= n):
+        raise InputError(f"class indices must be 0..{n - 1} (one level each), got {int(low)}..{int(high)}")
     if not (np.isfinite(psf_sigma) and psf_sigma > 0):
         raise UsageError(f"PSF width must be positive (voxels), got {psf_sigma}")
     if not (np.isfinite(noise_sigma) and noise_sigma > 0):
         raise UsageError(f"noise sigma must be positive for the blur-aware refinement, got {noise_sigma}")
     if not (np.isfinite(beta) and beta >= 0):
         raise UsageError(f"Potts weight beta must be >= 0, got {beta}")
-    ndim = g.ndim
+    ndim = g_own.ndim
+    shape = (part.n0, *g_own.shape[1:])
+    size = int(np.prod(shape))
     mu = np.asarray(levels, dtype=np.float64).copy()
     usable = np.isfinite(mu)
     offsets, weights, kk_centre, k_sub = _kk_stencil(psf_sigma, ndim)
+    halo = max(1, 2 * _radius(psf_sigma))
+    g, lo = part.window(g_own, halo)
+    cls, _ = part.window(cls_own, halo)
+    cls = np.array(cls, dtype=np.int8, copy=True)
+    r0, r1 = part.z0 - lo, part.z1 - lo
     inv = np.float32(1.0 / (2.0 * noise_sigma**2))
     beta32 = np.float32(beta)
     colours = list(np.ndindex(*(_SPACING,) * ndim))
     operators = []
-    for n_axis in g.shape:
+    for n_axis in shape:
         m = ndimage.gaussian_filter1d(np.eye(n_axis), psf_sigma, axis=0, mode="reflect", truncate=_TRUNCATE)
         operators.append(ndimage.gaussian_filter1d(m, psf_sigma, axis=0, mode="reflect", truncate=_TRUNCATE))
-    bounds = {off: _sublattice_bound(g.shape, off, operators) for off in colours}
+    # this rank's voxels of each sub-lattice: layers z0 <= z < z1 with z = o (mod 3)
+    starts = {o: part.z0 + (o - part.z0) % _SPACING for o in range(_SPACING)}
+    bounds = {
+        off: _sublattice_bound(shape, off, operators, slice((starts[off[0]] - off[0]) // _SPACING, None))[
+            : len(range(starts[off[0]], part.z1, _SPACING))
+        ]
+        for off in colours
+    }
     del operators
     model = _blur(np.nan_to_num(mu).astype(np.float32)[cls], psf_sigma)  # K * f
 
     def energy() -> float:
-        data = float(np.sum((g - model) ** 2, dtype=np.float64)) / (2.0 * noise_sigma**2)
-        return data + beta * sum(int(np.count_nonzero(np.diff(cls, axis=a))) for a in range(ndim))
+        r = (g - model)[r0:r1]
+        data = float(part.sum_layers(_layer_dots(r, r)[:, None])[0]) / (2.0 * noise_sigma**2)
+        pairs = int(np.count_nonzero(np.diff(cls[max(r0 - 1, 0) : r1], axis=0)))
+        pairs += sum(int(np.count_nonzero(np.diff(cls[r0:r1], axis=a))) for a in range(1, ndim))
+        return data + beta * int(part.sum_int(pairs))
 
+    def exchange(points: np.ndarray, amounts: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Send every rank the changes in its halo; return all changes in this window, in raster order."""
+        if not part.distributed:
+            return points, amounts
+        outgoing: list[Any] = []
+        for r in range(part.comm.size):
+            a, b = part.window_range(halo, r)
+            pick = (points[:, 0] >= a) & (points[:, 0] < b) if r != part.rank else np.zeros(len(points), dtype=bool)
+            outgoing.append((points[pick], amounts[pick], new[pick]) if pick.any() else None)
+        incoming = part.alltoall(outgoing)
+        below: list[tuple[np.ndarray, np.ndarray]] = []
+        above: list[tuple[np.ndarray, np.ndarray]] = []
+        for r, item in enumerate(incoming):
+            if item is None:
+                continue
+            got_points, got_amounts, got_classes = item
+            cls[tuple((got_points - shift).T)] = got_classes
+            padded[tuple((got_points - shift + 1).T)] = got_classes
+            (below if r < part.rank else above).append((got_points, got_amounts))
+        pieces = [*below, (points, amounts), *above]
+        return np.concatenate([p for p, _ in pieces]), np.concatenate([a for _, a in pieces])
+
+    shift = np.zeros(ndim, dtype=np.int64)
+    shift[0] = lo
     energies = [energy()]
     changed_per_sweep: list[int] = []
     levels_per_sweep: list[list[float]] = []
@@ -304,15 +451,17 @@ def blur_aware_icm(
         padded = np.pad(cls, 1, mode="constant", constant_values=n)
         changed_total = 0
         for off in colours:
-            sl = tuple(slice(o, None, _SPACING) for o in off)
+            ws = starts[off[0]] - lo
+            sl = (slice(ws, r1, _SPACING), *(slice(o, None, _SPACING) for o in off[1:]))
             current = cls[sl]
-            if current.size == 0:
-                continue
             neighbours = []
             for axis in range(ndim):
                 for step in (-1, 1):
-                    psl = tuple(slice(o + 1 + (step if a == axis else 0), None, _SPACING) for a, o in enumerate(off))
-                    neighbours.append(padded[psl][tuple(slice(0, size) for size in current.shape)])
+                    psl = tuple(
+                        slice((ws if a == 0 else o) + 1 + (step if a == axis else 0), None, _SPACING)
+                        for a, o in enumerate(off)
+                    )
+                    neighbours.append(padded[psl][tuple(slice(0, size_a) for size_a in current.shape)])
             same = []
             for k in range(n):
                 count = np.zeros(current.shape, dtype=np.int8)
@@ -335,32 +484,33 @@ def blur_aware_icm(
                 best = np.where(better, d_e, best)
                 choice = np.where(better, np.int8(k), choice)
             moved = choice != current
-            m = int(np.count_nonzero(moved))
+            m = int(part.sum_int(int(np.count_nonzero(moved))))
             if m == 0:
                 continue
             amounts = (mu32[choice] - f_now)[moved]
-            local = np.argwhere(moved)
-            points = local * _SPACING + np.asarray(off)
+            new = choice[moved]
+            points = np.argwhere(moved) * _SPACING + np.asarray([starts[off[0]], *off[1:]])
             view = cls[sl]
-            view[moved] = choice[moved]
-            padded[tuple(slice(1, -1) for _ in range(ndim))][sl][moved] = choice[moved]
-            if m * len(weights) < 4 * g.size:  # local update cheaper than two full filters
-                _scatter_update(c, points, amounts, offsets, weights)
+            view[moved] = new
+            padded[tuple(slice(1, -1) for _ in range(ndim))][sl][moved] = new
+            points, amounts = exchange(points, amounts, new)
+            if m * len(weights) < 4 * size:  # local update cheaper than two full filters
+                _scatter_update(c, points, amounts, offsets, weights, shape=shape, lo=lo)
             else:
                 change = np.zeros(g.shape, dtype=np.float32)
-                change[tuple(points.T)] = amounts
+                change[tuple((points - shift).T)] = amounts
                 c -= _blur_kk(change, psf_sigma)
             changed_total += m
         changed_per_sweep.append(changed_total)
         if refit_levels:
-            fitted, _, model = _fit_levels(g, cls, n, psf_sigma)  # absent classes: no voxels, no term
+            fitted, _, model = _fit_levels(g, cls, n, psf_sigma, part, slice(r0, r1))  # absent classes: no term
             mu = np.where(np.isfinite(fitted), fitted, mu)
         else:
             model = _blur(mu32[cls], psf_sigma)
         levels_per_sweep.append([float(v) for v in mu])
         energies.append(energy())
         logger.debug("blur-aware ICM sweep %d: %d voxels changed, energy %.6g", _sweep, changed_total, energies[-1])
-        if changed_total < tol * g.size:
+        if changed_total < tol * size:
             break
     info = {
         "sweeps": len(changed_per_sweep),
@@ -373,5 +523,6 @@ def blur_aware_icm(
         "beta": float(beta),
         "kk_centre": kk_centre,
         "kk_sublattice_sum": k_sub,
+        "halo_layers": halo,
     }
-    return cls, info
+    return cls[r0:r1].copy(), info

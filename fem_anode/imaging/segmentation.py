@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.imaging.partition import Slabs
 from fem_anode.io.images import VoxelImage
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "multiclass_isodata",
     "threshold_segmentation",
     "multistage_threshold",
+    "multistage_slabs",
     "region_segmentation",
     "region_features",
     "iou_per_phase",
@@ -104,7 +106,13 @@ def multiclass_isodata(
     """
     if n_classes < 2:
         raise UsageError(f"need at least 2 gray classes, got {n_classes}")
-    hist, centres, edges = _histogram(values, bins)
+    return _isodata_of_histogram(*_histogram(values, bins), n_classes, tol=tol, max_iter=max_iter)
+
+
+def _isodata_of_histogram(
+    hist: np.ndarray, centres: np.ndarray, edges: np.ndarray, n_classes: int, *, tol: float = 1e-6, max_iter: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`multiclass_isodata` of a histogram (counts, bin centres, bin edges)."""
     cdf = np.cumsum(hist) / hist.sum()
     thresholds = np.interp(np.arange(1, n_classes) / n_classes, cdf, edges[1:])
     means: np.ndarray = np.zeros(n_classes)
@@ -287,6 +295,29 @@ def multistage_threshold(
         refinement (PSF width, levels, sweeps, energy), and each domain's fraction.
     """
     array, image = _gray_array(gray)
+    phases = _multistage_phases(phases)
+    labels, info = multistage_slabs(
+        array,
+        Slabs.whole(array.shape[0]),
+        phases,
+        bins=bins,
+        min_graphite_voxels=min_graphite_voxels,
+        median_size=median_size,
+        denoise=denoise,
+        noise_sigma=noise_sigma,
+        denoise_strength=denoise_strength,
+        cleanup=cleanup,
+        min_object_size=min_object_size,
+        illumination_degree=illumination_degree,
+        refine=refine,
+        psf_sigma=psf_sigma,
+        potts_beta=potts_beta,
+        max_sweeps=max_sweeps,
+    )
+    return SegmentationResult(VoxelImage(labels, image.voxel_size, dict(phases), f"multistage({image.source})"), info)
+
+
+def _multistage_phases(phases: Mapping[str, int] | None) -> dict[str, int]:
     if phases is None:
         from fem_anode.imaging.synthetic import ANODE_PHASES
 
@@ -296,52 +327,130 @@ def multistage_threshold(
         raise UsageError(
             f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}"
         )
+    return dict(phases)
+
+
+def _small_components(mask: np.ndarray, min_size: int, slabs: Slabs) -> np.ndarray:
+    """Voxels of the connected components (faces) of the distributed ``mask`` with fewer than
+    ``min_size`` voxels (this rank's layers). A component touching the slab with fewer than
+    ``min_size`` voxels lies within ``min_size - 1`` layers of it, and a larger one keeps at
+    least ``min_size`` voxels in a window of that halo, so the window decides exactly."""
+    window, lo = slabs.window(mask, min_size)
+    if not window.any():
+        return np.zeros(mask.shape, dtype=bool)
+    comp, n = ndimage.label(window, ndimage.generate_binary_structure(window.ndim, 1))
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    small = sizes < min_size
+    small[0] = False
+    return slabs.owned_part(small[comp], lo)
+
+
+def multistage_slabs(
+    gray: np.ndarray,
+    slabs: Slabs,
+    phases: Mapping[str, int] | None = None,
+    *,
+    bins: int = 512,
+    min_graphite_voxels: int = 8,
+    median_size: int = 0,
+    denoise: str = "nl_means",
+    noise_sigma: float | None = None,
+    denoise_strength: float = 0.8,
+    cleanup: bool = True,
+    min_object_size: int | Mapping[str, int] = DEFAULT_MIN_OBJECT_SIZE,
+    illumination_degree: int | None = None,
+    refine: bool = True,
+    psf_sigma: float | None = None,
+    potts_beta: float | None = None,
+    max_sweeps: int = 8,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`multistage_threshold` on an image distributed in slabs of axis-0 layers (collective).
+
+    Every rank passes its own layers (``gray``, ``slabs.layers`` of them) and gets their labels;
+    no rank holds more than its layers plus a halo. Each filter gets its halo from the
+    neighbouring ranks (median ``size // 2``, non-local means ``patch_size // 2 +
+    patch_distance``, dilation 1, small objects ``2 min_size + 1`` layers, refinement
+    ``2 int(4 s + 0.5)``), the histograms, noise estimate and level fits are reduced over the
+    ranks reproducibly (:class:`~fem_anode.imaging.partition.Slabs`), so the labels equal those
+    of one process voxel for voxel. ``slabs = Slabs.whole(n)`` is the one-process case.
+
+    Returns:
+        ``(labels of this rank's layers, info)``; ``info`` is the same on every rank.
+    """
+    phases = _multistage_phases(phases)
+    array = np.asarray(gray, dtype=np.float64)
+    if slabs.any(not bool(np.all(np.isfinite(array)))):
+        raise InputError("gray image contains NaN or infinite values")
     if median_size < 0:
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
-    array = _flatten(array, illumination_degree)
+    if illumination_degree is not None:
+        if not 1 <= int(illumination_degree) <= 4:
+            raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
+        if array.size:
+            array = _flatten(array, illumination_degree)
     raw = array
     if median_size > 1:
-        array = ndimage.median_filter(array, size=int(median_size))
+        window, lo = slabs.window(array, int(median_size) // 2)
+        array = slabs.owned_part(ndimage.median_filter(window, size=int(median_size)), lo) if window.size else array
     from fem_anode.imaging.denoise import denoise_gray
 
-    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
+    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength, slabs=slabs)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
     denoise_info["illumination_degree"] = illumination_degree
-    t_0 = isodata_threshold(array, bins=bins)
+
+    def threshold(values: np.ndarray) -> float:
+        return float(_isodata_of_histogram(*slabs.histogram(values, bins), 2)[0][0])
+
+    t_0 = threshold(array)
     solid_values = array[array >= t_0]
-    t_mid = isodata_threshold(solid_values, bins=bins)
-    t_pore = isodata_threshold(array[array < t_mid], bins=bins)
-    hist, centres, _ = _histogram(solid_values, bins)
+    t_mid = threshold(solid_values)
+    t_pore = threshold(array[array < t_mid])
+    hist, centres, _ = slabs.histogram(solid_values, bins)
     mode = float(centres[np.argmax(ndimage.gaussian_filter1d(hist, 2.0))])
     bright = solid_values[solid_values >= mode]
-    t_si = isodata_threshold(bright, bins=bins) if bright.size > 1 and np.ptp(bright) > 0 else float(solid_values.max())
+    n_bright = int(slabs.sum_int(int(bright.size)))
+    top = slabs.max(float(bright.max()) if bright.size else -np.inf)
+    bottom = slabs.min(float(bright.min()) if bright.size else np.inf)
+    spread = top - bottom if n_bright else 0.0
+    t_si = (
+        threshold(bright)
+        if n_bright > 1 and spread > 0
+        else slabs.max(float(solid_values.max()) if solid_values.size else -np.inf)
+    )
     pore = array < t_pore
     si = array > t_si
     rest = ~pore & ~si
     structure = ndimage.generate_binary_structure(array.ndim, 1)
-    intermediate = rest & ((array < t_mid) | ndimage.binary_dilation(si, structure))
+    si_window, lo = slabs.window(si, 1)
+    grown = slabs.owned_part(ndimage.binary_dilation(si_window, structure), lo) if si_window.size else si
+    intermediate = rest & ((array < t_mid) | grown)
     graphite = rest & ~intermediate
-    if min_graphite_voxels > 1 and graphite.any():
-        comp, n = ndimage.label(graphite, structure)
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)
-        small = sizes < min_graphite_voxels
-        small[0] = False
-        moved = small[comp]
+    if min_graphite_voxels > 1 and slabs.any(bool(graphite.any())):
+        moved = _small_components(graphite, int(min_graphite_voxels), slabs)
         graphite &= ~moved
         intermediate |= moved
-    labels = np.empty(array.shape, dtype=_label_dtype(phases))
+    labels: np.ndarray = np.empty(array.shape, dtype=_label_dtype(phases))
     labels[pore] = phases["pore"]
     labels[si] = phases["si"]
     labels[intermediate] = phases["sei"]
     labels[graphite] = phases["graphite"]
+    del array, solid_values, bright, pore, si, rest, intermediate, graphite
     cleanup_info: dict[str, Any] | None = None
     if cleanup:
         roles = {role: phases[role] for role in MULTISTAGE_ROLES}
-        labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size)
+        labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size, slabs=slabs)
     refine_info: dict[str, Any] | None = None
     if refine:
         labels, refine_info = _refine_blur_aware(
-            raw, labels, phases, psf_sigma=psf_sigma, noise_sigma=noise_sigma, beta=potts_beta, max_sweeps=max_sweeps
+            raw,
+            labels,
+            phases,
+            slabs,
+            psf_sigma=psf_sigma,
+            noise_sigma=noise_sigma,
+            beta=potts_beta,
+            max_sweeps=max_sweeps,
         )
+    total = max(int(slabs.sum_int(int(labels.size))), 1)
     info = {
         "method": "multistage",
         "thresholds": {"pore": t_pore, "intermediate_graphite": t_mid, "si": t_si},
@@ -350,16 +459,20 @@ def multistage_threshold(
         "denoise": denoise_info,
         "cleanup": cleanup_info,
         "refine": refine_info,
-        "fractions": {role: float(np.count_nonzero(labels == phases[role]) / labels.size) for role in MULTISTAGE_ROLES},
+        "fractions": {
+            role: float(slabs.sum_int(int(np.count_nonzero(labels == phases[role])))) / total
+            for role in MULTISTAGE_ROLES
+        },
     }
     logger.debug("multistage thresholds: pore %.4g, intermediate/graphite %.4g, si %.4g", t_pore, t_mid, t_si)
-    return SegmentationResult(VoxelImage(labels, image.voxel_size, dict(phases), f"multistage({image.source})"), info)
+    return labels, info
 
 
 def _refine_blur_aware(
     raw: np.ndarray,
     labels: np.ndarray,
     phases: Mapping[str, int],
+    slabs: Slabs,
     *,
     psf_sigma: float | None,
     noise_sigma: float | None,
@@ -374,19 +487,19 @@ def _refine_blur_aware(
     lut = np.zeros(int(max(values)) + 1, dtype=np.int8)
     lut[values] = np.arange(len(values), dtype=np.int8)
     classes = lut[labels]
-    sigma_n = float(noise_sigma) if noise_sigma is not None else estimate_noise_sigma(raw)
+    sigma_n = float(noise_sigma) if noise_sigma is not None else estimate_noise_sigma(raw, slabs)
     if sigma_n <= 0:
         return labels, {"skipped": "the image has no noise to weigh the data by (noise sigma 0)"}
     if psf_sigma is None:
-        psf = restore.estimate_psf(raw, classes, len(values))
+        psf = restore.estimate_psf(raw, classes, len(values), slabs=slabs)
         s, levels, estimated = psf["psf_sigma_voxels"], psf["levels"], True
     else:
         s = float(psf_sigma)
-        levels, _ = restore.fit_levels(raw, classes, len(values), s)
+        levels, _ = restore.fit_levels(raw, classes, len(values), s, slabs=slabs)
         estimated = False
     beta = restore.DEFAULT_POTTS_BETA if beta is None else float(beta)
     refined, info = restore.blur_aware_icm(
-        raw, classes, levels, psf_sigma=s, noise_sigma=sigma_n, beta=beta, max_sweeps=max_sweeps
+        raw, classes, levels, psf_sigma=s, noise_sigma=sigma_n, beta=beta, max_sweeps=max_sweeps, slabs=slabs
     )
     out = np.asarray(values, dtype=labels.dtype)[refined]
     info.update(
@@ -394,7 +507,7 @@ def _refine_blur_aware(
             "psf_sigma_estimated": estimated,
             "noise_sigma_estimated": noise_sigma is None,
             "levels": dict(zip(MULTISTAGE_ROLES, info["levels"])),
-            "voxels_changed": int(np.count_nonzero(out != labels)),
+            "voxels_changed": int(slabs.sum_int(int(np.count_nonzero(out != labels)))),
         }
     )
     return out, info
@@ -559,6 +672,7 @@ def clean_labels(
     *,
     min_size: int | Mapping[str, int] = DEFAULT_MIN_OBJECT_SIZE,
     fill_isolated: bool = True,
+    slabs: Slabs | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Small spatial clean-up of a label image (optional last stage of the segmentations).
 
@@ -566,18 +680,23 @@ def clean_labels(
        (6 in 3D, 4 in 2D) shares takes the most frequent label among them (salt-and-pepper).
     2. Minimum object size: a connected object (face connectivity) of a phase with fewer than
        ``min_size`` voxels (per phase name, or one value for all) takes the most frequent label
-       among the voxels touching it. Objects touching nothing else (a phase filling the image)
-       are kept.
+       among the voxels touching it (a voxel touching two small objects votes for the later one
+       in raster order). Objects touching nothing else (a phase filling the image) are kept.
 
     Args:
-        labels: integer label image.
+        labels: integer label image (with ``slabs``: this rank's layers of it).
         phases: phase name -> label value (only these labels are cleaned).
         min_size: smallest object kept, voxels (1 = keep all), per phase name or for all.
         fill_isolated: apply step 1.
+        slabs: the layers each MPI rank holds (collective). Step 1 needs one halo layer; step 2,
+            per phase, ``2 min_size + 1``: a small object touching the slab, the voxels around it
+            and any small object they touch then lie in the window, and a large object keeps at
+            least ``min_size`` voxels in it, so the result equals the whole image's.
 
     Returns:
         ``(cleaned labels, info)`` with the number of voxels changed by each step.
     """
+    part = slabs if slabs is not None else Slabs.whole(np.shape(labels)[0])
     names = list(phases)
     sizes = (
         {n: int(min_size) for n in names}
@@ -599,41 +718,49 @@ def clean_labels(
         "small_objects_removed": {},
     }
     if fill_isolated:
-        counts = _neighbour_counts(out, values)
-        known = np.isin(out, values)
-        own = np.zeros(out.shape, dtype=np.uint8)
-        for k, v in enumerate(values):
-            own[out == v] = counts[k][out == v]
-        isolated = known & (own == 0) & (counts.sum(axis=0) > 0)
-        out[isolated] = lut[np.argmax(counts[:, isolated], axis=0)]
-        info["isolated_filled"] = int(np.count_nonzero(isolated))
+        window, lo = part.window(out, 1)
+        filled = 0
+        if out.size:
+            counts = np.stack([part.owned_part(c, lo) for c in _neighbour_counts(window, values)])
+            known = np.isin(out, values)
+            own = np.zeros(out.shape, dtype=np.uint8)
+            for k, v in enumerate(values):
+                own[out == v] = counts[k][out == v]
+            isolated = known & (own == 0) & (counts.sum(axis=0) > 0)
+            out[isolated] = lut[np.argmax(counts[:, isolated], axis=0)]
+            filled = int(np.count_nonzero(isolated))
+        info["isolated_filled"] = int(part.sum_int(filled))
     structure = _face_structure(out.ndim)
     for name, value in zip(names, values):
         if sizes[name] <= 1:
             continue
-        comp, n = ndimage.label(out == value, structure)
-        if n == 0:
-            continue
-        size = np.bincount(comp.ravel(), minlength=n + 1)
-        small = size < sizes[name]
-        small[0] = False
-        if not small[1:].any():
-            continue
-        ids = np.where(small[comp], comp, 0)
-        # voxels next to a small object (not in it): the object's id and their own label
-        ring_id = ndimage.grey_dilation(ids, footprint=structure, mode="constant", cval=0)
-        ring = (ring_id > 0) & (out != value)
-        pair_id, pair_label = ring_id[ring], out[ring]
-        order = np.argsort(lut)
-        where = np.minimum(np.searchsorted(lut[order], pair_label), len(values) - 1)
-        label_index = order[where]
-        inside = lut[label_index] == pair_label
-        votes = np.zeros((n + 1, len(values)), dtype=np.int64)
-        np.add.at(votes, (pair_id[inside], label_index[inside]), 1)
-        has_neighbour = votes.sum(axis=1) > 0
-        replace = small & has_neighbour
-        new_value = lut[np.argmax(votes, axis=1)]
-        moved = replace[comp]
-        out[moved] = new_value[comp[moved]]
-        info["small_objects_removed"][name] = int(np.count_nonzero(replace))
+        window, lo = part.window(out, 2 * sizes[name] + 1)
+        removed = 0
+        comp, n = ndimage.label(window == value, structure) if window.size else (np.zeros(window.shape, np.int32), 0)
+        if n:
+            size = np.bincount(comp.ravel(), minlength=n + 1)
+            small = size < sizes[name]
+            small[0] = False
+            if small[1:].any():
+                ids = np.where(small[comp], comp, 0)
+                # voxels next to a small object (not in it): the object's id and their own label
+                ring_id = ndimage.grey_dilation(ids, footprint=structure, mode="constant", cval=0)
+                ring = (ring_id > 0) & (window != value)
+                pair_id, pair_label = ring_id[ring], window[ring]
+                order = np.argsort(lut)
+                where = np.minimum(np.searchsorted(lut[order], pair_label), len(values) - 1)
+                label_index = order[where]
+                inside = lut[label_index] == pair_label
+                votes = np.zeros((n + 1, len(values)), dtype=np.int64)
+                np.add.at(votes, (pair_id[inside], label_index[inside]), 1)
+                has_neighbour = votes.sum(axis=1) > 0
+                replace = small & has_neighbour
+                new_value = lut[np.argmax(votes, axis=1)]
+                mine = part.owned_part(comp, lo)
+                moved = replace[mine]
+                out[moved] = new_value[mine[moved]]
+                # each object counted by the rank that owns its first layer
+                first = np.array([sl[0].start + lo if sl is not None else -1 for sl in ndimage.find_objects(comp)])
+                removed = int(np.count_nonzero(replace[1:] & (first >= part.z0) & (first < part.z1)))
+        info["small_objects_removed"][name] = int(part.sum_int(removed))
     return out, info
