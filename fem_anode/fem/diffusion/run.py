@@ -569,13 +569,18 @@ def suggest_regions(
     return regions
 
 
-def fig8_settings(image_path: Path, *, quick: bool = False) -> DiffusionSettings:
+def fig8_settings(image: Path | str | VoxelImage, *, quick: bool = False) -> DiffusionSettings:
     """The paper's Fig. 8 set-up on a 2D ROI: its parameters, regions I-IV from
-    :func:`suggest_regions`, outputs at 2, 10, 100 s plus early times where the physics happens."""
+    :func:`suggest_regions`, outputs at 2, 10, 100 s plus early times where the physics happens.
+
+    ``image``: the ROI's label image in memory (the settings then name no file: pass the image to
+    :func:`fem_anode.solve_diffusion`), or its path (``geometry.image``, as ``fem-anode diffusion`` needs).
+    """
     from fem_anode.fem.diffusion.settings import GeometrySettings, TimeSettings
 
     times = [0.01, 2.0, 10.0, 100.0] if quick else [0.001, 0.003, 0.01, 2.0, 10.0, 100.0]
-    settings = DiffusionSettings(
-        geometry=GeometrySettings(image=Path(image_path)), time=TimeSettings(output_times=times)
-    )
-    return settings.replace(regions=suggest_regions(read_image(image_path, kind="labels"), settings))
+    in_memory = isinstance(image, VoxelImage)
+    geometry = GeometrySettings() if in_memory else GeometrySettings(image=Path(image))
+    settings = DiffusionSettings(geometry=geometry, time=TimeSettings(output_times=times))
+    labels = image if isinstance(image, VoxelImage) else read_image(image, kind="labels")
+    return settings.replace(regions=suggest_regions(labels, settings))
