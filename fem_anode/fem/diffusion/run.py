@@ -579,8 +579,9 @@ def fig8_settings(image: Path | str | VoxelImage, *, quick: bool = False) -> Dif
     from fem_anode.fem.diffusion.settings import GeometrySettings, TimeSettings
 
     times = [0.01, 2.0, 10.0, 100.0] if quick else [0.001, 0.003, 0.01, 2.0, 10.0, 100.0]
-    in_memory = isinstance(image, VoxelImage)
-    geometry = GeometrySettings() if in_memory else GeometrySettings(image=Path(image))
+    if isinstance(image, VoxelImage):
+        geometry, labels = GeometrySettings(), image
+    else:
+        geometry, labels = GeometrySettings(image=Path(image)), read_image(image, kind="labels")
     settings = DiffusionSettings(geometry=geometry, time=TimeSettings(output_times=times))
-    labels = image if isinstance(image, VoxelImage) else read_image(image, kind="labels")
     return settings.replace(regions=suggest_regions(labels, settings))
