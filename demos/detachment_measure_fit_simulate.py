@@ -1,6 +1,6 @@
 """Particle detachment: measure gaps in images -> fit the Maxwell-material model -> simulate.
 
-The workflow of paper 003 (Si/graphite electrodes imaged pristine and after 1, 3 and 10 cycles)
+The workflow of Müller et al. (2018) (Si/graphite electrodes imaged pristine and after 1, 3 and 10 cycles)
 on synthetic data with a known answer:
 
 1. "electrodes": for each imaged cycle, Si particles (default size distribution) whose gaps to

@@ -1,5 +1,5 @@
 """Bad input: every subcommand fails fast with one line naming the problem, a distinct exit code,
-no traceback unless --debug, and nothing written. One test (or parameter) per item of issue 11;
+no traceback unless --debug, and nothing written. One test (or parameter) per class of bad input;
 docs/reliability.md maps each item to its test.
 
 Runs serially and under ``mpirun -n 2`` (each rank runs every test; commands that use MPI get a

@@ -1,4 +1,4 @@
-"""Reliability, round two (issue 21): one test (or parameter) per class of failure.
+"""Reliability, round two: one test (or parameter) per class of failure.
 
 * readers check what they assemble (TIFF pages and series, folders of slices, .npz members,
   sidecar JSON) and name the odd page, slice or member;

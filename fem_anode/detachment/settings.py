@@ -28,7 +28,7 @@ PARAMETER_NAMES: tuple[str, ...] = ("alpha0", "kappa0", "delta0", "zeta0")
 
 @dataclass
 class ModelParameters(Section):
-    """Maxwell-material detachment model (paper 003, Fig. 4b/c)."""
+    """Maxwell-material detachment model (Müller et al. 2018, Fig. 4b/c)."""
 
     alpha0: float = setting(
         0.83, "E/eta times the lithiation half-cycle duration (creep per half-cycle)", positive=True

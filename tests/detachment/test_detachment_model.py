@@ -175,7 +175,7 @@ def test_capacity_is_volume_weighted_survival():
 
 
 def test_paper_discussion_numbers_with_default_distribution():
-    """Discussion of paper 003: ~20 % Si capacity after 10 cycles; all three improved -> almost 40 %."""
+    """Discussion of Müller et al. (2018): ~20 % Si capacity after 10 cycles; all three improved -> almost 40 %."""
     runs = {name: simulate(p).capacity_retention[10] for name, p in scenarios(PAPER).items()}
     assert runs["fitted"] == pytest.approx(0.20, abs=0.02)
     assert runs["all three improved"] == pytest.approx(0.40, abs=0.03)
