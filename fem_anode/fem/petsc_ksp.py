@@ -71,8 +71,8 @@ def ksp_from_options(
 def direct_solver_package(comm_size: int, *, symmetric_positive_definite: bool = False) -> str | None:
     """The sparse direct solver this PETSc build offers, in the package's order of preference.
 
-    One rank and an SPD matrix: CHOLMOD (supernodal Cholesky; measured on the 261k-dof 2D ROI:
-    first factorisation 0.35 s vs MUMPS's 1.10 s). Otherwise MUMPS, then SuperLU_dist, then
+    One rank and an SPD matrix: CHOLMOD (supernodal Cholesky; factorises about 3x faster than
+    MUMPS on the 2D ROI, docs/benchmarks.md). Otherwise MUMPS, then SuperLU_dist, then
     PETSc's own factorisation on one rank. ``None``: no direct solver can run on ``comm_size``
     ranks (PETSc's own factorisation is serial).
     """

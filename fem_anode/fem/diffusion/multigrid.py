@@ -27,9 +27,8 @@ class ShiftedMultigrid:
     factorisation of the coarsest level (a few hundred unknowns): no new hierarchy.
 
     Smoothers: one symmetric SOR sweep (local on each rank) before and after the coarse
-    correction, which needs no set-up per shift (no eigenvalue estimates). Measured on the 64^3
-    electrode crop (105k dofs, the 164 steps of the 10 s run): 849 CG iterations in 19 s,
-    against 1165 in 25 s with two Chebyshev/Jacobi steps and 2018 in 23 s with one.
+    correction, which needs no set-up per shift (no eigenvalue estimates); fewer CG iterations
+    and less time than one or two Chebyshev/Jacobi steps (docs/benchmarks.md, 64^3 electrode crop).
 
     Args:
         KR: ``K + R`` (fine level), SPD.

@@ -268,9 +268,9 @@ class TransientDiffusion:
         """``"direct"`` or ``"iterative"`` after resolving ``solver.type = "auto"``."""
         kind = self.settings.solver.type
         if kind == "auto":
-            # 3D sparse Cholesky fills in: measured (benchmarks/bench_diffusion.py) 71 s for two
-            # MUMPS factorisations at 184k P1 dofs versus 1.4 s of AMG setup at 55k; a run with
-            # geometric steps refactorises every few steps, so 3D iterates above 50k dofs.
+            # 3D sparse Cholesky fills in (its cost grows like n^2) and a run with geometric
+            # steps refactorises every few steps, so 3D iterates above 50k dofs (the measured
+            # costs: docs/benchmarks.md, "Solver choices made from these measurements").
             kind = "direct" if self.dim == 2 or self.ndofs < 50_000 else "iterative"
         if kind == "direct" and self._direct_package() is None and self.comm.size > 1:
             kind = "iterative"
@@ -279,8 +279,8 @@ class TransientDiffusion:
     def _direct_package(self) -> str | None:
         """The sparse direct solver: CHOLMOD on one rank (A is SPD), else MUMPS or SuperLU_dist.
 
-        PETSc's own Cholesky (nested dissection) solves faster (13 vs 28 ms on the 261k-dof 2D
-        ROI) but factorises 6x slower, a loss for runs that refactorise every few steps.
+        PETSc's own Cholesky (nested dissection) solves faster but factorises several times
+        slower, a loss for runs that refactorise every few steps (docs/benchmarks.md).
         """
         return direct_solver_package(self.comm.size, symmetric_positive_definite=True)
 
@@ -316,7 +316,7 @@ class TransientDiffusion:
                 direct["pc_factor_mat_ordering_type"] = "nd"
             return {**direct, **solver.petsc_options}
         # The initial guess is c^n extrapolated through c^{n-1} (_predict): about one
-        # iteration fewer per step than starting from c^n (measured on the voxel benchmarks).
+        # iteration fewer per step than starting from c^n (docs/benchmarks.md).
         options: dict[str, Any] = {
             "ksp_type": "cg",
             "ksp_rtol": solver.rtol,
@@ -326,12 +326,12 @@ class TransientDiffusion:
         }
         if preconditioner == "ssor":
             # Symmetric SOR. On one rank with Eisenstat's trick: the preconditioned operator
-            # costs about one mat-vec of memory traffic, measured 1.3x faster than PCSOR;
+            # costs about one mat-vec of memory traffic instead of three (PCSOR);
             # PETSc 3.22's PCEISENSTAT fails on MPI matrices (MatSOR_MPIAIJ's Eisenstat branch
             # calls MatMultDiagonalBlock, which plain SeqAIJ blocks lack), so several ranks use
-            # PCSOR's local symmetric sweeps. omega = 1.3: 12 instead of 14 iterations on the
-            # 184k- and 835k-dof voxel benchmarks. CG's natural norm (r.z, computed anyway)
-            # saves one vector norm per iteration.
+            # PCSOR's local symmetric sweeps. omega = 1.3 (fewer iterations than 1.0 on the voxel
+            # benchmarks). CG's natural norm (r.z, computed anyway) saves one vector norm per
+            # iteration. Measurements: docs/benchmarks.md, "Solver choices made from these measurements".
             if self.comm.size == 1:
                 options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": 1.3})
             else:
@@ -538,11 +538,9 @@ class TransientDiffusion:
     def _switch_iterations(self) -> int:
         """``solver.switch_iterations``, or its default: 40 on one rank, 20 on several.
 
-        Measured on the 64^3 electrode crop (105k dofs, 164 steps): one rank, an Eisenstat
-        SSOR-CG iteration costs about one mat-vec and the 'mg' iteration 3-4 times as much
-        (SSOR 1516 iterations in 8.0 s, mg 849 in 19.7 s); two ranks, SOR's local sweeps cost
-        three mat-vecs and need more iterations, so 'mg' wins sooner (SOR 2177 iterations in
-        15.3 s, mg 1014 in 12.7 s).
+        On one rank an Eisenstat SSOR-CG iteration costs about one mat-vec and an 'mg' iteration
+        3-4 times as much; on several, SOR's local sweeps cost three mat-vecs and need more
+        iterations, so 'mg' wins sooner (measured on the 64^3 electrode crop: docs/benchmarks.md).
         """
         value = self.settings.solver.switch_iterations
         return value if value is not None else (40 if self.comm.size == 1 else 20)
