@@ -134,3 +134,60 @@ def test_predictor_starts_newton_nearer_and_converges_to_the_same_state():
     diff = problem.comm.allreduce(float(np.abs(states["linear"] - states["none"]).max(initial=0.0)), op=MPI.MAX)
     assert diff < 1e-7
     problem.destroy()
+
+
+def test_predictor_does_not_extrapolate_across_the_end_of_the_surface_ramp():
+    """Inside the ramp of the surface value the predictor extrapolates; the step that leaves the
+    ramp (the surface value has a kink there) starts from the last state, exactly as without a
+    predictor; the step after it extrapolates again."""
+    problem = _vacancy_problem_in_a_lithiation()  # three steps inside the ramp (0.01)
+    end = problem._ramp[2] + problem._ramp[3]
+    assert not problem._leaves_ramp(0.5 * (end - problem.t)) and problem._leaves_ramp(2 * (end - problem.t))
+    for k in range(6, 0, -1):  # to the ramp's end in steps that extrapolate along the ramp
+        assert not problem._leaves_ramp((end - problem.t) / k)
+        assert problem.step((end - problem.t) / k).ok
+    dt = 0.0005
+    assert problem._leaves_ramp(dt)
+    saved = problem.w.x.array.copy(), float(problem.lam.value), problem.t
+    history = {}
+    for predictor in ("none", "linear"):
+        problem.settings.solver.predictor = predictor
+        problem.w.x.array[:] = saved[0]
+        problem.lam.value, problem.t = saved[1], saved[2]
+        problem.newton.invalidate()
+        w_prev, dt_prev, lam_prev = problem._w_prev.x.array.copy(), problem._dt_prev, problem._lam_prev
+        result = problem.step(dt)
+        assert result.ok, result.reason
+        history[predictor] = result.history
+        problem.w_old.x.array[:] = saved[0]
+        problem._w_prev.x.array[:], problem._dt_prev, problem._lam_prev = w_prev, dt_prev, lam_prev
+        problem.lam_old = saved[1]
+    assert history["linear"][0] == pytest.approx(history["none"][0], rel=1e-10)
+    problem.w.x.array[:] = saved[0]
+    problem.t = saved[2]
+    assert problem.step(dt).ok
+    assert not problem._leaves_ramp(dt)  # past the ramp: extrapolation again
+    problem.destroy()
+
+
+def test_the_problem_and_its_output_leave_the_callers_mesh_in_metres(shared_tmp_path):
+    """The forms are written in the length unit l0 on the mesh in metres: building a problem,
+    stepping and writing the deformed mesh leave the caller's mesh coordinates bit for bit as
+    they were; the writer's own copy moves by the displacement (metres)."""
+    from fem_anode.fem.phasefield.output import FieldWriter
+
+    problem = _vacancy_problem_in_a_lithiation()
+    x = problem.mesh.geometry.x
+    radius = problem.comm.allreduce(float(np.hypot(x[:, 0], x[:, 1]).max(initial=0.0)), op=MPI.MAX)
+    assert radius == pytest.approx(20e-9, rel=1e-6)  # metres, not units of l0
+    original = x.copy()
+    assert problem.step(problem.settings.cycling.dt_initial / 16).ok
+    writer = FieldWriter(problem, shared_tmp_path)
+    writer.write(problem.t)
+    writer.close()
+    assert np.array_equal(problem.mesh.geometry.x, original)
+    moved = writer.mesh.geometry.x - original
+    u = writer.f.u.x.array.reshape(-1, 2)[writer.f.node_dofs]
+    assert np.allclose(moved[:, :2], u, rtol=1e-12, atol=1e-12 * 20e-9)
+    assert problem.comm.allreduce(float(np.abs(moved).max(initial=0.0)), op=MPI.MAX) > 1e-3 * 20e-9  # it swells
+    problem.destroy()

@@ -276,7 +276,8 @@ class SolverSettings(Section):
     predictor: str = setting(
         "linear",
         "initial guess of each Newton solve: 'linear' (extrapolated from the last two accepted steps of the "
-        "half-cycle; concentrations move at most halfway to 0 or 1), 'none' (the last accepted state)",
+        "half-cycle, except across the end of the surface ramp; concentrations move at most halfway to 0 or 1), "
+        "'none' (the last accepted state)",
         choices=("linear", "none"),
     )
     quadrature_degree: int | None = setting(
