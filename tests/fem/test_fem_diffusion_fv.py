@@ -161,6 +161,46 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm):
     assert 0 < world.t90(1000.0)["domain"] < 1.0
 
 
+def test_slab_ssor_is_one_global_ssor(shared_tmp_path, comm):
+    """The several-rank Eisenstat applies ``B^{-1} A B^{-T}`` exactly, ``B`` the lower triangle
+    (diagonal / omega) of A in the separator order (every slab but the top one's last layer after
+    all other voxels): compared with the operator built densely from the whole matrix. On one rank
+    it is the natural order."""
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem, _SlabEisenstat
+
+    labels = np.where(np.random.default_rng(3).random((8, 5, 6)) < 0.75, 3, 0).astype(np.uint8)
+    path = _image_file(shared_tmp_path, labels, 1e-7, comm, "ssor.npy")
+    settings = _settings(path, solver={"type": "iterative", "preconditioner": "ssor"})
+    problem = VoxelFVProblem(open_image_layers(path), settings, comm)
+    a0 = 1e4
+    A = problem._operator(a0)
+    slab = _SlabEisenstat(problem, A)
+    try:
+        slab.prepare(a0)
+        assert slab.order == "separators"
+        n = A.getSize()[0]
+        lo, hi = A.getOwnershipRange()
+        dense = np.vstack(comm.allgather(A.getValues(range(lo, hi), range(n))))  # tiny: the whole matrix
+        top = slab.slab.next is None
+        separators = np.concatenate(comm.allgather(np.zeros(0, int) if top else slab.last_rows + lo))
+        order = np.concatenate([np.setdiff1d(np.arange(n), separators), separators])
+        P = dense[np.ix_(order, order)]
+        B = np.tril(P, -1) + np.diag(np.diag(P)) / slab.omega
+        y = np.random.default_rng(4).random(n)  # the same on every rank
+        expected = np.empty(n)
+        expected[order] = np.linalg.solve(B, P @ np.linalg.solve(B.T, y[order]))
+        Y, Z = A.createVecLeft(), A.createVecLeft()
+        Y.array[:] = y[lo:hi]
+        slab.mult(None, Y, Z)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(Z.array, expected[lo:hi], rtol=1e-10, atol=1e-12 * scale)
+        Y.destroy()
+        Z.destroy()
+    finally:
+        slab.free()
+        problem.destroy()
+
+
 def test_fv_agrees_with_p1_on_the_electrode(electrode_crop, shared_tmp_path, comm):
     """FV and P1 are two discretisations of one model: on the 20^3 crop t90 differs by a few
     per cent (face vs node connectivity, O(h^2) errors), not by a factor."""

@@ -495,24 +495,54 @@ class VoxelFVProblem(TransientDiffusion):
             weights.destroy()
 
 
+def _pass_layer(comm: MPI.Comm, slab: Any, layer: np.ndarray, *, upward: bool) -> np.ndarray | None:
+    """Send ``layer`` to the slab above (``upward``) or below and return the one received from the
+    other side (``None`` at the end of the volume). Collective over the ranks with non-empty slabs."""
+    dest, source = (slab.next, slab.prev) if upward else (slab.prev, slab.next)
+    tag = 931 if upward else 932
+    requests = []
+    received = None
+    if dest is not None:
+        requests.append(comm.Isend(np.ascontiguousarray(layer), dest=dest, tag=tag))
+    if source is not None:
+        received = np.empty_like(layer)
+        requests.append(comm.Irecv(received, source=source, tag=tag))
+    MPI.Request.Waitall(requests)
+    return received
+
+
 class _SlabEisenstat:
-    r"""CG with SSOR on each rank's rows by Eisenstat's trick (several ranks; the matrix of a
-    :class:`VoxelFVProblem`, whose ranks own slabs of z layers).
+    r"""CG with symmetric SOR by Eisenstat's trick on several ranks (the matrix of a
+    :class:`VoxelFVProblem`, whose ranks own slabs of z layers), the sweeps running in parallel.
 
-    With ``B = D/omega + L`` (``L``: the strictly lower triangle of this rank's diagonal block),
-    CG runs on the symmetric ``Â = B^{-1} A B^{-T}`` with the diagonal ``D`` as preconditioner,
-    which is CG on ``A`` with block-Jacobi SSOR (``B D^{-1} B^T``), as PETSc's ``PCEISENSTAT``
-    does on one rank. Applying ``Â`` costs two triangular sweeps (about one mat-vec) instead of
-    a mat-vec and two sweeps:
+    With ``B = D/omega + L`` (``L``: the strictly lower triangle of ``A`` in the sweep order), CG
+    runs on the symmetric ``Â = B^{-1} A B^{-T}`` with the diagonal ``D`` as preconditioner,
+    which is CG on ``A`` with SSOR (``B D^{-1} B^T``), as PETSc's ``PCEISENSTAT`` does on one
+    rank. Since ``A = B + B^T - (2/omega - 1) D``, applying ``Â`` costs two triangular sweeps
+    (about one mat-vec) instead of a mat-vec and two sweeps:
 
-    .. math::  Â y = t + B^{-1}\left(y + (1 - 2/\omega) D t + O t\right),\qquad t = B^{-T} y,
+    .. math::  Â y = t + B^{-1}\left(y + (1 - 2/\omega) D t\right),\qquad t = B^{-T} y.
 
-    ``O`` being the couplings to the neighbouring ranks' layers (only ``z``: ``-G_z`` to the
-    voxel across the slab interface; its values travel as one layer each way). The right-hand
-    side is ``B^{-1} b``, the initial guess ``B^T x_0`` and the solution ``x = B^{-T} ŷ``; the
-    convergence test is CG's natural norm of the transformed system, as with ``PCEISENSTAT``.
-    On one rank this is exactly PETSc's Eisenstat; on several, block Jacobi costs a few more
-    iterations (7.9 instead of 6.6 per step on the 128^3 electrode on 2 ranks).
+    **Sweep order** (``separators``, the default when every rank between two others has at least
+    two layers): the voxels of every slab but its last layer, slab by slab, then the last layers
+    of all slabs but the top one (the *separators*, which touch only the slabs on either side).
+    This is one global SSOR, not block Jacobi, so CG needs about the iterations of one rank, and
+    every sweep still runs on all ranks at once: each rank sweeps its own block (PETSc's
+    ``MatSOR``), then corrects one layer. Backward (``B^{-T}``): a slab's first layer also
+    couples to the separator below it, which comes later in the order, so after the block sweep
+    that layer is corrected by ``(D/omega + U)^{-1}`` on the layer alone, with the separator's
+    values from the rank below (the correction stays in the layer: it is the last in the sweep).
+    Forward (``B^{-1}``): a separator couples to the first layer above it, which comes earlier,
+    likewise corrected on the separator alone with the first layer of the rank above. One layer
+    travels each way per sweep.
+
+    Otherwise (``block-jacobi``): ``B`` is block diagonal (each rank's own rows), the couplings
+    ``O`` across slabs enter as ``Â y = t + B^{-1}(y + (1 - 2/omega) D t + O t)``: block-Jacobi
+    SSOR, a few more iterations (7.9 instead of 6.6 per step on the 128^3 electrode).
+
+    The right-hand side is ``B^{-1} b``, the initial guess ``B^T x_0`` and the solution
+    ``x = B^{-T} ŷ``; the convergence test is CG's natural norm of the transformed system, as
+    with ``PCEISENSTAT``.
     """
 
     def __init__(self, problem: VoxelFVProblem, A: PETSc.Mat) -> None:
@@ -546,6 +576,22 @@ class _SlabEisenstat:
         self.plane = (info.ny, info.nx)
         self.slab = slab
         self.g_z = problem._g_z
+        # The separator order needs the first and last layers of a slab between two others apart.
+        middle_ok = slab.prev is None or slab.next is None or slab.layers >= 2
+        self.order = "separators" if self.comm.allreduce(middle_ok, op=MPI.LAND) else "block-jacobi"
+        self._first_layer: PETSc.Mat | None = None  # A on the first layer's rows and columns
+        self._last_layer: PETSc.Mat | None = None  # A on the last layer's rows and columns
+        self._layer_is = [
+            PETSc.IS().createGeneral(rows.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+            for rows in (self.first_rows, self.last_rows)
+        ]
+        self._layer_vecs = [
+            (
+                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
+                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
+            )
+            for rows in (self.first_rows, self.last_rows)
+        ]
         self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
         self.shell.setUp()
         self.ksp = PETSc.KSP().create(A.getComm())
@@ -562,8 +608,16 @@ class _SlabEisenstat:
 
     def prepare(self, a0: float) -> None:
         """Use the operator's current values (only its diagonal changes with a0; ``self.d`` is the
-        problem's diagonal vector, already refreshed by ``_operator``)."""
+        problem's diagonal vector, already refreshed by ``_operator``; the layer blocks are
+        extracted again, one layer each)."""
+        if self.a0 == a0:
+            return
         self.a0 = a0
+        if self.order == "separators":
+            if self.slab.prev is not None:
+                self._first_layer = self.block.createSubMatrix(self._layer_is[0], self._layer_is[0], self._first_layer)
+            if self.slab.next is not None:
+                self._last_layer = self.block.createSubMatrix(self._layer_is[1], self._layer_is[1], self._last_layer)
 
     def _sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
         """One sweep on this rank's block, ``x = B^{-1} b`` (forward), ``B^{-T} b`` (backward) or
@@ -577,30 +631,89 @@ class _SlabEisenstat:
             src.resetArray()
             dst.resetArray()
 
-    def _add_off_rank(self, t: np.ndarray, w: np.ndarray) -> None:
-        """``w += O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
+    def _exchange(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """This rank's first layer of ``x`` down and its last layer up; (the layer below, the layer above)."""
         first = np.zeros(self.plane).ravel()
         last = np.zeros(self.plane).ravel()
-        first[self.first_pos] = t[self.first_rows]
-        last[self.last_pos] = t[self.last_rows]
-        below, above = exchange_layers(self.comm, self.slab, first, last)
+        first[self.first_pos] = x[self.first_rows]
+        last[self.last_pos] = x[self.last_rows]
+        return exchange_layers(self.comm, self.slab, first, last)
+
+    def _add_off_rank(self, t: np.ndarray, w: np.ndarray) -> None:
+        """``w += O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
+        below, above = self._exchange(t)
         if below is not None:
             w[self.first_rows] -= self.g_z * below[self.first_pos]
         if above is not None:
             w[self.last_rows] -= self.g_z * above[self.last_pos]
 
+    def _correct_layer(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> None:
+        """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (``which = 0``, backward:
+        ``T = U``) or last (1, forward: ``T = L``) layer alone: the neighbouring slab's values
+        ``coupled`` (their matrix entries are ``-g_z``) moved to the right-hand side."""
+        layer = self._first_layer if which == 0 else self._last_layer
+        rows = self.first_rows if which == 0 else self.last_rows
+        positions = self.first_pos if which == 0 else self.last_pos
+        rhs, delta = self._layer_vecs[which]
+        if layer is None or rows.size == 0:
+            return
+        rhs.array[:] = self.g_z * coupled[positions]
+        layer.SOR(rhs, delta, self.omega, kind, 0.0, 1, 1)
+        x.array[rows] += delta.array_r
+
+    def _backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-T} b`` in the separator order (see the class docstring)."""
+        self._sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        below, _ = self._exchange_up(x)
+        if below is not None:
+            self._correct_layer(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+
+    def _forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-1} b`` in the separator order."""
+        self._sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        _, above = self._exchange_down(x)
+        if above is not None:
+            self._correct_layer(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+
+    def _exchange_up(self, x: PETSc.Vec) -> tuple[np.ndarray | None, None]:
+        """The last layer of ``x`` of the rank below (its separator); this rank's goes up."""
+        last = np.zeros(self.plane).ravel()
+        last[self.last_pos] = x.array_r[self.last_rows]
+        return _pass_layer(self.comm, self.slab, last, upward=True), None
+
+    def _exchange_down(self, x: PETSc.Vec) -> tuple[None, np.ndarray | None]:
+        """The first layer of ``x`` of the rank above; this rank's goes down."""
+        first = np.zeros(self.plane).ravel()
+        first[self.first_pos] = x.array_r[self.first_rows]
+        return None, _pass_layer(self.comm, self.slab, first, upward=False)
+
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
-        self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        w.pointwiseMult(self.d, t)
-        w.aypx(self.mid_scale, y)  # w = y + (1 - 2/omega) D t
-        self._add_off_rank(t.array_r, w.array)
-        self._sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        if self.order == "separators":
+            self._backward(y, t)
+            w.pointwiseMult(self.d, t)
+            w.aypx(self.mid_scale, y)  # w = y + (1 - 2/omega) D t
+            self._forward(w, z)
+        else:
+            self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+            w.pointwiseMult(self.d, t)
+            w.aypx(self.mid_scale, y)
+            self._add_off_rank(t.array_r, w.array)
+            self._sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
         z.axpy(1.0, t)
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
+        if self.order == "separators":
+            self._forward(b, self.bhat)
+            self._sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
+            below, _ = self._exchange_up(x)  # B^T x: a first layer's coupling to the separator below
+            if below is not None and self.first_rows.size:
+                self.yhat.array[self.first_rows] -= self.g_z * below[self.first_pos]
+            self.ksp.solve(self.bhat, self.yhat)
+            self._backward(self.yhat, x)
+            return
         self._sweep(b, self.bhat, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
         self._sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
         self.ksp.solve(self.bhat, self.yhat)
@@ -619,7 +732,7 @@ class _SlabEisenstat:
         return "cg"
 
     def getPC(self) -> Any:
-        return _Named("eisenstat-slabs")
+        return _Named("eisenstat-slabs" if self.order == "separators" else "eisenstat-block-jacobi")
 
     def free(self) -> None:
         """Free the PETSc objects (not ``destroy``: PETSc calls a shell context's ``destroy(mat)`` itself)."""
@@ -628,6 +741,14 @@ class _SlabEisenstat:
         self.shell.destroy()
         for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work):  # w_work and d belong to the problem
             vec.destroy()
+        for obj in (
+            self._first_layer,
+            self._last_layer,
+            *self._layer_is,
+            *(v for pair in self._layer_vecs for v in pair),
+        ):
+            if obj is not None:
+                obj.destroy()
 
 
 class _Named:
