@@ -112,6 +112,12 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "conditional modes on the blurred-label model with a Potts prior)",
     )
     clean.add_argument(
+        "--no-graphite-opening",
+        action="store_true",
+        help="multistage refinement: allow graphite on structures thinner than 3 voxels (by default such graphite "
+        "is relabelled by a second refinement pass: graphite particles are many voxels thick)",
+    )
+    clean.add_argument(
         "--psf-sigma",
         type=float,
         default=None,
@@ -320,6 +326,7 @@ def _run_multistage(args: argparse.Namespace) -> int:
         refine=not args.no_refine,
         psf_sigma=args.psf_sigma,
         potts_beta=args.potts_beta,
+        graphite_opening=not args.no_graphite_opening,
     )
     del gray
     report: dict[str, Any] = {

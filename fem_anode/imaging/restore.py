@@ -327,6 +327,7 @@ def blur_aware_icm(
     tol: float = 1e-4,
     refit_levels: bool = True,
     slabs: Slabs | None = None,
+    excluded: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Iterated conditional modes on ``E(L) = |g - K f[L]|^2 / (2 sigma_n^2) + beta Potts(L)``.
 
@@ -360,6 +361,8 @@ def blur_aware_icm(
         tol: stop when a sweep changes fewer than this fraction of the voxels.
         refit_levels: refit the levels after each sweep.
         slabs: the layers each MPI rank holds (default: one process, the whole image).
+        excluded: class index -> boolean mask (this rank's layers) of voxels that may not move
+            to that class (a shape constraint, e.g. no graphite on one-voxel-thin structures).
 
     Returns:
         ``(classes, info)`` (the classes of this rank's layers): info has the sweeps, voxels
@@ -454,6 +457,7 @@ def blur_aware_icm(
             ws = starts[off[0]] - lo
             sl = (slice(ws, r1, _SPACING), *(slice(o, None, _SPACING) for o in off[1:]))
             current = cls[sl]
+            own_sl = (slice(starts[off[0]] - part.z0, None, _SPACING), *sl[1:])
             neighbours = []
             for axis in range(ndim):
                 for step in (-1, 1):
@@ -480,6 +484,8 @@ def blur_aware_icm(
                     continue
                 delta = mu32[k] - f_now
                 d_e = (delta * delta * k_here - 2.0 * delta * c_now) * inv - beta32 * (same_arr[k] - own)
+                if excluded is not None and k in excluded:
+                    d_e = np.where(excluded[k][own_sl], np.float32(np.inf), d_e)
                 better = d_e < best - np.float32(1e-6)
                 best = np.where(better, d_e, best)
                 choice = np.where(better, np.int8(k), choice)
