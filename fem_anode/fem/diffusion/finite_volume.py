@@ -44,6 +44,7 @@ from petsc4py import PETSc
 from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
+from fem_anode.fem.slab_sweeps import SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
 from fem_anode.imaging.slabs import label_slabs
@@ -495,22 +496,6 @@ class VoxelFVProblem(TransientDiffusion):
             weights.destroy()
 
 
-def _pass_layer(comm: MPI.Comm, slab: Any, layer: np.ndarray, *, upward: bool) -> np.ndarray | None:
-    """Send ``layer`` to the slab above (``upward``) or below and return the one received from the
-    other side (``None`` at the end of the volume). Collective over the ranks with non-empty slabs."""
-    dest, source = (slab.next, slab.prev) if upward else (slab.prev, slab.next)
-    tag = 931 if upward else 932
-    requests = []
-    received = None
-    if dest is not None:
-        requests.append(comm.Isend(np.ascontiguousarray(layer), dest=dest, tag=tag))
-    if source is not None:
-        received = np.empty_like(layer)
-        requests.append(comm.Irecv(received, source=source, tag=tag))
-    MPI.Request.Waitall(requests)
-    return received
-
-
 class _SlabEisenstat:
     r"""CG with symmetric SOR by Eisenstat's trick on several ranks (the matrix of a
     :class:`VoxelFVProblem`, whose ranks own slabs of z layers), the sweeps running in parallel.
@@ -551,9 +536,6 @@ class _SlabEisenstat:
         self.comm = problem.comm
         self.omega = 1.3
         self.A = A
-        self.block = A.getDiagonalBlock()  # this rank's rows and columns (a view, values follow A)
-        n = A.getLocalSize()[0]
-        self.seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
         self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
         self.bhat_work = A.createVecLeft()
         # Borrowed from the problem (no copies, one vector each per rank less): its work vector is
@@ -566,32 +548,16 @@ class _SlabEisenstat:
         info = problem._layers_info
         slab, transport = info.slab, problem._transport
         plane = info.ny * info.nx
-        # Rows of this rank's first and last layers, and their positions in a layer.
+        # Which voxels of this rank's first and last layers have rows.
         first = transport[0].ravel() if slab.layers else np.zeros(plane, bool)
         last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
-        self.first_pos = np.flatnonzero(first)
-        self.last_pos = np.flatnonzero(last)
-        self.first_rows = np.arange(self.first_pos.size)
-        self.last_rows = np.arange(n - self.last_pos.size, n)
+        self.sweeps = SeparatorSweeps(self.comm, slab, A, first, last, problem._g_z, self.omega)
+        self.first_pos, self.last_pos = self.sweeps.first_pos, self.sweeps.last_pos
+        self.first_rows, self.last_rows = self.sweeps.first_rows, self.sweeps.last_rows
         self.plane = (info.ny, info.nx)
         self.slab = slab
         self.g_z = problem._g_z
-        # The separator order needs the first and last layers of a slab between two others apart.
-        middle_ok = slab.prev is None or slab.next is None or slab.layers >= 2
-        self.order = "separators" if self.comm.allreduce(middle_ok, op=MPI.LAND) else "block-jacobi"
-        self._first_layer: PETSc.Mat | None = None  # A on the first layer's rows and columns
-        self._last_layer: PETSc.Mat | None = None  # A on the last layer's rows and columns
-        self._layer_is = [
-            PETSc.IS().createGeneral(rows.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
-            for rows in (self.first_rows, self.last_rows)
-        ]
-        self._layer_vecs = [
-            (
-                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
-                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
-            )
-            for rows in (self.first_rows, self.last_rows)
-        ]
+        self.order = "separators" if separator_order_possible(self.comm, slab) else "block-jacobi"
         self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
         self.shell.setUp()
         self.ksp = PETSc.KSP().create(A.getComm())
@@ -608,116 +574,55 @@ class _SlabEisenstat:
 
     def prepare(self, a0: float) -> None:
         """Use the operator's current values (only its diagonal changes with a0; ``self.d`` is the
-        problem's diagonal vector, already refreshed by ``_operator``; the layer blocks are
-        extracted again, one layer each)."""
+        problem's diagonal vector, already refreshed by ``_operator``; the layer blocks of the
+        sweeps are extracted again, one layer each)."""
         if self.a0 == a0:
             return
         self.a0 = a0
         if self.order == "separators":
-            if self.slab.prev is not None:
-                self._first_layer = self.block.createSubMatrix(self._layer_is[0], self._layer_is[0], self._first_layer)
-            if self.slab.next is not None:
-                self._last_layer = self.block.createSubMatrix(self._layer_is[1], self._layer_is[1], self._last_layer)
-
-    def _sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
-        """One sweep on this rank's block, ``x = B^{-1} b`` (forward), ``B^{-T} b`` (backward) or
-        ``B^T b`` (apply upper), on the local arrays of the MPI vectors (no copies)."""
-        src, dst = self.seq[0], self.seq[1]
-        src.placeArray(b.array_r)  # read only: PETSc locks a shell product's input
-        dst.placeArray(x.array)
-        try:
-            self.block.SOR(src, dst, self.omega, kind, 0.0, 1, 1)
-        finally:
-            src.resetArray()
-            dst.resetArray()
-
-    def _exchange(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """This rank's first layer of ``x`` down and its last layer up; (the layer below, the layer above)."""
-        first = np.zeros(self.plane).ravel()
-        last = np.zeros(self.plane).ravel()
-        first[self.first_pos] = x[self.first_rows]
-        last[self.last_pos] = x[self.last_rows]
-        return exchange_layers(self.comm, self.slab, first, last)
+            self.sweeps.refresh()
 
     def _add_off_rank(self, t: np.ndarray, w: np.ndarray) -> None:
         """``w += O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
-        below, above = self._exchange(t)
+        first = np.zeros(self.plane).ravel()
+        last = np.zeros(self.plane).ravel()
+        first[self.first_pos] = t[self.first_rows]
+        last[self.last_pos] = t[self.last_rows]
+        below, above = exchange_layers(self.comm, self.slab, first, last)
         if below is not None:
             w[self.first_rows] -= self.g_z * below[self.first_pos]
         if above is not None:
             w[self.last_rows] -= self.g_z * above[self.last_pos]
 
-    def _correct_layer(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> None:
-        """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (``which = 0``, backward:
-        ``T = U``) or last (1, forward: ``T = L``) layer alone: the neighbouring slab's values
-        ``coupled`` (their matrix entries are ``-g_z``) moved to the right-hand side."""
-        layer = self._first_layer if which == 0 else self._last_layer
-        rows = self.first_rows if which == 0 else self.last_rows
-        positions = self.first_pos if which == 0 else self.last_pos
-        rhs, delta = self._layer_vecs[which]
-        if layer is None or rows.size == 0:
-            return
-        rhs.array[:] = self.g_z * coupled[positions]
-        layer.SOR(rhs, delta, self.omega, kind, 0.0, 1, 1)
-        x.array[rows] += delta.array_r
-
-    def _backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        """``x = B^{-T} b`` in the separator order (see the class docstring)."""
-        self._sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        below, _ = self._exchange_up(x)
-        if below is not None:
-            self._correct_layer(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-
-    def _forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        """``x = B^{-1} b`` in the separator order."""
-        self._sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        _, above = self._exchange_down(x)
-        if above is not None:
-            self._correct_layer(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-
-    def _exchange_up(self, x: PETSc.Vec) -> tuple[np.ndarray | None, None]:
-        """The last layer of ``x`` of the rank below (its separator); this rank's goes up."""
-        last = np.zeros(self.plane).ravel()
-        last[self.last_pos] = x.array_r[self.last_rows]
-        return _pass_layer(self.comm, self.slab, last, upward=True), None
-
-    def _exchange_down(self, x: PETSc.Vec) -> tuple[None, np.ndarray | None]:
-        """The first layer of ``x`` of the rank above; this rank's goes down."""
-        first = np.zeros(self.plane).ravel()
-        first[self.first_pos] = x.array_r[self.first_rows]
-        return None, _pass_layer(self.comm, self.slab, first, upward=False)
-
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
         if self.order == "separators":
-            self._backward(y, t)
+            self.sweeps.backward(y, t)
             w.pointwiseMult(self.d, t)
             w.aypx(self.mid_scale, y)  # w = y + (1 - 2/omega) D t
-            self._forward(w, z)
+            self.sweeps.forward(w, z)
         else:
-            self._sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+            self.sweeps.block_sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
             w.pointwiseMult(self.d, t)
             w.aypx(self.mid_scale, y)
             self._add_off_rank(t.array_r, w.array)
-            self._sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+            self.sweeps.block_sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
         z.axpy(1.0, t)
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
         if self.order == "separators":
-            self._forward(b, self.bhat)
-            self._sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
-            below, _ = self._exchange_up(x)  # B^T x: a first layer's coupling to the separator below
-            if below is not None and self.first_rows.size:
-                self.yhat.array[self.first_rows] -= self.g_z * below[self.first_pos]
+            self.sweeps.forward(b, self.bhat)
+            self.sweeps.apply_upper(x, self.yhat)
             self.ksp.solve(self.bhat, self.yhat)
-            self._backward(self.yhat, x)
+            self.sweeps.backward(self.yhat, x)
             return
-        self._sweep(b, self.bhat, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
-        self._sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
+        zero = PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+        self.sweeps.block_sweep(b, self.bhat, PETSc.Mat.SORType.FORWARD_SWEEP | zero)
+        self.sweeps.block_sweep(x, self.yhat, PETSc.Mat.SORType.APPLY_UPPER)
         self.ksp.solve(self.bhat, self.yhat)
-        self._sweep(self.yhat, x, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
+        self.sweeps.block_sweep(self.yhat, x, PETSc.Mat.SORType.BACKWARD_SWEEP | zero)
 
     def getConvergedReason(self) -> int:
         return int(self.ksp.getConvergedReason())
@@ -739,16 +644,9 @@ class _SlabEisenstat:
         self.ksp.destroy()
         self.shell.setPythonContext(None)
         self.shell.destroy()
-        for vec in (*self.seq, self.bhat, self.yhat, self.bhat_work):  # w_work and d belong to the problem
+        for vec in (self.bhat, self.yhat, self.bhat_work):  # w_work and d belong to the problem
             vec.destroy()
-        for obj in (
-            self._first_layer,
-            self._last_layer,
-            *self._layer_is,
-            *(v for pair in self._layer_vecs for v in pair),
-        ):
-            if obj is not None:
-                obj.destroy()
+        self.sweeps.destroy()
 
 
 class _Named:

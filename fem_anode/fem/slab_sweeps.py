@@ -1,0 +1,197 @@
+r"""SOR sweeps on several ranks that are one global SSOR, for voxel matrices distributed by z slabs.
+
+The matrices of the finite-volume diffusion and of the finite-volume tortuosity factor couple
+face neighbours (7-point stencil); every rank owns the rows of a slab of consecutive z layers,
+numbered in the image's C order, so a rank's rows couple to other ranks only through its first
+layer (to the last layer of the slab below, entry ``-g_z``) and its last layer (to the first layer
+of the slab above). PETSc's parallel SOR sweeps each rank's rows alone (block Jacobi), which costs
+iterations; :class:`SeparatorSweeps` instead sweeps in the **separator order**: the voxels of every
+slab except its last layer, slab by slab, then the last layers of all slabs but the top one (the
+separators; each touches only the slabs on its two sides). With ``B = D/omega + L``, ``L`` the
+strictly lower triangle of ``A`` in that order:
+
+* backward, ``t = B^{-T} y``: every rank sweeps its own block (PETSc's ``MatSOR``); a slab's first
+  layer also couples to the separator below it, which comes later in the order, so that layer is
+  corrected by ``t_F += (D/omega + U_FF)^{-1} (g_z t_S)`` on the layer alone, exact because the first
+  layer is the last one a backward sweep reaches;
+* forward, ``z = B^{-1} w``: likewise, a separator couples to the first layer of the slab above,
+  which comes earlier: ``z_S += (D/omega + L_SS)^{-1} (g_z z_F)`` on the separator alone.
+
+One layer of values travels each way per sweep; the sweeps run on all ranks at once. This needs
+the first and last layers of every slab between two others to differ (at least two layers);
+:func:`separator_order_possible` says whether they do. On one rank it is the natural order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from fem_anode.imaging.slabs import Slab
+
+__all__ = ["SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
+
+_ZERO_GUESS = PETSc.Mat.SORType.ZERO_INITIAL_GUESS
+
+
+def separator_order_possible(comm: MPI.Comm, slab: Slab) -> bool:
+    """Whether every slab between two others has at least two layers (collective)."""
+    ok = slab.prev is None or slab.next is None or slab.layers >= 2
+    return bool(comm.allreduce(ok, op=MPI.LAND))
+
+
+def pass_layer(comm: MPI.Comm, slab: Slab, layer: np.ndarray, *, upward: bool) -> np.ndarray | None:
+    """Send ``layer`` to the slab above (``upward``) or below and return the one received from the
+    other side (``None`` at the end of the volume). Collective over the ranks with non-empty slabs."""
+    dest, source = (slab.next, slab.prev) if upward else (slab.prev, slab.next)
+    tag = 931 if upward else 932
+    requests = []
+    received = None
+    if dest is not None:
+        requests.append(comm.Isend(np.ascontiguousarray(layer), dest=dest, tag=tag))
+    if source is not None:
+        received = np.empty_like(layer)
+        requests.append(comm.Irecv(received, source=source, tag=tag))
+    MPI.Request.Waitall(requests)
+    return received
+
+
+class SeparatorSweeps:
+    """Forward, backward and apply-upper SOR sweeps of ``A`` in the separator order (collective).
+
+    Args:
+        comm: the matrix's communicator.
+        slab: this rank's slab of layers.
+        A: the matrix (AIJ, or SBAIJ holding the upper triangle), rows in the slab's C order.
+        first, last: which voxels of this rank's first and last layer have rows (flat masks of a
+            layer, ``ny * nx``).
+        g_z: the conductance of a z face (the off-rank entries are ``-g_z``).
+        omega: the relaxation factor.
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        slab: Slab,
+        A: PETSc.Mat,
+        first: np.ndarray,
+        last: np.ndarray,
+        g_z: float,
+        omega: float,
+    ) -> None:
+        self.comm, self.slab, self.A, self.g_z, self.omega = comm, slab, A, g_z, omega
+        self.block = A.getDiagonalBlock() if comm.size > 1 else A  # this rank's rows and columns (values follow A)
+        n = A.getLocalSize()[0]
+        self.plane_size = first.size
+        self.first_pos = np.flatnonzero(first)
+        self.last_pos = np.flatnonzero(last)
+        self.first_rows = np.arange(self.first_pos.size)
+        self.last_rows = np.arange(n - self.last_pos.size, n)
+        self._seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
+        self._layer_is = [
+            PETSc.IS().createGeneral(rows.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+            for rows in (self.first_rows, self.last_rows)
+        ]
+        self._layer_vecs = [
+            (
+                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
+                PETSc.Vec().createSeq(rows.size, comm=PETSc.COMM_SELF),
+            )
+            for rows in (self.first_rows, self.last_rows)
+        ]
+        #: A on the first (below a separator) and last (a separator) layer's rows and columns.
+        self._layers: list[PETSc.Mat | None] = [None, None]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take the matrix's current values for the layer corrections (after its diagonal changed)."""
+        needed = (self.slab.prev is not None, self.slab.next is not None)
+        for which in (0, 1):
+            if needed[which]:
+                iset = self._layer_is[which]
+                self._layers[which] = self.block.createSubMatrix(iset, iset, self._layers[which])
+
+    def block_sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
+        """One sweep on this rank's block alone, on the local arrays of the vectors (no copies)."""
+        src, dst = self._seq
+        src.placeArray(b.array_r)  # read only: PETSc locks a shell product's input
+        dst.placeArray(x.array)
+        try:
+            self.block.SOR(src, dst, self.omega, kind, 0.0, 1, 1)
+        finally:
+            src.resetArray()
+            dst.resetArray()
+
+    def _layer_values(self, x: PETSc.Vec, which: int) -> np.ndarray:
+        """This rank's first (0) or last (1) layer of ``x`` as a whole layer (0 where no row)."""
+        layer = np.zeros(self.plane_size)
+        positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
+        layer[positions] = x.array_r[rows]
+        return layer
+
+    def _correct(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> None:
+        """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (0) or last (1) layer alone."""
+        layer = self._layers[which]
+        positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
+        if layer is None or rows.size == 0:
+            return
+        rhs, delta = self._layer_vecs[which]
+        rhs.array[:] = self.g_z * coupled[positions]
+        layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
+        x.array[rows] += delta.array_r
+
+    def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-1} b``."""
+        self.block_sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS)
+        above = pass_layer(self.comm, self.slab, self._layer_values(x, 0), upward=False)
+        if above is not None:
+            self._correct(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP)
+
+    def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-T} b``."""
+        self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
+        below = pass_layer(self.comm, self.slab, self._layer_values(x, 1), upward=True)
+        if below is not None:
+            self._correct(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP)
+
+    def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""
+        self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
+        below = pass_layer(self.comm, self.slab, self._layer_values(x, 1), upward=True)
+        if below is not None and self.first_rows.size:
+            y.array[self.first_rows] -= self.g_z * below[self.first_pos]
+
+    def destroy(self) -> None:
+        """Free the PETSc objects (the matrix belongs to the caller)."""
+        for obj in (*self._seq, *self._layer_is, *(v for pair in self._layer_vecs for v in pair), *self._layers):
+            if obj is not None:
+                obj.destroy()
+
+
+class SeparatorSSOR:
+    """SSOR preconditioner in the separator order, a PETSc ``PCPYTHON`` context:
+    ``z = B^{-T} D B^{-1} r`` (the symmetric SOR preconditioner up to the factor (2 - omega)/omega,
+    which CG does not see). For an SBAIJ or AIJ matrix; the diagonal is read at :meth:`setUp`."""
+
+    def __init__(self, sweeps: SeparatorSweeps) -> None:
+        self.sweeps = sweeps
+        self.d = sweeps.A.createVecLeft()
+        self.work = sweeps.A.createVecLeft()
+
+    def setUp(self, pc: Any) -> None:
+        self.sweeps.A.getDiagonal(self.d)
+        self.sweeps.refresh()
+
+    def apply(self, pc: Any, r: PETSc.Vec, z: PETSc.Vec) -> None:
+        self.sweeps.forward(r, self.work)
+        self.work.pointwiseMult(self.work, self.d)
+        self.sweeps.backward(self.work, z)
+
+    def destroy(self, pc: Any = None) -> None:
+        """Free the work vectors and the sweeps' objects."""
+        for vec in (self.d, self.work):
+            vec.destroy()
+        self.sweeps.destroy()
