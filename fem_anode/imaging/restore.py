@@ -421,27 +421,30 @@ def blur_aware_icm(
         pairs += sum(int(np.count_nonzero(np.diff(cls[r0:r1], axis=a))) for a in range(1, ndim))
         return data + beta * int(part.sum_int(pairs))
 
-    def exchange(points: np.ndarray, amounts: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Send every rank the changes in its halo; return all changes in this window, in raster order."""
+    def exchange(points: np.ndarray, amounts: np.ndarray, new: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Send every rank this rank's number of changes and the changes in its halo (one
+        all-to-all); return the number of changes of all ranks and all changes in this window,
+        in raster order."""
         if not part.distributed:
-            return points, amounts
+            return len(points), points, amounts
         outgoing: list[Any] = []
         for r in range(part.comm.size):
             a, b = part.window_range(halo, r)
             pick = (points[:, 0] >= a) & (points[:, 0] < b) if r != part.rank else np.zeros(len(points), dtype=bool)
-            outgoing.append((points[pick], amounts[pick], new[pick]) if pick.any() else None)
+            outgoing.append((len(points), (points[pick], amounts[pick], new[pick]) if pick.any() else None))
         incoming = part.alltoall(outgoing)
         below: list[tuple[np.ndarray, np.ndarray]] = []
         above: list[tuple[np.ndarray, np.ndarray]] = []
-        for r, item in enumerate(incoming):
-            if item is None:
+        for r, (_, item) in enumerate(incoming):
+            if item is None or r == part.rank:
                 continue
             got_points, got_amounts, got_classes = item
             cls[tuple((got_points - shift).T)] = got_classes
             padded[tuple((got_points - shift + 1).T)] = got_classes
             (below if r < part.rank else above).append((got_points, got_amounts))
         pieces = [*below, (points, amounts), *above]
-        return np.concatenate([p for p, _ in pieces]), np.concatenate([a for _, a in pieces])
+        total = sum(count for count, _ in incoming)
+        return total, np.concatenate([p for p, _ in pieces]), np.concatenate([a for _, a in pieces])
 
     shift = np.zeros(ndim, dtype=np.int64)
     shift[0] = lo
@@ -490,16 +493,16 @@ def blur_aware_icm(
                 best = np.where(better, d_e, best)
                 choice = np.where(better, np.int8(k), choice)
             moved = choice != current
-            m = int(part.sum_int(int(np.count_nonzero(moved))))
-            if m == 0:
-                continue
             amounts = (mu32[choice] - f_now)[moved]
             new = choice[moved]
             points = np.argwhere(moved) * _SPACING + np.asarray([starts[off[0]], *off[1:]])
-            view = cls[sl]
-            view[moved] = new
-            padded[tuple(slice(1, -1) for _ in range(ndim))][sl][moved] = new
-            points, amounts = exchange(points, amounts, new)
+            if len(points):
+                view = cls[sl]
+                view[moved] = new
+                padded[tuple(slice(1, -1) for _ in range(ndim))][sl][moved] = new
+            m, points, amounts = exchange(points, amounts, new)
+            if m == 0:
+                continue
             if m * len(weights) < 4 * size:  # local update cheaper than two full filters
                 _scatter_update(c, points, amounts, offsets, weights, shape=shape, lo=lo)
             else:
