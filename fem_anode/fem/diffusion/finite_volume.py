@@ -42,6 +42,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.slab_sweeps import SeparatorSweeps, separator_order_possible
@@ -458,19 +459,7 @@ class VoxelFVProblem(TransientDiffusion):
                 np.minimum.at(lows, who, cc)
                 np.maximum.at(highs, who, cc)
             row += rows
-        for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
-            self.comm.Allreduce(MPI.IN_PLACE, array, op=op)
-        return [
-            {
-                "id": int(i + 1),
-                "interface_measure_m": float(sums[0, i]),
-                "mean": float(sums[1, i] / sums[0, i]),
-                "min": float(lows[i]),
-                "max": float(highs[i]),
-                "fraction_above_half_bulk": float(sums[2, i] / sums[0, i]),
-            }
-            for i in np.flatnonzero(sums[0] > 0)
-        ]
+        return reduce_particle_statistics(self.comm, sums, lows, highs)
 
     def destroy(self) -> None:
         """Free PETSc objects."""

@@ -1,18 +1,41 @@
-"""Per-Si-particle statistics of c on the Si interfaces of a finite-element solve."""
+"""Per-Si-particle statistics of c on the Si interfaces: the finite-element report, and the
+reduction over ranks that the finite-volume report shares (no dolfinx at import)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mpi4py import MPI
 from scipy import ndimage
 
-from fem_anode.fem.diffusion.finite_element import DiffusionProblem
-from fem_anode.fem.sampling import facet_samples
 from fem_anode.io.images import ImageLayers, VoxelImage
 
-__all__ = ["si_particle_report"]
+if TYPE_CHECKING:
+    from fem_anode.fem.diffusion.finite_element import DiffusionProblem
+
+__all__ = ["reduce_particle_statistics", "si_particle_report"]
+
+
+def reduce_particle_statistics(
+    comm: MPI.Comm, sums: np.ndarray, lows: np.ndarray, highs: np.ndarray
+) -> list[dict[str, Any]]:
+    """The report rows from this rank's per-particle sums (interface measure, measure x mean c,
+    measure above half c_bulk), minima and maxima of c, reduced over ``comm`` (collective): one row
+    per particle with an interface, ``id`` counted from 1."""
+    for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
+        comm.Allreduce(MPI.IN_PLACE, array, op=op)  # element-wise buffer reductions
+    return [
+        {
+            "id": int(i + 1),
+            "interface_measure_m": float(sums[0, i]),
+            "mean": float(sums[1, i] / sums[0, i]),
+            "min": float(lows[i]),
+            "max": float(highs[i]),
+            "fraction_above_half_bulk": float(sums[2, i] / sums[0, i]),
+        }
+        for i in np.flatnonzero(sums[0] > 0)
+    ]
 
 
 def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayers) -> list[dict[str, Any]]:
@@ -42,6 +65,8 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayer
     spacing = np.asarray(image.require_voxel_size())
     ndim = len(image.shape)
     from dolfinx.mesh import compute_midpoints
+
+    from fem_anode.fem.sampling import facet_samples
 
     midpoints = (
         compute_midpoints(mesh, fdim, facets)[:, :ndim][:, ::-1] / spacing if facets.size else np.zeros((0, ndim))
@@ -91,18 +116,4 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayer
     highs = np.full(n_particles, -np.inf)
     np.minimum.at(lows, owner, low)
     np.maximum.at(highs, owner, high)
-    for array, op in ((sums, MPI.SUM), (lows, MPI.MIN), (highs, MPI.MAX)):
-        comm.Allreduce(MPI.IN_PLACE, array, op=op)  # element-wise buffer reductions
-    report = []
-    for i in np.flatnonzero(sums[0] > 0):
-        report.append(
-            {
-                "id": int(i + 1),
-                "interface_measure_m": float(sums[0, i]),
-                "mean": float(sums[1, i] / sums[0, i]),
-                "min": float(lows[i]),
-                "max": float(highs[i]),
-                "fraction_above_half_bulk": float(sums[2, i] / sums[0, i]),
-            }
-        )
-    return report
+    return reduce_particle_statistics(comm, sums, lows, highs)
