@@ -1,6 +1,6 @@
 """One lithiation/delithiation cycle of a 20 nm Si nanowire (chemo-mechanical phase field).
 
-Two runs of the model of paper 002 (Methods, eqs. 1-6, Supplementary Table 1):
+Two runs of the model of He et al. (2021) (Methods, eqs. 1-6, Supplementary Table 1):
 
 * ``table1``: the paper's parameters. With M_Li = 10 the Li diffusion time of the wire,
   R^2 / (M f'') ~ 0.03, is far shorter than a half-cycle: the wire (de)lithiates almost

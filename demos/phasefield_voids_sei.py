@@ -1,4 +1,4 @@
-"""Voids, electrolyte percolation and SEI growth into a 20 nm Si nanowire over cycles (Fig. 5 of paper 002).
+"""Voids, electrolyte percolation and SEI growth into a 20 nm Si nanowire over cycles (Fig. 5 of He et al. (2021)).
 
 The full model (Methods, eqs. 1-6; Supplementary Table 1 with its accelerated vacancy
 kinetics): Li and vacancy Cahn-Hilliard fields, finite-strain J2 chemo-mechanics, random void

@@ -16,7 +16,7 @@ __all__ = [
     "render_gray",
 ]
 
-# Segmentation and the anode metrics of Vorauer et al. (2020) (issue 3).
+# Segmentation and the anode metrics of Vorauer et al. (2020).
 from fem_anode.imaging.metrics import (
     compute_metrics,
     connections_per_depth,

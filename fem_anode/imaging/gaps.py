@@ -3,7 +3,7 @@
 For every Si particle (a connected component of the Si phase) this measures
 
 * its effective radius: ``r = (3 V / 4 pi)^(1/3)`` in 3D, ``r = (A / pi)^(1/2)`` in 2D;
-* the average distance from its surface to the CBD along rays (paper 003, Supplementary
+* the average distance from its surface to the CBD along rays (Müller et al. 2018, Supplementary
   Note 7/8, reconstructed): one ray per surface voxel, starting at the voxel centre and
   pointing along the outward surface normal (minus the gradient of the Gaussian-smoothed
   particle mask; radial from the centroid where that vanishes). Each ray is sampled every half

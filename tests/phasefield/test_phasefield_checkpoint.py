@@ -1,5 +1,5 @@
 """Phase-field checkpoints: a stopped or killed run resumes to the uninterrupted run's records;
-a failing half-cycle saves the last good state and reports every attempt (issue 11)."""
+a failing half-cycle saves the last good state and reports every attempt."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 22, point 3: the mesh-convergence study of the void story on a small case. Every void
+"""The mesh-convergence study of the void story on a small case. Every void
 metric of every half-cycle is reported with an observed order where the three levels converge
 monotonically, and without one (no invented order or limit) where they do not."""
 

@@ -1,5 +1,5 @@
-"""Vacancies, voids and electrolyte percolation (issue 7): the pieces against exact answers and
-the multi-cycle mechanism of Fig. 5 of paper 002 on the records."""
+"""Vacancies, voids and electrolyte percolation: the pieces against exact answers and
+the multi-cycle mechanism of Fig. 5 of He et al. (2021) on the records."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_void_graph_components_percolation_depth_and_core(comm):
 
 
 def test_new_void_proximity_to_the_electrolyte_against_random_placement(comm):
-    """Issue 22, point 4: a new void next to a preserved electrolyte-filled void has a distance
+    """A new void next to a preserved electrolyte-filled void has a distance
     ratio well below 1 (random placement: 1), one on the far side above 1; before any void holds
     electrolyte the ratio to preserved voids is undefined (left out); the same on one and all ranks."""
     results = {}

@@ -1,4 +1,4 @@
-"""Chemo-mechanical phase field of a Si nanowire cross-section (paper 002, Methods eqs. 1-6).
+"""Chemo-mechanical phase field of a Si nanowire cross-section (He et al. 2021, Methods eqs. 1-6).
 
 Li Cahn-Hilliard (regular-solution double well) coupled to finite-strain mechanics with
 ``F = Fe Fc Fp``, Hencky elasticity and J2 plasticity, generalised plane strain; see

@@ -208,7 +208,7 @@ def plot_snapshot(
     return save_figure(fig, path)
 
 
-#: Colours of Fig. 5 of paper 002: Si, Li_xSi, void, electrolyte; SEI lines.
+#: Colours of Fig. 5 of He et al. (2021): Si, Li_xSi, void, electrolyte; SEI lines.
 MORPHOLOGY_COLOURS = {"Si": "#3a9a3a", "Li_xSi": "#f2d12e", "void": "#ffffff", "electrolyte": "#3fd0c9"}
 SEI_COLOUR = "#1f4fb4"
 
@@ -267,7 +267,7 @@ def plot_morphology(
     threshold: float,
     suptitle: str = "",
 ) -> Path:
-    """Cross-sections in the colours of Fig. 5 of paper 002 (green Si, yellow Li_xSi, white
+    """Cross-sections in the colours of Fig. 5 of He et al. (2021) (green Si, yellow Li_xSi, white
     void, turquoise electrolyte, blue SEI lines), one panel per ``(snapshot, title)``."""
     from matplotlib.patches import Patch
 

@@ -1,6 +1,6 @@
 r"""Vacancies, voids and electrolyte percolation: the second half of the phase-field model.
 
-Paper 002 (Methods, eqs. 1-5) adds a vacancy field ``c_v`` (``c_min``: Li_xSi, ``c_max``:
+He et al. (2021) (Methods, eqs. 1-5) adds a vacancy field ``c_v`` (``c_min``: Li_xSi, ``c_max``:
 void) with its own Cahn-Hilliard equation. What is implemented (normalised units of
 Supplementary Table 1; ``docs/phasefield.md`` has the derivation and the reasons):
 
@@ -302,7 +302,7 @@ class VoidGraph:
         return cKDTree(points).query(self.xy)[0]
 
     def proximity(self, c_v: np.ndarray, threshold: float, length_scale: float) -> dict[str, float]:
-        """Where the voids of a delithiation formed relative to the electrolyte (paper 002: new
+        """Where the voids of a delithiation formed relative to the electrolyte (He et al. 2021: new
         voids nucleate next to the preserved, electrolyte-filled ones). Call before
         :meth:`analyse` percolates. Collective.
 
