@@ -271,7 +271,7 @@ class BorderedNewton:
         Element matrices go into the CSR matrix (its row search is fast) and the owned rows are
         then copied into ``A`` row by row with sorted columns. Inserting them into the PETSc
         matrix element by element (``MatSetValuesLocal``, unsorted) cost about 3x the whole rest
-        of the assembly, kernels included (measured on the 2 nm wire: 14 of 19 ms).
+        of the assembly, kernels included (docs/phasefield.md).
         """
         csr = fem.create_matrix(jacobian)
         n_rows = self.A.getLocalSize()[0]

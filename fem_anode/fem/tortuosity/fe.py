@@ -268,12 +268,9 @@ def reduced_system(
 def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
     """CG + BoomerAMG with aggressive coarsening; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
 
-    Measured on a 100^3 random volume (547k unknowns, rtol 1e-5, load 2.5-3.5): BoomerAMG (PMIS,
-    ext+i, P_max 4, strong threshold 0.5, one level of aggressive coarsening, forward/backward
-    hybrid SOR without C/F ordering) sets up in 0.6-0.7 s, then 9 CG iterations take 0.30-0.32 s
-    (0.59 s with the default symmetric C/F sweeps); GAMG with its defaults sets up in 2.6 s (the
-    squared graph of the 21-point stencil alone 1.5 s), with MIS-2 instead 2.4 s, unsmoothed 1.0 s
-    but then 25-28 iterations. Without aggressive coarsening BoomerAMG needs 1.7 s to set up.
+    BoomerAMG (PMIS, ext+i, P_max 4, strong threshold 0.5, one level of aggressive coarsening,
+    forward/backward hybrid SOR without C/F ordering) sets up several times faster than GAMG on
+    the 21-point stencil for the same iterations (measurements: docs/benchmarks.md, "The FE option").
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
     if petsc_options.get("pc_type", "hypre") == "hypre":

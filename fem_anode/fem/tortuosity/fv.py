@@ -79,12 +79,9 @@ def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any], comm
     ext+i interpolation with at most 4 entries per row, strong threshold 0.5, l1-scaled hybrid
     Gauss-Seidel; AIJ matrix converted to hypre's format in place first), ``{"pc_type":
     "gamg"}`` PETSc GAMG, ``{"pc_type": "eisenstat"}`` SSOR with Eisenstat's trick (one rank).
-    Measured on a 200^3 blob volume (3.2 M unknowns, one rank, rtol 1e-5; peak RSS of the
-    process, 77-93 MB after imports): SSOR on SBAIJ 149 iterations, 14.0 s in all, peak 0.51 GB
-    (142 B per unknown above the imports); Eisenstat-SSOR on AIJ 143 its, 11.1 s, 0.69 GB;
-    BoomerAMG 4.2 s set-up + 10 its in 3.5 s, 9.5 s in all, peak 1.50 GB; GAMG 14.2 s set-up +
-    9 its, 19.4 s, 1.67 GB. The AMG hierarchies cost about 3x the memory for 1.5x the speed at
-    this size, so the lean one is the default (TauFactor: about 0.76 GB at this size).
+    The AMG hierarchies cost about 3x the memory for 1.5x the speed on a 200^3 volume, so the
+    lean SSOR is the default (measurements: docs/benchmarks.md, "Tortuosity factor"). On several
+    ranks the SSOR sweeps run in the separator order (:mod:`fem_anode.fem.slab_sweeps`).
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
     pc = petsc_options.get("pc_type", "ssor")
