@@ -90,7 +90,9 @@ class SeparatorSweeps:
         self.last_pos = np.flatnonzero(last)
         self.first_rows = np.arange(self.first_pos.size)
         self.last_rows = np.arange(n - self.last_pos.size, n)
-        self._seq = [PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) for _ in range(2)]  # wrappers of local arrays
+        # Wrappers of the local arrays of the vectors swept (placeArray): created on never-touched
+        # np.empty buffers, so they cost no resident memory (createSeq would allocate 8 B per row each).
+        self._seq = [PETSc.Vec().createWithArray(np.empty(n), comm=PETSc.COMM_SELF) for _ in range(2)]
         self._layer_is = [
             PETSc.IS().createGeneral(rows.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
             for rows in (self.first_rows, self.last_rows)
