@@ -104,7 +104,7 @@ class SeparatorSweeps:
             )
             for rows in (self.first_rows, self.last_rows)
         ]
-        #: A on the first (below a separator) and last (a separator) layer's rows and columns.
+        #: A on the rows and columns of the first layer (next to the separator below) and the last (a separator).
         self._layers: list[PETSc.Mat | None] = [None, None]
         self.refresh()
 

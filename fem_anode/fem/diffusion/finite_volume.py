@@ -497,22 +497,13 @@ class _SlabEisenstat:
 
     .. math::  Â y = t + B^{-1}\left(y + (1 - 2/\omega) D t\right),\qquad t = B^{-T} y.
 
-    **Sweep order** (``separators``, the default when every rank between two others has at least
-    two layers): the voxels of every slab but its last layer, slab by slab, then the last layers
-    of all slabs but the top one (the *separators*, which touch only the slabs on either side).
-    This is one global SSOR, not block Jacobi, so CG needs about the iterations of one rank, and
-    every sweep still runs on all ranks at once: each rank sweeps its own block (PETSc's
-    ``MatSOR``), then corrects one layer. Backward (``B^{-T}``): a slab's first layer also
-    couples to the separator below it, which comes later in the order, so after the block sweep
-    that layer is corrected by ``(D/omega + U)^{-1}`` on the layer alone, with the separator's
-    values from the rank below (the correction stays in the layer: it is the last in the sweep).
-    Forward (``B^{-1}``): a separator couples to the first layer above it, which comes earlier,
-    likewise corrected on the separator alone with the first layer of the rank above. One layer
-    travels each way per sweep.
+    **Sweep order** (``separators``, the default when every slab between two others has at least
+    two layers): the separator order of :mod:`fem_anode.fem.slab_sweeps`, one global SSOR whose
+    sweeps still run on all ranks at once, so CG needs about the iterations of one rank.
 
     Otherwise (``block-jacobi``): ``B`` is block diagonal (each rank's own rows), the couplings
     ``O`` across slabs enter as ``Â y = t + B^{-1}(y + (1 - 2/omega) D t + O t)``: block-Jacobi
-    SSOR, a few more iterations (7.9 instead of 6.6 per step on the 128^3 electrode).
+    SSOR, which needs more CG iterations (docs/benchmarks.md).
 
     The right-hand side is ``B^{-1} b``, the initial guess ``B^T x_0`` and the solution
     ``x = B^{-T} ŷ``; the convergence test is CG's natural norm of the transformed system, as
