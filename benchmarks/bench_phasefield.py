@@ -16,7 +16,8 @@ in the same process, so their times are comparable on this shared machine:
 * ``nopredictor``: the defaults without the linear predictor of the Newton start
   (``solver.predictor = "none"``, the defaults of 2026-12-03);
 * ``acrossramp``: the defaults with the predictor extrapolating also across the end of the
-  surface ramp (the defaults until 2026-12-04 08:45 UTC; the run's problem class is patched).
+  surface ramp (the defaults until 2026-12-04 08:45 UTC; the run's problem class is patched);
+* ``superlu``: the defaults with SuperLU_dist instead of MUMPS (``solver.linear_solver``).
 
 Reported per half-cycle and configuration: unknowns, steps (rejected), Newton iterations,
 factorisations, Krylov iterations, time per Newton iteration and per half-cycle, the void
@@ -82,7 +83,11 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(predictor="none"))
     if config == "acrossramp":
         return base
-    raise SystemExit(f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp)")
+    if config == "superlu":
+        return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
+    raise SystemExit(
+        f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu)"
+    )
 
 
 def patched(config: str) -> Any:
