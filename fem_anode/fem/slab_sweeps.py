@@ -30,7 +30,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.imaging.slabs import Slab
+from fem_anode.imaging.slabs import Slab, exchange_layers
 
 __all__ = ["SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
 
@@ -127,7 +127,7 @@ class SeparatorSweeps:
             src.resetArray()
             dst.resetArray()
 
-    def _layer_values(self, x: PETSc.Vec, which: int) -> np.ndarray:
+    def layer_values(self, x: PETSc.Vec, which: int) -> np.ndarray:
         """This rank's first (0) or last (1) layer of ``x`` as a whole layer (0 where no row)."""
         layer = np.zeros(self.plane_size)
         positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
@@ -148,23 +148,32 @@ class SeparatorSweeps:
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
         self.block_sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS)
-        above = pass_layer(self.comm, self.slab, self._layer_values(x, 0), upward=False)
+        above = pass_layer(self.comm, self.slab, self.layer_values(x, 0), upward=False)
         if above is not None:
             self._correct(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP)
 
     def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-T} b``."""
         self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
-        below = pass_layer(self.comm, self.slab, self._layer_values(x, 1), upward=True)
+        below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
         if below is not None:
             self._correct(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP)
 
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""
         self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
-        below = pass_layer(self.comm, self.slab, self._layer_values(x, 1), upward=True)
+        below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
         if below is not None and self.first_rows.size:
             y.array[self.first_rows] -= self.g_z * below[self.first_pos]
+
+    def add_off_rank(self, t: PETSc.Vec, w: PETSc.Vec) -> None:
+        """``w += O t``, ``O`` the couplings to the neighbouring slabs (block Jacobi, which leaves
+        them out of the sweeps, adds them here): both boundary layers travel both ways."""
+        below, above = exchange_layers(self.comm, self.slab, self.layer_values(t, 0), self.layer_values(t, 1))
+        if below is not None:
+            w.array[self.first_rows] -= self.g_z * below[self.first_pos]
+        if above is not None:
+            w.array[self.last_rows] -= self.g_z * above[self.last_pos]
 
     def destroy(self) -> None:
         """Free the PETSc objects (the matrix belongs to the caller)."""

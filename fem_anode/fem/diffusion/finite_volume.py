@@ -532,11 +532,6 @@ class _SlabEisenstat:
         first = transport[0].ravel() if slab.layers else np.zeros(plane, bool)
         last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
         self.sweeps = SeparatorSweeps(self.comm, slab, A, first, last, problem._g_z, self.omega)
-        self.first_pos, self.last_pos = self.sweeps.first_pos, self.sweeps.last_pos
-        self.first_rows, self.last_rows = self.sweeps.first_rows, self.sweeps.last_rows
-        self.plane = (info.ny, info.nx)
-        self.slab = slab
-        self.g_z = problem._g_z
         self.order = "separators" if separator_order_possible(self.comm, slab) else "block-jacobi"
         self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
         self.shell.setUp()
@@ -562,18 +557,6 @@ class _SlabEisenstat:
         if self.order == "separators":
             self.sweeps.refresh()
 
-    def _add_off_rank(self, t: np.ndarray, w: np.ndarray) -> None:
-        """``w += O t``: the couplings to the layers of the neighbouring ranks (z faces only)."""
-        first = np.zeros(self.plane).ravel()
-        last = np.zeros(self.plane).ravel()
-        first[self.first_pos] = t[self.first_rows]
-        last[self.last_pos] = t[self.last_rows]
-        below, above = exchange_layers(self.comm, self.slab, first, last)
-        if below is not None:
-            w[self.first_rows] -= self.g_z * below[self.first_pos]
-        if above is not None:
-            w[self.last_rows] -= self.g_z * above[self.last_pos]
-
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
@@ -586,7 +569,7 @@ class _SlabEisenstat:
             self.sweeps.block_sweep(y, t, PETSc.Mat.SORType.BACKWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
             w.pointwiseMult(self.d, t)
             w.aypx(self.mid_scale, y)
-            self._add_off_rank(t.array_r, w.array)
+            self.sweeps.add_off_rank(t, w)
             self.sweeps.block_sweep(w, z, PETSc.Mat.SORType.FORWARD_SWEEP | PETSc.Mat.SORType.ZERO_INITIAL_GUESS)
         z.axpy(1.0, t)
 
