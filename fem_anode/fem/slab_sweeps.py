@@ -30,6 +30,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
+from fem_anode.fem.voxel_sweeps import VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
 __all__ = ["SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
@@ -70,6 +71,8 @@ class SeparatorSweeps:
             layer, ``ny * nx``).
         g_z: the conductance of a z face (the off-rank entries are ``-g_z``).
         omega: the relaxation factor.
+        kernel: compiled sweeps of this rank's block (:class:`~fem_anode.fem.voxel_sweeps.VoxelSweepKernel`,
+            same ``omega``), used for the block's sweeps instead of PETSc's ``MatSOR``.
     """
 
     def __init__(
@@ -81,8 +84,12 @@ class SeparatorSweeps:
         last: np.ndarray,
         g_z: float,
         omega: float,
+        kernel: VoxelSweepKernel | None = None,
     ) -> None:
         self.comm, self.slab, self.A, self.g_z, self.omega = comm, slab, A, g_z, omega
+        if kernel is not None and kernel.omega != omega:
+            raise ValueError(f"the kernel's omega {kernel.omega} differs from the sweeps' {omega}")
+        self.kernel = kernel
         self.block = A.getDiagonalBlock() if comm.size > 1 else A  # this rank's rows and columns (values follow A)
         n = A.getLocalSize()[0]
         self.plane_size = first.size
@@ -104,12 +111,27 @@ class SeparatorSweeps:
             )
             for rows in (self.first_rows, self.last_rows)
         ]
+        self._kernel_sweeps = (
+            {
+                int(PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS): kernel.forward,
+                int(PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS): kernel.backward,
+                int(PETSc.Mat.SORType.APPLY_UPPER): kernel.apply_upper,
+            }
+            if kernel is not None
+            else {}
+        )
         #: A on the rows and columns of the first layer (next to the separator below) and the last (a separator).
         self._layers: list[PETSc.Mat | None] = [None, None]
         self.refresh()
 
     def refresh(self) -> None:
-        """Take the matrix's current values for the layer corrections (after its diagonal changed)."""
+        """Take the matrix's current values for the layer corrections and the kernel (after its
+        diagonal changed)."""
+        if self.kernel is not None:
+            diagonal = PETSc.Vec().createWithArray(self.kernel.dinv, comm=PETSc.COMM_SELF)
+            self.block.getDiagonal(diagonal)
+            diagonal.destroy()
+            self.kernel.set_diagonal(self.kernel.dinv)
         needed = (self.slab.prev is not None, self.slab.next is not None)
         for which in (0, 1):
             if needed[which]:
@@ -118,6 +140,11 @@ class SeparatorSweeps:
 
     def block_sweep(self, b: PETSc.Vec, x: PETSc.Vec, kind: Any) -> None:
         """One sweep on this rank's block alone, on the local arrays of the vectors (no copies)."""
+        if self.kernel is not None:
+            sweep = self._kernel_sweeps.get(int(kind))
+            if sweep is not None:
+                sweep(b.array_r, x.array)
+                return
         src, dst = self._seq
         src.placeArray(b.array_r)  # read only: PETSc locks a shell product's input
         dst.placeArray(x.array)
@@ -145,9 +172,26 @@ class SeparatorSweeps:
         layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
         x.array[rows] += delta.array_r
 
+    @property
+    def alone(self) -> bool:
+        """Whether this rank's slab has no neighbours (no layers travel)."""
+        return self.slab.prev is None and self.slab.next is None
+
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
         self.block_sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS)
+        self._forward_correction(x)
+
+    def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
+        """``z = B^{-1} (y + mid D t)`` (``d``: the diagonal ``D``) in one pass of the compiled
+        kernel (requires ``kernel``): the forward half of Eisenstat's operator."""
+        assert self.kernel is not None
+        self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
+        self._forward_correction(z)
+
+    def _forward_correction(self, x: PETSc.Vec) -> None:
+        if self.alone:
+            return
         above = pass_layer(self.comm, self.slab, self.layer_values(x, 0), upward=False)
         if above is not None:
             self._correct(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP)
@@ -155,6 +199,8 @@ class SeparatorSweeps:
     def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-T} b``."""
         self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
+        if self.alone:
+            return
         below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
         if below is not None:
             self._correct(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP)
@@ -162,6 +208,8 @@ class SeparatorSweeps:
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""
         self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
+        if self.alone:
+            return
         below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
         if below is not None and self.first_rows.size:
             y.array[self.first_rows] -= self.g_z * below[self.first_pos]

@@ -134,11 +134,12 @@ def electrode_crop(shared_tmp_path, comm) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "petsc"])
 @pytest.mark.parametrize("order", ["separators", "block-jacobi"])
-def test_same_result_on_any_number_of_ranks(electrode_crop, comm, order, monkeypatch):
+def test_same_result_on_any_number_of_ranks(electrode_crop, comm, order, kernel, monkeypatch):
     """The world communicator (2 ranks under mpirun: CG with slab Eisenstat SSOR in the separator
-    order, or block Jacobi, the fallback for one-layer slabs) and one rank alone (PETSc's
-    Eisenstat; and a direct solve) give the same histories to the solver tolerance."""
+    order, or block Jacobi, the fallback for one-layer slabs; sweeps compiled or PETSc's) and one
+    rank alone (a direct solve) give the same histories to the solver tolerance."""
     import fem_anode.fem.diffusion.finite_volume as finite_volume
 
     if order == "block-jacobi":
@@ -147,7 +148,7 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm, order, monkeyp
     settings = _settings(
         electrode_crop,
         geometry={"transport_phase": "solid"},
-        solver={"type": "iterative", "preconditioner": "ssor"},
+        solver={"type": "iterative", "preconditioner": "ssor", "sweep_kernel": kernel},
         time={"t_end": 1.0, "output_times": [0.01, 1.0]},
         regions=[{"name": "A", "box": box}],
     )
@@ -156,8 +157,10 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm, order, monkeyp
     problem = VoxelFVProblem(open_image_layers(electrode_crop), settings, comm)
     try:
         world = problem.run()
-        assert (problem._slab_ssor is not None) == (comm.size > 1)  # the several-rank SSOR was used
+        # the slab SSOR runs on several ranks, and on one with the compiled sweeps (else PCEISENSTAT)
+        assert (problem._slab_ssor is not None) == (comm.size > 1 or kernel == "compiled")
         assert problem._slab_ssor is None or problem._slab_ssor.order == order
+        assert problem._slab_ssor is None or (problem._slab_ssor.sweeps.kernel is not None) == (kernel == "compiled")
     finally:
         problem.destroy()
     _, alone = _solve(settings.replace(solver=settings.solver.replace(type="direct")), MPI.COMM_SELF)
@@ -168,16 +171,17 @@ def test_same_result_on_any_number_of_ranks(electrode_crop, comm, order, monkeyp
     assert 0 < world.t90(1000.0)["domain"] < 1.0
 
 
-def test_slab_ssor_is_one_global_ssor(shared_tmp_path, comm):
-    """The several-rank Eisenstat applies ``B^{-1} A B^{-T}`` exactly, ``B`` the lower triangle
+@pytest.mark.parametrize("kernel", ["compiled", "petsc"])
+def test_slab_ssor_is_one_global_ssor(shared_tmp_path, comm, kernel):
+    """The slab Eisenstat applies ``B^{-1} A B^{-T}`` exactly, ``B`` the lower triangle
     (diagonal / omega) of A in the separator order (every slab but the top one's last layer after
-    all other voxels): compared with the operator built densely from the whole matrix. On one rank
-    it is the natural order."""
+    all other voxels): compared with the operator built densely from the whole matrix, with the
+    compiled sweeps and with PETSc's. On one rank it is the natural order."""
     from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem, _SlabEisenstat
 
     labels = np.where(np.random.default_rng(3).random((8, 5, 6)) < 0.75, 3, 0).astype(np.uint8)
-    path = _image_file(shared_tmp_path, labels, 1e-7, comm, "ssor.npy")
-    settings = _settings(path, solver={"type": "iterative", "preconditioner": "ssor"})
+    path = _image_file(shared_tmp_path, labels, 1e-7, comm, f"ssor-{kernel}.npy")
+    settings = _settings(path, solver={"type": "iterative", "preconditioner": "ssor", "sweep_kernel": kernel})
     problem = VoxelFVProblem(open_image_layers(path), settings, comm)
     a0 = 1e4
     A = problem._operator(a0)
@@ -185,6 +189,7 @@ def test_slab_ssor_is_one_global_ssor(shared_tmp_path, comm):
     try:
         slab.prepare(a0)
         assert slab.order == "separators"
+        assert (slab.sweeps.kernel is not None) == (kernel == "compiled")
         n = A.getSize()[0]
         lo, hi = A.getOwnershipRange()
         dense = np.vstack(comm.allgather(A.getValues(range(lo, hi), range(n))))  # tiny: the whole matrix

@@ -48,6 +48,7 @@ from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.slab_sweeps import SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
+from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, load_sweep_library
 from fem_anode.imaging.slabs import label_slabs
 from fem_anode.meshing.tags import interface_name
 
@@ -240,7 +241,10 @@ class VoxelFVProblem(TransientDiffusion):
             comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra
         )
         self._g_z = conductance[0]
+        self._conductance = conductance
         self._slab_ssor: _SlabEisenstat | None = None
+        self._kernel: VoxelSweepKernel | None = None
+        self._kernel_state = "unset"
         del extra
         self._transport = transport  # kept for outputs (1 B per voxel of the slab)
         self._kr_diag = self._A.getDiagonal()
@@ -299,9 +303,12 @@ class VoxelFVProblem(TransientDiffusion):
         y.pointwiseMult(x, self._m)
 
     def _ksp(self, a0: float) -> Any:
-        """As :meth:`TransientDiffusion._ksp`; on several ranks SSOR is :class:`_SlabEisenstat`
-        (Eisenstat's trick on each rank's block of rows, which PETSc 3.22 lacks for MPI matrices)."""
-        if self.comm.size == 1 or self._preconditioner(a0) != "ssor" or "pc_type" in self.settings.solver.petsc_options:
+        """As :meth:`TransientDiffusion._ksp`; SSOR is :class:`_SlabEisenstat` on several ranks
+        (Eisenstat's trick on each rank's block of rows, which PETSc 3.22 lacks for MPI matrices)
+        and on one rank with the compiled sweeps (else PETSc's ``PCEISENSTAT``)."""
+        if self._preconditioner(a0) != "ssor" or "pc_type" in self.settings.solver.petsc_options:
+            return super()._ksp(a0)
+        if self.comm.size == 1 and self._sweep_kernel() is None:
             return super()._ksp(a0)
         key = float(f"{a0:.12e}")
         A = self._operator(key)
@@ -309,6 +316,24 @@ class VoxelFVProblem(TransientDiffusion):
             self._slab_ssor = _SlabEisenstat(self, A)
         self._slab_ssor.prepare(key)
         return self._slab_ssor
+
+    def _sweep_kernel(self) -> VoxelSweepKernel | None:
+        """The compiled sweeps of this rank's rows per ``solver.sweep_kernel`` (made on first use;
+        ``None``: PETSc's sweeps). Collective."""
+        if self._kernel_state == "unset":
+            choice = self.settings.solver.sweep_kernel
+            self._kernel_state = "petsc"
+            if choice != "petsc":
+                try:
+                    library = load_sweep_library(self.comm)
+                except SweepKernelUnavailable as exc:
+                    if choice == "compiled":
+                        raise UsageError(f"solver.sweep_kernel = 'compiled' is unavailable: {exc}") from exc
+                    logger.warning("compiled SSOR sweeps unavailable (%s); using PETSc's MatSOR", exc)
+                else:
+                    self._kernel = VoxelSweepKernel(self._transport, self._conductance, _SlabEisenstat.omega, library)
+                    self._kernel_state = "compiled"
+        return self._kernel
 
     def _switch_iterations(self) -> int:
         """``solver.switch_iterations`` or 40: Eisenstat's SSOR on any number of ranks (see :meth:`_ksp`)."""
@@ -510,11 +535,12 @@ class _SlabEisenstat:
     with ``PCEISENSTAT``.
     """
 
+    omega = 1.3
+
     def __init__(self, problem: VoxelFVProblem, A: PETSc.Mat) -> None:
         solver = problem.settings.solver
         self.problem = problem
         self.comm = problem.comm
-        self.omega = 1.3
         self.A = A
         self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
         self.bhat_work = A.createVecLeft()
@@ -531,7 +557,9 @@ class _SlabEisenstat:
         # Which voxels of this rank's first and last layers have rows.
         first = transport[0].ravel() if slab.layers else np.zeros(plane, bool)
         last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
-        self.sweeps = SeparatorSweeps(self.comm, slab, A, first, last, problem._g_z, self.omega)
+        self.sweeps = SeparatorSweeps(
+            self.comm, slab, A, first, last, problem._g_z, self.omega, kernel=problem._sweep_kernel()
+        )
         self.order = "separators" if separator_order_possible(self.comm, slab) else "block-jacobi"
         self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
         self.shell.setUp()
@@ -549,18 +577,20 @@ class _SlabEisenstat:
 
     def prepare(self, a0: float) -> None:
         """Use the operator's current values (only its diagonal changes with a0; ``self.d`` is the
-        problem's diagonal vector, already refreshed by ``_operator``; the layer blocks of the
-        sweeps are extracted again, one layer each)."""
+        problem's diagonal vector, already refreshed by ``_operator``; the sweeps take the new
+        diagonal and extract their layer blocks again, one layer each)."""
         if self.a0 == a0:
             return
         self.a0 = a0
-        if self.order == "separators":
-            self.sweeps.refresh()
+        self.sweeps.refresh()
 
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
         t, w = self.bhat_work, self.w_work
-        if self.order == "separators":
+        if self.order == "separators" and self.sweeps.kernel is not None:
+            self.sweeps.backward(y, t)
+            self.sweeps.forward_eisenstat(y, t, self.d, self.mid_scale, z)  # w below, on the fly
+        elif self.order == "separators":
             self.sweeps.backward(y, t)
             w.pointwiseMult(self.d, t)
             w.aypx(self.mid_scale, y)  # w = y + (1 - 2/omega) D t
@@ -600,7 +630,10 @@ class _SlabEisenstat:
         return "cg"
 
     def getPC(self) -> Any:
-        return _Named("eisenstat-slabs" if self.order == "separators" else "eisenstat-block-jacobi")
+        name = "eisenstat-slabs" if self.order == "separators" else "eisenstat-block-jacobi"
+        if self.comm.size == 1:
+            name = "eisenstat"
+        return _Named(name + ("+compiled" if self.sweeps.kernel is not None else ""))
 
     def free(self) -> None:
         """Free the PETSc objects (not ``destroy``: PETSc calls a shell context's ``destroy(mat)`` itself)."""

@@ -170,6 +170,13 @@ class SolverSettings(Section):
         positive=True,
     )
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
+    sweep_kernel: str = setting(
+        "auto",
+        "SSOR sweeps of finite-volume runs: 'compiled' (the package's kernels for the voxel stencil, built with the "
+        "system C compiler on first use; about twice as fast as PETSc's), 'petsc' (PETSc's MatSOR) or 'auto' "
+        "(compiled when a C compiler works, else PETSc's, with a warning)",
+        choices=("auto", "compiled", "petsc"),
+    )
     cache_size: int = setting(
         3,
         "direct solver: at most this many factorisations kept (one per distinct step size; LRU), fewer if "

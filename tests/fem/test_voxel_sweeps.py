@@ -1,0 +1,126 @@
+"""The compiled SOR sweeps of voxel matrices (fem_anode.fem.voxel_sweeps) equal PETSc's MatSOR on
+the same matrix (anisotropic voxels, empty and single layers, 2D), and a machine without a C
+compiler falls back to PETSc's sweeps ('auto', warned) or stops with a clear error ('compiled')."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("petsc4py")
+
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import fem_anode.fem.voxel_sweeps as voxel_sweeps
+from fem_anode.fem.tortuosity.clusters import slab_bounds
+from fem_anode.fem.tortuosity.fv import assemble_face_conductances
+
+CONDUCTANCE = (0.7, 1.9, 1.3)  # z, y, x: non-cubic voxels
+OMEGA = 1.3
+SOR = PETSc.Mat.SORType
+
+
+@pytest.mark.parametrize(
+    "shape, fill",
+    [((7, 6, 5), 0.7), ((1, 9, 8), 0.6), ((5, 4, 6), 0.35), ((6, 1, 7), 0.8)],
+    ids=["3d", "one-layer", "sparse", "one-row-per-layer"],
+)
+def test_kernel_sweeps_equal_petsc_matsor(shape, fill):
+    comm = MPI.COMM_SELF
+    mask = np.random.default_rng(sum(shape)).random(shape) < fill
+    if shape[0] > 2:
+        mask[1] = False  # a layer without rows
+    slab = slab_bounds(comm, shape[0])
+    extra = np.random.default_rng(1).random(int(mask.sum()))  # a varying diagonal, as the Robin terms make
+    A = assemble_face_conductances(comm, slab, mask, CONDUCTANCE, False, ends=False, extra_diagonal=extra)[0]
+    kernel = voxel_sweeps.VoxelSweepKernel(mask, CONDUCTANCE, OMEGA, voxel_sweeps.load_sweep_library(comm))
+    kernel.set_diagonal(A.getDiagonal().array)
+    b, x = A.createVecLeft(), A.createVecLeft()
+    b.array[:] = np.random.default_rng(2).standard_normal(kernel.n)
+    out = np.empty(kernel.n)
+    try:
+        for flag, sweep in (
+            (SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.forward),
+            (SOR.BACKWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.backward),
+            (SOR.APPLY_UPPER, kernel.apply_upper),
+        ):
+            A.SOR(b, x, OMEGA, flag, 0.0, 1, 1)
+            sweep(b.array_r, out)
+            np.testing.assert_allclose(out, x.array, rtol=1e-13, atol=1e-14 * np.abs(x.array).max())
+        # Eisenstat's fused forward sweep: the forward sweep of y + (1 - 2/omega) d t
+        d = A.getDiagonal().array
+        y, tt = np.random.default_rng(3).random((2, kernel.n))
+        mid = 1.0 - 2.0 / OMEGA
+        b.array[:] = y + mid * d * tt
+        A.SOR(b, x, OMEGA, SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, 0.0, 1, 1)
+        kernel.forward_eisenstat(y, tt, d, mid, out)
+        np.testing.assert_allclose(out, x.array, rtol=1e-13, atol=1e-14 * np.abs(x.array).max())
+        # the sweeps see the stencil: a wrong conductance along any one axis is noticed
+        for axis in range(3):
+            wrong = list(CONDUCTANCE)
+            wrong[axis] *= 1.5
+            other = voxel_sweeps.VoxelSweepKernel(mask, tuple(wrong), OMEGA, kernel.library)
+            other.set_diagonal(A.getDiagonal().array)
+            A.SOR(b, x, OMEGA, SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, 0.0, 1, 1)
+            other.forward(b.array_r, out)
+            moved = np.abs(out - x.array).max() / np.abs(x.array).max()
+            couples = [mask[1:] & mask[:-1], mask[:, 1:] & mask[:, :-1], mask[:, :, 1:] & mask[:, :, :-1]][axis]
+            assert (moved > 1e-3) == bool(couples.any())
+    finally:
+        for obj in (A, b, x):
+            obj.destroy()
+
+
+def test_kernel_checks_its_vectors():
+    mask = np.ones((2, 3, 3), bool)
+    kernel = voxel_sweeps.VoxelSweepKernel(mask, (1.0, 1.0, 1.0), OMEGA, voxel_sweeps.load_sweep_library(MPI.COMM_SELF))
+    with pytest.raises(ValueError, match="18 float64"):
+        kernel.forward(np.zeros(17), np.zeros(18))
+
+
+def test_without_a_compiler_auto_falls_back_and_compiled_is_an_error(tmp_path, monkeypatch, caplog, comm):
+    """No C compiler (``CC`` names a missing program) and an empty cache: the kernels are
+    unavailable on every rank; a finite-volume run with ``sweep_kernel = 'auto'`` warns and solves
+    with PETSc's sweeps, ``'compiled'`` stops with a clear message."""
+    pytest.importorskip("dolfinx")
+    from fem_anode.errors import UsageError
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
+    from fem_anode.fem.diffusion.settings import DiffusionSettings
+    from fem_anode.io.images import VoxelImage, open_image_layers, write_image
+
+    monkeypatch.setattr(voxel_sweeps, "_library", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FEM_ANODE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(voxel_sweeps.SweepKernelUnavailable, match="no-such-compiler"):
+        voxel_sweeps.load_sweep_library(comm)
+
+    path = tmp_path / f"image-{comm.rank}.npy"
+    labels = np.where(np.random.default_rng(3).random((6, 5, 5)) < 0.7, 3, 0).astype(np.uint8)
+    write_image(path, VoxelImage(labels, (1e-7,) * 3, {"pore": 0, "sei": 3}))
+
+    def settings(kernel):
+        return DiffusionSettings.from_dict(
+            {
+                "geometry": {"image": str(path)},
+                "mesh": {"discretisation": "fv"},
+                "solver": {"type": "iterative", "preconditioner": "ssor", "sweep_kernel": kernel},
+                "time": {"t_end": 1e-3, "output_times": [1e-3]},
+                "output": {"fields": False, "figures": False},
+            }
+        )
+
+    problem = VoxelFVProblem(open_image_layers(path), settings("auto"), MPI.COMM_SELF)
+    try:
+        with caplog.at_level("WARNING", logger="fem_anode.fem.diffusion"):
+            result = problem.run()
+        assert result.status == "completed" and "compiled SSOR sweeps unavailable" in caplog.text
+        assert problem._kernel is None
+    finally:
+        problem.destroy()
+    problem = VoxelFVProblem(open_image_layers(path), settings("compiled"), MPI.COMM_SELF)
+    try:
+        with pytest.raises(UsageError, match="sweep_kernel = 'compiled' is unavailable"):
+            problem.run()
+    finally:
+        problem.destroy()
