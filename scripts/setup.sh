@@ -24,7 +24,8 @@ py=/usr/bin/python3
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# Debian packages (trixie names). Python modules FEniCSx, meshing, imaging and tests need.
+# Debian packages (trixie names). Python modules FEniCSx, meshing, imaging and tests need;
+# gcc compiles dolfinx's forms and fem_anode's voxel sweep kernels (dolfinx pulls it in anyway).
 apt_packages=(
   python3-dolfinx-real python3-dolfinx python3-gmsh python3-vtk9 python3-pyvista
   python3-skimage python3-meshio python3-scipy python3-matplotlib python3-pytest
@@ -33,6 +34,7 @@ apt_packages=(
   openmpi-bin xvfb xauth libopenblas0-serial
   python3-sklearn python3-scifem chromium
   python3-mypy
+  gcc
 )
 
 # The ruff version `make lint` runs (pyproject.toml [project.optional-dependencies] lint pins the same).
