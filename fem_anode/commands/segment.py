@@ -118,6 +118,21 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "is relabelled by a second refinement pass: graphite particles are many voxels thick)",
     )
     clean.add_argument(
+        "--no-si-candidates",
+        action="store_true",
+        help="multistage refinement: start from the stage-4 labels only (by default every local maximum of the "
+        "denoised image brighter than the graphite peak, with its face neighbours, starts as Si and the refinement "
+        "keeps or removes it)",
+    )
+    clean.add_argument(
+        "--coating-weight",
+        type=float,
+        default=3.0,
+        metavar="W",
+        help="multistage refinement: prior weight of a pore-graphite or pore-Si face pair relative to the other "
+        "unlike pairs (default 3: solids are coated by the intermediate domain; 1 = plain Potts)",
+    )
+    clean.add_argument(
         "--psf-sigma",
         type=float,
         default=None,
@@ -239,6 +254,7 @@ def _check_options(args: argparse.Namespace) -> None:
         check_number(args.psf_sigma, "--psf-sigma", 0.05, 100.0)
     if args.potts_beta is not None:
         check_number(args.potts_beta, "--potts-beta", 0.0, 1e6)
+    check_number(args.coating_weight, "--coating-weight", 0.0, 1e6)
     if args.illumination is not None:
         check_int(args.illumination, "--illumination", 1, 4)
     trainable_only = {
@@ -327,6 +343,8 @@ def _run_multistage(args: argparse.Namespace) -> int:
         psf_sigma=args.psf_sigma,
         potts_beta=args.potts_beta,
         graphite_opening=not args.no_graphite_opening,
+        coating_weight=args.coating_weight,
+        si_seeds=not args.no_si_candidates,
     )
     del gray
     report: dict[str, Any] = {

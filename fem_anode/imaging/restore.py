@@ -12,7 +12,8 @@ lowers the energy
 
     E(L) = |g - K * f[L]|^2 / (2 sigma_n^2)  +  beta * #{face-neighbour pairs with different labels}
 
-(Gaussian likelihood of the blurred model, Potts prior; Geman & Geman 1984) by iterated
+(Gaussian likelihood of the blurred model, Potts prior; Geman & Geman 1984; optionally each pair
+of classes with its own interface weight, ``beta w_ab``) by iterated
 conditional modes (Besag 1986) that account for the blur: a label change at ``x`` changes the
 model by ``delta K(. - x)``, so its data-energy change is
 
@@ -202,14 +203,52 @@ def estimate_psf(
 
 
 def labels_energy(
-    gray: np.ndarray, classes: np.ndarray, levels: np.ndarray, s: float, noise_sigma: float, beta: float
+    gray: np.ndarray,
+    classes: np.ndarray,
+    levels: np.ndarray,
+    s: float,
+    noise_sigma: float,
+    beta: float,
+    pair_weights: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """``(data, prior)`` energy of a labelling: ``|g - K f|^2 / (2 sigma_n^2)`` and ``beta`` x unlike face pairs."""
+    """``(data, prior)`` energy of a labelling: ``|g - K f|^2 / (2 sigma_n^2)`` and ``beta`` x the
+    unlike face pairs, each weighted by ``pair_weights[a, b]`` (default 1)."""
     f = np.nan_to_num(np.asarray(levels, dtype=np.float32))[classes]
     r = np.asarray(gray, dtype=np.float32) - _blur(f, s)
     data = float(np.sum(r * r, dtype=np.float64)) / (2.0 * noise_sigma**2)
-    pairs = sum(int(np.count_nonzero(np.diff(classes, axis=a))) for a in range(classes.ndim))
-    return data, beta * pairs
+    w = _pair_weights(pair_weights, len(levels))
+    return data, beta * float(np.sum(_pair_counts(np.asarray(classes), len(w), 0, np.shape(classes)[0]) * w))
+
+
+def _pair_weights(pair_weights: np.ndarray | None, n: int) -> np.ndarray:
+    """The checked ``n x n`` interface weights (default: Potts, 1 for every unlike pair)."""
+    if pair_weights is None:
+        return 1.0 - np.eye(n)
+    w = np.asarray(pair_weights, dtype=np.float64)
+    if w.shape != (n, n) or not np.all(np.isfinite(w)) or np.any(w < 0) or not np.array_equal(w, w.T):
+        raise UsageError(f"interface weights must be a symmetric, finite, non-negative {n} x {n} matrix, got {w.tolist()}")
+    if np.any(np.diag(w) != 0):
+        raise UsageError("interface weights of a class with itself must be 0")
+    return w
+
+
+def _pair_counts(cls: np.ndarray, n: int, r0: int, r1: int) -> np.ndarray:
+    """Unlike face pairs ``(L(x), L(y))`` (``n x n`` integer counts, ordered) of layers ``r0 .. r1-1``
+    (along axis 0 the pairs whose second voxel lies there, including the one with layer ``r0 - 1``)."""
+    counts = np.zeros((n, n), dtype=np.int64)
+    blocks = [(cls[max(r0 - 1, 0) : r1 - 1], cls[max(r0 - 1, 0) + 1 : r1])] if r1 - max(r0 - 1, 0) > 1 else []
+    part = cls[r0:r1]
+    for a in range(1, cls.ndim):
+        lo = [slice(None)] * cls.ndim
+        hi = [slice(None)] * cls.ndim
+        lo[a], hi[a] = slice(0, -1), slice(1, None)
+        blocks.append((part[tuple(lo)], part[tuple(hi)]))
+    for x, y in blocks:
+        m = x != y
+        counts += np.bincount(
+            (x[m].astype(np.int64) * n + y[m]).ravel(), minlength=n * n
+        ).reshape(n, n)
+    return counts
 
 
 def _blur_kk(a: np.ndarray, s: float) -> np.ndarray:
@@ -328,17 +367,19 @@ def blur_aware_icm(
     refit_levels: bool = True,
     slabs: Slabs | None = None,
     excluded: dict[int, np.ndarray] | None = None,
+    pair_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Iterated conditional modes on ``E(L) = |g - K f[L]|^2 / (2 sigma_n^2) + beta Potts(L)``.
 
     Each sweep visits the 27 sub-lattices of spacing 3 (9 in 2D) in a fixed order; on a
     sub-lattice every voxel moves to the class of lowest
 
-        dE_l(x) = ( delta^2 k_3 - 2 delta c(x) ) / (2 sigma_n^2) - beta (n_l(x) - n_L(x)(x)),
+        dE_l(x) = ( delta^2 k_3 - 2 delta c(x) ) / (2 sigma_n^2) + beta sum_j (w_lj - w_L(x)j) n_j(x),
 
     ``delta = mu_l - mu_L(x)``, ``c = K * g - (K*K) * f`` kept up to date after every sub-lattice
     (a full Gaussian filter of the change, or a local stencil update when few voxels changed),
-    ``n_l`` the number of face neighbours of class ``l``, ``k_3(x)`` the row sum of ``K*K`` over
+    ``n_j`` the number of face neighbours of class ``j``, ``w`` the interface weights (Potts:
+    ``w_lj = 1`` for ``l != j``), ``k_3(x)`` the row sum of ``K*K`` over
     the sub-lattice through ``x``, borders included (:func:`_sublattice_bound`; it bounds the
     cross terms of simultaneous changes, so E never rises). After
     each sweep the levels are refitted by least squares (``refit_levels``: the same energy
@@ -363,6 +404,8 @@ def blur_aware_icm(
         slabs: the layers each MPI rank holds (default: one process, the whole image).
         excluded: class index -> boolean mask (this rank's layers) of voxels that may not move
             to that class (a shape constraint, e.g. no graphite on one-voxel-thin structures).
+        pair_weights: ``n x n`` symmetric interface weights ``w`` (zero diagonal) multiplying
+            ``beta`` per unlike face pair of each pair of classes; default Potts (all 1).
 
     Returns:
         ``(classes, info)`` (the classes of this rank's layers): info has the sweeps, voxels
@@ -385,6 +428,8 @@ def blur_aware_icm(
         raise UsageError(f"noise sigma must be positive for the blur-aware refinement, got {noise_sigma}")
     if not (np.isfinite(beta) and beta >= 0):
         raise UsageError(f"Potts weight beta must be >= 0, got {beta}")
+    w_pairs = _pair_weights(pair_weights, len(levels))
+    w32 = (beta * w_pairs).astype(np.float32)
     ndim = g_own.ndim
     shape = (part.n0, *g_own.shape[1:])
     size = int(np.prod(shape))
@@ -397,7 +442,6 @@ def blur_aware_icm(
     cls = np.array(cls, dtype=np.int8, copy=True)
     r0, r1 = part.z0 - lo, part.z1 - lo
     inv = np.float32(1.0 / (2.0 * noise_sigma**2))
-    beta32 = np.float32(beta)
     colours = list(np.ndindex(*(_SPACING,) * ndim))
     operators = []
     for n_axis in shape:
@@ -417,9 +461,8 @@ def blur_aware_icm(
     def energy() -> float:
         r = (g - model)[r0:r1]
         data = float(part.sum_layers(_layer_dots(r, r)[:, None])[0]) / (2.0 * noise_sigma**2)
-        pairs = int(np.count_nonzero(np.diff(cls[max(r0 - 1, 0) : r1], axis=0)))
-        pairs += sum(int(np.count_nonzero(np.diff(cls[r0:r1], axis=a))) for a in range(1, ndim))
-        return data + beta * int(part.sum_int(pairs))
+        pairs = part.sum_int(_pair_counts(cls, n, r0, r1))
+        return data + beta * float(np.sum(pairs * w_pairs))
 
     def exchange(points: np.ndarray, amounts: np.ndarray, new: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         """Send every rank this rank's number of changes and the changes in its halo (one
@@ -475,8 +518,14 @@ def blur_aware_icm(
                 for view_nb in neighbours:
                     count += view_nb == k
                 same.append(count)
-            same_arr = np.stack(same)
-            own = np.take_along_axis(same_arr, current[None].astype(np.intp), 0)[0].astype(np.float32)
+            same_arr = np.stack(same).astype(np.float32)
+            # prior cost of each class here: beta sum_j w_kj n_j (exact small integers times w)
+            cost = np.zeros(same_arr.shape, dtype=np.float32)
+            for k in range(n):  # elementwise in a fixed order: the same bits on any slab
+                for j in range(n):
+                    if w32[k, j] != 0:
+                        cost[k] += w32[k, j] * same_arr[j]
+            own = np.take_along_axis(cost, current[None].astype(np.intp), 0)[0]
             f_now = mu32[current]
             c_now = c[sl]
             k_here = bounds[off]
@@ -486,7 +535,7 @@ def blur_aware_icm(
                 if not usable[k]:
                     continue
                 delta = mu32[k] - f_now
-                d_e = (delta * delta * k_here - 2.0 * delta * c_now) * inv - beta32 * (same_arr[k] - own)
+                d_e = (delta * delta * k_here - 2.0 * delta * c_now) * inv + (cost[k] - own)
                 if excluded is not None and k in excluded:
                     d_e = np.where(excluded[k][own_sl], np.float32(np.inf), d_e)
                 better = d_e < best - np.float32(1e-6)
@@ -530,6 +579,7 @@ def blur_aware_icm(
         "psf_sigma_voxels": float(psf_sigma),
         "noise_sigma": float(noise_sigma),
         "beta": float(beta),
+        "pair_weights": w_pairs.tolist(),
         "kk_centre": kk_centre,
         "kk_sublattice_sum": k_sub,
         "halo_layers": halo,

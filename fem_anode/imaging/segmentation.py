@@ -226,6 +226,8 @@ def multistage_threshold(
     potts_beta: float | None = None,
     max_sweeps: int = 8,
     graphite_opening: bool = True,
+    coating_weight: float = 3.0,
+    si_seeds: bool = True,
 ) -> SegmentationResult:
     """Histogram-based global iterative threshold multistage segmentation (SCT, 4 domains).
 
@@ -268,7 +270,11 @@ def multistage_threshold(
     stage-4 labels (:func:`~fem_anode.imaging.restore.estimate_psf`), the noise is estimated
     from the image, and iterated conditional modes lower
     ``|g - K * mu[L]|^2 / (2 sigma_n^2) + beta * Potts(L)``, which recovers small particles and
-    thin shells that partial volume hides from every per-voxel threshold.
+    thin shells that partial volume hides from every per-voxel threshold. It starts from the
+    stage-4 labels plus Si candidates (``si_seeds``: every local maximum of the denoised image
+    brighter than the graphite peak, with its face neighbours; the refinement can remove a
+    wrong particle voxel by voxel but cannot create one), and its prior weights pore-graphite and
+    pore-Si contacts by ``coating_weight`` (solids coated by the intermediate domain).
 
     Args:
         gray: 3D (or 2D) gray image.
@@ -292,6 +298,9 @@ def multistage_threshold(
         max_sweeps: sweep limit of stage 5.
         graphite_opening: stage 5 again with graphite excluded from structures thinner than 3
             voxels (no 3D cross of graphite fits there); off for graphite flakes that thin.
+        coating_weight: prior weight of a pore-graphite or pore-Si face pair in stage 5, relative
+            to the other unlike pairs (1 = Potts; default 3).
+        si_seeds: start stage 5 with the Si candidates (bright local maxima) added.
 
     Returns:
         Labels and ``info`` with the three thresholds, the denoising and clean-up done, the
@@ -317,6 +326,8 @@ def multistage_threshold(
         potts_beta=potts_beta,
         max_sweeps=max_sweeps,
         graphite_opening=graphite_opening,
+        coating_weight=coating_weight,
+        si_seeds=si_seeds,
     )
     return SegmentationResult(VoxelImage(labels, image.voxel_size, dict(phases), f"multistage({image.source})"), info)
 
@@ -368,6 +379,8 @@ def multistage_slabs(
     potts_beta: float | None = None,
     max_sweeps: int = 8,
     graphite_opening: bool = True,
+    coating_weight: float = 3.0,
+    si_seeds: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`multistage_threshold` on an image distributed in slabs of axis-0 layers (collective).
 
@@ -433,6 +446,7 @@ def multistage_slabs(
         moved = _small_components(graphite, int(min_graphite_voxels), slabs)
         graphite &= ~moved
         intermediate |= moved
+    seeds = _si_candidates(array, mode, pore, slabs) if refine and si_seeds else None
     labels: np.ndarray = np.empty(array.shape, dtype=_label_dtype(phases))
     labels[pore] = phases["pore"]
     labels[si] = phases["si"]
@@ -444,6 +458,10 @@ def multistage_slabs(
         roles = {role: phases[role] for role in MULTISTAGE_ROLES}
         labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size, slabs=slabs)
     refine_info: dict[str, Any] | None = None
+    n_seeded = 0
+    if seeds is not None:
+        n_seeded = int(slabs.sum_int(int(np.count_nonzero(seeds & (labels != phases["si"])))))
+        labels[seeds] = phases["si"]
     if refine:
         labels, refine_info = _refine_blur_aware(
             raw,
@@ -455,6 +473,7 @@ def multistage_slabs(
             beta=potts_beta,
             max_sweeps=max_sweeps,
             graphite_opening=graphite_opening,
+            coating_weight=coating_weight,
         )
     total = max(int(slabs.sum_int(int(labels.size))), 1)
     info = {
@@ -464,6 +483,7 @@ def multistage_slabs(
         "median_size": int(median_size),
         "denoise": denoise_info,
         "cleanup": cleanup_info,
+        "si_candidates_added": n_seeded if seeds is not None else None,
         "refine": refine_info,
         "fractions": {
             role: float(slabs.sum_int(int(np.count_nonzero(labels == phases[role])))) / total
@@ -472,6 +492,36 @@ def multistage_slabs(
     }
     logger.debug("multistage thresholds: pore %.4g, intermediate/graphite %.4g, si %.4g", t_pore, t_mid, t_si)
     return labels, info
+
+
+def _si_candidates(denoised: np.ndarray, mode: float, pore: np.ndarray, slabs: Slabs) -> np.ndarray:
+    """Si candidates for the refinement: every local maximum (the ``3^n`` window, plateaus
+    included) of the denoised image brighter than the graphite peak ``mode``, outside the pore
+    mask, with its face neighbours (this rank's layers). A blurred Si particle of a few voxels
+    peaks below the Si threshold, and iterated conditional modes can remove a wrong particle
+    voxel by voxel but never create one, so the candidates are generous and the refinement's
+    energy decides."""
+    window, lo = slabs.window(denoised, 2)
+    if not window.size:
+        return np.zeros(denoised.shape, dtype=bool)
+    peaks = (window >= ndimage.maximum_filter(window, size=3, mode="reflect")) & (window > mode)
+    grown = ndimage.binary_dilation(peaks, ndimage.generate_binary_structure(window.ndim, 1))
+    return slabs.owned_part(grown, lo) & ~pore
+
+
+def coating_pair_weights(coating_weight: float) -> np.ndarray:
+    """Interface weights of the refinement's prior in the order of :data:`MULTISTAGE_ROLES`:
+    1 for every unlike face pair, ``coating_weight`` for pore-graphite and pore-Si pairs (solids
+    coated by the intermediate domain)."""
+    if not (np.isfinite(coating_weight) and coating_weight >= 0):
+        raise UsageError(f"coating weight must be >= 0 and finite, got {coating_weight}")
+    n = len(MULTISTAGE_ROLES)
+    w = 1.0 - np.eye(n)
+    pore = MULTISTAGE_ROLES.index("pore")
+    for solid in ("graphite", "si"):
+        k = MULTISTAGE_ROLES.index(solid)
+        w[pore, k] = w[k, pore] = float(coating_weight)
+    return w
 
 
 def _refine_blur_aware(
@@ -485,6 +535,7 @@ def _refine_blur_aware(
     beta: float | None,
     max_sweeps: int,
     graphite_opening: bool = True,
+    coating_weight: float = 3.0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 5 of :func:`multistage_threshold` (see :mod:`fem_anode.imaging.restore`).
 
@@ -511,8 +562,17 @@ def _refine_blur_aware(
         levels, _ = restore.fit_levels(raw, classes, len(values), s, slabs=slabs)
         estimated = False
     beta = restore.DEFAULT_POTTS_BETA if beta is None else float(beta)
+    weights = coating_pair_weights(coating_weight)
     refined, info = restore.blur_aware_icm(
-        raw, classes, levels, psf_sigma=s, noise_sigma=sigma_n, beta=beta, max_sweeps=max_sweeps, slabs=slabs
+        raw,
+        classes,
+        levels,
+        psf_sigma=s,
+        noise_sigma=sigma_n,
+        beta=beta,
+        max_sweeps=max_sweeps,
+        slabs=slabs,
+        pair_weights=weights,
     )
     if graphite_opening:
         graphite, sei = MULTISTAGE_ROLES.index("graphite"), MULTISTAGE_ROLES.index("sei")
@@ -536,6 +596,7 @@ def _refine_blur_aware(
                 max_sweeps=max(1, max_sweeps // 2),
                 slabs=slabs,
                 excluded={graphite: thin},
+                pair_weights=weights,
             )
             thin_info.update({k: second[k] for k in ("sweeps", "changed_per_sweep", "energy_per_sweep")})
             info["levels"] = second["levels"]
