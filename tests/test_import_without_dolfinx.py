@@ -85,3 +85,23 @@ def test_finite_volume_diffusion_runs_without_dolfinx(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+@pytest.mark.skipif(UNDER_MPI, reason="spawns its own Python; run serially only")
+def test_finite_volume_solver_modules_load_no_scipy():
+    """The finite-volume solver, its driver and the CLI import no SciPy (30 MB per rank, most of
+    it scipy.ndimage); the features that need it (Si particles, region suggestions, the FE
+    tortuosity) import it when they run."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import fem_anode.cli, fem_anode.commands.diffusion, fem_anode.fem.diffusion.run
+        import fem_anode.fem.diffusion.finite_volume, fem_anode.fem.tortuosity
+        bad = [m for m in sys.modules if m.split(".")[0] == "scipy"]
+        assert not bad, bad[:5]
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["Slab", "exchange_layers", "label_slabs", "max_distance_to"]
 
@@ -109,6 +108,8 @@ def label_slabs(
         components of the whole volume, and the labels of the layer just below and just above
         the slab (``None`` at the ends of the volume), for voxels one layer off the slab.
     """
+    from scipy import ndimage  # here, not at import: 30 MB per process that only some runs need
+
     ndim = mask.ndim
     structure = ndimage.generate_binary_structure(ndim, 1) if structure is None else np.asarray(structure, dtype=bool)
     if slab.layers:
@@ -223,6 +224,8 @@ def max_distance_to(
             elif not targets.any():
                 local_max, exact = np.inf, lo == 0 and hi == slab.nz
             else:
+                from scipy import ndimage
+
                 distance = ndimage.distance_transform_edt(~targets, sampling=spacing)[slab.z0 - lo : slab.z1 - lo]
                 z = np.arange(slab.z0, slab.z1)
                 reach = np.minimum(

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mpi4py import MPI
-from scipy import ndimage
 
 from fem_anode.io.images import ImageLayers, VoxelImage
 
@@ -99,6 +98,8 @@ def si_particle_report(problem: DiffusionProblem, image: VoxelImage | ImageLayer
         if (owner < 0).any():
             raise RuntimeError("an Si interface facet has no Si voxel next to it")  # a bug, never bad input
     else:  # smooth meshes (2D, made on rank 0 from the image in memory)
+        from scipy import ndimage  # here, not at import: 30 MB per process that only some runs need
+
         si = image.array == si_label  # type: ignore[union-attr]  # an in-memory image on this path
         particle_ids, n_particles = ndimage.label(si, structure=connectivity)
         nearest = ndimage.distance_transform_edt(~si, return_distances=False, return_indices=True)

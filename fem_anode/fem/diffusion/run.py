@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from mpi4py import MPI
-from scipy import ndimage
 
 from fem_anode.errors import InputError, Interrupted, SolverError
 from fem_anode.fem.diffusion.geometry import (
@@ -545,6 +544,8 @@ def suggest_regions(
     one at the point farthest from any pore, as regions I-IV of the paper's Fig. 8.
     Deterministic; 2D images only.
     """
+    from scipy import ndimage
+
     from fem_anode.fem.diffusion.settings import Region
 
     if image.ndim != 2:

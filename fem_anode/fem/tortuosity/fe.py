@@ -56,7 +56,6 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from scipy import ndimage
 
 from fem_anode.errors import InputError, SolverError, UsageError
 from fem_anode.faults import share_error
@@ -109,6 +108,8 @@ def percolating_mask(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise UsageError(f"tortuosity factor needs a 3D volume, got {mask.ndim}D")
+    from scipy import ndimage  # here, not at import: 30 MB per process that only some runs need
+
     labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
     if n == 0:
         return np.zeros_like(mask)
