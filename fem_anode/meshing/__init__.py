@@ -1,33 +1,73 @@
-"""Image-to-mesh conversion (gmsh/meshio) with named physical groups; see :mod:`.tags`."""
+"""Image-to-mesh conversion (gmsh/meshio) with named physical groups; see :mod:`.tags`.
 
-from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
-from fem_anode.meshing.voxel import VoxelMeshData, voxel_mesh_data, write_voxel_mesh
+The names below load their module on first use (SPEC 1 lazy loading): a solver that only needs
+:mod:`.tags` does not pay for SciPy and gmsh.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module of this package that defines it.
+_EXPORTS = {
+    "BOX_SIDE_TAGS": "tags",
+    "interface_name": "tags",
+    "interface_tag": "tags",
+    "phase_tag": "tags",
+    "VoxelMeshData": "voxel",
+    "voxel_mesh_data": "voxel",
+    "write_voxel_mesh": "voxel",
+    # smooth 2D meshes, tetrahedral voxel meshes, the common entry point and the quality report
+    "METHODS": "build",
+    "MeshResult": "build",
+    "build_model": "build",
+    "mesh_image": "build",
+    "BoundaryNetwork": "contours",
+    "boundary_network": "contours",
+    "clean_labels": "contours",
+    "SmoothMeshOptions": "smooth2d",
+    "build_smooth_model_2d": "smooth2d",
+    "tet_mesh_data": "tet3d",
+}
 
 __all__ = [
     "BOX_SIDE_TAGS",
+    "METHODS",
+    "BoundaryNetwork",
+    "MeshResult",
+    "SmoothMeshOptions",
     "VoxelMeshData",
+    "boundary_network",
+    "build_model",
+    "build_smooth_model_2d",
+    "clean_labels",
     "interface_name",
     "interface_tag",
+    "mesh_image",
     "phase_tag",
+    "tet_mesh_data",
     "voxel_mesh_data",
     "write_voxel_mesh",
 ]
 
-# Smooth 2D meshes, tetrahedral voxel meshes, the common entry point and the quality report.
-from fem_anode.meshing.build import METHODS, MeshResult, build_model, mesh_image
-from fem_anode.meshing.contours import BoundaryNetwork, boundary_network, clean_labels
-from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d
-from fem_anode.meshing.tet3d import tet_mesh_data
+if TYPE_CHECKING:
+    from fem_anode.meshing.build import METHODS, MeshResult, build_model, mesh_image
+    from fem_anode.meshing.contours import BoundaryNetwork, boundary_network, clean_labels
+    from fem_anode.meshing.smooth2d import SmoothMeshOptions, build_smooth_model_2d
+    from fem_anode.meshing.tags import BOX_SIDE_TAGS, interface_name, interface_tag, phase_tag
+    from fem_anode.meshing.tet3d import tet_mesh_data
+    from fem_anode.meshing.voxel import VoxelMeshData, voxel_mesh_data, write_voxel_mesh
 
-__all__ += [
-    "METHODS",
-    "MeshResult",
-    "build_model",
-    "mesh_image",
-    "BoundaryNetwork",
-    "boundary_network",
-    "clean_labels",
-    "SmoothMeshOptions",
-    "build_smooth_model_2d",
-    "tet_mesh_data",
-]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
