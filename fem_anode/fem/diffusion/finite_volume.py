@@ -57,8 +57,9 @@ __all__ = ["BYTES_PER_UNKNOWN", "VectorField", "VoxelFieldWriter", "VoxelFVProbl
 logger = logging.getLogger(__name__)
 
 #: Peak memory per unknown of a run with the default solver (CG + Eisenstat SSOR): the 7-point
-#: matrix (about 100 B), about 12 vectors (96 B) and the assembly temporaries, rounded up from
-#: the 128^3 electrode benchmark (docs/benchmarks.md). The per-rank libraries come on top.
+#: matrix (about 100 B), about 12 vectors (96 B), the compiled sweeps' stencil (25 B) and the
+#: assembly temporaries, rounded up from the 256^3 electrode benchmark (docs/benchmarks.md). The
+#: per-rank libraries come on top.
 BYTES_PER_UNKNOWN = 300.0
 
 _OUTSIDE = -1  # neighbour label beyond the image box
@@ -360,6 +361,7 @@ class VoxelFVProblem(TransientDiffusion):
             "vectors": 8.0 * n * (12 + (self._w_si is not None)),
             "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
             "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
+            "sweeps": float(self.comm.allreduce(self._kernel.nbytes if self._kernel is not None else 0)),
         }
         out["total"] = sum(out.values())
         out["per_dof"] = out["total"] / n
