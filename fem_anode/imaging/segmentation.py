@@ -401,6 +401,7 @@ def multistage_slabs(
         raise InputError("gray image contains NaN or infinite values")
     if median_size < 0:
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
+    coating_pair_weights(coating_weight)  # a bad weight fails before any work
     if illumination_degree is not None:
         if not 1 <= int(illumination_degree) <= 4:
             raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
