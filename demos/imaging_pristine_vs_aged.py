@@ -177,7 +177,9 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
             "met": bool(margin >= 0.05 and all(s["iou_trainable"][k] >= v for k, v in s["iou"].items())),
         }
         if margin < -0.02:
-            raise RuntimeError(f"the trainable segmentation fell below the multistage one: {s['iou_trainable']} vs {s['iou']}")
+            raise RuntimeError(
+                f"the trainable segmentation fell below the multistage one: {s['iou_trainable']} vs {s['iou']}"
+            )
     write_json(out / "summary.json", summary)
     roi_summary = summary["fib_sem_roi"]
     if not roi_summary["iou_region"]["pore"] > roi_summary["iou_pixel_threshold"]["pore"]:
@@ -189,8 +191,9 @@ def _report(summary: dict[str, Any]) -> str:
     lines = [f"synthetic anode {'x'.join(map(str, summary['shape']))} voxels"]
     for name, s in summary["samples"].items():
         lines.append(
-            f"{name:9s} pore {100 * s['phase_fractions_segmented']['pore']:5.1f} %  tortuosity {s['tortuosity_mean']:.3f}  "
-            f"connections/depth {s['connections_per_depth_mean']:.1f}  pore-Si distance {1e6 * s['pore_si_distance_mean_m']:.2f} um "
+            f"{name:9s} pore {100 * s['phase_fractions_segmented']['pore']:5.1f} %  "
+            f"tortuosity {s['tortuosity_mean']:.3f}  connections/depth {s['connections_per_depth_mean']:.1f}  "
+            f"pore-Si distance {1e6 * s['pore_si_distance_mean_m']:.2f} um "
             f"(max {1e6 * s['pore_si_distance_max_m']:.2f})"
         )
         lines.append(
@@ -198,7 +201,8 @@ def _report(summary: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
             + "; trainable (2 slices): "
             + ", ".join(f"{k} {v:.2f}" for k, v in s["iou_trainable"].items())
-            + f" (margin {s['trainable_goal']['mean_iou_margin']:+.3f}, goal {'met' if s['trainable_goal']['met'] else 'missed'})"
+            + f" (margin {s['trainable_goal']['mean_iou_margin']:+.3f}, "
+            + f"goal {'met' if s['trainable_goal']['met'] else 'missed'})"
         )
     for method, change in summary["phase_fraction_change_pct"].items():
         lines.append(
@@ -213,8 +217,8 @@ def _report(summary: dict[str, Any]) -> str:
     )
     roi = summary["fib_sem_roi"]
     lines.append(
-        "FIB-SEM shine-through pore IoU: region %.3f vs pixel threshold %.3f"
-        % (roi["iou_region"]["pore"], roi["iou_pixel_threshold"]["pore"])
+        f"FIB-SEM shine-through pore IoU: region {roi['iou_region']['pore']:.3f} "
+        f"vs pixel threshold {roi['iou_pixel_threshold']['pore']:.3f}"
     )
     lines.append(f"done in {summary['elapsed_s']:.1f} s")
     return "\n".join(lines)

@@ -226,7 +226,9 @@ def _pair_weights(pair_weights: np.ndarray | None, n: int) -> np.ndarray:
         return 1.0 - np.eye(n)
     w = np.asarray(pair_weights, dtype=np.float64)
     if w.shape != (n, n) or not np.all(np.isfinite(w)) or np.any(w < 0) or not np.array_equal(w, w.T):
-        raise UsageError(f"interface weights must be a symmetric, finite, non-negative {n} x {n} matrix, got {w.tolist()}")
+        raise UsageError(
+            f"interface weights must be a symmetric, finite, non-negative {n} x {n} matrix, got {w.tolist()}"
+        )
     if np.any(np.diag(w) != 0):
         raise UsageError("interface weights of a class with itself must be 0")
     return w
@@ -245,9 +247,7 @@ def _pair_counts(cls: np.ndarray, n: int, r0: int, r1: int) -> np.ndarray:
         blocks.append((part[tuple(lo)], part[tuple(hi)]))
     for x, y in blocks:
         m = x != y
-        counts += np.bincount(
-            (x[m].astype(np.int64) * n + y[m]).ravel(), minlength=n * n
-        ).reshape(n, n)
+        counts += np.bincount((x[m].astype(np.int64) * n + y[m]).ravel(), minlength=n * n).reshape(n, n)
     return counts
 
 

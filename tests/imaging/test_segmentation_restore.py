@@ -209,7 +209,7 @@ def test_interface_weights_count_every_pair_type_and_the_icm_never_raises_the_en
     np.testing.assert_array_equal(potts, same)
     _, info = blur_aware_icm(gray, start, levels, psf_sigma=1.0, noise_sigma=0.04, pair_weights=w, refit_levels=False)
     energies = info["energy_per_sweep"]
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(energies, energies[1:])) and energies[-1] < energies[0]
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(energies)) and energies[-1] < energies[0]
     with pytest.raises(UsageError):
         blur_aware_icm(gray, start, levels, psf_sigma=1.0, noise_sigma=0.04, pair_weights=np.triu(w))
     with pytest.raises(UsageError):
