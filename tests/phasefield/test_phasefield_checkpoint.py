@@ -84,7 +84,8 @@ class _StopAfter:
 def test_stopped_run_resumes_to_the_same_records(shared_tmp_path, comm, monkeypatch):
     reference = run_phasefield(_settings(), None, comm, checkpoint_dir=shared_tmp_path / "reference")["half_cycles"]
     directory = shared_tmp_path / "stopped"
-    monkeypatch.setattr(run_module, "SafeStop", lambda: _StopAfter(40))  # in the delithiation
+    polls = reference[0]["steps"] + reference[1]["steps"] // 2  # one poll per step: mid-delithiation
+    monkeypatch.setattr(run_module, "SafeStop", lambda: _StopAfter(polls))
     with pytest.raises(Interrupted, match="stopped by SIGTERM"):
         run_phasefield(_settings(), None, comm, checkpoint_dir=directory)
     monkeypatch.undo()

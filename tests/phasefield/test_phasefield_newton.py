@@ -191,3 +191,89 @@ def test_the_problem_and_its_output_leave_the_callers_mesh_in_metres(shared_tmp_
     assert np.allclose(moved[:, :2], u, rtol=1e-12, atol=1e-12 * 20e-9)
     assert problem.comm.allreduce(float(np.abs(moved).max(initial=0.0)), op=MPI.MAX) > 1e-3 * 20e-9  # it swells
     problem.destroy()
+
+
+def test_preconditioner_is_the_exact_inverse_of_the_lagged_bordered_jacobian():
+    """Between factorisations the block elimination keeps the border it was factorised with:
+    applied to ``J_lagged x`` it returns ``x`` after the Jacobian (and its border) has been
+    reassembled at a new state without refactorisation, and ``J_new x`` it does not."""
+    problem = _vacancy_problem_in_a_lithiation()
+    nw = problem.newton
+    assert nw.axial is not None and nw.reuse
+    nw.pack()
+    nw._unpack(nw.X)
+    nw.assemble_jacobian()
+    nw._factorise()
+    x, y, z = nw.X.duplicate(), nw.X.duplicate(), nw.X.duplicate()
+    x.setRandom()
+    nw.J.mult(x, y)  # y = J_lagged x (the matrix just factorised, with its border)
+    assert problem.step(problem.settings.cycling.dt_initial / 8).ok  # moves on, lagged factorisation
+    nw.assemble_jacobian()  # a new A, b, c, d; no refactorisation
+    nw._fresh = False
+    assert not nw._refactor
+    shell = nw.snes.getKSP().getPC()
+    shell.apply(y, z)
+    z.axpy(-1.0, x)
+    assert z.norm() <= 1e-8 * x.norm()
+    nw.J.mult(x, y)  # the current Jacobian differs: the preconditioner is not its inverse
+    shell.apply(y, z)
+    z.axpy(-1.0, x)
+    assert z.norm() > 1e-6 * x.norm()
+    for vec in (x, y, z):
+        vec.destroy()
+    problem.destroy()
+
+
+def test_krylov_floor_follows_the_newton_tolerance_and_keeps_the_converged_state():
+    """With Eisenstat-Walker the Krylov solves stop at a tenth of Newton's own target
+    (``0.1 max(rtol |F_0|, atol)``); the step converges to the state of exact linear solves
+    within the Newton tolerance."""
+    problem = _vacancy_problem_in_a_lithiation()
+    saved = problem.w.x.array.copy(), float(problem.lam.value), problem.t
+    w_prev, dt_prev, lam_prev = problem._w_prev.x.array.copy(), problem._dt_prev, problem._lam_prev
+    dt = problem.settings.cycling.dt_initial / 16
+    result = problem.step(dt)
+    assert result.ok, result.reason
+    rtol, atol, _, _ = problem.newton.snes.getTolerances()
+    floor = problem.newton.snes.getKSP().getTolerances()[1]
+    assert floor == pytest.approx(0.1 * max(rtol * result.history[0], atol), rel=1e-12)
+    assert result.history[-1] <= max(rtol * result.history[0], atol)
+    state = problem.w.x.array[problem._bounded_dofs].copy()
+    exact = PhaseFieldSettings(
+        mesh=MeshSettings(size=4e-9), solver=SolverSettings(reuse_factorisation=False)
+    ).solver  # an LU at every Newton iteration: exact linear solves
+    problem.newton.destroy()
+    problem.settings.solver = exact
+    problem.newton = problem._make_solver(problem.bcs)
+    problem.w.x.array[:], problem.lam.value, problem.t = saved
+    problem.w_old.x.array[:] = saved[0]
+    problem._w_prev.x.array[:], problem._dt_prev, problem._lam_prev = w_prev, dt_prev, lam_prev
+    problem.lam_old = saved[1]
+    assert problem.step(dt).ok
+    diff = np.abs(problem.w.x.array[problem._bounded_dofs] - state).max(initial=0.0)
+    assert problem.comm.allreduce(float(diff), op=MPI.MAX) < 1e-7
+    problem.destroy()
+
+
+def test_smooth_controller_grows_fast_only_after_very_easy_steps():
+    """``fast_growth`` after a step of at most half of ``easy_iterations`` effective Newton
+    iterations, ``growth`` after an easy one; both still limited by ``dc_target max_dc / dc``."""
+    from types import SimpleNamespace
+
+    from fem_anode.fem.phasefield.problem import StepResult
+
+    settings = PhaseFieldSettings()
+    cyc = settings.cycling  # growth 1.5, fast_growth 3, easy_iterations 4, target 0.75 x 0.2
+    fake = SimpleNamespace(settings=settings)
+    fake._effective_iterations = lambda h: PhaseFieldProblem._effective_iterations(fake, h)
+
+    def next_dt(effective: int, dc: float) -> float:
+        history = [1.0] + [1e-3] * (effective - 1) + [1e-9]  # the residual falls by 1e-6 at `effective`
+        return PhaseFieldProblem._next_dt(fake, 0.01, 0.01, StepResult(True, effective, "", history, dc))
+
+    assert next_dt(2, 1e-4) == pytest.approx(0.01 * cyc.fast_growth)
+    assert next_dt(3, 1e-4) == pytest.approx(0.01 * cyc.growth)
+    assert next_dt(2, 0.075) == pytest.approx(0.01 * 2.0)  # dc-limited: 0.15 / 0.075
+    assert next_dt(6, 1e-4) == pytest.approx(0.01)
+    cyc.fast_growth = 1.0  # never below growth
+    assert next_dt(1, 1e-4) == pytest.approx(0.01 * cyc.growth)

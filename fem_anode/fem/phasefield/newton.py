@@ -36,8 +36,17 @@ with ``linear_rtol=None``, the Eisenstat-Walker forcing term (PETSc ``snes_ksp_e
 1e-2): loose while the Newton residual is large, tighter as Newton converges, so that the
 final iterations stay (super)quadratic while the early ones stop wasting Krylov iterations.
 Newton's own tolerances still decide convergence, so the converged state is the same within
-them. Without reuse ``P = A`` at every iteration and the outer solve is a single exact
-application (``preonly``).
+them. With Eisenstat-Walker the Krylov solve also stops once its residual is a tenth of what
+Newton's tolerance asks of the whole attempt (KSP ``atol = 0.1 max(rtol |F_0|, atol)``): the
+last Newton iteration of an attempt no longer solves its linear system far below the residual
+at which Newton stops. Without reuse ``P = A`` at every iteration and the outer solve is a
+single exact application (``preonly``).
+
+**Lagged border**: the block elimination uses the border of the matrix it was factorised from
+(``z = P^-1 b``, ``c`` and the Schur complement ``d - c.z`` are updated with each factorisation,
+not at every Newton iteration), so the preconditioner is the exact inverse of the lagged
+bordered Jacobian and a Newton iteration without refactorisation costs no extra triangular
+solve; the mat-vecs use the current border.
 """
 
 from __future__ import annotations
@@ -155,6 +164,8 @@ class BorderedNewton:
             self.cvec = fem_petsc.create_vector(axial[2])
         self.d = 1.0
         self.schur = 1.0
+        self.c_lagged: PETSc.Vec | None = None  # c of the factorised border (see _update_border)
+        self._krylov_floor = reuse_factorisation and linear_rtol is None
         self.history: list[float] = []
         self.on_residual: list[Callable[[], None]] = []
         self.ksp = PETSc.KSP().create(self.comm)
@@ -261,8 +272,7 @@ class BorderedNewton:
         if self._refactor or not self.reuse:
             self._factorise()
         else:
-            self._fresh = False
-            self._update_border()
+            self._fresh = False  # the border of the preconditioner stays that of P (module docstring)
 
     def _native_matrix(self, jacobian: fem.Form) -> tuple[Any, np.ndarray, np.ndarray, int] | None:
         """dolfinx's own CSR matrix of the Jacobian and the owned rows' pattern in global column
@@ -327,10 +337,14 @@ class BorderedNewton:
         self._update_border()
 
     def _update_border(self) -> None:
-        """``z2 = P^-1 b`` and the Schur complement ``d - c.z2`` of the bordered system."""
+        """``z2 = P^-1 b``, the Schur complement ``d - c.z2`` and a copy of ``c``: the border of the
+        bordered matrix whose exact inverse the preconditioner applies until the next factorisation."""
         if self.axial is None:
             return
         self.ksp.solve(self.bvec, self.z2)
+        if self.c_lagged is None:
+            self.c_lagged = self.cvec.duplicate()
+        self.cvec.copy(self.c_lagged)
         self.schur = self.d - self.cvec.dot(self.z2)
 
     def _converged(self, snes: PETSc.SNES, its: int, norms: tuple[float, float, float]) -> int:
@@ -341,6 +355,8 @@ class BorderedNewton:
         if its == 0:
             self._fnorm0 = fnorm
             self._stagnated = False
+            if self._krylov_floor:  # no linear solve below a tenth of Newton's own target
+                snes.getKSP().setTolerances(atol=0.1 * max(rtol * fnorm, atol))
         if not np.isfinite(fnorm):
             return PETSc.SNES.ConvergedReason.DIVERGED_FNORM_NAN
         if fnorm < atol:
@@ -406,7 +422,9 @@ class BorderedNewton:
 
     def destroy(self) -> None:
         for obj in {
-            id(o): o for o in (self.snes, self.ksp, self.J, self.A, self.P, self.X, self.F) if o is not None
+            id(o): o
+            for o in (self.snes, self.ksp, self.J, self.A, self.P, self.X, self.F, self.c_lagged)
+            if o is not None
         }.values():
             obj.destroy()
 
@@ -439,7 +457,8 @@ class _Shell:
         if nw.axial is None:
             nw._join(nw.z1, rl, y)
             return
-        xl = (rl - nw.cvec.dot(nw.z1)) / nw.schur
+        assert nw.c_lagged is not None  # set by the factorisation before any application
+        xl = (rl - nw.c_lagged.dot(nw.z1)) / nw.schur
         nw.z1.axpy(-xl, nw.z2)
         nw._join(nw.z1, xl, y)
 

@@ -770,7 +770,9 @@ class PhaseFieldProblem:
         effective Newton iterations, cut back by ``cutback`` after a rejection. ``smooth``: the
         change of c is about proportional to dt, so the step after one that changed c by ``dc``
         is aimed at ``dc_target max_dc``: ``dt (dc_target max_dc / dc)``, at most ``growth``
-        times larger; the Newton iterations bound it as well (at most ``easy_iterations``: may
+        times larger (``fast_growth`` after a step of at most half of ``easy_iterations``
+        effective iterations: the quiet end of a half-cycle, where c hardly changes, is crossed
+        in fewer steps); the Newton iterations bound it as well (at most ``easy_iterations``: may
         grow; up to twice that: may not grow; more: halve). A step rejected for ``max_dc`` is
         retried with the size its change predicts (between 0.1 and 0.9 times), a failed Newton
         solve with ``cutback``. Both are capped by ``dt_max``.
@@ -788,7 +790,8 @@ class PhaseFieldProblem:
             if result.dc is not None and result.dc > cyc.max_dc:  # converged, but changed c too much
                 return dt_try * min(0.9, max(0.1, target / result.dc))
             return dt_try * cyc.cutback
-        factor = cyc.growth if result.dc is None or result.dc <= 0 else min(cyc.growth, target / result.dc)
+        cap = max(cyc.growth, cyc.fast_growth) if 2 * effective <= cyc.easy_iterations else cyc.growth
+        factor = cap if result.dc is None or result.dc <= 0 else min(cap, target / result.dc)
         if effective > 2 * cyc.easy_iterations:
             factor = min(factor, 0.5)
         elif effective > cyc.easy_iterations:

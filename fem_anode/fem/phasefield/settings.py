@@ -123,6 +123,12 @@ class CyclingSettings(Section):
     dt_max: float = setting(5.0, "largest time step", positive=True)
     dt_min: float = setting(1e-7, "smallest time step before the run stops with a solver error", positive=True)
     growth: float = setting(1.5, "step growth factor after an easy step", bounds=(1.0, 10.0))
+    fast_growth: float = setting(
+        3.0,
+        "smooth controller: growth factor after a very easy step (at most half of easy_iterations effective Newton "
+        "iterations), still at most dc_target x max_dc / dc; never below 'growth'",
+        bounds=(1.0, 10.0),
+    )
     cutback: float = setting(0.25, "step reduction factor after a failed step", bounds=(0.01, 0.9))
     easy_iterations: int = setting(
         4, "a step converged in at most this many Newton iterations lets dt grow", positive=True
