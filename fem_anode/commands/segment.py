@@ -133,6 +133,15 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "unlike pairs (default 3: solids are coated by the intermediate domain; 1 = plain Potts)",
     )
     clean.add_argument(
+        "--levels",
+        type=_levels,
+        default=None,
+        metavar="pore=G,sei=G,graphite=G,si=G",
+        help="multistage refinement: the phases' gray levels, held fixed instead of fitted (a calibration from a "
+        "scan of the same instrument where every phase is thick: its report's refine.levels; give its "
+        "refine.psf_sigma_voxels as --psf-sigma too)",
+    )
+    clean.add_argument(
         "--psf-sigma",
         type=float,
         default=None,
@@ -221,6 +230,21 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="label image to write, e.g. labels.npy")
     parser.set_defaults(func=run)
+
+
+def _levels(text: str) -> dict[str, float]:
+    """``pore=0.12,sei=0.42,...`` -> {name: level} (argparse type: a bad value is a usage error)."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            level = float(value)
+        except ValueError:
+            level = math.nan
+        if not sep or not name.strip() or not math.isfinite(level):
+            raise argparse.ArgumentTypeError(f"expected NAME=GRAY pairs separated by commas, got {item!r}")
+        out[name.strip()] = level
+    return out
 
 
 def _order(phases: dict[str, int], order: str | None) -> list[str]:
@@ -345,6 +369,7 @@ def _run_multistage(args: argparse.Namespace) -> int:
         graphite_opening=not args.no_graphite_opening,
         coating_weight=args.coating_weight,
         si_seeds=not args.no_si_candidates,
+        levels=args.levels,
     )
     del gray
     report: dict[str, Any] = {

@@ -228,6 +228,7 @@ def multistage_threshold(
     graphite_opening: bool = True,
     coating_weight: float = 3.0,
     si_seeds: bool = True,
+    levels: Mapping[str, float] | None = None,
 ) -> SegmentationResult:
     """Histogram-based global iterative threshold multistage segmentation (SCT, 4 domains).
 
@@ -301,6 +302,9 @@ def multistage_threshold(
         coating_weight: prior weight of a pore-graphite or pore-Si face pair in stage 5, relative
             to the other unlike pairs (1 = Potts; default 3).
         si_seeds: start stage 5 with the Si candidates (bright local maxima) added.
+        levels: gray level of each phase (``pore``, ``sei``, ``graphite``, ``si``) for stage 5,
+            held fixed instead of fitted (a calibration from a scan where every phase is thick,
+            e.g. another sample of the same series and instrument); default fitted.
 
     Returns:
         Labels and ``info`` with the three thresholds, the denoising and clean-up done, the
@@ -328,6 +332,7 @@ def multistage_threshold(
         graphite_opening=graphite_opening,
         coating_weight=coating_weight,
         si_seeds=si_seeds,
+        levels=levels,
     )
     return SegmentationResult(VoxelImage(labels, image.voxel_size, dict(phases), f"multistage({image.source})"), info)
 
@@ -381,6 +386,7 @@ def multistage_slabs(
     graphite_opening: bool = True,
     coating_weight: float = 3.0,
     si_seeds: bool = True,
+    levels: Mapping[str, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`multistage_threshold` on an image distributed in slabs of axis-0 layers (collective).
 
@@ -401,7 +407,8 @@ def multistage_slabs(
         raise InputError("gray image contains NaN or infinite values")
     if median_size < 0:
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
-    coating_pair_weights(coating_weight)  # a bad weight fails before any work
+    coating_pair_weights(coating_weight)  # a bad weight or level fails before any work
+    given_levels = _role_levels(levels)
     if illumination_degree is not None:
         if not 1 <= int(illumination_degree) <= 4:
             raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
@@ -475,6 +482,7 @@ def multistage_slabs(
             max_sweeps=max_sweeps,
             graphite_opening=graphite_opening,
             coating_weight=coating_weight,
+            levels=given_levels,
         )
     total = max(int(slabs.sum_int(int(labels.size))), 1)
     info = {
@@ -510,6 +518,23 @@ def _si_candidates(denoised: np.ndarray, mode: float, pore: np.ndarray, slabs: S
     return slabs.owned_part(grown, lo) & ~pore
 
 
+def _role_levels(levels: Mapping[str, float] | None) -> np.ndarray | None:
+    """Given phase levels (gray units, one per role of :data:`MULTISTAGE_ROLES`) as an array."""
+    if levels is None:
+        return None
+    missing = [r for r in MULTISTAGE_ROLES if r not in levels]
+    unknown = [k for k in levels if k not in MULTISTAGE_ROLES]
+    if missing or unknown:
+        raise UsageError(
+            f"levels need exactly the phases {', '.join(MULTISTAGE_ROLES)}; "
+            f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+        )
+    out = np.array([float(levels[r]) for r in MULTISTAGE_ROLES])
+    if not np.all(np.isfinite(out)):
+        raise UsageError(f"levels must be finite gray values, got {dict(levels)}")
+    return out
+
+
 def coating_pair_weights(coating_weight: float) -> np.ndarray:
     """Interface weights of the refinement's prior in the order of :data:`MULTISTAGE_ROLES`:
     1 for every unlike face pair, ``coating_weight`` for pore-graphite and pore-Si pairs (solids
@@ -537,6 +562,7 @@ def _refine_blur_aware(
     max_sweeps: int,
     graphite_opening: bool = True,
     coating_weight: float = 3.0,
+    levels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 5 of :func:`multistage_threshold` (see :mod:`fem_anode.imaging.restore`).
 
@@ -555,13 +581,18 @@ def _refine_blur_aware(
     sigma_n = float(noise_sigma) if noise_sigma is not None else estimate_noise_sigma(raw, slabs)
     if sigma_n <= 0:
         return labels, {"skipped": "the image has no noise to weigh the data by (noise sigma 0)"}
+    fixed = levels is not None
     if psf_sigma is None:
         psf = restore.estimate_psf(raw, classes, len(values), slabs=slabs)
-        s, levels, estimated = psf["psf_sigma_voxels"], psf["levels"], True
+        s, estimated = psf["psf_sigma_voxels"], True
+        if not fixed:
+            levels = psf["levels"]
     else:
         s = float(psf_sigma)
-        levels, _ = restore.fit_levels(raw, classes, len(values), s, slabs=slabs)
+        if not fixed:
+            levels, _ = restore.fit_levels(raw, classes, len(values), s, slabs=slabs)
         estimated = False
+    assert levels is not None  # fitted above unless given
     beta = restore.DEFAULT_POTTS_BETA if beta is None else float(beta)
     weights = coating_pair_weights(coating_weight)
     refined, info = restore.blur_aware_icm(
@@ -574,6 +605,7 @@ def _refine_blur_aware(
         max_sweeps=max_sweeps,
         slabs=slabs,
         pair_weights=weights,
+        refit_levels=not fixed,
     )
     if graphite_opening:
         graphite, sei = MULTISTAGE_ROLES.index("graphite"), MULTISTAGE_ROLES.index("sei")
@@ -598,6 +630,7 @@ def _refine_blur_aware(
                 slabs=slabs,
                 excluded={graphite: thin},
                 pair_weights=weights,
+                refit_levels=not fixed,
             )
             thin_info.update({k: second[k] for k in ("sweeps", "changed_per_sweep", "energy_per_sweep")})
             info["levels"] = second["levels"]
@@ -606,6 +639,7 @@ def _refine_blur_aware(
     info.update(
         {
             "psf_sigma_estimated": estimated,
+            "levels_given": fixed,
             "noise_sigma_estimated": noise_sigma is None,
             "levels": dict(zip(MULTISTAGE_ROLES, info["levels"])),
             "voxels_changed": int(slabs.sum_int(int(np.count_nonzero(out != labels)))),

@@ -230,3 +230,22 @@ def test_si_candidates_and_coating_weight_each_help_on_the_small_volumes(volumes
         assert iou["default"]["si"] > iou["no seeds"]["si"] + 0.03, (aged, iou)
     with pytest.raises(UsageError):
         multistage_threshold(gray, coating_weight=-1.0)
+
+
+def test_given_levels_are_held_fixed_and_checked(volumes):
+    """Levels given (a calibration) are used as they are, never refitted; a pristine volume
+    segmented with the levels and PSF of the aged one (every phase thick there) gains graphite and
+    intermediate-domain IoU on the small volumes (measured: docs/imaging.md section 1.8)."""
+    aged = multistage_threshold(volumes[True][1])
+    calibration = aged.info["refine"]["levels"]
+    s = aged.info["refine"]["psf_sigma_voxels"]
+    truth, gray = volumes[False]
+    own = iou_per_phase(multistage_threshold(gray).labels, truth)
+    result = multistage_threshold(gray, levels=calibration, psf_sigma=s)
+    assert result.info["refine"]["levels"] == calibration and result.info["refine"]["levels_given"]
+    calibrated = iou_per_phase(result.labels, truth)
+    assert calibrated["graphite"] > own["graphite"] and calibrated["sei"] > own["sei"], (own, calibrated)
+    with pytest.raises(UsageError, match="missing"):
+        multistage_threshold(gray, levels={"pore": 0.1, "sei": 0.4})
+    with pytest.raises(UsageError, match="finite"):
+        multistage_threshold(gray, levels={"pore": 0.1, "sei": np.nan, "graphite": 0.6, "si": 0.9})

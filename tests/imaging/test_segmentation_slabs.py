@@ -89,10 +89,19 @@ def test_multistage_on_slabs_gives_the_labels_of_one_process(aged):
 
 
 def test_multistage_options_on_slabs():
-    """Median pre-filter, per-phase object sizes and a given PSF take the same halo route."""
+    """Median pre-filter, per-phase object sizes, a given PSF, given (fixed) levels, another coating
+    weight and no Si candidates take the same halo route."""
     labels = anode_volume((16, 30, 30), seed=5, aged=True)
     gray = render_gray(labels, seed=6).array
-    options = {"median_size": 3, "min_object_size": {"si": 2, "graphite": 5}, "psf_sigma": 1.2, "potts_beta": 0.5}
+    options = {
+        "median_size": 3,
+        "min_object_size": {"si": 2, "graphite": 5},
+        "psf_sigma": 1.2,
+        "potts_beta": 0.5,
+        "levels": {"pore": 0.12, "sei": 0.42, "graphite": 0.58, "si": 0.88},
+        "coating_weight": 2.0,
+        "si_seeds": False,
+    }
     serial = multistage_threshold(gray, ANODE_PHASES, **options)
     slabs = _uneven(gray.shape[0])
     mine, info = multistage_slabs(gray[slabs.z0 : slabs.z1], slabs, ANODE_PHASES, **options)

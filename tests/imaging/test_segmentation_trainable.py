@@ -11,13 +11,13 @@ from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
 from fem_anode.imaging.trainable import (
     UNLABELLED,
     FeatureSettings,
+    _blocks,
     feature_halo,
     load_model,
     predict_labels,
     save_model,
     train_classifier,
 )
-from fem_anode.imaging.trainable import _blocks
 
 SHAPE = (24, 48, 48)
 
