@@ -33,7 +33,7 @@ from petsc4py import PETSc
 from fem_anode.fem.voxel_sweeps import VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
-__all__ = ["SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
+__all__ = ["SeparatorMatrix", "SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
 
 _ZERO_GUESS = PETSc.Mat.SORType.ZERO_INITIAL_GUESS
 
@@ -66,7 +66,9 @@ class SeparatorSweeps:
     Args:
         comm: the matrix's communicator.
         slab: this rank's slab of layers.
-        A: the matrix (AIJ, or SBAIJ holding the upper triangle), rows in the slab's C order.
+        A: the matrix (AIJ, or SBAIJ holding the upper triangle), rows in the slab's C order;
+            ``None`` with a ``kernel`` made ``with_matrix`` (the kernel is then the matrix: its
+            diagonal is set by the caller, the layer corrections use the kernel's layer sweeps).
         first, last: which voxels of this rank's first and last layer have rows (flat masks of a
             layer, ``ny * nx``).
         g_z: the conductance of a z face (the off-rank entries are ``-g_z``).
@@ -79,7 +81,7 @@ class SeparatorSweeps:
         self,
         comm: MPI.Comm,
         slab: Slab,
-        A: PETSc.Mat,
+        A: PETSc.Mat | None,
         first: np.ndarray,
         last: np.ndarray,
         g_z: float,
@@ -90,8 +92,11 @@ class SeparatorSweeps:
         if kernel is not None and kernel.omega != omega:
             raise ValueError(f"the kernel's omega {kernel.omega} differs from the sweeps' {omega}")
         self.kernel = kernel
-        self.block = A.getDiagonalBlock() if comm.size > 1 else A  # this rank's rows and columns (values follow A)
-        n = A.getLocalSize()[0]
+        if A is None and (kernel is None or kernel.d is None):
+            raise ValueError("SeparatorSweeps without a matrix needs a kernel made with_matrix")
+        # this rank's rows and columns (values follow A)
+        self.block = None if A is None else A.getDiagonalBlock() if comm.size > 1 else A
+        n = A.getLocalSize()[0] if A is not None else kernel.n  # type: ignore[union-attr]  # checked above
         self.plane_size = first.size
         self.first_pos = np.flatnonzero(first)
         self.last_pos = np.flatnonzero(last)
@@ -128,10 +133,13 @@ class SeparatorSweeps:
         """Take the matrix's current values for the layer corrections and the kernel (after its
         diagonal changed)."""
         if self.kernel is not None:
-            diagonal = PETSc.Vec().createWithArray(self.kernel.dinv, comm=PETSc.COMM_SELF)
-            self.block.getDiagonal(diagonal)
-            diagonal.destroy()
-            self.kernel.set_diagonal(self.kernel.dinv)
+            if self.block is not None:
+                diagonal = PETSc.Vec().createWithArray(self.kernel.dinv, comm=PETSc.COMM_SELF)
+                self.block.getDiagonal(diagonal)
+                diagonal.destroy()
+                self.kernel.set_diagonal(self.kernel.dinv)
+            return  # the layer corrections use the kernel's layer sweeps
+        assert self.block is not None
         needed = (self.slab.prev is not None, self.slab.next is not None)
         for which in (0, 1):
             if needed[which]:
@@ -145,6 +153,8 @@ class SeparatorSweeps:
             if sweep is not None:
                 sweep(b.array_r, x.array)
                 return
+        if self.block is None:
+            raise ValueError(f"SOR type {kind} needs the matrix")
         src, dst = self._seq
         src.placeArray(b.array_r)  # read only: PETSc locks a shell product's input
         dst.placeArray(x.array)
@@ -165,11 +175,16 @@ class SeparatorSweeps:
         """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (0) or last (1) layer alone."""
         layer = self._layers[which]
         positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
-        if layer is None or rows.size == 0:
+        if rows.size == 0:
             return
         rhs, delta = self._layer_vecs[which]
         rhs.array[:] = self.g_z * coupled[positions]
-        layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
+        if self.kernel is not None:
+            forward = int(kind) == int(PETSc.Mat.SORType.FORWARD_SWEEP)
+            self.kernel.layer_sweep(int(rows[0]), rhs.array_r, delta.array, forward=forward)
+        else:
+            assert layer is not None
+            layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
         x.array[rows] += delta.array_r
 
     @property
@@ -223,6 +238,13 @@ class SeparatorSweeps:
         if above is not None:
             w.array[self.last_rows] -= self.g_z * above[self.last_pos]
 
+    def mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = A x`` by the kernel and the off-rank couplings (a kernel made ``with_matrix``)."""
+        assert self.kernel is not None
+        self.kernel.mult(x.array_r, y.array)
+        if not self.alone:
+            self.add_off_rank(x, y)
+
     def destroy(self) -> None:
         """Free the PETSc objects (the matrix belongs to the caller)."""
         for obj in (*self._seq, *self._layer_is, *(v for pair in self._layer_vecs for v in pair), *self._layers):
@@ -233,15 +255,23 @@ class SeparatorSweeps:
 class SeparatorSSOR:
     """SSOR preconditioner in the separator order, a PETSc ``PCPYTHON`` context:
     ``z = B^{-T} D B^{-1} r`` (the symmetric SOR preconditioner up to the factor (2 - omega)/omega,
-    which CG does not see). For an SBAIJ or AIJ matrix; the diagonal is read at :meth:`setUp`."""
+    which CG does not see). For an SBAIJ or AIJ matrix, whose diagonal is read at :meth:`setUp`,
+    or for sweeps whose kernel is the matrix (its ``d``, no copy)."""
 
     def __init__(self, sweeps: SeparatorSweeps) -> None:
         self.sweeps = sweeps
-        self.d = sweeps.A.createVecLeft()
-        self.work = sweeps.A.createVecLeft()
+        if sweeps.A is not None:
+            self.d = sweeps.A.createVecLeft()
+        else:
+            assert sweeps.kernel is not None and sweeps.kernel.d is not None
+            self.d = PETSc.Vec().createWithArray(
+                sweeps.kernel.d, size=(sweeps.kernel.n, PETSc.DECIDE), comm=sweeps.comm
+            )
+        self.work = self.d.duplicate()
 
     def setUp(self, pc: Any) -> None:
-        self.sweeps.A.getDiagonal(self.d)
+        if self.sweeps.A is not None:
+            self.sweeps.A.getDiagonal(self.d)
         self.sweeps.refresh()
 
     def apply(self, pc: Any, r: PETSc.Vec, z: PETSc.Vec) -> None:
@@ -254,3 +284,23 @@ class SeparatorSSOR:
         for vec in (self.d, self.work):
             vec.destroy()
         self.sweeps.destroy()
+
+
+class SeparatorMatrix:
+    """``A`` as a PETSc ``MATPYTHON`` context from sweeps whose kernel is the matrix: the mat-vec
+    is the kernel's plus the off-rank couplings, no assembled matrix (33 B per row in all)."""
+
+    def __init__(self, sweeps: SeparatorSweeps) -> None:
+        if sweeps.kernel is None or sweeps.kernel.d is None:
+            raise ValueError("SeparatorMatrix needs sweeps with a kernel made with_matrix")
+        self.sweeps = sweeps
+
+    def mult(self, mat: Any, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        self.sweeps.mult(x, y)
+
+    def as_petsc(self) -> PETSc.Mat:
+        """The PETSc matrix (collective)."""
+        n = self.sweeps.kernel.n  # type: ignore[union-attr]  # checked in __init__
+        mat = PETSc.Mat().createPython(((n, PETSc.DECIDE), (n, PETSc.DECIDE)), context=self, comm=self.sweeps.comm)
+        mat.setUp()
+        return mat

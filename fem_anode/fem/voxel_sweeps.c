@@ -81,3 +81,58 @@ void fa_forward_eisenstat(int64_t n, const double *y, const double *t, const dou
         z[i] = prev;
     }
 }
+
+/* y = A x = d x - G x (every neighbour within these rows) */
+void fa_mult(int64_t n, const double *x, const double *d, const int32_t *lower, const int32_t *upper,
+             const uint8_t *mask, const double *g, double *y)
+{
+    const double gx = g[0], gy = g[1], gz = g[2];
+    for (int64_t i = 0; i < n; ++i) {
+        const uint8_t m = mask[i];
+        double s = d[i] * x[i];
+        if (m & 1) s -= gx * x[i - 1];
+        if (m & 8) s -= gx * x[i + 1];
+        if (m & 2) s -= gy * x[lower[2 * i]];
+        if (m & 16) s -= gy * x[upper[2 * i]];
+        if (m & 4) s -= gz * x[lower[2 * i + 1]];
+        if (m & 32) s -= gz * x[upper[2 * i + 1]];
+        y[i] = s;
+    }
+}
+
+/* The sweeps of one layer alone, rows first..first+m-1 (the layer's x and y couplings; no z):
+ * x = (D/omega + L_layer)^{-1} b (forward) or (D/omega + U_layer)^{-1} b (backward), with b and x
+ * the layer's values (length m). */
+void fa_forward_layer(int64_t first, int64_t m, const double *b, const double *dinv,
+                      const int32_t *lower, const uint8_t *mask, const double *g, double *x)
+{
+    const double gx = g[0], gy = g[1];
+    double prev = 0.0;
+    for (int64_t k = 0; k < m; ++k) {
+        const int64_t i = first + k;
+        const uint8_t f = mask[i];
+        const double di = dinv[i];
+        double s = b[k];
+        if (f & 2) s += gy * x[lower[2 * i] - first];
+        const double c = (f & 1) ? gx * di : 0.0;
+        prev = s * di + c * prev;
+        x[k] = prev;
+    }
+}
+
+void fa_backward_layer(int64_t first, int64_t m, const double *b, const double *dinv,
+                       const int32_t *upper, const uint8_t *mask, const double *g, double *x)
+{
+    const double gx = g[0], gy = g[1];
+    double next = 0.0;
+    for (int64_t k = m - 1; k >= 0; --k) {
+        const int64_t i = first + k;
+        const uint8_t f = mask[i];
+        const double di = dinv[i];
+        double s = b[k];
+        if (f & 16) s += gy * x[upper[2 * i] - first];
+        const double c = (f & 8) ? gx * di : 0.0;
+        next = s * di + c * next;
+        x[k] = next;
+    }
+}

@@ -90,6 +90,12 @@ def _load_local() -> ctypes.CDLL:
         function = getattr(library, name)
         function.argtypes = [size, pointer, pointer, pointer, pointer, pointer, pointer]
         function.restype = None
+    for name in ("fa_forward_layer", "fa_backward_layer"):
+        function = getattr(library, name)
+        function.argtypes = [size, size, pointer, pointer, pointer, pointer, pointer, pointer]
+        function.restype = None
+    library.fa_mult.argtypes = [size, *[pointer] * 7]
+    library.fa_mult.restype = None
     library.fa_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, ctypes.c_double, *[pointer] * 5]
     library.fa_forward_eisenstat.restype = None
     return library
@@ -132,14 +138,24 @@ class VoxelSweepKernel:
         conductance: ``(g_z, g_y, g_x)``, the off-diagonal magnitude of a face normal to each axis.
         omega: relaxation factor.
         library: from :func:`load_sweep_library`.
+        with_matrix: also keep ``d`` for :meth:`mult` (the kernel is then the whole matrix).
 
     Couplings to voxels outside the slab are not in the sweeps (they are the off-rank part the
-    caller handles). Memory: 25 B per row (4 neighbour indices, flags, ``omega/d``).
+    caller handles). Memory: 25 B per row (4 neighbour indices, flags, ``omega/d``), 33 B with
+    ``with_matrix``.
     """
 
-    def __init__(self, transport: np.ndarray, conductance: tuple[float, float, float], omega: float, library: Any):
+    def __init__(
+        self,
+        transport: np.ndarray,
+        conductance: tuple[float, float, float],
+        omega: float,
+        library: Any,
+        *,
+        with_matrix: bool = False,
+    ):
         layers = transport.shape[0]
-        counts = np.count_nonzero(transport.reshape(layers, -1), axis=1)
+        counts = np.count_nonzero(transport.reshape(layers, -1), axis=1) if layers else np.zeros(0, np.int64)
         n = int(counts.sum())
         if n >= 2**31:
             raise SweepKernelUnavailable(f"{n} rows on one rank exceed the kernels' 32-bit indices")
@@ -149,6 +165,7 @@ class VoxelSweepKernel:
         self.upper = np.zeros((n, 2), np.int32)
         self.mask = np.zeros(n, np.uint8)
         self.dinv = np.zeros(n)
+        self.d: np.ndarray | None = np.zeros(n) if with_matrix else None
         starts = np.concatenate(([0], np.cumsum(counts)))
         previous: np.ndarray | None = None  # row numbers of the layer below (-1: no row)
         current = self._layer_rows(transport[0], 0) if layers else None
@@ -200,10 +217,13 @@ class VoxelSweepKernel:
     @property
     def nbytes(self) -> int:
         """Bytes held (indices, flags and ``omega/d``)."""
-        return int(self.lower.nbytes + self.upper.nbytes + self.mask.nbytes + self.dinv.nbytes)
+        extra = self.d.nbytes if self.d is not None else 0
+        return int(self.lower.nbytes + self.upper.nbytes + self.mask.nbytes + self.dinv.nbytes + extra)
 
     def set_diagonal(self, d: np.ndarray) -> None:
         """Use the diagonal ``d`` of ``A`` (one value per row)."""
+        if self.d is not None and d is not self.d:
+            self.d[:] = d
         np.divide(self.omega, d, out=self.dinv)
 
     def _call(self, name: str, b: np.ndarray, x: np.ndarray, neighbours: np.ndarray) -> None:
@@ -243,3 +263,25 @@ class VoxelSweepKernel:
     def apply_upper(self, x: np.ndarray, y: np.ndarray) -> None:
         """``y = (D/omega + U) x``."""
         self._call("fa_apply_upper", x, y, self.upper)
+
+    def mult(self, x: np.ndarray, y: np.ndarray) -> None:
+        """``y = A x`` on these rows (requires ``with_matrix``)."""
+        if self.d is None:
+            raise ValueError("mult needs a kernel made with with_matrix=True")
+        for name, vec in (("x", x), ("y", y)):
+            if vec.shape != (self.n,) or vec.dtype != np.float64:
+                raise ValueError(f"mult: {name} must hold {self.n} float64 values")
+        self.library.fa_mult(
+            self.n, _ptr(x), _ptr(self.d), _ptr(self.lower), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
+        )
+
+    def layer_sweep(self, first: int, b: np.ndarray, x: np.ndarray, *, forward: bool) -> None:
+        """``x = (D/omega + T)^{-1} b`` on the rows ``first .. first + len(b) - 1``, one whole z
+        layer, with ``T`` its x and y couplings only (lower: ``forward``; upper: backward)."""
+        m = b.shape[0]
+        if first < 0 or first + m > self.n or x.shape != (m,) or b.dtype != np.float64 or x.dtype != np.float64:
+            raise ValueError(f"layer_sweep: rows {first}..{first + m} of {self.n}, two float64 vectors of {m}")
+        name, neighbours = ("fa_forward_layer", self.lower) if forward else ("fa_backward_layer", self.upper)
+        getattr(self.library, name)(
+            first, m, _ptr(b), _ptr(self.dinv), _ptr(neighbours), _ptr(self.mask), _ptr(self.g), _ptr(x)
+        )

@@ -1,6 +1,7 @@
 """The separator-order SSOR of slab-distributed voxel matrices (fem_anode.fem.slab_sweeps) equals the
-dense SSOR of the whole matrix in that order, for the SBAIJ matrices of the tortuosity factor; with
-three ranks a middle slab corrects both of its layers."""
+dense SSOR of the whole matrix in that order, for the SBAIJ matrices of the tortuosity factor and
+for the compiled kernel that replaces them (its mat-vec too); with three ranks a middle slab
+corrects both of its layers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import pytest
 
 pytest.importorskip("petsc4py")
 
-from fem_anode.fem.slab_sweeps import SeparatorSSOR, SeparatorSweeps, separator_order_possible  # noqa: E402
+from fem_anode.fem.slab_sweeps import (  # noqa: E402
+    SeparatorMatrix,
+    SeparatorSSOR,
+    SeparatorSweeps,
+    separator_order_possible,
+)
 from fem_anode.fem.tortuosity.clusters import slab_bounds, spanning_clusters  # noqa: E402
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances  # noqa: E402
 
@@ -28,13 +34,29 @@ def _matrices(comm, nz=9):
     plane = 5 * 4
     first = solved[0].ravel() if slab.layers else np.zeros(plane, bool)
     last = solved[-1].ravel() if slab.layers else np.zeros(plane, bool)
-    return slab, sbaij, aij, first, last
+    return slab, sbaij, aij, first, last, solved
 
 
-def test_separator_ssor_equals_the_dense_ssor_in_separator_order(comm):
-    slab, sbaij, aij, first, last = _matrices(comm)
+@pytest.mark.parametrize("kind", ["sbaij", "compiled"])
+def test_separator_ssor_equals_the_dense_ssor_in_separator_order(comm, kind):
+    slab, sbaij, aij, first, last, solved = _matrices(comm)
     assert separator_order_possible(comm, slab)
-    sweeps = SeparatorSweeps(comm, slab, sbaij, first, last, CONDUCTANCE[0], OMEGA)
+    if kind == "sbaij":
+        sweeps = SeparatorSweeps(comm, slab, sbaij, first, last, CONDUCTANCE[0], OMEGA)
+    else:  # the kernel is the matrix: its diagonal from the assembled one, no PETSc matrix
+        from fem_anode.fem.voxel_sweeps import VoxelSweepKernel, load_sweep_library
+
+        kernel = VoxelSweepKernel(solved, CONDUCTANCE, OMEGA, load_sweep_library(comm), with_matrix=True)
+        kernel.set_diagonal(aij.getDiagonal().array)
+        sweeps = SeparatorSweeps(comm, slab, None, first, last, CONDUCTANCE[0], OMEGA, kernel=kernel)
+        shell = SeparatorMatrix(sweeps).as_petsc()
+        X, Y, Z = aij.createVecRight(), aij.createVecLeft(), aij.createVecLeft()
+        X.array[:] = np.random.default_rng(7 + comm.rank).random(X.getLocalSize())
+        aij.mult(X, Y)
+        shell.mult(X, Z)
+        np.testing.assert_allclose(Z.array, Y.array, rtol=1e-13, atol=1e-14 * np.abs(Y.array).max())
+        for obj in (shell, X, Y, Z):
+            obj.destroy()
     ssor = SeparatorSSOR(sweeps)
     try:
         ssor.setUp(None)
