@@ -294,6 +294,44 @@ def assemble_face_conductances(
     return A, load, layer_of_row, n_top, n_bottom
 
 
+def _kernel_system(
+    comm: Any, slab: Slab, solved: np.ndarray, conductance: tuple[float, float, float], kernel: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """What :func:`assemble_face_conductances` returns besides the matrix, for a compiled
+    kernel that is the matrix: the diagonal (the faces to rows of the phase, here and on the
+    neighbouring ranks, plus ``2 g_z`` at the z ends), the load, the rows' layers, ``n_top`` and
+    ``n_bottom``."""
+    gz, gy, gx = conductance
+    g_end = 2.0 * gz
+    mask = kernel.mask
+    diagonal = gx * ((mask & 1) + ((mask >> 3) & 1)).astype(np.float64)
+    diagonal += gy * (((mask >> 1) & 1) + ((mask >> 4) & 1))
+    diagonal += gz * (((mask >> 2) & 1) + ((mask >> 5) & 1))
+    ny, nx = solved.shape[1:]
+    empty = np.zeros((ny, nx), bool)
+    first_solved, last_solved = (solved[0], solved[-1]) if slab.layers else (empty, empty)
+    below, above = exchange_layers(comm, slab, first_solved, last_solved)
+    per_layer = np.count_nonzero(solved.reshape(slab.layers, -1), axis=1) if slab.layers else np.zeros(0, np.int64)
+    n = kernel.n
+    load = np.zeros(n)
+    if slab.layers:
+        first, last = solved[0], solved[-1]
+        head, tail = slice(0, int(per_layer[0])), slice(n - int(per_layer[-1]), n)
+        if below is not None:  # faces to the slab below (its last layer)
+            diagonal[head] += gz * below[first]
+        if above is not None:
+            diagonal[tail] += gz * above[last]
+        if slab.z0 == 0:  # c = 1 half a voxel below z = 0
+            diagonal[head] += g_end
+            load[head] = g_end
+        if slab.z1 == slab.nz:  # c = 0 half a voxel above z = end
+            diagonal[tail] += g_end
+    layer_of_row = np.repeat(np.arange(slab.z0, slab.z1, dtype=np.int32), per_layer)
+    n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
+    n_bottom = int(per_layer[-1]) if slab.z1 == slab.nz and slab.layers else 0
+    return diagonal, load, layer_of_row, n_top, n_bottom
+
+
 def _assemble_upper(
     comm: Any,
     slab: Slab,
@@ -449,14 +487,14 @@ def fv_solve(
             library = load_sweep_library(comm)
         except SweepKernelUnavailable as exc:
             logger.warning("compiled SSOR sweeps unavailable (%s); using PETSc's SOR", exc)
-    A, load, layer_of_row, n_top, n_bottom = assemble_face_conductances(comm, slab, solved, conductance, symmetric)
     sweeps = None
-    if library is not None:  # keep the diagonal, free the assembled matrix, build the kernel
-        diagonal = A.getDiagonal()
-        A.destroy()
+    if library is None:
+        A, load, layer_of_row, n_top, n_bottom = assemble_face_conductances(comm, slab, solved, conductance, symmetric)
+    else:  # no assembled matrix: the kernel's stencil and a diagonal
         kernel = VoxelSweepKernel(solved, conductance, omega, library, with_matrix=True)
-        kernel.set_diagonal(diagonal.array_r)
-        diagonal.destroy()
+        diagonal, load, layer_of_row, n_top, n_bottom = _kernel_system(comm, slab, solved, conductance, kernel)
+        kernel.set_diagonal(diagonal)
+        del diagonal
         sweeps = SeparatorSweeps(comm, slab, None, first_layer, last_layer, conductance[0], omega, kernel=kernel)
         A = SeparatorMatrix(sweeps).as_petsc()
     del solved
