@@ -205,7 +205,7 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
     t_run = time.perf_counter() - t0
     total = time.perf_counter() - start
     memory = problem.solver_memory()
-    nnz = (problem._A if args.discretisation == "fv" else problem._KR).getInfo()["nz_used"]
+    nnz = problem.operator_nonzeros if args.discretisation == "fv" else problem._KR.getInfo()["nz_used"]
     spmv_bytes = nnz * 12 + result.ndofs * 24
     iterations = np.asarray(problem.iterations)
     peaks = comm.allgather(common.peak_rss_mb())

@@ -92,8 +92,8 @@ class SeparatorSweeps:
         if kernel is not None and kernel.omega != omega:
             raise ValueError(f"the kernel's omega {kernel.omega} differs from the sweeps' {omega}")
         self.kernel = kernel
-        if A is None and (kernel is None or kernel.d is None):
-            raise ValueError("SeparatorSweeps without a matrix needs a kernel made with_matrix")
+        if A is None and kernel is None:
+            raise ValueError("SeparatorSweeps without a matrix needs a kernel")
         # this rank's rows and columns (values follow A)
         self.block = None if A is None else A.getDiagonalBlock() if comm.size > 1 else A
         n = A.getLocalSize()[0] if A is not None else kernel.n  # type: ignore[union-attr]  # checked above
@@ -129,15 +129,17 @@ class SeparatorSweeps:
         self._layers: list[PETSc.Mat | None] = [None, None]
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self, diagonal: PETSc.Vec | None = None) -> None:
         """Take the matrix's current values for the layer corrections and the kernel (after its
-        diagonal changed)."""
+        diagonal changed); without a matrix, the kernel takes ``diagonal`` (if given)."""
         if self.kernel is not None:
             if self.block is not None:
-                diagonal = PETSc.Vec().createWithArray(self.kernel.dinv, comm=PETSc.COMM_SELF)
-                self.block.getDiagonal(diagonal)
-                diagonal.destroy()
+                local = PETSc.Vec().createWithArray(self.kernel.dinv, comm=PETSc.COMM_SELF)
+                self.block.getDiagonal(local)
+                local.destroy()
                 self.kernel.set_diagonal(self.kernel.dinv)
+            elif diagonal is not None:
+                self.kernel.set_diagonal(diagonal.array_r)
             return  # the layer corrections use the kernel's layer sweeps
         assert self.block is not None
         needed = (self.slab.prev is not None, self.slab.next is not None)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["SweepKernelUnavailable", "VoxelSweepKernel", "load_sweep_library"]
+__all__ = ["SweepKernelUnavailable", "VoxelSweepKernel", "face_diagonal", "load_sweep_library"]
 
 logger = logging.getLogger(__name__)
 
@@ -285,3 +285,40 @@ class VoxelSweepKernel:
         getattr(self.library, name)(
             first, m, _ptr(b), _ptr(self.dinv), _ptr(neighbours), _ptr(self.mask), _ptr(self.g), _ptr(x)
         )
+
+
+def face_diagonal(
+    comm: MPI.Comm, slab: Any, transport: np.ndarray, kernel: VoxelSweepKernel
+) -> tuple[np.ndarray, int]:
+    """``sum_faces g`` per row, over the faces to rows of the phase on this rank and on the
+    neighbouring slabs (the diagonal of ``A = D - G`` without other terms), and the number of
+    off-diagonal entries of this rank's rows (collective over the ranks with non-empty slabs).
+
+    Args:
+        comm: the communicator of the slabs.
+        slab: this rank's slab (:class:`~fem_anode.imaging.slabs.Slab`).
+        transport: the rows' voxels of the slab, shape ``(layers, ny, nx)``, as given to ``kernel``.
+        kernel: the slab's kernel.
+    """
+    from fem_anode.imaging.slabs import exchange_layers
+
+    gx, gy, gz = (float(v) for v in kernel.g)
+    mask = kernel.mask
+    counts = [((mask >> bit) & 1) + ((mask >> (bit + 3)) & 1) for bit in range(3)]
+    diagonal = gx * counts[0].astype(np.float64) + gy * counts[1] + gz * counts[2]
+    entries = int(sum(int(c.sum()) for c in counts))
+    layers = transport.shape[0]
+    empty = np.zeros(transport.shape[1:], bool)
+    first, last = (transport[0], transport[-1]) if layers else (empty, empty)
+    below, above = exchange_layers(comm, slab, first, last)
+    if layers:
+        per_first, per_last = int(np.count_nonzero(first)), int(np.count_nonzero(last))
+        if below is not None:  # faces to the last layer of the slab below
+            coupled = below[first]
+            diagonal[:per_first] += gz * coupled
+            entries += int(coupled.sum())
+        if above is not None:
+            coupled = above[last]
+            diagonal[kernel.n - per_last :] += gz * coupled
+            entries += int(coupled.sum())
+    return diagonal, entries

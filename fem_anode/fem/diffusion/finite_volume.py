@@ -48,7 +48,7 @@ from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.slab_sweeps import SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
-from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, load_sweep_library
+from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, face_diagonal, load_sweep_library
 from fem_anode.imaging.slabs import label_slabs
 from fem_anode.meshing.tags import interface_name
 
@@ -169,7 +169,7 @@ class VoxelFVProblem(TransientDiffusion):
     c: VectorField
     _c_old: VectorField
     _c_older: VectorField
-    _A: PETSc.Mat
+    _A: PETSc.Mat | None
 
     def __init__(self, image: Any, settings: DiffusionSettings, comm: MPI.Intracomm) -> None:
         settings.check()
@@ -238,39 +238,50 @@ class VoxelFVProblem(TransientDiffusion):
                 f"the {geometry.transport_phase!r} phase has no face on the {geometry.pore_phase!r} phase (the pore "
                 "interface the Li comes through)"
             )
-        self._A, _, _, _, _ = assemble_face_conductances(
-            comm, slab, transport, conductance, False, ends=False, extra_diagonal=extra
-        )
         self._g_z = conductance[0]
         self._conductance = conductance
+        self._transport = transport  # kept for outputs and the compiled sweeps (1 B per voxel of the slab)
         self._slab_ssor: _SlabEisenstat | None = None
         self._kernel: VoxelSweepKernel | None = None
         self._kernel_state = "unset"
+        self._n_local = n_local
+        self._A = None
+        self._ndofs = int(comm.allreduce(n_local))
+        self._kr_diag = self._new_vec()
+        if self._sweep_kernel() is not None:
+            # The compiled sweeps are the operator: no matrix unless a solver needs one (_matrix).
+            faces_sum, entries = face_diagonal(comm, slab, transport, self._kernel)  # type: ignore[arg-type]
+            self._kr_diag.array[:] = faces_sum + extra
+            self._nonzeros = int(comm.allreduce(n_local + entries))
+            del faces_sum
+        else:
+            self._A = self._assemble()
+            self._A.getDiagonal(self._kr_diag)
+            self._kr_diag.array[:] += extra
+            self._nonzeros = int(self._A.getInfo()["nz_used"])
         del extra
-        self._transport = transport  # kept for outputs (1 B per voxel of the slab)
-        self._kr_diag = self._A.getDiagonal()
-        self._m = self._A.createVecLeft()
+        self._m = self._new_vec()
         self._m.set(float(np.prod(h)))
         self._w_dx = self._m
-        self._source = self._A.createVecLeft()
+        self._source = self._new_vec()
         self._source.array[:] = source
         self._source_total = float(self._source.sum())
         self._w_si: PETSc.Vec | None = None
         if si_out is not None:
-            self._w_si = self._A.createVecLeft()
+            self._w_si = self._new_vec()
             self._w_si.array[:] = si_out
-        self._diag = self._A.createVecLeft()
-        self._rhs = self._A.createVecLeft()
-        self._work = self._A.createVecLeft()
+        self._diag = self._new_vec()
+        self._diag_a0: float | None = None
+        self._rhs = self._new_vec()
+        self._work = self._new_vec()
         self.volume = float(self._w_dx.sum())
         self.pore_measure, self.si_measure = float(faces[0]), float(faces[1])
-        self.c = VectorField(self._A.createVecLeft(), self._offset)
-        self._c_old = VectorField(self._A.createVecLeft(), self._offset, "c_old")
-        self._c_older = VectorField(self._A.createVecLeft(), self._offset, "c_older")
+        self.c = VectorField(self._new_vec(), self._offset)
+        self._c_old = VectorField(self._new_vec(), self._offset, "c_old")
+        self._c_older = VectorField(self._new_vec(), self._offset, "c_older")
         self._M: PETSc.Mat | None = None  # diagonal: the vector _m; matrices only for the multigrid
         self._KR: PETSc.Mat | None = None
         self._init_solver_state()
-        self._ndofs = int(self._A.getSize()[0])
         self.regions = self._region_weights(settings.regions)
 
     # -- sizes ------------------------------------------------------------------------------
@@ -289,16 +300,47 @@ class VoxelFVProblem(TransientDiffusion):
         """Dimension of the image (2 or 3)."""
         return self._dim
 
+    @property
+    def operator_nonzeros(self) -> int:
+        """Entries of the 7-point matrix ``A`` (all ranks), assembled or not."""
+        return self._nonzeros
+
     # -- operators ----------------------------------------------------------------------------
+    def _new_vec(self) -> PETSc.Vec:
+        """A vector of the unknowns (this rank's rows)."""
+        return PETSc.Vec().createMPI((self._n_local, self._ndofs), comm=self.comm)
+
+    def _assemble(self) -> PETSc.Mat:
+        """The 7-point matrix of ``K`` (its diagonal the face sum only; :meth:`_operator` sets the rest)."""
+        A, _, _, _, _ = assemble_face_conductances(
+            self.comm, self._layers_info.slab, self._transport, self._conductance, False, ends=False
+        )
+        return A
+
+    def _diagonal(self, a0: float) -> PETSc.Vec:
+        """``diag(A) = diag(K + R) + a0 eps M`` (the vector ``_diag``), recomputed when a0 changes."""
+        if self._diag_a0 != a0:
+            self._diag.waxpy(a0 * self.eps, self._m, self._kr_diag)
+            self._diag_a0 = a0
+        return self._diag
+
+    def _matrix(self) -> PETSc.Mat:
+        """The assembled matrix, made on first use (direct and multigrid solvers, a failed step's
+        residual; the compiled sweeps need none)."""
+        if self._A is None:
+            self._A = self._assemble()
+            self._A_a0 = None
+        return self._A
+
     def _operator(self, a0: float) -> PETSc.Mat:
         """``A = K + R + a0 eps M``: only the diagonal depends on a0 (M is diagonal); recomputed from
         ``diag(K + R)`` and ``M``, never updated incrementally (a resumed run sees the same matrix)."""
+        A = self._matrix()
         if self._A_a0 != a0:
-            self._diag.waxpy(a0 * self.eps, self._m, self._kr_diag)
-            self._A.setDiagonal(self._diag, addv=PETSc.InsertMode.INSERT_VALUES)
-            self._A.setOption(PETSc.Mat.Option.SPD, True)
+            A.setDiagonal(self._diagonal(a0), addv=PETSc.InsertMode.INSERT_VALUES)
+            A.setOption(PETSc.Mat.Option.SPD, True)
             self._A_a0 = a0
-        return self._A
+        return A
 
     def _mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         y.pointwiseMult(x, self._m)
@@ -312,9 +354,12 @@ class VoxelFVProblem(TransientDiffusion):
         if self.comm.size == 1 and self._sweep_kernel() is None:
             return super()._ksp(a0)
         key = float(f"{a0:.12e}")
-        A = self._operator(key)
+        if self._kernel is None:
+            self._operator(key)  # PETSc's sweeps read the assembled matrix's diagonal
+        else:
+            self._diagonal(key)
         if self._slab_ssor is None:
-            self._slab_ssor = _SlabEisenstat(self, A)
+            self._slab_ssor = _SlabEisenstat(self)
         self._slab_ssor.prepare(key)
         return self._slab_ssor
 
@@ -344,9 +389,10 @@ class VoxelFVProblem(TransientDiffusion):
     def _multigrid_operands(self) -> tuple[PETSc.Mat, PETSc.Mat]:
         """``K + R`` and ``M`` as matrices of ``A``'s pattern, made when the multigrid needs them."""
         if self._KR is None:
-            self._KR = self._A.duplicate(copy=True)
+            A = self._matrix()
+            self._KR = A.duplicate(copy=True)
             self._KR.setDiagonal(self._kr_diag, addv=PETSc.InsertMode.INSERT_VALUES)
-            self._M = self._A.duplicate(copy=True)
+            self._M = A.duplicate(copy=True)
             self._M.zeroEntries()
             self._M.setDiagonal(self._m, addv=PETSc.InsertMode.INSERT_VALUES)
         return self._KR, self._M
@@ -354,8 +400,8 @@ class VoxelFVProblem(TransientDiffusion):
     def solver_memory(self) -> dict[str, float]:
         """Bytes of the solver's matrices, vectors and set-ups, summed over ranks, and per unknown."""
         n = self.ndofs
-        nnz = self._A.getInfo()["nz_used"]
-        mats = nnz * 12.0 + 8.0 * n + (2 * (nnz * 12.0 + 8.0 * n) if self._KR is not None else 0.0)
+        one = self._nonzeros * 12.0 + 8.0 * n
+        mats = (one if self._A is not None else 0.0) + (2 * one if self._KR is not None else 0.0)
         out = {
             "matrices": mats,
             "vectors": 8.0 * n * (12 + (self._w_si is not None)),
@@ -426,7 +472,7 @@ class VoxelFVProblem(TransientDiffusion):
             else:
                 in_z = np.ones(slab.layers, dtype=bool)
             inside = in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :]
-            weights = self._A.createVecLeft()
+            weights = self._new_vec()
             weights.array[:] = inside[self._transport] * self._m.array
             measure = weights.sum()
             if measure <= 0:
@@ -539,13 +585,15 @@ class _SlabEisenstat:
 
     omega = 1.3
 
-    def __init__(self, problem: VoxelFVProblem, A: PETSc.Mat) -> None:
+    def __init__(self, problem: VoxelFVProblem) -> None:
         solver = problem.settings.solver
         self.problem = problem
         self.comm = problem.comm
-        self.A = A
-        self.bhat, self.yhat = A.createVecLeft(), A.createVecLeft()
-        self.bhat_work = A.createVecLeft()
+        kernel = problem._sweep_kernel()
+        # the compiled sweeps need no matrix; PETSc's sweep the assembled one
+        A = problem._matrix() if kernel is None else None
+        self.bhat, self.yhat = problem._new_vec(), problem._new_vec()
+        self.bhat_work = problem._new_vec()
         # Borrowed from the problem (no copies, one vector each per rank less): its work vector is
         # free while a step's system is solved (it only builds the right-hand side before), and
         # its diagonal vector is the diagonal D of A for the current a0 (see VoxelFVProblem._operator).
@@ -559,13 +607,12 @@ class _SlabEisenstat:
         # Which voxels of this rank's first and last layers have rows.
         first = transport[0].ravel() if slab.layers else np.zeros(plane, bool)
         last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
-        self.sweeps = SeparatorSweeps(
-            self.comm, slab, A, first, last, problem._g_z, self.omega, kernel=problem._sweep_kernel()
-        )
+        self.sweeps = SeparatorSweeps(self.comm, slab, A, first, last, problem._g_z, self.omega, kernel=kernel)
         self.order = "separators" if separator_order_possible(self.comm, slab) else "block-jacobi"
-        self.shell = PETSc.Mat().createPython(A.getSizes(), context=self, comm=A.getComm())
+        sizes = (problem._n_local, problem.ndofs)
+        self.shell = PETSc.Mat().createPython((sizes, sizes), context=self, comm=self.comm)
         self.shell.setUp()
-        self.ksp = PETSc.KSP().create(A.getComm())
+        self.ksp = PETSc.KSP().create(self.comm)
         self.ksp.setType("cg")
         self.ksp.setNormType(PETSc.KSP.NormType.NATURAL)
         self.ksp.setOperators(self.shell)
@@ -584,7 +631,7 @@ class _SlabEisenstat:
         if self.a0 == a0:
             return
         self.a0 = a0
-        self.sweeps.refresh()
+        self.sweeps.refresh(self.d)
 
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""

@@ -301,34 +301,19 @@ def _kernel_system(
     kernel that is the matrix: the diagonal (the faces to rows of the phase, here and on the
     neighbouring ranks, plus ``2 g_z`` at the z ends), the load, the rows' layers, ``n_top`` and
     ``n_bottom``."""
-    gz, gy, gx = conductance
-    g_end = 2.0 * gz
-    mask = kernel.mask
-    diagonal = gx * ((mask & 1) + ((mask >> 3) & 1)).astype(np.float64)
-    diagonal += gy * (((mask >> 1) & 1) + ((mask >> 4) & 1))
-    diagonal += gz * (((mask >> 2) & 1) + ((mask >> 5) & 1))
-    ny, nx = solved.shape[1:]
-    empty = np.zeros((ny, nx), bool)
-    first_solved, last_solved = (solved[0], solved[-1]) if slab.layers else (empty, empty)
-    below, above = exchange_layers(comm, slab, first_solved, last_solved)
+    from fem_anode.fem.voxel_sweeps import face_diagonal
+
+    g_end = 2.0 * conductance[0]
+    diagonal, _ = face_diagonal(comm, slab, solved, kernel)
     per_layer = np.count_nonzero(solved.reshape(slab.layers, -1), axis=1) if slab.layers else np.zeros(0, np.int64)
     n = kernel.n
     load = np.zeros(n)
-    if slab.layers:
-        first, last = solved[0], solved[-1]
-        head, tail = slice(0, int(per_layer[0])), slice(n - int(per_layer[-1]), n)
-        if below is not None:  # faces to the slab below (its last layer)
-            diagonal[head] += gz * below[first]
-        if above is not None:
-            diagonal[tail] += gz * above[last]
-        if slab.z0 == 0:  # c = 1 half a voxel below z = 0
-            diagonal[head] += g_end
-            load[head] = g_end
-        if slab.z1 == slab.nz:  # c = 0 half a voxel above z = end
-            diagonal[tail] += g_end
-    layer_of_row = np.repeat(np.arange(slab.z0, slab.z1, dtype=np.int32), per_layer)
     n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
     n_bottom = int(per_layer[-1]) if slab.z1 == slab.nz and slab.layers else 0
+    diagonal[:n_top] += g_end  # c = 1 half a voxel below z = 0
+    load[:n_top] = g_end
+    diagonal[n - n_bottom :] += g_end  # c = 0 half a voxel above z = end
+    layer_of_row = np.repeat(np.arange(slab.z0, slab.z1, dtype=np.int32), per_layer)
     return diagonal, load, layer_of_row, n_top, n_bottom
 
 
