@@ -287,9 +287,7 @@ class VoxelSweepKernel:
         )
 
 
-def face_diagonal(
-    comm: MPI.Comm, slab: Any, transport: np.ndarray, kernel: VoxelSweepKernel
-) -> tuple[np.ndarray, int]:
+def face_diagonal(comm: MPI.Comm, slab: Any, transport: np.ndarray, kernel: VoxelSweepKernel) -> tuple[np.ndarray, int]:
     """``sum_faces g`` per row, over the faces to rows of the phase on this rank and on the
     neighbouring slabs (the diagonal of ``A = D - G`` without other terms), and the number of
     off-diagonal entries of this rank's rows (collective over the ranks with non-empty slabs).
