@@ -10,14 +10,19 @@ in the same process, so their times are comparable on this shared machine:
   stop, smooth time-step controller, linear predictor; on any number of ranks);
 * ``previous``: the configuration before issue 22 (GMRES at rtol 1e-10 on the lagged LU,
   refactorised at the next Newton iteration after more than 30 iterations, threshold
-  controller, Newton always to ``max_it``);
+  controller, Newton always to ``max_it``; the border of the block elimination lagged with the
+  factorisation as in the current code);
 * ``exact``: an LU at every Newton iteration (``reuse_factorisation = false``);
 * ``reuse``: the lagged LU forced (``reuse_factorisation = true``; the default since 2026-12-04);
 * ``nopredictor``: the defaults without the linear predictor of the Newton start
   (``solver.predictor = "none"``, the defaults of 2026-12-03);
 * ``acrossramp``: the defaults with the predictor extrapolating also across the end of the
   surface ramp (the defaults until 2026-12-04 08:45 UTC; the run's problem class is patched);
-* ``superlu``: the defaults with SuperLU_dist instead of MUMPS (``solver.linear_solver``).
+* ``superlu``: the defaults with SuperLU_dist instead of MUMPS (``solver.linear_solver``);
+* ``round3``: the defaults before 2026-12-04 12:50 UTC: Krylov solves without the floor from the
+  Newton tolerance, the border of the block elimination re-solved at every Newton iteration,
+  no ``fast_growth`` (the run's solver class is patched);
+* ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``).
 
 Reported per half-cycle and configuration: unknowns, steps (rejected), Newton iterations,
 factorisations, Krylov iterations, time per Newton iteration and per half-cycle, the void
@@ -83,19 +88,47 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(predictor="none"))
     if config == "acrossramp":
         return base
+    if config == "round3":
+        return base.replace(cycling=base.cycling.replace(fast_growth=base.cycling.growth))
+    if config.startswith("dc") and config[2:].isdigit():
+        return base.replace(cycling=base.cycling.replace(dc_target=float("0." + config[2:])))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
     raise SystemExit(
-        f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu)"
+        f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
+        "round3, dcXX)"
     )
 
 
 def patched(config: str) -> Any:
     """A context in which the configuration's code change holds (``acrossramp``: the predictor
-    also extrapolates across the end of the surface ramp)."""
+    also extrapolates across the end of the surface ramp; ``round3``: no Krylov floor, the border
+    re-solved at every Newton iteration)."""
     import contextlib
 
+    from fem_anode.fem.phasefield.newton import BorderedNewton
     from fem_anode.fem.phasefield.problem import PhaseFieldProblem
+
+    @contextlib.contextmanager
+    def round3() -> Any:
+        init, jacobian = BorderedNewton.__init__, BorderedNewton._jacobian
+
+        def init_without_floor(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            self._krylov_floor = False
+
+        def jacobian_with_border(self: Any, *args: Any) -> None:
+            jacobian(self, *args)
+            if not self._fresh:  # lagged P: the border solved again with the current b and c
+                self._update_border()
+
+        BorderedNewton.__init__ = init_without_floor  # type: ignore[method-assign]
+        BorderedNewton._jacobian = jacobian_with_border  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            BorderedNewton.__init__ = init  # type: ignore[method-assign]
+            BorderedNewton._jacobian = jacobian  # type: ignore[method-assign]
 
     @contextlib.contextmanager
     def across_ramp() -> Any:
@@ -106,6 +139,8 @@ def patched(config: str) -> Any:
         finally:
             PhaseFieldProblem._leaves_ramp = original  # type: ignore[method-assign]
 
+    if config == "round3":
+        return round3()
     return across_ramp() if config == "acrossramp" else contextlib.nullcontext()
 
 
@@ -175,7 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="default",
-        help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp",
+        help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX",
     )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")
