@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument(
         "--methods", default="multistage,trainable", help="which methods to run, comma-separated (default both)"
     )
+    parser.add_argument(
+        "--auto-context", action="store_true", help="train the trainable method with --auto-context (second forest)"
+    )
     args = parser.parse_args()
     from fem_anode.imaging.synthetic import anode_volume, render_gray
     from fem_anode.imaging.trainable import UNLABELLED
@@ -91,6 +94,7 @@ def main() -> None:
                 "trainable",
                 "--train",
                 "gray.npy:scribbles.npy",
+                *(["--auto-context"] if args.auto_context else []),
                 "--save-model",
                 "model.joblib",
                 "--truth",

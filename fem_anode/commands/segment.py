@@ -216,6 +216,12 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)"
     )
     train.add_argument(
+        "--auto-context",
+        action="store_true",
+        help="a second forest on the features plus the first forest's smoothed class probabilities "
+        "(cross-fitted on the labelled layers; needs labels in 2+ layers; about twice the prediction time)",
+    )
+    train.add_argument(
         "--chunk-memory",
         type=float,
         default=1024.0,
@@ -510,6 +516,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
         sigma_max=args.feature_sigma_max,
         texture=not args.no_texture,
         illumination_degree=args.illumination,
+        auto_context=args.auto_context,
     )
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
@@ -669,10 +676,11 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
         "--feature-sigma-max": (args.feature_sigma_max, 4.0, settings.sigma_max),
         "--no-texture": (not args.no_texture, True, settings.texture),
         "--illumination": (args.illumination, None, settings.illumination_degree),
+        "--auto-context": (args.auto_context, False, settings.auto_context),
     }
     for option, (value, default, stored) in given.items():
         if value != default and value != stored:
-            shown = "given" if option == "--no-texture" else value
+            shown = "given" if option in ("--no-texture", "--auto-context") else value
             raise InputError(
                 f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
                 "a model computes the features it was trained with (drop the option or retrain)"

@@ -71,6 +71,9 @@ class FeatureSettings:
         texture: Hessian eigenvalues per scale (``ndim`` features per scale; the costly part).
         illumination_degree: if set, :func:`~fem_anode.imaging.denoise.flatten_illumination`
             with this polynomial degree first (uneven illumination); part of the model.
+        auto_context: a second forest on these features plus the first forest's class
+            probabilities, raw and Gaussian-smoothed by :data:`CONTEXT_SIGMAS` voxels
+            (auto-context, Tu & Bai 2010), trained on cross-fitted probabilities.
     """
 
     sigma_min: float = 0.5
@@ -80,6 +83,7 @@ class FeatureSettings:
     edges: bool = True
     texture: bool = True
     illumination_degree: int | None = None
+    auto_context: bool = False
 
     def __post_init__(self) -> None:
         if self.illumination_degree is not None and not 1 <= self.illumination_degree <= 4:
@@ -110,13 +114,25 @@ class FeatureSettings:
         return dataclasses.asdict(self)
 
 
-def feature_halo(settings: FeatureSettings) -> int:
-    """Layers beyond a slab that determine its features exactly.
+#: Smoothing scales (voxels) of the class probabilities used as auto-context features.
+CONTEXT_SIGMAS: tuple[float, ...] = (1.0, 2.0)
+#: Reach of the probability smoothing (``scipy.ndimage.gaussian_filter``, truncate 4).
+_CONTEXT_HALO = int(4.0 * max(CONTEXT_SIGMAS) + 0.5)
+
+
+def _image_feature_halo(settings: FeatureSettings) -> int:
+    """Voxels beyond a block that determine its image features exactly.
 
     The Gaussian of scikit-image reaches ``int(4 sigma + 0.5)`` voxels (truncate 4), the Sobel
     filter one more, the Hessian (two ``np.gradient``) two more; one layer of margin.
     """
     return int(4.0 * float(np.max(settings.sigmas)) + 0.5) + 3
+
+
+def feature_halo(settings: FeatureSettings) -> int:
+    """Layers beyond a slab that determine its features (and labels) exactly: the image
+    features' reach plus, with ``auto_context``, that of the probability smoothing."""
+    return _image_feature_halo(settings) + (_CONTEXT_HALO if settings.auto_context else 0)
 
 
 def compute_features(gray: np.ndarray, settings: FeatureSettings) -> np.ndarray:
@@ -222,6 +238,7 @@ class TrainedClassifier:
     ndim: int
     training: dict[str, Any]
     versions: dict[str, str]
+    context_forest: Any = None
 
     def check_image(self, shape: Sequence[int], source: str = "<image>") -> None:
         """UsageError if an image of this shape cannot be segmented with this model."""
@@ -257,7 +274,7 @@ def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float
     ``memory_bytes``: whole planes when enough layers fit, otherwise cubic-ish tiles."""
     halo = feature_halo(settings)
     ndim = len(shape)
-    per_voxel = max(settings.n_features(ndim), 1) * _BYTES_PER_VOXEL_PER_FEATURE
+    per_voxel = max(settings.n_features(ndim), 1) * _BYTES_PER_VOXEL_PER_FEATURE * (2 if settings.auto_context else 1)
     budget = max(memory_bytes / per_voxel, 1.0)  # voxels of one window
     plane = int(np.prod(shape[1:]))
     if settings.illumination_degree is not None:
@@ -294,14 +311,47 @@ def _block_features(
     return feats[crop]
 
 
+def _context_features(forest: Any, feats: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Auto-context features of a block: ``forest``'s class probabilities (columns in the order of
+    ``classes``; classes it never saw get 0), raw and smoothed by each of :data:`CONTEXT_SIGMAS`
+    (``scipy.ndimage.gaussian_filter``, reflecting borders, truncate 4), float32."""
+    from scipy import ndimage
+
+    p = forest.predict_proba(feats.reshape(-1, feats.shape[-1]))
+    full = np.zeros((p.shape[0], len(classes)), dtype=np.float32)
+    full[:, np.searchsorted(classes, forest.classes_)] = p
+    full = full.reshape((*feats.shape[:-1], len(classes)))
+    parts = [full]
+    for sigma in CONTEXT_SIGMAS:
+        parts.append(
+            np.stack([ndimage.gaussian_filter(full[..., k], sigma, truncate=4.0) for k in range(len(classes))], axis=-1)
+        )
+    return np.concatenate(parts, axis=-1)
+
+
 def _iterate_blocks(
-    read: LayerReader, shape: Sequence[int], z0: int, z1: int, settings: FeatureSettings, memory_bytes: float
+    read: LayerReader,
+    shape: Sequence[int],
+    z0: int,
+    z1: int,
+    settings: FeatureSettings,
+    memory_bytes: float,
+    forests: Sequence[Any] = (),
+    classes: np.ndarray | None = None,
 ) -> Iterator[tuple[int, int, tuple[slice, ...], np.ndarray]]:
-    """Yield ``(a, b, box, features)`` covering layers ``z0..z1-1`` block by block."""
+    """Yield ``(a, b, box, features)`` covering layers ``z0..z1-1`` block by block.
+
+    With ``forests`` (and ``settings.auto_context``), each forest's :func:`_context_features`
+    are appended (in that order): the image features and probabilities are computed on the block
+    grown by the smoothing's reach (clipped at the image ends), so they are those of the whole image.
+    """
     import itertools
 
     plan = _blocks(shape, settings, memory_bytes)
     nz = int(shape[0])
+    ch = _CONTEXT_HALO if forests else 0
+    if forests and classes is None:
+        raise ValueError("context features need the class values")
     for a in range(z0, z1, plan.layers):
         b = min(a + plan.layers, z1)
         w0, w1 = max(a - plan.halo, 0), min(b + plan.halo, nz)
@@ -309,13 +359,22 @@ def _iterate_blocks(
             w0, w1 = 0, nz  # 2D flattening: the background needs every row
         window = read(w0, w1)
         if settings.illumination_degree is not None and len(shape) == 2:
-            feats = compute_features(np.asarray(window, dtype=np.float32), settings)[a:b]
-            yield a, b, tuple(slice(0, n) for n in shape[1:]), feats
+            feats = compute_features(np.asarray(window, dtype=np.float32), settings)
+            parts = [feats] + [_context_features(f, feats, classes) for f in forests]  # type: ignore[arg-type]
+            yield a, b, tuple(slice(0, n) for n in shape[1:]), np.concatenate(parts, axis=-1)[a:b]
             continue
         starts = [range(0, n, t) for n, t in zip(shape[1:], plan.tile)]
         for corner in itertools.product(*starts):
             box = tuple(slice(c, min(c + t, n)) for c, t, n in zip(corner, plan.tile, shape[1:]))
-            yield a, b, box, _block_features(window, w0, a, b, box, shape, settings, plan.halo)
+            if not forests:
+                yield a, b, box, _block_features(window, w0, a, b, box, shape, settings, plan.halo)
+                continue
+            ea, eb = max(a - ch, 0), min(b + ch, nz)
+            grown = tuple(slice(max(sl.start - ch, 0), min(sl.stop + ch, n)) for sl, n in zip(box, shape[1:]))
+            feats = _block_features(window, w0, ea, eb, grown, shape, settings, _image_feature_halo(settings))
+            crop = (slice(a - ea, b - ea), *(slice(sl.start - g.start, sl.stop - g.start) for sl, g in zip(box, grown)))
+            parts = [feats[crop]] + [_context_features(f, feats, classes)[crop] for f in forests]  # type: ignore[arg-type]
+            yield a, b, box, np.concatenate(parts, axis=-1)
 
 
 def train_classifier(
@@ -365,8 +424,9 @@ def train_classifier(
     if len(ndims) != 1 or not ndims <= {2, 3}:
         raise InputError(f"training images must all be 2D or all 3D, got dimensions {sorted(ndims)}")
     ndim = ndims.pop()
-    xs, ys = [], []
-    for (gray, labels), name in zip(pairs, names):
+    xs, ys, where = [], [], []  # where: (pair, flat index) of each labelled voxel (auto-context)
+    context = settings.auto_context
+    for i_pair, ((gray, labels), name) in enumerate(zip(pairs, names)):
         gray, labels = np.asarray(gray), np.asarray(labels)
         if gray.shape != labels.shape:
             raise InputError(
@@ -390,6 +450,8 @@ def train_classifier(
             if mask.any():
                 xs.append(feats[mask])
                 ys.append(block_labels[mask])
+                if context:
+                    where.append(_flat_indices(mask, a, box, gray.shape, i_pair))
     if not xs:
         raise InputError(f"no labelled voxels in the training labels (every voxel is {unlabelled})")
     x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
@@ -399,21 +461,36 @@ def train_classifier(
         raise InputError(
             f"phase(s) {', '.join(missing)} have no labelled voxels in the training images; label a few of each"
         )
+    positions = np.concatenate(where) if context else None
+    if positions is not None:  # a canonical order (pair, raster index): the context pass meets them in another
+        order = np.lexsort((positions[:, 1], positions[:, 0]))
+        x, y, positions = x[order], y[order], positions[order]
     rng = np.random.default_rng(seed)
+    keep = None
     if x.shape[0] > max_samples:
         keep = np.sort(rng.choice(x.shape[0], size=max_samples, replace=False))
         x, y = x[keep], y[keep]
-    forest = RandomForestClassifier(
-        n_estimators=int(n_estimators),
-        max_depth=max_depth,
-        min_samples_leaf=2,
-        n_jobs=1,
-        random_state=int(seed),
-    )
+
+    def new_forest() -> Any:
+        return RandomForestClassifier(
+            n_estimators=int(n_estimators),
+            max_depth=max_depth,
+            min_samples_leaf=2,
+            n_jobs=1,
+            random_state=int(seed),
+        )
+
+    forest = new_forest()
     logger.info(
         "training a random forest of %d trees on %d labelled voxels (%d features)", n_estimators, x.shape[0], x.shape[1]
     )
     forest.fit(x, y)
+    context_forest = None
+    folds_info: dict[str, Any] = {}
+    if positions is not None:
+        context_forest, folds_info = _train_context_forest(
+            pairs, positions, keep, x, y, forest.classes_, settings, chunk_memory, unlabelled, new_forest
+        )
     gray_ranges = [[float(np.percentile(np.asarray(g), 1)), float(np.percentile(np.asarray(g), 99))] for g, _ in pairs]
     training = {
         "images": names,
@@ -425,8 +502,111 @@ def train_classifier(
         "unlabelled": int(unlabelled),
         "gray_p1_p99": gray_ranges,
         "feature_importances": forest.feature_importances_.tolist(),
+        **folds_info,
     }
-    return TrainedClassifier(forest, settings, phases, ndim, training, _versions())
+    return TrainedClassifier(forest, settings, phases, ndim, training, _versions(), context_forest)
+
+
+def _flat_indices(mask: np.ndarray, a: int, box: tuple[slice, ...], shape: Sequence[int], pair: int) -> np.ndarray:
+    """``(pair, raster index in the whole image)`` of the true voxels of a block's ``mask``."""
+    local = np.nonzero(mask)
+    coords = [local[0] + a] + [idx + sl.start for idx, sl in zip(local[1:], box)]
+    flat = np.ravel_multi_index(tuple(coords), tuple(int(n) for n in shape))
+    return np.stack([np.full(flat.shape, pair, dtype=np.int64), flat.astype(np.int64)], axis=1)
+
+
+def _context_folds(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], positions: np.ndarray, unlabelled: int
+) -> np.ndarray:
+    """Fold 0 or 1 of each labelled voxel: per image, the first half of its labelled layers (axis 0,
+    in order) against the second half, so a voxel's probabilities come from a forest trained on
+    other layers (cross-fitting)."""
+    fold = np.zeros(len(positions), dtype=np.int8)
+    for i, (_, labels) in enumerate(pairs):
+        labels = np.asarray(labels)
+        layers = np.flatnonzero([np.any(labels[z] != unlabelled) for z in range(labels.shape[0])])
+        if len(layers) < 2:
+            raise InputError(
+                f"training pair {i + 1}: auto-context needs labels in at least two layers (axis 0) of each "
+                f"training image, got {len(layers)}"
+            )
+        second = layers[(len(layers) + 1) // 2 :]
+        mine = positions[:, 0] == i
+        z = positions[mine, 1] // int(np.prod(labels.shape[1:]))
+        fold[mine] = np.isin(z, second).astype(np.int8)
+    return fold
+
+
+def _train_context_forest(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    positions: np.ndarray,
+    keep: np.ndarray | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: np.ndarray,
+    settings: FeatureSettings,
+    chunk_memory: float,
+    unlabelled: int,
+    new_forest: Callable[[], Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The second (auto-context) forest: trained on the image features plus cross-fitted context
+    features (Tu & Bai 2010): the probabilities at a voxel of fold ``k`` come from a forest
+    trained on the other fold only (in-sample probabilities of the training voxels are nearly
+    certain and would teach the second forest to copy the first)."""
+    fold_all = _context_folds(pairs, positions, unlabelled)
+    fold = fold_all if keep is None else fold_all[keep]
+    fold_forests = []
+    for k in (0, 1):
+        other = fold != k
+        f = new_forest()
+        f.fit(x[other], y[other])
+        fold_forests.append(f)
+    n_ctx = len(classes) * (1 + len(CONTEXT_SIGMAS))
+    ctx = np.zeros((len(positions), n_ctx), dtype=np.float32)
+    filled = np.zeros(len(positions), dtype=bool)
+    for i, (gray, labels) in enumerate(pairs):
+        gray, labels = np.asarray(gray), np.asarray(labels)
+        mine = np.flatnonzero(positions[:, 0] == i)
+        plane = int(np.prod(labels.shape[1:]))
+        layers = np.unique(positions[mine, 1] // plane)
+        runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1)
+        for run in runs:
+            for a, b, box, feats in _iterate_blocks(
+                functools.partial(_layers_of, gray),
+                gray.shape,
+                int(run[0]),
+                int(run[-1]) + 1,
+                settings,
+                chunk_memory,
+                forests=fold_forests,
+                classes=classes,
+            ):
+                mask = labels[(slice(a, b), *box)] != unlabelled
+                if not mask.any():
+                    continue
+                flat = _flat_indices(mask, a, box, gray.shape, i)[:, 1]
+                rows = mine[np.searchsorted(positions[mine, 1], flat)]
+                nf = feats.shape[-1] - 2 * n_ctx
+                # forest k was trained without fold k: a voxel of fold k takes forest k's context
+                sel = fold_all[rows][:, None]
+                from_0 = feats[mask][:, nf : nf + n_ctx]
+                from_1 = feats[mask][:, nf + n_ctx :]
+                ctx[rows] = np.where(sel == 0, from_0, from_1)
+                filled[rows] = True
+    if not filled.all():
+        raise RuntimeError("auto-context: context features missing for some labelled voxels")
+    if keep is not None:
+        ctx = ctx[keep]
+    second = new_forest()
+    logger.info("training the auto-context forest on %d voxels (%d features)", x.shape[0], x.shape[1] + n_ctx)
+    second.fit(np.concatenate([x, ctx], axis=1), y)
+    info = {
+        "auto_context": {
+            "context_sigmas": list(CONTEXT_SIGMAS),
+            "fold_voxels": [int(np.count_nonzero(fold == 0)), int(np.count_nonzero(fold == 1))],
+        }
+    }
+    return second, info
 
 
 def save_model(model: TrainedClassifier, path: str | Path) -> Path:
@@ -444,6 +624,7 @@ def save_model(model: TrainedClassifier, path: str | Path) -> Path:
         "ndim": model.ndim,
         "training": model.training,
         "forest": model.forest,
+        "context_forest": model.context_forest,
     }
     with atomic_path(path) as tmp:
         joblib.dump(payload, tmp, compress=3)
@@ -489,8 +670,17 @@ def load_model(path: str | Path, phases: Mapping[str, int] | None = None) -> Tra
         settings = FeatureSettings(**payload["settings"])
     except TypeError as err:
         raise InputError(f"{path}: feature settings not understood: {err}") from None
+    context_forest = payload.get("context_forest")
+    if settings.auto_context and context_forest is None:
+        raise InputError(f"{path}: the model's settings ask for auto-context but it holds no context forest")
     return TrainedClassifier(
-        payload["forest"], settings, model_phases, int(payload["ndim"]), payload.get("training", {}), stored
+        payload["forest"],
+        settings,
+        model_phases,
+        int(payload["ndim"]),
+        payload.get("training", {}),
+        stored,
+        context_forest,
     )
 
 
@@ -552,10 +742,24 @@ def predict_labels(
             f"the model's forest expects {model.forest.n_features_in_} features per voxel, its settings give "
             f"{n_features}"
         )
+    final: Any = model.forest
+    forests: tuple[Any, ...] = ()
+    if model.settings.auto_context:
+        if model.context_forest is None:
+            raise InputError("the model's settings ask for auto-context but it holds no context forest")
+        final, forests = model.context_forest, (model.forest,)
+        n_features += len(model.forest.classes_) * (1 + len(CONTEXT_SIGMAS))
+        if final.n_features_in_ != n_features:
+            raise InputError(
+                f"the model's context forest expects {final.n_features_in_} features per voxel, its settings give "
+                f"{n_features}"
+            )
     done = 0
-    for a, b, box, feats in _iterate_blocks(read, shape, z0, z1, model.settings, chunk_memory):
+    for a, b, box, feats in _iterate_blocks(
+        read, shape, z0, z1, model.settings, chunk_memory, forests=forests, classes=model.forest.classes_
+    ):
         block = feats.shape[:-1]
-        out[(slice(a - z0, b - z0), *box)] = model.forest.predict(feats.reshape(-1, n_features)).reshape(block)
+        out[(slice(a - z0, b - z0), *box)] = final.predict(feats.reshape(-1, n_features)).reshape(block)
         done += int(np.prod(block))
         if progress:
             logger.info(

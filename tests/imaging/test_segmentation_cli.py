@@ -29,6 +29,9 @@ def inputs(shared_tmp_path, comm):
         scribbles[[5, 15]] = truth.array[[5, 15]]
         write_image(d / "scribbles.npy", VoxelImage(scribbles, truth.voxel_size))
         write_image(d / "bad_shape.npy", VoxelImage(scribbles[:, :20], truth.voxel_size))
+        one_layer = np.full(SHAPE, UNLABELLED, dtype=np.uint8)
+        one_layer[5] = truth.array[5]
+        write_image(d / "one_layer.npy", VoxelImage(one_layer, truth.voxel_size))
         odd = scribbles.copy()
         odd[0, 0, 0] = 9
         write_image(d / "odd_labels.npy", VoxelImage(odd, truth.voxel_size))
@@ -44,10 +47,12 @@ def inputs(shared_tmp_path, comm):
     return d
 
 
-def test_trainable_cli_round_trip_and_ranks(inputs, comm):
+@pytest.mark.parametrize("context", [[], ["--auto-context"]], ids=["plain", "auto-context"])
+def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
     """Train + save on any number of ranks, reuse the model: the labels are those of a serial
-    prediction voxel for voxel (each rank predicted only its own slab), the accuracy that of the
-    whole volume, and the report files are there."""
+    prediction voxel for voxel (each rank predicted only its own slab; with auto-context the
+    probabilities are smoothed across the slab ends), the accuracy that of the whole volume, and
+    the report files are there."""
     d = inputs
     assert (
         main(
@@ -60,6 +65,7 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm):
                 f"{d / 'gray.npy'}:{d / 'scribbles.npy'}",
                 "--trees",
                 "20",
+                *context,
                 "--save-model",
                 str(d / "model.joblib"),
                 "--truth",
@@ -92,7 +98,9 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm):
     )
     comm.barrier()
     gray = read_image(d / "gray.npy", kind="gray")
-    serial = predict_labels(gray.array, SHAPE, load_model(d / "model.joblib", ANODE_PHASES), progress=False)
+    model = load_model(d / "model.joblib", ANODE_PHASES)
+    assert model.settings.auto_context == bool(context) and (model.context_forest is not None) == bool(context)
+    serial = predict_labels(gray.array, SHAPE, model, progress=False)
     trained = read_image(d / "trained.npy", kind="labels")
     reused = read_image(d / "reused.tif", kind="labels")
     np.testing.assert_array_equal(trained.array, serial)
@@ -176,6 +184,24 @@ ERRORS = [
         ["--method", "trainable", "--model", "{d}/small.joblib", "--illumination", "2", "--out", "{d}/x.npy"],
         3,
         "--illumination 2 differs from the model",
+    ),
+    (
+        ["--method", "trainable", "--model", "{d}/small.joblib", "--auto-context", "--out", "{d}/x.npy"],
+        3,
+        "--auto-context given differs from the model",
+    ),
+    (
+        [
+            "--method",
+            "trainable",
+            "--train",
+            "{d}/gray.npy:{d}/one_layer.npy",
+            "--auto-context",
+            "--out",
+            "{d}/x.npy",
+        ],
+        3,
+        "auto-context needs labels in at least two layers",
     ),
     (
         ["--method", "multistage", "--save-model", "{d}/m.joblib", "--out", "{d}/x.npy"],
