@@ -11,7 +11,8 @@ same workflow on seeded synthetic data with a known ground truth:
    levels and noise estimated from the gray image; iterated conditional modes on the blurred
    label model with a prior that penalises interfaces, pore-solid contacts more; Si candidates
    at the bright local maxima), and with the trainable random forest trained on two
-   labelled slices of each volume; per-phase IoU of both against the truth, and the ageing
+   labelled slices of each volume (with auto-context: a second forest on the first one's
+   cross-fitted, smoothed class probabilities); per-phase IoU of both against the truth, and the ageing
    (relative change of every phase fraction) each reports next to the true one;
 3. all metrics of the segmented volumes, the aged one relative to the pristine one;
 4. a 2D FIB-SEM-like ROI with shine-through artefacts segmented by the region-based method and
@@ -43,7 +44,7 @@ from fem_anode.imaging.segmentation import (
     threshold_segmentation,
 )
 from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
-from fem_anode.imaging.trainable import UNLABELLED, predict_labels, train_classifier
+from fem_anode.imaging.trainable import UNLABELLED, FeatureSettings, predict_labels, train_classifier
 from fem_anode.io.output import write_json
 
 logger = logging.getLogger("fem_anode.demos.imaging")
@@ -77,7 +78,9 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         scribbles = np.full(shape, UNLABELLED, dtype=np.uint8)
         training_slices = [shape[0] // 4, (3 * shape[0]) // 4]
         scribbles[training_slices] = labels.array[training_slices]
-        model = train_classifier([(gray.array, scribbles)], ANODE_PHASES, seed=seed)
+        model = train_classifier(
+            [(gray.array, scribbles)], ANODE_PHASES, seed=seed, settings=FeatureSettings(auto_context=True)
+        )
         trained = predict_labels(gray.array, shape, model, progress=False)
         iou_trainable = iou_per_phase(trained, labels)
         for method, array in (("truth", labels.array), ("multistage", result.labels.array), ("trainable", trained)):
@@ -101,6 +104,7 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
             "iou": iou,
             "iou_trainable": iou_trainable,
             "trainable_training_slices": training_slices,
+            "trainable_settings": model.settings.to_dict(),
             "phase_fractions_segmented": metrics[name]["phase_fractions"],
             "phase_fractions_truth": true_metrics["phase_fractions"],
             "tortuosity_mean": metrics[name]["tortuosity"]["mean"],
@@ -182,14 +186,16 @@ def main(out_dir: str | Path, quick: bool = False, seed: int = 0) -> dict[str, A
         raise RuntimeError(f"multistage pore IoU too low: {p['iou']['pore']:.3f}, {a['iou']['pore']:.3f}")
     # The trainable goal (mean IoU 0.05 above the multistage method, every phase at least as
     # good) is reported, not enforced: since the multistage refinement seeds Si candidates and
-    # weights coatings, it holds on the pristine volume but not on the aged one (docs/imaging.md).
+    # weights coatings, it holds on the pristine volume but not on the aged one (docs/imaging.md,
+    # where a spatial prior on the forest's output and richer features were measured too);
+    # enforced: not below the multistage method in mean IoU.
     for s in (p, a):
         margin = float(np.mean(list(s["iou_trainable"].values())) - np.mean(list(s["iou"].values())))
         s["trainable_goal"] = {
             "mean_iou_margin": margin,
             "met": bool(margin >= 0.05 and all(s["iou_trainable"][k] >= v for k, v in s["iou"].items())),
         }
-        if margin < -0.02:
+        if margin < 0.0:
             raise RuntimeError(
                 f"the trainable segmentation fell below the multistage one: {s['iou_trainable']} vs {s['iou']}"
             )
@@ -212,7 +218,7 @@ def _report(summary: dict[str, Any]) -> str:
         lines.append(
             f"{'':9s} IoU multistage (denoised, refined; PSF {s['refine']['psf_sigma_voxels']:.2f} voxels): "
             + ", ".join(f"{k} {v:.2f}" for k, v in s["iou"].items())
-            + "; trainable (2 slices): "
+            + "; trainable (2 slices, auto-context): "
             + ", ".join(f"{k} {v:.2f}" for k, v in s["iou_trainable"].items())
             + f" (margin {s['trainable_goal']['mean_iou_margin']:+.3f}, "
             + f"goal {'met' if s['trainable_goal']['met'] else 'missed'})"

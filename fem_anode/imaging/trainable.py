@@ -274,7 +274,7 @@ def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float
     ``memory_bytes``: whole planes when enough layers fit, otherwise cubic-ish tiles."""
     halo = feature_halo(settings)
     ndim = len(shape)
-    per_voxel = max(settings.n_features(ndim), 1) * _BYTES_PER_VOXEL_PER_FEATURE * (2 if settings.auto_context else 1)
+    per_voxel = max(settings.n_features(ndim), 1) * _BYTES_PER_VOXEL_PER_FEATURE
     budget = max(memory_bytes / per_voxel, 1.0)  # voxels of one window
     plane = int(np.prod(shape[1:]))
     if settings.illumination_degree is not None:
@@ -284,6 +284,9 @@ def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float
     if layers >= min(int(shape[0]), 2 * halo):
         return _Blocks(max(layers, 1), tuple(shape[1:]), halo)
     edge = max(int(budget ** (1.0 / ndim)) - 2 * halo, 8)
+    if settings.auto_context and layers >= 1 and (layers + 2 * halo) / layers <= ((edge + 2 * halo) / edge) ** ndim:
+        # the larger halo of auto-context: thin slabs recompute fewer voxels than cubic tiles
+        return _Blocks(layers, tuple(shape[1:]), halo)
     return _Blocks(edge, tuple(min(edge, n) for n in shape[1:]), halo)
 
 

@@ -11,6 +11,7 @@ from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
 from fem_anode.imaging.trainable import (
     UNLABELLED,
     FeatureSettings,
+    _Blocks,
     _blocks,
     feature_halo,
     load_model,
@@ -210,9 +211,12 @@ def test_auto_context_blocks_ranks_and_model_file(tmp_path):
     )
     assert feature_halo(settings) == int(4 * 4.0 + 0.5) + 3 + int(4 * 2.0 + 0.5)
     whole = predict_labels(gray, SHAPE, model, progress=False)
-    assert _blocks(SHAPE, settings, 60e6).tile != SHAPE[1:]  # in-plane tiles
-    tiled = predict_labels(lambda a, b: gray[a:b], SHAPE, model, chunk_memory=60e6, progress=False)
+    assert _blocks(SHAPE, settings, 30e6).tile == (8, 8)  # in-plane tiles
+    tiled = predict_labels(lambda a, b: gray[a:b], SHAPE, model, chunk_memory=30e6, progress=False)
     np.testing.assert_array_equal(tiled, whole)
+    assert _blocks(SHAPE, settings, 45e6) == _Blocks(7, SHAPE[1:], 27)  # thin slabs
+    slabs = predict_labels(lambda a, b: gray[a:b], SHAPE, model, chunk_memory=45e6, progress=False)
+    np.testing.assert_array_equal(slabs, whole)
     split = np.concatenate(
         [predict_labels(gray, SHAPE, model, z0=z0, z1=z1, progress=False) for z0, z1 in ((0, 5), (5, 13), (13, 24))]
     )
