@@ -12,8 +12,12 @@ are enough), train a random forest on local features of every labelled voxel, pr
 * Classifier: ``sklearn.ensemble.RandomForestClassifier(random_state=seed)``
   (:func:`train_classifier`), trained on the labelled voxels of one or more images; voxels with
   the ``unlabelled`` value are ignored.
+* Auto-context (``FeatureSettings(auto_context=True)``; Tu & Bai 2010): a second forest on the
+  features plus the first forest's class probabilities, raw and smoothed (:data:`CONTEXT_SIGMAS`),
+  trained on probabilities cross-fitted between two halves of the labelled layers.
 * Prediction (:func:`predict_labels`) in slabs of axis-0 layers (tiled in-plane when whole
-  planes do not fit the memory budget) with a halo of ``int(4 sigma_max + 0.5) + 3`` voxels, so
+  planes do not fit the memory budget) with a halo of ``int(4 sigma_max + 0.5) + 3`` voxels (8 more
+  with auto-context), so
   that every voxel's features, hence its label, are exactly those of the whole image (block
   seams are invisible) while only one block's features are in memory; under MPI every rank
   predicts its own slab of layers.
