@@ -56,11 +56,15 @@ __all__ = ["BYTES_PER_UNKNOWN", "VectorField", "VoxelFieldWriter", "VoxelFVProbl
 
 logger = logging.getLogger(__name__)
 
-#: Peak memory per unknown of a run with the default solver (CG + Eisenstat SSOR): the 7-point
-#: matrix (about 100 B), about 12 vectors (96 B), the compiled sweeps' stencil (25 B) and the
-#: assembly temporaries, rounded up from the 256^3 electrode benchmark (docs/benchmarks.md). The
-#: per-rank libraries come on top.
-BYTES_PER_UNKNOWN = 300.0
+#: Peak memory per unknown of a run with the default solver (CG + Eisenstat SSOR by the compiled
+#: sweeps, no assembled matrix): about 16 vectors (128 B), the sweeps' stencil (25 B) and the
+#: set-up temporaries; 178 B on one rank and 197 B on two at 256^3 (docs/benchmarks.md), rounded
+#: up. PETSc's sweeps need the 7-point matrix as well (about 100 B more; the estimate of
+#: ``sweep_kernel = "petsc"`` adds it). The per-rank libraries come on top.
+BYTES_PER_UNKNOWN = 220.0
+
+#: The assembled 7-point matrix per unknown (AIJ: 7 entries of 12 B and the row pointer).
+MATRIX_BYTES_PER_UNKNOWN = 90.0
 
 _OUTSIDE = -1  # neighbour label beyond the image box
 
@@ -103,7 +107,9 @@ def estimate_fv_memory(unknowns: float, settings: DiffusionSettings, ranks: int 
     fields = kept_fields_memory(settings, unknowns)
     return MemoryEstimate(
         f"finite-volume diffusion with {int(unknowns)} unknowns",
-        unknowns * BYTES_PER_UNKNOWN + ranks * FE_BASE_PER_RANK + fields,
+        unknowns * (BYTES_PER_UNKNOWN + (MATRIX_BYTES_PER_UNKNOWN if settings.solver.sweep_kernel == "petsc" else 0.0))
+        + ranks * FE_BASE_PER_RANK
+        + fields,
         {"unknowns": float(unknowns), "kept_fields_bytes": fields},
     )
 
