@@ -6,8 +6,9 @@ The names below load their module on first use (SPEC 1 lazy loading): a solver t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fem_anode._lazy import attach
 
 #: Public name -> the module of this package that defines it.
 _EXPORTS = {
@@ -60,14 +61,4 @@ if TYPE_CHECKING:
     from fem_anode.meshing.voxel import VoxelMeshData, voxel_mesh_data, write_voxel_mesh
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _EXPORTS)
