@@ -10,14 +10,16 @@ slab except its last layer, slab by slab, then the last layers of all slabs but 
 separators; each touches only the slabs on its two sides). With ``B = D/omega + L``, ``L`` the
 strictly lower triangle of ``A`` in that order:
 
-* backward, ``t = B^{-T} y``: every rank sweeps its own block (PETSc's ``MatSOR``); a slab's first
+* backward, ``t = B^{-T} y``: every rank sweeps its own block (the compiled stencil kernel of
+  :mod:`fem_anode.fem.voxel_sweeps`, or PETSc's ``MatSOR``); a slab's first
   layer also couples to the separator below it, which comes later in the order, so that layer is
   corrected by ``t_F += (D/omega + U_FF)^{-1} (g_z t_S)`` on the layer alone, exact because the first
   layer is the last one a backward sweep reaches;
 * forward, ``z = B^{-1} w``: likewise, a separator couples to the first layer of the slab above,
   which comes earlier: ``z_S += (D/omega + L_SS)^{-1} (g_z z_F)`` on the separator alone.
 
-One layer of values travels each way per sweep; the sweeps run on all ranks at once. This needs
+One layer of values travels each way per sweep; the sweeps run on all ranks at once. With the
+kernel no matrix is needed at all: :class:`SeparatorMatrix` is its mat-vec. This needs
 the first and last layers of every slab between two others to differ (at least two layers);
 :func:`separator_order_possible` says whether they do. On one rank it is the natural order.
 """
@@ -67,8 +69,9 @@ class SeparatorSweeps:
         comm: the matrix's communicator.
         slab: this rank's slab of layers.
         A: the matrix (AIJ, or SBAIJ holding the upper triangle), rows in the slab's C order;
-            ``None`` with a ``kernel`` made ``with_matrix`` (the kernel is then the matrix: its
-            diagonal is set by the caller, the layer corrections use the kernel's layer sweeps).
+            ``None`` with a ``kernel`` (the kernel is then the matrix: its diagonal comes from the
+            caller, by :meth:`refresh` or a kernel made ``with_matrix``; the layer corrections use
+            the kernel's layer sweeps).
         first, last: which voxels of this rank's first and last layer have rows (flat masks of a
             layer, ``ny * nx``).
         g_z: the conductance of a z face (the off-rank entries are ``-g_z``).
