@@ -302,3 +302,29 @@ def test_settings_that_do_not_fit_are_rejected(sections, message):
 def test_fv_needs_an_image_not_a_mesh():
     with pytest.raises(UsageError, match="geometry.mesh needs 'fe'"):
         DiffusionSettings.from_dict({"geometry": {"mesh": "m.msh"}, "mesh": {"discretisation": "fv"}}).check()
+
+
+@pytest.mark.parametrize(
+    "solver, sweeps",
+    [
+        ({"type": "iterative", "preconditioner": "ssor"}, True),
+        ({"type": "iterative"}, True),  # 'auto': SSOR first
+        ({"type": "iterative", "preconditioner": "mg"}, False),
+        ({"type": "direct"}, False),
+        ({"type": "iterative", "petsc_options": {"pc_type": "jacobi"}}, False),
+    ],
+)
+def test_compiled_sweeps_only_where_ssor_can_run(shared_tmp_path, comm, solver, sweeps):
+    """The compiled sweeps (and the matrix-free operator) are made only for solvers that can use
+    SSOR; the others assemble the matrix at once and keep no stencil."""
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
+
+    labels = np.where(np.random.default_rng(8).random((6, 5, 5)) < 0.7, 3, 0).astype(np.uint8)
+    path = _image_file(shared_tmp_path, labels, 1e-7, comm, "which.npy")
+    problem = VoxelFVProblem(open_image_layers(path), _settings(path, solver=solver), comm)
+    try:
+        assert (problem._kernel is not None) == sweeps
+        assert (problem._A is None) == sweeps
+        assert problem.operator_nonzeros > problem.ndofs
+    finally:
+        problem.destroy()

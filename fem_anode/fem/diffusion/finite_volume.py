@@ -254,8 +254,13 @@ class VoxelFVProblem(TransientDiffusion):
         self._A = None
         self._ndofs = int(comm.allreduce(n_local))
         self._kr_diag = self._new_vec()
-        if self._sweep_kernel() is not None:
+        solver = settings.solver
+        ssor_possible = self._solver_kind() == "iterative" and str(
+            solver.petsc_options.get("pc_type", solver.preconditioner)
+        ) in ("auto", "ssor")
+        if ssor_possible and self._sweep_kernel() is not None:
             # The compiled sweeps are the operator: no matrix unless a solver needs one (_matrix).
+            # Runs that never use SSOR (direct, multigrid from the start) keep the matrix instead.
             faces_sum, entries = face_diagonal(comm, slab, transport, self._kernel)  # type: ignore[arg-type]
             self._kr_diag.array[:] = faces_sum + extra
             self._nonzeros = int(comm.allreduce(n_local + entries))
