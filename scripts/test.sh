@@ -17,5 +17,9 @@ start=$(date +%s)
 echo "== tests, serial =="
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
 echo "== tests, mpirun -n $ranks =="
-mpirun -n "$ranks" "$venv/bin/python" -m mpi4py -m pytest -p no:cacheprovider "$@"
+# Open MPI 5 refuses to start when $TMPDIR holds a session directory of the same name left over
+# from a killed mpirun whose pid was reused (PMIX_ERR_EXISTS): give this one a fresh TMPDIR.
+mpi_tmp="$(mktemp -d /tmp/fa-mpi-XXXXXX)"
+trap 'rm -rf "$mpi_tmp"' EXIT
+TMPDIR="$mpi_tmp" mpirun -n "$ranks" "$venv/bin/python" -m mpi4py -m pytest -p no:cacheprovider "$@"
 echo "== all tests passed (serial and $ranks ranks) in $(( $(date +%s) - start )) s =="

@@ -8,6 +8,7 @@ communicator before asserting.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -77,9 +78,44 @@ def suite_processes(mark: str) -> list[tuple[int, str]]:
     return found
 
 
+#: Session directories of the ``mpirun`` jobs this process started (removed at the end).
+_MPIRUN_TMPDIRS: list[str] = []
+
+
+def mpirun_environment(**extra: str) -> dict[str, str]:
+    """Environment for an ``mpirun`` the suite starts: as root, shared memory, and its own new TMPDIR.
+
+    Open MPI 5 puts the job's session directory at ``$TMPDIR/prterun.<host>.<pid>.<uid>`` and refuses
+    to start (``PMIX_ERR_EXISTS`` in ``session_dir.c``) when a directory of that name is left over from
+    a SIGKILLed ``mpirun`` whose pid was later reused (pid_max is 32768 here). A fresh, short directory
+    per launch (Unix sockets in it must stay under 108 characters) makes that impossible.
+    """
+    tmpdir = tempfile.mkdtemp(prefix="fa-mpi-", dir="/tmp" if Path("/tmp").is_dir() else None)
+    _MPIRUN_TMPDIRS.append(tmpdir)
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_btl": "self,sm",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+        "TMPDIR": tmpdir,
+    }
+    env.update(extra)
+    return env
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite must leave no process of its own behind (e.g. the ranks of a killed ``mpirun``):
-    wait up to 10 s for them, then kill them and fail the session naming them."""
+    wait up to 10 s for them, then kill them and fail the session naming them. Then remove the
+    ``mpirun`` session directories."""
+    try:
+        _fail_on_leftover_processes(session)
+    finally:
+        for tmpdir in _MPIRUN_TMPDIRS:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _fail_on_leftover_processes(session: pytest.Session) -> None:
     mark = os.environ.get(SESSION_MARK)
     if not mark or not Path("/proc/self/environ").exists():
         return

@@ -35,7 +35,7 @@ from fem_anode.io.interrupt import SafeStop  # noqa: E402
 
 from builders import STRIP_LENGTH as LENGTH  # noqa: E402
 from builders import strip_mesh  # noqa: E402
-from conftest import UNDER_MPI  # noqa: E402
+from conftest import UNDER_MPI, mpirun_environment  # noqa: E402
 
 serial_only = pytest.mark.skipif(UNDER_MPI, reason="spawns its own processes; run serially only")
 
@@ -635,7 +635,7 @@ def fem_anode(*args: str, mpi: int = 0, **kwargs) -> subprocess.Popen:
     env = dict(os.environ)
     if mpi:
         command = ["mpirun", "-n", str(mpi), sys.executable, "-m", "mpi4py", "-m", "fem_anode", *args]
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,sm")
+        env = mpirun_environment()
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs
     )

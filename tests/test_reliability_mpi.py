@@ -22,18 +22,12 @@ import numpy as np
 import pytest
 
 from fem_anode.io import VoxelImage, write_image
-from conftest import UNDER_MPI
+from conftest import UNDER_MPI, mpirun_environment
 
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
 needs_mpirun = pytest.mark.skipif(
     UNDER_MPI or MPIRUN is None, reason="launches mpirun itself: run serially, with Open MPI installed"
 )
-MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_btl": "self,sm",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-}
 TIMEOUT = 60.0
 
 
@@ -44,7 +38,7 @@ def launch(
 
     On a timeout the whole process group (mpirun and its ranks, started here) is terminated.
     """
-    env = {**os.environ, **MPI_ENV}
+    env = mpirun_environment()
     env.pop("FEM_ANODE_INJECT_FAULT", None)
     if fault is not None:
         env["FEM_ANODE_INJECT_FAULT"] = fault
