@@ -176,12 +176,13 @@ class SeparatorSweeps:
         layer[positions] = x.array_r[rows]
         return layer
 
-    def _correct(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> None:
-        """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (0) or last (1) layer alone."""
+    def _correct(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> np.ndarray:
+        """``x[layer] += (D/omega + T)^{-1} (g_z coupled)`` on the first (0) or last (1) layer alone;
+        returns the values added (one per row of the layer)."""
         layer = self._layers[which]
         positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
         if rows.size == 0:
-            return
+            return np.zeros(0)
         rhs, delta = self._layer_vecs[which]
         rhs.array[:] = self.g_z * coupled[positions]
         if self.kernel is not None:
@@ -191,6 +192,7 @@ class SeparatorSweeps:
             assert layer is not None
             layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
         x.array[rows] += delta.array_r
+        return delta.array_r
 
     @property
     def alone(self) -> bool:
@@ -219,11 +221,35 @@ class SeparatorSweeps:
     def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-T} b``."""
         self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
+        self._backward_correction(x)
+
+    def _backward_correction(self, x: PETSc.Vec) -> None:
         if self.alone:
             return
         below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
         if below is not None:
             self._correct(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP)
+
+    def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
+        """``p = D r + beta p``, then ``t = B^{-T} p`` (one pass of the compiled kernel, which is required)."""
+        assert self.kernel is not None
+        self.kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array)
+        self._backward_correction(t)
+
+    def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
+        """``w = z + t``, ``z = B^{-1} (p + mid D t)`` (Eisenstat's operator applied to ``p``, ``t``
+        from :meth:`cg_direction_backward`; ``z`` overwrites ``t``) in one pass of the compiled
+        kernel; returns this rank's part of ``p . w`` (not reduced)."""
+        assert self.kernel is not None
+        product = self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
+        if self.alone:
+            return product
+        above = pass_layer(self.comm, self.slab, self.layer_values(t, 0), upward=False)
+        if above is not None and self.last_rows.size:
+            delta = self._correct(1, t, above, PETSc.Mat.SORType.FORWARD_SWEEP)
+            w.array[self.last_rows] += delta
+            product += float(np.dot(p.array_r[self.last_rows], delta))
+        return product
 
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""

@@ -136,3 +136,87 @@ void fa_backward_layer(int64_t first, int64_t m, const double *b, const double *
         x[k] = next;
     }
 }
+
+/* One iteration of conjugate gradients on Eisenstat's operator in three passes instead of PETSc's
+ * eight (see fem_anode/fem/diffusion/finite_volume.py, _FusedEisenstatCG): the preconditioner is
+ * the diagonal d, so z = d r is never stored. */
+
+/* p = d r + beta p, then t = (D/omega + U)^{-1} p (the backward sweep of Eisenstat's operator) */
+void fa_cg_direction_backward(int64_t n, const double *r, const double *d, double beta, double *p,
+                              const double *dinv, const int32_t *upper, const uint8_t *mask,
+                              const double *g, double *t)
+{
+    const double gx = g[0], gy = g[1], gz = g[2];
+    double next = 0.0;
+    for (int64_t i = n - 1; i >= 0; --i) {
+        const uint8_t m = mask[i];
+        const double di = dinv[i];
+        const double pi = d[i] * r[i] + beta * p[i];
+        p[i] = pi;
+        double s = pi;
+        if (m & 16) s += gy * t[upper[2 * i]];
+        if (m & 32) s += gz * t[upper[2 * i + 1]];
+        const double c = (m & 8) ? gx * di : 0.0;
+        next = s * di + c * next;
+        t[i] = next;
+    }
+}
+
+/* z = (D/omega + L)^{-1} (p + mid d t) and w = z + t, i.e. w = (Eisenstat's operator) p; z
+ * overwrites t row by row (each t[i] is read first). Returns the sum of p[i] w[i]. */
+double fa_cg_forward_product(int64_t n, const double *p, double *t, const double *d, double mid,
+                             const double *dinv, const int32_t *lower, const uint8_t *mask,
+                             const double *g, double *w)
+{
+    const double gx = g[0], gy = g[1], gz = g[2];
+    double prev = 0.0, pw = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const uint8_t m = mask[i];
+        const double di = dinv[i];
+        const double ti = t[i];
+        double s = p[i] + mid * d[i] * ti;
+        if (m & 2) s += gy * t[lower[2 * i]];
+        if (m & 4) s += gz * t[lower[2 * i + 1]];
+        const double c = (m & 1) ? gx * di : 0.0;
+        prev = s * di + c * prev;
+        t[i] = prev;
+        const double wi = prev + ti;
+        w[i] = wi;
+        pw += p[i] * wi;
+    }
+    return pw;
+}
+
+/* y += alpha p, r -= alpha w; returns the sum of d[i] r[i]^2 (r.z of the new residual, z = d r) */
+double fa_cg_update(int64_t n, double alpha, const double *p, const double *w, const double *d, double *y,
+                    double *r)
+{
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int k = 0; k < 4; ++k) {
+            y[i + k] += alpha * p[i + k];
+            const double ri = r[i + k] - alpha * w[i + k];
+            r[i + k] = ri;
+            acc[k] += d[i + k] * ri * ri;
+        }
+    }
+    for (; i < n; ++i) {
+        y[i] += alpha * p[i];
+        const double ri = r[i] - alpha * w[i];
+        r[i] = ri;
+        acc[0] += d[i] * ri * ri;
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* sum of a[i] d[i] b[i] */
+double fa_weighted_dot(int64_t n, const double *a, const double *d, const double *b)
+{
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; ++k) acc[k] += a[i + k] * d[i + k] * b[i + k];
+    for (; i < n; ++i) acc[0] += a[i] * d[i] * b[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}

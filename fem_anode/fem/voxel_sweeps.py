@@ -98,6 +98,15 @@ def _load_local() -> ctypes.CDLL:
     library.fa_mult.restype = None
     library.fa_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, ctypes.c_double, *[pointer] * 5]
     library.fa_forward_eisenstat.restype = None
+    double = ctypes.c_double
+    library.fa_cg_direction_backward.argtypes = [size, pointer, pointer, double, *[pointer] * 6]
+    library.fa_cg_direction_backward.restype = None
+    library.fa_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 5]
+    library.fa_cg_forward_product.restype = double
+    library.fa_cg_update.argtypes = [size, double, *[pointer] * 5]
+    library.fa_cg_update.restype = double
+    library.fa_weighted_dot.argtypes = [size, pointer, pointer, pointer]
+    library.fa_weighted_dot.restype = double
     return library
 
 
@@ -274,6 +283,60 @@ class VoxelSweepKernel:
         self.library.fa_mult(
             self.n, _ptr(x), _ptr(self.d), _ptr(self.lower), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
         )
+
+    def _check(self, name: str, **vectors: np.ndarray) -> None:
+        for label, vec in vectors.items():
+            if vec.shape != (self.n,) or vec.dtype != np.float64:
+                raise ValueError(f"{name}: {label} must hold {self.n} float64 values")
+
+    def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
+        """``p = d r + beta p`` (CG's new search direction with the preconditioner ``d``), then
+        ``t = (D/omega + U)^{-1} p``, in one pass."""
+        self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
+        self.library.fa_cg_direction_backward(
+            self.n,
+            _ptr(r),
+            _ptr(d),
+            float(beta),
+            _ptr(p),
+            _ptr(self.dinv),
+            _ptr(self.upper),
+            _ptr(self.mask),
+            _ptr(self.g),
+            _ptr(t),
+        )
+
+    def cg_forward_product(self, p: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, w: np.ndarray) -> float:
+        """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t)`` (Eisenstat's operator applied
+        to ``p``, given ``t`` from :meth:`cg_direction_backward`); ``z`` overwrites ``t``. Returns
+        this rank's part of ``p . w``."""
+        self._check("cg_forward_product", p=p, t=t, d=d, w=w)
+        return float(
+            self.library.fa_cg_forward_product(
+                self.n,
+                _ptr(p),
+                _ptr(t),
+                _ptr(d),
+                float(mid),
+                _ptr(self.dinv),
+                _ptr(self.lower),
+                _ptr(self.mask),
+                _ptr(self.g),
+                _ptr(w),
+            )
+        )
+
+    def cg_update(
+        self, alpha: float, p: np.ndarray, w: np.ndarray, d: np.ndarray, y: np.ndarray, r: np.ndarray
+    ) -> float:
+        """``y += alpha p``, ``r -= alpha w``; returns this rank's part of ``r . (d r)``."""
+        self._check("cg_update", p=p, w=w, d=d, y=y, r=r)
+        return float(self.library.fa_cg_update(self.n, float(alpha), _ptr(p), _ptr(w), _ptr(d), _ptr(y), _ptr(r)))
+
+    def weighted_dot(self, a: np.ndarray, d: np.ndarray, b: np.ndarray) -> float:
+        """This rank's part of ``a . (d b)``."""
+        self._check("weighted_dot", a=a, d=d, b=b)
+        return float(self.library.fa_weighted_dot(self.n, _ptr(a), _ptr(d), _ptr(b)))
 
     def layer_sweep(self, first: int, b: np.ndarray, x: np.ndarray, *, forward: bool) -> None:
         """``x = (D/omega + T)^{-1} b`` on the rows ``first .. first + len(b) - 1``, one whole z

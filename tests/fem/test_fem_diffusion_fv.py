@@ -328,3 +328,62 @@ def test_compiled_sweeps_only_where_ssor_can_run(shared_tmp_path, comm, solver, 
         assert problem.operator_nonzeros > problem.ndofs
     finally:
         problem.destroy()
+
+
+def test_fused_cg_is_petscs_cg(shared_tmp_path, comm):
+    """The fused CG iterations of the compiled kernel (``_SlabEisenstat._fused_solve``) are PETSc's
+    KSPCG on the same operator: same solution (to round-off of the tolerance), same iterations
+    within one (the dot products sum in another order), the same first residual norms, a true
+    residual at the tolerance, and PETSc's reason when the iteration limit is hit."""
+    from petsc4py import PETSc
+
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem, _SlabEisenstat
+
+    labels = np.where(np.random.default_rng(5).random((12, 9, 10)) < 0.7, 3, 0).astype(np.uint8)
+    path = _image_file(shared_tmp_path, labels, 1e-7, comm, "fused.npy")
+    a0, results = 1e3, {}
+    for kernel in ("compiled", "petsc"):
+        settings = _settings(path, solver={"type": "iterative", "preconditioner": "ssor", "sweep_kernel": kernel})
+        problem = VoxelFVProblem(open_image_layers(path), settings, comm)
+        problem._diagonal(a0)
+        if kernel == "petsc":
+            problem._operator(a0)
+        slab = _SlabEisenstat(problem)
+        try:
+            slab.prepare(a0)
+            assert slab.fused == (kernel == "compiled")
+            b, x = problem._new_vec(), problem._new_vec()
+            lo, hi = b.getOwnershipRange()
+            rng = np.random.default_rng(6)
+            b.array[:] = rng.random(b.getSize())[lo:hi] - 0.3
+            x.array[:] = rng.random(b.getSize())[lo:hi]  # a nonzero initial guess
+            slab.solve(b, x)
+            reason, its = slab.getConvergedReason(), slab.getIterationNumber()
+            history = np.asarray(slab.getConvergenceHistory(), dtype=float)
+            residual = problem._new_vec()
+            problem._operator(a0).mult(x, residual)
+            residual.aypx(-1.0, b)
+            relative = residual.norm() / b.norm()
+            solution = x.array.copy()
+            # the iteration limit: PETSc's reason, after exactly that many iterations
+            if slab.ksp is not None:
+                slab.ksp.setTolerances(max_it=3)
+            slab.max_it = 3
+            x.array[:] = 0.0
+            slab.solve(b, x)
+            limited = (slab.getConvergedReason(), slab.getIterationNumber())
+            results[kernel] = (reason, its, history, solution, relative, limited)
+            for vec in (b, x, residual):
+                vec.destroy()
+        finally:
+            slab.free()
+            problem.destroy()
+    fused, petsc = results["compiled"], results["petsc"]
+    assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
+    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
+    assert len(fused[2]) == fused[1] + 1
+    np.testing.assert_allclose(fused[2][:4], petsc[2][:4], rtol=1e-8)
+    scale = np.abs(petsc[3]).max()
+    np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-6 * scale)  # both within rtol 1e-10 of A^-1 b
+    assert fused[4] < 1e-6 and petsc[4] < 1e-6
+    assert fused[5] == petsc[5] == (int(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT), 3)

@@ -56,6 +56,30 @@ def test_kernel_sweeps_equal_petsc_matsor(shape, fill):
         A.SOR(b, x, OMEGA, SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, 0.0, 1, 1)
         kernel.forward_eisenstat(y, tt, d, mid, out)
         np.testing.assert_allclose(out, x.array, rtol=1e-13, atol=1e-14 * np.abs(x.array).max())
+        # the fused CG kernels: p = d r + beta p then t = B^{-T} p; w = t + B^{-1}(p + mid d t) and p.w;
+        # y += alpha p, r -= alpha w and r.(d r); each against its definition by the sweeps above
+        rng = np.random.default_rng(4)
+        r, p0, y0 = rng.standard_normal((3, kernel.n))
+        beta, alpha = 0.37, -0.8
+        p_expected = d * r + beta * p0
+        t_expected, z_expected = np.empty(kernel.n), np.empty(kernel.n)
+        kernel.backward(p_expected, t_expected)
+        kernel.forward_eisenstat(p_expected, t_expected, d, mid, z_expected)
+        w_expected = z_expected + t_expected
+        p, t, w = p0.copy(), np.empty(kernel.n), np.empty(kernel.n)
+        kernel.cg_direction_backward(r, d, beta, p, t)
+        np.testing.assert_allclose(p, p_expected, rtol=1e-15)
+        np.testing.assert_allclose(t, t_expected, rtol=1e-13, atol=1e-14 * np.abs(t_expected).max())
+        pw = kernel.cg_forward_product(p, t, d, mid, w)
+        np.testing.assert_allclose(t, z_expected, rtol=1e-13, atol=1e-14 * np.abs(z_expected).max())
+        np.testing.assert_allclose(w, w_expected, rtol=1e-13, atol=1e-14 * np.abs(w_expected).max())
+        assert pw == pytest.approx(float(p_expected @ w_expected), rel=1e-12)
+        y, rr = y0.copy(), r.copy()
+        rz = kernel.cg_update(alpha, p, w, d, y, rr)
+        np.testing.assert_allclose(y, y0 + alpha * p_expected, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(rr, r - alpha * w_expected, rtol=1e-12, atol=1e-14 * np.abs(rr).max())
+        assert rz == pytest.approx(float(rr @ (d * rr)), rel=1e-12)
+        assert kernel.weighted_dot(r, d, p0) == pytest.approx(float(r @ (d * p0)), rel=1e-12)
         # the sweeps see the stencil: a wrong conductance along any one axis is noticed
         for axis in range(3):
             wrong = list(CONDUCTANCE)
