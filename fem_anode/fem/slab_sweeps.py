@@ -26,6 +26,7 @@ the first and last layers of every slab between two others to differ (at least t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,14 @@ from petsc4py import PETSc
 from fem_anode.fem.voxel_sweeps import VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
-__all__ = ["SeparatorMatrix", "SeparatorSSOR", "SeparatorSweeps", "pass_layer", "separator_order_possible"]
+__all__ = [
+    "EisenstatCG",
+    "SeparatorMatrix",
+    "SeparatorSSOR",
+    "SeparatorSweeps",
+    "pass_layer",
+    "separator_order_possible",
+]
 
 _ZERO_GUESS = PETSc.Mat.SORType.ZERO_INITIAL_GUESS
 
@@ -335,3 +343,103 @@ class SeparatorMatrix:
         mat = PETSc.Mat().createPython(((n, PETSc.DECIDE), (n, PETSc.DECIDE)), context=self, comm=self.sweeps.comm)
         mat.setUp()
         return mat
+
+
+class EisenstatCG:
+    r"""Conjugate gradients with SSOR by Eisenstat's trick, in fused passes of the compiled kernel
+    (collective): ``A x = b`` for sweeps whose kernel holds ``A``'s stencil, on one rank or in the
+    separator order.
+
+    With ``B = D/omega + L``, CG runs on ``Â = B^{-1} A B^{-T}`` with the preconditioner ``D``
+    (CG on ``A`` with SSOR, as PETSc's ``PCEISENSTAT``); ``Â y = t + B^{-1}(y + (1 - 2/omega) D t)``
+    with ``t = B^{-T} y``. The right-hand side is ``b̂ = B^{-1} b``, the initial guess
+    ``ŷ_0 = B^T x_0`` and the solution ``x = B^{-T} ŷ``.
+
+    An iteration is three passes over the vectors instead of PETSc's eight (``KSPCG``'s five vector
+    operations, the preconditioner's product with ``D`` and the ``+ t`` of ``Â``): ``p = D r + beta p``
+    fused into the backward sweep, ``w = Â p`` and ``p . w`` into the forward sweep, ``ŷ += alpha p``,
+    ``r -= alpha w`` and ``r . D r`` into one update. The initial residual needs no backward sweep
+    (``B^{-T} ŷ_0 = x_0``). It is ``KSPCG``'s algorithm with the natural norm and
+    ``KSPConvergedDefault`` with a nonzero initial guess: converged when
+    ``sqrt(r . D r) <= rtol sqrt(b̂ . D b̂)``, PETSc's reasons on failure (``reason``); only the order
+    of the sums in the dot products differs.
+
+    Args:
+        sweeps: the sweeps, with a compiled kernel (its ``omega`` is SSOR's).
+        d: the diagonal of ``A`` (distributed like ``x``).
+        rtol: relative tolerance.
+        max_it: iteration limit.
+        work: a vector to use for ``w`` (else one is made).
+    """
+
+    def __init__(
+        self, sweeps: SeparatorSweeps, d: PETSc.Vec, rtol: float, max_it: int, work: PETSc.Vec | None = None
+    ) -> None:
+        if sweeps.kernel is None:
+            raise ValueError("EisenstatCG needs sweeps with a compiled kernel")
+        self.sweeps, self.d, self.rtol, self.max_it = sweeps, d, float(rtol), int(max_it)
+        self.mid = 1.0 - 2.0 / sweeps.omega  # Eisenstat's middle term: (1 - 2/omega) D
+        self.r, self.y, self.t, self.p = (d.duplicate() for _ in range(4))
+        self._own_w = work is None
+        self.w = d.duplicate() if work is None else work
+        #: PETSc's ``KSPConvergedReason`` of the last solve, its iterations and natural residual norms.
+        self.reason, self.iterations = 0, 0
+        self.history: np.ndarray = np.zeros(0)
+
+    def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """Solve ``A x = b`` from the initial guess in ``x``."""
+        sweeps, d, mid, comm = self.sweeps, self.d, self.mid, self.sweeps.comm
+        kernel = sweeps.kernel
+        assert kernel is not None  # checked in __init__
+        r, y, t, w, p = self.r, self.y, self.t, self.w, self.p
+        reasons = PETSc.KSP.ConvergedReason
+        sweeps.forward(b, r)  # b̂
+        sweeps.apply_upper(x, y)  # ŷ_0 = B^T x_0
+        bnorm = math.sqrt(abs(comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))))
+        sweeps.forward_eisenstat(y, x, d, mid, w)  # r = b̂ - Â ŷ_0 with t = B^{-T} ŷ_0 = x_0
+        w.axpy(1.0, x)
+        r.axpy(-1.0, w)
+        rz = comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))
+        rnorm = math.sqrt(abs(rz))
+        history = [rnorm]
+        norm0 = bnorm if bnorm > 0.0 else rnorm
+        tolerance = self.rtol * norm0
+        reason, iterations, pw_old, rz_old = 0, 0, 0.0, 0.0
+        if not math.isfinite(rnorm):
+            reason = int(reasons.DIVERGED_NANORINF)
+        elif rnorm <= tolerance:
+            reason = int(reasons.CONVERGED_RTOL)
+        while reason == 0:
+            if iterations == self.max_it:
+                reason = int(reasons.DIVERGED_MAX_IT)
+                break
+            iterations += 1
+            if rz == 0.0:
+                reason = int(reasons.CONVERGED_ATOL)
+                break
+            beta = 0.0 if iterations == 1 else rz / rz_old
+            sweeps.cg_direction_backward(r, d, beta, p, t)
+            pw = comm.allreduce(sweeps.cg_forward_product(p, t, d, mid, w))
+            if not math.isfinite(pw):
+                reason = int(reasons.DIVERGED_NANORINF)
+                break
+            if pw == 0.0 or (iterations > 1 and pw * pw_old < 0.0):
+                reason = int(reasons.DIVERGED_INDEFINITE_MAT)
+                break
+            pw_old, rz_old = pw, rz
+            rz = comm.allreduce(kernel.cg_update(rz / pw, p.array_r, w.array_r, d.array_r, y.array, r.array))
+            rnorm = math.sqrt(abs(rz))
+            history.append(rnorm)
+            if not math.isfinite(rnorm):
+                reason = int(reasons.DIVERGED_NANORINF)
+            elif rnorm <= tolerance:
+                reason = int(reasons.CONVERGED_RTOL)
+            elif rnorm >= 1e5 * norm0:  # PETSc's default divergence tolerance
+                reason = int(reasons.DIVERGED_DTOL)
+        sweeps.backward(y, x)
+        self.reason, self.iterations, self.history = reason, iterations, np.array(history)
+
+    def destroy(self) -> None:
+        """Free the vectors made here (not the sweeps, ``d`` or a borrowed ``work``)."""
+        for vec in (self.r, self.y, self.t, self.p, *((self.w,) if self._own_w else ())):
+            vec.destroy()

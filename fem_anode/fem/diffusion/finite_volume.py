@@ -45,7 +45,7 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
-from fem_anode.fem.slab_sweeps import SeparatorSweeps, separator_order_possible
+from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
 from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, face_diagonal, load_sweep_library
@@ -593,14 +593,9 @@ class _SlabEisenstat:
     ``x = B^{-T} ŷ``; the convergence test is CG's natural norm of the transformed system, as
     with ``PCEISENSTAT``.
 
-    **Fused iterations** (the compiled kernel in the separator order, the default): CG itself runs
-    here, not in PETSc's ``KSPCG``, in three passes over the vectors per iteration instead of eight
-    (PETSc's five vector operations, the preconditioner's product with ``D`` and the ``+ t`` of
-    ``Â``): ``p = D r + beta p`` is fused into the backward sweep, ``w = Â p`` and ``p . w`` into
-    the forward sweep, ``ŷ += alpha p``, ``r -= alpha w`` and ``r . D r`` into one update. It is
-    PETSc's algorithm (``KSPCG`` with the natural norm, ``KSPConvergedDefault`` with a nonzero
-    initial guess: converged when ``sqrt(r . D r) <= rtol sqrt(b̂ . D b̂)``, the same reasons on
-    failure); only the order of the sums in the dot products differs.
+    **Fused iterations** (the compiled kernel in the separator order, the default): the same CG in
+    three passes over the vectors per iteration instead of eight, by
+    :class:`~fem_anode.fem.slab_sweeps.EisenstatCG` instead of PETSc's ``KSPCG``.
     """
 
     omega = 1.3
@@ -612,8 +607,6 @@ class _SlabEisenstat:
         kernel = problem._sweep_kernel()
         # the compiled sweeps need no matrix; PETSc's sweep the assembled one
         A = problem._matrix() if kernel is None else None
-        self.bhat, self.yhat = problem._new_vec(), problem._new_vec()
-        self.bhat_work = problem._new_vec()
         # Borrowed from the problem (no copies, one vector each per rank less): its work vector is
         # free while a step's system is solved (it only builds the right-hand side before), and
         # its diagonal vector is the diagonal D of A for the current a0 (see VoxelFVProblem._operator).
@@ -629,16 +622,18 @@ class _SlabEisenstat:
         last = transport[-1].ravel() if slab.layers else np.zeros(plane, bool)
         self.sweeps = SeparatorSweeps(self.comm, slab, A, first, last, problem._g_z, self.omega, kernel=kernel)
         self.order = "separators" if separator_order_possible(self.comm, slab) else "block-jacobi"
-        self.rtol, self.max_it = solver.rtol, 500
-        #: CG in this class on the compiled kernel (see the class docstring), else PETSc's KSPCG.
-        self.fused = self.order == "separators" and kernel is not None
-        self.p = problem._new_vec() if self.fused else None
-        self._reason, self._iterations = 0, 0
-        self._history: np.ndarray = np.zeros(0)  # natural residual norms of the last fused solve
-        #: PETSc's CG on the shell operator ``Â`` (not made for the fused iterations, which need neither)
+        max_it = 500
+        #: The fused CG on the compiled kernel (see the class docstring), else PETSc's KSPCG on the
+        #: shell operator ``Â`` with the vectors of the transformed system.
+        self.cg: EisenstatCG | None = None
         self.ksp: PETSc.KSP | None = None
         self.shell: PETSc.Mat | None = None
-        if not self.fused:
+        self.bhat = self.yhat = self.bhat_work = None
+        if self.order == "separators" and kernel is not None:
+            self.cg = EisenstatCG(self.sweeps, self.d, solver.rtol, max_it, work=problem._work)
+        else:
+            self.bhat, self.yhat = problem._new_vec(), problem._new_vec()
+            self.bhat_work = problem._new_vec()
             sizes = (problem._n_local, problem.ndofs)
             self.shell = PETSc.Mat().createPython((sizes, sizes), context=self, comm=self.comm)
             self.shell.setUp()
@@ -646,7 +641,7 @@ class _SlabEisenstat:
             self.ksp.setType("cg")
             self.ksp.setNormType(PETSc.KSP.NormType.NATURAL)
             self.ksp.setOperators(self.shell)
-            self.ksp.setTolerances(rtol=solver.rtol, atol=0.0, max_it=self.max_it)
+            self.ksp.setTolerances(rtol=solver.rtol, atol=0.0, max_it=max_it)
             self.ksp.setInitialGuessNonzero(True)
             pc = self.ksp.getPC()
             pc.setType("python")
@@ -665,7 +660,9 @@ class _SlabEisenstat:
 
     def mult(self, mat: PETSc.Mat, y: PETSc.Vec, z: PETSc.Vec) -> None:
         """``z = Â y``."""
-        t, w = self.bhat_work, self.w_work
+        t = self.bhat_work if self.cg is None else self.cg.t  # the CG's t is free between its solves
+        w = self.w_work
+        assert t is not None
         if self.order == "separators" and self.sweeps.kernel is not None:
             self.sweeps.backward(y, t)
             self.sweeps.forward_eisenstat(y, t, self.d, self.mid_scale, z)  # w below, on the fly
@@ -684,10 +681,10 @@ class _SlabEisenstat:
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
-        if self.fused:
-            self._fused_solve(b, x)
+        if self.cg is not None:
+            self.cg.solve(b, x)
             return
-        assert self.ksp is not None
+        assert self.ksp is not None and self.bhat is not None and self.yhat is not None
         if self.order == "separators":
             self.sweeps.forward(b, self.bhat)
             self.sweeps.apply_upper(x, self.yhat)
@@ -700,69 +697,23 @@ class _SlabEisenstat:
         self.ksp.solve(self.bhat, self.yhat)
         self.sweeps.block_sweep(self.yhat, x, PETSc.Mat.SORType.BACKWARD_SWEEP | zero)
 
-    def _fused_solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        """CG on ``Â ŷ = b̂`` in fused passes (see the class docstring); ``x = B^{-T} ŷ``."""
-        sweeps, d, mid, comm = self.sweeps, self.d, self.mid_scale, self.comm
-        kernel = sweeps.kernel
-        assert kernel is not None and self.p is not None
-        r, y, t, w, p = self.bhat, self.yhat, self.bhat_work, self.w_work, self.p
-        reasons = PETSc.KSP.ConvergedReason
-        sweeps.forward(b, r)  # b̂
-        sweeps.apply_upper(x, y)  # ŷ_0 = B^T x_0
-        # PETSc's default test with a nonzero initial guess is relative to the natural norm of b̂
-        bnorm = math.sqrt(abs(comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))))
-        # r = b̂ - Â ŷ_0, where Â ŷ_0 = t + B^{-1} (ŷ_0 + mid D t) with t = B^{-T} ŷ_0 = x_0: no sweep for t
-        sweeps.forward_eisenstat(y, x, d, mid, w)
-        w.axpy(1.0, x)
-        r.axpy(-1.0, w)
-        rz = comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))
-        rnorm = math.sqrt(abs(rz))
-        history = [rnorm]
-        norm0 = bnorm if bnorm > 0.0 else rnorm
-        tolerance = self.rtol * norm0
-        reason, iterations, pw_old, rz_old = 0, 0, 0.0, 0.0
-        if not math.isfinite(rnorm):
-            reason = int(reasons.DIVERGED_NANORINF)
-        elif rnorm <= tolerance:
-            reason = int(reasons.CONVERGED_RTOL)
-        while reason == 0:
-            if iterations == self.max_it:
-                reason = int(reasons.DIVERGED_MAX_IT)
-                break
-            iterations += 1
-            if rz == 0.0:
-                reason = int(reasons.CONVERGED_ATOL)
-                break
-            beta = 0.0 if iterations == 1 else rz / rz_old
-            sweeps.cg_direction_backward(r, d, beta, p, t)
-            pw = comm.allreduce(sweeps.cg_forward_product(p, t, d, mid, w))
-            if not math.isfinite(pw):
-                reason = int(reasons.DIVERGED_NANORINF)
-                break
-            if pw == 0.0 or (iterations > 1 and pw * pw_old < 0.0):
-                reason = int(reasons.DIVERGED_INDEFINITE_MAT)
-                break
-            pw_old, rz_old = pw, rz
-            rz = comm.allreduce(kernel.cg_update(rz / pw, p.array_r, w.array_r, d.array_r, y.array, r.array))
-            rnorm = math.sqrt(abs(rz))
-            history.append(rnorm)
-            if not math.isfinite(rnorm):
-                reason = int(reasons.DIVERGED_NANORINF)
-            elif rnorm <= tolerance:
-                reason = int(reasons.CONVERGED_RTOL)
-            elif rnorm >= 1e5 * norm0:  # PETSc's default divergence tolerance
-                reason = int(reasons.DIVERGED_DTOL)
-        sweeps.backward(y, x)
-        self._reason, self._iterations, self._history = reason, iterations, np.array(history)
-
     def getConvergedReason(self) -> int:
-        return self._reason if self.ksp is None else int(self.ksp.getConvergedReason())
+        if self.cg is not None:
+            return self.cg.reason
+        assert self.ksp is not None
+        return int(self.ksp.getConvergedReason())
 
     def getIterationNumber(self) -> int:
-        return self._iterations if self.ksp is None else int(self.ksp.getIterationNumber())
+        if self.cg is not None:
+            return self.cg.iterations
+        assert self.ksp is not None
+        return int(self.ksp.getIterationNumber())
 
     def getConvergenceHistory(self) -> Any:
-        return self._history if self.ksp is None else self.ksp.getConvergenceHistory()
+        if self.cg is not None:
+            return self.cg.history
+        assert self.ksp is not None
+        return self.ksp.getConvergenceHistory()
 
     def getType(self) -> str:
         return "cg"
@@ -779,7 +730,9 @@ class _SlabEisenstat:
             self.ksp.destroy()
             self.shell.setPythonContext(None)
             self.shell.destroy()
-        for vec in (self.bhat, self.yhat, self.bhat_work, self.p):  # w_work and d belong to the problem
+        if self.cg is not None:
+            self.cg.destroy()
+        for vec in (self.bhat, self.yhat, self.bhat_work):  # w_work and d belong to the problem
             if vec is not None:
                 vec.destroy()
         self.sweeps.destroy()

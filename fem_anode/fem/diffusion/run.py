@@ -293,6 +293,11 @@ def simulate_diffusion(
         settings.physics.D_eff,
         comm.size,
     )
+    if geo.voxel_mesh and not finite_volumes and problem.dim == 3 and problem.ncells >= 100_000:
+        logger.info(
+            "diffusion: a 3D voxel mesh with Lagrange elements; [mesh] discretisation = 'fv' solves the same "
+            "physics on the voxels about 10x faster with about 15x less memory (docs/diffusion.md)"
+        )
     snapshots: dict[float, np.ndarray] = {}
     particles: dict[str, list[dict[str, Any]]] = {}
     fields: list[tuple[float, Any]] = []  # c at the output times (distributed), for save() and checkpoints
