@@ -432,8 +432,15 @@ def fv_solve(
         (relative difference of the z = 0 and z = end fluxes) and ``timings`` (s).
     """
     from mpi4py import MPI
+    from petsc4py import PETSc
 
-    from fem_anode.fem.slab_sweeps import SeparatorMatrix, SeparatorSSOR, SeparatorSweeps, separator_order_possible
+    from fem_anode.fem.slab_sweeps import (
+        EisenstatCG,
+        SeparatorMatrix,
+        SeparatorSSOR,
+        SeparatorSweeps,
+        separator_order_possible,
+    )
     from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, load_sweep_library
 
     start = time.perf_counter()
@@ -492,24 +499,41 @@ def fv_solve(
     del layer_of_row
     if options["pc_type"] == "hypre":
         A.convert("hypre")  # in place: hypre's ParCSR matrix replaces the AIJ (one fine matrix, not two)
-    ksp = ksp_from_options(comm, A, options, "tortuosity_fv")
-    if separators and sweeps is None:
-        sweeps = SeparatorSweeps(comm, slab, A, first_layer, last_layer, conductance[0], omega)
-    if sweeps is not None:
-        pc = ksp.getPC()
-        pc.setType("python")
-        pc.setPythonContext(SeparatorSSOR(sweeps))
     out["sweeps"] = "compiled" if library is not None else "petsc"
-    del first_layer, last_layer
-    try:
-        t1 = time.perf_counter()
-        ksp.setUp()
-        t2 = time.perf_counter()
-        ksp.solve(b, x)
-        t3 = time.perf_counter()
-        reason, iterations = ksp.getConvergedReason(), ksp.getIterationNumber()
-    finally:
-        ksp.destroy()
+    # The default (compiled kernel, no other PETSc options): CG with Eisenstat's SSOR in fused passes
+    # (the same preconditioner as PCSOR's SSOR, CG's natural norm; fem_anode.fem.slab_sweeps.EisenstatCG).
+    fused = sweeps is not None and sweeps.kernel is not None and set(petsc_options) <= {"pc_type"}
+    t1 = time.perf_counter()
+    if fused:
+        assert sweeps is not None and sweeps.kernel is not None and sweeps.kernel.d is not None
+        del first_layer, last_layer
+        d = PETSc.Vec().createWithArray(sweeps.kernel.d, size=(sweeps.kernel.n, PETSc.DECIDE), comm=comm)
+        cg = EisenstatCG(sweeps, d, rtol, max_iterations)
+        try:
+            t2 = time.perf_counter()
+            cg.solve(b, x)
+            t3 = time.perf_counter()
+            reason, iterations = cg.reason, cg.iterations
+        finally:
+            cg.destroy()
+            d.destroy()
+    else:
+        ksp = ksp_from_options(comm, A, options, "tortuosity_fv")
+        if separators and sweeps is None:
+            sweeps = SeparatorSweeps(comm, slab, A, first_layer, last_layer, conductance[0], omega)
+        if sweeps is not None:
+            pc = ksp.getPC()
+            pc.setType("python")
+            pc.setPythonContext(SeparatorSSOR(sweeps))
+        del first_layer, last_layer
+        try:
+            ksp.setUp()
+            t2 = time.perf_counter()
+            ksp.solve(b, x)
+            t3 = time.perf_counter()
+            reason, iterations = ksp.getConvergedReason(), ksp.getIterationNumber()
+        finally:
+            ksp.destroy()
     timings.update({"pc_setup": t2 - t1, "cg": t3 - t2, "solve": t3 - t1})
     if reason < 0:
         A.destroy(), b.destroy(), x.destroy()
