@@ -83,7 +83,9 @@ def solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any], comm
     lean SSOR is the default (measurements: docs/benchmarks.md, "Tortuosity factor"). On several
     ranks the SSOR sweeps run in the separator order (:mod:`fem_anode.fem.slab_sweeps`). The
     default SSOR runs on the compiled stencil kernel, which replaces the SBAIJ matrix once its
-    diagonal is taken (:mod:`fem_anode.fem.voxel_sweeps`); an explicit ``{"pc_type": "sor"}``
+    diagonal is taken (:mod:`fem_anode.fem.voxel_sweeps`), and CG with it is
+    :class:`~fem_anode.fem.slab_sweeps.EisenstatCG` (Eisenstat's trick, fused passes, CG's natural
+    norm) unless other PETSc options are given; an explicit ``{"pc_type": "sor"}``
     keeps PETSc's sweeps on the SBAIJ matrix (add ``pc_sor_omega`` and ``pc_sor_local_symmetric``
     for the same preconditioner).
     """
