@@ -45,6 +45,7 @@ __all__ = [
     "FeatureSettings",
     "TrainedClassifier",
     "compute_features",
+    "extended_features",
     "feature_halo",
     "load_model",
     "predict_labels",
@@ -78,6 +79,11 @@ class FeatureSettings:
         auto_context: a second forest on these features plus the first forest's class
             probabilities, raw and Gaussian-smoothed by :data:`CONTEXT_SIGMAS` voxels
             (auto-context, Tu & Bai 2010), trained on cross-fitted probabilities.
+        extended: ilastik's and Trainable Weka's further standard features
+            (:func:`extended_features`): structure-tensor eigenvalues at
+            :data:`STRUCTURE_SIGMAS`, the Laplacian of Gaussian at :data:`LOG_SIGMAS` and the
+            local maximum and minimum of the image smoothed by :data:`RANK_SMOOTHING` over balls
+            of :data:`RANK_RADII` voxels (fixed scales; ``2 ndim + 10`` features).
     """
 
     sigma_min: float = 0.5
@@ -88,6 +94,7 @@ class FeatureSettings:
     texture: bool = True
     illumination_degree: int | None = None
     auto_context: bool = False
+    extended: bool = True
 
     def __post_init__(self) -> None:
         if self.illumination_degree is not None and not 1 <= self.illumination_degree <= 4:
@@ -100,6 +107,9 @@ class FeatureSettings:
             raise UsageError(f"feature sigma_max must be at most 64 voxels, got {self.sigma_max}")
         if self.num_sigma is not None and not 1 <= self.num_sigma <= 32:
             raise UsageError(f"number of feature scales must be in 1..32, got {self.num_sigma}")
+        for name in ("intensity", "edges", "texture", "auto_context", "extended"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"feature setting {name} must be true or false, got {getattr(self, name)!r}")
         if not (self.intensity or self.edges or self.texture):
             raise UsageError("at least one of the intensity, edge and texture features is needed")
 
@@ -112,10 +122,36 @@ class FeatureSettings:
     def n_features(self, ndim: int) -> int:
         """Features per voxel of a ``ndim``-dimensional image."""
         per_scale = int(self.intensity) + int(self.edges) + (ndim if self.texture else 0)
-        return per_scale * len(self.sigmas)
+        return per_scale * len(self.sigmas) + (n_extended_features(ndim) if self.extended else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: Outer (integration) scales of the structure-tensor eigenvalues (voxels); the gradient is taken
+#: of the image smoothed by half of each (ilastik's inner scale).
+STRUCTURE_SIGMAS: tuple[float, ...] = (1.0, 2.0)
+#: Scales of the Laplacian of Gaussian (voxels; ilastik's standard scales 0.7-5 plus 2.5).
+LOG_SIGMAS: tuple[float, ...] = (0.7, 1.0, 1.6, 2.5, 3.5, 5.0)
+#: Gaussian smoothing (voxels) before the local maximum and minimum filters.
+RANK_SMOOTHING = 0.7
+#: Radii (voxels) of the balls of the local maximum and minimum filters.
+RANK_RADII: tuple[int, ...] = (1, 2)
+
+
+def n_extended_features(ndim: int) -> int:
+    """Features per voxel of :func:`extended_features` in ``ndim`` dimensions."""
+    return ndim * len(STRUCTURE_SIGMAS) + len(LOG_SIGMAS) + 2 * len(RANK_RADII)
+
+
+def _extended_halo() -> int:
+    """Reach (voxels) of :func:`extended_features` plus one voxel of margin: the largest of the
+    Laplacian of Gaussian (``int(4 sigma + 0.5)``), the structure tensor (inner Gaussian, one
+    ``np.gradient``, outer Gaussian) and the smoothed local extrema (Gaussian plus ball radius)."""
+    log_reach = int(4.0 * max(LOG_SIGMAS) + 0.5)
+    st_reach = max(int(4.0 * s / 2 + 0.5) + 1 + int(4.0 * s + 0.5) for s in STRUCTURE_SIGMAS)
+    rank_reach = int(4.0 * RANK_SMOOTHING + 0.5) + max(RANK_RADII)
+    return max(log_reach, st_reach, rank_reach) + 1
 
 
 #: Smoothing scales (voxels) of the class probabilities used as auto-context features.
@@ -128,9 +164,11 @@ def _image_feature_halo(settings: FeatureSettings) -> int:
     """Voxels beyond a block that determine its image features exactly.
 
     The Gaussian of scikit-image reaches ``int(4 sigma + 0.5)`` voxels (truncate 4), the Sobel
-    filter one more, the Hessian (two ``np.gradient``) two more; one layer of margin.
+    filter one more, the Hessian (two ``np.gradient``) two more; one layer of margin. With
+    ``extended``, at least the reach of :func:`extended_features` (:func:`_extended_halo`).
     """
-    return int(4.0 * float(np.max(settings.sigmas)) + 0.5) + 3
+    halo = int(4.0 * float(np.max(settings.sigmas)) + 0.5) + 3
+    return max(halo, _extended_halo()) if settings.extended else halo
 
 
 def feature_halo(settings: FeatureSettings) -> int:
@@ -173,7 +211,63 @@ def compute_features(gray: np.ndarray, settings: FeatureSettings) -> np.ndarray:
         )
     if settings.texture:
         parts.extend(_texture_features(a, sigma) for sigma in settings.sigmas)
+    if settings.extended:
+        parts.append(extended_features(a))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+
+def extended_features(image: np.ndarray) -> np.ndarray:
+    """ilastik's / Trainable Weka's standard features beyond ``multiscale_basic_features``,
+    shape ``image.shape + (n_extended_features(ndim),)``, float32:
+
+    * structure-tensor eigenvalues (decreasing) at each outer scale ``s`` of
+      :data:`STRUCTURE_SIGMAS`: ``G_s * (grad g_i grad g_j)`` with ``g`` smoothed by ``s / 2``
+      (``np.gradient``): oriented edges and corners, the shape of an interface rather than of the
+      gray value;
+    * the Laplacian of Gaussian at :data:`LOG_SIGMAS` (``scipy.ndimage.gaussian_laplace``):
+      blob detectors at the sizes of small particles and shells;
+    * the local maximum and minimum of the image smoothed by :data:`RANK_SMOOTHING`, over balls of
+      radius :data:`RANK_RADII` (``scipy.ndimage.maximum_filter`` / ``minimum_filter``): whether a
+      brighter (darker) phase is within reach.
+
+    Every operator reaches at most :func:`_extended_halo` voxels, so blocks with that halo are exact.
+    """
+    from scipy import ndimage
+    from skimage import filters
+
+    a = np.asarray(image, dtype=np.float32)
+    ndim = a.ndim
+    parts: list[np.ndarray] = []
+    for s in STRUCTURE_SIGMAS:
+        smoothed = filters.gaussian(a, sigma=0.5 * s, preserve_range=False).astype(np.float64)
+        grad = np.gradient(smoothed)
+        del smoothed
+        t = {
+            (i, j): ndimage.gaussian_filter(grad[i] * grad[j], s, truncate=4.0)
+            for i in range(ndim)
+            for j in range(i, ndim)
+        }
+        del grad
+        if ndim == 2:
+            mean = 0.5 * (t[0, 0] + t[1, 1])
+            root = np.sqrt((0.5 * (t[0, 0] - t[1, 1])) ** 2 + t[0, 1] ** 2)
+            parts.append(np.stack([mean + root, mean - root], axis=-1).astype(np.float32))
+        else:
+            parts.append(_symmetric3_eigenvalues(t[0, 0], t[1, 1], t[2, 2], t[0, 1], t[0, 2], t[1, 2]))
+    a64 = a.astype(np.float64)
+    parts.append(
+        np.stack([ndimage.gaussian_laplace(a64, s, truncate=4.0) for s in LOG_SIGMAS], axis=-1).astype(np.float32)
+    )
+    del a64
+    smoothed32 = filters.gaussian(a, sigma=RANK_SMOOTHING, preserve_range=False).astype(np.float32)
+    extrema = []
+    for r in RANK_RADII:
+        grid = np.meshgrid(*([np.arange(-r, r + 1)] * ndim), indexing="ij")
+        ball = np.sum(np.stack(grid) ** 2, axis=0) <= r * r
+        extrema.append(ndimage.maximum_filter(smoothed32, footprint=ball))
+        extrema.append(ndimage.minimum_filter(smoothed32, footprint=ball))
+    parts.append(np.stack(extrema, axis=-1))
+    return np.concatenate(parts, axis=-1)
 
 
 def _texture_features(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -674,7 +768,8 @@ def load_model(path: str | Path, phases: Mapping[str, int] | None = None) -> Tra
     if phases is not None and dict(phases) != model_phases:
         raise InputError(f"{path}: the model segments the phases {model_phases}, but {dict(phases)} were asked for")
     try:
-        settings = FeatureSettings(**payload["settings"])
+        # models written before the extended features existed were trained without them
+        settings = FeatureSettings(**{"extended": False, **payload["settings"]})
     except TypeError as err:
         raise InputError(f"{path}: feature settings not understood: {err}") from None
     context_forest = payload.get("context_forest")
