@@ -253,9 +253,7 @@ class VoxelSweepKernel:
     def forward_eisenstat(self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray) -> None:
         """``z = (D/omega + L)^{-1} (y + mid d t)``, ``d`` the diagonal of ``A`` (Eisenstat's
         forward sweep with its middle term; ``mid = 1 - 2/omega``)."""
-        for name, vec in (("y", y), ("t", t), ("d", d), ("z", z)):
-            if vec.shape != (self.n,) or vec.dtype != np.float64:
-                raise ValueError(f"forward_eisenstat: {name} must hold {self.n} float64 values")
+        self._check("forward_eisenstat", y=y, t=t, d=d, z=z)
         self.library.fa_forward_eisenstat(
             self.n,
             _ptr(y),
@@ -277,14 +275,13 @@ class VoxelSweepKernel:
         """``y = A x`` on these rows (requires ``with_matrix``)."""
         if self.d is None:
             raise ValueError("mult needs a kernel made with with_matrix=True")
-        for name, vec in (("x", x), ("y", y)):
-            if vec.shape != (self.n,) or vec.dtype != np.float64:
-                raise ValueError(f"mult: {name} must hold {self.n} float64 values")
+        self._check("mult", x=x, y=y)
         self.library.fa_mult(
             self.n, _ptr(x), _ptr(self.d), _ptr(self.lower), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
         )
 
     def _check(self, name: str, **vectors: np.ndarray) -> None:
+        """Every vector must hold one float64 value per row (the kernels take raw pointers)."""
         for label, vec in vectors.items():
             if vec.shape != (self.n,) or vec.dtype != np.float64:
                 raise ValueError(f"{name}: {label} must hold {self.n} float64 values")
