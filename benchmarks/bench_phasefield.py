@@ -22,7 +22,14 @@ in the same process, so their times are comparable on this shared machine:
 * ``round3``: the defaults before 2026-12-04 12:50 UTC: Krylov solves without the floor from the
   Newton tolerance, the border of the block elimination re-solved at every Newton iteration,
   no ``fast_growth`` (the run's solver class is patched);
-* ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``).
+* ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``);
+* ``fieldsplit``: the defaults with a block preconditioner instead of the one LU of the Jacobian
+  (issue 22, fifth round; patched in, not kept in the package): PCFIELDSPLIT multiplicative
+  (block Gauss-Seidel), the Cahn-Hilliard fields (c, mu, c_v, mu_v) first, then the
+  displacement, each block with its own MUMPS LU; the Cahn-Hilliard block's LU renewed at every
+  Newton iteration, the displacement block's lagged and renewed like the one LU of the default;
+* ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
+  Cahn-Hilliard block's LU first and the displacement block's only if it stalls again.
 
 Reported per half-cycle and configuration: unknowns, steps (rejected), Newton iterations,
 factorisations, Krylov iterations, time per Newton iteration and per half-cycle, the void
@@ -94,9 +101,11 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(cycling=base.cycling.replace(dc_target=float("0." + config[2:])))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
+    if config in ("fieldsplit", "fieldsplit_lagged"):
+        return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX)"
+        "round3, dcXX, fieldsplit)"
     )
 
 
@@ -141,7 +150,134 @@ def patched(config: str) -> Any:
 
     if config == "round3":
         return round3()
+    if config in ("fieldsplit", "fieldsplit_lagged"):
+        return fieldsplit(config == "fieldsplit_lagged")
     return across_ramp() if config == "acrossramp" else contextlib.nullcontext()
+
+
+def fieldsplit(lag_blocks: bool) -> Any:
+    """A context in which the phase-field Newton solver preconditions with a block Gauss-Seidel
+    (PCFIELDSPLIT, multiplicative: the Cahn-Hilliard fields, then the displacement, each block
+    with its own LU of the package's direct solver) instead of one LU of the whole Jacobian
+    (configurations ``fieldsplit`` and ``fieldsplit_lagged``, docs/phasefield.md, fifth round).
+
+    The displacement block's LU is lagged exactly like the default's one LU (renewed when a
+    factorisation is due: ``factorisations`` counts these); the Cahn-Hilliard block's LU is
+    renewed at every Newton iteration (``fieldsplit``) or, with ``lag_blocks``, lagged as well
+    and renewed first when a Krylov solve stalls (``block_factorisations`` counts these). The
+    border of the block elimination is re-solved with each renewal.
+    """
+    import contextlib
+
+    import numpy as np
+    from petsc4py import PETSc
+
+    from fem_anode.fem.petsc_ksp import prefixed_options
+    from fem_anode.fem.phasefield import newton as newton_module
+    from fem_anode.fem.phasefield.problem import PhaseFieldProblem
+
+    BorderedNewton, Shell = newton_module.BorderedNewton, newton_module._Shell
+    make_solver, jacobian, factorise, apply = (
+        PhaseFieldProblem._make_solver,
+        BorderedNewton._jacobian,
+        BorderedNewton._factorise,
+        Shell.apply,
+    )
+
+    def blocks(nw: Any) -> Any:
+        return nw.ksp.getPC().getFieldSplitSubKSP()
+
+    def factorise_blocks(nw: Any, ch: bool, displacement: bool) -> None:
+        first = nw._linear_options is not None
+        nw.ksp.setOperators(nw.A)
+        if first:  # the options of the fieldsplit and of both blocks' direct solvers
+            with prefixed_options(nw.ksp.getOptionsPrefix(), nw._linear_options):
+                nw.ksp.setFromOptions()
+                nw.ksp.setUp()
+                for sub in blocks(nw):
+                    sub.setFromOptions()
+            nw._linear_options = None
+        else:
+            nw.ksp.setUp()  # the blocks of the current A (the couplings of the Gauss-Seidel sweep)
+        for renew, sub in zip((ch or first, displacement or first), blocks(nw)):
+            pc = sub.getPC()
+            if renew:
+                pc.setReusePreconditioner(False)
+                sub.getOperators()[1].stateIncrease()  # also when the block's values did not change
+            sub.setUp()
+            pc.setReusePreconditioner(True)  # the LU survives the next Jacobian
+        if ch or first:
+            nw.block_factorisations += 1
+            nw._ch_fresh = True
+        if displacement or first:
+            nw.factorisations += 1
+            nw._refactor, nw._fresh = False, True
+        nw._update_border()
+
+    def split_solver(self: Any, bcs: Any) -> Any:
+        nw = make_solver(self, bcs)
+        assert nw.reuse, "the fieldsplit configurations need reuse_factorisation"
+        n = self.W.dofmap.index_map.size_local * self.W.dofmap.index_map_bs
+        start = self.W.dofmap.index_map.local_range[0] * self.W.dofmap.index_map_bs
+        displacement = np.zeros(n, bool)
+        dofs = np.asarray(self.W.sub(2).collapse()[1])
+        displacement[dofs[dofs < n]] = True
+        options = {"ksp_type": "preonly", "pc_type": "fieldsplit", "pc_fieldsplit_type": "multiplicative"}
+        for block in ("ch", "u"):
+            options.update({f"fieldsplit_{block}_{key}": value for key, value in nw._linear_options.items()})
+        nw._linear_options = options
+        pc = nw.ksp.getPC()
+        pc.setType("fieldsplit")
+        pc.setFieldSplitIS(
+            ("ch", PETSc.IS().createGeneral((np.flatnonzero(~displacement) + start).astype(PETSc.IntType), nw.comm)),
+            ("u", PETSc.IS().createGeneral((np.flatnonzero(displacement) + start).astype(PETSc.IntType), nw.comm)),
+        )
+        nw.split, nw.lag_blocks, nw._ch_fresh, nw.block_factorisations = True, lag_blocks, False, 0
+        return nw
+
+    def split_factorise(self: Any) -> None:
+        if getattr(self, "split", False):
+            factorise_blocks(self, True, True)
+        else:
+            factorise(self)
+
+    def split_jacobian(self: Any, snes: Any, X: Any, J: Any, P: Any) -> None:
+        before = self.factorisations
+        jacobian(self, snes, X, J, P)
+        if getattr(self, "split", False) and self.factorisations == before:  # the displacement LU stays
+            if self.lag_blocks:
+                self._ch_fresh = False
+            else:
+                factorise_blocks(self, True, False)
+                self._fresh = False
+
+    def split_apply(self: Any, pc: Any, x: Any, y: Any) -> None:
+        nw = self.nw
+        if (
+            getattr(nw, "split", False)
+            and nw.on_stall
+            and not nw._ch_fresh
+            and nw._applications + 1 > nw.refactor_iterations
+        ):  # the cheaper block first
+            factorise_blocks(nw, True, False)
+            nw._applications, nw._refactored_in_solve = 0, True
+        apply(self, pc, x, y)
+
+    @contextlib.contextmanager
+    def context() -> Any:
+        PhaseFieldProblem._make_solver = split_solver  # type: ignore[method-assign]
+        BorderedNewton._factorise = split_factorise  # type: ignore[method-assign]
+        BorderedNewton._jacobian = split_jacobian  # type: ignore[method-assign]
+        Shell.apply = split_apply  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            PhaseFieldProblem._make_solver = make_solver  # type: ignore[method-assign]
+            BorderedNewton._factorise = factorise  # type: ignore[method-assign]
+            BorderedNewton._jacobian = jacobian  # type: ignore[method-assign]
+            Shell.apply = apply  # type: ignore[method-assign]
+
+    return context()
 
 
 def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float]:
@@ -210,7 +346,8 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="default",
-        help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX",
+        help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX, "
+        "fieldsplit",
     )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")
