@@ -367,9 +367,12 @@ class _Blocks:
     halo: int
 
 
-def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float) -> _Blocks:
+def _blocks(
+    shape: Sequence[int], settings: FeatureSettings, memory_bytes: float, n_layers: int | None = None
+) -> _Blocks:
     """Slab thickness and in-plane tile size so that one block's features (with the halo) fit
-    ``memory_bytes``: whole planes when enough layers fit, otherwise cubic-ish tiles."""
+    ``memory_bytes``: whole planes when enough layers fit (at least twice the halo, or all
+    ``n_layers`` to be computed, default the whole image), otherwise cubic-ish tiles."""
     halo = feature_halo(settings)
     ndim = len(shape)
     per_voxel = max(settings.n_features(ndim), 1) * _BYTES_PER_VOXEL_PER_FEATURE
@@ -379,7 +382,7 @@ def _blocks(shape: Sequence[int], settings: FeatureSettings, memory_bytes: float
         # the in-plane background (and the slice mean) needs whole planes; 2D: the whole image
         return _Blocks(int(shape[0]) if ndim == 2 else max(1, int(budget // plane) - 2 * halo), tuple(shape[1:]), halo)
     layers = int(budget // plane) - 2 * halo
-    if layers >= min(int(shape[0]), 2 * halo):
+    if layers >= min(int(shape[0]) if n_layers is None else int(n_layers), 2 * halo):
         return _Blocks(max(layers, 1), tuple(shape[1:]), halo)
     edge = max(int(budget ** (1.0 / ndim)) - 2 * halo, 8)
     if settings.auto_context and layers >= 1 and (layers + 2 * halo) / layers <= ((edge + 2 * halo) / edge) ** ndim:
@@ -448,7 +451,7 @@ def _iterate_blocks(
     """
     import itertools
 
-    plan = _blocks(shape, settings, memory_bytes)
+    plan = _blocks(shape, settings, memory_bytes, n_layers=z1 - z0)
     nz = int(shape[0])
     ch = _CONTEXT_HALO if forests else 0
     if forests and classes is None:
@@ -525,7 +528,7 @@ def train_classifier(
     if len(ndims) != 1 or not ndims <= {2, 3}:
         raise InputError(f"training images must all be 2D or all 3D, got dimensions {sorted(ndims)}")
     ndim = ndims.pop()
-    xs, ys, where = [], [], []  # where: (pair, flat index) of each labelled voxel (auto-context)
+    xs, ys, where = [], [], []  # where: (pair, flat index) of each labelled voxel
     context = settings.auto_context
     for i_pair, ((gray, labels), name) in enumerate(zip(pairs, names)):
         gray, labels = np.asarray(gray), np.asarray(labels)
@@ -543,15 +546,20 @@ def train_classifier(
                 f"{name}: label values {unknown[:10]} are neither in the phase map {phases} nor the unlabelled value "
                 f"{unlabelled}"
             )
-        for a, b, box, feats in _iterate_blocks(
-            functools.partial(_layers_of, gray), gray.shape, 0, gray.shape[0], settings, chunk_memory
-        ):
-            block_labels = labels[(slice(a, b), *box)]
-            mask = block_labels != unlabelled
-            if mask.any():
-                xs.append(feats[mask])
-                ys.append(block_labels[mask])
-                if context:
+        # features only of the runs of consecutive labelled layers (each block's features are exact
+        # for any block, so this equals a pass over the whole image; two labelled slices of a
+        # volume cost two thin slabs, not the volume)
+        layers = np.flatnonzero([np.any(labels[z] != unlabelled) for z in range(labels.shape[0])])
+        runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1) if len(layers) else []
+        for run in runs:
+            for a, b, box, feats in _iterate_blocks(
+                functools.partial(_layers_of, gray), gray.shape, int(run[0]), int(run[-1]) + 1, settings, chunk_memory
+            ):
+                block_labels = labels[(slice(a, b), *box)]
+                mask = block_labels != unlabelled
+                if mask.any():
+                    xs.append(feats[mask])
+                    ys.append(block_labels[mask])
                     where.append(_flat_indices(mask, a, box, gray.shape, i_pair))
     if not xs:
         raise InputError(f"no labelled voxels in the training labels (every voxel is {unlabelled})")
@@ -562,10 +570,11 @@ def train_classifier(
         raise InputError(
             f"phase(s) {', '.join(missing)} have no labelled voxels in the training images; label a few of each"
         )
-    positions = np.concatenate(where) if context else None
-    if positions is not None:  # a canonical order (pair, raster index): the context pass meets them in another
-        order = np.lexsort((positions[:, 1], positions[:, 0]))
-        x, y, positions = x[order], y[order], positions[order]
+    # a canonical order (pair, raster index): the model does not depend on the block plan (the
+    # memory budget), and the context pass meets the voxels in another order
+    positions = np.concatenate(where)
+    order = np.lexsort((positions[:, 1], positions[:, 0]))
+    x, y, positions = x[order], y[order], positions[order]
     rng = np.random.default_rng(seed)
     keep = None
     if x.shape[0] > max_samples:
@@ -588,7 +597,7 @@ def train_classifier(
     forest.fit(x, y)
     context_forest = None
     folds_info: dict[str, Any] = {}
-    if positions is not None:
+    if context:
         context_forest, folds_info = _train_context_forest(
             pairs, positions, keep, x, y, forest.classes_, settings, chunk_memory, unlabelled, new_forest
         )

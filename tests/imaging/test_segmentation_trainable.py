@@ -330,3 +330,28 @@ def test_model_without_the_extended_setting_loads_as_trained(aged_case, tmp_path
         predict_labels(gray, SHAPE, load_model(path, ANODE_PHASES), progress=False)
     with pytest.raises(UsageError, match="extended"):
         FeatureSettings(extended="yes")  # type: ignore[arg-type]
+
+
+def test_training_reads_only_labelled_layers_and_ignores_the_block_plan(aged_case, monkeypatch):
+    """Training computes features only of the runs of labelled layers (each with its halo), and
+    the model does not depend on the memory budget (the training voxels are put in raster order
+    whatever the blocks): a tiled training run gives the labels of the default one."""
+    from fem_anode.imaging import trainable
+
+    truth, gray, model = aged_case
+    seen: list[tuple[int, int]] = []
+    original = trainable._iterate_blocks
+
+    def spy(read, shape, z0, z1, *args, **kwargs):
+        seen.append((z0, z1))
+        return original(read, shape, z0, z1, *args, **kwargs)
+
+    monkeypatch.setattr(trainable, "_iterate_blocks", spy)
+    tiled = train_classifier(
+        [(gray, _two_slices(truth.array))], ANODE_PHASES, seed=0, n_estimators=30, chunk_memory=30e6
+    )
+    assert seen == [(6, 7), (18, 19)]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        predict_labels(gray, SHAPE, tiled, progress=False), predict_labels(gray, SHAPE, model, progress=False)
+    )
