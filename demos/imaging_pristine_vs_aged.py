@@ -10,7 +10,9 @@ same workflow on seeded synthetic data with a known ground truth:
    threshold on the denoised image followed by the blur-aware refinement (PSF width, phase
    levels and noise estimated from the gray image; iterated conditional modes on the blurred
    label model with a prior that penalises interfaces, pore-solid contacts more; Si candidates
-   at the bright local maxima), and with the trainable random forest trained on two
+   at the bright local maxima), and with the trainable random forest (multiscale intensity,
+   edge and Hessian features plus the extended structure-tensor, Laplacian-of-Gaussian and
+   local-extremum features) trained on two
    labelled slices of each volume (with auto-context: a second forest on the first one's
    cross-fitted, smoothed class probabilities); per-phase IoU of both against the truth, and the ageing
    (relative change of every phase fraction) each reports next to the true one;
