@@ -216,6 +216,13 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--no-texture", action="store_true", help="no Hessian-eigenvalue (texture) features (faster, less accurate)"
     )
     train.add_argument(
+        "--basic-features",
+        action="store_true",
+        help="only the multiscale intensity, gradient and Hessian features, without the structure-tensor, "
+        "Laplacian-of-Gaussian and local max/min features (faster prediction, less accurate; "
+        "the default before 2026-12-04)",
+    )
+    train.add_argument(
         "--auto-context",
         action="store_true",
         help="a second forest on the features plus the first forest's smoothed class probabilities "
@@ -517,6 +524,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
         texture=not args.no_texture,
         illumination_degree=args.illumination,
         auto_context=args.auto_context,
+        extended=not args.basic_features,
     )
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
@@ -677,10 +685,11 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
         "--no-texture": (not args.no_texture, True, settings.texture),
         "--illumination": (args.illumination, None, settings.illumination_degree),
         "--auto-context": (args.auto_context, False, settings.auto_context),
+        "--basic-features": (not args.basic_features, True, settings.extended),
     }
     for option, (value, default, stored) in given.items():
         if value != default and value != stored:
-            shown = "given" if option in ("--no-texture", "--auto-context") else value
+            shown = "given" if option in ("--no-texture", "--auto-context", "--basic-features") else value
             raise InputError(
                 f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
                 "a model computes the features it was trained with (drop the option or retrain)"

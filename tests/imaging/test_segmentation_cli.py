@@ -47,7 +47,9 @@ def inputs(shared_tmp_path, comm):
     return d
 
 
-@pytest.mark.parametrize("context", [[], ["--auto-context"]], ids=["plain", "auto-context"])
+@pytest.mark.parametrize(
+    "context", [[], ["--auto-context"], ["--basic-features"]], ids=["plain", "auto-context", "basic-features"]
+)
 def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
     """Train + save on any number of ranks, reuse the model: the labels are those of a serial
     prediction voxel for voxel (each rank predicted only its own slab; with auto-context the
@@ -99,7 +101,9 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
     comm.barrier()
     gray = read_image(d / "gray.npy", kind="gray")
     model = load_model(d / "model.joblib", ANODE_PHASES)
-    assert model.settings.auto_context == bool(context) and (model.context_forest is not None) == bool(context)
+    auto = "--auto-context" in context
+    assert model.settings.auto_context == auto and (model.context_forest is not None) == auto
+    assert model.settings.extended == ("--basic-features" not in context)
     serial = predict_labels(gray.array, SHAPE, model, progress=False)
     trained = read_image(d / "trained.npy", kind="labels")
     reused = read_image(d / "reused.tif", kind="labels")
@@ -189,6 +193,11 @@ ERRORS = [
         ["--method", "trainable", "--model", "{d}/small.joblib", "--auto-context", "--out", "{d}/x.npy"],
         3,
         "--auto-context given differs from the model",
+    ),
+    (
+        ["--method", "trainable", "--model", "{d}/small.joblib", "--basic-features", "--out", "{d}/x.npy"],
+        3,
+        "--basic-features given differs from the model",
     ),
     (
         [
