@@ -33,11 +33,12 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.fem.voxel_sweeps import VoxelSweepKernel
+from fem_anode.fem.voxel_sweeps import CSRSweepKernel, VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
 __all__ = [
     "EisenstatCG",
+    "LocalSweeps",
     "SeparatorMatrix",
     "SeparatorSSOR",
     "SeparatorSweeps",
@@ -345,10 +346,52 @@ class SeparatorMatrix:
         return mat
 
 
+class LocalSweeps:
+    """The sweeps of :class:`EisenstatCG` for a matrix held whole by one rank's compiled kernel
+    (no neighbouring ranks: the methods of :class:`SeparatorSweeps` without layer exchanges),
+    e.g. the CSR kernel of a P1 matrix.
+
+    Args:
+        comm: the matrix's communicator (one rank).
+        kernel: the compiled kernel (:class:`~fem_anode.fem.voxel_sweeps.CSRSweepKernel` or
+            :class:`~fem_anode.fem.voxel_sweeps.VoxelSweepKernel`).
+    """
+
+    def __init__(self, comm: MPI.Comm, kernel: CSRSweepKernel | VoxelSweepKernel) -> None:
+        if comm.size != 1:
+            raise ValueError("LocalSweeps is for a matrix on one rank")
+        self.comm, self.kernel, self.omega = comm, kernel, kernel.omega
+
+    def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-1} b``."""
+        self.kernel.forward(b.array_r, x.array)
+
+    def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-T} b``."""
+        self.kernel.backward(b.array_r, x.array)
+
+    def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = B^T x``."""
+        self.kernel.apply_upper(x.array_r, y.array)
+
+    def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
+        """``z = B^{-1} (y + mid D t)``."""
+        self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
+
+    def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
+        """``p = D r + beta p``, then ``t = B^{-T} p``."""
+        self.kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array)
+
+    def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
+        """``w = z + t``, ``z = B^{-1} (p + mid D t)`` overwriting ``t``; returns ``p . w``."""
+        return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
+
+
 class EisenstatCG:
     r"""Conjugate gradients with SSOR by Eisenstat's trick, in fused passes of the compiled kernel
     (collective): ``A x = b`` for sweeps whose kernel holds ``A``'s stencil, on one rank or in the
-    separator order.
+    separator order (:class:`SeparatorSweeps`), or for a matrix one rank holds in a kernel
+    (:class:`LocalSweeps`: a CSR matrix).
 
     With ``B = D/omega + L``, CG runs on ``Â = B^{-1} A B^{-T}`` with the preconditioner ``D``
     (CG on ``A`` with SSOR, as PETSc's ``PCEISENSTAT``); ``Â y = t + B^{-1}(y + (1 - 2/omega) D t)``
@@ -373,7 +416,12 @@ class EisenstatCG:
     """
 
     def __init__(
-        self, sweeps: SeparatorSweeps, d: PETSc.Vec, rtol: float, max_it: int, work: PETSc.Vec | None = None
+        self,
+        sweeps: SeparatorSweeps | LocalSweeps,
+        d: PETSc.Vec,
+        rtol: float,
+        max_it: int,
+        work: PETSc.Vec | None = None,
     ) -> None:
         if sweeps.kernel is None:
             raise ValueError("EisenstatCG needs sweeps with a compiled kernel")

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["SweepKernelUnavailable", "VoxelSweepKernel", "face_diagonal", "load_sweep_library"]
+__all__ = [
+    "CSRSweepKernel",
+    "SweepKernelUnavailable",
+    "VoxelSweepKernel",
+    "face_diagonal",
+    "load_sweep_library",
+    "seqaij_arrays",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,18 @@ def _load_local() -> ctypes.CDLL:
     library.fa_cg_update.restype = double
     library.fa_weighted_dot.argtypes = [size, pointer, pointer, pointer]
     library.fa_weighted_dot.restype = double
+    library.fa_csr_diagonal_positions.argtypes = [size, pointer, pointer, pointer]
+    library.fa_csr_diagonal_positions.restype = size
+    for name in ("fa_csr_forward", "fa_csr_backward", "fa_csr_apply_upper"):
+        function = getattr(library, name)
+        function.argtypes = [size, *[pointer] * 7]
+        function.restype = None
+    library.fa_csr_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 6]
+    library.fa_csr_forward_eisenstat.restype = None
+    library.fa_csr_cg_direction_backward.argtypes = [size, pointer, pointer, double, *[pointer] * 7]
+    library.fa_csr_cg_direction_backward.restype = None
+    library.fa_csr_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 6]
+    library.fa_csr_cg_forward_product.restype = double
     return library
 
 
@@ -139,7 +158,35 @@ def _ptr(array: np.ndarray) -> int:
     return int(array.ctypes.data)
 
 
-class VoxelSweepKernel:
+class _SweepKernel:
+    """What the compiled kernels of a voxel stencil and of a CSR matrix share: ``n`` rows,
+    ``omega``, ``dinv = omega / d`` and the vector passes of the fused CG that need no matrix."""
+
+    n: int
+    omega: float
+    library: Any
+    dinv: np.ndarray
+
+    def _check(self, name: str, **vectors: np.ndarray) -> None:
+        """Every vector must hold one float64 value per row (the kernels take raw pointers)."""
+        for label, vec in vectors.items():
+            if vec.shape != (self.n,) or vec.dtype != np.float64:
+                raise ValueError(f"{name}: {label} must hold {self.n} float64 values")
+
+    def cg_update(
+        self, alpha: float, p: np.ndarray, w: np.ndarray, d: np.ndarray, y: np.ndarray, r: np.ndarray
+    ) -> float:
+        """``y += alpha p``, ``r -= alpha w``; returns this rank's part of ``r . (d r)``."""
+        self._check("cg_update", p=p, w=w, d=d, y=y, r=r)
+        return float(self.library.fa_cg_update(self.n, float(alpha), _ptr(p), _ptr(w), _ptr(d), _ptr(y), _ptr(r)))
+
+    def weighted_dot(self, a: np.ndarray, d: np.ndarray, b: np.ndarray) -> float:
+        """This rank's part of ``a . (d b)``."""
+        self._check("weighted_dot", a=a, d=d, b=b)
+        return float(self.library.fa_weighted_dot(self.n, _ptr(a), _ptr(d), _ptr(b)))
+
+
+class VoxelSweepKernel(_SweepKernel):
     """SOR sweeps of ``A = D - G`` on one rank's rows (its slab's voxels of the phase, C order).
 
     Args:
@@ -280,12 +327,6 @@ class VoxelSweepKernel:
             self.n, _ptr(x), _ptr(self.d), _ptr(self.lower), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
         )
 
-    def _check(self, name: str, **vectors: np.ndarray) -> None:
-        """Every vector must hold one float64 value per row (the kernels take raw pointers)."""
-        for label, vec in vectors.items():
-            if vec.shape != (self.n,) or vec.dtype != np.float64:
-                raise ValueError(f"{name}: {label} must hold {self.n} float64 values")
-
     def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
         """``p = d r + beta p`` (CG's new search direction with the preconditioner ``d``), then
         ``t = (D/omega + U)^{-1} p``, in one pass."""
@@ -323,18 +364,6 @@ class VoxelSweepKernel:
             )
         )
 
-    def cg_update(
-        self, alpha: float, p: np.ndarray, w: np.ndarray, d: np.ndarray, y: np.ndarray, r: np.ndarray
-    ) -> float:
-        """``y += alpha p``, ``r -= alpha w``; returns this rank's part of ``r . (d r)``."""
-        self._check("cg_update", p=p, w=w, d=d, y=y, r=r)
-        return float(self.library.fa_cg_update(self.n, float(alpha), _ptr(p), _ptr(w), _ptr(d), _ptr(y), _ptr(r)))
-
-    def weighted_dot(self, a: np.ndarray, d: np.ndarray, b: np.ndarray) -> float:
-        """This rank's part of ``a . (d b)``."""
-        self._check("weighted_dot", a=a, d=d, b=b)
-        return float(self.library.fa_weighted_dot(self.n, _ptr(a), _ptr(d), _ptr(b)))
-
     def layer_sweep(self, first: int, b: np.ndarray, x: np.ndarray, *, forward: bool) -> None:
         """``x = (D/omega + T)^{-1} b`` on the rows ``first .. first + len(b) - 1``, one whole z
         layer, with ``T`` its x and y couplings only (lower: ``forward``; upper: backward)."""
@@ -344,6 +373,156 @@ class VoxelSweepKernel:
         name, neighbours = ("fa_forward_layer", self.lower) if forward else ("fa_backward_layer", self.upper)
         getattr(self.library, name)(
             first, m, _ptr(b), _ptr(self.dinv), _ptr(neighbours), _ptr(self.mask), _ptr(self.g), _ptr(x)
+        )
+
+
+def _petsc_library() -> ctypes.CDLL:
+    """The PETSc shared library petsc4py loaded (from the process's maps, else petsc4py's config)."""
+    candidates: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            candidates = [line.split()[-1] for line in maps if "/libpetsc" in line]
+    except OSError:
+        pass
+    if not candidates:
+        import glob
+
+        import petsc4py
+
+        config = petsc4py.get_config()
+        candidates = sorted(
+            glob.glob(os.path.join(config["PETSC_DIR"], config.get("PETSC_ARCH", ""), "lib", "libpetsc*.so*"))
+        )
+    for path in candidates:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    raise SweepKernelUnavailable("the PETSc library petsc4py uses was not found")
+
+
+def seqaij_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays ``(indptr, indices, data)`` of an assembled PETSc ``SeqAIJ`` matrix, as NumPy
+    views of PETSc's own storage (no copies: ``MatGetRowIJ`` and ``MatSeqAIJGetArrayRead``).
+
+    The views are valid while the matrix exists and keeps its nonzero pattern; they follow every
+    change of its values (``MatCopy``, ``MatAXPY`` with the same pattern). Raises
+    :class:`SweepKernelUnavailable` if the matrix is not ``seqaij`` or PETSc's library cannot be reached.
+    """
+    if matrix.getType() != "seqaij":
+        raise SweepKernelUnavailable(f"CSR sweeps need a seqaij matrix, not {matrix.getType()}")
+    library = _petsc_library()
+    handle = ctypes.c_void_p(matrix.handle)
+    n = ctypes.c_int32(0)
+    ia, ja = ctypes.POINTER(ctypes.c_int32)(), ctypes.POINTER(ctypes.c_int32)()
+    done = ctypes.c_int(0)
+    args = (handle, 0, 0, 0, ctypes.byref(n), ctypes.byref(ia), ctypes.byref(ja), ctypes.byref(done))
+    if library.MatGetRowIJ(*args) != 0 or not done.value:
+        raise SweepKernelUnavailable("MatGetRowIJ failed")
+    rows = n.value
+    if not bool(ia) or rows != matrix.getSize()[0]:
+        library.MatRestoreRowIJ(*args)
+        raise SweepKernelUnavailable("MatGetRowIJ gave no arrays")
+    indptr = np.ctypeslib.as_array(ia, shape=(rows + 1,))
+    nnz = int(indptr[-1])
+    indices = np.ctypeslib.as_array(ja, shape=(nnz,)) if nnz else np.zeros(0, np.int32)
+    # A SeqAIJ's own arrays (shift 0, not symmetrised): the restore only resets the pointers.
+    library.MatRestoreRowIJ(*args)
+    values = ctypes.POINTER(ctypes.c_double)()
+    if library.MatSeqAIJGetArrayRead(handle, ctypes.byref(values)) != 0:
+        raise SweepKernelUnavailable("MatSeqAIJGetArrayRead failed")
+    data = np.ctypeslib.as_array(values, shape=(nnz,)) if nnz else np.zeros(0)
+    library.MatSeqAIJRestoreArrayRead(handle, ctypes.byref(values))
+    return indptr, indices, data
+
+
+class CSRSweepKernel(_SweepKernel):
+    """SOR sweeps and the fused CG passes of a general sparse matrix held in CSR form on one rank.
+
+    The arrays are used in place, not copied: ``data`` may be the values of a PETSc ``SeqAIJ``
+    matrix made with ``createAIJWithArrays``, so the kernel follows every change of its values
+    (call :meth:`set_diagonal` after one). Column indices must be sorted in every row (PETSc's
+    AIJ keeps them so) and every row needs a diagonal entry. Memory: 4 B per row (the positions
+    of the diagonal entries) and ``dinv``, 8 B per row.
+
+    Args:
+        indptr, indices: the CSR pattern (int32; ``indptr`` has ``n + 1`` entries).
+        data: the values (float64), one per entry of ``indices``.
+        omega: relaxation factor.
+        library: from :func:`load_sweep_library`.
+    """
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, omega: float, library: Any):
+        n = indptr.shape[0] - 1
+        for name, array, dtype in (
+            ("indptr", indptr, np.int32),
+            ("indices", indices, np.int32),
+            ("data", data, np.float64),
+        ):
+            if array.dtype != dtype or array.ndim != 1 or not array.flags.c_contiguous:
+                raise ValueError(f"CSRSweepKernel: {name} must be a contiguous 1D {np.dtype(dtype).name} array")
+        if n < 0 or indices.shape != data.shape or int(indptr[-1]) != indices.shape[0]:
+            raise ValueError("CSRSweepKernel: indptr, indices and data do not describe one CSR matrix")
+        self.n, self.omega, self.library = n, float(omega), library
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.diag = np.empty(n, np.int32)
+        missing = library.fa_csr_diagonal_positions(n, _ptr(indptr), _ptr(indices), _ptr(self.diag))
+        if missing:
+            raise ValueError(f"CSRSweepKernel: {missing} rows have no diagonal entry")
+        self.dinv = np.zeros(n)
+        self._matrix = (_ptr(indptr), _ptr(indices), _ptr(data), _ptr(self.diag))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the matrix (the diagonal positions and ``omega/d``)."""
+        return int(self.diag.nbytes + self.dinv.nbytes)
+
+    def diagonal(self) -> np.ndarray:
+        """The diagonal of the matrix (a new array)."""
+        return self.data[self.diag]
+
+    def set_diagonal(self, d: np.ndarray) -> None:
+        """Use the diagonal ``d`` of the matrix (one value per row), after its values changed."""
+        np.divide(self.omega, d, out=self.dinv)
+
+    def _sweep(self, name: str, b: np.ndarray, x: np.ndarray) -> None:
+        self._check(name, b=b, x=x)
+        getattr(self.library, name)(self.n, _ptr(b), _ptr(self.dinv), *self._matrix, _ptr(x))
+
+    def forward(self, b: np.ndarray, x: np.ndarray) -> None:
+        """``x = (D/omega + L)^{-1} b``."""
+        self._sweep("fa_csr_forward", b, x)
+
+    def backward(self, b: np.ndarray, x: np.ndarray) -> None:
+        """``x = (D/omega + U)^{-1} b``."""
+        self._sweep("fa_csr_backward", b, x)
+
+    def apply_upper(self, x: np.ndarray, y: np.ndarray) -> None:
+        """``y = (D/omega + U) x``."""
+        self._sweep("fa_csr_apply_upper", x, y)
+
+    def forward_eisenstat(self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray) -> None:
+        """``z = (D/omega + L)^{-1} (y + mid d t)`` (as :meth:`VoxelSweepKernel.forward_eisenstat`)."""
+        self._check("forward_eisenstat", y=y, t=t, d=d, z=z)
+        self.library.fa_csr_forward_eisenstat(
+            self.n, _ptr(y), _ptr(t), _ptr(d), float(mid), _ptr(self.dinv), *self._matrix, _ptr(z)
+        )
+
+    def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
+        """``p = d r + beta p``, then ``t = (D/omega + U)^{-1} p``, in one pass."""
+        self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
+        self.library.fa_csr_cg_direction_backward(
+            self.n, _ptr(r), _ptr(d), float(beta), _ptr(p), _ptr(self.dinv), *self._matrix, _ptr(t)
+        )
+
+    def cg_forward_product(self, p: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, w: np.ndarray) -> float:
+        """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t)``, ``z`` overwriting ``t``;
+        returns ``p . w`` (as :meth:`VoxelSweepKernel.cg_forward_product`)."""
+        self._check("cg_forward_product", p=p, t=t, d=d, w=w)
+        return float(
+            self.library.fa_csr_cg_forward_product(
+                self.n, _ptr(p), _ptr(t), _ptr(d), float(mid), _ptr(self.dinv), *self._matrix, _ptr(w)
+            )
         )
 
 

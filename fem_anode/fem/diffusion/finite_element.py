@@ -9,6 +9,8 @@ the time loop: :class:`~fem_anode.fem.diffusion.transient.TransientDiffusion`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dolfinx
 import numpy as np
 import ufl
@@ -19,7 +21,7 @@ from petsc4py import PETSc
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.settings import DiffusionSettings, PhysicsSettings, Region
-from fem_anode.fem.diffusion.transient import LENGTH_UNIT, Field, TransientDiffusion
+from fem_anode.fem.diffusion.transient import LENGTH_UNIT, Field, FusedEisenstatSolver, TransientDiffusion
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.meshing.tags import interface_name
 
@@ -63,6 +65,8 @@ class DiffusionProblem(TransientDiffusion):
         self._assemble_operators(physics)
         #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
         self._A: PETSc.Mat | None = None
+        #: SSOR-CG on one rank in fused passes of the compiled CSR sweeps (see _ksp); "unset" until asked.
+        self._fused: FusedEisenstatSolver | str | None = "unset"
         self._init_solver_state()
         self.regions = self._region_weights(settings.regions)
 
@@ -209,6 +213,37 @@ class DiffusionProblem(TransientDiffusion):
             self._A.setOption(PETSc.Mat.Option.SPD, True)
             self._A_a0 = a0
         return self._A
+
+    def _ksp(self, a0: float) -> Any:
+        """As :meth:`TransientDiffusion._ksp`; SSOR on one rank is :class:`FusedEisenstatSolver`
+        (the compiled CSR sweeps per ``solver.sweep_kernel``: PETSc's CG and Eisenstat iterates in
+        fused passes) unless ``solver.petsc_options`` set KSP or PC options (PETSc then runs them)."""
+        petsc_options = self.settings.solver.petsc_options
+        if (
+            self.comm.size > 1
+            or self._preconditioner(a0) != "ssor"
+            or any(str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in petsc_options)
+        ):
+            return super()._ksp(a0)
+        key = float(f"{a0:.12e}")
+        A = self._operator(key)
+        if self._fused == "unset":
+            library = self._sweep_library()
+            self._fused = None
+            if library is not None:
+                solver = self.settings.solver
+                self._fused = FusedEisenstatSolver(A, self.ssor_omega, solver.rtol, 500, library, work=self._work)
+        if not isinstance(self._fused, FusedEisenstatSolver):
+            return super()._ksp(a0)
+        self._fused.prepare(key)
+        return self._fused
+
+    def destroy(self) -> None:
+        """Free PETSc objects (the fused solver before the operator whose arrays it reads)."""
+        if isinstance(self._fused, FusedEisenstatSolver):
+            self._fused.free()
+        self._fused = "unset"
+        super().destroy()
 
     def solver_memory(self) -> dict[str, float]:
         """Bytes held by the solver's matrices and set-ups, summed over ranks, and per dof.

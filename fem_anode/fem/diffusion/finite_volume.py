@@ -48,7 +48,7 @@ from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
 from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
-from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, VoxelSweepKernel, face_diagonal, load_sweep_library
+from fem_anode.fem.voxel_sweeps import VoxelSweepKernel, face_diagonal
 from fem_anode.imaging.slabs import label_slabs
 from fem_anode.meshing.tags import interface_name
 
@@ -378,18 +378,11 @@ class VoxelFVProblem(TransientDiffusion):
         """The compiled sweeps of this rank's rows per ``solver.sweep_kernel`` (made on first use;
         ``None``: PETSc's sweeps). Collective."""
         if self._kernel_state == "unset":
-            choice = self.settings.solver.sweep_kernel
+            library = self._sweep_library()
             self._kernel_state = "petsc"
-            if choice != "petsc":
-                try:
-                    library = load_sweep_library(self.comm)
-                except SweepKernelUnavailable as exc:
-                    if choice == "compiled":
-                        raise UsageError(f"solver.sweep_kernel = 'compiled' is unavailable: {exc}") from exc
-                    logger.warning("compiled SSOR sweeps unavailable (%s); using PETSc's MatSOR", exc)
-                else:
-                    self._kernel = VoxelSweepKernel(self._transport, self._conductance, _SlabEisenstat.omega, library)
-                    self._kernel_state = "compiled"
+            if library is not None:
+                self._kernel = VoxelSweepKernel(self._transport, self._conductance, _SlabEisenstat.omega, library)
+                self._kernel_state = "compiled"
         return self._kernel
 
     def _switch_iterations(self) -> int:

@@ -172,9 +172,10 @@ class SolverSettings(Section):
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     sweep_kernel: str = setting(
         "auto",
-        "SSOR sweeps of finite-volume runs: 'compiled' (the package's kernels for the voxel stencil, built with the "
-        "system C compiler on first use; about twice as fast as PETSc's), 'petsc' (PETSc's MatSOR) or 'auto' "
-        "(compiled when a C compiler works, else PETSc's, with a warning)",
+        "SSOR sweeps of finite-volume runs and of finite-element runs on one rank: 'compiled' (the package's kernels "
+        "for the voxel stencil or the assembled CSR matrix, with CG fused into them; built with the system C compiler "
+        "on first use), 'petsc' (PETSc's MatSOR / PCEISENSTAT and KSPCG) or 'auto' (compiled when a C compiler works, "
+        "else PETSc's, with a warning)",
         choices=("auto", "compiled", "petsc"),
     )
     cache_size: int = setting(

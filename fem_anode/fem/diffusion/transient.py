@@ -39,7 +39,7 @@ from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, uni
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
 from fem_anode.io.interrupt import agree_flags
 
-__all__ = ["Field", "FieldValues", "TransientDiffusion"]
+__all__ = ["Field", "FieldValues", "FusedEisenstatSolver", "TransientDiffusion"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,9 @@ class TransientDiffusion:
     _KR: PETSc.Mat | None
     _M: PETSc.Mat | None
 
+    #: SSOR's relaxation factor (fewer CG iterations than 1.0 on the voxel benchmarks).
+    ssor_omega = 1.3
+
     # -- what a discretisation provides ---------------------------------------------------
     @property
     def ndofs(self) -> int:
@@ -262,6 +265,22 @@ class TransientDiffusion:
         #: ``preconditioner = "auto"``: whether the multigrid's set-up fits into the available
         #: memory (None: not asked yet; False: SSOR for the rest of the run).
         self.multigrid_fits: bool | None = None
+
+    def _sweep_library(self) -> Any | None:
+        """The compiled sweep kernels per ``solver.sweep_kernel`` (``None``: PETSc's sweeps; a
+        warning for ``"auto"`` without a C compiler, a :class:`UsageError` for ``"compiled"``). Collective."""
+        choice = self.settings.solver.sweep_kernel
+        if choice == "petsc":
+            return None
+        from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, load_sweep_library
+
+        try:
+            return load_sweep_library(self.comm)
+        except SweepKernelUnavailable as exc:
+            if choice == "compiled":
+                raise UsageError(f"solver.sweep_kernel = 'compiled' is unavailable: {exc}") from exc
+            logger.warning("compiled SSOR sweeps unavailable (%s); using PETSc's MatSOR", exc)
+            return None
 
     # -- solver ---------------------------------------------------------------------------
     def _solver_kind(self) -> str:
@@ -333,9 +352,9 @@ class TransientDiffusion:
             # benchmarks). CG's natural norm (r.z, computed anyway) saves one vector norm per
             # iteration. Measurements: docs/benchmarks.md, "Solver choices made from these measurements".
             if self.comm.size == 1:
-                options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": 1.3})
+                options.update({"pc_type": "eisenstat", "pc_eisenstat_omega": self.ssor_omega})
             else:
-                options.update({"pc_type": "sor", "pc_sor_omega": 1.3})
+                options.update({"pc_type": "sor", "pc_sor_omega": self.ssor_omega})
             options["ksp_norm_type"] = "natural"
         elif preconditioner == "mg":
             options.update(ShiftedMultigrid.options(self.comm))
@@ -757,3 +776,80 @@ class TransientDiffusion:
             if obj is not None:
                 obj.destroy()
         self._A = None
+
+
+class FusedEisenstatSolver:
+    """CG with Eisenstat's SSOR on an assembled one-rank (``seqaij``) matrix in fused passes of the
+    compiled CSR kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in place of PETSc's
+    ``KSPCG`` + ``PCEISENSTAT``: the same iterates (same algorithm, stopping test and reasons), one
+    pass over the matrix per iteration instead of about two, and three over the vectors instead of
+    eight. It reads the matrix's own arrays (no copy) and follows changes of its values after
+    :meth:`prepare`. Offers what the time loop asks of a ``KSP``.
+
+    Args:
+        A: the operator (``seqaij``, every row with a diagonal entry).
+        omega: SSOR's relaxation factor.
+        rtol: relative tolerance (CG's natural norm, relative to the transformed right-hand side).
+        max_it: iteration limit.
+        library: the compiled kernels (:func:`~fem_anode.fem.voxel_sweeps.load_sweep_library`).
+        work: a vector the solver may use for ``w`` (free during a solve), else one is made.
+    """
+
+    def __init__(
+        self, A: PETSc.Mat, omega: float, rtol: float, max_it: int, library: Any, work: PETSc.Vec | None = None
+    ) -> None:
+        from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps
+        from fem_anode.fem.voxel_sweeps import CSRSweepKernel, seqaij_arrays
+
+        self.A = A
+        self.kernel = CSRSweepKernel(*seqaij_arrays(A), omega, library)
+        self.d = A.createVecLeft()
+        self.cg = EisenstatCG(LocalSweeps(A.getComm().tompi4py(), self.kernel), self.d, rtol, max_it, work=work)
+        self.a0: float | None = None
+
+    def prepare(self, a0: float) -> None:
+        """Take the operator's values for this a0 (its diagonal; the sweeps read the rest in place)."""
+        if self.a0 != a0:
+            self.A.getDiagonal(self.d)
+            self.kernel.set_diagonal(self.d.array_r)
+            self.a0 = a0
+
+    def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """Solve ``A x = b`` from the initial guess in ``x``."""
+        self.cg.solve(b, x)
+
+    def getConvergedReason(self) -> int:
+        return self.cg.reason
+
+    def getIterationNumber(self) -> int:
+        return self.cg.iterations
+
+    def getConvergenceHistory(self) -> np.ndarray:
+        return self.cg.history
+
+    def getType(self) -> str:
+        return "cg"
+
+    def getPC(self) -> Any:
+        return _NamedPC("eisenstat+compiled")
+
+    def getOperators(self) -> tuple[PETSc.Mat, PETSc.Mat]:
+        return self.A, self.A
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the matrix: the kernel's and the CG's vectors."""
+        return self.kernel.nbytes + 8 * self.kernel.n * 5
+
+    def free(self) -> None:
+        """Free the vectors (the matrix belongs to the caller)."""
+        self.cg.destroy()
+        self.d.destroy()
+
+
+class _NamedPC:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def getType(self) -> str:
+        return self.name
