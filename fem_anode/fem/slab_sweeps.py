@@ -39,6 +39,7 @@ from fem_anode.imaging.slabs import Slab, exchange_layers
 __all__ = [
     "EisenstatCG",
     "LocalSweeps",
+    "OffRankCouplings",
     "SeparatorMatrix",
     "SeparatorSSOR",
     "SeparatorSweeps",
@@ -346,21 +347,64 @@ class SeparatorMatrix:
         return mat
 
 
-class LocalSweeps:
-    """The sweeps of :class:`EisenstatCG` for a matrix held whole by one rank's compiled kernel
-    (no neighbouring ranks: the methods of :class:`SeparatorSweeps` without layer exchanges),
-    e.g. the CSR kernel of a P1 matrix.
+class OffRankCouplings:
+    """``q = O t``: the couplings of this rank's rows to other ranks' columns of an ``MPIAIJ`` matrix
+    (its off-diagonal block, read in place) applied to a distributed vector (one scatter of the
+    ghost columns). Collective.
 
     Args:
-        comm: the matrix's communicator (one rank).
-        kernel: the compiled kernel (:class:`~fem_anode.fem.voxel_sweeps.CSRSweepKernel` or
-            :class:`~fem_anode.fem.voxel_sweeps.VoxelSweepKernel`).
+        A: the matrix (``mpiaij``); its values may change, its pattern not.
+        like: a vector of ``A``'s column layout (for the scatter).
     """
 
-    def __init__(self, comm: MPI.Comm, kernel: CSRSweepKernel | VoxelSweepKernel) -> None:
-        if comm.size != 1:
-            raise ValueError("LocalSweeps is for a matrix on one rank")
-        self.comm, self.kernel, self.omega = comm, kernel, kernel.omega
+    def __init__(self, A: PETSc.Mat, like: PETSc.Vec) -> None:
+        import scipy.sparse
+
+        from fem_anode.fem.voxel_sweeps import mpiaij_off_block
+
+        (indptr, indices, data), ghosts = mpiaij_off_block(A)
+        n = A.getLocalSize()[0]
+        self.block = scipy.sparse.csr_matrix((data, indices, indptr), shape=(n, ghosts.size), copy=False)
+        self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
+        index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+        self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
+        index_set.destroy()
+        self.q = np.zeros(n)
+
+    def product(self, t: PETSc.Vec) -> np.ndarray:
+        """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""
+        self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        self.q[:] = self.block @ self.ghost_values.array_r
+        return self.q
+
+    def destroy(self) -> None:
+        self.scatter.destroy()
+        self.ghost_values.destroy()
+
+
+class LocalSweeps:
+    """The sweeps of :class:`EisenstatCG` by a compiled kernel of each rank's own rows: SSOR on one
+    rank, block-Jacobi SSOR on several (``B = D/omega + L`` of each rank's diagonal block). The
+    couplings ``O`` between the ranks' rows then enter Eisenstat's operator as
+    ``Â y = t + B^{-1} (y + (1 - 2/omega) D t + O t)`` (from ``A = B + B^T - (2/omega - 1) D + O``),
+    one scatter of ``t``'s ghost columns per application; e.g. the CSR kernel of a P1 matrix.
+
+    Args:
+        comm: the matrix's communicator.
+        kernel: the compiled kernel of this rank's rows (:class:`~fem_anode.fem.voxel_sweeps.CSRSweepKernel`;
+            a :class:`~fem_anode.fem.voxel_sweeps.VoxelSweepKernel` on one rank).
+        off: the couplings to other ranks' rows (required on several ranks).
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        kernel: CSRSweepKernel | VoxelSweepKernel,
+        off: OffRankCouplings | None = None,
+    ) -> None:
+        if comm.size > 1 and (off is None or not isinstance(kernel, CSRSweepKernel)):
+            raise ValueError("LocalSweeps on several ranks needs a CSR kernel and the off-rank couplings")
+        self.comm, self.kernel, self.omega, self.off = comm, kernel, kernel.omega, off
 
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
@@ -375,23 +419,32 @@ class LocalSweeps:
         self.kernel.apply_upper(x.array_r, y.array)
 
     def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
-        """``z = B^{-1} (y + mid D t)``."""
-        self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
+        """``z = B^{-1} (y + mid D t + O t)``."""
+        if self.off is None:
+            self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
+            return
+        assert isinstance(self.kernel, CSRSweepKernel)
+        self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array, q=self.off.product(t))
 
     def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
         """``p = D r + beta p``, then ``t = B^{-T} p``."""
         self.kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array)
 
     def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
-        """``w = z + t``, ``z = B^{-1} (p + mid D t)`` overwriting ``t``; returns ``p . w``."""
-        return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
+        """``w = z + t``, ``z = B^{-1} (p + mid D t + O t)`` overwriting ``t``; returns this rank's
+        part of ``p . w``."""
+        if self.off is None:
+            return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
+        assert isinstance(self.kernel, CSRSweepKernel)
+        q = self.off.product(t)
+        return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array, q=q)
 
 
 class EisenstatCG:
     r"""Conjugate gradients with SSOR by Eisenstat's trick, in fused passes of the compiled kernel
     (collective): ``A x = b`` for sweeps whose kernel holds ``A``'s stencil, on one rank or in the
-    separator order (:class:`SeparatorSweeps`), or for a matrix one rank holds in a kernel
-    (:class:`LocalSweeps`: a CSR matrix).
+    separator order (:class:`SeparatorSweeps`), or for each rank's rows of a CSR matrix
+    (:class:`LocalSweeps`: SSOR on one rank, block-Jacobi SSOR on several).
 
     With ``B = D/omega + L``, CG runs on ``Â = B^{-1} A B^{-T}`` with the preconditioner ``D``
     (CG on ``A`` with SSOR, as PETSc's ``PCEISENSTAT``); ``Â y = t + B^{-1}(y + (1 - 2/omega) D t)``

@@ -290,13 +290,15 @@ void fa_csr_apply_upper(int64_t n, const double *x, const double *dinv, const in
     }
 }
 
-/* z = (D/omega + L)^{-1} (y + mid d t) (as fa_forward_eisenstat) */
+/* z = (D/omega + L)^{-1} (y + mid d t + q) (as fa_forward_eisenstat; q: the couplings to other
+ * ranks' rows, O t, in block-Jacobi SSOR, or NULL) */
 void fa_csr_forward_eisenstat(int64_t n, const double *y, const double *t, const double *d, double mid,
-                              const double *dinv, const int32_t *indptr, const int32_t *indices,
-                              const double *data, const int32_t *diag, double *z)
+                              const double *q, const double *dinv, const int32_t *indptr,
+                              const int32_t *indices, const double *data, const int32_t *diag, double *z)
 {
     for (int64_t i = 0; i < n; ++i) {
-        z[i] = (y[i] + mid * d[i] * t[i] - fa_csr_dot(data, indices, z, indptr[i], diag[i])) * dinv[i];
+        const double s = y[i] + mid * d[i] * t[i] + (q ? q[i] : 0.0);
+        z[i] = (s - fa_csr_dot(data, indices, z, indptr[i], diag[i])) * dinv[i];
     }
 }
 
@@ -312,16 +314,17 @@ void fa_csr_cg_direction_backward(int64_t n, const double *r, const double *d, d
     }
 }
 
-/* z = (D/omega + L)^{-1} (p + mid d t), w = z + t, z overwriting t; returns the sum of p[i] w[i]
- * (as fa_cg_forward_product) */
+/* z = (D/omega + L)^{-1} (p + mid d t + q), w = z + t, z overwriting t; returns the sum of p[i] w[i]
+ * (as fa_cg_forward_product; q as in fa_csr_forward_eisenstat, or NULL) */
 double fa_csr_cg_forward_product(int64_t n, const double *p, double *t, const double *d, double mid,
-                                 const double *dinv, const int32_t *indptr, const int32_t *indices,
-                                 const double *data, const int32_t *diag, double *w)
+                                 const double *q, const double *dinv, const int32_t *indptr,
+                                 const int32_t *indices, const double *data, const int32_t *diag, double *w)
 {
     double pw = 0.0;
     for (int64_t i = 0; i < n; ++i) {
         const double ti = t[i];
-        const double zi = (p[i] + mid * d[i] * ti - fa_csr_dot(data, indices, t, indptr[i], diag[i])) * dinv[i];
+        const double s = p[i] + mid * d[i] * ti + (q ? q[i] : 0.0);
+        const double zi = (s - fa_csr_dot(data, indices, t, indptr[i], diag[i])) * dinv[i];
         t[i] = zi;
         const double wi = zi + ti;
         w[i] = wi;

@@ -38,6 +38,7 @@ __all__ = [
     "VoxelSweepKernel",
     "face_diagonal",
     "load_sweep_library",
+    "mpiaij_off_block",
     "seqaij_arrays",
 ]
 
@@ -120,11 +121,11 @@ def _load_local() -> ctypes.CDLL:
         function = getattr(library, name)
         function.argtypes = [size, *[pointer] * 7]
         function.restype = None
-    library.fa_csr_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 6]
+    library.fa_csr_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 7]
     library.fa_csr_forward_eisenstat.restype = None
     library.fa_csr_cg_direction_backward.argtypes = [size, pointer, pointer, double, *[pointer] * 7]
     library.fa_csr_cg_direction_backward.restype = None
-    library.fa_csr_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 6]
+    library.fa_csr_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 7]
     library.fa_csr_cg_forward_product.restype = double
     return library
 
@@ -156,6 +157,10 @@ def load_sweep_library(comm: MPI.Comm) -> ctypes.CDLL:
 
 def _ptr(array: np.ndarray) -> int:
     return int(array.ctypes.data)
+
+
+def _ptr_or_null(array: np.ndarray | None) -> int | None:
+    return None if array is None else int(array.ctypes.data)
 
 
 class _SweepKernel:
@@ -401,26 +406,15 @@ def _petsc_library() -> ctypes.CDLL:
     raise SweepKernelUnavailable("the PETSc library petsc4py uses was not found")
 
 
-def seqaij_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CSR arrays ``(indptr, indices, data)`` of an assembled PETSc ``SeqAIJ`` matrix, as NumPy
-    views of PETSc's own storage (no copies: ``MatGetRowIJ`` and ``MatSeqAIJGetArrayRead``).
-
-    The views are valid while the matrix exists and keeps its nonzero pattern; they follow every
-    change of its values (``MatCopy``, ``MatAXPY`` with the same pattern). Raises
-    :class:`SweepKernelUnavailable` if the matrix is not ``seqaij`` or PETSc's library cannot be reached.
-    """
-    if matrix.getType() != "seqaij":
-        raise SweepKernelUnavailable(f"CSR sweeps need a seqaij matrix, not {matrix.getType()}")
-    library = _petsc_library()
-    handle = ctypes.c_void_p(matrix.handle)
+def _csr_views(library: ctypes.CDLL, handle: ctypes.c_void_p, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indptr, indices, data)`` of the SeqAIJ matrix ``handle`` as views of PETSc's storage."""
     n = ctypes.c_int32(0)
     ia, ja = ctypes.POINTER(ctypes.c_int32)(), ctypes.POINTER(ctypes.c_int32)()
     done = ctypes.c_int(0)
     args = (handle, 0, 0, 0, ctypes.byref(n), ctypes.byref(ia), ctypes.byref(ja), ctypes.byref(done))
     if library.MatGetRowIJ(*args) != 0 or not done.value:
         raise SweepKernelUnavailable("MatGetRowIJ failed")
-    rows = n.value
-    if not bool(ia) or rows != matrix.getSize()[0]:
+    if not bool(ia) or n.value != rows:
         library.MatRestoreRowIJ(*args)
         raise SweepKernelUnavailable("MatGetRowIJ gave no arrays")
     indptr = np.ctypeslib.as_array(ia, shape=(rows + 1,))
@@ -434,6 +428,42 @@ def seqaij_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     data = np.ctypeslib.as_array(values, shape=(nnz,)) if nnz else np.zeros(0)
     library.MatSeqAIJRestoreArrayRead(handle, ctypes.byref(values))
     return indptr, indices, data
+
+
+def seqaij_arrays(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays ``(indptr, indices, data)`` of an assembled PETSc ``SeqAIJ`` matrix, as NumPy
+    views of PETSc's own storage (no copies: ``MatGetRowIJ`` and ``MatSeqAIJGetArrayRead``).
+
+    The views are valid while the matrix exists and keeps its nonzero pattern; they follow every
+    change of its values (``MatCopy``, ``MatAXPY`` with the same pattern). Raises
+    :class:`SweepKernelUnavailable` if the matrix is not ``seqaij`` or PETSc's library cannot be reached.
+    """
+    if matrix.getType() != "seqaij":
+        raise SweepKernelUnavailable(f"CSR sweeps need a seqaij matrix, not {matrix.getType()}")
+    return _csr_views(_petsc_library(), ctypes.c_void_p(matrix.handle), matrix.getSize()[0])
+
+
+def mpiaij_off_block(matrix: Any) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The couplings of an assembled ``MPIAIJ`` matrix's rows to other ranks' columns: the CSR
+    arrays of its off-diagonal block (columns numbered by the ghost columns) and the global indices
+    of those columns, as views of PETSc's storage (``MatMPIAIJGetSeqAIJ``); valid as
+    :func:`seqaij_arrays`'s. The diagonal block is ``matrix.getDiagonalBlock()``."""
+    if matrix.getType() != "mpiaij":
+        raise SweepKernelUnavailable(f"the off-rank block needs an mpiaij matrix, not {matrix.getType()}")
+    library = _petsc_library()
+    diagonal, off = ctypes.c_void_p(), ctypes.c_void_p()
+    colmap = ctypes.POINTER(ctypes.c_int32)()
+    if library.MatMPIAIJGetSeqAIJ(
+        ctypes.c_void_p(matrix.handle), ctypes.byref(diagonal), ctypes.byref(off), ctypes.byref(colmap)
+    ):
+        raise SweepKernelUnavailable("MatMPIAIJGetSeqAIJ failed")
+    rows = matrix.getLocalSize()[0]
+    views = _csr_views(library, off, rows)
+    columns = int(views[1].max()) + 1 if views[1].size else 0
+    if columns and not bool(colmap):
+        raise SweepKernelUnavailable("MatMPIAIJGetSeqAIJ gave no column map")
+    ghosts = np.ctypeslib.as_array(colmap, shape=(columns,)) if columns else np.zeros(0, np.int32)
+    return views, ghosts
 
 
 class CSRSweepKernel(_SweepKernel):
@@ -501,11 +531,14 @@ class CSRSweepKernel(_SweepKernel):
         """``y = (D/omega + U) x``."""
         self._sweep("fa_csr_apply_upper", x, y)
 
-    def forward_eisenstat(self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray) -> None:
-        """``z = (D/omega + L)^{-1} (y + mid d t)`` (as :meth:`VoxelSweepKernel.forward_eisenstat`)."""
-        self._check("forward_eisenstat", y=y, t=t, d=d, z=z)
+    def forward_eisenstat(
+        self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray, q: np.ndarray | None = None
+    ) -> None:
+        """``z = (D/omega + L)^{-1} (y + mid d t + q)`` (as :meth:`VoxelSweepKernel.forward_eisenstat`;
+        ``q``: the couplings to other ranks' rows in block-Jacobi SSOR, or none)."""
+        self._check("forward_eisenstat", y=y, t=t, d=d, z=z, **({"q": q} if q is not None else {}))
         self.library.fa_csr_forward_eisenstat(
-            self.n, _ptr(y), _ptr(t), _ptr(d), float(mid), _ptr(self.dinv), *self._matrix, _ptr(z)
+            self.n, _ptr(y), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._matrix, _ptr(z)
         )
 
     def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
@@ -515,13 +548,16 @@ class CSRSweepKernel(_SweepKernel):
             self.n, _ptr(r), _ptr(d), float(beta), _ptr(p), _ptr(self.dinv), *self._matrix, _ptr(t)
         )
 
-    def cg_forward_product(self, p: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, w: np.ndarray) -> float:
-        """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t)``, ``z`` overwriting ``t``;
-        returns ``p . w`` (as :meth:`VoxelSweepKernel.cg_forward_product`)."""
-        self._check("cg_forward_product", p=p, t=t, d=d, w=w)
+    def cg_forward_product(
+        self, p: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, w: np.ndarray, q: np.ndarray | None = None
+    ) -> float:
+        """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t + q)``, ``z`` overwriting ``t``;
+        returns ``p . w`` (as :meth:`VoxelSweepKernel.cg_forward_product`; ``q`` as in
+        :meth:`forward_eisenstat`)."""
+        self._check("cg_forward_product", p=p, t=t, d=d, w=w, **({"q": q} if q is not None else {}))
         return float(
             self.library.fa_csr_cg_forward_product(
-                self.n, _ptr(p), _ptr(t), _ptr(d), float(mid), _ptr(self.dinv), *self._matrix, _ptr(w)
+                self.n, _ptr(p), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._matrix, _ptr(w)
             )
         )
 

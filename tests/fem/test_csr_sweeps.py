@@ -169,3 +169,62 @@ def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
     assert fused[4] < 1e-7 and petsc[4] < 1e-7
     assert fused[5] == petsc[5] == (int(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT), 3)
     mat.destroy()
+
+
+def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
+    """On any number of ranks the fused CG on each rank's rows (block-Jacobi SSOR, the couplings
+    between the ranks' rows inside Eisenstat's operator) is PETSc's KSPCG with PCSOR's local
+    symmetric sweeps (the same preconditioner up to a constant factor): the same relative residual
+    history (to 1e-8), iterations within one, and solutions within the tolerance."""
+    A = spd_matrix(3000, 4)
+    n = A.shape[0]
+    lo, hi = n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size
+    local = A[lo:hi]
+    mat = PETSc.Mat().createAIJ(
+        ((hi - lo, n), (hi - lo, n)),
+        csr=(local.indptr.astype(np.int32), local.indices.astype(np.int32), local.data),
+        comm=comm,
+    )
+    mat.assemble()
+    library = voxel_sweeps.load_sweep_library(comm)
+    rng = np.random.default_rng(7)
+    rhs, guess = rng.random(n) - 0.3, rng.random(n)
+    results = {}
+    for which in ("fused", "petsc"):
+        b, x = mat.createVecLeft(), mat.createVecLeft()
+        b.array[:], x.array[:] = rhs[lo:hi], guess[lo:hi]
+        if which == "fused":
+            solver = FusedEisenstatSolver(mat, OMEGA, 1e-10, 500, library)
+            solver.prepare(1.0)
+            assert solver.getPC().getType() == (
+                "eisenstat+compiled" if comm.size == 1 else "eisenstat-block-jacobi+compiled"
+            )
+        else:
+            solver = PETSc.KSP().create(comm)
+            solver.setOperators(mat)
+            solver.setType("cg")
+            solver.setNormType(PETSc.KSP.NormType.NATURAL)
+            solver.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
+            solver.setInitialGuessNonzero(True)
+            solver.setOptionsPrefix("fused_block_test_")
+            options = PETSc.Options()
+            options["fused_block_test_pc_type"] = "sor"  # local symmetric sweeps by default
+            options["fused_block_test_pc_sor_omega"] = OMEGA
+            solver.setConvergenceHistory()
+            solver.setFromOptions()
+            for key in ("pc_type", "pc_sor_omega"):
+                del options["fused_block_test_" + key]
+        solver.solve(b, x)
+        history = np.asarray(solver.getConvergenceHistory(), dtype=float)
+        solution = np.concatenate(comm.allgather(x.array))
+        results[which] = (solver.getConvergedReason(), solver.getIterationNumber(), history / history[0], solution)
+        solver.free() if which == "fused" else solver.destroy()
+        b.destroy()
+        x.destroy()
+    fused, petsc = results["fused"], results["petsc"]
+    assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
+    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 10
+    np.testing.assert_allclose(fused[2][:5], petsc[2][:5], rtol=1e-8)
+    np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
+    assert np.linalg.norm(A @ fused[3] - rhs) < 1e-7 * np.linalg.norm(rhs)
+    mat.destroy()

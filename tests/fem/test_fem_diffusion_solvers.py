@@ -88,7 +88,8 @@ def test_cg_preconditioners_agree_with_the_direct_solve(volume, direct, precondi
     assert result.mass_balance_rel_error < 1e-8
     assert result.domain_mean[-1] > 0.5 * c_bulk  # the run gets far enough to be a test
     types = {pc for _, pc, _ in problem.solves}
-    ssor = {"eisenstat+compiled" if problem.comm.size == 1 else "sor"}  # one rank: the fused CG (C compiler)
+    # the fused CG on the compiled CSR sweeps (C compiler): Eisenstat's SSOR, block Jacobi on several ranks
+    ssor = {"eisenstat+compiled" if problem.comm.size == 1 else "eisenstat-block-jacobi+compiled"}
     if preconditioner == "auto":  # SSOR first; multigrid once SSOR needs more than 40 iterations (if ever)
         assert ssor <= types <= ssor | {"mg"}
     else:
@@ -132,7 +133,8 @@ def test_auto_stays_on_ssor_when_the_multigrid_set_up_does_not_fit(volume, monke
     with caplog.at_level("WARNING", logger="fem_anode.fem.diffusion"):
         result = problem.run()
     assert problem.multigrid_fits is False and problem.amg_from_a0 is None and problem.factorisations == 0
-    assert {pc for _, pc, _ in problem.solves} == {"eisenstat+compiled" if problem.comm.size == 1 else "sor"}
+    ssor = "eisenstat+compiled" if problem.comm.size == 1 else "eisenstat-block-jacobi+compiled"
+    assert {pc for _, pc, _ in problem.solves} == {ssor}
     assert any(its > 8 for _, _, its in problem.solves)  # the switch was asked for, and refused
     assert result.status == "completed" and "staying on SSOR" in caplog.text
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", str(int(need * 10)))  # the same run with room for it switches

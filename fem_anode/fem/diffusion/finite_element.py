@@ -215,14 +215,13 @@ class DiffusionProblem(TransientDiffusion):
         return self._A
 
     def _ksp(self, a0: float) -> Any:
-        """As :meth:`TransientDiffusion._ksp`; SSOR on one rank is :class:`FusedEisenstatSolver`
-        (the compiled CSR sweeps per ``solver.sweep_kernel``: PETSc's CG and Eisenstat iterates in
-        fused passes) unless ``solver.petsc_options`` set KSP or PC options (PETSc then runs them)."""
+        """As :meth:`TransientDiffusion._ksp`; SSOR is :class:`FusedEisenstatSolver` (the compiled
+        CSR sweeps per ``solver.sweep_kernel``, CG fused into them: PETSc's CG with Eisenstat's SSOR
+        on one rank, with block-Jacobi SSOR as PCSOR's local sweeps on several) unless
+        ``solver.petsc_options`` set KSP or PC options (PETSc then runs them)."""
         petsc_options = self.settings.solver.petsc_options
-        if (
-            self.comm.size > 1
-            or self._preconditioner(a0) != "ssor"
-            or any(str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in petsc_options)
+        if self._preconditioner(a0) != "ssor" or any(
+            str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in petsc_options
         ):
             return super()._ksp(a0)
         key = float(f"{a0:.12e}")
@@ -237,6 +236,15 @@ class DiffusionProblem(TransientDiffusion):
             return super()._ksp(a0)
         self._fused.prepare(key)
         return self._fused
+
+    def _switch_iterations(self) -> int:
+        """``solver.switch_iterations``, or its default: 40 with the fused SSOR-CG on any number of
+        ranks (an iteration is one pass over the matrix, a multigrid iteration 3-4), else as
+        :meth:`TransientDiffusion._switch_iterations`."""
+        value = self.settings.solver.switch_iterations
+        if value is None and isinstance(self._fused, FusedEisenstatSolver):
+            return 40
+        return super()._switch_iterations()
 
     def destroy(self) -> None:
         """Free PETSc objects (the fused solver before the operator whose arrays it reads)."""

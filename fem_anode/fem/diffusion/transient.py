@@ -779,15 +779,16 @@ class TransientDiffusion:
 
 
 class FusedEisenstatSolver:
-    """CG with Eisenstat's SSOR on an assembled one-rank (``seqaij``) matrix in fused passes of the
-    compiled CSR kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in place of PETSc's
-    ``KSPCG`` + ``PCEISENSTAT``: the same iterates (same algorithm, stopping test and reasons), one
-    pass over the matrix per iteration instead of about two, and three over the vectors instead of
-    eight. It reads the matrix's own arrays (no copy) and follows changes of its values after
-    :meth:`prepare`. Offers what the time loop asks of a ``KSP``.
+    """CG with Eisenstat's SSOR on an assembled AIJ matrix in fused passes of the compiled CSR
+    kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in place of PETSc's ``KSPCG`` +
+    ``PCEISENSTAT`` on one rank (the same iterates: same algorithm, stopping test and reasons) and
+    of ``PCSOR``'s local symmetric sweeps on several (block-Jacobi SSOR, the same preconditioner):
+    one pass over the matrix per iteration instead of about two (one rank) or three (several), and
+    three over the vectors instead of eight. It reads the matrix's own arrays (no copy) and follows
+    changes of its values after :meth:`prepare`. Offers what the time loop asks of a ``KSP``.
 
     Args:
-        A: the operator (``seqaij``, every row with a diagonal entry).
+        A: the operator (``seqaij`` or ``mpiaij``, every row with a diagonal entry).
         omega: SSOR's relaxation factor.
         rtol: relative tolerance (CG's natural norm, relative to the transformed right-hand side).
         max_it: iteration limit.
@@ -798,13 +799,16 @@ class FusedEisenstatSolver:
     def __init__(
         self, A: PETSc.Mat, omega: float, rtol: float, max_it: int, library: Any, work: PETSc.Vec | None = None
     ) -> None:
-        from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps
+        from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps, OffRankCouplings
         from fem_anode.fem.voxel_sweeps import CSRSweepKernel, seqaij_arrays
 
+        comm = A.getComm().tompi4py()
         self.A = A
-        self.kernel = CSRSweepKernel(*seqaij_arrays(A), omega, library)
+        self.block = A.getDiagonalBlock() if comm.size > 1 else A
+        self.kernel = CSRSweepKernel(*seqaij_arrays(self.block), omega, library)
         self.d = A.createVecLeft()
-        self.cg = EisenstatCG(LocalSweeps(A.getComm().tompi4py(), self.kernel), self.d, rtol, max_it, work=work)
+        self.off = OffRankCouplings(A, self.d) if comm.size > 1 else None
+        self.cg = EisenstatCG(LocalSweeps(comm, self.kernel, self.off), self.d, rtol, max_it, work=work)
         self.a0: float | None = None
 
     def prepare(self, a0: float) -> None:
@@ -831,7 +835,7 @@ class FusedEisenstatSolver:
         return "cg"
 
     def getPC(self) -> Any:
-        return _NamedPC("eisenstat+compiled")
+        return _NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 
     def getOperators(self) -> tuple[PETSc.Mat, PETSc.Mat]:
         return self.A, self.A
@@ -842,9 +846,11 @@ class FusedEisenstatSolver:
         return self.kernel.nbytes + 8 * self.kernel.n * 5
 
     def free(self) -> None:
-        """Free the vectors (the matrix belongs to the caller)."""
+        """Free the vectors and the scatter (the matrix belongs to the caller)."""
         self.cg.destroy()
         self.d.destroy()
+        if self.off is not None:
+            self.off.destroy()
 
 
 class _NamedPC:
