@@ -349,27 +349,43 @@ class SeparatorMatrix:
 
 class OffRankCouplings:
     """``q = O t``: the couplings of this rank's rows to other ranks' columns of an ``MPIAIJ`` matrix
-    (its off-diagonal block, read in place) applied to a distributed vector (one scatter of the
-    ghost columns). Collective.
+    ``A = K + s M`` (the off-diagonal blocks of ``K`` and ``M``, read in place, one pattern) applied
+    to a distributed vector (one scatter of the ghost columns). Collective.
 
     Args:
-        A: the matrix (``mpiaij``); its values may change, its pattern not.
-        like: a vector of ``A``'s column layout (for the scatter).
+        K: the matrix (``mpiaij``), or ``K`` of ``K + s M``; values may change, the pattern not.
+        like: a vector of the matrix's column layout (for the scatter).
+        M: ``M`` of ``K + s M`` (same pattern as ``K``), or none (``A = K``).
     """
 
-    def __init__(self, A: PETSc.Mat, like: PETSc.Vec) -> None:
+    def __init__(self, K: PETSc.Mat, like: PETSc.Vec, M: PETSc.Mat | None = None) -> None:
         import scipy.sparse
 
         from fem_anode.fem.voxel_sweeps import mpiaij_off_block
 
-        (indptr, indices, data), ghosts = mpiaij_off_block(A)
-        n = A.getLocalSize()[0]
-        self.block = scipy.sparse.csr_matrix((data, indices, indptr), shape=(n, ghosts.size), copy=False)
+        (indptr, indices, k_values), ghosts = mpiaij_off_block(K)
+        self.k_values = k_values
+        self.m_values: np.ndarray | None = None
+        if M is not None:
+            (m_indptr, m_indices, self.m_values), m_ghosts = mpiaij_off_block(M)
+            if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
+                raise ValueError("OffRankCouplings: K and M differ in their off-rank pattern")
+            if not np.array_equal(m_ghosts, ghosts):
+                raise ValueError("OffRankCouplings: K and M differ in their ghost columns")
+        n = K.getLocalSize()[0]
+        values = k_values if M is None else k_values.copy()  # K + s M needs values of its own
+        self.block = scipy.sparse.csr_matrix((values, indices, indptr), shape=(n, ghosts.size), copy=False)
         self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
         index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
         self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
         index_set.destroy()
         self.q = np.zeros(n)
+
+    def set_scale(self, scale: float) -> None:
+        """``O`` of ``K + scale M`` from ``K`` and ``M``'s current values (without ``M``: nothing to do)."""
+        if self.m_values is not None:
+            np.multiply(self.m_values, scale, out=self.block.data)
+            self.block.data += self.k_values
 
     def product(self, t: PETSc.Vec) -> np.ndarray:
         """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""

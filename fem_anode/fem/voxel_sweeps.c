@@ -332,3 +332,30 @@ double fa_csr_cg_forward_product(int64_t n, const double *p, double *t, const do
     }
     return pw;
 }
+
+/* The operator K + s M split into its strict lower part, diagonal and strict upper part (arrays
+ * of their own, rows in order, so each sweep streams only its half of the matrix): kr and m share
+ * the CSR pattern indptr/diag (diag[i]: the position of a_ii), lower_values and upper_values have
+ * the entries of each row's lower and upper part in row order, d the diagonal. */
+void fa_csr_split_values(int64_t n, const int32_t *indptr, const int32_t *diag, const double *kr,
+                         const double *m, double s, double *lower_values, double *upper_values, double *d)
+{
+    int64_t lo = 0, up = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int32_t k_diag = diag[i], end = indptr[i + 1];
+        for (int32_t k = indptr[i]; k < k_diag; ++k) lower_values[lo++] = kr[k] + s * m[k];
+        d[i] = kr[k_diag] + s * m[k_diag];
+        for (int32_t k = k_diag + 1; k < end; ++k) upper_values[up++] = kr[k] + s * m[k];
+    }
+}
+
+/* The column indices of each row's strict lower and upper parts (the pattern of fa_csr_split_values) */
+void fa_csr_split_pattern(int64_t n, const int32_t *indptr, const int32_t *indices, const int32_t *diag,
+                          int32_t *lower_indices, int32_t *upper_indices)
+{
+    int64_t lo = 0, up = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        for (int32_t k = indptr[i]; k < diag[i]; ++k) lower_indices[lo++] = indices[k];
+        for (int32_t k = diag[i] + 1; k < indptr[i + 1]; ++k) upper_indices[up++] = indices[k];
+    }
+}

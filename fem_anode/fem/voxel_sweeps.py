@@ -34,6 +34,7 @@ from mpi4py import MPI
 
 __all__ = [
     "CSRSweepKernel",
+    "SplitCSRSweepKernel",
     "SweepKernelUnavailable",
     "VoxelSweepKernel",
     "face_diagonal",
@@ -115,6 +116,10 @@ def _load_local() -> ctypes.CDLL:
     library.fa_cg_update.restype = double
     library.fa_weighted_dot.argtypes = [size, pointer, pointer, pointer]
     library.fa_weighted_dot.restype = double
+    library.fa_csr_split_pattern.argtypes = [size, *[pointer] * 5]
+    library.fa_csr_split_pattern.restype = None
+    library.fa_csr_split_values.argtypes = [size, pointer, pointer, pointer, pointer, double, pointer, pointer, pointer]
+    library.fa_csr_split_values.restype = None
     library.fa_csr_diagonal_positions.argtypes = [size, pointer, pointer, pointer]
     library.fa_csr_diagonal_positions.restype = size
     for name in ("fa_csr_forward", "fa_csr_backward", "fa_csr_apply_upper"):
@@ -500,7 +505,9 @@ class CSRSweepKernel(_SweepKernel):
         if missing:
             raise ValueError(f"CSRSweepKernel: {missing} rows have no diagonal entry")
         self.dinv = np.zeros(n)
-        self._matrix = (_ptr(indptr), _ptr(indices), _ptr(data), _ptr(self.diag))
+        # (indptr, indices, data, diag) as the kernels take them: a row's lower part is
+        # indptr[i] .. diag[i] - 1, its upper part diag[i] + 1 .. indptr[i + 1] - 1
+        self._lower = self._upper = (_ptr(indptr), _ptr(indices), _ptr(data), _ptr(self.diag))
 
     @property
     def nbytes(self) -> int:
@@ -517,7 +524,8 @@ class CSRSweepKernel(_SweepKernel):
 
     def _sweep(self, name: str, b: np.ndarray, x: np.ndarray) -> None:
         self._check(name, b=b, x=x)
-        getattr(self.library, name)(self.n, _ptr(b), _ptr(self.dinv), *self._matrix, _ptr(x))
+        part = self._lower if name == "fa_csr_forward" else self._upper
+        getattr(self.library, name)(self.n, _ptr(b), _ptr(self.dinv), *part, _ptr(x))
 
     def forward(self, b: np.ndarray, x: np.ndarray) -> None:
         """``x = (D/omega + L)^{-1} b``."""
@@ -538,14 +546,14 @@ class CSRSweepKernel(_SweepKernel):
         ``q``: the couplings to other ranks' rows in block-Jacobi SSOR, or none)."""
         self._check("forward_eisenstat", y=y, t=t, d=d, z=z, **({"q": q} if q is not None else {}))
         self.library.fa_csr_forward_eisenstat(
-            self.n, _ptr(y), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._matrix, _ptr(z)
+            self.n, _ptr(y), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._lower, _ptr(z)
         )
 
     def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
         """``p = d r + beta p``, then ``t = (D/omega + U)^{-1} p``, in one pass."""
         self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
         self.library.fa_csr_cg_direction_backward(
-            self.n, _ptr(r), _ptr(d), float(beta), _ptr(p), _ptr(self.dinv), *self._matrix, _ptr(t)
+            self.n, _ptr(r), _ptr(d), float(beta), _ptr(p), _ptr(self.dinv), *self._upper, _ptr(t)
         )
 
     def cg_forward_product(
@@ -557,9 +565,113 @@ class CSRSweepKernel(_SweepKernel):
         self._check("cg_forward_product", p=p, t=t, d=d, w=w, **({"q": q} if q is not None else {}))
         return float(
             self.library.fa_csr_cg_forward_product(
-                self.n, _ptr(p), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._matrix, _ptr(w)
+                self.n, _ptr(p), _ptr(t), _ptr(d), float(mid), _ptr_or_null(q), _ptr(self.dinv), *self._lower, _ptr(w)
             )
         )
+
+
+class SplitCSRSweepKernel(CSRSweepKernel):
+    """:class:`CSRSweepKernel` of ``A = K + s M`` for two matrices of one CSR pattern (the diffusion's
+    ``K + R`` and ``M``), with ``A``'s strict lower part, diagonal and strict upper part in arrays
+    of their own: a forward sweep streams only the lower part and a backward sweep only the upper
+    part. (Reading half of each row of one CSR array fetches the whole row: the sweeps of
+    :class:`CSRSweepKernel` on a 27-point P1 matrix take as long as a mat-vec of the whole
+    lower part *and* upper part.) The values follow ``s`` by :meth:`set_scale`, from ``K`` and
+    ``M`` read in place. Memory: 12 B per off-diagonal entry and 24 B per row (indices, values,
+    row offsets, ``d`` and ``omega/d``).
+
+    Args:
+        indptr, indices: the common CSR pattern (int32, sorted columns, every row with a diagonal entry).
+        k_values, m_values: the values of ``K`` and ``M`` (float64, used in place).
+        omega: relaxation factor.
+        library: from :func:`load_sweep_library`.
+    """
+
+    def __init__(
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        k_values: np.ndarray,
+        m_values: np.ndarray,
+        omega: float,
+        library: Any,
+    ):
+        super().__init__(indptr, indices, k_values, omega, library)
+        if m_values.shape != k_values.shape or m_values.dtype != np.float64 or not m_values.flags.c_contiguous:
+            raise ValueError("SplitCSRSweepKernel: M's values must match K's pattern (contiguous float64)")
+        self.m_values = m_values
+        n = self.n
+        lower_counts = self.diag - indptr[:-1]
+        upper_counts = indptr[1:] - self.diag - 1
+        self.lower_indptr = np.zeros(n + 1, np.int32)
+        self.upper_indptr = np.zeros(n + 1, np.int32)
+        np.cumsum(lower_counts, out=self.lower_indptr[1:])
+        np.cumsum(upper_counts, out=self.upper_indptr[1:])
+        del lower_counts, upper_counts
+        self.lower_indices = np.empty(int(self.lower_indptr[-1]), np.int32)
+        self.upper_indices = np.empty(int(self.upper_indptr[-1]), np.int32)
+        library.fa_csr_split_pattern(
+            n, _ptr(indptr), _ptr(indices), _ptr(self.diag), _ptr(self.lower_indices), _ptr(self.upper_indices)
+        )
+        self.lower_values = np.zeros(self.lower_indices.size)
+        self.upper_values = np.zeros(self.upper_indices.size)
+        self.d = np.zeros(n)
+        # the kernels' (indptr, indices, data, diag): lower rows run lower_indptr[i] .. lower_indptr[i+1] - 1,
+        # upper rows (diag[i] + 1 ..) upper_indptr[i] .. upper_indptr[i+1] - 1
+        self._upper_start = self.upper_indptr[:-1] - 1
+        self._lower = (
+            _ptr(self.lower_indptr),
+            _ptr(self.lower_indices),
+            _ptr(self.lower_values),
+            _ptr(self.lower_indptr[1:]),
+        )
+        self._upper = (
+            _ptr(self.upper_indptr),
+            _ptr(self.upper_indices),
+            _ptr(self.upper_values),
+            _ptr(self._upper_start),
+        )
+        self.scale: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the split pattern and values, ``d``, ``omega/d``; not ``K`` and ``M``)."""
+        arrays = (
+            self.lower_indptr,
+            self.upper_indptr,
+            self.lower_indices,
+            self.upper_indices,
+            self.lower_values,
+            self.upper_values,
+            self._upper_start,
+            self.d,
+            self.dinv,
+            self.diag,
+        )
+        return int(sum(a.nbytes for a in arrays))
+
+    def set_scale(self, scale: float) -> None:
+        """Take ``A = K + scale M`` from ``K`` and ``M``'s current values (lower, upper, ``d``, ``omega/d``)."""
+        self.library.fa_csr_split_values(
+            self.n,
+            _ptr(self.indptr),
+            _ptr(self.diag),
+            _ptr(self.data),
+            _ptr(self.m_values),
+            float(scale),
+            _ptr(self.lower_values),
+            _ptr(self.upper_values),
+            _ptr(self.d),
+        )
+        np.divide(self.omega, self.d, out=self.dinv)
+        self.scale = float(scale)
+
+    def diagonal(self) -> np.ndarray:
+        """The diagonal of ``A`` for the last :meth:`set_scale` (a new array)."""
+        return self.d.copy()
+
+    def set_diagonal(self, d: np.ndarray) -> None:
+        raise TypeError("SplitCSRSweepKernel takes its diagonal from K and M: use set_scale")
 
 
 def face_diagonal(comm: MPI.Comm, slab: Any, transport: np.ndarray, kernel: VoxelSweepKernel) -> tuple[np.ndarray, int]:

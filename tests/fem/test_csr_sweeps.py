@@ -18,6 +18,7 @@ from fem_anode.fem import voxel_sweeps
 from fem_anode.fem.diffusion.transient import FusedEisenstatSolver
 
 OMEGA = 1.3
+SCALE = 0.6  # s of A = K + s M
 SOR = PETSc.Mat.SORType
 
 
@@ -112,10 +113,13 @@ def test_csr_kernel_refuses_what_it_cannot_sweep():
 
 
 def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
-    """Same first residual norms (to 1e-8), iterations within one, solutions within the tolerance,
-    a true residual at the tolerance, and PETSc's reason and count at an iteration limit of 3."""
-    A = spd_matrix(2000, 3)
-    mat = petsc_matrix(A)
+    """``A = K + s M`` from two matrices of one pattern: same first residual norms (to 1e-8),
+    iterations within one, solutions within the tolerance, a true residual at the tolerance, and
+    PETSc's reason and count at an iteration limit of 3."""
+    K = spd_matrix(2000, 3)
+    M = abs(K)
+    A = (K + SCALE * M).tocsr()
+    mat, k_mat, m_mat = petsc_matrix(A), petsc_matrix(K), petsc_matrix(M)
     library = voxel_sweeps.load_sweep_library(MPI.COMM_SELF)
     rng = np.random.default_rng(6)
     rhs, guess = rng.random(A.shape[0]) - 0.3, rng.random(A.shape[0])
@@ -124,8 +128,8 @@ def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
         b, x = mat.createVecLeft(), mat.createVecLeft()
         b.array[:], x.array[:] = rhs, guess
         if which == "fused":
-            solver = FusedEisenstatSolver(mat, OMEGA, 1e-10, 500, library)
-            solver.prepare(1.0)
+            solver = FusedEisenstatSolver(k_mat, m_mat, OMEGA, 1e-10, 500, library)
+            solver.prepare(SCALE)
         else:
             solver = PETSc.KSP().create(PETSc.COMM_SELF)
             solver.setOperators(mat)
@@ -163,12 +167,13 @@ def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
         x.destroy()
     fused, petsc = results["fused"], results["petsc"]
     assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
-    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 10
+    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
     np.testing.assert_allclose(fused[2][:4], petsc[2][:4], rtol=1e-8)
     np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
     assert fused[4] < 1e-7 and petsc[4] < 1e-7
     assert fused[5] == petsc[5] == (int(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT), 3)
-    mat.destroy()
+    for obj in (mat, k_mat, m_mat):
+        obj.destroy()
 
 
 def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
@@ -176,16 +181,23 @@ def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
     between the ranks' rows inside Eisenstat's operator) is PETSc's KSPCG with PCSOR's local
     symmetric sweeps (the same preconditioner up to a constant factor): the same relative residual
     history (to 1e-8), iterations within one, and solutions within the tolerance."""
-    A = spd_matrix(3000, 4)
+    K = spd_matrix(3000, 4)
+    M = abs(K)
+    A = (K + SCALE * M).tocsr()
     n = A.shape[0]
     lo, hi = n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size
-    local = A[lo:hi]
-    mat = PETSc.Mat().createAIJ(
-        ((hi - lo, n), (hi - lo, n)),
-        csr=(local.indptr.astype(np.int32), local.indices.astype(np.int32), local.data),
-        comm=comm,
-    )
-    mat.assemble()
+
+    def distributed(matrix: sparse.csr_matrix) -> PETSc.Mat:
+        local = matrix[lo:hi]
+        out = PETSc.Mat().createAIJ(
+            ((hi - lo, n), (hi - lo, n)),
+            csr=(local.indptr.astype(np.int32), local.indices.astype(np.int32), local.data),
+            comm=comm,
+        )
+        out.assemble()
+        return out
+
+    mat, k_mat, m_mat = distributed(A), distributed(K), distributed(M)
     library = voxel_sweeps.load_sweep_library(comm)
     rng = np.random.default_rng(7)
     rhs, guess = rng.random(n) - 0.3, rng.random(n)
@@ -194,8 +206,8 @@ def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
         b, x = mat.createVecLeft(), mat.createVecLeft()
         b.array[:], x.array[:] = rhs[lo:hi], guess[lo:hi]
         if which == "fused":
-            solver = FusedEisenstatSolver(mat, OMEGA, 1e-10, 500, library)
-            solver.prepare(1.0)
+            solver = FusedEisenstatSolver(k_mat, m_mat, OMEGA, 1e-10, 500, library)
+            solver.prepare(SCALE)
             assert solver.getPC().getType() == (
                 "eisenstat+compiled" if comm.size == 1 else "eisenstat-block-jacobi+compiled"
             )
@@ -223,8 +235,44 @@ def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
         x.destroy()
     fused, petsc = results["fused"], results["petsc"]
     assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
-    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 10
+    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
     np.testing.assert_allclose(fused[2][:5], petsc[2][:5], rtol=1e-8)
     np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
     assert np.linalg.norm(A @ fused[3] - rhs) < 1e-7 * np.linalg.norm(rhs)
-    mat.destroy()
+    for obj in (mat, k_mat, m_mat):
+        obj.destroy()
+
+
+def test_split_kernel_is_the_operator_k_plus_s_m():
+    """The split kernel's sweeps of ``K + s M`` equal MatSOR's on the assembled sum, for two values
+    of ``s`` (the values follow ``set_scale``; ``K`` and ``M`` are read in place)."""
+    K = spd_matrix(700, 5)
+    M = abs(K)
+    k_mat, m_mat = petsc_matrix(K), petsc_matrix(M)
+    library = voxel_sweeps.load_sweep_library(MPI.COMM_SELF)
+    kernel = voxel_sweeps.SplitCSRSweepKernel(
+        *voxel_sweeps.seqaij_arrays(k_mat), voxel_sweeps.seqaij_arrays(m_mat)[2], OMEGA, library
+    )
+    rng = np.random.default_rng(8)
+    b_values = rng.standard_normal(K.shape[0])
+    out = np.empty(K.shape[0])
+    for scale in (0.6, 2.5):
+        kernel.set_scale(scale)
+        mat = petsc_matrix((K + scale * M).tocsr())
+        np.testing.assert_allclose(kernel.diagonal(), mat.getDiagonal().array, rtol=1e-15)
+        b, x = mat.createVecLeft(), mat.createVecLeft()
+        b.array[:] = b_values
+        for flag, sweep in (
+            (SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.forward),
+            (SOR.BACKWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.backward),
+            (SOR.APPLY_UPPER, kernel.apply_upper),
+        ):
+            mat.SOR(b, x, OMEGA, flag, 0.0, 1, 1)
+            sweep(b_values, out)
+            np.testing.assert_allclose(out, x.array, rtol=1e-12, atol=1e-13 * np.abs(x.array).max())
+        for obj in (mat, b, x):
+            obj.destroy()
+    with pytest.raises(TypeError, match="set_scale"):
+        kernel.set_diagonal(np.ones(K.shape[0]))
+    k_mat.destroy()
+    m_mat.destroy()

@@ -225,16 +225,17 @@ class DiffusionProblem(TransientDiffusion):
         ):
             return super()._ksp(a0)
         key = float(f"{a0:.12e}")
-        A = self._operator(key)
         if self._fused == "unset":
             library = self._sweep_library()
             self._fused = None
             if library is not None:
                 solver = self.settings.solver
-                self._fused = FusedEisenstatSolver(A, self.ssor_omega, solver.rtol, 500, library, work=self._work)
+                self._fused = FusedEisenstatSolver(
+                    self._KR, self._M, self.ssor_omega, solver.rtol, 500, library, work=self._work
+                )
         if not isinstance(self._fused, FusedEisenstatSolver):
             return super()._ksp(a0)
-        self._fused.prepare(key)
+        self._fused.prepare(key * self.eps)  # A = K + R + a0 eps M, no assembled copy
         return self._fused
 
     def _switch_iterations(self) -> int:
@@ -256,7 +257,8 @@ class DiffusionProblem(TransientDiffusion):
     def solver_memory(self) -> dict[str, float]:
         """Bytes held by the solver's matrices and set-ups, summed over ranks, and per dof.
 
-        ``matrices``: ``K + R``, ``M`` and the operator (values and the shared pattern);
+        ``matrices``: ``K + R``, ``M`` and the operator (values and the shared pattern; the fused
+        SSOR-CG assembles no operator); ``sweeps``: the fused SSOR-CG's split operator and vectors;
         ``multigrid``: the shifted hierarchy's coarse operators and interpolations;
         ``factorisations``: the direct pool (estimated from the first factor's size).
         """
@@ -264,8 +266,10 @@ class DiffusionProblem(TransientDiffusion):
         mats = [self._KR, self._M] + ([self._A] if self._A is not None else [])
         values = sum(m.getInfo()["nz_used"] for m in mats) * 8.0
         pattern = self._M.getInfo()["nz_used"] * 4.0 + 4.0 * ndofs  # one pattern, shared
+        fused = self._fused.nbytes if isinstance(self._fused, FusedEisenstatSolver) else 0
         out = {
             "matrices": values + pattern,
+            "sweeps": float(self.comm.allreduce(fused)),  # the fused SSOR-CG's split operator and vectors
             "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
             "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
         }

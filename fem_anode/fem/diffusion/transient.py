@@ -779,16 +779,18 @@ class TransientDiffusion:
 
 
 class FusedEisenstatSolver:
-    """CG with Eisenstat's SSOR on an assembled AIJ matrix in fused passes of the compiled CSR
-    kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in place of PETSc's ``KSPCG`` +
-    ``PCEISENSTAT`` on one rank (the same iterates: same algorithm, stopping test and reasons) and
-    of ``PCSOR``'s local symmetric sweeps on several (block-Jacobi SSOR, the same preconditioner):
-    one pass over the matrix per iteration instead of about two (one rank) or three (several), and
-    three over the vectors instead of eight. It reads the matrix's own arrays (no copy) and follows
-    changes of its values after :meth:`prepare`. Offers what the time loop asks of a ``KSP``.
+    """CG with Eisenstat's SSOR on ``A = K + s M`` (two assembled AIJ matrices of one pattern) in
+    fused passes of the compiled CSR kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in
+    place of PETSc's ``KSPCG`` + ``PCEISENSTAT`` on one rank (the same iterates: same algorithm,
+    stopping test and reasons) and of ``PCSOR``'s local symmetric sweeps on several (block-Jacobi
+    SSOR, the same preconditioner). ``A``'s lower and upper parts are kept apart
+    (:class:`~fem_anode.fem.voxel_sweeps.SplitCSRSweepKernel`), so an iteration streams the matrix
+    once and the vectors three times, against about twice (one rank) or three times (several) the
+    matrix and eight times the vectors for PETSc. ``K`` and ``M`` are read in place; no ``A`` is
+    assembled. Offers what the time loop asks of a ``KSP``.
 
     Args:
-        A: the operator (``seqaij`` or ``mpiaij``, every row with a diagonal entry).
+        K, M: the matrices (``seqaij`` or ``mpiaij``, one pattern, every row with a diagonal entry).
         omega: SSOR's relaxation factor.
         rtol: relative tolerance (CG's natural norm, relative to the transformed right-hand side).
         max_it: iteration limit.
@@ -797,26 +799,38 @@ class FusedEisenstatSolver:
     """
 
     def __init__(
-        self, A: PETSc.Mat, omega: float, rtol: float, max_it: int, library: Any, work: PETSc.Vec | None = None
+        self,
+        K: PETSc.Mat,
+        M: PETSc.Mat,
+        omega: float,
+        rtol: float,
+        max_it: int,
+        library: Any,
+        work: PETSc.Vec | None = None,
     ) -> None:
         from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps, OffRankCouplings
-        from fem_anode.fem.voxel_sweeps import CSRSweepKernel, seqaij_arrays
+        from fem_anode.fem.voxel_sweeps import SplitCSRSweepKernel, seqaij_arrays
 
-        comm = A.getComm().tompi4py()
-        self.A = A
-        self.block = A.getDiagonalBlock() if comm.size > 1 else A
-        self.kernel = CSRSweepKernel(*seqaij_arrays(self.block), omega, library)
-        self.d = A.createVecLeft()
-        self.off = OffRankCouplings(A, self.d) if comm.size > 1 else None
+        comm = K.getComm().tompi4py()
+        blocks = (K.getDiagonalBlock(), M.getDiagonalBlock()) if comm.size > 1 else (K, M)
+        indptr, indices, k_values = seqaij_arrays(blocks[0])
+        m_indptr, m_indices, m_values = seqaij_arrays(blocks[1])
+        if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
+            raise ValueError("FusedEisenstatSolver: K and M must share one sparsity pattern")
+        self.kernel = SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library)
+        n = self.kernel.n
+        self.d = PETSc.Vec().createWithArray(self.kernel.d, size=(n, PETSc.DECIDE), comm=comm)
+        self.off = OffRankCouplings(K, self.d, M) if comm.size > 1 else None
         self.cg = EisenstatCG(LocalSweeps(comm, self.kernel, self.off), self.d, rtol, max_it, work=work)
-        self.a0: float | None = None
+        self.scale: float | None = None
 
-    def prepare(self, a0: float) -> None:
-        """Take the operator's values for this a0 (its diagonal; the sweeps read the rest in place)."""
-        if self.a0 != a0:
-            self.A.getDiagonal(self.d)
-            self.kernel.set_diagonal(self.d.array_r)
-            self.a0 = a0
+    def prepare(self, scale: float) -> None:
+        """Use ``A = K + scale M`` (recomputed from ``K`` and ``M`` when ``scale`` changes)."""
+        if self.scale != scale:
+            self.kernel.set_scale(scale)
+            if self.off is not None:
+                self.off.set_scale(scale)
+            self.scale = scale
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
@@ -837,13 +851,10 @@ class FusedEisenstatSolver:
     def getPC(self) -> Any:
         return _NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 
-    def getOperators(self) -> tuple[PETSc.Mat, PETSc.Mat]:
-        return self.A, self.A
-
     @property
     def nbytes(self) -> int:
-        """Bytes held beyond the matrix: the kernel's and the CG's vectors."""
-        return self.kernel.nbytes + 8 * self.kernel.n * 5
+        """Bytes held beyond ``K`` and ``M``: the split operator and the CG's vectors (this rank)."""
+        return self.kernel.nbytes + 8 * self.kernel.n * 4
 
     def free(self) -> None:
         """Free the vectors and the scatter (the matrix belongs to the caller)."""
