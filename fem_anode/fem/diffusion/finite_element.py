@@ -65,7 +65,7 @@ class DiffusionProblem(TransientDiffusion):
         self._assemble_operators(physics)
         #: The iterative solvers' one operator matrix K + R + a0 eps M and its a0 (see _operator).
         self._A: PETSc.Mat | None = None
-        #: SSOR-CG on one rank in fused passes of the compiled CSR sweeps (see _ksp); "unset" until asked.
+        #: SSOR-CG in fused passes of the compiled CSR sweeps (see _ksp): "unset" until asked, None if unavailable.
         self._fused: FusedEisenstatSolver | str | None = "unset"
         self._init_solver_state()
         self.regions = self._region_weights(settings.regions)
