@@ -44,7 +44,7 @@ from petsc4py import PETSc
 from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
-from fem_anode.fem.diffusion.transient import LENGTH_UNIT, TransientDiffusion
+from fem_anode.fem.diffusion.transient import LENGTH_UNIT, NamedPC, TransientDiffusion
 from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
@@ -715,7 +715,7 @@ class _SlabEisenstat:
         name = "eisenstat-slabs" if self.order == "separators" else "eisenstat-block-jacobi"
         if self.comm.size == 1:
             name = "eisenstat"
-        return _Named(name + ("+compiled" if self.sweeps.kernel is not None else ""))
+        return NamedPC(name + ("+compiled" if self.sweeps.kernel is not None else ""))
 
     def free(self) -> None:
         """Free the PETSc objects (not ``destroy``: PETSc calls a shell context's ``destroy(mat)`` itself)."""
@@ -729,14 +729,6 @@ class _SlabEisenstat:
             if vec is not None:
                 vec.destroy()
         self.sweeps.destroy()
-
-
-class _Named:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def getType(self) -> str:
-        return self.name
 
 
 class _DiagonalScaling:

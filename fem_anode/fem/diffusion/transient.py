@@ -849,7 +849,7 @@ class FusedEisenstatSolver:
         return "cg"
 
     def getPC(self) -> Any:
-        return _NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
+        return NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 
     @property
     def nbytes(self) -> int:
@@ -864,7 +864,9 @@ class FusedEisenstatSolver:
             self.off.destroy()
 
 
-class _NamedPC:
+class NamedPC:
+    """A stand-in for a PETSc ``PC`` that only names the preconditioner (for the solvers run in the package)."""
+
     def __init__(self, name: str) -> None:
         self.name = name
 
