@@ -47,6 +47,43 @@ def petsc_matrix(A: sparse.csr_matrix) -> PETSc.Mat:
     return mat
 
 
+def petsc_cg(mat: PETSc.Mat, pc_options: dict[str, object]) -> PETSc.KSP:
+    """PETSc's CG with the natural norm, rtol 1e-10, a nonzero initial guess and the given PC options
+    (under a prefix of its own, removed from the options database afterwards)."""
+    solver = PETSc.KSP().create(mat.getComm())
+    solver.setOperators(mat)
+    solver.setType("cg")
+    solver.setNormType(PETSc.KSP.NormType.NATURAL)
+    solver.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
+    solver.setInitialGuessNonzero(True)
+    solver.setOptionsPrefix("csr_sweeps_test_")
+    options = PETSc.Options()
+    for key, value in pc_options.items():
+        options["csr_sweeps_test_" + key] = value
+    solver.setConvergenceHistory()
+    solver.setFromOptions()
+    for key in pc_options:
+        del options["csr_sweeps_test_" + key]
+    return solver
+
+
+def assert_sweeps_equal_matsor(mat: PETSc.Mat, kernel: voxel_sweeps.CSRSweepKernel, b_values: np.ndarray) -> None:
+    """The kernel's forward, backward and apply-upper sweeps equal MatSOR's on ``mat``."""
+    b, x = mat.createVecLeft(), mat.createVecLeft()
+    b.array[:] = b_values
+    out = np.empty(kernel.n)
+    for flag, sweep in (
+        (SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.forward),
+        (SOR.BACKWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.backward),
+        (SOR.APPLY_UPPER, kernel.apply_upper),
+    ):
+        mat.SOR(b, x, OMEGA, flag, 0.0, 1, 1)
+        sweep(b_values, out)
+        np.testing.assert_allclose(out, x.array, rtol=1e-12, atol=1e-13 * np.abs(x.array).max())
+    b.destroy()
+    x.destroy()
+
+
 def test_csr_sweeps_equal_petsc_matsor():
     A = spd_matrix(900, 1)
     mat = petsc_matrix(A)
@@ -59,17 +96,8 @@ def test_csr_sweeps_equal_petsc_matsor():
     np.testing.assert_array_equal(kernel.diagonal(), d)
     kernel.set_diagonal(d)
     n = kernel.n
-    b, x = mat.createVecLeft(), mat.createVecLeft()
-    b.array[:] = np.random.default_rng(2).standard_normal(n)
+    assert_sweeps_equal_matsor(mat, kernel, np.random.default_rng(2).standard_normal(n))
     out = np.empty(n)
-    for flag, sweep in (
-        (SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.forward),
-        (SOR.BACKWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.backward),
-        (SOR.APPLY_UPPER, kernel.apply_upper),
-    ):
-        mat.SOR(b, x, OMEGA, flag, 0.0, 1, 1)
-        sweep(b.array_r, out)
-        np.testing.assert_allclose(out, x.array, rtol=1e-12, atol=1e-13 * np.abs(x.array).max())
     # the definitions by dense triangles, for the fused CG passes
     lower = sparse.tril(A, -1).toarray() + np.diag(d / OMEGA)
     upper = lower.T
@@ -92,8 +120,7 @@ def test_csr_sweeps_equal_petsc_matsor():
     # the views are PETSc's storage: a change of the matrix's values is seen without a copy
     mat.scale(2.0)
     np.testing.assert_array_equal(data, 2.0 * A.data)
-    for obj in (mat, b, x):
-        obj.destroy()
+    mat.destroy()
 
 
 def test_csr_kernel_refuses_what_it_cannot_sweep():
@@ -131,19 +158,7 @@ def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
             solver = FusedEisenstatSolver(k_mat, m_mat, OMEGA, 1e-10, 500, library)
             solver.prepare(SCALE)
         else:
-            solver = PETSc.KSP().create(PETSc.COMM_SELF)
-            solver.setOperators(mat)
-            solver.setType("cg")
-            solver.setNormType(PETSc.KSP.NormType.NATURAL)
-            solver.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
-            solver.setInitialGuessNonzero(True)
-            solver.getPC().setType("eisenstat")
-            options = PETSc.Options()
-            options["fused_test_pc_eisenstat_omega"] = OMEGA
-            solver.setOptionsPrefix("fused_test_")
-            solver.setConvergenceHistory()
-            solver.setFromOptions()
-            del options["fused_test_pc_eisenstat_omega"]
+            solver = petsc_cg(mat, {"pc_type": "eisenstat", "pc_eisenstat_omega": OMEGA})
         solver.solve(b, x)
         history = np.asarray(solver.getConvergenceHistory(), dtype=float)
         residual = A @ x.array - rhs
@@ -212,20 +227,7 @@ def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
                 "eisenstat+compiled" if comm.size == 1 else "eisenstat-block-jacobi+compiled"
             )
         else:
-            solver = PETSc.KSP().create(comm)
-            solver.setOperators(mat)
-            solver.setType("cg")
-            solver.setNormType(PETSc.KSP.NormType.NATURAL)
-            solver.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
-            solver.setInitialGuessNonzero(True)
-            solver.setOptionsPrefix("fused_block_test_")
-            options = PETSc.Options()
-            options["fused_block_test_pc_type"] = "sor"  # local symmetric sweeps by default
-            options["fused_block_test_pc_sor_omega"] = OMEGA
-            solver.setConvergenceHistory()
-            solver.setFromOptions()
-            for key in ("pc_type", "pc_sor_omega"):
-                del options["fused_block_test_" + key]
+            solver = petsc_cg(mat, {"pc_type": "sor", "pc_sor_omega": OMEGA})  # local symmetric sweeps
         solver.solve(b, x)
         history = np.asarray(solver.getConvergenceHistory(), dtype=float)
         solution = np.concatenate(comm.allgather(x.array))
@@ -255,23 +257,12 @@ def test_split_kernel_is_the_operator_k_plus_s_m():
     )
     rng = np.random.default_rng(8)
     b_values = rng.standard_normal(K.shape[0])
-    out = np.empty(K.shape[0])
     for scale in (0.6, 2.5):
         kernel.set_scale(scale)
         mat = petsc_matrix((K + scale * M).tocsr())
         np.testing.assert_allclose(kernel.diagonal(), mat.getDiagonal().array, rtol=1e-15)
-        b, x = mat.createVecLeft(), mat.createVecLeft()
-        b.array[:] = b_values
-        for flag, sweep in (
-            (SOR.FORWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.forward),
-            (SOR.BACKWARD_SWEEP | SOR.ZERO_INITIAL_GUESS, kernel.backward),
-            (SOR.APPLY_UPPER, kernel.apply_upper),
-        ):
-            mat.SOR(b, x, OMEGA, flag, 0.0, 1, 1)
-            sweep(b_values, out)
-            np.testing.assert_allclose(out, x.array, rtol=1e-12, atol=1e-13 * np.abs(x.array).max())
-        for obj in (mat, b, x):
-            obj.destroy()
+        assert_sweeps_equal_matsor(mat, kernel, b_values)
+        mat.destroy()
     with pytest.raises(TypeError, match="set_scale"):
         kernel.set_diagonal(np.ones(K.shape[0]))
     k_mat.destroy()
