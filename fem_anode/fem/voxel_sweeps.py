@@ -20,6 +20,7 @@ to PETSc's sweeps (``solver.sweep_kernel``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -386,8 +387,10 @@ class VoxelSweepKernel(_SweepKernel):
         )
 
 
+@functools.cache
 def _petsc_library() -> ctypes.CDLL:
-    """The PETSc shared library petsc4py loaded (from the process's maps, else petsc4py's config)."""
+    """The PETSc shared library petsc4py loaded (from the process's maps, else petsc4py's config;
+    looked up once)."""
     candidates: list[str] = []
     try:
         with open("/proc/self/maps") as maps:

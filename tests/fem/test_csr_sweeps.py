@@ -84,6 +84,16 @@ def assert_sweeps_equal_matsor(mat: PETSc.Mat, kernel: voxel_sweeps.CSRSweepKern
     x.destroy()
 
 
+def assert_same_cg(fused: tuple, petsc: tuple, history_terms: int) -> None:
+    """Two CG runs ``(reason, iterations, residual history, solution, ...)`` agree: converged, the
+    iterations within one (the dot products sum in another order), the first residual norms to
+    1e-8 and the solutions within the tolerance."""
+    assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
+    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
+    np.testing.assert_allclose(fused[2][:history_terms], petsc[2][:history_terms], rtol=1e-8)
+    np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
+
+
 def test_csr_sweeps_equal_petsc_matsor():
     A = spd_matrix(900, 1)
     mat = petsc_matrix(A)
@@ -181,10 +191,7 @@ def test_fused_eisenstat_is_petscs_cg_with_pceisenstat():
         b.destroy()
         x.destroy()
     fused, petsc = results["fused"], results["petsc"]
-    assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
-    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
-    np.testing.assert_allclose(fused[2][:4], petsc[2][:4], rtol=1e-8)
-    np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
+    assert_same_cg(fused, petsc, history_terms=4)
     assert fused[4] < 1e-7 and petsc[4] < 1e-7
     assert fused[5] == petsc[5] == (int(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT), 3)
     for obj in (mat, k_mat, m_mat):
@@ -232,14 +239,14 @@ def test_fused_block_jacobi_is_petscs_cg_with_local_ssor(comm):
         history = np.asarray(solver.getConvergenceHistory(), dtype=float)
         solution = np.concatenate(comm.allgather(x.array))
         results[which] = (solver.getConvergedReason(), solver.getIterationNumber(), history / history[0], solution)
-        solver.free() if which == "fused" else solver.destroy()
+        if which == "fused":
+            solver.free()
+        else:
+            solver.destroy()
         b.destroy()
         x.destroy()
     fused, petsc = results["fused"], results["petsc"]
-    assert fused[0] == petsc[0] == int(PETSc.KSP.ConvergedReason.CONVERGED_RTOL)
-    assert abs(fused[1] - petsc[1]) <= 1 and fused[1] > 5
-    np.testing.assert_allclose(fused[2][:5], petsc[2][:5], rtol=1e-8)
-    np.testing.assert_allclose(fused[3], petsc[3], rtol=0, atol=1e-7 * np.abs(petsc[3]).max())
+    assert_same_cg(fused, petsc, history_terms=5)
     assert np.linalg.norm(A @ fused[3] - rhs) < 1e-7 * np.linalg.norm(rhs)
     for obj in (mat, k_mat, m_mat):
         obj.destroy()
