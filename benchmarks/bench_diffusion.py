@@ -183,6 +183,7 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
     if args.preconditioner:
         settings.solver.preconditioner = args.preconditioner
     settings.solver.petsc_options = dict(args.petsc)
+    settings.solver.sweep_kernel = args.sweep_kernel
     settings.check()
     comm.barrier()
     start = time.perf_counter()
@@ -400,6 +401,12 @@ def main() -> None:
         default="fe",
         choices=("fe", "fv"),
         help="electrode cases: P1 finite elements or cell-centred finite volumes",
+    )
+    parser.add_argument(
+        "--sweep-kernel",
+        default="auto",
+        choices=("auto", "compiled", "csr", "petsc"),
+        help="fem_anode's solver.sweep_kernel (electrode cases; 'csr': the CSR sweeps even on the voxel grid)",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip scikit-fem")
     parser.add_argument(

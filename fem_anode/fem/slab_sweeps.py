@@ -33,6 +33,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
+from fem_anode.fem.grid_stencil import GridStencilKernel
 from fem_anode.fem.voxel_sweeps import CSRSweepKernel, VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
@@ -349,40 +350,69 @@ class SeparatorMatrix:
 
 class OffRankCouplings:
     """``q = O t``: the couplings of this rank's rows to other ranks' columns of an ``MPIAIJ`` matrix
-    ``A = K + s M`` (the off-diagonal blocks of ``K`` and ``M``, read in place, one pattern) applied
-    to a distributed vector (one scatter of the ghost columns). Collective.
+    ``A = K + s M`` (the off-diagonal blocks of ``K`` and ``M``, one pattern) applied to a
+    distributed vector (one scatter of the ghost columns). Collective.
 
     Args:
-        K: the matrix (``mpiaij``), or ``K`` of ``K + s M``; values may change, the pattern not.
+        K: the matrix (``mpiaij``), or ``K`` of ``K + s M``; the pattern must not change (nor, with
+            ``M``, the values).
         like: a vector of the matrix's column layout (for the scatter).
-        M: ``M`` of ``K + s M`` (same pattern as ``K``), or none (``A = K``).
+        M: ``M`` of ``K + s M`` (same pattern as ``K``), or none (``A = K``, values read in place).
+        order: for vectors whose local entries are permuted on every rank (entry ``i`` holds the
+            matrix's local row ``order[i]``, e.g. :class:`~fem_anode.fem.grid_stencil.GridStencilKernel`'s
+            order): ``t`` and ``q`` are in that order; ``None``: the matrix's order.
     """
 
-    def __init__(self, K: PETSc.Mat, like: PETSc.Vec, M: PETSc.Mat | None = None) -> None:
+    def __init__(
+        self, K: PETSc.Mat, like: PETSc.Vec, M: PETSc.Mat | None = None, order: np.ndarray | None = None
+    ) -> None:
         import scipy.sparse
 
         from fem_anode.fem.voxel_sweeps import mpiaij_off_block
 
         (indptr, indices, k_values), ghosts = mpiaij_off_block(K)
-        self.k_values = k_values
         self.m_values: np.ndarray | None = None
         if M is not None:
-            (m_indptr, m_indices, self.m_values), m_ghosts = mpiaij_off_block(M)
+            (m_indptr, m_indices, m_values), m_ghosts = mpiaij_off_block(M)
             if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
                 raise ValueError("OffRankCouplings: K and M differ in their off-rank pattern")
             if not np.array_equal(m_ghosts, ghosts):
                 raise ValueError("OffRankCouplings: K and M differ in their ghost columns")
         n = K.getLocalSize()[0]
-        values = k_values if M is None else k_values.copy()  # K + s M needs values of its own
-        self.block = scipy.sparse.csr_matrix((values, indices, indptr), shape=(n, ghosts.size), copy=False)
+        # only the rows with off-rank couplings (a few layers of a slab-partitioned mesh)
+        self.rows = np.flatnonzero(np.diff(indptr)).astype(np.int32)
+        if M is None:
+            self.k_values = k_values
+            self.block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size), copy=False)
+            self.rows = np.arange(n, dtype=np.int32)
+        else:
+            full = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size))
+            self.block = full[self.rows]
+            self.k_values = self.block.data.copy()
+            self.m_values = scipy.sparse.csr_matrix((m_values, indices, indptr), shape=(n, ghosts.size))[self.rows].data
         self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
         index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
         self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
         index_set.destroy()
+        if order is not None:  # the ghosts' positions in the permuted vectors: ask their owners
+            inverse = np.empty(n, np.int64)
+            inverse[order] = np.arange(n)
+            positions = like.duplicate()
+            positions.array[:] = like.getOwnershipRange()[0] + inverse
+            self.scatter.scatter(
+                positions, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD
+            )
+            permuted = np.rint(self.ghost_values.array_r).astype(PETSc.IntType)
+            positions.destroy()
+            self.scatter.destroy()
+            index_set = PETSc.IS().createGeneral(permuted, comm=PETSc.COMM_SELF)
+            self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
+            index_set.destroy()
+            self.rows = inverse[self.rows].astype(np.int32)
         self.q = np.zeros(n)
 
     def set_scale(self, scale: float) -> None:
-        """``O`` of ``K + scale M`` from ``K`` and ``M``'s current values (without ``M``: nothing to do)."""
+        """``O`` of ``K + scale M`` from ``K`` and ``M``'s values (without ``M``: nothing to do)."""
         if self.m_values is not None:
             np.multiply(self.m_values, scale, out=self.block.data)
             self.block.data += self.k_values
@@ -390,7 +420,7 @@ class OffRankCouplings:
     def product(self, t: PETSc.Vec) -> np.ndarray:
         """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""
         self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        self.q[:] = self.block @ self.ghost_values.array_r
+        self.q[self.rows] = self.block @ self.ghost_values.array_r
         return self.q
 
     def destroy(self) -> None:
@@ -407,7 +437,8 @@ class LocalSweeps:
 
     Args:
         comm: the matrix's communicator.
-        kernel: the compiled kernel of this rank's rows (:class:`~fem_anode.fem.voxel_sweeps.CSRSweepKernel`;
+        kernel: the compiled kernel of this rank's rows (:class:`~fem_anode.fem.voxel_sweeps.CSRSweepKernel`,
+            :class:`~fem_anode.fem.grid_stencil.GridStencilKernel`;
             a :class:`~fem_anode.fem.voxel_sweeps.VoxelSweepKernel` on one rank).
         off: the couplings to other ranks' rows (required on several ranks).
     """
@@ -415,11 +446,11 @@ class LocalSweeps:
     def __init__(
         self,
         comm: MPI.Comm,
-        kernel: CSRSweepKernel | VoxelSweepKernel,
+        kernel: CSRSweepKernel | GridStencilKernel | VoxelSweepKernel,
         off: OffRankCouplings | None = None,
     ) -> None:
-        if comm.size > 1 and (off is None or not isinstance(kernel, CSRSweepKernel)):
-            raise ValueError("LocalSweeps on several ranks needs a CSR kernel and the off-rank couplings")
+        if comm.size > 1 and (off is None or isinstance(kernel, VoxelSweepKernel)):
+            raise ValueError("LocalSweeps on several ranks needs a CSR or grid kernel and the off-rank couplings")
         self.comm, self.kernel, self.omega, self.off = comm, kernel, kernel.omega, off
 
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
@@ -439,7 +470,7 @@ class LocalSweeps:
         if self.off is None:
             self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
             return
-        assert isinstance(self.kernel, CSRSweepKernel)
+        assert not isinstance(self.kernel, VoxelSweepKernel)
         self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array, q=self.off.product(t))
 
     def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
@@ -451,7 +482,7 @@ class LocalSweeps:
         part of ``p . w``."""
         if self.off is None:
             return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
-        assert isinstance(self.kernel, CSRSweepKernel)
+        assert not isinstance(self.kernel, VoxelSweepKernel)
         q = self.off.product(t)
         return self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array, q=q)
 

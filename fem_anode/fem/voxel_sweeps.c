@@ -10,6 +10,7 @@
  * is one fused multiply-add per row; PETSc's general MatSOR reloads it through memory.
  */
 #include <stdint.h>
+#include <math.h>
 
 /* x = (D/omega + L)^{-1} b  (forward sweep from a zero initial guess) */
 void fa_forward(int64_t n, const double *b, const double *dinv, const int32_t *lower,
@@ -358,4 +359,202 @@ void fa_csr_split_pattern(int64_t n, const int32_t *indptr, const int32_t *indic
         for (int32_t k = indptr[i]; k < diag[i]; ++k) lower_indices[lo++] = indices[k];
         for (int32_t k = diag[i] + 1; k < indptr[i + 1]; ++k) upper_indices[up++] = indices[k];
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The same sweeps and fused CG passes for a P1 matrix on a voxel grid stored by row types (see
+ * GridStencilKernel in voxel_sweeps.py). Rows are the dofs in grid order; a regular row's
+ * couplings are to the primary dofs of the 26 neighbouring grid nodes and of its own node, and its
+ * 27 values depend only on the local geometry: they are stored once per row type (lower: the 13
+ * neighbours before the row in grid order, upper: the 13 after). map[grid[i] + offset[k]] is the
+ * row of the neighbour (padded grid: every neighbour position exists; an absent neighbour maps to
+ * any row, its coefficient is 0). Rows where the geometry is not a plain stencil (nodes split by
+ * face connectivity and their neighbours) are "special" (type 0xFFFF) and keep CSR rows of their
+ * own, in row order, columns sorted (s_diag[c]: the position of the diagonal entry).
+ */
+typedef struct {
+    int64_t n;
+    const uint16_t *type;
+    const int32_t *grid;
+    const int32_t *map;
+    const int64_t *offset; /* 26 linear offsets of the neighbours in the padded grid: 13 lower, 13 upper */
+    const double *lower;   /* per type: 13 coefficients of the lower neighbours */
+    const double *upper;   /* per type: 13 coefficients of the upper neighbours */
+    const double *diag;    /* per type: a_ii */
+    const double *dinv;    /* per type: omega / a_ii */
+    int64_t nspecial;
+    const int32_t *s_indptr;
+    const int32_t *s_diag;
+    const int32_t *s_cols;
+    const double *s_values;
+    const double *s_dinv;
+} fa_stencil;
+
+#define FA_SPECIAL 0xFFFF
+
+/* sum over the 13 neighbours of one half of the stencil, four partial sums */
+static inline double fa_st_dot(const double *a, const int32_t *map, const int64_t *off, int64_t g,
+                               const double *x)
+{
+    double s0 = a[0] * x[map[g + off[0]]], s1 = a[1] * x[map[g + off[1]]];
+    double s2 = a[2] * x[map[g + off[2]]], s3 = a[3] * x[map[g + off[3]]];
+    s0 += a[4] * x[map[g + off[4]]];
+    s1 += a[5] * x[map[g + off[5]]];
+    s2 += a[6] * x[map[g + off[6]]];
+    s3 += a[7] * x[map[g + off[7]]];
+    s0 += a[8] * x[map[g + off[8]]];
+    s1 += a[9] * x[map[g + off[9]]];
+    s2 += a[10] * x[map[g + off[10]]];
+    s3 += a[11] * x[map[g + off[11]]];
+    s0 += a[12] * x[map[g + off[12]]];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* row i's strict lower (upper = 0) or upper (1) part applied to x, and omega / a_ii; c: the special
+ * rows' cursor (advanced forward by lower, backward by upper) */
+static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int64_t *c, const double *x,
+                                double *dinv)
+{
+    const uint16_t t = S->type[i];
+    if (t != FA_SPECIAL) {
+        *dinv = S->dinv[t];
+        if (upper) return fa_st_dot(S->upper + 13 * (int64_t)t, S->map, S->offset + 13, S->grid[i], x);
+        return fa_st_dot(S->lower + 13 * (int64_t)t, S->map, S->offset, S->grid[i], x);
+    }
+    const int64_t k = *c;
+    *dinv = S->s_dinv[k];
+    const int32_t start = upper ? S->s_diag[k] + 1 : S->s_indptr[k];
+    const int32_t end = upper ? S->s_indptr[k + 1] : S->s_diag[k];
+    *c = upper ? k - 1 : k + 1;
+    return fa_csr_dot(S->s_values, S->s_cols, x, start, end);
+}
+
+/* x = (D/omega + L)^{-1} b */
+void fa_st_forward(const fa_stencil *S, const double *b, double *x)
+{
+    int64_t c = 0;
+    double dinv;
+    for (int64_t i = 0; i < S->n; ++i) {
+        const double s = fa_st_half(S, i, 0, &c, x, &dinv);
+        x[i] = (b[i] - s) * dinv;
+    }
+}
+
+/* x = (D/omega + U)^{-1} b */
+void fa_st_backward(const fa_stencil *S, const double *b, double *x)
+{
+    int64_t c = S->nspecial - 1;
+    double dinv;
+    for (int64_t i = S->n - 1; i >= 0; --i) {
+        const double s = fa_st_half(S, i, 1, &c, x, &dinv);
+        x[i] = (b[i] - s) * dinv;
+    }
+}
+
+/* y = (D/omega + U) x */
+void fa_st_apply_upper(const fa_stencil *S, const double *x, double *y)
+{
+    int64_t c = S->nspecial - 1;
+    double dinv;
+    for (int64_t i = S->n - 1; i >= 0; --i) {
+        const double s = fa_st_half(S, i, 1, &c, x, &dinv);
+        y[i] = x[i] / dinv + s;
+    }
+}
+
+/* y = A x (A = L + D + U) */
+void fa_st_mult(const fa_stencil *S, const double *x, double *y)
+{
+    int64_t lo = 0, up = S->nspecial - 1;
+    double dinv;
+    /* the special rows' cursor of the upper part runs backward: run the rows backward */
+    for (int64_t i = S->n - 1; i >= 0; --i) {
+        const double su = fa_st_half(S, i, 1, &up, x, &dinv);
+        y[i] = su;
+    }
+    lo = 0;
+    for (int64_t i = 0; i < S->n; ++i) {
+        const uint16_t t = S->type[i];
+        const double sl = fa_st_half(S, i, 0, &lo, x, &dinv);
+        const double d = t != FA_SPECIAL ? S->diag[t] : S->s_values[S->s_diag[lo - 1]];
+        y[i] += sl + d * x[i];
+    }
+}
+
+/* z = (D/omega + L)^{-1} (y + mid d t + q) (q: couplings to other ranks' rows, or NULL) */
+void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double *t, const double *d, double mid,
+                             const double *q, double *z)
+{
+    int64_t c = 0;
+    double dinv;
+    for (int64_t i = 0; i < S->n; ++i) {
+        const double s = y[i] + mid * d[i] * t[i] + (q ? q[i] : 0.0);
+        const double h = fa_st_half(S, i, 0, &c, z, &dinv);
+        z[i] = (s - h) * dinv;
+    }
+}
+
+/* p = d r + beta p, then t = (D/omega + U)^{-1} p */
+void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const double *d, double beta, double *p,
+                                 double *t)
+{
+    int64_t c = S->nspecial - 1;
+    double dinv;
+    for (int64_t i = S->n - 1; i >= 0; --i) {
+        const double pi = d[i] * r[i] + beta * p[i];
+        p[i] = pi;
+        const double h = fa_st_half(S, i, 1, &c, t, &dinv);
+        t[i] = (pi - h) * dinv;
+    }
+}
+
+/* z = (D/omega + L)^{-1} (p + mid d t + q), w = z + t, z overwriting t; returns the sum of p[i] w[i] */
+double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t, const double *d, double mid,
+                                const double *q, double *w)
+{
+    int64_t c = 0;
+    double dinv, pw = 0.0;
+    for (int64_t i = 0; i < S->n; ++i) {
+        const double ti = t[i];
+        const double s = p[i] + mid * d[i] * ti + (q ? q[i] : 0.0);
+        const double h = fa_st_half(S, i, 0, &c, t, &dinv);
+        const double zi = (s - h) * dinv;
+        t[i] = zi;
+        const double wi = zi + ti;
+        w[i] = wi;
+        pw += p[i] * wi;
+    }
+    return pw;
+}
+
+/* The row keys that group a CSR matrix pair (K, M) of one pattern into row types (rows as given,
+ * e.g. one rank's diagonal block): for every row, the sum over its entries of
+ * mult_k[code] * rint(k / scale_k) + mult_m[code] * rint(m / scale_m) (wrapping 64-bit arithmetic),
+ * code = the entry's neighbour offset (0..26, x fastest) found from the columns' linear grid
+ * positions lin (offsets27: the 27 linear offsets in code order). special[i] is set to 1 for a row
+ * with a column that is not primary (not the first dof of its grid node). Returns the number of
+ * entries whose offset is not one of the 27 (then the matrix is not a voxel stencil). */
+int64_t fa_st_row_keys(int64_t n, const int32_t *indptr, const int32_t *indices, const double *k, const double *m,
+                       const int64_t *lin, const uint8_t *primary, const int64_t *offsets27, double scale_k,
+                       double scale_m, const uint64_t *mult, uint64_t *key, uint8_t *special)
+{
+    int64_t outside = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint64_t h = 0;
+        uint8_t sp = 0;
+        for (int32_t e = indptr[i]; e < indptr[i + 1]; ++e) {
+            const int32_t j = indices[e];
+            const int64_t off = lin[j] - lin[i];
+            int code = -1;
+            for (int c = 0; c < 27; ++c)
+                if (offsets27[c] == off) { code = c; break; }
+            if (code < 0) { ++outside; continue; }
+            if (!primary[j]) sp = 1;
+            const int64_t qk = (int64_t)llrint(k[e] / scale_k), qm = (int64_t)llrint(m[e] / scale_m);
+            h += mult[code] * (uint64_t)qk + mult[27 + code] * (uint64_t)qm;
+        }
+        key[i] = h;
+        special[i] |= sp;
+    }
+    return outside;
 }

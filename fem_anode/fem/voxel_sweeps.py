@@ -71,7 +71,7 @@ def _compile(target: Path) -> None:
     os.close(handle)
     try:
         done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", scratch], capture_output=True, text=True, timeout=120
+            [compiler, *_FLAGS, str(_SOURCE), "-o", scratch, "-lm"], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise SweepKernelUnavailable(f"{compiler} failed: {done.stderr.strip()[:400]}")
@@ -133,6 +133,18 @@ def _load_local() -> ctypes.CDLL:
     library.fa_csr_cg_direction_backward.restype = None
     library.fa_csr_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 7]
     library.fa_csr_cg_forward_product.restype = double
+    for name in ("fa_st_forward", "fa_st_backward", "fa_st_apply_upper", "fa_st_mult"):
+        function = getattr(library, name)
+        function.argtypes = [pointer, pointer, pointer]
+        function.restype = None
+    library.fa_st_forward_eisenstat.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer]
+    library.fa_st_forward_eisenstat.restype = None
+    library.fa_st_cg_direction_backward.argtypes = [pointer, pointer, pointer, double, pointer, pointer]
+    library.fa_st_cg_direction_backward.restype = None
+    library.fa_st_cg_forward_product.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer]
+    library.fa_st_cg_forward_product.restype = double
+    library.fa_st_row_keys.argtypes = [size, *[pointer] * 7, double, double, pointer, pointer, pointer]
+    library.fa_st_row_keys.restype = size
     return library
 
 

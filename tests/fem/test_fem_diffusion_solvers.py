@@ -76,9 +76,18 @@ def direct(volume):
     return DiffusionProblem(volume, settings_for(type="direct")).run()
 
 
-@pytest.mark.parametrize("preconditioner", ["auto", "ssor", "mg", "gamg", "hypre"])
+def ssor_name(comm, kernel: str = "grid-stencil") -> str:
+    """The fused SSOR-CG's name: the grid-stencil sweeps on this voxel mesh, the CSR sweeps with
+    ``sweep_kernel = "csr"``; block Jacobi on several ranks."""
+    return ("eisenstat" if comm.size == 1 else "eisenstat-block-jacobi") + "+" + kernel
+
+
+@pytest.mark.parametrize("preconditioner", ["auto", "ssor", "ssor-csr", "mg", "gamg", "hypre"])
 def test_cg_preconditioners_agree_with_the_direct_solve(volume, direct, preconditioner):
-    problem = RecordingProblem(volume, settings_for(type="iterative", preconditioner=preconditioner))
+    options = {"preconditioner": preconditioner}
+    if preconditioner == "ssor-csr":  # the compiled CSR sweeps, not the grid stencil
+        options = {"preconditioner": "ssor", "sweep_kernel": "csr"}
+    problem = RecordingProblem(volume, settings_for(type="iterative", **options))
     result = problem.run()
     assert result.steps == direct.steps
     # rtol 1e-10 on each step; the records are relative to c_bulk (mol/m^3)
@@ -88,12 +97,13 @@ def test_cg_preconditioners_agree_with_the_direct_solve(volume, direct, precondi
     assert result.mass_balance_rel_error < 1e-8
     assert result.domain_mean[-1] > 0.5 * c_bulk  # the run gets far enough to be a test
     types = {pc for _, pc, _ in problem.solves}
-    # the fused CG on the compiled CSR sweeps (C compiler): Eisenstat's SSOR, block Jacobi on several ranks
-    ssor = {"eisenstat+compiled" if problem.comm.size == 1 else "eisenstat-block-jacobi+compiled"}
+    # the fused CG on the compiled sweeps (C compiler): Eisenstat's SSOR, block Jacobi on several ranks
+    ssor = {ssor_name(problem.comm)}
     if preconditioner == "auto":  # SSOR first; multigrid once SSOR needs more than 40 iterations (if ever)
         assert ssor <= types <= ssor | {"mg"}
     else:
-        assert types == {"ssor": ssor, "mg": {"mg"}, "gamg": {"gamg"}, "hypre": {"hypre"}}[preconditioner]
+        expected = {"ssor": ssor, "ssor-csr": {ssor_name(problem.comm, "compiled")}, "mg": {"mg"}}
+        assert types == {**expected, "gamg": {"gamg"}, "hypre": {"hypre"}}[preconditioner]
     # a few iterations per step with the reused preconditioner (measured medians on 1 / 2 ranks:
     # mg 5 / 5, GAMG 9 / 9, BoomerAMG 5 / 5, SSOR 11 / 18, auto 11 / 18)
     median = np.median([its for _, _, its in problem.solves])
@@ -133,8 +143,7 @@ def test_auto_stays_on_ssor_when_the_multigrid_set_up_does_not_fit(volume, monke
     with caplog.at_level("WARNING", logger="fem_anode.fem.diffusion"):
         result = problem.run()
     assert problem.multigrid_fits is False and problem.amg_from_a0 is None and problem.factorisations == 0
-    ssor = "eisenstat+compiled" if problem.comm.size == 1 else "eisenstat-block-jacobi+compiled"
-    assert {pc for _, pc, _ in problem.solves} == {ssor}
+    assert {pc for _, pc, _ in problem.solves} == {ssor_name(problem.comm)}
     assert any(its > 8 for _, _, its in problem.solves)  # the switch was asked for, and refused
     assert result.status == "completed" and "staying on SSOR" in caplog.text
     monkeypatch.setenv("FEM_ANODE_MEMORY_LIMIT", str(int(need * 10)))  # the same run with room for it switches

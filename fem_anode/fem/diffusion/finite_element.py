@@ -231,12 +231,49 @@ class DiffusionProblem(TransientDiffusion):
             if library is not None:
                 solver = self.settings.solver
                 self._fused = FusedEisenstatSolver(
-                    self._KR, self._M, self.ssor_omega, solver.rtol, 500, library, work=self._work
+                    self._KR,
+                    self._M,
+                    self.ssor_omega,
+                    solver.rtol,
+                    500,
+                    library,
+                    work=self._work,
+                    grid=self._voxel_grid(),
                 )
         if not isinstance(self._fused, FusedEisenstatSolver):
             return super()._ksp(a0)
         self._fused.prepare(key * self.eps)  # A = K + R + a0 eps M, no assembled copy
         return self._fused
+
+    def _voxel_grid(self) -> np.ndarray | None:
+        """Integer grid indices ``(n, 3)`` of this rank's dofs when the space is P1 on a mesh of equal
+        axis-aligned hexahedra (quadrilaterals: third index 0), for the grid-stencil sweeps
+        (:class:`~fem_anode.fem.grid_stencil.GridStencilKernel`); ``None`` otherwise or with
+        ``solver.sweep_kernel = "csr"`` (collective). The spacing is the first cell's extent on
+        every rank; that every coupling joins grid neighbours is checked by the kernel."""
+        from fem_anode.fem.grid_stencil import grid_coordinates
+
+        mesh = self.mesh
+        if self.settings.mesh.order != 1 or self.settings.solver.sweep_kernel == "csr":
+            return None
+        if mesh.topology.cell_name() not in ("hexahedron", "quadrilateral"):
+            return None
+        x = mesh.geometry.x
+        dofmap = mesh.geometry.dofmap
+        extent = np.ptp(x[dofmap[0]], axis=0) if len(dofmap) else np.full(3, np.inf)
+        extents = self.comm.allgather(extent)
+        finite = [e for e in extents if np.all(np.isfinite(e))]
+        spacing = finite[0] if finite else None
+        low = x.min(axis=0) if len(x) else np.full(3, np.inf)
+        origin = np.array([self.comm.allreduce(float(v), op=MPI.MIN) for v in low])
+        grid = None
+        if spacing is not None and all(np.allclose(e, spacing, rtol=1e-9, atol=0.0) for e in finite):
+            spacing = np.where(spacing > 0, spacing, 1.0)
+            n_owned = self.V.dofmap.index_map.size_local
+            grid = grid_coordinates(self.V.tabulate_dof_coordinates()[:n_owned], origin, spacing)
+        if not self.comm.allreduce(grid is not None, op=MPI.LAND):
+            return None
+        return grid
 
     def _switch_iterations(self) -> int:
         """``solver.switch_iterations``, or its default: 40 with the fused SSOR-CG on any number of

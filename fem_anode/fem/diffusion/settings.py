@@ -172,11 +172,12 @@ class SolverSettings(Section):
     petsc_options: dict[str, str] = setting({}, "extra PETSc options merged over the defaults")
     sweep_kernel: str = setting(
         "auto",
-        "SSOR sweeps of finite-volume runs and of finite-element runs on one rank: 'compiled' (the package's kernels "
-        "for the voxel stencil or the assembled CSR matrix, with CG fused into them; built with the system C compiler "
-        "on first use), 'petsc' (PETSc's MatSOR / PCEISENSTAT and KSPCG) or 'auto' (compiled when a C compiler works, "
-        "else PETSc's, with a warning)",
-        choices=("auto", "compiled", "petsc"),
+        "SSOR sweeps of finite-volume and P1/P2 runs: 'compiled' (the package's kernels for the voxel stencil, for P1 "
+        "on a voxel grid by row types, else for the assembled CSR matrix, with CG fused into them; built with the "
+        "system C compiler on first use), 'csr' (compiled, the assembled CSR matrix even on a voxel grid), 'petsc' "
+        "(PETSc's MatSOR / PCEISENSTAT and KSPCG) or 'auto' (compiled when a C compiler works, else PETSc's, with a "
+        "warning)",
+        choices=("auto", "compiled", "csr", "petsc"),
     )
     cache_size: int = setting(
         3,

@@ -277,8 +277,8 @@ class TransientDiffusion:
         try:
             return load_sweep_library(self.comm)
         except SweepKernelUnavailable as exc:
-            if choice == "compiled":
-                raise UsageError(f"solver.sweep_kernel = 'compiled' is unavailable: {exc}") from exc
+            if choice in ("compiled", "csr"):
+                raise UsageError(f"solver.sweep_kernel = {choice!r} is unavailable: {exc}") from exc
             logger.warning("compiled SSOR sweeps unavailable (%s); using PETSc's MatSOR", exc)
             return None
 
@@ -796,6 +796,11 @@ class FusedEisenstatSolver:
         max_it: iteration limit.
         library: the compiled kernels (:func:`~fem_anode.fem.voxel_sweeps.load_sweep_library`).
         work: a vector the solver may use for ``w`` (free during a solve), else one is made.
+        grid: integer grid indices ``(n, 3)`` of this rank's rows when they are the nodes of a
+            voxel grid (P1 on equal axis-aligned cells): then ``A`` is kept by row types and swept
+            in grid order (:class:`~fem_anode.fem.grid_stencil.GridStencilKernel`; each solve
+            renumbers ``b`` and ``x`` into that order and back), unless some rank's matrix is not a
+            grid stencil (then the CSR kernel everywhere).
     """
 
     def __init__(
@@ -807,7 +812,9 @@ class FusedEisenstatSolver:
         max_it: int,
         library: Any,
         work: PETSc.Vec | None = None,
+        grid: np.ndarray | None = None,
     ) -> None:
+        from fem_anode.fem.grid_stencil import GridStencilKernel
         from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps, OffRankCouplings
         from fem_anode.fem.voxel_sweeps import SplitCSRSweepKernel, seqaij_arrays
 
@@ -817,10 +824,29 @@ class FusedEisenstatSolver:
         m_indptr, m_indices, m_values = seqaij_arrays(blocks[1])
         if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
             raise ValueError("FusedEisenstatSolver: K and M must share one sparsity pattern")
-        self.kernel = SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library)
+        stencil: GridStencilKernel | None = None
+        failure = ""
+        if grid is not None:
+            try:
+                stencil = GridStencilKernel(indptr, indices, k_values, m_values, grid, omega, library)
+            except ValueError as exc:
+                failure = str(exc)
+            if comm.allreduce(bool(failure), op=MPI.LOR):  # one kind of kernel on every rank
+                logger.info("grid stencil unavailable (%s): CSR sweeps", failure or "on another rank")
+                stencil = None
+        self.kernel: SplitCSRSweepKernel | GridStencilKernel
+        #: kernel row i holds the matrix's local row order[i] (grid order); None: the matrix's order
+        self.order: np.ndarray | None = None
+        if stencil is None:
+            self.kernel = SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library)
+        else:
+            self.kernel, self.order = stencil, stencil.order
         n = self.kernel.n
         self.d = PETSc.Vec().createWithArray(self.kernel.d, size=(n, PETSc.DECIDE), comm=comm)
-        self.off = OffRankCouplings(K, self.d, M) if comm.size > 1 else None
+        self.off = OffRankCouplings(K, self.d, M, order=self.order) if comm.size > 1 else None
+        # vectors in the kernel's order (when it is not the matrix's)
+        self._b = self.d.duplicate() if self.order is not None else None
+        self._x = self.d.duplicate() if self.order is not None else None
         self.cg = EisenstatCG(LocalSweeps(comm, self.kernel, self.off), self.d, rtol, max_it, work=work)
         self.scale: float | None = None
 
@@ -834,7 +860,13 @@ class FusedEisenstatSolver:
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
-        self.cg.solve(b, x)
+        if self.order is None or self._b is None or self._x is None:
+            self.cg.solve(b, x)
+            return
+        np.take(b.array_r, self.order, out=self._b.array)
+        np.take(x.array_r, self.order, out=self._x.array)
+        self.cg.solve(self._b, self._x)
+        x.array[self.order] = self._x.array_r
 
     def getConvergedReason(self) -> int:
         return self.cg.reason
@@ -849,17 +881,22 @@ class FusedEisenstatSolver:
         return "cg"
 
     def getPC(self) -> Any:
-        return NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
+        name = "eisenstat" if self.off is None else "eisenstat-block-jacobi"
+        return NamedPC(name + ("+grid-stencil" if self.order is not None else "+compiled"))
 
     @property
     def nbytes(self) -> int:
         """Bytes held beyond ``K`` and ``M``: the split operator and the CG's vectors (this rank)."""
-        return self.kernel.nbytes + 8 * self.kernel.n * 4
+        vectors = 4 + (2 if self.order is not None else 0)
+        return self.kernel.nbytes + 8 * self.kernel.n * vectors
 
     def free(self) -> None:
         """Free the vectors and the scatter (the matrix belongs to the caller)."""
         self.cg.destroy()
         self.d.destroy()
+        for vec in (self._b, self._x):
+            if vec is not None:
+                vec.destroy()
         if self.off is not None:
             self.off.destroy()
 

@@ -1,0 +1,204 @@
+"""The grid-stencil sweeps of P1 matrices on voxel meshes (fem_anode.fem.grid_stencil): the operator
+stored by row types is the assembled ``K + R + s M`` (also at nodes split by face connectivity),
+its sweeps solve the SSOR triangles in grid order, and the fused CG on it is PETSc's KSPCG +
+PCEISENSTAT on the assembled matrix in the same order. Runs on 1 and 2 ranks (each rank's rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dolfinx")
+
+import scipy.sparse as sparse  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+from petsc4py import PETSc  # noqa: E402
+
+from fem_anode.fem import read_mesh  # noqa: E402
+from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, TimeSettings  # noqa: E402
+from fem_anode.fem.diffusion.transient import FusedEisenstatSolver  # noqa: E402
+from fem_anode.fem.grid_stencil import GridStencilKernel, grid_coordinates  # noqa: E402
+from fem_anode.fem.voxel_sweeps import load_sweep_library, seqaij_arrays  # noqa: E402
+from fem_anode.io import VoxelImage  # noqa: E402
+from fem_anode.meshing import write_voxel_mesh  # noqa: E402
+
+OMEGA = 1.3
+N = 9  # voxels per side
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory, comm):
+    """P1 on a random 9^3 SEI/pore volume (seeded): many voxels touch only along an edge or at a
+    corner, so face connectivity splits nodes; pore faces carry the Robin term."""
+    directory = Path(comm.bcast(str(tmp_path_factory.mktemp("grid")) if comm.rank == 0 else None, root=0))
+    labels = np.where(np.random.default_rng(3).random((N, N, N)) < 0.6, 3, 0).astype(np.uint8)
+    labels[:, :, 0] = 3  # one face-connected wall keeps every part near the others
+    path = directory / "volume.msh"
+    if comm.rank == 0:
+        write_voxel_mesh(VoxelImage(labels, (20e-9,) * 3, {"pore": 0, "sei": 3}), path, keep=["sei"])
+    comm.barrier()
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(mesh=path), time=TimeSettings(t_end=1e-5, output_times=[1e-5], dt_initial=1e-6)
+    )
+    settings.check()
+    out = DiffusionProblem(read_mesh(path, comm), settings)
+    yield out
+    out.destroy()
+
+
+def local_blocks(problem) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """``K + R`` and ``M`` of this rank's rows and columns (CSR arrays), and ``M``'s values."""
+    KR, M = problem._KR, problem._M
+    if problem.comm.size > 1:
+        KR, M = KR.getDiagonalBlock(), M.getDiagonalBlock()
+    return seqaij_arrays(KR), seqaij_arrays(M)[2]
+
+
+def test_the_grid_stencil_is_the_assembled_operator(problem):
+    (indptr, indices, k_values), m_values = local_blocks(problem)
+    grid = problem._voxel_grid()
+    assert grid is not None and grid.shape == (indptr.size - 1, 3)
+    library = load_sweep_library(MPI.COMM_SELF)
+    kernel = GridStencilKernel(indptr, indices, k_values, m_values, grid, OMEGA, library)
+    n = kernel.n
+    # split nodes exist (face connectivity) and are kept as CSR rows; the rest are a few row types
+    split = problem.comm.allreduce(n - np.unique(grid, axis=0).shape[0])
+    assert split > 0 and problem.comm.allreduce(kernel.nspecial) > split
+    if problem.comm.size == 1:  # (a rank's thin slab has many types of boundary rows)
+        assert kernel.ntypes < n / 4
+    K = sparse.csr_matrix((k_values, indices, indptr), shape=(n, n))
+    M = sparse.csr_matrix((m_values, indices, indptr), shape=(n, n))
+    rng = np.random.default_rng(problem.comm.rank)
+    for scale in (0.7, 40.0):
+        kernel.set_scale(scale)
+        A = (K + scale * M)[kernel.order][:, kernel.order].tocsr()  # in grid order
+        x, out = rng.standard_normal(n), np.empty(n)
+        kernel.mult(x, out)
+        np.testing.assert_allclose(out, A @ x, rtol=0, atol=1e-12 * float((abs(A) @ np.abs(x)).max()))
+        np.testing.assert_allclose(kernel.diagonal(), A.diagonal(), rtol=1e-12)
+        d = A.diagonal()
+        lower = (sparse.tril(A, -1) + sparse.diags(d / OMEGA)).toarray()
+        upper = lower.T
+        for sweep, triangle in ((kernel.forward, lower), (kernel.backward, upper)):
+            sweep(x, out)
+            np.testing.assert_allclose(out, np.linalg.solve(triangle, x), rtol=1e-10, atol=1e-12 * np.abs(out).max())
+        kernel.apply_upper(x, out)
+        np.testing.assert_allclose(out, upper @ x, rtol=1e-12, atol=1e-13 * np.abs(out).max())
+        # the fused CG passes against their dense definitions
+        r, p0, t0, y = rng.standard_normal((4, n))
+        mid, beta = 1.0 - 2.0 / OMEGA, 0.37
+        kernel.forward_eisenstat(y, t0, d, mid, out)
+        np.testing.assert_allclose(out, np.linalg.solve(lower, y + mid * d * t0), rtol=1e-10, atol=1e-12)
+        p, t, w = p0.copy(), np.empty(n), np.empty(n)
+        kernel.cg_direction_backward(r, d, beta, p, t)
+        p_expected = d * r + beta * p0
+        t_expected = np.linalg.solve(upper, p_expected)
+        np.testing.assert_allclose(p, p_expected, rtol=1e-15)
+        np.testing.assert_allclose(t, t_expected, rtol=1e-10, atol=1e-12 * np.abs(t_expected).max())
+        pw = kernel.cg_forward_product(p, t, d, mid, w)
+        z_expected = np.linalg.solve(lower, p_expected + mid * d * t_expected)
+        np.testing.assert_allclose(t, z_expected, rtol=1e-10, atol=1e-12 * np.abs(z_expected).max())
+        assert pw == pytest.approx(float(p_expected @ (z_expected + t_expected)), rel=1e-10)
+
+
+def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_grid_order(problem):
+    """One rank: the same first residual norms (to 1e-8), iterations within one and solutions
+    within the tolerance as KSPCG + PCEISENSTAT on the assembled matrix renumbered in grid order."""
+    if problem.comm.size > 1:
+        pytest.skip("PCEISENSTAT is a one-rank preconditioner (several ranks: the block-Jacobi test below)")
+    scale = 25.0
+    solver = FusedEisenstatSolver(
+        problem._KR, problem._M, OMEGA, 1e-10, 500, load_sweep_library(MPI.COMM_SELF), grid=problem._voxel_grid()
+    )
+    solver.prepare(scale)
+    assert solver.getPC().getType() == "eisenstat+grid-stencil" and solver.order is not None
+    order = solver.order
+    (indptr, indices, k_values), m_values = local_blocks(problem)
+    n = indptr.size - 1
+    A = (sparse.csr_matrix((k_values + scale * m_values, indices, indptr), shape=(n, n)))[order][:, order].tocsr()
+    A.sort_indices()
+    mat = PETSc.Mat().createAIJ(A.shape, csr=(A.indptr, A.indices, A.data), comm=PETSc.COMM_SELF)
+    mat.assemble()
+    reference = PETSc.KSP().create(PETSc.COMM_SELF)
+    reference.setOperators(mat)
+    reference.setType("cg")
+    reference.setNormType(PETSc.KSP.NormType.NATURAL)
+    reference.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
+    reference.setInitialGuessNonzero(True)
+    reference.setOptionsPrefix("grid_stencil_test_")
+    options = PETSc.Options()
+    options["grid_stencil_test_pc_type"] = "eisenstat"
+    options["grid_stencil_test_pc_eisenstat_omega"] = OMEGA
+    reference.setFromOptions()
+    for key in ("pc_type", "pc_eisenstat_omega"):
+        del options["grid_stencil_test_" + key]
+    reference.setConvergenceHistory()
+    rng = np.random.default_rng(9)
+    rhs, guess = rng.random(n) - 0.3, rng.random(n)
+    b, x = problem._M.createVecLeft(), problem._M.createVecLeft()
+    b.array[:], x.array[:] = rhs, guess
+    solver.solve(b, x)  # in the matrix's order
+    fused = (solver.getIterationNumber(), np.asarray(solver.getConvergenceHistory()), x.array[order].copy())
+    b.array[:], x.array[:] = rhs[order], guess[order]
+    reference.solve(b, x)
+    petsc = (reference.getIterationNumber(), np.asarray(reference.getConvergenceHistory()), x.array.copy())
+    assert solver.getConvergedReason() == reference.getConvergedReason() > 0
+    assert abs(fused[0] - petsc[0]) <= 1 and fused[0] > 5
+    np.testing.assert_allclose(fused[1][:4], petsc[1][:4], rtol=1e-8)
+    np.testing.assert_allclose(fused[2], petsc[2], rtol=0, atol=1e-7 * np.abs(petsc[2]).max())
+    for obj in (b, x, mat, reference):
+        obj.destroy()
+    solver.free()
+
+
+def test_the_block_jacobi_solver_on_the_grid_solves_the_system(problem):
+    """Any number of ranks: the fused CG on each rank's grid-ordered rows with the couplings to the
+    other ranks' rows in Eisenstat's operator converges to the solution of the assembled system,
+    in the iterations of the same solver on the CSR sweeps (the same preconditioner in another
+    row order: within 20 %)."""
+    scale = 25.0
+    comm = problem.comm
+    A = problem._KR.copy()
+    A.axpy(scale, problem._M, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+    rng = np.random.default_rng(11 + comm.rank)
+    iterations = {}
+    for name, grid in (("grid", problem._voxel_grid()), ("csr", None)):
+        solver = FusedEisenstatSolver(problem._KR, problem._M, OMEGA, 1e-10, 500, load_sweep_library(comm), grid=grid)
+        solver.prepare(scale)
+        assert (solver.order is not None) == (name == "grid")
+        b, x = A.createVecLeft(), A.createVecLeft()
+        b.array[:] = rng.random(b.getLocalSize()) - 0.3
+        solver.solve(b, x)
+        assert solver.getConvergedReason() > 0
+        residual = A.createVecLeft()
+        A.mult(x, residual)
+        residual.axpy(-1.0, b)
+        assert residual.norm() < 1e-8 * b.norm()
+        iterations[name] = solver.getIterationNumber()
+        for vec in (b, x, residual):
+            vec.destroy()
+        solver.free()
+    assert abs(iterations["grid"] - iterations["csr"]) <= 0.2 * iterations["csr"] + 1
+    A.destroy()
+
+
+def test_what_is_not_a_grid_stencil_is_refused(problem):
+    (indptr, indices, k_values), m_values = local_blocks(problem)
+    grid = problem._voxel_grid()
+    library = load_sweep_library(MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="not grid neighbours"):  # a coarser grid: couplings two nodes apart
+        GridStencilKernel(indptr, indices, k_values, m_values, 2 * grid, OMEGA, library)
+    with pytest.raises(ValueError, match="integer indices"):
+        GridStencilKernel(indptr, indices, k_values, m_values, grid[:-1], OMEGA, library)
+    # the solver falls back to the CSR sweeps on every rank
+    solver = FusedEisenstatSolver(
+        problem._KR, problem._M, OMEGA, 1e-10, 50, load_sweep_library(problem.comm), grid=2 * grid
+    )
+    assert solver.order is None and solver.getPC().getType().endswith("+compiled")
+    solver.free()
+    # points off the lattice
+    points = np.array([[0.0, 0.0, 0.0], [1.0, 0.5, 0.0]])
+    assert grid_coordinates(points, np.zeros(3), np.ones(3)) is None
+    np.testing.assert_array_equal(grid_coordinates(points, np.zeros(3), np.full(3, 0.5)), [[0, 0, 0], [2, 1, 0]])
