@@ -33,7 +33,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.fem.grid_stencil import GridStencilKernel
+from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridStencilKernel
 from fem_anode.fem.voxel_sweeps import CSRSweepKernel, VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
@@ -409,6 +409,9 @@ class OffRankCouplings:
             self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
             index_set.destroy()
             self.rows = inverse[self.rows].astype(np.int32)
+            ghosts = permuted
+        #: the ghost columns' global indices (in the numbering of the vectors ``t``)
+        self.ghost_indices = np.asarray(ghosts, dtype=np.int64)
         self.q = np.zeros(n)
 
     def set_scale(self, scale: float) -> None:
@@ -517,7 +520,7 @@ class EisenstatCG:
 
     def __init__(
         self,
-        sweeps: SeparatorSweeps | LocalSweeps,
+        sweeps: SeparatorSweeps | LocalSweeps | GridSeparatorSweeps,
         d: PETSc.Vec,
         rtol: float,
         max_it: int,

@@ -373,7 +373,8 @@ void fa_csr_split_pattern(int64_t n, const int32_t *indptr, const int32_t *indic
  * own, in row order, columns sorted (s_diag[c]: the position of the diagonal entry).
  */
 typedef struct {
-    int64_t n;
+    int64_t lo, hi;        /* the rows swept: lo .. hi - 1 */
+    int64_t c_lo, c_hi;    /* the special rows before lo and before hi (the cursors' starts) */
     const uint16_t *type;
     const int32_t *grid;
     const int32_t *map;
@@ -382,7 +383,6 @@ typedef struct {
     const double *upper;   /* per type: 13 coefficients of the upper neighbours */
     const double *diag;    /* per type: a_ii */
     const double *dinv;    /* per type: omega / a_ii */
-    int64_t nspecial;
     const int32_t *s_indptr;
     const int32_t *s_diag;
     const int32_t *s_cols;
@@ -391,6 +391,7 @@ typedef struct {
 } fa_stencil;
 
 #define FA_SPECIAL 0xFFFF
+#define FA_Q(q, i) ((q) ? (q)[i] : 0.0)
 
 /* sum over the 13 neighbours of one half of the stencil, four partial sums */
 static inline double fa_st_dot(const double *a, const int32_t *map, const int64_t *off, int64_t g,
@@ -429,51 +430,51 @@ static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int64
     return fa_csr_dot(S->s_values, S->s_cols, x, start, end);
 }
 
-/* x = (D/omega + L)^{-1} b */
-void fa_st_forward(const fa_stencil *S, const double *b, double *x)
+/* In every function the rows lo .. hi - 1 are swept (vectors indexed by row); q (or NULL) is added
+ * to the right-hand side of each row (apply_upper: to the result): the couplings to rows outside
+ * the sweep (other ranks' rows) in block-Jacobi or separator-ordered SSOR. */
+
+/* x = (D/omega + L)^{-1} (b + q) */
+void fa_st_forward(const fa_stencil *S, const double *b, const double *q, double *x)
 {
-    int64_t c = 0;
+    int64_t c = S->c_lo;
     double dinv;
-    for (int64_t i = 0; i < S->n; ++i) {
+    for (int64_t i = S->lo; i < S->hi; ++i) {
         const double s = fa_st_half(S, i, 0, &c, x, &dinv);
-        x[i] = (b[i] - s) * dinv;
+        x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
     }
 }
 
-/* x = (D/omega + U)^{-1} b */
-void fa_st_backward(const fa_stencil *S, const double *b, double *x)
+/* x = (D/omega + U)^{-1} (b + q) */
+void fa_st_backward(const fa_stencil *S, const double *b, const double *q, double *x)
 {
-    int64_t c = S->nspecial - 1;
+    int64_t c = S->c_hi - 1;
     double dinv;
-    for (int64_t i = S->n - 1; i >= 0; --i) {
+    for (int64_t i = S->hi - 1; i >= S->lo; --i) {
         const double s = fa_st_half(S, i, 1, &c, x, &dinv);
-        x[i] = (b[i] - s) * dinv;
+        x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
     }
 }
 
-/* y = (D/omega + U) x */
-void fa_st_apply_upper(const fa_stencil *S, const double *x, double *y)
+/* y = (D/omega + U) x + q */
+void fa_st_apply_upper(const fa_stencil *S, const double *x, const double *q, double *y)
 {
-    int64_t c = S->nspecial - 1;
+    int64_t c = S->c_hi - 1;
     double dinv;
-    for (int64_t i = S->n - 1; i >= 0; --i) {
+    for (int64_t i = S->hi - 1; i >= S->lo; --i) {
         const double s = fa_st_half(S, i, 1, &c, x, &dinv);
-        y[i] = x[i] / dinv + s;
+        y[i] = x[i] / dinv + s + FA_Q(q, i);
     }
 }
 
 /* y = A x (A = L + D + U) */
 void fa_st_mult(const fa_stencil *S, const double *x, double *y)
 {
-    int64_t lo = 0, up = S->nspecial - 1;
+    int64_t lo = S->c_lo, up = S->c_hi - 1;
     double dinv;
     /* the special rows' cursor of the upper part runs backward: run the rows backward */
-    for (int64_t i = S->n - 1; i >= 0; --i) {
-        const double su = fa_st_half(S, i, 1, &up, x, &dinv);
-        y[i] = su;
-    }
-    lo = 0;
-    for (int64_t i = 0; i < S->n; ++i) {
+    for (int64_t i = S->hi - 1; i >= S->lo; --i) y[i] = fa_st_half(S, i, 1, &up, x, &dinv);
+    for (int64_t i = S->lo; i < S->hi; ++i) {
         const uint16_t t = S->type[i];
         const double sl = fa_st_half(S, i, 0, &lo, x, &dinv);
         const double d = t != FA_SPECIAL ? S->diag[t] : S->s_values[S->s_diag[lo - 1]];
@@ -481,30 +482,30 @@ void fa_st_mult(const fa_stencil *S, const double *x, double *y)
     }
 }
 
-/* z = (D/omega + L)^{-1} (y + mid d t + q) (q: couplings to other ranks' rows, or NULL) */
+/* z = (D/omega + L)^{-1} (y + mid d t + q) */
 void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double *t, const double *d, double mid,
                              const double *q, double *z)
 {
-    int64_t c = 0;
+    int64_t c = S->c_lo;
     double dinv;
-    for (int64_t i = 0; i < S->n; ++i) {
-        const double s = y[i] + mid * d[i] * t[i] + (q ? q[i] : 0.0);
+    for (int64_t i = S->lo; i < S->hi; ++i) {
+        const double s = y[i] + mid * d[i] * t[i] + FA_Q(q, i);
         const double h = fa_st_half(S, i, 0, &c, z, &dinv);
         z[i] = (s - h) * dinv;
     }
 }
 
-/* p = d r + beta p, then t = (D/omega + U)^{-1} p */
+/* p = d r + beta p, then t = (D/omega + U)^{-1} (p + q) */
 void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const double *d, double beta, double *p,
-                                 double *t)
+                                 const double *q, double *t)
 {
-    int64_t c = S->nspecial - 1;
+    int64_t c = S->c_hi - 1;
     double dinv;
-    for (int64_t i = S->n - 1; i >= 0; --i) {
+    for (int64_t i = S->hi - 1; i >= S->lo; --i) {
         const double pi = d[i] * r[i] + beta * p[i];
         p[i] = pi;
         const double h = fa_st_half(S, i, 1, &c, t, &dinv);
-        t[i] = (pi - h) * dinv;
+        t[i] = (pi + FA_Q(q, i) - h) * dinv;
     }
 }
 
@@ -512,11 +513,11 @@ void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const dou
 double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t, const double *d, double mid,
                                 const double *q, double *w)
 {
-    int64_t c = 0;
+    int64_t c = S->c_lo;
     double dinv, pw = 0.0;
-    for (int64_t i = 0; i < S->n; ++i) {
+    for (int64_t i = S->lo; i < S->hi; ++i) {
         const double ti = t[i];
-        const double s = p[i] + mid * d[i] * ti + (q ? q[i] : 0.0);
+        const double s = p[i] + mid * d[i] * ti + FA_Q(q, i);
         const double h = fa_st_half(S, i, 0, &c, t, &dinv);
         const double zi = (s - h) * dinv;
         t[i] = zi;

@@ -133,13 +133,15 @@ def _load_local() -> ctypes.CDLL:
     library.fa_csr_cg_direction_backward.restype = None
     library.fa_csr_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 7]
     library.fa_csr_cg_forward_product.restype = double
-    for name in ("fa_st_forward", "fa_st_backward", "fa_st_apply_upper", "fa_st_mult"):
+    for name in ("fa_st_forward", "fa_st_backward", "fa_st_apply_upper"):
         function = getattr(library, name)
-        function.argtypes = [pointer, pointer, pointer]
+        function.argtypes = [pointer, pointer, pointer, pointer]
         function.restype = None
+    library.fa_st_mult.argtypes = [pointer, pointer, pointer]
+    library.fa_st_mult.restype = None
     library.fa_st_forward_eisenstat.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer]
     library.fa_st_forward_eisenstat.restype = None
-    library.fa_st_cg_direction_backward.argtypes = [pointer, pointer, pointer, double, pointer, pointer]
+    library.fa_st_cg_direction_backward.argtypes = [pointer, pointer, pointer, double, pointer, pointer, pointer]
     library.fa_st_cg_direction_backward.restype = None
     library.fa_st_cg_forward_product.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer]
     library.fa_st_cg_forward_product.restype = double

@@ -103,23 +103,13 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
         assert pw == pytest.approx(float(p_expected @ (z_expected + t_expected)), rel=1e-10)
 
 
-def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_grid_order(problem):
-    """One rank: the same first residual norms (to 1e-8), iterations within one and solutions
-    within the tolerance as KSPCG + PCEISENSTAT on the assembled matrix renumbered in grid order."""
-    if problem.comm.size > 1:
-        pytest.skip("PCEISENSTAT is a one-rank preconditioner (several ranks: the block-Jacobi test below)")
-    scale = 25.0
-    solver = FusedEisenstatSolver(
-        problem._KR, problem._M, OMEGA, 1e-10, 500, load_sweep_library(MPI.COMM_SELF), grid=problem._voxel_grid()
-    )
-    solver.prepare(scale)
-    assert solver.getPC().getType() == "eisenstat+grid-stencil" and solver.order is not None
-    order = solver.order
-    (indptr, indices, k_values), m_values = local_blocks(problem)
-    n = indptr.size - 1
-    A = (sparse.csr_matrix((k_values + scale * m_values, indices, indptr), shape=(n, n)))[order][:, order].tocsr()
+def petsc_eisenstat_cg(A: sparse.csr_matrix) -> tuple[PETSc.KSP, PETSc.Mat]:
+    """PETSc's KSPCG + PCEISENSTAT (natural norm, rtol 1e-10, nonzero initial guess) on one rank."""
+    A = A.tocsr()
     A.sort_indices()
-    mat = PETSc.Mat().createAIJ(A.shape, csr=(A.indptr, A.indices, A.data), comm=PETSc.COMM_SELF)
+    mat = PETSc.Mat().createAIJ(
+        A.shape, csr=(A.indptr.astype(np.int32), A.indices.astype(np.int32), A.data), comm=PETSc.COMM_SELF
+    )
     mat.assemble()
     reference = PETSc.KSP().create(PETSc.COMM_SELF)
     reference.setOperators(mat)
@@ -135,53 +125,56 @@ def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_grid_orde
     for key in ("pc_type", "pc_eisenstat_omega"):
         del options["grid_stencil_test_" + key]
     reference.setConvergenceHistory()
-    rng = np.random.default_rng(9)
-    rhs, guess = rng.random(n) - 0.3, rng.random(n)
-    b, x = problem._M.createVecLeft(), problem._M.createVecLeft()
-    b.array[:], x.array[:] = rhs, guess
-    solver.solve(b, x)  # in the matrix's order
-    fused = (solver.getIterationNumber(), np.asarray(solver.getConvergenceHistory()), x.array[order].copy())
-    b.array[:], x.array[:] = rhs[order], guess[order]
-    reference.solve(b, x)
-    petsc = (reference.getIterationNumber(), np.asarray(reference.getConvergenceHistory()), x.array.copy())
-    assert solver.getConvergedReason() == reference.getConvergedReason() > 0
-    assert abs(fused[0] - petsc[0]) <= 1 and fused[0] > 5
-    np.testing.assert_allclose(fused[1][:4], petsc[1][:4], rtol=1e-8)
-    np.testing.assert_allclose(fused[2], petsc[2], rtol=0, atol=1e-7 * np.abs(petsc[2]).max())
-    for obj in (b, x, mat, reference):
-        obj.destroy()
-    solver.free()
+    return reference, mat
 
 
-def test_the_block_jacobi_solver_on_the_grid_solves_the_system(problem):
-    """Any number of ranks: the fused CG on each rank's grid-ordered rows with the couplings to the
-    other ranks' rows in Eisenstat's operator converges to the solution of the assembled system,
-    in the iterations of the same solver on the CSR sweeps (the same preconditioner in another
-    row order: within 20 %)."""
-    scale = 25.0
-    comm = problem.comm
+def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_its_order(problem):
+    """Any number of ranks: the fused CG on the grid stencil is KSPCG + PCEISENSTAT on the whole
+    assembled matrix renumbered in the solver's order (one rank: grid order; several: every rank's
+    rows without couplings to other ranks in grid order, then the separator rows colour by colour):
+    the same first residual norms (to 1e-8), iterations within one, solutions within the tolerance.
+    The reference runs on each rank on the gathered matrix."""
+    comm, scale = problem.comm, 25.0
+    solver = FusedEisenstatSolver(
+        problem._KR, problem._M, OMEGA, 1e-10, 500, load_sweep_library(comm), grid=problem._voxel_grid()
+    )
+    solver.prepare(scale)
+    expected = "eisenstat+grid-stencil" if comm.size == 1 else "eisenstat-separator+grid-stencil"
+    assert solver.getPC().getType() == expected and solver.order is not None
+    kernel = solver.kernel
+    start = problem._KR.getOwnershipRange()[0]
+    # the solver's global order: (group, rank, kernel row) with group 0 for the first rows, 1 + colour after
+    colour = solver.cg.sweeps.colour if comm.size > 1 else 0
+    group = np.where(np.arange(kernel.n) < kernel.n_first, 0, 1 + colour)
+    keys = np.concatenate(comm.allgather(np.stack([group, np.full(kernel.n, comm.rank), np.arange(kernel.n)], axis=1)))
+    rows = np.concatenate(comm.allgather(start + solver.order))  # the matrix row of each kernel row
+    order = rows[np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))]
     A = problem._KR.copy()
     A.axpy(scale, problem._M, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-    rng = np.random.default_rng(11 + comm.rank)
-    iterations = {}
-    for name, grid in (("grid", problem._voxel_grid()), ("csr", None)):
-        solver = FusedEisenstatSolver(problem._KR, problem._M, OMEGA, 1e-10, 500, load_sweep_library(comm), grid=grid)
-        solver.prepare(scale)
-        assert (solver.order is not None) == (name == "grid")
-        b, x = A.createVecLeft(), A.createVecLeft()
-        b.array[:] = rng.random(b.getLocalSize()) - 0.3
-        solver.solve(b, x)
-        assert solver.getConvergedReason() > 0
-        residual = A.createVecLeft()
-        A.mult(x, residual)
-        residual.axpy(-1.0, b)
-        assert residual.norm() < 1e-8 * b.norm()
-        iterations[name] = solver.getIterationNumber()
-        for vec in (b, x, residual):
-            vec.destroy()
-        solver.free()
-    assert abs(iterations["grid"] - iterations["csr"]) <= 0.2 * iterations["csr"] + 1
-    A.destroy()
+    indptr, indices, values = A.getValuesCSR()
+    whole = sparse.vstack(
+        comm.allgather(sparse.csr_matrix((values, indices, indptr), shape=(indptr.size - 1, A.size[1])))
+    )
+    reference, mat = petsc_eisenstat_cg(whole.tocsr()[order][:, order])
+    n = A.size[0]
+    rng = np.random.default_rng(9)
+    rhs, guess = rng.random(n) - 0.3, rng.random(n)
+    b, x = A.createVecLeft(), A.createVecLeft()
+    lo, hi = A.getOwnershipRange()
+    b.array[:], x.array[:] = rhs[lo:hi], guess[lo:hi]
+    solver.solve(b, x)  # in the matrix's order
+    fused = (solver.getIterationNumber(), np.asarray(solver.getConvergenceHistory()))
+    solution = np.concatenate(comm.allgather(x.array))
+    b_seq, x_seq = mat.createVecLeft(), mat.createVecLeft()
+    b_seq.array[:], x_seq.array[:] = rhs[order], guess[order]
+    reference.solve(b_seq, x_seq)
+    assert solver.getConvergedReason() == reference.getConvergedReason() > 0
+    assert abs(fused[0] - reference.getIterationNumber()) <= 1 and fused[0] > 5
+    np.testing.assert_allclose(fused[1][:4], np.asarray(reference.getConvergenceHistory())[:4], rtol=1e-8)
+    np.testing.assert_allclose(solution[order], x_seq.array, rtol=0, atol=1e-7 * np.abs(x_seq.array).max())
+    for obj in (b, x, b_seq, x_seq, mat, reference, A):
+        obj.destroy()
+    solver.free()
 
 
 def test_what_is_not_a_grid_stencil_is_refused(problem):

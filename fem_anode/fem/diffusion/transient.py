@@ -814,9 +814,9 @@ class FusedEisenstatSolver:
         work: PETSc.Vec | None = None,
         grid: np.ndarray | None = None,
     ) -> None:
-        from fem_anode.fem.grid_stencil import GridStencilKernel
+        from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridStencilKernel
         from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps, OffRankCouplings
-        from fem_anode.fem.voxel_sweeps import SplitCSRSweepKernel, seqaij_arrays
+        from fem_anode.fem.voxel_sweeps import SplitCSRSweepKernel, mpiaij_off_block, seqaij_arrays
 
         comm = K.getComm().tompi4py()
         blocks = (K.getDiagonalBlock(), M.getDiagonalBlock()) if comm.size > 1 else (K, M)
@@ -824,11 +824,13 @@ class FusedEisenstatSolver:
         m_indptr, m_indices, m_values = seqaij_arrays(blocks[1])
         if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
             raise ValueError("FusedEisenstatSolver: K and M must share one sparsity pattern")
+        # on several ranks the rows with couplings to other ranks (needed by the grid stencil's separator order)
+        coupled = np.diff(mpiaij_off_block(K)[0][0]) > 0 if comm.size > 1 else None
         stencil: GridStencilKernel | None = None
         failure = ""
         if grid is not None:
             try:
-                stencil = GridStencilKernel(indptr, indices, k_values, m_values, grid, omega, library)
+                stencil = GridStencilKernel(indptr, indices, k_values, m_values, grid, omega, library, last=coupled)
             except ValueError as exc:
                 failure = str(exc)
             if comm.allreduce(bool(failure), op=MPI.LOR):  # one kind of kernel on every rank
@@ -847,7 +849,12 @@ class FusedEisenstatSolver:
         # vectors in the kernel's order (when it is not the matrix's)
         self._b = self.d.duplicate() if self.order is not None else None
         self._x = self.d.duplicate() if self.order is not None else None
-        self.cg = EisenstatCG(LocalSweeps(comm, self.kernel, self.off), self.d, rtol, max_it, work=work)
+        sweeps: LocalSweeps | GridSeparatorSweeps
+        if isinstance(self.kernel, GridStencilKernel) and self.off is not None:
+            sweeps = GridSeparatorSweeps(comm, self.kernel, self.off, self.d)  # global SSOR, separator order
+        else:
+            sweeps = LocalSweeps(comm, self.kernel, self.off)
+        self.cg = EisenstatCG(sweeps, self.d, rtol, max_it, work=work)
         self.scale: float | None = None
 
     def prepare(self, scale: float) -> None:
@@ -881,8 +888,9 @@ class FusedEisenstatSolver:
         return "cg"
 
     def getPC(self) -> Any:
-        name = "eisenstat" if self.off is None else "eisenstat-block-jacobi"
-        return NamedPC(name + ("+grid-stencil" if self.order is not None else "+compiled"))
+        if self.order is not None:  # the grid stencil: global SSOR (in a separator order on several ranks)
+            return NamedPC("eisenstat+grid-stencil" if self.off is None else "eisenstat-separator+grid-stencil")
+        return NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 
     @property
     def nbytes(self) -> int:
