@@ -77,8 +77,11 @@ def direct(volume):
 
 
 def ssor_name(comm, kernel: str = "grid-stencil") -> str:
-    """The fused SSOR-CG's name: the grid-stencil sweeps on this voxel mesh, the CSR sweeps with
-    ``sweep_kernel = "csr"``; block Jacobi on several ranks."""
+    """The fused SSOR-CG's name: the grid-stencil sweeps on this voxel mesh (global SSOR, in a
+    separator order on several ranks), the CSR sweeps with ``sweep_kernel = "csr"`` (block Jacobi
+    on several ranks)."""
+    if kernel == "grid-stencil":
+        return "eisenstat+grid-stencil" if comm.size == 1 else "eisenstat-separator+grid-stencil"
     return ("eisenstat" if comm.size == 1 else "eisenstat-block-jacobi") + "+" + kernel
 
 
