@@ -230,16 +230,25 @@ class GridStencilKernel(_SweepKernel):
         for part, (lo, hi) in (("all", (0, n)), ("first", (0, self.n_first)), ("last", (self.n_first, n))):
             c_lo, c_hi = (int(v) for v in np.searchsorted(special_rows, [lo, hi]))
             self._structs[part] = _Stencil(lo, hi, c_lo, c_hi, *arrays)
+        # M alone, for the mass-matrix products of the time loop (its tables never change)
+        self._m_lower = np.ascontiguousarray(self._m_table[:, :13])
+        self._m_upper = np.ascontiguousarray(self._m_table[:, 14:])
+        self._m_diag = np.ascontiguousarray(self._m_table[:, 13])
+        mass = [_ptr(a) for a in (self.type, self.grid, self.map, self.offset, self._m_lower, self._m_upper)]
+        mass += [_ptr(self._m_diag), _ptr(self.type_dinv)]  # (dinv: unused by the product)
+        mass += [_ptr(a) for a in (self.s_indptr, self.s_diag, self.s_cols, self._s_m, self.s_dinv)]
+        self._structs["mass"] = _Stencil(0, n, 0, self.nspecial, *mass)
         self._refs = {part: ctypes.addressof(struct) for part, struct in self._structs.items()}
         self.scale: float | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held (the per-row arrays, the grid map, the tables and the special rows)."""
-        arrays = (self.order, self.type, self.grid, self.map, self.d, self._k_table, self._m_table)
-        special = (self.s_cols, self._s_k, self._s_m, self.s_values, self.s_indptr, self.s_diag, self.s_dinv)
-        tables = (self.lower, self.upper, self.diag, self.type_dinv)
-        return int(sum(a.nbytes for a in (*arrays, *special, *tables)))
+        arrays: list[np.ndarray] = [self.order, self.type, self.grid, self.map, self.d]
+        arrays += [self.s_cols, self._s_k, self._s_m, self.s_values, self.s_indptr, self.s_diag, self.s_dinv]
+        arrays += [self._k_table, self._m_table, self._m_lower, self._m_upper, self._m_diag]
+        arrays += [self.lower, self.upper, self.diag, self.type_dinv]
+        return int(sum(a.nbytes for a in arrays))
 
     def set_scale(self, scale: float) -> None:
         """Take ``A = K + scale M`` (the tables, the special rows' values and ``d``)."""
@@ -264,13 +273,16 @@ class GridStencilKernel(_SweepKernel):
     def set_diagonal(self, d: np.ndarray) -> None:
         raise TypeError("GridStencilKernel takes its diagonal from K and M: use set_scale")
 
-    def to_kernel_order(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``values`` (matrix row order) in kernel order."""
-        return np.take(values, self.order, out=out)
+    def to_kernel_order(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``values`` (matrix row order) into ``out`` in kernel order."""
+        self._check("to_kernel_order", values=values, out=out)
+        self.library.fa_gather(self.n, _ptr(self.order), _ptr(values), _ptr(out))
+        return out
 
     def from_kernel_order(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``values`` (kernel order) into ``out`` in matrix row order."""
-        out[self.order] = values
+        self._check("from_kernel_order", values=values, out=out)
+        self.library.fa_scatter(self.n, _ptr(self.order), _ptr(values), _ptr(out))
         return out
 
     def _vectors(self, name: str, q: np.ndarray | None, **vectors: np.ndarray) -> int | None:
@@ -297,6 +309,11 @@ class GridStencilKernel(_SweepKernel):
         """``y = A x``."""
         self._vectors("mult", None, x=x, y=y)
         self.library.fa_st_mult(self._refs["all"], _ptr(x), _ptr(y))
+
+    def mass_mult(self, x: np.ndarray, y: np.ndarray) -> None:
+        """``y = M x`` (this rank's rows and columns, kernel order)."""
+        self._vectors("mass_mult", None, x=x, y=y)
+        self.library.fa_st_mult(self._refs["mass"], _ptr(x), _ptr(y))
 
     def forward_eisenstat(
         self,

@@ -420,6 +420,18 @@ class OffRankCouplings:
             np.multiply(self.m_values, scale, out=self.block.data)
             self.block.data += self.k_values
 
+    def mass_product(self, t: PETSc.Vec) -> np.ndarray:
+        """``M_off t`` on this rank's rows (``M``'s couplings to other ranks' rows; requires ``M``;
+        an array owned by this object, overwritten by the next call)."""
+        if self.m_values is None:
+            raise ValueError("OffRankCouplings.mass_product needs M")
+        self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        block = self.block
+        self.q[self.rows] = type(block)((self.m_values, block.indices, block.indptr), shape=block.shape) @ (
+            self.ghost_values.array_r
+        )
+        return self.q
+
     def product(self, t: PETSc.Vec) -> np.ndarray:
         """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""
         self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)

@@ -559,3 +559,15 @@ int64_t fa_st_row_keys(int64_t n, const int32_t *indptr, const int32_t *indices,
     }
     return outside;
 }
+
+/* dst[i] = src[order[i]] (into a permuted order) */
+void fa_gather(int64_t n, const int32_t *order, const double *src, double *dst)
+{
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[order[i]];
+}
+
+/* dst[order[i]] = src[i] (back from a permuted order) */
+void fa_scatter(int64_t n, const int32_t *order, const double *src, double *dst)
+{
+    for (int64_t i = 0; i < n; ++i) dst[order[i]] = src[i];
+}

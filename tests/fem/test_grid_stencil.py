@@ -71,6 +71,10 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
     K = sparse.csr_matrix((k_values, indices, indptr), shape=(n, n))
     M = sparse.csr_matrix((m_values, indices, indptr), shape=(n, n))
     rng = np.random.default_rng(problem.comm.rank)
+    x, out = rng.standard_normal(n), np.empty(n)
+    Mp = M[kernel.order][:, kernel.order].tocsr()
+    kernel.mass_mult(x, out)
+    np.testing.assert_allclose(out, Mp @ x, rtol=0, atol=1e-12 * float((abs(Mp) @ np.abs(x)).max()))
     for scale in (0.7, 40.0):
         kernel.set_scale(scale)
         A = (K + scale * M)[kernel.order][:, kernel.order].tocsr()  # in grid order
@@ -172,6 +176,16 @@ def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_its_order
     assert abs(fused[0] - reference.getIterationNumber()) <= 1 and fused[0] > 5
     np.testing.assert_allclose(fused[1][:4], np.asarray(reference.getConvergenceHistory())[:4], rtol=1e-8)
     np.testing.assert_allclose(solution[order], x_seq.array, rtol=0, atol=1e-7 * np.abs(x_seq.array).max())
+    # the mass-matrix product of the time loop by the stencil (this rank's table and the
+    # couplings to other ranks' rows), in the matrix's order
+    assert solver.has_mass_mult
+    b.array[:] = rng.standard_normal(b.getLocalSize())
+    expected = A.createVecLeft()
+    problem._M.mult(b, expected)
+    solver.mass_mult(b, x)
+    scale_of = float(np.abs(expected.array).max(initial=0.0))
+    assert comm.allreduce(float(np.abs(x.array - expected.array).max(initial=0.0))) <= 1e-12 * comm.allreduce(scale_of)
+    expected.destroy()
     for obj in (b, x, b_seq, x_seq, mat, reference, A):
         obj.destroy()
     solver.free()

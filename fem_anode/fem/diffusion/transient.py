@@ -839,6 +839,7 @@ class FusedEisenstatSolver:
         self.kernel: SplitCSRSweepKernel | GridStencilKernel
         #: kernel row i holds the matrix's local row order[i] (grid order); None: the matrix's order
         self.order: np.ndarray | None = None
+        self._stencil = stencil
         if stencil is None:
             self.kernel = SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library)
         else:
@@ -849,6 +850,7 @@ class FusedEisenstatSolver:
         # vectors in the kernel's order (when it is not the matrix's)
         self._b = self.d.duplicate() if self.order is not None else None
         self._x = self.d.duplicate() if self.order is not None else None
+        self._product: np.ndarray | None = None
         sweeps: LocalSweeps | GridSeparatorSweeps
         if isinstance(self.kernel, GridStencilKernel) and self.off is not None:
             sweeps = GridSeparatorSweeps(comm, self.kernel, self.off, self.d)  # global SSOR, separator order
@@ -867,13 +869,31 @@ class FusedEisenstatSolver:
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """Solve ``A x = b`` from the initial guess in ``x``."""
-        if self.order is None or self._b is None or self._x is None:
+        if self._stencil is None or self._b is None or self._x is None:
             self.cg.solve(b, x)
             return
-        np.take(b.array_r, self.order, out=self._b.array)
-        np.take(x.array_r, self.order, out=self._x.array)
+        self._stencil.to_kernel_order(b.array_r, self._b.array)
+        self._stencil.to_kernel_order(x.array_r, self._x.array)
         self.cg.solve(self._b, self._x)
-        x.array[self.order] = self._x.array_r
+        self._stencil.from_kernel_order(self._x.array_r, x.array)
+
+    @property
+    def has_mass_mult(self) -> bool:
+        """Whether :meth:`mass_mult` runs on the grid stencil (else use ``M`` itself)."""
+        return self._stencil is not None
+
+    def mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = M x`` by the grid stencil's table of ``M`` (vectors in the matrix's order; collective)."""
+        stencil, kernel_x = self._stencil, self._x
+        if stencil is None or kernel_x is None:
+            raise ValueError("FusedEisenstatSolver.mass_mult needs the grid stencil")
+        if self._product is None:
+            self._product = np.empty(stencil.n)
+        stencil.to_kernel_order(x.array_r, kernel_x.array)
+        stencil.mass_mult(kernel_x.array_r, self._product)
+        if self.off is not None:
+            self._product += self.off.mass_product(kernel_x)
+        stencil.from_kernel_order(self._product, y.array)
 
     def getConvergedReason(self) -> int:
         return self.cg.reason
