@@ -234,20 +234,25 @@ class DiffusionProblem(TransientDiffusion):
             self._fused = None
             if library is not None:
                 solver = self.settings.solver
+                grid = self._voxel_grid()
                 self._fused = FusedEisenstatSolver(
                     self._KR,
                     self._M,
-                    self.ssor_omega,
+                    self.ssor_omega if grid is None else self.grid_ssor_omega,
                     solver.rtol,
                     500,
                     library,
                     work=self._work,
-                    grid=self._voxel_grid(),
+                    grid=grid,
                 )
         if not isinstance(self._fused, FusedEisenstatSolver):
             return super()._ksp(a0)
         self._fused.prepare(key * self.eps)  # A = K + R + a0 eps M, no assembled copy
         return self._fused
+
+    #: SSOR's relaxation factor in the grid order of the grid stencil: the iterations have a flat
+    #: minimum at 1.1-1.2 there (128^3 electrode, 164 steps: 1398-1418 CG iterations, 1492 at 1.3)
+    grid_ssor_omega = 1.15
 
     def _voxel_grid(self) -> np.ndarray | None:
         """Integer grid indices ``(n, 3)`` of this rank's dofs when the space is P1 on a mesh of equal
