@@ -15,6 +15,7 @@ pytest.importorskip("dolfinx")
 import scipy.sparse as sparse  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 from petsc4py import PETSc  # noqa: E402
+from test_csr_sweeps import petsc_cg  # noqa: E402  (tests/fem is on sys.path: pytest's prepend mode)
 
 from fem_anode.fem import read_mesh  # noqa: E402
 from fem_anode.fem.diffusion import DiffusionProblem, DiffusionSettings, GeometrySettings, TimeSettings  # noqa: E402
@@ -108,28 +109,14 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
 
 
 def petsc_eisenstat_cg(A: sparse.csr_matrix) -> tuple[PETSc.KSP, PETSc.Mat]:
-    """PETSc's KSPCG + PCEISENSTAT (natural norm, rtol 1e-10, nonzero initial guess) on one rank."""
+    """PETSc's KSPCG + PCEISENSTAT (as in test_csr_sweeps) on one rank, and its matrix."""
     A = A.tocsr()
     A.sort_indices()
     mat = PETSc.Mat().createAIJ(
         A.shape, csr=(A.indptr.astype(np.int32), A.indices.astype(np.int32), A.data), comm=PETSc.COMM_SELF
     )
     mat.assemble()
-    reference = PETSc.KSP().create(PETSc.COMM_SELF)
-    reference.setOperators(mat)
-    reference.setType("cg")
-    reference.setNormType(PETSc.KSP.NormType.NATURAL)
-    reference.setTolerances(rtol=1e-10, atol=0.0, max_it=500)
-    reference.setInitialGuessNonzero(True)
-    reference.setOptionsPrefix("grid_stencil_test_")
-    options = PETSc.Options()
-    options["grid_stencil_test_pc_type"] = "eisenstat"
-    options["grid_stencil_test_pc_eisenstat_omega"] = OMEGA
-    reference.setFromOptions()
-    for key in ("pc_type", "pc_eisenstat_omega"):
-        del options["grid_stencil_test_" + key]
-    reference.setConvergenceHistory()
-    return reference, mat
+    return petsc_cg(mat, {"pc_type": "eisenstat", "pc_eisenstat_omega": OMEGA}), mat
 
 
 def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_its_order(problem):
