@@ -329,6 +329,19 @@ class GridStencilKernel(_SweepKernel):
         qp = self._vectors("forward_eisenstat", q, y=y, t=t, d=d, z=z)
         self.library.fa_st_forward_eisenstat(self._refs[part], _ptr(y), _ptr(t), _ptr(d), float(mid), qp, _ptr(z))
 
+    def cg_start(
+        self, b: np.ndarray, x: np.ndarray, d: np.ndarray, mid: float, y: np.ndarray, bh: np.ndarray, z: np.ndarray
+    ) -> float:
+        """In one pass over all rows: ``y = (D/omega + U) x``, ``bh = (D/omega + L)^{-1} b`` and
+        ``z = (D/omega + L)^{-1} (y + mid d x)``; returns ``bh . (d bh)`` (one rank, no couplings to
+        other rows)."""
+        self._vectors("cg_start", None, b=b, x=x, d=d, y=y, bh=bh, z=z)
+        return float(
+            self.library.fa_st_cg_start(
+                self._refs["all"], _ptr(b), _ptr(x), _ptr(d), float(mid), _ptr(y), _ptr(bh), _ptr(z)
+            )
+        )
+
     def cg_direction_backward(
         self,
         r: np.ndarray,

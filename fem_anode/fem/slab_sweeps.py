@@ -488,6 +488,16 @@ class LocalSweeps:
         assert not isinstance(self.kernel, VoxelSweepKernel)
         self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array, q=self.off.product(t))
 
+    def start(
+        self, b: PETSc.Vec, x: PETSc.Vec, d: PETSc.Vec, mid: float, y: PETSc.Vec, r: PETSc.Vec, w: PETSc.Vec
+    ) -> float | None:
+        """The start of :meth:`EisenstatCG.solve` in one pass where the kernel has it (the grid
+        stencil on one rank): ``y = B^T x``, ``r = B^{-1} b``, ``w = B^{-1} (y + mid D x)``; returns
+        ``r . D r``, or ``None`` (then the caller makes the three passes)."""
+        if self.off is not None or not isinstance(self.kernel, GridStencilKernel):
+            return None
+        return self.kernel.cg_start(b.array_r, x.array_r, d.array_r, mid, y.array, r.array, w.array)
+
     def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
         """``p = D r + beta p``, then ``t = B^{-T} p``."""
         self.kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array)
@@ -556,10 +566,14 @@ class EisenstatCG:
         assert kernel is not None  # checked in __init__
         r, y, t, w, p = self.r, self.y, self.t, self.w, self.p
         reasons = PETSc.KSP.ConvergedReason
-        sweeps.forward(b, r)  # b̂
-        sweeps.apply_upper(x, y)  # ŷ_0 = B^T x_0
-        bnorm = math.sqrt(abs(comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))))
-        sweeps.forward_eisenstat(y, x, d, mid, w)  # r = b̂ - Â ŷ_0 with t = B^{-T} ŷ_0 = x_0
+        # b̂ = B^{-1} b into r, ŷ_0 = B^T x_0, and w = B^{-1} (ŷ_0 + mid D x_0) for r = b̂ - Â ŷ_0 (t = x_0)
+        started = sweeps.start(b, x, d, mid, y, r, w) if isinstance(sweeps, LocalSweeps) else None
+        if started is None:
+            sweeps.forward(b, r)
+            sweeps.apply_upper(x, y)
+            started = kernel.weighted_dot(r.array_r, d.array_r, r.array_r)
+            sweeps.forward_eisenstat(y, x, d, mid, w)
+        bnorm = math.sqrt(abs(comm.allreduce(started)))
         w.axpy(1.0, x)
         r.axpy(-1.0, w)
         rz = comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))

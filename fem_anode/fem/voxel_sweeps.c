@@ -571,3 +571,39 @@ void fa_scatter(int64_t n, const int32_t *order, const double *src, double *dst)
 {
     for (int64_t i = 0; i < n; ++i) dst[order[i]] = src[i];
 }
+
+/* The start of the fused CG (rows lo .. hi - 1, one rank or the first rows of a separator order,
+ * no couplings outside the sweep) in one pass instead of three: y = (D/omega + U) x (the
+ * transformed initial guess), bh = (D/omega + L)^{-1} b (the transformed right-hand side) and
+ * z = (D/omega + L)^{-1} (y + mid d x); returns the sum of bh[i] d[i] bh[i]. */
+double fa_st_cg_start(const fa_stencil *S, const double *b, const double *x, const double *d, double mid,
+                      double *y, double *bh, double *z)
+{
+    int64_t c = S->c_lo;
+    double acc = 0.0;
+    for (int64_t i = S->lo; i < S->hi; ++i) {
+        const uint16_t t = S->type[i];
+        double dinv, up, lb, lz;
+        if (t != FA_SPECIAL) {
+            const int64_t g = S->grid[i];
+            const double *lower = S->lower + 13 * (int64_t)t;
+            dinv = S->dinv[t];
+            up = fa_st_dot(S->upper + 13 * (int64_t)t, S->map, S->offset + 13, g, x);
+            lb = fa_st_dot(lower, S->map, S->offset, g, bh);
+            lz = fa_st_dot(lower, S->map, S->offset, g, z);
+        } else {
+            dinv = S->s_dinv[c];
+            up = fa_csr_dot(S->s_values, S->s_cols, x, S->s_diag[c] + 1, S->s_indptr[c + 1]);
+            lb = fa_csr_dot(S->s_values, S->s_cols, bh, S->s_indptr[c], S->s_diag[c]);
+            lz = fa_csr_dot(S->s_values, S->s_cols, z, S->s_indptr[c], S->s_diag[c]);
+            ++c;
+        }
+        const double yi = x[i] / dinv + up;
+        y[i] = yi;
+        const double bi = (b[i] - lb) * dinv;
+        bh[i] = bi;
+        acc += bi * d[i] * bi;
+        z[i] = (yi + mid * d[i] * x[i] - lz) * dinv;
+    }
+    return acc;
+}

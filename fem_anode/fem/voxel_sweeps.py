@@ -147,6 +147,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_st_cg_forward_product.restype = double
     library.fa_st_row_keys.argtypes = [size, *[pointer] * 7, double, double, pointer, pointer, pointer]
     library.fa_st_row_keys.restype = size
+    library.fa_st_cg_start.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer, pointer]
+    library.fa_st_cg_start.restype = double
     for name in ("fa_gather", "fa_scatter"):
         function = getattr(library, name)
         function.argtypes = [size, pointer, pointer, pointer]

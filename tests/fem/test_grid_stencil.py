@@ -106,6 +106,15 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
         z_expected = np.linalg.solve(lower, p_expected + mid * d * t_expected)
         np.testing.assert_allclose(t, z_expected, rtol=1e-10, atol=1e-12 * np.abs(z_expected).max())
         assert pw == pytest.approx(float(p_expected @ (z_expected + t_expected)), rel=1e-10)
+        # the CG's start in one pass: B^T x, B^-1 b, B^-1 (B^T x + mid D x) and b . D b of B^-1 b
+        y_start, b_hat, z_start = np.empty(n), np.empty(n), np.empty(n)
+        bdb = kernel.cg_start(r, t0, d, mid, y_start, b_hat, z_start)
+        np.testing.assert_allclose(y_start, upper @ t0, rtol=1e-12, atol=1e-13 * np.abs(y_start).max())
+        b_expected = np.linalg.solve(lower, r)
+        np.testing.assert_allclose(b_hat, b_expected, rtol=1e-10, atol=1e-12 * np.abs(b_expected).max())
+        z_expected = np.linalg.solve(lower, upper @ t0 + mid * d * t0)
+        np.testing.assert_allclose(z_start, z_expected, rtol=1e-10, atol=1e-12 * np.abs(z_expected).max())
+        assert bdb == pytest.approx(float(b_expected @ (d * b_expected)), rel=1e-10)
 
 
 def petsc_eisenstat_cg(A: sparse.csr_matrix) -> tuple[PETSc.KSP, PETSc.Mat]:
