@@ -780,14 +780,19 @@ class TransientDiffusion:
 
 class FusedEisenstatSolver:
     """CG with Eisenstat's SSOR on ``A = K + s M`` (two assembled AIJ matrices of one pattern) in
-    fused passes of the compiled CSR kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`), in
-    place of PETSc's ``KSPCG`` + ``PCEISENSTAT`` on one rank (the same iterates: same algorithm,
-    stopping test and reasons) and of ``PCSOR``'s local symmetric sweeps on several (block-Jacobi
-    SSOR, the same preconditioner). ``A``'s lower and upper parts are kept apart
-    (:class:`~fem_anode.fem.voxel_sweeps.SplitCSRSweepKernel`), so an iteration streams the matrix
-    once and the vectors three times, against about twice (one rank) or three times (several) the
-    matrix and eight times the vectors for PETSc. ``K`` and ``M`` are read in place; no ``A`` is
-    assembled. Offers what the time loop asks of a ``KSP``.
+    fused passes of a compiled kernel (:class:`~fem_anode.fem.slab_sweeps.EisenstatCG`; no ``A`` is
+    assembled, ``K`` and ``M`` are read in place). Offers what the time loop asks of a ``KSP``.
+
+    * Rows that are the nodes of a voxel grid (``grid``): ``A`` by row types, swept in grid order
+      (:class:`~fem_anode.fem.grid_stencil.GridStencilKernel`): on one rank PETSc's ``KSPCG`` +
+      ``PCEISENSTAT`` on the matrix renumbered in grid order, on several one global SSOR in a
+      separator order (:class:`~fem_anode.fem.grid_stencil.GridSeparatorSweeps`).
+    * Else ``A``'s lower and upper parts in CSR arrays of their own
+      (:class:`~fem_anode.fem.voxel_sweeps.SplitCSRSweepKernel`): PETSc's ``KSPCG`` +
+      ``PCEISENSTAT`` on one rank (the same iterates: same algorithm, stopping test and reasons),
+      ``PCSOR``'s local symmetric sweeps on several (block-Jacobi SSOR, the same preconditioner).
+      An iteration streams the matrix once and the vectors three times, against about twice (one
+      rank) or three times (several) the matrix and eight times the vectors for PETSc.
 
     Args:
         K, M: the matrices (``seqaij`` or ``mpiaij``, one pattern, every row with a diagonal entry).
@@ -836,14 +841,10 @@ class FusedEisenstatSolver:
             if comm.allreduce(bool(failure), op=MPI.LOR):  # one kind of kernel on every rank
                 logger.info("grid stencil unavailable (%s): CSR sweeps", failure or "on another rank")
                 stencil = None
-        self.kernel: SplitCSRSweepKernel | GridStencilKernel
-        #: kernel row i holds the matrix's local row order[i] (grid order); None: the matrix's order
-        self.order: np.ndarray | None = None
         self._stencil = stencil
-        if stencil is None:
-            self.kernel = SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library)
-        else:
-            self.kernel, self.order = stencil, stencil.order
+        self.kernel: SplitCSRSweepKernel | GridStencilKernel = (
+            SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library) if stencil is None else stencil
+        )
         n = self.kernel.n
         self.d = PETSc.Vec().createWithArray(self.kernel.d, size=(n, PETSc.DECIDE), comm=comm)
         self.off = OffRankCouplings(K, self.d, M, order=self.order) if comm.size > 1 else None
@@ -858,6 +859,12 @@ class FusedEisenstatSolver:
             sweeps = LocalSweeps(comm, self.kernel, self.off)
         self.cg = EisenstatCG(sweeps, self.d, rtol, max_it, work=work)
         self.scale: float | None = None
+
+    @property
+    def order(self) -> np.ndarray | None:
+        """Kernel row ``i`` holds the matrix's local row ``order[i]`` (the grid stencil's grid order);
+        ``None``: the matrix's own order (the CSR kernel)."""
+        return None if self._stencil is None else self._stencil.order
 
     def prepare(self, scale: float) -> None:
         """Use ``A = K + scale M`` (recomputed from ``K`` and ``M`` when ``scale`` changes)."""
@@ -914,7 +921,7 @@ class FusedEisenstatSolver:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held beyond ``K`` and ``M``: the split operator and the CG's vectors (this rank)."""
+        """Bytes held beyond ``K`` and ``M``: the kernel's operator and the CG's vectors (this rank)."""
         vectors = 4 + (2 if self.order is not None else 0)
         return self.kernel.nbytes + 8 * self.kernel.n * vectors
 
