@@ -47,6 +47,13 @@ _CODES = np.array([(c % 3 - 1, (c // 3) % 3 - 1, c // 9 - 1) for c in range(27)]
 _QUANTUM = 2.0**-40
 
 
+def _row_entries(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the entries of ``rows`` in a CSR matrix (row by row) and each row's count."""
+    counts = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
+    starts = indptr[rows].astype(np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.repeat(starts, counts) + np.arange(int(counts.sum())), counts
+
+
 class _Stencil(ctypes.Structure):
     """The C kernels' view of a :class:`GridStencilKernel` (``fa_stencil`` in ``voxel_sweeps.c``)."""
 
@@ -141,9 +148,7 @@ class GridStencilKernel(_SweepKernel):
         special[np.isin(position, split_nodes)] = 1
         if is_last.any():  # the rows flagged last and their neighbours leave the grid order: CSR rows
             last_rows = np.flatnonzero(is_last)
-            counts = indptr[last_rows + 1] - indptr[last_rows]
-            starts = np.repeat(indptr[last_rows] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-            special[indices[starts + np.arange(int(counts.sum()))]] = 1
+            special[indices[_row_entries(indptr, last_rows)[0]]] = 1
             special[last_rows] = 1
         offsets27 = _CODES @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
         keys = []
@@ -196,10 +201,7 @@ class GridStencilKernel(_SweepKernel):
         self.offset = np.concatenate([offsets27[:13], offsets27[14:]])
         # the special rows: CSR in kernel numbering, columns sorted (= sweep order)
         special_rows = np.sort(inverse[np.flatnonzero(special)])  # kernel rows
-        source = self.order[special_rows]  # their matrix rows
-        counts = (indptr[source + 1] - indptr[source]).astype(np.int64)
-        entries = np.repeat(indptr[source].astype(np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        entries += np.arange(int(counts.sum()))
+        entries, counts = _row_entries(indptr, self.order[special_rows])  # of their matrix rows
         rows = np.repeat(special_rows, counts)
         columns = inverse[indices[entries]]
         by_row = np.lexsort((columns, rows))

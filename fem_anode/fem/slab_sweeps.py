@@ -390,6 +390,12 @@ class OffRankCouplings:
             self.block = full[self.rows]
             self.k_values = self.block.data.copy()
             self.m_values = scipy.sparse.csr_matrix((m_values, indices, indptr), shape=(n, ghosts.size))[self.rows].data
+        #: ``M``'s off-rank couplings alone (the block's pattern, ``M``'s values), or None without ``M``
+        self.mass_block = (
+            None
+            if self.m_values is None
+            else scipy.sparse.csr_matrix((self.m_values, self.block.indices, self.block.indptr), shape=self.block.shape)
+        )
         self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
         index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
         self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
@@ -423,19 +429,17 @@ class OffRankCouplings:
     def mass_product(self, t: PETSc.Vec) -> np.ndarray:
         """``M_off t`` on this rank's rows (``M``'s couplings to other ranks' rows; requires ``M``;
         an array owned by this object, overwritten by the next call)."""
-        if self.m_values is None:
+        if self.mass_block is None:
             raise ValueError("OffRankCouplings.mass_product needs M")
-        self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        block = self.block
-        self.q[self.rows] = type(block)((self.m_values, block.indices, block.indptr), shape=block.shape) @ (
-            self.ghost_values.array_r
-        )
-        return self.q
+        return self._apply(self.mass_block, t)
 
     def product(self, t: PETSc.Vec) -> np.ndarray:
         """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""
+        return self._apply(self.block, t)
+
+    def _apply(self, block: Any, t: PETSc.Vec) -> np.ndarray:
         self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        self.q[self.rows] = self.block @ self.ghost_values.array_r
+        self.q[self.rows] = block @ self.ghost_values.array_r
         return self.q
 
     def destroy(self) -> None:
