@@ -7,8 +7,15 @@ carry a Robin boundary. A 128^3 electrode has about a million rows but only a fe
 rows. :class:`GridStencilKernel` stores ``A = K + s M`` as a table of the distinct rows (``K`` and
 ``M`` separately, so a new ``s`` only rebuilds the table) and, per row, its type (2 B) and grid
 position (4 B); a grid-sized map (4 B per grid node) finds the neighbours' rows. A sweep then
-streams 6 B per row instead of the 12 B per entry (about 160 B per row) of a CSR half, and takes
-about 7 ms per million rows instead of 17 ms.
+streams 6 B per row instead of the 12 B per entry (about 160 B per row) of a CSR half.
+
+Most rows are interior rows (all 8 cells around the node in the mesh: 69 % of the 128^3 electrode's
+rows) in runs along x. Along a run the 13 neighbours of a half-stencil lie on 4 grid lines of 3
+nodes plus the row next to it, and every neighbour's row moves by one from one row to the next;
+the C kernels keep the lines' values in a sliding window, so a row loads 4 new values instead of 13
+rows from the grid map and 13 values (:meth:`GridStencilKernel._runs` finds the runs and checks
+their shape). A forward or backward sweep takes about 6 ms per million rows, against 8 ms by the
+grid map alone and 17 ms for the CSR halves.
 
 The rows are renumbered in grid order (x fastest, then y, then z; ties: the original order),
 which is also the sweeps' order. Rows that are not a plain stencil are kept as CSR rows of their
@@ -45,6 +52,8 @@ SPECIAL = 0xFFFF
 #: Grid offsets (dx, dy, dz) of the 27 stencil entries, x fastest; code 13 is the row's own node.
 _CODES = np.array([(c % 3 - 1, (c // 3) % 3 - 1, c // 9 - 1) for c in range(27)], dtype=np.int64)
 _QUANTUM = 2.0**-40
+#: The 26 codes of the neighbours (all but the row's own node, code 13).
+_OFF_DIAGONAL = np.delete(np.arange(27), 13)
 
 
 def _row_entries(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +84,11 @@ class _Stencil(ctypes.Structure):
         ("s_cols", ctypes.c_void_p),
         ("s_values", ctypes.c_void_p),
         ("s_dinv", ctypes.c_void_p),
+        ("run_type", ctypes.c_int64),
+        ("r_lo", ctypes.c_int64),
+        ("r_hi", ctypes.c_int64),
+        ("run_lo", ctypes.c_void_p),
+        ("run_hi", ctypes.c_void_p),
     ]
 
 
@@ -222,6 +236,7 @@ class GridStencilKernel(_SweepKernel):
         self.diag = np.zeros(ntypes)
         self.type_dinv = np.zeros(ntypes)
         self.d = np.zeros(n)
+        self.run_type, self.run_lo, self.run_hi = self._runs()
         arrays = [
             _ptr(a)
             for a in (self.type, self.grid, self.map, self.offset, self.lower, self.upper, self.diag, self.type_dinv)
@@ -231,7 +246,7 @@ class GridStencilKernel(_SweepKernel):
         self._structs = {}
         for part, (lo, hi) in (("all", (0, n)), ("first", (0, self.n_first)), ("last", (self.n_first, n))):
             c_lo, c_hi = (int(v) for v in np.searchsorted(special_rows, [lo, hi]))
-            self._structs[part] = _Stencil(lo, hi, c_lo, c_hi, *arrays)
+            self._structs[part] = _Stencil(lo, hi, c_lo, c_hi, *arrays, *self._run_view(lo, hi))
         # M alone, for the mass-matrix products of the time loop (its tables never change)
         self._m_lower = np.ascontiguousarray(self._m_table[:, :13])
         self._m_upper = np.ascontiguousarray(self._m_table[:, 14:])
@@ -239,14 +254,54 @@ class GridStencilKernel(_SweepKernel):
         mass = [_ptr(a) for a in (self.type, self.grid, self.map, self.offset, self._m_lower, self._m_upper)]
         mass += [_ptr(self._m_diag), _ptr(self.type_dinv)]  # (dinv: unused by the product)
         mass += [_ptr(a) for a in (self.s_indptr, self.s_diag, self.s_cols, self._s_m, self.s_dinv)]
-        self._structs["mass"] = _Stencil(0, n, 0, self.nspecial, *mass)
+        self._structs["mass"] = _Stencil(0, n, 0, self.nspecial, *mass, *self._run_view(0, n))
         self._refs = {part: ctypes.addressof(struct) for part, struct in self._structs.items()}
         self.scale: float | None = None
+
+    def _runs(self, shortest: int = 4) -> tuple[int, np.ndarray, np.ndarray]:
+        """The runs the C kernels sweep by sliding windows: the interior type (the most frequent type
+        coupling to all 26 neighbours), and the kernel rows ``lo[k] .. hi[k] - 1`` of each maximal run
+        of at least ``shortest`` rows of that type at consecutive grid positions whose 26 neighbours
+        are consecutive rows too (so along a run every neighbour's row moves by one per row)."""
+        none = (-1, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        regular = self.type != SPECIAL
+        full = np.flatnonzero(np.all(self._k_table[:, _OFF_DIAGONAL] != 0.0, axis=1))
+        if full.size == 0 or not regular.any():
+            return none
+        counts = np.bincount(self.type[regular], minlength=self.ntypes)
+        run_type = int(full[np.argmax(counts[full])])
+        rows = np.flatnonzero(self.type == run_type)
+        # the windows' shape: each line's three nodes are consecutive rows, the point is the row next to it
+        position = self.grid[rows].astype(np.int64)
+        fits = (self.map[position + self.offset[12]] == rows - 1) & (self.map[position + self.offset[13]] == rows + 1)
+        for first in (0, 3, 6, 9, 14, 17, 20, 23):  # a line's x - 1 node among the 26 offsets (13 lower, 13 upper)
+            centre = self.map[position + self.offset[first + 1]].astype(np.int64)
+            fits &= self.map[position + self.offset[first]] == centre - 1
+            fits &= self.map[position + self.offset[first + 2]] == centre + 1
+        rows = rows[fits]
+        if rows.size < 2:
+            return none
+        # row j continues the run of row j - 1 (both of the run type)
+        step = (np.diff(rows) == 1) & (np.diff(self.grid[rows]) == 1)
+        for offset in self.offset:  # every neighbour's row also moves by one
+            neighbour = self.map[self.grid[rows] + offset]
+            step &= np.diff(neighbour) == 1
+        starts = np.flatnonzero(np.concatenate([[True], ~step]))
+        lengths = np.diff(np.append(starts, rows.size))
+        keep = lengths >= shortest
+        lo = rows[starts[keep]].astype(np.int64)
+        return run_type, lo, lo + lengths[keep]
+
+    def _run_view(self, lo: int, hi: int) -> tuple[int, int, int, int, int]:
+        """The ``fa_stencil`` fields of the runs inside the rows ``lo .. hi - 1``."""
+        r_lo = int(np.searchsorted(self.run_lo, lo))
+        r_hi = int(np.searchsorted(self.run_hi, hi, side="right"))
+        return self.run_type, r_lo, max(r_lo, r_hi), _ptr(self.run_lo), _ptr(self.run_hi)
 
     @property
     def nbytes(self) -> int:
         """Bytes held (the per-row arrays, the grid map, the tables and the special rows)."""
-        arrays: list[np.ndarray] = [self.order, self.type, self.grid, self.map, self.d]
+        arrays: list[np.ndarray] = [self.order, self.type, self.grid, self.map, self.d, self.run_lo, self.run_hi]
         arrays += [self.s_cols, self._s_k, self._s_m, self.s_values, self.s_indptr, self.s_diag, self.s_dinv]
         arrays += [self._k_table, self._m_table, self._m_lower, self._m_upper, self._m_diag]
         arrays += [self.lower, self.upper, self.diag, self.type_dinv]

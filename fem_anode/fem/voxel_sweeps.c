@@ -388,6 +388,10 @@ typedef struct {
     const int32_t *s_cols;
     const double *s_values;
     const double *s_dinv;
+    int64_t run_type;      /* the row type of the runs (-1: no runs) */
+    int64_t r_lo, r_hi;    /* the runs within lo .. hi - 1: run_lo[r_lo .. r_hi - 1] */
+    const int64_t *run_lo; /* runs: kernel rows run_lo[k] .. run_hi[k] - 1 (see fa_it) */
+    const int64_t *run_hi;
 } fa_stencil;
 
 #define FA_SPECIAL 0xFFFF
@@ -412,8 +416,8 @@ static inline double fa_st_dot(const double *a, const int32_t *map, const int64_
 }
 
 /* row i's strict lower (upper = 0) or upper (1) part applied to x, and omega / a_ii; c: the special
- * rows' cursor (advanced forward by lower, backward by upper) */
-static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int64_t *c, const double *x,
+ * rows' cursor (advanced in the sweep's direction dir = +1 or -1) */
+static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int dir, int64_t *c, const double *x,
                                 double *dinv)
 {
     const uint16_t t = S->type[i];
@@ -426,8 +430,102 @@ static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int64
     *dinv = S->s_dinv[k];
     const int32_t start = upper ? S->s_diag[k] + 1 : S->s_indptr[k];
     const int32_t end = upper ? S->s_indptr[k + 1] : S->s_diag[k];
-    *c = upper ? k - 1 : k + 1;
+    *c = k + dir;
     return fa_csr_dot(S->s_values, S->s_cols, x, start, end);
+}
+
+/* Runs: maximal sequences of consecutive rows of one type (the interior type, all 26 neighbours
+ * present) at consecutive grid positions whose 26 neighbours are also consecutive rows (checked
+ * when the runs are made). Along a run the half-stencil's neighbours form 4 lines of 3 nodes (x - 1,
+ * x, x + 1) and one point (x - 1 for the lower half, x + 1 for the upper); moving to the next row
+ * shifts each line's window by one, so a row loads 4 new values instead of 13 neighbour rows
+ * (from the grid map) and 13 values. fa_it walks the rows of a sweep in its direction and
+ * returns each row's half-sum, by the window inside a run, else by fa_st_half. */
+typedef struct {
+    int64_t c;                 /* the special rows' cursor */
+    int64_t ru, next, bound;   /* next run's index, its first row in the sweep, the current run's far end */
+    int64_t d[4], dp;          /* row offsets of the 4 lines' centres and of the point */
+    double v[4][3];            /* the lines' values at x - 1, x, x + 1 */
+    double a[13];              /* the run type's coefficients: a[3k + j] for line k, a[12] for the point */
+    double dinv;
+} fa_it;
+
+/* the half-stencil's lines: the codes (in S->offset's half of 13) of the lines' x - 1 nodes and of the point */
+static const int fa_line_first[2][4] = {{0, 3, 6, 9}, {1, 4, 7, 10}};
+static const int fa_line_point[2] = {12, 0};
+
+static inline void fa_it_start(const fa_stencil *S, fa_it *it, int dir)
+{
+    *it = (fa_it){0};
+    it->c = dir > 0 ? S->c_lo : S->c_hi - 1;
+    it->ru = dir > 0 ? S->r_lo : S->r_hi - 1;
+    if (dir > 0) {
+        it->next = it->ru < S->r_hi ? S->run_lo[it->ru] : -1;
+        it->bound = -1;
+    } else {
+        it->next = it->ru >= S->r_lo ? S->run_hi[it->ru] - 1 : -1;
+        it->bound = INT64_MAX;
+    }
+}
+
+static inline double fa_it_sum(const fa_it *it, int64_t i, const double *x)
+{
+    const double *a = it->a;
+    const double s0 = a[0] * it->v[0][0] + a[1] * it->v[0][1] + a[2] * it->v[0][2];
+    const double s1 = a[3] * it->v[1][0] + a[4] * it->v[1][1] + a[5] * it->v[1][2];
+    const double s2 = a[6] * it->v[2][0] + a[7] * it->v[2][1] + a[8] * it->v[2][2];
+    const double s3 = a[9] * it->v[3][0] + a[10] * it->v[3][1] + a[11] * it->v[3][2];
+    return ((s0 + s1) + (s2 + s3)) + a[12] * x[i + it->dp];
+}
+
+/* row i's half-sum (upper = 0: lower, 1: upper) of x and omega / a_ii, rows visited in direction dir */
+static inline double fa_it_half(const fa_stencil *S, fa_it *it, int64_t i, int upper, int dir, const double *x,
+                                double *dinv)
+{
+    if (dir > 0 ? i < it->bound : i >= it->bound) { /* inside a run: shift the windows */
+        for (int k = 0; k < 4; ++k) {
+            const int64_t j = i + it->d[k];
+            if (dir > 0) {
+                it->v[k][0] = it->v[k][1];
+                it->v[k][1] = it->v[k][2];
+                it->v[k][2] = x[j + 1];
+            } else {
+                it->v[k][2] = it->v[k][1];
+                it->v[k][1] = it->v[k][0];
+                it->v[k][0] = x[j - 1];
+            }
+        }
+        *dinv = it->dinv;
+        return fa_it_sum(it, i, x);
+    }
+    if (i != it->next) return fa_st_half(S, i, upper, dir, &it->c, x, dinv);
+    /* a run starts: its windows, coefficients and far end */
+    const int64_t g = S->grid[i];
+    const int64_t *off = S->offset + 13 * upper;
+    const double *coeff = (upper ? S->upper : S->lower) + 13 * S->run_type;
+    for (int k = 0; k < 4; ++k) {
+        const int first = fa_line_first[upper][k];
+        const int64_t j = S->map[g + off[first + 1]];
+        it->d[k] = j - i;
+        for (int m = 0; m < 3; ++m) {
+            it->v[k][m] = x[j - 1 + m];
+            it->a[3 * k + m] = coeff[first + m];
+        }
+    }
+    it->dp = S->map[g + off[fa_line_point[upper]]] - i;
+    it->a[12] = coeff[fa_line_point[upper]];
+    it->dinv = S->dinv[S->run_type];
+    if (dir > 0) {
+        it->bound = S->run_hi[it->ru];
+        it->ru += 1;
+        it->next = it->ru < S->r_hi ? S->run_lo[it->ru] : -1;
+    } else {
+        it->bound = S->run_lo[it->ru];
+        it->ru -= 1;
+        it->next = it->ru >= S->r_lo ? S->run_hi[it->ru] - 1 : -1;
+    }
+    *dinv = it->dinv;
+    return fa_it_sum(it, i, x);
 }
 
 /* In every function the rows lo .. hi - 1 are swept (vectors indexed by row); q (or NULL) is added
@@ -437,10 +535,11 @@ static inline double fa_st_half(const fa_stencil *S, int64_t i, int upper, int64
 /* x = (D/omega + L)^{-1} (b + q) */
 void fa_st_forward(const fa_stencil *S, const double *b, const double *q, double *x)
 {
-    int64_t c = S->c_lo;
+    fa_it it;
+    fa_it_start(S, &it, 1);
     double dinv;
     for (int64_t i = S->lo; i < S->hi; ++i) {
-        const double s = fa_st_half(S, i, 0, &c, x, &dinv);
+        const double s = fa_it_half(S, &it, i, 0, 1, x, &dinv);
         x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
     }
 }
@@ -448,10 +547,11 @@ void fa_st_forward(const fa_stencil *S, const double *b, const double *q, double
 /* x = (D/omega + U)^{-1} (b + q) */
 void fa_st_backward(const fa_stencil *S, const double *b, const double *q, double *x)
 {
-    int64_t c = S->c_hi - 1;
+    fa_it it;
+    fa_it_start(S, &it, -1);
     double dinv;
     for (int64_t i = S->hi - 1; i >= S->lo; --i) {
-        const double s = fa_st_half(S, i, 1, &c, x, &dinv);
+        const double s = fa_it_half(S, &it, i, 1, -1, x, &dinv);
         x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
     }
 }
@@ -459,10 +559,11 @@ void fa_st_backward(const fa_stencil *S, const double *b, const double *q, doubl
 /* y = (D/omega + U) x + q */
 void fa_st_apply_upper(const fa_stencil *S, const double *x, const double *q, double *y)
 {
-    int64_t c = S->c_hi - 1;
+    fa_it it;
+    fa_it_start(S, &it, -1);
     double dinv;
     for (int64_t i = S->hi - 1; i >= S->lo; --i) {
-        const double s = fa_st_half(S, i, 1, &c, x, &dinv);
+        const double s = fa_it_half(S, &it, i, 1, -1, x, &dinv);
         y[i] = x[i] / dinv + s + FA_Q(q, i);
     }
 }
@@ -470,14 +571,16 @@ void fa_st_apply_upper(const fa_stencil *S, const double *x, const double *q, do
 /* y = A x (A = L + D + U) */
 void fa_st_mult(const fa_stencil *S, const double *x, double *y)
 {
-    int64_t lo = S->c_lo, up = S->c_hi - 1;
+    fa_it up, lo;
+    fa_it_start(S, &up, -1);
+    fa_it_start(S, &lo, 1);
     double dinv;
     /* the special rows' cursor of the upper part runs backward: run the rows backward */
-    for (int64_t i = S->hi - 1; i >= S->lo; --i) y[i] = fa_st_half(S, i, 1, &up, x, &dinv);
+    for (int64_t i = S->hi - 1; i >= S->lo; --i) y[i] = fa_it_half(S, &up, i, 1, -1, x, &dinv);
     for (int64_t i = S->lo; i < S->hi; ++i) {
         const uint16_t t = S->type[i];
-        const double sl = fa_st_half(S, i, 0, &lo, x, &dinv);
-        const double d = t != FA_SPECIAL ? S->diag[t] : S->s_values[S->s_diag[lo - 1]];
+        const double sl = fa_it_half(S, &lo, i, 0, 1, x, &dinv);
+        const double d = t != FA_SPECIAL ? S->diag[t] : S->s_values[S->s_diag[lo.c - 1]];
         y[i] += sl + d * x[i];
     }
 }
@@ -486,11 +589,12 @@ void fa_st_mult(const fa_stencil *S, const double *x, double *y)
 void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double *t, const double *d, double mid,
                              const double *q, double *z)
 {
-    int64_t c = S->c_lo;
+    fa_it it;
+    fa_it_start(S, &it, 1);
     double dinv;
     for (int64_t i = S->lo; i < S->hi; ++i) {
         const double s = y[i] + mid * d[i] * t[i] + FA_Q(q, i);
-        const double h = fa_st_half(S, i, 0, &c, z, &dinv);
+        const double h = fa_it_half(S, &it, i, 0, 1, z, &dinv);
         z[i] = (s - h) * dinv;
     }
 }
@@ -499,12 +603,13 @@ void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double 
 void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const double *d, double beta, double *p,
                                  const double *q, double *t)
 {
-    int64_t c = S->c_hi - 1;
+    fa_it it;
+    fa_it_start(S, &it, -1);
     double dinv;
     for (int64_t i = S->hi - 1; i >= S->lo; --i) {
         const double pi = d[i] * r[i] + beta * p[i];
         p[i] = pi;
-        const double h = fa_st_half(S, i, 1, &c, t, &dinv);
+        const double h = fa_it_half(S, &it, i, 1, -1, t, &dinv);
         t[i] = (pi + FA_Q(q, i) - h) * dinv;
     }
 }
@@ -513,12 +618,13 @@ void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const dou
 double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t, const double *d, double mid,
                                 const double *q, double *w)
 {
-    int64_t c = S->c_lo;
+    fa_it it;
+    fa_it_start(S, &it, 1);
     double dinv, pw = 0.0;
     for (int64_t i = S->lo; i < S->hi; ++i) {
         const double ti = t[i];
         const double s = p[i] + mid * d[i] * ti + FA_Q(q, i);
-        const double h = fa_st_half(S, i, 0, &c, t, &dinv);
+        const double h = fa_it_half(S, &it, i, 0, 1, t, &dinv);
         const double zi = (s - h) * dinv;
         t[i] = zi;
         const double wi = zi + ti;
@@ -579,25 +685,16 @@ void fa_scatter(int64_t n, const int32_t *order, const double *src, double *dst)
 double fa_st_cg_start(const fa_stencil *S, const double *b, const double *x, const double *d, double mid,
                       double *y, double *bh, double *z)
 {
-    int64_t c = S->c_lo;
+    fa_it iu, ib, iz;
+    fa_it_start(S, &iu, 1);
+    fa_it_start(S, &ib, 1);
+    fa_it_start(S, &iz, 1);
     double acc = 0.0;
     for (int64_t i = S->lo; i < S->hi; ++i) {
-        const uint16_t t = S->type[i];
-        double dinv, up, lb, lz;
-        if (t != FA_SPECIAL) {
-            const int64_t g = S->grid[i];
-            const double *lower = S->lower + 13 * (int64_t)t;
-            dinv = S->dinv[t];
-            up = fa_st_dot(S->upper + 13 * (int64_t)t, S->map, S->offset + 13, g, x);
-            lb = fa_st_dot(lower, S->map, S->offset, g, bh);
-            lz = fa_st_dot(lower, S->map, S->offset, g, z);
-        } else {
-            dinv = S->s_dinv[c];
-            up = fa_csr_dot(S->s_values, S->s_cols, x, S->s_diag[c] + 1, S->s_indptr[c + 1]);
-            lb = fa_csr_dot(S->s_values, S->s_cols, bh, S->s_indptr[c], S->s_diag[c]);
-            lz = fa_csr_dot(S->s_values, S->s_cols, z, S->s_indptr[c], S->s_diag[c]);
-            ++c;
-        }
+        double dinv;
+        const double up = fa_it_half(S, &iu, i, 1, 1, x, &dinv);
+        const double lb = fa_it_half(S, &ib, i, 0, 1, bh, &dinv);
+        const double lz = fa_it_half(S, &iz, i, 0, 1, z, &dinv);
         const double yi = x[i] / dinv + up;
         y[i] = yi;
         const double bi = (b[i] - lb) * dinv;

@@ -29,12 +29,15 @@ OMEGA = 1.3
 N = 9  # voxels per side
 
 
-@pytest.fixture(scope="module")
-def problem(tmp_path_factory, comm):
-    """P1 on a random 9^3 SEI/pore volume (seeded): many voxels touch only along an edge or at a
-    corner, so face connectivity splits nodes; pore faces carry the Robin term."""
+@pytest.fixture(scope="module", params=["porous", "dense"])
+def problem(request, tmp_path_factory, comm):
+    """P1 on a random SEI/pore volume (seeded). "porous" (9^3, 40 % pore): many voxels touch only
+    along an edge or at a corner, so face connectivity splits nodes; pore faces carry the Robin
+    term. "dense" (14^3, 4 % pore): most rows are interior rows in runs along x, which the kernels
+    sweep by sliding windows."""
     directory = Path(comm.bcast(str(tmp_path_factory.mktemp("grid")) if comm.rank == 0 else None, root=0))
-    labels = np.where(np.random.default_rng(3).random((N, N, N)) < 0.6, 3, 0).astype(np.uint8)
+    n, pore = (N, 0.4) if request.param == "porous" else (14, 0.04)
+    labels = np.where(np.random.default_rng(3).random((n, n, n)) < 1.0 - pore, 3, 0).astype(np.uint8)
     labels[:, :, 0] = 3  # one face-connected wall keeps every part near the others
     path = directory / "volume.msh"
     if comm.rank == 0:
@@ -69,6 +72,9 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
     assert split > 0 and problem.comm.allreduce(kernel.nspecial) > split
     if problem.comm.size == 1:  # (a rank's thin slab has many types of boundary rows)
         assert kernel.ntypes < n / 4
+    in_runs = int((kernel.run_hi - kernel.run_lo).sum())
+    if problem.comm.size == 1 and n > 2000:  # the dense volume: most rows are swept by sliding windows
+        assert in_runs > n / 3, in_runs
     K = sparse.csr_matrix((k_values, indices, indptr), shape=(n, n))
     M = sparse.csr_matrix((m_values, indices, indptr), shape=(n, n))
     rng = np.random.default_rng(problem.comm.rank)
