@@ -293,3 +293,52 @@ def test_smooth_curved_p2_mesh_conserves_mass_and_reaches_c_bulk(shared_tmp_path
         bad.write_text('[geometry]\nimage = "round.npy"\n\n[mesh]\nsize = 8e-8\n')
     comm.barrier()
     assert main(["diffusion", str(bad), "--out", str(shared_tmp_path / "bad_out"), "-q"]) == 2  # size needs smooth
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_voxel_meshes_take_the_exact_quadrature_and_the_same_matrices(shared_tmp_path, comm, order):
+    """On a voxel mesh (parallelogram cells) the forms use degree 2p, which integrates them exactly:
+    the same M, K + R and region weights as UFL's estimate (degree 5 for P1) to round-off; a mesh
+    with non-affine cells keeps the estimate."""
+    import ufl
+    from dolfinx import fem
+    from dolfinx.fem import petsc as fem_petsc
+    from petsc4py import PETSc
+
+    path = shared_tmp_path / "quadrature.msh"
+    if comm.rank == 0:
+        write_voxel_mesh(two_d_image(), path, keep=["si", "sei"])
+    comm.barrier()
+    tagged = read_mesh(path, comm)
+    settings = DiffusionSettings(
+        geometry=GeometrySettings(mesh=path),
+        mesh=MeshSettings(order=order),
+        time=TimeSettings(t_end=1e-4, output_times=[1e-4], dt_initial=1e-6),
+        regions=[Region(name="I", box=[60e-9, 0.0, 200e-9, 200e-9])],
+    )
+    settings.check()
+    problem = DiffusionProblem(tagged, settings)
+    assert problem._quadrature() == {"quadrature_degree": 2 * order}
+    # the reference: the same forms with UFL's estimated degree
+    physics, (s_dx, s_grad, s_ds) = settings.physics, problem._scaled_measures()
+    u, v = ufl.TrialFunction(problem.V), ufl.TestFunction(problem.V)
+    ds = ufl.Measure("ds", domain=tagged.mesh, subdomain_data=tagged.facet_tags)
+    pore, si = tagged.facet_groups[problem.pore_interface], tagged.facet_groups[problem.si_interface]
+    robin = problem.rate_f * s_ds * u * v * ds(pore) + problem.rate_si * s_ds * u * v * ds(si)
+    stiffness = physics.D_eff / 1e-12 * s_grad * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+    for matrix, form in ((problem._M, s_dx * u * v * ufl.dx), (problem._KR, stiffness + robin)):
+        reference = fem_petsc.assemble_matrix(fem.form(form))
+        reference.assemble()
+        reference.axpy(-1.0, matrix)
+        assert reference.norm() <= 1e-12 * matrix.norm()
+    chi = fem.Function(fem.functionspace(tagged.mesh, ("DG", 0)))
+    chi.x.array[:] = 1.0
+    weights = fem_petsc.assemble_vector(fem.form(s_dx * chi * v * ufl.dx))
+    weights.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    weights.axpy(-1.0, problem._w_dx)
+    assert weights.norm() <= 1e-12 * problem._w_dx.norm()
+    # a bilinear (non-affine) distortion of the cells: UFL's estimate again
+    x = tagged.mesh.geometry.x
+    x[:, 0] += 0.1 * x[:, 1] * x[:, 0] / float(comm.allreduce(np.abs(x[:, :2]).max(initial=0.0), op=MPI.MAX))
+    assert problem._quadrature() == {}
+    problem.destroy()
