@@ -165,35 +165,35 @@ class GridStencilKernel(_SweepKernel):
             special[indices[_row_entries(indptr, last_rows)[0]]] = 1
             special[last_rows] = 1
         offsets27 = _CODES @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
-        keys = []
         scale_k = max(float(np.abs(k_values).max(initial=0.0)), 1e-300) * _QUANTUM
         scale_m = max(float(np.abs(m_values).max(initial=0.0)), 1e-300) * _QUANTUM
-        for seed in (12345, 67890):  # a second, independent key checks the grouping
-            mult = np.random.default_rng(seed).integers(1, 2**63 - 1, size=54, dtype=np.int64).astype(np.uint64) | 1
-            key = np.empty(n, np.uint64)
-            outside = library.fa_st_row_keys(
-                n,
-                _ptr(indptr),
-                _ptr(indices),
-                _ptr(k_values),
-                _ptr(m_values),
-                _ptr(position),
-                _ptr(primary),
-                _ptr(offsets27),
-                scale_k,
-                scale_m,
-                _ptr(mult),
-                _ptr(key),
-                _ptr(special),
-            )
-            if outside:
-                raise ValueError(f"GridStencilKernel: {outside} entries couple rows that are not grid neighbours")
-            keys.append(key)
+        # two independent keys per row: the second checks the grouping by the first
+        mult = np.random.default_rng(12345).integers(1, 2**63 - 1, size=108, dtype=np.int64).astype(np.uint64) | 1
+        keys = np.empty((2, n), np.uint64)
+        outside = library.fa_st_row_keys(
+            n,
+            _ptr(indptr),
+            _ptr(indices),
+            _ptr(k_values),
+            _ptr(m_values),
+            _ptr(position),
+            _ptr(primary),
+            _ptr(offsets27),
+            scale_k,
+            scale_m,
+            _ptr(mult),
+            _ptr(keys[0]),
+            _ptr(keys[1]),
+            _ptr(special),
+        )
+        if outside:
+            raise ValueError(f"GridStencilKernel: {outside} entries couple rows that are not grid neighbours")
         regular = np.flatnonzero(special == 0)  # matrix rows
         unique_keys, representative, types = np.unique(keys[0][regular], return_index=True, return_inverse=True)
         if unique_keys.size >= SPECIAL:
             raise ValueError(f"GridStencilKernel: {unique_keys.size} row types (at most {SPECIAL - 1})")
-        if np.unique(np.stack([keys[0][regular], keys[1][regular]]), axis=1).shape[1] != unique_keys.size:
+        second = keys[1][regular]
+        if not np.array_equal(second, second[representative][types]):
             raise ValueError("GridStencilKernel: row grouping is ambiguous (key collision)")
         ntypes = unique_keys.size
         # the tables: the values of one row of each type, by stencil code
@@ -215,6 +215,8 @@ class GridStencilKernel(_SweepKernel):
         self.offset = np.concatenate([offsets27[:13], offsets27[14:]])
         # the special rows: CSR in kernel numbering, columns sorted (= sweep order)
         special_rows = np.sort(inverse[np.flatnonzero(special)])  # kernel rows
+        self._special = special_rows  # (for set_scale)
+        self._diag_by_type = np.zeros(SPECIAL + 1)  # a type's a_ii (for set_scale: d in one gather)
         entries, counts = _row_entries(indptr, self.order[special_rows])  # of their matrix rows
         rows = np.repeat(special_rows, counts)
         columns = inverse[indices[entries]]
@@ -318,9 +320,9 @@ class GridStencilKernel(_SweepKernel):
         self.s_values += self._s_k
         special_diagonal = self.s_values[self.s_diag]
         np.divide(self.omega, special_diagonal, out=self.s_dinv)
-        regular = self.type != SPECIAL
-        self.d[regular] = self.diag[self.type[regular]]
-        self.d[~regular] = special_diagonal
+        self._diag_by_type[: self.ntypes] = self.diag
+        np.take(self._diag_by_type, self.type, out=self.d)
+        self.d[self._special] = special_diagonal
         self.scale = float(scale)
 
     def diagonal(self) -> np.ndarray:

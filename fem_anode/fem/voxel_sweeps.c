@@ -635,32 +635,39 @@ double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t,
 }
 
 /* The row keys that group a CSR matrix pair (K, M) of one pattern into row types (rows as given,
- * e.g. one rank's diagonal block): for every row, the sum over its entries of
- * mult_k[code] * rint(k / scale_k) + mult_m[code] * rint(m / scale_m) (wrapping 64-bit arithmetic),
- * code = the entry's neighbour offset (0..26, x fastest) found from the columns' linear grid
- * positions lin (offsets27: the 27 linear offsets in code order). special[i] is set to 1 for a row
- * with a column that is not primary (not the first dof of its grid node). Returns the number of
- * entries whose offset is not one of the 27 (then the matrix is not a voxel stencil). */
+ * e.g. one rank's diagonal block): two independent keys per row, key[r][i] (r = 0, 1) the sum over
+ * row i's entries of mult[r][code] * rint(k / scale_k) + mult[r][27 + code] * rint(m / scale_m)
+ * (wrapping 64-bit arithmetic), code = the entry's neighbour offset (0..26, x fastest) from the
+ * columns' linear grid positions lin (offsets27: the 27 linear offsets in code order, strides
+ * 1, s1, s2 with s1 >= 3 and s2 >= 3 s1: a padded grid). special[i] is set to 1 for a row with a
+ * column that is not primary (not the first dof of its grid node). Returns the number of entries
+ * whose offset is not one of the 27 (then the matrix is not a voxel stencil). */
 int64_t fa_st_row_keys(int64_t n, const int32_t *indptr, const int32_t *indices, const double *k, const double *m,
                        const int64_t *lin, const uint8_t *primary, const int64_t *offsets27, double scale_k,
-                       double scale_m, const uint64_t *mult, uint64_t *key, uint8_t *special)
+                       double scale_m, const uint64_t *mult, uint64_t *key0, uint64_t *key1, uint8_t *special)
 {
+    const int64_t s1 = offsets27[12] - offsets27[9], s2 = offsets27[13] - offsets27[4];
+    const uint64_t *mult1 = mult + 54;
     int64_t outside = 0;
     for (int64_t i = 0; i < n; ++i) {
-        uint64_t h = 0;
+        uint64_t h0 = 0, h1 = 0;
         uint8_t sp = 0;
         for (int32_t e = indptr[i]; e < indptr[i + 1]; ++e) {
             const int32_t j = indices[e];
             const int64_t off = lin[j] - lin[i];
-            int code = -1;
-            for (int c = 0; c < 27; ++c)
-                if (offsets27[c] == off) { code = c; break; }
-            if (code < 0) { ++outside; continue; }
+            /* decode (dx, dy, dz) in {-1, 0, 1}^3 from off = dx + s1 dy + s2 dz */
+            const int dz = off > s2 / 2 ? 1 : (off < -(s2 / 2) ? -1 : 0);
+            const int64_t rest = off - dz * s2;
+            const int dy = rest > s1 / 2 ? 1 : (rest < -(s1 / 2) ? -1 : 0);
+            const int code = (int)(rest - dy * s1) + 1 + 3 * (dy + 1) + 9 * (dz + 1);
+            if (code < 0 || code > 26 || offsets27[code] != off) { ++outside; continue; }
             if (!primary[j]) sp = 1;
-            const int64_t qk = (int64_t)llrint(k[e] / scale_k), qm = (int64_t)llrint(m[e] / scale_m);
-            h += mult[code] * (uint64_t)qk + mult[27 + code] * (uint64_t)qm;
+            const uint64_t qk = (uint64_t)(int64_t)llrint(k[e] / scale_k), qm = (uint64_t)(int64_t)llrint(m[e] / scale_m);
+            h0 += mult[code] * qk + mult[27 + code] * qm;
+            h1 += mult1[code] * qk + mult1[27 + code] * qm;
         }
-        key[i] = h;
+        key0[i] = h0;
+        key1[i] = h1;
         special[i] |= sp;
     }
     return outside;

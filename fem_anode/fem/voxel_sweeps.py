@@ -145,7 +145,7 @@ def _load_local() -> ctypes.CDLL:
     library.fa_st_cg_direction_backward.restype = None
     library.fa_st_cg_forward_product.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer]
     library.fa_st_cg_forward_product.restype = double
-    library.fa_st_row_keys.argtypes = [size, *[pointer] * 7, double, double, pointer, pointer, pointer]
+    library.fa_st_row_keys.argtypes = [size, *[pointer] * 7, double, double, *[pointer] * 4]
     library.fa_st_row_keys.restype = size
     library.fa_st_cg_start.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer, pointer]
     library.fa_st_cg_start.restype = double
