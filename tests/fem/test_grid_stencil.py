@@ -207,6 +207,22 @@ def test_what_is_not_a_grid_stencil_is_refused(problem):
     )
     assert solver.order is None and solver.getPC().getType().endswith("+compiled")
     solver.free()
+    # a collision of the first row key (two row types under one key) is caught by the second key
+    import ctypes
+
+    class CollidingKeys:
+        """The kernels, but the first key of every row made the same."""
+
+        def __getattr__(self, name):
+            return getattr(library, name)
+
+        def fa_st_row_keys(self, n, *args):
+            outside = library.fa_st_row_keys(n, *args)
+            ctypes.memset(args[10], 0, 8 * n)  # key0
+            return outside
+
+    with pytest.raises(ValueError, match="ambiguous"):
+        GridStencilKernel(indptr, indices, k_values, m_values, grid, OMEGA, CollidingKeys())
     # points off the lattice
     points = np.array([[0.0, 0.0, 0.0], [1.0, 0.5, 0.0]])
     assert grid_coordinates(points, np.zeros(3), np.ones(3)) is None
