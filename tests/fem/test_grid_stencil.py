@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("dolfinx")
 
 import scipy.sparse as sparse  # noqa: E402
+from scipy.sparse.linalg import spsolve_triangular  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 from petsc4py import PETSc  # noqa: E402
 from test_csr_sweeps import petsc_cg  # noqa: E402  (tests/fem is on sys.path: pytest's prepend mode)
@@ -90,35 +91,39 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
         np.testing.assert_allclose(out, A @ x, rtol=0, atol=1e-12 * float((abs(A) @ np.abs(x)).max()))
         np.testing.assert_allclose(kernel.diagonal(), A.diagonal(), rtol=1e-12)
         d = A.diagonal()
-        lower = (sparse.tril(A, -1) + sparse.diags(d / OMEGA)).toarray()
-        upper = lower.T
+        lower = (sparse.tril(A, -1) + sparse.diags(d / OMEGA)).tocsr()
+        upper = lower.T.tocsr()
+
+        def solve(triangle, rhs):  # the triangle of B = D/omega + L or of B^T
+            return spsolve_triangular(triangle, rhs, lower=triangle is lower)
+
         for sweep, triangle in ((kernel.forward, lower), (kernel.backward, upper)):
             sweep(x, out)
-            np.testing.assert_allclose(out, np.linalg.solve(triangle, x), rtol=1e-10, atol=1e-12 * np.abs(out).max())
+            np.testing.assert_allclose(out, solve(triangle, x), rtol=1e-10, atol=1e-12 * np.abs(out).max())
         kernel.apply_upper(x, out)
         np.testing.assert_allclose(out, upper @ x, rtol=1e-12, atol=1e-13 * np.abs(out).max())
         # the fused CG passes against their dense definitions
         r, p0, t0, y = rng.standard_normal((4, n))
         mid, beta = 1.0 - 2.0 / OMEGA, 0.37
         kernel.forward_eisenstat(y, t0, d, mid, out)
-        np.testing.assert_allclose(out, np.linalg.solve(lower, y + mid * d * t0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out, solve(lower, y + mid * d * t0), rtol=1e-10, atol=1e-12)
         p, t, w = p0.copy(), np.empty(n), np.empty(n)
         kernel.cg_direction_backward(r, d, beta, p, t)
         p_expected = d * r + beta * p0
-        t_expected = np.linalg.solve(upper, p_expected)
+        t_expected = solve(upper, p_expected)
         np.testing.assert_allclose(p, p_expected, rtol=1e-15)
         np.testing.assert_allclose(t, t_expected, rtol=1e-10, atol=1e-12 * np.abs(t_expected).max())
         pw = kernel.cg_forward_product(p, t, d, mid, w)
-        z_expected = np.linalg.solve(lower, p_expected + mid * d * t_expected)
+        z_expected = solve(lower, p_expected + mid * d * t_expected)
         np.testing.assert_allclose(t, z_expected, rtol=1e-10, atol=1e-12 * np.abs(z_expected).max())
         assert pw == pytest.approx(float(p_expected @ (z_expected + t_expected)), rel=1e-10)
         # the CG's start in one pass: B^T x, B^-1 b, B^-1 (B^T x + mid D x) and b . D b of B^-1 b
         y_start, b_hat, z_start = np.empty(n), np.empty(n), np.empty(n)
         bdb = kernel.cg_start(r, t0, d, mid, y_start, b_hat, z_start)
         np.testing.assert_allclose(y_start, upper @ t0, rtol=1e-12, atol=1e-13 * np.abs(y_start).max())
-        b_expected = np.linalg.solve(lower, r)
+        b_expected = solve(lower, r)
         np.testing.assert_allclose(b_hat, b_expected, rtol=1e-10, atol=1e-12 * np.abs(b_expected).max())
-        z_expected = np.linalg.solve(lower, upper @ t0 + mid * d * t0)
+        z_expected = solve(lower, upper @ t0 + mid * d * t0)
         np.testing.assert_allclose(z_start, z_expected, rtol=1e-10, atol=1e-12 * np.abs(z_expected).max())
         assert bdb == pytest.approx(float(b_expected @ (d * b_expected)), rel=1e-10)
 
