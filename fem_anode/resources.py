@@ -568,26 +568,29 @@ def _solves_on_grid_stencil(settings: DiffusionSettings, ndim: int, dofs: float)
     import shutil
 
     solver = settings.solver
-    iterative = solver.type == "iterative" or (solver.type == "auto" and ndim == 3 and dofs >= 50_000)
-    own_ksp = any(str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in solver.petsc_options)
     compiled = solver.sweep_kernel == "compiled" or (
         solver.sweep_kernel == "auto" and shutil.which(os.environ.get("CC", "cc")) is not None
     )
     return (
         ndim == 3
         and settings.mesh.order == 1
-        and iterative
+        and _iterates(settings, ndim, dofs)
         and solver.preconditioner in ("auto", "ssor")
-        and not own_ksp
+        and not solver.petsc_solver_options
         and compiled
     )
+
+
+def _iterates(settings: DiffusionSettings, ndim: int, dofs: float) -> bool:
+    """Whether the diffusion solves iteratively (``solver.type = "auto"``: in 3D from 50k dofs)."""
+    kind = settings.solver.type
+    return kind == "iterative" or (kind == "auto" and ndim == 3 and dofs >= 50_000)
 
 
 def _chooses_multigrid(settings: DiffusionSettings, ndim: int, dofs: float) -> bool:
     """True if the settings ask for the shifted multigrid explicitly (and the solve iterates)."""
     solver = settings.solver
-    iterative = solver.type == "iterative" or (solver.type == "auto" and ndim == 3 and dofs >= 50_000)
-    return iterative and solver.preconditioner == "mg" and "pc_type" not in solver.petsc_options
+    return _iterates(settings, ndim, dofs) and solver.preconditioner == "mg" and "pc_type" not in solver.petsc_options
 
 
 def estimate_multigrid_setup_memory(dofs: float, ranks: int = 1) -> MemoryEstimate:

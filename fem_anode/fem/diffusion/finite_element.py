@@ -255,10 +255,7 @@ class DiffusionProblem(TransientDiffusion):
         CSR sweeps per ``solver.sweep_kernel``, CG fused into them: PETSc's CG with Eisenstat's SSOR
         on one rank, with block-Jacobi SSOR as PCSOR's local sweeps on several) unless
         ``solver.petsc_options`` set KSP or PC options (PETSc then runs them)."""
-        petsc_options = self.settings.solver.petsc_options
-        if self._preconditioner(a0) != "ssor" or any(
-            str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in petsc_options
-        ):
+        if self._preconditioner(a0) != "ssor" or self.settings.solver.petsc_solver_options:
             return super()._ksp(a0)
         key = float(f"{a0:.12e}")
         if self._fused == "unset":

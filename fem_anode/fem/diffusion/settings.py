@@ -198,6 +198,12 @@ class SolverSettings(Section):
         nonnegative=True,
     )
 
+    @property
+    def petsc_solver_options(self) -> bool:
+        """Whether ``petsc_options`` set KSP or PC options (then PETSc's solver runs them, never the
+        package's fused SSOR-CG)."""
+        return any(str(k).lstrip("-").startswith(("ksp_", "pc_")) for k in self.petsc_options)
+
 
 @dataclasses.dataclass
 class OutputSettings(Section):
