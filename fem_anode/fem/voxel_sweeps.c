@@ -468,14 +468,37 @@ static inline void fa_it_start(const fa_stencil *S, fa_it *it, int dir)
     }
 }
 
-static inline double fa_it_sum(const fa_it *it, int64_t i, const double *x)
+/* the 4 lines' part of the half-sum (without the point) */
+static inline double fa_it_lines(const fa_it *it)
 {
     const double *a = it->a;
     const double s0 = a[0] * it->v[0][0] + a[1] * it->v[0][1] + a[2] * it->v[0][2];
     const double s1 = a[3] * it->v[1][0] + a[4] * it->v[1][1] + a[5] * it->v[1][2];
     const double s2 = a[6] * it->v[2][0] + a[7] * it->v[2][1] + a[8] * it->v[2][2];
     const double s3 = a[9] * it->v[3][0] + a[10] * it->v[3][1] + a[11] * it->v[3][2];
-    return ((s0 + s1) + (s2 + s3)) + a[12] * x[i + it->dp];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static inline double fa_it_sum(const fa_it *it, int64_t i, const double *x)
+{
+    return fa_it_lines(it) + it->a[12] * x[i + it->dp];
+}
+
+/* inside a run: move the 4 windows to row i (visited in direction dir) */
+static inline void fa_it_shift(fa_it *it, int64_t i, int dir, const double *x)
+{
+    for (int k = 0; k < 4; ++k) {
+        const int64_t j = i + it->d[k];
+        if (dir > 0) {
+            it->v[k][0] = it->v[k][1];
+            it->v[k][1] = it->v[k][2];
+            it->v[k][2] = x[j + 1];
+        } else {
+            it->v[k][2] = it->v[k][1];
+            it->v[k][1] = it->v[k][0];
+            it->v[k][0] = x[j - 1];
+        }
+    }
 }
 
 /* row i's half-sum (upper = 0: lower, 1: upper) of x and omega / a_ii, rows visited in direction dir */
@@ -483,18 +506,7 @@ static inline double fa_it_half(const fa_stencil *S, fa_it *it, int64_t i, int u
                                 double *dinv)
 {
     if (dir > 0 ? i < it->bound : i >= it->bound) { /* inside a run: shift the windows */
-        for (int k = 0; k < 4; ++k) {
-            const int64_t j = i + it->d[k];
-            if (dir > 0) {
-                it->v[k][0] = it->v[k][1];
-                it->v[k][1] = it->v[k][2];
-                it->v[k][2] = x[j + 1];
-            } else {
-                it->v[k][2] = it->v[k][1];
-                it->v[k][1] = it->v[k][0];
-                it->v[k][0] = x[j - 1];
-            }
-        }
+        fa_it_shift(it, i, dir, x);
         *dinv = it->dinv;
         return fa_it_sum(it, i, x);
     }
@@ -538,9 +550,19 @@ void fa_st_forward(const fa_stencil *S, const double *b, const double *q, double
     fa_it it;
     fa_it_start(S, &it, 1);
     double dinv;
-    for (int64_t i = S->lo; i < S->hi; ++i) {
-        const double s = fa_it_half(S, &it, i, 0, 1, x, &dinv);
-        x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
+    int64_t i = S->lo;
+    while (i < S->hi) {
+        const int starts = i == it.next;
+        double xi = (b[i] + FA_Q(q, i) - fa_it_half(S, &it, i, 0, 1, x, &dinv)) * dinv;
+        x[i] = xi;
+        ++i;
+        if (!starts) continue;
+        const double c = it.a[12] * it.dinv, di = it.dinv;
+        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see above) */
+            fa_it_shift(&it, i, 1, x);
+            xi = (b[i] + FA_Q(q, i) - fa_it_lines(&it)) * di - c * xi;
+            x[i] = xi;
+        }
     }
 }
 
@@ -550,9 +572,19 @@ void fa_st_backward(const fa_stencil *S, const double *b, const double *q, doubl
     fa_it it;
     fa_it_start(S, &it, -1);
     double dinv;
-    for (int64_t i = S->hi - 1; i >= S->lo; --i) {
-        const double s = fa_it_half(S, &it, i, 1, -1, x, &dinv);
-        x[i] = (b[i] + FA_Q(q, i) - s) * dinv;
+    int64_t i = S->hi - 1;
+    while (i >= S->lo) {
+        const int starts = i == it.next;
+        double xi = (b[i] + FA_Q(q, i) - fa_it_half(S, &it, i, 1, -1, x, &dinv)) * dinv;
+        x[i] = xi;
+        --i;
+        if (!starts) continue;
+        const double c = it.a[12] * it.dinv, di = it.dinv;
+        for (const int64_t end = it.bound; i >= end; --i) { /* the rest of the run (see above) */
+            fa_it_shift(&it, i, -1, x);
+            xi = (b[i] + FA_Q(q, i) - fa_it_lines(&it)) * di - c * xi;
+            x[i] = xi;
+        }
     }
 }
 
@@ -599,18 +631,35 @@ void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double 
     }
 }
 
-/* p = d r + beta p, then t = (D/omega + U)^{-1} (p + q) */
+/* p = d r + beta p, then t = (D/omega + U)^{-1} (p + q).
+ * After a run's first row the rest of the run is swept by an inner loop that keeps the previous
+ * row's result (the point of the half-stencil, x + 1) in a register: the recurrence along the run
+ * is one multiply-add, t_i = (p_i + q_i - lines_i) dinv - (a_point dinv) t_{i+1}, not a store,
+ * a reload and three dependent operations (the same sum up to round-off). Likewise in the sweeps below. */
 void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const double *d, double beta, double *p,
                                  const double *q, double *t)
 {
     fa_it it;
     fa_it_start(S, &it, -1);
     double dinv;
-    for (int64_t i = S->hi - 1; i >= S->lo; --i) {
-        const double pi = d[i] * r[i] + beta * p[i];
+    int64_t i = S->hi - 1;
+    while (i >= S->lo) {
+        const int starts = i == it.next;
+        double pi = d[i] * r[i] + beta * p[i];
         p[i] = pi;
         const double h = fa_it_half(S, &it, i, 1, -1, t, &dinv);
-        t[i] = (pi + FA_Q(q, i) - h) * dinv;
+        double ti = (pi + FA_Q(q, i) - h) * dinv;
+        t[i] = ti;
+        --i;
+        if (!starts) continue;
+        const double c = it.a[12] * it.dinv, di = it.dinv;
+        for (const int64_t end = it.bound; i >= end; --i) {
+            fa_it_shift(&it, i, -1, t);
+            pi = d[i] * r[i] + beta * p[i];
+            p[i] = pi;
+            ti = (pi + FA_Q(q, i) - fa_it_lines(&it)) * di - c * ti;
+            t[i] = ti;
+        }
     }
 }
 
@@ -621,15 +670,27 @@ double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t,
     fa_it it;
     fa_it_start(S, &it, 1);
     double dinv, pw = 0.0;
-    for (int64_t i = S->lo; i < S->hi; ++i) {
+    int64_t i = S->lo;
+    while (i < S->hi) {
+        const int starts = i == it.next;
         const double ti = t[i];
         const double s = p[i] + mid * d[i] * ti + FA_Q(q, i);
         const double h = fa_it_half(S, &it, i, 0, 1, t, &dinv);
-        const double zi = (s - h) * dinv;
+        double zi = (s - h) * dinv;
         t[i] = zi;
-        const double wi = zi + ti;
-        w[i] = wi;
-        pw += p[i] * wi;
+        w[i] = zi + ti;
+        pw += p[i] * (zi + ti);
+        ++i;
+        if (!starts) continue;
+        const double c = it.a[12] * it.dinv, di = it.dinv;
+        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see above) */
+            fa_it_shift(&it, i, 1, t);
+            const double tj = t[i];
+            zi = (p[i] + mid * d[i] * tj + FA_Q(q, i) - fa_it_lines(&it)) * di - c * zi;
+            t[i] = zi;
+            w[i] = zi + tj;
+            pw += p[i] * (zi + tj);
+        }
     }
     return pw;
 }
@@ -673,17 +734,12 @@ int64_t fa_st_row_keys(int64_t n, const int32_t *indptr, const int32_t *indices,
     return outside;
 }
 
-/* dst[i] = src[order[i]] (into a permuted order) */
+/* dst[i] = src[order[i]] (into a permuted order, or back by the inverse permutation) */
 void fa_gather(int64_t n, const int32_t *order, const double *src, double *dst)
 {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[order[i]];
 }
 
-/* dst[order[i]] = src[i] (back from a permuted order) */
-void fa_scatter(int64_t n, const int32_t *order, const double *src, double *dst)
-{
-    for (int64_t i = 0; i < n; ++i) dst[order[i]] = src[i];
-}
 
 /* The start of the fused CG (rows lo .. hi - 1, one rank or the first rows of a separator order,
  * no couplings outside the sweep) in one pass instead of three: y = (D/omega + U) x (the

@@ -149,10 +149,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_st_row_keys.restype = size
     library.fa_st_cg_start.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer, pointer]
     library.fa_st_cg_start.restype = double
-    for name in ("fa_gather", "fa_scatter"):
-        function = getattr(library, name)
-        function.argtypes = [size, pointer, pointer, pointer]
-        function.restype = None
+    library.fa_gather.argtypes = [size, pointer, pointer, pointer]
+    library.fa_gather.restype = None
     return library
 
 
