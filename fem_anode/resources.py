@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.fem.diffusion.settings import resolve_solver_type
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -380,13 +381,12 @@ def estimate_fe_memory(
         ndim: topological dimension (2 or 3).
         cell_type: ``quadrilateral``, ``hexahedron``, ``triangle`` or ``tetrahedron``.
         degree: Lagrange degree (1 or 2).
-        solver: ``direct`` (MUMPS), ``iterative`` (CG + AMG) or ``auto`` (direct in 2D or
-            below 50k dofs in 3D, as :class:`~fem_anode.fem.diffusion.DiffusionProblem`).
+        solver: ``direct`` (MUMPS), ``iterative`` (CG + AMG) or ``auto`` (as the diffusion solver:
+            :func:`~fem_anode.fem.diffusion.settings.resolve_solver_type`).
         cache_size: factorisations kept at the same time (direct solver).
         ranks: number of MPI ranks (each loads the libraries once).
     """
-    if solver == "auto":
-        solver = "direct" if ndim == 2 or dofs < 50_000 else "iterative"
+    solver = resolve_solver_type(solver, ndim, dofs)
     nnz = dofs * _NNZ_PER_ROW.get((cell_type, degree), 27 if ndim == 3 else 9)
     matrices = MATRICES * nnz * BYTES_PER_NONZERO
     factor = 0.0
@@ -582,9 +582,8 @@ def _solves_on_grid_stencil(settings: DiffusionSettings, ndim: int, dofs: float)
 
 
 def _iterates(settings: DiffusionSettings, ndim: int, dofs: float) -> bool:
-    """Whether the diffusion solves iteratively (``solver.type = "auto"``: in 3D from 50k dofs)."""
-    kind = settings.solver.type
-    return kind == "iterative" or (kind == "auto" and ndim == 3 and dofs >= 50_000)
+    """Whether the diffusion solves iteratively (``solver.type = "auto"``: see :func:`resolve_solver_type`)."""
+    return resolve_solver_type(settings.solver.type, ndim, dofs) == "iterative"
 
 
 def _chooses_multigrid(settings: DiffusionSettings, ndim: int, dofs: float) -> bool:

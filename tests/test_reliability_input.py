@@ -759,3 +759,20 @@ def test_memory_checks_are_switched_off_for_a_block_and_per_call_only(monkeypatc
     with pytest.raises(InputError):
         check_memory(huge)  # on again after the block
     check_memory(huge, enabled=False)
+
+
+def test_auto_solver_type_is_one_rule_for_the_solver_and_the_estimates():
+    """``solver.type = "auto"``: direct in 2D and below 50k dofs in 3D, else iterative; the memory
+    estimate resolves it by the same rule (a factorisation appears exactly when it is chosen)."""
+    from fem_anode.fem.diffusion.settings import AUTO_DIRECT_MAX_DOFS_3D, resolve_solver_type
+    from fem_anode.resources import estimate_fe_memory
+
+    limit = AUTO_DIRECT_MAX_DOFS_3D
+    assert limit == 50_000
+    assert resolve_solver_type("auto", 2, 1e7) == "direct"
+    assert resolve_solver_type("auto", 3, limit - 1) == "direct"
+    assert resolve_solver_type("auto", 3, limit) == "iterative"
+    assert resolve_solver_type("direct", 3, 1e7) == "direct" and resolve_solver_type("iterative", 2, 10) == "iterative"
+    for dofs in (limit - 1, limit):
+        auto = estimate_fe_memory(cells=dofs, dofs=dofs, ndim=3, cell_type="hexahedron", degree=1, solver="auto")
+        assert (auto.details["factor_bytes"] > 0) == (dofs < limit)

@@ -138,6 +138,19 @@ class TimeSettings(Section):
             raise UsageError(f"output_times {late} lie beyond t_end = {self.t_end} s")
 
 
+#: ``solver.type = "auto"`` factorises in 2D and below this many dofs in 3D, else iterates: 3D sparse
+#: Cholesky fills in (its cost grows like n^2) and a run with geometric steps refactorises every few
+#: steps (the measured costs: docs/benchmarks.md, "Solver choices made from these measurements").
+AUTO_DIRECT_MAX_DOFS_3D = 50_000
+
+
+def resolve_solver_type(kind: str, ndim: int, dofs: float) -> str:
+    """``"direct"`` or ``"iterative"`` for ``solver.type = kind`` on a ``ndim``-D problem of ``dofs`` unknowns."""
+    if kind == "auto":
+        return "direct" if ndim == 2 or dofs < AUTO_DIRECT_MAX_DOFS_3D else "iterative"
+    return kind
+
+
 @dataclasses.dataclass
 class SolverSettings(Section):
     """Linear solver (PETSc)."""
@@ -145,7 +158,7 @@ class SolverSettings(Section):
     type: str = setting(
         "auto",
         "'direct' (sparse Cholesky: CHOLMOD on one rank, MUMPS on several; the matrix is SPD), 'iterative' (CG, see "
-        "preconditioner) or 'auto' (direct in 2D or below 50k dofs in 3D)",
+        f"preconditioner) or 'auto' (direct in 2D or below {AUTO_DIRECT_MAX_DOFS_3D // 1000}k dofs in 3D)",
         choices=("auto", "direct", "iterative"),
     )
     preconditioner: str = setting(

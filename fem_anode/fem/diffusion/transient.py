@@ -33,7 +33,7 @@ from petsc4py import PETSc
 from fem_anode.errors import Interrupted, SolverError, UsageError
 from fem_anode.fem.diffusion.multigrid import ShiftedMultigrid, factor_bytes
 from fem_anode.fem.diffusion.results import DiffusionResult
-from fem_anode.fem.diffusion.settings import DiffusionSettings
+from fem_anode.fem.diffusion.settings import DiffusionSettings, resolve_solver_type
 from fem_anode.fem.diffusion.time_stepping import StepPlan, bdf_coefficients
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
@@ -285,12 +285,7 @@ class TransientDiffusion:
     # -- solver ---------------------------------------------------------------------------
     def _solver_kind(self) -> str:
         """``"direct"`` or ``"iterative"`` after resolving ``solver.type = "auto"``."""
-        kind = self.settings.solver.type
-        if kind == "auto":
-            # 3D sparse Cholesky fills in (its cost grows like n^2) and a run with geometric
-            # steps refactorises every few steps, so 3D iterates above 50k dofs (the measured
-            # costs: docs/benchmarks.md, "Solver choices made from these measurements").
-            kind = "direct" if self.dim == 2 or self.ndofs < 50_000 else "iterative"
+        kind = resolve_solver_type(self.settings.solver.type, self.dim, self.ndofs)
         if kind == "direct" and self._direct_package() is None and self.comm.size > 1:
             kind = "iterative"
         return kind
