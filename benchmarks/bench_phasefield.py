@@ -5,10 +5,10 @@ voids, percolation on), meshed at the given element sizes; ``--half-cycles`` hal
 (default one lithiation). ``--configs`` runs several solver configurations one after the other
 in the same process, so their times are comparable on this shared machine:
 
-* ``default``: the package defaults (lagged LU as the preconditioner of FGMRES,
+* ``default``: the package defaults (Newton to rtol 1e-6, lagged LU as the preconditioner of FGMRES,
   refactorised inside a stalled solve, Eisenstat-Walker linear tolerances, Newton stagnation
   stop, smooth time-step controller, linear predictor; on any number of ranks);
-* ``previous``: the configuration before issue 22 (GMRES at rtol 1e-10 on the lagged LU,
+* ``previous``: the configuration before issue 22 (Newton to rtol 1e-9, GMRES at rtol 1e-10 on the lagged LU,
   refactorised at the next Newton iteration after more than 30 iterations, threshold
   controller, Newton always to ``max_it``; the border of the block elimination lagged with the
   factorisation as in the current code);
@@ -23,6 +23,8 @@ in the same process, so their times are comparable on this shared machine:
   Newton tolerance, the border of the block elimination re-solved at every Newton iteration,
   no ``fast_growth`` (the run's solver class is patched);
 * ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``);
+* ``rtolXX``: the defaults with Newton's ``solver.rtol = 1e-XX`` (``rtol9``: the default until
+  2026-12-05, issue 22's sixth round);
 * ``fieldsplit``: the defaults with a block preconditioner instead of the one LU of the Jacobian
   (issue 22, fifth round; patched in, not kept in the package): PCFIELDSPLIT multiplicative
   (block Gauss-Seidel), the Cahn-Hilliard fields (c, mu, c_v, mu_v) first, then the
@@ -80,6 +82,7 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(
             cycling=base.cycling.replace(controller="threshold"),
             solver=base.solver.replace(
+                rtol=1e-9,
                 refactor_iterations=30,
                 refactor_on_stall=False,
                 linear_rtol=1e-10,
@@ -99,13 +102,15 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(cycling=base.cycling.replace(fast_growth=base.cycling.growth))
     if config.startswith("dc") and config[2:].isdigit():
         return base.replace(cycling=base.cycling.replace(dc_target=float("0." + config[2:])))
+    if config.startswith("rtol") and config[4:].isdigit():  # Newton's relative tolerance 1e-XX
+        return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
     if config in ("fieldsplit", "fieldsplit_lagged"):
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, fieldsplit)"
+        "round3, dcXX, rtolXX, fieldsplit)"
     )
 
 
@@ -347,7 +352,7 @@ def main() -> None:
         "--configs",
         default="default",
         help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX, "
-        "fieldsplit",
+        "rtolXX, fieldsplit",
     )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")

@@ -12,7 +12,13 @@ from mpi4py import MPI  # noqa: E402
 from fem_anode.fem.phasefield.geometry import disk_mesh  # noqa: E402
 from fem_anode.fem.phasefield.plasticity import uniaxial_plastic_closed_form  # noqa: E402
 from fem_anode.fem.phasefield.problem import PhaseFieldProblem  # noqa: E402
-from fem_anode.fem.phasefield.settings import MaterialSettings, MeshSettings, ModelSettings, PhaseFieldSettings  # noqa: E402
+from fem_anode.fem.phasefield.settings import (  # noqa: E402
+    MaterialSettings,
+    MeshSettings,
+    ModelSettings,
+    PhaseFieldSettings,
+    SolverSettings,
+)
 
 BETA, C_MIN, C_MAX, NU = 0.5874, 0.14, 0.86, 0.22
 
@@ -22,6 +28,8 @@ def _problem(kinematics: str, plasticity: bool, size: float = 10e-9, **material)
         model=ModelSettings(kinematics=kinematics, plasticity=plasticity),
         material=MaterialSettings(**material),
         mesh=MeshSettings(size=size),
+        # closed forms to 1e-8 in stress: Newton to a tighter residual than the default's 1e-6
+        solver=SolverSettings(rtol=1e-10),
     )
     return PhaseFieldProblem(disk_mesh(20e-9, size, MPI.COMM_WORLD), settings)
 
