@@ -484,7 +484,12 @@ static inline double fa_it_sum(const fa_it *it, int64_t i, const double *x)
     return fa_it_lines(it) + it->a[12] * x[i + it->dp];
 }
 
-/* inside a run: move the 4 windows to row i (visited in direction dir) */
+/* inside a run: move the 4 windows to row i (visited in direction dir).
+ * The sweeps that write the vector they read (forward, backward and the fused CG passes) take the
+ * rest of a run, after its first row, in an inner loop that keeps the previous row's result (the
+ * half-stencil's point: x - 1 forward, x + 1 backward) in a register, so the recurrence along the
+ * run is one multiply-add, x_i = (b_i - lines_i) dinv - (a_point dinv) x_prev, instead of a store,
+ * a reload and three dependent operations (the same sum up to round-off). */
 static inline void fa_it_shift(fa_it *it, int64_t i, int dir, const double *x)
 {
     for (int k = 0; k < 4; ++k) {
@@ -558,7 +563,7 @@ void fa_st_forward(const fa_stencil *S, const double *b, const double *q, double
         ++i;
         if (!starts) continue;
         const double c = it.a[12] * it.dinv, di = it.dinv;
-        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see above) */
+        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see fa_it_shift) */
             fa_it_shift(&it, i, 1, x);
             xi = (b[i] + FA_Q(q, i) - fa_it_lines(&it)) * di - c * xi;
             x[i] = xi;
@@ -580,7 +585,7 @@ void fa_st_backward(const fa_stencil *S, const double *b, const double *q, doubl
         --i;
         if (!starts) continue;
         const double c = it.a[12] * it.dinv, di = it.dinv;
-        for (const int64_t end = it.bound; i >= end; --i) { /* the rest of the run (see above) */
+        for (const int64_t end = it.bound; i >= end; --i) { /* the rest of the run (see fa_it_shift) */
             fa_it_shift(&it, i, -1, x);
             xi = (b[i] + FA_Q(q, i) - fa_it_lines(&it)) * di - c * xi;
             x[i] = xi;
@@ -631,11 +636,7 @@ void fa_st_forward_eisenstat(const fa_stencil *S, const double *y, const double 
     }
 }
 
-/* p = d r + beta p, then t = (D/omega + U)^{-1} (p + q).
- * After a run's first row the rest of the run is swept by an inner loop that keeps the previous
- * row's result (the point of the half-stencil, x + 1) in a register: the recurrence along the run
- * is one multiply-add, t_i = (p_i + q_i - lines_i) dinv - (a_point dinv) t_{i+1}, not a store,
- * a reload and three dependent operations (the same sum up to round-off). Likewise in the sweeps below. */
+/* p = d r + beta p, then t = (D/omega + U)^{-1} (p + q) */
 void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const double *d, double beta, double *p,
                                  const double *q, double *t)
 {
@@ -653,7 +654,7 @@ void fa_st_cg_direction_backward(const fa_stencil *S, const double *r, const dou
         --i;
         if (!starts) continue;
         const double c = it.a[12] * it.dinv, di = it.dinv;
-        for (const int64_t end = it.bound; i >= end; --i) {
+        for (const int64_t end = it.bound; i >= end; --i) { /* the rest of the run (see fa_it_shift) */
             fa_it_shift(&it, i, -1, t);
             pi = d[i] * r[i] + beta * p[i];
             p[i] = pi;
@@ -683,7 +684,7 @@ double fa_st_cg_forward_product(const fa_stencil *S, const double *p, double *t,
         ++i;
         if (!starts) continue;
         const double c = it.a[12] * it.dinv, di = it.dinv;
-        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see above) */
+        for (const int64_t end = it.bound; i < end; ++i) { /* the rest of the run (see fa_it_shift) */
             fa_it_shift(&it, i, 1, t);
             const double tj = t[i];
             zi = (p[i] + mid * d[i] * tj + FA_Q(q, i) - fa_it_lines(&it)) * di - c * zi;
