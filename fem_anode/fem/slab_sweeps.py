@@ -618,6 +618,12 @@ class EisenstatCG:
             elif rnorm >= 1e5 * norm0:  # PETSc's default divergence tolerance
                 reason = int(reasons.DIVERGED_DTOL)
         sweeps.backward(y, x)
+        if reason < 0:
+            # A failed solve may leave NaN or inf in the work vectors, and the next solve reads
+            # stale entries (times a zero coefficient at absent neighbours of the grid stencil, and
+            # p times beta = 0): it starts from zeros instead.
+            for vec in (r, y, t, w, p):
+                vec.zeroEntries()
         self.reason, self.iterations, self.history = reason, iterations, np.array(history)
 
     def destroy(self) -> None:

@@ -195,6 +195,15 @@ def test_the_fused_solver_on_the_grid_is_petscs_cg_with_pceisenstat_in_its_order
     solver.mass_mult(b, x)
     scale_of = float(np.abs(expected.array).max(initial=0.0))
     assert comm.allreduce(float(np.abs(x.array - expected.array).max(initial=0.0))) <= 1e-12 * comm.allreduce(scale_of)
+    # a solve that fails on a non-finite right-hand side (NaN in the CG's vectors) must not
+    # spoil the next one: the same solve as above, the same iterations
+    b.array[:] = np.nan
+    solver.solve(b, x)
+    assert solver.getConvergedReason() == PETSc.KSP.ConvergedReason.DIVERGED_NANORINF
+    b.array[:], x.array[:] = rhs[lo:hi], guess[lo:hi]
+    solver.solve(b, x)
+    assert solver.getConvergedReason() > 0 and solver.getIterationNumber() == fused[0]
+    assert np.isfinite(x.array).all()
     expected.destroy()
     for obj in (b, x, b_seq, x_seq, mat, reference, A):
         obj.destroy()
