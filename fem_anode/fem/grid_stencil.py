@@ -135,23 +135,9 @@ class GridStencilKernel(_SweepKernel):
         last: np.ndarray | None = None,
     ) -> None:
         n = indptr.shape[0] - 1
-        if grid.shape != (n, 3) or not np.issubdtype(grid.dtype, np.integer):
-            raise ValueError(f"GridStencilKernel: grid must be {n} x 3 integer indices")
         if indices.shape != k_values.shape or m_values.shape != k_values.shape:
             raise ValueError("GridStencilKernel: K and M must share one CSR pattern")
-        self.n, self.omega, self.library = n, float(omega), library
-        low = grid.min(axis=0) if n else np.zeros(3, np.int64)
-        dims = (grid.max(axis=0) - low + 3) if n else np.ones(3, np.int64)  # one padding node each side
-        if int(np.prod(dims)) >= 2**31:
-            raise ValueError("GridStencilKernel: the rows' grid box exceeds 2^31 nodes")
-        position = (grid - low + 1) @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
-        is_last = np.zeros(n, bool) if last is None else np.asarray(last, bool)
-        if is_last.shape != (n,):
-            raise ValueError(f"GridStencilKernel: last must hold {n} flags")
-        # kernel row -> matrix row: grid order, the rows flagged last after the others
-        self.order = np.lexsort((np.arange(n), position, is_last)).astype(np.int32)
-        #: kernel rows 0 .. n_first - 1 are the rows not flagged last
-        self.n_first = int(n - np.count_nonzero(is_last))
+        position, dims, is_last = self._layout(grid, n, last)
         by_node = np.lexsort((np.arange(n), position))
         first_of_node = np.ones(n, bool)
         first_of_node[1:] = position[by_node][1:] != position[by_node][:-1]
@@ -195,44 +181,149 @@ class GridStencilKernel(_SweepKernel):
         second = keys[1][regular]
         if not np.array_equal(second, second[representative][types]):
             raise ValueError("GridStencilKernel: row grouping is ambiguous (key collision)")
-        ntypes = unique_keys.size
         # the tables: the values of one row of each type, by stencil code
-        self._k_table = np.zeros((ntypes, 27))
-        self._m_table = np.zeros((ntypes, 27))
+        k_table = np.zeros((unique_keys.size, 27))
+        m_table = np.zeros((unique_keys.size, 27))
+        for t, row in enumerate(regular[representative]):
+            span = slice(int(indptr[row]), int(indptr[row + 1]))
+            codes = np.searchsorted(offsets27, position[indices[span]] - position[row])
+            k_table[t, codes] = k_values[span]
+            m_table[t, codes] = m_values[span]
+        row_type = np.full(n, SPECIAL, np.uint16)  # per matrix row
+        row_type[regular] = types
+        special_rows = np.flatnonzero(special)
+        entries, counts = _row_entries(indptr, special_rows)
+        s_indptr = np.zeros(special_rows.size + 1, np.int64)
+        np.cumsum(counts, out=s_indptr[1:])
+        self._build(
+            position,
+            dims,
+            is_last,
+            row_type,
+            k_table,
+            m_table,
+            (special_rows, s_indptr, indices[entries], k_values[entries], m_values[entries]),
+            omega,
+            library,
+        )
+
+    @classmethod
+    def from_types(
+        cls,
+        grid: np.ndarray,
+        row_type: np.ndarray,
+        k_table: np.ndarray,
+        m_table: np.ndarray,
+        special: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        omega: float,
+        library: Any,
+        last: np.ndarray | None = None,
+    ) -> GridStencilKernel:
+        """The kernel from its row types instead of assembled matrices (e.g. built from a voxel image,
+        :mod:`fem_anode.fem.voxel_p1`).
+
+        Args:
+            grid: ``(n, 3)`` integer grid indices of the rows' nodes.
+            row_type: per row, its type (a row of the tables) or :data:`SPECIAL`.
+            k_table, m_table: ``(ntypes, 27)`` values of ``K`` and ``M`` of each type by stencil code
+                (:data:`_CODES`: offsets ``(dx, dy, dz)``, x fastest; code 13 is the diagonal).
+            special: the :data:`SPECIAL` rows in CSR form, ``(rows, indptr, columns, k, m)`` (rows and
+                columns in the matrix's numbering, as ``row_type``).
+            omega, library, last: as for the constructor.
+
+        The caller guarantees the tables: a typed row's neighbour at code ``c`` is the first dof of the
+        node at that offset, and only special rows couple to other dofs of split nodes, to rows flagged
+        ``last`` or (if flagged ``last``) to anything but grid neighbours.
+        """
+        n = int(row_type.shape[0])
+        kernel = cls.__new__(cls)
+        position, dims, is_last = kernel._layout(grid, n, last)
+        if k_table.shape != m_table.shape or k_table.ndim != 2 or k_table.shape[1:] != (27,):
+            raise ValueError("GridStencilKernel: the tables must be (types, 27) arrays of one shape")
+        if k_table.shape[0] >= SPECIAL:
+            raise ValueError(f"GridStencilKernel: {k_table.shape[0]} row types (at most {SPECIAL - 1})")
+        rows = np.asarray(special[0])
+        if not np.array_equal(np.sort(rows), np.flatnonzero(row_type == SPECIAL)):
+            raise ValueError("GridStencilKernel: the special rows must be the rows of type SPECIAL")
+        typed = row_type[row_type != SPECIAL]
+        if typed.size and int(typed.max()) >= k_table.shape[0]:
+            raise ValueError("GridStencilKernel: a row type beyond the tables")
+        kernel._build(
+            position, dims, is_last, row_type.astype(np.uint16), k_table, m_table, special, omega, library
+        )
+        return kernel
+
+    def _layout(self, grid: np.ndarray, n: int, last: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's linear position in the padded grid box, the box's dims and the ``last`` flags."""
+        if grid.shape != (n, 3) or not np.issubdtype(grid.dtype, np.integer):
+            raise ValueError(f"GridStencilKernel: grid must be {n} x 3 integer indices")
+        low = grid.min(axis=0) if n else np.zeros(3, np.int64)
+        dims = (grid.max(axis=0) - low + 3) if n else np.ones(3, np.int64)  # one padding node each side
+        if int(np.prod(dims)) >= 2**31:
+            raise ValueError("GridStencilKernel: the rows' grid box exceeds 2^31 nodes")
+        position = (grid - low + 1) @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
+        is_last = np.zeros(n, bool) if last is None else np.asarray(last, bool)
+        if is_last.shape != (n,):
+            raise ValueError(f"GridStencilKernel: last must hold {n} flags")
+        return position, np.asarray(dims, np.int64), is_last
+
+    def _build(
+        self,
+        position: np.ndarray,
+        dims: np.ndarray,
+        is_last: np.ndarray,
+        row_type: np.ndarray,
+        k_table: np.ndarray,
+        m_table: np.ndarray,
+        special: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        omega: float,
+        library: Any,
+    ) -> None:
+        """The kernel's arrays from the rows' positions, types and special rows (matrix numbering)."""
+        n = int(position.shape[0])
+        self.n, self.omega, self.library = n, float(omega), library
+        # kernel row -> matrix row: grid order, the rows flagged last after the others
+        self.order = np.lexsort((np.arange(n), position, is_last)).astype(np.int32)
+        #: kernel rows 0 .. n_first - 1 are the rows not flagged last
+        self.n_first = int(n - np.count_nonzero(is_last))
+        by_node = np.lexsort((np.arange(n), position))
+        first_of_node = np.ones(n, bool)
+        first_of_node[1:] = position[by_node][1:] != position[by_node][:-1]
+        offsets27 = _CODES @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
+        ntypes = int(k_table.shape[0])
+        self._k_table = np.array(k_table, dtype=np.float64)
+        self._m_table = np.array(m_table, dtype=np.float64)
         inverse = np.empty(n, np.int64)
         inverse[self.order] = np.arange(n)
         #: matrix row -> kernel row (from_kernel_order gathers by it: a gather is about twice as fast as a scatter)
         self._inverse = inverse.astype(np.int32)
-        for t, row in enumerate(regular[representative]):
-            span = slice(int(indptr[row]), int(indptr[row + 1]))
-            codes = np.searchsorted(offsets27, position[indices[span]] - position[row])
-            self._k_table[t, codes] = k_values[span]
-            self._m_table[t, codes] = m_values[span]
-        self.type = np.full(n, SPECIAL, np.uint16)  # per kernel row
-        self.type[inverse[regular]] = types
+        self.type = np.empty(n, np.uint16)  # per kernel row
+        self.type[inverse] = row_type
         self.grid = position[self.order].astype(np.int32)
         self.map = np.zeros(int(np.prod(dims)), np.int32)  # grid position -> kernel row of its first dof
         firsts = by_node[first_of_node]  # matrix rows
         self.map[position[firsts]] = inverse[firsts]
         self.offset = np.concatenate([offsets27[:13], offsets27[14:]])
         # the special rows: CSR in kernel numbering, columns sorted (= sweep order)
-        special_rows = np.sort(inverse[np.flatnonzero(special)])  # kernel rows
+        s_rows, s_indptr, s_columns, s_k, s_m = special
+        counts = np.diff(np.asarray(s_indptr, np.int64))
+        rows = np.repeat(inverse[np.asarray(s_rows, np.int64)], counts)
+        columns = inverse[np.asarray(s_columns, np.int64)]
+        by_row = np.lexsort((columns, rows))
+        special_rows = np.sort(inverse[np.asarray(s_rows, np.int64)])  # kernel rows
         self._special = special_rows  # (for set_scale)
         self._diag_by_type = np.zeros(SPECIAL + 1)  # a type's a_ii (for set_scale: d in one gather)
-        entries, counts = _row_entries(indptr, self.order[special_rows])  # of their matrix rows
-        rows = np.repeat(special_rows, counts)
-        columns = inverse[indices[entries]]
-        by_row = np.lexsort((columns, rows))
         self.s_cols = columns[by_row].astype(np.int32)
-        self._s_k = k_values[entries[by_row]]
-        self._s_m = m_values[entries[by_row]]
+        self._s_k = np.asarray(s_k, np.float64)[by_row]
+        self._s_m = np.asarray(s_m, np.float64)[by_row]
+        rows = rows[by_row]
         self.s_indptr = np.zeros(special_rows.size + 1, np.int32)
-        np.cumsum(counts, out=self.s_indptr[1:])
-        self.s_diag = np.flatnonzero(rows[by_row] == self.s_cols).astype(np.int32)
+        np.cumsum(np.bincount(np.searchsorted(special_rows, rows), minlength=special_rows.size), out=self.s_indptr[1:])
+        self.s_diag = np.flatnonzero(rows == self.s_cols).astype(np.int32)
         if self.s_diag.size != special_rows.size or bool(np.any(self._k_table[:, 13] == 0.0)):
             raise ValueError("GridStencilKernel: every row needs a diagonal entry")
         self.nspecial = int(special_rows.size)
-        self.ntypes = int(ntypes)
+        self.ntypes = ntypes
         self.s_values = np.zeros(self._s_k.size)
         self.s_dinv = np.zeros(self.nspecial)
         self.lower = np.zeros((ntypes, 13))
@@ -269,7 +360,8 @@ class GridStencilKernel(_SweepKernel):
         are consecutive rows too (so along a run every neighbour's row moves by one per row)."""
         none = (-1, np.zeros(0, np.int64), np.zeros(0, np.int64))
         regular = self.type != SPECIAL
-        full = np.flatnonzero(np.all(self._k_table[:, _OFF_DIAGONAL] != 0.0, axis=1))
+        # coupled to all 26 (M's entries: K's vanish at the face neighbours of cubes, up to round-off)
+        full = np.flatnonzero(np.all(self._m_table[:, _OFF_DIAGONAL] != 0.0, axis=1))
         if full.size == 0 or not regular.any():
             return none
         counts = np.bincount(self.type[regular], minlength=self.ntypes)

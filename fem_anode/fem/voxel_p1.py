@@ -1,0 +1,383 @@
+r"""P1 (trilinear) finite-element operators on the voxels of an image, built without a mesh.
+
+On a mesh of equal axis-aligned hexahedra the element matrices of the diffusion model are the
+same for every cell, so a row of ``K + R`` or ``M`` depends only on the voxels around its node:
+which of the 8 are transporting, which are pore or Si (Robin faces between two of them). This
+module builds what :class:`~fem_anode.fem.grid_stencil.GridStencilKernel` keeps (a table of the
+distinct rows, a type per row, the few other rows in CSR form) straight from a slab of the label
+image, with the numbering of :func:`~fem_anode.fem.voxel_mesh.create_voxel_mesh`: the
+face-connected copies of every grid node (:mod:`fem_anode.meshing.voxel`), in grid order (x
+fastest, then y, then z), the copies of a node by their smallest block position. The result is
+the matrices dolfinx assembles on that mesh (same integrals, exact Gauss quadrature) to
+round-off, in another dof order, and on any number of ranks the same global numbering.
+
+The element matrices of a voxel with edges ``h = (h_z, h_y, h_x)`` (local corners ``a``, ``c`` in
+``{0, 1}^3``; 1D mass ``m_h = h/6 [[2, 1], [1, 2]]`` and stiffness ``k_h = 1/h [[1, -1], [-1, 1]]``):
+
+.. math::
+
+    M_{ac} = \prod_i m_{h_i}[a_i, c_i],\qquad
+    K_{ac} = r_D \sum_i k_{h_i}[a_i, c_i] \prod_{j \ne i} m_{h_j}[a_j, c_j],\qquad
+    R^{(i)}_{ac} = r \prod_{j \ne i} m_{h_j}[a_j, c_j]\ \ (a_i = c_i = \text{the face's side}),
+
+with ``r_D = D_eff / L^2`` and ``r = k_f / L`` (pore faces) or ``k_si / L`` (Si faces) in the
+micrometre unit ``L`` of :mod:`fem_anode.fem.diffusion.transient`.
+
+Row kinds: a row is *typed* when its node has one copy and no neighbour has several (its values
+then follow from the 8 voxel classes around the node: a 16-bit key); the copies of split nodes, the
+rows next to them and, on several ranks, the rows of the two node planes at each slab face shared
+with another rank are *special* (assembled voxel by voxel). Couplings to another rank's rows
+(the first and last node plane of a slab) are kept apart (:attr:`VoxelP1Operator.off_rank`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from fem_anode.fem.grid_stencil import SPECIAL
+from fem_anode.meshing.voxel import _TABLES, corner_offsets
+
+__all__ = ["OTHER", "PORE", "SI", "TRANSPORT", "OffRankRows", "VoxelP1Operator", "element_matrices", "slab_classes"]
+
+#: Voxel classes: outside the image or a phase that neither transports nor exchanges Li.
+OTHER = 0
+#: The transporting phase (the mesh's cells).
+TRANSPORT = 1
+#: The pore phase (Robin faces with ``k_f``).
+PORE = 2
+#: The Si phase (Robin faces with ``k_si``).
+SI = 3
+
+_CORNERS = corner_offsets(3)  # (z, y, x) bits of block position / local corner p = 4 z + 2 y + x
+_NODES_PER_CHUNK = 1 << 15
+
+
+def element_matrices(spacing: np.ndarray, rate_d: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trilinear element matrices of a voxel with edges ``spacing = (h_z, h_y, h_x)``.
+
+    Returns ``K`` (``rate_d`` grad.grad), ``M`` (8 x 8, local corners ``p = 4 z + 2 y + x``) and
+    the face masses ``F[i]`` (8 x 8, the face normal to axis ``i`` through the first corner's
+    side; zero unless both corners lie on it), all in the units of ``spacing``."""
+    h = np.asarray(spacing, dtype=np.float64)
+    mass_1d = [hi / 6.0 * np.array([[2.0, 1.0], [1.0, 2.0]]) for hi in h]
+    stiff_1d = [1.0 / hi * np.array([[1.0, -1.0], [-1.0, 1.0]]) for hi in h]
+    K = np.zeros((8, 8))
+    M = np.zeros((8, 8))
+    F = np.zeros((3, 8, 8))
+    for a, c in itertools.product(range(8), repeat=2):
+        ab, cb = _CORNERS[a], _CORNERS[c]
+        m = [mass_1d[i][ab[i], cb[i]] for i in range(3)]
+        M[a, c] = m[0] * m[1] * m[2]
+        K[a, c] = rate_d * sum(stiff_1d[i][ab[i], cb[i]] * np.prod([m[j] for j in range(3) if j != i]) for i in range(3))
+        for i in range(3):
+            if ab[i] == cb[i]:
+                F[i, a, c] = np.prod([m[j] for j in range(3) if j != i])
+    return K, M, F
+
+
+def slab_classes(image: Any, z0: int, z1: int, roles: dict[int, int]) -> np.ndarray:
+    """The voxel classes of layers ``z0 - 2 .. z1`` of a 3D label ``image`` (read by
+    ``image.read_layers``; :data:`OTHER` beyond the image and for labels not in ``roles``).
+
+    Args:
+        roles: label value -> class (:data:`TRANSPORT`, :data:`PORE`, :data:`SI`).
+    """
+    nz, ny, nx = (int(n) for n in image.shape)
+    out = np.zeros((z1 - z0 + 3, ny, nx), np.uint8)
+    a, b = max(z0 - 2, 0), min(z1 + 1, nz)
+    if b > a:
+        labels = np.asarray(image.read_layers(a, b))
+        block = out[a - (z0 - 2) : b - (z0 - 2)]
+        for value, role in roles.items():
+            block[labels == value] = role
+    return out
+
+
+@dataclasses.dataclass
+class OffRankRows:
+    """Couplings of this rank's rows to other ranks' rows: ``rows`` (local, sorted) and a CSR block
+    ``(indptr, columns, k, m)`` whose columns are global dof numbers (ascending within a row)."""
+
+    rows: np.ndarray
+    indptr: np.ndarray
+    columns: np.ndarray
+    k: np.ndarray
+    m: np.ndarray
+
+
+class VoxelP1Operator:
+    """``K + R`` and ``M`` of the P1 diffusion model on this rank's slab of a voxel image (collective).
+
+    Args:
+        comm: the communicator (every rank a slab of consecutive z layers, in rank order).
+        classes: voxel classes (:data:`OTHER`, :data:`TRANSPORT`, :data:`PORE`, :data:`SI`) of the
+            layers ``z0 - 2 .. z1`` (two halo layers below the slab, one above; :data:`OTHER` beyond
+            the image), shape ``(z1 - z0 + 3, ny, nx)``.
+        z0, z1: the slab's layers (global); ``z1 = nz`` on the last slab.
+        nz: layers of the image.
+        spacing: voxel edges ``(h_z, h_y, h_x)`` in the length unit of the rates.
+        rate_d: ``D_eff / L^2`` (1/s); rate_f: ``k_f / L`` (1/s) of pore faces; rate_si: ``k_si / L``
+            of Si faces (0: Si faces carry no flux, but :attr:`w_si` is still their measure).
+
+    Attributes (this rank's dofs, numbered ``offset .. offset + n - 1`` globally):
+        n, offset, ndofs: local and first global number, total over ranks.
+        grid: ``(n, 3)`` grid indices ``(x, y, z)`` of the dofs' nodes.
+        row_type, k_table, m_table, special: the rows as
+            :meth:`~fem_anode.fem.grid_stencil.GridStencilKernel.from_types` takes them.
+        last: the rows coupled to other ranks.
+        off_rank: those couplings (:class:`OffRankRows`).
+        w_dx, w_pore, w_si: ``M 1``, ``R_pore 1`` and ``R_si 1`` per dof (``R`` without the rate: the
+            integral of the basis function over the volume, the pore faces, the Si faces).
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        classes: np.ndarray,
+        z0: int,
+        z1: int,
+        nz: int,
+        spacing: tuple[float, float, float] | np.ndarray,
+        rate_d: float,
+        rate_f: float,
+        rate_si: float,
+    ) -> None:
+        layers = z1 - z0
+        if classes.ndim != 3 or classes.shape[0] != layers + 3:
+            raise ValueError(f"VoxelP1Operator: classes must hold the {layers + 3} layers z0 - 2 .. z1")
+        if int(classes.max(initial=0)) > SI:
+            raise ValueError("VoxelP1Operator: unknown voxel class")
+        self.comm = comm
+        self.z0, self.z1, self.nz = int(z0), int(z1), int(nz)
+        self.has_prev = z0 > 0
+        self.has_next = z1 < nz
+        if (self.has_prev or self.has_next) and layers < 2:
+            raise ValueError("VoxelP1Operator: a slab next to another rank's needs at least two layers")
+        ny, nx = classes.shape[1:]
+        self._padded = np.pad(np.asarray(classes, dtype=np.uint8), ((0, 0), (1, 1), (1, 1)))
+        self.node_shape = (layers + 2, ny + 1, nx + 1)  # node planes z0 - 1 .. z1
+        self._strides = np.array([(ny + 1) * (nx + 1), nx + 1, 1], dtype=np.int64)
+        self._voxel_strides = np.array([(ny + 2) * (nx + 2), nx + 2, 1], dtype=np.int64)
+        self.K_e, self.M_e, self.F_e = element_matrices(np.asarray(spacing, np.float64), rate_d)
+        self.rates = {PORE: float(rate_f), SI: float(rate_si)}
+        ordinal, count = _TABLES[3]
+        self._ordinal = ordinal
+        config = np.zeros(self.node_shape, np.uint8)
+        key = np.zeros(self.node_shape, np.uint16)
+        for p, (bz, by, bx) in enumerate(_CORNERS):
+            around = self._padded[bz : bz + layers + 2, by : by + ny + 1, bx : bx + nx + 1]
+            config |= (around == TRANSPORT).view(np.uint8) << p
+            key |= around.astype(np.uint16) << (2 * p)
+        copies = count[config]
+        own_hi = layers + 1 + (0 if self.has_next else 1)  # owned planes 1 .. own_hi - 1
+        self.n = int(copies[1:own_hi].sum(dtype=np.int64))
+        self.offset = int(comm.exscan(self.n) or 0) if comm.size > 1 else 0
+        self.ndofs = int(comm.allreduce(self.n)) if comm.size > 1 else self.n
+        # the first global dof of every node's copies (planes z0 - 1 .. z1)
+        first = np.empty(copies.size, np.int64)
+        first[0] = 0
+        np.cumsum(copies.ravel()[:-1], dtype=np.int64, out=first[1:])
+        first += self.offset - int(copies[0].sum(dtype=np.int64))
+        self._config, self._copies, self._first = config.ravel(), copies.ravel(), first
+        self._build(key.ravel(), own_hi)
+
+    # -- the rows -----------------------------------------------------------------------------
+    def _build(self, key: np.ndarray, own_hi: int) -> None:
+        plane = int(self._strides[0])
+        lo, hi = plane, own_hi * plane  # owned nodes (flat)
+        copies = self._copies[lo:hi]
+        nodes = np.flatnonzero(copies) + lo
+        dof_nodes = np.repeat(nodes, copies[nodes - lo])  # per local dof: its node
+        q, j, i = np.unravel_index(dof_nodes, self.node_shape)
+        self.grid = np.stack([i, j, q + self.z0 - 1], axis=1).astype(np.int64)
+        # special nodes: split, next to a split node, and the two planes at a face shared with another rank
+        split = (self._copies >= 2).reshape(self.node_shape)
+        near = split.copy()
+        for axis in range(3):
+            grown = near.copy()
+            for shift in (1, -1):
+                view = np.roll(near, shift, axis=axis)
+                edge = [slice(None)] * 3
+                edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
+                view[tuple(edge)] = False
+                grown |= view
+            near = grown
+        if self.has_prev:
+            near[1:3] = True
+        if self.has_next:
+            near[own_hi - 2 : own_hi] = True
+        special_node = near.ravel()[dof_nodes]
+        # typed rows: the distinct keys, one representative each
+        typed = np.flatnonzero(~special_node)
+        unique_keys, representative, types = np.unique(key[dof_nodes[typed]], return_index=True, return_inverse=True)
+        if unique_keys.size >= SPECIAL:
+            raise ValueError(f"VoxelP1Operator: {unique_keys.size} row types (at most {SPECIAL - 1})")
+        self.row_type = np.full(self.n, SPECIAL, np.uint16)
+        self.row_type[typed] = types
+        reps = dof_nodes[typed[representative]]
+        r_rows, r_cols, r_codes, r_k, r_m, r_pore, r_si = self._rows(reps, np.arange(reps.size))
+        self.k_table = np.zeros((unique_keys.size, 27))
+        self.m_table = np.zeros((unique_keys.size, 27))
+        np.add.at(self.k_table, (r_rows, r_codes), r_k)
+        np.add.at(self.m_table, (r_rows, r_codes), r_m)
+        pore_by_type = np.bincount(r_rows, weights=r_pore, minlength=unique_keys.size)
+        si_by_type = np.bincount(r_rows, weights=r_si, minlength=unique_keys.size)
+        self.w_dx = np.empty(self.n)
+        self.w_pore = np.empty(self.n)
+        self.w_si = np.empty(self.n)
+        self.w_dx[typed] = self.m_table.sum(axis=1)[types]
+        self.w_pore[typed] = pore_by_type[types]
+        self.w_si[typed] = si_by_type[types]
+        # special rows, voxel by voxel, in chunks of nodes
+        special_rows = np.flatnonzero(special_node)  # local dofs
+        special_nodes = np.unique(dof_nodes[special_rows])
+        parts: list[tuple[np.ndarray, ...]] = []
+        for start in range(0, special_nodes.size, _NODES_PER_CHUNK):
+            chunk = special_nodes[start : start + _NODES_PER_CHUNK]
+            rows, cols, _, k, m, pore, si = self._rows(chunk, self._first[chunk] - self.offset)
+            parts.append(self._sum_duplicates(rows, cols, k, m, pore, si))
+        rows, cols, k, m, pore, si = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0),) * 6
+        rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+        sums = np.bincount(rows, weights=m, minlength=self.n)
+        self.w_dx[special_rows] = sums[special_rows]
+        self.w_pore[special_rows] = np.bincount(rows, weights=pore, minlength=self.n)[special_rows]
+        self.w_si[special_rows] = np.bincount(rows, weights=si, minlength=self.n)[special_rows]
+        local = (cols >= self.offset) & (cols < self.offset + self.n)
+        srows, scols, sk, sm = rows[local], cols[local] - self.offset, k[local], m[local]
+        counts = np.bincount(srows, minlength=self.n)[special_rows]
+        indptr = np.zeros(special_rows.size + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        self.special = (special_rows, indptr, scols, sk, sm)
+        off = ~local
+        o_rows, o_cols, o_k, o_m = rows[off], cols[off], k[off], m[off]
+        coupled = np.unique(o_rows)
+        o_indptr = np.zeros(coupled.size + 1, np.int64)
+        np.cumsum(np.bincount(np.searchsorted(coupled, o_rows), minlength=coupled.size), out=o_indptr[1:])
+        self.off_rank = OffRankRows(coupled, o_indptr, o_cols, o_k, o_m)
+        self.last = np.zeros(self.n, bool)  # the rows coupled to other ranks (all special)
+        self.last[coupled] = True
+        #: the symmetric structure checks every special row's diagonal (a bug, never bad input)
+        if special_rows.size and np.any(counts == 0):
+            raise RuntimeError("VoxelP1Operator: a special row without entries")
+
+    @staticmethod
+    def _sum_duplicates(rows: np.ndarray, cols: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Entries sorted by (row, column), duplicates summed (the row sums of ``values`` unchanged)."""
+        order = np.lexsort((cols, rows))
+        rows, cols = rows[order], cols[order]
+        start = np.flatnonzero(np.concatenate([[True], (np.diff(rows) != 0) | (np.diff(cols) != 0)]))
+        summed = [np.add.reduceat(v[order], start) if start.size else v[:0] for v in values]
+        return (rows[start], cols[start], *summed)
+
+    def _rows(self, nodes: np.ndarray, row_base: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The element contributions to the rows of the copies at ``nodes`` (flat node indices):
+        ``(rows, columns, codes, k, m, pore, si)`` per contribution, unsummed. A row is
+        ``row_base[node] + copy`` (the copy's ordinal at its node); columns are global dofs, codes
+        the neighbour's stencil code (x fastest); ``pore``/``si`` the face integrals of the basis
+        function (for the row sums)."""
+        nodes = np.asarray(nodes, np.int64)
+        q, j, i = np.unravel_index(nodes, self.node_shape)
+        voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i  # voxel (q-1, j-1, i-1) padded
+        cfg = self._config[nodes]
+        flat_classes = self._padded.ravel()
+        out: list[list[np.ndarray]] = [[] for _ in range(7)]
+        zero = np.zeros(0)
+
+        def emit(rows: np.ndarray, m_nodes: np.ndarray, pos_m: int, code: int, k: float, m: float, pore: np.ndarray, si: np.ndarray) -> None:
+            cols = self._first[m_nodes] + self._ordinal[self._config[m_nodes], pos_m]
+            for lst, value in zip(out, (rows, cols, np.full(rows.size, code), np.full(rows.size, k), np.full(rows.size, m), pore, si)):
+                lst.append(value)
+
+        for p, b in enumerate(_CORNERS):
+            vox = voxel0 + int(b @ self._voxel_strides)
+            inside = flat_classes[vox] == TRANSPORT
+            sel = np.flatnonzero(inside)
+            if sel.size == 0:
+                continue
+            rows = row_base[sel] + self._ordinal[cfg[sel], p]
+            at = nodes[sel]
+            a = 1 - b  # the node's corner of the voxel
+            a_idx = int(a @ [4, 2, 1])
+            for c_idx, c in enumerate(_CORNERS):
+                d = c - a
+                m_nodes = at + int(d @ self._strides)
+                pos_m = int((1 - c) @ [4, 2, 1])  # the voxel's block position at that node
+                code = int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1))
+                k, m = self.K_e[a_idx, c_idx], self.M_e[a_idx, c_idx]
+                emit(rows, m_nodes, pos_m, code, k, m, np.zeros(rows.size), np.zeros(rows.size))
+            for axis in range(3):  # Robin faces through the node: to the voxel across the axis
+                across = vox[sel] + (1 - 2 * int(b[axis])) * int(self._voxel_strides[axis])
+                neighbour = flat_classes[across]
+                for cls, rate in self.rates.items():
+                    hit = np.flatnonzero(neighbour == cls)
+                    if hit.size == 0:
+                        continue
+                    for c_idx, c in enumerate(_CORNERS):
+                        if c[axis] != a[axis]:
+                            continue
+                        d = c - a
+                        face = self.F_e[axis, a_idx, c_idx]
+                        weights = np.full(hit.size, face)
+                        emit(
+                            rows[hit],
+                            at[hit] + int(d @ self._strides),
+                            int((1 - c) @ [4, 2, 1]),
+                            int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1)),
+                            rate * face,
+                            0.0,
+                            weights if cls == PORE else np.zeros(hit.size),
+                            weights if cls == SI else np.zeros(hit.size),
+                        )
+        if not out[0]:
+            return tuple(np.zeros(0, np.int64) for _ in range(3)) + (zero, zero, zero, zero)
+        return tuple(np.concatenate(lst) for lst in out)
+
+    # -- for the solvers ------------------------------------------------------------------------
+    def dof_nodes(self) -> np.ndarray:
+        """Per local dof, its node's flat index in the node planes ``z0 - 1 .. z1`` (for output)."""
+        q = self.grid[:, 2] - self.z0 + 1
+        return (q * self._strides[0] + self.grid[:, 1] * self._strides[1] + self.grid[:, 0]).astype(np.int64)
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's rows of ``K + R`` and ``M`` as CSR arrays ``(indptr, columns, k, m)`` with global
+        columns, ascending in each row (one pattern; for assembled solvers and tests: about 540 B per
+        row, made on demand)."""
+        codes = np.arange(27)
+        steps = np.stack([codes // 9 - 1, (codes // 3) % 3 - 1, codes % 3 - 1], axis=1) @ self._strides  # (z, y, x)
+        typed = np.flatnonzero(self.row_type != SPECIAL)
+        types = self.row_type[typed].astype(np.int64)
+        present = self.m_table != 0.0  # every coupling has a mass entry
+        t_rows, t_codes = [], []
+        for t in range(self.k_table.shape[0]):
+            rows_t = typed[types == t]
+            for code in np.flatnonzero(present[t]):
+                t_rows.append(rows_t)
+                t_codes.append(np.full(rows_t.size, code))
+        rows = np.concatenate(t_rows) if t_rows else np.zeros(0, np.int64)
+        code = np.concatenate(t_codes) if t_codes else np.zeros(0, np.int64)
+        nodes = self.dof_nodes()
+        cols = self._first[nodes[rows] + steps[code]]
+        k = self.k_table[self.row_type[rows], code]
+        m = self.m_table[self.row_type[rows], code]
+        s_rows, s_indptr, s_cols, s_k, s_m = self.special
+        off = self.off_rank
+        all_rows = np.concatenate([rows, np.repeat(s_rows, np.diff(s_indptr)), np.repeat(off.rows, np.diff(off.indptr))])
+        all_cols = np.concatenate([cols, s_cols + self.offset, off.columns])
+        order = np.lexsort((all_cols, all_rows))
+        indptr = np.zeros(self.n + 1, np.int64)
+        np.cumsum(np.bincount(all_rows, minlength=self.n), out=indptr[1:])
+        k_all = np.concatenate([k, s_k, off.k])[order]
+        m_all = np.concatenate([m, s_m, off.m])[order]
+        return indptr, all_cols[order], k_all, m_all
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the numbering arrays, the rows and the weights)."""
+        arrays: list[Any] = [self._padded, self._config, self._copies, self._first, self.grid, self.row_type]
+        arrays += [self.k_table, self.m_table, self.w_dx, self.w_pore, self.w_si, self.last, *self.special]
+        return int(sum(a.nbytes for a in arrays))
