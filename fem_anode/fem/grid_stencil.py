@@ -248,9 +248,7 @@ class GridStencilKernel(_SweepKernel):
         typed = row_type[row_type != SPECIAL]
         if typed.size and int(typed.max()) >= k_table.shape[0]:
             raise ValueError("GridStencilKernel: a row type beyond the tables")
-        kernel._build(
-            position, dims, is_last, row_type.astype(np.uint16), k_table, m_table, special, omega, library
-        )
+        kernel._build(position, dims, is_last, row_type.astype(np.uint16), k_table, m_table, special, omega, library)
         return kernel
 
     def _layout(self, grid: np.ndarray, n: int, last: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

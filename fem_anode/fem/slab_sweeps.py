@@ -371,7 +371,7 @@ class OffRankCouplings:
         from fem_anode.fem.voxel_sweeps import mpiaij_off_block
 
         (indptr, indices, k_values), ghosts = mpiaij_off_block(K)
-        self.m_values: np.ndarray | None = None
+        m_values: np.ndarray | None = None
         if M is not None:
             (m_indptr, m_indices, m_values), m_ghosts = mpiaij_off_block(M)
             if not (np.array_equal(m_indptr, indptr) and np.array_equal(m_indices, indices)):
@@ -379,22 +379,73 @@ class OffRankCouplings:
             if not np.array_equal(m_ghosts, ghosts):
                 raise ValueError("OffRankCouplings: K and M differ in their ghost columns")
         n = K.getLocalSize()[0]
+        if M is None:  # K's values read in place, every row
+            block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size), copy=False)
+            self._finish(n, np.arange(n, dtype=np.int32), block, k_values, None, ghosts, like, order)
+            return
         # only the rows with off-rank couplings (a few layers of a slab-partitioned mesh)
-        self.rows = np.flatnonzero(np.diff(indptr)).astype(np.int32)
-        if M is None:
-            self.k_values = k_values
-            self.block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size), copy=False)
-            self.rows = np.arange(n, dtype=np.int32)
-        else:
-            full = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size))
-            self.block = full[self.rows]
-            self.k_values = self.block.data.copy()
-            self.m_values = scipy.sparse.csr_matrix((m_values, indices, indptr), shape=(n, ghosts.size))[self.rows].data
+        rows = np.flatnonzero(np.diff(indptr)).astype(np.int32)
+        block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size))[rows]
+        m_block = scipy.sparse.csr_matrix((m_values, indices, indptr), shape=(n, ghosts.size))[rows]
+        self._finish(n, rows, block, block.data.copy(), m_block.data, ghosts, like, order)
+
+    @classmethod
+    def from_rows(
+        cls,
+        n: int,
+        rows: np.ndarray,
+        indptr: np.ndarray,
+        columns: np.ndarray,
+        k_values: np.ndarray,
+        m_values: np.ndarray,
+        like: PETSc.Vec,
+        order: np.ndarray | None = None,
+    ) -> OffRankCouplings:
+        """The couplings given as CSR rows: ``rows`` (local, ascending) of ``n``, their entries'
+        global ``columns`` (other ranks' rows) and the values of ``K`` and ``M`` (collective; e.g.
+        :attr:`~fem_anode.fem.voxel_p1.VoxelP1Operator.off_rank`). ``like``, ``order``: as for the
+        constructor."""
+        import scipy.sparse
+
+        ghosts, local = np.unique(np.asarray(columns, np.int64), return_inverse=True)
+        block = scipy.sparse.csr_matrix(
+            (np.asarray(k_values, np.float64), local, np.asarray(indptr)), shape=(rows.size, ghosts.size)
+        )
+        if not block.has_sorted_indices:
+            raise ValueError("OffRankCouplings: the columns of a row must ascend")
+        out = cls.__new__(cls)
+        out._finish(
+            n,
+            np.asarray(rows, np.int32),
+            block,
+            block.data.copy(),
+            np.asarray(m_values, np.float64),
+            ghosts,
+            like,
+            order,
+        )
+        return out
+
+    def _finish(
+        self,
+        n: int,
+        rows: np.ndarray,
+        block: Any,
+        k_values: np.ndarray,
+        m_values: np.ndarray | None,
+        ghosts: np.ndarray,
+        like: PETSc.Vec,
+        order: np.ndarray | None,
+    ) -> None:
+        """The scatter of the ghost columns and the blocks (see the constructor)."""
+        import scipy.sparse
+
+        self.rows, self.block, self.k_values, self.m_values = rows, block, k_values, m_values
         #: ``M``'s off-rank couplings alone (the block's pattern, ``M``'s values), or None without ``M``
         self.mass_block = (
             None
-            if self.m_values is None
-            else scipy.sparse.csr_matrix((self.m_values, self.block.indices, self.block.indptr), shape=self.block.shape)
+            if m_values is None
+            else scipy.sparse.csr_matrix((m_values, block.indices, block.indptr), shape=block.shape)
         )
         self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
         index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)

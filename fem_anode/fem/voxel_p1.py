@@ -54,6 +54,7 @@ PORE = 2
 SI = 3
 
 _CORNERS = corner_offsets(3)  # (z, y, x) bits of block position / local corner p = 4 z + 2 y + x
+_BITS = np.array([4, 2, 1])
 _NODES_PER_CHUNK = 1 << 15
 
 
@@ -73,7 +74,9 @@ def element_matrices(spacing: np.ndarray, rate_d: float) -> tuple[np.ndarray, np
         ab, cb = _CORNERS[a], _CORNERS[c]
         m = [mass_1d[i][ab[i], cb[i]] for i in range(3)]
         M[a, c] = m[0] * m[1] * m[2]
-        K[a, c] = rate_d * sum(stiff_1d[i][ab[i], cb[i]] * np.prod([m[j] for j in range(3) if j != i]) for i in range(3))
+        K[a, c] = rate_d * sum(
+            stiff_1d[i][ab[i], cb[i]] * np.prod([m[j] for j in range(3) if j != i]) for i in range(3)
+        )
         for i in range(3):
             if ab[i] == cb[i]:
                 F[i, a, c] = np.prod([m[j] for j in range(3) if j != i])
@@ -137,7 +140,7 @@ class VoxelP1Operator:
 
     def __init__(
         self,
-        comm: MPI.Comm,
+        comm: MPI.Intracomm,
         classes: np.ndarray,
         z0: int,
         z1: int,
@@ -220,7 +223,7 @@ class VoxelP1Operator:
         self.row_type = np.full(self.n, SPECIAL, np.uint16)
         self.row_type[typed] = types
         reps = dof_nodes[typed[representative]]
-        r_rows, r_cols, r_codes, r_k, r_m, r_pore, r_si = self._rows(reps, np.arange(reps.size))
+        r_rows, _, r_codes, r_k, r_m, r_pore, r_si = self._rows(reps, np.arange(reps.size))
         self.k_table = np.zeros((unique_keys.size, 27))
         self.m_table = np.zeros((unique_keys.size, 27))
         np.add.at(self.k_table, (r_rows, r_codes), r_k)
@@ -277,71 +280,110 @@ class VoxelP1Operator:
     def _rows(self, nodes: np.ndarray, row_base: np.ndarray) -> tuple[np.ndarray, ...]:
         """The element contributions to the rows of the copies at ``nodes`` (flat node indices):
         ``(rows, columns, codes, k, m, pore, si)`` per contribution, unsummed. A row is
-        ``row_base[node] + copy`` (the copy's ordinal at its node); columns are global dofs, codes
+        ``row_base[i] + ordinal`` (the copy's ordinal at ``nodes[i]``); columns are global dofs, codes
         the neighbour's stencil code (x fastest); ``pore``/``si`` the face integrals of the basis
-        function (for the row sums)."""
+        function (their sums are the rows of ``R 1`` without the rate)."""
         nodes = np.asarray(nodes, np.int64)
         q, j, i = np.unravel_index(nodes, self.node_shape)
-        voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i  # voxel (q-1, j-1, i-1) padded
+        voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i  # voxel (q-1, j-1, i-1), padded
         cfg = self._config[nodes]
         flat_classes = self._padded.ravel()
-        out: list[list[np.ndarray]] = [[] for _ in range(7)]
-        zero = np.zeros(0)
+        parts: list[tuple[np.ndarray, ...]] = []
 
-        def emit(rows: np.ndarray, m_nodes: np.ndarray, pos_m: int, code: int, k: float, m: float, pore: np.ndarray, si: np.ndarray) -> None:
-            cols = self._first[m_nodes] + self._ordinal[self._config[m_nodes], pos_m]
-            for lst, value in zip(out, (rows, cols, np.full(rows.size, code), np.full(rows.size, k), np.full(rows.size, m), pore, si)):
-                lst.append(value)
+        def add(
+            rows: np.ndarray, at: np.ndarray, a: np.ndarray, c: np.ndarray, values: tuple[float, float, float, float]
+        ) -> None:
+            """Couple ``rows`` (their nodes ``at``, corner ``a`` of the voxel) to the voxel's corner ``c``."""
+            d = c - a
+            neighbours = at + int(d @ self._strides)
+            position = int((1 - c) @ _BITS)  # the voxel's block position at the neighbour
+            cols = self._first[neighbours] + self._ordinal[self._config[neighbours], position]
+            code = int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1))
+            parts.append((rows, cols, np.full(rows.size, code), *(np.full(rows.size, v) for v in values)))
 
-        for p, b in enumerate(_CORNERS):
+        for p, b in enumerate(_CORNERS):  # the voxel at block position p of every node
             vox = voxel0 + int(b @ self._voxel_strides)
-            inside = flat_classes[vox] == TRANSPORT
-            sel = np.flatnonzero(inside)
+            sel = np.flatnonzero(flat_classes[vox] == TRANSPORT)
             if sel.size == 0:
                 continue
             rows = row_base[sel] + self._ordinal[cfg[sel], p]
             at = nodes[sel]
             a = 1 - b  # the node's corner of the voxel
-            a_idx = int(a @ [4, 2, 1])
-            for c_idx, c in enumerate(_CORNERS):
-                d = c - a
-                m_nodes = at + int(d @ self._strides)
-                pos_m = int((1 - c) @ [4, 2, 1])  # the voxel's block position at that node
-                code = int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1))
-                k, m = self.K_e[a_idx, c_idx], self.M_e[a_idx, c_idx]
-                emit(rows, m_nodes, pos_m, code, k, m, np.zeros(rows.size), np.zeros(rows.size))
-            for axis in range(3):  # Robin faces through the node: to the voxel across the axis
-                across = vox[sel] + (1 - 2 * int(b[axis])) * int(self._voxel_strides[axis])
-                neighbour = flat_classes[across]
+            ai = int(a @ _BITS)
+            for ci, c in enumerate(_CORNERS):
+                add(rows, at, a, c, (self.K_e[ai, ci], self.M_e[ai, ci], 0.0, 0.0))
+            for axis in range(3):  # Robin faces through the node: the voxel across the axis
+                across = flat_classes[vox[sel] + (1 - 2 * int(b[axis])) * int(self._voxel_strides[axis])]
                 for cls, rate in self.rates.items():
-                    hit = np.flatnonzero(neighbour == cls)
-                    if hit.size == 0:
-                        continue
-                    for c_idx, c in enumerate(_CORNERS):
-                        if c[axis] != a[axis]:
+                    hit = np.flatnonzero(across == cls)
+                    for ci, c in enumerate(_CORNERS):
+                        if hit.size == 0 or c[axis] != a[axis]:
                             continue
-                        d = c - a
-                        face = self.F_e[axis, a_idx, c_idx]
-                        weights = np.full(hit.size, face)
-                        emit(
-                            rows[hit],
-                            at[hit] + int(d @ self._strides),
-                            int((1 - c) @ [4, 2, 1]),
-                            int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1)),
-                            rate * face,
-                            0.0,
-                            weights if cls == PORE else np.zeros(hit.size),
-                            weights if cls == SI else np.zeros(hit.size),
-                        )
-        if not out[0]:
-            return tuple(np.zeros(0, np.int64) for _ in range(3)) + (zero, zero, zero, zero)
-        return tuple(np.concatenate(lst) for lst in out)
+                        face = self.F_e[axis, ai, ci]
+                        add(rows[hit], at[hit], a, c, (rate * face, 0.0, face * (cls == PORE), face * (cls == SI)))
+        if not parts:
+            empty = np.zeros(0, np.int64)
+            return (empty, empty, empty, *(np.zeros(0) for _ in range(4)))
+        return tuple(np.concatenate(column) for column in zip(*parts))
 
     # -- for the solvers ------------------------------------------------------------------------
     def dof_nodes(self) -> np.ndarray:
         """Per local dof, its node's flat index in the node planes ``z0 - 1 .. z1`` (for output)."""
         q = self.grid[:, 2] - self.z0 + 1
         return (q * self._strides[0] + self.grid[:, 1] * self._strides[1] + self.grid[:, 0]).astype(np.int64)
+
+    def with_upper_plane(self, values: np.ndarray) -> np.ndarray:
+        """``values`` of this rank's dofs followed by those of node plane ``z1`` (the next rank's
+        first plane; none on the last rank): entry ``g - offset`` is dof ``g``'s value, for every dof
+        at a corner of this slab's voxels. Collective (ranks in slab order)."""
+        plane = int(self._strides[0])
+        upper = int(self._copies[(self.node_shape[0] - 1) * plane :].sum()) if self.has_next else 0
+        first_plane = int(self._copies[plane : 2 * plane].sum()) if self.has_prev else 0
+        out = np.empty(self.n + upper)
+        out[: self.n] = values
+        requests = []
+        rank = self.comm.rank
+        if self.has_prev:
+            requests.append(self.comm.Isend(np.ascontiguousarray(values[:first_plane]), dest=rank - 1, tag=941))
+        if self.has_next:
+            requests.append(self.comm.Irecv(out[self.n :], source=rank + 1, tag=941))
+        MPI.Request.Waitall(requests)
+        return out
+
+    def corner_dofs(self, z: int, corner: np.ndarray) -> np.ndarray:
+        """For the voxels of layer ``z`` (global, ``z0 <= z < z1``): the dof of their ``corner``
+        (``(cz, cy, cx)`` in ``{0, 1}``) as an index into :meth:`with_upper_plane`'s array, ``-1``
+        where the voxel is not transporting. Shape ``(ny, nx)``."""
+        _, ny1, nx1 = self.node_shape
+        q = z + int(corner[0]) - (self.z0 - 1)
+        nodes = (q * self._strides[0] + (np.arange(ny1 - 1)[:, None] + int(corner[1])) * self._strides[1]) + (
+            np.arange(nx1 - 1)[None, :] + int(corner[2])
+        )
+        position = int((1 - np.asarray(corner)) @ _BITS)
+        dofs = self._first[nodes] + self._ordinal[self._config[nodes], position] - self.offset
+        inside = self._padded[z - self.z0 + 2, 1:-1, 1:-1] == TRANSPORT
+        return np.where(inside, dofs, -1)
+
+    def voxel_counts(self, in_z: np.ndarray, in_y: np.ndarray, in_x: np.ndarray) -> np.ndarray:
+        """Per dof, how many of the transporting voxels of its copy lie in the box ``in_z x in_y x
+        in_x`` (flags of the layers ``z0 - 2 .. z1``, the rows and the columns): the basis function's
+        integral over the box is that count times ``h_z h_y h_x / 8``."""
+        plane = int(self._strides[0])
+        own_hi = self.node_shape[0] - (1 if self.has_next else 0)
+        every = np.arange(plane, own_hi * plane, dtype=np.int64)
+        nodes = every[self._copies[every] > 0]
+        box = np.pad(in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :], ((0, 0), (1, 1), (1, 1)))
+        inside = (self._padded == TRANSPORT) & box
+        q, j, i = np.unravel_index(nodes, self.node_shape)
+        voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i
+        counts = np.zeros(self.n)
+        flat = inside.ravel()
+        for p, b in enumerate(_CORNERS):
+            vox = voxel0 + int(b @ self._voxel_strides)
+            sel = np.flatnonzero(flat[vox])
+            rows = self._first[nodes[sel]] - self.offset + self._ordinal[self._config[nodes[sel]], p]
+            counts += np.bincount(rows, minlength=self.n)
+        return counts
 
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """This rank's rows of ``K + R`` and ``M`` as CSR arrays ``(indptr, columns, k, m)`` with global
@@ -366,7 +408,9 @@ class VoxelP1Operator:
         m = self.m_table[self.row_type[rows], code]
         s_rows, s_indptr, s_cols, s_k, s_m = self.special
         off = self.off_rank
-        all_rows = np.concatenate([rows, np.repeat(s_rows, np.diff(s_indptr)), np.repeat(off.rows, np.diff(off.indptr))])
+        all_rows = np.concatenate(
+            [rows, np.repeat(s_rows, np.diff(s_indptr)), np.repeat(off.rows, np.diff(off.indptr))]
+        )
         all_cols = np.concatenate([cols, s_cols + self.offset, off.columns])
         order = np.lexsort((all_cols, all_rows))
         indptr = np.zeros(self.n + 1, np.int64)

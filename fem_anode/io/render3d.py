@@ -511,33 +511,34 @@ def read_vtx(path: str | Path, name: str) -> dict[str, Any]:
 
 
 def read_vti_cells(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Cell data of a VTK ImageData file with one raw appended Float32 array and a UInt64 header
-    (as :class:`~fem_anode.fem.diffusion.finite_volume.VoxelFieldWriter` writes it).
+    """c on the voxels of a field file of a voxel run
+    (:class:`~fem_anode.fem.diffusion.finite_volume.VoxelFieldWriter`): finite volumes' cell data
+    ``c``, or for P1 on the voxels the mean of the point data ``c`` over each ``transporting``
+    voxel's 8 corners (the trilinear field at the voxel centre where no corner
+    is split by face connectivity).
 
     Returns:
         The ``(z, y, x)`` array (NaN outside the domain) and the spacing ``(h_z, h_y, h_x)`` (m).
     """
-    import re
+    from fem_anode.io.vti import read_vti
 
-    raw = Path(path).read_bytes()
-    start = raw.index(b"<AppendedData")
-    head = raw[:start].decode()
-    whole, spacing = re.search(r'WholeExtent="([^"]+)"', head), re.search(r'Spacing="([^"]+)"', head)
-    if whole is None or spacing is None:
-        raise ValueError(f"{path}: not a VTK ImageData file (no WholeExtent/Spacing)")
-    extent = [int(v) for v in whole.group(1).split()]
-    hx, hy, hz = (float(v) for v in spacing.group(1).split())
-    if (
-        'type="Float32"' not in head
-        or 'header_type="UInt64"' not in head
-        or b'encoding="raw"' not in raw[start : start + 64]
-    ):
-        raise ValueError(f"{path}: not a raw appended Float32 image with a UInt64 header")
-    shape = (extent[5] - extent[4], extent[3] - extent[2], extent[1] - extent[0])
-    offset = raw.index(b"_", start) + 1
-    nbytes = int(np.frombuffer(raw, dtype="<u8", count=1, offset=offset)[0])
-    values = np.frombuffer(raw, dtype="<f4", count=nbytes // 4, offset=offset + 8)
-    return values.reshape(shape), (hz, hy, hx)
+    arrays, spacing = read_vti(path)
+    if "c" not in arrays:
+        raise ValueError(f"{path}: no array 'c'")
+    section, values = arrays["c"]
+    if section == "CellData":
+        return values, spacing
+    mask = arrays.get("transporting")
+    if mask is None or mask[0] != "CellData":
+        raise ValueError(f"{path}: point data 'c' without the cell data 'transporting'")
+    corners = [
+        values[z : z + values.shape[0] - 1, y : y + values.shape[1] - 1, x : x + values.shape[2] - 1]
+        for z in (0, 1)
+        for y in (0, 1)
+        for x in (0, 1)
+    ]
+    mean = np.mean(corners, axis=0, dtype=np.float64).astype(np.float32)
+    return np.where(mask[1] == 1, mean, np.float32(np.nan)), spacing
 
 
 def _collection(path: Path) -> list[tuple[float, Path]]:

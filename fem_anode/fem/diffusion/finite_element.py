@@ -279,10 +279,6 @@ class DiffusionProblem(TransientDiffusion):
         self._fused.prepare(key * self.eps)  # A = K + R + a0 eps M, no assembled copy
         return self._fused
 
-    #: SSOR's relaxation factor in the grid order of the grid stencil: the iterations have a flat
-    #: minimum at 1.1-1.2 there (128^3 electrode, 164 steps: 1398-1418 CG iterations, 1492 at 1.3)
-    grid_ssor_omega = 1.15
-
     def _voxel_grid(self) -> np.ndarray | None:
         """Integer grid indices ``(n, 3)`` of this rank's dofs when the space is P1 on a mesh of equal
         axis-aligned hexahedra (quadrilaterals: third index 0), for the grid-stencil sweeps

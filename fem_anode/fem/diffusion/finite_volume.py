@@ -441,6 +441,26 @@ class VoxelFVProblem(TransientDiffusion):
         dense[self._transport[a:b]] = field.x.array[start:stop]
         return dense
 
+    def vti_grid(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+        """The image grid of the field files: voxels ``(nx, ny, nz)`` and spacing ``(h_x, h_y, h_z)`` (m)."""
+        info = self._layers_info
+        hz, hy, hx = self.spacing_m
+        return (info.nx, info.ny, info.nz), (hx, hy, hz)
+
+    def vti_arrays(self, field: VectorField) -> list[Any]:
+        """The arrays of a field file (:class:`VoxelFieldWriter`): cell data ``c`` of this rank's slab."""
+        from fem_anode.io.vti import SlabArray
+
+        info = self._layers_info
+        slab = info.slab
+        plane = info.ny * info.nx
+
+        def blocks() -> Any:
+            for a, b in layer_chunks(slab, info.ny, info.nx):
+                yield self._voxel_values(field, a, b)
+
+        return [SlabArray("CellData", "c", "<f4", info.nz * plane, slab.z0 * plane, blocks)]
+
     def middle_section(self) -> np.ndarray:
         """c (mol/m^3, NaN outside the transporting phase) on the middle z layer of a 3D image, or
         on the 2D image, on every rank (collective; one layer travels, from the rank that owns it)."""
@@ -744,67 +764,29 @@ class _DiagonalScaling:
 class VoxelFieldWriter:
     """c at the output times as VTK image data, one ``c_<k>.vti`` per time plus ``c.pvd`` (ParaView).
 
-    Each rank writes its own slab of voxels into the one file by MPI-IO (no gather): cell data
-    ``c`` (float32, mol/m^3, NaN outside the transporting phase) on the image grid, origin 0,
-    spacing the voxel size in metres (x along the image's last axis).
+    Each rank writes its own slab into the one file by MPI-IO (no gather,
+    :func:`~fem_anode.io.vti.write_vti`), on the image grid (origin 0, spacing the voxel size in
+    metres, x along the image's last axis), the arrays the problem gives (``vti_arrays``): finite
+    volumes cell data ``c`` (float32, mol/m^3, NaN outside the transporting phase); P1 on the
+    voxels point data ``c`` on the nodes and cell data ``transporting``
+    (:class:`~fem_anode.fem.diffusion.voxel_elements.VoxelP1Problem`).
     """
 
-    def __init__(self, directory: Path, problem: VoxelFVProblem) -> None:
+    def __init__(self, directory: Path, problem: Any) -> None:
         self.directory = Path(directory)
         self.problem = problem
         self.times: list[float] = []
 
-    def _header(self) -> bytes:
-        info = self.problem._layers_info
-        hz, hy, hx = self.problem.spacing_m
-        extent = f"0 {info.nx} 0 {info.ny} 0 {info.nz}"
-        return (
-            '<?xml version="1.0"?>\n'
-            '<VTKFile type="ImageData" version="1.0" byte_order="LittleEndian" header_type="UInt64">\n'
-            f'  <ImageData WholeExtent="{extent}" Origin="0 0 0" Spacing="{hx:.9g} {hy:.9g} {hz:.9g}">\n'
-            f'    <Piece Extent="{extent}">\n'
-            '      <CellData Scalars="c">\n'
-            '        <DataArray type="Float32" Name="c" format="appended" offset="0"/>\n'
-            "      </CellData>\n"
-            "    </Piece>\n"
-            "  </ImageData>\n"
-            '  <AppendedData encoding="raw">\n   _'
-        ).encode()
-
-    def write(self, t: float, field: VectorField) -> None:
+    def write(self, t: float, field: Any) -> None:
         """Write ``field`` (mol/m^3) as the output at time ``t`` (s). Collective."""
+        from fem_anode.io.vti import write_pvd, write_vti
+
         problem = self.problem
-        comm = problem.comm
-        info = problem._layers_info
-        slab = info.slab
-        path = self.directory / f"c_{len(self.times)}.vti"
-        header = self._header()
-        plane = info.ny * info.nx
-        nbytes = info.nz * plane * 4
-        start = len(header) + 8 + slab.z0 * plane * 4
-        handle = MPI.File.Open(comm, str(path), MPI.MODE_WRONLY | MPI.MODE_CREATE)
-        try:
-            handle.Set_size(0)  # collective: a file of an earlier run is replaced, not overwritten in part
-            if comm.rank == 0:
-                handle.Write_at(0, header + np.uint64(nbytes).tobytes())
-                handle.Write_at(len(header) + 8 + nbytes, b"\n  </AppendedData>\n</VTKFile>\n")
-            offset = start
-            for a, b in layer_chunks(slab, info.ny, info.nx):
-                block = np.ascontiguousarray(problem._voxel_values(field, a, b), dtype="<f4")
-                handle.Write_at(offset, block)
-                offset += block.nbytes
-        finally:
-            handle.Close()
+        dims, spacing = problem.vti_grid()
+        write_vti(problem.comm, self.directory / f"c_{len(self.times)}.vti", dims, spacing, problem.vti_arrays(field))
         self.times.append(t)
-        comm.Barrier()
-        if comm.rank == 0:
-            entries = "\n".join(
-                f'    <DataSet timestep="{time_:.9g}" file="c_{k}.vti"/>' for k, time_ in enumerate(self.times)
-            )
-            (self.directory / "c.pvd").write_text(
-                '<?xml version="1.0"?>\n<VTKFile type="Collection" version="1.0">\n'
-                f"  <Collection>\n{entries}\n  </Collection>\n</VTKFile>\n"
-            )
+        if problem.comm.rank == 0:
+            write_pvd(self.directory / "c.pvd", [(time_, f"c_{k}.vti") for k, time_ in enumerate(self.times)])
 
     def close(self) -> None:
         """Nothing to flush (every write is complete)."""

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from fem_anode.errors import InputError
 from fem_anode.faults import share_error
-from fem_anode.fem.diffusion.settings import DiffusionSettings
+from fem_anode.fem.diffusion.settings import DiffusionSettings, uses_voxel_p1
 from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers, read_image
 
 if TYPE_CHECKING:
@@ -147,6 +147,14 @@ def prepare_geometry(
         raise UsageError(
             f"the geometry must be a VoxelImage, ImageLayers, TaggedMesh or a path, got {type(source).__name__}"
         )
+    if not finite_volumes and mesh_settings.method == "voxel" and uses_voxel_p1(settings, len(image.shape)):
+        from fem_anode.fem.diffusion.voxel_elements import estimate_voxel_p1_memory
+
+        counts = label_counts(image, comm)
+        check_phases(image, counts, settings)
+        cells = counts[image.require_phases()[geometry.transport_phase]]
+        check_memory(estimate_voxel_p1_memory(1.2 * cells, settings, comm.size), comm, hint=_HINT, enabled=memory_check)
+        return Geometry(None, image, voxel_mesh=True)
     if finite_volumes:
         from fem_anode.fem.diffusion.finite_volume import estimate_fv_memory
 
@@ -251,7 +259,8 @@ def load_geometry(
 
     if settings.mesh.discretisation == "fv":
         raise UsageError("load_geometry makes a mesh; mesh.discretisation = 'fv' needs none")
-    geo = prepare_geometry(settings, None, workdir, comm, memory_check)
+    meshed = settings.replace(mesh=settings.mesh.replace(voxel_p1="mesh"))  # a mesh even where P1 needs none
+    geo = prepare_geometry(meshed, None, workdir, comm, memory_check)
     if geo.tagged is None:
         raise RuntimeError("an 'fe' geometry without a mesh")  # a bug, never bad input
     if geo.voxel_mesh and settings.output.mesh:

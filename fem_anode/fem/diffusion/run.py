@@ -86,7 +86,9 @@ class DiffusionRun:
     snapshots: dict[float, np.ndarray]
     mesh_files: dict[str, bytes]
     voxel_mesh: bool
-    field_writer: Any = None  # finite volumes: the problem whose voxel layout VoxelFieldWriter needs
+    field_writer: Any = (
+        None  # no mesh (finite volumes, P1 on the voxels): the problem whose layout VoxelFieldWriter needs
+    )
     stopped: BaseException | None = None
 
     @property
@@ -258,14 +260,25 @@ def simulate_diffusion(
     #: At each output time: the middle section of c for the figures, the Si-particle report.
     section: Callable[[], np.ndarray] | None = None
     particle_report: Callable[[], list[dict[str, Any]]] | None = None
-    if geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion.finite_volume)
+    scales: dict[str, float] | None
+    if geo.tagged is None and not finite_volumes:  # P1 on the voxels, no mesh (fem_anode.fem.diffusion.voxel_elements)
+        from fem_anode.fem.diffusion.voxel_elements import VoxelP1Problem
+
+        if image is None:
+            raise RuntimeError("a voxel geometry without an image")  # a bug, never bad input
+        scales = timescales(settings, max_distance_to_pore(image, settings, comm))
+        nodal = VoxelP1Problem(image, settings, cast(MPI.Intracomm, comm))
+        problem = nodal
+        section = nodal.middle_section if figures else None
+        particle_report = nodal.si_particle_report
+    elif geo.tagged is None:  # no mesh: the voxels are the cells (fem_anode.fem.diffusion.finite_volume)
         from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
 
         if image is None:
             raise RuntimeError("a finite-volume geometry without an image")  # a bug, never bad input
         # Before the assembly: the distance transform's temporaries (about 180 B per voxel of a
         # slab) then do not add to the solver's memory.
-        scales: dict[str, float] | None = timescales(settings, max_distance_to_pore(image, settings, comm))
+        scales = timescales(settings, max_distance_to_pore(image, settings, comm))
         volumes = VoxelFVProblem(image, settings, cast(MPI.Intracomm, comm))  # COMM_WORLD or a split of it
         problem = volumes
         section = volumes.middle_section if figures else None
@@ -293,7 +306,13 @@ def simulate_diffusion(
         settings.physics.D_eff,
         comm.size,
     )
-    if geo.voxel_mesh and not finite_volumes and problem.dim == 3 and problem.ncells >= 100_000:
+    if (
+        geo.voxel_mesh
+        and geo.tagged is not None
+        and not finite_volumes
+        and problem.dim == 3
+        and problem.ncells >= 100_000
+    ):
         logger.info(
             "diffusion: a 3D voxel mesh with Lagrange elements; [mesh] discretisation = 'fv' solves the same "
             "physics on the voxels about 10x faster with about 15x less memory (docs/diffusion.md)"
@@ -397,7 +416,7 @@ def simulate_diffusion(
         snapshots=snapshots,
         mesh_files=geo.mesh_files,
         voxel_mesh=geo.voxel_mesh,
-        field_writer=problem if finite_volumes else None,
+        field_writer=problem if geo.tagged is None else None,
         stopped=stopped,
     )
 
