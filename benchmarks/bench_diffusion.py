@@ -184,6 +184,7 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
         settings.solver.preconditioner = args.preconditioner
     settings.solver.petsc_options = dict(args.petsc)
     settings.solver.sweep_kernel = args.sweep_kernel
+    settings.mesh.voxel_p1 = args.voxel_p1
     settings.check()
     comm.barrier()
     start = time.perf_counter()
@@ -194,6 +195,14 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
         t_mesh = time.perf_counter() - start
         t0 = time.perf_counter()
         problem = _timed(VoxelFVProblem)(fv_image, settings, comm)
+    elif settings.mesh.voxel_p1 == "image":  # P1 without a mesh: the operators from the voxels
+        from fem_anode.fem.diffusion.geometry import prepare_geometry
+        from fem_anode.fem.diffusion.voxel_elements import VoxelP1Problem
+
+        geo = prepare_geometry(settings, None, workdir, comm)
+        t_mesh = time.perf_counter() - start
+        t0 = time.perf_counter()
+        problem = _timed(VoxelP1Problem)(geo.image, settings, comm)
     else:
         tagged, _ = load_geometry(settings, workdir, comm)
         t_mesh = time.perf_counter() - start
@@ -206,13 +215,14 @@ def run_electrode(name: str, args: argparse.Namespace, comm: MPI.Comm, workdir: 
     t_run = time.perf_counter() - t0
     total = time.perf_counter() - start
     memory = problem.solver_memory()
-    nnz = problem.operator_nonzeros if args.discretisation == "fv" else problem._KR.getInfo()["nz_used"]
+    nnz = problem.operator_nonzeros if hasattr(problem, "operator_nonzeros") else problem._KR.getInfo()["nz_used"]
     spmv_bytes = nnz * 12 + result.ndofs * 24
     iterations = np.asarray(problem.iterations)
     peaks = comm.allgather(common.peak_rss_mb())
     problem.destroy()
     return {
         "case": name + ("-fv" if args.discretisation == "fv" else ""),
+        "voxel_p1": None if args.discretisation == "fv" else args.voxel_p1,
         "ranks": comm.size,
         "ndofs": result.ndofs,
         "voxels": voxels,
@@ -407,6 +417,12 @@ def main() -> None:
         default="auto",
         choices=("auto", "compiled", "csr", "petsc"),
         help="fem_anode's solver.sweep_kernel (electrode cases; 'csr': the CSR sweeps even on the voxel grid)",
+    )
+    parser.add_argument(
+        "--voxel-p1",
+        default="image",
+        choices=("image", "mesh"),
+        help="fem_anode's mesh.voxel_p1 (electrode cases, P1): operators from the voxels or from a dolfinx mesh",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip scikit-fem")
     parser.add_argument(

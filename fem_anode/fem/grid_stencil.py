@@ -210,7 +210,8 @@ class GridStencilKernel(_SweepKernel):
     @classmethod
     def from_types(
         cls,
-        grid: np.ndarray,
+        position: np.ndarray,
+        dims: np.ndarray,
         row_type: np.ndarray,
         k_table: np.ndarray,
         m_table: np.ndarray,
@@ -223,7 +224,8 @@ class GridStencilKernel(_SweepKernel):
         :mod:`fem_anode.fem.voxel_p1`).
 
         Args:
-            grid: ``(n, 3)`` integer grid indices of the rows' nodes.
+            position: per row, its node's linear index ``x + X y + X Y z`` in a grid box of
+                ``dims = (X, Y, Z)`` nodes with at least one node of padding on every side.
             row_type: per row, its type (a row of the tables) or :data:`SPECIAL`.
             k_table, m_table: ``(ntypes, 27)`` values of ``K`` and ``M`` of each type by stencil code
                 (:data:`_CODES`: offsets ``(dx, dy, dz)``, x fastest; code 13 is the diagonal).
@@ -236,8 +238,12 @@ class GridStencilKernel(_SweepKernel):
         ``last`` or (if flagged ``last``) to anything but grid neighbours.
         """
         n = int(row_type.shape[0])
-        kernel = cls.__new__(cls)
-        position, dims, is_last = kernel._layout(grid, n, last)
+        dims = np.asarray(dims, np.int64)
+        if position.shape != (n,) or dims.shape != (3,) or int(np.prod(dims)) >= 2**31:
+            raise ValueError("GridStencilKernel: a position per row in a grid box of fewer than 2^31 nodes")
+        is_last = np.zeros(n, bool) if last is None else np.asarray(last, bool)
+        if is_last.shape != (n,):
+            raise ValueError(f"GridStencilKernel: last must hold {n} flags")
         if k_table.shape != m_table.shape or k_table.ndim != 2 or k_table.shape[1:] != (27,):
             raise ValueError("GridStencilKernel: the tables must be (types, 27) arrays of one shape")
         if k_table.shape[0] >= SPECIAL:
@@ -248,7 +254,10 @@ class GridStencilKernel(_SweepKernel):
         typed = row_type[row_type != SPECIAL]
         if typed.size and int(typed.max()) >= k_table.shape[0]:
             raise ValueError("GridStencilKernel: a row type beyond the tables")
-        kernel._build(position, dims, is_last, row_type.astype(np.uint16), k_table, m_table, special, omega, library)
+        kernel = cls.__new__(cls)
+        kernel._build(
+            position, dims, is_last, np.asarray(row_type, np.uint16), k_table, m_table, special, omega, library
+        )
         return kernel
 
     def _layout(self, grid: np.ndarray, n: int, last: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -280,27 +289,48 @@ class GridStencilKernel(_SweepKernel):
         """The kernel's arrays from the rows' positions, types and special rows (matrix numbering)."""
         n = int(position.shape[0])
         self.n, self.omega, self.library = n, float(omega), library
-        # kernel row -> matrix row: grid order, the rows flagged last after the others
-        self.order = np.lexsort((np.arange(n), position, is_last)).astype(np.int32)
         #: kernel rows 0 .. n_first - 1 are the rows not flagged last
         self.n_first = int(n - np.count_nonzero(is_last))
-        by_node = np.lexsort((np.arange(n), position))
         first_of_node = np.ones(n, bool)
-        first_of_node[1:] = position[by_node][1:] != position[by_node][:-1]
+        #: whether kernel and matrix order are the same (no renumbering of vectors)
+        self.identity = False
+        if bool(np.all(position[1:] >= position[:-1])):  # rows in grid order already: no sorts
+            by_node = np.arange(n, dtype=np.int32)
+            self.order = (
+                by_node
+                if self.n_first == n
+                else np.concatenate([np.flatnonzero(~is_last), np.flatnonzero(is_last)]).astype(np.int32)
+            )
+            first_of_node[1:] = position[1:] != position[:-1]
+            self.identity = self.n_first == n
+        else:
+            # kernel row -> matrix row: grid order, the rows flagged last after the others
+            self.order = np.lexsort((np.arange(n), position, is_last)).astype(np.int32)
+            by_node = np.lexsort((np.arange(n), position))
+            first_of_node[1:] = position[by_node][1:] != position[by_node][:-1]
         offsets27 = _CODES @ np.array([1, dims[0], dims[0] * dims[1]], dtype=np.int64)
         ntypes = int(k_table.shape[0])
         self._k_table = np.array(k_table, dtype=np.float64)
         self._m_table = np.array(m_table, dtype=np.float64)
-        inverse = np.empty(n, np.int64)
-        inverse[self.order] = np.arange(n)
-        #: matrix row -> kernel row (from_kernel_order gathers by it: a gather is about twice as fast as a scatter)
-        self._inverse = inverse.astype(np.int32)
-        self.type = np.empty(n, np.uint16)  # per kernel row
-        self.type[inverse] = row_type
-        self.grid = position[self.order].astype(np.int32)
         self.map = np.zeros(int(np.prod(dims)), np.int32)  # grid position -> kernel row of its first dof
-        firsts = by_node[first_of_node]  # matrix rows
-        self.map[position[firsts]] = inverse[firsts]
+        inverse: np.ndarray
+        if self.identity:  # no permutation: no gathers, no second array
+            inverse = self._inverse = self.order
+            self.type = np.asarray(row_type, np.uint16)  # (the caller's arrays where they fit)
+            self.grid = np.asarray(position, np.int32)
+            firsts = np.flatnonzero(first_of_node)
+            self.map[position[firsts]] = firsts
+        else:
+            inverse = np.empty(n, np.int64)
+            inverse[self.order] = np.arange(n)
+            #: matrix row -> kernel row (from_kernel_order gathers by it: a gather is about twice as fast as a scatter)
+            self._inverse = inverse.astype(np.int32)
+            self.type = np.empty(n, np.uint16)  # per kernel row
+            self.type[inverse] = row_type
+            self.grid = position[self.order].astype(np.int32)
+            firsts = by_node[first_of_node]  # matrix rows
+            self.map[position[firsts]] = inverse[firsts]
+        del firsts, first_of_node, by_node
         self.offset = np.concatenate([offsets27[:13], offsets27[14:]])
         # the special rows: CSR in kernel numbering, columns sorted (= sweep order)
         s_rows, s_indptr, s_columns, s_k, s_m = special
@@ -395,7 +425,8 @@ class GridStencilKernel(_SweepKernel):
     @property
     def nbytes(self) -> int:
         """Bytes held (the per-row arrays, the grid map, the tables and the special rows)."""
-        arrays: list[np.ndarray] = [self.order, self._inverse, self.type, self.grid, self.map, self.d]
+        arrays: list[np.ndarray] = [self.order, self.type, self.grid, self.map, self.d]
+        arrays += [] if self._inverse is self.order else [self._inverse]
         arrays += [self.run_lo, self.run_hi]
         arrays += [self.s_cols, self._s_k, self._s_m, self.s_values, self.s_indptr, self.s_diag, self.s_dinv]
         arrays += [self._k_table, self._m_table, self._m_lower, self._m_upper, self._m_diag]

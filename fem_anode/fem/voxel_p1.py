@@ -129,7 +129,8 @@ class VoxelP1Operator:
 
     Attributes (this rank's dofs, numbered ``offset .. offset + n - 1`` globally):
         n, offset, ndofs: local and first global number, total over ranks.
-        grid: ``(n, 3)`` grid indices ``(x, y, z)`` of the dofs' nodes.
+        position, box: the dofs' nodes' linear indices in a padded grid box of ``box = (x, y, z)``
+            nodes (ascending: the dofs are numbered in grid order).
         row_type, k_table, m_table, special: the rows as
             :meth:`~fem_anode.fem.grid_stencil.GridStencilKernel.from_types` takes them.
         last: the rows coupled to other ranks.
@@ -181,13 +182,29 @@ class VoxelP1Operator:
         self.n = int(copies[1:own_hi].sum(dtype=np.int64))
         self.offset = int(comm.exscan(self.n) or 0) if comm.size > 1 else 0
         self.ndofs = int(comm.allreduce(self.n)) if comm.size > 1 else self.n
-        # the first global dof of every node's copies (planes z0 - 1 .. z1)
-        first = np.empty(copies.size, np.int64)
-        first[0] = 0
-        np.cumsum(copies.ravel()[:-1], dtype=np.int64, out=first[1:])
-        first += self.offset - int(copies[0].sum(dtype=np.int64))
-        self._config, self._copies, self._first = config.ravel(), copies.ravel(), first
+        self._config, self._copies = config.ravel(), copies.ravel()
+        self._plane0 = int(copies[0].sum(dtype=np.int64))  # copies on the plane below the slab
+        self._wide = int(self._copies.sum(dtype=np.int64)) + 8 >= 2**31
+        del config, copies
+        self._first: np.ndarray | None = None
+        self._first = self._first_dofs()
         self._build(key.ravel(), own_hi)
+
+    def _first_dofs(self) -> np.ndarray:
+        """The first local dof of every node's copies (planes ``z0 - 1 .. z1``; the plane below the
+        slab negative): kept until :meth:`compact`, then recomputed when asked (8 B per node)."""
+        if self._first is not None:
+            return self._first
+        dtype = np.int64 if self._wide else np.int32
+        first = np.empty(self._copies.size, dtype)
+        first[0] = 0
+        np.cumsum(self._copies[:-1], dtype=dtype, out=first[1:])
+        np.subtract(first, self._plane0, out=first)
+        return first
+
+    def compact(self) -> None:
+        """Drop what only the set-up needs (the per-node dof numbers; recomputed on demand)."""
+        self._first = None
 
     # -- the rows -----------------------------------------------------------------------------
     def _build(self, key: np.ndarray, own_hi: int) -> None:
@@ -196,8 +213,19 @@ class VoxelP1Operator:
         copies = self._copies[lo:hi]
         nodes = np.flatnonzero(copies) + lo
         dof_nodes = np.repeat(nodes, copies[nodes - lo])  # per local dof: its node
-        q, j, i = np.unravel_index(dof_nodes, self.node_shape)
-        self.grid = np.stack([i, j, q + self.z0 - 1], axis=1).astype(np.int64)
+        del nodes
+        _, ny1, nx1 = self.node_shape
+        #: the kernel's grid box (x, y, z): the node planes z0 - 1 .. z1 (and one more on the last
+        #: slab) with one padding node on each side in x and y
+        self.box = np.array([nx1 + 2, ny1 + 2, self.node_shape[0] + 1], np.int64)
+        #: per dof, its node's linear index in that box (ascending: the dofs are in grid order)
+        if int(np.prod(self.box)) >= 2**31:
+            raise ValueError("VoxelP1Operator: a slab of more than 2^31 nodes (use more ranks)")
+        position = (dof_nodes // plane) * (self.box[0] * self.box[1])
+        rest = dof_nodes % plane
+        position += (rest // nx1 + 1) * self.box[0] + rest % nx1 + 1
+        self.position = position.astype(np.int32)
+        del rest, position
         # special nodes: split, next to a split node, and the two planes at a face shared with another rank
         split = (self._copies >= 2).reshape(self.node_shape)
         near = split.copy()
@@ -215,14 +243,24 @@ class VoxelP1Operator:
         if self.has_next:
             near[own_hi - 2 : own_hi] = True
         special_node = near.ravel()[dof_nodes]
-        # typed rows: the distinct keys, one representative each
+        del near, split
+        # typed rows: the distinct keys (16 bits: a table lookup, no sort), one representative each
         typed = np.flatnonzero(~special_node)
-        unique_keys, representative, types = np.unique(key[dof_nodes[typed]], return_index=True, return_inverse=True)
+        keys = key[dof_nodes[typed]]
+        present = np.zeros(1 << 16, bool)
+        present[keys] = True
+        unique_keys = np.flatnonzero(present)
         if unique_keys.size >= SPECIAL:
             raise ValueError(f"VoxelP1Operator: {unique_keys.size} row types (at most {SPECIAL - 1})")
+        lookup = np.zeros(1 << 16, np.uint16)
+        lookup[unique_keys] = np.arange(unique_keys.size)
+        types = lookup[keys]
+        representative = np.zeros(1 << 16, np.int64)
+        representative[keys] = typed  # any row of a type will do: all its rows are equal
+        del keys
         self.row_type = np.full(self.n, SPECIAL, np.uint16)
         self.row_type[typed] = types
-        reps = dof_nodes[typed[representative]]
+        reps = dof_nodes[representative[unique_keys]]
         r_rows, _, r_codes, r_k, r_m, r_pore, r_si = self._rows(reps, np.arange(reps.size))
         self.k_table = np.zeros((unique_keys.size, 27))
         self.m_table = np.zeros((unique_keys.size, 27))
@@ -242,7 +280,7 @@ class VoxelP1Operator:
         parts: list[tuple[np.ndarray, ...]] = []
         for start in range(0, special_nodes.size, _NODES_PER_CHUNK):
             chunk = special_nodes[start : start + _NODES_PER_CHUNK]
-            rows, cols, _, k, m, pore, si = self._rows(chunk, self._first[chunk] - self.offset)
+            rows, cols, _, k, m, pore, si = self._rows(chunk, self._first_dofs()[chunk].astype(np.int64))
             parts.append(self._sum_duplicates(rows, cols, k, m, pore, si))
         rows, cols, k, m, pore, si = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0),) * 6
         rows, cols = rows.astype(np.int64), cols.astype(np.int64)
@@ -288,6 +326,7 @@ class VoxelP1Operator:
         voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i  # voxel (q-1, j-1, i-1), padded
         cfg = self._config[nodes]
         flat_classes = self._padded.ravel()
+        firsts = self._first_dofs()
         parts: list[tuple[np.ndarray, ...]] = []
 
         def add(
@@ -297,7 +336,8 @@ class VoxelP1Operator:
             d = c - a
             neighbours = at + int(d @ self._strides)
             position = int((1 - c) @ _BITS)  # the voxel's block position at the neighbour
-            cols = self._first[neighbours] + self._ordinal[self._config[neighbours], position]
+            cols = firsts[neighbours].astype(np.int64) + self._ordinal[self._config[neighbours], position]
+            cols += self.offset
             code = int((d[2] + 1) + 3 * (d[1] + 1) + 9 * (d[0] + 1))
             parts.append((rows, cols, np.full(rows.size, code), *(np.full(rows.size, v) for v in values)))
 
@@ -329,8 +369,15 @@ class VoxelP1Operator:
     # -- for the solvers ------------------------------------------------------------------------
     def dof_nodes(self) -> np.ndarray:
         """Per local dof, its node's flat index in the node planes ``z0 - 1 .. z1`` (for output)."""
-        q = self.grid[:, 2] - self.z0 + 1
-        return (q * self._strides[0] + self.grid[:, 1] * self._strides[1] + self.grid[:, 0]).astype(np.int64)
+        plane_box = int(self.box[0] * self.box[1])
+        q, rest = np.divmod(self.position, plane_box)
+        j, i = np.divmod(rest, int(self.box[0]))
+        return q * self._strides[0] + (j - 1) * self._strides[1] + (i - 1)
+
+    def grid_indices(self) -> np.ndarray:
+        """``(n, 3)`` global grid indices ``(x, y, z)`` of the dofs' nodes."""
+        q, j, i = np.unravel_index(self.dof_nodes(), self.node_shape)
+        return np.stack([i, j, q + self.z0 - 1], axis=1).astype(np.int64)
 
     def with_upper_plane(self, values: np.ndarray) -> np.ndarray:
         """``values`` of this rank's dofs followed by those of node plane ``z1`` (the next rank's
@@ -360,7 +407,7 @@ class VoxelP1Operator:
             np.arange(nx1 - 1)[None, :] + int(corner[2])
         )
         position = int((1 - np.asarray(corner)) @ _BITS)
-        dofs = self._first[nodes] + self._ordinal[self._config[nodes], position] - self.offset
+        dofs = self._first_dofs()[nodes].astype(np.int64) + self._ordinal[self._config[nodes], position]
         inside = self._padded[z - self.z0 + 2, 1:-1, 1:-1] == TRANSPORT
         return np.where(inside, dofs, -1)
 
@@ -378,10 +425,11 @@ class VoxelP1Operator:
         voxel0 = q * self._voxel_strides[0] + j * self._voxel_strides[1] + i
         counts = np.zeros(self.n)
         flat = inside.ravel()
+        firsts = self._first_dofs()
         for p, b in enumerate(_CORNERS):
             vox = voxel0 + int(b @ self._voxel_strides)
             sel = np.flatnonzero(flat[vox])
-            rows = self._first[nodes[sel]] - self.offset + self._ordinal[self._config[nodes[sel]], p]
+            rows = firsts[nodes[sel]].astype(np.int64) + self._ordinal[self._config[nodes[sel]], p]
             counts += np.bincount(rows, minlength=self.n)
         return counts
 
@@ -403,7 +451,7 @@ class VoxelP1Operator:
         rows = np.concatenate(t_rows) if t_rows else np.zeros(0, np.int64)
         code = np.concatenate(t_codes) if t_codes else np.zeros(0, np.int64)
         nodes = self.dof_nodes()
-        cols = self._first[nodes[rows] + steps[code]]
+        cols = self._first_dofs()[nodes[rows] + steps[code]].astype(np.int64) + self.offset
         k = self.k_table[self.row_type[rows], code]
         m = self.m_table[self.row_type[rows], code]
         s_rows, s_indptr, s_cols, s_k, s_m = self.special
@@ -420,8 +468,16 @@ class VoxelP1Operator:
         return indptr, all_cols[order], k_all, m_all
 
     @property
+    def nonzeros(self) -> int:
+        """Entries of this rank's rows of the assembled matrix (the mesh path's pattern)."""
+        typed = self.row_type[self.row_type != SPECIAL]
+        per_type = np.count_nonzero(self.m_table, axis=1)
+        return int(per_type[typed].sum()) + int(self.special[2].size) + int(self.off_rank.columns.size)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held (the numbering arrays, the rows and the weights)."""
-        arrays: list[Any] = [self._padded, self._config, self._copies, self._first, self.grid, self.row_type]
+        arrays: list[Any] = [self._padded, self._config, self._copies, self.position, self.row_type]
+        arrays += [] if self._first is None else [self._first]
         arrays += [self.k_table, self.m_table, self.w_dx, self.w_pore, self.w_si, self.last, *self.special]
         return int(sum(a.nbytes for a in arrays))

@@ -162,12 +162,14 @@ def test_the_kernel_from_types_is_the_kernel_from_the_assembled_rows(comm, kind)
     block.sort_indices()
     block_m.sort_indices()
     assert np.array_equal(block.indptr, block_m.indptr) and np.array_equal(block.indices, block_m.indices)
+    grid = op.grid_indices()
     reference = GridStencilKernel(
-        block.indptr, block.indices.astype(np.int32), block.data, block_m.data, op.grid, 1.2, library, last=op.last
+        block.indptr, block.indices.astype(np.int32), block.data, block_m.data, grid, 1.2, library, last=op.last
     )
     kernel = GridStencilKernel.from_types(
-        op.grid, op.row_type, op.k_table, op.m_table, op.special, 1.2, library, last=op.last
+        op.position, op.box, op.row_type, op.k_table, op.m_table, op.special, 1.2, library, last=op.last
     )
+    assert kernel.identity == (comm.size == 1)
     assert np.array_equal(kernel.order, reference.order)
     scale = 3.0
     kernel.set_scale(scale)

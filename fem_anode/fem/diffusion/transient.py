@@ -896,8 +896,8 @@ class FusedEisenstatSolver:
     @property
     def order(self) -> np.ndarray | None:
         """Kernel row ``i`` holds the matrix's local row ``order[i]`` (the grid stencil's grid order);
-        ``None``: the matrix's own order (the CSR kernel)."""
-        return None if self._stencil is None else self._stencil.order
+        ``None``: the matrix's own order (the CSR kernel, or rows numbered in grid order already)."""
+        return None if self._stencil is None or self._stencil.identity else self._stencil.order
 
     def prepare(self, scale: float) -> None:
         """Use ``A = K + scale M`` (recomputed from ``K`` and ``M`` when ``scale`` changes)."""
@@ -925,8 +925,13 @@ class FusedEisenstatSolver:
     def mass_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = M x`` by the grid stencil's table of ``M`` (vectors in the matrix's order; collective)."""
         stencil, kernel_x = self._stencil, self._x
-        if stencil is None or kernel_x is None:
+        if stencil is None:
             raise ValueError("FusedEisenstatSolver.mass_mult needs the grid stencil")
+        if kernel_x is None:  # rows in grid order already
+            stencil.mass_mult(x.array_r, y.array)
+            if self.off is not None:
+                y.array[:] += self.off.mass_product(x)
+            return
         if self._product is None:
             self._product = np.empty(stencil.n)
         stencil.to_kernel_order(x.array_r, kernel_x.array)
@@ -948,7 +953,7 @@ class FusedEisenstatSolver:
         return "cg"
 
     def getPC(self) -> Any:
-        if self.order is not None:  # the grid stencil: global SSOR (in a separator order on several ranks)
+        if self._stencil is not None:  # the grid stencil: global SSOR (in a separator order on several ranks)
             return NamedPC("eisenstat+grid-stencil" if self.off is None else "eisenstat-separator+grid-stencil")
         return NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 

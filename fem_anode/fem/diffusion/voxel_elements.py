@@ -115,20 +115,30 @@ class VoxelP1Problem(TransientDiffusion):
         )
         del classes
         op = self.operator
+        self._kernel: Any = None
+        self._fused: FusedEisenstatSolver | str | None = "unset"
+        solver = settings.solver
+        ssor_possible = self._solver_kind() == "iterative" and str(
+            solver.petsc_options.get("pc_type", solver.preconditioner)
+        ) in ("auto", "ssor")
+        if ssor_possible:  # before the vectors: the set-up's temporaries then do not add to them
+            self._grid_stencil()
         self._ncells = int(comm.allreduce(int(np.count_nonzero(op._padded[2:-1] == TRANSPORT))))
         self._new = lambda: PETSc.Vec().createMPI((op.n, op.ndofs), comm=comm)
-        self._w_dx = self._vector(op.w_dx)
-        self._w_pore = self._vector(op.w_pore)
-        self.pore_measure = float(self._w_pore.sum())
+        # The vectors of the weights are the operator's arrays (no copies): M 1, rate_f R_pore 1, R_si 1.
+        self._w_dx = self._shared(op.w_dx)
+        self.pore_measure = float(comm.allreduce(float(op.w_pore.sum())))
         self.si_measure = float(comm.allreduce(float(op.w_si.sum())))
         if self.pore_measure <= 0:
             raise InputError(
                 f"the {geometry.transport_phase!r} phase has no face on the {geometry.pore_phase!r} phase (the pore "
                 "interface the Li comes through)"
             )
-        self._w_si = self._vector(op.w_si) if self.si_measure > 0 else None
-        self._source = self._w_pore.copy()
-        self._source.scale(self.rate_f)
+        op.w_pore *= self.rate_f  # in place: the source rate_f R_pore 1
+        self._source = self._shared(op.w_pore)
+        self._w_si = self._shared(op.w_si) if self.si_measure > 0 else None
+        if self._w_si is None:
+            op.w_si = np.zeros(0)  # (no Si faces on any rank)
         self.volume = float(self._w_dx.sum())
         self._rhs = self._new()
         self._work = self._new()
@@ -138,15 +148,19 @@ class VoxelP1Problem(TransientDiffusion):
         self._A: PETSc.Mat | None = None
         self._KR: PETSc.Mat | None = None
         self._M: PETSc.Mat | None = None
-        #: the fused SSOR-CG on the grid stencil: "unset" until asked, None without the compiled sweeps
-        self._fused: FusedEisenstatSolver | str | None = "unset"
         self._init_solver_state()
         self.regions = self._region_weights(settings.regions)
+        op.compact()
 
     def _vector(self, values: np.ndarray) -> PETSc.Vec:
         vec = self._new()
         vec.array[:] = values
         return vec
+
+    def _shared(self, values: np.ndarray) -> PETSc.Vec:
+        """A vector on ``values`` (this rank's dofs; the array, not a copy)."""
+        op = self.operator
+        return PETSc.Vec().createWithArray(values, size=(op.n, op.ndofs), comm=self.comm)
 
     # -- sizes ------------------------------------------------------------------------------
     @property
@@ -163,22 +177,47 @@ class VoxelP1Problem(TransientDiffusion):
     def dim(self) -> int:
         return 3
 
+    @property
+    def operator_nonzeros(self) -> int:
+        """Entries of the 27-point matrix ``A`` (all ranks), assembled or not."""
+        return int(self.comm.allreduce(self.operator.nonzeros))
+
     # -- operators ----------------------------------------------------------------------------
+    def _grid_stencil(self) -> Any:
+        """The grid stencil of ``A`` (:class:`~fem_anode.fem.grid_stencil.GridStencilKernel`, made on
+        first use; ``None`` without the compiled sweeps). Collective."""
+        if self._kernel is None and self._fused == "unset":
+            from fem_anode.fem.grid_stencil import GridStencilKernel
+
+            library = self._sweep_library()
+            if library is None:
+                self._fused = None
+                return None
+            op = self.operator
+            last = op.last if self.comm.size > 1 else None
+            self._kernel = GridStencilKernel.from_types(
+                op.position,
+                op.box,
+                op.row_type,
+                op.k_table,
+                op.m_table,
+                op.special,
+                self.grid_ssor_omega,
+                library,
+                last,
+            )
+        return self._kernel
+
     def _stencil_solver(self) -> FusedEisenstatSolver | None:
         """The fused SSOR-CG on the grid stencil (made on first use; ``None`` without the compiled
         sweeps). Collective."""
         if self._fused == "unset":
-            from fem_anode.fem.grid_stencil import GridStencilKernel
             from fem_anode.fem.slab_sweeps import OffRankCouplings
 
+            kernel = self._grid_stencil()
             self._fused = None
-            library = self._sweep_library()
-            if library is not None:
+            if kernel is not None:
                 op = self.operator
-                last = op.last if self.comm.size > 1 else None
-                kernel = GridStencilKernel.from_types(
-                    op.grid, op.row_type, op.k_table, op.m_table, op.special, self.grid_ssor_omega, library, last=last
-                )
                 off = op.off_rank
 
                 def couplings(d: PETSc.Vec) -> OffRankCouplings:
@@ -256,7 +295,7 @@ class VoxelP1Problem(TransientDiffusion):
             "matrices": values + pattern,
             "operator": float(self.comm.allreduce(self.operator.nbytes)),
             "sweeps": float(self.comm.allreduce(fused)),
-            "vectors": 8.0 * n * (9 + (self._w_si is not None)),
+            "vectors": 8.0 * n * (7 + (self._w_si is not None)),
             "multigrid": self._mg.nbytes() if self._mg is not None else 0.0,
             "factorisations": len(self._direct) * (self._factor_bytes or 0.0),
         }
@@ -268,7 +307,7 @@ class VoxelP1Problem(TransientDiffusion):
     def boundary_inflow(self, c: Any = None) -> float:
         """Net Li inflow rate through pore and Si faces, scaled units (um^3 / s)."""
         vec = (c or self.c).x.petsc_vec
-        inflow = self.rate_f * (self.pore_measure - self._w_pore.dot(vec))
+        inflow = self.rate_f * self.pore_measure - self._source.dot(vec)
         if self._w_si is not None and self.rate_si > 0:
             inflow -= self.rate_si * self._w_si.dot(vec)
         return inflow
@@ -418,8 +457,9 @@ class VoxelP1Problem(TransientDiffusion):
         if isinstance(self._fused, FusedEisenstatSolver):
             self._fused.free()
         self._fused = "unset"
+        self._kernel = None
         super().destroy()
-        vectors = [self._w_dx, self._w_pore, self._w_si, self._source, self._rhs, self._work]
+        vectors = [self._w_dx, self._w_si, self._source, self._rhs, self._work]
         vectors += [self.c.petsc_vec, self._c_old.petsc_vec, self._c_older.petsc_vec]
         vectors += [weights for weights, _ in self.regions.values()]
         for vec in vectors:
