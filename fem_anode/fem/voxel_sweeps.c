@@ -11,6 +11,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 
 /* x = (D/omega + L)^{-1} b  (forward sweep from a zero initial guess) */
 void fa_forward(int64_t n, const double *b, const double *dinv, const int32_t *lower,
@@ -767,4 +768,73 @@ double fa_st_cg_start(const fa_stencil *S, const double *b, const double *x, con
         z[i] = (yi + mid * d[i] * x[i] - lz) * dinv;
     }
     return acc;
+}
+
+
+/* Squared Euclidean distance transform (Felzenszwalb and Huttenlocher, Theory of Computing 8, 2012),
+ * in place: f holds 0 at the targets and INFINITY elsewhere on an nz x ny x nx grid (x fastest) with
+ * voxel edges hz, hy, hx; on return f holds the squared distance to the nearest target (INFINITY if
+ * there is none). One exact lower-envelope pass per axis; scratch of 4 (n + 1) values per pass. */
+static void fa_edt_line(double *f, int64_t n, int64_t stride, double w, double *g, int64_t *v, double *z)
+{
+    int64_t k = -1;
+    for (int64_t q = 0; q < n; ++q) g[q] = f[q * stride];
+    for (int64_t q = 0; q < n; ++q) {
+        if (isinf(g[q])) continue;
+        if (k < 0) {
+            k = 0;
+            v[0] = q;
+            z[0] = -INFINITY;
+            z[1] = INFINITY;
+            continue;
+        }
+        double s;
+        for (;;) {
+            const int64_t p = v[k];
+            s = ((g[q] + w * (double)q * (double)q) - (g[p] + w * (double)p * (double)p)) / (2.0 * w * (double)(q - p));
+            if (s > z[k]) break;
+            --k; /* z[0] = -inf: stops at k = 0 */
+        }
+        ++k;
+        v[k] = q;
+        z[k] = s;
+        z[k + 1] = INFINITY;
+    }
+    if (k < 0) return; /* no target on the line: the values stay infinite */
+    int64_t j = 0;
+    for (int64_t q = 0; q < n; ++q) {
+        while (z[j + 1] < (double)q) ++j;
+        const double d = (double)(q - v[j]);
+        f[q * stride] = w * d * d + g[v[j]];
+    }
+}
+
+int64_t fa_edt_squared(int64_t nz, int64_t ny, int64_t nx, double hz, double hy, double hx, double *f)
+{
+    const int64_t most = nz > ny ? (nz > nx ? nz : nx) : (ny > nx ? ny : nx);
+    double *g = (double *)malloc(sizeof(double) * (size_t)(2 * most + 2));
+    int64_t *v = (int64_t *)malloc(sizeof(int64_t) * (size_t)(most + 1));
+    if (g == NULL || v == NULL) {
+        free(g);
+        free(v);
+        return -1;
+    }
+    double *z = g + most + 1;
+    double *line = (double *)malloc(sizeof(double) * (size_t)most);
+    if (line == NULL) {
+        free(g);
+        free(v);
+        return -1;
+    }
+    const int64_t plane = ny * nx;
+    for (int64_t k = 0; k < nz; ++k) /* along x: contiguous lines */
+        for (int64_t j = 0; j < ny; ++j) fa_edt_line(f + k * plane + j * nx, nx, 1, hx * hx, line, v, z);
+    for (int64_t k = 0; k < nz; ++k) /* along y */
+        for (int64_t i = 0; i < nx; ++i) fa_edt_line(f + k * plane + i, ny, nx, hy * hy, line, v, z);
+    for (int64_t j = 0; j < ny; ++j) /* along z */
+        for (int64_t i = 0; i < nx; ++i) fa_edt_line(f + j * nx + i, nz, plane, hz * hz, line, v, z);
+    free(line);
+    free(g);
+    free(v);
+    return 0;
 }

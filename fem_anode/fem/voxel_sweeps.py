@@ -42,6 +42,7 @@ __all__ = [
     "load_sweep_library",
     "mpiaij_off_block",
     "seqaij_arrays",
+    "squared_distance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_st_cg_start.restype = double
     library.fa_gather.argtypes = [size, pointer, pointer, pointer]
     library.fa_gather.restype = None
+    library.fa_edt_squared.argtypes = [size, size, size, double, double, double, pointer]
+    library.fa_edt_squared.restype = size
     return library
 
 
@@ -177,6 +180,21 @@ def load_sweep_library(comm: MPI.Comm) -> ctypes.CDLL:
         raise SweepKernelUnavailable(errors[0])
     assert _library is not None
     return _library
+
+
+def squared_distance(targets: np.ndarray, spacing: tuple[float, ...], library: Any) -> np.ndarray:
+    """Squared Euclidean distance (in the unit of ``spacing``, one edge per axis) from every voxel of a
+    3D grid to the nearest ``True`` voxel of ``targets`` (``inf`` without any), exact, by the
+    compiled separable transform (Felzenszwalb and Huttenlocher 2012; ``fa_edt_squared`` in
+    ``voxel_sweeps.c``): 8 B per voxel, no index arrays (``scipy.ndimage.distance_transform_edt``
+    needs about 70 B per voxel)."""
+    if targets.ndim != 3 or len(spacing) != 3:
+        raise ValueError("squared_distance: a 3D mask and three spacings")
+    out = np.where(targets, 0.0, np.inf)
+    nz, ny, nx = targets.shape
+    if out.size and library.fa_edt_squared(nz, ny, nx, *(float(h) for h in spacing), _ptr(out)) != 0:
+        raise MemoryError("squared_distance: no memory for the scratch lines")
+    return out
 
 
 def _ptr(array: np.ndarray) -> int:

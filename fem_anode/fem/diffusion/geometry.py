@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
@@ -332,8 +333,37 @@ def max_distance_to_pore(image: VoxelImage | ImageLayers, settings: DiffusionSet
     layers = int(image.shape[0])
     slab = Slab.from_bounds(np.linspace(0, layers, comm.size + 1).round().astype(np.int64), comm.rank)
     return max_distance_to(
-        comm, slab, image.read_layers, lambda a: a == transport, lambda a: a == pore, image.require_voxel_size()
+        comm,
+        slab,
+        image.read_layers,
+        lambda a: a == transport,
+        lambda a: a == pore,
+        image.require_voxel_size(),
+        squared_distance=_compiled_squared_distance(comm, settings),
     )
+
+
+def _compiled_squared_distance(
+    comm: MPI.Comm, settings: DiffusionSettings
+) -> Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None:
+    """The compiled exact distance transform (8 B per voxel and no scipy: about 70 B per voxel less
+    than ``scipy.ndimage``'s at the peak of a run's set-up), or ``None`` where the compiled kernels
+    are unavailable or not wanted (``solver.sweep_kernel = "petsc"``). Collective."""
+    if settings.solver.sweep_kernel == "petsc":
+        return None
+    from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, load_sweep_library, squared_distance
+
+    try:
+        library = load_sweep_library(comm)
+    except SweepKernelUnavailable:
+        return None
+
+    def transform(targets: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+        if targets.ndim == 2:  # one layer of unit thickness
+            return squared_distance(targets[None], (1.0, *spacing), library)[0]
+        return squared_distance(targets, spacing, library)
+
+    return transform
 
 
 def middle_section(image: VoxelImage | ImageLayers) -> VoxelImage:
