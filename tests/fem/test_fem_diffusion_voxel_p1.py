@@ -1,0 +1,214 @@
+"""P1 diffusion on 3D voxel images without a mesh (``mesh.voxel_p1 = "image"``, the default): the
+same run as on dolfinx's voxel mesh (records, regions, Si-particle report, figure sections) to the
+solver tolerance on 1 and 2 ranks, VTK image output of the nodal field, checkpoints that resume
+exactly, the exact compiled distance transform, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dolfinx")
+
+from mpi4py import MPI  # noqa: E402
+
+from fem_anode.errors import UsageError  # noqa: E402
+from fem_anode.fem.diffusion.run import run_diffusion, simulate_diffusion  # noqa: E402
+from fem_anode.fem.diffusion.settings import DiffusionSettings  # noqa: E402
+from fem_anode.io.images import VoxelImage, write_image  # noqa: E402
+
+PHASES = {"pore": 0, "inert": 1, "si": 2, "sei": 3}
+SPACING = (2e-8, 3e-8, 1e-8)  # z, y, x (m): anisotropic on purpose
+
+
+@pytest.fixture
+def volume(shared_tmp_path, comm) -> Path:
+    """A random 12 x 11 x 13 volume of pore, inert, Si and SEI voxels (seeded): split nodes, pore
+    and Si faces, several Si particles."""
+    labels = np.random.default_rng(5).choice([0, 3, 3, 3, 2, 1], size=(12, 11, 13)).astype(np.uint8)
+    path = shared_tmp_path / "volume.npy"
+    if comm.rank == 0:
+        write_image(path, VoxelImage(labels, SPACING, PHASES))
+    comm.barrier()
+    return path
+
+
+def settings(image: Path, kind: str, **sections) -> DiffusionSettings:
+    data = {
+        "geometry": {"image": str(image)},
+        "mesh": {"voxel_p1": kind},
+        "physics": {"k_si": 1e-4},
+        "regions": [{"name": "corner", "box": [0.0, 0.0, 0.0, 1.3e-7, 3.3e-7, 1.2e-7]}],
+        "time": {"t_end": 1e-3, "output_times": [1e-4, 1e-3], "dt_initial": 1e-7},
+        "output": {"fields": False, "figures": True},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return DiffusionSettings.from_dict(data)
+
+
+def close(a, b, rtol: float = 1e-9) -> None:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    assert np.abs(a - b).max(initial=0.0) <= rtol * max(np.abs(b).max(initial=0.0), 1e-300), (a, b)
+
+
+def test_the_run_is_the_run_on_the_mesh(volume, comm):
+    """Every record of a run on the voxels equals the run on dolfinx's voxel mesh to the CG tolerance:
+    the domain and region means at every step, the Si-particle report and the figure's section."""
+    runs = {kind: simulate_diffusion(settings(volume, kind), comm) for kind in ("mesh", "image")}
+    image, mesh = runs["image"], runs["mesh"]
+    assert image.tagged is None and mesh.tagged is not None  # no mesh at all on the voxels
+    for key in ("ndofs", "ncells", "steps"):
+        assert image.results[key] == mesh.results[key]
+    close(image.domain_mean, mesh.domain_mean)
+    close(image.region_means["corner"], mesh.region_means["corner"])
+    assert 0.1 < image.domain_mean[-1] / 1000.0 < 0.99  # a transient state
+    for t in mesh.results["si_particles"]:
+        mine, theirs = image.results["si_particles"][t], mesh.results["si_particles"][t]
+        assert [p["id"] for p in mine] == [p["id"] for p in theirs] and len(mine) > 1
+        for key in ("interface_measure_m", "mean", "min", "max", "fraction_above_half_bulk"):
+            close([p[key] for p in mine], [p[key] for p in theirs])
+    for t, section in mesh.snapshots.items():
+        assert np.array_equal(np.isnan(image.snapshots[t]), np.isnan(section))
+        close(np.nan_to_num(image.snapshots[t]), np.nan_to_num(section))
+    assert image.results["mass_balance_rel_error"] < 1e-8
+
+
+def test_same_result_on_one_rank(volume, comm):
+    """The world communicator (2 ranks under mpirun: slabs, the separator-order SSOR, couplings
+    across ranks) and one rank alone give the same records."""
+    s = settings(volume, "image")
+    world = simulate_diffusion(s, comm)
+    alone = simulate_diffusion(s, MPI.COMM_SELF)
+    assert world.results["steps"] == alone.results["steps"]
+    close(world.domain_mean, alone.domain_mean)
+    close(world.region_means["corner"], alone.region_means["corner"])
+
+
+def test_fields_are_vtk_images_of_the_nodes(volume, shared_tmp_path, comm):
+    """``c.pvd`` and ``c_<k>.vti``: point data c on the nodes (NaN at nodes of no transporting voxel,
+    c_bulk at the steady state) and cell data marking the transporting voxels; no mesh file."""
+    from fem_anode.io.vti import read_vti
+
+    s = settings(volume, "image", physics={"k_si": 0.0}, time={"t_end": 30.0, "output_times": [30.0]})
+    s = s.replace(output=s.output.replace(fields=True))
+    staging = shared_tmp_path / "run"
+    if comm.rank == 0:
+        staging.mkdir()
+    comm.barrier()
+    results = run_diffusion(s, staging, comm, render=False)
+    if comm.rank == 0:
+        assert not (staging / "mesh.xdmf").exists() and not (staging / "c.bp").exists()
+        assert "c_1.vti" in (staging / "c.pvd").read_text()
+        arrays, spacing = read_vti(staging / "c_1.vti")
+        assert spacing == pytest.approx(SPACING, rel=1e-9)
+        labels = np.load(volume)
+        section, transporting = arrays["transporting"]
+        assert section == "CellData" and np.array_equal(transporting == 1, labels == 3)
+        section, c = arrays["c"]
+        assert section == "PointData" and c.shape == tuple(n + 1 for n in labels.shape)
+        padded = np.pad(labels == 3, 1)
+        near = np.zeros(c.shape, bool)
+        for dz in (0, 1):
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    near |= padded[dz : dz + c.shape[0], dy : dy + c.shape[1], dx : dx + c.shape[2]]
+        assert np.array_equal(np.isfinite(c), near)
+        # steady: voxels fed through the pore faces at c_bulk, clusters without a pore face at 0; a
+        # node split by face connectivity shows the mean of its copies (k of m copies fed)
+        values = c[np.isfinite(c)].astype(float) / 1000.0
+        fed = np.abs(values - 1.0) < 1e-5
+        means = [np.abs(values * m - np.rint(values * m)) < 1e-5 for m in (1, 2, 3, 4)]
+        assert np.all(np.logical_or.reduce(means)) and fed.mean() > 0.9 and means[0].mean() > 0.98
+        assert results["domain_mean"][-1] == pytest.approx(1000.0 * fed.mean(), rel=0.05)
+        assert json.loads((staging / "results.json").read_text())["ndofs"] == results["ndofs"]
+
+
+def test_a_checkpointed_run_resumes_exactly(volume, shared_tmp_path, comm):
+    """A run stopped after its first checkpoint and resumed gives the records of the whole run."""
+    from fem_anode.errors import Interrupted
+    from fem_anode.io.checkpoint import CheckpointStore
+
+    s = settings(volume, "image", checkpoint={"every_steps": 20})
+    whole = simulate_diffusion(s, comm)
+    folder = shared_tmp_path / "stopped"
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    import fem_anode.fem.diffusion.transient as transient
+
+    original = transient.TransientDiffusion._try_step
+
+    def failing(self, coeff, ratio=None):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise Interrupted("test stop")
+        return original(self, coeff, ratio)
+
+    transient.TransientDiffusion._try_step = failing
+    try:
+        with pytest.raises(Interrupted):
+            run = simulate_diffusion(s, comm, checkpoint_dir=folder)
+            if run.stopped is not None:
+                raise run.stopped
+    finally:
+        transient.TransientDiffusion._try_step = original
+    checkpoint = CheckpointStore(folder, comm).load()
+    resumed = simulate_diffusion(s, comm, checkpoint_dir=folder, resume=checkpoint)
+    assert resumed.results["resumed_from_step"] > 0
+    assert resumed.results["steps"] == whole.results["steps"]
+    close(resumed.domain_mean, whole.domain_mean, rtol=1e-12)
+
+
+def test_three_d_only_and_a_mesh_where_asked(volume, shared_tmp_path, comm):
+    """2D images and ``voxel_p1 = "mesh"`` keep the mesh; ``load_geometry`` always makes one."""
+    from fem_anode.fem.diffusion.geometry import load_geometry, prepare_geometry
+
+    assert prepare_geometry(settings(volume, "image"), None, None, comm).tagged is None
+    assert prepare_geometry(settings(volume, "mesh"), None, None, comm).tagged is not None
+    tagged, _ = load_geometry(settings(volume, "image"), shared_tmp_path, comm)
+    assert tagged.mesh.topology.dim == 3
+    flat = shared_tmp_path / "flat.npy"
+    if comm.rank == 0:
+        write_image(flat, VoxelImage(np.load(volume)[0], SPACING[1:], PHASES))
+    comm.barrier()
+    s = settings(flat, "image")
+    s = s.replace(regions=[])
+    assert prepare_geometry(s, None, None, comm).tagged is not None
+    with pytest.raises(UsageError, match="voxel_p1"):
+        DiffusionSettings.from_dict({"mesh": {"voxel_p1": "voxels"}})
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.size < 2, reason="needs several MPI ranks")
+def test_too_many_ranks_for_the_layers_is_a_clear_error(shared_tmp_path, comm):
+    from fem_anode.fem.diffusion.voxel_elements import VoxelP1Problem
+    from fem_anode.io.images import open_image_layers
+
+    labels = np.full((3, 4, 4), 3, np.uint8)
+    labels[:, :, 0] = 0
+    path = shared_tmp_path / "thin.npy"
+    if comm.rank == 0:
+        write_image(path, VoxelImage(labels, SPACING, PHASES))
+    comm.barrier()
+    with pytest.raises(UsageError, match="at least 2 layers per rank"):
+        VoxelP1Problem(open_image_layers(path), settings(path, "image"), comm)
+
+
+def test_the_compiled_distance_transform_is_exact(comm):
+    """Squared distances equal scipy's exact transform (anisotropic voxels; no target: inf)."""
+    from scipy import ndimage
+
+    from fem_anode.fem.voxel_sweeps import load_sweep_library, squared_distance
+
+    library = load_sweep_library(comm)
+    rng = np.random.default_rng(1)
+    for shape, fraction, spacing in (((7, 9, 11), 0.1, (1.0, 1.0, 1.0)), ((20, 13, 17), 0.02, (3.0, 2.0, 0.5))):
+        targets = rng.random(shape) < fraction
+        reference = ndimage.distance_transform_edt(~targets, sampling=spacing) ** 2
+        close(squared_distance(targets, spacing, library), reference, rtol=1e-14)
+    assert np.isinf(squared_distance(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0), library)).all()
