@@ -550,7 +550,8 @@ def _collection(path: Path) -> list[tuple[float, Path]]:
 
 
 def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Path, max_voxels: int) -> _Job | None:
-    """c on the voxels of a finite-volume run (``c.pvd`` + ``c_<k>.vti``), half x > x_mid removed."""
+    """c on the voxels of a run without a mesh (``c.pvd`` + ``c_<k>.vti``: finite volumes, P1 on the
+    voxels), half x > x_mid removed."""
     entries = [(t, f) for t, f in _collection(pvd) if t > 0]
     if not entries:
         return None
@@ -579,11 +580,12 @@ def _voxel_diffusion_scenes(directory: Path, results: Mapping[str, Any], pvd: Pa
             }
         )
     shown = f"1 in {stride} voxels per axis shown" if stride > 1 else "every voxel shown"
+    how = "finite volumes" if results.get("discretisation") == "fv" else "P1, the value at each voxel's centre"
     job.add(
         Figure3D(
             "c_3d.png",
             "Li concentration in 3D at the output times",
-            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels (finite volumes, read from "
+            f"c (mol/m^3, blue 0, red c_bulk = {c_bulk:g}) on the transporting voxels ({how}, read from "
             f"{pvd.name}; {shown}); the half x > x_mid is cut away to show the inside. Depth z points down, the "
             "electrode surface is on top; lengths in um.",
         ),

@@ -211,9 +211,11 @@ def test_si_particle_report_from_slabs_equals_the_whole_image_one(comm):
             assert a[key] == pytest.approx(b[key], rel=1e-12, abs=0), key
 
 
-def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path):
+@pytest.mark.parametrize("voxel_p1", ["mesh", "image"])
+def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path, voxel_p1):
     """`fem-anode diffusion` on a 3D .npy: the image is opened by layers, the results carry the
-    exact timescale length (whole-image EDT), Si particles, the mesh as XDMF and per-rank memory."""
+    exact timescale length (whole-image EDT), Si particles, per-rank memory and the fields: on the
+    mesh (``voxel_p1 = "mesh"``) the mesh as XDMF and c as VTX, on the voxels VTK images."""
     import json
 
     from scipy import ndimage
@@ -230,7 +232,8 @@ def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path):
     config = shared_tmp_path / "vol.toml"
     if comm.rank == 0:
         config.write_text(
-            '[geometry]\nimage = "vol.npy"\n[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n'
+            f'[geometry]\nimage = "vol.npy"\n[mesh]\nvoxel_p1 = "{voxel_p1}"\n'
+            '[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n'
             '[[regions]]\nname = "deep"\nbox = [2e-7, 0.0, 0.0, 5e-7, 5e-7, 6e-7]\n'
         )
     comm.barrier()
@@ -241,5 +244,8 @@ def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path):
     assert results["timescales"]["length_m"] == pytest.approx(expected, rel=1e-12)
     assert len(results["si_particles"]["0.0001"]) > 3
     assert len(results["performance"]["peak_memory_bytes_per_rank"]) == comm.size
-    for name in ("mesh.xdmf", "mesh.h5", "c_fields.png", "c_regions.png", "c.bp"):
+    written = ("mesh.xdmf", "mesh.h5", "c.bp") if voxel_p1 == "mesh" else ("c.pvd", "c_1.vti")
+    for name in (*written, "c_fields.png", "c_regions.png"):
         assert (out / name).exists(), name
+    if voxel_p1 == "image":
+        assert not (out / "mesh.xdmf").exists() and not (out / "c.bp").exists()

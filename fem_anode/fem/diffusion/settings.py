@@ -230,12 +230,16 @@ class SolverSettings(Section):
 class OutputSettings(Section):
     """What the run writes besides results.json."""
 
-    fields: bool = setting(True, "write c at the output times as VTX (ParaView: open c.bp)")
+    fields: bool = setting(
+        True,
+        "write c at the output times as VTX on a mesh (ParaView: open c.bp), or as VTK image data without one "
+        "(P1 on the voxels of a 3D image, finite volumes: open c.pvd)",
+    )
     figures: bool = setting(True, "PNG figures of c over the image and c(t) per region")
     mesh: bool = setting(
         True,
-        "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel); smooth meshes are "
-        "always written as mesh.msh",
+        "write the voxel mesh of an image with its cell and facet tags as mesh.xdmf (in parallel; runs that build no "
+        "mesh write none: mesh.voxel_p1 = 'mesh' builds one); smooth meshes are always written as mesh.msh",
     )
 
 
