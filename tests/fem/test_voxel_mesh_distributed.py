@@ -233,7 +233,7 @@ def test_cli_diffusion_on_a_3d_image_reads_by_layers(comm, shared_tmp_path, voxe
     if comm.rank == 0:
         config.write_text(
             f'[geometry]\nimage = "vol.npy"\n[mesh]\nvoxel_p1 = "{voxel_p1}"\n'
-            '[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n'
+            "[time]\nt_end = 1e-4\noutput_times = [1e-4]\ndt_initial = 1e-6\n"
             '[[regions]]\nname = "deep"\nbox = [2e-7, 0.0, 0.0, 5e-7, 5e-7, 6e-7]\n'
         )
     comm.barrier()
