@@ -55,10 +55,15 @@ def close(a, b, rtol: float = 1e-9) -> None:
     assert np.abs(a - b).max(initial=0.0) <= rtol * max(np.abs(b).max(initial=0.0), 1e-300), (a, b)
 
 
-def test_the_run_is_the_run_on_the_mesh(volume, comm):
+@pytest.mark.parametrize("solver", ["direct", "iterative"])
+def test_the_run_is_the_run_on_the_mesh(volume, comm, solver):
     """Every record of a run on the voxels equals the run on dolfinx's voxel mesh to the CG tolerance:
-    the domain and region means at every step, the Si-particle report and the figure's section."""
-    runs = {kind: simulate_diffusion(settings(volume, kind), comm) for kind in ("mesh", "image")}
+    the domain and region means at every step, the Si-particle report and the figure's section;
+    with the direct solver (assembled from the rows) and with the fused SSOR-CG on the grid stencil
+    (on 2 ranks: the separator order with the couplings across the slab faces)."""
+    runs = {
+        kind: simulate_diffusion(settings(volume, kind, solver={"type": solver}), comm) for kind in ("mesh", "image")
+    }
     image, mesh = runs["image"], runs["mesh"]
     assert image.tagged is None and mesh.tagged is not None  # no mesh at all on the voxels
     for key in ("ndofs", "ncells", "steps"):
@@ -80,10 +85,21 @@ def test_the_run_is_the_run_on_the_mesh(volume, comm):
 def test_same_result_on_one_rank(volume, comm):
     """The world communicator (2 ranks under mpirun: slabs, the separator-order SSOR, couplings
     across ranks) and one rank alone give the same records."""
-    s = settings(volume, "image")
-    world = simulate_diffusion(s, comm)
+    from fem_anode.fem.diffusion.transient import FusedEisenstatSolver
+    from fem_anode.fem.diffusion.voxel_elements import VoxelP1Problem
+    from fem_anode.io.images import open_image_layers
+
+    s = settings(volume, "image", solver={"type": "iterative"})
+    problem = VoxelP1Problem(open_image_layers(volume), s, comm)
+    try:
+        world = problem.run()
+        # the fused SSOR-CG on the grid stencil (the separator order on several ranks), no matrix
+        assert isinstance(problem._fused, FusedEisenstatSolver) and problem._KR is None
+        assert problem._fused.getPC().getType().endswith("grid-stencil")
+    finally:
+        problem.destroy()
     alone = simulate_diffusion(s, MPI.COMM_SELF)
-    assert world.results["steps"] == alone.results["steps"]
+    assert world.steps == alone.results["steps"]
     close(world.domain_mean, alone.domain_mean)
     close(world.region_means["corner"], alone.region_means["corner"])
 
