@@ -55,7 +55,7 @@ SI = 3
 
 _CORNERS = corner_offsets(3)  # (z, y, x) bits of block position / local corner p = 4 z + 2 y + x
 _BITS = np.array([4, 2, 1])
-_NODES_PER_CHUNK = 1 << 15
+_NODES_PER_CHUNK = 1 << 11  # special nodes per pass: about 64 contributions of 56 B each per node
 
 
 def element_matrices(spacing: np.ndarray, rate_d: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,7 +134,8 @@ class VoxelP1Operator:
         row_type, k_table, m_table, special: the rows as
             :meth:`~fem_anode.fem.grid_stencil.GridStencilKernel.from_types` takes them.
         last: the rows coupled to other ranks.
-        off_rank: those couplings (:class:`OffRankRows`).
+        off_rank: those couplings (:class:`OffRankRows`); with ``special`` ``None`` after
+            :meth:`release_rows`.
         w_dx, w_pore, w_si: ``M 1``, ``R_pore 1`` and ``R_si 1`` per dof (``R`` without the rate: the
             integral of the basis function over the volume, the pore faces, the Si faces).
     """
@@ -276,35 +277,68 @@ class VoxelP1Operator:
         self.w_si[typed] = si_by_type[types]
         # special rows, voxel by voxel, in chunks of nodes
         special_rows = np.flatnonzero(special_node)  # local dofs
-        special_nodes = np.unique(dof_nodes[special_rows])
+        special, off_rank, sums = self._special_entries(special_rows, dof_nodes[special_rows])
+        self.special: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = special
+        self.off_rank: OffRankRows | None = off_rank
+        for weights, values in zip((self.w_dx, self.w_pore, self.w_si), sums):
+            weights[special_rows] = values
+        self.last = np.zeros(self.n, bool)  # the rows coupled to other ranks (all special)
+        self.last[off_rank.rows] = True
+        self._special_nonzeros = int(special[2].size + off_rank.columns.size)
+
+    def _special_entries(
+        self, special_rows: np.ndarray, special_dof_nodes: np.ndarray
+    ) -> tuple[
+        tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        OffRankRows,
+        tuple[np.ndarray, np.ndarray, np.ndarray],
+    ]:
+        """The special rows assembled voxel by voxel (in chunks of nodes: bounded temporaries):
+        ``(rows, indptr, local columns, k, m)``, their couplings to other ranks and their ``M 1``,
+        ``R_pore 1`` and ``R_si 1``."""
+        special_nodes = np.unique(special_dof_nodes)
+        firsts = self._first_dofs()
+        sums = np.zeros((3, special_rows.size))
         parts: list[tuple[np.ndarray, ...]] = []
         for start in range(0, special_nodes.size, _NODES_PER_CHUNK):
             chunk = special_nodes[start : start + _NODES_PER_CHUNK]
-            rows, cols, _, k, m, pore, si = self._rows(chunk, self._first_dofs()[chunk].astype(np.int64))
-            parts.append(self._sum_duplicates(rows, cols, k, m, pore, si))
-        rows, cols, k, m, pore, si = (np.concatenate(p) for p in zip(*parts)) if parts else (np.zeros(0),) * 6
-        rows, cols = rows.astype(np.int64), cols.astype(np.int64)
-        sums = np.bincount(rows, weights=m, minlength=self.n)
-        self.w_dx[special_rows] = sums[special_rows]
-        self.w_pore[special_rows] = np.bincount(rows, weights=pore, minlength=self.n)[special_rows]
-        self.w_si[special_rows] = np.bincount(rows, weights=si, minlength=self.n)[special_rows]
+            rows, cols, _, k, m, pore, si = self._rows(chunk, firsts[chunk].astype(np.int64))
+            where = np.searchsorted(special_rows, rows)  # (the chunk's rows are all special)
+            for total, values in zip(sums, (m, pore, si)):
+                total += np.bincount(where, weights=values, minlength=special_rows.size)
+            rows, cols, k, m = self._sum_duplicates(rows, cols, k, m)
+            parts.append((rows.astype(np.int32), cols, k, m))
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+        rows, cols, k, m = (np.concatenate(p) for p in zip(*parts)) if parts else empty
+        del parts
         local = (cols >= self.offset) & (cols < self.offset + self.n)
-        srows, scols, sk, sm = rows[local], cols[local] - self.offset, k[local], m[local]
-        counts = np.bincount(srows, minlength=self.n)[special_rows]
+        counts = np.bincount(rows[local], minlength=self.n)[special_rows]
+        if special_rows.size and np.any(counts == 0):  # every row has its diagonal (a bug, never bad input)
+            raise RuntimeError("VoxelP1Operator: a special row without entries")
         indptr = np.zeros(special_rows.size + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
-        self.special = (special_rows, indptr, scols, sk, sm)
+        special = (special_rows, indptr, (cols[local] - self.offset).astype(np.int32), k[local], m[local])
         off = ~local
-        o_rows, o_cols, o_k, o_m = rows[off], cols[off], k[off], m[off]
+        o_rows = rows[off]
         coupled = np.unique(o_rows)
         o_indptr = np.zeros(coupled.size + 1, np.int64)
         np.cumsum(np.bincount(np.searchsorted(coupled, o_rows), minlength=coupled.size), out=o_indptr[1:])
-        self.off_rank = OffRankRows(coupled, o_indptr, o_cols, o_k, o_m)
-        self.last = np.zeros(self.n, bool)  # the rows coupled to other ranks (all special)
-        self.last[coupled] = True
-        #: the symmetric structure checks every special row's diagonal (a bug, never bad input)
-        if special_rows.size and np.any(counts == 0):
-            raise RuntimeError("VoxelP1Operator: a special row without entries")
+        off_rank = OffRankRows(coupled, o_indptr, cols[off], k[off], m[off])
+        return special, off_rank, (sums[0], sums[1], sums[2])
+
+    def release_rows(self) -> None:
+        """Drop the special rows and the couplings to other ranks once the solver holds its own
+        copies (:meth:`csr` assembles them again if asked)."""
+        self.special = None
+        self.off_rank = None
+
+    def _rows_now(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], OffRankRows]:
+        """The special rows and the off-rank couplings, assembled again if released."""
+        if self.special is not None and self.off_rank is not None:
+            return self.special, self.off_rank
+        special_rows = np.flatnonzero(self.row_type == SPECIAL)
+        special, off_rank, _ = self._special_entries(special_rows, self.dof_nodes()[special_rows])
+        return special, off_rank
 
     @staticmethod
     def _sum_duplicates(rows: np.ndarray, cols: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -454,12 +488,11 @@ class VoxelP1Operator:
         cols = self._first_dofs()[nodes[rows] + steps[code]].astype(np.int64) + self.offset
         k = self.k_table[self.row_type[rows], code]
         m = self.m_table[self.row_type[rows], code]
-        s_rows, s_indptr, s_cols, s_k, s_m = self.special
-        off = self.off_rank
+        (s_rows, s_indptr, s_cols, s_k, s_m), off = self._rows_now()
         all_rows = np.concatenate(
             [rows, np.repeat(s_rows, np.diff(s_indptr)), np.repeat(off.rows, np.diff(off.indptr))]
         )
-        all_cols = np.concatenate([cols, s_cols + self.offset, off.columns])
+        all_cols = np.concatenate([cols, s_cols.astype(np.int64) + self.offset, off.columns])
         order = np.lexsort((all_cols, all_rows))
         indptr = np.zeros(self.n + 1, np.int64)
         np.cumsum(np.bincount(all_rows, minlength=self.n), out=indptr[1:])
@@ -468,16 +501,24 @@ class VoxelP1Operator:
         return indptr, all_cols[order], k_all, m_all
 
     @property
+    def transport_voxels(self) -> int:
+        """Transporting voxels of this rank's layers."""
+        return int(np.count_nonzero(self._padded[2:-1] == TRANSPORT))
+
+    @property
     def nonzeros(self) -> int:
         """Entries of this rank's rows of the assembled matrix (the mesh path's pattern)."""
         typed = self.row_type[self.row_type != SPECIAL]
         per_type = np.count_nonzero(self.m_table, axis=1)
-        return int(per_type[typed].sum()) + int(self.special[2].size) + int(self.off_rank.columns.size)
+        return int(per_type[typed].sum()) + self._special_nonzeros
 
     @property
     def nbytes(self) -> int:
         """Bytes held (the numbering arrays, the rows and the weights)."""
         arrays: list[Any] = [self._padded, self._config, self._copies, self.position, self.row_type]
         arrays += [] if self._first is None else [self._first]
-        arrays += [self.k_table, self.m_table, self.w_dx, self.w_pore, self.w_si, self.last, *self.special]
+        arrays += [self.k_table, self.m_table, self.w_dx, self.w_pore, self.w_si, self.last]
+        if self.special is not None and self.off_rank is not None:
+            off = self.off_rank
+            arrays += [*self.special, off.rows, off.indptr, off.columns, off.k, off.m]
         return int(sum(a.nbytes for a in arrays))

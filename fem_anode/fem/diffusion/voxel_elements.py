@@ -110,9 +110,12 @@ class VoxelP1Problem(TransientDiffusion):
         if geometry.si_phase in phases:
             roles[phases[geometry.si_phase]] = SI
         classes = slab_classes(image, self.slab.z0, self.slab.z1, roles)
-        self.operator = VoxelP1Operator(
-            comm, classes, self.slab.z0, self.slab.z1, nz, h, rate_d, self.rate_f, self.rate_si
-        )
+        try:
+            self.operator = VoxelP1Operator(
+                comm, classes, self.slab.z0, self.slab.z1, nz, h, rate_d, self.rate_f, self.rate_si
+            )
+        except ValueError as err:  # a slab too large for 32-bit positions: more ranks
+            raise UsageError(f"{image.source}: {err}") from err
         del classes
         op = self.operator
         self._kernel: Any = None
@@ -121,10 +124,12 @@ class VoxelP1Problem(TransientDiffusion):
         ssor_possible = self._solver_kind() == "iterative" and str(
             solver.petsc_options.get("pc_type", solver.preconditioner)
         ) in ("auto", "ssor")
-        if ssor_possible:  # before the vectors: the set-up's temporaries then do not add to them
-            self._grid_stencil()
-        self._ncells = int(comm.allreduce(int(np.count_nonzero(op._padded[2:-1] == TRANSPORT))))
+        self._ncells = int(comm.allreduce(op.transport_voxels))
         self._new = lambda: PETSc.Vec().createMPI((op.n, op.ndofs), comm=comm)
+        self._work = self._new()
+        if ssor_possible:  # before the other vectors: the set-up's temporaries then do not add to them
+            self._stencil_solver()
+            op.release_rows()  # the solver holds its own copies of the special rows
         # The vectors of the weights are the operator's arrays (no copies): M 1, rate_f R_pore 1, R_si 1.
         self._w_dx = self._shared(op.w_dx)
         self.pore_measure = float(comm.allreduce(float(op.w_pore.sum())))
@@ -141,7 +146,6 @@ class VoxelP1Problem(TransientDiffusion):
             op.w_si = np.zeros(0)  # (no Si faces on any rank)
         self.volume = float(self._w_dx.sum())
         self._rhs = self._new()
-        self._work = self._new()
         self.c = VectorField(self._new(), op.offset)
         self._c_old = VectorField(self._new(), op.offset, "c_old")
         self._c_older = VectorField(self._new(), op.offset, "c_older")
@@ -195,13 +199,14 @@ class VoxelP1Problem(TransientDiffusion):
                 return None
             op = self.operator
             last = op.last if self.comm.size > 1 else None
+            special, _ = op._rows_now()
             self._kernel = GridStencilKernel.from_types(
                 op.position,
                 op.box,
                 op.row_type,
                 op.k_table,
                 op.m_table,
-                op.special,
+                special,
                 self.grid_ssor_omega,
                 library,
                 last,
@@ -218,7 +223,7 @@ class VoxelP1Problem(TransientDiffusion):
             self._fused = None
             if kernel is not None:
                 op = self.operator
-                off = op.off_rank
+                _, off = op._rows_now()
 
                 def couplings(d: PETSc.Vec) -> OffRankCouplings:
                     return OffRankCouplings.from_rows(
