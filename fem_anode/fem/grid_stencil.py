@@ -604,7 +604,11 @@ class GridSeparatorSweeps:
         owner_colours = np.asarray(colours)[owners] if owners.size else np.zeros(0, int)
         self.lower_mask = (owner_colours < self.colour).astype(np.float64)
         self.upper_mask = (owner_colours > self.colour).astype(np.float64)
-        self.q = np.zeros(kernel.n)
+        if couplings.q.shape != (kernel.n,):
+            raise ValueError("GridSeparatorSweeps: the couplings' rows are not the kernel's")
+        # One array with the couplings' products (8 B per row): both write only the coupled rows
+        # (the rest stays 0) and every use consumes it before the next product.
+        self.q = couplings.q
         self._masked = np.zeros(owners.size)
 
     def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float, compute: bool) -> np.ndarray | None:

@@ -38,11 +38,14 @@ __all__ = ["BYTES_PER_DOF", "VoxelP1Problem", "estimate_voxel_p1_memory"]
 
 logger = logging.getLogger(__name__)
 
-#: Peak memory per dof of a run with the default solver (the fused SSOR-CG on the grid stencil):
-#: about 16 vectors (128 B), the stencil's rows and grid map (35 B), the operator's numbering and
-#: weights (80 B) and the set-up's temporaries; measured on the 128^3 electrode (docs/benchmarks.md),
-#: rounded up. The per-rank libraries come on top.
-BYTES_PER_DOF = 320.0
+#: Peak memory per dof of a run with the default solver (the fused SSOR-CG on the grid stencil), the
+#: libraries aside: 9 vectors (72 B), the weights (16 B), the stencil's rows, grid map and diagonal
+#: (about 30 B) and the operator's numbering; on several ranks also the separator order's
+#: renumbering (two vectors, the permutations) and the special rows at the slab faces. Measured on
+#: the 128^3 and 256^3 electrode: 141 B per dof over the libraries on one rank, 200 B on two
+#: (docs/benchmarks.md), rounded up.
+BYTES_PER_DOF = 170.0
+BYTES_PER_DOF_SEVERAL_RANKS = 220.0
 
 #: An assembled 27-point matrix per dof (values and pattern of ``K + R`` or ``M``).
 MATRIX_BYTES_PER_DOF = 330.0
@@ -64,7 +67,13 @@ def estimate_voxel_p1_memory(dofs: float, settings: DiffusionSettings, ranks: in
     fields = kept_fields_memory(settings, dofs)
     return MemoryEstimate(
         f"P1 diffusion on the voxels with about {int(dofs)} dofs",
-        dofs * (BYTES_PER_DOF + (3 * MATRIX_BYTES_PER_DOF if assembled else 0.0)) + ranks * FE_BASE_PER_RANK + fields,
+        dofs
+        * (
+            (BYTES_PER_DOF if ranks == 1 else BYTES_PER_DOF_SEVERAL_RANKS)
+            + (3 * MATRIX_BYTES_PER_DOF if assembled else 0.0)
+        )
+        + ranks * FE_BASE_PER_RANK
+        + fields,
         {"dofs": float(dofs), "kept_fields_bytes": fields},
     )
 
@@ -130,6 +139,7 @@ class VoxelP1Problem(TransientDiffusion):
         if ssor_possible:  # before the other vectors: the set-up's temporaries then do not add to them
             self._stencil_solver()
             op.release_rows()  # the solver holds its own copies of the special rows
+        op.compact()  # (the per-node numbers: recomputed where the regions and outputs need them)
         # The vectors of the weights are the operator's arrays (no copies): M 1, rate_f R_pore 1, R_si 1.
         self._w_dx = self._shared(op.w_dx)
         self.pore_measure = float(comm.allreduce(float(op.w_pore.sum())))
@@ -154,7 +164,6 @@ class VoxelP1Problem(TransientDiffusion):
         self._M: PETSc.Mat | None = None
         self._init_solver_state()
         self.regions = self._region_weights(settings.regions)
-        op.compact()
 
     def _vector(self, values: np.ndarray) -> PETSc.Vec:
         vec = self._new()
