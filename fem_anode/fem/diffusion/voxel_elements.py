@@ -42,10 +42,10 @@ logger = logging.getLogger(__name__)
 #: libraries aside: 9 vectors (72 B), the weights (16 B), the stencil's rows, grid map and diagonal
 #: (about 30 B) and the operator's numbering; on several ranks also the separator order's
 #: renumbering (two vectors, the permutations) and the special rows at the slab faces. Measured on
-#: the 128^3 and 256^3 electrode: 141 B per dof over the libraries on one rank, 200 B on two
+#: the 128^3 and 256^3 electrode: 141-160 B per dof over the libraries on one rank, 200-230 B on two
 #: (docs/benchmarks.md), rounded up.
-BYTES_PER_DOF = 170.0
-BYTES_PER_DOF_SEVERAL_RANKS = 220.0
+BYTES_PER_DOF = 180.0
+BYTES_PER_DOF_SEVERAL_RANKS = 240.0
 
 #: An assembled 27-point matrix per dof (values and pattern of ``K + R`` or ``M``).
 MATRIX_BYTES_PER_DOF = 330.0
