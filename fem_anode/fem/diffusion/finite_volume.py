@@ -44,7 +44,7 @@ from petsc4py import PETSc
 from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
-from fem_anode.fem.diffusion.transient import LENGTH_UNIT, NamedPC, TransientDiffusion
+from fem_anode.fem.diffusion.transient import LENGTH_UNIT, NamedPC, TransientDiffusion, checked_phases
 from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_order_possible
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
@@ -181,10 +181,7 @@ class VoxelFVProblem(TransientDiffusion):
         settings.check()
         self.settings, self.comm, self.image = settings, comm, image
         geometry, physics = settings.geometry, settings.physics
-        phases = image.require_phases()
-        for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
-            if name not in phases:
-                raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
+        phases = checked_phases(image, settings)
         self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
         self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
         spacing = [float(s) for s in image.require_voxel_size()]

@@ -39,7 +39,7 @@ from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, uni
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, settings_differences
 from fem_anode.io.interrupt import agree_flags
 
-__all__ = ["Field", "FieldValues", "FusedEisenstatSolver", "TransientDiffusion"]
+__all__ = ["Field", "FieldValues", "FusedEisenstatSolver", "TransientDiffusion", "checked_phases"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,19 @@ class _Records:
             resumed_from_step=self.resumed_from_step,
             c_bulk=problem.settings.physics.c_bulk,
         )
+
+
+def checked_phases(image: Any, settings: DiffusionSettings) -> dict[str, int]:
+    """The phase map of a voxel ``image`` (name -> label), checked for the settings' transporting and
+    pore phases (:class:`~fem_anode.errors.InputError` naming a missing one)."""
+    from fem_anode.errors import InputError
+
+    geometry = settings.geometry
+    phases: dict[str, int] = image.require_phases()
+    for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
+        if name not in phases:
+            raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
+    return phases
 
 
 class TransientDiffusion:

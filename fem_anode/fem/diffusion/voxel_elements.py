@@ -29,7 +29,7 @@ from fem_anode.errors import InputError, UsageError
 from fem_anode.fem.diffusion.finite_volume import VectorField
 from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
-from fem_anode.fem.diffusion.transient import LENGTH_UNIT, FusedEisenstatSolver, TransientDiffusion
+from fem_anode.fem.diffusion.transient import LENGTH_UNIT, FusedEisenstatSolver, TransientDiffusion, checked_phases
 from fem_anode.fem.tortuosity.clusters import slab_bounds
 from fem_anode.fem.voxel_p1 import PORE, SI, TRANSPORT, VoxelP1Operator, slab_classes
 from fem_anode.meshing.tags import interface_name
@@ -98,10 +98,7 @@ class VoxelP1Problem(TransientDiffusion):
         shape = tuple(int(n) for n in image.shape)
         if len(shape) != 3:
             raise UsageError("P1 on the voxels without a mesh is for 3D images (2D images are meshed)")
-        phases = image.require_phases()
-        for role, name in (("transport_phase", geometry.transport_phase), ("pore_phase", geometry.pore_phase)):
-            if name not in phases:
-                raise InputError(f"geometry.{role} {name!r} is not in the phase map {phases}")
+        phases = checked_phases(image, settings)
         self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
         self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
         nz = shape[0]
