@@ -154,7 +154,12 @@ def prepare_geometry(
         counts = label_counts(image, comm)
         check_phases(image, counts, settings)
         cells = counts[image.require_phases()[geometry.transport_phase]]
-        check_memory(estimate_voxel_p1_memory(1.2 * cells, settings, comm.size), comm, hint=_HINT, enabled=memory_check)
+        check_memory(
+            estimate_voxel_p1_memory(1.2 * cells, settings, comm.size),
+            comm,
+            hint="crop or coarsen the image, run on more nodes, or use mesh.discretisation = 'fv' (about 1.5x less memory)",
+            enabled=memory_check,
+        )
         return Geometry(None, image, voxel_mesh=True)
     if finite_volumes:
         from fem_anode.fem.diffusion.finite_volume import estimate_fv_memory
