@@ -157,7 +157,7 @@ def prepare_geometry(
         check_memory(
             estimate_voxel_p1_memory(1.2 * cells, settings, comm.size),
             comm,
-            hint="crop or coarsen the image, run on more nodes, or use mesh.discretisation = 'fv' (about 1.5x less memory)",
+            hint="crop or coarsen the image, run on more nodes, or use mesh.discretisation = 'fv' (1.5x less memory)",
             enabled=memory_check,
         )
         return Geometry(None, image, voxel_mesh=True)
