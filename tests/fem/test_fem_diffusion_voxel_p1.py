@@ -246,3 +246,21 @@ def test_the_memory_estimate_covers_the_measured_peaks(cells, ranks, peak_mib_pe
     assert 1.0 <= estimate.bytes / (ranks * peak_mib_per_rank * 2**20) <= 1.3
     direct = estimate_voxel_p1_memory(1.2 * cells, s.replace(solver=s.solver.replace(type="direct")), ranks)
     assert direct.bytes > 2.0 * estimate.bytes - ranks * 150e6
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        {"preconditioner": "mg"},
+        {"preconditioner": "gamg"},
+        {"preconditioner": "hypre"},
+        {"preconditioner": "ssor", "sweep_kernel": "petsc"},
+    ],
+)
+def test_assembled_solvers_agree_with_the_direct_solve(volume, comm, solver):
+    """The solvers that need assembled matrices (multigrid, AMG, PETSc's own SSOR) get ``K + R`` and ``M``
+    assembled from the voxel rows and give the direct solve's records (CG to 1e-12)."""
+    direct = simulate_diffusion(settings(volume, "image", solver={"type": "direct"}), comm)
+    run = simulate_diffusion(settings(volume, "image", solver={"type": "iterative", "rtol": 1e-12, **solver}), comm)
+    close(run.domain_mean, direct.domain_mean, rtol=1e-10)
+    close(run.region_means["corner"], direct.region_means["corner"], rtol=1e-10)
