@@ -30,6 +30,8 @@ from mpi4py import MPI
 from fem_anode.errors import InputError, UsageError
 from fem_anode.faults import first_error
 from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.imaging.slabs import balanced_bounds as slab_bounds
+from fem_anode.imaging.slabs import layer_counts
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, INTERFACE_TAG_OFFSET, interface_name, phase_tag
 from fem_anode.meshing.voxel import SlabNumbering, corner_offsets, keep_values
 
@@ -60,40 +62,6 @@ class LayeredImage(Protocol):
     def require_phases(self) -> dict[str, int]: ...
 
     def read_layers(self, start: int, stop: int) -> np.ndarray: ...
-
-
-def slab_bounds(cells_per_layer: np.ndarray, size: int) -> np.ndarray:
-    """Layer boundaries of ``size`` slabs with about equal numbers of cells: slab r is ``[b[r], b[r+1])``.
-
-    Args:
-        cells_per_layer: kept voxels in each axis-0 layer.
-        size: number of slabs (ranks).
-    """
-    counts = np.asarray(cells_per_layer, dtype=np.float64)
-    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
-    if cumulative[-1] == 0:
-        return np.linspace(0, counts.size, size + 1).round().astype(np.int64)
-    targets = cumulative[-1] * np.arange(size + 1) / size
-    above = np.minimum(np.searchsorted(cumulative, targets, side="left"), counts.size)
-    below = np.maximum(above - 1, 0)
-    nearer_below = np.abs(cumulative[below] - targets) <= np.abs(cumulative[above] - targets)
-    bounds = np.where(nearer_below, below, above).astype(np.int64)  # the layer boundary nearest each share
-    bounds[0], bounds[-1] = 0, counts.size
-    return np.maximum.accumulate(np.minimum(bounds, counts.size))
-
-
-def _layer_counts(image: LayeredImage, kept_labels: np.ndarray, comm: MPI.Comm) -> np.ndarray:
-    """Kept voxels per axis-0 layer of the whole image; each rank counts an equal share of layers."""
-    layers = int(image.shape[0])
-    equal = np.linspace(0, layers, comm.size + 1).round().astype(np.int64)
-    lo, hi = int(equal[comm.rank]), int(equal[comm.rank + 1])
-    local = np.zeros(hi - lo, dtype=np.int64)
-    for start in range(lo, hi, 16):  # a few layers at a time: never the whole slab as a mask
-        block = np.asarray(image.read_layers(start, min(start + 16, hi)))
-        local[start - lo : start - lo + block.shape[0]] = (
-            np.isin(block, kept_labels).reshape(block.shape[0], -1).sum(axis=1)
-        )
-    return np.concatenate(comm.allgather(local))
 
 
 def create_voxel_mesh(
@@ -137,7 +105,7 @@ def create_voxel_mesh(
     kept = keep_values(phases, keep)
     kept_labels = np.array(sorted(kept.values()))
     bounds = (
-        slab_bounds(_layer_counts(image, kept_labels, comm), comm.size) if comm.size > 1 else np.array([0, shape[0]])
+        slab_bounds(layer_counts(image, kept_labels, comm), comm.size) if comm.size > 1 else np.array([0, shape[0]])
     )
     z0, z1 = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     halo = 2

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Slab", "exchange_layers", "label_slabs", "max_distance_to"]
+__all__ = ["Slab", "balanced_bounds", "exchange_layers", "label_slabs", "layer_counts", "max_distance_to"]
 
 #: Reads layers ``start ... stop - 1`` of the volume (any integer or boolean array).
 LayerReader = Callable[[int, int], np.ndarray]
@@ -248,3 +248,38 @@ def max_distance_to(
         if all_exact:
             return float(comm.allreduce(local_max, op=MPI.MAX)) if comm.size > 1 else local_max
         halo *= 2
+
+
+def balanced_bounds(cells_per_layer: np.ndarray, size: int) -> np.ndarray:
+    """Layer boundaries of ``size`` slabs with about equal numbers of cells: slab r is ``[b[r], b[r+1])``.
+
+    Args:
+        cells_per_layer: kept voxels in each axis-0 layer.
+        size: number of slabs (ranks).
+    """
+    counts = np.asarray(cells_per_layer, dtype=np.float64)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    if cumulative[-1] == 0:
+        return np.linspace(0, counts.size, size + 1).round().astype(np.int64)
+    targets = cumulative[-1] * np.arange(size + 1) / size
+    above = np.minimum(np.searchsorted(cumulative, targets, side="left"), counts.size)
+    below = np.maximum(above - 1, 0)
+    nearer_below = np.abs(cumulative[below] - targets) <= np.abs(cumulative[above] - targets)
+    bounds = np.where(nearer_below, below, above).astype(np.int64)  # the layer boundary nearest each share
+    bounds[0], bounds[-1] = 0, counts.size
+    return np.maximum.accumulate(np.minimum(bounds, counts.size))
+
+
+def layer_counts(image: Any, kept_labels: np.ndarray, comm: Any) -> np.ndarray:
+    """Voxels with one of ``kept_labels`` in each axis-0 layer of the whole image (``read_layers``;
+    collective: each rank counts an equal share of the layers, a few at a time)."""
+    layers = int(image.shape[0])
+    equal = np.linspace(0, layers, comm.size + 1).round().astype(np.int64)
+    lo, hi = int(equal[comm.rank]), int(equal[comm.rank + 1])
+    local = np.zeros(hi - lo, dtype=np.int64)
+    for start in range(lo, hi, 16):  # a few layers at a time: never the whole slab as a mask
+        block = np.asarray(image.read_layers(start, min(start + 16, hi)))
+        local[start - lo : start - lo + block.shape[0]] = (
+            np.isin(block, kept_labels).reshape(block.shape[0], -1).sum(axis=1)
+        )
+    return np.concatenate(comm.allgather(local))
