@@ -33,6 +33,7 @@ from fem_anode.fem.diffusion.transient import LENGTH_UNIT, FusedEisenstatSolver,
 from fem_anode.fem.voxel_p1 import PORE, SI, TRANSPORT, VoxelP1Operator, slab_classes
 from fem_anode.imaging.slabs import Slab, balanced_bounds, layer_counts
 from fem_anode.meshing.tags import interface_name
+from fem_anode.meshing.voxel import corner_offsets
 
 __all__ = ["BYTES_PER_DOF", "VoxelP1Problem", "estimate_voxel_p1_memory"]
 
@@ -50,7 +51,7 @@ BYTES_PER_DOF_SEVERAL_RANKS = 240.0
 #: An assembled 27-point matrix per dof (values and pattern of ``K + R`` or ``M``).
 MATRIX_BYTES_PER_DOF = 330.0
 
-_CORNERS = np.array([[(p >> 2) & 1, (p >> 1) & 1, p & 1] for p in range(8)])
+_CORNERS = corner_offsets(3)  # (z, y, x) of the 8 corners of a voxel, x fastest
 
 
 def estimate_voxel_p1_memory(dofs: float, settings: DiffusionSettings, ranks: int = 1) -> Any:
