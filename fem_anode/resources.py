@@ -603,6 +603,17 @@ def estimate_multigrid_setup_memory(dofs: float, ranks: int = 1) -> MemoryEstima
     return MemoryEstimate(f"multigrid set-up for {int(dofs):,} dofs on {ranks} rank(s)", per_dof * dofs, {"dofs": dofs})
 
 
+def release_freed_memory() -> None:
+    """Give memory freed by NumPy back to the OS (glibc keeps freed heap pages, which then count in
+    the peak of every later phase; ``malloc_trim``, a no-op where there is no glibc). Call it after
+    a set-up whose temporaries are gone."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def peak_memory() -> float:
     """Peak resident memory of this process in bytes (``VmHWM``; ``ru_maxrss`` where there is no
     ``/proc``: it may include the parent's size at fork)."""

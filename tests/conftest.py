@@ -168,6 +168,29 @@ def _restore_package_logging():
 
 
 @pytest.fixture(autouse=True)
+def _ranks_stay_in_step(request: pytest.FixtureRequest):
+    """Under MPI, say when a rank gave up an output agreement during a test.
+
+    :func:`fem_anode.faults.all_ranks_ok` returns ``None`` on a rank that failed more than its
+    timeout before the others (e.g. under load); such a rank makes no further collective call in
+    :func:`fem_anode.io.output.output_directory`, nor do the others after a failure, so the ranks
+    stay in step. The note names the test should a later collective call hang all the same
+    (the suite's ``faulthandler_timeout`` then prints where each rank waits).
+    """
+    if not UNDER_MPI:
+        yield
+        return
+    from fem_anode import faults
+
+    before = len(faults._abandoned)
+    yield
+    if len(faults._abandoned) > before:  # (past pytest's capture: it is shown only for failed tests)
+        (sys.__stderr__ or sys.stderr).write(
+            f"\nNOTE: rank {mpi_rank_env()} gave up waiting for the other ranks' agreement in {request.node.nodeid}\n"
+        )
+
+
+@pytest.fixture(autouse=True)
 def _matplotlib_agg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", "Agg")
 

@@ -155,6 +155,52 @@ def test_error_in_process_under_mpi_does_not_abort(comm, tmp_path, capsys, monke
     comm.barrier()  # every rank is still alive
 
 
+def _in_step(comm, seconds: float = 20.0) -> bool:
+    """Whether every rank reaches this barrier (polled: a rank left out of step fails the test
+    instead of hanging it)."""
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_output_agreement_keeps_the_ranks_in_step_after_a_failure(comm, shared_tmp_path, monkeypatch):
+    """A failure inside ``output_directory``: the rank that gave up waiting (it failed first,
+    the others later) and the others make the same collective calls afterwards; ranks whose own
+    block succeeded raise too; nothing is published."""
+    from fem_anode import faults
+    from fem_anode.errors import FemAnodeError
+    from fem_anode.io.output import output_directory
+
+    real = faults.all_ranks_ok
+    monkeypatch.setattr(faults, "all_ranks_ok", lambda sync, ok: real(sync, ok, timeout=0.3))
+    last = comm.rank == comm.size - 1
+    out = shared_tmp_path / "out"
+    # 1) every rank fails, the last one first: it gives up after 0.3 s, the others fail 1 s later
+    with pytest.raises(ValueError, match="fails"):
+        with output_directory(out, comm) as staging:
+            (staging / f"part{comm.rank}").write_text("x")
+            if not last:
+                time.sleep(1.0)
+            raise ValueError("this rank fails")
+    if comm.size > 1 and last:
+        request, _, _ = faults._abandoned.pop()  # (the others' late answer completes it)
+        request.Wait()
+    assert _in_step(comm), "the ranks are out of step after a failed output agreement"
+    # 2) only the last rank fails: the others' blocks succeed, and they raise all the same
+    expected = (ValueError, "fails") if last or comm.size == 1 else (FemAnodeError, "another MPI rank failed")
+    with pytest.raises(expected[0], match=expected[1]):
+        with output_directory(out, comm) as staging:
+            if last:
+                raise ValueError("this rank fails")
+    assert _in_step(comm)
+    assert not out.exists()
+    assert comm.allreduce(1) == comm.size
+
+
 def test_all_ranks_ok_agrees_and_never_deadlocks(comm):
     """The agreement an output directory needs after its block (see docs/reliability.md)."""
     import time

@@ -619,7 +619,7 @@ class GridSeparatorSweeps:
         if not compute:
             return None
         np.multiply(off.ghost_values.array_r, mask, out=self._masked)
-        self.q[off.rows] = off.block @ self._masked
+        off.rows_product(off.values, self._masked, self.q)
         if sign != 1.0:
             self.q[off.rows] *= sign
         return self.q

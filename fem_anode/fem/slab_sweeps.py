@@ -353,21 +353,28 @@ class OffRankCouplings:
     ``A = K + s M`` (the off-diagonal blocks of ``K`` and ``M``, one pattern) applied to a
     distributed vector (one scatter of the ghost columns). Collective.
 
+    The block is kept as CSR arrays over the coupled rows and applied by the compiled kernels
+    (``fa_csr_rows_product``): no SciPy, whose import alone costs about 28 MB per rank.
+
     Args:
         K: the matrix (``mpiaij``), or ``K`` of ``K + s M``; the pattern must not change (nor, with
             ``M``, the values).
         like: a vector of the matrix's column layout (for the scatter).
-        M: ``M`` of ``K + s M`` (same pattern as ``K``), or none (``A = K``, values read in place).
+        library: the compiled kernels (:func:`~fem_anode.fem.voxel_sweeps.load_sweep_library`).
+        M: ``M`` of ``K + s M`` (same pattern as ``K``), or none (``A = K``).
         order: for vectors whose local entries are permuted on every rank (entry ``i`` holds the
             matrix's local row ``order[i]``, e.g. :class:`~fem_anode.fem.grid_stencil.GridStencilKernel`'s
             order): ``t`` and ``q`` are in that order; ``None``: the matrix's order.
     """
 
     def __init__(
-        self, K: PETSc.Mat, like: PETSc.Vec, M: PETSc.Mat | None = None, order: np.ndarray | None = None
+        self,
+        K: PETSc.Mat,
+        like: PETSc.Vec,
+        library: Any,
+        M: PETSc.Mat | None = None,
+        order: np.ndarray | None = None,
     ) -> None:
-        import scipy.sparse
-
         from fem_anode.fem.voxel_sweeps import mpiaij_off_block
 
         (indptr, indices, k_values), ghosts = mpiaij_off_block(K)
@@ -379,15 +386,25 @@ class OffRankCouplings:
             if not np.array_equal(m_ghosts, ghosts):
                 raise ValueError("OffRankCouplings: K and M differ in their ghost columns")
         n = K.getLocalSize()[0]
-        if M is None:  # K's values read in place, every row
-            block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size), copy=False)
-            self._finish(n, np.arange(n, dtype=np.int32), block, k_values, None, ghosts, like, order)
-            return
         # only the rows with off-rank couplings (a few layers of a slab-partitioned mesh)
+        indptr = np.asarray(indptr, np.int64)
         rows = np.flatnonzero(np.diff(indptr)).astype(np.int32)
-        block = scipy.sparse.csr_matrix((k_values, indices, indptr), shape=(n, ghosts.size))[rows]
-        m_block = scipy.sparse.csr_matrix((m_values, indices, indptr), shape=(n, ghosts.size))[rows]
-        self._finish(n, rows, block, block.data.copy(), m_block.data, ghosts, like, order)
+        # the empty rows hold no entries: the coupled rows' entries are all of them, in order
+        row_ptr = np.append(indptr[rows], indptr[-1]) - indptr[0]
+        columns = np.asarray(indices, np.int32)
+        m_rows = None if m_values is None else np.asarray(m_values, np.float64)
+        self._finish(
+            n,
+            rows,
+            row_ptr,
+            columns,
+            np.asarray(k_values, np.float64),
+            m_rows,
+            np.asarray(ghosts),
+            like,
+            library,
+            order,
+        )
 
     @classmethod
     def from_rows(
@@ -399,29 +416,30 @@ class OffRankCouplings:
         k_values: np.ndarray,
         m_values: np.ndarray,
         like: PETSc.Vec,
+        library: Any,
         order: np.ndarray | None = None,
     ) -> OffRankCouplings:
         """The couplings given as CSR rows: ``rows`` (local, ascending) of ``n``, their entries'
-        global ``columns`` (other ranks' rows) and the values of ``K`` and ``M`` (collective; e.g.
-        :attr:`~fem_anode.fem.voxel_p1.VoxelP1Operator.off_rank`). ``like``, ``order``: as for the
-        constructor."""
-        import scipy.sparse
-
+        global ``columns`` (other ranks' rows, ascending within a row) and the values of ``K`` and
+        ``M`` (collective; e.g. :attr:`~fem_anode.fem.voxel_p1.VoxelP1Operator.off_rank`).
+        ``like``, ``library``, ``order``: as for the constructor."""
         ghosts, local = np.unique(np.asarray(columns, np.int64), return_inverse=True)
-        block = scipy.sparse.csr_matrix(
-            (np.asarray(k_values, np.float64), local, np.asarray(indptr)), shape=(rows.size, ghosts.size)
-        )
-        if not block.has_sorted_indices:
+        row_ptr = np.asarray(indptr, np.int64)
+        within = np.ones(max(local.size - 1, 0), bool)  # entry k and k + 1 are in one row
+        within[row_ptr[1:-1][(row_ptr[1:-1] > 0) & (row_ptr[1:-1] < local.size)] - 1] = False
+        if bool(np.any(np.diff(local)[within] <= 0)):
             raise ValueError("OffRankCouplings: the columns of a row must ascend")
         out = cls.__new__(cls)
         out._finish(
             n,
             np.asarray(rows, np.int32),
-            block,
-            block.data.copy(),
+            row_ptr,
+            local.astype(np.int32),
+            np.asarray(k_values, np.float64),
             np.asarray(m_values, np.float64),
             ghosts,
             like,
+            library,
             order,
         )
         return out
@@ -430,23 +448,22 @@ class OffRankCouplings:
         self,
         n: int,
         rows: np.ndarray,
-        block: Any,
+        row_ptr: np.ndarray,
+        columns: np.ndarray,
         k_values: np.ndarray,
         m_values: np.ndarray | None,
         ghosts: np.ndarray,
         like: PETSc.Vec,
+        library: Any,
         order: np.ndarray | None,
     ) -> None:
         """The scatter of the ghost columns and the blocks (see the constructor)."""
-        import scipy.sparse
-
-        self.rows, self.block, self.k_values, self.m_values = rows, block, k_values, m_values
-        #: ``M``'s off-rank couplings alone (the block's pattern, ``M``'s values), or None without ``M``
-        self.mass_block = (
-            None
-            if m_values is None
-            else scipy.sparse.csr_matrix((m_values, block.indices, block.indptr), shape=block.shape)
-        )
+        self.library = library
+        #: the coupled rows (in the vectors' order), their CSR pointers and ghost columns (local indices)
+        self.rows, self.row_ptr, self.columns = rows, row_ptr, columns
+        self.k_values, self.m_values = k_values, m_values
+        #: the values of ``O`` for the last :meth:`set_scale` (``K``'s without ``M``)
+        self.values = k_values.copy() if m_values is not None else k_values
         self.ghost_values = PETSc.Vec().createSeq(ghosts.size, comm=PETSc.COMM_SELF)
         index_set = PETSc.IS().createGeneral(ghosts.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
         self.scatter = PETSc.Scatter().create(like, index_set, self.ghost_values, None)
@@ -474,23 +491,35 @@ class OffRankCouplings:
     def set_scale(self, scale: float) -> None:
         """``O`` of ``K + scale M`` from ``K`` and ``M``'s values (without ``M``: nothing to do)."""
         if self.m_values is not None:
-            np.multiply(self.m_values, scale, out=self.block.data)
-            self.block.data += self.k_values
+            np.multiply(self.m_values, scale, out=self.values)
+            self.values += self.k_values
+
+    def rows_product(self, values: np.ndarray, ghost_values: np.ndarray, out: np.ndarray) -> None:
+        """``out[rows] = B g`` for the block ``B`` with the entries ``values`` (this object's pattern)
+        and the ghost columns' values ``g``; the other entries of ``out`` are left alone."""
+        if values.shape != (self.columns.size,) or ghost_values.shape != (self.ghost_indices.size,):
+            raise ValueError("OffRankCouplings.rows_product: arrays of the wrong size")
+        if out.shape[0] < (int(self.rows.max()) + 1 if self.rows.size else 0):
+            raise ValueError("OffRankCouplings.rows_product: out is too short")
+        arrays = (self.row_ptr, self.columns, values, ghost_values, self.rows, out)
+        if not all(a.flags.c_contiguous for a in arrays):
+            raise ValueError("OffRankCouplings.rows_product: arrays must be contiguous")
+        self.library.fa_csr_rows_product(self.rows.size, *(a.ctypes.data for a in arrays))
 
     def mass_product(self, t: PETSc.Vec) -> np.ndarray:
         """``M_off t`` on this rank's rows (``M``'s couplings to other ranks' rows; requires ``M``;
         an array owned by this object, overwritten by the next call)."""
-        if self.mass_block is None:
+        if self.m_values is None:
             raise ValueError("OffRankCouplings.mass_product needs M")
-        return self._apply(self.mass_block, t)
+        return self._apply(self.m_values, t)
 
     def product(self, t: PETSc.Vec) -> np.ndarray:
         """``O t`` on this rank's rows (an array owned by this object, overwritten by the next call)."""
-        return self._apply(self.block, t)
+        return self._apply(self.values, t)
 
-    def _apply(self, block: Any, t: PETSc.Vec) -> np.ndarray:
+    def _apply(self, values: np.ndarray, t: PETSc.Vec) -> np.ndarray:
         self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        self.q[self.rows] = block @ self.ghost_values.array_r
+        self.rows_product(values, self.ghost_values.array_r, self.q)
         return self.q
 
     def destroy(self) -> None:

@@ -736,6 +736,18 @@ int64_t fa_st_row_keys(int64_t n, const int32_t *indptr, const int32_t *indices,
     return outside;
 }
 
+/* q[rows[i]] = sum of data[k] x[indices[k]] over row i's entries k = indptr[i] .. indptr[i + 1] - 1,
+ * summed in order (as a CSR product by SciPy): the couplings of a rank's rows to other ranks' values */
+void fa_csr_rows_product(int64_t nrows, const int64_t *indptr, const int32_t *indices, const double *data,
+                         const double *x, const int32_t *rows, double *q)
+{
+    for (int64_t i = 0; i < nrows; ++i) {
+        double s = 0.0;
+        for (int64_t k = indptr[i]; k < indptr[i + 1]; ++k) s += data[k] * x[indices[k]];
+        q[rows[i]] = s;
+    }
+}
+
 /* dst[i] = src[order[i]] (into a permuted order, or back by the inverse permutation) */
 void fa_gather(int64_t n, const int32_t *order, const double *src, double *dst)
 {

@@ -150,6 +150,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_st_row_keys.restype = size
     library.fa_st_cg_start.argtypes = [pointer, pointer, pointer, pointer, double, pointer, pointer, pointer]
     library.fa_st_cg_start.restype = double
+    library.fa_csr_rows_product.argtypes = [size, *[pointer] * 6]
+    library.fa_csr_rows_product.restype = None
     library.fa_gather.argtypes = [size, pointer, pointer, pointer]
     library.fa_gather.restype = None
     library.fa_edt_squared.argtypes = [size, size, size, double, double, double, pointer]

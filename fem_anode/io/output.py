@@ -154,7 +154,15 @@ def _staged(out: Path, comm: MPI.Comm | None, keep_on: tuple[type[BaseException]
                 shutil.rmtree(staging_path, ignore_errors=True)
             if sync is not None and comm is not None:
                 sync.Free()
-                comm.barrier()
+                # Only after a success do the ranks wait for the published files. After a failure no
+                # rank makes another collective call here, so a rank that gave up waiting (None) and
+                # the others stay in step: the next collective call of the program matches on all.
+                if agreed:
+                    comm.barrier()
+        if ok and agreed is False:  # this rank's block succeeded, another's did not
+            from fem_anode.errors import FemAnodeError
+
+            raise FemAnodeError(f"--out {out}: another MPI rank failed, so nothing was written")
 
 
 def remove_stale_staging(staging: Path) -> None:

@@ -87,3 +87,66 @@ def test_separator_ssor_equals_the_dense_ssor_in_separator_order(comm, kind):
         ssor.destroy()
         sbaij.destroy()
         aij.destroy()
+
+
+def _random_mpiaij(comm, n_local: int, seed: int):
+    """A random ``mpiaij`` matrix with a band of couplings reaching into the neighbouring ranks."""
+    from petsc4py import PETSc
+
+    n = n_local * comm.size
+    A = PETSc.Mat().create(comm=comm)
+    A.setSizes(((n_local, n), (n_local, n)))
+    A.setType(PETSc.Mat.Type.MPIAIJ)  # (also on one rank: the couplings read its off-rank block)
+    A.setPreallocationNNZ((7, 7))
+    rng = np.random.default_rng(seed + comm.rank)
+    lo, hi = A.getOwnershipRange()
+    for row in range(lo, hi):
+        for column in sorted({row, *(int(c) for c in rng.integers(max(row - 5, 0), min(row + 6, n), 4))}):
+            A.setValue(row, column, float(rng.random()) + (3.0 if column == row else 0.0))
+    A.assemble()
+    return A
+
+
+def test_off_rank_couplings_equal_the_off_diagonal_block(comm):
+    """``O t`` (compiled, no SciPy) equals ``A t`` minus the diagonal block's product, for
+    ``A = K + s M`` at two scales; the mass couplings alone equal ``M``'s; columns that do not
+    ascend are refused."""
+    from petsc4py import PETSc
+
+    from fem_anode.fem.slab_sweeps import OffRankCouplings
+    from fem_anode.fem.voxel_sweeps import load_sweep_library
+
+    library = load_sweep_library(comm)
+    K, M = _random_mpiaij(comm, 12, 3), _random_mpiaij(comm, 12, 3)
+    M.scale(0.25)  # same pattern, other values
+    t = K.createVecRight()
+    t.array[:] = np.random.default_rng(11 + comm.rank).random(t.getLocalSize())
+    couplings = OffRankCouplings(K, t, library, M)
+
+    def off_block_product(A):
+        full = A.createVecLeft()
+        A.mult(t, full)
+        block = A.getDiagonalBlock()
+        local = block.createVecLeft()
+        block.mult(PETSc.Vec().createWithArray(t.array_r.copy(), comm=PETSc.COMM_SELF), local)
+        return full.array - local.array
+
+    off_k, off_m = off_block_product(K), off_block_product(M)
+    for scale in (0.0, 2.5):
+        couplings.set_scale(scale)
+        expected = off_k + scale * off_m
+        got = np.zeros(t.getLocalSize())
+        got[couplings.rows] = couplings.product(t)[couplings.rows]
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13 * max(np.abs(expected).max(), 1.0))
+    expected_mass = off_m
+    got = np.zeros(t.getLocalSize())
+    got[couplings.rows] = couplings.mass_product(t)[couplings.rows]
+    np.testing.assert_allclose(got, expected_mass, rtol=1e-13, atol=1e-13 * max(np.abs(expected_mass).max(), 1.0))
+    assert comm.allreduce(couplings.rows.size) > 0 if comm.size > 1 else couplings.rows.size == 0
+    couplings.destroy()
+    with pytest.raises(ValueError, match="must ascend"):
+        OffRankCouplings.from_rows(
+            4, np.array([1]), np.array([0, 2]), np.array([7, 5]), np.ones(2), np.ones(2), t, library
+        )
+    for obj in (K, M, t):
+        obj.destroy()

@@ -855,7 +855,9 @@ class FusedEisenstatSolver:
         kernel = (
             SplitCSRSweepKernel(indptr, indices, k_values, m_values, omega, library) if stencil is None else stencil
         )
-        self._finish(comm, kernel, stencil, rtol, max_it, work, lambda d: OffRankCouplings(K, d, M, order=self.order))
+        self._finish(
+            comm, kernel, stencil, rtol, max_it, work, lambda d: OffRankCouplings(K, d, library, M, order=self.order)
+        )
 
     @classmethod
     def on_stencil(

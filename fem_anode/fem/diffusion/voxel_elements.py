@@ -34,6 +34,7 @@ from fem_anode.fem.voxel_p1 import PORE, SI, TRANSPORT, VoxelP1Operator, slab_cl
 from fem_anode.imaging.slabs import Slab, balanced_bounds, layer_counts
 from fem_anode.meshing.tags import interface_name
 from fem_anode.meshing.voxel import corner_offsets
+from fem_anode.resources import release_freed_memory
 
 __all__ = ["BYTES_PER_DOF", "VoxelP1Problem", "estimate_voxel_p1_memory"]
 
@@ -122,6 +123,7 @@ class VoxelP1Problem(TransientDiffusion):
         except ValueError as err:  # a slab too large for 32-bit positions: more ranks
             raise UsageError(f"{image.source}: {err}") from err
         del classes
+        release_freed_memory()  # the assembly's temporaries (else they stay in the heap, in every later peak)
         op = self.operator
         self._kernel: Any = None
         self._fused: FusedEisenstatSolver | str | None = "unset"
@@ -136,6 +138,7 @@ class VoxelP1Problem(TransientDiffusion):
             self._stencil_solver()
             op.release_rows()  # the solver holds its own copies of the special rows
         op.compact()  # (the per-node numbers: recomputed where the regions and outputs need them)
+        release_freed_memory()
         # The vectors of the weights are the operator's arrays (no copies): M 1, rate_f R_pore 1, R_si 1.
         self._w_dx = self._shared(op.w_dx)
         self.pore_measure = float(comm.allreduce(float(op.w_pore.sum())))
@@ -247,7 +250,7 @@ class VoxelP1Problem(TransientDiffusion):
 
                 def couplings(d: PETSc.Vec) -> OffRankCouplings:
                     return OffRankCouplings.from_rows(
-                        op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, order=kernel.order
+                        op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, kernel.library, order=kernel.order
                     )
 
                 self._fused = FusedEisenstatSolver.on_stencil(

@@ -27,7 +27,6 @@ needs from its neighbours only the global indices of one layer on each side.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 from fem_anode.errors import InputError, SolverError
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds, spanning_clusters
+from fem_anode.resources import release_freed_memory
 
 __all__ = ["BYTES_PER_UNKNOWN", "FVSolution", "estimate_memory", "fv_solve", "solver_options"]
 
@@ -280,7 +280,7 @@ def assemble_face_conductances(
         row += rows_here
         del cols, values, own, other
     del gidx
-    _release_freed_memory()
+    release_freed_memory()
     # PETSc uses these arrays as they are (no copy): one matrix in memory, not two.
     sizes = ((n_local, n_global), (n_local, n_global))
     if comm.size == 1:
@@ -388,21 +388,12 @@ def _assemble_upper(
     del gidx
     A = PETSc.Mat().createSBAIJ(((n_local, n_global), (n_local, n_global)), 1, csr=(indptr, indices, data), comm=comm)
     del indptr, indices, data
-    _release_freed_memory()
+    release_freed_memory()
     A.assemble()
     A.setOption(PETSc.Mat.Option.SPD, True)
     n_top = int(per_layer[0]) if slab.z0 == 0 and slab.layers else 0
     n_bottom = int(per_layer[-1]) if slab.z1 == slab.nz and slab.layers else 0
     return A, load, layer_of_row, n_top, n_bottom
-
-
-def _release_freed_memory() -> None:
-    """Give memory freed by NumPy back to the OS (glibc keeps freed heap pages; no-op elsewhere)."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def fv_solve(
