@@ -115,6 +115,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Under MPI, print every thread's traceback if this rank is still alive 120 s after the
+    session (a rank that hangs in MPI or PETSc finalisation, waiting for a collective call the
+    other ranks did not make, would otherwise stop the run silently)."""
+    if UNDER_MPI:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(120, exit=False, file=sys.__stderr__ or sys.stderr)
+
+
 def _fail_on_leftover_processes(session: pytest.Session) -> None:
     mark = os.environ.get(SESSION_MARK)
     if not mark or not Path("/proc/self/environ").exists():

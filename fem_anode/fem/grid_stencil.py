@@ -366,10 +366,10 @@ class GridStencilKernel(_SweepKernel):
         ]
         arrays += [_ptr(a) for a in (self.s_indptr, self.s_diag, self.s_cols, self.s_values, self.s_dinv)]
         # the C kernels' views of the rows: all of them, the first n_first, the rest
+        self._arrays = arrays
         self._structs = {}
         for part, (lo, hi) in (("all", (0, n)), ("first", (0, self.n_first)), ("last", (self.n_first, n))):
-            c_lo, c_hi = (int(v) for v in np.searchsorted(special_rows, [lo, hi]))
-            self._structs[part] = _Stencil(lo, hi, c_lo, c_hi, *arrays, *self._run_view(lo, hi))
+            self._structs[part] = self._view(lo, hi)
         # M alone, for the mass-matrix products of the time loop (its tables never change)
         self._m_lower = np.ascontiguousarray(self._m_table[:, :13])
         self._m_upper = np.ascontiguousarray(self._m_table[:, 14:])
@@ -380,6 +380,20 @@ class GridStencilKernel(_SweepKernel):
         self._structs["mass"] = _Stencil(0, n, 0, self.nspecial, *mass, *self._run_view(0, n))
         self._refs = {part: ctypes.addressof(struct) for part, struct in self._structs.items()}
         self.scale: float | None = None
+
+    def _view(self, lo: int, hi: int) -> _Stencil:
+        """The C kernels' view of the kernel rows ``lo .. hi - 1``."""
+        c_lo, c_hi = (int(v) for v in np.searchsorted(self._special, [lo, hi]))
+        return _Stencil(lo, hi, c_lo, c_hi, *self._arrays, *self._run_view(lo, hi))
+
+    def define_part(self, name: str, lo: int, hi: int) -> None:
+        """Let the sweeps take ``part=name``: the kernel rows ``lo .. hi - 1``."""
+        if not 0 <= lo <= hi <= self.n:
+            raise ValueError(f"GridStencilKernel.define_part: rows {lo} .. {hi} - 1 of {self.n}")
+        if name in ("all", "first", "last", "mass"):
+            raise ValueError(f"GridStencilKernel.define_part: {name!r} is taken")
+        self._structs[name] = self._view(lo, hi)
+        self._refs[name] = ctypes.addressof(self._structs[name])
 
     def _runs(self, shortest: int = 4) -> tuple[int, np.ndarray, np.ndarray]:
         """The runs the C kernels sweep by sliding windows: the interior type (the most frequent type
@@ -674,3 +688,112 @@ class GridSeparatorSweeps:
         total = [k.cg_forward_product(pp, tt, dd, mid, ww, part="first")]
         self._forward_last(t, lambda q: total.append(k.cg_forward_product(pp, tt, dd, mid, ww, q=q, part="last")))
         return float(sum(total))
+
+
+class GridSlabSweeps:
+    r"""SSOR sweeps of the whole distributed matrix in a slab-face order (collective), by the grid
+    stencil of each rank's rows kept in grid order (no renumbering, no extra CSR rows): the sweeps
+    of :class:`~fem_anode.fem.slab_sweeps.EisenstatCG` for z slabs in rank order.
+
+    On each rank the rows coupled to a lower rank come first in grid order (``low``: rows
+    ``0 .. a - 1``, the slab's first node plane) and those coupled to a higher rank last
+    (``high``: rows ``b .. n - 1``). The global order is every rank's ``low`` rows, then every
+    rank's rows ``a .. b - 1``, then every rank's ``high`` rows. Each rank's local couplings are
+    then split into lower and upper parts by grid order, as the stencil does anyway, and the
+    couplings to other ranks are lower for ``high`` rows and upper for ``low`` rows. A forward
+    sweep is the rows ``0 .. b - 1`` (all ranks at once), one scatter of the next ranks' ``low``
+    values, then the ``high`` rows; a backward sweep the rows ``a .. n - 1``, one scatter of the
+    previous ranks' ``high`` values, then the ``low`` rows. Every rank works in every phase (the
+    separator order of :class:`GridSeparatorSweeps` lets one colour wait).
+
+    Args:
+        comm: the communicator.
+        kernel: this rank's kernel, in grid order (built without ``last``).
+        couplings: its rows' couplings to other ranks (``OffRankCouplings`` without ``order``).
+        like: a vector of the kernel's layout (for the ownership ranges).
+
+    Raises:
+        ValueError: when the couplings are not those of slabs (a row coupled to a lower and a higher
+            rank, or the rows coupled to lower ranks not all before those coupled to higher ones).
+    """
+
+    off = None  # the couplings to other ranks are inside the sweeps (EisenstatCG adds no O t)
+
+    def __init__(self, comm: MPI.Comm, kernel: GridStencilKernel, couplings: OffRankCouplings, like: PETSc.Vec) -> None:
+        if kernel.n_first != kernel.n:
+            raise ValueError("GridSlabSweeps: the kernel's rows must be in grid order (no rows flagged last)")
+        if couplings.q.shape != (kernel.n,):
+            raise ValueError("GridSlabSweeps: the couplings' rows are not the kernel's")
+        self.comm, self.kernel, self.omega, self.couplings = comm, kernel, kernel.omega, couplings
+        ranges = np.asarray(like.getOwnershipRanges())
+        owners = np.searchsorted(ranges, couplings.ghost_indices, side="right") - 1
+        below = owners < comm.rank
+        # per coupled row: whether it has entries to lower / to higher ranks
+        entry_rows = np.repeat(np.arange(couplings.rows.size), np.diff(couplings.row_ptr))
+        to_lower = np.zeros(couplings.rows.size, bool)
+        to_lower[entry_rows[below[couplings.columns]]] = True
+        to_higher = np.zeros(couplings.rows.size, bool)
+        to_higher[entry_rows[~below[couplings.columns]]] = True
+        n = kernel.n
+        a = int(couplings.rows[to_lower].max()) + 1 if to_lower.any() else 0
+        b = int(couplings.rows[to_higher].min()) if to_higher.any() else n
+        problem = bool(np.any(to_lower & to_higher)) or a > b
+        if any(comm.allgather(problem)):
+            raise ValueError("GridSlabSweeps: the couplings to other ranks are not those of z slabs in rank order")
+        self.low_end, self.high_start = a, b
+        kernel.define_part("slab_forward", 0, b)
+        kernel.define_part("slab_high", b, n)
+        kernel.define_part("slab_backward", a, n)
+        kernel.define_part("slab_low", 0, a)
+        #: the ghost columns owned by lower ranks (their ``high`` rows: later in the order) and by higher
+        #: ranks (their ``low`` rows: earlier)
+        self.later_mask = below.astype(np.float64)
+        self.earlier_mask = (~below).astype(np.float64)
+        self.q = couplings.q  # (rows of both kinds: each product writes all coupled rows)
+        self._masked = np.zeros(owners.size)
+
+    def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float) -> np.ndarray:
+        """Scatter ``vec``'s ghost columns (collective); ``q = sign O_mask vec`` on the coupled rows."""
+        off = self.couplings
+        off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        np.multiply(off.ghost_values.array_r, mask, out=self._masked)
+        off.rows_product(off.values, self._masked, self.q)
+        if sign != 1.0:
+            self.q[off.rows] *= sign
+        return self.q
+
+    def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-1} b``."""
+        k, bb, xx = self.kernel, b.array_r, x.array
+        k.forward(bb, xx, part="slab_forward")
+        k.forward(bb, xx, q=self._couple(x, self.earlier_mask, -1.0), part="slab_high")
+
+    def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-T} b``."""
+        k, bb, xx = self.kernel, b.array_r, x.array
+        k.backward(bb, xx, part="slab_backward")
+        k.backward(bb, xx, q=self._couple(x, self.later_mask, -1.0), part="slab_low")
+
+    def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = B^T x``."""
+        self.kernel.apply_upper(x.array_r, y.array, q=self._couple(x, self.later_mask, 1.0))
+
+    def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
+        """``z = B^{-1} (y + mid D t)``."""
+        k, yy, tt, dd, zz = self.kernel, y.array_r, t.array_r, d.array_r, z.array
+        k.forward_eisenstat(yy, tt, dd, mid, zz, part="slab_forward")
+        k.forward_eisenstat(yy, tt, dd, mid, zz, q=self._couple(z, self.earlier_mask, -1.0), part="slab_high")
+
+    def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
+        """``p = D r + beta p``, then ``t = B^{-T} p``."""
+        k, rr, dd, pp, tt = self.kernel, r.array_r, d.array_r, p.array, t.array
+        # p's update runs over all rows: the low rows' part of it in the second call, after the scatter
+        k.cg_direction_backward(rr, dd, beta, pp, tt, part="slab_backward")
+        k.cg_direction_backward(rr, dd, beta, pp, tt, q=self._couple(t, self.later_mask, -1.0), part="slab_low")
+
+    def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
+        """``w = z + t``, ``z = B^{-1} (p + mid D t)`` overwriting ``t``; returns this rank's part of ``p . w``."""
+        k, pp, tt, dd, ww = self.kernel, p.array_r, t.array, d.array_r, w.array
+        total = k.cg_forward_product(pp, tt, dd, mid, ww, part="slab_forward")
+        q = self._couple(t, self.earlier_mask, -1.0)
+        return total + k.cg_forward_product(pp, tt, dd, mid, ww, q=q, part="slab_high")

@@ -33,7 +33,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridStencilKernel
+from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridSlabSweeps, GridStencilKernel
 from fem_anode.fem.voxel_sweeps import CSRSweepKernel, VoxelSweepKernel
 from fem_anode.imaging.slabs import Slab, exchange_layers
 
@@ -626,7 +626,7 @@ class EisenstatCG:
 
     def __init__(
         self,
-        sweeps: SeparatorSweeps | LocalSweeps | GridSeparatorSweeps,
+        sweeps: SeparatorSweeps | LocalSweeps | GridSeparatorSweeps | GridSlabSweeps,
         d: PETSc.Vec,
         rtol: float,
         max_it: int,

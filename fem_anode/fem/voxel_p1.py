@@ -227,7 +227,7 @@ class VoxelP1Operator:
         position += (rest // nx1 + 1) * self.box[0] + rest % nx1 + 1
         self.position = position.astype(np.int32)
         del rest, position
-        # special nodes: split, next to a split node, and the two planes at a face shared with another rank
+        # special nodes: split, next to a split node, and the plane at a face shared with another rank
         split = (self._copies >= 2).reshape(self.node_shape)
         near = split.copy()
         for axis in range(3):
@@ -239,10 +239,10 @@ class VoxelP1Operator:
                 view[tuple(edge)] = False
                 grown |= view
             near = grown
-        if self.has_prev:
-            near[1:3] = True
+        if self.has_prev:  # (the rows of the slab-face order, GridSlabSweeps, stay in grid order)
+            near[1] = True
         if self.has_next:
-            near[own_hi - 2 : own_hi] = True
+            near[own_hi - 1] = True
         special_node = near.ravel()[dof_nodes]
         del near, split
         # typed rows: the distinct keys (16 bits: a table lookup, no sort), one representative each

@@ -164,12 +164,12 @@ def test_the_kernel_from_types_is_the_kernel_from_the_assembled_rows(comm, kind)
     assert np.array_equal(block.indptr, block_m.indptr) and np.array_equal(block.indices, block_m.indices)
     grid = op.grid_indices()
     reference = GridStencilKernel(
-        block.indptr, block.indices.astype(np.int32), block.data, block_m.data, grid, 1.2, library, last=op.last
+        block.indptr, block.indices.astype(np.int32), block.data, block_m.data, grid, 1.2, library
     )
     kernel = GridStencilKernel.from_types(
-        op.position, op.box, op.row_type, op.k_table, op.m_table, op.special, 1.2, library, last=op.last
+        op.position, op.box, op.row_type, op.k_table, op.m_table, op.special, 1.2, library
     )
-    assert kernel.identity == (comm.size == 1)
+    assert kernel.identity  # the dofs are in grid order on every rank (the slab-face order needs no renumbering)
     assert np.array_equal(kernel.order, reference.order)
     scale = 3.0
     kernel.set_scale(scale)
@@ -184,3 +184,66 @@ def test_the_kernel_from_types_is_the_kernel_from_the_assembled_rows(comm, kind)
     product = np.zeros(op.n)
     kernel.mult(x, product)
     assert np.abs(product[kernel._inverse] - direct).max() <= 1e-12 * np.abs(direct).max()
+
+
+@pytest.mark.parametrize("kind", ["porous", "dense"])
+def test_the_slab_face_sweeps_are_the_dense_ssor_in_their_order(comm, kind):
+    """GridSlabSweeps (several ranks, rows in grid order): the forward and backward sweeps and
+    ``(D/omega + U) x`` equal the dense ones of the whole matrix in the slab-face order (every
+    rank's first-plane rows, then the middles, then the last-plane rows)."""
+    from petsc4py import PETSc
+
+    from fem_anode.fem.grid_stencil import GridSlabSweeps
+    from fem_anode.fem.slab_sweeps import OffRankCouplings
+
+    if comm.size == 1:
+        pytest.skip("needs several MPI ranks")
+    library = load_sweep_library(comm)
+    op = operator(comm, volume(kind), settings(2e-4))
+    kernel = GridStencilKernel.from_types(
+        op.position, op.box, op.row_type, op.k_table, op.m_table, op.special, 1.3, library
+    )
+    vec = PETSc.Vec().createMPI((op.n, op.ndofs), comm=comm)
+    off = op.off_rank
+    couplings = OffRankCouplings.from_rows(op.n, off.rows, off.indptr, off.columns, off.k, off.m, vec, library)
+    sweeps = GridSlabSweeps(comm, kernel, couplings, vec)
+    scale = 2.0
+    kernel.set_scale(scale)
+    couplings.set_scale(scale)
+    indptr, columns, k_values, m_values = op.csr()
+    rows = np.repeat(np.arange(op.n), np.diff(indptr)) + op.offset
+    A = gathered(comm, rows, columns, k_values + scale * m_values, op.ndofs).toarray()
+    # the global order: (group, rank, local row) with groups first plane / middle / last plane
+    local = np.arange(op.n)
+    group = np.where(local < sweeps.low_end, 0, np.where(local < sweeps.high_start, 1, 2))
+    keys = np.concatenate(comm.allgather(np.stack([group, np.full(op.n, comm.rank), local], axis=1)))
+    order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))  # position -> global dof
+    P = A[np.ix_(order, order)]
+    D = np.diag(np.diag(P)) / 1.3
+    lower, upper = D + np.tril(P, -1), D + np.triu(P, 1)
+    rng = np.random.default_rng(3)
+    b = rng.random(op.ndofs)
+    mine = slice(op.offset, op.offset + op.n)
+
+    def dense(matrix, solve):
+        out = np.empty(op.ndofs)
+        out[order] = np.linalg.solve(matrix, b[order]) if solve else matrix @ b[order]
+        return out[mine]
+
+    expected = {
+        "forward": dense(lower, True),
+        "backward": dense(upper, True),
+        "apply_upper": dense(upper, False),
+    }
+    for name, want in expected.items():
+        source, result = vec.duplicate(), vec.duplicate()
+        source.array[:] = b[mine]
+        result.array[:] = rng.random(op.n)  # (overwritten)
+        getattr(sweeps, name)(source, result)
+        assert np.abs(result.array - want).max() <= 1e-12 * np.abs(want).max(), name
+        source.destroy()
+        result.destroy()
+    assert comm.allreduce(int(sweeps.low_end > 0)) == comm.size - 1  # every rank but the first has a first plane
+    assert comm.allreduce(int(sweeps.high_start < op.n)) == comm.size - 1
+    couplings.destroy()
+    vec.destroy()

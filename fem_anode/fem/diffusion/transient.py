@@ -888,7 +888,7 @@ class FusedEisenstatSolver:
         off_rank: Callable[[PETSc.Vec], Any] | None,
     ) -> None:
         """The vectors, the couplings to other ranks, the sweeps and the CG (see the constructor)."""
-        from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridStencilKernel
+        from fem_anode.fem.grid_stencil import GridSeparatorSweeps, GridSlabSweeps, GridStencilKernel
         from fem_anode.fem.slab_sweeps import EisenstatCG, LocalSweeps
 
         self._stencil = stencil
@@ -900,9 +900,12 @@ class FusedEisenstatSolver:
         self._b = self.d.duplicate() if self.order is not None else None
         self._x = self.d.duplicate() if self.order is not None else None
         self._product: np.ndarray | None = None
-        sweeps: LocalSweeps | GridSeparatorSweeps
+        sweeps: LocalSweeps | GridSeparatorSweeps | GridSlabSweeps
         if isinstance(self.kernel, GridStencilKernel) and self.off is not None:
-            sweeps = GridSeparatorSweeps(comm, self.kernel, self.off, self.d)  # global SSOR, separator order
+            if self.kernel.n_first == self.kernel.n:  # rows in grid order, z slabs: global SSOR, slab-face order
+                sweeps = GridSlabSweeps(comm, self.kernel, self.off, self.d)
+            else:  # global SSOR, separator order
+                sweeps = GridSeparatorSweeps(comm, self.kernel, self.off, self.d)
         else:
             sweeps = LocalSweeps(comm, self.kernel, self.off)
         self.cg = EisenstatCG(sweeps, self.d, rtol, max_it, work=work)

@@ -221,7 +221,6 @@ class VoxelP1Problem(TransientDiffusion):
                 self._fused = None
                 return None
             op = self.operator
-            last = op.last if self.comm.size > 1 else None
             special, _ = op._rows_now()
             self._kernel = GridStencilKernel.from_types(
                 op.position,
@@ -232,7 +231,6 @@ class VoxelP1Problem(TransientDiffusion):
                 special,
                 self.grid_ssor_omega,
                 library,
-                last,
             )
         return self._kernel
 
@@ -250,7 +248,7 @@ class VoxelP1Problem(TransientDiffusion):
 
                 def couplings(d: PETSc.Vec) -> OffRankCouplings:
                     return OffRankCouplings.from_rows(
-                        op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, kernel.library, order=kernel.order
+                        op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, kernel.library
                     )
 
                 self._fused = FusedEisenstatSolver.on_stencil(
