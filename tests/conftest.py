@@ -113,17 +113,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     finally:
         for tmpdir in _MPIRUN_TMPDIRS:
             shutil.rmtree(tmpdir, ignore_errors=True)
+        _EXIT_STATUS[0] = int(session.exitstatus)
+
+
+_EXIT_STATUS = [0]
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Under MPI, print every thread's traceback if this rank is still alive 120 s after the
-    session (a rank that hangs in MPI or PETSc finalisation, waiting for a collective call the
-    other ranks did not make, would otherwise stop the run silently)."""
-    if UNDER_MPI:
-        import faulthandler
+    """Under MPI, end every rank here: flush, wait for all, ``MPI_Finalize``, exit with the session's
+    status, without ``PetscFinalize``.
 
-        faulthandler.dump_traceback_later(120, exit=False, file=sys.__stderr__ or sys.stderr)
+    ``PetscFinalize`` (petsc4py's exit handler) destroys the PETSc objects that Python's garbage
+    collector handed to PETSc, collectively, matched between ranks by their creation numbers. After a
+    suite whose tests create different numbers of PETSc objects on different ranks (rank-0-only
+    checks, rank-dependent code paths) those numbers name different objects on each rank, and a rank
+    can enter a collective call the others never make: the run hung after every test had passed
+    (seen twice in five runs; ``gdb``: rank 1 in ``PetscGarbageCleanup`` -> ``MPI_Allreduce``, rank 0
+    in ``MPI_Finalize``). A rank still here after 120 s prints its traceback and exits with an error.
+    """
+    if not UNDER_MPI:
+        return
+    import faulthandler
+
+    from mpi4py import MPI
+
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__ or sys.stderr)
+    MPI.COMM_WORLD.Barrier()
+    MPI.Finalize()
+    os._exit(_EXIT_STATUS[0])
 
 
 def _fail_on_leftover_processes(session: pytest.Session) -> None:
