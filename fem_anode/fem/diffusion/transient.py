@@ -901,11 +901,14 @@ class FusedEisenstatSolver:
         self._x = self.d.duplicate() if self.order is not None else None
         self._product: np.ndarray | None = None
         sweeps: LocalSweeps | GridSeparatorSweeps | GridSlabSweeps
+        self._several = ""  # the preconditioner's name on several ranks with the grid stencil
         if isinstance(self.kernel, GridStencilKernel) and self.off is not None:
             if self.kernel.n_first == self.kernel.n:  # rows in grid order, z slabs: global SSOR, slab-face order
                 sweeps = GridSlabSweeps(comm, self.kernel, self.off, self.d)
+                self._several = "eisenstat-slab-faces+grid-stencil"
             else:  # global SSOR, separator order
                 sweeps = GridSeparatorSweeps(comm, self.kernel, self.off, self.d)
+                self._several = "eisenstat-separator+grid-stencil"
         else:
             sweeps = LocalSweeps(comm, self.kernel, self.off)
         self.cg = EisenstatCG(sweeps, self.d, rtol, max_it, work=work)
@@ -972,7 +975,7 @@ class FusedEisenstatSolver:
 
     def getPC(self) -> Any:
         if self._stencil is not None:  # the grid stencil: global SSOR (in a separator order on several ranks)
-            return NamedPC("eisenstat+grid-stencil" if self.off is None else "eisenstat-separator+grid-stencil")
+            return NamedPC("eisenstat+grid-stencil" if self.off is None else self._several)
         return NamedPC("eisenstat+compiled" if self.off is None else "eisenstat-block-jacobi+compiled")
 
     @property

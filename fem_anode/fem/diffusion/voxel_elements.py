@@ -42,12 +42,11 @@ logger = logging.getLogger(__name__)
 
 #: Peak memory per dof of a run with the default solver (the fused SSOR-CG on the grid stencil), the
 #: libraries aside: 9 vectors (72 B), the weights (16 B), the stencil's rows, grid map and diagonal
-#: (about 30 B) and the operator's numbering; on several ranks also the separator order's
-#: renumbering (two vectors, the permutations) and the special rows at the slab faces. Measured on
-#: the 128^3 and 256^3 electrode: 141-160 B per dof over the libraries on one rank, 200-230 B on two
-#: (docs/benchmarks.md), rounded up.
+#: (about 30 B) and the operator's numbering; on several ranks also the face plane's CSR rows and
+#: the couplings across it (the slab-face order renumbers nothing). Measured on the 128^3 and 256^3
+#: electrode: 140-160 B per dof over the libraries on one rank and on two (docs/benchmarks.md),
+#: rounded up.
 BYTES_PER_DOF = 180.0
-BYTES_PER_DOF_SEVERAL_RANKS = 240.0
 
 #: An assembled 27-point matrix per dof (values and pattern of ``K + R`` or ``M``).
 MATRIX_BYTES_PER_DOF = 330.0
@@ -69,13 +68,7 @@ def estimate_voxel_p1_memory(dofs: float, settings: DiffusionSettings, ranks: in
     fields = kept_fields_memory(settings, dofs)
     return MemoryEstimate(
         f"P1 diffusion on the voxels with about {int(dofs)} dofs",
-        dofs
-        * (
-            (BYTES_PER_DOF if ranks == 1 else BYTES_PER_DOF_SEVERAL_RANKS)
-            + (3 * MATRIX_BYTES_PER_DOF if assembled else 0.0)
-        )
-        + ranks * FE_BASE_PER_RANK
-        + fields,
+        dofs * (BYTES_PER_DOF + (3 * MATRIX_BYTES_PER_DOF if assembled else 0.0)) + ranks * FE_BASE_PER_RANK + fields,
         {"dofs": float(dofs), "kept_fields_bytes": fields},
     )
 
