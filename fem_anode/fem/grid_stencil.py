@@ -581,6 +581,28 @@ def rank_colours(neighbours: list[list[int]]) -> list[int]:
     return colours
 
 
+def _coupled_product(
+    off: OffRankCouplings,
+    vec: PETSc.Vec,
+    mask: np.ndarray,
+    sign: float,
+    masked: np.ndarray,
+    q: np.ndarray,
+    compute: bool,
+) -> np.ndarray | None:
+    """Scatter ``vec``'s ghost columns (collective); if ``compute``: ``q = sign O_mask vec`` on the
+    coupled rows (``O_mask``: the couplings to the ghost columns where ``mask`` is 1; ``masked``: a
+    scratch array of the ghosts' size)."""
+    off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+    if not compute:
+        return None
+    np.multiply(off.ghost_values.array_r, mask, out=masked)
+    off.rows_product(off.values, masked, q)
+    if sign != 1.0:
+        q[off.rows] *= sign
+    return q
+
+
 class GridSeparatorSweeps:
     r"""SSOR sweeps of the whole distributed matrix in a separator order (collective), by the grid
     stencil of each rank's rows: the sweeps of :class:`~fem_anode.fem.slab_sweeps.EisenstatCG` on
@@ -628,15 +650,7 @@ class GridSeparatorSweeps:
     def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float, compute: bool) -> np.ndarray | None:
         """Scatter ``vec``'s ghost columns (collective); if ``compute``: ``q = sign O_mask vec`` on
         the separator rows (an array of this object's)."""
-        off = self.couplings
-        off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        if not compute:
-            return None
-        np.multiply(off.ghost_values.array_r, mask, out=self._masked)
-        off.rows_product(off.values, self._masked, self.q)
-        if sign != 1.0:
-            self.q[off.rows] *= sign
-        return self.q
+        return _coupled_product(self.couplings, vec, mask, sign, self._masked, self.q, compute)
 
     def _forward_last(self, vec: PETSc.Vec, sweep: Callable[[np.ndarray | None], Any]) -> None:
         """The separator rows' forward sweep, stage by stage (``vec``: the vector being swept)."""
@@ -754,13 +768,9 @@ class GridSlabSweeps:
 
     def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float) -> np.ndarray:
         """Scatter ``vec``'s ghost columns (collective); ``q = sign O_mask vec`` on the coupled rows."""
-        off = self.couplings
-        off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        np.multiply(off.ghost_values.array_r, mask, out=self._masked)
-        off.rows_product(off.values, self._masked, self.q)
-        if sign != 1.0:
-            self.q[off.rows] *= sign
-        return self.q
+        q = _coupled_product(self.couplings, vec, mask, sign, self._masked, self.q, True)
+        assert q is not None
+        return q
 
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
