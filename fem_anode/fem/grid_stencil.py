@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from petsc4py import PETSc
 
-from fem_anode.fem.voxel_sweeps import _ptr, _ptr_or_null, _SweepKernel
+from fem_anode.fem.voxel_sweeps import _ptr, _SweepKernel
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -482,24 +482,31 @@ class GridStencilKernel(_SweepKernel):
         self.library.fa_gather(self.n, _ptr(self._inverse), _ptr(values), _ptr(out))
         return out
 
-    def _vectors(self, name: str, q: np.ndarray | None, **vectors: np.ndarray) -> int | None:
-        self._check(name, **vectors, **({"q": q} if q is not None else {}))
-        return _ptr_or_null(q)
+    def _vectors(self, name: str, q: np.ndarray | None, part: str = "all", **vectors: np.ndarray) -> int | None:
+        """Check the vectors; the pointer the C kernels take for ``q``: a vector of all rows, or of
+        the part's rows only (the kernels index ``q`` from the part's first row)."""
+        self._check(name, **vectors)
+        if q is None:
+            return None
+        view = self._structs[part]
+        if q.dtype != np.float64 or not q.flags.c_contiguous or q.shape not in ((self.n,), (view.hi - view.lo,)):
+            raise ValueError(f"{name}: q must hold {self.n} or the part's {view.hi - view.lo} float64 values")
+        return _ptr(q) + (8 * view.lo if q.shape[0] == self.n else 0)
 
     def forward(self, b: np.ndarray, x: np.ndarray, q: np.ndarray | None = None, part: str = "all") -> None:
         """``x = (D/omega + L)^{-1} (b + q)`` on the rows of ``part`` (``"all"``, ``"first"``: kernel
         rows ``0 .. n_first - 1``, ``"last"``: the others; the other rows of ``x`` are read, not written)."""
-        qp = self._vectors("forward", q, b=b, x=x)
+        qp = self._vectors("forward", q, part, b=b, x=x)
         self.library.fa_st_forward(self._refs[part], _ptr(b), qp, _ptr(x))
 
     def backward(self, b: np.ndarray, x: np.ndarray, q: np.ndarray | None = None, part: str = "all") -> None:
         """``x = (D/omega + U)^{-1} (b + q)`` on the rows of ``part``."""
-        qp = self._vectors("backward", q, b=b, x=x)
+        qp = self._vectors("backward", q, part, b=b, x=x)
         self.library.fa_st_backward(self._refs[part], _ptr(b), qp, _ptr(x))
 
     def apply_upper(self, x: np.ndarray, y: np.ndarray, q: np.ndarray | None = None, part: str = "all") -> None:
         """``y = (D/omega + U) x + q`` on the rows of ``part``."""
-        qp = self._vectors("apply_upper", q, x=x, y=y)
+        qp = self._vectors("apply_upper", q, part, x=x, y=y)
         self.library.fa_st_apply_upper(self._refs[part], _ptr(x), qp, _ptr(y))
 
     def mult(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -523,7 +530,7 @@ class GridStencilKernel(_SweepKernel):
         part: str = "all",
     ) -> None:
         """``z = (D/omega + L)^{-1} (y + mid d t + q)`` on the rows of ``part``."""
-        qp = self._vectors("forward_eisenstat", q, y=y, t=t, d=d, z=z)
+        qp = self._vectors("forward_eisenstat", q, part, y=y, t=t, d=d, z=z)
         self.library.fa_st_forward_eisenstat(self._refs[part], _ptr(y), _ptr(t), _ptr(d), float(mid), qp, _ptr(z))
 
     def cg_start(
@@ -550,7 +557,7 @@ class GridStencilKernel(_SweepKernel):
         part: str = "all",
     ) -> None:
         """``p = d r + beta p``, then ``t = (D/omega + U)^{-1} (p + q)``, in one pass over the rows of ``part``."""
-        qp = self._vectors("cg_direction_backward", q, r=r, d=d, p=p, t=t)
+        qp = self._vectors("cg_direction_backward", q, part, r=r, d=d, p=p, t=t)
         self.library.fa_st_cg_direction_backward(self._refs[part], _ptr(r), _ptr(d), float(beta), _ptr(p), qp, _ptr(t))
 
     def cg_forward_product(
@@ -565,7 +572,7 @@ class GridStencilKernel(_SweepKernel):
     ) -> float:
         """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t + q)``, ``z`` overwriting ``t``, on
         the rows of ``part``; returns their part of ``p . w``."""
-        qp = self._vectors("cg_forward_product", q, p=p, t=t, d=d, w=w)
+        qp = self._vectors("cg_forward_product", q, part, p=p, t=t, d=d, w=w)
         return float(
             self.library.fa_st_cg_forward_product(self._refs[part], _ptr(p), _ptr(t), _ptr(d), float(mid), qp, _ptr(w))
         )
@@ -736,8 +743,6 @@ class GridSlabSweeps:
     def __init__(self, comm: MPI.Comm, kernel: GridStencilKernel, couplings: OffRankCouplings, like: PETSc.Vec) -> None:
         if kernel.n_first != kernel.n:
             raise ValueError("GridSlabSweeps: the kernel's rows must be in grid order (no rows flagged last)")
-        if couplings.q.shape != (kernel.n,):
-            raise ValueError("GridSlabSweeps: the couplings' rows are not the kernel's")
         self.comm, self.kernel, self.omega, self.couplings = comm, kernel, kernel.omega, couplings
         ranges = np.asarray(like.getOwnershipRanges())
         owners = np.searchsorted(ranges, couplings.ghost_indices, side="right") - 1
@@ -759,51 +764,62 @@ class GridSlabSweeps:
         kernel.define_part("slab_high", b, n)
         kernel.define_part("slab_backward", a, n)
         kernel.define_part("slab_low", 0, a)
-        #: the ghost columns owned by lower ranks (their ``high`` rows: later in the order) and by higher
-        #: ranks (their ``low`` rows: earlier)
-        self.later_mask = below.astype(np.float64)
-        self.earlier_mask = (~below).astype(np.float64)
-        self.q = couplings.q  # (rows of both kinds: each product writes all coupled rows)
+        # The products with other ranks' values only ever enter the low rows (the couplings to lower
+        # ranks) or the high rows (to higher ranks): one short vector for each part, 8 B per row of it.
+        n_low = int(np.count_nonzero(couplings.rows < a))
+        self._low = (np.zeros(a), (0, n_low), 0)
+        self._high = (np.zeros(n - b), (n_low, couplings.rows.size), b)
         self._masked = np.zeros(owners.size)
+        self._later = below.astype(np.float64)  # the ghosts of lower ranks' high rows: later in the order
+        self._earlier = (~below).astype(np.float64)  # those of higher ranks' low rows: earlier
 
-    def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float) -> np.ndarray:
-        """Scatter ``vec``'s ghost columns (collective); ``q = sign O_mask vec`` on the coupled rows."""
-        q = _coupled_product(self.couplings, vec, mask, sign, self._masked, self.q, True)
-        assert q is not None
+    def _couple(self, vec: PETSc.Vec, side: tuple[np.ndarray, tuple[int, int], int], sign: float) -> np.ndarray:
+        """Scatter ``vec``'s ghost columns (collective); ``q = sign O vec`` on the low or high rows
+        (``side``; a vector of that part's rows)."""
+        q, coupled, first_row = side
+        mask = self._later if first_row == 0 else self._earlier
+        off = self.couplings
+        off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        np.multiply(off.ghost_values.array_r, mask, out=self._masked)
+        off.rows_product(off.values, self._masked, q, coupled, first_row)
+        if sign != 1.0:
+            q *= sign
         return q
 
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
         k, bb, xx = self.kernel, b.array_r, x.array
         k.forward(bb, xx, part="slab_forward")
-        k.forward(bb, xx, q=self._couple(x, self.earlier_mask, -1.0), part="slab_high")
+        k.forward(bb, xx, q=self._couple(x, self._high, -1.0), part="slab_high")
 
     def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-T} b``."""
         k, bb, xx = self.kernel, b.array_r, x.array
         k.backward(bb, xx, part="slab_backward")
-        k.backward(bb, xx, q=self._couple(x, self.later_mask, -1.0), part="slab_low")
+        k.backward(bb, xx, q=self._couple(x, self._low, -1.0), part="slab_low")
 
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x``."""
-        self.kernel.apply_upper(x.array_r, y.array, q=self._couple(x, self.later_mask, 1.0))
+        k = self.kernel
+        k.apply_upper(x.array_r, y.array, q=self._couple(x, self._low, 1.0), part="slab_low")
+        k.apply_upper(x.array_r, y.array, part="slab_backward")  # (the high rows' off-rank couplings are lower)
 
     def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
         """``z = B^{-1} (y + mid D t)``."""
         k, yy, tt, dd, zz = self.kernel, y.array_r, t.array_r, d.array_r, z.array
         k.forward_eisenstat(yy, tt, dd, mid, zz, part="slab_forward")
-        k.forward_eisenstat(yy, tt, dd, mid, zz, q=self._couple(z, self.earlier_mask, -1.0), part="slab_high")
+        k.forward_eisenstat(yy, tt, dd, mid, zz, q=self._couple(z, self._high, -1.0), part="slab_high")
 
     def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
         """``p = D r + beta p``, then ``t = B^{-T} p``."""
         k, rr, dd, pp, tt = self.kernel, r.array_r, d.array_r, p.array, t.array
         # p's update runs over all rows: the low rows' part of it in the second call, after the scatter
         k.cg_direction_backward(rr, dd, beta, pp, tt, part="slab_backward")
-        k.cg_direction_backward(rr, dd, beta, pp, tt, q=self._couple(t, self.later_mask, -1.0), part="slab_low")
+        k.cg_direction_backward(rr, dd, beta, pp, tt, q=self._couple(t, self._low, -1.0), part="slab_low")
 
     def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
         """``w = z + t``, ``z = B^{-1} (p + mid D t)`` overwriting ``t``; returns this rank's part of ``p . w``."""
         k, pp, tt, dd, ww = self.kernel, p.array_r, t.array, d.array_r, w.array
         total = k.cg_forward_product(pp, tt, dd, mid, ww, part="slab_forward")
-        q = self._couple(t, self.earlier_mask, -1.0)
+        q = self._couple(t, self._high, -1.0)
         return total + k.cg_forward_product(pp, tt, dd, mid, ww, q=q, part="slab_high")

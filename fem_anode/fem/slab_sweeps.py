@@ -486,7 +486,17 @@ class OffRankCouplings:
             ghosts = permuted
         #: the ghost columns' global indices (in the numbering of the vectors ``t``)
         self.ghost_indices = np.asarray(ghosts, dtype=np.int64)
-        self.q = np.zeros(n)
+        self.n = n
+        self._q: np.ndarray | None = None
+        self._on_rows = np.zeros(self.rows.size)
+        self._iota = np.arange(self.rows.size, dtype=np.int32)
+
+    @property
+    def q(self) -> np.ndarray:
+        """A vector of the rows' length for the products (made on first use: 8 B per row)."""
+        if self._q is None:
+            self._q = np.zeros(self.n)
+        return self._q
 
     def set_scale(self, scale: float) -> None:
         """``O`` of ``K + scale M`` from ``K`` and ``M``'s values (without ``M``: nothing to do)."""
@@ -494,17 +504,40 @@ class OffRankCouplings:
             np.multiply(self.m_values, scale, out=self.values)
             self.values += self.k_values
 
-    def rows_product(self, values: np.ndarray, ghost_values: np.ndarray, out: np.ndarray) -> None:
-        """``out[rows] = B g`` for the block ``B`` with the entries ``values`` (this object's pattern)
-        and the ghost columns' values ``g``; the other entries of ``out`` are left alone."""
+    def rows_product(
+        self,
+        values: np.ndarray,
+        ghost_values: np.ndarray,
+        out: np.ndarray,
+        coupled: tuple[int, int] | None = None,
+        first_row: int = 0,
+    ) -> None:
+        """``out[rows - first_row] = B g`` for the block ``B`` with the entries ``values`` (this
+        object's pattern) and the ghost columns' values ``g``, on the coupled rows
+        ``rows[k0 .. k1 - 1]`` (``coupled = (k0, k1)``; all of them by default); the other entries of
+        ``out`` are left alone."""
+        k0, k1 = coupled if coupled is not None else (0, self.rows.size)
         if values.shape != (self.columns.size,) or ghost_values.shape != (self.ghost_indices.size,):
             raise ValueError("OffRankCouplings.rows_product: arrays of the wrong size")
-        if out.shape[0] < (int(self.rows.max()) + 1 if self.rows.size else 0):
-            raise ValueError("OffRankCouplings.rows_product: out is too short")
-        arrays = (self.row_ptr, self.columns, values, ghost_values, self.rows, out)
+        if not 0 <= k0 <= k1 <= self.rows.size:
+            raise ValueError("OffRankCouplings.rows_product: coupled rows out of range")
+        if k1 > k0 and not (int(self.rows[k0]) >= first_row and int(self.rows[k1 - 1]) - first_row < out.shape[0]):
+            raise ValueError("OffRankCouplings.rows_product: out does not hold those rows")
+        rows = self.rows[k0:k1] - first_row if first_row else self.rows[k0:k1]
+        arrays = (self.row_ptr[k0:], self.columns, values, ghost_values, np.ascontiguousarray(rows, np.int32), out)
         if not all(a.flags.c_contiguous for a in arrays):
             raise ValueError("OffRankCouplings.rows_product: arrays must be contiguous")
+        self.library.fa_csr_rows_product(k1 - k0, *(a.ctypes.data for a in arrays))
+
+    def mass_product_on_rows(self, t: PETSc.Vec) -> np.ndarray:
+        """``M_off t`` on the coupled rows ``rows`` only (requires ``M``; an array owned by this
+        object, overwritten by the next call)."""
+        if self.m_values is None:
+            raise ValueError("OffRankCouplings.mass_product_on_rows needs M")
+        self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        arrays = (self.row_ptr, self.columns, self.m_values, self.ghost_values.array_r, self._iota, self._on_rows)
         self.library.fa_csr_rows_product(self.rows.size, *(a.ctypes.data for a in arrays))
+        return self._on_rows
 
     def mass_product(self, t: PETSc.Vec) -> np.ndarray:
         """``M_off t`` on this rank's rows (``M``'s couplings to other ranks' rows; requires ``M``;

@@ -396,7 +396,7 @@ typedef struct {
 } fa_stencil;
 
 #define FA_SPECIAL 0xFFFF
-#define FA_Q(q, i) ((q) ? (q)[i] : 0.0)
+#define FA_Q(q, i) ((q) ? (q)[(i) - S->lo] : 0.0) /* q holds the swept rows S->lo .. S->hi - 1 */
 
 /* sum over the 13 neighbours of one half of the stencil, four partial sums */
 static inline double fa_st_dot(const double *a, const int32_t *map, const int64_t *off, int64_t g,

@@ -951,7 +951,7 @@ class FusedEisenstatSolver:
         if kernel_x is None:  # rows in grid order already
             stencil.mass_mult(x.array_r, y.array)
             if self.off is not None:
-                y.array[:] += self.off.mass_product(x)
+                y.array[self.off.rows] += self.off.mass_product_on_rows(x)
             return
         if self._product is None:
             self._product = np.empty(stencil.n)
