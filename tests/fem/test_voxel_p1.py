@@ -243,6 +243,8 @@ def test_the_slab_face_sweeps_are_the_dense_ssor_in_their_order(comm, kind):
         assert np.abs(result.array - want).max() <= 1e-12 * np.abs(want).max(), name
         source.destroy()
         result.destroy()
+    with pytest.raises(ValueError, match="q must hold"):  # q: all rows or the part's rows, nothing else
+        kernel.forward(b[mine], np.zeros(op.n), q=np.zeros(op.n - sweeps.high_start + 1), part="slab_high")
     assert comm.allreduce(int(sweeps.low_end > 0)) == comm.size - 1  # every rank but the first has a first plane
     assert comm.allreduce(int(sweeps.high_start < op.n)) == comm.size - 1
     couplings.destroy()
