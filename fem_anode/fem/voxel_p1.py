@@ -25,9 +25,10 @@ micrometre unit ``L`` of :mod:`fem_anode.fem.diffusion.transient`.
 
 Row kinds: a row is *typed* when its node has one copy and no neighbour has several (its values
 then follow from the 8 voxel classes around the node: a 16-bit key); the copies of split nodes, the
-rows next to them and, on several ranks, the rows of the two node planes at each slab face shared
-with another rank are *special* (assembled voxel by voxel). Couplings to another rank's rows
-(the first and last node plane of a slab) are kept apart (:attr:`VoxelP1Operator.off_rank`).
+rows next to them and, on several ranks, the rows of the node plane at each slab face shared with
+another rank are *special* (assembled voxel by voxel). Their couplings to another rank's rows are
+kept apart (:attr:`VoxelP1Operator.off_rank`); the rows stay in grid order on every rank (the
+slab-face order of :class:`~fem_anode.fem.grid_stencil.GridSlabSweeps`).
 """
 
 from __future__ import annotations
