@@ -129,7 +129,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     suite whose tests create different numbers of PETSc objects on different ranks (rank-0-only
     checks, rank-dependent code paths) those numbers name different objects on each rank, and a rank
     can enter a collective call the others never make: the run hung after every test had passed
-    (seen twice in five runs; ``gdb``: rank 1 in ``PetscGarbageCleanup`` -> ``MPI_Allreduce``, rank 0
+    (seen in two of four runs; ``gdb``: rank 1 in ``PetscGarbageCleanup`` -> ``MPI_Allreduce``, rank 0
     in ``MPI_Finalize``). A rank still here after 120 s prints its traceback and exits with an error.
     """
     if not UNDER_MPI:
