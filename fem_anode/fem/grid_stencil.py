@@ -594,20 +594,20 @@ def _coupled_product(
     mask: np.ndarray,
     sign: float,
     masked: np.ndarray,
-    q: np.ndarray,
-    compute: bool,
-) -> np.ndarray | None:
-    """Scatter ``vec``'s ghost columns (collective); if ``compute``: ``q = sign O_mask vec`` on the
-    coupled rows (``O_mask``: the couplings to the ghost columns where ``mask`` is 1; ``masked``: a
-    scratch array of the ghosts' size)."""
+    out: np.ndarray,
+    coupled: tuple[int, int] | None = None,
+    positions: np.ndarray | None = None,
+) -> np.ndarray:
+    """Scatter ``vec``'s ghost columns (collective), then ``out = sign O_mask vec`` on the coupled
+    rows (``O_mask``: the couplings to the ghost columns where ``mask`` is 1; ``masked``: a scratch
+    array of the ghosts' size; ``coupled``, ``positions``: as for ``OffRankCouplings.rows_product``)."""
     off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-    if not compute:
-        return None
     np.multiply(off.ghost_values.array_r, mask, out=masked)
-    off.rows_product(off.values, masked, q)
+    off.rows_product(off.values, masked, out, coupled, positions)
     if sign != 1.0:
-        q[off.rows] *= sign
-    return q
+        k0, k1 = coupled if coupled is not None else (0, off.rows.size)
+        out[off.rows[k0:k1] if positions is None else positions] *= sign
+    return out
 
 
 class GridSeparatorSweeps:
@@ -657,7 +657,11 @@ class GridSeparatorSweeps:
     def _couple(self, vec: PETSc.Vec, mask: np.ndarray, sign: float, compute: bool) -> np.ndarray | None:
         """Scatter ``vec``'s ghost columns (collective); if ``compute``: ``q = sign O_mask vec`` on
         the separator rows (an array of this object's)."""
-        return _coupled_product(self.couplings, vec, mask, sign, self._masked, self.q, compute)
+        off = self.couplings
+        if not compute:
+            off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+            return None
+        return _coupled_product(off, vec, mask, sign, self._masked, self.q)
 
     def _forward_last(self, vec: PETSc.Vec, sweep: Callable[[np.ndarray | None], Any]) -> None:
         """The separator rows' forward sweep, stage by stage (``vec``: the vector being swept)."""
@@ -767,24 +771,19 @@ class GridSlabSweeps:
         # The products with other ranks' values only ever enter the low rows (the couplings to lower
         # ranks) or the high rows (to higher ranks): one short vector for each part, 8 B per row of it.
         n_low = int(np.count_nonzero(couplings.rows < a))
-        self._low = (np.zeros(a), (0, n_low), 0)
-        self._high = (np.zeros(n - b), (n_low, couplings.rows.size), b)
+        high_rows = (couplings.rows[n_low:] - b).astype(np.int32)  # positions in the high rows' vector
+        self._low = (np.zeros(a), (0, n_low), couplings.rows[:n_low])
+        self._high = (np.zeros(n - b), (n_low, couplings.rows.size), high_rows)
         self._masked = np.zeros(owners.size)
         self._later = below.astype(np.float64)  # the ghosts of lower ranks' high rows: later in the order
         self._earlier = (~below).astype(np.float64)  # those of higher ranks' low rows: earlier
 
-    def _couple(self, vec: PETSc.Vec, side: tuple[np.ndarray, tuple[int, int], int], sign: float) -> np.ndarray:
+    def _couple(self, vec: PETSc.Vec, side: tuple[np.ndarray, tuple[int, int], np.ndarray], sign: float) -> np.ndarray:
         """Scatter ``vec``'s ghost columns (collective); ``q = sign O vec`` on the low or high rows
-        (``side``; a vector of that part's rows)."""
-        q, coupled, first_row = side
-        mask = self._later if first_row == 0 else self._earlier
-        off = self.couplings
-        off.scatter.scatter(vec, off.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        np.multiply(off.ghost_values.array_r, mask, out=self._masked)
-        off.rows_product(off.values, self._masked, q, coupled, first_row)
-        if sign != 1.0:
-            q *= sign
-        return q
+        (``side``: that part's vector, its coupled rows and their positions in it)."""
+        q, coupled, positions = side
+        mask = self._later if side is self._low else self._earlier
+        return _coupled_product(self.couplings, vec, mask, sign, self._masked, q, coupled, positions)
 
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""

@@ -510,23 +510,28 @@ class OffRankCouplings:
         ghost_values: np.ndarray,
         out: np.ndarray,
         coupled: tuple[int, int] | None = None,
-        first_row: int = 0,
+        positions: np.ndarray | None = None,
     ) -> None:
-        """``out[rows - first_row] = B g`` for the block ``B`` with the entries ``values`` (this
-        object's pattern) and the ghost columns' values ``g``, on the coupled rows
-        ``rows[k0 .. k1 - 1]`` (``coupled = (k0, k1)``; all of them by default); the other entries of
-        ``out`` are left alone."""
+        """``out[positions] = B g`` for the block ``B`` with the entries ``values`` (this object's
+        pattern) and the ghost columns' values ``g``, on the coupled rows ``rows[k0 .. k1 - 1]``
+        (``coupled = (k0, k1)``; all of them by default); ``positions`` (int32, one per row; default
+        the rows themselves) say where in ``out`` each row's value goes; the other entries of ``out``
+        are left alone."""
         k0, k1 = coupled if coupled is not None else (0, self.rows.size)
-        if values.shape != (self.columns.size,) or ghost_values.shape != (self.ghost_indices.size,):
-            raise ValueError("OffRankCouplings.rows_product: arrays of the wrong size")
         if not 0 <= k0 <= k1 <= self.rows.size:
             raise ValueError("OffRankCouplings.rows_product: coupled rows out of range")
-        if k1 > k0 and not (int(self.rows[k0]) >= first_row and int(self.rows[k1 - 1]) - first_row < out.shape[0]):
-            raise ValueError("OffRankCouplings.rows_product: out does not hold those rows")
-        rows = self.rows[k0:k1] - first_row if first_row else self.rows[k0:k1]
-        arrays = (self.row_ptr[k0:], self.columns, values, ghost_values, np.ascontiguousarray(rows, np.int32), out)
-        if not all(a.flags.c_contiguous for a in arrays):
-            raise ValueError("OffRankCouplings.rows_product: arrays must be contiguous")
+        at = self.rows[k0:k1] if positions is None else positions
+        if values.shape != (self.columns.size,) or ghost_values.shape != (self.ghost_indices.size,):
+            raise ValueError("OffRankCouplings.rows_product: arrays of the wrong size")
+        if (
+            at.shape != (k1 - k0,)
+            or at.dtype != np.int32
+            or (at.size and not 0 <= int(at.min()) <= int(at.max()) < out.size)
+        ):
+            raise ValueError("OffRankCouplings.rows_product: positions do not fit out")
+        arrays = (self.row_ptr[k0:], self.columns, values, ghost_values, at, out)
+        if out.dtype != np.float64 or not all(a.flags.c_contiguous for a in arrays):
+            raise ValueError("OffRankCouplings.rows_product: arrays must be contiguous (out float64)")
         self.library.fa_csr_rows_product(k1 - k0, *(a.ctypes.data for a in arrays))
 
     def mass_product_on_rows(self, t: PETSc.Vec) -> np.ndarray:
@@ -535,8 +540,7 @@ class OffRankCouplings:
         if self.m_values is None:
             raise ValueError("OffRankCouplings.mass_product_on_rows needs M")
         self.scatter.scatter(t, self.ghost_values, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
-        arrays = (self.row_ptr, self.columns, self.m_values, self.ghost_values.array_r, self._iota, self._on_rows)
-        self.library.fa_csr_rows_product(self.rows.size, *(a.ctypes.data for a in arrays))
+        self.rows_product(self.m_values, self.ghost_values.array_r, self._on_rows, positions=self._iota)
         return self._on_rows
 
     def mass_product(self, t: PETSc.Vec) -> np.ndarray:
