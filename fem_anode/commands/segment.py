@@ -229,6 +229,14 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "(cross-fitted on the labelled layers; needs labels in 2+ layers; about twice the prediction time)",
     )
     train.add_argument(
+        "--gray-normalisation",
+        choices=("none", "percentiles"),
+        default="none",
+        help="percentiles: map each image's 1st..99th gray percentile to 0..1 before the features, so a "
+        "model applies to images of another gray scale (8/16-bit, other reconstruction or contrast); "
+        "stored in the model (default none: gray values as they are)",
+    )
+    train.add_argument(
         "--chunk-memory",
         type=float,
         default=1024.0,
@@ -525,6 +533,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
         illumination_degree=args.illumination,
         auto_context=args.auto_context,
         extended=not args.basic_features,
+        gray_normalisation=args.gray_normalisation,
     )
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
@@ -573,8 +582,15 @@ def _run_trainable(args: argparse.Namespace) -> int:
     shape = tuple(image.array.shape) if isinstance(image, VoxelImage) else image.shape
     model.check_image(shape, str(args.image))
     nz = shape[0]
-    if rank == 0 and args.model is not None:
-        _check_gray_scale(image, nz, model.training.get("gray_p1_p99"), args.image)
+    if rank == 0 and model.settings.gray_normalisation == "none":
+        try:
+            warning = tr.gray_scale_warning(
+                model, tr.gray_percentiles(image.read_layers, shape, model.settings), str(args.image)
+            )
+        except FemAnodeError:
+            warning = None  # bad gray values: the prediction below reports them on every rank
+        if warning:
+            logger.warning("%s", warning)
     bounds = _slab_bounds(nz, size)
     z0, z1 = bounds[rank], bounds[rank + 1]
     labels = _on_every_rank(
@@ -686,6 +702,7 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
         "--illumination": (args.illumination, None, settings.illumination_degree),
         "--auto-context": (args.auto_context, False, settings.auto_context),
         "--basic-features": (not args.basic_features, True, settings.extended),
+        "--gray-normalisation": (args.gray_normalisation, "none", settings.gray_normalisation),
     }
     for option, (value, default, stored) in given.items():
         if value != default and value != stored:
@@ -709,37 +726,6 @@ def _on_every_rank(comm: Any, work: Any) -> Any:
         error = err
     first_error(comm, error)
     return result
-
-
-def _check_gray_scale(image: Any, nz: int, trained: Any, source: Path) -> None:
-    """Warn when the image's gray range (1st-99th percentile of up to 8 evenly spaced layers)
-    lies far from the model's training images' (a model learns their gray scale)."""
-    if not trained:
-        return
-    layers: list[int | None] = (
-        [int(z) for z in sorted({int(z) for z in np.linspace(0, nz - 1, min(nz, 8))})] if image.ndim == 3 else [None]
-    )
-    values = np.concatenate(
-        [
-            np.asarray(
-                image.read_layers(z, z + 1) if z is not None else image.read_layers(0, nz), dtype=np.float64
-            ).ravel()
-            for z in layers
-        ]
-    )
-    lo, hi = np.percentile(values, [1, 99])
-    t_lo, t_hi = min(r[0] for r in trained), max(r[1] for r in trained)
-    span = max(t_hi - t_lo, 1e-300)
-    if abs(lo - t_lo) > 0.25 * span or abs(hi - t_hi) > 0.25 * span:
-        logger.warning(
-            "%s: gray range %.4g..%.4g (1st-99th percentile) differs from the model's training images (%.4g..%.4g): "
-            "the classifier learned their gray scale; check the reconstruction and scaling",
-            source,
-            lo,
-            hi,
-            t_lo,
-            t_hi,
-        )
 
 
 def _write_distributed(

@@ -15,6 +15,12 @@ are enough), train a random forest on local features of every labelled voxel, pr
 * Auto-context (``FeatureSettings(auto_context=True)``; Tu & Bai 2010): a second forest on the
   features plus the first forest's class probabilities, raw and smoothed (:data:`CONTEXT_SIGMAS`),
   trained on probabilities cross-fitted between two halves of the labelled layers.
+* Gray scale (``FeatureSettings(gray_normalisation="percentiles")``): each image's gray values
+  are mapped by :math:`g' = (g - g_{1})/(g_{99} - g_{1})`, with :math:`g_{1}, g_{99}` its 1st
+  and 99th percentiles (:func:`gray_percentiles`), before the features, so a model applies to
+  images of another gray scale (8/16-bit, another reconstruction or contrast). By default the
+  gray values are used as they are and :func:`gray_scale_warning` says when an image's range is
+  far from the training images'.
 * Prediction (:func:`predict_labels`) in slabs of axis-0 layers (tiled in-plane when whole
   planes do not fit the memory budget) with a halo of ``int(4 sigma_max + 0.5) + 3`` voxels (8 more
   with auto-context), so
@@ -47,6 +53,8 @@ __all__ = [
     "compute_features",
     "extended_features",
     "feature_halo",
+    "gray_percentiles",
+    "gray_scale_warning",
     "load_model",
     "predict_labels",
     "save_model",
@@ -60,6 +68,12 @@ logger = logging.getLogger(__name__)
 UNLABELLED = 255
 #: Format tag of model files.
 MODEL_FORMAT = "fem_anode.trainable-segmentation/1"
+#: Gray normalisations of :class:`FeatureSettings`.
+GRAY_NORMALISATIONS = ("none", "percentiles")
+#: Percentiles mapped to 0 and 1 by ``gray_normalisation="percentiles"``.
+GRAY_PERCENTILES = (1.0, 99.0)
+#: Layers (evenly spaced along axis 0) and values at most sampled by :func:`gray_percentiles`.
+_REFERENCE_LAYERS, _REFERENCE_VALUES = 8, 8_000_000
 
 LayerReader = Callable[[int, int], np.ndarray]
 
@@ -84,6 +98,9 @@ class FeatureSettings:
             :data:`STRUCTURE_SIGMAS`, the Laplacian of Gaussian at :data:`LOG_SIGMAS` and the
             local maximum and minimum of the image smoothed by :data:`RANK_SMOOTHING` over balls
             of :data:`RANK_RADII` voxels (fixed scales; ``2 ndim + 10`` features).
+        gray_normalisation: ``"none"`` (gray values as they are: a model applies to images of
+            its training images' gray scale) or ``"percentiles"`` (each image mapped so that its
+            1st and 99th percentiles, :func:`gray_percentiles`, become 0 and 1).
     """
 
     sigma_min: float = 0.5
@@ -95,8 +112,13 @@ class FeatureSettings:
     illumination_degree: int | None = None
     auto_context: bool = False
     extended: bool = True
+    gray_normalisation: str = "none"
 
     def __post_init__(self) -> None:
+        if self.gray_normalisation not in GRAY_NORMALISATIONS:
+            raise UsageError(
+                f"gray normalisation must be one of {', '.join(GRAY_NORMALISATIONS)}, got {self.gray_normalisation!r}"
+            )
         if self.illumination_degree is not None and not 1 <= self.illumination_degree <= 4:
             raise UsageError(f"illumination polynomial degree must be 1..4, got {self.illumination_degree}")
         if not (math.isfinite(self.sigma_min) and self.sigma_min > 0):
@@ -180,8 +202,8 @@ def feature_halo(settings: FeatureSettings) -> int:
 def compute_features(gray: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     """Features of every voxel, shape ``gray.shape + (n_features,)``, float32.
 
-    The gray values are used as they are (float32, no rescaling), so a model applies to images
-    of the same gray scale as its training images.
+    The gray values are used as they are (float32); :attr:`FeatureSettings.gray_normalisation`
+    is applied before, by the layer readers of :func:`train_classifier` and :func:`predict_labels`.
     """
     from skimage.feature import multiscale_basic_features
 
@@ -433,6 +455,78 @@ def _context_features(forest: Any, feats: np.ndarray, classes: np.ndarray) -> np
     return np.concatenate(parts, axis=-1)
 
 
+def gray_percentiles(
+    read_layers: LayerReader | np.ndarray, shape: Sequence[int], settings: FeatureSettings | None = None
+) -> tuple[float, float]:
+    """The 1st and 99th gray percentiles of an image (:data:`GRAY_PERCENTILES`), from at most
+    :data:`_REFERENCE_LAYERS` evenly spaced layers of a volume (a 2D image whole), each strided to
+    at most :data:`_REFERENCE_VALUES` values in all. Deterministic: every MPI rank that reads the
+    same image gets the same pair. With ``settings.illumination_degree`` the layers are flattened
+    first, as the features see them.
+
+    Raises:
+        InputError: the sampled gray values are not finite.
+    """
+    shape = tuple(int(n) for n in shape)
+    read: LayerReader = (
+        functools.partial(_layers_of, read_layers) if isinstance(read_layers, np.ndarray) else read_layers
+    )
+    degree = settings.illumination_degree if settings is not None else None
+    if len(shape) == 2:
+        samples = [np.asarray(read(0, shape[0]), dtype=np.float64)]
+    else:
+        layers = sorted({int(z) for z in np.linspace(0, shape[0] - 1, min(shape[0], _REFERENCE_LAYERS))})
+        samples = [np.asarray(read(z, z + 1), dtype=np.float64)[0] for z in layers]
+    if degree is not None:
+        from fem_anode.imaging.denoise import flatten_illumination
+
+        samples = [flatten_illumination(a, degree) for a in samples]
+    values = np.concatenate([a.ravel() for a in samples])
+    values = values[:: max(1, math.ceil(values.size / _REFERENCE_VALUES))]
+    if not np.all(np.isfinite(values)):
+        raise InputError("gray image contains NaN or infinite values")
+    lo, hi = np.percentile(values, GRAY_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def _gray_reader(read: LayerReader, shape: Sequence[int], settings: FeatureSettings) -> LayerReader:
+    """``read`` with :attr:`FeatureSettings.gray_normalisation` applied (float32 layers)."""
+    if settings.gray_normalisation == "none":
+        return read
+    lo, hi = gray_percentiles(read, shape, settings)
+    if not hi > lo:
+        raise InputError(
+            f"the gray image is constant between its {GRAY_PERCENTILES[0]:g}th and {GRAY_PERCENTILES[1]:g}th "
+            f"percentiles ({lo:.6g}): percentile normalisation needs contrast"
+        )
+    scale = 1.0 / (hi - lo)
+
+    def normalised(a: int, b: int) -> np.ndarray:
+        return ((np.asarray(read(a, b), dtype=np.float64) - lo) * scale).astype(np.float32)
+
+    return normalised
+
+
+def gray_scale_warning(model: TrainedClassifier, reference: tuple[float, float], source: str = "<image>") -> str | None:
+    """A message when an image's gray range ``reference`` (:func:`gray_percentiles`) lies more
+    than a quarter of the training range away from the training images' at either end (a model
+    with ``gray_normalisation="none"`` learned their gray scale); ``None`` otherwise or when the
+    model normalises each image itself."""
+    trained = model.training.get("gray_p1_p99")
+    if model.settings.gray_normalisation != "none" or not trained:
+        return None
+    lo, hi = reference
+    t_lo, t_hi = min(r[0] for r in trained), max(r[1] for r in trained)
+    span = max(t_hi - t_lo, 1e-300)
+    if abs(lo - t_lo) <= 0.25 * span and abs(hi - t_hi) <= 0.25 * span:
+        return None
+    return (
+        f"{source}: gray range {lo:.4g}..{hi:.4g} (1st-99th percentile) differs from the model's training images "
+        f"({t_lo:.4g}..{t_hi:.4g}): the classifier learned their gray scale, so the labels are likely wrong; "
+        "rescale the image, or train with --gray-normalisation percentiles"
+    )
+
+
 def _iterate_blocks(
     read: LayerReader,
     shape: Sequence[int],
@@ -551,9 +645,10 @@ def train_classifier(
         # volume cost two thin slabs, not the volume)
         layers = np.flatnonzero([np.any(labels[z] != unlabelled) for z in range(labels.shape[0])])
         runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1) if len(layers) else []
+        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings)
         for run in runs:
             for a, b, box, feats in _iterate_blocks(
-                functools.partial(_layers_of, gray), gray.shape, int(run[0]), int(run[-1]) + 1, settings, chunk_memory
+                read, gray.shape, int(run[0]), int(run[-1]) + 1, settings, chunk_memory
             ):
                 block_labels = labels[(slice(a, b), *box)]
                 mask = block_labels != unlabelled
@@ -601,7 +696,7 @@ def train_classifier(
         context_forest, folds_info = _train_context_forest(
             pairs, positions, keep, x, y, forest.classes_, settings, chunk_memory, unlabelled, new_forest
         )
-    gray_ranges = [[float(np.percentile(np.asarray(g), 1)), float(np.percentile(np.asarray(g), 99))] for g, _ in pairs]
+    gray_ranges = [list(gray_percentiles(np.asarray(g), np.shape(g), settings)) for g, _ in pairs]
     training = {
         "images": names,
         "labelled_voxels": counts,
@@ -680,9 +775,10 @@ def _train_context_forest(
         plane = int(np.prod(labels.shape[1:]))
         layers = np.unique(positions[mine, 1] // plane)
         runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1)
+        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings)
         for run in runs:
             for a, b, box, feats in _iterate_blocks(
-                functools.partial(_layers_of, gray),
+                read,
                 gray.shape,
                 int(run[0]),
                 int(run[-1]) + 1,
@@ -842,6 +938,7 @@ def predict_labels(
         read: LayerReader = lambda a, b: array[a:b]  # noqa: E731
     else:
         read = read_layers
+    read = _gray_reader(read, shape, model.settings)
     nz = shape[0]
     z1 = nz if z1 is None else int(z1)
     if not 0 <= z0 <= z1 <= nz:

@@ -48,7 +48,9 @@ def inputs(shared_tmp_path, comm):
 
 
 @pytest.mark.parametrize(
-    "context", [[], ["--auto-context"], ["--basic-features"]], ids=["plain", "auto-context", "basic-features"]
+    "context",
+    [[], ["--auto-context"], ["--basic-features"], ["--gray-normalisation", "percentiles"]],
+    ids=["plain", "auto-context", "basic-features", "gray-normalisation"],
 )
 def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
     """Train + save on any number of ranks, reuse the model: the labels are those of a serial
@@ -104,6 +106,7 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
     auto = "--auto-context" in context
     assert model.settings.auto_context == auto and (model.context_forest is not None) == auto
     assert model.settings.extended == ("--basic-features" not in context)
+    assert model.settings.gray_normalisation == ("percentiles" if "--gray-normalisation" in context else "none")
     serial = predict_labels(gray.array, SHAPE, model, progress=False)
     trained = read_image(d / "trained.npy", kind="labels")
     reused = read_image(d / "reused.tif", kind="labels")
@@ -203,6 +206,20 @@ ERRORS = [
         [
             "--method",
             "trainable",
+            "--model",
+            "{d}/small.joblib",
+            "--gray-normalisation",
+            "percentiles",
+            "--out",
+            "{d}/x.npy",
+        ],
+        3,
+        "--gray-normalisation percentiles differs from the model",
+    ),
+    (
+        [
+            "--method",
+            "trainable",
             "--train",
             "{d}/gray.npy:{d}/one_layer.npy",
             "--auto-context",
@@ -275,5 +292,16 @@ def test_model_on_another_gray_scale_warns(inputs, comm, capsys):
     )
     err = capsys.readouterr().err
     if comm.rank == 0:
+        assert "differs from the model's training images" in err and "--gray-normalisation percentiles" in err
+    comm.barrier()
+    # trained in the same command: the same check
+    train = ["segment", str(d / "rescaled.npy"), "--method", "trainable", "--trees", "2"]
+    train += ["--train", f"{d / 'gray.npy'}:{d / 'scribbles.npy'}"]
+    assert main([*train, "--out", str(d / "c.npy")]) == 0
+    err = capsys.readouterr().err
+    if comm.rank == 0:
         assert "differs from the model's training images" in err
+    comm.barrier()
+    assert main([*train, "--gray-normalisation", "percentiles", "--out", str(d / "d.npy")]) == 0
+    assert "differs from the model's training images" not in capsys.readouterr().err
     comm.barrier()

@@ -18,6 +18,8 @@ from fem_anode.imaging.trainable import (
     compute_features,
     extended_features,
     feature_halo,
+    gray_percentiles,
+    gray_scale_warning,
     load_model,
     n_extended_features,
     predict_labels,
@@ -124,6 +126,42 @@ def test_model_round_trip_and_checks(aged_case, tmp_path, monkeypatch):
     monkeypatch.setattr(fem_anode, "__version__", "999.0")
     with pytest.raises(InputError, match="trained with fem_anode"):
         load_model(path)
+
+
+def test_gray_normalisation_makes_a_model_independent_of_the_gray_scale(aged_case):
+    """A model trained on gray values in 0..1 and applied to the same volume as 16-bit-like counts
+    (``1000 g + 200``): with percentile normalisation the labels are those of the original scale
+    (up to voxels whose features sit within round-off of a split), without it they are wrong and
+    :func:`gray_scale_warning` says so."""
+    from fem_anode.imaging.accuracy import accuracy_report
+
+    truth, gray, plain = aged_case
+    counts = 1000.0 * gray + 200.0
+    lo, hi = gray_percentiles(gray, SHAPE)
+    assert gray_percentiles(counts, SHAPE) == pytest.approx((1000.0 * lo + 200.0, 1000.0 * hi + 200.0), rel=1e-12)
+    normalised = train_classifier(
+        [(gray, _two_slices(truth.array))],
+        ANODE_PHASES,
+        settings=FeatureSettings(gray_normalisation="percentiles"),
+        seed=0,
+        n_estimators=30,
+    )
+    same = predict_labels(gray, SHAPE, normalised, progress=False)
+    scaled = predict_labels(counts, SHAPE, normalised, progress=False)
+    assert np.mean(same == scaled) > 0.999
+    iou = accuracy_report(scaled, truth.array, ANODE_PHASES)["mean_iou"]
+    assert iou > 0.75 and iou == pytest.approx(accuracy_report(same, truth.array, ANODE_PHASES)["mean_iou"], abs=0.002)
+    assert (
+        accuracy_report(predict_labels(counts, SHAPE, plain, progress=False), truth.array, ANODE_PHASES)["mean_iou"]
+        < 0.5
+    )
+    assert "differs from the model's training images" in gray_scale_warning(plain, gray_percentiles(counts, SHAPE))
+    assert gray_scale_warning(plain, gray_percentiles(gray, SHAPE)) is None
+    assert gray_scale_warning(normalised, gray_percentiles(counts, SHAPE)) is None
+    with pytest.raises(InputError, match="percentile normalisation needs contrast"):
+        predict_labels(np.full(SHAPE, 0.5), SHAPE, normalised, progress=False)
+    with pytest.raises(UsageError, match="gray normalisation must be one of none, percentiles"):
+        FeatureSettings(gray_normalisation="minmax")
 
 
 def test_training_errors_are_clear():
