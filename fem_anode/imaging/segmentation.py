@@ -244,7 +244,9 @@ def multistage_threshold(
 
     * ``t_0 = T(H)``: first split into dark (pore) and bright (solid) voxels;
     * ``t_mid = T(H | g >= t_0)``: splits the solid into the darker intermediate domain and the
-      brighter graphite/Si;
+      brighter graphite/Si; if that split lies at or above ``g_mode`` (below), it separated Si
+      from the rest (a scarce intermediate domain close to graphite), and
+      ``t_mid = T(H | t_0 <= g < g_mode)`` instead;
     * ``t_pore = T(H | g < t_mid)``: the pore threshold, refined between the pore and the
       intermediate class (thin intermediate layers are not counted as pore);
     * ``t_si = T(H | g >= g_mode)`` with ``g_mode`` the mode of the solid histogram (the
@@ -428,10 +430,19 @@ def multistage_slabs(
 
     t_0 = threshold(array)
     solid_values = array[array >= t_0]
-    t_mid = threshold(solid_values)
-    t_pore = threshold(array[array < t_mid])
     hist, centres, _ = slabs.histogram(solid_values, bins)
     mode = float(centres[np.argmax(ndimage.gaussian_filter1d(hist, 2.0))])
+    t_mid = threshold(solid_values)
+    t_mid_rule = "solid"
+    if t_mid >= mode:
+        # the solid's main split is above the graphite peak (Si off graphite: a scarce intermediate
+        # domain close to graphite); the intermediate/graphite split lies below the peak
+        below_mode = solid_values[solid_values < mode]
+        if slabs.sum_int(int(below_mode.size)) > 1 and slabs.min(
+            float(below_mode.min()) if below_mode.size else np.inf
+        ) < slabs.max(float(below_mode.max()) if below_mode.size else -np.inf):
+            t_mid, t_mid_rule = threshold(below_mode), "below_solid_mode"
+    t_pore = threshold(array[array < t_mid])
     bright = solid_values[solid_values >= mode]
     n_bright = int(slabs.sum_int(int(bright.size)))
     top = slabs.max(float(bright.max()) if bright.size else -np.inf)
@@ -488,7 +499,7 @@ def multistage_slabs(
     info = {
         "method": "multistage",
         "thresholds": {"pore": t_pore, "intermediate_graphite": t_mid, "si": t_si},
-        "stage1": {"first_pore_solid_split": t_0, "solid_mode": mode},
+        "stage1": {"first_pore_solid_split": t_0, "solid_mode": mode, "intermediate_graphite_rule": t_mid_rule},
         "median_size": int(median_size),
         "denoise": denoise_info,
         "cleanup": cleanup_info,
