@@ -277,7 +277,10 @@ def multistage_threshold(
     stage-4 labels plus Si candidates (``si_seeds``: every local maximum of the denoised image
     brighter than the graphite peak, with its face neighbours; the refinement can remove a
     wrong particle voxel by voxel but cannot create one), and its prior weights pore-graphite and
-    pore-Si contacts by ``coating_weight`` (solids coated by the intermediate domain).
+    pore-Si contacts by ``coating_weight`` (solids coated by the intermediate domain). It also
+    runs from the stage-4 labels alone and keeps that result when the candidates end more than
+    :data:`SI_CANDIDATE_ENERGY_TOLERANCE` (2 %) higher in energy (candidates in a textured,
+    coarse graphite phase rather than sub-resolution Si).
 
     Args:
         gray: 3D (or 2D) gray image.
@@ -478,23 +481,34 @@ def multistage_slabs(
         labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size, slabs=slabs)
     refine_info: dict[str, Any] | None = None
     n_seeded = 0
-    if seeds is not None:
-        n_seeded = int(slabs.sum_int(int(np.count_nonzero(seeds & (labels != phases["si"])))))
-        labels[seeds] = phases["si"]
     if refine:
-        labels, refine_info = _refine_blur_aware(
-            raw,
-            labels,
-            phases,
-            slabs,
-            psf_sigma=psf_sigma,
-            noise_sigma=noise_sigma,
-            beta=potts_beta,
-            max_sweeps=max_sweeps,
-            graphite_opening=graphite_opening,
-            coating_weight=coating_weight,
-            levels=given_levels,
-        )
+        refine_settings: dict[str, Any] = {
+            "psf_sigma": psf_sigma,
+            "noise_sigma": noise_sigma,
+            "beta": potts_beta,
+            "max_sweeps": max_sweeps,
+            "graphite_opening": graphite_opening,
+            "coating_weight": coating_weight,
+            "levels": given_levels,
+        }
+        stage4 = labels
+        if seeds is not None:
+            n_seeded = int(slabs.sum_int(int(np.count_nonzero(seeds & (labels != phases["si"])))))
+            labels = labels.copy()
+            labels[seeds] = phases["si"]
+        del seeds
+        labels, refine_info = _refine_blur_aware(raw, labels, phases, slabs, **refine_settings)
+        if n_seeded and "energy_per_sweep" in refine_info:
+            # the candidates are for blurred sub-resolution Si; where they make the fitted model
+            # explain the image clearly worse than the stage-4 labels alone, the latter are kept
+            plain, plain_info = _refine_blur_aware(raw, stage4, phases, slabs, **refine_settings)
+            with_candidates, without = _final_energy(refine_info), _final_energy(plain_info)
+            kept = with_candidates <= (1.0 + SI_CANDIDATE_ENERGY_TOLERANCE) * without
+            choice = {"energy_with": with_candidates, "energy_without": without, "kept": kept}
+            if not kept:
+                labels, refine_info = plain, plain_info
+            refine_info["si_candidates"] = choice
+        del stage4
     total = max(int(slabs.sum_int(int(labels.size))), 1)
     info = {
         "method": "multistage",
@@ -503,7 +517,7 @@ def multistage_slabs(
         "median_size": int(median_size),
         "denoise": denoise_info,
         "cleanup": cleanup_info,
-        "si_candidates_added": n_seeded if seeds is not None else None,
+        "si_candidates_added": n_seeded if refine and si_seeds else None,
         "refine": refine_info,
         "fractions": {
             role: float(slabs.sum_int(int(np.count_nonzero(labels == phases[role])))) / total
@@ -512,6 +526,18 @@ def multistage_slabs(
     }
     logger.debug("multistage thresholds: pore %.4g, intermediate/graphite %.4g, si %.4g", t_pore, t_mid, t_si)
     return labels, info
+
+
+#: Relative excess of the refinement's final energy with the Si candidates over the one without
+#: them up to which the candidates are kept (:func:`multistage_threshold`, stage 5).
+SI_CANDIDATE_ENERGY_TOLERANCE = 0.02
+
+
+def _final_energy(info: Mapping[str, Any]) -> float:
+    """The refinement's energy at its end (after the graphite-opening pass if there was one)."""
+    opening = info.get("graphite_opening", {})
+    sweeps = opening.get("energy_per_sweep") or info["energy_per_sweep"]
+    return float(sweeps[-1])
 
 
 def _si_candidates(denoised: np.ndarray, mode: float, pore: np.ndarray, slabs: Slabs) -> np.ndarray:

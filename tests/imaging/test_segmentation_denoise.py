@@ -93,8 +93,9 @@ def test_denoised_multistage_beats_the_raw_one(aged):
 
 def test_illumination_flattening_rescues_the_multistage_method_under_shading():
     """A ramp plus cupping over the field of view breaks global thresholds; the per-slice
-    polynomial background (degree 2) restores them. Measured (16x200x200): mean IoU 0.67 unshaded,
-    0.43 shaded, 0.65 shaded and flattened."""
+    polynomial background (degree 2) restores them. Measured (8x160x160, stages 1-4): mean IoU
+    0.696 unshaded, 0.562 shaded (0.433 before the below-the-graphite-peak rule for ``t_mid``,
+    which the shading triggers), 0.667 shaded and flattened."""
     truth = anode_volume((8, 160, 160), seed=0)
     gray = render_gray(truth, seed=1).array
     v, u = np.mgrid[0:160, 0:160] / 159.0 - 0.5
@@ -106,5 +107,5 @@ def test_illumination_flattening_rescues_the_multistage_method_under_shading():
         return np.mean(list(iou_per_phase(result.labels, truth).values()))
 
     plain, broken, rescued = mean_iou(gray, None), mean_iou(shaded, None), mean_iou(shaded, 2)
-    assert broken < plain - 0.15
+    assert broken < plain - 0.1 and rescued > broken + 0.08
     assert rescued > plain - 0.04
