@@ -250,7 +250,9 @@ def multistage_threshold(
     * ``t_pore = T(H | g < t_mid)``: the pore threshold, refined between the pore and the
       intermediate class (thin intermediate layers are not counted as pore);
     * ``t_si = T(H | g >= g_mode)`` with ``g_mode`` the mode of the solid histogram (the
-      graphite peak): separates Si/FeSi2 from the bright flank of graphite. (Thresholding above
+      graphite peak; without the voxels at the image's maximum when at least
+      :data:`CLIPPED_FRACTION` of them are: a clipped range): separates Si/FeSi2 from the
+      bright flank of graphite. (Thresholding above
       ``t_mid`` instead would split the graphite peak when Si is scarce, as in aged samples.)
 
     Masks: ``P = g < t_pore``, ``S = g > t_si``.
@@ -414,6 +416,8 @@ def multistage_slabs(
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
     coating_pair_weights(coating_weight)  # a bad weight or level fails before any work
     given_levels = _role_levels(levels)
+    clipped, n_clipped_top, n_clipped_bottom = _clipped_ends(array, slabs)
+    clipped_share = (n_clipped_top + n_clipped_bottom) / max(int(slabs.sum_int(int(array.size))), 1)
     if illumination_degree is not None:
         if not 1 <= int(illumination_degree) <= 4:
             raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
@@ -433,8 +437,11 @@ def multistage_slabs(
 
     t_0 = threshold(array)
     solid_values = array[array >= t_0]
-    hist, centres, _ = slabs.histogram(solid_values, bins)
+    # the graphite peak; voxels clipped at the top of the gray range (a saturated export) would
+    # make a spike there that outweighs the graphite peak
+    hist, centres, _ = slabs.histogram(solid_values if clipped is None else array[(array >= t_0) & ~clipped], bins)
     mode = float(centres[np.argmax(ndimage.gaussian_filter1d(hist, 2.0))])
+    del clipped
     t_mid = threshold(solid_values)
     t_mid_rule = "solid"
     if t_mid >= mode:
@@ -468,6 +475,14 @@ def multistage_slabs(
         moved = _small_components(graphite, int(min_graphite_voxels), slabs)
         graphite &= ~moved
         intermediate |= moved
+    refine_info: dict[str, Any] | None = None
+    if refine and clipped_share >= CLIPPED_REFINE_LIMIT:
+        refine = False
+        refine_info = {
+            "skipped": f"{100 * clipped_share:.1f} % of the voxels are clipped at the ends of the gray range "
+            "(saturated); the blurred-label model cannot explain cut-off values"
+        }
+        logger.warning("multistage: stage 5 (refinement) skipped: %s", refine_info["skipped"])
     seeds = _si_candidates(array, mode, pore, slabs) if refine and si_seeds else None
     labels: np.ndarray = np.empty(array.shape, dtype=_label_dtype(phases))
     labels[pore] = phases["pore"]
@@ -479,7 +494,6 @@ def multistage_slabs(
     if cleanup:
         roles = {role: phases[role] for role in MULTISTAGE_ROLES}
         labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size, slabs=slabs)
-    refine_info: dict[str, Any] | None = None
     n_seeded = 0
     if refine:
         refine_settings: dict[str, Any] = {
@@ -513,7 +527,12 @@ def multistage_slabs(
     info = {
         "method": "multistage",
         "thresholds": {"pore": t_pore, "intermediate_graphite": t_mid, "si": t_si},
-        "stage1": {"first_pore_solid_split": t_0, "solid_mode": mode, "intermediate_graphite_rule": t_mid_rule},
+        "stage1": {
+            "first_pore_solid_split": t_0,
+            "solid_mode": mode,
+            "intermediate_graphite_rule": t_mid_rule,
+            "clipped_voxels": {"top": n_clipped_top, "bottom": n_clipped_bottom},
+        },
         "median_size": int(median_size),
         "denoise": denoise_info,
         "cleanup": cleanup_info,
@@ -526,6 +545,37 @@ def multistage_slabs(
     }
     logger.debug("multistage thresholds: pore %.4g, intermediate/graphite %.4g, si %.4g", t_pore, t_mid, t_si)
     return labels, info
+
+
+#: Share of the voxels at exactly the image's maximum (minimum) gray value from which the image
+#: counts as clipped (saturated) at that end of its range (:func:`multistage_threshold`).
+CLIPPED_FRACTION = 1e-3
+#: Share of clipped voxels (both ends) from which stage 5 is skipped: its blurred-label model
+#: cannot explain values cut off at the range's ends.
+CLIPPED_REFINE_LIMIT = 1e-2
+
+
+def _clipped_ends(array: np.ndarray, slabs: Slabs) -> tuple[np.ndarray | None, int, int]:
+    """``(mask of the voxels clipped at the top or None, voxels clipped at the top, at the bottom)``.
+
+    An end counts as clipped when at least :data:`CLIPPED_FRACTION` of the voxels sit at exactly
+    the image's maximum (minimum) gray value: a gray image with noise reaches its extremes at a
+    handful of voxels unless its range was cut off (a saturated 8-bit export). Collective."""
+    total = max(int(slabs.sum_int(int(array.size))), 1)
+    counts, top_mask = [], None
+    for end in ("top", "bottom"):
+        value = (
+            slabs.max(float(array.max()) if array.size else -np.inf)
+            if end == "top"
+            else slabs.min(float(array.min()) if array.size else np.inf)
+        )
+        mask = array == value
+        n = int(slabs.sum_int(int(np.count_nonzero(mask))))
+        clipped = n >= CLIPPED_FRACTION * total
+        counts.append(n if clipped else 0)
+        if end == "top" and clipped:
+            top_mask = mask
+    return top_mask, counts[0], counts[1]
 
 
 #: Relative excess of the refinement's final energy with the Si candidates over the one without
