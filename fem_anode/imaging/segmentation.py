@@ -281,7 +281,7 @@ def multistage_threshold(
     wrong particle voxel by voxel but cannot create one), and its prior weights pore-graphite and
     pore-Si contacts by ``coating_weight`` (solids coated by the intermediate domain). It also
     runs from the stage-4 labels alone and keeps that result when the candidates end more than
-    :data:`SI_CANDIDATE_ENERGY_TOLERANCE` (2 %) higher in energy (candidates in a textured,
+    :data:`SI_CANDIDATE_ENERGY_TOLERANCE` (0.5 %) higher in energy (candidates in a textured,
     coarse graphite phase rather than sub-resolution Si).
 
     Args:
@@ -580,7 +580,7 @@ def _clipped_ends(array: np.ndarray, slabs: Slabs) -> tuple[np.ndarray | None, i
 
 #: Relative excess of the refinement's final energy with the Si candidates over the one without
 #: them up to which the candidates are kept (:func:`multistage_threshold`, stage 5).
-SI_CANDIDATE_ENERGY_TOLERANCE = 0.02
+SI_CANDIDATE_ENERGY_TOLERANCE = 0.005
 
 
 def _final_energy(info: Mapping[str, Any]) -> float:
