@@ -20,3 +20,4 @@ run diffusion_mpi2   "${mpi[@]}" $py benchmarks/bench_diffusion.py --cases roi2-
 run meshing          $py benchmarks/bench_meshing.py --roi-sizes 2,4,8 --volumes 50,100
 run phasefield       $py benchmarks/bench_phasefield.py --sizes 2e-9,1e-9,5e-10
 run phasefield_mpi2  "${mpi[@]}" $py benchmarks/bench_phasefield.py --sizes 1e-9
+run seg_robust       $py benchmarks/bench_segmentation_robustness.py --seeds 24

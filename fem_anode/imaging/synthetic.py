@@ -14,6 +14,9 @@ Three generators, each returning a :class:`~fem_anode.io.images.VoxelImage` with
 * :func:`render_gray` -- a gray-value rendering of any label image (per-phase gray levels,
   Gaussian blur, Gaussian noise and optionally a FIB-SEM shine-through artefact inside pores)
   so that segmentation can be tested against the known labels.
+* :func:`random_anode_slice` -- a 2D gray slice and its labels with the structure *and* the
+  imaging drawn at random (phase fractions, coating thickness, gray levels, blur, noise), for
+  robustness studies: a method tuned to one rendering meets many here.
 
 Phase maps: :data:`ANODE_PHASES` for volumes, :data:`ROI_PHASES` for the 2D ROI.
 """
@@ -36,6 +39,7 @@ __all__ = [
     "fib_sem_roi",
     "render_gray",
     "random_spheres",
+    "random_anode_slice",
 ]
 
 #: Phase map of :func:`anode_volume` (names as in the paper: intermediate domain = ``sei``).
@@ -267,3 +271,51 @@ def _voxel_size(value: float | Sequence[float], ndim: int) -> tuple[float, ...]:
     if len(values) != ndim or not all(v > 0 for v in values):
         raise UsageError(f"voxel_size must be positive, one value or {ndim}, got {value}")
     return values
+
+
+def random_anode_slice(seed: int, size: int = 256) -> tuple[VoxelImage, VoxelImage, dict[str, float]]:
+    """A 2D anode slice with random structure and imaging, for robustness studies.
+
+    Drawn from ``numpy.random.default_rng(seed)``, in this order: pore fraction U(0.15, 0.5), Si
+    fraction U(0.02, 0.15), coating thickness 1-3 pixels, gray levels (pore U(0, 0.2), sei
+    U(0.3, 0.5), graphite U(0.5, 0.65), si U(0.75, 1), i.e. in the order the multistage method
+    assumes), blur U(0.5, 1.8) pixels, noise U(0.01, 0.06); then the structure: pores are the
+    lowest values of a Gaussian random field smoothed by U(4, 10) pixels, Si blobs the highest of
+    a second one (U(1.5, 5) pixels) outside the pores, the rest graphite, and every non-pore pixel
+    within the coating thickness of a pore the intermediate (sei) phase. The gray image is
+    ``blur(level[label]) + noise``.
+
+    Returns:
+        ``(gray, labels, parameters)``: float64 gray and uint8 labels (:data:`ANODE_PHASES`, no
+        voxel size), and the drawn parameters.
+    """
+    rng = np.random.default_rng(seed)
+    params = {
+        "pore_fraction": rng.uniform(0.15, 0.5),
+        "si_fraction": rng.uniform(0.02, 0.15),
+        "coating_pixels": float(rng.integers(1, 4)),
+    }
+    levels = {"pore": rng.uniform(0, 0.2), "sei": rng.uniform(0.3, 0.5)}
+    levels["graphite"] = rng.uniform(0.5, 0.65)
+    levels["si"] = rng.uniform(0.75, 1.0)
+    params["blur_pixels"] = rng.uniform(0.5, 1.8)
+    params["noise"] = rng.uniform(0.01, 0.06)
+    pore_field = ndimage.gaussian_filter(rng.normal(size=(size, size)), rng.uniform(4, 10))
+    si_field = ndimage.gaussian_filter(rng.normal(size=(size, size)), rng.uniform(1.5, 5))
+    labels = np.full((size, size), ANODE_PHASES["graphite"], np.uint8)
+    labels[pore_field < np.quantile(pore_field, params["pore_fraction"])] = ANODE_PHASES["pore"]
+    solid_si = (si_field > np.quantile(si_field, 1 - params["si_fraction"])) & (labels == ANODE_PHASES["graphite"])
+    labels[solid_si] = ANODE_PHASES["si"]
+    pore = labels == ANODE_PHASES["pore"]
+    coating = ndimage.binary_dilation(pore, iterations=int(params["coating_pixels"])) & ~pore
+    labels[coating] = ANODE_PHASES["sei"]
+    gray = np.zeros((size, size))
+    for name, value in levels.items():
+        gray[labels == ANODE_PHASES[name]] = value
+    gray = ndimage.gaussian_filter(gray, params["blur_pixels"]) + rng.normal(0, params["noise"], gray.shape)
+    params.update({f"level_{name}": float(value) for name, value in levels.items()})
+    return (
+        VoxelImage(gray, None, None, f"random_anode_slice({seed})"),
+        VoxelImage(labels, None, dict(ANODE_PHASES), f"random_anode_slice({seed})"),
+        {k: float(v) for k, v in params.items()},
+    )
