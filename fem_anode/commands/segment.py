@@ -611,7 +611,12 @@ def _run_trainable(args: argparse.Namespace) -> int:
             "training": model.training,
             "versions": model.versions,
         },
-        "slabs": {"ranks": size, "bounds": bounds, "halo_layers": tr.feature_halo(model.settings)},
+        "slabs": {
+            "ranks": size,
+            "bounds": bounds,
+            "halo_layers": 0 if model.slice_by_slice(shape) else tr.feature_halo(model.settings),
+            "slice_by_slice": model.slice_by_slice(shape),
+        },
     }
     _finish_slabs(args, comm, image, shape, bounds, labels, phases, report)
     return 0

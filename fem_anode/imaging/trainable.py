@@ -26,7 +26,9 @@ are enough), train a random forest on local features of every labelled voxel, pr
   with auto-context), so
   that every voxel's features, hence its label, are exactly those of the whole image (block
   seams are invisible) while only one block's features are in memory; under MPI every rank
-  predicts its own slab of layers.
+  predicts its own slab of layers. A model trained on 2D images segments a volume slice by
+  slice (axis 0), each slice as the 2D image it would be on its own (the ilastik workflow of
+  labelling exported slices and applying the classifier to the stack).
 * Model files (:func:`save_model`, :func:`load_model`): the forest with the feature settings,
   the phase map, the image dimension and the package and scikit-learn versions; loading checks
   them. Model files are pickles (joblib): **load only model files you trust** (a pickle can run
@@ -361,11 +363,16 @@ class TrainedClassifier:
     context_forest: Any = None
 
     def check_image(self, shape: Sequence[int], source: str = "<image>") -> None:
-        """UsageError if an image of this shape cannot be segmented with this model."""
-        if len(shape) != self.ndim:
+        """UsageError if an image of this shape cannot be segmented with this model: a 3D model
+        needs a 3D image; a 2D model takes a 2D image, or a volume slice by slice (axis 0)."""
+        if len(shape) != self.ndim and not (self.ndim == 2 and len(shape) == 3):
             raise UsageError(
                 f"{source}: the model was trained on {self.ndim}D images, this image is {len(shape)}D {tuple(shape)}"
             )
+
+    def slice_by_slice(self, shape: Sequence[int]) -> bool:
+        """Whether an image of this shape is segmented slice by slice (a 2D model on a volume)."""
+        return self.ndim == 2 and len(shape) == 3
 
 
 def _versions() -> dict[str, str]:
@@ -938,11 +945,13 @@ def predict_labels(
         read: LayerReader = lambda a, b: array[a:b]  # noqa: E731
     else:
         read = read_layers
-    read = _gray_reader(read, shape, model.settings)
     nz = shape[0]
     z1 = nz if z1 is None else int(z1)
     if not 0 <= z0 <= z1 <= nz:
         raise UsageError(f"layers {z0}..{z1} are outside the image's {nz} layers")
+    if model.slice_by_slice(shape):
+        return _predict_slices(read, shape, model, z0, z1, chunk_memory, progress)
+    read = _gray_reader(read, shape, model.settings)
     out: np.ndarray = np.empty((z1 - z0, *shape[1:]), dtype=_label_dtype(model.phases))
     n_features = model.settings.n_features(len(shape))
     if model.forest.n_features_in_ != n_features:
@@ -978,6 +987,32 @@ def predict_labels(
                 if all(sl.stop - sl.start == n for sl, n in zip(box, shape[1:]))
                 else f" (tile {[(sl.start, sl.stop) for sl in box]})",
                 100.0 * done / max(out.size, 1),
+                z0,
+                z1 - 1,
+            )
+    return out
+
+
+def _predict_slices(
+    read: LayerReader,
+    shape: tuple[int, ...],
+    model: TrainedClassifier,
+    z0: int,
+    z1: int,
+    chunk_memory: float,
+    progress: bool,
+) -> np.ndarray:
+    """A 2D model on the z-slices ``z0 .. z1 - 1`` of a volume, each slice an image of its own (its
+    features, its gray normalisation), as if the slices had been given one by one."""
+    out: np.ndarray = np.empty((z1 - z0, *shape[1:]), dtype=_label_dtype(model.phases))
+    for z in range(z0, z1):
+        layer = np.asarray(read(z, z + 1))[0]
+        out[z - z0] = predict_labels(layer, layer.shape, model, chunk_memory=chunk_memory, progress=False)
+        if progress and ((z - z0 + 1) % max(1, (z1 - z0) // 10) == 0 or z == z1 - 1):
+            logger.info(
+                "trainable segmentation (2D model, slice by slice): slice %d predicted, %.0f %% of slices %d..%d",
+                z,
+                100.0 * (z - z0 + 1) / max(z1 - z0, 1),
                 z0,
                 z1 - 1,
             )

@@ -123,6 +123,32 @@ def test_trainable_cli_round_trip_and_ranks(inputs, comm, context):
         assert (d / name).stat().st_size > 5000
 
 
+def test_a_2d_model_on_a_volume_over_ranks(inputs, comm):
+    """A classifier trained on one exported 2D slice, applied with --model to the 3D stack on any
+    number of ranks: the labels of every slice are those of the slice segmented on its own."""
+    d = inputs
+    if comm.rank == 0:
+        gray = read_image(d / "gray.npy", kind="gray").array
+        truth = read_image(d / "truth.npy", kind="labels").array
+        write_image(d / "slice.npy", VoxelImage(gray[5], (0.65e-6,) * 2))
+        write_image(d / "slice_labels.npy", VoxelImage(truth[5], (0.65e-6,) * 2))
+    comm.barrier()
+    train = ["segment", str(d / "slice.npy"), "--method", "trainable", "--trees", "10"]
+    train += ["--train", f"{d / 'slice.npy'}:{d / 'slice_labels.npy'}", "--save-model", str(d / "m2d.joblib")]
+    assert main([*train, "--out", str(d / "slice_out.npy"), "-q"]) == 0
+    comm.barrier()
+    args = ["segment", str(d / "gray.npy"), "--method", "trainable", "--model", str(d / "m2d.joblib")]
+    assert main([*args, "--truth", str(d / "truth.npy"), "--out", str(d / "stack_out.npy"), "-q"]) == 0
+    comm.barrier()
+    model = load_model(d / "m2d.joblib", ANODE_PHASES)
+    gray = read_image(d / "gray.npy", kind="gray").array
+    expected = np.stack([predict_labels(g, g.shape, model, progress=False) for g in gray])
+    np.testing.assert_array_equal(read_image(d / "stack_out.npy", kind="labels").array, expected)
+    report = json.loads((d / "stack_out.npy.report.json").read_text())
+    assert report["slabs"]["slice_by_slice"] and report["slabs"]["halo_layers"] == 0
+    assert report["accuracy"]["mean_iou"] > 0.6
+
+
 def test_multistage_cli_accuracy_outputs(inputs, comm):
     d = inputs
     assert (

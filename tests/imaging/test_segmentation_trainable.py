@@ -164,6 +164,25 @@ def test_gray_normalisation_makes_a_model_independent_of_the_gray_scale(aged_cas
         FeatureSettings(gray_normalisation="minmax")
 
 
+def test_a_2d_model_segments_a_volume_slice_by_slice(aged_case):
+    """Labels drawn on exported 2D slices, classifier applied to the stack (ilastik workflow):
+    each z-slice is segmented as the 2D image it is on its own, for any range of slices (MPI
+    slabs), with its own gray normalisation."""
+    truth, gray, _ = aged_case
+    settings = FeatureSettings(gray_normalisation="percentiles")
+    model = train_classifier(
+        [(gray[6], truth.array[6]), (gray[18], truth.array[18])], ANODE_PHASES, settings=settings, n_estimators=20
+    )
+    assert model.ndim == 2 and model.slice_by_slice(SHAPE) and not model.slice_by_slice(SHAPE[1:])
+    whole = predict_labels(gray, SHAPE, model, progress=False)
+    slices = np.stack([predict_labels(gray[z], SHAPE[1:], model, progress=False) for z in range(SHAPE[0])])
+    np.testing.assert_array_equal(whole, slices)
+    np.testing.assert_array_equal(predict_labels(gray, SHAPE, model, z0=5, z1=9, progress=False), whole[5:9])
+    from fem_anode.imaging.accuracy import accuracy_report
+
+    assert accuracy_report(whole, truth.array, ANODE_PHASES)["mean_iou"] > 0.7
+
+
 def test_training_errors_are_clear():
     truth = anode_volume((8, 16, 16), seed=1)
     gray = render_gray(truth, seed=1).array
