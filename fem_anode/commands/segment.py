@@ -284,6 +284,11 @@ def _check_options(args: argparse.Namespace) -> None:
 
     if args.out.suffix.lower() == ".png":
         raise UsageError("--out: write labels as .npy, .npz, .tif or a folder (PNG cannot hold 3D volumes)")
+    inputs = [("the image", args.image), ("--truth", args.truth), ("--model", args.model)]
+    inputs += [("--train", Path(part)) for pair in args.train for part in pair.rpartition(":")[::2] if part]
+    for name, path in inputs:
+        if path is not None and Path(path).resolve() == args.out.resolve():
+            raise UsageError(f"--out {args.out} is {name}: the labels would overwrite an input; choose another name")
     if args.median > 0:
         check_int(args.median, "--median", 0, 10_000)
     if args.method == "region":
@@ -436,7 +441,11 @@ def _run_classic(args: argparse.Namespace) -> int:
             **cleaning,
         )
     else:
-        result = seg.threshold_segmentation(gray, phases, order=order)
+        from fem_anode.io.images import VoxelImage
+
+        flat = seg._flatten(np.asarray(gray.array, dtype=np.float64), args.illumination)
+        result = seg.threshold_segmentation(VoxelImage(flat, gray.voxel_size, None, gray.source), phases, order=order)
+        result.info["illumination_degree"] = args.illumination
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     comm = world_comm()
     truth_array = None

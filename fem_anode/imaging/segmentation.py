@@ -352,7 +352,8 @@ def _multistage_phases(phases: Mapping[str, int] | None) -> dict[str, int]:
     missing = [r for r in MULTISTAGE_ROLES if r not in phases]
     if missing:
         raise UsageError(
-            f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)}"
+            f"multistage segmentation needs the phases {', '.join(MULTISTAGE_ROLES)}; missing {', '.join(missing)} "
+            "(for other phase sets use --method threshold with --order, darkest first, or --method trainable)"
         )
     return dict(phases)
 
