@@ -441,11 +441,7 @@ def _run_classic(args: argparse.Namespace) -> int:
             **cleaning,
         )
     else:
-        from fem_anode.io.images import VoxelImage
-
-        flat = seg._flatten(np.asarray(gray.array, dtype=np.float64), args.illumination)
-        result = seg.threshold_segmentation(VoxelImage(flat, gray.voxel_size, None, gray.source), phases, order=order)
-        result.info["illumination_degree"] = args.illumination
+        result = seg.threshold_segmentation(gray, phases, order=order, illumination_degree=args.illumination)
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     comm = world_comm()
     truth_array = None

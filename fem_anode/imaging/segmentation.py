@@ -170,6 +170,7 @@ def threshold_segmentation(
     *,
     order: Sequence[str] | None = None,
     thresholds: Sequence[float] | None = None,
+    illumination_degree: int | None = None,
 ) -> SegmentationResult:
     """Plain global pixel threshold: each voxel gets the class of its own gray value.
 
@@ -179,8 +180,14 @@ def threshold_segmentation(
         order: phase names from darkest to brightest (default: the phase map's order).
         thresholds: the ``n - 1`` increasing gray thresholds; default
             :func:`multiclass_isodata` of the whole image.
+        illumination_degree: if set, remove a smooth in-plane background first
+            (:func:`~fem_anode.imaging.denoise.flatten_illumination` of this polynomial degree).
     """
     array, image = _gray_array(gray)
+    if illumination_degree is not None:
+        if not 1 <= int(illumination_degree) <= 4:
+            raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
+        array = _flatten(np.asarray(array, dtype=np.float64), int(illumination_degree))
     phases, names = _ordered_phases(phases, order, ("pore", "sei", "si"))
     if thresholds is None:
         t = multiclass_isodata(array, len(names))[0]
@@ -191,7 +198,7 @@ def threshold_segmentation(
     classes = np.searchsorted(t, array, side="right")
     lut = np.array([phases[n] for n in names])
     labels: np.ndarray = lut[classes].astype(_label_dtype(phases))
-    info = {"method": "threshold", "order": names, "thresholds": t.tolist()}
+    info = {"method": "threshold", "order": names, "thresholds": t.tolist(), "illumination_degree": illumination_degree}
     return SegmentationResult(VoxelImage(labels, image.voxel_size, phases, f"threshold({image.source})"), info)
 
 
