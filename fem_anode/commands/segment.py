@@ -311,6 +311,7 @@ def _check_options(args: argparse.Namespace) -> None:
         "--train": bool(args.train),
         "--model": args.model is not None,
         "--save-model": args.save_model is not None,
+        "--gray-normalisation": args.gray_normalisation != "none",
     }
     if args.method != "trainable":
         given = [k for k, v in trainable_only.items() if v]

@@ -260,6 +260,12 @@ ERRORS = [
         2,
         "belong to --method trainable",
     ),
+    (
+        ["--method", "multistage", "--gray-normalisation", "percentiles", "--out", "{d}/x.npy"],
+        2,
+        "--gray-normalisation belong to --method trainable",
+    ),
+    (["--out", "{d}/gray.npy"], 2, "the labels would overwrite an input"),
     (["--truth", "{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "differs from the image"),
     (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be > 0"),
     (["--psf-sigma", "0", "--out", "{d}/x.npy"], 2, "--psf-sigma must be >= 0.05"),
