@@ -184,10 +184,7 @@ def threshold_segmentation(
             (:func:`~fem_anode.imaging.denoise.flatten_illumination` of this polynomial degree).
     """
     array, image = _gray_array(gray)
-    if illumination_degree is not None:
-        if not 1 <= int(illumination_degree) <= 4:
-            raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
-        array = _flatten(np.asarray(array, dtype=np.float64), int(illumination_degree))
+    array = _flatten(array, illumination_degree)  # validates the degree
     phases, names = _ordered_phases(phases, order, ("pore", "sei", "si"))
     if thresholds is None:
         t = multiclass_isodata(array, len(names))[0]

@@ -496,11 +496,14 @@ def gray_percentiles(
     return float(lo), float(hi)
 
 
-def _gray_reader(read: LayerReader, shape: Sequence[int], settings: FeatureSettings) -> LayerReader:
-    """``read`` with :attr:`FeatureSettings.gray_normalisation` applied (float32 layers)."""
+def _gray_reader(
+    read: LayerReader, shape: Sequence[int], settings: FeatureSettings, reference: tuple[float, float] | None = None
+) -> LayerReader:
+    """``read`` with :attr:`FeatureSettings.gray_normalisation` applied (float32 layers), from the
+    image's :func:`gray_percentiles` (``reference`` if already known)."""
     if settings.gray_normalisation == "none":
         return read
-    lo, hi = gray_percentiles(read, shape, settings)
+    lo, hi = reference if reference is not None else gray_percentiles(read, shape, settings)
     if not hi > lo:
         raise InputError(
             f"the gray image is constant between its {GRAY_PERCENTILES[0]:g}th and {GRAY_PERCENTILES[1]:g}th "
@@ -630,6 +633,7 @@ def train_classifier(
         raise InputError(f"training images must all be 2D or all 3D, got dimensions {sorted(ndims)}")
     ndim = ndims.pop()
     xs, ys, where = [], [], []  # where: (pair, flat index) of each labelled voxel
+    references = []  # gray_percentiles of each training image
     context = settings.auto_context
     for i_pair, ((gray, labels), name) in enumerate(zip(pairs, names)):
         gray, labels = np.asarray(gray), np.asarray(labels)
@@ -652,7 +656,8 @@ def train_classifier(
         # volume cost two thin slabs, not the volume)
         layers = np.flatnonzero([np.any(labels[z] != unlabelled) for z in range(labels.shape[0])])
         runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1) if len(layers) else []
-        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings)
+        references.append(gray_percentiles(gray, gray.shape, settings))
+        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings, references[-1])
         for run in runs:
             for a, b, box, feats in _iterate_blocks(
                 read, gray.shape, int(run[0]), int(run[-1]) + 1, settings, chunk_memory
@@ -701,9 +706,8 @@ def train_classifier(
     folds_info: dict[str, Any] = {}
     if context:
         context_forest, folds_info = _train_context_forest(
-            pairs, positions, keep, x, y, forest.classes_, settings, chunk_memory, unlabelled, new_forest
+            pairs, positions, keep, x, y, forest.classes_, settings, chunk_memory, unlabelled, new_forest, references
         )
-    gray_ranges = [list(gray_percentiles(np.asarray(g), np.shape(g), settings)) for g, _ in pairs]
     training = {
         "images": names,
         "labelled_voxels": counts,
@@ -712,7 +716,7 @@ def train_classifier(
         "n_estimators": int(n_estimators),
         "max_depth": max_depth,
         "unlabelled": int(unlabelled),
-        "gray_p1_p99": gray_ranges,
+        "gray_p1_p99": [list(r) for r in references],
         "feature_importances": forest.feature_importances_.tolist(),
         **folds_info,
     }
@@ -760,6 +764,7 @@ def _train_context_forest(
     chunk_memory: float,
     unlabelled: int,
     new_forest: Callable[[], Any],
+    references: Sequence[tuple[float, float]],
 ) -> tuple[Any, dict[str, Any]]:
     """The second (auto-context) forest: trained on the image features plus cross-fitted context
     features (Tu & Bai 2010): the probabilities at a voxel of fold ``k`` come from a forest
@@ -782,7 +787,7 @@ def _train_context_forest(
         plane = int(np.prod(labels.shape[1:]))
         layers = np.unique(positions[mine, 1] // plane)
         runs = np.split(layers, np.flatnonzero(np.diff(layers) > 1) + 1)
-        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings)
+        read = _gray_reader(functools.partial(_layers_of, gray), gray.shape, settings, references[i])
         for run in runs:
             for a, b, box, feats in _iterate_blocks(
                 read,
