@@ -251,5 +251,5 @@ def denoise_gray(
         from skimage import restoration
 
         out = restoration.denoise_tv_chambolle(a, weight=strength * sigma, channel_axis=None)
-    logger.debug("denoised (%s) with noise sigma %.4g (%s)", method, sigma, "estimated" if estimated else "given")
+    logger.info("denoised (%s) with noise sigma %.4g (%s)", method, sigma, "estimated" if estimated else "given")
     return np.asarray(out, dtype=np.float64), info

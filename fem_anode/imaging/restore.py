@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -354,6 +355,10 @@ def _scatter_update(
         np.subtract.at(flat, idx[keep], values[keep])
 
 
+#: Sweeps of :func:`blur_aware_icm` that take longer than this (s) are logged at INFO level.
+PROGRESS_SECONDS = 5.0
+
+
 def blur_aware_icm(
     gray: np.ndarray,
     classes: np.ndarray,
@@ -495,6 +500,7 @@ def blur_aware_icm(
     changed_per_sweep: list[int] = []
     levels_per_sweep: list[list[float]] = []
     for _sweep in range(max_sweeps):
+        sweep_start = time.perf_counter()
         mu32 = np.nan_to_num(mu).astype(np.float32)
         c = _blur(g - model, psf_sigma)  # K * (g - K * f)
         padded = np.pad(cls, 1, mode="constant", constant_values=n)
@@ -567,7 +573,15 @@ def blur_aware_icm(
             model = _blur(mu32[cls], psf_sigma)
         levels_per_sweep.append([float(v) for v in mu])
         energies.append(energy())
-        logger.debug("blur-aware ICM sweep %d: %d voxels changed, energy %.6g", _sweep, changed_total, energies[-1])
+        logger.log(
+            # progress of long runs (a large volume); short ones only at debug level
+            logging.INFO if time.perf_counter() - sweep_start > PROGRESS_SECONDS else logging.DEBUG,
+            "blur-aware ICM sweep %d of at most %d: %d voxels changed, energy %.6g",
+            _sweep + 1,
+            max_sweeps,
+            changed_total,
+            energies[-1],
+        )
         if changed_total < tol * size:
             break
     info = {

@@ -458,6 +458,13 @@ def multistage_slabs(
         ) < slabs.max(float(below_mode.max()) if below_mode.size else -np.inf):
             t_mid, t_mid_rule = threshold(below_mode), "below_solid_mode"
     t_pore = threshold(array[array < t_mid])
+    logger.info(
+        "multistage stage 1: pore / solid split %.4g, graphite peak %.4g, intermediate/graphite %.4g (%s)",
+        t_0,
+        mode,
+        t_mid,
+        t_mid_rule,
+    )
     bright = solid_values[solid_values >= mode]
     n_bright = int(slabs.sum_int(int(bright.size)))
     top = slabs.max(float(bright.max()) if bright.size else -np.inf)
@@ -516,8 +523,10 @@ def multistage_slabs(
             labels = labels.copy()
             labels[seeds] = phases["si"]
         del seeds
+        logger.info("multistage stage 5: blur-aware refinement from the stage-4 labels with %d Si candidates", n_seeded)
         labels, refine_info = _refine_blur_aware(raw, labels, phases, slabs, **refine_settings)
         if n_seeded and "energy_per_sweep" in refine_info:
+            logger.info("multistage stage 5: the same without the Si candidates, to compare the energies")
             # the candidates are for blurred sub-resolution Si; where they make the fitted model
             # explain the image clearly worse than the stage-4 labels alone, the latter are kept
             plain, plain_info = _refine_blur_aware(raw, stage4, phases, slabs, **refine_settings)
@@ -527,6 +536,12 @@ def multistage_slabs(
             if not kept:
                 labels, refine_info = plain, plain_info
             refine_info["si_candidates"] = choice
+            logger.info(
+                "multistage stage 5: Si candidates %s (final energy %.6g with them, %.6g without)",
+                "kept" if kept else "dropped",
+                with_candidates,
+                without,
+            )
         del stage4
     total = max(int(slabs.sum_int(int(labels.size))), 1)
     info = {

@@ -109,6 +109,26 @@ def test_icm_works_on_2d_images():
     assert np.count_nonzero(refined != classes) < 0.8 * np.count_nonzero(start != classes)  # measured 110 vs 154
 
 
+def test_icm_reports_progress_of_slow_sweeps(monkeypatch, caplog):
+    """A sweep longer than ``PROGRESS_SECONDS`` is logged at INFO (progress of a large volume);
+    short ones only at DEBUG, so small runs stay quiet."""
+    import logging
+
+    from fem_anode.imaging import restore
+
+    classes = _phantom(shape=(32, 32), seed=4)
+    levels = np.array([0.1, 0.45, 0.9])
+    gray = _render(classes, levels, 1.0, 0.03, seed=3)
+    with caplog.at_level(logging.INFO, logger="fem_anode"):
+        blur_aware_icm(gray, classes.astype(np.int8), levels, psf_sigma=1.0, noise_sigma=0.03, max_sweeps=2)
+    assert not [r for r in caplog.records if "ICM sweep" in r.getMessage()]
+    monkeypatch.setattr(restore, "PROGRESS_SECONDS", -1.0)
+    with caplog.at_level(logging.INFO, logger="fem_anode"):
+        blur_aware_icm(gray, classes.astype(np.int8), levels, psf_sigma=1.0, noise_sigma=0.03, max_sweeps=2)
+    sweeps = [r for r in caplog.records if "ICM sweep" in r.getMessage()]
+    assert sweeps and all(r.levelno == logging.INFO for r in sweeps) and "of at most 2" in sweeps[0].getMessage()
+
+
 @pytest.fixture(scope="module")
 def volumes():
     out = {}
