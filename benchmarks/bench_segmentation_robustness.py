@@ -13,9 +13,14 @@ each slice is segmented
   scribbles; default features, 32 trees).
 
 Reported per method and variant: the median, minimum and mean over the seeds of the mean IoU over
-the four phases, and the number of slices below 0.6. Usage::
+the four phases, and the number of slices below 0.6.
 
-    .venv/bin/python benchmarks/bench_segmentation_robustness.py --seeds 24
+With ``--volumes K`` it also checks stage 5's Si-candidate rule on K random 3D volumes
+(``anode_volume`` 32 x 64 x 64 with random graphite and Si fractions, coating thickness and
+ageing, rendered with random gray levels, blur and noise): the ratio of the final energies with
+and without the candidates, the rule's choice, and the mean IoU with and without them. Usage::
+
+    .venv/bin/python benchmarks/bench_segmentation_robustness.py --seeds 24 --volumes 10
 """
 
 from __future__ import annotations
@@ -38,6 +43,62 @@ def eight_bit_export(gray: np.ndarray, cut_percent: float = 3.0) -> np.ndarray:
     return np.clip((gray - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
 
 
+def candidate_check(n_volumes: int) -> list[dict[str, object]]:
+    """Stage 5 with and without the Si candidates on random 3D volumes (see the module docstring)."""
+    from fem_anode.imaging import segmentation
+    from fem_anode.imaging.accuracy import accuracy_report
+    from fem_anode.imaging.synthetic import ANODE_PHASES, anode_volume, render_gray
+
+    rows: list[dict[str, object]] = []
+    for seed in range(n_volumes):
+        rng = np.random.default_rng(500 + seed)
+        truth = anode_volume(
+            (32, 64, 64),
+            seed=seed,
+            aged=bool(rng.integers(0, 2)),
+            graphite_fraction=rng.uniform(0.2, 0.45),
+            si_fraction=rng.uniform(0.03, 0.15),
+            binder_thickness=rng.uniform(0.5, 2.0),
+        )
+        levels = {
+            "pore": rng.uniform(0, 0.2),
+            "sei": rng.uniform(0.3, 0.5),
+            "graphite": rng.uniform(0.5, 0.65),
+            "si": rng.uniform(0.75, 1.0),
+        }
+        gray = render_gray(
+            truth, gray_levels=levels, blur_sigma=rng.uniform(0.5, 1.5), noise_sigma=rng.uniform(0.01, 0.06), seed=seed
+        )
+        chosen = segmentation.multistage_threshold(gray)
+        without = segmentation.multistage_threshold(gray, si_seeds=False)
+        choice = chosen.info["refine"]["si_candidates"]
+        iou_without = accuracy_report(without.labels.array, truth.array, ANODE_PHASES)["mean_iou"]
+        if choice["kept"]:
+            iou_with = accuracy_report(chosen.labels.array, truth.array, ANODE_PHASES)["mean_iou"]
+        else:  # the rule dropped them: the labels with them, for the comparison
+            tolerance = segmentation.SI_CANDIDATE_ENERGY_TOLERANCE
+            segmentation.SI_CANDIDATE_ENERGY_TOLERANCE = float("inf")
+            try:
+                forced = segmentation.multistage_threshold(gray)
+            finally:
+                segmentation.SI_CANDIDATE_ENERGY_TOLERANCE = tolerance
+            iou_with = accuracy_report(forced.labels.array, truth.array, ANODE_PHASES)["mean_iou"]
+        rows.append(
+            {
+                "volume_seed": seed,
+                "energy_ratio_with_without": round(choice["energy_with"] / choice["energy_without"], 5),
+                "candidates_kept": bool(choice["kept"]),
+                "mean_iou_with": round(iou_with, 4),
+                "mean_iou_without": round(iou_without, 4),
+                "rule_chose_the_better": bool((iou_with >= iou_without) == choice["kept"]),
+            }
+        )
+        print(rows[-1], flush=True)
+    if rows:
+        common.print_table(rows, title="Si candidates on random 3D volumes")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=24, help="slices (seeds 0..N-1; default 24)")
@@ -45,6 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", default="multistage,no-refine,trainable", help="comma-separated (default all three)"
     )
+    parser.add_argument("--volumes", type=int, default=0, help="random 3D volumes for the Si-candidate check")
     args = parser.parse_args()
     from fem_anode.imaging.accuracy import accuracy_report
     from fem_anode.imaging.segmentation import multistage_threshold
@@ -80,6 +142,8 @@ def main() -> None:
     for variant in ("float", "8-bit, 6 % clipped"):
         for method in methods:
             values = np.array([r[method] for r in rows if r["variant"] == variant and r.get(method) is not None])
+            if not values.size:
+                continue
             summary.append(
                 {
                     "variant": variant,
@@ -91,7 +155,9 @@ def main() -> None:
                     "below_0.6": int(np.count_nonzero(values < 0.6)),
                 }
             )
-    common.print_table(summary, title="mean IoU over the random slices")
+    if summary:
+        common.print_table(summary, title="mean IoU over the random slices")
+    summary += candidate_check(args.volumes)
     common.append_results(
         "segmentation_robustness",
         summary + rows,
