@@ -421,8 +421,8 @@ def multistage_slabs(
         raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
     coating_pair_weights(coating_weight)  # a bad weight or level fails before any work
     given_levels = _role_levels(levels)
-    clipped, n_clipped_top, n_clipped_bottom = _clipped_ends(array, slabs)
-    clipped_share = (n_clipped_top + n_clipped_bottom) / max(int(slabs.sum_int(int(array.size))), 1)
+    clipped, n_clipped_top, n_clipped_bottom, n_total = _clipped_ends(array, slabs)
+    clipped_share = (n_clipped_top + n_clipped_bottom) / n_total
     if illumination_degree is not None:
         if not 1 <= int(illumination_degree) <= 4:
             raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
@@ -575,8 +575,9 @@ CLIPPED_FRACTION = 1e-3
 CLIPPED_REFINE_LIMIT = 1e-2
 
 
-def _clipped_ends(array: np.ndarray, slabs: Slabs) -> tuple[np.ndarray | None, int, int]:
-    """``(mask of the voxels clipped at the top or None, voxels clipped at the top, at the bottom)``.
+def _clipped_ends(array: np.ndarray, slabs: Slabs) -> tuple[np.ndarray | None, int, int, int]:
+    """``(mask of the voxels clipped at the top or None, voxels clipped at the top, at the bottom,
+    voxels in all)``.
 
     An end counts as clipped when at least :data:`CLIPPED_FRACTION` of the voxels sit at exactly
     the image's maximum (minimum) gray value: a gray image with noise reaches its extremes at a
@@ -595,7 +596,7 @@ def _clipped_ends(array: np.ndarray, slabs: Slabs) -> tuple[np.ndarray | None, i
         counts.append(n if clipped else 0)
         if end == "top" and clipped:
             top_mask = mask
-    return top_mask, counts[0], counts[1]
+    return top_mask, counts[0], counts[1], total
 
 
 #: Relative excess of the refinement's final energy with the Si candidates over the one without
