@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
+
+from fem_anode.fem.compiled import CompileError, compiled_library, load_collectively
 
 __all__ = [
     "CSRSweepKernel",
@@ -56,46 +54,11 @@ class SweepKernelUnavailable(RuntimeError):
     """The sweep kernels could not be compiled or loaded (the message says why)."""
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("FEM_ANODE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fem_anode"
-
-
-def _compile(target: Path) -> None:
-    """Compile the kernels into ``target`` (atomically: a temporary file, then a rename)."""
-    compiler = os.environ.get("CC", "cc")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", scratch, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            raise SweepKernelUnavailable(f"{compiler} failed: {done.stderr.strip()[:400]}")
-        os.replace(scratch, target)
-    except OSError as exc:  # no compiler, or the cache directory is not writable
-        raise SweepKernelUnavailable(f"cannot compile {_SOURCE.name}: {exc}") from exc
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-
-
 def _load_local() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + repr((os.environ.get("CC", "cc"), _FLAGS, platform.machine())).encode()).hexdigest()[
-        :16
-    ]
-    target = _cache_dir() / f"voxel_sweeps-{key}.so"
-    if not target.exists():
-        _compile(target)
     try:
-        library = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise SweepKernelUnavailable(f"cannot load {target}: {exc}") from exc
+        library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",))
+    except CompileError as exc:
+        raise SweepKernelUnavailable(str(exc)) from exc
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("fa_forward", "fa_backward", "fa_apply_upper"):
         function = getattr(library, name)
@@ -164,22 +127,11 @@ def load_sweep_library(comm: MPI.Comm) -> ctypes.CDLL:
     ranks then load them (or compile their own where the cache is not shared). Raises
     :class:`SweepKernelUnavailable` on every rank if any rank cannot have them."""
     global _library
-    error = ""
     if _library is None:
-        if comm.rank == 0:
-            try:
-                _library = _load_local()
-            except SweepKernelUnavailable as exc:
-                error = str(exc)
-        error = comm.bcast(error, root=0)
-        if comm.rank != 0 and not error:
-            try:
-                _library = _load_local()
-            except SweepKernelUnavailable as exc:
-                error = str(exc)
-    errors = [e for e in comm.allgather(error) if e]
-    if errors:
-        raise SweepKernelUnavailable(errors[0])
+        try:
+            _library = load_collectively(comm, _load_local)
+        except CompileError as exc:
+            raise SweepKernelUnavailable(str(exc)) from exc
     assert _library is not None
     return _library
 

@@ -47,6 +47,14 @@ single exact application (``preonly``).
 not at every Newton iteration), so the preconditioner is the exact inverse of the lagged
 bordered Jacobian and a Newton iteration without refactorisation costs no extra triangular
 solve; the mat-vecs use the current border.
+
+**Single precision** (``single_precision``, with reuse only): the lagged factorisation is
+MUMPS's in float32 (:class:`~fem_anode.fem.phasefield.mumps_single.SinglePrecisionLU`); the
+Krylov solve, the mat-vecs and Newton stay in double precision. A preconditioner lagged over
+Newton iterations and steps is limited by the lag, not by the rounding of its factors, and the
+factors are half the bytes a triangular solve reads. Should MUMPS fail in single precision, or a
+linear solve fail right after a fresh single-precision factorisation, the solver logs a warning
+and continues with the double-precision factorisation for the rest of the run.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from petsc4py import PETSc
 
 from fem_anode.errors import UsageError
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
+from fem_anode.fem.phasefield.mumps_single import FactorisationError, SinglePrecisionLU
 
 __all__ = ["BorderedNewton", "linear_solver_options"]
 
@@ -120,6 +129,8 @@ class BorderedNewton:
         stagnation: stop (as diverged) once Newton has run ``STAGNATION_START`` iterations and the
             last ``STAGNATION_WINDOW`` of them did not halve the residual: such an attempt almost
             never converges within ``max_it`` and the time step is retried smaller sooner.
+        single_precision: with reuse, factorise in single precision (see the module docstring;
+            the caller checks :func:`~fem_anode.fem.phasefield.mumps_single.single_precision_available`).
     """
 
     def __init__(
@@ -137,6 +148,7 @@ class BorderedNewton:
         refactor_on_stall: bool = False,
         linear_rtol: float | None = 1e-10,
         stagnation: bool = False,
+        single_precision: bool = False,
     ) -> None:
         self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
         V = w.function_space
@@ -157,6 +169,10 @@ class BorderedNewton:
             self.A.destroy()
             self.A = shared
         self.P: PETSc.Mat | None = None if reuse_factorisation else self.A  # the factorised matrix
+        #: the single-precision factorisation (replaces ``P`` and ``ksp``), if used
+        self.lu: SinglePrecisionLU | None = (
+            SinglePrecisionLU(self.comm) if single_precision and reuse_factorisation else None
+        )
         self.reuse, self.refactor_iterations = reuse_factorisation, refactor_iterations
         self.on_stall = reuse_factorisation and refactor_on_stall
         self._refactor = True
@@ -330,18 +346,24 @@ class BorderedNewton:
 
     def _factorise(self) -> None:
         """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""
-        if self.reuse:
-            if self.P is None:
-                self.P = self.A.copy()
+        if self.lu is not None:
+            try:
+                self.lu.factorise(self.A)
+            except FactorisationError as exc:
+                self._to_double_precision(str(exc))
+        if self.lu is None:
+            if self.reuse:
+                if self.P is None:
+                    self.P = self.A.copy()
+                else:
+                    self.A.copy(self.P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+            self.ksp.setOperators(self.P)
+            if self._linear_options is not None:  # first factorisation: with the package's options
+                with prefixed_options(self.ksp.getOptionsPrefix(), self._linear_options):
+                    self.ksp.setUp()
+                self._linear_options = None
             else:
-                self.A.copy(self.P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-        self.ksp.setOperators(self.P)
-        if self._linear_options is not None:  # first factorisation: with the package's options
-            with prefixed_options(self.ksp.getOptionsPrefix(), self._linear_options):
                 self.ksp.setUp()
-            self._linear_options = None
-        else:
-            self.ksp.setUp()
         self.factorisations += 1
         self._refactor, self._fresh = False, True
         self._update_border()
@@ -351,11 +373,33 @@ class BorderedNewton:
         bordered matrix whose exact inverse the preconditioner applies until the next factorisation."""
         if self.axial is None:
             return
-        self.ksp.solve(self.bvec, self.z2)
+        self.lagged_solve(self.bvec, self.z2)
         if self.c_lagged is None:
             self.c_lagged = self.cvec.duplicate()
         self.cvec.copy(self.c_lagged)
         self.schur = self.d - self.cvec.dot(self.z2)
+
+    def lagged_solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = P^-1 b`` with the current factorisation of ``A`` (without the border)."""
+        if self.lu is not None:
+            try:
+                self.lu.solve(b, x)
+                return
+            except FactorisationError as exc:
+                self._to_double_precision(str(exc))
+                self._factorise()
+        self.ksp.solve(b, x)
+
+    def _to_double_precision(self, reason: str) -> None:
+        """Give up the single-precision factorisation for the rest of the run (collective: the
+        reasons are MUMPS's global codes or a global convergence reason)."""
+        if self.lu is None:
+            return
+        if self.root:
+            logger.warning("%s: the phase field continues with a double-precision factorisation", reason)
+        self.lu.destroy()
+        self.lu = None
+        self.P = None
 
     def _converged(self, snes: PETSc.SNES, its: int, norms: tuple[float, float, float]) -> int:
         """PETSc's default test (absolute, relative to the first residual, step, divergence)
@@ -411,6 +455,8 @@ class BorderedNewton:
                     self._refactor = True
                     return False, self.snes.getIterationNumber(), f"PETSc error {err.ierr}"
                 reason = self.snes.getConvergedReason()
+                if reason == -3 and self.lu is not None and self._fresh:
+                    self._to_double_precision("a linear solve failed on a fresh single-precision factorisation")
                 if self.reuse:
                     self.linear_iterations += self.snes.getKSP().getIterationNumber()
                     if reason < 0:
@@ -437,6 +483,8 @@ class BorderedNewton:
             if o is not None
         }.values():
             obj.destroy()
+        if self.lu is not None:
+            self.lu.destroy()
 
 
 class _Shell:
@@ -463,7 +511,7 @@ class _Shell:
             nw._factorise()  # FGMRES: the preconditioner may change from here on
             nw._refactored_in_solve = True
         rl = nw._split(x, nw.xw)
-        nw.ksp.solve(nw.xw, nw.z1)
+        nw.lagged_solve(nw.xw, nw.z1)
         if nw.axial is None:
             nw._join(nw.z1, rl, y)
             return

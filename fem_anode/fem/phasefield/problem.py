@@ -45,10 +45,12 @@ import numpy as np
 import ufl
 from dolfinx import default_scalar_type, fem
 from mpi4py import MPI
+from petsc4py import PETSc
 
-from fem_anode.errors import InputError, SolverError
+from fem_anode.errors import InputError, SolverError, UsageError
 from fem_anode.fem.mesh_io import TaggedMesh
 from fem_anode.fem.phasefield import chemistry, kinematics
+from fem_anode.fem.phasefield.mumps_single import single_precision_available
 from fem_anode.fem.phasefield.newton import BorderedNewton, linear_solver_options
 from fem_anode.fem.phasefield.plasticity import STATE_SIZE, return_map_ufl, state_update_ufl
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
@@ -369,6 +371,7 @@ class PhaseFieldProblem:
             "snes_divergence_tolerance": 1e12,
             **sol.petsc_options,
         }
+        reuse = True if sol.reuse_factorisation is None else sol.reuse_factorisation
         return BorderedNewton(
             self.w,
             self.residual_form,
@@ -378,12 +381,39 @@ class PhaseFieldProblem:
             self.lam,
             linear,
             snes,
-            reuse_factorisation=True if sol.reuse_factorisation is None else sol.reuse_factorisation,
+            reuse_factorisation=reuse,
             refactor_iterations=sol.refactor_iterations,
             refactor_on_stall=sol.refactor_on_stall,
             linear_rtol=sol.linear_rtol,
             stagnation=sol.stop_on_stagnation,
+            single_precision=self._single_precision(reuse),
         )
+
+    def _single_precision(self, reuse: bool) -> bool:
+        """Whether the lagged factorisation is single precision (``solver.factorisation_precision``).
+
+        Raises:
+            UsageError: ``'single'`` without factorisation reuse, with another linear solver than
+                MUMPS, or where the single-precision MUMPS cannot be compiled.
+        """
+        sol = self.settings.solver
+        if sol.factorisation_precision == "double":
+            return False
+        mumps = sol.linear_solver in ("auto", "mumps") and PETSc.Sys.hasExternalPackage("mumps")
+        if sol.factorisation_precision == "auto":
+            return reuse and mumps and single_precision_available(self.comm) is None
+        if not reuse:
+            raise UsageError(
+                "solver.factorisation_precision = 'single' needs solver.reuse_factorisation (it is a preconditioner)"
+            )
+        if not mumps:
+            raise UsageError(
+                f"solver.factorisation_precision = 'single' is MUMPS's; solver.linear_solver is {sol.linear_solver!r}"
+            )
+        reason = single_precision_available(self.comm)
+        if reason is not None:
+            raise UsageError(f"solver.factorisation_precision = 'single' is not available here: {reason}")
+        return True
 
     # -- state ----------------------------------------------------------------------------
     def set_initial_condition(self, c: Callable[[np.ndarray], np.ndarray] | float | None = None) -> None:
