@@ -30,6 +30,8 @@ in the same process, so their times are comparable on this shared machine:
   (block Gauss-Seidel), the Cahn-Hilliard fields (c, mu, c_v, mu_v) first, then the
   displacement, each block with its own MUMPS LU; the Cahn-Hilliard block's LU renewed at every
   Newton iteration, the displacement block's lagged and renewed like the one LU of the default;
+* ``single`` / ``double``: the defaults with the lagged factorisation in single / double precision
+  (``solver.factorisation_precision``; the default is single on one rank, double on several);
 * ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
   Cahn-Hilliard block's LU first and the displacement block's only if it stalls again.
 
@@ -104,13 +106,15 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(cycling=base.cycling.replace(dc_target=float("0." + config[2:])))
     if config.startswith("rtol") and config[4:].isdigit():  # Newton's relative tolerance 1e-XX
         return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
+    if config in ("single", "double"):  # the lagged factorisation's precision (default: single on one rank)
+        return base.replace(solver=base.solver.replace(factorisation_precision=config))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
     if config in ("fieldsplit", "fieldsplit_lagged"):
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, rtolXX, fieldsplit)"
+        "round3, dcXX, rtolXX, fieldsplit, single, double)"
     )
 
 
@@ -337,6 +341,7 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
     shell = nw.snes.getKSP().getPC()
     out["pc_apply_s"] = median(lambda: shell.apply(x, y))
     out["matvec_s"] = median(lambda: nw.J.mult(x, y))
+    out["single_precision"] = float(nw.lu is not None)  # the factorisation timed
     problem.destroy()
     return out
 
@@ -352,7 +357,7 @@ def main() -> None:
         "--configs",
         default="default",
         help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX, "
-        "rtolXX, fieldsplit",
+        "rtolXX, fieldsplit, single, double",
     )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")
