@@ -207,7 +207,7 @@ def test_preconditioner_is_the_exact_inverse_of_the_lagged_bordered_jacobian(pre
     problem = _vacancy_problem_in_a_lithiation(precision=precision)
     nw = problem.newton
     assert nw.axial is not None and nw.reuse
-    assert (nw.lu is not None) == (precision == "single")
+    assert nw._single == (precision == "single")
     nw.pack()
     nw._unpack(nw.X)
     nw.assemble_jacobian()
@@ -349,26 +349,38 @@ def test_single_precision_steps_converge_to_the_double_precision_state():
     assert MPI.COMM_WORLD.allreduce(float(diff), op=MPI.MAX) < 1e-6
 
 
-def test_single_precision_failure_falls_back_to_double(caplog):
-    """A MUMPS failure in single precision is not a failed run: a warning, and the factorisation
-    is double precision from then on."""
+def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
+    """A MUMPS failure in single precision is not a failed step: the next ``DOUBLE_RUN``
+    factorisations are double precision (logged), then single precision again."""
     _require_single_precision()
     from fem_anode.fem.phasefield.mumps_single import FactorisationError
+    from fem_anode.fem.phasefield.newton import DOUBLE_RUN
 
     problem = _vacancy_problem_in_a_lithiation(precision="single")
     nw = problem.newton
+    working = nw.lu.factorise
+    failures = []
 
-    def failing(matrix):
-        raise FactorisationError("MUMPS (single precision) factorisation failed: INFOG(1) = -10, INFOG(2) = 3")
+    def failing_once(matrix):
+        if not failures:
+            failures.append(1)
+            raise FactorisationError("MUMPS (single precision) factorisation failed: INFOG(1) = -10, INFOG(2) = 3")
+        working(matrix)
 
-    nw.lu.factorise = failing
-    with caplog.at_level("WARNING"):
+    nw.lu.factorise = failing_once
+    with caplog.at_level("INFO", logger="fem_anode.fem.phasefield.newton"):
         nw.invalidate()
         result = problem.step(problem.settings.cycling.dt_initial / 16)
     assert result.ok, result.reason
-    assert nw.lu is None and nw.P is not None
+    assert nw.single_failures == 1 and nw.P is not None
     if problem.comm.rank == 0:
-        assert "continues with a double-precision factorisation" in caplog.text
+        assert f"the next {DOUBLE_RUN} factorisations in double precision" in caplog.text
+    for _ in range(DOUBLE_RUN):
+        nw.invalidate()
+        assert not nw._single or nw._double_left == 0
+        nw._factorise()
+    assert nw._single and nw._double_left == 0  # single precision again after the run
+    assert nw._double_run == 2 * DOUBLE_RUN
     problem.destroy()
 
 

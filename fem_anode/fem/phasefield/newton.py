@@ -52,9 +52,10 @@ solve; the mat-vecs use the current border.
 MUMPS's in float32 (:class:`~fem_anode.fem.phasefield.mumps_single.SinglePrecisionLU`); the
 Krylov solve, the mat-vecs and Newton stay in double precision. A preconditioner lagged over
 Newton iterations and steps is limited by the lag, not by the rounding of its factors, and the
-factors are half the bytes a triangular solve reads. Should MUMPS fail in single precision, or a
-linear solve fail right after a fresh single-precision factorisation, the solver logs a warning
-and continues with the double-precision factorisation for the rest of the run.
+factors are half the bytes a triangular solve reads. Where float32 factors are not enough (MUMPS
+fails in single precision, or a linear solve fails right after a fresh single-precision
+factorisation: an ill-conditioned Jacobian at a porous front), the next ``DOUBLE_RUN``
+factorisations are in double precision, the run after a further failure twice as long, and so on.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ _BAD = 1e30  # residual entries used when the forms evaluate to inf/NaN (line se
 #: not halve the residual norm.
 STAGNATION_START = 8
 STAGNATION_WINDOW = 4
+#: Factorisations in double precision after the first failure of a single-precision one
+#: (doubled after each further failure).
+DOUBLE_RUN = 8
 
 
 def linear_solver_options(choice: str, comm_size: int) -> dict[str, str]:
@@ -169,10 +173,14 @@ class BorderedNewton:
             self.A.destroy()
             self.A = shared
         self.P: PETSc.Mat | None = None if reuse_factorisation else self.A  # the factorised matrix
-        #: the single-precision factorisation (replaces ``P`` and ``ksp``), if used
+        #: the single-precision factorisation (replaces ``P`` and ``ksp`` while ``_single``), if used
         self.lu: SinglePrecisionLU | None = (
             SinglePrecisionLU(self.comm) if single_precision and reuse_factorisation else None
         )
+        self._single = False  # the current factorisation is the single-precision one
+        self._double_left = 0  # double-precision factorisations before single precision again
+        self._double_run = DOUBLE_RUN
+        self.single_failures = 0
         self.reuse, self.refactor_iterations = reuse_factorisation, refactor_iterations
         self.on_stall = reuse_factorisation and refactor_on_stall
         self._refactor = True
@@ -346,12 +354,15 @@ class BorderedNewton:
 
     def _factorise(self) -> None:
         """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""
-        if self.lu is not None:
+        self._single = self.lu is not None and self._double_left == 0
+        if self._single:
+            assert self.lu is not None
             try:
                 self.lu.factorise(self.A)
             except FactorisationError as exc:
-                self._to_double_precision(str(exc))
-        if self.lu is None:
+                self._single_failed(str(exc))
+        if not self._single:
+            self._double_left = max(self._double_left - 1, 0)
             if self.reuse:
                 if self.P is None:
                     self.P = self.A.copy()
@@ -381,25 +392,26 @@ class BorderedNewton:
 
     def lagged_solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = P^-1 b`` with the current factorisation of ``A`` (without the border)."""
-        if self.lu is not None:
+        if self._single:
+            assert self.lu is not None
             try:
                 self.lu.solve(b, x)
                 return
             except FactorisationError as exc:
-                self._to_double_precision(str(exc))
-                self._factorise()
+                self._single_failed(str(exc))
+                self._factorise()  # in double precision
         self.ksp.solve(b, x)
 
-    def _to_double_precision(self, reason: str) -> None:
-        """Give up the single-precision factorisation for the rest of the run (collective: the
-        reasons are MUMPS's global codes or a global convergence reason)."""
-        if self.lu is None:
-            return
+    def _single_failed(self, reason: str) -> None:
+        """Factorise in double precision for the next ``_double_run`` factorisations, then try
+        single precision again (collective: the reasons are MUMPS's global codes or a KSP's
+        convergence reason)."""
+        self._single = False
+        self._double_left = self._double_run
+        self.single_failures += 1
         if self.root:
-            logger.warning("%s: the phase field continues with a double-precision factorisation", reason)
-        self.lu.destroy()
-        self.lu = None
-        self.P = None
+            logger.info("%s: the next %d factorisations in double precision", reason, self._double_run)
+        self._double_run *= 2
 
     def _converged(self, snes: PETSc.SNES, its: int, norms: tuple[float, float, float]) -> int:
         """PETSc's default test (absolute, relative to the first residual, step, divergence)
@@ -455,8 +467,8 @@ class BorderedNewton:
                     self._refactor = True
                     return False, self.snes.getIterationNumber(), f"PETSc error {err.ierr}"
                 reason = self.snes.getConvergedReason()
-                if reason == -3 and self.lu is not None and self._fresh:
-                    self._to_double_precision("a linear solve failed on a fresh single-precision factorisation")
+                if reason == -3 and self._single and self._fresh:
+                    self._single_failed("a linear solve failed on a fresh single-precision factorisation")
                 if self.reuse:
                     self.linear_iterations += self.snes.getKSP().getIterationNumber()
                     if reason < 0:
