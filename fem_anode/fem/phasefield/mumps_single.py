@@ -126,13 +126,12 @@ class SinglePrecisionLU:
         indptr, columns, values = A.getValuesCSR()
         start, end = A.getOwnershipRange()
         if self._rows is None:
-            self._rows = (np.repeat(np.arange(start, end, dtype=np.int32), np.diff(indptr)) + 1).astype(np.int32)
-            self._columns = (columns + 1).astype(np.int32)
+            rows = (np.repeat(np.arange(start, end, dtype=np.int32), np.diff(indptr)) + 1).astype(np.int32)
+            cols = (columns + 1).astype(np.int32)
             self._owned = np.arange(start + 1, end + 1, dtype=np.int32)
             self._rhs = np.empty(end - start, dtype=np.float32)
-            err = self.lib.fa_lu_analyse(
-                self.handle, A.getSize()[0], len(self._rows), self._rows.ctypes.data, self._columns.ctypes.data
-            )
+            err = self.lib.fa_lu_analyse(self.handle, A.getSize()[0], len(rows), rows.ctypes.data, cols.ctypes.data)
+            self._rows, self._columns = rows, cols  # MUMPS reads them again at every factorisation
             self._check(err, "analysis")
         elif len(values) != len(self._rows):
             raise FactorisationError("the matrix changed its pattern since the analysis")
