@@ -26,6 +26,10 @@ class CompileError(RuntimeError):
     """A library could not be compiled or loaded (the message says why)."""
 
 
+#: what a loader may raise on one rank (a missing symbol: AttributeError)
+_LOAD_ERRORS = (CompileError, OSError, AttributeError)
+
+
 def cache_dir() -> Path:
     """Where the compiled libraries are kept."""
     explicit = os.environ.get("FEM_ANODE_CACHE_DIR")
@@ -82,13 +86,13 @@ def load_collectively(comm: MPI.Comm, load: Callable[[], ctypes.CDLL]) -> ctypes
     if comm.rank == 0:
         try:
             library = load()
-        except CompileError as exc:
+        except _LOAD_ERRORS as exc:  # every rank must reach the collectives below
             error = str(exc)
     error = comm.bcast(error, root=0)
     if comm.rank != 0 and not error:
         try:
             library = load()
-        except CompileError as exc:
+        except _LOAD_ERRORS as exc:
             error = str(exc)
     errors = [e for e in comm.allgather(error) if e]
     if errors:

@@ -55,10 +55,9 @@ class SweepKernelUnavailable(RuntimeError):
 
 
 def _load_local() -> ctypes.CDLL:
-    try:
-        library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",))
-    except CompileError as exc:
-        raise SweepKernelUnavailable(str(exc)) from exc
+    """The kernels on this rank (raises :class:`CompileError`, which the collective caller turns
+    into :class:`SweepKernelUnavailable` on every rank)."""
+    library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("fa_forward", "fa_backward", "fa_apply_upper"):
         function = getattr(library, name)
