@@ -396,9 +396,15 @@ def test_single_precision_usage_errors_and_the_automatic_choice():
     expected = MPI.COMM_WORLD.size == 1 and single_precision_available(MPI.COMM_WORLD) is None
     assert (automatic.newton.lu is not None) == expected
     automatic.destroy()
-    for solver, match in (
-        (SolverSettings(factorisation_precision="single", reuse_factorisation=False), "reuse_factorisation"),
-        (SolverSettings(factorisation_precision="single", linear_solver="superlu_dist"), "superlu_dist"),
+    for options, match in (
+        ({"factorisation_precision": "single", "reuse_factorisation": False}, "reuse_factorisation"),
+        ({"factorisation_precision": "single", "linear_solver": "superlu_dist"}, "superlu_dist"),
     ):
         with pytest.raises(UsageError, match=match):
-            VacancyPhaseFieldProblem(mesh, PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=solver))
+            SolverSettings(**options)  # the settings themselves refuse it, before any problem is built
+    for options in ({"reuse_factorisation": False}, {"linear_solver": "superlu_dist"}):  # auto: just double
+        problem = VacancyPhaseFieldProblem(
+            mesh, PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=SolverSettings(**options))
+        )
+        assert problem.newton.lu is None
+        problem.destroy()

@@ -393,8 +393,8 @@ class PhaseFieldProblem:
         """Whether the lagged factorisation is single precision (``solver.factorisation_precision``).
 
         Raises:
-            UsageError: ``'single'`` without factorisation reuse, with another linear solver than
-                MUMPS, or where the single-precision MUMPS cannot be compiled.
+            UsageError: ``'single'`` where this PETSc has no MUMPS or the single-precision MUMPS
+                cannot be compiled (the settings refuse it without reuse or with another solver).
         """
         sol = self.settings.solver
         if sol.factorisation_precision == "double":
@@ -402,14 +402,8 @@ class PhaseFieldProblem:
         mumps = sol.linear_solver in ("auto", "mumps") and PETSc.Sys.hasExternalPackage("mumps")
         if sol.factorisation_precision == "auto":  # one rank: MUMPS in parallel is not reproducible in float32
             return reuse and mumps and self.comm.size == 1 and single_precision_available(self.comm) is None
-        if not reuse:
-            raise UsageError(
-                "solver.factorisation_precision = 'single' needs solver.reuse_factorisation (it is a preconditioner)"
-            )
         if not mumps:
-            raise UsageError(
-                f"solver.factorisation_precision = 'single' is MUMPS's; solver.linear_solver is {sol.linear_solver!r}"
-            )
+            raise UsageError("solver.factorisation_precision = 'single' is MUMPS's, and this PETSc has no MUMPS")
         reason = single_precision_available(self.comm)
         if reason is not None:
             raise UsageError(f"solver.factorisation_precision = 'single' is not available here: {reason}")

@@ -312,6 +312,16 @@ class SolverSettings(Section):
         {}, "extra PETSc options for the SNES (prefix-free), merged over the defaults"
     )
 
+    def validate(self) -> None:
+        if self.factorisation_precision == "single" and self.reuse_factorisation is False:
+            raise UsageError(
+                "solver.factorisation_precision = 'single' needs solver.reuse_factorisation (it is a preconditioner)"
+            )
+        if self.factorisation_precision == "single" and self.linear_solver not in ("auto", "mumps"):
+            raise UsageError(
+                f"solver.factorisation_precision = 'single' is MUMPS's; solver.linear_solver is {self.linear_solver!r}"
+            )
+
 
 @dataclasses.dataclass
 class OutputSettings(Section):
