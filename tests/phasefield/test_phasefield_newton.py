@@ -381,6 +381,15 @@ def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
         nw._factorise()
     assert nw._single and nw._double_left == 0  # single precision again after the run
     assert nw._double_run == 2 * DOUBLE_RUN
+    assert nw.P is None  # the float64 factors are freed while float32 ones are in use
+    failures.clear()  # fails again: a second run in double precision, twice as long, works as the first
+    with caplog.at_level("INFO", logger="fem_anode.fem.phasefield.newton"):
+        nw.invalidate()
+        result = problem.step(problem.settings.cycling.dt_initial / 16)
+    assert result.ok, result.reason
+    assert nw.single_failures == 2 and not nw._single and nw._double_run == 4 * DOUBLE_RUN
+    pc = nw.ksp.getPC()
+    assert pc.getType() == "lu" and pc.getFactorSolverType() == "mumps"  # the package's options survive
     problem.destroy()
 
 

@@ -354,7 +354,10 @@ class BorderedNewton:
 
     def _factorise(self) -> None:
         """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""
+        was_single = self._single
         self._single = self.lu is not None and self._double_left == 0
+        if self._single and not was_single and self.P is not None:
+            self._release_double()  # back to float32 after a run in float64
         if self._single:
             assert self.lu is not None
             try:
@@ -401,6 +404,14 @@ class BorderedNewton:
                 self._single_failed(str(exc))
                 self._factorise()  # in double precision
         self.ksp.solve(b, x)
+
+    def _release_double(self) -> None:
+        """Free the float64 factorisation and the copy of ``A`` it was made from (they come back
+        at the next run in double precision): only one set of factors is held at a time."""
+        self.ksp.reset()
+        assert self.P is not None
+        self.P.destroy()
+        self.P = None
 
     def _single_failed(self, reason: str) -> None:
         """Factorise in double precision for the next ``_double_run`` factorisations, then try
