@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-__all__ = ["CompileError", "cache_dir", "compiled_library", "load_collectively"]
+__all__ = ["LOAD_ERRORS", "CompileError", "cache_dir", "compiled_library", "load_collectively"]
 
 
 class CompileError(RuntimeError):
@@ -27,7 +27,7 @@ class CompileError(RuntimeError):
 
 
 #: what a loader may raise on one rank (a missing symbol: AttributeError)
-_LOAD_ERRORS = (CompileError, OSError, AttributeError)
+LOAD_ERRORS = (CompileError, OSError, AttributeError)
 
 
 def cache_dir() -> Path:
@@ -86,13 +86,13 @@ def load_collectively(comm: MPI.Comm, load: Callable[[], ctypes.CDLL]) -> ctypes
     if comm.rank == 0:
         try:
             library = load()
-        except _LOAD_ERRORS as exc:  # every rank must reach the collectives below
+        except LOAD_ERRORS as exc:  # every rank must reach the collectives below
             error = str(exc)
     error = comm.bcast(error, root=0)
     if comm.rank != 0 and not error:
         try:
             library = load()
-        except _LOAD_ERRORS as exc:
+        except LOAD_ERRORS as exc:
             error = str(exc)
     errors = [e for e in comm.allgather(error) if e]
     if errors:

@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from fem_anode.fem.compiled import CompileError, compiled_library, load_collectively
+from fem_anode.fem.compiled import LOAD_ERRORS, CompileError, compiled_library
 
 __all__ = ["FactorisationError", "SinglePrecisionLU", "single_precision_available"]
 
@@ -69,18 +69,21 @@ def _load_local() -> ctypes.CDLL:
 
 
 def single_precision_available(comm: MPI.Comm) -> str | None:
-    """``None`` if the single-precision LU can be used on ``comm`` (collective; compiles the shim
-    on first use), else the reason it cannot (the same on every rank)."""
+    """``None`` if the single-precision LU can be used on every rank of ``comm``, else the reason
+    it cannot (the same on every rank). Collective, always: each process compiles or loads the
+    shim once (the compiled file is cached and written atomically), and every call agrees over
+    ``comm``, so ranks whose processes have used it on other communicators cannot fall out of step."""
     global _library, _unavailable
     if _library is None and _unavailable is None:
         if PETSc.IntType != np.int32 or PETSc.ScalarType != np.float64:
             _unavailable = "PETSc is not built with 32-bit indices and real double scalars"
         else:
             try:
-                _library = load_collectively(comm, _load_local)
-            except CompileError as exc:
+                _library = _load_local()
+            except LOAD_ERRORS as exc:
                 _unavailable = str(exc)
-    return _unavailable
+    reasons = [reason for reason in comm.allgather(_unavailable) if reason is not None]
+    return reasons[0] if reasons else None
 
 
 class SinglePrecisionLU:
