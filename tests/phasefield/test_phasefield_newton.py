@@ -78,12 +78,14 @@ def test_repeated_failure_raises_solver_error():
         problem.run_half_cycle(1, "lithiation", 0.1)
 
 
-def _vacancy_problem_in_a_lithiation(predictor: str = "linear", precision: str = "auto"):
+def _vacancy_problem_in_a_lithiation(predictor: str = "linear", precision: str = "auto", mesh=None):
+    """A few steps into a lithiation; pass ``mesh`` to compare two problems dof by dof (a new
+    mesh may be partitioned differently on several ranks)."""
     from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
 
     solver = SolverSettings(predictor=predictor, factorisation_precision=precision)
     settings = PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=solver)
-    problem = VacancyPhaseFieldProblem(disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
+    problem = VacancyPhaseFieldProblem(mesh or disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
     problem._ramp = (0.14, 0.86, 0.0, settings.cycling.ramp_time)
     for _ in range(3):
         result = problem.step(settings.cycling.dt_initial / 16)
@@ -338,8 +340,9 @@ def test_single_precision_steps_converge_to_the_double_precision_state():
     one within the Newton tolerance (the Krylov solves are in double precision)."""
     _require_single_precision()
     states = []
+    mesh = disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD)  # one mesh: the same dofs on every rank for both
     for precision in ("single", "double"):
-        problem = _vacancy_problem_in_a_lithiation(precision=precision)
+        problem = _vacancy_problem_in_a_lithiation(precision=precision, mesh=mesh)
         assert (problem.newton.lu is not None) == (precision == "single")
         result = problem.step(problem.settings.cycling.dt_initial / 8)
         assert result.ok, result.reason
