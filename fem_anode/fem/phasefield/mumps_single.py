@@ -167,13 +167,14 @@ class SinglePrecisionLU:
         self._solution.getArray()[:] = solution
         self._scatter.scatter(self._solution, x, addv=PETSc.InsertMode.INSERT_VALUES, mode=PETSc.ScatterMode.FORWARD)
 
-    def _make_scatter(self, x: PETSc.Vec) -> None:
-        """From MUMPS's distribution of the solution to ``x``'s rows (several ranks)."""
+    def _make_scatter(self, x: PETSc.Vec | None) -> None:
+        """From MUMPS's distribution of the solution to ``x``'s rows (several ranks; ``None``:
+        only free the previous one)."""
         for obj in (self._scatter, self._solution):
             if obj is not None:
                 obj.destroy()
         self._scatter = self._solution = None
-        if self.comm.size == 1:
+        if self.comm.size == 1 or x is None:
             return
         assert self._isol is not None
         self._solution = PETSc.Vec().createMPI((len(self._isol), PETSc.DECIDE), comm=self.comm)
@@ -183,6 +184,18 @@ class SinglePrecisionLU:
         self._scatter = PETSc.Scatter().create(self._solution, source, x, target)
         source.destroy()
         target.destroy()
+
+    def release(self) -> None:
+        """Free the factors and the analysis (collective); the next :meth:`factorise` starts
+        afresh. For runs in double precision, so that one set of factors is held at a time."""
+        self.lib.fa_lu_destroy(self.handle)
+        self.handle = self.lib.fa_lu_create(self.comm.py2f())
+        if not self.handle:
+            raise FactorisationError("MUMPS (single precision) could not be initialised")
+        self._rows = self._columns = self._owned = self._isol = None
+        self._values = np.empty(0, dtype=np.float32)
+        self._workspace = 80
+        self._make_scatter(None)
 
     def destroy(self) -> None:
         if self.handle:

@@ -407,7 +407,8 @@ class BorderedNewton:
 
     def _release_double(self) -> None:
         """Free the float64 factorisation and the copy of ``A`` it was made from (they come back
-        at the next run in double precision): only one set of factors is held at a time."""
+        at the next run in double precision; the float32 ones are freed when such a run starts):
+        one set of factors is held at a time."""
         self.ksp.reset()
         assert self.P is not None
         self.P.destroy()
@@ -420,6 +421,8 @@ class BorderedNewton:
         self._single = False
         self._double_left = self._double_run
         self.single_failures += 1
+        assert self.lu is not None
+        self.lu.release()  # float32 factors back at the next single-precision factorisation
         if self.root:
             logger.info("%s: the next %d factorisations in double precision", reason, self._double_run)
         self._double_run *= 2
