@@ -82,6 +82,12 @@ _BAD = 1e30  # residual entries used when the forms evaluate to inf/NaN (line se
 #: not halve the residual norm.
 STAGNATION_START = 8
 STAGNATION_WINDOW = 4
+#: Flat stall (part of the stagnation stop): an attempt whose residual is already below
+#: FLAT_BELOW times its first one and whose last FLAT_WINDOW iterations each kept more than
+#: FLAT_RATIO of it has met a kink it cannot cross (the line search takes steps of almost zero length).
+FLAT_BELOW = 1e-2
+FLAT_WINDOW = 2
+FLAT_RATIO = 0.9
 #: Factorisations in double precision after the first failure of a single-precision one
 #: (doubled after each further failure).
 DOUBLE_RUN = 8
@@ -451,11 +457,15 @@ class BorderedNewton:
         if divtol > 0 and fnorm > divtol * self._fnorm0:
             return PETSc.SNES.ConvergedReason.DIVERGED_DTOL
         h = self.history
-        if (
-            self.stagnation
-            and its >= STAGNATION_START
-            and len(h) > STAGNATION_WINDOW
-            and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW]
+        seq = [*h, fnorm] if len(h) == its else h  # PETSc may test before it monitors
+        if self.stagnation and (
+            (its >= STAGNATION_START and len(h) > STAGNATION_WINDOW and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW])
+            or (
+                FLAT_WINDOW > 0
+                and len(seq) > FLAT_WINDOW
+                and fnorm < FLAT_BELOW * self._fnorm0
+                and all(seq[-k] > FLAT_RATIO * seq[-k - 1] for k in range(1, FLAT_WINDOW + 1))
+            )
         ):
             self._stagnated = True
             return PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT

@@ -100,6 +100,7 @@ class HalfCycleProgress:
     elapsed_s: float = 0.0
     factorisations: int = 0
     linear_iterations: int = 0
+    dt_ceiling: float | None = None  # the smooth controller's bound after a failed Newton attempt
 
 
 class StepResult:
@@ -668,6 +669,11 @@ class PhaseFieldProblem:
                     if on_output is not None:
                         on_output(self, self.t)
                 p.dt = self._next_dt(p.dt, dt_try, result)
+                if p.dt_ceiling is not None:
+                    p.dt = min(p.dt, p.dt_ceiling)
+                    p.dt_ceiling *= cyc.ceiling_growth
+                    if p.dt_ceiling >= cyc.dt_max:
+                        p.dt_ceiling = None
                 p.elapsed_s += time.perf_counter() - start
                 start = time.perf_counter()
                 if on_step is not None and p.marks:
@@ -684,6 +690,8 @@ class PhaseFieldProblem:
                 }
             )
             p.dt = self._next_dt(p.dt, dt_try, result)
+            if cyc.controller == "smooth" and cyc.failure_ceiling > 0 and not (result.dc or 0.0) > cyc.max_dc:
+                p.dt_ceiling = cyc.failure_ceiling * dt_try  # failed, not for max_dc: stay below it for a while
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
                 err = SolverError(

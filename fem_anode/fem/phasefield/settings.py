@@ -153,6 +153,17 @@ class CyclingSettings(Section):
         bounds=(0.05, 1.0),
     )
 
+    failure_ceiling: float = setting(
+        0.5,
+        "smooth controller: after a failed Newton attempt of size dt, the next steps of the half-cycle stay below "
+        "failure_ceiling x dt, a bound that grows by ceiling_growth with every accepted step (0: off, the "
+        "controller before 2026-12-06)",
+        bounds=(0.0, 0.99),
+    )
+    ceiling_growth: float = setting(
+        1.3, "smooth controller: growth of the failure ceiling per accepted step", bounds=(1.01, 10.0)
+    )
+
     def validate(self) -> None:
         if self.dt_min > self.dt_initial or self.dt_initial > self.dt_max:
             raise UsageError("cycling needs dt_min <= dt_initial <= dt_max")
