@@ -421,3 +421,77 @@ def test_single_precision_usage_errors_and_the_automatic_choice():
         )
         assert problem.newton.lu is None
         problem.destroy()
+
+
+def _controller_run(failure_ceiling: float) -> list[tuple[float, bool]]:
+    """Attempts ``(dt, accepted)`` of a half-cycle whose Newton solves fail for every step larger
+    than 0.02 (a fake step: no Newton, easy accepted steps), with the smooth controller."""
+    from fem_anode.fem.phasefield.problem import StepResult
+
+    cycling = CyclingSettings(
+        half_cycles=1, half_cycle_time=0.5, ramp_time=0.0, dt_initial=0.01, failure_ceiling=failure_ceiling
+    )
+    settings = PhaseFieldSettings(mesh=MeshSettings(size=10e-9), cycling=cycling)
+    problem = PhaseFieldProblem(disk_mesh(20e-9, 10e-9, MPI.COMM_WORLD), settings)
+    attempts: list[tuple[float, bool]] = []
+
+    def fake_step(dt: float) -> StepResult:
+        if dt > 0.02:
+            attempts.append((dt, False))
+            return StepResult(False, 8, "diverged: Newton stagnated", [1e-2, 1e-5, 1e-5], None)
+        attempts.append((dt, True))
+        problem.t += dt
+        return StepResult(True, 2, "converged", [1e-2, 1e-5, 1e-9], 1e-3)
+
+    problem.step = fake_step  # type: ignore[method-assign]
+    problem.run_half_cycle(1, "lithiation", cycling.half_cycle_time)
+    problem.destroy()
+    return attempts
+
+
+def test_failure_ceiling_keeps_steps_below_a_failed_attempt_for_a_while():
+    """After a failed Newton attempt of ``dt_f`` the next steps stay below ``0.5 dt_f``, a bound
+    growing by 1.3 per accepted step; the saw-tooth of grow-fail-cut without it fails far more often."""
+    with_ceiling, without = _controller_run(0.5), _controller_run(0.0)
+    failures = [dt for dt, ok in with_ceiling if not ok]
+    assert 0 < len(failures) < len([dt for dt, ok in without if not ok]) / 2
+    bound, failed_at = None, None
+    for dt, ok in with_ceiling:
+        if bound is not None and failed_at is not None:
+            assert dt <= bound * (1 + 1e-12), (dt, bound, failed_at)
+        if not ok:
+            failed_at, bound = dt, None
+            continue
+        if failed_at is not None:
+            bound = 0.5 * failed_at if bound is None else bound * 1.3
+    assert sum(dt for dt, ok in with_ceiling if ok) == pytest.approx(0.5)
+
+
+def test_stagnation_stop_on_a_flat_residual_only_once_newton_has_converged_far():
+    """A Newton attempt whose residual has fallen below 1e-2 of its first one and then stays flat
+    (each of the last two iterations kept more than 0.9 of it) is stopped as stagnated; a slow
+    start (the globalisation phase) or a converging tail is not."""
+    from types import SimpleNamespace
+
+    from fem_anode.fem.phasefield.newton import BorderedNewton
+
+    snes = SimpleNamespace(getTolerances=lambda: (1e-6, 1e-10, 1e-8, 25), getDivergenceTolerance=lambda: -1.0)
+
+    def decision(history: list[float], monitored_first: bool = False) -> int:
+        newton = SimpleNamespace(stagnation=True, history=[], _fnorm0=0.0, _krylov_floor=False, _stagnated=False)
+        reason = 0
+        for its, fnorm in enumerate(history):
+            if monitored_first:
+                newton.history.append(fnorm)
+            reason = BorderedNewton._converged(newton, snes, its, (1.0, 1.0, fnorm))
+            if not monitored_first:
+                newton.history.append(fnorm)
+            if reason != 0:
+                return reason
+        return reason
+
+    stagnated = PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT
+    for monitored_first in (False, True):  # PETSc's order of monitor and test
+        assert decision([1.7e-2, 3.5e-4, 4.4e-5, 1.1e-5, 5.8e-6, 5.7e-6, 5.7e-6], monitored_first) == stagnated
+        assert decision([3.4, 3.1, 2.8], monitored_first) == 0  # slow start, not below 1e-2 of the first
+        assert decision([1e-2, 1e-4, 9.5e-5, 9e-6], monitored_first) == 0  # one flat iteration only

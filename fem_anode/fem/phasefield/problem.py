@@ -690,8 +690,13 @@ class PhaseFieldProblem:
                 }
             )
             p.dt = self._next_dt(p.dt, dt_try, result)
-            if cyc.controller == "smooth" and cyc.failure_ceiling > 0 and not (result.dc or 0.0) > cyc.max_dc:
-                p.dt_ceiling = cyc.failure_ceiling * dt_try  # failed, not for max_dc: stay below it for a while
+            if (  # failed, not for max_dc, past the half-cycle's first step (the surface jump): stay below it
+                cyc.controller == "smooth"
+                and cyc.failure_ceiling > 0
+                and p.steps > 0
+                and not (result.dc or 0.0) > cyc.max_dc
+            ):
+                p.dt_ceiling = cyc.failure_ceiling * dt_try
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
                 err = SolverError(
