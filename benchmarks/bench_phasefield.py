@@ -32,6 +32,8 @@ in the same process, so their times are comparable on this shared machine:
   Newton iteration, the displacement block's lagged and renewed like the one LU of the default;
 * ``single`` / ``double``: the defaults with the lagged factorisation in single / double precision
   (``solver.factorisation_precision``; the default is single on one rank, double on several);
+* ``noceiling``: the defaults without the smooth controller's failure ceiling
+  (``cycling.failure_ceiling = 0``, the controller before 2026-12-06);
 * ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
   Cahn-Hilliard block's LU first and the displacement block's only if it stalls again.
 
@@ -108,13 +110,15 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
     if config in ("single", "double"):  # the lagged factorisation's precision (default: single on one rank)
         return base.replace(solver=base.solver.replace(factorisation_precision=config))
+    if config == "noceiling":  # the smooth controller without the failure ceiling (before 2026-12-06)
+        return base.replace(cycling=base.cycling.replace(failure_ceiling=0.0))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
     if config in ("fieldsplit", "fieldsplit_lagged"):
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, rtolXX, fieldsplit, single, double)"
+        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling)"
     )
 
 
