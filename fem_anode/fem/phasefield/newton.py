@@ -137,8 +137,10 @@ class BorderedNewton:
             Newton iteration (GMRES).
         linear_rtol: relative tolerance of the Krylov solves with reuse; ``None``: Eisenstat-Walker.
         stagnation: stop (as diverged) once Newton has run ``STAGNATION_START`` iterations and the
-            last ``STAGNATION_WINDOW`` of them did not halve the residual: such an attempt almost
-            never converges within ``max_it`` and the time step is retried smaller sooner.
+            last ``STAGNATION_WINDOW`` of them did not halve the residual, or once the residual is
+            below ``FLAT_BELOW`` of the first and flat (``FLAT_WINDOW`` iterations each keeping
+            more than ``FLAT_RATIO`` of it): such an attempt almost never converges within
+            ``max_it`` and the time step is retried smaller sooner.
         single_precision: with reuse, factorise in single precision (see the module docstring;
             the caller checks :func:`~fem_anode.fem.phasefield.mumps_single.single_precision_available`).
     """

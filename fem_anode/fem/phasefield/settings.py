@@ -256,7 +256,8 @@ class SolverSettings(Section):
     stop_on_stagnation: bool = setting(
         True,
         "end a Newton attempt as failed (the step is retried smaller) once it has run 8 iterations and the last 4 did "
-        "not halve the residual, instead of running on to max_it",
+        "not halve the residual, or once its residual is below 1e-2 of its first and each of the last 2 iterations "
+        "kept more than 0.9 of it (flat), instead of running on to max_it",
     )
     line_search: str = setting(
         "bt",
