@@ -82,6 +82,11 @@ class ScaledMeasure:
         return ScaledMeasure(self.measure(*args, **kwargs), self.factor)
 
 
+#: The failure ceiling is dropped after an accepted step whose largest change of c is at most this
+#: fraction of the smooth controller's target change (the quiet end of a half-cycle).
+QUIET = 0.01
+
+
 @dataclasses.dataclass
 class HalfCycleProgress:
     """Where a half-cycle is (JSON-serialisable for checkpoints): remaining output marks, the
@@ -669,6 +674,12 @@ class PhaseFieldProblem:
                     if on_output is not None:
                         on_output(self, self.t)
                 p.dt = self._next_dt(p.dt, dt_try, result)
+                if (
+                    p.dt_ceiling is not None
+                    and result.dc is not None
+                    and result.dc <= QUIET * cyc.dc_target * cyc.max_dc
+                ):
+                    p.dt_ceiling = None  # c hardly changes any more: the front that failed has passed
                 if p.dt_ceiling is not None:
                     p.dt = min(p.dt, p.dt_ceiling)
                     p.dt_ceiling *= cyc.ceiling_growth
