@@ -423,25 +423,27 @@ def test_single_precision_usage_errors_and_the_automatic_choice():
         problem.destroy()
 
 
-def _controller_run(failure_ceiling: float) -> list[tuple[float, bool]]:
-    """Attempts ``(dt, accepted)`` of a half-cycle whose Newton solves fail for every step larger
-    than 0.02 (a fake step: no Newton, easy accepted steps), with the smooth controller."""
+def _controller_run(failure_ceiling: float) -> list[tuple[float, float, bool]]:
+    """Attempts ``(t, dt, accepted)`` of a half-cycle with the smooth controller and a fake step
+    (no Newton): until t = 0.3 a front moves (every accepted step changes c by 0.05) and Newton
+    fails for every step larger than 0.02; after it, c hardly changes (1e-5) and nothing fails."""
     from fem_anode.fem.phasefield.problem import StepResult
 
     cycling = CyclingSettings(
-        half_cycles=1, half_cycle_time=0.5, ramp_time=0.0, dt_initial=0.01, failure_ceiling=failure_ceiling
+        half_cycles=1, half_cycle_time=1.0, ramp_time=0.0, dt_initial=0.01, failure_ceiling=failure_ceiling
     )
     settings = PhaseFieldSettings(mesh=MeshSettings(size=10e-9), cycling=cycling)
     problem = PhaseFieldProblem(disk_mesh(20e-9, 10e-9, MPI.COMM_WORLD), settings)
-    attempts: list[tuple[float, bool]] = []
+    attempts: list[tuple[float, float, bool]] = []
 
     def fake_step(dt: float) -> StepResult:
-        if dt > 0.02:
-            attempts.append((dt, False))
+        front = problem.t < 0.3
+        if front and dt > 0.02:
+            attempts.append((problem.t, dt, False))
             return StepResult(False, 8, "diverged: Newton stagnated", [1e-2, 1e-5, 1e-5], None)
-        attempts.append((dt, True))
+        attempts.append((problem.t, dt, True))
         problem.t += dt
-        return StepResult(True, 2, "converged", [1e-2, 1e-5, 1e-9], 1e-3)
+        return StepResult(True, 2, "converged", [1e-2, 1e-5, 1e-9], 0.05 if front else 1e-5)
 
     problem.step = fake_step  # type: ignore[method-assign]
     problem.run_half_cycle(1, "lithiation", cycling.half_cycle_time)
@@ -451,20 +453,24 @@ def _controller_run(failure_ceiling: float) -> list[tuple[float, bool]]:
 
 def test_failure_ceiling_keeps_steps_below_a_failed_attempt_for_a_while():
     """After a failed Newton attempt of ``dt_f`` the next steps stay below ``0.5 dt_f``, a bound
-    growing by 1.3 per accepted step; the saw-tooth of grow-fail-cut without it fails far more often."""
+    growing by 1.3 per accepted step, until c hardly changes any more (then ``fast_growth`` again);
+    the saw-tooth of grow-fail-cut without it fails far more often."""
     with_ceiling, without = _controller_run(0.5), _controller_run(0.0)
-    failures = [dt for dt, ok in with_ceiling if not ok]
-    assert 0 < len(failures) < len([dt for dt, ok in without if not ok]) / 2
+    failures = [dt for _, dt, ok in with_ceiling if not ok]
+    assert 0 < len(failures) < len([dt for _, dt, ok in without if not ok]) / 2
     bound, failed_at = None, None
-    for dt, ok in with_ceiling:
-        if bound is not None and failed_at is not None:
-            assert dt <= bound * (1 + 1e-12), (dt, bound, failed_at)
+    for t, dt, ok in with_ceiling:
+        if t >= 0.3:
+            break
+        if bound is not None:
+            assert dt <= bound * (1 + 1e-12), (t, dt, bound)
         if not ok:
             failed_at, bound = dt, None
-            continue
-        if failed_at is not None:
+        elif failed_at is not None:
             bound = 0.5 * failed_at if bound is None else bound * 1.3
-    assert sum(dt for dt, ok in with_ceiling if ok) == pytest.approx(0.5)
+    quiet = [dt for t, dt, ok in with_ceiling if ok and t >= 0.3]
+    assert quiet[1] == pytest.approx(3 * quiet[0]) and quiet[2] == pytest.approx(3 * quiet[1])  # fast growth
+    assert sum(dt for _, dt, ok in with_ceiling if ok) == pytest.approx(1.0)
 
 
 def test_stagnation_stop_on_a_flat_residual_only_once_newton_has_converged_far():

@@ -156,8 +156,8 @@ class CyclingSettings(Section):
     failure_ceiling: float = setting(
         0.5,
         "smooth controller: after a failed Newton attempt of size dt, the next steps of the half-cycle stay below "
-        "failure_ceiling x dt, a bound that grows by ceiling_growth with every accepted step (0: off, the "
-        "controller before 2026-12-06)",
+        "failure_ceiling x dt, a bound that grows by ceiling_growth with every accepted step and ends once a step "
+        "changes c by at most 1 % of dc_target x max_dc (0: off, the controller before 2026-12-06)",
         bounds=(0.0, 0.99),
     )
     ceiling_growth: float = setting(
