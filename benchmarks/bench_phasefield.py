@@ -32,6 +32,8 @@ in the same process, so their times are comparable on this shared machine:
   Newton iteration, the displacement block's lagged and renewed like the one LU of the default;
 * ``single`` / ``double``: the defaults with the lagged factorisation in single / double precision
   (``solver.factorisation_precision``; the default is single on one rank, double on several);
+* ``split``: the defaults with Eyre's convex splitting of the homogeneous chemical potentials
+  (``solver.time_scheme = "convex_split"``: the concave regular-solution terms explicit);
 * ``noceiling``: the defaults without the smooth controller's failure ceiling
   (``cycling.failure_ceiling = 0``, the controller before 2026-12-06);
 * ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
@@ -110,6 +112,8 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
     if config in ("single", "double"):  # the lagged factorisation's precision (default: single on one rank)
         return base.replace(solver=base.solver.replace(factorisation_precision=config))
+    if config == "split":  # Eyre's convex splitting of the double-well terms (solver.time_scheme)
+        return base.replace(solver=base.solver.replace(time_scheme="convex_split"))
     if config == "noceiling":  # the smooth controller without the failure ceiling (before 2026-12-06)
         return base.replace(cycling=base.cycling.replace(failure_ceiling=0.0))
     if config == "superlu":
@@ -118,7 +122,7 @@ def configured(base: Any, config: str) -> Any:
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling)"
+        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling, split)"
     )
 
 

@@ -265,7 +265,8 @@ class PhaseFieldProblem:
         c, mu = k["c"], k["mu"]
         c_old = ufl.split(self.w_old)[0]
         omega = self.settings.material.omega
-        f_prime = ufl.ln(c) - ufl.ln(1 - c) + omega * (1 - 2 * c)
+        c_concave = c_old if self.settings.solver.time_scheme == "convex_split" else c
+        f_prime = ufl.ln(c) - ufl.ln(1 - c) + omega * (1 - 2 * c_concave)
         return (c - c_old) / self.dt * q + (mu - f_prime) * v
 
     def _build_forms(self) -> None:

@@ -314,6 +314,14 @@ class SolverSettings(Section):
         "'none' (the last accepted state)",
         choices=("linear", "none"),
     )
+    time_scheme: str = setting(
+        "implicit",
+        "time discretisation of the homogeneous chemical potentials: 'implicit' (backward Euler throughout), "
+        "'convex_split' (Eyre's convex splitting: the concave regular-solution terms Omega (1 - 2 c) and "
+        "omega_v (1 - 2 c_v) from the last accepted state, the rest implicit; solvable at any step, a different "
+        "first-order time error)",
+        choices=("implicit", "convex_split"),
+    )
     quadrature_degree: int | None = setting(
         None,
         "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on "

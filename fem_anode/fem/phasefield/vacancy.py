@@ -453,7 +453,8 @@ class VacancyPhaseFieldProblem(PhaseFieldProblem):
         c_old, cv_old = ufl.split(self.w_old)[0], ufl.split(self.w_old)[3]
         h, _ = interpolation(c, mat.c_min, mat.c_max)
         self._source_density = self.nucleation * (1 - cv) * ufl.max_value(c_old - c, 0.0)
-        mu_v_hom = ufl.ln(cv) - ufl.ln(1 - cv) + (1 - h) * self.omega_v * (1 - 2 * cv)
+        cv_concave = cv_old if self.settings.solver.time_scheme == "convex_split" else cv
+        mu_v_hom = ufl.ln(cv) - ufl.ln(1 - cv) + (1 - h) * self.omega_v * (1 - 2 * cv_concave)
         grad_chi = self.grad(self.electrolyte)
         wall = (1 - self.electrolyte) * ufl.sqrt(ufl.inner(grad_chi, grad_chi))
         sei_source = self.sei_exchange * wall * (self.c_surface - c)
