@@ -22,7 +22,8 @@ in the same process, so their times are comparable on this shared machine:
 * ``round3``: the defaults before 2026-12-04 12:50 UTC: Krylov solves without the floor from the
   Newton tolerance, the border of the block elimination re-solved at every Newton iteration,
   no ``fast_growth`` (the run's solver class is patched);
-* ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``);
+* ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``); ``maxdcXX``: with
+  ``cycling.max_dc = 0.XX``; ``a+b``: both (e.g. ``split+maxdc10``);
 * ``rtolXX``: the defaults with Newton's ``solver.rtol = 1e-XX`` (``rtol9``: the default until
   2026-12-05, issue 22's sixth round);
 * ``fieldsplit``: the defaults with a block preconditioner instead of the one LU of the Jacobian
@@ -81,9 +82,16 @@ COMPARED = (
 
 
 def configured(base: Any, config: str) -> Any:
-    """The settings of a named solver configuration (see the module docstring)."""
+    """The settings of a named solver configuration (see the module docstring); ``a+b`` applies
+    ``a`` then ``b``."""
+    if "+" in config:
+        for part in config.split("+"):
+            base = configured(base, part)
+        return base
     if config == "default":
         return base
+    if config.startswith("maxdc") and config[5:].isdigit():  # cycling.max_dc = 0.XX
+        return base.replace(cycling=base.cycling.replace(max_dc=float("0." + config[5:])))
     if config == "previous":
         return base.replace(
             cycling=base.cycling.replace(controller="threshold"),

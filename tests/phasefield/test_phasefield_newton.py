@@ -501,3 +501,64 @@ def test_stagnation_stop_on_a_flat_residual_only_once_newton_has_converged_far()
         assert decision([1.7e-2, 3.5e-4, 4.4e-5, 1.1e-5, 5.8e-6, 5.7e-6, 5.7e-6], monitored_first) == stagnated
         assert decision([3.4, 3.1, 2.8], monitored_first) == 0  # slow start, not below 1e-2 of the first
         assert decision([1e-2, 1e-4, 9.5e-5, 9e-6], monitored_first) == 0  # one flat iteration only
+
+
+def test_convex_split_takes_the_concave_terms_from_the_last_state_and_is_consistent():
+    """``solver.time_scheme = "convex_split"``: the residuals of the two schemes at the same state
+    differ by exactly the concave terms' change, ``-2 Omega (c - c_old) v - 2 (1 - h) omega_v
+    (c_v - c_v,old) v_v`` with the vertex rule (so they share their steady states); one step from
+    the same state differs from backward Euler by less when the step is halved (a consistent
+    scheme; about 2x here, where the surface ramp's stiff modes dominate the difference)."""
+    import ufl
+
+    from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem, interpolation
+
+    mesh = disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD)
+    problems = {}
+    for scheme in ("implicit", "convex_split"):
+        settings = PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=SolverSettings(time_scheme=scheme))
+        problem = VacancyPhaseFieldProblem(mesh, settings)
+        problem._ramp = (0.14, 0.86, 0.0, settings.cycling.ramp_time)
+        problems[scheme] = problem
+    implicit, split = problems["implicit"], problems["convex_split"]
+    for _ in range(3):  # the same history for both: a few backward-Euler steps into a lithiation
+        assert implicit.step(settings.cycling.dt_initial / 16).ok
+    w_now, w_before = implicit.w.x.array.copy(), implicit._w_prev.x.array.copy()
+    state, t, lam = implicit.state.x.array.copy(), implicit.t, float(implicit.lam.value)
+
+    # the residuals at w with w_old one step earlier
+    residuals = []
+    for problem in (implicit, split):
+        problem.w.x.array[:], problem.w_old.x.array[:] = w_now, w_before
+        problem.state.x.array[:], problem.lam.value = state, lam
+        problem.dt.value, problem.c_surface.value = implicit.dt.value, implicit.c_surface.value
+        residuals.append(dolfinx.fem.assemble_vector(problem.residual_form).array.copy())
+    c, _, _, cv, _ = ufl.split(implicit.w)
+    c_old, cv_old = ufl.split(implicit.w_old)[0], ufl.split(implicit.w_old)[3]
+    _, v, _, _, vv = ufl.TestFunctions(implicit.W)
+    mat = settings.material
+    h, _ = interpolation(c, mat.c_min, mat.c_max)
+    change = -(2 * mat.omega * (c - c_old) * v + 2 * (1 - h) * implicit.omega_v * (cv - cv_old) * vv)
+    expected = dolfinx.fem.assemble_vector(dolfinx.fem.form(change * implicit.dx_vertex)).array
+    scale = np.abs(expected).max(initial=0.0)
+    assert implicit.comm.allreduce(scale, op=MPI.MAX) > 0
+    error = np.abs(residuals[1] - residuals[0] - expected).max(initial=0.0)
+    assert implicit.comm.allreduce(error, op=MPI.MAX) <= 1e-10 * implicit.comm.allreduce(scale, op=MPI.MAX)
+
+    def one_step(problem, dt: float) -> np.ndarray:
+        problem.w.x.array[:] = problem.w_old.x.array[:] = w_now
+        problem.state.x.array[:] = state
+        problem.lam.value, problem.lam_old, problem.t = lam, lam, t
+        problem._dt_prev = None  # no predictor: the same Newton start for both schemes
+        problem.newton.invalidate()
+        result = problem.step(dt)
+        assert result.ok, result.reason
+        return problem.w.x.array[problem._c_dofs].copy()
+
+    differences = []
+    for dt in (0.001, 0.0005):
+        local = np.abs(one_step(split, dt) - one_step(implicit, dt)).max(initial=0.0)
+        differences.append(implicit.comm.allreduce(local, op=MPI.MAX))
+    assert differences[1] > 0 and differences[0] / differences[1] > 1.7, differences
+    for problem in problems.values():
+        problem.destroy()
