@@ -84,7 +84,8 @@ STAGNATION_START = 8
 STAGNATION_WINDOW = 4
 #: Flat stall (part of the stagnation stop): an attempt whose residual is already below
 #: FLAT_BELOW times its first one and whose last FLAT_WINDOW iterations each kept more than
-#: FLAT_RATIO of it has met a kink it cannot cross (the line search takes steps of almost zero length).
+#: FLAT_RATIO of it will not converge: the line search takes steps of almost zero length (at the
+#: porous fronts the implicit step has no solution near the iterate; only a smaller step helps).
 FLAT_BELOW = 1e-2
 FLAT_WINDOW = 2
 FLAT_RATIO = 0.9

@@ -675,17 +675,7 @@ class PhaseFieldProblem:
                     if on_output is not None:
                         on_output(self, self.t)
                 p.dt = self._next_dt(p.dt, dt_try, result)
-                if (
-                    p.dt_ceiling is not None
-                    and result.dc is not None
-                    and result.dc <= QUIET * cyc.dc_target * cyc.max_dc
-                ):
-                    p.dt_ceiling = None  # c hardly changes any more: the front that failed has passed
-                if p.dt_ceiling is not None:
-                    p.dt = min(p.dt, p.dt_ceiling)
-                    p.dt_ceiling *= cyc.ceiling_growth
-                    if p.dt_ceiling >= cyc.dt_max:
-                        p.dt_ceiling = None
+                self._apply_ceiling(p, dt_try, result)
                 p.elapsed_s += time.perf_counter() - start
                 start = time.perf_counter()
                 if on_step is not None and p.marks:
@@ -702,13 +692,7 @@ class PhaseFieldProblem:
                 }
             )
             p.dt = self._next_dt(p.dt, dt_try, result)
-            if (  # failed, not for max_dc, past the half-cycle's first step (the surface jump): stay below it
-                cyc.controller == "smooth"
-                and cyc.failure_ceiling > 0
-                and p.steps > 0
-                and not (result.dc or 0.0) > cyc.max_dc
-            ):
-                p.dt_ceiling = cyc.failure_ceiling * dt_try
+            self._apply_ceiling(p, dt_try, result)
             logger.debug("t = %.6g: step dt = %.3g rejected (%s), retry with %.3g", self.t, dt_try, result.reason, p.dt)
             if len(attempts) > cyc.max_retries or p.dt < cyc.dt_min:
                 err = SolverError(
@@ -848,6 +832,26 @@ class PhaseFieldProblem:
         if dt_try < 0.999 * dt:  # shortened to hit an output time: its size says little about growth
             return min(dt if factor >= 1 else min(dt, dt_try * factor), cyc.dt_max)
         return min(dt_try * factor, cyc.dt_max)
+
+    def _apply_ceiling(self, p: HalfCycleProgress, dt_try: float, result: StepResult) -> None:
+        """The smooth controller's failure ceiling: after a failed attempt of ``dt_try`` (not a
+        ``max_dc`` rejection, not the half-cycle's first step, whose surface jump has its own rule)
+        the next steps stay below ``failure_ceiling dt_try``, a bound growing by ``ceiling_growth``
+        per accepted step and dropped once a step changes c by at most ``QUIET`` of the target
+        change (the front that failed has passed) or the bound reaches ``dt_max``. Caps ``p.dt``."""
+        cyc = self.settings.cycling
+        if not result.ok:
+            failed = not (result.dc or 0.0) > cyc.max_dc
+            if cyc.controller == "smooth" and cyc.failure_ceiling > 0 and p.steps > 0 and failed:
+                p.dt_ceiling = cyc.failure_ceiling * dt_try
+            return
+        if p.dt_ceiling is not None and result.dc is not None and result.dc <= QUIET * cyc.dc_target * cyc.max_dc:
+            p.dt_ceiling = None
+        if p.dt_ceiling is not None:
+            p.dt = min(p.dt, p.dt_ceiling)
+            p.dt_ceiling *= cyc.ceiling_growth
+            if p.dt_ceiling >= cyc.dt_max:
+                p.dt_ceiling = None
 
     def _effective_iterations(self, history: list[float]) -> int:
         """Newton iterations to reduce the residual by 1e-6 (or below 1e3 atol).
