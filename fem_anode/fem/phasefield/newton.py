@@ -464,8 +464,7 @@ class BorderedNewton:
         if self.stagnation and (
             (its >= STAGNATION_START and len(h) > STAGNATION_WINDOW and h[-1] > 0.5 * h[-1 - STAGNATION_WINDOW])
             or (
-                FLAT_WINDOW > 0
-                and len(seq) > FLAT_WINDOW
+                len(seq) > FLAT_WINDOW
                 and fnorm < FLAT_BELOW * self._fnorm0
                 and all(seq[-k] > FLAT_RATIO * seq[-k - 1] for k in range(1, FLAT_WINDOW + 1))
             )

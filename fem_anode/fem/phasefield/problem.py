@@ -841,8 +841,8 @@ class PhaseFieldProblem:
         change (the front that failed has passed) or the bound reaches ``dt_max``. Caps ``p.dt``."""
         cyc = self.settings.cycling
         if not result.ok:
-            failed = not (result.dc or 0.0) > cyc.max_dc
-            if cyc.controller == "smooth" and cyc.failure_ceiling > 0 and p.steps > 0 and failed:
+            not_max_dc = not (result.dc or 0.0) > cyc.max_dc  # Newton failed, or c left (0, 1)
+            if cyc.controller == "smooth" and cyc.failure_ceiling > 0 and p.steps > 0 and not_max_dc:
                 p.dt_ceiling = cyc.failure_ceiling * dt_try
             return
         if p.dt_ceiling is not None and result.dc is not None and result.dc <= QUIET * cyc.dc_target * cyc.max_dc:
