@@ -37,6 +37,9 @@ in the same process, so their times are comparable on this shared machine:
   (``solver.time_scheme = "convex_split"``: the concave regular-solution terms explicit);
 * ``noceiling``: the defaults without the smooth controller's failure ceiling
   (``cycling.failure_ceiling = 0``, the controller before 2026-12-06);
+* ``dolfinxassembly``: the defaults with the Jacobian assembled by dolfinx's CSR assembler
+  (``solver.jacobian_assembly = "dolfinx"``, the default before 2026-12-06) instead of the
+  cached positions;
 * ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
   Cahn-Hilliard block's LU first and the displacement block's only if it stalls again.
 
@@ -45,7 +48,8 @@ factorisations, Krylov iterations, time per Newton iteration and per half-cycle,
 metrics; per configuration the total time and the largest difference of the records from the
 first configuration. ``--profile`` also times, on the same mesh and a state after the first
 steps of a lithiation, one Jacobian assembly (matrix and border vectors; also as it was before,
-with the element matrices inserted into the PETSc matrix one by one: ``*_petsc_insertion_s``),
+with the element matrices inserted into the PETSc matrix one by one: ``*_petsc_insertion_s``;
+by dolfinx's CSR assembler instead of the cached positions: ``jacobian_dolfinx_csr_s``),
 one residual, one LU factorisation and one application of the preconditioner (block
 elimination with the LU), the yardstick of "time per Newton iteration". ``--profile-only``
 skips the runs.
@@ -124,13 +128,15 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(time_scheme="convex_split"))
     if config == "noceiling":  # the smooth controller without the failure ceiling (before 2026-12-06)
         return base.replace(cycling=base.cycling.replace(failure_ceiling=0.0))
+    if config == "dolfinxassembly":  # the Jacobian by dolfinx's assembler (before 2026-12-06)
+        return base.replace(solver=base.solver.replace(jacobian_assembly="dolfinx"))
     if config == "superlu":
         return base.replace(solver=base.solver.replace(linear_solver="superlu_dist"))
     if config in ("fieldsplit", "fieldsplit_lagged"):
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling, split)"
+        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly)"
     )
 
 
@@ -342,6 +348,9 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
         nw.A.assemble()
 
     out["matrix_petsc_insertion_s"] = median(petsc_insertion)
+    cached, nw._cached = nw._cached, None  # dolfinx's CSR assembly (solver.jacobian_assembly = "dolfinx")
+    out["jacobian_dolfinx_csr_s"] = median(jacobian)
+    nw._cached = cached
     native, nw._csr = nw._csr, None
     out["jacobian_petsc_insertion_s"] = median(jacobian)
     nw._csr = native

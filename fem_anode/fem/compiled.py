@@ -1,4 +1,4 @@
-"""C libraries of the package compiled on first use and cached (``voxel_sweeps.c``,
+"""C libraries of the package compiled on first use and cached (``voxel_sweeps.c``, ``cell_assembly.c``,
 ``phasefield/mumps_single.c``).
 
 Each is compiled with the system's compiler into ``$FEM_ANODE_CACHE_DIR`` (default

@@ -71,6 +71,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import UsageError
+from fem_anode.fem.cell_assembly import AssemblyUnsupported, CellMatrixAssembler
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
 from fem_anode.fem.phasefield.mumps_single import FactorisationError, SinglePrecisionLU
 
@@ -144,6 +145,9 @@ class BorderedNewton:
             ``max_it`` and the time step is retried smaller sooner.
         single_precision: with reuse, factorise in single precision (see the module docstring;
             the caller checks :func:`~fem_anode.fem.phasefield.mumps_single.single_precision_available`).
+        cached_assembly: assemble the Jacobian with
+            :class:`~fem_anode.fem.cell_assembly.CellMatrixAssembler` (the same matrix bit for bit,
+            in less than half the time) where it serves the form, else with dolfinx.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class BorderedNewton:
         linear_rtol: float | None = 1e-10,
         stagnation: bool = False,
         single_precision: bool = False,
+        cached_assembly: bool = False,
     ) -> None:
         self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
         V = w.function_space
@@ -175,6 +180,13 @@ class BorderedNewton:
         self._csr = self._native_matrix(jacobian)
         #: one rank: ``A`` is built on the CSR matrix's own arrays, so an assembly needs no copy
         self._shares_csr = self._csr is not None and self.comm.size == 1
+        #: the Jacobian through precomputed positions in the CSR matrix (None: dolfinx's assembler)
+        self._cached: CellMatrixAssembler | None = None
+        if cached_assembly and self._csr is not None:
+            try:
+                self._cached = CellMatrixAssembler(jacobian, self._csr[0], bcs)
+            except AssemblyUnsupported as exc:
+                logger.info("Jacobian assembled by dolfinx: %s", exc)
         if self._csr is not None and self._shares_csr:
             csr, indptr, columns, nnz = self._csr
             arrays = (indptr, columns, csr.data[:nnz])
@@ -346,8 +358,11 @@ class BorderedNewton:
             fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]
         else:
             csr, indptr, columns, nnz = self._csr
-            csr.set_value(0.0)
-            fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]  # as above
+            if self._cached is not None:
+                self._cached.assemble()
+            else:
+                csr.set_value(0.0)
+                fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]  # as above
             csr.scatter_reverse()
             if not self._shares_csr:  # several ranks: copy the owned rows (global columns) into A
                 self.A.setValuesCSR(indptr, columns, csr.data[:nnz], addv=PETSc.InsertMode.INSERT_VALUES)

@@ -394,6 +394,7 @@ class PhaseFieldProblem:
             linear_rtol=sol.linear_rtol,
             stagnation=sol.stop_on_stagnation,
             single_precision=self._single_precision(reuse),
+            cached_assembly=sol.jacobian_assembly == "cached",
         )
 
     def _single_precision(self, reuse: bool) -> bool:

@@ -323,6 +323,13 @@ class SolverSettings(Section):
         "times that of backward Euler (+14 % against -6 % after the first cycle at 1 nm); see docs/phasefield.md)",
         choices=("implicit", "convex_split"),
     )
+    jacobian_assembly: str = setting(
+        "cached",
+        "how the Jacobian matrix is assembled: 'cached' (each element entry's place in the matrix found once, "
+        "then only the form's kernels and additions: bit for bit dolfinx's matrix in less than half the time; "
+        "dolfinx's assembler where the form is not served), 'dolfinx' (dolfinx's assembler at every Newton iteration)",
+        choices=("cached", "dolfinx"),
+    )
     quadrature_degree: int | None = setting(
         None,
         "quadrature degree of all forms and of the plastic state (default 2 on triangles, 2 x displacement degree on "
