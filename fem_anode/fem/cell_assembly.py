@@ -75,7 +75,10 @@ class CellMatrixAssembler:
     pattern must not change) with Dirichlet conditions ``bcs`` applied as dolfinx does: rows and
     columns of their dofs zeroed and ``diagonal`` on the owned diagonal entries. Ghost rows are
     left for the caller's ``matrix.scatter_reverse()``. Collective on the mesh's communicator
-    (at construction only).
+    (at construction only). The positions follow from the pattern, the integration cells and
+    the conditions' dofs as they are at construction (the conditions' values never enter the
+    matrix); make a new assembler if one of these changes. Coefficients, constants and mesh
+    coordinates are read at every assembly.
 
     Raises:
         AssemblyUnsupported: the form, the matrix or the platform is not served (see the module
