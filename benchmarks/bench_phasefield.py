@@ -24,6 +24,8 @@ in the same process, so their times are comparable on this shared machine:
   no ``fast_growth`` (the run's solver class is patched);
 * ``dcXX``: the defaults with ``cycling.dc_target = 0.XX`` (e.g. ``dc85``); ``maxdcXX``: with
   ``cycling.max_dc = 0.XX``; ``a+b``: both (e.g. ``split+maxdc10``);
+* ``refactorXX``: the defaults with ``solver.refactor_iterations = XX`` (the Krylov iterations
+  on a lagged factorisation after which it is renewed inside the solve; default 12);
 * ``rtolXX``: the defaults with Newton's ``solver.rtol = 1e-XX`` (``rtol9``: the default until
   2026-12-05, issue 22's sixth round);
 * ``fieldsplit``: the defaults with a block preconditioner instead of the one LU of the Jacobian
@@ -120,6 +122,8 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(cycling=base.cycling.replace(fast_growth=base.cycling.growth))
     if config.startswith("dc") and config[2:].isdigit():
         return base.replace(cycling=base.cycling.replace(dc_target=float("0." + config[2:])))
+    if config.startswith("refactor") and config[8:].isdigit():  # solver.refactor_iterations = XX
+        return base.replace(solver=base.solver.replace(refactor_iterations=int(config[8:])))
     if config.startswith("rtol") and config[4:].isdigit():  # Newton's relative tolerance 1e-XX
         return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
     if config in ("single", "double"):  # the lagged factorisation's precision (default: single on one rank)
@@ -136,7 +140,7 @@ def configured(base: Any, config: str) -> Any:
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly)"
+        "round3, dcXX, refactorXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly)"
     )
 
 
