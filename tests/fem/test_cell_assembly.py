@@ -32,6 +32,17 @@ def _cached_matrix(form: fem.Form, bcs: list[fem.DirichletBC]) -> tuple[CellMatr
     return assembler, matrix.data
 
 
+def _assert_follows_the_change(
+    assembler: CellMatrixAssembler, form: fem.Form, bcs: list[fem.DirichletBC], reference: np.ndarray
+) -> None:
+    """After the form's coefficients or constants changed: the cached assembly equals dolfinx's
+    again, and dolfinx's matrix did change."""
+    reference_new = _dolfinx_matrix(form, bcs)
+    assembler.assemble()
+    assert np.array_equal(assembler.matrix.data, reference_new)
+    assert not np.array_equal(reference_new, reference)
+
+
 def _mixed_problem(cell_type: mesh.CellType = mesh.CellType.triangle):
     """A nonlinear mixed form (P1 scalar pair and a P2 vector) with coefficient-dependent entries,
     clamped displacement on the left edge, like the phase field's Jacobian."""
@@ -71,10 +82,7 @@ def test_mixed_form_with_dirichlet_rows_equals_dolfinx(cell_type):
     # new coefficients: the positions stay, the values follow (and differ from the old ones)
     w.x.array[:] *= 1.1
     w.x.array[:] += 0.01
-    reference_new = _dolfinx_matrix(jacobian, bcs)
-    assembler.assemble()
-    assert np.array_equal(assembler.matrix.data, reference_new)
-    assert not np.array_equal(reference_new, reference)
+    _assert_follows_the_change(assembler, jacobian, bcs, reference)
 
 
 def test_blocked_space_and_subdomain_integrals_equal_dolfinx():
@@ -99,10 +107,7 @@ def test_blocked_space_and_subdomain_integrals_equal_dolfinx():
     assembler, cached = _cached_matrix(form, bcs)
     assert np.array_equal(cached, reference)
     k.value = 5.0  # constants are packed at every assembly
-    reference_new = _dolfinx_matrix(form, bcs)
-    assembler.assemble()
-    assert np.array_equal(assembler.matrix.data, reference_new)
-    assert not np.array_equal(reference_new, reference)
+    _assert_follows_the_change(assembler, form, bcs, reference)
 
 
 def test_unserved_forms_are_refused_with_the_reason():
