@@ -8,7 +8,7 @@ same pattern hundreds of times, so :class:`CellMatrixAssembler` finds each entry
 the element matrix at those positions. The cells are visited in dolfinx's order and every
 entry is added in the same order, so the matrix is bit for bit the one
 ``dolfinx.fem.assemble_matrix`` gives (tested); on the 1 nm phase-field wire an assembly takes
-5.2 instead of 11.1 ms (docs/phasefield.md).
+4.8 instead of 11.1 ms (docs/phasefield.md).
 
 What it serves: real float64 forms with cell integrals only, the same space for test and trial
 functions and elements without dof transformations (Lagrange and other point-evaluation

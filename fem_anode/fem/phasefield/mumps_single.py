@@ -109,6 +109,8 @@ class SinglePrecisionLU:
         self.handle = self.lib.fa_lu_create(comm.py2f())
         if not self.handle:
             raise FactorisationError("MUMPS (single precision) could not be initialised")
+        #: one process: dense right-hand side, overwritten by the solution (the shim decides)
+        self._central = bool(self.lib.fa_lu_central(self.handle))
         self._rows: np.ndarray | None = None  # 1-based global rows of the owned entries
         self._columns: np.ndarray | None = None
         self._owned: np.ndarray | None = None  # 1-based global indices of the owned rows
@@ -157,7 +159,7 @@ class SinglePrecisionLU:
         self._rhs[:] = b.getArray(readonly=True)
         err = self.lib.fa_lu_solve(self.handle, len(self._owned), self._owned.ctypes.data, self._rhs.ctypes.data)
         self._check(err, "solve")
-        if self.lib.fa_lu_central(self.handle):  # one process: the solution replaced the right-hand side
+        if self._central:  # the solution replaced the right-hand side
             x.getArray()[:] = self._rhs
             return
         n = self.lib.fa_lu_lsol(self.handle)
