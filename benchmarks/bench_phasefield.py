@@ -42,6 +42,9 @@ in the same process, so their times are comparable on this shared machine:
 * ``dolfinxassembly``: the defaults with the Jacobian assembled by dolfinx's CSR assembler
   (``solver.jacobian_assembly = "dolfinx"``, the default before 2026-12-06) instead of the
   cached positions;
+* ``cachedassembly``: the defaults with the residual, the Jacobian and its border vectors as
+  separate forms (``solver.jacobian_assembly = "cached"``, the default of the ninth round)
+  instead of one pass over the cells each;
 * ``fieldsplit_lagged``: the same blocks, both LUs lagged; a stalled Krylov solve renews the
   Cahn-Hilliard block's LU first and the displacement block's only if it stalls again.
 
@@ -132,6 +135,8 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(time_scheme="convex_split"))
     if config == "noceiling":  # the smooth controller without the failure ceiling (before 2026-12-06)
         return base.replace(cycling=base.cycling.replace(failure_ceiling=0.0))
+    if config == "cachedassembly":  # residual, Jacobian and border as separate forms (ninth round)
+        return base.replace(solver=base.solver.replace(jacobian_assembly="cached"))
     if config == "dolfinxassembly":  # the Jacobian by dolfinx's assembler (before 2026-12-06)
         return base.replace(solver=base.solver.replace(jacobian_assembly="dolfinx"))
     if config == "superlu":
@@ -140,7 +145,7 @@ def configured(base: Any, config: str) -> Any:
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, refactorXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly)"
+        "round3, dcXX, refactorXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly, cachedassembly)"
     )
 
 
@@ -352,9 +357,16 @@ def profile(settings: Any, comm: MPI.Comm, repeats: int = 10) -> dict[str, float
         nw.A.assemble()
 
     out["matrix_petsc_insertion_s"] = median(petsc_insertion)
-    cached, nw._cached = nw._cached, None  # dolfinx's CSR assembly (solver.jacobian_assembly = "dolfinx")
+    bordered, cached = nw._bordered, nw._cached
+    if bordered is not None and nw._csr is not None:  # separate forms (solver.jacobian_assembly = "cached")
+        from fem_anode.fem.cell_assembly import CellMatrixAssembler
+
+        nw._bordered, nw._cached = None, CellMatrixAssembler(nw.jacobian, nw._csr[0], nw.bcs)
+        out["jacobian_cached_separate_s"] = median(jacobian)
+        out["residual_separate_s"] = median(lambda: nw._function(snes, nw.X, nw.F))
+    nw._bordered, nw._cached = None, None  # dolfinx's CSR assembly (solver.jacobian_assembly = "dolfinx")
     out["jacobian_dolfinx_csr_s"] = median(jacobian)
-    nw._cached = cached
+    nw._bordered, nw._cached = bordered, cached
     native, nw._csr = nw._csr, None
     out["jacobian_petsc_insertion_s"] = median(jacobian)
     nw._csr = native

@@ -1,5 +1,6 @@
-"""Matrix assembly of a bilinear form's cell integrals into a fixed CSR pattern through
-precomputed positions (the C loop in ``cell_assembly.c``, compiled on first use).
+"""Assembly of cell integrals through precomputed positions (the C loop in ``cell_assembly.c``,
+compiled on first use): a bilinear form into a fixed CSR pattern, and the residual and Jacobian
+of a system bordered by one global scalar each in one pass over the cells.
 
 dolfinx's assembler looks up every entry of every element matrix in its row of the CSR pattern
 at every assembly (a binary search per entry). A Newton solver assembles the same form on the
@@ -10,7 +11,17 @@ entry is added in the same order, so the matrix is bit for bit the one
 ``dolfinx.fem.assemble_matrix`` gives (tested); on the 1 nm phase-field wire an assembly takes
 4.8 instead of 11.1 ms (docs/phasefield.md).
 
-What it serves: real float64 forms with cell integrals only, the same space for test and trial
+:class:`BorderedCellAssembler` serves Newton solvers whose unknowns are a field ``w`` and one
+global scalar ``lambda`` with one scalar equation ``g = 0`` (generalised plane strain). dolfinx
+would assemble ``R``, ``g``, ``dR/dw``, ``dR/dlambda``, ``dg/dw`` and ``dg/dlambda`` as six forms,
+each evaluating the constitutive law at every quadrature point again. Here they come from two
+forms on the extended space ``W x DG0``, whose one DG0 dof per cell carries the scalar: the DG0
+test function times ``g``'s integrand in the residual, the DG0 trial function times the
+derivatives with respect to ``lambda`` in the Jacobian. Summed over the cells, the DG0 row of the
+residual's element vectors is ``g``; the Jacobian's element matrices give ``dR/dw`` (W rows and
+columns), ``dR/dlambda`` (W rows, DG0 column), ``dg/dw`` (DG0 row) and ``dg/dlambda``.
+
+What both serve: real float64 forms with cell integrals only, the same space for test and trial
 functions and elements without dof transformations (Lagrange and other point-evaluation
 elements on simplices and quadrilaterals). Anything else raises :class:`AssemblyUnsupported`,
 and the caller keeps dolfinx's assembler.
@@ -22,6 +33,7 @@ import ctypes
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cffi  # type: ignore[import-untyped]
 import numpy as np
@@ -30,7 +42,7 @@ from dolfinx import fem, la
 
 from fem_anode.fem.compiled import LOAD_ERRORS, compiled_library, load_collectively
 
-__all__ = ["AssemblyUnsupported", "CellMatrixAssembler"]
+__all__ = ["AssemblyUnsupported", "BorderedCellAssembler", "CellMatrixAssembler"]
 
 _SOURCE = Path(__file__).with_name("cell_assembly.c")
 _FLAGS = ("-O2", "-std=c99", "-fPIC", "-shared")
@@ -61,6 +73,7 @@ def _load_local() -> ctypes.CDLL:
         int32,
         pointer,  # positions
         pointer,  # data
+        pointer,  # border
     ]
     library.fa_assemble_cells.restype = ctypes.c_int
     return library
@@ -68,6 +81,150 @@ def _load_local() -> ctypes.CDLL:
 
 def _address(array: np.ndarray) -> int:
     return array.ctypes.data
+
+
+def _library_for(comm: Any) -> ctypes.CDLL:
+    """The compiled loop, loaded collectively over ``comm`` (AssemblyUnsupported if it cannot be)."""
+    global _library
+    if _library is None:
+        try:
+            _library = load_collectively(comm, _load_local)
+        except LOAD_ERRORS as exc:
+            raise AssemblyUnsupported(str(exc)) from exc
+    return _library
+
+
+def _refuse(comm: Any, reason: str | None) -> None:
+    """Raise AssemblyUnsupported on every rank if any rank has a reason."""
+    reasons = [r for r in comm.allgather(reason) if r]
+    if reasons:
+        raise AssemblyUnsupported(reasons[0])
+
+
+def _form_unsupported(form: fem.Form, rank: int) -> str | None:
+    if form.rank != rank or np.dtype(form.dtype) != np.float64:
+        return f"only real float64 forms of rank {rank} are served"
+    if set(form.integral_types) != {fem.IntegralType.cell}:
+        return "only cell integrals are served"
+    spaces = form.function_spaces
+    if any(space is not spaces[0] for space in spaces[1:]):
+        return "the test and trial spaces differ"
+    if spaces[0].element.needs_dof_transformations:
+        return "the element needs dof transformations"
+    return None
+
+
+def _cell_integrals(form: fem.Form) -> list[tuple[int, int, np.ndarray]]:
+    """(kernel address, integral id, integration cells) of each cell integral of ``form``."""
+    ufcx_form, cpp_form = form.ufcx_form, form._cpp_object
+    first, last = ufcx_form.form_integral_offsets[0], ufcx_form.form_integral_offsets[1]
+    integrals = []
+    for index in range(first, last):
+        integral_id = int(ufcx_form.form_integral_ids[index])
+        kernel = int(_ffi.cast("uintptr_t", ufcx_form.form_integrals[index].tabulate_tensor_float64))
+        cells = np.ascontiguousarray(cpp_form.domains(fem.IntegralType.cell, integral_id), dtype=np.int32)
+        integrals.append((kernel, integral_id, cells))
+    return integrals
+
+
+def _pattern_keys(matrix: la.MatrixCSR) -> tuple[np.ndarray, int]:
+    """Sorted keys ``row * n_columns + column`` of the matrix's local entries, and n_columns."""
+    n_rows = len(matrix.indptr) - 1
+    indptr = np.asarray(matrix.indptr, dtype=np.int64)
+    columns = np.asarray(matrix.indices, dtype=np.int64)
+    n_columns = int(columns.max()) + 1 if len(columns) else 1
+    return np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_columns + columns, n_columns
+
+
+def _constrained_dofs(bcs: Sequence[fem.DirichletBC], n_dofs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of the conditions' local dofs (owned and ghost) and the owned ones, sorted."""
+    constrained = np.zeros(n_dofs, dtype=bool)
+    owned: list[np.ndarray] = []
+    for bc in bcs:
+        dofs, first_ghost = bc._cpp_object.dof_indices()
+        constrained[dofs] = True
+        owned.append(np.asarray(dofs[:first_ghost], dtype=np.int64))
+    return constrained, (np.unique(np.concatenate(owned)) if owned else np.empty(0, np.int64))
+
+
+def _diagonal_positions(keys: np.ndarray, n_columns: int, dofs: np.ndarray) -> np.ndarray:
+    wanted = dofs * n_columns + dofs
+    found = np.searchsorted(keys, wanted)
+    if not np.array_equal(keys[np.minimum(found, len(keys) - 1)], wanted):
+        raise AssemblyUnsupported("a constrained dof has no diagonal entry in the matrix pattern")
+    return found
+
+
+def _matrix_positions(
+    cell_dofs: np.ndarray, cells: np.ndarray, block: int, keys: np.ndarray, n_columns: int, constrained: np.ndarray
+) -> np.ndarray:
+    """For each cell and element-matrix entry (row-major), its index in the matrix's values; -1
+    where the row or column is constrained."""
+    n_local = cell_dofs.shape[1] * block
+    positions = np.empty((len(cells), n_local * n_local), dtype=np.int32)
+    for start in range(0, len(cells), _BATCH_CELLS):
+        chunk = cells[start : start + _BATCH_CELLS]
+        dofs = _unrolled(cell_dofs[chunk], block)
+        wanted = (dofs[:, :, None] * n_columns + dofs[:, None, :]).reshape(len(chunk), -1)
+        found = np.searchsorted(keys, wanted)
+        found = np.minimum(found, len(keys) - 1)
+        if not np.array_equal(keys[found], wanted):
+            raise AssemblyUnsupported("the matrix pattern does not hold every element entry")
+        drop = constrained[dofs]
+        found[(drop[:, :, None] | drop[:, None, :]).reshape(len(chunk), -1)] = -1
+        positions[start : start + len(chunk)] = found
+    return positions
+
+
+def _unrolled(cell_dofs: np.ndarray, block: int) -> np.ndarray:
+    """Cell dofs (int64) unrolled in the kernel's order: node-major, component-minor."""
+    dofs = cell_dofs.astype(np.int64)
+    if block > 1:
+        dofs = (dofs[:, :, None] * block + np.arange(block)).reshape(len(dofs), -1)
+    return dofs
+
+
+_EMPTY = np.zeros(1)
+
+
+def _assemble(
+    lib: ctypes.CDLL,
+    form: fem.Form,
+    integrals: list[tuple[int, int, np.ndarray, np.ndarray]],
+    n_entries: int,
+    data: np.ndarray,
+    border: np.ndarray,
+) -> None:
+    """Add ``form``'s element tensors at the integrals' positions (``data`` and ``border``)."""
+    constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
+    if constants.size == 0:
+        constants = _EMPTY
+    coefficients = _cpp.fem.pack_coefficients(form._cpp_object)
+    geometry = form.mesh.geometry
+    x = np.ascontiguousarray(geometry.x, dtype=np.float64)
+    x_dofmap = np.ascontiguousarray(geometry.dofmap, dtype=np.int32)
+    for kernel, integral_id, cells, positions in integrals:
+        packed = np.ascontiguousarray(coefficients[(fem.IntegralType.cell, integral_id)], dtype=np.float64)
+        stride = packed.shape[1] if packed.ndim == 2 else 0
+        if packed.size == 0:
+            packed = _EMPTY
+        err = lib.fa_assemble_cells(
+            kernel,
+            len(cells),
+            _address(cells),
+            n_entries,
+            _address(packed),
+            stride,
+            _address(constants),
+            _address(x),
+            _address(x_dofmap),
+            x_dofmap.shape[1],
+            _address(positions),
+            _address(data),
+            _address(border),
+        )
+        if err:
+            raise MemoryError("cell assembly: the element buffers could not be allocated")
 
 
 class CellMatrixAssembler:
@@ -87,126 +244,139 @@ class CellMatrixAssembler:
 
     def __init__(self, form: fem.Form, matrix: la.MatrixCSR, bcs: Sequence[fem.DirichletBC], diagonal: float = 1.0):
         comm = form.mesh.comm
-        reason = self._unsupported(form, matrix, bcs)
-        reasons = [r for r in comm.allgather(reason) if r]
-        if reasons:
-            raise AssemblyUnsupported(reasons[0])
-        global _library
-        if _library is None:
-            try:
-                _library = load_collectively(comm, _load_local)
-            except LOAD_ERRORS as exc:
-                raise AssemblyUnsupported(str(exc)) from exc
-        self.lib = _library
+        _refuse(comm, _form_unsupported(form, 2) or _matrix_unsupported(matrix))
+        self.lib = _library_for(comm)
         self.form, self.matrix, self.diagonal = form, matrix, float(diagonal)
-        cpp_form = form._cpp_object
         space = form.function_spaces[0]
         block = space.dofmap.bs
         cell_dofs = np.asarray(space.dofmap.map())  # type: ignore[attr-defined]  # the C++ space (Form.function_spaces)
-        n_rows = len(matrix.indptr) - 1
-        indptr = np.asarray(matrix.indptr, dtype=np.int64)
-        columns = np.asarray(matrix.indices, dtype=np.int64)
-        n_columns = int(columns.max()) + 1 if len(columns) else 1
-        keys = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_columns + columns
-        constrained = np.zeros(n_rows, dtype=bool)
-        owned_constrained: list[np.ndarray] = []
-        for bc in bcs:
-            dofs, first_ghost = bc._cpp_object.dof_indices()
-            constrained[dofs] = True
-            owned_constrained.append(np.asarray(dofs[:first_ghost], dtype=np.int64))
-        owned = np.unique(np.concatenate(owned_constrained)) if owned_constrained else np.empty(0, np.int64)
-        self._diagonal_positions = np.searchsorted(keys, owned * n_columns + owned)
-        if not np.array_equal(keys[np.minimum(self._diagonal_positions, len(keys) - 1)], owned * n_columns + owned):
-            raise AssemblyUnsupported("a constrained dof has no diagonal entry in the matrix pattern")
-        ufcx_form = form.ufcx_form
-        first, last = ufcx_form.form_integral_offsets[0], ufcx_form.form_integral_offsets[1]
-        self._integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # kernel, id, cells, positions
-        for index in range(first, last):
-            integral_id = int(ufcx_form.form_integral_ids[index])
-            kernel = int(_ffi.cast("uintptr_t", ufcx_form.form_integrals[index].tabulate_tensor_float64))
-            cells = np.ascontiguousarray(cpp_form.domains(fem.IntegralType.cell, integral_id), dtype=np.int32)
-            positions = self._positions(cell_dofs, cells, block, keys, n_columns, constrained)
-            self._integrals.append((kernel, integral_id, cells, positions))
+        keys, n_columns = _pattern_keys(matrix)
+        constrained, owned = _constrained_dofs(bcs, len(matrix.indptr) - 1)
+        self._diagonal_positions = _diagonal_positions(keys, n_columns, owned)
+        self._integrals = [
+            (kernel, integral_id, cells, _matrix_positions(cell_dofs, cells, block, keys, n_columns, constrained))
+            for kernel, integral_id, cells in _cell_integrals(form)
+        ]
         self._n_entries = (cell_dofs.shape[1] * block) ** 2
-        self._empty_constants = np.zeros(1)
-
-    @staticmethod
-    def _unsupported(form: fem.Form, matrix: la.MatrixCSR, bcs: Sequence[fem.DirichletBC]) -> str | None:
-        if form.rank != 2 or np.dtype(form.dtype) != np.float64:
-            return "only real float64 bilinear forms are served"
-        if set(form.integral_types) != {fem.IntegralType.cell}:
-            return "only cell integrals are served"
-        spaces = form.function_spaces
-        if spaces[0] is not spaces[1]:
-            return "the test and trial spaces differ"
-        if spaces[0].element.needs_dof_transformations:
-            return "the element needs dof transformations"
-        if matrix.block_size != [1, 1]:
-            return "only matrices with block size 1 are served"
-        if len(matrix.indices) >= np.iinfo(np.int32).max:
-            return "the matrix has too many local entries for 32-bit positions"
-        return None
-
-    def _positions(
-        self,
-        cell_dofs: np.ndarray,
-        cells: np.ndarray,
-        block: int,
-        keys: np.ndarray,
-        n_columns: int,
-        constrained: np.ndarray,
-    ) -> np.ndarray:
-        """For each cell and element-matrix entry (row-major), its index in ``matrix.data``; -1
-        where the row or column is constrained."""
-        n_local = cell_dofs.shape[1] * block
-        positions = np.empty((len(cells), n_local * n_local), dtype=np.int32)
-        for start in range(0, len(cells), _BATCH_CELLS):
-            chunk = cells[start : start + _BATCH_CELLS]
-            dofs = cell_dofs[chunk].astype(np.int64)
-            if block > 1:  # unrolled in the kernel's order: node-major, component-minor
-                dofs = (dofs[:, :, None] * block + np.arange(block)).reshape(len(chunk), n_local)
-            wanted = (dofs[:, :, None] * n_columns + dofs[:, None, :]).reshape(len(chunk), -1)
-            found = np.searchsorted(keys, wanted)
-            found = np.minimum(found, len(keys) - 1)
-            if not np.array_equal(keys[found], wanted):
-                raise AssemblyUnsupported("the matrix pattern does not hold every element entry")
-            drop = constrained[dofs]
-            found[(drop[:, :, None] | drop[:, None, :]).reshape(len(chunk), -1)] = -1
-            positions[start : start + len(chunk)] = found
-        return positions
 
     def assemble(self) -> None:
         """Zero the matrix's values and assemble the form at the current coefficients (owned and
         ghost rows; the caller scatters)."""
-        form, matrix = self.form, self.matrix
-        constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
-        if constants.size == 0:
-            constants = self._empty_constants
-        coefficients = _cpp.fem.pack_coefficients(form._cpp_object)
-        geometry = form.mesh.geometry
-        x = np.ascontiguousarray(geometry.x, dtype=np.float64)
-        x_dofmap = np.ascontiguousarray(geometry.dofmap, dtype=np.int32)
-        data = matrix.data
+        data = self.matrix.data
         data[:] = 0.0
-        for kernel, integral_id, cells, positions in self._integrals:
-            packed = np.ascontiguousarray(coefficients[(fem.IntegralType.cell, integral_id)], dtype=np.float64)
-            stride = packed.shape[1] if packed.ndim == 2 else 0
-            if packed.size == 0:
-                packed = self._empty_constants
-            err = self.lib.fa_assemble_cells(
-                kernel,
-                len(cells),
-                _address(cells),
-                self._n_entries,
-                _address(packed),
-                stride,
-                _address(constants),
-                _address(x),
-                _address(x_dofmap),
-                x_dofmap.shape[1],
-                _address(positions),
-                _address(data),
-            )
-            if err:
-                raise MemoryError("cell assembly: the element buffers could not be allocated")
+        _assemble(self.lib, self.form, self._integrals, self._n_entries, data, _EMPTY)
         data[self._diagonal_positions] = self.diagonal
+
+
+def _matrix_unsupported(matrix: la.MatrixCSR) -> str | None:
+    if matrix.block_size != [1, 1]:
+        return "only matrices with block size 1 are served"
+    if len(matrix.indices) >= np.iinfo(np.int32).max:
+        return "the matrix has too many local entries for 32-bit positions"
+    return None
+
+
+def _extension_unsupported(form: fem.Form, space: fem.FunctionSpace) -> str | None:
+    """Why ``form``'s space is not ``space``'s mixed element extended by one element with one dof
+    per cell, last (None if it is)."""
+    extended, base = form.function_spaces[0].element, space.element
+    if base.num_sub_elements == 0 or extended.num_sub_elements != base.num_sub_elements + 1:
+        return "the form's space is not the unknowns' mixed space extended by one element"
+    if not extended.signature().startswith(base.signature()[:-1]):
+        return "the form's space does not start with the unknowns' elements"
+    if extended.space_dimension != base.space_dimension + 1:
+        return "the extension has more than one dof per cell"
+    if space.dofmap.bs != 1 or form.function_spaces[0].dofmap.bs != 1:
+        return "blocked mixed spaces are not served"
+    return None
+
+
+class BorderedCellAssembler:
+    """The residual ``(R, g)`` and the Jacobian ``(dR/dw, dR/dlambda, dg/dw, dg/dlambda)`` of a
+    system bordered by one global scalar, each in one pass over the cells (module docstring).
+
+    Args:
+        residual: linear form on ``W x DG0`` (``space`` extended by a scalar DG0 element, last).
+        jacobian: bilinear form on ``W x DG0`` (see the module docstring for its blocks).
+        space: ``W``, the space of the unknown field (a mixed space, not blocked).
+        matrix: ``dolfinx.la.MatrixCSR`` of ``dR/dw`` (created for ``W``'s Jacobian form).
+        bcs: Dirichlet conditions on ``W``: their rows and columns of ``dR/dw`` are zeroed with
+            ``diagonal`` on the owned diagonal, their entries of ``dR/dlambda`` and ``dg/dw``
+            are zero; ``R`` is left to the caller's ``set_bc``.
+
+    Collective on the mesh's communicator (at construction only). Local arrays hold the owned
+    and ghost dofs; ghost contributions and the sums of ``g`` and ``dg/dlambda`` over the ranks
+    are left to the caller.
+
+    Raises:
+        AssemblyUnsupported: the forms, the matrix or the platform is not served, on every rank.
+    """
+
+    def __init__(
+        self,
+        residual: fem.Form,
+        jacobian: fem.Form,
+        space: fem.FunctionSpace,
+        matrix: la.MatrixCSR,
+        bcs: Sequence[fem.DirichletBC],
+        diagonal: float = 1.0,
+    ):
+        comm = space.mesh.comm
+        reason = (
+            _form_unsupported(residual, 1)
+            or _form_unsupported(jacobian, 2)
+            or _matrix_unsupported(matrix)
+            or _extension_unsupported(residual, space)
+            or _extension_unsupported(jacobian, space)
+        )
+        _refuse(comm, reason)
+        self.lib = _library_for(comm)
+        self.residual, self.jacobian, self.matrix, self.diagonal = residual, jacobian, matrix, float(diagonal)
+        cell_dofs = np.asarray(space.dofmap.list).astype(np.int64)
+        n_dofs = len(matrix.indptr) - 1
+        self.n_dofs = n_dofs
+        keys, n_columns = _pattern_keys(matrix)
+        constrained, owned = _constrained_dofs(bcs, n_dofs)
+        self._diagonal_positions = _diagonal_positions(keys, n_columns, owned)
+        m = cell_dofs.shape[1]
+        self._n_vector, self._n_matrix = m + 1, (m + 1) ** 2
+        # border of the Jacobian: [dR/dlambda (n_dofs), dg/dw (n_dofs), dg/dlambda]; of R: [g]
+        self._border = np.zeros(2 * n_dofs + 1)
+        self._g = np.zeros(1)
+        self._residual_integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        for kernel, integral_id, cells in _cell_integrals(residual):
+            dofs = cell_dofs[cells]
+            targets = np.full((len(cells), m + 1), -2, dtype=np.int32)  # the DG0 entry: g
+            targets[:, :m] = dofs
+            self._residual_integrals.append((kernel, integral_id, cells, targets))
+        self._jacobian_integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        for kernel, integral_id, cells in _cell_integrals(jacobian):
+            positions = np.empty((len(cells), m + 1, m + 1), dtype=np.int32)
+            inner = _matrix_positions(cell_dofs, cells, 1, keys, n_columns, constrained)
+            positions[:, :m, :m] = inner.reshape(len(cells), m, m)
+            dofs = cell_dofs[cells]
+            drop = constrained[dofs]
+            positions[:, :m, m] = np.where(drop, -1, -2 - dofs)  # dR/dlambda
+            positions[:, m, :m] = np.where(drop, -1, -2 - n_dofs - dofs)  # dg/dw
+            positions[:, m, m] = -2 - 2 * n_dofs  # dg/dlambda
+            self._jacobian_integrals.append((kernel, integral_id, cells, positions.reshape(len(cells), -1)))
+
+    def assemble_residual(self, r: np.ndarray) -> float:
+        """``R`` into the local array ``r`` (zeroed first); returns this rank's part of ``g``."""
+        r[:] = 0.0
+        self._g[0] = 0.0
+        _assemble(self.lib, self.residual, self._residual_integrals, self._n_vector, r, self._g)
+        return float(self._g[0])
+
+    def assemble_jacobian(self, b: np.ndarray, c: np.ndarray) -> float:
+        """``dR/dw`` into the matrix (zeroed first; Dirichlet rows as documented), ``dR/dlambda``
+        into ``b`` and ``dg/dw`` into ``c`` (local arrays); returns this rank's part of
+        ``dg/dlambda``."""
+        data, border, n = self.matrix.data, self._border, self.n_dofs
+        data[:] = 0.0
+        border[:] = 0.0
+        _assemble(self.lib, self.jacobian, self._jacobian_integrals, self._n_matrix, data, border)
+        data[self._diagonal_positions] = self.diagonal
+        b[:] = border[:n]
+        c[:] = border[n : 2 * n]
+        return float(border[2 * n])

@@ -1,7 +1,9 @@
 """The cached cell assembler (fem_anode.fem.cell_assembly.CellMatrixAssembler) gives dolfinx's
 matrix bit for bit: a mixed space with Dirichlet conditions on a sub-space, a blocked P2 vector
 space, subdomain integrals and a quadrilateral mesh, on 1 and 2 ranks; after the coefficients
-change it follows them; forms it does not serve are refused with the reason."""
+change it follows them; forms it does not serve are refused with the reason. The bordered
+assembler (BorderedCellAssembler) gives the six separately assembled quantities of a system
+bordered by a global scalar from two forms on W x DG0."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import ufl
 from dolfinx import fem, la, mesh
 from mpi4py import MPI
 
-from fem_anode.fem.cell_assembly import AssemblyUnsupported, CellMatrixAssembler
+from fem_anode.fem.cell_assembly import AssemblyUnsupported, BorderedCellAssembler, CellMatrixAssembler
 
 
 def _dolfinx_matrix(form: fem.Form, bcs: list[fem.DirichletBC]) -> np.ndarray:
@@ -129,3 +131,87 @@ def test_unserved_forms_are_refused_with_the_reason():
     curl_form = fem.form(ufl.inner(ufl.TrialFunction(nedelec), ufl.TestFunction(nedelec)) * ufl.dx)
     with pytest.raises(AssemblyUnsupported, match="dof transformations"):
         CellMatrixAssembler(curl_form, fem.create_matrix(curl_form), [])
+
+
+def _owned_sum(form: fem.Form, n_owned: int, bcs: list[fem.DirichletBC] | None = None) -> np.ndarray:
+    """dolfinx's vector of ``form`` (ghost contributions added), owned entries; with ``bcs`` zero
+    at their dofs."""
+    vector = fem.assemble_vector(form)
+    vector.scatter_reverse(la.InsertMode.add)
+    if bcs:
+        for bc in bcs:
+            bc.set(vector.array, alpha=0.0)
+    return vector.array[:n_owned].copy()
+
+
+def _close(value: np.ndarray, reference: np.ndarray) -> bool:
+    """Equal up to round-off, relative to the reference's size."""
+    scale = np.linalg.norm(reference)
+    return bool(scale > 0 and np.linalg.norm(value - reference) <= 1e-12 * scale)
+
+
+def test_bordered_forms_give_the_separate_forms_quantities():
+    """R, g, dR/dw (with Dirichlet rows), dR/dlambda, dg/dw and dg/dlambda of a nonlinear mixed
+    system with a global scalar lambda, from the two extended forms, before and after the
+    state changes."""
+    w, _, bcs = _mixed_problem()
+    W = w.function_space
+    domain = W.mesh
+    lam = fem.Constant(domain, 1.2)
+    lam_v = ufl.variable(lam)
+    c, mu, u = ufl.split(w)
+
+    def residual_terms(tests):
+        q, v, z = tests
+        eps = ufl.sym(ufl.grad(u))
+        stress = lam_v**2 * (1 + c) * eps + ufl.tr(eps) * ufl.Identity(2) * ufl.ln(lam_v)
+        return (
+            (1 + c**2) * ufl.inner(ufl.grad(mu), ufl.grad(q)) + (mu - c**3 * lam_v) * v + ufl.inner(stress, ufl.grad(z))
+        )
+
+    g_integrand = (lam_v - 1) * (1 + c) + ufl.div(u) * lam_v**2 + mu * c
+    r = residual_terms(ufl.TestFunctions(W))
+    separate = {
+        "R": fem.form(r * ufl.dx),
+        "J": fem.form(ufl.derivative(r * ufl.dx, w)),
+        "b": fem.form(ufl.diff(r, lam_v) * ufl.dx),
+        "c": fem.form(ufl.derivative(g_integrand * ufl.dx, w, ufl.TestFunction(W))),
+        "g": fem.form(g_integrand * ufl.dx),
+        "d": fem.form(ufl.diff(g_integrand, lam_v) * ufl.dx),
+    }
+    dg0 = basix.ufl.element("DG", domain.basix_cell(), 0)
+    extended = fem.functionspace(domain, basix.ufl.mixed_element([*W.ufl_element().sub_elements, dg0]))
+    *tests, q0 = ufl.TestFunctions(extended)
+    trial = ufl.TrialFunction(extended)
+    dw = ufl.as_vector([trial[i] for i in range(w.ufl_shape[0])])
+    r_ext = residual_terms(tuple(tests))
+    residual = r_ext * ufl.dx + g_integrand * q0 * ufl.dx
+    jacobian = (
+        ufl.derivative(residual, w, dw)
+        + (ufl.diff(r_ext, lam_v) + ufl.diff(g_integrand, lam_v) * q0) * ufl.TrialFunctions(extended)[-1] * ufl.dx
+    )
+    matrix = fem.create_matrix(separate["J"])
+    matrix.data[:] = np.nan
+    assembler = BorderedCellAssembler(fem.form(residual), fem.form(jacobian), W, matrix, bcs)
+    index_map = W.dofmap.index_map
+    n_owned, n_local = index_map.size_local, index_map.size_local + index_map.num_ghosts
+    vectors = {name: la.vector(index_map) for name in ("R", "b", "c")}
+    comm = domain.comm
+    for change in (False, True):
+        if change:
+            w.x.array[:] *= 1.05
+            lam.value = 0.9
+        g = comm.allreduce(assembler.assemble_residual(vectors["R"].array))
+        d = comm.allreduce(assembler.assemble_jacobian(vectors["b"].array, vectors["c"].array))
+        for vector in vectors.values():
+            assert vector.array.shape == (n_local,)
+            vector.scatter_reverse(la.InsertMode.add)
+        assert _close(vectors["R"].array[:n_owned], _owned_sum(separate["R"], n_owned))
+        for name in ("b", "c"):
+            assert _close(vectors[name].array[:n_owned], _owned_sum(separate[name], n_owned, bcs))
+        assert _close(np.array([g]), np.array([comm.allreduce(fem.assemble_scalar(separate["g"]))]))
+        assert _close(np.array([d]), np.array([comm.allreduce(fem.assemble_scalar(separate["d"]))]))
+        assert _close(matrix.data, _dolfinx_matrix(separate["J"], bcs))
+    # the form on W itself is not an extension of W
+    with pytest.raises(AssemblyUnsupported, match="extended"):
+        BorderedCellAssembler(separate["R"], separate["J"], W, matrix, bcs)

@@ -71,7 +71,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.errors import UsageError
-from fem_anode.fem.cell_assembly import AssemblyUnsupported, CellMatrixAssembler
+from fem_anode.fem.cell_assembly import AssemblyUnsupported, BorderedCellAssembler, CellMatrixAssembler
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
 from fem_anode.fem.phasefield.mumps_single import FactorisationError, SinglePrecisionLU
 
@@ -148,6 +148,11 @@ class BorderedNewton:
         cached_assembly: assemble the Jacobian with
             :class:`~fem_anode.fem.cell_assembly.CellMatrixAssembler` (the same matrix bit for bit,
             in less than half the time) where it serves the form, else with dolfinx.
+        bordered: with ``cached_assembly`` and ``axial``, the residual and Jacobian of
+            ``[w, lambda]`` as forms on ``W x DG0``
+            (:class:`~fem_anode.fem.cell_assembly.BorderedCellAssembler`): ``R`` with ``g`` and the
+            Jacobian with its border each in one pass over the cells (equal to the separate forms
+            up to round-off). ``None``: the separate forms.
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class BorderedNewton:
         stagnation: bool = False,
         single_precision: bool = False,
         cached_assembly: bool = False,
+        bordered: tuple[fem.Form, fem.Form] | None = None,
     ) -> None:
         self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
         V = w.function_space
@@ -182,7 +188,14 @@ class BorderedNewton:
         self._shares_csr = self._csr is not None and self.comm.size == 1
         #: the Jacobian through precomputed positions in the CSR matrix (None: dolfinx's assembler)
         self._cached: CellMatrixAssembler | None = None
-        if cached_assembly and self._csr is not None:
+        #: residual and Jacobian with their border in one pass each (None: separate forms)
+        self._bordered: BorderedCellAssembler | None = None
+        if cached_assembly and self._csr is not None and axial is not None and bordered is not None:
+            try:
+                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs)
+            except AssemblyUnsupported as exc:
+                logger.info("bordered forms assembled separately: %s", exc)
+        if cached_assembly and self._csr is not None and self._bordered is None:
             try:
                 self._cached = CellMatrixAssembler(jacobian, self._csr[0], bcs)
             except AssemblyUnsupported as exc:
@@ -295,15 +308,22 @@ class BorderedNewton:
         self._unpack(X)
         for hook in self.on_residual:
             hook()
+        g_local = 0.0
         with self.r.localForm() as loc:
-            loc.set(0.0)
-        fem_petsc.assemble_vector(self.r, self.residual)
+            if self._bordered is not None:
+                g_local = self._bordered.assemble_residual(loc.array)
+            else:
+                loc.set(0.0)
+        if self._bordered is None:
+            fem_petsc.assemble_vector(self.r, self.residual)
+            if self.axial is not None:
+                g_local = fem.assemble_scalar(self.axial[0])
         self.r.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         fem_petsc.set_bc(self.r, self.bcs, x0=self.w.x.petsc_vec, alpha=-1.0)
         if self.axial is None:
             g = float(self.lam.value) - 1.0
         else:
-            g = self.comm.allreduce(fem.assemble_scalar(self.axial[0]))
+            g = self.comm.allreduce(g_local)
         out = F.getArray()
         out[: self.n] = self.r.getArray(readonly=True)[: self.n]
         if self.root:
@@ -358,7 +378,10 @@ class BorderedNewton:
             fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]
         else:
             csr, indptr, columns, nnz = self._csr
-            if self._cached is not None:
+            if self._bordered is not None:  # with the border vectors and corner (below)
+                with self.bvec.localForm() as b, self.cvec.localForm() as c:
+                    d_local = self._bordered.assemble_jacobian(b.array, c.array)
+            elif self._cached is not None:
                 self._cached.assemble()
             else:
                 csr.set_value(0.0)
@@ -369,12 +392,15 @@ class BorderedNewton:
         self.A.assemble()
         if self.axial is not None:
             for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
-                with vec.localForm() as loc:
-                    loc.set(0.0)
-                fem_petsc.assemble_vector(vec, form)
+                if self._bordered is None:
+                    with vec.localForm() as loc:
+                        loc.set(0.0)
+                    fem_petsc.assemble_vector(vec, form)
                 vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
                 fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
-            self.d = self.comm.allreduce(fem.assemble_scalar(self.axial[3]))
+            if self._bordered is None:
+                d_local = fem.assemble_scalar(self.axial[3])
+            self.d = self.comm.allreduce(d_local)
 
     def _factorise(self) -> None:
         """Factorise the current ``A`` (into ``P`` with reuse) and update the border solve."""

@@ -288,6 +288,10 @@ class PhaseFieldProblem:
                 fem.form(ufl.derivative(Pzz * dx, self.w, ufl.TestFunction(self.W))),
                 fem.form(ufl.diff(Pzz, lam_v) * dx),
             )
+        self.bordered_forms: tuple[fem.Form, fem.Form] | None = None
+        if self.gps and self.settings.solver.jacobian_assembly == "bordered":
+            self.bordered_forms = self._bordered_forms(lam_v)
+
         rm = self.k["rm"]
         points = self.Q.element.interpolation_points()
         self._state_expr = fem.Expression(state_update_ufl(rm, self.state[4]), points)
@@ -313,6 +317,26 @@ class PhaseFieldProblem:
         }
         self._xc = fem.Constant(self.mesh, np.zeros(2))
         self._radius_form = fem.form(ufl.sqrt(ufl.inner(x + u - self._xc, x + u - self._xc)) * ds_s)
+
+    def _bordered_forms(self, lam_v: Any) -> tuple[fem.Form, fem.Form]:
+        """The residual and Jacobian of ``[w, lambda]`` as two forms on ``W x DG0``, whose DG0
+        dof per cell carries ``lambda`` and the axial-force equation
+        (:class:`~fem_anode.fem.cell_assembly.BorderedCellAssembler`): each is assembled in one
+        pass over the cells instead of six forms evaluating the constitutive law again."""
+        extended = fem.functionspace(
+            self.mesh, basix.ufl.mixed_element([*self._elements(), basix.ufl.element("DG", self.mesh.basix_cell(), 0)])
+        )
+        *tests, q0 = ufl.TestFunctions(extended)
+        trial = ufl.TrialFunction(extended)
+        dw = ufl.as_vector([trial[i] for i in range(self.w.ufl_shape[0])])
+        dlam = ufl.TrialFunctions(extended)[-1]
+        r = self._residual_terms(self.k, tuple(tests))
+        Pzz = self.k["Pzz"]
+        residual = r * self.dx + self._lumped_terms(self.k, tuple(tests)) * self.dx_vertex + Pzz * q0 * self.dx
+        jacobian = (
+            ufl.derivative(residual, self.w, dw) + (ufl.diff(r, lam_v) + ufl.diff(Pzz, lam_v) * q0) * dlam * self.dx
+        )
+        return fem.form(residual), fem.form(jacobian)
 
     def _boundary_conditions(self) -> list[fem.DirichletBC]:
         """Dirichlet c on the surface (if cycling) and three point constraints on u.
@@ -394,7 +418,8 @@ class PhaseFieldProblem:
             linear_rtol=sol.linear_rtol,
             stagnation=sol.stop_on_stagnation,
             single_precision=self._single_precision(reuse),
-            cached_assembly=sol.jacobian_assembly == "cached",
+            cached_assembly=sol.jacobian_assembly in ("bordered", "cached"),
+            bordered=self.bordered_forms,
         )
 
     def _single_precision(self, reuse: bool) -> bool:
