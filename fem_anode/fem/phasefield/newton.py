@@ -372,15 +372,17 @@ class BorderedNewton:
     def assemble_jacobian(self) -> None:
         """Assemble the Jacobian ``A`` at the current state and, in generalised plane strain, its
         border vectors and corner (one Jacobian assembly, as the benchmark's profile times it)."""
+        bordered = self._bordered if self._csr is not None else None  # with the border (below)
+        d_local = 0.0
         if self._csr is None:
             self.A.zeroEntries()
             # dolfinx's singledispatch overload (matrix, form, ...); mypy sees the first signature only
             fem_petsc.assemble_matrix(self.A, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]
         else:
             csr, indptr, columns, nnz = self._csr
-            if self._bordered is not None:  # with the border vectors and corner (below)
+            if bordered is not None:
                 with self.bvec.localForm() as b, self.cvec.localForm() as c:
-                    d_local = self._bordered.assemble_jacobian(b.array, c.array)
+                    d_local = bordered.assemble_jacobian(b.array, c.array)
             elif self._cached is not None:
                 self._cached.assemble()
             else:
@@ -392,13 +394,13 @@ class BorderedNewton:
         self.A.assemble()
         if self.axial is not None:
             for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
-                if self._bordered is None:
+                if bordered is None:
                     with vec.localForm() as loc:
                         loc.set(0.0)
                     fem_petsc.assemble_vector(vec, form)
                 vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
                 fem_petsc.set_bc(vec, self.bcs, alpha=0.0)
-            if self._bordered is None:
+            if bordered is None:
                 d_local = fem.assemble_scalar(self.axial[3])
             self.d = self.comm.allreduce(d_local)
 
