@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def _cell_integrals(form: fem.Form) -> list[tuple[int, int, np.ndarray]]:
     return integrals
 
 
-def _pattern_keys(matrix: la.MatrixCSR) -> tuple[np.ndarray, int]:
+def _pattern_keys(matrix: la.MatrixCSR | CSRArrays) -> tuple[np.ndarray, int]:
     """Sorted keys ``row * n_columns + column`` of the matrix's local entries, and n_columns."""
     n_rows = len(matrix.indptr) - 1
     indptr = np.asarray(matrix.indptr, dtype=np.int64)
@@ -156,10 +157,17 @@ def _diagonal_positions(keys: np.ndarray, n_columns: int, dofs: np.ndarray) -> n
 
 
 def _matrix_positions(
-    cell_dofs: np.ndarray, cells: np.ndarray, block: int, keys: np.ndarray, n_columns: int, constrained: np.ndarray
+    cell_dofs: np.ndarray,
+    cells: np.ndarray,
+    block: int,
+    keys: np.ndarray,
+    n_columns: int,
+    constrained: np.ndarray,
+    absent: np.ndarray | None = None,
 ) -> np.ndarray:
     """For each cell and element-matrix entry (row-major), its index in the matrix's values; -1
-    where the row or column is constrained."""
+    where the row or column is constrained or the entry is ``absent`` (a mask over the element
+    matrix's entries: not in the pattern)."""
     n_local = cell_dofs.shape[1] * block
     positions = np.empty((len(cells), n_local * n_local), dtype=np.int32)
     for start in range(0, len(cells), _BATCH_CELLS):
@@ -168,7 +176,11 @@ def _matrix_positions(
         wanted = (dofs[:, :, None] * n_columns + dofs[:, None, :]).reshape(len(chunk), -1)
         found = np.searchsorted(keys, wanted)
         found = np.minimum(found, len(keys) - 1)
-        if not np.array_equal(keys[found], wanted):
+        missing = keys[found] != wanted
+        if absent is not None:
+            missing &= ~absent[None, :]
+            found[:, absent] = -1
+        if missing.any():
             raise AssemblyUnsupported("the matrix pattern does not hold every element entry")
         drop = constrained[dofs]
         found[(drop[:, :, None] | drop[:, None, :]).reshape(len(chunk), -1)] = -1
@@ -185,6 +197,8 @@ def _unrolled(cell_dofs: np.ndarray, block: int) -> np.ndarray:
 
 
 _EMPTY = np.zeros(1)
+#: slots the left-out Jacobian entries are summed into (their sums must stay zero)
+_CHECK_SLOTS = 64
 
 
 def _assemble(
@@ -225,6 +239,101 @@ def _assemble(
         )
         if err:
             raise MemoryError("cell assembly: the element buffers could not be allocated")
+
+
+def _probe_couplings(lib: ctypes.CDLL, form: fem.Form, fields: np.ndarray) -> np.ndarray:
+    """``coupled[i, j]``: whether the element matrices of the bilinear ``form`` have any entry in
+    rows of field ``i`` and columns of field ``j`` (``fields``: the field of each element-local
+    dof) that is nonzero or not finite, in any cell, under any of three evaluations: the current
+    coefficients, NaN coefficients (every entry computed from a coefficient is NaN) and random
+    ones. A block that is zero under all three is one the form's kernel never fills (its
+    couplings are absent from the equations); the assemblers check this again at every
+    assembly."""
+    n_fields = int(fields.max()) + 1
+    n_local = len(fields)
+    block = (fields[:, None] * n_fields + fields[None, :]).ravel()  # block of each entry
+    coupled = np.zeros(n_fields * n_fields, dtype=bool)
+    for kernel, integral_id, cells in _cell_integrals(form):
+        for start in range(0, len(cells), _BATCH_CELLS):
+            chunk = cells[start : start + _BATCH_CELLS]
+            positions = np.arange(len(chunk) * n_local * n_local, dtype=np.int32).reshape(len(chunk), -1)
+            for probe in (None, "nan", "random"):
+                data = np.zeros(positions.size)
+                # the probe packs every integration cell's coefficients; only this chunk's are used
+                _assemble_chunk(lib, form, kernel, integral_id, start, chunk, n_local * n_local, positions, data, probe)
+                touched = (data != 0).reshape(len(chunk), -1).any(axis=0)
+                np.logical_or.at(coupled, block[touched], True)
+    return coupled.reshape(n_fields, n_fields)
+
+
+def _assemble_chunk(
+    lib: ctypes.CDLL,
+    form: fem.Form,
+    kernel: int,
+    integral_id: int,
+    start: int,
+    cells: np.ndarray,
+    n_entries: int,
+    positions: np.ndarray,
+    data: np.ndarray,
+    probe: str | None,
+) -> None:
+    """Element tensors of ``cells`` (the integral's cells from ``start`` on) into ``data``."""
+    constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
+    if constants.size == 0:
+        constants = _EMPTY
+    packed = np.ascontiguousarray(
+        _cpp.fem.pack_coefficients(form._cpp_object)[(fem.IntegralType.cell, integral_id)], dtype=np.float64
+    )
+    stride = packed.shape[1] if packed.ndim == 2 else 0
+    if packed.ndim == 2:
+        packed = np.ascontiguousarray(packed[start : start + len(cells)])
+    if probe == "nan":
+        packed = np.full_like(packed, np.nan)
+    elif probe == "random":
+        packed = np.random.default_rng(start).uniform(0.1, 0.9, packed.shape)
+    if packed.size == 0:
+        packed = _EMPTY
+    geometry = form.mesh.geometry
+    x = np.ascontiguousarray(geometry.x, dtype=np.float64)
+    x_dofmap = np.ascontiguousarray(geometry.dofmap, dtype=np.int32)
+    cells = np.ascontiguousarray(cells, dtype=np.int32)
+    err = lib.fa_assemble_cells(
+        kernel,
+        len(cells),
+        _address(cells),
+        n_entries,
+        _address(packed),
+        stride,
+        _address(constants),
+        _address(x),
+        _address(x_dofmap),
+        x_dofmap.shape[1],
+        _address(positions),
+        _address(data),
+        _address(_EMPTY),
+    )
+    if err:
+        raise MemoryError("cell assembly: the element buffers could not be allocated")
+
+
+@dataclass
+class CSRArrays:
+    """A local CSR matrix (one process): row pointers, column indices (int32) and values."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+def _dof_fields(space: fem.FunctionSpace) -> tuple[np.ndarray, np.ndarray]:
+    """The field (sub-element) of each element-local dof and of each local dof of a mixed space."""
+    n_fields = space.element.num_sub_elements
+    local = np.repeat(np.arange(n_fields), [space.sub(i).element.space_dimension for i in range(n_fields)])
+    dofs = np.full(space.dofmap.index_map.size_local + space.dofmap.index_map.num_ghosts, -1, dtype=np.int64)
+    for i in range(n_fields):
+        dofs[np.asarray(space.sub(i).dofmap.list)] = i
+    return local, dofs
 
 
 class CellMatrixAssembler:
@@ -303,6 +412,10 @@ class BorderedCellAssembler:
         bcs: Dirichlet conditions on ``W``: their rows and columns of ``dR/dw`` are zeroed with
             ``diagonal`` on the owned diagonal, their entries of ``dR/dlambda`` and ``dg/dw``
             are zero; ``R`` is left to the caller's ``set_bc``.
+        prune: on one process, leave out of ``dR/dw``'s pattern the field blocks (pairs of
+            sub-elements) that the Jacobian's kernel never fills, found by probing it
+            (:func:`_probe_couplings`); ``dR/dw`` then goes into :attr:`pattern` instead of
+            ``matrix``. Every assembly checks that the left-out entries are still zero.
 
     Collective on the mesh's communicator (at construction only). Local arrays hold the owned
     and ghost dofs; ghost contributions and the sums of ``g`` and ``dg/dlambda`` over the ranks
@@ -320,6 +433,7 @@ class BorderedCellAssembler:
         matrix: la.MatrixCSR,
         bcs: Sequence[fem.DirichletBC],
         diagonal: float = 1.0,
+        prune: bool = False,
     ):
         comm = space.mesh.comm
         reason = (
@@ -335,13 +449,25 @@ class BorderedCellAssembler:
         cell_dofs = np.asarray(space.dofmap.list).astype(np.int64)
         n_dofs = len(matrix.indptr) - 1
         self.n_dofs = n_dofs
-        keys, n_columns = _pattern_keys(matrix)
+        m = cell_dofs.shape[1]
+        #: dR/dw with the never-filled field blocks left out (one process, ``prune``), else None
+        self.pattern: CSRArrays | None = None
+        absent: np.ndarray | None = None  # element entries left out of the pattern
+        if prune and comm.size == 1:
+            local_fields, dof_fields = _dof_fields(space)
+            n_fields = int(local_fields.max()) + 1
+            coupled = _probe_couplings(self.lib, jacobian, np.append(local_fields, n_fields))[:n_fields, :n_fields]
+            if not coupled.all():
+                absent = ~coupled[local_fields[:, None], local_fields[None, :]].ravel()
+                self.pattern = _pruned(matrix, coupled, dof_fields)
+        target = self.pattern if self.pattern is not None else matrix
+        keys, n_columns = _pattern_keys(target)
         constrained, owned = _constrained_dofs(bcs, n_dofs)
         self._diagonal_positions = _diagonal_positions(keys, n_columns, owned)
-        m = cell_dofs.shape[1]
         self._n_vector, self._n_matrix = m + 1, (m + 1) ** 2
-        # border of the Jacobian: [dR/dlambda (n_dofs), dg/dw (n_dofs), dg/dlambda]; of R: [g]
-        self._border = np.zeros(2 * n_dofs + 1)
+        # border of the Jacobian: [dR/dlambda (n_dofs), dg/dw (n_dofs), dg/dlambda, left-out
+        # entries (must stay 0; spread over _CHECK_SLOTS, so their additions do not wait on each other)]; of R: [g]
+        self._border = np.zeros(2 * n_dofs + 1 + _CHECK_SLOTS)
         self._g = np.zeros(1)
         self._residual_integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         for kernel, integral_id, cells in _cell_integrals(residual):
@@ -352,7 +478,10 @@ class BorderedCellAssembler:
         self._jacobian_integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         for kernel, integral_id, cells in _cell_integrals(jacobian):
             positions = np.empty((len(cells), m + 1, m + 1), dtype=np.int32)
-            inner = _matrix_positions(cell_dofs, cells, 1, keys, n_columns, constrained)
+            inner = _matrix_positions(cell_dofs, cells, 1, keys, n_columns, constrained, absent)
+            if absent is not None:  # summed into the check slots
+                slots = 2 * n_dofs + 1 + np.arange(int(absent.sum())) % _CHECK_SLOTS
+                inner[:, absent] = -2 - slots
             positions[:, :m, :m] = inner.reshape(len(cells), m, m)
             dofs = cell_dofs[cells]
             drop = constrained[dofs]
@@ -369,14 +498,31 @@ class BorderedCellAssembler:
         return float(self._g[0])
 
     def assemble_jacobian(self, b: np.ndarray, c: np.ndarray) -> float:
-        """``dR/dw`` into the matrix (zeroed first; Dirichlet rows as documented), ``dR/dlambda``
+        """``dR/dw`` into the matrix or :attr:`pattern` (zeroed first; Dirichlet rows as documented), ``dR/dlambda``
         into ``b`` and ``dg/dw`` into ``c`` (local arrays); returns this rank's part of
         ``dg/dlambda``."""
-        data, border, n = self.matrix.data, self._border, self.n_dofs
+        data = self.matrix.data if self.pattern is None else self.pattern.data
+        border, n = self._border, self.n_dofs
         data[:] = 0.0
         border[:] = 0.0
         _assemble(self.lib, self.jacobian, self._jacobian_integrals, self._n_matrix, data, border)
+        if np.any(border[2 * n + 1 :] != 0.0):
+            raise RuntimeError(
+                "the Jacobian has entries in field blocks that probing its kernel found empty "
+                "(left out of the matrix); assemble without pruning (solver.jacobian_assembly = 'cached')"
+            )
         data[self._diagonal_positions] = self.diagonal
         b[:] = border[:n]
         c[:] = border[n : 2 * n]
         return float(border[2 * n])
+
+
+def _pruned(matrix: Any, coupled: np.ndarray, dof_fields: np.ndarray) -> CSRArrays:
+    """``matrix``'s pattern without the entries of uncoupled field blocks (diagonal kept)."""
+    indptr = np.asarray(matrix.indptr, dtype=np.int64)
+    columns = np.asarray(matrix.indices, dtype=np.int64)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    keep = coupled[dof_fields[rows], dof_fields[columns]] | (rows == columns)
+    counts = np.bincount(rows[keep], minlength=len(indptr) - 1)
+    pruned_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return CSRArrays(pruned_indptr, columns[keep].astype(np.int32), np.zeros(int(keep.sum())))

@@ -215,3 +215,29 @@ def test_bordered_forms_give_the_separate_forms_quantities():
     # the form on W itself is not an extension of W
     with pytest.raises(AssemblyUnsupported, match="extended"):
         BorderedCellAssembler(separate["R"], separate["J"], W, matrix, bcs)
+    if comm.size == 1:
+        _check_pruned(fem.form(residual), fem.form(jacobian), W, separate["J"], bcs)
+
+
+def _check_pruned(residual: fem.Form, jacobian: fem.Form, W: fem.FunctionSpace, reference_form, bcs) -> None:
+    """Pruned: the pattern leaves out exactly the blocks the equations do not couple (c and mu
+    rows: u columns; u rows: mu columns), those entries of the full matrix are zero, and the
+    rest equals the full matrix."""
+    full = fem.create_matrix(reference_form)
+    fem.assemble_matrix(full, reference_form, bcs=bcs)
+    assembler = BorderedCellAssembler(residual, jacobian, W, fem.create_matrix(reference_form), bcs, prune=True)
+    pattern = assembler.pattern
+    assert pattern is not None
+    n = len(full.indptr) - 1
+    assembler.assemble_jacobian(np.zeros(n), np.zeros(n))
+    fields = np.empty(n, dtype=int)
+    for i in range(3):
+        fields[np.asarray(W.sub(i).dofmap.list)] = i
+    rows = np.repeat(np.arange(n), np.diff(full.indptr))
+    columns = np.asarray(full.indices)
+    left_out = {(0, 2), (1, 2), (2, 1)}
+    kept = np.array([(a, b) not in left_out for a, b in zip(fields[rows], fields[columns])]) | (rows == columns)
+    assert len(pattern.indices) == kept.sum() < len(columns)
+    assert np.array_equal(pattern.indices, columns[kept])
+    assert np.all(full.data[~kept] == 0.0)
+    assert _close(pattern.data, full.data[kept])

@@ -192,7 +192,8 @@ class BorderedNewton:
         self._bordered: BorderedCellAssembler | None = None
         if cached_assembly and self._csr is not None and axial is not None and bordered is not None:
             try:
-                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs)
+                # one rank: the Jacobian's never-filled field blocks left out of A's pattern
+                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs, prune=self._shares_csr)
             except AssemblyUnsupported as exc:
                 logger.info("bordered forms assembled separately: %s", exc)
         if cached_assembly and self._csr is not None and self._bordered is None:
@@ -203,6 +204,9 @@ class BorderedNewton:
         if self._csr is not None and self._shares_csr:
             csr, indptr, columns, nnz = self._csr
             arrays = (indptr, columns, csr.data[:nnz])
+            if self._bordered is not None and self._bordered.pattern is not None:
+                pattern = self._bordered.pattern
+                arrays = (pattern.indptr, pattern.indices, pattern.data)
             shared = PETSc.Mat().createAIJWithArrays(self.A.getSizes(), arrays, comm=self.comm)
             self.A.destroy()
             self.A = shared
