@@ -41,6 +41,7 @@ import numpy as np
 from dolfinx import cpp as _cpp
 from dolfinx import fem, la
 
+from fem_anode.errors import SolverError
 from fem_anode.fem.compiled import LOAD_ERRORS, compiled_library, load_collectively
 
 __all__ = ["AssemblyUnsupported", "BorderedCellAssembler", "CellMatrixAssembler"]
@@ -507,7 +508,7 @@ class BorderedCellAssembler:
         border[:] = 0.0
         _assemble(self.lib, self.jacobian, self._jacobian_integrals, self._n_matrix, data, border)
         if np.any(border[2 * n + 1 :] != 0.0):
-            raise RuntimeError(
+            raise SolverError(
                 "the Jacobian has entries in field blocks that probing its kernel found empty "
                 "(left out of the matrix); assemble without pruning (solver.jacobian_assembly = 'cached')"
             )

@@ -17,6 +17,7 @@ import ufl
 from dolfinx import fem, la, mesh
 from mpi4py import MPI
 
+from fem_anode.errors import SolverError
 from fem_anode.fem.cell_assembly import AssemblyUnsupported, BorderedCellAssembler, CellMatrixAssembler
 
 
@@ -150,7 +151,7 @@ def _close(value: np.ndarray, reference: np.ndarray) -> bool:
     return bool(scale > 0 and np.linalg.norm(value - reference) <= 1e-12 * scale)
 
 
-def test_bordered_forms_give_the_separate_forms_quantities():
+def test_bordered_forms_give_the_separate_forms_quantities(monkeypatch):
     """R, g, dR/dw (with Dirichlet rows), dR/dlambda, dg/dw and dg/dlambda of a nonlinear mixed
     system with a global scalar lambda, from the two extended forms, before and after the
     state changes."""
@@ -217,6 +218,26 @@ def test_bordered_forms_give_the_separate_forms_quantities():
         BorderedCellAssembler(separate["R"], separate["J"], W, matrix, bcs)
     if comm.size == 1:
         _check_pruned(fem.form(residual), fem.form(jacobian), W, separate["J"], bcs)
+        _check_pruned_entries_are_watched(fem.form(residual), fem.form(jacobian), W, separate["J"], bcs, monkeypatch)
+
+
+def _check_pruned_entries_are_watched(residual, jacobian, W, reference_form, bcs, monkeypatch) -> None:
+    """Left-out entries that the kernel does fill (here: probing made to miss the c-mu block)
+    stop the assembly with a SolverError instead of vanishing from the matrix."""
+    import fem_anode.fem.cell_assembly as cell_assembly
+
+    probe = cell_assembly._probe_couplings
+
+    def missing_block(*args):
+        coupled = probe(*args)
+        coupled[0, 1] = False
+        return coupled
+
+    monkeypatch.setattr(cell_assembly, "_probe_couplings", missing_block)
+    assembler = BorderedCellAssembler(residual, jacobian, W, fem.create_matrix(reference_form), bcs, prune=True)
+    n = assembler.n_dofs
+    with pytest.raises(SolverError, match="field blocks"):
+        assembler.assemble_jacobian(np.zeros(n), np.zeros(n))
 
 
 def _check_pruned(residual: fem.Form, jacobian: fem.Form, W: fem.FunctionSpace, reference_form, bcs) -> None:
