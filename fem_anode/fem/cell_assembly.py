@@ -40,6 +40,7 @@ import cffi  # type: ignore[import-untyped]
 import numpy as np
 from dolfinx import cpp as _cpp
 from dolfinx import fem, la
+from mpi4py import MPI
 
 from fem_anode.errors import SolverError
 from fem_anode.fem.compiled import LOAD_ERRORS, compiled_library, load_collectively
@@ -413,10 +414,12 @@ class BorderedCellAssembler:
         bcs: Dirichlet conditions on ``W``: their rows and columns of ``dR/dw`` are zeroed with
             ``diagonal`` on the owned diagonal, their entries of ``dR/dlambda`` and ``dg/dw``
             are zero; ``R`` is left to the caller's ``set_bc``.
-        prune: on one process, leave out of ``dR/dw``'s pattern the field blocks (pairs of
-            sub-elements) that the Jacobian's kernel never fills, found by probing it
-            (:func:`_probe_couplings`); ``dR/dw`` then goes into :attr:`pattern` instead of
-            ``matrix``. Every assembly checks that the left-out entries are still zero.
+        prune: leave out of ``dR/dw``'s pattern the field blocks (pairs of sub-elements) that
+            the Jacobian's kernel never fills, found by probing it (:func:`_probe_couplings`,
+            the same blocks on every rank). On one process ``dR/dw`` then goes into
+            :attr:`pattern` instead of ``matrix``; on several it still goes into ``matrix``
+            (whose left-out entries stay zero) and :attr:`kept` marks the entries to copy. Every
+            assembly checks that the left-out entries are still zero.
 
     Collective on the mesh's communicator (at construction only). Local arrays hold the owned
     and ghost dofs; ghost contributions and the sums of ``g`` and ``dg/dlambda`` over the ranks
@@ -451,16 +454,31 @@ class BorderedCellAssembler:
         n_dofs = len(matrix.indptr) - 1
         self.n_dofs = n_dofs
         m = cell_dofs.shape[1]
+        self.comm = comm
         #: dR/dw with the never-filled field blocks left out (one process, ``prune``), else None
         self.pattern: CSRArrays | None = None
+        #: several processes, ``prune``: the entries of ``matrix`` in the pruned pattern, else None
+        self.kept: np.ndarray | None = None
         absent: np.ndarray | None = None  # element entries left out of the pattern
-        if prune and comm.size == 1:
+        if prune:
             local_fields, dof_fields = _dof_fields(space)
             n_fields = int(local_fields.max()) + 1
-            coupled = _probe_couplings(self.lib, jacobian, np.append(local_fields, n_fields))[:n_fields, :n_fields]
+            probed = _probe_couplings(self.lib, jacobian, np.append(local_fields, n_fields))[:n_fields, :n_fields]
+            coupled = probed.astype(np.uint8)
+            comm.Allreduce(MPI.IN_PLACE, coupled, op=MPI.MAX)  # the same blocks on every rank
             if not coupled.all():
-                absent = ~coupled[local_fields[:, None], local_fields[None, :]].ravel()
-                self.pattern = _pruned(matrix, coupled, dof_fields)
+                absent = ~coupled.astype(bool)[local_fields[:, None], local_fields[None, :]].ravel()
+                kept = _kept_entries(matrix, coupled.astype(bool), dof_fields)
+                if comm.size == 1:
+                    self.pattern = CSRArrays(
+                        np.concatenate([[0], np.cumsum(np.bincount(_rows(matrix)[kept], minlength=n_dofs))]).astype(
+                            np.int32
+                        ),
+                        np.asarray(matrix.indices)[kept].astype(np.int32),
+                        np.zeros(int(kept.sum())),
+                    )
+                else:
+                    self.kept = kept
         target = self.pattern if self.pattern is not None else matrix
         keys, n_columns = _pattern_keys(target)
         constrained, owned = _constrained_dofs(bcs, n_dofs)
@@ -507,7 +525,10 @@ class BorderedCellAssembler:
         data[:] = 0.0
         border[:] = 0.0
         _assemble(self.lib, self.jacobian, self._jacobian_integrals, self._n_matrix, data, border)
-        if np.any(border[2 * n + 1 :] != 0.0):
+        left_out_filled = bool(np.any(border[2 * n + 1 :] != 0.0))
+        if self.comm.size > 1:  # every rank raises, or none
+            left_out_filled = self.comm.allreduce(left_out_filled, op=MPI.LOR)
+        if left_out_filled:
             raise SolverError(
                 "the Jacobian has entries in field blocks that probing its kernel found empty "
                 "(left out of the matrix); assemble without pruning (solver.jacobian_assembly = 'cached')"
@@ -518,12 +539,28 @@ class BorderedCellAssembler:
         return float(border[2 * n])
 
 
-def _pruned(matrix: Any, coupled: np.ndarray, dof_fields: np.ndarray) -> CSRArrays:
-    """``matrix``'s pattern without the entries of uncoupled field blocks (diagonal kept)."""
+def _rows(matrix: Any) -> np.ndarray:
+    """The row of each stored entry of a CSR matrix."""
     indptr = np.asarray(matrix.indptr, dtype=np.int64)
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+
+def _kept_entries(matrix: Any, coupled: np.ndarray, dof_fields: np.ndarray) -> np.ndarray:
+    """Mask of ``matrix``'s entries in coupled field blocks (and the diagonal). ``dof_fields``:
+    the field of each local dof of the space (owned first); the matrix's row and column index
+    maps may hold more ghosts (couplings of ghost rows), whose fields come from their owners."""
+    rows = _rows(matrix)
     columns = np.asarray(matrix.indices, dtype=np.int64)
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    keep = coupled[dof_fields[rows], dof_fields[columns]] | (rows == columns)
-    counts = np.bincount(rows[keep], minlength=len(indptr) - 1)
-    pruned_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return CSRArrays(pruned_indptr, columns[keep].astype(np.int32), np.zeros(int(keep.sum())))
+    row_fields, column_fields = dof_fields, dof_fields
+    if hasattr(matrix, "index_map") and matrix.index_map(0).comm.size > 1:
+        n_owned = matrix.index_map(0).size_local
+        row_fields, column_fields = (_owner_fields(matrix.index_map(i), dof_fields[:n_owned]) for i in (0, 1))
+    return coupled[row_fields[rows], column_fields[columns]] | (rows == columns)
+
+
+def _owner_fields(index_map: Any, owned_fields: np.ndarray) -> np.ndarray:
+    """The field of every local index of ``index_map`` (owned ones given, ghosts from their owners)."""
+    vector = la.vector(index_map, dtype=np.float64)
+    vector.array[: len(owned_fields)] = owned_fields
+    vector.scatter_forward()
+    return np.rint(vector.array).astype(np.int64)

@@ -192,8 +192,8 @@ class BorderedNewton:
         self._bordered: BorderedCellAssembler | None = None
         if cached_assembly and self._csr is not None and axial is not None and bordered is not None:
             try:
-                # one rank: the Jacobian's never-filled field blocks left out of A's pattern
-                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs, prune=self._shares_csr)
+                # the Jacobian's never-filled field blocks left out of A's pattern
+                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs, prune=True)
             except AssemblyUnsupported as exc:
                 logger.info("bordered forms assembled separately: %s", exc)
         if cached_assembly and self._csr is not None and self._bordered is None:
@@ -201,6 +201,10 @@ class BorderedNewton:
                 self._cached = CellMatrixAssembler(jacobian, self._csr[0], bcs)
             except AssemblyUnsupported as exc:
                 logger.info("Jacobian assembled by dolfinx: %s", exc)
+        #: several ranks with the pruned pattern: the entries of the CSR matrix copied into ``A``
+        self._copied: np.ndarray | None = None
+        if self._bordered is not None and self._bordered.kept is not None and self._csr is not None:
+            self._prune_parallel_matrix(self._bordered.kept)
         if self._csr is not None and self._shares_csr:
             csr, indptr, columns, nnz = self._csr
             arrays = (indptr, columns, csr.data[:nnz])
@@ -373,6 +377,24 @@ class BorderedNewton:
             return None
         return csr, indptr, columns, int(indptr[-1])
 
+    def _prune_parallel_matrix(self, kept: np.ndarray) -> None:
+        """Several ranks: ``A`` with only the ``kept`` entries of the CSR matrix's owned rows
+        (columns sorted in each row), and the positions they are copied from."""
+        assert self._csr is not None
+        csr, indptr, columns, nnz = self._csr
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        entries = np.flatnonzero(kept[:nnz])
+        entries = entries[np.lexsort((columns[entries], rows[entries]))]
+        counts = np.bincount(rows[entries], minlength=len(indptr) - 1)
+        pruned_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(PETSc.IntType)
+        pruned_columns = columns[entries].astype(PETSc.IntType)
+        pruned = PETSc.Mat().createAIJ(self.A.getSizes(), csr=(pruned_indptr, pruned_columns), comm=self.comm)
+        pruned.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, True)
+        self.A.destroy()
+        self.A = pruned
+        self._csr = (csr, pruned_indptr, pruned_columns, nnz)
+        self._copied = entries
+
     def assemble_jacobian(self) -> None:
         """Assemble the Jacobian ``A`` at the current state and, in generalised plane strain, its
         border vectors and corner (one Jacobian assembly, as the benchmark's profile times it)."""
@@ -394,7 +416,8 @@ class BorderedNewton:
                 fem.assemble_matrix(csr, self.jacobian, bcs=self.bcs)  # type: ignore[arg-type, misc]  # as above
             csr.scatter_reverse()
             if not self._shares_csr:  # several ranks: copy the owned rows (global columns) into A
-                self.A.setValuesCSR(indptr, columns, csr.data[:nnz], addv=PETSc.InsertMode.INSERT_VALUES)
+                values = csr.data[:nnz] if self._copied is None else csr.data[self._copied]
+                self.A.setValuesCSR(indptr, columns, values, addv=PETSc.InsertMode.INSERT_VALUES)
         self.A.assemble()
         if self.axial is not None:
             for vec, form in ((self.bvec, self.axial[1]), (self.cvec, self.axial[2])):
