@@ -203,6 +203,52 @@ _EMPTY = np.zeros(1)
 _CHECK_SLOTS = 64
 
 
+def _form_data(form: fem.Form) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+    """The form's packed constants and coefficients (per integral) and the mesh geometry."""
+    constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
+    geometry = form.mesh.geometry
+    return (
+        constants if constants.size else _EMPTY,
+        _cpp.fem.pack_coefficients(form._cpp_object),
+        np.ascontiguousarray(geometry.x, dtype=np.float64),
+        np.ascontiguousarray(geometry.dofmap, dtype=np.int32),
+    )
+
+
+def _run_cells(
+    lib: ctypes.CDLL,
+    kernel: int,
+    cells: np.ndarray,
+    n_entries: int,
+    packed: np.ndarray,
+    form_data: tuple[np.ndarray, dict, np.ndarray, np.ndarray],
+    positions: np.ndarray,
+    data: np.ndarray,
+    border: np.ndarray,
+) -> None:
+    """The C loop over ``cells`` with their packed coefficients (one row per cell)."""
+    constants, _, x, x_dofmap = form_data
+    packed = np.ascontiguousarray(packed, dtype=np.float64)
+    stride = packed.shape[1] if packed.ndim == 2 else 0
+    err = lib.fa_assemble_cells(
+        kernel,
+        len(cells),
+        _address(cells),
+        n_entries,
+        _address(packed if packed.size else _EMPTY),
+        stride,
+        _address(constants),
+        _address(x),
+        _address(x_dofmap),
+        x_dofmap.shape[1],
+        _address(positions),
+        _address(data),
+        _address(border),
+    )
+    if err:
+        raise MemoryError("cell assembly: the element buffers could not be allocated")
+
+
 def _assemble(
     lib: ctypes.CDLL,
     form: fem.Form,
@@ -212,35 +258,10 @@ def _assemble(
     border: np.ndarray,
 ) -> None:
     """Add ``form``'s element tensors at the integrals' positions (``data`` and ``border``)."""
-    constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
-    if constants.size == 0:
-        constants = _EMPTY
-    coefficients = _cpp.fem.pack_coefficients(form._cpp_object)
-    geometry = form.mesh.geometry
-    x = np.ascontiguousarray(geometry.x, dtype=np.float64)
-    x_dofmap = np.ascontiguousarray(geometry.dofmap, dtype=np.int32)
+    form_data = _form_data(form)
     for kernel, integral_id, cells, positions in integrals:
-        packed = np.ascontiguousarray(coefficients[(fem.IntegralType.cell, integral_id)], dtype=np.float64)
-        stride = packed.shape[1] if packed.ndim == 2 else 0
-        if packed.size == 0:
-            packed = _EMPTY
-        err = lib.fa_assemble_cells(
-            kernel,
-            len(cells),
-            _address(cells),
-            n_entries,
-            _address(packed),
-            stride,
-            _address(constants),
-            _address(x),
-            _address(x_dofmap),
-            x_dofmap.shape[1],
-            _address(positions),
-            _address(data),
-            _address(border),
-        )
-        if err:
-            raise MemoryError("cell assembly: the element buffers could not be allocated")
+        packed = form_data[1][(fem.IntegralType.cell, integral_id)]
+        _run_cells(lib, kernel, cells, n_entries, packed, form_data, positions, data, border)
 
 
 def _probe_couplings(lib: ctypes.CDLL, form: fem.Form, fields: np.ndarray) -> np.ndarray:
@@ -248,75 +269,27 @@ def _probe_couplings(lib: ctypes.CDLL, form: fem.Form, fields: np.ndarray) -> np
     rows of field ``i`` and columns of field ``j`` (``fields``: the field of each element-local
     dof) that is nonzero or not finite, in any cell, under any of three evaluations: the current
     coefficients, NaN coefficients (every entry computed from a coefficient is NaN) and random
-    ones. A block that is zero under all three is one the form's kernel never fills (its
-    couplings are absent from the equations); the assemblers check this again at every
-    assembly."""
+    ones in (0.1, 0.9), seeded. A block that is zero under all three is one the form's kernel
+    never fills (its couplings are absent from the equations); the assemblers check this again
+    at every assembly."""
     n_fields = int(fields.max()) + 1
-    n_local = len(fields)
+    n_entries = len(fields) ** 2
     block = (fields[:, None] * n_fields + fields[None, :]).ravel()  # block of each entry
     coupled = np.zeros(n_fields * n_fields, dtype=bool)
+    form_data = _form_data(form)
+    random = np.random.default_rng(0)
     for kernel, integral_id, cells in _cell_integrals(form):
+        packed = np.asarray(form_data[1][(fem.IntegralType.cell, integral_id)])
         for start in range(0, len(cells), _BATCH_CELLS):
             chunk = cells[start : start + _BATCH_CELLS]
-            positions = np.arange(len(chunk) * n_local * n_local, dtype=np.int32).reshape(len(chunk), -1)
-            for probe in (None, "nan", "random"):
+            positions = np.arange(len(chunk) * n_entries, dtype=np.int32)
+            current = packed[start : start + len(chunk)] if packed.ndim == 2 else packed
+            for probe in (current, np.full_like(current, np.nan), random.uniform(0.1, 0.9, current.shape)):
                 data = np.zeros(positions.size)
-                # the probe packs every integration cell's coefficients; only this chunk's are used
-                _assemble_chunk(lib, form, kernel, integral_id, start, chunk, n_local * n_local, positions, data, probe)
+                _run_cells(lib, kernel, chunk, n_entries, probe, form_data, positions, data, _EMPTY)
                 touched = (data != 0).reshape(len(chunk), -1).any(axis=0)
                 np.logical_or.at(coupled, block[touched], True)
     return coupled.reshape(n_fields, n_fields)
-
-
-def _assemble_chunk(
-    lib: ctypes.CDLL,
-    form: fem.Form,
-    kernel: int,
-    integral_id: int,
-    start: int,
-    cells: np.ndarray,
-    n_entries: int,
-    positions: np.ndarray,
-    data: np.ndarray,
-    probe: str | None,
-) -> None:
-    """Element tensors of ``cells`` (the integral's cells from ``start`` on) into ``data``."""
-    constants = np.ascontiguousarray(_cpp.fem.pack_constants(form._cpp_object), dtype=np.float64)
-    if constants.size == 0:
-        constants = _EMPTY
-    packed = np.ascontiguousarray(
-        _cpp.fem.pack_coefficients(form._cpp_object)[(fem.IntegralType.cell, integral_id)], dtype=np.float64
-    )
-    stride = packed.shape[1] if packed.ndim == 2 else 0
-    if packed.ndim == 2:
-        packed = np.ascontiguousarray(packed[start : start + len(cells)])
-    if probe == "nan":
-        packed = np.full_like(packed, np.nan)
-    elif probe == "random":
-        packed = np.random.default_rng(start).uniform(0.1, 0.9, packed.shape)
-    if packed.size == 0:
-        packed = _EMPTY
-    geometry = form.mesh.geometry
-    x = np.ascontiguousarray(geometry.x, dtype=np.float64)
-    x_dofmap = np.ascontiguousarray(geometry.dofmap, dtype=np.int32)
-    cells = np.ascontiguousarray(cells, dtype=np.int32)
-    err = lib.fa_assemble_cells(
-        kernel,
-        len(cells),
-        _address(cells),
-        n_entries,
-        _address(packed),
-        stride,
-        _address(constants),
-        _address(x),
-        _address(x_dofmap),
-        x_dofmap.shape[1],
-        _address(positions),
-        _address(data),
-        _address(_EMPTY),
-    )
-    if err:
-        raise MemoryError("cell assembly: the element buffers could not be allocated")
 
 
 @dataclass
