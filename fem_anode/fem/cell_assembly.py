@@ -20,6 +20,9 @@ test function times ``g``'s integrand in the residual, the DG0 trial function ti
 derivatives with respect to ``lambda`` in the Jacobian. Summed over the cells, the DG0 row of the
 residual's element vectors is ``g``; the Jacobian's element matrices give ``dR/dw`` (W rows and
 columns), ``dR/dlambda`` (W rows, DG0 column), ``dg/dw`` (DG0 row) and ``dg/dlambda``.
+With ``prune`` it also leaves out of ``dR/dw``'s pattern the blocks of fields (sub-elements)
+that the kernel never fills, which dolfinx's pattern of a mixed space holds (every dof of a cell
+coupled with every other): half the entries of the phase field's Jacobian.
 
 What both serve: real float64 forms with cell integrals only, the same space for test and trial
 functions and elements without dof transformations (Lagrange and other point-evaluation
@@ -56,8 +59,8 @@ _ffi = cffi.FFI()
 
 
 class AssemblyUnsupported(RuntimeError):
-    """The form or matrix is outside what :class:`CellMatrixAssembler` serves (the message says
-    what); assemble with dolfinx instead."""
+    """The form or matrix is outside what the assemblers serve (the message says what);
+    assemble with dolfinx instead."""
 
 
 def _load_local() -> ctypes.CDLL:
@@ -443,13 +446,7 @@ class BorderedCellAssembler:
                 absent = ~coupled.astype(bool)[local_fields[:, None], local_fields[None, :]].ravel()
                 kept = _kept_entries(matrix, coupled.astype(bool), dof_fields)
                 if comm.size == 1:
-                    self.pattern = CSRArrays(
-                        np.concatenate([[0], np.cumsum(np.bincount(_rows(matrix)[kept], minlength=n_dofs))]).astype(
-                            np.int32
-                        ),
-                        np.asarray(matrix.indices)[kept].astype(np.int32),
-                        np.zeros(int(kept.sum())),
-                    )
+                    self.pattern = _kept_pattern(matrix, kept)
                 else:
                     self.kept = kept
         target = self.pattern if self.pattern is not None else matrix
@@ -490,9 +487,10 @@ class BorderedCellAssembler:
         return float(self._g[0])
 
     def assemble_jacobian(self, b: np.ndarray, c: np.ndarray) -> float:
-        """``dR/dw`` into the matrix or :attr:`pattern` (zeroed first; Dirichlet rows as documented), ``dR/dlambda``
-        into ``b`` and ``dg/dw`` into ``c`` (local arrays); returns this rank's part of
-        ``dg/dlambda``."""
+        """``dR/dw`` into the matrix or :attr:`pattern` (zeroed first; Dirichlet rows as
+        documented), ``dR/dlambda`` into ``b`` and ``dg/dw`` into ``c`` (local arrays); returns
+        this rank's part of ``dg/dlambda``. Raises SolverError (on every rank) if a left-out
+        entry is not zero."""
         data = self.matrix.data if self.pattern is None else self.pattern.data
         border, n = self._border, self.n_dofs
         data[:] = 0.0
@@ -529,6 +527,13 @@ def _kept_entries(matrix: Any, coupled: np.ndarray, dof_fields: np.ndarray) -> n
         n_owned = matrix.index_map(0).size_local
         row_fields, column_fields = (_owner_fields(matrix.index_map(i), dof_fields[:n_owned]) for i in (0, 1))
     return coupled[row_fields[rows], column_fields[columns]] | (rows == columns)
+
+
+def _kept_pattern(matrix: Any, kept: np.ndarray) -> CSRArrays:
+    """The CSR pattern of ``matrix``'s ``kept`` entries (one process), values zero."""
+    counts = np.bincount(_rows(matrix)[kept], minlength=len(matrix.indptr) - 1)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return CSRArrays(indptr, np.asarray(matrix.indices)[kept].astype(np.int32), np.zeros(int(kept.sum())))
 
 
 def _owner_fields(index_map: Any, owned_fields: np.ndarray) -> np.ndarray:
