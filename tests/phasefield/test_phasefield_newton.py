@@ -78,12 +78,14 @@ def test_repeated_failure_raises_solver_error():
         problem.run_half_cycle(1, "lithiation", 0.1)
 
 
-def _vacancy_problem_in_a_lithiation(predictor: str = "linear", precision: str = "auto", mesh=None):
+def _vacancy_problem_in_a_lithiation(
+    predictor: str = "linear", precision: str = "auto", mesh=None, assembly: str = "bordered"
+):
     """A few steps into a lithiation; pass ``mesh`` to compare two problems dof by dof (a new
     mesh may be partitioned differently on several ranks)."""
     from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
 
-    solver = SolverSettings(predictor=predictor, factorisation_precision=precision)
+    solver = SolverSettings(predictor=predictor, factorisation_precision=precision, jacobian_assembly=assembly)
     settings = PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=solver)
     problem = VacancyPhaseFieldProblem(mesh or disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
     problem._ramp = (0.14, 0.86, 0.0, settings.cycling.ramp_time)
@@ -113,6 +115,27 @@ def test_jacobian_through_the_native_matrix_is_the_petsc_assembly():
     assert direct.norm() <= 1e-14 * scale
     direct.destroy()
     problem.destroy()
+
+
+def test_the_three_assemblies_step_to_the_same_state():
+    """'bordered' (one pass per residual and Jacobian, pruned pattern), 'cached' and 'dolfinx'
+    take the same steps to the same state within the Newton tolerance, each through its own
+    assembler."""
+    mesh = disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD)
+    states, stretches = {}, {}
+    for assembly in ("dolfinx", "cached", "bordered"):
+        problem = _vacancy_problem_in_a_lithiation(mesh=mesh, assembly=assembly)
+        nw = problem.newton
+        assert (nw._bordered is not None) == (assembly == "bordered")
+        assert (nw._cached is not None) == (assembly == "cached")
+        states[assembly] = problem.w.x.array[problem._bounded_dofs].copy()
+        stretches[assembly] = float(problem.lam.value)
+        problem.destroy()
+    for assembly in ("cached", "bordered"):
+        diff = float(np.abs(states[assembly] - states["dolfinx"]).max(initial=0.0))
+        assert MPI.COMM_WORLD.allreduce(diff, op=MPI.MAX) < 1e-7
+        assert abs(stretches[assembly] - stretches["dolfinx"]) < 1e-7 * stretches["dolfinx"]
+    assert stretches["bordered"] != 1.0  # generalised plane strain: the border is exercised
 
 
 def test_predictor_starts_newton_nearer_and_converges_to_the_same_state():
