@@ -304,14 +304,53 @@ class CSRArrays:
     data: np.ndarray
 
 
-def _dof_fields(space: fem.FunctionSpace) -> tuple[np.ndarray, np.ndarray]:
-    """The field (sub-element) of each element-local dof and of each local dof of a mixed space."""
+def _dof_fields(space: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The field (sub-element) of each element-local dof and of each local dof of a mixed space
+    (dolfinx's C++ function space, as ``Form.function_spaces`` holds it)."""
     n_fields = space.element.num_sub_elements
-    local = np.repeat(np.arange(n_fields), [space.sub(i).element.space_dimension for i in range(n_fields)])
-    dofs = np.full(space.dofmap.index_map.size_local + space.dofmap.index_map.num_ghosts, -1, dtype=np.int64)
-    for i in range(n_fields):
-        dofs[np.asarray(space.sub(i).dofmap.list)] = i
+    subs = [space.sub([i]) for i in range(n_fields)]
+    local = np.repeat(np.arange(n_fields), [sub.element.space_dimension for sub in subs])
+    index_map = space.dofmap.index_map
+    dofs = np.full(index_map.size_local + index_map.num_ghosts, -1, dtype=np.int64)
+    for i, sub in enumerate(subs):
+        dofs[np.asarray(sub.dofmap.map())] = i
     return local, dofs
+
+
+@dataclass
+class _Pruning:
+    """The field blocks left out of a Jacobian's pattern: ``absent`` masks the element matrix's
+    entries (row-major) in them; on one process ``pattern`` is the pruned CSR pattern, on several
+    ``kept`` marks the CSR matrix's entries in the pruned pattern."""
+
+    absent: np.ndarray
+    pattern: CSRArrays | None
+    kept: np.ndarray | None
+
+    def check_slots(self, first: int) -> np.ndarray:
+        """Border positions (codes <= -2) for the absent entries, spread over ``_CHECK_SLOTS``
+        slots from ``first`` on, so that their additions do not wait on each other."""
+        return -2 - (first + np.arange(int(self.absent.sum())) % _CHECK_SLOTS)
+
+
+def _pruning(lib: ctypes.CDLL, jacobian: fem.Form, matrix: la.MatrixCSR, space: Any, extended: bool) -> _Pruning | None:
+    """Probe ``jacobian``'s kernel for the field blocks of the unknowns' mixed ``space`` (C++)
+    that it never fills (agreed over the ranks); None if it fills every block. ``extended``:
+    the form's space is ``space`` plus a last element for a border, whose blocks stay."""
+    local_fields, dof_fields = _dof_fields(space)
+    n_fields = int(local_fields.max()) + 1
+    form_fields = np.append(local_fields, n_fields) if extended else local_fields
+    coupled = _probe_couplings(lib, jacobian, form_fields)[:n_fields, :n_fields].astype(np.uint8)
+    comm = jacobian.mesh.comm
+    comm.Allreduce(MPI.IN_PLACE, coupled, op=MPI.MAX)  # the same blocks on every rank
+    if coupled.all():
+        return None
+    blocks = coupled.astype(bool)
+    absent = ~blocks[local_fields[:, None], local_fields[None, :]].ravel()
+    kept = _kept_entries(matrix, blocks, dof_fields)
+    if comm.size == 1:
+        return _Pruning(absent, _kept_pattern(matrix, kept), None)
+    return _Pruning(absent, None, kept)
 
 
 class CellMatrixAssembler:
@@ -329,30 +368,62 @@ class CellMatrixAssembler:
             docstring), on every rank alike.
     """
 
-    def __init__(self, form: fem.Form, matrix: la.MatrixCSR, bcs: Sequence[fem.DirichletBC], diagonal: float = 1.0):
+    def __init__(
+        self,
+        form: fem.Form,
+        matrix: la.MatrixCSR,
+        bcs: Sequence[fem.DirichletBC],
+        diagonal: float = 1.0,
+        prune: bool = False,
+    ):
         comm = form.mesh.comm
         _refuse(comm, _form_unsupported(form, 2) or _matrix_unsupported(matrix))
         self.lib = _library_for(comm)
-        self.form, self.matrix, self.diagonal = form, matrix, float(diagonal)
+        self.form, self.matrix, self.diagonal, self.comm = form, matrix, float(diagonal), comm
         space = form.function_spaces[0]
         block = space.dofmap.bs
         cell_dofs = np.asarray(space.dofmap.map())  # type: ignore[attr-defined]  # the C++ space (Form.function_spaces)
-        keys, n_columns = _pattern_keys(matrix)
+        mixed = block == 1 and space.element.num_sub_elements > 1
+        pruning = _pruning(self.lib, form, matrix, space, extended=False) if prune and mixed else None
+        #: the matrix without the never-filled field blocks (one process, ``prune``), else None
+        self.pattern = pruning.pattern if pruning is not None else None
+        #: several processes, ``prune``: the entries of ``matrix`` in the pruned pattern, else None
+        self.kept = pruning.kept if pruning is not None else None
+        keys, n_columns = _pattern_keys(self.pattern if self.pattern is not None else matrix)
         constrained, owned = _constrained_dofs(bcs, len(matrix.indptr) - 1)
         self._diagonal_positions = _diagonal_positions(keys, n_columns, owned)
-        self._integrals = [
-            (kernel, integral_id, cells, _matrix_positions(cell_dofs, cells, block, keys, n_columns, constrained))
-            for kernel, integral_id, cells in _cell_integrals(form)
-        ]
+        absent = pruning.absent if pruning is not None else None
+        self._integrals = []
+        for kernel, integral_id, cells in _cell_integrals(form):
+            positions = _matrix_positions(cell_dofs, cells, block, keys, n_columns, constrained, absent)
+            if pruning is not None:
+                positions[:, pruning.absent] = pruning.check_slots(0)
+            self._integrals.append((kernel, integral_id, cells, positions))
         self._n_entries = (cell_dofs.shape[1] * block) ** 2
+        self._check = np.zeros(_CHECK_SLOTS)
 
     def assemble(self) -> None:
         """Zero the matrix's values and assemble the form at the current coefficients (owned and
-        ghost rows; the caller scatters)."""
-        data = self.matrix.data
+        ghost rows; the caller scatters). Raises SolverError (on every rank) if an entry left out
+        by pruning is not zero."""
+        data = self.matrix.data if self.pattern is None else self.pattern.data
         data[:] = 0.0
-        _assemble(self.lib, self.form, self._integrals, self._n_entries, data, _EMPTY)
+        self._check[:] = 0.0
+        _assemble(self.lib, self.form, self._integrals, self._n_entries, data, self._check)
+        _check_left_out(self.comm, self._check)
         data[self._diagonal_positions] = self.diagonal
+
+
+def _check_left_out(comm: Any, slots: np.ndarray) -> None:
+    """SolverError on every rank if any rank's check slots hold a nonzero (or NaN)."""
+    filled = bool(np.any(slots != 0.0))
+    if comm.size > 1:
+        filled = comm.allreduce(filled, op=MPI.LOR)
+    if filled:
+        raise SolverError(
+            "the Jacobian has entries in field blocks that probing its kernel found empty "
+            "(left out of the matrix); assemble without pruning (solver.jacobian_assembly = 'cached')"
+        )
 
 
 def _matrix_unsupported(matrix: la.MatrixCSR) -> str | None:
@@ -435,20 +506,9 @@ class BorderedCellAssembler:
         self.pattern: CSRArrays | None = None
         #: several processes, ``prune``: the entries of ``matrix`` in the pruned pattern, else None
         self.kept: np.ndarray | None = None
-        absent: np.ndarray | None = None  # element entries left out of the pattern
-        if prune:
-            local_fields, dof_fields = _dof_fields(space)
-            n_fields = int(local_fields.max()) + 1
-            probed = _probe_couplings(self.lib, jacobian, np.append(local_fields, n_fields))[:n_fields, :n_fields]
-            coupled = probed.astype(np.uint8)
-            comm.Allreduce(MPI.IN_PLACE, coupled, op=MPI.MAX)  # the same blocks on every rank
-            if not coupled.all():
-                absent = ~coupled.astype(bool)[local_fields[:, None], local_fields[None, :]].ravel()
-                kept = _kept_entries(matrix, coupled.astype(bool), dof_fields)
-                if comm.size == 1:
-                    self.pattern = _kept_pattern(matrix, kept)
-                else:
-                    self.kept = kept
+        pruning = _pruning(self.lib, jacobian, matrix, space._cpp_object, extended=True) if prune else None
+        if pruning is not None:
+            self.pattern, self.kept = pruning.pattern, pruning.kept
         target = self.pattern if self.pattern is not None else matrix
         keys, n_columns = _pattern_keys(target)
         constrained, owned = _constrained_dofs(bcs, n_dofs)
@@ -467,10 +527,10 @@ class BorderedCellAssembler:
         self._jacobian_integrals: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         for kernel, integral_id, cells in _cell_integrals(jacobian):
             positions = np.empty((len(cells), m + 1, m + 1), dtype=np.int32)
+            absent = pruning.absent if pruning is not None else None
             inner = _matrix_positions(cell_dofs, cells, 1, keys, n_columns, constrained, absent)
-            if absent is not None:  # summed into the check slots
-                slots = 2 * n_dofs + 1 + np.arange(int(absent.sum())) % _CHECK_SLOTS
-                inner[:, absent] = -2 - slots
+            if pruning is not None:
+                inner[:, pruning.absent] = pruning.check_slots(2 * n_dofs + 1)
             positions[:, :m, :m] = inner.reshape(len(cells), m, m)
             dofs = cell_dofs[cells]
             drop = constrained[dofs]
@@ -496,14 +556,7 @@ class BorderedCellAssembler:
         data[:] = 0.0
         border[:] = 0.0
         _assemble(self.lib, self.jacobian, self._jacobian_integrals, self._n_matrix, data, border)
-        left_out_filled = bool(np.any(border[2 * n + 1 :] != 0.0))
-        if self.comm.size > 1:  # every rank raises, or none
-            left_out_filled = self.comm.allreduce(left_out_filled, op=MPI.LOR)
-        if left_out_filled:
-            raise SolverError(
-                "the Jacobian has entries in field blocks that probing its kernel found empty "
-                "(left out of the matrix); assemble without pruning (solver.jacobian_assembly = 'cached')"
-            )
+        _check_left_out(self.comm, border[2 * n + 1 :])
         data[self._diagonal_positions] = self.diagonal
         b[:] = border[:n]
         c[:] = border[n : 2 * n]

@@ -152,9 +152,10 @@ class BorderedNewton:
             ``[w, lambda]`` as forms on ``W x DG0``
             (:class:`~fem_anode.fem.cell_assembly.BorderedCellAssembler`): ``R`` with ``g`` and the
             Jacobian with its border each in one pass over the cells (equal to the separate forms
-            up to round-off), and ``A``'s pattern without the field blocks the Jacobian's kernel
-            never fills (about half the non-zeros of the phase field's). ``None``: the separate
-            forms and dolfinx's full pattern.
+            up to round-off). ``None``: the separate forms.
+        prune_pattern: with ``cached_assembly``, ``A``'s pattern without the field blocks the
+            Jacobian's kernel never fills (about half the non-zeros of the phase field's;
+            :mod:`fem_anode.fem.cell_assembly`), else dolfinx's full pattern.
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class BorderedNewton:
         single_precision: bool = False,
         cached_assembly: bool = False,
         bordered: tuple[fem.Form, fem.Form] | None = None,
+        prune_pattern: bool = False,
     ) -> None:
         self.w, self.residual, self.jacobian, self.bcs, self.axial, self.lam = w, residual, jacobian, bcs, axial, lam
         V = w.function_space
@@ -194,25 +196,24 @@ class BorderedNewton:
         self._bordered: BorderedCellAssembler | None = None
         if cached_assembly and self._csr is not None and axial is not None and bordered is not None:
             try:
-                # the Jacobian's never-filled field blocks left out of A's pattern
-                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs, prune=True)
+                self._bordered = BorderedCellAssembler(*bordered, V, self._csr[0], bcs, prune=prune_pattern)
             except AssemblyUnsupported as exc:
                 logger.info("bordered forms assembled separately: %s", exc)
         if cached_assembly and self._csr is not None and self._bordered is None:
             try:
-                self._cached = CellMatrixAssembler(jacobian, self._csr[0], bcs)
+                self._cached = CellMatrixAssembler(jacobian, self._csr[0], bcs, prune=prune_pattern)
             except AssemblyUnsupported as exc:
                 logger.info("Jacobian assembled by dolfinx: %s", exc)
         #: several ranks with the pruned pattern: the entries of the CSR matrix copied into ``A``
         self._copied: np.ndarray | None = None
-        if self._bordered is not None and self._bordered.kept is not None and self._csr is not None:
-            self._prune_parallel_matrix(self._bordered.kept)
+        assembler = self._bordered or self._cached
+        if assembler is not None and assembler.kept is not None:
+            self._prune_parallel_matrix(assembler.kept)
         if self._csr is not None and self._shares_csr:
             csr, indptr, columns, nnz = self._csr
             arrays = (indptr, columns, csr.data[:nnz])
-            if self._bordered is not None and self._bordered.pattern is not None:
-                pattern = self._bordered.pattern
-                arrays = (pattern.indptr, pattern.indices, pattern.data)
+            if assembler is not None and assembler.pattern is not None:  # one rank, pruned
+                arrays = (assembler.pattern.indptr, assembler.pattern.indices, assembler.pattern.data)
             shared = PETSc.Mat().createAIJWithArrays(self.A.getSizes(), arrays, comm=self.comm)
             self.A.destroy()
             self.A = shared

@@ -420,6 +420,7 @@ class PhaseFieldProblem:
             single_precision=self._single_precision(reuse),
             cached_assembly=sol.jacobian_assembly in ("bordered", "cached"),
             bordered=self.bordered_forms,
+            prune_pattern=sol.jacobian_assembly == "bordered",
         )
 
     def _single_precision(self, reuse: bool) -> bool:

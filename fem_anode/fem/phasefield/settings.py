@@ -325,11 +325,11 @@ class SolverSettings(Section):
     )
     jacobian_assembly: str = setting(
         "bordered",
-        "how the residual and the Jacobian are assembled: 'bordered' (as 'cached', and under generalised plane "
-        "strain the residual with the axial-force equation and the Jacobian with its border vectors each in one "
-        "pass over the cells, from two forms on W x DG0 (the constitutive law evaluated once instead of four times "
-        "per Jacobian and twice per residual; equal to the separate forms up to round-off), with the matrix's "
-        "pattern leaving out the field blocks the Jacobian's kernel never fills), 'cached' (each element entry's "
+        "how the residual and the Jacobian are assembled: 'bordered' (as 'cached', with the matrix's pattern "
+        "leaving out the field blocks the Jacobian's kernel never fills, and under generalised plane strain the "
+        "residual with the axial-force equation and the Jacobian with its border vectors each in one pass over the "
+        "cells, from two forms on W x DG0: the constitutive law evaluated once instead of four times per Jacobian "
+        "and twice per residual, equal to the separate forms up to round-off), 'cached' (each element entry's "
         "place in the "
         "matrix found once, then only the form's kernels and additions: bit for bit dolfinx's matrix in less than "
         "half the time; dolfinx's assembler where the form is not served), 'dolfinx' (dolfinx's assembler at every "
