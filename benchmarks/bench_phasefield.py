@@ -445,6 +445,7 @@ def main() -> None:
                         "newton_its": its,
                         "factorisations": record["factorisations"],
                         "linear_its": record["linear_iterations"],
+                        "single_failures": record["single_precision_failures"],
                         "newton_per_step": its / max(record["steps"], 1),
                         "half_cycle_s": record["wall_time_s"],
                         "s_per_newton": record["wall_time_s"] / max(its, 1),

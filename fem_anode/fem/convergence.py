@@ -551,6 +551,7 @@ PHASEFIELD_NOT_QUANTITIES = frozenset(
         "wall_time_s",
         "factorisations",
         "linear_iterations",
+        "single_precision_failures",
         "equivalent_real_cycles",
     }
 )

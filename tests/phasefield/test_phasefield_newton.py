@@ -438,6 +438,33 @@ def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
     problem.destroy()
 
 
+def test_single_precision_failures_are_counted_in_the_half_cycle_record():
+    """A float32 factorisation that fails inside a half-cycle shows in its record and in the
+    checkpoint state (the next half-cycle's record counts from there)."""
+    _require_single_precision()
+    from fem_anode.fem.phasefield.mumps_single import FactorisationError
+
+    problem = _vacancy_problem_in_a_lithiation(precision="single")
+    nw = problem.newton
+    working = nw.lu.factorise
+    failures = []
+
+    def failing_once(matrix):
+        if not failures:
+            failures.append(1)
+            raise FactorisationError("MUMPS (single precision) factorisation failed: INFOG(1) = -10, INFOG(2) = 3")
+        working(matrix)
+
+    nw.lu.factorise = failing_once
+    nw.invalidate()
+    duration = problem.settings.cycling.dt_initial / 4
+    record = problem.run_half_cycle(1, "lithiation", duration)
+    assert record["single_precision_failures"] == 1 and record["factorisations"] >= 1
+    assert problem.checkpoint_state()[0]["single_failures"] == 1
+    assert problem.run_half_cycle(2, "lithiation", duration)["single_precision_failures"] == 0
+    problem.destroy()
+
+
 def test_single_precision_usage_errors_and_the_automatic_choice():
     """'single' without reuse or with another direct solver is a usage error naming the setting;
     'auto' is single precision on one rank and double on several (reproducible runs)."""

@@ -105,6 +105,7 @@ class HalfCycleProgress:
     elapsed_s: float = 0.0
     factorisations: int = 0
     linear_iterations: int = 0
+    single_failures: int = 0  # float32 factorisations that failed (each followed by a float64 run)
     dt_ceiling: float | None = None  # the smooth controller's bound after a failed Newton attempt
 
 
@@ -663,6 +664,7 @@ class PhaseFieldProblem:
                 dt=self._initial_dt(kind),
                 factorisations=self.newton.factorisations,
                 linear_iterations=self.newton.linear_iterations,
+                single_failures=self.newton.single_failures,
             )
         p = progress
         rejected_at_start = p.rejected
@@ -742,6 +744,7 @@ class PhaseFieldProblem:
                 "wall_time_s": p.elapsed_s,
                 "factorisations": self.newton.factorisations - p.factorisations,
                 "linear_iterations": self.newton.linear_iterations - p.linear_iterations,
+                "single_precision_failures": self.newton.single_failures - p.single_failures,
             }
         )
         for record_hook in self.after_half_cycle:
@@ -776,6 +779,7 @@ class PhaseFieldProblem:
             "ramp": list(self._ramp) if self._ramp is not None else None,
             "factorisations": self.newton.factorisations,
             "linear_iterations": self.newton.linear_iterations,
+            "single_failures": self.newton.single_failures,
             "first_dt": dict(self._first_dt),
             "dt_prev": self._dt_prev,
             "lambda_prev": self._lam_prev,
@@ -796,6 +800,7 @@ class PhaseFieldProblem:
         self._ramp = tuple(state["ramp"]) if state["ramp"] is not None else None
         self.newton.factorisations = int(state["factorisations"])
         self.newton.linear_iterations = int(state["linear_iterations"])
+        self.newton.single_failures = int(state.get("single_failures", 0))  # checkpoints before 2026-12-06
         self._first_dt = {str(k): float(v) for k, v in state.get("first_dt", {}).items()}
         self._dt_prev = state.get("dt_prev")
         self._lam_prev = float(state.get("lambda_prev", self.lam_old))
