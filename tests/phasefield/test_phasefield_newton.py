@@ -393,17 +393,13 @@ def test_single_precision_steps_converge_to_the_double_precision_state():
     assert MPI.COMM_WORLD.allreduce(float(diff), op=MPI.MAX) < 1e-6
 
 
-def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
-    """A MUMPS failure in single precision is not a failed step: the next ``DOUBLE_RUN``
-    factorisations are double precision (logged), then single precision again."""
-    _require_single_precision()
+def _fail_next_single_factorisation(nw) -> list[int]:
+    """Make the next float32 factorisation of ``nw`` fail as MUMPS would; returns the list of
+    failures so far (clear it to make the next one fail again)."""
     from fem_anode.fem.phasefield.mumps_single import FactorisationError
-    from fem_anode.fem.phasefield.newton import DOUBLE_RUN
 
-    problem = _vacancy_problem_in_a_lithiation(precision="single")
-    nw = problem.newton
     working = nw.lu.factorise
-    failures = []
+    failures: list[int] = []
 
     def failing_once(matrix):
         if not failures:
@@ -412,6 +408,18 @@ def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
         working(matrix)
 
     nw.lu.factorise = failing_once
+    return failures
+
+
+def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
+    """A MUMPS failure in single precision is not a failed step: the next ``DOUBLE_RUN``
+    factorisations are double precision (logged), then single precision again."""
+    _require_single_precision()
+    from fem_anode.fem.phasefield.newton import DOUBLE_RUN
+
+    problem = _vacancy_problem_in_a_lithiation(precision="single")
+    nw = problem.newton
+    failures = _fail_next_single_factorisation(nw)
     with caplog.at_level("INFO", logger="fem_anode.fem.phasefield.newton"):
         nw.invalidate()
         result = problem.step(problem.settings.cycling.dt_initial / 16)
@@ -442,20 +450,9 @@ def test_single_precision_failures_are_counted_in_the_half_cycle_record():
     """A float32 factorisation that fails inside a half-cycle shows in its record and in the
     checkpoint state (the next half-cycle's record counts from there)."""
     _require_single_precision()
-    from fem_anode.fem.phasefield.mumps_single import FactorisationError
-
     problem = _vacancy_problem_in_a_lithiation(precision="single")
     nw = problem.newton
-    working = nw.lu.factorise
-    failures = []
-
-    def failing_once(matrix):
-        if not failures:
-            failures.append(1)
-            raise FactorisationError("MUMPS (single precision) factorisation failed: INFOG(1) = -10, INFOG(2) = 3")
-        working(matrix)
-
-    nw.lu.factorise = failing_once
+    _fail_next_single_factorisation(nw)
     nw.invalidate()
     duration = problem.settings.cycling.dt_initial / 4
     record = problem.run_half_cycle(1, "lithiation", duration)
