@@ -14,6 +14,7 @@ interior interfaces (``dS``) are right on any number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 #: gdim, cell groups and facet groups (name -> tag) of a gmsh model.
 _Groups = tuple[int, dict[str, int], dict[str, int]]
 
-__all__ = ["TaggedMesh", "read_mesh", "model_to_tagged_mesh", "image_to_tagged_mesh", "write_xdmf"]
+__all__ = ["TaggedMesh", "cell_partitioner", "read_mesh", "model_to_tagged_mesh", "image_to_tagged_mesh", "write_xdmf"]
 
 
 @dataclasses.dataclass
@@ -100,10 +101,16 @@ def _open_on_root(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return _groups_on_root()
 
 
-def _partitioner(ghost_mode: str) -> Callable[..., Any]:
+def cell_partitioner(ghost_mode: str) -> Callable[..., Any]:
+    """dolfinx's cell partitioner (PT-SCOTCH) that partitions the same mesh the same way in every
+    run: PT-SCOTCH's threads made the 2-rank partition of the 0.5 nm wire differ from run to run
+    (5843/5939, 5800/5982, ... cells), and with it the rounding of every parallel solve, which
+    float32 factorisations turn into different Krylov counts. One thread
+    (``SCOTCH_PTHREAD_NUMBER=1``, unless the environment sets it) makes it reproducible."""
     modes = {"none": dolfinx.mesh.GhostMode.none, "shared_facet": dolfinx.mesh.GhostMode.shared_facet}
     if ghost_mode not in modes:
         raise UsageError(f"ghost_mode must be one of {', '.join(modes)}, got {ghost_mode!r}")
+    os.environ.setdefault("SCOTCH_PTHREAD_NUMBER", "1")  # read by SCOTCH at each partitioning
     return dolfinx.mesh.create_cell_partitioner(modes[ghost_mode])
 
 
@@ -114,7 +121,7 @@ def _distribute(meta: _Groups | None, error: FemAnodeError | None, comm: MPI.Com
     share_error(comm, error)
     gdim, cell_groups, facet_groups = comm.bcast(meta, root=0)
     mesh, cell_tags, facet_tags = dolfinx.io.gmshio.model_to_mesh(
-        gmsh.model, comm, 0, gdim=gdim, partitioner=_partitioner(ghost_mode)
+        gmsh.model, comm, 0, gdim=gdim, partitioner=cell_partitioner(ghost_mode)
     )
     cell_tags.name, facet_tags.name = "cell_tags", "facet_tags"
     return TaggedMesh(mesh, cell_tags, facet_tags, cell_groups, facet_groups)

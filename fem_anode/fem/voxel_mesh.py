@@ -29,7 +29,7 @@ from mpi4py import MPI
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.faults import first_error
-from fem_anode.fem.mesh_io import TaggedMesh
+from fem_anode.fem.mesh_io import TaggedMesh, cell_partitioner
 from fem_anode.imaging.slabs import balanced_bounds as slab_bounds
 from fem_anode.imaging.slabs import layer_counts
 from fem_anode.meshing.tags import BOX_SIDE_TAGS, INTERFACE_TAG_OFFSET, interface_name, phase_tag
@@ -149,8 +149,7 @@ def create_voxel_mesh(
     if partition == "slab" and comm.size > 1:
         partitioner = _slab_partitioner(comm, voxels, is_kept, z0, lo, bounds, ghost_mode)
     elif comm.size > 1:
-        modes = {"none": dolfinx.mesh.GhostMode.none, "shared_facet": dolfinx.mesh.GhostMode.shared_facet}
-        partitioner = dolfinx.mesh.create_cell_partitioner(modes[ghost_mode])
+        partitioner = cell_partitioner(ghost_mode)
     else:
         partitioner = None
     del voxels

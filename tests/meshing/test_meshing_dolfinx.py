@@ -149,3 +149,20 @@ def test_mesh_measures_of_a_voxel_block(comm):
     assert lengths["left"] == pytest.approx(4 * PIXEL, rel=1e-12)
     assert lengths["top"] == pytest.approx(6 * PIXEL, rel=1e-12)
     assert lengths["bottom"] == pytest.approx(6 * PIXEL, rel=1e-12)
+
+
+def test_the_same_mesh_is_partitioned_the_same_way_every_time(comm):
+    """PT-SCOTCH with several threads split this disk differently at every call (1530/1532,
+    1537/1525, ... cells on two ranks); the package's partitioner runs it on one thread, so runs
+    on the same ranks share their partition and their rounding."""
+    import hashlib
+
+    from fem_anode.fem.phasefield.geometry import disk_mesh
+
+    partitions = []
+    for _ in range(3):
+        tagged = disk_mesh(20e-9, 1e-9, comm)
+        cells = tagged.mesh.topology.index_map(tagged.mesh.topology.dim).size_local
+        points = np.sort(tagged.mesh.geometry.x[:, 0])
+        partitions.append((cells, hashlib.sha256(points.tobytes()).hexdigest()))
+    assert partitions[0] == partitions[1] == partitions[2]

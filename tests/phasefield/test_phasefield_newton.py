@@ -376,6 +376,97 @@ def test_single_precision_factorisation_solves_to_float32_accuracy():
     problem.destroy()
 
 
+def test_substructured_factorisation_solves_to_float32_accuracy_and_repeats_bitwise():
+    """The several-rank single-precision LU (a local LU per rank, a dense Schur complement of the
+    interface): ``A x = b`` to float32 accuracy against PETSc's double-precision MUMPS; no
+    coupling joins two ranks' interiors; a repeated factorisation gives the bitwise same
+    solution (MUMPS's parallel float32 LU did not); too large an interface is refused."""
+    _require_single_precision()
+    from fem_anode.fem.phasefield.mumps_single import InterfaceTooLarge, SubstructuredLU
+
+    problem = _vacancy_problem_in_a_lithiation(precision="double")
+    comm = problem.comm
+    nw = problem.newton
+    nw.assemble_jacobian()
+    lu = SubstructuredLU(comm)
+    lu.factorise(nw.A)
+    b, x, reference, again = (nw.A.createVecRight() for _ in range(4))
+    b.setArray(np.cos(np.arange(b.getLocalSize()) + 7.0 * b.getOwnershipRange()[0]))
+    lu.solve(b, x)
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOperators(nw.A)
+    ksp.setType("preonly")
+    ksp.getPC().setType("lu")
+    ksp.getPC().setFactorSolverType("mumps")
+    ksp.solve(b, reference)
+    error = x.copy()
+    error.axpy(-1.0, reference)
+    assert error.norm() <= 1e-4 * reference.norm()
+    assert error.norm() >= 1e-12 * reference.norm()  # float32 factors, not double ones
+    # the interface separates the ranks: no entry couples an interior unknown to another rank's
+    indptr, columns, _ = nw.A.getValuesCSR()
+    start, end = nw.A.getOwnershipRange()
+    interior = np.zeros(nw.A.getSize()[0], dtype=bool)
+    local = np.zeros(end - start, dtype=bool)
+    local[lu._layout["interior"]] = True
+    interior[start:end] = local
+    interior = comm.allreduce(interior.astype(np.int8), op=MPI.SUM).astype(bool)
+    rows = start + np.repeat(np.arange(end - start), np.diff(indptr))
+    foreign = (columns < start) | (columns >= end)
+    assert not np.any(interior[rows[foreign]] & interior[columns[foreign]])
+    assert (lu.interface_size > 0) == (comm.size > 1)
+    lu.factorise(nw.A)
+    lu.solve(b, again)
+    assert np.array_equal(again.getArray(), x.getArray())
+    lu.destroy()
+    if comm.size > 1:
+        small = SubstructuredLU(comm, max_interface=lu.interface_size - 1)
+        with pytest.raises(InterfaceTooLarge, match="coupled across"):
+            small.factorise(nw.A)
+        small.destroy()
+    for obj in (b, x, reference, again, error, ksp):
+        obj.destroy()
+    problem.destroy()
+
+
+def test_interface_is_a_minimum_vertex_cover_of_the_couplings():
+    """Koenig's construction: the cover touches every edge and has as many vertices as a maximum
+    matching; on K(2,5) it is the two left vertices, on a star around a right vertex that one."""
+    from fem_anode.fem.phasefield.mumps_single import _minimum_vertex_cover
+
+    left, right = np.repeat([3, 8], 5), np.tile([10, 11, 12, 13, 14], 2)  # K(2,5)
+    cover_left, cover_right = _minimum_vertex_cover(left, right)
+    assert cover_left.tolist() == [3, 8] and cover_right.tolist() == []
+    cover_left, cover_right = _minimum_vertex_cover(np.arange(6), np.full(6, 40))  # a star
+    assert cover_left.tolist() == [] and cover_right.tolist() == [40]
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        left, right = rng.integers(0, 30, 60), rng.integers(100, 125, 60)
+        cover_left, cover_right = _minimum_vertex_cover(left, right)
+        assert np.all(np.isin(left, cover_left) | np.isin(right, cover_right))
+        from scipy import sparse
+        from scipy.sparse.csgraph import maximum_bipartite_matching
+
+        graph = sparse.csr_matrix((np.ones(60), (left, right - 100)), shape=(30, 25))
+        matching = int(np.sum(maximum_bipartite_matching(graph, perm_type="column") >= 0))
+        assert len(cover_left) + len(cover_right) == matching
+
+
+def test_single_precision_runs_repeat_bitwise_on_any_number_of_ranks():
+    """Two identical runs of a few steps with float32 factors (substructured on several ranks)
+    take the same Krylov iterations and factorisations and end in the bitwise same state."""
+    _require_single_precision()
+    mesh = disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD)
+    runs = []
+    for _ in range(2):
+        problem = _vacancy_problem_in_a_lithiation(precision="single", mesh=mesh)
+        nw = problem.newton
+        runs.append((nw.linear_iterations, nw.factorisations, problem.w.x.array.copy()))
+        problem.destroy()
+    assert runs[0][:2] == runs[1][:2]
+    assert np.array_equal(runs[0][2], runs[1][2])
+
+
 def test_single_precision_steps_converge_to_the_double_precision_state():
     """Newton with the single-precision preconditioner reaches the state of the double-precision
     one within the Newton tolerance (the Krylov solves are in double precision)."""
@@ -425,7 +516,7 @@ def test_single_precision_failure_falls_back_to_double_for_a_while(caplog):
         result = problem.step(problem.settings.cycling.dt_initial / 16)
     assert result.ok, result.reason
     assert nw.single_failures == 1 and nw.P is not None
-    assert nw.lu._rows is None  # the float32 factors (and analysis) are freed during the float64 run
+    assert not nw.lu.analysed  # the float32 factors (and analysis) are freed during the float64 run
     if problem.comm.rank == 0:
         assert f"the next {DOUBLE_RUN} factorisations in double precision" in caplog.text
     for _ in range(DOUBLE_RUN):
@@ -464,15 +555,18 @@ def test_single_precision_failures_are_counted_in_the_half_cycle_record():
 
 def test_single_precision_usage_errors_and_the_automatic_choice():
     """'single' without reuse or with another direct solver is a usage error naming the setting;
-    'auto' is single precision on one rank and double on several (reproducible runs)."""
+    'auto' is single precision on any number of ranks (substructured on several: reproducible)."""
     from fem_anode.errors import UsageError
-    from fem_anode.fem.phasefield.mumps_single import single_precision_available
+    from fem_anode.fem.phasefield.mumps_single import SinglePrecisionLU, SubstructuredLU, single_precision_available
     from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
 
     mesh = disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD)
     automatic = VacancyPhaseFieldProblem(mesh, PhaseFieldSettings(mesh=MeshSettings(size=4e-9)))
-    expected = MPI.COMM_WORLD.size == 1 and single_precision_available(MPI.COMM_WORLD) is None
-    assert (automatic.newton.lu is not None) == expected
+    if single_precision_available(MPI.COMM_WORLD) is None:
+        kind = SinglePrecisionLU if MPI.COMM_WORLD.size == 1 else SubstructuredLU
+        assert isinstance(automatic.newton.lu, kind)
+    else:
+        assert automatic.newton.lu is None
     automatic.destroy()
     for options, match in (
         ({"factorisation_precision": "single", "reuse_factorisation": False}, "reuse_factorisation"),

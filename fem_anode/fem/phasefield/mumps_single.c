@@ -101,6 +101,45 @@ int fa_lu_solve(void *p, int nloc_rhs, MUMPS_INT *irhs_loc, float *rhs_loc)
     return fa_run(h, 3);
 }
 
+/* A pivot order given by the caller (ICNTL(7) = 1; perm_in[i - 1]: the position of variable
+ * i, 1-based), set before the analysis; NULL: MUMPS's own choice again. */
+void fa_lu_set_perm(void *p, MUMPS_INT *perm_in)
+{
+    fa_lu *h = p;
+    h->id.perm_in = perm_in;
+    h->id.icntl[6] = perm_in ? 1 : 7;
+}
+
+/* One process: eliminate all variables but the 1-based listvar (the Schur variables, ICNTL(19)
+ * = 1: set before the analysis); the factorisation then writes their size x size Schur
+ * complement, row by row, into schur. */
+void fa_lu_set_schur(void *p, int size, MUMPS_INT *listvar, float *schur)
+{
+    fa_lu *h = p;
+    h->id.size_schur = size;
+    h->id.listvar_schur = listvar;
+    h->id.schur = schur;
+    h->id.icntl[18] = size > 0 ? 1 : 0;
+}
+
+/* One process, with a Schur complement: phase 1 (condensation, ICNTL(26) = 1) eliminates the
+ * interior of the dense right-hand side rhs and writes the reduced right-hand side of the Schur
+ * variables into redrhs; phase 2 (expansion) takes their solution from redrhs and writes the
+ * whole solution into rhs. */
+int fa_lu_solve_reduced(void *p, int phase, float *rhs, float *redrhs)
+{
+    fa_lu *h = p;
+    h->id.nrhs = 1;
+    h->id.lrhs = h->id.n;
+    h->id.rhs = rhs;
+    h->id.redrhs = redrhs;
+    h->id.lredrhs = h->id.size_schur > 0 ? h->id.size_schur : 1;
+    h->id.icntl[25] = phase;
+    int err = fa_run(h, 3);
+    h->id.icntl[25] = 0;
+    return err;
+}
+
 int fa_lu_lsol(void *p) { return ((fa_lu *)p)->id.lsol_loc; }
 float *fa_lu_sol(void *p) { return ((fa_lu *)p)->sol; }
 MUMPS_INT *fa_lu_isol(void *p) { return ((fa_lu *)p)->isol; }

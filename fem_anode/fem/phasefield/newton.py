@@ -49,7 +49,10 @@ bordered Jacobian and a Newton iteration without refactorisation costs no extra 
 solve; the mat-vecs use the current border.
 
 **Single precision** (``single_precision``, with reuse only): the lagged factorisation is
-MUMPS's in float32 (:class:`~fem_anode.fem.phasefield.mumps_single.SinglePrecisionLU`); the
+MUMPS's in float32 (:class:`~fem_anode.fem.phasefield.mumps_single.SinglePrecisionLU` on one
+rank, :class:`~fem_anode.fem.phasefield.mumps_single.SubstructuredLU` on several: a local LU per
+rank and a dense Schur complement of the ranks' interface, which rounds the same way in every
+run, where MUMPS's parallel factorisation does not); the
 Krylov solve, the mat-vecs and Newton stay in double precision. A preconditioner lagged over
 Newton iterations and steps is limited by the lag, not by the rounding of its factors, and the
 factors are half the bytes a triangular solve reads. Where float32 factors are not enough (MUMPS
@@ -73,7 +76,12 @@ from petsc4py import PETSc
 from fem_anode.errors import UsageError
 from fem_anode.fem.cell_assembly import AssemblyUnsupported, BorderedCellAssembler, CellMatrixAssembler
 from fem_anode.fem.petsc_ksp import direct_solver_package, prefixed_options, unique_prefix
-from fem_anode.fem.phasefield.mumps_single import FactorisationError, SinglePrecisionLU
+from fem_anode.fem.phasefield.mumps_single import (
+    FactorisationError,
+    InterfaceTooLarge,
+    SinglePrecisionLU,
+    SubstructuredLU,
+)
 
 __all__ = ["BorderedNewton", "linear_solver_options"]
 
@@ -219,9 +227,9 @@ class BorderedNewton:
             self.A = shared
         self.P: PETSc.Mat | None = None if reuse_factorisation else self.A  # the factorised matrix
         #: the single-precision factorisation (replaces ``P`` and ``ksp`` while ``_single``), if used
-        self.lu: SinglePrecisionLU | None = (
-            SinglePrecisionLU(self.comm) if single_precision and reuse_factorisation else None
-        )
+        self.lu: SinglePrecisionLU | SubstructuredLU | None = None
+        if single_precision and reuse_factorisation:
+            self.lu = SinglePrecisionLU(self.comm) if self.comm.size == 1 else SubstructuredLU(self.comm)
         self._single = False  # the current factorisation is the single-precision one
         self._double_left = 0  # double-precision factorisations before single precision again
         self._double_run = DOUBLE_RUN
@@ -444,6 +452,11 @@ class BorderedNewton:
             assert self.lu is not None
             try:
                 self.lu.factorise(self.A)
+            except InterfaceTooLarge as exc:  # for the whole run (collective: the size is global)
+                if self.root:
+                    logger.info("%s: double precision for this run", exc)
+                self.lu.destroy()
+                self.lu, self._single = None, False
             except FactorisationError as exc:
                 self._single_failed(str(exc))
         if not self._single:

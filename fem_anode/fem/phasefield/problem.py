@@ -435,8 +435,8 @@ class PhaseFieldProblem:
         if sol.factorisation_precision == "double":
             return False
         mumps = sol.linear_solver in ("auto", "mumps") and PETSc.Sys.hasExternalPackage("mumps")
-        if sol.factorisation_precision == "auto":  # one rank: MUMPS in parallel is not reproducible in float32
-            return reuse and mumps and self.comm.size == 1 and single_precision_available(self.comm) is None
+        if sol.factorisation_precision == "auto":
+            return reuse and mumps and single_precision_available(self.comm) is None
         if not mumps:
             raise UsageError("solver.factorisation_precision = 'single' is MUMPS's, and this PETSc has no MUMPS")
         reason = single_precision_available(self.comm)

@@ -295,9 +295,10 @@ class SolverSettings(Section):
         "precision of the lagged LU factorisation that preconditions the Krylov solves (with reuse_factorisation; "
         "Newton and the Krylov solves stay in double precision): 'single' (MUMPS in float32: half the bytes per "
         "triangular solve, 1.8x faster solves and 1.5x faster factorisations at 1 nm, the same Krylov iterations; "
-        "compiled on first use), 'double', 'auto' (single on one rank where it can be compiled and linear_solver is "
-        "auto or mumps; double on several ranks: MUMPS's parallel factorisation rounds differently from run to run, "
-        "which in float32 changed the Newton iterations of two identical 2-rank runs)",
+        "compiled on first use; on several ranks a float32 LU per rank and a dense Schur complement of the ranks' "
+        "interface, which rounds the same way in every run where MUMPS's parallel LU does not; double precision for "
+        "the run if the interface exceeds 3000 unknowns), 'double', 'auto' (single where it can be compiled and "
+        "linear_solver is auto or mumps)",
         choices=("auto", "single", "double"),
     )
     linear_rtol: float | None = setting(
