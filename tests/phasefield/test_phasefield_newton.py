@@ -429,6 +429,28 @@ def test_substructured_factorisation_solves_to_float32_accuracy_and_repeats_bitw
     problem.destroy()
 
 
+def test_too_large_an_interface_runs_in_double_precision(caplog):
+    """On several ranks an interface above the substructured LU's limit makes the run factorise
+    in double precision (logged), without a failed step or a counted float32 failure."""
+    _require_single_precision()
+    if MPI.COMM_WORLD.size == 1:
+        pytest.skip("the substructured LU is the several-rank one")
+    from fem_anode.fem.phasefield.vacancy import VacancyPhaseFieldProblem
+
+    settings = PhaseFieldSettings(mesh=MeshSettings(size=4e-9), solver=SolverSettings(factorisation_precision="single"))
+    problem = VacancyPhaseFieldProblem(disk_mesh(20e-9, 4e-9, MPI.COMM_WORLD), settings)
+    problem._ramp = (0.14, 0.86, 0.0, settings.cycling.ramp_time)
+    problem.newton.lu.max_interface = 0
+    with caplog.at_level("INFO", logger="fem_anode.fem.phasefield.newton"):
+        result = problem.step(settings.cycling.dt_initial / 16)
+    assert result.ok, result.reason
+    nw = problem.newton
+    assert nw.lu is None and nw.P is not None and nw.single_failures == 0
+    if problem.comm.rank == 0:
+        assert "coupled across" in caplog.text and "double precision for this run" in caplog.text
+    problem.destroy()
+
+
 def test_interface_is_a_minimum_vertex_cover_of_the_couplings():
     """Koenig's construction: the cover touches every edge and has as many vertices as a maximum
     matching; on K(2,5) it is the two left vertices, on a star around a right vertex that one."""
