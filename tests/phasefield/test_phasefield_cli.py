@@ -109,3 +109,24 @@ def test_cli_bad_config_is_one_line_error(shared_tmp_path, comm, capsys, text, m
     assert code in (2, 3)
     assert message in capsys.readouterr().err
     assert not (shared_tmp_path / "never").exists()
+
+
+def test_every_setting_has_a_row_with_its_default_in_the_docs():
+    """docs/phasefield.md's configuration table lists every setting with its current default
+    (a setting added without its row, or a default changed without the docs, fails here)."""
+    import dataclasses
+    from pathlib import Path
+
+    from fem_anode.fem.phasefield.settings import PhaseFieldSettings
+
+    text = (Path(__file__).parents[2] / "docs" / "phasefield.md").read_text()
+    settings = PhaseFieldSettings()
+    missing = []
+    for section in dataclasses.fields(settings):
+        values = getattr(settings, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for field in dataclasses.fields(values):
+            if f"| `{section.name}.{field.name}` | {getattr(values, field.name)} |" not in text:
+                missing.append(f"{section.name}.{field.name}")
+    assert not missing
