@@ -28,13 +28,16 @@ in the same process, so their times are comparable on this shared machine:
   on a lagged factorisation after which it is renewed inside the solve; default 12);
 * ``rtolXX``: the defaults with Newton's ``solver.rtol = 1e-XX`` (``rtol9``: the default until
   2026-12-05, issue 22's sixth round);
+* ``ewXX``: the defaults with the Eisenstat-Walker forcing term started at and capped by 0.XX
+  (PETSc ``snes_ksp_ew_rtol0`` and ``snes_ksp_ew_rtolmax``; the default caps at 0.01);
 * ``fieldsplit``: the defaults with a block preconditioner instead of the one LU of the Jacobian
   (issue 22, fifth round; patched in, not kept in the package): PCFIELDSPLIT multiplicative
   (block Gauss-Seidel), the Cahn-Hilliard fields (c, mu, c_v, mu_v) first, then the
   displacement, each block with its own MUMPS LU; the Cahn-Hilliard block's LU renewed at every
   Newton iteration, the displacement block's lagged and renewed like the one LU of the default;
 * ``single`` / ``double``: the defaults with the lagged factorisation in single / double precision
-  (``solver.factorisation_precision``; the default is single on one rank, double on several);
+  (``solver.factorisation_precision``; the default is single on any number of ranks, since the
+  eleventh round substructured on several);
 * ``split``: the defaults with Eyre's convex splitting of the homogeneous chemical potentials
   (``solver.time_scheme = "convex_split"``: the concave regular-solution terms explicit);
 * ``noceiling``: the defaults without the smooth controller's failure ceiling
@@ -129,7 +132,11 @@ def configured(base: Any, config: str) -> Any:
         return base.replace(solver=base.solver.replace(refactor_iterations=int(config[8:])))
     if config.startswith("rtol") and config[4:].isdigit():  # Newton's relative tolerance 1e-XX
         return base.replace(solver=base.solver.replace(rtol=float("1e-" + config[4:])))
-    if config in ("single", "double"):  # the lagged factorisation's precision (default: single on one rank)
+    if config.startswith("ew") and config[2:].isdigit():  # Eisenstat-Walker cap (rtol0, rtolmax) 0.XX
+        cap = "0." + config[2:]
+        options = {**base.solver.petsc_options, "snes_ksp_ew_rtolmax": cap, "snes_ksp_ew_rtol0": cap}
+        return base.replace(solver=base.solver.replace(petsc_options=options))
+    if config in ("single", "double"):  # the lagged factorisation's precision (default: single on any ranks)
         return base.replace(solver=base.solver.replace(factorisation_precision=config))
     if config == "split":  # Eyre's convex splitting of the double-well terms (solver.time_scheme)
         return base.replace(solver=base.solver.replace(time_scheme="convex_split"))
@@ -145,7 +152,8 @@ def configured(base: Any, config: str) -> Any:
         return base  # the preconditioner is patched in (see ``patched``)
     raise SystemExit(
         f"unknown configuration {config!r} (default, previous, exact, reuse, nopredictor, acrossramp, superlu, "
-        "round3, dcXX, refactorXX, rtolXX, fieldsplit, single, double, noceiling, split, dolfinxassembly, cachedassembly)"
+        "round3, dcXX, refactorXX, rtolXX, ewXX, fieldsplit, single, double, noceiling, split, dolfinxassembly, "
+        "cachedassembly)"
     )
 
 
@@ -403,7 +411,8 @@ def main() -> None:
         "--configs",
         default="default",
         help="comma-separated: default, previous, exact, reuse, nopredictor, acrossramp, superlu, round3, dcXX, "
-        "rtolXX, fieldsplit, single, double",
+        "maxdcXX, refactorXX, rtolXX, ewXX, fieldsplit, fieldsplit_lagged, single, double, noceiling, split, "
+        "dolfinxassembly, cachedassembly (see the module docstring)",
     )
     parser.add_argument("--profile", action="store_true", help="also time the single operations of a Newton iteration")
     parser.add_argument("--profile-only", action="store_true", help="only time the single operations (no runs)")
