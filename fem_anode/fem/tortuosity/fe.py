@@ -581,7 +581,9 @@ def _solve_dolfinx(
     if comm.rank != 0:
         points, cells = np.zeros((0, 3)), np.zeros((0, 8), dtype=np.int64)
     element = basix.ufl.element("Lagrange", "hexahedron", 1, shape=(3,))
-    mesh = dolfinx.mesh.create_mesh(comm, cells, points, ufl.Mesh(element))
+    from fem_anode.fem.mesh_io import cell_partitioner
+
+    mesh = dolfinx.mesh.create_mesh(comm, cells, points, ufl.Mesh(element), partitioner=cell_partitioner("none"))
     del points, cells
     t_mesh = time.perf_counter() - t0
     lz = meta["extent"][0]
