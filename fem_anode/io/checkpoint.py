@@ -64,6 +64,7 @@ import numpy as np
 
 from fem_anode.errors import FemAnodeError, InputError, UsageError
 from fem_anode.faults import first_error, share_error
+from fem_anode.parallel import answer_rows, send_rows
 from fem_anode.settings import Section, setting
 
 if TYPE_CHECKING:
@@ -296,40 +297,6 @@ def _canonical_keys(V: Any) -> np.ndarray:
     return keys[: imap.size_local].astype(np.int64)
 
 
-def _alltoallv(comm: Any, dest: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Collective: send row ``i`` of ``data`` to rank ``dest[i]``; returns the received rows
-    (by source rank), the send order and the per-rank receive counts (to send answers back)."""
-    from mpi4py.util.dtlib import from_numpy_dtype
-
-    order = np.argsort(dest, kind="stable")
-    send_counts = np.bincount(dest, minlength=comm.size).astype(np.int64)
-    recv_counts = np.empty(comm.size, dtype=np.int64)
-    comm.Alltoall(send_counts, recv_counts)
-    width = int(np.prod(data.shape[1:]))
-    sent = np.ascontiguousarray(data[order])
-    received = np.empty((int(recv_counts.sum()), *data.shape[1:]), dtype=data.dtype)
-    kind = from_numpy_dtype(data.dtype)
-    comm.Alltoallv([sent, send_counts * width, kind], [received, recv_counts * width, kind])
-    return received, order, recv_counts
-
-
-def _answer(comm: Any, answers: np.ndarray, recv_counts: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Collective: send ``answers`` (rows in received order) back to where the rows of
-    :func:`_alltoallv` came from; returns them in the caller's original row order."""
-    from mpi4py.util.dtlib import from_numpy_dtype
-
-    send_counts = np.bincount(np.repeat(np.arange(comm.size), recv_counts), minlength=comm.size).astype(np.int64)
-    back_counts = np.empty(comm.size, dtype=np.int64)
-    comm.Alltoall(send_counts, back_counts)
-    width = int(np.prod(answers.shape[1:]))
-    back = np.empty((int(back_counts.sum()), *answers.shape[1:]), dtype=answers.dtype)
-    kind = from_numpy_dtype(answers.dtype)
-    comm.Alltoallv([np.ascontiguousarray(answers), send_counts * width, kind], [back, back_counts * width, kind])
-    out = np.empty_like(back)
-    out[order] = back
-    return out
-
-
 def _destinations(
     V: Any, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -357,8 +324,8 @@ def _write_values(path: Path, u: Any, cache: dict[int, tuple[np.ndarray, np.ndar
     n = V.dofmap.index_map.size_local
     values = np.asarray(u.x.array[: n * bs], dtype=np.float64).reshape(n, bs)
     keys, dest = _destinations(V, cache)
-    received_keys, _, _ = _alltoallv(comm, dest, keys)
-    received, _, _ = _alltoallv(comm, dest, values)
+    received_keys, _, _ = send_rows(comm, dest, keys)
+    received, _, _ = send_rows(comm, dest, values)
     block = np.ascontiguousarray(received[np.argsort(received_keys, kind="stable")])
     offset = int(comm.exscan(len(block)) or 0) if comm.size > 1 else 0
     handle = MPI.File.Open(comm, str(path), MPI.MODE_WRONLY | MPI.MODE_CREATE)
@@ -377,7 +344,7 @@ def _read_values(path: Path, u: Any) -> None:
     bs = V.dofmap.index_map_bs
     n = V.dofmap.index_map.size_local
     keys, dest = _destinations(V)
-    received, order, recv_counts = _alltoallv(comm, dest, keys)
+    received, order, recv_counts = send_rows(comm, dest, keys)
     sort = np.argsort(received, kind="stable")
     offset = int(comm.exscan(len(received)) or 0) if comm.size > 1 else 0
     block = np.empty((len(received), bs), dtype=np.float64)
@@ -388,7 +355,7 @@ def _read_values(path: Path, u: Any) -> None:
         handle.Close()
     answers = np.empty_like(block)
     answers[sort] = block
-    u.x.array[: n * bs] = _answer(comm, answers, recv_counts, order).reshape(-1)
+    u.x.array[: n * bs] = answer_rows(comm, answers, recv_counts, order).reshape(-1)
     u.x.scatter_forward()
 
 

@@ -36,6 +36,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from fem_anode.fem.compiled import LOAD_ERRORS, CompileError, compiled_library
+from fem_anode.parallel import send_rows
 
 __all__ = [
     "MAX_INTERFACE",
@@ -318,8 +319,8 @@ class SubstructuredLU:
         interior = np.flatnonzero(~interface)  # local rows of I_r
         # entries of the rows of G owned here in another rank's I_s go to that rank
         outgoing = row_in_gamma & ~column_in_gamma & (owner != rank)
-        received = self._exchange(np.stack([start + rows[outgoing], columns[outgoing]], axis=1), owner[outgoing])
-        remote = np.concatenate(received) if received else np.empty((0, 2), dtype=np.int64)
+        pairs = np.stack([start + rows[outgoing], columns[outgoing]], axis=1).astype(np.int64)
+        remote, _, _ = send_rows(self.comm, owner[outgoing], pairs)
         # G_r: the interface unknowns coupled to I_r
         mine = ~row_in_gamma & column_in_gamma  # A_Ir,G
         local_k = row_in_gamma & ~column_in_gamma & (owner == rank)  # A_Gr,Ir from my rows
@@ -394,8 +395,8 @@ class SubstructuredLU:
         higher_end = np.where(mine_lower, columns[cross], rows[cross])
         higher_rank = np.maximum(owner[cross], rank)
         edges = np.stack([lower_end, higher_end, higher_rank], axis=1)
-        received = self._exchange(edges, np.minimum(owner[cross], rank))
-        edges = np.unique(np.concatenate(received), axis=0) if received else np.empty((0, 3), dtype=np.int64)
+        received, _, _ = send_rows(self.comm, np.minimum(owner[cross], rank), edges.astype(np.int64))
+        edges = np.unique(received, axis=0)
         cover_mine: list[np.ndarray] = []
         cover_theirs, destination = [], []
         for other in np.unique(edges[:, 2]):
@@ -406,15 +407,8 @@ class SubstructuredLU:
             destination.append(np.full(len(right), other))
         sent = np.concatenate(cover_theirs) if cover_theirs else np.empty(0, dtype=np.int64)
         to = np.concatenate(destination) if destination else np.empty(0, dtype=np.int64)
-        back = self._exchange(sent, to.astype(np.int64))
-        return np.unique(np.concatenate([*cover_mine, *back, np.empty(0, dtype=np.int64)])).astype(np.int64)
-
-    def _exchange(self, items: np.ndarray, destination: np.ndarray, dtype: type = np.int64) -> list[np.ndarray]:
-        """Send ``items[k]`` to rank ``destination[k]``; the arrays received, by source rank."""
-        order = np.argsort(destination, kind="stable")
-        counts = np.bincount(destination, minlength=self.comm.size)
-        parts: list[np.ndarray] = np.split(np.asarray(items, dtype=dtype)[order], np.cumsum(counts)[:-1])
-        return [part for part in self.comm.alltoall(parts) if len(part)]
+        back, _, _ = send_rows(self.comm, to.astype(np.int64), sent.astype(np.int64))
+        return np.unique(np.concatenate([*cover_mine, back])).astype(np.int64)
 
     def _collective_check(self, err: int, what: str) -> None:
         worst = self.comm.allreduce(err, op=MPI.MIN)
@@ -435,8 +429,7 @@ class SubstructuredLU:
         _, _, values = A.getValuesCSR()
         if len(values) != self._entries:
             raise FactorisationError("the matrix changed its pattern since the analysis")
-        remote = self._exchange(values[layout["outgoing"]], layout["outgoing_owner"], np.float64)
-        remote_values = np.concatenate(remote) if remote else np.empty(0)
+        remote_values, _, _ = send_rows(self.comm, layout["outgoing_owner"], values[layout["outgoing"]])
         if len(remote_values) != self._n_remote:
             raise FactorisationError("the matrix changed its pattern since the analysis")
         self._values = np.concatenate([values[layout["k_from"]], remote_values]).astype(np.float32)
