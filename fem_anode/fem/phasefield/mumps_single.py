@@ -12,17 +12,15 @@ factors take half the memory, so a triangular solve, which is bound by reading t
 PETSc's MUMPS interface is built for the PETSc scalar (double) only, so MUMPS's single-precision
 library (``libsmumps``, installed with PETSc's MUMPS) is called through a small C shim,
 ``mumps_single.c``, compiled with ``$MPICC`` (default ``mpicc``) on first use
-(:mod:`fem_anode.fem.compiled`). The matrix is passed distributed (each rank its owned rows),
-the right-hand side distributed by rows, and the solution comes back in MUMPS's distribution and
-is scattered to the owned rows: no rank holds a whole vector (on one process the right-hand side
-is passed dense and the solution returned in place, about 8 % faster a solve).
+(:mod:`fem_anode.fem.compiled`). Every factorisation in it runs on one process (the right-hand
+side dense and overwritten by the solution).
 
 :class:`SinglePrecisionLU` is the one-rank LU. On several ranks MUMPS's parallel factorisation sums
 contribution blocks in the order they arrive, so its float32 round-off, and with it the Krylov
-counts of a run, changes from run to run; the solver therefore uses :class:`SubstructuredLU`
-there: one float32 MUMPS LU per rank on its own process and a dense Schur complement of the
-ranks' interface, bitwise the same in every run (2 ranks at 0.5 nm: factorisation 109 ms and
-solve 7.4 ms, against 205 and 17.7 ms on one rank).
+counts of a run, changes from run to run; :class:`SubstructuredLU` is used there instead: one
+float32 MUMPS LU per rank on its own process and a dense Schur complement of the ranks'
+interface, bitwise the same in every run (2 ranks at 0.5 nm: factorisation 109 ms and solve
+7.4 ms, against 205 and 17.7 ms on one rank).
 """
 
 from __future__ import annotations
@@ -72,32 +70,20 @@ class InterfaceTooLarge(FactorisationError):
 def _load_local() -> ctypes.CDLL:
     library = compiled_library(_SOURCE, os.environ.get("MPICC", "mpicc"), _FLAGS, _LIBRARIES)
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.fa_lu_create.argtypes = [integer]
+    library.fa_lu_create.argtypes = []
     library.fa_lu_create.restype = pointer
     library.fa_lu_set_icntl.argtypes = [pointer, integer, integer]
-    library.fa_lu_set_icntl.restype = None
+    library.fa_lu_set_perm.argtypes = [pointer, pointer]
+    library.fa_lu_set_schur.argtypes = [pointer, integer, pointer, pointer]
     library.fa_lu_analyse.argtypes = [pointer, integer, ctypes.c_int64, pointer, pointer]
     library.fa_lu_factor.argtypes = [pointer, pointer]
     library.fa_lu_solve.argtypes = [pointer, integer, pointer, pointer]
-    for name in ("fa_lu_analyse", "fa_lu_factor", "fa_lu_solve", "fa_lu_lsol"):
-        getattr(library, name).restype = integer
-    library.fa_lu_lsol.argtypes = [pointer]
-    library.fa_lu_sol.argtypes = [pointer]
-    library.fa_lu_sol.restype = ctypes.POINTER(ctypes.c_float)
-    library.fa_lu_isol.argtypes = [pointer]
-    library.fa_lu_isol.restype = ctypes.POINTER(ctypes.c_int)
     library.fa_lu_infog.argtypes = [pointer, integer]
-    library.fa_lu_infog.restype = integer
     library.fa_lu_destroy.argtypes = [pointer]
-    library.fa_lu_destroy.restype = None
-    library.fa_lu_central.argtypes = [pointer]
-    library.fa_lu_central.restype = integer
-    library.fa_lu_set_schur.argtypes = [pointer, integer, pointer, pointer]
-    library.fa_lu_set_schur.restype = None
-    library.fa_lu_set_perm.argtypes = [pointer, pointer]
-    library.fa_lu_set_perm.restype = None
-    library.fa_lu_solve_reduced.argtypes = [pointer, integer, pointer, pointer]
-    library.fa_lu_solve_reduced.restype = integer
+    for name in ("fa_lu_set_icntl", "fa_lu_set_perm", "fa_lu_set_schur", "fa_lu_destroy"):
+        getattr(library, name).restype = None
+    for name in ("fa_lu_analyse", "fa_lu_factor", "fa_lu_solve", "fa_lu_infog"):
+        getattr(library, name).restype = integer
     return library
 
 
@@ -120,37 +106,37 @@ def single_precision_available(comm: MPI.Comm) -> str | None:
 
 
 class SinglePrecisionLU:
-    """LU factorisation of an assembled PETSc AIJ matrix in single precision (MUMPS), solved in
-    place of a double-precision LU: :meth:`factorise` (the symbolic analysis once, for the
-    pattern of the first matrix; numeric after), :meth:`solve` (``x = A^-1 b`` to float32
-    accuracy, ``b`` and ``x`` with the matrix's row layout). Collective on the matrix's
-    communicator.
+    """LU factorisation of an assembled PETSc AIJ matrix on one process in single precision
+    (MUMPS), solved in place of a double-precision LU: :meth:`factorise` (the symbolic analysis
+    once, for the pattern of the first matrix; numeric after), :meth:`solve` (``x = A^-1 b`` to
+    float32 accuracy). Several ranks use :class:`SubstructuredLU`.
 
     Raises:
         CompileError: the shim is not available (:func:`single_precision_available` says why).
+        ValueError: ``comm`` has more than one process.
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
+        if comm.size != 1:
+            raise ValueError("SinglePrecisionLU factorises on one process; use SubstructuredLU on several")
         reason = single_precision_available(comm)
         if reason is not None:
             raise CompileError(reason)
         assert _library is not None
         self.lib, self.comm = _library, comm
-        self.handle = self.lib.fa_lu_create(comm.py2f())
-        if not self.handle:
-            raise FactorisationError("MUMPS (single precision) could not be initialised")
-        #: one process: dense right-hand side, overwritten by the solution (the shim decides)
-        self._central = bool(self.lib.fa_lu_central(self.handle))
-        self._rows: np.ndarray | None = None  # 1-based global rows of the owned entries
+        self.handle: int | None = self._create()
+        self._rows: np.ndarray | None = None  # 1-based rows and columns of the entries
         self._columns: np.ndarray | None = None
-        self._owned: np.ndarray | None = None  # 1-based global indices of the owned rows
         self._values = np.empty(0, dtype=np.float32)
         self._rhs = np.empty(0, dtype=np.float32)
         self._workspace = 80
-        self._scatter: PETSc.Scatter | None = None
-        self._solution: PETSc.Vec | None = None
-        self._isol: np.ndarray | None = None
-        self.factor_entries = 0  # INFOG(29): entries of the factors (all ranks)
+        self.factor_entries = 0  # INFOG(29): entries of the factors
+
+    def _create(self) -> int:
+        handle = self.lib.fa_lu_create()
+        if not handle:
+            raise FactorisationError("MUMPS (single precision) could not be initialised")
+        return handle
 
     @property
     def analysed(self) -> bool:
@@ -167,87 +153,50 @@ class SinglePrecisionLU:
     def factorise(self, A: PETSc.Mat) -> None:
         """Factorise ``A`` (the symbolic analysis at the first call; ``A`` keeps its pattern)."""
         indptr, columns, values = A.getValuesCSR()
-        start, end = A.getOwnershipRange()
         if self._rows is None:
-            rows = (np.repeat(np.arange(start, end, dtype=np.int32), np.diff(indptr)) + 1).astype(np.int32)
+            n = A.getSize()[0]
+            rows = (np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr)) + 1).astype(np.int32)
             cols = (columns + 1).astype(np.int32)
-            self._owned = np.arange(start + 1, end + 1, dtype=np.int32)
-            self._rhs = np.empty(end - start, dtype=np.float32)
-            err = self.lib.fa_lu_analyse(self.handle, A.getSize()[0], len(rows), rows.ctypes.data, cols.ctypes.data)
+            self._rhs = np.empty(n, dtype=np.float32)
+            err = self.lib.fa_lu_analyse(self.handle, n, len(rows), rows.ctypes.data, cols.ctypes.data)
             self._rows, self._columns = rows, cols  # MUMPS reads them again at every factorisation
             self._check(err, "analysis")
         elif len(values) != len(self._rows):
             raise FactorisationError("the matrix changed its pattern since the analysis")
         self._values = values.astype(np.float32)  # kept alive: MUMPS reads it during the factorisation
-        err = self.lib.fa_lu_factor(self.handle, self._values.ctypes.data)
-        while err in _WORKSPACE_ERRORS and self._workspace < 1000:  # delayed pivots: more room, again
-            self._workspace *= 2
-            self.lib.fa_lu_set_icntl(self.handle, 14, self._workspace)
-            err = self.lib.fa_lu_factor(self.handle, self._values.ctypes.data)
-        self._check(err, "factorisation")
+        self._check(_factorise_growing_workspace(self, self._values), "factorisation")
         self.factor_entries = abs(self.lib.fa_lu_infog(self.handle, 29))
-        self._isol = None  # MUMPS fills the solution's row indices at the first solve
 
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = A^-1 b`` with the last factorisation (float32 factors, float64 in and out)."""
-        assert self._owned is not None
         self._rhs[:] = b.getArray(readonly=True)
-        err = self.lib.fa_lu_solve(self.handle, len(self._owned), self._owned.ctypes.data, self._rhs.ctypes.data)
-        self._check(err, "solve")
-        if self._central:  # the solution replaced the right-hand side
-            x.getArray()[:] = self._rhs
-            return
-        n = self.lib.fa_lu_lsol(self.handle)
-        solution = np.ctypeslib.as_array(self.lib.fa_lu_sol(self.handle), shape=(max(n, 1),))[:n]
-        if self._isol is None:
-            isol = np.ctypeslib.as_array(self.lib.fa_lu_isol(self.handle), shape=(max(n, 1),))[:n] - 1
-            self._isol = isol.astype(PETSc.IntType)
-            self._make_scatter(x)
-        if self.comm.size == 1:
-            x.getArray()[self._isol] = solution
-            return
-        assert self._solution is not None and self._scatter is not None
-        self._solution.getArray()[:] = solution
-        self._scatter.scatter(self._solution, x, addv=PETSc.InsertMode.INSERT_VALUES, mode=PETSc.ScatterMode.FORWARD)
-
-    def _make_scatter(self, x: PETSc.Vec | None) -> None:
-        """From MUMPS's distribution of the solution to ``x``'s rows (several ranks; ``None``:
-        only free the previous one)."""
-        for obj in (self._scatter, self._solution):
-            if obj is not None:
-                obj.destroy()
-        self._scatter = self._solution = None
-        if self.comm.size == 1 or x is None:
-            return
-        assert self._isol is not None
-        self._solution = PETSc.Vec().createMPI((len(self._isol), PETSc.DECIDE), comm=self.comm)
-        start, end = self._solution.getOwnershipRange()
-        source = PETSc.IS().createStride(end - start, first=start, step=1, comm=self.comm)
-        target = PETSc.IS().createGeneral(self._isol, comm=self.comm)
-        self._scatter = PETSc.Scatter().create(self._solution, source, x, target)
-        source.destroy()
-        target.destroy()
+        self._check(self.lib.fa_lu_solve(self.handle, 0, self._rhs.ctypes.data, None), "solve")
+        x.getArray()[:] = self._rhs
 
     def release(self) -> None:
-        """Free the factors and the analysis (collective); the next :meth:`factorise` starts
-        afresh. For runs in double precision, so that one set of factors is held at a time."""
+        """Free the factors and the analysis; the next :meth:`factorise` starts afresh. For runs
+        in double precision, so that one set of factors is held at a time."""
         self.lib.fa_lu_destroy(self.handle)
-        self.handle = self.lib.fa_lu_create(self.comm.py2f())
-        if not self.handle:
-            raise FactorisationError("MUMPS (single precision) could not be initialised")
-        self._rows = self._columns = self._owned = self._isol = None
+        self.handle = self._create()
+        self._rows = self._columns = None
         self._values = np.empty(0, dtype=np.float32)
         self._workspace = 80
-        self._make_scatter(None)
 
     def destroy(self) -> None:
         if self.handle:
             self.lib.fa_lu_destroy(self.handle)
             self.handle = None
-        for obj in (self._scatter, self._solution):
-            if obj is not None:
-                obj.destroy()
-        self._scatter = self._solution = None
+
+
+def _factorise_growing_workspace(lu: SinglePrecisionLU | SubstructuredLU, values: np.ndarray) -> int:
+    """Numeric factorisation of ``lu.handle`` with ``values``, retried with twice the workspace
+    while MUMPS runs out of it (delayed pivots); returns MUMPS's INFOG(1) (negative: failed)."""
+    err = lu.lib.fa_lu_factor(lu.handle, values.ctypes.data)
+    while err in _WORKSPACE_ERRORS and lu._workspace < 1000:
+        lu._workspace *= 2
+        lu.lib.fa_lu_set_icntl(lu.handle, 14, lu._workspace)
+        err = lu.lib.fa_lu_factor(lu.handle, values.ctypes.data)
+    return err
 
 
 class SubstructuredLU:
@@ -368,7 +317,7 @@ class SubstructuredLU:
         self._schur: tuple[np.ndarray, np.ndarray] | None = None
         err = 0
         if n_interior:
-            self.handle = self.lib.fa_lu_create(MPI.COMM_SELF.py2f())
+            self.handle = self.lib.fa_lu_create()
             if not self.handle:
                 err = -1
             else:
@@ -435,11 +384,7 @@ class SubstructuredLU:
         self._values = np.concatenate([values[layout["k_from"]], remote_values]).astype(np.float32)
         err = 0
         if self.handle:
-            err = self.lib.fa_lu_factor(self.handle, self._values.ctypes.data)
-            while err in _WORKSPACE_ERRORS and self._workspace < 1000:
-                self._workspace *= 2
-                self.lib.fa_lu_set_icntl(self.handle, 14, self._workspace)
-                err = self.lib.fa_lu_factor(self.handle, self._values.ctypes.data)
+            err = _factorise_growing_workspace(self, self._values)
         self._collective_check(err, "factorisation")
         n = self.interface_size
         entries = np.zeros(n * n, dtype=np.float32)
@@ -470,7 +415,7 @@ class SubstructuredLU:
         n_gamma_r = len(layout["gamma_r_at"])
         if self.handle:  # condensation (or, without interface unknowns, the whole local solve)
             phase = 1 if n_gamma_r else 0
-            err = self.lib.fa_lu_solve_reduced(self.handle, phase, self._rhs.ctypes.data, self._reduced.ctypes.data)
+            err = self.lib.fa_lu_solve(self.handle, phase, self._rhs.ctypes.data, self._reduced.ctypes.data)
             g[layout["gamma_r_at"]] = self._reduced[:n_gamma_r]
         g[layout["owned_gamma_at"]] += b_array[layout["owned_gamma_rows"]]
         g[-1] = 1.0 if err < 0 else 0.0
@@ -483,7 +428,7 @@ class SubstructuredLU:
         if self.handle:
             if n_gamma_r:  # expansion
                 self._reduced[:n_gamma_r] = x_gamma[layout["gamma_r_at"]]
-                err = self.lib.fa_lu_solve_reduced(self.handle, 2, self._rhs.ctypes.data, self._reduced.ctypes.data)
+                err = self.lib.fa_lu_solve(self.handle, 2, self._rhs.ctypes.data, self._reduced.ctypes.data)
             x_array[layout["interior"]] = self._rhs[:n_interior]
         self._collective_check(err, "expansion")
 
