@@ -214,6 +214,27 @@ def test_slab_ssor_is_one_global_ssor(shared_tmp_path, comm, kernel):
         problem.destroy()
 
 
+def test_slabs_hold_equal_shares_of_transporting_voxels(shared_tmp_path, comm):
+    """On several ranks every slab holds about the same number of transporting voxels (the sweeps'
+    work), not the same number of layers: here the top quarter of the layers holds most of them."""
+    from fem_anode.fem.diffusion.finite_volume import VoxelFVProblem
+
+    labels = np.zeros((16, 6, 6), np.uint8)
+    labels[:12, :2, :2] = 3  # 4 transporting voxels per layer in the lower 12 layers
+    labels[12:] = 3  # 36 per layer in the top 4
+    path = _image_file(shared_tmp_path, labels, 1e-7, comm, "balance.npy")
+    problem = VoxelFVProblem(open_image_layers(path), _settings(path), comm)
+    try:
+        rows = comm.allgather(int(problem.per_layer.sum()))
+        layers = comm.allgather(problem._layers_info.slab.layers)
+    finally:
+        problem.destroy()
+    assert sum(rows) == 12 * 4 + 4 * 36 and sum(layers) == 16
+    if comm.size == 2:
+        # equal layers would give 32 / 160 rows; the layer boundary nearest 96 rows each is 13
+        assert layers == [13, 3] and rows == [84, 108]
+
+
 def test_fv_agrees_with_p1_on_the_electrode(electrode_crop, shared_tmp_path, comm):
     """FV and P1 are two discretisations of one model: on the 20^3 crop t90 differs by a few
     per cent (face vs node connectivity, O(h^2) errors), not by a factor."""

@@ -23,8 +23,9 @@ are those of :class:`~fem_anode.fem.diffusion.transient.TransientDiffusion` (sam
 ``c / c_bulk``); the operator is ``A = K + R + a_0 \varepsilon M`` with a diagonal ``M``, so a new
 step size changes only the diagonal of the one matrix.
 
-Distribution: every rank owns a slab of consecutive z layers (:func:`slab_bounds`), reads only
-those layers of the image, and numbers its unknowns in the image's C order after the unknowns of
+Distribution: every rank owns a slab of consecutive z layers with about equal numbers of
+transporting voxels (:func:`~fem_anode.imaging.slabs.balanced_bounds` of the per-layer counts, one
+counting pass over the image shared by the ranks), reads only those layers of the image, and numbers its unknowns in the image's C order after the unknowns of
 the ranks before it, so the global numbering, the matrix and every result are the same on any
 number of ranks. The matrix rows are assembled straight from NumPy (7-point stencil, no copy) by
 the tortuosity solver's assembler. A 2D image is one layer of unit thickness.
@@ -49,7 +50,7 @@ from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_or
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
 from fem_anode.fem.voxel_sweeps import VoxelSweepKernel, face_diagonal
-from fem_anode.imaging.slabs import label_slabs
+from fem_anode.imaging.slabs import Slab, balanced_bounds, label_slabs, layer_counts
 from fem_anode.meshing.tags import interface_name
 
 __all__ = ["BYTES_PER_UNKNOWN", "VectorField", "VoxelFieldWriter", "VoxelFVProblem", "estimate_fv_memory"]
@@ -115,9 +116,11 @@ def estimate_fv_memory(unknowns: float, settings: DiffusionSettings, ranks: int 
 
 
 class _Layers:
-    """This rank's slab of the label image with one layer of halo on each side (``_OUTSIDE`` beyond the box)."""
+    """This rank's slab of the label image with one layer of halo on each side (``_OUTSIDE`` beyond
+    the box); on several ranks the slabs hold about equal numbers of ``transport`` voxels, with at
+    least two layers each where the image has them (the separator order needs them)."""
 
-    def __init__(self, comm: MPI.Comm, image: Any) -> None:
+    def __init__(self, comm: MPI.Comm, image: Any, transport: int) -> None:
         shape = tuple(int(n) for n in image.shape)
         self.dim = len(shape)
         if self.dim == 2:
@@ -127,7 +130,7 @@ class _Layers:
             labels = whole[None] if self.slab.layers else np.zeros((0, *shape), whole.dtype)
         else:
             self.nz, self.ny, self.nx = shape
-            self.slab = slab_bounds(comm, self.nz)
+            self.slab = _balanced_slab(comm, image, transport, self.nz)
             labels = np.asarray(image.read_layers(self.slab.z0, self.slab.z1))
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{image.source}: labels must be integers, got {labels.dtype}")
@@ -145,6 +148,16 @@ class _Layers:
         lower = self.labels[a - 1].astype(np.int64) if a > 0 else self.below
         upper = self.labels[b].astype(np.int64) if b < self.slab.layers else self.above
         return np.concatenate([lower[None], inner, upper[None]])
+
+
+def _balanced_slab(comm: MPI.Comm, image: Any, transport: int, nz: int) -> Slab:
+    """This rank's slab: about equal numbers of ``transport`` voxels per rank (collective)."""
+    if comm.size == 1:
+        return slab_bounds(comm, nz)
+    bounds = balanced_bounds(layer_counts(image, np.array([transport]), comm), comm.size)
+    if np.diff(bounds).min() < 2:  # keep every slab two layers thick where the image allows it
+        return slab_bounds(comm, nz)
+    return Slab.from_bounds(bounds, comm.rank)
 
 
 def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -185,7 +198,7 @@ class VoxelFVProblem(TransientDiffusion):
         self.pore_interface = interface_name(geometry.pore_phase, geometry.transport_phase)
         self.si_interface = interface_name(geometry.si_phase, geometry.transport_phase)
         spacing = [float(s) for s in image.require_voxel_size()]
-        layers = _Layers(comm, image)
+        layers = _Layers(comm, image, phases[geometry.transport_phase])
         self._layers_info = layers
         self._dim = layers.dim
         # Scaled units: micrometres; a 2D image is one layer 1 um thick.
