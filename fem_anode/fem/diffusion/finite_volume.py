@@ -25,9 +25,10 @@ step size changes only the diagonal of the one matrix.
 
 Distribution: every rank owns a slab of consecutive z layers with about equal numbers of
 transporting voxels (:func:`~fem_anode.imaging.slabs.balanced_bounds` of the per-layer counts, one
-counting pass over the image shared by the ranks), reads only those layers of the image, and numbers its unknowns in the image's C order after the unknowns of
-the ranks before it, so the global numbering, the matrix and every result are the same on any
-number of ranks. The matrix rows are assembled straight from NumPy (7-point stencil, no copy) by
+counting pass over the image shared by the ranks), reads only those layers of the image, and
+numbers its unknowns in the image's C order after the unknowns of the ranks before it, so the
+global numbering and the matrix are the same on any number of ranks (the slab SSOR's separator
+order, and so the CG iterations, depend on the slabs). The matrix rows are assembled straight from NumPy (7-point stencil, no copy) by
 the tortuosity solver's assembler. A 2D image is one layer of unit thickness.
 """
 
