@@ -262,6 +262,38 @@ class SeparatorSweeps:
             product += float(np.dot(p.array_r[self.last_rows], delta))
         return product
 
+    def cg_start(
+        self, b: PETSc.Vec, x: PETSc.Vec, d: PETSc.Vec, mid: float, out: tuple[PETSc.Vec, ...]
+    ) -> tuple[float, float]:
+        """The start of :meth:`EisenstatCG.solve` in one pass of the compiled kernel (required):
+        into ``out = (y, bh, z, r)``, ``y = B^T x``, ``bh = B^{-1} b``, ``z = B^{-1} (y + mid D x)``
+        and ``r = bh - (z + x)``; returns this rank's ``bh . D bh`` and ``r . D r`` (not reduced).
+        Across slabs: the layer of ``x`` below enters ``y`` on the first layer before the pass, and
+        after it the separator (last layer) takes the corrections of ``bh`` and ``z`` from the first
+        layer above, as in :meth:`forward`; its ``r`` and its share of the sums follow."""
+        kernel = self.kernel
+        assert kernel is not None
+        y, bh, z, r = out
+        arrays = (y.array, bh.array, z.array, r.array)
+        if self.alone:
+            return kernel.cg_start(b.array_r, x.array_r, d.array_r, mid, arrays)
+        below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
+        q = None if below is None else -self.g_z * below[self.first_pos]
+        corrected = self.slab.next is not None  # the last layer is a separator
+        n_summed = self.last_rows[0] if corrected and self.last_rows.size else len(d.array_r)
+        sums = kernel.cg_start(b.array_r, x.array_r, d.array_r, mid, arrays, q=q, summed=int(n_summed))
+        both = np.concatenate([self.layer_values(bh, 0), self.layer_values(z, 0)])
+        above = pass_layer(self.comm, self.slab, both, upward=False)
+        if above is None:
+            return sums
+        rows = self.last_rows
+        self._correct(1, bh, above[: self.plane_size], PETSc.Mat.SORType.FORWARD_SWEEP)
+        self._correct(1, z, above[self.plane_size :], PETSc.Mat.SORType.FORWARD_SWEEP)
+        bh_last, z_last, dd = bh.array_r[rows], z.array_r[rows], d.array_r[rows]
+        r_last = bh_last - (z_last + x.array_r[rows])
+        r.array[rows] = r_last
+        return sums[0] + float(bh_last @ (dd * bh_last)), sums[1] + float(r_last @ (dd * r_last))
+
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""
         self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
@@ -688,16 +720,20 @@ class EisenstatCG:
         r, y, t, w, p = self.r, self.y, self.t, self.w, self.p
         reasons = PETSc.KSP.ConvergedReason
         # b̂ = B^{-1} b into r, ŷ_0 = B^T x_0, and w = B^{-1} (ŷ_0 + mid D x_0) for r = b̂ - Â ŷ_0 (t = x_0)
-        started = sweeps.start(b, x, d, mid, y, r, w) if isinstance(sweeps, LocalSweeps) else None
-        if started is None:
-            sweeps.forward(b, r)
-            sweeps.apply_upper(x, y)
-            started = kernel.weighted_dot(r.array_r, d.array_r, r.array_r)
-            sweeps.forward_eisenstat(y, x, d, mid, w)
-        bnorm = math.sqrt(abs(comm.allreduce(started)))
-        w.axpy(1.0, x)
-        r.axpy(-1.0, w)
-        rz = comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))
+        if isinstance(sweeps, SeparatorSweeps):  # one pass; b̂ goes to t, free until the first iteration
+            sums = comm.allreduce(np.array(sweeps.cg_start(b, x, d, mid, (y, t, w, r))))
+            bnorm, rz = math.sqrt(abs(float(sums[0]))), float(sums[1])
+        else:
+            started = sweeps.start(b, x, d, mid, y, r, w) if isinstance(sweeps, LocalSweeps) else None
+            if started is None:
+                sweeps.forward(b, r)
+                sweeps.apply_upper(x, y)
+                started = kernel.weighted_dot(r.array_r, d.array_r, r.array_r)
+                sweeps.forward_eisenstat(y, x, d, mid, w)
+            bnorm = math.sqrt(abs(comm.allreduce(started)))
+            w.axpy(1.0, x)
+            r.axpy(-1.0, w)
+            rz = comm.allreduce(kernel.weighted_dot(r.array_r, d.array_r, r.array_r))
         rnorm = math.sqrt(abs(rz))
         history = [rnorm]
         norm0 = bnorm if bnorm > 0.0 else rnorm

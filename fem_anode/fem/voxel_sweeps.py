@@ -118,6 +118,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_gather.restype = None
     library.fa_edt_squared.argtypes = [size, size, size, double, double, double, pointer]
     library.fa_edt_squared.restype = size
+    library.fa_cg_start.argtypes = [size, *[pointer] * 3, double, *[pointer] * 5, size, pointer, size, *[pointer] * 5]
+    library.fa_cg_start.restype = None
     return library
 
 
@@ -363,6 +365,52 @@ class VoxelSweepKernel(_SweepKernel):
                 _ptr(w),
             )
         )
+
+    def cg_start(
+        self,
+        b: np.ndarray,
+        x: np.ndarray,
+        d: np.ndarray,
+        mid: float,
+        out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        q: np.ndarray | None = None,
+        summed: int | None = None,
+    ) -> tuple[float, float]:
+        """The start of the fused CG in one pass: into ``out = (y, bh, z, r)``, ``y = (D/omega + U) x``
+        (plus ``q`` on the first ``len(q)`` rows), ``bh = (D/omega + L)^{-1} b``,
+        ``z = (D/omega + L)^{-1} (y + mid d x)`` and ``r = bh - (z + x)``. Returns this rank's
+        ``bh . (d bh)`` and ``r . (d r)`` over the first ``summed`` rows (default: all), summed as
+        :meth:`weighted_dot` does."""
+        y, bh, z, r = out
+        self._check("cg_start", b=b, x=x, d=d, y=y, bh=bh, z=z, r=r)
+        nq = 0 if q is None else int(q.shape[0])
+        if q is not None and (nq > self.n or q.dtype != np.float64 or not q.flags.c_contiguous):
+            raise ValueError(f"cg_start: q must hold at most {self.n} contiguous float64 values")
+        nsum = self.n if summed is None else int(summed)
+        if not 0 <= nsum <= self.n:
+            raise ValueError(f"cg_start: summed rows {nsum} outside 0..{self.n}")
+        sums = np.zeros(2)
+        self.library.fa_cg_start(
+            self.n,
+            _ptr(b),
+            _ptr(x),
+            _ptr(d),
+            float(mid),
+            _ptr(self.dinv),
+            _ptr(self.lower),
+            _ptr(self.upper),
+            _ptr(self.mask),
+            _ptr(self.g),
+            nq,
+            _ptr_or_null(q),
+            nsum,
+            _ptr(y),
+            _ptr(bh),
+            _ptr(z),
+            _ptr(r),
+            _ptr(sums),
+        )
+        return float(sums[0]), float(sums[1])
 
     def layer_sweep(self, first: int, b: np.ndarray, x: np.ndarray, *, forward: bool) -> None:
         """``x = (D/omega + T)^{-1} b`` on the rows ``first .. first + len(b) - 1``, one whole z

@@ -89,6 +89,72 @@ def test_separator_ssor_equals_the_dense_ssor_in_separator_order(comm, kind):
         aij.destroy()
 
 
+def test_one_pass_cg_start_equals_its_definition(comm):
+    """:meth:`SeparatorSweeps.cg_start` (the fused CG's start in one pass, with the layer
+    corrections across slabs) gives ``y = B^T x``, ``bh = B^{-1} b``, ``z = B^{-1} (y + mid D x)``,
+    ``r = bh - (z + x)`` and the two weighted sums of the dense matrices in the separator order; on
+    one rank the values and sums equal the separate sweeps' bit for bit."""
+    from fem_anode.fem.voxel_sweeps import VoxelSweepKernel, load_sweep_library
+
+    slab, sbaij, aij, first, last, solved = _matrices(comm)
+    kernel = VoxelSweepKernel(solved, CONDUCTANCE, OMEGA, load_sweep_library(comm), with_matrix=True)
+    d_vec = aij.getDiagonal()
+    kernel.set_diagonal(d_vec.array)
+    sweeps = SeparatorSweeps(comm, slab, None, first, last, CONDUCTANCE[0], OMEGA, kernel=kernel)
+    mid = 1.0 - 2.0 / OMEGA
+    vecs = [aij.createVecLeft() for _ in range(6)]
+    b, x, y, bh, z, r = vecs
+    try:
+        n = aij.getSize()[0]
+        lo, hi = aij.getOwnershipRange()
+        rng = np.random.default_rng(8)
+        b_all, x_all = rng.standard_normal((2, n))  # the same on every rank
+        b.array[:], x.array[:] = b_all[lo:hi], x_all[lo:hi]
+        sums = comm.allreduce(np.array(sweeps.cg_start(b, x, d_vec, mid, (y, bh, z, r))))
+        dense = np.vstack(comm.allgather(aij.getValues(range(lo, hi), range(n))))
+        top = slab.next is None
+        separators = np.concatenate(comm.allgather(np.zeros(0, int) if top else sweeps.last_rows + lo))
+        order = np.concatenate([np.setdiff1d(np.arange(n), separators), separators])
+        P = dense[np.ix_(order, order)]
+        dd = np.diag(P)
+        B = np.tril(P, -1) + np.diag(dd) / OMEGA
+        expected = {}
+        yo = B.T @ x_all[order]
+        bo = np.linalg.solve(B, b_all[order])
+        zo = np.linalg.solve(B, yo + mid * dd * x_all[order])
+        for name, values in (("y", yo), ("bh", bo), ("z", zo), ("r", bo - (zo + x_all[order]))):
+            expected[name] = np.empty(n)
+            expected[name][order] = values
+        for name, vec in (("y", y), ("bh", bh), ("z", z), ("r", r)):
+            scale = np.abs(expected[name]).max()
+            np.testing.assert_allclose(vec.array, expected[name][lo:hi], rtol=1e-10, atol=1e-12 * scale, err_msg=name)
+        d_all = np.diag(dense)
+        assert sums[0] == pytest.approx(expected["bh"] @ (d_all * expected["bh"]), rel=1e-10)
+        assert sums[1] == pytest.approx(expected["r"] @ (d_all * expected["r"]), rel=1e-10)
+        if comm.size == 1:  # the separate passes of the three-pass start, bit for bit
+            w, r2, y2 = (aij.createVecLeft() for _ in range(3))
+            sweeps.forward(b, r2)
+            sweeps.apply_upper(x, y2)
+            started = kernel.weighted_dot(r2.array_r, d_vec.array_r, r2.array_r)
+            sweeps.forward_eisenstat(y2, x, d_vec, mid, w)
+            np.testing.assert_array_equal(bh.array, r2.array)
+            np.testing.assert_array_equal(y.array, y2.array)
+            np.testing.assert_array_equal(z.array, w.array)
+            w.axpy(1.0, x)
+            r2.axpy(-1.0, w)
+            np.testing.assert_array_equal(r.array, r2.array)
+            assert sums[0] == started
+            assert sums[1] == kernel.weighted_dot(r2.array_r, d_vec.array_r, r2.array_r)
+            for vec in (w, r2, y2):
+                vec.destroy()
+    finally:
+        for vec in (*vecs, d_vec):
+            vec.destroy()
+        sweeps.destroy()
+        sbaij.destroy()
+        aij.destroy()
+
+
 def _random_mpiaij(comm, n_local: int, seed: int):
     """A random ``mpiaij`` matrix with a band of couplings reaching into the neighbouring ranks."""
     from petsc4py import PETSc
