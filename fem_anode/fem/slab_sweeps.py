@@ -27,6 +27,7 @@ the first and last layers of every slab between two others to differ (at least t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from fem_anode.imaging.slabs import Slab, exchange_layers
 
 __all__ = [
     "EisenstatCG",
+    "LayerPass",
     "LocalSweeps",
     "OffRankCouplings",
     "SeparatorMatrix",
@@ -57,20 +59,34 @@ def separator_order_possible(comm: MPI.Comm, slab: Slab) -> bool:
     return bool(comm.allreduce(ok, op=MPI.LAND))
 
 
+class LayerPass:
+    """A layer on its way to the slab above (``upward``) or below, and the one coming from the other
+    side: the sends and receives start here and :meth:`finish` waits for them, so that work can run
+    in between. Collective over the ranks with non-empty slabs."""
+
+    def __init__(self, comm: MPI.Comm, slab: Slab, layer: np.ndarray, *, upward: bool) -> None:
+        dest, source = (slab.next, slab.prev) if upward else (slab.prev, slab.next)
+        tag = 931 if upward else 932
+        self._sent = np.ascontiguousarray(layer)  # alive until the send completes
+        self._requests = []
+        self._received = None
+        if source is not None:
+            self._received = np.empty_like(self._sent)
+            self._requests.append(comm.Irecv(self._received, source=source, tag=tag))
+        if dest is not None:
+            self._requests.append(comm.Isend(self._sent, dest=dest, tag=tag))
+
+    def finish(self) -> np.ndarray | None:
+        """The layer received (``None`` at the end of the volume), once both transfers are done."""
+        MPI.Request.Waitall(self._requests)
+        self._requests = []
+        return self._received
+
+
 def pass_layer(comm: MPI.Comm, slab: Slab, layer: np.ndarray, *, upward: bool) -> np.ndarray | None:
     """Send ``layer`` to the slab above (``upward``) or below and return the one received from the
     other side (``None`` at the end of the volume). Collective over the ranks with non-empty slabs."""
-    dest, source = (slab.next, slab.prev) if upward else (slab.prev, slab.next)
-    tag = 931 if upward else 932
-    requests = []
-    received = None
-    if dest is not None:
-        requests.append(comm.Isend(np.ascontiguousarray(layer), dest=dest, tag=tag))
-    if source is not None:
-        received = np.empty_like(layer)
-        requests.append(comm.Irecv(received, source=source, tag=tag))
-    MPI.Request.Waitall(requests)
-    return received
+    return LayerPass(comm, slab, layer, upward=upward).finish()
 
 
 class SeparatorSweeps:
@@ -111,6 +127,7 @@ class SeparatorSweeps:
         # this rank's rows and columns (values follow A)
         self.block = None if A is None else A.getDiagonalBlock() if comm.size > 1 else A
         n = A.getLocalSize()[0] if A is not None else kernel.n  # type: ignore[union-attr]  # checked above
+        self.n = int(n)  # this rank's rows
         self.plane_size = first.size
         self.first_pos = np.flatnonzero(first)
         self.last_pos = np.flatnonzero(last)
@@ -210,52 +227,94 @@ class SeparatorSweeps:
         """Whether this rank's slab has no neighbours (no layers travel)."""
         return self.slab.prev is None and self.slab.next is None
 
+    def _forward_passing(self, sweep: Callable[[tuple[int, int] | None], Any], x: PETSc.Vec) -> tuple[Any, Any]:
+        """Run the kernel's forward ``sweep`` (of a row range) that writes ``x``: the first layer,
+        whose values are then final (it couples below only to the separator, which comes later),
+        travels to the slab below while the rest is swept. Returns the sweep's results (summed:
+        the forward product's partial dot products) and the layer from the slab above."""
+        if self.alone:
+            return sweep(None), None
+        head = int(self.first_rows.size)
+        first = sweep((0, head))
+        passing = LayerPass(self.comm, self.slab, self.layer_values(x, 0), upward=False)
+        rest = sweep((head, self.n))
+        total = None if first is None else first + rest
+        return total, passing.finish()
+
+    def _backward_passing(self, sweep: Callable[[tuple[int, int] | None], None], x: PETSc.Vec) -> Any:
+        """Run the kernel's backward ``sweep`` that writes ``x``: the last layer (a separator, final
+        once swept) travels to the slab above while the rest is swept. Returns the layer from the
+        slab below."""
+        if self.alone:
+            sweep(None)
+            return None
+        tail = self.n - int(self.last_rows.size)
+        sweep((tail, self.n))
+        passing = LayerPass(self.comm, self.slab, self.layer_values(x, 1), upward=True)
+        sweep((0, tail))
+        return passing.finish()
+
     def forward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
         """``x = B^{-1} b``."""
-        self.block_sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS)
-        self._forward_correction(x)
+        if self.kernel is None:
+            self.block_sweep(b, x, PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS)
+            self._forward_correction(x)
+            return
+        kernel = self.kernel
+        _, above = self._forward_passing(lambda rows: kernel.forward(b.array_r, x.array, rows), x)
+        self._correct_last(x, above)
 
     def forward_eisenstat(self, y: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, z: PETSc.Vec) -> None:
         """``z = B^{-1} (y + mid D t)`` (``d``: the diagonal ``D``) in one pass of the compiled
         kernel (requires ``kernel``): the forward half of Eisenstat's operator."""
-        assert self.kernel is not None
-        self.kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array)
-        self._forward_correction(z)
+        kernel = self.kernel
+        assert kernel is not None
+        _, above = self._forward_passing(
+            lambda rows: kernel.forward_eisenstat(y.array_r, t.array_r, d.array_r, mid, z.array, rows), z
+        )
+        self._correct_last(z, above)
 
     def _forward_correction(self, x: PETSc.Vec) -> None:
         if self.alone:
             return
-        above = pass_layer(self.comm, self.slab, self.layer_values(x, 0), upward=False)
+        self._correct_last(x, pass_layer(self.comm, self.slab, self.layer_values(x, 0), upward=False))
+
+    def _correct_last(self, x: PETSc.Vec, above: np.ndarray | None) -> None:
         if above is not None:
             self._correct(1, x, above, PETSc.Mat.SORType.FORWARD_SWEEP)
 
-    def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        """``x = B^{-T} b``."""
-        self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
-        self._backward_correction(x)
-
-    def _backward_correction(self, x: PETSc.Vec) -> None:
-        if self.alone:
-            return
-        below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
+    def _correct_first(self, x: PETSc.Vec, below: np.ndarray | None) -> None:
         if below is not None:
             self._correct(0, x, below, PETSc.Mat.SORType.BACKWARD_SWEEP)
 
+    def backward(self, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        """``x = B^{-T} b``."""
+        if self.kernel is None:
+            self.block_sweep(b, x, PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS)
+            if not self.alone:
+                self._correct_first(x, pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True))
+            return
+        kernel = self.kernel
+        self._correct_first(x, self._backward_passing(lambda rows: kernel.backward(b.array_r, x.array, rows), x))
+
     def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
         """``p = D r + beta p``, then ``t = B^{-T} p`` (one pass of the compiled kernel, which is required)."""
-        assert self.kernel is not None
-        self.kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array)
-        self._backward_correction(t)
+        kernel = self.kernel
+        assert kernel is not None
+        below = self._backward_passing(
+            lambda rows: kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array, rows), t
+        )
+        self._correct_first(t, below)
 
     def cg_forward_product(self, p: PETSc.Vec, t: PETSc.Vec, d: PETSc.Vec, mid: float, w: PETSc.Vec) -> float:
         """``w = z + t``, ``z = B^{-1} (p + mid D t)`` (Eisenstat's operator applied to ``p``, ``t``
         from :meth:`cg_direction_backward`; ``z`` overwrites ``t``) in one pass of the compiled
         kernel; returns this rank's part of ``p . w`` (not reduced)."""
-        assert self.kernel is not None
-        product = self.kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array)
-        if self.alone:
-            return product
-        above = pass_layer(self.comm, self.slab, self.layer_values(t, 0), upward=False)
+        kernel = self.kernel
+        assert kernel is not None
+        product, above = self._forward_passing(
+            lambda rows: kernel.cg_forward_product(p.array_r, t.array, d.array_r, mid, w.array, rows), t
+        )
         if above is not None and self.last_rows.size:
             delta = self._correct(1, t, above, PETSc.Mat.SORType.FORWARD_SWEEP)
             w.array[self.last_rows] += delta
@@ -296,10 +355,12 @@ class SeparatorSweeps:
 
     def apply_upper(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = B^T x = (D/omega + U) x`` (AIJ blocks only: PETSc's SBAIJ has no apply-upper)."""
-        self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
         if self.alone:
+            self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
             return
-        below = pass_layer(self.comm, self.slab, self.layer_values(x, 1), upward=True)
+        passing = LayerPass(self.comm, self.slab, self.layer_values(x, 1), upward=True)  # x is known
+        self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
+        below = passing.finish()
         if below is not None and self.first_rows.size:
             y.array[self.first_rows] -= self.g_z * below[self.first_pos]
 

@@ -13,13 +13,14 @@
 #include <math.h>
 #include <stdlib.h>
 
-/* x = (D/omega + L)^{-1} b  (forward sweep from a zero initial guess) */
-void fa_forward(int64_t n, const double *b, const double *dinv, const int32_t *lower,
+/* x = (D/omega + L)^{-1} b  (forward sweep from a zero initial guess) on the rows lo .. hi - 1,
+ * the rows before lo already swept (a range starts at a z layer: no x line continues across) */
+void fa_forward(int64_t lo, int64_t hi, const double *b, const double *dinv, const int32_t *lower,
                 const uint8_t *mask, const double *g, double *x)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double prev = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
         double s = b[i];
@@ -31,13 +32,14 @@ void fa_forward(int64_t n, const double *b, const double *dinv, const int32_t *l
     }
 }
 
-/* x = (D/omega + U)^{-1} b  (backward sweep from a zero initial guess) */
-void fa_backward(int64_t n, const double *b, const double *dinv, const int32_t *upper,
+/* x = (D/omega + U)^{-1} b  (backward sweep from a zero initial guess) on the rows hi - 1 .. lo,
+ * the rows from hi on already swept */
+void fa_backward(int64_t lo, int64_t hi, const double *b, const double *dinv, const int32_t *upper,
                  const uint8_t *mask, const double *g, double *x)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double next = 0.0;
-    for (int64_t i = n - 1; i >= 0; --i) {
+    for (int64_t i = hi - 1; i >= lo; --i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
         double s = b[i];
@@ -66,13 +68,13 @@ void fa_apply_upper(int64_t n, const double *x, const double *dinv, const int32_
 
 /* z = (D/omega + L)^{-1} (y + mid d t): the forward sweep of Eisenstat's operator with its middle
  * term computed on the fly (d: the diagonal of A; mid = 1 - 2/omega) */
-void fa_forward_eisenstat(int64_t n, const double *y, const double *t, const double *d, double mid,
+void fa_forward_eisenstat(int64_t lo, int64_t hi, const double *y, const double *t, const double *d, double mid,
                           const double *dinv, const int32_t *lower, const uint8_t *mask,
                           const double *g, double *z)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double prev = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
         double s = y[i] + mid * d[i] * t[i];
@@ -143,14 +145,15 @@ void fa_backward_layer(int64_t first, int64_t m, const double *b, const double *
  * eight (see fem_anode/fem/diffusion/finite_volume.py, _FusedEisenstatCG): the preconditioner is
  * the diagonal d, so z = d r is never stored. */
 
-/* p = d r + beta p, then t = (D/omega + U)^{-1} p (the backward sweep of Eisenstat's operator) */
-void fa_cg_direction_backward(int64_t n, const double *r, const double *d, double beta, double *p,
+/* p = d r + beta p, then t = (D/omega + U)^{-1} p (the backward sweep of Eisenstat's operator),
+ * on the rows hi - 1 .. lo */
+void fa_cg_direction_backward(int64_t lo, int64_t hi, const double *r, const double *d, double beta, double *p,
                               const double *dinv, const int32_t *upper, const uint8_t *mask,
                               const double *g, double *t)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double next = 0.0;
-    for (int64_t i = n - 1; i >= 0; --i) {
+    for (int64_t i = hi - 1; i >= lo; --i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
         const double pi = d[i] * r[i] + beta * p[i];
@@ -165,14 +168,15 @@ void fa_cg_direction_backward(int64_t n, const double *r, const double *d, doubl
 }
 
 /* z = (D/omega + L)^{-1} (p + mid d t) and w = z + t, i.e. w = (Eisenstat's operator) p; z
- * overwrites t row by row (each t[i] is read first). Returns the sum of p[i] w[i]. */
-double fa_cg_forward_product(int64_t n, const double *p, double *t, const double *d, double mid,
+ * overwrites t row by row (each t[i] is read first). Rows lo .. hi - 1; returns the sum of p[i] w[i]
+ * over them. */
+double fa_cg_forward_product(int64_t lo, int64_t hi, const double *p, double *t, const double *d, double mid,
                              const double *dinv, const int32_t *lower, const uint8_t *mask,
                              const double *g, double *w)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double prev = 0.0, pw = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
         const double ti = t[i];
@@ -861,8 +865,7 @@ int64_t fa_edt_squared(int64_t nz, int64_t ny, int64_t nx, double hz, double hy,
  *   r  = bh - (z + x)                          (the initial residual of the transformed system);
  * sums[0] = sum of bh d bh and sums[1] = sum of r d r over the rows below nsum, in the four partial
  * sums of fa_weighted_dot (the same values bit for bit). Each row does exactly the arithmetic of
- * fa_apply_upper, fa_forward, fa_forward_eisenstat and the two updates. (Placed last in this file:
- * a function added above the others moves their loops and, with them, their speed by a few per cent.) */
+ * fa_apply_upper, fa_forward, fa_forward_eisenstat and the two updates. */
 void fa_cg_start(int64_t n, const double *b, const double *x, const double *d, double mid,
                  const double *dinv, const int32_t *lower, const int32_t *upper, const uint8_t *mask,
                  const double *g, int64_t nq, const double *q, int64_t nsum,

@@ -46,7 +46,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("voxel_sweeps.c")
-_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+# Functions and loops on cache-line boundaries: the sweeps are recurrences whose speed otherwise
+# moved by 5-8 % with the code placed before them in the file (measured on the 128^3 electrode).
+_FLAGS = ("-O3", "-falign-functions=64", "-falign-loops=64", "-std=c99", "-fPIC", "-shared")
 _library: ctypes.CDLL | None = None
 
 
@@ -59,9 +61,11 @@ def _load_local() -> ctypes.CDLL:
     into :class:`SweepKernelUnavailable` on every rank)."""
     library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for name in ("fa_forward", "fa_backward", "fa_apply_upper"):
+    library.fa_apply_upper.argtypes = [size, *[pointer] * 6]
+    library.fa_apply_upper.restype = None
+    for name in ("fa_forward", "fa_backward"):
         function = getattr(library, name)
-        function.argtypes = [size, pointer, pointer, pointer, pointer, pointer, pointer]
+        function.argtypes = [size, size, *[pointer] * 6]
         function.restype = None
     for name in ("fa_forward_layer", "fa_backward_layer"):
         function = getattr(library, name)
@@ -69,12 +73,12 @@ def _load_local() -> ctypes.CDLL:
         function.restype = None
     library.fa_mult.argtypes = [size, *[pointer] * 7]
     library.fa_mult.restype = None
-    library.fa_forward_eisenstat.argtypes = [size, pointer, pointer, pointer, ctypes.c_double, *[pointer] * 5]
+    library.fa_forward_eisenstat.argtypes = [size, size, pointer, pointer, pointer, ctypes.c_double, *[pointer] * 5]
     library.fa_forward_eisenstat.restype = None
     double = ctypes.c_double
-    library.fa_cg_direction_backward.argtypes = [size, pointer, pointer, double, *[pointer] * 6]
+    library.fa_cg_direction_backward.argtypes = [size, size, pointer, pointer, double, *[pointer] * 6]
     library.fa_cg_direction_backward.restype = None
-    library.fa_cg_forward_product.argtypes = [size, pointer, pointer, pointer, double, *[pointer] * 5]
+    library.fa_cg_forward_product.argtypes = [size, size, pointer, pointer, pointer, double, *[pointer] * 5]
     library.fa_cg_forward_product.restype = double
     library.fa_cg_update.argtypes = [size, double, *[pointer] * 5]
     library.fa_cg_update.restype = double
@@ -284,27 +288,43 @@ class VoxelSweepKernel(_SweepKernel):
             self.d[:] = d
         np.divide(self.omega, d, out=self.dinv)
 
-    def _call(self, name: str, b: np.ndarray, x: np.ndarray, neighbours: np.ndarray) -> None:
+    def _range(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """The rows a sweep covers: all, or ``rows = (lo, hi)``, which must start and end at z layers
+        (no x line crosses them); a forward sweep of ``lo .. hi`` needs the rows before ``lo`` swept,
+        a backward one the rows from ``hi`` on."""
+        if rows is None:
+            return 0, self.n
+        lo, hi = int(rows[0]), int(rows[1])
+        if not 0 <= lo <= hi <= self.n:
+            raise ValueError(f"{name}: rows {lo}..{hi} outside 0..{self.n}")
+        return lo, hi
+
+    def _call(
+        self, name: str, b: np.ndarray, x: np.ndarray, neighbours: np.ndarray, rows: tuple[int, int] | None
+    ) -> None:
         if b.shape != (self.n,) or x.shape != (self.n,) or b.dtype != np.float64 or x.dtype != np.float64:
             raise ValueError(f"{name}: vectors of {self.n} float64 values expected")
+        lo, hi = self._range(name, rows)
         getattr(self.library, name)(
-            self.n, _ptr(b), _ptr(self.dinv), _ptr(neighbours), _ptr(self.mask), _ptr(self.g), _ptr(x)
+            lo, hi, _ptr(b), _ptr(self.dinv), _ptr(neighbours), _ptr(self.mask), _ptr(self.g), _ptr(x)
         )
 
-    def forward(self, b: np.ndarray, x: np.ndarray) -> None:
-        """``x = (D/omega + L)^{-1} b``."""
-        self._call("fa_forward", b, x, self.lower)
+    def forward(self, b: np.ndarray, x: np.ndarray, rows: tuple[int, int] | None = None) -> None:
+        """``x = (D/omega + L)^{-1} b`` (on ``rows``: see :meth:`_range`)."""
+        self._call("fa_forward", b, x, self.lower, rows)
 
-    def backward(self, b: np.ndarray, x: np.ndarray) -> None:
-        """``x = (D/omega + U)^{-1} b``."""
-        self._call("fa_backward", b, x, self.upper)
+    def backward(self, b: np.ndarray, x: np.ndarray, rows: tuple[int, int] | None = None) -> None:
+        """``x = (D/omega + U)^{-1} b`` (on ``rows``: see :meth:`_range`)."""
+        self._call("fa_backward", b, x, self.upper, rows)
 
-    def forward_eisenstat(self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray) -> None:
+    def forward_eisenstat(
+        self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray, rows: tuple[int, int] | None = None
+    ) -> None:
         """``z = (D/omega + L)^{-1} (y + mid d t)``, ``d`` the diagonal of ``A`` (Eisenstat's
-        forward sweep with its middle term; ``mid = 1 - 2/omega``)."""
+        forward sweep with its middle term; ``mid = 1 - 2/omega``; on ``rows``: see :meth:`_range`)."""
         self._check("forward_eisenstat", y=y, t=t, d=d, z=z)
         self.library.fa_forward_eisenstat(
-            self.n,
+            *self._range("forward_eisenstat", rows),
             _ptr(y),
             _ptr(t),
             _ptr(d),
@@ -318,7 +338,11 @@ class VoxelSweepKernel(_SweepKernel):
 
     def apply_upper(self, x: np.ndarray, y: np.ndarray) -> None:
         """``y = (D/omega + U) x``."""
-        self._call("fa_apply_upper", x, y, self.upper)
+        if x.shape != (self.n,) or y.shape != (self.n,) or x.dtype != np.float64 or y.dtype != np.float64:
+            raise ValueError(f"fa_apply_upper: vectors of {self.n} float64 values expected")
+        self.library.fa_apply_upper(
+            self.n, _ptr(x), _ptr(self.dinv), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
+        )
 
     def mult(self, x: np.ndarray, y: np.ndarray) -> None:
         """``y = A x`` on these rows (requires ``with_matrix``)."""
@@ -329,12 +353,20 @@ class VoxelSweepKernel(_SweepKernel):
             self.n, _ptr(x), _ptr(self.d), _ptr(self.lower), _ptr(self.upper), _ptr(self.mask), _ptr(self.g), _ptr(y)
         )
 
-    def cg_direction_backward(self, r: np.ndarray, d: np.ndarray, beta: float, p: np.ndarray, t: np.ndarray) -> None:
+    def cg_direction_backward(
+        self,
+        r: np.ndarray,
+        d: np.ndarray,
+        beta: float,
+        p: np.ndarray,
+        t: np.ndarray,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         """``p = d r + beta p`` (CG's new search direction with the preconditioner ``d``), then
-        ``t = (D/omega + U)^{-1} p``, in one pass."""
+        ``t = (D/omega + U)^{-1} p``, in one pass (on ``rows``: see :meth:`_range`)."""
         self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
         self.library.fa_cg_direction_backward(
-            self.n,
+            *self._range("cg_direction_backward", rows),
             _ptr(r),
             _ptr(d),
             float(beta),
@@ -346,14 +378,22 @@ class VoxelSweepKernel(_SweepKernel):
             _ptr(t),
         )
 
-    def cg_forward_product(self, p: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, w: np.ndarray) -> float:
+    def cg_forward_product(
+        self,
+        p: np.ndarray,
+        t: np.ndarray,
+        d: np.ndarray,
+        mid: float,
+        w: np.ndarray,
+        rows: tuple[int, int] | None = None,
+    ) -> float:
         """``w = z + t`` with ``z = (D/omega + L)^{-1} (p + mid d t)`` (Eisenstat's operator applied
         to ``p``, given ``t`` from :meth:`cg_direction_backward`); ``z`` overwrites ``t``. Returns
-        this rank's part of ``p . w``."""
+        this rank's part of ``p . w`` (over ``rows``: see :meth:`_range`)."""
         self._check("cg_forward_product", p=p, t=t, d=d, w=w)
         return float(
             self.library.fa_cg_forward_product(
-                self.n,
+                *self._range("cg_forward_product", rows),
                 _ptr(p),
                 _ptr(t),
                 _ptr(d),
