@@ -318,7 +318,13 @@ class VoxelSweepKernel(_SweepKernel):
         self._call("fa_backward", b, x, self.upper, rows)
 
     def forward_eisenstat(
-        self, y: np.ndarray, t: np.ndarray, d: np.ndarray, mid: float, z: np.ndarray, rows: tuple[int, int] | None = None
+        self,
+        y: np.ndarray,
+        t: np.ndarray,
+        d: np.ndarray,
+        mid: float,
+        z: np.ndarray,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         """``z = (D/omega + L)^{-1} (y + mid d t)``, ``d`` the diagonal of ``A`` (Eisenstat's
         forward sweep with its middle term; ``mid = 1 - 2/omega``; on ``rows``: see :meth:`_range`)."""
