@@ -147,7 +147,7 @@ class SeparatorSweeps:
             )
             for rows in (self.first_rows, self.last_rows)
         ]
-        self._kernel_sweeps = (
+        self._kernel_sweeps: dict[int, Callable[[np.ndarray, np.ndarray], None]] = (
             {
                 int(PETSc.Mat.SORType.FORWARD_SWEEP | _ZERO_GUESS): kernel.forward,
                 int(PETSc.Mat.SORType.BACKWARD_SWEEP | _ZERO_GUESS): kernel.backward,
