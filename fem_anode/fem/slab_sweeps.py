@@ -133,6 +133,8 @@ class SeparatorSweeps:
         self.last_pos = np.flatnonzero(last)
         self.first_rows = np.arange(self.first_pos.size)
         self.last_rows = np.arange(n - self.last_pos.size, n)
+        # the same rows as slices (contiguous: indexing by a slice is a view, no gather)
+        self._row_slices = (slice(0, self.first_pos.size), slice(n - self.last_pos.size, n))
         # Wrappers of the local arrays of the vectors swept (placeArray): created on never-touched
         # np.empty buffers, so they cost no resident memory (createSeq would allocate 8 B per row each).
         self._seq = [PETSc.Vec().createWithArray(np.empty(n), comm=PETSc.COMM_SELF) for _ in range(2)]
@@ -200,8 +202,7 @@ class SeparatorSweeps:
     def layer_values(self, x: PETSc.Vec, which: int) -> np.ndarray:
         """This rank's first (0) or last (1) layer of ``x`` as a whole layer (0 where no row)."""
         layer = np.zeros(self.plane_size)
-        positions, rows = (self.first_pos, self.first_rows) if which == 0 else (self.last_pos, self.last_rows)
-        layer[positions] = x.array_r[rows]
+        layer[self.first_pos if which == 0 else self.last_pos] = x.array_r[self._row_slices[which]]
         return layer
 
     def _correct(self, which: int, x: PETSc.Vec, coupled: np.ndarray, kind: Any) -> np.ndarray:
@@ -219,7 +220,7 @@ class SeparatorSweeps:
         else:
             assert layer is not None
             layer.SOR(rhs, delta, self.omega, kind | _ZERO_GUESS, 0.0, 1, 1)
-        x.array[rows] += delta.array_r
+        x.array[self._row_slices[which]] += delta.array_r
         return delta.array_r
 
     @property
@@ -317,8 +318,9 @@ class SeparatorSweeps:
         )
         if above is not None and self.last_rows.size:
             delta = self._correct(1, t, above, PETSc.Mat.SORType.FORWARD_SWEEP)
-            w.array[self.last_rows] += delta
-            product += float(np.dot(p.array_r[self.last_rows], delta))
+            last = self._row_slices[1]
+            w.array[last] += delta
+            product += float(np.dot(p.array_r[last], delta))
         return product
 
     def cg_start(
@@ -345,7 +347,7 @@ class SeparatorSweeps:
         above = pass_layer(self.comm, self.slab, both, upward=False)
         if above is None:
             return sums
-        rows = self.last_rows
+        rows = self._row_slices[1]
         self._correct(1, bh, above[: self.plane_size], PETSc.Mat.SORType.FORWARD_SWEEP)
         self._correct(1, z, above[self.plane_size :], PETSc.Mat.SORType.FORWARD_SWEEP)
         bh_last, z_last, dd = bh.array_r[rows], z.array_r[rows], d.array_r[rows]
@@ -362,16 +364,16 @@ class SeparatorSweeps:
         self.block_sweep(x, y, PETSc.Mat.SORType.APPLY_UPPER)
         below = passing.finish()
         if below is not None and self.first_rows.size:
-            y.array[self.first_rows] -= self.g_z * below[self.first_pos]
+            y.array[self._row_slices[0]] -= self.g_z * below[self.first_pos]
 
     def add_off_rank(self, t: PETSc.Vec, w: PETSc.Vec) -> None:
         """``w += O t``, ``O`` the couplings to the neighbouring slabs (block Jacobi, which leaves
         them out of the sweeps, adds them here): both boundary layers travel both ways."""
         below, above = exchange_layers(self.comm, self.slab, self.layer_values(t, 0), self.layer_values(t, 1))
         if below is not None:
-            w.array[self.first_rows] -= self.g_z * below[self.first_pos]
+            w.array[self._row_slices[0]] -= self.g_z * below[self.first_pos]
         if above is not None:
-            w.array[self.last_rows] -= self.g_z * above[self.last_pos]
+            w.array[self._row_slices[1]] -= self.g_z * above[self.last_pos]
 
     def mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         """``y = A x`` by the kernel and the off-rank couplings (a kernel made ``with_matrix``)."""
