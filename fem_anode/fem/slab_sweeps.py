@@ -782,8 +782,9 @@ class EisenstatCG:
         assert kernel is not None  # checked in __init__
         r, y, t, w, p = self.r, self.y, self.t, self.w, self.p
         reasons = PETSc.KSP.ConvergedReason
-        # b̂ = B^{-1} b into r, ŷ_0 = B^T x_0, and w = B^{-1} (ŷ_0 + mid D x_0) for r = b̂ - Â ŷ_0 (t = x_0)
-        if isinstance(sweeps, SeparatorSweeps):  # one pass; b̂ goes to t, free until the first iteration
+        # b̂ = B^{-1} b, ŷ_0 = B^T x_0, w = B^{-1} (ŷ_0 + mid D x_0) and r = b̂ - Â ŷ_0 = b̂ - (w + x_0)
+        # (Â ŷ_0 = t + B^{-1} (ŷ_0 + mid D t) with t = B^{-T} ŷ_0 = x_0)
+        if isinstance(sweeps, SeparatorSweeps):  # in one pass; b̂ goes to t, free until the first iteration
             sums = comm.allreduce(np.array(sweeps.cg_start(b, x, d, mid, (y, t, w, r))))
             bnorm, rz = math.sqrt(abs(float(sums[0]))), float(sums[1])
         else:
