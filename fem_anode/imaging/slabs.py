@@ -271,15 +271,37 @@ def balanced_bounds(cells_per_layer: np.ndarray, size: int) -> np.ndarray:
 
 
 def layer_counts(image: Any, kept_labels: np.ndarray, comm: Any) -> np.ndarray:
-    """Voxels with one of ``kept_labels`` in each axis-0 layer of the whole image (``read_layers``;
-    collective: each rank counts an equal share of the layers, a few at a time)."""
+    """Voxels with one of ``kept_labels`` in each axis-0 layer of the whole image (an image with
+    ``read_layers``, or an array such as a memory-mapped ``.npy``; collective: each rank counts an
+    equal share of the layers, a few at a time)."""
     layers = int(image.shape[0])
+    read = image.read_layers if hasattr(image, "read_layers") else lambda a, b: image[a:b]
     equal = np.linspace(0, layers, comm.size + 1).round().astype(np.int64)
     lo, hi = int(equal[comm.rank]), int(equal[comm.rank + 1])
     local = np.zeros(hi - lo, dtype=np.int64)
     for start in range(lo, hi, 16):  # a few layers at a time: never the whole slab as a mask
-        block = np.asarray(image.read_layers(start, min(start + 16, hi)))
+        block = np.asarray(read(start, min(start + 16, hi)))
         local[start - lo : start - lo + block.shape[0]] = (
             np.isin(block, kept_labels).reshape(block.shape[0], -1).sum(axis=1)
         )
     return np.concatenate(comm.allgather(local))
+
+
+def balanced_slab(comm: Any, image: Any, kept_labels: Any) -> Slab:
+    """This rank's slab when the axis-0 layers are split into slabs of about equal numbers of voxels
+    with one of ``kept_labels`` (the work of a voxel solver), cut at the layer boundaries nearest
+    equal shares (:func:`balanced_bounds` of :func:`layer_counts`: one counting pass shared by the
+    ranks); equal numbers of layers instead if that left a slab thinner than two layers (the
+    separator and slab-face orders need two). Collective.
+
+    Args:
+        comm: the communicator (one slab per rank).
+        image: an image with ``read_layers`` and ``shape``, or an array.
+        kept_labels: the label value(s) of the voxels that carry work.
+    """
+    layers = int(image.shape[0])
+    equal = np.array([(layers * r) // comm.size for r in range(comm.size + 1)])
+    if comm.size == 1:
+        return Slab.from_bounds(equal, 0)
+    bounds = balanced_bounds(layer_counts(image, np.atleast_1d(np.asarray(kept_labels)), comm), comm.size)
+    return Slab.from_bounds(bounds if np.diff(bounds).min() >= 2 else equal, comm.rank)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fem_anode.imaging.slabs import Slab, label_slabs, max_distance_to
+from fem_anode.imaging.slabs import Slab, balanced_bounds, balanced_slab, label_slabs, layer_counts, max_distance_to
 
 
 def slab_of(comm, nz: int) -> Slab:
@@ -60,3 +60,35 @@ def test_max_distance_equals_the_whole_volume_edt(comm, halo):
     assert got == pytest.approx(expected, rel=1e-12)
     assert max_distance_to(comm, slab, lambda a, b: labels[a:b], lambda a: a == 3, lambda a: a == 7, spacing) == np.inf
     assert max_distance_to(comm, slab, lambda a, b: labels[a:b], lambda a: a == 7, lambda a: a == 0, spacing) == 0.0
+
+
+def test_balanced_bounds_cut_at_the_nearest_layer_boundary():
+    counts = np.array([4] * 12 + [36] * 4)  # 192 voxels: 96 each would fall inside layer 13
+    np.testing.assert_array_equal(balanced_bounds(counts, 2), [0, 13, 16])  # 84 / 108 (120 / 72 is farther)
+    np.testing.assert_array_equal(balanced_bounds(np.ones(9), 3), [0, 3, 6, 9])
+    np.testing.assert_array_equal(balanced_bounds(np.zeros(8), 2), [0, 4, 8])  # nothing to balance: equal layers
+
+
+def test_balanced_slabs_split_the_kept_voxels_evenly(comm):
+    """Every rank's slab, from an array or an image with ``read_layers``: the slabs tile the layers
+    in rank order and hold about equal numbers of the kept voxels; equal layers when a balanced
+    cut would leave a slab thinner than two layers."""
+    from fem_anode.io.images import VoxelImage
+
+    labels = np.zeros((16, 6, 6), np.uint8)
+    labels[:12, :2, :2] = 3
+    labels[12:] = 3
+    image = VoxelImage(labels, (1e-7,) * 3, {"pore": 0, "sei": 3})
+    np.testing.assert_array_equal(layer_counts(labels, np.array([3]), comm), [4] * 12 + [36] * 4)
+    np.testing.assert_array_equal(layer_counts(image, np.array([3]), comm), [4] * 12 + [36] * 4)
+    for source in (labels, image):
+        slab = balanced_slab(comm, source, 3)
+        bounds = comm.allgather((slab.z0, slab.z1))
+        assert bounds[0][0] == 0 and bounds[-1][1] == 16
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        if comm.size == 2:
+            assert bounds == [(0, 13), (13, 16)]
+    one_layer = np.zeros((8, 4, 4), np.uint8)
+    one_layer[-1] = 3  # all the work in one layer: a balanced cut would leave a one-layer slab
+    slab = balanced_slab(comm, one_layer, 3)
+    assert (slab.z0, slab.z1) == ((8 * comm.rank) // comm.size, (8 * (comm.rank + 1)) // comm.size)

@@ -24,8 +24,8 @@ are those of :class:`~fem_anode.fem.diffusion.transient.TransientDiffusion` (sam
 step size changes only the diagonal of the one matrix.
 
 Distribution: every rank owns a slab of consecutive z layers with about equal numbers of
-transporting voxels (:func:`~fem_anode.imaging.slabs.balanced_bounds` of the per-layer counts, one
-counting pass over the image shared by the ranks), reads only those layers of the image, and
+transporting voxels (:func:`~fem_anode.imaging.slabs.balanced_slab`: one counting pass over the
+image shared by the ranks), reads only those layers of the image, and
 numbers its unknowns in the image's C order after the unknowns of the ranks before it, so the
 global numbering and the matrix are the same on any number of ranks (the slab SSOR's separator
 order, and so the CG iterations, depend on the slabs). The matrix rows are assembled straight from NumPy
@@ -51,7 +51,7 @@ from fem_anode.fem.slab_sweeps import EisenstatCG, SeparatorSweeps, separator_or
 from fem_anode.fem.tortuosity.clusters import exchange_layers, slab_bounds
 from fem_anode.fem.tortuosity.fv import assemble_face_conductances, layer_chunks, shifted_labels
 from fem_anode.fem.voxel_sweeps import VoxelSweepKernel, face_diagonal
-from fem_anode.imaging.slabs import Slab, balanced_bounds, label_slabs, layer_counts
+from fem_anode.imaging.slabs import balanced_slab, label_slabs
 from fem_anode.meshing.tags import interface_name
 
 __all__ = ["BYTES_PER_UNKNOWN", "VectorField", "VoxelFieldWriter", "VoxelFVProblem", "estimate_fv_memory"]
@@ -131,7 +131,7 @@ class _Layers:
             labels = whole[None] if self.slab.layers else np.zeros((0, *shape), whole.dtype)
         else:
             self.nz, self.ny, self.nx = shape
-            self.slab = _balanced_slab(comm, image, transport, self.nz)
+            self.slab = balanced_slab(comm, image, transport)
             labels = np.asarray(image.read_layers(self.slab.z0, self.slab.z1))
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{image.source}: labels must be integers, got {labels.dtype}")
@@ -149,16 +149,6 @@ class _Layers:
         lower = self.labels[a - 1].astype(np.int64) if a > 0 else self.below
         upper = self.labels[b].astype(np.int64) if b < self.slab.layers else self.above
         return np.concatenate([lower[None], inner, upper[None]])
-
-
-def _balanced_slab(comm: MPI.Comm, image: Any, transport: int, nz: int) -> Slab:
-    """This rank's slab: about equal numbers of ``transport`` voxels per rank (collective)."""
-    if comm.size == 1:
-        return slab_bounds(comm, nz)
-    bounds = balanced_bounds(layer_counts(image, np.array([transport]), comm), comm.size)
-    if np.diff(bounds).min() < 2:  # keep every slab two layers thick where the image allows it
-        return slab_bounds(comm, nz)
-    return Slab.from_bounds(bounds, comm.rank)
 
 
 def _neighbours(block: np.ndarray) -> list[tuple[int, np.ndarray]]:

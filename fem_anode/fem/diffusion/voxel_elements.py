@@ -31,7 +31,7 @@ from fem_anode.fem.diffusion.particles import reduce_particle_statistics
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import LENGTH_UNIT, FusedEisenstatSolver, TransientDiffusion, checked_phases
 from fem_anode.fem.voxel_p1 import PORE, SI, TRANSPORT, VoxelP1Operator, slab_classes
-from fem_anode.imaging.slabs import Slab, balanced_bounds, layer_counts
+from fem_anode.imaging.slabs import Slab, balanced_slab
 from fem_anode.meshing.tags import interface_name
 from fem_anode.meshing.voxel import corner_offsets
 from fem_anode.resources import release_freed_memory
@@ -163,14 +163,10 @@ class VoxelP1Problem(TransientDiffusion):
         memory of a rank follow its dofs; equal layer counts left 462k and 534k dofs on the two ranks
         of the 128^3 electrode), each of at least two layers (else equal layer counts). Collective."""
         nz = int(image.shape[0])
-        if comm.size == 1:
-            return Slab.from_bounds(np.array([0, nz]), 0)
-        bounds = balanced_bounds(layer_counts(image, np.array([transport]), comm), comm.size)
-        if np.diff(bounds).min() < 2:
-            bounds = np.array([(nz * r) // comm.size for r in range(comm.size + 1)])
-        if np.diff(bounds).min() < 2:
+        slab = balanced_slab(comm, image, transport)
+        if comm.size > 1 and not comm.allreduce(slab.layers >= 2, op=MPI.LAND):
             raise UsageError(f"{comm.size} ranks for {nz} z layers: P1 on the voxels needs at least 2 layers per rank")
-        return Slab.from_bounds(bounds, comm.rank)
+        return slab
 
     def _vector(self, values: np.ndarray) -> PETSc.Vec:
         vec = self._new()

@@ -36,6 +36,7 @@ import numpy as np
 from fem_anode.errors import InputError, SolverError
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.clusters import Slab, exchange_layers, slab_bounds, spanning_clusters
+from fem_anode.imaging.slabs import balanced_slab
 from fem_anode.resources import release_freed_memory
 
 __all__ = ["BYTES_PER_UNKNOWN", "FVSolution", "estimate_memory", "fv_solve", "solver_options"]
@@ -410,7 +411,8 @@ def fv_solve(
     """Finite-volume tortuosity solve of the voxels ``array == value`` (collective).
 
     Args:
-        comm: MPI communicator; every rank reads only its slab of ``array`` (z layers).
+        comm: MPI communicator; every rank reads only its slab of ``array`` (z layers; slabs of
+            about equal numbers of the phase's voxels, after one counting pass shared by the ranks).
         array: (z, y, x) label array (may be a memmap; the same on every rank).
         value: label of the phase.
         spacing: voxel edge lengths (z, y, x), m.
@@ -438,7 +440,7 @@ def fv_solve(
 
     start = time.perf_counter()
     nz, ny, nx = array.shape
-    slab = slab_bounds(comm, nz)
+    slab = balanced_slab(comm, array, value)  # about equal numbers of the phase's voxels per rank
     mask = np.asarray(array[slab.z0 : slab.z1]) == value
     n_phase = comm.allreduce(int(np.count_nonzero(mask)))
     solved = spanning_clusters(comm, slab, mask)
