@@ -298,12 +298,26 @@ class SeparatorSweeps:
         kernel = self.kernel
         self._correct_first(x, self._backward_passing(lambda rows: kernel.backward(b.array_r, x.array, rows), x))
 
-    def cg_direction_backward(self, r: PETSc.Vec, d: PETSc.Vec, beta: float, p: PETSc.Vec, t: PETSc.Vec) -> None:
-        """``p = D r + beta p``, then ``t = B^{-T} p`` (one pass of the compiled kernel, which is required)."""
+    def cg_direction_backward(
+        self,
+        r: PETSc.Vec,
+        d: PETSc.Vec,
+        beta: float,
+        p: PETSc.Vec,
+        t: PETSc.Vec,
+        pending: tuple[float, PETSc.Vec] | None = None,
+    ) -> None:
+        """``p = D r + beta p``, then ``t = B^{-T} p`` (one pass of the compiled kernel, which is
+        required); with ``pending = (alpha, y)`` first ``y += alpha p`` on the way (each row
+        before ``p`` changes there)."""
         kernel = self.kernel
         assert kernel is not None
+        on_the_way = None if pending is None else (pending[0], pending[1].array)
         below = self._backward_passing(
-            lambda rows: kernel.cg_direction_backward(r.array_r, d.array_r, beta, p.array, t.array, rows), t
+            lambda rows: kernel.cg_direction_backward(
+                r.array_r, d.array_r, beta, p.array, t.array, rows, pending=on_the_way
+            ),
+            t,
         )
         self._correct_first(t, below)
 
@@ -803,6 +817,10 @@ class EisenstatCG:
         norm0 = bnorm if bnorm > 0.0 else rnorm
         tolerance = self.rtol * norm0
         reason, iterations, pw_old, rz_old = 0, 0, 0.0, 0.0
+        # With the voxel kernel, ŷ += alpha p is deferred into the next iteration's first pass over p
+        # (pending), which leaves the update pass r, w and D to read: the same values bit for bit.
+        deferred = isinstance(sweeps, SeparatorSweeps)
+        pending: tuple[float, PETSc.Vec] | None = None
         if not math.isfinite(rnorm):
             reason = int(reasons.DIVERGED_NANORINF)
         elif rnorm <= tolerance:
@@ -816,7 +834,12 @@ class EisenstatCG:
                 reason = int(reasons.CONVERGED_ATOL)
                 break
             beta = 0.0 if iterations == 1 else rz / rz_old
-            sweeps.cg_direction_backward(r, d, beta, p, t)
+            if pending is not None:
+                assert isinstance(sweeps, SeparatorSweeps)
+                sweeps.cg_direction_backward(r, d, beta, p, t, pending=pending)
+                pending = None
+            else:
+                sweeps.cg_direction_backward(r, d, beta, p, t)
             pw = comm.allreduce(sweeps.cg_forward_product(p, t, d, mid, w))
             if not math.isfinite(pw):
                 reason = int(reasons.DIVERGED_NANORINF)
@@ -825,7 +848,12 @@ class EisenstatCG:
                 reason = int(reasons.DIVERGED_INDEFINITE_MAT)
                 break
             pw_old, rz_old = pw, rz
-            rz = comm.allreduce(kernel.cg_update(rz / pw, p.array_r, w.array_r, d.array_r, y.array, r.array))
+            alpha = rz / pw
+            if deferred:
+                rz = comm.allreduce(kernel.cg_update_residual(alpha, w.array_r, d.array_r, r.array))
+                pending = (alpha, y)
+            else:
+                rz = comm.allreduce(kernel.cg_update(alpha, p.array_r, w.array_r, d.array_r, y.array, r.array))
             rnorm = math.sqrt(abs(rz))
             history.append(rnorm)
             if not math.isfinite(rnorm):
@@ -834,6 +862,8 @@ class EisenstatCG:
                 reason = int(reasons.CONVERGED_RTOL)
             elif rnorm >= 1e5 * norm0:  # PETSc's default divergence tolerance
                 reason = int(reasons.DIVERGED_DTOL)
+        if pending is not None:  # the last iteration's ŷ += alpha p
+            kernel.axpy(pending[0], p.array_r, y.array)
         sweeps.backward(y, x)
         if reason < 0:
             # A failed solve may leave NaN or inf in the work vectors, and the next solve reads

@@ -906,3 +906,55 @@ void fa_cg_start(int64_t n, const double *b, const double *x, const double *d, d
     sums[0] = (accb[0] + accb[1]) + (accb[2] + accb[3]);
     sums[1] = (accr[0] + accr[1]) + (accr[2] + accr[3]);
 }
+
+
+/* fa_cg_direction_backward with the previous iteration's y += alpha p done on the way (each y[i]
+ * before p[i] changes): CG's solution update deferred into the next pass over p, bit for bit the
+ * update of fa_cg_update. Rows hi - 1 .. lo. */
+void fa_cg_direction_backward_y(int64_t lo, int64_t hi, const double *r, const double *d, double beta,
+                                double alpha, double *p, double *y, const double *dinv, const int32_t *upper,
+                                const uint8_t *mask, const double *g, double *t)
+{
+    const double gx = g[0], gy = g[1], gz = g[2];
+    double next = 0.0;
+    for (int64_t i = hi - 1; i >= lo; --i) {
+        const uint8_t m = mask[i];
+        const double di = dinv[i];
+        y[i] += alpha * p[i];
+        const double pi = d[i] * r[i] + beta * p[i];
+        p[i] = pi;
+        double s = pi;
+        if (m & 16) s += gy * t[upper[2 * i]];
+        if (m & 32) s += gz * t[upper[2 * i + 1]];
+        const double c = (m & 8) ? gx * di : 0.0;
+        next = s * di + c * next;
+        t[i] = next;
+    }
+}
+
+/* r -= alpha w; returns the sum of d[i] r[i]^2 (fa_cg_update without y's update, which the next
+ * fa_cg_direction_backward_y does; the same sum bit for bit) */
+double fa_cg_update_residual(int64_t n, double alpha, const double *w, const double *d, double *r)
+{
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int k = 0; k < 4; ++k) {
+            const double ri = r[i + k] - alpha * w[i + k];
+            r[i + k] = ri;
+            acc[k] += d[i + k] * ri * ri;
+        }
+    }
+    for (; i < n; ++i) {
+        const double ri = r[i] - alpha * w[i];
+        r[i] = ri;
+        acc[0] += d[i] * ri * ri;
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* y += alpha p (the last deferred update of a solve) */
+void fa_axpy(int64_t n, double alpha, const double *p, double *y)
+{
+    for (int64_t i = 0; i < n; ++i) y[i] += alpha * p[i];
+}

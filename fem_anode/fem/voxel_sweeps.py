@@ -81,6 +81,12 @@ def _load_local() -> ctypes.CDLL:
     library.fa_cg_forward_product.argtypes = [size, size, pointer, pointer, pointer, double, *[pointer] * 5]
     library.fa_cg_forward_product.restype = double
     library.fa_cg_update.argtypes = [size, double, *[pointer] * 5]
+    library.fa_cg_direction_backward_y.argtypes = [size, size, pointer, pointer, double, double, *[pointer] * 7]
+    library.fa_cg_direction_backward_y.restype = None
+    library.fa_cg_update_residual.argtypes = [size, double, pointer, pointer, pointer]
+    library.fa_cg_update_residual.restype = double
+    library.fa_axpy.argtypes = [size, double, pointer, pointer]
+    library.fa_axpy.restype = None
     library.fa_cg_update.restype = double
     library.fa_weighted_dot.argtypes = [size, pointer, pointer, pointer]
     library.fa_weighted_dot.restype = double
@@ -185,6 +191,17 @@ class _SweepKernel:
         """``y += alpha p``, ``r -= alpha w``; returns this rank's part of ``r . (d r)``."""
         self._check("cg_update", p=p, w=w, d=d, y=y, r=r)
         return float(self.library.fa_cg_update(self.n, float(alpha), _ptr(p), _ptr(w), _ptr(d), _ptr(y), _ptr(r)))
+
+    def cg_update_residual(self, alpha: float, w: np.ndarray, d: np.ndarray, r: np.ndarray) -> float:
+        """``r -= alpha w``; returns this rank's part of ``r . (d r)`` (:meth:`cg_update` with the
+        solution's update left to the next direction pass, the same sum bit for bit)."""
+        self._check("cg_update_residual", w=w, d=d, r=r)
+        return float(self.library.fa_cg_update_residual(self.n, float(alpha), _ptr(w), _ptr(d), _ptr(r)))
+
+    def axpy(self, alpha: float, p: np.ndarray, y: np.ndarray) -> None:
+        """``y += alpha p`` (each value as :meth:`cg_update` computes it)."""
+        self._check("axpy", p=p, y=y)
+        self.library.fa_axpy(self.n, float(alpha), _ptr(p), _ptr(y))
 
     def weighted_dot(self, a: np.ndarray, d: np.ndarray, b: np.ndarray) -> float:
         """This rank's part of ``a . (d b)``."""
@@ -367,10 +384,31 @@ class VoxelSweepKernel(_SweepKernel):
         p: np.ndarray,
         t: np.ndarray,
         rows: tuple[int, int] | None = None,
+        pending: tuple[float, np.ndarray] | None = None,
     ) -> None:
         """``p = d r + beta p`` (CG's new search direction with the preconditioner ``d``), then
-        ``t = (D/omega + U)^{-1} p``, in one pass (on ``rows``: see :meth:`_range`)."""
+        ``t = (D/omega + U)^{-1} p``, in one pass (on ``rows``: see :meth:`_range`). With
+        ``pending = (alpha, y)`` the pass first does the previous iteration's ``y += alpha p``
+        (deferred from :meth:`cg_update_residual`) on each row before ``p`` changes there."""
         self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
+        if pending is not None:
+            alpha, y = pending
+            self._check("cg_direction_backward", y=y)
+            self.library.fa_cg_direction_backward_y(
+                *self._range("cg_direction_backward", rows),
+                _ptr(r),
+                _ptr(d),
+                float(beta),
+                float(alpha),
+                _ptr(p),
+                _ptr(y),
+                _ptr(self.dinv),
+                _ptr(self.upper),
+                _ptr(self.mask),
+                _ptr(self.g),
+                _ptr(t),
+            )
+            return
         self.library.fa_cg_direction_backward(
             *self._range("cg_direction_backward", rows),
             _ptr(r),

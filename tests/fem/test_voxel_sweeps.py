@@ -134,6 +134,34 @@ def test_sweeps_in_two_row_ranges_equal_one_sweep():
         kernel.forward(b, whole, rows=(split, kernel.n + 1))
 
 
+def test_deferred_solution_update_is_the_same_bit_for_bit():
+    """CG's ``y += alpha p`` moved from the update pass into the next direction pass (before ``p``
+    changes) and the update pass without it give the values and the sum of ``cg_update``."""
+    mask = np.random.default_rng(7).random((5, 6, 7)) < 0.7
+    kernel = voxel_sweeps.VoxelSweepKernel(mask, CONDUCTANCE, OMEGA, voxel_sweeps.load_sweep_library(MPI.COMM_SELF))
+    rng = np.random.default_rng(8)
+    d = 6.0 + rng.random(kernel.n)
+    kernel.set_diagonal(d)
+    r, p, w, y = rng.standard_normal((4, kernel.n))
+    alpha, beta = 0.37, 0.81
+    # together: update (y and r), then the direction pass
+    y1, r1, p1, t1 = y.copy(), r.copy(), p.copy(), np.empty(kernel.n)
+    rz1 = kernel.cg_update(alpha, p1, w, d, y1, r1)
+    kernel.cg_direction_backward(r1, d, beta, p1, t1)
+    # deferred: update r only, then the direction pass does y's update on the way
+    y2, r2, p2, t2 = y.copy(), r.copy(), p.copy(), np.empty(kernel.n)
+    rz2 = kernel.cg_update_residual(alpha, w, d, r2)
+    kernel.cg_direction_backward(r2, d, beta, p2, t2, pending=(alpha, y2))
+    assert rz2 == rz1
+    for name, a, b in (("y", y2, y1), ("r", r2, r1), ("p", p2, p1), ("t", t2, t1)):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    y3 = y.copy()
+    kernel.axpy(alpha, p, y3)  # the last deferred update of a solve
+    y4, r4 = y.copy(), r.copy()
+    kernel.cg_update(alpha, p, w, d, y4, r4)
+    np.testing.assert_array_equal(y3, y4)
+
+
 def test_kernel_checks_its_vectors():
     mask = np.ones((2, 3, 3), bool)
     kernel = voxel_sweeps.VoxelSweepKernel(mask, (1.0, 1.0, 1.0), OMEGA, voxel_sweeps.load_sweep_library(MPI.COMM_SELF))
