@@ -146,16 +146,19 @@ void fa_backward_layer(int64_t first, int64_t m, const double *b, const double *
  * the diagonal d, so z = d r is never stored. */
 
 /* p = d r + beta p, then t = (D/omega + U)^{-1} p (the backward sweep of Eisenstat's operator),
- * on the rows hi - 1 .. lo */
+ * on the rows hi - 1 .. lo; with y (else NULL) first y += alpha p on each row before p changes
+ * there: CG's solution update deferred from the previous iteration (fa_cg_update_residual), bit for
+ * bit the update of fa_cg_update */
 void fa_cg_direction_backward(int64_t lo, int64_t hi, const double *r, const double *d, double beta, double *p,
-                              const double *dinv, const int32_t *upper, const uint8_t *mask,
-                              const double *g, double *t)
+                              double alpha, double *y, const double *dinv, const int32_t *upper,
+                              const uint8_t *mask, const double *g, double *t)
 {
     const double gx = g[0], gy = g[1], gz = g[2];
     double next = 0.0;
     for (int64_t i = hi - 1; i >= lo; --i) {
         const uint8_t m = mask[i];
         const double di = dinv[i];
+        if (y) y[i] += alpha * p[i];
         const double pi = d[i] * r[i] + beta * p[i];
         p[i] = pi;
         double s = pi;
@@ -908,32 +911,8 @@ void fa_cg_start(int64_t n, const double *b, const double *x, const double *d, d
 }
 
 
-/* fa_cg_direction_backward with the previous iteration's y += alpha p done on the way (each y[i]
- * before p[i] changes): CG's solution update deferred into the next pass over p, bit for bit the
- * update of fa_cg_update. Rows hi - 1 .. lo. */
-void fa_cg_direction_backward_y(int64_t lo, int64_t hi, const double *r, const double *d, double beta,
-                                double alpha, double *p, double *y, const double *dinv, const int32_t *upper,
-                                const uint8_t *mask, const double *g, double *t)
-{
-    const double gx = g[0], gy = g[1], gz = g[2];
-    double next = 0.0;
-    for (int64_t i = hi - 1; i >= lo; --i) {
-        const uint8_t m = mask[i];
-        const double di = dinv[i];
-        y[i] += alpha * p[i];
-        const double pi = d[i] * r[i] + beta * p[i];
-        p[i] = pi;
-        double s = pi;
-        if (m & 16) s += gy * t[upper[2 * i]];
-        if (m & 32) s += gz * t[upper[2 * i + 1]];
-        const double c = (m & 8) ? gx * di : 0.0;
-        next = s * di + c * next;
-        t[i] = next;
-    }
-}
-
 /* r -= alpha w; returns the sum of d[i] r[i]^2 (fa_cg_update without y's update, which the next
- * fa_cg_direction_backward_y does; the same sum bit for bit) */
+ * fa_cg_direction_backward does; the same sum bit for bit) */
 double fa_cg_update_residual(int64_t n, double alpha, const double *w, const double *d, double *r)
 {
     double acc[4] = {0.0, 0.0, 0.0, 0.0};

@@ -76,13 +76,11 @@ def _load_local() -> ctypes.CDLL:
     library.fa_forward_eisenstat.argtypes = [size, size, pointer, pointer, pointer, ctypes.c_double, *[pointer] * 5]
     library.fa_forward_eisenstat.restype = None
     double = ctypes.c_double
-    library.fa_cg_direction_backward.argtypes = [size, size, pointer, pointer, double, *[pointer] * 6]
+    library.fa_cg_direction_backward.argtypes = [size, size, pointer, pointer, double, pointer, double, *[pointer] * 6]
     library.fa_cg_direction_backward.restype = None
     library.fa_cg_forward_product.argtypes = [size, size, pointer, pointer, pointer, double, *[pointer] * 5]
     library.fa_cg_forward_product.restype = double
     library.fa_cg_update.argtypes = [size, double, *[pointer] * 5]
-    library.fa_cg_direction_backward_y.argtypes = [size, size, pointer, pointer, double, double, *[pointer] * 7]
-    library.fa_cg_direction_backward_y.restype = None
     library.fa_cg_update_residual.argtypes = [size, double, pointer, pointer, pointer]
     library.fa_cg_update_residual.restype = double
     library.fa_axpy.argtypes = [size, double, pointer, pointer]
@@ -391,30 +389,17 @@ class VoxelSweepKernel(_SweepKernel):
         ``pending = (alpha, y)`` the pass first does the previous iteration's ``y += alpha p``
         (deferred from :meth:`cg_update_residual`) on each row before ``p`` changes there."""
         self._check("cg_direction_backward", r=r, d=d, p=p, t=t)
-        if pending is not None:
-            alpha, y = pending
+        alpha, y = pending if pending is not None else (0.0, None)
+        if y is not None:
             self._check("cg_direction_backward", y=y)
-            self.library.fa_cg_direction_backward_y(
-                *self._range("cg_direction_backward", rows),
-                _ptr(r),
-                _ptr(d),
-                float(beta),
-                float(alpha),
-                _ptr(p),
-                _ptr(y),
-                _ptr(self.dinv),
-                _ptr(self.upper),
-                _ptr(self.mask),
-                _ptr(self.g),
-                _ptr(t),
-            )
-            return
         self.library.fa_cg_direction_backward(
             *self._range("cg_direction_backward", rows),
             _ptr(r),
             _ptr(d),
             float(beta),
             _ptr(p),
+            float(alpha),
+            _ptr_or_null(y),
             _ptr(self.dinv),
             _ptr(self.upper),
             _ptr(self.mask),
