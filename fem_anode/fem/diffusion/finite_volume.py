@@ -25,11 +25,11 @@ step size changes only the diagonal of the one matrix.
 
 Distribution: every rank owns a slab of consecutive z layers with about equal numbers of
 transporting voxels (:func:`~fem_anode.imaging.slabs.balanced_slab`: one counting pass over the
-image shared by the ranks), reads only those layers of the image, and
-numbers its unknowns in the image's C order after the unknowns of the ranks before it, so the
-global numbering and the matrix are the same on any number of ranks (the slab SSOR's separator
-order, and so the CG iterations, depend on the slabs). The matrix rows are assembled straight from NumPy
-(7-point stencil, no copy) by the tortuosity solver's assembler. A 2D image is one layer of unit thickness.
+image shared by the ranks), reads only those layers of the image, and numbers its unknowns in the
+image's C order after the unknowns of the ranks before it, so the global numbering and the matrix
+are the same on any number of ranks (the slab SSOR's separator order, and so the CG iterations,
+depend on the slabs). The matrix rows are assembled straight from NumPy (7-point stencil, no copy)
+by the tortuosity solver's assembler. A 2D image is one layer of unit thickness.
 """
 
 from __future__ import annotations
