@@ -236,7 +236,7 @@ PARAMETERS = [
         "scale must be positive and finite",
     ),
     (["segment", "{gray}", "--method", "region", "--sigma", "-1", "--out", "{out}.npy"], 2, "sigma must be >= 0"),
-    (["segment", "{gray}", "--median", "-3", "--out", "{out}.npy"], 2, "median filter width"),
+    (["segment", "{gray}", "--median", "-3", "--out", "{out}.npy"], 2, "--median must lie in [0, "),
     (["mesh", "{labels}", "--size", "nan", "--out", "{out}.msh"], 2, "cannot read length 'nan'"),
     (["mesh", "{labels}", "--size", "0", "--out", "{out}.msh"], 2, "must be positive"),
     (["detachment", "simulate", "--alpha0", "nan", "--out", "{out}"], 2, "alpha0 must be finite"),

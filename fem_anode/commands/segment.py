@@ -26,11 +26,26 @@ from typing import Any
 import numpy as np
 
 from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, provenance, world_comm
+from fem_anode.imaging.settings import DENOISE_METHODS, MultistageSettings
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("multistage", "region", "threshold", "trainable")
-DENOISE = ("nl_means", "tv", "none")
+#: The defaults of the options that set a :class:`MultistageSettings` field (one source).
+_DEFAULTS = MultistageSettings()
+#: The option that sets each :class:`MultistageSettings` field with a value (for the messages).
+_OPTION_OF_SETTING = {
+    "median_size": "--median",
+    "denoise": "--denoise",
+    "noise_sigma": "--noise-sigma",
+    "denoise_strength": "--denoise-strength",
+    "illumination_degree": "--illumination",
+    "min_object_size": "--min-object-size",
+    "coating_weight": "--coating-weight",
+    "levels": "--levels",
+    "psf_sigma": "--psf-sigma",
+    "potts_beta": "--potts-beta",
+}
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
@@ -59,13 +74,20 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="region/threshold: phase names from darkest to brightest, e.g. pore,sei,si (default: by the usual gray "
         "levels pore < sei < graphite < si, else the --phases order)",
     )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        metavar="FILE",
+        help="multistage settings (the cleaning ones serve region and threshold too) from a TOML file with the keys "
+        "listed in docs/imaging.md, or from an earlier run's OUT.report.json, which stores them: reruns it; options "
+        "given here override the file",
+    )
     clean = parser.add_argument_group("cleaning (multistage, region; --illumination also trainable)")
     clean.add_argument(
         "--denoise",
-        choices=DENOISE,
-        default="nl_means",
+        choices=DENOISE_METHODS,
         help="edge-preserving denoising first: non-local means (3D patches for volumes), total variation or none "
-        "(default nl_means)",
+        f"(default {_DEFAULTS.denoise})",
     )
     clean.add_argument(
         "--noise-sigma",
@@ -76,9 +98,8 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     clean.add_argument(
         "--denoise-strength",
         type=float,
-        default=0.8,
         metavar="K",
-        help="denoising strength relative to the noise sigma (default 0.8)",
+        help=f"denoising strength relative to the noise sigma (default {_DEFAULTS.denoise_strength:g})",
     )
     clean.add_argument(
         "--illumination",
@@ -90,7 +111,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     clean.add_argument(
         "--median",
         type=int,
-        default=0,
         metavar="N",
         help="multistage: median filter of width N voxels first (default off)",
     )
@@ -100,10 +120,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     clean.add_argument(
         "--min-object-size",
         type=int,
-        default=3,
         metavar="N",
-        help="multistage clean-up: objects smaller than N voxels take their surroundings' label (default 3; 1 keeps "
-        "all)",
+        help="multistage clean-up: objects smaller than N voxels take their surroundings' label "
+        f"(default {_DEFAULTS.min_object_size}; 1 keeps all)",
     )
     clean.add_argument(
         "--no-refine",
@@ -127,10 +146,10 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     clean.add_argument(
         "--coating-weight",
         type=float,
-        default=3.0,
         metavar="W",
         help="multistage refinement: prior weight of a pore-graphite or pore-Si face pair relative to the other "
-        "unlike pairs (default 3: solids are coated by the intermediate domain; 1 = plain Potts)",
+        f"unlike pairs (default {_DEFAULTS.coating_weight:g}: solids are coated by the intermediate domain; 1 = plain "
+        "Potts)",
     )
     clean.add_argument(
         "--levels",
@@ -278,8 +297,73 @@ def _order(phases: dict[str, int], order: str | None) -> list[str]:
     return list(phases)
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    """Option values and combinations, before any work (UsageError naming the option)."""
+def _settings_file(path: Path) -> MultistageSettings:
+    """``--settings``: a TOML file of :class:`MultistageSettings` keys, or the JSON report of an
+    earlier multistage run (its ``"settings"``)."""
+    import json
+
+    from fem_anode.errors import InputError, UsageError
+
+    if path.suffix.lower() != ".json":
+        return MultistageSettings.from_toml(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--settings {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"--settings {path}: not a readable JSON file ({err})") from None
+    if isinstance(data, dict) and "settings" in data:
+        if data.get("method") != "multistage":
+            raise UsageError(f"--settings {path}: a report of --method {data.get('method')}, not of multistage")
+        data = data["settings"]
+    try:
+        return MultistageSettings.from_dict(data)
+    except UsageError as err:
+        raise UsageError(f"--settings {path}: {err}") from None
+
+
+def _multistage_settings(args: argparse.Namespace) -> MultistageSettings:
+    """The multistage settings: those of ``--settings FILE`` (default: the defaults) with the
+    options given on the command line changed; their cleaning part serves every method. A bad
+    option value is a UsageError naming the option."""
+    import re
+
+    from fem_anode.errors import UsageError
+
+    base = _DEFAULTS if args.settings is None else _settings_file(args.settings)
+    given = {
+        "median_size": args.median,
+        "denoise": args.denoise,
+        "noise_sigma": args.noise_sigma,
+        "denoise_strength": args.denoise_strength,
+        "illumination_degree": args.illumination,
+        "min_object_size": args.min_object_size,
+        "psf_sigma": args.psf_sigma,
+        "potts_beta": args.potts_beta,
+        "coating_weight": args.coating_weight,
+        "levels": args.levels,
+    }
+    overrides: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    for name, off in (
+        ("cleanup", args.no_cleanup),
+        ("refine", args.no_refine),
+        ("graphite_opening", args.no_graphite_opening),
+        ("si_seeds", args.no_si_candidates),
+    ):
+        if off:
+            overrides[name] = False
+    try:
+        return base.replace(**overrides) if overrides else base
+    except UsageError as err:
+        message = str(err)
+        for name, option in _OPTION_OF_SETTING.items():
+            message = re.sub(rf"\b{name}\b", option, message)
+        raise UsageError(message) from None
+
+
+def _check_options(args: argparse.Namespace) -> MultistageSettings:
+    """Option values and combinations, before any work (UsageError naming the option); returns
+    the multistage settings they give."""
     from fem_anode.errors import UsageError
 
     if args.out.suffix.lower() == ".png":
@@ -289,35 +373,25 @@ def _check_options(args: argparse.Namespace) -> None:
     for name, path in inputs:
         if path is not None and Path(path).resolve() == args.out.resolve():
             raise UsageError(f"--out {args.out} is {name}: the labels would overwrite an input; choose another name")
-    if args.median > 0:
-        check_int(args.median, "--median", 0, 10_000)
+    settings = _multistage_settings(args)
     if args.method == "region":
         if math.isfinite(args.scale) and args.scale > 0:
             check_number(args.scale, "--scale", 0.0)
         if args.min_size >= 1:
             check_int(args.min_size, "--min-size", 1, 2**31 - 1)
-    if args.noise_sigma is not None:
-        check_number(args.noise_sigma, "--noise-sigma", 0.0)
-    check_number(args.denoise_strength, "--denoise-strength", 0.0, 100.0, low_open=True)
-    check_int(args.min_object_size, "--min-object-size", 1, 2**31 - 1)
-    if args.psf_sigma is not None:
-        check_number(args.psf_sigma, "--psf-sigma", 0.05, 100.0)
-    if args.potts_beta is not None:
-        check_number(args.potts_beta, "--potts-beta", 0.0, 1e6)
-    check_number(args.coating_weight, "--coating-weight", 0.0, 1e6)
-    if args.illumination is not None:
-        check_int(args.illumination, "--illumination", 1, 4)
     trainable_only = {
         "--train": bool(args.train),
         "--model": args.model is not None,
         "--save-model": args.save_model is not None,
         "--gray-normalisation": args.gray_normalisation != "none",
     }
+    if args.method == "trainable" and args.settings is not None:
+        raise UsageError("--settings holds the multistage method's settings; --method trainable takes its own options")
     if args.method != "trainable":
         given = [k for k, v in trainable_only.items() if v]
         if given:
             raise UsageError(f"{', '.join(given)} belong to --method trainable, not {args.method}")
-        return
+        return settings
     if args.train and args.model is not None:
         raise UsageError("give --train pairs to train a classifier or --model to use a saved one, not both")
     if not args.train and args.model is None:
@@ -335,18 +409,19 @@ def _check_options(args: argparse.Namespace) -> None:
         gray, sep, labels = pair.rpartition(":")
         if not sep or not gray or not labels:
             raise UsageError(f"--train {pair!r}: expected GRAY:LABELS, two image paths separated by ':'")
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_options(args)
+    settings = _check_options(args)
     if args.method == "trainable":
         return _run_trainable(args)
     if args.method == "multistage":
-        return _run_multistage(args)
-    return _run_classic(args)
+        return _run_multistage(args, settings)
+    return _run_classic(args, settings)
 
 
-def _run_multistage(args: argparse.Namespace) -> int:
+def _run_multistage(args: argparse.Namespace, settings: MultistageSettings) -> int:
     """The multistage method on slabs: rank ``r`` reads, filters and labels only its layers
     (plus halos from its neighbours); the labels equal one process's voxel for voxel."""
     from fem_anode.errors import InputError, UsageError
@@ -362,9 +437,9 @@ def _run_multistage(args: argparse.Namespace) -> int:
     shape = tuple(image.array.shape) if isinstance(image, VoxelImage) else tuple(image.shape)
     if len(shape) not in (2, 3):
         raise InputError(f"{args.image}: multistage segmentation needs a 2D or 3D gray image, got shape {shape}")
-    if args.median > 0:
-        check_int(args.median, "--median", 0, max(shape), " (the image's largest dimension in voxels)")
-    if args.denoise == "tv" and size > 1:
+    if settings.median_size > 0:
+        check_int(settings.median_size, "--median", 0, max(shape), " (the image's largest dimension in voxels)")
+    if settings.denoise == "tv" and size > 1:
         raise UsageError(
             "--denoise tv couples the whole image in its iterations and runs on one process only; "
             "use --denoise nl_means (slab-exact) on several MPI ranks"
@@ -379,25 +454,7 @@ def _run_multistage(args: argparse.Namespace) -> int:
         return layers
 
     gray = _on_every_rank(comm, read)
-    labels, info = multistage_slabs(
-        gray,
-        slabs,
-        phases,
-        median_size=args.median,
-        denoise=args.denoise,
-        noise_sigma=args.noise_sigma,
-        denoise_strength=args.denoise_strength,
-        cleanup=not args.no_cleanup,
-        min_object_size=args.min_object_size,
-        illumination_degree=args.illumination,
-        refine=not args.no_refine,
-        psf_sigma=args.psf_sigma,
-        potts_beta=args.potts_beta,
-        graphite_opening=not args.no_graphite_opening,
-        coating_weight=args.coating_weight,
-        si_seeds=not args.no_si_candidates,
-        levels=args.levels,
-    )
+    labels, info = multistage_slabs(gray, slabs, phases, settings)
     del gray
     report: dict[str, Any] = {
         "provenance": provenance("segment", args=args, comm=comm),
@@ -410,7 +467,7 @@ def _run_multistage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_classic(args: argparse.Namespace) -> int:
+def _run_classic(args: argparse.Namespace, settings: MultistageSettings) -> int:
     """Region and threshold methods: every rank segments the whole image, rank 0 writes it."""
     from fem_anode.imaging import segmentation as seg
     from fem_anode.imaging.synthetic import ROI_PHASES
@@ -418,16 +475,10 @@ def _run_classic(args: argparse.Namespace) -> int:
 
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
     largest = max(gray.shape)
-    if args.median > 0:
-        check_int(args.median, "--median", 0, largest, " (the image's largest dimension in voxels)")
+    if settings.median_size > 0:
+        check_int(settings.median_size, "--median", 0, largest, " (the image's largest dimension in voxels)")
     if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
         check_number(args.sigma, "--sigma", 0.0, float(largest))
-    cleaning = {
-        "denoise": args.denoise,
-        "noise_sigma": args.noise_sigma,
-        "denoise_strength": args.denoise_strength,
-        "illumination_degree": args.illumination,
-    }
     phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
     order = _order(phases, args.order)
     if args.method == "region":
@@ -439,10 +490,13 @@ def _run_classic(args: argparse.Namespace) -> int:
             sigma=args.sigma,
             min_size=args.min_size,
             dark_fraction=args.dark_fraction,
-            **cleaning,
+            denoise=settings.denoise,
+            noise_sigma=settings.noise_sigma,
+            denoise_strength=settings.denoise_strength,
+            illumination_degree=settings.illumination_degree,
         )
     else:
-        result = seg.threshold_segmentation(gray, phases, order=order, illumination_degree=args.illumination)
+        result = seg.threshold_segmentation(gray, phases, order=order, illumination_degree=settings.illumination_degree)
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
     comm = world_comm()
     truth_array = None

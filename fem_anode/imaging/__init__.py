@@ -32,6 +32,7 @@ _EXPORTS = {
     "si_particles": "metrics",
     "tortuosity_field": "metrics",
     # segmentation
+    "MultistageSettings": "settings",
     "SegmentationResult": "segmentation",
     "iou_per_phase": "segmentation",
     "isodata_threshold": "segmentation",
@@ -43,6 +44,7 @@ _EXPORTS = {
 
 __all__ = [
     "ANODE_PHASES",
+    "MultistageSettings",
     "ROI_PHASES",
     "SegmentationResult",
     "anode_volume",
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
         region_segmentation,
         threshold_segmentation,
     )
+    from fem_anode.imaging.settings import MultistageSettings
     from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 
 

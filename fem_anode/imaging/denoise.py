@@ -23,13 +23,12 @@ import numpy as np
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.imaging.partition import Slabs
+from fem_anode.imaging.settings import DENOISE_METHODS
 
 __all__ = ["DENOISE_METHODS", "denoise_gray", "estimate_noise_sigma", "flatten_illumination"]
 
 logger = logging.getLogger(__name__)
 
-#: Denoising methods of :func:`denoise_gray`.
-DENOISE_METHODS: tuple[str, ...] = ("nl_means", "tv", "none")
 DenoiseMethod = Literal["nl_means", "tv", "none"]
 
 #: MAD of a standard normal variable: sigma = MAD / 0.6745.

@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.imaging.partition import Slabs
+from fem_anode.imaging.settings import MULTISTAGE_ROLES, MultistageSettings, multistage_settings
 from fem_anode.io.images import VoxelImage
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "threshold_segmentation",
     "multistage_threshold",
     "multistage_slabs",
+    "MultistageSettings",
     "region_segmentation",
     "region_features",
     "iou_per_phase",
@@ -51,8 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The four domains of :func:`multistage_threshold`, by role; the default phase names.
-MULTISTAGE_ROLES: tuple[str, ...] = ("pore", "sei", "graphite", "si")
 #: Smallest connected object (voxels, face connectivity) :func:`clean_labels` keeps by default.
 DEFAULT_MIN_OBJECT_SIZE: int = 3
 
@@ -215,24 +215,8 @@ def _label_dtype(phases: Mapping[str, int]) -> type:
 def multistage_threshold(
     gray: VoxelImage | np.ndarray,
     phases: Mapping[str, int] | None = None,
-    *,
-    bins: int = 512,
-    min_graphite_voxels: int = 8,
-    median_size: int = 0,
-    denoise: str = "nl_means",
-    noise_sigma: float | None = None,
-    denoise_strength: float = 0.8,
-    cleanup: bool = True,
-    min_object_size: int | Mapping[str, int] = DEFAULT_MIN_OBJECT_SIZE,
-    illumination_degree: int | None = None,
-    refine: bool = True,
-    psf_sigma: float | None = None,
-    potts_beta: float | None = None,
-    max_sweeps: int = 8,
-    graphite_opening: bool = True,
-    coating_weight: float = 3.0,
-    si_seeds: bool = True,
-    levels: Mapping[str, float] | None = None,
+    settings: MultistageSettings | None = None,
+    **overrides: Any,
 ) -> SegmentationResult:
     """Histogram-based global iterative threshold multistage segmentation (SCT, 4 domains).
 
@@ -292,59 +276,19 @@ def multistage_threshold(
         gray: 3D (or 2D) gray image.
         phases: labels of the roles ``pore``, ``sei`` (intermediate), ``graphite``, ``si``;
             default :data:`~fem_anode.imaging.synthetic.ANODE_PHASES`.
-        bins: histogram bins.
-        min_graphite_voxels: smallest graphite component kept.
-        median_size: if > 1, a median filter of this width (voxels) first (before the
-            denoising; kept for comparison: it rounds corners and removes small Si).
-        denoise: ``"nl_means"`` (default), ``"tv"`` or ``"none"``.
-        noise_sigma: noise standard deviation (gray units); default estimated from the image.
-        denoise_strength: filter strength relative to the noise sigma.
-        cleanup: apply stage 4.
-        min_object_size: smallest object kept by the clean-up (voxels), per phase or for all.
-        illumination_degree: if set, remove a smooth in-plane background first
-            (:func:`~fem_anode.imaging.denoise.flatten_illumination` of this polynomial degree).
-        refine: apply stage 5.
-        psf_sigma: Gaussian PSF width in voxels for stage 5; default fitted to the image.
-        potts_beta: Potts weight of stage 5; default
-            :data:`~fem_anode.imaging.restore.DEFAULT_POTTS_BETA`.
-        max_sweeps: sweep limit of stage 5.
-        graphite_opening: stage 5 again with graphite excluded from structures thinner than 3
-            voxels (no 3D cross of graphite fits there); off for graphite flakes that thin.
-        coating_weight: prior weight of a pore-graphite or pore-Si face pair in stage 5, relative
-            to the other unlike pairs (1 = Potts; default 3).
-        si_seeds: start stage 5 with the Si candidates (bright local maxima) added.
-        levels: gray level of each phase (``pore``, ``sei``, ``graphite``, ``si``) for stage 5,
-            held fixed instead of fitted (a calibration from a scan where every phase is thick,
-            e.g. another sample of the same series and instrument); default fitted.
+        settings: the parameters of every stage (:class:`~fem_anode.imaging.settings.MultistageSettings`,
+            documented there); default ``MultistageSettings()``.
+        **overrides: single fields of ``settings`` to change, validated alike
+            (``multistage_threshold(gray, refine=False)``).
 
     Returns:
         Labels and ``info`` with the three thresholds, the denoising and clean-up done, the
-        refinement (PSF width, levels, sweeps, energy), and each domain's fraction.
+        refinement (PSF width, levels, sweeps, energy), each domain's fraction and the
+        settings used (``info["settings"]``).
     """
     array, image = _gray_array(gray)
     phases = _multistage_phases(phases)
-    labels, info = multistage_slabs(
-        array,
-        Slabs.whole(array.shape[0]),
-        phases,
-        bins=bins,
-        min_graphite_voxels=min_graphite_voxels,
-        median_size=median_size,
-        denoise=denoise,
-        noise_sigma=noise_sigma,
-        denoise_strength=denoise_strength,
-        cleanup=cleanup,
-        min_object_size=min_object_size,
-        illumination_degree=illumination_degree,
-        refine=refine,
-        psf_sigma=psf_sigma,
-        potts_beta=potts_beta,
-        max_sweeps=max_sweeps,
-        graphite_opening=graphite_opening,
-        coating_weight=coating_weight,
-        si_seeds=si_seeds,
-        levels=levels,
-    )
+    labels, info = multistage_slabs(array, Slabs.whole(array.shape[0]), phases, settings, **overrides)
     return SegmentationResult(VoxelImage(labels, image.voxel_size, dict(phases), f"multistage({image.source})"), info)
 
 
@@ -381,24 +325,8 @@ def multistage_slabs(
     gray: np.ndarray,
     slabs: Slabs,
     phases: Mapping[str, int] | None = None,
-    *,
-    bins: int = 512,
-    min_graphite_voxels: int = 8,
-    median_size: int = 0,
-    denoise: str = "nl_means",
-    noise_sigma: float | None = None,
-    denoise_strength: float = 0.8,
-    cleanup: bool = True,
-    min_object_size: int | Mapping[str, int] = DEFAULT_MIN_OBJECT_SIZE,
-    illumination_degree: int | None = None,
-    refine: bool = True,
-    psf_sigma: float | None = None,
-    potts_beta: float | None = None,
-    max_sweeps: int = 8,
-    graphite_opening: bool = True,
-    coating_weight: float = 3.0,
-    si_seeds: bool = True,
-    levels: Mapping[str, float] | None = None,
+    settings: MultistageSettings | None = None,
+    **overrides: Any,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`multistage_threshold` on an image distributed in slabs of axis-0 layers (collective).
 
@@ -413,38 +341,42 @@ def multistage_slabs(
     Returns:
         ``(labels of this rank's layers, info)``; ``info`` is the same on every rank.
     """
+    settings = multistage_settings(settings, **overrides)  # bad values fail before any work
     phases = _multistage_phases(phases)
     array = np.asarray(gray, dtype=np.float64)
     if slabs.any(not bool(np.all(np.isfinite(array)))):
         raise InputError("gray image contains NaN or infinite values")
-    if median_size < 0:
-        raise UsageError(f"median filter width must be >= 0 voxels, got {median_size}")
-    coating_pair_weights(coating_weight)  # a bad weight or level fails before any work
-    given_levels = _role_levels(levels)
+    given_levels = _role_levels(settings.levels)
+    median_size, illumination_degree = settings.median_size, settings.illumination_degree
     clipped, n_clipped_top, n_clipped_bottom, n_total = _clipped_ends(array, slabs)
     clipped_share = (n_clipped_top + n_clipped_bottom) / n_total
-    if illumination_degree is not None:
-        if not 1 <= int(illumination_degree) <= 4:
-            raise UsageError(f"illumination polynomial degree must be 1..4, got {illumination_degree}")
-        if array.size:
-            array = _flatten(array, illumination_degree)
+    if illumination_degree is not None and array.size:
+        array = _flatten(array, illumination_degree)
     raw = array
     if median_size > 1:
         window, lo = slabs.window(array, int(median_size) // 2)
         array = slabs.owned_part(ndimage.median_filter(window, size=int(median_size)), lo) if window.size else array
     from fem_anode.imaging.denoise import denoise_gray
 
-    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength, slabs=slabs)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
+    array, denoise_info = denoise_gray(
+        array,
+        settings.denoise,  # type: ignore[arg-type]  # one of DENOISE_METHODS: the settings check it
+        noise_sigma=settings.noise_sigma,
+        strength=settings.denoise_strength,
+        slabs=slabs,
+    )
     denoise_info["illumination_degree"] = illumination_degree
 
     def threshold(values: np.ndarray) -> float:
-        return float(_isodata_of_histogram(*slabs.histogram(values, bins), 2)[0][0])
+        return float(_isodata_of_histogram(*slabs.histogram(values, settings.bins), 2)[0][0])
 
     t_0 = threshold(array)
     solid_values = array[array >= t_0]
     # the graphite peak; voxels clipped at the top of the gray range (a saturated export) would
     # make a spike there that outweighs the graphite peak
-    hist, centres, _ = slabs.histogram(solid_values if clipped is None else array[(array >= t_0) & ~clipped], bins)
+    unclipped_solid = solid_values if clipped is None else array[(array >= t_0) & ~clipped]
+    hist, centres, _ = slabs.histogram(unclipped_solid, settings.bins)
+    del unclipped_solid
     mode = float(centres[np.argmax(ndimage.gaussian_filter1d(hist, 2.0))])
     del clipped
     t_mid = threshold(solid_values)
@@ -483,11 +415,12 @@ def multistage_slabs(
     grown = slabs.owned_part(ndimage.binary_dilation(si_window, structure), lo) if si_window.size else si
     intermediate = rest & ((array < t_mid) | grown)
     graphite = rest & ~intermediate
-    if min_graphite_voxels > 1 and slabs.any(bool(graphite.any())):
-        moved = _small_components(graphite, int(min_graphite_voxels), slabs)
+    if settings.min_graphite_voxels > 1 and slabs.any(bool(graphite.any())):
+        moved = _small_components(graphite, settings.min_graphite_voxels, slabs)
         graphite &= ~moved
         intermediate |= moved
     refine_info: dict[str, Any] | None = None
+    refine, si_seeds = settings.refine, settings.si_seeds
     if refine and clipped_share >= CLIPPED_REFINE_LIMIT:
         refine = False
         refine_info = {
@@ -503,18 +436,18 @@ def multistage_slabs(
     labels[graphite] = phases["graphite"]
     del array, solid_values, bright, pore, si, rest, intermediate, graphite
     cleanup_info: dict[str, Any] | None = None
-    if cleanup:
+    if settings.cleanup:
         roles = {role: phases[role] for role in MULTISTAGE_ROLES}
-        labels, cleanup_info = clean_labels(labels, roles, min_size=min_object_size, slabs=slabs)
+        labels, cleanup_info = clean_labels(labels, roles, min_size=settings.min_object_size, slabs=slabs)
     n_seeded = 0
     if refine:
         refine_settings: dict[str, Any] = {
-            "psf_sigma": psf_sigma,
-            "noise_sigma": noise_sigma,
-            "beta": potts_beta,
-            "max_sweeps": max_sweeps,
-            "graphite_opening": graphite_opening,
-            "coating_weight": coating_weight,
+            "psf_sigma": settings.psf_sigma,
+            "noise_sigma": settings.noise_sigma,
+            "beta": settings.potts_beta,
+            "max_sweeps": settings.max_sweeps,
+            "graphite_opening": settings.graphite_opening,
+            "coating_weight": settings.coating_weight,
             "levels": given_levels,
         }
         stage4 = labels
@@ -553,7 +486,7 @@ def multistage_slabs(
             "intermediate_graphite_rule": t_mid_rule,
             "clipped_voxels": {"top": n_clipped_top, "bottom": n_clipped_bottom},
         },
-        "median_size": int(median_size),
+        "median_size": median_size,
         "denoise": denoise_info,
         "cleanup": cleanup_info,
         "si_candidates_added": n_seeded if refine and si_seeds else None,
@@ -562,6 +495,7 @@ def multistage_slabs(
             role: float(slabs.sum_int(int(np.count_nonzero(labels == phases[role])))) / total
             for role in MULTISTAGE_ROLES
         },
+        "settings": settings.to_dict(),
     }
     logger.debug("multistage thresholds: pore %.4g, intermediate/graphite %.4g, si %.4g", t_pore, t_mid, t_si)
     return labels, info
@@ -627,20 +561,9 @@ def _si_candidates(denoised: np.ndarray, mode: float, pore: np.ndarray, slabs: S
 
 
 def _role_levels(levels: Mapping[str, float] | None) -> np.ndarray | None:
-    """Given phase levels (gray units, one per role of :data:`MULTISTAGE_ROLES`) as an array."""
-    if levels is None:
-        return None
-    missing = [r for r in MULTISTAGE_ROLES if r not in levels]
-    unknown = [k for k in levels if k not in MULTISTAGE_ROLES]
-    if missing or unknown:
-        raise UsageError(
-            f"levels need exactly the phases {', '.join(MULTISTAGE_ROLES)}; "
-            f"missing {missing or 'none'}, unknown {unknown or 'none'}"
-        )
-    out = np.array([float(levels[r]) for r in MULTISTAGE_ROLES])
-    if not np.all(np.isfinite(out)):
-        raise UsageError(f"levels must be finite gray values, got {dict(levels)}")
-    return out
+    """Given phase levels (gray units, one per role of :data:`MULTISTAGE_ROLES`, checked by
+    :class:`~fem_anode.imaging.settings.MultistageSettings`) as an array in that order."""
+    return None if levels is None else np.array([float(levels[r]) for r in MULTISTAGE_ROLES])
 
 
 def coating_pair_weights(coating_weight: float) -> np.ndarray:

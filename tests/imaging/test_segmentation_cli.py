@@ -175,6 +175,7 @@ def test_multistage_cli_accuracy_outputs(inputs, comm):
 
     serial = multistage_threshold(read_image(d / "gray.npy", kind="gray"), ANODE_PHASES)
     np.testing.assert_array_equal(labels, serial.labels.array)
+    assert report["settings"] == serial.info["settings"]  # the options' defaults are the API's
     argv = ["segment", str(d / "gray.npy"), "--no-refine", "--out", str(d / "plain.npy"), "-q"]
     assert main(argv) == 0
     argv = ["segment", str(d / "gray.npy"), "--psf-sigma", "1", "--potts-beta", "2", "--out", str(d / "given.npy")]
@@ -183,6 +184,8 @@ def test_multistage_cli_accuracy_outputs(inputs, comm):
     assert json.loads((d / "plain.npy.report.json").read_text())["refine"] is None
     given = json.loads((d / "given.npy.report.json").read_text())["refine"]
     assert given["psf_sigma_voxels"] == 1.0 and not given["psf_sigma_estimated"] and given["beta"] == 2.0
+    settings = json.loads((d / "given.npy.report.json").read_text())["settings"]
+    assert settings["psf_sigma"] == 1.0 and settings["potts_beta"] == 2.0 and settings["refine"]
 
 
 ERRORS = [
@@ -267,9 +270,9 @@ ERRORS = [
     ),
     (["--out", "{d}/gray.npy"], 2, "the labels would overwrite an input"),
     (["--truth", "{d}/bad_shape.npy", "--out", "{d}/x.npy"], 3, "differs from the image"),
-    (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be > 0"),
-    (["--psf-sigma", "0", "--out", "{d}/x.npy"], 2, "--psf-sigma must be >= 0.05"),
-    (["--potts-beta", "-1", "--out", "{d}/x.npy"], 2, "--potts-beta must be >= 0"),
+    (["--denoise-strength", "0", "--out", "{d}/x.npy"], 2, "--denoise-strength must be positive"),
+    (["--psf-sigma", "0", "--out", "{d}/x.npy"], 2, "--psf-sigma must lie in [0.05, 100.0], got 0.0"),
+    (["--potts-beta", "-1", "--out", "{d}/x.npy"], 2, "--potts-beta must lie in [0.0, "),
     (
         [
             "--method",
@@ -337,3 +340,41 @@ def test_model_on_another_gray_scale_warns(inputs, comm, capsys):
     assert main([*train, "--gray-normalisation", "percentiles", "--out", str(d / "d.npy")]) == 0
     assert "differs from the model's training images" not in capsys.readouterr().err
     comm.barrier()
+
+
+def test_settings_file_reruns_a_report_and_options_override_it(inputs, comm, capsys):
+    """``--settings`` takes a TOML file or an earlier report: the rerun of a report writes the same
+    labels and settings; an option given with the file overrides it; bad files are one-line errors."""
+    d = inputs
+    first = ["--denoise", "none", "--no-refine", "--min-object-size", "5", "--out", str(d / "s1.npy")]
+    assert main(["segment", str(d / "gray.npy"), *first, "-q"]) == 0
+    comm.barrier()
+    report = json.loads((d / "s1.npy.report.json").read_text())
+    assert report["settings"]["denoise"] == "none" and report["settings"]["min_object_size"] == 5
+    again = ["--settings", str(d / "s1.npy.report.json"), "--out", str(d / "s2.npy")]
+    assert main(["segment", str(d / "gray.npy"), *again, "-q"]) == 0
+    comm.barrier()
+    np.testing.assert_array_equal(np.load(d / "s2.npy"), np.load(d / "s1.npy"))
+    assert json.loads((d / "s2.npy.report.json").read_text())["settings"] == report["settings"]
+    if comm.rank == 0:
+        (d / "s.toml").write_text('denoise = "none"\nrefine = false\nbins = 256\nmin_object_size = { si = 2 }\n')
+        (d / "typo.toml").write_text("coating_wieght = 2.0\n")
+    comm.barrier()
+    given = ["--settings", str(d / "s.toml"), "--coating-weight", "2", "--out", str(d / "s3.npy")]
+    assert main(["segment", str(d / "gray.npy"), *given, "-q"]) == 0
+    comm.barrier()
+    settings = json.loads((d / "s3.npy.report.json").read_text())["settings"]
+    assert settings["bins"] == 256 and settings["min_object_size"] == {"si": 2} and not settings["refine"]
+    assert settings["coating_weight"] == 2.0 and settings["denoise"] == "none"
+    capsys.readouterr()
+    for argv, message in (
+        (["--settings", str(d / "typo.toml")], "did you mean 'coating_weight'"),
+        (["--settings", str(d / "missing.toml")], "settings file not found"),
+        (["--settings", str(d / "s.toml"), "--method", "trainable", "--model", str(d / "small.joblib")], "--settings"),
+        (["--settings", str(d / "s.toml"), "--coating-weight", "-1"], "--coating-weight must lie in [0.0, "),
+    ):
+        assert main(["segment", str(d / "gray.npy"), *argv, "--out", str(d / "x.npy")]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    comm.barrier()
+    assert not (d / "x.npy").exists()

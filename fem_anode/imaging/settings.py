@@ -1,0 +1,105 @@
+"""Settings of the multistage segmentation: one validated object for the CLI, the API and tests.
+
+:class:`MultistageSettings` holds every parameter of
+:func:`~fem_anode.imaging.segmentation.multistage_threshold` (stages 0-5: cleaning, histogram
+thresholds, clean-up, blur-aware refinement). ``fem-anode segment`` builds one from its options
+(and validates the cleaning options of every method with it), the Python functions take one or
+keyword overrides of its fields, and the report stores it. Gray values are in the image's own
+units ("gray units"); sizes and widths in voxels.
+
+This module imports no NumPy, so the command line can read the defaults without loading it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fem_anode.errors import UsageError
+from fem_anode.settings import Settings, setting
+
+__all__ = ["DENOISE_METHODS", "MULTISTAGE_ROLES", "MultistageSettings", "multistage_settings"]
+
+#: The four domains of the multistage segmentation, by role; the default phase names.
+MULTISTAGE_ROLES: tuple[str, ...] = ("pore", "sei", "graphite", "si")
+#: Edge-preserving denoising methods of :func:`~fem_anode.imaging.denoise.denoise_gray`.
+DENOISE_METHODS: tuple[str, ...] = ("nl_means", "tv", "none")
+
+#: Largest value of the dimensionless weights (beyond it the data term no longer counts).
+_MAX_WEIGHT = 1e6
+_MAX_INT32 = 2**31 - 1
+
+
+@dataclass
+class MultistageSettings(Settings):
+    """Parameters of the multistage segmentation (SCT volumes; Vorauer et al. 2020, Methods)."""
+
+    # stage 0: cleaning (also used by the region and threshold methods)
+    median_size: int = setting(
+        0, "median filter width before the denoising (voxels; 0 or 1 = off)", bounds=(0, _MAX_INT32)
+    )
+    denoise: str = setting("nl_means", "edge-preserving denoising", choices=DENOISE_METHODS)
+    noise_sigma: float | None = setting(
+        None, "noise standard deviation (gray units); default estimated from the image", nonnegative=True
+    )
+    denoise_strength: float = setting(
+        0.8, "denoising strength relative to the noise sigma", positive=True, bounds=(None, 100.0)
+    )
+    illumination_degree: int | None = setting(
+        None, "degree of the in-plane background polynomial removed first (1..4); default off", bounds=(1, 4)
+    )
+    # stages 1-3: histogram thresholds and mask arithmetic
+    bins: int = setting(512, "gray-value histogram bins of the threshold stages", bounds=(16, 1 << 24))
+    min_graphite_voxels: int = setting(
+        8, "smallest graphite component kept; smaller ones join the intermediate domain (voxels)", bounds=(1, None)
+    )
+    # stage 4: clean-up
+    cleanup: bool = setting(True, "stage 4: isolated voxels and objects below min_object_size relabelled")
+    min_object_size: int | dict[str, int] = setting(
+        3, "smallest object the clean-up keeps (voxels), for all phases or per phase name"
+    )
+    # stage 5: blur-aware refinement
+    refine: bool = setting(True, "stage 5: blur-aware refinement (PSF and levels fitted, then ICM)")
+    psf_sigma: float | None = setting(
+        None, "Gaussian PSF width of the refinement (voxels); default fitted to the image", bounds=(0.05, 100.0)
+    )
+    potts_beta: float | None = setting(
+        None, "Potts weight per unlike face pair, residual^2 / (2 noise^2) units; default 1", bounds=(0.0, _MAX_WEIGHT)
+    )
+    max_sweeps: int = setting(8, "sweep limit of the refinement", bounds=(1, 10_000))
+    graphite_opening: bool = setting(True, "refine again with graphite excluded from structures thinner than 3 voxels")
+    coating_weight: float = setting(
+        3.0, "prior weight of a pore-graphite or pore-Si face pair (1 = Potts)", bounds=(0.0, _MAX_WEIGHT)
+    )
+    si_seeds: bool = setting(True, "start the refinement with the Si candidates (bright local maxima) added")
+    levels: dict[str, float] | None = setting(
+        None, "gray level of each phase (pore, sei, graphite, si), held fixed; default fitted"
+    )
+
+    def validate(self) -> None:
+        sizes = self.min_object_size if isinstance(self.min_object_size, dict) else {"": self.min_object_size}
+        for name, size in sizes.items():
+            if not 1 <= size <= _MAX_INT32:
+                where = f"min_object_size.{name}" if name else "min_object_size"
+                raise UsageError(f"{where} must lie in [1, {_MAX_INT32}] voxels, got {size!r}")
+        if self.levels is not None:
+            missing = [r for r in MULTISTAGE_ROLES if r not in self.levels]
+            unknown = [k for k in self.levels if k not in MULTISTAGE_ROLES]
+            if missing or unknown:
+                raise UsageError(
+                    f"levels need exactly the phases {', '.join(MULTISTAGE_ROLES)}; "
+                    f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+                )
+            if not all(math.isfinite(v) for v in self.levels.values()):
+                raise UsageError(f"levels must be finite gray values, got {dict(self.levels)}")
+
+
+def multistage_settings(settings: MultistageSettings | None = None, **overrides: Any) -> MultistageSettings:
+    """``settings`` (default ``MultistageSettings()``) with the fields in ``overrides`` changed,
+    validated (an unknown name or a bad value is a :class:`~fem_anode.errors.UsageError`)."""
+    if settings is None:
+        return MultistageSettings(**overrides)
+    if not isinstance(settings, MultistageSettings):
+        raise UsageError(f"settings must be a MultistageSettings, got {type(settings).__name__}")
+    return settings.replace(**overrides) if overrides else settings

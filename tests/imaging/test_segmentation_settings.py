@@ -1,0 +1,65 @@
+"""The multistage segmentation's settings object: validation, overrides, TOML, the CLI's options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fem_anode.errors import UsageError
+from fem_anode.imaging.segmentation import multistage_threshold
+from fem_anode.imaging.settings import MultistageSettings, multistage_settings
+from fem_anode.imaging.synthetic import anode_volume, render_gray
+from fem_anode.settings import dumps_toml
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"coating_wieght": 2.0}, "did you mean 'coating_weight'"),
+        ({"refine": "no"}, "refine must be true or false"),
+        ({"denoise": "nlmeans"}, "did you mean 'nl_means'"),
+        ({"denoise_strength": 0.0}, "denoise_strength must be positive"),
+        ({"psf_sigma": 0.01}, r"psf_sigma must lie in \[0.05, 100.0\]"),
+        ({"illumination_degree": 5}, r"illumination_degree must lie in \[1, 4\]"),
+        ({"min_object_size": 0}, "min_object_size must lie in"),
+        ({"min_object_size": {"si": 4, "pore": 0}}, "min_object_size.pore must lie in"),
+        ({"levels": {"pore": 0.1, "sei": 0.4}}, "missing"),
+        ({"levels": {"pore": 0.1, "sei": np.nan, "graphite": 0.6, "si": 0.9}}, "finite"),
+        ({"noise_sigma": -1.0}, "noise_sigma must be non-negative"),
+        ({"bins": 2}, r"bins must lie in \[16, "),
+    ],
+)
+def test_bad_settings_fail_in_python_as_on_the_command_line(options, message):
+    with pytest.raises(UsageError, match=message):
+        MultistageSettings(**options)
+    with pytest.raises(UsageError, match=message):  # before any work: the image is never read
+        multistage_threshold(np.zeros((2, 2, 2)), **options)
+
+
+def test_settings_and_overrides_give_the_same_labels_and_are_reported():
+    gray = render_gray(anode_volume((8, 24, 24), seed=3), seed=1)
+    base = MultistageSettings(refine=False, cleanup=False)
+    by_object = multistage_threshold(gray, None, base, denoise="none")
+    by_keywords = multistage_threshold(gray, refine=False, cleanup=False, denoise="none")
+    np.testing.assert_array_equal(by_object.labels.array, by_keywords.labels.array)
+    assert by_object.info["settings"] == by_keywords.info["settings"]
+    assert by_object.info["settings"]["denoise"] == "none" and not by_object.info["settings"]["refine"]
+    assert base.denoise == "nl_means"  # the object given is not changed by the overrides
+    other = multistage_threshold(gray, refine=False, cleanup=False)  # denoised: other labels
+    assert not np.array_equal(other.labels.array, by_object.labels.array)
+    with pytest.raises(UsageError, match="MultistageSettings"):
+        multistage_settings({"refine": False})  # type: ignore[arg-type]
+
+
+def test_settings_round_trip_through_toml(tmp_path):
+    settings = MultistageSettings(
+        min_object_size={"si": 2, "pore": 5},
+        levels={"pore": 0.1, "sei": 0.4, "graphite": 0.6, "si": 0.9},
+        potts_beta=1.5,
+    )
+    path = tmp_path / "segment.toml"
+    path.write_text(dumps_toml(settings))
+    assert MultistageSettings.from_toml(path) == settings
+    path.write_text(dumps_toml(settings).replace("potts_beta", "pots_beta"))
+    with pytest.raises(UsageError, match="did you mean 'potts_beta'"):
+        MultistageSettings.from_toml(path)
