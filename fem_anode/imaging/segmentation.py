@@ -32,7 +32,12 @@ from scipy import ndimage
 
 from fem_anode.errors import InputError, UsageError
 from fem_anode.imaging.partition import Slabs
-from fem_anode.imaging.settings import MULTISTAGE_ROLES, MultistageSettings, multistage_settings
+from fem_anode.imaging.settings import (
+    DEFAULT_MIN_OBJECT_SIZE,
+    MULTISTAGE_ROLES,
+    MultistageSettings,
+    multistage_settings,
+)
 from fem_anode.io.images import VoxelImage
 
 __all__ = [
@@ -52,9 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Smallest connected object (voxels, face connectivity) :func:`clean_labels` keeps by default.
-DEFAULT_MIN_OBJECT_SIZE: int = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,18 @@ from typing import Any
 from fem_anode.errors import UsageError
 from fem_anode.settings import Settings, setting
 
-__all__ = ["DENOISE_METHODS", "MULTISTAGE_ROLES", "MultistageSettings", "multistage_settings"]
+__all__ = [
+    "DEFAULT_MIN_OBJECT_SIZE",
+    "DENOISE_METHODS",
+    "MULTISTAGE_ROLES",
+    "MultistageSettings",
+    "multistage_settings",
+]
 
 #: The four domains of the multistage segmentation, by role; the default phase names.
 MULTISTAGE_ROLES: tuple[str, ...] = ("pore", "sei", "graphite", "si")
+#: Smallest connected object (voxels, face connectivity) the clean-up keeps by default.
+DEFAULT_MIN_OBJECT_SIZE: int = 3
 #: Edge-preserving denoising methods of :func:`~fem_anode.imaging.denoise.denoise_gray`.
 DENOISE_METHODS: tuple[str, ...] = ("nl_means", "tv", "none")
 
@@ -33,7 +41,21 @@ _MAX_INT32 = 2**31 - 1
 
 @dataclass
 class MultistageSettings(Settings):
-    """Parameters of the multistage segmentation (SCT volumes; Vorauer et al. 2020, Methods)."""
+    """Parameters of the multistage segmentation (SCT volumes; Vorauer et al. 2020, Methods).
+
+    The stages are those of :func:`~fem_anode.imaging.segmentation.multistage_threshold`;
+    docs/imaging.md (section 1.3) has the table with the command-line options. Notes beyond the
+    one-line descriptions of the fields:
+
+    * ``median_size`` is kept for comparison: a median filter rounds corners and removes small
+      Si, which the denoising (``denoise``, estimated noise) does not.
+    * ``potts_beta`` ``None`` means :data:`~fem_anode.imaging.restore.DEFAULT_POTTS_BETA`.
+    * ``graphite_opening``: off for graphite flakes thinner than 3 voxels (no 3D cross of
+      graphite fits there).
+    * ``levels`` (with ``psf_sigma``) is a calibration from a scan where every phase is thick,
+      e.g. another sample of the same series and instrument: its report's ``refine.levels`` and
+      ``refine.psf_sigma_voxels``.
+    """
 
     # stage 0: cleaning (also used by the region and threshold methods)
     median_size: int = setting(
@@ -57,7 +79,7 @@ class MultistageSettings(Settings):
     # stage 4: clean-up
     cleanup: bool = setting(True, "stage 4: isolated voxels and objects below min_object_size relabelled")
     min_object_size: int | dict[str, int] = setting(
-        3, "smallest object the clean-up keeps (voxels), for all phases or per phase name"
+        DEFAULT_MIN_OBJECT_SIZE, "smallest object the clean-up keeps (voxels), for all phases or per phase name"
     )
     # stage 5: blur-aware refinement
     refine: bool = setting(True, "stage 5: blur-aware refinement (PSF and levels fitted, then ICM)")
