@@ -220,14 +220,12 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     train.add_argument(
         "--feature-sigma-min",
         type=float,
-        default=0.5,
         metavar="VOXELS",
         help="smallest feature scale (default 0.5 voxels)",
     )
     train.add_argument(
         "--feature-sigma-max",
         type=float,
-        default=4.0,
         metavar="VOXELS",
         help="largest feature scale (default 4 voxels)",
     )
@@ -250,7 +248,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     train.add_argument(
         "--gray-normalisation",
         choices=("none", "percentiles"),
-        default="none",
         help="percentiles: map each image's 1st..99th gray percentile to 0..1 before the features, so a "
         "model applies to images of another gray scale (8/16-bit, other reconstruction or contrast); "
         "stored in the model (default none: gray values as they are)",
@@ -383,7 +380,7 @@ def _check_options(args: argparse.Namespace) -> MultistageSettings:
         "--train": bool(args.train),
         "--model": args.model is not None,
         "--save-model": args.save_model is not None,
-        "--gray-normalisation": args.gray_normalisation != "none",
+        "--gray-normalisation": args.gray_normalisation is not None,
     }
     if args.method == "trainable" and args.settings is not None:
         raise UsageError("--settings holds the multistage method's settings; --method trainable takes its own options")
@@ -402,8 +399,7 @@ def _check_options(args: argparse.Namespace) -> MultistageSettings:
     check_int(args.trees, "--trees", 1, 10_000)
     check_int(args.max_depth, "--max-depth", 0, 10_000)
     check_int(args.seed, "--seed", 0, 2**32 - 1)
-    check_number(args.feature_sigma_min, "--feature-sigma-min", 0.0, 64.0, low_open=True)
-    check_number(args.feature_sigma_max, "--feature-sigma-max", args.feature_sigma_min, 64.0)
+    _feature_settings(args)  # bad values fail before any work
     check_number(args.chunk_memory, "--chunk-memory", 1.0, 1e7)
     for pair in args.train:
         gray, sep, labels = pair.rpartition(":")
@@ -586,15 +582,7 @@ def _run_trainable(args: argparse.Namespace) -> int:
     size = comm.size if comm is not None else 1
     rank = comm.rank if comm is not None else 0
     phases = parse_phase_map(args.phases) if args.phases else None
-    settings = tr.FeatureSettings(
-        sigma_min=args.feature_sigma_min,
-        sigma_max=args.feature_sigma_max,
-        texture=not args.no_texture,
-        illumination_degree=args.illumination,
-        auto_context=args.auto_context,
-        extended=not args.basic_features,
-        gray_normalisation=args.gray_normalisation,
-    )
+    settings = _feature_settings(args)
     chunk_memory = args.chunk_memory * 1e6
     # The classifier: trained (or loaded) on rank 0 and broadcast, so every rank has the same one.
     model, error = None, None
@@ -755,23 +743,55 @@ def _finish_slabs(
     logger.info("wrote %s", args.out)
 
 
+def _feature_options(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """The feature options given on the command line: field -> (option, value)."""
+    given: dict[str, tuple[str, Any]] = {}
+    for field, option, value in (
+        ("sigma_min", "--feature-sigma-min", args.feature_sigma_min),
+        ("sigma_max", "--feature-sigma-max", args.feature_sigma_max),
+        ("illumination_degree", "--illumination", args.illumination),
+        ("gray_normalisation", "--gray-normalisation", args.gray_normalisation),
+        ("texture", "--no-texture", False if args.no_texture else None),
+        ("auto_context", "--auto-context", True if args.auto_context else None),
+        ("extended", "--basic-features", False if args.basic_features else None),
+    ):
+        if value is not None:
+            given[field] = (option, value)
+    return given
+
+
+def _feature_settings(args: argparse.Namespace) -> Any:
+    """The trainable method's :class:`~fem_anode.imaging.trainable.FeatureSettings` of the options
+    (the defaults for those not given); a bad value is a UsageError naming the option."""
+    import re
+
+    from fem_anode.errors import UsageError
+    from fem_anode.imaging.trainable import FeatureSettings
+
+    given = _feature_options(args)
+    try:
+        return FeatureSettings(**{field: value for field, (_, value) in given.items()})
+    except UsageError as err:
+        message = str(err)
+        for field, option in (
+            ("sigma_min", "--feature-sigma-min"),
+            ("sigma_max", "--feature-sigma-max"),
+            ("illumination_degree", "--illumination"),
+            ("gray_normalisation", "--gray-normalisation"),
+        ):
+            message = re.sub(rf"\b{field}\b", option, message)
+        raise UsageError(message) from None
+
+
 def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
     """InputError when a feature option given with --model differs from the model's own (the
-    model computes the features it was trained with; options left at their defaults are ignored)."""
+    model computes the features it was trained with; options not given are the model's)."""
     from fem_anode.errors import InputError
 
-    given = {
-        "--feature-sigma-min": (args.feature_sigma_min, 0.5, settings.sigma_min),
-        "--feature-sigma-max": (args.feature_sigma_max, 4.0, settings.sigma_max),
-        "--no-texture": (not args.no_texture, True, settings.texture),
-        "--illumination": (args.illumination, None, settings.illumination_degree),
-        "--auto-context": (args.auto_context, False, settings.auto_context),
-        "--basic-features": (not args.basic_features, True, settings.extended),
-        "--gray-normalisation": (args.gray_normalisation, "none", settings.gray_normalisation),
-    }
-    for option, (value, default, stored) in given.items():
-        if value != default and value != stored:
-            shown = "given" if option in ("--no-texture", "--auto-context", "--basic-features") else value
+    for field, (option, value) in _feature_options(args).items():
+        stored = getattr(settings, field)
+        if value != stored:
+            shown = "given" if isinstance(value, bool) else value
             raise InputError(
                 f"{option} {shown} differs from the model {args.model}, trained with {stored}; "
                 "a model computes the features it was trained with (drop the option or retrain)"

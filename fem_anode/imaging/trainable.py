@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from fem_anode.errors import InputError, UsageError
+from fem_anode.settings import Settings, setting
 
 __all__ = [
     "FeatureSettings",
@@ -80,9 +81,12 @@ _REFERENCE_LAYERS, _REFERENCE_VALUES = 8, 8_000_000
 LayerReader = Callable[[int, int], np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureSettings:
+@dataclasses.dataclass
+class FeatureSettings(Settings):
     """Pixel features of the trainable segmentation (``multiscale_basic_features``).
+
+    Validated like every settings object of the package (:mod:`fem_anode.settings`): a wrong
+    name, type or value is a :class:`~fem_anode.errors.UsageError` naming the field.
 
     Attributes:
         sigma_min, sigma_max: smallest and largest Gaussian scale (voxels).
@@ -105,35 +109,30 @@ class FeatureSettings:
             1st and 99th percentiles, :func:`gray_percentiles`, become 0 and 1).
     """
 
-    sigma_min: float = 0.5
-    sigma_max: float = 4.0
-    num_sigma: int | None = None
-    intensity: bool = True
-    edges: bool = True
-    texture: bool = True
-    illumination_degree: int | None = None
-    auto_context: bool = False
-    extended: bool = True
-    gray_normalisation: str = "none"
+    sigma_min: float = setting(
+        0.5, "smallest Gaussian scale of the features (voxels)", positive=True, bounds=(None, 64.0)
+    )
+    sigma_max: float = setting(
+        4.0, "largest Gaussian scale of the features (voxels)", positive=True, bounds=(None, 64.0)
+    )
+    num_sigma: int | None = setting(
+        None, "number of scales, log-spaced; default: sigma_min times powers of 2", bounds=(1, 32)
+    )
+    intensity: bool = setting(True, "smoothed gray value per scale")
+    edges: bool = setting(True, "gradient magnitude per scale")
+    texture: bool = setting(True, "Hessian eigenvalues per scale")
+    illumination_degree: int | None = setting(
+        None, "degree (1..4) of the in-plane background polynomial removed first; default off", bounds=(1, 4)
+    )
+    auto_context: bool = setting(False, "a second forest on the features and the first forest's smoothed probabilities")
+    extended: bool = setting(True, "structure-tensor, Laplacian-of-Gaussian and local max/min features")
+    gray_normalisation: str = setting(
+        "none", "gray values as they are, or each image's percentiles", choices=GRAY_NORMALISATIONS
+    )
 
-    def __post_init__(self) -> None:
-        if self.gray_normalisation not in GRAY_NORMALISATIONS:
-            raise UsageError(
-                f"gray normalisation must be one of {', '.join(GRAY_NORMALISATIONS)}, got {self.gray_normalisation!r}"
-            )
-        if self.illumination_degree is not None and not 1 <= self.illumination_degree <= 4:
-            raise UsageError(f"illumination polynomial degree must be 1..4, got {self.illumination_degree}")
-        if not (math.isfinite(self.sigma_min) and self.sigma_min > 0):
-            raise UsageError(f"feature sigma_min must be a positive number of voxels, got {self.sigma_min}")
-        if not (math.isfinite(self.sigma_max) and self.sigma_max >= self.sigma_min):
-            raise UsageError(f"feature sigma_max must be >= sigma_min ({self.sigma_min}), got {self.sigma_max}")
-        if self.sigma_max > 64:
-            raise UsageError(f"feature sigma_max must be at most 64 voxels, got {self.sigma_max}")
-        if self.num_sigma is not None and not 1 <= self.num_sigma <= 32:
-            raise UsageError(f"number of feature scales must be in 1..32, got {self.num_sigma}")
-        for name in ("intensity", "edges", "texture", "auto_context", "extended"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"feature setting {name} must be true or false, got {getattr(self, name)!r}")
+    def validate(self) -> None:
+        if self.sigma_max < self.sigma_min:
+            raise UsageError(f"sigma_max must be >= sigma_min ({self.sigma_min}), got {self.sigma_max}")
         if not (self.intensity or self.edges or self.texture):
             raise UsageError("at least one of the intensity, edge and texture features is needed")
 
@@ -147,9 +146,6 @@ class FeatureSettings:
         """Features per voxel of a ``ndim``-dimensional image."""
         per_scale = int(self.intensity) + int(self.edges) + (ndim if self.texture else 0)
         return per_scale * len(self.sigmas) + (n_extended_features(ndim) if self.extended else 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 #: Outer (integration) scales of the structure-tensor eigenvalues (voxels); the gradient is taken
@@ -887,7 +883,7 @@ def load_model(path: str | Path, phases: Mapping[str, int] | None = None) -> Tra
     try:
         # models written before the extended features existed were trained without them
         settings = FeatureSettings(**{"extended": False, **payload["settings"]})
-    except TypeError as err:
+    except UsageError as err:
         raise InputError(f"{path}: feature settings not understood: {err}") from None
     context_forest = payload.get("context_forest")
     if settings.auto_context and context_forest is None:

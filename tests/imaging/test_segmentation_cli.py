@@ -285,7 +285,7 @@ ERRORS = [
             "{d}/x.npy",
         ],
         2,
-        "--feature-sigma-max must be >= 0.5",
+        "--feature-sigma-max must be >= --feature-sigma-min (0.5), got 0.1",
     ),
 ]
 

@@ -160,8 +160,12 @@ def test_gray_normalisation_makes_a_model_independent_of_the_gray_scale(aged_cas
     assert gray_scale_warning(normalised, gray_percentiles(counts, SHAPE)) is None
     with pytest.raises(InputError, match="percentile normalisation needs contrast"):
         predict_labels(np.full(SHAPE, 0.5), SHAPE, normalised, progress=False)
-    with pytest.raises(UsageError, match="gray normalisation must be one of none, percentiles"):
+    with pytest.raises(UsageError, match="gray_normalisation must be one of 'none', 'percentiles'"):
         FeatureSettings(gray_normalisation="minmax")
+    with pytest.raises(UsageError, match="unknown setting 'sigma_maxx'; did you mean 'sigma_max'"):
+        FeatureSettings(sigma_maxx=2.0)
+    with pytest.raises(UsageError, match="at least one of the intensity, edge and texture"):
+        FeatureSettings(intensity=False, edges=False, texture=False)
 
 
 def test_a_2d_model_segments_a_volume_slice_by_slice(aged_case):
