@@ -323,7 +323,6 @@ def _multistage_settings(args: argparse.Namespace) -> MultistageSettings:
     """The multistage settings: those of ``--settings FILE`` (default: the defaults) with the
     options given on the command line changed; their cleaning part serves every method. A bad
     option value is a UsageError naming the option."""
-    import re
 
     from fem_anode.errors import UsageError
 
@@ -352,10 +351,7 @@ def _multistage_settings(args: argparse.Namespace) -> MultistageSettings:
     try:
         return base.replace(**overrides) if overrides else base
     except UsageError as err:
-        message = str(err)
-        for name, option in _OPTION_OF_SETTING.items():
-            message = re.sub(rf"\b{name}\b", option, message)
-        raise UsageError(message) from None
+        raise _naming_options(err, _OPTION_OF_SETTING) from None
 
 
 def _check_options(args: argparse.Namespace) -> MultistageSettings:
@@ -743,18 +739,36 @@ def _finish_slabs(
     logger.info("wrote %s", args.out)
 
 
+def _naming_options(err: Exception, option_of_field: dict[str, str]) -> Exception:
+    """The UsageError ``err`` of a settings object with its field names replaced by the options."""
+    import re
+
+    from fem_anode.errors import UsageError
+
+    message = str(err)
+    for field, option in option_of_field.items():
+        message = re.sub(rf"\b{field}\b", option, message)
+    return UsageError(message)
+
+
+#: The options that set a :class:`~fem_anode.imaging.trainable.FeatureSettings` field: field ->
+#: (option, its value in the parsed arguments or None when not given).
+_FEATURE_OPTIONS: dict[str, tuple[str, Any]] = {
+    "sigma_min": ("--feature-sigma-min", lambda args: args.feature_sigma_min),
+    "sigma_max": ("--feature-sigma-max", lambda args: args.feature_sigma_max),
+    "illumination_degree": ("--illumination", lambda args: args.illumination),
+    "gray_normalisation": ("--gray-normalisation", lambda args: args.gray_normalisation),
+    "texture": ("--no-texture", lambda args: False if args.no_texture else None),
+    "auto_context": ("--auto-context", lambda args: True if args.auto_context else None),
+    "extended": ("--basic-features", lambda args: False if args.basic_features else None),
+}
+
+
 def _feature_options(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
     """The feature options given on the command line: field -> (option, value)."""
     given: dict[str, tuple[str, Any]] = {}
-    for field, option, value in (
-        ("sigma_min", "--feature-sigma-min", args.feature_sigma_min),
-        ("sigma_max", "--feature-sigma-max", args.feature_sigma_max),
-        ("illumination_degree", "--illumination", args.illumination),
-        ("gray_normalisation", "--gray-normalisation", args.gray_normalisation),
-        ("texture", "--no-texture", False if args.no_texture else None),
-        ("auto_context", "--auto-context", True if args.auto_context else None),
-        ("extended", "--basic-features", False if args.basic_features else None),
-    ):
+    for field, (option, value_of) in _FEATURE_OPTIONS.items():
+        value = value_of(args)
         if value is not None:
             given[field] = (option, value)
     return given
@@ -763,7 +777,6 @@ def _feature_options(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
 def _feature_settings(args: argparse.Namespace) -> Any:
     """The trainable method's :class:`~fem_anode.imaging.trainable.FeatureSettings` of the options
     (the defaults for those not given); a bad value is a UsageError naming the option."""
-    import re
 
     from fem_anode.errors import UsageError
     from fem_anode.imaging.trainable import FeatureSettings
@@ -772,15 +785,7 @@ def _feature_settings(args: argparse.Namespace) -> Any:
     try:
         return FeatureSettings(**{field: value for field, (_, value) in given.items()})
     except UsageError as err:
-        message = str(err)
-        for field, option in (
-            ("sigma_min", "--feature-sigma-min"),
-            ("sigma_max", "--feature-sigma-max"),
-            ("illumination_degree", "--illumination"),
-            ("gray_normalisation", "--gray-normalisation"),
-        ):
-            message = re.sub(rf"\b{field}\b", option, message)
-        raise UsageError(message) from None
+        raise _naming_options(err, {field: option for field, (option, _) in _FEATURE_OPTIONS.items()}) from None
 
 
 def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
