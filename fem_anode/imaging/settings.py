@@ -57,7 +57,7 @@ class MultistageSettings(Settings):
       ``refine.psf_sigma_voxels``.
     """
 
-    # stage 0: cleaning (also used by the region and threshold methods)
+    # stage 0: cleaning (all but median_size serve the region method too, illumination_degree every method)
     median_size: int = setting(
         0, "median filter width before the denoising (voxels; 0 or 1 = off)", bounds=(0, _MAX_INT32)
     )
