@@ -26,7 +26,7 @@ from fem_anode.errors import FemAnodeError, InputError, UsageError  # noqa: E402
 from fem_anode.fem.diffusion.settings import DiffusionSettings  # noqa: E402
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings  # noqa: E402
 from fem_anode.imaging.metrics import compute_metrics  # noqa: E402
-from fem_anode.imaging.settings import MultistageSettings  # noqa: E402
+from fem_anode.imaging.settings import MultistageSettings, RegionSettings  # noqa: E402
 from fem_anode.imaging.trainable import FeatureSettings  # noqa: E402
 from fem_anode.io.images import VoxelImage, parse_phase_map  # noqa: E402
 from fem_anode.units import parse_lengths  # noqa: E402
@@ -151,6 +151,7 @@ VALID_BASE: dict[type, dict[str, Any]] = {
     DetachmentSettings: {},
     MultistageSettings: {},
     FeatureSettings: {},
+    RegionSettings: {},
 }
 
 toml_scalars = st.one_of(

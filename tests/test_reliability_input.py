@@ -233,10 +233,29 @@ PARAMETERS = [
     (
         ["segment", "{gray}", "--method", "region", "--scale", "nan", "--out", "{out}.npy"],
         2,
-        "scale must be positive and finite",
+        "--scale must be finite",
     ),
-    (["segment", "{gray}", "--method", "region", "--sigma", "-1", "--out", "{out}.npy"], 2, "sigma must be >= 0"),
+    (
+        ["segment", "{gray}", "--method", "region", "--sigma", "-1", "--out", "{out}.npy"],
+        2,
+        "--sigma must be non-negative",
+    ),
     (["segment", "{gray}", "--median", "-3", "--out", "{out}.npy"], 2, "--median must lie in [0, "),
+    (
+        ["segment", "{gray}", "--method", "region", "--psf-sigma", "1", "--out", "{out}.npy"],
+        2,
+        "--psf-sigma belong to --method multistage, not region",
+    ),
+    (
+        ["segment", "{gray}", "--scale", "10", "--out", "{out}.npy"],
+        2,
+        "--scale belong to --method region, not multistage",
+    ),
+    (
+        ["segment", "{gray}", "--method", "threshold", "--settings", "{out}.toml", "--out", "{out}.npy"],
+        2,
+        "--settings holds the settings of --method multistage or region",
+    ),
     (["mesh", "{labels}", "--size", "nan", "--out", "{out}.msh"], 2, "cannot read length 'nan'"),
     (["mesh", "{labels}", "--size", "0", "--out", "{out}.msh"], 2, "must be positive"),
     (["detachment", "simulate", "--alpha0", "nan", "--out", "{out}"], 2, "alpha0 must be finite"),

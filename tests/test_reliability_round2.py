@@ -197,8 +197,12 @@ LIMITS = [
     (["metrics", "{labels}", "--bins", str(10**30), "--out", "{out}"], "--bins must be at most"),
     (["segment", "{labels}", "--median", "100", "--out", "{out}.npy"], "--median must be at most 8"),
     (
-        ["segment", "{labels}", "--method", "region", "--sigma", "1e300", "--out", "{out}.npy"],
+        ["segment", "{labels}", "--method", "region", "--sigma", "100", "--out", "{out}.npy"],
         "--sigma must be at most 8",
+    ),
+    (
+        ["segment", "{labels}", "--method", "region", "--sigma", "1e300", "--out", "{out}.npy"],
+        "--sigma = 1e+300 is outside what fem_anode can compute with",
     ),
     (["mesh", "{labels}", "--size", "1e-35", "--out", "{out}.msh"], "outside what fem_anode can compute with"),
     (["mesh", "{labels}", "--size", "1e-13", "--out", "{out}.msh"], "triangles"),

@@ -26,14 +26,21 @@ from typing import Any
 import numpy as np
 
 from fem_anode.commands._common import add_image_arguments, check_int, check_number, is_root, provenance, world_comm
-from fem_anode.imaging.settings import DENOISE_METHODS, MultistageSettings
+from fem_anode.imaging.settings import DENOISE_METHODS, CleaningSettings, MultistageSettings, RegionSettings
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("multistage", "region", "threshold", "trainable")
 #: The defaults of the options that set a :class:`MultistageSettings` field (one source).
 _DEFAULTS = MultistageSettings()
-#: The option that sets each :class:`MultistageSettings` field with a value (for the messages).
+_REGION_DEFAULTS = RegionSettings()
+#: The settings of the methods that have their own (the others use the cleaning part only).
+_SETTINGS_OF_METHOD: dict[str, type[CleaningSettings]] = {"multistage": MultistageSettings, "region": RegionSettings}
+#: The fields only the multistage method has.
+_MULTISTAGE_FIELDS = frozenset(MultistageSettings.__dataclass_fields__) - frozenset(
+    CleaningSettings.__dataclass_fields__
+)
+#: The option that sets each settings field (for the messages).
 _OPTION_OF_SETTING = {
     "median_size": "--median",
     "denoise": "--denoise",
@@ -45,6 +52,14 @@ _OPTION_OF_SETTING = {
     "levels": "--levels",
     "psf_sigma": "--psf-sigma",
     "potts_beta": "--potts-beta",
+    "cleanup": "--no-cleanup",
+    "refine": "--no-refine",
+    "graphite_opening": "--no-graphite-opening",
+    "si_seeds": "--no-si-candidates",
+    "scale": "--scale",
+    "sigma": "--sigma",
+    "min_size": "--min-size",
+    "dark_fraction": "--dark-fraction",
 }
 
 
@@ -176,18 +191,22 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "(default 1)",
     )
     region = parser.add_argument_group("region method (FIB-SEM)")
-    region.add_argument("--scale", type=float, default=30.0, help="region: Felzenszwalb scale (default 30)")
+    region.add_argument("--scale", type=float, help=f"region: Felzenszwalb scale (default {_REGION_DEFAULTS.scale:g})")
     region.add_argument(
-        "--sigma", type=float, default=0.8, help="region: Felzenszwalb Gaussian pre-smoothing (default 0.8)"
+        "--sigma",
+        type=float,
+        help=f"region: Felzenszwalb Gaussian pre-smoothing in pixels (default {_REGION_DEFAULTS.sigma:g})",
     )
     region.add_argument(
-        "--min-size", type=int, default=20, help="region: Felzenszwalb minimum region size in pixels (default 20)"
+        "--min-size",
+        type=int,
+        help=f"region: Felzenszwalb minimum region size in pixels (default {_REGION_DEFAULTS.min_size})",
     )
     region.add_argument(
         "--dark-fraction",
         type=float,
-        default=0.1,
-        help="region: fraction of pore-dark pixels that makes a region a pore region (default 0.1)",
+        help="region: fraction of pore-dark pixels that makes a region a pore region "
+        f"(default {_REGION_DEFAULTS.dark_fraction:g})",
     )
     train = parser.add_argument_group("trainable method (random forest on multiscale features)")
     train.add_argument(
@@ -294,15 +313,16 @@ def _order(phases: dict[str, int], order: str | None) -> list[str]:
     return list(phases)
 
 
-def _settings_file(path: Path) -> MultistageSettings:
-    """``--settings``: a TOML file of :class:`MultistageSettings` keys, or the JSON report of an
-    earlier multistage run (its ``"settings"``)."""
+def _settings_file(path: Path, method: str) -> CleaningSettings:
+    """``--settings``: a TOML file of the method's settings keys, or the JSON report of an
+    earlier run of the same method (its ``"settings"``)."""
     import json
 
     from fem_anode.errors import InputError, UsageError
 
+    settings_class = _SETTINGS_OF_METHOD[method]
     if path.suffix.lower() != ".json":
-        return MultistageSettings.from_toml(path)
+        return settings_class.from_toml(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -310,24 +330,18 @@ def _settings_file(path: Path) -> MultistageSettings:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"--settings {path}: not a readable JSON file ({err})") from None
     if isinstance(data, dict) and "settings" in data:
-        if data.get("method") != "multistage":
-            raise UsageError(f"--settings {path}: a report of --method {data.get('method')}, not of multistage")
+        if data.get("method") != method:
+            raise UsageError(f"--settings {path}: a report of --method {data.get('method')}, not of {method}")
         data = data["settings"]
     try:
-        return MultistageSettings.from_dict(data)
+        return settings_class.from_dict(data)
     except UsageError as err:
         raise UsageError(f"--settings {path}: {err}") from None
 
 
-def _multistage_settings(args: argparse.Namespace) -> MultistageSettings:
-    """The multistage settings: those of ``--settings FILE`` (default: the defaults) with the
-    options given on the command line changed; their cleaning part serves every method. A bad
-    option value is a UsageError naming the option."""
-
-    from fem_anode.errors import UsageError
-
-    base = _DEFAULTS if args.settings is None else _settings_file(args.settings)
-    given = {
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings fields set by the options given on the command line."""
+    values = {
         "median_size": args.median,
         "denoise": args.denoise,
         "noise_sigma": args.noise_sigma,
@@ -338,25 +352,50 @@ def _multistage_settings(args: argparse.Namespace) -> MultistageSettings:
         "potts_beta": args.potts_beta,
         "coating_weight": args.coating_weight,
         "levels": args.levels,
+        "cleanup": False if args.no_cleanup else None,
+        "refine": False if args.no_refine else None,
+        "graphite_opening": False if args.no_graphite_opening else None,
+        "si_seeds": False if args.no_si_candidates else None,
+        "scale": args.scale,
+        "sigma": args.sigma,
+        "min_size": args.min_size,
+        "dark_fraction": args.dark_fraction,
     }
-    overrides: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    for name, off in (
-        ("cleanup", args.no_cleanup),
-        ("refine", args.no_refine),
-        ("graphite_opening", args.no_graphite_opening),
-        ("si_seeds", args.no_si_candidates),
-    ):
-        if off:
-            overrides[name] = False
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _method_settings(args: argparse.Namespace) -> CleaningSettings:
+    """The settings of ``--method``: :class:`MultistageSettings`, :class:`RegionSettings`, or for
+    the threshold and trainable methods their cleaning part (of which they use the illumination
+    degree). Those of ``--settings FILE`` (default: the defaults) with the options given changed;
+    an option of another method, or a bad value, is a UsageError naming the option."""
+    import dataclasses
+
+    from fem_anode.errors import UsageError
+
+    settings_class = _SETTINGS_OF_METHOD.get(args.method, CleaningSettings)
+    if args.settings is not None and args.method not in _SETTINGS_OF_METHOD:
+        raise UsageError(
+            f"--settings holds the settings of --method {' or '.join(_SETTINGS_OF_METHOD)}; --method {args.method} "
+            "takes its own options"
+        )
+    base = settings_class() if args.settings is None else _settings_file(args.settings, args.method)
+    overrides = _given_settings(args)
+    fields = {field.name for field in dataclasses.fields(settings_class)}
+    foreign = [name for name in overrides if name not in fields]
+    if foreign:
+        owner = "multistage" if foreign[0] in _MULTISTAGE_FIELDS else "region"
+        options = ", ".join(_OPTION_OF_SETTING[name] for name in foreign)
+        raise UsageError(f"{options} belong to --method {owner}, not {args.method}")
     try:
         return base.replace(**overrides) if overrides else base
     except UsageError as err:
         raise _naming_options(err, _OPTION_OF_SETTING) from None
 
 
-def _check_options(args: argparse.Namespace) -> MultistageSettings:
+def _check_options(args: argparse.Namespace) -> CleaningSettings:
     """Option values and combinations, before any work (UsageError naming the option); returns
-    the multistage settings they give."""
+    the method's settings they give."""
     from fem_anode.errors import UsageError
 
     if args.out.suffix.lower() == ".png":
@@ -366,20 +405,13 @@ def _check_options(args: argparse.Namespace) -> MultistageSettings:
     for name, path in inputs:
         if path is not None and Path(path).resolve() == args.out.resolve():
             raise UsageError(f"--out {args.out} is {name}: the labels would overwrite an input; choose another name")
-    settings = _multistage_settings(args)
-    if args.method == "region":
-        if math.isfinite(args.scale) and args.scale > 0:
-            check_number(args.scale, "--scale", 0.0)
-        if args.min_size >= 1:
-            check_int(args.min_size, "--min-size", 1, 2**31 - 1)
+    settings = _method_settings(args)
     trainable_only = {
         "--train": bool(args.train),
         "--model": args.model is not None,
         "--save-model": args.save_model is not None,
         "--gray-normalisation": args.gray_normalisation is not None,
     }
-    if args.method == "trainable" and args.settings is not None:
-        raise UsageError("--settings holds the multistage method's settings; --method trainable takes its own options")
     if args.method != "trainable":
         given = [k for k, v in trainable_only.items() if v]
         if given:
@@ -408,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _check_options(args)
     if args.method == "trainable":
         return _run_trainable(args)
-    if args.method == "multistage":
+    if isinstance(settings, MultistageSettings):
         return _run_multistage(args, settings)
     return _run_classic(args, settings)
 
@@ -459,34 +491,18 @@ def _run_multistage(args: argparse.Namespace, settings: MultistageSettings) -> i
     return 0
 
 
-def _run_classic(args: argparse.Namespace, settings: MultistageSettings) -> int:
+def _run_classic(args: argparse.Namespace, settings: CleaningSettings) -> int:
     """Region and threshold methods: every rank segments the whole image, rank 0 writes it."""
     from fem_anode.imaging import segmentation as seg
     from fem_anode.imaging.synthetic import ROI_PHASES
     from fem_anode.io.images import parse_phase_map, read_image, write_image
 
     gray = read_image(args.image, voxel_size=args.voxel_size, kind="gray")
-    largest = max(gray.shape)
-    if settings.median_size > 0:
-        check_int(settings.median_size, "--median", 0, largest, " (the image's largest dimension in voxels)")
-    if args.method == "region" and math.isfinite(args.sigma) and args.sigma >= 0:
-        check_number(args.sigma, "--sigma", 0.0, float(largest))
     phases = parse_phase_map(args.phases) if args.phases else dict(ROI_PHASES)
     order = _order(phases, args.order)
-    if args.method == "region":
-        result = seg.region_segmentation(
-            gray,
-            phases,
-            order=order,
-            scale=args.scale,
-            sigma=args.sigma,
-            min_size=args.min_size,
-            dark_fraction=args.dark_fraction,
-            denoise=settings.denoise,
-            noise_sigma=settings.noise_sigma,
-            denoise_strength=settings.denoise_strength,
-            illumination_degree=settings.illumination_degree,
-        )
+    if isinstance(settings, RegionSettings):
+        check_number(settings.sigma, "--sigma", 0.0, float(max(gray.shape)))
+        result = seg.region_segmentation(gray, phases, settings, order=order)
     else:
         result = seg.threshold_segmentation(gray, phases, order=order, illumination_degree=settings.illumination_degree)
     report: dict[str, Any] = {"provenance": provenance("segment", args=args), "input": str(args.image), **result.info}
@@ -745,9 +761,8 @@ def _naming_options(err: Exception, option_of_field: dict[str, str]) -> Exceptio
 
     from fem_anode.errors import UsageError
 
-    message = str(err)
-    for field, option in option_of_field.items():
-        message = re.sub(rf"\b{field}\b", option, message)
+    fields = "|".join(sorted(map(re.escape, option_of_field), key=len, reverse=True))
+    message = re.sub(rf"(?<![\w-])({fields})(?![\w-])", lambda m: option_of_field[m.group(1)], str(err))
     return UsageError(message)
 
 

@@ -36,7 +36,9 @@ from fem_anode.imaging.settings import (
     DEFAULT_MIN_OBJECT_SIZE,
     MULTISTAGE_ROLES,
     MultistageSettings,
+    RegionSettings,
     multistage_settings,
+    region_settings,
 )
 from fem_anode.io.images import VoxelImage
 
@@ -48,6 +50,7 @@ __all__ = [
     "multistage_threshold",
     "multistage_slabs",
     "MultistageSettings",
+    "RegionSettings",
     "region_segmentation",
     "region_features",
     "iou_per_phase",
@@ -712,17 +715,10 @@ def region_features(
 def region_segmentation(
     gray: VoxelImage | np.ndarray,
     phases: Mapping[str, int] | None = None,
+    settings: RegionSettings | None = None,
     *,
     order: Sequence[str] | None = None,
-    scale: float = 30.0,
-    sigma: float = 0.8,
-    min_size: int = 20,
-    dark_fraction: float = 0.1,
-    bright_fraction: float = 0.5,
-    denoise: str = "nl_means",
-    noise_sigma: float | None = None,
-    denoise_strength: float = 0.8,
-    illumination_degree: int | None = None,
+    **overrides: Any,
 ) -> SegmentationResult:
     """Region-based segmentation of FIB-SEM images, robust to shine-through artefacts.
 
@@ -746,31 +742,29 @@ def region_segmentation(
     Args:
         gray: 2D or 3D gray image.
         phases: phase name -> label; default ``pore, sei, si`` with the anode labels.
+        settings: the Felzenszwalb parameters (``scale``, ``sigma``, ``min_size``; larger
+            ``scale`` = larger regions), the decision's ``dark_fraction`` and
+            ``bright_fraction``, and the cleaning, as in :func:`multistage_threshold`
+            (:class:`~fem_anode.imaging.settings.RegionSettings`); default ``RegionSettings()``.
         order: phase names from darkest to brightest (default: the phase map's order); the
             first is the pore phase.
-        scale, sigma, min_size: Felzenszwalb parameters (larger ``scale`` = larger regions).
-        dark_fraction: fraction of dark pixels that makes a region a pore region.
-        bright_fraction: fraction of bright pixels that makes a region the brightest phase.
-        denoise, noise_sigma, denoise_strength, illumination_degree: the cleaning, as in
-            :func:`multistage_threshold`.
+        **overrides: single fields of ``settings`` to change, validated alike.
     """
     from skimage.segmentation import felzenszwalb
 
+    settings = region_settings(settings, **overrides)  # bad values fail before any work
     array, image = _gray_array(gray)
     phases, names = _ordered_phases(phases, order, ("pore", "sei", "si"))
-    if not 0 < dark_fraction <= 1 or not 0 < bright_fraction <= 1:
-        raise UsageError("dark_fraction and bright_fraction must be in (0, 1]")
-    if not (np.isfinite(scale) and scale > 0):
-        raise UsageError(f"Felzenszwalb scale must be positive and finite, got {scale}")
-    if not (np.isfinite(sigma) and sigma >= 0):
-        raise UsageError(f"Felzenszwalb sigma must be >= 0 and finite, got {sigma}")
-    if min_size < 1:
-        raise UsageError(f"Felzenszwalb min_size must be >= 1 pixel, got {min_size}")
     from fem_anode.imaging.denoise import denoise_gray
 
-    array = _flatten(array, illumination_degree)
-    array, denoise_info = denoise_gray(array, denoise, noise_sigma=noise_sigma, strength=denoise_strength)  # type: ignore[arg-type]  # a str: denoise_gray checks the method
-    denoise_info["illumination_degree"] = illumination_degree
+    array = _flatten(array, settings.illumination_degree)
+    array, denoise_info = denoise_gray(
+        array,
+        settings.denoise,  # type: ignore[arg-type]  # one of DENOISE_METHODS: the settings check it
+        noise_sigma=settings.noise_sigma,
+        strength=settings.denoise_strength,
+    )
+    denoise_info["illumination_degree"] = settings.illumination_degree
     thresholds = multiclass_isodata(array, len(names))[0]
     pixel_class = np.searchsorted(thresholds, array, side="right")
     slices = array if array.ndim == 3 else array[None]
@@ -779,10 +773,10 @@ def region_segmentation(
     n_regions = []
     n_pore_regions = 0
     for k in range(slices.shape[0]):
-        regions = felzenszwalb(slices[k], scale=scale, sigma=sigma, min_size=min_size)
+        regions = felzenszwalb(slices[k], scale=settings.scale, sigma=settings.sigma, min_size=settings.min_size)
         feats = region_features(slices[k], regions, thresholds)
-        dark = feats["fraction_class"][0] >= dark_fraction
-        bright = (feats["fraction_class"][-1] >= bright_fraction) & ~dark
+        dark = feats["fraction_class"][0] >= settings.dark_fraction
+        bright = (feats["fraction_class"][-1] >= settings.bright_fraction) & ~dark
         out[k][dark[regions]] = 0
         out[k][bright[regions]] = len(names) - 1
         n_regions.append(int(regions.max()) + 1)
@@ -800,8 +794,9 @@ def region_segmentation(
             "max": int(max(n_regions)),
         },
         "pore_regions": n_pore_regions,
-        "felzenszwalb": {"scale": scale, "sigma": sigma, "min_size": min_size},
+        "felzenszwalb": {"scale": settings.scale, "sigma": settings.sigma, "min_size": settings.min_size},
         "denoise": denoise_info,
+        "settings": settings.to_dict(),
     }
     return SegmentationResult(VoxelImage(labels, image.voxel_size, phases, f"region({image.source})"), info)
 

@@ -1,11 +1,13 @@
-"""Settings of the multistage segmentation: one validated object for the CLI, the API and tests.
+"""Settings of the segmentation methods: one validated object per method for the CLI, the API and tests.
 
 :class:`MultistageSettings` holds every parameter of
 :func:`~fem_anode.imaging.segmentation.multistage_threshold` (stages 0-5: cleaning, histogram
-thresholds, clean-up, blur-aware refinement). ``fem-anode segment`` builds one from its options
-(and validates the cleaning options of every method with it), the Python functions take one or
-keyword overrides of its fields, and the report stores it. Gray values are in the image's own
-units ("gray units"); sizes and widths in voxels.
+thresholds, clean-up, blur-aware refinement), :class:`RegionSettings` those of
+:func:`~fem_anode.imaging.segmentation.region_segmentation`; both share the cleaning of
+:class:`CleaningSettings` (the trainable method's are
+:class:`~fem_anode.imaging.trainable.FeatureSettings`). ``fem-anode segment`` builds them from
+its options, the Python functions take one or keyword overrides of its fields, and the reports
+store them. Gray values are in the image's own units ("gray units"); sizes and widths in voxels.
 
 This module imports no NumPy, so the command line can read the defaults without loading it.
 """
@@ -23,8 +25,11 @@ __all__ = [
     "DEFAULT_MIN_OBJECT_SIZE",
     "DENOISE_METHODS",
     "MULTISTAGE_ROLES",
+    "CleaningSettings",
     "MultistageSettings",
+    "RegionSettings",
     "multistage_settings",
+    "region_settings",
 ]
 
 #: The four domains of the multistage segmentation, by role; the default phase names.
@@ -40,7 +45,24 @@ _MAX_INT32 = 2**31 - 1
 
 
 @dataclass
-class MultistageSettings(Settings):
+class CleaningSettings(Settings):
+    """The cleaning of the gray image that every method but the trainable one starts with
+    (:func:`~fem_anode.imaging.denoise.denoise_gray`, :func:`~fem_anode.imaging.denoise.flatten_illumination`)."""
+
+    denoise: str = setting("nl_means", "edge-preserving denoising", choices=DENOISE_METHODS)
+    noise_sigma: float | None = setting(
+        None, "noise standard deviation (gray units); default estimated from the image", nonnegative=True
+    )
+    denoise_strength: float = setting(
+        0.8, "denoising strength relative to the noise sigma", positive=True, bounds=(None, 100.0)
+    )
+    illumination_degree: int | None = setting(
+        None, "degree of the in-plane background polynomial removed first (1..4); default off", bounds=(1, 4)
+    )
+
+
+@dataclass
+class MultistageSettings(CleaningSettings):
     """Parameters of the multistage segmentation (SCT volumes; Vorauer et al. 2020, Methods).
 
     The stages are those of :func:`~fem_anode.imaging.segmentation.multistage_threshold`;
@@ -57,19 +79,9 @@ class MultistageSettings(Settings):
       ``refine.psf_sigma_voxels``.
     """
 
-    # stage 0: cleaning (all but median_size serve the region method too, illumination_degree every method)
+    # stage 0: cleaning (the fields above) and a median filter
     median_size: int = setting(
         0, "median filter width before the denoising (voxels; 0 or 1 = off)", bounds=(0, _MAX_INT32)
-    )
-    denoise: str = setting("nl_means", "edge-preserving denoising", choices=DENOISE_METHODS)
-    noise_sigma: float | None = setting(
-        None, "noise standard deviation (gray units); default estimated from the image", nonnegative=True
-    )
-    denoise_strength: float = setting(
-        0.8, "denoising strength relative to the noise sigma", positive=True, bounds=(None, 100.0)
-    )
-    illumination_degree: int | None = setting(
-        None, "degree of the in-plane background polynomial removed first (1..4); default off", bounds=(1, 4)
     )
     # stages 1-3: histogram thresholds and mask arithmetic
     bins: int = setting(512, "gray-value histogram bins of the threshold stages", bounds=(16, 1 << 24))
@@ -117,6 +129,23 @@ class MultistageSettings(Settings):
                 raise UsageError(f"levels must be finite gray values, got {dict(self.levels)}")
 
 
+@dataclass
+class RegionSettings(CleaningSettings):
+    """Parameters of the region method (FIB-SEM slices; Vorauer et al. 2020, Fig. 4b-c):
+    Felzenszwalb regions per slice and a decision per region
+    (:func:`~fem_anode.imaging.segmentation.region_segmentation`)."""
+
+    scale: float = setting(30.0, "Felzenszwalb scale (larger: larger regions)", positive=True)
+    sigma: float = setting(0.8, "Felzenszwalb Gaussian pre-smoothing (pixels)", nonnegative=True)
+    min_size: int = setting(20, "Felzenszwalb minimum region size (pixels)", bounds=(1, _MAX_INT32))
+    dark_fraction: float = setting(
+        0.1, "fraction of pore-dark pixels that makes a region a pore region", positive=True, bounds=(None, 1.0)
+    )
+    bright_fraction: float = setting(
+        0.5, "fraction of bright pixels that makes a region the brightest phase", positive=True, bounds=(None, 1.0)
+    )
+
+
 def multistage_settings(settings: MultistageSettings | None = None, **overrides: Any) -> MultistageSettings:
     """``settings`` (default ``MultistageSettings()``) with the fields in ``overrides`` changed,
     validated (an unknown name or a bad value is a :class:`~fem_anode.errors.UsageError`)."""
@@ -124,4 +153,13 @@ def multistage_settings(settings: MultistageSettings | None = None, **overrides:
         return MultistageSettings(**overrides)
     if not isinstance(settings, MultistageSettings):
         raise UsageError(f"settings must be a MultistageSettings, got {type(settings).__name__}")
+    return settings.replace(**overrides) if overrides else settings
+
+
+def region_settings(settings: RegionSettings | None = None, **overrides: Any) -> RegionSettings:
+    """``settings`` (default ``RegionSettings()``) with the fields in ``overrides`` changed, validated."""
+    if settings is None:
+        return RegionSettings(**overrides)
+    if not isinstance(settings, RegionSettings):
+        raise UsageError(f"settings must be a RegionSettings, got {type(settings).__name__}")
     return settings.replace(**overrides) if overrides else settings

@@ -366,11 +366,25 @@ def test_settings_file_reruns_a_report_and_options_override_it(inputs, comm, cap
     settings = json.loads((d / "s3.npy.report.json").read_text())["settings"]
     assert settings["bins"] == 256 and settings["min_object_size"] == {"si": 2} and not settings["refine"]
     assert settings["coating_weight"] == 2.0 and settings["denoise"] == "none"
+    region = ["--method", "region", "--phases", "pore=0,si=1,sei=3", "--denoise", "none", "--scale", "50"]
+    assert main(["segment", str(d / "gray.npy"), *region, "--out", str(d / "r1.npy"), "-q"]) == 0
+    comm.barrier()
+    region_report = json.loads((d / "r1.npy.report.json").read_text())
+    assert region_report["settings"]["scale"] == 50.0 and region_report["settings"]["denoise"] == "none"
+    rerun = ["--method", "region", "--phases", "pore=0,si=1,sei=3", "--settings", str(d / "r1.npy.report.json")]
+    assert main(["segment", str(d / "gray.npy"), *rerun, "--out", str(d / "r2.npy"), "-q"]) == 0
+    comm.barrier()
+    np.testing.assert_array_equal(np.load(d / "r2.npy"), np.load(d / "r1.npy"))
+    assert json.loads((d / "r2.npy.report.json").read_text())["settings"] == region_report["settings"]
     capsys.readouterr()
     for argv, message in (
+        (["--settings", str(d / "r1.npy.report.json")], "a report of --method region, not of multistage"),
         (["--settings", str(d / "typo.toml")], "did you mean 'coating_weight'"),
         (["--settings", str(d / "missing.toml")], "settings file not found"),
-        (["--settings", str(d / "s.toml"), "--method", "trainable", "--model", str(d / "small.joblib")], "--settings"),
+        (
+            ["--settings", str(d / "s.toml"), "--method", "trainable", "--model", str(d / "small.joblib")],
+            "--settings holds the settings of --method multistage or region",
+        ),
         (["--settings", str(d / "s.toml"), "--coating-weight", "-1"], "--coating-weight must lie in [0.0, "),
     ):
         assert main(["segment", str(d / "gray.npy"), *argv, "--out", str(d / "x.npy")]) != 0

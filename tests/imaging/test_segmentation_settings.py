@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fem_anode.errors import UsageError
-from fem_anode.imaging.segmentation import multistage_threshold
-from fem_anode.imaging.settings import MultistageSettings, multistage_settings
-from fem_anode.imaging.synthetic import anode_volume, render_gray
+from fem_anode.imaging.segmentation import multistage_threshold, region_segmentation
+from fem_anode.imaging.settings import MultistageSettings, RegionSettings, multistage_settings
+from fem_anode.imaging.synthetic import ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 from fem_anode.settings import dumps_toml
 
 
@@ -63,3 +63,34 @@ def test_settings_round_trip_through_toml(tmp_path):
     path.write_text(dumps_toml(settings).replace("potts_beta", "pots_beta"))
     with pytest.raises(UsageError, match="did you mean 'potts_beta'"):
         MultistageSettings.from_toml(path)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"scale": 0.0}, "scale must be positive"),
+        ({"sigma": -1.0}, "sigma must be non-negative"),
+        ({"min_size": 0}, r"min_size must lie in \[1, "),
+        ({"dark_fraction": 1.5}, r"dark_fraction must lie in \[None, 1.0\]"),
+        ({"bright_fraction": 0.0}, "bright_fraction must be positive"),
+        ({"denoise": "median"}, "denoise must be one of"),
+        ({"coating_weight": 2.0}, "unknown setting 'coating_weight'"),  # a multistage setting
+    ],
+)
+def test_bad_region_settings_fail_before_any_work(options, message):
+    with pytest.raises(UsageError, match=message):
+        RegionSettings(**options)
+    with pytest.raises(UsageError, match=message):
+        region_segmentation(np.zeros((4, 4)), ROI_PHASES, **options)
+
+
+def test_region_settings_object_and_keywords_agree_and_are_reported():
+    gray = render_gray(fib_sem_roi((2e-6, 3e-6), seed=2), shine_through=1.0, seed=12)
+    order = ["pore", "sei", "si"]
+    by_object = region_segmentation(gray, ROI_PHASES, RegionSettings(scale=50.0, denoise="none"), order=order)
+    by_keywords = region_segmentation(gray, ROI_PHASES, order=order, scale=50.0, denoise="none")
+    np.testing.assert_array_equal(by_object.labels.array, by_keywords.labels.array)
+    assert by_object.info["settings"] == RegionSettings(scale=50.0, denoise="none").to_dict()
+    assert by_object.info["felzenszwalb"]["scale"] == 50.0
+    finer = region_segmentation(gray, ROI_PHASES, order=order, scale=5.0, denoise="none")
+    assert finer.info["regions_per_slice"]["mean"] > by_object.info["regions_per_slice"]["mean"]
