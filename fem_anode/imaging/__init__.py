@@ -33,6 +33,7 @@ _EXPORTS = {
     "tortuosity_field": "metrics",
     # segmentation
     "MultistageSettings": "settings",
+    "RegionSettings": "settings",
     "SegmentationResult": "segmentation",
     "iou_per_phase": "segmentation",
     "isodata_threshold": "segmentation",
@@ -46,6 +47,7 @@ __all__ = [
     "ANODE_PHASES",
     "MultistageSettings",
     "ROI_PHASES",
+    "RegionSettings",
     "SegmentationResult",
     "anode_volume",
     "compute_metrics",
@@ -92,7 +94,7 @@ if TYPE_CHECKING:
         region_segmentation,
         threshold_segmentation,
     )
-    from fem_anode.imaging.settings import MultistageSettings
+    from fem_anode.imaging.settings import MultistageSettings, RegionSettings
     from fem_anode.imaging.synthetic import ANODE_PHASES, ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 
 
