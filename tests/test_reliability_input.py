@@ -252,6 +252,11 @@ PARAMETERS = [
         "--scale belong to --method region, not multistage",
     ),
     (
+        ["segment", "{gray}", "--method", "threshold", "--scale", "1", "--no-refine", "--out", "{out}.npy"],
+        2,
+        "error: --no-refine belong to --method multistage, not threshold\n",
+    ),
+    (
         ["segment", "{gray}", "--method", "threshold", "--settings", "{out}.toml", "--out", "{out}.npy"],
         2,
         "--settings holds the settings of --method multistage or region",

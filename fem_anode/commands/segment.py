@@ -385,7 +385,9 @@ def _method_settings(args: argparse.Namespace) -> CleaningSettings:
     foreign = [name for name in overrides if name not in fields]
     if foreign:
         owner = "multistage" if foreign[0] in _MULTISTAGE_FIELDS else "region"
-        options = ", ".join(_OPTION_OF_SETTING[name] for name in foreign)
+        options = ", ".join(
+            _OPTION_OF_SETTING[name] for name in foreign if (name in _MULTISTAGE_FIELDS) == (owner == "multistage")
+        )
         raise UsageError(f"{options} belong to --method {owner}, not {args.method}")
     try:
         return base.replace(**overrides) if overrides else base
