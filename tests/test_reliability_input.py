@@ -254,7 +254,7 @@ PARAMETERS = [
     (
         ["segment", "{gray}", "--method", "threshold", "--scale", "1", "--no-refine", "--out", "{out}.npy"],
         2,
-        "error: --no-refine belong to --method multistage, not threshold\n",
+        " --no-refine belong to --method multistage, not threshold\n",
     ),
     (
         ["segment", "{gray}", "--method", "threshold", "--settings", "{out}.toml", "--out", "{out}.npy"],
