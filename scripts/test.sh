@@ -21,5 +21,16 @@ echo "== tests, mpirun -n $ranks =="
 # from a killed mpirun whose pid was reused (PMIX_ERR_EXISTS): give this one a fresh TMPDIR.
 mpi_tmp="$(mktemp -d /tmp/fa-mpi-XXXXXX)"
 trap 'rm -rf "$mpi_tmp"' EXIT
-TMPDIR="$mpi_tmp" mpirun -n "$ranks" "$venv/bin/python" -m mpi4py -m pytest -p no:cacheprovider "$@"
+# A rank that leaves a test early (an assertion on one rank only) makes the others wait in the next
+# collective for ever: pytest's faulthandler_timeout prints every rank's stack after 900 s in one
+# test, and the whole run is stopped after FEM_ANODE_MPI_TEST_TIMEOUT seconds (default 2400; the
+# suite takes about 4 minutes on 2 cores), so a hang fails the run instead of using up CI's time.
+mpi_limit="${FEM_ANODE_MPI_TEST_TIMEOUT:-2400}"
+status=0
+TMPDIR="$mpi_tmp" timeout --kill-after=30 "$mpi_limit" \
+  mpirun -n "$ranks" "$venv/bin/python" -m mpi4py -m pytest -p no:cacheprovider "$@" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+  echo "== the tests under mpirun -n $ranks did not finish in $mpi_limit s (a hang?); stopped ==" >&2
+fi
+[ "$status" -eq 0 ] || exit "$status"
 echo "== all tests passed (serial and $ranks ranks) in $(( $(date +%s) - start )) s =="
