@@ -397,6 +397,21 @@ class Section:
                 changes[f.name] = [v.resolve_paths(base) for v in value]
         return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]  # every subclass is a dataclass
 
+    @classmethod
+    def with_overrides(cls, settings: Self | None = None, **overrides: Any) -> Self:
+        """``settings`` (default: the defaults) with the fields in ``overrides`` changed, checked
+        again (its fields may have changed since it was made): the ``settings=None, **overrides``
+        arguments of a function in one call. A wrong class, an unknown name or a bad value is a
+        :class:`~fem_anode.errors.UsageError`."""
+        if settings is None:
+            return cls(**overrides)
+        if not isinstance(settings, cls):
+            raise UsageError(f"settings must be a {cls.__name__}, got {type(settings).__name__}")
+        if overrides:
+            return settings.replace(**overrides)
+        settings.check()
+        return settings
+
     def replace(self, **changes: Any) -> Self:
         """Copy with some fields changed, validated again."""
         new = dataclasses.replace(self, **changes)  # type: ignore[type-var]  # every subclass is a dataclass

@@ -40,26 +40,27 @@ _SETTINGS_OF_METHOD: dict[str, type[CleaningSettings]] = {"multistage": Multista
 _MULTISTAGE_FIELDS = frozenset(MultistageSettings.__dataclass_fields__) - frozenset(
     CleaningSettings.__dataclass_fields__
 )
-#: The option that sets each settings field (for the messages).
-_OPTION_OF_SETTING = {
-    "median_size": "--median",
-    "denoise": "--denoise",
-    "noise_sigma": "--noise-sigma",
-    "denoise_strength": "--denoise-strength",
-    "illumination_degree": "--illumination",
-    "min_object_size": "--min-object-size",
-    "coating_weight": "--coating-weight",
-    "levels": "--levels",
-    "psf_sigma": "--psf-sigma",
-    "potts_beta": "--potts-beta",
-    "cleanup": "--no-cleanup",
-    "refine": "--no-refine",
-    "graphite_opening": "--no-graphite-opening",
-    "si_seeds": "--no-si-candidates",
-    "scale": "--scale",
-    "sigma": "--sigma",
-    "min_size": "--min-size",
-    "dark_fraction": "--dark-fraction",
+#: The options that set a segmentation settings field: field -> (option, its value in the
+#: parsed arguments, or None when not given).
+_SETTING_OPTIONS: dict[str, tuple[str, Any]] = {
+    "median_size": ("--median", lambda args: args.median),
+    "denoise": ("--denoise", lambda args: args.denoise),
+    "noise_sigma": ("--noise-sigma", lambda args: args.noise_sigma),
+    "denoise_strength": ("--denoise-strength", lambda args: args.denoise_strength),
+    "illumination_degree": ("--illumination", lambda args: args.illumination),
+    "min_object_size": ("--min-object-size", lambda args: args.min_object_size),
+    "psf_sigma": ("--psf-sigma", lambda args: args.psf_sigma),
+    "potts_beta": ("--potts-beta", lambda args: args.potts_beta),
+    "coating_weight": ("--coating-weight", lambda args: args.coating_weight),
+    "levels": ("--levels", lambda args: args.levels),
+    "cleanup": ("--no-cleanup", lambda args: False if args.no_cleanup else None),
+    "refine": ("--no-refine", lambda args: False if args.no_refine else None),
+    "graphite_opening": ("--no-graphite-opening", lambda args: False if args.no_graphite_opening else None),
+    "si_seeds": ("--no-si-candidates", lambda args: False if args.no_si_candidates else None),
+    "scale": ("--scale", lambda args: args.scale),
+    "sigma": ("--sigma", lambda args: args.sigma),
+    "min_size": ("--min-size", lambda args: args.min_size),
+    "dark_fraction": ("--dark-fraction", lambda args: args.dark_fraction),
 }
 
 
@@ -339,29 +340,30 @@ def _settings_file(path: Path, method: str) -> CleaningSettings:
         raise UsageError(f"--settings {path}: {err}") from None
 
 
-def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings fields set by the options given on the command line."""
-    values = {
-        "median_size": args.median,
-        "denoise": args.denoise,
-        "noise_sigma": args.noise_sigma,
-        "denoise_strength": args.denoise_strength,
-        "illumination_degree": args.illumination,
-        "min_object_size": args.min_object_size,
-        "psf_sigma": args.psf_sigma,
-        "potts_beta": args.potts_beta,
-        "coating_weight": args.coating_weight,
-        "levels": args.levels,
-        "cleanup": False if args.no_cleanup else None,
-        "refine": False if args.no_refine else None,
-        "graphite_opening": False if args.no_graphite_opening else None,
-        "si_seeds": False if args.no_si_candidates else None,
-        "scale": args.scale,
-        "sigma": args.sigma,
-        "min_size": args.min_size,
-        "dark_fraction": args.dark_fraction,
-    }
-    return {name: value for name, value in values.items() if value is not None}
+def _given_options(table: dict[str, tuple[str, Any]], args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """The options of ``table`` given on the command line: field -> (option, value)."""
+    given: dict[str, tuple[str, Any]] = {}
+    for field, (option, value_of) in table.items():
+        value = value_of(args)
+        if value is not None:
+            given[field] = (option, value)
+    return given
+
+
+def _settings_with_options(base: Any, table: dict[str, tuple[str, Any]], given: dict[str, tuple[str, Any]]) -> Any:
+    """``base`` (a settings object or class) with the ``given`` options' values; a bad value is a
+    UsageError naming the option (``table``'s options replace the field names in the message)."""
+    import re
+
+    from fem_anode.errors import UsageError
+
+    values = {field: value for field, (_, value) in given.items()}
+    try:
+        return base.replace(**values) if not isinstance(base, type) else base(**values)
+    except UsageError as err:
+        names = "|".join(sorted(map(re.escape, table), key=len, reverse=True))
+        message = re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: table[m.group(1)][0], str(err))
+        raise UsageError(message) from None
 
 
 def _method_settings(args: argparse.Namespace) -> CleaningSettings:
@@ -379,20 +381,17 @@ def _method_settings(args: argparse.Namespace) -> CleaningSettings:
             f"--settings holds the settings of --method {' or '.join(_SETTINGS_OF_METHOD)}; --method {args.method} "
             "takes its own options"
         )
-    base = settings_class() if args.settings is None else _settings_file(args.settings, args.method)
-    overrides = _given_settings(args)
+    given = _given_options(_SETTING_OPTIONS, args)
     fields = {field.name for field in dataclasses.fields(settings_class)}
-    foreign = [name for name in overrides if name not in fields]
+    foreign = [name for name in given if name not in fields]
     if foreign:
         owner = "multistage" if foreign[0] in _MULTISTAGE_FIELDS else "region"
         options = ", ".join(
-            _OPTION_OF_SETTING[name] for name in foreign if (name in _MULTISTAGE_FIELDS) == (owner == "multistage")
+            given[name][0] for name in foreign if (name in _MULTISTAGE_FIELDS) == (owner == "multistage")
         )
         raise UsageError(f"{options} belong to --method {owner}, not {args.method}")
-    try:
-        return base.replace(**overrides) if overrides else base
-    except UsageError as err:
-        raise _naming_options(err, _OPTION_OF_SETTING) from None
+    base = settings_class if args.settings is None else _settings_file(args.settings, args.method)
+    return _settings_with_options(base, _SETTING_OPTIONS, given)
 
 
 def _check_options(args: argparse.Namespace) -> CleaningSettings:
@@ -757,17 +756,6 @@ def _finish_slabs(
     logger.info("wrote %s", args.out)
 
 
-def _naming_options(err: Exception, option_of_field: dict[str, str]) -> Exception:
-    """The UsageError ``err`` of a settings object with its field names replaced by the options."""
-    import re
-
-    from fem_anode.errors import UsageError
-
-    fields = "|".join(sorted(map(re.escape, option_of_field), key=len, reverse=True))
-    message = re.sub(rf"(?<![\w-])({fields})(?![\w-])", lambda m: option_of_field[m.group(1)], str(err))
-    return UsageError(message)
-
-
 #: The options that set a :class:`~fem_anode.imaging.trainable.FeatureSettings` field: field ->
 #: (option, its value in the parsed arguments or None when not given).
 _FEATURE_OPTIONS: dict[str, tuple[str, Any]] = {
@@ -781,28 +769,13 @@ _FEATURE_OPTIONS: dict[str, tuple[str, Any]] = {
 }
 
 
-def _feature_options(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
-    """The feature options given on the command line: field -> (option, value)."""
-    given: dict[str, tuple[str, Any]] = {}
-    for field, (option, value_of) in _FEATURE_OPTIONS.items():
-        value = value_of(args)
-        if value is not None:
-            given[field] = (option, value)
-    return given
-
-
 def _feature_settings(args: argparse.Namespace) -> Any:
     """The trainable method's :class:`~fem_anode.imaging.trainable.FeatureSettings` of the options
     (the defaults for those not given); a bad value is a UsageError naming the option."""
 
-    from fem_anode.errors import UsageError
     from fem_anode.imaging.trainable import FeatureSettings
 
-    given = _feature_options(args)
-    try:
-        return FeatureSettings(**{field: value for field, (_, value) in given.items()})
-    except UsageError as err:
-        raise _naming_options(err, {field: option for field, (option, _) in _FEATURE_OPTIONS.items()}) from None
+    return _settings_with_options(FeatureSettings, _FEATURE_OPTIONS, _given_options(_FEATURE_OPTIONS, args))
 
 
 def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
@@ -810,7 +783,7 @@ def _check_model_settings(args: argparse.Namespace, settings: Any) -> None:
     model computes the features it was trained with; options not given are the model's)."""
     from fem_anode.errors import InputError
 
-    for field, (option, value) in _feature_options(args).items():
+    for field, (option, value) in _given_options(_FEATURE_OPTIONS, args).items():
         stored = getattr(settings, field)
         if value != stored:
             shown = "given" if isinstance(value, bool) else value

@@ -37,8 +37,6 @@ from fem_anode.imaging.settings import (
     MULTISTAGE_ROLES,
     MultistageSettings,
     RegionSettings,
-    multistage_settings,
-    region_settings,
 )
 from fem_anode.io.images import VoxelImage
 
@@ -346,7 +344,7 @@ def multistage_slabs(
     Returns:
         ``(labels of this rank's layers, info)``; ``info`` is the same on every rank.
     """
-    settings = multistage_settings(settings, **overrides)  # bad values fail before any work
+    settings = MultistageSettings.with_overrides(settings, **overrides)  # bad values fail before any work
     phases = _multistage_phases(phases)
     array = np.asarray(gray, dtype=np.float64)
     if slabs.any(not bool(np.all(np.isfinite(array)))):
@@ -752,7 +750,7 @@ def region_segmentation(
     """
     from skimage.segmentation import felzenszwalb
 
-    settings = region_settings(settings, **overrides)  # bad values fail before any work
+    settings = RegionSettings.with_overrides(settings, **overrides)  # bad values fail before any work
     array, image = _gray_array(gray)
     phases, names = _ordered_phases(phases, order, ("pore", "sei", "si"))
     from fem_anode.imaging.denoise import denoise_gray

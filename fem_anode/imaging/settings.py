@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from fem_anode.errors import UsageError
 from fem_anode.settings import Settings, setting
@@ -28,8 +27,6 @@ __all__ = [
     "CleaningSettings",
     "MultistageSettings",
     "RegionSettings",
-    "multistage_settings",
-    "region_settings",
 ]
 
 #: The four domains of the multistage segmentation, by role; the default phase names.
@@ -144,22 +141,3 @@ class RegionSettings(CleaningSettings):
     bright_fraction: float = setting(
         0.5, "fraction of bright pixels that makes a region the brightest phase", positive=True, bounds=(None, 1.0)
     )
-
-
-def multistage_settings(settings: MultistageSettings | None = None, **overrides: Any) -> MultistageSettings:
-    """``settings`` (default ``MultistageSettings()``) with the fields in ``overrides`` changed,
-    validated (an unknown name or a bad value is a :class:`~fem_anode.errors.UsageError`)."""
-    if settings is None:
-        return MultistageSettings(**overrides)
-    if not isinstance(settings, MultistageSettings):
-        raise UsageError(f"settings must be a MultistageSettings, got {type(settings).__name__}")
-    return settings.replace(**overrides) if overrides else settings
-
-
-def region_settings(settings: RegionSettings | None = None, **overrides: Any) -> RegionSettings:
-    """``settings`` (default ``RegionSettings()``) with the fields in ``overrides`` changed, validated."""
-    if settings is None:
-        return RegionSettings(**overrides)
-    if not isinstance(settings, RegionSettings):
-        raise UsageError(f"settings must be a RegionSettings, got {type(settings).__name__}")
-    return settings.replace(**overrides) if overrides else settings

@@ -7,7 +7,7 @@ import pytest
 
 from fem_anode.errors import UsageError
 from fem_anode.imaging.segmentation import multistage_threshold, region_segmentation
-from fem_anode.imaging.settings import MultistageSettings, RegionSettings, multistage_settings
+from fem_anode.imaging.settings import MultistageSettings, RegionSettings
 from fem_anode.imaging.synthetic import ROI_PHASES, anode_volume, fib_sem_roi, render_gray
 from fem_anode.settings import dumps_toml
 
@@ -48,7 +48,13 @@ def test_settings_and_overrides_give_the_same_labels_and_are_reported():
     other = multistage_threshold(gray, refine=False, cleanup=False)  # denoised: other labels
     assert not np.array_equal(other.labels.array, by_object.labels.array)
     with pytest.raises(UsageError, match="MultistageSettings"):
-        multistage_settings({"refine": False})  # type: ignore[arg-type]
+        MultistageSettings.with_overrides({"refine": False})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="must be a MultistageSettings, got RegionSettings"):
+        multistage_threshold(np.zeros((2, 2, 2)), None, RegionSettings())  # type: ignore[arg-type]
+    changed = MultistageSettings()
+    changed.coating_weight = -1.0  # changed after it was made: checked again when used
+    with pytest.raises(UsageError, match="coating_weight must lie in"):
+        multistage_threshold(np.zeros((2, 2, 2)), None, changed)
 
 
 def test_settings_round_trip_through_toml(tmp_path):
