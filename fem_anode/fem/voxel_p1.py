@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -432,6 +433,11 @@ class VoxelP1Operator:
         MPI.Request.Waitall(requests)
         return out
 
+    def node_layers(self) -> np.ndarray:
+        """Per dof, the global index ``0 .. nz`` of its node plane (int32; 4 B per dof)."""
+        plane_box = int(self.box[0] * self.box[1])
+        return (self.position // plane_box + (self.z0 - 1)).astype(np.int32)
+
     def corner_dofs(self, z: int, corner: np.ndarray) -> np.ndarray:
         """For the voxels of layer ``z`` (global, ``z0 <= z < z1``): the dof of their ``corner``
         (``(cz, cy, cx)`` in ``{0, 1}``) as an index into :meth:`with_upper_plane`'s array, ``-1``
@@ -468,38 +474,76 @@ class VoxelP1Operator:
             counts += np.bincount(rows, minlength=self.n)
         return counts
 
+    def csr_blocks(
+        self, rows_per_block: int = 1 << 16
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's rows of ``K + R`` and ``M`` in blocks of consecutive rows: per block ``(first
+        row, indptr, columns, k, m)`` with global columns, ascending in each row (one pattern). The
+        temporaries are bounded by the block (about 150 B per entry of a block); :meth:`csr` joins
+        the blocks."""
+        codes = np.arange(27)
+        steps = np.stack([codes // 9 - 1, (codes // 3) % 3 - 1, codes % 3 - 1], axis=1) @ self._strides  # (z, y, x)
+        present = self.m_table != 0.0  # every coupling has a mass entry
+        (s_rows, s_indptr, s_cols, s_k, s_m), off = self._rows_now()
+        firsts = self._first_dofs()
+        nodes = self.dof_nodes()
+        for a in range(0, self.n, rows_per_block):
+            b = min(a + rows_per_block, self.n)
+            # Typed rows: their neighbours have one copy each, numbered in grid order, so a row's
+            # columns ascend with the stencil code: the (row, code) table is already in CSR order.
+            typed = np.flatnonzero(self.row_type[a:b] != SPECIAL)  # (block rows)
+            types = self.row_type[a + typed].astype(np.intp)
+            coupled = present[types]  # (typed rows, 27)
+            # Special rows: their entries and their couplings to other ranks, sorted (few rows).
+            sa, sb = np.searchsorted(s_rows, (a, b))
+            ea, eb = s_indptr[sa], s_indptr[sb]
+            oa, ob = np.searchsorted(off.rows, (a, b))
+            fa, fb = off.indptr[oa], off.indptr[ob]
+            special_rows = (
+                np.concatenate(
+                    [
+                        np.repeat(s_rows[sa:sb], np.diff(s_indptr[sa : sb + 1])),
+                        np.repeat(off.rows[oa:ob], np.diff(off.indptr[oa : ob + 1])),
+                    ]
+                )
+                - a
+            )
+            special_cols = np.concatenate([s_cols[ea:eb].astype(np.int64) + self.offset, off.columns[fa:fb]])
+            order = np.lexsort((special_cols, special_rows))
+            special_rows = special_rows[order]
+            counts = np.bincount(special_rows, minlength=b - a)
+            counts[typed] = coupled.sum(axis=1)
+            indptr = np.zeros(b - a + 1, np.int64)
+            np.cumsum(counts, out=indptr[1:])
+            columns = np.empty(int(indptr[-1]), np.int64)
+            k = np.empty(columns.size)
+            m = np.empty(columns.size)
+            where = (indptr[typed][:, None] + np.cumsum(coupled, axis=1) - 1)[coupled]
+            columns[where] = firsts[(nodes[a + typed][:, None] + steps[None, :])[coupled]] + self.offset
+            k[where] = self.k_table[types][coupled]
+            m[where] = self.m_table[types][coupled]
+            where = indptr[special_rows] + np.arange(special_rows.size) - np.searchsorted(special_rows, special_rows)
+            columns[where] = special_cols[order]
+            k[where] = np.concatenate([s_k[ea:eb], off.k[fa:fb]])[order]
+            m[where] = np.concatenate([s_m[ea:eb], off.m[fa:fb]])[order]
+            yield a, indptr, columns, k, m
+
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """This rank's rows of ``K + R`` and ``M`` as CSR arrays ``(indptr, columns, k, m)`` with global
         columns, ascending in each row (one pattern; for assembled solvers and tests: about 540 B per
         row, made on demand)."""
-        codes = np.arange(27)
-        steps = np.stack([codes // 9 - 1, (codes // 3) % 3 - 1, codes % 3 - 1], axis=1) @ self._strides  # (z, y, x)
-        typed = np.flatnonzero(self.row_type != SPECIAL)
-        types = self.row_type[typed].astype(np.int64)
-        present = self.m_table != 0.0  # every coupling has a mass entry
-        t_rows, t_codes = [], []
-        for t in range(self.k_table.shape[0]):
-            rows_t = typed[types == t]
-            for code in np.flatnonzero(present[t]):
-                t_rows.append(rows_t)
-                t_codes.append(np.full(rows_t.size, code))
-        rows = np.concatenate(t_rows) if t_rows else np.zeros(0, np.int64)
-        code = np.concatenate(t_codes) if t_codes else np.zeros(0, np.int64)
-        nodes = self.dof_nodes()
-        cols = self._first_dofs()[nodes[rows] + steps[code]].astype(np.int64) + self.offset
-        k = self.k_table[self.row_type[rows], code]
-        m = self.m_table[self.row_type[rows], code]
-        (s_rows, s_indptr, s_cols, s_k, s_m), off = self._rows_now()
-        all_rows = np.concatenate(
-            [rows, np.repeat(s_rows, np.diff(s_indptr)), np.repeat(off.rows, np.diff(off.indptr))]
-        )
-        all_cols = np.concatenate([cols, s_cols.astype(np.int64) + self.offset, off.columns])
-        order = np.lexsort((all_cols, all_rows))
+        blocks = list(self.csr_blocks())
+        if not blocks:
+            return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+        counts = np.concatenate([np.diff(blk[1]) for blk in blocks])
         indptr = np.zeros(self.n + 1, np.int64)
-        np.cumsum(np.bincount(all_rows, minlength=self.n), out=indptr[1:])
-        k_all = np.concatenate([k, s_k, off.k])[order]
-        m_all = np.concatenate([m, s_m, off.m])[order]
-        return indptr, all_cols[order], k_all, m_all
+        np.cumsum(counts, out=indptr[1:])
+        return (
+            indptr,
+            np.concatenate([blk[2] for blk in blocks]),
+            np.concatenate([blk[3] for blk in blocks]),
+            np.concatenate([blk[4] for blk in blocks]),
+        )
 
     @property
     def transport_voxels(self) -> int:

@@ -30,13 +30,14 @@ from mpi4py import MPI
 
 from fem_anode.fem.tortuosity import (
     element_stiffness,
+    free_node_system,
     hex_mesh_arrays,
     percolating_mask,
-    reduced_system,
     tortuosity_factor,
     tortuosity_factors,
 )
 from fem_anode.fem.tortuosity.clusters import slab_bounds, spanning_clusters
+from fem_anode.fem.tortuosity.fe import RefinedLayers, fe_tortuosity_factor
 
 H = (40e-9, 20e-9, 25e-9)  # anisotropic voxel (z, y, x) in metres
 
@@ -131,9 +132,34 @@ def test_series_constriction_bounds_and_refinement(comm):
     series = 1.0 / (0.5 * n_cross / 16 + 0.5 * n_cross / 4)  # D_eff/D of two layers in series (1D)
     narrow = 4 / n_cross  # the narrow columns alone, over the whole depth
     assert narrow < fine.relative_diffusivity < coarse.relative_diffusivity < series
+    # the split voxels read layer by layer give the same problem as the repeated array
+    split = fe_tortuosity_factor(image(labels, spacing), "pore", comm, refine=2)
+    assert split.tau == pytest.approx(fine.tau, rel=1e-9) and split.dofs == fine.dofs
     # the constriction costs a few per cent over the 1D estimate, not more
     assert coarse.relative_diffusivity > 0.9 * series
     assert fine.volume_fraction == pytest.approx(coarse.volume_fraction)
+
+
+def test_refined_layers_equal_the_repeated_array():
+    labels = np.arange(3 * 2 * 4, dtype=np.uint8).reshape(3, 2, 4)
+    fine = labels.repeat(3, 0).repeat(3, 1).repeat(3, 2)
+    layers = RefinedLayers(image(labels), 3)
+    assert layers.shape == fine.shape
+    for start in range(10):
+        for stop in range(start, 10):
+            np.testing.assert_array_equal(layers.read_layers(start, stop), fine[start:stop])
+
+
+@pytest.mark.parametrize("layers", [1, 3, 5])
+def test_fe_with_fewer_than_two_layers_per_rank(comm, layers):
+    """Slabs need two layers: the ranks beyond ``layers // 2`` wait and get the same result."""
+    labels = np.zeros((layers, 4, 5), np.uint8)
+    labels[:, 1:3, 1:4] = 1
+    labels[:, 0, 0] = 1
+    res = tortuosity_factor(image(labels), "pore", comm, method="fe")
+    eps = np.count_nonzero(labels) / labels.size
+    assert res.tau == pytest.approx(1.0, rel=1e-9) and res.volume_fraction == pytest.approx(eps, rel=1e-12)
+    assert comm.allgather(res.tau) == [res.tau] * comm.size
 
 
 def test_random_volume_bounds_and_rank_independence(comm):
@@ -177,11 +203,14 @@ def test_element_stiffness_is_the_trilinear_box_stiffness():
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.6, 0.8, 1.0)])
-def test_reduced_system_equals_plain_triplet_sum(spacing):
-    """The sort-free per-slot sum equals the COO sum of the element matrices, also where the four
-    voxels around an edge split into two face-connected groups at one end (edge entries, nonzero
-    for non-cubic voxels)."""
+def test_free_node_system_equals_plain_triplet_sum(spacing):
+    """The voxel operator's stiffness of the free nodes equals the COO sum of the element matrices
+    over the hexahedra of the percolating voxels (same node numbering), also where the four voxels
+    around an edge split into two face-connected groups at one end (edge entries, nonzero for
+    non-cubic voxels), in blocks of a few rows."""
     import scipy.sparse
+
+    from fem_anode.fem.voxel_p1 import TRANSPORT, VoxelP1Operator
 
     rng = np.random.default_rng(3)
     mask = percolating_mask(rng.random((9, 8, 7)) < 0.6)
@@ -192,17 +221,28 @@ def test_reduced_system_equals_plain_triplet_sum(spacing):
     n = points.shape[0]
     z = points[:, 2]
     n_top, n_bottom = int(np.count_nonzero(z == 0)), int(np.count_nonzero(z == z.max()))
-    matrix, load = reduced_system(cells, n, n_top, n_bottom, spacing)
+    classes = np.zeros((mask.shape[0] + 3, *mask.shape[1:]), np.uint8)
+    classes[2:-1] = mask * TRANSPORT
+    op = VoxelP1Operator(MPI.COMM_SELF, classes, 0, mask.shape[0], mask.shape[0], np.array(spacing), 1.0, 0.0, 0.0)
+    assert op.ndofs == n
+    np.testing.assert_array_equal(op.grid_indices() * np.asarray(spacing)[::-1], points)  # the same numbering
+    blocks = op.csr_blocks
+    op.csr_blocks = lambda rows_per_block=1 << 16: blocks(rows_per_block=37)  # several blocks
+    free, indptr, columns, values, load = free_node_system(op, n_top, n_bottom)
+    matrix = scipy.sparse.csr_matrix((values, columns, indptr), shape=(n - n_top - n_bottom,) * 2)
     ke = element_stiffness(spacing)
     triplets = (
         np.tile(ke.ravel(), cells.shape[0]),
         (np.repeat(cells, 8, axis=1).ravel(), np.tile(cells, (1, 8)).ravel()),
     )
     full = scipy.sparse.csr_matrix(triplets, shape=(n, n))
-    free = slice(n_top, n - n_bottom)
-    assert abs(matrix - full[free][:, free]).max() < 1e-14
-    np.testing.assert_allclose(load, -full[free][:, :n_top] @ np.ones(n_top), atol=1e-14)
-    assert matrix.has_canonical_format
+    inner = slice(n_top, n - n_bottom)
+    np.testing.assert_array_equal(free, np.arange(n) == np.clip(np.arange(n), n_top, n - n_bottom - 1))
+    assert abs(matrix - full[inner][:, inner]).max() < 1e-14
+    np.testing.assert_allclose(load, -full[inner][:, :n_top] @ np.ones(n_top), atol=1e-14)
+    assert matrix.has_sorted_indices
+    # entries of round-off size are dropped: cubic voxels have no edge entries
+    assert np.abs(values).min() > 1e-12 * np.abs(ke).max()
 
 
 @pytest.mark.parametrize("spacing", [H, (1e-6, 1e-6, 1e-6)])
@@ -224,13 +264,15 @@ def test_bad_input(comm):
         tortuosity_factor(image(np.ones((3, 3, 3))), "carbon", comm)
     with pytest.raises(UsageError, match="needs a 3D volume"):
         tortuosity_factor(VoxelImage(np.ones((3, 3), np.uint8), (1e-8, 1e-8), {"pore": 1}), "pore", comm)
+    with pytest.raises(UsageError, match="refine must be an integer >= 1"):
+        fe_tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, refine=0)
     with pytest.raises(UsageError, match="assembly must be"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, assembly="scipy")
     with pytest.raises(UsageError, match="method must be one of fv, fe, fe-extrapolated"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, method="lbm")
     with pytest.raises(UsageError, match="rtol must lie"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, rtol=0.0)
-    # the FE path checks on rank 0 and raises the same error on every rank
+    # the FE path checks on every rank before any collective work: the same error everywhere
     with pytest.raises(UsageError, match="not in the phase map"):
         tortuosity_factor(image(np.ones((3, 3, 3))), "carbon", comm, method="fe")
     with pytest.raises(UsageError, match="needs a 3D volume"):

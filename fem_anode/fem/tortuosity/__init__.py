@@ -13,6 +13,8 @@ carry flux. Three discretisations (``method``):
   different space (unknowns at voxel corners, conforming): for the same voxel geometry it
   lies below the FV value (FE underestimates tau, FV overestimates it at coarse resolution);
   both converge to the same limit when every voxel is split into k^3.
+  Distributed by z slabs like ``"fv"`` (the voxel operator of the P1 diffusion model,
+  :class:`~fem_anode.fem.voxel_p1.VoxelP1Operator`).
 * ``"fe-extrapolated"``: the FE value on the voxels split into 1, 8 and 27 sub-voxels,
   Richardson-extrapolated to k -> infinity (an estimate of the voxel-geometry limit; 36x the
   work of ``"fe"``).
@@ -32,9 +34,9 @@ from fem_anode.errors import UsageError
 from fem_anode.fem.tortuosity.fe import (
     element_stiffness,
     fe_tortuosity_factor,
+    free_node_system,
     hex_mesh_arrays,
     percolating_mask,
-    reduced_system,
 )
 from fem_anode.fem.tortuosity.result import METHODS, TortuosityResult
 from fem_anode.io.images import VoxelImage
@@ -46,9 +48,9 @@ __all__ = [
     "METHODS",
     "TortuosityResult",
     "element_stiffness",
+    "free_node_system",
     "hex_mesh_arrays",
     "percolating_mask",
-    "reduced_system",
     "richardson_limit",
     "tortuosity_factor",
     "tortuosity_factors",
@@ -119,9 +121,9 @@ def tortuosity_factor(
     """Tortuosity factor of ``phase`` along z (axis 0) of a 3D label image (collective).
 
     Args:
-        image: 3D label image with voxel size (m) and phase map. ``"fv"``: every rank passes the
-            image and reads only its slab of z layers of ``image.array`` (a ``np.load(...,
-            mmap_mode="r")`` memmap keeps the rest on disk); ``"fe"``: only rank 0's array is used.
+        image: 3D label image with voxel size (m) and phase map, passed on every rank; each
+            reads only its slab of z layers (a ``np.load(..., mmap_mode="r")`` memmap keeps the
+            rest on disk), except the FE reference ``assembly="dolfinx"``, which uses rank 0's array.
         phase: name of the phase diffusion goes through (e.g. ``"pore"``).
         comm: MPI communicator (default ``MPI.COMM_WORLD``).
         method: ``"fv"`` (default), ``"fe"`` or ``"fe-extrapolated"`` (see the module docstring).
@@ -214,18 +216,8 @@ def _fe_extrapolated(image: VoxelImage, phase: str, comm: MPI.Comm, **kwargs: An
     """FE tortuosity factors on the voxels split into k^3 (k = 1, 2, 3), Richardson-extrapolated."""
     start = time.perf_counter()
     results = []
-    for k in (1, 2, 3):
-        fine = (
-            image
-            if k == 1
-            else VoxelImage(
-                image.array.repeat(k, 0).repeat(k, 1).repeat(k, 2) if comm.rank == 0 else image.array[:1, :1, :1],
-                tuple(h / k for h in image.require_voxel_size()),
-                image.phases,
-                image.source,
-            )
-        )
-        results.append(fe_tortuosity_factor(fine, phase, comm, **kwargs))
+    for k in (1, 2, 3):  # each rank reads its slab of the split voxels, layer by layer
+        results.append(fe_tortuosity_factor(image, phase, comm, refine=k, **kwargs))
     base = results[0]
     timings = {
         "total": time.perf_counter() - start,

@@ -39,18 +39,22 @@ volume-averaged-gradient flux is reported as a check. For an approximate solutio
 energy flux is ``Q + |e|_A^2``: its error is quadratic in the solver error (and always positive),
 so a moderate CG tolerance gives tau to many digits.
 
-Assembly. Every voxel has the same element matrix (:func:`element_stiffness`, closed form), so by
-default the stiffness matrix of the free nodes is summed with NumPy per node and stencil slot
-(:func:`reduced_system`, no sorting, no compiled forms), the Dirichlet nodes are eliminated, and
-rank 0 hands each rank a slab of rows of a PETSc matrix (the nodes are numbered z slowest).
-``assembly="dolfinx"`` solves the identical FE problem through a dolfinx mesh, P1 space and UFL
-forms: the reference the tests compare with (same tau to 1e-8), 3-5x slower in total at 100^3
-(mesh distribution, form assembly and the GAMG/BoomerAMG setup on 27-point rows).
+Assembly and distribution. Every voxel has the same element matrix (:func:`element_stiffness`,
+closed form), so a row of the stiffness matrix follows from the voxels around its node. By
+default each rank reads only its slab of z layers (slabs of about equal numbers of the phase's
+voxels, :func:`~fem_anode.imaging.slabs.balanced_slab`), finds the spanning clusters with the
+others (:func:`~fem_anode.fem.tortuosity.clusters.spanning_clusters`), and builds its rows with
+the P1 voxel operator of the diffusion model (:class:`~fem_anode.fem.voxel_p1.VoxelP1Operator`:
+the face-connected copies of the nodes, numbered in grid order, z slowest, the same on any number
+of ranks); :func:`free_node_system` eliminates the Dirichlet nodes into the load. The energy flux
+is summed voxel by voxel on each rank's slab. No rank holds more than its slab and one node plane
+of its neighbour. ``assembly="dolfinx"`` solves the identical FE problem through a dolfinx mesh
+built on rank 0 (:func:`hex_mesh_arrays` of :func:`percolating_mask`), a P1 space and UFL forms:
+the reference the tests compare with (same tau to 1e-8), for volumes one process can hold.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -62,16 +66,20 @@ from fem_anode.faults import share_error
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
+from fem_anode.resources import release_freed_memory
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from fem_anode.fem.voxel_p1 import VoxelP1Operator
+
 __all__ = [
+    "RefinedLayers",
     "element_stiffness",
     "fe_tortuosity_factor",
+    "free_node_system",
     "hex_mesh_arrays",
     "percolating_mask",
-    "reduced_system",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,85 +195,6 @@ def element_stiffness(spacing: tuple[float, float, float]) -> np.ndarray:
     )
 
 
-# Stencil slot (0..26) of corner b seen from corner a: offset (dz, dy, dx) + 1 in base 3.
-_SLOT = ((_DOLFINX_HEX[None, :, :] - _DOLFINX_HEX[:, None, :] + 1) * np.array([9, 3, 1])).sum(axis=-1)
-# Corner pairs along one cell edge (offset in exactly one direction).
-_EDGE_PAIR = np.abs(_DOLFINX_HEX[None, :, :] - _DOLFINX_HEX[:, None, :]).sum(axis=-1) == 1
-
-
-def reduced_system(
-    cells: np.ndarray, n_nodes: int, n_top: int, n_bottom: int, spacing: tuple[float, float, float]
-) -> tuple[Any, np.ndarray]:
-    """Q1 stiffness matrix of a voxel mesh restricted to its free nodes, and the lifted load.
-
-    The nodes of :func:`hex_mesh_arrays` are numbered by grid position, z slowest, so the
-    ``z = 0`` nodes (c = 1) come first and the ``z = end`` nodes (c = 0) last; the free nodes
-    are ``n_top ... n_nodes - n_bottom - 1``. Every cell has the same element matrix, so the
-    matrix is summed per node and stencil slot (offset of the other node) without sorting:
-    cells sharing a node and a face or body diagonal from it share the other node too. Along
-    an edge that is not so (four voxels around an edge may split into two face-connected
-    groups at one end only): edge entries, zero for cubic voxels, are summed as COO triplets.
-
-    Args:
-        cells: (m, 8) cell nodes in dolfinx's hexahedron order (from :func:`hex_mesh_arrays`).
-        n_nodes, n_top, n_bottom: node count and the numbers of nodes on z = 0 and z = end.
-        spacing: voxel edge lengths (z, y, x).
-
-    Returns:
-        ``(A, b)``: ``A`` a ``scipy.sparse.csr_matrix`` (free x free, sorted indices) and the
-        load ``b = -K[free, top] @ 1`` of the boundary values.
-    """
-    import scipy.sparse
-
-    ke = element_stiffness(spacing)
-    nonzero = np.abs(ke) > 1e-12 * np.abs(ke).max()  # for cubic voxels the edge entries vanish exactly
-    # Box symmetry: an entry depends only on the offset between the corners (one value per slot).
-    slot_value = np.zeros(27)
-    slot_value[_SLOT.ravel()] = ke.ravel()
-    index = np.int32 if n_nodes < 2**31 else np.int64
-    cells32 = np.ascontiguousarray(cells, dtype=index)
-    # Slot-major (27, n) arrays: each pair writes one contiguous row, nearly in order.
-    count: np.ndarray = np.zeros((27, n_nodes), dtype=np.int8)  # at most 8 cells share a node
-    column: np.ndarray = np.full((27, n_nodes), -1, dtype=index)
-    edges = []
-    for a in range(8):
-        rows: np.ndarray = cells32[:, a]
-        for b in range(8):
-            if not nonzero[a, b]:
-                continue
-            if _EDGE_PAIR[a, b]:
-                edges.append((a, b))
-                continue
-            slot = _SLOT[a, b]
-            count[slot][rows] += 1  # rows are distinct for one (a, b): no lost updates
-            column[slot][rows] = cells32[:, b]
-    free = slice(n_top, n_nodes - n_bottom)
-    count, column = count[:, free].T, column[:, free].T  # (free, 27) views
-    n_free = count.shape[0]
-    top = (column >= 0) & (column < n_top)
-    near = np.flatnonzero(top.any(axis=1))  # rows coupled to the c = 1 nodes
-    load = np.zeros(n_free)
-    load[near] = -(count[near] * slot_value * top[near]).sum(axis=1)
-    keep = (count > 0) & (column >= n_top) & (column < n_nodes - n_bottom)
-    indptr = np.zeros(n_free + 1, dtype=np.int64)
-    np.cumsum(keep.sum(axis=1), out=indptr[1:])
-    data = count[keep] * np.broadcast_to(slot_value, count.shape)[keep]
-    matrix = scipy.sparse.csr_matrix((data, column[keep] - n_top, indptr), shape=(n_free, n_free))
-    if edges:
-        rows = np.concatenate([cells[:, a] for a, _ in edges]) - n_top
-        cols = np.concatenate([cells[:, b] for _, b in edges]) - n_top
-        vals = np.concatenate([np.full(cells.shape[0], ke[a, b]) for a, b in edges])
-        inside = (rows >= 0) & (rows < n_free)
-        rows, cols, vals = rows[inside], cols[inside], vals[inside]
-        top = cols < 0
-        load -= np.bincount(rows[top], weights=vals[top], minlength=n_free)
-        interior = (cols >= 0) & (cols < n_free)
-        extra = (vals[interior], (rows[interior], cols[interior]))
-        matrix = matrix + scipy.sparse.csr_matrix(extra, shape=(n_free, n_free))
-        matrix.sum_duplicates()
-    return matrix, load
-
-
 def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
     """CG + BoomerAMG with aggressive coarsening; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
 
@@ -297,6 +226,29 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
 _ASSEMBLY = ("voxel", "dolfinx")
 
 
+class RefinedLayers:
+    """A label image with every voxel split into ``k^3`` equal voxels, read by layers (each layer of
+    the fine image is a coarse layer repeated in y and x): nothing is held beyond the layers read.
+
+    Attributes:
+        shape: the fine image's shape ``(k nz, k ny, k nx)``.
+    """
+
+    def __init__(self, image: Any, k: int) -> None:
+        self.image, self.k = image, int(k)
+        self.shape = tuple(self.k * int(n) for n in image.shape)
+
+    def read_layers(self, start: int, stop: int) -> np.ndarray:
+        """Fine layers ``start .. stop - 1``."""
+        k = self.k
+        start, stop = max(int(start), 0), min(int(stop), self.shape[0])
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), np.uint8)
+        coarse = np.asarray(self.image.read_layers(start // k, (stop - 1) // k + 1))
+        fine = coarse.repeat(k, axis=0)[start - (start // k) * k :][: stop - start]
+        return fine.repeat(k, axis=1).repeat(k, axis=2)
+
+
 def fe_tortuosity_factor(
     image: VoxelImage,
     phase: str,
@@ -306,12 +258,14 @@ def fe_tortuosity_factor(
     max_iterations: int = 1000,
     petsc_options: dict[str, Any] | None = None,
     assembly: str = "voxel",
+    refine: int = 1,
 ) -> TortuosityResult:
     """FE (Q1 nodal) tortuosity factor of ``phase`` along z (axis 0) of a 3D label image (collective).
 
     Args:
-        image: 3D label image with voxel size (m) and phase map; read on rank 0 (other ranks may
-            pass the same image; only rank 0's array is used).
+        image: 3D label image with voxel size (m) and phase map, the same on every rank: with
+            ``assembly="voxel"`` each rank reads only its slab of z layers (``image.read_layers``; a
+            memory-mapped array keeps the rest on disk); ``"dolfinx"`` uses rank 0's array.
         phase: name of the phase diffusion goes through (e.g. ``"pore"``).
         comm: MPI communicator (default ``MPI.COMM_WORLD``).
         rtol: relative (preconditioned) residual tolerance of CG. The energy flux converges
@@ -321,16 +275,20 @@ def fe_tortuosity_factor(
         max_iterations: CG iteration limit.
         petsc_options: extra PETSc options merged over the defaults (CG + BoomerAMG;
             ``{"pc_type": "gamg"}`` for PETSc GAMG).
-        assembly: ``"voxel"`` (default): the exact trilinear-hexahedron stiffness of the voxel
-            mesh summed with NumPy straight into a PETSc matrix of the free nodes (rank 0 builds it,
-            each rank gets a slab of rows); ``"dolfinx"``: the same FE problem through a dolfinx
-            mesh, function space and compiled forms (the reference; 3-5x slower in total).
+        assembly: ``"voxel"`` (default): the exact trilinear-hexahedron stiffness built on each
+            rank's slab of the image from the voxels around every node
+            (:class:`~fem_anode.fem.voxel_p1.VoxelP1Operator`, no mesh, no rank holding more than its
+            slab); ``"dolfinx"``: the same FE problem through a dolfinx mesh built on rank 0, a
+            function space and compiled forms (the reference for small volumes; 3-5x slower).
+        refine: split every voxel into ``refine^3`` (``"voxel"``: read layer by layer, never
+            held whole).
 
     Returns:
         The result, identical on every rank.
 
     Raises:
-        UsageError: not 3D, unknown phase, bad tolerance or assembly.
+        UsageError: not 3D, unknown phase, bad tolerance, assembly or refinement; a slab too large
+            for 32-bit node positions.
         SolverError: CG did not converge or the solution is not finite.
     """
     from mpi4py import MPI
@@ -341,87 +299,63 @@ def fe_tortuosity_factor(
         raise UsageError(f"rtol must lie in (0, 1), got {rtol}")
     if assembly not in _ASSEMBLY:
         raise UsageError(f"assembly must be one of {', '.join(_ASSEMBLY)}, got {assembly!r}")
-    meta: dict[str, Any] = {}
-    error: Exception | None = None
-    points = cells = None
-    timings: dict[str, float] = {}
-    if comm.rank == 0:
-        try:
-            if image.ndim != 3:
-                raise UsageError(f"tortuosity factor needs a 3D volume, {image.source} is {image.ndim}D")
-            phases = image.require_phases()
-            if phase not in phases:
-                raise UsageError(f"phase {phase!r} is not in the phase map ({', '.join(phases)})")
-            spacing = tuple(float(s) for s in image.require_voxel_size())
-            mask = image.array == phases[phase]
-            solved = percolating_mask(mask)
-            h0 = min(spacing)
-            meta = {
-                "eps": float(np.count_nonzero(mask) / mask.size),
-                "perc": float(np.count_nonzero(solved) / mask.size),
-                "extent": [n * s / h0 for n, s in zip(image.shape, spacing)],  # (z, y, x), units of h0
-                "spacing": [s / h0 for s in spacing],
-            }
-            timings["percolation"] = time.perf_counter() - start
-            if meta["perc"] > 0:
-                points, cells = hex_mesh_arrays(solved, tuple(meta["spacing"]))
-            timings["mesh"] = time.perf_counter() - start - timings["percolation"]
-        except (UsageError, InputError) as err:
-            error = err
-    share_error(comm, error)  # rank 0's bad input raised on every rank
-    meta = comm.bcast(meta, root=0)
-    if meta["perc"] == 0:
+    if image.ndim != 3:
+        raise UsageError(f"tortuosity factor needs a 3D volume, {image.source} is {image.ndim}D")
+    if not (isinstance(refine, int) and refine >= 1):
+        raise UsageError(f"refine must be an integer >= 1, got {refine!r}")
+    phases = image.require_phases()
+    if phase not in phases:
+        raise UsageError(f"phase {phase!r} is not in the phase map ({', '.join(phases)})")
+    spacing = tuple(float(s) / refine for s in image.require_voxel_size())
+    h0 = min(spacing)
+    shape = tuple(refine * int(n) for n in image.shape)
+    geometry = {
+        "extent": [n * s / h0 for n, s in zip(shape, spacing)],  # (z, y, x), units of h0
+        "spacing": [s / h0 for s in spacing],
+    }
+    options = _solver_options(rtol, max_iterations, petsc_options or {})
+    if assembly == "dolfinx":
+        out = _solve_dolfinx(comm, image, phase, geometry, options, refine)
+    else:
+        layers = image if refine == 1 else RefinedLayers(image, refine)
+        out = _solve_on_slabs(comm, layers, phases[phase], phase, geometry, options)
+    timings = {key: comm.allreduce(value, op=MPI.MAX) for key, value in sorted(out["timings"].items())}
+    timings["total"] = time.perf_counter() - start
+    if out["perc"] == 0:
         note = (
             f"phase {phase!r} does not percolate along z: no face-connected cluster touches both the z = 0 and the "
             "z = end faces, so D_eff = 0 and tau = inf"
         )
         logger.info("%s", note)
         return TortuosityResult(
-            phase,
-            float("inf"),
-            0.0,
-            meta["eps"],
-            0.0,
-            0,
-            0,
-            0,
-            0.0,
-            comm.size,
-            {"mesh": 0.0, "solve": 0.0, "total": time.perf_counter() - start},
-            note,
-            method="fe",
+            phase, float("inf"), 0.0, out["eps"], 0.0, 0, 0, 0, 0.0, comm.size, timings, note, method="fe"
         )
-    options = _solver_options(rtol, max_iterations, petsc_options or {})
-    solve = _solve_voxel if assembly == "voxel" else _solve_dolfinx
-    flux_energy, flux_gradient, cells_global, dofs, iterations, more = solve(comm, phase, meta, points, cells, options)
-    timings = comm.bcast(timings, root=0)
-    timings.update(more)
-    lz, ly, lx = meta["extent"]
+    flux_energy, flux_gradient = out["flux_energy"], out["flux_gradient"]
+    lz, ly, lx = geometry["extent"]
     relative = flux_energy * lz / (lx * ly)  # D_eff / D
-    tau = meta["eps"] / relative if relative > 0 else float("inf")
+    tau = out["eps"] / relative if relative > 0 else float("inf")
     check = abs(flux_energy - flux_gradient) / flux_energy if flux_energy > 0 else 0.0
-    timings["total"] = time.perf_counter() - start
     logger.info(
         "FE tortuosity factor of %s along z: tau = %.6g (eps %.4g, D_eff/D %.4g), %d cells, %d dofs, "
         "%d CG iterations, %.2f s",
         phase,
         tau,
-        meta["eps"],
+        out["eps"],
         relative,
-        cells_global,
-        dofs,
-        iterations,
+        out["cells"],
+        out["dofs"],
+        out["iterations"],
         timings["total"],
     )
     return TortuosityResult(
         phase=phase,
         tau=float(tau),
         relative_diffusivity=float(relative),
-        volume_fraction=meta["eps"],
-        percolating_fraction=meta["perc"],
-        cells=int(cells_global),
-        dofs=int(dofs),
-        iterations=int(iterations),
+        volume_fraction=out["eps"],
+        percolating_fraction=out["perc"],
+        cells=int(out["cells"]),
+        dofs=int(out["dofs"]),
+        iterations=int(out["iterations"]),
         flux_check_rel=float(check),
         ranks=comm.size,
         timings_s=timings,
@@ -441,85 +375,147 @@ def _check_solution(ksp: Any, phase: str, values: np.ndarray) -> int:
     return int(iterations)
 
 
-def _scatter_rows(comm: Any, parts: list[tuple] | None) -> tuple:
-    """Rank 0's per-rank ``(n, indptr, indices, data, load, guess)`` slabs, each to its rank.
+def free_node_system(op: VoxelP1Operator, n_top: int, n_bottom: int) -> tuple[np.ndarray, ...]:
+    """This rank's rows of the stiffness ``K`` of ``op`` restricted to the free nodes, and the load.
 
-    The arrays travel as raw buffers (``Send``/``Recv``), not pickled; rank 0 keeps its own.
-    """
-    if comm.rank == 0:
-        parts = cast("list[tuple[Any, ...]]", parts)  # rank 0 has them
-        for rank in range(1, comm.size):
-            n, *arrays = parts[rank]
-            comm.send((n, [(a.dtype.str, a.size) for a in arrays]), dest=rank, tag=71)
-            for array in arrays:
-                comm.Send(np.ascontiguousarray(array), dest=rank, tag=72)
-        return parts[0]
-    n, layout = comm.recv(source=0, tag=71)
-    arrays = []
-    for dtype, size in layout:
-        array = np.empty(size, dtype=np.dtype(dtype))
-        comm.Recv(array, source=0, tag=72)
-        arrays.append(array)
-    return (n, *arrays)
-
-
-def _solve_voxel(
-    comm: MPI.Comm,
-    phase: str,
-    meta: dict[str, Any],
-    points: Any,  # rank 0's node coordinates (None elsewhere)
-    cells: Any,  # rank 0's cells (None elsewhere)
-    options: dict[str, Any],
-) -> tuple[float, float, int, int, int, dict[str, float]]:
-    """Voxel assembly: NumPy stiffness of the free nodes, row slabs per rank, fluxes on rank 0.
+    The dofs are numbered in grid order, z slowest, so the ``z = 0`` nodes (``c = 1``) are the
+    first ``n_top`` global dofs and the ``z = end`` nodes (``c = 0``) the last ``n_bottom``; their
+    columns are eliminated into the load ``b = -K[free, top] 1``. Entries of round-off size (the
+    edge entries of a cubic voxel vanish exactly) are dropped. Built block by block of rows.
 
     Returns:
-        ``(flux_energy, flux_gradient, cells, dofs, iterations, timings)``, the same on every rank.
+        ``(free, indptr, columns, values, load)``: ``free`` the mask of this rank's rows that are
+        free; the CSR rows of those rows (columns are global free-node numbers, i.e. global dof
+        minus ``n_top``, as PETSc's index type); the load of those rows.
     """
+    from petsc4py import PETSc
+
+    bottom = op.ndofs - n_bottom
+    rows_global = op.offset + np.arange(op.n, dtype=np.int64)
+    free = (rows_global >= n_top) & (rows_global < bottom)
+    drop = 1e-12 * float(np.abs(op.K_e).max())
+    capacity = op.nonzeros
+    columns = np.empty(capacity, PETSc.IntType)
+    values = np.empty(capacity)
+    counts = np.zeros(op.n, np.int64)
+    load = np.zeros(op.n)
+    filled = 0
+    for a, indptr, cols, k, _ in op.csr_blocks():
+        n_rows = indptr.size - 1
+        rows = np.repeat(np.arange(n_rows), np.diff(indptr))  # (in the block)
+        top = cols < n_top
+        if top.any():
+            load[a : a + n_rows] -= np.bincount(rows[top], weights=k[top], minlength=n_rows)
+        keep = (cols >= n_top) & (cols < bottom) & (np.abs(k) > drop)
+        if not free[a : a + n_rows].all():
+            keep &= free[a : a + n_rows][rows]
+        kept = int(np.count_nonzero(keep))
+        columns[filled : filled + kept] = cols[keep] - n_top
+        values[filled : filled + kept] = k[keep]
+        counts[a : a + n_rows] = np.bincount(rows[keep], minlength=n_rows)
+        filled += kept
+    indptr_free = np.zeros(int(np.count_nonzero(free)) + 1, PETSc.IntType)
+    np.cumsum(counts[free], out=indptr_free[1:])
+    return free, indptr_free, columns[:filled], values[:filled], load[free]
+
+
+def _active_ranks(comm: Any, layers: int) -> Any:
+    """The ranks that get a slab: all if every rank can have two layers, else the first
+    ``layers // 2`` (at least one; the others wait for the result). ``None`` on an idle rank."""
+    from mpi4py import MPI
+
+    active = max(1, min(comm.size, layers // 2))
+    if active == comm.size:
+        return comm
+    sub = comm.Split(0 if comm.rank < active else MPI.UNDEFINED, comm.rank)
+    return None if sub == MPI.COMM_NULL else sub
+
+
+def _solve_on_slabs(
+    comm: Any, image: Any, value: int, phase: str, geometry: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The FE solve distributed by z slabs (see :func:`fe_tortuosity_factor`); the same result on every rank."""
+    sub = _active_ranks(comm, int(image.shape[0]))
+    out: dict[str, Any] | None = None
+    error: Exception | None = None
+    if sub is not None:
+        try:
+            out = _solve_slab(sub, image, value, phase, geometry, options)
+        except (SolverError, InputError, UsageError) as err:  # raised the same on every active rank
+            error = err
+        finally:
+            if sub is not comm:
+                sub.Free()
+    if sub is comm:
+        if error is not None:
+            raise error
+        return cast("dict[str, Any]", out)
+    share_error(comm, error)
+    return cast("dict[str, Any]", comm.bcast(out, root=0))
+
+
+def _solve_slab(
+    comm: Any, image: Any, value: int, phase: str, geometry: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Every rank of ``comm`` a slab of at least two layers (one rank: any)."""
     from mpi4py import MPI
     from petsc4py import PETSc
 
+    from fem_anode.fem.tortuosity.clusters import exchange_layers, spanning_clusters
+    from fem_anode.fem.voxel_p1 import TRANSPORT, VoxelP1Operator
+    from fem_anode.imaging.slabs import balanced_slab
+
     t0 = time.perf_counter()
-    parts = None
-    if comm.rank == 0:
-        spacing = tuple(meta["spacing"])
-        lz = meta["extent"][0]
-        z = points[:, 2]
-        n_nodes = z.shape[0]
-        n_top = int(np.searchsorted(z, 0.5 * spacing[0]))  # nodes are sorted by grid position, z slowest
-        n_bottom = n_nodes - int(np.searchsorted(z, lz - 0.5 * spacing[0]))
-        matrix, load = reduced_system(cells, n_nodes, n_top, n_bottom, spacing)
-        guess = 1.0 - z[n_top : n_nodes - n_bottom] / lz  # exact for straight channels
-        bounds = np.linspace(0, load.size, comm.size + 1).round().astype(np.int64)
-        parts = []
-        for lo, hi in itertools.pairwise(bounds):
-            indptr = matrix.indptr[lo : hi + 1]
-            parts.append(
-                (
-                    load.size,
-                    (indptr - indptr[0]).astype(PETSc.IntType, copy=False),
-                    matrix.indices[indptr[0] : indptr[-1]].astype(PETSc.IntType, copy=False),
-                    matrix.data[indptr[0] : indptr[-1]],
-                    load[lo:hi],
-                    guess[lo:hi],
-                )
-            )
-        del matrix
-    n_free, indptr, indices, data, load_local, guess_local = _scatter_rows(comm, parts)
-    del parts
-    t_assembly = time.perf_counter() - t0
-    iterations, t_setup, t_cg = 0, 0.0, 0.0
-    values = np.zeros(0)
+    nz, ny, nx = (int(n) for n in image.shape)
+    slab = balanced_slab(comm, image, value)
+    read = image.read_layers if hasattr(image, "read_layers") else lambda a, b: image[a:b]
+    mask = np.asarray(read(slab.z0, slab.z1)) == value
+    solved = spanning_clusters(comm, slab, mask)
+    counts = comm.allgather((int(np.count_nonzero(mask)), int(np.count_nonzero(solved))))
+    del mask
+    out: dict[str, Any] = {
+        "eps": sum(c for c, _ in counts) / (nz * ny * nx),
+        "perc": sum(p for _, p in counts) / (nz * ny * nx),
+        "cells": sum(p for _, p in counts),
+    }
+    timings = {"percolation": time.perf_counter() - t0}
+    out["timings"] = timings
+    if out["perc"] == 0:
+        return out
+    # The classes of layers z0 - 2 .. z1: the spanning clusters transport, nothing else exists.
+    classes = np.zeros((slab.layers + 3, ny, nx), np.uint8)
+    classes[2:-1] = solved.view(np.uint8) * TRANSPORT
+    below, above = exchange_layers(comm, slab, solved[:2], solved[-2:])
+    if below is not None:
+        classes[:2] = below.view(np.uint8) * TRANSPORT
+    if above is not None:
+        classes[-1] = above[0].view(np.uint8) * TRANSPORT
+    del solved, below, above
+    try:
+        op = VoxelP1Operator(comm, classes, slab.z0, slab.z1, nz, np.array(geometry["spacing"]), 1.0, 0.0, 0.0)
+    except ValueError as err:  # a slab too large for 32-bit positions: more ranks
+        raise UsageError(f"{getattr(image, 'source', 'image')}: {err}") from err
+    del classes
+    node_z = op.node_layers()
+    n_top = int(comm.allreduce(int(np.count_nonzero(node_z == 0))))
+    n_bottom = int(comm.allreduce(int(np.count_nonzero(node_z == nz))))
+    free, indptr, columns, values, load = free_node_system(op, n_top, n_bottom)
+    op.release_rows()
+    n_local = load.size
+    n_free = op.ndofs - n_top - n_bottom
+    c = np.where(node_z == 0, 1.0, 0.0)  # the solution on this rank's dofs, boundary values set
+    guess = 1.0 - node_z[free] / nz  # exact for straight channels
+    del node_z
+    timings["assembly"] = time.perf_counter() - t0 - timings["percolation"]
+    iterations = 0
     if n_free > 0:
-        n_local = load_local.size
-        A = PETSc.Mat().createAIJ(size=((n_local, n_free), (n_local, n_free)), csr=(indptr, indices, data), comm=comm)
+        A = PETSc.Mat().createAIJ(size=((n_local, n_free), (n_local, n_free)), csr=(indptr, columns, values), comm=comm)
         A.assemble()
         A.setOption(PETSc.Mat.Option.SPD, True)
-        del indptr, indices, data
-        b = PETSc.Vec().createMPI((n_local, n_free), comm=comm)
-        x = b.duplicate()
-        b.array[:] = load_local
-        x.array[:] = guess_local
+        del indptr, columns, values
+        release_freed_memory()
+        b = PETSc.Vec().createWithArray(load, size=(n_local, n_free), comm=comm)
+        x = PETSc.Vec().createWithArray(guess, size=(n_local, n_free), comm=comm)
         ksp = ksp_from_options(comm, A, options, "tortuosity")
         try:
             t1 = time.perf_counter()
@@ -527,47 +523,71 @@ def _solve_voxel(
             t2 = time.perf_counter()
             ksp.solve(b, x)
             t3 = time.perf_counter()
-            t_setup, t_cg = t2 - t1, t3 - t2
-            values = x.array.copy()
-            ok = bool(np.isfinite(values).all())
-            iterations = _check_solution(ksp, phase, values if comm.allreduce(ok, op=MPI.LAND) else np.array([np.nan]))
+            timings.update({"pc_setup": t2 - t1, "cg": t3 - t2, "solve": t3 - t1})
+            ok = comm.allreduce(bool(np.isfinite(guess).all()), op=MPI.LAND)
+            iterations = _check_solution(ksp, phase, guess if ok else np.array([np.nan]))
         finally:
             ksp.destroy()
             A.destroy()
             b.destroy()
             x.destroy()
+        c[free] = guess  # the solution (x was made on the guess's array)
     t4 = time.perf_counter()
-    gathered = comm.gather(values, root=0)
-    fluxes = None
-    if comm.rank == 0:
-        c = np.concatenate([np.ones(n_top), *(gathered or []), np.zeros(n_bottom)])  # rank 0: the list
-        ke = element_stiffness(spacing)
-        energy = gradient = 0.0
-        for chunk in range(0, cells.shape[0], 1 << 16):
-            ce = c[cells[chunk : chunk + (1 << 16)]]
-            energy += float(np.einsum("ij,jk,ik->", ce, ke, ce))  # Q / D for delta c = 1
-            gradient += float(ce[:, 4:].sum() - ce[:, :4].sum())  # 4 x (integral of dc/dz) / (hx hy)
-        gradient *= -spacing[1] * spacing[2] / 4.0 / lz
-        fluxes = (energy, gradient, cells.shape[0], n_nodes)
-    flux_energy, flux_gradient, n_cells, n_nodes_all = comm.bcast(fluxes, root=0)
-    timings = {"assembly": t_assembly, "pc_setup": t_setup, "cg": t_cg, "solve": t_setup + t_cg}
+    energy, gradient = _slab_fluxes(op, c)
+    sums = comm.allgather((energy, gradient))  # summed in rank order: the same on every rank
+    lz = geometry["extent"][0]
+    spacing = geometry["spacing"]
+    out["flux_energy"] = float(sum(e for e, _ in sums))
+    out["flux_gradient"] = -float(sum(g for _, g in sums)) * spacing[1] * spacing[2] / 4.0 / lz
+    out["dofs"] = op.ndofs
+    out["iterations"] = iterations
     timings["flux"] = time.perf_counter() - t4
-    return flux_energy, flux_gradient, n_cells, n_nodes_all, iterations, timings
+    return out
+
+
+def _slab_fluxes(op: VoxelP1Operator, c: np.ndarray) -> tuple[float, float]:
+    """This rank's voxels' shares of the energy flux ``sum_e c_e^T K_e c_e`` (``Q / D`` for
+    ``Delta c = 1``) and of ``sum_e (sum of c over the upper corners - over the lower corners)``
+    (``4 / (h_x h_y)`` times the integral of ``dc/dz``), layer by layer. Collective."""
+    values = op.with_upper_plane(c)
+    energy = gradient = 0.0
+    for z in range(op.z0, op.z1):
+        corners = np.stack([op.corner_dofs(z, corner) for corner in _DOLFINX_HEX], axis=-1)
+        corners = corners[corners[..., 0] >= 0]  # (transporting voxels of the layer, 8)
+        ce = values[corners]
+        energy += float(np.einsum("ij,jk,ik->", ce, op.K_e, ce))
+        gradient += float(ce[:, 4:].sum() - ce[:, :4].sum())
+    return energy, gradient
+
+
+def _rank0_mesh(
+    comm: MPI.Comm, image: VoxelImage, phase: str, geometry: dict[str, Any], refine: int
+) -> tuple[Any, ...]:
+    """Rank 0's percolating voxels (each split into ``refine^3``) as a hexahedral mesh (the dolfinx
+    reference): ``(eps, perc, points, cells)``, the fractions on every rank, the arrays on rank 0
+    (``None`` elsewhere)."""
+    error: Exception | None = None
+    fractions, points, cells = (0.0, 0.0), None, None
+    if comm.rank == 0:
+        try:
+            mask = image.array == image.require_phases()[phase]
+            mask = mask.repeat(refine, 0).repeat(refine, 1).repeat(refine, 2) if refine > 1 else mask
+            solved = percolating_mask(mask)
+            fractions = (float(np.count_nonzero(mask) / mask.size), float(np.count_nonzero(solved) / mask.size))
+            if fractions[1] > 0:
+                points, cells = hex_mesh_arrays(solved, tuple(geometry["spacing"]))
+        except (UsageError, InputError) as err:
+            error = err
+    share_error(comm, error)  # rank 0's bad input raised on every rank
+    eps, perc = comm.bcast(fractions, root=0)
+    return eps, perc, points, cells
 
 
 def _solve_dolfinx(
-    comm: MPI.Comm,
-    phase: str,
-    meta: dict[str, Any],
-    points: Any,  # rank 0's node coordinates (None elsewhere)
-    cells: Any,  # rank 0's cells (None elsewhere)
-    options: dict[str, Any],
-) -> tuple[float, float, int, int, int, dict[str, float]]:
-    """Reference assembly: dolfinx mesh, P1 space, compiled forms, Dirichlet rows; fluxes by forms.
-
-    Returns:
-        ``(flux_energy, flux_gradient, cells, dofs, iterations, timings)``, the same on every rank.
-    """
+    comm: MPI.Comm, image: VoxelImage, phase: str, geometry: dict[str, Any], options: dict[str, Any], refine: int
+) -> dict[str, Any]:
+    """Reference assembly: the mesh built on rank 0 and distributed by dolfinx, P1 space, compiled
+    forms, Dirichlet rows; fluxes by forms. The same result on every rank."""
     import basix.ufl
     import dolfinx
     import scifem
@@ -578,6 +598,10 @@ def _solve_dolfinx(
     from petsc4py import PETSc
 
     t0 = time.perf_counter()
+    eps, perc, points, cells = _rank0_mesh(comm, image, phase, geometry, refine)
+    out: dict[str, Any] = {"eps": eps, "perc": perc, "timings": {"mesh": time.perf_counter() - t0}}
+    if perc == 0:
+        return out
     if comm.rank != 0:
         points, cells = np.zeros((0, 3)), np.zeros((0, 8), dtype=np.int64)
     element = basix.ufl.element("Lagrange", "hexahedron", 1, shape=(3,))
@@ -586,9 +610,9 @@ def _solve_dolfinx(
     mesh = dolfinx.mesh.create_mesh(comm, cells, points, ufl.Mesh(element), partitioner=cell_partitioner("none"))
     del points, cells
     t_mesh = time.perf_counter() - t0
-    lz = meta["extent"][0]
+    lz = geometry["extent"][0]
     tdim = mesh.topology.dim
-    half = 0.25 * meta["spacing"][0]
+    half = 0.25 * geometry["spacing"][0]
     top = dolfinx.mesh.locate_entities_boundary(mesh, tdim - 1, lambda x: x[2] < half)
     bottom = dolfinx.mesh.locate_entities_boundary(mesh, tdim - 1, lambda x: x[2] > lz - half)
     V = fem.functionspace(mesh, ("Lagrange", 1))
@@ -631,5 +655,14 @@ def _solve_dolfinx(
     flux_gradient = -integral(c.dx(2) * ufl.dx) / lz
     timings = {"mesh_dolfinx": t_mesh, "assembly": t_assembly, "pc_setup": t2 - t1, "cg": t3 - t2, "solve": t3 - t1}
     timings["flux"] = time.perf_counter() - t3
-    n_cells, n_dofs = mesh.topology.index_map(tdim).size_global, V.dofmap.index_map.size_global
-    return flux_energy, flux_gradient, n_cells, n_dofs, iterations, timings
+    out["timings"].update(timings)
+    out.update(
+        {
+            "flux_energy": flux_energy,
+            "flux_gradient": flux_gradient,
+            "cells": mesh.topology.index_map(tdim).size_global,
+            "dofs": V.dofmap.index_map.size_global,
+            "iterations": iterations,
+        }
+    )
+    return out
