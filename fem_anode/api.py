@@ -246,7 +246,7 @@ def tortuosity_factor(
         UsageError: not 3D, unknown phase or method, or petsc4py missing. SolverError: CG failed.
     """
     from fem_anode.fem.tortuosity.result import METHODS
-    from fem_anode.resources import check_memory, estimate_fe_memory, estimate_mesh_memory
+    from fem_anode.resources import check_memory
 
     image = _as_image(image)
     if method not in METHODS:
@@ -258,6 +258,7 @@ def tortuosity_factor(
         raise UsageError(f"phase {phase!r} is not in the phase map ({', '.join(phases)})")
     try:
         from fem_anode.fem.tortuosity import tortuosity_factor as solve
+        from fem_anode.fem.tortuosity.fe import estimate_memory as estimate_fe_tortuosity_memory
         from fem_anode.fem.tortuosity.fv import estimate_memory as estimate_fv_memory
     except ImportError as err:
         raise UsageError(
@@ -266,19 +267,9 @@ def tortuosity_factor(
     comm = _world(comm)
     if method == "fv":
         estimate = estimate_fv_memory(image, phase, comm)
-    else:  # sized as a dolfinx P1 solve with AMG: an upper bound of the NumPy-assembled voxel operator
-        mesh = estimate_mesh_memory(image, "voxel", [phase])
-        refine = 27 if method == "fe-extrapolated" else 1
-        estimate = estimate_fe_memory(
-            cells=refine * float(mesh.details["cells"]),
-            dofs=refine * float(mesh.details["nodes"]),
-            ndim=3,
-            cell_type="hexahedron",
-            degree=1,
-            solver="iterative",
-            ranks=comm.size,
-            what=f"tortuosity factor of {phase!r}",
-        )
+    else:
+        refine = 3 if method == "fe-extrapolated" else 1  # the largest of its three solves
+        estimate = estimate_fe_tortuosity_memory(image, phase, comm, refine=refine)
     check_memory(estimate, comm, hint="crop or bin the image, or run on more nodes", enabled=memory_check)
     return solve(image, phase, comm, method=method, rtol=rtol, petsc_options=dict(petsc_options or {}))
 

@@ -177,6 +177,14 @@ def test_random_volume_bounds_and_rank_independence(comm):
     # GAMG instead of the default BoomerAMG: the same answer
     gamg = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "gamg"}, method="fe")
     assert gamg.tau == pytest.approx(res.tau, rel=1e-7)
+    # the memory estimate counts the node copies of the whole phase slab by slab: the same on any
+    # number of ranks, the dofs of the hexahedral mesh of the phase, at least those of its spanning part
+    from fem_anode.fem.tortuosity.fe import estimate_memory
+
+    unknowns = estimate_memory(image(labels), "pore", comm).details["unknowns"]
+    assert unknowns == estimate_memory(image(labels), "pore").details["unknowns"] >= res.dofs
+    assert unknowns == hex_mesh_arrays(labels == 1, (1.0, 1.0, 1.0))[0].shape[0]
+    assert estimate_memory(image(labels), "pore", refine=3).details["unknowns"] == 27 * unknowns
     # the solid phase along z (labels 0): a second phase through the convenience wrapper
     both = tortuosity_factors(image(labels), ["pore", "solid"], comm, method="fe")
     assert both["pore"].tau == pytest.approx(res.tau, rel=1e-9)

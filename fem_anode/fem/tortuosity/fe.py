@@ -74,8 +74,10 @@ if TYPE_CHECKING:
     from fem_anode.fem.voxel_p1 import VoxelP1Operator
 
 __all__ = [
+    "BYTES_PER_UNKNOWN",
     "RefinedLayers",
     "element_stiffness",
+    "estimate_memory",
     "fe_tortuosity_factor",
     "free_node_system",
     "hex_mesh_arrays",
@@ -224,6 +226,49 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
 
 
 _ASSEMBLY = ("voxel", "dolfinx")
+
+#: Peak memory per FE unknown (node copy) of the default solve, CG + BoomerAMG, the libraries aside:
+#: measured 1,140 B on one rank and 1,190 B summed over two at 200^3 (40 % pore blob, 4.3 M
+#: unknowns; docs/benchmarks.md, "The FE option"), three quarters of it BoomerAMG's set-up;
+#: rounded up.
+BYTES_PER_UNKNOWN = 1300.0
+
+
+def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1) -> Any:
+    """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of the FE
+    tortuosity factor of ``phase``, with every voxel split into ``refine^3``.
+
+    The unknowns are counted exactly for the whole phase (the face-connected copies of every node,
+    an upper bound of those of its spanning clusters), slab by slab: each rank reads only its
+    layers and one more, a few at a time. ``refine^3`` times that for the split voxels. Collective
+    when ``comm`` is given.
+    """
+    from fem_anode.fem.tortuosity.clusters import slab_bounds
+    from fem_anode.meshing.voxel import _TABLES, corner_offsets
+    from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate
+
+    value = image.require_phases()[phase]
+    nz, ny, nx = (int(n) for n in image.shape)
+    ranks = comm.size if comm is not None else 1
+    slab = slab_bounds(comm, nz) if comm is not None else None
+    z0, z1 = (slab.z0, slab.z1) if slab is not None else (0, nz)
+    last = z1 == nz and z1 > z0  # the last slab also owns node plane nz
+    copies = _TABLES[3][1]
+    unknowns = 0
+    for a in range(z0, z1 + int(last), 32):  # node planes a .. b - 1 from voxel layers a - 1 .. b - 1
+        b = min(a + 32, z1 + int(last))
+        layers = np.zeros((b - a + 1, ny + 2, nx + 2), np.uint8)
+        lo, hi = max(a - 1, 0), min(b, nz)
+        layers[lo - (a - 1) : hi - (a - 1), 1:-1, 1:-1] = np.asarray(image.array[lo:hi]) == value
+        config = np.zeros((b - a, ny + 1, nx + 1), np.uint8)
+        for bit, (bz, by, bx) in enumerate(corner_offsets(3)):
+            config |= layers[bz : bz + b - a, by : by + ny + 1, bx : bx + nx + 1] << bit
+        unknowns += int(copies[config].sum(dtype=np.int64))
+    if comm is not None:
+        unknowns = comm.allreduce(unknowns)
+    unknowns *= refine**3
+    total = FE_BASE_PER_RANK * ranks + BYTES_PER_UNKNOWN * unknowns
+    return MemoryEstimate(f"FE tortuosity factor of {phase!r}", total, {"unknowns": float(unknowns)})
 
 
 class RefinedLayers:
