@@ -262,7 +262,7 @@ def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1
         layers[lo - (a - 1) : hi - (a - 1), 1:-1, 1:-1] = np.asarray(image.array[lo:hi]) == value
         config = np.zeros((b - a, ny + 1, nx + 1), np.uint8)
         for bit, (bz, by, bx) in enumerate(corner_offsets(3)):
-            config |= layers[bz : bz + b - a, by : by + ny + 1, bx : bx + nx + 1] << bit
+            config |= (layers[bz : bz + b - a, by : by + ny + 1, bx : bx + nx + 1] << bit).astype(np.uint8, copy=False)
         unknowns += int(copies[config].sum(dtype=np.int64))
     if comm is not None:
         unknowns = comm.allreduce(unknowns)
