@@ -817,61 +817,8 @@ def _write_distributed(
     voxel_size: Any,
     phases: dict[str, int],
 ) -> None:
-    """Write the label image: ``.npy`` by every rank into its own layers of one memory-mapped
-    file (no gather), other formats gathered on rank 0 and written by the image writer."""
-    import os
-    import tempfile
+    """Write the label image from every rank's layers (:func:`~fem_anode.io.images.write_image_layers`:
+    ``.npy``, TIFF and folders of slices without gathering the volume)."""
+    from fem_anode.io.images import write_image_layers
 
-    from fem_anode.io.images import VoxelImage, write_image
-
-    if comm is None or comm.size == 1:
-        write_image(path, VoxelImage(labels, voxel_size, phases, str(path)))
-        return
-    rank = comm.rank
-    if path.suffix.lower() != ".npy":
-        gathered = comm.gather(labels, root=0)
-        if rank == 0:
-            write_image(path, VoxelImage(np.concatenate(gathered), voxel_size, phases, str(path)))
-        comm.barrier()
-        return
-    from fem_anode.errors import InputError
-    from fem_anode.faults import share_error
-    from fem_anode.io.images import _meta_dict, _sidecar  # the image writer's own metadata layout
-    from fem_anode.io.output import write_json
-
-    tmp, error = None, None
-    if rank == 0:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-            os.close(fd)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=labels.dtype, shape=shape).flush()
-        except OSError as err:
-            error = InputError(f"--out {path}: cannot write: {err.strerror or err}")
-    share_error(comm, error)
-    tmp = comm.bcast(tmp, root=0)
-    if tmp is None:
-        raise InputError(f"--out {path}: cannot write")
-    ok = True
-    try:
-        if bounds[rank + 1] > bounds[rank]:
-            out = np.load(tmp, mmap_mode="r+")
-            out[bounds[rank] : bounds[rank + 1]] = labels
-            out.flush()
-            del out
-    except OSError:
-        ok = False
-    from mpi4py import MPI
-
-    all_ok = comm.allreduce(ok, op=MPI.LAND)
-    if rank == 0:
-        if all_ok:
-            os.replace(tmp, path)
-            write_json(_sidecar(path), _meta_dict(voxel_size, phases))
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
-    comm.barrier()
-    if not all_ok:
-        from fem_anode.errors import InputError
-
-        raise InputError(f"--out {path}: a rank could not write its layers")
+    write_image_layers(path, labels, shape, bounds, comm, voxel_size=voxel_size, phases=phases)

@@ -33,6 +33,7 @@ __all__ = [
     "open_image_layers",
     "read_image",
     "write_image",
+    "write_image_layers",
     "parse_phase_map",
     "format_phase_map",
 ]
@@ -784,14 +785,8 @@ def write_image(
     elif suffix == "":
         path.mkdir(parents=True, exist_ok=True)
         stack = array if array.ndim == 3 else array[None]
-        if (
-            stack.dtype not in (np.uint8, np.uint16, bool)
-            and np.issubdtype(stack.dtype, np.integer)
-            and stack.size
-            and stack.min() >= 0
-            and stack.max() < 2**16
-        ):
-            stack = stack.astype(np.uint16 if stack.max() > 255 else np.uint8)  # one dtype for every slice
+        if stack.size:  # one data type for every slice
+            stack = stack.astype(_folder_dtype(stack.dtype, float(stack.min()), float(stack.max())), copy=False)
         width = max(4, len(str(len(stack) - 1)))
         for i, plane in enumerate(stack):
             _write_png(path / f"slice_{i:0{width}d}.png", plane)
@@ -799,6 +794,180 @@ def write_image(
     else:
         raise UsageError(f"{path}: cannot write format {path.suffix!r}; use {', '.join(IMAGE_SUFFIXES)} or a folder")
     return path
+
+
+def _folder_dtype(dtype: Any, low: float, high: float) -> Any:
+    """The data type ``write_image`` stores a stack of ``dtype`` with values in ``[low, high]`` as in a
+    folder of slices (small non-negative integers as uint8/uint16; others unchanged)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.uint8, np.uint16, bool) and np.issubdtype(dtype, np.integer) and low >= 0 and high < 2**16:
+        return np.dtype(np.uint16 if high > 255 else np.uint8)
+    return dtype
+
+
+def write_image_layers(
+    path: str | Path,
+    layers: np.ndarray,
+    shape: Sequence[int],
+    bounds: Sequence[int],
+    comm: Any,
+    *,
+    voxel_size: Any = None,
+    phases: Any = None,
+) -> Path:
+    """Write an image whose axis-0 layers are split over the ranks of ``comm`` (collective).
+
+    Rank ``r`` passes ``layers``, the image's layers ``bounds[r] .. bounds[r + 1] - 1``. No rank
+    holds more than its own layers and one more:
+
+    * ``.npy``: every rank writes its layers into one memory-mapped file;
+    * ``.tif``/``.tiff``: one series of pages, written by rank 0 as the other ranks send their
+      layers one at a time (the same file as :func:`write_image` of the whole array);
+    * a path without suffix: a folder of slices, each rank writing its own (one data type chosen
+      over all ranks, as :func:`write_image` chooses it), ``metadata.json`` by rank 0;
+    * other formats (``.npz``, 2D ``.png``) are gathered on rank 0 and written by :func:`write_image`.
+
+    The file appears only when every rank has written its part (the folder's ``metadata.json``
+    last); otherwise every rank raises :class:`InputError`.
+    """
+    from mpi4py import MPI
+
+    from fem_anode.faults import share_error
+
+    path = Path(path)
+    meta = _meta_dict(voxel_size, phases)
+    if comm is None or comm.size == 1:
+        try:
+            return write_image(path, np.asarray(layers), voxel_size=voxel_size, phases=phases)
+        except OSError as err:
+            raise InputError(f"{path}: cannot write: {err}") from None
+    rank = comm.rank
+    shape = tuple(int(n) for n in shape)
+    bounds = [int(b) for b in bounds]
+    suffix = path.suffix.lower()
+    if len(shape) != 3 or suffix not in (".npy", ".tif", ".tiff", ""):
+        gathered = comm.gather(layers, root=0)
+        error: Exception | None = None
+        if rank == 0:
+            try:
+                stacked = np.concatenate(gathered or [])
+                write_image(path, VoxelImage(stacked, None, None, str(path)), voxel_size=voxel_size, phases=phases)
+            except (OSError, InputError, UsageError) as err:
+                error = err if not isinstance(err, OSError) else InputError(f"{path}: cannot write: {err}")
+        share_error(comm, error)
+        return path
+    dtype = np.dtype(comm.bcast(np.asarray(layers).dtype.str if rank == 0 else None, root=0))
+    ok = True
+    if suffix == "":
+        has = np.asarray(layers).size > 0
+        low = comm.allreduce(float(np.min(layers)) if has else np.inf, op=MPI.MIN)
+        high = comm.allreduce(float(np.max(layers)) if has else -np.inf, op=MPI.MAX)
+        stored = _folder_dtype(dtype, low, high)
+        width = max(4, len(str(shape[0] - 1)))
+        made = True
+        if rank == 0:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                made = False
+        ok = bool(comm.bcast(made, root=0))
+        try:
+            for i, plane in enumerate(np.asarray(layers, dtype=stored) if ok else [], start=bounds[rank]):
+                _write_png(path / f"slice_{i:0{width}d}.png", plane)
+        except (OSError, InputError, UsageError):
+            ok = False
+        if comm.allreduce(ok, op=MPI.LAND) and rank == 0:
+            write_json(path / "metadata.json", meta)
+    elif suffix == ".npy":
+        ok = _write_npy_layers(path, layers, shape, dtype, bounds, comm, meta)
+    else:
+        ok = _write_tiff_layers(path, layers, shape, dtype, bounds, comm, meta)
+    if not comm.allreduce(ok, op=MPI.LAND):
+        raise InputError(f"{path}: cannot write the image (a rank could not write its layers)")
+    return path
+
+
+def _write_npy_layers(
+    path: Path, layers: np.ndarray, shape: tuple[int, ...], dtype: Any, bounds: list[int], comm: Any, meta: dict
+) -> bool:
+    """Every rank its layers of one memory-mapped ``.npy`` file, renamed when all are written."""
+    import os
+    import tempfile
+
+    from mpi4py import MPI
+
+    tmp = None
+    if comm.rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+            os.close(fd)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        except OSError:
+            tmp = None
+    tmp = comm.bcast(tmp, root=0)
+    if tmp is None:
+        return False
+    ok = True
+    try:
+        a, b = bounds[comm.rank], bounds[comm.rank + 1]
+        if b > a:
+            out = np.load(tmp, mmap_mode="r+")
+            out[a:b] = layers
+            out.flush()
+            del out
+    except OSError:
+        ok = False
+    ok = comm.allreduce(ok, op=MPI.LAND)
+    if comm.rank == 0:
+        try:
+            if ok:
+                os.replace(tmp, path)
+                write_json(_sidecar(path), meta)
+        except OSError:
+            ok = False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return bool(comm.bcast(ok, root=0))
+
+
+def _write_tiff_layers(
+    path: Path, layers: np.ndarray, shape: tuple[int, ...], dtype: Any, bounds: list[int], comm: Any, meta: dict
+) -> bool:
+    """Rank 0 writes one series of pages, its own and then every other rank's as they arrive (one
+    page at a time); the other ranks send theirs. Rank 0 receives every page even if writing
+    failed, so no rank waits forever."""
+    rank, size = comm.rank, comm.size
+    tag = 7311
+    if rank != 0:
+        for plane in np.asarray(layers, dtype=dtype):
+            comm.Send(np.ascontiguousarray(plane), dest=0, tag=tag)
+        return True
+    import tifffile
+
+    page = np.empty(shape[1:], dtype)
+    received = dict.fromkeys(range(1, size), 0)
+
+    def pages() -> Any:
+        yield from np.asarray(layers, dtype=dtype)
+        for r in range(1, size):
+            while received[r] < bounds[r + 1] - bounds[r]:
+                comm.Recv(page, source=r, tag=tag)
+                received[r] += 1
+                yield page
+
+    ok = True
+    try:
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, data=pages(), shape=shape, dtype=dtype, description=json.dumps(meta), metadata=None)
+    except (OSError, ValueError):
+        ok = False
+    finally:
+        for r in range(1, size):  # the pages not taken (a failed write): received and dropped
+            for _ in range(bounds[r + 1] - bounds[r] - received[r]):
+                comm.Recv(page, source=r, tag=tag)
+    return ok
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

@@ -392,3 +392,18 @@ def test_settings_file_reruns_a_report_and_options_override_it(inputs, comm, cap
         assert message in err and "Traceback" not in err
     comm.barrier()
     assert not (d / "x.npy").exists()
+
+
+def test_label_outputs_in_every_format_hold_the_same_labels(inputs, comm):
+    """A TIFF (one series of pages, rank 0 writing the others' layers as they arrive) and a folder
+    of slices (each rank writing its own) hold the labels of the .npy output on any number of ranks."""
+    d = inputs
+    base = ["segment", str(d / "gray.npy"), "--method", "threshold", "-q"]
+    for name in ("t.npy", "t.tif", "t_slices"):
+        assert main([*base, "--out", str(d / name)]) == 0
+    comm.barrier()
+    reference = read_image(d / "t.npy", kind="labels")
+    for name in ("t.tif", "t_slices"):
+        image = read_image(d / name, kind="labels")
+        np.testing.assert_array_equal(image.array, reference.array)
+        assert image.phases == reference.phases and image.voxel_size == reference.voxel_size
