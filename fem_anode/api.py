@@ -269,7 +269,8 @@ def tortuosity_factor(
         estimate = estimate_fv_memory(image, phase, comm)
     else:
         refine = 3 if method == "fe-extrapolated" else 1  # the largest of its three solves
-        estimate = estimate_fe_tortuosity_memory(image, phase, comm, refine=refine)
+        pc_type = str(dict(petsc_options or {}).get("pc_type", "ssor"))
+        estimate = estimate_fe_tortuosity_memory(image, phase, comm, refine=refine, pc_type=pc_type)
     check_memory(estimate, comm, hint="crop or bin the image, or run on more nodes", enabled=memory_check)
     return solve(image, phase, comm, method=method, rtol=rtol, petsc_options=dict(petsc_options or {}))
 

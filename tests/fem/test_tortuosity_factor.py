@@ -165,17 +165,17 @@ def test_fe_with_fewer_than_two_layers_per_rank(comm, layers):
 def test_random_volume_bounds_and_rank_independence(comm):
     rng = np.random.default_rng(7)
     labels = (rng.random((12, 10, 10)) < 0.65).astype(np.uint8)
-    res = tortuosity_factor(image(labels), "pore", comm, method="fe")
+    res = tortuosity_factor(image(labels), "pore", comm, method="fe", rtol=1e-10)
     assert 1.0 < res.tau < 5.0  # Wiener: D_eff <= eps D
     assert res.relative_diffusivity <= res.percolating_fraction
     assert res.flux_check_rel < 1e-6
     taus = comm.allgather(res.tau)
     assert max(taus) == min(taus)
     # the same volume on one rank gives the same number
-    single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF, method="fe")
+    single = tortuosity_factor(image(labels), "pore", MPI.COMM_SELF, method="fe", rtol=1e-10)
     assert res.tau == pytest.approx(single.tau, rel=1e-7)
-    # GAMG instead of the default BoomerAMG: the same answer
-    gamg = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "gamg"}, method="fe")
+    # GAMG instead of the default SSOR: the same answer
+    gamg = tortuosity_factor(image(labels), "pore", comm, petsc_options={"pc_type": "gamg"}, method="fe", rtol=1e-10)
     assert gamg.tau == pytest.approx(res.tau, rel=1e-7)
     # the memory estimate counts the node copies of the whole phase slab by slab: the same on any
     # number of ranks, the dofs of the hexahedral mesh of the phase, at least those of its spanning part
@@ -185,10 +185,42 @@ def test_random_volume_bounds_and_rank_independence(comm):
     assert unknowns == estimate_memory(image(labels), "pore").details["unknowns"] >= res.dofs
     assert unknowns == hex_mesh_arrays(labels == 1, (1.0, 1.0, 1.0))[0].shape[0]
     assert estimate_memory(image(labels), "pore", refine=3).details["unknowns"] == 27 * unknowns
+    lean, assembled = (estimate_memory(image(labels), "pore", pc_type=pc).bytes for pc in ("ssor", "hypre"))
+    assert assembled > lean  # BoomerAMG's hierarchy on the assembled matrix
     # the solid phase along z (labels 0): a second phase through the convenience wrapper
-    both = tortuosity_factors(image(labels), ["pore", "solid"], comm, method="fe")
+    both = tortuosity_factors(image(labels), ["pore", "solid"], comm, method="fe", rtol=1e-10)
     assert both["pore"].tau == pytest.approx(res.tau, rel=1e-9)
     assert both["solid"].tau > 1.0 or both["solid"].tau == float("inf")
+
+
+@pytest.mark.parametrize("spacing", [H, (1e-6, 1e-6, 1e-6)])
+def test_fe_ssor_on_the_stencil_equals_boomeramg_on_the_matrix(comm, spacing, monkeypatch):
+    """The default FE solver (CG + SSOR on the grid stencil, Dirichlet rows made identity rows) and
+    the assembled matrix of the free nodes with BoomerAMG solve the same problem; without the
+    compiled sweeps the default falls back to BoomerAMG."""
+    rng = np.random.default_rng(11)
+    labels = (rng.random((11, 9, 8)) < 0.6).astype(np.uint8)
+    ssor = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12, method="fe")
+    amg = tortuosity_factor(
+        image(labels, spacing), "pore", comm, rtol=1e-12, method="fe", petsc_options={"pc_type": "hypre"}
+    )
+    assert ssor.tau == pytest.approx(amg.tau, rel=1e-9) and ssor.dofs == amg.dofs
+    assert ssor.iterations > amg.iterations  # (SSOR needs more iterations: it did run)
+    omega = tortuosity_factor(
+        image(labels, spacing), "pore", comm, rtol=1e-12, method="fe", petsc_options={"ssor_omega": 1.2}
+    )
+    assert omega.tau == pytest.approx(amg.tau, rel=1e-9) and omega.iterations != ssor.iterations
+    # the default rtol: tau to a few 1e-6
+    default = tortuosity_factor(image(labels, spacing), "pore", comm, method="fe")
+    assert default.tau == pytest.approx(amg.tau, rel=1e-4)
+    from fem_anode.fem import voxel_sweeps
+
+    def unavailable(comm):
+        raise voxel_sweeps.SweepKernelUnavailable("no C compiler (test)")
+
+    monkeypatch.setattr(voxel_sweeps, "load_sweep_library", unavailable)
+    fallback = tortuosity_factor(image(labels, spacing), "pore", comm, rtol=1e-12, method="fe")
+    assert fallback.tau == pytest.approx(amg.tau, rel=1e-9) and fallback.iterations == amg.iterations
 
 
 def test_element_stiffness_is_the_trilinear_box_stiffness():
@@ -272,6 +304,10 @@ def test_bad_input(comm):
         tortuosity_factor(image(np.ones((3, 3, 3))), "carbon", comm)
     with pytest.raises(UsageError, match="needs a 3D volume"):
         tortuosity_factor(VoxelImage(np.ones((3, 3), np.uint8), (1e-8, 1e-8), {"pore": 1}), "pore", comm)
+    with pytest.raises(UsageError, match="ssor_omega must lie in"):
+        tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, method="fe", petsc_options={"ssor_omega": 2.0})
+    with pytest.raises(UsageError, match="default SSOR takes only ssor_omega, got ksp_monitor"):
+        tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, method="fe", petsc_options={"ksp_monitor": True})
     with pytest.raises(UsageError, match="refine must be an integer >= 1"):
         fe_tortuosity_factor(image(np.ones((3, 3, 3))), "pore", comm, refine=0)
     with pytest.raises(UsageError, match="assembly must be"):

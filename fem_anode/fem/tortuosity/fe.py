@@ -198,14 +198,29 @@ def element_stiffness(spacing: tuple[float, float, float]) -> np.ndarray:
 
 
 def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> dict[str, Any]:
-    """CG + BoomerAMG with aggressive coarsening; ``{"pc_type": "gamg"}`` selects PETSc GAMG.
+    """CG + SSOR in fused passes of the compiled grid-stencil kernel by default (``{"pc_type":
+    "ssor"}``, relaxation ``ssor_omega`` 1.6; no matrix, about 200 B per unknown); ``{"pc_type":
+    "hypre"}`` assembles the matrix for BoomerAMG with aggressive coarsening, ``{"pc_type":
+    "gamg"}`` for PETSc GAMG.
 
     BoomerAMG (PMIS, ext+i, P_max 4, strong threshold 0.5, one level of aggressive coarsening,
     forward/backward hybrid SOR without C/F ordering) sets up several times faster than GAMG on
-    the 21-point stencil for the same iterations (measurements: docs/benchmarks.md, "The FE option").
+    the 21-point stencil for the same iterations, but needs about 1.1 kB per unknown (measurements:
+    docs/benchmarks.md, "The FE option").
     """
     options: dict[str, Any] = {"ksp_type": "cg", "ksp_rtol": rtol, "ksp_atol": 0.0, "ksp_max_it": max_it}
-    if petsc_options.get("pc_type", "hypre") == "hypre":
+    if petsc_options.get("pc_type", "ssor") == "ssor":
+        unknown = set(petsc_options) - {"pc_type", "ssor_omega"}
+        if unknown:
+            raise UsageError(
+                f"the FE tortuosity factor's default SSOR takes only ssor_omega, got {', '.join(sorted(unknown))}; "
+                "PETSc options need pc_type 'hypre' or 'gamg'"
+            )
+        omega = float(petsc_options.get("ssor_omega", 1.6))
+        if not 0 < omega < 2:
+            raise UsageError(f"ssor_omega must lie in (0, 2), got {omega}")
+        return {**options, "pc_type": "ssor", "ssor_omega": omega}
+    if petsc_options["pc_type"] == "hypre":
         options.update(
             {
                 "pc_type": "hypre",
@@ -227,16 +242,17 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
 
 _ASSEMBLY = ("voxel", "dolfinx")
 
-#: Peak memory per FE unknown (node copy) of the default solve, CG + BoomerAMG, the libraries aside:
-#: measured 1,140 B on one rank and 1,190 B summed over two at 200^3 (40 % pore blob, 4.3 M
-#: unknowns; docs/benchmarks.md, "The FE option"), three quarters of it BoomerAMG's set-up;
-#: rounded up.
-BYTES_PER_UNKNOWN = 1300.0
+#: Peak memory per FE unknown (node copy), the libraries aside, of the default solve (CG + SSOR on
+#: the grid stencil: measured 193 B at 200^3, 40 % pore blob, 4.3 M unknowns) and with the assembled
+#: matrix and BoomerAMG (1,140 B on one rank, 1,190 B summed over two, three quarters of it
+#: BoomerAMG's set-up; docs/benchmarks.md, "The FE option"); rounded up.
+BYTES_PER_UNKNOWN = {"ssor": 250.0, "assembled": 1300.0}
 
 
-def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1) -> Any:
+def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1, pc_type: str = "ssor") -> Any:
     """Estimated peak memory (:class:`~fem_anode.resources.MemoryEstimate`, all ranks) of the FE
-    tortuosity factor of ``phase``, with every voxel split into ``refine^3``.
+    tortuosity factor of ``phase``, with every voxel split into ``refine^3``, solved with
+    ``pc_type`` (``"ssor"``, the default, or an assembled matrix for ``"hypre"``/``"gamg"``).
 
     The unknowns are counted exactly for the whole phase (the face-connected copies of every node,
     an upper bound of those of its spanning clusters), slab by slab: each rank reads only its
@@ -267,7 +283,8 @@ def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1
     if comm is not None:
         unknowns = comm.allreduce(unknowns)
     unknowns *= refine**3
-    total = FE_BASE_PER_RANK * ranks + BYTES_PER_UNKNOWN * unknowns
+    per_unknown = BYTES_PER_UNKNOWN["ssor" if pc_type == "ssor" else "assembled"]
+    total = FE_BASE_PER_RANK * ranks + per_unknown * unknowns
     return MemoryEstimate(f"FE tortuosity factor of {phase!r}", total, {"unknowns": float(unknowns)})
 
 
@@ -300,7 +317,7 @@ def fe_tortuosity_factor(
     comm: Any = None,
     *,
     rtol: float = 1e-5,
-    max_iterations: int = 1000,
+    max_iterations: int = 20000,
     petsc_options: dict[str, Any] | None = None,
     assembly: str = "voxel",
     refine: int = 1,
@@ -314,12 +331,17 @@ def fe_tortuosity_factor(
         phase: name of the phase diffusion goes through (e.g. ``"pore"``).
         comm: MPI communicator (default ``MPI.COMM_WORLD``).
         rtol: relative (preconditioned) residual tolerance of CG. The energy flux converges
-            quadratically in the solution error: measured on five random volumes (40^3-100^3,
-            tau 1.6-4.5), 1e-5 gives tau to at most 2e-8 (relative) in 7-9 iterations, 1e-4 to
-            1.5e-6, 1e-3 to 1.7e-4.
+            quadratically in the solution error: on a 200^3 blob volume the default SSOR gives tau
+            to 4.5e-6 (relative) at 1e-5 (101 iterations), 2e-8 at 1e-6 (169), 3e-10 at 1e-7; with
+            BoomerAMG 1e-5 gives tau to at most 2e-8 in 7-9 iterations (five random volumes,
+            40^3-100^3).
         max_iterations: CG iteration limit.
-        petsc_options: extra PETSc options merged over the defaults (CG + BoomerAMG;
-            ``{"pc_type": "gamg"}`` for PETSc GAMG).
+        petsc_options: the solver: ``{}`` or ``{"pc_type": "ssor"}`` (default): CG + SSOR in
+            fused passes of the compiled grid-stencil kernel, no matrix assembled (about 200 B per
+            unknown; ``ssor_omega``, default 1.6); ``{"pc_type": "hypre"}``: the matrix assembled,
+            CG + BoomerAMG (about 1.1 kB per unknown; the fallback without a C compiler and for
+            ``assembly="dolfinx"``); ``{"pc_type": "gamg"}``: PETSc GAMG. With ``"hypre"`` or
+            ``"gamg"`` other PETSc options are merged over the defaults.
         assembly: ``"voxel"`` (default): the exact trilinear-hexahedron stiffness built on each
             rank's slab of the image from the voxels around every node
             (:class:`~fem_anode.fem.voxel_p1.VoxelP1Operator`, no mesh, no rank holding more than its
@@ -359,6 +381,9 @@ def fe_tortuosity_factor(
         "spacing": [s / h0 for s in spacing],
     }
     options = _solver_options(rtol, max_iterations, petsc_options or {})
+    if options["pc_type"] == "ssor" and (assembly == "dolfinx" or not _sweeps_available(comm)):
+        given = {k: v for k, v in (petsc_options or {}).items() if k != "ssor_omega"}
+        options = _solver_options(rtol, max_iterations, {**given, "pc_type": "hypre"})
     if assembly == "dolfinx":
         out = _solve_dolfinx(comm, image, phase, geometry, options, refine)
     else:
@@ -406,6 +431,18 @@ def fe_tortuosity_factor(
         timings_s=timings,
         method="fe",
     )
+
+
+def _sweeps_available(comm: Any) -> bool:
+    """Whether the compiled sweep kernels load on every rank (collective); else BoomerAMG, logged."""
+    from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, load_sweep_library
+
+    try:
+        load_sweep_library(comm)
+    except SweepKernelUnavailable as exc:
+        logger.warning("FE tortuosity factor: no compiled SSOR sweeps (%s); CG + BoomerAMG instead", exc)
+        return False
+    return True
 
 
 def _check_solution(ksp: Any, phase: str, values: np.ndarray) -> int:
@@ -544,6 +581,11 @@ def _solve_slab(
     node_z = op.node_layers()
     n_top = int(comm.allreduce(int(np.count_nonzero(node_z == 0))))
     n_bottom = int(comm.allreduce(int(np.count_nonzero(node_z == nz))))
+    if options.get("pc_type") == "ssor":
+        c, iterations, more = _solve_on_stencil(comm, op, node_z, nz, n_top, n_bottom, phase, options)
+        timings["assembly"] = more.pop("assembly") - t0 - timings["percolation"]
+        timings.update(more)
+        return _finish_slab(out, op, c, iterations, geometry, timings)
     free, indptr, columns, values, load = free_node_system(op, n_top, n_bottom)
     op.release_rows()
     n_local = load.size
@@ -577,9 +619,21 @@ def _solve_slab(
             b.destroy()
             x.destroy()
         c[free] = guess  # the solution (x was made on the guess's array)
+    return _finish_slab(out, op, c, iterations, geometry, timings)
+
+
+def _finish_slab(
+    out: dict[str, Any],
+    op: VoxelP1Operator,
+    c: np.ndarray,
+    iterations: int,
+    geometry: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The fluxes of the solution ``c`` (this rank's dofs, boundary values included) into ``out``."""
     t4 = time.perf_counter()
     energy, gradient = _slab_fluxes(op, c)
-    sums = comm.allgather((energy, gradient))  # summed in rank order: the same on every rank
+    sums = op.comm.allgather((energy, gradient))  # summed in rank order: the same on every rank
     lz = geometry["extent"][0]
     spacing = geometry["spacing"]
     out["flux_energy"] = float(sum(e for e, _ in sums))
@@ -588,6 +642,93 @@ def _solve_slab(
     out["iterations"] = iterations
     timings["flux"] = time.perf_counter() - t4
     return out
+
+
+def _solve_on_stencil(
+    comm: Any,
+    op: VoxelP1Operator,
+    node_z: np.ndarray,
+    nz: int,
+    n_top: int,
+    n_bottom: int,
+    phase: str,
+    options: dict[str, Any],
+) -> tuple[np.ndarray, int, dict[str, float]]:
+    """CG with SSOR (Eisenstat's trick, fused passes of the compiled grid-stencil kernel of the P1
+    diffusion model; no matrix assembled) on the stiffness of ``op`` with the Dirichlet rows made
+    identity rows: the rows of node planes 0, 1, nz - 1 and nz become special rows (assembled, their
+    couplings to the Dirichlet nodes moved into the load), every other row keeps its type.
+
+    Returns:
+        ``(c, iterations, timings)``: ``c`` on this rank's dofs, boundary values included;
+        ``timings["assembly"]`` is the time the set-up ended (``perf_counter``).
+    """
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from fem_anode.fem.diffusion.transient import FusedEisenstatSolver
+    from fem_anode.fem.grid_stencil import SPECIAL, GridStencilKernel
+    from fem_anode.fem.slab_sweeps import OffRankCouplings
+    from fem_anode.fem.voxel_sweeps import load_sweep_library
+
+    library = load_sweep_library(comm)
+    old_special, off = op._rows_now()
+    near = np.isin(node_z, (0, 1, nz - 1, nz))
+    dirichlet = (node_z == 0) | (node_z == nz)
+    special_rows = np.union1d(old_special[0], np.flatnonzero(near))
+    is_special = np.zeros(op.n, bool)
+    is_special[special_rows] = True
+    bottom = op.ndofs - n_bottom
+    load = np.zeros(op.n)
+    counts = np.zeros(op.n, np.int64)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for a, indptr, cols, k, m in op.csr_blocks():
+        rows = np.repeat(np.arange(a, a + indptr.size - 1), np.diff(indptr))
+        pick = is_special[rows]
+        rows, cols, k, m = rows[pick], cols[pick], k[pick], m[pick]
+        top = cols < n_top
+        np.subtract.at(load, rows[top & ~dirichlet[rows]], k[top & ~dirichlet[rows]])
+        local = (cols >= op.offset) & (cols < op.offset + op.n)  # (off-rank couplings stay in ``off``)
+        keep = local & np.where(dirichlet[rows], cols == op.offset + rows, (cols >= n_top) & (cols < bottom))
+        rows, cols, k, m = rows[keep], cols[keep], k[keep], m[keep]
+        k = np.where(dirichlet[rows], 1.0, k)  # identity rows
+        m = np.where(dirichlet[rows], 0.0, m)
+        counts += np.bincount(rows, minlength=op.n)
+        parts.append(((cols - op.offset).astype(np.int32), k, m))
+    indptr = np.zeros(special_rows.size + 1, np.int64)
+    np.cumsum(counts[special_rows], out=indptr[1:])
+    columns, k_values, m_values = (np.concatenate(column) for column in zip(*parts))
+    special = (special_rows, indptr, columns, k_values, m_values)
+    row_type = op.row_type.copy()
+    row_type[special_rows] = SPECIAL
+    kernel = GridStencilKernel.from_types(
+        op.position, op.box, row_type, op.k_table, op.m_table, special, options["ssor_omega"], library
+    )
+    del special, parts, row_type, columns, k_values, m_values
+
+    def couplings(d: PETSc.Vec) -> OffRankCouplings:
+        return OffRankCouplings.from_rows(op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, kernel.library)
+
+    solver = FusedEisenstatSolver.on_stencil(
+        comm, kernel, couplings if comm.size > 1 else None, options["ksp_rtol"], options["ksp_max_it"]
+    )
+    solver.prepare(0.0)  # K alone (no mass term)
+    op.release_rows()
+    load[node_z == 0] = 1.0  # the identity rows' values
+    load[node_z == nz] = 0.0
+    c = 1.0 - node_z / nz  # the initial guess, exact for straight channels and on the Dirichlet nodes
+    b = PETSc.Vec().createWithArray(load, size=(op.n, op.ndofs), comm=comm)
+    x = PETSc.Vec().createWithArray(c, size=(op.n, op.ndofs), comm=comm)
+    t1 = time.perf_counter()
+    try:
+        solver.solve(b, x)
+    finally:
+        b.destroy()
+        x.destroy()
+    t2 = time.perf_counter()
+    ok = comm.allreduce(bool(np.isfinite(c).all()), op=MPI.LAND)
+    iterations = _check_solution(solver, phase, c if ok else np.array([np.nan]))
+    return c, iterations, {"assembly": t1, "pc_setup": 0.0, "cg": t2 - t1, "solve": t2 - t1}
 
 
 def _slab_fluxes(op: VoxelP1Operator, c: np.ndarray) -> tuple[float, float]:
