@@ -11,8 +11,11 @@ diffusion problem
     \ (\text{mesh group ``top``}),\qquad c = 0 \ \text{on } z = L_z\ (\text{``bottom``}),
 
 with no flux on every other boundary (the phase's interfaces and the box sides) is solved for
-the P1 (trilinear) finite-element field with CG + algebraic multigrid (hypre BoomerAMG with
-aggressive coarsening; PETSc GAMG on request). From the total flux ``Q`` through the phase,
+the P1 (trilinear) finite-element field with CG + SSOR in fused passes of the compiled
+grid-stencil kernel of the P1 diffusion model (no matrix assembled; on several ranks one global
+SSOR in the slab-face order), or on request on the assembled matrix of the free nodes with
+algebraic multigrid (hypre BoomerAMG with aggressive coarsening, PETSc GAMG). From the total flux
+``Q`` through the phase,
 
 .. math::
 
@@ -46,8 +49,12 @@ voxels, :func:`~fem_anode.imaging.slabs.balanced_slab`), finds the spanning clus
 others (:func:`~fem_anode.fem.tortuosity.clusters.spanning_clusters`), and builds its rows with
 the P1 voxel operator of the diffusion model (:class:`~fem_anode.fem.voxel_p1.VoxelP1Operator`:
 the face-connected copies of the nodes, numbered in grid order, z slowest, the same on any number
-of ranks); :func:`free_node_system` eliminates the Dirichlet nodes into the load. The energy flux
-is summed voxel by voxel on each rank's slab. No rank holds more than its slab and one node plane
+of ranks). For the default SSOR the rows of the node planes 0, 1, nz - 1 and nz become special
+(assembled) rows of the grid stencil, those of the Dirichlet nodes identity rows, their couplings
+to the Dirichlet nodes moved into the load; every other row keeps its type, so no matrix is
+assembled. For multigrid :func:`free_node_system` assembles the rows of the free nodes, the
+Dirichlet nodes eliminated into the load. The energy flux is summed voxel by voxel on each rank's
+slab. No rank holds more than its slab and one node plane
 of its neighbour. ``assembly="dolfinx"`` solves the identical FE problem through a dolfinx mesh
 built on rank 0 (:func:`hex_mesh_arrays` of :func:`percolating_mask`), a P1 space and UFL forms:
 the reference the tests compare with (same tau to 1e-8), for volumes one process can hold.
