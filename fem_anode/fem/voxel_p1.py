@@ -475,20 +475,21 @@ class VoxelP1Operator:
         return counts
 
     def csr_blocks(
-        self, rows_per_block: int = 1 << 16
+        self, rows_per_block: int = 1 << 16, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """This rank's rows of ``K + R`` and ``M`` in blocks of consecutive rows: per block ``(first
-        row, indptr, columns, k, m)`` with global columns, ascending in each row (one pattern). The
-        temporaries are bounded by the block (about 150 B per entry of a block); :meth:`csr` joins
-        the blocks."""
+        """This rank's rows ``start .. stop - 1`` (default all) of ``K + R`` and ``M`` in blocks of
+        consecutive rows: per block ``(first row, indptr, columns, k, m)`` with global columns,
+        ascending in each row (one pattern). The temporaries are bounded by the block (about 150 B
+        per entry of a block); :meth:`csr` joins the blocks."""
         codes = np.arange(27)
         steps = np.stack([codes // 9 - 1, (codes // 3) % 3 - 1, codes % 3 - 1], axis=1) @ self._strides  # (z, y, x)
         present = self.m_table != 0.0  # every coupling has a mass entry
         (s_rows, s_indptr, s_cols, s_k, s_m), off = self._rows_now()
         firsts = self._first_dofs()
         nodes = self.dof_nodes()
-        for a in range(0, self.n, rows_per_block):
-            b = min(a + rows_per_block, self.n)
+        stop = self.n if stop is None else min(int(stop), self.n)
+        for a in range(max(int(start), 0), stop, rows_per_block):
+            b = min(a + rows_per_block, stop)
             # Typed rows: their neighbours have one copy each, numbered in grid order, so a row's
             # columns ascend with the stencil code: the (row, code) table is already in CSR order.
             typed = np.flatnonzero(self.row_type[a:b] != SPECIAL)  # (block rows)

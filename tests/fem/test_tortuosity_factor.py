@@ -266,6 +266,15 @@ def test_free_node_system_equals_plain_triplet_sum(spacing):
     op = VoxelP1Operator(MPI.COMM_SELF, classes, 0, mask.shape[0], mask.shape[0], np.array(spacing), 1.0, 0.0, 0.0)
     assert op.ndofs == n
     np.testing.assert_array_equal(op.grid_indices() * np.asarray(spacing)[::-1], points)  # the same numbering
+    # a range of rows in blocks: the rows of the whole CSR
+    indptr_all, columns_all, k_all, m_all = op.csr()
+    for a, ip, cols, k, m in op.csr_blocks(rows_per_block=10, start=25, stop=61):
+        lo, hi = indptr_all[a], indptr_all[a + ip.size - 1]
+        np.testing.assert_array_equal(ip, indptr_all[a : a + ip.size] - lo)
+        np.testing.assert_array_equal(cols, columns_all[lo:hi])
+        np.testing.assert_array_equal(k, k_all[lo:hi])
+        np.testing.assert_array_equal(m, m_all[lo:hi])
+    assert [a for a, *_ in op.csr_blocks(rows_per_block=10, start=25, stop=61)] == [25, 35, 45, 55]
     blocks = op.csr_blocks
     op.csr_blocks = lambda rows_per_block=1 << 16: blocks(rows_per_block=37)  # several blocks
     free, indptr, columns, values, load = free_node_system(op, n_top, n_bottom)

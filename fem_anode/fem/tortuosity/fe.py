@@ -680,38 +680,45 @@ def _solve_on_stencil(
 
     library = load_sweep_library(comm)
     old_special, off = op._rows_now()
-    near = np.isin(node_z, (0, 1, nz - 1, nz))
+    # The rows of node planes 0, 1, nz - 1 and nz: the first and last rows (grid order, z slowest).
+    lo, hi = (int(i) for i in np.searchsorted(node_z, (2, nz - 1)))
+    ranges = [(0, op.n)] if lo >= hi else [(0, lo), (hi, op.n)]
     dirichlet = (node_z == 0) | (node_z == nz)
-    special_rows = np.union1d(old_special[0], np.flatnonzero(near))
-    is_special = np.zeros(op.n, bool)
-    is_special[special_rows] = True
     bottom = op.ndofs - n_bottom
     load = np.zeros(op.n)
-    counts = np.zeros(op.n, np.int64)
     parts: list[tuple[np.ndarray, ...]] = []
-    for a, indptr, cols, k, m in op.csr_blocks():
-        rows = np.repeat(np.arange(a, a + indptr.size - 1), np.diff(indptr))
-        pick = is_special[rows]
-        rows, cols, k, m = rows[pick], cols[pick], k[pick], m[pick]
-        top = cols < n_top
-        np.subtract.at(load, rows[top & ~dirichlet[rows]], k[top & ~dirichlet[rows]])
-        local = (cols >= op.offset) & (cols < op.offset + op.n)  # (off-rank couplings stay in ``off``)
-        keep = local & np.where(dirichlet[rows], cols == op.offset + rows, (cols >= n_top) & (cols < bottom))
-        rows, cols, k, m = rows[keep], cols[keep], k[keep], m[keep]
-        k = np.where(dirichlet[rows], 1.0, k)  # identity rows
-        m = np.where(dirichlet[rows], 0.0, m)
-        counts += np.bincount(rows, minlength=op.n)
-        parts.append(((cols - op.offset).astype(np.int32), k, m))
+    for start, stop in ranges:
+        for a, indptr, cols, k, m in op.csr_blocks(start=start, stop=stop):
+            rows = np.repeat(np.arange(a, a + indptr.size - 1), np.diff(indptr))
+            top = (cols < n_top) & ~dirichlet[rows]
+            np.subtract.at(load, rows[top], k[top])
+            local = (cols >= op.offset) & (cols < op.offset + op.n)  # (off-rank couplings stay in ``off``)
+            keep = local & np.where(dirichlet[rows], cols == op.offset + rows, (cols >= n_top) & (cols < bottom))
+            rows, cols, k, m = rows[keep], cols[keep], k[keep], m[keep]
+            fixed = dirichlet[rows]  # identity rows for the Dirichlet nodes
+            parts.append((rows, (cols - op.offset).astype(np.int32), np.where(fixed, 1.0, k), np.where(fixed, 0.0, m)))
+    # The other special rows (split nodes) as they are: none of them couples to a Dirichlet node.
+    s_rows, s_indptr, s_cols, s_k, s_m = old_special
+    outside = np.ones(s_rows.size, bool)
+    for start, stop in ranges:
+        outside &= (s_rows < start) | (s_rows >= stop)
+    counts = np.diff(s_indptr)
+    pick = np.repeat(outside, counts)
+    parts.append((np.repeat(s_rows, counts)[pick], s_cols[pick], s_k[pick], s_m[pick]))
+    rows, columns, k_values, m_values = (np.concatenate(column) for column in zip(*parts))
+    order = np.argsort(rows, kind="stable")  # rows ascending, each row's columns stay ascending
+    rows, columns, k_values, m_values = rows[order], columns[order], k_values[order], m_values[order]
+    special_rows, counts = np.unique(rows, return_counts=True)
     indptr = np.zeros(special_rows.size + 1, np.int64)
-    np.cumsum(counts[special_rows], out=indptr[1:])
-    columns, k_values, m_values = (np.concatenate(column) for column in zip(*parts))
+    np.cumsum(counts, out=indptr[1:])
     special = (special_rows, indptr, columns, k_values, m_values)
+    del parts, rows, order
     row_type = op.row_type.copy()
     row_type[special_rows] = SPECIAL
     kernel = GridStencilKernel.from_types(
         op.position, op.box, row_type, op.k_table, op.m_table, special, options["ssor_omega"], library
     )
-    del special, parts, row_type, columns, k_values, m_values
+    del special, row_type, columns, k_values, m_values
 
     def couplings(d: PETSc.Vec) -> OffRankCouplings:
         return OffRankCouplings.from_rows(op.n, off.rows, off.indptr, off.columns, off.k, off.m, d, kernel.library)
