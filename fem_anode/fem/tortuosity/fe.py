@@ -250,7 +250,7 @@ def _solver_options(rtol: float, max_it: int, petsc_options: dict[str, Any]) -> 
 _ASSEMBLY = ("voxel", "dolfinx")
 
 #: Peak memory per FE unknown (node copy), the libraries aside, of the default solve (CG + SSOR on
-#: the grid stencil: measured 193 B at 200^3, 40 % pore blob, 4.3 M unknowns) and with the assembled
+#: the grid stencil: measured 175 B at 200^3, 40 % pore blob, 4.3 M unknowns) and with the assembled
 #: matrix and BoomerAMG (1,140 B on one rank, 1,190 B summed over two, three quarters of it
 #: BoomerAMG's set-up; docs/benchmarks.md, "The FE option"); rounded up.
 BYTES_PER_UNKNOWN = {"ssor": 250.0, "assembled": 1300.0}
