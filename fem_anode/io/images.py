@@ -788,8 +788,14 @@ def write_image(
         if stack.size:  # one data type for every slice
             stack = stack.astype(_folder_dtype(stack.dtype, float(stack.min()), float(stack.max())), copy=False)
         width = max(4, len(str(len(stack) - 1)))
-        for i, plane in enumerate(stack):
-            _write_png(path / f"slice_{i:0{width}d}.png", plane)
+        written: list[Path] = []
+        try:
+            for i, plane in enumerate(stack):
+                written.append(path / f"slice_{i:0{width}d}.png")
+                _write_png(written[-1], plane)
+        except BaseException:
+            _remove_files(written)  # no half-written folder
+            raise
         write_json(path / "metadata.json", meta)
     else:
         raise UsageError(f"{path}: cannot write format {path.suffix!r}; use {', '.join(IMAGE_SUFFIXES)} or a folder")
@@ -817,8 +823,8 @@ def write_image_layers(
 ) -> Path:
     """Write an image whose axis-0 layers are split over the ranks of ``comm`` (collective).
 
-    Rank ``r`` passes ``layers``, the image's layers ``bounds[r] .. bounds[r + 1] - 1``. No rank
-    holds more than its own layers and one more:
+    Rank ``r`` passes ``layers``, the image's layers ``bounds[r] .. bounds[r + 1] - 1``. For
+    ``.npy``, TIFF and folders of slices no rank holds more than its own layers and one more:
 
     * ``.npy``: every rank writes its layers into one memory-mapped file;
     * ``.tif``/``.tiff``: one series of pages, written by rank 0 as the other ranks send their
@@ -827,8 +833,9 @@ def write_image_layers(
       over all ranks, as :func:`write_image` chooses it), ``metadata.json`` by rank 0;
     * other formats (``.npz``, 2D ``.png``) are gathered on rank 0 and written by :func:`write_image`.
 
-    The file appears only when every rank has written its part (the folder's ``metadata.json``
-    last); otherwise every rank raises :class:`InputError`.
+    The file appears only when every rank has written its part (a folder's ``metadata.json``
+    last; on a failure every rank removes the slices it wrote); otherwise every rank raises
+    :class:`InputError`.
     """
     from mpi4py import MPI
 
@@ -871,13 +878,18 @@ def write_image_layers(
             except OSError:
                 made = False
         ok = bool(comm.bcast(made, root=0))
+        written: list[Path] = []
         try:
             for i, plane in enumerate(np.asarray(layers, dtype=stored) if ok else [], start=bounds[rank]):
-                _write_png(path / f"slice_{i:0{width}d}.png", plane)
+                written.append(path / f"slice_{i:0{width}d}.png")
+                _write_png(written[-1], plane)
         except (OSError, InputError, UsageError):
             ok = False
-        if comm.allreduce(ok, op=MPI.LAND) and rank == 0:
-            write_json(path / "metadata.json", meta)
+        if comm.allreduce(ok, op=MPI.LAND):
+            if rank == 0:
+                write_json(path / "metadata.json", meta)
+        else:
+            _remove_files(written)  # no half-written folder
     elif suffix == ".npy":
         ok = _write_npy_layers(path, layers, shape, dtype, bounds, comm, meta)
     else:
@@ -968,6 +980,13 @@ def _write_tiff_layers(
             for _ in range(bounds[r + 1] - bounds[r] - received[r]):
                 comm.Recv(page, source=r, tag=tag)
     return ok
+
+
+def _remove_files(paths: Sequence[Path]) -> None:
+    """Remove the files at ``paths`` that exist (what could not be removed stays)."""
+    for path in paths:
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

@@ -67,3 +67,16 @@ def test_unwritable_path_raises_on_every_rank(shared_tmp_path, comm, name):
         )
     comm.barrier()
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_a_failed_slice_leaves_no_half_written_folder(shared_tmp_path, comm):
+    folder = shared_tmp_path / "slices"
+    if comm.rank == 0:
+        (folder / "slice_0003.png").mkdir(parents=True)  # a folder where a slice file should go
+    comm.barrier()
+    volume = np.ones((6, 3, 4), np.uint8)
+    bounds = bounds_for(6, comm.size)
+    with pytest.raises(InputError, match="cannot write"):
+        write_image_layers(folder, volume[bounds[comm.rank] : bounds[comm.rank + 1]], volume.shape, bounds, comm)
+    comm.barrier()
+    assert sorted(p.name for p in folder.iterdir()) == ["slice_0003.png"]  # only what was there before
