@@ -532,9 +532,7 @@ def _solve_on_slabs(
             out = _solve_slab(sub, image, value, phase, geometry, options)
         except (SolverError, InputError, UsageError) as err:  # raised the same on every active rank
             error = err
-        finally:
-            if sub is not comm:
-                sub.Free()
+        # (a sub-communicator is not freed here: the solver's PETSc objects may outlive this call)
     if sub is comm:
         if error is not None:
             raise error
