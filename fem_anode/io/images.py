@@ -823,15 +823,16 @@ def write_image_layers(
 ) -> Path:
     """Write an image whose axis-0 layers are split over the ranks of ``comm`` (collective).
 
-    Rank ``r`` passes ``layers``, the image's layers ``bounds[r] .. bounds[r + 1] - 1``. For
-    ``.npy``, TIFF and folders of slices no rank holds more than its own layers and one more:
+    Rank ``r`` passes ``layers``, the image's layers ``bounds[r] .. bounds[r + 1] - 1``. For a
+    volume no rank holds more than its own layers and one more:
 
     * ``.npy``: every rank writes its layers into one memory-mapped file;
-    * ``.tif``/``.tiff``: one series of pages, written by rank 0 as the other ranks send their
-      layers one at a time (the same file as :func:`write_image` of the whole array);
+    * ``.tif``/``.tiff``: one series of pages, and ``.npz``: the compressed ``image`` member, both
+      written by rank 0 as the other ranks send their layers one at a time (the same images as
+      :func:`write_image` of the whole array writes);
     * a path without suffix: a folder of slices, each rank writing its own (one data type chosen
       over all ranks, as :func:`write_image` chooses it), ``metadata.json`` by rank 0;
-    * other formats (``.npz``, 2D ``.png``) are gathered on rank 0 and written by :func:`write_image`.
+    * 2D images (and ``.png``) are gathered on rank 0 and written by :func:`write_image`.
 
     The file appears only when every rank has written its part (a folder's ``metadata.json``
     last; on a failure every rank removes the slices it wrote); otherwise every rank raises
@@ -852,7 +853,7 @@ def write_image_layers(
     shape = tuple(int(n) for n in shape)
     bounds = [int(b) for b in bounds]
     suffix = path.suffix.lower()
-    if len(shape) != 3 or suffix not in (".npy", ".tif", ".tiff", ""):
+    if len(shape) != 3 or suffix not in (".npy", ".npz", ".tif", ".tiff", ""):
         gathered = comm.gather(layers, root=0)
         error: Exception | None = None
         if rank == 0:
@@ -893,7 +894,8 @@ def write_image_layers(
     elif suffix == ".npy":
         ok = _write_npy_layers(path, layers, shape, dtype, bounds, comm, meta)
     else:
-        ok = _write_tiff_layers(path, layers, shape, dtype, bounds, comm, meta)
+        writer = _npz_pages_writer if suffix == ".npz" else _tiff_pages_writer
+        ok = _write_streamed(path, layers, dtype, bounds, comm, writer(shape, dtype, meta))
     if not comm.allreduce(ok, op=MPI.LAND):
         raise InputError(f"{path}: cannot write the image (a rank could not write its layers)")
     return path
@@ -944,21 +946,25 @@ def _write_npy_layers(
     return bool(comm.bcast(ok, root=0))
 
 
-def _write_tiff_layers(
-    path: Path, layers: np.ndarray, shape: tuple[int, ...], dtype: Any, bounds: list[int], comm: Any, meta: dict
+def _write_streamed(
+    path: Path,
+    layers: np.ndarray,
+    dtype: Any,
+    bounds: list[int],
+    comm: Any,
+    write_pages: Any,
 ) -> bool:
-    """Rank 0 writes one series of pages, its own and then every other rank's as they arrive (one
-    page at a time); the other ranks send theirs. Rank 0 receives every page even if writing
-    failed, so no rank waits forever."""
+    """Rank 0 calls ``write_pages(tmp, pages)`` with an iterator over every layer in order (its own,
+    then every other rank's as they arrive, one page at a time) and renames ``tmp`` to ``path``;
+    the other ranks send their layers. Rank 0 receives every page even if writing failed, so no
+    rank waits forever. Returns whether the file was written (rank 0; True elsewhere)."""
     rank, size = comm.rank, comm.size
     tag = 7311
     if rank != 0:
         for plane in np.asarray(layers, dtype=dtype):
             comm.Send(np.ascontiguousarray(plane), dest=0, tag=tag)
         return True
-    import tifffile
-
-    page = np.empty(shape[1:], dtype)
+    page = np.empty(np.asarray(layers).shape[1:], dtype)
     received = dict.fromkeys(range(1, size), 0)
 
     def pages() -> Any:
@@ -972,7 +978,7 @@ def _write_tiff_layers(
     ok = True
     try:
         with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, data=pages(), shape=shape, dtype=dtype, description=json.dumps(meta), metadata=None)
+            write_pages(tmp, pages())
     except (OSError, ValueError):
         ok = False
     finally:
@@ -980,6 +986,38 @@ def _write_tiff_layers(
             for _ in range(bounds[r + 1] - bounds[r] - received[r]):
                 comm.Recv(page, source=r, tag=tag)
     return ok
+
+
+def _tiff_pages_writer(shape: tuple[int, ...], dtype: Any, meta: dict) -> Any:
+    """Writes pages as one TIFF series with our metadata (as :func:`write_image` writes a stack)."""
+
+    def write(tmp: Path, pages: Any) -> None:
+        import tifffile
+
+        tifffile.imwrite(tmp, data=pages, shape=shape, dtype=dtype, description=json.dumps(meta), metadata=None)
+
+    return write
+
+
+def _npz_pages_writer(shape: tuple[int, ...], dtype: Any, meta: dict) -> Any:
+    """Writes pages as the ``image`` member of a compressed ``.npz`` with our ``metadata`` member
+    (what :func:`write_image` writes with ``np.savez_compressed``), streamed into the archive."""
+
+    def write(tmp: Path, pages: Any) -> None:
+        import io
+        import zipfile
+
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            with archive.open("image.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, header)
+                for plane in pages:
+                    member.write(np.ascontiguousarray(plane).tobytes())
+            buffer = io.BytesIO()
+            np.save(buffer, np.array(json.dumps(meta)))
+            archive.writestr("metadata.npy", buffer.getvalue())
+
+    return write
 
 
 def _remove_files(paths: Sequence[Path]) -> None:

@@ -37,7 +37,10 @@ def test_layers_written_equal_the_whole_image(shared_tmp_path, comm, name, dtype
     np.testing.assert_array_equal(got.array, expected.array)
     assert got.array.dtype == expected.array.dtype
     assert got.voxel_size == pytest.approx(VOXEL, rel=1e-12) and got.phases == PHASES
-    if name != "labels.npz":  # readable layer by layer (one TIFF series, not a page per rank)
+    if name == "labels.npz":  # the members np.savez_compressed writes
+        with np.load(path) as got_npz, np.load(serial) as expected_npz:
+            assert sorted(got_npz.files) == sorted(expected_npz.files) == ["image", "metadata"]
+    else:  # readable layer by layer (one TIFF series, not a page per rank)
         layers = open_image_layers(path)
         np.testing.assert_array_equal(layers.read_layers(2, 5), volume[2:5])
     assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(".")]  # no temporary left
