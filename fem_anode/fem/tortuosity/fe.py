@@ -267,7 +267,7 @@ def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1
     when ``comm`` is given.
     """
     from fem_anode.fem.tortuosity.clusters import slab_bounds
-    from fem_anode.meshing.voxel import _TABLES, corner_offsets
+    from fem_anode.meshing.voxel import SlabNumbering
     from fem_anode.resources import FE_BASE_PER_RANK, MemoryEstimate
 
     value = image.require_phases()[phase]
@@ -275,18 +275,13 @@ def estimate_memory(image: Any, phase: str, comm: Any = None, *, refine: int = 1
     ranks = comm.size if comm is not None else 1
     slab = slab_bounds(comm, nz) if comm is not None else None
     z0, z1 = (slab.z0, slab.z1) if slab is not None else (0, nz)
-    last = z1 == nz and z1 > z0  # the last slab also owns node plane nz
-    copies = _TABLES[3][1]
     unknowns = 0
-    for a in range(z0, z1 + int(last), 32):  # node planes a .. b - 1 from voxel layers a - 1 .. b - 1
-        b = min(a + 32, z1 + int(last))
-        layers = np.zeros((b - a + 1, ny + 2, nx + 2), np.uint8)
-        lo, hi = max(a - 1, 0), min(b, nz)
-        layers[lo - (a - 1) : hi - (a - 1), 1:-1, 1:-1] = np.asarray(image.array[lo:hi]) == value
-        config = np.zeros((b - a, ny + 1, nx + 1), np.uint8)
-        for bit, (bz, by, bx) in enumerate(corner_offsets(3)):
-            config |= (layers[bz : bz + b - a, by : by + ny + 1, bx : bx + nx + 1] << bit).astype(np.uint8, copy=False)
-        unknowns += int(copies[config].sum(dtype=np.int64))
+    for a in range(z0, z1, 32):  # the node copies of the voxel mesh's numbering, 32 layers at a time
+        b = min(a + 32, z1)
+        kept = np.zeros((b - a + 2, ny, nx), bool)  # layers a - 1 .. b, False outside the image
+        lo, hi = max(a - 1, 0), min(b + 1, nz)
+        kept[lo - (a - 1) : hi - (a - 1)] = np.asarray(image.array[lo:hi]) == value
+        unknowns += SlabNumbering(kept, owns_last_plane=b == nz).owned
     if comm is not None:
         unknowns = comm.allreduce(unknowns)
     unknowns *= refine**3
