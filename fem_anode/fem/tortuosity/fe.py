@@ -73,6 +73,7 @@ from fem_anode.faults import share_error
 from fem_anode.fem.petsc_ksp import ksp_from_options
 from fem_anode.fem.tortuosity.result import TortuosityResult
 from fem_anode.io.images import VoxelImage
+from fem_anode.meshing.voxel import _TABLES
 from fem_anode.resources import release_freed_memory
 
 if TYPE_CHECKING:
@@ -93,29 +94,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Face-connected components inside the 2 x 2 x 2 block of voxels around a mesh node: for each of
-# the 256 occupancy patterns (bit p = dz*4 + dy*2 + dx) and each block position, the smallest
-# position of its component. Voxels around a node share the node only if face-connected there.
-
-
-def _block_components() -> np.ndarray:
-    lut = np.zeros((256, 8), dtype=np.int64)
-    for config in range(256):
-        label = list(range(8))
-        for _ in range(3):  # the block graph has diameter 3
-            for p in range(8):
-                if not config >> p & 1:
-                    continue
-                for bit in (1, 2, 4):
-                    q = p ^ bit
-                    if config >> q & 1:
-                        m = min(label[p], label[q])
-                        label[p] = label[q] = m
-        lut[config] = label
-    return lut
-
-
-_BLOCK_COMPONENTS = _block_components()
 # Corner offsets (dz, dy, dx) of a hexahedron in dolfinx's (tensor-product, x fastest) order.
 _DOLFINX_HEX = np.array([(k, j, i) for k in (0, 1) for j in (0, 1) for i in (0, 1)])
 
@@ -165,7 +143,7 @@ def hex_mesh_arrays(mask: np.ndarray, spacing: tuple[float, float, float]) -> tu
         node = (voxels[:, 0] + a, voxels[:, 1] + b, voxels[:, 2] + c)
         flat = np.ravel_multi_index(node, node_shape)
         position = (1 - a) * 4 + (1 - b) * 2 + (1 - c)  # this voxel's place in the node's block
-        component = _BLOCK_COMPONENTS[config[node], position]
+        component = _TABLES[3][0][config[node], position]  # its face-connected group's ordinal at the node
         keys[:, corner] = flat * 8 + component
     # Number the used keys in increasing order (np.unique without its sort: O(number of keys)).
     used = np.zeros(8 * config.size, dtype=bool)
