@@ -59,7 +59,7 @@ class SweepKernelUnavailable(RuntimeError):
 def _load_local() -> ctypes.CDLL:
     """The kernels on this rank (raises :class:`CompileError`, which the collective caller turns
     into :class:`SweepKernelUnavailable` on every rank)."""
-    library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",))
+    library = compiled_library(_SOURCE, os.environ.get("CC", "cc"), _FLAGS, ("-lm",), native=True)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.fa_apply_upper.argtypes = [size, *[pointer] * 6]
     library.fa_apply_upper.restype = None

@@ -131,6 +131,36 @@ def test_the_grid_stencil_is_the_assembled_operator(problem):
         assert bdb == pytest.approx(float(b_expected @ (d * b_expected)), rel=1e-10)
 
 
+def test_the_native_and_the_portable_build_sweep_to_the_same_bits(problem, tmp_path, monkeypatch):
+    """The kernels compiled for this processor (``-march=native``, the default) and the portable
+    build (``FEM_ANODE_NATIVE=0``) give bitwise the same sweeps, products and CG passes."""
+    from fem_anode.fem import voxel_sweeps
+
+    (indptr, indices, k_values), m_values = local_blocks(problem)
+    grid = problem._voxel_grid()
+    monkeypatch.setenv("FEM_ANODE_CACHE_DIR", str(tmp_path / "cache"))
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("FEM_ANODE_NATIVE", native)
+        kernel = GridStencilKernel(indptr, indices, k_values, m_values, grid, OMEGA, voxel_sweeps._load_local())
+        kernel.set_scale(3.0)
+        rng = np.random.default_rng(7)
+        n = kernel.n
+        x, r, p, t, w, y, bh, z = rng.standard_normal((8, n))
+        d = kernel.diagonal()
+        out = {}
+        for name, sweep in (("forward", kernel.forward), ("backward", kernel.backward), ("mult", kernel.mult)):
+            out[name] = np.empty(n)
+            sweep(x, out[name])
+        kernel.cg_direction_backward(r, d, 0.37, p, t)
+        out["pw"] = np.array([kernel.cg_forward_product(p, t, d, 1.0 - 2.0 / OMEGA, w)])
+        out["bdb"] = np.array([kernel.cg_start(r, x, d, -0.5, y, bh, z)])
+        results.append({**out, "p": p, "t": t, "w": w, "y": y, "bh": bh, "z": z})
+    assert len(list((tmp_path / "cache").glob("voxel_sweeps-*.so"))) in (1, 2)  # 1: no -march=native here
+    for name, value in results[0].items():
+        assert np.array_equal(value, results[1][name]), name
+
+
 def petsc_eisenstat_cg(A: sparse.csr_matrix) -> tuple[PETSc.KSP, PETSc.Mat]:
     """PETSc's KSPCG + PCEISENSTAT (as in test_csr_sweeps) on one rank, and its matrix."""
     A = A.tocsr()
