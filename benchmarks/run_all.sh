@@ -18,6 +18,7 @@ run diffusion_1M_2d  $py benchmarks/bench_diffusion.py --cases roi2-p2 --peer-ma
 run diffusion_mpi1   $py benchmarks/bench_diffusion.py --cases roi2-p1,vol60-p1,vol100-p1 --no-peer
 run diffusion_mpi2   "${mpi[@]}" $py benchmarks/bench_diffusion.py --cases roi2-p1,vol60-p1,vol100-p1 --no-peer
 run meshing          $py benchmarks/bench_meshing.py --roi-sizes 2,4,8 --volumes 50,100
+run kernels          $py benchmarks/bench_kernels.py
 run phasefield       $py benchmarks/bench_phasefield.py --sizes 2e-9,1e-9,5e-10
 run phasefield_mpi2  "${mpi[@]}" $py benchmarks/bench_phasefield.py --sizes 1e-9
 run seg_robust       $py benchmarks/bench_segmentation_robustness.py --seeds 24
