@@ -493,7 +493,7 @@ def kept_fields_memory(settings: DiffusionSettings, unknowns: float) -> float:
     unknown at t = 0 and at every output time, when ``output.fields`` is on (else none)."""
     if not settings.output.fields:
         return 0.0
-    times = set(settings.time.output_times) | {settings.time.t_end}
+    times = set(settings.time.outputs()) | {settings.time.t_end}
     return 8.0 * unknowns * (1 + len(times))
 
 

@@ -223,9 +223,9 @@ def _toml_message(cls, text: str, tmp_path: Path) -> str:
             r"time\.t_end must be a number",
         ),
         (
-            lambda: TimeSettings(t_end=1.0),
-            "[time]\nt_end = 1.0",
-            r"output_times \[2\.0, 10\.0, 100\.0\] lie beyond t_end",
+            lambda: TimeSettings(t_end=1.0, output_times=[2.0, 10.0]),
+            "[time]\nt_end = 1.0\noutput_times = [2.0, 10.0]",
+            r"output_times \[2\.0, 10\.0\] lie beyond t_end",
         ),
         (
             lambda: fa.DiffusionSettings(physics={"k_f": 1e40}),

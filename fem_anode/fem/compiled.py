@@ -10,7 +10,10 @@ Kernels that ask for it (``native=True``) are compiled for the processor they ru
 by the processor's model and instruction-set flags (:func:`cpu_identity`), so the nodes of a
 cluster with different processors that share one cache each compile their own file instead of
 loading one that may hold instructions they lack. ``FEM_ANODE_NATIVE=0`` turns this off (the
-portable build), and a compiler that does not know ``-march=native`` gets the portable build.
+portable build). Where the native build cannot be made (a compiler that does not know
+``-march=native``, or no compiler on this node), the portable build is used: compiled here, or
+found in the cache (e.g. made on a login node with ``FEM_ANODE_NATIVE=0`` for compute nodes
+without a compiler).
 Without ``-ffast-math`` (never used) and with ``-std=c99`` (no contraction into fused
 multiply-adds) the two builds compute the same numbers.
 """
@@ -44,10 +47,6 @@ NATIVE_FLAGS = ("-march=native",)
 
 class CompileError(RuntimeError):
     """A library could not be compiled or loaded (the message says why)."""
-
-
-class CompilerRefused(CompileError):
-    """The compiler ran and refused the source or the flags (its message says why)."""
 
 
 #: what a loader may raise on one rank (a missing symbol: AttributeError)
@@ -107,7 +106,7 @@ def compiled_library(
     if native and native_enabled():
         try:
             return _compiled(source, compiler, (*flags, *NATIVE_FLAGS), libraries, cpu_identity())
-        except CompilerRefused:  # e.g. a compiler without -march=native; other errors hit the portable build too
+        except CompileError:  # a compiler without -march=native, or none here: the portable build (maybe cached)
             pass
     return _compiled(source, compiler, tuple(flags), libraries, "")
 
@@ -129,7 +128,7 @@ def _compiled(source: Path, compiler: str, flags: Sequence[str], libraries: Sequ
                 [compiler, *flags, str(source), "-o", scratch, *libraries], capture_output=True, text=True, timeout=120
             )
             if done.returncode != 0:
-                raise CompilerRefused(f"{compiler} failed on {source.name}: {done.stderr.strip()[:400]}")
+                raise CompileError(f"{compiler} failed on {source.name}: {done.stderr.strip()[:400]}")
             os.replace(scratch, target)
         except (OSError, subprocess.SubprocessError) as exc:  # no compiler, or it hung
             raise CompileError(f"cannot compile {source.name}: {exc}") from exc

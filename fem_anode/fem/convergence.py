@@ -500,7 +500,7 @@ def _diffusion_levels(
             "field_l2_difference": {
                 "h": h,
                 "values": l2_differences,
-                "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.output_times):g} s",
+                "description": f"||c_k - I c_(k-1)|| / ||c_k|| at t = {min(settings.time.outputs()):g} s",
             },
             "mesh_independent_1pct": mesh_independence(records, cells, h),
             "level_changes_1pct": level_changes(records, cells, h),

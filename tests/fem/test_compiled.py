@@ -84,3 +84,21 @@ def test_a_compiler_refusing_march_native_gets_the_portable_build(source, tmp_pa
     with pytest.raises(CompileError, match="cannot compile|failed on"):
         compiled_library(source, str(tmp_path / "no-such-compiler"), FLAGS, native=True)
     assert NATIVE_FLAGS == ("-march=native",)
+
+
+def test_a_node_without_a_compiler_loads_the_cached_portable_build(source, tmp_path, monkeypatch):
+    """A cluster's compute node without a compiler, sharing the cache with a login node that built
+    the portable kernels (``FEM_ANODE_NATIVE=0``): the native build fails, the cached portable one loads."""
+    monkeypatch.setenv("FEM_ANODE_NATIVE", "0")
+    expected = call(compiled_library(source, os.environ.get("CC", "cc"), FLAGS, native=True))
+    monkeypatch.delenv("FEM_ANODE_NATIVE")
+
+    def no_compiler(*args, **kwargs):
+        raise FileNotFoundError("no compiler on this node")
+
+    monkeypatch.setattr(compiled.subprocess, "run", no_compiler)
+    assert call(compiled_library(source, os.environ.get("CC", "cc"), FLAGS, native=True)) == expected
+    assert len(built(tmp_path)) == 1
+    monkeypatch.setenv("FEM_ANODE_CACHE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(CompileError, match="no compiler on this node"):
+        compiled_library(source, os.environ.get("CC", "cc"), FLAGS, native=True)

@@ -75,6 +75,22 @@ def test_step_plan_hits_output_times_and_limits_growth():
         list(plan_steps(1.0, [2.0], 1e-3))
 
 
+def test_default_output_times_are_the_papers_within_t_end(tmp_path):
+    """Without ``output_times`` a run writes at the paper's 2, 10 and 100 s that lie within
+    ``t_end``, and at ``t_end``: ``t_end`` alone is a complete time setting; output times given
+    beyond ``t_end`` are still refused, and the default survives a TOML round trip."""
+    assert TimeSettings().outputs() == [2.0, 10.0, 100.0]
+    assert TimeSettings(t_end=1.0).outputs() == [1.0]
+    assert TimeSettings(t_end=50.0).outputs() == [2.0, 10.0, 50.0]
+    assert TimeSettings(t_end=5.0, output_times=[3.0, 1.0]).outputs() == [1.0, 3.0]
+    settings = DiffusionSettings(time={"t_end": 1.0})
+    assert settings.time.output_times is None
+    settings.to_toml(tmp_path / "run.toml")
+    assert DiffusionSettings.from_toml(tmp_path / "run.toml").time.outputs() == [1.0]
+    with pytest.raises(UsageError, match=r"output_times \[2.0\] lie beyond t_end = 1.0 s"):
+        TimeSettings(t_end=1.0, output_times=[2.0, 0.5])
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_1d_limit_matches_crank_series(shared_tmp_path, comm, order):
     """Domain mean and far-end concentration vs the plane sheet with surface evaporation."""

@@ -126,13 +126,21 @@ class PhysicsSettings(Section):
         return self.eps**self.bruggeman * self.D
 
 
+#: the output times of the paper's Fig. 8 (s), the default within ``t_end``
+PAPER_OUTPUT_TIMES = (2.0, 10.0, 100.0)
+
+
 @dataclasses.dataclass
 class TimeSettings(Section):
     """Implicit time integration with geometrically growing steps."""
 
     t_end: float = setting(100.0, "final time", unit="s", positive=True)
-    output_times: list[float] = setting(
-        [2.0, 10.0, 100.0], "times at which fields are written (hit exactly)", unit="s", positive=True
+    output_times: list[float] | None = setting(
+        None,
+        "times at which fields are written (hit exactly); default: the paper's 2, 10 and 100 s that lie within "
+        "t_end, and t_end",
+        unit="s",
+        positive=True,
     )
     scheme: str = setting("bdf2", "'bdf2' (second order, backward-Euler start) or 'euler'", choices=("bdf2", "euler"))
     dt_initial: float = setting(1e-6, "first time step", unit="s", positive=True)
@@ -141,9 +149,16 @@ class TimeSettings(Section):
     dt_max: float | None = setting(None, "largest time step (default t_end/20)", unit="s", positive=True)
 
     def validate(self) -> None:
-        late = [t for t in self.output_times if t > self.t_end]
+        late = [t for t in self.output_times or () if t > self.t_end]
         if late:
             raise UsageError(f"output_times {late} lie beyond t_end = {self.t_end} s")
+
+    def outputs(self) -> list[float]:
+        """The output times (s), sorted: ``output_times`` as given, else the paper's 2, 10 and 100 s
+        (:data:`PAPER_OUTPUT_TIMES`) up to ``t_end``, and ``t_end``."""
+        if self.output_times is not None:
+            return sorted(self.output_times)
+        return sorted({t for t in PAPER_OUTPUT_TIMES if t <= self.t_end} | {self.t_end})
 
 
 #: ``solver.type = "auto"`` factorises in 2D and below this many dofs in 3D, else iterates: 3D sparse

@@ -166,7 +166,7 @@ class _Records:
             times=list(self.times),
             region_means={k: list(v) for k, v in self.regions.items()},
             domain_mean=list(self.domain),
-            output_times=sorted(problem.settings.time.output_times),
+            output_times=problem.settings.time.outputs(),
             mass_balance_rel_error=self.residual_sum / uptake if uptake > 0 else 0.0,
             ndofs=problem.ndofs,
             ncells=problem.ncells,
@@ -676,13 +676,13 @@ class TransientDiffusion:
         order = 2 if tset.scheme == "bdf2" else 1
         plan = StepPlan(
             tset.t_end,
-            tset.output_times,
+            tset.outputs(),
             tset.dt_initial,
             growth=tset.growth,
             steps_per_level=tset.steps_per_level,
             dt_max=tset.dt_max,
         )
-        outputs = sorted(set(tset.output_times) | {tset.t_end})
+        outputs = sorted(set(tset.outputs()) | {tset.t_end})
         record = _Records.start(self) if resume is None else _Records.resume(self, resume, plan)
         if resume is None and on_output is not None:
             on_output(0.0, self)
