@@ -97,8 +97,8 @@ def compiled_library(
         flags: its flags.
         libraries: libraries to link (after the source).
         native: compile for this processor (:data:`NATIVE_FLAGS`, cache keyed by
-            :func:`cpu_identity`) unless ``FEM_ANODE_NATIVE=0``; the portable build where the
-            compiler refuses the flag.
+            :func:`cpu_identity`) unless ``FEM_ANODE_NATIVE=0``; the portable build (compiled, or
+            from the cache) where the native one cannot be made.
 
     Raises:
         CompileError: no compiler, a failed compilation, an unwritable cache or an unloadable file.
