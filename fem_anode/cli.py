@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -111,6 +112,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logger.propagate = False
 
 
+#: how long a rank other than 0 waits before it reports an error and aborts all ranks (s): an error
+#: that every rank meets (bad input) is then reported once, by rank 0, whose abort ends the others
+ABORT_GRACE_S = 0.5
+
+
 def _abort_all_ranks(code: int) -> None:
     """``MPI_Abort`` on COMM_WORLD if MPI is initialised with more than one rank; else return.
 
@@ -166,6 +172,8 @@ def main(argv: Sequence[str] | None = None, *, abort_on_error: bool | None = Non
     from fem_anode.resources import memory_checks
 
     def fail(message: str, code: int) -> int:
+        if abort and mpi_rank():
+            time.sleep(ABORT_GRACE_S)  # rank 0 reports an error they share (see ABORT_GRACE_S)
         if args.debug:
             traceback.print_exc()
         else:

@@ -120,6 +120,9 @@ def test_same_input_error_on_every_rank_keeps_its_exit_code(tmp_path):
     code, err, _ = launch(["metrics", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "out")])
     assert code == 3
     assert "image not found" in err and "Traceback" not in err
+    # every rank meets it: rank 0 reports it (the others wait first, and rank 0's abort usually ends
+    # them before they report it too)
+    assert "fem-anode metrics: error: image not found" in err, err
 
 
 @needs_mpirun
