@@ -28,11 +28,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
+
 from fem_anode.errors import FemAnodeError, InputError, Interrupted, SolverError, UsageError
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.phasefield.settings import PhaseFieldSettings
 from fem_anode.imaging.metrics import Metrics
-from fem_anode.io.images import VoxelImage
+from fem_anode.io.images import ImageLayers, VoxelImage, open_image_layers
 from fem_anode.io.images import read_image as _read_image
 from fem_anode.settings import Settings
 
@@ -129,13 +131,27 @@ def _as_image(image: VoxelImage | str | Path, what: str = "image") -> VoxelImage
     raise UsageError(f"{what} must be a VoxelImage or the path of an image, got {type(image).__name__}")
 
 
+def _as_layers(image: VoxelImage | ImageLayers | str | Path, what: str = "image") -> VoxelImage | ImageLayers:
+    """An image, or a 3D image file opened for reading by layers (integer labels required)."""
+    if isinstance(image, (VoxelImage, ImageLayers)):
+        layers = image
+    elif isinstance(image, (str, Path)):
+        layers = open_image_layers(image)
+    else:
+        raise UsageError(f"{what} must be a VoxelImage or the path of an image, got {type(image).__name__}")
+    dtype = layers.dtype if isinstance(layers, ImageLayers) else layers.array.dtype
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)):
+        raise InputError(f"{layers.source}: a label image must hold integers, got {dtype}")
+    return layers
+
+
 # ---------------------------------------------------------------------------------- metrics
 
 
 def compute_metrics(
-    image: VoxelImage | str | Path,
+    image: VoxelImage | ImageLayers | str | Path,
     *,
-    reference: VoxelImage | Metrics | str | Path | None = None,
+    reference: VoxelImage | ImageLayers | Metrics | str | Path | None = None,
     pore_phase: str = "pore",
     si_phase: str = "si",
     bins: int = 30,
@@ -153,17 +169,23 @@ def compute_metrics(
     change; with ``tortuosity_factor`` the tortuosity factor eps D / D_eff along z from a steady
     diffusion solve (3D only, needs petsc4py; :func:`tortuosity_factor`).
 
+    A 3D image is split into slabs of z layers over the ranks of ``comm``: each rank reads and
+    holds its own layers only (from the file, for an :class:`~fem_anode.io.images.ImageLayers`
+    or a path), and the metrics are the same on any number of ranks.
+
     Args:
-        image: 2D or 3D label image with voxel size (m) and phase map, or its path.
+        image: 2D or 3D label image with voxel size (m) and phase map, or its path (a 3D
+            ``.npy``, multi-page TIFF or folder of slices is read layer by layer).
         reference: a reference sample (image, path or its metrics); adds ``relative_change``.
         pore_phase, si_phase: names of the pore and the Si phase.
         bins: histogram bins of the distributions.
-        fields: keep the tortuosity and geodesic-distance arrays (``Metrics.fields``).
+        fields: keep the tortuosity and geodesic-distance arrays (``Metrics.fields``; under MPI
+            the rank's own layers of a 3D image).
         tortuosity_factor: phase name(s) whose tortuosity factor to compute, ``True`` for the
             pore phase; ``None``/``False``: none.
         tortuosity_method: ``"fv"`` (default), ``"fe"`` or ``"fe-extrapolated"``.
-        comm: communicator of the tortuosity-factor solve (default ``MPI.COMM_WORLD``); the
-            other metrics are computed by every rank on its own copy of the image.
+        comm: communicator of the slabs and of the tortuosity-factor solve (default
+            ``MPI.COMM_WORLD`` if MPI is in use, else one process).
         memory_check: refuse an image whose estimated memory needs exceed what is available.
 
     Raises:
@@ -171,12 +193,21 @@ def compute_metrics(
     """
     from fem_anode.resources import check_memory, estimate_metrics_memory
 
-    image = _as_image(image)
+    from fem_anode.imaging.metrics import _in_memory, _world_if_initialised
+
+    image = _as_layers(image)
     if isinstance(reference, (str, Path)):
-        reference = _as_image(reference, "reference")
+        reference = _as_layers(reference, "reference")
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise UsageError(f"bins must be a positive integer, got {bins!r}")
-    check_memory(estimate_metrics_memory(image.shape), hint="crop or bin the image first", enabled=memory_check)
+    if comm is None:
+        comm = _world_if_initialised()
+    check_memory(
+        estimate_metrics_memory(image.shape, 1 if comm is None else comm.size),
+        comm,
+        hint="crop or bin the image first, or run on more ranks",
+        enabled=memory_check,
+    )
     phases = image.require_phases()
     for role, name, default in (("pore_phase", pore_phase, "pore"), ("si_phase", si_phase, "si")):
         if name != default and name not in phases:
@@ -198,14 +229,15 @@ def compute_metrics(
         if tortuosity_method not in METHODS:
             raise UsageError(f"tortuosity method must be one of {', '.join(METHODS)}, got {tortuosity_method!r}")
     metrics = Metrics.compute(
-        image, reference=reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields
+        image, reference=reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm
     )
     if names:
         if image.ndim != 3:
             metrics.not_applicable["tortuosity_factor"] = "2D image: the tortuosity factor needs a 3D volume"
         else:
+            whole = _in_memory(image)
             results = {
-                name: _tortuosity_factor(image, name, method=tortuosity_method, comm=comm, memory_check=memory_check)
+                name: _tortuosity_factor(whole, name, method=tortuosity_method, comm=comm, memory_check=memory_check)
                 for name in names
             }
             metrics.add_tortuosity_factors(results, tortuosity_method)

@@ -450,7 +450,7 @@ def test_absurd_image_is_refused_with_the_estimate(tmp_path, capsys):
         ["metrics", str(path), "--out", str(tmp_path / "out")],
         capsys,
         3,
-        "needs an estimated 1 TB of memory",
+        "image metrics of a 10000x10000x10000 image needs an estimated 50 TB of memory",
         out=tmp_path / "out",
         nothing_in=tmp_path,
     )

@@ -25,7 +25,7 @@ from fem_anode.commands._common import (
 from fem_anode.errors import UsageError
 
 if TYPE_CHECKING:
-    from fem_anode.io.images import VoxelImage
+    from fem_anode.io.images import ImageLayers, VoxelImage
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +77,35 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_reference(args: argparse.Namespace) -> VoxelImage:
+def _load_reference(args: argparse.Namespace) -> VoxelImage | ImageLayers:
     from pathlib import Path
 
-    from fem_anode.io.images import read_image
+    from fem_anode.io.images import ImageLayers, open_image_layers
 
-    ref = read_image(Path(args.reference), kind="any")
-    voxel_size = args.voxel_size if ref.voxel_size is None else None
-    phases = args.phases if ref.phases is None else None
-    ref = ref.with_metadata(voxel_size, phases)
+    ref = open_image_layers(Path(args.reference))
+    if ref.voxel_size is None or ref.phases is None:
+        ref = open_image_layers(
+            Path(args.reference),
+            voxel_size=args.voxel_size if ref.voxel_size is None else None,
+            phases=args.phases if ref.phases is None else None,
+        )
     if ref.voxel_size is None or ref.phases is None:
         raise UsageError(
             f"reference {args.reference}: voxel size or phase map unknown; "
             "store them with the image or give --voxel-size/--phases"
         )
-    return ref.check_labels()
+    return ref if isinstance(ref, ImageLayers) else ref.check_labels()
+
+
+def _open_image(args: argparse.Namespace) -> VoxelImage | ImageLayers:
+    """The label image: a 3D ``.npy``, multi-page TIFF or folder of slices opened for reading by
+    layers (each rank reads its slab), anything else read whole and checked."""
+    from fem_anode.io.images import ImageLayers, open_image_layers
+
+    opened = open_image_layers(args.image, voxel_size=args.voxel_size, phases=args.phases)
+    if isinstance(opened, ImageLayers):
+        return opened
+    return load_image(args, kind="labels")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,8 +114,17 @@ def run(args: argparse.Namespace) -> int:
     from fem_anode.api import compute_metrics
     from fem_anode.io.output import output_directory
 
+    from fem_anode.resources import check_memory, estimate_metrics_memory
+
     check_int(args.bins, "--bins", 1, 100_000)
-    image = load_image(args, kind="labels")
+    image = _open_image(args)
+    comm = world_comm()
+    check_memory(  # before anything else about the image: an absurd one is refused for its size
+        estimate_metrics_memory(image.shape, 1 if comm is None else comm.size),
+        comm,
+        hint="crop or bin the image first, or run on more ranks",
+        enabled=not getattr(args, "no_memory_check", False),
+    )
     phases = image.require_phases()
     for option, name, default in (("--pore-phase", args.pore_phase, "pore"), ("--si-phase", args.si_phase, "si")):
         if name != default and name not in phases:
@@ -112,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
         if reference.ndim != image.ndim:
             raise UsageError(f"--reference {args.reference} is {reference.ndim}D but {args.image} is {image.ndim}D")
         logger.info("metrics of the reference %s", args.reference)
-    comm = world_comm()
     factor = None
     if args.tortuosity_factor is not None:
         factor = [n.strip() for n in args.tortuosity_factor.split(",") if n.strip()] or [args.pore_phase]

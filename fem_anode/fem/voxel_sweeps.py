@@ -40,7 +40,9 @@ __all__ = [
     "load_sweep_library",
     "mpiaij_off_block",
     "seqaij_arrays",
+    "geodesic_distance",
     "squared_distance",
+    "step_lengths",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ def _load_local() -> ctypes.CDLL:
     library.fa_gather.restype = None
     library.fa_edt_squared.argtypes = [size, size, size, double, double, double, pointer]
     library.fa_edt_squared.restype = size
+    library.fa_geodesic.argtypes = [size, size, size, pointer, pointer, size, size, size, pointer, pointer]
+    library.fa_geodesic.restype = size
     library.fa_cg_start.argtypes = [size, *[pointer] * 3, double, *[pointer] * 5, size, pointer, size, *[pointer] * 5]
     library.fa_cg_start.restype = None
     return library
@@ -158,6 +162,53 @@ def squared_distance(targets: np.ndarray, spacing: tuple[float, ...], library: A
     if out.size and library.fa_edt_squared(nz, ny, nx, *(float(h) for h in spacing), _ptr(out)) != 0:
         raise MemoryError("squared_distance: no memory for the scratch lines")
     return out
+
+
+def step_lengths(spacing: tuple[float, ...]) -> np.ndarray:
+    """Length of each of the 27 steps ``(dz, dy, dx)`` in -1..1 on a grid of voxel edges ``spacing``
+    (index ``9 (dz + 1) + 3 (dy + 1) + dx + 1``), computed as ``skimage.graph.MCP_Geometric`` does."""
+    offsets = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T
+    return np.sqrt(np.sum((offsets * np.asarray(spacing, dtype=np.float64)) ** 2, axis=1))
+
+
+def geodesic_distance(
+    passable: np.ndarray,
+    spacing: tuple[float, ...],
+    distance: np.ndarray,
+    seeds: np.ndarray,
+    library: Any,
+    layers: tuple[int, int] | None = None,
+) -> int:
+    """Shortest-path distances through the ``passable`` voxels of a 3D grid, in place (Dijkstra on
+    the 26-neighbour graph; ``fa_geodesic`` in ``voxel_sweeps.c``).
+
+    ``distance`` (float64, C order, ``inf`` = not reached) is lowered to the fixed point
+    ``d(i) = min(d(i), min_j d(j) + |step j->i|)`` over the passable voxels of ``layers``
+    (axis-0 range; default all); the search starts from the flat indices ``seeds`` with their
+    current values. Values outside ``layers`` are sources only. 8 B per voxel of scratch.
+
+    Returns:
+        The number of voxels reached with a lower distance.
+    """
+    if passable.ndim != 3 or distance.shape != passable.shape or len(spacing) != 3:
+        raise ValueError("geodesic_distance: a 3D mask, a distance array of its shape and three spacings")
+    if distance.dtype != np.float64 or not distance.flags.c_contiguous:
+        raise ValueError("geodesic_distance: distance must be C-contiguous float64")
+    mask = np.ascontiguousarray(passable, dtype=np.uint8) if passable.dtype != np.uint8 else np.ascontiguousarray(passable)
+    seeds = np.ascontiguousarray(seeds, dtype=np.int64)
+    steps = step_lengths(spacing)
+    first, last = (0, passable.shape[0]) if layers is None else layers
+    nz, ny, nx = passable.shape
+    if not distance.size:
+        return 0
+    lowered = int(
+        library.fa_geodesic(
+            nz, ny, nx, _ptr(mask), _ptr(steps), int(first), int(last), seeds.size, _ptr(seeds), _ptr(distance)
+        )
+    )
+    if lowered < 0:
+        raise MemoryError("geodesic_distance: no memory for the heap")
+    return lowered
 
 
 def _ptr(array: np.ndarray) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError, UsageError
-from fem_anode.io.images import VoxelImage
+from fem_anode.io.images import ImageLayers, VoxelImage
 
 __all__ = [
     "Metrics",
@@ -532,26 +532,54 @@ def relative_change(metrics: Mapping[str, Any], reference: Mapping[str, Any]) ->
 # ----------------------------------------------------------------------------- all together
 
 
+def _voxel_kernels(comm: Any) -> Any:
+    """The compiled voxel kernels for the slab path of 3D metrics, ``None`` where no C compiler
+    can build them (collective; the same answer on every rank)."""
+    try:
+        from fem_anode.fem.voxel_sweeps import SweepKernelUnavailable, load_sweep_library
+    except ImportError as err:  # no mpi4py: one process, the SciPy functions
+        logger.info("3D metrics on the whole image with SciPy (%s)", err)
+        return None
+    try:
+        if comm is None:
+            from mpi4py import MPI
+
+            comm = MPI.COMM_SELF
+        return load_sweep_library(comm)
+    except SweepKernelUnavailable as err:
+        logger.warning("3D metrics on the whole image with SciPy (the compiled kernels are unavailable: %s)", err)
+        return None
+
+
 def compute_metrics(
-    image: VoxelImage,
+    image: VoxelImage | ImageLayers,
     *,
-    reference: VoxelImage | Mapping[str, Any] | None = None,
+    reference: VoxelImage | ImageLayers | Mapping[str, Any] | None = None,
     pore_phase: str = "pore",
     si_phase: str = "si",
     bins: int = 30,
     fields: dict[str, np.ndarray] | None = None,
+    comm: Any = None,
 ) -> dict[str, Any]:
     """All metrics of a label image with voxel size and phase map, as a JSON-ready dict (SI).
 
+    A 3D image is split into slabs of z layers over the ranks of ``comm``
+    (:class:`~fem_anode.imaging.metrics_slabs.SlabMetrics`): each rank reads and holds only its
+    layers and a few halo layers, and the result is the same on any number of ranks (bit for
+    bit). A 2D image is computed whole by every rank.
+
     Args:
-        image: 2D or 3D label image.
+        image: 2D or 3D label image (a 3D one may be :class:`~fem_anode.io.images.ImageLayers`,
+            read layer by layer).
         reference: reference label image (or its already computed metrics dict); adds
             ``relative_change`` and ``reference``.
         pore_phase: name of the pore phase.
         si_phase: name of the Si phase.
         bins: histogram bins of the distributions.
         fields: if a dict is given, the tortuosity and geodesic-distance arrays are stored in it
-            (``tortuosity``, ``geodesic_m``; inf = unreachable, NaN = solid).
+            (``tortuosity``, ``geodesic_m``; inf = unreachable, NaN = solid); of a 3D image
+            under MPI, the rank's own layers (``layer_bounds`` says which).
+        comm: MPI communicator of the slabs (``None``: one process).
 
     Returns:
         ``image``, ``phase_fractions``, ``per_slice``, ``si_particles``, ``pore_surface_area_m2``
@@ -560,7 +588,6 @@ def compute_metrics(
         to this image), ``timings_s`` (wall time per metric) and, with a reference,
         ``relative_change``. Metrics that do not apply are ``null``.
     """
-    image.check_labels(require_all_phases=False)
     voxel_size = image.require_voxel_size()
     phases = image.require_phases()
     if pore_phase == si_phase:
@@ -577,16 +604,33 @@ def compute_metrics(
         logger.debug("%s: %.3f s", name, timings[name])
         return value
 
-    has_pore = pore_phase in phases and bool(np.any(image.array == phases[pore_phase]))
-    has_si = si_phase in phases and bool(np.any(image.array == phases[si_phase]))
+    engine = None
+    if image.ndim == 3:
+        library = _voxel_kernels(comm)
+        if library is not None:
+            from fem_anode.imaging.metrics_slabs import SlabMetrics
+
+            engine = SlabMetrics(image, comm, library)
+    if engine is None and not isinstance(image, VoxelImage):
+        image = VoxelImage(image.read_layers(0, image.shape[0]), image.voxel_size, image.phases, image.source)
+    if engine is not None:
+        counts = timed("phase_fractions", engine.label_counts)
+        present = {value for value, n in counts.items() if n}
+    else:
+        assert isinstance(image, VoxelImage)
+        image.check_labels(require_all_phases=False)
+        present = {int(v) for v in np.unique(image.array)}
+    has_pore = pore_phase in phases and phases[pore_phase] in present
+    has_si = si_phase in phases and phases[si_phase] in present
+    extent = [n * h for n, h in zip(image.shape, voxel_size)]
     result: dict[str, Any] = {
         "image": {
             "source": image.source,
             "shape": list(image.shape),
             "ndim": image.ndim,
             "voxel_size_m": list(voxel_size),
-            "extent_m": list(image.extent),
-            "volume_m3" if image.ndim == 3 else "area_m2": float(np.prod(image.extent)),
+            "extent_m": extent,
+            "volume_m3" if image.ndim == 3 else "area_m2": float(np.prod(extent)),
             "phases": phases,
             "pore_phase": pore_phase,
             "si_phase": si_phase,
@@ -594,20 +638,46 @@ def compute_metrics(
     }
     if image.ndim == 2:
         result["image"]["volume_m3"] = result["image"]["area_m2"]  # 2D "volume" = area, for relative changes
-    result["phase_fractions"] = timed("phase_fractions", lambda: phase_fractions(image))
-    result["per_slice"] = timed("per_slice", lambda: per_slice_fractions(image))
-    if has_si:
-        result["si_particles"] = timed("si_particles", lambda: si_particles(image, si_phase, bins=bins))
-        if image.ndim == 2:
-            not_applicable["si_particles.per_slice"] = "2D image: the image is a single section"
+    particles, n_particles = None, 0
+    if engine is not None:
+        result["phase_fractions"] = engine.phase_fractions(counts)
+        result["per_slice"] = timed("per_slice", engine.per_slice)
+        if has_si:
+            start = time.perf_counter()
+            result["si_particles"], particles, n_particles = engine.si_particles(si_phase, bins)
+            timings["si_particles"] = time.perf_counter() - start
     else:
+        assert isinstance(image, VoxelImage)
+        result["phase_fractions"] = timed("phase_fractions", lambda: phase_fractions(image))
+        result["per_slice"] = timed("per_slice", lambda: per_slice_fractions(image))
+        if has_si:
+            result["si_particles"] = timed("si_particles", lambda: si_particles(image, si_phase, bins=bins))
+            if image.ndim == 2:
+                not_applicable["si_particles.per_slice"] = "2D image: the image is a single section"
+    if not has_si:
         result["si_particles"] = None
         not_applicable["si_particles"] = f"no {si_phase!r} voxels in the image"
     if not has_pore:
         for key in ("pore_surface_area_m2", "tortuosity", "connections_per_depth"):
             result[key] = None
             not_applicable[key] = f"no {pore_phase!r} voxels in the image"
+    elif engine is not None:
+        result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: engine.pore_surface_area(pore_phase))
+        geodesic, rounds = timed("tortuosity_field", lambda: engine.geodesic(pore_phase))
+        pore = engine.mask(pore_phase)
+        result["tortuosity"] = timed("tortuosity", lambda: engine.tortuosity(geodesic, pore))
+        logger.debug("geodesic distances: %d round(s) over the slab interfaces", rounds)
+        result["connections_per_depth"] = timed(
+            "connections_per_depth", lambda: engine.connections(pore, np.isfinite(geodesic) & pore)
+        )
+        if fields is not None:
+            geodesic[~pore] = np.nan
+            fields["tortuosity"] = engine.tau
+            fields["geodesic_m"] = geodesic
+        del geodesic, pore
+        engine.tau = None
     else:
+        assert isinstance(image, VoxelImage)
         if image.ndim == 3:
             result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: pore_surface_area(image, pore_phase))
         else:
@@ -626,17 +696,28 @@ def compute_metrics(
             fields["geodesic_m"] = geodesic
         del geodesic, tau
     if has_pore and has_si:
-        result["pore_si_distance"] = timed(
-            "pore_si_distance", lambda: pore_si_distance(image, pore_phase, si_phase, bins=bins)
-        )
+        if engine is not None:
+            assert particles is not None
+            result["pore_si_distance"] = timed(
+                "pore_si_distance",
+                lambda: engine.pore_si_distance(pore_phase, si_phase, bins, particles, n_particles),
+            )
+        else:
+            assert isinstance(image, VoxelImage)
+            result["pore_si_distance"] = timed(
+                "pore_si_distance", lambda: pore_si_distance(image, pore_phase, si_phase, bins=bins)
+            )
     else:
         result["pore_si_distance"] = None
         not_applicable["pore_si_distance"] = f"needs both {pore_phase!r} and {si_phase!r} voxels"
+    if fields is not None and engine is not None and engine.slabs.distributed:
+        fields["layer_bounds"] = np.asarray(engine.slabs.bounds, dtype=np.int64)
+    del particles, engine
     if reference is not None:
-        if isinstance(reference, VoxelImage):
+        if not isinstance(reference, Mapping):
             if reference.ndim != image.ndim:
                 raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
-            ref_metrics = compute_metrics(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins)
+            ref_metrics = compute_metrics(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, comm=comm)
         else:
             ref_metrics = dict(reference)
         kept = ("image", "phase_fractions", "pore_surface_area_m2", "pore_perimeter_m")
@@ -654,6 +735,23 @@ def compute_metrics(
 
 
 # ----------------------------------------------------------------------------- result object
+
+
+def _in_memory(image: VoxelImage | ImageLayers) -> VoxelImage:
+    """An image as an array (a ``.npy`` memory-mapped: a picture reads only what it shows)."""
+    if isinstance(image, VoxelImage):
+        return image
+    if image.source.lower().endswith(".npy"):
+        array = np.load(image.source, mmap_mode="r", allow_pickle=False)
+    else:
+        array = image.read_layers(0, image.shape[0])
+    return VoxelImage(array, image.voxel_size, image.phases, image.source)
+
+
+def _shown(label: str, fields: Mapping[str, np.ndarray]) -> str:
+    """A picture's title: the label, and how many voxels of a gathered picture it shows."""
+    stride = int(fields.get("shown_stride", 1))
+    return f"{label} (1 in {stride} voxels per axis shown)" if stride > 1 else label
 
 
 def _world_if_initialised() -> Any:
@@ -700,28 +798,34 @@ class Metrics:
     @classmethod
     def compute(
         cls,
-        image: VoxelImage,
+        image: VoxelImage | ImageLayers,
         *,
-        reference: VoxelImage | Metrics | None = None,
+        reference: VoxelImage | ImageLayers | Metrics | None = None,
         pore_phase: str = "pore",
         si_phase: str = "si",
         bins: int = 30,
         fields: bool = True,
+        comm: Any = None,
     ) -> Metrics:
         """The metrics of ``image`` (see :func:`compute_metrics` for what each one is).
 
         Args:
-            image: 2D or 3D label image with voxel size (m) and phase map.
+            image: 2D or 3D label image with voxel size (m) and phase map (a 3D one may be
+                :class:`~fem_anode.io.images.ImageLayers`).
             reference: reference label image or its metrics; adds :attr:`relative_change`.
             pore_phase, si_phase: names of the pore and the Si phase.
             bins: histogram bins of the distributions.
-            fields: keep the tortuosity and geodesic-distance arrays in :attr:`fields`.
+            fields: keep the tortuosity and geodesic-distance arrays in :attr:`fields` (of a 3D
+                image under MPI: the rank's layers, ``fields["layer_bounds"]`` says which).
+            comm: MPI communicator of the slabs of a 3D image (``None``: one process).
         """
         ref: Metrics | None = None
-        if isinstance(reference, VoxelImage):
+        if isinstance(reference, (VoxelImage, ImageLayers)):
             if reference.ndim != image.ndim:
                 raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
-            ref = cls.compute(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields)
+            ref = cls.compute(
+                reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm
+            )
         elif reference is not None:
             ref = reference
         kept: dict[str, np.ndarray] | None = {} if fields else None
@@ -732,6 +836,7 @@ class Metrics:
             si_phase=si_phase,
             bins=bins,
             fields=kept,
+            comm=comm,
         )
         return cls(data, fields=kept, image=image, reference=ref)
 
@@ -894,6 +999,47 @@ class Metrics:
             fig.savefig(path, dpi=120)
         return fig
 
+    @staticmethod
+    def _gathered_pictures(
+        comm: Any, metrics: Metrics, directory: Path | None, write_fields: bool, render: bool, label: str
+    ) -> tuple[dict[str, np.ndarray], VoxelImage | None]:
+        """Collective, for fields split over the ranks: with ``write_fields`` every rank writes its
+        layers of ``tortuosity.npy``/``geodesic_m.npy`` into ``directory``; rank 0 gets the central
+        x-z section of the tortuosity and, with ``render``, every s-th voxel of the labels and the
+        tortuosity (at most :data:`~fem_anode.io.render3d.MAX_VOXELS` per axis) as an image."""
+        from fem_anode.imaging.metrics_slabs import gather_picture_data
+        from fem_anode.io.images import write_image_layers
+        from fem_anode.io.render3d import MAX_VOXELS
+
+        bounds = metrics.fields["layer_bounds"]
+        shape = tuple(int(n) for n in metrics.image["shape"])
+        voxel_size = tuple(float(h) for h in metrics.image["voxel_size_m"])
+        tau = metrics.fields.get("tortuosity")
+        if write_fields and directory is not None:
+            for name in ("tortuosity", "geodesic_m"):
+                if name in metrics.fields:
+                    write_image_layers(
+                        directory / f"{name}.npy", metrics.fields[name].astype(np.float32), shape, bounds, comm
+                    )
+        gathered: dict[str, np.ndarray] = {}
+        if tau is not None:
+            section = gather_picture_data(comm, bounds, tau, 1, section=True)
+            if section is not None:
+                gathered["tortuosity_section"] = section
+        image = None
+        source = metrics.image_data
+        if render and source is not None:
+            stride = max(1, math.ceil(max(shape) / MAX_VOXELS))
+            z0, z1 = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+            labels = gather_picture_data(comm, bounds, np.asarray(source.read_layers(z0, z1)), stride)
+            small_tau = None if tau is None else gather_picture_data(comm, bounds, tau, stride)
+            if labels is not None:
+                image = VoxelImage(labels, tuple(h * stride for h in voxel_size), source.require_phases(), source.source)
+                if small_tau is not None:
+                    gathered["tortuosity"] = small_tau
+                gathered["shown_stride"] = np.array(stride)
+        return gathered, image
+
     def save(
         self,
         directory: str | Path,
@@ -932,6 +1078,20 @@ class Metrics:
         reference_label = reference_label or "reference"
         if comm is None:
             comm = _world_if_initialised()
+        # Fields of a 3D image split over the ranks: written by layers, pictures from gathered
+        # sections and every s-th voxel (collective, before rank 0 goes on alone).
+        own_fields, own_image, ref_fields, ref_image = self.fields, self.image_data, None, None
+        if ref is not None:
+            ref_fields, ref_image = ref.fields, ref.image_data
+        if "layer_bounds" in self.fields:
+            assert comm is not None
+            if comm.rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+            comm.barrier()
+            own_fields, own_image = self._gathered_pictures(comm, self, directory, fields, render, label)
+            if ref is not None and "layer_bounds" in ref.fields:
+                ref_fields, ref_image = self._gathered_pictures(comm, ref, None, False, render, reference_label)
+            fields = False  # written
         if comm is not None and comm.rank != 0:
             comm.barrier()
             return directory
@@ -947,21 +1107,24 @@ class Metrics:
             samples = {reference_label: ref.to_dict(), **samples}
         plot_comparison(samples, directory)
         maps = {}
-        if ref is not None and "tortuosity" in ref.fields and ref.image_data is not None:
-            maps[reference_label] = (ref.fields["tortuosity"], ref.image_data.require_voxel_size())
-        if "tortuosity" in self.fields:
-            maps[label] = (self.fields["tortuosity"], tuple(self.image["voxel_size_m"]))
+        if ref is not None and ref_fields is not None and "tortuosity" in ref_fields:
+            section = ref_fields.get("tortuosity_section", ref_fields["tortuosity"])
+            maps[reference_label] = (section, tuple(ref.image["voxel_size_m"]))
+        if "tortuosity" in own_fields:
+            maps[label] = (own_fields.get("tortuosity_section", own_fields["tortuosity"]), tuple(self.image["voxel_size_m"]))
         if maps:
             plot_tortuosity_sections(maps, directory / "tortuosity_map.png")
-        for name, array in self.fields.items() if fields else ():
+        for name, array in own_fields.items() if fields else ():
             with atomic_path(directory / f"{name}.npy") as tmp:
                 np.save(tmp, array.astype(np.float32))
-        if render and self.image_data is not None:
+        if render and own_image is not None:
             from fem_anode.io.render3d import render_metrics_figures
 
-            volumes = {label: (self.image_data, self.fields, self._data)}
-            if ref is not None and ref.image_data is not None:
-                volumes = {reference_label: (ref.image_data, ref.fields, ref.to_dict()), **volumes}
+            own_image = _in_memory(own_image)
+            ref_image = None if ref_image is None else _in_memory(ref_image)
+            volumes = {_shown(label, own_fields): (own_image, own_fields, self._data)}
+            if ref is not None and ref_image is not None and ref_fields is not None:
+                volumes = {_shown(reference_label, ref_fields): (ref_image, ref_fields, ref.to_dict()), **volumes}
             render_metrics_figures(
                 volumes, directory, pore_phase=self.image["pore_phase"], si_phase=self.image["si_phase"]
             )

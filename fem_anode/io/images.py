@@ -707,9 +707,16 @@ def open_image_layers(
 
                 opened = ((len(files), *first.shape), first.dtype, *_read_sidecar(path), read_folder)
         elif path.suffix.lower() == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            if array.ndim == 3 and array.shape[0] > 1:
-                opened = (array.shape, array.dtype, *_read_sidecar(path), lambda a, b: array[a:b])
+            header = _npy_header(path)  # the data are mapped when layers are read: a memory
+            if header is not None and len(header[0]) == 3 and header[0][0] > 1:  # check can refuse first
+
+                def read_npy(a: int, b: int) -> np.ndarray:
+                    try:
+                        return np.load(path, mmap_mode="r", allow_pickle=False)[a:b]
+                    except ValueError as err:
+                        raise InputError(f"cannot read layers {a}..{b - 1} of {path}: {err}") from None
+
+                opened = (header[0], header[1], *_read_sidecar(path), read_npy)
         elif path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
