@@ -191,9 +191,8 @@ def compute_metrics(
     Raises:
         UsageError: unknown phases, bad ``bins`` or method. InputError: unusable image.
     """
-    from fem_anode.resources import check_memory, estimate_metrics_memory
-
     from fem_anode.imaging.metrics import _in_memory, _world_if_initialised
+    from fem_anode.resources import check_memory, estimate_metrics_memory
 
     image = _as_layers(image)
     if isinstance(reference, (str, Path)):

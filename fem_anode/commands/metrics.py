@@ -113,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
 
     from fem_anode.api import compute_metrics
     from fem_anode.io.output import output_directory
-
     from fem_anode.resources import check_memory, estimate_metrics_memory
 
     check_int(args.bins, "--bins", 1, 100_000)

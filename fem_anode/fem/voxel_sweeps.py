@@ -194,7 +194,9 @@ def geodesic_distance(
         raise ValueError("geodesic_distance: a 3D mask, a distance array of its shape and three spacings")
     if distance.dtype != np.float64 or not distance.flags.c_contiguous:
         raise ValueError("geodesic_distance: distance must be C-contiguous float64")
-    mask = np.ascontiguousarray(passable, dtype=np.uint8) if passable.dtype != np.uint8 else np.ascontiguousarray(passable)
+    mask = (
+        np.ascontiguousarray(passable, dtype=np.uint8) if passable.dtype != np.uint8 else np.ascontiguousarray(passable)
+    )
     seeds = np.ascontiguousarray(seeds, dtype=np.int64)
     steps = step_lengths(spacing)
     first, last = (0, passable.shape[0]) if layers is None else layers

@@ -662,13 +662,14 @@ def compute_metrics(
             result[key] = None
             not_applicable[key] = f"no {pore_phase!r} voxels in the image"
     elif engine is not None:
-        result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: engine.pore_surface_area(pore_phase))
-        geodesic, rounds = timed("tortuosity_field", lambda: engine.geodesic(pore_phase))
+        slabs = engine
+        result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: slabs.pore_surface_area(pore_phase))
+        geodesic, rounds = timed("tortuosity_field", lambda: slabs.geodesic(pore_phase))
         pore = engine.mask(pore_phase)
-        result["tortuosity"] = timed("tortuosity", lambda: engine.tortuosity(geodesic, pore))
+        result["tortuosity"] = timed("tortuosity", lambda: slabs.tortuosity(geodesic, pore))
         logger.debug("geodesic distances: %d round(s) over the slab interfaces", rounds)
         result["connections_per_depth"] = timed(
-            "connections_per_depth", lambda: engine.connections(pore, np.isfinite(geodesic) & pore)
+            "connections_per_depth", lambda: slabs.connections(pore, np.isfinite(geodesic) & pore)
         )
         if fields is not None:
             geodesic[~pore] = np.nan
@@ -698,9 +699,10 @@ def compute_metrics(
     if has_pore and has_si:
         if engine is not None:
             assert particles is not None
+            slabs, si_labels = engine, particles
             result["pore_si_distance"] = timed(
                 "pore_si_distance",
-                lambda: engine.pore_si_distance(pore_phase, si_phase, bins, particles, n_particles),
+                lambda: slabs.pore_si_distance(pore_phase, si_phase, bins, si_labels, n_particles),
             )
         else:
             assert isinstance(image, VoxelImage)
@@ -712,7 +714,7 @@ def compute_metrics(
         not_applicable["pore_si_distance"] = f"needs both {pore_phase!r} and {si_phase!r} voxels"
     if fields is not None and engine is not None and engine.slabs.distributed:
         fields["layer_bounds"] = np.asarray(engine.slabs.bounds, dtype=np.int64)
-    del particles, engine
+    particles = engine = None  # the slab labels: not kept while a reference is computed
     if reference is not None:
         if not isinstance(reference, Mapping):
             if reference.ndim != image.ndim:
@@ -784,7 +786,7 @@ class Metrics:
         data: Mapping[str, Any],
         *,
         fields: Mapping[str, np.ndarray] | None = None,
-        image: VoxelImage | None = None,
+        image: VoxelImage | ImageLayers | None = None,
         reference: Metrics | None = None,
     ) -> None:
         missing = [k for k in ("image", "phase_fractions") if k not in data]
@@ -823,9 +825,7 @@ class Metrics:
         if isinstance(reference, (VoxelImage, ImageLayers)):
             if reference.ndim != image.ndim:
                 raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
-            ref = cls.compute(
-                reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm
-            )
+            ref = cls.compute(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm)
         elif reference is not None:
             ref = reference
         kept: dict[str, np.ndarray] | None = {} if fields else None
@@ -1019,7 +1019,11 @@ class Metrics:
             for name in ("tortuosity", "geodesic_m"):
                 if name in metrics.fields:
                     write_image_layers(
-                        directory / f"{name}.npy", metrics.fields[name].astype(np.float32), shape, bounds, comm
+                        directory / f"{name}.npy",
+                        metrics.fields[name].astype(np.float32),
+                        shape,
+                        [int(b) for b in bounds],
+                        comm,
                     )
         gathered: dict[str, np.ndarray] = {}
         if tau is not None:
@@ -1034,7 +1038,9 @@ class Metrics:
             labels = gather_picture_data(comm, bounds, np.asarray(source.read_layers(z0, z1)), stride)
             small_tau = None if tau is None else gather_picture_data(comm, bounds, tau, stride)
             if labels is not None:
-                image = VoxelImage(labels, tuple(h * stride for h in voxel_size), source.require_phases(), source.source)
+                image = VoxelImage(
+                    labels, tuple(h * stride for h in voxel_size), source.require_phases(), source.source
+                )
                 if small_tau is not None:
                     gathered["tortuosity"] = small_tau
                 gathered["shown_stride"] = np.array(stride)
@@ -1107,11 +1113,10 @@ class Metrics:
             samples = {reference_label: ref.to_dict(), **samples}
         plot_comparison(samples, directory)
         maps = {}
-        if ref is not None and ref_fields is not None and "tortuosity" in ref_fields:
-            section = ref_fields.get("tortuosity_section", ref_fields["tortuosity"])
-            maps[reference_label] = (section, tuple(ref.image["voxel_size_m"]))
-        if "tortuosity" in own_fields:
-            maps[label] = (own_fields.get("tortuosity_section", own_fields["tortuosity"]), tuple(self.image["voxel_size_m"]))
+        for name, record, kept in ((reference_label, ref, ref_fields), (label, self, own_fields)):
+            section = None if kept is None else kept.get("tortuosity_section", kept.get("tortuosity"))
+            if record is not None and section is not None:
+                maps[name] = (section, tuple(record.image["voxel_size_m"]))
         if maps:
             plot_tortuosity_sections(maps, directory / "tortuosity_map.png")
         for name, array in own_fields.items() if fields else ():

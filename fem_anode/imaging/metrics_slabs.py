@@ -29,9 +29,9 @@ import numpy as np
 from scipy import ndimage
 
 from fem_anode.errors import InputError
-from fem_anode.io.images import format_phase_map
 from fem_anode.imaging.partition import Slabs
 from fem_anode.imaging.slabs import Slab, exchange_layers, label_slabs
+from fem_anode.io.images import format_phase_map
 
 __all__ = ["SlabMetrics"]
 
@@ -93,7 +93,7 @@ class SlabMetrics:
         """The per-layer values of all ranks, in layer order (``(nz, ...)``)."""
         if not self.slabs.distributed:
             return per_layer
-        return np.concatenate([p for p in self.slabs.comm.allgather(per_layer)])
+        return np.concatenate(self.slabs.comm.allgather(per_layer))
 
     def _sum_int_array(self, local: np.ndarray) -> np.ndarray:
         if not self.slabs.distributed:
@@ -139,7 +139,7 @@ class SlabMetrics:
 
     def per_slice(self) -> dict[str, Any]:
         """As :func:`~fem_anode.imaging.metrics.per_slice_fractions`."""
-        flat = self.labels.reshape(self.labels.shape[0], -1)
+        flat = self.labels.reshape(self.labels.shape[0], self.plane)
         local = np.stack([np.count_nonzero(flat == v, axis=1) for v in self.phases.values()], axis=1)
         counts = self.gather_layers(local.astype(np.int64))
         result: dict[str, Any] = {}
@@ -171,8 +171,8 @@ class SlabMetrics:
             if box is not None:
                 low[label] = [box[0].start + self.slabs.z0, box[1].start, box[2].start]
                 high[label] = [box[0].stop + self.slabs.z0, box[1].stop, box[2].stop]
-        low, high = self._reduce(low, "min")[1:], self._reduce(high, "max")[1:]
-        extents = ((high - low) * vs).max(axis=1) if n else np.zeros(0)
+        first_voxel, past_last = self._reduce(low, "min")[1:], self._reduce(high, "max")[1:]
+        extents = ((past_last - first_voxel) * vs).max(axis=1) if n else np.zeros(0)
         result: dict[str, Any] = {
             "count": int(n),
             "connectivity": "face",
@@ -184,12 +184,11 @@ class SlabMetrics:
         }
         # Sections: connected Si in each slice (they never span two slices: local to a slab).
         sections, n_sections = ndimage.label(si, _in_slice())
-        per_layer_count = np.zeros(self.slabs.layers, dtype=np.int64)
-        per_layer_sum = np.zeros(self.slabs.layers)
+        per_layer_count: np.ndarray = np.zeros(self.slabs.layers, dtype=np.int64)
+        per_layer_sum: np.ndarray = np.zeros(self.slabs.layers)
         if n_sections:
             section_sizes = np.bincount(sections.ravel(), minlength=n_sections + 1)[1:]
-            first = ndimage.find_objects(sections)
-            layer_of = np.array([box[0].start for box in first], dtype=np.int64)
+            layer_of = _first_layers(sections, n_sections)
             section_d = np.sqrt(4.0 * section_sizes * vs[1] * vs[2] / np.pi)
             per_layer_count = np.bincount(layer_of, minlength=self.slabs.layers).astype(np.int64)
             # Sections are numbered in raster order: those of one layer are consecutive.
@@ -215,7 +214,9 @@ class SlabMetrics:
 
         window, lo = self.window(_SURFACE_HALO)
         pore = self.mask(pore_phase, window)
-        field = ndimage.gaussian_filter(pore.astype(np.float32), smoothing) if smoothing > 0 else pore.astype(np.float32)
+        field = (
+            ndimage.gaussian_filter(pore.astype(np.float32), smoothing) if smoothing > 0 else pore.astype(np.float32)
+        )
         del pore, window
         # The cubes between layers k and k + 1 belong to the rank owning layer k.
         a, b = self.slabs.z0 - lo, min(self.slabs.z1 + 1, self.shape[0]) - lo
@@ -287,8 +288,8 @@ class SlabMetrics:
         self.tau = tau
         finite = np.isfinite(tau)
         rows = tau.shape[0]
-        pore_per_z = pore.reshape(rows, -1).sum(axis=1)
-        finite_per_z = finite.reshape(rows, -1).sum(axis=1)
+        pore_per_z = pore.reshape(rows, self.plane).sum(axis=1)
+        finite_per_z = finite.reshape(rows, self.plane).sum(axis=1)
         sums = np.array([tau[k][finite[k]].sum() for k in range(rows)]) if rows else np.zeros(0)
         per_layer = self.gather_layers(np.column_stack([pore_per_z, finite_per_z]).astype(np.int64))
         all_sums = self.gather_layers(sums)
@@ -332,7 +333,7 @@ class SlabMetrics:
         sections, n_sections = ndimage.label(pore, _in_slice())
         connected = np.zeros(n_sections + 1, dtype=bool)
         connected[sections[reachable]] = True
-        layer_of = np.array([box[0].start for box in ndimage.find_objects(sections)], dtype=np.int64)
+        layer_of = _first_layers(sections, n_sections)
         rows = self.slabs.layers
         local = np.column_stack(
             [
@@ -376,7 +377,7 @@ class SlabMetrics:
                 reach = np.minimum(
                     np.where(lo > 0, (z - lo + 1) * hz, np.inf), np.where(hi < nz, (hi - z) * hz, np.inf)
                 )
-                farthest = np.where(sources, own, 0.0).reshape(own.shape[0], -1).max(axis=1)
+                farthest = np.where(sources, own, 0.0).reshape(own.shape[0], self.plane).max(axis=1, initial=0.0)
                 result = own
                 exact = bool((farthest <= reach).all()) or (lo == 0 and hi == nz)
             if self.slabs.distributed:
@@ -399,7 +400,9 @@ class SlabMetrics:
         a, b = self.slabs.z0 - lo, self.slabs.z1 - lo
         return mask[a:b] & ~inner[a:b]
 
-    def pore_si_distance(self, pore_phase: str, si_phase: str, bins: int, particles: np.ndarray, n: int) -> dict[str, Any]:
+    def pore_si_distance(
+        self, pore_phase: str, si_phase: str, bins: int, particles: np.ndarray, n: int
+    ) -> dict[str, Any]:
         """As :func:`~fem_anode.imaging.metrics.pore_si_distance`. The nearest approach of a particle
         to the pores is taken over its surface voxels: from an inner voxel one face step toward its
         nearest pore voxel stays in the particle and comes nearer, so the minimum lies on the surface."""
@@ -408,7 +411,7 @@ class SlabMetrics:
         pore_surface = self._surface(pore_phase)
         to_pore = self.nearest_distance(lambda a: a == pore_value, si_surface)
         d = to_pore[si_surface]
-        nearest = np.full(n + 1, np.inf)
+        nearest: np.ndarray = np.full(n + 1, np.inf)
         np.minimum.at(nearest, particles[si_surface], d)
         del to_pore
         to_si = self.nearest_distance(lambda a: a == si_value, pore_surface)
@@ -435,9 +438,16 @@ class SlabMetrics:
         }
 
 
+def _first_layers(sections: np.ndarray, count: int) -> np.ndarray:
+    """The layer of each labelled section ``1 ... count`` (sections never span two layers)."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.array([box[0].start for box in ndimage.find_objects(sections, max_label=count)], dtype=np.int64)
+
+
 def _split_by_layer(values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     """``values`` (``= x[mask]`` in C order) split into the pieces of each axis-0 layer of ``mask``."""
-    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    counts = mask.reshape(mask.shape[0], int(np.prod(mask.shape[1:]))).sum(axis=1)
     return np.split(values, np.cumsum(counts)[:-1])
 
 
