@@ -8,9 +8,14 @@ area by marching cubes (``tools.mesh_region`` + ``mesh_surface_area``) and Si pa
 (``ndimage.label`` + ``regionprops_3D``). Geodesic tortuosity, channels per depth and pore-Si
 distances have no PoreSpy equivalent.
 
+In the same run, for comparison: the whole-image SciPy/scikit-image path (``scipy`` rows: the
+code before the slabs, ``skimage.graph.MCP_Geometric`` and ``ndimage.distance_transform_edt``),
+and with ``--ranks 1,2`` the whole ``fem-anode metrics --no-render`` command under ``mpirun -n N``
+(time, peak memory of the largest rank, the records compared).
+
 Usage::
 
-    .venv/bin/python benchmarks/bench_metrics.py --sizes 100,200 [--no-peer] [--skip-peer regionprops]
+    .venv/bin/python benchmarks/bench_metrics.py --sizes 100,200 [--no-peer] [--skip-peer regionprops] [--ranks 1,2]
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ EQUIVALENT = {
 }
 
 
-def single(path: str) -> None:
-    """Child process: metrics of one saved volume; prints timings, peak memory and a few values."""
+def single(path: str, scipy: bool = False) -> None:
+    """Child process: metrics of one saved volume; prints timings, peak memory and a few values
+    (``scipy``: the whole-image SciPy/scikit-image path instead of the slabs and compiled kernels)."""
+    from fem_anode.imaging import metrics as module
     from fem_anode.imaging.metrics import compute_metrics
     from fem_anode.io.images import read_image
 
+    if scipy:
+        module._voxel_kernels = lambda comm: None  # type: ignore[assignment]  # the path without a compiler
     image = read_image(path, kind="labels")
     t = time.perf_counter()
     metrics = compute_metrics(image)
@@ -59,15 +68,48 @@ def single(path: str) -> None:
     )
 
 
+def command_runs(path: Path, n: int, ranks: list[int], tmp: Path) -> list[dict]:
+    """``fem-anode metrics --no-render`` under ``mpirun -n N`` for each N: wall time, the peak RSS of
+    the largest rank (GNU time of mpirun counts its largest child), and whether each record equals
+    the first (timings and provenance aside)."""
+    rows, first = [], None
+    for size in ranks:
+        out = tmp / f"out{n}_{size}"
+        command = ["mpirun", "-n", str(size), "--oversubscribe", sys.executable, "-m", "mpi4py", "-m", "fem_anode"]
+        command += ["metrics", str(path), "--no-render", "-q", "--out", str(out)]
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        peak_mb = int(proc.stderr.strip().splitlines()[-1]) / 1024
+        record = json.loads((out / "metrics.json").read_text())
+        for key in ("timings_s", "provenance"):
+            record.pop(key, None)
+        first = record if first is None else first
+        rows.append(
+            {
+                "size": n,
+                "metric": f"command, {size} rank(s)",
+                "time_s": wall,
+                "peak_rss_mb": peak_mb,
+                "same_record_as_first": record == first,
+                "load": common.load(),
+            }
+        )
+        print(f"size {n}: fem-anode metrics on {size} rank(s): {wall:.1f} s, peak {peak_mb:.0f} MB per rank")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,200")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--skip-peer", default="", help="PoreSpy metrics to skip, e.g. si_particles")
+    parser.add_argument("--ranks", default="", help="also time the metrics command under mpirun -n N, e.g. 1,2")
     parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--scipy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        single(args.single)
+        single(args.single, scipy=args.scipy)
         return
     from fem_anode.imaging.synthetic import anode_volume
     from fem_anode.io.images import write_image
@@ -88,6 +130,10 @@ def main() -> None:
                 [sys.executable, __file__, "--single", str(path)], capture_output=True, text=True, check=True
             )
             ours = json.loads(proc.stdout.strip().splitlines()[-1])
+            proc = subprocess.run(
+                [sys.executable, __file__, "--single", str(path), "--scipy"], capture_output=True, text=True, check=True
+            )
+            before = json.loads(proc.stdout.strip().splitlines()[-1])
             peer = {}
             if peer_python is not None:
                 np.save(Path(tmp) / f"raw{n}.npy", image.array)
@@ -100,7 +146,8 @@ def main() -> None:
                 )
             load = common.load()
             for metric, seconds in ours["timings_s"].items():
-                row = {"size": n, "metric": metric, "time_s": seconds, "load": load}
+                row = {"size": n, "metric": metric, "time_s": seconds, "scipy_s": before["timings_s"].get(metric)}
+                row["load"] = load
                 equivalent = EQUIVALENT.get(metric)
                 if equivalent and equivalent in peer:
                     row["porespy_s"] = peer[equivalent]["time_s"]
@@ -111,7 +158,9 @@ def main() -> None:
                     "size": n,
                     "metric": "TOTAL",
                     "time_s": ours["total_s"],
+                    "scipy_s": before["total_s"],
                     "peak_rss_mb": ours["peak_rss_mb"],
+                    "scipy_peak_rss_mb": before["peak_rss_mb"],
                     "porespy_peak_rss_mb": peer.get("peak_rss_mb"),
                     "load": load,
                 }
@@ -123,6 +172,7 @@ def main() -> None:
                     (peer.get("pore_surface_area_m2") or {}).get("value"),
                 ),
                 "si_count": (ours["si_count"], ((peer.get("si_particles") or {}).get("value") or {}).get("count")),
+                "scipy_path": (ours["pore_surface_area_m2"], before["pore_surface_area_m2"], before["si_count"]),
             }
             print(f"size {n}: ours vs PoreSpy values {checks}")
             common.print_table(
@@ -131,15 +181,19 @@ def main() -> None:
                     "size",
                     "metric",
                     "time_s",
+                    "scipy_s",
                     "porespy_s",
                     "porespy_over_ours",
                     "peak_rss_mb",
+                    "scipy_peak_rss_mb",
                     "porespy_peak_rss_mb",
                     "load",
                 ],
                 title=f"image metrics {n}^3",
             )
             rows.append({"size": n, "metric": "values_ours_vs_porespy", "values": checks})
+            if args.ranks:
+                rows.extend(command_runs(path, n, [int(r) for r in args.ranks.split(",")], Path(tmp)))
     path = common.append_results(
         "metrics",
         rows,
