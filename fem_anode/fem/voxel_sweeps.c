@@ -939,78 +939,72 @@ void fa_axpy(int64_t n, double alpha, const double *p, double *y)
 }
 
 
-/* Geodesic distances on the 26-neighbour voxel graph (Dijkstra with a binary heap and
- * decrease-key): dist[i] becomes min(dist[i], min over neighbours j of dist[j] + step(j, i)),
- * to the fixed point, over the passable voxels (pass[i] != 0) of the layers first ... last - 1;
- * voxels outside those layers keep their values (a neighbour's halo: sources only).
- * steps[27] is the length of the step with offset (dz, dy, dx) in -1..1, at index
- * 9 (dz + 1) + 3 (dy + 1) + (dx + 1). The search starts from the nseeds voxels seeds[] with their
- * current distances (any voxel whose distance changed since the last fixed point, or all
- * finite ones); each value is dist[j] + step, the arithmetic of skimage's MCP_Geometric with
- * unit costs. Returns the number of voxels lowered, -1 without memory. */
+/* Geodesic distances on the 26-neighbour voxel graph (Dijkstra with a binary heap): dist[i]
+ * becomes min(dist[i], min over neighbours j of dist[j] + step(j, i)), to the fixed point, over the
+ * passable voxels (pass[i] != 0) of the layers first ... last - 1; voxels outside those layers keep
+ * their values (a neighbour's halo: sources only). steps[27] is the length of the step with offset
+ * (dz, dy, dx) in -1..1, at index 9 (dz + 1) + 3 (dy + 1) + (dx + 1). The search starts from the
+ * nseeds voxels seeds[] with their current distances (the voxels whose distance fell since the last
+ * fixed point, or all finite ones); each value is dist[j] + step, the arithmetic of skimage's
+ * MCP_Geometric with unit costs. A voxel is queued again whenever its distance falls and an entry
+ * whose key is above the voxel's distance is skipped when popped (no position array: no memory
+ * per voxel besides dist). Returns the number of times a distance fell, -1 without memory. */
 typedef struct { double key; int64_t index; } fa_heap_item;
 
-static void fa_heap_up(fa_heap_item *heap, int64_t *where, int64_t k)
+static int fa_heap_push(fa_heap_item **heap, int64_t *count, int64_t *capacity, double key, int64_t index)
 {
-    fa_heap_item item = heap[k];
+    if (*count == *capacity) {
+        fa_heap_item *grown = (fa_heap_item *)realloc(*heap, sizeof(fa_heap_item) * (size_t)(2 * *capacity));
+        if (grown == NULL) return -1;
+        *heap = grown;
+        *capacity *= 2;
+    }
+    fa_heap_item *h = *heap;
+    int64_t k = (*count)++;
     while (k > 0) {
-        int64_t parent = (k - 1) / 2;
-        if (heap[parent].key <= item.key) break;
-        heap[k] = heap[parent];
-        where[heap[k].index] = k;
+        const int64_t parent = (k - 1) / 2;
+        if (h[parent].key <= key) break;
+        h[k] = h[parent];
         k = parent;
     }
-    heap[k] = item;
-    where[item.index] = k;
+    h[k].key = key;
+    h[k].index = index;
+    return 0;
 }
 
-static void fa_heap_down(fa_heap_item *heap, int64_t *where, int64_t count, int64_t k)
+static fa_heap_item fa_heap_pop(fa_heap_item *heap, int64_t *count)
 {
-    fa_heap_item item = heap[k];
+    const fa_heap_item top = heap[0];
+    const fa_heap_item last = heap[--(*count)];
+    const int64_t n = *count;
+    int64_t k = 0;
     for (;;) {
         int64_t child = 2 * k + 1;
-        if (child >= count) break;
-        if (child + 1 < count && heap[child + 1].key < heap[child].key) ++child;
-        if (item.key <= heap[child].key) break;
+        if (child >= n) break;
+        if (child + 1 < n && heap[child + 1].key < heap[child].key) ++child;
+        if (last.key <= heap[child].key) break;
         heap[k] = heap[child];
-        where[heap[k].index] = k;
         k = child;
     }
-    heap[k] = item;
-    where[item.index] = k;
+    if (n > 0) heap[k] = last;
+    return top;
 }
 
 int64_t fa_geodesic(int64_t nz, int64_t ny, int64_t nx, const uint8_t *pass, const double *steps,
                     int64_t first, int64_t last, int64_t nseeds, const int64_t *seeds, double *dist)
 {
-    const int64_t plane = ny * nx, n = nz * plane;
-    int64_t *where = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
+    const int64_t plane = ny * nx;
     int64_t capacity = nseeds + 1024, count = 0, lowered = 0;
     fa_heap_item *heap = (fa_heap_item *)malloc(sizeof(fa_heap_item) * (size_t)capacity);
-    if (where == NULL || heap == NULL) {
-        free(where);
-        free(heap);
-        return -1;
-    }
-    for (int64_t i = 0; i < n; ++i) where[i] = -1; /* -1: never queued, -2: final */
-    for (int64_t s = 0; s < nseeds; ++s) {
-        const int64_t i = seeds[s];
-        if (where[i] != -1 || !(dist[i] < INFINITY)) continue;
-        heap[count].key = dist[i];
-        heap[count].index = i;
-        where[i] = count;
-        fa_heap_up(heap, where, count);
-        ++count;
-    }
-    while (count > 0) {
-        const fa_heap_item top = heap[0];
-        where[top.index] = -2;
-        --count;
-        if (count > 0) {
-            heap[0] = heap[count];
-            where[heap[0].index] = 0;
-            fa_heap_down(heap, where, count, 0);
+    if (heap == NULL) return -1;
+    for (int64_t s = 0; s < nseeds; ++s)
+        if (dist[seeds[s]] < INFINITY && fa_heap_push(&heap, &count, &capacity, dist[seeds[s]], seeds[s]) != 0) {
+            free(heap);
+            return -1;
         }
+    while (count > 0) {
+        const fa_heap_item top = fa_heap_pop(heap, &count);
+        if (top.key > dist[top.index]) continue; /* queued again since, with a lower distance */
         const int64_t k = top.index / plane, j = (top.index / nx) % ny, i = top.index % nx;
         for (int64_t dz = -1; dz <= 1; ++dz) {
             const int64_t kk = k + dz;
@@ -1022,37 +1016,19 @@ int64_t fa_geodesic(int64_t nz, int64_t ny, int64_t nx, const uint8_t *pass, con
                     const int64_t ii = i + dx;
                     if (ii < 0 || ii >= nx || (dz == 0 && dy == 0 && dx == 0)) continue;
                     const int64_t m = kk * plane + jj * nx + ii;
-                    if (!pass[m] || where[m] == -2) continue;
+                    if (!pass[m]) continue;
                     const double candidate = top.key + steps[9 * (dz + 1) + 3 * (dy + 1) + (dx + 1)];
-                    if (!(candidate < dist[m])) continue;
-                    if (where[m] < 0) {
-                        if (count == capacity) {
-                            capacity *= 2;
-                            fa_heap_item *grown = (fa_heap_item *)realloc(heap, sizeof(fa_heap_item) * (size_t)capacity);
-                            if (grown == NULL) {
-                                free(where);
-                                free(heap);
-                                return -1;
-                            }
-                            heap = grown;
-                        }
-                        dist[m] = candidate;
-                        heap[count].key = candidate;
-                        heap[count].index = m;
-                        where[m] = count;
-                        fa_heap_up(heap, where, count);
-                        ++count;
-                        ++lowered;
-                    } else {
-                        dist[m] = candidate;
-                        heap[where[m]].key = candidate;
-                        fa_heap_up(heap, where, where[m]);
+                    if (!(candidate < dist[m])) continue; /* also every voxel already final */
+                    dist[m] = candidate;
+                    ++lowered;
+                    if (fa_heap_push(&heap, &count, &capacity, candidate, m) != 0) {
+                        free(heap);
+                        return -1;
                     }
                 }
             }
         }
     }
-    free(where);
     free(heap);
     return lowered;
 }

@@ -185,10 +185,11 @@ def geodesic_distance(
     ``distance`` (float64, C order, ``inf`` = not reached) is lowered to the fixed point
     ``d(i) = min(d(i), min_j d(j) + |step j->i|)`` over the passable voxels of ``layers``
     (axis-0 range; default all); the search starts from the flat indices ``seeds`` with their
-    current values. Values outside ``layers`` are sources only. 8 B per voxel of scratch.
+    current values. Values outside ``layers`` are sources only. No scratch per voxel: a heap of
+    the search front.
 
     Returns:
-        The number of voxels reached with a lower distance.
+        The number of times a distance fell.
     """
     if passable.ndim != 3 or distance.shape != passable.shape or len(spacing) != 3:
         raise ValueError("geodesic_distance: a 3D mask, a distance array of its shape and three spacings")
