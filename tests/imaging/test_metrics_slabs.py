@@ -174,3 +174,19 @@ def test_metrics_command_on_the_ranks_writes_the_fields_of_one_process(comm, sha
     for name in ("tortuosity", "geodesic_m"):
         np.testing.assert_array_equal(np.load(out / f"{name}.npy"), alone[name].astype(np.float32))
     assert (out / "tortuosity_map.png").stat().st_size > 1000
+
+
+def test_without_the_compiled_kernels_a_volume_read_by_layers_gets_the_scipy_path(tmp_path, monkeypatch):
+    labels = three_phase((14, 12, 11), seed=9)
+    path = write_image(tmp_path / "volume.npy", VoxelImage(labels, SPACING, PHASES, "volume"))
+    slabs = whole.compute_metrics(open_image_layers(path))
+    monkeypatch.setattr(whole, "_voxel_kernels", lambda comm: None)
+    scipy_path = whole.compute_metrics(open_image_layers(path))
+    assert "skimage.graph.MCP_Geometric" in scipy_path["tortuosity"]["method"]
+    for record in (slabs, scipy_path):
+        record.pop("timings_s")
+        record["tortuosity"].pop("method")
+    area = scipy_path.pop("pore_surface_area_m2")
+    assert slabs.pop("pore_surface_area_m2") == pytest.approx(area, rel=1e-7)
+    differences = close(slabs, scipy_path, rtol=1e-12)
+    assert not differences, differences
