@@ -172,6 +172,21 @@ def _slice_area(image: VoxelImage) -> float:
 # ----------------------------------------------------------------------------- Si particles
 
 
+def _particle_summary(diameters: np.ndarray, extents: np.ndarray, bins: int) -> dict[str, Any]:
+    """The keys of :func:`si_particles` for all particles, from their equivalent diameters and
+    extents (m, in label order)."""
+    n = diameters.size
+    return {
+        "count": int(n),
+        "connectivity": "face",
+        "mean_equivalent_diameter_m": float(diameters.mean()) if n else math.nan,
+        "max_extent_m": float(extents.max()) if n else math.nan,
+        "mean_extent_m": float(extents.mean()) if n else math.nan,
+        "equivalent_diameters_m": np.sort(diameters).tolist(),
+        "size_distribution": _histogram(diameters, bins),
+    }
+
+
 def si_particles(image: VoxelImage, si_phase: str = "si", *, bins: int = 30) -> dict[str, Any]:
     """Connected Si particles (face connectivity) in the image and per slice.
 
@@ -201,15 +216,7 @@ def si_particles(image: VoxelImage, si_phase: str = "si", *, bins: int = 30) -> 
     extents = np.array(
         [max((s.stop - s.start) * h for s, h in zip(box, vs)) for box in ndimage.find_objects(comp) if box is not None]
     )
-    result: dict[str, Any] = {
-        "count": int(n),
-        "connectivity": "face",
-        "mean_equivalent_diameter_m": float(diameters.mean()) if n else math.nan,
-        "max_extent_m": float(extents.max()) if n else math.nan,
-        "mean_extent_m": float(extents.mean()) if n else math.nan,
-        "equivalent_diameters_m": np.sort(diameters).tolist(),
-        "size_distribution": _histogram(diameters, bins),
-    }
+    result = _particle_summary(diameters, extents, bins)
     if ndim == 2:
         result["count_per_area_m2"] = float(n / np.prod(image.extent))
         return result

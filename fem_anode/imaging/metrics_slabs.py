@@ -162,7 +162,7 @@ class SlabMetrics:
     def si_particles(self, si_phase: str, bins: int) -> tuple[dict[str, Any], np.ndarray, int]:
         """As :func:`~fem_anode.imaging.metrics.si_particles`; also the particle labels of the slab
         and the number of particles."""
-        from fem_anode.imaging.metrics import _histogram, _stats
+        from fem_anode.imaging.metrics import _particle_summary, _stats
 
         vs = np.asarray(self.spacing)
         si = self.mask(si_phase)
@@ -177,15 +177,7 @@ class SlabMetrics:
                 high[label] = [box[0].stop + self.slabs.z0, box[1].stop, box[2].stop]
         first_voxel, past_last = self._reduce(low, "min")[1:], self._reduce(high, "max")[1:]
         extents = ((past_last - first_voxel) * vs).max(axis=1) if n else np.zeros(0)
-        result: dict[str, Any] = {
-            "count": int(n),
-            "connectivity": "face",
-            "mean_equivalent_diameter_m": float(diameters.mean()) if n else math.nan,
-            "max_extent_m": float(extents.max()) if n else math.nan,
-            "mean_extent_m": float(extents.mean()) if n else math.nan,
-            "equivalent_diameters_m": np.sort(diameters).tolist(),
-            "size_distribution": _histogram(diameters, bins),
-        }
+        result = _particle_summary(diameters, extents, bins)
         # Sections: connected Si in each slice (they never span two slices: local to a slab).
         sections, n_sections = ndimage.label(si, _in_slice())
         per_layer_count: np.ndarray = np.zeros(self.slabs.layers, dtype=np.int64)
