@@ -232,9 +232,14 @@ class SlabMetrics:
     # -- geodesic tortuosity -----------------------------------------------------------------
     def geodesic(self, pore_phase: str) -> tuple[np.ndarray, int]:
         """Geodesic distance (m) from the pore voxels of slice 0 through pore voxels, on the slab's
-        layers (``inf`` unreachable or solid), and the rounds over the slab interfaces it took."""
-        from fem_anode.fem.voxel_sweeps import geodesic_distance
+        layers (``inf`` unreachable or solid), and the rounds over the rank interfaces it took.
 
+        The front advances from slice 0 into the depth, so on slabs of z layers the ranks would take
+        their turns: on several ranks the search runs on columns instead (rank r the y rows
+        ``[r ny / N, (r+1) ny / N)`` of every layer, read a few layers at a time) and its result
+        is sent to the z slabs by one all-to-all exchange."""
+        if self.slabs.distributed and self.shape[1] >= self.slabs.comm.size:
+            return self._geodesic_by_columns(pore_phase)
         window, lo = self.window(1)
         pore = self.mask(pore_phase, window)
         del window
@@ -242,34 +247,84 @@ class SlabMetrics:
         a, b = self.slabs.z0 - lo, self.slabs.z1 - lo
         if self.slabs.z0 == 0 and self.slabs.layers:
             distance[0][pore[0]] = 0.0
+        rounds = self._relax(pore, self.spacing, distance, a, b, self.slab)
+        return distance[a:b], rounds
+
+    def _relax(
+        self, passable: np.ndarray, spacing: tuple[float, ...], distance: np.ndarray, a: int, b: int, part: Slab
+    ) -> int:
+        """Geodesic search on a block whose axis-0 rows ``a ... b - 1`` are this rank's part ``part``
+        of the split axis and the rows around them its neighbours' (sources only), to the fixed point
+        over all ranks (collective); ``distance`` holds the sources and is lowered in place. Returns
+        the rounds: each rank searches from the voxels that became nearer, then the ranks exchange
+        their boundary rows, until no rank's halo changes."""
+        from fem_anode.fem.voxel_sweeps import geodesic_distance
+
         seeds = np.flatnonzero(np.isfinite(distance))
-        halo_below, halo_above = a > 0, b < pore.shape[0]
+        plane = int(np.prod(passable.shape[1:]))
         rounds = 0
         while True:
             rounds += 1
-            if seeds.size and self.slabs.layers:
-                geodesic_distance(pore, self.spacing, distance, seeds, self.library, layers=(a, b))
+            if seeds.size and b > a:
+                geodesic_distance(passable, spacing, distance, seeds, self.library, layers=(a, b))
             if not self.slabs.distributed:
-                break
-            empty = np.full(self.shape[1:], np.inf)
+                return rounds
+            empty = np.full(passable.shape[1:], np.inf)
             below, above = exchange_layers(
-                self.slabs.comm,
-                self.slab,
-                distance[a] if self.slabs.layers else empty,
-                distance[b - 1] if self.slabs.layers else empty,
+                self.slabs.comm, part, distance[a] if b > a else empty, distance[b - 1] if b > a else empty
             )
             new_seeds = []
-            for received, row, present in ((below, a - 1, halo_below), (above, b, halo_above)):
-                if received is None or not present:
+            for received, row in ((below, a - 1), (above, b)):
+                if received is None or not 0 <= row < passable.shape[0]:
                     continue
-                better = (received < distance[row]) & pore[row]
+                better = (received < distance[row]) & passable[row]
                 if better.any():
                     distance[row][better] = received[better]
-                    new_seeds.append(row * self.plane + np.flatnonzero(better))
+                    new_seeds.append(row * plane + np.flatnonzero(better))
             seeds = np.concatenate(new_seeds) if new_seeds else np.zeros(0, dtype=np.int64)
             if not self.slabs.any(bool(seeds.size)):
-                break
-        return distance[a:b], rounds
+                return rounds
+
+    def _geodesic_by_columns(self, pore_phase: str) -> tuple[np.ndarray, int]:
+        """:meth:`geodesic` on y columns of the whole depth, returned on this rank's z slab."""
+        from mpi4py import MPI
+
+        comm = self.slabs.comm
+        nz, ny, nx = self.shape
+        y_bounds = np.array([ny * r // comm.size for r in range(comm.size + 1)], dtype=np.int64)
+        columns = Slab.from_bounds(y_bounds, comm.rank)
+        lo, hi = max(columns.z0 - 1, 0), min(columns.z1 + 1, ny)
+        value = self.phases[pore_phase]
+        passable = np.empty((hi - lo, nz, nx), dtype=bool)  # axes (y, z, x): the split axis first
+        for start in range(0, nz, 16):
+            stop = min(start + 16, nz)
+            layers = np.asarray(self.image.read_layers(start, stop))[:, lo:hi, :]
+            passable[:, start:stop, :] = (layers == value).transpose(1, 0, 2)
+        del layers
+        distance = np.full(passable.shape, np.inf)
+        distance[:, 0, :][passable[:, 0, :]] = 0.0
+        a, b = columns.z0 - lo, columns.z1 - lo
+        spacing = (self.spacing[1], self.spacing[0], self.spacing[2])
+        rounds = self._relax(passable, spacing, distance, a, b, columns)
+        del passable
+        # Columns -> slabs: rank s gets the rows of its layers from every rank.
+        own = distance[a:b]
+        z_bounds = self.slabs.bounds
+        send = np.concatenate([own[:, z_bounds[s] : z_bounds[s + 1], :].ravel() for s in range(comm.size)])
+        send_counts = [int(b - a) * (z_bounds[s + 1] - z_bounds[s]) * nx for s in range(comm.size)]
+        del own, distance
+        rows = np.diff(y_bounds)
+        receive_counts = [int(rows[s]) * self.slabs.layers * nx for s in range(comm.size)]
+        received = np.empty(sum(receive_counts))
+        comm.Alltoallv([send, send_counts, MPI.DOUBLE], [received, receive_counts, MPI.DOUBLE])
+        del send
+        geodesic = np.empty((self.slabs.layers, ny, nx))
+        offset = 0
+        for s in range(comm.size):
+            piece = received[offset : offset + receive_counts[s]].reshape(int(rows[s]), self.slabs.layers, nx)
+            geodesic[:, y_bounds[s] : y_bounds[s + 1], :] = piece.transpose(1, 0, 2)
+            offset += receive_counts[s]
+        return geodesic, rounds
 
     def tortuosity(self, geodesic: np.ndarray, pore: np.ndarray) -> dict[str, Any]:
         """As :func:`~fem_anode.imaging.metrics.geodesic_tortuosity`, from the slab's geodesic

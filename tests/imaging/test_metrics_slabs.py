@@ -122,10 +122,27 @@ def serpentine(nz: int = 20) -> np.ndarray:
     return labels
 
 
+def serpentine_across_rows() -> np.ndarray:
+    """A pore channel that crosses the middle y row (the two ranks' column interface) three times:
+    the geodesic search runs on columns of y rows when several ranks share it."""
+    labels = np.full((14, 12, 5), PHASES["graphite"], dtype=np.uint8)
+    pore = PHASES["pore"]
+    labels[0:13, 1, 1] = pore  # down at y = 1
+    labels[12, 1:10, 1] = pore  # across to y = 9
+    labels[2:13, 9, 1] = pore  # up
+    labels[2, 4:10, 1] = pore  # back to y = 4
+    labels[2:11, 4, 1] = pore  # down
+    labels[10, 4, 1:5] = pore  # over to x = 4 (three voxels from the other runs: no corner contact)
+    labels[10, 4:10, 4] = pore  # across to y = 9 again
+    labels[10:14, 9, 4] = pore  # and down to the bottom
+    labels[6, 6, 3] = PHASES["si"]
+    return labels
+
+
 @pytest.mark.parametrize(
     "labels",
-    [three_phase((23, 17, 15), seed=6), serpentine(), three_phase((3, 9, 8), seed=7)],
-    ids=["random", "serpentine", "thin"],
+    [three_phase((23, 17, 15), seed=6), serpentine(), serpentine_across_rows(), three_phase((3, 9, 8), seed=7)],
+    ids=["random", "serpentine", "serpentine-across-rows", "thin"],
 )
 def test_metrics_on_the_ranks_are_the_bits_of_one_process(comm, shared_tmp_path, labels):
     path = shared_tmp_path / "volume.npy"
@@ -146,7 +163,7 @@ def test_metrics_on_the_ranks_are_the_bits_of_one_process(comm, shared_tmp_path,
         z0, z1 = 0, labels.shape[0]
     for name in ("tortuosity", "geodesic_m"):
         np.testing.assert_array_equal(fields[name], kept[name][z0:z1])
-    if labels.shape[0] == 20:  # the serpentine: MCP_Geometric on the whole volume, the same bits
+    if labels.shape in ((20, 5, 12), (14, 12, 5)):  # the serpentines: MCP_Geometric, the same bits
         from skimage.graph import MCP_Geometric
 
         pore = labels == PHASES["pore"]
