@@ -95,22 +95,15 @@ class SlabMetrics:
             return per_layer
         return np.concatenate(self.slabs.comm.allgather(per_layer))
 
-    def _sum_int_array(self, local: np.ndarray) -> np.ndarray:
-        if not self.slabs.distributed:
-            return local
-        from mpi4py import MPI
-
-        out = np.empty_like(local)
-        self.slabs.comm.Allreduce(np.ascontiguousarray(local), out, op=MPI.SUM)
-        return out
-
     def _reduce(self, local: np.ndarray, op: str) -> np.ndarray:
+        """Element-wise ``"sum"`` (of integers: exact), ``"min"`` or ``"max"`` over the ranks."""
         if not self.slabs.distributed:
             return local
         from mpi4py import MPI
 
         out = np.empty_like(local)
-        self.slabs.comm.Allreduce(np.ascontiguousarray(local), out, op={"min": MPI.MIN, "max": MPI.MAX}[op])
+        operation = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
+        self.slabs.comm.Allreduce(np.ascontiguousarray(local), out, op=operation)
         return out
 
     def _fsum(self, per_layer: np.ndarray) -> float:
@@ -167,7 +160,7 @@ class SlabMetrics:
         vs = np.asarray(self.spacing)
         si = self.mask(si_phase)
         labels, n, _, _ = label_slabs(self._comm, self.slab, si, _face())
-        sizes = self._sum_int_array(np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64))[1:]
+        sizes = self._reduce(np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64), "sum")[1:]
         diameters = np.cbrt(6.0 * sizes.astype(np.float64) * float(np.prod(vs)) / np.pi)
         low = np.full((n + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
         high = np.full((n + 1, 3), -1, dtype=np.int64)
@@ -476,7 +469,7 @@ class SlabMetrics:
         squares = np.array([((v - mean) ** 2).sum() for v in pieces])
         largest = self.slabs.max(float(d.max()) if d.size else 0.0)
         counts, edges = np.histogram(d, bins=bins, range=(0.0, largest if largest > 0 else 1.0))
-        counts = self._sum_int_array(counts.astype(np.int64))
+        counts = self._reduce(counts.astype(np.int64), "sum")
         return {
             "mean_m": mean,
             "max_m": largest,
