@@ -144,21 +144,14 @@ def label_slabs(
     roots = _component_roots(pairs)
     nonroots = np.sort(np.array([g for g, r in roots.items() if g != r], dtype=np.int64))
 
-    def final(labels: np.ndarray) -> np.ndarray:
-        out = labels.copy()
-        if roots:
-            keys = np.fromiter(roots.keys(), dtype=np.int64)
-            values = np.fromiter(roots.values(), dtype=np.int64)
-            order = np.argsort(keys)
-            keys, values = keys[order], values[order]
-            where = np.searchsorted(keys, out)
-            hit = (where < keys.size) & (keys[np.minimum(where, keys.size - 1)] == out)
-            out[hit] = values[where[hit]]
-        positive = out > 0
-        out[positive] -= np.searchsorted(nonroots, out[positive])
-        return out
-
-    labels = final(local)
+    # Every label's final number in one table (labels are 0 ... total): its component's smallest
+    # label, less the labels below that which are not the smallest of theirs; one lookup per voxel.
+    table = np.arange(total + 1, dtype=np.int64)
+    if roots:
+        table[np.fromiter(roots.keys(), dtype=np.int64)] = np.fromiter(roots.values(), dtype=np.int64)
+    table -= np.searchsorted(nonroots, table)
+    labels = table[local]
+    del table
     # The neighbouring layers, in final numbers (their owners computed them the same way).
     layer_below, layer_above = exchange_layers(
         comm, slab, labels[0] if slab.layers else empty, labels[-1] if slab.layers else empty
