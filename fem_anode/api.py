@@ -160,6 +160,7 @@ def compute_metrics(
     tortuosity_method: str = "fv",
     comm: MPI.Comm | None = None,
     memory_check: bool = True,
+    require_all_phases: bool = False,
 ) -> Metrics:
     """Image metrics of a label image (Vorauer et al. 2020, Figs. 4-7), as a :class:`Metrics`.
 
@@ -187,6 +188,8 @@ def compute_metrics(
         comm: communicator of the slabs and of the tortuosity-factor solve (default
             ``MPI.COMM_WORLD`` if MPI is in use, else one process).
         memory_check: refuse an image whose estimated memory needs exceed what is available.
+        require_all_phases: refuse a phase map naming a phase without voxels (otherwise the
+            metrics that need it are ``null``, with the reason in ``not_applicable``).
 
     Raises:
         UsageError: unknown phases, bad ``bins`` or method. InputError: unusable image.
@@ -228,7 +231,14 @@ def compute_metrics(
         if tortuosity_method not in METHODS:
             raise UsageError(f"tortuosity method must be one of {', '.join(METHODS)}, got {tortuosity_method!r}")
     metrics = Metrics.compute(
-        image, reference=reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm
+        image,
+        reference=reference,
+        pore_phase=pore_phase,
+        si_phase=si_phase,
+        bins=bins,
+        fields=fields,
+        comm=comm,
+        require_all_phases=require_all_phases,
     )
     if names:
         if image.ndim != 3:

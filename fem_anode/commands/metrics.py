@@ -104,7 +104,7 @@ def _open_image(args: argparse.Namespace) -> VoxelImage | ImageLayers:
 
     opened = open_image_layers(args.image, voxel_size=args.voxel_size, phases=args.phases)
     if isinstance(opened, ImageLayers):
-        return opened
+        return opened  # the labels are checked as the metrics count them
     return load_image(args, kind="labels")
 
 
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         tortuosity_method=args.tortuosity_method,
         comm=comm,
         memory_check=not getattr(args, "no_memory_check", False),
+        require_all_phases=True,
     )
     with output_directory(args.out, comm) as staging:
         metrics.save(

@@ -567,6 +567,7 @@ def compute_metrics(
     bins: int = 30,
     fields: dict[str, np.ndarray] | None = None,
     comm: Any = None,
+    require_all_phases: bool = False,
 ) -> dict[str, Any]:
     """All metrics of a label image with voxel size and phase map, as a JSON-ready dict (SI).
 
@@ -587,6 +588,8 @@ def compute_metrics(
             (``tortuosity``, ``geodesic_m``; inf = unreachable, NaN = solid); of a 3D image
             under MPI, the rank's own layers (``layer_bounds`` says which).
         comm: MPI communicator of the slabs (``None``: one process).
+        require_all_phases: refuse (``InputError``) a phase map naming a phase without voxels,
+            before any metric is computed (the CLI's rule); otherwise such metrics are ``null``.
 
     Returns:
         ``image``, ``phase_fractions``, ``per_slice``, ``si_particles``, ``pore_surface_area_m2``
@@ -623,9 +626,12 @@ def compute_metrics(
     if engine is not None:
         counts = timed("phase_fractions", engine.label_counts)
         present = {value for value, n in counts.items() if n}
+        empty = [name for name, value in phases.items() if value not in present]
+        if require_all_phases and empty:
+            raise InputError(f"{image.source}: phase(s) {', '.join(empty)} have no voxels in the image")
     else:
         assert isinstance(image, VoxelImage)
-        image.check_labels(require_all_phases=False)
+        image.check_labels(require_all_phases=require_all_phases)
         present = {int(v) for v in np.unique(image.array)}
     has_pore = pore_phase in phases and phases[pore_phase] in present
     has_si = si_phase in phases and phases[si_phase] in present
@@ -726,7 +732,14 @@ def compute_metrics(
         if not isinstance(reference, Mapping):
             if reference.ndim != image.ndim:
                 raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
-            ref_metrics = compute_metrics(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, comm=comm)
+            ref_metrics = compute_metrics(
+                reference,
+                pore_phase=pore_phase,
+                si_phase=si_phase,
+                bins=bins,
+                comm=comm,
+                require_all_phases=require_all_phases,
+            )
         else:
             ref_metrics = dict(reference)
         kept = ("image", "phase_fractions", "pore_surface_area_m2", "pore_perimeter_m")
@@ -815,6 +828,7 @@ class Metrics:
         bins: int = 30,
         fields: bool = True,
         comm: Any = None,
+        require_all_phases: bool = False,
     ) -> Metrics:
         """The metrics of ``image`` (see :func:`compute_metrics` for what each one is).
 
@@ -827,12 +841,21 @@ class Metrics:
             fields: keep the tortuosity and geodesic-distance arrays in :attr:`fields` (of a 3D
                 image under MPI: the rank's layers, ``fields["layer_bounds"]`` says which).
             comm: MPI communicator of the slabs of a 3D image (``None``: one process).
+            require_all_phases: refuse a phase map naming a phase without voxels.
         """
         ref: Metrics | None = None
         if isinstance(reference, (VoxelImage, ImageLayers)):
             if reference.ndim != image.ndim:
                 raise InputError(f"reference {reference.source} is {reference.ndim}D but the image is {image.ndim}D")
-            ref = cls.compute(reference, pore_phase=pore_phase, si_phase=si_phase, bins=bins, fields=fields, comm=comm)
+            ref = cls.compute(
+                reference,
+                pore_phase=pore_phase,
+                si_phase=si_phase,
+                bins=bins,
+                fields=fields,
+                comm=comm,
+                require_all_phases=require_all_phases,
+            )
         elif reference is not None:
             ref = reference
         kept: dict[str, np.ndarray] | None = {} if fields else None
@@ -844,6 +867,7 @@ class Metrics:
             bins=bins,
             fields=kept,
             comm=comm,
+            require_all_phases=require_all_phases,
         )
         return cls(data, fields=kept, image=image, reference=ref)
 

@@ -207,3 +207,21 @@ def test_without_the_compiled_kernels_a_volume_read_by_layers_gets_the_scipy_pat
     assert slabs.pop("pore_surface_area_m2") == pytest.approx(area, rel=1e-7)
     differences = close(slabs, scipy_path, rtol=1e-12)
     assert not differences, differences
+
+
+def test_the_command_refuses_a_named_phase_without_voxels_in_a_volume_read_by_layers(comm, shared_tmp_path, capsys):
+    """As for an image read whole: exit 3 with the phase named, before any metric, nothing written."""
+    from fem_anode.cli import main
+
+    labels = three_phase((12, 10, 9), seed=10)
+    path = shared_tmp_path / "volume.npy"
+    if comm.rank == 0:
+        write_image(path, VoxelImage(labels, SPACING, {**PHASES, "sei": 3}, "volume"))
+    comm.barrier()
+    out = shared_tmp_path / "out"
+    assert main(["metrics", str(path), "--no-render", "--out", str(out)]) == 3
+    assert "phase(s) sei have no voxels" in capsys.readouterr().err
+    assert not out.exists()
+    # the Python API reports it as not applicable instead
+    record = whole.compute_metrics(open_image_layers(path))
+    assert record["phase_fractions"]["sei"] == 0.0
