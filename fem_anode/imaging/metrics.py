@@ -679,17 +679,16 @@ def compute_metrics(
         result["pore_surface_area_m2"] = timed("pore_surface_area_m2", lambda: slabs.pore_surface_area(pore_phase))
         geodesic, rounds = timed("tortuosity_field", lambda: slabs.geodesic(pore_phase))
         pore = engine.mask(pore_phase)
-        result["tortuosity"] = timed("tortuosity", lambda: slabs.tortuosity(geodesic, pore))
+        result["tortuosity"], tau = timed("tortuosity", lambda: slabs.tortuosity(geodesic, pore))
         logger.debug("geodesic distances: %d round(s) over the slab interfaces", rounds)
         result["connections_per_depth"] = timed(
             "connections_per_depth", lambda: slabs.connections(pore, np.isfinite(geodesic) & pore)
         )
         if fields is not None:
             geodesic[~pore] = np.nan
-            fields["tortuosity"] = engine.tau
+            fields["tortuosity"] = tau
             fields["geodesic_m"] = geodesic
-        del geodesic, pore
-        engine.tau = None
+        del geodesic, pore, tau
     else:
         assert isinstance(image, VoxelImage)
         if image.ndim == 3:

@@ -319,9 +319,9 @@ class SlabMetrics:
             offset += receive_counts[s]
         return geodesic, rounds
 
-    def tortuosity(self, geodesic: np.ndarray, pore: np.ndarray) -> dict[str, Any]:
+    def tortuosity(self, geodesic: np.ndarray, pore: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         """As :func:`~fem_anode.imaging.metrics.geodesic_tortuosity`, from the slab's geodesic
-        distances; also keeps ``self.tau`` (tortuosity of the slab: inf unreachable, NaN solid)."""
+        distances; also the tortuosity of the slab (inf unreachable, NaN solid)."""
         z = np.arange(self.slabs.z0, self.slabs.z1)
         depth = (z * self.spacing[0]).reshape(-1, 1, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -329,7 +329,6 @@ class SlabMetrics:
         if self.slabs.z0 == 0 and self.slabs.layers:
             tau[0] = np.where(np.isfinite(geodesic[0]), 1.0, np.inf)
         tau[~pore] = np.nan
-        self.tau = tau
         finite = np.isfinite(tau)
         rows = tau.shape[0]
         pore_per_z = pore.reshape(rows, self.plane).sum(axis=1)
@@ -352,7 +351,7 @@ class SlabMetrics:
             below_sums[0] = 0.0
         n_pore = int(pore_all.sum())
         unreachable = int(unreach_all.sum())
-        return {
+        record = {
             "per_depth_mean": per_depth.tolist(),
             "unreachable_fraction": {
                 "per_depth": unreach_frac.tolist(),
@@ -369,6 +368,7 @@ class SlabMetrics:
             "skimage.graph.MCP_Geometric); unreachable = inf, reported in unreachable_fraction and excluded "
             "from means (null in JSON where undefined)",
         }
+        return record, tau
 
     def connections(self, pore: np.ndarray, reachable: np.ndarray) -> dict[str, Any]:
         """As :func:`~fem_anode.imaging.metrics.connections_per_depth`."""
