@@ -1031,7 +1031,7 @@ class Metrics:
 
     @staticmethod
     def _gathered_pictures(
-        comm: Any, metrics: Metrics, directory: Path | None, write_fields: bool, render: bool, label: str
+        comm: Any, metrics: Metrics, directory: Path | None, write_fields: bool, render: bool
     ) -> tuple[dict[str, np.ndarray], VoxelImage | None]:
         """Collective, for fields split over the ranks: with ``write_fields`` every rank writes its
         layers of ``tortuosity.npy``/``geodesic_m.npy`` into ``directory``; rank 0 gets the central
@@ -1124,9 +1124,9 @@ class Metrics:
             if comm.rank == 0:
                 directory.mkdir(parents=True, exist_ok=True)
             comm.barrier()
-            own_fields, own_image = self._gathered_pictures(comm, self, directory, fields, render, label)
+            own_fields, own_image = self._gathered_pictures(comm, self, directory, fields, render)
             if ref is not None and "layer_bounds" in ref.fields:
-                ref_fields, ref_image = self._gathered_pictures(comm, ref, None, False, render, reference_label)
+                ref_fields, ref_image = self._gathered_pictures(comm, ref, None, False, render)
             fields = False  # written
         if comm is not None and comm.rank != 0:
             comm.barrier()
