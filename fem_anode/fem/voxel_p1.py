@@ -188,6 +188,9 @@ class VoxelP1Operator:
         self._config, self._copies = config.ravel(), copies.ravel()
         self._plane0 = int(copies[0].sum(dtype=np.int64))  # copies on the plane below the slab
         self._wide = int(self._copies.sum(dtype=np.int64)) + 8 >= 2**31
+        # The first local dof of each node plane (planes z0 - 1 .. z1 and one past): what
+        # _plane_first_dofs needs after compact(), 8 B per plane.
+        self._plane_starts = np.concatenate(([0], np.cumsum(copies.sum(axis=(1, 2), dtype=np.int64)))) - self._plane0
         del config, copies
         self._first: np.ndarray | None = None
         self._first = self._first_dofs()
@@ -203,6 +206,21 @@ class VoxelP1Operator:
         first[0] = 0
         np.cumsum(self._copies[:-1], dtype=dtype, out=first[1:])
         np.subtract(first, self._plane0, out=first)
+        return first
+
+    def _plane_first_dofs(self, q: int) -> np.ndarray:
+        """:meth:`_first_dofs` of the nodes of plane ``q`` (``0``: the plane below the slab) only:
+        after :meth:`compact` the cost of one plane, not of the slab, so a pass over the layers
+        (outputs, particle reports, fluxes) stays linear in the slab's size."""
+        plane = int(self._strides[0])
+        if self._first is not None:
+            return self._first[q * plane : (q + 1) * plane]
+        dtype = np.int64 if self._wide else np.int32
+        copies = self._copies[q * plane : (q + 1) * plane]
+        first = np.empty(plane, dtype)
+        first[0] = 0
+        np.cumsum(copies[:-1], dtype=dtype, out=first[1:])
+        first += dtype(self._plane_starts[q])
         return first
 
     def compact(self) -> None:
@@ -444,11 +462,12 @@ class VoxelP1Operator:
         where the voxel is not transporting. Shape ``(ny, nx)``."""
         _, ny1, nx1 = self.node_shape
         q = z + int(corner[0]) - (self.z0 - 1)
-        nodes = (q * self._strides[0] + (np.arange(ny1 - 1)[:, None] + int(corner[1])) * self._strides[1]) + (
+        in_plane = ((np.arange(ny1 - 1)[:, None] + int(corner[1])) * self._strides[1]) + (
             np.arange(nx1 - 1)[None, :] + int(corner[2])
         )
+        nodes = q * self._strides[0] + in_plane
         position = int((1 - np.asarray(corner)) @ _BITS)
-        dofs = self._first_dofs()[nodes].astype(np.int64) + self._ordinal[self._config[nodes], position]
+        dofs = self._plane_first_dofs(q)[in_plane].astype(np.int64) + self._ordinal[self._config[nodes], position]
         inside = self._padded[z - self.z0 + 2, 1:-1, 1:-1] == TRANSPORT
         return np.where(inside, dofs, -1)
 
@@ -561,7 +580,7 @@ class VoxelP1Operator:
     @property
     def nbytes(self) -> int:
         """Bytes held (the numbering arrays, the rows and the weights)."""
-        arrays: list[Any] = [self._padded, self._config, self._copies, self.position, self.row_type]
+        arrays: list[Any] = [self._padded, self._config, self._copies, self.position, self.row_type, self._plane_starts]
         arrays += [] if self._first is None else [self._first]
         arrays += [self.k_table, self.m_table, self.w_dx, self.w_pore, self.w_si, self.last]
         if self.special is not None and self.off_rank is not None:

@@ -265,3 +265,22 @@ def test_assembled_solvers_agree_with_the_direct_solve(volume, comm, solver):
     run = simulate_diffusion(settings(volume, "image", solver={"type": "iterative", "rtol": 1e-12, **solver}), comm)
     close(run.domain_mean, direct.domain_mean, rtol=1e-10)
     close(run.region_means["corner"], direct.region_means["corner"], rtol=1e-10)
+
+
+def test_one_planes_dof_numbers_equal_the_whole_slabs(volume, comm):
+    """After the set-up drops the per-node dof numbers, a pass over the layers (outputs, the
+    Si-particle report, fluxes) gets them plane by plane: each plane's numbers equal the slab's
+    recomputed whole, so that pass costs one plane per layer, not the slab."""
+    from fem_anode.fem.diffusion.voxel_elements import VoxelP1Problem
+    from fem_anode.io.images import open_image_layers
+
+    problem = VoxelP1Problem(open_image_layers(volume), settings(volume, "image"), comm)
+    try:
+        op = problem.operator
+        assert op._first is None  # compacted by the set-up
+        whole = op._first_dofs()
+        plane = int(op._strides[0])
+        for q in range(op.node_shape[0]):
+            assert np.array_equal(op._plane_first_dofs(q), whole[q * plane : (q + 1) * plane]), q
+    finally:
+        problem.destroy()
