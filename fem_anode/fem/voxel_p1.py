@@ -220,7 +220,7 @@ class VoxelP1Operator:
         first = np.empty(plane, dtype)
         first[0] = 0
         np.cumsum(copies[:-1], dtype=dtype, out=first[1:])
-        first += dtype(self._plane_starts[q])
+        np.add(first, int(self._plane_starts[q]), out=first)
         return first
 
     def compact(self) -> None:
