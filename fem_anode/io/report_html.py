@@ -77,6 +77,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _extremes(results: Mapping[str, Any]) -> str | None:
+    """A diffusion run's lowest and highest c over its steps, with their times (None if not recorded)."""
+    low, high = results.get("min_c"), results.get("max_c")
+    if not isinstance(low, dict) or not isinstance(high, dict):
+        return None
+    return (
+        f"{_fmt(low.get('c'))} (t = {_fmt(low.get('t_s'), 3)}) / {_fmt(high.get('c'))} (t = {_fmt(high.get('t_s'), 3)})"
+    )
+
+
 def _pct(value: float | None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "-"
@@ -442,6 +452,7 @@ def _diffusion_tables(report: Report, results: Mapping[str, Any]) -> None:
         ["factorisations", results.get("factorisations")],
         ["mass-balance relative error", results.get("mass_balance_rel_error")],
         ["final c min / max (mol/m^3)", f"{_fmt(results.get('final_min_c'))} / {_fmt(results.get('final_max_c'))}"],
+        ["c min / max over the run (mol/m^3, at t in s)", _extremes(results)],
         ["wall time (s)", results.get("wall_time_s")],
         *[[f"physics.{k}", v] for k, v in physics.items()],
     ]

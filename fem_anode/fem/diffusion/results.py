@@ -30,6 +30,9 @@ class DiffusionResult:
         status: "completed", or "interrupted" for the partial result of a stopped run.
         resumed_from_step: the checkpoint's step when the run was resumed, else None.
         c_bulk: the run's bulk concentration (mol/m^3), the level of :meth:`t90`.
+        c_extremes: the lowest c / c_bulk of any accepted step, its time (s), the highest, its
+            time. The exact solution stays in [0, 1] (c = 0 at t = 0, the bulk at the pores), so
+            values outside are the discretisation's over- and undershoots (:meth:`excursion`).
     """
 
     times: list[float]
@@ -45,6 +48,12 @@ class DiffusionResult:
     status: str = "completed"
     resumed_from_step: int | None = None
     c_bulk: float | None = None
+    c_extremes: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def excursion(self) -> float:
+        """How far c left [0, c_bulk] at any accepted step, relative to c_bulk (0 if never)."""
+        low, _, high, _ = self.c_extremes
+        return max(-low, high - 1.0, 0.0)
 
     def t90(self, c_bulk: float | None = None) -> dict[str, float | None]:
         """Time (s) at which each region's mean first reaches 0.9 c_bulk (linear in time), or None.

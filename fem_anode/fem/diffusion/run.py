@@ -24,6 +24,7 @@ from fem_anode.fem.diffusion.geometry import (
     middle_section,
     prepare_geometry,
 )
+from fem_anode.fem.diffusion.results import DiffusionResult
 from fem_anode.fem.diffusion.settings import DiffusionSettings
 from fem_anode.fem.diffusion.transient import TransientDiffusion
 from fem_anode.io.checkpoint import Checkpoint, Checkpointer, CheckpointPolicy, CheckpointStore
@@ -384,6 +385,9 @@ def simulate_diffusion(
         "factorisations": result.factorisations,
         "final_min_c": c_bulk * float(comm.allreduce(problem.c.x.array.min(initial=np.inf), op=MPI.MIN)),
         "final_max_c": c_bulk * float(comm.allreduce(problem.c.x.array.max(initial=-np.inf), op=MPI.MAX)),
+        # the extremes of c over every accepted step (the exact solution stays in [0, c_bulk])
+        "min_c": {"c": c_bulk * result.c_extremes[0], "t_s": result.c_extremes[1]},
+        "max_c": {"c": c_bulk * result.c_extremes[2], "t_s": result.c_extremes[3]},
         "history": {"times": result.times, "regions": result.region_means, "domain_mean": result.domain_mean},
         "si_particles": particles if image is not None else None,
         "timescales": scales,
@@ -398,7 +402,8 @@ def simulate_diffusion(
         "settings": settings.to_dict(),
     }
     problem.destroy()
-    if stopped is None:
+    if stopped is None:  # (a stopped run's excursions are reported when its resumed run completes)
+        _warn_about_excursions(result, settings)
         logger.info(
             "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
             results["wall_time_s"],
@@ -418,6 +423,37 @@ def simulate_diffusion(
         voxel_mesh=geo.voxel_mesh,
         field_writer=problem if geo.tagged is None else None,
         stopped=stopped,
+    )
+
+
+#: The over- or undershoot (relative to c_bulk) from which a run warns (``DiffusionResult.excursion``).
+EXCURSION_WARNING = 1e-3
+
+
+def _warn_about_excursions(result: DiffusionResult, settings: DiffusionSettings) -> None:
+    """Warn if c left [0, c_bulk] by more than :data:`EXCURSION_WARNING` at any accepted step."""
+    if result.excursion() <= EXCURSION_WARNING:
+        return
+    c_bulk = settings.physics.c_bulk
+    low, t_low, high, t_high = result.c_extremes
+    if settings.mesh.discretisation == "fv":
+        remedy = 'time.scheme = "euler" (BDF2 is not positivity-preserving)'
+    else:
+        remedy = (
+            'mesh.discretisation = "fv" (finite volumes: a diagonal mass matrix) for early-time fields, or smaller '
+            "voxels or elements: the consistent mass matrix of the finite elements over- and undershoots while "
+            "the steps are shorter than the diffusion time of an element"
+        )
+    logger.warning(
+        "c left [0, c_bulk] during the run, which the exact solution does not: min %.4g mol/m^3 at t = %.3g s, "
+        "max %.4g mol/m^3 at t = %.3g s (%.2g %% of c_bulk beyond the bounds). Use %s (docs/diffusion.md, "
+        "'Over- and undershoots')",
+        c_bulk * low,
+        t_low,
+        c_bulk * high,
+        t_high,
+        100 * result.excursion(),
+        remedy,
     )
 
 

@@ -90,6 +90,12 @@ class _Records:
     retries: int = 0
     factorisations_before: int = 0
     resumed_from_step: int | None = None
+    #: the lowest and highest c / c_bulk of any accepted step and their times (s): the exact
+    #: solution stays in [0, 1], so an excursion is the discretisation's (docs/diffusion.md)
+    low: float = 0.0
+    t_low: float = 0.0
+    high: float = 0.0
+    t_high: float = 0.0
 
     @classmethod
     def start(cls, problem: TransientDiffusion) -> _Records:
@@ -128,9 +134,19 @@ class _Records:
             retries=int(state["retries"]),
             factorisations_before=int(state["factorisations"]),
             resumed_from_step=int(state["steps"]),
+            # (absent from checkpoints written before the extremes were recorded)
+            **{key: float(state.get(key, 0.0)) for key in ("low", "t_low", "high", "t_high")},
         )
 
     def append(self, t: float, problem: TransientDiffusion) -> None:
+        values = problem.c.x.array
+        local = np.array([-float(values.min(initial=np.inf)), float(values.max(initial=-np.inf))])
+        extremes = np.empty(2)
+        problem.comm.Allreduce(local, extremes, op=MPI.MAX)
+        if -extremes[0] < self.low:
+            self.low, self.t_low = float(-extremes[0]), t
+        if extremes[1] > self.high:
+            self.high, self.t_high = float(extremes[1]), t
         self.times.append(t)
         self.domain.append(problem.domain_mean())
         for name in problem.regions:
@@ -150,6 +166,10 @@ class _Records:
             "factorisations": self.factorisations_before + problem.factorisations,
             "amg_from_a0": problem.amg_from_a0,
             "multigrid_fits": problem.multigrid_fits,
+            "low": self.low,
+            "t_low": self.t_low,
+            "high": self.high,
+            "t_high": self.t_high,
         }
         arrays: dict[str, Any] = {
             "c_old": problem._c_old,
@@ -176,6 +196,7 @@ class _Records:
             status=status,
             resumed_from_step=self.resumed_from_step,
             c_bulk=problem.settings.physics.c_bulk,
+            c_extremes=(self.low, self.t_low, self.high, self.t_high),
         )
 
 
