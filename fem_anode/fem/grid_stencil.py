@@ -219,6 +219,7 @@ class GridStencilKernel(_SweepKernel):
         omega: float,
         library: Any,
         last: np.ndarray | None = None,
+        coupled: np.ndarray | None = None,
     ) -> GridStencilKernel:
         """The kernel from its row types instead of assembled matrices (e.g. built from a voxel image,
         :mod:`fem_anode.fem.voxel_p1`).
@@ -232,6 +233,8 @@ class GridStencilKernel(_SweepKernel):
             special: the :data:`SPECIAL` rows in CSR form, ``(rows, indptr, columns, k, m)`` (rows and
                 columns in the matrix's numbering, as ``row_type``).
             omega, library, last: as for the constructor.
+            coupled: ``(ntypes, 27)`` flags of the codes each type couples to (default: where
+                ``m_table`` is non-zero, as for a consistent mass matrix; a lumped one needs them).
 
         The caller guarantees the tables: a typed row's neighbour at code ``c`` is the first dof of the
         node at that offset, and only special rows couple to other dofs of split nodes, to rows flagged
@@ -254,9 +257,11 @@ class GridStencilKernel(_SweepKernel):
         typed = row_type[row_type != SPECIAL]
         if typed.size and int(typed.max()) >= k_table.shape[0]:
             raise ValueError("GridStencilKernel: a row type beyond the tables")
+        if coupled is not None and coupled.shape != k_table.shape:
+            raise ValueError("GridStencilKernel: coupled must have the tables' shape")
         kernel = cls.__new__(cls)
         kernel._build(
-            position, dims, is_last, np.asarray(row_type, np.uint16), k_table, m_table, special, omega, library
+            position, dims, is_last, np.asarray(row_type, np.uint16), k_table, m_table, special, omega, library, coupled
         )
         return kernel
 
@@ -285,6 +290,7 @@ class GridStencilKernel(_SweepKernel):
         special: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         omega: float,
         library: Any,
+        coupled: np.ndarray | None = None,
     ) -> None:
         """The kernel's arrays from the rows' positions, types and special rows (matrix numbering)."""
         n = int(position.shape[0])
@@ -312,6 +318,7 @@ class GridStencilKernel(_SweepKernel):
         ntypes = int(k_table.shape[0])
         self._k_table = np.array(k_table, dtype=np.float64)
         self._m_table = np.array(m_table, dtype=np.float64)
+        self._coupled = self._m_table != 0.0 if coupled is None else np.asarray(coupled, bool)
         self.map = np.zeros(int(np.prod(dims)), np.int32)  # grid position -> kernel row of its first dof
         inverse: np.ndarray
         if self.identity:  # no permutation: no gathers, no second array
@@ -402,8 +409,8 @@ class GridStencilKernel(_SweepKernel):
         are consecutive rows too (so along a run every neighbour's row moves by one per row)."""
         none = (-1, np.zeros(0, np.int64), np.zeros(0, np.int64))
         regular = self.type != SPECIAL
-        # coupled to all 26 (M's entries: K's vanish at the face neighbours of cubes, up to round-off)
-        full = np.flatnonzero(np.all(self._m_table[:, _OFF_DIAGONAL] != 0.0, axis=1))
+        # coupled to all 26 (by default M's entries: K's vanish at the face neighbours of cubes, up to round-off)
+        full = np.flatnonzero(np.all(self._coupled[:, _OFF_DIAGONAL], axis=1))
         if full.size == 0 or not regular.any():
             return none
         counts = np.bincount(self.type[regular], minlength=self.ntypes)

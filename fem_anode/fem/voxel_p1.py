@@ -60,12 +60,16 @@ _BITS = np.array([4, 2, 1])
 _NODES_PER_CHUNK = 1 << 11  # special nodes per pass: about 64 contributions of 56 B each per node
 
 
-def element_matrices(spacing: np.ndarray, rate_d: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def element_matrices(
+    spacing: np.ndarray, rate_d: float, lumped: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The trilinear element matrices of a voxel with edges ``spacing = (h_z, h_y, h_x)``.
 
     Returns ``K`` (``rate_d`` grad.grad), ``M`` (8 x 8, local corners ``p = 4 z + 2 y + x``) and
     the face masses ``F[i]`` (8 x 8, the face normal to axis ``i`` through the first corner's
-    side; zero unless both corners lie on it), all in the units of ``spacing``."""
+    side; zero unless both corners lie on it), all in the units of ``spacing``. ``lumped``: ``M``
+    and each ``F[i]`` replaced by the diagonal of their row sums (``h_z h_y h_x / 8`` per corner,
+    a quarter of the face per corner of it)."""
     h = np.asarray(spacing, dtype=np.float64)
     mass_1d = [hi / 6.0 * np.array([[2.0, 1.0], [1.0, 2.0]]) for hi in h]
     stiff_1d = [1.0 / hi * np.array([[1.0, -1.0], [-1.0, 1.0]]) for hi in h]
@@ -82,6 +86,9 @@ def element_matrices(spacing: np.ndarray, rate_d: float) -> tuple[np.ndarray, np
         for i in range(3):
             if ab[i] == cb[i]:
                 F[i, a, c] = np.prod([m[j] for j in range(3) if j != i])
+    if lumped:
+        M = np.diag(M.sum(axis=1))
+        F = np.stack([np.diag(face.sum(axis=1)) for face in F])
     return K, M, F
 
 
@@ -128,12 +135,13 @@ class VoxelP1Operator:
         spacing: voxel edges ``(h_z, h_y, h_x)`` in the length unit of the rates.
         rate_d: ``D_eff / L^2`` (1/s); rate_f: ``k_f / L`` (1/s) of pore faces; rate_si: ``k_si / L``
             of Si faces (0: Si faces carry no flux, but :attr:`w_si` is still their measure).
+        lumped: diagonal (row-sum) mass and face-mass matrices (:func:`element_matrices`).
 
     Attributes (this rank's dofs, numbered ``offset .. offset + n - 1`` globally):
         n, offset, ndofs: local and first global number, total over ranks.
         position, box: the dofs' nodes' linear indices in a padded grid box of ``box = (x, y, z)``
             nodes (ascending: the dofs are numbered in grid order).
-        row_type, k_table, m_table, special: the rows as
+        row_type, k_table, m_table, coupled, special: the rows as
             :meth:`~fem_anode.fem.grid_stencil.GridStencilKernel.from_types` takes them.
         last: the rows coupled to other ranks.
         off_rank: those couplings (:class:`OffRankRows`); with ``special`` ``None`` after
@@ -153,6 +161,7 @@ class VoxelP1Operator:
         rate_d: float,
         rate_f: float,
         rate_si: float,
+        lumped: bool = False,
     ) -> None:
         layers = z1 - z0
         if classes.ndim != 3 or classes.shape[0] != layers + 3:
@@ -170,7 +179,7 @@ class VoxelP1Operator:
         self.node_shape = (layers + 2, ny + 1, nx + 1)  # node planes z0 - 1 .. z1
         self._strides = np.array([(ny + 1) * (nx + 1), nx + 1, 1], dtype=np.int64)
         self._voxel_strides = np.array([(ny + 2) * (nx + 2), nx + 2, 1], dtype=np.int64)
-        self.K_e, self.M_e, self.F_e = element_matrices(np.asarray(spacing, np.float64), rate_d)
+        self.K_e, self.M_e, self.F_e = element_matrices(np.asarray(spacing, np.float64), rate_d, lumped)
         self.rates = {PORE: float(rate_f), SI: float(rate_si)}
         ordinal, count = _TABLES[3]
         self._ordinal = ordinal
@@ -287,6 +296,10 @@ class VoxelP1Operator:
         self.m_table = np.zeros((unique_keys.size, 27))
         np.add.at(self.k_table, (r_rows, r_codes), r_k)
         np.add.at(self.m_table, (r_rows, r_codes), r_m)
+        #: which of the 27 stencil codes each type couples to (the voxels' corners; with a lumped mass
+        #: some couplings hold zeros, so the pattern is this table, not the values')
+        self.coupled = np.zeros((unique_keys.size, 27), bool)
+        self.coupled[r_rows, r_codes] = True
         pore_by_type = np.bincount(r_rows, weights=r_pore, minlength=unique_keys.size)
         si_by_type = np.bincount(r_rows, weights=r_si, minlength=unique_keys.size)
         self.w_dx = np.empty(self.n)
@@ -502,7 +515,7 @@ class VoxelP1Operator:
         per entry of a block); :meth:`csr` joins the blocks."""
         codes = np.arange(27)
         steps = np.stack([codes // 9 - 1, (codes // 3) % 3 - 1, codes % 3 - 1], axis=1) @ self._strides  # (z, y, x)
-        present = self.m_table != 0.0  # every coupling has a mass entry
+        present = self.coupled
         (s_rows, s_indptr, s_cols, s_k, s_m), off = self._rows_now()
         firsts = self._first_dofs()
         nodes = self.dof_nodes()
@@ -574,7 +587,7 @@ class VoxelP1Operator:
     def nonzeros(self) -> int:
         """Entries of this rank's rows of the assembled matrix (the mesh path's pattern)."""
         typed = self.row_type[self.row_type != SPECIAL]
-        per_type = np.count_nonzero(self.m_table, axis=1)
+        per_type = np.count_nonzero(self.coupled, axis=1)
         return int(per_type[typed].sum()) + self._special_nonzeros
 
     @property

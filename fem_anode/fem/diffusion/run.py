@@ -440,9 +440,10 @@ def _warn_about_excursions(result: DiffusionResult, settings: DiffusionSettings)
         remedy = 'time.scheme = "euler" (BDF2 is not positivity-preserving)'
     else:
         remedy = (
-            'mesh.discretisation = "fv" (finite volumes: a diagonal mass matrix) for early-time fields, or smaller '
-            "voxels or elements: the consistent mass matrix of the finite elements over- and undershoots while "
-            "the steps are shorter than the diffusion time of an element"
+            'mesh.mass_lumping = true (P1 on the voxels of a 3D image) or mesh.discretisation = "fv" (finite '
+            "volumes), both with a diagonal mass matrix, for early-time fields, or smaller voxels or elements: the "
+            "consistent mass matrix of the finite elements over- and undershoots while the steps are shorter than "
+            "the diffusion time of an element"
         )
     logger.warning(
         "c left [0, c_bulk] during the run, which the exact solution does not: min %.4g mol/m^3 at t = %.3g s, "

@@ -95,10 +95,22 @@ class MeshSettings(Section):
         "no mesh.xdmf) or 'mesh' (a dolfinx mesh of the voxels: mesh.xdmf, fields as VTX c.bp)",
         choices=("image", "mesh"),
     )
+    mass_lumping: bool = setting(
+        False,
+        "P1 on the voxels of a 3D image only: diagonal (row-sum) mass and Robin face-mass matrices instead of the "
+        "consistent ones; on cubic voxels with time.scheme = 'euler' c then stays in [0, c_bulk] at every step, which "
+        "the consistent mass does not in steps shorter than an element's diffusion time (docs/diffusion.md, "
+        "'Over- and undershoots')",
+    )
 
     def validate(self) -> None:
         if self.size is not None and self.method != "smooth":
             raise UsageError("mesh.size applies to method = 'smooth'; voxel meshes have one cell per pixel")
+        if self.mass_lumping and (self.discretisation != "fe" or self.order != 1 or self.voxel_p1 != "image"):
+            raise UsageError(
+                "mesh.mass_lumping is implemented for P1 on the voxels of a 3D image (discretisation = 'fe', "
+                "order = 1, voxel_p1 = 'image'); the finite volumes' mass matrix is diagonal already"
+            )
         if self.discretisation == "fv" and (self.method != "voxel" or self.order != 1):
             raise UsageError(
                 "mesh.discretisation = 'fv' needs mesh.method = 'voxel' and mesh.order = 1 (one unknown per voxel)"

@@ -111,7 +111,16 @@ class VoxelP1Problem(TransientDiffusion):
         classes = slab_classes(image, self.slab.z0, self.slab.z1, roles)
         try:
             self.operator = VoxelP1Operator(
-                comm, classes, self.slab.z0, self.slab.z1, nz, h, rate_d, self.rate_f, self.rate_si
+                comm,
+                classes,
+                self.slab.z0,
+                self.slab.z1,
+                nz,
+                h,
+                rate_d,
+                self.rate_f,
+                self.rate_si,
+                lumped=settings.mesh.mass_lumping,
             )
         except ValueError as err:  # a slab too large for 32-bit positions: more ranks
             raise UsageError(f"{image.source}: {err}") from err
@@ -220,6 +229,7 @@ class VoxelP1Problem(TransientDiffusion):
                 special,
                 self.grid_ssor_omega,
                 library,
+                coupled=op.coupled,
             )
         return self._kernel
 
