@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Slab", "balanced_bounds", "exchange_layers", "label_slabs", "layer_counts", "max_distance_to"]
+__all__ = [
+    "Slab",
+    "balanced_bounds",
+    "exchange_layers",
+    "label_slabs",
+    "layer_counts",
+    "max_distance_to",
+    "node_plane_counts",
+]
 
 #: Reads layers ``start ... stop - 1`` of the volume (any integer or boolean array).
 LayerReader = Callable[[int, int], np.ndarray]
@@ -280,7 +288,39 @@ def layer_counts(image: Any, kept_labels: np.ndarray, comm: Any) -> np.ndarray:
     return np.concatenate(comm.allgather(local))
 
 
-def balanced_slab(comm: Any, image: Any, kept_labels: Any) -> Slab:
+def node_plane_counts(image: Any, kept_labels: np.ndarray, comm: Any) -> np.ndarray:
+    """Per axis-0 layer ``z`` of the whole image, the nodes of node plane ``z`` (between voxel layers
+    ``z - 1`` and ``z``) that are a corner of a voxel with one of ``kept_labels``; the last layer also
+    counts the last plane. These are the unknowns of P1 on those voxels that a slab starting at layer
+    ``z`` owns (without the extra copies of split nodes), so slabs of equal sums hold about equal
+    numbers of unknowns. Collective: each rank counts an equal share of the planes, a few at a time."""
+    layers = int(image.shape[0])
+    read = image.read_layers if hasattr(image, "read_layers") else lambda a, b: image[a:b]
+    equal = np.linspace(0, layers, comm.size + 1).round().astype(np.int64)
+    lo, hi = int(equal[comm.rank]), int(equal[comm.rank + 1])
+    local = np.zeros(hi - lo, dtype=np.int64)
+    below = np.asarray(np.isin(read(lo - 1, lo), kept_labels))[0] if lo > 0 else None
+    for start in range(lo, hi, 16):
+        stop = min(start + 16, hi)
+        kept = np.isin(np.asarray(read(start, stop)), kept_labels)
+        empty = np.zeros(kept.shape[1:], bool)
+        previous = np.concatenate([(below if below is not None else empty)[None], kept[:-1]])
+        for k, (lower, upper) in enumerate(zip(previous, kept)):
+            local[start - lo + k] = _corner_nodes(lower | upper)
+        below = kept[-1]
+        if stop == layers:  # the last node plane: the corners of the last layer's voxels
+            local[-1] += _corner_nodes(kept[-1])
+    return np.concatenate(comm.allgather(local))
+
+
+def _corner_nodes(voxels: np.ndarray) -> int:
+    """Nodes of a plane that are a corner of one of the marked ``voxels`` (a 2D mask)."""
+    padded = np.pad(voxels, 1)
+    nodes = padded[:-1, :-1] | padded[1:, :-1] | padded[:-1, 1:] | padded[1:, 1:]
+    return int(np.count_nonzero(nodes))
+
+
+def balanced_slab(comm: Any, image: Any, kept_labels: Any, weights: str = "voxels") -> Slab:
     """This rank's slab when the axis-0 layers are split into slabs of about equal numbers of voxels
     with one of ``kept_labels`` (the work of a voxel solver), cut at the layer boundaries nearest
     equal shares (:func:`balanced_bounds` of :func:`layer_counts`: one counting pass shared by the
@@ -291,10 +331,13 @@ def balanced_slab(comm: Any, image: Any, kept_labels: Any) -> Slab:
         comm: the communicator (one slab per rank).
         image: an image with ``read_layers`` and ``shape``, or an array.
         kept_labels: the label value(s) of the voxels that carry work.
+        weights: what is balanced: ``"voxels"`` (cell-centred unknowns) or ``"nodes"`` (the
+            corners of those voxels: P1 unknowns, :func:`node_plane_counts`).
     """
     layers = int(image.shape[0])
     equal = np.array([(layers * r) // comm.size for r in range(comm.size + 1)])
     if comm.size == 1:
         return Slab.from_bounds(equal, 0)
-    bounds = balanced_bounds(layer_counts(image, np.atleast_1d(np.asarray(kept_labels)), comm), comm.size)
+    count = {"voxels": layer_counts, "nodes": node_plane_counts}[weights]
+    bounds = balanced_bounds(count(image, np.atleast_1d(np.asarray(kept_labels)), comm), comm.size)
     return Slab.from_bounds(bounds if np.diff(bounds).min() >= 2 else equal, comm.rank)

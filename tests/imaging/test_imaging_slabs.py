@@ -92,3 +92,30 @@ def test_balanced_slabs_split_the_kept_voxels_evenly(comm):
     one_layer[-1] = 3  # all the work in one layer: a balanced cut would leave a one-layer slab
     slab = balanced_slab(comm, one_layer, 3)
     assert (slab.z0, slab.z1) == ((8 * comm.rank) // comm.size, (8 * (comm.rank + 1)) // comm.size)
+
+
+def test_node_plane_counts_are_the_p1_nodes_of_each_slab_start(comm):
+    """Per layer z, the nodes of node plane z that are a corner of a kept voxel (the last layer also
+    the last plane): equal to a brute-force count on the whole grid of nodes, from an array and from
+    an image read by layers; so a slab [z0, z1) owns the nodes the sums of its layers give, and the
+    P1 operator of the transporting voxels has that many unknowns plus the copies of split nodes."""
+    from fem_anode.imaging.slabs import node_plane_counts
+    from fem_anode.io.images import VoxelImage
+
+    labels = np.random.default_rng(3).choice([0, 3, 3], size=(9, 7, 5)).astype(np.uint8)
+    labels[4] = 0  # an empty layer: its two node planes see only their other neighbours
+    kept = labels == 3
+    nodes = np.zeros((10, 8, 6), bool)
+    for dz, dy, dx in np.ndindex(2, 2, 2):
+        nodes[dz : dz + 9, dy : dy + 7, dx : dx + 5] |= kept
+    expected = nodes.reshape(10, -1).sum(axis=1)
+    expected = np.concatenate([expected[:8], [expected[8] + expected[9]]])
+    image = VoxelImage(labels, (1e-7,) * 3, {"pore": 0, "sei": 3})
+    for source in (labels, image):
+        np.testing.assert_array_equal(node_plane_counts(source, np.array([3]), comm), expected)
+    slab = balanced_slab(comm, labels, 3, weights="nodes")
+    bounds = comm.allgather((slab.z0, slab.z1))
+    assert bounds[0][0] == 0 and bounds[-1][1] == 9
+    if comm.size == 2:  # the cut nearest half of the nodes
+        cumulative = np.concatenate([[0], np.cumsum(expected)])
+        assert bounds[0][1] == int(np.argmin(np.abs(cumulative - cumulative[-1] / 2)))

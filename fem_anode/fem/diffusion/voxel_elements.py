@@ -168,11 +168,13 @@ class VoxelP1Problem(TransientDiffusion):
 
     @staticmethod
     def _slab(image: Any, transport: int, comm: MPI.Intracomm) -> Slab:
-        """This rank's layers: slabs of about equal numbers of transporting voxels (the work and
-        memory of a rank follow its dofs; equal layer counts left 462k and 534k dofs on the two ranks
-        of the 128^3 electrode), each of at least two layers (else equal layer counts). Collective."""
+        """This rank's layers: slabs of about equal numbers of unknowns (the corners of the transporting
+        voxels; the work and memory of a rank follow its dofs: equal layer counts left 462k and 534k
+        dofs on the two ranks of the 128^3 electrode, equal numbers of transporting voxels 6.54M and
+        7.40M on a 300^3 aged anode, whose thin SEI near the bottom has more corners per voxel), each
+        of at least two layers (else equal layer counts). Collective."""
         nz = int(image.shape[0])
-        slab = balanced_slab(comm, image, transport)
+        slab = balanced_slab(comm, image, transport, weights="nodes")
         if comm.size > 1 and not comm.allreduce(slab.layers >= 2, op=MPI.LAND):
             raise UsageError(f"{comm.size} ranks for {nz} z layers: P1 on the voxels needs at least 2 layers per rank")
         return slab
