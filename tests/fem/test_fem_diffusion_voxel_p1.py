@@ -398,3 +398,19 @@ def test_lumped_mass_keeps_c_in_bounds_where_the_consistent_one_does_not(shared_
 def test_mass_lumping_is_refused_where_it_is_not_implemented(volume, mesh):
     with pytest.raises(UsageError, match="mass_lumping is implemented for P1 on the voxels"):
         settings(volume, "image", mesh={"mass_lumping": True, **mesh})
+
+
+def test_mass_lumping_on_a_2d_image_is_a_clear_error(shared_tmp_path, comm):
+    """A 2D image is meshed (the settings cannot know the image's dimension): the mesh path refuses it."""
+    labels = np.random.default_rng(2).choice([0, 3, 3], size=(10, 12)).astype(np.uint8)
+    path = shared_tmp_path / "slice.npy"
+    if comm.rank == 0:
+        write_image(path, VoxelImage(labels, (2e-8, 2e-8), {"pore": 0, "sei": 3}))
+    comm.barrier()
+    with pytest.raises(
+        UsageError, match="mass_lumping is implemented for P1 on the voxels of a 3D image; this geometry"
+    ):
+        s = DiffusionSettings.from_dict(
+            {"geometry": {"image": str(path)}, "mesh": {"mass_lumping": True}, "time": {"t_end": 1e-6}}
+        )
+        simulate_diffusion(s, comm)

@@ -46,6 +46,11 @@ class DiffusionProblem(TransientDiffusion):
 
     def __init__(self, tagged: TaggedMesh, settings: DiffusionSettings) -> None:
         settings.check()  # the Python API as strict as the CLI (UsageError naming the setting)
+        if settings.mesh.mass_lumping:
+            raise UsageError(
+                "mesh.mass_lumping is implemented for P1 on the voxels of a 3D image; this geometry is a mesh "
+                f"({tagged.mesh.topology.dim}D: a 2D image, a given mesh or voxel_p1 = 'mesh')"
+            )
         self.tagged = tagged
         self.settings = settings
         self.mesh = tagged.mesh
