@@ -403,7 +403,7 @@ def simulate_diffusion(
     }
     problem.destroy()
     if stopped is None:  # (a stopped run's excursions are reported when its resumed run completes)
-        _warn_about_excursions(result, settings)
+        _warn_about_excursions(result, settings, comm)
         logger.info(
             "diffusion done in %.1f s: %d steps, %d factorisations, mass balance error %.1e",
             results["wall_time_s"],
@@ -430,9 +430,10 @@ def simulate_diffusion(
 EXCURSION_WARNING = 1e-3
 
 
-def _warn_about_excursions(result: DiffusionResult, settings: DiffusionSettings) -> None:
-    """Warn if c left [0, c_bulk] by more than :data:`EXCURSION_WARNING` at any accepted step."""
-    if result.excursion() <= EXCURSION_WARNING:
+def _warn_about_excursions(result: DiffusionResult, settings: DiffusionSettings, comm: Any) -> None:
+    """Warn if c left [0, c_bulk] by more than :data:`EXCURSION_WARNING` at any accepted step (on
+    rank 0: the extremes are global, the same on every rank)."""
+    if result.excursion() <= EXCURSION_WARNING or comm.rank != 0:
         return
     c_bulk = settings.physics.c_bulk
     low, t_low, high, t_high = result.c_extremes
